@@ -1,0 +1,142 @@
+#include "cmseg/threads.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace cmseg {
+namespace {
+
+thread_local bool tl_in_worker = false;
+
+class Pool {
+ public:
+  explicit Pool(int n) { resize(n); }
+  ~Pool() { stop(); }
+
+  int size() const { return size_; }
+
+  void resize(int n) {
+    std::lock_guard<std::mutex> dispatch(dispatch_mu_);
+    stop();
+    size_ = std::max(1, n);
+    quit_ = false;
+    for (int i = 1; i < size_; ++i) workers_.emplace_back([this, i] { loop(i); });
+  }
+
+  void run(int64_t items, const std::function<void(int64_t, int)>& fn) {
+    if (items <= 0) return;
+    if (tl_in_worker || size_ == 1 || items == 1) {
+      for (int64_t i = 0; i < items; ++i) fn(i, 0);
+      return;
+    }
+    // One job at a time: two models stepping in two Node worker threads share the pool.
+    std::lock_guard<std::mutex> dispatch(dispatch_mu_);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      fn_ = &fn;
+      items_ = items;
+      next_.store(0);
+      active_ = size_ - 1;
+      ++generation_;
+      error_ = nullptr;
+    }
+    cv_.notify_all();
+    tl_in_worker = true;
+    work(0);
+    tl_in_worker = false;
+    std::unique_lock<std::mutex> lk(mu_);
+    done_cv_.wait(lk, [this] { return active_ == 0; });
+    fn_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void work(int thread) {
+    for (;;) {
+      int64_t i = next_.fetch_add(1);
+      if (i >= items_) break;
+      try {
+        (*fn_)(i, thread);
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(mu_);
+        if (!error_) error_ = std::current_exception();
+        next_.store(items_);
+      }
+    }
+  }
+
+  void loop(int thread) {
+    tl_in_worker = true;
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return quit_ || generation_ != seen; });
+        if (quit_) return;
+        seen = generation_;
+      }
+      work(thread);
+      std::lock_guard<std::mutex> lk(mu_);
+      if (--active_ == 0) done_cv_.notify_one();
+    }
+  }
+
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      quit_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+    workers_.clear();
+  }
+
+  int size_ = 1;
+  std::vector<std::thread> workers_;
+  std::mutex dispatch_mu_, mu_;
+  std::condition_variable cv_, done_cv_;
+  const std::function<void(int64_t, int)>* fn_ = nullptr;
+  int64_t items_ = 0;
+  std::atomic<int64_t> next_{0};
+  int active_ = 0;
+  uint64_t generation_ = 0;
+  bool quit_ = false;
+  std::exception_ptr error_;
+};
+
+int default_threads() {
+  if (const char* env = std::getenv("CMSEG_NUM_THREADS")) {
+    int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+  unsigned hw = std::thread::hardware_concurrency();
+  return hw ? static_cast<int>(hw) : 1;
+}
+
+Pool& pool() {
+  static Pool p(default_threads());
+  return p;
+}
+
+}  // namespace
+
+int num_threads() { return pool().size(); }
+void set_num_threads(int n) { pool().resize(n); }
+
+void parallel_for(int64_t items, const std::function<void(int64_t, int)>& fn) { pool().run(items, fn); }
+
+void parallel_range(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn) {
+  if (n <= 0) return;
+  int64_t parts = std::min<int64_t>(n, tl_in_worker ? 1 : num_threads());
+  pool().run(parts, [&](int64_t p, int thread) {
+    int64_t b = n * p / parts, e = n * (p + 1) / parts;
+    if (b < e) fn(b, e, thread);
+  });
+}
+
+}  // namespace cmseg

@@ -1,0 +1,108 @@
+// The SPEC U-Net with a consensus head and R annotator CM heads (SPEC sections
+// 2-4), its parameters (named as in SPEC section 2), and one training step.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cmseg/layers.hpp"
+#include "cmseg/loss.hpp"
+
+namespace cmseg {
+
+enum class CmInit { Identity, Uniform };
+enum class OptimKind { Adam, AdamW };
+
+struct ModelConfig {
+  int ndim = 2;           // 2 or 3
+  int in_channels = 1;
+  int classes = 2;        // L, background is class 0
+  int annotators = 1;     // R
+  int depth = 4;
+  int base = 32;          // channels of level 0
+  CmMode cm_mode = CmMode::Full;
+  int cm_rank = 1;        // lowrank only
+  int cm_head_blocks = 0; // extra blocks in front of each CM head
+  CmInit cm_init = CmInit::Identity;
+  uint64_t seed = 0;
+};
+
+struct OptimConfig {
+  OptimKind kind = OptimKind::Adam;
+  float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0.f;
+};
+
+struct LossConfig {
+  float lambda = 0.01f;         // trace weight
+  float lambda_warmup = 0.01f;  // weight of the negated trace during the warm-up
+  int64_t warmup_steps = 0;     // optimiser steps with the negated trace (paper 2.4)
+};
+
+struct Param {
+  std::string name;
+  std::vector<int64_t> shape;
+  std::vector<float> value, grad, m, v;  // m, v: Adam moments
+  int64_t numel() const { return (int64_t)value.size(); }
+};
+
+struct Batch {
+  int n = 0;
+  Spatial s;
+  const float* images = nullptr;           // [n, C, V]
+  std::vector<const uint8_t*> labels;      // R maps [n, V], 255 = unlabelled (CM loss)
+  const uint8_t* present = nullptr;        // [n, R], null = all present
+  const uint8_t* target = nullptr;         // [n, V]: plain CE on one map (naive / oracle)
+  const float* soft_target = nullptr;      // [n, L, V]: plain CE on soft labels (naive mean)
+};
+
+struct StepResult {
+  double loss = 0;
+  std::vector<double> ce, trace;  // per annotator (empty for plain CE)
+  float trace_weight = 0;         // lambda used (negative during the warm-up)
+  int64_t step = 0;               // optimiser steps taken after this call
+};
+
+class Model {
+ public:
+  explicit Model(const ModelConfig& config);
+  ~Model();
+
+  const ModelConfig& config() const { return config_; }
+  std::vector<Param>& params() { return params_; }
+  const std::vector<Param>& params() const { return params_; }
+  Param* find(const std::string& name);
+  int64_t parameter_count() const;
+
+  OptimConfig optim;
+  LossConfig loss;
+  int64_t step = 0;  // optimiser steps taken
+
+  // Throws InvalidArgument naming the problem (spatial size, NaN, label range, ...).
+  void validate(const Batch& batch) const;
+  void validate_images(const float* images, int n, Spatial s) const;
+  // Forward + loss + backward into Param::grad (overwritten). No update.
+  StepResult compute_gradients(const Batch& batch);
+  // Forward + loss only.
+  StepResult evaluate(const Batch& batch);
+  // compute_gradients, then one optimiser step.
+  StepResult train_step(const Batch& batch);
+  void apply_optimizer();
+
+  // probs: [n, L, V]. cms (optional): [n, R, L, L, V] with A[i][j] at i*L + j.
+  // annotator_probs (optional): [n, R, L, V], q_r = A_r p.
+  void predict(const float* images, int n, Spatial s, float* probs, float* cms, float* annotator_probs);
+
+  float current_trace_weight() const { return step < loss.warmup_steps ? -loss.lambda_warmup : loss.lambda; }
+
+ private:
+  struct Impl;
+  StepResult run(const Batch& batch, bool backward);
+  ModelConfig config_;
+  std::vector<Param> params_;
+  std::unique_ptr<Impl> impl_;
+};
+
+void validate_config(const ModelConfig& c);
+
+}  // namespace cmseg

@@ -1,0 +1,21 @@
+// A small persistent thread pool. Work is split into items claimed dynamically;
+// each call gets the worker index so callers can keep per-thread scratch space
+// (im2col tiles, gradient partials) without locks.
+#pragma once
+#include <cstdint>
+#include <functional>
+
+namespace cmseg {
+
+// Number of threads used by parallel_for: CMSEG_NUM_THREADS, else the machine's cores.
+int num_threads();
+void set_num_threads(int n);
+
+// Runs fn(item, thread) for item in [0, items). Calls made from inside a worker
+// run serially on that worker (no nested parallelism).
+void parallel_for(int64_t items, const std::function<void(int64_t item, int thread)>& fn);
+
+// Splits [0, n) into about one contiguous range per thread: fn(begin, end, thread).
+void parallel_range(int64_t n, const std::function<void(int64_t begin, int64_t end, int thread)>& fn);
+
+}  // namespace cmseg

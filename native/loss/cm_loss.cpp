@@ -1,0 +1,276 @@
+// The fused confusion-matrix loss (SPEC sections 3 and 4).
+//
+// For each pixel: p = softmax(z); for each annotator r who labelled the image,
+// A_r = column-normalised softplus of the head's raw channels; q_r = A_r p;
+// CE_r += -log(max(q_r[c], 1e-12)) when the pixel is labelled c; T_r += trace(A_r).
+// The gradients follow SPEC section 4 in the same pass:
+//   g[i][j]   = w_ce * (-[i == c] p[j] / q[c]) + w_tr * lambda * [i == j]
+//   dL/da[k][j] = (g[k][j] - sum_i g[i][j] A[i][j]) / S_j
+//   dL/dp[j]  += w_ce * (-A[c][j] / q[c]),   dz = p * (dp - <p, dp>)
+// with w_ce = 1/|P_r| and w_tr = 1/|V_r| (the averaging weights).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "cmseg/error.hpp"
+#include "cmseg/loss.hpp"
+#include "cmseg/threads.hpp"
+
+namespace cmseg {
+namespace {
+
+constexpr int kMaxRank = 8;
+
+inline float softplus(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }
+inline float sigmoid(float x) { return x >= 0 ? 1.f / (1.f + std::exp(-x)) : std::exp(x) / (1.f + std::exp(x)); }
+
+// One pixel's CM and the intermediates its backward pass needs.
+struct PixelCm {
+  int L = 0, rank = 1;
+  CmMode mode = CmMode::Full;
+  float a[kMaxClasses * kMaxClasses];     // unnormalised entries
+  float A[kMaxClasses * kMaxClasses];     // column-normalised
+  float S[kMaxClasses];                   // column sums of a
+  float sig[kMaxClasses * kMaxClasses];   // full/global: sigmoid(u[i][j])
+  float spU[kMaxClasses * kMaxRank], spW[kMaxClasses * kMaxRank];
+  float sigU[kMaxClasses * kMaxRank], sigW[kMaxClasses * kMaxRank];
+  float sp_s = 0, sig_s = 0;
+
+  void compute(const float* raw, int64_t stride) {
+    if (mode == CmMode::LowRank) {
+      const int l = rank;
+      for (int i = 0; i < L * l; ++i) {
+        const float u = raw[i * stride], w = raw[(L * l + i) * stride];
+        spU[i] = softplus(u), sigU[i] = sigmoid(u);
+        spW[i] = softplus(w), sigW[i] = sigmoid(w);
+      }
+      const float s = raw[(2 * L * l) * stride];
+      sp_s = softplus(s), sig_s = sigmoid(s);
+      for (int i = 0; i < L; ++i)
+        for (int j = 0; j < L; ++j) {
+          float v = i == j ? sp_s : 0.f;
+          for (int k = 0; k < l; ++k) v += spU[i * l + k] * spW[j * l + k];
+          a[i * L + j] = v;
+        }
+    } else {
+      for (int e = 0; e < L * L; ++e) {
+        const float u = raw[e * stride];
+        a[e] = softplus(u);
+        sig[e] = sigmoid(u);
+      }
+    }
+    for (int j = 0; j < L; ++j) {
+      float s = 0.f;
+      for (int i = 0; i < L; ++i) s += a[i * L + j];
+      S[j] = s;
+      const float inv = 1.f / s;
+      for (int i = 0; i < L; ++i) A[i * L + j] = a[i * L + j] * inv;
+    }
+  }
+
+  // Given g = dL/dA, writes dL/d(raw) (strided) or accumulates it (global).
+  void backward(const float* g, float* draw, int64_t stride, bool accumulate) const {
+    float da[kMaxClasses * kMaxClasses];
+    for (int j = 0; j < L; ++j) {
+      float dot = 0.f;
+      for (int i = 0; i < L; ++i) dot += g[i * L + j] * A[i * L + j];
+      const float inv = 1.f / S[j];
+      for (int k = 0; k < L; ++k) da[k * L + j] = (g[k * L + j] - dot) * inv;
+    }
+    if (mode == CmMode::LowRank) {
+      const int l = rank;
+      for (int i = 0; i < L; ++i)
+        for (int k = 0; k < l; ++k) {
+          float su = 0.f, sw = 0.f;
+          for (int j = 0; j < L; ++j) {
+            su += da[i * L + j] * spW[j * l + k];  // d a[i][j] / d spU[i][k]
+            sw += da[j * L + i] * spU[j * l + k];  // d a[j][i] / d spW[i][k]
+          }
+          put(draw, (i * l + k) * stride, su * sigU[i * l + k], accumulate);
+          put(draw, (L * l + i * l + k) * stride, sw * sigW[i * l + k], accumulate);
+        }
+      float ds = 0.f;
+      for (int i = 0; i < L; ++i) ds += da[i * L + i];
+      put(draw, (2 * L * l) * stride, ds * sig_s, accumulate);
+    } else {
+      for (int e = 0; e < L * L; ++e) put(draw, e * stride, da[e] * sig[e], accumulate);
+    }
+  }
+
+  static void put(float* p, int64_t at, float v, bool accumulate) {
+    if (accumulate)
+      p[at] += v;
+    else
+      p[at] = v;
+  }
+};
+
+}  // namespace
+
+CmMode parse_cm_mode(const std::string& s) {
+  if (s == "full") return CmMode::Full;
+  if (s == "lowrank") return CmMode::LowRank;
+  if (s == "global") return CmMode::Global;
+  fail("unknown cmMode '", s, "' (expected full, lowrank or global)");
+}
+
+const char* cm_mode_name(CmMode m) {
+  switch (m) {
+    case CmMode::Full: return "full";
+    case CmMode::LowRank: return "lowrank";
+    default: return "global";
+  }
+}
+
+int cm_head_channels(CmMode mode, int L, int rank) {
+  switch (mode) {
+    case CmMode::Full: return L * L;
+    case CmMode::LowRank: return 2 * L * rank + 1;
+    default: return 0;
+  }
+}
+
+void cm_from_raw(CmMode mode, int L, int rank, const float* raw, int64_t stride, float* A) {
+  PixelCm cm;
+  cm.L = L, cm.rank = rank, cm.mode = mode;
+  cm.compute(raw, stride);
+  std::memcpy(A, cm.A, sizeof(float) * L * L);
+}
+
+void cm_loss(const CmLossInput& in, CmLossOutput& out) {
+  const int n = in.n, L = in.L, R = in.R;
+  const int64_t V = in.V;
+  if (L < 2 || L > kMaxClasses) fail("classes must be in 2..", kMaxClasses, ", got ", L);
+  if (in.mode == CmMode::LowRank && (in.rank < 1 || in.rank > kMaxRank))
+    fail("cmRank must be in 1..", kMaxRank, ", got ", in.rank);
+  if ((int)in.cm_raw.size() != R || (int)in.labels.size() != R) fail("cm_loss: expected ", R, " annotators");
+  const bool global = in.mode == CmMode::Global;
+  const int K = global ? L * L : cm_head_channels(in.mode, L, in.rank);
+  auto present = [&](int i, int r) { return !in.present || in.present[i * R + r] != 0; };
+
+  // Averaging weights: |P_r| labelled pixels, |V_r| pixels of the images r labelled.
+  std::vector<int64_t> labelled((size_t)n * R, 0);
+  parallel_for((int64_t)n * R, [&](int64_t item, int) {
+    const int i = (int)(item / R), r = (int)(item % R);
+    if (!present(i, r)) return;
+    const uint8_t* lab = in.labels[r] + (int64_t)i * V;
+    int64_t c = 0;
+    for (int64_t v = 0; v < V; ++v) c += lab[v] != kUnlabelled;
+    labelled[item] = c;
+  });
+  std::vector<double> w_ce(R, 0.0), w_tr(R, 0.0);
+  for (int r = 0; r < R; ++r) {
+    int64_t p = 0, imgs = 0;
+    for (int i = 0; i < n; ++i) {
+      p += labelled[(size_t)i * R + r];
+      imgs += present(i, r);
+    }
+    w_ce[r] = p ? 1.0 / p : 0.0;
+    w_tr[r] = imgs ? 1.0 / ((double)imgs * V) : 0.0;
+  }
+
+  const bool grads = out.d_seg_logits != nullptr;
+  const float lam = in.trace_weight;
+  const int threads = num_threads();
+  std::vector<double> ce_part((size_t)threads * R, 0.0), tr_part((size_t)threads * R, 0.0);
+  std::vector<float> gcm_part(global && grads ? (size_t)threads * R * L * L : 0, 0.f);
+  if (global) {
+    // Per-thread partials of the global CM gradient are summed after the pass.
+  }
+
+  constexpr int64_t kChunk = 4096;
+  const int64_t chunks = (V + kChunk - 1) / kChunk;
+  parallel_for((int64_t)n * chunks, [&](int64_t item, int thread) {
+    const int i = (int)(item / chunks);
+    const int64_t v0 = (item % chunks) * kChunk, v1 = std::min(V, v0 + kChunk);
+    const float* z = in.seg_logits + (int64_t)i * L * V;
+    PixelCm cm;
+    cm.L = L, cm.rank = in.rank, cm.mode = in.mode;
+    // A global CM is the same at every pixel: compute it once per chunk.
+    std::vector<PixelCm> gcm;
+    if (global) {
+      gcm.assign(R, cm);
+      for (int r = 0; r < R; ++r) gcm[r].compute(in.cm_raw[r], 1);
+    }
+    double* ce_acc = &ce_part[(size_t)thread * R];
+    double* tr_acc = &tr_part[(size_t)thread * R];
+    float p[kMaxClasses], dp[kMaxClasses], g[kMaxClasses * kMaxClasses];
+    for (int64_t v = v0; v < v1; ++v) {
+      float m = z[v];
+      for (int k = 1; k < L; ++k) m = std::max(m, z[k * V + v]);
+      float s = 0.f;
+      for (int k = 0; k < L; ++k) s += (p[k] = std::exp(z[k * V + v] - m));
+      for (int k = 0; k < L; ++k) p[k] /= s, dp[k] = 0.f;
+
+      for (int r = 0; r < R; ++r) {
+        const int64_t head = (int64_t)i * K * V + v;  // raw channel 0 of this pixel (pixel-wise modes)
+        if (!present(i, r)) {
+          if (grads && !global)
+            for (int k = 0; k < K; ++k) out.d_cm_raw[r][head + k * V] = 0.f;
+          continue;
+        }
+        PixelCm& A = global ? gcm[r] : cm;
+        if (!global) A.compute(in.cm_raw[r] + head, V);
+        float tr = 0.f;
+        for (int k = 0; k < L; ++k) tr += A.A[k * L + k];
+        tr_acc[r] += tr;
+
+        const int c = in.labels[r][(int64_t)i * V + v];
+        float qc = 0.f;
+        bool ce_grad = false;
+        if (c != kUnlabelled) {
+          for (int j = 0; j < L; ++j) qc += A.A[c * L + j] * p[j];
+          ce_acc[r] += -std::log(std::max(qc, kProbFloor));
+          ce_grad = qc > kProbFloor;  // the clamp has zero gradient
+        }
+        if (!grads) continue;
+        const float wce = (float)w_ce[r], wtr = (float)w_tr[r];
+        for (int e = 0; e < L * L; ++e) g[e] = 0.f;
+        for (int k = 0; k < L; ++k) g[k * L + k] = wtr * lam;
+        if (ce_grad) {
+          const float inv = wce / qc;
+          for (int j = 0; j < L; ++j) {
+            g[c * L + j] -= p[j] * inv;
+            dp[j] -= A.A[c * L + j] * inv;
+          }
+        }
+        if (global)
+          A.backward(g, &gcm_part[((size_t)thread * R + r) * L * L], 1, true);
+        else
+          A.backward(g, out.d_cm_raw[r] + head, V, false);
+      }
+      if (grads) {
+        float dot = 0.f;
+        for (int k = 0; k < L; ++k) dot += p[k] * dp[k];
+        float* dz = out.d_seg_logits + (int64_t)i * L * V;
+        for (int k = 0; k < L; ++k) dz[k * V + v] = p[k] * (dp[k] - dot);
+      }
+    }
+  });
+
+  out.ce.assign(R, 0.0);
+  out.trace.assign(R, 0.0);
+  for (int t = 0; t < threads; ++t)
+    for (int r = 0; r < R; ++r) {
+      out.ce[r] += ce_part[(size_t)t * R + r];
+      out.trace[r] += tr_part[(size_t)t * R + r];
+    }
+  out.loss = 0;
+  for (int r = 0; r < R; ++r) {
+    out.ce[r] *= w_ce[r];
+    out.trace[r] *= w_tr[r];
+    out.loss += out.ce[r] + (double)lam * out.trace[r];
+  }
+  if (global && grads)
+    for (int r = 0; r < R; ++r) {
+      float* d = out.d_cm_raw[r];
+      for (int e = 0; e < L * L; ++e) {
+        double s = 0;
+        for (int t = 0; t < threads; ++t) s += gcm_part[((size_t)t * R + r) * L * L + e];
+        d[e] = (float)s;
+      }
+    }
+}
+
+}  // namespace cmseg

@@ -1,0 +1,506 @@
+// The U-Net of SPEC section 2 on the CPU reference layers: encoder blocks with
+// max-pooling, decoder with transposed convolutions and skip concatenation, a
+// consensus head and one CM head per annotator sharing the whole trunk.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "cmseg/error.hpp"
+#include "cmseg/model.hpp"
+#include "cmseg/threads.hpp"
+
+namespace cmseg {
+namespace {
+
+// splitmix64: deterministic, seedable parameter initialisation.
+struct Rng {
+  uint64_t s;
+  uint64_t next() {
+    uint64_t z = (s += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+  }
+  double uniform() { return (next() >> 11) * (1.0 / 9007199254740992.0); }
+  double normal() {
+    const double u1 = std::max(uniform(), 1e-300), u2 = uniform();
+    return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+  }
+};
+
+double inverse_softplus(double y) { return y + std::log(-std::expm1(-y)); }
+
+// One block: conv3 -> IN -> ReLU -> conv3 -> IN -> ReLU. Indices into params.
+struct Block {
+  int cin = 0, cout = 0;
+  int w1 = -1, g1 = -1, b1 = -1, w2 = -1, g2 = -1, b2 = -1;
+};
+
+// Activations a block keeps for its backward pass.
+struct BlockCache {
+  std::vector<float> h1, a1, h2, a2, mean1, rstd1, mean2, rstd2;
+};
+
+void grow(std::vector<float>& v, size_t n) {
+  if (v.size() != n) v.resize(n);
+}
+
+}  // namespace
+
+struct Model::Impl {
+  std::vector<Block> enc, dec, cm_blocks_flat;     // cm_blocks_flat[r * B + b]
+  std::vector<int> up_w, up_b, cm_w, cm_b, gcm;    // per level / annotator
+  int seg_w = -1, seg_b = -1;
+
+  // Forward state of the last call.
+  int n = 0;
+  Spatial s0;
+  std::vector<Spatial> level_s;
+  std::vector<BlockCache> enc_c, dec_c, cmb_c;
+  std::vector<std::vector<float>> pooled, ups, cats;
+  std::vector<std::vector<uint8_t>> pool_arg;
+  std::vector<float> seg_logits;
+  std::vector<std::vector<float>> cm_raw;
+  // Backward scratch.
+  std::vector<float> d_seg;
+  std::vector<std::vector<float>> d_cm, g_enc;
+  std::vector<float> scratch_a, scratch_b, d_feat, d_tmp, d_tmp2;
+};
+
+void validate_config(const ModelConfig& c) {
+  if (c.ndim != 2 && c.ndim != 3) fail("ndim must be 2 or 3, got ", c.ndim);
+  if (c.in_channels < 1) fail("inChannels must be >= 1, got ", c.in_channels);
+  if (c.classes < 2 || c.classes > kMaxClasses) fail("classes must be in 2..", kMaxClasses, ", got ", c.classes);
+  if (c.annotators < 1 || c.annotators > 64) fail("annotators must be in 1..64, got ", c.annotators);
+  if (c.depth < 1 || c.depth > 8) fail("depth must be in 1..8, got ", c.depth);
+  if (c.base < 1 || c.base > 1024) fail("baseChannels must be in 1..1024, got ", c.base);
+  if (c.cm_mode == CmMode::LowRank && (c.cm_rank < 1 || c.cm_rank > 8)) fail("cmRank must be in 1..8, got ", c.cm_rank);
+  if (c.cm_head_blocks < 0 || c.cm_head_blocks > 8) fail("cmHeadBlocks must be in 0..8, got ", c.cm_head_blocks);
+}
+
+Model::Model(const ModelConfig& config) : config_(config), impl_(new Impl) {
+  validate_config(config);
+  const ModelConfig& c = config_;
+  const int T3 = conv3_taps(c.ndim), T2 = pool2_taps(c.ndim);
+  auto kdims = [&](int k) { return std::vector<int64_t>(c.ndim, k); };
+  auto add = [&](const std::string& name, std::vector<int64_t> shape) {
+    Param p;
+    p.name = name;
+    p.shape = std::move(shape);
+    int64_t count = 1;
+    for (auto d : p.shape) count *= d;
+    p.value.assign(count, 0.f);
+    p.grad.assign(count, 0.f);
+    p.m.assign(count, 0.f);
+    p.v.assign(count, 0.f);
+    params_.push_back(std::move(p));
+    return (int)params_.size() - 1;
+  };
+  auto conv_shape = [&](int cout, int cin, int k) {
+    std::vector<int64_t> s = {cout, cin};
+    for (auto d : kdims(k)) s.push_back(d);
+    return s;
+  };
+  auto add_block = [&](const std::string& prefix, int cin, int cout) {
+    Block b;
+    b.cin = cin, b.cout = cout;
+    b.w1 = add(prefix + ".conv1.weight", conv_shape(cout, cin, 3));
+    b.g1 = add(prefix + ".norm1.weight", {cout});
+    b.b1 = add(prefix + ".norm1.bias", {cout});
+    b.w2 = add(prefix + ".conv2.weight", conv_shape(cout, cout, 3));
+    b.g2 = add(prefix + ".norm2.weight", {cout});
+    b.b2 = add(prefix + ".norm2.bias", {cout});
+    return b;
+  };
+  auto width = [&](int level) { return c.base << level; };
+
+  Impl& m = *impl_;
+  for (int k = 0; k < c.depth; ++k)
+    m.enc.push_back(add_block("enc." + std::to_string(k), k == 0 ? c.in_channels : width(k - 1), width(k)));
+  for (int k = 0; k + 1 < c.depth; ++k) {
+    const int from = width(c.depth - 1 - k), to = width(c.depth - 2 - k);
+    std::vector<int64_t> ws = {from, to};
+    for (auto d : kdims(2)) ws.push_back(d);
+    m.up_w.push_back(add("up." + std::to_string(k) + ".weight", ws));
+    m.up_b.push_back(add("up." + std::to_string(k) + ".bias", {to}));
+    m.dec.push_back(add_block("dec." + std::to_string(k), 2 * to, to));
+  }
+  const int L = c.classes, C0 = c.base;
+  m.seg_w = add("seg.weight", conv_shape(L, C0, 1));
+  m.seg_b = add("seg.bias", {L});
+  const int K = cm_head_channels(c.cm_mode, L, c.cm_rank);
+  for (int r = 0; r < c.annotators; ++r) {
+    if (c.cm_mode == CmMode::Global) {
+      m.gcm.push_back(add("gcm." + std::to_string(r), {L, L}));
+      continue;
+    }
+    for (int b = 0; b < c.cm_head_blocks; ++b)
+      m.cm_blocks_flat.push_back(add_block("cmblock." + std::to_string(r) + "." + std::to_string(b), C0, C0));
+    m.cm_w.push_back(add("cm." + std::to_string(r) + ".weight", conv_shape(K, C0, 1)));
+    m.cm_b.push_back(add("cm." + std::to_string(r) + ".bias", {K}));
+  }
+
+  // Initialisation (documented in README "Model"): He-normal for 3x3 convolutions
+  // (ReLU follows), uniform +-1/sqrt(fan_in) for transposed convs and heads,
+  // norms at weight 1 / bias 0; CM heads biased towards a diagonal of 0.8.
+  Rng rng{c.seed * 0x2545F4914F6CDD1DULL + 0x1234567ULL};
+  auto uniform_fill = [&](Param& p, double bound) {
+    for (auto& x : p.value) x = (float)((rng.uniform() * 2 - 1) * bound);
+  };
+  for (auto& p : params_) {
+    const std::string& nm = p.name;
+    auto ends = [&](const char* suf) {
+      const size_t ls = std::strlen(suf);
+      return nm.size() >= ls && nm.compare(nm.size() - ls, ls, suf) == 0;
+    };
+    if (ends(".conv1.weight") || ends(".conv2.weight")) {
+      const double std_ = std::sqrt(2.0 / (p.shape[1] * T3));
+      for (auto& x : p.value) x = (float)(rng.normal() * std_);
+    } else if (nm.find(".norm") != std::string::npos) {
+      std::fill(p.value.begin(), p.value.end(), ends(".weight") ? 1.f : 0.f);
+    } else if (nm.rfind("up.", 0) == 0) {
+      // filled below, where the weight's fan-in is at hand for its bias too
+    } else if (nm.rfind("gcm.", 0) == 0) {
+      for (int i = 0; i < L; ++i)
+        for (int j = 0; j < L; ++j)
+          p.value[i * L + j] = c.cm_init == CmInit::Uniform ? 0.f
+                               : (float)inverse_softplus(i == j ? 4.0 * (L - 1) : 1.0);
+    } else {
+      uniform_fill(p, 1.0 / std::sqrt((double)C0));  // seg / cm heads
+    }
+  }
+  // Transposed-conv weights: fan-in of the input channels times taps.
+  for (size_t k = 0; k < m.up_w.size(); ++k) {
+    Param& w = params_[m.up_w[k]];
+    uniform_fill(w, 1.0 / std::sqrt((double)w.shape[0] * T2));
+    uniform_fill(params_[m.up_b[k]], 1.0 / std::sqrt((double)w.shape[0] * T2));
+  }
+  if (c.cm_init == CmInit::Identity && c.cm_mode != CmMode::Global) {
+    for (int r = 0; r < c.annotators; ++r) {
+      Param& w = params_[m.cm_w[r]];
+      for (auto& x : w.value) x *= 0.1f;  // keep the initial CM close to the bias everywhere
+      Param& b = params_[m.cm_b[r]];
+      if (c.cm_mode == CmMode::Full) {
+        for (int i = 0; i < L; ++i)
+          for (int j = 0; j < L; ++j) b.value[i * L + j] = (float)inverse_softplus(i == j ? 4.0 * (L - 1) : 1.0);
+      } else {
+        const int l = c.cm_rank;
+        const float uw = (float)inverse_softplus(std::sqrt(1.0 / l));
+        for (int e = 0; e < 2 * L * l; ++e) b.value[e] = uw;
+        b.value[2 * L * l] = (float)inverse_softplus(4.0 * (L - 1) - 1.0);
+      }
+    }
+  }
+}
+
+Model::~Model() = default;
+
+Param* Model::find(const std::string& name) {
+  for (auto& p : params_)
+    if (p.name == name) return &p;
+  return nullptr;
+}
+
+int64_t Model::parameter_count() const {
+  int64_t n = 0;
+  for (auto& p : params_) n += p.numel();
+  return n;
+}
+
+void Model::validate_images(const float* images, int n, Spatial s) const {
+  const ModelConfig& c = config_;
+  if (n < 1) fail("batch must hold at least one image, got ", n);
+  if (c.ndim == 2 && s.d != 1) fail("2D model given a 3D extent (depth ", s.d, ")");
+  const int m = 1 << (c.depth - 1);
+  const int dims[3] = {s.d, s.h, s.w};
+  const char* names[3] = {"depth", "height", "width"};
+  for (int i = c.ndim == 3 ? 0 : 1; i < 3; ++i)
+    if (dims[i] < 1 || dims[i] % m != 0)
+      fail("spatial ", names[i], " ", dims[i], " is not divisible by 2^(depth-1) = ", m, " (depth ", c.depth, ")");
+  const int64_t total = (int64_t)n * c.in_channels * s.size();
+  for (int64_t i = 0; i < total; ++i)
+    if (!std::isfinite(images[i])) {
+      const int64_t V = s.size();
+      fail("images contain ", std::isnan(images[i]) ? "NaN" : "Inf", " at index ", i, " (image ",
+           i / (V * c.in_channels), ", channel ", (i / V) % c.in_channels, ")");
+    }
+}
+
+void Model::validate(const Batch& b) const {
+  validate_images(b.images, b.n, b.s);
+  const int L = config_.classes;
+  const int64_t count = (int64_t)b.n * b.s.size();
+  auto check_map = [&](const uint8_t* lab, const std::string& what) {
+    for (int64_t i = 0; i < count; ++i)
+      if (lab[i] >= L && lab[i] != kUnlabelled)
+        fail(what, ": label ", (int)lab[i], " at index ", i, " (image ", i / b.s.size(), ") is >= classes (", L,
+             ") and is not 255 (unlabelled)");
+  };
+  if (b.target) {
+    check_map(b.target, "target");
+  } else if (b.soft_target) {
+    const int64_t total = count * L;
+    for (int64_t i = 0; i < total; ++i)
+      if (!std::isfinite(b.soft_target[i]) || b.soft_target[i] < 0)
+        fail("softTarget: value ", b.soft_target[i], " at index ", i, " is not a finite probability");
+  } else {
+    if ((int)b.labels.size() != config_.annotators)
+      fail("expected labels for ", config_.annotators, " annotators, got ", b.labels.size());
+    for (int r = 0; r < config_.annotators; ++r) check_map(b.labels[r], "labels of annotator " + std::to_string(r));
+  }
+}
+
+namespace {
+
+void block_forward(std::vector<Param>& P, const Block& b, const float* x, int n, Spatial s, int ndim, BlockCache& c) {
+  const int64_t V = s.size(), sz = (int64_t)n * b.cout * V;
+  grow(c.h1, sz), grow(c.a1, sz), grow(c.h2, sz), grow(c.a2, sz);
+  grow(c.mean1, n * b.cout), grow(c.rstd1, n * b.cout), grow(c.mean2, n * b.cout), grow(c.rstd2, n * b.cout);
+  conv3_forward(x, P[b.w1].value.data(), c.h1.data(), n, b.cin, b.cout, s, ndim);
+  instance_norm_forward(c.h1.data(), P[b.g1].value.data(), P[b.b1].value.data(), c.a1.data(), c.mean1.data(),
+                        c.rstd1.data(), n, b.cout, V, true);
+  conv3_forward(c.a1.data(), P[b.w2].value.data(), c.h2.data(), n, b.cout, b.cout, s, ndim);
+  instance_norm_forward(c.h2.data(), P[b.g2].value.data(), P[b.b2].value.data(), c.a2.data(), c.mean2.data(),
+                        c.rstd2.data(), n, b.cout, V, true);
+}
+
+// dy: gradient of the block output; dx: gradient of its input (may be null).
+void block_backward(std::vector<Param>& P, const Block& b, const float* x, int n, Spatial s, int ndim,
+                    const BlockCache& c, const float* dy, float* dx, std::vector<float>& t1, std::vector<float>& t2) {
+  const int64_t V = s.size(), sz = (int64_t)n * b.cout * V;
+  grow(t1, sz), grow(t2, sz);
+  instance_norm_backward(c.h2.data(), c.a2.data(), c.mean2.data(), c.rstd2.data(), P[b.g2].value.data(), dy,
+                         t1.data(), P[b.g2].grad.data(), P[b.b2].grad.data(), n, b.cout, V, true);
+  conv3_backward(c.a1.data(), P[b.w2].value.data(), t1.data(), t2.data(), P[b.w2].grad.data(), n, b.cout, b.cout, s,
+                 ndim);
+  instance_norm_backward(c.h1.data(), c.a1.data(), c.mean1.data(), c.rstd1.data(), P[b.g1].value.data(), t2.data(),
+                         t1.data(), P[b.g1].grad.data(), P[b.b1].grad.data(), n, b.cout, V, true);
+  conv3_backward(x, P[b.w1].value.data(), t1.data(), dx, P[b.w1].grad.data(), n, b.cin, b.cout, s, ndim);
+}
+
+}  // namespace
+
+StepResult Model::run(const Batch& batch, bool backward) {
+  validate(batch);
+  Impl& m = *impl_;
+  const ModelConfig& c = config_;
+  auto& P = params_;
+  const int n = batch.n, D = c.depth, L = c.classes, R = c.annotators, nd = c.ndim;
+  const bool plain_ce = batch.target || batch.soft_target;
+  const int K = cm_head_channels(c.cm_mode, L, c.cm_rank);
+  m.n = n;
+  m.level_s.assign(D, batch.s);
+  for (int k = 1; k < D; ++k) m.level_s[k] = halve(m.level_s[k - 1], nd);
+  auto V = [&](int k) { return m.level_s[k].size(); };
+  m.enc_c.resize(D), m.dec_c.resize(D > 1 ? D - 1 : 0), m.pooled.resize(D), m.pool_arg.resize(D);
+  m.ups.resize(D), m.cats.resize(D);
+
+  // ---- forward
+  for (int k = 0; k < D; ++k) {
+    const float* in = batch.images;
+    if (k > 0) {
+      const int ch = m.enc[k - 1].cout;
+      grow(m.pooled[k], (size_t)n * ch * V(k));
+      m.pool_arg[k].resize((size_t)n * ch * V(k));
+      maxpool2_forward(m.enc_c[k - 1].a2.data(), m.pooled[k].data(), m.pool_arg[k].data(), n * ch, m.level_s[k - 1], nd);
+      in = m.pooled[k].data();
+    }
+    block_forward(P, m.enc[k], in, n, m.level_s[k], nd, m.enc_c[k]);
+  }
+  for (int k = 0; k + 1 < D; ++k) {
+    const int lo = D - 1 - k, hi = D - 2 - k;  // from level lo up to level hi
+    const float* below = k == 0 ? m.enc_c[D - 1].a2.data() : m.dec_c[k - 1].a2.data();
+    const int cin = m.dec[k].cout * 2, cout = m.dec[k].cout;
+    grow(m.ups[k], (size_t)n * cout * V(hi));
+    upconv2_forward(below, P[m.up_w[k]].value.data(), P[m.up_b[k]].value.data(), m.ups[k].data(), n, cin, cout,
+                    m.level_s[lo], nd);
+    grow(m.cats[k], (size_t)n * 2 * cout * V(hi));
+    concat_forward(m.enc_c[hi].a2.data(), cout, m.ups[k].data(), cout, m.cats[k].data(), n, V(hi));
+    block_forward(P, m.dec[k], m.cats[k].data(), n, m.level_s[hi], nd, m.dec_c[k]);
+  }
+  const float* feat = D > 1 ? m.dec_c[D - 2].a2.data() : m.enc_c[0].a2.data();
+  const int C0 = c.base;
+  const int64_t V0 = V(0);
+  grow(m.seg_logits, (size_t)n * L * V0);
+  conv1_forward(feat, P[m.seg_w].value.data(), P[m.seg_b].value.data(), m.seg_logits.data(), n, C0, L, V0);
+
+  const int B = c.cm_head_blocks;
+  const bool pixel_cm = c.cm_mode != CmMode::Global;
+  std::vector<const float*> head_in(R, feat);
+  if (!plain_ce && pixel_cm) {
+    m.cm_raw.resize(R);
+    m.cmb_c.resize((size_t)R * B);
+    for (int r = 0; r < R; ++r) {
+      for (int b = 0; b < B; ++b) {
+        block_forward(P, m.cm_blocks_flat[r * B + b], head_in[r], n, m.level_s[0], nd, m.cmb_c[r * B + b]);
+        head_in[r] = m.cmb_c[r * B + b].a2.data();
+      }
+      grow(m.cm_raw[r], (size_t)n * K * V0);
+      conv1_forward(head_in[r], P[m.cm_w[r]].value.data(), P[m.cm_b[r]].value.data(), m.cm_raw[r].data(), n, C0, K, V0);
+    }
+  }
+
+  // ---- loss
+  StepResult res;
+  if (backward)
+    for (auto& p : P) std::fill(p.grad.begin(), p.grad.end(), 0.f);
+  grow(m.d_seg, (size_t)n * L * V0);
+  float* dseg = backward ? m.d_seg.data() : nullptr;
+  if (batch.target) {
+    res.loss = ce_loss_hard(m.seg_logits.data(), batch.target, n, L, V0, dseg);
+  } else if (batch.soft_target) {
+    res.loss = ce_loss_soft(m.seg_logits.data(), batch.soft_target, n, L, V0, dseg);
+  } else {
+    CmLossInput in;
+    in.n = n, in.L = L, in.R = R, in.V = V0, in.mode = c.cm_mode, in.rank = c.cm_rank;
+    in.seg_logits = m.seg_logits.data();
+    in.labels = batch.labels;
+    in.present = batch.present;
+    in.trace_weight = current_trace_weight();
+    CmLossOutput out;
+    out.d_seg_logits = dseg;
+    m.d_cm.resize(R);
+    for (int r = 0; r < R; ++r) {
+      in.cm_raw.push_back(pixel_cm ? m.cm_raw[r].data() : P[m.gcm[r]].value.data());
+      if (backward) {
+        if (pixel_cm) {
+          grow(m.d_cm[r], (size_t)n * K * V0);
+          out.d_cm_raw.push_back(m.d_cm[r].data());
+        } else {
+          out.d_cm_raw.push_back(P[m.gcm[r]].grad.data());
+        }
+      }
+    }
+    cm_loss(in, out);
+    res.loss = out.loss, res.ce = out.ce, res.trace = out.trace, res.trace_weight = in.trace_weight;
+  }
+  res.step = step;
+  if (!backward) return res;
+
+  // ---- backward
+  grow(m.d_feat, (size_t)n * C0 * V0);
+  std::fill(m.d_feat.begin(), m.d_feat.end(), 0.f);
+  conv1_backward(feat, P[m.seg_w].value.data(), m.d_seg.data(), m.d_feat.data(), P[m.seg_w].grad.data(),
+                 P[m.seg_b].grad.data(), n, C0, L, V0);
+  if (!plain_ce && pixel_cm) {
+    for (int r = 0; r < R; ++r) {
+      if (B == 0) {
+        conv1_backward(feat, P[m.cm_w[r]].value.data(), m.d_cm[r].data(), m.d_feat.data(), P[m.cm_w[r]].grad.data(),
+                       P[m.cm_b[r]].grad.data(), n, C0, K, V0);
+        continue;
+      }
+      // Through the head, then this annotator's extra blocks, into the shared features.
+      grow(m.d_tmp, (size_t)n * C0 * V0);
+      std::fill(m.d_tmp.begin(), m.d_tmp.end(), 0.f);
+      conv1_backward(head_in[r], P[m.cm_w[r]].value.data(), m.d_cm[r].data(), m.d_tmp.data(),
+                     P[m.cm_w[r]].grad.data(), P[m.cm_b[r]].grad.data(), n, C0, K, V0);
+      for (int b = B - 1; b >= 0; --b) {
+        const float* bin = b == 0 ? feat : m.cmb_c[r * B + b - 1].a2.data();
+        grow(m.d_tmp2, (size_t)n * C0 * V0);
+        block_backward(P, m.cm_blocks_flat[r * B + b], bin, n, m.level_s[0], nd, m.cmb_c[r * B + b], m.d_tmp.data(),
+                       m.d_tmp2.data(), m.scratch_a, m.scratch_b);
+        std::swap(m.d_tmp, m.d_tmp2);
+      }
+      for (size_t i = 0; i < m.d_feat.size(); ++i) m.d_feat[i] += m.d_tmp[i];
+    }
+  }
+
+  // Decoder, deepest first. g_enc[k] collects the gradient of encoder output k.
+  m.g_enc.resize(D);
+  for (int k = 0; k < D; ++k) {
+    grow(m.g_enc[k], (size_t)n * m.enc[k].cout * V(k));
+    std::fill(m.g_enc[k].begin(), m.g_enc[k].end(), 0.f);
+  }
+  std::vector<float> g_out = D > 1 ? m.d_feat : std::vector<float>();
+  if (D == 1) m.g_enc[0] = m.d_feat;
+  std::vector<float> d_cat, d_up, d_below;
+  for (int k = D - 2; k >= 0; --k) {
+    const int lo = D - 1 - k, hi = D - 2 - k, cout = m.dec[k].cout, cin = 2 * cout;
+    grow(d_cat, (size_t)n * cin * V(hi));
+    block_backward(P, m.dec[k], m.cats[k].data(), n, m.level_s[hi], nd, m.dec_c[k], g_out.data(), d_cat.data(),
+                   m.scratch_a, m.scratch_b);
+    grow(d_up, (size_t)n * cout * V(hi));
+    grow(d_below, (size_t)n * cin * V(lo));
+    concat_backward(d_cat.data(), nullptr, cout, d_up.data(), cout, n, V(hi));
+    // Skip gradient: add the first half of d_cat into g_enc[hi].
+    {
+      const int64_t Vh = V(hi);
+      float* ge = m.g_enc[hi].data();
+      parallel_for(n, [&](int64_t i, int) {
+        const float* src = d_cat.data() + i * cin * Vh;
+        float* dst = ge + i * cout * Vh;
+        for (int64_t e = 0; e < cout * Vh; ++e) dst[e] += src[e];
+      });
+    }
+    const float* below = k == 0 ? m.enc_c[D - 1].a2.data() : m.dec_c[k - 1].a2.data();
+    upconv2_backward(below, P[m.up_w[k]].value.data(), d_up.data(), d_below.data(), P[m.up_w[k]].grad.data(),
+                     P[m.up_b[k]].grad.data(), n, cin, cout, m.level_s[lo], nd);
+    if (k == 0) {
+      float* ge = m.g_enc[D - 1].data();
+      for (size_t i = 0; i < d_below.size(); ++i) ge[i] += d_below[i];
+    } else {
+      g_out.swap(d_below);
+    }
+  }
+
+  // Encoder, deepest first.
+  std::vector<float> d_in, d_pool;
+  for (int k = D - 1; k >= 0; --k) {
+    const float* in = k == 0 ? batch.images : m.pooled[k].data();
+    if (k > 0) grow(d_in, (size_t)n * m.enc[k].cin * V(k));
+    block_backward(P, m.enc[k], in, n, m.level_s[k], nd, m.enc_c[k], m.g_enc[k].data(), k > 0 ? d_in.data() : nullptr,
+                   m.scratch_a, m.scratch_b);
+    if (k > 0) {
+      const int ch = m.enc[k - 1].cout;
+      grow(d_pool, (size_t)n * ch * V(k - 1));
+      maxpool2_backward(d_in.data(), m.pool_arg[k].data(), d_pool.data(), n * ch, m.level_s[k - 1], nd);
+      float* ge = m.g_enc[k - 1].data();
+      for (size_t i = 0; i < d_pool.size(); ++i) ge[i] += d_pool[i];
+    }
+  }
+  return res;
+}
+
+StepResult Model::compute_gradients(const Batch& batch) { return run(batch, true); }
+StepResult Model::evaluate(const Batch& batch) { return run(batch, false); }
+
+StepResult Model::train_step(const Batch& batch) {
+  StepResult r = run(batch, true);
+  apply_optimizer();
+  r.step = step;
+  return r;
+}
+
+void Model::predict(const float* images, int n, Spatial s, float* probs, float* cms, float* annotator_probs) {
+  const ModelConfig& c = config_;
+  const int L = c.classes, R = c.annotators, K = cm_head_channels(c.cm_mode, L, c.cm_rank);
+  // Labels are not needed: run the forward with one all-unlabelled map per annotator.
+  std::vector<uint8_t> none((size_t)n * s.size(), kUnlabelled);
+  Batch b;
+  b.n = n, b.s = s, b.images = images;
+  b.labels.assign(R, none.data());
+  run(b, false);
+  Impl& m = *impl_;
+  const int64_t V = s.size();
+  softmax_forward(m.seg_logits.data(), probs, n, L, V);
+  if (!cms && !annotator_probs) return;
+  parallel_for((int64_t)n * R, [&](int64_t item, int) {
+    const int i = (int)(item / R), r = (int)(item % R);
+    float A[kMaxClasses * kMaxClasses];
+    const bool global = c.cm_mode == CmMode::Global;
+    if (global) cm_from_raw(c.cm_mode, L, c.cm_rank, params_[m.gcm[r]].value.data(), 1, A);
+    for (int64_t v = 0; v < V; ++v) {
+      if (!global) cm_from_raw(c.cm_mode, L, c.cm_rank, m.cm_raw[r].data() + (int64_t)i * K * V + v, V, A);
+      if (cms)
+        for (int e = 0; e < L * L; ++e) cms[(((int64_t)i * R + r) * L * L + e) * V + v] = A[e];
+      if (annotator_probs)
+        for (int a = 0; a < L; ++a) {
+          float q = 0.f;
+          for (int j = 0; j < L; ++j) q += A[a * L + j] * probs[((int64_t)i * L + j) * V + v];
+          annotator_probs[(((int64_t)i * R + r) * L + a) * V + v] = q;
+        }
+    }
+  });
+}
+
+}  // namespace cmseg

@@ -1,0 +1,107 @@
+// A minimal test harness for the native tests: TEST(name) registers a case,
+// CHECK* record failures with file:line, main() runs every case and reports.
+#pragma once
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace check {
+
+struct Case {
+  const char* name;
+  std::function<void()> fn;
+};
+inline std::vector<Case>& cases() {
+  static std::vector<Case> c;
+  return c;
+}
+inline int& failures() {
+  static int f = 0;
+  return f;
+}
+struct Register {
+  Register(const char* n, std::function<void()> f) { cases().push_back({n, std::move(f)}); }
+};
+
+inline int run_all(int argc, char** argv) {
+  int failed_cases = 0, run = 0;
+  for (auto& c : cases()) {
+    if (argc > 1 && std::string(c.name).find(argv[1]) == std::string::npos) continue;
+    const int before = failures();
+    try {
+      c.fn();
+    } catch (const std::exception& e) {
+      std::printf("  unexpected exception: %s\n", e.what());
+      ++failures();
+    }
+    ++run;
+    const bool ok = failures() == before;
+    failed_cases += !ok;
+    std::printf("%s %s\n", ok ? "ok" : "FAIL", c.name);
+    std::fflush(stdout);
+  }
+  std::printf("# %d passed, %d failed\n", run - failed_cases, failed_cases);
+  return failed_cases ? 1 : 0;
+}
+
+// |a - b| <= atol + rtol * max(|a|, |b|)
+inline bool close(double a, double b, double rtol, double atol) {
+  return std::fabs(a - b) <= atol + rtol * std::max(std::fabs(a), std::fabs(b));
+}
+
+inline std::vector<float> random_vector(size_t n, uint32_t seed, float lo = -1.f, float hi = 1.f) {
+  std::mt19937 g(seed);
+  std::uniform_real_distribution<float> d(lo, hi);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(g);
+  return v;
+}
+
+}  // namespace check
+
+#define TEST(name)                                   \
+  static void test_##name();                         \
+  static check::Register reg_##name(#name, test_##name); \
+  static void test_##name()
+
+#define CHECK(cond)                                                          \
+  do {                                                                       \
+    if (!(cond)) {                                                           \
+      std::printf("  %s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond); \
+      ++check::failures();                                                   \
+    }                                                                        \
+  } while (0)
+
+#define CHECK_CLOSE(a, b, rtol, atol)                                                                         \
+  do {                                                                                                        \
+    const double va_ = (a), vb_ = (b);                                                                        \
+    if (!check::close(va_, vb_, rtol, atol)) {                                                                \
+      std::printf("  %s:%d: %s = %.9g vs %s = %.9g (rtol %g, atol %g)\n", __FILE__, __LINE__, #a, va_, #b, vb_, \
+                  (double)(rtol), (double)(atol));                                                            \
+      ++check::failures();                                                                                    \
+    }                                                                                                         \
+  } while (0)
+
+#define CHECK_THROWS_WITH(expr, fragment)                                                                    \
+  do {                                                                                                       \
+    bool thrown_ = false;                                                                                    \
+    try {                                                                                                    \
+      expr;                                                                                                  \
+    } catch (const std::exception& e_) {                                                                     \
+      thrown_ = true;                                                                                        \
+      if (std::string(e_.what()).find(fragment) == std::string::npos) {                                      \
+        std::printf("  %s:%d: message '%s' lacks '%s'\n", __FILE__, __LINE__, e_.what(), fragment);           \
+        ++check::failures();                                                                                 \
+      }                                                                                                      \
+    }                                                                                                        \
+    if (!thrown_) {                                                                                          \
+      std::printf("  %s:%d: %s did not throw\n", __FILE__, __LINE__, #expr);                                  \
+      ++check::failures();                                                                                   \
+    }                                                                                                        \
+  } while (0)
+
+#define TEST_MAIN() \
+  int main(int argc, char** argv) { return check::run_all(argc, argv); }

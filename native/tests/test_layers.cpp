@@ -1,0 +1,252 @@
+// Every CPU reference layer: forward against a direct, independent loop
+// implementation, and backward against central finite differences of the
+// objective sum(y * r) for a fixed random r.
+//
+// Tolerances: float32 forward/backward, finite differences in float32 with
+// step 1e-2 (the layers here are linear or smooth away from ReLU/max-pool kinks,
+// and the inputs keep clear of them): |analytic - numeric| <= 1e-3 + 2e-2 * |numeric|.
+#include <algorithm>
+#include <numeric>
+
+#include "check.hpp"
+#include "cmseg/layers.hpp"
+
+using namespace cmseg;
+
+namespace {
+
+constexpr double kRtol = 2e-2, kAtol = 1e-3;
+
+double dot(const std::vector<float>& a, const std::vector<float>& b) {
+  double s = 0;
+  for (size_t i = 0; i < a.size(); ++i) s += (double)a[i] * b[i];
+  return s;
+}
+
+// Central differences of objective() with respect to every element of x (or a
+// strided subset for big tensors), compared with analytic.
+void fd_check(const char* what, std::vector<float>& x, const std::vector<float>& analytic,
+              const std::function<double()>& objective, float h = 1e-2f) {
+  const size_t stride = std::max<size_t>(1, x.size() / 97);
+  int bad = 0;
+  for (size_t i = 0; i < x.size(); i += stride) {
+    const float keep = x[i];
+    x[i] = keep + h;
+    const double up = objective();
+    x[i] = keep - h;
+    const double down = objective();
+    x[i] = keep;
+    const double num = (up - down) / (2.0 * h);
+    if (!check::close(analytic[i], num, kRtol, kAtol)) {
+      if (bad++ < 3) std::printf("  %s[%zu]: analytic %.6g, numeric %.6g\n", what, i, analytic[i], num);
+    }
+  }
+  if (bad) ++check::failures();
+}
+
+// Direct 3x3(x3) convolution, pad 1.
+std::vector<float> direct_conv3(const std::vector<float>& x, const std::vector<float>& w, int n, int cin, int cout,
+                                Spatial s, int ndim) {
+  const int kd = ndim == 3 ? 3 : 1, T = conv3_taps(ndim);
+  std::vector<float> y((size_t)n * cout * s.size(), 0.f);
+  for (int i = 0; i < n; ++i)
+    for (int co = 0; co < cout; ++co)
+      for (int z = 0; z < s.d; ++z)
+        for (int yy = 0; yy < s.h; ++yy)
+          for (int xx = 0; xx < s.w; ++xx) {
+            double acc = 0;
+            for (int ci = 0; ci < cin; ++ci)
+              for (int a = 0; a < kd; ++a)
+                for (int b = 0; b < 3; ++b)
+                  for (int c = 0; c < 3; ++c) {
+                    const int zz = z + (kd == 3 ? a - 1 : 0), y2 = yy + b - 1, x2 = xx + c - 1;
+                    if (zz < 0 || zz >= s.d || y2 < 0 || y2 >= s.h || x2 < 0 || x2 >= s.w) continue;
+                    acc += (double)w[((size_t)co * cin + ci) * T + (a * 3 + b) * 3 + c] *
+                           x[(((size_t)i * cin + ci) * s.d + zz) * s.h * s.w + (size_t)y2 * s.w + x2];
+                  }
+            y[(((size_t)i * cout + co) * s.d + z) * s.h * s.w + (size_t)yy * s.w + xx] = (float)acc;
+          }
+  return y;
+}
+
+void conv3_case(int ndim, int n, int cin, int cout, Spatial s) {
+  const int T = conv3_taps(ndim);
+  auto x = check::random_vector((size_t)n * cin * s.size(), 11);
+  auto w = check::random_vector((size_t)cout * cin * T, 12);
+  auto r = check::random_vector((size_t)n * cout * s.size(), 13);
+  std::vector<float> y(r.size());
+  conv3_forward(x.data(), w.data(), y.data(), n, cin, cout, s, ndim);
+  auto ref = direct_conv3(x, w, n, cin, cout, s, ndim);
+  for (size_t i = 0; i < y.size(); ++i) CHECK_CLOSE(y[i], ref[i], 1e-5, 1e-5);
+  std::vector<float> dx(x.size()), dw(w.size(), 0.f);
+  conv3_backward(x.data(), w.data(), r.data(), dx.data(), dw.data(), n, cin, cout, s, ndim);
+  auto obj = [&] {
+    conv3_forward(x.data(), w.data(), y.data(), n, cin, cout, s, ndim);
+    return dot(y, r);
+  };
+  fd_check("conv3 dx", x, dx, obj);
+  fd_check("conv3 dw", w, dw, obj);
+}
+
+}  // namespace
+
+TEST(conv3_2d_forward_and_gradients) { conv3_case(2, 2, 3, 5, {1, 6, 7}); }
+TEST(conv3_3d_forward_and_gradients) { conv3_case(3, 2, 2, 3, {4, 5, 6}); }
+TEST(conv3_wide_channels_tiles) { conv3_case(2, 1, 20, 7, {1, 16, 24}); }
+
+TEST(upconv2_forward_and_gradients) {
+  for (int ndim : {2, 3}) {
+    const int n = 2, cin = 3, cout = 2, T = pool2_taps(ndim);
+    const Spatial s = ndim == 3 ? Spatial{2, 3, 2} : Spatial{1, 3, 4};
+    const Spatial so = twice(s, ndim);
+    auto x = check::random_vector((size_t)n * cin * s.size(), 21);
+    auto w = check::random_vector((size_t)cin * cout * T, 22);
+    auto b = check::random_vector(cout, 23);
+    auto r = check::random_vector((size_t)n * cout * so.size(), 24);
+    std::vector<float> y(r.size());
+    upconv2_forward(x.data(), w.data(), b.data(), y.data(), n, cin, cout, s, ndim);
+    // Direct: y[2z+a, 2y+b, 2x+c] = bias + sum_ci x[z,y,x] * w[ci, co, a, b, c].
+    const int kd = ndim == 3 ? 2 : 1;
+    for (int i = 0; i < n; ++i)
+      for (int co = 0; co < cout; ++co)
+        for (int z = 0; z < so.d; ++z)
+          for (int yy = 0; yy < so.h; ++yy)
+            for (int xx = 0; xx < so.w; ++xx) {
+              const int zi = z / kd, yi = yy / 2, xi = xx / 2, t = ((z % kd) * 2 + yy % 2) * 2 + xx % 2;
+              double acc = b[co];
+              for (int ci = 0; ci < cin; ++ci)
+                acc += (double)x[(((size_t)i * cin + ci) * s.d + zi) * s.h * s.w + yi * s.w + xi] *
+                       w[((size_t)ci * cout + co) * T + t];
+              CHECK_CLOSE(y[(((size_t)i * cout + co) * so.d + z) * so.h * so.w + yy * so.w + xx], acc, 1e-5, 1e-5);
+            }
+    std::vector<float> dx(x.size()), dw(w.size(), 0.f), db(cout, 0.f);
+    upconv2_backward(x.data(), w.data(), r.data(), dx.data(), dw.data(), db.data(), n, cin, cout, s, ndim);
+    auto obj = [&] {
+      upconv2_forward(x.data(), w.data(), b.data(), y.data(), n, cin, cout, s, ndim);
+      return dot(y, r);
+    };
+    fd_check("upconv dx", x, dx, obj);
+    fd_check("upconv dw", w, dw, obj);
+    fd_check("upconv db", b, db, obj);
+  }
+}
+
+TEST(maxpool2_hand_case_and_gradient) {
+  // 2D, one channel 2x4: windows {1,5,2,0} -> 5 (tap 1), {3,-1,4,4} -> 4 (first max, tap 2).
+  std::vector<float> x = {1, 5, 3, -1, 2, 0, 4, 4};
+  std::vector<float> y(2);
+  std::vector<uint8_t> arg(2);
+  maxpool2_forward(x.data(), y.data(), arg.data(), 1, {1, 2, 4}, 2);
+  CHECK(y[0] == 5 && y[1] == 4);
+  std::vector<float> dy = {10, 20}, dx(8);
+  maxpool2_backward(dy.data(), arg.data(), dx.data(), 1, {1, 2, 4}, 2);
+  const std::vector<float> want = {0, 10, 0, 0, 0, 0, 20, 0};
+  CHECK(dx == want);
+  // 3D: distinct values, finite differences.
+  const Spatial s{4, 2, 6};
+  std::vector<float> x3(3 * s.size());
+  std::iota(x3.begin(), x3.end(), 0.f);
+  std::shuffle(x3.begin(), x3.end(), std::mt19937(5));
+  const Spatial so = halve(s, 3);
+  std::vector<float> y3(3 * so.size()), dx3(x3.size());
+  std::vector<uint8_t> a3(y3.size());
+  auto r = check::random_vector(y3.size(), 31);
+  maxpool2_forward(x3.data(), y3.data(), a3.data(), 3, s, 3);
+  maxpool2_backward(r.data(), a3.data(), dx3.data(), 3, s, 3);
+  fd_check("maxpool dx", x3, dx3, [&] {
+    maxpool2_forward(x3.data(), y3.data(), a3.data(), 3, s, 3);
+    return dot(y3, r);
+  }, 0.1f);
+}
+
+TEST(instance_norm_forward_stats_and_gradients) {
+  for (bool relu : {false, true}) {
+    const int n = 2, c = 3;
+    const int64_t V = 40;
+    auto x = check::random_vector((size_t)n * c * V, 41, -2.f, 3.f);
+    auto g = check::random_vector(c, 42, 0.5f, 1.5f);
+    auto b = check::random_vector(c, 43, -0.2f, 0.2f);
+    auto r = check::random_vector(x.size(), 44);
+    std::vector<float> y(x.size()), mean(n * c), rstd(n * c);
+    instance_norm_forward(x.data(), g.data(), b.data(), y.data(), mean.data(), rstd.data(), n, c, V, relu);
+    if (!relu) {
+      // Each (n, c) slice of (y - beta) / gamma has mean 0 and biased variance var / (var + eps) ~ 1.
+      for (int i = 0; i < n * c; ++i) {
+        double m = 0, v = 0;
+        for (int64_t k = 0; k < V; ++k) m += (y[i * V + k] - b[i % c]) / g[i % c];
+        m /= V;
+        for (int64_t k = 0; k < V; ++k) v += std::pow((y[i * V + k] - b[i % c]) / g[i % c] - m, 2);
+        CHECK_CLOSE(m, 0.0, 0, 1e-5);
+        CHECK_CLOSE(v / V, 1.0, 1e-4, 1e-4);
+      }
+    }
+    std::vector<float> dx(x.size()), dg(c, 0.f), db(c, 0.f);
+    instance_norm_backward(x.data(), y.data(), mean.data(), rstd.data(), g.data(), r.data(), dx.data(), dg.data(),
+                           db.data(), n, c, V, relu);
+    auto obj = [&] {
+      instance_norm_forward(x.data(), g.data(), b.data(), y.data(), mean.data(), rstd.data(), n, c, V, relu);
+      return dot(y, r);
+    };
+    fd_check("norm dx", x, dx, obj, 1e-3f);
+    fd_check("norm dgamma", g, dg, obj, 1e-3f);
+    fd_check("norm dbeta", b, db, obj, 1e-3f);
+  }
+}
+
+TEST(relu_concat_conv1_softmax_gradients) {
+  // ReLU
+  auto x = check::random_vector(50, 51);
+  auto r = check::random_vector(50, 52);
+  std::vector<float> y(50), dx(50);
+  relu_forward(x.data(), y.data(), 50);
+  relu_backward(y.data(), r.data(), dx.data(), 50);
+  for (int i = 0; i < 50; ++i) CHECK(dx[i] == (x[i] > 0 ? r[i] : 0.f) && y[i] == std::max(x[i], 0.f));
+  // concat
+  const int n = 2, ca = 2, cb = 3;
+  const int64_t V = 5;
+  auto a = check::random_vector(n * ca * V, 53), b = check::random_vector(n * cb * V, 54);
+  std::vector<float> cat(n * (ca + cb) * V);
+  concat_forward(a.data(), ca, b.data(), cb, cat.data(), n, V);
+  CHECK(cat[(ca + cb) * V + 1] == a[ca * V + 1]);
+  CHECK(cat[(ca + cb) * V + ca * V + 2] == b[cb * V + 2]);
+  std::vector<float> da(a.size()), dbb(b.size());
+  concat_backward(cat.data(), da.data(), ca, dbb.data(), cb, n, V);
+  CHECK(da == a && dbb == b);
+  // conv1 (dx accumulates onto what is there)
+  const int cin = 4, cout = 3;
+  auto xi = check::random_vector(n * cin * V, 55), w = check::random_vector(cout * cin, 56),
+       bias = check::random_vector(cout, 57), rr = check::random_vector(n * cout * V, 58);
+  std::vector<float> yo(rr.size()), dxi(xi.size(), 1.f), dw(w.size(), 0.f), dbias(cout, 0.f);
+  conv1_forward(xi.data(), w.data(), bias.data(), yo.data(), n, cin, cout, V);
+  for (int co = 0; co < cout; ++co) {
+    double acc = bias[co];
+    for (int ci = 0; ci < cin; ++ci) acc += (double)w[co * cin + ci] * xi[(cin + ci) * V + 3];
+    CHECK_CLOSE(yo[(cout + co) * V + 3], acc, 1e-5, 1e-6);
+  }
+  conv1_backward(xi.data(), w.data(), rr.data(), dxi.data(), dw.data(), dbias.data(), n, cin, cout, V);
+  for (auto& v : dxi) v -= 1.f;
+  auto obj = [&] {
+    conv1_forward(xi.data(), w.data(), bias.data(), yo.data(), n, cin, cout, V);
+    return dot(yo, rr);
+  };
+  fd_check("conv1 dx", xi, dxi, obj);
+  fd_check("conv1 dw", w, dw, obj);
+  fd_check("conv1 db", bias, dbias, obj);
+  // softmax
+  const int L = 4;
+  auto z = check::random_vector(n * L * V, 59, -3.f, 3.f), rs = check::random_vector(n * L * V, 60);
+  std::vector<float> p(z.size()), dp(rs), dz(z.size());
+  softmax_forward(z.data(), p.data(), n, L, V);
+  for (int v = 0; v < V; ++v) {
+    double s = 0;
+    for (int k = 0; k < L; ++k) s += p[k * V + v];
+    CHECK_CLOSE(s, 1.0, 0, 1e-6);
+  }
+  softmax_backward(p.data(), dp.data(), dz.data(), n, L, V);
+  fd_check("softmax dz", z, dz, [&] {
+    softmax_forward(z.data(), p.data(), n, L, V);
+    return dot(p, rs);
+  }, 1e-3f);
+}
+
+TEST_MAIN()

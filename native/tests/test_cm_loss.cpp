@@ -1,0 +1,195 @@
+// The fused CM loss (SPEC section 4): hand-computed values, the identity-CM
+// limit, and finite-difference gradients for every CM mode with unlabelled
+// pixels and an absent annotator.
+//
+// Gradient tolerance: |analytic - numeric| <= 2e-4 + 2e-2 |numeric|, central
+// differences with step 1e-3 in float32 (the loss is smooth in the raw inputs).
+#include <cmath>
+
+#include "check.hpp"
+#include "cmseg/loss.hpp"
+
+using namespace cmseg;
+
+namespace {
+float inv_softplus(double y) { return (float)(y + std::log(-std::expm1(-y))); }
+
+struct Case {
+  int n, L, R, rank;
+  int64_t V;
+  CmMode mode;
+  std::vector<float> logits;
+  std::vector<std::vector<float>> raw;
+  std::vector<std::vector<uint8_t>> labels;
+  std::vector<uint8_t> present;
+  float lambda;
+
+  CmLossInput input() const {
+    CmLossInput in;
+    in.n = n, in.L = L, in.R = R, in.V = V, in.mode = mode, in.rank = rank, in.trace_weight = lambda;
+    in.seg_logits = logits.data();
+    for (int r = 0; r < R; ++r) in.cm_raw.push_back(raw[r].data()), in.labels.push_back(labels[r].data());
+    in.present = present.empty() ? nullptr : present.data();
+    return in;
+  }
+  double loss() const {
+    CmLossOutput out;
+    cm_loss(input(), out);
+    return out.loss;
+  }
+};
+
+Case random_case(CmMode mode, int n, int L, int R, int64_t V, int rank, uint32_t seed) {
+  Case c{n, L, R, rank, V, mode, {}, {}, {}, {}, 0.3f};
+  c.logits = check::random_vector((size_t)n * L * V, seed, -2.f, 2.f);
+  const int K = mode == CmMode::Global ? L * L : cm_head_channels(mode, L, rank);
+  for (int r = 0; r < R; ++r) {
+    c.raw.push_back(check::random_vector(mode == CmMode::Global ? (size_t)K : (size_t)n * K * V, seed + 10 + r, -2.f, 2.f));
+    std::mt19937 g(seed + 20 + r);
+    std::vector<uint8_t> lab((size_t)n * V);
+    for (auto& x : lab) x = g() % 5 == 0 ? kUnlabelled : (uint8_t)(g() % L);
+    c.labels.push_back(lab);
+  }
+  c.present.assign((size_t)n * R, 1);
+  c.present[1 * R + 0] = 0;  // annotator 0 did not label image 1
+  return c;
+}
+
+void gradient_case(CmMode mode, int rank) {
+  Case c = random_case(mode, 2, 3, 2, 7, rank, 100 + (int)mode);
+  CmLossInput in = c.input();
+  CmLossOutput out;
+  std::vector<float> dz(c.logits.size());
+  std::vector<std::vector<float>> draw;
+  for (int r = 0; r < c.R; ++r) draw.emplace_back(c.raw[r].size(), -7.f);
+  out.d_seg_logits = dz.data();
+  for (auto& d : draw) out.d_cm_raw.push_back(d.data());
+  cm_loss(in, out);
+  CHECK(std::isfinite(out.loss));
+  const float h = 1e-3f;
+  auto fd = [&](std::vector<float>& x, const std::vector<float>& g, const char* what) {
+    int bad = 0;
+    for (size_t i = 0; i < x.size(); ++i) {
+      const float keep = x[i];
+      x[i] = keep + h;
+      const double up = c.loss();
+      x[i] = keep - h;
+      const double down = c.loss();
+      x[i] = keep;
+      const double num = (up - down) / (2 * h);
+      if (!check::close(g[i], num, 2e-2, 2e-4) && bad++ < 3)
+        std::printf("  %s %s[%zu]: analytic %.6g numeric %.6g\n", cm_mode_name(mode), what, i, g[i], num);
+    }
+    if (bad) ++check::failures();
+  };
+  fd(c.logits, dz, "dlogits");
+  for (int r = 0; r < c.R; ++r) fd(c.raw[r], draw[r], "draw");
+  // The absent annotator's head gets exactly zero gradient on the image it did not label.
+  if (mode != CmMode::Global) {
+    const int K = cm_head_channels(mode, c.L, rank);
+    for (int64_t e = 0; e < (int64_t)K * c.V; ++e) CHECK(draw[0][(size_t)1 * K * c.V + e] == 0.f);
+  }
+}
+}  // namespace
+
+TEST(hand_computed_full_cm_single_pixel) {
+  // softplus(u) = [[3, 1], [1, 1]] -> A = [[3/4, 1/2], [1/4, 1/2]] (columns sum to 1).
+  // logits [0, ln 3] -> p = [1/4, 3/4];  q = A p = [9/16, 7/16].
+  // Label 1: CE = -ln(7/16); trace = 3/4 + 1/2 = 5/4; loss = CE + 0.1 * 5/4.
+  std::vector<float> z = {0.f, std::log(3.f)};
+  std::vector<float> raw = {inv_softplus(3), inv_softplus(1), inv_softplus(1), inv_softplus(1)};
+  std::vector<uint8_t> lab = {1};
+  CmLossInput in;
+  in.n = 1, in.L = 2, in.R = 1, in.V = 1, in.mode = CmMode::Full, in.trace_weight = 0.1f;
+  in.seg_logits = z.data();
+  in.cm_raw = {raw.data()};
+  in.labels = {lab.data()};
+  CmLossOutput out;
+  cm_loss(in, out);
+  CHECK_CLOSE(out.ce[0], -std::log(7.0 / 16.0), 1e-6, 1e-7);
+  CHECK_CLOSE(out.trace[0], 1.25, 1e-6, 1e-7);
+  CHECK_CLOSE(out.loss, -std::log(7.0 / 16.0) + 0.125, 1e-6, 1e-7);
+  float A[4];
+  cm_from_raw(CmMode::Full, 2, 1, raw.data(), 1, A);
+  CHECK_CLOSE(A[0], 0.75, 1e-6, 0);
+  CHECK_CLOSE(A[1], 0.5, 1e-6, 0);
+  CHECK_CLOSE(A[2], 0.25, 1e-6, 0);
+  // Lowrank, L = 2, rank 1: sp(U) = [1, 2], sp(W) = [1, 1], sp(s) = 2:
+  // a = [[1+2, 1], [2, 2+2]] -> A = [[3/5, 1/5], [2/5, 4/5]].
+  std::vector<float> lr = {inv_softplus(1), inv_softplus(2), inv_softplus(1), inv_softplus(1), inv_softplus(2)};
+  cm_from_raw(CmMode::LowRank, 2, 1, lr.data(), 1, A);
+  CHECK_CLOSE(A[0], 0.6, 1e-6, 0);
+  CHECK_CLOSE(A[1], 0.2, 1e-6, 0);
+  CHECK_CLOSE(A[2], 0.4, 1e-6, 0);
+  CHECK_CLOSE(A[3], 0.8, 1e-6, 0);
+}
+
+TEST(identity_cms_reduce_to_plain_cross_entropy) {
+  // softplus(30) = 30 and softplus(-30) ~ 1e-13: A is the identity to ~1e-14,
+  // so with lambda = 0 each CE_r equals the plain CE of p on r's labels.
+  Case c = random_case(CmMode::Full, 2, 4, 2, 50, 1, 7);
+  c.present.clear();
+  c.lambda = 0.f;
+  for (auto& raw : c.raw)
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j)
+        for (int n = 0; n < 2; ++n)
+          for (int v = 0; v < 50; ++v) raw[((size_t)n * 16 + i * 4 + j) * 50 + v] = i == j ? 30.f : -30.f;
+  CmLossOutput out;
+  cm_loss(c.input(), out);
+  for (int r = 0; r < 2; ++r) {
+    const double plain = ce_loss_hard(c.logits.data(), c.labels[r].data(), 2, 4, 50, nullptr);
+    CHECK_CLOSE(out.ce[r], plain, 1e-5, 1e-6);
+    CHECK_CLOSE(out.trace[r], 4.0, 1e-6, 0);
+  }
+}
+
+TEST(averaging_and_absent_annotators) {
+  // Annotator 1 labels nothing (all 255): CE_1 = 0 but its trace still counts.
+  // Annotator 0 is absent from image 1: its trace averages over image 0 only.
+  Case c = random_case(CmMode::Full, 2, 2, 2, 10, 1, 9);
+  std::fill(c.labels[1].begin(), c.labels[1].end(), kUnlabelled);
+  CmLossOutput out;
+  cm_loss(c.input(), out);
+  CHECK(out.ce[1] == 0.0);
+  CHECK(out.trace[1] > 0.0);
+  double tr0 = 0;
+  float A[4];
+  for (int v = 0; v < 10; ++v) {
+    cm_from_raw(CmMode::Full, 2, 1, c.raw[0].data() + v, 10, A);
+    tr0 += A[0] + A[3];
+  }
+  CHECK_CLOSE(out.trace[0], tr0 / 10, 1e-5, 1e-7);
+  // Nobody present: everything zero.
+  std::fill(c.present.begin(), c.present.end(), 0);
+  CmLossOutput none;
+  cm_loss(c.input(), none);
+  CHECK(none.loss == 0.0);
+}
+
+TEST(gradients_full) { gradient_case(CmMode::Full, 1); }
+TEST(gradients_lowrank) { gradient_case(CmMode::LowRank, 2); }
+TEST(gradients_global) { gradient_case(CmMode::Global, 1); }
+
+TEST(plain_cross_entropy_gradients) {
+  const int n = 2, L = 3;
+  const int64_t V = 6;
+  auto z = check::random_vector(n * L * V, 3, -2, 2);
+  std::vector<uint8_t> lab = {0, 1, 2, 255, 1, 0, 2, 2, 255, 0, 1, 1};
+  auto soft = check::random_vector(n * L * V, 4, 0, 1);
+  std::vector<float> dh(z.size()), ds(z.size());
+  ce_loss_hard(z.data(), lab.data(), n, L, V, dh.data());
+  ce_loss_soft(z.data(), soft.data(), n, L, V, ds.data());
+  for (size_t i = 0; i < z.size(); ++i) {
+    const float keep = z[i], h = 1e-3f;
+    z[i] = keep + h;
+    const double uh = ce_loss_hard(z.data(), lab.data(), n, L, V, nullptr), us = ce_loss_soft(z.data(), soft.data(), n, L, V, nullptr);
+    z[i] = keep - h;
+    const double dhn = ce_loss_hard(z.data(), lab.data(), n, L, V, nullptr), dsn = ce_loss_soft(z.data(), soft.data(), n, L, V, nullptr);
+    z[i] = keep;
+    CHECK_CLOSE(dh[i], (uh - dhn) / (2 * h), 2e-2, 2e-4);
+    CHECK_CLOSE(ds[i], (us - dsn) / (2 * h), 2e-2, 2e-4);
+  }
+}
+
+TEST_MAIN()

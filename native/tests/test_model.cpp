@@ -1,0 +1,279 @@
+// The U-Net model: SPEC parameter names and shapes, whole-model gradients
+// against central finite differences (every CM mode, 2D and 3D, R = 2, some
+// unlabelled pixels, one annotator absent from one image), warm-up sign, Adam,
+// overfitting a tiny batch, prediction outputs and input validation.
+//
+// Whole-model gradient tolerance: |analytic - numeric| <= 1e-3 + 5e-2 |numeric|
+// with float32 central differences of step 5e-4 on a sample of entries per
+// parameter (gradients here are ~1e-2; float32 rounding of the loss alone puts
+// ~1e-4 of noise on each difference). ReLU and max-pool kinks can make an individual finite difference
+// wrong, so an entry also passes when it matches a one-sided difference, and a
+// tensor passes when at least 90% of its sampled entries agree (a wrong
+// backward fails nearly all of them).
+#include <algorithm>
+#include <cmath>
+#include <map>
+
+#include "check.hpp"
+#include "cmseg/error.hpp"
+#include "cmseg/model.hpp"
+
+using namespace cmseg;
+
+namespace {
+
+struct Data {
+  int n;
+  Spatial s;
+  std::vector<float> images;
+  std::vector<std::vector<uint8_t>> labels;
+  std::vector<uint8_t> present;
+  Batch batch() const {
+    Batch b;
+    b.n = n, b.s = s, b.images = images.data();
+    for (auto& l : labels) b.labels.push_back(l.data());
+    b.present = present.empty() ? nullptr : present.data();
+    return b;
+  }
+};
+
+Data make_data(const ModelConfig& c, int n, Spatial s, uint32_t seed) {
+  Data d{n, s, check::random_vector((size_t)n * c.in_channels * s.size(), seed), {}, {}};
+  std::mt19937 g(seed + 1);
+  for (int r = 0; r < c.annotators; ++r) {
+    std::vector<uint8_t> lab((size_t)n * s.size());
+    for (auto& x : lab) x = g() % 7 == 0 ? kUnlabelled : (uint8_t)(g() % c.classes);
+    d.labels.push_back(lab);
+  }
+  d.present.assign((size_t)n * c.annotators, 1);
+  if (n > 1) d.present[1 * c.annotators + 0] = 0;
+  return d;
+}
+
+void model_gradient_case(ModelConfig c, Spatial s) {
+  Model m(c);
+  m.loss.lambda = 0.05f;
+  Data d = make_data(c, 2, s, 1234 + c.ndim * 10 + (int)c.cm_mode);
+  Batch b = d.batch();
+  m.compute_gradients(b);
+  std::mt19937 g(99);
+  const float h = 5e-4f;
+  for (auto& p : m.params()) {
+    const int samples = std::min<int64_t>(p.numel(), 12);
+    int ok = 0;
+    std::vector<std::string> msgs;
+    for (int k = 0; k < samples; ++k) {
+      const int64_t i = samples == p.numel() ? k : g() % p.numel();
+      const float keep = p.value[i];
+      const double mid = m.evaluate(b).loss;
+      p.value[i] = keep + h;
+      const double up = m.evaluate(b).loss;
+      p.value[i] = keep - h;
+      const double down = m.evaluate(b).loss;
+      p.value[i] = keep;
+      // At a ReLU / max-pool kink the loss has two one-sided derivatives and the
+      // analytic gradient is one of them: accept the central or either one-sided difference.
+      const double central = (up - down) / (2 * h), right = (up - mid) / h, left = (mid - down) / h;
+      if (check::close(p.grad[i], central, 5e-2, 1e-3) || check::close(p.grad[i], right, 5e-2, 1e-3) ||
+          check::close(p.grad[i], left, 5e-2, 1e-3))
+        ++ok;
+      else
+        msgs.push_back(str(p.name, "[", i, "]: analytic ", p.grad[i], " central ", central, " left ", left, " right ", right));
+    }
+    if (ok < 0.9 * samples) {
+      std::printf("  %s %dD: %s: %d/%d agree\n", cm_mode_name(c.cm_mode), c.ndim, p.name.c_str(), ok, samples);
+      for (size_t k = 0; k < std::min<size_t>(3, msgs.size()); ++k) std::printf("    %s\n", msgs[k].c_str());
+      ++check::failures();
+    }
+  }
+}
+
+ModelConfig small(int ndim, CmMode mode) {
+  ModelConfig c;
+  c.ndim = ndim, c.in_channels = 2, c.classes = 3, c.annotators = 2, c.depth = 2, c.base = 3, c.cm_mode = mode;
+  c.cm_rank = 2, c.seed = 5;
+  return c;
+}
+
+}  // namespace
+
+TEST(parameter_names_and_shapes_follow_spec) {
+  ModelConfig c;
+  c.ndim = 3, c.in_channels = 4, c.classes = 4, c.annotators = 2, c.depth = 3, c.base = 8;
+  Model m(c);
+  std::map<std::string, std::vector<int64_t>> want = {
+      {"enc.0.conv1.weight", {8, 4, 3, 3, 3}}, {"enc.0.norm1.weight", {8}},   {"enc.0.norm2.bias", {8}},
+      {"enc.2.conv2.weight", {32, 32, 3, 3, 3}}, {"up.0.weight", {32, 16, 2, 2, 2}}, {"up.0.bias", {16}},
+      {"dec.0.conv1.weight", {16, 32, 3, 3, 3}}, {"up.1.weight", {16, 8, 2, 2, 2}}, {"dec.1.conv2.weight", {8, 8, 3, 3, 3}},
+      {"seg.weight", {4, 8, 1, 1, 1}},          {"seg.bias", {4}},             {"cm.1.weight", {16, 8, 1, 1, 1}},
+      {"cm.0.bias", {16}}};
+  for (auto& [name, shape] : want) {
+    Param* p = m.find(name);
+    CHECK(p != nullptr);
+    if (p) CHECK(p->shape == shape);
+  }
+  // 3 encoder blocks + 2 decoder blocks (6 tensors each) + 2 up (2 each) + seg (2) + 2 cm heads (2 each).
+  CHECK(m.params().size() == 5 * 6 + 4 + 2 + 4);
+  c.cm_mode = CmMode::Global;
+  c.ndim = 2;
+  Model g(c);
+  CHECK(g.find("gcm.1") && g.find("gcm.1")->shape == std::vector<int64_t>({4, 4}));
+  CHECK(g.find("cm.0.weight") == nullptr);
+  CHECK(g.find("enc.0.conv1.weight")->shape == std::vector<int64_t>({8, 4, 3, 3}));
+  c.cm_mode = CmMode::LowRank, c.cm_rank = 2, c.cm_head_blocks = 1;
+  Model l(c);
+  CHECK(l.find("cm.0.weight")->shape == std::vector<int64_t>({2 * 4 * 2 + 1, 8, 1, 1}));
+  CHECK(l.find("cmblock.1.0.conv2.weight") != nullptr);
+}
+
+TEST(identity_init_gives_diagonal_08) {
+  for (CmMode mode : {CmMode::Full, CmMode::LowRank, CmMode::Global}) {
+    ModelConfig c = small(2, mode);
+    Model m(c);
+    Data d = make_data(c, 1, {1, 4, 4}, 3);
+    std::vector<float> probs(3 * 16), cms(2 * 9 * 16), q(2 * 3 * 16);
+    m.predict(d.images.data(), 1, d.s, probs.data(), cms.data(), q.data());
+    for (int r = 0; r < 2; ++r)
+      for (int v = 0; v < 16; ++v) {
+        for (int j = 0; j < 3; ++j) {
+          double col = 0;
+          for (int i = 0; i < 3; ++i) col += cms[((size_t)r * 9 + i * 3 + j) * 16 + v];
+          CHECK_CLOSE(col, 1.0, 1e-5, 0);
+          CHECK_CLOSE(cms[((size_t)r * 9 + j * 3 + j) * 16 + v], 0.8, 0, 0.05);
+        }
+        // q = A p
+        for (int i = 0; i < 3; ++i) {
+          double want = 0;
+          for (int j = 0; j < 3; ++j) want += cms[((size_t)r * 9 + i * 3 + j) * 16 + v] * probs[j * 16 + v];
+          CHECK_CLOSE(q[((size_t)r * 3 + i) * 16 + v], want, 1e-5, 1e-6);
+        }
+      }
+  }
+}
+
+TEST(model_gradients_full_2d) { model_gradient_case(small(2, CmMode::Full), {1, 8, 8}); }
+TEST(model_gradients_lowrank_2d) { model_gradient_case(small(2, CmMode::LowRank), {1, 8, 12}); }
+TEST(model_gradients_global_2d) { model_gradient_case(small(2, CmMode::Global), {1, 12, 8}); }
+TEST(model_gradients_full_3d) { model_gradient_case(small(3, CmMode::Full), {4, 8, 8}); }
+TEST(model_gradients_lowrank_3d) { model_gradient_case(small(3, CmMode::LowRank), {4, 4, 8}); }
+TEST(model_gradients_global_3d) { model_gradient_case(small(3, CmMode::Global), {8, 4, 4}); }
+TEST(model_gradients_cm_head_blocks) {
+  ModelConfig c = small(2, CmMode::Full);
+  c.cm_head_blocks = 1;
+  model_gradient_case(c, {1, 8, 8});
+}
+
+TEST(plain_ce_target_gradients) {
+  ModelConfig c = small(2, CmMode::Full);
+  Model m(c);
+  Data d = make_data(c, 2, {1, 8, 8}, 77);
+  Batch b = d.batch();
+  b.target = d.labels[1].data();
+  m.compute_gradients(b);
+  Param& p = *m.find("enc.0.conv1.weight");
+  int ok = 0;
+  for (int i = 0; i < 10; ++i) {
+    const float keep = p.value[i], h = 5e-4f;
+    const double mid = m.evaluate(b).loss;
+    p.value[i] = keep + h;
+    const double up = m.evaluate(b).loss;
+    p.value[i] = keep - h;
+    const double down = m.evaluate(b).loss;
+    p.value[i] = keep;
+    ok += check::close(p.grad[i], (up - down) / (2 * h), 5e-2, 1e-3) || check::close(p.grad[i], (up - mid) / h, 5e-2, 1e-3) ||
+          check::close(p.grad[i], (mid - down) / h, 5e-2, 1e-3);
+  }
+  CHECK(ok >= 9);
+  CHECK(m.find("cm.0.weight")->grad[0] == 0.f);  // heads unused by plain CE
+}
+
+TEST(trace_warmup_sign_switch) {
+  ModelConfig c = small(2, CmMode::Global);
+  Model m(c);
+  m.loss.lambda = 0.1f, m.loss.lambda_warmup = 0.2f, m.loss.warmup_steps = 2;
+  Data d = make_data(c, 1, {1, 4, 4}, 8);
+  Batch b = d.batch();
+  std::vector<float> tw;
+  for (int i = 0; i < 4; ++i) tw.push_back(m.train_step(b).trace_weight);
+  CHECK(tw[0] == -0.2f && tw[1] == -0.2f && tw[2] == 0.1f && tw[3] == 0.1f);
+  CHECK(m.step == 4);
+  // loss = sum CE + lambda_eff * sum T
+  StepResult r = m.evaluate(b);
+  CHECK_CLOSE(r.loss, r.ce[0] + r.ce[1] + 0.1 * (r.trace[0] + r.trace[1]), 1e-6, 1e-7);
+}
+
+TEST(adam_and_adamw_first_steps_by_hand) {
+  ModelConfig c = small(2, CmMode::Global);
+  Model m(c);
+  Param& p = *m.find("gcm.0");
+  const float w0 = p.value[0];
+  for (auto& q : m.params()) std::fill(q.grad.begin(), q.grad.end(), 0.f);
+  p.grad[0] = 0.5f;
+  m.optim.lr = 0.1f, m.optim.eps = 0.f;
+  m.apply_optimizer();
+  // Step 1: m = 0.05, v = 0.00025; corrected m/sqrt(v) = 1 -> w -= lr.
+  CHECK_CLOSE(p.value[0], w0 - 0.1f, 1e-6, 1e-6);
+  // AdamW with decay 0.5: w <- w (1 - lr * wd) then the Adam step.
+  Model m2(c);
+  Param& p2 = *m2.find("gcm.0");
+  const float v0 = p2.value[0];
+  for (auto& q : m2.params()) std::fill(q.grad.begin(), q.grad.end(), 0.f);
+  p2.grad[0] = -2.f;
+  m2.optim.kind = OptimKind::AdamW, m2.optim.lr = 0.1f, m2.optim.weight_decay = 0.5f, m2.optim.eps = 0.f;
+  m2.apply_optimizer();
+  CHECK_CLOSE(p2.value[0], v0 * (1 - 0.05f) + 0.1f, 1e-6, 1e-6);
+}
+
+static double overfit(ModelConfig c, Spatial s, int steps) {
+  Model m(c);
+  m.optim.lr = 1e-2f;
+  m.loss.lambda = 0.01f;
+  // One fixed batch: two noisy annotators of a blob.
+  Data d = make_data(c, 2, s, 4);
+  for (int r = 0; r < c.annotators; ++r)
+    for (int64_t v = 0; v < (int64_t)2 * s.size(); ++v) d.labels[r][v] = (d.images[v] > 0.2f) ? 1 : 0;
+  Batch b = d.batch();
+  const double first = m.train_step(b).loss;
+  double last = first;
+  for (int i = 1; i < steps; ++i) last = m.train_step(b).loss;
+  std::printf("  overfit %dD: loss %.4f -> %.4f after %d steps\n", c.ndim, first, last, steps);
+  return last / first;
+}
+
+TEST(overfits_tiny_batch_2d) {
+  ModelConfig c = small(2, CmMode::Full);
+  c.base = 8, c.in_channels = 2;
+  CHECK(overfit(c, {1, 16, 16}, 60) < 0.3);
+}
+
+TEST(overfits_tiny_batch_3d) {
+  ModelConfig c = small(3, CmMode::Full);
+  c.base = 4;
+  CHECK(overfit(c, {8, 8, 8}, 80) < 0.3);
+}
+
+TEST(invalid_inputs_are_rejected_with_messages) {
+  ModelConfig c = small(2, CmMode::Full);
+  c.depth = 3;
+  Model m(c);
+  Data d = make_data(c, 1, {1, 8, 8}, 6);
+  Batch b = d.batch();
+  b.s = {1, 8, 6};
+  CHECK_THROWS_WITH(m.evaluate(b), "width 6 is not divisible by 2^(depth-1) = 4");
+  b = d.batch();
+  d.images[5] = std::nanf("");
+  CHECK_THROWS_WITH(m.evaluate(b), "images contain NaN at index 5");
+  d.images[5] = 0.f;
+  d.labels[1][9] = 7;
+  CHECK_THROWS_WITH(m.evaluate(b), "labels of annotator 1: label 7 at index 9 (image 0) is >= classes (3)");
+  d.labels[1][9] = 255;
+  CHECK(std::isfinite(m.evaluate(b).loss));
+  ModelConfig bad = c;
+  bad.classes = 1;
+  CHECK_THROWS_WITH(Model x(bad), "classes must be in 2..16");
+  bad = c;
+  bad.ndim = 4;
+  CHECK_THROWS_WITH(Model x(bad), "ndim must be 2 or 3");
+}
+
+TEST_MAIN()

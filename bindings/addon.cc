@@ -1,0 +1,48 @@
+// Addon entry point: registers the exported classes and functions.
+#include <napi.h>
+
+#include "args.h"
+#include "cmseg/backend.hpp"
+#include "cmseg/threads.hpp"
+#include "model_wrap.h"
+
+namespace cmseg_js {
+namespace {
+
+Napi::Value BackendInfo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const cmseg::BackendInfo b = cmseg::backend_info();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("cpu", b.cpu);
+  o.Set("onednn", b.onednn);
+  o.Set("cuda", b.cuda);
+  o.Set("cudnn", b.cudnn);
+  o.Set("threads", b.threads);
+  o.Set("simd", b.simd);
+  o.Set("compiler", b.compiler);
+  return o;
+}
+
+Napi::Value SetNumThreads(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsNumber()) throw_invalid(env, "setNumThreads expects a positive integer");
+  const int n = info[0].As<Napi::Number>().Int32Value();
+  if (n < 1 || n > 1024) throw_invalid(env, "setNumThreads expects 1..1024, got " + std::to_string(n));
+  cmseg::set_num_threads(n);
+  return env.Undefined();
+}
+
+}  // namespace
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  exports.Set("NativeModel", ModelWrap::Define(env));
+  exports.Set("backendInfo", Napi::Function::New(env, BackendInfo));
+  exports.Set("setNumThreads", Napi::Function::New(env, SetNumThreads));
+  return exports;
+}
+
+}  // namespace cmseg_js
+
+static Napi::Object InitAddon(Napi::Env env, Napi::Object exports) { return cmseg_js::Init(env, exports); }
+
+NODE_API_MODULE(cmseg, InitAddon)

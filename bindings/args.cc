@@ -1,0 +1,103 @@
+#include "args.h"
+
+#include <cmath>
+#include <new>
+
+#include "cmseg/error.hpp"
+
+namespace cmseg_js {
+
+void throw_invalid(Napi::Env env, const std::string& message) {
+  Napi::Error err = Napi::Error::New(env, message);
+  err.Set("code", Napi::String::New(env, "CMSEG_INVALID_ARGUMENT"));
+  throw err;
+}
+
+std::string describe_exception(std::exception_ptr e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::bad_alloc&) {
+    return "out of memory: the native engine could not allocate its buffers (try a smaller batch or patch)";
+  } catch (const std::exception& ex) {
+    return ex.what();
+  } catch (...) {
+    return "unknown native error";
+  }
+}
+
+void check_keys(Napi::Env env, const Napi::Object& obj, const char* what, std::initializer_list<const char*> known) {
+  Napi::Array names = obj.GetPropertyNames();
+  for (uint32_t i = 0; i < names.Length(); ++i) {
+    const std::string key = names.Get(i).ToString().Utf8Value();
+    bool ok = false;
+    for (const char* k : known) ok = ok || key == k;
+    if (ok) continue;
+    std::string list;
+    for (const char* k : known) list += (list.empty() ? "" : ", ") + std::string(k);
+    throw_invalid(env, "unknown option '" + key + "' in " + what + " (known: " + list + ")");
+  }
+}
+
+Napi::Object expect_object(Napi::Env env, const Napi::Value& v, const char* what) {
+  if (!v.IsObject() || v.IsArray() || v.IsTypedArray()) throw_invalid(env, std::string(what) + " must be an object");
+  return v.As<Napi::Object>();
+}
+
+double get_number(Napi::Env env, const Napi::Object& o, const char* key, double fallback, const char* what) {
+  Napi::Value v = o.Get(key);
+  if (v.IsUndefined()) return fallback;
+  if (!v.IsNumber() || !std::isfinite(v.As<Napi::Number>().DoubleValue()))
+    throw_invalid(env, std::string(what) + "." + key + " must be a finite number");
+  return v.As<Napi::Number>().DoubleValue();
+}
+
+int get_int(Napi::Env env, const Napi::Object& o, const char* key, int fallback, const char* what) {
+  const double d = get_number(env, o, key, fallback, what);
+  if (d != std::floor(d) || std::fabs(d) > 2147483647.0)
+    throw_invalid(env, std::string(what) + "." + key + " must be an integer, got " + std::to_string(d));
+  return (int)d;
+}
+
+std::string get_string(Napi::Env env, const Napi::Object& o, const char* key, const std::string& fallback,
+                       const char* what) {
+  Napi::Value v = o.Get(key);
+  if (v.IsUndefined()) return fallback;
+  if (!v.IsString()) throw_invalid(env, std::string(what) + "." + key + " must be a string");
+  return v.As<Napi::String>().Utf8Value();
+}
+
+template <class Arr>
+static Arr expect_typed(Napi::Env env, const Napi::Value& v, const char* what, int64_t length, napi_typedarray_type type,
+                        const char* type_name) {
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != type)
+    throw_invalid(env, std::string(what) + " must be a " + type_name);
+  Arr a = v.As<Arr>();
+  if (length >= 0 && (int64_t)a.ElementLength() != length)
+    throw_invalid(env, std::string(what) + " has " + std::to_string(a.ElementLength()) + " elements, expected " +
+                           std::to_string(length));
+  return a;
+}
+
+Napi::Float32Array expect_f32(Napi::Env env, const Napi::Value& v, const char* what, int64_t length) {
+  return expect_typed<Napi::Float32Array>(env, v, what, length, napi_float32_array, "Float32Array");
+}
+
+Napi::Uint8Array expect_u8(Napi::Env env, const Napi::Value& v, const char* what, int64_t length) {
+  return expect_typed<Napi::Uint8Array>(env, v, what, length, napi_uint8_array, "Uint8Array");
+}
+
+std::vector<int64_t> expect_int_array(Napi::Env env, const Napi::Value& v, const char* what) {
+  if (!v.IsArray()) throw_invalid(env, std::string(what) + " must be an array of integers");
+  Napi::Array a = v.As<Napi::Array>();
+  std::vector<int64_t> out;
+  for (uint32_t i = 0; i < a.Length(); ++i) {
+    Napi::Value e = a.Get(i);
+    const double d = e.IsNumber() ? e.As<Napi::Number>().DoubleValue() : NAN;
+    if (!std::isfinite(d) || d != std::floor(d) || d < 0)
+      throw_invalid(env, std::string(what) + "[" + std::to_string(i) + "] must be a non-negative integer");
+    out.push_back((int64_t)d);
+  }
+  return out;
+}
+
+}  // namespace cmseg_js

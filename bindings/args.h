@@ -1,0 +1,40 @@
+// Argument checks shared by the wrap files: every malformed argument becomes a
+// JS Error whose message names the argument and what was expected.
+#pragma once
+#include <napi.h>
+
+#include <initializer_list>
+#include <string>
+#include <vector>
+
+namespace cmseg_js {
+
+// Throws a JS Error (with err.code = 'CMSEG_INVALID_ARGUMENT').
+[[noreturn]] void throw_invalid(Napi::Env env, const std::string& message);
+
+// Runs fn, turning C++ exceptions (cmseg::InvalidArgument, bad_alloc, ...) into JS Errors.
+template <class F>
+auto guard(Napi::Env env, F&& fn) -> decltype(fn());
+
+// Rejects keys of obj not in known: "unknown option 'x' in <what> (known: a, b, c)".
+void check_keys(Napi::Env env, const Napi::Object& obj, const char* what, std::initializer_list<const char*> known);
+
+Napi::Object expect_object(Napi::Env env, const Napi::Value& v, const char* what);
+double get_number(Napi::Env env, const Napi::Object& o, const char* key, double fallback, const char* what);
+int get_int(Napi::Env env, const Napi::Object& o, const char* key, int fallback, const char* what);
+std::string get_string(Napi::Env env, const Napi::Object& o, const char* key, const std::string& fallback,
+                       const char* what);
+
+// Typed-array views (no copy). `length` is checked when >= 0.
+Napi::Float32Array expect_f32(Napi::Env env, const Napi::Value& v, const char* what, int64_t length = -1);
+Napi::Uint8Array expect_u8(Napi::Env env, const Napi::Value& v, const char* what, int64_t length = -1);
+
+// A JS array of integers, e.g. a shape.
+std::vector<int64_t> expect_int_array(Napi::Env env, const Napi::Value& v, const char* what);
+
+// Maps a C++ exception to the message the JS Error carries.
+std::string describe_exception(std::exception_ptr e);
+
+}  // namespace cmseg_js
+
+#include "args_impl.h"

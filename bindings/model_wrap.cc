@@ -1,0 +1,433 @@
+// The native Model as a JS class. Long work (trainStep, computeGradients,
+// evaluate, predict) runs in a Napi::AsyncWorker and returns a Promise; the
+// typed arrays it reads or fills are referenced, not copied, for the duration.
+#include "model_wrap.h"
+
+#include <cmath>
+#include <functional>
+#include <memory>
+
+#include "args.h"
+#include "cmseg/backend.hpp"
+#include "cmseg/error.hpp"
+
+namespace cmseg_js {
+namespace {
+
+using cmseg::Spatial;
+
+// A Promise-returning worker: `work` runs off the main thread, `result`
+// builds the resolved value on it. Keeps every referenced JS object alive.
+class PromiseWorker : public Napi::AsyncWorker {
+ public:
+  PromiseWorker(Napi::Env env, bool* busy, std::function<void()> work, std::function<Napi::Value(Napi::Env)> result)
+      : Napi::AsyncWorker(env, "cmseg"), deferred_(Napi::Promise::Deferred::New(env)), busy_(busy),
+        work_(std::move(work)), result_(std::move(result)) {}
+
+  void keep(const Napi::Value& v) { refs_.push_back(Napi::Persistent(v.As<Napi::Object>())); }
+  Napi::Promise promise() { return deferred_.Promise(); }
+
+  void Execute() override {
+    try {
+      work_();
+    } catch (...) {
+      SetError(describe_exception(std::current_exception()));
+    }
+  }
+  void OnOK() override {
+    *busy_ = false;
+    Napi::Env env = Env();
+    try {
+      deferred_.Resolve(result_(env));
+    } catch (const Napi::Error& e) {
+      deferred_.Reject(e.Value());
+    }
+  }
+  void OnError(const Napi::Error& e) override {
+    *busy_ = false;
+    Napi::Error err = Napi::Error::New(Env(), e.Message());
+    err.Set("code", Napi::String::New(Env(), "CMSEG_NATIVE_ERROR"));
+    deferred_.Reject(err.Value());
+  }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  bool* busy_;
+  std::function<void()> work_;
+  std::function<Napi::Value(Napi::Env)> result_;
+  std::vector<Napi::ObjectReference> refs_;
+};
+
+cmseg::ModelConfig parse_config(Napi::Env env, const Napi::Value& v) {
+  Napi::Object o = expect_object(env, v, "model config");
+  check_keys(env, o, "model config",
+             {"ndim", "inChannels", "classes", "annotators", "depth", "baseChannels", "cmMode", "cmRank",
+              "cmHeadBlocks", "cmInit", "seed", "device"});
+  const char* w = "config";
+  cmseg::ModelConfig c;
+  c.ndim = get_int(env, o, "ndim", 2, w);
+  c.in_channels = get_int(env, o, "inChannels", 1, w);
+  if (o.Get("classes").IsUndefined()) throw_invalid(env, "config.classes is required");
+  if (o.Get("annotators").IsUndefined()) throw_invalid(env, "config.annotators is required");
+  c.classes = get_int(env, o, "classes", 2, w);
+  c.annotators = get_int(env, o, "annotators", 1, w);
+  c.depth = get_int(env, o, "depth", 4, w);
+  c.base = get_int(env, o, "baseChannels", c.ndim == 3 ? 16 : 32, w);
+  c.cm_mode = guard(env, [&] { return cmseg::parse_cm_mode(get_string(env, o, "cmMode", "full", w)); });
+  c.cm_rank = get_int(env, o, "cmRank", 1, w);
+  c.cm_head_blocks = get_int(env, o, "cmHeadBlocks", 0, w);
+  const std::string init = get_string(env, o, "cmInit", "identity", w);
+  if (init != "identity" && init != "uniform")
+    throw_invalid(env, "config.cmInit must be 'identity' or 'uniform', got '" + init + "'");
+  c.cm_init = init == "identity" ? cmseg::CmInit::Identity : cmseg::CmInit::Uniform;
+  const double seed = get_number(env, o, "seed", 0, w);
+  if (seed < 0 || seed != std::floor(seed)) throw_invalid(env, "config.seed must be a non-negative integer");
+  c.seed = (uint64_t)seed;
+  const std::string device = get_string(env, o, "device", "cpu", w);
+  if (device == "cuda" && !cmseg::backend_info().cuda)
+    throw_invalid(env, "config.device is 'cuda' but this build has no CUDA backend (backendInfo().cuda is false)");
+  if (device != "cpu" && device != "cuda" && device != "auto")
+    throw_invalid(env, "config.device must be 'cpu', 'cuda' or 'auto', got '" + device + "'");
+  guard(env, [&] { cmseg::validate_config(c); });
+  return c;
+}
+
+// images + shape ([N, C, H, W] or [N, C, D, H, W]) -> n, spatial; checks the array length.
+struct ImageArgs {
+  int n = 0;
+  Spatial s;
+  Napi::Float32Array images;
+};
+
+ImageArgs parse_images(Napi::Env env, const cmseg::ModelConfig& c, const Napi::Value& images, const Napi::Value& shape_v) {
+  std::vector<int64_t> shape = expect_int_array(env, shape_v, "shape");
+  if ((int)shape.size() != c.ndim + 2)
+    throw_invalid(env, "shape must have " + std::to_string(c.ndim + 2) + " entries (" +
+                           (c.ndim == 3 ? "N, C, D, H, W" : "N, C, H, W") + ") for a " + std::to_string(c.ndim) +
+                           "D model, got " + std::to_string(shape.size()));
+  if (shape[1] != c.in_channels)
+    throw_invalid(env, "shape[1] (channels) is " + std::to_string(shape[1]) + " but the model has inChannels " +
+                           std::to_string(c.in_channels));
+  ImageArgs a;
+  a.n = (int)shape[0];
+  if (a.n < 1) throw_invalid(env, "shape[0] (batch size) must be >= 1");
+  if (c.ndim == 3)
+    a.s = {(int)shape[2], (int)shape[3], (int)shape[4]};
+  else
+    a.s = {1, (int)shape[2], (int)shape[3]};
+  a.images = expect_f32(env, images, "images", (int64_t)a.n * c.in_channels * a.s.size());
+  return a;
+}
+
+Napi::Object step_result(Napi::Env env, const cmseg::StepResult& r) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("loss", r.loss);
+  Napi::Array ce = Napi::Array::New(env, r.ce.size()), tr = Napi::Array::New(env, r.trace.size());
+  for (size_t i = 0; i < r.ce.size(); ++i) ce.Set((uint32_t)i, r.ce[i]);
+  for (size_t i = 0; i < r.trace.size(); ++i) tr.Set((uint32_t)i, r.trace[i]);
+  o.Set("ce", ce);
+  o.Set("trace", tr);
+  o.Set("traceWeight", r.trace_weight);
+  o.Set("step", (double)r.step);
+  return o;
+}
+
+}  // namespace
+
+Napi::Function ModelWrap::Define(Napi::Env env) {
+  return DefineClass(env, "NativeModel",
+                     {InstanceMethod("trainStep", &ModelWrap::TrainStep),
+                      InstanceMethod("computeGradients", &ModelWrap::ComputeGradients),
+                      InstanceMethod("evaluate", &ModelWrap::Evaluate),
+                      InstanceMethod("predict", &ModelWrap::Predict),
+                      InstanceMethod("parameters", &ModelWrap::Parameters),
+                      InstanceMethod("getWeights", &ModelWrap::GetWeights),
+                      InstanceMethod("getGradients", &ModelWrap::GetGradients),
+                      InstanceMethod("setWeights", &ModelWrap::SetWeights),
+                      InstanceMethod("getOptimizerState", &ModelWrap::GetOptimizerState),
+                      InstanceMethod("setOptimizerState", &ModelWrap::SetOptimizerState),
+                      InstanceMethod("getOptimizer", &ModelWrap::GetOptimizer),
+                      InstanceMethod("setOptimizer", &ModelWrap::SetOptimizer),
+                      InstanceMethod("getLoss", &ModelWrap::GetLoss),
+                      InstanceMethod("setLoss", &ModelWrap::SetLoss),
+                      InstanceMethod("config", &ModelWrap::Config)});
+}
+
+ModelWrap::ModelWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<ModelWrap>(info) {
+  Napi::Env env = info.Env();
+  cmseg::ModelConfig c = parse_config(env, info[0]);
+  model_ = guard(env, [&] { return std::make_unique<cmseg::Model>(c); });
+}
+
+void ModelWrap::check_idle(Napi::Env env) const {
+  if (busy_) throw_invalid(env, "model is busy with an earlier trainStep/predict: await it before calling again");
+}
+
+Napi::Value ModelWrap::RunBatch(const Napi::CallbackInfo& info, Mode mode) {
+  Napi::Env env = info.Env();
+  check_idle(env);
+  const cmseg::ModelConfig& c = model_->config();
+  Napi::Object o = expect_object(env, info[0], "batch");
+  check_keys(env, o, "batch", {"images", "shape", "labels", "present", "target", "softTarget"});
+  ImageArgs im = parse_images(env, c, o.Get("images"), o.Get("shape"));
+  const int64_t NV = (int64_t)im.n * im.s.size();
+  auto batch = std::make_shared<cmseg::Batch>();
+  batch->n = im.n, batch->s = im.s, batch->images = im.images.Data();
+  std::vector<Napi::Value> keep = {im.images};
+  if (!o.Get("target").IsUndefined()) {
+    Napi::Uint8Array t = expect_u8(env, o.Get("target"), "batch.target", NV);
+    batch->target = t.Data();
+    keep.push_back(t);
+  } else if (!o.Get("softTarget").IsUndefined()) {
+    Napi::Float32Array t = expect_f32(env, o.Get("softTarget"), "batch.softTarget", NV * c.classes);
+    batch->soft_target = t.Data();
+    keep.push_back(t);
+  } else {
+    Napi::Value lv = o.Get("labels");
+    if (!lv.IsArray()) throw_invalid(env, "batch.labels must be an array of one Uint8Array per annotator");
+    Napi::Array labels = lv.As<Napi::Array>();
+    if ((int)labels.Length() != c.annotators)
+      throw_invalid(env, "batch.labels has " + std::to_string(labels.Length()) + " maps but the model has " +
+                             std::to_string(c.annotators) + " annotators");
+    for (uint32_t r = 0; r < labels.Length(); ++r) {
+      const std::string what = "batch.labels[" + std::to_string(r) + "]";
+      Napi::Uint8Array l = expect_u8(env, labels.Get(r), what.c_str(), NV);
+      batch->labels.push_back(l.Data());
+      keep.push_back(l);
+    }
+    if (!o.Get("present").IsUndefined()) {
+      Napi::Uint8Array p = expect_u8(env, o.Get("present"), "batch.present", (int64_t)im.n * c.annotators);
+      batch->present = p.Data();
+      keep.push_back(p);
+    }
+  }
+  auto result = std::make_shared<cmseg::StepResult>();
+  cmseg::Model* model = model_.get();
+  auto* w = new PromiseWorker(
+      env, &busy_,
+      [=] {
+        if (mode == Mode::Train)
+          *result = model->train_step(*batch);
+        else if (mode == Mode::Gradients)
+          *result = model->compute_gradients(*batch);
+        else
+          *result = model->evaluate(*batch);
+      },
+      [=](Napi::Env e) { return step_result(e, *result); });
+  for (auto& k : keep) w->keep(k);
+  w->keep(info.This());
+  busy_ = true;
+  w->Queue();
+  return w->promise();
+}
+
+Napi::Value ModelWrap::TrainStep(const Napi::CallbackInfo& info) { return RunBatch(info, Mode::Train); }
+Napi::Value ModelWrap::ComputeGradients(const Napi::CallbackInfo& info) { return RunBatch(info, Mode::Gradients); }
+Napi::Value ModelWrap::Evaluate(const Napi::CallbackInfo& info) { return RunBatch(info, Mode::Evaluate); }
+
+Napi::Value ModelWrap::Predict(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  check_idle(env);
+  const cmseg::ModelConfig& c = model_->config();
+  ImageArgs im = parse_images(env, c, info[0], info[1]);
+  bool want_cms = false, want_q = false;
+  if (info.Length() > 2 && !info[2].IsUndefined()) {
+    Napi::Object opts = expect_object(env, info[2], "predict options");
+    check_keys(env, opts, "predict options", {"cms", "annotatorProbs"});
+    want_cms = opts.Get("cms").ToBoolean();
+    want_q = opts.Get("annotatorProbs").ToBoolean();
+  }
+  const int64_t V = im.s.size(), n = im.n, L = c.classes, R = c.annotators;
+  Napi::Float32Array probs, cms, q;
+  try {
+    probs = Napi::Float32Array::New(env, n * L * V);
+    if (want_cms) cms = Napi::Float32Array::New(env, n * R * L * L * V);
+    if (want_q) q = Napi::Float32Array::New(env, n * R * L * V);
+  } catch (const Napi::Error&) {
+    throw_invalid(env, "out of memory allocating the prediction outputs (" + std::to_string(n) + " images of " +
+                           std::to_string(V) + " voxels); predict fewer images or without cms");
+  }
+  float* pp = probs.Data();
+  float* cp = want_cms ? cms.Data() : nullptr;
+  float* qp = want_q ? q.Data() : nullptr;
+  const float* img = im.images.Data();
+  cmseg::Model* model = model_.get();
+  const cmseg::Spatial s = im.s;
+  const int nn = im.n;
+  auto probs_ref = std::make_shared<Napi::Reference<Napi::Float32Array>>(Napi::Persistent(probs));
+  auto cms_ref = std::make_shared<Napi::Reference<Napi::Float32Array>>();
+  auto q_ref = std::make_shared<Napi::Reference<Napi::Float32Array>>();
+  if (want_cms) *cms_ref = Napi::Persistent(cms);
+  if (want_q) *q_ref = Napi::Persistent(q);
+  auto* w = new PromiseWorker(
+      env, &busy_, [=] { model->predict(img, nn, s, pp, cp, qp); },
+      [=](Napi::Env e) {
+        Napi::Object o = Napi::Object::New(e);
+        o.Set("probs", probs_ref->Value());
+        if (want_cms) o.Set("cms", cms_ref->Value());
+        if (want_q) o.Set("annotatorProbs", q_ref->Value());
+        return o;
+      });
+  w->keep(im.images);
+  w->keep(info.This());
+  busy_ = true;
+  w->Queue();
+  return w->promise();
+}
+
+Napi::Value ModelWrap::Parameters(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Array out = Napi::Array::New(env);
+  uint32_t i = 0;
+  for (auto& p : model_->params()) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("name", p.name);
+    Napi::Array shape = Napi::Array::New(env, p.shape.size());
+    for (size_t k = 0; k < p.shape.size(); ++k) shape.Set((uint32_t)k, (double)p.shape[k]);
+    o.Set("shape", shape);
+    out.Set(i++, o);
+  }
+  return out;
+}
+
+Napi::Value ModelWrap::named_arrays(Napi::Env env, std::vector<float> cmseg::Param::*field) {
+  check_idle(env);
+  Napi::Object out = Napi::Object::New(env);
+  for (auto& p : model_->params()) {
+    const std::vector<float>& src = p.*field;
+    Napi::Float32Array a = Napi::Float32Array::New(env, src.size());
+    std::copy(src.begin(), src.end(), a.Data());
+    out.Set(p.name, a);
+  }
+  return out;
+}
+
+void ModelWrap::set_named_arrays(Napi::Env env, const Napi::Value& v, std::vector<float> cmseg::Param::*field,
+                                 const char* what) {
+  check_idle(env);
+  Napi::Object o = expect_object(env, v, what);
+  Napi::Array names = o.GetPropertyNames();
+  // Validate everything first so a bad entry leaves the model untouched.
+  std::vector<std::pair<cmseg::Param*, Napi::Float32Array>> updates;
+  for (uint32_t i = 0; i < names.Length(); ++i) {
+    const std::string name = names.Get(i).ToString().Utf8Value();
+    cmseg::Param* p = model_->find(name);
+    if (!p) throw_invalid(env, std::string(what) + ": unknown parameter '" + name + "'");
+    const std::string label = std::string(what) + "['" + name + "']";
+    Napi::Float32Array a = expect_f32(env, o.Get(name), label.c_str(), p->numel());
+    const float* d = a.Data();
+    for (int64_t k = 0; k < p->numel(); ++k)
+      if (!std::isfinite(d[k])) throw_invalid(env, label + " contains a non-finite value at index " + std::to_string(k));
+    updates.push_back({p, a});
+  }
+  for (auto& [p, a] : updates) std::copy(a.Data(), a.Data() + p->numel(), (p->*field).begin());
+}
+
+Napi::Value ModelWrap::GetWeights(const Napi::CallbackInfo& info) { return named_arrays(info.Env(), &cmseg::Param::value); }
+Napi::Value ModelWrap::GetGradients(const Napi::CallbackInfo& info) { return named_arrays(info.Env(), &cmseg::Param::grad); }
+
+Napi::Value ModelWrap::SetWeights(const Napi::CallbackInfo& info) {
+  set_named_arrays(info.Env(), info[0], &cmseg::Param::value, "weights");
+  return info.Env().Undefined();
+}
+
+Napi::Value ModelWrap::GetOptimizerState(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("step", (double)model_->step);
+  o.Set("m", named_arrays(env, &cmseg::Param::m));
+  o.Set("v", named_arrays(env, &cmseg::Param::v));
+  return o;
+}
+
+Napi::Value ModelWrap::SetOptimizerState(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = expect_object(env, info[0], "optimizer state");
+  check_keys(env, o, "optimizer state", {"step", "m", "v"});
+  const double step = get_number(env, o, "step", (double)model_->step, "optimizer state");
+  if (step < 0 || step != std::floor(step)) throw_invalid(env, "optimizer state.step must be a non-negative integer");
+  if (!o.Get("m").IsUndefined()) set_named_arrays(env, o.Get("m"), &cmseg::Param::m, "optimizer state.m");
+  if (!o.Get("v").IsUndefined()) set_named_arrays(env, o.Get("v"), &cmseg::Param::v, "optimizer state.v");
+  model_->step = (int64_t)step;
+  return env.Undefined();
+}
+
+Napi::Value ModelWrap::GetOptimizer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const cmseg::OptimConfig& c = model_->optim;
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("kind", c.kind == cmseg::OptimKind::Adam ? "adam" : "adamw");
+  o.Set("lr", c.lr);
+  o.Set("beta1", c.beta1);
+  o.Set("beta2", c.beta2);
+  o.Set("eps", c.eps);
+  o.Set("weightDecay", c.weight_decay);
+  return o;
+}
+
+Napi::Value ModelWrap::SetOptimizer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  check_idle(env);
+  Napi::Object o = expect_object(env, info[0], "optimizer");
+  check_keys(env, o, "optimizer", {"kind", "lr", "beta1", "beta2", "eps", "weightDecay"});
+  cmseg::OptimConfig c = model_->optim;
+  const char* w = "optimizer";
+  const std::string kind = get_string(env, o, "kind", c.kind == cmseg::OptimKind::Adam ? "adam" : "adamw", w);
+  if (kind != "adam" && kind != "adamw") throw_invalid(env, "optimizer.kind must be 'adam' or 'adamw', got '" + kind + "'");
+  c.kind = kind == "adam" ? cmseg::OptimKind::Adam : cmseg::OptimKind::AdamW;
+  c.lr = (float)get_number(env, o, "lr", c.lr, w);
+  c.beta1 = (float)get_number(env, o, "beta1", c.beta1, w);
+  c.beta2 = (float)get_number(env, o, "beta2", c.beta2, w);
+  c.eps = (float)get_number(env, o, "eps", c.eps, w);
+  c.weight_decay = (float)get_number(env, o, "weightDecay", c.weight_decay, w);
+  if (c.lr < 0) throw_invalid(env, "optimizer.lr must be >= 0");
+  if (c.beta1 < 0 || c.beta1 >= 1 || c.beta2 < 0 || c.beta2 >= 1) throw_invalid(env, "optimizer betas must be in [0, 1)");
+  if (c.eps < 0 || c.weight_decay < 0) throw_invalid(env, "optimizer.eps and weightDecay must be >= 0");
+  model_->optim = c;
+  return env.Undefined();
+}
+
+Napi::Value ModelWrap::GetLoss(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("lambda", model_->loss.lambda);
+  o.Set("lambdaWarmup", model_->loss.lambda_warmup);
+  o.Set("warmupSteps", (double)model_->loss.warmup_steps);
+  o.Set("step", (double)model_->step);
+  return o;
+}
+
+Napi::Value ModelWrap::SetLoss(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  check_idle(env);
+  Napi::Object o = expect_object(env, info[0], "loss");
+  check_keys(env, o, "loss", {"lambda", "lambdaWarmup", "warmupSteps"});
+  cmseg::LossConfig c = model_->loss;
+  c.lambda = (float)get_number(env, o, "lambda", c.lambda, "loss");
+  c.lambda_warmup = (float)get_number(env, o, "lambdaWarmup", c.lambda_warmup, "loss");
+  c.warmup_steps = get_int(env, o, "warmupSteps", (int)c.warmup_steps, "loss");
+  if (c.warmup_steps < 0) throw_invalid(env, "loss.warmupSteps must be >= 0");
+  model_->loss = c;
+  return env.Undefined();
+}
+
+Napi::Value ModelWrap::Config(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const cmseg::ModelConfig& c = model_->config();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("ndim", c.ndim);
+  o.Set("inChannels", c.in_channels);
+  o.Set("classes", c.classes);
+  o.Set("annotators", c.annotators);
+  o.Set("depth", c.depth);
+  o.Set("baseChannels", c.base);
+  o.Set("cmMode", cmseg::cm_mode_name(c.cm_mode));
+  o.Set("cmRank", c.cm_rank);
+  o.Set("cmHeadBlocks", c.cm_head_blocks);
+  o.Set("cmInit", c.cm_init == cmseg::CmInit::Identity ? "identity" : "uniform");
+  o.Set("seed", (double)c.seed);
+  o.Set("device", "cpu");
+  return o;
+}
+
+}  // namespace cmseg_js

@@ -1,0 +1,61 @@
+#!/usr/bin/env node
+// `npm test`: the native C++ tests (CTest) and the tap tests, then one summary
+// line `N passed, N failed` counting native test cases and tap assertions.
+// The summary is also written to build/test-summary.txt for .ci/run.
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+const buildDir = process.env.CMSEG_BUILD_DIR ?? join(root, 'build');
+let passed = 0;
+let failed = 0;
+
+function run(cmd, args, env = {}) {
+  const r = spawnSync(cmd, args, { cwd: root, encoding: 'utf8', env: { ...process.env, ...env }, maxBuffer: 1 << 28 });
+  process.stdout.write(r.stdout ?? '');
+  process.stderr.write(r.stderr ?? '');
+  return { code: r.status ?? 1, out: (r.stdout ?? '') + (r.stderr ?? '') };
+}
+
+// ---- native tests: each executable prints "# a passed, b failed"
+if (!existsSync(join(buildDir, 'CTestTestfile.cmake'))) {
+  console.error(`native tests: ${buildDir} has no CTest file; run \`npm run build:native\` first`);
+  failed += 1;
+} else {
+  const { code, out } = run('ctest', ['--test-dir', buildDir, '--output-on-failure', '-V']);
+  let cases = 0;
+  let exesWithFailures = 0;
+  for (const m of out.matchAll(/# (\d+) passed, (\d+) failed/g)) {
+    passed += Number(m[1]);
+    failed += Number(m[2]);
+    cases += Number(m[1]) + Number(m[2]);
+    if (Number(m[2]) > 0) exesWithFailures += 1;
+  }
+  // An executable that crashed or timed out printed no summary of its own: count it as one failure.
+  const ctestFailed = out.match(/(\d+) tests failed out of \d+/);
+  const failedExes = ctestFailed ? Number(ctestFailed[1]) : code !== 0 ? 1 : 0;
+  failed += Math.max(0, failedExes - exesWithFailures);
+  console.log(`native: ${cases} cases`);
+}
+
+// ---- tap tests
+{
+  const args = ['tap', ...process.argv.slice(2)];
+  const { code, out } = run('npx', args, { FORCE_COLOR: '0' });
+  const summary = [...out.matchAll(/# \{ total: (\d+), pass: (\d+)(?:, fail: (\d+))?[^}]*\}/g)].pop();
+  if (summary) {
+    passed += Number(summary[2]);
+    failed += Number(summary[1]) - Number(summary[2]);
+  } else if (code !== 0) {
+    failed += 1;
+  }
+  if (code !== 0 && summary && Number(summary[1]) === Number(summary[2])) failed += 1; // a file failed to load or timed out
+}
+
+const line = `${passed} passed, ${failed} failed`;
+mkdirSync(buildDir, { recursive: true });
+writeFileSync(join(buildDir, 'test-summary.txt'), line + '\n');
+console.log(line);
+process.exit(failed ? 1 : 0);

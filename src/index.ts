@@ -1,0 +1,5 @@
+// cmseg public API.
+export { createModel, Model, backendInfo, setNumThreads, argmaxClasses, splitAnnotatorMaps } from './model/model';
+export type { Batch, StepResult, Prediction, PredictOptions } from './model/model';
+export type { ModelConfig, OptimizerOptions, LossOptions, CmMode, CmInit, Device, ResolvedConfig } from './model/config';
+export type { NativeBackendInfo as BackendInfo } from './native';

@@ -1,0 +1,197 @@
+// The typed Model: a thin layer over the native class that queues calls (one
+// native call at a time per model), accepts labels as one array or one per
+// annotator, and names outputs by their shapes.
+import { loadNative, NativeBackendInfo, NativeModel } from '../native';
+import { LossOptions, ModelConfig, OptimizerOptions, ResolvedConfig, splitConfig } from './config';
+
+export interface Batch {
+  /** Float32 images, layout N, C, *S. */
+  images: Float32Array;
+  /** [N, C, H, W] (2D) or [N, C, D, H, W] (3D). */
+  shape: number[];
+  /** Annotator labels: one Uint8Array [N, *S] per annotator, or one [R, N, *S]. 255 = unlabelled. */
+  labels?: Uint8Array | Uint8Array[];
+  /** presence mask [N, R]: 0 where annotator r did not label image n at all. */
+  present?: Uint8Array;
+  /** Plain cross-entropy on this single label map instead of the CM loss (naive / oracle). */
+  target?: Uint8Array;
+  /** Plain cross-entropy on soft labels [N, L, *S] (naive on mean labels). */
+  softTarget?: Float32Array;
+}
+
+export interface StepResult {
+  /** sum_r CE_r + traceWeight * sum_r T_r */
+  loss: number;
+  /** CE_r per annotator (SPEC section 4). */
+  ce: number[];
+  /** T_r per annotator: mean trace of the estimated CMs. */
+  trace: number[];
+  /** lambda used for this step (negative during the trace warm-up). */
+  traceWeight: number;
+  /** Optimiser steps taken so far. */
+  step: number;
+}
+
+export interface PredictOptions {
+  /** Also return every annotator's pixel-wise CM, [N, R, L, L, *S] with A[i][j] at i*L + j. */
+  cms?: boolean;
+  /** Also return each annotator's label distribution q_r = A_r p, [N, R, L, *S]. */
+  annotatorProbs?: boolean;
+}
+
+export interface Prediction {
+  /** Consensus probabilities p(y|x), [N, L, *S]. */
+  probs: Float32Array;
+  probsShape: number[];
+  cms?: Float32Array;
+  cmsShape?: number[];
+  annotatorProbs?: Float32Array;
+  annotatorProbsShape?: number[];
+}
+
+export class Model {
+  private readonly native: NativeModel;
+  private queue: Promise<unknown> = Promise.resolve();
+
+  constructor(config: ModelConfig) {
+    const { network, optimizer, loss } = splitConfig(config);
+    const addon = loadNative();
+    this.native = new addon.NativeModel(network as Record<string, unknown>);
+    if (optimizer) this.setOptimizer(optimizer);
+    if (loss) this.setLoss(loss);
+  }
+
+  get config(): ResolvedConfig {
+    return this.native.config() as unknown as ResolvedConfig;
+  }
+
+  /** Forward, loss, backward and one optimiser update. */
+  trainStep(batch: Batch): Promise<StepResult> {
+    return this.enqueue(() => this.native.trainStep(this.toNative(batch)));
+  }
+
+  /** Forward, loss and backward into the gradients (see getGradients), without an update. */
+  computeGradients(batch: Batch): Promise<StepResult> {
+    return this.enqueue(() => this.native.computeGradients(this.toNative(batch)));
+  }
+
+  /** Forward and loss only. */
+  evaluate(batch: Batch): Promise<StepResult> {
+    return this.enqueue(() => this.native.evaluate(this.toNative(batch)));
+  }
+
+  predict(images: Float32Array, shape: number[], options: PredictOptions = {}): Promise<Prediction> {
+    return this.enqueue(async () => {
+      const out = await this.native.predict(images, shape, options);
+      const { classes: L, annotators: R } = this.config;
+      const [n, , ...spatial] = shape;
+      const pred: Prediction = { probs: out.probs, probsShape: [n, L, ...spatial] };
+      if (out.cms) Object.assign(pred, { cms: out.cms, cmsShape: [n, R, L, L, ...spatial] });
+      if (out.annotatorProbs) Object.assign(pred, { annotatorProbs: out.annotatorProbs, annotatorProbsShape: [n, R, L, ...spatial] });
+      return pred;
+    });
+  }
+
+  /** Parameter names (SPEC section 2) and PyTorch-layout shapes, in model order. */
+  parameters(): { name: string; shape: number[] }[] {
+    return this.native.parameters();
+  }
+
+  /** A copy of every parameter, by SPEC name. */
+  getWeights(): Record<string, Float32Array> {
+    return this.native.getWeights();
+  }
+
+  /** Replaces the named parameters (any subset); validates all before changing any. */
+  setWeights(weights: Record<string, Float32Array>): void {
+    this.native.setWeights(weights);
+  }
+
+  /** Gradients of the last trainStep / computeGradients, by parameter name. */
+  getGradients(): Record<string, Float32Array> {
+    return this.native.getGradients();
+  }
+
+  getOptimizerState(): { step: number; m: Record<string, Float32Array>; v: Record<string, Float32Array> } {
+    return this.native.getOptimizerState();
+  }
+
+  setOptimizerState(state: { step?: number; m?: Record<string, Float32Array>; v?: Record<string, Float32Array> }): void {
+    this.native.setOptimizerState(state);
+  }
+
+  get optimizer(): Required<OptimizerOptions> {
+    return this.native.getOptimizer() as unknown as Required<OptimizerOptions>;
+  }
+
+  /** Changes optimiser settings between steps (lr, betas, eps, weightDecay, kind). */
+  setOptimizer(options: OptimizerOptions): void {
+    this.native.setOptimizer(options as Record<string, unknown>);
+  }
+
+  get loss(): Required<LossOptions> {
+    const { lambda, lambdaWarmup, warmupSteps } = this.native.getLoss();
+    return { lambda, lambdaWarmup, warmupSteps };
+  }
+
+  setLoss(options: LossOptions): void {
+    this.native.setLoss(options as Record<string, unknown>);
+  }
+
+  /** Optimiser steps taken. */
+  get step(): number {
+    return this.native.getLoss().step;
+  }
+
+  private enqueue<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.queue.then(fn, fn);
+    this.queue = run.catch(() => undefined);
+    return run;
+  }
+
+  private toNative(batch: Batch) {
+    if (batch === null || typeof batch !== 'object') throw new TypeError('batch must be an object');
+    const { labels, ...rest } = batch;
+    if (labels === undefined || Array.isArray(labels)) return { ...rest, ...(labels ? { labels } : {}) };
+    return { ...rest, labels: splitAnnotatorMaps(labels, this.config.annotators) };
+  }
+}
+
+/** Views (no copies) of the R maps in one [R, N, *S] label array. */
+export function splitAnnotatorMaps(labels: Uint8Array, annotators: number): Uint8Array[] {
+  if (!(labels instanceof Uint8Array)) throw new TypeError('batch.labels must be a Uint8Array or an array of them');
+  if (labels.length % annotators !== 0)
+    throw new RangeError(`batch.labels has ${labels.length} elements, not a multiple of ${annotators} annotators`);
+  const per = labels.length / annotators;
+  return Array.from({ length: annotators }, (_, r) => labels.subarray(r * per, (r + 1) * per));
+}
+
+/** argmax over the class axis of [N, L, *S] probabilities: the label map [N, *S]. */
+export function argmaxClasses(probs: Float32Array, n: number, classes: number): Uint8Array {
+  const V = probs.length / (n * classes);
+  const out = new Uint8Array(n * V);
+  for (let i = 0; i < n; i++)
+    for (let v = 0; v < V; v++) {
+      let best = 0;
+      let bestP = probs[i * classes * V + v];
+      for (let k = 1; k < classes; k++) {
+        const p = probs[(i * classes + k) * V + v];
+        if (p > bestP) (bestP = p), (best = k);
+      }
+      out[i * V + v] = best;
+    }
+  return out;
+}
+
+export function createModel(config: ModelConfig): Model {
+  return new Model(config);
+}
+
+export function backendInfo(): NativeBackendInfo {
+  return loadNative().backendInfo();
+}
+
+/** Threads of the native engine (default: CMSEG_NUM_THREADS or the machine's cores). */
+export function setNumThreads(n: number): void {
+  loadNative().setNumThreads(n);
+}

@@ -1,0 +1,101 @@
+// Loads the compiled addon (build/Release/cmseg.node) and declares its shape.
+// When it is missing or fails to load, the error says what happened and how to
+// build it, instead of a bare "Cannot find module".
+import * as fs from 'fs';
+import * as path from 'path';
+
+export interface NativeStepResult {
+  loss: number;
+  ce: number[];
+  trace: number[];
+  traceWeight: number;
+  step: number;
+}
+
+export interface NativeBatch {
+  images: Float32Array;
+  shape: number[];
+  labels?: Uint8Array[];
+  present?: Uint8Array;
+  target?: Uint8Array;
+  softTarget?: Float32Array;
+}
+
+export interface NativePrediction {
+  probs: Float32Array;
+  cms?: Float32Array;
+  annotatorProbs?: Float32Array;
+}
+
+export interface NativeModel {
+  trainStep(batch: NativeBatch): Promise<NativeStepResult>;
+  computeGradients(batch: NativeBatch): Promise<NativeStepResult>;
+  evaluate(batch: NativeBatch): Promise<NativeStepResult>;
+  predict(images: Float32Array, shape: number[], options?: { cms?: boolean; annotatorProbs?: boolean }): Promise<NativePrediction>;
+  parameters(): { name: string; shape: number[] }[];
+  getWeights(): Record<string, Float32Array>;
+  getGradients(): Record<string, Float32Array>;
+  setWeights(weights: Record<string, Float32Array>): void;
+  getOptimizerState(): { step: number; m: Record<string, Float32Array>; v: Record<string, Float32Array> };
+  setOptimizerState(state: { step?: number; m?: Record<string, Float32Array>; v?: Record<string, Float32Array> }): void;
+  getOptimizer(): Record<string, number | string>;
+  setOptimizer(options: Record<string, unknown>): void;
+  getLoss(): Record<string, number>;
+  setLoss(options: Record<string, unknown>): void;
+  config(): Record<string, unknown>;
+}
+
+export interface NativeBackendInfo {
+  cpu: boolean;
+  onednn: boolean;
+  cuda: boolean;
+  cudnn: boolean;
+  threads: number;
+  simd: string;
+  compiler: string;
+}
+
+export interface NativeAddon {
+  NativeModel: new (config: Record<string, unknown>) => NativeModel;
+  backendInfo(): NativeBackendInfo;
+  setNumThreads(n: number): void;
+  [key: string]: unknown;
+}
+
+const packageRoot = path.resolve(__dirname, '..');
+
+function candidates(): string[] {
+  const fromEnv = process.env.CMSEG_ADDON;
+  return [
+    ...(fromEnv ? [path.resolve(fromEnv)] : []),
+    path.join(packageRoot, 'build', 'Release', 'cmseg.node'),
+    path.join(packageRoot, 'build', 'Debug', 'cmseg.node'),
+  ];
+}
+
+let cached: NativeAddon | undefined;
+
+export function loadNative(): NativeAddon {
+  if (cached) return cached;
+  const tried = candidates();
+  for (const file of tried) {
+    if (!fs.existsSync(file)) continue;
+    try {
+      // eslint-disable-next-line @typescript-eslint/no-require-imports
+      cached = require(file) as NativeAddon;
+      return cached;
+    } catch (err) {
+      throw new Error(
+        `cmseg: the native addon at ${file} exists but failed to load: ${(err as Error).message}\n` +
+          'Rebuild it with `npm run build:native` (needs cmake >= 3.18 and a C++17 compiler).',
+      );
+    }
+  }
+  throw new Error(
+    'cmseg: the native addon is not built (looked for ' +
+      tried.join(', ') +
+      ').\nBuild it with `npm run build:native` in ' +
+      packageRoot +
+      ' (needs cmake >= 3.18 and a C++17 compiler; `npm install` runs it for you).',
+  );
+}

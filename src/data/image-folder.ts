@@ -1,0 +1,204 @@
+// A generic 2D multi-annotator dataset on disk (LIDC-IDRI style: several raters per
+// image, some images not labelled by every rater):
+//
+//   <root>/images/<name>.png               the image (gray, gray+alpha, RGB(A) or palette)
+//   <root>/labels/<annotator>/<name>.png   that annotator's label map for <name>; optional
+//   <root>/consensus/<name>.png            optional expert consensus, same format as labels
+//
+// Label values: with `labelMapping: 'value'` the stored sample is the label (0..L-1, 255 =
+// unlabelled, SPEC section 1). With 'binary' every non-zero sample is foreground (1), which
+// reads the common 0/255 and 0/1 masks. 'auto' (default) is 'binary' when classes = 2 and
+// 'value' otherwise. Palette PNGs give their palette indices, the usual way to store
+// label maps with colours. All images must have the same size; the batch has the layouts
+// of the MNIST batches (mnist.ts): images [N, C, H, W], label maps [N, H, W].
+
+import * as fs from 'fs';
+import * as path from 'path';
+import { UNLABELLED, checkLabels } from './annotators';
+import type { Extent } from './morphology';
+import type { SegmentationBatch } from './mnist';
+import { type DecodedPng, PngColorType, readPngSync } from './png';
+
+export type LabelMapping = 'auto' | 'value' | 'binary';
+
+export interface ImageFolderOptions {
+  /** Number of classes L including background; default 2. */
+  classes?: number;
+  /** How stored samples become labels; see the header of this file. Default 'auto'. */
+  labelMapping?: LabelMapping;
+  /** Annotators to read, in this order; default every folder under labels/, sorted by name. */
+  annotators?: readonly string[];
+  /** Image channels: 1 (RGB converted to luma, Rec. 601 weights) or 3 (gray repeated). Default 1. */
+  imageChannels?: 1 | 3;
+}
+
+export interface ImageFolderBatch extends Omit<SegmentationBatch, 'consensus'> {
+  /** Image file names (without folder), in batch order: sorted. */
+  names: string[];
+  annotators: string[];
+  /** One map per annotator, [N, H, W]; images an annotator did not label are 255. */
+  labels: Uint8Array[];
+  /** present[n * R + r] = 1 when labels/<annotator r>/<name n>.png exists. */
+  present: Uint8Array;
+  /** From consensus/ when that folder exists. */
+  consensus?: Uint8Array;
+}
+
+/** The folder's layout is wrong or a file in it does not fit. */
+export class ImageFolderError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'ImageFolderError';
+  }
+}
+
+function isDirectory(folder: string): boolean {
+  try {
+    return fs.statSync(folder).isDirectory();
+  } catch {
+    return false;
+  }
+}
+
+function pngNames(folder: string): string[] {
+  return fs
+    .readdirSync(folder)
+    .filter((name) => !name.startsWith('.') && name.toLowerCase().endsWith('.png'))
+    .sort();
+}
+
+function subfolders(folder: string): string[] {
+  return fs
+    .readdirSync(folder)
+    .filter((name) => !name.startsWith('.') && isDirectory(path.join(folder, name)))
+    .sort();
+}
+
+function resolveMapping(mapping: LabelMapping, classes: number): 'value' | 'binary' {
+  if (mapping === 'auto') return classes === 2 ? 'binary' : 'value';
+  if (mapping === 'binary' && classes !== 2) {
+    throw new ImageFolderError(`labelMapping 'binary' needs classes = 2, got classes = ${classes}`);
+  }
+  if (mapping !== 'value' && mapping !== 'binary') {
+    throw new ImageFolderError(`labelMapping ${JSON.stringify(mapping)} must be 'auto', 'value' or 'binary'`);
+  }
+  return mapping;
+}
+
+function checkSize(png: DecodedPng, file: string, extent: Extent, reference: string): void {
+  if (png.width !== extent.w || png.height !== extent.h) {
+    throw new ImageFolderError(`${file} is ${png.width}x${png.height}, but ${reference} is ${extent.w}x${extent.h}`);
+  }
+}
+
+/** Intensities in [0, 1] from the stored samples (full 16-bit precision where stored). */
+function imageIntensities(png: DecodedPng, channels: 1 | 3, out: Float32Array): void {
+  const pixels = png.width * png.height;
+  const rgb = png.channels >= 3;
+  // Palette images are already expanded to 8-bit RGB(A) in `data`; others read `samples`.
+  const source = png.colorType === PngColorType.Palette ? png.data : png.samples;
+  const scale = png.colorType === PngColorType.Palette ? 255 : 2 ** png.bitDepth - 1;
+  const stride = png.channels;
+  for (let p = 0; p < pixels; p++) {
+    const r = source[p * stride] / scale;
+    const g = rgb ? source[p * stride + 1] / scale : r;
+    const b = rgb ? source[p * stride + 2] / scale : r;
+    if (channels === 1) {
+      out[p] = rgb ? 0.299 * r + 0.587 * g + 0.114 * b : r;
+    } else {
+      out[p] = r;
+      out[pixels + p] = g;
+      out[2 * pixels + p] = b;
+    }
+  }
+}
+
+/** Label values from a label PNG: gray (alpha ignored), palette indices, or RGB with R = G = B. */
+function labelValues(png: DecodedPng, file: string, mapping: 'value' | 'binary', out: Uint8Array): void {
+  const pixels = png.width * png.height;
+  const stride = png.colorType === PngColorType.Palette ? 1 : png.channels;
+  const samples = png.samples;
+  for (let p = 0; p < pixels; p++) {
+    const value = samples[p * stride];
+    if (stride >= 3 && (samples[p * stride + 1] !== value || samples[p * stride + 2] !== value)) {
+      throw new ImageFolderError(`${file}: pixel ${p} is a colour (${samples[p * stride]}, ${samples[p * stride + 1]}, ${samples[p * stride + 2]}); label maps must be gray or palette`);
+    }
+    if (mapping === 'binary') {
+      out[p] = value === 0 ? 0 : 1;
+    } else {
+      if (value > 255) throw new ImageFolderError(`${file}: label ${value} at pixel ${p} does not fit in 8 bits`);
+      out[p] = value;
+    }
+  }
+}
+
+/**
+ * Reads a whole folder into memory (synchronously: datasets are read once at start-up).
+ * Errors name the folder or file at fault.
+ */
+export function loadImageFolder(root: string, options: ImageFolderOptions = {}): ImageFolderBatch {
+  const classes = options.classes ?? 2;
+  if (!Number.isInteger(classes) || classes < 2 || classes > 255) {
+    throw new ImageFolderError(`classes ${classes} must be an integer in [2, 255]`);
+  }
+  const mapping = resolveMapping(options.labelMapping ?? 'auto', classes);
+  const channels = options.imageChannels ?? 1;
+  if (channels !== 1 && channels !== 3) throw new ImageFolderError(`imageChannels ${String(channels)} must be 1 or 3`);
+  if (!isDirectory(root)) throw new ImageFolderError(`dataset folder not found: ${root}`);
+  const imagesDir = path.join(root, 'images');
+  const labelsDir = path.join(root, 'labels');
+  const consensusDir = path.join(root, 'consensus');
+  if (!isDirectory(imagesDir)) throw new ImageFolderError(`no images/ folder in ${root} (expected ${imagesDir}/<name>.png)`);
+  if (!isDirectory(labelsDir)) throw new ImageFolderError(`no labels/ folder in ${root} (expected ${labelsDir}/<annotator>/<name>.png)`);
+  const names = pngNames(imagesDir);
+  if (names.length === 0) throw new ImageFolderError(`no .png files in ${imagesDir}`);
+  const annotators = options.annotators ? [...options.annotators] : subfolders(labelsDir);
+  if (annotators.length === 0) throw new ImageFolderError(`no annotator folders in ${labelsDir}`);
+  for (const annotator of annotators) {
+    const folder = path.join(labelsDir, annotator);
+    if (!isDirectory(folder)) throw new ImageFolderError(`annotator folder not found: ${folder}`);
+    // A label without its image is almost always a naming mistake: say so rather than drop it.
+    const known = new Set(names);
+    for (const name of pngNames(folder)) {
+      if (!known.has(name)) throw new ImageFolderError(`${path.join(folder, name)} has no image ${path.join(imagesDir, name)}`);
+    }
+  }
+
+  const first = readPngSync(path.join(imagesDir, names[0]));
+  const extent: Extent = { d: 1, h: first.height, w: first.width };
+  const firstFile = path.join(imagesDir, names[0]);
+  const pixels = extent.h * extent.w;
+  const count = names.length;
+  const images = new Float32Array(count * channels * pixels);
+  const labels = annotators.map(() => new Uint8Array(count * pixels).fill(UNLABELLED));
+  const present = new Uint8Array(count * annotators.length);
+  const hasConsensus = isDirectory(consensusDir);
+  const consensus = hasConsensus ? new Uint8Array(count * pixels) : undefined;
+
+  const readLabels = (file: string, target: Uint8Array): void => {
+    const png = readPngSync(file);
+    checkSize(png, file, extent, firstFile);
+    labelValues(png, file, mapping, target);
+    checkLabels(file, target, classes, true);
+  };
+
+  names.forEach((name, n) => {
+    const imageFile = path.join(imagesDir, name);
+    const png = n === 0 ? first : readPngSync(imageFile);
+    checkSize(png, imageFile, extent, firstFile);
+    imageIntensities(png, channels, images.subarray(n * channels * pixels, (n + 1) * channels * pixels));
+    annotators.forEach((annotator, r) => {
+      const file = path.join(labelsDir, annotator, name);
+      if (!fs.existsSync(file)) return; // not labelled by this annotator: present stays 0
+      readLabels(file, labels[r].subarray(n * pixels, (n + 1) * pixels));
+      present[n * annotators.length + r] = 1;
+    });
+    if (consensus) {
+      const file = path.join(consensusDir, name);
+      if (!fs.existsSync(file)) throw new ImageFolderError(`consensus/ exists but has no ${name}: ${file}`);
+      readLabels(file, consensus.subarray(n * pixels, (n + 1) * pixels));
+    }
+  });
+
+  return { count, channels, extent, classes, images, names, annotators, labels, present, consensus };
+}

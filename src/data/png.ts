@@ -1,0 +1,449 @@
+// PNG reading and writing, written here rather than pulled in as a dependency: we write
+// segmentation and confusion-matrix pictures and read users' 2D datasets (image-folder.ts).
+// Only zlib comes from node. Reference: the PNG specification (W3C, 2nd edition).
+//
+// Decoding: colour types gray, gray+alpha, RGB, RGBA and palette; bit depths 1, 2, 4, 8
+// and 16; all five filter types; chunk CRCs are checked. Adam7-interlaced files are
+// rejected with a message saying so. A tRNS chunk is used for palette images only (gray
+// and RGB colour keys are ignored: no alpha channel is made up). Encoding: 8-bit gray, gray+alpha, RGB, RGBA and
+// palette, one filter for all rows or the adaptive choice per row.
+
+import * as zlib from 'zlib';
+import { readFileChecked, readFileCheckedSync, writeFileAtomic, writeFileAtomicSync } from './files';
+
+/** A PNG could not be decoded or encoded; the message names the file and the offending value. */
+export class PngError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'PngError';
+  }
+}
+
+export type PngChannels = 1 | 2 | 3 | 4;
+
+/** An 8-bit image, samples interleaved per pixel, rows top to bottom. */
+export interface PngImage {
+  width: number;
+  height: number;
+  /** 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA. */
+  channels: PngChannels;
+  data: Uint8Array;
+}
+
+/** IHDR colour types (PNG spec 11.2.2). */
+export const PngColorType = { Gray: 0, Rgb: 2, Palette: 3, GrayAlpha: 4, Rgba: 6 } as const;
+export type PngColorType = (typeof PngColorType)[keyof typeof PngColorType];
+
+export interface DecodedPng extends PngImage {
+  colorType: PngColorType;
+  bitDepth: number;
+  /**
+   * The stored samples before any scaling: one per channel of the colour type (one
+   * palette index per pixel for palette images). Uint16Array for 16-bit files. Label maps
+   * are read from these, since scaling to 8 bits would change the label values.
+   */
+  samples: Uint8Array | Uint16Array;
+  /** Palette images: RGB triples. */
+  palette?: Uint8Array;
+}
+
+const SIGNATURE = Uint8Array.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
+
+const CRC_TABLE = (() => {
+  const table = new Uint32Array(256);
+  for (let n = 0; n < 256; n++) {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    table[n] = c >>> 0;
+  }
+  return table;
+})();
+
+/** CRC-32 (ISO 3309, the one PNG chunks carry) of the given byte ranges, in order. */
+export function crc32(...parts: Uint8Array[]): number {
+  let crc = 0xffffffff;
+  for (const part of parts) {
+    for (let i = 0; i < part.length; i++) crc = CRC_TABLE[(crc ^ part[i]) & 0xff] ^ (crc >>> 8);
+  }
+  return (crc ^ 0xffffffff) >>> 0;
+}
+
+const CHANNELS_OF: Record<number, PngChannels> = {
+  [PngColorType.Gray]: 1,
+  [PngColorType.Rgb]: 3,
+  [PngColorType.Palette]: 1,
+  [PngColorType.GrayAlpha]: 2,
+  [PngColorType.Rgba]: 4,
+};
+
+const BIT_DEPTHS_OF: Record<number, readonly number[]> = {
+  [PngColorType.Gray]: [1, 2, 4, 8, 16],
+  [PngColorType.Rgb]: [8, 16],
+  [PngColorType.Palette]: [1, 2, 4, 8],
+  [PngColorType.GrayAlpha]: [8, 16],
+  [PngColorType.Rgba]: [8, 16],
+};
+
+// ---------------------------------------------------------------------------------------
+// Filters (PNG spec section 9). `a` left, `b` above, `c` above-left, by whole pixels of
+// `bpp` bytes (at least one byte for bit depths below 8).
+
+export type PngFilter = 0 | 1 | 2 | 3 | 4;
+
+function paeth(a: number, b: number, c: number): number {
+  const p = a + b - c;
+  const pa = Math.abs(p - a);
+  const pb = Math.abs(p - b);
+  const pc = Math.abs(p - c);
+  if (pa <= pb && pa <= pc) return a;
+  return pb <= pc ? b : c;
+}
+
+function predictor(filter: PngFilter, a: number, b: number, c: number): number {
+  switch (filter) {
+    case 0:
+      return 0;
+    case 1:
+      return a;
+    case 2:
+      return b;
+    case 3:
+      return (a + b) >>> 1;
+    case 4:
+      return paeth(a, b, c);
+  }
+}
+
+/** Reverses a row's filter in place; `previous` is the already unfiltered row above (zeros for the first). */
+function unfilterRow(filter: number, row: Uint8Array, previous: Uint8Array, bpp: number, where: string): void {
+  if (filter < 0 || filter > 4) throw new PngError(`${where}: unknown filter type ${filter}`);
+  if (filter === 0) return;
+  for (let i = 0; i < row.length; i++) {
+    const a = i >= bpp ? row[i - bpp] : 0;
+    const c = i >= bpp ? previous[i - bpp] : 0;
+    row[i] = (row[i] + predictor(filter as PngFilter, a, previous[i], c)) & 0xff;
+  }
+}
+
+function filterRow(filter: PngFilter, row: Uint8Array, previous: Uint8Array, bpp: number, out: Uint8Array): void {
+  for (let i = 0; i < row.length; i++) {
+    const a = i >= bpp ? row[i - bpp] : 0;
+    const c = i >= bpp ? previous[i - bpp] : 0;
+    out[i] = (row[i] - predictor(filter, a, previous[i], c)) & 0xff;
+  }
+}
+
+/** Sum of the filtered bytes read as signed: the spec's suggested heuristic for choosing a filter. */
+function filteredCost(bytes: Uint8Array): number {
+  let cost = 0;
+  for (let i = 0; i < bytes.length; i++) cost += bytes[i] < 128 ? bytes[i] : 256 - bytes[i];
+  return cost;
+}
+
+// ---------------------------------------------------------------------------------------
+// Decoding
+
+interface Header {
+  width: number;
+  height: number;
+  bitDepth: number;
+  colorType: PngColorType;
+  interlace: number;
+}
+
+function readHeader(data: Uint8Array, where: string): Header {
+  if (data.length !== 13) throw new PngError(`${where}: IHDR has ${data.length} bytes, expected 13`);
+  const view = new DataView(data.buffer, data.byteOffset, data.byteLength);
+  const header: Header = {
+    width: view.getUint32(0),
+    height: view.getUint32(4),
+    bitDepth: data[8],
+    colorType: data[9] as PngColorType,
+    interlace: data[12],
+  };
+  if (header.width === 0 || header.height === 0) {
+    throw new PngError(`${where}: image size ${header.width}x${header.height} is empty`);
+  }
+  const depths = BIT_DEPTHS_OF[header.colorType];
+  if (!depths) throw new PngError(`${where}: unknown colour type ${header.colorType}`);
+  if (!depths.includes(header.bitDepth)) {
+    throw new PngError(`${where}: bit depth ${header.bitDepth} is not allowed for colour type ${header.colorType}`);
+  }
+  if (data[10] !== 0) throw new PngError(`${where}: unknown compression method ${data[10]}`);
+  if (data[11] !== 0) throw new PngError(`${where}: unknown filter method ${data[11]}`);
+  if (header.interlace === 1) {
+    throw new PngError(`${where}: Adam7-interlaced PNGs are not supported; save it non-interlaced`);
+  }
+  if (header.interlace !== 0) throw new PngError(`${where}: unknown interlace method ${header.interlace}`);
+  return header;
+}
+
+interface Chunks {
+  header: Header;
+  palette?: Uint8Array;
+  transparency?: Uint8Array;
+  compressed: Buffer;
+}
+
+function readChunks(bytes: Uint8Array, where: string): Chunks {
+  for (let i = 0; i < SIGNATURE.length; i++) {
+    if (bytes[i] !== SIGNATURE[i]) throw new PngError(`${where}: not a PNG file (bad signature)`);
+  }
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  let header: Header | undefined;
+  let palette: Uint8Array | undefined;
+  let transparency: Uint8Array | undefined;
+  const idat: Uint8Array[] = [];
+  let offset = SIGNATURE.length;
+  let ended = false;
+  while (!ended) {
+    if (offset + 12 > bytes.length) throw new PngError(`${where}: truncated at byte ${offset} (no IEND chunk)`);
+    const length = view.getUint32(offset);
+    const typeBytes = bytes.subarray(offset + 4, offset + 8);
+    const type = String.fromCharCode(...typeBytes);
+    const dataEnd = offset + 8 + length;
+    if (dataEnd + 4 > bytes.length) throw new PngError(`${where}: chunk ${type} at byte ${offset} runs past the end of the file`);
+    const data = bytes.subarray(offset + 8, dataEnd);
+    const storedCrc = view.getUint32(dataEnd);
+    const actualCrc = crc32(typeBytes, data);
+    if (storedCrc !== actualCrc) {
+      throw new PngError(`${where}: chunk ${type} at byte ${offset} has CRC ${hex(storedCrc)}, computed ${hex(actualCrc)}`);
+    }
+    if (header === undefined && type !== 'IHDR') throw new PngError(`${where}: first chunk is ${type}, expected IHDR`);
+    switch (type) {
+      case 'IHDR':
+        header = readHeader(data, where);
+        break;
+      case 'PLTE':
+        if (length % 3 !== 0 || length === 0 || length > 768) throw new PngError(`${where}: PLTE has ${length} bytes`);
+        palette = data;
+        break;
+      case 'tRNS':
+        transparency = data;
+        break;
+      case 'IDAT':
+        idat.push(data);
+        break;
+      case 'IEND':
+        ended = true;
+        break;
+      default:
+        // Bit 5 of the first letter clear (upper case) marks a chunk a decoder must understand.
+        if ((typeBytes[0] & 0x20) === 0) throw new PngError(`${where}: unknown critical chunk ${type}`);
+    }
+    offset = dataEnd + 4;
+  }
+  if (!header) throw new PngError(`${where}: no IHDR chunk`);
+  if (idat.length === 0) throw new PngError(`${where}: no IDAT chunk`);
+  return { header, palette, transparency, compressed: Buffer.concat(idat) };
+}
+
+function hex(value: number): string {
+  return `0x${value.toString(16).padStart(8, '0')}`;
+}
+
+/** Unpacks one unfiltered row into samples (bit depths below 8 hold several per byte). */
+function unpackRow(row: Uint8Array, count: number, bitDepth: number, out: Uint8Array | Uint16Array, at: number): void {
+  if (bitDepth === 8) {
+    out.set(row.subarray(0, count), at);
+  } else if (bitDepth === 16) {
+    for (let i = 0; i < count; i++) out[at + i] = (row[2 * i] << 8) | row[2 * i + 1];
+  } else {
+    const perByte = 8 / bitDepth;
+    const mask = (1 << bitDepth) - 1;
+    for (let i = 0; i < count; i++) {
+      const shift = 8 - bitDepth * ((i % perByte) + 1); // leftmost pixel in the high bits
+      out[at + i] = (row[Math.floor(i / perByte)] >> shift) & mask;
+    }
+  }
+}
+
+/** Decodes a PNG file's bytes. `where` names the file in error messages. */
+export function decodePng(bytes: Uint8Array, where = 'PNG'): DecodedPng {
+  const { header, palette, transparency, compressed } = readChunks(bytes, where);
+  const { width, height, bitDepth, colorType } = header;
+  if (colorType === PngColorType.Palette && !palette) throw new PngError(`${where}: palette image without a PLTE chunk`);
+  const samplesPerPixel = CHANNELS_OF[colorType];
+  const bitsPerPixel = samplesPerPixel * bitDepth;
+  const stride = Math.ceil((width * bitsPerPixel) / 8);
+  const bpp = Math.max(1, bitsPerPixel >> 3);
+  let raw: Buffer;
+  try {
+    raw = zlib.inflateSync(compressed);
+  } catch (error) {
+    throw new PngError(`${where}: image data does not inflate: ${(error as Error).message}`);
+  }
+  const expected = height * (stride + 1);
+  if (raw.length < expected) {
+    throw new PngError(`${where}: image data has ${raw.length} bytes, ${width}x${height} needs ${expected}`);
+  }
+  const sampleCount = width * height * samplesPerPixel;
+  const samples = bitDepth === 16 ? new Uint16Array(sampleCount) : new Uint8Array(sampleCount);
+  let previous: Uint8Array = new Uint8Array(stride);
+  for (let y = 0; y < height; y++) {
+    const start = y * (stride + 1);
+    const row = Uint8Array.from(raw.subarray(start + 1, start + 1 + stride));
+    unfilterRow(raw[start], row, previous, bpp, `${where} row ${y}`);
+    unpackRow(row, width * samplesPerPixel, bitDepth, samples, y * width * samplesPerPixel);
+    previous = row;
+  }
+  if (colorType === PngColorType.Palette) {
+    return expandPalette(header, samples as Uint8Array, palette as Uint8Array, transparency, where);
+  }
+  const maxSample = (1 << bitDepth) - 1;
+  const data = new Uint8Array(sampleCount);
+  for (let i = 0; i < sampleCount; i++) data[i] = Math.round((samples[i] * 255) / maxSample);
+  return { width, height, channels: samplesPerPixel, data, colorType, bitDepth, samples };
+}
+
+/** Palette images come back as RGB, or RGBA when a tRNS chunk gives alpha values. */
+function expandPalette(
+  header: Header,
+  indices: Uint8Array,
+  palette: Uint8Array,
+  transparency: Uint8Array | undefined,
+  where: string,
+): DecodedPng {
+  const entries = palette.length / 3;
+  const channels: PngChannels = transparency ? 4 : 3;
+  const data = new Uint8Array(indices.length * channels);
+  for (let i = 0; i < indices.length; i++) {
+    const index = indices[i];
+    if (index >= entries) throw new PngError(`${where}: pixel ${i} uses palette index ${index}, the palette has ${entries} entries`);
+    data[i * channels] = palette[3 * index];
+    data[i * channels + 1] = palette[3 * index + 1];
+    data[i * channels + 2] = palette[3 * index + 2];
+    if (transparency) data[i * channels + 3] = index < transparency.length ? transparency[index] : 255;
+  }
+  return {
+    width: header.width,
+    height: header.height,
+    channels,
+    data,
+    colorType: PngColorType.Palette,
+    bitDepth: header.bitDepth,
+    samples: indices,
+    palette: Uint8Array.from(palette),
+  };
+}
+
+// ---------------------------------------------------------------------------------------
+// Encoding
+
+export interface PngEncodeOptions {
+  /** A filter for every row, or 'adaptive' (default): per row the one with the smallest cost. */
+  filter?: PngFilter | 'adaptive';
+  /** zlib level 0..9; default 6. */
+  compressionLevel?: number;
+  /** Write a palette image: `data` holds one index per pixel (channels 1), this holds RGB triples. */
+  palette?: Uint8Array;
+  /** Alpha per palette entry (tRNS); entries past its end are opaque. */
+  paletteAlpha?: Uint8Array;
+}
+
+const COLOR_TYPE_OF: Record<PngChannels, PngColorType> = {
+  1: PngColorType.Gray,
+  2: PngColorType.GrayAlpha,
+  3: PngColorType.Rgb,
+  4: PngColorType.Rgba,
+};
+
+function checkImage(image: PngImage): void {
+  const { width, height, channels, data } = image;
+  if (!Number.isInteger(width) || !Number.isInteger(height) || width < 1 || height < 1 || width > 0x7fffffff || height > 0x7fffffff) {
+    throw new PngError(`cannot encode a ${width}x${height} image`);
+  }
+  if (!(channels in COLOR_TYPE_OF)) throw new PngError(`channels ${channels} must be 1, 2, 3 or 4`);
+  if (data.length !== width * height * channels) {
+    throw new PngError(`image data has ${data.length} bytes, ${width}x${height}x${channels} needs ${width * height * channels}`);
+  }
+}
+
+function checkPalette(image: PngImage, palette: Uint8Array, alpha: Uint8Array | undefined): void {
+  if (image.channels !== 1) throw new PngError(`a palette image holds one index per pixel, got channels ${image.channels}`);
+  const entries = palette.length / 3;
+  if (!Number.isInteger(entries) || entries < 1 || entries > 256) {
+    throw new PngError(`palette has ${palette.length} bytes, expected 3 per entry and 1..256 entries`);
+  }
+  if (alpha && alpha.length > entries) throw new PngError(`paletteAlpha has ${alpha.length} entries, the palette ${entries}`);
+  for (let i = 0; i < image.data.length; i++) {
+    if (image.data[i] >= entries) throw new PngError(`pixel ${i} uses palette index ${image.data[i]}, the palette has ${entries} entries`);
+  }
+}
+
+function chunk(type: string, data: Uint8Array): Buffer {
+  const out = Buffer.alloc(12 + data.length);
+  out.writeUInt32BE(data.length, 0);
+  out.write(type, 4, 'latin1');
+  out.set(data, 8);
+  out.writeUInt32BE(crc32(out.subarray(4, 8 + data.length)), 8 + data.length);
+  return out;
+}
+
+/** Encodes an 8-bit image as PNG bytes. */
+export function encodePng(image: PngImage, options: PngEncodeOptions = {}): Buffer {
+  checkImage(image);
+  const { width, height, channels, data } = image;
+  const filterChoice = options.filter ?? 'adaptive';
+  if (filterChoice !== 'adaptive' && ![0, 1, 2, 3, 4].includes(filterChoice)) {
+    throw new PngError(`filter ${String(filterChoice)} must be 0..4 or 'adaptive'`);
+  }
+  const { palette, paletteAlpha } = options;
+  if (palette) checkPalette(image, palette, paletteAlpha);
+  const colorType = palette ? PngColorType.Palette : COLOR_TYPE_OF[channels];
+  const stride = width * channels;
+  const filtered = Buffer.alloc(height * (stride + 1));
+  const candidate = new Uint8Array(stride);
+  let previous: Uint8Array = new Uint8Array(stride);
+  for (let y = 0; y < height; y++) {
+    const row = data.subarray(y * stride, (y + 1) * stride);
+    // Palette indices are not magnitudes, so predicting them gains nothing (spec 12.8).
+    const filters: PngFilter[] = filterChoice !== 'adaptive' ? [filterChoice] : palette ? [0] : [0, 1, 2, 3, 4];
+    let best: PngFilter = filters[0];
+    let bestCost = Infinity;
+    for (const filter of filters) {
+      filterRow(filter, row, previous, channels, candidate);
+      const cost = filters.length > 1 ? filteredCost(candidate) : 0;
+      if (cost < bestCost) {
+        bestCost = cost;
+        best = filter;
+      }
+    }
+    filterRow(best, row, previous, channels, candidate);
+    const at = y * (stride + 1);
+    filtered[at] = best;
+    filtered.set(candidate, at + 1);
+    previous = row;
+  }
+  const header = Buffer.alloc(13);
+  header.writeUInt32BE(width, 0);
+  header.writeUInt32BE(height, 4);
+  header[8] = 8;
+  header[9] = colorType;
+  const level = options.compressionLevel ?? 6;
+  const parts = [Buffer.from(SIGNATURE), chunk('IHDR', header)];
+  if (palette) parts.push(chunk('PLTE', palette));
+  if (palette && paletteAlpha) parts.push(chunk('tRNS', paletteAlpha));
+  parts.push(chunk('IDAT', zlib.deflateSync(filtered, { level })), chunk('IEND', new Uint8Array(0)));
+  return Buffer.concat(parts);
+}
+
+// ---------------------------------------------------------------------------------------
+// Files
+
+/** Writes a PNG atomically (readers never see half a file). */
+export async function writePng(filePath: string, image: PngImage, options?: PngEncodeOptions): Promise<void> {
+  await writeFileAtomic(filePath, encodePng(image, options));
+}
+
+export function writePngSync(filePath: string, image: PngImage, options?: PngEncodeOptions): void {
+  writeFileAtomicSync(filePath, encodePng(image, options));
+}
+
+export async function readPng(filePath: string): Promise<DecodedPng> {
+  return decodePng(await readFileChecked(filePath, 'PNG image'), filePath);
+}
+
+export function readPngSync(filePath: string): DecodedPng {
+  return decodePng(readFileCheckedSync(filePath, 'PNG image'), filePath);
+}

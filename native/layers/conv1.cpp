@@ -4,6 +4,7 @@
 
 #include "cmseg/gemm.hpp"
 #include "cmseg/layers.hpp"
+#include "cmseg/profile.hpp"
 #include "cmseg/threads.hpp"
 
 namespace cmseg {
@@ -17,6 +18,7 @@ int chunk_width(int n, int64_t V) {
 }  // namespace
 
 void conv1_forward(const float* x, const float* w, const float* b, float* y, int n, int cin, int cout, int64_t V) {
+  ProfileScope prof("conv1_forward");
   const int ch = chunk_width(n, V);
   const int64_t chunks = (V + ch - 1) / ch;
   parallel_for(n * chunks, [&](int64_t item, int) {
@@ -30,6 +32,7 @@ void conv1_forward(const float* x, const float* w, const float* b, float* y, int
 
 void conv1_backward(const float* x, const float* w, const float* dy, float* dx_accumulate, float* dw, float* db, int n,
                     int cin, int cout, int64_t V) {
+  ProfileScope prof("conv1_backward");
   const int ch = chunk_width(n, V);
   const int64_t chunks = (V + ch - 1) / ch;
   std::vector<std::vector<float>> partial(num_threads());

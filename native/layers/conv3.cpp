@@ -8,6 +8,7 @@
 
 #include "cmseg/gemm.hpp"
 #include "cmseg/layers.hpp"
+#include "cmseg/profile.hpp"
 #include "cmseg/threads.hpp"
 
 namespace cmseg {
@@ -63,6 +64,7 @@ int tile_width(int K, int n, int64_t V) {
 }  // namespace
 
 void conv3_forward(const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s, int ndim) {
+  ProfileScope prof("conv3_forward");
   const int K = cin * conv3_taps(ndim);
   const int64_t V = s.size();
   const int nt = tile_width(K, n, V);
@@ -87,8 +89,10 @@ void conv3_backward(const float* x, const float* w, const float* dy, float* dx, 
     for (int co = 0; co < cout; ++co)
       for (int ci = 0; ci < cin; ++ci)
         for (int t = 0; t < T; ++t) flipped[((size_t)ci * cout + co) * T + t] = w[((size_t)co * cin + ci) * T + (T - 1 - t)];
+    ProfileScope prof("conv3_backward_data");
     conv3_forward(dy, flipped.data(), dx, n, cout, cin, s, ndim);
   }
+  ProfileScope prof("conv3_backward_weights");
   const int nt = tile_width(K, n, V);
   const int64_t tiles = (V + nt - 1) / nt;
   std::vector<std::vector<float>> partial(num_threads());

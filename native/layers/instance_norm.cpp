@@ -5,12 +5,14 @@
 #include <vector>
 
 #include "cmseg/layers.hpp"
+#include "cmseg/profile.hpp"
 #include "cmseg/threads.hpp"
 
 namespace cmseg {
 
 void instance_norm_forward(const float* x, const float* gamma, const float* beta, float* y, float* mean, float* rstd,
                            int n, int c, int64_t V, bool relu) {
+  ProfileScope prof("instance_norm_forward");
   parallel_for((int64_t)n * c, [&](int64_t nc, int) {
     const float* xi = x + nc * V;
     float* yi = y + nc * V;
@@ -39,6 +41,7 @@ void instance_norm_forward(const float* x, const float* gamma, const float* beta
 void instance_norm_backward(const float* x, const float* y, const float* mean, const float* rstd, const float* gamma,
                             const float* dy, float* dx, float* dgamma, float* dbeta, int n, int c, int64_t V,
                             bool relu) {
+  ProfileScope prof("instance_norm_backward");
   // Per (n, c): dx = gamma * rstd * (dy - mean(dy) - xhat * mean(dy * xhat)),
   // with dy masked by y > 0 when the ReLU is fused.
   std::vector<double> dg((size_t)n * c), db((size_t)n * c);

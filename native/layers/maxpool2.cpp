@@ -1,6 +1,7 @@
 // Max-pool 2, stride 2 (SPEC section 2: between encoder levels). The winning
 // tap of each window is kept so the backward pass routes dy without search.
 #include "cmseg/layers.hpp"
+#include "cmseg/profile.hpp"
 #include "cmseg/threads.hpp"
 
 #include <algorithm>
@@ -8,6 +9,7 @@
 namespace cmseg {
 
 void maxpool2_forward(const float* x, float* y, uint8_t* arg, int nc, Spatial s, int ndim) {
+  ProfileScope prof("maxpool2_forward");
   const Spatial so = halve(s, ndim);
   const int kd = ndim == 3 ? 2 : 1;
   const int64_t V = s.size(), Vo = so.size();
@@ -38,6 +40,7 @@ void maxpool2_forward(const float* x, float* y, uint8_t* arg, int nc, Spatial s,
 }
 
 void maxpool2_backward(const float* dy, const uint8_t* arg, float* dx, int nc, Spatial s, int ndim) {
+  ProfileScope prof("maxpool2_backward");
   const Spatial so = halve(s, ndim);
   const int kd = ndim == 3 ? 2 : 1;
   const int64_t V = s.size(), Vo = so.size();

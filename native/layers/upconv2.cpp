@@ -7,6 +7,7 @@
 
 #include "cmseg/gemm.hpp"
 #include "cmseg/layers.hpp"
+#include "cmseg/profile.hpp"
 #include "cmseg/threads.hpp"
 
 namespace cmseg {
@@ -35,6 +36,7 @@ int chunk_width(int n, int64_t V) {
 
 void upconv2_forward(const float* x, const float* w, const float* b, float* y, int n, int cin, int cout, Spatial s,
                      int ndim) {
+  ProfileScope prof("upconv2_forward");
   const int T = pool2_taps(ndim), M = cout * T;
   const Spatial so = twice(s, ndim);
   const int64_t V = s.size(), Vo = so.size();
@@ -59,6 +61,7 @@ void upconv2_forward(const float* x, const float* w, const float* b, float* y, i
 
 void upconv2_backward(const float* x, const float* w, const float* dy, float* dx, float* dw, float* db, int n, int cin,
                       int cout, Spatial s, int ndim) {
+  ProfileScope prof("upconv2_backward");
   const int T = pool2_taps(ndim), M = cout * T;
   const Spatial so = twice(s, ndim);
   const int64_t V = s.size(), Vo = so.size();

@@ -15,6 +15,7 @@
 
 #include "cmseg/error.hpp"
 #include "cmseg/loss.hpp"
+#include "cmseg/profile.hpp"
 #include "cmseg/threads.hpp"
 
 namespace cmseg {
@@ -139,6 +140,7 @@ void cm_from_raw(CmMode mode, int L, int rank, const float* raw, int64_t stride,
 }
 
 void cm_loss(const CmLossInput& in, CmLossOutput& out) {
+  ProfileScope prof("cm_loss");
   const int n = in.n, L = in.L, R = in.R;
   const int64_t V = in.V;
   if (L < 2 || L > kMaxClasses) fail("classes must be in 2..", kMaxClasses, ", got ", L);
@@ -166,18 +168,17 @@ void cm_loss(const CmLossInput& in, CmLossOutput& out) {
       p += labelled[(size_t)i * R + r];
       imgs += present(i, r);
     }
+    // SPEC 4: an annotator with no labelled pixel in the batch contributes to neither term.
     w_ce[r] = p ? 1.0 / p : 0.0;
-    w_tr[r] = imgs ? 1.0 / ((double)imgs * V) : 0.0;
+    w_tr[r] = p && imgs ? 1.0 / ((double)imgs * V) : 0.0;
   }
 
   const bool grads = out.d_seg_logits != nullptr;
   const float lam = in.trace_weight;
   const int threads = num_threads();
   std::vector<double> ce_part((size_t)threads * R, 0.0), tr_part((size_t)threads * R, 0.0);
+  // Per-thread partials of the global CM gradient, summed after the pass.
   std::vector<float> gcm_part(global && grads ? (size_t)threads * R * L * L : 0, 0.f);
-  if (global) {
-    // Per-thread partials of the global CM gradient are summed after the pass.
-  }
 
   constexpr int64_t kChunk = 4096;
   const int64_t chunks = (V + kChunk - 1) / kChunk;

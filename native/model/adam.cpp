@@ -4,11 +4,13 @@
 #include <cmath>
 
 #include "cmseg/model.hpp"
+#include "cmseg/profile.hpp"
 #include "cmseg/threads.hpp"
 
 namespace cmseg {
 
 void Model::apply_optimizer() {
+  ProfileScope prof("adam");
   ++step;
   const OptimConfig& o = optim;
   const float bc1 = 1.f - std::pow(o.beta1, (float)step), bc2 = 1.f - std::pow(o.beta2, (float)step);

@@ -7,6 +7,8 @@
 
 #include "cmseg/error.hpp"
 #include "cmseg/model.hpp"
+#include "cmseg/profile.hpp"
+#include <cstdio>
 #include "cmseg/threads.hpp"
 
 namespace cmseg {
@@ -465,9 +467,14 @@ StepResult Model::compute_gradients(const Batch& batch) { return run(batch, true
 StepResult Model::evaluate(const Batch& batch) { return run(batch, false); }
 
 StepResult Model::train_step(const Batch& batch) {
-  StepResult r = run(batch, true);
-  apply_optimizer();
+  StepResult r;
+  {
+    ProfileScope prof("train_step");
+    r = run(batch, true);
+    apply_optimizer();
+  }
   r.step = step;
+  if (profiling_enabled()) std::fprintf(stderr, "cmseg profile, step %lld:\n%s", (long long)step, profile_report().c_str());
   return r;
 }
 

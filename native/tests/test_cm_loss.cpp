@@ -145,14 +145,14 @@ TEST(identity_cms_reduce_to_plain_cross_entropy) {
 }
 
 TEST(averaging_and_absent_annotators) {
-  // Annotator 1 labels nothing (all 255): CE_1 = 0 but its trace still counts.
+  // Annotator 1 labels nothing (all 255): it contributes to neither term (SPEC 4).
   // Annotator 0 is absent from image 1: its trace averages over image 0 only.
   Case c = random_case(CmMode::Full, 2, 2, 2, 10, 1, 9);
   std::fill(c.labels[1].begin(), c.labels[1].end(), kUnlabelled);
   CmLossOutput out;
   cm_loss(c.input(), out);
   CHECK(out.ce[1] == 0.0);
-  CHECK(out.trace[1] > 0.0);
+  CHECK(out.trace[1] == 0.0);
   double tr0 = 0;
   float A[4];
   for (int v = 0; v < 10; ++v) {

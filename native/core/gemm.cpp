@@ -33,15 +33,24 @@ Buffer alloc_aligned(size_t floats) {
   return Buffer(static_cast<float*>(p));
 }
 
-inline float at(const float* X, int ld, bool trans, int r, int c) { return trans ? X[(size_t)c * ld + r] : X[(size_t)r * ld + c]; }
-
 // Packs rows [i0, i0+mc) x cols [k0, k0+kc) of op(A) as MR-row panels, k-major.
+// Loops run along the source's contiguous axis.
 void pack_a(bool ta, const float* A, int lda, int i0, int mc, int k0, int kc, float* out) {
   for (int ip = 0; ip < mc; ip += MR) {
-    int rows = std::min(MR, mc - ip);
-    for (int k = 0; k < kc; ++k) {
-      for (int r = 0; r < rows; ++r) out[k * MR + r] = at(A, lda, ta, i0 + ip + r, k0 + k);
-      for (int r = rows; r < MR; ++r) out[k * MR + r] = 0.f;
+    const int rows = std::min(MR, mc - ip);
+    if (ta) {
+      for (int k = 0; k < kc; ++k) {
+        const float* src = A + (size_t)(k0 + k) * lda + i0 + ip;
+        for (int r = 0; r < rows; ++r) out[k * MR + r] = src[r];
+        for (int r = rows; r < MR; ++r) out[k * MR + r] = 0.f;
+      }
+    } else {
+      for (int r = 0; r < rows; ++r) {
+        const float* src = A + (size_t)(i0 + ip + r) * lda + k0;
+        for (int k = 0; k < kc; ++k) out[k * MR + r] = src[k];
+      }
+      for (int r = rows; r < MR; ++r)
+        for (int k = 0; k < kc; ++k) out[k * MR + r] = 0.f;
     }
     out += (size_t)kc * MR;
   }
@@ -50,30 +59,40 @@ void pack_a(bool ta, const float* A, int lda, int i0, int mc, int k0, int kc, fl
 // Packs rows [k0, k0+kc) x cols [j0, j0+nc) of op(B) as NR-column panels, k-major.
 void pack_b(bool tb, const float* B, int ldb, int k0, int kc, int j0, int nc, float* out) {
   for (int jp = 0; jp < nc; jp += NR) {
-    int cols = std::min(NR, nc - jp);
-    if (!tb && cols == NR) {
-      for (int k = 0; k < kc; ++k) std::memcpy(out + k * NR, B + (size_t)(k0 + k) * ldb + j0 + jp, NR * sizeof(float));
-    } else {
+    const int cols = std::min(NR, nc - jp);
+    if (!tb) {
       for (int k = 0; k < kc; ++k) {
-        for (int c = 0; c < cols; ++c) out[k * NR + c] = at(B, ldb, tb, k0 + k, j0 + jp + c);
-        for (int c = cols; c < NR; ++c) out[k * NR + c] = 0.f;
+        const float* src = B + (size_t)(k0 + k) * ldb + j0 + jp;
+        if (cols == NR) {
+          std::memcpy(out + k * NR, src, NR * sizeof(float));
+        } else {
+          for (int c = 0; c < cols; ++c) out[k * NR + c] = src[c];
+          for (int c = cols; c < NR; ++c) out[k * NR + c] = 0.f;
+        }
       }
+    } else {
+      for (int c = 0; c < cols; ++c) {
+        const float* src = B + (size_t)(j0 + jp + c) * ldb + k0;
+        for (int k = 0; k < kc; ++k) out[k * NR + c] = src[k];
+      }
+      for (int c = cols; c < NR; ++c)
+        for (int k = 0; k < kc; ++k) out[k * NR + c] = 0.f;
     }
     out += (size_t)kc * NR;
   }
 }
 
 #if defined(__GNUC__) || defined(__clang__)
-typedef float v8 __attribute__((vector_size(32), aligned(4)));
+typedef float v8 __attribute__((vector_size(32)));
 
-// acc[MR x NR] = Ap(MR x kc) * Bp(kc x NR)
+// acc[MR x NR] = Ap(MR x kc) * Bp(kc x NR). Bp is 64-byte aligned (packed
+// panels start at multiples of NR floats), so its rows load as aligned vectors.
 inline void micro_kernel(int kc, const float* Ap, const float* Bp, float* acc) {
   v8 c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {};
   v8 c30 = {}, c31 = {}, c40 = {}, c41 = {}, c50 = {}, c51 = {};
+  const v8* B = reinterpret_cast<const v8*>(__builtin_assume_aligned(Bp, 32));
   for (int k = 0; k < kc; ++k) {
-    v8 b0, b1;
-    std::memcpy(&b0, Bp, sizeof(v8));
-    std::memcpy(&b1, Bp + 8, sizeof(v8));
+    const v8 b0 = B[0], b1 = B[1];
     float a;
     a = Ap[0]; c00 += a * b0; c01 += a * b1;
     a = Ap[1]; c10 += a * b0; c11 += a * b1;
@@ -82,10 +101,11 @@ inline void micro_kernel(int kc, const float* Ap, const float* Bp, float* acc) {
     a = Ap[4]; c40 += a * b0; c41 += a * b1;
     a = Ap[5]; c50 += a * b0; c51 += a * b1;
     Ap += MR;
-    Bp += NR;
+    B += 2;
   }
-  v8 rows[12] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
-  std::memcpy(acc, rows, sizeof(rows));
+  v8* out = reinterpret_cast<v8*>(__builtin_assume_aligned(acc, 32));
+  out[0] = c00, out[1] = c01, out[2] = c10, out[3] = c11, out[4] = c20, out[5] = c21;
+  out[6] = c30, out[7] = c31, out[8] = c40, out[9] = c41, out[10] = c50, out[11] = c51;
 }
 #else
 inline void micro_kernel(int kc, const float* Ap, const float* Bp, float* acc) {

@@ -3,6 +3,7 @@
 
 #include "args.h"
 #include "cmseg/backend.hpp"
+#include "cmseg/peak.hpp"
 #include "cmseg/threads.hpp"
 #include "model_wrap.h"
 
@@ -32,12 +33,21 @@ Napi::Value SetNumThreads(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// Synchronous on purpose: it must not share the cores with other work while it runs.
+Napi::Value MeasurePeakGflops(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const double seconds = info[0].IsNumber() ? info[0].As<Napi::Number>().DoubleValue() : 0.5;
+  if (!(seconds > 0 && seconds <= 30)) throw_invalid(env, "measurePeakGflops expects seconds in (0, 30]");
+  return Napi::Number::New(env, cmseg::measure_peak_gflops(seconds));
+}
+
 }  // namespace
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeModel", ModelWrap::Define(env));
   exports.Set("backendInfo", Napi::Function::New(env, BackendInfo));
   exports.Set("setNumThreads", Napi::Function::New(env, SetNumThreads));
+  exports.Set("measurePeakGflops", Napi::Function::New(env, MeasurePeakGflops));
   return exports;
 }
 

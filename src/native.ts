@@ -59,6 +59,7 @@ export interface NativeAddon {
   NativeModel: new (config: Record<string, unknown>) => NativeModel;
   backendInfo(): NativeBackendInfo;
   setNumThreads(n: number): void;
+  measurePeakGflops(seconds: number): number;
   [key: string]: unknown;
 }
 

@@ -1,0 +1,190 @@
+// `cmseg bench`: cmseg and the PyTorch reference side by side, same machine,
+// same run, same threads. Each side runs in its own process so that its peak
+// resident memory is its own.
+import * as os from 'os';
+import * as path from 'path';
+import { spawnSync } from 'child_process';
+import { BENCH_CONFIGS, benchConfig, voxelsPerStep } from './configs';
+import { stepConvFlops } from './flops';
+import { backendInfo } from '../model/model';
+import { loadNative } from '../native';
+
+export interface BenchOptions {
+  configs?: string[];
+  steps?: number;
+  warmup?: number;
+  threads?: number;
+  /** also time torch.compile (slow to compile) */
+  compile?: boolean;
+  python?: string;
+  log?: (line: string) => void;
+}
+
+export interface SideResult {
+  ok: boolean;
+  error?: string;
+  stepMs?: number[];
+  stepMsMedian?: number;
+  voxelsPerSecond?: number;
+  gflopPerSecond?: number;
+  fractionOfPeak?: number;
+  peakMemoryMB?: number;
+}
+
+export interface BenchResult {
+  config: string;
+  shape: number[];
+  threads: number;
+  skipped?: string;
+  stepGflop?: number;
+  peakGflopPerSecond: number;
+  cmseg?: SideResult;
+  torchEager?: SideResult;
+  torchCompile?: SideResult;
+  /** PyTorch step time / cmseg step time: > 1 means cmseg is faster */
+  speedupVsEager?: number;
+  speedupVsCompile?: number;
+  machine: MachineInfo;
+}
+
+export interface MachineInfo {
+  cpu: string;
+  cores: number;
+  memoryGB: number;
+  os: string;
+  node: string;
+  torch?: string;
+  date: string;
+}
+
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+};
+
+function runJson(cmd: string, args: string[], env: Record<string, string>, timeoutMs: number): Record<string, unknown> {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', env: { ...process.env, ...env }, timeout: timeoutMs, maxBuffer: 1 << 26 });
+  const last = (r.stdout ?? '').trim().split('\n').pop() ?? '';
+  try {
+    return JSON.parse(last);
+  } catch {
+    return { ok: false, error: `${path.basename(cmd)} ${r.status === null ? 'timed out' : `exited ${r.status}`}: ${(r.stderr || r.stdout || '').trim().split('\n').slice(-3).join(' | ')}` };
+  }
+}
+
+function side(raw: Record<string, unknown>, flops: number, voxels: number, peak: number, memKey: string): SideResult {
+  if (!raw.ok) return { ok: false, error: String(raw.error ?? 'failed') };
+  const stepMs = raw.stepMs as number[];
+  const m = median(stepMs);
+  const gflops = flops / 1e9 / (m / 1e3);
+  return {
+    ok: true,
+    stepMs,
+    stepMsMedian: m,
+    voxelsPerSecond: voxels / (m / 1e3),
+    gflopPerSecond: gflops,
+    fractionOfPeak: gflops / peak,
+    peakMemoryMB: raw[memKey] as number,
+  };
+}
+
+export function machineInfo(torch?: string): MachineInfo {
+  return {
+    cpu: os.cpus()[0]?.model ?? 'unknown',
+    cores: os.cpus().length,
+    memoryGB: Math.round(os.totalmem() / 2 ** 30),
+    os: `${os.type()} ${os.release()}`,
+    node: process.version,
+    torch,
+    date: new Date().toISOString(),
+  };
+}
+
+export function runBench(options: BenchOptions = {}): BenchResult[] {
+  const log = options.log ?? (() => {});
+  const threads = options.threads ?? os.cpus().length;
+  const steps = options.steps ?? 5;
+  const warmup = options.warmup ?? 1;
+  const python = options.python ?? process.env.CMSEG_PYTHON ?? 'python3';
+  const names = options.configs?.length ? options.configs : BENCH_CONFIGS.filter((c) => c.device === 'cpu').map((c) => c.name);
+  const native = loadNative();
+  native.setNumThreads(threads);
+  log(`measuring FP32 peak (FMA loop, ${threads} threads)...`);
+  const peak = native.measurePeakGflops(1.0);
+  const results: BenchResult[] = [];
+  const worker = path.join(__dirname, 'worker.js');
+  const torchScript = path.resolve(__dirname, '..', '..', 'scripts', 'torch_reference.py');
+  for (const name of names) {
+    const c = benchConfig(name);
+    const base: BenchResult = { config: name, shape: c.shape, threads, peakGflopPerSecond: peak, machine: machineInfo() };
+    if (c.device === 'gpu' && !backendInfo().cuda) {
+      results.push({ ...base, skipped: 'the CUDA backend is not built (backendInfo().cuda is false)' });
+      log(`${name}: skipped (CUDA backend not built)`);
+      continue;
+    }
+    const voxels = voxelsPerStep(c);
+    log(`${name}: cmseg (${warmup} warm-up + ${steps} steps)...`);
+    const ours = runJson(process.execPath, [worker, name, String(steps), String(warmup)], { CMSEG_NUM_THREADS: String(threads) }, 1_800_000);
+    const params = (ours.parameters as { name: string; shape: number[] }[] | undefined) ?? [];
+    const [n, , ...spatial] = c.shape;
+    const flops = stepConvFlops(params, spatial, n, c.model.depth ?? 4);
+    const torchArgs = [torchScript, 'bench', '--config', name, '--steps', String(steps), '--warmup', String(warmup), '--threads', String(threads)];
+    log(`${name}: PyTorch eager...`);
+    const eager = runJson(python, torchArgs, {}, 1_800_000);
+    let compiled: Record<string, unknown> | undefined;
+    if (options.compile) {
+      log(`${name}: PyTorch torch.compile...`);
+      compiled = runJson(python, [...torchArgs, '--compile'], {}, 1_800_000);
+    }
+    const r: BenchResult = {
+      ...base,
+      machine: machineInfo(eager.torch as string | undefined),
+      stepGflop: flops / 1e9,
+      cmseg: side(ours, flops, voxels, peak, 'peakRssMB'),
+      torchEager: side(eager, flops, voxels, peak, 'peakRssMB'),
+      torchCompile: compiled ? side(compiled, flops, voxels, peak, 'peakRssMB') : undefined,
+    };
+    if (r.cmseg?.ok && r.torchEager?.ok) r.speedupVsEager = r.torchEager.stepMsMedian! / r.cmseg.stepMsMedian!;
+    if (r.cmseg?.ok && r.torchCompile?.ok) r.speedupVsCompile = r.torchCompile.stepMsMedian! / r.cmseg.stepMsMedian!;
+    results.push(r);
+  }
+  return results;
+}
+
+const f = (x: number | undefined, digits = 0) => (x === undefined || !Number.isFinite(x) ? '-' : x.toFixed(digits));
+
+/** A markdown table of the results, one row per (config, side). */
+export function formatBenchTable(results: BenchResult[]): string {
+  const lines = [
+    '| config | implementation | median step (ms) | voxels/s | conv GFLOP/s | % of FP32 peak | peak RSS (MB) | PyTorch time / cmseg time |',
+    '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |',
+  ];
+  for (const r of results) {
+    if (r.skipped) {
+      lines.push(`| ${r.config} | - | skipped: ${r.skipped} | | | | | |`);
+      continue;
+    }
+    const rows: [string, SideResult | undefined, string][] = [
+      ['cmseg (CPU)', r.cmseg, ''],
+      ['PyTorch eager', r.torchEager, f(r.speedupVsEager, 2)],
+      ['PyTorch torch.compile', r.torchCompile, f(r.speedupVsCompile, 2)],
+    ];
+    for (const [label, s, ratio] of rows) {
+      if (!s) continue;
+      if (!s.ok) {
+        lines.push(`| ${r.config} | ${label} | failed: ${s.error} | | | | | |`);
+        continue;
+      }
+      lines.push(
+        `| ${r.config} | ${label} | ${f(s.stepMsMedian, 0)} | ${f(s.voxelsPerSecond, 0)} | ${f(s.gflopPerSecond, 1)} | ${f((s.fractionOfPeak ?? NaN) * 100, 1)} | ${f(s.peakMemoryMB, 0)} | ${ratio} |`,
+      );
+    }
+  }
+  return lines.join('\n');
+}
+
+export function formatMachine(results: BenchResult[]): string {
+  const m = results[0]?.machine ?? machineInfo();
+  const r = results[0];
+  return `${m.cpu}, ${m.cores} cores, ${m.memoryGB} GiB, ${m.os}; Node ${m.node}; PyTorch ${m.torch ?? '?'}; ${r?.threads ?? '?'} threads on both sides; measured FP32 peak ${f(r?.peakGflopPerSecond, 1)} GFLOP/s; ${m.date}`;
+}

@@ -1,0 +1,31 @@
+// One benchmark run of cmseg in its own process (so peak RSS is this run's):
+// `node dist/bench/worker.js CONFIG STEPS WARMUP` prints one JSON line.
+import { benchConfig } from './configs';
+import { createModel, backendInfo } from '../model/model';
+
+async function main() {
+  const [name, stepsArg, warmupArg] = process.argv.slice(2);
+  const c = benchConfig(name);
+  const steps = Number(stepsArg ?? 5);
+  const warmup = Number(warmupArg ?? 1);
+  const model = createModel(c.model);
+  const [n, , ...spatial] = c.shape;
+  const V = spatial.reduce((a, b) => a * b, 1);
+  let s = 12345;
+  const rand = () => ((s = (s * 1664525 + 1013904223) >>> 0) / 4294967296);
+  const images = new Float32Array(n * c.shape[1] * V).map(() => rand() * 2 - 1);
+  const labels = Array.from({ length: c.model.annotators }, () => new Uint8Array(n * V).map(() => Math.floor(rand() * c.model.classes)));
+  const stepMs: number[] = [];
+  for (let i = 0; i < warmup + steps; i++) {
+    const t0 = process.hrtime.bigint();
+    await model.trainStep({ images, shape: c.shape, labels });
+    if (i >= warmup) stepMs.push(Number(process.hrtime.bigint() - t0) / 1e6);
+  }
+  const peakRssMB = process.resourceUsage().maxRSS / 1024;
+  console.log(JSON.stringify({ ok: true, config: name, stepMs, peakRssMB, threads: backendInfo().threads, parameters: model.parameters() }));
+}
+
+main().catch((e) => {
+  console.log(JSON.stringify({ ok: false, error: (e as Error).message }));
+  process.exit(1);
+});

@@ -1,0 +1,27 @@
+// `cmseg bench`: the side-by-side benchmark of SPEC section 8.
+import { Command } from 'commander';
+import { formatBenchTable, formatMachine, runBench } from '../bench/run';
+
+export function benchCommand(): Command {
+  return new Command('bench')
+    .description('time training steps of cmseg and the PyTorch reference side by side (SPEC section 8 configs)')
+    .option('--config <name...>', 'configs to run (mnist2d, brats3d-cpu, brats3d-gpu); default: the CPU ones')
+    .option('--steps <n>', 'timed steps per side (median reported)', '5')
+    .option('--warmup <n>', 'untimed warm-up steps', '1')
+    .option('--threads <n>', 'threads for both sides (default: all cores)')
+    .option('--compile', 'also time PyTorch with torch.compile (slow to compile)')
+    .option('--json', 'print one JSON object per configuration instead of a table')
+    .addHelpText('after', '\nExample:\n  $ cmseg bench --config brats3d-cpu --steps 5\n  $ npm run bench')
+    .action((opts) => {
+      const results = runBench({
+        configs: opts.config,
+        steps: Number(opts.steps),
+        warmup: Number(opts.warmup),
+        threads: opts.threads ? Number(opts.threads) : undefined,
+        compile: !!opts.compile,
+        log: opts.json ? undefined : (line) => process.stderr.write(line + '\n'),
+      });
+      if (opts.json) for (const r of results) console.log(JSON.stringify(r));
+      else console.log(`\n${formatMachine(results)}\n\n${formatBenchTable(results)}`);
+    });
+}

@@ -1,0 +1,48 @@
+// The benchmark's FLOP count (hand-computed for a tiny model, and equal to the
+// PyTorch reference's independent count for the SPEC configs) and its table.
+import t from 'tap';
+import { createModel } from '../src/index';
+import { stepConvFlops } from '../src/bench/flops';
+import { BENCH_CONFIGS, benchConfig, voxelsPerStep } from '../src/bench/configs';
+import { formatBenchTable, machineInfo } from '../src/bench/run';
+
+t.test('conv FLOPs of a tiny 2D model by hand', async (t) => {
+  // depth 2, base 4, 1 input channel, L 2, R 1, one 8x8 image:
+  // enc.0: 2*4*1*9*64 + 2*4*4*9*64 = 4608 + 18432; enc.1 (16 px): 2*8*4*9*16 + 2*8*8*9*16 = 9216 + 18432
+  // up.0 at its 16-px input: 2*8*4*4*16 = 4096; dec.0: 2*4*8*9*64 + 2*4*4*9*64 = 36864 + 18432
+  // heads: seg 2*2*4*64 = 1024, cm.0 2*4*4*64 = 2048 -> forward 113152, step = 3x.
+  const m = createModel({ ndim: 2, inChannels: 1, classes: 2, annotators: 1, depth: 2, baseChannels: 4 });
+  t.equal(stepConvFlops(m.parameters(), [8, 8], 1, 2), 3 * 113152);
+});
+
+t.test('SPEC configs match the PyTorch reference FLOP estimates', async (t) => {
+  // stepGflopEstimate printed by `torch_reference.py bench` (counted there with torch's FlopCounterMode rule).
+  const torchGflop: Record<string, number> = { mnist2d: 27.651, 'brats3d-cpu': 87.653 };
+  for (const [name, want] of Object.entries(torchGflop)) {
+    const c = benchConfig(name);
+    const m = createModel(c.model);
+    const [n, , ...spatial] = c.shape;
+    const got = stepConvFlops(m.parameters(), spatial, n, c.model.depth!) / 1e9;
+    t.ok(Math.abs(got - want) < 0.01, `${name}: ${got.toFixed(3)} vs ${want}`);
+  }
+  t.equal(voxelsPerStep(benchConfig('brats3d-gpu')), 2 * 128 ** 3);
+  t.same(BENCH_CONFIGS.map((c) => c.name), ['mnist2d', 'brats3d-cpu', 'brats3d-gpu']);
+  t.throws(() => benchConfig('nope'), /unknown benchmark config 'nope'/);
+});
+
+t.test('the table shows ratios and failures honestly', async (t) => {
+  const table = formatBenchTable([
+    {
+      config: 'mnist2d', shape: [32, 1, 32, 32], threads: 2, peakGflopPerSecond: 100, stepGflop: 27.6, machine: machineInfo(),
+      cmseg: { ok: true, stepMsMedian: 1000, voxelsPerSecond: 32768, gflopPerSecond: 27.6, fractionOfPeak: 0.276, peakMemoryMB: 200 },
+      torchEager: { ok: true, stepMsMedian: 500, voxelsPerSecond: 65536, gflopPerSecond: 55.2, fractionOfPeak: 0.552, peakMemoryMB: 900 },
+      torchCompile: { ok: false, error: 'inductor failed' },
+      speedupVsEager: 0.5,
+    },
+    { config: 'brats3d-gpu', shape: [2, 4, 128, 128, 128], threads: 2, peakGflopPerSecond: 100, machine: machineInfo(), skipped: 'the CUDA backend is not built' },
+  ]);
+  t.match(table, /\| mnist2d \| cmseg \(CPU\) \| 1000 \| 32768 \| 27\.6 \| 27\.6 \| 200 \|/);
+  t.match(table, /\| mnist2d \| PyTorch eager \| 500 .* \| 0\.50 \|/);
+  t.match(table, /torch\.compile \| failed: inductor failed/);
+  t.match(table, /brats3d-gpu \| - \| skipped: the CUDA backend is not built/);
+});

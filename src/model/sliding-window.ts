@@ -1,0 +1,249 @@
+// Sliding-window inference over a whole volume (SPEC section 5): the volume is covered by
+// overlapping windows of the training patch size, the model predicts batches of windows,
+// and every output (consensus probabilities, optionally CMs and q_r) is blended with a
+// Gaussian importance map that trusts window centres more than window borders, where a
+// U-Net sees less context. This is the nnU-Net / MONAI idea, written for cmseg.
+//
+// Geometry, per spatial axis of size `size` and patch `patch`:
+// - size >= patch: windows start at 0 and the last one ends flush with the far edge; the
+//   windows in between are spread evenly, so the step between consecutive windows is at
+//   most patch * (1 - overlap) (a few voxels less when the size is not a multiple of it).
+// - size < patch: one window, the volume centred in it and padded with zeros. Zero is the
+//   background intensity of the usual z-scored, skull-stripped inputs; reflection would
+//   invent anatomy. Padded voxels are predicted and discarded.
+// Outputs are Float32 sums of weight * window output, divided at the end by the summed
+// weights (kept in Float64): a weighted mean of the windows' values, so a voxel on which
+// every window agrees gets that value back (to Float32 rounding).
+import { checkExtent, Extent } from '../data/morphology';
+
+/** The part of a Model that sliding-window inference needs (tests pass fakes). */
+export interface SlidingWindowModel {
+  readonly config: { classes: number; annotators: number; inChannels: number; ndim: 2 | 3; depth: number };
+  predict(
+    images: Float32Array,
+    shape: number[],
+    options?: { cms?: boolean; annotatorProbs?: boolean },
+  ): Promise<{ probs: Float32Array; cms?: Float32Array; annotatorProbs?: Float32Array }>;
+}
+
+export interface SlidingWindowOptions {
+  /** Window size: [d, h, w] in 3D; [h, w] or [1, h, w] in 2D. Each divisible by 2^(depth-1). */
+  patch: readonly number[];
+  /** Fraction of a window shared with its neighbour, 0 <= overlap < 1. Default 0.5. */
+  overlap?: number;
+  /** Windows per model.predict call. Default 2. */
+  batchSize?: number;
+  /** Gaussian sigma per axis as a fraction of the patch size. Default 1/8. */
+  gaussianSigmaScale?: number;
+  /** Also stitch the annotators' CMs, [R, L, L, *S] (R*L*L floats per voxel: mind the memory). */
+  cms?: boolean;
+  /** Also stitch the annotators' label distributions q_r, [R, L, *S]. */
+  annotatorProbs?: boolean;
+  /** Called after each batch with the windows done so far and the total. */
+  onProgress?: (windowsDone: number, windowsTotal: number) => void;
+}
+
+export interface SlidingWindowPrediction {
+  /** Consensus probabilities, [L, *S] (S = [H, W] in 2D, [D, H, W] in 3D). */
+  probs: Float32Array;
+  probsShape: number[];
+  /** Annotator CMs, [R, L, L, *S], A[i][j] at channel i * L + j. */
+  cms?: Float32Array;
+  cmsShape?: number[];
+  /** Annotator label distributions q_r = A_r p, [R, L, *S]. */
+  annotatorProbs?: Float32Array;
+  annotatorProbsShape?: number[];
+  /** Number of windows predicted. */
+  windows: number;
+}
+
+/** Smallest weight of the importance map, relative to its centre (1). */
+export const GAUSSIAN_WEIGHT_FLOOR = 1e-3;
+
+/**
+ * Importance weights of one [d, h, w] window, C order: exp(-sum_axis ((x - c) / sigma)^2 / 2)
+ * with c the window centre ((size - 1) / 2) and sigma = size * sigmaScale per axis, scaled
+ * so that the centre weighs 1, and raised to at least `floor` so that no voxel (a volume
+ * corner is covered by one window's corner only) ever has weight 0.
+ */
+export function gaussianImportanceMap(patch: readonly number[], sigmaScale = 1 / 8, floor = GAUSSIAN_WEIGHT_FLOOR): Float64Array {
+  const [pd, ph, pw] = patch.length === 2 ? [1, patch[0], patch[1]] : patch;
+  if (!(sigmaScale > 0) || !Number.isFinite(sigmaScale)) throw new RangeError(`gaussianSigmaScale = ${sigmaScale} must be a finite number > 0`);
+  if (!(floor > 0 && floor <= 1)) throw new RangeError(`floor = ${floor} must be in (0, 1]`);
+  const axis = (size: number): Float64Array => {
+    const centre = (size - 1) / 2;
+    const sigma = size * sigmaScale;
+    return Float64Array.from({ length: size }, (_, i) => Math.exp(-0.5 * ((i - centre) / sigma) ** 2));
+  };
+  // The Gaussian factorises over axes; the centre's value is the product of the axes' maxima.
+  const [gz, gy, gx] = [axis(pd), axis(ph), axis(pw)];
+  const peak = Math.max(...gz) * Math.max(...gy) * Math.max(...gx);
+  const map = new Float64Array(pd * ph * pw);
+  let k = 0;
+  for (let z = 0; z < pd; z++) for (let y = 0; y < ph; y++) for (let x = 0; x < pw; x++) map[k++] = Math.max(floor, (gz[z] * gy[y] * gx[x]) / peak);
+  return map;
+}
+
+/**
+ * Start offsets of the windows along one axis, in the coordinates of the (padded) axis:
+ * first at 0, last flush with the far edge, evenly spread with a step <= maxStep.
+ */
+export function windowStarts(size: number, patch: number, maxStep: number): number[] {
+  if (size <= patch) return [0];
+  const steps = Math.ceil((size - patch) / maxStep);
+  return Array.from({ length: steps + 1 }, (_, i) => Math.round((i * (size - patch)) / steps));
+}
+
+interface Axis {
+  size: number;
+  patch: number;
+  /** Zeros in front of the volume when it is smaller than the patch. */
+  before: number;
+  starts: number[];
+}
+
+function positiveInteger(name: string, value: unknown): number {
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < 1) throw new RangeError(`${name} = ${String(value)} must be a positive integer`);
+  return value;
+}
+
+/**
+ * Predicts a whole volume [C, D, H, W] (2D: [C, H, W] with extent.d = 1) window by window
+ * and stitches the outputs with Gaussian weights. See the top of this file for the
+ * geometry. Rejects before any prediction when an argument is invalid.
+ */
+export async function slidingWindowPredict(
+  model: SlidingWindowModel,
+  volume: Float32Array,
+  extent: Extent,
+  options: SlidingWindowOptions,
+): Promise<SlidingWindowPrediction> {
+  const { classes: L, annotators: R, inChannels: C, ndim, depth } = model.config;
+  checkExtent(extent);
+  if (ndim === 2 && extent.d !== 1) throw new RangeError(`a 2D model needs extent.d = 1, got ${extent.d}`);
+  if (!(volume instanceof Float32Array)) throw new TypeError('volume must be a Float32Array [C, *S]');
+  const V = extent.d * extent.h * extent.w;
+  if (volume.length !== C * V) {
+    throw new RangeError(`volume has ${volume.length} values, [C, D, H, W] = [${C}, ${extent.d}, ${extent.h}, ${extent.w}] needs ${C * V}`);
+  }
+  for (let i = 0; i < volume.length; i++) {
+    if (!Number.isFinite(volume[i])) throw new RangeError(`volume has a non-finite value (${volume[i]}) at index ${i}`);
+  }
+  if (!options || !Array.isArray(options.patch)) throw new TypeError('options.patch must be an array [d, h, w] (or [h, w] in 2D)');
+  const patch = options.patch.length === 2 && ndim === 2 ? [1, ...options.patch] : [...options.patch];
+  if (patch.length !== 3) throw new RangeError(`options.patch = [${options.patch.join(', ')}] must have ${ndim === 2 ? '2' : '3'} sizes`);
+  patch.forEach((p, i) => positiveInteger(`options.patch[${i}]`, p));
+  if (ndim === 2 && patch[0] !== 1) throw new RangeError(`a 2D model needs patch depth 1, got [${patch.join(', ')}]`);
+  const multiple = 2 ** (depth - 1);
+  const spatialPatch = ndim === 2 ? patch.slice(1) : patch;
+  for (const p of spatialPatch) {
+    if (p % multiple !== 0) {
+      throw new RangeError(`patch size ${p} is not divisible by 2^(depth-1) = ${multiple} (patch [${spatialPatch.join(', ')}], depth ${depth})`);
+    }
+  }
+  const overlap = options.overlap ?? 0.5;
+  if (!(overlap >= 0 && overlap < 1)) throw new RangeError(`options.overlap = ${overlap} must be in [0, 1)`);
+  const batchSize = positiveInteger('options.batchSize', options.batchSize ?? 2);
+  const weights = gaussianImportanceMap(patch, options.gaussianSigmaScale ?? 1 / 8);
+
+  const axes: Axis[] = [extent.d, extent.h, extent.w].map((size, i) => {
+    const p = patch[i];
+    const padded = Math.max(size, p);
+    const maxStep = Math.max(1, Math.floor(p * (1 - overlap)));
+    return { size, patch: p, before: Math.floor((padded - size) / 2), starts: windowStarts(padded, p, maxStep) };
+  });
+  const windows: [number, number, number][] = [];
+  for (const z of axes[0].starts) for (const y of axes[1].starts) for (const x of axes[2].starts) windows.push([z, y, x]);
+
+  const [pd, ph, pw] = patch;
+  const Pv = pd * ph * pw;
+  const { h: H, w: W } = extent;
+  const wantCms = options.cms === true;
+  const wantQ = options.annotatorProbs === true;
+  const outputs: { name: 'probs' | 'cms' | 'annotatorProbs'; channels: number; sum: Float32Array }[] = [
+    { name: 'probs', channels: L, sum: new Float32Array(L * V) },
+  ];
+  if (wantCms) outputs.push({ name: 'cms', channels: R * L * L, sum: new Float32Array(R * L * L * V) });
+  if (wantQ) outputs.push({ name: 'annotatorProbs', channels: R * L, sum: new Float32Array(R * L * V) });
+  const weightSum = new Float64Array(V);
+  const padded = axes.some((a) => a.size < a.patch);
+  const input = new Float32Array(Math.min(batchSize, windows.length) * C * Pv);
+
+  // For one window and one axis: the window offsets that fall inside the volume, and the
+  // volume coordinate of the window's first voxel.
+  const clip = (axis: Axis, start: number) => {
+    const origin = start - axis.before;
+    return { origin, from: Math.max(0, -origin), to: Math.min(axis.patch, axis.size - origin) };
+  };
+
+  for (let first = 0; first < windows.length; first += batchSize) {
+    const batch = windows.slice(first, first + batchSize);
+    const B = batch.length;
+    const images = input.subarray(0, B * C * Pv);
+    if (padded) images.fill(0);
+    batch.forEach(([sz, sy, sx], b) => {
+      const cz = clip(axes[0], sz);
+      const cy = clip(axes[1], sy);
+      const cx = clip(axes[2], sx);
+      for (let c = 0; c < C; c++) {
+        for (let z = cz.from; z < cz.to; z++) {
+          for (let y = cy.from; y < cy.to; y++) {
+            const src = c * V + ((cz.origin + z) * H + cy.origin + y) * W + cx.origin;
+            const dst = ((b * C + c) * pd + z) * ph * pw + y * pw;
+            images.set(volume.subarray(src + cx.from, src + cx.to), dst + cx.from);
+          }
+        }
+      }
+    });
+    const shape = ndim === 2 ? [B, C, ph, pw] : [B, C, pd, ph, pw];
+    const prediction = await model.predict(images, shape, { cms: wantCms, annotatorProbs: wantQ });
+    for (const output of outputs) {
+      const values = prediction[output.name];
+      if (!(values instanceof Float32Array) || values.length !== B * output.channels * Pv) {
+        throw new RangeError(`model.predict returned ${output.name} with ${values?.length ?? 'no'} values, expected ${B * output.channels * Pv}`);
+      }
+    }
+    batch.forEach(([sz, sy, sx], b) => {
+      const cz = clip(axes[0], sz);
+      const cy = clip(axes[1], sy);
+      const cx = clip(axes[2], sx);
+      for (let z = cz.from; z < cz.to; z++) {
+        for (let y = cy.from; y < cy.to; y++) {
+          const row = ((cz.origin + z) * H + cy.origin + y) * W + cx.origin;
+          const patchRow = (z * ph + y) * pw;
+          for (let x = cx.from; x < cx.to; x++) weightSum[row + x] += weights[patchRow + x];
+          for (const output of outputs) {
+            const values = prediction[output.name] as Float32Array;
+            const sum = output.sum;
+            for (let k = 0; k < output.channels; k++) {
+              const dst = k * V + row;
+              const src = (b * output.channels + k) * Pv + patchRow;
+              for (let x = cx.from; x < cx.to; x++) sum[dst + x] += weights[patchRow + x] * values[src + x];
+            }
+          }
+        }
+      }
+    });
+    options.onProgress?.(first + B, windows.length);
+  }
+
+  for (const output of outputs) {
+    const sum = output.sum;
+    for (let k = 0; k < output.channels; k++) {
+      const base = k * V;
+      for (let v = 0; v < V; v++) sum[base + v] /= weightSum[v];
+    }
+  }
+  const spatial = ndim === 2 ? [extent.h, extent.w] : [extent.d, extent.h, extent.w];
+  const result: SlidingWindowPrediction = { probs: outputs[0].sum, probsShape: [L, ...spatial], windows: windows.length };
+  for (const output of outputs.slice(1)) {
+    if (output.name === 'cms') {
+      result.cms = output.sum;
+      result.cmsShape = [R, L, L, ...spatial];
+    } else {
+      result.annotatorProbs = output.sum;
+      result.annotatorProbsShape = [R, L, ...spatial];
+    }
+  }
+  return result;
+}

@@ -1,0 +1,233 @@
+// Sliding-window inference: exact stitching and normalisation with a fake per-voxel model
+// (volumes not a multiple of the step, smaller than the patch, 2D and 3D), the window
+// geometry, the Gaussian importance map, argument checks, and one run of a real model.
+// Tolerance: 1e-5 (outputs are Float32 weighted means).
+import t, { Test } from 'tap';
+import { createModel } from '../src/index';
+import { Extent } from '../src/data/morphology';
+import { gaussianImportanceMap, slidingWindowPredict, SlidingWindowModel, windowStarts } from '../src/model/sliding-window';
+
+const TOL = 1e-5;
+
+/** A deterministic value in [-1, 1) per index. */
+function noise(length: number, seed: number): Float32Array {
+  let s = seed >>> 0;
+  return Float32Array.from({ length }, () => ((s = (s * 1664525 + 1013904223) >>> 0) / 2147483648) - 1);
+}
+
+/**
+ * Outputs at one voxel as a function of that voxel's channels only: p = softmax(0, x, -x),
+ * A_r[i][j] proportional to exp(-(1 + r)(i - j)^2 + 0.1 i x) (columns normalised), q_r = A_r p,
+ * with x = channel 0 + 0.5 * channel 1. Any stitching error shows up as a mismatch.
+ */
+function perVoxel(x: number, L: number, R: number) {
+  const logits = Array.from({ length: L }, (_, k) => (k === 0 ? 0 : k % 2 ? k * x : -k * x));
+  const top = Math.max(...logits);
+  const e = logits.map((z) => Math.exp(z - top));
+  const sum = e.reduce((a, b) => a + b, 0);
+  const p = e.map((z) => z / sum);
+  const A: number[] = [];
+  const q: number[] = [];
+  for (let r = 0; r < R; r++) {
+    const a = Array.from({ length: L * L }, (_, k) => {
+      const i = Math.floor(k / L);
+      const j = k % L;
+      return Math.exp(-(1 + r) * (i - j) ** 2 + 0.1 * i * x);
+    });
+    for (let j = 0; j < L; j++) {
+      let col = 0;
+      for (let i = 0; i < L; i++) col += a[i * L + j];
+      for (let i = 0; i < L; i++) a[i * L + j] /= col;
+    }
+    A.push(...a);
+    for (let i = 0; i < L; i++) q.push(a.slice(i * L, (i + 1) * L).reduce((acc, aij, j) => acc + aij * p[j], 0));
+  }
+  return { p, A, q };
+}
+
+/** Fills [N, K, V]-style outputs for a batch [N, C, V] from perVoxel. */
+function perVoxelOutputs(images: Float32Array, n: number, C: number, V: number, L: number, R: number) {
+  const probs = new Float32Array(n * L * V);
+  const cms = new Float32Array(n * R * L * L * V);
+  const q = new Float32Array(n * R * L * V);
+  for (let b = 0; b < n; b++) {
+    for (let v = 0; v < V; v++) {
+      const x = images[b * C * V + v] + (C > 1 ? 0.5 * images[(b * C + 1) * V + v] : 0);
+      const out = perVoxel(x, L, R);
+      out.p.forEach((y, k) => (probs[(b * L + k) * V + v] = y));
+      out.A.forEach((y, k) => (cms[(b * R * L * L + k) * V + v] = y));
+      out.q.forEach((y, k) => (q[(b * R * L + k) * V + v] = y));
+    }
+  }
+  return { probs, cms, q };
+}
+
+class FakeModel implements SlidingWindowModel {
+  readonly shapes: number[][] = [];
+  readonly inputs: Float32Array[] = [];
+  constructor(readonly config: SlidingWindowModel['config']) {}
+  async predict(images: Float32Array, shape: number[], options: { cms?: boolean; annotatorProbs?: boolean } = {}) {
+    this.shapes.push([...shape]);
+    this.inputs.push(images.slice());
+    const [n, C, ...spatial] = shape;
+    const V = spatial.reduce((a, b) => a * b, 1);
+    const { classes: L, annotators: R } = this.config;
+    const out = perVoxelOutputs(images, n, C, V, L, R);
+    return { probs: out.probs, ...(options.cms ? { cms: out.cms } : {}), ...(options.annotatorProbs ? { annotatorProbs: out.q } : {}) };
+  }
+}
+
+function maxAbsDiff(a: Float32Array, b: Float32Array): number {
+  if (a.length !== b.length) return Infinity;
+  let worst = 0;
+  for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(a[i] - b[i]));
+  return worst;
+}
+
+async function checkExact(t: Test, ndim: 2 | 3, extent: Extent, patch: number[], batchSize: number, expectedWindows?: number) {
+  const config = { classes: 3, annotators: 2, inChannels: 2, ndim, depth: 2 } as const;
+  const model = new FakeModel(config);
+  const V = extent.d * extent.h * extent.w;
+  const volume = noise(2 * V, V + patch[0]);
+  const progress: [number, number][] = [];
+  const result = await slidingWindowPredict(model, volume, extent, {
+    patch,
+    batchSize,
+    cms: true,
+    annotatorProbs: true,
+    onProgress: (done, total) => progress.push([done, total]),
+  });
+  const direct = perVoxelOutputs(volume, 1, 2, V, 3, 2);
+  const spatial = ndim === 2 ? [extent.h, extent.w] : [extent.d, extent.h, extent.w];
+  t.same(result.probsShape, [3, ...spatial], 'probs shape');
+  t.same(result.cmsShape, [2, 3, 3, ...spatial], 'cms shape');
+  t.same(result.annotatorProbsShape, [2, 3, ...spatial], 'q shape');
+  t.ok(maxAbsDiff(result.probs, direct.probs) < TOL, `probs equal the per-voxel values (max diff ${maxAbsDiff(result.probs, direct.probs)})`);
+  t.ok(maxAbsDiff(result.cms!, direct.cms) < TOL, 'cms equal the per-voxel values');
+  t.ok(maxAbsDiff(result.annotatorProbs!, direct.q) < TOL, 'q equal the per-voxel values');
+  if (expectedWindows !== undefined) t.equal(result.windows, expectedWindows, 'window count');
+  const windowShape = ndim === 2 ? patch.slice(-2) : patch;
+  t.ok(
+    model.shapes.every((s) => s[0] >= 1 && s[0] <= batchSize && s[1] === 2 && s.slice(2).join() === windowShape.join()),
+    'every batch is [B <= batchSize, C, *patch]',
+  );
+  t.same(progress[progress.length - 1], [result.windows, result.windows], 'progress reaches the total');
+  return { model, volume, result };
+}
+
+t.test('window starts: first at 0, last flush, evenly spread, step <= the target', async (t) => {
+  t.same(windowStarts(20, 8, 4), [0, 4, 8, 12], 'a multiple of the step');
+  // 21: ceil(13 / 4) = 4 steps of 13/4 = 3.25 -> 0, 3.25, 6.5, 9.75, 13 rounded
+  t.same(windowStarts(21, 8, 4), [0, 3, 7, 10, 13], 'not a multiple');
+  t.same(windowStarts(8, 8, 4), [0], 'one window');
+  t.same(windowStarts(9, 8, 8), [0, 1], 'no overlap still covers the far edge');
+});
+
+t.test('Gaussian importance map', async (t) => {
+  const patch = [7, 9, 5];
+  const map = gaussianImportanceMap(patch);
+  const at = (z: number, y: number, x: number) => map[(z * 9 + y) * 5 + x];
+  t.equal(at(3, 4, 2), 1, 'the centre weighs 1');
+  t.equal(Math.max(...map), 1, 'and is the maximum');
+  for (const z of [0, 6]) for (const y of [0, 8]) for (const x of [0, 4]) t.ok(at(z, y, x) > 0, `corner (${z}, ${y}, ${x}) is positive`);
+  t.ok(at(2, 4, 2) < 1 && at(1, 4, 2) < at(2, 4, 2), 'decreasing away from the centre');
+  t.equal(at(1, 2, 1), at(5, 6, 3), 'symmetric');
+  // sigma = 9/8 along h: one voxel off-centre weighs exp(-0.5 * (8/9)^2)
+  t.ok(Math.abs(at(3, 5, 2) - Math.exp(-0.5 * (8 / 9) ** 2)) < 1e-12, 'sigma = patch / 8');
+  t.equal(Math.min(...gaussianImportanceMap([16, 16, 16])), 1e-3, 'floored far from the centre');
+  const even = gaussianImportanceMap([8, 8]);
+  t.equal(even[3 * 8 + 3], even[4 * 8 + 4], 'even patch: the four central voxels share the maximum');
+});
+
+t.test('3D stitching is exact for a volume not a multiple of the step', async (t) => {
+  // d 11: starts 0, 3; h 13: 0, 2.5 -> 3 (rounded), 5; w 9: 0, 1 -> 2 * 3 * 2 = 12 windows
+  await checkExact(t, 3, { d: 11, h: 13, w: 9 }, [8, 8, 8], 3, 12);
+});
+
+t.test('3D stitching with a volume smaller than the patch along some axes (zero padding)', async (t) => {
+  // d 5 < 8 (1 zero plane in front, 2 behind), h 6 < 8 (1 row each side), w 16: starts 0, 4, 8
+  const extent = { d: 5, h: 6, w: 16 };
+  const { model, volume } = await checkExact(t, 3, extent, [8, 8, 8], 2, 3);
+  const first = model.inputs[0];
+  // Window 0, channel 0: plane z = 0 is padding, plane z = 1 holds volume plane 0 (rows shifted by 1).
+  t.ok(first.subarray(0, 64).every((x) => x === 0), 'front padding plane is zero');
+  t.equal(first[64 + 1 * 8 + 0], volume[0], 'volume voxel (0, 0, 0) lands at window (1, 1, 0)');
+  t.equal(first[64 + 0 * 8 + 3], 0, 'padding row is zero');
+});
+
+t.test('3D: a volume smaller than the patch on every axis is one padded window', async (t) => {
+  await checkExact(t, 3, { d: 3, h: 5, w: 2 }, [4, 8, 4], 2, 1);
+});
+
+t.test('2D stitching ([C, H, W], patch [h, w])', async (t) => {
+  // h 20: ceil(12 / 4) = 3 steps -> 0, 4, 8, 12; w 7 < 8 padded -> 4 windows
+  await checkExact(t, 2, { d: 1, h: 20, w: 7 }, [8, 8], 4, 4);
+  await checkExact(t, 2, { d: 1, h: 10, w: 10 }, [1, 4, 4], 1);
+});
+
+t.test('overlap 0 and a batch size above the window count', async (t) => {
+  const model = new FakeModel({ classes: 2, annotators: 1, inChannels: 1, ndim: 3, depth: 1 });
+  const extent = { d: 4, h: 4, w: 6 };
+  const volume = noise(96, 5);
+  const result = await slidingWindowPredict(model, volume, extent, { patch: [4, 4, 3], overlap: 0, batchSize: 16 });
+  t.equal(result.windows, 2);
+  t.equal(model.shapes.length, 1, 'one call');
+  t.equal(model.shapes[0][0], 2, 'batch of the two windows');
+  t.notOk(result.cms, 'no CMs unless asked');
+  t.ok(maxAbsDiff(result.probs, perVoxelOutputs(volume, 1, 1, 96, 2, 1).probs) < TOL);
+});
+
+t.test('invalid arguments are rejected before any prediction', async (t) => {
+  const model = new FakeModel({ classes: 2, annotators: 1, inChannels: 1, ndim: 3, depth: 3 });
+  const extent = { d: 8, h: 8, w: 8 };
+  const volume = new Float32Array(512);
+  await t.rejects(slidingWindowPredict(model, volume, extent, { patch: [6, 8, 8] }), /patch size 6 is not divisible by 2\^\(depth-1\) = 4/);
+  await t.rejects(slidingWindowPredict(model, volume.subarray(1), extent, { patch: [8, 8, 8] }), /volume has 511 values/);
+  await t.rejects(slidingWindowPredict(model, volume, extent, { patch: [8, 8] }), /must have 3 sizes/);
+  await t.rejects(slidingWindowPredict(model, volume, extent, { patch: [8, 8, 8], overlap: 1 }), /overlap = 1/);
+  await t.rejects(slidingWindowPredict(model, volume, extent, { patch: [8, 8, 8], batchSize: 0 }), /batchSize = 0/);
+  const bad = volume.slice();
+  bad[100] = NaN;
+  await t.rejects(slidingWindowPredict(model, bad, extent, { patch: [8, 8, 8] }), /non-finite value \(NaN\) at index 100/);
+  t.equal(model.shapes.length, 0, 'nothing was predicted');
+  const flat = new FakeModel({ classes: 2, annotators: 1, inChannels: 1, ndim: 2, depth: 1 });
+  await t.rejects(slidingWindowPredict(flat, volume, extent, { patch: [8, 8] }), /2D model needs extent.d = 1/);
+});
+
+t.test('a real 3D model: shapes, distributions and a single window equal to predict', async (t) => {
+  const model = createModel({ ndim: 3, inChannels: 1, classes: 3, annotators: 2, depth: 2, baseChannels: 4, seed: 7 });
+  const extent = { d: 6, h: 12, w: 10 };
+  const V = 6 * 12 * 10;
+  const volume = noise(V, 11);
+  const result = await slidingWindowPredict(model, volume, extent, { patch: [8, 8, 8], cms: true, annotatorProbs: true });
+  t.same(result.probsShape, [3, 6, 12, 10]);
+  t.same(result.cmsShape, [2, 3, 3, 6, 12, 10]);
+  t.same(result.annotatorProbsShape, [2, 3, 6, 12, 10]);
+  let worstP = 0;
+  let worstQ = 0;
+  let worstA = 0;
+  for (let v = 0; v < V; v++) {
+    let sp = 0;
+    for (let k = 0; k < 3; k++) sp += result.probs[k * V + v];
+    worstP = Math.max(worstP, Math.abs(sp - 1));
+    for (let r = 0; r < 2; r++) {
+      let sq = 0;
+      for (let k = 0; k < 3; k++) sq += result.annotatorProbs![(r * 3 + k) * V + v];
+      worstQ = Math.max(worstQ, Math.abs(sq - 1));
+      for (let j = 0; j < 3; j++) {
+        let col = 0;
+        for (let i = 0; i < 3; i++) col += result.cms![((r * 3 + i) * 3 + j) * V + v];
+        worstA = Math.max(worstA, Math.abs(col - 1));
+      }
+    }
+  }
+  t.ok(worstP < TOL, `consensus probabilities sum to 1 (worst ${worstP})`);
+  t.ok(worstQ < TOL, `q_r sums to 1 (worst ${worstQ})`);
+  t.ok(worstA < TOL, `CM columns sum to 1 (worst ${worstA})`);
+
+  const cube = noise(512, 3);
+  const stitched = await slidingWindowPredict(model, cube, { d: 8, h: 8, w: 8 }, { patch: [8, 8, 8] });
+  const direct = await model.predict(cube, [1, 1, 8, 8, 8]);
+  t.equal(stitched.windows, 1);
+  t.ok(maxAbsDiff(stitched.probs, direct.probs) < 1e-6, 'one window: the model output itself');
+});

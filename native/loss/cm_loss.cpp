@@ -23,8 +23,17 @@ namespace {
 
 constexpr int kMaxRank = 8;
 
-inline float softplus(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }
-inline float sigmoid(float x) { return x >= 0 ? 1.f / (1.f + std::exp(-x)) : std::exp(x) / (1.f + std::exp(x)); }
+// softplus(x) = log(1 + e^x) and its derivative sigmoid(x) from one exp. Above
+// 20, log1p(e^x) equals x and sigmoid equals 1 in float32.
+inline void softplus_sigmoid(float x, float& sp, float& sg) {
+  if (x > 20.f) {
+    sp = x, sg = 1.f;
+    return;
+  }
+  const float e = std::exp(x);
+  sp = std::log1p(e);
+  sg = e / (1.f + e);
+}
 
 // One pixel's CM and the intermediates its backward pass needs.
 struct PixelCm {
@@ -42,12 +51,10 @@ struct PixelCm {
     if (mode == CmMode::LowRank) {
       const int l = rank;
       for (int i = 0; i < L * l; ++i) {
-        const float u = raw[i * stride], w = raw[(L * l + i) * stride];
-        spU[i] = softplus(u), sigU[i] = sigmoid(u);
-        spW[i] = softplus(w), sigW[i] = sigmoid(w);
+        softplus_sigmoid(raw[i * stride], spU[i], sigU[i]);
+        softplus_sigmoid(raw[(L * l + i) * stride], spW[i], sigW[i]);
       }
-      const float s = raw[(2 * L * l) * stride];
-      sp_s = softplus(s), sig_s = sigmoid(s);
+      softplus_sigmoid(raw[(2 * L * l) * stride], sp_s, sig_s);
       for (int i = 0; i < L; ++i)
         for (int j = 0; j < L; ++j) {
           float v = i == j ? sp_s : 0.f;
@@ -55,11 +62,7 @@ struct PixelCm {
           a[i * L + j] = v;
         }
     } else {
-      for (int e = 0; e < L * L; ++e) {
-        const float u = raw[e * stride];
-        a[e] = softplus(u);
-        sig[e] = sigmoid(u);
-      }
+      for (int e = 0; e < L * L; ++e) softplus_sigmoid(raw[e * stride], a[e], sig[e]);
     }
     for (int j = 0; j < L; ++j) {
       float s = 0.f;

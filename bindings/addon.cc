@@ -5,6 +5,7 @@
 #include "cmseg/backend.hpp"
 #include "cmseg/peak.hpp"
 #include "cmseg/threads.hpp"
+#include "fusion_wrap.h"
 #include "model_wrap.h"
 
 namespace cmseg_js {
@@ -45,6 +46,7 @@ Napi::Value MeasurePeakGflops(const Napi::CallbackInfo& info) {
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeModel", ModelWrap::Define(env));
+  exports.Set("fuse", Napi::Function::New(env, Fuse));
   exports.Set("backendInfo", Napi::Function::New(env, BackendInfo));
   exports.Set("setNumThreads", Napi::Function::New(env, SetNumThreads));
   exports.Set("measurePeakGflops", Napi::Function::New(env, MeasurePeakGflops));

@@ -8,6 +8,7 @@
 #include <memory>
 
 #include "args.h"
+#include "promise_worker.h"
 #include "cmseg/backend.hpp"
 #include "cmseg/error.hpp"
 
@@ -15,48 +16,6 @@ namespace cmseg_js {
 namespace {
 
 using cmseg::Spatial;
-
-// A Promise-returning worker: `work` runs off the main thread, `result`
-// builds the resolved value on it. Keeps every referenced JS object alive.
-class PromiseWorker : public Napi::AsyncWorker {
- public:
-  PromiseWorker(Napi::Env env, bool* busy, std::function<void()> work, std::function<Napi::Value(Napi::Env)> result)
-      : Napi::AsyncWorker(env, "cmseg"), deferred_(Napi::Promise::Deferred::New(env)), busy_(busy),
-        work_(std::move(work)), result_(std::move(result)) {}
-
-  void keep(const Napi::Value& v) { refs_.push_back(Napi::Persistent(v.As<Napi::Object>())); }
-  Napi::Promise promise() { return deferred_.Promise(); }
-
-  void Execute() override {
-    try {
-      work_();
-    } catch (...) {
-      SetError(describe_exception(std::current_exception()));
-    }
-  }
-  void OnOK() override {
-    *busy_ = false;
-    Napi::Env env = Env();
-    try {
-      deferred_.Resolve(result_(env));
-    } catch (const Napi::Error& e) {
-      deferred_.Reject(e.Value());
-    }
-  }
-  void OnError(const Napi::Error& e) override {
-    *busy_ = false;
-    Napi::Error err = Napi::Error::New(Env(), e.Message());
-    err.Set("code", Napi::String::New(Env(), "CMSEG_NATIVE_ERROR"));
-    deferred_.Reject(err.Value());
-  }
-
- private:
-  Napi::Promise::Deferred deferred_;
-  bool* busy_;
-  std::function<void()> work_;
-  std::function<Napi::Value(Napi::Env)> result_;
-  std::vector<Napi::ObjectReference> refs_;
-};
 
 cmseg::ModelConfig parse_config(Napi::Env env, const Napi::Value& v) {
   Napi::Object o = expect_object(env, v, "model config");

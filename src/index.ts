@@ -8,3 +8,7 @@ export type { CheckpointContents } from './model/checkpoint';
 export { readSafetensors, writeSafetensors, encodeSafetensors, decodeSafetensors } from './data/safetensors';
 export { readNifti, writeNifti } from './data/nifti';
 export type { NiftiVolume } from './data/nifti';
+export { fuse } from './fusion/fuse';
+export type { FuseOptions, FuseResult, FusionMethod } from './fusion/fuse';
+export { slidingWindowPredict, gaussianImportanceMap } from './model/sliding-window';
+export type { SlidingWindowOptions, SlidingWindowPrediction, SlidingWindowModel } from './model/sliding-window';

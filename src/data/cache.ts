@@ -1,0 +1,779 @@
+// The preprocessed BraTS cache (`cmseg prepare`): every case is read, preprocessed
+// (src/data/brats.ts), given its synthetic annotators (SPEC section 7) and written once
+// into one compact binary file, so that training reads patches without touching NIfTI
+// or gzip again (the MONAI / nnU-Net workflow).
+//
+// Folder layout:
+//   CACHE/index.json           what is in the cache (format below), rewritten atomically after every case
+//   CACHE/cases/<id>.bin       one file per case, written atomically
+//   CACHE/.prepare.lock        present while a prepareCache runs (holds its pid)
+//
+// Case file (little-endian):
+//   bytes 0..7     magic "CMSEGCA1"
+//   bytes 8..11    uint32 n: length of the JSON header
+//   bytes 12..     n bytes of UTF-8 JSON (CaseFileHeader), zero padding to a multiple of 64
+//   sections       each starting at a multiple of 64, at the offsets the header gives:
+//                  images     [C, D, H, W] float32 or float16 (IEEE binary16, round to nearest even)
+//                  consensus  [D, H, W] uint8, classes 0..3
+//                  labels r   [D, H, W] uint8 per annotator that labelled the case (absent ones
+//                             have no section; readers fill them with 255)
+//                  foreground uint32 voxel indices (into [D, H, W]) of tumour voxels, evenly
+//                             subsampled to at most maxLocations: one list from the consensus,
+//                             one from the union of the present annotators' foreground
+//
+// index.json: { format: "cmseg-brats-cache", version, settings (annotators, names, mode,
+// seed, dtype, margin, classes, modalities, maxLocations), channels, classes, names,
+// cases: [{ id, file, shape [C,D,H,W], crop, original {dims, affine, spacing}, present,
+// naming, sources [{file, size, mtimeMs}], labelCounts, foreground {consensus, annotators},
+// bytes }] }.
+//
+// Incremental: a case whose source files have the size and mtime recorded in the index,
+// and whose case file is still there with the recorded size, is skipped. A run killed at
+// any point leaves a valid cache holding the cases finished so far; the next run resumes.
+
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import {
+  type AnnotatorSpec,
+  type LabelMode,
+  UNLABELLED,
+  annotatorNames,
+  simulateAnnotators,
+} from './annotators';
+import {
+  BRATS_CHANNELS,
+  BRATS_CLASSES,
+  BRATS_MODALITIES,
+  type BratsCase,
+  type BratsNaming,
+  type ChannelStats,
+  type CropBox,
+  type PreprocessedBratsCase,
+  type VolumeGeometry,
+  bratsCaseFiles,
+  discoverBratsCases,
+  loadBratsCase,
+  preprocessBratsCase,
+} from './brats';
+import { writeFileAtomic } from './files';
+import { type Extent } from './morphology';
+import { type NiftiHeader } from './nifti';
+import { Rng } from './random';
+
+// ---------------------------------------------------------------------------
+// float16 (IEEE 754 binary16)
+
+const f32Scratch = new Float32Array(1);
+const u32Scratch = new Uint32Array(f32Scratch.buffer);
+
+/** The binary16 bit pattern nearest to `value` (ties to even); overflow gives +-Infinity, NaN stays NaN. */
+export function float32ToFloat16Bits(value: number): number {
+  f32Scratch[0] = value;
+  const x = u32Scratch[0];
+  const sign = (x >>> 16) & 0x8000;
+  const exponent = (x >>> 23) & 0xff;
+  const mantissa = x & 0x7fffff;
+  if (exponent === 0xff) return sign | 0x7c00 | (mantissa ? 0x200 | (mantissa >>> 13) : 0);
+  const e = exponent - 127 + 15;
+  if (e >= 31) return sign | 0x7c00;
+  if (e <= 0) {
+    // Subnormal half (or zero): the 24-bit significand shifted into units of 2^-24.
+    if (e < -10) return sign; // below half the smallest subnormal: rounds to zero
+    const significand = mantissa | 0x800000;
+    const shift = 14 - e;
+    let half = significand >>> shift;
+    const rest = significand & ((1 << shift) - 1);
+    const halfway = 1 << (shift - 1);
+    if (rest > halfway || (rest === halfway && (half & 1) === 1)) half++;
+    return sign | half;
+  }
+  let half = (e << 10) | (mantissa >>> 13);
+  const rest = mantissa & 0x1fff;
+  // A carry out of the mantissa correctly bumps the exponent (up to Infinity).
+  if (rest > 0x1000 || (rest === 0x1000 && (half & 1) === 1)) half++;
+  return sign | half;
+}
+
+/** The value of a binary16 bit pattern. */
+export function float16BitsToFloat32(bits: number): number {
+  const sign = bits & 0x8000 ? -1 : 1;
+  const exponent = (bits >>> 10) & 0x1f;
+  const mantissa = bits & 0x3ff;
+  if (exponent === 0) return sign * mantissa * 2 ** -24;
+  if (exponent === 31) return mantissa ? NaN : sign * Infinity;
+  return sign * (1 + mantissa / 1024) * 2 ** (exponent - 15);
+}
+
+let float16Table: Float32Array | undefined;
+
+/** All 65536 binary16 values as float32: decoding is one lookup per value. */
+export function float16DecodeTable(): Float32Array {
+  if (!float16Table) {
+    float16Table = new Float32Array(65536);
+    for (let bits = 0; bits < 65536; bits++) float16Table[bits] = float16BitsToFloat32(bits);
+  }
+  return float16Table;
+}
+
+export function encodeFloat16(values: Float32Array, out = new Uint16Array(values.length)): Uint16Array {
+  for (let i = 0; i < values.length; i++) out[i] = float32ToFloat16Bits(values[i]);
+  return out;
+}
+
+export function decodeFloat16(bits: Uint16Array, out = new Float32Array(bits.length)): Float32Array {
+  const table = float16DecodeTable();
+  for (let i = 0; i < bits.length; i++) out[i] = table[bits[i]];
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// Errors
+
+export type CacheErrorKind = 'bad-index' | 'bad-case-file' | 'settings-changed' | 'locked' | 'unknown-case' | 'missing-seg' | 'big-endian';
+
+export class CacheError extends Error {
+  constructor(
+    readonly kind: CacheErrorKind,
+    /** The file concerned. */
+    readonly path: string,
+    message: string,
+    readonly value?: unknown,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+    this.name = 'CacheError';
+  }
+}
+
+function requireLittleEndianHost(where: string): void {
+  // Sections are read as typed arrays in host order; every platform Node supports in
+  // practice is little-endian, so we refuse rather than carry a byte-swapping path.
+  if (os.endianness() !== 'LE') throw new CacheError('big-endian', where, 'the BraTS cache needs a little-endian host', os.endianness());
+}
+
+// ---------------------------------------------------------------------------
+// Formats
+
+export const CACHE_FORMAT = 'cmseg-brats-cache';
+export const CACHE_VERSION = 1;
+export const CASE_FILE_MAGIC = 'CMSEGCA1';
+export const CASE_FILE_FORMAT = 'cmseg-brats-case';
+const SECTION_ALIGN = 64;
+
+export type CacheDtype = 'float16' | 'float32';
+
+/** SPEC section 8, brats3d (R = 3): over-, under-segmentation and wrong class (BraTS permutation). */
+export const BRATS_DEFAULT_ANNOTATORS: readonly AnnotatorSpec[] = [{ kind: 'over' }, { kind: 'under' }, { kind: 'wrong' }];
+
+/** Default cap on the stored foreground voxel indices per list. */
+export const DEFAULT_MAX_LOCATIONS = 10000;
+
+/** Everything that changes what a cached case contains: a cache holds one setting only. */
+export interface CacheSettings {
+  annotators: AnnotatorSpec[];
+  names: string[];
+  mode: LabelMode;
+  seed: number;
+  dtype: CacheDtype;
+  margin: number;
+  classes: number;
+  modalities: string[];
+  maxLocations: number;
+}
+
+export interface Section {
+  offset: number;
+  bytes: number;
+}
+
+export interface LocationSection extends Section {
+  /** Indices stored. */
+  count: number;
+  /** Foreground voxels in the case before subsampling. */
+  total: number;
+}
+
+/** The JSON header of a case file. */
+export interface CaseFileHeader {
+  format: typeof CASE_FILE_FORMAT;
+  version: number;
+  id: string;
+  /** [C, D, H, W]. */
+  shape: [number, number, number, number];
+  dtype: CacheDtype;
+  classes: number;
+  names: string[];
+  /** present[r] = 1 when annotator r labelled this case. */
+  present: number[];
+  sections: {
+    images: Section;
+    consensus: Section;
+    /** null for an annotator who did not label the case. */
+    labels: (Section | null)[];
+    foreground: { consensus: LocationSection; annotators: LocationSection };
+  };
+  crop: CropBox;
+  original: VolumeGeometry;
+  /** Header of the case's t1 file, for writing predictions with the exact source geometry. */
+  niftiHeader?: NiftiHeader;
+  stats: ChannelStats[];
+  /** Consensus voxels per class. */
+  labelCounts: number[];
+}
+
+export interface SourceFile {
+  /** Path relative to the data folder. */
+  file: string;
+  size: number;
+  mtimeMs: number;
+}
+
+export interface CacheIndexEntry {
+  id: string;
+  /** Case file, relative to the cache folder. */
+  file: string;
+  shape: [number, number, number, number];
+  crop: CropBox;
+  original: VolumeGeometry;
+  present: number[];
+  naming: BratsNaming;
+  sources: SourceFile[];
+  labelCounts: number[];
+  foreground: { consensus: number; annotators: number };
+  bytes: number;
+}
+
+export interface CacheIndex {
+  format: typeof CACHE_FORMAT;
+  version: number;
+  settings: CacheSettings;
+  channels: number;
+  classes: number;
+  names: string[];
+  cases: CacheIndexEntry[];
+}
+
+export const CACHE_INDEX_FILE = 'index.json';
+const CASES_FOLDER = 'cases';
+const LOCK_FILE = '.prepare.lock';
+
+export function cacheIndexPath(cacheDir: string): string {
+  return path.join(cacheDir, CACHE_INDEX_FILE);
+}
+
+/** Reads and checks index.json. Throws CacheError('bad-index') for anything unexpected. */
+export function readCacheIndex(cacheDir: string): CacheIndex {
+  const file = cacheIndexPath(cacheDir);
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
+      throw new CacheError('bad-index', file, `no BraTS cache at ${cacheDir} (${file} not found): run \`cmseg prepare\` first`, file, { cause: err });
+    }
+    throw err;
+  }
+  let index: CacheIndex;
+  try {
+    index = JSON.parse(text) as CacheIndex;
+  } catch (err) {
+    throw new CacheError('bad-index', file, `${file} is not valid JSON: ${(err as Error).message}`, text.slice(0, 80), { cause: err });
+  }
+  if (index?.format !== CACHE_FORMAT || !Array.isArray(index.cases) || !index.settings) {
+    throw new CacheError('bad-index', file, `${file} is not a cmseg BraTS cache index (format ${JSON.stringify(index?.format)})`, index?.format);
+  }
+  if (index.version !== CACHE_VERSION) {
+    throw new CacheError('bad-index', file, `${file} has cache version ${index.version}; this cmseg reads version ${CACHE_VERSION}: prepare it again`, index.version);
+  }
+  return index;
+}
+
+function alignUp(n: number): number {
+  return Math.ceil(n / SECTION_ALIGN) * SECTION_ALIGN;
+}
+
+/** Evenly spaced subsample of at most `max` of the indices where `keep` is true. */
+function foregroundLocations(voxels: number, max: number, keep: (i: number) => boolean): { locations: Uint32Array; total: number } {
+  const all: number[] = [];
+  for (let i = 0; i < voxels; i++) if (keep(i)) all.push(i);
+  if (all.length <= max) return { locations: Uint32Array.from(all), total: all.length };
+  const locations = new Uint32Array(max);
+  for (let k = 0; k < max; k++) locations[k] = all[Math.floor(((k + 0.5) * all.length) / max)];
+  return { locations, total: all.length };
+}
+
+/** What goes into one case file. */
+export interface CaseFileContent {
+  id: string;
+  extent: Extent;
+  channels: number;
+  classes: number;
+  /** [C, D, H, W] float32 (converted to `dtype` on writing). */
+  images: Float32Array;
+  consensus: Uint8Array;
+  names: string[];
+  /** One map per annotator; only those with present[r] = 1 are stored. */
+  labels: Uint8Array[];
+  present: ArrayLike<number>;
+  crop: CropBox;
+  original: VolumeGeometry;
+  niftiHeader?: NiftiHeader;
+  stats: ChannelStats[];
+}
+
+/** The bytes of a case file. */
+export function encodeCaseFile(content: CaseFileContent, dtype: CacheDtype, maxLocations = DEFAULT_MAX_LOCATIONS): { bytes: Buffer; header: CaseFileHeader } {
+  requireLittleEndianHost('<case file>');
+  const { d, h, w } = content.extent;
+  const voxels = d * h * w;
+  if (content.images.length !== content.channels * voxels || content.consensus.length !== voxels) {
+    throw new RangeError(`case ${content.id}: images/consensus sizes do not match ${content.channels}x${d}x${h}x${w}`);
+  }
+  const imageBytes = dtype === 'float16' ? new Uint8Array(encodeFloat16(content.images).buffer) : new Uint8Array(content.images.buffer, content.images.byteOffset, content.images.byteLength);
+  const present = Array.from(content.present, (p) => (p ? 1 : 0));
+  const labelCounts = new Array<number>(content.classes).fill(0);
+  for (let i = 0; i < voxels; i++) labelCounts[content.consensus[i]]++;
+  const fromConsensus = foregroundLocations(voxels, maxLocations, (i) => content.consensus[i] !== 0);
+  const presentLabels = content.labels.filter((_, r) => present[r]);
+  const fromAnnotators = foregroundLocations(voxels, maxLocations, (i) => {
+    for (const labels of presentLabels) if (labels[i] !== 0 && labels[i] !== UNLABELLED) return true;
+    return false;
+  });
+
+  // Lay the sections out after a header whose size depends on the offsets: fix the header
+  // size by laying out twice (the second pass cannot change the padded length in practice,
+  // and we check that it did not).
+  const payloads: Uint8Array[] = [];
+  let header!: CaseFileHeader;
+  let dataStart = 0;
+  for (let attempt = 0; attempt < 3; attempt++) {
+    payloads.length = 0;
+    let offset = dataStart;
+    const place = (data: Uint8Array): Section => {
+      const section = { offset, bytes: data.byteLength };
+      payloads.push(data);
+      offset = alignUp(offset + data.byteLength);
+      return section;
+    };
+    const images = place(imageBytes);
+    const consensus = place(content.consensus);
+    const labels = content.labels.map((map, r) => (present[r] ? place(map) : null));
+    const asBytes = (a: Uint32Array) => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+    const consensusLocations = { ...place(asBytes(fromConsensus.locations)), count: fromConsensus.locations.length, total: fromConsensus.total };
+    const annotatorLocations = { ...place(asBytes(fromAnnotators.locations)), count: fromAnnotators.locations.length, total: fromAnnotators.total };
+    header = {
+      format: CASE_FILE_FORMAT,
+      version: CACHE_VERSION,
+      id: content.id,
+      shape: [content.channels, d, h, w],
+      dtype,
+      classes: content.classes,
+      names: content.names,
+      present,
+      sections: { images, consensus, labels, foreground: { consensus: consensusLocations, annotators: annotatorLocations } },
+      crop: content.crop,
+      original: content.original,
+      ...(content.niftiHeader ? { niftiHeader: content.niftiHeader } : {}),
+      stats: content.stats,
+      labelCounts,
+    };
+    const needed = alignUp(12 + Buffer.byteLength(JSON.stringify(header)));
+    if (needed === dataStart) break;
+    dataStart = needed;
+  }
+  const json = Buffer.from(JSON.stringify(header), 'utf8');
+  if (alignUp(12 + json.byteLength) !== dataStart) throw new Error(`internal: case file header of ${content.id} did not settle`);
+  const last = header.sections.foreground.annotators; // the last section placed
+  const bytes = Buffer.alloc(last.offset + last.bytes);
+  bytes.write(CASE_FILE_MAGIC, 0, 'latin1');
+  bytes.writeUInt32LE(json.byteLength, 8);
+  json.copy(bytes, 12);
+  const sections = [header.sections.images, header.sections.consensus, ...header.sections.labels.filter((s): s is Section => s !== null), header.sections.foreground.consensus, header.sections.foreground.annotators];
+  sections.forEach((section, k) => bytes.set(payloads[k], section.offset));
+  return { bytes, header };
+}
+
+function parseCaseHeader(prefix: Buffer, filePath: string): { header: CaseFileHeader; jsonBytes: number } {
+  if (prefix.byteLength < 12 || prefix.toString('latin1', 0, 8) !== CASE_FILE_MAGIC) {
+    throw new CacheError('bad-case-file', filePath, `${filePath} is not a cmseg case file (magic ${JSON.stringify(prefix.toString('latin1', 0, 8))})`);
+  }
+  const jsonBytes = prefix.readUInt32LE(8);
+  if (prefix.byteLength < 12 + jsonBytes) return { header: undefined as unknown as CaseFileHeader, jsonBytes };
+  let header: CaseFileHeader;
+  try {
+    header = JSON.parse(prefix.toString('utf8', 12, 12 + jsonBytes)) as CaseFileHeader;
+  } catch (err) {
+    throw new CacheError('bad-case-file', filePath, `${filePath}: header is not valid JSON`, undefined, { cause: err });
+  }
+  if (header.format !== CASE_FILE_FORMAT || header.version !== CACHE_VERSION) {
+    throw new CacheError('bad-case-file', filePath, `${filePath}: unsupported case file format ${header.format} version ${header.version}`, header.version);
+  }
+  return { header, jsonBytes };
+}
+
+/** A case decoded from the cache. */
+export interface CachedCase {
+  id: string;
+  /** [C, D, H, W]. */
+  shape: [number, number, number, number];
+  extent: Extent;
+  channels: number;
+  classes: number;
+  names: string[];
+  /** z-scored intensities [C, D, H, W] (float16 caches decoded to float32). */
+  images: Float32Array;
+  consensus: Uint8Array;
+  /** One [D, H, W] map per annotator; 255 everywhere for an annotator who did not label the case. */
+  labels: Uint8Array[];
+  present: Uint8Array;
+  crop: CropBox;
+  original: VolumeGeometry;
+  niftiHeader?: NiftiHeader;
+  stats: ChannelStats[];
+  foreground: { consensus: Uint32Array; annotators: Uint32Array };
+}
+
+/** Decodes a whole case file held in memory. */
+export function decodeCaseFile(bytes: Buffer, filePath = '<memory>'): CachedCase {
+  requireLittleEndianHost(filePath);
+  const { header, jsonBytes } = parseCaseHeader(bytes, filePath);
+  if (!header) throw new CacheError('bad-case-file', filePath, `${filePath} is truncated inside its header (${jsonBytes} bytes announced)`, bytes.byteLength);
+  const [channels, d, h, w] = header.shape;
+  const voxels = d * h * w;
+  const view = (section: Section): Uint8Array => {
+    if (section.offset + section.bytes > bytes.byteLength) {
+      throw new CacheError('bad-case-file', filePath, `${filePath} is truncated: a section ends at byte ${section.offset + section.bytes}, the file has ${bytes.byteLength}`, bytes.byteLength);
+    }
+    // Copy into a fresh, aligned buffer: typed arrays over it need alignment, and callers may keep it.
+    return new Uint8Array(bytes.subarray(section.offset, section.offset + section.bytes));
+  };
+  const raw = view(header.sections.images);
+  const images = header.dtype === 'float16'
+    ? decodeFloat16(new Uint16Array(raw.buffer, 0, channels * voxels))
+    : new Float32Array(raw.buffer, 0, channels * voxels);
+  const labels = header.sections.labels.map((section) => (section ? view(section) : new Uint8Array(voxels).fill(UNLABELLED)));
+  const locations = (section: LocationSection) => new Uint32Array(view(section).buffer, 0, section.count);
+  return {
+    id: header.id,
+    shape: header.shape,
+    extent: { d, h, w },
+    channels,
+    classes: header.classes,
+    names: header.names,
+    images,
+    consensus: view(header.sections.consensus),
+    labels,
+    present: Uint8Array.from(header.present),
+    crop: header.crop,
+    original: header.original,
+    ...(header.niftiHeader ? { niftiHeader: header.niftiHeader } : {}),
+    stats: header.stats,
+    foreground: { consensus: locations(header.sections.foreground.consensus), annotators: locations(header.sections.foreground.annotators) },
+  };
+}
+
+/** Loads one cached case by id. Pass the index when reading many cases. */
+export async function readCachedCase(cacheDir: string, id: string, index: CacheIndex = readCacheIndex(cacheDir)): Promise<CachedCase> {
+  const entry = index.cases.find((c) => c.id === id);
+  if (!entry) {
+    const known = index.cases.slice(0, 5).map((c) => c.id).join(', ');
+    throw new CacheError('unknown-case', cacheIndexPath(cacheDir), `case ${id} is not in the cache at ${cacheDir} (it has ${index.cases.length} cases: ${known}${index.cases.length > 5 ? ', ...' : ''})`, id);
+  }
+  const file = path.join(cacheDir, entry.file);
+  let bytes: Buffer;
+  try {
+    bytes = await fs.promises.readFile(file);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
+      throw new CacheError('bad-case-file', file, `case file ${file} of case ${id} is missing: run \`cmseg prepare\` again`, file, { cause: err });
+    }
+    throw err;
+  }
+  return decodeCaseFile(bytes, file);
+}
+
+/**
+ * Random access to one case file without reading it whole: the patch loader reads the
+ * rows a patch needs, slice by slice. Synchronous (meant for worker threads).
+ */
+export class CaseFileReader {
+  private constructor(
+    readonly path: string,
+    private fd: number,
+    readonly header: CaseFileHeader,
+  ) {}
+
+  static open(filePath: string): CaseFileReader {
+    requireLittleEndianHost(filePath);
+    const fd = fs.openSync(filePath, 'r');
+    try {
+      let prefix = Buffer.alloc(4096);
+      let got = fs.readSync(fd, prefix, 0, prefix.byteLength, 0);
+      let parsed = parseCaseHeader(prefix.subarray(0, got), filePath);
+      if (!parsed.header) {
+        prefix = Buffer.alloc(12 + parsed.jsonBytes);
+        got = fs.readSync(fd, prefix, 0, prefix.byteLength, 0);
+        parsed = parseCaseHeader(prefix.subarray(0, got), filePath);
+        if (!parsed.header) throw new CacheError('bad-case-file', filePath, `${filePath} is truncated inside its header`, got);
+      }
+      return new CaseFileReader(filePath, fd, parsed.header);
+    } catch (err) {
+      fs.closeSync(fd);
+      throw err;
+    }
+  }
+
+  /**
+   * Reads `rows` rows starting at row y0 of slice z of a [.., D, H, W] section (plane
+   * `plane`: the channel for images, 0 for label maps) into `into` (which must hold
+   * rows * W * elementBytes bytes) and returns the filled part.
+   */
+  readRows(section: Section, elementBytes: number, plane: number, z: number, y0: number, rows: number, into: Buffer): Buffer {
+    const [, d, h, w] = this.header.shape;
+    const start = section.offset + (((plane * d + z) * h + y0) * w) * elementBytes;
+    const length = rows * w * elementBytes;
+    let done = 0;
+    while (done < length) {
+      const n = fs.readSync(this.fd, into, done, length - done, start + done);
+      if (n === 0) throw new CacheError('bad-case-file', this.path, `${this.path} is truncated at byte ${start + done}`, start + done);
+      done += n;
+    }
+    return into.subarray(0, length);
+  }
+
+  /** The k-th stored foreground voxel index of a location list. */
+  readLocation(section: LocationSection, k: number): number {
+    const bytes = Buffer.alloc(4);
+    fs.readSync(this.fd, bytes, 0, 4, section.offset + 4 * k);
+    return bytes.readUInt32LE(0);
+  }
+
+  close(): void {
+    if (this.fd >= 0) fs.closeSync(this.fd);
+    this.fd = -1;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Preparing
+
+export interface PrepareProgress {
+  id: string;
+  /** 0-based position of this case among all cases found. */
+  position: number;
+  total: number;
+  status: 'prepared' | 'skipped';
+  ms: number;
+}
+
+export interface PrepareCacheOptions {
+  /** Default BRATS_DEFAULT_ANNOTATORS (over, under, wrong). */
+  annotators?: readonly AnnotatorSpec[];
+  /** 'dense' (default) or 'single' (one annotator per case, chosen with the seed). */
+  mode?: LabelMode;
+  seed?: number;
+  /** Image storage type; default 'float16' (half the disk and read traffic, ~5e-4 relative error). */
+  dtype?: CacheDtype;
+  /** Voxels kept around the brain's bounding box (default 0). */
+  margin?: number;
+  maxLocations?: number;
+  /** Process every case again; needed to reuse a cache folder with different settings. */
+  rebuild?: boolean;
+  /** Called after every case (prepared or skipped), once the case and the index are on disk. */
+  onProgress?: (progress: PrepareProgress) => void | Promise<void>;
+}
+
+export interface PrepareCacheResult {
+  index: CacheIndex;
+  prepared: string[];
+  skipped: string[];
+  /** Cases that were in the index but are no longer in the data folder (their files are deleted). */
+  removed: string[];
+}
+
+function settingsFor(options: PrepareCacheOptions): CacheSettings {
+  const annotators = (options.annotators ?? BRATS_DEFAULT_ANNOTATORS).map((spec) => ({ ...spec }));
+  const mode = options.mode ?? 'dense';
+  if (mode !== 'dense' && mode !== 'single') throw new RangeError(`mode ${JSON.stringify(mode)} must be 'dense' or 'single'`);
+  const dtype = options.dtype ?? 'float16';
+  if (dtype !== 'float16' && dtype !== 'float32') throw new RangeError(`dtype ${JSON.stringify(dtype)} must be 'float16' or 'float32'`);
+  const seed = options.seed ?? 0;
+  if (!Number.isSafeInteger(seed)) throw new RangeError(`seed ${seed} must be a safe integer`);
+  const maxLocations = options.maxLocations ?? DEFAULT_MAX_LOCATIONS;
+  if (!Number.isInteger(maxLocations) || maxLocations < 1) throw new RangeError(`maxLocations ${maxLocations} must be an integer >= 1`);
+  return {
+    annotators,
+    names: annotatorNames(annotators),
+    mode,
+    seed,
+    dtype,
+    margin: options.margin ?? 0,
+    classes: BRATS_CLASSES,
+    modalities: [...BRATS_MODALITIES],
+    maxLocations,
+  };
+}
+
+function changedSettings(a: CacheSettings, b: CacheSettings): string[] {
+  return (Object.keys(a) as (keyof CacheSettings)[]).filter((key) => JSON.stringify(a[key]) !== JSON.stringify(b[key]));
+}
+
+/** Holds CACHE/.prepare.lock for the duration of `work`; a lock left by a dead process is taken over. */
+async function withLock<T>(cacheDir: string, work: () => Promise<T>): Promise<T> {
+  const lock = path.join(cacheDir, LOCK_FILE);
+  for (let attempt = 0; ; attempt++) {
+    try {
+      fs.writeFileSync(lock, String(process.pid), { flag: 'wx' });
+      break;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST' || attempt > 0) throw err;
+      const holder = Number(fs.readFileSync(lock, 'utf8'));
+      if (Number.isInteger(holder) && holder > 0 && holder !== process.pid && processAlive(holder)) {
+        throw new CacheError('locked', lock, `another cmseg prepare (pid ${holder}) is writing ${cacheDir}; wait for it, or delete ${lock} if it is gone`, holder);
+      }
+      fs.rmSync(lock, { force: true });
+    }
+  }
+  try {
+    return await work();
+  } finally {
+    fs.rmSync(lock, { force: true });
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+function sourceFiles(dataDir: string, c: BratsCase): SourceFile[] {
+  return bratsCaseFiles(c).map((file) => {
+    const stat = fs.statSync(file);
+    return { file: path.relative(dataDir, file), size: stat.size, mtimeMs: stat.mtimeMs };
+  });
+}
+
+function upToDate(cacheDir: string, entry: CacheIndexEntry | undefined, sources: SourceFile[]): boolean {
+  if (!entry || JSON.stringify(entry.sources) !== JSON.stringify(sources)) return false;
+  try {
+    return fs.statSync(path.join(cacheDir, entry.file)).size === entry.bytes;
+  } catch {
+    return false;
+  }
+}
+
+/** Per-case seed: a case's annotators do not depend on which other cases are prepared with it. */
+function caseSeed(seed: number, id: string): number {
+  return new Rng(seed).fork(`case ${id}`).nextUint32();
+}
+
+/** Builds the case-file content of one preprocessed case (annotators simulated here). */
+export function cacheContentFor(pre: PreprocessedBratsCase, settings: CacheSettings, niftiHeader?: NiftiHeader): CaseFileContent {
+  if (!pre.seg) throw new CacheError('missing-seg', pre.id, `case ${pre.id} has no segmentation; the cache needs one to simulate annotators`);
+  const simulated = simulateAnnotators(pre.seg, pre.extent, settings.classes, settings.annotators, {
+    seed: caseSeed(settings.seed, pre.id),
+    mode: settings.mode,
+  });
+  return {
+    id: pre.id,
+    extent: pre.extent,
+    channels: BRATS_CHANNELS,
+    classes: settings.classes,
+    images: pre.images,
+    consensus: pre.seg,
+    names: simulated.names,
+    labels: simulated.labels,
+    present: simulated.present,
+    crop: pre.crop,
+    original: pre.original,
+    ...(niftiHeader ? { niftiHeader } : {}),
+    stats: pre.stats,
+  };
+}
+
+async function writeIndex(cacheDir: string, index: CacheIndex): Promise<void> {
+  index.cases.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+  await writeFileAtomic(cacheIndexPath(cacheDir), Buffer.from(JSON.stringify(index, null, 1) + '\n', 'utf8'));
+}
+
+/**
+ * Preprocesses every case under dataDir into cacheDir (see the top of this file). Cases
+ * already cached from unchanged sources are skipped. Throws CacheError('settings-changed')
+ * when cacheDir holds a cache made with other settings, unless `rebuild` is set.
+ */
+export async function prepareCache(dataDir: string, cacheDir: string, options: PrepareCacheOptions = {}): Promise<PrepareCacheResult> {
+  const settings = settingsFor(options);
+  const cases = discoverBratsCases(dataDir, { requireSeg: true });
+  await fs.promises.mkdir(path.join(cacheDir, CASES_FOLDER), { recursive: true });
+  return withLock(cacheDir, async () => {
+    let index: CacheIndex = { format: CACHE_FORMAT, version: CACHE_VERSION, settings, channels: BRATS_CHANNELS, classes: BRATS_CLASSES, names: settings.names, cases: [] };
+    if (options.rebuild) {
+      // Drop the old index first: its entries must never describe case files rewritten with new settings.
+      fs.rmSync(cacheIndexPath(cacheDir), { force: true });
+    } else if (fs.existsSync(cacheIndexPath(cacheDir))) {
+      const existing = readCacheIndex(cacheDir);
+      const changed = changedSettings(existing.settings, settings);
+      if (changed.length > 0) {
+        throw new CacheError(
+          'settings-changed',
+          cacheIndexPath(cacheDir),
+          `the cache at ${cacheDir} was prepared with other settings (${changed.join(', ')} differ); ` +
+            'use another cache folder, or rebuild it (--rebuild / rebuild: true)',
+          changed,
+        );
+      }
+      index = existing;
+    }
+    const wanted = new Set(cases.map((c) => c.id));
+    const removed = index.cases.filter((entry) => !wanted.has(entry.id)).map((entry) => entry.id);
+    if (removed.length > 0) {
+      for (const entry of index.cases.filter((e) => !wanted.has(e.id))) fs.rmSync(path.join(cacheDir, entry.file), { force: true });
+      index.cases = index.cases.filter((entry) => wanted.has(entry.id));
+      await writeIndex(cacheDir, index);
+    }
+    const prepared: string[] = [];
+    const skipped: string[] = [];
+    for (let position = 0; position < cases.length; position++) {
+      const c = cases[position];
+      const started = Date.now();
+      const sources = sourceFiles(dataDir, c);
+      const existing = index.cases.find((entry) => entry.id === c.id);
+      let status: PrepareProgress['status'] = 'skipped';
+      if (upToDate(cacheDir, existing, sources)) {
+        skipped.push(c.id);
+      } else {
+        const volume = await loadBratsCase(c);
+        const pre = preprocessBratsCase(volume, { margin: settings.margin });
+        const { bytes, header } = encodeCaseFile(cacheContentFor(pre, settings, volume.header), settings.dtype, settings.maxLocations);
+        const file = path.posix.join(CASES_FOLDER, `${c.id}.bin`);
+        await writeFileAtomic(path.join(cacheDir, file), bytes);
+        const entry: CacheIndexEntry = {
+          id: c.id,
+          file,
+          shape: header.shape,
+          crop: header.crop,
+          original: header.original,
+          present: header.present,
+          naming: c.naming,
+          sources,
+          labelCounts: header.labelCounts,
+          foreground: { consensus: header.sections.foreground.consensus.total, annotators: header.sections.foreground.annotators.total },
+          bytes: bytes.byteLength,
+        };
+        index.cases = index.cases.filter((e) => e.id !== c.id);
+        index.cases.push(entry);
+        await writeIndex(cacheDir, index);
+        prepared.push(c.id);
+        status = 'prepared';
+      }
+      await options.onProgress?.({ id: c.id, position, total: cases.length, status, ms: Date.now() - started });
+    }
+    if (!fs.existsSync(cacheIndexPath(cacheDir))) await writeIndex(cacheDir, index);
+    return { index, prepared, skipped, removed };
+  });
+}

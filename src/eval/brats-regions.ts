@@ -1,0 +1,61 @@
+// BraTS scoring: the three nested tumour regions of the challenge and the per-class Dice
+// of the project's contiguous labels (SPEC section 7: BraTS label 4 is mapped to 3).
+//   0 background, 1 necrosis / non-enhancing tumour core, 2 edema, 3 enhancing tumour.
+// Regions: whole tumour WT = {1, 2, 3}, tumour core TC = {1, 3}, enhancing tumour ET = {3}.
+// The label mapping itself (and BRATS_CLASSES, BRATS_CLASS_NAMES) lives with the loader,
+// src/data/brats.ts (mapBratsLabels); this file only scores maps already in 0..3.
+import { BRATS_CLASSES } from '../data/brats';
+import { labelConfusionCounts, dicePerClassFromCounts, meanStd, MeanStd, regionDiceFromCounts } from './metrics';
+
+/** The challenge's evaluation regions as unions of contiguous labels. */
+export const BRATS_REGIONS = {
+  wholeTumour: [1, 2, 3],
+  tumourCore: [1, 3],
+  enhancingTumour: [3],
+} as const satisfies Record<string, readonly number[]>;
+
+export type BratsRegion = keyof typeof BRATS_REGIONS;
+export type BratsClassName = 'necrosis' | 'edema' | 'enhancing';
+
+export interface BratsDiceReport {
+  images: number;
+  /** mean +- std over images of each region's Dice. */
+  regions: Record<BratsRegion, MeanStd>;
+  /** mean +- std over images of each tumour class's Dice. */
+  classes: Record<BratsClassName, MeanStd>;
+  /** Per-image Dice, [N] each. */
+  perImage: Record<BratsRegion | BratsClassName, Float64Array>;
+}
+
+/**
+ * Region and class Dice of predicted against reference BraTS label maps, both [N, *S] in
+ * contiguous labels 0..3 (255 in the reference is ignored). An empty region in both maps
+ * scores 1, as every Dice in SPEC section 6.
+ */
+export function bratsDice(pred: Uint8Array, truth: Uint8Array, n: number): BratsDiceReport {
+  const counts = labelConfusionCounts(pred, truth, n, BRATS_CLASSES);
+  const dice = dicePerClassFromCounts(counts, n, BRATS_CLASSES);
+  const classColumn = (c: number) => Float64Array.from({ length: n }, (_, img) => dice[img * BRATS_CLASSES + c]);
+  const perImage = {
+    wholeTumour: regionDiceFromCounts(counts, n, BRATS_CLASSES, BRATS_REGIONS.wholeTumour),
+    tumourCore: regionDiceFromCounts(counts, n, BRATS_CLASSES, BRATS_REGIONS.tumourCore),
+    enhancingTumour: regionDiceFromCounts(counts, n, BRATS_CLASSES, BRATS_REGIONS.enhancingTumour),
+    necrosis: classColumn(1),
+    edema: classColumn(2),
+    enhancing: classColumn(3),
+  };
+  return {
+    images: n,
+    regions: {
+      wholeTumour: meanStd(perImage.wholeTumour),
+      tumourCore: meanStd(perImage.tumourCore),
+      enhancingTumour: meanStd(perImage.enhancingTumour),
+    },
+    classes: {
+      necrosis: meanStd(perImage.necrosis),
+      edema: meanStd(perImage.edema),
+      enhancing: meanStd(perImage.enhancing),
+    },
+    perImage,
+  };
+}

@@ -1,0 +1,70 @@
+// Markdown tables of evaluation results, in the shape of the paper's tables: one row
+// per figure or per annotator, "mean ± std" cells.
+import { BratsDiceReport } from './brats-regions';
+import { MeanStd, SegmentationReport } from './metrics';
+
+export interface FormatOptions {
+  /** Class names, index = label (default "class 0", "class 1", ...). */
+  classNames?: readonly string[];
+  /** Annotator names, index = r (default "annotator 0", ...). */
+  annotatorNames?: readonly string[];
+  /** Decimal places, default 4. */
+  digits?: number;
+}
+
+/** "0.8123 ± 0.0456"; "n/a" when there was nothing to average. */
+export function formatMeanStd(value: MeanStd | undefined, digits = 4): string {
+  if (value === undefined || value.count === 0 || !Number.isFinite(value.mean)) return 'n/a';
+  return `${value.mean.toFixed(digits)} ± ${value.std.toFixed(digits)}`;
+}
+
+function formatNumber(value: number | undefined, digits: number): string {
+  return value === undefined || !Number.isFinite(value) ? 'n/a' : value.toFixed(digits);
+}
+
+/** A markdown table from a header and rows of cells. */
+export function markdownTable(header: readonly string[], rows: readonly (readonly string[])[]): string {
+  const line = (cells: readonly string[]) => `| ${cells.join(' | ')} |`;
+  return [line(header), line(header.map(() => '---')), ...rows.map(line)].join('\n');
+}
+
+/**
+ * The figures of a SegmentationReport as markdown: a table of Dice (per class, average,
+ * total), GED and CM error, then one of per-annotator CM figures when there are CMs.
+ */
+export function formatSegmentationReport(report: SegmentationReport, options: FormatOptions = {}): string {
+  const digits = options.digits ?? 4;
+  const className = (c: number) => options.classNames?.[c] ?? `class ${c}`;
+  const rows: string[][] = [];
+  for (let c = 1; c < report.classes; c++) rows.push([`Dice ${className(c)}`, formatMeanStd(report.dicePerClass[c], digits)]);
+  if (report.classes > 2) rows.push(['Average Dice', formatMeanStd(report.averageDice, digits)]);
+  rows.push(['Total Dice', formatMeanStd(report.totalDice, digits)]);
+  if (report.ged) rows.push(['GED', formatMeanStd(report.ged, digits)]);
+  if (report.cmError) rows.push(['CM estimation error (RMSE)', formatMeanStd(report.cmError, digits)]);
+  const parts = [`${report.images} images`, '', markdownTable(['metric', 'value'], rows)];
+  const R = report.reliability?.length ?? report.incompetence?.length ?? 0;
+  if (R > 0) {
+    const annotatorName = (r: number) => options.annotatorNames?.[r] ?? `annotator ${r}`;
+    const annotatorRows = Array.from({ length: R }, (_, r) => [
+      annotatorName(r),
+      formatMeanStd(report.cmErrorPerAnnotator?.[r], digits),
+      formatNumber(report.incompetence?.[r], digits),
+      formatNumber(report.reliability?.[r], digits),
+    ]);
+    parts.push('', markdownTable(['annotator', 'CM error', 'incompetence', 'estimated reliability'], annotatorRows));
+  }
+  return parts.join('\n');
+}
+
+/** BraTS region and class Dice as one markdown table. */
+export function formatBratsReport(report: BratsDiceReport, digits = 4): string {
+  const rows = [
+    ['whole tumour (1, 2, 3)', formatMeanStd(report.regions.wholeTumour, digits)],
+    ['tumour core (1, 3)', formatMeanStd(report.regions.tumourCore, digits)],
+    ['enhancing tumour (3)', formatMeanStd(report.regions.enhancingTumour, digits)],
+    ['necrosis (1)', formatMeanStd(report.classes.necrosis, digits)],
+    ['edema (2)', formatMeanStd(report.classes.edema, digits)],
+    ['enhancing (3)', formatMeanStd(report.classes.enhancing, digits)],
+  ];
+  return [`${report.images} volumes`, '', markdownTable(['Dice', 'value'], rows)].join('\n');
+}

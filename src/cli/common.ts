@@ -1,0 +1,70 @@
+// Pieces every command shares: argument parsers that reject bad values with commander's
+// one-line message, the error type for mistakes the user can fix, and the closing
+// "outputs" block that says where a command's files went (STYLE: every command does).
+
+import * as path from 'path';
+import { Command, InvalidArgumentError, Option } from 'commander';
+
+/** A mistake in the command line or the files it names: printed as one line, exit code 1. */
+export class UserError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'UserError';
+  }
+}
+
+export function parseInteger(min: number): (value: string) => number {
+  return (value) => {
+    const n = Number(value);
+    if (!/^[-+]?\d+$/.test(value.trim()) || !Number.isSafeInteger(n) || n < min) {
+      throw new InvalidArgumentError(`expected an integer >= ${min}.`);
+    }
+    return n;
+  };
+}
+
+export function parseNumber(min: number, inclusive = true): (value: string) => number {
+  return (value) => {
+    const x = Number(value);
+    if (value.trim() === '' || !Number.isFinite(x) || (inclusive ? x < min : x <= min)) {
+      throw new InvalidArgumentError(`expected a number ${inclusive ? '>=' : '>'} ${min}.`);
+    }
+    return x;
+  };
+}
+
+/** An option whose value must be one of `choices` (commander lists them in --help and in the error). */
+export function choiceOption(flags: string, description: string, choices: readonly string[]): Option {
+  return new Option(flags, description).choices(choices as string[]);
+}
+
+/** Whether the user typed this option (rather than it having its default). */
+export function given(command: Command, key: string): boolean {
+  const source = command.getOptionValueSource(key);
+  return source === 'cli' || source === 'env';
+}
+
+/** Appends "Example:" lines to a command's --help. */
+export function withExamples(command: Command, ...examples: string[]): Command {
+  return command.addHelpText('after', `\nExample${examples.length > 1 ? 's' : ''}:\n${examples.map((e) => `  $ ${e}`).join('\n')}\n`);
+}
+
+/** A path as the user will want to paste it: relative to the working folder when inside it. */
+export function displayPath(file: string): string {
+  const relative = path.relative(process.cwd(), file);
+  return relative && !relative.startsWith('..') && !path.isAbsolute(relative) ? relative : file;
+}
+
+/** The closing block of every command: what was written, and where. */
+export function printOutputs(entries: readonly [string, string | readonly string[]][]): void {
+  const width = Math.max(...entries.map(([label]) => label.length));
+  process.stdout.write('outputs:\n');
+  for (const [label, files] of entries) {
+    const list = typeof files === 'string' ? [files] : files;
+    process.stdout.write(`  ${label.padEnd(width)}  ${list.map(displayPath).join(', ')}\n`);
+  }
+}
+
+export function fmt(x: number | undefined, digits = 4): string {
+  return x === undefined || !Number.isFinite(x) ? '-' : x.toFixed(digits);
+}

@@ -1,0 +1,63 @@
+// `cmseg eval`: scores a checkpoint on its run's validation or test split with the SPEC
+// section 6 metrics; the data is rebuilt from the recipe stored in the checkpoint.
+
+import * as fs from 'fs';
+import * as path from 'path';
+import { Command } from 'commander';
+import { writeFileAtomic } from '../data/files';
+import { loadCheckpoint } from '../model/checkpoint';
+import { setNumThreads } from '../model/model';
+import { evaluationText } from '../report/tables';
+import { ExperimentData, loadExperimentData, SplitName } from '../train/experiment';
+import { methodDefinition } from '../train/methods';
+import { readTrainerState, TrainerExtra } from '../train/trainer';
+import { choiceOption, parseInteger, printOutputs, UserError, withExamples } from './common';
+import type { RunRecipe } from './train';
+
+interface EvalFlags {
+  checkpoint: string;
+  split: SplitName;
+  out?: string;
+  threads?: number;
+}
+
+/** The trainer state and data of a checkpoint written by `cmseg train`. */
+export async function checkpointExperiment(file: string): Promise<{ saved: TrainerExtra; recipe: RunRecipe; data: ExperimentData }> {
+  if (!fs.existsSync(file)) throw new UserError(`checkpoint not found: ${file}`);
+  const saved = await readTrainerState(file);
+  const recipe = saved.run as unknown as RunRecipe;
+  if (!recipe?.dataset) throw new UserError(`${file} does not say which data it was trained on (it was not written by cmseg train)`);
+  return { saved, recipe, data: loadExperimentData(recipe.dataset, saved.config.seed) };
+}
+
+async function runEval(flags: EvalFlags): Promise<void> {
+  if (flags.threads !== undefined) setNumThreads(flags.threads);
+  const file = path.resolve(flags.checkpoint);
+  const { saved, recipe, data } = await checkpointExperiment(file);
+  try {
+    const model = await loadCheckpoint(file);
+    // Methods without trained CMs (naive, oracle) are scored on the consensus only.
+    const summary = await data.evaluate(model, flags.split, { annotators: methodDefinition(saved.config.method).learnsCms });
+    const fused = flags.split === 'test' ? data.fusedLabelRows?.() : undefined;
+    const out = path.resolve(flags.out ?? path.join(path.dirname(file), `eval-${flags.split}-${path.basename(file, '.safetensors')}.json`));
+    fs.mkdirSync(path.dirname(out), { recursive: true });
+    const record = { checkpoint: file, method: saved.config.method, preset: recipe.preset, dataset: recipe.dataset, seed: saved.config.seed, step: saved.state.step, split: flags.split, metrics: summary, fusedLabels: fused ?? null };
+    await writeFileAtomic(out, Buffer.from(JSON.stringify(record, null, 2) + '\n'));
+    process.stdout.write(`${saved.config.method} at step ${saved.state.step}, ${flags.split} split:\n` + evaluationText(summary, fused, { classNames: data.classNames }) + '\n');
+    printOutputs([['metrics', out]]);
+  } finally {
+    await data.close?.();
+  }
+}
+
+export function registerEvalCommand(program: Command): Command {
+  const command = program
+    .command('eval')
+    .description('score a trained checkpoint on its test (or validation) split: Dice, CM error, GED, reliability')
+    .requiredOption('--checkpoint <file>', 'a checkpoint written by cmseg train (best.safetensors or last.safetensors)')
+    .addOption(choiceOption('--split <name>', 'which split to score', ['test', 'validation']).default('test'))
+    .option('--out <file>', 'where to write the metrics JSON (default: eval-<split>-<checkpoint>.json beside the checkpoint)')
+    .option('--threads <n>', 'native threads', parseInteger(1))
+    .action((flags: EvalFlags) => runEval(flags));
+  return withExamples(command, 'cmseg eval --checkpoint runs/cm-dense/best.safetensors --split test');
+}

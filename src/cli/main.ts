@@ -1,0 +1,61 @@
+#!/usr/bin/env node
+// The `cmseg` command line: one file per command, registered here. Every error ends the
+// process with one line on stderr and exit code 1; set CMSEG_DEBUG=1 to see the stack.
+
+import { Command } from 'commander';
+import { benchCommand } from './bench';
+import { registerEvalCommand } from './eval';
+import { registerFuseCommand } from './fuse';
+import { registerPredictCommand } from './predict';
+import { registerSimulateCommand } from './simulate';
+import { registerTrainCommand } from './train';
+import { withExamples } from './common';
+
+// eslint-disable-next-line @typescript-eslint/no-require-imports
+const { version } = require('../../package.json') as { version: string };
+
+export interface ProgramOptions {
+  /** Throw commander's errors (and --help's exit) instead of exiting the process: for tests. */
+  exitOverride?: boolean;
+  /** Where commander writes help and its own errors (default stdout / stderr). */
+  writeOut?: (text: string) => void;
+  writeErr?: (text: string) => void;
+}
+
+export function buildProgram(options: ProgramOptions = {}): Command {
+  const program = new Command();
+  // Settings made before .command() are inherited by every subcommand.
+  if (options.exitOverride) program.exitOverride();
+  program.configureOutput({
+    ...(options.writeOut ? { writeOut: options.writeOut } : {}),
+    ...(options.writeErr ? { writeErr: options.writeErr } : {}),
+    // commander's own errors ("error: unknown option ...") get the prefix of ours.
+    outputError: (text, write) => write(`cmseg: ${text}`),
+  });
+  program
+    .name('cmseg')
+    .description('Learn segmentation from several noisy annotators: the consensus and each annotator\'s pixel-wise confusion matrix')
+    .version(version);
+  registerTrainCommand(program);
+  registerEvalCommand(program);
+  registerPredictCommand(program);
+  registerSimulateCommand(program);
+  registerFuseCommand(program);
+  // bench.ts builds its command itself; give it the settings the others inherit.
+  program.addCommand(benchCommand().copyInheritedSettings(program));
+  withExamples(program, 'cmseg train --preset mnist --method cm --out runs/cm', 'cmseg train --help');
+  return program;
+}
+
+export async function main(argv: string[] = process.argv): Promise<void> {
+  try {
+    await buildProgram().parseAsync(argv);
+  } catch (error) {
+    const message = error instanceof Error ? error.message : String(error);
+    process.stderr.write(`cmseg: error: ${message}\n`);
+    if (process.env.CMSEG_DEBUG && error instanceof Error && error.stack) process.stderr.write(error.stack + '\n');
+    process.exitCode = 1;
+  }
+}
+
+if (require.main === module) void main();

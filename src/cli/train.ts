@@ -1,0 +1,263 @@
+// `cmseg train`: a preset's data and settings, overridden by flags; checkpoints, a JSON
+// log and test metrics in the output folder; Ctrl-C stops after the current step and
+// saves a checkpoint that `--resume` continues exactly.
+
+import * as fs from 'fs';
+import * as path from 'path';
+import { Command } from 'commander';
+import { writeFileAtomic } from '../data/files';
+import { loadCheckpoint } from '../model/checkpoint';
+import { Model, setNumThreads } from '../model/model';
+import { evaluationText } from '../report/tables';
+import type { DatasetSpec, ExperimentData } from '../train/experiment';
+import { loadExperimentData } from '../train/experiment';
+import { METHOD_NAMES, MethodName, methodDefinition } from '../train/methods';
+import { presetByName, PRESET_NAMES } from '../train/presets';
+import { createProgress } from '../train/progress';
+import { SCHEDULE_KINDS, ScheduleKind } from '../train/schedule';
+import { CHECKPOINT_LAST, readTrainerState, train, TrainConfig, TrainResult } from '../train/trainer';
+import { choiceOption, displayPath, given, parseInteger, parseNumber, printOutputs, UserError, withExamples } from './common';
+
+export interface TrainFlags {
+  preset: string;
+  method: string;
+  labels?: 'dense' | 'single';
+  epochs?: number;
+  steps?: number;
+  batchSize?: number;
+  lr?: number;
+  schedule?: ScheduleKind;
+  optimizer?: 'adam' | 'adamw';
+  weightDecay?: number;
+  lambda?: number;
+  warmupSteps?: number;
+  depth?: number;
+  baseChannels?: number;
+  cmRank?: number;
+  trainImages?: number;
+  valImages?: number;
+  testImages?: number;
+  dataSeed?: number;
+  augment: boolean;
+  seed?: number;
+  out?: string;
+  resume?: boolean;
+  checkpointEvery?: number;
+  test: boolean;
+  quiet?: boolean;
+  threads?: number;
+}
+
+export interface RunRecipe {
+  preset: string;
+  dataset: DatasetSpec;
+}
+
+export interface ResolvedTrain {
+  config: TrainConfig;
+  recipe: RunRecipe;
+  outDir: string;
+}
+
+type Typed = (key: keyof TrainFlags) => boolean;
+
+/** `base` with every flag the user typed applied on top. */
+function applyFlags(base: { config: TrainConfig; dataset: DatasetSpec }, flags: TrainFlags, isGiven: Typed): { config: TrainConfig; dataset: DatasetSpec } {
+  const typed = (key: keyof TrainFlags) => isGiven(key) && flags[key] !== undefined;
+  const config: TrainConfig = structuredClone(base.config);
+  if (typed('method')) {
+    if (!METHOD_NAMES.includes(flags.method as MethodName)) throw new UserError(`unknown method '${flags.method}'; choose one of ${METHOD_NAMES.join(', ')}`);
+    config.method = flags.method as MethodName;
+  }
+  if (typed('steps') && typed('epochs')) throw new UserError('give --epochs or --steps, not both');
+  if (typed('steps')) {
+    config.steps = flags.steps;
+    delete config.epochs;
+  } else if (typed('epochs')) {
+    config.epochs = flags.epochs;
+    delete config.steps;
+  }
+  const copy: [keyof TrainConfig, keyof TrainFlags][] = [
+    ['batchSize', 'batchSize'],
+    ['optimizer', 'optimizer'],
+    ['weightDecay', 'weightDecay'],
+    ['lambda', 'lambda'],
+    ['warmupSteps', 'warmupSteps'],
+    ['depth', 'depth'],
+    ['baseChannels', 'baseChannels'],
+    ['cmRank', 'cmRank'],
+    ['seed', 'seed'],
+    ['checkpointEvery', 'checkpointEvery'],
+  ];
+  for (const [key, flag] of copy) if (typed(flag)) (config as unknown as Record<string, unknown>)[key] = flags[flag];
+  if (typed('schedule') && flags.schedule !== config.schedule.kind) config.schedule = { kind: flags.schedule!, lr: config.schedule.lr };
+  if (typed('lr')) config.schedule.lr = flags.lr!;
+  if (isGiven('augment') && !flags.augment) config.augment = { flips: false, rotations: false };
+
+  const dataset: DatasetSpec = { ...base.dataset };
+  if (dataset.kind === 'mnist') {
+    if (typed('labels')) dataset.labels = flags.labels!;
+    if (typed('trainImages')) dataset.train = flags.trainImages!;
+    if (typed('valImages')) dataset.validation = flags.valImages!;
+    if (typed('testImages')) dataset.test = flags.testImages!;
+    if (typed('dataSeed')) dataset.dataSeed = flags.dataSeed!;
+  }
+  return { config, dataset };
+}
+
+function defaultOutDir(preset: string, config: TrainConfig, dataset: DatasetSpec): string {
+  return path.join('results', 'runs', `${preset}-${config.method}-${dataset.labels}-seed${config.seed}`);
+}
+
+/** A new run's settings: the preset's, with every flag the user typed on top. */
+export function resolveTrainSettings(flags: TrainFlags, isGiven: Typed = (k) => flags[k] !== undefined): ResolvedTrain {
+  const preset = presetByName(flags.preset);
+  const { config, dataset } = applyFlags({ config: { ...preset.train, method: 'cm' }, dataset: preset.dataset }, { ...flags }, (k) => k === 'method' || isGiven(k));
+  const outDir = path.resolve(flags.out ?? defaultOutDir(preset.name, config, dataset));
+  return { config, recipe: { preset: preset.name, dataset }, outDir };
+}
+
+/** A resumed run's settings are its checkpoint's; flags the user repeats must agree with them. */
+async function resolveResume(flags: TrainFlags, isGiven: Typed): Promise<ResolvedTrain> {
+  const outDir = path.resolve(flags.out ?? resolveTrainSettings(flags, isGiven).outDir);
+  const last = path.join(outDir, CHECKPOINT_LAST);
+  if (!fs.existsSync(last)) throw new UserError(`nothing to resume: ${last} does not exist (give the run's folder with --out)`);
+  const saved = await readTrainerState(last);
+  const recipe = saved.run as unknown as RunRecipe;
+  if (!recipe?.dataset || !recipe.preset) throw new UserError(`${last} does not say which data it was trained on, so the command line cannot resume it`);
+  const conflicts: string[] = [];
+  if (isGiven('preset') && flags.preset !== recipe.preset) conflicts.push(`--preset ${flags.preset} (the run used ${recipe.preset})`);
+  const typed = applyFlags({ config: saved.config, dataset: recipe.dataset }, flags, isGiven);
+  const describe = (x: unknown) => JSON.stringify(x);
+  for (const key of new Set([...Object.keys(saved.config), ...Object.keys(typed.config)]) as Set<keyof TrainConfig>) {
+    if (describe(saved.config[key]) !== describe(typed.config[key])) conflicts.push(`${key} ${describe(typed.config[key])} (the run has ${describe(saved.config[key])})`);
+  }
+  for (const key of Object.keys(recipe.dataset) as (keyof DatasetSpec)[]) {
+    if (describe(recipe.dataset[key]) !== describe(typed.dataset[key])) conflicts.push(`data ${key} ${describe(typed.dataset[key])} (the run has ${describe(recipe.dataset[key])})`);
+  }
+  if (conflicts.length) throw new UserError(`cannot resume ${last} with different settings: ${conflicts.join('; ')}`);
+  return { config: saved.config, recipe, outDir };
+}
+
+export async function writeTestResults(model: Model, data: ExperimentData, file: string, extra: Record<string, unknown> & { method: MethodName }) {
+  const summary = await data.evaluate(model, 'test', { annotators: methodDefinition(extra.method).learnsCms });
+  const fused = data.fusedLabelRows?.();
+  await writeFileAtomic(file, Buffer.from(JSON.stringify({ ...extra, split: 'test', metrics: summary, fusedLabels: fused ?? null }, null, 2) + '\n'));
+  return { summary, fused };
+}
+
+async function runTrain(flags: TrainFlags, command: Command): Promise<void> {
+  if (flags.threads !== undefined) setNumThreads(flags.threads);
+  const isGiven = (key: keyof TrainFlags) => given(command, key);
+  const { config, recipe, outDir } = flags.resume ? await resolveResume(flags, isGiven) : resolveTrainSettings(flags, isGiven);
+  if (!flags.resume && fs.existsSync(path.join(outDir, CHECKPOINT_LAST))) {
+    throw new UserError(`${outDir} already holds a run; continue it with --resume or choose another --out`);
+  }
+  const data = loadExperimentData(recipe.dataset, config.seed);
+  try {
+    await trainAndTest(flags, { config, recipe, outDir }, data);
+  } finally {
+    await data.close?.();
+  }
+}
+
+async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: ResolvedTrain, data: ExperimentData): Promise<void> {
+  const controller = new AbortController();
+  const onSigint = () => {
+    if (controller.signal.aborted) {
+      process.stderr.write('\nsecond interrupt: quitting without saving\n');
+      process.exit(130);
+    }
+    controller.abort();
+    process.stderr.write('\ninterrupt: finishing the current step and saving a checkpoint (Ctrl-C again quits at once)\n');
+  };
+  process.on('SIGINT', onSigint);
+  let result: TrainResult;
+  const started = Date.now();
+  try {
+    result = await train(outDir, config, data.source, {
+      signal: controller.signal,
+      progress: createProgress({ quiet: flags.quiet }),
+      resume: flags.resume,
+      run: recipe as unknown as Record<string, unknown>,
+      validate: async (model) => {
+        const s = await data.evaluate(model, 'validation', { annotators: methodDefinition(config.method).learnsCms });
+        const metrics: Record<string, number> = { averageDice: s.averageDice.mean, totalDice: s.totalDice.mean };
+        if (s.cmError) metrics.cmError = s.cmError.mean;
+        if (s.ged) metrics.ged = s.ged.mean;
+        return { score: s.averageDice.mean, metrics };
+      },
+    });
+  } finally {
+    process.off('SIGINT', onSigint);
+  }
+  const { state, files } = result;
+  const checkpoints = [files.best, files.last].filter((f): f is string => f !== undefined);
+  if (result.status === 'interrupted') {
+    process.stdout.write(`interrupted at step ${state.step}/${state.totalSteps}; continue with: cmseg train --out ${displayPath(outDir)} --resume\n`);
+    printOutputs([
+      ['checkpoints', checkpoints],
+      ['training log', files.log],
+    ]);
+    process.exitCode = 130;
+    return;
+  }
+  const seconds = (Date.now() - started) / 1000;
+  const best = state.best ? `; best validation Dice ${state.best.score.toFixed(4)} (epoch ${state.best.epoch + 1})` : '';
+  const done = result.startStep === state.step ? `the run was already complete at step ${state.step}` : `trained ${config.method} from step ${result.startStep} to ${state.step} in ${seconds.toFixed(1)} s`;
+  process.stdout.write(`${done}${best}\n`);
+  const outputs: [string, string | string[]][] = [
+    ['checkpoints', checkpoints],
+    ['training log', files.log],
+  ];
+  if (flags.test) {
+    const chosen = files.best ?? files.last;
+    const model = await loadCheckpoint(chosen);
+    const testFile = path.join(outDir, 'eval-test.json');
+    const { summary, fused } = await writeTestResults(model, data, testFile, { checkpoint: chosen, method: config.method, preset: recipe.preset, dataset: recipe.dataset, seed: config.seed });
+    process.stdout.write(`\ntest set, ${path.basename(chosen)}:\n` + evaluationText(summary, fused, { classNames: data.classNames }) + '\n');
+    outputs.push(['test metrics', testFile]);
+  }
+  printOutputs(outputs);
+}
+
+export function registerTrainCommand(program: Command): Command {
+  const command = program
+    .command('train')
+    .description('train a U-Net with annotator confusion matrices (or a baseline) from noisy labels')
+    .addOption(choiceOption('--preset <name>', 'data set and settings to start from', PRESET_NAMES).default('mnist'))
+    .addOption(choiceOption('--method <name>', 'training variant (SPEC section 4)', METHOD_NAMES).default('cm'))
+    .addOption(choiceOption('--labels <mode>', 'dense: every annotator labels every image; single: one annotator per image', ['dense', 'single']))
+    .option('--epochs <n>', 'epochs to train (default: the preset\'s)', parseInteger(1))
+    .option('--steps <n>', 'a budget of optimiser steps instead of epochs', parseInteger(1))
+    .option('--batch-size <n>', 'images per step', parseInteger(1))
+    .option('--lr <x>', 'base learning rate', parseNumber(0, false))
+    .addOption(choiceOption('--schedule <kind>', 'learning-rate schedule', SCHEDULE_KINDS))
+    .addOption(choiceOption('--optimizer <kind>', 'adam (L2 in the gradient) or adamw (decoupled decay)', ['adam', 'adamw']))
+    .option('--weight-decay <x>', 'weight decay', parseNumber(0))
+    .option('--lambda <x>', 'trace weight (SPEC section 4)', parseNumber(0))
+    .option('--warmup-steps <n>', 'first steps with the negated trace (paper section 2.4)', parseInteger(0))
+    .option('--depth <n>', 'U-Net levels', parseInteger(1))
+    .option('--base-channels <n>', 'channels of the first U-Net level', parseInteger(1))
+    .option('--cm-rank <n>', 'rank of the cm-lowrank CMs', parseInteger(1))
+    .option('--train-images <n>', 'MNIST training images', parseInteger(1))
+    .option('--val-images <n>', 'MNIST validation images', parseInteger(1))
+    .option('--test-images <n>', 'MNIST test images', parseInteger(1))
+    .option('--data-seed <n>', 'seed of the data split and the synthetic annotators', parseInteger(0))
+    .option('--no-augment', 'no random flips and rotations')
+    .option('--seed <n>', 'seed of the initialisation, data order and augmentation', parseInteger(0))
+    .option('--out <dir>', 'output folder (default results/runs/<preset>-<method>-<labels>-seed<seed>)')
+    .option('--resume', 'continue the run in --out from its last checkpoint')
+    .option('--checkpoint-every <n>', 'also save the last checkpoint every n steps', parseInteger(0))
+    .option('--no-test', 'skip the test-set evaluation at the end')
+    .option('--threads <n>', 'native threads (default: CMSEG_NUM_THREADS or all cores)', parseInteger(1))
+    .option('-q, --quiet', 'no progress output')
+    .action((flags: TrainFlags, cmd: Command) => runTrain(flags, cmd));
+  command.addHelpText('after', `\nPresets:\n${PRESET_NAMES.map((name) => `  ${name.padEnd(11)} ${presetByName(name).description}`).join('\n')}\n`);
+  return withExamples(
+    command,
+    'cmseg train --preset mnist --method cm --labels dense --out runs/cm-dense',
+    'cmseg train --preset mnist --method naive-mode --labels single --epochs 3 --seed 1',
+    'cmseg train --out runs/cm-dense --resume',
+  );
+}

@@ -1,0 +1,25 @@
+// Evaluation results as text for the terminal: the metric tables of src/eval/report.ts
+// plus the Dice of the naive fused label maps (paper tables' "Mean labels" / "Mode labels").
+
+import type { SegmentationReport } from '../eval/metrics';
+import { formatMeanStd, formatSegmentationReport, markdownTable } from '../eval/report';
+import type { EvaluationSummary, FusedLabelRows } from '../train/evaluate';
+
+export interface EvaluationTextOptions {
+  /** Class names, index = label; default "class c". */
+  classNames?: readonly string[];
+}
+
+export function evaluationText(summary: EvaluationSummary, fused?: FusedLabelRows, options: EvaluationTextOptions = {}): string {
+  // formatSegmentationReport reads the summary figures only, never the per-image arrays.
+  const report = summary as unknown as SegmentationReport;
+  let text = formatSegmentationReport(report, { annotatorNames: summary.annotatorNames, classNames: options.classNames }) + '\n';
+  if (fused) {
+    const rows = [
+      ['Mean labels (tie: higher class)', formatMeanStd(fused.mean.averageDice), formatMeanStd(fused.mean.totalDice)],
+      ['Mode labels (tie: lower class)', formatMeanStd(fused.mode.averageDice), formatMeanStd(fused.mode.totalDice)],
+    ];
+    text += '\n' + markdownTable(['fused training labels', 'Average Dice', 'Total Dice'], rows) + '\n';
+  }
+  return text;
+}

@@ -1,0 +1,115 @@
+// What the trainer reads: batches of images with every annotator's labels, in the SPEC
+// section 1 layouts. Any data source (MNIST in memory, a BraTS patch loader, an image
+// folder) plugs in by implementing TrainingSource; the trainer never looks further.
+//
+// Reproducibility contract: batch(epoch, index) must depend only on (epoch, index, the
+// rng it is given) and the source's own fixed contents. The trainer hands every batch a
+// stream forked by (epoch, index), so resuming a run at (epoch, index) sees exactly the
+// data an uninterrupted run would have seen, without saving any generator state.
+
+import { Rng } from '../data/random';
+
+/** A batch before the method turns it into the model's Batch (methods.ts). */
+export interface AnnotatedBatch {
+  /** Float32 images [N, C, *S]. */
+  images: Float32Array;
+  /** [N, C, H, W] or [N, C, D, H, W]. */
+  shape: number[];
+  /** One map [N, *S] per annotator; 255 = unlabelled. */
+  labels: Uint8Array[];
+  /** present[n * R + r]: 0 where annotator r did not label image n. */
+  present: Uint8Array;
+  /** Expert consensus [N, *S], when known (needed by the `oracle` method). */
+  consensus?: Uint8Array;
+}
+
+export interface TrainingSource {
+  readonly ndim: 2 | 3;
+  readonly channels: number;
+  readonly classes: number;
+  readonly annotatorNames: readonly string[];
+  /** Whether batches carry the expert consensus (the `oracle` method needs it). */
+  readonly hasConsensus: boolean;
+  /** Optimiser steps in one epoch at this batch size. */
+  batchesPerEpoch(batchSize: number): number;
+  /** Batch `index` (0-based) of `epoch` (0-based); see the reproducibility contract above. */
+  batch(epoch: number, index: number, batchSize: number, rng: Rng): AnnotatedBatch | Promise<AnnotatedBatch>;
+}
+
+/** A whole annotated set in memory (MNIST, image folders). */
+export interface AnnotatedSet {
+  count: number;
+  channels: number;
+  classes: number;
+  /** Spatial size: [H, W] or [D, H, W]. */
+  spatial: number[];
+  images: Float32Array;
+  labels: Uint8Array[];
+  present: Uint8Array;
+  consensus?: Uint8Array;
+  annotatorNames: string[];
+}
+
+export function voxelsOf(spatial: readonly number[]): number {
+  return spatial.reduce((a, b) => a * b, 1);
+}
+
+/** The images `indices` of a set as one batch (copies). */
+export function gatherBatch(set: AnnotatedSet, indices: ArrayLike<number>): AnnotatedBatch {
+  const V = voxelsOf(set.spatial);
+  const C = set.channels;
+  const R = set.labels.length;
+  const N = indices.length;
+  const images = new Float32Array(N * C * V);
+  const labels = set.labels.map(() => new Uint8Array(N * V));
+  const present = new Uint8Array(N * R);
+  const consensus = set.consensus ? new Uint8Array(N * V) : undefined;
+  for (let k = 0; k < N; k++) {
+    const n = indices[k];
+    images.set(set.images.subarray(n * C * V, (n + 1) * C * V), k * C * V);
+    for (let r = 0; r < R; r++) {
+      labels[r].set(set.labels[r].subarray(n * V, (n + 1) * V), k * V);
+      present[k * R + r] = set.present[n * R + r];
+    }
+    consensus?.set(set.consensus!.subarray(n * V, (n + 1) * V), k * V);
+  }
+  return { images, shape: [N, C, ...set.spatial], labels, present, ...(consensus ? { consensus } : {}) };
+}
+
+/**
+ * Epochs over an in-memory set: each epoch visits the images in an order drawn from the
+ * stream forked by the epoch number; the last incomplete batch of an epoch is dropped
+ * (every image is still seen over several epochs), so every batch has the same size.
+ */
+export class InMemorySource implements TrainingSource {
+  readonly ndim: 2 | 3;
+  readonly channels: number;
+  readonly classes: number;
+  readonly annotatorNames: readonly string[];
+  readonly hasConsensus: boolean;
+  private order?: { epoch: number; permutation: Uint32Array };
+
+  constructor(
+    readonly set: AnnotatedSet,
+    private readonly seed: number,
+  ) {
+    if (set.count < 1) throw new RangeError('the training set is empty');
+    this.ndim = set.spatial.length === 3 ? 3 : 2;
+    this.channels = set.channels;
+    this.classes = set.classes;
+    this.annotatorNames = set.annotatorNames;
+    this.hasConsensus = set.consensus !== undefined;
+  }
+
+  batchesPerEpoch(batchSize: number): number {
+    return Math.max(1, Math.floor(this.set.count / batchSize));
+  }
+
+  batch(epoch: number, index: number, batchSize: number): AnnotatedBatch {
+    if (this.order?.epoch !== epoch) {
+      this.order = { epoch, permutation: new Rng(this.seed).fork(`epoch ${epoch} order`).permutation(this.set.count) };
+    }
+    const size = Math.min(batchSize, this.set.count);
+    return gatherBatch(this.set, this.order.permutation.subarray(index * size, (index + 1) * size));
+  }
+}

@@ -1,0 +1,65 @@
+// Learning-rate schedules. The trainer asks for the rate of every optimiser step and
+// hands it to model.setOptimizer({lr}) before the step, so a schedule is a pure function
+// of (step, total steps): a resumed run gets the same rates as an uninterrupted one.
+
+export type ScheduleKind = 'constant' | 'step' | 'cosine' | 'poly';
+export const SCHEDULE_KINDS: readonly ScheduleKind[] = ['constant', 'step', 'cosine', 'poly'];
+
+export interface LrSchedule {
+  kind: ScheduleKind;
+  /** Base (initial) learning rate. */
+  lr: number;
+  /** `step`: multiply by `gamma` every `stepSize` steps. Default gamma 0.1, stepSize a third of the run. */
+  gamma?: number;
+  stepSize?: number;
+  /** `cosine`: the rate at the last step, default 0. */
+  minLr?: number;
+  /** `poly`: lr * (1 - step / total)^power, default 0.9 (as nnU-Net). */
+  power?: number;
+}
+
+export function checkSchedule(schedule: LrSchedule): void {
+  const { kind, lr } = schedule;
+  if (!SCHEDULE_KINDS.includes(kind)) throw new RangeError(`schedule ${JSON.stringify(kind)} must be one of ${SCHEDULE_KINDS.join(', ')}`);
+  if (!(lr > 0) || !Number.isFinite(lr)) throw new RangeError(`learning rate ${lr} must be a finite number > 0`);
+  const positive = (name: string, value: number | undefined, allowZero = false) => {
+    if (value === undefined) return;
+    if (!Number.isFinite(value) || value < 0 || (!allowZero && value === 0)) {
+      throw new RangeError(`schedule ${name} ${value} must be a finite number ${allowZero ? '>=' : '>'} 0`);
+    }
+  };
+  positive('gamma', schedule.gamma);
+  positive('minLr', schedule.minLr, true);
+  positive('power', schedule.power);
+  if (schedule.stepSize !== undefined && (!Number.isInteger(schedule.stepSize) || schedule.stepSize < 1)) {
+    throw new RangeError(`schedule stepSize ${schedule.stepSize} must be an integer >= 1`);
+  }
+}
+
+/**
+ * The learning rate of optimiser step `step` (0-based: the first step is 0) in a run of
+ * `totalSteps` steps. Steps past the end keep the final rate.
+ */
+export function learningRate(schedule: LrSchedule, step: number, totalSteps: number): number {
+  const { lr } = schedule;
+  const total = Math.max(1, totalSteps);
+  const t = Math.min(Math.max(step, 0), total);
+  switch (schedule.kind) {
+    case 'constant':
+      return lr;
+    case 'step': {
+      const stepSize = schedule.stepSize ?? Math.max(1, Math.ceil(total / 3));
+      return lr * (schedule.gamma ?? 0.1) ** Math.floor(t / stepSize);
+    }
+    case 'cosine': {
+      const minLr = schedule.minLr ?? 0;
+      return minLr + (lr - minLr) * 0.5 * (1 + Math.cos((Math.PI * t) / total));
+    }
+    case 'poly':
+      return lr * (1 - t / total) ** (schedule.power ?? 0.9);
+    default: {
+      const unknown: never = schedule.kind;
+      throw new RangeError(`unknown schedule ${JSON.stringify(unknown)}`);
+    }
+  }
+}

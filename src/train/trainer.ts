@@ -1,0 +1,410 @@
+// The training loop: batches from a TrainingSource, augmentation, the method's target,
+// one Adam/AdamW step with the scheduled learning rate, validation every few epochs,
+// `best` and `last` checkpoints with the trainer state, a JSON-lines log, and a clean
+// stop on an abort signal (SIGINT in the CLI).
+//
+// Exact resume. Everything random is drawn from streams forked from the run seed by
+// (epoch, batch index): the epoch's image order, the batch contents, the augmentation.
+// The model's weights, Adam moments and step count are in the checkpoint, the learning
+// rate is a function of the step (schedule.ts) and the trace warm-up follows the model's
+// own step count. So the position (epoch, batch index, step) in `extra` is the whole
+// generator state, and a run resumed from `last` takes the same steps, with the same
+// losses, as one that was never stopped.
+
+import * as fs from 'fs';
+import * as path from 'path';
+import { Rng } from '../data/random';
+import type { CmInit, Device } from '../model/config';
+import { loadCheckpoint, readCheckpoint, saveCheckpoint } from '../model/checkpoint';
+import { createModel, Model } from '../model/model';
+import { writeFileAtomic } from '../data/files';
+import { augmentBatch, AugmentOptions } from './augment';
+import type { TrainingSource } from './data';
+import { MethodName, methodBatch, methodDefinition } from './methods';
+import { ProgressReporter, silentProgress } from './progress';
+import { checkSchedule, learningRate, LrSchedule } from './schedule';
+
+export const CHECKPOINT_LAST = 'last.safetensors';
+export const CHECKPOINT_BEST = 'best.safetensors';
+export const TRAIN_LOG = 'train-log.jsonl';
+export const TRAINER_STATE_FORMAT = 'cmseg-trainer';
+export const TRAINER_STATE_VERSION = 1;
+
+/** Everything that determines a run's result. Saved in every checkpoint; JSON only. */
+export interface TrainConfig {
+  method: MethodName;
+  /** U-Net levels and base width (SPEC section 2). */
+  depth: number;
+  baseChannels: number;
+  /** Rank of the `cm-lowrank` CMs. */
+  cmRank: number;
+  cmHeadBlocks: number;
+  cmInit: CmInit;
+  device: Device;
+  /** Exactly one of epochs and steps: a number of epochs, or a budget of optimiser steps. */
+  epochs?: number;
+  steps?: number;
+  batchSize: number;
+  optimizer: 'adam' | 'adamw';
+  weightDecay: number;
+  schedule: LrSchedule;
+  /** Trace weight (SPEC section 4); ignored by methods that fix it (cm-notrace). */
+  lambda: number;
+  /** Steps with the negated trace (paper 2.4) and its weight (default lambda). */
+  warmupSteps: number;
+  lambdaWarmup?: number;
+  augment: AugmentOptions;
+  /** Seeds the model's initialisation, the data order and the augmentation. */
+  seed: number;
+  /** Validate (and maybe save `best`) every this many epochs and after the last step. */
+  validateEvery: number;
+  /** Also save `last` every this many steps inside an epoch (0: only at epoch ends). */
+  checkpointEvery: number;
+}
+
+export const TRAIN_DEFAULTS: Omit<TrainConfig, 'method' | 'epochs' | 'steps'> = {
+  depth: 4,
+  baseChannels: 32,
+  cmRank: 1,
+  cmHeadBlocks: 0,
+  cmInit: 'identity',
+  device: 'cpu',
+  batchSize: 32,
+  optimizer: 'adam',
+  weightDecay: 0,
+  schedule: { kind: 'constant', lr: 1e-3 },
+  lambda: 0.01,
+  warmupSteps: 0,
+  augment: { flips: false, rotations: false },
+  seed: 0,
+  validateEvery: 1,
+  checkpointEvery: 0,
+};
+
+export interface ValidationResult {
+  /** The number that picks the `best` checkpoint (higher is better): consensus Dice. */
+  score: number;
+  /** Everything else worth logging, flat. */
+  metrics: Record<string, number>;
+}
+
+export type Validator = (model: Model) => Promise<ValidationResult>;
+
+/** Where the run is; saved in every checkpoint as extra.trainer.state. */
+export interface TrainerState {
+  /** Epoch in progress (0-based) and the next batch in it. */
+  epoch: number;
+  batchInEpoch: number;
+  /** Optimiser steps taken. */
+  step: number;
+  totalSteps: number;
+  batchesPerEpoch: number;
+  best: { score: number; epoch: number; step: number } | null;
+  lastValidation: (ValidationResult & { epoch: number; step: number }) | null;
+  /** Sums over the epoch's steps so far (epoch means in the log survive a resume). */
+  epochSums: { loss: number; ce: number; trace: number; steps: number; seconds: number };
+}
+
+export interface TrainerExtra {
+  format: typeof TRAINER_STATE_FORMAT;
+  version: number;
+  config: TrainConfig;
+  state: TrainerState;
+  /** Generators: all forked from `seed` by (epoch, batch); the state's position is their state. */
+  rng: { seed: number; epoch: number; batchInEpoch: number };
+  /** The learning rate of the next step under the schedule. */
+  schedule: LrSchedule & { nextLr: number };
+  annotatorNames: string[];
+  /** The caller's description of the data (how to rebuild it: preset, dataset options). */
+  run: Record<string, unknown>;
+}
+
+export interface TrainHooks {
+  /** Stop after the step in progress and save `last` (SIGINT). */
+  signal?: AbortSignal;
+  progress?: ProgressReporter;
+  validate?: Validator;
+  /** Stored in every checkpoint as extra.run: what is needed to rebuild the data. */
+  run?: Record<string, unknown>;
+  /** Continue from <outDir>/last.safetensors. */
+  resume?: boolean;
+}
+
+export interface TrainResult {
+  status: 'completed' | 'interrupted';
+  /** The step this call started from (0, or where a resumed run stood). */
+  startStep: number;
+  state: TrainerState;
+  model: Model;
+  files: { last: string; best?: string; log: string };
+}
+
+/** A problem with the run's settings or files that the user can fix. */
+export class TrainingError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'TrainingError';
+  }
+}
+
+export function checkTrainConfig(config: TrainConfig): void {
+  const int = (name: string, value: number | undefined, min: number) => {
+    if (value !== undefined && (!Number.isInteger(value) || value < min)) throw new TrainingError(`${name} ${value} must be an integer >= ${min}`);
+  };
+  methodDefinition(config.method);
+  if ((config.epochs === undefined) === (config.steps === undefined)) {
+    throw new TrainingError('give either a number of epochs or a budget of steps, not both or neither');
+  }
+  int('epochs', config.epochs, 1);
+  int('steps', config.steps, 1);
+  int('batch size', config.batchSize, 1);
+  int('depth', config.depth, 1);
+  int('base channels', config.baseChannels, 1);
+  int('cm rank', config.cmRank, 1);
+  int('warm-up steps', config.warmupSteps, 0);
+  int('validate-every', config.validateEvery, 1);
+  int('checkpoint-every', config.checkpointEvery, 0);
+  if (!Number.isSafeInteger(config.seed)) throw new TrainingError(`seed ${config.seed} must be a safe integer`);
+  if (!(config.lambda >= 0) || !Number.isFinite(config.lambda)) throw new TrainingError(`lambda ${config.lambda} must be a finite number >= 0`);
+  if (config.optimizer !== 'adam' && config.optimizer !== 'adamw') throw new TrainingError(`optimizer ${JSON.stringify(config.optimizer)} must be adam or adamw`);
+  if (!(config.weightDecay >= 0)) throw new TrainingError(`weight decay ${config.weightDecay} must be >= 0`);
+  try {
+    checkSchedule(config.schedule);
+  } catch (error) {
+    throw new TrainingError((error as Error).message);
+  }
+}
+
+function createRunModel(config: TrainConfig, source: TrainingSource): Model {
+  const method = methodDefinition(config.method);
+  const lambda = method.lambda ?? config.lambda;
+  return createModel({
+    ndim: source.ndim,
+    inChannels: source.channels,
+    classes: source.classes,
+    annotators: source.annotatorNames.length,
+    depth: config.depth,
+    baseChannels: config.baseChannels,
+    cmMode: method.cmMode,
+    cmRank: config.cmRank,
+    cmHeadBlocks: config.cmHeadBlocks,
+    cmInit: config.cmInit,
+    device: config.device,
+    seed: config.seed,
+    optimizer: { kind: config.optimizer, lr: config.schedule.lr, weightDecay: config.weightDecay },
+    loss: {
+      lambda,
+      lambdaWarmup: method.lambda !== undefined ? method.lambda : (config.lambdaWarmup ?? lambda),
+      warmupSteps: config.warmupSteps,
+    },
+  });
+}
+
+/** The trainer state saved in a checkpoint, or a TrainingError saying why it is not one. */
+export function trainerExtra(extra: Record<string, unknown>, file: string): TrainerExtra {
+  const e = extra as Partial<TrainerExtra>;
+  if (e.format !== TRAINER_STATE_FORMAT || !e.config || !e.state) {
+    throw new TrainingError(`${file} was not written by the cmseg trainer (no trainer state in its metadata)`);
+  }
+  if (e.version !== TRAINER_STATE_VERSION) throw new TrainingError(`${file}: trainer state version ${e.version}, this cmseg reads ${TRAINER_STATE_VERSION}`);
+  return e as TrainerExtra;
+}
+
+/** Reads only the trainer state of a checkpoint (no model is built). */
+export async function readTrainerState(file: string): Promise<TrainerExtra> {
+  if (!fs.existsSync(file)) throw new TrainingError(`checkpoint not found: ${file}`);
+  return trainerExtra((await readCheckpoint(file)).extra, file);
+}
+
+function differences(a: unknown, b: unknown, prefix = ''): string[] {
+  if (typeof a === 'object' && a !== null && typeof b === 'object' && b !== null) {
+    const keys = new Set([...Object.keys(a), ...Object.keys(b)]);
+    return [...keys].flatMap((k) => differences((a as Record<string, unknown>)[k], (b as Record<string, unknown>)[k], prefix ? `${prefix}.${k}` : k));
+  }
+  return JSON.stringify(a) === JSON.stringify(b) ? [] : [`${prefix}: ${JSON.stringify(b)} in the checkpoint, ${JSON.stringify(a)} now`];
+}
+
+class JsonLog {
+  constructor(readonly file: string) {}
+
+  write(entry: Record<string, unknown>): void {
+    fs.appendFileSync(this.file, JSON.stringify({ time: new Date().toISOString(), ...entry }) + '\n');
+  }
+
+  /** Drops entries past `step` (written after the checkpoint we resume from, e.g. before a crash). */
+  async truncateAfter(step: number): Promise<void> {
+    if (!fs.existsSync(this.file)) return;
+    const kept = fs
+      .readFileSync(this.file, 'utf8')
+      .split('\n')
+      .filter((line) => {
+        if (!line.trim()) return false;
+        try {
+          const entry = JSON.parse(line) as { step?: number };
+          return entry.step === undefined || entry.step <= step;
+        } catch {
+          return false; // a line cut short by a crash
+        }
+      });
+    await writeFileAtomic(this.file, Buffer.from(kept.map((l) => l + '\n').join('')));
+  }
+}
+
+/**
+ * Trains (or, with hooks.resume, continues) a run in `outDir`. Resolves when the budget is
+ * spent or, after hooks.signal fires, once the step in progress is done and `last` is saved.
+ */
+export async function train(outDir: string, config: TrainConfig, source: TrainingSource, hooks: TrainHooks = {}): Promise<TrainResult> {
+  checkTrainConfig(config);
+  const method = methodDefinition(config.method);
+  if (method.target === 'consensus' && !source.hasConsensus) {
+    throw new TrainingError(`method '${config.method}' trains on the expert consensus, which this data set does not have`);
+  }
+  fs.mkdirSync(outDir, { recursive: true });
+  const files = { last: path.join(outDir, CHECKPOINT_LAST), best: path.join(outDir, CHECKPOINT_BEST), log: path.join(outDir, TRAIN_LOG) };
+  const log = new JsonLog(files.log);
+  const progress = hooks.progress ?? silentProgress;
+  const batchesPerEpoch = source.batchesPerEpoch(config.batchSize);
+  const totalSteps = config.steps ?? config.epochs! * batchesPerEpoch;
+  const epochs = Math.ceil(totalSteps / batchesPerEpoch);
+  const annotatorNames = [...source.annotatorNames];
+  const run = hooks.run ?? {};
+
+  let model: Model;
+  let state: TrainerState;
+  if (hooks.resume) {
+    if (!fs.existsSync(files.last)) throw new TrainingError(`nothing to resume: ${files.last} does not exist`);
+    const saved = await readTrainerState(files.last);
+    const changed = differences(config, saved.config);
+    if (changed.length) throw new TrainingError(`cannot resume ${files.last} with different settings: ${changed.join('; ')}`);
+    if (saved.state.batchesPerEpoch !== batchesPerEpoch) {
+      throw new TrainingError(`cannot resume ${files.last}: the data gives ${batchesPerEpoch} batches per epoch, the run had ${saved.state.batchesPerEpoch}`);
+    }
+    model = await loadCheckpoint(files.last);
+    state = saved.state;
+    await log.truncateAfter(state.step);
+    log.write({ event: 'resume', step: state.step, epoch: state.epoch, batchInEpoch: state.batchInEpoch });
+  } else {
+    if (fs.existsSync(files.last)) {
+      throw new TrainingError(`${outDir} already holds a run (${CHECKPOINT_LAST}); resume it or choose another output folder`);
+    }
+    fs.rmSync(files.log, { force: true });
+    fs.rmSync(files.best, { force: true });
+    model = createRunModel(config, source);
+    state = {
+      epoch: 0,
+      batchInEpoch: 0,
+      step: 0,
+      totalSteps,
+      batchesPerEpoch,
+      best: null,
+      lastValidation: null,
+      epochSums: { loss: 0, ce: 0, trace: 0, steps: 0, seconds: 0 },
+    };
+    log.write({ event: 'start', step: 0, config, run, annotatorNames, batchesPerEpoch, totalSteps, epochs, modelConfig: model.config });
+  }
+
+  const extra = (): TrainerExtra => ({
+    format: TRAINER_STATE_FORMAT,
+    version: TRAINER_STATE_VERSION,
+    config,
+    state,
+    rng: { seed: config.seed, epoch: state.epoch, batchInEpoch: state.batchInEpoch },
+    schedule: { ...config.schedule, nextLr: learningRate(config.schedule, state.step, totalSteps) },
+    annotatorNames,
+    run,
+  });
+  let lastSavedAt = -1;
+  const save = async (kind: 'last' | 'best') => {
+    const file = kind === 'last' ? files.last : files.best;
+    await saveCheckpoint(model, file, extra() as unknown as Record<string, unknown>);
+    if (kind === 'last') lastSavedAt = state.step;
+    log.write({ event: 'checkpoint', kind, step: state.step, epoch: state.epoch, file });
+  };
+
+  const startStep = state.step;
+  const rootRng = new Rng(config.seed);
+  let fields = { epoch: state.epoch, epochs, loss: NaN, ce: NaN, trace: NaN, lr: NaN, valDice: state.lastValidation?.score ?? NaN };
+  progress.start(totalSteps, state.step, fields);
+  let status: TrainResult['status'] = 'completed';
+  try {
+    while (state.step < totalSteps) {
+      const { epoch, batchInEpoch: index } = state;
+      const started = Date.now();
+      const raw = await source.batch(epoch, index, config.batchSize, rootRng.fork(`batch ${epoch} ${index}`));
+      const augmented = augmentBatch(raw, config.augment, rootRng.fork(`augment ${epoch} ${index}`));
+      const lr = learningRate(config.schedule, state.step, totalSteps);
+      model.setOptimizer({ lr });
+      const result = await model.trainStep(methodBatch(method, augmented, source.classes));
+      if (!Number.isFinite(result.loss)) {
+        throw new TrainingError(`the loss became ${result.loss} at step ${state.step + 1} (epoch ${epoch + 1}); try a lower learning rate`);
+      }
+      const stepMs = Date.now() - started;
+      const ce = result.ce.reduce((a, b) => a + b, 0);
+      const trace = result.trace.reduce((a, b) => a + b, 0);
+      state.step += 1;
+      state.batchInEpoch += 1;
+      const sums = state.epochSums;
+      sums.loss += result.loss;
+      sums.ce += ce;
+      sums.trace += trace;
+      sums.steps += 1;
+      sums.seconds += stepMs / 1000;
+      log.write({ event: 'step', step: state.step, epoch, lr, loss: result.loss, ce: result.ce, trace: result.trace, traceWeight: result.traceWeight, stepMs });
+      fields = { ...fields, epoch, loss: result.loss, ce, trace, lr };
+      progress.step(state.step, fields);
+
+      const epochDone = state.batchInEpoch >= batchesPerEpoch || state.step >= totalSteps;
+      if (epochDone) {
+        const validateNow = hooks.validate && ((epoch + 1) % config.validateEvery === 0 || state.step >= totalSteps);
+        log.write({
+          event: 'epoch',
+          step: state.step,
+          epoch,
+          loss: sums.loss / sums.steps,
+          ce: sums.ce / sums.steps,
+          trace: sums.trace / sums.steps,
+          trainSeconds: sums.seconds,
+        });
+        state.epoch += 1;
+        state.batchInEpoch = 0;
+        const epochSeconds = sums.seconds;
+        state.epochSums = { loss: 0, ce: 0, trace: 0, steps: 0, seconds: 0 };
+        if (validateNow) {
+          const validation = await hooks.validate!(model);
+          state.lastValidation = { ...validation, epoch, step: state.step };
+          log.write({ event: 'validation', step: state.step, epoch, score: validation.score, ...validation.metrics });
+          fields = { ...fields, valDice: validation.score };
+          // A NaN score (e.g. a diverged model) never becomes the best.
+          if (Number.isFinite(validation.score) && (state.best === null || validation.score > state.best.score)) {
+            state.best = { score: validation.score, epoch, step: state.step };
+            await save('best');
+          }
+        }
+        await save('last');
+        progress.epoch(state.step, { ...fields, epoch }, epochSeconds);
+      } else if (config.checkpointEvery > 0 && state.step % config.checkpointEvery === 0) {
+        await save('last');
+      }
+      if (hooks.signal?.aborted && state.step < totalSteps) {
+        if (lastSavedAt !== state.step) await save('last');
+        log.write({ event: 'interrupted', step: state.step, epoch: state.epoch });
+        status = 'interrupted';
+        break;
+      }
+    }
+    if (status === 'completed' && state.step > startStep) log.write({ event: 'end', step: state.step, best: state.best });
+  } finally {
+    progress.stop();
+  }
+  return { status, startStep, state, model, files: { last: files.last, ...(fs.existsSync(files.best) ? { best: files.best } : {}), log: files.log } };
+}
+
+/** The entries of a JSON-lines training log, in order. */
+export function readTrainLog(file: string): Record<string, unknown>[] {
+  return fs
+    .readFileSync(file, 'utf8')
+    .split('\n')
+    .filter((l) => l.trim())
+    .map((l) => JSON.parse(l) as Record<string, unknown>);
+}

@@ -1,0 +1,172 @@
+// The command line: --help with an example for every command, a tiny `train` run end to
+// end in a child process (the real entry point, shebang file, exit code), then eval,
+// predict and simulate on its results, and one-line errors with exit code 1.
+import t from 'tap';
+import { spawnSync } from 'child_process';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { buildProgram, main } from '../src/cli/main';
+import { loadImageFolder } from '../src/data/image-folder';
+import { readPngSync } from '../src/data/png';
+import { classColor, cmHeatMaps, grid, heatMap, labelOverlay, upscale, viridis } from '../src/report/pictures';
+
+const root = path.resolve(__dirname, '..');
+const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-cli-'));
+t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+/** The CLI source in a child node, with the TypeScript loader tap gives this process. */
+function cmseg(args: string[]) {
+  const loader = process.execArgv.filter((a) => a.includes('typescript'));
+  const r = spawnSync(process.execPath, [...loader, path.join(root, 'src/cli/main.ts'), ...args], {
+    cwd: dir,
+    encoding: 'utf8',
+    env: { ...process.env, TS_NODE_TRANSPILE_ONLY: '1', CMSEG_NUM_THREADS: '2' },
+  });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+/** Runs a command in this process, capturing what it prints. */
+async function inProcess(args: string[]): Promise<{ stdout: string; stderr: string; exitCode: number }> {
+  let stdout = '';
+  let stderr = '';
+  const write = process.stdout.write.bind(process.stdout);
+  const writeErr = process.stderr.write.bind(process.stderr);
+  process.stdout.write = ((chunk: string) => ((stdout += chunk), true)) as typeof process.stdout.write;
+  process.stderr.write = ((chunk: string) => ((stderr += chunk), true)) as typeof process.stderr.write;
+  const cwd = process.cwd();
+  process.chdir(dir);
+  try {
+    await main(['node', 'cmseg', ...args]);
+  } finally {
+    process.chdir(cwd);
+    process.stdout.write = write;
+    process.stderr.write = writeErr;
+  }
+  const exitCode = Number(process.exitCode ?? 0);
+  process.exitCode = 0;
+  return { stdout, stderr, exitCode };
+}
+
+async function help(args: string[]): Promise<string> {
+  let out = '';
+  const program = buildProgram({ exitOverride: true, writeOut: (s) => (out += s), writeErr: (s) => (out += s) });
+  try {
+    await program.parseAsync(['node', 'cmseg', ...args]);
+  } catch (error) {
+    if ((error as { code?: string }).code !== 'commander.helpDisplayed') throw error;
+  }
+  return out;
+}
+
+t.test('every command has --help with an example', async (t) => {
+  t.match(await help(['--help']), /Usage: cmseg[\s\S]*train[\s\S]*eval[\s\S]*predict[\s\S]*simulate[\s\S]*Example/);
+  for (const command of ['train', 'eval', 'predict', 'simulate', 'fuse', 'bench']) {
+    const text = await help([command, '--help']);
+    t.match(text, new RegExp(`Usage: cmseg ${command}`), `${command}: usage`);
+    t.match(text, new RegExp(`Examples?:\\n  \\$ cmseg ${command}`), `${command}: an example`);
+  }
+  const train = await help(['train', '--help']);
+  for (const flag of ['--preset', '--method', '--labels', '--epochs', '--steps', '--batch-size', '--lr', '--lambda', '--warmup-steps', '--seed', '--out', '--resume']) {
+    t.match(train, flag, `train --help lists ${flag}`);
+  }
+  t.match(train, /Presets:\n  mnist /);
+});
+
+const run = path.join(dir, 'runs', 'tiny');
+
+t.test('a tiny train run end to end, then eval, predict, resume', async (t) => {
+  const r = cmseg(['train', '--preset', 'mnist-tiny', '--out', 'runs/tiny', '--steps', '3', '--quiet']);
+  t.equal(r.code, 0, `exit code 0 (stderr: ${r.stderr})`);
+  t.equal(r.stderr, '', 'quiet: nothing on stderr');
+  t.match(r.stdout, /trained cm from step 0 to 3/);
+  t.match(r.stdout, /\| Dice digit +\| \d\.\d{4} ± \d\.\d{4} \|/);
+  t.match(r.stdout, /\| Mode labels \(tie: lower class\) \| /);
+  t.match(r.stdout, /outputs:\n  checkpoints +runs\/tiny\/best\.safetensors, runs\/tiny\/last\.safetensors\n  training log +runs\/tiny\/train-log\.jsonl\n  test metrics +runs\/tiny\/eval-test\.json/);
+  for (const f of ['best.safetensors', 'last.safetensors', 'train-log.jsonl', 'eval-test.json']) t.ok(fs.existsSync(path.join(run, f)), `${f} written`);
+  const test = JSON.parse(fs.readFileSync(path.join(run, 'eval-test.json'), 'utf8'));
+  t.equal(test.metrics.images, 32);
+  t.ok(test.metrics.cmError.mean > 0, 'CM error scored');
+  t.ok(test.fusedLabels.mode.averageDice.mean > 0.5, 'mode labels scored');
+
+  const ev = await inProcess(['eval', '--checkpoint', 'runs/tiny/best.safetensors', '--split', 'validation']);
+  t.equal(ev.exitCode, 0, ev.stderr);
+  t.match(ev.stdout, /validation split/);
+  t.match(ev.stdout, /outputs:\n  metrics +runs\/tiny\/eval-validation-best\.json/);
+
+  const pr = await inProcess(['predict', '--checkpoint', 'runs/tiny/best.safetensors', '--out', 'pictures', '--count', '2']);
+  t.equal(pr.exitCode, 0, pr.stderr);
+  t.match(pr.stdout, /wrote 24 PNG files for 2 test images\noutputs:\n  pictures +pictures\n  legend +pictures\/README\.txt/);
+  const sheet = readPngSync(path.join(dir, 'pictures', 'image-001-sheet.png'));
+  t.ok(sheet.width > 256 && sheet.height > 256, 'a sheet of several pictures');
+  const cm = readPngSync(path.join(dir, 'pictures', 'image-000-cm-over.png'));
+  t.equal(cm.width, cm.height, 'the CM heat map grid is square (L x L tiles)');
+  t.ok(fs.existsSync(path.join(dir, 'pictures', 'image-000-annotator-fracture.png')));
+
+  const again = await inProcess(['train', '--preset', 'mnist-tiny', '--out', 'runs/tiny', '--resume', '--no-test', '--quiet']);
+  t.equal(again.exitCode, 0, again.stderr);
+  t.match(again.stdout, /the run was already complete at step 3/);
+  const conflict = await inProcess(['train', '--out', 'runs/tiny', '--resume', '--lambda', '0.5']);
+  t.equal(conflict.exitCode, 1);
+  t.match(conflict.stderr, /^cmseg: error: cannot resume .*last\.safetensors with different settings: lambda 0\.5 \(the run has 0\.01\)\n$/);
+});
+
+t.test('simulate writes an image folder that the loader reads back', async (t) => {
+  const r = await inProcess(['simulate', '--out', 'sim', '--count', '12', '--labels', 'single', '--seed', '4']);
+  t.equal(r.exitCode, 0, r.stderr);
+  t.match(r.stdout, /simulated 12 MNIST images with annotators good, over, under, fracture \(single labels\)/);
+  t.match(r.stdout, /outputs:\n  images +sim\/images\n  labels +sim\/labels\n  consensus +sim\/consensus\n  description +sim\/dataset\.json/);
+  const folder = loadImageFolder(path.join(dir, 'sim'));
+  t.equal(folder.count, 12);
+  t.same(folder.annotators, ['fracture', 'good', 'over', 'under']);
+  for (let n = 0; n < 12; n++) {
+    let labelled = 0;
+    for (let r = 0; r < 4; r++) labelled += folder.present[n * 4 + r];
+    t.equal(labelled, 1, `image ${n}: one annotator in single mode`);
+  }
+  // the 'good' annotator's labels equal the consensus wherever it labelled
+  const good = folder.annotators.indexOf('good');
+  const V = 32 * 32;
+  for (let n = 0; n < 12; n++) {
+    if (!folder.present[n * 4 + good]) continue;
+    t.same(folder.labels[good].subarray(n * V, (n + 1) * V), folder.consensus!.subarray(n * V, (n + 1) * V));
+  }
+  const description = JSON.parse(fs.readFileSync(path.join(dir, 'sim', 'dataset.json'), 'utf8'));
+  t.equal(description.annotators.length, 4);
+  const again = await inProcess(['simulate', '--out', 'sim']);
+  t.equal(again.exitCode, 1);
+  t.match(again.stderr, /already holds a data set/);
+});
+
+t.test('user errors: one line, exit code 1, no stack trace', async (t) => {
+  const preset = cmseg(['train', '--preset', 'nope']);
+  t.equal(preset.code, 1);
+  t.match(preset.stderr, /^cmseg: error: option '--preset <name>' argument 'nope' is invalid\. Allowed choices are mnist, .*\n$/);
+  t.notMatch(preset.stderr, /\n\s+at /, 'no stack trace');
+  const missing = await inProcess(['eval', '--checkpoint', 'missing.safetensors']);
+  t.equal(missing.exitCode, 1);
+  t.match(missing.stderr, /^cmseg: error: checkpoint not found: .*missing\.safetensors\n$/);
+  const both = await inProcess(['train', '--preset', 'mnist-tiny', '--epochs', '1', '--steps', '2', '--out', 'x']);
+  t.match(both.stderr, /give --epochs or --steps, not both/);
+});
+
+t.test('pictures: overlays, heat maps, grids', async (t) => {
+  const image = Float32Array.from([0, 0.5, 1, 1]);
+  const overlay = labelOverlay(image, Uint8Array.from([0, 1, 255, 2]), 2, 2, 1);
+  t.same([...overlay.data.subarray(0, 3)], [0, 0, 0], 'background keeps the gray value');
+  t.same([...overlay.data.subarray(3, 6)], [...classColor(1)], 'class 1 in its colour (alpha 1)');
+  t.same([...overlay.data.subarray(6, 9)], [255, 255, 255], 'unlabelled keeps the gray value');
+  t.same(viridis(0), [68, 1, 84]);
+  t.same(viridis(1), [253, 231, 37]);
+  const heat = heatMap([0, 1], 1, 2);
+  t.same([...heat.data], [68, 1, 84, 253, 231, 37]);
+  const big = upscale(heat, 3);
+  t.same([big.width, big.height], [6, 3]);
+  const sheet = grid([[heat, null], [heat, heat]], 2);
+  t.same([sheet.width, sheet.height], [2 * 2 + 2, 1 * 2 + 2]);
+  // CMs [N=1, R=2, L=2, L=2, 1x2]: annotator 1's grid is 2x2 tiles of 1x2 pixels, gap 2
+  const cms = new Float32Array(1 * 2 * 4 * 2).map((_, i) => (i % 2) * 0.5);
+  const cmGrid = cmHeatMaps(cms, 0, 1, 2, 2, 1, 2);
+  t.same([cmGrid.width, cmGrid.height], [2 + 2 + 2, 1 + 2 + 1]);
+  t.throws(() => cmHeatMaps(cms, 1, 0, 2, 2, 1, 2), /out of range/);
+});

@@ -31,6 +31,8 @@ const METHODS = [
   ['cm-notrace', 'Ours without trace'],
   ['naive-mean', 'Naive CNN on mean labels'],
   ['naive-mode', 'Naive CNN on mode labels'],
+  ['naive-staple', 'Naive CNN on STAPLE labels'],
+  ['naive-spatial-staple', 'Naive CNN on Spatial STAPLE labels'],
   ['oracle', 'Oracle (trained on the consensus)'],
 ];
 const LEARNS_CMS = new Set(['cm', 'cm-lowrank', 'cm-global', 'cm-notrace']);

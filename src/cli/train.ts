@@ -155,6 +155,11 @@ async function runTrain(flags: TrainFlags, command: Command): Promise<void> {
   }
   const data = loadExperimentData(recipe.dataset, config.seed);
   try {
+    const method = methodDefinition(config.method);
+    if (method.target === 'fused') {
+      if (!data.prepareFusedTargets) throw new UserError(`method '${config.method}' needs fused training labels, which this data set cannot prepare`);
+      await data.prepareFusedTargets(method.fusion!);
+    }
     await trainAndTest(flags, { config, recipe, outDir }, data);
   } finally {
     await data.close?.();

@@ -93,18 +93,21 @@ export function augmentBatch(batch: AnnotatedBatch, options: AugmentOptions, rng
   const images = new Float32Array(batch.images.length);
   const labels = batch.labels.map((map) => new Uint8Array(map.length));
   const consensus = batch.consensus ? new Uint8Array(batch.consensus.length) : undefined;
+  const fused = batch.fused ? new Uint8Array(batch.fused.length) : undefined;
   for (let n = 0; n < N; n++) {
     const t = drawTransform(spatial, options, rng);
     if (isIdentity(t)) {
       images.set(batch.images.subarray(n * C * V, (n + 1) * C * V), n * C * V);
       batch.labels.forEach((map, r) => labels[r].set(map.subarray(n * V, (n + 1) * V), n * V));
       consensus?.set(batch.consensus!.subarray(n * V, (n + 1) * V), n * V);
+      fused?.set(batch.fused!.subarray(n * V, (n + 1) * V), n * V);
       continue;
     }
     const map = sourceIndices(spatial, t);
     for (let c = 0; c < C; c++) permuteInto(batch.images, images, (n * C + c) * V, map);
     batch.labels.forEach((src, r) => permuteInto(src, labels[r], n * V, map));
     if (consensus) permuteInto(batch.consensus!, consensus, n * V, map);
+    if (fused) permuteInto(batch.fused!, fused, n * V, map);
   }
-  return { ...batch, images, labels, ...(consensus ? { consensus } : {}) };
+  return { ...batch, images, labels, ...(consensus ? { consensus } : {}), ...(fused ? { fused } : {}) };
 }

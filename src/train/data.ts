@@ -21,6 +21,8 @@ export interface AnnotatedBatch {
   present: Uint8Array;
   /** Expert consensus [N, *S], when known (needed by the `oracle` method). */
   consensus?: Uint8Array;
+  /** A fused label map [N, *S] prepared once for the whole set (the STAPLE methods). */
+  fused?: Uint8Array;
 }
 
 export interface TrainingSource {
@@ -47,6 +49,8 @@ export interface AnnotatedSet {
   labels: Uint8Array[];
   present: Uint8Array;
   consensus?: Uint8Array;
+  /** A fused label map [N, *S] prepared once for the whole set (the STAPLE methods). */
+  fused?: Uint8Array;
   annotatorNames: string[];
 }
 
@@ -64,6 +68,7 @@ export function gatherBatch(set: AnnotatedSet, indices: ArrayLike<number>): Anno
   const labels = set.labels.map(() => new Uint8Array(N * V));
   const present = new Uint8Array(N * R);
   const consensus = set.consensus ? new Uint8Array(N * V) : undefined;
+  const fused = set.fused ? new Uint8Array(N * V) : undefined;
   for (let k = 0; k < N; k++) {
     const n = indices[k];
     images.set(set.images.subarray(n * C * V, (n + 1) * C * V), k * C * V);
@@ -72,8 +77,9 @@ export function gatherBatch(set: AnnotatedSet, indices: ArrayLike<number>): Anno
       present[k * R + r] = set.present[n * R + r];
     }
     consensus?.set(set.consensus!.subarray(n * V, (n + 1) * V), k * V);
+    fused?.set(set.fused!.subarray(n * V, (n + 1) * V), k * V);
   }
-  return { images, shape: [N, C, ...set.spatial], labels, present, ...(consensus ? { consensus } : {}) };
+  return { images, shape: [N, C, ...set.spatial], labels, present, ...(consensus ? { consensus } : {}), ...(fused ? { fused } : {}) };
 }
 
 /**

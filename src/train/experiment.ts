@@ -12,6 +12,7 @@
 import { AnnotatorSpec, LabelMode, simulateAnnotators } from '../data/annotators';
 import { loadMnistSplits, MnistBatch } from '../data/mnist';
 import { Rng } from '../data/random';
+import { fuse } from '../fusion/fuse';
 import type { Model } from '../model/model';
 import { AnnotatedSet, InMemorySource, TrainingSource } from './data';
 import { evaluateModel, EvaluationSummary, fusedLabelRows, FusedLabelRows } from './evaluate';
@@ -43,6 +44,11 @@ export interface ExperimentData {
   evaluate(model: Model, split: SplitName, options?: { annotators?: boolean }): Promise<EvaluationSummary>;
   /** Dice of the naive fused label maps on the test split (tables' "Mean labels" / "Mode labels"). */
   fusedLabelRows?(): FusedLabelRows;
+  /**
+   * Fuses the training annotations once with a native STAPLE method and attaches the
+   * result to the training set (the `naive-staple` / `naive-spatial-staple` targets).
+   */
+  prepareFusedTargets?(fusion: 'multi-staple' | 'spatial-staple'): Promise<void>;
   /** An in-memory split, for pictures (cmseg predict). */
   split?(split: SplitName | 'train'): AnnotatedSet;
   /** Releases what the data holds open (patch-loader workers, files). */
@@ -86,7 +92,30 @@ export function loadMnistExperiment(spec: MnistDatasetSpec, trainingSeed: number
       return fusedLabelRows(testInRunMode);
     },
     split: (name) => sets[name],
+    prepareFusedTargets: async (fusion) => {
+      train.fused = await fuseTrainingSet(train, fusion);
+    },
   };
+}
+
+/**
+ * STAPLE over a whole in-memory training set: the images are stacked into one
+ * [N, *S] volume per annotator (absent annotators are 255 there), so the rater
+ * CMs are estimated from every training image at once. Spatial STAPLE's local
+ * windows then span neighbouring images of the stack as well as space.
+ */
+export async function fuseTrainingSet(set: AnnotatedSet, fusion: 'multi-staple' | 'spatial-staple'): Promise<Uint8Array> {
+  const shape = [set.count, ...set.spatial];
+  const stride = Math.max(1, Math.min(8, ...set.spatial.map((s) => Math.floor(s / 4))));
+  const result = await fuse(set.labels, {
+    method: fusion,
+    classes: set.classes,
+    shape,
+    ...(fusion === 'spatial-staple' ? { stride, window: 3 * stride } : {}),
+  });
+  const labels = result.labels!;
+  // A voxel nobody labelled (255) stays unlabelled: the plain CE ignores it.
+  return labels;
 }
 
 export function loadExperimentData(spec: DatasetSpec, trainingSeed: number): ExperimentData {

@@ -130,6 +130,19 @@ void set_num_threads(int n) { pool().resize(n); }
 
 void parallel_for(int64_t items, const std::function<void(int64_t, int)>& fn) { pool().run(items, fn); }
 
+int static_parts(int64_t items) {
+  return (int)std::max<int64_t>(1, std::min<int64_t>(items, tl_in_worker ? 1 : num_threads()));
+}
+
+void parallel_for_static(int64_t items, const std::function<void(int64_t, int)>& fn) {
+  if (items <= 0) return;
+  const int64_t parts = static_parts(items);
+  pool().run(parts, [&](int64_t p, int) {
+    const int64_t b = items * p / parts, e = items * (p + 1) / parts;
+    for (int64_t i = b; i < e; ++i) fn(i, (int)p);
+  });
+}
+
 void parallel_range(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn) {
   if (n <= 0) return;
   int64_t parts = std::min<int64_t>(n, tl_in_worker ? 1 : num_threads());

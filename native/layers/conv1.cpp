@@ -35,8 +35,8 @@ void conv1_backward(const float* x, const float* w, const float* dy, float* dx_a
   ProfileScope prof("conv1_backward");
   const int ch = chunk_width(n, V);
   const int64_t chunks = (V + ch - 1) / ch;
-  std::vector<std::vector<float>> partial(num_threads());
-  parallel_for(n * chunks, [&](int64_t item, int thread) {
+  std::vector<std::vector<float>> partial(static_parts(n * chunks));
+  parallel_for_static(n * chunks, [&](int64_t item, int thread) {
     const int64_t img = item / chunks, v0 = (item % chunks) * ch;
     const int cnt = (int)std::min<int64_t>(ch, V - v0);
     const float* dyi = dy + img * cout * V + v0;

@@ -29,8 +29,8 @@ double ce_loss_hard(const float* logits, const uint8_t* labels, int n, int L, in
   int64_t count = 0;
   for (int64_t i = 0; i < (int64_t)n * V; ++i) count += labels[i] != kUnlabelled;
   const double w = count ? 1.0 / count : 0.0;
-  std::vector<double> part(num_threads(), 0.0);
-  parallel_for(n, [&](int64_t i, int thread) {
+  std::vector<double> part(static_parts(n), 0.0);
+  parallel_for_static(n, [&](int64_t i, int thread) {
     float lp[kMaxClasses], p[kMaxClasses];
     const float* z = logits + i * L * V;
     for (int64_t v = 0; v < V; ++v) {
@@ -53,8 +53,8 @@ double ce_loss_hard(const float* logits, const uint8_t* labels, int n, int L, in
 
 double ce_loss_soft(const float* logits, const float* target, int n, int L, int64_t V, float* d_logits) {
   const double w = 1.0 / ((double)n * V);
-  std::vector<double> part(num_threads(), 0.0);
-  parallel_for(n, [&](int64_t i, int thread) {
+  std::vector<double> part(static_parts(n), 0.0);
+  parallel_for_static(n, [&](int64_t i, int thread) {
     float lp[kMaxClasses], p[kMaxClasses];
     const float* z = logits + i * L * V;
     const float* t = target + i * L * V;

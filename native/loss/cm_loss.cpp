@@ -178,14 +178,14 @@ void cm_loss(const CmLossInput& in, CmLossOutput& out) {
 
   const bool grads = out.d_seg_logits != nullptr;
   const float lam = in.trace_weight;
-  const int threads = num_threads();
+  constexpr int64_t kChunk = 4096;
+  const int64_t chunks = (V + kChunk - 1) / kChunk;
+  const int threads = static_parts((int64_t)n * chunks);  // partial sums per part: deterministic
   std::vector<double> ce_part((size_t)threads * R, 0.0), tr_part((size_t)threads * R, 0.0);
   // Per-thread partials of the global CM gradient, summed after the pass.
   std::vector<float> gcm_part(global && grads ? (size_t)threads * R * L * L : 0, 0.f);
 
-  constexpr int64_t kChunk = 4096;
-  const int64_t chunks = (V + kChunk - 1) / kChunk;
-  parallel_for((int64_t)n * chunks, [&](int64_t item, int thread) {
+  parallel_for_static((int64_t)n * chunks, [&](int64_t item, int thread) {
     const int i = (int)(item / chunks);
     const int64_t v0 = (item % chunks) * kChunk, v1 = std::min(V, v0 + kChunk);
     const float* z = in.seg_logits + (int64_t)i * L * V;

@@ -15,6 +15,13 @@ void set_num_threads(int n);
 // run serially on that worker (no nested parallelism).
 void parallel_for(int64_t items, const std::function<void(int64_t item, int thread)>& fn);
 
+// Deterministic reductions: [0, items) is split into num_threads() contiguous
+// parts, each run in order by one worker; fn(item, part). Per-part partial sums
+// combined in part order give the same float result on every run (for a given
+// thread count), unlike per-thread partials under dynamic scheduling.
+void parallel_for_static(int64_t items, const std::function<void(int64_t item, int part)>& fn);
+int static_parts(int64_t items);
+
 // Splits [0, n) into about one contiguous range per thread: fn(begin, end, thread).
 void parallel_range(int64_t n, const std::function<void(int64_t begin, int64_t end, int thread)>& fn);
 

@@ -3,7 +3,7 @@
 // line `N passed, N failed` counting native test cases and tap assertions.
 // The summary is also written to build/test-summary.txt for .ci/run.
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -20,11 +20,14 @@ function run(cmd, args, env = {}) {
 }
 
 // ---- native tests: each executable prints "# a passed, b failed"
-if (!existsSync(join(buildDir, 'CTestTestfile.cmake'))) {
-  console.error(`native tests: ${buildDir} has no CTest file; run \`npm run build:native\` first`);
-  failed += 1;
-} else {
-  const { code, out } = run('ctest', ['--test-dir', buildDir, '--output-on-failure', '-V']);
+function nativeTests(dir, label, env = {}) {
+  if (!existsSync(join(dir, 'CTestTestfile.cmake'))) {
+    console.error(`native tests (${label}): ${dir} has no CTest file; run \`npm run build:native\` first`);
+    failed += 1;
+    return;
+  }
+  console.log(`== native tests: ${label}`);
+  const { code, out } = run('ctest', ['--test-dir', dir, '--output-on-failure', '-V'], env);
   let cases = 0;
   let exesWithFailures = 0;
   for (const m of out.matchAll(/# (\d+) passed, (\d+) failed/g)) {
@@ -37,8 +40,16 @@ if (!existsSync(join(buildDir, 'CTestTestfile.cmake'))) {
   const ctestFailed = out.match(/(\d+) tests failed out of \d+/);
   const failedExes = ctestFailed ? Number(ctestFailed[1]) : code !== 0 ? 1 : 0;
   failed += Math.max(0, failedExes - exesWithFailures);
-  console.log(`native: ${cases} cases`);
+  console.log(`native (${label}): ${cases} cases`);
 }
+
+const cache = existsSync(join(buildDir, 'CMakeCache.txt')) ? readFileSync(join(buildDir, 'CMakeCache.txt'), 'utf8') : '';
+const withOnednn = /CMSEG_DNNL_LIBRARY:FILEPATH=\/|dnnl_DIR:PATH=\//.test(cache) && existsSync(join(buildDir, 'test_onednn'));
+nativeTests(buildDir, withOnednn ? 'oneDNN fast path on' : 'CPU reference');
+// With oneDNN built, the layers dispatch to it: run everything again on the reference path.
+if (withOnednn) nativeTests(buildDir, 'CPU reference (CMSEG_ONEDNN=0)', { CMSEG_ONEDNN: '0' });
+// Further builds to test (CI: the CUDA compile on a machine without a GPU).
+for (const dir of (process.env.CMSEG_EXTRA_BUILD_DIRS ?? '').split(',').filter(Boolean)) nativeTests(join(root, dir), dir);
 
 // ---- tap tests
 {

@@ -8,6 +8,7 @@
 
 #include "cmseg/gemm.hpp"
 #include "cmseg/layers.hpp"
+#include "cmseg/onednn.hpp"  // issue 7: oneDNN dispatch
 #include "cmseg/profile.hpp"
 #include "cmseg/threads.hpp"
 
@@ -64,6 +65,9 @@ int tile_width(int K, int n, int64_t V) {
 }  // namespace
 
 void conv3_forward(const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s, int ndim) {
+#if CMSEG_HAVE_ONEDNN  // issue 7: oneDNN fast path (native/onednn/), same contract
+  if (onednn::enabled()) return onednn::conv3_forward(x, w, y, n, cin, cout, s, ndim);
+#endif
   ProfileScope prof("conv3_forward");
   const int K = cin * conv3_taps(ndim);
   const int64_t V = s.size();
@@ -81,6 +85,9 @@ void conv3_forward(const float* x, const float* w, float* y, int n, int cin, int
 
 void conv3_backward(const float* x, const float* w, const float* dy, float* dx, float* dw, int n, int cin, int cout,
                     Spatial s, int ndim) {
+#if CMSEG_HAVE_ONEDNN  // issue 7: oneDNN fast path (native/onednn/), same contract
+  if (onednn::enabled()) return onednn::conv3_backward(x, w, dy, dx, dw, n, cin, cout, s, ndim);
+#endif
   const int T = conv3_taps(ndim);
   const int K = cin * T;
   const int64_t V = s.size();
@@ -95,8 +102,8 @@ void conv3_backward(const float* x, const float* w, const float* dy, float* dx, 
   ProfileScope prof("conv3_backward_weights");
   const int nt = tile_width(K, n, V);
   const int64_t tiles = (V + nt - 1) / nt;
-  std::vector<std::vector<float>> partial(num_threads());
-  parallel_for(n * tiles, [&](int64_t item, int thread) {
+  std::vector<std::vector<float>> partial(static_parts(n * tiles));  // per part: deterministic sums
+  parallel_for_static(n * tiles, [&](int64_t item, int thread) {
     const int64_t img = item / tiles, v0 = (item % tiles) * nt;
     const int cnt = (int)std::min<int64_t>(nt, V - v0);
     thread_local std::vector<float> col;

@@ -7,6 +7,7 @@
 
 #include "cmseg/gemm.hpp"
 #include "cmseg/layers.hpp"
+#include "cmseg/onednn.hpp"  // issue 7: oneDNN dispatch
 #include "cmseg/profile.hpp"
 #include "cmseg/threads.hpp"
 
@@ -36,6 +37,9 @@ int chunk_width(int n, int64_t V) {
 
 void upconv2_forward(const float* x, const float* w, const float* b, float* y, int n, int cin, int cout, Spatial s,
                      int ndim) {
+#if CMSEG_HAVE_ONEDNN  // issue 7: oneDNN fast path (native/onednn/), same contract
+  if (onednn::enabled()) return onednn::upconv2_forward(x, w, b, y, n, cin, cout, s, ndim);
+#endif
   ProfileScope prof("upconv2_forward");
   const int T = pool2_taps(ndim), M = cout * T;
   const Spatial so = twice(s, ndim);
@@ -61,6 +65,9 @@ void upconv2_forward(const float* x, const float* w, const float* b, float* y, i
 
 void upconv2_backward(const float* x, const float* w, const float* dy, float* dx, float* dw, float* db, int n, int cin,
                       int cout, Spatial s, int ndim) {
+#if CMSEG_HAVE_ONEDNN  // issue 7: oneDNN fast path (native/onednn/), same contract
+  if (onednn::enabled()) return onednn::upconv2_backward(x, w, dy, dx, dw, db, n, cin, cout, s, ndim);
+#endif
   ProfileScope prof("upconv2_backward");
   const int T = pool2_taps(ndim), M = cout * T;
   const Spatial so = twice(s, ndim);
@@ -68,8 +75,8 @@ void upconv2_backward(const float* x, const float* w, const float* dy, float* dx
   const UpIndex idx{s, so};
   const int ch = chunk_width(n, V);
   const int64_t chunks = (V + ch - 1) / ch;
-  std::vector<std::vector<float>> partial(num_threads());
-  parallel_for(n * chunks, [&](int64_t item, int thread) {
+  std::vector<std::vector<float>> partial(static_parts(n * chunks));  // per part: deterministic sums
+  parallel_for_static(n * chunks, [&](int64_t item, int thread) {
     const int64_t img = item / chunks, v0 = (item % chunks) * ch;
     const int cnt = (int)std::min<int64_t>(ch, V - v0);
     thread_local std::vector<float> dycol;

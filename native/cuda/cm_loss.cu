@@ -1,0 +1,547 @@
+// The fused confusion-matrix loss on the device (SPEC sections 3 and 4), forward and
+// backward in one pass. CPU reference: native/loss/cm_loss.cpp, whose per-pixel
+// arithmetic this file repeats expression for expression.
+//
+// Launch sequence (all on the context's stream, one host wait at the end):
+//   count    |P_r| per (image, annotator): labelled pixels of present images;
+//   weights  w_ce = 1/|P_r|, w_tr = 1/|V_r|, both 0 for an annotator with no
+//            labelled pixel in the batch (SPEC 4);
+//   [global] the R normalised global CMs, once;
+//   main     one thread per pixel, all annotators: softmax, A_r, q_r = A_r p, CE with
+//            the 1e-12 floor, trace, d/d logits and (pixel-wise modes) d/d raw CM
+//            channels; per-block sums of CE_r and T_r in double;
+//   finish   the blocks' sums added in a fixed order, scaled by the weights;
+//   [global] d/d raw global CM: per-block sums of dL/dA over pixels, added in a
+//            fixed order, then one backward through normalisation and softplus.
+// Every reduction has a fixed shape and order, so results repeat bit for bit.
+#include "common.cuh"
+
+namespace cmseg {
+namespace cuda {
+namespace {
+
+constexpr int kMaxAnnotators = 16;  // annotators per call on the device
+constexpr int kMaxRank = 8;         // as the CPU reference
+constexpr int kLossThreads = 128;
+
+enum Mode { kFull = 0, kLowRank = 1, kGlobal = 2 };
+
+struct LossParams {
+  const float* z;  // [n, L, V]
+  float* dz;       // [n, L, V] or null (no gradients)
+  const float* raw[kMaxAnnotators];      // [n, K, V] (pixel-wise modes)
+  float* draw[kMaxAnnotators];           // same shape, or null
+  const uint8_t* labels[kMaxAnnotators]; // [n, V]
+  const uint8_t* present;  // [n, R] or null
+  const double* w;         // [3R]: w_ce, w_tr, pixels of the images r labelled
+  const float* gA;         // global mode: [R, L*L] normalised CMs
+  double* partial;         // [gridDim.x, 2R]: CE_r, T_r per block
+  int n, L, R, rank;
+  int64_t V;
+  float lam;
+};
+
+__device__ inline float softplus(float x) { return x > 20.f ? x : log1pf(expf(x)); }
+__device__ inline float sigmoid(float x) { return x >= 0.f ? 1.f / (1.f + expf(-x)) : expf(x) / (1.f + expf(x)); }
+__device__ inline bool is_present(const LossParams& P, int i, int r) {
+  return !P.present || P.present[(int64_t)i * P.R + r] != 0;
+}
+
+// ---- count and weights ----------------------------------------------------------
+
+__global__ void count_kernel(LossParams P, unsigned long long* __restrict__ counts) {
+  __shared__ double scratch[32];
+  const int i = blockIdx.y;
+  const int64_t V = P.V;
+  for (int r = 0; r < P.R; ++r) {
+    if (!is_present(P, i, r)) continue;  // uniform across the block
+    const uint8_t* lab = P.labels[r] + (int64_t)i * V;
+    double c = 0;
+    for (int64_t v = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; v < V; v += (int64_t)gridDim.x * blockDim.x)
+      c += lab[v] != kUnlabelled;
+    c = block_sum(c, scratch);
+    // Integer atomics: the total does not depend on the order blocks finish in.
+    if (threadIdx.x == 0 && c > 0) atomicAdd(&counts[(int64_t)i * P.R + r], (unsigned long long)c);
+  }
+}
+
+__global__ void weights_kernel(LossParams P, const unsigned long long* __restrict__ counts, double* __restrict__ w) {
+  const int r = threadIdx.x;
+  if (r >= P.R) return;
+  unsigned long long labelled = 0, images = 0;
+  for (int i = 0; i < P.n; ++i) {
+    labelled += counts[(int64_t)i * P.R + r];
+    images += is_present(P, i, r);
+  }
+  // SPEC 4: an annotator with no labelled pixel in the batch contributes to neither term.
+  w[r] = labelled ? 1.0 / (double)labelled : 0.0;
+  w[P.R + r] = labelled && images ? 1.0 / ((double)images * (double)P.V) : 0.0;
+  w[2 * P.R + r] = (double)images * (double)P.V;
+}
+
+// ---- one pixel's CM -------------------------------------------------------------
+// CAP: compile-time bound on L (the exact L for the specialised kernels, so loops
+// unroll and the arrays live in registers).
+template <int CAP, int MODE>
+struct PixelCm {
+  float A[CAP * CAP];     // column-normalised
+  float invS[CAP];        // 1 / column sums of the unnormalised entries
+  float sig[MODE == kFull ? CAP * CAP : 1];  // sigmoid(u) (full)
+  float spU[MODE == kLowRank ? CAP * kMaxRank : 1], spW[MODE == kLowRank ? CAP * kMaxRank : 1];
+  float sigU[MODE == kLowRank ? CAP * kMaxRank : 1], sigW[MODE == kLowRank ? CAP * kMaxRank : 1];
+  float sig_s;
+
+  __device__ __forceinline__ void compute(const float* raw, int64_t stride, int L, int l) {
+    if constexpr (MODE == kLowRank) {
+      for (int e = 0; e < L * l; ++e) {
+        const float u = raw[e * stride], w = raw[(L * l + e) * stride];
+        spU[e] = softplus(u), sigU[e] = sigmoid(u);
+        spW[e] = softplus(w), sigW[e] = sigmoid(w);
+      }
+      const float s = raw[(2 * L * l) * stride];
+      const float sp_s = softplus(s);
+      sig_s = sigmoid(s);
+#pragma unroll
+      for (int i = 0; i < L; ++i) {
+#pragma unroll
+        for (int j = 0; j < L; ++j) {
+          float v = i == j ? sp_s : 0.f;
+          for (int k = 0; k < l; ++k) v += spU[i * l + k] * spW[j * l + k];
+          A[i * L + j] = v;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < L * L; ++e) {
+        const float u = raw[e * stride];
+        A[e] = softplus(u);
+        if constexpr (MODE == kFull) sig[e] = sigmoid(u);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < L; ++j) {
+      float s = 0.f;
+#pragma unroll
+      for (int i = 0; i < L; ++i) s += A[i * L + j];
+      const float inv = 1.f / s;
+      invS[j] = inv;
+#pragma unroll
+      for (int i = 0; i < L; ++i) A[i * L + j] *= inv;
+    }
+  }
+};
+
+// g = dL/dA of one pixel: w_tr * lambda on the diagonal, minus p[j] * w_ce / q[c] on
+// row c when the CE term has a gradient (the CPU reference's g array, entry by entry).
+__device__ __forceinline__ float g_entry(int k, int j, int c, bool ce_grad, float tl, float pj_inv) {
+  float g = k == j ? tl : 0.f;
+  if (ce_grad && k == c) g -= pj_inv;
+  return g;
+}
+
+// ---- main pass ------------------------------------------------------------------
+
+template <int LT, int MODE>
+__global__ void __launch_bounds__(kLossThreads) cm_loss_kernel(LossParams P) {
+  constexpr int CAP = LT ? LT : kMaxClasses;
+  const int L = LT ? LT : P.L;
+  const int R = P.R, l = P.rank;
+  const int64_t V = P.V;
+  const int K = MODE == kFull ? L * L : MODE == kLowRank ? 2 * L * l + 1 : 0;
+  const bool grads = P.dz != nullptr;
+
+  extern __shared__ double acc[];  // [2R][blockDim.x]: this thread's CE_r and T_r sums
+  __shared__ double scratch[32];
+  for (int k = 0; k < 2 * R; ++k) acc[k * blockDim.x + threadIdx.x] = 0.0;
+
+  const int64_t total = (int64_t)P.n * V;
+  for (int64_t pix = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; pix < total;
+       pix += (int64_t)gridDim.x * blockDim.x) {
+    const int i = (int)(pix / V);
+    const int64_t v = pix - (int64_t)i * V;
+    const float* z = P.z + (int64_t)i * L * V + v;
+    float p[CAP], dp[CAP];
+    float m = z[0];
+#pragma unroll
+    for (int k = 1; k < L; ++k)
+      m = fmaxf(m, z[k * V]);
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < L; ++k)
+      s += (p[k] = expf(z[k * V] - m));
+#pragma unroll
+    for (int k = 0; k < L; ++k)
+      p[k] /= s, dp[k] = 0.f;
+
+    for (int r = 0; r < R; ++r) {
+      const int64_t head = (int64_t)i * K * V + v;
+      if (!is_present(P, i, r)) {
+        if (grads && MODE != kGlobal)
+          for (int k = 0; k < K; ++k) P.draw[r][head + k * V] = 0.f;
+        continue;
+      }
+      PixelCm<CAP, MODE> cm;
+      if constexpr (MODE == kGlobal) {
+#pragma unroll
+        for (int e = 0; e < L * L; ++e)
+          cm.A[e] = P.gA[r * L * L + e];
+      } else {
+        cm.compute(P.raw[r] + head, V, L, l);
+      }
+      float tr = 0.f;
+#pragma unroll
+      for (int k = 0; k < L; ++k)
+        tr += cm.A[k * L + k];
+      acc[(R + r) * blockDim.x + threadIdx.x] += tr;
+
+      const int c = P.labels[r][(int64_t)i * V + v];
+      // Row c of A, selected without a run-time register index.
+      float Ac[CAP];
+#pragma unroll
+      for (int j = 0; j < L; ++j) {
+        Ac[j] = 0.f;
+#pragma unroll
+        for (int ii = 0; ii < L; ++ii)
+          if (ii == c) Ac[j] = cm.A[ii * L + j];
+      }
+      float qc = 0.f;
+      bool ce_grad = false;
+      if (c != kUnlabelled) {
+#pragma unroll
+        for (int j = 0; j < L; ++j)
+          qc += Ac[j] * p[j];
+        acc[r * blockDim.x + threadIdx.x] += -logf(fmaxf(qc, kProbFloor));
+        ce_grad = qc > kProbFloor;  // the clamp has zero gradient
+      }
+      if (!grads) continue;
+      const float wce = (float)P.w[r], wtr = (float)P.w[R + r];
+      const float tl = wtr * P.lam;
+      const float inv = ce_grad ? wce / qc : 0.f;
+      if (ce_grad) {
+#pragma unroll
+        for (int j = 0; j < L; ++j)
+          dp[j] -= Ac[j] * inv;
+      }
+      if constexpr (MODE == kGlobal) {
+        continue;  // reduced across pixels by global_grad_kernel
+      } else {
+        // dL/da[k][j] = (g[k][j] - sum_i g[i][j] A[i][j]) / S_j  (SPEC 4)
+        float* draw = P.draw[r] + head;
+        float da[MODE == kLowRank ? CAP * CAP : 1];
+#pragma unroll
+        for (int j = 0; j < L; ++j) {
+          const float pj_inv = p[j] * inv;
+          float dot = 0.f;
+#pragma unroll
+          for (int ii = 0; ii < L; ++ii)
+            dot += g_entry(ii, j, c, ce_grad, tl, pj_inv) * cm.A[ii * L + j];
+#pragma unroll
+          for (int k = 0; k < L; ++k) {
+            const float d = (g_entry(k, j, c, ce_grad, tl, pj_inv) - dot) * cm.invS[j];
+            if constexpr (MODE == kFull)
+              draw[(int64_t)(k * L + j) * V] = d * cm.sig[k * L + j];
+            else
+              da[k * L + j] = d;
+          }
+        }
+        if constexpr (MODE == kLowRank) {
+          for (int ii = 0; ii < L; ++ii)
+            for (int k = 0; k < l; ++k) {
+              float su = 0.f, sw = 0.f;
+              for (int j = 0; j < L; ++j) {
+                su += da[ii * L + j] * cm.spW[j * l + k];
+                sw += da[j * L + ii] * cm.spU[j * l + k];
+              }
+              draw[(int64_t)(ii * l + k) * V] = su * cm.sigU[ii * l + k];
+              draw[(int64_t)(L * l + ii * l + k) * V] = sw * cm.sigW[ii * l + k];
+            }
+          float ds = 0.f;
+          for (int ii = 0; ii < L; ++ii) ds += da[ii * L + ii];
+          draw[(int64_t)(2 * L * l) * V] = ds * cm.sig_s;
+        }
+      }
+    }
+    if (grads) {
+      float dot = 0.f;
+#pragma unroll
+      for (int k = 0; k < L; ++k)
+        dot += p[k] * dp[k];
+      float* dz = P.dz + (int64_t)i * L * V + v;
+#pragma unroll
+      for (int k = 0; k < L; ++k)
+        dz[k * V] = p[k] * (dp[k] - dot);
+    }
+  }
+  for (int k = 0; k < 2 * R; ++k) {
+    const double t = block_sum(acc[k * blockDim.x + threadIdx.x], scratch);
+    if (threadIdx.x == 0) P.partial[(int64_t)blockIdx.x * 2 * R + k] = t;
+  }
+}
+
+// out[r] = CE_r, out[R + r] = T_r, out[2R] = loss; blocks added in index order.
+__global__ void finish_kernel(const double* __restrict__ partial, int blocks, const double* __restrict__ w, int R,
+                              float lam, double* __restrict__ out) {
+  __shared__ double terms[2 * kMaxAnnotators];
+  const int k = threadIdx.x;
+  if (k < 2 * R) {
+    double s = 0;
+    for (int b = 0; b < blocks; ++b) s += partial[(int64_t)b * 2 * R + k];
+    terms[k] = s * w[k];  // w_ce for k < R, w_tr for R <= k < 2R
+    out[k] = terms[k];
+  }
+  __syncthreads();
+  if (k == 0) {
+    double loss = 0;
+    for (int r = 0; r < R; ++r) loss += terms[r] + (double)lam * terms[R + r];
+    out[2 * R] = loss;
+  }
+}
+
+// ---- global mode ----------------------------------------------------------------
+
+template <int CAP>
+__device__ inline void global_cm(const float* raw, int L, float* A, float* a, float* S) {
+  for (int e = 0; e < L * L; ++e) a[e] = softplus(raw[e]);
+  for (int j = 0; j < L; ++j) {
+    float s = 0.f;
+    for (int i = 0; i < L; ++i) s += a[i * L + j];
+    S[j] = s;
+    const float inv = 1.f / s;
+    for (int i = 0; i < L; ++i) A[i * L + j] = a[i * L + j] * inv;
+  }
+}
+
+__global__ void global_prepare_kernel(LossParams P, float* __restrict__ gA) {
+  const int r = threadIdx.x;
+  if (r >= P.R) return;
+  float a[kMaxClasses * kMaxClasses], S[kMaxClasses];
+  global_cm<kMaxClasses>(P.raw[r], P.L, gA + r * P.L * P.L, a, S);
+}
+
+// Per block and annotator (blockIdx.y): G[c][j] = sum over labelled pixels of
+// p[j] * w_ce / q[c], the CE part of sum_v dL/dA (with the opposite sign).
+template <int LT>
+__global__ void __launch_bounds__(kLossThreads) global_grad_kernel(LossParams P, double* __restrict__ gpartial) {
+  constexpr int CAP = LT ? LT : kMaxClasses;
+  __shared__ double scratch[32];
+  const int L = LT ? LT : P.L;
+  const int r = blockIdx.y;
+  const int64_t V = P.V, total = (int64_t)P.n * V;
+  const float wce = (float)P.w[r];
+  float Ag[CAP * CAP];
+#pragma unroll
+  for (int e = 0; e < L * L; ++e)
+    Ag[e] = P.gA[r * L * L + e];
+  float G[CAP * CAP];
+#pragma unroll
+  for (int e = 0; e < L * L; ++e) G[e] = 0.f;
+  for (int64_t pix = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; pix < total;
+       pix += (int64_t)gridDim.x * blockDim.x) {
+    const int i = (int)(pix / V);
+    const int64_t v = pix - (int64_t)i * V;
+    if (!is_present(P, i, r)) continue;
+    const int c = P.labels[r][(int64_t)i * V + v];
+    if (c == kUnlabelled) continue;
+    const float* z = P.z + (int64_t)i * L * V + v;
+    float p[CAP];
+    float m = z[0];
+#pragma unroll
+    for (int k = 1; k < L; ++k)
+      m = fmaxf(m, z[k * V]);
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < L; ++k)
+      s += (p[k] = expf(z[k * V] - m));
+#pragma unroll
+    for (int k = 0; k < L; ++k)
+      p[k] /= s;
+    float qc = 0.f;
+#pragma unroll
+    for (int j = 0; j < L; ++j) {
+      float acj = 0.f;
+#pragma unroll
+      for (int ii = 0; ii < L; ++ii)
+        if (ii == c) acj = Ag[ii * L + j];
+      qc += acj * p[j];
+    }
+    if (!(qc > kProbFloor)) continue;
+    const float inv = wce / qc;
+#pragma unroll
+    for (int ii = 0; ii < L; ++ii)
+#pragma unroll
+      for (int j = 0; j < L; ++j)
+        if (ii == c) G[ii * L + j] += p[j] * inv;
+  }
+  for (int e = 0; e < L * L; ++e) {
+    const double t = block_sum(G[e], scratch);
+    if (threadIdx.x == 0) gpartial[((int64_t)r * gridDim.x + blockIdx.x) * L * L + e] = t;
+  }
+}
+
+// One block per annotator: adds the blocks' G in order, adds the trace term
+// (w_tr * lambda on the diagonal at every pixel of the images r labelled), and runs
+// the backward through column normalisation and softplus once.
+__global__ void global_grad_finish_kernel(LossParams P, const double* __restrict__ gpartial, int blocks) {
+  __shared__ float g[kMaxClasses * kMaxClasses];
+  const int r = blockIdx.x, L = P.L;
+  const float wtr = (float)P.w[P.R + r];
+  const double pixels = P.w[2 * P.R + r];
+  for (int e = threadIdx.x; e < L * L; e += blockDim.x) {
+    double s = 0;
+    for (int b = 0; b < blocks; ++b) s += gpartial[((int64_t)r * blocks + b) * L * L + e];
+    const int k = e / L, j = e % L;
+    g[e] = (float)((k == j ? (double)(wtr * P.lam) * pixels : 0.0) - s);
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  float a[kMaxClasses * kMaxClasses], A[kMaxClasses * kMaxClasses], S[kMaxClasses];
+  global_cm<kMaxClasses>(P.raw[r], L, A, a, S);
+  for (int j = 0; j < L; ++j) {
+    float dot = 0.f;
+    for (int i = 0; i < L; ++i) dot += g[i * L + j] * A[i * L + j];
+    const float inv = 1.f / S[j];
+    for (int k = 0; k < L; ++k)
+      P.draw[r][k * L + j] = (g[k * L + j] - dot) * inv * sigmoid(P.raw[r][k * L + j]);
+  }
+}
+
+template <int MODE>
+void launch_main(int L, unsigned grid, size_t smem, cudaStream_t st, const LossParams& P) {
+  switch (L) {
+    case 2: cm_loss_kernel<2, MODE><<<grid, kLossThreads, smem, st>>>(P); break;
+    case 3: cm_loss_kernel<3, MODE><<<grid, kLossThreads, smem, st>>>(P); break;
+    case 4: cm_loss_kernel<4, MODE><<<grid, kLossThreads, smem, st>>>(P); break;
+    default: cm_loss_kernel<0, MODE><<<grid, kLossThreads, smem, st>>>(P); break;
+  }
+}
+
+}  // namespace
+
+void cm_loss(Context& ctx, const CmLossInput& in, CmLossOutput& out) {
+  const int n = in.n, L = in.L, R = in.R;
+  const int64_t V = in.V;
+  if (L < 2 || L > kMaxClasses) fail("classes must be in 2..", kMaxClasses, ", got ", L);
+  if (in.mode == CmMode::LowRank && (in.rank < 1 || in.rank > kMaxRank))
+    fail("cmRank must be in 1..", kMaxRank, ", got ", in.rank);
+  if (R < 1 || R > kMaxAnnotators) fail("the CUDA CM loss takes 1..", kMaxAnnotators, " annotators, got ", R);
+  if ((int)in.cm_raw.size() != R || (int)in.labels.size() != R) fail("cm_loss: expected ", R, " annotators");
+  if (n < 1 || V < 1) fail("cm_loss: empty batch (n ", n, ", V ", V, ")");
+  if (n > 65535) fail("cm_loss: batch of ", n, " images exceeds the CUDA grid limit of 65535");
+  const bool grads = out.d_seg_logits != nullptr;
+  if (grads && (int)out.d_cm_raw.size() != R) fail("cm_loss: expected ", R, " CM gradient arrays");
+  const int mode = in.mode == CmMode::Full ? kFull : in.mode == CmMode::LowRank ? kLowRank : kGlobal;
+
+  LossParams P{};
+  P.z = in.seg_logits;
+  P.dz = out.d_seg_logits;
+  for (int r = 0; r < R; ++r) {
+    P.raw[r] = in.cm_raw[r];
+    P.labels[r] = in.labels[r];
+    P.draw[r] = grads ? out.d_cm_raw[r] : nullptr;
+  }
+  P.present = in.present;
+  P.n = n, P.L = L, P.R = R, P.rank = in.rank, P.V = V, P.lam = in.trace_weight;
+
+  cudaStream_t st = stream_of(ctx);
+  Context::Impl& im = ctx.impl();
+  Buffer<unsigned long long> counts(ctx, (size_t)n * R);
+  Buffer<double> w(ctx, (size_t)3 * R), result(ctx, (size_t)2 * R + 1);
+  Buffer<float> gA(ctx, mode == kGlobal ? (size_t)R * L * L : 0);
+  counts.zero();
+  P.w = w.data();
+  P.gA = gA.data();
+
+  const dim3 count_grid((unsigned)std::min<int64_t>((V + 1023) / 1024, 64), (unsigned)n);
+  count_kernel<<<count_grid, 256, 0, st>>>(P, counts.data());
+  CMSEG_CUDA_LAUNCHED("cm_loss count");
+  weights_kernel<<<1, 32, 0, st>>>(P, counts.data(), w.data());
+  CMSEG_CUDA_LAUNCHED("cm_loss weights");
+  if (mode == kGlobal) {
+    global_prepare_kernel<<<1, 32, 0, st>>>(P, gA.data());
+    CMSEG_CUDA_LAUNCHED("cm_loss global prepare");
+  }
+
+  const unsigned grid = (unsigned)im.grid_for((int64_t)n * V, kLossThreads, 8);
+  Buffer<double> partial(ctx, (size_t)grid * 2 * R);
+  P.partial = partial.data();
+  const size_t smem = sizeof(double) * 2 * R * kLossThreads;  // at most 32 KiB
+  if (mode == kFull)
+    launch_main<kFull>(L, grid, smem, st, P);
+  else if (mode == kLowRank)
+    launch_main<kLowRank>(L, grid, smem, st, P);
+  else
+    launch_main<kGlobal>(L, grid, smem, st, P);
+  CMSEG_CUDA_LAUNCHED("cm_loss main");
+  finish_kernel<<<1, 2 * kMaxAnnotators, 0, st>>>(partial.data(), (int)grid, w.data(), R, in.trace_weight,
+                                                  result.data());
+  CMSEG_CUDA_LAUNCHED("cm_loss finish");
+
+  if (mode == kGlobal && grads) {
+    const unsigned ggrid = (unsigned)im.grid_for((int64_t)n * V, kLossThreads, 2);
+    Buffer<double> gpartial(ctx, (size_t)R * ggrid * L * L);
+    const dim3 g2(ggrid, (unsigned)R);
+    switch (L) {
+      case 2: global_grad_kernel<2><<<g2, kLossThreads, 0, st>>>(P, gpartial.data()); break;
+      case 3: global_grad_kernel<3><<<g2, kLossThreads, 0, st>>>(P, gpartial.data()); break;
+      case 4: global_grad_kernel<4><<<g2, kLossThreads, 0, st>>>(P, gpartial.data()); break;
+      default: global_grad_kernel<0><<<g2, kLossThreads, 0, st>>>(P, gpartial.data()); break;
+    }
+    CMSEG_CUDA_LAUNCHED("cm_loss global grad");
+    global_grad_finish_kernel<<<(unsigned)R, 64, 0, st>>>(P, gpartial.data(), (int)ggrid);
+    CMSEG_CUDA_LAUNCHED("cm_loss global grad finish");
+  }
+
+  std::vector<double> h(2 * R + 1);
+  result.download(h.data());  // waits for the stream
+  out.ce.assign(h.begin(), h.begin() + R);
+  out.trace.assign(h.begin() + R, h.begin() + 2 * R);
+  out.loss = h[2 * R];
+}
+
+namespace host {
+
+void cm_loss(Context& ctx, const CmLossInput& in, CmLossOutput& out) {
+  const int n = in.n, L = in.L, R = in.R;
+  const int64_t V = in.V;
+  const bool global = in.mode == CmMode::Global;
+  const size_t K = global ? (size_t)L * L : (size_t)cm_head_channels(in.mode, L, in.rank);
+  const size_t raw_count = global ? K : (size_t)n * K * V;
+  if ((int)in.cm_raw.size() != R || (int)in.labels.size() != R) fail("cm_loss: expected ", R, " annotators");
+  const bool grads = out.d_seg_logits != nullptr;
+
+  Buffer<float> z(ctx, (size_t)n * L * V), dz(ctx, grads ? (size_t)n * L * V : 0);
+  Buffer<uint8_t> present(ctx, in.present ? (size_t)n * R : 0);
+  std::vector<Buffer<float>> raw, draw;
+  std::vector<Buffer<uint8_t>> labels;
+  z.upload(in.seg_logits);
+  if (in.present) present.upload(in.present);
+  CmLossInput din = in;
+  CmLossOutput dout;
+  din.seg_logits = z.data();
+  din.present = in.present ? present.data() : nullptr;
+  for (int r = 0; r < R; ++r) {
+    raw.emplace_back(ctx, raw_count);
+    raw.back().upload(in.cm_raw[r]);
+    labels.emplace_back(ctx, (size_t)n * V);
+    labels.back().upload(in.labels[r]);
+    din.cm_raw[r] = raw.back().data();
+    din.labels[r] = labels.back().data();
+    if (grads) {
+      draw.emplace_back(ctx, raw_count);
+      dout.d_cm_raw.push_back(draw.back().data());
+    }
+  }
+  dout.d_seg_logits = grads ? dz.data() : nullptr;
+  cuda::cm_loss(ctx, din, dout);
+  out.loss = dout.loss;
+  out.ce = dout.ce;
+  out.trace = dout.trace;
+  if (grads) {
+    dz.download(out.d_seg_logits);
+    for (int r = 0; r < R; ++r) draw[r].download(out.d_cm_raw[r]);
+  }
+}
+
+}  // namespace host
+}  // namespace cuda
+}  // namespace cmseg

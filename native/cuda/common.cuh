@@ -1,0 +1,129 @@
+// Shared pieces of the CUDA backend: error checks, the context's internals, launch
+// sizing and a deterministic block reduction. Included by the .cu files only.
+#pragma once
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <cudnn.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <tuple>
+#include <unordered_map>
+
+#include "cmseg/cuda.hpp"
+#include "cmseg/error.hpp"
+
+namespace cmseg {
+namespace cuda {
+
+[[noreturn]] inline void throw_cuda(cudaError_t e, const char* what, const char* file, int line) {
+  if (e == cudaErrorMemoryAllocation) {
+    cudaGetLastError();  // clear the sticky-free error so the context stays usable
+    throw OutOfMemory(str("CUDA out of memory in ", what, " (", file, ":", line, ")"));
+  }
+  throw Error(str("CUDA error ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ") in ", what, " at ", file, ":",
+                  line));
+}
+[[noreturn]] inline void throw_cudnn(cudnnStatus_t s, const char* what, const char* file, int line) {
+  throw Error(str("cuDNN error ", cudnnGetErrorString(s), " in ", what, " at ", file, ":", line));
+}
+[[noreturn]] inline void throw_cublas(cublasStatus_t s, const char* what, const char* file, int line) {
+  throw Error(str("cuBLAS error ", (int)s, " in ", what, " at ", file, ":", line));
+}
+
+#define CMSEG_CUDA(call)                                                          \
+  do {                                                                            \
+    const cudaError_t e_ = (call);                                                \
+    if (e_ != cudaSuccess) ::cmseg::cuda::throw_cuda(e_, #call, __FILE__, __LINE__); \
+  } while (0)
+#define CMSEG_CUDNN(call)                                                                 \
+  do {                                                                                    \
+    const cudnnStatus_t s_ = (call);                                                      \
+    if (s_ != CUDNN_STATUS_SUCCESS) ::cmseg::cuda::throw_cudnn(s_, #call, __FILE__, __LINE__); \
+  } while (0)
+#define CMSEG_CUBLAS(call)                                                                  \
+  do {                                                                                      \
+    const cublasStatus_t s_ = (call);                                                       \
+    if (s_ != CUBLAS_STATUS_SUCCESS) ::cmseg::cuda::throw_cublas(s_, #call, __FILE__, __LINE__); \
+  } while (0)
+// After a kernel launch: launch-configuration errors surface here, not later.
+#define CMSEG_CUDA_LAUNCHED(what) CMSEG_CUDA(cudaGetLastError())
+
+// A cuDNN algorithm chosen once per convolution shape (conv_cudnn.cu).
+struct ConvKey {
+  int op;  // which call (forward, backward data, backward filter) of which layer
+  int n, cin, cout, d, h, w, ndim;
+  bool tf32;
+  bool operator<(const ConvKey& o) const {
+    return std::tie(op, n, cin, cout, d, h, w, ndim, tf32) <
+           std::tie(o.op, o.n, o.cin, o.cout, o.d, o.h, o.w, o.ndim, o.tf32);
+  }
+};
+struct ConvAlgo {
+  int algo = 0;
+  size_t workspace = 0;
+  int math = 0;  // cudnnMathType_t the algorithm was chosen with
+};
+
+struct Context::Impl {
+  ContextOptions options;
+  cudaStream_t stream = nullptr;
+  cudaMemPool_t pool = nullptr;
+  cudaEvent_t t0 = nullptr, t1 = nullptr;
+  int multiprocessors = 1;
+  size_t in_use = 0, peak = 0;
+  std::unordered_map<void*, size_t> sizes;
+  std::map<ConvKey, ConvAlgo> conv_algos;
+  cudnnHandle_t cudnn_handle = nullptr;
+  cublasHandle_t cublas_handle = nullptr;
+
+  // Created on first use: loading cuDNN costs time a context without convolutions skips.
+  cudnnHandle_t cudnn() {
+    if (!cudnn_handle) {
+      CMSEG_CUDNN(cudnnCreate(&cudnn_handle));
+      CMSEG_CUDNN(cudnnSetStream(cudnn_handle, stream));
+    }
+    return cudnn_handle;
+  }
+  cublasHandle_t cublas() {
+    if (!cublas_handle) {
+      CMSEG_CUBLAS(cublasCreate(&cublas_handle));
+      CMSEG_CUBLAS(cublasSetStream(cublas_handle, stream));
+    }
+    return cublas_handle;
+  }
+  // A grid for grid-stride kernels: enough blocks to fill the device a few times,
+  // never more than the work needs. Depends only on the device, so reductions
+  // that use it are reproducible run to run.
+  int grid_for(int64_t items, int threads, int blocks_per_sm = 8) const {
+    const int64_t need = (items + threads - 1) / threads;
+    const int64_t cap = (int64_t)multiprocessors * blocks_per_sm;
+    return (int)std::max<int64_t>(1, std::min(need, cap));
+  }
+};
+
+inline cudaStream_t stream_of(Context& ctx) { return ctx.impl().stream; }
+
+// Sum of one double per thread over the block, in a fixed order (warp shuffles,
+// then the warps' sums by warp 0), so the result is the same on every run. All
+// threads of the block must call it; the total is returned to thread 0.
+// `scratch` holds at least blockDim.x / 32 doubles of shared memory.
+__device__ inline double block_sum(double v, double* scratch) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  double total = 0;
+  if (warp == 0) {
+    total = lane < warps ? scratch[lane] : 0.0;
+    for (int o = 16; o > 0; o >>= 1) total += __shfl_down_sync(0xffffffffu, total, o);
+  }
+  return total;
+}
+
+inline unsigned blocks_for(int64_t items, int threads) { return (unsigned)((items + threads - 1) / threads); }
+
+}  // namespace cuda
+}  // namespace cmseg

@@ -1,0 +1,182 @@
+// Device discovery and the context: one stream, allocations from the device's
+// stream-ordered memory pool, lazily created cuDNN / cuBLAS handles.
+#include <cstdio>
+#include <mutex>
+
+#include "common.cuh"
+
+namespace cmseg {
+namespace cuda {
+namespace {
+
+struct Probe {
+  int devices = 0;
+  std::string reason;
+};
+
+const Probe& probe() {
+  static Probe p;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    const cudaError_t e = cudaGetDeviceCount(&p.devices);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      p.devices = 0;
+      p.reason = str("cudaGetDeviceCount: ", cudaGetErrorString(e));
+    } else if (p.devices == 0) {
+      p.reason = "the CUDA runtime found no device";
+    }
+  });
+  return p;
+}
+
+}  // namespace
+
+bool built() { return true; }
+bool available() { return probe().devices > 0; }
+std::string unavailable_reason() { return probe().reason; }
+
+size_t cudnn_version() { return cudnnGetVersion(); }
+
+DeviceInfo device_info(int device) {
+  if (!available()) throw Error(str("no CUDA device: ", unavailable_reason()));
+  if (device < 0 || device >= probe().devices)
+    throw Error(str("CUDA device ", device, " does not exist (", probe().devices, " found)"));
+  cudaDeviceProp prop{};
+  CMSEG_CUDA(cudaGetDeviceProperties(&prop, device));
+  DeviceInfo info;
+  info.index = device;
+  info.name = prop.name;
+  info.cc_major = prop.major, info.cc_minor = prop.minor;
+  info.multiprocessors = prop.multiProcessorCount;
+  info.memory_bytes = prop.totalGlobalMem;
+  info.l2_bytes = (size_t)prop.l2CacheSize;
+  CMSEG_CUDA(cudaRuntimeGetVersion(&info.runtime_version));
+  CMSEG_CUDA(cudaDriverGetVersion(&info.driver_version));
+  info.cudnn_version = cudnnGetVersion();
+  int major = 0, minor = 0, patch = 0;
+  if (cublasGetProperty(MAJOR_VERSION, &major) == CUBLAS_STATUS_SUCCESS &&
+      cublasGetProperty(MINOR_VERSION, &minor) == CUBLAS_STATUS_SUCCESS &&
+      cublasGetProperty(PATCH_LEVEL, &patch) == CUBLAS_STATUS_SUCCESS)
+    info.cublas_version = major * 10000 + minor * 100 + patch;
+  return info;
+}
+
+// ---- Context -------------------------------------------------------------------
+
+Context::Context(const ContextOptions& options) : impl_(new Impl) {
+  if (!available()) throw Error(str("no CUDA device: ", unavailable_reason()));
+  Impl& m = *impl_;
+  m.options = options;
+  const int dev = options.device;
+  if (dev < 0 || dev >= probe().devices)
+    throw Error(str("CUDA device ", dev, " does not exist (", probe().devices, " found)"));
+  CMSEG_CUDA(cudaSetDevice(dev));
+  int pools = 0;
+  CMSEG_CUDA(cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, dev));
+  if (!pools) throw Error(str("CUDA device ", dev, " has no stream-ordered memory pools (cudaMallocAsync)"));
+  CMSEG_CUDA(cudaDeviceGetAttribute(&m.multiprocessors, cudaDevAttrMultiProcessorCount, dev));
+  CMSEG_CUDA(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
+  CMSEG_CUDA(cudaDeviceGetDefaultMemPool(&m.pool, dev));
+  // Keep freed memory in the pool: a training step frees and re-allocates the same
+  // sizes every iteration, and returning memory to the driver would synchronise.
+  uint64_t keep = UINT64_MAX;
+  CMSEG_CUDA(cudaMemPoolSetAttribute(m.pool, cudaMemPoolAttrReleaseThreshold, &keep));
+  CMSEG_CUDA(cudaEventCreate(&m.t0));
+  CMSEG_CUDA(cudaEventCreate(&m.t1));
+}
+
+Context::~Context() {
+  Impl& m = *impl_;
+  if (m.stream) {
+    for (auto& kv : m.sizes) cudaFreeAsync(kv.first, m.stream);
+    cudaStreamSynchronize(m.stream);
+  }
+  if (m.cudnn_handle) cudnnDestroy(m.cudnn_handle);
+  if (m.cublas_handle) cublasDestroy(m.cublas_handle);
+  if (m.t0) cudaEventDestroy(m.t0);
+  if (m.t1) cudaEventDestroy(m.t1);
+  if (m.stream) cudaStreamDestroy(m.stream);
+}
+
+const ContextOptions& Context::options() const { return impl_->options; }
+void Context::set_tf32(bool on) { impl_->options.tf32 = on; }
+int Context::device() const { return impl_->options.device; }
+void* Context::stream_handle() const { return impl_->stream; }
+
+void* Context::alloc(size_t bytes) {
+  if (bytes == 0) return nullptr;
+  Impl& m = *impl_;
+  void* p = nullptr;
+  const cudaError_t e = cudaMallocAsync(&p, bytes, m.stream);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    throw OutOfMemory(str("device allocation of ", bytes, " bytes failed (", m.in_use, " bytes in use through this context): ",
+                          cudaGetErrorString(e)));
+  }
+  m.sizes[p] = bytes;
+  m.in_use += bytes;
+  m.peak = std::max(m.peak, m.in_use);
+  return p;
+}
+
+void Context::free(void* p) {
+  if (!p) return;
+  Impl& m = *impl_;
+  auto it = m.sizes.find(p);
+  if (it == m.sizes.end()) throw Error("Context::free: pointer was not allocated by this context");
+  m.in_use -= it->second;
+  m.sizes.erase(it);
+  CMSEG_CUDA(cudaFreeAsync(p, m.stream));
+}
+
+PoolStats Context::pool_stats() const {
+  PoolStats s;
+  s.in_use_bytes = impl_->in_use;
+  s.peak_in_use_bytes = impl_->peak;
+  uint64_t reserved = 0;
+  CMSEG_CUDA(cudaMemPoolGetAttribute(impl_->pool, cudaMemPoolAttrReservedMemCurrent, &reserved));
+  s.reserved_bytes = (size_t)reserved;
+  return s;
+}
+
+void Context::trim(size_t keep_bytes) {
+  CMSEG_CUDA(cudaStreamSynchronize(impl_->stream));
+  CMSEG_CUDA(cudaMemPoolTrimTo(impl_->pool, keep_bytes));
+}
+
+void Context::upload(void* dst, const void* src, size_t bytes) {
+  if (bytes) CMSEG_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, impl_->stream));
+}
+
+void Context::download(void* dst, const void* src, size_t bytes) {
+  if (!bytes) return;
+  CMSEG_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, impl_->stream));
+  // The host array is read right after this returns, pinned or not.
+  CMSEG_CUDA(cudaStreamSynchronize(impl_->stream));
+}
+
+void Context::copy(void* dst, const void* src, size_t bytes) {
+  if (bytes) CMSEG_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, impl_->stream));
+}
+
+void Context::zero(void* dst, size_t bytes) {
+  if (bytes) CMSEG_CUDA(cudaMemsetAsync(dst, 0, bytes, impl_->stream));
+}
+
+void Context::synchronize() { CMSEG_CUDA(cudaStreamSynchronize(impl_->stream)); }
+
+float Context::time_ms(const std::function<void()>& fn, int reps) {
+  Impl& m = *impl_;
+  fn();  // warm-up: algorithm choice, pool growth, first-launch costs
+  CMSEG_CUDA(cudaEventRecord(m.t0, m.stream));
+  for (int i = 0; i < reps; ++i) fn();
+  CMSEG_CUDA(cudaEventRecord(m.t1, m.stream));
+  CMSEG_CUDA(cudaEventSynchronize(m.t1));
+  float ms = 0;
+  CMSEG_CUDA(cudaEventElapsedTime(&ms, m.t0, m.t1));
+  return ms / std::max(reps, 1);
+}
+
+}  // namespace cuda
+}  // namespace cmseg

@@ -1,0 +1,342 @@
+// The U-Net's convolutions on the device through cuDNN's convolution API (SPEC
+// section 2; CPU reference: native/layers/conv3.cpp and upconv2.cpp):
+//   conv3    3x3(x3), stride 1, zero padding 1, no bias: forward, backward data,
+//            backward filter (accumulated, beta = 1);
+//   upconv2  transposed convolution, kernel 2, stride 2, with bias. A transposed
+//            convolution is the data gradient of the convolution with the same
+//            filter ([cin, cout, 2^ndim], the PyTorch layout), so its forward is
+//            cudnnConvolutionBackwardData and its data gradient is
+//            cudnnConvolutionForward; the bias is a small kernel here.
+// Layout NCDHW (2D: NCHW), float32. With ContextOptions::tf32 the convolutions may
+// run on TF32 tensor cores (cuDNN's default math); without it, FMA math only.
+// The algorithm for each (call, shape, math) is chosen once and cached in the
+// context: by cuDNN's heuristics, or by timing the candidates when
+// ContextOptions::conv_benchmark is set. Workspaces come from the context's pool.
+#include "common.cuh"
+
+namespace cmseg {
+namespace cuda {
+namespace {
+
+enum ConvOp { kConvFwd = 0, kConvBwdData = 1, kConvBwdFilter = 2, kUpFwd = 3, kUpBwdData = 4, kUpBwdFilter = 5 };
+
+struct TensorDesc {
+  cudnnTensorDescriptor_t d = nullptr;
+  TensorDesc(int n, int c, Spatial s, int ndim) {
+    CMSEG_CUDNN(cudnnCreateTensorDescriptor(&d));
+    if (ndim == 3) {
+      const int dims[5] = {n, c, s.d, s.h, s.w};
+      const int strides[5] = {c * s.d * s.h * s.w, s.d * s.h * s.w, s.h * s.w, s.w, 1};
+      CMSEG_CUDNN(cudnnSetTensorNdDescriptor(d, CUDNN_DATA_FLOAT, 5, dims, strides));
+    } else {
+      CMSEG_CUDNN(cudnnSetTensor4dDescriptor(d, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, n, c, s.h, s.w));
+    }
+  }
+  ~TensorDesc() { cudnnDestroyTensorDescriptor(d); }
+  TensorDesc(const TensorDesc&) = delete;
+};
+
+struct FilterDesc {
+  cudnnFilterDescriptor_t d = nullptr;
+  FilterDesc(int k, int c, int ksize, int ndim) {
+    CMSEG_CUDNN(cudnnCreateFilterDescriptor(&d));
+    const int dims[5] = {k, c, ksize, ksize, ksize};
+    CMSEG_CUDNN(cudnnSetFilterNdDescriptor(d, CUDNN_DATA_FLOAT, CUDNN_TENSOR_NCHW, ndim + 2, dims));
+  }
+  ~FilterDesc() { cudnnDestroyFilterDescriptor(d); }
+  FilterDesc(const FilterDesc&) = delete;
+};
+
+struct ConvDesc {
+  cudnnConvolutionDescriptor_t d = nullptr;
+  ConvDesc(int pad, int stride, int ndim, bool tf32) {
+    CMSEG_CUDNN(cudnnCreateConvolutionDescriptor(&d));
+    const int pads[3] = {pad, pad, pad}, strides[3] = {stride, stride, stride}, dil[3] = {1, 1, 1};
+    CMSEG_CUDNN(cudnnSetConvolutionNdDescriptor(d, ndim, pads, strides, dil, CUDNN_CROSS_CORRELATION,
+                                                CUDNN_DATA_FLOAT));
+    CMSEG_CUDNN(cudnnSetConvolutionMathType(d, tf32 ? CUDNN_DEFAULT_MATH : CUDNN_FMA_MATH));
+  }
+  ~ConvDesc() { cudnnDestroyConvolutionDescriptor(d); }
+  ConvDesc(const ConvDesc&) = delete;
+};
+
+// Candidates from cuDNN (heuristics or timings), best first: take the first that
+// ran, fits the workspace limit and, without TF32, uses FMA math.
+template <class Perf>
+ConvAlgo pick(const Perf* perf, int count, size_t limit, bool tf32, const char* what) {
+  for (int pass = 0; pass < 2; ++pass)
+    for (int i = 0; i < count; ++i) {
+      const Perf& p = perf[i];
+      if (p.status != CUDNN_STATUS_SUCCESS || p.memory > limit) continue;
+      if (pass == 0 && !tf32 && p.mathType != CUDNN_FMA_MATH) continue;
+      return ConvAlgo{(int)p.algo, p.memory, tf32 ? (int)p.mathType : (int)CUDNN_FMA_MATH};
+    }
+  throw Error(str("cuDNN offered no usable algorithm for ", what, " within a ", limit, "-byte workspace"));
+}
+
+struct Scratch {  // a pool allocation released at the end of the call (stream-ordered)
+  Context& ctx;
+  void* p = nullptr;
+  Scratch(Context& c, size_t bytes) : ctx(c), p(c.alloc(bytes)) {}
+  ~Scratch() { ctx.free(p); }
+};
+
+// Workspace for timing candidates: the configured limit, but no more than half of
+// the device memory free now.
+size_t benchmark_workspace(Context& ctx) {
+  size_t free_b = 0, total_b = 0;
+  CMSEG_CUDA(cudaMemGetInfo(&free_b, &total_b));
+  return std::min(ctx.options().max_workspace_bytes, free_b / 2);
+}
+
+const int kMaxAlgos = 16;
+
+// y = conv(x, w): x [n, c_in, sx], w [k, c_in, ...], y [n, k, sy]
+ConvAlgo algo_forward(Context& ctx, const ConvKey& key, const TensorDesc& xd, const float* x, const FilterDesc& wd,
+                      const float* w, const ConvDesc& cd, const TensorDesc& yd, float* y) {
+  Context::Impl& im = ctx.impl();
+  auto it = im.conv_algos.find(key);
+  if (it != im.conv_algos.end()) return it->second;
+  cudnnConvolutionFwdAlgoPerf_t perf[kMaxAlgos];
+  int count = 0;
+  if (ctx.options().conv_benchmark) {
+    const size_t ws = benchmark_workspace(ctx);
+    Scratch scratch(ctx, ws);
+    CMSEG_CUDNN(cudnnFindConvolutionForwardAlgorithmEx(im.cudnn(), xd.d, x, wd.d, w, cd.d, yd.d, y, kMaxAlgos, &count,
+                                                       perf, scratch.p, ws));
+  } else {
+    CMSEG_CUDNN(cudnnGetConvolutionForwardAlgorithm_v7(im.cudnn(), xd.d, wd.d, cd.d, yd.d, kMaxAlgos, &count, perf));
+  }
+  const ConvAlgo a = pick(perf, count, ctx.options().max_workspace_bytes, key.tf32, "a forward convolution");
+  return im.conv_algos[key] = a;
+}
+
+// dx = conv^T(dy, w)
+ConvAlgo algo_backward_data(Context& ctx, const ConvKey& key, const FilterDesc& wd, const float* w,
+                            const TensorDesc& dyd, const float* dy, const ConvDesc& cd, const TensorDesc& dxd,
+                            float* dx) {
+  Context::Impl& im = ctx.impl();
+  auto it = im.conv_algos.find(key);
+  if (it != im.conv_algos.end()) return it->second;
+  cudnnConvolutionBwdDataAlgoPerf_t perf[kMaxAlgos];
+  int count = 0;
+  if (ctx.options().conv_benchmark) {
+    const size_t ws = benchmark_workspace(ctx);
+    Scratch scratch(ctx, ws);
+    CMSEG_CUDNN(cudnnFindConvolutionBackwardDataAlgorithmEx(im.cudnn(), wd.d, w, dyd.d, dy, cd.d, dxd.d, dx, kMaxAlgos,
+                                                            &count, perf, scratch.p, ws));
+  } else {
+    CMSEG_CUDNN(
+        cudnnGetConvolutionBackwardDataAlgorithm_v7(im.cudnn(), wd.d, dyd.d, cd.d, dxd.d, kMaxAlgos, &count, perf));
+  }
+  const ConvAlgo a = pick(perf, count, ctx.options().max_workspace_bytes, key.tf32, "a backward-data convolution");
+  return im.conv_algos[key] = a;
+}
+
+// dw += corr(x, dy). Timing writes into a scratch filter, never into the accumulated dw.
+ConvAlgo algo_backward_filter(Context& ctx, const ConvKey& key, const TensorDesc& xd, const float* x,
+                              const TensorDesc& dyd, const float* dy, const ConvDesc& cd, const FilterDesc& dwd,
+                              size_t dw_count) {
+  Context::Impl& im = ctx.impl();
+  auto it = im.conv_algos.find(key);
+  if (it != im.conv_algos.end()) return it->second;
+  cudnnConvolutionBwdFilterAlgoPerf_t perf[kMaxAlgos];
+  int count = 0;
+  if (ctx.options().conv_benchmark) {
+    const size_t ws = benchmark_workspace(ctx);
+    Scratch scratch(ctx, ws), dw(ctx, dw_count * sizeof(float));
+    CMSEG_CUDNN(cudnnFindConvolutionBackwardFilterAlgorithmEx(im.cudnn(), xd.d, x, dyd.d, dy, cd.d, dwd.d,
+                                                              static_cast<float*>(dw.p), kMaxAlgos, &count, perf,
+                                                              scratch.p, ws));
+  } else {
+    CMSEG_CUDNN(
+        cudnnGetConvolutionBackwardFilterAlgorithm_v7(im.cudnn(), xd.d, dyd.d, cd.d, dwd.d, kMaxAlgos, &count, perf));
+  }
+  const ConvAlgo a = pick(perf, count, ctx.options().max_workspace_bytes, key.tf32, "a backward-filter convolution");
+  return im.conv_algos[key] = a;
+}
+
+// Runs with the math type the algorithm was chosen for (as PyTorch does): a
+// tensor-op algorithm needs it on the descriptor; FMA math when TF32 is off.
+void use_math(const ConvDesc& cd, const ConvAlgo& a) {
+  CMSEG_CUDNN(cudnnSetConvolutionMathType(cd.d, (cudnnMathType_t)a.math));
+}
+
+void check_shape(const char* what, int n, int cin, int cout, Spatial s, int ndim) {
+  if (ndim != 2 && ndim != 3) fail(what, ": ndim must be 2 or 3, got ", ndim);
+  if (ndim == 2 && s.d != 1) fail(what, ": a 2D map must have depth 1, got ", s.d);
+  if (n < 1 || cin < 1 || cout < 1 || s.size() < 1)
+    fail(what, ": empty shape (n ", n, ", cin ", cin, ", cout ", cout, ", ", s.d, "x", s.h, "x", s.w, ")");
+}
+
+ConvKey key_of(ConvOp op, int n, int cin, int cout, Spatial s, int ndim, bool tf32) {
+  return ConvKey{(int)op, n, cin, cout, s.d, s.h, s.w, ndim, tf32};
+}
+
+constexpr int kThreads = 256;
+
+__global__ void add_bias_kernel(float* __restrict__ y, const float* __restrict__ b, int cout, int64_t Vo,
+                                int64_t total) {
+  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < total; k += (int64_t)gridDim.x * blockDim.x)
+    y[k] += b[(k / Vo) % cout];
+}
+
+// db[co] += sum over images and positions of dy[., co, .], summed in double.
+__global__ void bias_grad_kernel(const float* __restrict__ dy, int n, int cout, int64_t Vo, float* __restrict__ db) {
+  __shared__ double scratch[32];
+  const int co = blockIdx.x;
+  double s = 0;
+  for (int i = 0; i < n; ++i) {
+    const float* d = dy + ((int64_t)i * cout + co) * Vo;
+    for (int64_t v = threadIdx.x; v < Vo; v += blockDim.x) s += d[v];
+  }
+  s = block_sum(s, scratch);
+  if (threadIdx.x == 0) db[co] += (float)s;
+}
+
+}  // namespace
+
+void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s,
+                   int ndim) {
+  check_shape("conv3_forward", n, cin, cout, s, ndim);
+  const bool tf32 = ctx.options().tf32;
+  TensorDesc xd(n, cin, s, ndim), yd(n, cout, s, ndim);
+  FilterDesc wd(cout, cin, 3, ndim);
+  ConvDesc cd(1, 1, ndim, tf32);
+  const ConvAlgo a = algo_forward(ctx, key_of(kConvFwd, n, cin, cout, s, ndim, tf32), xd, x, wd, w, cd, yd, y);
+  use_math(cd, a);
+  Scratch ws(ctx, a.workspace);
+  const float one = 1.f, zero = 0.f;
+  CMSEG_CUDNN(cudnnConvolutionForward(ctx.impl().cudnn(), &one, xd.d, x, wd.d, w, cd.d,
+                                      (cudnnConvolutionFwdAlgo_t)a.algo, ws.p, a.workspace, &zero, yd.d, y));
+}
+
+void conv3_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, int n,
+                    int cin, int cout, Spatial s, int ndim) {
+  check_shape("conv3_backward", n, cin, cout, s, ndim);
+  const bool tf32 = ctx.options().tf32;
+  TensorDesc xd(n, cin, s, ndim), yd(n, cout, s, ndim);
+  FilterDesc wd(cout, cin, 3, ndim);
+  ConvDesc cd(1, 1, ndim, tf32);
+  const float one = 1.f, zero = 0.f;
+  cudnnHandle_t h = ctx.impl().cudnn();
+  if (dx) {
+    const ConvAlgo a =
+        algo_backward_data(ctx, key_of(kConvBwdData, n, cin, cout, s, ndim, tf32), wd, w, yd, dy, cd, xd, dx);
+    use_math(cd, a);
+    Scratch ws(ctx, a.workspace);
+    CMSEG_CUDNN(cudnnConvolutionBackwardData(h, &one, wd.d, w, yd.d, dy, cd.d, (cudnnConvolutionBwdDataAlgo_t)a.algo,
+                                             ws.p, a.workspace, &zero, xd.d, dx));
+  }
+  const ConvAlgo a = algo_backward_filter(ctx, key_of(kConvBwdFilter, n, cin, cout, s, ndim, tf32), xd, x, yd, dy, cd,
+                                          wd, (size_t)cout * cin * conv3_taps(ndim));
+  use_math(cd, a);
+  Scratch ws(ctx, a.workspace);
+  CMSEG_CUDNN(cudnnConvolutionBackwardFilter(h, &one, xd.d, x, yd.d, dy, cd.d,
+                                             (cudnnConvolutionBwdFilterAlgo_t)a.algo, ws.p, a.workspace, &one, wd.d,
+                                             dw));
+}
+
+void upconv2_forward(Context& ctx, const float* x, const float* w, const float* b, float* y, int n, int cin, int cout,
+                     Spatial s, int ndim) {
+  check_shape("upconv2_forward", n, cin, cout, s, ndim);
+  const bool tf32 = ctx.options().tf32;
+  const Spatial so{ndim == 3 ? 2 * s.d : 1, 2 * s.h, 2 * s.w};
+  // The convolution this is the transpose of maps y (cout channels) to x (cin channels).
+  TensorDesc xd(n, cin, s, ndim), yd(n, cout, so, ndim);
+  FilterDesc wd(cin, cout, 2, ndim);
+  ConvDesc cd(0, 2, ndim, tf32);
+  const ConvAlgo a = algo_backward_data(ctx, key_of(kUpFwd, n, cin, cout, s, ndim, tf32), wd, w, xd, x, cd, yd, y);
+  {
+    use_math(cd, a);
+    Scratch ws(ctx, a.workspace);
+    const float one = 1.f, zero = 0.f;
+    CMSEG_CUDNN(cudnnConvolutionBackwardData(ctx.impl().cudnn(), &one, wd.d, w, xd.d, x, cd.d,
+                                             (cudnnConvolutionBwdDataAlgo_t)a.algo, ws.p, a.workspace, &zero, yd.d,
+                                             y));
+  }
+  const int64_t Vo = so.size(), total = (int64_t)n * cout * Vo;
+  add_bias_kernel<<<ctx.impl().grid_for(total, kThreads, 16), kThreads, 0, stream_of(ctx)>>>(y, b, cout, Vo, total);
+  CMSEG_CUDA_LAUNCHED("upconv2 bias");
+}
+
+void upconv2_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, float* db,
+                      int n, int cin, int cout, Spatial s, int ndim) {
+  check_shape("upconv2_backward", n, cin, cout, s, ndim);
+  const bool tf32 = ctx.options().tf32;
+  const Spatial so{ndim == 3 ? 2 * s.d : 1, 2 * s.h, 2 * s.w};
+  TensorDesc xd(n, cin, s, ndim), yd(n, cout, so, ndim);
+  FilterDesc wd(cin, cout, 2, ndim);
+  ConvDesc cd(0, 2, ndim, tf32);
+  const float one = 1.f, zero = 0.f;
+  cudnnHandle_t h = ctx.impl().cudnn();
+  if (dx) {
+    const ConvAlgo a = algo_forward(ctx, key_of(kUpBwdData, n, cin, cout, s, ndim, tf32), yd, dy, wd, w, cd, xd, dx);
+    use_math(cd, a);
+    Scratch ws(ctx, a.workspace);
+    CMSEG_CUDNN(cudnnConvolutionForward(h, &one, yd.d, dy, wd.d, w, cd.d, (cudnnConvolutionFwdAlgo_t)a.algo, ws.p,
+                                        a.workspace, &zero, xd.d, dx));
+  }
+  {
+    // In the convolution's terms, dy is the input and x the output gradient.
+    const ConvAlgo a = algo_backward_filter(ctx, key_of(kUpBwdFilter, n, cin, cout, s, ndim, tf32), yd, dy, xd, x, cd,
+                                            wd, (size_t)cin * cout * pool2_taps(ndim));
+    use_math(cd, a);
+    Scratch ws(ctx, a.workspace);
+    CMSEG_CUDNN(cudnnConvolutionBackwardFilter(h, &one, yd.d, dy, xd.d, x, cd.d,
+                                               (cudnnConvolutionBwdFilterAlgo_t)a.algo, ws.p, a.workspace, &one, wd.d,
+                                               dw));
+  }
+  bias_grad_kernel<<<(unsigned)cout, kThreads, 0, stream_of(ctx)>>>(dy, n, cout, so.size(), db);
+  CMSEG_CUDA_LAUNCHED("upconv2 bias grad");
+}
+
+namespace host {
+
+void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s,
+                   int ndim) {
+  const size_t V = (size_t)s.size();
+  Buffer<float> bx(ctx, (size_t)n * cin * V), bw(ctx, (size_t)cout * cin * conv3_taps(ndim)),
+      by(ctx, (size_t)n * cout * V);
+  bx.upload(x), bw.upload(w);
+  cuda::conv3_forward(ctx, bx.data(), bw.data(), by.data(), n, cin, cout, s, ndim);
+  by.download(y);
+}
+
+void conv3_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, int n,
+                    int cin, int cout, Spatial s, int ndim) {
+  const size_t V = (size_t)s.size(), wn = (size_t)cout * cin * conv3_taps(ndim);
+  Buffer<float> bx(ctx, (size_t)n * cin * V), bw(ctx, wn), bdy(ctx, (size_t)n * cout * V),
+      bdx(ctx, dx ? (size_t)n * cin * V : 0), bdw(ctx, wn);
+  bx.upload(x), bw.upload(w), bdy.upload(dy), bdw.upload(dw);
+  cuda::conv3_backward(ctx, bx.data(), bw.data(), bdy.data(), dx ? bdx.data() : nullptr, bdw.data(), n, cin, cout, s,
+                       ndim);
+  if (dx) bdx.download(dx);
+  bdw.download(dw);
+}
+
+void upconv2_forward(Context& ctx, const float* x, const float* w, const float* b, float* y, int n, int cin, int cout,
+                     Spatial s, int ndim) {
+  const size_t V = (size_t)s.size(), Vo = V * (ndim == 3 ? 8 : 4);
+  Buffer<float> bx(ctx, (size_t)n * cin * V), bw(ctx, (size_t)cin * cout * pool2_taps(ndim)), bb(ctx, (size_t)cout),
+      by(ctx, (size_t)n * cout * Vo);
+  bx.upload(x), bw.upload(w), bb.upload(b);
+  cuda::upconv2_forward(ctx, bx.data(), bw.data(), bb.data(), by.data(), n, cin, cout, s, ndim);
+  by.download(y);
+}
+
+void upconv2_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, float* db,
+                      int n, int cin, int cout, Spatial s, int ndim) {
+  const size_t V = (size_t)s.size(), Vo = V * (ndim == 3 ? 8 : 4), wn = (size_t)cin * cout * pool2_taps(ndim);
+  Buffer<float> bx(ctx, (size_t)n * cin * V), bw(ctx, wn), bdy(ctx, (size_t)n * cout * Vo),
+      bdx(ctx, dx ? (size_t)n * cin * V : 0), bdw(ctx, wn), bdb(ctx, (size_t)cout);
+  bx.upload(x), bw.upload(w), bdy.upload(dy), bdw.upload(dw), bdb.upload(db);
+  cuda::upconv2_backward(ctx, bx.data(), bw.data(), bdy.data(), dx ? bdx.data() : nullptr, bdw.data(), bdb.data(), n,
+                         cin, cout, s, ndim);
+  if (dx) bdx.download(dx);
+  bdw.download(dw), bdb.download(db);
+}
+
+}  // namespace host
+}  // namespace cuda
+}  // namespace cmseg

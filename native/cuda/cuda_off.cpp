@@ -1,0 +1,87 @@
+// The CUDA API (cmseg/cuda.hpp) in a build without the CUDA backend: it reports
+// itself unavailable and every other entry point throws. CMakeLists.txt compiles
+// this file instead of native/cuda/*.cu when CUDA or cuDNN is missing, so code that
+// calls the API (tests, bindings, backend_info) links either way.
+#include "cmseg/cuda.hpp"
+#include "cmseg/error.hpp"
+
+namespace cmseg {
+namespace cuda {
+namespace {
+[[noreturn]] void off() {
+  throw Error("this build of cmseg has no CUDA backend (configure with -DCMSEG_WITH_CUDA=ON and a CUDA toolkit + cuDNN)");
+}
+}  // namespace
+
+bool built() { return false; }
+bool available() { return false; }
+std::string unavailable_reason() { return "this build has no CUDA backend (CMSEG_WITH_CUDA=OFF, or no CUDA toolkit or cuDNN was found)"; }
+DeviceInfo device_info(int) { off(); }
+size_t cudnn_version() { return 0; }
+
+struct Context::Impl {};
+Context::Context(const ContextOptions&) { off(); }
+Context::~Context() = default;
+const ContextOptions& Context::options() const { off(); }
+void Context::set_tf32(bool) { off(); }
+int Context::device() const { off(); }
+void* Context::alloc(size_t) { off(); }
+void Context::free(void*) { off(); }
+PoolStats Context::pool_stats() const { off(); }
+void Context::trim(size_t) { off(); }
+void Context::upload(void*, const void*, size_t) { off(); }
+void Context::download(void*, const void*, size_t) { off(); }
+void Context::copy(void*, const void*, size_t) { off(); }
+void Context::zero(void*, size_t) { off(); }
+void Context::synchronize() { off(); }
+float Context::time_ms(const std::function<void()>&, int) { off(); }
+void* Context::stream_handle() const { off(); }
+
+void conv3_forward(Context&, const float*, const float*, float*, int, int, int, Spatial, int) { off(); }
+void conv3_backward(Context&, const float*, const float*, const float*, float*, float*, int, int, int, Spatial, int) {
+  off();
+}
+void upconv2_forward(Context&, const float*, const float*, const float*, float*, int, int, int, Spatial, int) { off(); }
+void upconv2_backward(Context&, const float*, const float*, const float*, float*, float*, float*, int, int, int,
+                      Spatial, int) {
+  off();
+}
+void instance_norm_forward(Context&, const float*, const float*, const float*, float*, float*, float*, int, int,
+                           int64_t, bool) {
+  off();
+}
+void instance_norm_backward(Context&, const float*, const float*, const float*, const float*, const float*,
+                            const float*, float*, float*, float*, int, int, int64_t, bool) {
+  off();
+}
+void maxpool2_forward(Context&, const float*, float*, uint8_t*, int, Spatial, int) { off(); }
+void maxpool2_backward(Context&, const float*, const uint8_t*, float*, int, Spatial, int) { off(); }
+void cm_loss(Context&, const CmLossInput&, CmLossOutput&) { off(); }
+void adam_step(Context&, const std::vector<AdamTensor>&, const OptimConfig&, int64_t) { off(); }
+
+namespace host {
+void conv3_forward(Context&, const float*, const float*, float*, int, int, int, Spatial, int) { off(); }
+void conv3_backward(Context&, const float*, const float*, const float*, float*, float*, int, int, int, Spatial, int) {
+  off();
+}
+void upconv2_forward(Context&, const float*, const float*, const float*, float*, int, int, int, Spatial, int) { off(); }
+void upconv2_backward(Context&, const float*, const float*, const float*, float*, float*, float*, int, int, int,
+                      Spatial, int) {
+  off();
+}
+void instance_norm_forward(Context&, const float*, const float*, const float*, float*, float*, float*, int, int,
+                           int64_t, bool) {
+  off();
+}
+void instance_norm_backward(Context&, const float*, const float*, const float*, const float*, const float*,
+                            const float*, float*, float*, float*, int, int, int64_t, bool) {
+  off();
+}
+void maxpool2_forward(Context&, const float*, float*, uint8_t*, int, Spatial, int) { off(); }
+void maxpool2_backward(Context&, const float*, const uint8_t*, float*, int, Spatial, int) { off(); }
+void cm_loss(Context&, const CmLossInput&, CmLossOutput&) { off(); }
+void adam_step(Context&, std::vector<Param>&, const OptimConfig&, int64_t) { off(); }
+}  // namespace host
+
+}  // namespace cuda
+}  // namespace cmseg

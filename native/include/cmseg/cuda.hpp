@@ -1,0 +1,230 @@
+// The CUDA backend's C++ API (native/cuda/). No CUDA header is included here, so
+// the rest of the library, the tests and the bindings compile with or without the
+// toolkit; in a build without CUDA every entry point exists, available() is false
+// and the rest throw cmseg::Error.
+//
+// Kernels take device pointers and run in order on the context's stream; they
+// follow the conventions of the CPU reference in layers.hpp and loss.hpp (same
+// argument order, activation gradients overwritten, parameter gradients
+// accumulated) so that each one can be checked against it (native/tests/test_cuda.cpp).
+// The `host` namespace at the end runs one layer on host arrays (copy in, run,
+// copy out): slow, for tests and for trying a kernel from outside.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cmseg/layers.hpp"
+#include "cmseg/loss.hpp"
+#include "cmseg/model.hpp"
+
+namespace cmseg {
+namespace cuda {
+
+// ---- what this build and this machine have -----------------------------------
+bool built();                      // the library was compiled with the CUDA backend
+bool available();                  // built() and at least one usable device
+std::string unavailable_reason();  // why available() is false ("" when it is true)
+
+struct DeviceInfo {
+  int index = 0;
+  std::string name;                 // e.g. "NVIDIA H100 80GB HBM3"
+  int cc_major = 0, cc_minor = 0;   // compute capability
+  int multiprocessors = 0;
+  size_t memory_bytes = 0;
+  size_t l2_bytes = 0;
+  int runtime_version = 0;          // cudaRuntimeGetVersion, e.g. 13020
+  int driver_version = 0;           // cudaDriverGetVersion
+  size_t cudnn_version = 0;         // cudnnGetVersion, e.g. 92600
+  int cublas_version = 0;
+};
+// Throws cmseg::Error when !available() or the index is out of range.
+DeviceInfo device_info(int device = 0);
+// cuDNN version the library was linked against at run time (0 without CUDA).
+size_t cudnn_version();
+
+// ---- context: one device, one stream, one memory pool, library handles ---------
+struct ContextOptions {
+  int device = 0;
+  // Convolutions may use TF32 tensor cores (cuDNN default math). Off: FMA math only,
+  // bit-for-bit closer to the fp32 CPU reference and slower.
+  bool tf32 = true;
+  // Upper bound for one convolution's cuDNN workspace.
+  size_t max_workspace_bytes = size_t(1) << 30;
+  // Choose each convolution's algorithm by timing cuDNN's candidates once per shape
+  // (like torch.backends.cudnn.benchmark) instead of by cuDNN's heuristics.
+  bool conv_benchmark = false;
+};
+
+struct PoolStats {
+  size_t in_use_bytes = 0;      // allocated through this context and not yet freed
+  size_t peak_in_use_bytes = 0;
+  size_t reserved_bytes = 0;    // held by the device memory pool (cached for reuse)
+};
+
+class Context {
+ public:
+  explicit Context(const ContextOptions& options = {});
+  ~Context();
+  Context(const Context&) = delete;
+  Context& operator=(const Context&) = delete;
+
+  const ContextOptions& options() const;
+  void set_tf32(bool on);
+  int device() const;
+
+  // Stream-ordered allocation from the device's memory pool (cudaMallocAsync).
+  // Memory freed on the stream is reused by later allocations without a device
+  // synchronisation; the pool keeps it cached (release threshold: unlimited).
+  // Throws cmseg::OutOfMemory naming the size when the pool cannot grow.
+  void* alloc(size_t bytes);
+  void free(void* p);
+  PoolStats pool_stats() const;
+  // Returns cached pool memory beyond `keep_bytes` to the device.
+  void trim(size_t keep_bytes = 0);
+
+  // Copies on the context's stream. Host memory may be pageable.
+  void upload(void* device_dst, const void* host_src, size_t bytes);
+  void download(void* host_dst, const void* device_src, size_t bytes);
+  void copy(void* device_dst, const void* device_src, size_t bytes);
+  void zero(void* device_dst, size_t bytes);
+  void synchronize();
+
+  // Times `fn` (which launches work on this context) with CUDA events: one untimed
+  // call, then the mean of `reps` calls, in milliseconds.
+  float time_ms(const std::function<void()>& fn, int reps = 10);
+
+  // The cudaStream_t, as an opaque pointer (for interop; the backend's own code
+  // reaches it through impl()).
+  void* stream_handle() const;
+
+  struct Impl;
+  Impl& impl() { return *impl_; }
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+// A typed device array owned by a context (freed on its stream).
+template <class T>
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(Context& ctx, size_t count) : ctx_(&ctx), count_(count) {
+    if (count) ptr_ = static_cast<T*>(ctx.alloc(count * sizeof(T)));
+  }
+  Buffer(Context& ctx, const std::vector<T>& host) : Buffer(ctx, host.size()) { upload(host.data()); }
+  ~Buffer() { reset(); }
+  Buffer(Buffer&& o) noexcept { *this = std::move(o); }
+  Buffer& operator=(Buffer&& o) noexcept {
+    if (this != &o) {
+      reset();
+      ctx_ = o.ctx_, ptr_ = o.ptr_, count_ = o.count_;
+      o.ptr_ = nullptr, o.count_ = 0;
+    }
+    return *this;
+  }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+
+  T* data() const { return ptr_; }
+  size_t size() const { return count_; }
+  size_t bytes() const { return count_ * sizeof(T); }
+  void upload(const T* host) { if (count_) ctx_->upload(ptr_, host, bytes()); }
+  void download(T* host) const { if (count_) ctx_->download(host, ptr_, bytes()); }
+  std::vector<T> to_host() const {
+    std::vector<T> v(count_);
+    download(v.data());
+    return v;
+  }
+  void zero() { if (count_) ctx_->zero(ptr_, bytes()); }
+  // Never throws: it runs in destructors, also after a device error.
+  void reset() noexcept {
+    if (ptr_) {
+      try {
+        ctx_->free(ptr_);
+      } catch (...) {
+      }
+    }
+    ptr_ = nullptr, count_ = 0;
+  }
+
+ private:
+  Context* ctx_ = nullptr;
+  T* ptr_ = nullptr;
+  size_t count_ = 0;
+};
+
+// ---- layers on device pointers (cuDNN: conv_cudnn.cu) ---------------------------
+// Layout NCDHW (N, C, *S); 2D is depth 1 with ndim == 2, as in layers.hpp.
+void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s,
+                   int ndim);
+// dx may be null; dw is accumulated.
+void conv3_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, int n,
+                    int cin, int cout, Spatial s, int ndim);
+// Transposed convolution, kernel 2, stride 2, with bias; s is the input extent.
+void upconv2_forward(Context& ctx, const float* x, const float* w, const float* b, float* y, int n, int cin, int cout,
+                     Spatial s, int ndim);
+// dx may be null; dw and db are accumulated.
+void upconv2_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, float* db,
+                      int n, int cin, int cout, Spatial s, int ndim);
+
+// ---- instance norm (+ fused ReLU): instance_norm.cu -----------------------------
+// mean, rstd: [n * c] device arrays written by the forward and read by the backward.
+void instance_norm_forward(Context& ctx, const float* x, const float* gamma, const float* beta, float* y, float* mean,
+                           float* rstd, int n, int c, int64_t V, bool relu);
+// dx may be null; dgamma and dbeta are accumulated.
+void instance_norm_backward(Context& ctx, const float* x, const float* y, const float* mean, const float* rstd,
+                            const float* gamma, const float* dy, float* dx, float* dgamma, float* dbeta, int n, int c,
+                            int64_t V, bool relu);
+
+// ---- max-pool 2, stride 2: maxpool.cu ------------------------------------------
+void maxpool2_forward(Context& ctx, const float* x, float* y, uint8_t* arg, int nc, Spatial s, int ndim);
+void maxpool2_backward(Context& ctx, const float* dy, const uint8_t* arg, float* dx, int nc, Spatial s, int ndim);
+
+// ---- fused CM loss (SPEC section 4): cm_loss.cu --------------------------------
+// Same structures as the CPU cm_loss, with every pointer in `in` and the gradient
+// pointers in `out` on the device (present may be null). Fills out.loss, out.ce and
+// out.trace on the host: the call waits for the loss kernels to finish.
+void cm_loss(Context& ctx, const CmLossInput& in, CmLossOutput& out);
+
+// ---- multi-tensor Adam / AdamW: adam.cu ----------------------------------------
+struct AdamTensor {
+  float* w = nullptr;        // value (updated)
+  const float* g = nullptr;  // gradient
+  float* m = nullptr;        // first moment (updated)
+  float* v = nullptr;        // second moment (updated)
+  int64_t numel = 0;
+};
+// One optimiser step for every tensor in one launch; `step` is the step number
+// after the increment (1 for the first update), as Model::apply_optimizer uses it.
+void adam_step(Context& ctx, const std::vector<AdamTensor>& tensors, const OptimConfig& o, int64_t step);
+
+// ---- the same layers on host arrays (copy in, run, copy out) --------------------
+namespace host {
+void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s,
+                   int ndim);
+void conv3_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, int n,
+                    int cin, int cout, Spatial s, int ndim);
+void upconv2_forward(Context& ctx, const float* x, const float* w, const float* b, float* y, int n, int cin, int cout,
+                     Spatial s, int ndim);
+void upconv2_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, float* db,
+                      int n, int cin, int cout, Spatial s, int ndim);
+void instance_norm_forward(Context& ctx, const float* x, const float* gamma, const float* beta, float* y, float* mean,
+                           float* rstd, int n, int c, int64_t V, bool relu);
+void instance_norm_backward(Context& ctx, const float* x, const float* y, const float* mean, const float* rstd,
+                            const float* gamma, const float* dy, float* dx, float* dgamma, float* dbeta, int n, int c,
+                            int64_t V, bool relu);
+void maxpool2_forward(Context& ctx, const float* x, float* y, uint8_t* arg, int nc, Spatial s, int ndim);
+void maxpool2_backward(Context& ctx, const float* dy, const uint8_t* arg, float* dx, int nc, Spatial s, int ndim);
+// Host pointers in, host results out; the shapes are those of the CPU cm_loss.
+void cm_loss(Context& ctx, const CmLossInput& in, CmLossOutput& out);
+// Updates the host arrays of each Param (value, m, v) from its grad.
+void adam_step(Context& ctx, std::vector<Param>& params, const OptimConfig& o, int64_t step);
+}  // namespace host
+
+}  // namespace cuda
+}  // namespace cmseg

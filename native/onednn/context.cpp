@@ -1,0 +1,324 @@
+// oneDNN engine, streams, threads, primitive cache and scratch for the fast
+// paths in this folder (see cmseg/onednn.hpp and onednn_internal.hpp).
+#include <dlfcn.h>
+#include <sys/stat.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+
+#include "cmseg/onednn.hpp"
+#include "cmseg/profile.hpp"
+#include "cmseg/threads.hpp"
+#include "onednn_internal.hpp"
+
+#if DNNL_CPU_THREADING_RUNTIME == DNNL_RUNTIME_TBB && CMSEG_ONEDNN_TBB_CONTROL
+#include <oneapi/tbb/global_control.h>
+#endif
+
+namespace cmseg {
+namespace onednn {
+namespace detail {
+namespace {
+
+bool env_flag_on(const char* name) {
+  const char* e = std::getenv(name);
+  return !(e && std::strcmp(e, "0") == 0);
+}
+
+#if DNNL_CPU_RUNTIME == DNNL_RUNTIME_SYCL
+// The oneDNN wheel `onednn` (2025+) is built for the SYCL runtime: its CPU
+// engine is a SYCL CPU device, which the OpenCL CPU runtime that the wheel
+// pulls in (intel-opencl-rt, libintelocl.so beside libdnnl.so) provides. Its
+// OpenCL ICD is not registered system-wide by pip, so point the ICD loader at
+// it before SYCL enumerates devices, unless the user chose ICDs already.
+void register_pip_opencl_cpu_runtime() {
+  if (std::getenv("OCL_ICD_FILENAMES")) return;
+  Dl_info info{};
+  if (!dladdr(reinterpret_cast<void*>(&dnnl_version), &info) || !info.dli_fname) return;
+  std::string dir = info.dli_fname;
+  dir = dir.substr(0, dir.find_last_of('/') + 1);
+  const std::string ocl = dir + "libintelocl.so";
+  struct stat st{};
+  if (stat(ocl.c_str(), &st) == 0) setenv("OCL_ICD_FILENAMES", ocl.c_str(), 0);
+}
+#endif
+
+struct Context {
+  bool ok = false;
+  std::string error;
+  dnnl::engine eng;
+  Context() {
+    try {
+#if DNNL_CPU_RUNTIME == DNNL_RUNTIME_SYCL
+      register_pip_opencl_cpu_runtime();
+#endif
+      if (dnnl::engine::get_count(dnnl::engine::kind::cpu) == 0) {
+        error = "no oneDNN CPU engine";
+#if DNNL_CPU_RUNTIME == DNNL_RUNTIME_SYCL
+        error += " (this oneDNN uses the SYCL runtime and found no SYCL CPU device; OCL_ICD_FILENAMES=";
+        error += std::getenv("OCL_ICD_FILENAMES") ? std::getenv("OCL_ICD_FILENAMES") : "";
+        error += ")";
+#endif
+        return;
+      }
+      eng = dnnl::engine(dnnl::engine::kind::cpu, 0);
+      ok = true;
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+};
+
+Context& context() {
+  static Context c;
+  static const bool warned = [] {
+    if (!c.ok) std::fprintf(stderr, "cmseg: oneDNN unavailable (%s): using the CPU reference layers\n", c.error.c_str());
+    return true;
+  }();
+  (void)warned;
+  return c;
+}
+
+std::atomic<bool>& enabled_flag() {
+  static std::atomic<bool> on{env_flag_on("CMSEG_ONEDNN")};
+  return on;
+}
+
+struct AlignedFree {
+  void operator()(void* p) const { std::free(p); }
+};
+struct Slot {
+  std::unique_ptr<void, AlignedFree> p;
+  size_t bytes = 0;
+};
+
+std::mutex cache_mu;
+std::map<Key, std::shared_ptr<void>>& cache() {
+  static std::map<Key, std::shared_ptr<void>> c;
+  return c;
+}
+
+}  // namespace
+
+Layout layout() {
+  static const Layout l = [] {
+    const char* e = std::getenv("CMSEG_ONEDNN_LAYOUT");
+    if (!e || !*e || !std::strcmp(e, "auto")) return Layout::Auto;
+    if (!std::strcmp(e, "any")) return Layout::Any;
+    if (!std::strcmp(e, "nhwc")) return Layout::Nhwc;
+    if (!std::strcmp(e, "plain")) return Layout::Plain;
+    std::fprintf(stderr, "cmseg: CMSEG_ONEDNN_LAYOUT=%s is not auto|any|nhwc|plain: using auto\n", e);
+    return Layout::Auto;
+  }();
+  return l;
+}
+
+const char* layout_name(Layout l) {
+  switch (l) {
+    case Layout::Auto: return "auto";
+    case Layout::Any: return "any";
+    case Layout::Nhwc: return "nhwc";
+    case Layout::Plain: return "plain";
+  }
+  return "?";
+}
+
+dnnl::engine& engine() { return context().eng; }
+
+dnnl::stream& stream() {
+  thread_local dnnl::stream s(engine());
+  return s;
+}
+
+void sync_threads() {
+  const int n = num_threads();
+#if DNNL_CPU_THREADING_RUNTIME == DNNL_RUNTIME_OMP
+  // omp_set_num_threads sets the calling thread's ICV; looked up at run time so
+  // that we need not link an OpenMP runtime ourselves (libdnnl brings its own).
+  thread_local int set = 0;
+  if (set != n) {
+    using Fn = void (*)(int);
+    static const Fn fn = reinterpret_cast<Fn>(dlsym(RTLD_DEFAULT, "omp_set_num_threads"));
+    if (fn) fn(n);
+    set = n;
+  }
+#elif DNNL_CPU_THREADING_RUNTIME == DNNL_RUNTIME_TBB && CMSEG_ONEDNN_TBB_CONTROL
+  static std::mutex mu;
+  static std::unique_ptr<tbb::global_control> limit;
+  static std::atomic<int> current{0};
+  if (current.load(std::memory_order_relaxed) != n) {
+    std::lock_guard<std::mutex> lk(mu);
+    limit.reset();
+    limit.reset(new tbb::global_control(tbb::global_control::max_allowed_parallelism, (size_t)n));
+    current.store(n);
+  }
+#endif
+}
+
+void* scratch(int slot, size_t bytes) {
+  thread_local Slot slots[kScratchSlots];
+  Slot& s = slots[slot];
+  if (s.bytes < bytes) {
+    // The stream runs asynchronously (SYCL): a primitive queued earlier in this
+    // call may still read the old buffer.
+    stream().wait();
+    const size_t rounded = (bytes + 63) / 64 * 64;
+    s.p.reset(std::aligned_alloc(64, rounded));
+    if (!s.p) throw std::bad_alloc();
+    s.bytes = rounded;
+  }
+  return s.p.get();
+}
+
+std::shared_ptr<void> cached(const Key& key, const std::function<std::shared_ptr<void>()>& make) {
+  std::lock_guard<std::mutex> lk(cache_mu);
+  auto it = cache().find(key);
+  if (it != cache().end()) return it->second;
+  auto v = make();
+  cache().emplace(key, v);
+  return v;
+}
+
+Key make_key(int op, int n, int cin, int cout, Spatial s, int ndim) {
+  return {op, n, cin, cout, s.d, s.h, s.w, ndim, (int)layout(), num_threads(), 0, 0};
+}
+
+memory::dims act_dims(int n, int c, Spatial s, int ndim) {
+  if (ndim == 3) return {n, c, s.d, s.h, s.w};
+  return {n, c, s.h, s.w};
+}
+tag plain_act_tag(int ndim) { return ndim == 3 ? tag::ncdhw : tag::nchw; }
+tag nhwc_act_tag(int ndim) { return ndim == 3 ? tag::ndhwc : tag::nhwc; }
+
+memory::desc plain_act(int n, int c, Spatial s, int ndim) {
+  return memory::desc(act_dims(n, c, s, ndim), memory::data_type::f32, plain_act_tag(ndim));
+}
+
+memory::desc policy_act(int n, int c, Spatial s, int ndim, bool plain) {
+  tag t = tag::any;
+  if (plain || layout() == Layout::Plain) t = plain_act_tag(ndim);
+  else if (layout() == Layout::Nhwc) t = nhwc_act_tag(ndim);
+  return memory::desc(act_dims(n, c, s, ndim), memory::data_type::f32, t);
+}
+
+bool is_gemm(const dnnl::primitive_desc_base& pd) {
+  const char* impl = pd.impl_info_str();
+  return impl && std::strstr(impl, "gemm") != nullptr;
+}
+
+void Port::init(const memory::desc& user_md, const memory::desc& prim_md, bool input, bool output, bool acc) {
+  user = user_md, prim = prim_md, accumulate = acc;
+  same = user == prim;
+  if (input && !same) to_prim = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), user, engine(), prim));
+  if (output && (!same || accumulate)) {
+    dnnl::primitive_attr attr;
+    if (accumulate) {
+      dnnl::post_ops po;
+      po.append_sum(1.f);
+      attr.set_post_ops(po);
+    }
+    to_user = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), prim, engine(), user, attr));
+  }
+}
+
+memory Port::in(const float* p, int slot) const {
+  memory u(user, engine(), const_cast<float*>(p));
+  if (same) return u;
+  ProfileScope prof("onednn_reorder");
+  memory m(prim, engine(), scratch(slot, prim.get_size()));
+  to_prim.execute(stream(), u, m);
+  profile_sync();
+  return m;
+}
+
+memory Port::out(float* p, int slot) const {
+  if (same && !accumulate) return memory(user, engine(), p);
+  return memory(prim, engine(), scratch(slot, prim.get_size()));
+}
+
+void Port::finish(const memory& m, float* p) const {
+  if (same && !accumulate) return;
+  ProfileScope prof("onednn_reorder");
+  memory u(user, engine(), p);
+  to_user.execute(stream(), const_cast<memory&>(m), u);
+  profile_sync();
+}
+
+namespace {
+thread_local int tl_reference_depth = 0;
+}
+ReferenceScope::ReferenceScope() { ++tl_reference_depth; }
+ReferenceScope::~ReferenceScope() { --tl_reference_depth; }
+
+bool use_reference(const dnnl::primitive_desc_base& pd) { return layout() == Layout::Auto && is_gemm(pd); }
+
+dnnl::primitive_attr user_scratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+void execute(const dnnl::primitive& p, std::unordered_map<int, memory> args) {
+  const_dnnl_memory_desc_t md = dnnl_primitive_desc_query_md(p.get_primitive_desc(), dnnl_query_scratchpad_md, 0);
+  const size_t bytes = md ? dnnl_memory_desc_get_size(md) : 0;
+  if (bytes) {
+    dnnl_memory_desc_t copy = nullptr;
+    dnnl::error::wrap_c_api(dnnl_memory_desc_clone(&copy, md), "could not clone the scratchpad descriptor");
+    args[DNNL_ARG_SCRATCHPAD] = memory(memory::desc(copy), engine(), scratch(kScratchpadSlot, bytes));
+  }
+  p.execute(stream(), args);
+}
+
+void profile_sync() {
+  if (profiling_enabled()) stream().wait();
+}
+
+}  // namespace detail
+
+bool enabled() {
+  return detail::tl_reference_depth == 0 && detail::enabled_flag().load(std::memory_order_relaxed) &&
+         detail::context().ok;
+}
+void set_enabled(bool on) { detail::enabled_flag().store(on); }
+
+size_t cached_primitives() {
+  std::lock_guard<std::mutex> lk(detail::cache_mu);
+  return detail::cache().size();
+}
+
+std::string describe() {
+  const dnnl_version_t* v = dnnl_version();
+  std::string s = "oneDNN " + std::to_string(v->major) + "." + std::to_string(v->minor) + "." + std::to_string(v->patch);
+  s += " (cpu runtime ";
+#if DNNL_CPU_RUNTIME == DNNL_RUNTIME_SYCL
+  s += "SYCL";
+#elif DNNL_CPU_RUNTIME == DNNL_RUNTIME_OMP
+  s += "OpenMP";
+#elif DNNL_CPU_RUNTIME == DNNL_RUNTIME_TBB
+  s += "TBB";
+#else
+  s += "other";
+#endif
+  s += ", threading ";
+#if DNNL_CPU_THREADING_RUNTIME == DNNL_RUNTIME_OMP
+  s += "OpenMP";
+#elif DNNL_CPU_THREADING_RUNTIME == DNNL_RUNTIME_TBB
+  s += "TBB";
+#if !CMSEG_ONEDNN_TBB_CONTROL
+  s += " (no tbb headers: thread count not controlled)";
+#endif
+#else
+  s += "other";
+#endif
+  s += ", " + std::to_string(num_threads()) + " threads, layout " + detail::layout_name(detail::layout()) + ")";
+  if (!detail::context().ok) s += " unavailable: " + detail::context().error;
+  return s;
+}
+
+}  // namespace onednn
+}  // namespace cmseg

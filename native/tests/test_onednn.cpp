@@ -1,0 +1,242 @@
+// oneDNN fast paths (native/onednn/) against the CPU reference layers
+// (native/layers/), which run when onednn::set_enabled(false). Every layer on
+// 2D and 3D shapes, odd channel counts, and the small deep levels of the SPEC
+// configurations; then one whole-model gradient computation with oneDNN on and
+// off.
+//
+// Tolerances (float32, different summation orders on both sides):
+//   layers: relative L2 error ||a - b|| / ||b|| < 1e-5 for y, dx, dw, db, and
+//           max |a - b| <= 1e-4 * max |b| element-wise;
+//   model:  loss within 1e-5 relative; each parameter gradient within 1e-4
+//           relative L2 (rounding differences pass through several instance
+//           norms, whose 1/std amplifies them; a wrong kernel gives O(1)).
+// Weight and bias gradients start from random values on both sides, checking
+// that they accumulate (+=) as layers.hpp requires.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "check.hpp"
+#include "cmseg/layers.hpp"
+#include "cmseg/model.hpp"
+#include "cmseg/onednn.hpp"
+
+using namespace cmseg;
+
+#if CMSEG_HAVE_ONEDNN
+
+namespace {
+
+constexpr double kLayerRelL2 = 1e-5, kLayerMaxRel = 1e-4;
+constexpr double kModelLossRel = 1e-5, kModelGradRelL2 = 1e-4;
+
+struct Diff {
+  double rel_l2, max_rel;
+};
+
+Diff diff(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0, maxd = 0, maxb = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double d = (double)a[i] - b[i];
+    num += d * d, den += (double)b[i] * b[i];
+    maxd = std::max(maxd, std::fabs(d)), maxb = std::max(maxb, (double)std::fabs(b[i]));
+  }
+  return {den > 0 ? std::sqrt(num / den) : std::sqrt(num), maxb > 0 ? maxd / maxb : maxd};
+}
+
+bool all_finite(const std::vector<float>& v) {
+  return std::all_of(v.begin(), v.end(), [](float x) { return std::isfinite(x); });
+}
+
+void expect_close(const std::vector<float>& fast, const std::vector<float>& ref, const std::string& what) {
+  const Diff d = diff(fast, ref);
+  if (!all_finite(fast) || !(d.rel_l2 < kLayerRelL2) || !(d.max_rel <= kLayerMaxRel)) {
+    std::printf("  %s: relative L2 %.3g (< %g), max %.3g (<= %g)\n", what.c_str(), d.rel_l2, kLayerRelL2, d.max_rel,
+                kLayerMaxRel);
+    ++check::failures();
+  }
+}
+
+// Runs fn with oneDNN on, then off (the reference); restores "on".
+template <class F>
+void both(F fn) {
+  onednn::set_enabled(true);
+  fn(true);
+  onednn::set_enabled(false);
+  fn(false);
+  onednn::set_enabled(true);
+}
+
+struct Shape {
+  int n, cin, cout;
+  Spatial s;
+  int ndim;
+  std::string name() const {
+    char b[96];
+    std::snprintf(b, sizeof b, "%dD n%d %d->%d %dx%dx%d", ndim, n, cin, cout, s.d, s.h, s.w);
+    return b;
+  }
+};
+
+void conv3_case(const Shape& c, uint32_t seed) {
+  const int64_t V = c.s.size();
+  const int T = conv3_taps(c.ndim);
+  const auto x = check::random_vector((size_t)c.n * c.cin * V, seed);
+  const auto w = check::random_vector((size_t)c.cout * c.cin * T, seed + 1, -0.2f, 0.2f);
+  const auto dy = check::random_vector((size_t)c.n * c.cout * V, seed + 2);
+  const auto dw0 = check::random_vector(w.size(), seed + 3);
+  std::vector<float> y[2], dx[2], dw[2], dw_nodx[2];
+  both([&](bool on) {
+    y[on].assign((size_t)c.n * c.cout * V, 7.f);
+    dx[on].assign(x.size(), 7.f);
+    dw[on] = dw0;
+    dw_nodx[on] = dw0;
+    conv3_forward(x.data(), w.data(), y[on].data(), c.n, c.cin, c.cout, c.s, c.ndim);
+    conv3_backward(x.data(), w.data(), dy.data(), dx[on].data(), dw[on].data(), c.n, c.cin, c.cout, c.s, c.ndim);
+    conv3_backward(x.data(), w.data(), dy.data(), nullptr, dw_nodx[on].data(), c.n, c.cin, c.cout, c.s, c.ndim);
+  });
+  const std::string nm = "conv3 " + c.name();
+  expect_close(y[1], y[0], nm + " y");
+  expect_close(dx[1], dx[0], nm + " dx");
+  expect_close(dw[1], dw[0], nm + " dw");
+  expect_close(dw_nodx[1], dw_nodx[0], nm + " dw (dx null)");
+}
+
+void upconv2_case(const Shape& c, uint32_t seed) {
+  const int T = pool2_taps(c.ndim);
+  const int64_t V = c.s.size(), Vo = twice(c.s, c.ndim).size();
+  const auto x = check::random_vector((size_t)c.n * c.cin * V, seed);
+  const auto w = check::random_vector((size_t)c.cin * c.cout * T, seed + 1, -0.3f, 0.3f);
+  const auto b = check::random_vector((size_t)c.cout, seed + 2);
+  const auto dy = check::random_vector((size_t)c.n * c.cout * Vo, seed + 3);
+  const auto dw0 = check::random_vector(w.size(), seed + 4);
+  const auto db0 = check::random_vector(b.size(), seed + 5);
+  std::vector<float> y[2], dx[2], dw[2], db[2];
+  both([&](bool on) {
+    y[on].assign((size_t)c.n * c.cout * Vo, 7.f);
+    dx[on].assign(x.size(), 7.f);
+    dw[on] = dw0, db[on] = db0;
+    upconv2_forward(x.data(), w.data(), b.data(), y[on].data(), c.n, c.cin, c.cout, c.s, c.ndim);
+    upconv2_backward(x.data(), w.data(), dy.data(), dx[on].data(), dw[on].data(), db[on].data(), c.n, c.cin, c.cout,
+                     c.s, c.ndim);
+  });
+  const std::string nm = "upconv2 " + c.name();
+  expect_close(y[1], y[0], nm + " y");
+  expect_close(dx[1], dx[0], nm + " dx");
+  expect_close(dw[1], dw[0], nm + " dw");
+  expect_close(db[1], db[0], nm + " db");
+}
+
+}  // namespace
+
+TEST(onednn_available) {
+  std::printf("  %s\n", onednn::describe().c_str());
+  // Built with oneDNN but unable to run it would silently fall back: fail here.
+  // (CMSEG_ONEDNN=0 only sets the default; these tests switch it themselves.)
+  onednn::set_enabled(true);
+  CHECK(onednn::enabled());
+}
+
+// 3x3 convolutions: first layers (cin 1 / 4), odd channels, and the deep
+// levels of mnist2d (4x4, 256 channels) and brats3d-cpu (8^3, 128 channels).
+TEST(conv3_2d) {
+  conv3_case({2, 1, 32, {1, 32, 32}, 2}, 10);
+  conv3_case({3, 3, 5, {1, 7, 9}, 2}, 20);
+  conv3_case({2, 17, 13, {1, 6, 5}, 2}, 30);
+  conv3_case({2, 64, 64, {1, 8, 8}, 2}, 40);
+  conv3_case({2, 256, 256, {1, 4, 4}, 2}, 50);
+  conv3_case({1, 1, 1, {1, 1, 1}, 2}, 60);
+}
+
+TEST(conv3_3d) {
+  conv3_case({1, 4, 16, {16, 16, 16}, 3}, 110);
+  conv3_case({2, 3, 5, {5, 6, 7}, 3}, 120);
+  conv3_case({1, 32, 32, {8, 8, 8}, 3}, 130);
+  conv3_case({1, 128, 128, {8, 8, 8}, 3}, 140);
+  conv3_case({2, 64, 64, {2, 2, 2}, 3}, 150);
+}
+
+// Transposed convolutions: the decoder's up.k shapes and odd ones.
+TEST(upconv2_2d) {
+  upconv2_case({2, 256, 128, {1, 4, 4}, 2}, 210);
+  upconv2_case({3, 5, 3, {1, 3, 5}, 2}, 220);
+  upconv2_case({2, 64, 32, {1, 16, 16}, 2}, 230);
+  upconv2_case({1, 1, 1, {1, 1, 1}, 2}, 240);
+}
+
+TEST(upconv2_3d) {
+  upconv2_case({1, 128, 64, {8, 8, 8}, 3}, 310);
+  upconv2_case({2, 5, 3, {3, 2, 5}, 3}, 320);
+  upconv2_case({1, 32, 16, {16, 16, 16}, 3}, 330);
+}
+
+TEST(primitives_are_cached) {
+  const Shape c{1, 8, 8, {1, 8, 8}, 2};
+  const auto x = check::random_vector(8 * 64, 1), w = check::random_vector(8 * 8 * 9, 2);
+  std::vector<float> y(8 * 64);
+  conv3_forward(x.data(), w.data(), y.data(), c.n, c.cin, c.cout, c.s, c.ndim);
+  const size_t before = onednn::cached_primitives();
+  for (int i = 0; i < 3; ++i) conv3_forward(x.data(), w.data(), y.data(), c.n, c.cin, c.cout, c.s, c.ndim);
+  CHECK(onednn::cached_primitives() == before);
+}
+
+namespace {
+
+void model_case(const ModelConfig& cfg, int n, Spatial s) {
+  const int64_t V = s.size();
+  const auto images = check::random_vector((size_t)n * cfg.in_channels * V, 77);
+  std::vector<std::vector<uint8_t>> labels(cfg.annotators, std::vector<uint8_t>((size_t)n * V));
+  std::mt19937 g(5);
+  for (auto& l : labels)
+    for (auto& v : l) v = g() % 9 == 0 ? kUnlabelled : (uint8_t)(g() % cfg.classes);
+  Batch b;
+  b.n = n, b.s = s, b.images = images.data();
+  for (auto& l : labels) b.labels.push_back(l.data());
+  Model m(cfg);
+  StepResult r[2];
+  std::vector<std::vector<float>> grads[2];
+  both([&](bool on) {
+    r[on] = m.compute_gradients(b);
+    for (auto& p : m.params()) grads[on].push_back(p.grad);
+  });
+  CHECK_CLOSE(r[1].loss, r[0].loss, kModelLossRel, 0);
+  double worst = 0;
+  std::string worst_name;
+  for (size_t i = 0; i < m.params().size(); ++i) {
+    const Diff d = diff(grads[1][i], grads[0][i]);
+    if (d.rel_l2 > worst) worst = d.rel_l2, worst_name = m.params()[i].name;
+    if (!all_finite(grads[1][i]) || !(d.rel_l2 < kModelGradRelL2)) {
+      std::printf("  %s: gradient relative L2 %.3g (< %g)\n", m.params()[i].name.c_str(), d.rel_l2, kModelGradRelL2);
+      ++check::failures();
+    }
+  }
+  std::printf("  %dD: loss %.7f vs %.7f, worst gradient relative L2 %.2g (%s)\n", cfg.ndim, r[1].loss, r[0].loss, worst,
+              worst_name.c_str());
+}
+
+}  // namespace
+
+TEST(model_gradients_2d) {
+  ModelConfig c;
+  c.ndim = 2, c.in_channels = 1, c.classes = 2, c.annotators = 3, c.depth = 4, c.base = 8;
+  model_case(c, 2, {1, 32, 32});
+}
+
+TEST(model_gradients_3d) {
+  ModelConfig c;
+  c.ndim = 3, c.in_channels = 4, c.classes = 4, c.annotators = 2, c.depth = 3, c.base = 8;
+  model_case(c, 1, {16, 16, 16});
+}
+
+TEST_MAIN()
+
+#else
+
+int main() {
+  std::printf("SKIP: built without oneDNN\n");
+  return 0;
+}
+
+#endif

@@ -1,0 +1,217 @@
+#!/usr/bin/env bash
+# The one prepared check for a GPU machine (issue 8). Run from the repository root:
+#
+#   OUT=/some/dir scripts/device-check.sh        # OUT defaults to ./device-out
+#
+# Stages (each with its own time limit; a failure is recorded and the next stage runs):
+#   env        nvidia-smi, driver, CPU count, python/torch, cmake, nvcc, node
+#   toolchain  nvcc (CUDACXX, PATH, /usr/local/cuda, .cuda) and cuDNN (the
+#              nvidia-cudnn-cu13 wheel torch uses, else a system install)
+#   configure  cmake -DCMSEG_WITH_CUDA=ON into build-device/ for this GPU's architecture
+#   build      the library, the CUDA kernels and every native test
+#   test_cuda  ctest -R test_cuda -V: every CUDA kernel against the CPU reference with
+#              its tolerance, then GB/s of the memory-bound kernels and conv TFLOP/s
+#   ctest      the other native tests (CPU reference, model, fusion) on this machine
+#   torch_parity  the PyTorch reference on CUDA (exact fp32) against itself on the CPU
+#              in float64, on a small 3D case: the oracle cmseg's GPU path will face
+#   bench_torch, bench_torch_bf16  torch_reference.py bench --config brats3d-gpu
+#              --device cuda (torch defaults: TF32 convolutions), then --amp bf16
+# Everything goes under $OUT (at most 8 files): summary.txt (always written, also when
+# a stage fails or times out), log.txt (every stage's output), build.txt, test_cuda.txt,
+# ctest.txt, torch.txt. Whole run: under 8 minutes (DEVICE_CHECK_BUDGET_S, default 450).
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+ROOT="$PWD"
+OUT="${OUT:-$ROOT/device-out}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+BUILD="$ROOT/build-device"
+START=$(date +%s)
+BUDGET=${DEVICE_CHECK_BUDGET_S:-450}
+DEADLINE=$((START + BUDGET))
+JOBS=$(nproc 2>/dev/null || echo 8)
+LOG="$OUT/log.txt"
+: >"$LOG"
+STAGES=()  # "name|status|seconds"
+export PYTHONUNBUFFERED=1
+
+note() { echo "[device-check +$(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
+
+# stage NAME LIMIT_S FILE COMMAND: runs COMMAND under bash with a time limit (cut to
+# what is left of the budget), appending its output to FILE (and log.txt).
+stage() {
+  local name="$1" limit="$2" file="$3" cmd="$4"
+  local left=$((DEADLINE - $(date +%s) - 15))
+  if [ "$left" -lt 10 ]; then
+    STAGES+=("$name|skipped (out of time)|0")
+    note "stage $name skipped: out of time"
+    return 1
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  note "stage $name (limit ${limit}s)"
+  local t0=$(date +%s)
+  local rc
+  if [ "$file" = "$LOG" ]; then
+    timeout --kill-after=5 "$limit" bash -c "$cmd" >>"$LOG" 2>&1
+    rc=$?
+  else
+    timeout --kill-after=5 "$limit" bash -c "$cmd" 2>&1 | tee -a "$file" >>"$LOG"
+    rc=${PIPESTATUS[0]}
+  fi
+  local dt=$(($(date +%s) - t0))
+  local status=ok
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then status="TIMEOUT after ${limit}s"; elif [ "$rc" != 0 ]; then status="FAIL (exit $rc)"; fi
+  STAGES+=("$name|$status|$dt")
+  note "stage $name: $status in ${dt}s"
+  [ "$rc" = 0 ]
+}
+
+write_summary() {
+  local s="$OUT/summary.txt"
+  {
+    echo "cmseg device check — $(date -u '+%Y-%m-%d %H:%M:%S UTC'), $(($(date +%s) - START)) s in all"
+    echo "GPU:       ${GPU_LINE:-unknown}"
+    echo "nvcc:      ${NVCC:-none} ${NVCC_VERSION:-}"
+    echo "cuDNN:     ${CUDNN_ROOT:-not found} ${CUDNN_VERSION:-}"
+    echo "torch:     ${TORCH_LINE:-unknown}"
+    echo
+    echo "stage              status                         seconds"
+    for row in "${STAGES[@]}"; do
+      IFS='|' read -r n st sec <<<"$row"
+      printf '%-18s %-30s %7s\n' "$n" "$st" "$sec"
+    done
+    echo
+    if [ -s "$OUT/build.txt" ]; then
+      echo "== configure"
+      grep -E "cmseg(:| backends)" "$OUT/build.txt" | sed 's/^/  /'
+      grep -E "error|Error" "$OUT/build.txt" | head -20 | sed 's/^/  /'
+    fi
+    if [ -s "$OUT/test_cuda.txt" ]; then
+      echo "== test_cuda (CUDA kernels vs CPU reference; timings)"
+      grep -E "SKIP|device [0-9]|rel L2|identical|DIFFERENT|cm_loss .* loss|GB/s|TFLOP/s|pool:|^[0-9]+: (ok|FAIL)|# [0-9]+ passed|FAIL|failed" \
+        "$OUT/test_cuda.txt" | sed -E 's/^[0-9]+: //; s/^/  /' | head -120
+    fi
+    if [ -s "$OUT/ctest.txt" ]; then
+      echo "== ctest (other native tests)"
+      grep -E "tests passed|tests failed|Failed|\*\*\*|Timeout" "$OUT/ctest.txt" | sed 's/^/  /'
+    fi
+    if [ -s "$OUT/torch.txt" ]; then
+      echo "== PyTorch reference"
+      python3 - "$OUT/torch.txt" <<'EOF' 2>/dev/null || grep -E "^\{|parity" "$OUT/torch.txt" | sed 's/^/  /'
+import json, sys
+for line in open(sys.argv[1]):
+    line = line.strip()
+    if line.startswith("parity"):
+        print("  " + line)
+        continue
+    if not line.startswith("{"):
+        continue
+    try:
+        r = json.loads(line)
+    except ValueError:
+        continue
+    if "stepMsMedian" in r:
+        mode = "bf16 autocast" if r.get("amp") else "fp32 (torch default: TF32 convs)"
+        print(f"  bench {r['config']} {mode}: median step {r['stepMsMedian']:.1f} ms, "
+              f"{r['voxelsPerSecond'] / 1e6:.2f} Mvoxel/s, {r['gflopPerSecond']:.0f} GFLOP/s, "
+              f"peak {r.get('peakGpuMB', 0):.0f} MiB, steps {r['stepMs']}")
+    elif not r.get("ok", True):
+        print("  bench error: " + str(r.get("error", r))[:300])
+EOF
+      grep -E "^[A-Za-z.]*(Error|Exception)\b" "$OUT/torch.txt" | sort | uniq -c | head -5 | sed 's/^/  /'
+    fi
+  } >"$s"
+  cat "$s"
+}
+trap write_summary EXIT
+
+# ---- env ----------------------------------------------------------------------------
+if ! command -v node >/dev/null 2>&1 && [ -f .device/node.xz ]; then
+  xz -dc .device/node.xz >.device/node && chmod +x .device/node && export PATH="$ROOT/.device:$PATH"
+fi
+GPU_LINE="$(nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader 2>/dev/null | head -1)"
+TORCH_LINE="$(timeout 60 python3 -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "gpu", torch.cuda.is_available())' 2>/dev/null)"
+stage env 60 "$LOG" '
+  nvidia-smi || echo "nvidia-smi failed"
+  echo "cpus: $(nproc)"; uname -a
+  python3 --version; cmake --version | head -1; (ninja --version 2>/dev/null | sed "s/^/ninja /") || true
+  command -v nvcc && nvcc --version | tail -2 || echo "nvcc not on PATH"
+  command -v node && node --version || echo "node: not available (only needed once the addon runs on the GPU)"
+'
+
+# ---- toolchain ----------------------------------------------------------------------
+find_nvcc() {
+  for c in "${CUDACXX:-}" "$(command -v nvcc 2>/dev/null)" "${CUDA_HOME:-/nonexistent}/bin/nvcc" /usr/local/cuda/bin/nvcc \
+           "$ROOT/.cuda/bin/nvcc"; do
+    [ -n "$c" ] && [ -x "$c" ] && "$c" --version >/dev/null 2>&1 && { echo "$c"; return 0; }
+  done
+  return 1
+}
+NVCC="$(find_nvcc)"
+if [ -z "$NVCC" ]; then
+  # No toolkit: assemble one from NVIDIA's wheels, if they are installed here (no registry on this machine).
+  stage toolchain_wheels 60 "$LOG" "scripts/install-cuda-toolchain.sh '$ROOT/.cuda-device' --no-install" &&
+    NVCC="$ROOT/.cuda-device/bin/nvcc"
+fi
+NVCC_VERSION="$( [ -n "$NVCC" ] && "$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
+CUDNN_ROOT="${CUDNN_ROOT:-$(python3 -c 'import nvidia.cudnn as m; print(list(m.__path__)[0])' 2>/dev/null)}"
+if [ -z "$CUDNN_ROOT" ] || [ ! -f "$CUDNN_ROOT/include/cudnn.h" ]; then
+  for d in "${CUDA_HOME:-/nonexistent}" /usr/local/cuda /usr; do
+    [ -f "$d/include/cudnn.h" ] && { CUDNN_ROOT="$d"; break; }
+  done
+fi
+CUDNN_VERSION="$( [ -f "$CUDNN_ROOT/include/cudnn_version.h" ] && awk '/define CUDNN_(MAJOR|MINOR|PATCHLEVEL) /{v=v (v?".":"") $3} END{print v}' "$CUDNN_ROOT/include/cudnn_version.h")"
+ARCH="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')"
+ARCH="${ARCH:-90}"
+note "nvcc: ${NVCC:-none} ($NVCC_VERSION); cuDNN: ${CUDNN_ROOT:-none} ($CUDNN_VERSION); architecture sm_$ARCH"
+STAGES+=("toolchain|$([ -n "$NVCC" ] && [ -n "$CUDNN_ROOT" ] && echo ok || echo 'FAIL (no nvcc or cuDNN)')|0")
+
+# ---- configure + build ----------------------------------------------------------------
+GEN=""
+command -v ninja >/dev/null 2>&1 && GEN="-G Ninja"
+[ -f "$BUILD/CMakeCache.txt" ] && ! grep -q "CMAKE_CUDA_COMPILER:.*=$NVCC\$" "$BUILD/CMakeCache.txt" && rm -rf "$BUILD"
+if stage configure 120 "$OUT/build.txt" "cmake -S . -B '$BUILD' $GEN -DCMAKE_BUILD_TYPE=Release -DCMSEG_WITH_CUDA=ON \
+      -DCMAKE_CUDA_COMPILER='$NVCC' -DCUDNN_ROOT='$CUDNN_ROOT' -DCMSEG_CUDA_ARCHITECTURES=$ARCH"; then
+  stage build 240 "$OUT/build.txt" "cmake --build '$BUILD' -j $JOBS"
+fi
+
+# ---- tests ------------------------------------------------------------------------------
+if [ -x "$BUILD/test_cuda" ]; then
+  stage test_cuda 150 "$OUT/test_cuda.txt" "ctest --test-dir '$BUILD' -R '^test_cuda\$' -V --timeout 140"
+  stage ctest 120 "$OUT/ctest.txt" "ctest --test-dir '$BUILD' -E '^test_cuda\$' --output-on-failure --timeout 110"
+fi
+
+# ---- PyTorch reference: parity on CUDA, then the peer numbers ------------------------------
+stage torch_parity 60 "$OUT/torch.txt" 'python3 - <<"EOF"
+import os, sys, torch
+sys.path.insert(0, "scripts")
+import torch_reference as ref
+import test_torch_reference as t
+if not torch.cuda.is_available():
+    print("parity: skipped, torch sees no GPU"); sys.exit(1)
+cfg = t.tiny_config(3, "full", depth=3, L=4, R=3)
+model, images, labels, present = t.random_problem(cfg, n=2, size=16, seed=3)
+loss_cfg = {"lambda": 0.01, "lambdaWarmup": 0.01, "warmupSteps": 0}
+optim_cfg = {"kind": "adam", "lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weightDecay": 0.0}
+case = t.case_from_model(model, images, labels, present, loss_cfg, optim_cfg, 2)
+ref.exact_float32_on_cuda()
+gpu = ref.run_case(case, dtype=torch.float32, device="cuda")
+cpu = ref.run_case(case, dtype=torch.float64, device="cpu")
+worst = 0.0
+for k, v in cpu.items():
+    g = gpu[k].detach().double().cpu(); c = v.detach().double().cpu()
+    e = float((g - c).norm() / c.norm().clamp_min(1e-12))
+    worst = max(worst, e)
+    if e > 1e-3: print(f"parity: {k} rel L2 {e:.2e} > 1e-3")
+print(f"parity: torch_reference cuda fp32 vs cpu fp64, {len(cpu)} outputs (probs, CMs, losses, grads, 2 Adam steps): worst rel L2 {worst:.2e}")
+sys.exit(0 if worst <= 1e-3 else 1)
+EOF'
+stage bench_torch 120 "$OUT/torch.txt" \
+  "python3 scripts/torch_reference.py bench --config brats3d-gpu --device cuda --steps 5 --warmup 1"
+stage bench_torch_bf16 120 "$OUT/torch.txt" \
+  "python3 scripts/torch_reference.py bench --config brats3d-gpu --device cuda --steps 5 --warmup 1 --amp bf16"
+
+FAILED=0
+for row in "${STAGES[@]}"; do case "$row" in *"|ok|"*) ;; *) FAILED=1 ;; esac; done
+exit $FAILED

@@ -19,6 +19,10 @@
 #include "cmseg/threads.hpp"
 
 namespace cmseg {
+
+// softplus_rows.cpp: sp[i] = softplus(x[i]), sg[i] = sigmoid(x[i]), vectorised.
+void softplus_sigmoid_rows(const float* x, float* sp, float* sg, int64_t count);
+
 namespace {
 
 constexpr int kMaxRank = 8;
@@ -64,6 +68,32 @@ struct PixelCm {
     } else {
       for (int e = 0; e < L * L; ++e) softplus_sigmoid(raw[e * stride], a[e], sig[e]);
     }
+    normalise();
+  }
+
+  // The same as compute() from precomputed softplus / sigmoid rows of the raw
+  // channels (channel k of this pixel at sp[k * stride]).
+  void load(const float* sp, const float* sg, int64_t stride) {
+    if (mode == CmMode::LowRank) {
+      const int l = rank;
+      for (int i = 0; i < L * l; ++i) {
+        spU[i] = sp[i * stride], sigU[i] = sg[i * stride];
+        spW[i] = sp[(L * l + i) * stride], sigW[i] = sg[(L * l + i) * stride];
+      }
+      sp_s = sp[(2 * L * l) * stride], sig_s = sg[(2 * L * l) * stride];
+      for (int i = 0; i < L; ++i)
+        for (int j = 0; j < L; ++j) {
+          float v = i == j ? sp_s : 0.f;
+          for (int k = 0; k < l; ++k) v += spU[i * l + k] * spW[j * l + k];
+          a[i * L + j] = v;
+        }
+    } else {
+      for (int e = 0; e < L * L; ++e) a[e] = sp[e * stride], sig[e] = sg[e * stride];
+    }
+    normalise();
+  }
+
+  void normalise() {
     for (int j = 0; j < L; ++j) {
       float s = 0.f;
       for (int i = 0; i < L; ++i) s += a[i * L + j];
@@ -178,7 +208,8 @@ void cm_loss(const CmLossInput& in, CmLossOutput& out) {
 
   const bool grads = out.d_seg_logits != nullptr;
   const float lam = in.trace_weight;
-  constexpr int64_t kChunk = 4096;
+  // Chunks small enough that their softplus/sigmoid rows (R x K x kChunk x 2) stay in L2.
+  constexpr int64_t kChunk = 512;
   const int64_t chunks = (V + kChunk - 1) / kChunk;
   const int threads = static_parts((int64_t)n * chunks);  // partial sums per part: deterministic
   std::vector<double> ce_part((size_t)threads * R, 0.0), tr_part((size_t)threads * R, 0.0);
@@ -196,6 +227,20 @@ void cm_loss(const CmLossInput& in, CmLossOutput& out) {
     if (global) {
       gcm.assign(R, cm);
       for (int r = 0; r < R; ++r) gcm[r].compute(in.cm_raw[r], 1);
+    }
+    // Softplus and sigmoid of every raw channel of this chunk, one vectorised row at a time.
+    const int64_t cnt = v1 - v0;
+    thread_local std::vector<float> sp_rows, sg_rows;
+    if (!global) {
+      sp_rows.resize((size_t)R * K * cnt);
+      sg_rows.resize((size_t)R * K * cnt);
+      for (int r = 0; r < R; ++r) {
+        if (!present(i, r)) continue;
+        for (int k = 0; k < K; ++k) {
+          const size_t row = ((size_t)r * K + k) * cnt;
+          softplus_sigmoid_rows(in.cm_raw[r] + ((int64_t)i * K + k) * V + v0, &sp_rows[row], &sg_rows[row], cnt);
+        }
+      }
     }
     double* ce_acc = &ce_part[(size_t)thread * R];
     double* tr_acc = &tr_part[(size_t)thread * R];
@@ -215,7 +260,7 @@ void cm_loss(const CmLossInput& in, CmLossOutput& out) {
           continue;
         }
         PixelCm& A = global ? gcm[r] : cm;
-        if (!global) A.compute(in.cm_raw[r] + head, V);
+        if (!global) A.load(&sp_rows[(size_t)r * K * cnt + (v - v0)], &sg_rows[(size_t)r * K * cnt + (v - v0)], cnt);
         float tr = 0.f;
         for (int k = 0; k < L; ++k) tr += A.A[k * L + k];
         tr_acc[r] += tr;

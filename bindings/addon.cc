@@ -20,6 +20,11 @@ Napi::Value BackendInfo(const Napi::CallbackInfo& info) {
   o.Set("cuda", b.cuda);
   o.Set("cudnn", b.cudnn);
   o.Set("threads", b.threads);
+  o.Set("gpuAvailable", b.gpu_available);
+  o.Set("gpu", b.gpu.empty() ? env.Null() : Napi::String::New(env, b.gpu));
+  o.Set("cudnnVersion", (double)b.cudnn_version);
+  if (!b.gpu_unavailable_reason.empty()) o.Set("gpuUnavailableReason", b.gpu_unavailable_reason);
+  o.Set("cudaTraining", b.cuda_training);
   o.Set("simd", b.simd);
   o.Set("compiler", b.compiler);
   return o;

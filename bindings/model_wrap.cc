@@ -45,6 +45,8 @@ cmseg::ModelConfig parse_config(Napi::Env env, const Napi::Value& v) {
   const std::string device = get_string(env, o, "device", "cpu", w);
   if (device == "cuda" && !cmseg::backend_info().cuda)
     throw_invalid(env, "config.device is 'cuda' but this build has no CUDA backend (backendInfo().cuda is false)");
+  if (device == "cuda")
+    throw_invalid(env, "config.device is 'cuda': the CUDA kernels are built, but training and prediction on the GPU are not wired into the model yet; use device 'cpu' or 'auto'");
   if (device != "cpu" && device != "cuda" && device != "auto")
     throw_invalid(env, "config.device must be 'cpu', 'cuda' or 'auto', got '" + device + "'");
   guard(env, [&] { cmseg::validate_config(c); });

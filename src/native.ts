@@ -51,6 +51,13 @@ export interface NativeBackendInfo {
   cuda: boolean;
   cudnn: boolean;
   threads: number;
+  /** CUDA built and a device usable now */
+  gpuAvailable: boolean;
+  gpu: string | null;
+  cudnnVersion: number;
+  gpuUnavailableReason?: string;
+  /** whether the whole training step can run on the GPU */
+  cudaTraining: boolean;
   simd: string;
   compiler: string;
 }

@@ -1,5 +1,6 @@
 #include "cmseg/backend.hpp"
 
+#include "cmseg/cuda.hpp"
 #include "cmseg/threads.hpp"
 
 namespace cmseg {
@@ -10,6 +11,15 @@ BackendInfo backend_info() {
   b.cuda = CMSEG_HAVE_CUDA != 0;
   b.cudnn = CMSEG_HAVE_CUDNN != 0;
   b.threads = num_threads();
+  if (b.cuda) {
+    b.gpu_available = cuda::available();
+    if (b.gpu_available) {
+      b.gpu = cuda::device_info().name;
+      b.cudnn_version = cuda::cudnn_version();
+    } else {
+      b.gpu_unavailable_reason = cuda::unavailable_reason();
+    }
+  }
 #if defined(__AVX512F__)
   b.simd = "avx512";
 #elif defined(__AVX2__)

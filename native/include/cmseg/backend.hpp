@@ -10,6 +10,14 @@ struct BackendInfo {
   bool cuda = false;
   bool cudnn = false;
   int threads = 1;
+  // CUDA, when built: whether a device is usable now, its name, the cuDNN version,
+  // or why no device can be used.
+  bool gpu_available = false;
+  std::string gpu;
+  size_t cudnn_version = 0;
+  std::string gpu_unavailable_reason;
+  // The CUDA kernels exist, but the whole training step does not run on the GPU yet.
+  bool cuda_training = false;
   std::string simd;      // vector ISA the CPU reference was compiled for
   std::string compiler;
 };

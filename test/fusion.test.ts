@@ -52,3 +52,47 @@ t.test('bad input is rejected with a message', async (t) => {
   await t.rejects(fuse([new Uint8Array(2)], { method: 'vote' as never }), /unknown method 'vote'/);
   await t.rejects(fuse([new Uint8Array(2)], { method: 'mode', colour: 1 } as never), /unknown option 'colour' in fuse options/);
 });
+
+t.test('cmseg fuse: PNG and NIfTI rater files in, consensus (+ CMs) out', async (t) => {
+  const fs = await import('fs');
+  const os = await import('os');
+  const path = await import('path');
+  const { buildProgram } = await import('../src/cli/main');
+  const { writePng, readPng } = await import('../src/data/png');
+  const { writeNifti, readNifti } = await import('../src/data/nifti');
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-fuse-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const maps = [
+    [0, 1, 1, 0, 2, 2],
+    [0, 1, 0, 0, 2, 1],
+    [1, 1, 0, 0, 2, 1],
+  ].map((m) => Uint8Array.from(m));
+  const pngs = await Promise.all(maps.map(async (m, r) => {
+    const f = path.join(dir, `r${r}.png`);
+    await writePng(f, { width: 3, height: 2, channels: 1, data: m });
+    return f;
+  }));
+  const out: string[] = [];
+  const write = process.stdout.write.bind(process.stdout);
+  process.stdout.write = ((s: string) => (out.push(String(s)), true)) as typeof process.stdout.write;
+  try {
+    await buildProgram({ exitOverride: true }).parseAsync(['node', 'cmseg', 'fuse', '--method', 'mode', '-o', path.join(dir, 'vote.png'), ...pngs]);
+    const niis = await Promise.all(maps.map(async (m, r) => {
+      const f = path.join(dir, `r${r}.nii.gz`);
+      await writeNifti(f, { dims: [3, 2, 1], data: Float32Array.from(m) }, { datatype: 'uint8' });
+      return f;
+    }));
+    await buildProgram({ exitOverride: true }).parseAsync(['node', 'cmseg', 'fuse', '--method', 'multi-staple', '-o', path.join(dir, 'staple.nii.gz'), '--cms', path.join(dir, 'cms.json'), ...niis]);
+  } finally {
+    process.stdout.write = write;
+  }
+  t.same(Array.from((await readPng(path.join(dir, 'vote.png'))).data), [0, 1, 0, 0, 2, 1]);
+  const staple = await readNifti(path.join(dir, 'staple.nii.gz'));
+  t.same(staple.dims.slice(0, 2), [3, 2]);
+  t.equal(staple.raw.length, 6);
+  const cms = JSON.parse(fs.readFileSync(path.join(dir, 'cms.json'), 'utf8'));
+  t.equal(cms.cms.length, 3);
+  t.equal(cms.cms[0].length, 3);
+  t.match(out.join(''), /outputs:\n\s+consensus\s+.*vote\.png/);
+  t.match(out.join(''), /confusion matrices\s+.*cms\.json/);
+});

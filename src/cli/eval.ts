@@ -1,13 +1,19 @@
 // `cmseg eval`: scores a checkpoint on its run's validation or test split with the SPEC
-// section 6 metrics; the data is rebuilt from the recipe stored in the checkpoint.
+// section 6 metrics; the data is rebuilt from the recipe stored in the checkpoint. BraTS
+// runs score every case of the split as a whole volume (sliding windows) and add the
+// challenge's region Dice (whole tumour, tumour core, enhancing tumour).
 
 import * as fs from 'fs';
 import * as path from 'path';
 import { Command } from 'commander';
 import { writeFileAtomic } from '../data/files';
+import type { BratsDiceReport } from '../eval/brats-regions';
+import { formatBratsReport } from '../eval/report';
 import { loadCheckpoint } from '../model/checkpoint';
-import { setNumThreads } from '../model/model';
+import type { ModelConfig } from '../model/config';
+import { backendInfo, Model, setNumThreads } from '../model/model';
 import { evaluationText } from '../report/tables';
+import type { EvaluationSummary } from '../train/evaluate';
 import { ExperimentData, loadExperimentData, SplitName } from '../train/experiment';
 import { methodDefinition } from '../train/methods';
 import { readTrainerState, TrainerExtra } from '../train/trainer';
@@ -21,13 +27,38 @@ interface EvalFlags {
   threads?: number;
 }
 
-/** The trainer state and data of a checkpoint written by `cmseg train`. */
-export async function checkpointExperiment(file: string): Promise<{ saved: TrainerExtra; recipe: RunRecipe; data: ExperimentData }> {
+/** The trainer state and run recipe of a checkpoint written by `cmseg train`. */
+export async function checkpointRecipe(file: string): Promise<{ saved: TrainerExtra; recipe: RunRecipe }> {
   if (!fs.existsSync(file)) throw new UserError(`checkpoint not found: ${file}`);
   const saved = await readTrainerState(file);
   const recipe = saved.run as unknown as RunRecipe;
   if (!recipe?.dataset) throw new UserError(`${file} does not say which data it was trained on (it was not written by cmseg train)`);
+  return { saved, recipe };
+}
+
+/** The trainer state and data of a checkpoint written by `cmseg train`. */
+export async function checkpointExperiment(file: string): Promise<{ saved: TrainerExtra; recipe: RunRecipe; data: ExperimentData }> {
+  const { saved, recipe } = await checkpointRecipe(file);
   return { saved, recipe, data: loadExperimentData(recipe.dataset, saved.config.seed) };
+}
+
+/** A checkpoint's model for inference: a GPU-trained one runs on the CPU when this build has no CUDA. */
+export async function loadModelForInference(file: string, saved: TrainerExtra): Promise<Model> {
+  const overrides: Partial<ModelConfig> = {};
+  const info = backendInfo() as ReturnType<typeof backendInfo> & { cudaTraining?: boolean };
+  if (saved.config.device === 'cuda' && (!info.cuda || info.cudaTraining === false)) {
+    process.stderr.write('note: this checkpoint was trained on the GPU; this build cannot run the model on the GPU, so it runs on the CPU\n');
+    overrides.device = 'cpu';
+  }
+  return loadCheckpoint(file, overrides);
+}
+
+/** The BraTS region table of a summary (empty for other data sets). */
+export function bratsText(summary: EvaluationSummary): string {
+  if (!summary.brats) return '';
+  // formatBratsReport reads the summary figures only, never the per-image arrays.
+  const report = { images: summary.images, ...summary.brats } as unknown as BratsDiceReport;
+  return '\n' + formatBratsReport(report) + '\n';
 }
 
 async function runEval(flags: EvalFlags): Promise<void> {
@@ -35,7 +66,7 @@ async function runEval(flags: EvalFlags): Promise<void> {
   const file = path.resolve(flags.checkpoint);
   const { saved, recipe, data } = await checkpointExperiment(file);
   try {
-    const model = await loadCheckpoint(file);
+    const model = await loadModelForInference(file, saved);
     // Methods without trained CMs (naive, oracle) are scored on the consensus only.
     const summary = await data.evaluate(model, flags.split, { annotators: methodDefinition(saved.config.method).learnsCms });
     const fused = flags.split === 'test' ? data.fusedLabelRows?.() : undefined;
@@ -43,7 +74,7 @@ async function runEval(flags: EvalFlags): Promise<void> {
     fs.mkdirSync(path.dirname(out), { recursive: true });
     const record = { checkpoint: file, method: saved.config.method, preset: recipe.preset, dataset: recipe.dataset, seed: saved.config.seed, step: saved.state.step, split: flags.split, metrics: summary, fusedLabels: fused ?? null };
     await writeFileAtomic(out, Buffer.from(JSON.stringify(record, null, 2) + '\n'));
-    process.stdout.write(`${saved.config.method} at step ${saved.state.step}, ${flags.split} split:\n` + evaluationText(summary, fused, { classNames: data.classNames }) + '\n');
+    process.stdout.write(`${saved.config.method} at step ${saved.state.step}, ${flags.split} split:\n` + evaluationText(summary, fused, { classNames: data.classNames }) + bratsText(summary) + '\n');
     printOutputs([['metrics', out]]);
   } finally {
     await data.close?.();
@@ -59,5 +90,5 @@ export function registerEvalCommand(program: Command): Command {
     .option('--out <file>', 'where to write the metrics JSON (default: eval-<split>-<checkpoint>.json beside the checkpoint)')
     .option('--threads <n>', 'native threads', parseInteger(1))
     .action((flags: EvalFlags) => runEval(flags));
-  return withExamples(command, 'cmseg eval --checkpoint runs/cm-dense/best.safetensors --split test');
+  return withExamples(command, 'cmseg eval --checkpoint runs/cm-dense/best.safetensors --split test', 'cmseg eval --checkpoint runs/brats-cm/best.safetensors --split validation');
 }

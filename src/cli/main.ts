@@ -6,7 +6,9 @@ import { Command } from 'commander';
 import { benchCommand } from './bench';
 import { registerEvalCommand } from './eval';
 import { registerFuseCommand } from './fuse';
+import { registerPhantomCommand } from './phantom';
 import { registerPredictCommand } from './predict';
+import { registerPrepareCommand } from './prepare';
 import { registerSimulateCommand } from './simulate';
 import { registerTrainCommand } from './train';
 import { withExamples } from './common';
@@ -36,11 +38,13 @@ export function buildProgram(options: ProgramOptions = {}): Command {
     .name('cmseg')
     .description('Learn segmentation from several noisy annotators: the consensus and each annotator\'s pixel-wise confusion matrix')
     .version(version);
+  registerPrepareCommand(program);
   registerTrainCommand(program);
   registerEvalCommand(program);
   registerPredictCommand(program);
   registerSimulateCommand(program);
   registerFuseCommand(program);
+  registerPhantomCommand(program);
   // bench.ts builds its command itself; give it the settings the others inherit.
   program.addCommand(benchCommand().copyInheritedSettings(program));
   withExamples(program, 'cmseg train --preset mnist --method cm --out runs/cm', 'cmseg train --help');

@@ -1,41 +1,78 @@
-// `cmseg predict`: pictures of what a checkpoint sees in its run's images: the input, the
-// expert consensus, the predicted consensus (argmax p), each annotator's estimated labels
-// (argmax A_r p) beside the labels it really gave, and each annotator's pixel-wise CM.
+// `cmseg predict`: what a checkpoint sees.
+// 2D runs (MNIST): pictures of the run's own images: the input, the expert consensus, the
+// predicted consensus (argmax p), each annotator's estimated labels (argmax A_r p) beside
+// the labels it really gave, and each annotator's pixel-wise CM.
+// 3D runs (BraTS): sliding-window inference over whole cases (a case folder, a BraTS
+// folder, a cache, or by default the run's test split), written as NIfTI in each case's
+// original geometry (the crop undone, the header of its t1 file), plus PNG pictures of
+// an axial slice through the tumour centre.
 
 import * as fs from 'fs';
 import * as path from 'path';
-import { Command } from 'commander';
+import { Command, InvalidArgumentError } from 'commander';
+import {
+  type BratsNaming,
+  type CropBox,
+  type VolumeGeometry,
+  BRATS_ENHANCING_LABEL,
+  BRATS_ENHANCING_LABEL_2021,
+  BratsError,
+  bratsCaseInFolder,
+  discoverBratsCases,
+  extentOfDims,
+  loadBratsCase,
+  preprocessBratsCase,
+  uncropVolume,
+} from '../data/brats';
+import { cacheIndexPath, readCacheIndex, readCachedCase } from '../data/cache';
 import { writeFileAtomic } from '../data/files';
+import type { Extent } from '../data/morphology';
+import { type NiftiHeader, writeNifti } from '../data/nifti';
 import { writePng } from '../data/png';
-import { loadCheckpoint } from '../model/checkpoint';
-import { setNumThreads } from '../model/model';
+import { argmaxAnnotatorProbs } from '../eval/metrics';
+import { argmaxClasses, Model, setNumThreads } from '../model/model';
+import { slidingWindowPredict } from '../model/sliding-window';
 import { cmHeatMaps, grayImage, grid, labelImage, labelOverlay, upscale } from '../report/pictures';
 import { predictImages } from '../train/evaluate';
+import { type BratsDatasetSpec, loadExperimentData } from '../train/experiment';
 import { methodDefinition } from '../train/methods';
-import { choiceOption, parseInteger, printOutputs, UserError, withExamples } from './common';
-import { checkpointExperiment } from './eval';
+import type { TrainerExtra } from '../train/trainer';
+import { choiceOption, displayPath, parseInteger, parseNumber, printOutputs, UserError, withExamples } from './common';
+import { checkpointRecipe, loadModelForInference } from './eval';
+import type { RunRecipe } from './train';
 
 interface PredictFlags {
   checkpoint: string;
   out: string;
-  count: number;
+  data?: string;
+  count?: number;
   split: 'test' | 'validation' | 'train';
   scale?: number;
+  overlap: number;
   threads?: number;
 }
 
 async function runPredict(flags: PredictFlags): Promise<void> {
   if (flags.threads !== undefined) setNumThreads(flags.threads);
   const file = path.resolve(flags.checkpoint);
-  const { saved, data } = await checkpointExperiment(file);
+  const { saved, recipe } = await checkpointRecipe(file);
+  if (recipe.dataset.kind === 'brats') return predictVolumes(flags, file, saved, recipe.dataset);
+  if (flags.data !== undefined) throw new UserError(`--data is for 3D (BraTS) checkpoints; ${path.basename(file)} is a ${recipe.preset} run: its pictures come from its own images (--split)`);
+  return predictImages2d(flags, file, saved, recipe);
+}
+
+/** The 2D pictures of a run's own images. */
+async function predictImages2d(flags: PredictFlags, file: string, saved: TrainerExtra, recipe: RunRecipe): Promise<void> {
+  const data = loadExperimentData(recipe.dataset, saved.config.seed);
+  const count = flags.count ?? 8;
   try {
     const set = data.split?.(flags.split);
     if (!set) throw new UserError(`the data of ${file} cannot be read as whole images; predict works on 2D in-memory data sets`);
     if (set.spatial.length !== 2) throw new UserError(`predict draws 2D images; this run's images are ${set.spatial.join('x')}`);
-    const model = await loadCheckpoint(file);
+    const model = await loadModelForInference(file, saved);
     const [h, w] = set.spatial;
     const scale = flags.scale ?? Math.max(1, Math.floor(256 / Math.max(h, w)));
-    const p = await predictImages(model, set, flags.count);
+    const p = await predictImages(model, set, count);
     const R = model.config.annotators;
     const learnsCms = methodDefinition(saved.config.method).learnsCms;
     const L = set.classes;
@@ -97,16 +134,218 @@ async function runPredict(flags: PredictFlags): Promise<void> {
   }
 }
 
+// ---------------------------------------------------------------------------
+// 3D: whole BraTS cases
+
+/** One case ready for the model, and what is needed to put its prediction back. */
+interface CaseToPredict {
+  id: string;
+  naming: BratsNaming;
+  /** z-scored, cropped [C, D, H, W]. */
+  images: Float32Array;
+  extent: Extent;
+  crop: CropBox;
+  original: VolumeGeometry;
+  /** The case's t1 header: written predictions copy its geometry bit for bit. */
+  header?: NiftiHeader;
+  /** Cropped expert labels 0..3, when the case has them (pictures only). */
+  seg?: Uint8Array;
+}
+
+interface CaseList {
+  ids: string[];
+  /** Where they come from, for the report. */
+  from: string;
+  load(id: string): Promise<CaseToPredict>;
+}
+
+function cacheCases(cacheDir: string, ids?: readonly string[]): CaseList {
+  const index = readCacheIndex(cacheDir);
+  const naming = new Map(index.cases.map((c) => [c.id, c.naming]));
+  return {
+    ids: ids ? [...ids] : index.cases.map((c) => c.id),
+    from: `the cache ${displayPath(cacheDir)}`,
+    load: async (id) => {
+      const c = await readCachedCase(cacheDir, id, index);
+      return { id, naming: naming.get(id) ?? '2021', images: c.images, extent: c.extent, crop: c.crop, original: c.original, header: c.niftiHeader, seg: c.consensus };
+    },
+  };
+}
+
+/** Cases read from NIfTI files and preprocessed as `cmseg prepare` does (segmentations optional). */
+function folderCases(dir: string): CaseList {
+  const single = bratsCaseInFolder(dir, { requireSeg: false });
+  let cases = single ? [single] : [];
+  try {
+    if (!single) cases = discoverBratsCases(dir, { requireSeg: false });
+  } catch (error) {
+    if (error instanceof BratsError && error.kind === 'no-cases') throw new UserError(`--data ${dir} is not a BraTS case, a BraTS folder or a cmseg cache`);
+    throw error;
+  }
+  const byId = new Map(cases.map((c) => [c.id, c]));
+  return {
+    ids: cases.map((c) => c.id),
+    from: single ? `the case folder ${displayPath(dir)}` : `the BraTS folder ${displayPath(dir)}`,
+    load: async (id) => {
+      const c = byId.get(id)!;
+      const volume = await loadBratsCase(c);
+      const pre = preprocessBratsCase(volume);
+      return { id, naming: c.naming, images: pre.images, extent: pre.extent, crop: pre.crop, original: pre.original, header: volume.header, seg: pre.seg };
+    },
+  };
+}
+
+function casesToPredict(flags: PredictFlags, spec: BratsDatasetSpec): CaseList {
+  if (flags.data === undefined) {
+    if (!fs.existsSync(cacheIndexPath(spec.cache))) throw new UserError(`the run's cache ${spec.cache} is gone; name the cases with --data`);
+    const list = cacheCases(spec.cache, spec.splits[flags.split]);
+    return { ...list, from: `the ${flags.split} split of the run (${list.from})` };
+  }
+  const data = path.resolve(flags.data);
+  if (!fs.existsSync(data)) throw new UserError(`--data not found: ${data}`);
+  if (!fs.statSync(data).isDirectory()) throw new UserError(`--data must be a folder (a case, a BraTS folder or a cache): ${data}`);
+  return fs.existsSync(cacheIndexPath(data)) ? cacheCases(data) : folderCases(data);
+}
+
+/** Our labels 0..3 in the release's numbering: enhancing tumour is 4 in BraTS 2018-2021 files. */
+function releaseLabels(labels: Uint8Array, naming: BratsNaming): Uint8Array {
+  if (naming !== '2021') return labels;
+  return labels.map((x) => (x === BRATS_ENHANCING_LABEL ? BRATS_ENHANCING_LABEL_2021 : x));
+}
+
+/** Axial slice (constant z) through the centroid of the tumour voxels of `labels`, or undefined when there are none. */
+function tumourSlice(labels: Uint8Array, extent: Extent): number | undefined {
+  const plane = extent.h * extent.w;
+  let sum = 0;
+  let count = 0;
+  for (let i = 0; i < labels.length; i++) {
+    if (labels[i] !== 0 && labels[i] !== 255) {
+      sum += Math.floor(i / plane);
+      count++;
+    }
+  }
+  return count > 0 ? Math.round(sum / count) : undefined;
+}
+
+/** Slice z of every channel of a [K, D, H, W] array, as [K, H, W]. */
+function axialSlice<T extends Float32Array | Uint8Array>(data: T, channels: number, extent: Extent, z: number): T {
+  const plane = extent.h * extent.w;
+  const V = extent.d * plane;
+  const out = new (data.constructor as new (n: number) => T)(channels * plane);
+  for (let k = 0; k < channels; k++) out.set(data.subarray(k * V + z * plane, k * V + (z + 1) * plane), k * plane);
+  return out;
+}
+
+async function predictVolumes(flags: PredictFlags, file: string, saved: TrainerExtra, spec: BratsDatasetSpec): Promise<void> {
+  const list = casesToPredict(flags, spec);
+  const ids = flags.count !== undefined ? list.ids.slice(0, flags.count) : list.ids;
+  const model: Model = await loadModelForInference(file, saved);
+  const L = model.config.classes;
+  const R = model.config.annotators;
+  const names = saved.annotatorNames.length === R ? saved.annotatorNames : Array.from({ length: R }, (_, r) => `annotator${r}`);
+  const learnsCms = methodDefinition(saved.config.method).learnsCms;
+  const patch = [spec.patch, spec.patch, spec.patch];
+  const outDir = path.resolve(flags.out);
+  fs.mkdirSync(outDir, { recursive: true });
+  const volumes: string[] = [];
+  const pictures: string[] = [];
+  const namings = new Set<BratsNaming>();
+  for (const [k, id] of ids.entries()) {
+    const started = Date.now();
+    const c = await list.load(id);
+    namings.add(c.naming);
+    const p = await slidingWindowPredict(model, c.images, c.extent, { patch, overlap: flags.overlap, cms: learnsCms, annotatorProbs: learnsCms });
+    const full = extentOfDims(c.original.dims);
+    const fullVoxels = full.d * full.h * full.w;
+    const V = c.extent.d * c.extent.h * c.extent.w;
+    const dims = [...c.original.dims];
+    const writeVolume = async (name: string, data: Uint8Array | Float32Array, volumeDims: number[], datatype: 'uint8' | 'float32') => {
+      const target = path.join(outDir, name);
+      await writeNifti(target, { dims: volumeDims, data, affine: c.original.affine }, { datatype, ...(c.header ? { header: c.header } : {}), description: `cmseg ${saved.config.method} ${name}` });
+      volumes.push(target);
+    };
+    const labelsToRelease = (labels: Uint8Array) => uncropVolume(releaseLabels(labels, c.naming), c.crop, full);
+    const consensus = argmaxClasses(p.probs, 1, L);
+    await writeVolume(`${id}_consensus.nii.gz`, labelsToRelease(consensus), dims, 'uint8');
+    // Outside the crop (no brain) the model is not asked: background with probability 1.
+    const probs = new Float32Array(L * fullVoxels);
+    for (let cls = 0; cls < L; cls++) probs.set(uncropVolume(p.probs.subarray(cls * V, (cls + 1) * V), c.crop, full, 1, cls === 0 ? 1 : 0), cls * fullVoxels);
+    await writeVolume(`${id}_probs.nii.gz`, probs, [...dims, L], 'float32');
+    const annotatorMaps = learnsCms ? argmaxAnnotatorProbs(p.annotatorProbs!, 1, R, L) : [];
+    for (const [r, map] of annotatorMaps.entries()) await writeVolume(`${id}_annotator${r}.nii.gz`, labelsToRelease(map), dims, 'uint8');
+
+    // Pictures: the axial slice through the predicted tumour's centre (else the expert's, else the middle).
+    const z = tumourSlice(consensus, c.extent) ?? (c.seg ? tumourSlice(c.seg, c.extent) : undefined) ?? Math.floor(c.extent.d / 2);
+    const { h, w } = c.extent;
+    const scale = flags.scale ?? Math.max(1, Math.floor(256 / Math.max(h, w)));
+    const flair = axialSlice(c.images.subarray(3 * V, 4 * V), 1, c.extent, z);
+    const overlay = (labels: Uint8Array) => upscale(labelOverlay(flair, axialSlice(labels, 1, c.extent, z), h, w), scale);
+    const save = async (name: string, image: Parameters<typeof writePng>[1]) => {
+      const target = path.join(outDir, name);
+      await writePng(target, image);
+      pictures.push(target);
+    };
+    const rows = [[upscale(grayImage(flair, h, w), scale), c.seg ? overlay(c.seg) : null, overlay(consensus)], annotatorMaps.map(overlay)];
+    await save(`${id}_slice.png`, grid(rows.filter((row) => row.length > 0), 4));
+    if (learnsCms) {
+      const cms = axialSlice(p.cms!, R * L * L, c.extent, z);
+      for (let r = 0; r < R; r++) await save(`${id}_cm_annotator${r}.png`, cmHeatMaps(cms, 0, r, R, L, h, w, Math.max(1, Math.floor(scale / 2))));
+    } else if (k === 0) {
+      process.stderr.write(`note: ${saved.config.method} does not learn annotator CMs: no annotator volumes or CM pictures\n`);
+    }
+    process.stderr.write(`[${k + 1}/${ids.length}] ${id}: ${p.windows} windows in ${((Date.now() - started) / 1000).toFixed(1)} s (slice z = ${c.crop.z0 + z})\n`);
+  }
+  const readme = [
+    `Predictions of ${file} (${saved.config.method}, step ${saved.state.step}) for ${ids.length} case(s) from ${list.from}.`,
+    `Sliding windows of ${patch.join('x')} voxels, overlap ${flags.overlap}, Gaussian weighting. Every volume is on the case's original grid`,
+    "(the crop to the brain undone) with the geometry of the case's t1 file.",
+    '',
+    '<id>_consensus.nii.gz        uint8, the predicted consensus argmax p, in the release\'s labels:',
+    '                             0 background, 1 necrotic core (NCR), 2 edema (ED), 4 enhancing tumour (ET) for BraTS 2018-2021',
+    '                             names; 3 for ET with BraTS 2023 names (the labels of the case\'s own files)',
+    '<id>_probs.nii.gz            float32, 4D [x, y, z, class]: p(class) for classes 0..3 (class 3 = ET); background = 1 outside the brain',
+    ...(learnsCms
+      ? [
+          '<id>_annotator<r>.nii.gz     uint8, annotator r\'s estimated segmentation argmax A_r p, labels as the consensus',
+          `<id>_cm_annotator<r>.png     annotator r's pixel-wise CM on the slice: a ${L}x${L} grid, tile (i, j) = p(says i | true j) (viridis, 0 dark .. 1 bright)`,
+        ]
+      : [`(${saved.config.method} does not learn annotator CMs: no annotator volumes or CM pictures)`]),
+    '<id>_slice.png               row 1: FLAIR, expert labels (when known), predicted consensus; row 2: each annotator\'s estimate',
+    'Pictures show the axial slice through the centre of the predicted tumour, of the cropped case, rows = voxel y, columns = voxel x.',
+    `annotators: ${names.map((n, r) => `${r} = ${n}`).join(', ')}`,
+    '',
+  ].join('\n');
+  const readmeFile = path.join(outDir, 'README.txt');
+  await writeFileAtomic(readmeFile, Buffer.from(readme));
+  process.stdout.write(`predicted ${ids.length} case(s) from ${list.from}: ${volumes.length} NIfTI volumes and ${pictures.length} PNG pictures (labels in BraTS ${[...namings].join('/')} numbering)\n`);
+  printOutputs([
+    ['volumes', outDir],
+    ['legend', readmeFile],
+  ]);
+}
+
 export function registerPredictCommand(program: Command): Command {
   const command = program
     .command('predict')
-    .description("draw a checkpoint's predictions: consensus, each annotator's estimated labels and CM heat maps (PNG)")
+    .description("a checkpoint's predictions: 2D pictures of its images, or 3D BraTS cases as NIfTI (consensus, probabilities, each annotator) with CM pictures")
     .requiredOption('--checkpoint <file>', 'a checkpoint written by cmseg train')
-    .requiredOption('--out <dir>', 'folder for the pictures')
-    .option('--count <n>', 'how many images', parseInteger(1), 8)
-    .addOption(choiceOption('--split <name>', 'which images', ['test', 'validation', 'train']).default('test'))
-    .option('--scale <n>', 'pixel enlargement (default: about 256 pixels per picture)', parseInteger(1))
+    .requiredOption('--out <dir>', 'folder for the predictions')
+    .option('--data <dir>', '3D: a BraTS case folder, a BraTS folder or a cache (default: the run\'s --split cases)')
+    .option('--count <n>', 'how many images (2D, default 8) or cases (3D, default all)', parseInteger(1))
+    .addOption(choiceOption('--split <name>', 'which of the run\'s images or cases', ['test', 'validation', 'train']).default('test'))
+    .option('--scale <n>', 'pixel enlargement of the pictures (default: about 256 pixels per picture)', parseInteger(1))
+    .option('--overlap <x>', '3D: sliding-window overlap, 0 <= x < 1', parseOverlap, 0.5)
     .option('--threads <n>', 'native threads', parseInteger(1))
     .action((flags: PredictFlags) => runPredict(flags));
-  return withExamples(command, 'cmseg predict --checkpoint runs/cm-dense/best.safetensors --out runs/cm-dense/pictures --count 4');
+  return withExamples(
+    command,
+    'cmseg predict --checkpoint runs/cm-dense/best.safetensors --out runs/cm-dense/pictures --count 4',
+    'cmseg predict --checkpoint runs/brats-cm/best.safetensors --data data/BraTS2021/BraTS2021_00000 --out predictions',
+  );
+}
+
+function parseOverlap(value: string): number {
+  const x = parseNumber(0)(value);
+  if (x >= 1) throw new InvalidArgumentError('expected a number >= 0 and < 1.');
+  return x;
 }

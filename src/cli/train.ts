@@ -1,22 +1,32 @@
 // `cmseg train`: a preset's data and settings, overridden by flags; checkpoints, a JSON
 // log and test metrics in the output folder; Ctrl-C stops after the current step and
 // saves a checkpoint that `--resume` continues exactly.
+//
+// BraTS presets read a cache made by `cmseg prepare`. Given a BraTS folder instead, train
+// prepares a cache inside the run folder (<out>/cache, default annotators over, under,
+// wrong; --labels and --data-seed apply) and uses it: convenient for one run, while
+// several runs on the same data should share one `cmseg prepare` cache. The case split
+// (70/15/15 by --data-seed) is fixed when the run starts and saved in its checkpoints.
 
 import * as fs from 'fs';
 import * as path from 'path';
 import { Command } from 'commander';
 import { writeFileAtomic } from '../data/files';
+import { BratsError, discoverBratsCases } from '../data/brats';
+import { cacheIndexPath, readCacheIndex } from '../data/cache';
 import { loadCheckpoint } from '../model/checkpoint';
-import { Model, setNumThreads } from '../model/model';
+import { backendInfo, Model, setNumThreads } from '../model/model';
 import { evaluationText } from '../report/tables';
-import type { DatasetSpec, ExperimentData } from '../train/experiment';
-import { loadExperimentData } from '../train/experiment';
+import type { BratsDatasetSpec, DatasetSpec, ExperimentData } from '../train/experiment';
+import { bratsCaseSplits, loadExperimentData, runCacheDir } from '../train/experiment';
 import { METHOD_NAMES, MethodName, methodDefinition } from '../train/methods';
 import { presetByName, PRESET_NAMES } from '../train/presets';
 import { createProgress } from '../train/progress';
 import { SCHEDULE_KINDS, ScheduleKind } from '../train/schedule';
 import { CHECKPOINT_LAST, readTrainerState, train, TrainConfig, TrainResult } from '../train/trainer';
 import { choiceOption, displayPath, given, parseInteger, parseNumber, printOutputs, UserError, withExamples } from './common';
+import { bratsText } from './eval';
+import { prepareWithProgress } from './prepare';
 
 export interface TrainFlags {
   preset: string;
@@ -38,6 +48,11 @@ export interface TrainFlags {
   valImages?: number;
   testImages?: number;
   dataSeed?: number;
+  data?: string;
+  patch?: number;
+  valCases?: number;
+  stepsPerEpoch?: number;
+  workers?: number;
   augment: boolean;
   seed?: number;
   out?: string;
@@ -95,12 +110,27 @@ function applyFlags(base: { config: TrainConfig; dataset: DatasetSpec }, flags: 
   if (isGiven('augment') && !flags.augment) config.augment = { flips: false, rotations: false };
 
   const dataset: DatasetSpec = { ...base.dataset };
+  const bratsOnly = (['patch', 'valCases', 'stepsPerEpoch'] as const).filter(typed);
+  const mnistOnly = (['trainImages', 'valImages', 'testImages'] as const).filter(typed);
+  const flagName = (key: string) => '--' + key.replace(/[A-Z]/g, (c) => '-' + c.toLowerCase());
   if (dataset.kind === 'mnist') {
+    if (bratsOnly.length) throw new UserError(`${bratsOnly.map(flagName).join(', ')}: for the BraTS presets (brats3d, brats3d-gpu) only`);
     if (typed('labels')) dataset.labels = flags.labels!;
     if (typed('trainImages')) dataset.train = flags.trainImages!;
     if (typed('valImages')) dataset.validation = flags.valImages!;
     if (typed('testImages')) dataset.test = flags.testImages!;
     if (typed('dataSeed')) dataset.dataSeed = flags.dataSeed!;
+  } else {
+    if (mnistOnly.length) throw new UserError(`${mnistOnly.map(flagName).join(', ')}: for the MNIST presets only`);
+    if (typed('labels')) dataset.labels = flags.labels!;
+    if (typed('dataSeed')) dataset.dataSeed = flags.dataSeed!;
+    if (typed('patch')) dataset.patch = flags.patch!;
+    if (typed('valCases')) dataset.validationCases = flags.valCases!;
+    if (typed('stepsPerEpoch')) dataset.stepsPerEpoch = flags.stepsPerEpoch!;
+    // The patch loader augments BraTS batches; the trainer's own flips stay off.
+    if (isGiven('augment') && !flags.augment) dataset.augment = false;
+    const multiple = 2 ** (config.depth - 1);
+    if (dataset.patch % multiple !== 0) throw new UserError(`--patch ${dataset.patch} must be a multiple of 2^(depth-1) = ${multiple} (depth ${config.depth})`);
   }
   return { config, dataset };
 }
@@ -127,6 +157,13 @@ async function resolveResume(flags: TrainFlags, isGiven: Typed): Promise<Resolve
   if (!recipe?.dataset || !recipe.preset) throw new UserError(`${last} does not say which data it was trained on, so the command line cannot resume it`);
   const conflicts: string[] = [];
   if (isGiven('preset') && flags.preset !== recipe.preset) conflicts.push(`--preset ${flags.preset} (the run used ${recipe.preset})`);
+  if (flags.data !== undefined) {
+    // The same command line again: --data names the run's cache, or the BraTS folder it was prepared from.
+    const data = path.resolve(flags.data);
+    const cache = recipe.dataset.kind === 'brats' ? recipe.dataset.cache : undefined;
+    if (!cache) conflicts.push(`--data ${flags.data} (the run's data set has no --data)`);
+    else if (data !== cache && cache !== runCacheDir(outDir)) conflicts.push(`--data ${flags.data} (the run reads the cache ${cache})`);
+  }
   const typed = applyFlags({ config: saved.config, dataset: recipe.dataset }, flags, isGiven);
   const describe = (x: unknown) => JSON.stringify(x);
   for (const key of new Set([...Object.keys(saved.config), ...Object.keys(typed.config)]) as Set<keyof TrainConfig>) {
@@ -137,6 +174,43 @@ async function resolveResume(flags: TrainFlags, isGiven: Typed): Promise<Resolve
   }
   if (conflicts.length) throw new UserError(`cannot resume ${last} with different settings: ${conflicts.join('; ')}`);
   return { config: saved.config, recipe, outDir };
+}
+
+/**
+ * Fills in a BraTS run's data: the cache (prepared from a BraTS folder into <out>/cache
+ * when --data is not a cache already) and the case split. Checks the flags against the cache.
+ */
+async function attachBratsData(dataset: BratsDatasetSpec, flags: TrainFlags, isGiven: Typed, outDir: string): Promise<void> {
+  if (flags.data === undefined) throw new UserError(`--preset ${flags.preset} needs --data: a cache made by cmseg prepare, or a BraTS folder`);
+  const data = path.resolve(flags.data);
+  if (!fs.existsSync(data)) throw new UserError(`--data folder not found: ${data}`);
+  let cacheDir = data;
+  if (!fs.existsSync(cacheIndexPath(data))) {
+    // Not a cache: it must be a BraTS folder.
+    try {
+      discoverBratsCases(data, { requireSeg: true });
+    } catch (error) {
+      if (error instanceof BratsError && error.kind === 'no-cases') throw new UserError(`--data ${data} is neither a cmseg cache (no index.json) nor a BraTS folder (no case subfolders with NIfTI files)`);
+      throw error;
+    }
+    cacheDir = runCacheDir(outDir);
+    if (!flags.quiet) process.stderr.write(`preparing ${displayPath(data)} into ${displayPath(cacheDir)} (share one cache between runs with cmseg prepare)\n`);
+    const run = await prepareWithProgress(data, cacheDir, { mode: dataset.labels, seed: dataset.dataSeed }, { quiet: flags.quiet });
+    if (run.interruptedAfter !== undefined) {
+      throw new UserError(`interrupted while preparing the cache (${run.interruptedAfter} of ${run.total} cases done; the same command continues)`);
+    }
+  }
+  const index = readCacheIndex(cacheDir);
+  if (isGiven('labels') && flags.labels !== index.settings.mode) {
+    throw new UserError(`--labels ${flags.labels}: the cache at ${cacheDir} holds ${index.settings.mode} labels (prepare another cache with --labels ${flags.labels})`);
+  }
+  dataset.cache = cacheDir;
+  dataset.labels = index.settings.mode;
+  try {
+    dataset.splits = bratsCaseSplits(index.cases.map((c) => c.id), dataset.dataSeed);
+  } catch (error) {
+    throw new UserError(`${cacheDir}: ${(error as Error).message}`);
+  }
 }
 
 export async function writeTestResults(model: Model, data: ExperimentData, file: string, extra: Record<string, unknown> & { method: MethodName }) {
@@ -153,9 +227,26 @@ async function runTrain(flags: TrainFlags, command: Command): Promise<void> {
   if (!flags.resume && fs.existsSync(path.join(outDir, CHECKPOINT_LAST))) {
     throw new UserError(`${outDir} already holds a run; continue it with --resume or choose another --out`);
   }
-  const data = loadExperimentData(recipe.dataset, config.seed);
+  if (config.device === 'cuda') {
+    const info = backendInfo() as ReturnType<typeof backendInfo> & { cudaTraining?: boolean };
+    if (!info.cuda) {
+      throw new UserError(`--preset ${recipe.preset} trains on the GPU, but this cmseg was built without the CUDA backend (backendInfo().cuda is false); rebuild with CUDA and cuDNN, or use --preset brats3d on the CPU`);
+    }
+    if (info.cudaTraining === false) {
+      throw new UserError(`--preset ${recipe.preset} trains on the GPU, but this build's CUDA backend cannot train yet (backendInfo().cudaTraining is false); use --preset brats3d on the CPU`);
+    }
+  }
+  const method = methodDefinition(config.method);
+  if (recipe.dataset.kind === 'brats') {
+    if (method.target === 'fused') {
+      throw new UserError(`method '${config.method}' (STAPLE-fused labels) is not available for BraTS yet; use cm, cm-notrace, cm-global, cm-lowrank, naive-mean, naive-mode or oracle`);
+    }
+    if (!flags.resume) await attachBratsData(recipe.dataset, flags, isGiven, outDir);
+  } else if (flags.data !== undefined && !flags.resume) {
+    throw new UserError(`--data is for the BraTS presets (brats3d, brats3d-gpu); --preset ${recipe.preset} brings its own data`);
+  }
+  const data = loadExperimentData(recipe.dataset, config.seed, { batchSize: config.batchSize, workers: flags.workers });
   try {
-    const method = methodDefinition(config.method);
     if (method.target === 'fused') {
       if (!data.prepareFusedTargets) throw new UserError(`method '${config.method}' needs fused training labels, which this data set cannot prepare`);
       await data.prepareFusedTargets(method.fusion!);
@@ -186,10 +277,11 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
       resume: flags.resume,
       run: recipe as unknown as Record<string, unknown>,
       validate: async (model) => {
-        const s = await data.evaluate(model, 'validation', { annotators: methodDefinition(config.method).learnsCms });
+        const s = await data.evaluate(model, 'validation', { annotators: methodDefinition(config.method).learnsCms, quick: true });
         const metrics: Record<string, number> = { averageDice: s.averageDice.mean, totalDice: s.totalDice.mean };
         if (s.cmError) metrics.cmError = s.cmError.mean;
         if (s.ged) metrics.ged = s.ged.mean;
+        if (s.brats) for (const [region, value] of Object.entries(s.brats.regions)) metrics[region] = value.mean;
         return { score: s.averageDice.mean, metrics };
       },
     });
@@ -220,7 +312,7 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
     const model = await loadCheckpoint(chosen);
     const testFile = path.join(outDir, 'eval-test.json');
     const { summary, fused } = await writeTestResults(model, data, testFile, { checkpoint: chosen, method: config.method, preset: recipe.preset, dataset: recipe.dataset, seed: config.seed });
-    process.stdout.write(`\ntest set, ${path.basename(chosen)}:\n` + evaluationText(summary, fused, { classNames: data.classNames }) + '\n');
+    process.stdout.write(`\ntest set, ${path.basename(chosen)}:\n` + evaluationText(summary, fused, { classNames: data.classNames }) + bratsText(summary) + '\n');
     outputs.push(['test metrics', testFile]);
   }
   printOutputs(outputs);
@@ -249,6 +341,11 @@ export function registerTrainCommand(program: Command): Command {
     .option('--val-images <n>', 'MNIST validation images', parseInteger(1))
     .option('--test-images <n>', 'MNIST test images', parseInteger(1))
     .option('--data-seed <n>', 'seed of the data split and the synthetic annotators', parseInteger(0))
+    .option('--data <dir>', 'BraTS: a cache made by cmseg prepare, or a BraTS folder (then prepared into <out>/cache)')
+    .option('--patch <n>', 'BraTS: edge of the cubic training patch, also the sliding window (a multiple of 2^(depth-1))', parseInteger(1))
+    .option('--val-cases <n>', 'BraTS: validation cases scored after every epoch (cmseg eval scores them all)', parseInteger(1))
+    .option('--steps-per-epoch <n>', 'BraTS: patch batches between validations and checkpoints', parseInteger(1))
+    .option('--workers <n>', 'BraTS: patch-loader threads (0: in the main thread; the batches are the same)', parseInteger(0))
     .option('--no-augment', 'no random flips and rotations')
     .option('--seed <n>', 'seed of the initialisation, data order and augmentation', parseInteger(0))
     .option('--out <dir>', 'output folder (default results/runs/<preset>-<method>-<labels>-seed<seed>)')
@@ -258,11 +355,20 @@ export function registerTrainCommand(program: Command): Command {
     .option('--threads <n>', 'native threads (default: CMSEG_NUM_THREADS or all cores)', parseInteger(1))
     .option('-q, --quiet', 'no progress output')
     .action((flags: TrainFlags, cmd: Command) => runTrain(flags, cmd));
-  command.addHelpText('after', `\nPresets:\n${PRESET_NAMES.map((name) => `  ${name.padEnd(11)} ${presetByName(name).description}`).join('\n')}\n`);
+  command.addHelpText(
+    'after',
+    `\nPresets:\n${PRESET_NAMES.map((name) => `  ${name.padEnd(11)} ${presetByName(name).description}`).join('\n')}\n` +
+      '\nBraTS: --data is a cache made by cmseg prepare, or a BraTS folder, which is then prepared into <out>/cache\n' +
+      '(annotators over, under, wrong; --labels and --data-seed apply). Several runs on the same data should share one\n' +
+      'cmseg prepare cache. The cases are split 70/15/15 into training, validation and test by --data-seed (at least one\n' +
+      'each); the split is saved in the checkpoints. Training reads random patches (--patch, a third centred on tumour);\n' +
+      'validation (--val-cases per epoch) and test predict whole cases by sliding windows of the patch size.\n',
+  );
   return withExamples(
     command,
     'cmseg train --preset mnist --method cm --labels dense --out runs/cm-dense',
     'cmseg train --preset mnist --method naive-mode --labels single --epochs 3 --seed 1',
     'cmseg train --out runs/cm-dense --resume',
+    'cmseg train --preset brats3d --data cache/brats2021 --method cm --out runs/brats-cm',
   );
 }

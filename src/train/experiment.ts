@@ -8,14 +8,28 @@
 // `dense` or `single` label mode. Validation and test images get every annotator (dense
 // labels) so that every annotator's CM estimate is scored on every image; the fused-label
 // rows use the test images labelled in the run's label mode, as the training set is.
+//
+// BraTS (paper section 3.1, SPEC brats3d): a cache prepared by `cmseg prepare`
+// (src/data/cache.ts), its cases split once into training, validation and test by
+// `dataSeed` (the split is stored in the spec, hence in every checkpoint). Training reads
+// random patches through the patch loader (src/data/patch-loader.ts, which augments by
+// itself); validation and test predict each whole cropped case by sliding windows of the
+// training patch size and score it with the SPEC section 6 metrics and the BraTS regions.
+// After every epoch only the first `validationCases` validation cases are scored (whole
+// volumes are slow on a CPU); `cmseg eval` scores the whole split.
 
+import * as path from 'path';
 import { AnnotatorSpec, LabelMode, simulateAnnotators } from '../data/annotators';
+import { BRATS_CLASS_NAMES } from '../data/brats';
+import { type CacheIndex, readCacheIndex, readCachedCase } from '../data/cache';
 import { loadMnistSplits, MnistBatch } from '../data/mnist';
+import { PatchLoader } from '../data/patch-loader';
 import { Rng } from '../data/random';
 import { fuse } from '../fusion/fuse';
 import type { Model } from '../model/model';
 import { AnnotatedSet, InMemorySource, TrainingSource } from './data';
-import { evaluateModel, EvaluationSummary, fusedLabelRows, FusedLabelRows } from './evaluate';
+import { evaluateModel, evaluateVolumes, EvaluationSummary, fusedLabelRows, FusedLabelRows } from './evaluate';
+import { PatchStream, PatchStreamSource } from './patch-source';
 
 /** The paper's four MNIST annotators with the SPEC section 7 defaults. */
 export const MNIST_ANNOTATORS: readonly AnnotatorSpec[] = [{ kind: 'good' }, { kind: 'over' }, { kind: 'under' }, { kind: 'fracture' }];
@@ -31,17 +45,63 @@ export interface MnistDatasetSpec {
   dataSeed: number;
 }
 
-/** Every data set the CLI knows. BraTS joins here. */
-export type DatasetSpec = MnistDatasetSpec;
+/** Case ids per split. */
+export interface CaseSplits {
+  train: string[];
+  validation: string[];
+  test: string[];
+}
+
+export interface BratsDatasetSpec {
+  kind: 'brats';
+  /** The prepared cache (absolute path); '' in a preset until the command line names the data. */
+  cache: string;
+  /** The cache's label mode (every annotator on every case, or one annotator per case). */
+  labels: LabelMode;
+  /** Edge of the cubic training patch; also the sliding-window size when scoring and predicting. */
+  patch: number;
+  /** Sliding-window overlap when scoring (SPEC section 5: 0.5). */
+  overlap: number;
+  /** Patch batches per "epoch": how often the trainer validates and saves. */
+  stepsPerEpoch: number;
+  /** Validation cases scored after every epoch (the first ones of the split). */
+  validationCases: number;
+  /** Seeds the case split (and the annotators when `cmseg train` prepares the cache). */
+  dataSeed: number;
+  /** The loader's flips and intensity changes. */
+  augment: boolean;
+  /** Share of training patches centred on a tumour voxel (nnU-Net: 1/3). */
+  foregroundFraction: number;
+  /** Fixed when a run starts (bratsCaseSplits); empty in a preset. */
+  splits: CaseSplits;
+}
+
+/** Every data set the CLI knows. */
+export type DatasetSpec = MnistDatasetSpec | BratsDatasetSpec;
 
 export type SplitName = 'validation' | 'test';
+
+/** How a run reads its data; none of it changes the results. */
+export interface ExperimentRuntime {
+  /** Images per training batch (the patch loader builds batches of this size); default 1. */
+  batchSize?: number;
+  /** Patch-loader worker threads (0: in the main thread); default the loader's. */
+  workers?: number;
+}
+
+export interface ExperimentEvaluateOptions {
+  /** Score the annotator CMs (CM error, reliability, GED); default true. */
+  annotators?: boolean;
+  /** The quick check made after every epoch (BraTS: a subset of the validation cases). */
+  quick?: boolean;
+}
 
 export interface ExperimentData {
   source: TrainingSource;
   /** Names of the classes for reports, index = label. */
   classNames?: string[];
   /** Scores a model on a split (every epoch on validation, at the end on test). */
-  evaluate(model: Model, split: SplitName, options?: { annotators?: boolean }): Promise<EvaluationSummary>;
+  evaluate(model: Model, split: SplitName, options?: ExperimentEvaluateOptions): Promise<EvaluationSummary>;
   /** Dice of the naive fused label maps on the test split (tables' "Mean labels" / "Mode labels"). */
   fusedLabelRows?(): FusedLabelRows;
   /**
@@ -118,13 +178,105 @@ export async function fuseTrainingSet(set: AnnotatedSet, fusion: 'multi-staple' 
   return labels;
 }
 
-export function loadExperimentData(spec: DatasetSpec, trainingSeed: number): ExperimentData {
+/** Shares of the cases held out for validation and test (the rest trains). */
+export const BRATS_SPLIT_FRACTIONS = { validation: 0.15, test: 0.15 } as const;
+
+/**
+ * Splits case ids into training, validation and test (70/15/15 by default, at least one
+ * case each) with a permutation drawn from `seed`. The result depends only on the set of
+ * ids and the seed, not on their order. Each split is sorted by id.
+ */
+export function bratsCaseSplits(ids: readonly string[], seed: number, fractions: { validation: number; test: number } = BRATS_SPLIT_FRACTIONS): CaseSplits {
+  const n = ids.length;
+  if (n < 3) throw new RangeError(`a BraTS run needs at least 3 cases (one each for training, validation and test); there are ${n}`);
+  const sorted = [...new Set(ids)].sort();
+  if (sorted.length !== n) throw new RangeError('case ids must be unique');
+  const validation = Math.max(1, Math.round(fractions.validation * n));
+  const test = Math.max(1, Math.round(fractions.test * n));
+  if (validation + test > n - 1) throw new RangeError(`${n} cases cannot hold ${validation} validation and ${test} test cases and still train on one`);
+  const order = new Rng(seed).fork('brats case split').permutation(n);
+  const pick = (from: number, to: number) => Array.from(order.subarray(from, to), (i) => sorted[i]).sort();
+  return { test: pick(0, test), validation: pick(test, test + validation), train: pick(test + validation, n) };
+}
+
+/**
+ * A patch stream that opens its loader on the first next(): building ExperimentData stays
+ * synchronous and cheap (cmseg eval never trains), and the first batch comes from the
+ * loader that the trainer then keeps reading.
+ */
+function deferredPatchStream(index: CacheIndex, batchSize: number, open: () => Promise<PatchStream>): PatchStream {
+  let opened: Promise<PatchStream> | undefined;
+  return {
+    names: [...index.names],
+    channels: index.channels,
+    classes: index.classes,
+    settings: { batchSize },
+    next: async () => (await (opened ??= open())).next(),
+    close: async () => {
+      if (opened) await (await opened).close();
+    },
+  };
+}
+
+export function loadBratsExperiment(spec: BratsDatasetSpec, trainingSeed: number, runtime: ExperimentRuntime = {}): ExperimentData {
+  if (!spec.cache) throw new RangeError('the BraTS data set has no cache: give the data with --data');
+  const cacheDir = spec.cache;
+  const index = readCacheIndex(cacheDir);
+  const known = new Set(index.cases.map((c) => c.id));
+  for (const split of ['train', 'validation', 'test'] as const) {
+    const ids = spec.splits[split];
+    if (ids.length === 0) throw new RangeError(`the run's ${split} split is empty`);
+    const missing = ids.filter((id) => !known.has(id));
+    if (missing.length > 0) {
+      throw new RangeError(`the cache at ${cacheDir} lacks ${missing.length} ${split} case(s) of this run (${missing.slice(0, 3).join(', ')}${missing.length > 3 ? ', ...' : ''}): run cmseg prepare on the run's data again`);
+    }
+  }
+  const batchSize = runtime.batchSize ?? 1;
+  const open = (firstBatch: number) =>
+    PatchLoader.open({
+      cacheDir,
+      caseIds: spec.splits.train,
+      patchSize: spec.patch,
+      batchSize,
+      seed: trainingSeed,
+      foregroundFraction: spec.foregroundFraction,
+      augment: spec.augment,
+      firstBatch,
+      ...(runtime.workers !== undefined ? { workers: runtime.workers } : {}),
+    });
+  const source = new PatchStreamSource(open, deferredPatchStream(index, batchSize, () => open(0)), spec.stepsPerEpoch);
+  const patch = [spec.patch, spec.patch, spec.patch];
+  return {
+    source,
+    classNames: [...BRATS_CLASS_NAMES],
+    evaluate: (model, split, options = {}) => {
+      const ids = split === 'validation' && options.quick ? spec.splits.validation.slice(0, Math.max(1, spec.validationCases)) : spec.splits[split];
+      return evaluateVolumes(model, ids, (id) => readCachedCase(cacheDir, id, index), {
+        patch,
+        overlap: spec.overlap,
+        annotators: options.annotators,
+        annotatorNames: [...index.names],
+        bratsRegions: true,
+      });
+    },
+    close: () => source.close(),
+  };
+}
+
+/** Where a run's cache is when `cmseg train` prepares it from a BraTS folder. */
+export function runCacheDir(outDir: string): string {
+  return path.join(outDir, 'cache');
+}
+
+export function loadExperimentData(spec: DatasetSpec, trainingSeed: number, runtime: ExperimentRuntime = {}): ExperimentData {
   switch (spec.kind) {
     case 'mnist':
       return loadMnistExperiment(spec, trainingSeed);
+    case 'brats':
+      return loadBratsExperiment(spec, trainingSeed, runtime);
     default: {
-      const unknown: never = spec.kind;
-      throw new RangeError(`unknown data set kind ${JSON.stringify(unknown)}`);
+      const unknown: never = spec;
+      throw new RangeError(`unknown data set kind ${JSON.stringify((unknown as { kind: unknown }).kind)}`);
     }
   }
 }

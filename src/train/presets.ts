@@ -2,8 +2,23 @@
 // that suit a machine. Command-line flags override any field. One source of truth for
 // the defaults the README, the reproduction script and the tests rely on.
 
-import type { DatasetSpec } from './experiment';
+import type { BratsDatasetSpec, DatasetSpec } from './experiment';
 import { TRAIN_DEFAULTS, TrainConfig } from './trainer';
+
+/** BraTS settings both brats presets share; `cache` and `splits` are filled when a run starts. */
+const BRATS_DATASET: BratsDatasetSpec = {
+  kind: 'brats',
+  cache: '',
+  labels: 'dense',
+  patch: 64,
+  overlap: 0.5,
+  stepsPerEpoch: 100,
+  validationCases: 2,
+  dataSeed: 0,
+  augment: true,
+  foregroundFraction: 1 / 3,
+  splits: { train: [], validation: [], test: [] },
+};
 
 export interface Preset {
   name: string;
@@ -79,6 +94,45 @@ export const PRESETS: Record<string, Preset> = {
       batchSize: 16,
       schedule: { kind: 'constant', lr: 3e-3 },
       augment: { flips: true, rotations: true },
+    },
+  },
+  // SPEC brats3d-cpu: batch 1 x 4 x 64^3, U-Net depth 4, c 16, L 4, R 3 (the cache's
+  // annotators). About 2-3 s per step on a 2-core CPU (AVX2), so 20 epochs of 100 steps
+  // take one to two hours plus validation (2 whole cases per epoch, about a minute each at
+  // real BraTS size). The patch loader augments; the trainer's own flips stay off.
+  brats3d: {
+    name: 'brats3d',
+    description: 'BraTS (--data: a cmseg prepare cache or a BraTS folder) as SPEC brats3d-cpu: U-Net depth 4, c 16; patches 64^3, batch 1; 20 epochs of 100 steps (CPU)',
+    dataset: { ...BRATS_DATASET },
+    train: {
+      ...TRAIN_DEFAULTS,
+      depth: 4,
+      baseChannels: 16,
+      epochs: 20,
+      batchSize: 1,
+      schedule: { kind: 'poly', lr: 1e-3, power: 0.9 },
+      lambda: 0.01,
+      warmupSteps: 0,
+      augment: { flips: false, rotations: false },
+      device: 'cpu',
+    },
+  },
+  // SPEC brats3d-gpu: batch 2 x 4 x 128^3, U-Net depth 4, c 32, on the CUDA backend.
+  'brats3d-gpu': {
+    name: 'brats3d-gpu',
+    description: 'BraTS as SPEC brats3d-gpu: U-Net depth 4, c 32; patches 128^3, batch 2; 50 epochs of 250 steps (needs the CUDA backend)',
+    dataset: { ...BRATS_DATASET, patch: 128, stepsPerEpoch: 250, validationCases: 8 },
+    train: {
+      ...TRAIN_DEFAULTS,
+      depth: 4,
+      baseChannels: 32,
+      epochs: 50,
+      batchSize: 2,
+      schedule: { kind: 'poly', lr: 1e-3, power: 0.9 },
+      lambda: 0.01,
+      warmupSteps: 0,
+      augment: { flips: false, rotations: false },
+      device: 'cuda',
     },
   },
 };

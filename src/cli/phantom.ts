@@ -1,0 +1,75 @@
+// `cmseg phantom brats`: synthetic BraTS cases (src/data/brats-phantom.ts) written in the
+// real release layout, so that prepare, train, predict and eval can be tried, and
+// tested, without the challenge data.
+
+import * as path from 'path';
+import { Command, InvalidArgumentError, Option } from 'commander';
+import type { BratsNaming } from '../data/brats';
+import { BRATS_PHANTOM_DEFAULT_SIZE, writeBratsPhantoms } from '../data/brats-phantom';
+import { choiceOption, displayPath, parseInteger, printOutputs, withExamples } from './common';
+
+/** "X,Y,Z" as NIfTI dims [nx, ny, nz]. */
+export function parseSize(value: string): [number, number, number] {
+  const parts = value.split(',').map((p) => p.trim());
+  const numbers = parts.map(Number);
+  if (parts.length !== 3 || parts.some((p) => !/^\d+$/.test(p)) || numbers.some((n) => n < 8 || n > 1024)) {
+    throw new InvalidArgumentError('expected three integers X,Y,Z in 8..1024, e.g. 96,96,64.');
+  }
+  return numbers as [number, number, number];
+}
+
+interface PhantomBratsFlags {
+  cases: number;
+  out: string;
+  size: [number, number, number];
+  seed: number;
+  naming: BratsNaming;
+  quiet?: boolean;
+}
+
+async function runPhantomBrats(flags: PhantomBratsFlags): Promise<void> {
+  const outDir = path.resolve(flags.out);
+  const started = Date.now();
+  let last = started;
+  const written = await writeBratsPhantoms(outDir, {
+    cases: flags.cases,
+    size: flags.size,
+    seed: flags.seed,
+    naming: flags.naming,
+    onCase: (c, index, total) => {
+      const now = Date.now();
+      if (!flags.quiet) process.stderr.write(`[${index + 1}/${total}] ${c.id} written in ${((now - last) / 1000).toFixed(1)} s\n`);
+      last = now;
+    },
+  });
+  const [nx, ny, nz] = flags.size;
+  process.stdout.write(
+    `wrote ${written.length} synthetic BraTS ${flags.naming} case(s) of ${nx}x${ny}x${nz} voxels (seed ${flags.seed}) in ${((Date.now() - started) / 1000).toFixed(1)} s: ` +
+      `${written[0].id}${written.length > 1 ? ` .. ${written[written.length - 1].id}` : ''}\n`,
+  );
+  printOutputs([
+    ['cases', outDir],
+    ['first case', written.map((c) => c.dir).slice(0, 1)],
+  ]);
+  process.stdout.write(`next: cmseg prepare --data ${displayPath(outDir)} --out <cache folder>\n`);
+}
+
+export function registerPhantomCommand(program: Command): Command {
+  const phantom = program.command('phantom').description('write synthetic data sets in the layout of real ones (for trying cmseg and for tests)');
+  const brats = phantom
+    .command('brats')
+    .description('synthetic BraTS cases: four MR modalities and a tumour segmentation per case, in the release layout')
+    .requiredOption('--cases <n>', 'how many cases', parseInteger(1))
+    .requiredOption('--out <dir>', 'folder for the cases (one subfolder per case; files already there are overwritten)')
+    .addOption(
+      new Option('--size <x,y,z>', 'volume size in voxels (real BraTS: 240,240,155)')
+        .argParser(parseSize)
+        .default([...BRATS_PHANTOM_DEFAULT_SIZE], BRATS_PHANTOM_DEFAULT_SIZE.join(',')),
+    )
+    .option('--seed <n>', 'seed of the phantoms (case k is the same for any --cases > k)', parseInteger(0), 0)
+    .addOption(choiceOption('--naming <release>', "file names and labels: 2021 (ID_t1.nii.gz, ET = 4) or 2023 (ID-t1n.nii.gz, ET = 3)", ['2021', '2023']).default('2021'))
+    .option('-q, --quiet', 'no progress lines')
+    .action((flags: PhantomBratsFlags) => runPhantomBrats(flags));
+  withExamples(brats, 'cmseg phantom brats --cases 8 --out data/phantoms', 'cmseg phantom brats --cases 3 --out data/small --size 48,48,32 --naming 2023 --seed 1');
+  return withExamples(phantom, 'cmseg phantom brats --cases 8 --out data/phantoms');
+}

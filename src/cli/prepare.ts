@@ -1,0 +1,183 @@
+// `cmseg prepare`: preprocesses a BraTS folder once into the training cache
+// (src/data/cache.ts): brain crop, z-score per modality, the synthetic annotators of
+// SPEC section 7, one compact file per case. Incremental: a second run skips every case
+// whose source files are unchanged. Ctrl-C stops after the case in progress; because the
+// cache writes each case file and then the index atomically, an interrupted run (even a
+// killed one) leaves a valid cache of the cases finished so far, and the same command
+// continues it.
+
+import * as fs from 'fs';
+import * as path from 'path';
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { SingleBar } from 'cli-progress';
+import type { AnnotatorKind, AnnotatorSpec, LabelMode } from '../data/annotators';
+import { discoverBratsCases } from '../data/brats';
+import {
+  BRATS_DEFAULT_ANNOTATORS,
+  cacheIndexPath,
+  type CacheDtype,
+  type PrepareCacheOptions,
+  type PrepareCacheResult,
+  type PrepareProgress,
+  prepareCache,
+} from '../data/cache';
+import { choiceOption, displayPath, parseInteger, printOutputs, UserError, withExamples } from './common';
+
+const ANNOTATOR_KINDS: readonly AnnotatorKind[] = ['good', 'over', 'under', 'fracture', 'wrong'];
+
+/** "over,under,wrong" as annotator specs (SPEC section 7 defaults for each kind). */
+export function parseAnnotatorList(value: string): AnnotatorSpec[] {
+  const kinds = value.split(',').map((k) => k.trim()).filter((k) => k !== '');
+  if (kinds.length === 0) throw new InvalidArgumentError('expected a comma-separated list of annotator kinds.');
+  for (const kind of kinds) {
+    if (!ANNOTATOR_KINDS.includes(kind as AnnotatorKind)) {
+      throw new InvalidArgumentError(`unknown annotator kind '${kind}'; choose from ${ANNOTATOR_KINDS.join(', ')}.`);
+    }
+  }
+  return kinds.map((kind) => ({ kind }) as AnnotatorSpec);
+}
+
+/** Thrown from the progress callback to stop prepareCache between two cases. */
+class PrepareInterrupted extends Error {
+  constructor(readonly done: number) {
+    super('interrupted');
+  }
+}
+
+export interface PrepareRun {
+  result?: PrepareCacheResult;
+  /** Set when Ctrl-C stopped the run: cases finished (prepared or skipped) before it. */
+  interruptedAfter?: number;
+  total: number;
+}
+
+/**
+ * prepareCache with the command line's progress (a bar on stderr when it is a terminal,
+ * otherwise one line per case) and Ctrl-C handling. Shared by `cmseg prepare` and by
+ * `cmseg train` when it is given a BraTS folder.
+ */
+export async function prepareWithProgress(dataDir: string, cacheDir: string, options: Omit<PrepareCacheOptions, 'onProgress'>, output: { quiet?: boolean } = {}): Promise<PrepareRun> {
+  // Discover first: a missing or empty folder is reported before the cache folder is made.
+  const total = discoverBratsCases(dataDir, { requireSeg: true }).length;
+  const stream = process.stderr;
+  const bar = !output.quiet && stream.isTTY ? new SingleBar({ stream, format: 'prepare [{bar}] {value}/{total} cases | {id} | {eta_formatted}', barsize: 24, hideCursor: true }) : undefined;
+  let interrupted = false;
+  const onSigint = () => {
+    if (interrupted) {
+      stream.write('\nsecond interrupt: quitting now; the cache still holds every case finished so far\n');
+      process.exit(130);
+    }
+    interrupted = true;
+    stream.write('\ninterrupt: finishing the case in progress (Ctrl-C again quits at once)\n');
+  };
+  process.on('SIGINT', onSigint);
+  bar?.start(total, 0, { id: '' });
+  try {
+    const result = await prepareCache(dataDir, cacheDir, {
+      ...options,
+      onProgress: (p: PrepareProgress) => {
+        const done = p.position + 1;
+        if (bar) bar.update(done, { id: `${p.id} ${p.status}` });
+        else if (!output.quiet) {
+          const what = p.status === 'prepared' ? `prepared in ${(p.ms / 1000).toFixed(1)} s` : 'up to date, skipped';
+          stream.write(`[${done}/${p.total}] ${p.id} ${what}\n`);
+        }
+        if (interrupted && done < p.total) throw new PrepareInterrupted(done);
+      },
+    });
+    return { result, total };
+  } catch (error) {
+    if (error instanceof PrepareInterrupted) return { interruptedAfter: error.done, total };
+    throw error;
+  } finally {
+    bar?.stop();
+    process.off('SIGINT', onSigint);
+  }
+}
+
+interface PrepareFlags {
+  data: string;
+  out: string;
+  annotators: AnnotatorSpec[];
+  labels: LabelMode;
+  dtype: CacheDtype;
+  seed: number;
+  margin: number;
+  rebuild?: boolean;
+  quiet?: boolean;
+}
+
+function folderBytes(dir: string): number {
+  let bytes = 0;
+  for (const entry of fs.readdirSync(dir, { withFileTypes: true })) {
+    const full = path.join(dir, entry.name);
+    bytes += entry.isDirectory() ? folderBytes(full) : fs.statSync(full).size;
+  }
+  return bytes;
+}
+
+async function runPrepare(flags: PrepareFlags): Promise<void> {
+  const dataDir = path.resolve(flags.data);
+  const cacheDir = path.resolve(flags.out);
+  if (!fs.existsSync(dataDir)) throw new UserError(`--data folder not found: ${dataDir}`);
+  if (path.relative(dataDir, cacheDir) === '') throw new UserError('--out must be another folder than --data');
+  const run = await prepareWithProgress(
+    dataDir,
+    cacheDir,
+    { annotators: flags.annotators, mode: flags.labels, dtype: flags.dtype, seed: flags.seed, margin: flags.margin, rebuild: flags.rebuild },
+    { quiet: flags.quiet },
+  );
+  const outputs: [string, string][] = [
+    ['cache index', cacheIndexPath(cacheDir)],
+    ['case files', path.join(cacheDir, 'cases')],
+  ];
+  if (run.interruptedAfter !== undefined) {
+    process.stdout.write(
+      `interrupted after ${run.interruptedAfter} of ${run.total} cases: the cache is valid and holds them; ` +
+        `run the same command again to prepare the rest\n`,
+    );
+    printOutputs(outputs);
+    process.exitCode = 130;
+    return;
+  }
+  const { index, prepared, skipped, removed } = run.result!;
+  const megabytes = folderBytes(cacheDir) / 2 ** 20;
+  process.stdout.write(
+    `prepared ${prepared.length} case(s), ${skipped.length} up to date` +
+      (removed.length ? `, ${removed.length} removed (no longer in ${displayPath(dataDir)})` : '') +
+      `; the cache holds ${index.cases.length} cases (${megabytes.toFixed(1)} MB) with annotators ${index.names.join(', ')} (${index.settings.mode} labels, ${index.settings.dtype})\n`,
+  );
+  printOutputs(outputs);
+}
+
+export function registerPrepareCommand(program: Command): Command {
+  const command = program
+    .command('prepare')
+    .description('preprocess a BraTS folder once into a training cache: crop, z-score, synthetic annotators')
+    .requiredOption('--data <dir>', 'BraTS folder: one subfolder per case (2018-2021 or 2023 file names)')
+    .requiredOption('--out <dir>', 'cache folder (created; a cache already there is updated)')
+    .addOption(
+      new Option('--annotators <kinds>', `synthetic annotators, comma-separated (${ANNOTATOR_KINDS.join(', ')})`)
+        .argParser(parseAnnotatorList)
+        .default([...BRATS_DEFAULT_ANNOTATORS], BRATS_DEFAULT_ANNOTATORS.map((a) => a.kind).join(',')),
+    )
+    .addOption(choiceOption('--labels <mode>', 'dense: every annotator labels every case; single: one annotator per case', ['dense', 'single']).default('dense'))
+    .addOption(choiceOption('--dtype <type>', 'image storage: float16 halves the disk and read traffic (relative error ~5e-4)', ['float16', 'float32']).default('float16'))
+    .option('--seed <n>', 'seed of the synthetic annotators', parseInteger(0), 0)
+    .option('--margin <n>', 'voxels kept around the brain when cropping', parseInteger(0), 0)
+    .option('--rebuild', 'prepare every case again (needed to change the settings of an existing cache)')
+    .option('-q, --quiet', 'no progress output')
+    .action((flags: PrepareFlags) => runPrepare(flags));
+  command.addHelpText(
+    'after',
+    '\nIncremental: cases whose source files are unchanged are skipped, so running the command again after\n' +
+      'adding cases prepares only the new ones. Safe to interrupt: Ctrl-C finishes the case in progress and\n' +
+      'stops; the cache is valid at every moment (each case file and the index are written atomically), holds\n' +
+      'the cases finished so far, and the same command continues where it stopped.\n',
+  );
+  return withExamples(
+    command,
+    'cmseg prepare --data data/BraTS2021 --out cache/brats2021',
+    'cmseg prepare --data data/phantoms --out cache/phantoms --annotators over,under,wrong --labels single --seed 1',
+  );
+}

@@ -1,0 +1,223 @@
+// The BraTS command line end to end on small phantoms (48x48x32, patches 16^3, a U-Net of
+// base width 4, two or three steps): phantom -> prepare (incremental, interruptible) ->
+// train --preset brats3d -> predict (NIfTI in the original geometry) -> eval; training from
+// a raw BraTS folder (cache prepared inside the run) with 2023 names; one-line user errors.
+import t from 'tap';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { buildProgram, main } from '../src/cli/main';
+import { readCacheIndex } from '../src/data/cache';
+import { readNifti } from '../src/data/nifti';
+import { readPngSync } from '../src/data/png';
+import { backendInfo } from '../src/model/model';
+
+const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-brats-cli-'));
+t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+const SIZE = '48,48,32';
+const TINY = ['--patch', '16', '--base-channels', '4', '--val-cases', '1', '--quiet'];
+
+/**
+ * Runs a command in this process, capturing what it prints. `onStderr` sees every chunk
+ * written to stderr (the test of Ctrl-C uses it to interrupt at a chosen moment).
+ */
+async function cmseg(args: string[], onStderr?: (chunk: string) => void): Promise<{ stdout: string; stderr: string; exitCode: number }> {
+  let stdout = '';
+  let stderr = '';
+  const write = process.stdout.write.bind(process.stdout);
+  const writeErr = process.stderr.write.bind(process.stderr);
+  process.stdout.write = ((chunk: string) => ((stdout += chunk), true)) as typeof process.stdout.write;
+  process.stderr.write = ((chunk: string) => {
+    stderr += chunk;
+    onStderr?.(String(chunk));
+    return true;
+  }) as typeof process.stderr.write;
+  const cwd = process.cwd();
+  process.chdir(dir);
+  try {
+    await main(['node', 'cmseg', ...args]);
+  } finally {
+    process.chdir(cwd);
+    process.stdout.write = write;
+    process.stderr.write = writeErr;
+  }
+  const exitCode = Number(process.exitCode ?? 0);
+  process.exitCode = 0;
+  return { stdout, stderr, exitCode };
+}
+
+/** What commander writes for --help or a bad option value (thrown, not exiting, here). */
+async function help(args: string[]): Promise<string> {
+  let out = '';
+  const program = buildProgram({ exitOverride: true, writeOut: (s) => (out += s), writeErr: (s) => (out += s) });
+  try {
+    await program.parseAsync(['node', 'cmseg', ...args]);
+  } catch (error) {
+    const code = (error as { code?: string }).code;
+    if (code !== 'commander.helpDisplayed' && code !== 'commander.invalidArgument') throw error;
+  }
+  return out;
+}
+
+t.test('help of the BraTS commands', async (t) => {
+  const phantom = await help(['phantom', 'brats', '--help']);
+  t.match(phantom, /Usage: cmseg phantom brats/);
+  for (const flag of ['--cases', '--out', '--size', '--seed', '--naming']) t.match(phantom, flag);
+  t.match(phantom, /Examples:\n  \$ cmseg phantom brats/);
+  const prepare = await help(['prepare', '--help']);
+  for (const flag of ['--data', '--out', '--annotators', '--labels', '--dtype', '--seed', '--rebuild']) t.match(prepare, flag);
+  t.match(prepare, /default: over,under,wrong/);
+  t.match(prepare, /Safe to interrupt: Ctrl-C/);
+  t.match(prepare, /Examples:\n  \$ cmseg prepare/);
+  const train = await help(['train', '--help']);
+  for (const flag of ['--data', '--patch', '--val-cases', '--steps-per-epoch', '--workers']) t.match(train, flag);
+  t.match(train, /\n  brats3d +BraTS/);
+  t.match(train, /\n  brats3d-gpu +BraTS/);
+  t.match(await help(['predict', '--help']), /--data <dir>/);
+});
+
+t.test('phantom -> prepare (incremental, interruptible) -> train -> predict -> eval', async (t) => {
+  const phantom = await cmseg(['phantom', 'brats', '--cases', '4', '--out', 'data', '--size', SIZE, '--seed', '5']);
+  t.equal(phantom.exitCode, 0, phantom.stderr);
+  t.match(phantom.stderr, /^\[1\/4\] BraTS2021_00000 written in \d+\.\d s\n[\s\S]*\[4\/4\] BraTS2021_00003 written/);
+  t.match(phantom.stdout, /wrote 4 synthetic BraTS 2021 case\(s\) of 48x48x32 voxels \(seed 5\)[\s\S]*outputs:\n  cases +data\n/);
+  t.ok(fs.existsSync(path.join(dir, 'data/BraTS2021_00002/BraTS2021_00002_flair.nii.gz')));
+
+  // Ctrl-C after the first case: a valid cache holding that case; the same command finishes it.
+  const interrupt = (chunk: string) => {
+    if (!chunk.startsWith('[1/4]')) return;
+    const listener = process.listeners('SIGINT').at(-1) as (signal: string) => void; // prepare's own handler
+    listener('SIGINT');
+  };
+  const stopped = await cmseg(['prepare', '--data', 'data', '--out', 'cache'], interrupt);
+  t.equal(stopped.exitCode, 130, stopped.stderr);
+  t.match(stopped.stderr, /interrupt: finishing the case in progress/);
+  t.match(stopped.stdout, /^interrupted after 1 of 4 cases: the cache is valid and holds them; run the same command again/);
+  t.same(readCacheIndex(path.join(dir, 'cache')).cases.map((c) => c.id), ['BraTS2021_00000']);
+  t.notOk(fs.existsSync(path.join(dir, 'cache', '.prepare.lock')), 'the lock is released');
+
+  const rest = await cmseg(['prepare', '--data', 'data', '--out', 'cache']);
+  t.equal(rest.exitCode, 0, rest.stderr);
+  t.match(rest.stderr, /^\[1\/4\] BraTS2021_00000 up to date, skipped\n\[2\/4\] BraTS2021_00001 prepared in \d+\.\d s\n/);
+  t.match(rest.stdout, /^prepared 3 case\(s\), 1 up to date; the cache holds 4 cases \([\d.]+ MB\) with annotators over, under, wrong \(dense labels, float16\)\noutputs:\n  cache index +cache\/index\.json\n  case files +cache\/cases\n$/);
+  const again = await cmseg(['prepare', '--data', 'data', '--out', 'cache', '--quiet']);
+  t.equal(again.exitCode, 0);
+  t.equal(again.stderr, '', 'quiet');
+  t.match(again.stdout, /^prepared 0 case\(s\), 4 up to date/, 'a second run skips every case');
+  const changed = await cmseg(['prepare', '--data', 'data', '--out', 'cache', '--labels', 'single', '--quiet']);
+  t.equal(changed.exitCode, 1);
+  t.match(changed.stderr, /^cmseg: error: the cache at .*cache was prepared with other settings \(.*mode.*\).*--rebuild.*\n$/);
+
+  const train = await cmseg(['train', '--preset', 'brats3d', '--data', 'cache', '--steps', '2', '--out', 'runs/cm', '--workers', '0', ...TINY]);
+  t.equal(train.exitCode, 0, train.stderr);
+  t.equal(train.stderr, '');
+  t.match(train.stdout, /trained cm from step 0 to 2/);
+  t.match(train.stdout, /\| Dice edema \(ED\) +\| \d\.\d{4} ± \d\.\d{4} \|/);
+  t.match(train.stdout, /\| CM estimation error \(RMSE\) \| /);
+  t.match(train.stdout, /\| whole tumour \(1, 2, 3\) \| \d\.\d{4} ± /);
+  t.match(train.stdout, /outputs:\n  checkpoints +runs\/cm\/best\.safetensors, runs\/cm\/last\.safetensors\n  training log +runs\/cm\/train-log\.jsonl\n  test metrics +runs\/cm\/eval-test\.json/);
+  const testMetrics = JSON.parse(fs.readFileSync(path.join(dir, 'runs/cm/eval-test.json'), 'utf8'));
+  t.equal(testMetrics.dataset.kind, 'brats');
+  t.equal(testMetrics.dataset.cache, path.join(dir, 'cache'));
+  const splits = testMetrics.dataset.splits as Record<string, string[]>;
+  t.same([splits.train.length, splits.validation.length, splits.test.length], [2, 1, 1], '4 cases: 2 train, 1 validation, 1 test');
+  t.equal(testMetrics.metrics.images, 1);
+  t.ok(testMetrics.metrics.cmErrorPerAnnotator.length === 3 && testMetrics.metrics.reliability.length === 3);
+  t.ok(Number.isFinite(testMetrics.metrics.brats.regions.wholeTumour.mean));
+  t.equal(testMetrics.metrics.perCase[0].id, splits.test[0]);
+  const resumed = await cmseg(['train', '--preset', 'brats3d', '--data', 'cache', '--steps', '2', '--out', 'runs/cm', '--resume', '--no-test', ...TINY]);
+  t.equal(resumed.exitCode, 0, resumed.stderr);
+  t.match(resumed.stdout, /the run was already complete at step 2/);
+
+  // Predict the test split (default) from the run's cache: NIfTI on the original grid.
+  const predicted = await cmseg(['predict', '--checkpoint', 'runs/cm/best.safetensors', '--out', 'pred']);
+  t.equal(predicted.exitCode, 0, predicted.stderr);
+  t.match(predicted.stdout, /^predicted 1 case\(s\) from the test split of the run \(the cache cache\): 5 NIfTI volumes and 4 PNG pictures \(labels in BraTS 2021 numbering\)\noutputs:\n  volumes +pred\n  legend +pred\/README\.txt\n$/);
+  const id = splits.test[0];
+  const source = await readNifti(path.join(dir, 'data', id, `${id}_t1.nii.gz`));
+  const consensus = await readNifti(path.join(dir, 'pred', `${id}_consensus.nii.gz`));
+  t.same(consensus.dims, [48, 48, 32], 'original dims');
+  t.same(consensus.affine, source.affine, 'original affine');
+  t.same([...new Set(consensus.raw)].filter((v) => ![0, 1, 2, 4].includes(v)), [], 'consensus labels in {0, 1, 2, 4}');
+  const probs = await readNifti(path.join(dir, 'pred', `${id}_probs.nii.gz`));
+  t.same(probs.dims, [48, 48, 32, 4]);
+  t.same(probs.affine, source.affine);
+  const V = 48 * 48 * 32;
+  const crop = readCacheIndex(path.join(dir, 'cache')).cases.find((c) => c.id === id)!.crop;
+  const scale = Math.max(1, Math.floor(Math.floor(256 / Math.max(crop.h, crop.w)) / 2));
+  const gap = Math.max(2, scale);
+  let worst = 0;
+  for (let v = 0; v < V; v++) worst = Math.max(worst, Math.abs(probs.data[v] + probs.data[V + v] + probs.data[2 * V + v] + probs.data[3 * V + v] - 1));
+  t.ok(worst < 1e-4, `probabilities sum to 1 at every voxel (worst ${worst})`);
+  for (let r = 0; r < 3; r++) {
+    const annotator = await readNifti(path.join(dir, 'pred', `${id}_annotator${r}.nii.gz`));
+    t.same(annotator.dims, [48, 48, 32], `annotator ${r}: original dims`);
+    const cm = readPngSync(path.join(dir, 'pred', `${id}_cm_annotator${r}.png`));
+    t.same([cm.width, cm.height], [4 * crop.w * scale + 3 * gap, 4 * crop.h * scale + 3 * gap], `annotator ${r}: a 4x4 grid of CM heat maps of the cropped slice`);
+  }
+  t.match(fs.readFileSync(path.join(dir, 'pred', 'README.txt'), 'utf8'), /4 enhancing tumour \(ET\) for BraTS 2018-2021/);
+
+  // A case folder of raw NIfTI files: preprocessed as prepare does, written back to its own grid.
+  const fromFolder = await cmseg(['predict', '--checkpoint', 'runs/cm/last.safetensors', '--data', 'data/BraTS2021_00003', '--out', 'pred-folder']);
+  t.equal(fromFolder.exitCode, 0, fromFolder.stderr);
+  t.match(fromFolder.stdout, /from the case folder data\/BraTS2021_00003/);
+  t.same((await readNifti(path.join(dir, 'pred-folder', 'BraTS2021_00003_consensus.nii.gz'))).dims, [48, 48, 32]);
+
+  const evaluated = await cmseg(['eval', '--checkpoint', 'runs/cm/best.safetensors', '--split', 'validation']);
+  t.equal(evaluated.exitCode, 0, evaluated.stderr);
+  t.match(evaluated.stdout, /cm at step 2, validation split:[\s\S]*\| Dice necrotic core \(NCR\) \|[\s\S]*\| annotator \| CM error \| incompetence \| estimated reliability \|[\s\S]*\| wrong \|[\s\S]*\| tumour core \(1, 3\) \|/);
+  t.match(evaluated.stdout, /outputs:\n  metrics +runs\/cm\/eval-validation-best\.json\n$/);
+  const record = JSON.parse(fs.readFileSync(path.join(dir, 'runs/cm/eval-validation-best.json'), 'utf8'));
+  t.equal(record.metrics.perCase[0].id, splits.validation[0]);
+});
+
+t.test('train from a raw BraTS 2023 folder: the cache is prepared inside the run', async (t) => {
+  const phantom = await cmseg(['phantom', 'brats', '--cases', '3', '--out', 'data2023', '--size', SIZE, '--naming', '2023', '--quiet']);
+  t.equal(phantom.exitCode, 0, phantom.stderr);
+  t.equal(phantom.stderr, '');
+  t.ok(fs.existsSync(path.join(dir, 'data2023/BraTS-GLI-00000-000/BraTS-GLI-00000-000-t2f.nii.gz')));
+  const train = await cmseg(['train', '--preset', 'brats3d', '--data', 'data2023', '--method', 'naive-mode', '--labels', 'single', '--steps', '2', '--out', 'runs/mode', '--no-test', ...TINY]);
+  t.equal(train.exitCode, 0, train.stderr);
+  t.match(train.stdout, /trained naive-mode from step 0 to 2/);
+  const index = readCacheIndex(path.join(dir, 'runs/mode/cache'));
+  t.equal(index.cases.length, 3);
+  t.equal(index.settings.mode, 'single');
+  const predicted = await cmseg(['predict', '--checkpoint', 'runs/mode/last.safetensors', '--data', 'data2023', '--count', '1', '--out', 'pred2023']);
+  t.equal(predicted.exitCode, 0, predicted.stderr);
+  t.match(predicted.stderr, /naive-mode does not learn annotator CMs/);
+  t.match(predicted.stdout, /predicted 1 case\(s\) from the BraTS folder data2023: 2 NIfTI volumes and 1 PNG pictures \(labels in BraTS 2023 numbering\)/);
+  const consensus = await readNifti(path.join(dir, 'pred2023', 'BraTS-GLI-00000-000_consensus.nii.gz'));
+  t.same([...new Set(consensus.raw)].filter((v) => ![0, 1, 2, 3].includes(v)), [], '2023 labels: ET stays 3');
+});
+
+t.test('user errors: one line, exit code 1', async (t) => {
+  const cases: [string[], RegExp][] = [
+    [['prepare', '--data', 'missing', '--out', 'c'], /^cmseg: error: --data folder not found: .*missing\n$/],
+    [['train', '--preset', 'brats3d', '--out', 'runs/x'], /^cmseg: error: --preset brats3d needs --data: a cache made by cmseg prepare, or a BraTS folder\n$/],
+    [['train', '--preset', 'brats3d', '--data', 'missing', '--out', 'runs/x'], /^cmseg: error: --data folder not found: .*missing\n$/],
+    [['train', '--preset', 'brats3d', '--data', 'cache', '--patch', '20', '--out', 'runs/x'], /^cmseg: error: --patch 20 must be a multiple of 2\^\(depth-1\) = 8 \(depth 4\)\n$/],
+    [['train', '--preset', 'brats3d', '--data', 'cache', '--method', 'naive-staple', '--out', 'runs/x'], /^cmseg: error: method 'naive-staple' \(STAPLE-fused labels\) is not available for BraTS yet/],
+    [['train', '--preset', 'brats3d', '--data', 'cache', '--train-images', '5', '--out', 'runs/x'], /^cmseg: error: --train-images: for the MNIST presets only\n$/],
+    [['train', '--preset', 'mnist-tiny', '--patch', '16', '--out', 'runs/x'], /^cmseg: error: --patch: for the BraTS presets \(brats3d, brats3d-gpu\) only\n$/],
+    [['predict', '--checkpoint', 'runs/cm/best.safetensors', '--data', 'missing', '--out', 'p'], /^cmseg: error: --data not found: .*missing\n$/],
+    [['train', '--preset', 'brats3d', '--data', 'runs', '--out', 'runs/x'], /^cmseg: error: --data .*runs is neither a cmseg cache \(no index\.json\) nor a BraTS folder/],
+    [['predict', '--checkpoint', 'runs/cm/best.safetensors', '--data', 'runs/cm', '--out', 'p'], /^cmseg: error: --data .*cm is not a BraTS case, a BraTS folder or a cmseg cache\n$/],
+  ];
+  if (!backendInfo().cuda) {
+    cases.push([['train', '--preset', 'brats3d-gpu', '--data', 'cache', '--out', 'runs/x'], /^cmseg: error: --preset brats3d-gpu trains on the GPU, but this cmseg was built without the CUDA backend/]);
+  }
+  for (const [args, message] of cases) {
+    const r = await cmseg(args);
+    t.equal(r.exitCode, 1, args.join(' '));
+    t.match(r.stderr, message, args.join(' '));
+    t.equal(r.stderr.trim().split('\n').length, 1, `${args.join(' ')}: one line`);
+  }
+  t.notOk(fs.existsSync(path.join(dir, 'runs/x')), 'no run folder is left behind');
+  // Bad option values are commander's errors (in a real process: the same one line, exit code 1).
+  const parseErrors: [string[], RegExp][] = [
+    [['prepare', '--data', 'data', '--out', 'c', '--annotators', 'over,sloppy'], /^cmseg: error: option '--annotators <kinds>' argument 'over,sloppy' is invalid\. unknown annotator kind 'sloppy'; choose from good, over, under, fracture, wrong\.\n$/],
+    [['phantom', 'brats', '--cases', '2', '--out', 'p', '--size', '48,48'], /^cmseg: error: option '--size <x,y,z>' argument '48,48' is invalid\. expected three integers X,Y,Z in 8\.\.1024/],
+    [['predict', '--checkpoint', 'c', '--out', 'p', '--overlap', '1'], /^cmseg: error: option '--overlap <x>' argument '1' is invalid\. expected a number >= 0 and < 1\.\n$/],
+  ];
+  for (const [args, message] of parseErrors) t.match(await help(args), message, args.join(' '));
+});

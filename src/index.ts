@@ -46,3 +46,5 @@ export { prepareCache, readCachedCase, readCacheIndex } from './data/cache';
 export type { PrepareCacheOptions, CachedCase, CacheIndex } from './data/cache';
 export { PatchLoader, createPatchLoader } from './data/patch-loader';
 export type { PatchLoaderOptions, PatchBatch } from './data/patch-loader';
+export { bratsCaseSplits, loadBratsExperiment } from './train/experiment';
+export { evaluateVolumes } from './train/evaluate';

@@ -6,7 +6,7 @@ import t from 'tap';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { buildProgram, main } from '../src/cli/main';
+import { cliHelp, runCli } from './helpers/cli';
 import { readCacheIndex } from '../src/data/cache';
 import { readNifti } from '../src/data/nifti';
 import { readPngSync } from '../src/data/png';
@@ -17,47 +17,8 @@ t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
 const SIZE = '48,48,32';
 const TINY = ['--patch', '16', '--base-channels', '4', '--val-cases', '1', '--quiet'];
 
-/**
- * Runs a command in this process, capturing what it prints. `onStderr` sees every chunk
- * written to stderr (the test of Ctrl-C uses it to interrupt at a chosen moment).
- */
-async function cmseg(args: string[], onStderr?: (chunk: string) => void): Promise<{ stdout: string; stderr: string; exitCode: number }> {
-  let stdout = '';
-  let stderr = '';
-  const write = process.stdout.write.bind(process.stdout);
-  const writeErr = process.stderr.write.bind(process.stderr);
-  process.stdout.write = ((chunk: string) => ((stdout += chunk), true)) as typeof process.stdout.write;
-  process.stderr.write = ((chunk: string) => {
-    stderr += chunk;
-    onStderr?.(String(chunk));
-    return true;
-  }) as typeof process.stderr.write;
-  const cwd = process.cwd();
-  process.chdir(dir);
-  try {
-    await main(['node', 'cmseg', ...args]);
-  } finally {
-    process.chdir(cwd);
-    process.stdout.write = write;
-    process.stderr.write = writeErr;
-  }
-  const exitCode = Number(process.exitCode ?? 0);
-  process.exitCode = 0;
-  return { stdout, stderr, exitCode };
-}
-
-/** What commander writes for --help or a bad option value (thrown, not exiting, here). */
-async function help(args: string[]): Promise<string> {
-  let out = '';
-  const program = buildProgram({ exitOverride: true, writeOut: (s) => (out += s), writeErr: (s) => (out += s) });
-  try {
-    await program.parseAsync(['node', 'cmseg', ...args]);
-  } catch (error) {
-    const code = (error as { code?: string }).code;
-    if (code !== 'commander.helpDisplayed' && code !== 'commander.invalidArgument') throw error;
-  }
-  return out;
-}
+const cmseg = (args: string[], onStderr?: (chunk: string) => void) => runCli(args, dir, onStderr);
+const help = cliHelp;
 
 t.test('help of the BraTS commands', async (t) => {
   const phantom = await help(['phantom', 'brats', '--help']);

@@ -6,7 +6,7 @@ import { spawnSync } from 'child_process';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { buildProgram, main } from '../src/cli/main';
+import { cliHelp, runCli } from './helpers/cli';
 import { loadImageFolder } from '../src/data/image-folder';
 import { readPngSync } from '../src/data/png';
 import { classColor, cmHeatMaps, grid, heatMap, labelOverlay, upscale, viridis } from '../src/report/pictures';
@@ -27,37 +27,8 @@ function cmseg(args: string[]) {
 }
 
 /** Runs a command in this process, capturing what it prints. */
-async function inProcess(args: string[]): Promise<{ stdout: string; stderr: string; exitCode: number }> {
-  let stdout = '';
-  let stderr = '';
-  const write = process.stdout.write.bind(process.stdout);
-  const writeErr = process.stderr.write.bind(process.stderr);
-  process.stdout.write = ((chunk: string) => ((stdout += chunk), true)) as typeof process.stdout.write;
-  process.stderr.write = ((chunk: string) => ((stderr += chunk), true)) as typeof process.stderr.write;
-  const cwd = process.cwd();
-  process.chdir(dir);
-  try {
-    await main(['node', 'cmseg', ...args]);
-  } finally {
-    process.chdir(cwd);
-    process.stdout.write = write;
-    process.stderr.write = writeErr;
-  }
-  const exitCode = Number(process.exitCode ?? 0);
-  process.exitCode = 0;
-  return { stdout, stderr, exitCode };
-}
-
-async function help(args: string[]): Promise<string> {
-  let out = '';
-  const program = buildProgram({ exitOverride: true, writeOut: (s) => (out += s), writeErr: (s) => (out += s) });
-  try {
-    await program.parseAsync(['node', 'cmseg', ...args]);
-  } catch (error) {
-    if ((error as { code?: string }).code !== 'commander.helpDisplayed') throw error;
-  }
-  return out;
-}
+const inProcess = (args: string[]) => runCli(args, dir);
+const help = cliHelp;
 
 t.test('every command has --help with an example', async (t) => {
   t.match(await help(['--help']), /Usage: cmseg[\s\S]*train[\s\S]*eval[\s\S]*predict[\s\S]*simulate[\s\S]*Example/);

@@ -413,8 +413,12 @@ StepResult Model::run(const Batch& batch, bool backward) {
     grow(m.g_enc[k], (size_t)n * m.enc[k].cout * V(k));
     std::fill(m.g_enc[k].begin(), m.g_enc[k].end(), 0.f);
   }
-  std::vector<float> g_out = D > 1 ? m.d_feat : std::vector<float>();
-  if (D == 1) m.g_enc[0] = m.d_feat;
+  // The features' gradient moves (no copy) into the decoder, or straight to the encoder.
+  std::vector<float> g_out;
+  if (D > 1)
+    g_out.swap(m.d_feat);
+  else
+    m.g_enc[0].swap(m.d_feat);
   std::vector<float> d_cat, d_up, d_below;
   for (int k = D - 2; k >= 0; --k) {
     const int lo = D - 1 - k, hi = D - 2 - k, cout = m.dec[k].cout, cin = 2 * cout;

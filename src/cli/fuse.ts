@@ -3,6 +3,7 @@
 import * as path from 'path';
 import { Command } from 'commander';
 import { fuse, FusionMethod } from '../fusion/fuse';
+import { argmaxClasses } from '../model/model';
 import { readNifti, writeNifti, NiftiVolume } from '../data/nifti';
 import { readPng, writePng } from '../data/png';
 import { writeFileAtomic } from '../data/files';
@@ -91,13 +92,8 @@ export function registerFuseCommand(program: Command): Command {
     const V = images[0].labels.length;
     let consensus = result.labels;
     if (!consensus && result.probs) {
-      // mean: the soft label's argmax
-      consensus = new Uint8Array(V);
-      for (let v = 0; v < V; v++) {
-        let best = 0;
-        for (let k = 1; k < classes; k++) if (result.probs[k * V + v] > result.probs[best * V + v]) best = k;
-        consensus[v] = best;
-      }
+      // mean: the soft label's argmax (ties to the lowest class)
+      consensus = argmaxClasses(result.probs, 1, classes);
     }
     const written: [string, string][] = [];
     const out = path.resolve(opts.out);

@@ -10,6 +10,7 @@
 #include "args.h"
 #include "promise_worker.h"
 #include "cmseg/backend.hpp"
+#include "cmseg/cuda.hpp"
 #include "cmseg/error.hpp"
 
 namespace cmseg_js {
@@ -21,7 +22,7 @@ cmseg::ModelConfig parse_config(Napi::Env env, const Napi::Value& v) {
   Napi::Object o = expect_object(env, v, "model config");
   check_keys(env, o, "model config",
              {"ndim", "inChannels", "classes", "annotators", "depth", "baseChannels", "cmMode", "cmRank",
-              "cmHeadBlocks", "cmInit", "seed", "device"});
+              "cmHeadBlocks", "cmInit", "seed", "device", "tf32"});
   const char* w = "config";
   cmseg::ModelConfig c;
   c.ndim = get_int(env, o, "ndim", 2, w);
@@ -43,12 +44,20 @@ cmseg::ModelConfig parse_config(Napi::Env env, const Napi::Value& v) {
   if (seed < 0 || seed != std::floor(seed)) throw_invalid(env, "config.seed must be a non-negative integer");
   c.seed = (uint64_t)seed;
   const std::string device = get_string(env, o, "device", "cpu", w);
-  if (device == "cuda" && !cmseg::backend_info().cuda)
-    throw_invalid(env, "config.device is 'cuda' but this build has no CUDA backend (backendInfo().cuda is false)");
-  if (device == "cuda")
-    throw_invalid(env, "config.device is 'cuda': the CUDA kernels are built, but training and prediction on the GPU are not wired into the model yet; use device 'cpu' or 'auto'");
   if (device != "cpu" && device != "cuda" && device != "auto")
     throw_invalid(env, "config.device must be 'cpu', 'cuda' or 'auto', got '" + device + "'");
+  if (device == "cuda" && !cmseg::cuda::built())
+    throw_invalid(env, "config.device is 'cuda' but this build has no CUDA backend (backendInfo().cuda is false)");
+  if (device == "cuda" && !cmseg::cuda::available())
+    throw_invalid(env, "config.device is 'cuda' but no GPU can be used: " + cmseg::cuda::unavailable_reason());
+  // 'auto': the GPU when this build has the backend and a device is usable now.
+  const bool gpu = device == "cuda" || (device == "auto" && cmseg::cuda::available());
+  c.device = gpu ? cmseg::Device::Cuda : cmseg::Device::Cpu;
+  const Napi::Value tf32 = o.Get("tf32");
+  if (!tf32.IsUndefined()) {
+    if (!tf32.IsBoolean()) throw_invalid(env, "config.tf32 must be a boolean");
+    c.tf32 = tf32.As<Napi::Boolean>().Value();
+  }
   guard(env, [&] { cmseg::validate_config(c); });
   return c;
 }
@@ -240,7 +249,7 @@ Napi::Value ModelWrap::Parameters(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Array out = Napi::Array::New(env);
   uint32_t i = 0;
-  for (auto& p : model_->params()) {
+  for (auto& p : model_->param_layout()) {  // names and shapes: no GPU download
     Napi::Object o = Napi::Object::New(env);
     o.Set("name", p.name);
     Napi::Array shape = Napi::Array::New(env, p.shape.size());
@@ -254,7 +263,12 @@ Napi::Value ModelWrap::Parameters(const Napi::CallbackInfo& info) {
 Napi::Value ModelWrap::named_arrays(Napi::Env env, std::vector<float> cmseg::Param::*field) {
   check_idle(env);
   Napi::Object out = Napi::Object::New(env);
-  for (auto& p : model_->params()) {
+  // Read-only access: a GPU model downloads its parameters (once, if the device is
+  // newer) without marking the host copy as edited.
+  const std::vector<cmseg::Param>& params = guard(env, [&]() -> const std::vector<cmseg::Param>& {
+    return static_cast<const cmseg::Model&>(*model_).params();
+  });
+  for (auto& p : params) {
     const std::vector<float>& src = p.*field;
     Napi::Float32Array a = Napi::Float32Array::New(env, src.size());
     std::copy(src.begin(), src.end(), a.Data());
@@ -272,7 +286,7 @@ void ModelWrap::set_named_arrays(Napi::Env env, const Napi::Value& v, std::vecto
   std::vector<std::pair<cmseg::Param*, Napi::Float32Array>> updates;
   for (uint32_t i = 0; i < names.Length(); ++i) {
     const std::string name = names.Get(i).ToString().Utf8Value();
-    cmseg::Param* p = model_->find(name);
+    cmseg::Param* p = guard(env, [&] { return model_->find(name); });  // may download from the GPU
     if (!p) throw_invalid(env, std::string(what) + ": unknown parameter '" + name + "'");
     const std::string label = std::string(what) + "['" + name + "']";
     Napi::Float32Array a = expect_f32(env, o.Get(name), label.c_str(), p->numel());
@@ -387,7 +401,8 @@ Napi::Value ModelWrap::Config(const Napi::CallbackInfo& info) {
   o.Set("cmHeadBlocks", c.cm_head_blocks);
   o.Set("cmInit", c.cm_init == cmseg::CmInit::Identity ? "identity" : "uniform");
   o.Set("seed", (double)c.seed);
-  o.Set("device", "cpu");
+  o.Set("device", c.device == cmseg::Device::Cuda ? "cuda" : "cpu");  // 'auto' resolved
+  o.Set("tf32", c.tf32);
   return o;
 }
 

@@ -10,15 +10,22 @@
 #   configure  cmake -DCMSEG_WITH_CUDA=ON into build-device/ for this GPU's architecture
 #   build      the library, the CUDA kernels and every native test
 #   test_cuda  ctest -R test_cuda -V: every CUDA kernel against the CPU reference with
-#              its tolerance, then GB/s of the memory-bound kernels and conv TFLOP/s
-#   ctest      the other native tests (CPU reference, model, fusion) on this machine
-#   torch_parity  the PyTorch reference on CUDA (exact fp32) against itself on the CPU
-#              in float64, on a small 3D case: the oracle cmseg's GPU path will face
+#              its tolerance; the whole GPU Model (strict fp32) against the CPU Model
+#              (losses, every gradient, 3 Adam steps, predict; 2D/3D, full/lowrank/
+#              global, head blocks, plain CE, param sync); GB/s of the memory-bound
+#              kernels, conv TFLOP/s and the brats3d-gpu whole-step time
+#   bench_gpu  cmseg_bench_gpu brats3d-gpu: median train step (TF32), voxels/s,
+#              GFLOP/s, peak pool memory, fused CM loss GB/s (JSON like the torch bench)
 #   bench_torch, bench_torch_bf16  torch_reference.py bench --config brats3d-gpu
 #              --device cuda (torch defaults: TF32 convolutions), then --amp bf16
+#   torch_parity  the PyTorch reference on CUDA (exact fp32) against itself on the CPU
+#              in float64, on a small 3D case: the oracle cmseg's GPU path will face
+#   ctest      the other native tests (CPU reference, model, fusion) on this machine
+# Stages run in that order of importance: when time runs short the last are skipped.
 # Everything goes under $OUT (at most 8 files): summary.txt (always written, also when
 # a stage fails or times out), log.txt (every stage's output), build.txt, test_cuda.txt,
-# ctest.txt, torch.txt. Whole run: under 8 minutes (DEVICE_CHECK_BUDGET_S, default 450).
+# bench_gpu.txt, ctest.txt, torch.txt. Whole run: under 8 minutes (DEVICE_CHECK_BUDGET_S,
+# default 450).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -89,18 +96,22 @@ write_summary() {
     fi
     if [ -s "$OUT/test_cuda.txt" ]; then
       echo "== test_cuda (CUDA kernels vs CPU reference; timings)"
-      grep -E "SKIP|device [0-9]|rel L2|identical|DIFFERENT|cm_loss .* loss|GB/s|TFLOP/s|pool:|^[0-9]+: (ok|FAIL)|# [0-9]+ passed|FAIL|failed" \
-        "$OUT/test_cuda.txt" | sed -E 's/^[0-9]+: //; s/^/  /' | head -120
+      grep -E "SKIP|device [0-9]|rel L2|identical|DIFFERENT|cm_loss .* loss|GB/s|TFLOP/s|pool:|worst max-abs|predict max-abs|whole step|^[0-9]+: (ok|FAIL)|# [0-9]+ passed|FAIL|failed|exception" \
+        "$OUT/test_cuda.txt" | sed -E 's/^[0-9]+: //; s/^/  /' | head -160
     fi
     if [ -s "$OUT/ctest.txt" ]; then
       echo "== ctest (other native tests)"
       grep -E "tests passed|tests failed|Failed|\*\*\*|Timeout" "$OUT/ctest.txt" | sed 's/^/  /'
     fi
-    if [ -s "$OUT/torch.txt" ]; then
-      echo "== PyTorch reference"
-      python3 - "$OUT/torch.txt" <<'EOF' 2>/dev/null || grep -E "^\{|parity" "$OUT/torch.txt" | sed 's/^/  /'
-import json, sys
-for line in open(sys.argv[1]):
+    if [ -s "$OUT/torch.txt" ] || [ -s "$OUT/bench_gpu.txt" ]; then
+      echo "== brats3d-gpu train step: cmseg GPU and the PyTorch reference (same machine), torch parity"
+      python3 - "$OUT/bench_gpu.txt" "$OUT/torch.txt" <<'EOF' 2>/dev/null || grep -hE "^\{|parity" "$OUT/bench_gpu.txt" "$OUT/torch.txt" 2>/dev/null | sed 's/^/  /'
+import json, os, sys
+lines = []
+for f in sys.argv[1:]:
+    if os.path.exists(f):
+        lines += open(f).read().splitlines()
+for line in lines:
     line = line.strip()
     if line.startswith("parity"):
         print("  " + line)
@@ -111,15 +122,21 @@ for line in open(sys.argv[1]):
         r = json.loads(line)
     except ValueError:
         continue
-    if "stepMsMedian" in r:
+    if "stepMsMedian" in r and r.get("bench") == "cmseg-gpu":
+        mode = "TF32" if r.get("tf32") else "fp32"
+        print(f"  cmseg GPU {r['config']} {mode}: median step {r['stepMsMedian']:.1f} ms, "
+              f"{r['voxelsPerSecond'] / 1e6:.2f} Mvoxel/s, {r['gflopPerSecond']:.0f} GFLOP/s, "
+              f"peak {r.get('peakGpuMB', 0):.0f} MiB, steps {r['stepMs']}; "
+              f"fused CM loss {r['cmLossMs']:.3f} ms = {r['cmLossGBs']:.0f} GB/s")
+    elif "stepMsMedian" in r:
         mode = "bf16 autocast" if r.get("amp") else "fp32 (torch default: TF32 convs)"
-        print(f"  bench {r['config']} {mode}: median step {r['stepMsMedian']:.1f} ms, "
+        print(f"  torch {r['config']} {mode}: median step {r['stepMsMedian']:.1f} ms, "
               f"{r['voxelsPerSecond'] / 1e6:.2f} Mvoxel/s, {r['gflopPerSecond']:.0f} GFLOP/s, "
               f"peak {r.get('peakGpuMB', 0):.0f} MiB, steps {r['stepMs']}")
     elif not r.get("ok", True):
-        print("  bench error: " + str(r.get("error", r))[:300])
+        print(f"  {r.get('bench', 'torch')} bench error: " + str(r.get("error", r))[:300])
 EOF
-      grep -E "^[A-Za-z.]*(Error|Exception)\b" "$OUT/torch.txt" | sort | uniq -c | head -5 | sed 's/^/  /'
+      [ -s "$OUT/torch.txt" ] && grep -E "^[A-Za-z.]*(Error|Exception)\b" "$OUT/torch.txt" | sort | uniq -c | head -5 | sed 's/^/  /'
     fi
   } >"$s"
   cat "$s"
@@ -176,13 +193,20 @@ if stage configure 120 "$OUT/build.txt" "cmake -S . -B '$BUILD' $GEN -DCMAKE_BUI
   stage build 240 "$OUT/build.txt" "cmake --build '$BUILD' -j $JOBS"
 fi
 
-# ---- tests ------------------------------------------------------------------------------
+# ---- tests, then cmseg's own GPU benchmark -----------------------------------------------
 if [ -x "$BUILD/test_cuda" ]; then
-  stage test_cuda 150 "$OUT/test_cuda.txt" "ctest --test-dir '$BUILD' -R '^test_cuda\$' -V --timeout 140"
-  stage ctest 120 "$OUT/ctest.txt" "ctest --test-dir '$BUILD' -E '^test_cuda\$' --output-on-failure --timeout 110"
+  stage test_cuda 170 "$OUT/test_cuda.txt" "ctest --test-dir '$BUILD' -R '^test_cuda\$' -V --timeout 160"
+fi
+if [ -x "$BUILD/cmseg_bench_gpu" ]; then
+  stage bench_gpu 90 "$OUT/bench_gpu.txt" "'$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
 fi
 
-# ---- PyTorch reference: parity on CUDA, then the peer numbers ------------------------------
+# ---- PyTorch reference: the peer numbers, then its own parity on CUDA ------------------------
+stage bench_torch 120 "$OUT/torch.txt" \
+  "python3 scripts/torch_reference.py bench --config brats3d-gpu --device cuda --steps 5 --warmup 1"
+stage bench_torch_bf16 90 "$OUT/torch.txt" \
+  "python3 scripts/torch_reference.py bench --config brats3d-gpu --device cuda --steps 5 --warmup 1 --amp bf16"
+
 stage torch_parity 60 "$OUT/torch.txt" 'python3 - <<"EOF"
 import os, sys, torch
 sys.path.insert(0, "scripts")
@@ -207,10 +231,11 @@ for k, v in cpu.items():
 print(f"parity: torch_reference cuda fp32 vs cpu fp64, {len(cpu)} outputs (probs, CMs, losses, grads, 2 Adam steps): worst rel L2 {worst:.2e}")
 sys.exit(0 if worst <= 1e-3 else 1)
 EOF'
-stage bench_torch 120 "$OUT/torch.txt" \
-  "python3 scripts/torch_reference.py bench --config brats3d-gpu --device cuda --steps 5 --warmup 1"
-stage bench_torch_bf16 120 "$OUT/torch.txt" \
-  "python3 scripts/torch_reference.py bench --config brats3d-gpu --device cuda --steps 5 --warmup 1 --amp bf16"
+
+# ---- the other native tests (CPU), last: the least GPU-specific -----------------------------
+if [ -x "$BUILD/test_cuda" ]; then
+  stage ctest 60 "$OUT/ctest.txt" "ctest --test-dir '$BUILD' -E '^test_cuda\$' --output-on-failure --timeout 55"
+fi
 
 FAILED=0
 for row in "${STAGES[@]}"; do case "$row" in *"|ok|"*) ;; *) FAILED=1 ;; esac; done

@@ -10,6 +10,9 @@ BackendInfo backend_info() {
   b.onednn = CMSEG_HAVE_ONEDNN != 0;
   b.cuda = CMSEG_HAVE_CUDA != 0;
   b.cudnn = CMSEG_HAVE_CUDNN != 0;
+  // The whole step (forward, loss, backward, Adam) and predict run on the GPU for
+  // ModelConfig::device == Device::Cuda whenever the backend is built.
+  b.cuda_training = b.cuda;
   b.threads = num_threads();
   if (b.cuda) {
     b.gpu_available = cuda::available();

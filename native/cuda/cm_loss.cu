@@ -415,6 +415,69 @@ void launch_main(int L, unsigned grid, size_t smem, cudaStream_t st, const LossP
   }
 }
 
+// ---- prediction: per-pixel CMs and q_r = A_r p ------------------------------------
+
+struct PredictParams {
+  const float* raw[kMaxAnnotators];  // [n, K, V], or [L, L] (global)
+  const float* probs;                // [n, L, V]
+  float* cms;                        // [n, R, L*L, V] or null
+  float* q;                          // [n, R, L, V] or null
+  int n, L, R, rank;
+  int64_t V;
+};
+
+template <int LT, int MODE>
+__global__ void __launch_bounds__(kLossThreads) cm_predict_kernel(PredictParams P) {
+  constexpr int CAP = LT ? LT : kMaxClasses;
+  const int L = LT ? LT : P.L;
+  const int R = P.R, l = P.rank;
+  const int64_t V = P.V;
+  const int K = MODE == kFull ? L * L : MODE == kLowRank ? 2 * L * l + 1 : 0;
+  const int64_t total = (int64_t)P.n * V;
+  for (int64_t pix = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; pix < total;
+       pix += (int64_t)gridDim.x * blockDim.x) {
+    const int i = (int)(pix / V);
+    const int64_t v = pix - (int64_t)i * V;
+    float p[CAP];
+#pragma unroll
+    for (int j = 0; j < L; ++j)
+      p[j] = P.probs[((int64_t)i * L + j) * V + v];
+    for (int r = 0; r < R; ++r) {
+      PixelCm<CAP, MODE> cm;
+      if constexpr (MODE == kGlobal)
+        cm.compute(P.raw[r], 1, L, l);
+      else
+        cm.compute(P.raw[r] + (int64_t)i * K * V + v, V, L, l);
+      const int64_t item = (int64_t)i * R + r;
+      if (P.cms) {
+#pragma unroll
+        for (int e = 0; e < L * L; ++e)
+          P.cms[(item * L * L + e) * V + v] = cm.A[e];
+      }
+      if (P.q) {
+#pragma unroll
+        for (int a = 0; a < L; ++a) {
+          float q = 0.f;
+#pragma unroll
+          for (int j = 0; j < L; ++j)
+            q += cm.A[a * L + j] * p[j];
+          P.q[(item * L + a) * V + v] = q;
+        }
+      }
+    }
+  }
+}
+
+template <int MODE>
+void launch_predict(int L, unsigned grid, cudaStream_t st, const PredictParams& P) {
+  switch (L) {
+    case 2: cm_predict_kernel<2, MODE><<<grid, kLossThreads, 0, st>>>(P); break;
+    case 3: cm_predict_kernel<3, MODE><<<grid, kLossThreads, 0, st>>>(P); break;
+    case 4: cm_predict_kernel<4, MODE><<<grid, kLossThreads, 0, st>>>(P); break;
+    default: cm_predict_kernel<0, MODE><<<grid, kLossThreads, 0, st>>>(P); break;
+  }
+}
+
 }  // namespace
 
 void cm_loss(Context& ctx, const CmLossInput& in, CmLossOutput& out) {
@@ -496,6 +559,29 @@ void cm_loss(Context& ctx, const CmLossInput& in, CmLossOutput& out) {
   out.ce.assign(h.begin(), h.begin() + R);
   out.trace.assign(h.begin() + R, h.begin() + 2 * R);
   out.loss = h[2 * R];
+}
+
+void cm_predict(Context& ctx, CmMode mode, int L, int rank, const std::vector<const float*>& cm_raw,
+                const float* probs, int n, int R, int64_t V, float* cms, float* annotator_probs) {
+  if (L < 2 || L > kMaxClasses) fail("classes must be in 2..", kMaxClasses, ", got ", L);
+  if (mode == CmMode::LowRank && (rank < 1 || rank > kMaxRank)) fail("cmRank must be in 1..", kMaxRank, ", got ", rank);
+  if (R < 1 || R > kMaxAnnotators) fail("the CUDA CM prediction takes 1..", kMaxAnnotators, " annotators, got ", R);
+  if ((int)cm_raw.size() != R) fail("cm_predict: expected ", R, " raw CM arrays, got ", cm_raw.size());
+  if (n < 1 || V < 1) fail("cm_predict: empty batch (n ", n, ", V ", V, ")");
+  if (!cms && !annotator_probs) return;
+  PredictParams P{};
+  for (int r = 0; r < R; ++r) P.raw[r] = cm_raw[r];
+  P.probs = probs, P.cms = cms, P.q = annotator_probs;
+  P.n = n, P.L = L, P.R = R, P.rank = rank, P.V = V;
+  const unsigned grid = (unsigned)ctx.impl().grid_for((int64_t)n * V, kLossThreads, 8);
+  cudaStream_t st = stream_of(ctx);
+  if (mode == CmMode::Full)
+    launch_predict<kFull>(L, grid, st, P);
+  else if (mode == CmMode::LowRank)
+    launch_predict<kLowRank>(L, grid, st, P);
+  else
+    launch_predict<kGlobal>(L, grid, st, P);
+  CMSEG_CUDA_LAUNCHED("cm_predict");
 }
 
 namespace host {

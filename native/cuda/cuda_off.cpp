@@ -59,6 +59,33 @@ void maxpool2_backward(Context&, const float*, const uint8_t*, float*, int, Spat
 void cm_loss(Context&, const CmLossInput&, CmLossOutput&) { off(); }
 void adam_step(Context&, const std::vector<AdamTensor>&, const OptimConfig&, int64_t) { off(); }
 
+void conv1_forward(Context&, const float*, const float*, const float*, float*, int, int, int, int64_t) { off(); }
+void conv1_backward(Context&, const float*, const float*, const float*, float*, float*, float*, int, int, int,
+                    int64_t) {
+  off();
+}
+void concat_forward(Context&, const float*, int, const float*, int, float*, int, int64_t) { off(); }
+void concat_backward(Context&, const float*, float*, int, float*, int, int, int64_t, bool) { off(); }
+void add_inplace(Context&, float*, const float*, int64_t) { off(); }
+double ce_loss_hard(Context&, const float*, const uint8_t*, int, int, int64_t, float*) { off(); }
+double ce_loss_soft(Context&, const float*, const float*, int, int, int64_t, float*) { off(); }
+void softmax_forward(Context&, const float*, float*, int, int, int64_t) { off(); }
+void cm_predict(Context&, CmMode, int, int, const std::vector<const float*>&, const float*, int, int, int64_t, float*,
+                float*) {
+  off();
+}
+
+struct ModelGpu::Impl {};
+ModelGpu::ModelGpu(const ModelConfig&, const std::vector<Param>&) { off(); }
+ModelGpu::~ModelGpu() = default;
+Context& ModelGpu::context() { off(); }
+void ModelGpu::set_tf32(bool) { off(); }
+void ModelGpu::upload_params(const std::vector<Param>&) { off(); }
+void ModelGpu::download_params(std::vector<Param>&) { off(); }
+StepResult ModelGpu::run(const Batch&, bool, float) { off(); }
+void ModelGpu::adam(const OptimConfig&, int64_t) { off(); }
+void ModelGpu::predict(const float*, int, Spatial, float*, float*, float*) { off(); }
+
 namespace host {
 void conv3_forward(Context&, const float*, const float*, float*, int, int, int, Spatial, int) { off(); }
 void conv3_backward(Context&, const float*, const float*, const float*, float*, float*, int, int, int, Spatial, int) {

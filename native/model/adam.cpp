@@ -10,6 +10,7 @@
 namespace cmseg {
 
 void Model::apply_optimizer() {
+  if (gpu_) return apply_optimizer_device();  // Device::Cuda (model_device.cpp)
   ProfileScope prof("adam");
   ++step;
   const OptimConfig& o = optim;

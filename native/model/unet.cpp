@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "cmseg/cuda.hpp"  // cuda::ModelGpu, owned by Model (Device::Cuda)
 #include "cmseg/error.hpp"
 #include "cmseg/model.hpp"
 #include "cmseg/profile.hpp"
@@ -193,12 +194,13 @@ Model::Model(const ModelConfig& config) : config_(config), impl_(new Impl) {
       }
     }
   }
+  attach_device();  // Device::Cuda: parameters to the GPU (model_device.cpp)
 }
 
 Model::~Model() = default;
 
 Param* Model::find(const std::string& name) {
-  for (auto& p : params_)
+  for (auto& p : params())  // syncs a GPU model's host copy (model_device.cpp)
     if (p.name == name) return &p;
   return nullptr;
 }
@@ -283,6 +285,7 @@ void block_backward(std::vector<Param>& P, const Block& b, const float* x, int n
 }  // namespace
 
 StepResult Model::run(const Batch& batch, bool backward) {
+  if (gpu_) return run_device(batch, backward);  // Device::Cuda (model_device.cpp)
   validate(batch);
   Impl& m = *impl_;
   const ModelConfig& c = config_;
@@ -483,6 +486,7 @@ StepResult Model::train_step(const Batch& batch) {
 }
 
 void Model::predict(const float* images, int n, Spatial s, float* probs, float* cms, float* annotator_probs) {
+  if (gpu_) return predict_device(images, n, s, probs, cms, annotator_probs);  // Device::Cuda
   const ModelConfig& c = config_;
   const int L = c.classes, R = c.annotators, K = cm_head_channels(c.cm_mode, L, c.cm_rank);
   // Labels are not needed: run the forward with one all-unlabelled map per annotator.

@@ -489,6 +489,493 @@ TEST(bandwidth_brats3d_gpu_level0) {
               ps.reserved_bytes / 1073741824.0);
 }
 
+namespace {
+
+// ---- the pieces the whole step adds: heads, concat, plain CE, softmax, CM prediction ----
+
+template <class T>
+cu::Buffer<T> dev(const std::vector<T>& h) {
+  return cu::Buffer<T>(ctx(), h);
+}
+
+void conv1_case(int n, int cin, int cout, int64_t V, bool tf32) {
+  const double tol = tf32 ? 1e-2 : 1e-5;
+  ctx().set_tf32(tf32);
+  auto x = rnd((size_t)n * cin * V, 61), w = rnd((size_t)cout * cin, 62), b = rnd(cout, 63),
+       dy = rnd((size_t)n * cout * V, 64), dx0 = rnd((size_t)n * cin * V, 65), dw0 = rnd((size_t)cout * cin, 66),
+       db0 = rnd(cout, 67);
+  std::vector<float> y(n * cout * V), dx = dx0, dw = dw0, db = db0;
+  conv1_forward(x.data(), w.data(), b.data(), y.data(), n, cin, cout, V);
+  conv1_backward(x.data(), w.data(), dy.data(), dx.data(), dw.data(), db.data(), n, cin, cout, V);
+  auto X = dev(x), Wt = dev(w), Bb = dev(b), DY = dev(dy), DX = dev(dx0), DW = dev(dw0), DB = dev(db0);
+  cu::Buffer<float> Y(ctx(), y.size());
+  cu::conv1_forward(ctx(), X.data(), Wt.data(), Bb.data(), Y.data(), n, cin, cout, V);
+  cu::conv1_backward(ctx(), X.data(), Wt.data(), DY.data(), DX.data(), DW.data(), DB.data(), n, cin, cout, V);
+  auto dwg = DW.to_host(), dbg = DB.to_host();
+  for (size_t i = 0; i < dw.size(); ++i) dw[i] -= dw0[i], dwg[i] -= dw0[i];  // the accumulated parts
+  for (size_t i = 0; i < db.size(); ++i) db[i] -= db0[i], dbg[i] -= db0[i];
+  char what[96];
+  const char* m = tf32 ? "tf32" : "fp32";
+  std::snprintf(what, sizeof what, "conv1 %d->%d V=%lld %s y", cin, cout, (long long)V, m);
+  expect_close(what, Y.to_host(), y, tol);
+  std::snprintf(what, sizeof what, "conv1 %d->%d %s dx (accumulated)", cin, cout, m);
+  expect_close(what, DX.to_host(), dx, tol);
+  std::snprintf(what, sizeof what, "conv1 %d->%d %s dw (accumulated)", cin, cout, m);
+  expect_close(what, dwg, dw, tol);
+  std::snprintf(what, sizeof what, "conv1 %d->%d %s db (accumulated)", cin, cout, m);
+  expect_close(what, dbg, db, 1e-5);
+  ctx().set_tf32(true);
+}
+
+void concat_case(int n, int ca, int cb, int64_t V) {
+  auto a = rnd((size_t)n * ca * V, 71), b = rnd((size_t)n * cb * V, 72), dy = rnd((size_t)n * (ca + cb) * V, 73),
+       acc0 = rnd((size_t)n * ca * V, 74);
+  std::vector<float> y(dy.size()), da(a.size()), db(b.size());
+  concat_forward(a.data(), ca, b.data(), cb, y.data(), n, V);
+  concat_backward(dy.data(), da.data(), ca, db.data(), cb, n, V);
+  auto A = dev(a), B = dev(b), DY = dev(dy), ACC = dev(acc0);
+  cu::Buffer<float> Y(ctx(), y.size()), DA(ctx(), da.size()), DB(ctx(), db.size());
+  cu::concat_forward(ctx(), A.data(), ca, B.data(), cb, Y.data(), n, V);
+  cu::concat_backward(ctx(), DY.data(), DA.data(), ca, DB.data(), cb, n, V);
+  cu::concat_backward(ctx(), DY.data(), ACC.data(), ca, nullptr, cb, n, V, true);
+  CHECK(Y.to_host() == y);
+  CHECK(DA.to_host() == da);
+  CHECK(DB.to_host() == db);
+  std::vector<float> acc = acc0;
+  for (size_t i = 0; i < acc.size(); ++i) acc[i] += da[i];
+  CHECK(ACC.to_host() == acc);
+  // y += x
+  cu::add_inplace(ctx(), A.data(), ACC.data(), (int64_t)a.size());
+  std::vector<float> sum = a;
+  for (size_t i = 0; i < sum.size(); ++i) sum[i] += acc[i];
+  CHECK(A.to_host() == sum);
+  std::printf("  concat n=%d %d+%d V=%lld: forward, split, accumulate, add: identical\n", n, ca, cb, (long long)V);
+}
+
+void ce_case(int n, int L, int64_t V) {
+  auto z = rnd((size_t)n * L * V, 81, -4.f, 4.f);
+  std::vector<uint8_t> lab((size_t)n * V);
+  std::mt19937 g(82);
+  for (auto& l : lab) l = g() % 7 == 0 ? kUnlabelled : (uint8_t)(g() % L);
+  std::vector<float> t((size_t)n * L * V);
+  for (int i = 0; i < n; ++i)
+    for (int64_t v = 0; v < V; ++v) {
+      float s = 0;
+      for (int k = 0; k < L; ++k) s += (t[((size_t)i * L + k) * V + v] = (float)(g() % 50 + 1));
+      for (int k = 0; k < L; ++k) t[((size_t)i * L + k) * V + v] /= s;
+    }
+  std::vector<float> dh(z.size()), ds(z.size());
+  const double lh = ce_loss_hard(z.data(), lab.data(), n, L, V, dh.data());
+  const double ls = ce_loss_soft(z.data(), t.data(), n, L, V, ds.data());
+  auto Z = dev(z), T = dev(t);
+  auto LAB = dev(lab);
+  cu::Buffer<float> DH(ctx(), z.size()), DS(ctx(), z.size());
+  DH.upload(rnd(z.size(), 83).data());  // every entry must be written, unlabelled pixels included
+  const double gh = cu::ce_loss_hard(ctx(), Z.data(), LAB.data(), n, L, V, DH.data());
+  const double gs = cu::ce_loss_soft(ctx(), Z.data(), T.data(), n, L, V, DS.data());
+  std::printf("  plain CE L=%d: hard cpu %.9f gpu %.9f, soft cpu %.9f gpu %.9f\n", L, lh, gh, ls, gs);
+  CHECK_CLOSE(gh, lh, 1e-5, 1e-7);
+  CHECK_CLOSE(gs, ls, 1e-5, 1e-7);
+  char what[96];
+  std::snprintf(what, sizeof what, "plain CE hard L=%d d logits", L);
+  expect_close(what, DH.to_host(), dh, 1e-5);
+  std::snprintf(what, sizeof what, "plain CE soft L=%d d logits", L);
+  expect_close(what, DS.to_host(), ds, 1e-5);
+  CHECK(cu::ce_loss_hard(ctx(), Z.data(), LAB.data(), n, L, V, nullptr) == gh);
+  // No labelled pixel at all: loss 0, gradients 0.
+  std::vector<uint8_t> none(lab.size(), kUnlabelled);
+  auto NONE = dev(none);
+  CHECK(cu::ce_loss_hard(ctx(), Z.data(), NONE.data(), n, L, V, DH.data()) == 0.0);
+  CHECK(DH.to_host() == std::vector<float>(z.size(), 0.f));
+}
+
+void predict_case(CmMode mode, int L, int rank) {
+  const int n = 2, R = 3;
+  const int64_t V = 9 * 11;
+  const bool global = mode == CmMode::Global;
+  const int K = global ? L * L : cm_head_channels(mode, L, rank);
+  auto z = rnd((size_t)n * L * V, 91, -3.f, 3.f);
+  std::vector<float> p(z.size());
+  softmax_forward(z.data(), p.data(), n, L, V);
+  auto Z = dev(z);
+  cu::Buffer<float> P(ctx(), p.size());
+  cu::softmax_forward(ctx(), Z.data(), P.data(), n, L, V);
+  char what[96];
+  std::snprintf(what, sizeof what, "softmax L=%d", L);
+  expect_close(what, P.to_host(), p, 1e-6);
+  std::vector<std::vector<float>> raw;
+  std::vector<cu::Buffer<float>> RAW;
+  std::vector<const float*> raw_d;
+  for (int r = 0; r < R; ++r) {
+    raw.push_back(rnd(global ? (size_t)K : (size_t)n * K * V, 92 + r, -3.f, 3.f));
+    RAW.push_back(dev(raw.back()));
+    raw_d.push_back(RAW.back().data());
+  }
+  std::vector<float> cms((size_t)n * R * L * L * V), q((size_t)n * R * L * V);
+  float A[kMaxClasses * kMaxClasses];
+  for (int i = 0; i < n; ++i)
+    for (int r = 0; r < R; ++r)
+      for (int64_t v = 0; v < V; ++v) {
+        if (global)
+          cm_from_raw(mode, L, rank, raw[r].data(), 1, A);
+        else
+          cm_from_raw(mode, L, rank, raw[r].data() + (size_t)i * K * V + v, V, A);
+        for (int e = 0; e < L * L; ++e) cms[(((size_t)i * R + r) * L * L + e) * V + v] = A[e];
+        for (int a = 0; a < L; ++a) {
+          float s = 0.f;
+          for (int j = 0; j < L; ++j) s += A[a * L + j] * p[((size_t)i * L + j) * V + v];
+          q[(((size_t)i * R + r) * L + a) * V + v] = s;
+        }
+      }
+  cu::Buffer<float> CMS(ctx(), cms.size()), Q(ctx(), q.size());
+  cu::cm_predict(ctx(), mode, L, rank, raw_d, P.data(), n, R, V, CMS.data(), Q.data());
+  std::snprintf(what, sizeof what, "cm_predict %s L=%d cms", cm_mode_name(mode), L);
+  expect_close(what, CMS.to_host(), cms, 1e-5);
+  std::snprintf(what, sizeof what, "cm_predict %s L=%d annotator probs", cm_mode_name(mode), L);
+  expect_close(what, Q.to_host(), q, 1e-5);
+}
+
+}  // namespace
+
+TEST(heads_concat_ce_predict_match_cpu) {
+  for (bool tf32 : {false, true}) {
+    conv1_case(2, 4, 3, 13 * 17, tf32);
+    conv1_case(3, 16, 16, 8 * 8 * 8, tf32);
+  }
+  concat_case(2, 3, 5, 7 * 9);
+  concat_case(1, 4, 4, 64);
+  ce_case(2, 2, 15 * 17);
+  ce_case(3, 4, 33 * 31);
+  ce_case(2, 6, 100);  // generic kernel
+  predict_case(CmMode::Full, 3, 1);
+  predict_case(CmMode::Full, 5, 1);
+  predict_case(CmMode::LowRank, 4, 2);
+  predict_case(CmMode::Global, 4, 1);
+}
+
+namespace {
+
+// ---- the whole model: a Device::Cuda Model (strict fp32) against the CPU Model ---------
+// Same config and seed, so the same initial parameters; every comparison is the
+// max-abs error normalised by the CPU tensor's max-abs value, per tensor:
+//   kStepTol   losses, every parameter gradient, weights and m after 3 Adam steps,
+//              predictions (probabilities, CMs, annotator probabilities).
+// Adam runs with eps = 1e-3 here: with the default 1e-8 the first update is about
+// lr * sign(g), so a gradient element that is zero up to rounding could flip sign
+// between backends and move a weight by 2 lr; a larger eps keeps the update a
+// smooth function of the gradient (the Adam kernel itself is checked above).
+
+constexpr double kStepTol = 1e-4;
+
+double max_abs_rel(const std::vector<float>& gpu, const std::vector<float>& cpu) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < cpu.size() && i < gpu.size(); ++i) {
+    num = std::max(num, std::fabs((double)gpu[i] - (double)cpu[i]));
+    den = std::max(den, std::fabs((double)cpu[i]));
+  }
+  if (!std::isfinite(num)) return num;
+  return den > 0 ? num / den : num;
+}
+
+// Prints only failures (a model has ~50 tensors); returns the error.
+double expect_maxabs(const std::string& what, const std::vector<float>& gpu, const std::vector<float>& cpu,
+                     double tol = kStepTol) {
+  CHECK(gpu.size() == cpu.size());
+  const double e = max_abs_rel(gpu, cpu);
+  if (!(e <= tol)) {
+    std::printf("  %-52s max-abs rel %.2e (tol %.0e)  <-- FAIL\n", what.c_str(), e, tol);
+    ++check::failures();
+  }
+  return e;
+}
+
+enum class Target { Cm, Hard, Soft };
+
+struct StepCase {
+  std::string name;
+  ModelConfig c;
+  int n = 2;
+  Spatial s;
+  Target target = Target::Cm;
+  int64_t warmup = 0;
+};
+
+struct StepData {
+  std::vector<float> images, soft;
+  std::vector<std::vector<uint8_t>> labels;
+  std::vector<uint8_t> present, target;
+  Batch batch;
+};
+
+// Random images; labels with about 10% unlabelled (255) pixels; annotator 0 absent
+// from image 1 (when n > 1).
+StepData make_step_data(const StepCase& k, uint32_t seed) {
+  StepData d;
+  const ModelConfig& c = k.c;
+  const int64_t V = k.s.size(), NV = (int64_t)k.n * V;
+  d.images = rnd((size_t)k.n * c.in_channels * V, seed, -2.f, 2.f);
+  std::mt19937 g(seed + 1);
+  auto label_map = [&] {
+    std::vector<uint8_t> l((size_t)NV);
+    for (auto& v : l) v = g() % 10 == 0 ? kUnlabelled : (uint8_t)(g() % c.classes);
+    return l;
+  };
+  Batch& b = d.batch;
+  b.n = k.n, b.s = k.s;
+  if (k.target == Target::Hard) {
+    d.target = label_map();
+  } else if (k.target == Target::Soft) {
+    d.soft.assign((size_t)NV * c.classes, 0.f);
+    for (int i = 0; i < k.n; ++i)
+      for (int64_t v = 0; v < V; ++v) {
+        float sum = 0;
+        std::vector<float> t(c.classes);
+        for (auto& x : t) sum += (x = (float)(g() % 100 + 1));
+        for (int l = 0; l < c.classes; ++l) d.soft[((size_t)i * c.classes + l) * V + v] = t[l] / sum;
+      }
+  } else {
+    for (int r = 0; r < c.annotators; ++r) d.labels.push_back(label_map());
+    d.present.assign((size_t)k.n * c.annotators, 1);
+    if (k.n > 1) d.present[1 * c.annotators + 0] = 0;
+  }
+  b.images = d.images.data();
+  if (!d.target.empty()) b.target = d.target.data();
+  if (!d.soft.empty()) b.soft_target = d.soft.data();
+  for (auto& l : d.labels) b.labels.push_back(l.data());
+  if (!d.present.empty()) b.present = d.present.data();
+  return d;
+}
+
+void setup(Model& m, const StepCase& k) {
+  m.loss.lambda = 0.3f;  // a trace term large enough to matter in the gradients
+  m.loss.lambda_warmup = 0.2f;
+  m.loss.warmup_steps = k.warmup;
+  m.optim.lr = 1e-3f;
+  m.optim.eps = 1e-3f;  // see the note above
+}
+
+void compare_step_results(const std::string& what, const StepResult& g, const StepResult& c) {
+  std::printf("  %-40s loss cpu %.9f gpu %.9f\n", what.c_str(), c.loss, g.loss);
+  CHECK_CLOSE(g.loss, c.loss, kStepTol, 1e-7);
+  CHECK(g.ce.size() == c.ce.size() && g.trace.size() == c.trace.size());
+  for (size_t r = 0; r < c.ce.size() && r < g.ce.size(); ++r) {
+    CHECK_CLOSE(g.ce[r], c.ce[r], kStepTol, 1e-7);
+    CHECK_CLOSE(g.trace[r], c.trace[r], kStepTol, 1e-7);
+  }
+  CHECK(g.trace_weight == c.trace_weight);
+  CHECK(g.step == c.step);
+}
+
+void whole_step_case(const StepCase& k) {
+  ModelConfig cg = k.c;
+  cg.device = Device::Cuda;
+  cg.tf32 = false;
+  Model cpu(k.c), gpu(cg);
+  setup(cpu, k), setup(gpu, k);
+  StepData d = make_step_data(k, 900 + (uint32_t)k.name.size());
+  std::printf("  -- %s\n", k.name.c_str());
+
+  // Forward + loss only.
+  compare_step_results(k.name + ": evaluate", gpu.evaluate(d.batch), cpu.evaluate(d.batch));
+  // Gradients of every parameter.
+  compare_step_results(k.name + ": gradients", gpu.compute_gradients(d.batch), cpu.compute_gradients(d.batch));
+  {
+    const Model& gc = gpu;
+    const std::vector<Param>& pg = gc.params();  // const: download only
+    const std::vector<Param>& pc = cpu.params();
+    CHECK(pg.size() == pc.size());
+    double worst = 0;
+    std::string worst_name;
+    for (size_t i = 0; i < pc.size() && i < pg.size(); ++i) {
+      CHECK(pg[i].name == pc[i].name);
+      const double e = expect_maxabs(k.name + ": grad " + pc[i].name, pg[i].grad, pc[i].grad);
+      if (e > worst) worst = e, worst_name = pc[i].name;
+      // The forward pass leaves the weights alone.
+      CHECK(pg[i].value == pc[i].value);
+    }
+    std::printf("  %-40s %zu gradients, worst max-abs rel %.2e (%s)\n", (k.name + ":").c_str(), pc.size(), worst,
+                worst_name.c_str());
+  }
+  // Three optimiser steps (the warm-up case crosses into the positive trace).
+  for (int step = 0; step < 3; ++step) {
+    const StepResult rg = gpu.train_step(d.batch), rc = cpu.train_step(d.batch);
+    compare_step_results(k.name + ": train step " + std::to_string(step + 1), rg, rc);
+  }
+  {
+    const Model& gc = gpu;
+    const std::vector<Param>& pg = gc.params();
+    const std::vector<Param>& pc = cpu.params();
+    double worst = 0;
+    for (size_t i = 0; i < pc.size() && i < pg.size(); ++i) {
+      worst = std::max(worst, expect_maxabs(k.name + ": after 3 steps, value " + pc[i].name, pg[i].value, pc[i].value));
+      worst = std::max(worst, expect_maxabs(k.name + ": after 3 steps, m " + pc[i].name, pg[i].m, pc[i].m));
+    }
+    std::printf("  %-40s weights and m after 3 steps, worst max-abs rel %.2e\n", (k.name + ":").c_str(), worst);
+  }
+  // Prediction: probabilities, per-pixel CMs, annotator probabilities.
+  const ModelConfig& c = k.c;
+  const int64_t V = k.s.size();
+  const size_t np = (size_t)k.n * c.classes * V, nc = (size_t)k.n * c.annotators * c.classes * c.classes * V,
+               nq = (size_t)k.n * c.annotators * c.classes * V;
+  std::vector<float> p_c(np), p_g(np, -1.f), cm_c(nc), cm_g(nc, -1.f), q_c(nq), q_g(nq, -1.f);
+  cpu.predict(d.images.data(), k.n, k.s, p_c.data(), cm_c.data(), q_c.data());
+  gpu.predict(d.images.data(), k.n, k.s, p_g.data(), cm_g.data(), q_g.data());
+  const double ep = expect_maxabs(k.name + ": predict probs", p_g, p_c);
+  const double ec = expect_maxabs(k.name + ": predict cms", cm_g, cm_c);
+  const double eq = expect_maxabs(k.name + ": predict annotator probs", q_g, q_c);
+  std::printf("  %-40s predict max-abs rel: probs %.2e, cms %.2e, annotator probs %.2e\n", (k.name + ":").c_str(), ep,
+              ec, eq);
+  // Probabilities only (no CM outputs) gives the same probabilities.
+  std::vector<float> p_only(np, -1.f);
+  gpu.predict(d.images.data(), k.n, k.s, p_only.data(), nullptr, nullptr);
+  CHECK(p_only == p_g);
+}
+
+StepCase step_case(const std::string& name, int ndim, CmMode mode, int blocks, Target target = Target::Cm) {
+  StepCase k;
+  k.name = name;
+  ModelConfig& c = k.c;
+  c.ndim = ndim, c.cm_mode = mode, c.cm_rank = 2, c.cm_head_blocks = blocks, c.seed = 11;
+  if (ndim == 2) {
+    c.in_channels = 2, c.classes = 3, c.annotators = 3, c.depth = 3, c.base = 4;
+    k.n = 2, k.s = {1, 16, 12};
+  } else {
+    c.in_channels = 2, c.classes = 4, c.annotators = 2, c.depth = 3, c.base = 4;
+    k.n = 2, k.s = {8, 8, 12};
+  }
+  k.target = target;
+  return k;
+}
+
+void whole_step_parity_test() {
+  // ensure the device exists before models are built (a clear SKIP path is in main)
+  std::vector<StepCase> cases = {
+      step_case("2D full", 2, CmMode::Full, 0),
+      step_case("2D full, 1 head block", 2, CmMode::Full, 1),
+      step_case("2D lowrank, 1 head block", 2, CmMode::LowRank, 1),
+      step_case("2D global", 2, CmMode::Global, 0),
+      step_case("3D full", 3, CmMode::Full, 0),
+      step_case("3D full, 1 head block", 3, CmMode::Full, 1),
+      step_case("3D lowrank", 3, CmMode::LowRank, 0),
+      step_case("3D global", 3, CmMode::Global, 0),
+      step_case("2D plain CE, hard target", 2, CmMode::Full, 0, Target::Hard),
+      step_case("3D plain CE, soft target", 3, CmMode::Full, 1, Target::Soft),
+      step_case("3D global, plain CE hard", 3, CmMode::Global, 0, Target::Hard),
+  };
+  StepCase warm = step_case("2D full, trace warm-up 2 steps", 2, CmMode::Full, 0);
+  warm.warmup = 2;
+  cases.push_back(warm);
+  StepCase shallow = step_case("2D full, depth 1", 2, CmMode::Full, 0);
+  shallow.c.depth = 1;
+  cases.push_back(shallow);
+  StepCase single = step_case("3D full, one image, uniform init", 3, CmMode::Full, 0);
+  single.n = 1, single.c.cm_init = CmInit::Uniform;
+  cases.push_back(single);
+  for (const StepCase& k : cases) whole_step_case(k);
+}
+
+}  // namespace
+
+TEST(model_step_gpu_matches_cpu) { whole_step_parity_test(); }
+
+// The host copy of a GPU model's parameters follows the device (model_device.cpp).
+TEST(model_param_sync) {
+  StepCase k = step_case("sync", 2, CmMode::Full, 0);
+  ModelConfig cg = k.c;
+  cg.device = Device::Cuda;
+  cg.tf32 = false;
+  Model cpu(k.c), gpu(cg);
+  setup(cpu, k), setup(gpu, k);
+  StepData d = make_step_data(k, 77);
+  // An edit through find() / params() reaches the device before the next step.
+  for (Model* m : {&cpu, &gpu}) {
+    m->find("seg.bias")->value[1] = 0.75f;
+    m->params()[0].value[3] = -0.5f;  // enc.0.conv1.weight
+  }
+  compare_step_results("sync: gradients after a host edit", gpu.compute_gradients(d.batch),
+                       cpu.compute_gradients(d.batch));
+  {
+    const Model& gc = gpu;
+    CHECK(gc.params()[0].value[3] == -0.5f);
+    const Param* pb = nullptr;
+    for (const Param& p : gc.params())
+      if (p.name == "seg.bias") pb = &p;
+    CHECK(pb && pb->value[1] == 0.75f);
+    expect_maxabs("sync: grad enc.0.conv1.weight", gc.params()[0].grad, cpu.params()[0].grad);
+  }
+  // Host-set gradients and moments are uploaded for apply_optimizer.
+  for (size_t i = 0; i < cpu.params().size(); ++i) {
+    const auto g = rnd(cpu.params()[i].grad.size(), 300 + (uint32_t)i);
+    cpu.params()[i].grad = g;
+    gpu.params()[i].grad = g;
+  }
+  cpu.apply_optimizer(), gpu.apply_optimizer();
+  CHECK(gpu.step == 1 && cpu.step == 1);
+  for (size_t i = 0; i < cpu.params().size(); ++i) {
+    expect_maxabs("sync: value after host gradients " + cpu.params()[i].name, gpu.params()[i].value,
+                  cpu.params()[i].value, 1e-6);
+    expect_maxabs("sync: v after host gradients " + cpu.params()[i].name, gpu.params()[i].v, cpu.params()[i].v, 1e-6);
+  }
+  // A step after reads: the values stay in step with the CPU.
+  compare_step_results("sync: train step after reads", gpu.train_step(d.batch), cpu.train_step(d.batch));
+  const Model& gc = gpu;
+  for (size_t i = 0; i < cpu.params().size(); ++i)
+    expect_maxabs("sync: value after a step " + cpu.params()[i].name, gc.params()[i].value, cpu.params()[i].value);
+  // Names and shapes without a download.
+  CHECK(gpu.param_layout().size() == cpu.params().size());
+}
+
+// A GPU model rejects what the CPU model rejects, before any device work.
+TEST(model_gpu_validates) {
+  StepCase k = step_case("validate", 2, CmMode::Full, 0);
+  ModelConfig cg = k.c;
+  cg.device = Device::Cuda;
+  Model gpu(cg);
+  StepData d = make_step_data(k, 5);
+  d.labels[1][7] = 9;
+  CHECK_THROWS_WITH(gpu.train_step(d.batch), "labels of annotator 1");
+  d.labels[1][7] = 0;
+  d.images[3] = std::nanf("");
+  CHECK_THROWS_WITH(gpu.train_step(d.batch), "NaN");
+  ModelConfig many = cg;
+  many.annotators = 17;
+  CHECK_THROWS_WITH(Model{many}, "at most 16 annotators");
+}
+
+// The SPEC brats3d-gpu step (2 x 4 x 128^3, depth 4, c 32, L 4, R 3, cm full,
+// lambda 0.01), TF32 on: whole-step time, waited for on the device.
+TEST(model_step_brats3d_gpu_timing) {
+  ModelConfig c;
+  c.ndim = 3, c.in_channels = 4, c.classes = 4, c.annotators = 3, c.depth = 4, c.base = 32;
+  c.cm_mode = CmMode::Full, c.device = Device::Cuda;
+  const int n = 2;
+  const Spatial s{128, 128, 128};
+  const int64_t V = s.size();
+  Model m(c);
+  m.loss.lambda = 0.01f;
+  std::vector<float> images = fast_fill((size_t)n * c.in_channels * V, 21);
+  std::vector<std::vector<uint8_t>> labels(c.annotators, std::vector<uint8_t>((size_t)n * V));
+  for (int r = 0; r < c.annotators; ++r)
+    for (size_t i = 0; i < labels[r].size(); ++i) labels[r][i] = (uint8_t)((i * 2654435761u + r) >> 28) % c.classes;
+  Batch b;
+  b.n = n, b.s = s, b.images = images.data();
+  for (auto& l : labels) b.labels.push_back(l.data());
+  std::vector<double> ms;
+  for (int step = 0; step <= 3; ++step) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const StepResult r = m.train_step(b);
+    m.gpu()->context().synchronize();
+    const double t = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    CHECK(std::isfinite(r.loss));
+    if (step > 0) ms.push_back(t);
+    std::printf("  brats3d-gpu step %d: %.1f ms, loss %.6f%s\n", step, t, r.loss, step == 0 ? " (warm-up)" : "");
+  }
+  std::sort(ms.begin(), ms.end());
+  const cu::PoolStats ps = m.gpu()->context().pool_stats();
+  std::printf("  brats3d-gpu whole step (tf32): median %.1f ms, %.3g voxels/s, model pool peak %.2f GiB\n",
+              ms[ms.size() / 2], n * V / (ms[ms.size() / 2] * 1e-3), ps.peak_in_use_bytes / 1073741824.0);
+}
+
 int main(int argc, char** argv) {
   if (!cu::available()) {
     std::printf("SKIP: no CUDA device (%s)\n", cu::unavailable_reason().c_str());

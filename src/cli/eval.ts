@@ -46,8 +46,8 @@ export async function checkpointExperiment(file: string): Promise<{ saved: Train
 export async function loadModelForInference(file: string, saved: TrainerExtra): Promise<Model> {
   const overrides: Partial<ModelConfig> = {};
   const info = backendInfo() as ReturnType<typeof backendInfo> & { cudaTraining?: boolean };
-  if (saved.config.device === 'cuda' && (!info.cuda || info.cudaTraining === false)) {
-    process.stderr.write('note: this checkpoint was trained on the GPU; this build cannot run the model on the GPU, so it runs on the CPU\n');
+  if (saved.config.device === 'cuda' && (!info.cuda || info.cudaTraining === false || !info.gpuAvailable)) {
+    process.stderr.write('note: this checkpoint was trained on the GPU; no GPU can run it here, so it runs on the CPU\n');
     overrides.device = 'cpu';
   }
   return loadCheckpoint(file, overrides);

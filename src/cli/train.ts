@@ -235,6 +235,9 @@ async function runTrain(flags: TrainFlags, command: Command): Promise<void> {
     if (info.cudaTraining === false) {
       throw new UserError(`--preset ${recipe.preset} trains on the GPU, but this build's CUDA backend cannot train yet (backendInfo().cudaTraining is false); use --preset brats3d on the CPU`);
     }
+    if (!info.gpuAvailable) {
+      throw new UserError(`--preset ${recipe.preset} trains on the GPU, but no GPU can be used here (${info.gpuUnavailableReason ?? 'no CUDA device'}); use --preset brats3d on the CPU`);
+    }
   }
   const method = methodDefinition(config.method);
   if (recipe.dataset.kind === 'brats') {

@@ -49,8 +49,10 @@ export interface ModelConfig {
   cmInit?: CmInit;
   /** Seed of the parameter initialisation, default 0. */
   seed?: number;
-  /** Backend, default 'cpu'. 'auto' picks CUDA when built and a GPU is present. */
+  /** Backend, default 'cpu'. 'auto' picks CUDA when built and a GPU is present; 'cuda' fails clearly without one. */
   device?: Device;
+  /** GPU only: let convolutions and heads use TF32 tensor cores (default true); false = strict fp32. */
+  tf32?: boolean;
   optimizer?: OptimizerOptions;
   loss?: LossOptions;
 }
@@ -70,7 +72,9 @@ export interface ResolvedConfig {
   cmHeadBlocks: number;
   cmInit: CmInit;
   seed: number;
+  /** The backend the model runs on: 'auto' resolved to 'cpu' or 'cuda'. */
   device: Device;
+  tf32: boolean;
 }
 
 export function splitConfig(config: ModelConfig): { network: NetworkConfig; optimizer?: OptimizerOptions; loss?: LossOptions } {

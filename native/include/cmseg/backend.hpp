@@ -16,7 +16,8 @@ struct BackendInfo {
   std::string gpu;
   size_t cudnn_version = 0;
   std::string gpu_unavailable_reason;
-  // The CUDA kernels exist, but the whole training step does not run on the GPU yet.
+  // The whole training step and prediction can run on the GPU (Device::Cuda): true
+  // when the CUDA backend is built; gpu_available says whether a device is there now.
   bool cuda_training = false;
   std::string simd;      // vector ISA the CPU reference was compiled for
   std::string compiler;

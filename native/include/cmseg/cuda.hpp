@@ -203,6 +203,79 @@ struct AdamTensor {
 // after the increment (1 for the first update), as Model::apply_optimizer uses it.
 void adam_step(Context& ctx, const std::vector<AdamTensor>& tensors, const OptimConfig& o, int64_t step);
 
+// ---- 1x1(x1) convolution with bias, the heads (cuBLAS): conv1_cublas.cu ----------
+// w: [cout, cin]. As layers.hpp: dx_accumulate is added to (+=), dw and db accumulate.
+void conv1_forward(Context& ctx, const float* x, const float* w, const float* b, float* y, int n, int cin, int cout,
+                   int64_t V);
+void conv1_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx_accumulate, float* dw,
+                    float* db, int n, int cin, int cout, int64_t V);
+
+// ---- channel concat of the decoder and elementwise sums: concat.cu ----------------
+// y = cat([a, b], channel).
+void concat_forward(Context& ctx, const float* a, int ca, const float* b, int cb, float* y, int n, int64_t V);
+// Splits dy: da and db may be null; db is overwritten; da is overwritten, or added
+// to when da_accumulate (the skip gradient meeting the encoder's own).
+void concat_backward(Context& ctx, const float* dy, float* da, int ca, float* db, int cb, int n, int64_t V,
+                     bool da_accumulate = false);
+// y += x over count elements.
+void add_inplace(Context& ctx, float* y, const float* x, int64_t count);
+
+// ---- plain cross-entropy on the consensus logits (naive / oracle): ce_loss.cu ------
+// The CPU reference's ce_loss_hard / ce_loss_soft on device arrays: d_logits may be
+// null; the loss is returned to the host (the call waits for the loss kernels).
+double ce_loss_hard(Context& ctx, const float* logits, const uint8_t* labels, int n, int L, int64_t V,
+                    float* d_logits);
+double ce_loss_soft(Context& ctx, const float* logits, const float* target, int n, int L, int64_t V,
+                    float* d_logits);
+
+// ---- prediction: softmax.cu and cm_loss.cu -----------------------------------------
+void softmax_forward(Context& ctx, const float* z, float* p, int n, int c, int64_t V);
+// Per pixel and annotator, A_r from its raw head channels ([n, K, V], or one [L, L]
+// raw matrix for global mode: the same CM everywhere) as cm_from_raw computes it;
+// cms (may be null): [n, R, L*L, V]; annotator_probs (may be null): [n, R, L, V],
+// q_r = A_r p with probs [n, L, V].
+void cm_predict(Context& ctx, CmMode mode, int L, int rank, const std::vector<const float*>& cm_raw,
+                const float* probs, int n, int R, int64_t V, float* cms, float* annotator_probs);
+
+// ---- the whole U-Net on the device: unet_cuda.cpp ----------------------------------
+// The GPU half of a cmseg::Model with ModelConfig::device == Device::Cuda (Model
+// owns one and dispatches to it; use Model, not this class, from outside). It holds
+// the parameters (values, gradients, Adam moments) as four contiguous device arrays,
+// the activations of the last forward pass (reused while the batch shape stays the
+// same) and the uploaded batch. Same graph, same order of operations and the same
+// conventions as the CPU reference in native/model/unet.cpp.
+// TODO(bf16): activations and convolutions in bf16 (with fp32 master weights) are
+// not attempted yet.
+class ModelGpu {
+ public:
+  // `params`: the model's parameters, named as SPEC section 2 (the graph is found
+  // from the names); uploaded here. Throws cmseg::Error when no device is usable.
+  ModelGpu(const ModelConfig& config, const std::vector<Param>& params);
+  ~ModelGpu();
+  ModelGpu(const ModelGpu&) = delete;
+  ModelGpu& operator=(const ModelGpu&) = delete;
+
+  Context& context();
+  void set_tf32(bool on);
+
+  // Host -> device (value, grad, m, v of every parameter) and back.
+  void upload_params(const std::vector<Param>& params);
+  void download_params(std::vector<Param>& params);
+
+  // Forward + loss (+ backward into the device gradients, overwritten). The batch is
+  // on the host and already validated. Waits for the loss, not for the backward.
+  StepResult run(const Batch& batch, bool backward, float trace_weight);
+  // One Adam / AdamW step on the device gradients; `step` counted after the increment.
+  void adam(const OptimConfig& o, int64_t step);
+  // Host arrays as Model::predict (cms, annotator_probs may be null). Waits.
+  void predict(const float* images, int n, Spatial s, float* probs, float* cms, float* annotator_probs);
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
 // ---- the same layers on host arrays (copy in, run, copy out) --------------------
 namespace host {
 void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s,

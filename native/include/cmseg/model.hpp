@@ -13,6 +13,10 @@ namespace cmseg {
 
 enum class CmInit { Identity, Uniform };
 enum class OptimKind { Adam, AdamW };
+// Where the training step and prediction run. Cuda: parameters, Adam moments and
+// activations live on the GPU (native/cuda/unet_cuda.cpp); Model::params() syncs
+// the host copy on demand (see there).
+enum class Device { Cpu, Cuda };
 
 struct ModelConfig {
   int ndim = 2;           // 2 or 3
@@ -26,6 +30,11 @@ struct ModelConfig {
   int cm_head_blocks = 0; // extra blocks in front of each CM head
   CmInit cm_init = CmInit::Identity;
   uint64_t seed = 0;
+  Device device = Device::Cpu;
+  // Device::Cuda only: convolutions and the 1x1 heads may use TF32 tensor cores
+  // (10-bit mantissa products). false = strict fp32 (FMA math), for parity tests.
+  // TODO(bf16): a bf16 activation path is not attempted yet; fp32/TF32 only.
+  bool tf32 = true;
 };
 
 struct OptimConfig {
@@ -63,14 +72,24 @@ struct StepResult {
   int64_t step = 0;               // optimiser steps taken after this call
 };
 
+namespace cuda {
+class ModelGpu;
+}
+
 class Model {
  public:
   explicit Model(const ModelConfig& config);
   ~Model();
 
   const ModelConfig& config() const { return config_; }
-  std::vector<Param>& params() { return params_; }
-  const std::vector<Param>& params() const { return params_; }
+  // The parameters on the host. With Device::Cuda the GPU holds the working copy:
+  // both accessors first download it when the GPU has newer values (after a step);
+  // the non-const one (and find) also marks the host copy as edited, so the next
+  // GPU call uploads it. A CPU model returns its vector without any of this.
+  std::vector<Param>& params();
+  const std::vector<Param>& params() const;
+  // Names and shapes only, never synced (values may be stale on a GPU model).
+  const std::vector<Param>& param_layout() const { return params_; }
   Param* find(const std::string& name);
   int64_t parameter_count() const;
 
@@ -95,12 +114,27 @@ class Model {
 
   float current_trace_weight() const { return step < loss.warmup_steps ? -loss.lambda_warmup : loss.lambda; }
 
+  // The GPU side of a Device::Cuda model (null on the CPU): its context gives pool
+  // statistics and synchronize() for timing. A step returns once its loss is known;
+  // the backward pass and the update may still be running on the device.
+  cuda::ModelGpu* gpu() { return gpu_.get(); }
+
  private:
   struct Impl;
   StepResult run(const Batch& batch, bool backward);
+  // native/model/model_device.cpp: the Device::Cuda paths and the host/device sync.
+  void attach_device();
+  StepResult run_device(const Batch& batch, bool backward);
+  void predict_device(const float* images, int n, Spatial s, float* probs, float* cms, float* annotator_probs);
+  void apply_optimizer_device();
+  void sync_to_host() const;
+  void sync_to_device();
   ModelConfig config_;
-  std::vector<Param> params_;
+  mutable std::vector<Param> params_;  // mutable: a const params() may download from the GPU
   std::unique_ptr<Impl> impl_;
+  std::unique_ptr<cuda::ModelGpu> gpu_;
+  mutable bool host_stale_ = false;  // the GPU holds newer values, grads or moments than params_
+  bool device_stale_ = false;        // params_ may have been edited since the last upload
 };
 
 void validate_config(const ModelConfig& c);

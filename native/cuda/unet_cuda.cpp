@@ -1,0 +1,478 @@
+// The U-Net of SPEC section 2 on the device: the same graph, the same order of
+// operations and the same buffer conventions as the CPU reference in
+// native/model/unet.cpp, written against the layer API of cmseg/cuda.hpp (no CUDA
+// header here: every launch lives in a .cu file of its layer).
+//
+// Memory. Parameters, gradients and Adam moments are four contiguous device arrays
+// (one memset zeroes every gradient; one Adam launch updates everything). Every
+// activation and scratch array is a pool allocation that only grows: a training
+// run repeats one batch shape, so after the first step nothing is allocated.
+// Scratch arrays are shared where their lifetimes do not overlap on the stream
+// (noted at each use); the stream orders every reuse after the previous reader.
+//
+// Host synchronisation: a step waits for its loss (the value is returned), never
+// for the backward pass or the update, which overlap with the host's next batch.
+// Downloads (parameters, predictions) wait for the stream.
+#include <algorithm>
+#include <string>
+
+#include "cmseg/cuda.hpp"
+#include "cmseg/error.hpp"
+
+namespace cmseg {
+namespace cuda {
+namespace {
+
+constexpr int kMaxDeviceAnnotators = 16;  // the fused CM loss kernel's limit (cm_loss.cu)
+
+// One block: conv3 -> IN -> ReLU -> conv3 -> IN -> ReLU. Indices into the parameters.
+struct Block {
+  int cin = 0, cout = 0;
+  int w1 = -1, g1 = -1, b1 = -1, w2 = -1, g2 = -1, b2 = -1;
+};
+
+// What a block keeps for its backward pass (as BlockCache on the CPU).
+struct BlockActs {
+  Buffer<float> h1, a1, h2, a2, mean1, rstd1, mean2, rstd2;
+};
+
+// Grows `b` to at least `count` elements (contents are not kept) and returns it.
+template <class T>
+T* ensure(Context& ctx, Buffer<T>& b, size_t count) {
+  if (b.size() < count) {
+    b.reset();  // free first: the pool can hand the same memory back
+    b = Buffer<T>(ctx, count);
+  }
+  return b.data();
+}
+
+ContextOptions context_options(const ModelConfig& c) {
+  ContextOptions o;
+  o.tf32 = c.tf32;
+  return o;
+}
+
+}  // namespace
+
+struct ModelGpu::Impl {
+  ModelConfig c;
+  Context ctx;  // first member: destroyed after every buffer below
+
+  // ---- parameters: offsets into four contiguous arrays
+  std::vector<std::string> names;
+  std::vector<int64_t> offset, numel;
+  int64_t total = 0;
+  Buffer<float> value, grad, m1, m2;
+  std::vector<Block> enc, dec, cmb;                // cmb[r * B + b]
+  std::vector<int> up_w, up_b, cm_w, cm_b, gcm;    // per level / annotator
+  int seg_w = -1, seg_b = -1;
+
+  // ---- activations of the last forward pass and backward scratch
+  std::vector<Spatial> level_s;
+  std::vector<BlockActs> enc_a, dec_a, cmb_a;
+  std::vector<Buffer<float>> pooled, cats, cm_raw, d_cm, g_enc;
+  std::vector<Buffer<uint8_t>> pool_arg;
+  Buffer<float> seg_logits, d_seg, d_feat, d_tmp, d_tmp2, scratch_a, scratch_b, d_cat, d_below, d_in;
+
+  // ---- the uploaded batch and prediction outputs
+  Buffer<float> images, soft_target, probs, cms, q;
+  std::vector<Buffer<uint8_t>> labels;
+  Buffer<uint8_t> present, target;
+
+  Impl(const ModelConfig& config) : c(config), ctx(context_options(config)) {}
+
+  float* W(int i) { return value.data() + offset[i]; }
+  float* G(int i) { return grad.data() + offset[i]; }
+  int64_t V(int k) const { return level_s[k].size(); }
+
+  int index(const std::string& name) const {
+    for (size_t i = 0; i < names.size(); ++i)
+      if (names[i] == name) return (int)i;
+    throw Error(str("ModelGpu: the model has no parameter '", name, "'"));
+  }
+  Block block(const std::string& prefix) const {
+    Block b;
+    b.w1 = index(prefix + ".conv1.weight"), b.g1 = index(prefix + ".norm1.weight"), b.b1 = index(prefix + ".norm1.bias");
+    b.w2 = index(prefix + ".conv2.weight"), b.g2 = index(prefix + ".norm2.weight"), b.b2 = index(prefix + ".norm2.bias");
+    return b;
+  }
+
+  void set_levels(Spatial s) {
+    level_s.assign(c.depth, s);
+    for (int k = 1; k < c.depth; ++k) level_s[k] = halve(level_s[k - 1], c.ndim);
+  }
+
+  void block_forward(const Block& b, const float* x, int n, Spatial s, BlockActs& a) {
+    const int64_t Vs = s.size();
+    const size_t sz = (size_t)n * b.cout * Vs, planes = (size_t)n * b.cout;
+    float* h1 = ensure(ctx, a.h1, sz);
+    float* a1 = ensure(ctx, a.a1, sz);
+    float* h2 = ensure(ctx, a.h2, sz);
+    float* a2 = ensure(ctx, a.a2, sz);
+    float* mean1 = ensure(ctx, a.mean1, planes);
+    float* rstd1 = ensure(ctx, a.rstd1, planes);
+    float* mean2 = ensure(ctx, a.mean2, planes);
+    float* rstd2 = ensure(ctx, a.rstd2, planes);
+    conv3_forward(ctx, x, W(b.w1), h1, n, b.cin, b.cout, s, c.ndim);
+    instance_norm_forward(ctx, h1, W(b.g1), W(b.b1), a1, mean1, rstd1, n, b.cout, Vs, true);
+    conv3_forward(ctx, a1, W(b.w2), h2, n, b.cout, b.cout, s, c.ndim);
+    instance_norm_forward(ctx, h2, W(b.g2), W(b.b2), a2, mean2, rstd2, n, b.cout, Vs, true);
+  }
+
+  // dy: gradient of the block output; dx: of its input (may be null). Uses
+  // scratch_a and scratch_b, which must not be dy or dx.
+  void block_backward(const Block& b, const float* x, int n, Spatial s, BlockActs& a, const float* dy, float* dx) {
+    const int64_t Vs = s.size();
+    const size_t sz = (size_t)n * b.cout * Vs;
+    float* t1 = ensure(ctx, scratch_a, sz);
+    float* t2 = ensure(ctx, scratch_b, sz);
+    instance_norm_backward(ctx, a.h2.data(), a.a2.data(), a.mean2.data(), a.rstd2.data(), W(b.g2), dy, t1, G(b.g2),
+                           G(b.b2), n, b.cout, Vs, true);
+    conv3_backward(ctx, a.a1.data(), W(b.w2), t1, t2, G(b.w2), n, b.cout, b.cout, s, c.ndim);
+    instance_norm_backward(ctx, a.h1.data(), a.a1.data(), a.mean1.data(), a.rstd1.data(), W(b.g1), t2, t1, G(b.g1),
+                           G(b.b1), n, b.cout, Vs, true);
+    conv3_backward(ctx, x, W(b.w1), t1, dx, G(b.w1), n, b.cin, b.cout, s, c.ndim);
+  }
+
+  // Scratch sized once per step for the largest level it serves, so a pointer
+  // taken from it stays valid for the whole step.
+  void size_scratch(int n) {
+    const int D = c.depth;
+    size_t block_max = 0, cat_max = 0, below_max = 0, in_max = 0;
+    auto blk = [&](const Block& b, int level) { block_max = std::max(block_max, (size_t)n * b.cout * V(level)); };
+    for (int k = 0; k < D; ++k) blk(enc[k], k);
+    for (int k = 0; k + 1 < D; ++k) {
+      const int lo = D - 1 - k, hi = D - 2 - k;
+      blk(dec[k], hi);
+      cat_max = std::max(cat_max, (size_t)n * 2 * dec[k].cout * V(hi));
+      below_max = std::max(below_max, (size_t)n * 2 * dec[k].cout * V(lo));
+    }
+    for (auto& b : cmb) blk(b, 0);
+    for (int k = 1; k < D; ++k) {
+      in_max = std::max(in_max, (size_t)n * enc[k].cin * V(k));
+      block_max = std::max(block_max, (size_t)n * enc[k - 1].cout * V(k - 1));  // d_pool lives in scratch_a
+    }
+    ensure(ctx, scratch_a, block_max);
+    ensure(ctx, scratch_b, block_max);
+    ensure(ctx, d_cat, cat_max);
+    ensure(ctx, d_below, below_max);
+    ensure(ctx, d_in, in_max);
+  }
+
+  // The U-Net and its heads on images already on the device. cm_heads: run the
+  // pixel-wise CM heads (and their extra blocks) too.
+  const float* forward(int n, const float* x0, bool cm_heads) {
+    const int D = c.depth, nd = c.ndim, L = c.classes, R = c.annotators, C0 = c.base;
+    for (int k = 0; k < D; ++k) {
+      const float* in = x0;
+      if (k > 0) {
+        const int ch = enc[k - 1].cout;
+        const size_t count = (size_t)n * ch * V(k);
+        float* p = ensure(ctx, pooled[k], count);
+        uint8_t* arg = ensure(ctx, pool_arg[k], count);
+        maxpool2_forward(ctx, enc_a[k - 1].a2.data(), p, arg, n * ch, level_s[k - 1], nd);
+        in = p;
+      }
+      block_forward(enc[k], in, n, level_s[k], enc_a[k]);
+    }
+    for (int k = 0; k + 1 < D; ++k) {
+      const int lo = D - 1 - k, hi = D - 2 - k;
+      const float* below = k == 0 ? enc_a[D - 1].a2.data() : dec_a[k - 1].a2.data();
+      const int cout = dec[k].cout, cin = 2 * cout;
+      // The up-convolution's output is only read by the concat: scratch_a (free in the forward).
+      float* up = ensure(ctx, scratch_a, (size_t)n * cout * V(hi));
+      upconv2_forward(ctx, below, W(up_w[k]), W(up_b[k]), up, n, cin, cout, level_s[lo], nd);
+      float* cat = ensure(ctx, cats[k], (size_t)n * cin * V(hi));
+      concat_forward(ctx, enc_a[hi].a2.data(), cout, up, cout, cat, n, V(hi));
+      block_forward(dec[k], cat, n, level_s[hi], dec_a[k]);
+    }
+    const float* feat = D > 1 ? dec_a[D - 2].a2.data() : enc_a[0].a2.data();
+    const int64_t V0 = V(0);
+    conv1_forward(ctx, feat, W(seg_w), W(seg_b), ensure(ctx, seg_logits, (size_t)n * L * V0), n, C0, L, V0);
+    if (cm_heads) {
+      const int B = c.cm_head_blocks, K = cm_head_channels(c.cm_mode, L, c.cm_rank);
+      for (int r = 0; r < R; ++r) {
+        const float* head_in = feat;
+        for (int b = 0; b < B; ++b) {
+          block_forward(cmb[r * B + b], head_in, n, level_s[0], cmb_a[r * B + b]);
+          head_in = cmb_a[r * B + b].a2.data();
+        }
+        conv1_forward(ctx, head_in, W(cm_w[r]), W(cm_b[r]), ensure(ctx, cm_raw[r], (size_t)n * K * V0), n, C0, K, V0);
+      }
+    }
+    return feat;
+  }
+
+  float* upload_images(const float* host, int n, Spatial s) {
+    const size_t count = (size_t)n * c.in_channels * s.size();
+    float* d = ensure(ctx, images, count);
+    ctx.upload(d, host, count * sizeof(float));
+    return d;
+  }
+};
+
+ModelGpu::ModelGpu(const ModelConfig& config, const std::vector<Param>& params) {
+  if (!available()) throw Error(str("device 'cuda': no usable CUDA device (", unavailable_reason(), ")"));
+  if (config.annotators > kMaxDeviceAnnotators)
+    fail("device 'cuda' takes at most ", kMaxDeviceAnnotators, " annotators, got ", config.annotators);
+  impl_.reset(new Impl(config));
+  Impl& m = *impl_;
+  const ModelConfig& c = m.c;
+  for (const Param& p : params) {
+    m.names.push_back(p.name);
+    m.offset.push_back(m.total);
+    m.numel.push_back(p.numel());
+    m.total += p.numel();
+  }
+  // The graph from the SPEC parameter names; widths from the weight shapes
+  // ([cout, cin, k...] for conv3).
+  auto with_widths = [&](Block b) {
+    const Param& w = params[b.w1];
+    b.cout = (int)w.shape[0], b.cin = (int)w.shape[1];
+    return b;
+  };
+  for (int k = 0; k < c.depth; ++k) m.enc.push_back(with_widths(m.block("enc." + std::to_string(k))));
+  for (int k = 0; k + 1 < c.depth; ++k) {
+    m.up_w.push_back(m.index("up." + std::to_string(k) + ".weight"));
+    m.up_b.push_back(m.index("up." + std::to_string(k) + ".bias"));
+    m.dec.push_back(with_widths(m.block("dec." + std::to_string(k))));
+  }
+  m.seg_w = m.index("seg.weight"), m.seg_b = m.index("seg.bias");
+  for (int r = 0; r < c.annotators; ++r) {
+    const std::string rs = std::to_string(r);
+    if (c.cm_mode == CmMode::Global) {
+      m.gcm.push_back(m.index("gcm." + rs));
+      continue;
+    }
+    for (int b = 0; b < c.cm_head_blocks; ++b)
+      m.cmb.push_back(with_widths(m.block("cmblock." + rs + "." + std::to_string(b))));
+    m.cm_w.push_back(m.index("cm." + rs + ".weight"));
+    m.cm_b.push_back(m.index("cm." + rs + ".bias"));
+  }
+  const int D = c.depth, R = c.annotators;
+  m.enc_a.resize(D), m.dec_a.resize(D > 1 ? D - 1 : 0), m.cmb_a.resize(m.cmb.size());
+  m.pooled.resize(D), m.pool_arg.resize(D), m.cats.resize(D > 1 ? D - 1 : 0);
+  m.cm_raw.resize(R), m.d_cm.resize(R), m.g_enc.resize(D), m.labels.resize(R);
+
+  m.value = Buffer<float>(m.ctx, (size_t)m.total);
+  m.grad = Buffer<float>(m.ctx, (size_t)m.total);
+  m.m1 = Buffer<float>(m.ctx, (size_t)m.total);
+  m.m2 = Buffer<float>(m.ctx, (size_t)m.total);
+  upload_params(params);
+}
+
+ModelGpu::~ModelGpu() = default;
+
+Context& ModelGpu::context() { return impl_->ctx; }
+void ModelGpu::set_tf32(bool on) { impl_->ctx.set_tf32(on); }
+
+void ModelGpu::upload_params(const std::vector<Param>& params) {
+  Impl& m = *impl_;
+  if (params.size() != m.names.size()) fail("ModelGpu: expected ", m.names.size(), " parameters, got ", params.size());
+  std::vector<float> host((size_t)m.total);
+  auto send = [&](std::vector<float> Param::*field, Buffer<float>& dst) {
+    for (size_t i = 0; i < params.size(); ++i) {
+      const std::vector<float>& src = params[i].*field;
+      if ((int64_t)src.size() != m.numel[i] || params[i].name != m.names[i])
+        fail("ModelGpu: parameter ", i, " ('", params[i].name, "') does not match the model it was built from");
+      std::copy(src.begin(), src.end(), host.begin() + m.offset[i]);
+    }
+    // A pageable upload returns once the host array has been staged, so `host`
+    // may be refilled for the next field.
+    dst.upload(host.data());
+  };
+  send(&Param::value, m.value);
+  send(&Param::grad, m.grad);
+  send(&Param::m, m.m1);
+  send(&Param::v, m.m2);
+}
+
+void ModelGpu::download_params(std::vector<Param>& params) {
+  Impl& m = *impl_;
+  if (params.size() != m.names.size()) fail("ModelGpu: expected ", m.names.size(), " parameters, got ", params.size());
+  std::vector<float> host((size_t)m.total);
+  auto fetch = [&](std::vector<float> Param::*field, const Buffer<float>& src) {
+    src.download(host.data());  // waits for the stream
+    for (size_t i = 0; i < params.size(); ++i) {
+      std::vector<float>& dst = params[i].*field;
+      dst.assign(host.begin() + m.offset[i], host.begin() + m.offset[i] + m.numel[i]);
+    }
+  };
+  fetch(&Param::value, m.value);
+  fetch(&Param::grad, m.grad);
+  fetch(&Param::m, m.m1);
+  fetch(&Param::v, m.m2);
+}
+
+StepResult ModelGpu::run(const Batch& batch, bool backward, float trace_weight) {
+  Impl& m = *impl_;
+  Context& ctx = m.ctx;
+  const ModelConfig& c = m.c;
+  const int n = batch.n, D = c.depth, L = c.classes, R = c.annotators, nd = c.ndim, C0 = c.base;
+  const bool plain_ce = batch.target || batch.soft_target;
+  const bool pixel_cm = c.cm_mode != CmMode::Global;
+  const int K = cm_head_channels(c.cm_mode, L, c.cm_rank), B = c.cm_head_blocks;
+  m.set_levels(batch.s);
+  const int64_t V0 = m.V(0), NV = (int64_t)n * V0;
+
+  // ---- the batch onto the device
+  const float* x0 = m.upload_images(batch.images, n, batch.s);
+  const uint8_t* target = nullptr;
+  const float* soft = nullptr;
+  std::vector<const uint8_t*> labels;
+  const uint8_t* present = nullptr;
+  if (batch.target) {
+    uint8_t* d = ensure(ctx, m.target, (size_t)NV);
+    ctx.upload(d, batch.target, (size_t)NV);
+    target = d;
+  } else if (batch.soft_target) {
+    float* d = ensure(ctx, m.soft_target, (size_t)NV * L);
+    ctx.upload(d, batch.soft_target, (size_t)NV * L * sizeof(float));
+    soft = d;
+  } else {
+    if ((int)batch.labels.size() != R) fail("expected labels for ", R, " annotators, got ", batch.labels.size());
+    for (int r = 0; r < R; ++r) {
+      uint8_t* d = ensure(ctx, m.labels[r], (size_t)NV);
+      ctx.upload(d, batch.labels[r], (size_t)NV);
+      labels.push_back(d);
+    }
+    if (batch.present) {
+      uint8_t* d = ensure(ctx, m.present, (size_t)n * R);
+      ctx.upload(d, batch.present, (size_t)n * R);
+      present = d;
+    }
+  }
+
+  // ---- forward
+  const float* feat = m.forward(n, x0, !plain_ce && pixel_cm);
+
+  // ---- loss
+  StepResult res;
+  if (backward) m.grad.zero();
+  float* dseg = backward ? ensure(ctx, m.d_seg, (size_t)NV * L) : nullptr;
+  if (target) {
+    res.loss = ce_loss_hard(ctx, m.seg_logits.data(), target, n, L, V0, dseg);
+  } else if (soft) {
+    res.loss = ce_loss_soft(ctx, m.seg_logits.data(), soft, n, L, V0, dseg);
+  } else {
+    CmLossInput in;
+    in.n = n, in.L = L, in.R = R, in.V = V0, in.mode = c.cm_mode, in.rank = c.cm_rank;
+    in.seg_logits = m.seg_logits.data();
+    in.labels = labels;
+    in.present = present;
+    in.trace_weight = trace_weight;
+    CmLossOutput out;
+    out.d_seg_logits = dseg;
+    for (int r = 0; r < R; ++r) {
+      in.cm_raw.push_back(pixel_cm ? m.cm_raw[r].data() : m.W(m.gcm[r]));
+      // Global mode: the loss writes d/d gcm.r straight into its gradient.
+      if (backward) out.d_cm_raw.push_back(pixel_cm ? ensure(ctx, m.d_cm[r], (size_t)NV * K) : m.G(m.gcm[r]));
+    }
+    cm_loss(ctx, in, out);
+    res.loss = out.loss, res.ce = out.ce, res.trace = out.trace, res.trace_weight = trace_weight;
+  }
+  if (!backward) return res;
+
+  // ---- backward (the order of native/model/unet.cpp)
+  m.size_scratch(n);
+  const size_t feat_count = (size_t)NV * C0;
+  float* d_feat = ensure(ctx, m.d_feat, feat_count);
+  ctx.zero(d_feat, feat_count * sizeof(float));
+  conv1_backward(ctx, feat, m.W(m.seg_w), dseg, d_feat, m.G(m.seg_w), m.G(m.seg_b), n, C0, L, V0);
+  if (!plain_ce && pixel_cm) {
+    for (int r = 0; r < R; ++r) {
+      if (B == 0) {
+        conv1_backward(ctx, feat, m.W(m.cm_w[r]), m.d_cm[r].data(), d_feat, m.G(m.cm_w[r]), m.G(m.cm_b[r]), n, C0, K,
+                       V0);
+        continue;
+      }
+      // Through the head, then this annotator's extra blocks, into the shared features.
+      float* dt = ensure(ctx, m.d_tmp, feat_count);
+      float* dt2 = ensure(ctx, m.d_tmp2, feat_count);
+      ctx.zero(dt, feat_count * sizeof(float));
+      const float* head_in = m.cmb_a[r * B + B - 1].a2.data();
+      conv1_backward(ctx, head_in, m.W(m.cm_w[r]), m.d_cm[r].data(), dt, m.G(m.cm_w[r]), m.G(m.cm_b[r]), n, C0, K,
+                     V0);
+      for (int b = B - 1; b >= 0; --b) {
+        const float* bin = b == 0 ? feat : m.cmb_a[r * B + b - 1].a2.data();
+        m.block_backward(m.cmb[r * B + b], bin, n, m.level_s[0], m.cmb_a[r * B + b], dt, dt2);
+        std::swap(dt, dt2);
+      }
+      add_inplace(ctx, d_feat, dt, (int64_t)feat_count);
+    }
+  }
+
+  // Decoder, deepest first. g_enc[k]: gradient of encoder output k. Each level below
+  // the deepest gets its skip gradient first (written, not added), the deepest gets
+  // up.0's input gradient; the encoder pass then adds the max-pool gradients.
+  for (int k = 0; k < D; ++k) ensure(ctx, m.g_enc[k], (size_t)n * m.enc[k].cout * m.V(k));
+  if (D == 1) {
+    ctx.copy(m.g_enc[0].data(), d_feat, feat_count * sizeof(float));
+  }
+  const float* g_out = d_feat;
+  for (int k = D - 2; k >= 0; --k) {
+    const int lo = D - 1 - k, hi = D - 2 - k, cout = m.dec[k].cout, cin = 2 * cout;
+    float* d_cat = m.d_cat.data();
+    m.block_backward(m.dec[k], m.cats[k].data(), n, m.level_s[hi], m.dec_a[k], g_out, d_cat);
+    // The block is done with scratch_a: it takes the up-convolution's output gradient.
+    float* d_up = m.scratch_a.data();
+    concat_backward(ctx, d_cat, m.g_enc[hi].data(), cout, d_up, cout, n, m.V(hi), false);
+    const float* below = k == 0 ? m.enc_a[D - 1].a2.data() : m.dec_a[k - 1].a2.data();
+    // d_below is next iteration's g_out: its previous contents (this iteration's
+    // g_out) were consumed by block_backward above, earlier on the stream.
+    float* dx = k == 0 ? m.g_enc[D - 1].data() : m.d_below.data();
+    upconv2_backward(ctx, below, m.W(m.up_w[k]), d_up, dx, m.G(m.up_w[k]), m.G(m.up_b[k]), n, cin, cout, m.level_s[lo],
+                     nd);
+    g_out = dx;
+  }
+
+  // Encoder, deepest first.
+  for (int k = D - 1; k >= 0; --k) {
+    const float* in = k == 0 ? x0 : m.pooled[k].data();
+    float* d_in = k > 0 ? m.d_in.data() : nullptr;
+    m.block_backward(m.enc[k], in, n, m.level_s[k], m.enc_a[k], m.g_enc[k].data(), d_in);
+    if (k > 0) {
+      const int ch = m.enc[k - 1].cout;
+      float* d_pool = m.scratch_a.data();  // the block is done with it
+      maxpool2_backward(ctx, d_in, m.pool_arg[k].data(), d_pool, n * ch, m.level_s[k - 1], nd);
+      add_inplace(ctx, m.g_enc[k - 1].data(), d_pool, (int64_t)n * ch * m.V(k - 1));
+    }
+  }
+  return res;
+}
+
+void ModelGpu::adam(const OptimConfig& o, int64_t step) {
+  Impl& m = *impl_;
+  // Adam is elementwise, so the four contiguous arrays are one tensor.
+  adam_step(m.ctx, {AdamTensor{m.value.data(), m.grad.data(), m.m1.data(), m.m2.data(), m.total}}, o, step);
+}
+
+void ModelGpu::predict(const float* images, int n, Spatial s, float* probs, float* cms, float* annotator_probs) {
+  Impl& m = *impl_;
+  Context& ctx = m.ctx;
+  const ModelConfig& c = m.c;
+  const int L = c.classes, R = c.annotators;
+  const bool pixel_cm = c.cm_mode != CmMode::Global;
+  m.set_levels(s);
+  const int64_t V = s.size();
+  const float* x0 = m.upload_images(images, n, s);
+  m.forward(n, x0, pixel_cm);
+  const size_t pc = (size_t)n * L * V;
+  float* p = ensure(ctx, m.probs, pc);
+  softmax_forward(ctx, m.seg_logits.data(), p, n, L, V);
+  float* dc = nullptr;
+  float* dq = nullptr;
+  if (cms || annotator_probs) {
+    std::vector<const float*> raw;
+    for (int r = 0; r < R; ++r) raw.push_back(pixel_cm ? m.cm_raw[r].data() : m.W(m.gcm[r]));
+    if (cms) dc = ensure(ctx, m.cms, (size_t)n * R * L * L * V);
+    if (annotator_probs) dq = ensure(ctx, m.q, (size_t)n * R * L * V);
+    cm_predict(ctx, c.cm_mode, L, c.cm_rank, raw, p, n, R, V, dc, dq);
+  }
+  ctx.download(probs, p, pc * sizeof(float));
+  if (cms) ctx.download(cms, dc, (size_t)n * R * L * L * V * sizeof(float));
+  if (annotator_probs) ctx.download(annotator_probs, dq, (size_t)n * R * L * V * sizeof(float));
+}
+
+}  // namespace cuda
+}  // namespace cmseg

@@ -168,7 +168,7 @@ void softmax_rows(const float* z, int64_t zstride, int L, int64_t cnt, float* p)
 //   g[k][j] = diag [k == j] - [k == c] p[j] inv,   inv = w_ce / q_c (0 if unlabelled)
 //   dot[j]  = sum_k g[k][j] A[k][j] = diag A[j][j] - inv p[j] A[c][j]
 void full_cm_lanes(int L, const float* sp, const float* sg, int64_t rs, const float* p, float* dp, const uint8_t* lab,
-                   bool grads, float wce, float diag, float* q, float* draw, int64_t V, float* tr) {
+                   bool grads, float wce, float diag, float* q, float* draw, int64_t V, double* tr) {
   constexpr int W = kLanes;
   float A[kMaxClasses * kMaxClasses][W], invS[kMaxClasses][W], pl[kMaxClasses][W];
   int c[W];
@@ -184,8 +184,12 @@ void full_cm_lanes(int L, const float* sp, const float* sg, int64_t rs, const fl
       for (int l = 0; l < W; ++l) A[k * L + j][l] *= invS[j][l];
     for (int l = 0; l < W; ++l) pl[j][l] = p[j * rs + l];
   }
-  for (int k = 0; k < L; ++k)
-    for (int l = 0; l < W; ++l) tr[l] += A[k * L + k][l];
+  {
+    float t[W] = {};
+    for (int k = 0; k < L; ++k)
+      for (int l = 0; l < W; ++l) t[l] += A[k * L + k][l];
+    for (int l = 0; l < W; ++l) tr[l] += t[l];  // double: the loss is a mean over ~10^5 pixels
+  }
   // q_c = (A p)[c]: every row's product, the labelled one kept.
   float qc[W] = {};
   for (int k = 0; k < L; ++k) {
@@ -343,7 +347,7 @@ void cm_loss(const CmLossInput& in, CmLossOutput& out) {
       const float* sg = global ? nullptr : &sg_rows[(size_t)r * K * cnt];
       int64_t v = 0;
       if (in.mode == CmMode::Full) {
-        float tr_lanes[kLanes] = {};
+        double tr_lanes[kLanes] = {};
         for (; v + kLanes <= cnt; v += kLanes)
           full_cm_lanes(L, sp + v, sg + v, cnt, p_rows.data() + v, dp_rows.data() + v, lab + v, grads, wce, diag,
                         q + v, grads ? out.d_cm_raw[r] + head + v : nullptr, V, tr_lanes);
@@ -387,7 +391,7 @@ void cm_loss(const CmLossInput& in, CmLossOutput& out) {
     log_inplace(q_rows.data(), (int64_t)R * cnt);
     double* ce_acc = &ce_part[(size_t)thread * R];
     for (int r = 0; r < R; ++r) {
-      float s = 0.f;
+      double s = 0;  // double, as the FD tests of the loss need it
       for (int64_t v = 0; v < cnt; ++v) s -= q_rows[(size_t)r * cnt + v];
       ce_acc[r] += s;
     }

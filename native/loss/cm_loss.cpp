@@ -22,10 +22,13 @@ namespace cmseg {
 
 // softplus_rows.cpp: sp[i] = softplus(x[i]), sg[i] = sigmoid(x[i]), vectorised.
 void softplus_sigmoid_rows(const float* x, float* sp, float* sg, int64_t count);
+void exp_inplace(float* x, int64_t count);
+void log_inplace(float* x, int64_t count);
 
 namespace {
 
 constexpr int kMaxRank = 8;
+constexpr int kLanes = 8;  // pixels per vector step of the full-CM pass (AVX2 width)
 
 // softplus(x) = log(1 + e^x) and its derivative sigmoid(x) from one exp. Above
 // 20, log1p(e^x) equals x and sigmoid equals 1 in float32.
@@ -140,6 +143,88 @@ struct PixelCm {
   }
 };
 
+
+// Softmax over L channel rows (row k at z[k * zstride]) of `cnt` pixels into p[k * cnt + v].
+void softmax_rows(const float* z, int64_t zstride, int L, int64_t cnt, float* p) {
+  thread_local std::vector<float> m, s;
+  m.assign(z, z + cnt);
+  for (int k = 1; k < L; ++k)
+    for (int64_t v = 0; v < cnt; ++v) m[v] = std::max(m[v], z[k * zstride + v]);
+  for (int k = 0; k < L; ++k)
+    for (int64_t v = 0; v < cnt; ++v) p[k * cnt + v] = z[k * zstride + v] - m[v];
+  exp_inplace(p, (int64_t)L * cnt);
+  s.assign(cnt, 0.f);
+  for (int k = 0; k < L; ++k)
+    for (int64_t v = 0; v < cnt; ++v) s[v] += p[k * cnt + v];
+  for (int64_t v = 0; v < cnt; ++v) s[v] = 1.f / s[v];
+  for (int k = 0; k < L; ++k)
+    for (int64_t v = 0; v < cnt; ++v) p[k * cnt + v] *= s[v];
+}
+
+// The full-CM pass for kLanes neighbouring pixels at once, every quantity a
+// [entry][lane] array so that the fixed-width lane loops become vector code.
+// sp/sg/p/dp are chunk rows (stride `rs`), draw the head gradient (stride V).
+// Same math as PixelCm::compute/backward, with g = dL/dA expanded:
+//   g[k][j] = diag [k == j] - [k == c] p[j] inv,   inv = w_ce / q_c (0 if unlabelled)
+//   dot[j]  = sum_k g[k][j] A[k][j] = diag A[j][j] - inv p[j] A[c][j]
+void full_cm_lanes(int L, const float* sp, const float* sg, int64_t rs, const float* p, float* dp, const uint8_t* lab,
+                   bool grads, float wce, float diag, float* q, float* draw, int64_t V, double* tr) {
+  constexpr int W = kLanes;
+  float A[kMaxClasses * kMaxClasses][W], invS[kMaxClasses][W], pl[kMaxClasses][W];
+  int c[W];
+  for (int l = 0; l < W; ++l) c[l] = lab[l];
+  for (int e = 0; e < L * L; ++e)
+    for (int l = 0; l < W; ++l) A[e][l] = sp[e * rs + l];
+  for (int j = 0; j < L; ++j) {
+    float s[W] = {};
+    for (int k = 0; k < L; ++k)
+      for (int l = 0; l < W; ++l) s[l] += A[k * L + j][l];
+    for (int l = 0; l < W; ++l) invS[j][l] = 1.f / s[l];
+    for (int k = 0; k < L; ++k)
+      for (int l = 0; l < W; ++l) A[k * L + j][l] *= invS[j][l];
+    for (int l = 0; l < W; ++l) pl[j][l] = p[j * rs + l];
+  }
+  {
+    float t[W] = {};
+    for (int k = 0; k < L; ++k)
+      for (int l = 0; l < W; ++l) t[l] += A[k * L + k][l];
+    for (int l = 0; l < W; ++l) tr[l] += t[l];  // double: the loss is a mean over ~10^5 pixels
+  }
+  // q_c = (A p)[c]: every row's product, the labelled one kept.
+  float qc[W] = {};
+  for (int k = 0; k < L; ++k) {
+    float t[W] = {};
+    for (int j = 0; j < L; ++j)
+      for (int l = 0; l < W; ++l) t[l] += A[k * L + j][l] * pl[j][l];
+    for (int l = 0; l < W; ++l) qc[l] = c[l] == k ? t[l] : qc[l];
+  }
+  float inv[W];
+  for (int l = 0; l < W; ++l) {
+    const bool labelled = c[l] != kUnlabelled;
+    q[l] = labelled ? std::max(qc[l], kProbFloor) : 1.f;
+    inv[l] = labelled && qc[l] > kProbFloor ? wce / qc[l] : 0.f;  // the clamp has zero gradient
+  }
+  if (!grads) return;
+  for (int j = 0; j < L; ++j) {
+    float acj[W] = {}, dot[W];
+    for (int k = 0; k < L; ++k)
+      for (int l = 0; l < W; ++l) acj[l] = c[l] == k ? A[k * L + j][l] : acj[l];
+    for (int l = 0; l < W; ++l) {
+      dot[l] = diag * A[j * L + j][l] - inv[l] * pl[j][l] * acj[l];
+      dp[j * rs + l] -= acj[l] * inv[l];
+    }
+    for (int k = 0; k < L; ++k) {
+      float* d = draw + (int64_t)(k * L + j) * V;
+      const float* sgk = sg + (k * L + j) * rs;
+      const float dk = k == j ? diag : 0.f;
+      for (int l = 0; l < W; ++l) {
+        const float gk = dk - (c[l] == k ? pl[j][l] * inv[l] : 0.f);
+        d[l] = (gk - dot[l]) * invS[j][l] * sgk[l];
+      }
+    }
+  }
+}
+
 }  // namespace
 
 CmMode parse_cm_mode(const std::string& s) {
@@ -219,18 +304,22 @@ void cm_loss(const CmLossInput& in, CmLossOutput& out) {
   parallel_for_static((int64_t)n * chunks, [&](int64_t item, int thread) {
     const int i = (int)(item / chunks);
     const int64_t v0 = (item % chunks) * kChunk, v1 = std::min(V, v0 + kChunk);
-    const float* z = in.seg_logits + (int64_t)i * L * V;
+    const int64_t cnt = v1 - v0;
+    // Per-chunk rows, [channel][pixel of the chunk]: vectorised along the pixels.
+    thread_local std::vector<float> sp_rows, sg_rows, p_rows, dp_rows, q_rows;
+    p_rows.resize((size_t)L * cnt);
+    q_rows.resize((size_t)R * cnt);
+    softmax_rows(in.seg_logits + (int64_t)i * L * V + v0, V, L, cnt, p_rows.data());
+    if (grads) dp_rows.assign((size_t)L * cnt, 0.f);
+    // A global CM is the same at every pixel: compute it once per chunk.
     PixelCm cm;
     cm.L = L, cm.rank = in.rank, cm.mode = in.mode;
-    // A global CM is the same at every pixel: compute it once per chunk.
     std::vector<PixelCm> gcm;
     if (global) {
       gcm.assign(R, cm);
       for (int r = 0; r < R; ++r) gcm[r].compute(in.cm_raw[r], 1);
     }
     // Softplus and sigmoid of every raw channel of this chunk, one vectorised row at a time.
-    const int64_t cnt = v1 - v0;
-    thread_local std::vector<float> sp_rows, sg_rows;
     if (!global) {
       sp_rows.resize((size_t)R * K * cnt);
       sg_rows.resize((size_t)R * K * cnt);
@@ -242,59 +331,79 @@ void cm_loss(const CmLossInput& in, CmLossOutput& out) {
         }
       }
     }
-    double* ce_acc = &ce_part[(size_t)thread * R];
     double* tr_acc = &tr_part[(size_t)thread * R];
-    float p[kMaxClasses], dp[kMaxClasses], g[kMaxClasses * kMaxClasses];
-    for (int64_t v = v0; v < v1; ++v) {
-      float m = z[v];
-      for (int k = 1; k < L; ++k) m = std::max(m, z[k * V + v]);
-      float s = 0.f;
-      for (int k = 0; k < L; ++k) s += (p[k] = std::exp(z[k * V + v] - m));
-      for (int k = 0; k < L; ++k) p[k] /= s, dp[k] = 0.f;
-
-      for (int r = 0; r < R; ++r) {
-        const int64_t head = (int64_t)i * K * V + v;  // raw channel 0 of this pixel (pixel-wise modes)
-        if (!present(i, r)) {
-          if (grads && !global)
-            for (int k = 0; k < K; ++k) out.d_cm_raw[r][head + k * V] = 0.f;
-          continue;
-        }
+    for (int r = 0; r < R; ++r) {
+      float* q = &q_rows[(size_t)r * cnt];
+      const int64_t head = (int64_t)i * K * V + v0;  // raw channel 0 of the chunk's first pixel
+      if (!present(i, r)) {
+        std::fill(q, q + cnt, 1.f);  // log 1 = 0: no CE
+        if (grads && !global)
+          for (int k = 0; k < K; ++k) std::fill_n(out.d_cm_raw[r] + head + k * V, cnt, 0.f);
+        continue;
+      }
+      const uint8_t* lab = in.labels[r] + (int64_t)i * V + v0;
+      const float wce = (float)w_ce[r], diag = (float)w_tr[r] * lam;
+      const float* sp = global ? nullptr : &sp_rows[(size_t)r * K * cnt];
+      const float* sg = global ? nullptr : &sg_rows[(size_t)r * K * cnt];
+      int64_t v = 0;
+      if (in.mode == CmMode::Full) {
+        double tr_lanes[kLanes] = {};
+        for (; v + kLanes <= cnt; v += kLanes)
+          full_cm_lanes(L, sp + v, sg + v, cnt, p_rows.data() + v, dp_rows.data() + v, lab + v, grads, wce, diag,
+                        q + v, grads ? out.d_cm_raw[r] + head + v : nullptr, V, tr_lanes);
+        for (int l = 0; l < kLanes; ++l) tr_acc[r] += tr_lanes[l];
+      }
+      float p[kMaxClasses], g[kMaxClasses * kMaxClasses];
+      for (; v < cnt; ++v) {
+        for (int k = 0; k < L; ++k) p[k] = p_rows[k * cnt + v];
         PixelCm& A = global ? gcm[r] : cm;
-        if (!global) A.load(&sp_rows[(size_t)r * K * cnt + (v - v0)], &sg_rows[(size_t)r * K * cnt + (v - v0)], cnt);
+        if (!global) A.load(sp + v, sg + v, cnt);
         float tr = 0.f;
         for (int k = 0; k < L; ++k) tr += A.A[k * L + k];
         tr_acc[r] += tr;
 
-        const int c = in.labels[r][(int64_t)i * V + v];
+        const int c = lab[v];
         float qc = 0.f;
+        q[v] = 1.f;
         bool ce_grad = false;
         if (c != kUnlabelled) {
           for (int j = 0; j < L; ++j) qc += A.A[c * L + j] * p[j];
-          ce_acc[r] += -std::log(std::max(qc, kProbFloor));
+          q[v] = std::max(qc, kProbFloor);
           ce_grad = qc > kProbFloor;  // the clamp has zero gradient
         }
         if (!grads) continue;
-        const float wce = (float)w_ce[r], wtr = (float)w_tr[r];
         for (int e = 0; e < L * L; ++e) g[e] = 0.f;
-        for (int k = 0; k < L; ++k) g[k * L + k] = wtr * lam;
+        for (int k = 0; k < L; ++k) g[k * L + k] = diag;
         if (ce_grad) {
           const float inv = wce / qc;
           for (int j = 0; j < L; ++j) {
             g[c * L + j] -= p[j] * inv;
-            dp[j] -= A.A[c * L + j] * inv;
+            dp_rows[j * cnt + v] -= A.A[c * L + j] * inv;
           }
         }
         if (global)
           A.backward(g, &gcm_part[((size_t)thread * R + r) * L * L], 1, true);
         else
-          A.backward(g, out.d_cm_raw[r] + head, V, false);
+          A.backward(g, out.d_cm_raw[r] + head + v, V, false);
       }
-      if (grads) {
-        float dot = 0.f;
-        for (int k = 0; k < L; ++k) dot += p[k] * dp[k];
-        float* dz = out.d_seg_logits + (int64_t)i * L * V;
-        for (int k = 0; k < L; ++k) dz[k * V + v] = p[k] * (dp[k] - dot);
-      }
+    }
+    // CE_r = sum of -log q over the chunk (q = 1 where nothing is labelled).
+    log_inplace(q_rows.data(), (int64_t)R * cnt);
+    double* ce_acc = &ce_part[(size_t)thread * R];
+    for (int r = 0; r < R; ++r) {
+      double s = 0;  // double, as the FD tests of the loss need it
+      for (int64_t v = 0; v < cnt; ++v) s -= q_rows[(size_t)r * cnt + v];
+      ce_acc[r] += s;
+    }
+    if (grads) {
+      // dz = p * (dp - <p, dp>)
+      float* dz = out.d_seg_logits + (int64_t)i * L * V + v0;
+      thread_local std::vector<float> dot;
+      dot.assign(cnt, 0.f);
+      for (int k = 0; k < L; ++k)
+        for (int64_t v = 0; v < cnt; ++v) dot[v] += p_rows[k * cnt + v] * dp_rows[k * cnt + v];
+      for (int k = 0; k < L; ++k)
+        for (int64_t v = 0; v < cnt; ++v) dz[k * V + v] = p_rows[k * cnt + v] * (dp_rows[k * cnt + v] - dot[v]);
     }
   });
 

@@ -327,10 +327,12 @@ StepResult Model::run(const Batch& batch, bool backward) {
   const int C0 = c.base;
   const int64_t V0 = V(0);
   grow(m.seg_logits, (size_t)n * L * V0);
-  conv1_forward(feat, P[m.seg_w].value.data(), P[m.seg_b].value.data(), m.seg_logits.data(), n, C0, L, V0);
-
   const int B = c.cm_head_blocks;
   const bool pixel_cm = c.cm_mode != CmMode::Global;
+  // Heads on the shared features run in one pass over them (conv1_forward_heads).
+  std::vector<Conv1Head> heads(1);
+  heads[0].cout = L, heads[0].w = P[m.seg_w].value.data(), heads[0].b = P[m.seg_b].value.data();
+  heads[0].y = m.seg_logits.data();
   std::vector<const float*> head_in(R, feat);
   if (!plain_ce && pixel_cm) {
     m.cm_raw.resize(R);
@@ -341,9 +343,15 @@ StepResult Model::run(const Batch& batch, bool backward) {
         head_in[r] = m.cmb_c[r * B + b].a2.data();
       }
       grow(m.cm_raw[r], (size_t)n * K * V0);
-      conv1_forward(head_in[r], P[m.cm_w[r]].value.data(), P[m.cm_b[r]].value.data(), m.cm_raw[r].data(), n, C0, K, V0);
+      Conv1Head h;
+      h.cout = K, h.w = P[m.cm_w[r]].value.data(), h.b = P[m.cm_b[r]].value.data(), h.y = m.cm_raw[r].data();
+      if (B == 0)
+        heads.push_back(h);
+      else
+        conv1_forward_heads(head_in[r], {h}, n, C0, V0);
     }
   }
+  conv1_forward_heads(feat, heads, n, C0, V0);
 
   // ---- loss
   StepResult res;
@@ -385,15 +393,16 @@ StepResult Model::run(const Batch& batch, bool backward) {
   // ---- backward
   grow(m.d_feat, (size_t)n * C0 * V0);
   std::fill(m.d_feat.begin(), m.d_feat.end(), 0.f);
-  conv1_backward(feat, P[m.seg_w].value.data(), m.d_seg.data(), m.d_feat.data(), P[m.seg_w].grad.data(),
-                 P[m.seg_b].grad.data(), n, C0, L, V0);
-  if (!plain_ce && pixel_cm) {
+  // The heads on the shared features: one pass (the seg head first, then, without
+  // extra blocks, every CM head); heads behind extra blocks below.
+  heads[0].dy = m.d_seg.data(), heads[0].dw = P[m.seg_w].grad.data(), heads[0].db = P[m.seg_b].grad.data();
+  for (int r = 0; r + 1 < (int)heads.size(); ++r) {
+    heads[r + 1].dy = m.d_cm[r].data();
+    heads[r + 1].dw = P[m.cm_w[r]].grad.data(), heads[r + 1].db = P[m.cm_b[r]].grad.data();
+  }
+  conv1_backward_heads(feat, heads, m.d_feat.data(), n, C0, V0);
+  if (!plain_ce && pixel_cm && B > 0) {
     for (int r = 0; r < R; ++r) {
-      if (B == 0) {
-        conv1_backward(feat, P[m.cm_w[r]].value.data(), m.d_cm[r].data(), m.d_feat.data(), P[m.cm_w[r]].grad.data(),
-                       P[m.cm_b[r]].grad.data(), n, C0, K, V0);
-        continue;
-      }
       // Through the head, then this annotator's extra blocks, into the shared features.
       grow(m.d_tmp, (size_t)n * C0 * V0);
       std::fill(m.d_tmp.begin(), m.d_tmp.end(), 0.f);

@@ -55,8 +55,9 @@ Case random_case(CmMode mode, int n, int L, int R, int64_t V, int rank, uint32_t
   return c;
 }
 
-void gradient_case(CmMode mode, int rank) {
-  Case c = random_case(mode, 2, 3, 2, 7, rank, 100 + (int)mode);
+// V = 21: two 8-pixel vector groups of the full-CM pass plus a scalar tail.
+void gradient_case(CmMode mode, int rank, int L = 3, int64_t V = 21) {
+  Case c = random_case(mode, 2, L, 2, V, rank, 100 + (int)mode + L);
   CmLossInput in = c.input();
   CmLossOutput out;
   std::vector<float> dz(c.logits.size());
@@ -168,6 +169,7 @@ TEST(averaging_and_absent_annotators) {
 }
 
 TEST(gradients_full) { gradient_case(CmMode::Full, 1); }
+TEST(gradients_full_5_classes) { gradient_case(CmMode::Full, 1, 5, 19); }
 TEST(gradients_lowrank) { gradient_case(CmMode::LowRank, 2); }
 TEST(gradients_global) { gradient_case(CmMode::Global, 1); }
 

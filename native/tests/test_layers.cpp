@@ -193,6 +193,54 @@ TEST(instance_norm_forward_stats_and_gradients) {
   }
 }
 
+TEST(instance_norm_long_rows_keep_float_accuracy) {
+  // 3D-sized rows (several reduction blocks and a lane tail) with a mean far
+  // from zero against the spread: mean and rstd against a double computation.
+  const int n = 1, c = 2;
+  const int64_t V = 70001;
+  auto x = check::random_vector((size_t)n * c * V, 45, 99.f, 101.f);
+  std::vector<float> g(c, 1.f), b(c, 0.f), y(x.size()), mean(c), rstd(c);
+  instance_norm_forward(x.data(), g.data(), b.data(), y.data(), mean.data(), rstd.data(), n, c, V, false);
+  for (int ch = 0; ch < c; ++ch) {
+    double m = 0, v = 0;
+    for (int64_t k = 0; k < V; ++k) m += x[ch * V + k];
+    m /= V;
+    for (int64_t k = 0; k < V; ++k) v += std::pow(x[ch * V + k] - m, 2);
+    CHECK_CLOSE(mean[ch], m, 1e-6, 0);
+    CHECK_CLOSE(rstd[ch], 1.0 / std::sqrt(v / V + kInstanceNormEps), 1e-4, 0);
+  }
+}
+
+TEST(conv1_heads_equal_one_call_per_head) {
+  const int n = 2, cin = 5;
+  const int64_t V = 3001;
+  auto x = check::random_vector((size_t)n * cin * V, 61);
+  const int couts[2] = {3, 7};
+  std::vector<std::vector<float>> w, b, dy, y(2), dw(2), db(2), y1(2), dw1(2), db1(2);
+  std::vector<Conv1Head> heads(2);
+  for (int k = 0; k < 2; ++k) {
+    w.push_back(check::random_vector((size_t)couts[k] * cin, 62 + k));
+    b.push_back(check::random_vector(couts[k], 64 + k));
+    dy.push_back(check::random_vector((size_t)n * couts[k] * V, 66 + k));
+    y[k].assign((size_t)n * couts[k] * V, 0.f), y1[k] = y[k];
+    dw[k].assign(w[k].size(), 0.5f), dw1[k] = dw[k];
+    db[k].assign(couts[k], 0.25f), db1[k] = db[k];
+    heads[k].cout = couts[k], heads[k].w = w[k].data(), heads[k].b = b[k].data(), heads[k].y = y[k].data();
+    heads[k].dy = dy[k].data(), heads[k].dw = dw[k].data(), heads[k].db = db[k].data();
+  }
+  std::vector<float> dx(x.size(), 1.f), dx1(dx);
+  conv1_forward_heads(x.data(), heads, n, cin, V);
+  conv1_backward_heads(x.data(), heads, dx.data(), n, cin, V);
+  for (int k = 0; k < 2; ++k) {
+    conv1_forward(x.data(), w[k].data(), b[k].data(), y1[k].data(), n, cin, couts[k], V);
+    conv1_backward(x.data(), w[k].data(), dy[k].data(), dx1.data(), dw1[k].data(), db1[k].data(), n, cin, couts[k], V);
+    CHECK(y[k] == y1[k]);
+    for (size_t e = 0; e < dw[k].size(); ++e) CHECK_CLOSE(dw[k][e], dw1[k][e], 1e-6, 1e-6);
+    for (size_t e = 0; e < db[k].size(); ++e) CHECK_CLOSE(db[k][e], db1[k][e], 1e-6, 1e-6);
+  }
+  for (size_t e = 0; e < dx.size(); ++e) CHECK_CLOSE(dx[e], dx1[e], 1e-6, 1e-6);
+}
+
 TEST(relu_concat_conv1_softmax_gradients) {
   // ReLU
   auto x = check::random_vector(50, 51);

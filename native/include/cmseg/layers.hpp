@@ -8,6 +8,7 @@
 //     a parameter used by several paths or batches sums its gradients.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 namespace cmseg {
 
@@ -64,6 +65,21 @@ void concat_backward(const float* dy, float* da, int ca, float* db, int cb, int 
 void conv1_forward(const float* x, const float* w, const float* b, float* y, int n, int cin, int cout, int64_t V);
 void conv1_backward(const float* x, const float* w, const float* dy, float* dx_accumulate, float* dw, float* db, int n,
                     int cin, int cout, int64_t V);
+// Several heads on the same input in one pass over it (the consensus head and
+// the CM heads read the same features): each chunk of x, and of dx in the
+// backward, is loaded once for all heads. Same results as one call per head.
+struct Conv1Head {
+  int cout = 0;
+  const float* w = nullptr;
+  const float* b = nullptr;
+  float* y = nullptr;         // forward output [n, cout, V]
+  const float* dy = nullptr;  // backward: gradient of y
+  float* dw = nullptr;        // backward: accumulated
+  float* db = nullptr;        // backward: accumulated
+};
+void conv1_forward_heads(const float* x, const std::vector<Conv1Head>& heads, int n, int cin, int64_t V);
+void conv1_backward_heads(const float* x, const std::vector<Conv1Head>& heads, float* dx_accumulate, int n, int cin,
+                          int64_t V);
 
 // ---- softmax over channels at each position
 void softmax_forward(const float* z, float* p, int n, int c, int64_t V);

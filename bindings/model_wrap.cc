@@ -120,7 +120,8 @@ Napi::Function ModelWrap::Define(Napi::Env env) {
                       InstanceMethod("setOptimizer", &ModelWrap::SetOptimizer),
                       InstanceMethod("getLoss", &ModelWrap::GetLoss),
                       InstanceMethod("setLoss", &ModelWrap::SetLoss),
-                      InstanceMethod("config", &ModelWrap::Config)});
+                      InstanceMethod("config", &ModelWrap::Config),
+                      InstanceMethod("memory", &ModelWrap::Memory)});
 }
 
 ModelWrap::ModelWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<ModelWrap>(info) {
@@ -403,6 +404,27 @@ Napi::Value ModelWrap::Config(const Napi::CallbackInfo& info) {
   o.Set("seed", (double)c.seed);
   o.Set("device", c.device == cmseg::Device::Cuda ? "cuda" : "cpu");  // 'auto' resolved
   o.Set("tf32", c.tf32);
+  return o;
+}
+
+// Device memory of a GPU model (its context's stream-ordered pool); for a CPU
+// model only the device name (the process's RSS is Node's to report).
+Napi::Value ModelWrap::Memory(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (busy_) throw_invalid(env, "model is busy with an earlier trainStep/predict: await it before calling memory()");
+  Napi::Object o = Napi::Object::New(env);
+  cmseg::cuda::ModelGpu* gpu = model_->gpu();
+  o.Set("device", gpu ? "cuda" : "cpu");
+  if (!gpu) return o;
+  try {
+    const cmseg::cuda::PoolStats st = gpu->context().pool_stats();
+    const double mb = 1024.0 * 1024.0;
+    o.Set("inUseMB", st.in_use_bytes / mb);
+    o.Set("peakInUseMB", st.peak_in_use_bytes / mb);
+    o.Set("reservedMB", st.reserved_bytes / mb);
+  } catch (const std::exception& e) {
+    throw_invalid(env, std::string("memory(): ") + e.what());
+  }
   return o;
 }
 

@@ -32,6 +32,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   Napi::Value GetLoss(const Napi::CallbackInfo& info);
   Napi::Value SetLoss(const Napi::CallbackInfo& info);
   Napi::Value Config(const Napi::CallbackInfo& info);
+  Napi::Value Memory(const Napi::CallbackInfo& info);
 
   void check_idle(Napi::Env env) const;
   Napi::Value named_arrays(Napi::Env env, std::vector<float> cmseg::Param::*field);

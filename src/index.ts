@@ -2,7 +2,7 @@
 export { createModel, Model, backendInfo, setNumThreads, argmaxClasses, splitAnnotatorMaps } from './model/model';
 export type { Batch, StepResult, Prediction, PredictOptions } from './model/model';
 export type { ModelConfig, OptimizerOptions, LossOptions, CmMode, CmInit, Device, ResolvedConfig } from './model/config';
-export type { NativeBackendInfo as BackendInfo } from './native';
+export type { NativeBackendInfo as BackendInfo, ModelMemory } from './native';
 export { saveCheckpoint, loadCheckpoint, readCheckpoint } from './model/checkpoint';
 export type { CheckpointContents } from './model/checkpoint';
 export { readSafetensors, writeSafetensors, encodeSafetensors, decodeSafetensors } from './data/safetensors';

@@ -43,6 +43,15 @@ export interface NativeModel {
   getLoss(): Record<string, number>;
   setLoss(options: Record<string, unknown>): void;
   config(): Record<string, unknown>;
+  memory(): ModelMemory;
+}
+
+/** Where a model's tensors live; for a GPU model, its device memory pool in MB. */
+export interface ModelMemory {
+  device: 'cpu' | 'cuda';
+  inUseMB?: number;
+  peakInUseMB?: number;
+  reservedMB?: number;
 }
 
 export interface NativeBackendInfo {

@@ -41,6 +41,10 @@ export interface BenchResult {
   cmseg?: SideResult;
   torchEager?: SideResult;
   torchCompile?: SideResult;
+  /** GPU configurations: PyTorch eager under bf16 autocast (cmseg has no bf16 mode yet) */
+  torchBf16?: SideResult;
+  /** where the configuration ran */
+  device?: 'cpu' | 'gpu';
   /** PyTorch step time / cmseg step time: > 1 means cmseg is faster */
   speedupVsEager?: number;
   speedupVsCompile?: number;
@@ -106,8 +110,12 @@ export function runBench(options: BenchOptions = {}): BenchResult[] {
   const steps = options.steps ?? 5;
   const warmup = options.warmup ?? 1;
   const python = options.python ?? process.env.CMSEG_PYTHON ?? 'python3';
-  const names = options.configs?.length ? options.configs : BENCH_CONFIGS.filter((c) => c.device === 'cpu').map((c) => c.name);
   const native = loadNative();
+  const info = native.backendInfo();
+  // Default: the CPU configurations, and the GPU one where a GPU can be used.
+  const names = options.configs?.length
+    ? options.configs
+    : BENCH_CONFIGS.filter((c) => c.device === 'cpu' || info.gpuAvailable).map((c) => c.name);
   native.setNumThreads(threads);
   log(`measuring FP32 peak (FMA loop, ${threads} threads)...`);
   const peak = native.measurePeakGflops(1.0);
@@ -116,10 +124,16 @@ export function runBench(options: BenchOptions = {}): BenchResult[] {
   const torchScript = path.resolve(__dirname, '..', '..', 'scripts', 'torch_reference.py');
   for (const name of names) {
     const c = benchConfig(name);
-    const base: BenchResult = { config: name, shape: c.shape, threads, peakGflopPerSecond: peak, machine: machineInfo() };
-    if (c.device === 'gpu' && !backendInfo().cuda) {
+    const gpu = c.device === 'gpu';
+    const base: BenchResult = { config: name, shape: c.shape, threads, peakGflopPerSecond: peak, machine: machineInfo(), device: c.device };
+    if (gpu && !backendInfo().cuda) {
       results.push({ ...base, skipped: 'the CUDA backend is not built (backendInfo().cuda is false)' });
       log(`${name}: skipped (CUDA backend not built)`);
+      continue;
+    }
+    if (gpu && !info.gpuAvailable) {
+      results.push({ ...base, skipped: `no usable GPU (${info.gpuUnavailableReason || 'unknown reason'})` });
+      log(`${name}: skipped (no usable GPU)`);
       continue;
     }
     const voxels = voxelsPerStep(c);
@@ -129,6 +143,7 @@ export function runBench(options: BenchOptions = {}): BenchResult[] {
     const [n, , ...spatial] = c.shape;
     const flops = stepConvFlops(params, spatial, n, c.model.depth ?? 4);
     const torchArgs = [torchScript, 'bench', '--config', name, '--steps', String(steps), '--warmup', String(warmup), '--threads', String(threads)];
+    if (gpu) torchArgs.push('--device', 'cuda');
     log(`${name}: PyTorch eager...`);
     const eager = runJson(python, torchArgs, {}, 1_800_000);
     let compiled: Record<string, unknown> | undefined;
@@ -136,13 +151,22 @@ export function runBench(options: BenchOptions = {}): BenchResult[] {
       log(`${name}: PyTorch torch.compile...`);
       compiled = runJson(python, [...torchArgs, '--compile'], {}, 1_800_000);
     }
+    let bf16: Record<string, unknown> | undefined;
+    if (gpu) {
+      log(`${name}: PyTorch eager, bf16 autocast...`);
+      bf16 = runJson(python, [...torchArgs, '--amp', 'bf16'], {}, 1_800_000);
+    }
+    // GPU: peak device memory on both sides, and no CPU FMA peak to compare with.
+    const mem = gpu ? 'peakGpuMB' : 'peakRssMB';
+    const pk = gpu ? NaN : peak;
     const r: BenchResult = {
       ...base,
       machine: machineInfo(eager.torch as string | undefined),
       stepGflop: flops / 1e9,
-      cmseg: side(ours, flops, voxels, peak, 'peakRssMB'),
-      torchEager: side(eager, flops, voxels, peak, 'peakRssMB'),
-      torchCompile: compiled ? side(compiled, flops, voxels, peak, 'peakRssMB') : undefined,
+      cmseg: side(ours, flops, voxels, pk, mem),
+      torchEager: side(eager, flops, voxels, pk, mem),
+      torchCompile: compiled ? side(compiled, flops, voxels, pk, mem) : undefined,
+      torchBf16: bf16 ? side(bf16, flops, voxels, pk, mem) : undefined,
     };
     if (r.cmseg?.ok && r.torchEager?.ok) r.speedupVsEager = r.torchEager.stepMsMedian! / r.cmseg.stepMsMedian!;
     if (r.cmseg?.ok && r.torchCompile?.ok) r.speedupVsCompile = r.torchCompile.stepMsMedian! / r.cmseg.stepMsMedian!;
@@ -156,7 +180,7 @@ const f = (x: number | undefined, digits = 0) => (x === undefined || !Number.isF
 /** A markdown table of the results, one row per (config, side). */
 export function formatBenchTable(results: BenchResult[]): string {
   const lines = [
-    '| config | implementation | median step (ms) | voxels/s | conv GFLOP/s | % of FP32 peak | peak RSS (MB) | PyTorch time / cmseg time |',
+    '| config | implementation | median step (ms) | voxels/s | conv GFLOP/s | % of FP32 peak | peak memory (MB) | PyTorch time / cmseg time |',
     '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |',
   ];
   for (const r of results) {
@@ -164,10 +188,13 @@ export function formatBenchTable(results: BenchResult[]): string {
       lines.push(`| ${r.config} | - | skipped: ${r.skipped} | | | | | |`);
       continue;
     }
+    const gpu = r.device === 'gpu';
+    const ratio = (s?: SideResult) => (s?.ok && r.cmseg?.ok ? f(s.stepMsMedian! / r.cmseg.stepMsMedian!, 2) : '');
     const rows: [string, SideResult | undefined, string][] = [
-      ['cmseg (CPU)', r.cmseg, ''],
-      ['PyTorch eager', r.torchEager, f(r.speedupVsEager, 2)],
+      [gpu ? 'cmseg (GPU, TF32)' : 'cmseg (CPU)', r.cmseg, ''],
+      [gpu ? 'PyTorch eager (TF32)' : 'PyTorch eager', r.torchEager, f(r.speedupVsEager, 2)],
       ['PyTorch torch.compile', r.torchCompile, f(r.speedupVsCompile, 2)],
+      ['PyTorch eager (bf16 autocast)', r.torchBf16, ratio(r.torchBf16)],
     ];
     for (const [label, s, ratio] of rows) {
       if (!s) continue;

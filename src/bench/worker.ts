@@ -8,7 +8,8 @@ async function main() {
   const c = benchConfig(name);
   const steps = Number(stepsArg ?? 5);
   const warmup = Number(warmupArg ?? 1);
-  const model = createModel(c.model);
+  const gpu = c.device === 'gpu';
+  const model = createModel({ ...c.model, device: gpu ? 'cuda' : 'cpu' });
   const [n, , ...spatial] = c.shape;
   const V = spatial.reduce((a, b) => a * b, 1);
   let s = 12345;
@@ -22,7 +23,9 @@ async function main() {
     if (i >= warmup) stepMs.push(Number(process.hrtime.bigint() - t0) / 1e6);
   }
   const peakRssMB = process.resourceUsage().maxRSS / 1024;
-  console.log(JSON.stringify({ ok: true, config: name, stepMs, peakRssMB, threads: backendInfo().threads, parameters: model.parameters() }));
+  // A GPU model's peak is its device pool's (what torch.cuda.max_memory_allocated reports on the other side).
+  const peakGpuMB = gpu ? model.memory().peakInUseMB : undefined;
+  console.log(JSON.stringify({ ok: true, config: name, stepMs, peakRssMB, peakGpuMB, threads: backendInfo().threads, parameters: model.parameters() }));
 }
 
 main().catch((e) => {

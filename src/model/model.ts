@@ -1,7 +1,7 @@
 // The typed Model: a thin layer over the native class that queues calls (one
 // native call at a time per model), accepts labels as one array or one per
 // annotator, and names outputs by their shapes.
-import { loadNative, NativeBackendInfo, NativeModel } from '../native';
+import { loadNative, ModelMemory, NativeBackendInfo, NativeModel } from '../native';
 import { LossOptions, ModelConfig, OptimizerOptions, ResolvedConfig, splitConfig } from './config';
 
 export interface Batch {
@@ -63,6 +63,11 @@ export class Model {
 
   get config(): ResolvedConfig {
     return this.native.config() as unknown as ResolvedConfig;
+  }
+
+  /** Device memory of a GPU model (peak since creation); `{ device: 'cpu' }` otherwise. */
+  memory(): ModelMemory {
+    return this.native.memory();
   }
 
   /** Forward, loss, backward and one optimiser update. */

@@ -1,0 +1,42 @@
+// Device selection through the API: 'cpu', 'auto' and 'cuda' resolve as
+// backendInfo() says they can, and a machine without a usable GPU gets an error
+// naming the reason instead of a silent CPU run. On a GPU machine the same
+// tests check that a 'cuda' model reports its device memory.
+import t from 'tap';
+import { backendInfo, createModel } from '../src/index';
+
+const small = { ndim: 2 as const, inChannels: 1, classes: 2, annotators: 2, depth: 2, baseChannels: 4 };
+
+t.test('a CPU model reports its device and no GPU memory', async (t) => {
+  const m = createModel({ ...small, device: 'cpu' });
+  t.equal(m.config.device, 'cpu');
+  t.same(m.memory(), { device: 'cpu' });
+});
+
+t.test("'auto' picks the GPU exactly when one is usable", async (t) => {
+  const info = backendInfo();
+  const m = createModel({ ...small, device: 'auto' });
+  t.equal(m.config.device, info.gpuAvailable ? 'cuda' : 'cpu');
+});
+
+t.test("'cuda' without a usable GPU fails with the reason; with one it trains and reports memory", async (t) => {
+  const info = backendInfo();
+  if (!info.gpuAvailable) {
+    t.throws(() => createModel({ ...small, device: 'cuda' }), /cuda/i);
+    return;
+  }
+  const m = createModel({ ...small, device: 'cuda' });
+  t.equal(m.config.device, 'cuda');
+  const n = 2, V = 16 * 16;
+  const images = new Float32Array(n * V).map((_, i) => Math.sin(i));
+  const labels = [0, 1].map(() => new Uint8Array(n * V).map((_, i) => (images[i] > 0 ? 1 : 0)));
+  const r = await m.trainStep({ images, shape: [n, 1, 16, 16], labels });
+  t.ok(Number.isFinite(r.loss));
+  const mem = m.memory();
+  t.equal(mem.device, 'cuda');
+  t.ok((mem.peakInUseMB ?? 0) > 0, `peak device memory ${mem.peakInUseMB} MB`);
+});
+
+t.test('an unknown device is rejected by name', async (t) => {
+  t.throws(() => createModel({ ...small, device: 'tpu' as never }), /device/);
+});

@@ -3,6 +3,12 @@
 #
 #   OUT=/some/dir scripts/device-check.sh        # OUT defaults to ./device-out
 #
+# From a session with the `run` tool, after `bash scripts/prepare-device-carry.sh`
+# (builds dist/, packs this machine's Node into .device/node.xz):
+#   run  command: bash scripts/device-check.sh
+#        carry:   [".device", "dist", "node_modules/node-addon-api", "node_modules/node-api-headers"]
+# Without those the Node stages (addon, smoke, bench_node) are skipped, the rest runs.
+#
 # Stages (each with its own time limit; a failure is recorded and the next stage runs):
 #   env        nvidia-smi, driver, CPU count, python/torch, cmake, nvcc, node
 #   toolchain  nvcc (CUDACXX, PATH, /usr/local/cuda, .cuda) and cuDNN (the
@@ -16,15 +22,21 @@
 #              kernels, conv TFLOP/s and the brats3d-gpu whole-step time
 #   bench_gpu  cmseg_bench_gpu brats3d-gpu: median train step (TF32), voxels/s,
 #              GFLOP/s, peak pool memory, fused CM loss GB/s (JSON like the torch bench)
+#   smoke      (Node) scripts/device-smoke.mjs: the addon's `device: 'cuda'` model
+#              against its CPU model through the public API (gradients, 3 steps,
+#              predict, parameter sync), 2D/3D, every CM mode, plain CE
+#   bench_node (Node) `cmseg bench --config brats3d-gpu` as users run it: cmseg, torch
+#              eager TF32 and torch bf16 autocast side by side, one table
 #   bench_torch, bench_torch_bf16  torch_reference.py bench --config brats3d-gpu
 #              --device cuda (torch defaults: TF32 convolutions), then --amp bf16
+#              (skipped when bench_node ran: it has both)
 #   torch_parity  the PyTorch reference on CUDA (exact fp32) against itself on the CPU
 #              in float64, on a small 3D case: the oracle cmseg's GPU path will face
 #   ctest      the other native tests (CPU reference, model, fusion) on this machine
 # Stages run in that order of importance: when time runs short the last are skipped.
 # Everything goes under $OUT (at most 8 files): summary.txt (always written, also when
 # a stage fails or times out), log.txt (every stage's output), build.txt, test_cuda.txt,
-# bench_gpu.txt, ctest.txt, torch.txt. Whole run: under 8 minutes (DEVICE_CHECK_BUDGET_S,
+# bench_gpu.txt, node.txt, ctest.txt, torch.txt. Whole run: under 8 minutes (DEVICE_CHECK_BUDGET_S,
 # default 450).
 set -uo pipefail
 
@@ -99,6 +111,10 @@ write_summary() {
       grep -E "SKIP|device [0-9]|rel L2|identical|DIFFERENT|cm_loss .* loss|GB/s|TFLOP/s|pool:|worst max-abs|predict max-abs|whole step|^[0-9]+: (ok|FAIL)|# [0-9]+ passed|FAIL|failed|exception" \
         "$OUT/test_cuda.txt" | sed -E 's/^[0-9]+: //; s/^/  /' | head -160
     fi
+    if [ -s "$OUT/node.txt" ]; then
+      echo "== Node: the addon's GPU model vs its CPU model (smoke), and cmseg bench brats3d-gpu"
+      grep -E "^(ok  |FAIL)|^backend:|^\| |^[A-Z].*cores|Error" "$OUT/node.txt" | sed 's/^/  /' | head -80
+    fi
     if [ -s "$OUT/ctest.txt" ]; then
       echo "== ctest (other native tests)"
       grep -E "tests passed|tests failed|Failed|\*\*\*|Timeout" "$OUT/ctest.txt" | sed 's/^/  /'
@@ -145,7 +161,10 @@ trap write_summary EXIT
 
 # ---- env ----------------------------------------------------------------------------
 if ! command -v node >/dev/null 2>&1 && [ -f .device/node.xz ]; then
-  xz -dc .device/node.xz >.device/node && chmod +x .device/node && export PATH="$ROOT/.device:$PATH"
+  # xz may be missing there; Python's lzma is not.
+  { xz -dc .device/node.xz >.device/node 2>/dev/null ||
+    python3 -c 'import lzma, shutil; shutil.copyfileobj(lzma.open(".device/node.xz"), open(".device/node", "wb"))'; } &&
+    chmod +x .device/node && export PATH="$ROOT/.device:$PATH"
 fi
 GPU_LINE="$(nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader 2>/dev/null | head -1)"
 TORCH_LINE="$(timeout 60 python3 -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "gpu", torch.cuda.is_available())' 2>/dev/null)"
@@ -188,8 +207,15 @@ STAGES+=("toolchain|$([ -n "$NVCC" ] && [ -n "$CUDNN_ROOT" ] && echo ok || echo 
 GEN=""
 command -v ninja >/dev/null 2>&1 && GEN="-G Ninja"
 [ -f "$BUILD/CMakeCache.txt" ] && ! grep -q "CMAKE_CUDA_COMPILER:.*=$NVCC\$" "$BUILD/CMakeCache.txt" && rm -rf "$BUILD"
+# The Node addon too, when a Node binary and the two header packages came along
+# (cmake-js itself is not needed: it would only pass these two variables).
+ADDON_FLAGS=""
+if command -v node >/dev/null 2>&1 && [ -f node_modules/node-api-headers/include/node_api.h ] &&
+   [ -f node_modules/node-addon-api/napi.h ]; then
+  ADDON_FLAGS="-DCMAKE_JS_VERSION=8.0.0 -DCMAKE_JS_INC='$ROOT/node_modules/node-api-headers/include'"
+fi
 if stage configure 120 "$OUT/build.txt" "cmake -S . -B '$BUILD' $GEN -DCMAKE_BUILD_TYPE=Release -DCMSEG_WITH_CUDA=ON \
-      -DCMAKE_CUDA_COMPILER='$NVCC' -DCUDNN_ROOT='$CUDNN_ROOT' -DCMSEG_CUDA_ARCHITECTURES=$ARCH"; then
+      -DCMAKE_CUDA_COMPILER='$NVCC' -DCUDNN_ROOT='$CUDNN_ROOT' -DCMSEG_CUDA_ARCHITECTURES=$ARCH $ADDON_FLAGS"; then
   stage build 240 "$OUT/build.txt" "cmake --build '$BUILD' -j $JOBS"
 fi
 
@@ -201,11 +227,28 @@ if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   stage bench_gpu 90 "$OUT/bench_gpu.txt" "'$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
 fi
 
-# ---- PyTorch reference: the peer numbers, then its own parity on CUDA ------------------------
-stage bench_torch 120 "$OUT/torch.txt" \
-  "python3 scripts/torch_reference.py bench --config brats3d-gpu --device cuda --steps 5 --warmup 1"
-stage bench_torch_bf16 90 "$OUT/torch.txt" \
-  "python3 scripts/torch_reference.py bench --config brats3d-gpu --device cuda --steps 5 --warmup 1 --amp bf16"
+# ---- the addon through Node: parity via the public API, then the users' benchmark -----------
+NODE_BENCH=0
+if [ -f "$BUILD/cmseg.node" ] && [ -f dist/model/model.js ] && command -v node >/dev/null 2>&1; then
+  export CMSEG_ADDON="$BUILD/cmseg.node"
+  stage smoke 120 "$OUT/node.txt" "node scripts/device-smoke.mjs"
+  stage bench_node 200 "$OUT/node.txt" "node -e '
+    const b = require(\"./dist/bench/run.js\");
+    const r = b.runBench({ configs: [\"brats3d-gpu\"], steps: 5, warmup: 1, log: (l) => console.error(l) });
+    console.log(b.formatMachine(r)); console.log(b.formatBenchTable(r)); console.log(\"BENCH_JSON \" + JSON.stringify(r));
+    process.exit(r.every((x) => x.cmseg && x.cmseg.ok) ? 0 : 1);'" && NODE_BENCH=1
+else
+  note "Node stages skipped: need node (or .device/node.xz), dist/ and node_modules/node-{addon-api,api-headers} carried"
+  STAGES+=("node stages|skipped (no node/dist/headers)|0")
+fi
+
+# ---- PyTorch reference: the peer numbers (unless bench_node had them), then its own parity ---
+if [ "$NODE_BENCH" = 0 ]; then
+  stage bench_torch 120 "$OUT/torch.txt" \
+    "python3 scripts/torch_reference.py bench --config brats3d-gpu --device cuda --steps 5 --warmup 1"
+  stage bench_torch_bf16 90 "$OUT/torch.txt" \
+    "python3 scripts/torch_reference.py bench --config brats3d-gpu --device cuda --steps 5 --warmup 1 --amp bf16"
+fi
 
 stage torch_parity 60 "$OUT/torch.txt" 'python3 - <<"EOF"
 import os, sys, torch

@@ -3,6 +3,8 @@
 // naming the reason instead of a silent CPU run. On a GPU machine the same
 // tests check that a 'cuda' model reports its device memory.
 import t from 'tap';
+import * as path from 'path';
+import { spawnSync } from 'child_process';
 import { backendInfo, createModel } from '../src/index';
 
 const small = { ndim: 2 as const, inChannels: 1, classes: 2, annotators: 2, depth: 2, baseChannels: 4 };
@@ -39,4 +41,13 @@ t.test("'cuda' without a usable GPU fails with the reason; with one it trains an
 
 t.test('an unknown device is rejected by name', async (t) => {
   t.throws(() => createModel({ ...small, device: 'tpu' as never }), /device/);
+});
+
+t.test('the device smoke script runs its checks (two CPU models under --dry-run)', async (t) => {
+  const script = path.join(__dirname, '..', 'scripts', 'device-smoke.mjs');
+  const r = spawnSync(process.execPath, [script, '--dry-run'], { encoding: 'utf8', timeout: 120_000 });
+  t.equal(r.status, 0, r.stderr);
+  const last = JSON.parse(r.stdout.trim().split('\n').pop()!);
+  t.equal(last.ok, true);
+  t.equal(last.results.length, 6, 'six cases: 2D full/lowrank/global/head block/plain CE, 3D full');
 });

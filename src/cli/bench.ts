@@ -5,7 +5,7 @@ import { formatBenchTable, formatMachine, runBench } from '../bench/run';
 export function benchCommand(): Command {
   return new Command('bench')
     .description('time training steps of cmseg and the PyTorch reference side by side (SPEC section 8 configs)')
-    .option('--config <name...>', 'configs to run (mnist2d, brats3d-cpu, brats3d-gpu); default: the CPU ones')
+    .option('--config <name...>', 'configs to run (mnist2d, brats3d-cpu, brats3d-gpu); default: the CPU ones, and brats3d-gpu when a GPU is usable')
     .option('--steps <n>', 'timed steps per side (median reported)', '5')
     .option('--warmup <n>', 'untimed warm-up steps', '1')
     .option('--threads <n>', 'threads for both sides (default: all cores)')

@@ -1,0 +1,140 @@
+// The addon on a GPU machine, through the public API (no test framework needed:
+// the device check carries only a Node binary, dist/ and the addon it builds).
+//
+//   CMSEG_ADDON=build-device/cmseg.node node scripts/device-smoke.mjs
+//
+// For each case a CPU model and a `device: 'cuda'` model (strict fp32, tf32 off)
+// start from the same weights (copied CPU -> GPU with setWeights, which also
+// exercises the parameter sync). Checked, with the tolerances printed:
+//   gradients of one computeGradients (relative L2 per tensor),
+//   losses of 3 trainSteps and the weights after them,
+//   predict: probabilities, CMs and annotator distributions,
+//   getGradients/getOptimizerState after GPU steps (host copy refreshed).
+// Prints one line per check and a last JSON line; exits 1 on any failure or when
+// no GPU can be used. `--dry-run` compares two CPU models instead (to try the
+// script itself on a machine without a GPU; test/device.test.ts runs it so).
+import { createRequire } from 'module';
+
+const require = createRequire(import.meta.url);
+// The model module alone: dist/index.js also loads the CLI's progress bars (an npm dependency).
+const cmseg = require('../dist/model/model.js');
+
+const GRAD_TOL = 1e-4; // relative L2 per gradient tensor (fp32 vs fp32, different summation orders)
+const WEIGHT_TOL = 1e-4; // relative L2 per weight tensor after 3 Adam steps (eps 1e-3, see below)
+const PROB_TOL = 1e-4; // max abs difference of probabilities / CM entries
+
+const dryRun = process.argv.includes('--dry-run');
+const failures = [];
+const results = [];
+const check = (ok, line) => {
+  console.log(`${ok ? 'ok  ' : 'FAIL'} ${line}`);
+  if (!ok) failures.push(line);
+};
+
+function relL2(a, b) {
+  let num = 0, den = 0;
+  for (let i = 0; i < a.length; i++) {
+    num += (a[i] - b[i]) ** 2;
+    den += b[i] ** 2;
+  }
+  return Math.sqrt(num) / Math.max(Math.sqrt(den), 1e-12);
+}
+
+function maxAbs(a, b) {
+  let m = 0;
+  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i] - b[i]));
+  return m;
+}
+
+function batchFor(cfg, n, size, seed) {
+  let s = seed >>> 0;
+  const rand = () => ((s = (s * 1664525 + 1013904223) >>> 0) / 4294967296);
+  const spatial = cfg.ndim === 3 ? [size, size, size] : [size, size];
+  const V = spatial.reduce((a, b) => a * b, 1);
+  const images = new Float32Array(n * cfg.inChannels * V).map(() => rand() * 2 - 1);
+  const labels = Array.from({ length: cfg.annotators }, () =>
+    new Uint8Array(n * V).map(() => (rand() < 0.1 ? 255 : Math.floor(rand() * cfg.classes))),
+  );
+  const present = new Uint8Array(n * cfg.annotators).fill(1);
+  if (n > 1) present[cfg.annotators] = 0; // annotator 0 did not label image 1
+  const target = new Uint8Array(n * V).map(() => Math.floor(rand() * cfg.classes));
+  return { images, shape: [n, cfg.inChannels, ...spatial], labels, present, target };
+}
+
+async function runCase(name, cfg, n, size, plainCe = false) {
+  const t0 = Date.now();
+  // Adam eps 1e-3: with the default 1e-8 a gradient that is zero up to rounding
+  // can flip the sign of its first update on one side only (a 2 * lr difference).
+  const optimizer = { lr: 1e-3, eps: 1e-3 };
+  const cpu = cmseg.createModel({ ...cfg, device: 'cpu', optimizer });
+  const device = dryRun ? 'cpu' : 'cuda';
+  const gpu = cmseg.createModel({ ...cfg, device, tf32: false, optimizer, seed: 999 });
+  if (gpu.config.device !== device) throw new Error(`${name}: device '${device}' resolved to ${gpu.config.device}`);
+  gpu.setWeights(cpu.getWeights());
+  const b = batchFor(cfg, n, size, 11);
+  const batch = plainCe ? { images: b.images, shape: b.shape, target: b.target } : b;
+
+  const gc = await cpu.computeGradients(batch);
+  const gg = await gpu.computeGradients(batch);
+  check(Math.abs(gc.loss - gg.loss) <= 1e-5 * Math.max(1, Math.abs(gc.loss)), `${name}: loss ${gg.loss} vs CPU ${gc.loss}`);
+  const dc = cpu.getGradients(), dg = gpu.getGradients();
+  let worst = 0, worstName = '';
+  for (const k of Object.keys(dc)) {
+    const e = relL2(dg[k], dc[k]);
+    if (e > worst) (worst = e), (worstName = k);
+  }
+  check(worst <= GRAD_TOL, `${name}: gradients, worst relative L2 ${worst.toExponential(2)} (${worstName}) <= ${GRAD_TOL}`);
+  const gradWorst = worst;
+
+  for (let step = 0; step < 3; step++) {
+    const rc = await cpu.trainStep(batch);
+    const rg = await gpu.trainStep(batch);
+    check(Math.abs(rc.loss - rg.loss) <= 1e-4 * Math.max(1, Math.abs(rc.loss)), `${name}: step ${step + 1} loss ${rg.loss} vs CPU ${rc.loss}`);
+  }
+  const wc = cpu.getWeights(), wg = gpu.getWeights();
+  worst = 0;
+  for (const k of Object.keys(wc)) {
+    const e = relL2(wg[k], wc[k]);
+    if (e > worst) (worst = e), (worstName = k);
+  }
+  check(worst <= WEIGHT_TOL, `${name}: weights after 3 steps, worst relative L2 ${worst.toExponential(2)} (${worstName}) <= ${WEIGHT_TOL}`);
+  const oc = cpu.getOptimizerState(), og = gpu.getOptimizerState();
+  check(oc.step === og.step, `${name}: optimiser step ${og.step} vs CPU ${oc.step}`);
+
+  const pc = await cpu.predict(b.images, b.shape, { cms: true, annotatorProbs: true });
+  const pg = await gpu.predict(b.images, b.shape, { cms: true, annotatorProbs: true });
+  const dp = Math.max(maxAbs(pg.probs, pc.probs), maxAbs(pg.cms, pc.cms), maxAbs(pg.annotatorProbs, pc.annotatorProbs));
+  check(dp <= PROB_TOL, `${name}: predict (probs, CMs, q), max abs difference ${dp.toExponential(2)} <= ${PROB_TOL}`);
+  const mem = gpu.memory();
+  results.push({ case: name, gradWorst, weightWorst: worst, predictMaxAbs: dp, peakGpuMB: mem.peakInUseMB, seconds: (Date.now() - t0) / 1e3 });
+}
+
+async function main() {
+  const info = cmseg.backendInfo();
+  console.log(`backend: cuda built ${info.cuda}, GPU ${info.gpuAvailable ? info.gpu : `unavailable (${info.gpuUnavailableReason || 'CUDA backend not built'})`}, cuDNN ${info.cudnnVersion}`);
+  if (!info.gpuAvailable && !dryRun) {
+    console.log(JSON.stringify({ ok: false, error: 'no usable GPU', reason: info.gpuUnavailableReason || 'CUDA backend not built' }));
+    process.exit(1);
+  }
+  const base2 = { ndim: 2, inChannels: 1, classes: 3, annotators: 2, depth: 3, baseChannels: 8 };
+  const base3 = { ndim: 3, inChannels: 2, classes: 4, annotators: 3, depth: 3, baseChannels: 8 };
+  const cases = [
+    ['2d-full', { ...base2, cmMode: 'full' }, 2, 32],
+    ['2d-lowrank', { ...base2, cmMode: 'lowrank', cmRank: 2 }, 2, 32],
+    ['2d-global', { ...base2, cmMode: 'global' }, 2, 32],
+    ['2d-full-headblock', { ...base2, cmMode: 'full', cmHeadBlocks: 1 }, 2, 32],
+    ['2d-plain-ce', { ...base2 }, 2, 32, true],
+    ['3d-full', { ...base3, cmMode: 'full' }, 2, 16],
+  ];
+  for (const [name, cfg, n, size, plain] of cases) {
+    try {
+      await runCase(name, cfg, n, size, plain);
+    } catch (err) {
+      check(false, `${name}: ${err.message}`);
+    }
+  }
+  console.log(JSON.stringify({ ok: failures.length === 0, failures, results }));
+  process.exit(failures.length ? 1 : 0);
+}
+
+main();

@@ -46,3 +46,20 @@ t.test('the table shows ratios and failures honestly', async (t) => {
   t.match(table, /torch\.compile \| failed: inductor failed/);
   t.match(table, /brats3d-gpu \| - \| skipped: the CUDA backend is not built/);
 });
+
+t.test('a GPU result gets GPU labels, the bf16 row and its ratio, and no CPU-peak fraction', async (t) => {
+  const table = formatBenchTable([
+    {
+      config: 'brats3d-gpu', shape: [2, 4, 128, 128, 128], threads: 16, peakGflopPerSecond: 500, stepGflop: 1400,
+      machine: machineInfo(), device: 'gpu',
+      cmseg: { ok: true, stepMsMedian: 100, voxelsPerSecond: 41943040, gflopPerSecond: 14000, fractionOfPeak: NaN, peakMemoryMB: 9000 },
+      torchEager: { ok: true, stepMsMedian: 160, voxelsPerSecond: 26214400, gflopPerSecond: 8750, fractionOfPeak: NaN, peakMemoryMB: 12000 },
+      torchBf16: { ok: true, stepMsMedian: 120, voxelsPerSecond: 34952533, gflopPerSecond: 11667, fractionOfPeak: NaN, peakMemoryMB: 7000 },
+      speedupVsEager: 1.6,
+    },
+  ]);
+  t.match(table, /\| brats3d-gpu \| cmseg \(GPU, TF32\) \| 100 \| 41943040 \| 14000\.0 \| - \| 9000 \|/);
+  t.match(table, /\| brats3d-gpu \| PyTorch eager \(TF32\) \| 160 .* \| 12000 \| 1\.60 \|/);
+  t.match(table, /\| brats3d-gpu \| PyTorch eager \(bf16 autocast\) \| 120 .* \| 7000 \| 1\.20 \|/);
+  t.notMatch(table, /cmseg \(CPU\)/);
+});

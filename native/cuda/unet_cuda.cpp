@@ -277,9 +277,11 @@ void ModelGpu::upload_params(const std::vector<Param>& params) {
         fail("ModelGpu: parameter ", i, " ('", params[i].name, "') does not match the model it was built from");
       std::copy(src.begin(), src.end(), host.begin() + m.offset[i]);
     }
-    // A pageable upload returns once the host array has been staged, so `host`
-    // may be refilled for the next field.
     dst.upload(host.data());
+    // cudaMemcpyAsync from pageable memory is only documented as "might be
+    // synchronous": wait before `host` is refilled for the next field or freed.
+    // Rare (construction and host edits), so the wait costs nothing that matters.
+    m.ctx.synchronize();
   };
   send(&Param::value, m.value);
   send(&Param::grad, m.grad);

@@ -29,7 +29,10 @@ struct Register {
 inline int run_all(int argc, char** argv) {
   int failed_cases = 0, run = 0;
   for (auto& c : cases()) {
-    if (argc > 1 && std::string(c.name).find(argv[1]) == std::string::npos) continue;
+    // Arguments select cases: those whose name contains any of them (none: all).
+    bool selected = argc <= 1;
+    for (int a = 1; a < argc && !selected; ++a) selected = std::string(c.name).find(argv[a]) != std::string::npos;
+    if (!selected) continue;
     const int before = failures();
     try {
       c.fn();

@@ -1,0 +1,158 @@
+// Host emulation of the CUDA backend's layer API (cmseg/cuda.hpp), for CI on
+// machines without a GPU: "device" memory is malloc'd host memory, poisoned with
+// 0xff bytes (NaN) on allocation so a read of never-written memory shows up in
+// the results, and every kernel is the CPU reference layer it mirrors.
+//
+// What it checks: the GPU U-Net's orchestration (native/cuda/unet_cuda.cpp and
+// native/model/model_device.cpp: graph, buffer sizes and reuse, parameter
+// offsets, accumulate-vs-overwrite, the lazy host/device parameter sync) against
+// the CPU model, under AddressSanitizer (test_cuda_emulated, CMake option
+// CMSEG_CUDA_EMULATION). What it cannot check: the CUDA kernels themselves,
+// cuDNN/cuBLAS calls and stream ordering: that is test_cuda on a GPU.
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <unordered_map>
+
+#include "cmseg/cuda.hpp"
+#include "cmseg/error.hpp"
+
+namespace cmseg {
+namespace cuda {
+
+bool built() { return true; }
+bool available() { return true; }  // the emulation is always "there"
+std::string unavailable_reason() { return ""; }
+DeviceInfo device_info(int) {
+  DeviceInfo d;
+  d.name = "host emulation (no GPU)";
+  return d;
+}
+size_t cudnn_version() { return 0; }
+
+struct Context::Impl {
+  ContextOptions options;
+  size_t in_use = 0, peak = 0;
+  std::unordered_map<void*, size_t> sizes;
+};
+Context::Context(const ContextOptions& o) : impl_(new Impl) { impl_->options = o; }
+Context::~Context() { for (auto& kv : impl_->sizes) std::free(kv.first); }
+const ContextOptions& Context::options() const { return impl_->options; }
+void Context::set_tf32(bool on) { impl_->options.tf32 = on; }
+int Context::device() const { return 0; }
+void* Context::alloc(size_t bytes) {
+  if (!bytes) return nullptr;
+  void* p = std::malloc(bytes);
+  // Poison (0xff bytes are a NaN): reads of memory nobody wrote show up in the results.
+  std::memset(p, 0xff, bytes);
+  impl_->sizes[p] = bytes; impl_->in_use += bytes; impl_->peak = std::max(impl_->peak, impl_->in_use);
+  return p;
+}
+void Context::free(void* p) {
+  if (!p) return;
+  auto it = impl_->sizes.find(p);
+  if (it == impl_->sizes.end()) throw Error("emulated free: unknown pointer");
+  impl_->in_use -= it->second; impl_->sizes.erase(it); std::free(p);
+}
+PoolStats Context::pool_stats() const { PoolStats s; s.in_use_bytes = impl_->in_use; s.peak_in_use_bytes = impl_->peak; return s; }
+void Context::trim(size_t) {}
+void Context::upload(void* d, const void* s, size_t b) { if (b) std::memcpy(d, s, b); }
+void Context::download(void* d, const void* s, size_t b) { if (b) std::memcpy(d, s, b); }
+void Context::copy(void* d, const void* s, size_t b) { if (b) std::memmove(d, s, b); }
+void Context::zero(void* d, size_t b) { if (b) std::memset(d, 0, b); }
+void Context::synchronize() {}
+float Context::time_ms(const std::function<void()>& fn, int) { fn(); return 1.f; }
+void* Context::stream_handle() const { return nullptr; }
+
+void conv3_forward(Context&, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s, int nd) {
+  cmseg::conv3_forward(x, w, y, n, cin, cout, s, nd);
+}
+void conv3_backward(Context&, const float* x, const float* w, const float* dy, float* dx, float* dw, int n, int cin,
+                    int cout, Spatial s, int nd) {
+  cmseg::conv3_backward(x, w, dy, dx, dw, n, cin, cout, s, nd);
+}
+void upconv2_forward(Context&, const float* x, const float* w, const float* b, float* y, int n, int cin, int cout,
+                     Spatial s, int nd) {
+  cmseg::upconv2_forward(x, w, b, y, n, cin, cout, s, nd);
+}
+void upconv2_backward(Context&, const float* x, const float* w, const float* dy, float* dx, float* dw, float* db,
+                      int n, int cin, int cout, Spatial s, int nd) {
+  cmseg::upconv2_backward(x, w, dy, dx, dw, db, n, cin, cout, s, nd);
+}
+void instance_norm_forward(Context&, const float* x, const float* g, const float* b, float* y, float* mean, float* rstd,
+                           int n, int c, int64_t V, bool relu) {
+  cmseg::instance_norm_forward(x, g, b, y, mean, rstd, n, c, V, relu);
+}
+void instance_norm_backward(Context&, const float* x, const float* y, const float* mean, const float* rstd,
+                            const float* g, const float* dy, float* dx, float* dg, float* db, int n, int c, int64_t V,
+                            bool relu) {
+  cmseg::instance_norm_backward(x, y, mean, rstd, g, dy, dx, dg, db, n, c, V, relu);
+}
+void maxpool2_forward(Context&, const float* x, float* y, uint8_t* arg, int nc, Spatial s, int nd) {
+  cmseg::maxpool2_forward(x, y, arg, nc, s, nd);
+}
+void maxpool2_backward(Context&, const float* dy, const uint8_t* arg, float* dx, int nc, Spatial s, int nd) {
+  cmseg::maxpool2_backward(dy, arg, dx, nc, s, nd);
+}
+void cm_loss(Context&, const CmLossInput& in, CmLossOutput& out) { cmseg::cm_loss(in, out); }
+void adam_step(Context&, const std::vector<AdamTensor>& ts, const OptimConfig& o, int64_t step) {
+  const float bc1 = 1.f - std::pow(o.beta1, (float)step), bc2 = 1.f - std::pow(o.beta2, (float)step);
+  const float step_size = o.lr / bc1, rbc2 = 1.f / std::sqrt(bc2);
+  for (auto& t : ts)
+    for (int64_t k = 0; k < t.numel; ++k) {
+      float w = t.w[k], gk = t.g[k];
+      if (o.kind == OptimKind::Adam) gk += o.weight_decay * w; else w -= o.lr * o.weight_decay * w;
+      t.m[k] = o.beta1 * t.m[k] + (1.f - o.beta1) * gk;
+      t.v[k] = o.beta2 * t.v[k] + (1.f - o.beta2) * gk * gk;
+      t.w[k] = w - step_size * t.m[k] / (std::sqrt(t.v[k]) * rbc2 + o.eps);
+    }
+}
+void conv1_forward(Context&, const float* x, const float* w, const float* b, float* y, int n, int cin, int cout, int64_t V) {
+  cmseg::conv1_forward(x, w, b, y, n, cin, cout, V);
+}
+void conv1_backward(Context&, const float* x, const float* w, const float* dy, float* dx, float* dw, float* db, int n,
+                    int cin, int cout, int64_t V) {
+  cmseg::conv1_backward(x, w, dy, dx, dw, db, n, cin, cout, V);
+}
+void concat_forward(Context&, const float* a, int ca, const float* b, int cb, float* y, int n, int64_t V) {
+  cmseg::concat_forward(a, ca, b, cb, y, n, V);
+}
+void concat_backward(Context&, const float* dy, float* da, int ca, float* db, int cb, int n, int64_t V, bool acc) {
+  for (int i = 0; i < n; ++i) {
+    const float* d = dy + (int64_t)i * (ca + cb) * V;
+    if (da) for (int64_t e = 0; e < ca * V; ++e) { float& t = da[(int64_t)i * ca * V + e]; t = acc ? t + d[e] : d[e]; }
+    if (db) std::memcpy(db + (int64_t)i * cb * V, d + ca * V, sizeof(float) * cb * V);
+  }
+}
+void add_inplace(Context&, float* y, const float* x, int64_t count) { for (int64_t k = 0; k < count; ++k) y[k] += x[k]; }
+double ce_loss_hard(Context&, const float* z, const uint8_t* l, int n, int L, int64_t V, float* d) { return cmseg::ce_loss_hard(z, l, n, L, V, d); }
+double ce_loss_soft(Context&, const float* z, const float* t, int n, int L, int64_t V, float* d) { return cmseg::ce_loss_soft(z, t, n, L, V, d); }
+void softmax_forward(Context&, const float* z, float* p, int n, int c, int64_t V) { cmseg::softmax_forward(z, p, n, c, V); }
+void cm_predict(Context&, CmMode mode, int L, int rank, const std::vector<const float*>& raw, const float* probs, int n,
+                int R, int64_t V, float* cms, float* q) {
+  const int K = cm_head_channels(mode, L, rank);
+  float A[kMaxClasses * kMaxClasses];
+  for (int i = 0; i < n; ++i)
+    for (int r = 0; r < R; ++r)
+      for (int64_t v = 0; v < V; ++v) {
+        if (mode == CmMode::Global) cm_from_raw(mode, L, rank, raw[r], 1, A);
+        else cm_from_raw(mode, L, rank, raw[r] + (int64_t)i * K * V + v, V, A);
+        if (cms) for (int e = 0; e < L * L; ++e) cms[(((int64_t)i * R + r) * L * L + e) * V + v] = A[e];
+        if (q) for (int a = 0; a < L; ++a) { float s = 0; for (int j = 0; j < L; ++j) s += A[a * L + j] * probs[((int64_t)i * L + j) * V + v]; q[(((int64_t)i * R + r) * L + a) * V + v] = s; }
+      }
+}
+namespace host {
+[[noreturn]] static void no() { throw Error("host emulation: the cuda::host:: helpers are not emulated"); }
+void conv3_forward(Context&, const float*, const float*, float*, int, int, int, Spatial, int) { no(); }
+void conv3_backward(Context&, const float*, const float*, const float*, float*, float*, int, int, int, Spatial, int) { no(); }
+void upconv2_forward(Context&, const float*, const float*, const float*, float*, int, int, int, Spatial, int) { no(); }
+void upconv2_backward(Context&, const float*, const float*, const float*, float*, float*, float*, int, int, int, Spatial, int) { no(); }
+void instance_norm_forward(Context&, const float*, const float*, const float*, float*, float*, float*, int, int, int64_t, bool) { no(); }
+void instance_norm_backward(Context&, const float*, const float*, const float*, const float*, const float*, const float*, float*, float*, float*, int, int, int64_t, bool) { no(); }
+void maxpool2_forward(Context&, const float*, float*, uint8_t*, int, Spatial, int) { no(); }
+void maxpool2_backward(Context&, const float*, const uint8_t*, float*, int, Spatial, int) { no(); }
+void cm_loss(Context&, const CmLossInput&, CmLossOutput&) { no(); }
+void adam_step(Context&, std::vector<Param>&, const OptimConfig&, int64_t) { no(); }
+}  // namespace host
+}  // namespace cuda
+}  // namespace cmseg

@@ -20,22 +20,27 @@ void Model::apply_optimizer() {
   std::vector<std::pair<int, int64_t>> work;  // (param, chunk start)
   for (int i = 0; i < (int)params_.size(); ++i)
     for (int64_t s = 0; s < params_[i].numel(); s += kChunk) work.push_back({i, s});
+  // Scalars in locals and restrict pointers: otherwise every store to w, m or v
+  // could alias the OptimConfig fields, which blocks vectorising the loop.
+  const float beta1 = o.beta1, beta2 = o.beta2, eps = o.eps, lr = o.lr, wd = o.weight_decay;
+  const bool decoupled = o.kind == OptimKind::AdamW;
   parallel_for((int64_t)work.size(), [&](int64_t item, int) {
     Param& p = params_[work[item].first];
     const int64_t b = work[item].second, e = std::min(p.numel(), b + kChunk);
-    float* w = p.value.data();
-    const float* g = p.grad.data();
-    float* m = p.m.data();
-    float* v = p.v.data();
+    float* __restrict w = p.value.data();
+    const float* __restrict g = p.grad.data();
+    float* __restrict m = p.m.data();
+    float* __restrict v = p.v.data();
+    const float l2 = decoupled ? 0.f : wd;
     for (int64_t k = b; k < e; ++k) {
-      float gk = g[k];
-      if (o.kind == OptimKind::Adam)
-        gk += o.weight_decay * w[k];
-      else
-        w[k] -= o.lr * o.weight_decay * w[k];
-      m[k] = o.beta1 * m[k] + (1.f - o.beta1) * gk;
-      v[k] = o.beta2 * v[k] + (1.f - o.beta2) * gk * gk;
-      w[k] -= step_size * m[k] / (std::sqrt(v[k]) * rbc2 + o.eps);
+      // Adam: g + wd * w (L2 in the gradient); AdamW: w * (1 - lr * wd) first.
+      const float gk = g[k] + l2 * w[k];
+      const float wk = decoupled ? w[k] - lr * wd * w[k] : w[k];
+      const float mk = beta1 * m[k] + (1.f - beta1) * gk;
+      const float vk = beta2 * v[k] + (1.f - beta2) * gk * gk;
+      m[k] = mk;
+      v[k] = vk;
+      w[k] = wk - step_size * mk / (std::sqrt(vk) * rbc2 + eps);
     }
   });
 }

@@ -3,7 +3,7 @@
 // BraTS region Dice, CM estimation error, GED) on synthetic phantom cases, at CPU scale, then
 // results/brats-phantom.md with the machine, the settings and the exact commands.
 //
-//   npm run build:ts && node scripts/reproduce-brats-phantom.mjs          # about 12 min on 2 cores
+//   npm run build:ts && node scripts/reproduce-brats-phantom.mjs          # about 15 min on 2 cores
 //   node scripts/reproduce-brats-phantom.mjs --smoke --out /tmp/smoke.md  # seconds: proves the pipeline
 //
 // Pipeline: `cmseg phantom brats` writes the cases (four modalities and a segmentation, as
@@ -33,6 +33,8 @@ const METHODS = [
   ['cm-notrace', 'Ours without trace'],
   ['naive-mean', 'Naive CNN on mean labels'],
   ['naive-mode', 'Naive CNN on mode labels'],
+  ['naive-staple', 'Naive CNN on STAPLE labels'],
+  ['naive-spatial-staple', 'Naive CNN on Spatial STAPLE labels'],
   ['oracle', 'Oracle (trained on the consensus)'],
 ];
 const LEARNS_CMS = new Set(['cm', 'cm-lowrank', 'cm-global', 'cm-notrace']);
@@ -367,7 +369,11 @@ says little about their ranking in the paper.
 - **Training**: preset \`brats3d\` (U-Net depth 4, c 16, batch 1, Adam at lr 1e-3 with the poly schedule,
   lambda 0.01, flips and rotations, a third of the patches centred on tumour), but patches of ${options.patch}³
   instead of 64³ and ${options.steps} steps (validation on ${Math.min((splits.validation ?? []).length, 2)} case(s) and a checkpoint every
-  ${options.stepsPerEpoch} steps) instead of 20 epochs of 100 steps. Training seed ${options.seed}.
+  ${options.stepsPerEpoch} steps) instead of 20 epochs of 100 steps. Training seed ${options.seed}.${options.methods.some((m) => m.includes('staple'))
+    ? `
+  The STAPLE rows train on each training case's annotators fused once, per case, by the native multi-label or
+  spatial STAPLE (the maps are kept in the cache beside the case and reused by later runs).`
+    : ''}
 - **Scoring**: \`cmseg eval\` of the checkpoint with the best validation score on the test split, whole volumes by
   sliding windows of the patch size (overlap 0.5).
 

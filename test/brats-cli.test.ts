@@ -157,7 +157,6 @@ t.test('user errors: one line, exit code 1', async (t) => {
     [['train', '--preset', 'brats3d', '--out', 'runs/x'], /^cmseg: error: --preset brats3d needs --data: a cache made by cmseg prepare, or a BraTS folder\n$/],
     [['train', '--preset', 'brats3d', '--data', 'missing', '--out', 'runs/x'], /^cmseg: error: --data folder not found: .*missing\n$/],
     [['train', '--preset', 'brats3d', '--data', 'cache', '--patch', '20', '--out', 'runs/x'], /^cmseg: error: --patch 20 must be a multiple of 2\^\(depth-1\) = 8 \(depth 4\)\n$/],
-    [['train', '--preset', 'brats3d', '--data', 'cache', '--method', 'naive-staple', '--out', 'runs/x'], /^cmseg: error: method 'naive-staple' \(STAPLE-fused labels\) is not available for BraTS yet/],
     [['train', '--preset', 'brats3d', '--data', 'cache', '--train-images', '5', '--out', 'runs/x'], /^cmseg: error: --train-images: for the MNIST presets only\n$/],
     [['train', '--preset', 'mnist-tiny', '--patch', '16', '--out', 'runs/x'], /^cmseg: error: --patch: for the BraTS presets \(brats3d, brats3d-gpu\) only\n$/],
     [['predict', '--checkpoint', 'runs/cm/best.safetensors', '--data', 'missing', '--out', 'p'], /^cmseg: error: --data not found: .*missing\n$/],

@@ -7,13 +7,16 @@
 // wrong; --labels and --data-seed apply) and uses it: convenient for one run, while
 // several runs on the same data should share one `cmseg prepare` cache. The case split
 // (70/15/15 by --data-seed) is fixed when the run starts and saved in its checkpoints.
+// The STAPLE baselines (naive-staple, naive-spatial-staple) first fuse each training case's
+// annotator maps into the cache, once; later runs and --resume reuse them.
 
 import * as fs from 'fs';
 import * as path from 'path';
 import { Command } from 'commander';
 import { writeFileAtomic } from '../data/files';
 import { BratsError, discoverBratsCases } from '../data/brats';
-import { cacheIndexPath, readCacheIndex } from '../data/cache';
+import { CacheError, cacheIndexPath, readCacheIndex } from '../data/cache';
+import type { StapleFusion } from '../fusion/fuse';
 import { loadCheckpoint } from '../model/checkpoint';
 import { backendInfo, Model, setNumThreads } from '../model/model';
 import { evaluationText } from '../report/tables';
@@ -21,7 +24,7 @@ import type { BratsDatasetSpec, DatasetSpec, ExperimentData } from '../train/exp
 import { bratsCaseSplits, loadExperimentData, runCacheDir } from '../train/experiment';
 import { METHOD_NAMES, MethodName, methodDefinition } from '../train/methods';
 import { presetByName, PRESET_NAMES } from '../train/presets';
-import { createProgress } from '../train/progress';
+import { createFusionProgress, createProgress, silentFusionProgress } from '../train/progress';
 import { SCHEDULE_KINDS, ScheduleKind } from '../train/schedule';
 import { CHECKPOINT_LAST, readTrainerState, train, TrainConfig, TrainResult } from '../train/trainer';
 import { choiceOption, displayPath, given, parseInteger, parseNumber, printOutputs, UserError, withExamples } from './common';
@@ -241,22 +244,50 @@ async function runTrain(flags: TrainFlags, command: Command): Promise<void> {
   }
   const method = methodDefinition(config.method);
   if (recipe.dataset.kind === 'brats') {
-    if (method.target === 'fused') {
-      throw new UserError(`method '${config.method}' (STAPLE-fused labels) is not available for BraTS yet; use cm, cm-notrace, cm-global, cm-lowrank, naive-mean, naive-mode or oracle`);
-    }
     if (!flags.resume) await attachBratsData(recipe.dataset, flags, isGiven, outDir);
   } else if (flags.data !== undefined && !flags.resume) {
     throw new UserError(`--data is for the BraTS presets (brats3d, brats3d-gpu); --preset ${recipe.preset} brings its own data`);
   }
   const data = loadExperimentData(recipe.dataset, config.seed, { batchSize: config.batchSize, workers: flags.workers });
   try {
-    if (method.target === 'fused') {
-      if (!data.prepareFusedTargets) throw new UserError(`method '${config.method}' needs fused training labels, which this data set cannot prepare`);
-      await data.prepareFusedTargets(method.fusion!);
-    }
+    if (method.target === 'fused') await prepareFusedTargets(data, method.fusion!, recipe.dataset, flags.quiet);
     await trainAndTest(flags, { config, recipe, outDir }, data);
   } finally {
     await data.close?.();
+  }
+}
+
+const FUSION_TITLES: Record<StapleFusion, string> = { 'multi-staple': 'multi-label STAPLE', 'spatial-staple': 'spatial STAPLE' };
+
+/**
+ * The STAPLE baselines' targets, fused before training starts: per training case into the
+ * BraTS cache (reused by every later run), or over the whole MNIST training set. Reports
+ * progress on stderr and how long it took.
+ */
+async function prepareFusedTargets(data: ExperimentData, fusion: StapleFusion, dataset: DatasetSpec, quiet?: boolean): Promise<void> {
+  if (!data.prepareFusedTargets) throw new UserError(`fused training labels (${fusion}) cannot be prepared for this data set`);
+  const title = FUSION_TITLES[fusion];
+  // Per-case progress for BraTS; MNIST fuses its whole set in one call.
+  const progress = dataset.kind === 'brats' ? createFusionProgress({ quiet }) : silentFusionProgress;
+  let report;
+  try {
+    progress.start(dataset.kind === 'brats' ? dataset.splits.train.length : 0, `fuse ${fusion}`);
+    report = await data.prepareFusedTargets(fusion, {
+      onCase: (p) => progress.case(p.position + 1, p.id, p.status, p.ms / 1000),
+    });
+  } catch (error) {
+    if (error instanceof CacheError && error.kind === 'locked') throw new UserError(error.message);
+    throw error;
+  } finally {
+    progress.stop();
+  }
+  if (quiet) return;
+  const seconds = (report.ms / 1000).toFixed(1);
+  if (report.scope === 'set') {
+    process.stderr.write(`fused the labels of ${report.fused} training images with ${title} in ${seconds} s\n`);
+  } else {
+    const cache = dataset.kind === 'brats' ? ` into ${displayPath(dataset.cache)}` : '';
+    process.stderr.write(`fused ${report.fused} training case(s) with ${title}${cache} in ${seconds} s (${report.reused} up to date in the cache, reused)\n`);
   }
 }
 
@@ -365,7 +396,9 @@ export function registerTrainCommand(program: Command): Command {
       '(annotators over, under, wrong; --labels and --data-seed apply). Several runs on the same data should share one\n' +
       'cmseg prepare cache. The cases are split 70/15/15 into training, validation and test by --data-seed (at least one\n' +
       'each); the split is saved in the checkpoints. Training reads random patches (--patch, a third centred on tumour);\n' +
-      'validation (--val-cases per epoch) and test predict whole cases by sliding windows of the patch size.\n',
+      'validation (--val-cases per epoch) and test predict whole cases by sliding windows of the patch size.\n' +
+      'naive-staple and naive-spatial-staple first fuse each training case\'s annotator maps (multi-label or spatial\n' +
+      'STAPLE, per case) into the cache, once: later runs on the same cache reuse them.\n',
   );
   return withExamples(
     command,

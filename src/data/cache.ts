@@ -6,7 +6,11 @@
 // Folder layout:
 //   CACHE/index.json           what is in the cache (format below), rewritten atomically after every case
 //   CACHE/cases/<id>.bin       one file per case, written atomically
-//   CACHE/.prepare.lock        present while a prepareCache runs (holds its pid)
+//   CACHE/cases/<id>.<fusion>.bin  the case's annotator maps fused by multi-label or spatial
+//                              STAPLE (written on demand by src/fusion/fuse-cache.ts, for the
+//                              naive-staple / naive-spatial-staple training targets; see
+//                              "Fused training labels" below)
+//   CACHE/.prepare.lock        present while a prepareCache or a fusion runs (holds its pid)
 //
 // Case file (little-endian):
 //   bytes 0..7     magic "CMSEGCA1"
@@ -25,7 +29,7 @@
 // seed, dtype, margin, classes, modalities, maxLocations), channels, classes, names,
 // cases: [{ id, file, shape [C,D,H,W], crop, original {dims, affine, spacing}, present,
 // naming, sources [{file, size, mtimeMs}], labelCounts, foreground {consensus, annotators},
-// bytes }] }.
+// bytes, fused? {<fusion>: {file, bytes, from {size, mtimeMs}, options, ms}} }] }.
 //
 // Incremental: a case whose source files have the size and mtime recorded in the index,
 // and whose case file is still there with the recorded size, is skipped. A run killed at
@@ -242,6 +246,8 @@ export interface CacheIndexEntry {
   labelCounts: number[];
   foreground: { consensus: number; annotators: number };
   bytes: number;
+  /** Fused label maps of this case, by fusion; absent until a STAPLE baseline first needs them. */
+  fused?: Partial<Record<CacheFusion, FusedLabelsRecord>>;
 }
 
 export interface CacheIndex {
@@ -493,6 +499,17 @@ export async function readCachedCase(cacheDir: string, id: string, index: CacheI
   return decodeCaseFile(bytes, file);
 }
 
+/** Reads `length` bytes at `position` of an open file into `into`; a short file is a CacheError. */
+function readExactly(fd: number, filePath: string, into: Buffer, length: number, position: number): Buffer {
+  let done = 0;
+  while (done < length) {
+    const n = fs.readSync(fd, into, done, length - done, position + done);
+    if (n === 0) throw new CacheError('bad-case-file', filePath, `${filePath} is truncated at byte ${position + done}`, position + done);
+    done += n;
+  }
+  return into.subarray(0, length);
+}
+
 /**
  * Random access to one case file without reading it whole: the patch loader reads the
  * rows a patch needs, slice by slice. Synchronous (meant for worker threads).
@@ -532,14 +549,12 @@ export class CaseFileReader {
   readRows(section: Section, elementBytes: number, plane: number, z: number, y0: number, rows: number, into: Buffer): Buffer {
     const [, d, h, w] = this.header.shape;
     const start = section.offset + (((plane * d + z) * h + y0) * w) * elementBytes;
-    const length = rows * w * elementBytes;
-    let done = 0;
-    while (done < length) {
-      const n = fs.readSync(this.fd, into, done, length - done, start + done);
-      if (n === 0) throw new CacheError('bad-case-file', this.path, `${this.path} is truncated at byte ${start + done}`, start + done);
-      done += n;
-    }
-    return into.subarray(0, length);
+    return readExactly(this.fd, this.path, into, rows * w * elementBytes, start);
+  }
+
+  /** A whole section (e.g. one annotator's label map) into a fresh buffer. */
+  readSection(section: Section): Uint8Array {
+    return readExactly(this.fd, this.path, Buffer.alloc(section.bytes), section.bytes, section.offset);
   }
 
   /** The k-th stored foreground voxel index of a location list. */
@@ -553,6 +568,251 @@ export class CaseFileReader {
     if (this.fd >= 0) fs.closeSync(this.fd);
     this.fd = -1;
   }
+}
+
+// ---------------------------------------------------------------------------
+// Fused training labels
+//
+// The naive-staple / naive-spatial-staple baselines train on one fused map per case.
+// STAPLE estimates each rater's performance per subject (as SimpleITK's filters are used,
+// one image at a time), so every case is fused on its own, once, and the map is kept
+// beside the case file (src/fusion/fuse-cache.ts writes it):
+//
+//   CACHE/cases/<id>.<fusion>.bin
+//   bytes 0..7     magic "CMSEGFU1"
+//   bytes 8..11    uint32 n: length of the JSON header (FusedFileHeader)
+//   bytes 12..     n bytes of UTF-8 JSON, zero padding to a multiple of 64
+//   labels         [D, H, W] uint8 at the offset the header gives (255 where nobody labelled)
+//
+// and recorded in the case's index entry as fused[<fusion>]. A fused map is current when
+// that record exists with the fusion options asked for, the case file still has the size
+// and mtime the map was fused from (a case prepared again is a new file), and the fused
+// file has the recorded size. Anything else (never fused, case re-prepared, other options,
+// a deleted or truncated file) means fusing again. The fused file is written atomically
+// before the index names it, so a run killed in between only costs that case's fusion.
+
+/** Fusions whose maps the cache keeps. */
+export type CacheFusion = 'multi-staple' | 'spatial-staple';
+export const FUSED_FILE_MAGIC = 'CMSEGFU1';
+export const FUSED_FILE_FORMAT = 'cmseg-brats-fused';
+
+/** A case file's size and mtime: identifies the labels a fused map was computed from. */
+export interface FileStamp {
+  size: number;
+  mtimeMs: number;
+}
+
+/** cases[k].fused[fusion] in index.json. */
+export interface FusedLabelsRecord {
+  /** Fused file, relative to the cache folder. */
+  file: string;
+  bytes: number;
+  /** The case file it was fused from. */
+  from: FileStamp;
+  /** The fuse() options used (src/fusion/fuse.ts), compared as JSON. */
+  options: Record<string, unknown>;
+  /** Wall time of the fusion. */
+  ms: number;
+}
+
+/** The JSON header of a fused file. */
+export interface FusedFileHeader {
+  format: typeof FUSED_FILE_FORMAT;
+  version: number;
+  id: string;
+  fusion: CacheFusion;
+  /** [D, H, W], the case's. */
+  shape: [number, number, number];
+  classes: number;
+  /** The annotators fused (the case's names and presence). */
+  names: string[];
+  present: number[];
+  from: FileStamp;
+  options: Record<string, unknown>;
+  sections: { labels: Section };
+  /** Each annotator's CM on this case [R, L, L], A[i][j] = p(says i | true j); null for an absent annotator. */
+  cms: (number | null)[];
+  iterations: number;
+  converged: boolean;
+  /** Fused voxels per class. */
+  labelCounts: number[];
+}
+
+/** What goes into one fused file. */
+export interface FusedFileContent {
+  id: string;
+  fusion: CacheFusion;
+  shape: [number, number, number];
+  classes: number;
+  names: string[];
+  present: ArrayLike<number>;
+  from: FileStamp;
+  options: Record<string, unknown>;
+  labels: Uint8Array;
+  cms?: ArrayLike<number>;
+  iterations?: number;
+  converged?: boolean;
+}
+
+/** Where a case's fused map lives, relative to the cache folder. */
+export function fusedFileName(id: string, fusion: CacheFusion): string {
+  return path.posix.join(CASES_FOLDER, `${id}.${fusion}.bin`);
+}
+
+/** Size and mtime of a case's file now; undefined when it is gone. */
+export function caseFileStamp(cacheDir: string, entry: CacheIndexEntry): FileStamp | undefined {
+  try {
+    const stat = fs.statSync(path.join(cacheDir, entry.file));
+    return { size: stat.size, mtimeMs: stat.mtimeMs };
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Whether the case's `fusion` map in the cache is current (see the top of this section).
+ * `options`: the fuse() options the caller would use; omitted, any recorded options do.
+ */
+export function fusedLabelsCurrent(cacheDir: string, entry: CacheIndexEntry, fusion: CacheFusion, options?: Record<string, unknown>): boolean {
+  const record = entry.fused?.[fusion];
+  if (!record) return false;
+  if (options && JSON.stringify(record.options) !== JSON.stringify(options)) return false;
+  const stamp = caseFileStamp(cacheDir, entry);
+  if (!stamp || stamp.size !== record.from.size || stamp.mtimeMs !== record.from.mtimeMs) return false;
+  try {
+    return fs.statSync(path.join(cacheDir, record.file)).size === record.bytes;
+  } catch {
+    return false;
+  }
+}
+
+/** The bytes of a fused file. */
+export function encodeFusedFile(content: FusedFileContent): { bytes: Buffer; header: FusedFileHeader } {
+  requireLittleEndianHost('<fused file>');
+  const [d, h, w] = content.shape;
+  if (content.labels.length !== d * h * w) throw new RangeError(`case ${content.id}: fused map has ${content.labels.length} voxels, expected ${d}x${h}x${w}`);
+  const labelCounts = new Array<number>(content.classes).fill(0);
+  for (let i = 0; i < content.labels.length; i++) if (content.labels[i] < content.classes) labelCounts[content.labels[i]]++;
+  const header: FusedFileHeader = {
+    format: FUSED_FILE_FORMAT,
+    version: CACHE_VERSION,
+    id: content.id,
+    fusion: content.fusion,
+    shape: [d, h, w],
+    classes: content.classes,
+    names: content.names,
+    present: Array.from(content.present, (p) => (p ? 1 : 0)),
+    from: content.from,
+    options: content.options,
+    sections: { labels: { offset: 0, bytes: content.labels.byteLength } },
+    // NaN (an absent annotator's parameters) is not JSON: null says the same.
+    cms: Array.from(content.cms ?? [], (x) => (Number.isFinite(x) ? x : null)),
+    iterations: content.iterations ?? 0,
+    converged: content.converged ?? true,
+    labelCounts,
+  };
+  // The labels' offset depends on the header's length, which depends on the offset's digits.
+  let offset = 0;
+  for (let attempt = 0; attempt < 3; attempt++) {
+    header.sections.labels.offset = offset;
+    const needed = alignUp(12 + Buffer.byteLength(JSON.stringify(header)));
+    if (needed === offset) break;
+    offset = needed;
+  }
+  const json = Buffer.from(JSON.stringify(header), 'utf8');
+  if (alignUp(12 + json.byteLength) !== header.sections.labels.offset) throw new Error(`internal: fused file header of ${content.id} did not settle`);
+  const bytes = Buffer.alloc(header.sections.labels.offset + content.labels.byteLength);
+  bytes.write(FUSED_FILE_MAGIC, 0, 'latin1');
+  bytes.writeUInt32LE(json.byteLength, 8);
+  json.copy(bytes, 12);
+  bytes.set(content.labels, header.sections.labels.offset);
+  return { bytes, header };
+}
+
+function parseFusedHeader(prefix: Buffer, filePath: string): { header: FusedFileHeader; jsonBytes: number } {
+  if (prefix.byteLength < 12 || prefix.toString('latin1', 0, 8) !== FUSED_FILE_MAGIC) {
+    throw new CacheError('bad-case-file', filePath, `${filePath} is not a cmseg fused label file (magic ${JSON.stringify(prefix.toString('latin1', 0, 8))})`);
+  }
+  const jsonBytes = prefix.readUInt32LE(8);
+  if (prefix.byteLength < 12 + jsonBytes) return { header: undefined as unknown as FusedFileHeader, jsonBytes };
+  let header: FusedFileHeader;
+  try {
+    header = JSON.parse(prefix.toString('utf8', 12, 12 + jsonBytes)) as FusedFileHeader;
+  } catch (err) {
+    throw new CacheError('bad-case-file', filePath, `${filePath}: header is not valid JSON`, undefined, { cause: err });
+  }
+  if (header.format !== FUSED_FILE_FORMAT || header.version !== CACHE_VERSION) {
+    throw new CacheError('bad-case-file', filePath, `${filePath}: unsupported fused file format ${header.format} version ${header.version}`, header.version);
+  }
+  return { header, jsonBytes };
+}
+
+/** A fused file held in memory: its header and the [D, H, W] map. */
+export function decodeFusedFile(bytes: Buffer, filePath = '<memory>'): { header: FusedFileHeader; labels: Uint8Array } {
+  const { header } = parseFusedHeader(bytes, filePath);
+  if (!header) throw new CacheError('bad-case-file', filePath, `${filePath} is truncated inside its header`, bytes.byteLength);
+  const { offset, bytes: length } = header.sections.labels;
+  if (offset + length > bytes.byteLength) {
+    throw new CacheError('bad-case-file', filePath, `${filePath} is truncated: the labels end at byte ${offset + length}, the file has ${bytes.byteLength}`, bytes.byteLength);
+  }
+  return { header, labels: new Uint8Array(bytes.subarray(offset, offset + length)) };
+}
+
+/** Loads a case's fused map by id; CacheError('bad-case-file') when it is missing or stale. */
+export async function readFusedLabels(cacheDir: string, id: string, fusion: CacheFusion, index: CacheIndex = readCacheIndex(cacheDir)): Promise<{ header: FusedFileHeader; labels: Uint8Array }> {
+  const entry = index.cases.find((c) => c.id === id);
+  if (!entry) throw new CacheError('unknown-case', cacheIndexPath(cacheDir), `case ${id} is not in the cache at ${cacheDir}`, id);
+  const record = entry.fused?.[fusion];
+  if (!record || !fusedLabelsCurrent(cacheDir, entry, fusion)) {
+    throw new CacheError('bad-case-file', path.join(cacheDir, record?.file ?? fusedFileName(id, fusion)), `case ${id} has no current ${fusion} labels in the cache at ${cacheDir} (${record ? 'stale' : 'never fused'})`, id);
+  }
+  const file = path.join(cacheDir, record.file);
+  return decodeFusedFile(await fs.promises.readFile(file), file);
+}
+
+/** Row access to a fused file, as CaseFileReader gives to case files (for the patch loader). */
+export class FusedFileReader {
+  private constructor(
+    readonly path: string,
+    private fd: number,
+    readonly header: FusedFileHeader,
+  ) {}
+
+  static open(filePath: string): FusedFileReader {
+    requireLittleEndianHost(filePath);
+    const fd = fs.openSync(filePath, 'r');
+    try {
+      let prefix = Buffer.alloc(4096);
+      let got = fs.readSync(fd, prefix, 0, prefix.byteLength, 0);
+      let parsed = parseFusedHeader(prefix.subarray(0, got), filePath);
+      if (!parsed.header) {
+        prefix = Buffer.alloc(12 + parsed.jsonBytes);
+        got = fs.readSync(fd, prefix, 0, prefix.byteLength, 0);
+        parsed = parseFusedHeader(prefix.subarray(0, got), filePath);
+        if (!parsed.header) throw new CacheError('bad-case-file', filePath, `${filePath} is truncated inside its header`, got);
+      }
+      return new FusedFileReader(filePath, fd, parsed.header);
+    } catch (err) {
+      fs.closeSync(fd);
+      throw err;
+    }
+  }
+
+  /** `rows` rows from row y0 of slice z of the fused map into `into` (rows * W bytes). */
+  readRows(z: number, y0: number, rows: number, into: Buffer): Buffer {
+    const [, h, w] = this.header.shape;
+    return readExactly(this.fd, this.path, into, rows * w, this.header.sections.labels.offset + (z * h + y0) * w);
+  }
+
+  close(): void {
+    if (this.fd >= 0) fs.closeSync(this.fd);
+    this.fd = -1;
+  }
+}
+
+/** Deletes the fused files an index entry names (its case is re-prepared or removed). */
+function removeFusedFiles(cacheDir: string, entry: CacheIndexEntry | undefined): void {
+  for (const record of Object.values(entry?.fused ?? {})) if (record) fs.rmSync(path.join(cacheDir, record.file), { force: true });
 }
 
 // ---------------------------------------------------------------------------
@@ -619,8 +879,11 @@ function changedSettings(a: CacheSettings, b: CacheSettings): string[] {
   return (Object.keys(a) as (keyof CacheSettings)[]).filter((key) => JSON.stringify(a[key]) !== JSON.stringify(b[key]));
 }
 
-/** Holds CACHE/.prepare.lock for the duration of `work`; a lock left by a dead process is taken over. */
-async function withLock<T>(cacheDir: string, work: () => Promise<T>): Promise<T> {
+/**
+ * Holds CACHE/.prepare.lock for the duration of `work` (anything that writes the cache:
+ * prepareCache, fuseCachedCases); a lock left by a dead process is taken over.
+ */
+export async function withCacheLock<T>(cacheDir: string, work: () => Promise<T>): Promise<T> {
   const lock = path.join(cacheDir, LOCK_FILE);
   for (let attempt = 0; ; attempt++) {
     try {
@@ -630,7 +893,7 @@ async function withLock<T>(cacheDir: string, work: () => Promise<T>): Promise<T>
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST' || attempt > 0) throw err;
       const holder = Number(fs.readFileSync(lock, 'utf8'));
       if (Number.isInteger(holder) && holder > 0 && holder !== process.pid && processAlive(holder)) {
-        throw new CacheError('locked', lock, `another cmseg prepare (pid ${holder}) is writing ${cacheDir}; wait for it, or delete ${lock} if it is gone`, holder);
+        throw new CacheError('locked', lock, `another cmseg process (pid ${holder}: prepare, or a STAPLE baseline fusing its training labels) is writing ${cacheDir}; wait for it, or delete ${lock} if it is gone`, holder);
       }
       fs.rmSync(lock, { force: true });
     }
@@ -696,7 +959,8 @@ export function cacheContentFor(pre: PreprocessedBratsCase, settings: CacheSetti
   };
 }
 
-async function writeIndex(cacheDir: string, index: CacheIndex): Promise<void> {
+/** Rewrites index.json atomically (cases sorted by id); call it holding the lock. */
+export async function writeCacheIndex(cacheDir: string, index: CacheIndex): Promise<void> {
   index.cases.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
   await writeFileAtomic(cacheIndexPath(cacheDir), Buffer.from(JSON.stringify(index, null, 1) + '\n', 'utf8'));
 }
@@ -710,9 +974,16 @@ export async function prepareCache(dataDir: string, cacheDir: string, options: P
   const settings = settingsFor(options);
   const cases = discoverBratsCases(dataDir, { requireSeg: true });
   await fs.promises.mkdir(path.join(cacheDir, CASES_FOLDER), { recursive: true });
-  return withLock(cacheDir, async () => {
+  return withCacheLock(cacheDir, async () => {
     let index: CacheIndex = { format: CACHE_FORMAT, version: CACHE_VERSION, settings, channels: BRATS_CHANNELS, classes: BRATS_CLASSES, names: settings.names, cases: [] };
     if (options.rebuild) {
+      // Fused maps derive from the old annotators: delete them (best effort; a stale one
+      // would be fused again anyway, as its case file changes).
+      try {
+        for (const entry of readCacheIndex(cacheDir).cases) removeFusedFiles(cacheDir, entry);
+      } catch {
+        // no readable old index: nothing known to delete
+      }
       // Drop the old index first: its entries must never describe case files rewritten with new settings.
       fs.rmSync(cacheIndexPath(cacheDir), { force: true });
     } else if (fs.existsSync(cacheIndexPath(cacheDir))) {
@@ -732,9 +1003,12 @@ export async function prepareCache(dataDir: string, cacheDir: string, options: P
     const wanted = new Set(cases.map((c) => c.id));
     const removed = index.cases.filter((entry) => !wanted.has(entry.id)).map((entry) => entry.id);
     if (removed.length > 0) {
-      for (const entry of index.cases.filter((e) => !wanted.has(e.id))) fs.rmSync(path.join(cacheDir, entry.file), { force: true });
+      for (const entry of index.cases.filter((e) => !wanted.has(e.id))) {
+        fs.rmSync(path.join(cacheDir, entry.file), { force: true });
+        removeFusedFiles(cacheDir, entry);
+      }
       index.cases = index.cases.filter((entry) => wanted.has(entry.id));
-      await writeIndex(cacheDir, index);
+      await writeCacheIndex(cacheDir, index);
     }
     const prepared: string[] = [];
     const skipped: string[] = [];
@@ -767,13 +1041,15 @@ export async function prepareCache(dataDir: string, cacheDir: string, options: P
         };
         index.cases = index.cases.filter((e) => e.id !== c.id);
         index.cases.push(entry);
-        await writeIndex(cacheDir, index);
+        await writeCacheIndex(cacheDir, index);
+        // The new entry has no fused maps; the old ones (fused from the old labels) go once the index no longer names them.
+        removeFusedFiles(cacheDir, existing);
         prepared.push(c.id);
         status = 'prepared';
       }
       await options.onProgress?.({ id: c.id, position, total: cases.length, status, ms: Date.now() - started });
     }
-    if (!fs.existsSync(cacheIndexPath(cacheDir))) await writeIndex(cacheDir, index);
+    if (!fs.existsSync(cacheIndexPath(cacheDir))) await writeCacheIndex(cacheDir, index);
     return { index, prepared, skipped, removed };
   });
 }

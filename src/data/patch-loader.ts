@@ -1,6 +1,8 @@
 // Training batches of random 3D patches from the BraTS cache (src/data/cache.ts), in the
 // exact layout the trainer feeds the model (SPEC section 1): images [B, C, D, H, W]
-// float32, one [B, D, H, W] uint8 map per annotator, presence [B, R], and the consensus.
+// float32, one [B, D, H, W] uint8 map per annotator, presence [B, R], and the consensus;
+// for the STAPLE baselines (option `fused`) also each case's fused map, cut at the same
+// place and flipped alike (the maps are made beforehand by src/fusion/fuse-cache.ts).
 //
 // Sampling (nnU-Net style): each sample picks a case uniformly; with probability
 // `foregroundFraction` (default 1/3) its patch is centred on a random stored tumour voxel
@@ -24,7 +26,18 @@ import * as os from 'os';
 import * as path from 'path';
 import { Worker } from 'worker_threads';
 import { UNLABELLED } from './annotators';
-import { type CacheIndex, type CaseFileHeader, CaseFileReader, type Section, float16DecodeTable, readCacheIndex } from './cache';
+import {
+  type CacheFusion,
+  type CacheIndex,
+  type CaseFileHeader,
+  CaseFileReader,
+  FusedFileReader,
+  type FusedFileHeader,
+  type Section,
+  float16DecodeTable,
+  fusedLabelsCurrent,
+  readCacheIndex,
+} from './cache';
 import { Rng } from './random';
 
 // ---------------------------------------------------------------------------
@@ -61,6 +74,12 @@ export interface PatchLoaderOptions {
   intensityShift?: readonly [number, number];
   /** Index of the first batch next() returns: resume a run where it stopped. Default 0. */
   firstBatch?: number;
+  /**
+   * Also cut every sample's training target from the case's map fused by this STAPLE
+   * variant (PatchBatch.fused). Every case must have a current one in the cache
+   * (fuseCachedCases); the loader refuses to open otherwise.
+   */
+  fused?: CacheFusion;
 }
 
 /** The resolved sampling settings, as sent to the workers (plain data). */
@@ -81,6 +100,8 @@ export interface SamplerCase {
   /** Absolute path of the case file. */
   file: string;
   shape: [number, number, number, number];
+  /** Absolute path of the case's fused label file, when batches carry fused targets. */
+  fusedFile?: string;
 }
 
 /** How one sample of a batch was drawn (for tests, debugging and reports). */
@@ -110,6 +131,8 @@ export interface PatchBatch {
   present: Uint8Array;
   /** Expert consensus [B, D, H, W] (oracle training, evaluation). */
   consensus: Uint8Array;
+  /** The cases' fused maps [B, D, H, W] (PatchLoaderOptions.fused): the STAPLE baselines' target. */
+  fused?: Uint8Array;
   samples: PatchSample[];
 }
 
@@ -216,11 +239,27 @@ function copyRowsFloat32(
   }
 }
 
+/** A case's open files: the case file, and its fused map when batches carry one. */
+interface OpenCase {
+  reader: CaseFileReader;
+  fused?: FusedFileReader;
+}
+
+interface BatchBuffers {
+  images: Float32Array;
+  consensus: Uint8Array;
+  labels: Uint8Array[];
+  present: Uint8Array;
+  fused?: Uint8Array;
+}
+
 /** Builds batches from case files; holds an LRU of open files. Synchronous. */
 export class PatchSampler {
-  private readonly readers = new Map<string, CaseFileReader>();
+  private readonly readers = new Map<string, OpenCase>();
   private scratch = Buffer.from(new ArrayBuffer(1 << 16));
   private readonly names: string[];
+  /** Batches carry fused targets (every case has a fused file). */
+  private readonly withFused: boolean;
 
   constructor(
     private readonly cases: readonly SamplerCase[],
@@ -229,30 +268,41 @@ export class PatchSampler {
   ) {
     if (cases.length === 0) throw new PatchLoaderError('no cases to sample patches from');
     this.names = [...names];
+    this.withFused = cases[0].fusedFile !== undefined;
+    const odd = cases.find((c) => (c.fusedFile !== undefined) !== this.withFused);
+    if (odd) throw new PatchLoaderError(`case ${odd.id} ${this.withFused ? 'lacks' : 'has'} a fused label file unlike case ${cases[0].id}`, odd.id);
   }
 
-  private reader(c: SamplerCase): CaseFileReader {
-    let reader = this.readers.get(c.id);
-    if (reader) {
+  private reader(c: SamplerCase): OpenCase {
+    let open = this.readers.get(c.id);
+    if (open) {
       // Move to the back: most recently used.
       this.readers.delete(c.id);
-      this.readers.set(c.id, reader);
-      return reader;
+      this.readers.set(c.id, open);
+      return open;
     }
     if (this.readers.size >= MAX_OPEN_CASES) {
-      const [oldest, old] = this.readers.entries().next().value as [string, CaseFileReader];
-      old.close();
+      const [oldest, old] = this.readers.entries().next().value as [string, OpenCase];
+      old.reader.close();
+      old.fused?.close();
       this.readers.delete(oldest);
     }
-    reader = CaseFileReader.open(c.file);
+    const reader = CaseFileReader.open(c.file);
+    let fused: FusedFileReader | undefined;
     try {
       checkHeader(reader.header, c, this.names);
+      if (c.fusedFile) {
+        fused = FusedFileReader.open(c.fusedFile);
+        checkFusedHeader(fused.header, reader.header, c);
+      }
     } catch (err) {
       reader.close();
+      fused?.close();
       throw err;
     }
-    this.readers.set(c.id, reader);
-    return reader;
+    open = { reader, ...(fused ? { fused } : {}) };
+    this.readers.set(c.id, open);
+    return open;
   }
 
   private scratchOf(bytes: number): Buffer {
@@ -271,23 +321,22 @@ export class PatchSampler {
     const consensus = new Uint8Array(B * patchVoxels);
     const labels = this.names.map(() => new Uint8Array(B * patchVoxels));
     const present = new Uint8Array(B * R);
+    // Padding is background (0) in the fused map too, as in the annotators' maps.
+    const fused = this.withFused ? new Uint8Array(B * patchVoxels) : undefined;
     const samples: PatchSample[] = [];
     const rng = new Rng(this.settings.seed).fork(index);
     for (let b = 0; b < B; b++) {
-      const sample = this.sampleOne(rng.fork(b), b, { images, consensus, labels, present });
+      const sample = this.sampleOne(rng.fork(b), b, { images, consensus, labels, present, ...(fused ? { fused } : {}) });
       samples.push(sample);
     }
-    return { index, images, shape: [B, channels, pd, ph, pw], labels, present, consensus, samples };
+    return { index, images, shape: [B, channels, pd, ph, pw], labels, present, consensus, ...(fused ? { fused } : {}), samples };
   }
 
-  private sampleOne(
-    rng: Rng,
-    b: number,
-    out: { images: Float32Array; consensus: Uint8Array; labels: Uint8Array[]; present: Uint8Array },
-  ): PatchSample {
+  private sampleOne(rng: Rng, b: number, out: BatchBuffers): PatchSample {
     const s = this.settings;
     const c = this.cases[rng.int(this.cases.length)];
-    const reader = this.reader(c);
+    const open = this.reader(c);
+    const reader = open.reader;
     const header = reader.header;
     const [C, D, H, W] = header.shape;
     const caseSize = [D, H, W];
@@ -319,20 +368,21 @@ export class PatchSampler {
       shift.push(s.intensityShift[0] + (s.intensityShift[1] - s.intensityShift[0]) * rng.uniform());
     }
 
-    this.extract(reader, origin, flip, scale, shift, b, out);
+    this.extract(open, origin, flip, scale, shift, b, out);
     return { caseId: c.id, origin, flip, foreground: centre !== undefined, ...(centre ? { centre } : {}), scale, shift };
   }
 
   /** Copies the patch at `origin` (flipped as asked) of every section into slot b of the batch. */
   private extract(
-    reader: CaseFileReader,
+    open: OpenCase,
     origin: [number, number, number],
     flip: [boolean, boolean, boolean],
     scale: number[],
     shift: number[],
     b: number,
-    out: { images: Float32Array; consensus: Uint8Array; labels: Uint8Array[]; present: Uint8Array },
+    out: BatchBuffers,
   ): void {
+    const reader = open.reader;
     const header = reader.header;
     const [C, D, H, W] = header.shape;
     const [pd, ph, pw] = this.settings.patchSize;
@@ -373,12 +423,14 @@ export class PatchSampler {
       }
     }
 
-    const copyLabels = (section: Section, target: Uint8Array) => {
+    // Every label map (annotators, consensus, fused) goes through the same index maps, so
+    // all of them are cut and flipped exactly as the image.
+    const copyLabels = (readSlice: (z: number) => Buffer, target: Uint8Array) => {
       const base = b * patchVoxels;
       for (let pz = 0; pz < pd; pz++) {
         const sz = zMap[pz];
         if (sz < 0) continue;
-        const values = reader.readRows(section, 1, 0, sz, y0, rows, scratch);
+        const values = readSlice(sz);
         for (let py = 0; py < ph; py++) {
           const sy = yMap[py];
           if (sy < 0) continue;
@@ -392,11 +444,14 @@ export class PatchSampler {
         }
       }
     };
-    copyLabels(header.sections.consensus, out.consensus);
+    const fromSection = (section: Section) => (z: number) => reader.readRows(section, 1, 0, z, y0, rows, scratch);
+    copyLabels(fromSection(header.sections.consensus), out.consensus);
     for (let r = 0; r < R; r++) {
       const section = header.sections.labels[r];
-      if (section) copyLabels(section, out.labels[r]);
+      if (section) copyLabels(fromSection(section), out.labels[r]);
     }
+    const fusedReader = open.fused;
+    if (out.fused && fusedReader) copyLabels((z) => fusedReader.readRows(z, y0, rows, scratch), out.fused);
     this.fillAbsent(header, b, patchVoxels, out);
   }
 
@@ -410,8 +465,18 @@ export class PatchSampler {
   }
 
   close(): void {
-    for (const reader of this.readers.values()) reader.close();
+    for (const open of this.readers.values()) {
+      open.reader.close();
+      open.fused?.close();
+    }
     this.readers.clear();
+  }
+}
+
+function checkFusedHeader(fused: FusedFileHeader, header: CaseFileHeader, c: SamplerCase): void {
+  const [, d, h, w] = header.shape;
+  if (fused.id !== header.id || JSON.stringify(fused.shape) !== JSON.stringify([d, h, w])) {
+    throw new PatchLoaderError(`fused file ${c.fusedFile} holds ${fused.id} ${JSON.stringify(fused.shape)}, the case file ${header.id} [${d}, ${h}, ${w}]: fuse the cache again`, c.fusedFile);
   }
 }
 
@@ -441,7 +506,7 @@ export type PatchWorkerReply =
 
 /** Buffers to transfer (not copy) when posting a batch. */
 export function batchTransferList(batch: PatchBatch): ArrayBuffer[] {
-  return [batch.images.buffer, batch.consensus.buffer, batch.present.buffer, ...batch.labels.map((l) => l.buffer)] as ArrayBuffer[];
+  return [batch.images.buffer, batch.consensus.buffer, batch.present.buffer, ...batch.labels.map((l) => l.buffer), ...(batch.fused ? [batch.fused.buffer] : [])] as ArrayBuffer[];
 }
 
 // The worker entry may be TypeScript (tests and scripts run through ts-node) or JavaScript
@@ -563,7 +628,21 @@ export class PatchLoader implements AsyncIterable<PatchBatch> {
       if (missing.length > 0) throw new PatchLoaderError(`cases not in the cache at ${options.cacheDir}: ${missing.slice(0, 5).join(', ')}${missing.length > 5 ? ', ...' : ''}`, missing);
     }
     if (entries.length === 0) throw new PatchLoaderError(`no cases to sample from in ${options.cacheDir}`);
-    const cases: SamplerCase[] = entries.map((c) => ({ id: c.id, file: path.resolve(options.cacheDir, c.file), shape: c.shape }));
+    const fusion = options.fused;
+    if (fusion !== undefined) {
+      // Training on a stale map would silently train on labels the annotators no longer give.
+      const lacking = entries.filter((c) => !fusedLabelsCurrent(options.cacheDir, c, fusion));
+      if (lacking.length > 0) {
+        const ids = lacking.slice(0, 3).map((c) => `${c.id} (${c.fused?.[fusion] ? 'stale' : 'never fused'})`);
+        throw new PatchLoaderError(`${lacking.length} case(s) of ${options.cacheDir} have no current ${fusion} labels: ${ids.join(', ')}${lacking.length > 3 ? ', ...' : ''}; fuse them first (fuseCachedCases; cmseg train does it)`, lacking.map((c) => c.id));
+      }
+    }
+    const cases: SamplerCase[] = entries.map((c) => ({
+      id: c.id,
+      file: path.resolve(options.cacheDir, c.file),
+      shape: c.shape,
+      ...(fusion !== undefined ? { fusedFile: path.resolve(options.cacheDir, c.fused![fusion]!.file) } : {}),
+    }));
     this.caseIds = cases.map((c) => c.id);
     this.names = [...index.names];
     this.channels = index.channels;

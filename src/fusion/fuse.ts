@@ -58,3 +58,22 @@ export function fuse(maps: (Uint8Array | null)[], options: FuseOptions): Promise
     return Promise.reject(e);
   }
 }
+
+/** The fusions behind the naive-staple and naive-spatial-staple training targets. */
+export type StapleFusion = 'multi-staple' | 'spatial-staple';
+
+/**
+ * fuse() options of a STAPLE training target over an image or volume of `shape` (for a
+ * stack of images, `imageAxes` are one image's axes). Spatial STAPLE gets cells of up to
+ * 8 voxels per axis (at most a quarter of the shortest image axis, so that even a small
+ * image has a grid of local CMs) and windows of 3 cells per axis. One rule for every data
+ * set: MNIST stacks and BraTS volumes are fused alike, and the options are recorded with
+ * every fused map of the cache, so a change here makes the cache fuse again.
+ */
+export function stapleFuseOptions(fusion: StapleFusion, classes: number, shape: readonly number[], imageAxes: readonly number[] = shape): FuseOptions & Record<string, unknown> {
+  if (fusion !== 'multi-staple' && fusion !== 'spatial-staple') throw new RangeError(`fusion ${JSON.stringify(fusion)} must be 'multi-staple' or 'spatial-staple'`);
+  if (fusion === 'multi-staple') return { method: fusion, classes };
+  // The cell size follows the image axes only: a stack of images ([N, H, W]) is cut like one image.
+  const stride = Math.max(1, Math.min(8, ...imageAxes.map((s) => Math.floor(s / 4))));
+  return { method: fusion, classes, shape: [...shape], stride, window: 3 * stride };
+}

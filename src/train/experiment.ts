@@ -16,7 +16,9 @@
 // itself); validation and test predict each whole cropped case by sliding windows of the
 // training patch size and score it with the SPEC section 6 metrics and the BraTS regions.
 // After every epoch only the first `validationCases` validation cases are scored (whole
-// volumes are slow on a CPU); `cmseg eval` scores the whole split.
+// volumes are slow on a CPU); `cmseg eval` scores the whole split. The STAPLE baselines
+// fuse each training case once into the cache (src/fusion/fuse-cache.ts) and train on
+// patches of the fused maps; they are scored against the consensus like every method.
 
 import * as path from 'path';
 import { AnnotatorSpec, LabelMode, simulateAnnotators } from '../data/annotators';
@@ -25,7 +27,8 @@ import { type CacheIndex, readCacheIndex, readCachedCase } from '../data/cache';
 import { loadMnistSplits, MnistBatch } from '../data/mnist';
 import { PatchLoader } from '../data/patch-loader';
 import { Rng } from '../data/random';
-import { fuse } from '../fusion/fuse';
+import { fuse, stapleFuseOptions, type StapleFusion } from '../fusion/fuse';
+import { type FuseCacheProgress, fuseCachedCases } from '../fusion/fuse-cache';
 import type { Model } from '../model/model';
 import { AnnotatedSet, InMemorySource, TrainingSource } from './data';
 import { evaluateModel, evaluateVolumes, EvaluationSummary, fusedLabelRows, FusedLabelRows } from './evaluate';
@@ -81,6 +84,23 @@ export type DatasetSpec = MnistDatasetSpec | BratsDatasetSpec;
 
 export type SplitName = 'validation' | 'test';
 
+export interface FusedTargetsOptions {
+  /** BraTS: called after every training case (fused, or found current in the cache). */
+  onCase?: (progress: FuseCacheProgress) => void | Promise<void>;
+}
+
+/** What prepareFusedTargets did. */
+export interface FusedTargetsReport {
+  fusion: StapleFusion;
+  /** 'set': one STAPLE over the whole in-memory training set (MNIST); 'cases': one per case (BraTS). */
+  scope: 'set' | 'cases';
+  /** Images (set) or cases fused now. */
+  fused: number;
+  /** Cases whose maps the cache already held. */
+  reused: number;
+  ms: number;
+}
+
 /** How a run reads its data; none of it changes the results. */
 export interface ExperimentRuntime {
   /** Images per training batch (the patch loader builds batches of this size); default 1. */
@@ -108,7 +128,7 @@ export interface ExperimentData {
    * Fuses the training annotations once with a native STAPLE method and attaches the
    * result to the training set (the `naive-staple` / `naive-spatial-staple` targets).
    */
-  prepareFusedTargets?(fusion: 'multi-staple' | 'spatial-staple'): Promise<void>;
+  prepareFusedTargets?(fusion: StapleFusion, options?: FusedTargetsOptions): Promise<FusedTargetsReport>;
   /** An in-memory split, for pictures (cmseg predict). */
   split?(split: SplitName | 'train'): AnnotatedSet;
   /** Releases what the data holds open (patch-loader workers, files). */
@@ -153,7 +173,9 @@ export function loadMnistExperiment(spec: MnistDatasetSpec, trainingSeed: number
     },
     split: (name) => sets[name],
     prepareFusedTargets: async (fusion) => {
+      const started = performance.now();
       train.fused = await fuseTrainingSet(train, fusion);
+      return { fusion, scope: 'set', fused: train.count, reused: 0, ms: performance.now() - started };
     },
   };
 }
@@ -164,15 +186,8 @@ export function loadMnistExperiment(spec: MnistDatasetSpec, trainingSeed: number
  * CMs are estimated from every training image at once. Spatial STAPLE's local
  * windows then span neighbouring images of the stack as well as space.
  */
-export async function fuseTrainingSet(set: AnnotatedSet, fusion: 'multi-staple' | 'spatial-staple'): Promise<Uint8Array> {
-  const shape = [set.count, ...set.spatial];
-  const stride = Math.max(1, Math.min(8, ...set.spatial.map((s) => Math.floor(s / 4))));
-  const result = await fuse(set.labels, {
-    method: fusion,
-    classes: set.classes,
-    shape,
-    ...(fusion === 'spatial-staple' ? { stride, window: 3 * stride } : {}),
-  });
+export async function fuseTrainingSet(set: AnnotatedSet, fusion: StapleFusion): Promise<Uint8Array> {
+  const result = await fuse(set.labels, stapleFuseOptions(fusion, set.classes, [set.count, ...set.spatial], set.spatial));
   const labels = result.labels!;
   // A voxel nobody labelled (255) stays unlabelled: the plain CE ignores it.
   return labels;
@@ -232,6 +247,8 @@ export function loadBratsExperiment(spec: BratsDatasetSpec, trainingSeed: number
     }
   }
   const batchSize = runtime.batchSize ?? 1;
+  // Set by prepareFusedTargets before the first batch: the loader then cuts the targets from the fused maps.
+  let fusedTarget: StapleFusion | undefined;
   const open = (firstBatch: number) =>
     PatchLoader.open({
       cacheDir,
@@ -243,6 +260,7 @@ export function loadBratsExperiment(spec: BratsDatasetSpec, trainingSeed: number
       augment: spec.augment,
       firstBatch,
       ...(runtime.workers !== undefined ? { workers: runtime.workers } : {}),
+      ...(fusedTarget ? { fused: fusedTarget } : {}),
     });
   const source = new PatchStreamSource(open, deferredPatchStream(index, batchSize, () => open(0)), spec.stepsPerEpoch);
   const patch = [spec.patch, spec.patch, spec.patch];
@@ -258,6 +276,13 @@ export function loadBratsExperiment(spec: BratsDatasetSpec, trainingSeed: number
         annotatorNames: [...index.names],
         bratsRegions: true,
       });
+    },
+    // STAPLE per case (each rater's performance is a per-subject estimate), on the training
+    // cases only; the maps stay in the cache for every later run on the same cases.
+    prepareFusedTargets: async (fusion, options = {}) => {
+      const result = await fuseCachedCases(cacheDir, spec.splits.train, fusion, { onProgress: options.onCase });
+      fusedTarget = fusion;
+      return { fusion, scope: 'cases', fused: result.fused.length, reused: result.reused.length, ms: result.ms };
     },
     close: () => source.close(),
   };

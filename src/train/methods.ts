@@ -21,7 +21,10 @@ export interface MethodDefinition {
   name: MethodName;
   /** The row label used in reports (paper Tables 1-2 wording). */
   title: string;
-  /** What the model learns from ('fused': a map fused once for the whole training set). */
+  /**
+   * What the model learns from ('fused': a STAPLE map made once before training: over the
+   * whole in-memory training set for MNIST, per case into the cache for BraTS).
+   */
   target: 'annotators' | 'mean' | 'mode' | 'fused' | 'consensus';
   /** The native fusion that prepares the 'fused' target. */
   fusion?: 'multi-staple' | 'spatial-staple';

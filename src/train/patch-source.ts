@@ -2,7 +2,8 @@
 // path. The loader numbers its batches and derives each one's randomness (patch position,
 // flips, intensity changes) from that number, so batch (epoch, index) is stream batch
 // epoch * batchesPerEpoch + index, and a resumed run reopens the stream at that number.
-// The loader augments by itself: train with TrainConfig.augment off.
+// The loader augments by itself: train with TrainConfig.augment off. For the STAPLE
+// baselines the loader also cuts each case's fused map (AnnotatedBatch.fused).
 
 import type { PatchBatch } from '../data/patch-loader';
 import type { AnnotatedBatch, TrainingSource } from './data';
@@ -62,7 +63,7 @@ export class PatchStreamSource implements TrainingSource {
     const b = await this.stream.next();
     this.nextIndex = b.index + 1;
     if (b.index !== wanted) throw new RangeError(`the patch stream gave batch ${b.index}, expected ${wanted}`);
-    return { images: b.images, shape: [...b.shape], labels: b.labels, present: b.present, consensus: b.consensus };
+    return { images: b.images, shape: [...b.shape], labels: b.labels, present: b.present, consensus: b.consensus, ...(b.fused ? { fused: b.fused } : {}) };
   }
 
   async close(): Promise<void> {

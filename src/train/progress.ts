@@ -1,7 +1,8 @@
 // How a training run reports itself while it runs. On a terminal: one cli-progress bar
 // on stderr with the step, loss, CE, trace and the last validation Dice. Not on a
 // terminal (logs, CI, pipes): one plain line per epoch. `quiet`: nothing. The full record
-// is always the JSON-lines log next to the checkpoints (trainer.ts).
+// is always the JSON-lines log next to the checkpoints (trainer.ts). The STAPLE baselines'
+// fusion before training reports the same way, per case.
 
 import { SingleBar } from 'cli-progress';
 
@@ -96,4 +97,38 @@ export function createProgress(options: { quiet?: boolean; stream?: NodeJS.Write
   if (options.quiet) return silentProgress;
   const stream = options.stream ?? process.stderr;
   return stream.isTTY ? new BarProgress(stream) : new LineProgress(stream);
+}
+
+/** Progress of fusing the STAPLE baselines' training targets, one case at a time. */
+export interface FusionProgressReporter {
+  start(total: number, what: string): void;
+  /** After case `done` of `total`: fused now (with its time) or found current in the cache. */
+  case(done: number, id: string, status: 'fused' | 'reused', seconds: number): void;
+  stop(): void;
+}
+
+export const silentFusionProgress: FusionProgressReporter = { start() {}, case() {}, stop() {} };
+
+/** A bar on a TTY, one line per case otherwise (as `cmseg prepare`), nothing when quiet. */
+export function createFusionProgress(options: { quiet?: boolean; stream?: NodeJS.WriteStream } = {}): FusionProgressReporter {
+  if (options.quiet) return silentFusionProgress;
+  const stream = options.stream ?? process.stderr;
+  if (stream.isTTY) {
+    const bar = new SingleBar({ stream, format: '{what} [{bar}] {value}/{total} cases | {id} | {eta_formatted}', barsize: 24, hideCursor: true });
+    return {
+      start: (total, what) => bar.start(total, 0, { what, id: '' }),
+      case: (done, id, status) => bar.update(done, { id: `${id} ${status}` }),
+      stop: () => bar.stop(),
+    };
+  }
+  let total = 0;
+  return {
+    start: (n) => {
+      total = n;
+    },
+    case: (done, id, status, seconds) => {
+      stream.write(`[${done}/${total}] ${id} ${status === 'fused' ? `fused in ${seconds.toFixed(1)} s` : 'up to date in the cache, reused'}\n`);
+    },
+    stop: () => {},
+  };
 }

@@ -81,6 +81,34 @@ struct Scratch {  // a pool allocation released at the end of the call (stream-o
   ~Scratch() { ctx.free(p); }
 };
 
+// Filters may start at any float: the model packs its parameters back to back in one
+// array (unet_cuda.cpp), so a conv weight can follow a bias of odd length (seg.bias
+// or a low-rank cm.{r}.bias before the cmblock convs; small test widths). cuDNN 9
+// engines are chosen for the pointers' alignment and may refuse a float-aligned one
+// (CUDNN_STATUS_BAD_PARAM_MISALIGNED_POINTER). A filter below 32-byte alignment (the
+// most PyTorch ever reports to cuDNN) goes through an aligned pool copy: filters are
+// small next to the activations.
+constexpr uintptr_t kFilterAlign = 32;
+inline bool filter_aligned(const float* w) { return reinterpret_cast<uintptr_t>(w) % kFilterAlign == 0; }
+
+struct AlignedFilter {
+  Context& ctx;
+  float* user;
+  size_t bytes;
+  Scratch copy;
+  float* p;  // what cuDNN gets: `user` itself when aligned, else the copy
+  // load: the copy starts as the user's values (a filter read, or a gradient accumulated into).
+  AlignedFilter(Context& c, const float* w, size_t count, bool load)
+      : ctx(c), user(const_cast<float*>(w)), bytes(count * sizeof(float)),
+        copy(c, filter_aligned(w) ? 0 : bytes), p(filter_aligned(w) ? user : static_cast<float*>(copy.p)) {
+    if (load && p != user) ctx.copy(p, user, bytes);
+  }
+  // After cuDNN wrote the gradient: back into the user's array (stream-ordered, before the copy is freed).
+  void store() {
+    if (p != user) ctx.copy(user, p, bytes);
+  }
+};
+
 // Workspace for timing candidates: the configured limit, but no more than half of
 // the device memory free now.
 size_t benchmark_workspace(Context& ctx) {
@@ -89,6 +117,17 @@ size_t benchmark_workspace(Context& ctx) {
   return std::min(ctx.options().max_workspace_bytes, free_b / 2);
 }
 
+// Runs with the math type the algorithm was chosen for (as PyTorch does): a
+// tensor-op algorithm needs it on the descriptor; FMA math when TF32 is off.
+void use_math(const ConvDesc& cd, const ConvAlgo& a) {
+  CMSEG_CUDNN(cudnnSetConvolutionMathType(cd.d, (cudnnMathType_t)a.math));
+}
+
+// The algo_* functions below size the workspace for the math the algorithm will
+// run with (asked again once the math is on the descriptor): a candidate's `memory`
+// is for its own math type, and without TF32 pick() may force FMA math onto a
+// candidate rated with another one (cuDNN also returns candidates as
+// CUDNN_DEFAULT_MATH); a workspace smaller than the run needs fails the call.
 const int kMaxAlgos = 16;
 
 // y = conv(x, w): x [n, c_in, sx], w [k, c_in, ...], y [n, k, sy]
@@ -107,7 +146,12 @@ ConvAlgo algo_forward(Context& ctx, const ConvKey& key, const TensorDesc& xd, co
   } else {
     CMSEG_CUDNN(cudnnGetConvolutionForwardAlgorithm_v7(im.cudnn(), xd.d, wd.d, cd.d, yd.d, kMaxAlgos, &count, perf));
   }
-  const ConvAlgo a = pick(perf, count, ctx.options().max_workspace_bytes, key.tf32, "a forward convolution");
+  ConvAlgo a = pick(perf, count, ctx.options().max_workspace_bytes, key.tf32, "a forward convolution");
+  use_math(cd, a);
+  size_t ws = 0;
+  if (cudnnGetConvolutionForwardWorkspaceSize(im.cudnn(), xd.d, wd.d, cd.d, yd.d, (cudnnConvolutionFwdAlgo_t)a.algo,
+                                              &ws) == CUDNN_STATUS_SUCCESS)
+    a.workspace = std::max(a.workspace, ws);
   return im.conv_algos[key] = a;
 }
 
@@ -129,7 +173,12 @@ ConvAlgo algo_backward_data(Context& ctx, const ConvKey& key, const FilterDesc& 
     CMSEG_CUDNN(
         cudnnGetConvolutionBackwardDataAlgorithm_v7(im.cudnn(), wd.d, dyd.d, cd.d, dxd.d, kMaxAlgos, &count, perf));
   }
-  const ConvAlgo a = pick(perf, count, ctx.options().max_workspace_bytes, key.tf32, "a backward-data convolution");
+  ConvAlgo a = pick(perf, count, ctx.options().max_workspace_bytes, key.tf32, "a backward-data convolution");
+  use_math(cd, a);  // see algo_forward
+  size_t ws = 0;
+  if (cudnnGetConvolutionBackwardDataWorkspaceSize(im.cudnn(), wd.d, dyd.d, cd.d, dxd.d,
+                                                   (cudnnConvolutionBwdDataAlgo_t)a.algo, &ws) == CUDNN_STATUS_SUCCESS)
+    a.workspace = std::max(a.workspace, ws);
   return im.conv_algos[key] = a;
 }
 
@@ -152,14 +201,13 @@ ConvAlgo algo_backward_filter(Context& ctx, const ConvKey& key, const TensorDesc
     CMSEG_CUDNN(
         cudnnGetConvolutionBackwardFilterAlgorithm_v7(im.cudnn(), xd.d, dyd.d, cd.d, dwd.d, kMaxAlgos, &count, perf));
   }
-  const ConvAlgo a = pick(perf, count, ctx.options().max_workspace_bytes, key.tf32, "a backward-filter convolution");
+  ConvAlgo a = pick(perf, count, ctx.options().max_workspace_bytes, key.tf32, "a backward-filter convolution");
+  use_math(cd, a);  // see algo_forward
+  size_t ws = 0;
+  if (cudnnGetConvolutionBackwardFilterWorkspaceSize(im.cudnn(), xd.d, dyd.d, cd.d, dwd.d,
+                                                     (cudnnConvolutionBwdFilterAlgo_t)a.algo, &ws) == CUDNN_STATUS_SUCCESS)
+    a.workspace = std::max(a.workspace, ws);
   return im.conv_algos[key] = a;
-}
-
-// Runs with the math type the algorithm was chosen for (as PyTorch does): a
-// tensor-op algorithm needs it on the descriptor; FMA math when TF32 is off.
-void use_math(const ConvDesc& cd, const ConvAlgo& a) {
-  CMSEG_CUDNN(cudnnSetConvolutionMathType(cd.d, (cudnnMathType_t)a.math));
 }
 
 void check_shape(const char* what, int n, int cin, int cout, Spatial s, int ndim) {
@@ -203,11 +251,12 @@ void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n
   TensorDesc xd(n, cin, s, ndim), yd(n, cout, s, ndim);
   FilterDesc wd(cout, cin, 3, ndim);
   ConvDesc cd(1, 1, ndim, tf32);
-  const ConvAlgo a = algo_forward(ctx, key_of(kConvFwd, n, cin, cout, s, ndim, tf32), xd, x, wd, w, cd, yd, y);
+  const AlignedFilter wa(ctx, w, (size_t)cout * cin * conv3_taps(ndim), true);
+  const ConvAlgo a = algo_forward(ctx, key_of(kConvFwd, n, cin, cout, s, ndim, tf32), xd, x, wd, wa.p, cd, yd, y);
   use_math(cd, a);
   Scratch ws(ctx, a.workspace);
   const float one = 1.f, zero = 0.f;
-  CMSEG_CUDNN(cudnnConvolutionForward(ctx.impl().cudnn(), &one, xd.d, x, wd.d, w, cd.d,
+  CMSEG_CUDNN(cudnnConvolutionForward(ctx.impl().cudnn(), &one, xd.d, x, wd.d, wa.p, cd.d,
                                       (cudnnConvolutionFwdAlgo_t)a.algo, ws.p, a.workspace, &zero, yd.d, y));
 }
 
@@ -220,21 +269,26 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
   ConvDesc cd(1, 1, ndim, tf32);
   const float one = 1.f, zero = 0.f;
   cudnnHandle_t h = ctx.impl().cudnn();
+  const size_t wn = (size_t)cout * cin * conv3_taps(ndim);
   if (dx) {
+    const AlignedFilter wa(ctx, w, wn, true);
     const ConvAlgo a =
-        algo_backward_data(ctx, key_of(kConvBwdData, n, cin, cout, s, ndim, tf32), wd, w, yd, dy, cd, xd, dx);
+        algo_backward_data(ctx, key_of(kConvBwdData, n, cin, cout, s, ndim, tf32), wd, wa.p, yd, dy, cd, xd, dx);
     use_math(cd, a);
     Scratch ws(ctx, a.workspace);
-    CMSEG_CUDNN(cudnnConvolutionBackwardData(h, &one, wd.d, w, yd.d, dy, cd.d, (cudnnConvolutionBwdDataAlgo_t)a.algo,
-                                             ws.p, a.workspace, &zero, xd.d, dx));
+    CMSEG_CUDNN(cudnnConvolutionBackwardData(h, &one, wd.d, wa.p, yd.d, dy, cd.d,
+                                             (cudnnConvolutionBwdDataAlgo_t)a.algo, ws.p, a.workspace, &zero, xd.d,
+                                             dx));
   }
+  AlignedFilter dwa(ctx, dw, wn, true);  // accumulated into (beta = 1)
   const ConvAlgo a = algo_backward_filter(ctx, key_of(kConvBwdFilter, n, cin, cout, s, ndim, tf32), xd, x, yd, dy, cd,
-                                          wd, (size_t)cout * cin * conv3_taps(ndim));
+                                          wd, wn);
   use_math(cd, a);
   Scratch ws(ctx, a.workspace);
   CMSEG_CUDNN(cudnnConvolutionBackwardFilter(h, &one, xd.d, x, yd.d, dy, cd.d,
                                              (cudnnConvolutionBwdFilterAlgo_t)a.algo, ws.p, a.workspace, &one, wd.d,
-                                             dw));
+                                             dwa.p));
+  dwa.store();
 }
 
 void upconv2_forward(Context& ctx, const float* x, const float* w, const float* b, float* y, int n, int cin, int cout,
@@ -246,12 +300,13 @@ void upconv2_forward(Context& ctx, const float* x, const float* w, const float* 
   TensorDesc xd(n, cin, s, ndim), yd(n, cout, so, ndim);
   FilterDesc wd(cin, cout, 2, ndim);
   ConvDesc cd(0, 2, ndim, tf32);
-  const ConvAlgo a = algo_backward_data(ctx, key_of(kUpFwd, n, cin, cout, s, ndim, tf32), wd, w, xd, x, cd, yd, y);
+  const AlignedFilter wa(ctx, w, (size_t)cin * cout * pool2_taps(ndim), true);
+  const ConvAlgo a = algo_backward_data(ctx, key_of(kUpFwd, n, cin, cout, s, ndim, tf32), wd, wa.p, xd, x, cd, yd, y);
   {
     use_math(cd, a);
     Scratch ws(ctx, a.workspace);
     const float one = 1.f, zero = 0.f;
-    CMSEG_CUDNN(cudnnConvolutionBackwardData(ctx.impl().cudnn(), &one, wd.d, w, xd.d, x, cd.d,
+    CMSEG_CUDNN(cudnnConvolutionBackwardData(ctx.impl().cudnn(), &one, wd.d, wa.p, xd.d, x, cd.d,
                                              (cudnnConvolutionBwdDataAlgo_t)a.algo, ws.p, a.workspace, &zero, yd.d,
                                              y));
   }
@@ -270,22 +325,27 @@ void upconv2_backward(Context& ctx, const float* x, const float* w, const float*
   ConvDesc cd(0, 2, ndim, tf32);
   const float one = 1.f, zero = 0.f;
   cudnnHandle_t h = ctx.impl().cudnn();
+  const size_t wn = (size_t)cin * cout * pool2_taps(ndim);
   if (dx) {
-    const ConvAlgo a = algo_forward(ctx, key_of(kUpBwdData, n, cin, cout, s, ndim, tf32), yd, dy, wd, w, cd, xd, dx);
+    const AlignedFilter wa(ctx, w, wn, true);
+    const ConvAlgo a =
+        algo_forward(ctx, key_of(kUpBwdData, n, cin, cout, s, ndim, tf32), yd, dy, wd, wa.p, cd, xd, dx);
     use_math(cd, a);
     Scratch ws(ctx, a.workspace);
-    CMSEG_CUDNN(cudnnConvolutionForward(h, &one, yd.d, dy, wd.d, w, cd.d, (cudnnConvolutionFwdAlgo_t)a.algo, ws.p,
+    CMSEG_CUDNN(cudnnConvolutionForward(h, &one, yd.d, dy, wd.d, wa.p, cd.d, (cudnnConvolutionFwdAlgo_t)a.algo, ws.p,
                                         a.workspace, &zero, xd.d, dx));
   }
   {
     // In the convolution's terms, dy is the input and x the output gradient.
+    AlignedFilter dwa(ctx, dw, wn, true);  // accumulated into (beta = 1)
     const ConvAlgo a = algo_backward_filter(ctx, key_of(kUpBwdFilter, n, cin, cout, s, ndim, tf32), yd, dy, xd, x, cd,
-                                            wd, (size_t)cin * cout * pool2_taps(ndim));
+                                            wd, wn);
     use_math(cd, a);
     Scratch ws(ctx, a.workspace);
     CMSEG_CUDNN(cudnnConvolutionBackwardFilter(h, &one, yd.d, dy, xd.d, x, cd.d,
                                                (cudnnConvolutionBwdFilterAlgo_t)a.algo, ws.p, a.workspace, &one, wd.d,
-                                               dw));
+                                               dwa.p));
+    dwa.store();
   }
   bias_grad_kernel<<<(unsigned)cout, kThreads, 0, stream_of(ctx)>>>(dy, n, cout, so.size(), db);
   CMSEG_CUDA_LAUNCHED("upconv2 bias grad");

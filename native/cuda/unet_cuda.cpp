@@ -220,6 +220,10 @@ ModelGpu::ModelGpu(const ModelConfig& config, const std::vector<Param>& params) 
   const ModelConfig& c = m.c;
   for (const Param& p : params) {
     m.names.push_back(p.name);
+    // Each parameter starts on a 256-byte boundary (cuDNN and cuBLAS want aligned
+    // filters; odd-length biases would misalign what follows). The padding stays
+    // zero: zero on upload, zero gradient, and Adam keeps a zero at zero.
+    m.total = (m.total + 63) / 64 * 64;
     m.offset.push_back(m.total);
     m.numel.push_back(p.numel());
     m.total += p.numel();

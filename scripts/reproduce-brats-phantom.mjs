@@ -391,6 +391,13 @@ three tumour classes, validated every ${options.stepsPerEpoch} steps).
 
 ${mainTable()}
 
+The STAPLE rows match the oracle here, for a reason that real annotations will not give
+them: one of the phantom's three annotators (\`wrong\`) is a pure swap of tumour classes, a
+permutation confusion matrix that loses no information; STAPLE estimates it per case and
+inverts it, so its fused map equals the consensus (no voxel differs on a full-size phantom;
+multi-label and spatial STAPLE give the same map). The CM methods, which must learn the
+same thing from single patches through the network, are far from converged at this budget.
+
 ## Annotator CMs (test split)
 
 ${annotatorTable()}

@@ -63,3 +63,15 @@ t.test('a GPU result gets GPU labels, the bf16 row and its ratio, and no CPU-pea
   t.match(table, /\| brats3d-gpu \| PyTorch eager \(bf16 autocast\) \| 120 .* \| 7000 \| 1\.20 \|/);
   t.notMatch(table, /cmseg \(CPU\)/);
 });
+
+t.test('with several rounds the eager ratio is the median of the rounds, with its spread', async (t) => {
+  const table = formatBenchTable([
+    {
+      config: 'brats3d-cpu', shape: [1, 4, 64, 64, 64], threads: 2, peakGflopPerSecond: 200, stepGflop: 87.65, machine: machineInfo(),
+      cmseg: { ok: true, stepMsMedian: 1000, voxelsPerSecond: 262144, gflopPerSecond: 87.65, fractionOfPeak: 0.438, peakMemoryMB: 1300 },
+      torchEager: { ok: true, stepMsMedian: 1900, voxelsPerSecond: 137970, gflopPerSecond: 46.1, fractionOfPeak: 0.23, peakMemoryMB: 1800 },
+      speedupVsEager: 1.85, speedupVsEagerRange: [1.6, 2.05], rounds: 3,
+    },
+  ]);
+  t.match(table, /\| brats3d-cpu \| PyTorch eager \| 1900 .* \| 1\.85 \(1\.60-2\.05, 3 rounds\) \|/);
+});

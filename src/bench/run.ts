@@ -16,6 +16,13 @@ export interface BenchOptions {
   threads?: number;
   /** also time torch.compile (slow to compile) */
   compile?: boolean;
+  /**
+   * Rounds of (cmseg, PyTorch eager) run back to back: each round gives one time ratio
+   * from two processes a few seconds apart, and the table reports the median ratio and
+   * the median step over all rounds. Shared machines drift by tens of percent within a
+   * minute; pairing the sides keeps that drift out of the ratio. Default 1.
+   */
+  rounds?: number;
   python?: string;
   log?: (line: string) => void;
 }
@@ -45,8 +52,11 @@ export interface BenchResult {
   torchBf16?: SideResult;
   /** where the configuration ran */
   device?: 'cpu' | 'gpu';
-  /** PyTorch step time / cmseg step time: > 1 means cmseg is faster */
+  /** PyTorch step time / cmseg step time: > 1 means cmseg is faster (median over rounds) */
   speedupVsEager?: number;
+  /** rounds run, and the smallest and largest per-round eager ratio */
+  rounds?: number;
+  speedupVsEagerRange?: [number, number];
   speedupVsCompile?: number;
   machine: MachineInfo;
 }
@@ -76,9 +86,12 @@ function runJson(cmd: string, args: string[], env: Record<string, string>, timeo
   }
 }
 
-function side(raw: Record<string, unknown>, flops: number, voxels: number, peak: number, memKey: string): SideResult {
-  if (!raw.ok) return { ok: false, error: String(raw.error ?? 'failed') };
-  const stepMs = raw.stepMs as number[];
+function side(raws: Record<string, unknown> | Record<string, unknown>[], flops: number, voxels: number, peak: number, memKey: string): SideResult {
+  const all = Array.isArray(raws) ? raws : [raws];
+  const failed = all.find((r) => !r.ok);
+  if (failed) return { ok: false, error: String(failed.error ?? 'failed') };
+  const raw = { ...all[0], [memKey]: Math.max(...all.map((r) => Number(r[memKey] ?? 0))) };
+  const stepMs = all.flatMap((r) => r.stepMs as number[]);
   const m = median(stepMs);
   const gflops = flops / 1e9 / (m / 1e3);
   return {
@@ -137,15 +150,24 @@ export function runBench(options: BenchOptions = {}): BenchResult[] {
       continue;
     }
     const voxels = voxelsPerStep(c);
-    log(`${name}: cmseg (${warmup} warm-up + ${steps} steps)...`);
-    const ours = runJson(process.execPath, [worker, name, String(steps), String(warmup)], { CMSEG_NUM_THREADS: String(threads) }, 1_800_000);
-    const params = (ours.parameters as { name: string; shape: number[] }[] | undefined) ?? [];
-    const [n, , ...spatial] = c.shape;
-    const flops = stepConvFlops(params, spatial, n, c.model.depth ?? 4);
+    const rounds = Math.max(1, Math.floor(options.rounds ?? 1));
     const torchArgs = [torchScript, 'bench', '--config', name, '--steps', String(steps), '--warmup', String(warmup), '--threads', String(threads)];
     if (gpu) torchArgs.push('--device', 'cuda');
-    log(`${name}: PyTorch eager...`);
-    const eager = runJson(python, torchArgs, {}, 1_800_000);
+    const ours: Record<string, unknown>[] = [];
+    const eager: Record<string, unknown>[] = [];
+    const ratios: number[] = [];
+    for (let k = 0; k < rounds; k++) {
+      const tag = rounds > 1 ? ` (round ${k + 1}/${rounds})` : '';
+      log(`${name}: cmseg (${warmup} warm-up + ${steps} steps)${tag}...`);
+      ours.push(runJson(process.execPath, [worker, name, String(steps), String(warmup)], { CMSEG_NUM_THREADS: String(threads) }, 1_800_000));
+      log(`${name}: PyTorch eager${tag}...`);
+      eager.push(runJson(python, torchArgs, {}, 1_800_000));
+      const a = ours[k], b = eager[k];
+      if (a.ok && b.ok) ratios.push(median(b.stepMs as number[]) / median(a.stepMs as number[]));
+    }
+    const params = (ours[0].parameters as { name: string; shape: number[] }[] | undefined) ?? [];
+    const [n, , ...spatial] = c.shape;
+    const flops = stepConvFlops(params, spatial, n, c.model.depth ?? 4);
     let compiled: Record<string, unknown> | undefined;
     if (options.compile) {
       log(`${name}: PyTorch torch.compile...`);
@@ -161,14 +183,18 @@ export function runBench(options: BenchOptions = {}): BenchResult[] {
     const pk = gpu ? NaN : peak;
     const r: BenchResult = {
       ...base,
-      machine: machineInfo(eager.torch as string | undefined),
+      machine: machineInfo(eager[0].torch as string | undefined),
       stepGflop: flops / 1e9,
       cmseg: side(ours, flops, voxels, pk, mem),
       torchEager: side(eager, flops, voxels, pk, mem),
       torchCompile: compiled ? side(compiled, flops, voxels, pk, mem) : undefined,
       torchBf16: bf16 ? side(bf16, flops, voxels, pk, mem) : undefined,
+      rounds,
     };
-    if (r.cmseg?.ok && r.torchEager?.ok) r.speedupVsEager = r.torchEager.stepMsMedian! / r.cmseg.stepMsMedian!;
+    if (ratios.length === rounds) {
+      r.speedupVsEager = median(ratios);
+      r.speedupVsEagerRange = [Math.min(...ratios), Math.max(...ratios)];
+    }
     if (r.cmseg?.ok && r.torchCompile?.ok) r.speedupVsCompile = r.torchCompile.stepMsMedian! / r.cmseg.stepMsMedian!;
     results.push(r);
   }
@@ -176,6 +202,13 @@ export function runBench(options: BenchOptions = {}): BenchResult[] {
 }
 
 const f = (x: number | undefined, digits = 0) => (x === undefined || !Number.isFinite(x) ? '-' : x.toFixed(digits));
+
+// The eager ratio, with its spread over the rounds when there were several.
+function eagerRatio(r: BenchResult): string {
+  const m = f(r.speedupVsEager, 2);
+  if (!r.speedupVsEagerRange || (r.rounds ?? 1) < 2 || m === '-') return m;
+  return `${m} (${f(r.speedupVsEagerRange[0], 2)}-${f(r.speedupVsEagerRange[1], 2)}, ${r.rounds} rounds)`;
+}
 
 /** A markdown table of the results, one row per (config, side). */
 export function formatBenchTable(results: BenchResult[]): string {
@@ -192,7 +225,7 @@ export function formatBenchTable(results: BenchResult[]): string {
     const ratio = (s?: SideResult) => (s?.ok && r.cmseg?.ok ? f(s.stepMsMedian! / r.cmseg.stepMsMedian!, 2) : '');
     const rows: [string, SideResult | undefined, string][] = [
       [gpu ? 'cmseg (GPU, TF32)' : 'cmseg (CPU)', r.cmseg, ''],
-      [gpu ? 'PyTorch eager (TF32)' : 'PyTorch eager', r.torchEager, f(r.speedupVsEager, 2)],
+      [gpu ? 'PyTorch eager (TF32)' : 'PyTorch eager', r.torchEager, eagerRatio(r)],
       ['PyTorch torch.compile', r.torchCompile, f(r.speedupVsCompile, 2)],
       ['PyTorch eager (bf16 autocast)', r.torchBf16, ratio(r.torchBf16)],
     ];

@@ -25,6 +25,14 @@ Napi::Value BackendInfo(const Napi::CallbackInfo& info) {
   o.Set("cudnnVersion", (double)b.cudnn_version);
   if (!b.gpu_unavailable_reason.empty()) o.Set("gpuUnavailableReason", b.gpu_unavailable_reason);
   o.Set("cudaTraining", b.cuda_training);
+  // Precision modes a 'cuda' model offers (ModelConfig.tf32): strict fp32 and TF32
+  // convolutions; bf16 is not implemented yet and is not listed.
+  Napi::Array precisions = Napi::Array::New(env);
+  if (b.cuda_training) {
+    precisions.Set(0u, "fp32");
+    precisions.Set(1u, "tf32");
+  }
+  o.Set("gpuPrecisions", precisions);
   o.Set("simd", b.simd);
   o.Set("compiler", b.compiler);
   return o;

@@ -15,6 +15,11 @@ t.test('a CPU model reports its device and no GPU memory', async (t) => {
   t.same(m.memory(), { device: 'cpu' });
 });
 
+t.test('backendInfo lists the GPU precision modes exactly when CUDA training is built', async (t) => {
+  const info = backendInfo();
+  t.same(info.gpuPrecisions, info.cudaTraining ? ['fp32', 'tf32'] : []);
+});
+
 t.test("'auto' picks the GPU exactly when one is usable", async (t) => {
   const info = backendInfo();
   const m = createModel({ ...small, device: 'auto' });

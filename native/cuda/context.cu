@@ -111,8 +111,10 @@ void* Context::alloc(size_t bytes) {
   const cudaError_t e = cudaMallocAsync(&p, bytes, m.stream);
   if (e != cudaSuccess) {
     cudaGetLastError();
-    throw OutOfMemory(str("device allocation of ", bytes, " bytes failed (", m.in_use, " bytes in use through this context): ",
-                          cudaGetErrorString(e)));
+    // Said in the user's terms: what failed, how much, and what to change.
+    throw OutOfMemory(str("GPU out of memory: allocating ", bytes / 1048576.0, " MiB failed with ", m.in_use / 1048576.0,
+                          " MiB in use by this model (", cudaGetErrorString(e),
+                          "); use a smaller batch or patch, or free other GPU work"));
   }
   m.sizes[p] = bytes;
   m.in_use += bytes;

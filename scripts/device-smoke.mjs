@@ -109,6 +109,23 @@ async function runCase(name, cfg, n, size, plainCe = false) {
   results.push({ case: name, gradWorst, weightWorst: worst, predictMaxAbs: dp, peakGpuMB: mem.peakInUseMB, seconds: (Date.now() - t0) / 1e3 });
 }
 
+// GPU out of memory through the API: a rejected Promise naming it, and the model
+// (and process) still usable with a batch that fits.
+async function outOfMemory() {
+  const cfg = { ndim: 2, inChannels: 1, classes: 2, annotators: 2, depth: 3, baseChannels: 8, device: 'cuda', gpuMemoryLimitMB: 64 };
+  try {
+    const m = cmseg.createModel(cfg);
+    const big = batchFor(cfg, 16, 512, 3); // 4M pixels: far more than 64 MiB of activations
+    let message = '';
+    await m.trainStep(big).catch((e) => (message = e.message));
+    check(/GPU out of memory/.test(message), `out of memory: rejected with "${message.slice(0, 120)}"`);
+    const r = await m.trainStep(batchFor(cfg, 1, 16, 4));
+    check(Number.isFinite(r.loss), `out of memory: a small batch trains afterwards (loss ${r.loss})`);
+  } catch (err) {
+    check(false, `out of memory: ${err.message}`);
+  }
+}
+
 async function main() {
   const info = cmseg.backendInfo();
   console.log(`backend: cuda built ${info.cuda}, GPU ${info.gpuAvailable ? info.gpu : `unavailable (${info.gpuUnavailableReason || 'CUDA backend not built'})`}, cuDNN ${info.cudnnVersion}`);
@@ -133,6 +150,7 @@ async function main() {
       check(false, `${name}: ${err.message}`);
     }
   }
+  if (!dryRun) await outOfMemory();
   console.log(JSON.stringify({ ok: failures.length === 0, failures, results }));
   process.exit(failures.length ? 1 : 0);
 }

@@ -85,6 +85,7 @@ void ModelGpu::download_params(std::vector<Param>&) { off(); }
 StepResult ModelGpu::run(const Batch&, bool, float) { off(); }
 void ModelGpu::adam(const OptimConfig&, int64_t) { off(); }
 void ModelGpu::predict(const float*, int, Spatial, float*, float*, float*) { off(); }
+void ModelGpu::release_activations() { off(); }
 
 namespace host {
 void conv3_forward(Context&, const float*, const float*, float*, int, int, int, Spatial, int) { off(); }

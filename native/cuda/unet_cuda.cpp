@@ -49,6 +49,7 @@ T* ensure(Context& ctx, Buffer<T>& b, size_t count) {
 ContextOptions context_options(const ModelConfig& c) {
   ContextOptions o;
   o.tf32 = c.tf32;
+  o.memory_limit_bytes = c.gpu_memory_limit;
   return o;
 }
 
@@ -445,6 +446,21 @@ StepResult ModelGpu::run(const Batch& batch, bool backward, float trace_weight) 
     }
   }
   return res;
+}
+
+void ModelGpu::release_activations() {
+  Impl& m = *impl_;
+  for (auto* acts : {&m.enc_a, &m.dec_a, &m.cmb_a})
+    for (BlockActs& a : *acts) a = BlockActs();
+  for (auto* bufs : {&m.pooled, &m.cats, &m.cm_raw, &m.d_cm, &m.g_enc})
+    for (Buffer<float>& b : *bufs) b.reset();
+  for (Buffer<uint8_t>& b : m.pool_arg) b.reset();
+  for (Buffer<uint8_t>& b : m.labels) b.reset();
+  for (Buffer<float>* b : {&m.seg_logits, &m.d_seg, &m.d_feat, &m.d_tmp, &m.d_tmp2, &m.scratch_a, &m.scratch_b, &m.d_cat,
+                           &m.d_below, &m.d_in, &m.images, &m.soft_target, &m.probs, &m.cms, &m.q})
+    b->reset();
+  m.present.reset();
+  m.target.reset();
 }
 
 void ModelGpu::adam(const OptimConfig& o, int64_t step) {

@@ -58,7 +58,13 @@ StepResult Model::run_device(const Batch& batch, bool backward) {
   sync_to_device();
   // The device's gradients are overwritten from here on, also if the step fails.
   if (backward) host_stale_ = true;
-  StepResult r = gpu_->run(batch, backward, current_trace_weight());
+  StepResult r;
+  try {
+    r = gpu_->run(batch, backward, current_trace_weight());
+  } catch (const OutOfMemory&) {
+    gpu_->release_activations();  // give the pool back: a smaller batch may fit next
+    throw;
+  }
   r.step = step;
   return r;
 }
@@ -66,7 +72,12 @@ StepResult Model::run_device(const Batch& batch, bool backward) {
 void Model::predict_device(const float* images, int n, Spatial s, float* probs, float* cms, float* annotator_probs) {
   validate_images(images, n, s);
   sync_to_device();
-  gpu_->predict(images, n, s, probs, cms, annotator_probs);
+  try {
+    gpu_->predict(images, n, s, probs, cms, annotator_probs);
+  } catch (const OutOfMemory&) {
+    gpu_->release_activations();
+    throw;
+  }
 }
 
 void Model::apply_optimizer_device() {

@@ -942,6 +942,37 @@ TEST(model_gpu_validates) {
   CHECK_THROWS_WITH(Model{many}, "at most 16 annotators");
 }
 
+// GPU out of memory: a clear error, the failed step gives its memory back, and a
+// batch that fits runs afterwards. The per-model limit stands in for a full device
+// (the same allocator path throws in both cases).
+TEST(model_gpu_out_of_memory) {
+  StepCase small = step_case("oom", 2, CmMode::Full, 0);
+  StepCase big = small;
+  big.n = 8, big.s = {1, 64, 48};  // 64x the pixels of `small`
+  ModelConfig cg = small.c;
+  cg.device = Device::Cuda;
+  cg.gpu_memory_limit = 1024;  // less than the parameters: construction fails
+  CHECK_THROWS_WITH(Model{cg}, "GPU out of memory");
+  // What a small step needs at most, measured without a limit.
+  cg.gpu_memory_limit = 0;
+  StepData ds = make_step_data(small, 5), db = make_step_data(big, 6);
+  size_t params_bytes = 0, small_peak = 0;
+  {
+    Model probe(cg);
+    params_bytes = probe.gpu()->context().pool_stats().in_use_bytes;
+    probe.train_step(ds.batch);
+    small_peak = probe.gpu()->context().pool_stats().peak_in_use_bytes;
+  }
+  cg.gpu_memory_limit = small_peak + 4096;
+  Model gpu(cg);
+  CHECK(gpu.gpu()->context().pool_stats().in_use_bytes == params_bytes);
+  CHECK_THROWS_WITH(gpu.train_step(db.batch), "GPU out of memory");
+  CHECK(gpu.gpu()->context().pool_stats().in_use_bytes == params_bytes);  // the failed step gave back what it took
+  CHECK(gpu.step == 0);                                                    // and took no optimiser step
+  const StepResult r = gpu.train_step(ds.batch);                           // a batch that fits still runs
+  CHECK(std::isfinite(r.loss) && gpu.step == 1);
+}
+
 // The SPEC brats3d-gpu step (2 x 4 x 128^3, depth 4, c 32, L 4, R 3, cm full,
 // lambda 0.01), TF32 on: whole-step time, waited for on the device.
 TEST(model_step_brats3d_gpu_timing) {

@@ -53,6 +53,8 @@ export interface ModelConfig {
   device?: Device;
   /** GPU only: let convolutions and heads use TF32 tensor cores (default true); false = strict fp32. */
   tf32?: boolean;
+  /** GPU only: the most device memory the model may hold, in MiB (default 0: no limit); past it a step fails with "GPU out of memory". */
+  gpuMemoryLimitMB?: number;
   optimizer?: OptimizerOptions;
   loss?: LossOptions;
 }
@@ -75,6 +77,7 @@ export interface ResolvedConfig {
   /** The backend the model runs on: 'auto' resolved to 'cpu' or 'cuda'. */
   device: Device;
   tf32: boolean;
+  gpuMemoryLimitMB: number;
 }
 
 export function splitConfig(config: ModelConfig): { network: NetworkConfig; optimizer?: OptimizerOptions; loss?: LossOptions } {

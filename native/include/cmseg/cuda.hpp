@@ -57,6 +57,9 @@ struct ContextOptions {
   // Choose each convolution's algorithm by timing cuDNN's candidates once per shape
   // (like torch.backends.cudnn.benchmark) instead of by cuDNN's heuristics.
   bool conv_benchmark = false;
+  // Most bytes this context may hold at once (0: no limit of its own); past it
+  // alloc() throws OutOfMemory like a full device.
+  size_t memory_limit_bytes = 0;
 };
 
 struct PoolStats {
@@ -269,6 +272,9 @@ class ModelGpu {
   void adam(const OptimConfig& o, int64_t step);
   // Host arrays as Model::predict (cms, annotator_probs may be null). Waits.
   void predict(const float* images, int n, Spatial s, float* probs, float* cms, float* annotator_probs);
+  // Frees every activation, scratch and batch buffer (kept between steps for reuse);
+  // the parameters stay. After an out-of-memory step, so a smaller batch can follow.
+  void release_activations();
 
   struct Impl;
 

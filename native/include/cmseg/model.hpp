@@ -35,6 +35,10 @@ struct ModelConfig {
   // (10-bit mantissa products). false = strict fp32 (FMA math), for parity tests.
   // TODO(bf16): a bf16 activation path is not attempted yet; fp32/TF32 only.
   bool tf32 = true;
+  // Device::Cuda only: the most device memory this model may hold (bytes; 0 = as
+  // much as the GPU has). Past it an allocation fails with cmseg::OutOfMemory, as a
+  // full GPU would (PyTorch's per-process memory fraction plays the same role).
+  size_t gpu_memory_limit = 0;
 };
 
 struct OptimConfig {

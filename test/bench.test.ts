@@ -4,7 +4,7 @@ import t from 'tap';
 import { createModel } from '../src/index';
 import { stepConvFlops } from '../src/bench/flops';
 import { BENCH_CONFIGS, benchConfig, voxelsPerStep } from '../src/bench/configs';
-import { formatBenchTable, machineInfo } from '../src/bench/run';
+import { formatBenchTable, machineInfo, runBench } from '../src/bench/run';
 
 t.test('conv FLOPs of a tiny 2D model by hand', async (t) => {
   // depth 2, base 4, 1 input channel, L 2, R 1, one 8x8 image:
@@ -74,4 +74,11 @@ t.test('with several rounds the eager ratio is the median of the rounds, with it
     },
   ]);
   t.match(table, /\| brats3d-cpu \| PyTorch eager \| 1900 .* \| 1\.85 \(1\.60-2\.05, 3 rounds\) \|/);
+});
+
+t.test('a rounds count that is not a whole number >= 1 is refused before anything runs', async (t) => {
+  // NaN (e.g. `--rounds x`) used to run no round at all and then fail on the missing first result.
+  for (const rounds of [NaN, 0, -1, 1.5, Infinity]) {
+    t.throws(() => runBench({ rounds, configs: ['mnist2d'], python: '/nonexistent/python' }), RangeError, `rounds ${rounds}`);
+  }
 });

@@ -20,6 +20,7 @@ import {
   prepareCache,
   readCacheIndex,
   readCachedCase,
+  withCacheLock,
 } from '../src/data/cache';
 import { Rng } from '../src/data/random';
 
@@ -232,4 +233,21 @@ t.test('settings: a cache holds one setting; rebuild replaces it; single mode', 
   });
   t.same(pruned.removed, [ids[2]]);
   t.notOk(fs.existsSync(path.join(moved, 'cases', `${ids[2]}.bin`)));
+});
+
+t.test('the cache lock is not shared within a process: a second writer is refused, not let in', async (t) => {
+  // Two writers in one process (prepareCache / fuseCachedCases called concurrently) would
+  // each rewrite index.json from their own copy, losing the other's entries, and the first
+  // to finish would release the lock under the second.
+  const dir = tempDir(t);
+  const lock = path.join(dir, '.prepare.lock');
+  await withCacheLock(dir, async () => {
+    await t.rejects(withCacheLock(dir, async () => 1), { name: 'CacheError', kind: 'locked' });
+    t.ok(fs.existsSync(lock), 'the first writer still holds its lock');
+  });
+  t.notOk(fs.existsSync(lock), 'released');
+  // A lock file with this process's pid that nobody here holds (a dead process whose pid we reuse) is taken over.
+  fs.writeFileSync(lock, String(process.pid));
+  t.equal(await withCacheLock(dir, async () => 2), 2);
+  t.notOk(fs.existsSync(lock), 'released again');
 });

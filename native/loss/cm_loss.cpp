@@ -349,8 +349,8 @@ void cm_loss(const CmLossInput& in, CmLossOutput& out) {
       if (in.mode == CmMode::Full) {
         double tr_lanes[kLanes] = {};
         for (; v + kLanes <= cnt; v += kLanes)
-          full_cm_lanes(L, sp + v, sg + v, cnt, p_rows.data() + v, dp_rows.data() + v, lab + v, grads, wce, diag,
-                        q + v, grads ? out.d_cm_raw[r] + head + v : nullptr, V, tr_lanes);
+          full_cm_lanes(L, sp + v, sg + v, cnt, p_rows.data() + v, grads ? dp_rows.data() + v : nullptr, lab + v,
+                        grads, wce, diag, q + v, grads ? out.d_cm_raw[r] + head + v : nullptr, V, tr_lanes);
         for (int l = 0; l < kLanes; ++l) tr_acc[r] += tr_lanes[l];
       }
       float p[kMaxClasses], g[kMaxClasses * kMaxClasses];

@@ -123,6 +123,8 @@ export function runBench(options: BenchOptions = {}): BenchResult[] {
   const steps = options.steps ?? 5;
   const warmup = options.warmup ?? 1;
   const python = options.python ?? process.env.CMSEG_PYTHON ?? 'python3';
+  const rounds = options.rounds ?? 1;
+  if (!Number.isSafeInteger(rounds) || rounds < 1) throw new RangeError(`rounds ${rounds} must be an integer >= 1`);
   const native = loadNative();
   const info = native.backendInfo();
   // Default: the CPU configurations, and the GPU one where a GPU can be used.
@@ -150,7 +152,6 @@ export function runBench(options: BenchOptions = {}): BenchResult[] {
       continue;
     }
     const voxels = voxelsPerStep(c);
-    const rounds = Math.max(1, Math.floor(options.rounds ?? 1));
     const torchArgs = [torchScript, 'bench', '--config', name, '--steps', String(steps), '--warmup', String(warmup), '--threads', String(threads)];
     if (gpu) torchArgs.push('--device', 'cuda');
     const ours: Record<string, unknown>[] = [];

@@ -1,6 +1,7 @@
 // `cmseg bench`: the side-by-side benchmark of SPEC section 8.
 import { Command } from 'commander';
 import { formatBenchTable, formatMachine, runBench } from '../bench/run';
+import { parseInteger } from './common';
 
 export function benchCommand(): Command {
   return new Command('bench')
@@ -10,7 +11,7 @@ export function benchCommand(): Command {
     .option('--warmup <n>', 'untimed warm-up steps', '1')
     .option('--threads <n>', 'threads for both sides (default: all cores)')
     .option('--compile', 'also time PyTorch with torch.compile (slow to compile)')
-    .option('--rounds <n>', 'rounds of cmseg and PyTorch eager back to back; the ratio is the median over rounds', '1')
+    .option('--rounds <n>', 'rounds of cmseg and PyTorch eager back to back; the ratio is the median over rounds', parseInteger(1), 1)
     .option('--json', 'print one JSON object per configuration instead of a table')
     .addHelpText('after', '\nExample:\n  $ cmseg bench --config brats3d-cpu --steps 5\n  $ npm run bench')
     .action((opts) => {
@@ -20,7 +21,7 @@ export function benchCommand(): Command {
         warmup: Number(opts.warmup),
         threads: opts.threads ? Number(opts.threads) : undefined,
         compile: !!opts.compile,
-        rounds: Number(opts.rounds),
+        rounds: opts.rounds,
         log: opts.json ? undefined : (line) => process.stderr.write(line + '\n'),
       });
       if (opts.json) for (const r of results) console.log(JSON.stringify(r));

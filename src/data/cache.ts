@@ -885,6 +885,12 @@ function changedSettings(a: CacheSettings, b: CacheSettings): string[] {
  */
 export async function withCacheLock<T>(cacheDir: string, work: () => Promise<T>): Promise<T> {
   const lock = path.join(cacheDir, LOCK_FILE);
+  // A lock file with our own pid is only stale when this process does not hold it: a second
+  // writer in the same process would otherwise take it over (both then rewrite the index).
+  const key = path.resolve(lock);
+  if (locksHeld.has(key)) {
+    throw new CacheError('locked', lock, `this process is already writing ${cacheDir} (prepare, or a STAPLE baseline fusing its training labels); wait for it to finish`, process.pid);
+  }
   for (let attempt = 0; ; attempt++) {
     try {
       fs.writeFileSync(lock, String(process.pid), { flag: 'wx' });
@@ -898,12 +904,17 @@ export async function withCacheLock<T>(cacheDir: string, work: () => Promise<T>)
       fs.rmSync(lock, { force: true });
     }
   }
+  locksHeld.add(key);
   try {
     return await work();
   } finally {
+    locksHeld.delete(key);
     fs.rmSync(lock, { force: true });
   }
 }
+
+/** The cache locks this process holds (resolved lock paths). */
+const locksHeld = new Set<string>();
 
 function processAlive(pid: number): boolean {
   try {

@@ -9,6 +9,7 @@
 //   dL/dp[j]  += w_ce * (-A[c][j] / q[c]),   dz = p * (dp - <p, dp>)
 // with w_ce = 1/|P_r| and w_tr = 1/|V_r| (the averaging weights).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -143,6 +144,21 @@ struct PixelCm {
   }
 };
 
+
+// Whether a row holds only finite values. The softplus rows (softplus_rows.cpp,
+// fast-math, clamped at 20) would turn a NaN raw channel into a finite CM and hide
+// a diverged head from the trainer's non-finite-loss check; x * 0 is 0 only for
+// finite x. Vectorised through independent lanes (this file is not fast-math).
+bool row_finite(const float* x, int64_t n) {
+  float lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += x[i + l] * 0.f;
+  float t = 0.f;
+  for (; i < n; ++i) t += x[i] * 0.f;
+  for (int l = 0; l < kLanes; ++l) t += lanes[l];
+  return t == 0.f;
+}
 
 // Softmax over L channel rows (row k at z[k * zstride]) of `cnt` pixels into p[k * cnt + v].
 void softmax_rows(const float* z, int64_t zstride, int L, int64_t cnt, float* p) {
@@ -298,6 +314,9 @@ void cm_loss(const CmLossInput& in, CmLossOutput& out) {
   const int64_t chunks = (V + kChunk - 1) / kChunk;
   const int threads = static_parts((int64_t)n * chunks);  // partial sums per part: deterministic
   std::vector<double> ce_part((size_t)threads * R, 0.0), tr_part((size_t)threads * R, 0.0);
+  // Annotators whose head produced NaN or Inf somewhere (set by any thread; only ever to 1).
+  std::vector<std::atomic<int>> nonfinite(R);
+  for (auto& f : nonfinite) f = 0;
   // Per-thread partials of the global CM gradient, summed after the pass.
   std::vector<float> gcm_part(global && grads ? (size_t)threads * R * L * L : 0, 0.f);
 
@@ -327,7 +346,9 @@ void cm_loss(const CmLossInput& in, CmLossOutput& out) {
         if (!present(i, r)) continue;
         for (int k = 0; k < K; ++k) {
           const size_t row = ((size_t)r * K + k) * cnt;
-          softplus_sigmoid_rows(in.cm_raw[r] + ((int64_t)i * K + k) * V + v0, &sp_rows[row], &sg_rows[row], cnt);
+          const float* raw = in.cm_raw[r] + ((int64_t)i * K + k) * V + v0;
+          if (!row_finite(raw, cnt)) nonfinite[r] = 1;
+          softplus_sigmoid_rows(raw, &sp_rows[row], &sg_rows[row], cnt);
         }
       }
     }
@@ -418,6 +439,7 @@ void cm_loss(const CmLossInput& in, CmLossOutput& out) {
   for (int r = 0; r < R; ++r) {
     out.ce[r] *= w_ce[r];
     out.trace[r] *= w_tr[r];
+    if (nonfinite[r]) out.ce[r] = out.trace[r] = std::nan("");  // as the unfused loss would report it
     out.loss += out.ce[r] + (double)lam * out.trace[r];
   }
   if (global && grads)

@@ -168,6 +168,26 @@ TEST(averaging_and_absent_annotators) {
   CHECK(none.loss == 0.0);
 }
 
+TEST(nonfinite_head_values_make_the_loss_nan) {
+  // A diverged CM head must show in the loss (the trainer stops on a non-finite
+  // loss), although the vectorised softplus clamps its inputs.
+  for (CmMode mode : {CmMode::Full, CmMode::LowRank}) {
+    Case c = random_case(mode, 2, 3, 2, 21, 2, 31);
+    CmLossOutput ok;
+    cm_loss(c.input(), ok);
+    CHECK(std::isfinite(ok.loss));
+    c.raw[1][17] = std::nanf("");
+    CmLossOutput bad;
+    cm_loss(c.input(), bad);
+    CHECK(std::isnan(bad.loss));
+    CHECK(std::isnan(bad.ce[1]) && std::isfinite(bad.ce[0]));
+    c.raw[1][17] = INFINITY;
+    CmLossOutput inf;
+    cm_loss(c.input(), inf);
+    CHECK(!std::isfinite(inf.loss));
+  }
+}
+
 TEST(gradients_full) { gradient_case(CmMode::Full, 1); }
 TEST(gradients_full_5_classes) { gradient_case(CmMode::Full, 1, 5, 19); }
 TEST(gradients_lowrank) { gradient_case(CmMode::LowRank, 2); }

@@ -90,7 +90,8 @@ function side(raws: Record<string, unknown> | Record<string, unknown>[], flops: 
   const all = Array.isArray(raws) ? raws : [raws];
   const failed = all.find((r) => !r.ok);
   if (failed) return { ok: false, error: String(failed.error ?? 'failed') };
-  const raw = { ...all[0], [memKey]: Math.max(...all.map((r) => Number(r[memKey] ?? 0))) };
+  const mems = all.map((r) => r[memKey]).filter((m): m is number => typeof m === 'number');
+  const raw = { ...all[0], [memKey]: mems.length ? Math.max(...mems) : undefined };
   const stepMs = all.flatMap((r) => r.stepMs as number[]);
   const m = median(stepMs);
   const gflops = flops / 1e9 / (m / 1e3);

@@ -83,7 +83,7 @@ t.test('the fused map in the cache is fuse() on the case\'s own annotator maps (
           t.ok(p ? cm.every((x) => typeof x === 'number') : cm.every((x) => x === null), `annotator ${r} ${p ? 'present: numbers' : 'absent: null'}`);
         });
         const record = after.cases.find((e) => e.id === id)!.fused![fusion]!;
-        t.equal(record.file, `cases/${id}.${fusion}.bin`, 'kept next to the case file');
+        t.equal(record.file, `cases/${fusion}/${id}.bin`, 'kept beside the case files, one folder per fusion');
         t.same(record.options, stapleFuseOptions(fusion, L, [c.extent.d, c.extent.h, c.extent.w]));
       }
     }
@@ -131,7 +131,7 @@ t.test('current maps are reused; missing, stale and re-prepared ones are fused a
   const cacheDir = tempDir(t);
   const { index } = await prepareCache(data, cacheDir);
   const ids = index.cases.map((c) => c.id);
-  const fusedPath = (id: string) => path.join(cacheDir, 'cases', `${id}.multi-staple.bin`);
+  const fusedPath = (id: string) => path.join(cacheDir, 'cases', 'multi-staple', `${id}.bin`);
   const progress: string[] = [];
   const first = await fuseCachedCases(cacheDir, ids, 'multi-staple', { onProgress: (p) => void progress.push(`${p.position + 1}/${p.total} ${p.id} ${p.status}`) });
   t.same(first.fused, ids);

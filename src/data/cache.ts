@@ -6,7 +6,7 @@
 // Folder layout:
 //   CACHE/index.json           what is in the cache (format below), rewritten atomically after every case
 //   CACHE/cases/<id>.bin       one file per case, written atomically
-//   CACHE/cases/<id>.<fusion>.bin  the case's annotator maps fused by multi-label or spatial
+//   CACHE/cases/<fusion>/<id>.bin  the case's annotator maps fused by multi-label or spatial
 //                              STAPLE (written on demand by src/fusion/fuse-cache.ts, for the
 //                              naive-staple / naive-spatial-staple training targets; see
 //                              "Fused training labels" below)
@@ -578,7 +578,7 @@ export class CaseFileReader {
 // one image at a time), so every case is fused on its own, once, and the map is kept
 // beside the case file (src/fusion/fuse-cache.ts writes it):
 //
-//   CACHE/cases/<id>.<fusion>.bin
+//   CACHE/cases/<fusion>/<id>.bin
 //   bytes 0..7     magic "CMSEGFU1"
 //   bytes 8..11    uint32 n: length of the JSON header (FusedFileHeader)
 //   bytes 12..     n bytes of UTF-8 JSON, zero padding to a multiple of 64
@@ -654,9 +654,12 @@ export interface FusedFileContent {
   converged?: boolean;
 }
 
-/** Where a case's fused map lives, relative to the cache folder. */
+/**
+ * Where a case's fused map lives, relative to the cache folder: one subfolder per
+ * fusion (cases/multi-staple/<id>.bin), so no case id can name another case's map.
+ */
 export function fusedFileName(id: string, fusion: CacheFusion): string {
-  return path.posix.join(CASES_FOLDER, `${id}.${fusion}.bin`);
+  return path.posix.join(CASES_FOLDER, fusion, `${id}.bin`);
 }
 
 /** Size and mtime of a case's file now; undefined when it is gone. */

@@ -1,6 +1,6 @@
 // STAPLE training targets for the BraTS cache: each case's annotator maps fused once, on
 // their own, by the native multi-label or spatial STAPLE, and kept beside the case
-// (CACHE/cases/<id>.<fusion>.bin; format and staleness rules in src/data/cache.ts,
+// (CACHE/cases/<fusion>/<id>.bin; format and staleness rules in src/data/cache.ts,
 // "Fused training labels"). Per case, not over the whole training set, because STAPLE
 // estimates each rater's performance per subject: that is how a STAPLE baseline is
 // built in medical imaging (SimpleITK's filters fuse one image at a time).
@@ -9,6 +9,7 @@
 // is current is skipped; each map is written atomically and then the index, after every
 // case; a run stopped at any point leaves the maps finished so far, which the next reuses.
 
+import * as fs from 'fs';
 import * as path from 'path';
 import {
   type CacheFusion,
@@ -120,6 +121,7 @@ export async function fuseCachedCases(cacheDir: string, ids: readonly string[], 
           converged: result.converged,
         });
         const file = fusedFileName(entry.id, fusion);
+        await fs.promises.mkdir(path.dirname(path.join(cacheDir, file)), { recursive: true });
         await writeFileAtomic(path.join(cacheDir, file), bytes);
         const record: FusedLabelsRecord = { file, bytes: bytes.byteLength, from, options: fuseOptions, ms: Math.round(ms) };
         entry.fused = { ...entry.fused, [fusion]: record };

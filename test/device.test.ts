@@ -56,3 +56,23 @@ t.test('the device smoke script runs its checks (two CPU models under --dry-run)
   t.equal(last.ok, true);
   t.equal(last.results.length, 6, 'six cases: 2D full/lowrank/global/head block/plain CE, 3D full');
 });
+
+// CI builds the addon over the host emulation of the CUDA layer API (CMake option
+// CMSEG_CUDA_EMULATION, .ci/run): there the same smoke script drives a real
+// `device: 'cuda'` model through the bindings (device resolution, parameter sync via
+// setWeights/getWeights, memory(), gpuMemoryLimitMB and the out-of-memory path).
+const emulated = process.env.CMSEG_EMULATED_ADDON;
+t.test(
+  "the smoke script passes on the emulated GPU addon ('cuda' models through the bindings)",
+  { skip: emulated ? false : 'CMSEG_EMULATED_ADDON is not set (.ci/run builds it in build-emu)' },
+  async (t) => {
+    const script = path.join(__dirname, '..', 'scripts', 'device-smoke.mjs');
+    const r = spawnSync(process.execPath, [script], { encoding: 'utf8', timeout: 300_000, env: { ...process.env, CMSEG_ADDON: emulated } });
+    t.equal(r.status, 0, r.stdout.split('\n').filter((l) => l.startsWith('FAIL')).join('\n') || r.stderr);
+    t.match(r.stdout, /GPU host emulation/, 'ran on the emulated device');
+    const last = JSON.parse(r.stdout.trim().split('\n').pop()!);
+    t.equal(last.ok, true);
+    t.equal(last.results.length, 6);
+    t.match(r.stdout, /ok {3}out of memory: rejected with "GPU out of memory/);
+  },
+);

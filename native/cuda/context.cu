@@ -107,11 +107,7 @@ void* Context::stream_handle() const { return impl_->stream; }
 void* Context::alloc(size_t bytes) {
   if (bytes == 0) return nullptr;
   Impl& m = *impl_;
-  const size_t limit = m.options.memory_limit_bytes;
-  if (limit && m.in_use + bytes > limit)
-    throw OutOfMemory(str("GPU out of memory: allocating ", bytes / 1048576.0, " MiB would pass this model's limit of ",
-                          limit / 1048576.0, " MiB (gpuMemoryLimitMB) with ", m.in_use / 1048576.0,
-                          " MiB in use; use a smaller batch or patch, or raise the limit"));
+  check_memory_limit(m.options, m.in_use, bytes);
   void* p = nullptr;
   const cudaError_t e = cudaMallocAsync(&p, bytes, m.stream);
   if (e != cudaSuccess) {

@@ -42,11 +42,7 @@ void Context::set_tf32(bool on) { impl_->options.tf32 = on; }
 int Context::device() const { return 0; }
 void* Context::alloc(size_t bytes) {
   if (!bytes) return nullptr;
-  const size_t limit = impl_->options.memory_limit_bytes;
-  if (limit && impl_->in_use + bytes > limit)  // the same rule and words as context.cu
-    throw OutOfMemory(str("GPU out of memory: allocating ", bytes / 1048576.0, " MiB would pass this model's limit of ",
-                          limit / 1048576.0, " MiB (gpuMemoryLimitMB) with ", impl_->in_use / 1048576.0,
-                          " MiB in use; use a smaller batch or patch, or raise the limit"));
+  check_memory_limit(impl_->options, impl_->in_use, bytes);  // the rule and words of context.cu
   void* p = std::malloc(bytes);
   // Poison (0xff bytes are a NaN): reads of memory nobody wrote show up in the results.
   std::memset(p, 0xff, bytes);

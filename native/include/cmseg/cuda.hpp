@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "cmseg/error.hpp"
 #include "cmseg/layers.hpp"
 #include "cmseg/loss.hpp"
 #include "cmseg/model.hpp"
@@ -61,6 +62,15 @@ struct ContextOptions {
   // alloc() throws OutOfMemory like a full device.
   size_t memory_limit_bytes = 0;
 };
+
+// The limit rule of Context::alloc (also used by the host emulation, so both say
+// the same thing): throws OutOfMemory when `bytes` more would pass the limit.
+inline void check_memory_limit(const ContextOptions& o, size_t in_use, size_t bytes) {
+  if (o.memory_limit_bytes && in_use + bytes > o.memory_limit_bytes)
+    throw OutOfMemory(str("GPU out of memory: allocating ", bytes / 1048576.0, " MiB would pass this model's limit of ",
+                          o.memory_limit_bytes / 1048576.0, " MiB (gpuMemoryLimitMB) with ", in_use / 1048576.0,
+                          " MiB in use; use a smaller batch or patch, or raise the limit"));
+}
 
 struct PoolStats {
   size_t in_use_bytes = 0;      // allocated through this context and not yet freed

@@ -511,6 +511,33 @@ function readExactly(fd: number, filePath: string, into: Buffer, length: number,
 }
 
 /**
+ * Opens a cache file and parses its header (magic, length, JSON), reading more than the
+ * first 4 KiB only when the header is longer. The caller owns the returned descriptor.
+ */
+function openWithHeader<H>(
+  filePath: string,
+  parse: (prefix: Buffer, filePath: string) => { header?: H; jsonBytes: number },
+): { fd: number; header: H } {
+  requireLittleEndianHost(filePath);
+  const fd = fs.openSync(filePath, 'r');
+  try {
+    let prefix = Buffer.alloc(4096);
+    let got = fs.readSync(fd, prefix, 0, prefix.byteLength, 0);
+    let parsed = parse(prefix.subarray(0, got), filePath);
+    if (!parsed.header) {
+      prefix = Buffer.alloc(12 + parsed.jsonBytes);
+      got = fs.readSync(fd, prefix, 0, prefix.byteLength, 0);
+      parsed = parse(prefix.subarray(0, got), filePath);
+      if (!parsed.header) throw new CacheError('bad-case-file', filePath, `${filePath} is truncated inside its header`, got);
+    }
+    return { fd, header: parsed.header };
+  } catch (err) {
+    fs.closeSync(fd);
+    throw err;
+  }
+}
+
+/**
  * Random access to one case file without reading it whole: the patch loader reads the
  * rows a patch needs, slice by slice. Synchronous (meant for worker threads).
  */
@@ -522,23 +549,8 @@ export class CaseFileReader {
   ) {}
 
   static open(filePath: string): CaseFileReader {
-    requireLittleEndianHost(filePath);
-    const fd = fs.openSync(filePath, 'r');
-    try {
-      let prefix = Buffer.alloc(4096);
-      let got = fs.readSync(fd, prefix, 0, prefix.byteLength, 0);
-      let parsed = parseCaseHeader(prefix.subarray(0, got), filePath);
-      if (!parsed.header) {
-        prefix = Buffer.alloc(12 + parsed.jsonBytes);
-        got = fs.readSync(fd, prefix, 0, prefix.byteLength, 0);
-        parsed = parseCaseHeader(prefix.subarray(0, got), filePath);
-        if (!parsed.header) throw new CacheError('bad-case-file', filePath, `${filePath} is truncated inside its header`, got);
-      }
-      return new CaseFileReader(filePath, fd, parsed.header);
-    } catch (err) {
-      fs.closeSync(fd);
-      throw err;
-    }
+    const { fd, header } = openWithHeader(filePath, parseCaseHeader);
+    return new CaseFileReader(filePath, fd, header);
   }
 
   /**
@@ -782,23 +794,8 @@ export class FusedFileReader {
   ) {}
 
   static open(filePath: string): FusedFileReader {
-    requireLittleEndianHost(filePath);
-    const fd = fs.openSync(filePath, 'r');
-    try {
-      let prefix = Buffer.alloc(4096);
-      let got = fs.readSync(fd, prefix, 0, prefix.byteLength, 0);
-      let parsed = parseFusedHeader(prefix.subarray(0, got), filePath);
-      if (!parsed.header) {
-        prefix = Buffer.alloc(12 + parsed.jsonBytes);
-        got = fs.readSync(fd, prefix, 0, prefix.byteLength, 0);
-        parsed = parseFusedHeader(prefix.subarray(0, got), filePath);
-        if (!parsed.header) throw new CacheError('bad-case-file', filePath, `${filePath} is truncated inside its header`, got);
-      }
-      return new FusedFileReader(filePath, fd, parsed.header);
-    } catch (err) {
-      fs.closeSync(fd);
-      throw err;
-    }
+    const { fd, header } = openWithHeader(filePath, parseFusedHeader);
+    return new FusedFileReader(filePath, fd, header);
   }
 
   /** `rows` rows from row y0 of slice z of the fused map into `into` (rows * W bytes). */

@@ -124,7 +124,8 @@ Napi::Function ModelWrap::Define(Napi::Env env) {
                       InstanceMethod("getLoss", &ModelWrap::GetLoss),
                       InstanceMethod("setLoss", &ModelWrap::SetLoss),
                       InstanceMethod("config", &ModelWrap::Config),
-                      InstanceMethod("memory", &ModelWrap::Memory)});
+                      InstanceMethod("memory", &ModelWrap::Memory),
+                      InstanceMethod("resetPeakMemory", &ModelWrap::ResetPeakMemory)});
 }
 
 ModelWrap::ModelWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<ModelWrap>(info) {
@@ -430,6 +431,20 @@ Napi::Value ModelWrap::Memory(const Napi::CallbackInfo& info) {
     throw_invalid(env, std::string("memory(): ") + e.what());
   }
   return o;
+}
+
+// GPU model: the pool's peak starts again from what is in use now. CPU model: nothing to reset.
+Napi::Value ModelWrap::ResetPeakMemory(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (busy_) throw_invalid(env, "model is busy with an earlier trainStep/predict: await it before calling resetPeakMemory()");
+  if (cmseg::cuda::ModelGpu* gpu = model_->gpu()) {
+    try {
+      gpu->context().reset_peak();
+    } catch (const std::exception& e) {
+      throw_invalid(env, std::string("resetPeakMemory(): ") + e.what());
+    }
+  }
+  return env.Undefined();
 }
 
 }  // namespace cmseg_js

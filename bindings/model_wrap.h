@@ -33,6 +33,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   Napi::Value SetLoss(const Napi::CallbackInfo& info);
   Napi::Value Config(const Napi::CallbackInfo& info);
   Napi::Value Memory(const Napi::CallbackInfo& info);
+  Napi::Value ResetPeakMemory(const Napi::CallbackInfo& info);
 
   void check_idle(Napi::Env env) const;
   Napi::Value named_arrays(Napi::Env env, std::vector<float> cmseg::Param::*field);

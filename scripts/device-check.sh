@@ -21,7 +21,8 @@
 #              global, head blocks, plain CE, param sync); GB/s of the memory-bound
 #              kernels, conv TFLOP/s and the brats3d-gpu whole-step time
 #   bench_gpu  cmseg_bench_gpu brats3d-gpu: median train step (TF32), voxels/s,
-#              GFLOP/s, peak pool memory, fused CM loss GB/s (JSON like the torch bench)
+#              GFLOP/s, peak pool memory, fused CM loss GB/s (JSON like the torch bench),
+#              and the device time of each layer per step (CMSEG_GPU_PROFILE=1)
 #   smoke      (Node) scripts/device-smoke.mjs: the addon's `device: 'cuda'` model
 #              against its CPU model through the public API (gradients, 3 steps,
 #              predict, parameter sync), 2D/3D, every CM mode, plain CE
@@ -118,6 +119,10 @@ write_summary() {
     if [ -s "$OUT/ctest.txt" ]; then
       echo "== ctest (other native tests)"
       grep -E "tests passed|tests failed|Failed|\*\*\*|Timeout" "$OUT/ctest.txt" | sed 's/^/  /'
+    fi
+    if grep -q "device time by layer" "$OUT/bench_gpu.txt" 2>/dev/null; then
+      echo "== cmseg GPU brats3d-gpu: device time by layer (CMSEG_GPU_PROFILE)"
+      sed -n '/device time by layer/,/^  sum /p' "$OUT/bench_gpu.txt" | tail -n +2
     fi
     if [ -s "$OUT/torch.txt" ] || [ -s "$OUT/bench_gpu.txt" ]; then
       echo "== brats3d-gpu train step: cmseg GPU and the PyTorch reference (same machine), torch parity"
@@ -224,7 +229,7 @@ if [ -x "$BUILD/test_cuda" ]; then
   stage test_cuda 170 "$OUT/test_cuda.txt" "ctest --test-dir '$BUILD' -R '^test_cuda\$' -V --timeout 160"
 fi
 if [ -x "$BUILD/cmseg_bench_gpu" ]; then
-  stage bench_gpu 90 "$OUT/bench_gpu.txt" "'$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  stage bench_gpu 90 "$OUT/bench_gpu.txt" "CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
 fi
 
 # ---- the addon through Node: parity via the public API, then the users' benchmark -----------

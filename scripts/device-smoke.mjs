@@ -106,6 +106,9 @@ async function runCase(name, cfg, n, size, plainCe = false) {
   const dp = Math.max(maxAbs(pg.probs, pc.probs), maxAbs(pg.cms, pc.cms), maxAbs(pg.annotatorProbs, pc.annotatorProbs));
   check(dp <= PROB_TOL, `${name}: predict (probs, CMs, q), max abs difference ${dp.toExponential(2)} <= ${PROB_TOL}`);
   const mem = gpu.memory();
+  if (!dryRun) {
+    check(mem.peakInUseMB >= mem.inUseMB && mem.inUseMB > 0, `${name}: memory() peak ${mem.peakInUseMB?.toFixed(1)} MB >= in use ${mem.inUseMB?.toFixed(1)} MB > 0`);
+  }
   results.push({ case: name, gradWorst, weightWorst: worst, predictMaxAbs: dp, peakGpuMB: mem.peakInUseMB, seconds: (Date.now() - t0) / 1e3 });
 }
 
@@ -119,6 +122,12 @@ async function outOfMemory() {
     let message = '';
     await m.trainStep(big).catch((e) => (message = e.message));
     check(/GPU out of memory/.test(message), `out of memory: rejected with "${message.slice(0, 120)}"`);
+    // The failed step gave its buffers back, so its peak lies above what is in use.
+    const after = m.memory();
+    m.resetPeakMemory();
+    const reset = m.memory();
+    check(after.peakInUseMB > after.inUseMB && reset.peakInUseMB === reset.inUseMB,
+      `out of memory: resetPeakMemory() starts the peak again at what is in use (${after.peakInUseMB?.toFixed(1)} -> ${reset.peakInUseMB?.toFixed(1)} MB)`);
     const r = await m.trainStep(batchFor(cfg, 1, 16, 4));
     check(Number.isFinite(r.loss), `out of memory: a small batch trains afterwards (loss ${r.loss})`);
   } catch (err) {

@@ -556,6 +556,8 @@ def timed_steps(step, images, args):
     """Untimed warm-up steps, then args.steps timed ones (device synchronised around each)."""
     for _ in range(args.warmup):
         step(images)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # peak of the timed steps (cmseg's bench does the same)
     step_ms, loss = [], None
     for _ in range(args.steps):
         synchronize(args.device)

@@ -44,6 +44,7 @@ export interface NativeModel {
   setLoss(options: Record<string, unknown>): void;
   config(): Record<string, unknown>;
   memory(): ModelMemory;
+  resetPeakMemory(): void;
 }
 
 /** Where a model's tensors live; for a GPU model, its device memory pool in MB. */

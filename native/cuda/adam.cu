@@ -53,6 +53,7 @@ __global__ void adam_kernel(const TensorDesc* __restrict__ tensors, const ChunkD
 }  // namespace
 
 void adam_step(Context& ctx, const std::vector<AdamTensor>& tensors, const OptimConfig& o, int64_t step) {
+  ProfileScope prof_(ctx, "adam_step");
   if (step < 1) fail("adam_step: step must be >= 1 (the step number after the increment), got ", step);
   std::vector<TensorDesc> descs;
   std::vector<ChunkDesc> chunks;

@@ -131,6 +131,7 @@ void check(const char* what, int n, int L, int64_t V) {
 
 double ce_loss_hard(Context& ctx, const float* logits, const uint8_t* labels, int n, int L, int64_t V,
                     float* d_logits) {
+  ProfileScope prof_(ctx, "ce_loss_hard");
   check("ce_loss_hard", n, L, V);
   cudaStream_t st = stream_of(ctx);
   Context::Impl& im = ctx.impl();
@@ -159,6 +160,7 @@ double ce_loss_hard(Context& ctx, const float* logits, const uint8_t* labels, in
 
 double ce_loss_soft(Context& ctx, const float* logits, const float* target, int n, int L, int64_t V,
                     float* d_logits) {
+  ProfileScope prof_(ctx, "ce_loss_soft");
   check("ce_loss_soft", n, L, V);
   cudaStream_t st = stream_of(ctx);
   const int64_t total = (int64_t)n * V;

@@ -10,7 +10,7 @@
 //   main     one thread per pixel, all annotators: softmax, A_r, q_r = A_r p, CE with
 //            the 1e-12 floor, trace, d/d logits and (pixel-wise modes) d/d raw CM
 //            channels; per-block sums of CE_r and T_r in double;
-//   finish   the blocks' sums added in a fixed order, scaled by the weights;
+//   finish   the blocks' sums added in a fixed order (a fixed-shape tree), scaled by the weights;
 //   [global] d/d raw global CM: per-block sums of dL/dA over pixels, added in a
 //            fixed order, then one backward through normalisation and softplus.
 // Every reduction has a fixed shape and order, so results repeat bit for bit.
@@ -278,23 +278,27 @@ __global__ void __launch_bounds__(kLossThreads) cm_loss_kernel(LossParams P) {
   }
 }
 
-// out[r] = CE_r, out[R + r] = T_r, out[2R] = loss; blocks added in index order.
-__global__ void finish_kernel(const double* __restrict__ partial, int blocks, const double* __restrict__ w, int R,
-                              float lam, double* __restrict__ out) {
-  __shared__ double terms[2 * kMaxAnnotators];
-  const int k = threadIdx.x;
-  if (k < 2 * R) {
-    double s = 0;
-    for (int b = 0; b < blocks; ++b) s += partial[(int64_t)b * 2 * R + k];
-    terms[k] = s * w[k];  // w_ce for k < R, w_tr for R <= k < 2R
-    out[k] = terms[k];
-  }
-  __syncthreads();
-  if (k == 0) {
-    double loss = 0;
-    for (int r = 0; r < R; ++r) loss += terms[r] + (double)lam * terms[R + r];
-    out[2 * R] = loss;
-  }
+// out[k] for k < 2R (CE_r, then T_r): one block per k adds the main kernel's block
+// sums, each thread a fixed stride of them, then a fixed-shape tree, so the result
+// repeats bit for bit. A single thread walking ~1000 partials in order cost more
+// than the main pass on an H200.
+constexpr int kFinishThreads = 256;
+__global__ void __launch_bounds__(kFinishThreads) finish_terms_kernel(const double* __restrict__ partial, int blocks,
+                                                                      const double* __restrict__ w, int R,
+                                                                      double* __restrict__ out) {
+  __shared__ double scratch[32];
+  const int k = blockIdx.x;
+  double s = 0;
+  for (int b = threadIdx.x; b < blocks; b += blockDim.x) s += partial[(int64_t)b * 2 * R + k];
+  s = block_sum(s, scratch);
+  if (threadIdx.x == 0) out[k] = s * w[k];  // w_ce for k < R, w_tr for R <= k < 2R
+}
+
+// out[2R] = sum_r CE_r + lambda T_r, in annotator order.
+__global__ void finish_loss_kernel(int R, float lam, double* __restrict__ out) {
+  double loss = 0;
+  for (int r = 0; r < R; ++r) loss += out[r] + (double)lam * out[R + r];
+  out[2 * R] = loss;
 }
 
 // ---- global mode ----------------------------------------------------------------
@@ -481,6 +485,7 @@ void launch_predict(int L, unsigned grid, cudaStream_t st, const PredictParams& 
 }  // namespace
 
 void cm_loss(Context& ctx, const CmLossInput& in, CmLossOutput& out) {
+  ProfileScope prof_(ctx, "cm_loss");
   const int n = in.n, L = in.L, R = in.R;
   const int64_t V = in.V;
   if (L < 2 || L > kMaxClasses) fail("classes must be in 2..", kMaxClasses, ", got ", L);
@@ -524,6 +529,7 @@ void cm_loss(Context& ctx, const CmLossInput& in, CmLossOutput& out) {
     CMSEG_CUDA_LAUNCHED("cm_loss global prepare");
   }
 
+  ProfileScope prof_main_(ctx, "cm_loss: main+finish");
   const unsigned grid = (unsigned)im.grid_for((int64_t)n * V, kLossThreads, 8);
   Buffer<double> partial(ctx, (size_t)grid * 2 * R);
   P.partial = partial.data();
@@ -535,8 +541,10 @@ void cm_loss(Context& ctx, const CmLossInput& in, CmLossOutput& out) {
   else
     launch_main<kGlobal>(L, grid, smem, st, P);
   CMSEG_CUDA_LAUNCHED("cm_loss main");
-  finish_kernel<<<1, 2 * kMaxAnnotators, 0, st>>>(partial.data(), (int)grid, w.data(), R, in.trace_weight,
-                                                  result.data());
+  finish_terms_kernel<<<(unsigned)(2 * R), kFinishThreads, 0, st>>>(partial.data(), (int)grid, w.data(), R,
+                                                                    result.data());
+  CMSEG_CUDA_LAUNCHED("cm_loss finish");
+  finish_loss_kernel<<<1, 1, 0, st>>>(R, in.trace_weight, result.data());
   CMSEG_CUDA_LAUNCHED("cm_loss finish");
 
   if (mode == kGlobal && grads) {
@@ -563,6 +571,7 @@ void cm_loss(Context& ctx, const CmLossInput& in, CmLossOutput& out) {
 
 void cm_predict(Context& ctx, CmMode mode, int L, int rank, const std::vector<const float*>& cm_raw,
                 const float* probs, int n, int R, int64_t V, float* cms, float* annotator_probs) {
+  ProfileScope prof_(ctx, "cm_predict");
   if (L < 2 || L > kMaxClasses) fail("classes must be in 2..", kMaxClasses, ", got ", L);
   if (mode == CmMode::LowRank && (rank < 1 || rank > kMaxRank)) fail("cmRank must be in 1..", kMaxRank, ", got ", rank);
   if (R < 1 || R > kMaxAnnotators) fail("the CUDA CM prediction takes 1..", kMaxAnnotators, " annotators, got ", R);

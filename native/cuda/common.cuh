@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <map>
+#include <string>
+#include <vector>
 #include <tuple>
 #include <unordered_map>
 
@@ -66,8 +68,32 @@ struct ConvAlgo {
   int math = 0;  // cudnnMathType_t the algorithm was chosen with
 };
 
+// Per-layer device time, for finding where a step goes (CMSEG_GPU_PROFILE=1 at
+// context creation; Context::profile_report prints it). Each ProfileScope records a
+// pair of events on the stream; the report waits for them and sums by name.
+struct Profiler {
+  bool on = false;
+  struct Span {
+    const char* name;
+    cudaEvent_t begin, end;
+  };
+  std::vector<Span> spans;
+  std::vector<cudaEvent_t> spare;
+  cudaEvent_t event() {
+    cudaEvent_t e = nullptr;
+    if (!spare.empty()) {
+      e = spare.back();
+      spare.pop_back();
+    } else {
+      CMSEG_CUDA(cudaEventCreate(&e));
+    }
+    return e;
+  }
+};
+
 struct Context::Impl {
   ContextOptions options;
+  Profiler profiler;
   cudaStream_t stream = nullptr;
   cudaMemPool_t pool = nullptr;
   cudaEvent_t t0 = nullptr, t1 = nullptr;
@@ -124,6 +150,30 @@ __device__ inline double block_sum(double v, double* scratch) {
 }
 
 inline unsigned blocks_for(int64_t items, int threads) { return (unsigned)((items + threads - 1) / threads); }
+
+// Times the enclosing layer call on the context's stream when profiling is on.
+struct ProfileScope {
+  Context::Impl& im;
+  const char* name;
+  cudaEvent_t begin = nullptr;
+  ProfileScope(Context& ctx, const char* what) : im(ctx.impl()), name(what) {
+    if (!im.profiler.on) return;
+    begin = im.profiler.event();
+    cudaEventRecord(begin, im.stream);
+  }
+  ~ProfileScope() {
+    if (!begin) return;
+    cudaEvent_t end = nullptr;
+    try {
+      end = im.profiler.event();
+    } catch (...) {
+      return;
+    }
+    cudaEventRecord(end, im.stream);
+    im.profiler.spans.push_back({name, begin, end});
+  }
+  ProfileScope(const ProfileScope&) = delete;
+};
 
 }  // namespace cuda
 }  // namespace cmseg

@@ -59,6 +59,7 @@ void check(const char* what, int ca, int cb, int n, int64_t V) {
 }  // namespace
 
 void concat_forward(Context& ctx, const float* a, int ca, const float* b, int cb, float* y, int n, int64_t V) {
+  ProfileScope prof_(ctx, "concat_forward");
   check("concat_forward", ca, cb, n, V);
   const int64_t row = (int64_t)(ca + cb) * V;
   copy_rows(ctx, y, row, a, (int64_t)ca * V, (int64_t)ca * V, n);
@@ -67,6 +68,7 @@ void concat_forward(Context& ctx, const float* a, int ca, const float* b, int cb
 
 void concat_backward(Context& ctx, const float* dy, float* da, int ca, float* db, int cb, int n, int64_t V,
                      bool da_accumulate) {
+  ProfileScope prof_(ctx, "concat_backward");
   check("concat_backward", ca, cb, n, V);
   const int64_t row = (int64_t)(ca + cb) * V;
   if (da) {
@@ -86,6 +88,7 @@ void concat_backward(Context& ctx, const float* dy, float* da, int ca, float* db
 }
 
 void add_inplace(Context& ctx, float* y, const float* x, int64_t count) {
+  ProfileScope prof_(ctx, "add_inplace");
   if (count <= 0) return;
   add_kernel<<<ctx.impl().grid_for(count, kThreads, 16), kThreads, 0, stream_of(ctx)>>>(y, x, count);
   CMSEG_CUDA_LAUNCHED("add_inplace");

@@ -1,6 +1,8 @@
 // Device discovery and the context: one stream, allocations from the device's
 // stream-ordered memory pool, lazily created cuDNN / cuBLAS handles.
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 
 #include "common.cuh"
@@ -68,6 +70,7 @@ Context::Context(const ContextOptions& options) : impl_(new Impl) {
   if (!available()) throw Error(str("no CUDA device: ", unavailable_reason()));
   Impl& m = *impl_;
   m.options = options;
+  if (const char* b = std::getenv("CMSEG_CUDNN_BENCHMARK"); b && *b) m.options.conv_benchmark = std::string(b) != "0";
   const int dev = options.device;
   if (dev < 0 || dev >= probe().devices)
     throw Error(str("CUDA device ", dev, " does not exist (", probe().devices, " found)"));
@@ -84,6 +87,8 @@ Context::Context(const ContextOptions& options) : impl_(new Impl) {
   CMSEG_CUDA(cudaMemPoolSetAttribute(m.pool, cudaMemPoolAttrReleaseThreshold, &keep));
   CMSEG_CUDA(cudaEventCreate(&m.t0));
   CMSEG_CUDA(cudaEventCreate(&m.t1));
+  const char* prof = std::getenv("CMSEG_GPU_PROFILE");
+  m.profiler.on = prof && *prof && std::string(prof) != "0";
 }
 
 Context::~Context() {
@@ -94,6 +99,8 @@ Context::~Context() {
   }
   if (m.cudnn_handle) cudnnDestroy(m.cudnn_handle);
   if (m.cublas_handle) cublasDestroy(m.cublas_handle);
+  for (auto& sp : m.profiler.spans) cudaEventDestroy(sp.begin), cudaEventDestroy(sp.end);
+  for (cudaEvent_t e : m.profiler.spare) cudaEventDestroy(e);
   if (m.t0) cudaEventDestroy(m.t0);
   if (m.t1) cudaEventDestroy(m.t1);
   if (m.stream) cudaStreamDestroy(m.stream);
@@ -113,8 +120,8 @@ void* Context::alloc(size_t bytes) {
   if (e != cudaSuccess) {
     cudaGetLastError();
     // Said in the user's terms: what failed, how much, and what to change.
-    throw OutOfMemory(str("GPU out of memory: allocating ", bytes / 1048576.0, " MiB failed with ", m.in_use / 1048576.0,
-                          " MiB in use by this model (", cudaGetErrorString(e),
+    throw OutOfMemory(str("GPU out of memory: allocating ", mib_text(bytes), " failed with ", mib_text(m.in_use),
+                          " in use by this model (", cudaGetErrorString(e),
                           "); use a smaller batch or patch, or free other GPU work"));
   }
   m.sizes[p] = bytes;
@@ -142,6 +149,8 @@ PoolStats Context::pool_stats() const {
   s.reserved_bytes = (size_t)reserved;
   return s;
 }
+
+void Context::reset_peak() { impl_->peak = impl_->in_use; }
 
 void Context::trim(size_t keep_bytes) {
   CMSEG_CUDA(cudaStreamSynchronize(impl_->stream));
@@ -179,6 +188,39 @@ float Context::time_ms(const std::function<void()>& fn, int reps) {
   float ms = 0;
   CMSEG_CUDA(cudaEventElapsedTime(&ms, m.t0, m.t1));
   return ms / std::max(reps, 1);
+}
+
+std::string Context::profile_report(int steps) {
+  Impl& m = *impl_;
+  if (!m.profiler.on) return "";
+  synchronize();
+  struct Row {
+    double ms = 0;
+    int calls = 0;
+  };
+  std::map<std::string, Row> rows;
+  double total = 0;
+  for (auto& sp : m.profiler.spans) {
+    float ms = 0;
+    CMSEG_CUDA(cudaEventElapsedTime(&ms, sp.begin, sp.end));
+    Row& r = rows[sp.name];
+    r.ms += ms, r.calls += 1;
+    if (!std::strchr(sp.name, ':')) total += ms;  // "layer: part" spans lie inside their layer's
+    m.profiler.spare.push_back(sp.begin), m.profiler.spare.push_back(sp.end);
+  }
+  m.profiler.spans.clear();
+  std::vector<std::pair<std::string, Row>> sorted(rows.begin(), rows.end());
+  std::sort(sorted.begin(), sorted.end(), [](const auto& a, const auto& b) { return a.second.ms > b.second.ms; });
+  const double per = std::max(steps, 1);
+  std::string out;
+  char line[160];
+  for (auto& [name, r] : sorted) {
+    std::snprintf(line, sizeof line, "  %-28s %9.3f ms/step %6.1f%% %6d calls\n", name.c_str(), r.ms / per,
+                  total > 0 ? 100 * r.ms / total : 0.0, r.calls);
+    out += line;
+  }
+  std::snprintf(line, sizeof line, "  %-28s %9.3f ms/step (layer calls only)\n", "sum", total / per);
+  return out + line;
 }
 
 }  // namespace cuda

@@ -63,6 +63,7 @@ __global__ void bias_finish_kernel(const double* __restrict__ partial, int block
 
 void conv1_forward(Context& ctx, const float* x, const float* w, const float* b, float* y, int n, int cin, int cout,
                    int64_t V) {
+  ProfileScope prof_(ctx, "conv1_forward");
   check_dims("conv1_forward", n, cin, cout, V);
   set_math(ctx);
   const float one = 1.f, zero = 0.f;
@@ -77,6 +78,7 @@ void conv1_forward(Context& ctx, const float* x, const float* w, const float* b,
 
 void conv1_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx_accumulate, float* dw,
                     float* db, int n, int cin, int cout, int64_t V) {
+  ProfileScope prof_(ctx, "conv1_backward");
   check_dims("conv1_backward", n, cin, cout, V);
   set_math(ctx);
   cublasHandle_t h = ctx.impl().cublas();

@@ -246,6 +246,7 @@ __global__ void bias_grad_kernel(const float* __restrict__ dy, int n, int cout, 
 
 void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s,
                    int ndim) {
+  ProfileScope prof_(ctx, "conv3_forward");
   check_shape("conv3_forward", n, cin, cout, s, ndim);
   const bool tf32 = ctx.options().tf32;
   TensorDesc xd(n, cin, s, ndim), yd(n, cout, s, ndim);
@@ -271,6 +272,7 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
   cudnnHandle_t h = ctx.impl().cudnn();
   const size_t wn = (size_t)cout * cin * conv3_taps(ndim);
   if (dx) {
+    ProfileScope prof_(ctx, "conv3_backward_data");
     const AlignedFilter wa(ctx, w, wn, true);
     const ConvAlgo a =
         algo_backward_data(ctx, key_of(kConvBwdData, n, cin, cout, s, ndim, tf32), wd, wa.p, yd, dy, cd, xd, dx);
@@ -280,6 +282,7 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
                                              (cudnnConvolutionBwdDataAlgo_t)a.algo, ws.p, a.workspace, &zero, xd.d,
                                              dx));
   }
+  ProfileScope prof_(ctx, "conv3_backward_filter");
   AlignedFilter dwa(ctx, dw, wn, true);  // accumulated into (beta = 1)
   const ConvAlgo a = algo_backward_filter(ctx, key_of(kConvBwdFilter, n, cin, cout, s, ndim, tf32), xd, x, yd, dy, cd,
                                           wd, wn);
@@ -293,6 +296,7 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
 
 void upconv2_forward(Context& ctx, const float* x, const float* w, const float* b, float* y, int n, int cin, int cout,
                      Spatial s, int ndim) {
+  ProfileScope prof_(ctx, "upconv2_forward");
   check_shape("upconv2_forward", n, cin, cout, s, ndim);
   const bool tf32 = ctx.options().tf32;
   const Spatial so{ndim == 3 ? 2 * s.d : 1, 2 * s.h, 2 * s.w};
@@ -317,6 +321,7 @@ void upconv2_forward(Context& ctx, const float* x, const float* w, const float* 
 
 void upconv2_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, float* db,
                       int n, int cin, int cout, Spatial s, int ndim) {
+  ProfileScope prof_(ctx, "upconv2_backward");
   check_shape("upconv2_backward", n, cin, cout, s, ndim);
   const bool tf32 = ctx.options().tf32;
   const Spatial so{ndim == 3 ? 2 * s.d : 1, 2 * s.h, 2 * s.w};

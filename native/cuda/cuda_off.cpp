@@ -29,6 +29,7 @@ void* Context::alloc(size_t) { off(); }
 void Context::free(void*) { off(); }
 PoolStats Context::pool_stats() const { off(); }
 void Context::trim(size_t) { off(); }
+void Context::reset_peak() { off(); }
 void Context::upload(void*, const void*, size_t) { off(); }
 void Context::download(void*, const void*, size_t) { off(); }
 void Context::copy(void*, const void*, size_t) { off(); }
@@ -36,6 +37,7 @@ void Context::zero(void*, size_t) { off(); }
 void Context::synchronize() { off(); }
 float Context::time_ms(const std::function<void()>&, int) { off(); }
 void* Context::stream_handle() const { off(); }
+std::string Context::profile_report(int) { off(); }
 
 void conv3_forward(Context&, const float*, const float*, float*, int, int, int, Spatial, int) { off(); }
 void conv3_backward(Context&, const float*, const float*, const float*, float*, float*, int, int, int, Spatial, int) {

@@ -216,6 +216,7 @@ void check_planes(int64_t planes) {
 
 void instance_norm_forward(Context& ctx, const float* x, const float* gamma, const float* beta, float* y, float* mean,
                            float* rstd, int n, int c, int64_t V, bool relu) {
+  ProfileScope prof_(ctx, "instance_norm_forward");
   const int64_t planes = (int64_t)n * c;
   if (!planes || !V) return;
   check_planes(planes);
@@ -239,6 +240,7 @@ void instance_norm_forward(Context& ctx, const float* x, const float* gamma, con
 void instance_norm_backward(Context& ctx, const float* x, const float* y, const float* mean, const float* rstd,
                             const float* gamma, const float* dy, float* dx, float* dgamma, float* dbeta, int n, int c,
                             int64_t V, bool relu) {
+  ProfileScope prof_(ctx, "instance_norm_backward");
   const int64_t planes = (int64_t)n * c;
   if (!planes || !V) return;
   check_planes(planes);

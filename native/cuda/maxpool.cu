@@ -71,6 +71,7 @@ PoolGeom geometry(Spatial s, int ndim) {
 }  // namespace
 
 void maxpool2_forward(Context& ctx, const float* x, float* y, uint8_t* arg, int nc, Spatial s, int ndim) {
+  ProfileScope prof_(ctx, "maxpool2_forward");
   const PoolGeom g = geometry(s, ndim);
   const int64_t total = (int64_t)nc * g.od * g.oh * g.ow;
   if (!total) return;
@@ -80,6 +81,7 @@ void maxpool2_forward(Context& ctx, const float* x, float* y, uint8_t* arg, int 
 }
 
 void maxpool2_backward(Context& ctx, const float* dy, const uint8_t* arg, float* dx, int nc, Spatial s, int ndim) {
+  ProfileScope prof_(ctx, "maxpool2_backward");
   const PoolGeom g = geometry(s, ndim);
   const int64_t total = (int64_t)nc * g.od * g.oh * g.ow;
   if (!total) return;

@@ -28,6 +28,7 @@ __global__ void softmax_kernel(const float* __restrict__ z, float* __restrict__ 
 }  // namespace
 
 void softmax_forward(Context& ctx, const float* z, float* p, int n, int c, int64_t V) {
+  ProfileScope prof_(ctx, "softmax_forward");
   if (n < 1 || c < 1 || V < 1) fail("softmax_forward: empty shape (n ", n, ", c ", c, ", V ", V, ")");
   const int64_t total = (int64_t)n * V;
   softmax_kernel<<<ctx.impl().grid_for(total, kThreads, 16), kThreads, 0, stream_of(ctx)>>>(z, p, n, c, V);

@@ -333,8 +333,11 @@ TEST(device_and_pool) {
     CHECK(back == h);
   }
   CHECK(ctx().pool_stats().in_use_bytes == 0);
+  CHECK(ctx().pool_stats().peak_in_use_bytes >= (4u << 20));
+  ctx().reset_peak();
+  CHECK(ctx().pool_stats().peak_in_use_bytes == 0);
   // An impossible allocation is a typed error, and the context stays usable.
-  CHECK_THROWS_WITH(ctx().alloc((size_t)1 << 52), "device allocation");
+  CHECK_THROWS_WITH(ctx().alloc((size_t)1 << 52), "GPU out of memory: allocating 4294967296.0 MiB failed");
   bool oom_typed = false;
   try {
     ctx().alloc((size_t)1 << 52);

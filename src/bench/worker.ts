@@ -21,6 +21,10 @@ async function main() {
     const t0 = process.hrtime.bigint();
     await model.trainStep({ images, shape: c.shape, labels });
     if (i >= warmup) stepMs.push(Number(process.hrtime.bigint() - t0) / 1e6);
+    // Peak device memory of the timed steps only, on both sides (torch_reference.py
+    // resets after its warm-up too): the first step's convolution-algorithm search
+    // borrows a workspace no later step holds.
+    if (gpu && i === warmup - 1) model.resetPeakMemory();
   }
   const peakRssMB = process.resourceUsage().maxRSS / 1024;
   // A GPU model's peak is its device pool's (what torch.cuda.max_memory_allocated reports on the other side).

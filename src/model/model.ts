@@ -65,9 +65,14 @@ export class Model {
     return this.native.config() as unknown as ResolvedConfig;
   }
 
-  /** Device memory of a GPU model (peak since creation); `{ device: 'cpu' }` otherwise. */
+  /** Device memory of a GPU model (peak since creation or the last resetPeakMemory()); `{ device: 'cpu' }` otherwise. */
   memory(): ModelMemory {
     return this.native.memory();
+  }
+
+  /** Starts the GPU peak again from what is in use now (as torch.cuda.reset_peak_memory_stats); no-op on the CPU. */
+  resetPeakMemory(): void {
+    this.native.resetPeakMemory();
   }
 
   /** Forward, loss, backward and one optimiser update. */

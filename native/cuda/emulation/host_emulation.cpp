@@ -57,6 +57,7 @@ void Context::free(void* p) {
 }
 PoolStats Context::pool_stats() const { PoolStats s; s.in_use_bytes = impl_->in_use; s.peak_in_use_bytes = impl_->peak; return s; }
 void Context::trim(size_t) {}
+void Context::reset_peak() { impl_->peak = impl_->in_use; }
 void Context::upload(void* d, const void* s, size_t b) { if (b) std::memcpy(d, s, b); }
 void Context::download(void* d, const void* s, size_t b) { if (b) std::memcpy(d, s, b); }
 void Context::copy(void* d, const void* s, size_t b) { if (b) std::memmove(d, s, b); }
@@ -64,6 +65,7 @@ void Context::zero(void* d, size_t b) { if (b) std::memset(d, 0, b); }
 void Context::synchronize() {}
 float Context::time_ms(const std::function<void()>& fn, int) { fn(); return 1.f; }
 void* Context::stream_handle() const { return nullptr; }
+std::string Context::profile_report(int) { return ""; }
 
 void conv3_forward(Context&, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s, int nd) {
   cmseg::conv3_forward(x, w, y, n, cin, cout, s, nd);

@@ -11,6 +11,7 @@
 // copy out): slow, for tests and for trying a kernel from outside.
 #pragma once
 #include <cstddef>
+#include <cstdio>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -56,20 +57,29 @@ struct ContextOptions {
   // Upper bound for one convolution's cuDNN workspace.
   size_t max_workspace_bytes = size_t(1) << 30;
   // Choose each convolution's algorithm by timing cuDNN's candidates once per shape
-  // (like torch.backends.cudnn.benchmark) instead of by cuDNN's heuristics.
-  bool conv_benchmark = false;
+  // (like torch.backends.cudnn.benchmark) instead of by cuDNN's legacy heuristics,
+  // whose picks for 3D NCDHW backward passes ran ~40x below the tensor cores on an
+  // H200 (BENCHMARKS.md). CMSEG_CUDNN_BENCHMARK=0 in the environment turns it off.
+  bool conv_benchmark = true;
   // Most bytes this context may hold at once (0: no limit of its own); past it
   // alloc() throws OutOfMemory like a full device.
   size_t memory_limit_bytes = 0;
 };
 
+// Bytes as MiB with one decimal, for messages ("4294967296.0 MiB", not "4.29e+09").
+inline std::string mib_text(size_t bytes) {
+  char b[48];
+  std::snprintf(b, sizeof b, "%.1f MiB", bytes / 1048576.0);
+  return b;
+}
+
 // The limit rule of Context::alloc (also used by the host emulation, so both say
 // the same thing): throws OutOfMemory when `bytes` more would pass the limit.
 inline void check_memory_limit(const ContextOptions& o, size_t in_use, size_t bytes) {
   if (o.memory_limit_bytes && in_use + bytes > o.memory_limit_bytes)
-    throw OutOfMemory(str("GPU out of memory: allocating ", bytes / 1048576.0, " MiB would pass this model's limit of ",
-                          o.memory_limit_bytes / 1048576.0, " MiB (gpuMemoryLimitMB) with ", in_use / 1048576.0,
-                          " MiB in use; use a smaller batch or patch, or raise the limit"));
+    throw OutOfMemory(str("GPU out of memory: allocating ", mib_text(bytes), " would pass this model's limit of ",
+                          mib_text(o.memory_limit_bytes), " (gpuMemoryLimitMB) with ", mib_text(in_use),
+                          " in use; use a smaller batch or patch, or raise the limit"));
 }
 
 struct PoolStats {
@@ -96,6 +106,9 @@ class Context {
   void* alloc(size_t bytes);
   void free(void* p);
   PoolStats pool_stats() const;
+  // Starts a new peak from what is in use now (like torch.cuda.reset_peak_memory_stats):
+  // the benchmark measures steady-state steps, after the first step's algorithm search.
+  void reset_peak();
   // Returns cached pool memory beyond `keep_bytes` to the device.
   void trim(size_t keep_bytes = 0);
 
@@ -109,6 +122,11 @@ class Context {
   // Times `fn` (which launches work on this context) with CUDA events: one untimed
   // call, then the mean of `reps` calls, in milliseconds.
   float time_ms(const std::function<void()>& fn, int reps = 10);
+
+  // With CMSEG_GPU_PROFILE=1 set when the context was made: the device time of each
+  // layer call since the last report, summed by layer, per step over `steps`, largest
+  // first (waits for the stream). Empty when profiling is off.
+  std::string profile_report(int steps = 1);
 
   // The cudaStream_t, as an opaque pointer (for interop; the backend's own code
   // reaches it through impl()).

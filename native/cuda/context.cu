@@ -71,6 +71,7 @@ Context::Context(const ContextOptions& options) : impl_(new Impl) {
   Impl& m = *impl_;
   m.options = options;
   if (const char* b = std::getenv("CMSEG_CUDNN_BENCHMARK"); b && *b) m.options.conv_benchmark = std::string(b) != "0";
+  if (const char* c = std::getenv("CMSEG_CONV_CHANNELS_LAST"); c && *c) m.options.conv_channels_last = std::string(c) != "0";
   const int dev = options.device;
   if (dev < 0 || dev >= probe().devices)
     throw Error(str("CUDA device ", dev, " does not exist (", probe().devices, " found)"));
@@ -108,6 +109,7 @@ Context::~Context() {
 
 const ContextOptions& Context::options() const { return impl_->options; }
 void Context::set_tf32(bool on) { impl_->options.tf32 = on; }
+void Context::set_conv_channels_last(bool on) { impl_->options.conv_channels_last = on; }
 int Context::device() const { return impl_->options.device; }
 void* Context::stream_handle() const { return impl_->stream; }
 

@@ -18,18 +18,25 @@ namespace cmseg {
 namespace cuda {
 namespace {
 
-enum ConvOp { kConvFwd = 0, kConvBwdData = 1, kConvBwdFilter = 2, kUpFwd = 3, kUpBwdData = 4, kUpBwdFilter = 5 };
+enum ConvOp {
+  kConvFwd = 0, kConvBwdData = 1, kConvBwdFilter = 2, kUpFwd = 3, kUpBwdData = 4, kUpBwdFilter = 5,
+  kConvFwdCL = 6, kConvBwdDataCL = 7, kConvBwdFilterCL = 8  // conv3 on channels-last copies
+};
 
 struct TensorDesc {
   cudnnTensorDescriptor_t d = nullptr;
-  TensorDesc(int n, int c, Spatial s, int ndim) {
+  // channels_last: the same logical [n, c, *s] tensor stored NDHWC (2D: NHWC).
+  TensorDesc(int n, int c, Spatial s, int ndim, bool channels_last = false) {
     CMSEG_CUDNN(cudnnCreateTensorDescriptor(&d));
     if (ndim == 3) {
       const int dims[5] = {n, c, s.d, s.h, s.w};
-      const int strides[5] = {c * s.d * s.h * s.w, s.d * s.h * s.w, s.h * s.w, s.w, 1};
-      CMSEG_CUDNN(cudnnSetTensorNdDescriptor(d, CUDNN_DATA_FLOAT, 5, dims, strides));
+      const int V = s.d * s.h * s.w;
+      const int ncdhw[5] = {c * V, V, s.h * s.w, s.w, 1};
+      const int ndhwc[5] = {c * V, 1, s.h * s.w * c, s.w * c, c};
+      CMSEG_CUDNN(cudnnSetTensorNdDescriptor(d, CUDNN_DATA_FLOAT, 5, dims, channels_last ? ndhwc : ncdhw));
     } else {
-      CMSEG_CUDNN(cudnnSetTensor4dDescriptor(d, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, n, c, s.h, s.w));
+      CMSEG_CUDNN(cudnnSetTensor4dDescriptor(d, channels_last ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW,
+                                             CUDNN_DATA_FLOAT, n, c, s.h, s.w));
     }
   }
   ~TensorDesc() { cudnnDestroyTensorDescriptor(d); }
@@ -38,10 +45,12 @@ struct TensorDesc {
 
 struct FilterDesc {
   cudnnFilterDescriptor_t d = nullptr;
-  FilterDesc(int k, int c, int ksize, int ndim) {
+  // channels_last: [k, c, *taps] stored as [k, *taps, c].
+  FilterDesc(int k, int c, int ksize, int ndim, bool channels_last = false) {
     CMSEG_CUDNN(cudnnCreateFilterDescriptor(&d));
     const int dims[5] = {k, c, ksize, ksize, ksize};
-    CMSEG_CUDNN(cudnnSetFilterNdDescriptor(d, CUDNN_DATA_FLOAT, CUDNN_TENSOR_NCHW, ndim + 2, dims));
+    CMSEG_CUDNN(cudnnSetFilterNdDescriptor(d, CUDNN_DATA_FLOAT, channels_last ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW,
+                                           ndim + 2, dims));
   }
   ~FilterDesc() { cudnnDestroyFilterDescriptor(d); }
   FilterDesc(const FilterDesc&) = delete;
@@ -109,12 +118,26 @@ struct AlignedFilter {
   }
 };
 
-// Workspace for timing candidates: the configured limit, but no more than half of
-// the device memory free now.
-size_t benchmark_workspace(Context& ctx) {
+// Workspace for timing candidates: what the largest candidate within the configured
+// limit asks for (cuDNN's own estimate), but no more than half of the device memory
+// free now, nor more than the model's memory limit leaves (the search must not fail
+// a step that fits, nor inflate the pool's peak with a 1 GiB buffer nobody uses).
+template <class Perf>
+size_t benchmark_workspace(Context& ctx, const Perf* perf, int count) {
+  const ContextOptions& o = ctx.options();
+  size_t want = 0;
+  for (int i = 0; i < count; ++i)
+    if (perf[i].status == CUDNN_STATUS_SUCCESS && perf[i].memory <= o.max_workspace_bytes)
+      want = std::max(want, perf[i].memory);
   size_t free_b = 0, total_b = 0;
   CMSEG_CUDA(cudaMemGetInfo(&free_b, &total_b));
-  return std::min(ctx.options().max_workspace_bytes, free_b / 2);
+  want = std::min(want, free_b / 2);
+  if (o.memory_limit_bytes) {
+    const size_t used = ctx.pool_stats().in_use_bytes;
+    const size_t left = o.memory_limit_bytes > used ? o.memory_limit_bytes - used : 0;
+    want = std::min(want, left / 2);
+  }
+  return want;
 }
 
 // Runs with the math type the algorithm was chosen for (as PyTorch does): a
@@ -130,6 +153,10 @@ void use_math(const ConvDesc& cd, const ConvAlgo& a) {
 // CUDNN_DEFAULT_MATH); a workspace smaller than the run needs fails the call.
 const int kMaxAlgos = 16;
 
+// Each algo_* asks cuDNN's heuristics for the candidates; with conv_benchmark it then
+// times them (cudnnFind*Ex) in a workspace sized from that list, and keeps the
+// heuristics' order when the search cannot get its workspace.
+
 // y = conv(x, w): x [n, c_in, sx], w [k, c_in, ...], y [n, k, sy]
 ConvAlgo algo_forward(Context& ctx, const ConvKey& key, const TensorDesc& xd, const float* x, const FilterDesc& wd,
                       const float* w, const ConvDesc& cd, const TensorDesc& yd, float* y) {
@@ -138,13 +165,15 @@ ConvAlgo algo_forward(Context& ctx, const ConvKey& key, const TensorDesc& xd, co
   if (it != im.conv_algos.end()) return it->second;
   cudnnConvolutionFwdAlgoPerf_t perf[kMaxAlgos];
   int count = 0;
+  CMSEG_CUDNN(cudnnGetConvolutionForwardAlgorithm_v7(im.cudnn(), xd.d, wd.d, cd.d, yd.d, kMaxAlgos, &count, perf));
   if (ctx.options().conv_benchmark) {
-    const size_t ws = benchmark_workspace(ctx);
-    Scratch scratch(ctx, ws);
-    CMSEG_CUDNN(cudnnFindConvolutionForwardAlgorithmEx(im.cudnn(), xd.d, x, wd.d, w, cd.d, yd.d, y, kMaxAlgos, &count,
-                                                       perf, scratch.p, ws));
-  } else {
-    CMSEG_CUDNN(cudnnGetConvolutionForwardAlgorithm_v7(im.cudnn(), xd.d, wd.d, cd.d, yd.d, kMaxAlgos, &count, perf));
+    try {
+      const size_t ws = benchmark_workspace(ctx, perf, count);
+      Scratch scratch(ctx, ws);
+      CMSEG_CUDNN(cudnnFindConvolutionForwardAlgorithmEx(im.cudnn(), xd.d, x, wd.d, w, cd.d, yd.d, y, kMaxAlgos,
+                                                         &count, perf, scratch.p, ws));
+    } catch (const OutOfMemory&) {
+    }
   }
   ConvAlgo a = pick(perf, count, ctx.options().max_workspace_bytes, key.tf32, "a forward convolution");
   use_math(cd, a);
@@ -164,14 +193,16 @@ ConvAlgo algo_backward_data(Context& ctx, const ConvKey& key, const FilterDesc& 
   if (it != im.conv_algos.end()) return it->second;
   cudnnConvolutionBwdDataAlgoPerf_t perf[kMaxAlgos];
   int count = 0;
+  CMSEG_CUDNN(cudnnGetConvolutionBackwardDataAlgorithm_v7(im.cudnn(), wd.d, dyd.d, cd.d, dxd.d, kMaxAlgos, &count,
+                                                          perf));
   if (ctx.options().conv_benchmark) {
-    const size_t ws = benchmark_workspace(ctx);
-    Scratch scratch(ctx, ws);
-    CMSEG_CUDNN(cudnnFindConvolutionBackwardDataAlgorithmEx(im.cudnn(), wd.d, w, dyd.d, dy, cd.d, dxd.d, dx, kMaxAlgos,
-                                                            &count, perf, scratch.p, ws));
-  } else {
-    CMSEG_CUDNN(
-        cudnnGetConvolutionBackwardDataAlgorithm_v7(im.cudnn(), wd.d, dyd.d, cd.d, dxd.d, kMaxAlgos, &count, perf));
+    try {
+      const size_t ws = benchmark_workspace(ctx, perf, count);
+      Scratch scratch(ctx, ws);
+      CMSEG_CUDNN(cudnnFindConvolutionBackwardDataAlgorithmEx(im.cudnn(), wd.d, w, dyd.d, dy, cd.d, dxd.d, dx,
+                                                              kMaxAlgos, &count, perf, scratch.p, ws));
+    } catch (const OutOfMemory&) {
+    }
   }
   ConvAlgo a = pick(perf, count, ctx.options().max_workspace_bytes, key.tf32, "a backward-data convolution");
   use_math(cd, a);  // see algo_forward
@@ -182,7 +213,8 @@ ConvAlgo algo_backward_data(Context& ctx, const ConvKey& key, const FilterDesc& 
   return im.conv_algos[key] = a;
 }
 
-// dw += corr(x, dy). Timing writes into a scratch filter, never into the accumulated dw.
+// dw = sum over images and positions of x * dy (timed into a scratch dw, since the
+// real one is accumulated into)
 ConvAlgo algo_backward_filter(Context& ctx, const ConvKey& key, const TensorDesc& xd, const float* x,
                               const TensorDesc& dyd, const float* dy, const ConvDesc& cd, const FilterDesc& dwd,
                               size_t dw_count) {
@@ -191,15 +223,17 @@ ConvAlgo algo_backward_filter(Context& ctx, const ConvKey& key, const TensorDesc
   if (it != im.conv_algos.end()) return it->second;
   cudnnConvolutionBwdFilterAlgoPerf_t perf[kMaxAlgos];
   int count = 0;
+  CMSEG_CUDNN(
+      cudnnGetConvolutionBackwardFilterAlgorithm_v7(im.cudnn(), xd.d, dyd.d, cd.d, dwd.d, kMaxAlgos, &count, perf));
   if (ctx.options().conv_benchmark) {
-    const size_t ws = benchmark_workspace(ctx);
-    Scratch scratch(ctx, ws), dw(ctx, dw_count * sizeof(float));
-    CMSEG_CUDNN(cudnnFindConvolutionBackwardFilterAlgorithmEx(im.cudnn(), xd.d, x, dyd.d, dy, cd.d, dwd.d,
-                                                              static_cast<float*>(dw.p), kMaxAlgos, &count, perf,
-                                                              scratch.p, ws));
-  } else {
-    CMSEG_CUDNN(
-        cudnnGetConvolutionBackwardFilterAlgorithm_v7(im.cudnn(), xd.d, dyd.d, cd.d, dwd.d, kMaxAlgos, &count, perf));
+    try {
+      const size_t ws = benchmark_workspace(ctx, perf, count);
+      Scratch scratch(ctx, ws), dw(ctx, dw_count * sizeof(float));
+      CMSEG_CUDNN(cudnnFindConvolutionBackwardFilterAlgorithmEx(im.cudnn(), xd.d, x, dyd.d, dy, cd.d, dwd.d,
+                                                                static_cast<float*>(dw.p), kMaxAlgos, &count, perf,
+                                                                scratch.p, ws));
+    } catch (const OutOfMemory&) {
+    }
   }
   ConvAlgo a = pick(perf, count, ctx.options().max_workspace_bytes, key.tf32, "a backward-filter convolution");
   use_math(cd, a);  // see algo_forward
@@ -242,6 +276,125 @@ __global__ void bias_grad_kernel(const float* __restrict__ dy, int n, int cout, 
   if (threadIdx.x == 0) db[co] += (float)s;
 }
 
+// ---- NCDHW <-> NDHWC -----------------------------------------------------------
+
+inline float* f(Scratch& s) { return static_cast<float*>(s.p); }
+
+// y[b][c][r] = x[b][r][c] (ACC: +=) for x [B, R, C] row-major: 32x32 tiles through
+// shared memory, so both the reads and the writes are coalesced.
+template <bool ACC>
+__global__ void transpose_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t R, int64_t C,
+                                 int64_t tiles_c) {
+  __shared__ float tile[32][33];
+  const int64_t b = blockIdx.y, tr = blockIdx.x / tiles_c, tc = blockIdx.x % tiles_c;
+  const float* xb = x + b * R * C;
+  float* yb = y + b * R * C;
+  const int tx = threadIdx.x, ty = threadIdx.y;  // 32 x 8 threads
+  for (int k = 0; k < 32; k += 8) {
+    const int64_t r = tr * 32 + ty + k, c = tc * 32 + tx;
+    if (r < R && c < C) tile[ty + k][tx] = xb[r * C + c];
+  }
+  __syncthreads();
+  for (int k = 0; k < 32; k += 8) {
+    const int64_t c = tc * 32 + ty + k, r = tr * 32 + tx;
+    if (r < R && c < C) {
+      if (ACC)
+        yb[c * R + r] += tile[tx][ty + k];
+      else
+        yb[c * R + r] = tile[tx][ty + k];
+    }
+  }
+}
+
+void transpose(Context& ctx, const float* x, float* y, int64_t B, int64_t R, int64_t C, bool accumulate) {
+  ProfileScope prof_(ctx, "conv3: NCDHW<->NDHWC copies");
+  if (B > 65535) fail("transpose: batch of ", B, " exceeds the CUDA grid limit");
+  const int64_t tiles_r = (R + 31) / 32, tiles_c = (C + 31) / 32;
+  const dim3 grid((unsigned)(tiles_r * tiles_c), (unsigned)B), block(32, 8);
+  if (accumulate)
+    transpose_kernel<true><<<grid, block, 0, stream_of(ctx)>>>(x, y, R, C, tiles_c);
+  else
+    transpose_kernel<false><<<grid, block, 0, stream_of(ctx)>>>(x, y, R, C, tiles_c);
+  CMSEG_CUDA_LAUNCHED("transpose");
+}
+
+// [b, c, v] -> [b, v, c]: activations (b images, c channels, v voxels) and filters
+// (b output channels, c input channels, v taps).
+void to_channels_last(Context& ctx, const float* x, float* y, int64_t b, int64_t c, int64_t v) {
+  transpose(ctx, x, y, b, c, v, false);
+}
+// [b, v, c] -> [b, c, v], written or added.
+void from_channels_last(Context& ctx, const float* x, float* y, int64_t b, int64_t c, int64_t v, bool accumulate) {
+  transpose(ctx, x, y, b, v, c, accumulate);
+}
+
+}  // namespace
+
+namespace {
+
+// conv3 through NDHWC copies (ContextOptions::conv_channels_last). The model keeps
+// NCDHW; these calls transpose around cuDNN (~5 memory passes of the activations
+// per call) because cuDNN's legacy API runs 3D convolutions on NCDHW tensors with
+// slow kernels, backward-filter above all (BENCHMARKS.md, H200).
+
+void conv3_forward_cl(Context& ctx, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s,
+                      int ndim, bool tf32) {
+  const int64_t V = s.size(), T = conv3_taps(ndim);
+  TensorDesc xd(n, cin, s, ndim, true), yd(n, cout, s, ndim, true);
+  FilterDesc wd(cout, cin, 3, ndim, true);
+  ConvDesc cd(1, 1, ndim, tf32);
+  Scratch xt(ctx, sizeof(float) * n * cin * V), wt(ctx, sizeof(float) * cout * cin * T),
+      yt(ctx, sizeof(float) * n * cout * V);
+  to_channels_last(ctx, x, f(xt), n, cin, V);
+  to_channels_last(ctx, w, f(wt), cout, cin, T);
+  const ConvAlgo a =
+      algo_forward(ctx, key_of(kConvFwdCL, n, cin, cout, s, ndim, tf32), xd, f(xt), wd, f(wt), cd, yd, f(yt));
+  use_math(cd, a);
+  Scratch ws(ctx, a.workspace);
+  const float one = 1.f, zero = 0.f;
+  CMSEG_CUDNN(cudnnConvolutionForward(ctx.impl().cudnn(), &one, xd.d, f(xt), wd.d, f(wt), cd.d,
+                                      (cudnnConvolutionFwdAlgo_t)a.algo, ws.p, a.workspace, &zero, yd.d, f(yt)));
+  from_channels_last(ctx, f(yt), y, n, cout, V, false);
+}
+
+void conv3_backward_cl(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, int n,
+                       int cin, int cout, Spatial s, int ndim, bool tf32) {
+  const int64_t V = s.size(), T = conv3_taps(ndim);
+  TensorDesc xd(n, cin, s, ndim, true), yd(n, cout, s, ndim, true);
+  FilterDesc wd(cout, cin, 3, ndim, true);
+  ConvDesc cd(1, 1, ndim, tf32);
+  const float one = 1.f, zero = 0.f;
+  cudnnHandle_t h = ctx.impl().cudnn();
+  Scratch dyt(ctx, sizeof(float) * n * cout * V);
+  to_channels_last(ctx, dy, f(dyt), n, cout, V);
+  {
+    ProfileScope prof_(ctx, "conv3_backward_filter");
+    Scratch xt(ctx, sizeof(float) * n * cin * V), dwt(ctx, sizeof(float) * cout * cin * T);
+    to_channels_last(ctx, x, f(xt), n, cin, V);
+    const ConvAlgo a = algo_backward_filter(ctx, key_of(kConvBwdFilterCL, n, cin, cout, s, ndim, tf32), xd, f(xt),
+                                            yd, f(dyt), cd, wd, (size_t)cout * cin * T);
+    use_math(cd, a);
+    Scratch ws(ctx, a.workspace);
+    CMSEG_CUDNN(cudnnConvolutionBackwardFilter(h, &one, xd.d, f(xt), yd.d, f(dyt), cd.d,
+                                               (cudnnConvolutionBwdFilterAlgo_t)a.algo, ws.p, a.workspace, &zero,
+                                               wd.d, f(dwt)));
+    from_channels_last(ctx, f(dwt), dw, cout, cin, T, true);  // dw is accumulated into
+  }
+  if (dx) {
+    ProfileScope prof_(ctx, "conv3_backward_data");
+    Scratch wt(ctx, sizeof(float) * cout * cin * T), dxt(ctx, sizeof(float) * n * cin * V);
+    to_channels_last(ctx, w, f(wt), cout, cin, T);
+    const ConvAlgo a = algo_backward_data(ctx, key_of(kConvBwdDataCL, n, cin, cout, s, ndim, tf32), wd, f(wt), yd,
+                                          f(dyt), cd, xd, f(dxt));
+    use_math(cd, a);
+    Scratch ws(ctx, a.workspace);
+    CMSEG_CUDNN(cudnnConvolutionBackwardData(h, &one, wd.d, f(wt), yd.d, f(dyt), cd.d,
+                                             (cudnnConvolutionBwdDataAlgo_t)a.algo, ws.p, a.workspace, &zero, xd.d,
+                                             f(dxt)));
+    from_channels_last(ctx, f(dxt), dx, n, cin, V, false);
+  }
+}
+
 }  // namespace
 
 void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s,
@@ -249,6 +402,7 @@ void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n
   ProfileScope prof_(ctx, "conv3_forward");
   check_shape("conv3_forward", n, cin, cout, s, ndim);
   const bool tf32 = ctx.options().tf32;
+  if (ctx.options().conv_channels_last) return conv3_forward_cl(ctx, x, w, y, n, cin, cout, s, ndim, tf32);
   TensorDesc xd(n, cin, s, ndim), yd(n, cout, s, ndim);
   FilterDesc wd(cout, cin, 3, ndim);
   ConvDesc cd(1, 1, ndim, tf32);
@@ -265,6 +419,7 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
                     int cin, int cout, Spatial s, int ndim) {
   check_shape("conv3_backward", n, cin, cout, s, ndim);
   const bool tf32 = ctx.options().tf32;
+  if (ctx.options().conv_channels_last) return conv3_backward_cl(ctx, x, w, dy, dx, dw, n, cin, cout, s, ndim, tf32);
   TensorDesc xd(n, cin, s, ndim), yd(n, cout, s, ndim);
   FilterDesc wd(cout, cin, 3, ndim);
   ConvDesc cd(1, 1, ndim, tf32);

@@ -363,12 +363,21 @@ TEST(instance_norm_matches_cpu) {
   instance_norm_case(2, 2, 48 * 48, false, 100.f);     // |mean| >> std
 }
 
+// Both ways cuDNN is called: on channels-last copies (the default) and on the
+// model's NCDHW tensors directly.
 TEST(conv3_matches_cpu) {
-  for (bool tf32 : {false, true}) {
-    conv3_case(2, 2, 3, 5, {1, 12, 10}, tf32);
-    conv3_case(3, 2, 4, 6, {6, 8, 10}, tf32);
-    conv3_case(3, 1, 16, 32, {8, 8, 8}, tf32);
+  const bool default_layout = ctx().options().conv_channels_last;
+  for (bool channels_last : {true, false}) {
+    ctx().set_conv_channels_last(channels_last);
+    std::printf("  -- conv3 with cuDNN on %s tensors\n", channels_last ? "NDHWC (channels-last)" : "NCDHW");
+    for (bool tf32 : {false, true}) {
+      conv3_case(2, 2, 3, 5, {1, 12, 10}, tf32);
+      conv3_case(3, 2, 4, 6, {6, 8, 10}, tf32);
+      conv3_case(3, 1, 16, 32, {8, 8, 8}, tf32);
+      conv3_case(3, 2, 33, 7, {4, 6, 70}, tf32);  // transpose tiles cut at both edges
+    }
   }
+  ctx().set_conv_channels_last(default_layout);
 }
 
 TEST(upconv2_matches_cpu) {
@@ -435,15 +444,23 @@ TEST(bandwidth_brats3d_gpu_level0) {
     // conv3 at this level, TF32 and FMA math: TFLOP/s rather than GB/s.
     cu::Buffer<float> w(c, fast_fill((size_t)ch * ch * 27, 5, 0.05f)), dw(c, (size_t)ch * ch * 27);
     const double flops = 2.0 * n * V * ch * ch * 27;
-    for (bool tf32 : {true, false}) {
-      c.set_tf32(tf32);
-      const float f = c.time_ms([&] { cu::conv3_forward(c, x.data(), w.data(), y.data(), n, ch, ch, s, 3); }, 5);
-      const float bw = c.time_ms(
-          [&] { cu::conv3_backward(c, x.data(), w.data(), dy.data(), dx.data(), dw.data(), n, ch, ch, s, 3); }, 5);
-      std::printf("  conv3 3D 32->32 128^3 n=2 %s: forward %.3f ms (%.1f TFLOP/s), backward data+filter %.3f ms (%.1f TFLOP/s)\n",
-                  tf32 ? "tf32" : "fp32", f, flops / (f * 1e-3) / 1e12, bw, 2 * flops / (bw * 1e-3) / 1e12);
-    }
+    const bool default_layout = c.options().conv_channels_last;
+    for (bool channels_last : {true, false})
+      for (bool tf32 : {true, false}) {
+        c.set_tf32(tf32);
+        c.set_conv_channels_last(channels_last);
+        const float f = c.time_ms([&] { cu::conv3_forward(c, x.data(), w.data(), y.data(), n, ch, ch, s, 3); }, 5);
+        const float bd = c.time_ms(
+            [&] { cu::conv3_backward(c, x.data(), w.data(), dy.data(), dx.data(), dw.data(), n, ch, ch, s, 3); }, 5);
+        const float bf = c.time_ms(
+            [&] { cu::conv3_backward(c, x.data(), w.data(), dy.data(), nullptr, dw.data(), n, ch, ch, s, 3); }, 5);
+        std::printf("  conv3 3D 32->32 128^3 n=2 %s %s: forward %.3f ms (%.1f TFLOP/s), backward data+filter %.3f ms "
+                    "(%.1f TFLOP/s), of which filter %.3f ms\n",
+                    channels_last ? "NDHWC" : "NCDHW", tf32 ? "tf32" : "fp32", f, flops / (f * 1e-3) / 1e12, bd,
+                    2 * flops / (bd * 1e-3) / 1e12, bf);
+      }
     c.set_tf32(true);
+    c.set_conv_channels_last(default_layout);
   }
   {
     const int L = 4, R = 3, K = L * L;

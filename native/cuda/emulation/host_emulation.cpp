@@ -39,6 +39,7 @@ Context::Context(const ContextOptions& o) : impl_(new Impl) { impl_->options = o
 Context::~Context() { for (auto& kv : impl_->sizes) std::free(kv.first); }
 const ContextOptions& Context::options() const { return impl_->options; }
 void Context::set_tf32(bool on) { impl_->options.tf32 = on; }
+void Context::set_conv_channels_last(bool on) { impl_->options.conv_channels_last = on; }
 int Context::device() const { return 0; }
 void* Context::alloc(size_t bytes) {
   if (!bytes) return nullptr;

@@ -61,6 +61,10 @@ struct ContextOptions {
   // whose picks for 3D NCDHW backward passes ran ~40x below the tensor cores on an
   // H200 (BENCHMARKS.md). CMSEG_CUDNN_BENCHMARK=0 in the environment turns it off.
   bool conv_benchmark = true;
+  // conv3 runs cuDNN on NDHWC (2D: NHWC) copies of its tensors, where cuDNN has
+  // tensor-core kernels for 3D; off: directly on the model's NCDHW tensors.
+  // CMSEG_CONV_CHANNELS_LAST=0 in the environment turns it off.
+  bool conv_channels_last = true;
   // Most bytes this context may hold at once (0: no limit of its own); past it
   // alloc() throws OutOfMemory like a full device.
   size_t memory_limit_bytes = 0;
@@ -97,6 +101,7 @@ class Context {
 
   const ContextOptions& options() const;
   void set_tf32(bool on);
+  void set_conv_channels_last(bool on);
   int device() const;
 
   // Stream-ordered allocation from the device's memory pool (cudaMallocAsync).

@@ -122,7 +122,11 @@ write_summary() {
     fi
     if grep -q "device time by layer" "$OUT/bench_gpu.txt" 2>/dev/null; then
       echo "== cmseg GPU brats3d-gpu: device time by layer (CMSEG_GPU_PROFILE)"
-      sed -n '/device time by layer/,/^  sum /p' "$OUT/bench_gpu.txt" | tail -n +2
+      sed -n '/device time by layer/,/^  sum /p' "$OUT/bench_gpu.txt"
+    fi
+    if grep -qh "^\(2: \)\?cmseg: cuDNN" "$OUT/bench_gpu.txt" "$OUT/test_cuda.txt" 2>/dev/null; then
+      echo "== convolutions without a usable cuDNN algorithm (fell back)"
+      grep -h "cmseg: cuDNN" "$OUT/bench_gpu.txt" "$OUT/test_cuda.txt" | sort -u | head -20 | cut -c1-600
     fi
     if [ -s "$OUT/torch.txt" ] || [ -s "$OUT/bench_gpu.txt" ]; then
       echo "== brats3d-gpu train step: cmseg GPU and the PyTorch reference (same machine), torch parity"
@@ -230,6 +234,10 @@ if [ -x "$BUILD/test_cuda" ]; then
 fi
 if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   stage bench_gpu 90 "$OUT/bench_gpu.txt" "CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  # A convolution that fell back for want of workspace: the same bench with 8 GiB allowed.
+  if grep -q "^cmseg: cuDNN offered no usable" "$OUT/bench_gpu.txt"; then
+    stage bench_gpu_ws8g 90 "$OUT/bench_gpu.txt" "CMSEG_CUDNN_WORKSPACE_MB=8192 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  fi
 fi
 
 # ---- the addon through Node: parity via the public API, then the users' benchmark -----------

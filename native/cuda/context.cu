@@ -71,6 +71,8 @@ Context::Context(const ContextOptions& options) : impl_(new Impl) {
   Impl& m = *impl_;
   m.options = options;
   if (const char* b = std::getenv("CMSEG_CUDNN_BENCHMARK"); b && *b) m.options.conv_benchmark = std::string(b) != "0";
+  if (const char* mb = std::getenv("CMSEG_CUDNN_WORKSPACE_MB"); mb && *mb)
+    m.options.max_workspace_bytes = (size_t)std::strtoull(mb, nullptr, 10) << 20;
   if (const char* c = std::getenv("CMSEG_CONV_CHANNELS_LAST"); c && *c) m.options.conv_channels_last = std::string(c) != "0";
   const int dev = options.device;
   if (dev < 0 || dev >= probe().devices)

@@ -12,6 +12,8 @@
 // The algorithm for each (call, shape, math) is chosen once and cached in the
 // context: by cuDNN's heuristics, or by timing the candidates when
 // ContextOptions::conv_benchmark is set. Workspaces come from the context's pool.
+#include <optional>
+
 #include "common.cuh"
 
 namespace cmseg {
@@ -69,6 +71,18 @@ struct ConvDesc {
   ConvDesc(const ConvDesc&) = delete;
 };
 
+// No candidate cuDNN offered can run (conv3 then falls back from channels-last
+// copies to the NCDHW tensors).
+class NoConvAlgorithm : public Error {
+ public:
+  using Error::Error;
+};
+
+const char* math_name(int m) {
+  return m == CUDNN_FMA_MATH ? "fma" : m == CUDNN_TENSOR_OP_MATH ? "tensor-op" : m == CUDNN_DEFAULT_MATH ? "default"
+                                                                                                        : "other";
+}
+
 // Candidates from cuDNN (heuristics or timings), best first: take the first that
 // ran, fits the workspace limit and, without TF32, uses FMA math.
 template <class Perf>
@@ -80,7 +94,12 @@ ConvAlgo pick(const Perf* perf, int count, size_t limit, bool tf32, const char* 
       if (pass == 0 && !tf32 && p.mathType != CUDNN_FMA_MATH) continue;
       return ConvAlgo{(int)p.algo, p.memory, tf32 ? (int)p.mathType : (int)CUDNN_FMA_MATH};
     }
-  throw Error(str("cuDNN offered no usable algorithm for ", what, " within a ", limit, "-byte workspace"));
+  std::string seen;
+  for (int i = 0; i < count; ++i)
+    seen += str(i ? "; " : "", "algo ", (int)perf[i].algo, " ", cudnnGetErrorString(perf[i].status), " ",
+                mib_text(perf[i].memory), " ", math_name((int)perf[i].mathType));
+  throw NoConvAlgorithm(str("cuDNN offered no usable algorithm for ", what, " within a ", mib_text(limit),
+                            " workspace (candidates: ", count ? seen : std::string("none"), ")"));
 }
 
 struct Scratch {  // a pool allocation released at the end of the call (stream-ordered)
@@ -129,6 +148,7 @@ size_t benchmark_workspace(Context& ctx, const Perf* perf, int count) {
   for (int i = 0; i < count; ++i)
     if (perf[i].status == CUDNN_STATUS_SUCCESS && perf[i].memory <= o.max_workspace_bytes)
       want = std::max(want, perf[i].memory);
+  if (want == 0) want = o.max_workspace_bytes;  // the heuristics rated nothing: let the search try all
   size_t free_b = 0, total_b = 0;
   CMSEG_CUDA(cudaMemGetInfo(&free_b, &total_b));
   want = std::min(want, free_b / 2);
@@ -153,6 +173,23 @@ void use_math(const ConvDesc& cd, const ConvAlgo& a) {
 // CUDNN_DEFAULT_MATH); a workspace smaller than the run needs fails the call.
 const int kMaxAlgos = 16;
 
+// A shape with no usable algorithm is remembered (algo -1), so later calls fall back
+// at once; it is said once on stderr, with cuDNN's candidates.
+template <class Pick>
+ConvAlgo remember_failure(Context& ctx, const ConvKey& key, Pick pick_one) {
+  try {
+    return pick_one();
+  } catch (const NoConvAlgorithm& e) {
+    ConvAlgo none;
+    none.algo = -1;
+    ctx.impl().conv_algos[key] = none;
+    std::fprintf(stderr, "cmseg: %s (op %d, n %d, %d->%d channels, %dx%dx%d, %s); %s\n", e.what(), key.op, key.n,
+                 key.cin, key.cout, key.d, key.h, key.w, key.tf32 ? "tf32" : "fp32",
+                 key.op >= kConvFwdCL ? "this convolution runs on the NCDHW tensors instead" : "");
+    throw;
+  }
+}
+
 // Each algo_* asks cuDNN's heuristics for the candidates; with conv_benchmark it then
 // times them (cudnnFind*Ex) in a workspace sized from that list, and keeps the
 // heuristics' order when the search cannot get its workspace.
@@ -162,7 +199,10 @@ ConvAlgo algo_forward(Context& ctx, const ConvKey& key, const TensorDesc& xd, co
                       const float* w, const ConvDesc& cd, const TensorDesc& yd, float* y) {
   Context::Impl& im = ctx.impl();
   auto it = im.conv_algos.find(key);
-  if (it != im.conv_algos.end()) return it->second;
+  if (it != im.conv_algos.end()) {
+    if (it->second.algo < 0) throw NoConvAlgorithm("cuDNN offered no usable algorithm for this convolution shape (said on stderr when first found)");
+    return it->second;
+  }
   cudnnConvolutionFwdAlgoPerf_t perf[kMaxAlgos];
   int count = 0;
   CMSEG_CUDNN(cudnnGetConvolutionForwardAlgorithm_v7(im.cudnn(), xd.d, wd.d, cd.d, yd.d, kMaxAlgos, &count, perf));
@@ -175,7 +215,9 @@ ConvAlgo algo_forward(Context& ctx, const ConvKey& key, const TensorDesc& xd, co
     } catch (const OutOfMemory&) {
     }
   }
-  ConvAlgo a = pick(perf, count, ctx.options().max_workspace_bytes, key.tf32, "a forward convolution");
+  ConvAlgo a = remember_failure(ctx, key, [&] {
+    return pick(perf, count, ctx.options().max_workspace_bytes, key.tf32, "a forward convolution");
+  });
   use_math(cd, a);
   size_t ws = 0;
   if (cudnnGetConvolutionForwardWorkspaceSize(im.cudnn(), xd.d, wd.d, cd.d, yd.d, (cudnnConvolutionFwdAlgo_t)a.algo,
@@ -190,7 +232,10 @@ ConvAlgo algo_backward_data(Context& ctx, const ConvKey& key, const FilterDesc& 
                             float* dx) {
   Context::Impl& im = ctx.impl();
   auto it = im.conv_algos.find(key);
-  if (it != im.conv_algos.end()) return it->second;
+  if (it != im.conv_algos.end()) {
+    if (it->second.algo < 0) throw NoConvAlgorithm("cuDNN offered no usable algorithm for this convolution shape (said on stderr when first found)");
+    return it->second;
+  }
   cudnnConvolutionBwdDataAlgoPerf_t perf[kMaxAlgos];
   int count = 0;
   CMSEG_CUDNN(cudnnGetConvolutionBackwardDataAlgorithm_v7(im.cudnn(), wd.d, dyd.d, cd.d, dxd.d, kMaxAlgos, &count,
@@ -204,7 +249,9 @@ ConvAlgo algo_backward_data(Context& ctx, const ConvKey& key, const FilterDesc& 
     } catch (const OutOfMemory&) {
     }
   }
-  ConvAlgo a = pick(perf, count, ctx.options().max_workspace_bytes, key.tf32, "a backward-data convolution");
+  ConvAlgo a = remember_failure(ctx, key, [&] {
+    return pick(perf, count, ctx.options().max_workspace_bytes, key.tf32, "a backward-data convolution");
+  });
   use_math(cd, a);  // see algo_forward
   size_t ws = 0;
   if (cudnnGetConvolutionBackwardDataWorkspaceSize(im.cudnn(), wd.d, dyd.d, cd.d, dxd.d,
@@ -220,7 +267,10 @@ ConvAlgo algo_backward_filter(Context& ctx, const ConvKey& key, const TensorDesc
                               size_t dw_count) {
   Context::Impl& im = ctx.impl();
   auto it = im.conv_algos.find(key);
-  if (it != im.conv_algos.end()) return it->second;
+  if (it != im.conv_algos.end()) {
+    if (it->second.algo < 0) throw NoConvAlgorithm("cuDNN offered no usable algorithm for this convolution shape (said on stderr when first found)");
+    return it->second;
+  }
   cudnnConvolutionBwdFilterAlgoPerf_t perf[kMaxAlgos];
   int count = 0;
   CMSEG_CUDNN(
@@ -235,7 +285,9 @@ ConvAlgo algo_backward_filter(Context& ctx, const ConvKey& key, const TensorDesc
     } catch (const OutOfMemory&) {
     }
   }
-  ConvAlgo a = pick(perf, count, ctx.options().max_workspace_bytes, key.tf32, "a backward-filter convolution");
+  ConvAlgo a = remember_failure(ctx, key, [&] {
+    return pick(perf, count, ctx.options().max_workspace_bytes, key.tf32, "a backward-filter convolution");
+  });
   use_math(cd, a);  // see algo_forward
   size_t ws = 0;
   if (cudnnGetConvolutionBackwardFilterWorkspaceSize(im.cudnn(), xd.d, dyd.d, cd.d, dwd.d,
@@ -333,12 +385,36 @@ void from_channels_last(Context& ctx, const float* x, float* y, int64_t b, int64
 namespace {
 
 // conv3 through NDHWC copies (ContextOptions::conv_channels_last). The model keeps
-// NCDHW; these calls transpose around cuDNN (~5 memory passes of the activations
-// per call) because cuDNN's legacy API runs 3D convolutions on NCDHW tensors with
-// slow kernels, backward-filter above all (BENCHMARKS.md, H200).
+// NCDHW; these calls transpose around cuDNN because cuDNN's legacy API runs 3D
+// convolutions on NCDHW tensors with slow kernels, the filter gradient above all
+// (BENCHMARKS.md, H200). Each returns false, having written nothing the caller
+// owns, when cuDNN has no usable algorithm for the channels-last shape (the caller
+// then runs the NCDHW path).
 
-void conv3_forward_cl(Context& ctx, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s,
-                      int ndim, bool tf32) {
+// An earlier call found no usable channels-last algorithm for this key.
+bool known_unusable(Context& ctx, const ConvKey& key) {
+  auto it = ctx.impl().conv_algos.find(key);
+  return it != ctx.impl().conv_algos.end() && it->second.algo < 0;
+}
+
+// dy in NDHWC, made on first use and shared by both parts of the backward.
+struct LazyChannelsLast {
+  Context& ctx;
+  const float* src;
+  int64_t b, c, v;
+  std::optional<Scratch> copy;
+  float* get() {
+    if (!copy) {
+      copy.emplace(ctx, sizeof(float) * b * c * v);
+      to_channels_last(ctx, src, f(*copy), b, c, v);
+    }
+    return f(*copy);
+  }
+};
+
+bool forward_cl(Context& ctx, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s, int ndim,
+                bool tf32) {
+  if (known_unusable(ctx, key_of(kConvFwdCL, n, cin, cout, s, ndim, tf32))) return false;
   const int64_t V = s.size(), T = conv3_taps(ndim);
   TensorDesc xd(n, cin, s, ndim, true), yd(n, cout, s, ndim, true);
   FilterDesc wd(cout, cin, 3, ndim, true);
@@ -347,52 +423,71 @@ void conv3_forward_cl(Context& ctx, const float* x, const float* w, float* y, in
       yt(ctx, sizeof(float) * n * cout * V);
   to_channels_last(ctx, x, f(xt), n, cin, V);
   to_channels_last(ctx, w, f(wt), cout, cin, T);
-  const ConvAlgo a =
-      algo_forward(ctx, key_of(kConvFwdCL, n, cin, cout, s, ndim, tf32), xd, f(xt), wd, f(wt), cd, yd, f(yt));
+  ConvAlgo a;
+  try {
+    a = algo_forward(ctx, key_of(kConvFwdCL, n, cin, cout, s, ndim, tf32), xd, f(xt), wd, f(wt), cd, yd, f(yt));
+  } catch (const NoConvAlgorithm&) {
+    return false;
+  }
   use_math(cd, a);
   Scratch ws(ctx, a.workspace);
   const float one = 1.f, zero = 0.f;
   CMSEG_CUDNN(cudnnConvolutionForward(ctx.impl().cudnn(), &one, xd.d, f(xt), wd.d, f(wt), cd.d,
                                       (cudnnConvolutionFwdAlgo_t)a.algo, ws.p, a.workspace, &zero, yd.d, f(yt)));
   from_channels_last(ctx, f(yt), y, n, cout, V, false);
+  return true;
 }
 
-void conv3_backward_cl(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, int n,
-                       int cin, int cout, Spatial s, int ndim, bool tf32) {
+bool backward_data_cl(Context& ctx, const float* w, LazyChannelsLast& dyt, float* dx, int n, int cin, int cout,
+                      Spatial s, int ndim, bool tf32) {
+  if (known_unusable(ctx, key_of(kConvBwdDataCL, n, cin, cout, s, ndim, tf32))) return false;
   const int64_t V = s.size(), T = conv3_taps(ndim);
   TensorDesc xd(n, cin, s, ndim, true), yd(n, cout, s, ndim, true);
   FilterDesc wd(cout, cin, 3, ndim, true);
   ConvDesc cd(1, 1, ndim, tf32);
+  Scratch wt(ctx, sizeof(float) * cout * cin * T), dxt(ctx, sizeof(float) * n * cin * V);
+  to_channels_last(ctx, w, f(wt), cout, cin, T);
+  ConvAlgo a;
+  try {
+    a = algo_backward_data(ctx, key_of(kConvBwdDataCL, n, cin, cout, s, ndim, tf32), wd, f(wt), yd, dyt.get(), cd,
+                           xd, f(dxt));
+  } catch (const NoConvAlgorithm&) {
+    return false;
+  }
+  use_math(cd, a);
+  Scratch ws(ctx, a.workspace);
   const float one = 1.f, zero = 0.f;
-  cudnnHandle_t h = ctx.impl().cudnn();
-  Scratch dyt(ctx, sizeof(float) * n * cout * V);
-  to_channels_last(ctx, dy, f(dyt), n, cout, V);
-  {
-    ProfileScope prof_(ctx, "conv3_backward_filter");
-    Scratch xt(ctx, sizeof(float) * n * cin * V), dwt(ctx, sizeof(float) * cout * cin * T);
-    to_channels_last(ctx, x, f(xt), n, cin, V);
-    const ConvAlgo a = algo_backward_filter(ctx, key_of(kConvBwdFilterCL, n, cin, cout, s, ndim, tf32), xd, f(xt),
-                                            yd, f(dyt), cd, wd, (size_t)cout * cin * T);
-    use_math(cd, a);
-    Scratch ws(ctx, a.workspace);
-    CMSEG_CUDNN(cudnnConvolutionBackwardFilter(h, &one, xd.d, f(xt), yd.d, f(dyt), cd.d,
-                                               (cudnnConvolutionBwdFilterAlgo_t)a.algo, ws.p, a.workspace, &zero,
-                                               wd.d, f(dwt)));
-    from_channels_last(ctx, f(dwt), dw, cout, cin, T, true);  // dw is accumulated into
+  CMSEG_CUDNN(cudnnConvolutionBackwardData(ctx.impl().cudnn(), &one, wd.d, f(wt), yd.d, dyt.get(), cd.d,
+                                           (cudnnConvolutionBwdDataAlgo_t)a.algo, ws.p, a.workspace, &zero, xd.d,
+                                           f(dxt)));
+  from_channels_last(ctx, f(dxt), dx, n, cin, V, false);
+  return true;
+}
+
+bool backward_filter_cl(Context& ctx, const float* x, LazyChannelsLast& dyt, float* dw, int n, int cin, int cout,
+                        Spatial s, int ndim, bool tf32) {
+  if (known_unusable(ctx, key_of(kConvBwdFilterCL, n, cin, cout, s, ndim, tf32))) return false;
+  const int64_t V = s.size(), T = conv3_taps(ndim);
+  TensorDesc xd(n, cin, s, ndim, true), yd(n, cout, s, ndim, true);
+  FilterDesc wd(cout, cin, 3, ndim, true);
+  ConvDesc cd(1, 1, ndim, tf32);
+  Scratch xt(ctx, sizeof(float) * n * cin * V), dwt(ctx, sizeof(float) * cout * cin * T);
+  to_channels_last(ctx, x, f(xt), n, cin, V);
+  ConvAlgo a;
+  try {
+    a = algo_backward_filter(ctx, key_of(kConvBwdFilterCL, n, cin, cout, s, ndim, tf32), xd, f(xt), yd, dyt.get(),
+                             cd, wd, (size_t)cout * cin * T);
+  } catch (const NoConvAlgorithm&) {
+    return false;  // dw untouched
   }
-  if (dx) {
-    ProfileScope prof_(ctx, "conv3_backward_data");
-    Scratch wt(ctx, sizeof(float) * cout * cin * T), dxt(ctx, sizeof(float) * n * cin * V);
-    to_channels_last(ctx, w, f(wt), cout, cin, T);
-    const ConvAlgo a = algo_backward_data(ctx, key_of(kConvBwdDataCL, n, cin, cout, s, ndim, tf32), wd, f(wt), yd,
-                                          f(dyt), cd, xd, f(dxt));
-    use_math(cd, a);
-    Scratch ws(ctx, a.workspace);
-    CMSEG_CUDNN(cudnnConvolutionBackwardData(h, &one, wd.d, f(wt), yd.d, f(dyt), cd.d,
-                                             (cudnnConvolutionBwdDataAlgo_t)a.algo, ws.p, a.workspace, &zero, xd.d,
-                                             f(dxt)));
-    from_channels_last(ctx, f(dxt), dx, n, cin, V, false);
-  }
+  use_math(cd, a);
+  Scratch ws(ctx, a.workspace);
+  const float one = 1.f, zero = 0.f;
+  CMSEG_CUDNN(cudnnConvolutionBackwardFilter(ctx.impl().cudnn(), &one, xd.d, f(xt), yd.d, dyt.get(), cd.d,
+                                             (cudnnConvolutionBwdFilterAlgo_t)a.algo, ws.p, a.workspace, &zero, wd.d,
+                                             f(dwt)));
+  from_channels_last(ctx, f(dwt), dw, cout, cin, T, true);  // dw is accumulated into
+  return true;
 }
 
 }  // namespace
@@ -402,7 +497,7 @@ void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n
   ProfileScope prof_(ctx, "conv3_forward");
   check_shape("conv3_forward", n, cin, cout, s, ndim);
   const bool tf32 = ctx.options().tf32;
-  if (ctx.options().conv_channels_last) return conv3_forward_cl(ctx, x, w, y, n, cin, cout, s, ndim, tf32);
+  if (ctx.options().conv_channels_last && forward_cl(ctx, x, w, y, n, cin, cout, s, ndim, tf32)) return;
   TensorDesc xd(n, cin, s, ndim), yd(n, cout, s, ndim);
   FilterDesc wd(cout, cin, 3, ndim);
   ConvDesc cd(1, 1, ndim, tf32);
@@ -418,26 +513,29 @@ void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n
 void conv3_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, int n,
                     int cin, int cout, Spatial s, int ndim) {
   check_shape("conv3_backward", n, cin, cout, s, ndim);
-  const bool tf32 = ctx.options().tf32;
-  if (ctx.options().conv_channels_last) return conv3_backward_cl(ctx, x, w, dy, dx, dw, n, cin, cout, s, ndim, tf32);
+  const bool tf32 = ctx.options().tf32, cl = ctx.options().conv_channels_last;
   TensorDesc xd(n, cin, s, ndim), yd(n, cout, s, ndim);
   FilterDesc wd(cout, cin, 3, ndim);
   ConvDesc cd(1, 1, ndim, tf32);
   const float one = 1.f, zero = 0.f;
   cudnnHandle_t h = ctx.impl().cudnn();
   const size_t wn = (size_t)cout * cin * conv3_taps(ndim);
+  LazyChannelsLast dyt{ctx, dy, n, cout, s.size(), {}};
   if (dx) {
     ProfileScope prof_(ctx, "conv3_backward_data");
-    const AlignedFilter wa(ctx, w, wn, true);
-    const ConvAlgo a =
-        algo_backward_data(ctx, key_of(kConvBwdData, n, cin, cout, s, ndim, tf32), wd, wa.p, yd, dy, cd, xd, dx);
-    use_math(cd, a);
-    Scratch ws(ctx, a.workspace);
-    CMSEG_CUDNN(cudnnConvolutionBackwardData(h, &one, wd.d, wa.p, yd.d, dy, cd.d,
-                                             (cudnnConvolutionBwdDataAlgo_t)a.algo, ws.p, a.workspace, &zero, xd.d,
-                                             dx));
+    if (!cl || !backward_data_cl(ctx, w, dyt, dx, n, cin, cout, s, ndim, tf32)) {
+      const AlignedFilter wa(ctx, w, wn, true);
+      const ConvAlgo a =
+          algo_backward_data(ctx, key_of(kConvBwdData, n, cin, cout, s, ndim, tf32), wd, wa.p, yd, dy, cd, xd, dx);
+      use_math(cd, a);
+      Scratch ws(ctx, a.workspace);
+      CMSEG_CUDNN(cudnnConvolutionBackwardData(h, &one, wd.d, wa.p, yd.d, dy, cd.d,
+                                               (cudnnConvolutionBwdDataAlgo_t)a.algo, ws.p, a.workspace, &zero, xd.d,
+                                               dx));
+    }
   }
   ProfileScope prof_(ctx, "conv3_backward_filter");
+  if (cl && backward_filter_cl(ctx, x, dyt, dw, n, cin, cout, s, ndim, tf32)) return;
   AlignedFilter dwa(ctx, dw, wn, true);  // accumulated into (beta = 1)
   const ConvAlgo a = algo_backward_filter(ctx, key_of(kConvBwdFilter, n, cin, cout, s, ndim, tf32), xd, x, yd, dy, cd,
                                           wd, wn);

@@ -54,7 +54,8 @@ struct ContextOptions {
   // Convolutions may use TF32 tensor cores (cuDNN default math). Off: FMA math only,
   // bit-for-bit closer to the fp32 CPU reference and slower.
   bool tf32 = true;
-  // Upper bound for one convolution's cuDNN workspace.
+  // Upper bound for one convolution's cuDNN workspace (CMSEG_CUDNN_WORKSPACE_MB in
+  // the environment overrides it).
   size_t max_workspace_bytes = size_t(1) << 30;
   // Choose each convolution's algorithm by timing cuDNN's candidates once per shape
   // (like torch.backends.cudnn.benchmark) instead of by cuDNN's legacy heuristics,

@@ -78,6 +78,11 @@ Context::Context(const ContextOptions& options) : impl_(new Impl) {
   if (dev < 0 || dev >= probe().devices)
     throw Error(str("CUDA device ", dev, " does not exist (", probe().devices, " found)"));
   CMSEG_CUDA(cudaSetDevice(dev));
+  if (m.options.max_workspace_bytes == 0) {
+    size_t free_b = 0, total_b = 0;
+    CMSEG_CUDA(cudaMemGetInfo(&free_b, &total_b));
+    m.options.max_workspace_bytes = std::max(size_t(1) << 30, total_b / 16);
+  }
   int pools = 0;
   CMSEG_CUDA(cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, dev));
   if (!pools) throw Error(str("CUDA device ", dev, " has no stream-ordered memory pools (cudaMallocAsync)"));

@@ -54,9 +54,10 @@ struct ContextOptions {
   // Convolutions may use TF32 tensor cores (cuDNN default math). Off: FMA math only,
   // bit-for-bit closer to the fp32 CPU reference and slower.
   bool tf32 = true;
-  // Upper bound for one convolution's cuDNN workspace (CMSEG_CUDNN_WORKSPACE_MB in
-  // the environment overrides it).
-  size_t max_workspace_bytes = size_t(1) << 30;
+  // Upper bound for one convolution's cuDNN workspace; 0: a sixteenth of the
+  // device's memory, at least 1 GiB (the channels-last 3D filter gradient of the
+  // brats3d-gpu step asks for 1034 MiB). CMSEG_CUDNN_WORKSPACE_MB overrides it.
+  size_t max_workspace_bytes = 0;
   // Choose each convolution's algorithm by timing cuDNN's candidates once per shape
   // (like torch.backends.cudnn.benchmark) instead of by cuDNN's legacy heuristics,
   // whose picks for 3D NCDHW backward passes ran ~40x below the tensor cores on an

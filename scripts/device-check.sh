@@ -22,7 +22,9 @@
 #              kernels, conv TFLOP/s and the brats3d-gpu whole-step time
 #   bench_gpu  cmseg_bench_gpu brats3d-gpu: median train step (TF32), voxels/s,
 #              GFLOP/s, peak pool memory, fused CM loss GB/s (JSON like the torch bench),
-#              and the device time of each layer per step (CMSEG_GPU_PROFILE=1)
+#              and the device time of each layer per step (CMSEG_GPU_PROFILE=1); then
+#              bench_gpu_ncdhw, the same with cuDNN on NCDHW tensors directly
+#              (CMSEG_CONV_CHANNELS_LAST=0), to choose the default layout
 #   smoke      (Node) scripts/device-smoke.mjs: the addon's `device: 'cuda'` model
 #              against its CPU model through the public API (gradients, 3 steps,
 #              predict, parameter sync), 2D/3D, every CM mode, plain CE
@@ -150,6 +152,8 @@ for line in lines:
         continue
     if "stepMsMedian" in r and r.get("bench") == "cmseg-gpu":
         mode = "TF32" if r.get("tf32") else "fp32"
+        if "channelsLast" in r:
+            mode += ", cuDNN on " + ("NDHWC copies" if r["channelsLast"] else "NCDHW tensors")
         print(f"  cmseg GPU {r['config']} {mode}: median step {r['stepMsMedian']:.1f} ms, "
               f"{r['voxelsPerSecond'] / 1e6:.2f} Mvoxel/s, {r['gflopPerSecond']:.0f} GFLOP/s, "
               f"peak {r.get('peakGpuMB', 0):.0f} MiB, steps {r['stepMs']}; "
@@ -235,6 +239,9 @@ if [ -x "$BUILD/test_cuda" ]; then
 fi
 if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   stage bench_gpu 90 "$OUT/bench_gpu.txt" "CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  # The same step with cuDNN on the model's NCDHW tensors (no channels-last copies):
+  # as fast at level 0 on an H200 once the workspace cap allowed the fast algorithms.
+  stage bench_gpu_ncdhw 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_CHANNELS_LAST=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # A convolution that fell back for want of workspace: the same bench with 8 GiB allowed.
   if grep -q "^cmseg: cuDNN offered no usable" "$OUT/bench_gpu.txt"; then
     stage bench_gpu_ws8g 90 "$OUT/bench_gpu.txt" "CMSEG_CUDNN_WORKSPACE_MB=8192 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"

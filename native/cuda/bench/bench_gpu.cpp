@@ -175,13 +175,16 @@ int main(int argc, char** argv) {
       loss_ms = ctx.time_ms([&] { cu::cm_loss(ctx, in, out); }, 5);
     }
 
-    std::printf("cmseg GPU %s (%s, %s): median %.1f ms/step, %.3g voxels/s, %.0f GFLOP/s, peak %.0f MiB; "
-                "cm_loss %.3f ms, %.0f GB/s\n",
-                config.c_str(), dev.name.c_str(), c.tf32 ? "tf32" : "fp32", med, n * V / (med * 1e-3),
+    const bool cl = ctx.options().conv_channels_last;
+    std::printf("cmseg GPU %s (%s, %s, cuDNN on %s tensors): median %.1f ms/step, %.3g voxels/s, %.0f GFLOP/s, "
+                "peak %.0f MiB; cm_loss %.3f ms, %.0f GB/s\n",
+                config.c_str(), dev.name.c_str(), c.tf32 ? "tf32" : "fp32", cl ? "NDHWC" : "NCDHW", med,
+                n * V / (med * 1e-3),
                 flops / (med * 1e-3) / 1e9, ps.peak_in_use_bytes / 1048576.0, loss_ms,
                 loss_bytes / (loss_ms * 1e-3) / 1e9);
-    std::printf("{\"bench\":\"cmseg-gpu\",\"ok\":true,\"config\":\"%s\",\"device\":\"%s\",\"tf32\":%s,\"stepMs\":[",
-                config.c_str(), dev.name.c_str(), c.tf32 ? "true" : "false");
+    std::printf("{\"bench\":\"cmseg-gpu\",\"ok\":true,\"config\":\"%s\",\"device\":\"%s\",\"tf32\":%s,"
+                "\"channelsLast\":%s,\"stepMs\":[",
+                config.c_str(), dev.name.c_str(), c.tf32 ? "true" : "false", cl ? "true" : "false");
     for (size_t i = 0; i < ms.size(); ++i) std::printf("%s%.3f", i ? "," : "", ms[i]);
     std::printf("],\"stepMsMedian\":%.3f,\"voxelsPerSecond\":%.1f,\"gflopPerSecond\":%.1f,\"peakGpuMB\":%.1f,"
                 "\"cmLossMs\":%.4f,\"cmLossBytes\":%.0f,\"cmLossGBs\":%.1f}\n",

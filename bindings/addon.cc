@@ -25,12 +25,13 @@ Napi::Value BackendInfo(const Napi::CallbackInfo& info) {
   o.Set("cudnnVersion", (double)b.cudnn_version);
   if (!b.gpu_unavailable_reason.empty()) o.Set("gpuUnavailableReason", b.gpu_unavailable_reason);
   o.Set("cudaTraining", b.cuda_training);
-  // Precision modes a 'cuda' model offers (ModelConfig.tf32): strict fp32 and TF32
-  // convolutions; bf16 is not implemented yet and is not listed.
+  // Precision modes a 'cuda' model offers: strict fp32 (tf32: false), TF32
+  // convolutions (the default) and bf16 convolutions with fp32 accumulation (bf16: true).
   Napi::Array precisions = Napi::Array::New(env);
   if (b.cuda_training) {
     precisions.Set(0u, "fp32");
     precisions.Set(1u, "tf32");
+    precisions.Set(2u, "bf16");
   }
   o.Set("gpuPrecisions", precisions);
   o.Set("simd", b.simd);

@@ -22,7 +22,7 @@ cmseg::ModelConfig parse_config(Napi::Env env, const Napi::Value& v) {
   Napi::Object o = expect_object(env, v, "model config");
   check_keys(env, o, "model config",
              {"ndim", "inChannels", "classes", "annotators", "depth", "baseChannels", "cmMode", "cmRank",
-              "cmHeadBlocks", "cmInit", "seed", "device", "tf32", "gpuMemoryLimitMB"});
+              "cmHeadBlocks", "cmInit", "seed", "device", "tf32", "bf16", "gpuMemoryLimitMB"});
   const char* w = "config";
   cmseg::ModelConfig c;
   c.ndim = get_int(env, o, "ndim", 2, w);
@@ -57,6 +57,11 @@ cmseg::ModelConfig parse_config(Napi::Env env, const Napi::Value& v) {
   if (!tf32.IsUndefined()) {
     if (!tf32.IsBoolean()) throw_invalid(env, "config.tf32 must be a boolean");
     c.tf32 = tf32.As<Napi::Boolean>().Value();
+  }
+  const Napi::Value bf16 = o.Get("bf16");
+  if (!bf16.IsUndefined()) {
+    if (!bf16.IsBoolean()) throw_invalid(env, "config.bf16 must be a boolean");
+    c.bf16 = bf16.As<Napi::Boolean>().Value();
   }
   const double limit_mb = get_number(env, o, "gpuMemoryLimitMB", 0, w);
   if (!(limit_mb >= 0) || limit_mb > 1e9) throw_invalid(env, "config.gpuMemoryLimitMB must be a number of MiB >= 0 (0: no limit)");
@@ -408,6 +413,7 @@ Napi::Value ModelWrap::Config(const Napi::CallbackInfo& info) {
   o.Set("seed", (double)c.seed);
   o.Set("device", c.device == cmseg::Device::Cuda ? "cuda" : "cpu");  // 'auto' resolved
   o.Set("tf32", c.tf32);
+  o.Set("bf16", c.bf16);
   o.Set("gpuMemoryLimitMB", c.gpu_memory_limit / 1048576.0);
   return o;
 }

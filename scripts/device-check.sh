@@ -111,7 +111,7 @@ write_summary() {
     fi
     if [ -s "$OUT/test_cuda.txt" ]; then
       echo "== test_cuda (CUDA kernels vs CPU reference; timings)"
-      grep -E "SKIP|device [0-9]|rel L2|identical|DIFFERENT|cm_loss .* loss|GB/s|TFLOP/s|pool:|worst max-abs|predict max-abs|whole step|^[0-9]+: (ok|FAIL)|# [0-9]+ passed|FAIL|failed|exception" \
+      grep -E "SKIP|device [0-9]|rel L2|identical|DIFFERENT|bf16 values|cm_loss .* loss|GB/s|TFLOP/s|pool:|worst max-abs|predict max-abs|whole step|^[0-9]+: (ok|FAIL)|# [0-9]+ passed|FAIL|failed|exception" \
         "$OUT/test_cuda.txt" | sed -E 's/^[0-9]+: //; s/^/  /' | head -160
     fi
     if [ -s "$OUT/node.txt" ]; then
@@ -151,7 +151,7 @@ for line in lines:
     except ValueError:
         continue
     if "stepMsMedian" in r and r.get("bench") == "cmseg-gpu":
-        mode = "TF32" if r.get("tf32") else "fp32"
+        mode = "bf16 convolutions" if r.get("bf16") else "TF32" if r.get("tf32") else "fp32"
         if "channelsLast" in r:
             mode += ", cuDNN on " + ("NDHWC copies" if r["channelsLast"] else "NCDHW tensors")
         print(f"  cmseg GPU {r['config']} {mode}: median step {r['stepMsMedian']:.1f} ms, "
@@ -242,6 +242,8 @@ if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   # The same step with cuDNN on the model's NCDHW tensors (no channels-last copies):
   # as fast at level 0 on an H200 once the workspace cap allowed the fast algorithms.
   stage bench_gpu_ncdhw 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_CHANNELS_LAST=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  # bf16 convolutions (config.bf16): compare with torch's bf16 autocast row.
+  stage bench_gpu_bf16 60 "$OUT/bench_gpu.txt" "CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 bf16"
   # A convolution that fell back for want of workspace: the same bench with 8 GiB allowed.
   if grep -q "^cmseg: cuDNN offered no usable" "$OUT/bench_gpu.txt"; then
     stage bench_gpu_ws8g 90 "$OUT/bench_gpu.txt" "CMSEG_CUDNN_WORKSPACE_MB=8192 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"

@@ -68,7 +68,7 @@ export interface NativeBackendInfo {
   gpuUnavailableReason?: string;
   /** whether the whole training step can run on the GPU */
   cudaTraining: boolean;
-  /** precision modes of a 'cuda' model: 'fp32' (tf32: false) and 'tf32' (the default); empty without CUDA */
+  /** precision modes of a 'cuda' model: 'fp32' (tf32: false), 'tf32' (the default) and 'bf16' (bf16: true); empty without CUDA */
   gpuPrecisions: string[];
   simd: string;
   compiler: string;

@@ -62,6 +62,23 @@ t.test('a GPU result gets GPU labels, the bf16 row and its ratio, and no CPU-pea
   t.match(table, /\| brats3d-gpu \| PyTorch eager \(TF32\) \| 160 .* \| 12000 \| 1\.60 \|/);
   t.match(table, /\| brats3d-gpu \| PyTorch eager \(bf16 autocast\) \| 120 .* \| 7000 \| 1\.20 \|/);
   t.notMatch(table, /cmseg \(CPU\)/);
+  t.notMatch(table, /bf16 convolutions/, 'no cmseg bf16 row when it did not run');
+});
+
+t.test('with a cmseg bf16 run, PyTorch bf16 autocast is compared with it', async (t) => {
+  const table = formatBenchTable([
+    {
+      config: 'brats3d-gpu', shape: [2, 4, 128, 128, 128], threads: 16, peakGflopPerSecond: 500, stepGflop: 1400,
+      machine: machineInfo(), device: 'gpu',
+      cmseg: { ok: true, stepMsMedian: 100, voxelsPerSecond: 41943040, gflopPerSecond: 14000, fractionOfPeak: NaN, peakMemoryMB: 9000 },
+      torchEager: { ok: true, stepMsMedian: 160, voxelsPerSecond: 26214400, gflopPerSecond: 8750, fractionOfPeak: NaN, peakMemoryMB: 12000 },
+      cmsegBf16: { ok: true, stepMsMedian: 60, voxelsPerSecond: 69905067, gflopPerSecond: 23333, fractionOfPeak: NaN, peakMemoryMB: 8000 },
+      torchBf16: { ok: true, stepMsMedian: 90, voxelsPerSecond: 46603378, gflopPerSecond: 15556, fractionOfPeak: NaN, peakMemoryMB: 7000 },
+      speedupVsEager: 1.6,
+    },
+  ]);
+  t.match(table, /\| brats3d-gpu \| cmseg \(GPU, bf16 convolutions\) \| 60 .* \| 8000 \|  \|/);
+  t.match(table, /\| brats3d-gpu \| PyTorch eager \(bf16 autocast\) \| 90 .* \| 7000 \| 1\.50 \|/);
 });
 
 t.test('with several rounds the eager ratio is the median of the rounds, with its spread', async (t) => {

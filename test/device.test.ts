@@ -17,7 +17,7 @@ t.test('a CPU model reports its device and no GPU memory', async (t) => {
 
 t.test('backendInfo lists the GPU precision modes exactly when CUDA training is built', async (t) => {
   const info = backendInfo();
-  t.same(info.gpuPrecisions, info.cudaTraining ? ['fp32', 'tf32'] : []);
+  t.same(info.gpuPrecisions, info.cudaTraining ? ['fp32', 'tf32', 'bf16'] : []);
 });
 
 t.test("'auto' picks the GPU exactly when one is usable", async (t) => {

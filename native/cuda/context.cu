@@ -117,6 +117,7 @@ Context::~Context() {
 const ContextOptions& Context::options() const { return impl_->options; }
 void Context::set_tf32(bool on) { impl_->options.tf32 = on; }
 void Context::set_conv_channels_last(bool on) { impl_->options.conv_channels_last = on; }
+void Context::set_bf16(bool on) { impl_->options.bf16 = on; }
 int Context::device() const { return impl_->options.device; }
 void* Context::stream_handle() const { return impl_->stream; }
 

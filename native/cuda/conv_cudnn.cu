@@ -12,7 +12,10 @@
 // The algorithm for each (call, shape, math) is chosen once and cached in the
 // context: by cuDNN's heuristics, or by timing the candidates when
 // ContextOptions::conv_benchmark is set. Workspaces come from the context's pool.
+#include <cuda_bf16.h>
+
 #include <optional>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -22,23 +25,24 @@ namespace {
 
 enum ConvOp {
   kConvFwd = 0, kConvBwdData = 1, kConvBwdFilter = 2, kUpFwd = 3, kUpBwdData = 4, kUpBwdFilter = 5,
-  kConvFwdCL = 6, kConvBwdDataCL = 7, kConvBwdFilterCL = 8  // conv3 on channels-last copies
+  kConvFwdCL = 6, kConvBwdDataCL = 7, kConvBwdFilterCL = 8,  // conv3 on channels-last fp32 copies
+  kConvFwdBF = 9, kConvBwdDataBF = 10, kConvBwdFilterBF = 11  // conv3 on channels-last bf16 copies
 };
 
 struct TensorDesc {
   cudnnTensorDescriptor_t d = nullptr;
   // channels_last: the same logical [n, c, *s] tensor stored NDHWC (2D: NHWC).
-  TensorDesc(int n, int c, Spatial s, int ndim, bool channels_last = false) {
+  TensorDesc(int n, int c, Spatial s, int ndim, bool channels_last = false, cudnnDataType_t type = CUDNN_DATA_FLOAT) {
     CMSEG_CUDNN(cudnnCreateTensorDescriptor(&d));
     if (ndim == 3) {
       const int dims[5] = {n, c, s.d, s.h, s.w};
       const int V = s.d * s.h * s.w;
       const int ncdhw[5] = {c * V, V, s.h * s.w, s.w, 1};
       const int ndhwc[5] = {c * V, 1, s.h * s.w * c, s.w * c, c};
-      CMSEG_CUDNN(cudnnSetTensorNdDescriptor(d, CUDNN_DATA_FLOAT, 5, dims, channels_last ? ndhwc : ncdhw));
+      CMSEG_CUDNN(cudnnSetTensorNdDescriptor(d, type, 5, dims, channels_last ? ndhwc : ncdhw));
     } else {
-      CMSEG_CUDNN(cudnnSetTensor4dDescriptor(d, channels_last ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW,
-                                             CUDNN_DATA_FLOAT, n, c, s.h, s.w));
+      CMSEG_CUDNN(cudnnSetTensor4dDescriptor(d, channels_last ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW, type, n, c,
+                                             s.h, s.w));
     }
   }
   ~TensorDesc() { cudnnDestroyTensorDescriptor(d); }
@@ -48,11 +52,11 @@ struct TensorDesc {
 struct FilterDesc {
   cudnnFilterDescriptor_t d = nullptr;
   // channels_last: [k, c, *taps] stored as [k, *taps, c].
-  FilterDesc(int k, int c, int ksize, int ndim, bool channels_last = false) {
+  FilterDesc(int k, int c, int ksize, int ndim, bool channels_last = false, cudnnDataType_t type = CUDNN_DATA_FLOAT) {
     CMSEG_CUDNN(cudnnCreateFilterDescriptor(&d));
     const int dims[5] = {k, c, ksize, ksize, ksize};
-    CMSEG_CUDNN(cudnnSetFilterNdDescriptor(d, CUDNN_DATA_FLOAT, channels_last ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW,
-                                           ndim + 2, dims));
+    CMSEG_CUDNN(cudnnSetFilterNdDescriptor(d, type, channels_last ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW, ndim + 2,
+                                           dims));
   }
   ~FilterDesc() { cudnnDestroyFilterDescriptor(d); }
   FilterDesc(const FilterDesc&) = delete;
@@ -195,12 +199,13 @@ ConvAlgo remember_failure(Context& ctx, const ConvKey& key, Pick pick_one) {
 // heuristics' order when the search cannot get its workspace.
 
 // y = conv(x, w): x [n, c_in, sx], w [k, c_in, ...], y [n, k, sy]
-ConvAlgo algo_forward(Context& ctx, const ConvKey& key, const TensorDesc& xd, const float* x, const FilterDesc& wd,
-                      const float* w, const ConvDesc& cd, const TensorDesc& yd, float* y) {
+ConvAlgo algo_forward(Context& ctx, const ConvKey& key, const TensorDesc& xd, const void* x, const FilterDesc& wd,
+                      const void* w, const ConvDesc& cd, const TensorDesc& yd, void* y) {
   Context::Impl& im = ctx.impl();
   auto it = im.conv_algos.find(key);
   if (it != im.conv_algos.end()) {
-    if (it->second.algo < 0) throw NoConvAlgorithm("cuDNN offered no usable algorithm for this convolution shape (said on stderr when first found)");
+    if (it->second.algo < 0)
+      throw NoConvAlgorithm("cuDNN offered no usable algorithm for this convolution shape (said on stderr when first found)");
     return it->second;
   }
   cudnnConvolutionFwdAlgoPerf_t perf[kMaxAlgos];
@@ -227,13 +232,14 @@ ConvAlgo algo_forward(Context& ctx, const ConvKey& key, const TensorDesc& xd, co
 }
 
 // dx = conv^T(dy, w)
-ConvAlgo algo_backward_data(Context& ctx, const ConvKey& key, const FilterDesc& wd, const float* w,
-                            const TensorDesc& dyd, const float* dy, const ConvDesc& cd, const TensorDesc& dxd,
-                            float* dx) {
+ConvAlgo algo_backward_data(Context& ctx, const ConvKey& key, const FilterDesc& wd, const void* w,
+                            const TensorDesc& dyd, const void* dy, const ConvDesc& cd, const TensorDesc& dxd,
+                            void* dx) {
   Context::Impl& im = ctx.impl();
   auto it = im.conv_algos.find(key);
   if (it != im.conv_algos.end()) {
-    if (it->second.algo < 0) throw NoConvAlgorithm("cuDNN offered no usable algorithm for this convolution shape (said on stderr when first found)");
+    if (it->second.algo < 0)
+      throw NoConvAlgorithm("cuDNN offered no usable algorithm for this convolution shape (said on stderr when first found)");
     return it->second;
   }
   cudnnConvolutionBwdDataAlgoPerf_t perf[kMaxAlgos];
@@ -262,13 +268,14 @@ ConvAlgo algo_backward_data(Context& ctx, const ConvKey& key, const FilterDesc& 
 
 // dw = sum over images and positions of x * dy (timed into a scratch dw, since the
 // real one is accumulated into)
-ConvAlgo algo_backward_filter(Context& ctx, const ConvKey& key, const TensorDesc& xd, const float* x,
-                              const TensorDesc& dyd, const float* dy, const ConvDesc& cd, const FilterDesc& dwd,
-                              size_t dw_count) {
+ConvAlgo algo_backward_filter(Context& ctx, const ConvKey& key, const TensorDesc& xd, const void* x,
+                              const TensorDesc& dyd, const void* dy, const ConvDesc& cd, const FilterDesc& dwd,
+                              size_t dw_bytes) {
   Context::Impl& im = ctx.impl();
   auto it = im.conv_algos.find(key);
   if (it != im.conv_algos.end()) {
-    if (it->second.algo < 0) throw NoConvAlgorithm("cuDNN offered no usable algorithm for this convolution shape (said on stderr when first found)");
+    if (it->second.algo < 0)
+      throw NoConvAlgorithm("cuDNN offered no usable algorithm for this convolution shape (said on stderr when first found)");
     return it->second;
   }
   cudnnConvolutionBwdFilterAlgoPerf_t perf[kMaxAlgos];
@@ -278,10 +285,9 @@ ConvAlgo algo_backward_filter(Context& ctx, const ConvKey& key, const TensorDesc
   if (ctx.options().conv_benchmark) {
     try {
       const size_t ws = benchmark_workspace(ctx, perf, count);
-      Scratch scratch(ctx, ws), dw(ctx, dw_count * sizeof(float));
-      CMSEG_CUDNN(cudnnFindConvolutionBackwardFilterAlgorithmEx(im.cudnn(), xd.d, x, dyd.d, dy, cd.d, dwd.d,
-                                                                static_cast<float*>(dw.p), kMaxAlgos, &count, perf,
-                                                                scratch.p, ws));
+      Scratch scratch(ctx, ws), dw(ctx, dw_bytes);
+      CMSEG_CUDNN(cudnnFindConvolutionBackwardFilterAlgorithmEx(im.cudnn(), xd.d, x, dyd.d, dy, cd.d, dwd.d, dw.p,
+                                                                kMaxAlgos, &count, perf, scratch.p, ws));
     } catch (const OutOfMemory&) {
     }
   }
@@ -328,176 +334,235 @@ __global__ void bias_grad_kernel(const float* __restrict__ dy, int n, int cout, 
   if (threadIdx.x == 0) db[co] += (float)s;
 }
 
-// ---- NCDHW <-> NDHWC -----------------------------------------------------------
+// ---- NCDHW <-> NDHWC (and fp32 <-> bf16) ------------------------------------------
 
-inline float* f(Scratch& s) { return static_cast<float*>(s.p); }
+using bf16 = __nv_bfloat16;
+__device__ inline float as_float(float v) { return v; }
+__device__ inline float as_float(bf16 v) { return __bfloat162float(v); }
+template <class T>
+__device__ inline T from_float(float v);
+template <>
+__device__ inline float from_float<float>(float v) { return v; }
+template <>
+__device__ inline bf16 from_float<bf16>(float v) { return __float2bfloat16_rn(v); }
 
-// y[b][c][r] = x[b][r][c] (ACC: +=) for x [B, R, C] row-major: 32x32 tiles through
-// shared memory, so both the reads and the writes are coalesced.
-template <bool ACC>
-__global__ void transpose_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t R, int64_t C,
+// y[b][c][r] = x[b][r][c] (ACC: +=) for x [B, R, C] row-major, converted from In to
+// Out on the way: 32x32 tiles through shared memory, so both the reads and the
+// writes are coalesced.
+template <class In, class Out, bool ACC>
+__global__ void transpose_kernel(const In* __restrict__ x, Out* __restrict__ y, int64_t R, int64_t C,
                                  int64_t tiles_c) {
   __shared__ float tile[32][33];
   const int64_t b = blockIdx.y, tr = blockIdx.x / tiles_c, tc = blockIdx.x % tiles_c;
-  const float* xb = x + b * R * C;
-  float* yb = y + b * R * C;
+  const In* xb = x + b * R * C;
+  Out* yb = y + b * R * C;
   const int tx = threadIdx.x, ty = threadIdx.y;  // 32 x 8 threads
   for (int k = 0; k < 32; k += 8) {
     const int64_t r = tr * 32 + ty + k, c = tc * 32 + tx;
-    if (r < R && c < C) tile[ty + k][tx] = xb[r * C + c];
+    if (r < R && c < C) tile[ty + k][tx] = as_float(xb[r * C + c]);
   }
   __syncthreads();
   for (int k = 0; k < 32; k += 8) {
     const int64_t c = tc * 32 + ty + k, r = tr * 32 + tx;
     if (r < R && c < C) {
-      if (ACC)
+      if constexpr (ACC)
         yb[c * R + r] += tile[tx][ty + k];
       else
-        yb[c * R + r] = tile[tx][ty + k];
+        yb[c * R + r] = from_float<Out>(tile[tx][ty + k]);
     }
   }
 }
 
-void transpose(Context& ctx, const float* x, float* y, int64_t B, int64_t R, int64_t C, bool accumulate) {
+template <class In, class Out>
+void transpose(Context& ctx, const In* x, Out* y, int64_t B, int64_t R, int64_t C, bool accumulate) {
   ProfileScope prof_(ctx, "conv3: NCDHW<->NDHWC copies");
   if (B > 65535) fail("transpose: batch of ", B, " exceeds the CUDA grid limit");
   const int64_t tiles_r = (R + 31) / 32, tiles_c = (C + 31) / 32;
   const dim3 grid((unsigned)(tiles_r * tiles_c), (unsigned)B), block(32, 8);
-  if (accumulate)
-    transpose_kernel<true><<<grid, block, 0, stream_of(ctx)>>>(x, y, R, C, tiles_c);
-  else
-    transpose_kernel<false><<<grid, block, 0, stream_of(ctx)>>>(x, y, R, C, tiles_c);
+  if constexpr (std::is_same_v<Out, float>) {
+    if (accumulate) {
+      transpose_kernel<In, Out, true><<<grid, block, 0, stream_of(ctx)>>>(x, y, R, C, tiles_c);
+      CMSEG_CUDA_LAUNCHED("transpose");
+      return;
+    }
+  }
+  transpose_kernel<In, Out, false><<<grid, block, 0, stream_of(ctx)>>>(x, y, R, C, tiles_c);
   CMSEG_CUDA_LAUNCHED("transpose");
 }
 
 // [b, c, v] -> [b, v, c]: activations (b images, c channels, v voxels) and filters
 // (b output channels, c input channels, v taps).
-void to_channels_last(Context& ctx, const float* x, float* y, int64_t b, int64_t c, int64_t v) {
-  transpose(ctx, x, y, b, c, v, false);
+template <class T>
+void to_channels_last(Context& ctx, const float* x, T* y, int64_t b, int64_t c, int64_t v) {
+  transpose<float, T>(ctx, x, y, b, c, v, false);
 }
-// [b, v, c] -> [b, c, v], written or added.
-void from_channels_last(Context& ctx, const float* x, float* y, int64_t b, int64_t c, int64_t v, bool accumulate) {
-  transpose(ctx, x, y, b, v, c, accumulate);
+// [b, v, c] -> [b, c, v] in fp32, written or added.
+template <class T>
+void from_channels_last(Context& ctx, const T* x, float* y, int64_t b, int64_t c, int64_t v, bool accumulate) {
+  transpose<T, float>(ctx, x, y, b, v, c, accumulate);
 }
 
 }  // namespace
 
 namespace {
 
-// conv3 through NDHWC copies (ContextOptions::conv_channels_last). The model keeps
-// NCDHW; these calls transpose around cuDNN because cuDNN's legacy API runs 3D
-// convolutions on NCDHW tensors with slow kernels, the filter gradient above all
-// (BENCHMARKS.md, H200). Each returns false, having written nothing the caller
-// owns, when cuDNN has no usable algorithm for the channels-last shape (the caller
-// then runs the NCDHW path).
+// conv3 through NDHWC copies (ContextOptions::conv_channels_last) or bf16 NDHWC
+// copies (ContextOptions::bf16). The model keeps fp32 NCDHW; these calls transpose
+// (and convert) around cuDNN. On an H200 cuDNN's legacy API ran NDHWC and NCDHW
+// about as fast once its workspace cap allowed the fast filter-gradient algorithm
+// (BENCHMARKS.md). bf16 follows torch.autocast: inputs and weights rounded to bf16,
+// products accumulated in fp32 (cuDNN's PSEUDO_BFLOAT16 configuration), the data
+// and weight gradients rounded to bf16 before they are added to the fp32 ones.
+// Each returns false, having written nothing the caller owns, when cuDNN has no
+// usable algorithm for the shape (the caller then takes the next path).
 
-// An earlier call found no usable channels-last algorithm for this key.
+template <class T>
+struct Elem;
+template <>
+struct Elem<float> {
+  static constexpr cudnnDataType_t type = CUDNN_DATA_FLOAT;
+  static constexpr int op = kConvFwdCL;  // + 0 forward, 1 backward data, 2 backward filter
+};
+template <>
+struct Elem<bf16> {
+  static constexpr cudnnDataType_t type = CUDNN_DATA_BFLOAT16;
+  static constexpr int op = kConvFwdBF;
+};
+
+template <class T>
+T* as(Scratch& s) {
+  return static_cast<T*>(s.p);
+}
+
+// An earlier call found no usable algorithm for this key.
 bool known_unusable(Context& ctx, const ConvKey& key) {
   auto it = ctx.impl().conv_algos.find(key);
   return it != ctx.impl().conv_algos.end() && it->second.algo < 0;
 }
 
-// dy in NDHWC, made on first use and shared by both parts of the backward.
+// dy as T in NDHWC, made on first use and shared by both parts of the backward.
+template <class T>
 struct LazyChannelsLast {
   Context& ctx;
   const float* src;
   int64_t b, c, v;
   std::optional<Scratch> copy;
-  float* get() {
+  T* get() {
     if (!copy) {
-      copy.emplace(ctx, sizeof(float) * b * c * v);
-      to_channels_last(ctx, src, f(*copy), b, c, v);
+      copy.emplace(ctx, sizeof(T) * b * c * v);
+      to_channels_last(ctx, src, as<T>(*copy), b, c, v);
     }
-    return f(*copy);
+    return as<T>(*copy);
   }
 };
 
+// The descriptors of one channels-last conv3 call in element type T. bf16 always
+// allows tensor-op math (there is no FMA bf16 path); fp32 only with TF32 on.
+template <class T>
+struct ClDescs {
+  bool tensor_ops;
+  TensorDesc xd, yd;
+  FilterDesc wd;
+  ConvDesc cd;
+  ClDescs(int n, int cin, int cout, Spatial s, int ndim, bool tf32)
+      : tensor_ops(tf32 || std::is_same_v<T, bf16>),
+        xd(n, cin, s, ndim, true, Elem<T>::type),
+        yd(n, cout, s, ndim, true, Elem<T>::type),
+        wd(cout, cin, 3, ndim, true, Elem<T>::type),
+        cd(1, 1, ndim, tensor_ops) {}
+  ConvKey key(int part, int n, int cin, int cout, Spatial s, int ndim) const {
+    return key_of((ConvOp)(Elem<T>::op + part), n, cin, cout, s, ndim, tensor_ops);
+  }
+};
+
+template <class T>
 bool forward_cl(Context& ctx, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s, int ndim,
                 bool tf32) {
-  if (known_unusable(ctx, key_of(kConvFwdCL, n, cin, cout, s, ndim, tf32))) return false;
-  const int64_t V = s.size(), T = conv3_taps(ndim);
-  TensorDesc xd(n, cin, s, ndim, true), yd(n, cout, s, ndim, true);
-  FilterDesc wd(cout, cin, 3, ndim, true);
-  ConvDesc cd(1, 1, ndim, tf32);
-  Scratch xt(ctx, sizeof(float) * n * cin * V), wt(ctx, sizeof(float) * cout * cin * T),
-      yt(ctx, sizeof(float) * n * cout * V);
-  to_channels_last(ctx, x, f(xt), n, cin, V);
-  to_channels_last(ctx, w, f(wt), cout, cin, T);
+  ClDescs<T> D(n, cin, cout, s, ndim, tf32);
+  const ConvKey key = D.key(0, n, cin, cout, s, ndim);
+  if (known_unusable(ctx, key)) return false;
+  const int64_t V = s.size(), T_ = conv3_taps(ndim);
+  Scratch xt(ctx, sizeof(T) * n * cin * V), wt(ctx, sizeof(T) * cout * cin * T_), yt(ctx, sizeof(T) * n * cout * V);
+  to_channels_last(ctx, x, as<T>(xt), n, cin, V);
+  to_channels_last(ctx, w, as<T>(wt), cout, cin, T_);
   ConvAlgo a;
   try {
-    a = algo_forward(ctx, key_of(kConvFwdCL, n, cin, cout, s, ndim, tf32), xd, f(xt), wd, f(wt), cd, yd, f(yt));
+    a = algo_forward(ctx, key, D.xd, xt.p, D.wd, wt.p, D.cd, D.yd, yt.p);
   } catch (const NoConvAlgorithm&) {
     return false;
   }
-  use_math(cd, a);
+  use_math(D.cd, a);
   Scratch ws(ctx, a.workspace);
   const float one = 1.f, zero = 0.f;
-  CMSEG_CUDNN(cudnnConvolutionForward(ctx.impl().cudnn(), &one, xd.d, f(xt), wd.d, f(wt), cd.d,
-                                      (cudnnConvolutionFwdAlgo_t)a.algo, ws.p, a.workspace, &zero, yd.d, f(yt)));
-  from_channels_last(ctx, f(yt), y, n, cout, V, false);
+  CMSEG_CUDNN(cudnnConvolutionForward(ctx.impl().cudnn(), &one, D.xd.d, xt.p, D.wd.d, wt.p, D.cd.d,
+                                      (cudnnConvolutionFwdAlgo_t)a.algo, ws.p, a.workspace, &zero, D.yd.d, yt.p));
+  from_channels_last(ctx, as<T>(yt), y, n, cout, V, false);
   return true;
 }
 
-bool backward_data_cl(Context& ctx, const float* w, LazyChannelsLast& dyt, float* dx, int n, int cin, int cout,
+template <class T>
+bool backward_data_cl(Context& ctx, const float* w, LazyChannelsLast<T>& dyt, float* dx, int n, int cin, int cout,
                       Spatial s, int ndim, bool tf32) {
-  if (known_unusable(ctx, key_of(kConvBwdDataCL, n, cin, cout, s, ndim, tf32))) return false;
-  const int64_t V = s.size(), T = conv3_taps(ndim);
-  TensorDesc xd(n, cin, s, ndim, true), yd(n, cout, s, ndim, true);
-  FilterDesc wd(cout, cin, 3, ndim, true);
-  ConvDesc cd(1, 1, ndim, tf32);
-  Scratch wt(ctx, sizeof(float) * cout * cin * T), dxt(ctx, sizeof(float) * n * cin * V);
-  to_channels_last(ctx, w, f(wt), cout, cin, T);
+  ClDescs<T> D(n, cin, cout, s, ndim, tf32);
+  const ConvKey key = D.key(1, n, cin, cout, s, ndim);
+  if (known_unusable(ctx, key)) return false;
+  const int64_t V = s.size(), T_ = conv3_taps(ndim);
+  Scratch wt(ctx, sizeof(T) * cout * cin * T_), dxt(ctx, sizeof(T) * n * cin * V);
+  to_channels_last(ctx, w, as<T>(wt), cout, cin, T_);
   ConvAlgo a;
   try {
-    a = algo_backward_data(ctx, key_of(kConvBwdDataCL, n, cin, cout, s, ndim, tf32), wd, f(wt), yd, dyt.get(), cd,
-                           xd, f(dxt));
+    a = algo_backward_data(ctx, key, D.wd, wt.p, D.yd, dyt.get(), D.cd, D.xd, dxt.p);
   } catch (const NoConvAlgorithm&) {
     return false;
   }
-  use_math(cd, a);
+  use_math(D.cd, a);
   Scratch ws(ctx, a.workspace);
   const float one = 1.f, zero = 0.f;
-  CMSEG_CUDNN(cudnnConvolutionBackwardData(ctx.impl().cudnn(), &one, wd.d, f(wt), yd.d, dyt.get(), cd.d,
-                                           (cudnnConvolutionBwdDataAlgo_t)a.algo, ws.p, a.workspace, &zero, xd.d,
-                                           f(dxt)));
-  from_channels_last(ctx, f(dxt), dx, n, cin, V, false);
+  CMSEG_CUDNN(cudnnConvolutionBackwardData(ctx.impl().cudnn(), &one, D.wd.d, wt.p, D.yd.d, dyt.get(), D.cd.d,
+                                           (cudnnConvolutionBwdDataAlgo_t)a.algo, ws.p, a.workspace, &zero, D.xd.d,
+                                           dxt.p));
+  from_channels_last(ctx, as<T>(dxt), dx, n, cin, V, false);
   return true;
 }
 
-bool backward_filter_cl(Context& ctx, const float* x, LazyChannelsLast& dyt, float* dw, int n, int cin, int cout,
+template <class T>
+bool backward_filter_cl(Context& ctx, const float* x, LazyChannelsLast<T>& dyt, float* dw, int n, int cin, int cout,
                         Spatial s, int ndim, bool tf32) {
-  if (known_unusable(ctx, key_of(kConvBwdFilterCL, n, cin, cout, s, ndim, tf32))) return false;
-  const int64_t V = s.size(), T = conv3_taps(ndim);
-  TensorDesc xd(n, cin, s, ndim, true), yd(n, cout, s, ndim, true);
-  FilterDesc wd(cout, cin, 3, ndim, true);
-  ConvDesc cd(1, 1, ndim, tf32);
-  Scratch xt(ctx, sizeof(float) * n * cin * V), dwt(ctx, sizeof(float) * cout * cin * T);
-  to_channels_last(ctx, x, f(xt), n, cin, V);
+  ClDescs<T> D(n, cin, cout, s, ndim, tf32);
+  const ConvKey key = D.key(2, n, cin, cout, s, ndim);
+  if (known_unusable(ctx, key)) return false;
+  const int64_t V = s.size(), T_ = conv3_taps(ndim);
+  const size_t dw_bytes = sizeof(T) * cout * cin * T_;
+  Scratch xt(ctx, sizeof(T) * n * cin * V), dwt(ctx, dw_bytes);
+  to_channels_last(ctx, x, as<T>(xt), n, cin, V);
   ConvAlgo a;
   try {
-    a = algo_backward_filter(ctx, key_of(kConvBwdFilterCL, n, cin, cout, s, ndim, tf32), xd, f(xt), yd, dyt.get(),
-                             cd, wd, (size_t)cout * cin * T);
+    a = algo_backward_filter(ctx, key, D.xd, xt.p, D.yd, dyt.get(), D.cd, D.wd, dw_bytes);
   } catch (const NoConvAlgorithm&) {
     return false;  // dw untouched
   }
-  use_math(cd, a);
+  use_math(D.cd, a);
   Scratch ws(ctx, a.workspace);
   const float one = 1.f, zero = 0.f;
-  CMSEG_CUDNN(cudnnConvolutionBackwardFilter(ctx.impl().cudnn(), &one, xd.d, f(xt), yd.d, dyt.get(), cd.d,
-                                             (cudnnConvolutionBwdFilterAlgo_t)a.algo, ws.p, a.workspace, &zero, wd.d,
-                                             f(dwt)));
-  from_channels_last(ctx, f(dwt), dw, cout, cin, T, true);  // dw is accumulated into
+  CMSEG_CUDNN(cudnnConvolutionBackwardFilter(ctx.impl().cudnn(), &one, D.xd.d, xt.p, D.yd.d, dyt.get(), D.cd.d,
+                                             (cudnnConvolutionBwdFilterAlgo_t)a.algo, ws.p, a.workspace, &zero,
+                                             D.wd.d, dwt.p));
+  from_channels_last(ctx, as<T>(dwt), dw, cout, cin, T_, true);  // dw is accumulated into
   return true;
 }
 
 }  // namespace
 
+// Paths in order of preference: bf16 copies (with ContextOptions::bf16), fp32
+// channels-last copies (with conv_channels_last), the NCDHW tensors themselves.
 void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s,
                    int ndim) {
   ProfileScope prof_(ctx, "conv3_forward");
   check_shape("conv3_forward", n, cin, cout, s, ndim);
-  const bool tf32 = ctx.options().tf32;
-  if (ctx.options().conv_channels_last && forward_cl(ctx, x, w, y, n, cin, cout, s, ndim, tf32)) return;
+  const ContextOptions& o = ctx.options();
+  const bool tf32 = o.tf32;
+  if (o.bf16 && forward_cl<bf16>(ctx, x, w, y, n, cin, cout, s, ndim, tf32)) return;
+  if (o.conv_channels_last && forward_cl<float>(ctx, x, w, y, n, cin, cout, s, ndim, tf32)) return;
   TensorDesc xd(n, cin, s, ndim), yd(n, cout, s, ndim);
   FilterDesc wd(cout, cin, 3, ndim);
   ConvDesc cd(1, 1, ndim, tf32);
@@ -513,17 +578,20 @@ void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n
 void conv3_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, int n,
                     int cin, int cout, Spatial s, int ndim) {
   check_shape("conv3_backward", n, cin, cout, s, ndim);
-  const bool tf32 = ctx.options().tf32, cl = ctx.options().conv_channels_last;
+  const ContextOptions& o = ctx.options();
+  const bool tf32 = o.tf32, bf = o.bf16, cl = o.conv_channels_last;
   TensorDesc xd(n, cin, s, ndim), yd(n, cout, s, ndim);
   FilterDesc wd(cout, cin, 3, ndim);
   ConvDesc cd(1, 1, ndim, tf32);
   const float one = 1.f, zero = 0.f;
   cudnnHandle_t h = ctx.impl().cudnn();
   const size_t wn = (size_t)cout * cin * conv3_taps(ndim);
-  LazyChannelsLast dyt{ctx, dy, n, cout, s.size(), {}};
+  LazyChannelsLast<bf16> dy16{ctx, dy, n, cout, s.size(), {}};
+  LazyChannelsLast<float> dy32{ctx, dy, n, cout, s.size(), {}};
   if (dx) {
     ProfileScope prof_(ctx, "conv3_backward_data");
-    if (!cl || !backward_data_cl(ctx, w, dyt, dx, n, cin, cout, s, ndim, tf32)) {
+    if (!(bf && backward_data_cl(ctx, w, dy16, dx, n, cin, cout, s, ndim, tf32)) &&
+        !(cl && backward_data_cl(ctx, w, dy32, dx, n, cin, cout, s, ndim, tf32))) {
       const AlignedFilter wa(ctx, w, wn, true);
       const ConvAlgo a =
           algo_backward_data(ctx, key_of(kConvBwdData, n, cin, cout, s, ndim, tf32), wd, wa.p, yd, dy, cd, xd, dx);
@@ -535,10 +603,11 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
     }
   }
   ProfileScope prof_(ctx, "conv3_backward_filter");
-  if (cl && backward_filter_cl(ctx, x, dyt, dw, n, cin, cout, s, ndim, tf32)) return;
+  if (bf && backward_filter_cl(ctx, x, dy16, dw, n, cin, cout, s, ndim, tf32)) return;
+  if (cl && backward_filter_cl(ctx, x, dy32, dw, n, cin, cout, s, ndim, tf32)) return;
   AlignedFilter dwa(ctx, dw, wn, true);  // accumulated into (beta = 1)
   const ConvAlgo a = algo_backward_filter(ctx, key_of(kConvBwdFilter, n, cin, cout, s, ndim, tf32), xd, x, yd, dy, cd,
-                                          wd, wn);
+                                          wd, wn * sizeof(float));
   use_math(cd, a);
   Scratch ws(ctx, a.workspace);
   CMSEG_CUDNN(cudnnConvolutionBackwardFilter(h, &one, xd.d, x, yd.d, dy, cd.d,
@@ -597,7 +666,7 @@ void upconv2_backward(Context& ctx, const float* x, const float* w, const float*
     // In the convolution's terms, dy is the input and x the output gradient.
     AlignedFilter dwa(ctx, dw, wn, true);  // accumulated into (beta = 1)
     const ConvAlgo a = algo_backward_filter(ctx, key_of(kUpBwdFilter, n, cin, cout, s, ndim, tf32), yd, dy, xd, x, cd,
-                                            wd, wn);
+                                            wd, wn * sizeof(float));
     use_math(cd, a);
     Scratch ws(ctx, a.workspace);
     CMSEG_CUDNN(cudnnConvolutionBackwardFilter(h, &one, yd.d, dy, xd.d, x, cd.d,

@@ -25,6 +25,7 @@ Context::~Context() = default;
 const ContextOptions& Context::options() const { off(); }
 void Context::set_tf32(bool) { off(); }
 void Context::set_conv_channels_last(bool) { off(); }
+void Context::set_bf16(bool) { off(); }
 int Context::device() const { off(); }
 void* Context::alloc(size_t) { off(); }
 void Context::free(void*) { off(); }

@@ -49,6 +49,7 @@ T* ensure(Context& ctx, Buffer<T>& b, size_t count) {
 ContextOptions context_options(const ModelConfig& c) {
   ContextOptions o;
   o.tf32 = c.tf32;
+  o.bf16 = c.bf16;
   o.memory_limit_bytes = c.gpu_memory_limit;
   return o;
 }

@@ -48,7 +48,9 @@ export interface BenchResult {
   cmseg?: SideResult;
   torchEager?: SideResult;
   torchCompile?: SideResult;
-  /** GPU configurations: PyTorch eager under bf16 autocast (cmseg has no bf16 mode yet) */
+  /** GPU configurations: cmseg with bf16 convolutions (config.bf16) */
+  cmsegBf16?: SideResult;
+  /** GPU configurations: PyTorch eager under bf16 autocast */
   torchBf16?: SideResult;
   /** where the configuration ran */
   device?: 'cpu' | 'gpu';
@@ -175,8 +177,10 @@ export function runBench(options: BenchOptions = {}): BenchResult[] {
       log(`${name}: PyTorch torch.compile...`);
       compiled = runJson(python, [...torchArgs, '--compile'], {}, 1_800_000);
     }
-    let bf16: Record<string, unknown> | undefined;
+    let bf16: Record<string, unknown> | undefined, oursBf16: Record<string, unknown> | undefined;
     if (gpu) {
+      log(`${name}: cmseg, bf16 convolutions...`);
+      oursBf16 = runJson(process.execPath, [worker, name, String(steps), String(warmup), 'bf16'], {}, 1_800_000);
       log(`${name}: PyTorch eager, bf16 autocast...`);
       bf16 = runJson(python, [...torchArgs, '--amp', 'bf16'], {}, 1_800_000);
     }
@@ -190,6 +194,7 @@ export function runBench(options: BenchOptions = {}): BenchResult[] {
       cmseg: side(ours, flops, voxels, pk, mem),
       torchEager: side(eager, flops, voxels, pk, mem),
       torchCompile: compiled ? side(compiled, flops, voxels, pk, mem) : undefined,
+      cmsegBf16: oursBf16 ? side(oursBf16, flops, voxels, pk, mem) : undefined,
       torchBf16: bf16 ? side(bf16, flops, voxels, pk, mem) : undefined,
       rounds,
     };
@@ -224,11 +229,14 @@ export function formatBenchTable(results: BenchResult[]): string {
       continue;
     }
     const gpu = r.device === 'gpu';
-    const ratio = (s?: SideResult) => (s?.ok && r.cmseg?.ok ? f(s.stepMsMedian! / r.cmseg.stepMsMedian!, 2) : '');
+    // PyTorch's bf16 row is compared with cmseg's bf16 row when it ran, else with TF32.
+    const ours16 = r.cmsegBf16?.ok ? r.cmsegBf16 : r.cmseg;
+    const ratio = (s?: SideResult) => (s?.ok && ours16?.ok ? f(s.stepMsMedian! / ours16.stepMsMedian!, 2) : '');
     const rows: [string, SideResult | undefined, string][] = [
       [gpu ? 'cmseg (GPU, TF32)' : 'cmseg (CPU)', r.cmseg, ''],
       [gpu ? 'PyTorch eager (TF32)' : 'PyTorch eager', r.torchEager, eagerRatio(r)],
       ['PyTorch torch.compile', r.torchCompile, f(r.speedupVsCompile, 2)],
+      ['cmseg (GPU, bf16 convolutions)', r.cmsegBf16, ''],
       ['PyTorch eager (bf16 autocast)', r.torchBf16, ratio(r.torchBf16)],
     ];
     for (const [label, s, ratio] of rows) {

@@ -1,15 +1,15 @@
 // One benchmark run of cmseg in its own process (so peak RSS is this run's):
-// `node dist/bench/worker.js CONFIG STEPS WARMUP` prints one JSON line.
+// `node dist/bench/worker.js CONFIG STEPS WARMUP [bf16]` prints one JSON line.
 import { benchConfig } from './configs';
 import { createModel, backendInfo } from '../model/model';
 
 async function main() {
-  const [name, stepsArg, warmupArg] = process.argv.slice(2);
+  const [name, stepsArg, warmupArg, precision] = process.argv.slice(2);
   const c = benchConfig(name);
   const steps = Number(stepsArg ?? 5);
   const warmup = Number(warmupArg ?? 1);
   const gpu = c.device === 'gpu';
-  const model = createModel({ ...c.model, device: gpu ? 'cuda' : 'cpu' });
+  const model = createModel({ ...c.model, device: gpu ? 'cuda' : 'cpu', ...(precision === 'bf16' ? { bf16: true } : {}) });
   const [n, , ...spatial] = c.shape;
   const V = spatial.reduce((a, b) => a * b, 1);
   let s = 12345;

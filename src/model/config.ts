@@ -53,6 +53,12 @@ export interface ModelConfig {
   device?: Device;
   /** GPU only: let convolutions and heads use TF32 tensor cores (default true); false = strict fp32. */
   tf32?: boolean;
+  /**
+   * GPU only: 3x3(x3) convolutions on bfloat16 copies of their inputs and weights with fp32
+   * accumulation, like torch.autocast(dtype=torch.bfloat16); parameters, activations, loss and
+   * Adam stay fp32 (default false).
+   */
+  bf16?: boolean;
   /** GPU only: the most device memory the model may hold, in MiB (default 0: no limit); past it a step fails with "GPU out of memory". */
   gpuMemoryLimitMB?: number;
   optimizer?: OptimizerOptions;
@@ -77,6 +83,7 @@ export interface ResolvedConfig {
   /** The backend the model runs on: 'auto' resolved to 'cpu' or 'cuda'. */
   device: Device;
   tf32: boolean;
+  bf16: boolean;
   gpuMemoryLimitMB: number;
 }
 

@@ -2,7 +2,7 @@
 // backend, without Node (scripts/device-check.sh runs it next to the PyTorch
 // reference's bench). Built as cmseg_bench_gpu when CUDA is on. Not a test.
 //
-//   cmseg_bench_gpu [brats3d-gpu|small] [steps=5] [tf32|fp32]
+//   cmseg_bench_gpu [brats3d-gpu|small] [steps=5] [tf32|fp32|bf16]
 //
 // One warm-up step (algorithm choice, pool growth), then `steps` timed steps, each
 // waited for on the device. Prints a human line per step and one JSON line with
@@ -96,6 +96,7 @@ int main(int argc, char** argv) {
   c.cm_mode = CmMode::Full;
   c.device = Device::Cuda;
   c.tf32 = math != "fp32";
+  c.bf16 = math == "bf16";
   const int64_t V = s.size();
   try {
     const cu::DeviceInfo dev = cu::device_info(0);
@@ -178,13 +179,14 @@ int main(int argc, char** argv) {
     const bool cl = ctx.options().conv_channels_last;
     std::printf("cmseg GPU %s (%s, %s, cuDNN on %s tensors): median %.1f ms/step, %.3g voxels/s, %.0f GFLOP/s, "
                 "peak %.0f MiB; cm_loss %.3f ms, %.0f GB/s\n",
-                config.c_str(), dev.name.c_str(), c.tf32 ? "tf32" : "fp32", cl ? "NDHWC" : "NCDHW", med,
+                config.c_str(), dev.name.c_str(), c.bf16 ? "bf16 convolutions" : c.tf32 ? "tf32" : "fp32", cl ? "NDHWC" : "NCDHW", med,
                 n * V / (med * 1e-3),
                 flops / (med * 1e-3) / 1e9, ps.peak_in_use_bytes / 1048576.0, loss_ms,
                 loss_bytes / (loss_ms * 1e-3) / 1e9);
     std::printf("{\"bench\":\"cmseg-gpu\",\"ok\":true,\"config\":\"%s\",\"device\":\"%s\",\"tf32\":%s,"
-                "\"channelsLast\":%s,\"stepMs\":[",
-                config.c_str(), dev.name.c_str(), c.tf32 ? "true" : "false", cl ? "true" : "false");
+                "\"bf16\":%s,\"channelsLast\":%s,\"stepMs\":[",
+                config.c_str(), dev.name.c_str(), c.tf32 ? "true" : "false", c.bf16 ? "true" : "false",
+                cl ? "true" : "false");
     for (size_t i = 0; i < ms.size(); ++i) std::printf("%s%.3f", i ? "," : "", ms[i]);
     std::printf("],\"stepMsMedian\":%.3f,\"voxelsPerSecond\":%.1f,\"gflopPerSecond\":%.1f,\"peakGpuMB\":%.1f,"
                 "\"cmLossMs\":%.4f,\"cmLossBytes\":%.0f,\"cmLossGBs\":%.1f}\n",

@@ -40,6 +40,7 @@ Context::~Context() { for (auto& kv : impl_->sizes) std::free(kv.first); }
 const ContextOptions& Context::options() const { return impl_->options; }
 void Context::set_tf32(bool on) { impl_->options.tf32 = on; }
 void Context::set_conv_channels_last(bool on) { impl_->options.conv_channels_last = on; }
+void Context::set_bf16(bool on) { impl_->options.bf16 = on; }
 int Context::device() const { return 0; }
 void* Context::alloc(size_t bytes) {
   if (!bytes) return nullptr;
@@ -68,12 +69,33 @@ float Context::time_ms(const std::function<void()>& fn, int) { fn(); return 1.f;
 void* Context::stream_handle() const { return nullptr; }
 std::string Context::profile_report(int) { return ""; }
 
-void conv3_forward(Context&, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s, int nd) {
-  cmseg::conv3_forward(x, w, y, n, cin, cout, s, nd);
+// ContextOptions::bf16: the operands rounded to bf16 (nearest even) as the device
+// path rounds its copies, then fp32 sums; the gradients cuDNN writes in bf16 are
+// rounded too. Lets the emulated tests check that their tolerances hold bf16's error.
+float round_bf16(float v) { return round_to_bf16(v); }
+std::vector<float> rounded(const float* x, size_t count) {
+  std::vector<float> r(x, x + count);
+  for (float& v : r) v = round_bf16(v);
+  return r;
 }
-void conv3_backward(Context&, const float* x, const float* w, const float* dy, float* dx, float* dw, int n, int cin,
-                    int cout, Spatial s, int nd) {
-  cmseg::conv3_backward(x, w, dy, dx, dw, n, cin, cout, s, nd);
+void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s,
+                   int nd) {
+  if (!ctx.options().bf16) return cmseg::conv3_forward(x, w, y, n, cin, cout, s, nd);
+  const size_t V = (size_t)s.size(), T = conv3_taps(nd);
+  const auto xr = rounded(x, (size_t)n * cin * V), wr = rounded(w, (size_t)cout * cin * T);
+  cmseg::conv3_forward(xr.data(), wr.data(), y, n, cin, cout, s, nd);
+  for (size_t i = 0; i < (size_t)n * cout * V; ++i) y[i] = round_bf16(y[i]);
+}
+void conv3_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, int n,
+                    int cin, int cout, Spatial s, int nd) {
+  if (!ctx.options().bf16) return cmseg::conv3_backward(x, w, dy, dx, dw, n, cin, cout, s, nd);
+  const size_t V = (size_t)s.size(), T = conv3_taps(nd), wn = (size_t)cout * cin * T;
+  const auto xr = rounded(x, (size_t)n * cin * V), wr = rounded(w, wn), dyr = rounded(dy, (size_t)n * cout * V);
+  std::vector<float> dw_step(wn, 0.f);
+  cmseg::conv3_backward(xr.data(), wr.data(), dyr.data(), dx, dw_step.data(), n, cin, cout, s, nd);
+  if (dx)
+    for (size_t i = 0; i < (size_t)n * cin * V; ++i) dx[i] = round_bf16(dx[i]);
+  for (size_t i = 0; i < wn; ++i) dw[i] += round_bf16(dw_step[i]);
 }
 void upconv2_forward(Context&, const float* x, const float* w, const float* b, float* y, int n, int cin, int cout,
                      Spatial s, int nd) {

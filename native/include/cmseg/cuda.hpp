@@ -12,6 +12,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdio>
+#include <cstring>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -54,6 +55,10 @@ struct ContextOptions {
   // Convolutions may use TF32 tensor cores (cuDNN default math). Off: FMA math only,
   // bit-for-bit closer to the fp32 CPU reference and slower.
   bool tf32 = true;
+  // 3x3(x3) convolutions on bfloat16 copies of their inputs and weights with fp32
+  // accumulation (like torch.autocast(dtype=torch.bfloat16) for convolutions); the
+  // model's tensors, the other layers, the loss and Adam stay fp32.
+  bool bf16 = false;
   // Upper bound for one convolution's cuDNN workspace; 0: a sixteenth of the
   // device's memory, at least 1 GiB (the channels-last 3D filter gradient of the
   // brats3d-gpu step asks for 1034 MiB). CMSEG_CUDNN_WORKSPACE_MB overrides it.
@@ -71,6 +76,17 @@ struct ContextOptions {
   // alloc() throws OutOfMemory like a full device.
   size_t memory_limit_bytes = 0;
 };
+
+// v rounded to bfloat16 (nearest, ties to even) and back, on the host: what the
+// device's __float2bfloat16_rn does to a finite value (used by the host emulation
+// and the tests to reproduce the bf16 path's rounding).
+inline float round_to_bf16(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
 
 // Bytes as MiB with one decimal, for messages ("4294967296.0 MiB", not "4.29e+09").
 inline std::string mib_text(size_t bytes) {
@@ -104,6 +120,7 @@ class Context {
   const ContextOptions& options() const;
   void set_tf32(bool on);
   void set_conv_channels_last(bool on);
+  void set_bf16(bool on);
   int device() const;
 
   // Stream-ordered allocation from the device's memory pool (cudaMallocAsync).

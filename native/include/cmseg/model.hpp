@@ -33,8 +33,11 @@ struct ModelConfig {
   Device device = Device::Cpu;
   // Device::Cuda only: convolutions and the 1x1 heads may use TF32 tensor cores
   // (10-bit mantissa products). false = strict fp32 (FMA math), for parity tests.
-  // TODO(bf16): a bf16 activation path is not attempted yet; fp32/TF32 only.
   bool tf32 = true;
+  // Device::Cuda only: the 3x3(x3) convolutions take bfloat16 copies of their
+  // inputs and weights and accumulate in fp32 (torch.autocast bf16 style); the
+  // parameters, activations, loss and Adam stay fp32.
+  bool bf16 = false;
   // Device::Cuda only: the most device memory this model may hold (bytes; 0 = as
   // much as the GPU has). Past it an allocation fails with cmseg::OutOfMemory, as a
   // full GPU would (PyTorch's per-process memory fraction plays the same role).

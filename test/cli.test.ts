@@ -119,6 +119,9 @@ t.test('user errors: one line, exit code 1, no stack trace', async (t) => {
   t.match(missing.stderr, /^cmseg: error: checkpoint not found: .*missing\.safetensors\n$/);
   const both = await inProcess(['train', '--preset', 'mnist-tiny', '--epochs', '1', '--steps', '2', '--out', 'x']);
   t.match(both.stderr, /give --epochs or --steps, not both/);
+  const bf16 = await inProcess(['train', '--preset', 'mnist-tiny', '--bf16', '--steps', '2', '--out', 'x']);
+  t.equal(bf16.exitCode, 1);
+  t.match(bf16.stderr, /^cmseg: error: --bf16 is for training on the GPU \(--preset brats3d-gpu\); --preset mnist-tiny trains on the CPU\n$/);
 });
 
 t.test('pictures: overlays, heat maps, grids', async (t) => {

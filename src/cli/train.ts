@@ -61,6 +61,7 @@ export interface TrainFlags {
   out?: string;
   resume?: boolean;
   checkpointEvery?: number;
+  bf16?: boolean;
   test: boolean;
   quiet?: boolean;
   threads?: number;
@@ -106,6 +107,7 @@ function applyFlags(base: { config: TrainConfig; dataset: DatasetSpec }, flags: 
     ['cmRank', 'cmRank'],
     ['seed', 'seed'],
     ['checkpointEvery', 'checkpointEvery'],
+    ['bf16', 'bf16'],
   ];
   for (const [key, flag] of copy) if (typed(flag)) (config as unknown as Record<string, unknown>)[key] = flags[flag];
   if (typed('schedule') && flags.schedule !== config.schedule.kind) config.schedule = { kind: flags.schedule!, lr: config.schedule.lr };
@@ -229,6 +231,9 @@ async function runTrain(flags: TrainFlags, command: Command): Promise<void> {
   const { config, recipe, outDir } = flags.resume ? await resolveResume(flags, isGiven) : resolveTrainSettings(flags, isGiven);
   if (!flags.resume && fs.existsSync(path.join(outDir, CHECKPOINT_LAST))) {
     throw new UserError(`${outDir} already holds a run; continue it with --resume or choose another --out`);
+  }
+  if (config.bf16 && config.device !== 'cuda') {
+    throw new UserError(`--bf16 is for training on the GPU (--preset brats3d-gpu); --preset ${recipe.preset} trains on the CPU`);
   }
   if (config.device === 'cuda') {
     const info = backendInfo() as ReturnType<typeof backendInfo> & { cudaTraining?: boolean };
@@ -385,6 +390,7 @@ export function registerTrainCommand(program: Command): Command {
     .option('--out <dir>', 'output folder (default results/runs/<preset>-<method>-<labels>-seed<seed>)')
     .option('--resume', 'continue the run in --out from its last checkpoint')
     .option('--checkpoint-every <n>', 'also save the last checkpoint every n steps', parseInteger(0))
+    .option('--bf16', 'GPU presets: convolutions in bfloat16 with fp32 accumulation (like torch.autocast bf16)')
     .option('--no-test', 'skip the test-set evaluation at the end')
     .option('--threads <n>', 'native threads (default: CMSEG_NUM_THREADS or all cores)', parseInteger(1))
     .option('-q, --quiet', 'no progress output')

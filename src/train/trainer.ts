@@ -41,6 +41,8 @@ export interface TrainConfig {
   cmHeadBlocks: number;
   cmInit: CmInit;
   device: Device;
+  /** GPU only: convolutions on bfloat16 copies with fp32 accumulation (model config bf16). */
+  bf16?: boolean;
   /** Exactly one of epochs and steps: a number of epochs, or a budget of optimiser steps. */
   epochs?: number;
   steps?: number;
@@ -190,6 +192,7 @@ function createRunModel(config: TrainConfig, source: TrainingSource): Model {
     cmHeadBlocks: config.cmHeadBlocks,
     cmInit: config.cmInit,
     device: config.device,
+    ...(config.bf16 ? { bf16: true } : {}),
     seed: config.seed,
     optimizer: { kind: config.optimizer, lr: config.schedule.lr, weightDecay: config.weightDecay },
     loss: {

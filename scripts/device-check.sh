@@ -154,6 +154,8 @@ for line in lines:
         mode = "bf16 convolutions" if r.get("bf16") else "TF32" if r.get("tf32") else "fp32"
         if "channelsLast" in r:
             mode += ", cuDNN on " + ("NDHWC copies" if r["channelsLast"] else "NCDHW tensors")
+        if r.get("upconvChannelsLast"):
+            mode += ", upconv2 on NDHWC copies"
         print(f"  cmseg GPU {r['config']} {mode}: median step {r['stepMsMedian']:.1f} ms, "
               f"{r['voxelsPerSecond'] / 1e6:.2f} Mvoxel/s, {r['gflopPerSecond']:.0f} GFLOP/s, "
               f"peak {r.get('peakGpuMB', 0):.0f} MiB, steps {r['stepMs']}; "
@@ -242,6 +244,8 @@ if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   # The same step with cuDNN on the model's NCDHW tensors (no channels-last copies):
   # as fast at level 0 on an H200 once the workspace cap allowed the fast algorithms.
   stage bench_gpu_ncdhw 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_CHANNELS_LAST=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  # The transposed convolutions on channels-last copies too (off by default until measured).
+  stage bench_gpu_upconv_cl 60 "$OUT/bench_gpu.txt" "CMSEG_UPCONV_CHANNELS_LAST=1 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # bf16 convolutions (config.bf16): compare with torch's bf16 autocast row.
   stage bench_gpu_bf16 60 "$OUT/bench_gpu.txt" "CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 bf16"
   # A convolution that fell back for want of workspace: the same bench with 8 GiB allowed.

@@ -73,6 +73,8 @@ Context::Context(const ContextOptions& options) : impl_(new Impl) {
   if (const char* b = std::getenv("CMSEG_CUDNN_BENCHMARK"); b && *b) m.options.conv_benchmark = std::string(b) != "0";
   if (const char* mb = std::getenv("CMSEG_CUDNN_WORKSPACE_MB"); mb && *mb)
     m.options.max_workspace_bytes = (size_t)std::strtoull(mb, nullptr, 10) << 20;
+  if (const char* u = std::getenv("CMSEG_UPCONV_CHANNELS_LAST"); u && *u)
+    m.options.upconv_channels_last = std::string(u) != "0";
   if (const char* c = std::getenv("CMSEG_CONV_CHANNELS_LAST"); c && *c) m.options.conv_channels_last = std::string(c) != "0";
   const int dev = options.device;
   if (dev < 0 || dev >= probe().devices)
@@ -118,6 +120,7 @@ const ContextOptions& Context::options() const { return impl_->options; }
 void Context::set_tf32(bool on) { impl_->options.tf32 = on; }
 void Context::set_conv_channels_last(bool on) { impl_->options.conv_channels_last = on; }
 void Context::set_bf16(bool on) { impl_->options.bf16 = on; }
+void Context::set_upconv_channels_last(bool on) { impl_->options.upconv_channels_last = on; }
 int Context::device() const { return impl_->options.device; }
 void* Context::stream_handle() const { return impl_->stream; }
 

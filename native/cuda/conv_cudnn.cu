@@ -26,7 +26,8 @@ namespace {
 enum ConvOp {
   kConvFwd = 0, kConvBwdData = 1, kConvBwdFilter = 2, kUpFwd = 3, kUpBwdData = 4, kUpBwdFilter = 5,
   kConvFwdCL = 6, kConvBwdDataCL = 7, kConvBwdFilterCL = 8,  // conv3 on channels-last fp32 copies
-  kConvFwdBF = 9, kConvBwdDataBF = 10, kConvBwdFilterBF = 11  // conv3 on channels-last bf16 copies
+  kConvFwdBF = 9, kConvBwdDataBF = 10, kConvBwdFilterBF = 11,  // conv3 on channels-last bf16 copies
+  kUpFwdCL = 12, kUpBwdDataCL = 13, kUpBwdFilterCL = 14        // upconv2 on channels-last fp32 copies
 };
 
 struct TensorDesc {
@@ -616,19 +617,112 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
   dwa.store();
 }
 
+namespace {
+
+// upconv2 on NDHWC copies (ContextOptions::upconv_channels_last), with the
+// convolution it is the transpose of in cuDNN's terms: filter [cin, cout, 2^ndim]
+// stored [cin, taps, cout]. Each returns false, having written nothing the caller
+// owns, when cuDNN has no usable algorithm.
+struct UpDescs {
+  TensorDesc xd, yd;
+  FilterDesc wd;
+  ConvDesc cd;
+  UpDescs(int n, int cin, int cout, Spatial s, Spatial so, int ndim, bool tf32)
+      : xd(n, cin, s, ndim, true), yd(n, cout, so, ndim, true), wd(cin, cout, 2, ndim, true), cd(0, 2, ndim, tf32) {}
+};
+
+bool upconv_forward_cl(Context& ctx, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s,
+                       Spatial so, int ndim, bool tf32) {
+  const ConvKey key = key_of(kUpFwdCL, n, cin, cout, s, ndim, tf32);
+  if (known_unusable(ctx, key)) return false;
+  UpDescs D(n, cin, cout, s, so, ndim, tf32);
+  const int64_t V = s.size(), Vo = so.size(), T = pool2_taps(ndim);
+  Scratch xt(ctx, sizeof(float) * n * cin * V), wt(ctx, sizeof(float) * cin * cout * T),
+      yt(ctx, sizeof(float) * n * cout * Vo);
+  to_channels_last(ctx, x, as<float>(xt), n, cin, V);
+  to_channels_last(ctx, w, as<float>(wt), cin, cout, T);
+  ConvAlgo a;
+  try {
+    a = algo_backward_data(ctx, key, D.wd, wt.p, D.xd, xt.p, D.cd, D.yd, yt.p);
+  } catch (const NoConvAlgorithm&) {
+    return false;
+  }
+  use_math(D.cd, a);
+  Scratch ws(ctx, a.workspace);
+  const float one = 1.f, zero = 0.f;
+  CMSEG_CUDNN(cudnnConvolutionBackwardData(ctx.impl().cudnn(), &one, D.wd.d, wt.p, D.xd.d, xt.p, D.cd.d,
+                                           (cudnnConvolutionBwdDataAlgo_t)a.algo, ws.p, a.workspace, &zero, D.yd.d,
+                                           yt.p));
+  from_channels_last(ctx, as<float>(yt), y, n, cout, Vo, false);
+  return true;
+}
+
+bool upconv_backward_data_cl(Context& ctx, const float* w, LazyChannelsLast<float>& dyt, float* dx, int n, int cin,
+                             int cout, Spatial s, Spatial so, int ndim, bool tf32) {
+  const ConvKey key = key_of(kUpBwdDataCL, n, cin, cout, s, ndim, tf32);
+  if (known_unusable(ctx, key)) return false;
+  UpDescs D(n, cin, cout, s, so, ndim, tf32);
+  const int64_t V = s.size(), T = pool2_taps(ndim);
+  Scratch wt(ctx, sizeof(float) * cin * cout * T), dxt(ctx, sizeof(float) * n * cin * V);
+  to_channels_last(ctx, w, as<float>(wt), cin, cout, T);
+  ConvAlgo a;
+  try {
+    a = algo_forward(ctx, key, D.yd, dyt.get(), D.wd, wt.p, D.cd, D.xd, dxt.p);
+  } catch (const NoConvAlgorithm&) {
+    return false;
+  }
+  use_math(D.cd, a);
+  Scratch ws(ctx, a.workspace);
+  const float one = 1.f, zero = 0.f;
+  CMSEG_CUDNN(cudnnConvolutionForward(ctx.impl().cudnn(), &one, D.yd.d, dyt.get(), D.wd.d, wt.p, D.cd.d,
+                                      (cudnnConvolutionFwdAlgo_t)a.algo, ws.p, a.workspace, &zero, D.xd.d, dxt.p));
+  from_channels_last(ctx, as<float>(dxt), dx, n, cin, V, false);
+  return true;
+}
+
+bool upconv_backward_filter_cl(Context& ctx, const float* x, LazyChannelsLast<float>& dyt, float* dw, int n, int cin,
+                               int cout, Spatial s, Spatial so, int ndim, bool tf32) {
+  const ConvKey key = key_of(kUpBwdFilterCL, n, cin, cout, s, ndim, tf32);
+  if (known_unusable(ctx, key)) return false;
+  UpDescs D(n, cin, cout, s, so, ndim, tf32);
+  const int64_t V = s.size(), T = pool2_taps(ndim);
+  const size_t dw_bytes = sizeof(float) * cin * cout * T;
+  Scratch xt(ctx, sizeof(float) * n * cin * V), dwt(ctx, dw_bytes);
+  to_channels_last(ctx, x, as<float>(xt), n, cin, V);
+  ConvAlgo a;
+  try {
+    // In the convolution's terms, dy is the input and x the output gradient.
+    a = algo_backward_filter(ctx, key, D.yd, dyt.get(), D.xd, xt.p, D.cd, D.wd, dw_bytes);
+  } catch (const NoConvAlgorithm&) {
+    return false;  // dw untouched
+  }
+  use_math(D.cd, a);
+  Scratch ws(ctx, a.workspace);
+  const float one = 1.f, zero = 0.f;
+  CMSEG_CUDNN(cudnnConvolutionBackwardFilter(ctx.impl().cudnn(), &one, D.yd.d, dyt.get(), D.xd.d, xt.p, D.cd.d,
+                                             (cudnnConvolutionBwdFilterAlgo_t)a.algo, ws.p, a.workspace, &zero,
+                                             D.wd.d, dwt.p));
+  from_channels_last(ctx, as<float>(dwt), dw, cin, cout, T, true);  // dw is accumulated into
+  return true;
+}
+
+}  // namespace
+
 void upconv2_forward(Context& ctx, const float* x, const float* w, const float* b, float* y, int n, int cin, int cout,
                      Spatial s, int ndim) {
   ProfileScope prof_(ctx, "upconv2_forward");
   check_shape("upconv2_forward", n, cin, cout, s, ndim);
   const bool tf32 = ctx.options().tf32;
   const Spatial so{ndim == 3 ? 2 * s.d : 1, 2 * s.h, 2 * s.w};
-  // The convolution this is the transpose of maps y (cout channels) to x (cin channels).
-  TensorDesc xd(n, cin, s, ndim), yd(n, cout, so, ndim);
-  FilterDesc wd(cin, cout, 2, ndim);
-  ConvDesc cd(0, 2, ndim, tf32);
-  const AlignedFilter wa(ctx, w, (size_t)cin * cout * pool2_taps(ndim), true);
-  const ConvAlgo a = algo_backward_data(ctx, key_of(kUpFwd, n, cin, cout, s, ndim, tf32), wd, wa.p, xd, x, cd, yd, y);
-  {
+  const int64_t Vo = so.size(), total = (int64_t)n * cout * Vo;
+  if (!(ctx.options().upconv_channels_last && upconv_forward_cl(ctx, x, w, y, n, cin, cout, s, so, ndim, tf32))) {
+    // The convolution this is the transpose of maps y (cout channels) to x (cin channels).
+    TensorDesc xd(n, cin, s, ndim), yd(n, cout, so, ndim);
+    FilterDesc wd(cin, cout, 2, ndim);
+    ConvDesc cd(0, 2, ndim, tf32);
+    const AlignedFilter wa(ctx, w, (size_t)cin * cout * pool2_taps(ndim), true);
+    const ConvAlgo a =
+        algo_backward_data(ctx, key_of(kUpFwd, n, cin, cout, s, ndim, tf32), wd, wa.p, xd, x, cd, yd, y);
     use_math(cd, a);
     Scratch ws(ctx, a.workspace);
     const float one = 1.f, zero = 0.f;
@@ -636,7 +730,6 @@ void upconv2_forward(Context& ctx, const float* x, const float* w, const float* 
                                              (cudnnConvolutionBwdDataAlgo_t)a.algo, ws.p, a.workspace, &zero, yd.d,
                                              y));
   }
-  const int64_t Vo = so.size(), total = (int64_t)n * cout * Vo;
   add_bias_kernel<<<ctx.impl().grid_for(total, kThreads, 16), kThreads, 0, stream_of(ctx)>>>(y, b, cout, Vo, total);
   CMSEG_CUDA_LAUNCHED("upconv2 bias");
 }
@@ -653,7 +746,9 @@ void upconv2_backward(Context& ctx, const float* x, const float* w, const float*
   const float one = 1.f, zero = 0.f;
   cudnnHandle_t h = ctx.impl().cudnn();
   const size_t wn = (size_t)cin * cout * pool2_taps(ndim);
-  if (dx) {
+  const bool cl = ctx.options().upconv_channels_last;
+  LazyChannelsLast<float> dyt{ctx, dy, n, cout, so.size(), {}};
+  if (dx && !(cl && upconv_backward_data_cl(ctx, w, dyt, dx, n, cin, cout, s, so, ndim, tf32))) {
     const AlignedFilter wa(ctx, w, wn, true);
     const ConvAlgo a =
         algo_forward(ctx, key_of(kUpBwdData, n, cin, cout, s, ndim, tf32), yd, dy, wd, wa.p, cd, xd, dx);
@@ -662,7 +757,7 @@ void upconv2_backward(Context& ctx, const float* x, const float* w, const float*
     CMSEG_CUDNN(cudnnConvolutionForward(h, &one, yd.d, dy, wd.d, wa.p, cd.d, (cudnnConvolutionFwdAlgo_t)a.algo, ws.p,
                                         a.workspace, &zero, xd.d, dx));
   }
-  {
+  if (!(cl && upconv_backward_filter_cl(ctx, x, dyt, dw, n, cin, cout, s, so, ndim, tf32))) {
     // In the convolution's terms, dy is the input and x the output gradient.
     AlignedFilter dwa(ctx, dw, wn, true);  // accumulated into (beta = 1)
     const ConvAlgo a = algo_backward_filter(ctx, key_of(kUpBwdFilter, n, cin, cout, s, ndim, tf32), yd, dy, xd, x, cd,

@@ -26,6 +26,7 @@ const ContextOptions& Context::options() const { off(); }
 void Context::set_tf32(bool) { off(); }
 void Context::set_conv_channels_last(bool) { off(); }
 void Context::set_bf16(bool) { off(); }
+void Context::set_upconv_channels_last(bool) { off(); }
 int Context::device() const { off(); }
 void* Context::alloc(size_t) { off(); }
 void Context::free(void*) { off(); }

@@ -405,11 +405,19 @@ TEST(conv3_bf16_close_to_cpu) {
   ctx().set_bf16(false);
 }
 
+// On the NCDHW tensors (the default) and on channels-last copies.
 TEST(upconv2_matches_cpu) {
-  for (bool tf32 : {false, true}) {
-    upconv2_case(2, 2, 6, 3, {1, 5, 7}, tf32);
-    upconv2_case(3, 2, 8, 4, {3, 4, 5}, tf32);
+  const bool default_layout = ctx().options().upconv_channels_last;
+  for (bool channels_last : {false, true}) {
+    ctx().set_upconv_channels_last(channels_last);
+    std::printf("  -- upconv2 with cuDNN on %s tensors\n", channels_last ? "NDHWC (channels-last)" : "NCDHW");
+    for (bool tf32 : {false, true}) {
+      upconv2_case(2, 2, 6, 3, {1, 5, 7}, tf32);
+      upconv2_case(3, 2, 8, 4, {3, 4, 5}, tf32);
+      upconv2_case(3, 2, 33, 5, {2, 3, 20}, tf32);  // transpose tiles cut at the edges
+    }
   }
+  ctx().set_upconv_channels_last(default_layout);
 }
 
 TEST(cm_loss_full_matches_cpu) {

@@ -41,6 +41,7 @@ const ContextOptions& Context::options() const { return impl_->options; }
 void Context::set_tf32(bool on) { impl_->options.tf32 = on; }
 void Context::set_conv_channels_last(bool on) { impl_->options.conv_channels_last = on; }
 void Context::set_bf16(bool on) { impl_->options.bf16 = on; }
+void Context::set_upconv_channels_last(bool on) { impl_->options.upconv_channels_last = on; }
 int Context::device() const { return 0; }
 void* Context::alloc(size_t bytes) {
   if (!bytes) return nullptr;

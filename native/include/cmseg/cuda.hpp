@@ -72,6 +72,9 @@ struct ContextOptions {
   // tensor-core kernels for 3D; off: directly on the model's NCDHW tensors.
   // CMSEG_CONV_CHANNELS_LAST=0 in the environment turns it off.
   bool conv_channels_last = true;
+  // The same for the transposed convolutions (upconv2); off until measured on a GPU
+  // (CMSEG_UPCONV_CHANNELS_LAST=1 in the environment turns it on).
+  bool upconv_channels_last = false;
   // Most bytes this context may hold at once (0: no limit of its own); past it
   // alloc() throws OutOfMemory like a full device.
   size_t memory_limit_bytes = 0;
@@ -121,6 +124,7 @@ class Context {
   void set_tf32(bool on);
   void set_conv_channels_last(bool on);
   void set_bf16(bool on);
+  void set_upconv_channels_last(bool on);
   int device() const;
 
   // Stream-ordered allocation from the device's memory pool (cudaMallocAsync).

@@ -5,8 +5,13 @@
 //
 // Memory. Parameters, gradients and Adam moments are four contiguous device arrays
 // (one memset zeroes every gradient; one Adam launch updates everything). Every
-// activation and scratch array is a pool allocation that only grows: a training
-// run repeats one batch shape, so after the first step nothing is allocated.
+// activation and scratch array is a pool allocation. The backward pass hands each
+// one back to the pool once its last reader is queued (the heads' outputs and
+// gradients before the decoder's scratch is taken, each block's activations after
+// its backward, the scratch at the end), as autograd frees saved tensors: the
+// peak is then the activations plus one level's gradients, not everything at
+// once. The stream-ordered pool keeps the memory cached, so the next step's
+// allocations are served from it without a device synchronisation.
 // Scratch arrays are shared where their lifetimes do not overlap on the stream
 // (noted at each use); the stream orders every reuse after the previous reader.
 //
@@ -205,6 +210,18 @@ struct ModelGpu::Impl {
     return feat;
   }
 
+  // The heads' outputs and gradients once the heads' backward is queued.
+  void release_heads() {
+    for (auto* bufs : {&cm_raw, &d_cm})
+      for (Buffer<float>& b : *bufs) b.reset();
+    for (BlockActs& a : cmb_a) a = BlockActs();
+    for (Buffer<float>* b : {&seg_logits, &d_seg, &d_tmp, &d_tmp2}) b->reset();
+  }
+  // The backward's scratch once the step is queued (the forward takes scratch_a again).
+  void release_scratch() {
+    for (Buffer<float>* b : {&scratch_a, &scratch_b, &d_cat, &d_below, &d_in, &d_feat}) b->reset();
+  }
+
   float* upload_images(const float* host, int n, Spatial s) {
     const size_t count = (size_t)n * c.in_channels * s.size();
     float* d = ensure(ctx, images, count);
@@ -382,7 +399,6 @@ StepResult ModelGpu::run(const Batch& batch, bool backward, float trace_weight) 
   if (!backward) return res;
 
   // ---- backward (the order of native/model/unet.cpp)
-  m.size_scratch(n);
   const size_t feat_count = (size_t)NV * C0;
   float* d_feat = ensure(ctx, m.d_feat, feat_count);
   ctx.zero(d_feat, feat_count * sizeof(float));
@@ -409,26 +425,36 @@ StepResult ModelGpu::run(const Batch& batch, bool backward, float trace_weight) 
       add_inplace(ctx, d_feat, dt, (int64_t)feat_count);
     }
   }
+  m.release_heads();
+  m.size_scratch(n);
 
   // Decoder, deepest first. g_enc[k]: gradient of encoder output k. Each level below
   // the deepest gets its skip gradient first (written, not added), the deepest gets
-  // up.0's input gradient; the encoder pass then adds the max-pool gradients.
-  for (int k = 0; k < D; ++k) ensure(ctx, m.g_enc[k], (size_t)n * m.enc[k].cout * m.V(k));
+  // up.0's input gradient; the encoder pass then adds the max-pool gradients. Each
+  // is allocated when first written.
+  auto g_enc = [&](int k) { return ensure(ctx, m.g_enc[k], (size_t)n * m.enc[k].cout * m.V(k)); };
   if (D == 1) {
-    ctx.copy(m.g_enc[0].data(), d_feat, feat_count * sizeof(float));
+    ctx.copy(g_enc(0), d_feat, feat_count * sizeof(float));
+    m.d_feat.reset();
   }
   const float* g_out = d_feat;
   for (int k = D - 2; k >= 0; --k) {
     const int lo = D - 1 - k, hi = D - 2 - k, cout = m.dec[k].cout, cin = 2 * cout;
     float* d_cat = m.d_cat.data();
     m.block_backward(m.dec[k], m.cats[k].data(), n, m.level_s[hi], m.dec_a[k], g_out, d_cat);
+    // The block's activations and input are read for the last time above (its
+    // output was `below` of the level above, done earlier); so are the features'
+    // gradient (the first g_out).
+    m.dec_a[k] = BlockActs();
+    m.cats[k].reset();
+    if (g_out == d_feat) m.d_feat.reset();
     // The block is done with scratch_a: it takes the up-convolution's output gradient.
     float* d_up = m.scratch_a.data();
-    concat_backward(ctx, d_cat, m.g_enc[hi].data(), cout, d_up, cout, n, m.V(hi), false);
+    concat_backward(ctx, d_cat, g_enc(hi), cout, d_up, cout, n, m.V(hi), false);
     const float* below = k == 0 ? m.enc_a[D - 1].a2.data() : m.dec_a[k - 1].a2.data();
     // d_below is next iteration's g_out: its previous contents (this iteration's
     // g_out) were consumed by block_backward above, earlier on the stream.
-    float* dx = k == 0 ? m.g_enc[D - 1].data() : m.d_below.data();
+    float* dx = k == 0 ? g_enc(D - 1) : m.d_below.data();
     upconv2_backward(ctx, below, m.W(m.up_w[k]), d_up, dx, m.G(m.up_w[k]), m.G(m.up_b[k]), n, cin, cout, m.level_s[lo],
                      nd);
     g_out = dx;
@@ -445,7 +471,12 @@ StepResult ModelGpu::run(const Batch& batch, bool backward, float trace_weight) 
       maxpool2_backward(ctx, d_in, m.pool_arg[k].data(), d_pool, n * ch, m.level_s[k - 1], nd);
       add_inplace(ctx, m.g_enc[k - 1].data(), d_pool, (int64_t)n * ch * m.V(k - 1));
     }
+    m.enc_a[k] = BlockActs();
+    m.g_enc[k].reset();
+    m.pooled[k].reset();
+    m.pool_arg[k].reset();
   }
+  m.release_scratch();
   return res;
 }
 

@@ -1071,6 +1071,30 @@ TEST(model_gpu_out_of_memory) {
   CHECK(std::isfinite(r.loss) && gpu.step == 1);
 }
 
+// After a training step a GPU model holds its parameters (values, gradients, two
+// moments) and the uploaded batch, nothing else: the backward gave every activation,
+// gradient and scratch array back to the pool. Also after a step with head blocks.
+TEST(model_gpu_releases_step_buffers) {
+  for (int blocks : {0, 1}) {
+    StepCase k = step_case(blocks ? "release, head block" : "release", 3, CmMode::Full, blocks);
+    ModelConfig cg = k.c;
+    cg.device = Device::Cuda;
+    Model gpu(cg);
+    setup(gpu, k);
+    const size_t params_bytes = gpu.gpu()->context().pool_stats().in_use_bytes;
+    StepData d = make_step_data(k, 13);
+    const size_t NV = (size_t)k.n * k.s.size();
+    const size_t batch_bytes = d.images.size() * sizeof(float) + (size_t)k.c.annotators * NV + d.present.size();
+    for (int step = 0; step < 2; ++step) {
+      gpu.train_step(d.batch);
+      const cu::PoolStats ps = gpu.gpu()->context().pool_stats();
+      std::printf("  %-28s step %d: in use %zu bytes = parameters %zu + batch %zu; peak %zu\n", k.name.c_str(), step,
+                  ps.in_use_bytes, params_bytes, batch_bytes, ps.peak_in_use_bytes);
+      CHECK(ps.in_use_bytes == params_bytes + batch_bytes);
+    }
+  }
+}
+
 // The SPEC brats3d-gpu step (2 x 4 x 128^3, depth 4, c 32, L 4, R 3, cm full,
 // lambda 0.01), TF32 on: whole-step time, waited for on the device.
 TEST(model_step_brats3d_gpu_timing) {

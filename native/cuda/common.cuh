@@ -72,6 +72,7 @@ struct ConvAlgo {
 // context creation; Context::profile_report prints it). Each ProfileScope records a
 // pair of events on the stream; the report waits for them and sums by name.
 struct Profiler {
+  static constexpr size_t kMaxSpans = size_t(1) << 16;  // unreported spans kept at most (then not recorded)
   bool on = false;
   struct Span {
     const char* name;
@@ -157,7 +158,7 @@ struct ProfileScope {
   const char* name;
   cudaEvent_t begin = nullptr;
   ProfileScope(Context& ctx, const char* what) : im(ctx.impl()), name(what) {
-    if (!im.profiler.on) return;
+    if (!im.profiler.on || im.profiler.spans.size() >= Profiler::kMaxSpans) return;
     begin = im.profiler.event();
     cudaEventRecord(begin, im.stream);
   }

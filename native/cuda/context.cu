@@ -75,7 +75,8 @@ Context::Context(const ContextOptions& options) : impl_(new Impl) {
     m.options.max_workspace_bytes = (size_t)std::strtoull(mb, nullptr, 10) << 20;
   if (const char* u = std::getenv("CMSEG_UPCONV_CHANNELS_LAST"); u && *u)
     m.options.upconv_channels_last = std::string(u) != "0";
-  if (const char* c = std::getenv("CMSEG_CONV_CHANNELS_LAST"); c && *c) m.options.conv_channels_last = std::string(c) != "0";
+  if (const char* c = std::getenv("CMSEG_CONV_CHANNELS_LAST"); c && *c)
+    m.options.conv_channels_last = std::string(c) != "0";
   const int dev = options.device;
   if (dev < 0 || dev >= probe().devices)
     throw Error(str("CUDA device ", dev, " does not exist (", probe().devices, " found)"));
@@ -201,6 +202,12 @@ float Context::time_ms(const std::function<void()>& fn, int reps) {
   float ms = 0;
   CMSEG_CUDA(cudaEventElapsedTime(&ms, m.t0, m.t1));
   return ms / std::max(reps, 1);
+}
+
+size_t Context::conv_fallbacks() const {
+  size_t n = 0;
+  for (const auto& kv : impl_->conv_algos) n += kv.second.algo < 0;
+  return n;
 }
 
 std::string Context::profile_report(int steps) {

@@ -111,7 +111,15 @@ struct Scratch {  // a pool allocation released at the end of the call (stream-o
   Context& ctx;
   void* p = nullptr;
   Scratch(Context& c, size_t bytes) : ctx(c), p(c.alloc(bytes)) {}
-  ~Scratch() { ctx.free(p); }
+  // Never throws (it runs during unwinding, also after a device error; as Buffer::reset).
+  ~Scratch() {
+    try {
+      ctx.free(p);
+    } catch (...) {
+    }
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
 };
 
 // Filters may start at any float: the model packs its parameters back to back in one
@@ -150,10 +158,13 @@ template <class Perf>
 size_t benchmark_workspace(Context& ctx, const Perf* perf, int count) {
   const ContextOptions& o = ctx.options();
   size_t want = 0;
+  bool rated = false;
   for (int i = 0; i < count; ++i)
-    if (perf[i].status == CUDNN_STATUS_SUCCESS && perf[i].memory <= o.max_workspace_bytes)
-      want = std::max(want, perf[i].memory);
-  if (want == 0) want = o.max_workspace_bytes;  // the heuristics rated nothing: let the search try all
+    if (perf[i].status == CUDNN_STATUS_SUCCESS) {
+      rated = true;
+      if (perf[i].memory <= o.max_workspace_bytes) want = std::max(want, perf[i].memory);
+    }
+  if (!rated) want = o.max_workspace_bytes;  // the heuristics rated nothing: let the search try all
   size_t free_b = 0, total_b = 0;
   CMSEG_CUDA(cudaMemGetInfo(&free_b, &total_b));
   want = std::min(want, free_b / 2);
@@ -178,93 +189,117 @@ void use_math(const ConvDesc& cd, const ConvAlgo& a) {
 // CUDNN_DEFAULT_MATH); a workspace smaller than the run needs fails the call.
 const int kMaxAlgos = 16;
 
-// A shape with no usable algorithm is remembered (algo -1), so later calls fall back
-// at once; it is said once on stderr, with cuDNN's candidates.
-template <class Pick>
-ConvAlgo remember_failure(Context& ctx, const ConvKey& key, Pick pick_one) {
-  try {
-    return pick_one();
-  } catch (const NoConvAlgorithm& e) {
-    ConvAlgo none;
-    none.algo = -1;
-    ctx.impl().conv_algos[key] = none;
-    std::fprintf(stderr, "cmseg: %s (op %d, n %d, %d->%d channels, %dx%dx%d, %s); %s\n", e.what(), key.op, key.n,
-                 key.cin, key.cout, key.d, key.h, key.w, key.tf32 ? "tf32" : "fp32",
-                 key.op >= kConvFwdCL ? "this convolution runs on the NCDHW tensors instead" : "");
-    throw;
-  }
+// Where a convolution goes when cuDNN has no usable algorithm for its path.
+const char* fallback_of(int op) {
+  if (op >= kUpFwdCL) return "this transposed convolution runs on the NCDHW tensors instead";
+  if (op >= kConvFwdBF) return "this convolution runs in fp32 instead";
+  if (op >= kConvFwdCL) return "this convolution runs on the NCDHW tensors instead";
+  return "no other path is left";
 }
 
-// Each algo_* asks cuDNN's heuristics for the candidates; with conv_benchmark it then
-// times them (cudnnFind*Ex) in a workspace sized from that list, and keeps the
-// heuristics' order when the search cannot get its workspace.
+const char* path_of(int op) {
+  if (op >= kUpFwdCL) return "channels-last fp32";
+  if (op >= kConvFwdBF) return "channels-last bf16";
+  if (op >= kConvFwdCL) return "channels-last fp32";
+  return "NCDHW";
+}
 
-// y = conv(x, w): x [n, c_in, sx], w [k, c_in, ...], y [n, k, sy]
-ConvAlgo algo_forward(Context& ctx, const ConvKey& key, const TensorDesc& xd, const void* x, const FilterDesc& wd,
-                      const void* w, const ConvDesc& cd, const TensorDesc& yd, void* y) {
+// A shape with no usable algorithm is remembered (algo -1), so later calls fall back
+// at once; it is said once on stderr, with cuDNN's candidates.
+void remember_unusable(Context& ctx, const ConvKey& key, const char* why) {
+  ConvAlgo none;
+  none.algo = -1;
+  ctx.impl().conv_algos[key] = none;
+  std::fprintf(stderr, "cmseg: %s (op %d on %s tensors, n %d, %d->%d channels, %dx%dx%d, %s); %s\n", why, key.op,
+               path_of(key.op), key.n, key.cin, key.cout, key.d, key.h, key.w,
+               key.tf32 ? "tensor-op math allowed" : "fma math", fallback_of(key.op));
+}
+
+// One direction's algorithm, chosen once per key. cuDNN's heuristics list the
+// candidates; with conv_benchmark they are also timed (cudnnFind*Ex, in a separate
+// list, in a workspace sized from the heuristics' estimates). The first usable timed
+// candidate wins; when the search cannot run (its workspace, or any cuDNN error) or
+// finds nothing usable, the heuristics' list is used. No usable candidate in either:
+// NoConvAlgorithm, remembered.
+//   heuristics(perf, &count) and search(perf, &count, workspace, bytes) return a
+//   cudnnStatus_t; workspace_of(algo, &bytes) asks the workspace for the math now set.
+template <class Perf, class Heuristics, class Search, class WorkspaceOf>
+ConvAlgo choose(Context& ctx, const ConvKey& key, const ConvDesc& cd, const char* what, Heuristics heuristics,
+                Search search, WorkspaceOf workspace_of) {
   Context::Impl& im = ctx.impl();
   auto it = im.conv_algos.find(key);
   if (it != im.conv_algos.end()) {
     if (it->second.algo < 0)
-      throw NoConvAlgorithm("cuDNN offered no usable algorithm for this convolution shape (said on stderr when first found)");
+      throw NoConvAlgorithm("cuDNN offered no usable algorithm for this convolution shape (said on stderr before)");
     return it->second;
   }
-  cudnnConvolutionFwdAlgoPerf_t perf[kMaxAlgos];
-  int count = 0;
-  CMSEG_CUDNN(cudnnGetConvolutionForwardAlgorithm_v7(im.cudnn(), xd.d, wd.d, cd.d, yd.d, kMaxAlgos, &count, perf));
+  Perf listed[kMaxAlgos], timed[kMaxAlgos];
+  int n_listed = 0, n_timed = 0;
+  if (heuristics(listed, &n_listed) != CUDNN_STATUS_SUCCESS) n_listed = 0;
+  bool searched = false;
   if (ctx.options().conv_benchmark) {
     try {
-      const size_t ws = benchmark_workspace(ctx, perf, count);
+      const size_t ws = benchmark_workspace(ctx, listed, n_listed);
       Scratch scratch(ctx, ws);
-      CMSEG_CUDNN(cudnnFindConvolutionForwardAlgorithmEx(im.cudnn(), xd.d, x, wd.d, w, cd.d, yd.d, y, kMaxAlgos,
-                                                         &count, perf, scratch.p, ws));
-    } catch (const OutOfMemory&) {
+      searched = search(timed, &n_timed, scratch.p, ws) == CUDNN_STATUS_SUCCESS;
+    } catch (const Error&) {  // no memory for the search: the heuristics' list
     }
   }
-  ConvAlgo a = remember_failure(ctx, key, [&] {
-    return pick(perf, count, ctx.options().max_workspace_bytes, key.tf32, "a forward convolution");
-  });
-  use_math(cd, a);
+  const size_t limit = ctx.options().max_workspace_bytes;
+  ConvAlgo a;
+  try {
+    try {
+      if (!searched) throw NoConvAlgorithm("not searched");
+      a = pick(timed, n_timed, limit, key.tf32, what);
+    } catch (const NoConvAlgorithm&) {
+      a = pick(listed, n_listed, limit, key.tf32, what);
+    }
+  } catch (const NoConvAlgorithm& e) {
+    remember_unusable(ctx, key, e.what());
+    throw;
+  }
+  use_math(cd, a);  // see the note above kMaxAlgos
   size_t ws = 0;
-  if (cudnnGetConvolutionForwardWorkspaceSize(im.cudnn(), xd.d, wd.d, cd.d, yd.d, (cudnnConvolutionFwdAlgo_t)a.algo,
-                                              &ws) == CUDNN_STATUS_SUCCESS)
-    a.workspace = std::max(a.workspace, ws);
+  if (workspace_of(a.algo, &ws) == CUDNN_STATUS_SUCCESS) a.workspace = std::max(a.workspace, ws);
   return im.conv_algos[key] = a;
+}
+
+// y = conv(x, w): x [n, c_in, sx], w [k, c_in, ...], y [n, k, sy]
+ConvAlgo algo_forward(Context& ctx, const ConvKey& key, const TensorDesc& xd, const void* x, const FilterDesc& wd,
+                      const void* w, const ConvDesc& cd, const TensorDesc& yd, void* y) {
+  cudnnHandle_t h = ctx.impl().cudnn();
+  return choose<cudnnConvolutionFwdAlgoPerf_t>(
+      ctx, key, cd, "a forward convolution",
+      [&](cudnnConvolutionFwdAlgoPerf_t* p, int* n) {
+        return cudnnGetConvolutionForwardAlgorithm_v7(h, xd.d, wd.d, cd.d, yd.d, kMaxAlgos, n, p);
+      },
+      [&](cudnnConvolutionFwdAlgoPerf_t* p, int* n, void* ws, size_t bytes) {
+        return cudnnFindConvolutionForwardAlgorithmEx(h, xd.d, x, wd.d, w, cd.d, yd.d, y, kMaxAlgos, n, p, ws, bytes);
+      },
+      [&](int algo, size_t* bytes) {
+        return cudnnGetConvolutionForwardWorkspaceSize(h, xd.d, wd.d, cd.d, yd.d, (cudnnConvolutionFwdAlgo_t)algo,
+                                                       bytes);
+      });
 }
 
 // dx = conv^T(dy, w)
 ConvAlgo algo_backward_data(Context& ctx, const ConvKey& key, const FilterDesc& wd, const void* w,
                             const TensorDesc& dyd, const void* dy, const ConvDesc& cd, const TensorDesc& dxd,
                             void* dx) {
-  Context::Impl& im = ctx.impl();
-  auto it = im.conv_algos.find(key);
-  if (it != im.conv_algos.end()) {
-    if (it->second.algo < 0)
-      throw NoConvAlgorithm("cuDNN offered no usable algorithm for this convolution shape (said on stderr when first found)");
-    return it->second;
-  }
-  cudnnConvolutionBwdDataAlgoPerf_t perf[kMaxAlgos];
-  int count = 0;
-  CMSEG_CUDNN(cudnnGetConvolutionBackwardDataAlgorithm_v7(im.cudnn(), wd.d, dyd.d, cd.d, dxd.d, kMaxAlgos, &count,
-                                                          perf));
-  if (ctx.options().conv_benchmark) {
-    try {
-      const size_t ws = benchmark_workspace(ctx, perf, count);
-      Scratch scratch(ctx, ws);
-      CMSEG_CUDNN(cudnnFindConvolutionBackwardDataAlgorithmEx(im.cudnn(), wd.d, w, dyd.d, dy, cd.d, dxd.d, dx,
-                                                              kMaxAlgos, &count, perf, scratch.p, ws));
-    } catch (const OutOfMemory&) {
-    }
-  }
-  ConvAlgo a = remember_failure(ctx, key, [&] {
-    return pick(perf, count, ctx.options().max_workspace_bytes, key.tf32, "a backward-data convolution");
-  });
-  use_math(cd, a);  // see algo_forward
-  size_t ws = 0;
-  if (cudnnGetConvolutionBackwardDataWorkspaceSize(im.cudnn(), wd.d, dyd.d, cd.d, dxd.d,
-                                                   (cudnnConvolutionBwdDataAlgo_t)a.algo, &ws) == CUDNN_STATUS_SUCCESS)
-    a.workspace = std::max(a.workspace, ws);
-  return im.conv_algos[key] = a;
+  cudnnHandle_t h = ctx.impl().cudnn();
+  return choose<cudnnConvolutionBwdDataAlgoPerf_t>(
+      ctx, key, cd, "a backward-data convolution",
+      [&](cudnnConvolutionBwdDataAlgoPerf_t* p, int* n) {
+        return cudnnGetConvolutionBackwardDataAlgorithm_v7(h, wd.d, dyd.d, cd.d, dxd.d, kMaxAlgos, n, p);
+      },
+      [&](cudnnConvolutionBwdDataAlgoPerf_t* p, int* n, void* ws, size_t bytes) {
+        return cudnnFindConvolutionBackwardDataAlgorithmEx(h, wd.d, w, dyd.d, dy, cd.d, dxd.d, dx, kMaxAlgos, n, p, ws,
+                                                           bytes);
+      },
+      [&](int algo, size_t* bytes) {
+        return cudnnGetConvolutionBackwardDataWorkspaceSize(h, wd.d, dyd.d, cd.d, dxd.d,
+                                                            (cudnnConvolutionBwdDataAlgo_t)algo, bytes);
+      });
 }
 
 // dw = sum over images and positions of x * dy (timed into a scratch dw, since the
@@ -272,35 +307,21 @@ ConvAlgo algo_backward_data(Context& ctx, const ConvKey& key, const FilterDesc& 
 ConvAlgo algo_backward_filter(Context& ctx, const ConvKey& key, const TensorDesc& xd, const void* x,
                               const TensorDesc& dyd, const void* dy, const ConvDesc& cd, const FilterDesc& dwd,
                               size_t dw_bytes) {
-  Context::Impl& im = ctx.impl();
-  auto it = im.conv_algos.find(key);
-  if (it != im.conv_algos.end()) {
-    if (it->second.algo < 0)
-      throw NoConvAlgorithm("cuDNN offered no usable algorithm for this convolution shape (said on stderr when first found)");
-    return it->second;
-  }
-  cudnnConvolutionBwdFilterAlgoPerf_t perf[kMaxAlgos];
-  int count = 0;
-  CMSEG_CUDNN(
-      cudnnGetConvolutionBackwardFilterAlgorithm_v7(im.cudnn(), xd.d, dyd.d, cd.d, dwd.d, kMaxAlgos, &count, perf));
-  if (ctx.options().conv_benchmark) {
-    try {
-      const size_t ws = benchmark_workspace(ctx, perf, count);
-      Scratch scratch(ctx, ws), dw(ctx, dw_bytes);
-      CMSEG_CUDNN(cudnnFindConvolutionBackwardFilterAlgorithmEx(im.cudnn(), xd.d, x, dyd.d, dy, cd.d, dwd.d, dw.p,
-                                                                kMaxAlgos, &count, perf, scratch.p, ws));
-    } catch (const OutOfMemory&) {
-    }
-  }
-  ConvAlgo a = remember_failure(ctx, key, [&] {
-    return pick(perf, count, ctx.options().max_workspace_bytes, key.tf32, "a backward-filter convolution");
-  });
-  use_math(cd, a);  // see algo_forward
-  size_t ws = 0;
-  if (cudnnGetConvolutionBackwardFilterWorkspaceSize(im.cudnn(), xd.d, dyd.d, cd.d, dwd.d,
-                                                     (cudnnConvolutionBwdFilterAlgo_t)a.algo, &ws) == CUDNN_STATUS_SUCCESS)
-    a.workspace = std::max(a.workspace, ws);
-  return im.conv_algos[key] = a;
+  cudnnHandle_t h = ctx.impl().cudnn();
+  return choose<cudnnConvolutionBwdFilterAlgoPerf_t>(
+      ctx, key, cd, "a backward-filter convolution",
+      [&](cudnnConvolutionBwdFilterAlgoPerf_t* p, int* n) {
+        return cudnnGetConvolutionBackwardFilterAlgorithm_v7(h, xd.d, dyd.d, cd.d, dwd.d, kMaxAlgos, n, p);
+      },
+      [&](cudnnConvolutionBwdFilterAlgoPerf_t* p, int* n, void* ws, size_t bytes) {
+        Scratch dw(ctx, dw_bytes);
+        return cudnnFindConvolutionBackwardFilterAlgorithmEx(h, xd.d, x, dyd.d, dy, cd.d, dwd.d, dw.p, kMaxAlgos, n, p,
+                                                             ws, bytes);
+      },
+      [&](int algo, size_t* bytes) {
+        return cudnnGetConvolutionBackwardFilterWorkspaceSize(h, xd.d, dyd.d, cd.d, dwd.d,
+                                                              (cudnnConvolutionBwdFilterAlgo_t)algo, bytes);
+      });
 }
 
 void check_shape(const char* what, int n, int cin, int cout, Spatial s, int ndim) {
@@ -378,6 +399,7 @@ template <class In, class Out>
 void transpose(Context& ctx, const In* x, Out* y, int64_t B, int64_t R, int64_t C, bool accumulate) {
   ProfileScope prof_(ctx, "conv3: NCDHW<->NDHWC copies");
   if (B > 65535) fail("transpose: batch of ", B, " exceeds the CUDA grid limit");
+  if (accumulate && !std::is_same_v<Out, float>) fail("transpose: only an fp32 output is accumulated into");
   const int64_t tiles_r = (R + 31) / 32, tiles_c = (C + 31) / 32;
   const dim3 grid((unsigned)(tiles_r * tiles_c), (unsigned)B), block(32, 8);
   if constexpr (std::is_same_v<Out, float>) {
@@ -441,6 +463,19 @@ bool known_unusable(Context& ctx, const ConvKey& key) {
   return it != ctx.impl().conv_algos.end() && it->second.algo < 0;
 }
 
+// A channels-last call cuDNN refuses although it listed the algorithm (a bad
+// parameter or an unsupported configuration): remembered like a shape without
+// algorithms, so the caller takes the next path; only scratch was written. Other
+// failures (internal, execution) are errors.
+bool ran(Context& ctx, const ConvKey& key, cudnnStatus_t st, const char* what) {
+  if (st == CUDNN_STATUS_SUCCESS) return true;
+  const int category = CUDNN_STATUS_CATEGORY((int)st);
+  if (category != CUDNN_STATUS_BAD_PARAM && category != CUDNN_STATUS_NOT_SUPPORTED)
+    throw_cudnn(st, what, __FILE__, __LINE__);
+  remember_unusable(ctx, key, str("cuDNN refused ", what, ": ", cudnnGetErrorString(st)).c_str());
+  return false;
+}
+
 // dy as T in NDHWC, made on first use and shared by both parts of the backward.
 template <class T>
 struct LazyChannelsLast {
@@ -495,8 +530,10 @@ bool forward_cl(Context& ctx, const float* x, const float* w, float* y, int n, i
   use_math(D.cd, a);
   Scratch ws(ctx, a.workspace);
   const float one = 1.f, zero = 0.f;
-  CMSEG_CUDNN(cudnnConvolutionForward(ctx.impl().cudnn(), &one, D.xd.d, xt.p, D.wd.d, wt.p, D.cd.d,
-                                      (cudnnConvolutionFwdAlgo_t)a.algo, ws.p, a.workspace, &zero, D.yd.d, yt.p));
+  const cudnnStatus_t st = cudnnConvolutionForward(ctx.impl().cudnn(), &one, D.xd.d, xt.p, D.wd.d, wt.p, D.cd.d,
+                                                   (cudnnConvolutionFwdAlgo_t)a.algo, ws.p, a.workspace, &zero,
+                                                   D.yd.d, yt.p);
+  if (!ran(ctx, key, st, "cudnnConvolutionForward")) return false;
   from_channels_last(ctx, as<T>(yt), y, n, cout, V, false);
   return true;
 }
@@ -519,9 +556,10 @@ bool backward_data_cl(Context& ctx, const float* w, LazyChannelsLast<T>& dyt, fl
   use_math(D.cd, a);
   Scratch ws(ctx, a.workspace);
   const float one = 1.f, zero = 0.f;
-  CMSEG_CUDNN(cudnnConvolutionBackwardData(ctx.impl().cudnn(), &one, D.wd.d, wt.p, D.yd.d, dyt.get(), D.cd.d,
-                                           (cudnnConvolutionBwdDataAlgo_t)a.algo, ws.p, a.workspace, &zero, D.xd.d,
-                                           dxt.p));
+  const cudnnStatus_t st = cudnnConvolutionBackwardData(ctx.impl().cudnn(), &one, D.wd.d, wt.p, D.yd.d, dyt.get(),
+                                                        D.cd.d, (cudnnConvolutionBwdDataAlgo_t)a.algo, ws.p,
+                                                        a.workspace, &zero, D.xd.d, dxt.p);
+  if (!ran(ctx, key, st, "cudnnConvolutionBackwardData")) return false;
   from_channels_last(ctx, as<T>(dxt), dx, n, cin, V, false);
   return true;
 }
@@ -545,9 +583,10 @@ bool backward_filter_cl(Context& ctx, const float* x, LazyChannelsLast<T>& dyt, 
   use_math(D.cd, a);
   Scratch ws(ctx, a.workspace);
   const float one = 1.f, zero = 0.f;
-  CMSEG_CUDNN(cudnnConvolutionBackwardFilter(ctx.impl().cudnn(), &one, D.xd.d, xt.p, D.yd.d, dyt.get(), D.cd.d,
-                                             (cudnnConvolutionBwdFilterAlgo_t)a.algo, ws.p, a.workspace, &zero,
-                                             D.wd.d, dwt.p));
+  const cudnnStatus_t st = cudnnConvolutionBackwardFilter(ctx.impl().cudnn(), &one, D.xd.d, xt.p, D.yd.d, dyt.get(),
+                                                          D.cd.d, (cudnnConvolutionBwdFilterAlgo_t)a.algo, ws.p,
+                                                          a.workspace, &zero, D.wd.d, dwt.p);
+  if (!ran(ctx, key, st, "cudnnConvolutionBackwardFilter")) return false;
   from_channels_last(ctx, as<T>(dwt), dw, cout, cin, T_, true);  // dw is accumulated into
   return true;
 }
@@ -650,9 +689,10 @@ bool upconv_forward_cl(Context& ctx, const float* x, const float* w, float* y, i
   use_math(D.cd, a);
   Scratch ws(ctx, a.workspace);
   const float one = 1.f, zero = 0.f;
-  CMSEG_CUDNN(cudnnConvolutionBackwardData(ctx.impl().cudnn(), &one, D.wd.d, wt.p, D.xd.d, xt.p, D.cd.d,
-                                           (cudnnConvolutionBwdDataAlgo_t)a.algo, ws.p, a.workspace, &zero, D.yd.d,
-                                           yt.p));
+  const cudnnStatus_t st = cudnnConvolutionBackwardData(ctx.impl().cudnn(), &one, D.wd.d, wt.p, D.xd.d, xt.p, D.cd.d,
+                                                        (cudnnConvolutionBwdDataAlgo_t)a.algo, ws.p, a.workspace,
+                                                        &zero, D.yd.d, yt.p);
+  if (!ran(ctx, key, st, "cudnnConvolutionBackwardData")) return false;
   from_channels_last(ctx, as<float>(yt), y, n, cout, Vo, false);
   return true;
 }
@@ -674,8 +714,10 @@ bool upconv_backward_data_cl(Context& ctx, const float* w, LazyChannelsLast<floa
   use_math(D.cd, a);
   Scratch ws(ctx, a.workspace);
   const float one = 1.f, zero = 0.f;
-  CMSEG_CUDNN(cudnnConvolutionForward(ctx.impl().cudnn(), &one, D.yd.d, dyt.get(), D.wd.d, wt.p, D.cd.d,
-                                      (cudnnConvolutionFwdAlgo_t)a.algo, ws.p, a.workspace, &zero, D.xd.d, dxt.p));
+  const cudnnStatus_t st = cudnnConvolutionForward(ctx.impl().cudnn(), &one, D.yd.d, dyt.get(), D.wd.d, wt.p, D.cd.d,
+                                                   (cudnnConvolutionFwdAlgo_t)a.algo, ws.p, a.workspace, &zero,
+                                                   D.xd.d, dxt.p);
+  if (!ran(ctx, key, st, "cudnnConvolutionForward")) return false;
   from_channels_last(ctx, as<float>(dxt), dx, n, cin, V, false);
   return true;
 }
@@ -699,9 +741,10 @@ bool upconv_backward_filter_cl(Context& ctx, const float* x, LazyChannelsLast<fl
   use_math(D.cd, a);
   Scratch ws(ctx, a.workspace);
   const float one = 1.f, zero = 0.f;
-  CMSEG_CUDNN(cudnnConvolutionBackwardFilter(ctx.impl().cudnn(), &one, D.yd.d, dyt.get(), D.xd.d, xt.p, D.cd.d,
-                                             (cudnnConvolutionBwdFilterAlgo_t)a.algo, ws.p, a.workspace, &zero,
-                                             D.wd.d, dwt.p));
+  const cudnnStatus_t st = cudnnConvolutionBackwardFilter(ctx.impl().cudnn(), &one, D.yd.d, dyt.get(), D.xd.d, xt.p,
+                                                          D.cd.d, (cudnnConvolutionBwdFilterAlgo_t)a.algo, ws.p,
+                                                          a.workspace, &zero, D.wd.d, dwt.p);
+  if (!ran(ctx, key, st, "cudnnConvolutionBackwardFilter")) return false;
   from_channels_last(ctx, as<float>(dwt), dw, cin, cout, T, true);  // dw is accumulated into
   return true;
 }

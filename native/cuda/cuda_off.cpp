@@ -41,6 +41,7 @@ void Context::synchronize() { off(); }
 float Context::time_ms(const std::function<void()>&, int) { off(); }
 void* Context::stream_handle() const { off(); }
 std::string Context::profile_report(int) { off(); }
+size_t Context::conv_fallbacks() const { off(); }
 
 void conv3_forward(Context&, const float*, const float*, float*, int, int, int, Spatial, int) { off(); }
 void conv3_backward(Context&, const float*, const float*, const float*, float*, float*, int, int, int, Spatial, int) {

@@ -438,6 +438,7 @@ StepResult ModelGpu::run(const Batch& batch, bool backward, float trace_weight) 
     m.d_feat.reset();
   }
   const float* g_out = d_feat;
+  bool first = true;  // g_out is d_feat
   for (int k = D - 2; k >= 0; --k) {
     const int lo = D - 1 - k, hi = D - 2 - k, cout = m.dec[k].cout, cin = 2 * cout;
     float* d_cat = m.d_cat.data();
@@ -447,7 +448,7 @@ StepResult ModelGpu::run(const Batch& batch, bool backward, float trace_weight) 
     // gradient (the first g_out).
     m.dec_a[k] = BlockActs();
     m.cats[k].reset();
-    if (g_out == d_feat) m.d_feat.reset();
+    if (first) m.d_feat.reset(), first = false;
     // The block is done with scratch_a: it takes the up-convolution's output gradient.
     float* d_up = m.scratch_a.data();
     concat_backward(ctx, d_cat, g_enc(hi), cout, d_up, cout, n, m.V(hi), false);

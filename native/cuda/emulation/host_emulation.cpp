@@ -69,6 +69,7 @@ void Context::synchronize() {}
 float Context::time_ms(const std::function<void()>& fn, int) { fn(); return 1.f; }
 void* Context::stream_handle() const { return nullptr; }
 std::string Context::profile_report(int) { return ""; }
+size_t Context::conv_fallbacks() const { return 0; }
 
 // ContextOptions::bf16: the operands rounded to bf16 (nearest even) as the device
 // path rounds its copies, then fp32 sums; the gradients cuDNN writes in bf16 are

@@ -151,6 +151,10 @@ class Context {
   // call, then the mean of `reps` calls, in milliseconds.
   float time_ms(const std::function<void()>& fn, int reps = 10);
 
+  // Convolution shapes (per direction and path) for which cuDNN had no usable
+  // algorithm, so the call took the next path (channels-last -> NCDHW, bf16 -> fp32).
+  size_t conv_fallbacks() const;
+
   // With CMSEG_GPU_PROFILE=1 set when the context was made: the device time of each
   // layer call since the last report, summed by layer, per step over `steps`, largest
   // first (waits for the stream). Empty when profiling is off.

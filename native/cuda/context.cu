@@ -104,6 +104,7 @@ Context::Context(const ContextOptions& options) : impl_(new Impl) {
 
 Context::~Context() {
   Impl& m = *impl_;
+  cudaSetDevice(m.options.device);  // the frees below run on this context's device
   if (m.stream) {
     for (auto& kv : m.sizes) cudaFreeAsync(kv.first, m.stream);
     cudaStreamSynchronize(m.stream);
@@ -118,6 +119,7 @@ Context::~Context() {
 }
 
 const ContextOptions& Context::options() const { return impl_->options; }
+void Context::make_current() { CMSEG_CUDA(cudaSetDevice(impl_->options.device)); }
 void Context::set_tf32(bool on) { impl_->options.tf32 = on; }
 void Context::set_conv_channels_last(bool on) { impl_->options.conv_channels_last = on; }
 void Context::set_bf16(bool on) { impl_->options.bf16 = on; }

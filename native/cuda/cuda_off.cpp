@@ -23,6 +23,7 @@ struct Context::Impl {};
 Context::Context(const ContextOptions&) { off(); }
 Context::~Context() = default;
 const ContextOptions& Context::options() const { off(); }
+void Context::make_current() { off(); }
 void Context::set_tf32(bool) { off(); }
 void Context::set_conv_channels_last(bool) { off(); }
 void Context::set_bf16(bool) { off(); }

@@ -284,13 +284,20 @@ ModelGpu::ModelGpu(const ModelConfig& config, const std::vector<Param>& params) 
   upload_params(params);
 }
 
-ModelGpu::~ModelGpu() = default;
+// The buffers are freed on this model's device, whichever thread drops the model.
+ModelGpu::~ModelGpu() {
+  try {
+    impl_->ctx.make_current();
+  } catch (...) {
+  }
+}
 
 Context& ModelGpu::context() { return impl_->ctx; }
 void ModelGpu::set_tf32(bool on) { impl_->ctx.set_tf32(on); }
 
 void ModelGpu::upload_params(const std::vector<Param>& params) {
   Impl& m = *impl_;
+  m.ctx.make_current();
   if (params.size() != m.names.size()) fail("ModelGpu: expected ", m.names.size(), " parameters, got ", params.size());
   std::vector<float> host((size_t)m.total);
   auto send = [&](std::vector<float> Param::*field, Buffer<float>& dst) {
@@ -314,6 +321,7 @@ void ModelGpu::upload_params(const std::vector<Param>& params) {
 
 void ModelGpu::download_params(std::vector<Param>& params) {
   Impl& m = *impl_;
+  m.ctx.make_current();
   if (params.size() != m.names.size()) fail("ModelGpu: expected ", m.names.size(), " parameters, got ", params.size());
   std::vector<float> host((size_t)m.total);
   auto fetch = [&](std::vector<float> Param::*field, const Buffer<float>& src) {
@@ -331,6 +339,7 @@ void ModelGpu::download_params(std::vector<Param>& params) {
 
 StepResult ModelGpu::run(const Batch& batch, bool backward, float trace_weight) {
   Impl& m = *impl_;
+  m.ctx.make_current();
   Context& ctx = m.ctx;
   const ModelConfig& c = m.c;
   const int n = batch.n, D = c.depth, L = c.classes, R = c.annotators, nd = c.ndim, C0 = c.base;
@@ -483,6 +492,7 @@ StepResult ModelGpu::run(const Batch& batch, bool backward, float trace_weight) 
 
 void ModelGpu::release_activations() {
   Impl& m = *impl_;
+  m.ctx.make_current();
   for (auto* acts : {&m.enc_a, &m.dec_a, &m.cmb_a})
     for (BlockActs& a : *acts) a = BlockActs();
   for (auto* bufs : {&m.pooled, &m.cats, &m.cm_raw, &m.d_cm, &m.g_enc})
@@ -498,12 +508,14 @@ void ModelGpu::release_activations() {
 
 void ModelGpu::adam(const OptimConfig& o, int64_t step) {
   Impl& m = *impl_;
+  m.ctx.make_current();
   // Adam is elementwise, so the four contiguous arrays are one tensor.
   adam_step(m.ctx, {AdamTensor{m.value.data(), m.grad.data(), m.m1.data(), m.m2.data(), m.total}}, o, step);
 }
 
 void ModelGpu::predict(const float* images, int n, Spatial s, float* probs, float* cms, float* annotator_probs) {
   Impl& m = *impl_;
+  m.ctx.make_current();
   Context& ctx = m.ctx;
   const ModelConfig& c = m.c;
   const int L = c.classes, R = c.annotators;

@@ -38,6 +38,7 @@ struct Context::Impl {
 Context::Context(const ContextOptions& o) : impl_(new Impl) { impl_->options = o; }
 Context::~Context() { for (auto& kv : impl_->sizes) std::free(kv.first); }
 const ContextOptions& Context::options() const { return impl_->options; }
+void Context::make_current() {}
 void Context::set_tf32(bool on) { impl_->options.tf32 = on; }
 void Context::set_conv_channels_last(bool on) { impl_->options.conv_channels_last = on; }
 void Context::set_bf16(bool on) { impl_->options.bf16 = on; }

@@ -121,6 +121,10 @@ class Context {
   Context& operator=(const Context&) = delete;
 
   const ContextOptions& options() const;
+  // Makes this context's device the calling thread's current one. CUDA's current
+  // device is per thread, and a model's work runs on whichever thread calls it
+  // (Node's worker pool), so every entry point of ModelGpu calls this first.
+  void make_current();
   void set_tf32(bool on);
   void set_conv_channels_last(bool on);
   void set_bf16(bool on);

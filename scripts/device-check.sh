@@ -126,6 +126,7 @@ write_summary() {
       echo "== cmseg GPU brats3d-gpu: device time by layer (CMSEG_GPU_PROFILE)"
       sed -n '/device time by layer/,/^  sum /p' "$OUT/bench_gpu.txt"
       grep -h "^batch upload" "$OUT/bench_gpu.txt"
+      grep -h "^cmseg: cm_loss main kernel" "$OUT/bench_gpu.txt" | sort -u
     fi
     if grep -qh "^\(2: \)\?cmseg: cuDNN" "$OUT/bench_gpu.txt" "$OUT/test_cuda.txt" 2>/dev/null; then
       echo "== convolutions without a usable cuDNN algorithm (fell back)"

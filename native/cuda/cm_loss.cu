@@ -14,6 +14,8 @@
 //   [global] d/d raw global CM: per-block sums of dL/dA over pixels, added in a
 //            fixed order, then one backward through normalisation and softplus.
 // Every reduction has a fixed shape and order, so results repeat bit for bit.
+#include <cstdio>
+
 #include "common.cuh"
 
 namespace cmseg {
@@ -409,6 +411,28 @@ __global__ void global_grad_finish_kernel(LossParams P, const double* __restrict
   }
 }
 
+// With profiling on, the main kernel's launch shape once per (L, mode): registers,
+// resident blocks per SM against the blocks per SM the grid asks for (waves).
+template <int LT, int MODE>
+void say_launch(unsigned grid, size_t smem, int sms) {
+  static bool said = false;
+  if (said) return;
+  said = true;
+  cudaFuncAttributes fa{};
+  int resident = 0;
+  if (cudaFuncGetAttributes(&fa, cm_loss_kernel<LT, MODE>) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, cm_loss_kernel<LT, MODE>, kLossThreads, smem) !=
+          cudaSuccess) {
+    cudaGetLastError();
+    return;
+  }
+  std::fprintf(stderr,
+               "cmseg: cm_loss main kernel (L %d, mode %d): %d registers, %zu B local, %d blocks/SM resident; grid "
+               "%u blocks of %d = %.2f waves on %d SMs\n",
+               LT, MODE, fa.numRegs, (size_t)fa.localSizeBytes, resident, grid, kLossThreads,
+               resident > 0 ? (double)grid / ((double)resident * sms) : 0.0, sms);
+}
+
 template <int MODE>
 void launch_main(int L, unsigned grid, size_t smem, cudaStream_t st, const LossParams& P) {
   switch (L) {
@@ -534,6 +558,7 @@ void cm_loss(Context& ctx, const CmLossInput& in, CmLossOutput& out) {
   Buffer<double> partial(ctx, (size_t)grid * 2 * R);
   P.partial = partial.data();
   const size_t smem = sizeof(double) * 2 * R * kLossThreads;  // at most 32 KiB
+  if (im.profiler.on && mode == kFull && L == 4) say_launch<4, kFull>(grid, smem, im.multiprocessors);
   if (mode == kFull)
     launch_main<kFull>(L, grid, smem, st, P);
   else if (mode == kLowRank)

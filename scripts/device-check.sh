@@ -6,7 +6,8 @@
 # From a session with the `run` tool, after `bash scripts/prepare-device-carry.sh`
 # (builds dist/, packs this machine's Node into .device/node.xz):
 #   run  command: bash scripts/device-check.sh
-#        carry:   [".device", "dist", "node_modules/node-addon-api", "node_modules/node-api-headers"]
+#        carry:   [".device", "dist", "node_modules/node-addon-api", "node_modules/node-api-headers",
+#                  "node_modules/commander", "node_modules/cli-progress"]
 # Without those the Node stages (addon, smoke, bench_node) are skipped, the rest runs.
 #
 # Stages (each with its own time limit; a failure is recorded and the next stage runs):
@@ -116,7 +117,7 @@ write_summary() {
     fi
     if [ -s "$OUT/node.txt" ]; then
       echo "== Node: the addon's GPU model vs its CPU model (smoke), and cmseg bench brats3d-gpu"
-      grep -E "^(ok  |FAIL)|^backend:|^\| |^[A-Z].*cores|Error" "$OUT/node.txt" | sed 's/^/  /' | head -80
+      grep -E "^(ok  |FAIL)|^backend:|^\| |^[A-Z].*cores|Error|^trained |^cli_gpu|cmseg: error|windows in" "$OUT/node.txt" | sed 's/^/  /' | head -100
     fi
     if [ -s "$OUT/ctest.txt" ]; then
       echo "== ctest (other native tests)"
@@ -265,6 +266,18 @@ if [ -f "$BUILD/cmseg.node" ] && [ -f dist/model/model.js ] && command -v node >
     const r = b.runBench({ configs: [\"brats3d-gpu\"], steps: 5, warmup: 1, log: (l) => console.error(l) });
     console.log(b.formatMachine(r)); console.log(b.formatBenchTable(r)); console.log(\"BENCH_JSON \" + JSON.stringify(r));
     process.exit(r.every((x) => x.cmseg && x.cmseg.ok) ? 0 : 1);'" && NODE_BENCH=1
+  # The users' BraTS flow on the GPU through the CLI: phantom cases in the BraTS layout,
+  # prepare, train --preset brats3d-gpu (short; validation by sliding windows on the
+  # GPU, checkpoints), predict to NIfTI. Needs commander and cli-progress carried.
+  if [ -d node_modules/commander ] && [ -d node_modules/cli-progress ]; then
+    stage cli_gpu 180 "$OUT/node.txt" "set -e; W=\$(mktemp -d); C='node $ROOT/dist/cli/main.js'; cd \$W
+      \$C phantom brats --cases 3 --out phantom -q
+      \$C prepare --data phantom --out cache -q
+      \$C train --preset brats3d-gpu --data cache --steps 4 --steps-per-epoch 2 --val-cases 1 --patch 64 --out run --no-test -q
+      tail -n 2 run/train-log.jsonl
+      \$C predict --checkpoint run/best.safetensors --out pred
+      ls pred | head -20; echo cli_gpu: ok"
+  fi
 else
   note "Node stages skipped: need node (or .device/node.xz), dist/ and node_modules/node-{addon-api,api-headers} carried"
   STAGES+=("node stages|skipped (no node/dist/headers)|0")

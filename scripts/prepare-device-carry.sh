@@ -10,8 +10,8 @@ mkdir -p .device
 if [ ! -f .device/node.xz ] || [ "$(command -v node)" -nt .device/node.xz ]; then
   xz -T2 -c "$(command -v node)" >.device/node.xz.tmp && mv .device/node.xz.tmp .device/node.xz
 fi
-for d in node_modules/node-addon-api node_modules/node-api-headers; do
+for d in node_modules/node-addon-api node_modules/node-api-headers node_modules/commander node_modules/cli-progress; do
   [ -d "$d" ] || { echo "missing $d: run npm install first" >&2; exit 1; }
 done
-echo 'carry: [".device", "dist", "node_modules/node-addon-api", "node_modules/node-api-headers"]'
-du -ch .device dist node_modules/node-addon-api node_modules/node-api-headers | tail -1
+echo 'carry: [".device", "dist", "node_modules/node-addon-api", "node_modules/node-api-headers", "node_modules/commander", "node_modules/cli-progress"]'
+du -ch .device dist node_modules/node-addon-api node_modules/node-api-headers node_modules/commander node_modules/cli-progress | tail -1

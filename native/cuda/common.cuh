@@ -92,9 +92,20 @@ struct Profiler {
   }
 };
 
+// One slot of batch staging (Context::stage_*).
+struct StageSlot {
+  void* pinned = nullptr;  // cudaMallocHost
+  size_t capacity = 0, used = 0;
+  cudaEvent_t copied = nullptr;    // on the copy stream, after the slot's copies
+  cudaEvent_t released = nullptr;  // on the main stream, after the slot's last reader
+};
+
 struct Context::Impl {
   ContextOptions options;
   Profiler profiler;
+  cudaStream_t copy_stream = nullptr;
+  StageSlot stage[Context::kStageSlots];
+  cudaEvent_t allocated = nullptr;
   cudaStream_t stream = nullptr;
   cudaMemPool_t pool = nullptr;
   cudaEvent_t t0 = nullptr, t1 = nullptr;

@@ -98,6 +98,12 @@ Context::Context(const ContextOptions& options) : impl_(new Impl) {
   CMSEG_CUDA(cudaMemPoolSetAttribute(m.pool, cudaMemPoolAttrReleaseThreshold, &keep));
   CMSEG_CUDA(cudaEventCreate(&m.t0));
   CMSEG_CUDA(cudaEventCreate(&m.t1));
+  CMSEG_CUDA(cudaStreamCreateWithFlags(&m.copy_stream, cudaStreamNonBlocking));
+  for (StageSlot& st : m.stage) {
+    CMSEG_CUDA(cudaEventCreateWithFlags(&st.copied, cudaEventDisableTiming));
+    CMSEG_CUDA(cudaEventCreateWithFlags(&st.released, cudaEventDisableTiming));
+  }
+  CMSEG_CUDA(cudaEventCreateWithFlags(&m.allocated, cudaEventDisableTiming));
   const char* prof = std::getenv("CMSEG_GPU_PROFILE");
   m.profiler.on = prof && *prof && std::string(prof) != "0";
 }
@@ -113,6 +119,14 @@ Context::~Context() {
   if (m.cublas_handle) cublasDestroy(m.cublas_handle);
   for (auto& sp : m.profiler.spans) cudaEventDestroy(sp.begin), cudaEventDestroy(sp.end);
   for (cudaEvent_t e : m.profiler.spare) cudaEventDestroy(e);
+  if (m.copy_stream) cudaStreamSynchronize(m.copy_stream);
+  for (StageSlot& st : m.stage) {
+    if (st.pinned) cudaFreeHost(st.pinned);
+    if (st.copied) cudaEventDestroy(st.copied);
+    if (st.released) cudaEventDestroy(st.released);
+  }
+  if (m.allocated) cudaEventDestroy(m.allocated);
+  if (m.copy_stream) cudaStreamDestroy(m.copy_stream);
   if (m.t0) cudaEventDestroy(m.t0);
   if (m.t1) cudaEventDestroy(m.t1);
   if (m.stream) cudaStreamDestroy(m.stream);
@@ -193,6 +207,61 @@ void Context::zero(void* dst, size_t bytes) {
 }
 
 void Context::synchronize() { CMSEG_CUDA(cudaStreamSynchronize(impl_->stream)); }
+
+namespace {
+StageSlot& slot_of(Context::Impl& m, int slot) {
+  if (slot < 0 || slot >= Context::kStageSlots) throw Error(str("stage slot ", slot, " out of range"));
+  return m.stage[slot];
+}
+}  // namespace
+
+void Context::stage_begin(int slot, size_t bytes) {
+  Impl& m = *impl_;
+  StageSlot& st = slot_of(m, slot);
+  CMSEG_CUDA(cudaEventSynchronize(st.copied));  // its pinned memory is free again
+  if (st.capacity < bytes) {
+    if (st.pinned) CMSEG_CUDA(cudaFreeHost(st.pinned));
+    st.pinned = nullptr, st.capacity = 0;
+    if (cudaMallocHost(&st.pinned, bytes) != cudaSuccess) {
+      cudaGetLastError();
+      st.pinned = nullptr;
+      throw OutOfMemory(str("out of pinned host memory: staging a batch of ", mib_text(bytes), " failed"));
+    }
+    st.capacity = bytes;
+  }
+  st.used = 0;
+  CMSEG_CUDA(cudaStreamWaitEvent(m.copy_stream, st.released, 0));
+}
+
+void Context::stage_copy(int slot, void* dst, const void* src, size_t bytes) {
+  Impl& m = *impl_;
+  StageSlot& st = slot_of(m, slot);
+  if (!bytes) return;
+  if (st.used + bytes > st.capacity)
+    throw Error(str("stage_copy: ", st.used + bytes, " bytes staged, stage_begin sized ", st.capacity));
+  char* p = static_cast<char*>(st.pinned) + st.used;
+  std::memcpy(p, src, bytes);
+  st.used += bytes;
+  CMSEG_CUDA(cudaMemcpyAsync(dst, p, bytes, cudaMemcpyHostToDevice, m.copy_stream));
+}
+
+void Context::stage_end(int slot) {
+  Impl& m = *impl_;
+  StageSlot& st = slot_of(m, slot);
+  CMSEG_CUDA(cudaEventRecord(st.copied, m.copy_stream));
+  CMSEG_CUDA(cudaStreamWaitEvent(m.stream, st.copied, 0));
+}
+
+void Context::stage_release(int slot) noexcept {
+  if (slot < 0 || slot >= kStageSlots) return;
+  cudaEventRecord(impl_->stage[slot].released, impl_->stream);
+}
+
+void Context::stage_after_alloc() {
+  Impl& m = *impl_;
+  CMSEG_CUDA(cudaEventRecord(m.allocated, m.stream));
+  CMSEG_CUDA(cudaStreamWaitEvent(m.copy_stream, m.allocated, 0));
+}
 
 float Context::time_ms(const std::function<void()>& fn, int reps) {
   Impl& m = *impl_;

@@ -81,10 +81,17 @@ struct ModelGpu::Impl {
   std::vector<Buffer<uint8_t>> pool_arg;
   Buffer<float> seg_logits, d_seg, d_feat, d_tmp, d_tmp2, scratch_a, scratch_b, d_cat, d_below, d_in;
 
-  // ---- the uploaded batch and prediction outputs
-  Buffer<float> images, soft_target, probs, cms, q;
-  std::vector<Buffer<uint8_t>> labels;
-  Buffer<uint8_t> present, target;
+  // ---- the batch, in two slots a training run alternates (Context::stage_*: the
+  // upload of one step runs under the backward of the step before), the images
+  // predict() reads, and its outputs
+  struct BatchSlot {
+    Buffer<float> images, soft_target;
+    std::vector<Buffer<uint8_t>> labels;
+    Buffer<uint8_t> present, target;
+  };
+  BatchSlot slots[Context::kStageSlots];
+  int next_slot = 0;
+  Buffer<float> pred_images, probs, cms, q;
 
   Impl(const ModelConfig& config) : c(config), ctx(context_options(config)) {}
 
@@ -222,9 +229,10 @@ struct ModelGpu::Impl {
     for (Buffer<float>* b : {&scratch_a, &scratch_b, &d_cat, &d_below, &d_in, &d_feat}) b->reset();
   }
 
+  // The images predict() reads (uploaded on the main stream: nothing to overlap).
   float* upload_images(const float* host, int n, Spatial s) {
     const size_t count = (size_t)n * c.in_channels * s.size();
-    float* d = ensure(ctx, images, count);
+    float* d = ensure(ctx, pred_images, count);
     ctx.upload(d, host, count * sizeof(float));
     return d;
   }
@@ -275,7 +283,8 @@ ModelGpu::ModelGpu(const ModelConfig& config, const std::vector<Param>& params) 
   const int D = c.depth, R = c.annotators;
   m.enc_a.resize(D), m.dec_a.resize(D > 1 ? D - 1 : 0), m.cmb_a.resize(m.cmb.size());
   m.pooled.resize(D), m.pool_arg.resize(D), m.cats.resize(D > 1 ? D - 1 : 0);
-  m.cm_raw.resize(R), m.d_cm.resize(R), m.g_enc.resize(D), m.labels.resize(R);
+  m.cm_raw.resize(R), m.d_cm.resize(R), m.g_enc.resize(D);
+  for (auto& slot : m.slots) slot.labels.resize(R);
 
   m.value = Buffer<float>(m.ctx, (size_t)m.total);
   m.grad = Buffer<float>(m.ctx, (size_t)m.total);
@@ -349,33 +358,54 @@ StepResult ModelGpu::run(const Batch& batch, bool backward, float trace_weight) 
   m.set_levels(batch.s);
   const int64_t V0 = m.V(0), NV = (int64_t)n * V0;
 
-  // ---- the batch onto the device
-  const float* x0 = m.upload_images(batch.images, n, batch.s);
+  // ---- the batch onto the device, through the slot the step before last used
+  if (!batch.target && !batch.soft_target && (int)batch.labels.size() != R)
+    fail("expected labels for ", R, " annotators, got ", batch.labels.size());
+  const int slot = m.next_slot;
+  Impl::BatchSlot& bs = m.slots[slot];
+  const size_t image_bytes = (size_t)n * c.in_channels * batch.s.size() * sizeof(float);
+  // Device buffers first (allocated on the main stream; the copy stream must not
+  // write them before that point), then the copies.
+  struct Copy {
+    void* dst;
+    const void* src;
+    size_t bytes;
+  };
+  std::vector<Copy> copies;
+  bool allocated = false;
+  auto buffer = [&](auto& buf, size_t count, const void* src) {
+    allocated = allocated || buf.size() < count;  // ensure() will (re)allocate it
+    auto* d = ensure(ctx, buf, count);
+    copies.push_back({d, src, count * sizeof(*d)});
+    return d;
+  };
+  const float* x0 = buffer(bs.images, image_bytes / sizeof(float), batch.images);
   const uint8_t* target = nullptr;
   const float* soft = nullptr;
   std::vector<const uint8_t*> labels;
   const uint8_t* present = nullptr;
   if (batch.target) {
-    uint8_t* d = ensure(ctx, m.target, (size_t)NV);
-    ctx.upload(d, batch.target, (size_t)NV);
-    target = d;
+    target = buffer(bs.target, (size_t)NV, batch.target);
   } else if (batch.soft_target) {
-    float* d = ensure(ctx, m.soft_target, (size_t)NV * L);
-    ctx.upload(d, batch.soft_target, (size_t)NV * L * sizeof(float));
-    soft = d;
+    soft = buffer(bs.soft_target, (size_t)NV * L, batch.soft_target);
   } else {
-    if ((int)batch.labels.size() != R) fail("expected labels for ", R, " annotators, got ", batch.labels.size());
-    for (int r = 0; r < R; ++r) {
-      uint8_t* d = ensure(ctx, m.labels[r], (size_t)NV);
-      ctx.upload(d, batch.labels[r], (size_t)NV);
-      labels.push_back(d);
-    }
-    if (batch.present) {
-      uint8_t* d = ensure(ctx, m.present, (size_t)n * R);
-      ctx.upload(d, batch.present, (size_t)n * R);
-      present = d;
-    }
+    for (int r = 0; r < R; ++r) labels.push_back(buffer(bs.labels[r], (size_t)NV, batch.labels[r]));
+    if (batch.present) present = buffer(bs.present, (size_t)n * R, batch.present);
   }
+  size_t staged = 0;
+  for (const Copy& k : copies) staged += k.bytes;
+  if (allocated) ctx.stage_after_alloc();
+  ctx.stage_begin(slot, staged);
+  for (const Copy& k : copies) ctx.stage_copy(slot, k.dst, k.src, k.bytes);
+  ctx.stage_end(slot);
+  m.next_slot = (slot + 1) % Context::kStageSlots;
+  // Whatever ends the step (its last reader queued, or an error), the slot is released
+  // after everything queued so far.
+  struct Release {
+    Context& ctx;
+    int slot;
+    ~Release() { ctx.stage_release(slot); }
+  } release{ctx, slot};
 
   // ---- forward
   const float* feat = m.forward(n, x0, !plain_ce && pixel_cm);
@@ -498,12 +528,15 @@ void ModelGpu::release_activations() {
   for (auto* bufs : {&m.pooled, &m.cats, &m.cm_raw, &m.d_cm, &m.g_enc})
     for (Buffer<float>& b : *bufs) b.reset();
   for (Buffer<uint8_t>& b : m.pool_arg) b.reset();
-  for (Buffer<uint8_t>& b : m.labels) b.reset();
+  for (Impl::BatchSlot& bs : m.slots) {
+    for (Buffer<uint8_t>& b : bs.labels) b.reset();
+    for (Buffer<float>* b : {&bs.images, &bs.soft_target}) b->reset();
+    bs.present.reset();
+    bs.target.reset();
+  }
   for (Buffer<float>* b : {&m.seg_logits, &m.d_seg, &m.d_feat, &m.d_tmp, &m.d_tmp2, &m.scratch_a, &m.scratch_b, &m.d_cat,
-                           &m.d_below, &m.d_in, &m.images, &m.soft_target, &m.probs, &m.cms, &m.q})
+                           &m.d_below, &m.d_in, &m.pred_images, &m.probs, &m.cms, &m.q})
     b->reset();
-  m.present.reset();
-  m.target.reset();
 }
 
 void ModelGpu::adam(const OptimConfig& o, int64_t step) {

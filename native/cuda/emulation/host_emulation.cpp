@@ -39,6 +39,16 @@ Context::Context(const ContextOptions& o) : impl_(new Impl) { impl_->options = o
 Context::~Context() { for (auto& kv : impl_->sizes) std::free(kv.first); }
 const ContextOptions& Context::options() const { return impl_->options; }
 void Context::make_current() {}
+// Staging is a plain copy on the host (no streams to overlap); the slot checks hold.
+void Context::stage_begin(int slot, size_t) {
+  if (slot < 0 || slot >= kStageSlots) throw Error("stage slot out of range");
+}
+void Context::stage_copy(int, void* dst, const void* src, size_t bytes) {
+  if (bytes) std::memcpy(dst, src, bytes);
+}
+void Context::stage_end(int) {}
+void Context::stage_release(int) noexcept {}
+void Context::stage_after_alloc() {}
 void Context::set_tf32(bool on) { impl_->options.tf32 = on; }
 void Context::set_conv_channels_last(bool on) { impl_->options.conv_channels_last = on; }
 void Context::set_bf16(bool on) { impl_->options.bf16 = on; }

@@ -151,6 +151,25 @@ class Context {
   void zero(void* device_dst, size_t bytes);
   void synchronize();
 
+  // ---- batch staging: uploads that overlap the work queued before them -------
+  // Two slots, alternated by a training run. A slot's batch goes through pinned host
+  // memory and is copied on a second stream once the main stream has released the
+  // slot (after the step that last read it), so the copy runs under the previous
+  // step's backward; the main stream waits for the copies before reading them.
+  //   stage_begin(slot, bytes)  host-waits for the slot's previous copies, sizes its
+  //                             pinned memory, and orders the copies after the release
+  //   stage_copy(slot, dst, src, bytes)  host memcpy into pinned memory, then the copy
+  //   stage_end(slot)           the main stream waits for the slot's copies
+  //   stage_release(slot)       the main stream is done with the slot (never throws)
+  //   stage_after_alloc()       the copy stream waits for allocations just made on the
+  //                             main stream (a slot's device buffers were (re)allocated)
+  static constexpr int kStageSlots = 2;
+  void stage_begin(int slot, size_t bytes);
+  void stage_copy(int slot, void* device_dst, const void* host_src, size_t bytes);
+  void stage_end(int slot);
+  void stage_release(int slot) noexcept;
+  void stage_after_alloc();
+
   // Times `fn` (which launches work on this context) with CUDA events: one untimed
   // call, then the mean of `reps` calls, in milliseconds.
   float time_ms(const std::function<void()>& fn, int reps = 10);

@@ -111,6 +111,7 @@ Context::Context(const ContextOptions& options) : impl_(new Impl) {
 Context::~Context() {
   Impl& m = *impl_;
   cudaSetDevice(m.options.device);  // the frees below run on this context's device
+  if (m.copy_stream) cudaStreamSynchronize(m.copy_stream);  // no copy writes memory freed below
   if (m.stream) {
     for (auto& kv : m.sizes) cudaFreeAsync(kv.first, m.stream);
     cudaStreamSynchronize(m.stream);
@@ -119,7 +120,6 @@ Context::~Context() {
   if (m.cublas_handle) cublasDestroy(m.cublas_handle);
   for (auto& sp : m.profiler.spans) cudaEventDestroy(sp.begin), cudaEventDestroy(sp.end);
   for (cudaEvent_t e : m.profiler.spare) cudaEventDestroy(e);
-  if (m.copy_stream) cudaStreamSynchronize(m.copy_stream);
   for (StageSlot& st : m.stage) {
     if (st.pinned) cudaFreeHost(st.pinned);
     if (st.copied) cudaEventDestroy(st.copied);
@@ -254,7 +254,25 @@ void Context::stage_end(int slot) {
 
 void Context::stage_release(int slot) noexcept {
   if (slot < 0 || slot >= kStageSlots) return;
-  cudaEventRecord(impl_->stage[slot].released, impl_->stream);
+  if (cudaEventRecord(impl_->stage[slot].released, impl_->stream) != cudaSuccess) {
+    // No event to order the slot's next copies after: wait here instead, and leave
+    // no error behind for the next launch check to blame on another kernel.
+    cudaGetLastError();
+    cudaStreamSynchronize(impl_->stream);
+    cudaGetLastError();
+  }
+}
+
+void Context::stage_abort(int slot) noexcept {
+  if (slot < 0 || slot >= kStageSlots) return;
+  Impl& m = *impl_;
+  StageSlot& st = m.stage[slot];
+  if (cudaEventRecord(st.copied, m.copy_stream) != cudaSuccess ||
+      cudaStreamWaitEvent(m.stream, st.copied, 0) != cudaSuccess) {
+    cudaGetLastError();
+    cudaStreamSynchronize(m.copy_stream);  // no copy outlives the failed step
+    cudaGetLastError();
+  }
 }
 
 void Context::stage_after_alloc() {

@@ -28,6 +28,7 @@ void Context::stage_begin(int, size_t) { off(); }
 void Context::stage_copy(int, void*, const void*, size_t) { off(); }
 void Context::stage_end(int) { off(); }
 void Context::stage_release(int) noexcept {}
+void Context::stage_abort(int) noexcept {}
 void Context::stage_after_alloc() { off(); }
 void Context::set_tf32(bool) { off(); }
 void Context::set_conv_channels_last(bool) { off(); }

@@ -88,6 +88,7 @@ struct ModelGpu::Impl {
     Buffer<float> images, soft_target;
     std::vector<Buffer<uint8_t>> labels;
     Buffer<uint8_t> present, target;
+    bool fence = false;  // buffers (re)allocated on the main stream and not yet fenced for the copies
   };
   BatchSlot slots[Context::kStageSlots];
   int next_slot = 0;
@@ -372,9 +373,8 @@ StepResult ModelGpu::run(const Batch& batch, bool backward, float trace_weight) 
     size_t bytes;
   };
   std::vector<Copy> copies;
-  bool allocated = false;
   auto buffer = [&](auto& buf, size_t count, const void* src) {
-    allocated = allocated || buf.size() < count;  // ensure() will (re)allocate it
+    if (buf.size() < count) bs.fence = true;  // ensure() will (re)allocate it
     auto* d = ensure(ctx, buf, count);
     copies.push_back({d, src, count * sizeof(*d)});
     return d;
@@ -394,10 +394,18 @@ StepResult ModelGpu::run(const Batch& batch, bool backward, float trace_weight) 
   }
   size_t staged = 0;
   for (const Copy& k : copies) staged += k.bytes;
-  if (allocated) ctx.stage_after_alloc();
+  if (bs.fence) {
+    ctx.stage_after_alloc();
+    bs.fence = false;
+  }
   ctx.stage_begin(slot, staged);
-  for (const Copy& k : copies) ctx.stage_copy(slot, k.dst, k.src, k.bytes);
-  ctx.stage_end(slot);
+  try {
+    for (const Copy& k : copies) ctx.stage_copy(slot, k.dst, k.src, k.bytes);
+    ctx.stage_end(slot);
+  } catch (...) {
+    ctx.stage_abort(slot);  // the copies already queued are waited for before anything frees their targets
+    throw;
+  }
   m.next_slot = (slot + 1) % Context::kStageSlots;
   // Whatever ends the step (its last reader queued, or an error), the slot is released
   // after everything queued so far.

@@ -48,6 +48,7 @@ void Context::stage_copy(int, void* dst, const void* src, size_t bytes) {
 }
 void Context::stage_end(int) {}
 void Context::stage_release(int) noexcept {}
+void Context::stage_abort(int) noexcept {}
 void Context::stage_after_alloc() {}
 void Context::set_tf32(bool on) { impl_->options.tf32 = on; }
 void Context::set_conv_channels_last(bool on) { impl_->options.conv_channels_last = on; }

@@ -161,6 +161,8 @@ class Context {
   //   stage_copy(slot, dst, src, bytes)  host memcpy into pinned memory, then the copy
   //   stage_end(slot)           the main stream waits for the slot's copies
   //   stage_release(slot)       the main stream is done with the slot (never throws)
+  //   stage_abort(slot)         after a failed stage_copy/stage_end: fences the copies
+  //                             already queued, as stage_end would (never throws)
   //   stage_after_alloc()       the copy stream waits for allocations just made on the
   //                             main stream (a slot's device buffers were (re)allocated)
   static constexpr int kStageSlots = 2;
@@ -168,6 +170,7 @@ class Context {
   void stage_copy(int slot, void* device_dst, const void* host_src, size_t bytes);
   void stage_end(int slot);
   void stage_release(int slot) noexcept;
+  void stage_abort(int slot) noexcept;
   void stage_after_alloc();
 
   // Times `fn` (which launches work on this context) with CUDA events: one untimed

@@ -128,6 +128,9 @@ write_summary() {
       sed -n '/device time by layer/,/^  sum /p' "$OUT/bench_gpu.txt"
       grep -h "^batch upload" "$OUT/bench_gpu.txt"
       grep -h "^cmseg: cm_loss main kernel" "$OUT/bench_gpu.txt" | sort -u
+      awk '/^cm_loss grid:/ { g = $0; next }
+           g && /^cmseg GPU/ { match($0, /cm_loss [0-9.]+ ms, [0-9]+ GB\/s/); print "  " g " -> " substr($0, RSTART, RLENGTH); g = "" }' \
+        "$OUT/bench_gpu.txt"
     fi
     if grep -qh "^\(2: \)\?cmseg: cuDNN" "$OUT/bench_gpu.txt" "$OUT/test_cuda.txt" 2>/dev/null; then
       echo "== convolutions without a usable cuDNN algorithm (fell back)"
@@ -248,6 +251,9 @@ if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   stage bench_gpu_ncdhw 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_CHANNELS_LAST=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # The transposed convolutions on channels-last copies too (off by default until measured).
   stage bench_gpu_upconv_cl 60 "$OUT/bench_gpu.txt" "CMSEG_UPCONV_CHANNELS_LAST=1 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  # The fused CM loss against its grid size (it reached ~15% of the bandwidth with 8
+  # blocks per SM): the same bench with 2, 4, 16 and 32.
+  stage cm_loss_grid 90 "$OUT/bench_gpu.txt" "for b in 2 4 16 32; do echo cm_loss grid: \$b blocks per SM; CMSEG_CM_LOSS_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss main kernel'; done"
   # bf16 convolutions (config.bf16): compare with torch's bf16 autocast row.
   stage bench_gpu_bf16 60 "$OUT/bench_gpu.txt" "CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 bf16"
   # A convolution that fell back for want of workspace: the same bench with 8 GiB allowed.

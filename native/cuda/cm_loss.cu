@@ -15,6 +15,7 @@
 //            fixed order, then one backward through normalisation and softplus.
 // Every reduction has a fixed shape and order, so results repeat bit for bit.
 #include <cstdio>
+#include <cstdlib>
 
 #include "common.cuh"
 
@@ -411,6 +412,17 @@ __global__ void global_grad_finish_kernel(LossParams P, const double* __restrict
   }
 }
 
+// Blocks per SM the main kernel's grid asks for (8; CMSEG_CM_LOSS_BLOCKS_PER_SM, 1..64,
+// for measuring how the kernel scales with the grid: the device check tries several).
+int main_blocks_per_sm() {
+  static const int blocks = [] {
+    const char* e = std::getenv("CMSEG_CM_LOSS_BLOCKS_PER_SM");
+    const int v = e ? std::atoi(e) : 0;
+    return v >= 1 && v <= 64 ? v : 8;
+  }();
+  return blocks;
+}
+
 // With profiling on, the main kernel's launch shape once per (L, mode): registers,
 // resident blocks per SM against the blocks per SM the grid asks for (waves).
 template <int LT, int MODE>
@@ -554,7 +566,7 @@ void cm_loss(Context& ctx, const CmLossInput& in, CmLossOutput& out) {
   }
 
   ProfileScope prof_main_(ctx, "cm_loss: main+finish");
-  const unsigned grid = (unsigned)im.grid_for((int64_t)n * V, kLossThreads, 8);
+  const unsigned grid = (unsigned)im.grid_for((int64_t)n * V, kLossThreads, main_blocks_per_sm());
   Buffer<double> partial(ctx, (size_t)grid * 2 * R);
   P.partial = partial.data();
   const size_t smem = sizeof(double) * 2 * R * kLossThreads;  // at most 32 KiB

@@ -44,6 +44,16 @@ t.test("'cuda' without a usable GPU fails with the reason; with one it trains an
   t.ok((mem.peakInUseMB ?? 0) > 0, `peak device memory ${mem.peakInUseMB} MB`);
 });
 
+t.test('the GPU precision flags are kept in the config and checked for type', async (t) => {
+  const m = createModel({ ...small, device: 'cpu', bf16: true, tf32: false });
+  t.equal(m.config.bf16, true);
+  t.equal(m.config.tf32, false);
+  t.equal(createModel({ ...small, device: 'cpu' }).config.bf16, false, 'bf16 is off unless asked for');
+  t.throws(() => createModel({ ...small, bf16: 'yes' as never }), /config\.bf16 must be a boolean/);
+  m.resetPeakMemory(); // a no-op on the CPU
+  t.same(m.memory(), { device: 'cpu' });
+});
+
 t.test('an unknown device is rejected by name', async (t) => {
   t.throws(() => createModel({ ...small, device: 'tpu' as never }), /device/);
 });

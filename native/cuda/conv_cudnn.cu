@@ -7,11 +7,15 @@
 //            filter ([cin, cout, 2^ndim], the PyTorch layout), so its forward is
 //            cudnnConvolutionBackwardData and its data gradient is
 //            cudnnConvolutionForward; the bias is a small kernel here.
-// Layout NCDHW (2D: NCHW), float32. With ContextOptions::tf32 the convolutions may
-// run on TF32 tensor cores (cuDNN's default math); without it, FMA math only.
-// The algorithm for each (call, shape, math) is chosen once and cached in the
-// context: by cuDNN's heuristics, or by timing the candidates when
-// ContextOptions::conv_benchmark is set. Workspaces come from the context's pool.
+// The model's tensors are NCDHW (2D: NCHW) float32. cuDNN may instead run on
+// channels-last copies (ContextOptions::conv_channels_last for conv3, default on;
+// upconv_channels_last for upconv2) or on bf16 channels-last copies with fp32
+// accumulation (ContextOptions::bf16, conv3); a path cuDNN cannot run for a shape
+// falls back to the next one, down to the NCDHW tensors. With ContextOptions::tf32
+// the convolutions may run on TF32 tensor cores (cuDNN's default math); without it,
+// FMA math only. The algorithm for each (call, path, shape, math) is chosen once and
+// cached in the context (choose() below: heuristics, then timing with
+// conv_benchmark). Workspaces and copies come from the context's pool.
 #include <cuda_bf16.h>
 
 #include <optional>

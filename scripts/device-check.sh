@@ -24,13 +24,17 @@
 #   bench_gpu  cmseg_bench_gpu brats3d-gpu: median train step (TF32), voxels/s,
 #              GFLOP/s, peak pool memory, fused CM loss GB/s (JSON like the torch bench),
 #              and the device time of each layer per step (CMSEG_GPU_PROFILE=1); then
-#              bench_gpu_ncdhw, the same with cuDNN on NCDHW tensors directly
-#              (CMSEG_CONV_CHANNELS_LAST=0), to choose the default layout
+#              the same step varied, to choose defaults from: bench_gpu_ncdhw (cuDNN on
+#              the NCDHW tensors), bench_gpu_upconv_cl (transposed convolutions on
+#              channels-last copies), cm_loss_grid (the fused CM loss at 2-32 blocks
+#              per SM), bench_gpu_bf16 (bf16 convolutions)
 #   smoke      (Node) scripts/device-smoke.mjs: the addon's `device: 'cuda'` model
 #              against its CPU model through the public API (gradients, 3 steps,
 #              predict, parameter sync), 2D/3D, every CM mode, plain CE
-#   bench_node (Node) `cmseg bench --config brats3d-gpu` as users run it: cmseg, torch
-#              eager TF32 and torch bf16 autocast side by side, one table
+#   bench_node (Node) `cmseg bench --config brats3d-gpu` as users run it: cmseg TF32 and
+#              torch eager TF32, cmseg bf16 and torch bf16 autocast, one table
+#   cli_gpu    (Node) the BraTS CLI flow on the GPU: phantom, prepare, train
+#              --preset brats3d-gpu (4 steps, validation), predict to NIfTI
 #   bench_torch, bench_torch_bf16  torch_reference.py bench --config brats3d-gpu
 #              --device cuda (torch defaults: TF32 convolutions), then --amp bf16
 #              (skipped when bench_node ran: it has both)

@@ -8,6 +8,7 @@ import * as os from 'os';
 import * as path from 'path';
 import { cliHelp, runCli } from './helpers/cli';
 import { loadImageFolder } from '../src/data/image-folder';
+import { backendInfo } from '../src/model/model';
 import { readPngSync } from '../src/data/png';
 import { classColor, cmHeatMaps, grid, heatMap, labelOverlay, upscale, viridis } from '../src/report/pictures';
 
@@ -73,6 +74,18 @@ t.test('a tiny train run end to end, then eval, predict, resume', async (t) => {
   const cm = readPngSync(path.join(dir, 'pictures', 'image-000-cm-over.png'));
   t.equal(cm.width, cm.height, 'the CM heat map grid is square (L x L tiles)');
   t.ok(fs.existsSync(path.join(dir, 'pictures', 'image-000-annotator-fracture.png')));
+
+  // --device: the CPU on request; 'cuda' where no GPU can run it fails with the reason.
+  const onCpu = await inProcess(['eval', '--checkpoint', 'runs/tiny/best.safetensors', '--split', 'validation', '--device', 'cpu', '--out', 'eval-cpu.json']);
+  t.equal(onCpu.exitCode, 0, onCpu.stderr);
+  const a = JSON.parse(fs.readFileSync(path.join(dir, 'runs', 'tiny', 'eval-validation-best.json'), 'utf8'));
+  const b = JSON.parse(fs.readFileSync(path.join(dir, 'eval-cpu.json'), 'utf8'));
+  t.same(b.metrics, a.metrics, 'the same scores on the CPU as where it was trained (the CPU)');
+  if (!backendInfo().gpuAvailable) {
+    const onGpu = await inProcess(['predict', '--checkpoint', 'runs/tiny/best.safetensors', '--out', 'pictures-gpu', '--count', '1', '--device', 'cuda']);
+    t.equal(onGpu.exitCode, 1);
+    t.match(onGpu.stderr, /^cmseg: error: .*cuda/);
+  }
 
   const again = await inProcess(['train', '--preset', 'mnist-tiny', '--out', 'runs/tiny', '--resume', '--no-test', '--quiet']);
   t.equal(again.exitCode, 0, again.stderr);

@@ -10,7 +10,7 @@ import { writeFileAtomic } from '../data/files';
 import type { BratsDiceReport } from '../eval/brats-regions';
 import { formatBratsReport } from '../eval/report';
 import { loadCheckpoint } from '../model/checkpoint';
-import type { ModelConfig } from '../model/config';
+import type { Device, ModelConfig } from '../model/config';
 import { backendInfo, Model, setNumThreads } from '../model/model';
 import { evaluationText } from '../report/tables';
 import type { EvaluationSummary } from '../train/evaluate';
@@ -20,10 +20,14 @@ import { readTrainerState, TrainerExtra } from '../train/trainer';
 import { choiceOption, parseInteger, printOutputs, UserError, withExamples } from './common';
 import type { RunRecipe } from './train';
 
+/** The --device choices of eval and predict. */
+export const DEVICES: readonly Device[] = ['cpu', 'cuda', 'auto'];
+
 interface EvalFlags {
   checkpoint: string;
   split: SplitName;
   out?: string;
+  device?: Device;
   threads?: number;
 }
 
@@ -42,9 +46,14 @@ export async function checkpointExperiment(file: string): Promise<{ saved: Train
   return { saved, recipe, data: loadExperimentData(recipe.dataset, saved.config.seed) };
 }
 
-/** A checkpoint's model for inference: a GPU-trained one runs on the CPU when this build has no CUDA. */
-export async function loadModelForInference(file: string, saved: TrainerExtra): Promise<Model> {
+/**
+ * A checkpoint's model for inference, on `device` when given (--device; 'cuda' without a usable
+ * GPU fails with the reason), else where it was trained, except that a GPU-trained one runs on the
+ * CPU when no GPU can run it here.
+ */
+export async function loadModelForInference(file: string, saved: TrainerExtra, device?: Device): Promise<Model> {
   const overrides: Partial<ModelConfig> = {};
+  if (device !== undefined) return loadCheckpoint(file, { device });
   const info = backendInfo() as ReturnType<typeof backendInfo> & { cudaTraining?: boolean };
   if (saved.config.device === 'cuda' && (!info.cuda || info.cudaTraining === false || !info.gpuAvailable)) {
     process.stderr.write('note: this checkpoint was trained on the GPU; no GPU can run it here, so it runs on the CPU\n');
@@ -66,7 +75,7 @@ async function runEval(flags: EvalFlags): Promise<void> {
   const file = path.resolve(flags.checkpoint);
   const { saved, recipe, data } = await checkpointExperiment(file);
   try {
-    const model = await loadModelForInference(file, saved);
+    const model = await loadModelForInference(file, saved, flags.device);
     // Methods without trained CMs (naive, oracle) are scored on the consensus only.
     const summary = await data.evaluate(model, flags.split, { annotators: methodDefinition(saved.config.method).learnsCms });
     const fused = flags.split === 'test' ? data.fusedLabelRows?.() : undefined;
@@ -88,6 +97,7 @@ export function registerEvalCommand(program: Command): Command {
     .requiredOption('--checkpoint <file>', 'a checkpoint written by cmseg train (best.safetensors or last.safetensors)')
     .addOption(choiceOption('--split <name>', 'which split to score', ['test', 'validation']).default('test'))
     .option('--out <file>', 'where to write the metrics JSON (default: eval-<split>-<checkpoint>.json beside the checkpoint)')
+    .addOption(choiceOption('--device <name>', 'where the model runs (default: where it was trained; the CPU when no GPU can run it)', DEVICES))
     .option('--threads <n>', 'native threads', parseInteger(1))
     .action((flags: EvalFlags) => runEval(flags));
   return withExamples(command, 'cmseg eval --checkpoint runs/cm-dense/best.safetensors --split test', 'cmseg eval --checkpoint runs/brats-cm/best.safetensors --split validation');

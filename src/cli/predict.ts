@@ -30,6 +30,7 @@ import type { Extent } from '../data/morphology';
 import { type NiftiHeader, writeNifti } from '../data/nifti';
 import { writePng } from '../data/png';
 import { argmaxAnnotatorProbs } from '../eval/metrics';
+import type { Device } from '../model/config';
 import { argmaxClasses, Model, setNumThreads } from '../model/model';
 import { slidingWindowPredict } from '../model/sliding-window';
 import { cmHeatMaps, grayImage, grid, labelImage, labelOverlay, upscale } from '../report/pictures';
@@ -38,7 +39,7 @@ import { type BratsDatasetSpec, loadExperimentData } from '../train/experiment';
 import { methodDefinition } from '../train/methods';
 import type { TrainerExtra } from '../train/trainer';
 import { choiceOption, displayPath, parseInteger, parseNumber, printOutputs, UserError, withExamples } from './common';
-import { checkpointRecipe, loadModelForInference } from './eval';
+import { checkpointRecipe, DEVICES, loadModelForInference } from './eval';
 import type { RunRecipe } from './train';
 
 interface PredictFlags {
@@ -49,6 +50,7 @@ interface PredictFlags {
   split: 'test' | 'validation' | 'train';
   scale?: number;
   overlap: number;
+  device?: Device;
   threads?: number;
 }
 
@@ -69,7 +71,7 @@ async function predictImages2d(flags: PredictFlags, file: string, saved: Trainer
     const set = data.split?.(flags.split);
     if (!set) throw new UserError(`the data of ${file} cannot be read as whole images; predict works on 2D in-memory data sets`);
     if (set.spatial.length !== 2) throw new UserError(`predict draws 2D images; this run's images are ${set.spatial.join('x')}`);
-    const model = await loadModelForInference(file, saved);
+    const model = await loadModelForInference(file, saved, flags.device);
     const [h, w] = set.spatial;
     const scale = flags.scale ?? Math.max(1, Math.floor(256 / Math.max(h, w)));
     const p = await predictImages(model, set, count);
@@ -239,7 +241,7 @@ function axialSlice<T extends Float32Array | Uint8Array>(data: T, channels: numb
 async function predictVolumes(flags: PredictFlags, file: string, saved: TrainerExtra, spec: BratsDatasetSpec): Promise<void> {
   const list = casesToPredict(flags, spec);
   const ids = flags.count !== undefined ? list.ids.slice(0, flags.count) : list.ids;
-  const model: Model = await loadModelForInference(file, saved);
+  const model: Model = await loadModelForInference(file, saved, flags.device);
   const L = model.config.classes;
   const R = model.config.annotators;
   const names = saved.annotatorNames.length === R ? saved.annotatorNames : Array.from({ length: R }, (_, r) => `annotator${r}`);
@@ -335,6 +337,7 @@ export function registerPredictCommand(program: Command): Command {
     .addOption(choiceOption('--split <name>', 'which of the run\'s images or cases', ['test', 'validation', 'train']).default('test'))
     .option('--scale <n>', 'pixel enlargement of the pictures (default: about 256 pixels per picture)', parseInteger(1))
     .option('--overlap <x>', '3D: sliding-window overlap, 0 <= x < 1', parseOverlap, 0.5)
+    .addOption(choiceOption('--device <name>', 'where the model runs (default: where it was trained; the CPU when no GPU can run it)', DEVICES))
     .option('--threads <n>', 'native threads', parseInteger(1))
     .action((flags: PredictFlags) => runPredict(flags));
   return withExamples(

@@ -436,9 +436,9 @@ void from_channels_last(Context& ctx, const T* x, float* y, int64_t b, int64_t c
 
 namespace {
 
-// conv3 through NDHWC copies (ContextOptions::conv_channels_last) or bf16 NDHWC
-// copies (ContextOptions::bf16). The model keeps fp32 NCDHW; these calls transpose
-// (and convert) around cuDNN. On an H200 cuDNN's legacy API ran NDHWC and NCDHW
+// Convolutions on NDHWC copies (ContextOptions::conv_channels_last and
+// upconv_channels_last) or bf16 NDHWC copies (ContextOptions::bf16, conv3). The model
+// keeps fp32 NCDHW; these calls transpose (and convert) around cuDNN. On an H200 cuDNN's legacy API ran NDHWC and NCDHW
 // about as fast once its workspace cap allowed the fast filter-gradient algorithm
 // (BENCHMARKS.md). bf16 follows torch.autocast: inputs and weights rounded to bf16,
 // products accumulated in fp32 (cuDNN's PSEUDO_BFLOAT16 configuration), the data
@@ -451,12 +451,10 @@ struct Elem;
 template <>
 struct Elem<float> {
   static constexpr cudnnDataType_t type = CUDNN_DATA_FLOAT;
-  static constexpr int op = kConvFwdCL;  // + 0 forward, 1 backward data, 2 backward filter
 };
 template <>
 struct Elem<bf16> {
   static constexpr cudnnDataType_t type = CUDNN_DATA_BFLOAT16;
-  static constexpr int op = kConvFwdBF;
 };
 
 template <class T>
@@ -499,35 +497,54 @@ struct LazyChannelsLast {
   }
 };
 
-// The descriptors of one channels-last conv3 call in element type T. bf16 always
-// allows tensor-op math (there is no FMA bf16 path); fp32 only with TF32 on.
+// One convolution in cuDNN's terms on channels-last copies: input X [n, cx, sx] to
+// output Y [n, cy, sy] with a filter [cy, cx, k^ndim] (stored [cy, taps, cx] in the
+// copy). conv3 is one directly (X its input); upconv2 is the transpose of one (its
+// output is X, its input Y), so its three directions are this convolution's three
+// with the roles swapped. `op` is the first of the path's three ConvOp keys, and
+// the key names the layer's own shape (key_cin, key_cout, key_s).
+struct ClConv {
+  int n, cx, cy;
+  Spatial sx, sy;
+  int ndim, ksize, stride, pad;
+  bool tf32;
+  int op, key_cin, key_cout;
+  Spatial key_s;
+  int64_t taps() const { return ksize == 3 ? conv3_taps(ndim) : pool2_taps(ndim); }
+};
+
+// Its descriptors in element type T. bf16 always allows tensor-op math (there is no
+// FMA bf16 path); fp32 only with TF32 on.
 template <class T>
 struct ClDescs {
   bool tensor_ops;
   TensorDesc xd, yd;
   FilterDesc wd;
   ConvDesc cd;
-  ClDescs(int n, int cin, int cout, Spatial s, int ndim, bool tf32)
-      : tensor_ops(tf32 || std::is_same_v<T, bf16>),
-        xd(n, cin, s, ndim, true, Elem<T>::type),
-        yd(n, cout, s, ndim, true, Elem<T>::type),
-        wd(cout, cin, 3, ndim, true, Elem<T>::type),
-        cd(1, 1, ndim, tensor_ops) {}
-  ConvKey key(int part, int n, int cin, int cout, Spatial s, int ndim) const {
-    return key_of((ConvOp)(Elem<T>::op + part), n, cin, cout, s, ndim, tensor_ops);
-  }
+  explicit ClDescs(const ClConv& g)
+      : tensor_ops(g.tf32 || std::is_same_v<T, bf16>),
+        xd(g.n, g.cx, g.sx, g.ndim, true, Elem<T>::type),
+        yd(g.n, g.cy, g.sy, g.ndim, true, Elem<T>::type),
+        wd(g.cy, g.cx, g.ksize, g.ndim, true, Elem<T>::type),
+        cd(g.pad, g.stride, g.ndim, tensor_ops) {}
 };
 
+// part: 0 forward, 1 backward data, 2 backward filter.
+ConvKey cl_key(const ClConv& g, int part, bool tensor_ops) {
+  return key_of((ConvOp)(g.op + part), g.n, g.key_cin, g.key_cout, g.key_s, g.ndim, tensor_ops);
+}
+
+// Y = conv(X, W), written into y (fp32 NCDHW).
 template <class T>
-bool forward_cl(Context& ctx, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s, int ndim,
-                bool tf32) {
-  ClDescs<T> D(n, cin, cout, s, ndim, tf32);
-  const ConvKey key = D.key(0, n, cin, cout, s, ndim);
+bool cl_forward(Context& ctx, const ClConv& g, const float* x, const float* w, float* y) {
+  ClDescs<T> D(g);
+  const ConvKey key = cl_key(g, 0, D.tensor_ops);
   if (known_unusable(ctx, key)) return false;
-  const int64_t V = s.size(), T_ = conv3_taps(ndim);
-  Scratch xt(ctx, sizeof(T) * n * cin * V), wt(ctx, sizeof(T) * cout * cin * T_), yt(ctx, sizeof(T) * n * cout * V);
-  to_channels_last(ctx, x, as<T>(xt), n, cin, V);
-  to_channels_last(ctx, w, as<T>(wt), cout, cin, T_);
+  const int64_t Vx = g.sx.size(), Vy = g.sy.size(), T_ = g.taps();
+  Scratch xt(ctx, sizeof(T) * g.n * g.cx * Vx), wt(ctx, sizeof(T) * g.cy * g.cx * T_),
+      yt(ctx, sizeof(T) * g.n * g.cy * Vy);
+  to_channels_last(ctx, x, as<T>(xt), g.n, g.cx, Vx);
+  to_channels_last(ctx, w, as<T>(wt), g.cy, g.cx, T_);
   ConvAlgo a;
   try {
     a = algo_forward(ctx, key, D.xd, xt.p, D.wd, wt.p, D.cd, D.yd, yt.p);
@@ -541,61 +558,72 @@ bool forward_cl(Context& ctx, const float* x, const float* w, float* y, int n, i
                                                    (cudnnConvolutionFwdAlgo_t)a.algo, ws.p, a.workspace, &zero,
                                                    D.yd.d, yt.p);
   if (!ran(ctx, key, st, "cudnnConvolutionForward")) return false;
-  from_channels_last(ctx, as<T>(yt), y, n, cout, V, false);
+  from_channels_last(ctx, as<T>(yt), y, g.n, g.cy, Vy, false);
   return true;
 }
 
+// dX = conv^T(dY, W), written into dx (fp32 NCDHW); dy: dY's channels-last copy.
 template <class T>
-bool backward_data_cl(Context& ctx, const float* w, LazyChannelsLast<T>& dyt, float* dx, int n, int cin, int cout,
-                      Spatial s, int ndim, bool tf32) {
-  ClDescs<T> D(n, cin, cout, s, ndim, tf32);
-  const ConvKey key = D.key(1, n, cin, cout, s, ndim);
+bool cl_backward_data(Context& ctx, const ClConv& g, const float* w, LazyChannelsLast<T>& dy, float* dx) {
+  ClDescs<T> D(g);
+  const ConvKey key = cl_key(g, 1, D.tensor_ops);
   if (known_unusable(ctx, key)) return false;
-  const int64_t V = s.size(), T_ = conv3_taps(ndim);
-  Scratch wt(ctx, sizeof(T) * cout * cin * T_), dxt(ctx, sizeof(T) * n * cin * V);
-  to_channels_last(ctx, w, as<T>(wt), cout, cin, T_);
+  const int64_t Vx = g.sx.size(), T_ = g.taps();
+  Scratch wt(ctx, sizeof(T) * g.cy * g.cx * T_), dxt(ctx, sizeof(T) * g.n * g.cx * Vx);
+  to_channels_last(ctx, w, as<T>(wt), g.cy, g.cx, T_);
   ConvAlgo a;
   try {
-    a = algo_backward_data(ctx, key, D.wd, wt.p, D.yd, dyt.get(), D.cd, D.xd, dxt.p);
+    a = algo_backward_data(ctx, key, D.wd, wt.p, D.yd, dy.get(), D.cd, D.xd, dxt.p);
   } catch (const NoConvAlgorithm&) {
     return false;
   }
   use_math(D.cd, a);
   Scratch ws(ctx, a.workspace);
   const float one = 1.f, zero = 0.f;
-  const cudnnStatus_t st = cudnnConvolutionBackwardData(ctx.impl().cudnn(), &one, D.wd.d, wt.p, D.yd.d, dyt.get(),
+  const cudnnStatus_t st = cudnnConvolutionBackwardData(ctx.impl().cudnn(), &one, D.wd.d, wt.p, D.yd.d, dy.get(),
                                                         D.cd.d, (cudnnConvolutionBwdDataAlgo_t)a.algo, ws.p,
                                                         a.workspace, &zero, D.xd.d, dxt.p);
   if (!ran(ctx, key, st, "cudnnConvolutionBackwardData")) return false;
-  from_channels_last(ctx, as<T>(dxt), dx, n, cin, V, false);
+  from_channels_last(ctx, as<T>(dxt), dx, g.n, g.cx, Vx, false);
   return true;
 }
 
+// dW += X * dY summed over images and positions, added into dw (fp32 [cy, cx, taps]).
 template <class T>
-bool backward_filter_cl(Context& ctx, const float* x, LazyChannelsLast<T>& dyt, float* dw, int n, int cin, int cout,
-                        Spatial s, int ndim, bool tf32) {
-  ClDescs<T> D(n, cin, cout, s, ndim, tf32);
-  const ConvKey key = D.key(2, n, cin, cout, s, ndim);
+bool cl_backward_filter(Context& ctx, const ClConv& g, const float* x, LazyChannelsLast<T>& dy, float* dw) {
+  ClDescs<T> D(g);
+  const ConvKey key = cl_key(g, 2, D.tensor_ops);
   if (known_unusable(ctx, key)) return false;
-  const int64_t V = s.size(), T_ = conv3_taps(ndim);
-  const size_t dw_bytes = sizeof(T) * cout * cin * T_;
-  Scratch xt(ctx, sizeof(T) * n * cin * V), dwt(ctx, dw_bytes);
-  to_channels_last(ctx, x, as<T>(xt), n, cin, V);
+  const int64_t Vx = g.sx.size(), T_ = g.taps();
+  const size_t dw_bytes = sizeof(T) * g.cy * g.cx * T_;
+  Scratch xt(ctx, sizeof(T) * g.n * g.cx * Vx), dwt(ctx, dw_bytes);
+  to_channels_last(ctx, x, as<T>(xt), g.n, g.cx, Vx);
   ConvAlgo a;
   try {
-    a = algo_backward_filter(ctx, key, D.xd, xt.p, D.yd, dyt.get(), D.cd, D.wd, dw_bytes);
+    a = algo_backward_filter(ctx, key, D.xd, xt.p, D.yd, dy.get(), D.cd, D.wd, dw_bytes);
   } catch (const NoConvAlgorithm&) {
     return false;  // dw untouched
   }
   use_math(D.cd, a);
   Scratch ws(ctx, a.workspace);
   const float one = 1.f, zero = 0.f;
-  const cudnnStatus_t st = cudnnConvolutionBackwardFilter(ctx.impl().cudnn(), &one, D.xd.d, xt.p, D.yd.d, dyt.get(),
+  const cudnnStatus_t st = cudnnConvolutionBackwardFilter(ctx.impl().cudnn(), &one, D.xd.d, xt.p, D.yd.d, dy.get(),
                                                           D.cd.d, (cudnnConvolutionBwdFilterAlgo_t)a.algo, ws.p,
                                                           a.workspace, &zero, D.wd.d, dwt.p);
   if (!ran(ctx, key, st, "cudnnConvolutionBackwardFilter")) return false;
-  from_channels_last(ctx, as<T>(dwt), dw, cout, cin, T_, true);  // dw is accumulated into
+  from_channels_last(ctx, as<T>(dwt), dw, g.cy, g.cx, T_, true);  // dw is accumulated into
   return true;
+}
+
+// conv3 as a ClConv on the path whose first key is `op`.
+ClConv conv3_cl(int op, int n, int cin, int cout, Spatial s, int ndim, bool tf32) {
+  return ClConv{n, cin, cout, s, s, ndim, 3, 1, 1, tf32, op, cin, cout, s};
+}
+
+// upconv2 (input [n, cin, s], output [n, cout, 2s]) is the transpose of the
+// convolution from its output to its input: X = its output, Y = its input.
+ClConv upconv2_cl(int n, int cin, int cout, Spatial s, Spatial so, int ndim, bool tf32) {
+  return ClConv{n, cout, cin, so, s, ndim, 2, 2, 0, tf32, kUpFwdCL, cin, cout, s};
 }
 
 }  // namespace
@@ -608,8 +636,9 @@ void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n
   check_shape("conv3_forward", n, cin, cout, s, ndim);
   const ContextOptions& o = ctx.options();
   const bool tf32 = o.tf32;
-  if (o.bf16 && forward_cl<bf16>(ctx, x, w, y, n, cin, cout, s, ndim, tf32)) return;
-  if (o.conv_channels_last && forward_cl<float>(ctx, x, w, y, n, cin, cout, s, ndim, tf32)) return;
+  if (o.bf16 && cl_forward<bf16>(ctx, conv3_cl(kConvFwdBF, n, cin, cout, s, ndim, tf32), x, w, y)) return;
+  if (o.conv_channels_last && cl_forward<float>(ctx, conv3_cl(kConvFwdCL, n, cin, cout, s, ndim, tf32), x, w, y))
+    return;
   TensorDesc xd(n, cin, s, ndim), yd(n, cout, s, ndim);
   FilterDesc wd(cout, cin, 3, ndim);
   ConvDesc cd(1, 1, ndim, tf32);
@@ -633,12 +662,13 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
   const float one = 1.f, zero = 0.f;
   cudnnHandle_t h = ctx.impl().cudnn();
   const size_t wn = (size_t)cout * cin * conv3_taps(ndim);
+  const ClConv g16 = conv3_cl(kConvFwdBF, n, cin, cout, s, ndim, tf32);
+  const ClConv g32 = conv3_cl(kConvFwdCL, n, cin, cout, s, ndim, tf32);
   LazyChannelsLast<bf16> dy16{ctx, dy, n, cout, s.size(), {}};
   LazyChannelsLast<float> dy32{ctx, dy, n, cout, s.size(), {}};
   if (dx) {
     ProfileScope prof_(ctx, "conv3_backward_data");
-    if (!(bf && backward_data_cl(ctx, w, dy16, dx, n, cin, cout, s, ndim, tf32)) &&
-        !(cl && backward_data_cl(ctx, w, dy32, dx, n, cin, cout, s, ndim, tf32))) {
+    if (!(bf && cl_backward_data(ctx, g16, w, dy16, dx)) && !(cl && cl_backward_data(ctx, g32, w, dy32, dx))) {
       const AlignedFilter wa(ctx, w, wn, true);
       const ConvAlgo a =
           algo_backward_data(ctx, key_of(kConvBwdData, n, cin, cout, s, ndim, tf32), wd, wa.p, yd, dy, cd, xd, dx);
@@ -650,8 +680,8 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
     }
   }
   ProfileScope prof_(ctx, "conv3_backward_filter");
-  if (bf && backward_filter_cl(ctx, x, dy16, dw, n, cin, cout, s, ndim, tf32)) return;
-  if (cl && backward_filter_cl(ctx, x, dy32, dw, n, cin, cout, s, ndim, tf32)) return;
+  if (bf && cl_backward_filter(ctx, g16, x, dy16, dw)) return;
+  if (cl && cl_backward_filter(ctx, g32, x, dy32, dw)) return;
   AlignedFilter dwa(ctx, dw, wn, true);  // accumulated into (beta = 1)
   const ConvAlgo a = algo_backward_filter(ctx, key_of(kConvBwdFilter, n, cin, cout, s, ndim, tf32), xd, x, yd, dy, cd,
                                           wd, wn * sizeof(float));
@@ -663,101 +693,6 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
   dwa.store();
 }
 
-namespace {
-
-// upconv2 on NDHWC copies (ContextOptions::upconv_channels_last), with the
-// convolution it is the transpose of in cuDNN's terms: filter [cin, cout, 2^ndim]
-// stored [cin, taps, cout]. Each returns false, having written nothing the caller
-// owns, when cuDNN has no usable algorithm.
-struct UpDescs {
-  TensorDesc xd, yd;
-  FilterDesc wd;
-  ConvDesc cd;
-  UpDescs(int n, int cin, int cout, Spatial s, Spatial so, int ndim, bool tf32)
-      : xd(n, cin, s, ndim, true), yd(n, cout, so, ndim, true), wd(cin, cout, 2, ndim, true), cd(0, 2, ndim, tf32) {}
-};
-
-bool upconv_forward_cl(Context& ctx, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s,
-                       Spatial so, int ndim, bool tf32) {
-  const ConvKey key = key_of(kUpFwdCL, n, cin, cout, s, ndim, tf32);
-  if (known_unusable(ctx, key)) return false;
-  UpDescs D(n, cin, cout, s, so, ndim, tf32);
-  const int64_t V = s.size(), Vo = so.size(), T = pool2_taps(ndim);
-  Scratch xt(ctx, sizeof(float) * n * cin * V), wt(ctx, sizeof(float) * cin * cout * T),
-      yt(ctx, sizeof(float) * n * cout * Vo);
-  to_channels_last(ctx, x, as<float>(xt), n, cin, V);
-  to_channels_last(ctx, w, as<float>(wt), cin, cout, T);
-  ConvAlgo a;
-  try {
-    a = algo_backward_data(ctx, key, D.wd, wt.p, D.xd, xt.p, D.cd, D.yd, yt.p);
-  } catch (const NoConvAlgorithm&) {
-    return false;
-  }
-  use_math(D.cd, a);
-  Scratch ws(ctx, a.workspace);
-  const float one = 1.f, zero = 0.f;
-  const cudnnStatus_t st = cudnnConvolutionBackwardData(ctx.impl().cudnn(), &one, D.wd.d, wt.p, D.xd.d, xt.p, D.cd.d,
-                                                        (cudnnConvolutionBwdDataAlgo_t)a.algo, ws.p, a.workspace,
-                                                        &zero, D.yd.d, yt.p);
-  if (!ran(ctx, key, st, "cudnnConvolutionBackwardData")) return false;
-  from_channels_last(ctx, as<float>(yt), y, n, cout, Vo, false);
-  return true;
-}
-
-bool upconv_backward_data_cl(Context& ctx, const float* w, LazyChannelsLast<float>& dyt, float* dx, int n, int cin,
-                             int cout, Spatial s, Spatial so, int ndim, bool tf32) {
-  const ConvKey key = key_of(kUpBwdDataCL, n, cin, cout, s, ndim, tf32);
-  if (known_unusable(ctx, key)) return false;
-  UpDescs D(n, cin, cout, s, so, ndim, tf32);
-  const int64_t V = s.size(), T = pool2_taps(ndim);
-  Scratch wt(ctx, sizeof(float) * cin * cout * T), dxt(ctx, sizeof(float) * n * cin * V);
-  to_channels_last(ctx, w, as<float>(wt), cin, cout, T);
-  ConvAlgo a;
-  try {
-    a = algo_forward(ctx, key, D.yd, dyt.get(), D.wd, wt.p, D.cd, D.xd, dxt.p);
-  } catch (const NoConvAlgorithm&) {
-    return false;
-  }
-  use_math(D.cd, a);
-  Scratch ws(ctx, a.workspace);
-  const float one = 1.f, zero = 0.f;
-  const cudnnStatus_t st = cudnnConvolutionForward(ctx.impl().cudnn(), &one, D.yd.d, dyt.get(), D.wd.d, wt.p, D.cd.d,
-                                                   (cudnnConvolutionFwdAlgo_t)a.algo, ws.p, a.workspace, &zero,
-                                                   D.xd.d, dxt.p);
-  if (!ran(ctx, key, st, "cudnnConvolutionForward")) return false;
-  from_channels_last(ctx, as<float>(dxt), dx, n, cin, V, false);
-  return true;
-}
-
-bool upconv_backward_filter_cl(Context& ctx, const float* x, LazyChannelsLast<float>& dyt, float* dw, int n, int cin,
-                               int cout, Spatial s, Spatial so, int ndim, bool tf32) {
-  const ConvKey key = key_of(kUpBwdFilterCL, n, cin, cout, s, ndim, tf32);
-  if (known_unusable(ctx, key)) return false;
-  UpDescs D(n, cin, cout, s, so, ndim, tf32);
-  const int64_t V = s.size(), T = pool2_taps(ndim);
-  const size_t dw_bytes = sizeof(float) * cin * cout * T;
-  Scratch xt(ctx, sizeof(float) * n * cin * V), dwt(ctx, dw_bytes);
-  to_channels_last(ctx, x, as<float>(xt), n, cin, V);
-  ConvAlgo a;
-  try {
-    // In the convolution's terms, dy is the input and x the output gradient.
-    a = algo_backward_filter(ctx, key, D.yd, dyt.get(), D.xd, xt.p, D.cd, D.wd, dw_bytes);
-  } catch (const NoConvAlgorithm&) {
-    return false;  // dw untouched
-  }
-  use_math(D.cd, a);
-  Scratch ws(ctx, a.workspace);
-  const float one = 1.f, zero = 0.f;
-  const cudnnStatus_t st = cudnnConvolutionBackwardFilter(ctx.impl().cudnn(), &one, D.yd.d, dyt.get(), D.xd.d, xt.p,
-                                                          D.cd.d, (cudnnConvolutionBwdFilterAlgo_t)a.algo, ws.p,
-                                                          a.workspace, &zero, D.wd.d, dwt.p);
-  if (!ran(ctx, key, st, "cudnnConvolutionBackwardFilter")) return false;
-  from_channels_last(ctx, as<float>(dwt), dw, cin, cout, T, true);  // dw is accumulated into
-  return true;
-}
-
-}  // namespace
-
 void upconv2_forward(Context& ctx, const float* x, const float* w, const float* b, float* y, int n, int cin, int cout,
                      Spatial s, int ndim) {
   ProfileScope prof_(ctx, "upconv2_forward");
@@ -765,7 +700,10 @@ void upconv2_forward(Context& ctx, const float* x, const float* w, const float* 
   const bool tf32 = ctx.options().tf32;
   const Spatial so{ndim == 3 ? 2 * s.d : 1, 2 * s.h, 2 * s.w};
   const int64_t Vo = so.size(), total = (int64_t)n * cout * Vo;
-  if (!(ctx.options().upconv_channels_last && upconv_forward_cl(ctx, x, w, y, n, cin, cout, s, so, ndim, tf32))) {
+  // Its forward is the data gradient of the convolution it transposes (dY = its input x).
+  LazyChannelsLast<float> xt{ctx, x, n, cin, s.size(), {}};
+  if (!(ctx.options().upconv_channels_last &&
+        cl_backward_data(ctx, upconv2_cl(n, cin, cout, s, so, ndim, tf32), w, xt, y))) {
     // The convolution this is the transpose of maps y (cout channels) to x (cin channels).
     TensorDesc xd(n, cin, s, ndim), yd(n, cout, so, ndim);
     FilterDesc wd(cin, cout, 2, ndim);
@@ -797,8 +735,10 @@ void upconv2_backward(Context& ctx, const float* x, const float* w, const float*
   cudnnHandle_t h = ctx.impl().cudnn();
   const size_t wn = (size_t)cin * cout * pool2_taps(ndim);
   const bool cl = ctx.options().upconv_channels_last;
-  LazyChannelsLast<float> dyt{ctx, dy, n, cout, so.size(), {}};
-  if (dx && !(cl && upconv_backward_data_cl(ctx, w, dyt, dx, n, cin, cout, s, so, ndim, tf32))) {
+  const ClConv g = upconv2_cl(n, cin, cout, s, so, ndim, tf32);
+  // Its data gradient is the forward of the convolution it transposes (X = dy); its
+  // filter gradient that convolution's, with X = dy and dY = its input x.
+  if (dx && !(cl && cl_forward<float>(ctx, g, dy, w, dx))) {
     const AlignedFilter wa(ctx, w, wn, true);
     const ConvAlgo a =
         algo_forward(ctx, key_of(kUpBwdData, n, cin, cout, s, ndim, tf32), yd, dy, wd, wa.p, cd, xd, dx);
@@ -807,7 +747,8 @@ void upconv2_backward(Context& ctx, const float* x, const float* w, const float*
     CMSEG_CUDNN(cudnnConvolutionForward(h, &one, yd.d, dy, wd.d, wa.p, cd.d, (cudnnConvolutionFwdAlgo_t)a.algo, ws.p,
                                         a.workspace, &zero, xd.d, dx));
   }
-  if (!(cl && upconv_backward_filter_cl(ctx, x, dyt, dw, n, cin, cout, s, so, ndim, tf32))) {
+  LazyChannelsLast<float> xt{ctx, x, n, cin, s.size(), {}};
+  if (!(cl && cl_backward_filter(ctx, g, dy, xt, dw))) {
     // In the convolution's terms, dy is the input and x the output gradient.
     AlignedFilter dwa(ctx, dw, wn, true);  // accumulated into (beta = 1)
     const ConvAlgo a = algo_backward_filter(ctx, key_of(kUpBwdFilter, n, cin, cout, s, ndim, tf32), yd, dy, xd, x, cd,

@@ -481,7 +481,8 @@ bool ran(Context& ctx, const ConvKey& key, cudnnStatus_t st, const char* what) {
   return false;
 }
 
-// dy as T in NDHWC, made on first use and shared by both parts of the backward.
+// A tensor [b, c, v] as T in NDHWC, made on first use, so that the calls sharing it
+// (the two parts of a backward) transpose it once; release() hands it back early.
 template <class T>
 struct LazyChannelsLast {
   Context& ctx;
@@ -495,20 +496,23 @@ struct LazyChannelsLast {
     }
     return as<T>(*copy);
   }
+  void release() { copy.reset(); }
 };
 
 // One convolution in cuDNN's terms on channels-last copies: input X [n, cx, sx] to
 // output Y [n, cy, sy] with a filter [cy, cx, k^ndim] (stored [cy, taps, cx] in the
 // copy). conv3 is one directly (X its input); upconv2 is the transpose of one (its
 // output is X, its input Y), so its three directions are this convolution's three
-// with the roles swapped. `op` is the first of the path's three ConvOp keys, and
-// the key names the layer's own shape (key_cin, key_cout, key_s).
+// with the roles swapped. ops: the layer's ConvOp key for each of this
+// convolution's directions (forward, data gradient, filter gradient); the key names
+// the layer's own shape (key_cin, key_cout, key_s).
 struct ClConv {
   int n, cx, cy;
   Spatial sx, sy;
   int ndim, ksize, stride, pad;
   bool tf32;
-  int op, key_cin, key_cout;
+  int ops[3];
+  int key_cin, key_cout;
   Spatial key_s;
   int64_t taps() const { return ksize == 3 ? conv3_taps(ndim) : pool2_taps(ndim); }
 };
@@ -531,30 +535,29 @@ struct ClDescs {
 
 // part: 0 forward, 1 backward data, 2 backward filter.
 ConvKey cl_key(const ClConv& g, int part, bool tensor_ops) {
-  return key_of((ConvOp)(g.op + part), g.n, g.key_cin, g.key_cout, g.key_s, g.ndim, tensor_ops);
+  return key_of((ConvOp)g.ops[part], g.n, g.key_cin, g.key_cout, g.key_s, g.ndim, tensor_ops);
 }
 
-// Y = conv(X, W), written into y (fp32 NCDHW).
+// Y = conv(X, W), written into y (fp32 NCDHW); x: X's channels-last copy.
 template <class T>
-bool cl_forward(Context& ctx, const ClConv& g, const float* x, const float* w, float* y) {
+bool cl_forward(Context& ctx, const ClConv& g, LazyChannelsLast<T>& x, const float* w, float* y) {
   ClDescs<T> D(g);
   const ConvKey key = cl_key(g, 0, D.tensor_ops);
   if (known_unusable(ctx, key)) return false;
-  const int64_t Vx = g.sx.size(), Vy = g.sy.size(), T_ = g.taps();
-  Scratch xt(ctx, sizeof(T) * g.n * g.cx * Vx), wt(ctx, sizeof(T) * g.cy * g.cx * T_),
-      yt(ctx, sizeof(T) * g.n * g.cy * Vy);
-  to_channels_last(ctx, x, as<T>(xt), g.n, g.cx, Vx);
+  const int64_t Vy = g.sy.size(), T_ = g.taps();
+  Scratch wt(ctx, sizeof(T) * g.cy * g.cx * T_), yt(ctx, sizeof(T) * g.n * g.cy * Vy);
   to_channels_last(ctx, w, as<T>(wt), g.cy, g.cx, T_);
+  T* xt = x.get();
   ConvAlgo a;
   try {
-    a = algo_forward(ctx, key, D.xd, xt.p, D.wd, wt.p, D.cd, D.yd, yt.p);
+    a = algo_forward(ctx, key, D.xd, xt, D.wd, wt.p, D.cd, D.yd, yt.p);
   } catch (const NoConvAlgorithm&) {
     return false;
   }
   use_math(D.cd, a);
   Scratch ws(ctx, a.workspace);
   const float one = 1.f, zero = 0.f;
-  const cudnnStatus_t st = cudnnConvolutionForward(ctx.impl().cudnn(), &one, D.xd.d, xt.p, D.wd.d, wt.p, D.cd.d,
+  const cudnnStatus_t st = cudnnConvolutionForward(ctx.impl().cudnn(), &one, D.xd.d, xt, D.wd.d, wt.p, D.cd.d,
                                                    (cudnnConvolutionFwdAlgo_t)a.algo, ws.p, a.workspace, &zero,
                                                    D.yd.d, yt.p);
   if (!ran(ctx, key, st, "cudnnConvolutionForward")) return false;
@@ -590,24 +593,24 @@ bool cl_backward_data(Context& ctx, const ClConv& g, const float* w, LazyChannel
 
 // dW += X * dY summed over images and positions, added into dw (fp32 [cy, cx, taps]).
 template <class T>
-bool cl_backward_filter(Context& ctx, const ClConv& g, const float* x, LazyChannelsLast<T>& dy, float* dw) {
+bool cl_backward_filter(Context& ctx, const ClConv& g, LazyChannelsLast<T>& x, LazyChannelsLast<T>& dy, float* dw) {
   ClDescs<T> D(g);
   const ConvKey key = cl_key(g, 2, D.tensor_ops);
   if (known_unusable(ctx, key)) return false;
-  const int64_t Vx = g.sx.size(), T_ = g.taps();
+  const int64_t T_ = g.taps();
   const size_t dw_bytes = sizeof(T) * g.cy * g.cx * T_;
-  Scratch xt(ctx, sizeof(T) * g.n * g.cx * Vx), dwt(ctx, dw_bytes);
-  to_channels_last(ctx, x, as<T>(xt), g.n, g.cx, Vx);
+  Scratch dwt(ctx, dw_bytes);
+  T* xt = x.get();
   ConvAlgo a;
   try {
-    a = algo_backward_filter(ctx, key, D.xd, xt.p, D.yd, dy.get(), D.cd, D.wd, dw_bytes);
+    a = algo_backward_filter(ctx, key, D.xd, xt, D.yd, dy.get(), D.cd, D.wd, dw_bytes);
   } catch (const NoConvAlgorithm&) {
     return false;  // dw untouched
   }
   use_math(D.cd, a);
   Scratch ws(ctx, a.workspace);
   const float one = 1.f, zero = 0.f;
-  const cudnnStatus_t st = cudnnConvolutionBackwardFilter(ctx.impl().cudnn(), &one, D.xd.d, xt.p, D.yd.d, dy.get(),
+  const cudnnStatus_t st = cudnnConvolutionBackwardFilter(ctx.impl().cudnn(), &one, D.xd.d, xt, D.yd.d, dy.get(),
                                                           D.cd.d, (cudnnConvolutionBwdFilterAlgo_t)a.algo, ws.p,
                                                           a.workspace, &zero, D.wd.d, dwt.p);
   if (!ran(ctx, key, st, "cudnnConvolutionBackwardFilter")) return false;
@@ -617,13 +620,14 @@ bool cl_backward_filter(Context& ctx, const ClConv& g, const float* x, LazyChann
 
 // conv3 as a ClConv on the path whose first key is `op`.
 ClConv conv3_cl(int op, int n, int cin, int cout, Spatial s, int ndim, bool tf32) {
-  return ClConv{n, cin, cout, s, s, ndim, 3, 1, 1, tf32, op, cin, cout, s};
+  return ClConv{n, cin, cout, s, s, ndim, 3, 1, 1, tf32, {op, op + 1, op + 2}, cin, cout, s};
 }
 
 // upconv2 (input [n, cin, s], output [n, cout, 2s]) is the transpose of the
 // convolution from its output to its input: X = its output, Y = its input.
 ClConv upconv2_cl(int n, int cin, int cout, Spatial s, Spatial so, int ndim, bool tf32) {
-  return ClConv{n, cout, cin, so, s, ndim, 2, 2, 0, tf32, kUpFwdCL, cin, cout, s};
+  // Its forward is this convolution's data gradient, its data gradient this forward.
+  return ClConv{n, cout, cin, so, s, ndim, 2, 2, 0, tf32, {kUpBwdDataCL, kUpFwdCL, kUpBwdFilterCL}, cin, cout, s};
 }
 
 }  // namespace
@@ -636,9 +640,14 @@ void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n
   check_shape("conv3_forward", n, cin, cout, s, ndim);
   const ContextOptions& o = ctx.options();
   const bool tf32 = o.tf32;
-  if (o.bf16 && cl_forward<bf16>(ctx, conv3_cl(kConvFwdBF, n, cin, cout, s, ndim, tf32), x, w, y)) return;
-  if (o.conv_channels_last && cl_forward<float>(ctx, conv3_cl(kConvFwdCL, n, cin, cout, s, ndim, tf32), x, w, y))
-    return;
+  if (o.bf16) {
+    LazyChannelsLast<bf16> x16{ctx, x, n, cin, s.size(), {}};
+    if (cl_forward(ctx, conv3_cl(kConvFwdBF, n, cin, cout, s, ndim, tf32), x16, w, y)) return;
+  }
+  if (o.conv_channels_last) {
+    LazyChannelsLast<float> x32{ctx, x, n, cin, s.size(), {}};
+    if (cl_forward(ctx, conv3_cl(kConvFwdCL, n, cin, cout, s, ndim, tf32), x32, w, y)) return;
+  }
   TensorDesc xd(n, cin, s, ndim), yd(n, cout, s, ndim);
   FilterDesc wd(cout, cin, 3, ndim);
   ConvDesc cd(1, 1, ndim, tf32);
@@ -664,8 +673,8 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
   const size_t wn = (size_t)cout * cin * conv3_taps(ndim);
   const ClConv g16 = conv3_cl(kConvFwdBF, n, cin, cout, s, ndim, tf32);
   const ClConv g32 = conv3_cl(kConvFwdCL, n, cin, cout, s, ndim, tf32);
-  LazyChannelsLast<bf16> dy16{ctx, dy, n, cout, s.size(), {}};
-  LazyChannelsLast<float> dy32{ctx, dy, n, cout, s.size(), {}};
+  LazyChannelsLast<bf16> dy16{ctx, dy, n, cout, s.size(), {}}, x16{ctx, x, n, cin, s.size(), {}};
+  LazyChannelsLast<float> dy32{ctx, dy, n, cout, s.size(), {}}, x32{ctx, x, n, cin, s.size(), {}};
   if (dx) {
     ProfileScope prof_(ctx, "conv3_backward_data");
     if (!(bf && cl_backward_data(ctx, g16, w, dy16, dx)) && !(cl && cl_backward_data(ctx, g32, w, dy32, dx))) {
@@ -680,8 +689,10 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
     }
   }
   ProfileScope prof_(ctx, "conv3_backward_filter");
-  if (bf && cl_backward_filter(ctx, g16, x, dy16, dw)) return;
-  if (cl && cl_backward_filter(ctx, g32, x, dy32, dw)) return;
+  if (bf && cl_backward_filter(ctx, g16, x16, dy16, dw)) return;
+  dy16.release(), x16.release();
+  if (cl && cl_backward_filter(ctx, g32, x32, dy32, dw)) return;
+  dy32.release(), x32.release();
   AlignedFilter dwa(ctx, dw, wn, true);  // accumulated into (beta = 1)
   const ConvAlgo a = algo_backward_filter(ctx, key_of(kConvBwdFilter, n, cin, cout, s, ndim, tf32), xd, x, yd, dy, cd,
                                           wd, wn * sizeof(float));
@@ -704,6 +715,7 @@ void upconv2_forward(Context& ctx, const float* x, const float* w, const float* 
   LazyChannelsLast<float> xt{ctx, x, n, cin, s.size(), {}};
   if (!(ctx.options().upconv_channels_last &&
         cl_backward_data(ctx, upconv2_cl(n, cin, cout, s, so, ndim, tf32), w, xt, y))) {
+    xt.release();
     // The convolution this is the transpose of maps y (cout channels) to x (cin channels).
     TensorDesc xd(n, cin, s, ndim), yd(n, cout, so, ndim);
     FilterDesc wd(cin, cout, 2, ndim);
@@ -737,8 +749,10 @@ void upconv2_backward(Context& ctx, const float* x, const float* w, const float*
   const bool cl = ctx.options().upconv_channels_last;
   const ClConv g = upconv2_cl(n, cin, cout, s, so, ndim, tf32);
   // Its data gradient is the forward of the convolution it transposes (X = dy); its
-  // filter gradient that convolution's, with X = dy and dY = its input x.
-  if (dx && !(cl && cl_forward<float>(ctx, g, dy, w, dx))) {
+  // filter gradient that convolution's, with X = dy and dY = its input x. dy's copy
+  // serves both.
+  LazyChannelsLast<float> dyt{ctx, dy, n, cout, so.size(), {}}, xt{ctx, x, n, cin, s.size(), {}};
+  if (dx && !(cl && cl_forward(ctx, g, dyt, w, dx))) {
     const AlignedFilter wa(ctx, w, wn, true);
     const ConvAlgo a =
         algo_forward(ctx, key_of(kUpBwdData, n, cin, cout, s, ndim, tf32), yd, dy, wd, wa.p, cd, xd, dx);
@@ -747,8 +761,8 @@ void upconv2_backward(Context& ctx, const float* x, const float* w, const float*
     CMSEG_CUDNN(cudnnConvolutionForward(h, &one, yd.d, dy, wd.d, wa.p, cd.d, (cudnnConvolutionFwdAlgo_t)a.algo, ws.p,
                                         a.workspace, &zero, xd.d, dx));
   }
-  LazyChannelsLast<float> xt{ctx, x, n, cin, s.size(), {}};
-  if (!(cl && cl_backward_filter(ctx, g, dy, xt, dw))) {
+  if (!(cl && cl_backward_filter(ctx, g, dyt, xt, dw))) {
+    dyt.release(), xt.release();
     // In the convolution's terms, dy is the input and x the output gradient.
     AlignedFilter dwa(ctx, dw, wn, true);  // accumulated into (beta = 1)
     const ConvAlgo a = algo_backward_filter(ctx, key_of(kUpBwdFilter, n, cin, cout, s, ndim, tf32), yd, dy, xd, x, cd,

@@ -845,9 +845,14 @@ void compare_step_results(const std::string& what, const StepResult& g, const St
   CHECK(g.step == c.step);
 }
 
+// The same model on the device ('cuda').
+ModelConfig on_cuda(ModelConfig c) {
+  c.device = Device::Cuda;
+  return c;
+}
+
 void whole_step_case(const StepCase& k) {
-  ModelConfig cg = k.c;
-  cg.device = Device::Cuda;
+  ModelConfig cg = on_cuda(k.c);
   cg.tf32 = false;
   Model cpu(k.c), gpu(cg);
   setup(cpu, k), setup(gpu, k);
@@ -965,8 +970,7 @@ TEST(model_step_gpu_matches_cpu) { whole_step_parity_test(); }
 TEST(model_step_gpu_bf16_close_to_cpu) {
   for (int ndim : {2, 3}) {
     StepCase k = step_case(ndim == 2 ? "bf16 2D" : "bf16 3D", ndim, CmMode::Full, 0);
-    ModelConfig cg = k.c;
-    cg.device = Device::Cuda;
+    ModelConfig cg = on_cuda(k.c);
     cg.bf16 = true;
     Model cpu(k.c), gpu(cg);
     setup(cpu, k), setup(gpu, k);
@@ -990,7 +994,8 @@ TEST(model_step_gpu_bf16_close_to_cpu) {
       }
       num += tn, den += td;
       const double e = std::sqrt(tn / std::max(td, 1e-300));
-      if (cpu.params()[i].name.find("conv") != std::string::npos && e > worst) worst = e, worst_name = cpu.params()[i].name;
+      const std::string& name = cpu.params()[i].name;
+      if (name.find("conv") != std::string::npos && e > worst) worst = e, worst_name = name;
     }
     const double all = std::sqrt(num / den);
     const bool ok = all <= 0.15 && worst <= 0.4 && std::isfinite(all) && std::isfinite(worst);
@@ -1003,8 +1008,7 @@ TEST(model_step_gpu_bf16_close_to_cpu) {
 // The host copy of a GPU model's parameters follows the device (model_device.cpp).
 TEST(model_param_sync) {
   StepCase k = step_case("sync", 2, CmMode::Full, 0);
-  ModelConfig cg = k.c;
-  cg.device = Device::Cuda;
+  ModelConfig cg = on_cuda(k.c);
   cg.tf32 = false;
   Model cpu(k.c), gpu(cg);
   setup(cpu, k), setup(gpu, k);
@@ -1050,8 +1054,7 @@ TEST(model_param_sync) {
 // A GPU model rejects what the CPU model rejects, before any device work.
 TEST(model_gpu_validates) {
   StepCase k = step_case("validate", 2, CmMode::Full, 0);
-  ModelConfig cg = k.c;
-  cg.device = Device::Cuda;
+  ModelConfig cg = on_cuda(k.c);
   Model gpu(cg);
   StepData d = make_step_data(k, 5);
   d.labels[1][7] = 9;
@@ -1071,8 +1074,7 @@ TEST(model_gpu_out_of_memory) {
   StepCase small = step_case("oom", 2, CmMode::Full, 0);
   StepCase big = small;
   big.n = 8, big.s = {1, 64, 48};  // 64x the pixels of `small`
-  ModelConfig cg = small.c;
-  cg.device = Device::Cuda;
+  ModelConfig cg = on_cuda(small.c);
   cg.gpu_memory_limit = 1024;  // less than the parameters: construction fails
   CHECK_THROWS_WITH(Model{cg}, "GPU out of memory");
   // What a small step needs at most, measured without a limit.
@@ -1104,8 +1106,7 @@ TEST(model_gpu_out_of_memory) {
 TEST(model_gpu_releases_step_buffers) {
   for (int blocks : {0, 1}) {
     StepCase k = step_case(blocks ? "release, head block" : "release", 3, CmMode::Full, blocks);
-    ModelConfig cg = k.c;
-    cg.device = Device::Cuda;
+    ModelConfig cg = on_cuda(k.c);
     Model gpu(cg);
     setup(gpu, k);
     const size_t params_bytes = gpu.gpu()->context().pool_stats().in_use_bytes;

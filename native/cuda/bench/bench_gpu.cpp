@@ -129,20 +129,6 @@ int main(int argc, char** argv) {
     }
     const std::string profile = ctx.profile_report(steps);
     if (!profile.empty()) std::printf("device time by layer (CMSEG_GPU_PROFILE), per step:\n%s", profile.c_str());
-    {
-      // Part of each step outside the layers: the batch comes from pageable host memory.
-      cu::Buffer<float> di(ctx, images.size());
-      std::vector<cu::Buffer<uint8_t>> dl;
-      for (auto& l : labels) dl.emplace_back(ctx, l.size());
-      const float up = ctx.time_ms([&] {
-        di.upload(images.data());
-        for (size_t r = 0; r < labels.size(); ++r) dl[r].upload(labels[r].data());
-      }, 3);
-      const double mb = (images.size() * 4.0 + labels.size() * labels[0].size()) / 1048576.0;
-      std::printf("batch upload from pageable host memory: %.2f ms for %.0f MiB (%.1f GB/s)\n", up, mb,
-                  mb * 1048576.0 / (up * 1e-3) / 1e9);
-      ctx.profile_report();  // drop these spans
-    }
     std::vector<double> sorted = ms;
     std::sort(sorted.begin(), sorted.end());
     const double med = sorted[sorted.size() / 2];
@@ -179,9 +165,8 @@ int main(int argc, char** argv) {
     const bool cl = ctx.options().conv_channels_last, ucl = ctx.options().upconv_channels_last;
     std::printf("cmseg GPU %s (%s, %s, cuDNN on %s tensors%s): median %.1f ms/step, %.3g voxels/s, %.0f GFLOP/s, "
                 "peak %.0f MiB; cm_loss %.3f ms, %.0f GB/s\n",
-                config.c_str(), dev.name.c_str(), c.bf16 ? "bf16 convolutions" : c.tf32 ? "tf32" : "fp32", cl ? "NDHWC" : "NCDHW",
-                ucl ? ", upconv2 on NDHWC" : "", med,
-                n * V / (med * 1e-3),
+                config.c_str(), dev.name.c_str(), c.bf16 ? "bf16 convolutions" : c.tf32 ? "tf32" : "fp32",
+                cl ? "NDHWC" : "NCDHW", ucl ? ", upconv2 on NDHWC" : "", med, n * V / (med * 1e-3),
                 flops / (med * 1e-3) / 1e9, ps.peak_in_use_bytes / 1048576.0, loss_ms,
                 loss_bytes / (loss_ms * 1e-3) / 1e9);
     std::printf("{\"bench\":\"cmseg-gpu\",\"ok\":true,\"config\":\"%s\",\"device\":\"%s\",\"tf32\":%s,"

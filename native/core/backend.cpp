@@ -1,9 +1,17 @@
 #include "cmseg/backend.hpp"
 
 #include "cmseg/cuda.hpp"
+#include "cmseg/error.hpp"
+#include "cmseg/onednn.hpp"
 #include "cmseg/threads.hpp"
 
 namespace cmseg {
+
+#if !CMSEG_HAVE_ONEDNN
+void onednn::unavailable(const char* what) {
+  throw Error(std::string("onednn::") + what + " called in a build without oneDNN");
+}
+#endif
 
 BackendInfo backend_info() {
   BackendInfo b;

@@ -8,6 +8,7 @@
 #include "cmseg/cuda.hpp"  // cuda::ModelGpu, owned by Model (Device::Cuda)
 #include "cmseg/error.hpp"
 #include "cmseg/model.hpp"
+#include "cmseg/onednn.hpp"  // the channel-blocked trunk (issue 7)
 #include "cmseg/profile.hpp"
 #include <cstdio>
 #include "cmseg/threads.hpp"
@@ -57,17 +58,20 @@ struct Model::Impl {
 
   // Forward state of the last call.
   int n = 0;
+  int block = 0;  // the trunk's layout in that call: 0 plain, else oneDNN's channel block (Trunk below)
   Spatial s0;
   std::vector<Spatial> level_s;
   std::vector<BlockCache> enc_c, dec_c, cmb_c;
   std::vector<std::vector<float>> pooled, ups, cats;
   std::vector<std::vector<uint8_t>> pool_arg;
+  std::vector<float> feat_plain;               // blocked trunk: the features in plain layout for the heads
+  std::vector<std::vector<float>> head_plain;  // blocked trunk: CM-block outputs in plain layout for their heads
   std::vector<float> seg_logits;
   std::vector<std::vector<float>> cm_raw;
   // Backward scratch.
   std::vector<float> d_seg;
   std::vector<std::vector<float>> d_cm, g_enc;
-  std::vector<float> scratch_a, scratch_b, d_feat, d_tmp, d_tmp2;
+  std::vector<float> scratch_a, scratch_b, d_feat, d_feat_trunk, d_tmp, d_tmp2;
 };
 
 void validate_config(const ModelConfig& c) {
@@ -256,30 +260,106 @@ void Model::validate(const Batch& b) const {
 
 namespace {
 
-void block_forward(std::vector<Param>& P, const Block& b, const float* x, int n, Spatial s, int ndim, BlockCache& c) {
+// The layout of the trunk's activations for one run. Block 0: plain N, C, *S
+// through the reference layers (which hand each convolution to oneDNN when it
+// is enabled, reordering at every call). Block B > 0: oneDNN's channel-blocked
+// layout from the first convolution's output to the last decoder block, so
+// that activations are reordered only at the model's boundaries (issue 7): the
+// images enter the first convolution plain, and the features leave for the
+// heads (and their gradient comes back) through one conversion each.
+struct Trunk {
+  int block = 0;
+
+  // The block the convolutions prefer here, if every trunk width is a multiple of it.
+  static Trunk choose(const ModelConfig& c) {
+    const int b = onednn::activation_block(c.ndim);
+    for (int k = 0; b && k < c.depth; ++k)
+      if ((c.base << k) % b) return {0};
+    return {b};
+  }
+  onednn::Blocks blocks(bool x_plain) const { return {x_plain ? 0 : block, block}; }
+
+  void conv3_forward(const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s, int nd,
+                     bool x_plain) const {
+    if (!block) return cmseg::conv3_forward(x, w, y, n, cin, cout, s, nd);
+    onednn::conv3_forward(x, w, y, n, cin, cout, s, nd, blocks(x_plain));
+  }
+  void conv3_backward(const float* x, const float* w, const float* dy, float* dx, float* dw, int n, int cin, int cout,
+                      Spatial s, int nd, bool x_plain) const {
+    if (!block) return cmseg::conv3_backward(x, w, dy, dx, dw, n, cin, cout, s, nd);
+    onednn::conv3_backward(x, w, dy, dx, dw, n, cin, cout, s, nd, blocks(x_plain));
+  }
+  void norm_forward(const float* x, const float* g, const float* b, float* y, float* mean, float* rstd, int n, int c,
+                    int64_t V) const {
+    if (!block) return instance_norm_forward(x, g, b, y, mean, rstd, n, c, V, true);
+    instance_norm_forward_blocked(x, g, b, y, mean, rstd, n, c, V, true, block);
+  }
+  void norm_backward(const float* x, const float* y, const float* mean, const float* rstd, const float* g,
+                     const float* dy, float* dx, float* dg, float* db, int n, int c, int64_t V) const {
+    if (!block) return instance_norm_backward(x, y, mean, rstd, g, dy, dx, dg, db, n, c, V, true);
+    instance_norm_backward_blocked(x, y, mean, rstd, g, dy, dx, dg, db, n, c, V, true, block);
+  }
+  void upconv2_forward(const float* x, const float* w, const float* b, float* y, int n, int cin, int cout, Spatial s,
+                       int nd) const {
+    if (!block) return cmseg::upconv2_forward(x, w, b, y, n, cin, cout, s, nd);
+    onednn::upconv2_forward(x, w, b, y, n, cin, cout, s, nd, blocks(false));
+  }
+  void upconv2_backward(const float* x, const float* w, const float* dy, float* dx, float* dw, float* db, int n,
+                        int cin, int cout, Spatial s, int nd) const {
+    if (!block) return cmseg::upconv2_backward(x, w, dy, dx, dw, db, n, cin, cout, s, nd);
+    onednn::upconv2_backward(x, w, dy, dx, dw, db, n, cin, cout, s, nd, blocks(false));
+  }
+  // s: the input extent. arg: the reference's winning taps or oneDNN's workspace.
+  void pool_forward(const float* x, float* y, std::vector<uint8_t>& arg, int n, int c, Spatial s, int nd) const {
+    const int64_t Vo = halve(s, nd).size();
+    if (!block) {
+      arg.resize((size_t)n * c * Vo);
+      return maxpool2_forward(x, y, arg.data(), n * c, s, nd);
+    }
+    arg.resize(onednn::maxpool2_workspace_bytes(n, c, s, nd, block));
+    onednn::maxpool2_forward(x, y, arg.data(), n, c, s, nd, block);
+  }
+  void pool_backward(const float* dy, const std::vector<uint8_t>& arg, float* dx, int n, int c, Spatial s,
+                     int nd) const {
+    if (!block) return maxpool2_backward(dy, arg.data(), dx, n * c, s, nd);
+    onednn::maxpool2_backward(dy, arg.data(), dx, n, c, s, nd, block);
+  }
+  // The heads and the loss read plain arrays: trunk features out, their gradient in.
+  const float* plain(const float* x, std::vector<float>& buf, int n, int c, Spatial s, int nd) const {
+    if (!block) return x;
+    grow(buf, (size_t)n * c * s.size());
+    onednn::to_plain(x, buf.data(), n, c, s, nd, block);
+    return buf.data();
+  }
+};
+
+// x_plain: x is the images (plain whatever the trunk's layout).
+void block_forward(std::vector<Param>& P, const Block& b, const float* x, int n, Spatial s, int ndim, BlockCache& c,
+                   const Trunk& t, bool x_plain = false) {
   const int64_t V = s.size(), sz = (int64_t)n * b.cout * V;
   grow(c.h1, sz), grow(c.a1, sz), grow(c.h2, sz), grow(c.a2, sz);
   grow(c.mean1, n * b.cout), grow(c.rstd1, n * b.cout), grow(c.mean2, n * b.cout), grow(c.rstd2, n * b.cout);
-  conv3_forward(x, P[b.w1].value.data(), c.h1.data(), n, b.cin, b.cout, s, ndim);
-  instance_norm_forward(c.h1.data(), P[b.g1].value.data(), P[b.b1].value.data(), c.a1.data(), c.mean1.data(),
-                        c.rstd1.data(), n, b.cout, V, true);
-  conv3_forward(c.a1.data(), P[b.w2].value.data(), c.h2.data(), n, b.cout, b.cout, s, ndim);
-  instance_norm_forward(c.h2.data(), P[b.g2].value.data(), P[b.b2].value.data(), c.a2.data(), c.mean2.data(),
-                        c.rstd2.data(), n, b.cout, V, true);
+  t.conv3_forward(x, P[b.w1].value.data(), c.h1.data(), n, b.cin, b.cout, s, ndim, x_plain);
+  t.norm_forward(c.h1.data(), P[b.g1].value.data(), P[b.b1].value.data(), c.a1.data(), c.mean1.data(), c.rstd1.data(),
+                 n, b.cout, V);
+  t.conv3_forward(c.a1.data(), P[b.w2].value.data(), c.h2.data(), n, b.cout, b.cout, s, ndim, false);
+  t.norm_forward(c.h2.data(), P[b.g2].value.data(), P[b.b2].value.data(), c.a2.data(), c.mean2.data(), c.rstd2.data(),
+                 n, b.cout, V);
 }
 
 // dy: gradient of the block output; dx: gradient of its input (may be null).
 void block_backward(std::vector<Param>& P, const Block& b, const float* x, int n, Spatial s, int ndim,
-                    const BlockCache& c, const float* dy, float* dx, std::vector<float>& t1, std::vector<float>& t2) {
+                    const BlockCache& c, const float* dy, float* dx, std::vector<float>& t1, std::vector<float>& t2,
+                    const Trunk& t, bool x_plain = false) {
   const int64_t V = s.size(), sz = (int64_t)n * b.cout * V;
   grow(t1, sz), grow(t2, sz);
-  instance_norm_backward(c.h2.data(), c.a2.data(), c.mean2.data(), c.rstd2.data(), P[b.g2].value.data(), dy,
-                         t1.data(), P[b.g2].grad.data(), P[b.b2].grad.data(), n, b.cout, V, true);
-  conv3_backward(c.a1.data(), P[b.w2].value.data(), t1.data(), t2.data(), P[b.w2].grad.data(), n, b.cout, b.cout, s,
-                 ndim);
-  instance_norm_backward(c.h1.data(), c.a1.data(), c.mean1.data(), c.rstd1.data(), P[b.g1].value.data(), t2.data(),
-                         t1.data(), P[b.g1].grad.data(), P[b.b1].grad.data(), n, b.cout, V, true);
-  conv3_backward(x, P[b.w1].value.data(), t1.data(), dx, P[b.w1].grad.data(), n, b.cin, b.cout, s, ndim);
+  t.norm_backward(c.h2.data(), c.a2.data(), c.mean2.data(), c.rstd2.data(), P[b.g2].value.data(), dy, t1.data(),
+                  P[b.g2].grad.data(), P[b.b2].grad.data(), n, b.cout, V);
+  t.conv3_backward(c.a1.data(), P[b.w2].value.data(), t1.data(), t2.data(), P[b.w2].grad.data(), n, b.cout, b.cout, s,
+                   ndim, false);
+  t.norm_backward(c.h1.data(), c.a1.data(), c.mean1.data(), c.rstd1.data(), P[b.g1].value.data(), t2.data(),
+                  t1.data(), P[b.g1].grad.data(), P[b.b1].grad.data(), n, b.cout, V);
+  t.conv3_backward(x, P[b.w1].value.data(), t1.data(), dx, P[b.w1].grad.data(), n, b.cin, b.cout, s, ndim, x_plain);
 }
 
 }  // namespace
@@ -294,6 +374,8 @@ StepResult Model::run(const Batch& batch, bool backward) {
   const bool plain_ce = batch.target || batch.soft_target;
   const int K = cm_head_channels(c.cm_mode, L, c.cm_rank);
   m.n = n;
+  const Trunk t = Trunk::choose(c);
+  m.block = t.block;
   m.level_s.assign(D, batch.s);
   for (int k = 1; k < D; ++k) m.level_s[k] = halve(m.level_s[k - 1], nd);
   auto V = [&](int k) { return m.level_s[k].size(); };
@@ -306,26 +388,28 @@ StepResult Model::run(const Batch& batch, bool backward) {
     if (k > 0) {
       const int ch = m.enc[k - 1].cout;
       grow(m.pooled[k], (size_t)n * ch * V(k));
-      m.pool_arg[k].resize((size_t)n * ch * V(k));
-      maxpool2_forward(m.enc_c[k - 1].a2.data(), m.pooled[k].data(), m.pool_arg[k].data(), n * ch, m.level_s[k - 1], nd);
+      t.pool_forward(m.enc_c[k - 1].a2.data(), m.pooled[k].data(), m.pool_arg[k], n, ch, m.level_s[k - 1], nd);
       in = m.pooled[k].data();
     }
-    block_forward(P, m.enc[k], in, n, m.level_s[k], nd, m.enc_c[k]);
+    block_forward(P, m.enc[k], in, n, m.level_s[k], nd, m.enc_c[k], t, k == 0);
   }
   for (int k = 0; k + 1 < D; ++k) {
     const int lo = D - 1 - k, hi = D - 2 - k;  // from level lo up to level hi
     const float* below = k == 0 ? m.enc_c[D - 1].a2.data() : m.dec_c[k - 1].a2.data();
     const int cin = m.dec[k].cout * 2, cout = m.dec[k].cout;
     grow(m.ups[k], (size_t)n * cout * V(hi));
-    upconv2_forward(below, P[m.up_w[k]].value.data(), P[m.up_b[k]].value.data(), m.ups[k].data(), n, cin, cout,
-                    m.level_s[lo], nd);
+    t.upconv2_forward(below, P[m.up_w[k]].value.data(), P[m.up_b[k]].value.data(), m.ups[k].data(), n, cin, cout,
+                      m.level_s[lo], nd);
     grow(m.cats[k], (size_t)n * 2 * cout * V(hi));
     concat_forward(m.enc_c[hi].a2.data(), cout, m.ups[k].data(), cout, m.cats[k].data(), n, V(hi));
-    block_forward(P, m.dec[k], m.cats[k].data(), n, m.level_s[hi], nd, m.dec_c[k]);
+    // Concatenating whole images works in both layouts: each image's channels
+    // (or channel blocks) are contiguous.
+    block_forward(P, m.dec[k], m.cats[k].data(), n, m.level_s[hi], nd, m.dec_c[k], t);
   }
-  const float* feat = D > 1 ? m.dec_c[D - 2].a2.data() : m.enc_c[0].a2.data();
+  const float* feat_trunk = D > 1 ? m.dec_c[D - 2].a2.data() : m.enc_c[0].a2.data();
   const int C0 = c.base;
   const int64_t V0 = V(0);
+  const float* feat = t.plain(feat_trunk, m.feat_plain, n, C0, m.level_s[0], nd);  // for the heads
   grow(m.seg_logits, (size_t)n * L * V0);
   const int B = c.cm_head_blocks;
   const bool pixel_cm = c.cm_mode != CmMode::Global;
@@ -333,15 +417,18 @@ StepResult Model::run(const Batch& batch, bool backward) {
   std::vector<Conv1Head> heads(1);
   heads[0].cout = L, heads[0].w = P[m.seg_w].value.data(), heads[0].b = P[m.seg_b].value.data();
   heads[0].y = m.seg_logits.data();
-  std::vector<const float*> head_in(R, feat);
+  std::vector<const float*> head_in(R, feat);  // plain, for the 1x1 heads
   if (!plain_ce && pixel_cm) {
     m.cm_raw.resize(R);
     m.cmb_c.resize((size_t)R * B);
+    m.head_plain.resize(R);
     for (int r = 0; r < R; ++r) {
+      const float* x = feat_trunk;
       for (int b = 0; b < B; ++b) {
-        block_forward(P, m.cm_blocks_flat[r * B + b], head_in[r], n, m.level_s[0], nd, m.cmb_c[r * B + b]);
-        head_in[r] = m.cmb_c[r * B + b].a2.data();
+        block_forward(P, m.cm_blocks_flat[r * B + b], x, n, m.level_s[0], nd, m.cmb_c[r * B + b], t);
+        x = m.cmb_c[r * B + b].a2.data();
       }
+      if (B > 0) head_in[r] = t.plain(x, m.head_plain[r], n, C0, m.level_s[0], nd);
       grow(m.cm_raw[r], (size_t)n * K * V0);
       Conv1Head h;
       h.cout = K, h.w = P[m.cm_w[r]].value.data(), h.b = P[m.cm_b[r]].value.data(), h.y = m.cm_raw[r].data();
@@ -401,21 +488,33 @@ StepResult Model::run(const Batch& batch, bool backward) {
     heads[r + 1].dw = P[m.cm_w[r]].grad.data(), heads[r + 1].db = P[m.cm_b[r]].grad.data();
   }
   conv1_backward_heads(feat, heads, m.d_feat.data(), n, C0, V0);
+  // The features' gradient in the trunk's layout.
+  std::vector<float>* g_feat = &m.d_feat;
+  if (t.block) {
+    grow(m.d_feat_trunk, m.d_feat.size());
+    onednn::to_blocked(m.d_feat.data(), m.d_feat_trunk.data(), n, C0, m.level_s[0], nd, t.block);
+    g_feat = &m.d_feat_trunk;
+  }
   if (!plain_ce && pixel_cm && B > 0) {
     for (int r = 0; r < R; ++r) {
       // Through the head, then this annotator's extra blocks, into the shared features.
       grow(m.d_tmp, (size_t)n * C0 * V0);
+      grow(m.d_tmp2, (size_t)n * C0 * V0);
       std::fill(m.d_tmp.begin(), m.d_tmp.end(), 0.f);
       conv1_backward(head_in[r], P[m.cm_w[r]].value.data(), m.d_cm[r].data(), m.d_tmp.data(),
                      P[m.cm_w[r]].grad.data(), P[m.cm_b[r]].grad.data(), n, C0, K, V0);
-      for (int b = B - 1; b >= 0; --b) {
-        const float* bin = b == 0 ? feat : m.cmb_c[r * B + b - 1].a2.data();
-        grow(m.d_tmp2, (size_t)n * C0 * V0);
-        block_backward(P, m.cm_blocks_flat[r * B + b], bin, n, m.level_s[0], nd, m.cmb_c[r * B + b], m.d_tmp.data(),
-                       m.d_tmp2.data(), m.scratch_a, m.scratch_b);
+      if (t.block) {
+        onednn::to_blocked(m.d_tmp.data(), m.d_tmp2.data(), n, C0, m.level_s[0], nd, t.block);
         std::swap(m.d_tmp, m.d_tmp2);
       }
-      for (size_t i = 0; i < m.d_feat.size(); ++i) m.d_feat[i] += m.d_tmp[i];
+      for (int b = B - 1; b >= 0; --b) {
+        const float* bin = b == 0 ? feat_trunk : m.cmb_c[r * B + b - 1].a2.data();
+        block_backward(P, m.cm_blocks_flat[r * B + b], bin, n, m.level_s[0], nd, m.cmb_c[r * B + b], m.d_tmp.data(),
+                       m.d_tmp2.data(), m.scratch_a, m.scratch_b, t);
+        std::swap(m.d_tmp, m.d_tmp2);
+      }
+      std::vector<float>& g = *g_feat;
+      for (size_t i = 0; i < g.size(); ++i) g[i] += m.d_tmp[i];
     }
   }
 
@@ -428,19 +527,20 @@ StepResult Model::run(const Batch& batch, bool backward) {
   // The features' gradient moves (no copy) into the decoder, or straight to the encoder.
   std::vector<float> g_out;
   if (D > 1)
-    g_out.swap(m.d_feat);
+    g_out.swap(*g_feat);
   else
-    m.g_enc[0].swap(m.d_feat);
+    m.g_enc[0].swap(*g_feat);
   std::vector<float> d_cat, d_up, d_below;
   for (int k = D - 2; k >= 0; --k) {
     const int lo = D - 1 - k, hi = D - 2 - k, cout = m.dec[k].cout, cin = 2 * cout;
     grow(d_cat, (size_t)n * cin * V(hi));
     block_backward(P, m.dec[k], m.cats[k].data(), n, m.level_s[hi], nd, m.dec_c[k], g_out.data(), d_cat.data(),
-                   m.scratch_a, m.scratch_b);
+                   m.scratch_a, m.scratch_b, t);
     grow(d_up, (size_t)n * cout * V(hi));
     grow(d_below, (size_t)n * cin * V(lo));
     concat_backward(d_cat.data(), nullptr, cout, d_up.data(), cout, n, V(hi));
-    // Skip gradient: add the first half of d_cat into g_enc[hi].
+    // Skip gradient: add the first half of d_cat into g_enc[hi] (the skip's
+    // channels, or channel blocks, come first in each image in both layouts).
     {
       const int64_t Vh = V(hi);
       float* ge = m.g_enc[hi].data();
@@ -451,8 +551,8 @@ StepResult Model::run(const Batch& batch, bool backward) {
       });
     }
     const float* below = k == 0 ? m.enc_c[D - 1].a2.data() : m.dec_c[k - 1].a2.data();
-    upconv2_backward(below, P[m.up_w[k]].value.data(), d_up.data(), d_below.data(), P[m.up_w[k]].grad.data(),
-                     P[m.up_b[k]].grad.data(), n, cin, cout, m.level_s[lo], nd);
+    t.upconv2_backward(below, P[m.up_w[k]].value.data(), d_up.data(), d_below.data(), P[m.up_w[k]].grad.data(),
+                       P[m.up_b[k]].grad.data(), n, cin, cout, m.level_s[lo], nd);
     if (k == 0) {
       float* ge = m.g_enc[D - 1].data();
       for (size_t i = 0; i < d_below.size(); ++i) ge[i] += d_below[i];
@@ -467,11 +567,11 @@ StepResult Model::run(const Batch& batch, bool backward) {
     const float* in = k == 0 ? batch.images : m.pooled[k].data();
     if (k > 0) grow(d_in, (size_t)n * m.enc[k].cin * V(k));
     block_backward(P, m.enc[k], in, n, m.level_s[k], nd, m.enc_c[k], m.g_enc[k].data(), k > 0 ? d_in.data() : nullptr,
-                   m.scratch_a, m.scratch_b);
+                   m.scratch_a, m.scratch_b, t, k == 0);
     if (k > 0) {
       const int ch = m.enc[k - 1].cout;
       grow(d_pool, (size_t)n * ch * V(k - 1));
-      maxpool2_backward(d_in.data(), m.pool_arg[k].data(), d_pool.data(), n * ch, m.level_s[k - 1], nd);
+      t.pool_backward(d_in.data(), m.pool_arg[k], d_pool.data(), n, ch, m.level_s[k - 1], nd);
       float* ge = m.g_enc[k - 1].data();
       for (size_t i = 0; i < d_pool.size(); ++i) ge[i] += d_pool[i];
     }

@@ -184,8 +184,8 @@ std::shared_ptr<void> cached(const Key& key, const std::function<std::shared_ptr
   return v;
 }
 
-Key make_key(int op, int n, int cin, int cout, Spatial s, int ndim) {
-  return {op, n, cin, cout, s.d, s.h, s.w, ndim, (int)layout(), num_threads(), 0, 0};
+Key make_key(int op, int n, int cin, int cout, Spatial s, int ndim, Blocks b) {
+  return {op, n, cin, cout, s.d, s.h, s.w, ndim, (int)layout(), num_threads(), b.x, b.y};
 }
 
 memory::dims act_dims(int n, int c, Spatial s, int ndim) {
@@ -197,6 +197,18 @@ tag nhwc_act_tag(int ndim) { return ndim == 3 ? tag::ndhwc : tag::nhwc; }
 
 memory::desc plain_act(int n, int c, Spatial s, int ndim) {
   return memory::desc(act_dims(n, c, s, ndim), memory::data_type::f32, plain_act_tag(ndim));
+}
+
+memory::desc blocked_act(int n, int c, Spatial s, int ndim, int block) {
+  tag t;
+  if (block == 8) t = ndim == 3 ? tag::nCdhw8c : tag::nChw8c;
+  else if (block == 16) t = ndim == 3 ? tag::nCdhw16c : tag::nChw16c;
+  else throw std::invalid_argument("cmseg: channel block " + std::to_string(block) + " is not 8 or 16");
+  return memory::desc(act_dims(n, c, s, ndim), memory::data_type::f32, t);
+}
+
+memory::desc user_act(int n, int c, Spatial s, int ndim, int block) {
+  return block ? blocked_act(n, c, s, ndim, block) : plain_act(n, c, s, ndim);
 }
 
 memory::desc policy_act(int n, int c, Spatial s, int ndim, bool plain) {
@@ -211,8 +223,9 @@ bool is_gemm(const dnnl::primitive_desc_base& pd) {
   return impl && std::strstr(impl, "gemm") != nullptr;
 }
 
-void Port::init(const memory::desc& user_md, const memory::desc& prim_md, bool input, bool output, bool acc) {
-  user = user_md, prim = prim_md, accumulate = acc;
+void Port::init(const memory::desc& user_md, const memory::desc& prim_md, bool input, bool output, bool acc,
+                bool act) {
+  user = user_md, prim = prim_md, accumulate = acc, activation = act;
   same = user == prim;
   if (input && !same) to_prim = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), user, engine(), prim));
   if (output && (!same || accumulate)) {
@@ -230,6 +243,7 @@ memory Port::in(const float* p, int slot) const {
   memory u(user, engine(), const_cast<float*>(p));
   if (same) return u;
   ProfileScope prof("onednn_reorder");
+  if (activation) count_activation_reorder();
   memory m(prim, engine(), scratch(slot, prim.get_size()));
   to_prim.execute(stream(), u, m);
   profile_sync();
@@ -244,6 +258,7 @@ memory Port::out(float* p, int slot) const {
 void Port::finish(const memory& m, float* p) const {
   if (same && !accumulate) return;
   ProfileScope prof("onednn_reorder");
+  if (activation && !same) count_activation_reorder();
   memory u(user, engine(), p);
   to_user.execute(stream(), const_cast<memory&>(m), u);
   profile_sync();
@@ -251,6 +266,44 @@ void Port::finish(const memory& m, float* p) const {
 
 namespace {
 thread_local int tl_reference_depth = 0;
+std::atomic<long long> activation_reorder_count{0};
+
+enum ConvertOp { kToBlocked = 21, kToPlain = 22 };
+
+// Cached reorder between plain and blocked activations, either way.
+void convert(const float* from, float* to, int n, int c, Spatial s, int ndim, int block, bool to_blocked) {
+  if (c % block) throw std::invalid_argument("cmseg: " + std::to_string(c) + " channels are not a multiple of the block");
+  const Key key = make_key(to_blocked ? kToBlocked : kToPlain, n, c, c, s, ndim, Blocks{block, block});
+  auto r = cached_as<dnnl::reorder>(key, [&] {
+    const memory::desc p = plain_act(n, c, s, ndim), b = blocked_act(n, c, s, ndim, block);
+    return std::make_shared<dnnl::reorder>(
+        dnnl::reorder::primitive_desc(engine(), to_blocked ? p : b, engine(), to_blocked ? b : p));
+  });
+  ProfileScope prof("onednn_reorder");
+  count_activation_reorder();
+  const memory::desc p = plain_act(n, c, s, ndim), b = blocked_act(n, c, s, ndim, block);
+  memory src(to_blocked ? p : b, engine(), const_cast<float*>(from)), dst(to_blocked ? b : p, engine(), to);
+  r->execute(stream(), src, dst);
+  stream().wait();
+}
+}  // namespace
+
+void count_activation_reorder() { activation_reorder_count.fetch_add(1, std::memory_order_relaxed); }
+
+const float* plain_in(const float* p, int n, int c, Spatial s, int ndim, int block, int slot) {
+  if (!block || !p) return p;
+  float* q = static_cast<float*>(scratch(slot, sizeof(float) * (size_t)n * c * s.size()));
+  convert(p, q, n, c, s, ndim, block, false);
+  return q;
+}
+
+float* plain_out(float* p, int n, int c, Spatial s, int ndim, int block, int slot) {
+  if (!block || !p) return p;
+  return static_cast<float*>(scratch(slot, sizeof(float) * (size_t)n * c * s.size()));
+}
+
+void plain_done(const float* plain, float* p, int n, int c, Spatial s, int ndim, int block) {
+  if (block && p) convert(plain, p, n, c, s, ndim, block, true);
 }
 ReferenceScope::ReferenceScope() { ++tl_reference_depth; }
 ReferenceScope::~ReferenceScope() { --tl_reference_depth; }
@@ -285,6 +338,51 @@ bool enabled() {
          detail::context().ok;
 }
 void set_enabled(bool on) { detail::enabled_flag().store(on); }
+
+long long activation_reorders() { return detail::activation_reorder_count.load(); }
+
+void to_blocked(const float* plain, float* blocked, int n, int c, Spatial s, int ndim, int block) {
+  detail::convert(plain, blocked, n, c, s, ndim, block, true);
+}
+void to_plain(const float* blocked, float* plain, int n, int c, Spatial s, int ndim, int block) {
+  detail::convert(blocked, plain, n, c, s, ndim, block, false);
+}
+
+int activation_block(int ndim) {
+  using detail::Layout;
+  using dnnl::memory;
+  if (!enabled() || (detail::layout() != Layout::Auto && detail::layout() != Layout::Any)) return 0;
+  // CMSEG_ONEDNN_TRUNK=plain: the model keeps plain activations and every call
+  // reorders (the layout before issue 7's blocked trunk; for measurements).
+  static const bool plain_trunk = [] {
+    const char* e = std::getenv("CMSEG_ONEDNN_TRUNK");
+    return e && std::strcmp(e, "plain") == 0;
+  }();
+  if (plain_trunk) return 0;
+  // What the direct forward kernel picks for a typical trunk layer (32 -> 32
+  // channels): 8-channel blocks on AVX2, 16 on AVX-512.
+  static std::atomic<int> probed[2] = {{-1}, {-1}};
+  std::atomic<int>& b = probed[ndim == 3];
+  if (b.load() < 0) {
+    int found = 0;
+    try {
+      const Spatial s = ndim == 3 ? Spatial{16, 16, 16} : Spatial{1, 32, 32};
+      const auto any = [&](const memory::dims& d) { return memory::desc(d, memory::data_type::f32, detail::tag::any); };
+      const memory::dims x = detail::act_dims(1, 32, s, ndim);
+      const memory::dims w = ndim == 3 ? memory::dims{32, 32, 3, 3, 3} : memory::dims{32, 32, 3, 3};
+      const memory::dims one(ndim, 1);
+      const dnnl::convolution_forward::primitive_desc pd(detail::engine(), dnnl::prop_kind::forward_training,
+                                                         dnnl::algorithm::convolution_direct, any(x), any(w), any(x),
+                                                         one, one, one);
+      for (int blk : {8, 16})
+        if (!detail::is_gemm(pd) && pd.dst_desc() == detail::blocked_act(1, 32, s, ndim, blk)) found = blk;
+    } catch (const std::exception&) {
+      found = 0;
+    }
+    b.store(found);
+  }
+  return b.load();
+}
 
 size_t cached_primitives() {
   std::lock_guard<std::mutex> lk(detail::cache_mu);

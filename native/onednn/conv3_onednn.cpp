@@ -66,15 +66,15 @@ struct ConvFwd {
   Port x, w, y;
 };
 
-std::shared_ptr<ConvFwd> make_fwd(int n, int cin, int cout, Spatial s, int ndim) {
+std::shared_ptr<ConvFwd> make_fwd(int n, int cin, int cout, Spatial s, int ndim, Blocks b) {
   auto pd = fwd_pd(n, cin, cout, s, ndim, false);
   auto e = std::make_shared<ConvFwd>();
   e->by_reference = use_reference(pd);
   if (e->by_reference) return e;
   e->prim = dnnl::convolution_forward(pd);
-  e->x.init(plain_act(n, cin, s, ndim), pd.src_desc(), true, false, false);
+  e->x.init(user_act(n, cin, s, ndim, b.x), pd.src_desc(), true, false, false, true);
   e->w.init(conv_weights(cin, cout, ndim, true), pd.weights_desc(), true, false, false);
-  e->y.init(plain_act(n, cout, s, ndim), pd.dst_desc(), false, true, false);
+  e->y.init(user_act(n, cout, s, ndim, b.y), pd.dst_desc(), false, true, false, true);
   return e;
 }
 
@@ -84,6 +84,8 @@ std::shared_ptr<ConvFwd> make_fwd(int n, int cin, int cout, Spatial s, int ndim)
 // x is laid out with a zero slice at each end, so all three taps run the same
 // mb = D primitive on views shifted by kd slices; the 3x3 result of tap kd is
 // added into dw[:, :, kd] by a strided reorder with a sum post-op.
+// Blocked activations ([c / B][D][H][W][B] per image) are viewed the same way:
+// depth as the batch, the channel blocks as a strided dimension.
 struct DepthSliced {
   dnnl::convolution_backward_weights prim;
   memory::desc x_prim, dy_prim, dw_prim;
@@ -92,8 +94,16 @@ struct DepthSliced {
   size_t x_slice_bytes = 0;
 };
 
-std::shared_ptr<DepthSliced> make_sliced(int cin, int cout, Spatial s) {
-  const int64_t D = s.d, H = s.h, W = s.w, HW = H * W;
+// One image [c, D, H, W] (plain or blocked) viewed as a 2D batch [D, c, H, W].
+memory::desc depth_as_batch(int c, Spatial s, int block) {
+  const int64_t D = s.d, HW = (int64_t)s.h * s.w;
+  const memory::dims d2{D, c, s.h, s.w};
+  if (!block) return memory::desc(d2, memory::data_type::f32, memory::dims{HW, D * HW, s.w, 1});
+  return blocked_act(1, c, s, 3, block).permute_axes({2, 1, 0, 3, 4}).reshape(d2);
+}
+
+std::shared_ptr<DepthSliced> make_sliced(int cin, int cout, Spatial s, Blocks b) {
+  const int64_t D = s.d, H = s.h, W = s.w;
   const memory::dims x2{D, cin, H, W}, y2{D, cout, H, W}, w2{cout, cin, 3, 3}, one{1, 1};
   auto any = [](const memory::dims& d) { return memory::desc(d, memory::data_type::f32, tag::any); };
   const dnnl::convolution_forward::primitive_desc hint(engine(), prop_kind::forward_training,
@@ -109,8 +119,8 @@ std::shared_ptr<DepthSliced> make_sliced(int cin, int cout, Spatial s) {
   if (xs.empty() || xs[0] * D * (int64_t)sizeof(float) != (int64_t)e->x_prim.get_size()) return nullptr;
   e->x_slice_bytes = e->x_prim.get_size() / D;
   e->prim = dnnl::convolution_backward_weights(pd);
-  e->x_user = memory::desc(x2, memory::data_type::f32, memory::dims{HW, D * HW, W, 1});
-  e->dy_user = memory::desc(y2, memory::data_type::f32, memory::dims{HW, D * HW, W, 1});
+  e->x_user = depth_as_batch(cin, s, b.x);
+  e->dy_user = depth_as_batch(cout, s, b.y);
   e->dw_tap = memory::desc(w2, memory::data_type::f32, memory::dims{(int64_t)cin * 27, 27, 3, 1});
   e->x_to = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), e->x_user, engine(), e->x_prim));
   e->dy_to = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), e->dy_user, engine(), e->dy_prim));
@@ -158,7 +168,7 @@ struct ConvBwd {
   Port x_w, dy_w, dw;   // backward-weights (dw accumulates)
 };
 
-std::shared_ptr<ConvBwd> make_bwd(int n, int cin, int cout, Spatial s, int ndim) {
+std::shared_ptr<ConvBwd> make_bwd(int n, int cin, int cout, Spatial s, int ndim, Blocks b) {
   const Geometry g(ndim);
   auto data_pd = [&](bool plain) {
     plain = plain || layout() == Layout::Plain;
@@ -177,24 +187,24 @@ std::shared_ptr<ConvBwd> make_bwd(int n, int cin, int cout, Spatial s, int ndim)
   const auto dpd = data_pd(false);
   const auto wpd = weights_pd(false);
   auto e = std::make_shared<ConvBwd>();
-  const memory::desc x_user = plain_act(n, cin, s, ndim), y_user = plain_act(n, cout, s, ndim),
+  const memory::desc x_user = user_act(n, cin, s, ndim, b.x), y_user = user_act(n, cout, s, ndim, b.y),
                      w_user = conv_weights(cin, cout, ndim, true);
   e->data_by_reference = use_reference(dpd);
   if (!e->data_by_reference) {
     e->data = dnnl::convolution_backward_data(dpd);
-    e->dy_d.init(y_user, dpd.diff_dst_desc(), true, false, false);
+    e->dy_d.init(y_user, dpd.diff_dst_desc(), true, false, false, true);
     e->w_d.init(w_user, dpd.weights_desc(), true, false, false);
-    e->dx.init(x_user, dpd.diff_src_desc(), false, true, false);
+    e->dx.init(x_user, dpd.diff_src_desc(), false, true, false, true);
   }
   e->weights_by_reference = use_reference(wpd);
   if (e->weights_by_reference && ndim == 3 && !depth_slicing_off()) {
-    e->sliced = make_sliced(cin, cout, s);
+    e->sliced = make_sliced(cin, cout, s, b);
     e->weights_by_reference = !e->sliced;
   }
   if (!e->weights_by_reference && !e->sliced) {
     e->weights = dnnl::convolution_backward_weights(wpd);
-    e->x_w.init(x_user, wpd.src_desc(), true, false, false);
-    e->dy_w.init(y_user, wpd.diff_dst_desc(), true, false, false);
+    e->x_w.init(x_user, wpd.src_desc(), true, false, false, true);
+    e->dy_w.init(y_user, wpd.diff_dst_desc(), true, false, false, true);
     e->dw.init(w_user, wpd.diff_weights_desc(), false, true, true);
   }
   return e;
@@ -202,13 +212,17 @@ std::shared_ptr<ConvBwd> make_bwd(int n, int cin, int cout, Spatial s, int ndim)
 
 }  // namespace
 
-void conv3_forward(const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s, int ndim) {
+void conv3_forward(const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s, int ndim,
+                   Blocks b) {
   sync_threads();
-  auto e = cached_as<ConvFwd>(make_key(kConvFwd, n, cin, cout, s, ndim),
-                              [&] { return make_fwd(n, cin, cout, s, ndim); });
+  auto e = cached_as<ConvFwd>(make_key(kConvFwd, n, cin, cout, s, ndim, b),
+                              [&] { return make_fwd(n, cin, cout, s, ndim, b); });
   if (e->by_reference) {
     ReferenceScope ref;
-    return cmseg::conv3_forward(x, w, y, n, cin, cout, s, ndim);
+    const float* xp = plain_in(x, n, cin, s, ndim, b.x, 0);
+    float* yp = plain_out(y, n, cout, s, ndim, b.y, 2);
+    cmseg::conv3_forward(xp, w, yp, n, cin, cout, s, ndim);
+    return plain_done(yp, y, n, cout, s, ndim, b.y);
   }
   memory xm = e->x.in(x, 0), wm = e->w.in(w, 1), ym = e->y.out(y, 2);
   {
@@ -220,17 +234,26 @@ void conv3_forward(const float* x, const float* w, float* y, int n, int cin, int
   stream().wait();
 }
 
+// The reference backward on plain copies of blocked tensors.
+void reference_backward(const float* x, const float* w, const float* dy, float* dx, float* dw, int n, int cin,
+                        int cout, Spatial s, int ndim, Blocks b) {
+  ReferenceScope ref;
+  const float* xp = plain_in(x, n, cin, s, ndim, b.x, 4);
+  const float* dyp = plain_in(dy, n, cout, s, ndim, b.y, 5);
+  float* dxp = plain_out(dx, n, cin, s, ndim, b.x, 6);
+  cmseg::conv3_backward(xp, w, dyp, dxp, dw, n, cin, cout, s, ndim);
+  plain_done(dxp, dx, n, cin, s, ndim, b.x);
+}
+
 void conv3_backward(const float* x, const float* w, const float* dy, float* dx, float* dw, int n, int cin, int cout,
-                    Spatial s, int ndim) {
+                    Spatial s, int ndim, Blocks b) {
   sync_threads();
-  auto e = cached_as<ConvBwd>(make_key(kConvBwd, n, cin, cout, s, ndim),
-                              [&] { return make_bwd(n, cin, cout, s, ndim); });
+  auto e = cached_as<ConvBwd>(make_key(kConvBwd, n, cin, cout, s, ndim, b),
+                              [&] { return make_bwd(n, cin, cout, s, ndim, b); });
   // The reference computes dw alongside dx, so a GEMM-only backward-data (not
   // seen on AVX2) sends the whole backward there.
-  if ((dx && e->data_by_reference) || (!dx && e->weights_by_reference)) {
-    ReferenceScope ref;
-    return cmseg::conv3_backward(x, w, dy, dx, dw, n, cin, cout, s, ndim);
-  }
+  if ((dx && e->data_by_reference) || (!dx && e->weights_by_reference))
+    return reference_backward(x, w, dy, dx, dw, n, cin, cout, s, ndim, b);
   memory dy_d;
   if (dx) {
     dy_d = e->dy_d.in(dy, 0);
@@ -249,8 +272,7 @@ void conv3_backward(const float* x, const float* w, const float* dy, float* dx, 
   }
   if (e->weights_by_reference) {
     stream().wait();
-    ReferenceScope ref;
-    return cmseg::conv3_backward(x, w, dy, nullptr, dw, n, cin, cout, s, ndim);
+    return reference_backward(x, w, dy, nullptr, dw, n, cin, cout, s, ndim, b);
   }
   // Both directions usually want dy in the same layout: reorder it once.
   memory dy_w = dx && e->dy_w.prim == e->dy_d.prim ? dy_d : e->dy_w.in(dy, 3);

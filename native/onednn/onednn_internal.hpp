@@ -11,6 +11,7 @@
 #include <unordered_map>
 
 #include "cmseg/layers.hpp"
+#include "cmseg/onednn.hpp"
 
 namespace cmseg {
 namespace onednn {
@@ -48,12 +49,14 @@ template <class T>
 std::shared_ptr<T> cached_as(const Key& key, const std::function<std::shared_ptr<T>()>& make) {
   return std::static_pointer_cast<T>(cached(key, [&] { return std::static_pointer_cast<void>(make()); }));
 }
-Key make_key(int op, int n, int cin, int cout, Spatial s, int ndim);
+Key make_key(int op, int n, int cin, int cout, Spatial s, int ndim, Blocks b = {});
 
 memory::dims act_dims(int n, int c, Spatial s, int ndim);
 tag plain_act_tag(int ndim);  // ncdhw / nchw
 tag nhwc_act_tag(int ndim);   // ndhwc / nhwc
 memory::desc plain_act(int n, int c, Spatial s, int ndim);
+memory::desc blocked_act(int n, int c, Spatial s, int ndim, int block);  // nCdhw8c, nChw16c, ...
+memory::desc user_act(int n, int c, Spatial s, int ndim, int block);     // the caller's layout (0: plain)
 // Activation desc for a primitive under the current layout policy (any / nhwc / plain).
 memory::desc policy_act(int n, int c, Spatial s, int ndim, bool plain);
 bool is_gemm(const dnnl::primitive_desc_base& pd);  // oneDNN chose its im2col + GEMM path
@@ -66,12 +69,23 @@ struct Port {
   memory::desc user, prim;
   bool same = true;
   dnnl::reorder to_prim, to_user;
-  void init(const memory::desc& user_md, const memory::desc& prim_md, bool input, bool output, bool accumulate);
+  // activation: count this port's reorders in activation_reorders().
+  void init(const memory::desc& user_md, const memory::desc& prim_md, bool input, bool output, bool accumulate,
+            bool activation = false);
   memory in(const float* p, int slot) const;
   memory out(float* p, int slot) const;
   void finish(const memory& m, float* p) const;
   bool accumulate = false;
+  bool activation = false;
 };
+
+// The reference layers take plain arrays. For a blocked tensor (block > 0)
+// these convert it into scratch slot `slot` and back; for a plain one they
+// return the caller's pointer and do nothing.
+const float* plain_in(const float* p, int n, int c, Spatial s, int ndim, int block, int slot);
+float* plain_out(float* p, int n, int c, Spatial s, int ndim, int block, int slot);
+void plain_done(const float* plain, float* p, int n, int c, Spatial s, int ndim, int block);
+void count_activation_reorder();
 
 // While alive, onednn::enabled() is false on this thread: the fast path calls
 // the reference layers for a direction that oneDNN has no direct kernel for.

@@ -48,15 +48,15 @@ struct UpFwd {
   Port x, w, y;
 };
 
-std::shared_ptr<UpFwd> make_fwd(int n, int cin, int cout, Spatial s, int ndim) {
+std::shared_ptr<UpFwd> make_fwd(int n, int cin, int cout, Spatial s, int ndim, Blocks b) {
   auto pd = fwd_pd(n, cin, cout, s, ndim, false);
   auto e = std::make_shared<UpFwd>();
   e->by_reference = use_reference(pd);
   if (e->by_reference) return e;
   e->prim = dnnl::deconvolution_forward(pd);
-  e->x.init(plain_act(n, cin, s, ndim), pd.src_desc(), true, false, false);
+  e->x.init(user_act(n, cin, s, ndim, b.x), pd.src_desc(), true, false, false, true);
   e->w.init(up_weights(cin, cout, ndim, true), pd.weights_desc(), true, false, false);
-  e->y.init(plain_act(n, cout, twice(s, ndim), ndim), pd.dst_desc(), false, true, false);
+  e->y.init(user_act(n, cout, twice(s, ndim), ndim, b.y), pd.dst_desc(), false, true, false, true);
   return e;
 }
 
@@ -68,7 +68,7 @@ struct UpBwd {
   Port x_w, dy_w, dw, db;  // dw, db accumulate
 };
 
-std::shared_ptr<UpBwd> make_bwd(int n, int cin, int cout, Spatial s, int ndim) {
+std::shared_ptr<UpBwd> make_bwd(int n, int cin, int cout, Spatial s, int ndim, Blocks b) {
   const Geometry g(ndim);
   const Spatial so = twice(s, ndim);
   auto data_pd = [&](bool plain) {
@@ -92,13 +92,13 @@ std::shared_ptr<UpBwd> make_bwd(int n, int cin, int cout, Spatial s, int ndim) {
   if (e->by_reference) return e;
   e->data = dnnl::deconvolution_backward_data(dpd);
   e->weights = dnnl::deconvolution_backward_weights(wpd);
-  const memory::desc x_user = plain_act(n, cin, s, ndim), y_user = plain_act(n, cout, so, ndim),
+  const memory::desc x_user = user_act(n, cin, s, ndim, b.x), y_user = user_act(n, cout, so, ndim, b.y),
                      w_user = up_weights(cin, cout, ndim, true);
-  e->dy_d.init(y_user, dpd.diff_dst_desc(), true, false, false);
+  e->dy_d.init(y_user, dpd.diff_dst_desc(), true, false, false, true);
   e->w_d.init(w_user, dpd.weights_desc(), true, false, false);
-  e->dx.init(x_user, dpd.diff_src_desc(), false, true, false);
-  e->x_w.init(x_user, wpd.src_desc(), true, false, false);
-  e->dy_w.init(y_user, wpd.diff_dst_desc(), true, false, false);
+  e->dx.init(x_user, dpd.diff_src_desc(), false, true, false, true);
+  e->x_w.init(x_user, wpd.src_desc(), true, false, false, true);
+  e->dy_w.init(y_user, wpd.diff_dst_desc(), true, false, false, true);
   e->dw.init(w_user, wpd.diff_weights_desc(), false, true, true);
   e->db.init(bias_desc(cout), wpd.diff_bias_desc(), false, true, true);
   return e;
@@ -107,12 +107,17 @@ std::shared_ptr<UpBwd> make_bwd(int n, int cin, int cout, Spatial s, int ndim) {
 }  // namespace
 
 void upconv2_forward(const float* x, const float* w, const float* b, float* y, int n, int cin, int cout, Spatial s,
-                     int ndim) {
+                     int ndim, Blocks blocks) {
   sync_threads();
-  auto e = cached_as<UpFwd>(make_key(kUpFwd, n, cin, cout, s, ndim), [&] { return make_fwd(n, cin, cout, s, ndim); });
+  auto e = cached_as<UpFwd>(make_key(kUpFwd, n, cin, cout, s, ndim, blocks),
+                            [&] { return make_fwd(n, cin, cout, s, ndim, blocks); });
   if (e->by_reference) {
     ReferenceScope ref;
-    return cmseg::upconv2_forward(x, w, b, y, n, cin, cout, s, ndim);
+    const Spatial so = twice(s, ndim);
+    const float* xp = plain_in(x, n, cin, s, ndim, blocks.x, 0);
+    float* yp = plain_out(y, n, cout, so, ndim, blocks.y, 2);
+    cmseg::upconv2_forward(xp, w, b, yp, n, cin, cout, s, ndim);
+    return plain_done(yp, y, n, cout, so, ndim, blocks.y);
   }
   memory xm = e->x.in(x, 0), wm = e->w.in(w, 1), ym = e->y.out(y, 2);
   memory bm(bias_desc(cout), engine(), const_cast<float*>(b));
@@ -126,12 +131,18 @@ void upconv2_forward(const float* x, const float* w, const float* b, float* y, i
 }
 
 void upconv2_backward(const float* x, const float* w, const float* dy, float* dx, float* dw, float* db, int n, int cin,
-                      int cout, Spatial s, int ndim) {
+                      int cout, Spatial s, int ndim, Blocks blocks) {
   sync_threads();
-  auto e = cached_as<UpBwd>(make_key(kUpBwd, n, cin, cout, s, ndim), [&] { return make_bwd(n, cin, cout, s, ndim); });
+  auto e = cached_as<UpBwd>(make_key(kUpBwd, n, cin, cout, s, ndim, blocks),
+                            [&] { return make_bwd(n, cin, cout, s, ndim, blocks); });
   if (e->by_reference) {
     ReferenceScope ref;
-    return cmseg::upconv2_backward(x, w, dy, dx, dw, db, n, cin, cout, s, ndim);
+    const Spatial so = twice(s, ndim);
+    const float* xp = plain_in(x, n, cin, s, ndim, blocks.x, 0);
+    const float* dyp = plain_in(dy, n, cout, so, ndim, blocks.y, 1);
+    float* dxp = plain_out(dx, n, cin, s, ndim, blocks.x, 2);
+    cmseg::upconv2_backward(xp, w, dyp, dxp, dw, db, n, cin, cout, s, ndim);
+    return plain_done(dxp, dx, n, cin, s, ndim, blocks.x);
   }
   memory dy_d;
   if (dx) {

@@ -211,6 +211,48 @@ TEST(instance_norm_long_rows_keep_float_accuracy) {
   }
 }
 
+double max_rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  double d = 0, m = 0;
+  for (size_t i = 0; i < a.size(); ++i) d = std::max(d, (double)std::fabs(a[i] - b[i])), m = std::max(m, (double)std::fabs(b[i]));
+  return m > 0 ? d / m : d;
+}
+
+// The blocked norm (the oneDNN trunk's layout) against the plain one: the same
+// statistics and gradients, on rows long enough for several reduction blocks
+// and parts, with a mean far from zero, with and without the fused ReLU.
+TEST(instance_norm_blocked_matches_plain) {
+  for (int B : {8, 16})
+    for (bool relu : {false, true}) {
+      const int n = 2, c = 2 * B;
+      const int64_t V = 9001;
+      auto x = check::random_vector((size_t)n * c * V, 71 + B, -1.f, 3.f);
+      for (size_t i = 0; i < x.size(); ++i) x[i] += (float)((i / V) % 5);  // per-channel offsets
+      auto g = check::random_vector(c, 72, 0.5f, 1.5f), b = check::random_vector(c, 73, -0.2f, 0.2f);
+      auto dy = check::random_vector(x.size(), 74);
+      std::vector<float> y(x.size()), mean(n * c), rstd(n * c), dx(x.size()), dg(c, 0.5f), db(c, -0.5f);
+      instance_norm_forward(x.data(), g.data(), b.data(), y.data(), mean.data(), rstd.data(), n, c, V, relu);
+      instance_norm_backward(x.data(), y.data(), mean.data(), rstd.data(), g.data(), dy.data(), dx.data(), dg.data(),
+                             db.data(), n, c, V, relu);
+      const auto xb = check::block_channels(x, n, c, V, B), dyb = check::block_channels(dy, n, c, V, B);
+      std::vector<float> yb(x.size()), meanb(n * c), rstdb(n * c), dxb(x.size()), dgb(c, 0.5f), dbb(c, -0.5f);
+      instance_norm_forward_blocked(xb.data(), g.data(), b.data(), yb.data(), meanb.data(), rstdb.data(), n, c, V,
+                                    relu, B);
+      instance_norm_backward_blocked(xb.data(), yb.data(), meanb.data(), rstdb.data(), g.data(), dyb.data(),
+                                     dxb.data(), dgb.data(), dbb.data(), n, c, V, relu, B);
+      CHECK(max_rel_diff(check::unblock_channels(yb, n, c, V, B), y) < 1e-5);
+      CHECK(max_rel_diff(meanb, mean) < 1e-6);
+      CHECK(max_rel_diff(rstdb, rstd) < 1e-5);
+      CHECK(max_rel_diff(check::unblock_channels(dxb, n, c, V, B), dx) < 1e-4);
+      CHECK(max_rel_diff(dgb, dg) < 1e-4);
+      CHECK(max_rel_diff(dbb, db) < 1e-4);
+    }
+  // A block that does not divide the channels is refused, not read past.
+  std::vector<float> x(12 * 10), y(x.size()), m(12), r(12), g(12, 1.f), b(12, 0.f);
+  CHECK_THROWS_WITH(instance_norm_forward_blocked(x.data(), g.data(), b.data(), y.data(), m.data(), r.data(), 1, 12,
+                                                  10, true, 8),
+                    "does not divide 12 channels");
+}
+
 TEST(conv1_heads_equal_one_call_per_head) {
   const int n = 2, cin = 5;
   const int64_t V = 3001;

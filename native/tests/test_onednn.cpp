@@ -13,6 +13,7 @@
 // Weight and bias gradients start from random values on both sides, checking
 // that they accumulate (+=) as layers.hpp requires.
 #include <algorithm>
+#include <cstdlib>
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -102,6 +103,25 @@ void conv3_case(const Shape& c, uint32_t seed) {
   expect_close(dx[1], dx[0], nm + " dx");
   expect_close(dw[1], dw[0], nm + " dw");
   expect_close(dw_nodx[1], dw_nodx[0], nm + " dw (dx null)");
+
+  // The model's blocked trunk: activations in channel blocks (x plain too, as
+  // the images entering the first convolution), against the reference above.
+  const int B = onednn::activation_block(c.ndim);
+  if (!B || c.cout % B) return;
+  for (bool x_plain : {false, true}) {
+    if (!x_plain && c.cin % B) continue;
+    const onednn::Blocks blk{x_plain ? 0 : B, B};
+    auto in_layout = [&](const std::vector<float>& v) { return x_plain ? v : check::block_channels(v, c.n, c.cin, V, B); };
+    auto from_x = [&](const std::vector<float>& v) { return x_plain ? v : check::unblock_channels(v, c.n, c.cin, V, B); };
+    const auto xb = in_layout(x), dyb = check::block_channels(dy, c.n, c.cout, V, B);
+    std::vector<float> yb(y[0].size(), 7.f), dxb(x.size(), 7.f), dwb = dw0;
+    onednn::conv3_forward(xb.data(), w.data(), yb.data(), c.n, c.cin, c.cout, c.s, c.ndim, blk);
+    onednn::conv3_backward(xb.data(), w.data(), dyb.data(), dxb.data(), dwb.data(), c.n, c.cin, c.cout, c.s, c.ndim, blk);
+    const std::string bn = nm + (x_plain ? " blocked y, plain x" : " blocked");
+    expect_close(check::unblock_channels(yb, c.n, c.cout, V, B), y[0], bn + " y");
+    expect_close(from_x(dxb), dx[0], bn + " dx");
+    expect_close(dwb, dw[0], bn + " dw");
+  }
 }
 
 void upconv2_case(const Shape& c, uint32_t seed) {
@@ -127,6 +147,18 @@ void upconv2_case(const Shape& c, uint32_t seed) {
   expect_close(dx[1], dx[0], nm + " dx");
   expect_close(dw[1], dw[0], nm + " dw");
   expect_close(db[1], db[0], nm + " db");
+
+  const int B = onednn::activation_block(c.ndim);
+  if (!B || c.cin % B || c.cout % B) return;
+  const auto xb = check::block_channels(x, c.n, c.cin, V, B), dyb = check::block_channels(dy, c.n, c.cout, Vo, B);
+  std::vector<float> yb(y[0].size(), 7.f), dxb(x.size(), 7.f), dwb = dw0, dbb = db0;
+  onednn::upconv2_forward(xb.data(), w.data(), b.data(), yb.data(), c.n, c.cin, c.cout, c.s, c.ndim, {B, B});
+  onednn::upconv2_backward(xb.data(), w.data(), dyb.data(), dxb.data(), dwb.data(), dbb.data(), c.n, c.cin, c.cout, c.s,
+                           c.ndim, {B, B});
+  expect_close(check::unblock_channels(yb, c.n, c.cout, Vo, B), y[0], nm + " blocked y");
+  expect_close(check::unblock_channels(dxb, c.n, c.cin, V, B), dx[0], nm + " blocked dx");
+  expect_close(dwb, dw[0], nm + " blocked dw");
+  expect_close(dbb, db[0], nm + " blocked db");
 }
 
 }  // namespace
@@ -172,6 +204,62 @@ TEST(upconv2_3d) {
   upconv2_case({1, 32, 16, {16, 16, 16}, 3}, 330);
 }
 
+TEST(activation_block_is_what_the_convolutions_prefer) {
+  // AVX2 machines (these): 8-channel blocks; AVX-512: 16. Either way nonzero
+  // while oneDNN is on and the layout policy allows it, 0 when it is off.
+  for (int nd : {2, 3}) {
+    const int B = onednn::activation_block(nd);
+    std::printf("  %dD: channel block %d\n", nd, B);
+    CHECK(B == 8 || B == 16 || std::getenv("CMSEG_ONEDNN_LAYOUT") || std::getenv("CMSEG_ONEDNN_TRUNK"));
+  }
+  onednn::set_enabled(false);
+  CHECK(onednn::activation_block(3) == 0);
+  onednn::set_enabled(true);
+}
+
+TEST(layout_conversions_round_trip) {
+  const int B = onednn::activation_block(3);
+  if (!B) return;
+  const int n = 2, c = 2 * B;
+  const Spatial s{3, 5, 7};
+  const int64_t V = s.size();
+  const auto x = check::random_vector((size_t)n * c * V, 9);
+  std::vector<float> xb(x.size()), back(x.size());
+  onednn::to_blocked(x.data(), xb.data(), n, c, s, 3, B);
+  CHECK(xb == check::block_channels(x, n, c, V, B));
+  onednn::to_plain(xb.data(), back.data(), n, c, s, 3, B);
+  CHECK(back == x);
+}
+
+// Max-pool on blocked activations (oneDNN's pooling) against the reference.
+// Distinct values: ties may pick another tap (see maxpool2_onednn.cpp).
+TEST(maxpool2_blocked) {
+  for (int nd : {2, 3}) {
+    const int B = onednn::activation_block(nd);
+    if (!B) continue;
+    const int n = 2, c = 2 * B;
+    const Spatial s = nd == 3 ? Spatial{6, 4, 10} : Spatial{1, 8, 6};
+    const Spatial so = halve(s, nd);
+    const int64_t V = s.size(), Vo = so.size();
+    std::vector<float> x((size_t)n * c * V);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = (float)((i * 7919) % x.size()) / x.size() - 0.5f;  // a permutation
+    const auto dy = check::random_vector((size_t)n * c * Vo, 11);
+    std::vector<float> y((size_t)n * c * Vo), dx(x.size());
+    std::vector<uint8_t> arg(y.size());
+    onednn::set_enabled(false);
+    maxpool2_forward(x.data(), y.data(), arg.data(), n * c, s, nd);
+    maxpool2_backward(dy.data(), arg.data(), dx.data(), n * c, s, nd);
+    onednn::set_enabled(true);
+    std::vector<uint8_t> ws(onednn::maxpool2_workspace_bytes(n, c, s, nd, B));
+    const auto xb = check::block_channels(x, n, c, V, B), dyb = check::block_channels(dy, n, c, Vo, B);
+    std::vector<float> yb(y.size(), 7.f), dxb(x.size(), 7.f);
+    onednn::maxpool2_forward(xb.data(), yb.data(), ws.data(), n, c, s, nd, B);
+    onednn::maxpool2_backward(dyb.data(), ws.data(), dxb.data(), n, c, s, nd, B);
+    CHECK(check::unblock_channels(yb, n, c, Vo, B) == y);
+    CHECK(check::unblock_channels(dxb, n, c, V, B) == dx);
+  }
+}
+
 TEST(primitives_are_cached) {
   const Shape c{1, 8, 8, {1, 8, 8}, 2};
   const auto x = check::random_vector(8 * 64, 1), w = check::random_vector(8 * 8 * 9, 2);
@@ -197,10 +285,27 @@ void model_case(const ModelConfig& cfg, int n, Spatial s) {
   Model m(cfg);
   StepResult r[2];
   std::vector<std::vector<float>> grads[2];
+  long long reorders = -1;
   both([&](bool on) {
+    const long long before = onednn::activation_reorders();
     r[on] = m.compute_gradients(b);
+    if (on) reorders = onednn::activation_reorders() - before;
     for (auto& p : m.params()) grads[on].push_back(p.grad);
   });
+  // The blocked trunk reorders activations only at the model's boundaries: the
+  // features out to the heads and their gradient back, the images where a
+  // first-layer kernel wants them blocked; and around each transposed
+  // convolution's forward, whose fastest oneDNN kernel (brgemm) is channels-last
+  // only (the blocked one was 4x slower in 2D and fell to the reference in 3D).
+  // A plain trunk reorders at nearly every convolution call (over 60 here).
+  // (Under CMSEG_ONEDNN_LAYOUT=any, GEMM-only directions add their own.)
+  const char* policy = std::getenv("CMSEG_ONEDNN_LAYOUT");
+  if (onednn::activation_block(cfg.ndim) && (!policy || !*policy || std::string(policy) == "auto")) {
+    // Annotator heads behind their own blocks cross the boundary once each way.
+    const long long bound = 2 + 1 + 2 * (cfg.depth - 1) + (cfg.cm_head_blocks ? 2 * cfg.annotators : 0);
+    std::printf("  %dD: %lld activation reorders in one step (at most %lld)\n", cfg.ndim, reorders, bound);
+    CHECK(reorders <= bound);
+  }
   CHECK_CLOSE(r[1].loss, r[0].loss, kModelLossRel, 0);
   double worst = 0;
   std::string worst_name;
@@ -228,6 +333,14 @@ TEST(model_gradients_3d) {
   ModelConfig c;
   c.ndim = 3, c.in_channels = 4, c.classes = 4, c.annotators = 2, c.depth = 3, c.base = 8;
   model_case(c, 1, {16, 16, 16});
+}
+
+// Annotator heads behind their own blocks: those blocks run in the blocked
+// layout too, and their outputs and gradients cross to the plain heads.
+TEST(model_gradients_cm_head_blocks) {
+  ModelConfig c;
+  c.ndim = 2, c.in_channels = 2, c.classes = 3, c.annotators = 2, c.depth = 2, c.base = 16, c.cm_head_blocks = 1;
+  model_case(c, 2, {1, 16, 16});
 }
 
 TEST_MAIN()

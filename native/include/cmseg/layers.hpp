@@ -53,6 +53,15 @@ void instance_norm_backward(const float* x, const float* y, const float* mean, c
                             const float* dy, float* dx, float* dgamma, float* dbeta, int n, int c, int64_t V,
                             bool relu);
 
+// The same on channel-blocked activations, [n][c / block][V][block] with block
+// 8 or 16 and c a multiple of it: the layout of the model's oneDNN trunk
+// (issue 7). mean and rstd are indexed n * c + channel as above.
+void instance_norm_forward_blocked(const float* x, const float* gamma, const float* beta, float* y, float* mean,
+                                   float* rstd, int n, int c, int64_t V, bool relu, int block);
+void instance_norm_backward_blocked(const float* x, const float* y, const float* mean, const float* rstd,
+                                    const float* gamma, const float* dy, float* dx, float* dgamma, float* dbeta, int n,
+                                    int c, int64_t V, bool relu, int block);
+
 // ---- ReLU
 void relu_forward(const float* x, float* y, int64_t count);
 void relu_backward(const float* y, const float* dy, float* dx, int64_t count);

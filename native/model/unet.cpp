@@ -45,8 +45,20 @@ struct BlockCache {
   std::vector<float> h1, a1, h2, a2, mean1, rstd1, mean2, rstd2;
 };
 
+// Grow-only: buffers keep the largest size a run needed, so the levels' and
+// steps' varying sizes neither reallocate nor re-zero them (callers use
+// explicit counts, never size()).
 void grow(std::vector<float>& v, size_t n) {
-  if (v.size() != n) v.resize(n);
+  if (v.size() < n) v.resize(n);
+}
+
+// dst[i] += src[i] over the thread pool.
+void add_into(float* dst, const float* src, int64_t count) {
+  constexpr int64_t kChunk = 1 << 16;
+  parallel_for((count + kChunk - 1) / kChunk, [&](int64_t c, int) {
+    const int64_t e1 = std::min(count, (c + 1) * kChunk);
+    for (int64_t e = c * kChunk; e < e1; ++e) dst[e] += src[e];
+  });
 }
 
 }  // namespace
@@ -72,6 +84,7 @@ struct Model::Impl {
   std::vector<float> d_seg;
   std::vector<std::vector<float>> d_cm, g_enc;
   std::vector<float> scratch_a, scratch_b, d_feat, d_feat_trunk, d_tmp, d_tmp2;
+  std::vector<float> g_out, d_cat, d_up, d_below, d_in, d_pool;  // decoder / encoder backward
 };
 
 void validate_config(const ModelConfig& c) {
@@ -478,8 +491,9 @@ StepResult Model::run(const Batch& batch, bool backward) {
   if (!backward) return res;
 
   // ---- backward
-  grow(m.d_feat, (size_t)n * C0 * V0);
-  std::fill(m.d_feat.begin(), m.d_feat.end(), 0.f);
+  const size_t feat_count = (size_t)n * C0 * V0;
+  grow(m.d_feat, feat_count);
+  std::fill_n(m.d_feat.begin(), feat_count, 0.f);
   // The heads on the shared features: one pass (the seg head first, then, without
   // extra blocks, every CM head); heads behind extra blocks below.
   heads[0].dy = m.d_seg.data(), heads[0].dw = P[m.seg_w].grad.data(), heads[0].db = P[m.seg_b].grad.data();
@@ -491,16 +505,16 @@ StepResult Model::run(const Batch& batch, bool backward) {
   // The features' gradient in the trunk's layout.
   std::vector<float>* g_feat = &m.d_feat;
   if (t.block) {
-    grow(m.d_feat_trunk, m.d_feat.size());
+    grow(m.d_feat_trunk, feat_count);
     onednn::to_blocked(m.d_feat.data(), m.d_feat_trunk.data(), n, C0, m.level_s[0], nd, t.block);
     g_feat = &m.d_feat_trunk;
   }
   if (!plain_ce && pixel_cm && B > 0) {
     for (int r = 0; r < R; ++r) {
       // Through the head, then this annotator's extra blocks, into the shared features.
-      grow(m.d_tmp, (size_t)n * C0 * V0);
-      grow(m.d_tmp2, (size_t)n * C0 * V0);
-      std::fill(m.d_tmp.begin(), m.d_tmp.end(), 0.f);
+      grow(m.d_tmp, feat_count);
+      grow(m.d_tmp2, feat_count);
+      std::fill_n(m.d_tmp.begin(), feat_count, 0.f);
       conv1_backward(head_in[r], P[m.cm_w[r]].value.data(), m.d_cm[r].data(), m.d_tmp.data(),
                      P[m.cm_w[r]].grad.data(), P[m.cm_b[r]].grad.data(), n, C0, K, V0);
       if (t.block) {
@@ -513,31 +527,34 @@ StepResult Model::run(const Batch& batch, bool backward) {
                        m.d_tmp2.data(), m.scratch_a, m.scratch_b, t);
         std::swap(m.d_tmp, m.d_tmp2);
       }
-      std::vector<float>& g = *g_feat;
-      for (size_t i = 0; i < g.size(); ++i) g[i] += m.d_tmp[i];
+      add_into(g_feat->data(), m.d_tmp.data(), (int64_t)feat_count);
     }
   }
 
   // Decoder, deepest first. g_enc[k] collects the gradient of encoder output k.
   m.g_enc.resize(D);
   for (int k = 0; k < D; ++k) {
-    grow(m.g_enc[k], (size_t)n * m.enc[k].cout * V(k));
-    std::fill(m.g_enc[k].begin(), m.g_enc[k].end(), 0.f);
+    const size_t count = (size_t)n * m.enc[k].cout * V(k);
+    grow(m.g_enc[k], count);
+    // The deepest level's gradient is written whole by up.0's backward (below).
+    if (k < D - 1 || D == 1) std::fill_n(m.g_enc[k].begin(), count, 0.f);
   }
   // The features' gradient moves (no copy) into the decoder, or straight to the encoder.
-  std::vector<float> g_out;
+  std::vector<float>& g_out = m.g_out;
+  std::vector<float>& d_cat = m.d_cat;
+  std::vector<float>& d_up = m.d_up;
+  std::vector<float>& d_below = m.d_below;
   if (D > 1)
     g_out.swap(*g_feat);
   else
     m.g_enc[0].swap(*g_feat);
-  std::vector<float> d_cat, d_up, d_below;
   for (int k = D - 2; k >= 0; --k) {
     const int lo = D - 1 - k, hi = D - 2 - k, cout = m.dec[k].cout, cin = 2 * cout;
     grow(d_cat, (size_t)n * cin * V(hi));
     block_backward(P, m.dec[k], m.cats[k].data(), n, m.level_s[hi], nd, m.dec_c[k], g_out.data(), d_cat.data(),
                    m.scratch_a, m.scratch_b, t);
     grow(d_up, (size_t)n * cout * V(hi));
-    grow(d_below, (size_t)n * cin * V(lo));
+    if (k > 0) grow(d_below, (size_t)n * cin * V(lo));
     concat_backward(d_cat.data(), nullptr, cout, d_up.data(), cout, n, V(hi));
     // Skip gradient: add the first half of d_cat into g_enc[hi] (the skip's
     // channels, or channel blocks, come first in each image in both layouts).
@@ -551,18 +568,17 @@ StepResult Model::run(const Batch& batch, bool backward) {
       });
     }
     const float* below = k == 0 ? m.enc_c[D - 1].a2.data() : m.dec_c[k - 1].a2.data();
-    t.upconv2_backward(below, P[m.up_w[k]].value.data(), d_up.data(), d_below.data(), P[m.up_w[k]].grad.data(),
+    // up.0's input is the deepest encoder output, read by nothing else: its
+    // gradient goes straight into g_enc[D - 1].
+    float* dx = k == 0 ? m.g_enc[D - 1].data() : d_below.data();
+    t.upconv2_backward(below, P[m.up_w[k]].value.data(), d_up.data(), dx, P[m.up_w[k]].grad.data(),
                        P[m.up_b[k]].grad.data(), n, cin, cout, m.level_s[lo], nd);
-    if (k == 0) {
-      float* ge = m.g_enc[D - 1].data();
-      for (size_t i = 0; i < d_below.size(); ++i) ge[i] += d_below[i];
-    } else {
-      g_out.swap(d_below);
-    }
+    if (k > 0) g_out.swap(d_below);
   }
 
   // Encoder, deepest first.
-  std::vector<float> d_in, d_pool;
+  std::vector<float>& d_in = m.d_in;
+  std::vector<float>& d_pool = m.d_pool;
   for (int k = D - 1; k >= 0; --k) {
     const float* in = k == 0 ? batch.images : m.pooled[k].data();
     if (k > 0) grow(d_in, (size_t)n * m.enc[k].cin * V(k));
@@ -570,10 +586,10 @@ StepResult Model::run(const Batch& batch, bool backward) {
                    m.scratch_a, m.scratch_b, t, k == 0);
     if (k > 0) {
       const int ch = m.enc[k - 1].cout;
-      grow(d_pool, (size_t)n * ch * V(k - 1));
+      const int64_t count = (int64_t)n * ch * V(k - 1);
+      grow(d_pool, count);
       t.pool_backward(d_in.data(), m.pool_arg[k], d_pool.data(), n, ch, m.level_s[k - 1], nd);
-      float* ge = m.g_enc[k - 1].data();
-      for (size_t i = 0; i < d_pool.size(); ++i) ge[i] += d_pool[i];
+      add_into(m.g_enc[k - 1].data(), d_pool.data(), count);
     }
   }
   return res;

@@ -187,8 +187,11 @@ void full_cm_lanes(int L, const float* sp, const float* sg, int64_t rs, const fl
                    bool grads, float wce, float diag, float* q, float* draw, int64_t V, double* tr) {
   constexpr int W = kLanes;
   float A[kMaxClasses * kMaxClasses][W], invS[kMaxClasses][W], pl[kMaxClasses][W];
-  int c[W];
-  for (int l = 0; l < W; ++l) c[l] = lab[l];
+  // onehot[k][l] = [label of lane l == k]: float masks keep every lane loop below
+  // in vector arithmetic (integer compares mixed in left the stores scalar).
+  float onehot[kMaxClasses][W];
+  for (int k = 0; k < L; ++k)
+    for (int l = 0; l < W; ++l) onehot[k][l] = lab[l] == k ? 1.f : 0.f;
   for (int e = 0; e < L * L; ++e)
     for (int l = 0; l < W; ++l) A[e][l] = sp[e * rs + l];
   for (int j = 0; j < L; ++j) {
@@ -212,31 +215,32 @@ void full_cm_lanes(int L, const float* sp, const float* sg, int64_t rs, const fl
     float t[W] = {};
     for (int j = 0; j < L; ++j)
       for (int l = 0; l < W; ++l) t[l] += A[k * L + j][l] * pl[j][l];
-    for (int l = 0; l < W; ++l) qc[l] = c[l] == k ? t[l] : qc[l];
+    for (int l = 0; l < W; ++l) qc[l] += onehot[k][l] * t[l];
   }
   float inv[W];
   for (int l = 0; l < W; ++l) {
-    const bool labelled = c[l] != kUnlabelled;
+    const bool labelled = lab[l] != kUnlabelled;
     q[l] = labelled ? std::max(qc[l], kProbFloor) : 1.f;
     inv[l] = labelled && qc[l] > kProbFloor ? wce / qc[l] : 0.f;  // the clamp has zero gradient
   }
   if (!grads) return;
   for (int j = 0; j < L; ++j) {
-    float acj[W] = {}, dot[W];
+    float acj[W] = {}, dot[W], pinv[W], dpj[W];
     for (int k = 0; k < L; ++k)
-      for (int l = 0; l < W; ++l) acj[l] = c[l] == k ? A[k * L + j][l] : acj[l];
+      for (int l = 0; l < W; ++l) acj[l] += onehot[k][l] * A[k * L + j][l];
+    std::memcpy(dpj, dp + j * rs, sizeof dpj);
     for (int l = 0; l < W; ++l) {
-      dot[l] = diag * A[j * L + j][l] - inv[l] * pl[j][l] * acj[l];
-      dp[j * rs + l] -= acj[l] * inv[l];
+      pinv[l] = pl[j][l] * inv[l];
+      dot[l] = diag * A[j * L + j][l] - pinv[l] * acj[l];
+      dpj[l] -= acj[l] * inv[l];
     }
+    std::memcpy(dp + j * rs, dpj, sizeof dpj);
     for (int k = 0; k < L; ++k) {
-      float* d = draw + (int64_t)(k * L + j) * V;
       const float* sgk = sg + (k * L + j) * rs;
       const float dk = k == j ? diag : 0.f;
-      for (int l = 0; l < W; ++l) {
-        const float gk = dk - (c[l] == k ? pl[j][l] * inv[l] : 0.f);
-        d[l] = (gk - dot[l]) * invS[j][l] * sgk[l];
-      }
+      float d[W];
+      for (int l = 0; l < W; ++l) d[l] = (dk - onehot[k][l] * pinv[l] - dot[l]) * invS[j][l] * sgk[l];
+      std::memcpy(draw + (int64_t)(k * L + j) * V, d, sizeof d);
     }
   }
 }

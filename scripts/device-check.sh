@@ -27,7 +27,8 @@
 #              the same step varied, to choose defaults from: bench_gpu_ncdhw (cuDNN on
 #              the NCDHW tensors), bench_gpu_upconv_cl (transposed convolutions on
 #              channels-last copies), cm_loss_grid (the fused CM loss at 2-32 blocks
-#              per SM), bench_gpu_bf16 (bf16 convolutions)
+#              per SM), cm_loss_pairs (its thread-per-pixel-and-annotator kernel),
+#              bench_gpu_bf16 (bf16 convolutions)
 #   smoke      (Node) scripts/device-smoke.mjs: the addon's `device: 'cuda'` model
 #              against its CPU model through the public API (gradients, 3 steps,
 #              predict, parameter sync), 2D/3D, every CM mode, plain CE
@@ -257,6 +258,9 @@ if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   # The fused CM loss against its grid size (it reached ~15% of the bandwidth with 8
   # blocks per SM): the same bench with 2, 4, 16 and 32.
   stage cm_loss_grid 90 "$OUT/bench_gpu.txt" "for b in 2 4 16 32; do echo cm_loss grid: \$b blocks per SM; CMSEG_CM_LOSS_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss main kernel'; done"
+  # The pairs kernel (a thread per pixel and annotator; off by default until measured)
+  # at the default grid and at 2 and 16 blocks per SM.
+  stage cm_loss_pairs 60 "$OUT/bench_gpu.txt" "for b in 8 2 16; do echo cm_loss pairs kernel: \$b blocks per SM; CMSEG_CM_LOSS_KERNEL=pairs CMSEG_CM_LOSS_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss (main|pairs) kernel'; done"
   # bf16 convolutions (config.bf16): compare with torch's bf16 autocast row.
   stage bench_gpu_bf16 60 "$OUT/bench_gpu.txt" "CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 bf16"
   # A convolution that fell back for want of workspace: the same bench with 8 GiB allowed.

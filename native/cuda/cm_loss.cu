@@ -16,6 +16,7 @@
 // Every reduction has a fixed shape and order, so results repeat bit for bit.
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 
 #include "common.cuh"
 
@@ -46,6 +47,15 @@ struct LossParams {
 
 __device__ inline float softplus(float x) { return x > 20.f ? x : log1pf(expf(x)); }
 __device__ inline float sigmoid(float x) { return x >= 0.f ? 1.f / (1.f + expf(-x)) : expf(x) / (1.f + expf(x)); }
+// Both from one exp (the main pass evaluates them for every raw CM channel): with
+// e = exp(-|x|), softplus(x) = max(x, 0) + log1p(e) and sigmoid(x) = 1 / (1 + e) for
+// x >= 0, e / (1 + e) below. Above 20, max(x, 0) + log1p(e) rounds to x, as above.
+__device__ inline void softplus_sigmoid(float x, float& sp, float& sg) {
+  const float e = expf(-fabsf(x));
+  const float inv = 1.f / (1.f + e);
+  sp = fmaxf(x, 0.f) + log1pf(e);
+  sg = x >= 0.f ? inv : e * inv;
+}
 __device__ inline bool is_present(const LossParams& P, int i, int r) {
   return !P.present || P.present[(int64_t)i * P.R + r] != 0;
 }
@@ -97,13 +107,11 @@ struct PixelCm {
   __device__ __forceinline__ void compute(const float* raw, int64_t stride, int L, int l) {
     if constexpr (MODE == kLowRank) {
       for (int e = 0; e < L * l; ++e) {
-        const float u = raw[e * stride], w = raw[(L * l + e) * stride];
-        spU[e] = softplus(u), sigU[e] = sigmoid(u);
-        spW[e] = softplus(w), sigW[e] = sigmoid(w);
+        softplus_sigmoid(raw[e * stride], spU[e], sigU[e]);
+        softplus_sigmoid(raw[(L * l + e) * stride], spW[e], sigW[e]);
       }
-      const float s = raw[(2 * L * l) * stride];
-      const float sp_s = softplus(s);
-      sig_s = sigmoid(s);
+      float sp_s;
+      softplus_sigmoid(raw[(2 * L * l) * stride], sp_s, sig_s);
 #pragma unroll
       for (int i = 0; i < L; ++i) {
 #pragma unroll
@@ -116,9 +124,10 @@ struct PixelCm {
     } else {
 #pragma unroll
       for (int e = 0; e < L * L; ++e) {
-        const float u = raw[e * stride];
-        A[e] = softplus(u);
-        if constexpr (MODE == kFull) sig[e] = sigmoid(u);
+        if constexpr (MODE == kFull)
+          softplus_sigmoid(raw[e * stride], A[e], sig[e]);
+        else
+          A[e] = softplus(raw[e * stride]);
       }
     }
 #pragma unroll
@@ -144,6 +153,133 @@ __device__ __forceinline__ float g_entry(int k, int j, int c, bool ce_grad, floa
 
 // ---- main pass ------------------------------------------------------------------
 
+// One annotator's part of one pixel, shared by both main kernels: its CM, its trace
+// added to tr and its CE to ce (shared-memory sums or registers), its contribution to d/dp into dp (the pixel's softmax
+// probabilities p), and in the pixel-wise modes the raw CM channels' gradient,
+// written out.
+template <int CAP, int MODE>
+__device__ __forceinline__ void annotator_pixel(const LossParams& P, int L, int l, int K, bool grads, int i,
+                                                int64_t v, int r, const float* p, float* dp, double& ce, double& tr) {
+  const int64_t V = P.V;
+  const int R = P.R;
+  const int64_t head = (int64_t)i * K * V + v;
+  if (!is_present(P, i, r)) {
+    if (grads && MODE != kGlobal)
+      for (int k = 0; k < K; ++k) P.draw[r][head + k * V] = 0.f;
+    return;
+  }
+  PixelCm<CAP, MODE> cm;
+  if constexpr (MODE == kGlobal) {
+#pragma unroll
+    for (int e = 0; e < L * L; ++e)
+      cm.A[e] = P.gA[r * L * L + e];
+  } else {
+    cm.compute(P.raw[r] + head, V, L, l);
+  }
+  float t = 0.f;
+#pragma unroll
+  for (int k = 0; k < L; ++k)
+    t += cm.A[k * L + k];
+  tr += t;
+
+  const int c = P.labels[r][(int64_t)i * V + v];
+  // Row c of A, selected without a run-time register index.
+  float Ac[CAP];
+#pragma unroll
+  for (int j = 0; j < L; ++j) {
+    Ac[j] = 0.f;
+#pragma unroll
+    for (int ii = 0; ii < L; ++ii)
+      if (ii == c) Ac[j] = cm.A[ii * L + j];
+  }
+  float qc = 0.f;
+  bool ce_grad = false;
+  if (c != kUnlabelled) {
+#pragma unroll
+    for (int j = 0; j < L; ++j)
+      qc += Ac[j] * p[j];
+    ce += -logf(fmaxf(qc, kProbFloor));
+    ce_grad = qc > kProbFloor;  // the clamp has zero gradient
+  }
+  if (!grads) return;
+  const float wce = (float)P.w[r], wtr = (float)P.w[R + r];
+  const float tl = wtr * P.lam;
+  const float inv = ce_grad ? wce / qc : 0.f;
+  if (ce_grad) {
+#pragma unroll
+    for (int j = 0; j < L; ++j)
+      dp[j] -= Ac[j] * inv;
+  }
+  if constexpr (MODE != kGlobal) {  // global: reduced across pixels by global_grad_kernel
+    // dL/da[k][j] = (g[k][j] - sum_i g[i][j] A[i][j]) / S_j  (SPEC 4)
+    float* draw = P.draw[r] + head;
+    float da[MODE == kLowRank ? CAP * CAP : 1];
+#pragma unroll
+    for (int j = 0; j < L; ++j) {
+      const float pj_inv = p[j] * inv;
+      float dot = 0.f;
+#pragma unroll
+      for (int ii = 0; ii < L; ++ii)
+        dot += g_entry(ii, j, c, ce_grad, tl, pj_inv) * cm.A[ii * L + j];
+#pragma unroll
+      for (int k = 0; k < L; ++k) {
+        const float d = (g_entry(k, j, c, ce_grad, tl, pj_inv) - dot) * cm.invS[j];
+        if constexpr (MODE == kFull)
+          draw[(int64_t)(k * L + j) * V] = d * cm.sig[k * L + j];
+        else
+          da[k * L + j] = d;
+      }
+    }
+    if constexpr (MODE == kLowRank) {
+      for (int ii = 0; ii < L; ++ii)
+        for (int k = 0; k < l; ++k) {
+          float su = 0.f, sw = 0.f;
+          for (int j = 0; j < L; ++j) {
+            su += da[ii * L + j] * cm.spW[j * l + k];
+            sw += da[j * L + ii] * cm.spU[j * l + k];
+          }
+          draw[(int64_t)(ii * l + k) * V] = su * cm.sigU[ii * l + k];
+          draw[(int64_t)(L * l + ii * l + k) * V] = sw * cm.sigW[ii * l + k];
+        }
+      float ds = 0.f;
+      for (int ii = 0; ii < L; ++ii) ds += da[ii * L + ii];
+      draw[(int64_t)(2 * L * l) * V] = ds * cm.sig_s;
+    }
+  }
+}
+
+// Softmax over the L logits of pixel v of image i.
+template <int CAP>
+__device__ __forceinline__ void pixel_softmax(const LossParams& P, int L, int i, int64_t v, float* p) {
+  const float* z = P.z + (int64_t)i * L * P.V + v;
+  float m = z[0];
+#pragma unroll
+  for (int k = 1; k < L; ++k)
+    m = fmaxf(m, z[k * P.V]);
+  float s = 0.f;
+#pragma unroll
+  for (int k = 0; k < L; ++k)
+    s += (p[k] = expf(z[k * P.V] - m));
+#pragma unroll
+  for (int k = 0; k < L; ++k)
+    p[k] /= s;
+}
+
+// dz = p * (dp - <p, dp>) for pixel v of image i.
+template <int CAP>
+__device__ __forceinline__ void write_dz(const LossParams& P, int L, int i, int64_t v, const float* p,
+                                         const float* dp) {
+  float dot = 0.f;
+#pragma unroll
+  for (int k = 0; k < L; ++k)
+    dot += p[k] * dp[k];
+  float* dz = P.dz + (int64_t)i * L * P.V + v;
+#pragma unroll
+  for (int k = 0; k < L; ++k)
+    dz[k * P.V] = p[k] * (dp[k] - dot);
+}
+
+// The "pixel" kernel (default): one thread per pixel, all annotators in turn.
 template <int LT, int MODE>
 __global__ void __launch_bounds__(kLossThreads) cm_loss_kernel(LossParams P) {
   constexpr int CAP = LT ? LT : kMaxClasses;
@@ -162,122 +298,85 @@ __global__ void __launch_bounds__(kLossThreads) cm_loss_kernel(LossParams P) {
        pix += (int64_t)gridDim.x * blockDim.x) {
     const int i = (int)(pix / V);
     const int64_t v = pix - (int64_t)i * V;
-    const float* z = P.z + (int64_t)i * L * V + v;
     float p[CAP], dp[CAP];
-    float m = z[0];
-#pragma unroll
-    for (int k = 1; k < L; ++k)
-      m = fmaxf(m, z[k * V]);
-    float s = 0.f;
+    pixel_softmax<CAP>(P, L, i, v, p);
 #pragma unroll
     for (int k = 0; k < L; ++k)
-      s += (p[k] = expf(z[k * V] - m));
-#pragma unroll
-    for (int k = 0; k < L; ++k)
-      p[k] /= s, dp[k] = 0.f;
-
-    for (int r = 0; r < R; ++r) {
-      const int64_t head = (int64_t)i * K * V + v;
-      if (!is_present(P, i, r)) {
-        if (grads && MODE != kGlobal)
-          for (int k = 0; k < K; ++k) P.draw[r][head + k * V] = 0.f;
-        continue;
-      }
-      PixelCm<CAP, MODE> cm;
-      if constexpr (MODE == kGlobal) {
-#pragma unroll
-        for (int e = 0; e < L * L; ++e)
-          cm.A[e] = P.gA[r * L * L + e];
-      } else {
-        cm.compute(P.raw[r] + head, V, L, l);
-      }
-      float tr = 0.f;
-#pragma unroll
-      for (int k = 0; k < L; ++k)
-        tr += cm.A[k * L + k];
-      acc[(R + r) * blockDim.x + threadIdx.x] += tr;
-
-      const int c = P.labels[r][(int64_t)i * V + v];
-      // Row c of A, selected without a run-time register index.
-      float Ac[CAP];
-#pragma unroll
-      for (int j = 0; j < L; ++j) {
-        Ac[j] = 0.f;
-#pragma unroll
-        for (int ii = 0; ii < L; ++ii)
-          if (ii == c) Ac[j] = cm.A[ii * L + j];
-      }
-      float qc = 0.f;
-      bool ce_grad = false;
-      if (c != kUnlabelled) {
-#pragma unroll
-        for (int j = 0; j < L; ++j)
-          qc += Ac[j] * p[j];
-        acc[r * blockDim.x + threadIdx.x] += -logf(fmaxf(qc, kProbFloor));
-        ce_grad = qc > kProbFloor;  // the clamp has zero gradient
-      }
-      if (!grads) continue;
-      const float wce = (float)P.w[r], wtr = (float)P.w[R + r];
-      const float tl = wtr * P.lam;
-      const float inv = ce_grad ? wce / qc : 0.f;
-      if (ce_grad) {
-#pragma unroll
-        for (int j = 0; j < L; ++j)
-          dp[j] -= Ac[j] * inv;
-      }
-      if constexpr (MODE == kGlobal) {
-        continue;  // reduced across pixels by global_grad_kernel
-      } else {
-        // dL/da[k][j] = (g[k][j] - sum_i g[i][j] A[i][j]) / S_j  (SPEC 4)
-        float* draw = P.draw[r] + head;
-        float da[MODE == kLowRank ? CAP * CAP : 1];
-#pragma unroll
-        for (int j = 0; j < L; ++j) {
-          const float pj_inv = p[j] * inv;
-          float dot = 0.f;
-#pragma unroll
-          for (int ii = 0; ii < L; ++ii)
-            dot += g_entry(ii, j, c, ce_grad, tl, pj_inv) * cm.A[ii * L + j];
-#pragma unroll
-          for (int k = 0; k < L; ++k) {
-            const float d = (g_entry(k, j, c, ce_grad, tl, pj_inv) - dot) * cm.invS[j];
-            if constexpr (MODE == kFull)
-              draw[(int64_t)(k * L + j) * V] = d * cm.sig[k * L + j];
-            else
-              da[k * L + j] = d;
-          }
-        }
-        if constexpr (MODE == kLowRank) {
-          for (int ii = 0; ii < L; ++ii)
-            for (int k = 0; k < l; ++k) {
-              float su = 0.f, sw = 0.f;
-              for (int j = 0; j < L; ++j) {
-                su += da[ii * L + j] * cm.spW[j * l + k];
-                sw += da[j * L + ii] * cm.spU[j * l + k];
-              }
-              draw[(int64_t)(ii * l + k) * V] = su * cm.sigU[ii * l + k];
-              draw[(int64_t)(L * l + ii * l + k) * V] = sw * cm.sigW[ii * l + k];
-            }
-          float ds = 0.f;
-          for (int ii = 0; ii < L; ++ii) ds += da[ii * L + ii];
-          draw[(int64_t)(2 * L * l) * V] = ds * cm.sig_s;
-        }
-      }
-    }
-    if (grads) {
-      float dot = 0.f;
-#pragma unroll
-      for (int k = 0; k < L; ++k)
-        dot += p[k] * dp[k];
-      float* dz = P.dz + (int64_t)i * L * V + v;
-#pragma unroll
-      for (int k = 0; k < L; ++k)
-        dz[k * V] = p[k] * (dp[k] - dot);
-    }
+      dp[k] = 0.f;
+    for (int r = 0; r < R; ++r)
+      annotator_pixel<CAP, MODE>(P, L, l, K, grads, i, v, r, p, dp, acc[r * blockDim.x + threadIdx.x],
+                                 acc[(R + r) * blockDim.x + threadIdx.x]);
+    if (grads) write_dz<CAP>(P, L, i, v, p, dp);
   }
   for (int k = 0; k < 2 * R; ++k) {
     const double t = block_sum(acc[k * blockDim.x + threadIdx.x], scratch);
     if (threadIdx.x == 0) P.partial[(int64_t)blockIdx.x * 2 * R + k] = t;
+  }
+}
+
+// The "pairs" kernel (CMSEG_CM_LOSS_KERNEL=pairs, pixel-wise modes, R <= 8): one
+// thread per (pixel, annotator), a block of kPairPixels pixels x R annotators. Each
+// thread holds one CM instead of running through R of them, so it needs fewer
+// registers and R times as many threads keep loads in flight. The annotators' dp
+// meet in shared memory; the annotator-0 threads add them in annotator order (as
+// the pixel kernel does) and write dz.
+constexpr int kPairPixels = 64;
+constexpr int kMaxPairAnnotators = 8;
+
+template <int LT, int MODE>
+__global__ void __launch_bounds__(kPairPixels* kMaxPairAnnotators) cm_loss_pairs_kernel(LossParams P) {
+  constexpr int CAP = LT ? LT : kMaxClasses;
+  const int L = LT ? LT : P.L;
+  const int R = P.R, l = P.rank;
+  const int64_t V = P.V;
+  const int K = MODE == kFull ? L * L : 2 * L * l + 1;
+  const bool grads = P.dz != nullptr;
+  const int tx = threadIdx.x, r = threadIdx.y;
+
+  extern __shared__ float dp_sh[];  // [R][L][kPairPixels]
+  __shared__ double red[kMaxPairAnnotators][kPairPixels];
+  double ce = 0.0, tr = 0.0;
+  const int64_t total = (int64_t)P.n * V;
+  for (int64_t base = (int64_t)blockIdx.x * kPairPixels; base < total; base += (int64_t)gridDim.x * kPairPixels) {
+    const int64_t pix = base + tx;
+    const bool valid = pix < total;
+    const int i = valid ? (int)(pix / V) : 0;
+    const int64_t v = valid ? pix - (int64_t)i * V : 0;
+    float p[CAP], dp[CAP];
+    if (valid) {
+      pixel_softmax<CAP>(P, L, i, v, p);
+#pragma unroll
+      for (int k = 0; k < L; ++k)
+        dp[k] = 0.f;
+      annotator_pixel<CAP, MODE>(P, L, l, K, grads, i, v, r, p, dp, ce, tr);
+      if (grads)
+        for (int k = 0; k < L; ++k) dp_sh[(r * L + k) * kPairPixels + tx] = dp[k];
+    }
+    if (!grads) continue;  // the same for every thread of the block
+    __syncthreads();
+    if (r == 0 && valid) {
+      float d[CAP];
+#pragma unroll
+      for (int k = 0; k < L; ++k)
+        d[k] = 0.f;
+      for (int a = 0; a < R; ++a)
+#pragma unroll
+        for (int k = 0; k < L; ++k)
+          d[k] += dp_sh[(a * L + k) * kPairPixels + tx];
+      write_dz<CAP>(P, L, i, v, p, d);
+    }
+    __syncthreads();  // dp_sh is refilled by the next tile
+  }
+  // This block's CE_r and T_r: annotator r's row of threads, a fixed tree.
+  for (int term = 0; term < 2; ++term) {
+    red[r][tx] = term == 0 ? ce : tr;
+    __syncthreads();
+    for (int s = kPairPixels / 2; s > 0; s >>= 1) {
+      if (tx < s) red[r][tx] += red[r][tx + s];
+      __syncthreads();
+    }
+    if (tx == 0) P.partial[(int64_t)blockIdx.x * 2 * R + term * R + r] = red[r][0];
+    __syncthreads();
   }
 }
 
@@ -445,6 +544,27 @@ void say_launch(unsigned grid, size_t smem, int sms) {
                resident > 0 ? (double)grid / ((double)resident * sms) : 0.0, sms);
 }
 
+template <int LT, int MODE>
+void say_pairs_launch(unsigned grid, int R, size_t smem, int sms) {
+  static bool said = false;
+  if (said) return;
+  said = true;
+  cudaFuncAttributes fa{};
+  int resident = 0;
+  const int threads = kPairPixels * R;
+  if (cudaFuncGetAttributes(&fa, cm_loss_pairs_kernel<LT, MODE>) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, cm_loss_pairs_kernel<LT, MODE>, threads, smem) !=
+          cudaSuccess) {
+    cudaGetLastError();
+    return;
+  }
+  std::fprintf(stderr,
+               "cmseg: cm_loss pairs kernel (L %d, mode %d): %d registers, %zu B local, %d blocks/SM resident; grid "
+               "%u blocks of %d = %.2f waves on %d SMs\n",
+               LT, MODE, fa.numRegs, (size_t)fa.localSizeBytes, resident, grid, threads,
+               resident > 0 ? (double)grid / ((double)resident * sms) : 0.0, sms);
+}
+
 template <int MODE>
 void launch_main(int L, unsigned grid, size_t smem, cudaStream_t st, const LossParams& P) {
   switch (L) {
@@ -453,6 +573,25 @@ void launch_main(int L, unsigned grid, size_t smem, cudaStream_t st, const LossP
     case 4: cm_loss_kernel<4, MODE><<<grid, kLossThreads, smem, st>>>(P); break;
     default: cm_loss_kernel<0, MODE><<<grid, kLossThreads, smem, st>>>(P); break;
   }
+}
+
+template <int MODE>
+void launch_pairs(int L, unsigned grid, size_t smem, cudaStream_t st, const LossParams& P) {
+  const dim3 block(kPairPixels, (unsigned)P.R);
+  switch (L) {
+    case 2: cm_loss_pairs_kernel<2, MODE><<<grid, block, smem, st>>>(P); break;
+    case 3: cm_loss_pairs_kernel<3, MODE><<<grid, block, smem, st>>>(P); break;
+    case 4: cm_loss_pairs_kernel<4, MODE><<<grid, block, smem, st>>>(P); break;
+    default: cm_loss_pairs_kernel<0, MODE><<<grid, block, smem, st>>>(P); break;
+  }
+}
+
+// CMSEG_CM_LOSS_KERNEL=pairs: the pairs kernel where it applies (pixel-wise modes,
+// at most kMaxPairAnnotators annotators); otherwise, and by default, the pixel
+// kernel. Read at each call, so tests can run both.
+bool use_pairs_kernel(int mode, int R) {
+  const char* e = std::getenv("CMSEG_CM_LOSS_KERNEL");
+  return e && std::string(e) == "pairs" && mode != kGlobal && R <= kMaxPairAnnotators;
 }
 
 // ---- prediction: per-pixel CMs and q_r = A_r p ------------------------------------
@@ -566,17 +705,28 @@ void cm_loss(Context& ctx, const CmLossInput& in, CmLossOutput& out) {
   }
 
   ProfileScope prof_main_(ctx, "cm_loss: main+finish");
-  const unsigned grid = (unsigned)im.grid_for((int64_t)n * V, kLossThreads, main_blocks_per_sm());
+  const bool pairs = use_pairs_kernel(mode, R);
+  const unsigned grid = (unsigned)im.grid_for((int64_t)n * V, pairs ? kPairPixels : kLossThreads,
+                                              main_blocks_per_sm());
   Buffer<double> partial(ctx, (size_t)grid * 2 * R);
   P.partial = partial.data();
-  const size_t smem = sizeof(double) * 2 * R * kLossThreads;  // at most 32 KiB
-  if (im.profiler.on && mode == kFull && L == 4) say_launch<4, kFull>(grid, smem, im.multiprocessors);
-  if (mode == kFull)
-    launch_main<kFull>(L, grid, smem, st, P);
-  else if (mode == kLowRank)
-    launch_main<kLowRank>(L, grid, smem, st, P);
-  else
-    launch_main<kGlobal>(L, grid, smem, st, P);
+  if (pairs) {
+    const size_t smem = sizeof(float) * R * L * kPairPixels;  // at most 32 KiB
+    if (im.profiler.on && mode == kFull && L == 4) say_pairs_launch<4, kFull>(grid, R, smem, im.multiprocessors);
+    if (mode == kFull)
+      launch_pairs<kFull>(L, grid, smem, st, P);
+    else
+      launch_pairs<kLowRank>(L, grid, smem, st, P);
+  } else {
+    const size_t smem = sizeof(double) * 2 * R * kLossThreads;  // at most 32 KiB
+    if (im.profiler.on && mode == kFull && L == 4) say_launch<4, kFull>(grid, smem, im.multiprocessors);
+    if (mode == kFull)
+      launch_main<kFull>(L, grid, smem, st, P);
+    else if (mode == kLowRank)
+      launch_main<kLowRank>(L, grid, smem, st, P);
+    else
+      launch_main<kGlobal>(L, grid, smem, st, P);
+  }
   CMSEG_CUDA_LAUNCHED("cm_loss main");
   finish_terms_kernel<<<(unsigned)(2 * R), kFinishThreads, 0, st>>>(partial.data(), (int)grid, w.data(), R,
                                                                     result.data());

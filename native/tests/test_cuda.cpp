@@ -14,6 +14,7 @@
 // After the checks it times the memory-bound kernels on a brats3d-gpu-sized tensor
 // and prints achieved GB/s (bytes each kernel must move / time), and the conv's TFLOP/s.
 #include <algorithm>
+#include <cstdlib>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -462,6 +463,18 @@ TEST(cm_loss_global_matches_cpu) {
   cm_loss_case(CmMode::Global, 3, 1, 0.3f);
   cm_loss_case(CmMode::Global, 4, 1, -0.01f);
   cm_loss_case(CmMode::Global, 7, 1, 0.3f);
+}
+
+// The pairs kernel (CMSEG_CM_LOSS_KERNEL=pairs: a thread per pixel and annotator)
+// against the CPU, as above; 3 x 1517 pixels leave a partial last tile of 64.
+TEST(cm_loss_pairs_kernel_matches_cpu) {
+  setenv("CMSEG_CM_LOSS_KERNEL", "pairs", 1);
+  cm_loss_case(CmMode::Full, 2, 1, 0.01f);
+  cm_loss_case(CmMode::Full, 4, 1, 0.3f);
+  cm_loss_case(CmMode::Full, 5, 1, 0.3f);
+  cm_loss_case(CmMode::LowRank, 3, 2, 0.3f);
+  cm_loss_case(CmMode::Global, 4, 1, 0.3f);  // not a pairs mode: the pixel kernel runs
+  unsetenv("CMSEG_CM_LOSS_KERNEL");
 }
 
 TEST(adam_matches_cpu) {

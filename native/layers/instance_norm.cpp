@@ -141,6 +141,11 @@ namespace cmseg {
 namespace {
 
 typedef float v8 __attribute__((vector_size(32)));
+#if defined(__GNUC__) && !defined(__clang__)
+// v8 values pass only between inline helpers of this file; without AVX
+// (CMSEG_NATIVE_ARCH=OFF) GCC warns that their calling convention differs.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 inline v8 load8(const float* p) {
   v8 v;

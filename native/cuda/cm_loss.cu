@@ -318,8 +318,10 @@ __global__ void __launch_bounds__(kLossThreads) cm_loss_kernel(LossParams P) {
 // thread per (pixel, annotator), a block of kPairPixels pixels x R annotators. Each
 // thread holds one CM instead of running through R of them, so it needs fewer
 // registers and R times as many threads keep loads in flight. The annotators' dp
-// meet in shared memory; the annotator-0 threads add them in annotator order (as
-// the pixel kernel does) and write dz.
+// meet in shared memory; the annotator-0 threads add them in annotator order and
+// write dz. Its results match the pixel kernel's to rounding, not bit for bit (the
+// per-annotator products are rounded before the sum; the block sums have another
+// shape); each kernel repeats its own results bit for bit.
 constexpr int kPairPixels = 64;
 constexpr int kMaxPairAnnotators = 8;
 
@@ -511,16 +513,16 @@ __global__ void global_grad_finish_kernel(LossParams P, const double* __restrict
   }
 }
 
-// Blocks per SM the main kernel's grid asks for (8; CMSEG_CM_LOSS_BLOCKS_PER_SM, 1..64,
-// for measuring how the kernel scales with the grid: the device check tries several).
+// Blocks per SM the main kernel's grid asks for: CMSEG_CM_LOSS_BLOCKS_PER_SM (1..64,
+// for measuring how the kernel scales with the grid: the device check tries several),
+// else 0: 8 for the pixel kernel, one wave of resident blocks for the pairs kernel.
 int main_blocks_per_sm() {
-  static const int blocks = [] {
-    const char* e = std::getenv("CMSEG_CM_LOSS_BLOCKS_PER_SM");
-    const int v = e ? std::atoi(e) : 0;
-    return v >= 1 && v <= 64 ? v : 8;
-  }();
-  return blocks;
+  const char* e = std::getenv("CMSEG_CM_LOSS_BLOCKS_PER_SM");
+  const int v = e ? std::atoi(e) : 0;
+  return v >= 1 && v <= 64 ? v : 0;
 }
+
+thread_local const char* tl_last_kernel = "none";
 
 // With profiling on, the main kernel's launch shape once per (L, mode): registers,
 // resident blocks per SM against the blocks per SM the grid asks for (waves).
@@ -572,6 +574,27 @@ void launch_main(int L, unsigned grid, size_t smem, cudaStream_t st, const LossP
     case 3: cm_loss_kernel<3, MODE><<<grid, kLossThreads, smem, st>>>(P); break;
     case 4: cm_loss_kernel<4, MODE><<<grid, kLossThreads, smem, st>>>(P); break;
     default: cm_loss_kernel<0, MODE><<<grid, kLossThreads, smem, st>>>(P); break;
+  }
+}
+
+// Blocks of the pairs kernel resident per SM for this L, mode and R (at least 1).
+template <int LT, int MODE>
+int pairs_resident_for(int R, size_t smem) {
+  int resident = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, cm_loss_pairs_kernel<LT, MODE>, kPairPixels * R,
+                                                    smem) != cudaSuccess) {
+    cudaGetLastError();
+    resident = 0;
+  }
+  return resident > 0 ? resident : 1;
+}
+template <int MODE>
+int pairs_resident(int L, int R, size_t smem) {
+  switch (L) {
+    case 2: return pairs_resident_for<2, MODE>(R, smem);
+    case 3: return pairs_resident_for<3, MODE>(R, smem);
+    case 4: return pairs_resident_for<4, MODE>(R, smem);
+    default: return pairs_resident_for<0, MODE>(R, smem);
   }
 }
 
@@ -706,12 +729,18 @@ void cm_loss(Context& ctx, const CmLossInput& in, CmLossOutput& out) {
 
   ProfileScope prof_main_(ctx, "cm_loss: main+finish");
   const bool pairs = use_pairs_kernel(mode, R);
-  const unsigned grid = (unsigned)im.grid_for((int64_t)n * V, pairs ? kPairPixels : kLossThreads,
-                                              main_blocks_per_sm());
+  tl_last_kernel = pairs ? "pairs" : "pixel";
+  const size_t pairs_smem = sizeof(float) * R * L * kPairPixels;  // at most 32 KiB
+  int per_sm = main_blocks_per_sm();
+  if (!per_sm)
+    per_sm = !pairs ? 8
+             : mode == kFull ? pairs_resident<kFull>(L, R, pairs_smem)
+                             : pairs_resident<kLowRank>(L, R, pairs_smem);
+  const unsigned grid = (unsigned)im.grid_for((int64_t)n * V, pairs ? kPairPixels : kLossThreads, per_sm);
   Buffer<double> partial(ctx, (size_t)grid * 2 * R);
   P.partial = partial.data();
   if (pairs) {
-    const size_t smem = sizeof(float) * R * L * kPairPixels;  // at most 32 KiB
+    const size_t smem = pairs_smem;
     if (im.profiler.on && mode == kFull && L == 4) say_pairs_launch<4, kFull>(grid, R, smem, im.multiprocessors);
     if (mode == kFull)
       launch_pairs<kFull>(L, grid, smem, st, P);
@@ -755,6 +784,8 @@ void cm_loss(Context& ctx, const CmLossInput& in, CmLossOutput& out) {
   out.trace.assign(h.begin() + R, h.begin() + 2 * R);
   out.loss = h[2 * R];
 }
+
+const char* last_cm_loss_kernel() { return tl_last_kernel; }
 
 void cm_predict(Context& ctx, CmMode mode, int L, int rank, const std::vector<const float*>& cm_raw,
                 const float* probs, int n, int R, int64_t V, float* cms, float* annotator_probs) {

@@ -238,6 +238,13 @@ void Model::validate_images(const float* images, int n, Spatial s) const {
   for (int i = c.ndim == 3 ? 0 : 1; i < 3; ++i)
     if (dims[i] < 1 || dims[i] % m != 0)
       fail("spatial ", names[i], " ", dims[i], " is not divisible by 2^(depth-1) = ", m, " (depth ", c.depth, ")");
+  // Instance norm over a single position is degenerate (zero variance: its output
+  // is beta plus rounding noise, and so are the gradients through it); PyTorch
+  // refuses it too.
+  if ((int64_t)s.size() / ((int64_t)m * m * (c.ndim == 3 ? m : 1)) < 2)
+    fail("the deepest level (depth ", c.depth, ") of a ", c.ndim == 3 ? std::to_string(s.d) + "x" : std::string(), s.h,
+         "x", s.w, " input has a single position: instance norm needs more than one; use a larger input or a smaller "
+         "depth");
   const int64_t total = (int64_t)n * c.in_channels * s.size();
   for (int64_t i = 0; i < total; ++i)
     if (!std::isfinite(images[i])) {

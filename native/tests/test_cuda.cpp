@@ -248,8 +248,8 @@ LossCase make_loss_case(CmMode mode, int n, int L, int R, int64_t V, int rank, f
   return c;
 }
 
-void cm_loss_case(CmMode mode, int L, int rank, float lambda) {
-  LossCase c = make_loss_case(mode, 3, L, 3, 37 * 41, rank, lambda, 100 + L + 7 * (int)mode);
+void cm_loss_case(CmMode mode, int L, int rank, float lambda, int R = 3, int64_t V = 37 * 41) {
+  LossCase c = make_loss_case(mode, 3, L, R, V, rank, lambda, 100 + L + 7 * (int)mode + 3 * R);
   const CmLossInput in = c.input();
   auto run = [&](bool gpu, std::vector<float>& dz, std::vector<std::vector<float>>& draw, CmLossOutput& out) {
     dz.assign(c.logits.size(), -9.f);
@@ -276,8 +276,8 @@ void cm_loss_case(CmMode mode, int L, int rank, float lambda) {
     CHECK_CLOSE(gpu.ce[r], cpu.ce[r], 1e-5, 1e-7);
     CHECK_CLOSE(gpu.trace[r], cpu.trace[r], 1e-5, 1e-7);
   }
-  // The annotator with no labelled pixel contributes to neither term.
-  CHECK(gpu.ce[c.R - 1] == 0.0 && gpu.trace[c.R - 1] == 0.0);
+  // The annotator with no labelled pixel (make_loss_case: R >= 3) contributes to neither term.
+  if (c.R >= 3) CHECK(gpu.ce[c.R - 1] == 0.0 && gpu.trace[c.R - 1] == 0.0);
   char what[96];
   std::snprintf(what, sizeof what, "cm_loss %s L=%d d logits", cm_mode_name(mode), L);
   expect_close(what, dz_gpu, dz_cpu, 1e-5);
@@ -466,15 +466,37 @@ TEST(cm_loss_global_matches_cpu) {
 }
 
 // The pairs kernel (CMSEG_CM_LOSS_KERNEL=pairs: a thread per pixel and annotator)
-// against the CPU, as above; 3 x 1517 pixels leave a partial last tile of 64.
+// against the CPU, as above: 3 x 1517 pixels leave a partial last tile of 64; 3 x
+// 60000 give every block several tiles; 1, 8 and 2 annotators (16 classes: the
+// most shared memory); 9 annotators and global CMs fall back to the pixel kernel.
 TEST(cm_loss_pairs_kernel_matches_cpu) {
-  setenv("CMSEG_CM_LOSS_KERNEL", "pairs", 1);
+  struct Env {  // set for this test only, also when a case throws
+    Env() { setenv("CMSEG_CM_LOSS_KERNEL", "pairs", 1); }
+    ~Env() { unsetenv("CMSEG_CM_LOSS_KERNEL"); }
+  } env;
+  auto ran = [](const char* expected) {
+    if (std::strcmp(cu::last_cm_loss_kernel(), expected) != 0) {
+      std::printf("  cm_loss ran the %s kernel, expected %s\n", cu::last_cm_loss_kernel(), expected);
+      ++check::failures();
+    }
+  };
   cm_loss_case(CmMode::Full, 2, 1, 0.01f);
+  ran("pairs");
   cm_loss_case(CmMode::Full, 4, 1, 0.3f);
+  cm_loss_case(CmMode::Full, 4, 1, 0.3f, 3, 60000);
+  ran("pairs");
   cm_loss_case(CmMode::Full, 5, 1, 0.3f);
+  cm_loss_case(CmMode::Full, 4, 1, 0.3f, 1);
+  cm_loss_case(CmMode::Full, 4, 1, 0.3f, 8);
+  cm_loss_case(CmMode::Full, 16, 1, 0.3f, 2, 300);
+  ran("pairs");
   cm_loss_case(CmMode::LowRank, 3, 2, 0.3f);
-  cm_loss_case(CmMode::Global, 4, 1, 0.3f);  // not a pairs mode: the pixel kernel runs
-  unsetenv("CMSEG_CM_LOSS_KERNEL");
+  cm_loss_case(CmMode::LowRank, 6, 1, 0.3f, 4);
+  ran("pairs");
+  cm_loss_case(CmMode::Full, 3, 1, 0.3f, 9, 500);
+  ran("pixel");
+  cm_loss_case(CmMode::Global, 4, 1, 0.3f);
+  ran("pixel");
 }
 
 TEST(adam_matches_cpu) {

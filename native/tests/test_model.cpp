@@ -260,6 +260,8 @@ TEST(invalid_inputs_are_rejected_with_messages) {
   Batch b = d.batch();
   b.s = {1, 8, 6};
   CHECK_THROWS_WITH(m.evaluate(b), "width 6 is not divisible by 2^(depth-1) = 4");
+  b.s = {1, 4, 4};  // 1x1 at the deepest level: instance norm over one position
+  CHECK_THROWS_WITH(m.evaluate(b), "the deepest level (depth 3) of a 4x4 input has a single position");
   b = d.batch();
   d.images[5] = std::nanf("");
   CHECK_THROWS_WITH(m.evaluate(b), "images contain NaN at index 5");

@@ -272,7 +272,9 @@ TEST(primitives_are_cached) {
 
 namespace {
 
-void model_case(const ModelConfig& cfg, int n, Spatial s) {
+// check_reorders: bound the step's activation reorders (below); off where tiny
+// levels send some directions to the reference through plain copies.
+void model_case(const ModelConfig& cfg, int n, Spatial s, bool check_reorders = true) {
   const int64_t V = s.size();
   const auto images = check::random_vector((size_t)n * cfg.in_channels * V, 77);
   std::vector<std::vector<uint8_t>> labels(cfg.annotators, std::vector<uint8_t>((size_t)n * V));
@@ -300,7 +302,7 @@ void model_case(const ModelConfig& cfg, int n, Spatial s) {
   // A plain trunk reorders at nearly every convolution call (over 60 here).
   // (Under CMSEG_ONEDNN_LAYOUT=any, GEMM-only directions add their own.)
   const char* policy = std::getenv("CMSEG_ONEDNN_LAYOUT");
-  if (onednn::activation_block(cfg.ndim) && (!policy || !*policy || std::string(policy) == "auto")) {
+  if (check_reorders && onednn::activation_block(cfg.ndim) && (!policy || !*policy || std::string(policy) == "auto")) {
     // Annotator heads behind their own blocks cross the boundary once each way.
     const long long bound = 2 + 1 + 2 * (cfg.depth - 1) + (cfg.cm_head_blocks ? 2 * cfg.annotators : 0);
     std::printf("  %dD: %lld activation reorders in one step (at most %lld)\n", cfg.ndim, reorders, bound);
@@ -333,6 +335,17 @@ TEST(model_gradients_3d) {
   ModelConfig c;
   c.ndim = 3, c.in_channels = 4, c.classes = 4, c.annotators = 2, c.depth = 3, c.base = 8;
   model_case(c, 1, {16, 16, 16});
+}
+
+// Deepest levels of 2x2 and 2x2x2 (the smallest the model accepts), where some
+// directions have no direct oneDNN kernel and run the reference on plain copies
+// of the blocked tensors.
+TEST(model_gradients_tiny_levels) {
+  ModelConfig c;
+  c.ndim = 2, c.in_channels = 1, c.classes = 3, c.annotators = 2, c.depth = 4, c.base = 8;
+  model_case(c, 2, {1, 16, 16}, false);
+  c.ndim = 3, c.in_channels = 2, c.depth = 3;
+  model_case(c, 1, {8, 8, 8}, false);
 }
 
 // Annotator heads behind their own blocks: those blocks run in the blocked

@@ -135,6 +135,7 @@ void maxpool2_backward(Context&, const float* dy, const uint8_t* arg, float* dx,
   cmseg::maxpool2_backward(dy, arg, dx, nc, s, nd);
 }
 void cm_loss(Context&, const CmLossInput& in, CmLossOutput& out) { cmseg::cm_loss(in, out); }
+const char* last_cm_loss_kernel() { return "cpu"; }
 void adam_step(Context&, const std::vector<AdamTensor>& ts, const OptimConfig& o, int64_t step) {
   const float bc1 = 1.f - std::pow(o.beta1, (float)step), bc2 = 1.f - std::pow(o.beta2, (float)step);
   const float step_size = o.lr / bc1, rbc2 = 1.f / std::sqrt(bc2);

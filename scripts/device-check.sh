@@ -131,8 +131,8 @@ write_summary() {
     if grep -q "device time by layer" "$OUT/bench_gpu.txt" 2>/dev/null; then
       echo "== cmseg GPU brats3d-gpu: device time by layer (CMSEG_GPU_PROFILE)"
       sed -n '/device time by layer/,/^  sum /p' "$OUT/bench_gpu.txt"
-      grep -h "^cmseg: cm_loss main kernel" "$OUT/bench_gpu.txt" | sort -u
-      awk '/^cm_loss grid:/ { g = $0; next }
+      grep -hE "^cmseg: cm_loss (main|pairs) kernel" "$OUT/bench_gpu.txt" | sort -u
+      awk '/^cm_loss (grid|pairs kernel):/ { g = $0; next }
            g && /^cmseg GPU/ { match($0, /cm_loss [0-9.]+ ms, [0-9]+ GB\/s/); print "  " g " -> " substr($0, RSTART, RLENGTH); g = "" }' \
         "$OUT/bench_gpu.txt"
     fi
@@ -259,8 +259,8 @@ if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   # blocks per SM): the same bench with 2, 4, 16 and 32.
   stage cm_loss_grid 90 "$OUT/bench_gpu.txt" "for b in 2 4 16 32; do echo cm_loss grid: \$b blocks per SM; CMSEG_CM_LOSS_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss main kernel'; done"
   # The pairs kernel (a thread per pixel and annotator; off by default until measured)
-  # at the default grid and at 2 and 16 blocks per SM.
-  stage cm_loss_pairs 60 "$OUT/bench_gpu.txt" "for b in 8 2 16; do echo cm_loss pairs kernel: \$b blocks per SM; CMSEG_CM_LOSS_KERNEL=pairs CMSEG_CM_LOSS_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss (main|pairs) kernel'; done"
+  # at its default grid (one wave of resident blocks) and at 2 and 16 blocks per SM.
+  stage cm_loss_pairs 60 "$OUT/bench_gpu.txt" "for b in 0 2 16; do echo cm_loss pairs kernel: \$b blocks per SM; CMSEG_CM_LOSS_KERNEL=pairs CMSEG_CM_LOSS_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss (main|pairs) kernel'; done"
   # bf16 convolutions (config.bf16): compare with torch's bf16 autocast row.
   stage bench_gpu_bf16 60 "$OUT/bench_gpu.txt" "CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 bf16"
   # A convolution that fell back for want of workspace: the same bench with 8 GiB allowed.

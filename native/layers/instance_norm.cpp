@@ -16,6 +16,7 @@
 #include "cmseg/layers.hpp"
 #include "cmseg/profile.hpp"
 #include "cmseg/threads.hpp"
+#include "vec8.hpp"
 
 namespace cmseg {
 namespace {
@@ -140,21 +141,11 @@ void instance_norm_backward(const float* x, const float* y, const float* mean, c
 namespace cmseg {
 namespace {
 
-typedef float v8 __attribute__((vector_size(32)));
-#if defined(__GNUC__) && !defined(__clang__)
-// v8 values pass only between inline helpers of this file; without AVX
-// (CMSEG_NATIVE_ARCH=OFF) GCC warns that their calling convention differs.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-
-inline v8 load8(const float* p) {
-  v8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
-inline v8 splat(float f) { return v8{f, f, f, f, f, f, f, f}; }
-inline v8 vmax0(v8 a) { return a > 0.f ? a : splat(0.f); }
+using vec::load8;
+using vec::splat;
+using vec::store8;
+using vec::v8;
+inline v8 vmax0(v8 a) { return vec::max0(a); }
 
 // W vectors of 8 lanes: one block's worth of per-channel values.
 template <int W>

@@ -16,6 +16,8 @@
 // Every reduction has a fixed shape and order, so results repeat bit for bit.
 #include <cstdio>
 #include <cstdlib>
+#include <mutex>
+#include <set>
 #include <string>
 
 #include "common.cuh"
@@ -524,46 +526,27 @@ int main_blocks_per_sm() {
 
 thread_local const char* tl_last_kernel = "none";
 
-// With profiling on, the main kernel's launch shape once per (L, mode): registers,
+// With profiling on, a main kernel's launch shape once per kernel: registers,
 // resident blocks per SM against the blocks per SM the grid asks for (waves).
-template <int LT, int MODE>
-void say_launch(unsigned grid, size_t smem, int sms) {
-  static bool said = false;
-  if (said) return;
-  said = true;
+void say_launch(void (*kernel)(LossParams), const char* name, int L, int mode, unsigned grid, int threads,
+                size_t smem, int sms) {
+  static std::mutex mu;
+  static std::set<void (*)(LossParams)> said;
+  {
+    std::lock_guard<std::mutex> lk(mu);
+    if (!said.insert(kernel).second) return;
+  }
   cudaFuncAttributes fa{};
   int resident = 0;
-  if (cudaFuncGetAttributes(&fa, cm_loss_kernel<LT, MODE>) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, cm_loss_kernel<LT, MODE>, kLossThreads, smem) !=
-          cudaSuccess) {
+  if (cudaFuncGetAttributes(&fa, kernel) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, smem) != cudaSuccess) {
     cudaGetLastError();
     return;
   }
   std::fprintf(stderr,
-               "cmseg: cm_loss main kernel (L %d, mode %d): %d registers, %zu B local, %d blocks/SM resident; grid "
+               "cmseg: cm_loss %s kernel (L %d, mode %d): %d registers, %zu B local, %d blocks/SM resident; grid "
                "%u blocks of %d = %.2f waves on %d SMs\n",
-               LT, MODE, fa.numRegs, (size_t)fa.localSizeBytes, resident, grid, kLossThreads,
-               resident > 0 ? (double)grid / ((double)resident * sms) : 0.0, sms);
-}
-
-template <int LT, int MODE>
-void say_pairs_launch(unsigned grid, int R, size_t smem, int sms) {
-  static bool said = false;
-  if (said) return;
-  said = true;
-  cudaFuncAttributes fa{};
-  int resident = 0;
-  const int threads = kPairPixels * R;
-  if (cudaFuncGetAttributes(&fa, cm_loss_pairs_kernel<LT, MODE>) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, cm_loss_pairs_kernel<LT, MODE>, threads, smem) !=
-          cudaSuccess) {
-    cudaGetLastError();
-    return;
-  }
-  std::fprintf(stderr,
-               "cmseg: cm_loss pairs kernel (L %d, mode %d): %d registers, %zu B local, %d blocks/SM resident; grid "
-               "%u blocks of %d = %.2f waves on %d SMs\n",
-               LT, MODE, fa.numRegs, (size_t)fa.localSizeBytes, resident, grid, threads,
+               name, L, mode, fa.numRegs, (size_t)fa.localSizeBytes, resident, grid, threads,
                resident > 0 ? (double)grid / ((double)resident * sms) : 0.0, sms);
 }
 
@@ -741,14 +724,17 @@ void cm_loss(Context& ctx, const CmLossInput& in, CmLossOutput& out) {
   P.partial = partial.data();
   if (pairs) {
     const size_t smem = pairs_smem;
-    if (im.profiler.on && mode == kFull && L == 4) say_pairs_launch<4, kFull>(grid, R, smem, im.multiprocessors);
+    if (im.profiler.on && mode == kFull && L == 4)
+      say_launch(cm_loss_pairs_kernel<4, kFull>, "pairs", 4, kFull, grid, kPairPixels * R, smem,
+                 im.multiprocessors);
     if (mode == kFull)
       launch_pairs<kFull>(L, grid, smem, st, P);
     else
       launch_pairs<kLowRank>(L, grid, smem, st, P);
   } else {
     const size_t smem = sizeof(double) * 2 * R * kLossThreads;  // at most 32 KiB
-    if (im.profiler.on && mode == kFull && L == 4) say_launch<4, kFull>(grid, smem, im.multiprocessors);
+    if (im.profiler.on && mode == kFull && L == 4)
+      say_launch(cm_loss_kernel<4, kFull>, "main", 4, kFull, grid, kLossThreads, smem, im.multiprocessors);
     if (mode == kFull)
       launch_main<kFull>(L, grid, smem, st, P);
     else if (mode == kLowRank)

@@ -272,7 +272,8 @@ enum ConvertOp { kToBlocked = 21, kToPlain = 22 };
 
 // Cached reorder between plain and blocked activations, either way.
 void convert(const float* from, float* to, int n, int c, Spatial s, int ndim, int block, bool to_blocked) {
-  if (c % block) throw std::invalid_argument("cmseg: " + std::to_string(c) + " channels are not a multiple of the block");
+  if (c % block)
+    throw std::invalid_argument("cmseg: " + std::to_string(c) + " channels are not a multiple of the block");
   const Key key = make_key(to_blocked ? kToBlocked : kToPlain, n, c, c, s, ndim, Blocks{block, block});
   auto r = cached_as<dnnl::reorder>(key, [&] {
     const memory::desc p = plain_act(n, c, s, ndim), b = blocked_act(n, c, s, ndim, block);

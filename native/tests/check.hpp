@@ -56,21 +56,23 @@ inline bool close(double a, double b, double rtol, double atol) {
 }
 
 // [n][c][V] <-> [n][c / B][V][B], written out by index (independent of oneDNN).
+inline int64_t blocked_index(int i, int ch, int64_t v, int c, int64_t V, int B) {
+  return (((int64_t)i * (c / B) + ch / B) * V + v) * B + ch % B;
+}
 inline std::vector<float> block_channels(const std::vector<float>& x, int n, int c, int64_t V, int B) {
   std::vector<float> y(x.size());
   for (int i = 0; i < n; ++i)
     for (int ch = 0; ch < c; ++ch)
-      for (int64_t v = 0; v < V; ++v) y[(((int64_t)i * (c / B) + ch / B) * V + v) * B + ch % B] = x[((int64_t)i * c + ch) * V + v];
+      for (int64_t v = 0; v < V; ++v) y[blocked_index(i, ch, v, c, V, B)] = x[((int64_t)i * c + ch) * V + v];
   return y;
 }
 inline std::vector<float> unblock_channels(const std::vector<float>& y, int n, int c, int64_t V, int B) {
   std::vector<float> x(y.size());
   for (int i = 0; i < n; ++i)
     for (int ch = 0; ch < c; ++ch)
-      for (int64_t v = 0; v < V; ++v) x[((int64_t)i * c + ch) * V + v] = y[(((int64_t)i * (c / B) + ch / B) * V + v) * B + ch % B];
+      for (int64_t v = 0; v < V; ++v) x[((int64_t)i * c + ch) * V + v] = y[blocked_index(i, ch, v, c, V, B)];
   return x;
 }
-
 
 inline std::vector<float> random_vector(size_t n, uint32_t seed, float lo = -1.f, float hi = 1.f) {
   std::mt19937 g(seed);

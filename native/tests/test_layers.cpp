@@ -213,7 +213,8 @@ TEST(instance_norm_long_rows_keep_float_accuracy) {
 
 double max_rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
   double d = 0, m = 0;
-  for (size_t i = 0; i < a.size(); ++i) d = std::max(d, (double)std::fabs(a[i] - b[i])), m = std::max(m, (double)std::fabs(b[i]));
+  for (size_t i = 0; i < a.size(); ++i)
+    d = std::max(d, (double)std::fabs(a[i] - b[i])), m = std::max(m, (double)std::fabs(b[i]));
   return m > 0 ? d / m : d;
 }
 

@@ -111,12 +111,17 @@ void conv3_case(const Shape& c, uint32_t seed) {
   for (bool x_plain : {false, true}) {
     if (!x_plain && c.cin % B) continue;
     const onednn::Blocks blk{x_plain ? 0 : B, B};
-    auto in_layout = [&](const std::vector<float>& v) { return x_plain ? v : check::block_channels(v, c.n, c.cin, V, B); };
-    auto from_x = [&](const std::vector<float>& v) { return x_plain ? v : check::unblock_channels(v, c.n, c.cin, V, B); };
+    auto in_layout = [&](const std::vector<float>& v) {
+      return x_plain ? v : check::block_channels(v, c.n, c.cin, V, B);
+    };
+    auto from_x = [&](const std::vector<float>& v) {
+      return x_plain ? v : check::unblock_channels(v, c.n, c.cin, V, B);
+    };
     const auto xb = in_layout(x), dyb = check::block_channels(dy, c.n, c.cout, V, B);
     std::vector<float> yb(y[0].size(), 7.f), dxb(x.size(), 7.f), dwb = dw0;
     onednn::conv3_forward(xb.data(), w.data(), yb.data(), c.n, c.cin, c.cout, c.s, c.ndim, blk);
-    onednn::conv3_backward(xb.data(), w.data(), dyb.data(), dxb.data(), dwb.data(), c.n, c.cin, c.cout, c.s, c.ndim, blk);
+    onednn::conv3_backward(xb.data(), w.data(), dyb.data(), dxb.data(), dwb.data(), c.n, c.cin, c.cout, c.s, c.ndim,
+                           blk);
     const std::string bn = nm + (x_plain ? " blocked y, plain x" : " blocked");
     expect_close(check::unblock_channels(yb, c.n, c.cout, V, B), y[0], bn + " y");
     expect_close(from_x(dxb), dx[0], bn + " dx");

@@ -351,6 +351,8 @@ TEST(model_gradients_tiny_levels) {
   model_case(c, 2, {1, 16, 16}, false);
   c.ndim = 3, c.in_channels = 2, c.depth = 3;
   model_case(c, 1, {8, 8, 8}, false);
+  c.depth = 1;  // no decoder: the features' gradient goes straight to the encoder
+  model_case(c, 2, {4, 6, 8});
 }
 
 // Annotator heads behind their own blocks: those blocks run in the blocked

@@ -7,10 +7,12 @@
 // (one memset zeroes every gradient; one Adam launch updates everything). Every
 // activation and scratch array is a pool allocation. The backward pass hands each
 // one back to the pool once its last reader is queued (the heads' outputs and
-// gradients before the decoder's scratch is taken, each block's activations after
-// its backward, the scratch at the end), as autograd frees saved tensors: the
-// peak is then the activations plus one level's gradients, not everything at
-// once. The stream-ordered pool keeps the memory cached, so the next step's
+// gradients before the decoder's scratch is taken, each decoder block's
+// activations before its input gradient is taken, the scratch at the end), as
+// autograd frees saved tensors; the CM loss writes each head's gradient over its
+// raw output. The peak is then the forward's activations plus the features'
+// gradient (in the host emulation of a brats3d-like step: 17.1 level-0
+// activations, 23.5 before these releases), not everything at once. The stream-ordered pool keeps the memory cached, so the next step's
 // allocations are served from it without a device synchronisation.
 // Scratch arrays are shared where their lifetimes do not overlap on the stream
 // (noted at each use); the stream orders every reuse after the previous reader.
@@ -77,7 +79,7 @@ struct ModelGpu::Impl {
   // ---- activations of the last forward pass and backward scratch
   std::vector<Spatial> level_s;
   std::vector<BlockActs> enc_a, dec_a, cmb_a;
-  std::vector<Buffer<float>> pooled, cats, cm_raw, d_cm, g_enc;
+  std::vector<Buffer<float>> pooled, cats, cm_raw, g_enc;  // cm_raw[r] turns into its gradient in the loss
   std::vector<Buffer<uint8_t>> pool_arg;
   Buffer<float> seg_logits, d_seg, d_feat, d_tmp, d_tmp2, scratch_a, scratch_b, d_cat, d_below, d_in;
 
@@ -136,7 +138,9 @@ struct ModelGpu::Impl {
 
   // dy: gradient of the block output; dx: of its input (may be null). Uses
   // scratch_a and scratch_b, which must not be dy or dx.
-  void block_backward(const Block& b, const float* x, int n, Spatial s, BlockActs& a, const float* dy, float* dx) {
+  // A block's backward up to the gradient of its first convolution's output, left in
+  // scratch_a (returned). The block's activations are not read after it.
+  float* block_backward_to_conv1(const Block& b, int n, Spatial s, const BlockActs& a, const float* dy) {
     const int64_t Vs = s.size();
     const size_t sz = (size_t)n * b.cout * Vs;
     float* t1 = ensure(ctx, scratch_a, sz);
@@ -146,20 +150,24 @@ struct ModelGpu::Impl {
     conv3_backward(ctx, a.a1.data(), W(b.w2), t1, t2, G(b.w2), n, b.cout, b.cout, s, c.ndim);
     instance_norm_backward(ctx, a.h1.data(), a.a1.data(), a.mean1.data(), a.rstd1.data(), W(b.g1), t2, t1, G(b.g1),
                            G(b.b1), n, b.cout, Vs, true);
+    return t1;
+  }
+  void block_backward(const Block& b, const float* x, int n, Spatial s, BlockActs& a, const float* dy, float* dx) {
+    float* t1 = block_backward_to_conv1(b, n, s, a, dy);
     conv3_backward(ctx, x, W(b.w1), t1, dx, G(b.w1), n, b.cin, b.cout, s, c.ndim);
   }
 
   // Scratch sized once per step for the largest level it serves, so a pointer
-  // taken from it stays valid for the whole step.
+  // taken from it stays valid for the whole step. (d_cat is taken in the decoder's
+  // backward, once level 0's block activations are back in the pool.)
   void size_scratch(int n) {
     const int D = c.depth;
-    size_t block_max = 0, cat_max = 0, below_max = 0, in_max = 0;
+    size_t block_max = 0, below_max = 0, in_max = 0;
     auto blk = [&](const Block& b, int level) { block_max = std::max(block_max, (size_t)n * b.cout * V(level)); };
     for (int k = 0; k < D; ++k) blk(enc[k], k);
     for (int k = 0; k + 1 < D; ++k) {
       const int lo = D - 1 - k, hi = D - 2 - k;
       blk(dec[k], hi);
-      cat_max = std::max(cat_max, (size_t)n * 2 * dec[k].cout * V(hi));
       below_max = std::max(below_max, (size_t)n * 2 * dec[k].cout * V(lo));
     }
     for (auto& b : cmb) blk(b, 0);
@@ -169,7 +177,6 @@ struct ModelGpu::Impl {
     }
     ensure(ctx, scratch_a, block_max);
     ensure(ctx, scratch_b, block_max);
-    ensure(ctx, d_cat, cat_max);
     ensure(ctx, d_below, below_max);
     ensure(ctx, d_in, in_max);
   }
@@ -220,8 +227,7 @@ struct ModelGpu::Impl {
 
   // The heads' outputs and gradients once the heads' backward is queued.
   void release_heads() {
-    for (auto* bufs : {&cm_raw, &d_cm})
-      for (Buffer<float>& b : *bufs) b.reset();
+    for (Buffer<float>& b : cm_raw) b.reset();
     for (BlockActs& a : cmb_a) a = BlockActs();
     for (Buffer<float>* b : {&seg_logits, &d_seg, &d_tmp, &d_tmp2}) b->reset();
   }
@@ -284,7 +290,7 @@ ModelGpu::ModelGpu(const ModelConfig& config, const std::vector<Param>& params) 
   const int D = c.depth, R = c.annotators;
   m.enc_a.resize(D), m.dec_a.resize(D > 1 ? D - 1 : 0), m.cmb_a.resize(m.cmb.size());
   m.pooled.resize(D), m.pool_arg.resize(D), m.cats.resize(D > 1 ? D - 1 : 0);
-  m.cm_raw.resize(R), m.d_cm.resize(R), m.g_enc.resize(D);
+  m.cm_raw.resize(R), m.g_enc.resize(D);
   for (auto& slot : m.slots) slot.labels.resize(R);
 
   m.value = Buffer<float>(m.ctx, (size_t)m.total);
@@ -437,8 +443,10 @@ StepResult ModelGpu::run(const Batch& batch, bool backward, float trace_weight) 
     out.d_seg_logits = dseg;
     for (int r = 0; r < R; ++r) {
       in.cm_raw.push_back(pixel_cm ? m.cm_raw[r].data() : m.W(m.gcm[r]));
-      // Global mode: the loss writes d/d gcm.r straight into its gradient.
-      if (backward) out.d_cm_raw.push_back(pixel_cm ? ensure(ctx, m.d_cm[r], (size_t)NV * K) : m.G(m.gcm[r]));
+      // The raw CM channels are read only by the loss: their gradient overwrites them
+      // in place (loss.hpp), which saves R x K channels of level-0 memory at the
+      // step's peak. Global mode: the loss writes d/d gcm.r straight into its gradient.
+      if (backward) out.d_cm_raw.push_back(pixel_cm ? m.cm_raw[r].data() : m.G(m.gcm[r]));
     }
     cm_loss(ctx, in, out);
     res.loss = out.loss, res.ce = out.ce, res.trace = out.trace, res.trace_weight = trace_weight;
@@ -453,7 +461,7 @@ StepResult ModelGpu::run(const Batch& batch, bool backward, float trace_weight) 
   if (!plain_ce && pixel_cm) {
     for (int r = 0; r < R; ++r) {
       if (B == 0) {
-        conv1_backward(ctx, feat, m.W(m.cm_w[r]), m.d_cm[r].data(), d_feat, m.G(m.cm_w[r]), m.G(m.cm_b[r]), n, C0, K,
+        conv1_backward(ctx, feat, m.W(m.cm_w[r]), m.cm_raw[r].data(), d_feat, m.G(m.cm_w[r]), m.G(m.cm_b[r]), n, C0, K,
                        V0);
         continue;
       }
@@ -462,7 +470,7 @@ StepResult ModelGpu::run(const Batch& batch, bool backward, float trace_weight) 
       float* dt2 = ensure(ctx, m.d_tmp2, feat_count);
       ctx.zero(dt, feat_count * sizeof(float));
       const float* head_in = m.cmb_a[r * B + B - 1].a2.data();
-      conv1_backward(ctx, head_in, m.W(m.cm_w[r]), m.d_cm[r].data(), dt, m.G(m.cm_w[r]), m.G(m.cm_b[r]), n, C0, K,
+      conv1_backward(ctx, head_in, m.W(m.cm_w[r]), m.cm_raw[r].data(), dt, m.G(m.cm_w[r]), m.G(m.cm_b[r]), n, C0, K,
                      V0);
       for (int b = B - 1; b >= 0; --b) {
         const float* bin = b == 0 ? feat : m.cmb_a[r * B + b - 1].a2.data();
@@ -488,14 +496,18 @@ StepResult ModelGpu::run(const Batch& batch, bool backward, float trace_weight) 
   bool first = true;  // g_out is d_feat
   for (int k = D - 2; k >= 0; --k) {
     const int lo = D - 1 - k, hi = D - 2 - k, cout = m.dec[k].cout, cin = 2 * cout;
-    float* d_cat = m.d_cat.data();
-    m.block_backward(m.dec[k], m.cats[k].data(), n, m.level_s[hi], m.dec_a[k], g_out, d_cat);
-    // The block's activations and input are read for the last time above (its
-    // output was `below` of the level above, done earlier); so are the features'
-    // gradient (the first g_out).
+    float* t1 = m.block_backward_to_conv1(m.dec[k], n, m.level_s[hi], m.dec_a[k], g_out);
+    // The block's activations are read for the last time above (its output was
+    // `below` of the level above, done earlier); so is the features' gradient (the
+    // first g_out). Back to the pool before d_cat is taken: at level 0, the step's
+    // peak, d_cat then takes their memory instead of adding to it. (Grow-only: the
+    // deeper levels reuse level 0's d_cat.)
     m.dec_a[k] = BlockActs();
-    m.cats[k].reset();
     if (first) m.d_feat.reset(), first = false;
+    float* d_cat = ensure(ctx, m.d_cat, (size_t)n * cin * m.V(hi));
+    conv3_backward(ctx, m.cats[k].data(), m.W(m.dec[k].w1), t1, d_cat, m.G(m.dec[k].w1), n, cin, cout, m.level_s[hi],
+                   nd);
+    m.cats[k].reset();
     // The block is done with scratch_a: it takes the up-convolution's output gradient.
     float* d_up = m.scratch_a.data();
     concat_backward(ctx, d_cat, g_enc(hi), cout, d_up, cout, n, m.V(hi), false);
@@ -533,7 +545,7 @@ void ModelGpu::release_activations() {
   m.ctx.make_current();
   for (auto* acts : {&m.enc_a, &m.dec_a, &m.cmb_a})
     for (BlockActs& a : *acts) a = BlockActs();
-  for (auto* bufs : {&m.pooled, &m.cats, &m.cm_raw, &m.d_cm, &m.g_enc})
+  for (auto* bufs : {&m.pooled, &m.cats, &m.cm_raw, &m.g_enc})
     for (Buffer<float>& b : *bufs) b.reset();
   for (Buffer<uint8_t>& b : m.pool_arg) b.reset();
   for (Impl::BatchSlot& bs : m.slots) {

@@ -82,7 +82,7 @@ struct Model::Impl {
   std::vector<std::vector<float>> cm_raw;
   // Backward scratch.
   std::vector<float> d_seg;
-  std::vector<std::vector<float>> d_cm, g_enc;
+  std::vector<std::vector<float>> g_enc;
   std::vector<float> scratch_a, scratch_b, d_feat, d_feat_trunk, d_tmp, d_tmp2;
   std::vector<float> g_out, d_cat, d_up, d_below, d_in, d_pool;  // decoder / encoder backward
 };
@@ -479,13 +479,13 @@ StepResult Model::run(const Batch& batch, bool backward) {
     in.trace_weight = current_trace_weight();
     CmLossOutput out;
     out.d_seg_logits = dseg;
-    m.d_cm.resize(R);
     for (int r = 0; r < R; ++r) {
       in.cm_raw.push_back(pixel_cm ? m.cm_raw[r].data() : P[m.gcm[r]].value.data());
       if (backward) {
         if (pixel_cm) {
-          grow(m.d_cm[r], (size_t)n * K * V0);
-          out.d_cm_raw.push_back(m.d_cm[r].data());
+          // The raw channels are read only by the loss: their gradient replaces
+          // them (loss.hpp), so the step holds one array per head, not two.
+          out.d_cm_raw.push_back(m.cm_raw[r].data());
         } else {
           out.d_cm_raw.push_back(P[m.gcm[r]].grad.data());
         }
@@ -505,7 +505,7 @@ StepResult Model::run(const Batch& batch, bool backward) {
   // extra blocks, every CM head); heads behind extra blocks below.
   heads[0].dy = m.d_seg.data(), heads[0].dw = P[m.seg_w].grad.data(), heads[0].db = P[m.seg_b].grad.data();
   for (int r = 0; r + 1 < (int)heads.size(); ++r) {
-    heads[r + 1].dy = m.d_cm[r].data();
+    heads[r + 1].dy = m.cm_raw[r].data();
     heads[r + 1].dw = P[m.cm_w[r]].grad.data(), heads[r + 1].db = P[m.cm_b[r]].grad.data();
   }
   conv1_backward_heads(feat, heads, m.d_feat.data(), n, C0, V0);
@@ -522,7 +522,7 @@ StepResult Model::run(const Batch& batch, bool backward) {
       grow(m.d_tmp, feat_count);
       grow(m.d_tmp2, feat_count);
       std::fill_n(m.d_tmp.begin(), feat_count, 0.f);
-      conv1_backward(head_in[r], P[m.cm_w[r]].value.data(), m.d_cm[r].data(), m.d_tmp.data(),
+      conv1_backward(head_in[r], P[m.cm_w[r]].value.data(), m.cm_raw[r].data(), m.d_tmp.data(),
                      P[m.cm_w[r]].grad.data(), P[m.cm_b[r]].grad.data(), n, C0, K, V0);
       if (t.block) {
         onednn::to_blocked(m.d_tmp.data(), m.d_tmp2.data(), n, C0, m.level_s[0], nd, t.block);

@@ -193,6 +193,28 @@ TEST(gradients_full_5_classes) { gradient_case(CmMode::Full, 1, 5, 19); }
 TEST(gradients_lowrank) { gradient_case(CmMode::LowRank, 2); }
 TEST(gradients_global) { gradient_case(CmMode::Global, 1); }
 
+// The gradient may overwrite the raw channels (loss.hpp; the GPU model does):
+// the same loss and bit-identical gradients as into separate arrays. Long rows
+// (several chunks and the vector groups' scalar tails), an absent annotator.
+TEST(gradient_in_place_of_raw_channels) {
+  for (CmMode mode : {CmMode::Full, CmMode::LowRank}) {
+    Case c = random_case(mode, 2, 4, 3, 1500, 2, 300 + (int)mode);
+    std::vector<float> dz(c.logits.size()), dz2(c.logits.size());
+    std::vector<std::vector<float>> draw;
+    CmLossOutput apart, inplace;
+    apart.d_seg_logits = dz.data();
+    for (int r = 0; r < c.R; ++r) draw.emplace_back(c.raw[r].size()), apart.d_cm_raw.push_back(draw[r].data());
+    cm_loss(c.input(), apart);
+    Case d = c;  // raw overwritten below
+    inplace.d_seg_logits = dz2.data();
+    for (int r = 0; r < d.R; ++r) inplace.d_cm_raw.push_back(d.raw[r].data());
+    cm_loss(d.input(), inplace);
+    CHECK(inplace.loss == apart.loss);
+    CHECK(dz2 == dz);
+    for (int r = 0; r < c.R; ++r) CHECK(d.raw[r] == draw[r]);
+  }
+}
+
 TEST(plain_cross_entropy_gradients) {
   const int n = 2, L = 3;
   const int64_t V = 6;

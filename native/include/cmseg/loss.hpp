@@ -35,6 +35,8 @@ struct CmLossOutput {
   double loss = 0;
   std::vector<double> ce, trace;  // per annotator (unweighted CE_r and T_r)
   // Gradients (overwritten): d/d seg_logits [n, L, V]; per annotator d/d cm_raw (same shape as cm_raw).
+  // d_cm_raw[r] may be cm_raw[r] itself (pixel-wise modes): each pixel's raw channels
+  // are read before its gradient is written, so the gradient can replace them in place.
   float* d_seg_logits = nullptr;
   std::vector<float*> d_cm_raw;
 };

@@ -465,6 +465,51 @@ TEST(cm_loss_global_matches_cpu) {
   cm_loss_case(CmMode::Global, 7, 1, 0.3f);
 }
 
+// The GPU model lets the loss write each head's gradient over its raw output
+// (loss.hpp): on the device, with both kernels, the same loss and bit-identical
+// gradients as into separate arrays.
+TEST(cm_loss_gradient_in_place_on_device) {
+  for (const char* kernel : {"pixel", "pairs"}) {
+    struct Env {
+      explicit Env(const char* k) { setenv("CMSEG_CM_LOSS_KERNEL", k, 1); }
+      ~Env() { unsetenv("CMSEG_CM_LOSS_KERNEL"); }
+    } env(kernel);
+    for (CmMode mode : {CmMode::Full, CmMode::LowRank}) {
+      LossCase c = make_loss_case(mode, 3, 4, 3, 5000, 2, 0.3f, 700 + (int)mode);
+      cu::Context& x = ctx();
+      cu::Buffer<float> z(x, c.logits), dz1(x, c.logits.size()), dz2(x, c.logits.size());
+      std::vector<cu::Buffer<float>> raw1, raw2, draw1;
+      std::vector<cu::Buffer<uint8_t>> lab;
+      cu::Buffer<uint8_t> present(x, c.present);
+      CmLossInput in1 = c.input(), in2 = c.input();
+      CmLossOutput apart, inplace;
+      in1.seg_logits = in2.seg_logits = z.data();
+      in1.present = in2.present = present.data();
+      apart.d_seg_logits = dz1.data(), inplace.d_seg_logits = dz2.data();
+      for (int r = 0; r < c.R; ++r) {
+        raw1.emplace_back(x, c.raw[r]), raw2.emplace_back(x, c.raw[r]), draw1.emplace_back(x, c.raw[r].size());
+        lab.emplace_back(x, c.labels[r]);
+        in1.cm_raw[r] = raw1[r].data(), in2.cm_raw[r] = raw2[r].data();
+        in1.labels[r] = in2.labels[r] = lab[r].data();
+        apart.d_cm_raw.push_back(draw1[r].data());
+        inplace.d_cm_raw.push_back(raw2[r].data());
+      }
+      cu::cm_loss(x, in1, apart);
+      cu::cm_loss(x, in2, inplace);
+      CHECK(inplace.loss == apart.loss);
+      std::vector<float> a(c.logits.size()), b(c.logits.size());
+      dz1.download(a.data()), dz2.download(b.data());
+      CHECK(a == b);
+      for (int r = 0; r < c.R; ++r) {
+        std::vector<float> g1(c.raw[r].size()), g2(c.raw[r].size());
+        draw1[r].download(g1.data()), raw2[r].download(g2.data());
+        CHECK(g1 == g2);
+      }
+      std::printf("  %s kernel, %s: in place == apart\n", kernel, cm_mode_name(mode));
+    }
+  }
+}
+
 // The pairs kernel (CMSEG_CM_LOSS_KERNEL=pairs: a thread per pixel and annotator)
 // against the CPU, as above: 3 x 1517 pixels leave a partial last tile of 64; 3 x
 // 60000 give every block several tiles; 1, 8 and 2 annotators (16 classes: the

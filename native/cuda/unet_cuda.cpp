@@ -11,9 +11,10 @@
 // activations before its input gradient is taken, the scratch at the end), as
 // autograd frees saved tensors; the CM loss writes each head's gradient over its
 // raw output. The peak is then the forward's activations plus the features'
-// gradient (in the host emulation of a brats3d-like step: 17.1 level-0
-// activations, 23.5 before these releases), not everything at once. The stream-ordered pool keeps the memory cached, so the next step's
-// allocations are served from it without a device synchronisation.
+// gradient, not everything at once (in the host emulation of a brats3d-like step:
+// 17.1 level-0 activations; 23.5 without the early releases). The stream-ordered
+// pool keeps the memory cached, so the next step's allocations are served from it
+// without a device synchronisation.
 // Scratch arrays are shared where their lifetimes do not overlap on the stream
 // (noted at each use); the stream orders every reuse after the previous reader.
 //
@@ -461,8 +462,8 @@ StepResult ModelGpu::run(const Batch& batch, bool backward, float trace_weight) 
   if (!plain_ce && pixel_cm) {
     for (int r = 0; r < R; ++r) {
       if (B == 0) {
-        conv1_backward(ctx, feat, m.W(m.cm_w[r]), m.cm_raw[r].data(), d_feat, m.G(m.cm_w[r]), m.G(m.cm_b[r]), n, C0, K,
-                       V0);
+        conv1_backward(ctx, feat, m.W(m.cm_w[r]), m.cm_raw[r].data(), d_feat, m.G(m.cm_w[r]), m.G(m.cm_b[r]), n, C0,
+                       K, V0);
         continue;
       }
       // Through the head, then this annotator's extra blocks, into the shared features.

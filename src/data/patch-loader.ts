@@ -733,6 +733,10 @@ export class PatchLoader implements AsyncIterable<PatchBatch> {
   }
 
   private onReply(worker: number, reply: PatchWorkerReply): void {
+    // After close() a late reply is dropped, and its worker stays ref'd until its
+    // exit: unref'ing it here let the event loop empty while close() still awaited
+    // that exit (the process ended mid-await; a rare "test unfinished" under load).
+    if (this.closed) return;
     if (--this.inFlight[worker] === 0) this.workers[worker].unref();
     const entry = this.pending.get(reply.index);
     if (!entry) return;
@@ -779,6 +783,8 @@ export class PatchLoader implements AsyncIterable<PatchBatch> {
     for (const entry of this.pending.values()) entry.reject(closedError);
     this.pending.clear();
     this.sampler?.close();
+    // Idle workers are unref'd: ref them so that the event loop waits for their exit.
+    for (const w of this.workers) w.ref();
     await Promise.all(this.workers.map((w) => w.terminate()));
   }
 }

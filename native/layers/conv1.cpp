@@ -162,7 +162,11 @@ void conv1_backward_heads(const float* x, const std::vector<Conv1Head>& heads, f
   const int64_t chunks = (V + ch - 1) / ch;
   // Per thread part: every head's dw then db, summed in part order (deterministic).
   std::vector<size_t> offset(heads.size() + 1, 0);
-  for (size_t k = 0; k < heads.size(); ++k) offset[k + 1] = offset[k] + (size_t)heads[k].cout * (cin + 1);
+  int out_rows = 0;  // every head's output channels
+  for (size_t k = 0; k < heads.size(); ++k) {
+    offset[k + 1] = offset[k] + (size_t)heads[k].cout * (cin + 1);
+    out_rows += heads[k].cout;
+  }
   std::vector<std::vector<float>> partial(static_parts(n * chunks));
   parallel_for_static(n * chunks, [&](int64_t item, int thread) {
     const int64_t img = item / chunks, v0 = (item % chunks) * ch;
@@ -172,7 +176,7 @@ void conv1_backward_heads(const float* x, const std::vector<Conv1Head>& heads, f
     // Packed copies of the sub-chunk's x and dy rows (see the forward).
     thread_local std::vector<float> xp, dyp;
     xp.resize((size_t)cin * kPad);
-    dyp.resize((size_t)offset.back() / (cin + 1) * kPad);
+    dyp.resize((size_t)out_rows * kPad);
     std::vector<const float*> dys(heads.size());
     for (int s0 = 0; s0 < cnt; s0 += kSub) {
       const int m = std::min(kSub, cnt - s0);

@@ -145,7 +145,6 @@ using vec::load8;
 using vec::splat;
 using vec::store8;
 using vec::v8;
-inline v8 vmax0(v8 a) { return vec::max0(a); }
 
 // W vectors of 8 lanes: one block's worth of per-channel values.
 template <int W>
@@ -257,7 +256,7 @@ void forward_blocked(const float* x, const float* gamma, const float* beta, floa
     for (int64_t v = sp.begin(p); v < sp.end(p); ++v)
       for (int w = 0; w < W; ++w) {
         const v8 t = load8(xi + v * B + 8 * w) * g.v[w] + b.v[w];
-        store8(yi + v * B + 8 * w, relu ? vmax0(t) : t);
+        store8(yi + v * B + 8 * w, relu ? vec::max0(t) : t);
       }
   });
 }

@@ -271,20 +271,27 @@ std::atomic<long long> activation_reorder_count{0};
 enum ConvertOp { kToBlocked = 21, kToPlain = 22 };
 
 // Cached reorder between plain and blocked activations, either way.
+// A cached reorder between plain and blocked activations, with its two layouts.
+struct Conversion {
+  memory::desc src, dst;
+  dnnl::reorder prim;
+};
+
 void convert(const float* from, float* to, int n, int c, Spatial s, int ndim, int block, bool to_blocked) {
   if (c % block)
     throw std::invalid_argument("cmseg: " + std::to_string(c) + " channels are not a multiple of the block");
   const Key key = make_key(to_blocked ? kToBlocked : kToPlain, n, c, c, s, ndim, Blocks{block, block});
-  auto r = cached_as<dnnl::reorder>(key, [&] {
+  auto r = cached_as<Conversion>(key, [&] {
+    auto e = std::make_shared<Conversion>();
     const memory::desc p = plain_act(n, c, s, ndim), b = blocked_act(n, c, s, ndim, block);
-    return std::make_shared<dnnl::reorder>(
-        dnnl::reorder::primitive_desc(engine(), to_blocked ? p : b, engine(), to_blocked ? b : p));
+    e->src = to_blocked ? p : b, e->dst = to_blocked ? b : p;
+    e->prim = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), e->src, engine(), e->dst));
+    return e;
   });
   ProfileScope prof("onednn_reorder");
   count_activation_reorder();
-  const memory::desc p = plain_act(n, c, s, ndim), b = blocked_act(n, c, s, ndim, block);
-  memory src(to_blocked ? p : b, engine(), const_cast<float*>(from)), dst(to_blocked ? b : p, engine(), to);
-  r->execute(stream(), src, dst);
+  memory src(r->src, engine(), const_cast<float*>(from)), dst(r->dst, engine(), to);
+  r->prim.execute(stream(), src, dst);
   stream().wait();
 }
 }  // namespace

@@ -25,8 +25,8 @@
 #              GFLOP/s, peak pool memory, fused CM loss GB/s (JSON like the torch bench),
 #              and the device time of each layer per step (CMSEG_GPU_PROFILE=1); then
 #              the same step varied, to choose defaults from: bench_gpu_ncdhw (cuDNN on
-#              the NCDHW tensors), bench_gpu_upconv_cl (transposed convolutions on
-#              channels-last copies), cm_loss_grid (the fused CM loss at 2-32 blocks
+#              the NCDHW tensors), bench_gpu_upconv_cudnn / _cl (transposed
+#              convolutions through cuDNN instead of GEMMs), cm_loss_grid (the fused CM loss at 2-32 blocks
 #              per SM), cm_loss_pairs (its thread-per-pixel-and-annotator kernel),
 #              bench_gpu_bf16 (bf16 convolutions)
 #   smoke      (Node) scripts/device-smoke.mjs: the addon's `device: 'cuda'` model
@@ -163,8 +163,8 @@ for line in lines:
         mode = "bf16 convolutions" if r.get("bf16") else "TF32" if r.get("tf32") else "fp32"
         if "channelsLast" in r:
             mode += ", cuDNN on " + ("NDHWC copies" if r["channelsLast"] else "NCDHW tensors")
-        if r.get("upconvChannelsLast"):
-            mode += ", upconv2 on NDHWC copies"
+        if r.get("upconv"):
+            mode += ", upconv2 " + r["upconv"]
         print(f"  cmseg GPU {r['config']} {mode}: median step {r['stepMsMedian']:.1f} ms, "
               f"{r['voxelsPerSecond'] / 1e6:.2f} Mvoxel/s, {r['gflopPerSecond']:.0f} GFLOP/s, "
               f"peak {r.get('peakGpuMB', 0):.0f} MiB, steps {r['stepMs']}; "
@@ -253,8 +253,11 @@ if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   # The same step with cuDNN on the model's NCDHW tensors (no channels-last copies):
   # as fast at level 0 on an H200 once the workspace cap allowed the fast algorithms.
   stage bench_gpu_ncdhw 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_CHANNELS_LAST=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
-  # The transposed convolutions on channels-last copies too (off by default until measured).
-  stage bench_gpu_upconv_cl 60 "$OUT/bench_gpu.txt" "CMSEG_UPCONV_CHANNELS_LAST=1 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  # The transposed convolutions through cuDNN (the default runs them as cuBLAS GEMMs
+  # with our scatter/gather; cuDNN's NCDHW backward took 8.9 ms/step on an H200):
+  # on the NCDHW tensors, then on channels-last copies.
+  stage bench_gpu_upconv_cudnn 60 "$OUT/bench_gpu.txt" "CMSEG_UPCONV=cudnn CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  stage bench_gpu_upconv_cl 60 "$OUT/bench_gpu.txt" "CMSEG_UPCONV=cudnn-cl CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # The fused CM loss against its grid size (it reached ~15% of the bandwidth with 8
   # blocks per SM): the same bench with 2, 4, 16 and 32.
   stage cm_loss_grid 90 "$OUT/bench_gpu.txt" "for b in 2 4 16 32; do echo cm_loss grid: \$b blocks per SM; CMSEG_CM_LOSS_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss main kernel'; done"

@@ -143,6 +143,20 @@ struct Context::Impl {
 
 inline cudaStream_t stream_of(Context& ctx) { return ctx.impl().stream; }
 
+// cuBLAS's TF32 tensor cores follow the context's option, as the cuDNN convolutions do.
+inline void cublas_math(Context& ctx) {
+  CMSEG_CUBLAS(cublasSetMathMode(ctx.impl().cublas(),
+                                 ctx.options().tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+}
+
+// upconv2 through cuDNN, without the bias (conv_cudnn.cu; upconv2.cu chooses the
+// path): on channels-last copies when channels_last (falling back to NCDHW), else
+// on the NCDHW tensors. dx may be null; dw is accumulated into.
+void upconv2_forward_cudnn(Context& ctx, const float* x, const float* w, float* y, int n, int cin, int cout,
+                           Spatial s, int ndim, bool channels_last);
+void upconv2_backward_cudnn(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw,
+                            int n, int cin, int cout, Spatial s, int ndim, bool channels_last);
+
 // Sum of one double per thread over the block, in a fixed order (warp shuffles,
 // then the warps' sums by warp 0), so the result is the same on every run. All
 // threads of the block must call it; the total is returned to thread 0.

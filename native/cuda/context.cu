@@ -73,8 +73,13 @@ Context::Context(const ContextOptions& options) : impl_(new Impl) {
   if (const char* b = std::getenv("CMSEG_CUDNN_BENCHMARK"); b && *b) m.options.conv_benchmark = std::string(b) != "0";
   if (const char* mb = std::getenv("CMSEG_CUDNN_WORKSPACE_MB"); mb && *mb)
     m.options.max_workspace_bytes = (size_t)std::strtoull(mb, nullptr, 10) << 20;
-  if (const char* u = std::getenv("CMSEG_UPCONV_CHANNELS_LAST"); u && *u)
-    m.options.upconv_channels_last = std::string(u) != "0";
+  if (const char* u = std::getenv("CMSEG_UPCONV"); u && *u) {
+    const std::string v = u;
+    bool known = false;
+    for (UpconvPath p : {UpconvPath::Gemm, UpconvPath::Cudnn, UpconvPath::CudnnChannelsLast})
+      if (v == upconv_path_name(p)) m.options.upconv = p, known = true;
+    if (!known) throw Error(str("CMSEG_UPCONV must be gemm, cudnn or cudnn-cl, not '", v, "'"));
+  }
   if (const char* c = std::getenv("CMSEG_CONV_CHANNELS_LAST"); c && *c)
     m.options.conv_channels_last = std::string(c) != "0";
   const int dev = options.device;
@@ -137,7 +142,10 @@ void Context::make_current() { CMSEG_CUDA(cudaSetDevice(impl_->options.device));
 void Context::set_tf32(bool on) { impl_->options.tf32 = on; }
 void Context::set_conv_channels_last(bool on) { impl_->options.conv_channels_last = on; }
 void Context::set_bf16(bool on) { impl_->options.bf16 = on; }
-void Context::set_upconv_channels_last(bool on) { impl_->options.upconv_channels_last = on; }
+void Context::set_upconv(UpconvPath path, size_t chunk_bytes) {
+  impl_->options.upconv = path;
+  impl_->options.upconv_chunk_bytes = chunk_bytes;
+}
 int Context::device() const { return impl_->options.device; }
 void* Context::stream_handle() const { return impl_->stream; }
 

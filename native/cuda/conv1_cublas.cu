@@ -17,12 +17,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// TF32 tensor cores follow the context's option, as the cuDNN convolutions do.
-void set_math(Context& ctx) {
-  CMSEG_CUBLAS(cublasSetMathMode(ctx.impl().cublas(),
-                                 ctx.options().tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
-}
-
 void check_dims(const char* what, int n, int cin, int cout, int64_t V) {
   if (n < 1 || cin < 1 || cout < 1 || V < 1) fail(what, ": empty shape (n ", n, ", cin ", cin, ", cout ", cout, ", V ", V, ")");
   if (V > INT32_MAX) fail(what, ": ", V, " positions per image exceed cuBLAS's 32-bit dimensions");
@@ -65,7 +59,7 @@ void conv1_forward(Context& ctx, const float* x, const float* w, const float* b,
                    int64_t V) {
   ProfileScope prof_(ctx, "conv1_forward");
   check_dims("conv1_forward", n, cin, cout, V);
-  set_math(ctx);
+  cublas_math(ctx);
   const float one = 1.f, zero = 0.f;
   CMSEG_CUBLAS(cublasSgemmStridedBatched(ctx.impl().cublas(), CUBLAS_OP_N, CUBLAS_OP_N, (int)V, cout, cin, &one, x,
                                          (int)V, (long long)cin * V, w, cin, 0, &zero, y, (int)V, (long long)cout * V,
@@ -80,7 +74,7 @@ void conv1_backward(Context& ctx, const float* x, const float* w, const float* d
                     float* db, int n, int cin, int cout, int64_t V) {
   ProfileScope prof_(ctx, "conv1_backward");
   check_dims("conv1_backward", n, cin, cout, V);
-  set_math(ctx);
+  cublas_math(ctx);
   cublasHandle_t h = ctx.impl().cublas();
   const float one = 1.f;
   if (dx_accumulate)

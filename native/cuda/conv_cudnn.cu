@@ -2,14 +2,15 @@
 // section 2; CPU reference: native/layers/conv3.cpp and upconv2.cpp):
 //   conv3    3x3(x3), stride 1, zero padding 1, no bias: forward, backward data,
 //            backward filter (accumulated, beta = 1);
-//   upconv2  transposed convolution, kernel 2, stride 2, with bias. A transposed
-//            convolution is the data gradient of the convolution with the same
-//            filter ([cin, cout, 2^ndim], the PyTorch layout), so its forward is
-//            cudnnConvolutionBackwardData and its data gradient is
-//            cudnnConvolutionForward; the bias is a small kernel here.
+//   upconv2  transposed convolution, kernel 2, stride 2, when ContextOptions::upconv
+//            asks for cuDNN (native/cuda/upconv2.cu runs it as GEMMs by default and
+//            adds the bias either way). A transposed convolution is the data gradient
+//            of the convolution with the same filter ([cin, cout, 2^ndim], the
+//            PyTorch layout), so its forward is cudnnConvolutionBackwardData and its
+//            data gradient is cudnnConvolutionForward.
 // The model's tensors are NCDHW (2D: NCHW) float32. cuDNN may instead run on
 // channels-last copies (ContextOptions::conv_channels_last for conv3, default on;
-// upconv_channels_last for upconv2) or on bf16 channels-last copies with fp32
+// UpconvPath::CudnnChannelsLast for upconv2) or on bf16 channels-last copies with fp32
 // accumulation (ContextOptions::bf16, conv3); a path cuDNN cannot run for a shape
 // falls back to the next one, down to the NCDHW tensors. With ContextOptions::tf32
 // the convolutions may run on TF32 tensor cores (cuDNN's default math); without it,
@@ -342,27 +343,6 @@ ConvKey key_of(ConvOp op, int n, int cin, int cout, Spatial s, int ndim, bool tf
   return ConvKey{(int)op, n, cin, cout, s.d, s.h, s.w, ndim, tf32};
 }
 
-constexpr int kThreads = 256;
-
-__global__ void add_bias_kernel(float* __restrict__ y, const float* __restrict__ b, int cout, int64_t Vo,
-                                int64_t total) {
-  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < total; k += (int64_t)gridDim.x * blockDim.x)
-    y[k] += b[(k / Vo) % cout];
-}
-
-// db[co] += sum over images and positions of dy[., co, .], summed in double.
-__global__ void bias_grad_kernel(const float* __restrict__ dy, int n, int cout, int64_t Vo, float* __restrict__ db) {
-  __shared__ double scratch[32];
-  const int co = blockIdx.x;
-  double s = 0;
-  for (int i = 0; i < n; ++i) {
-    const float* d = dy + ((int64_t)i * cout + co) * Vo;
-    for (int64_t v = threadIdx.x; v < Vo; v += blockDim.x) s += d[v];
-  }
-  s = block_sum(s, scratch);
-  if (threadIdx.x == 0) db[co] += (float)s;
-}
-
 // ---- NCDHW <-> NDHWC (and fp32 <-> bf16) ------------------------------------------
 
 using bf16 = __nv_bfloat16;
@@ -437,7 +417,7 @@ void from_channels_last(Context& ctx, const T* x, float* y, int64_t b, int64_t c
 namespace {
 
 // Convolutions on NDHWC copies (ContextOptions::conv_channels_last and
-// upconv_channels_last) or bf16 NDHWC copies (ContextOptions::bf16, conv3). The model
+// UpconvPath::CudnnChannelsLast) or bf16 NDHWC copies (ContextOptions::bf16, conv3). The model
 // keeps fp32 NCDHW; these calls transpose (and convert) around cuDNN. On an H200 cuDNN's legacy API ran NDHWC and NCDHW
 // about as fast once its workspace cap allowed the fast filter-gradient algorithm
 // (BENCHMARKS.md). bf16 follows torch.autocast: inputs and weights rounded to bf16,
@@ -704,39 +684,33 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
   dwa.store();
 }
 
-void upconv2_forward(Context& ctx, const float* x, const float* w, const float* b, float* y, int n, int cin, int cout,
-                     Spatial s, int ndim) {
-  ProfileScope prof_(ctx, "upconv2_forward");
+// upconv2 through cuDNN (native/cuda/upconv2.cu chooses the path and adds the
+// bias): y = the transposed convolution of x, dx and dw its gradients (dw
+// accumulated). channels_last: on NDHWC copies, falling back to the NCDHW tensors.
+void upconv2_forward_cudnn(Context& ctx, const float* x, const float* w, float* y, int n, int cin, int cout,
+                           Spatial s, int ndim, bool channels_last) {
   check_shape("upconv2_forward", n, cin, cout, s, ndim);
   const bool tf32 = ctx.options().tf32;
   const Spatial so{ndim == 3 ? 2 * s.d : 1, 2 * s.h, 2 * s.w};
-  const int64_t Vo = so.size(), total = (int64_t)n * cout * Vo;
   // Its forward is the data gradient of the convolution it transposes (dY = its input x).
   LazyChannelsLast<float> xt{ctx, x, n, cin, s.size(), {}};
-  if (!(ctx.options().upconv_channels_last &&
-        cl_backward_data(ctx, upconv2_cl(n, cin, cout, s, so, ndim, tf32), w, xt, y))) {
-    xt.release();
-    // The convolution this is the transpose of maps y (cout channels) to x (cin channels).
-    TensorDesc xd(n, cin, s, ndim), yd(n, cout, so, ndim);
-    FilterDesc wd(cin, cout, 2, ndim);
-    ConvDesc cd(0, 2, ndim, tf32);
-    const AlignedFilter wa(ctx, w, (size_t)cin * cout * pool2_taps(ndim), true);
-    const ConvAlgo a =
-        algo_backward_data(ctx, key_of(kUpFwd, n, cin, cout, s, ndim, tf32), wd, wa.p, xd, x, cd, yd, y);
-    use_math(cd, a);
-    Scratch ws(ctx, a.workspace);
-    const float one = 1.f, zero = 0.f;
-    CMSEG_CUDNN(cudnnConvolutionBackwardData(ctx.impl().cudnn(), &one, wd.d, wa.p, xd.d, x, cd.d,
-                                             (cudnnConvolutionBwdDataAlgo_t)a.algo, ws.p, a.workspace, &zero, yd.d,
-                                             y));
-  }
-  add_bias_kernel<<<ctx.impl().grid_for(total, kThreads, 16), kThreads, 0, stream_of(ctx)>>>(y, b, cout, Vo, total);
-  CMSEG_CUDA_LAUNCHED("upconv2 bias");
+  if (channels_last && cl_backward_data(ctx, upconv2_cl(n, cin, cout, s, so, ndim, tf32), w, xt, y)) return;
+  xt.release();
+  // The convolution this is the transpose of maps y (cout channels) to x (cin channels).
+  TensorDesc xd(n, cin, s, ndim), yd(n, cout, so, ndim);
+  FilterDesc wd(cin, cout, 2, ndim);
+  ConvDesc cd(0, 2, ndim, tf32);
+  const AlignedFilter wa(ctx, w, (size_t)cin * cout * pool2_taps(ndim), true);
+  const ConvAlgo a = algo_backward_data(ctx, key_of(kUpFwd, n, cin, cout, s, ndim, tf32), wd, wa.p, xd, x, cd, yd, y);
+  use_math(cd, a);
+  Scratch ws(ctx, a.workspace);
+  const float one = 1.f, zero = 0.f;
+  CMSEG_CUDNN(cudnnConvolutionBackwardData(ctx.impl().cudnn(), &one, wd.d, wa.p, xd.d, x, cd.d,
+                                           (cudnnConvolutionBwdDataAlgo_t)a.algo, ws.p, a.workspace, &zero, yd.d, y));
 }
 
-void upconv2_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, float* db,
-                      int n, int cin, int cout, Spatial s, int ndim) {
-  ProfileScope prof_(ctx, "upconv2_backward");
+void upconv2_backward_cudnn(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw,
+                            int n, int cin, int cout, Spatial s, int ndim, bool channels_last) {
   check_shape("upconv2_backward", n, cin, cout, s, ndim);
   const bool tf32 = ctx.options().tf32;
   const Spatial so{ndim == 3 ? 2 * s.d : 1, 2 * s.h, 2 * s.w};
@@ -746,7 +720,7 @@ void upconv2_backward(Context& ctx, const float* x, const float* w, const float*
   const float one = 1.f, zero = 0.f;
   cudnnHandle_t h = ctx.impl().cudnn();
   const size_t wn = (size_t)cin * cout * pool2_taps(ndim);
-  const bool cl = ctx.options().upconv_channels_last;
+  const bool cl = channels_last;
   const ClConv g = upconv2_cl(n, cin, cout, s, so, ndim, tf32);
   // Its data gradient is the forward of the convolution it transposes (X = dy); its
   // filter gradient that convolution's, with X = dy and dY = its input x. dy's copy
@@ -761,21 +735,18 @@ void upconv2_backward(Context& ctx, const float* x, const float* w, const float*
     CMSEG_CUDNN(cudnnConvolutionForward(h, &one, yd.d, dy, wd.d, wa.p, cd.d, (cudnnConvolutionFwdAlgo_t)a.algo, ws.p,
                                         a.workspace, &zero, xd.d, dx));
   }
-  if (!(cl && cl_backward_filter(ctx, g, dyt, xt, dw))) {
-    dyt.release(), xt.release();
-    // In the convolution's terms, dy is the input and x the output gradient.
-    AlignedFilter dwa(ctx, dw, wn, true);  // accumulated into (beta = 1)
-    const ConvAlgo a = algo_backward_filter(ctx, key_of(kUpBwdFilter, n, cin, cout, s, ndim, tf32), yd, dy, xd, x, cd,
-                                            wd, wn * sizeof(float));
-    use_math(cd, a);
-    Scratch ws(ctx, a.workspace);
-    CMSEG_CUDNN(cudnnConvolutionBackwardFilter(h, &one, yd.d, dy, xd.d, x, cd.d,
-                                               (cudnnConvolutionBwdFilterAlgo_t)a.algo, ws.p, a.workspace, &one, wd.d,
-                                               dwa.p));
-    dwa.store();
-  }
-  bias_grad_kernel<<<(unsigned)cout, kThreads, 0, stream_of(ctx)>>>(dy, n, cout, so.size(), db);
-  CMSEG_CUDA_LAUNCHED("upconv2 bias grad");
+  if (cl && cl_backward_filter(ctx, g, dyt, xt, dw)) return;
+  dyt.release(), xt.release();
+  // In the convolution's terms, dy is the input and x the output gradient.
+  AlignedFilter dwa(ctx, dw, wn, true);  // accumulated into (beta = 1)
+  const ConvAlgo a = algo_backward_filter(ctx, key_of(kUpBwdFilter, n, cin, cout, s, ndim, tf32), yd, dy, xd, x, cd,
+                                          wd, wn * sizeof(float));
+  use_math(cd, a);
+  Scratch ws(ctx, a.workspace);
+  CMSEG_CUDNN(cudnnConvolutionBackwardFilter(h, &one, yd.d, dy, xd.d, x, cd.d,
+                                             (cudnnConvolutionBwdFilterAlgo_t)a.algo, ws.p, a.workspace, &one, wd.d,
+                                             dwa.p));
+  dwa.store();
 }
 
 namespace host {
@@ -800,28 +771,6 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
                        ndim);
   if (dx) bdx.download(dx);
   bdw.download(dw);
-}
-
-void upconv2_forward(Context& ctx, const float* x, const float* w, const float* b, float* y, int n, int cin, int cout,
-                     Spatial s, int ndim) {
-  const size_t V = (size_t)s.size(), Vo = V * (ndim == 3 ? 8 : 4);
-  Buffer<float> bx(ctx, (size_t)n * cin * V), bw(ctx, (size_t)cin * cout * pool2_taps(ndim)), bb(ctx, (size_t)cout),
-      by(ctx, (size_t)n * cout * Vo);
-  bx.upload(x), bw.upload(w), bb.upload(b);
-  cuda::upconv2_forward(ctx, bx.data(), bw.data(), bb.data(), by.data(), n, cin, cout, s, ndim);
-  by.download(y);
-}
-
-void upconv2_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, float* db,
-                      int n, int cin, int cout, Spatial s, int ndim) {
-  const size_t V = (size_t)s.size(), Vo = V * (ndim == 3 ? 8 : 4), wn = (size_t)cin * cout * pool2_taps(ndim);
-  Buffer<float> bx(ctx, (size_t)n * cin * V), bw(ctx, wn), bdy(ctx, (size_t)n * cout * Vo),
-      bdx(ctx, dx ? (size_t)n * cin * V : 0), bdw(ctx, wn), bdb(ctx, (size_t)cout);
-  bx.upload(x), bw.upload(w), bdy.upload(dy), bdw.upload(dw), bdb.upload(db);
-  cuda::upconv2_backward(ctx, bx.data(), bw.data(), bdy.data(), dx ? bdx.data() : nullptr, bdw.data(), bdb.data(), n,
-                         cin, cout, s, ndim);
-  if (dx) bdx.download(dx);
-  bdw.download(dw), bdb.download(db);
 }
 
 }  // namespace host

@@ -393,7 +393,7 @@ struct OptionsGuard {
     ctx().set_tf32(saved.tf32);
     ctx().set_bf16(saved.bf16);
     ctx().set_conv_channels_last(saved.conv_channels_last);
-    ctx().set_upconv_channels_last(saved.upconv_channels_last);
+    ctx().set_upconv(saved.upconv, saved.upconv_chunk_bytes);
   }
 };
 
@@ -433,16 +433,27 @@ TEST(conv3_bf16_close_to_cpu) {
   std::printf("  conv3 bf16: %zu direction-shapes fell back to the next path\n", ctx().conv_fallbacks() - before);
 }
 
-// On the NCDHW tensors (the default) and on channels-last copies.
+// Every path: cuBLAS GEMMs with our scatter/gather (the default; also with chunks of
+// one depth slice or row, so several chunks per image and a short last one), cuDNN on
+// the NCDHW tensors and on channels-last copies.
 TEST(upconv2_matches_cpu) {
   OptionsGuard guard;
-  for (bool channels_last : {false, true}) {
-    ctx().set_upconv_channels_last(channels_last);
-    std::printf("  -- upconv2 with cuDNN on %s tensors\n", channels_last ? "NDHWC (channels-last)" : "NCDHW");
+  struct Path {
+    cu::UpconvPath path;
+    size_t chunk_bytes;
+    const char* what;
+  };
+  for (const Path& p : {Path{cu::UpconvPath::Gemm, 0, "GEMM + scatter/gather, whole images"},
+                        Path{cu::UpconvPath::Gemm, 1, "GEMM + scatter/gather, one unit per chunk"},
+                        Path{cu::UpconvPath::Cudnn, 0, "cuDNN on NCDHW tensors"},
+                        Path{cu::UpconvPath::CudnnChannelsLast, 0, "cuDNN on NDHWC (channels-last) copies"}}) {
+    ctx().set_upconv(p.path, p.chunk_bytes);
+    std::printf("  -- upconv2: %s\n", p.what);
     for (bool tf32 : {false, true}) {
       upconv2_case(2, 2, 6, 3, {1, 5, 7}, tf32);
       upconv2_case(3, 2, 8, 4, {3, 4, 5}, tf32);
       upconv2_case(3, 2, 33, 5, {2, 3, 20}, tf32);  // transpose tiles cut at the edges
+      upconv2_case(3, 1, 16, 8, {5, 6, 40}, tf32);  // output rows wider than a warp
     }
   }
 }

@@ -162,17 +162,18 @@ int main(int argc, char** argv) {
       loss_ms = ctx.time_ms([&] { cu::cm_loss(ctx, in, out); }, 5);
     }
 
-    const bool cl = ctx.options().conv_channels_last, ucl = ctx.options().upconv_channels_last;
-    std::printf("cmseg GPU %s (%s, %s, cuDNN on %s tensors%s): median %.1f ms/step, %.3g voxels/s, %.0f GFLOP/s, "
+    const bool cl = ctx.options().conv_channels_last;
+    const char* up = cu::upconv_path_name(ctx.options().upconv);
+    std::printf("cmseg GPU %s (%s, %s, cuDNN on %s tensors, upconv2 %s): median %.1f ms/step, %.3g voxels/s, %.0f GFLOP/s, "
                 "peak %.0f MiB; cm_loss %.3f ms, %.0f GB/s\n",
                 config.c_str(), dev.name.c_str(), c.bf16 ? "bf16 convolutions" : c.tf32 ? "tf32" : "fp32",
-                cl ? "NDHWC" : "NCDHW", ucl ? ", upconv2 on NDHWC" : "", med, n * V / (med * 1e-3),
+                cl ? "NDHWC" : "NCDHW", up, med, n * V / (med * 1e-3),
                 flops / (med * 1e-3) / 1e9, ps.peak_in_use_bytes / 1048576.0, loss_ms,
                 loss_bytes / (loss_ms * 1e-3) / 1e9);
     std::printf("{\"bench\":\"cmseg-gpu\",\"ok\":true,\"config\":\"%s\",\"device\":\"%s\",\"tf32\":%s,"
-                "\"bf16\":%s,\"channelsLast\":%s,\"upconvChannelsLast\":%s,\"stepMs\":[",
+                "\"bf16\":%s,\"channelsLast\":%s,\"upconv\":\"%s\",\"stepMs\":[",
                 config.c_str(), dev.name.c_str(), c.tf32 ? "true" : "false", c.bf16 ? "true" : "false",
-                cl ? "true" : "false", ucl ? "true" : "false");
+                cl ? "true" : "false", up);
     for (size_t i = 0; i < ms.size(); ++i) std::printf("%s%.3f", i ? "," : "", ms[i]);
     std::printf("],\"stepMsMedian\":%.3f,\"voxelsPerSecond\":%.1f,\"gflopPerSecond\":%.1f,\"peakGpuMB\":%.1f,"
                 "\"cmLossMs\":%.4f,\"cmLossBytes\":%.0f,\"cmLossGBs\":%.1f}\n",

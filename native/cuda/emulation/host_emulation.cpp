@@ -16,6 +16,7 @@
 
 #include "cmseg/cuda.hpp"
 #include "cmseg/error.hpp"
+#include "../upconv2_gemm.hpp"
 
 namespace cmseg {
 namespace cuda {
@@ -53,7 +54,10 @@ void Context::stage_after_alloc() {}
 void Context::set_tf32(bool on) { impl_->options.tf32 = on; }
 void Context::set_conv_channels_last(bool on) { impl_->options.conv_channels_last = on; }
 void Context::set_bf16(bool on) { impl_->options.bf16 = on; }
-void Context::set_upconv_channels_last(bool on) { impl_->options.upconv_channels_last = on; }
+void Context::set_upconv(UpconvPath path, size_t chunk_bytes) {
+  impl_->options.upconv = path;
+  impl_->options.upconv_chunk_bytes = chunk_bytes;
+}
 int Context::device() const { return 0; }
 void* Context::alloc(size_t bytes) {
   if (!bytes) return nullptr;
@@ -111,13 +115,23 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
     for (size_t i = 0; i < (size_t)n * cin * V; ++i) dx[i] = round_bf16(dx[i]);
   for (size_t i = 0; i < wn; ++i) dw[i] += round_bf16(dw_step[i]);
 }
-void upconv2_forward(Context&, const float* x, const float* w, const float* b, float* y, int n, int cin, int cout,
+// The GEMM path (the default) runs its plan with the reference GEMM (upconv2_gemm.hpp),
+// so the whole-model cases check the plan's chunks and indices; the cuDNN paths are
+// the CPU layer.
+void upconv2_forward(Context& ctx, const float* x, const float* w, const float* b, float* y, int n, int cin, int cout,
                      Spatial s, int nd) {
-  cmseg::upconv2_forward(x, w, b, y, n, cin, cout, s, nd);
+  if (ctx.options().upconv != UpconvPath::Gemm) return cmseg::upconv2_forward(x, w, b, y, n, cin, cout, s, nd);
+  const UpGemmGeom g = up_gemm_geom(nd, n, cin, cout, s.d, s.h, s.w, ctx.options().upconv_chunk_bytes);
+  std::vector<float> ycol((size_t)g.M * g.units_per_chunk * g.unit);
+  up_gemm_forward_host(g, x, w, b, y, ycol.data());
 }
-void upconv2_backward(Context&, const float* x, const float* w, const float* dy, float* dx, float* dw, float* db,
+void upconv2_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, float* db,
                       int n, int cin, int cout, Spatial s, int nd) {
-  cmseg::upconv2_backward(x, w, dy, dx, dw, db, n, cin, cout, s, nd);
+  if (ctx.options().upconv != UpconvPath::Gemm) return cmseg::upconv2_backward(x, w, dy, dx, dw, db, n, cin, cout, s, nd);
+  const UpGemmGeom g = up_gemm_geom(nd, n, cin, cout, s.d, s.h, s.w, ctx.options().upconv_chunk_bytes);
+  std::vector<float> dycol((size_t)g.M * g.units_per_chunk * g.unit);
+  std::vector<float> partial((size_t)(kFilterSplitMax + 1) * g.M * g.cin);
+  up_gemm_backward_host(g, x, w, dy, dx, dw, db, dycol.data(), partial.data());
 }
 void instance_norm_forward(Context&, const float* x, const float* g, const float* b, float* y, float* mean, float* rstd,
                            int n, int c, int64_t V, bool relu) {

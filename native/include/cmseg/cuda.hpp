@@ -50,6 +50,12 @@ DeviceInfo device_info(int device = 0);
 size_t cudnn_version();
 
 // ---- context: one device, one stream, one memory pool, library handles ---------
+enum class UpconvPath { Gemm, Cudnn, CudnnChannelsLast };
+// "gemm", "cudnn", "cudnn-cl" (the names CMSEG_UPCONV takes).
+inline const char* upconv_path_name(UpconvPath p) {
+  return p == UpconvPath::Gemm ? "gemm" : p == UpconvPath::Cudnn ? "cudnn" : "cudnn-cl";
+}
+
 struct ContextOptions {
   int device = 0;
   // Convolutions may use TF32 tensor cores (cuDNN default math). Off: FMA math only,
@@ -72,9 +78,14 @@ struct ContextOptions {
   // tensor-core kernels for 3D; off: directly on the model's NCDHW tensors.
   // CMSEG_CONV_CHANNELS_LAST=0 in the environment turns it off.
   bool conv_channels_last = true;
-  // The same for the transposed convolutions (upconv2); off until measured on a GPU
-  // (CMSEG_UPCONV_CHANNELS_LAST=1 in the environment turns it on).
-  bool upconv_channels_last = false;
+  // How the transposed convolutions (upconv2) run: as cuBLAS GEMMs with our own
+  // scatter and gather kernels (native/cuda/upconv2.cu), or through cuDNN on the
+  // NCDHW tensors or on channels-last copies. CMSEG_UPCONV=gemm|cudnn|cudnn-cl in the
+  // environment chooses.
+  UpconvPath upconv = UpconvPath::Gemm;
+  // Most bytes of one GEMM chunk's scratch (the product before its scatter, the
+  // gathered gradient); 0: 128 MiB.
+  size_t upconv_chunk_bytes = 0;
   // Most bytes this context may hold at once (0: no limit of its own); past it
   // alloc() throws OutOfMemory like a full device.
   size_t memory_limit_bytes = 0;
@@ -128,7 +139,7 @@ class Context {
   void set_tf32(bool on);
   void set_conv_channels_last(bool on);
   void set_bf16(bool on);
-  void set_upconv_channels_last(bool on);
+  void set_upconv(UpconvPath path, size_t chunk_bytes = 0);
   int device() const;
 
   // Stream-ordered allocation from the device's memory pool (cudaMallocAsync).

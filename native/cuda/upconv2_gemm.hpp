@@ -1,0 +1,269 @@
+// The transposed convolution (upconv2: kernel 2, stride 2, SPEC section 2) as
+// matrix products: the plan shared by the device (native/cuda/upconv2.cu: cuBLAS
+// plus our scatter and gather kernels) and the host (the CUDA emulation and
+// native/tests/test_upconv_gemm.cpp run the same plan with a reference GEMM, so
+// the index arithmetic and the GEMM arguments are checked without a GPU).
+//
+// Each output voxel takes exactly one tap, so for one image, with M = cout * T rows
+// (channel co, tap t) and W stored [cin, cout, T] (PyTorch's layout, the row-major
+// [cin, M] matrix):
+//   forward          Ycol[M, V] = W^T X           y[co, out(v, t)] = Ycol[co*T + t, v] + b[co]
+//   backward data    dYcol[co*T + t, v] = dy[co, out(v, t)]        dX = W dYcol
+//   backward filter  dW += X dYcol^T               db[co] += sum of dy[co, .]
+// cuDNN runs this layer as the data gradient of a strided convolution, which cost
+// 8.9 ms of the brats3d-gpu step's backward on an H200 (BENCHMARKS.md); as GEMMs it
+// is a few passes over memory.
+//
+// The work is cut into chunks of whole input "units" (3D: depth slices; 2D: rows)
+// so that a chunk's Ycol / dYcol (M floats per input voxel) stays under a byte
+// budget. A chunk's output is then one run of whole output rows in every channel,
+// which the scatter and gather kernels walk with a warp along each row.
+#pragma once
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define CMSEG_HD __host__ __device__ __forceinline__
+#else
+#define CMSEG_HD inline
+#endif
+
+namespace cmseg {
+namespace cuda {
+
+struct UpGemmGeom {
+  int ndim = 3, n = 1, cin = 1, cout = 1;
+  int T = 8, M = 8;               // taps (3D 8, 2D 4); GEMM rows cout * T
+  int H = 1, W = 1;               // input plane: 3D one depth slice H x W; 2D the image H x W
+  int Ho = 1, Wo = 1;             // output plane, the same way
+  int64_t V = 1, Vo = 1;          // voxels per image, input and output
+  int unit = 1;                   // input voxels per unit (3D: H * W, 2D: W)
+  int units = 1;                  // units per image (3D: depth, 2D: H)
+  int rows_per_unit = 2;          // output rows per unit (3D: 2 * Ho, 2D: 2)
+  int units_per_chunk = 1, chunks = 1;
+  int split_min = 8192;           // the filter gradient's positions per batch, at least (FilterSplit)
+};
+
+// One chunk of one image: input voxels [v0, v0 + cnt), output rows [row0, row0 + rows)
+// of every channel (a row: Wo voxels; 3D row index zo * Ho + yo, 2D yo).
+struct UpChunk {
+  int64_t v0 = 0;
+  int cnt = 0;
+  int64_t row0 = 0;
+  int rows = 0;
+};
+
+// The chunk budget when ContextOptions::upconv_chunk_bytes is 0: at most a few
+// percent of the brats3d-gpu step's peak, and chunks long enough (K or M of 10^5
+// and more) that cuBLAS runs at full speed.
+constexpr size_t kUpconvChunkBytes = size_t(128) << 20;
+
+// d, h, w: the input's spatial size (2D: d == 1). chunk_bytes bounds a chunk's
+// Ycol (at least one unit per chunk; 0: kUpconvChunkBytes).
+inline UpGemmGeom up_gemm_geom(int ndim, int n, int cin, int cout, int d, int h, int w, size_t chunk_bytes) {
+  if (chunk_bytes == 0) chunk_bytes = kUpconvChunkBytes;
+  UpGemmGeom g;
+  g.ndim = ndim, g.n = n, g.cin = cin, g.cout = cout;
+  g.T = ndim == 3 ? 8 : 4;
+  g.M = cout * g.T;
+  g.H = h, g.W = w, g.Ho = 2 * h, g.Wo = 2 * w;
+  g.V = (int64_t)d * h * w;
+  g.Vo = g.V * g.T;
+  g.unit = ndim == 3 ? h * w : w;
+  g.units = ndim == 3 ? d : h;
+  g.rows_per_unit = ndim == 3 ? 2 * g.Ho : 2;
+  const size_t unit_bytes = (size_t)g.M * g.unit * sizeof(float);
+  g.units_per_chunk = (int)std::max<size_t>(1, std::min<size_t>(g.units, chunk_bytes / unit_bytes));
+  g.chunks = (g.units + g.units_per_chunk - 1) / g.units_per_chunk;
+  return g;
+}
+
+inline UpChunk up_chunk(const UpGemmGeom& g, int c) {
+  const int u0 = c * g.units_per_chunk, uc = std::min(g.units_per_chunk, g.units - u0);
+  UpChunk ch;
+  ch.v0 = (int64_t)u0 * g.unit;
+  ch.cnt = uc * g.unit;
+  ch.row0 = (int64_t)u0 * g.rows_per_unit;
+  ch.rows = uc * g.rows_per_unit;
+  return ch;
+}
+
+// For output row ro of an image: the input voxel under its even columns (column xo
+// reads input voxel vrow + xo / 2) and the tap of its even columns (odd: t + 1).
+CMSEG_HD void up_locate(const UpGemmGeom& g, int64_t ro, int64_t& vrow, int& t) {
+  if (g.ndim == 3) {
+    const int64_t zo = ro / g.Ho;
+    const int yo = (int)(ro - zo * g.Ho);
+    vrow = ((zo >> 1) * g.H + (yo >> 1)) * (int64_t)g.W;
+    t = (int)(zo & 1) * 4 + (yo & 1) * 2;
+  } else {
+    vrow = (ro >> 1) * (int64_t)g.W;
+    t = (int)(ro & 1) * 2;
+  }
+}
+
+// Index in a chunk's Ycol / dYcol ([M, cnt], row co * T + tap) of output voxel
+// (co, row ro, column xo), given up_locate's vrow and t for ro.
+CMSEG_HD int64_t up_col_index(const UpGemmGeom& g, const UpChunk& ch, int co, int64_t vrow, int t, int xo) {
+  return (int64_t)(co * g.T + t + (xo & 1)) * ch.cnt + (vrow - ch.v0) + (xo >> 1);
+}
+
+// One column-major GEMM, C = op(A) op(B) + beta C (cuBLAS's convention), with the
+// matrices given as offsets from the base pointers the caller names.
+struct GemmCall {
+  bool ta = false, tb = false;
+  int m = 0, n = 0, k = 0;
+  int64_t a_off = 0, b_off = 0, c_off = 0;
+  int lda = 0, ldb = 0, ldc = 0;
+  float beta = 0.f;
+};
+
+// Row-major [rows, cols] with row stride ld is column-major [cols, rows] with
+// leading dimension ld; the three products below are written in those terms.
+
+// Forward, image i, chunk ch: A = x, B = w, C = ycol. Ycol^T[cnt, M] = X^T[cnt, cin] W[cin, M].
+inline GemmCall up_forward_gemm(const UpGemmGeom& g, int i, const UpChunk& ch) {
+  GemmCall c;
+  c.ta = false, c.tb = true;  // W row-major [cin, M] is column-major [M, cin]: transpose it
+  c.m = ch.cnt, c.n = g.M, c.k = g.cin;
+  c.a_off = (int64_t)i * g.cin * g.V + ch.v0, c.lda = (int)g.V;
+  c.b_off = 0, c.ldb = g.M;
+  c.c_off = 0, c.ldc = ch.cnt;
+  c.beta = 0.f;
+  return c;
+}
+
+// Backward data: A = dycol, B = w, C = dx. dX^T[cnt, cin] = dYcol^T[cnt, M] W^T[M, cin].
+inline GemmCall up_backward_data_gemm(const UpGemmGeom& g, int i, const UpChunk& ch) {
+  GemmCall c;
+  c.ta = false, c.tb = false;
+  c.m = ch.cnt, c.n = g.cin, c.k = g.M;
+  c.a_off = 0, c.lda = ch.cnt;
+  c.b_off = 0, c.ldb = g.M;
+  c.c_off = (int64_t)i * g.cin * g.V + ch.v0, c.ldc = (int)g.V;
+  c.beta = 0.f;
+  return c;
+}
+
+// Backward filter: A = dycol, B = x. dW^T[M, cin] += dYcol[M, cnt] X^T[cnt, cin]. Its
+// inner dimension (the chunk's positions, 10^5 and more) is long and its output
+// (M x cin) small, which a single GEMM would run on a handful of thread blocks; so
+// the positions are split into `batches` runs of k each, one strided batch of GEMMs
+// into separate slots of a partial buffer (C, ldc M, slot stride M * cin), plus one
+// more GEMM for the remainder when the split is not even. The slots are then added
+// to dW in slot order (up_filter_reduce), so the result does not depend on timing.
+struct FilterSplit {
+  GemmCall batch;       // batch b: A + b * stride, B + b * stride, C + b * slot
+  int batches = 1;
+  int64_t stride = 0;   // along A and B between batches (k positions)
+  int64_t slot = 0;     // floats per partial slot (M * cin)
+  bool has_rest = false;
+  GemmCall rest;        // the remaining positions, into slot `batches`
+  int slots() const { return batches + (has_rest ? 1 : 0); }
+};
+constexpr int kFilterSplitMax = 32;  // batches, at most
+
+inline FilterSplit up_backward_filter_split(const UpGemmGeom& g, int i, const UpChunk& ch) {
+  FilterSplit f;
+  f.batches = std::max(1, std::min(kFilterSplitMax, ch.cnt / g.split_min));
+  const int k = ch.cnt / f.batches, rest = ch.cnt - k * f.batches;
+  GemmCall c;
+  c.ta = true, c.tb = false;
+  c.m = g.M, c.n = g.cin, c.k = k;
+  c.a_off = 0, c.lda = ch.cnt;
+  c.b_off = (int64_t)i * g.cin * g.V + ch.v0, c.ldb = (int)g.V;
+  c.c_off = 0, c.ldc = g.M;
+  c.beta = 0.f;
+  f.batch = c;
+  f.stride = k;
+  f.slot = (int64_t)g.M * g.cin;
+  f.has_rest = rest > 0;
+  if (f.has_rest) {
+    f.rest = c;
+    f.rest.k = rest;
+    f.rest.a_off += (int64_t)k * f.batches;
+    f.rest.b_off += (int64_t)k * f.batches;
+    f.rest.c_off = f.slot * f.batches;
+  }
+  return f;
+}
+
+// The reference of a GemmCall on the host (alpha = 1), for the emulation and tests.
+inline void gemm_reference(const GemmCall& c, const float* A, const float* B, float* C) {
+  A += c.a_off, B += c.b_off, C += c.c_off;
+  for (int j = 0; j < c.n; ++j)
+    for (int i = 0; i < c.m; ++i) {
+      double s = 0;
+      for (int l = 0; l < c.k; ++l) {
+        const float a = c.ta ? A[l + (int64_t)i * c.lda] : A[i + (int64_t)l * c.lda];
+        const float b = c.tb ? B[j + (int64_t)l * c.ldb] : B[l + (int64_t)j * c.ldb];
+        s += (double)a * b;
+      }
+      float& out = C[i + (int64_t)j * c.ldc];
+      out = (float)(s + (c.beta != 0.f ? (double)c.beta * out : 0.0));
+    }
+}
+
+// The plan run on the host with gemm_reference (the emulation's upconv2 and
+// test_upconv_gemm): the device code does the same calls in the same order.
+inline void up_gemm_forward_host(const UpGemmGeom& g, const float* x, const float* w, const float* b, float* y,
+                                 float* ycol) {
+  for (int i = 0; i < g.n; ++i)
+    for (int c = 0; c < g.chunks; ++c) {
+      const UpChunk ch = up_chunk(g, c);
+      gemm_reference(up_forward_gemm(g, i, ch), x, w, ycol);
+      for (int co = 0; co < g.cout; ++co)
+        for (int r = 0; r < ch.rows; ++r) {
+          const int64_t ro = ch.row0 + r;
+          int64_t vrow;
+          int t;
+          up_locate(g, ro, vrow, t);
+          float* dst = y + ((int64_t)i * g.cout + co) * g.Vo + ro * g.Wo;
+          for (int xo = 0; xo < g.Wo; ++xo) dst[xo] = ycol[up_col_index(g, ch, co, vrow, t, xo)] + b[co];
+        }
+    }
+}
+
+// dw[e] += the partial slots' entries e, in slot order.
+inline void up_filter_reduce_host(const FilterSplit& f, const float* partial, float* dw) {
+  for (int64_t e = 0; e < f.slot; ++e) {
+    double s = 0;
+    for (int b = 0; b < f.slots(); ++b) s += partial[b * f.slot + e];
+    dw[e] += (float)s;
+  }
+}
+
+// dx may be null (no data gradient); dw and db are accumulated into. partial holds
+// kFilterSplitMax + 1 slots of M * cin floats.
+inline void up_gemm_backward_host(const UpGemmGeom& g, const float* x, const float* w, const float* dy, float* dx,
+                                  float* dw, float* db, float* dycol, float* partial) {
+  for (int co = 0; co < g.cout; ++co) {
+    double s = 0;
+    for (int i = 0; i < g.n; ++i)
+      for (int64_t v = 0; v < g.Vo; ++v) s += dy[((int64_t)i * g.cout + co) * g.Vo + v];
+    db[co] += (float)s;
+  }
+  for (int i = 0; i < g.n; ++i)
+    for (int c = 0; c < g.chunks; ++c) {
+      const UpChunk ch = up_chunk(g, c);
+      for (int co = 0; co < g.cout; ++co)
+        for (int r = 0; r < ch.rows; ++r) {
+          const int64_t ro = ch.row0 + r;
+          int64_t vrow;
+          int t;
+          up_locate(g, ro, vrow, t);
+          const float* src = dy + ((int64_t)i * g.cout + co) * g.Vo + ro * g.Wo;
+          for (int xo = 0; xo < g.Wo; ++xo) dycol[up_col_index(g, ch, co, vrow, t, xo)] = src[xo];
+        }
+      if (dx) gemm_reference(up_backward_data_gemm(g, i, ch), dycol, w, dx);
+      const FilterSplit f = up_backward_filter_split(g, i, ch);
+      for (int b = 0; b < f.batches; ++b)
+        gemm_reference(f.batch, dycol + b * f.stride, x + b * f.stride, partial + b * f.slot);
+      if (f.has_rest) gemm_reference(f.rest, dycol, x, partial);
+      up_filter_reduce_host(f, partial, dw);
+    }
+}
+
+}  // namespace cuda
+}  // namespace cmseg

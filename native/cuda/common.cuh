@@ -15,6 +15,7 @@
 
 #include "cmseg/cuda.hpp"
 #include "cmseg/error.hpp"
+#include "gemm_plan.hpp"
 
 namespace cmseg {
 namespace cuda {
@@ -148,6 +149,13 @@ inline void cublas_math(Context& ctx) {
   CMSEG_CUBLAS(cublasSetMathMode(ctx.impl().cublas(),
                                  ctx.options().tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
 }
+
+// The GEMMs of gemm_plan.hpp on the context's cuBLAS handle (conv1_cublas.cu), with
+// the context's TF32 choice: one call; a split product into its partial slots; the
+// slots added into dst in slot order.
+void run_gemm(Context& ctx, const GemmCall& c, const float* A, const float* B, float* C);
+void run_split(Context& ctx, const FilterSplit& f, const float* A, const float* B, float* partial);
+void add_slots(Context& ctx, const float* partial, int slots, int64_t slot, float* dst);
 
 // upconv2 through cuDNN, without the bias (conv_cudnn.cu; upconv2.cu chooses the
 // path): on channels-last copies when channels_last (falling back to NCDHW), else

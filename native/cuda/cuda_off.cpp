@@ -78,6 +78,8 @@ void conv1_backward(Context&, const float*, const float*, const float*, float*, 
                     int64_t) {
   off();
 }
+void conv1_forward_heads(Context&, const float*, const std::vector<Conv1Head>&, int, int, int64_t) { off(); }
+void conv1_backward_heads(Context&, const float*, const std::vector<Conv1Head>&, float*, int, int, int64_t) { off(); }
 void concat_forward(Context&, const float*, int, const float*, int, float*, int, int64_t) { off(); }
 void concat_backward(Context&, const float*, float*, int, float*, int, int, int64_t, bool) { off(); }
 void add_inplace(Context&, float*, const float*, int64_t) { off(); }

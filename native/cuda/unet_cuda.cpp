@@ -211,19 +211,43 @@ struct ModelGpu::Impl {
     }
     const float* feat = D > 1 ? dec_a[D - 2].a2.data() : enc_a[0].a2.data();
     const int64_t V0 = V(0);
-    conv1_forward(ctx, feat, W(seg_w), W(seg_b), ensure(ctx, seg_logits, (size_t)n * L * V0), n, C0, L, V0);
-    if (cm_heads) {
-      const int B = c.cm_head_blocks, K = cm_head_channels(c.cm_mode, L, c.cm_rank);
+    // The heads on the features in one pass (the CM heads too when they have no
+    // extra blocks); a CM head after its blocks on its own.
+    const int B = c.cm_head_blocks, K = cm_head_channels(c.cm_mode, L, c.cm_rank);
+    std::vector<Conv1Head> heads{seg_head(n)};
+    if (cm_heads && B == 0)
+      for (int r = 0; r < R; ++r) heads.push_back(cm_head(r, n, K));
+    conv1_forward_heads(ctx, feat, heads, n, C0, V0);
+    if (cm_heads && B > 0) {
       for (int r = 0; r < R; ++r) {
         const float* head_in = feat;
         for (int b = 0; b < B; ++b) {
           block_forward(cmb[r * B + b], head_in, n, level_s[0], cmb_a[r * B + b]);
           head_in = cmb_a[r * B + b].a2.data();
         }
-        conv1_forward(ctx, head_in, W(cm_w[r]), W(cm_b[r]), ensure(ctx, cm_raw[r], (size_t)n * K * V0), n, C0, K, V0);
+        const Conv1Head h = cm_head(r, n, K);
+        conv1_forward(ctx, head_in, h.w, h.b, h.y, n, C0, K, V0);
       }
     }
     return feat;
+  }
+
+  // The consensus head: logits into seg_logits; backward: d_seg into the gradients.
+  Conv1Head seg_head(int n) {
+    Conv1Head h;
+    h.cout = c.classes, h.w = W(seg_w), h.b = W(seg_b);
+    h.y = ensure(ctx, seg_logits, (size_t)n * c.classes * V(0));
+    h.dy = d_seg.data(), h.dw = G(seg_w), h.db = G(seg_b);
+    return h;
+  }
+  // Annotator r's pixel-wise CM head: raw channels into cm_raw[r], whose contents the
+  // loss replaces with their gradient.
+  Conv1Head cm_head(int r, int n, int K) {
+    Conv1Head h;
+    h.cout = K, h.w = W(cm_w[r]), h.b = W(cm_b[r]);
+    h.y = ensure(ctx, cm_raw[r], (size_t)n * K * V(0));
+    h.dy = h.y, h.dw = G(cm_w[r]), h.db = G(cm_b[r]);
+    return h;
   }
 
   // The heads' outputs and gradients once the heads' backward is queued.
@@ -458,14 +482,12 @@ StepResult ModelGpu::run(const Batch& batch, bool backward, float trace_weight) 
   const size_t feat_count = (size_t)NV * C0;
   float* d_feat = ensure(ctx, m.d_feat, feat_count);
   ctx.zero(d_feat, feat_count * sizeof(float));
-  conv1_backward(ctx, feat, m.W(m.seg_w), dseg, d_feat, m.G(m.seg_w), m.G(m.seg_b), n, C0, L, V0);
-  if (!plain_ce && pixel_cm) {
+  std::vector<Conv1Head> heads{m.seg_head(n)};
+  if (!plain_ce && pixel_cm && B == 0)
+    for (int r = 0; r < R; ++r) heads.push_back(m.cm_head(r, n, K));
+  conv1_backward_heads(ctx, feat, heads, d_feat, n, C0, V0);
+  if (!plain_ce && pixel_cm && B > 0) {
     for (int r = 0; r < R; ++r) {
-      if (B == 0) {
-        conv1_backward(ctx, feat, m.W(m.cm_w[r]), m.cm_raw[r].data(), d_feat, m.G(m.cm_w[r]), m.G(m.cm_b[r]), n, C0,
-                       K, V0);
-        continue;
-      }
       // Through the head, then this annotator's extra blocks, into the shared features.
       float* dt = ensure(ctx, m.d_tmp, feat_count);
       float* dt2 = ensure(ctx, m.d_tmp2, feat_count);

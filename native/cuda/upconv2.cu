@@ -45,12 +45,6 @@ int row_blocks(Context& ctx, const UpGemmGeom& g) {
   return std::max(1, std::min(need, want));
 }
 
-void run_gemm(Context& ctx, const GemmCall& c, const float* A, const float* B, float* C) {
-  const float one = 1.f;
-  CMSEG_CUBLAS(cublasSgemm(ctx.impl().cublas(), c.ta ? CUBLAS_OP_T : CUBLAS_OP_N, c.tb ? CUBLAS_OP_T : CUBLAS_OP_N,
-                           c.m, c.n, c.k, &one, A + c.a_off, c.lda, B + c.b_off, c.ldb, &c.beta, C + c.c_off, c.ldc));
-}
-
 // y (one image) for the chunk's output rows, every channel: Ycol entry + bias.
 __global__ void __launch_bounds__(kThreads) scatter_kernel(const float* __restrict__ ycol, const float* __restrict__ b,
                                                            float* __restrict__ y, UpGemmGeom g, UpChunk ch) {
@@ -126,7 +120,6 @@ __global__ void __launch_bounds__(kThreads) bias_partial_kernel(const float* __r
 }
 
 void forward_gemm(Context& ctx, const float* x, const float* w, const float* b, float* y, const UpGemmGeom& g) {
-  cublas_math(ctx);
   Buffer<float> ycol(ctx, (size_t)g.M * g.units_per_chunk * g.unit);
   const dim3 grid((unsigned)row_blocks(ctx, g), (unsigned)g.cout);
   for (int i = 0; i < g.n; ++i)
@@ -138,20 +131,8 @@ void forward_gemm(Context& ctx, const float* x, const float* w, const float* b, 
     }
 }
 
-// dw[e] += partial slots' entries e, in slot order (FilterSplit).
-__global__ void filter_reduce_kernel(const float* __restrict__ partial, int slots, int64_t slot,
-                                     float* __restrict__ dw) {
-  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < slot; e += (int64_t)gridDim.x * blockDim.x) {
-    double s = 0;
-    for (int b = 0; b < slots; ++b) s += partial[b * slot + e];
-    dw[e] += (float)s;
-  }
-}
-
 void backward_gemm(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, float* db,
                    const UpGemmGeom& g) {
-  cublas_math(ctx);
-  cublasHandle_t h = ctx.impl().cublas();
   const int blocks = row_blocks(ctx, g), calls = g.n * g.chunks;
   int slots = 1;
   for (int c = 0; c < g.chunks; ++c) slots = std::max(slots, up_backward_filter_split(g, 0, up_chunk(g, c)).slots());
@@ -167,15 +148,8 @@ void backward_gemm(Context& ctx, const float* x, const float* w, const float* dy
       CMSEG_CUDA_LAUNCHED("upconv2 gather");
       if (dx) run_gemm(ctx, up_backward_data_gemm(g, i, ch), dycol.data(), w, dx);
       const FilterSplit f = up_backward_filter_split(g, i, ch);
-      const GemmCall& b = f.batch;
-      const float one = 1.f;
-      CMSEG_CUBLAS(cublasSgemmStridedBatched(h, CUBLAS_OP_T, CUBLAS_OP_N, b.m, b.n, b.k, &one, dycol.data() + b.a_off,
-                                             b.lda, f.stride, x + b.b_off, b.ldb, f.stride, &b.beta,
-                                             dw_partial.data() + b.c_off, b.ldc, f.slot, f.batches));
-      if (f.has_rest) run_gemm(ctx, f.rest, dycol.data(), x, dw_partial.data());
-      filter_reduce_kernel<<<ctx.impl().grid_for(f.slot, kThreads, 4), kThreads, 0, stream_of(ctx)>>>(
-          dw_partial.data(), f.slots(), f.slot, dw);
-      CMSEG_CUDA_LAUNCHED("upconv2 filter reduce");
+      run_split(ctx, f, dycol.data(), x, dw_partial.data());
+      add_slots(ctx, dw_partial.data(), f.slots(), f.slot, dw);
     }
   bias_finish_kernel<<<blocks_for(g.cout, 128), 128, 0, stream_of(ctx)>>>(db_partial.data(), calls, blocks, g.cout,
                                                                           db);

@@ -23,11 +23,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define CMSEG_HD __host__ __device__ __forceinline__
-#else
-#define CMSEG_HD inline
-#endif
+#include "gemm_plan.hpp"
 
 namespace cmseg {
 namespace cuda {
@@ -42,7 +38,7 @@ struct UpGemmGeom {
   int units = 1;                  // units per image (3D: depth, 2D: H)
   int rows_per_unit = 2;          // output rows per unit (3D: 2 * Ho, 2D: 2)
   int units_per_chunk = 1, chunks = 1;
-  int split_min = 8192;           // the filter gradient's positions per batch, at least (FilterSplit)
+  int split_min = kFilterSplitMin;  // the filter gradient's positions per batch, at least (FilterSplit)
 };
 
 // One chunk of one image: input voxels [v0, v0 + cnt), output rows [row0, row0 + rows)
@@ -109,16 +105,6 @@ CMSEG_HD int64_t up_col_index(const UpGemmGeom& g, const UpChunk& ch, int co, in
   return (int64_t)(co * g.T + t + (xo & 1)) * ch.cnt + (vrow - ch.v0) + (xo >> 1);
 }
 
-// One column-major GEMM, C = op(A) op(B) + beta C (cuBLAS's convention), with the
-// matrices given as offsets from the base pointers the caller names.
-struct GemmCall {
-  bool ta = false, tb = false;
-  int m = 0, n = 0, k = 0;
-  int64_t a_off = 0, b_off = 0, c_off = 0;
-  int lda = 0, ldb = 0, ldc = 0;
-  float beta = 0.f;
-};
-
 // Row-major [rows, cols] with row stride ld is column-major [cols, rows] with
 // leading dimension ld; the three products below are written in those terms.
 
@@ -146,63 +132,16 @@ inline GemmCall up_backward_data_gemm(const UpGemmGeom& g, int i, const UpChunk&
   return c;
 }
 
-// Backward filter: A = dycol, B = x. dW^T[M, cin] += dYcol[M, cnt] X^T[cnt, cin]. Its
-// inner dimension (the chunk's positions, 10^5 and more) is long and its output
-// (M x cin) small, which a single GEMM would run on a handful of thread blocks; so
-// the positions are split into `batches` runs of k each, one strided batch of GEMMs
-// into separate slots of a partial buffer (C, ldc M, slot stride M * cin), plus one
-// more GEMM for the remainder when the split is not even. The slots are then added
-// to dW in slot order (up_filter_reduce), so the result does not depend on timing.
-struct FilterSplit {
-  GemmCall batch;       // batch b: A + b * stride, B + b * stride, C + b * slot
-  int batches = 1;
-  int64_t stride = 0;   // along A and B between batches (k positions)
-  int64_t slot = 0;     // floats per partial slot (M * cin)
-  bool has_rest = false;
-  GemmCall rest;        // the remaining positions, into slot `batches`
-  int slots() const { return batches + (has_rest ? 1 : 0); }
-};
-constexpr int kFilterSplitMax = 32;  // batches, at most
-
+// Backward filter: A = dycol, B = x. dW^T[M, cin] += dYcol[M, cnt] X^T[cnt, cin], its
+// long inner dimension (the chunk's positions) split into batches (gemm_plan.hpp)
+// written to partial slots, which the caller adds to dW in order.
 inline FilterSplit up_backward_filter_split(const UpGemmGeom& g, int i, const UpChunk& ch) {
-  FilterSplit f;
-  f.batches = std::max(1, std::min(kFilterSplitMax, ch.cnt / g.split_min));
-  const int k = ch.cnt / f.batches, rest = ch.cnt - k * f.batches;
   GemmCall c;
   c.ta = true, c.tb = false;
-  c.m = g.M, c.n = g.cin, c.k = k;
+  c.m = g.M, c.n = g.cin, c.k = ch.cnt;
   c.a_off = 0, c.lda = ch.cnt;
   c.b_off = (int64_t)i * g.cin * g.V + ch.v0, c.ldb = (int)g.V;
-  c.c_off = 0, c.ldc = g.M;
-  c.beta = 0.f;
-  f.batch = c;
-  f.stride = k;
-  f.slot = (int64_t)g.M * g.cin;
-  f.has_rest = rest > 0;
-  if (f.has_rest) {
-    f.rest = c;
-    f.rest.k = rest;
-    f.rest.a_off += (int64_t)k * f.batches;
-    f.rest.b_off += (int64_t)k * f.batches;
-    f.rest.c_off = f.slot * f.batches;
-  }
-  return f;
-}
-
-// The reference of a GemmCall on the host (alpha = 1), for the emulation and tests.
-inline void gemm_reference(const GemmCall& c, const float* A, const float* B, float* C) {
-  A += c.a_off, B += c.b_off, C += c.c_off;
-  for (int j = 0; j < c.n; ++j)
-    for (int i = 0; i < c.m; ++i) {
-      double s = 0;
-      for (int l = 0; l < c.k; ++l) {
-        const float a = c.ta ? A[l + (int64_t)i * c.lda] : A[i + (int64_t)l * c.lda];
-        const float b = c.tb ? B[j + (int64_t)l * c.ldb] : B[l + (int64_t)j * c.ldb];
-        s += (double)a * b;
-      }
-      float& out = C[i + (int64_t)j * c.ldc];
-      out = (float)(s + (c.beta != 0.f ? (double)c.beta * out : 0.0));
-    }
+  return split_long_k(c, g.split_min, 0);
 }
 
 // The plan run on the host with gemm_reference (the emulation's upconv2 and
@@ -223,15 +162,6 @@ inline void up_gemm_forward_host(const UpGemmGeom& g, const float* x, const floa
           for (int xo = 0; xo < g.Wo; ++xo) dst[xo] = ycol[up_col_index(g, ch, co, vrow, t, xo)] + b[co];
         }
     }
-}
-
-// dw[e] += the partial slots' entries e, in slot order.
-inline void up_filter_reduce_host(const FilterSplit& f, const float* partial, float* dw) {
-  for (int64_t e = 0; e < f.slot; ++e) {
-    double s = 0;
-    for (int b = 0; b < f.slots(); ++b) s += partial[b * f.slot + e];
-    dw[e] += (float)s;
-  }
 }
 
 // dx may be null (no data gradient); dw and db are accumulated into. partial holds
@@ -258,10 +188,8 @@ inline void up_gemm_backward_host(const UpGemmGeom& g, const float* x, const flo
         }
       if (dx) gemm_reference(up_backward_data_gemm(g, i, ch), dycol, w, dx);
       const FilterSplit f = up_backward_filter_split(g, i, ch);
-      for (int b = 0; b < f.batches; ++b)
-        gemm_reference(f.batch, dycol + b * f.stride, x + b * f.stride, partial + b * f.slot);
-      if (f.has_rest) gemm_reference(f.rest, dycol, x, partial);
-      up_filter_reduce_host(f, partial, dw);
+      split_reference(f, dycol, x, partial);
+      add_slots_reference(partial, f.slots(), f.slot, dw);
     }
 }
 

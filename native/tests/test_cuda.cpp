@@ -697,6 +697,56 @@ void conv1_case(int n, int cin, int cout, int64_t V, bool tf32) {
   ctx().set_tf32(true);
 }
 
+// Several heads on the same features (the consensus head and the CM heads): the
+// fused kernels for feature widths 8/16/32/64 with 2..17 heads, cuBLAS per head
+// otherwise; against the CPU's conv1_forward_heads / conv1_backward_heads. V
+// 3 * 2^14 + 5 splits each image's weight gradient into batches with a rest.
+void conv1_heads_case(int n, int cin, const std::vector<int>& couts, int64_t V, bool tf32) {
+  const double tol = tf32 ? 1e-2 : 1e-5;
+  ctx().set_tf32(tf32);
+  const size_t H = couts.size();
+  auto x = rnd((size_t)n * cin * V, 71), dx0 = rnd((size_t)n * cin * V, 72);
+  std::vector<std::vector<float>> w(H), b(H), dy(H), y(H), dw(H), db(H), dw0(H), db0(H);
+  std::vector<cu::Buffer<float>> Wd, Bd, DYd, Yd, DWd, DBd;
+  std::vector<Conv1Head> cpu(H), gpu(H);
+  for (size_t h = 0; h < H; ++h) {
+    const int K = couts[h];
+    w[h] = rnd((size_t)K * cin, 80 + h, -0.5f, 0.5f), b[h] = rnd(K, 100 + h), dy[h] = rnd((size_t)n * K * V, 120 + h);
+    dw0[h] = rnd((size_t)K * cin, 140 + h), db0[h] = rnd(K, 160 + h);
+    y[h].assign((size_t)n * K * V, 0.f), dw[h] = dw0[h], db[h] = db0[h];
+    cpu[h].cout = K, cpu[h].w = w[h].data(), cpu[h].b = b[h].data(), cpu[h].y = y[h].data();
+    cpu[h].dy = dy[h].data(), cpu[h].dw = dw[h].data(), cpu[h].db = db[h].data();
+    Wd.push_back(dev(w[h])), Bd.push_back(dev(b[h])), DYd.push_back(dev(dy[h]));
+    Yd.emplace_back(ctx(), y[h].size()), DWd.push_back(dev(dw0[h])), DBd.push_back(dev(db0[h]));
+  }
+  for (size_t h = 0; h < H; ++h) {
+    gpu[h].cout = couts[h], gpu[h].w = Wd[h].data(), gpu[h].b = Bd[h].data(), gpu[h].y = Yd[h].data();
+    gpu[h].dy = DYd[h].data(), gpu[h].dw = DWd[h].data(), gpu[h].db = DBd[h].data();
+  }
+  std::vector<float> dx = dx0;
+  conv1_forward_heads(x.data(), cpu, n, cin, V);
+  conv1_backward_heads(x.data(), cpu, dx.data(), n, cin, V);
+  auto X = dev(x), DX = dev(dx0);
+  cu::conv1_forward_heads(ctx(), X.data(), gpu, n, cin, V);
+  cu::conv1_backward_heads(ctx(), X.data(), gpu, DX.data(), n, cin, V);
+  const char* m = tf32 ? "tf32" : "fp32";
+  char what[112];
+  for (size_t h = 0; h < H; ++h) {
+    auto dwg = DWd[h].to_host(), dbg = DBd[h].to_host();
+    for (size_t i = 0; i < dwg.size(); ++i) dwg[i] -= dw0[h][i], dw[h][i] -= dw0[h][i];
+    for (size_t i = 0; i < dbg.size(); ++i) dbg[i] -= db0[h][i], db[h][i] -= db0[h][i];
+    std::snprintf(what, sizeof what, "heads cin %d, %zu heads, head %zu (%d) %s y", cin, H, h, couts[h], m);
+    expect_close(what, Yd[h].to_host(), y[h], tol);
+    std::snprintf(what, sizeof what, "heads cin %d, head %zu %s dw (accumulated)", cin, h, m);
+    expect_close(what, dwg, dw[h], tol);
+    std::snprintf(what, sizeof what, "heads cin %d, head %zu %s db (accumulated)", cin, h, m);
+    expect_close(what, dbg, db[h], 1e-5);
+  }
+  std::snprintf(what, sizeof what, "heads cin %d, %zu heads %s dx (accumulated)", cin, H, m);
+  expect_close(what, DX.to_host(), dx, tol);
+  ctx().set_tf32(true);
+}
+
 void concat_case(int n, int ca, int cb, int64_t V) {
   auto a = rnd((size_t)n * ca * V, 71), b = rnd((size_t)n * cb * V, 72), dy = rnd((size_t)n * (ca + cb) * V, 73),
        acc0 = rnd((size_t)n * ca * V, 74);
@@ -811,7 +861,17 @@ TEST(heads_concat_ce_predict_match_cpu) {
   for (bool tf32 : {false, true}) {
     conv1_case(2, 4, 3, 13 * 17, tf32);
     conv1_case(3, 16, 16, 8 * 8 * 8, tf32);
+    conv1_case(2, 32, 4, 3 * 16384 + 5, tf32);  // the weight gradient split into batches and a rest
   }
+  conv1_heads_case(2, 32, {4, 16, 16, 16}, 9 * 11 * 13, false);  // brats3d-gpu's heads (fused)
+  conv1_heads_case(2, 32, {4, 16, 16, 16}, 3 * 16384 + 5, false);
+  conv1_heads_case(1, 8, {2, 4, 4}, 1000, false);
+  conv1_heads_case(2, 16, {3, 9, 9, 9, 9, 9}, 777, false);
+  conv1_heads_case(1, 64, {5, 7}, 4096 + 3, false);
+  conv1_heads_case(1, 32, std::vector<int>(17, 3), 500, false);  // 17 heads: the most fused
+  conv1_heads_case(1, 32, std::vector<int>(18, 3), 500, false);  // 18: cuBLAS per head
+  conv1_heads_case(2, 24, {4, 16}, 800, false);                 // width 24: cuBLAS per head
+  conv1_heads_case(2, 32, {4, 16, 16, 16}, 9 * 11 * 13, true);
   concat_case(2, 3, 5, 7 * 9);
   concat_case(1, 4, 4, 64);
   ce_case(2, 2, 15 * 17);

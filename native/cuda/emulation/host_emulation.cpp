@@ -169,6 +169,13 @@ void conv1_backward(Context&, const float* x, const float* w, const float* dy, f
                     int cin, int cout, int64_t V) {
   cmseg::conv1_backward(x, w, dy, dx, dw, db, n, cin, cout, V);
 }
+void conv1_forward_heads(Context&, const float* x, const std::vector<Conv1Head>& heads, int n, int cin, int64_t V) {
+  cmseg::conv1_forward_heads(x, heads, n, cin, V);
+}
+void conv1_backward_heads(Context&, const float* x, const std::vector<Conv1Head>& heads, float* dx, int n, int cin,
+                          int64_t V) {
+  cmseg::conv1_backward_heads(x, heads, dx, n, cin, V);
+}
 void concat_forward(Context&, const float* a, int ca, const float* b, int cb, float* y, int n, int64_t V) {
   cmseg::concat_forward(a, ca, b, cb, y, n, V);
 }

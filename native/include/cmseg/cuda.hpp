@@ -306,12 +306,19 @@ struct AdamTensor {
 // after the increment (1 for the first update), as Model::apply_optimizer uses it.
 void adam_step(Context& ctx, const std::vector<AdamTensor>& tensors, const OptimConfig& o, int64_t step);
 
-// ---- 1x1(x1) convolution with bias, the heads (cuBLAS): conv1_cublas.cu ----------
+// ---- 1x1(x1) convolution with bias, the heads: conv1_cublas.cu -------------------
 // w: [cout, cin]. As layers.hpp: dx_accumulate is added to (+=), dw and db accumulate.
 void conv1_forward(Context& ctx, const float* x, const float* w, const float* b, float* y, int n, int cin, int cout,
                    int64_t V);
 void conv1_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx_accumulate, float* dw,
                     float* db, int n, int cin, int cout, int64_t V);
+// Several heads on the same features (layers.hpp's Conv1Head, device pointers): the
+// features are read once for every head, and each head's gradient once for dx.
+// Same results as one call per head, to rounding.
+void conv1_forward_heads(Context& ctx, const float* x, const std::vector<Conv1Head>& heads, int n, int cin,
+                         int64_t V);
+void conv1_backward_heads(Context& ctx, const float* x, const std::vector<Conv1Head>& heads, float* dx_accumulate,
+                          int n, int cin, int64_t V);
 
 // ---- channel concat of the decoder and elementwise sums: concat.cu ----------------
 // y = cat([a, b], channel).

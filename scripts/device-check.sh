@@ -131,6 +131,8 @@ write_summary() {
     if grep -q "device time by layer" "$OUT/bench_gpu.txt" 2>/dev/null; then
       echo "== cmseg GPU brats3d-gpu: device time by layer (CMSEG_GPU_PROFILE)"
       sed -n '/device time by layer/,/^  sum /p' "$OUT/bench_gpu.txt"
+      echo "== the first bench_gpu run: device time by convolution shape"
+      sed -n '/device time by convolution shape/,/end of shapes/p' "$OUT/bench_gpu.txt" | sed '/end of shapes/q'
       grep -hE "^cmseg: cm_loss (main|pairs) kernel" "$OUT/bench_gpu.txt" | sort -u
       awk '/^cm_loss (grid|pairs kernel):/ { g = $0; next }
            g && /^cmseg GPU/ { match($0, /cm_loss [0-9.]+ ms, [0-9]+ GB\/s/); print "  " g " -> " substr($0, RSTART, RLENGTH); g = "" }' \

@@ -78,6 +78,7 @@ struct Profiler {
   struct Span {
     const char* name;
     cudaEvent_t begin, end;
+    std::string shape;  // "cin->cout DxHxW" for the convolutions: the report's second table
   };
   std::vector<Span> spans;
   std::vector<cudaEvent_t> spare;
@@ -185,15 +186,21 @@ __device__ inline double block_sum(double v, double* scratch) {
 
 inline unsigned blocks_for(int64_t items, int threads) { return (unsigned)((items + threads - 1) / threads); }
 
-// Times the enclosing layer call on the context's stream when profiling is on.
+// Times the enclosing layer call on the context's stream when profiling is on. A
+// convolution also names its shape, so the report can say which level's
+// convolution the time goes to.
 struct ProfileScope {
   Context::Impl& im;
   const char* name;
   cudaEvent_t begin = nullptr;
+  std::string shape;
   ProfileScope(Context& ctx, const char* what) : im(ctx.impl()), name(what) {
     if (!im.profiler.on || im.profiler.spans.size() >= Profiler::kMaxSpans) return;
     begin = im.profiler.event();
     cudaEventRecord(begin, im.stream);
+  }
+  ProfileScope(Context& ctx, const char* what, int cin, int cout, Spatial s) : ProfileScope(ctx, what) {
+    if (begin) shape = str(cin, "->", cout, " ", s.d, "x", s.h, "x", s.w);
   }
   ~ProfileScope() {
     if (!begin) return;
@@ -204,7 +211,7 @@ struct ProfileScope {
       return;
     }
     cudaEventRecord(end, im.stream);
-    im.profiler.spans.push_back({name, begin, end});
+    im.profiler.spans.push_back({name, begin, end, std::move(shape)});
   }
   ProfileScope(const ProfileScope&) = delete;
 };

@@ -315,29 +315,39 @@ std::string Context::profile_report(int steps) {
     double ms = 0;
     int calls = 0;
   };
-  std::map<std::string, Row> rows;
+  std::map<std::string, Row> rows, shapes;
   double total = 0;
   for (auto& sp : m.profiler.spans) {
     float ms = 0;
     CMSEG_CUDA(cudaEventElapsedTime(&ms, sp.begin, sp.end));
     Row& r = rows[sp.name];
     r.ms += ms, r.calls += 1;
+    if (!sp.shape.empty()) {
+      Row& sr = shapes[str(sp.name, " ", sp.shape)];
+      sr.ms += ms, sr.calls += 1;
+    }
     if (!std::strchr(sp.name, ':')) total += ms;  // "layer: part" spans lie inside their layer's
     m.profiler.spare.push_back(sp.begin), m.profiler.spare.push_back(sp.end);
   }
   m.profiler.spans.clear();
-  std::vector<std::pair<std::string, Row>> sorted(rows.begin(), rows.end());
-  std::sort(sorted.begin(), sorted.end(), [](const auto& a, const auto& b) { return a.second.ms > b.second.ms; });
   const double per = std::max(steps, 1);
-  std::string out;
+  auto table = [&](const std::map<std::string, Row>& t, int width) {
+    std::vector<std::pair<std::string, Row>> sorted(t.begin(), t.end());
+    std::sort(sorted.begin(), sorted.end(), [](const auto& a, const auto& b) { return a.second.ms > b.second.ms; });
+    std::string out;
+    char line[200];
+    for (auto& [name, r] : sorted) {
+      std::snprintf(line, sizeof line, "  %-*s %9.3f ms/step %6.1f%% %6d calls\n", width, name.c_str(), r.ms / per,
+                    total > 0 ? 100 * r.ms / total : 0.0, r.calls);
+      out += line;
+    }
+    return out;
+  };
   char line[160];
-  for (auto& [name, r] : sorted) {
-    std::snprintf(line, sizeof line, "  %-28s %9.3f ms/step %6.1f%% %6d calls\n", name.c_str(), r.ms / per,
-                  total > 0 ? 100 * r.ms / total : 0.0, r.calls);
-    out += line;
-  }
   std::snprintf(line, sizeof line, "  %-28s %9.3f ms/step (layer calls only)\n", "sum", total / per);
-  return out + line;
+  std::string out = table(rows, 28) + line;
+  if (!shapes.empty()) out += "device time by convolution shape, per step:\n" + table(shapes, 52) + "  end of shapes\n";
+  return out;
 }
 
 }  // namespace cuda

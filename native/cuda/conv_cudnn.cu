@@ -616,7 +616,7 @@ ClConv upconv2_cl(int n, int cin, int cout, Spatial s, Spatial so, int ndim, boo
 // channels-last copies (with conv_channels_last), the NCDHW tensors themselves.
 void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s,
                    int ndim) {
-  ProfileScope prof_(ctx, "conv3_forward");
+  ProfileScope prof_(ctx, "conv3_forward", cin, cout, s);
   check_shape("conv3_forward", n, cin, cout, s, ndim);
   const ContextOptions& o = ctx.options();
   const bool tf32 = o.tf32;
@@ -656,7 +656,7 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
   LazyChannelsLast<bf16> dy16{ctx, dy, n, cout, s.size(), {}}, x16{ctx, x, n, cin, s.size(), {}};
   LazyChannelsLast<float> dy32{ctx, dy, n, cout, s.size(), {}}, x32{ctx, x, n, cin, s.size(), {}};
   if (dx) {
-    ProfileScope prof_(ctx, "conv3_backward_data");
+    ProfileScope prof_(ctx, "conv3_backward_data", cin, cout, s);
     if (!(bf && cl_backward_data(ctx, g16, w, dy16, dx)) && !(cl && cl_backward_data(ctx, g32, w, dy32, dx))) {
       const AlignedFilter wa(ctx, w, wn, true);
       const ConvAlgo a =
@@ -668,7 +668,7 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
                                                dx));
     }
   }
-  ProfileScope prof_(ctx, "conv3_backward_filter");
+  ProfileScope prof_(ctx, "conv3_backward_filter", cin, cout, s);
   if (bf && cl_backward_filter(ctx, g16, x16, dy16, dw)) return;
   dy16.release(), x16.release();
   if (cl && cl_backward_filter(ctx, g32, x32, dy32, dw)) return;

@@ -160,7 +160,7 @@ void backward_gemm(Context& ctx, const float* x, const float* w, const float* dy
 
 void upconv2_forward(Context& ctx, const float* x, const float* w, const float* b, float* y, int n, int cin, int cout,
                      Spatial s, int ndim) {
-  ProfileScope prof_(ctx, "upconv2_forward");
+  ProfileScope prof_(ctx, "upconv2_forward", cin, cout, s);
   check_shape("upconv2_forward", n, cin, cout, s, ndim);
   const UpconvPath path = ctx.options().upconv;
   if (path == UpconvPath::Gemm) return forward_gemm(ctx, x, w, b, y, geom_of(ctx, n, cin, cout, s, ndim));
@@ -173,7 +173,7 @@ void upconv2_forward(Context& ctx, const float* x, const float* w, const float* 
 
 void upconv2_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, float* db,
                       int n, int cin, int cout, Spatial s, int ndim) {
-  ProfileScope prof_(ctx, "upconv2_backward");
+  ProfileScope prof_(ctx, "upconv2_backward", cin, cout, s);
   check_shape("upconv2_backward", n, cin, cout, s, ndim);
   const UpconvPath path = ctx.options().upconv;
   if (path == UpconvPath::Gemm) return backward_gemm(ctx, x, w, dy, dx, dw, db, geom_of(ctx, n, cin, cout, s, ndim));

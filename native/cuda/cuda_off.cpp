@@ -64,7 +64,7 @@ void instance_norm_forward(Context&, const float*, const float*, const float*, f
   off();
 }
 void instance_norm_backward(Context&, const float*, const float*, const float*, const float*, const float*,
-                            const float*, float*, float*, float*, int, int, int64_t, bool) {
+                            const float*, const float*, float*, float*, float*, int, int, int64_t, bool) {
   off();
 }
 void maxpool2_forward(Context&, const float*, float*, uint8_t*, int, Spatial, int) { off(); }
@@ -118,7 +118,7 @@ void instance_norm_forward(Context&, const float*, const float*, const float*, f
   off();
 }
 void instance_norm_backward(Context&, const float*, const float*, const float*, const float*, const float*,
-                            const float*, float*, float*, float*, int, int, int64_t, bool) {
+                            const float*, const float*, float*, float*, float*, int, int, int64_t, bool) {
   off();
 }
 void maxpool2_forward(Context&, const float*, float*, uint8_t*, int, Spatial, int) { off(); }

@@ -7,6 +7,10 @@
 //   2. finalize: one thread per plane adds its partials in a fixed order,
 //   3. apply:    elementwise, float4 where the plane length allows.
 // Fixed chunking and fixed-order sums make every result reproducible run to run.
+// The backward's two passes (sums, then dx) read x and dy only: the fused ReLU's
+// mask is the forward's pre-activation recomputed from x (affine_of and
+// pre_activation, explicitly rounded, give the forward's values bit for bit), so y
+// is not read (5 tensor passes instead of 7).
 // Forward statistics are shifted by the plane's first value, so the one-pass
 // variance keeps its precision when |mean| >> std.
 #include "common.cuh"
@@ -44,6 +48,14 @@ __device__ inline void for_chunk(int64_t v0, int64_t v1, bool vec, F&& f) {
 }
 
 __device__ inline float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+
+// y = x * a.x + a.y (before the ReLU), with a = affine_of(...): the CPU reference's
+// float expressions, each rounding explicit (no contraction), so that the backward
+// recomputes the forward's pre-activations, and its ReLU mask, bit for bit.
+__device__ inline float2 affine_of(float gamma, float beta, float mean, float rstd) {
+  return make_float2(__fmul_rn(gamma, rstd), __fsub_rn(beta, __fmul_rn(__fmul_rn(mean, gamma), rstd)));
+}
+__device__ inline float pre_activation(float x, float2 a) { return __fmaf_rn(x, a.x, a.y); }
 
 // ---- forward ----
 
@@ -88,11 +100,9 @@ __global__ void stats_finalize_kernel(const float* __restrict__ x, const double2
   const double var = max(0.0, s2 / V - shifted_mean * shifted_mean);
   const float r = (float)(1.0 / sqrt(var + (double)kInstanceNormEps));
   const int ch = (int)(p % c);
-  // The same float expressions as the CPU reference.
-  const float g = gamma[ch] * r, b = beta[ch] - (float)mu * gamma[ch] * r;
   mean[p] = (float)mu;
   rstd[p] = r;
-  affine[p] = make_float2(g, b);
+  affine[p] = affine_of(gamma[ch], beta[ch], (float)mu, r);
 }
 
 template <bool RELU>
@@ -104,7 +114,7 @@ __global__ void apply_kernel(const float* __restrict__ x, const float2* __restri
   const float* xp = x + plane * V;
   float* yp = y + plane * V;
   auto f = [&](float v) {
-    const float o = v * gb.x + gb.y;
+    const float o = pre_activation(v, gb);
     return RELU ? (o > 0.f ? o : 0.f) : o;
   };
   for_chunk(v0, v1, V % 4 == 0, [&](int64_t v, int k) {
@@ -119,27 +129,39 @@ __global__ void apply_kernel(const float* __restrict__ x, const float2* __restri
 
 // ---- backward ----
 
-// dy masked by the fused ReLU (y > 0), as in the CPU reference.
-__device__ inline float masked(float dy, float y, bool relu) { return (!relu || y > 0.f) ? dy : 0.f; }
+// dy masked by the fused ReLU: where the forward's pre-activation (recomputed from
+// x and the plane's affine, bit for bit) was not positive, y was 0 and its gradient
+// is 0, as the CPU reference's (y > 0) test.
+template <bool RELU>
+__device__ inline float masked(float dy, float x, float2 a) {
+  return (!RELU || pre_activation(x, a) > 0.f) ? dy : 0.f;
+}
 
 template <bool RELU>
-__global__ void grad_sums_kernel(const float* __restrict__ x, const float* __restrict__ y,
-                                 const float* __restrict__ dy, const float* __restrict__ mean,
-                                 const float* __restrict__ rstd, int64_t V, Chunks ch, double2* __restrict__ partial) {
+__global__ void grad_sums_kernel(const float* __restrict__ x, const float* __restrict__ dy,
+                                 const float* __restrict__ mean, const float* __restrict__ rstd,
+                                 const float* __restrict__ gamma, const float* __restrict__ beta, int c, int64_t V,
+                                 Chunks ch, double2* __restrict__ partial) {
   __shared__ double scratch[32];
   const int64_t plane = blockIdx.y;
   const int chunk = blockIdx.x;
   const int64_t v0 = chunk * ch.len, v1 = min(V, v0 + ch.len);
   const float mu = mean[plane], r = rstd[plane];
+  const float2 a = RELU ? affine_of(gamma[plane % c], beta[plane % c], mu, r) : make_float2(0.f, 0.f);
   const float* xp = x + plane * V;
-  const float* yp = RELU ? y + plane * V : nullptr;
   const float* dyp = dy + plane * V;
   double s_dy = 0, s_dyx = 0;
+  auto add = [&](float xv, float dyv) {
+    const float g = masked<RELU>(dyv, xv, a);
+    s_dy += g;
+    s_dyx += (double)g * ((xv - mu) * r);
+  };
   for_chunk(v0, v1, V % 4 == 0, [&](int64_t v, int k) {
-    for (int j = 0; j < k; ++j) {
-      const float g = masked(dyp[v + j], RELU ? yp[v + j] : 0.f, RELU);
-      s_dy += g;
-      s_dyx += (double)g * ((xp[v + j] - mu) * r);
+    if (k == 4) {
+      const float4 xv = load4(xp + v), dv = load4(dyp + v);
+      add(xv.x, dv.x), add(xv.y, dv.y), add(xv.z, dv.z), add(xv.w, dv.w);
+    } else {
+      add(xp[v], dyp[v]);
     }
   });
   s_dy = block_sum(s_dy, scratch);
@@ -178,32 +200,30 @@ __global__ void param_grad_kernel(const double2* __restrict__ sums, int n, int c
 }
 
 template <bool RELU>
-__global__ void grad_apply_kernel(const float* __restrict__ x, const float* __restrict__ y,
-                                  const float* __restrict__ dy, const float* __restrict__ mean,
-                                  const float* __restrict__ rstd, const float* __restrict__ gamma,
+__global__ void grad_apply_kernel(const float* __restrict__ x, const float* __restrict__ dy,
+                                  const float* __restrict__ mean, const float* __restrict__ rstd,
+                                  const float* __restrict__ gamma, const float* __restrict__ beta,
                                   const float2* __restrict__ means, int c, int64_t V, Chunks ch,
                                   float* __restrict__ dx) {
   const int64_t plane = blockIdx.y;
   const int64_t v0 = blockIdx.x * ch.len, v1 = min(V, v0 + ch.len);
   const float mu = mean[plane], r = rstd[plane];
   const float k = gamma[plane % c] * r;
+  const float2 a = RELU ? affine_of(gamma[plane % c], beta[plane % c], mu, r) : make_float2(0.f, 0.f);
   const float2 m = means[plane];
   const float* xp = x + plane * V;
-  const float* yp = RELU ? y + plane * V : nullptr;
   const float* dyp = dy + plane * V;
   float* dxp = dx + plane * V;
-  auto f = [&](float xv, float yv, float dyv) {
-    const float g = masked(dyv, yv, RELU);
+  auto f = [&](float xv, float dyv) {
+    const float g = masked<RELU>(dyv, xv, a);
     return k * (g - m.x - (xv - mu) * r * m.y);
   };
   for_chunk(v0, v1, V % 4 == 0, [&](int64_t v, int kk) {
     if (kk == 4) {
       const float4 xv = load4(xp + v), dv = load4(dyp + v);
-      const float4 yv = RELU ? load4(yp + v) : make_float4(0.f, 0.f, 0.f, 0.f);
-      *reinterpret_cast<float4*>(dxp + v) =
-          make_float4(f(xv.x, yv.x, dv.x), f(xv.y, yv.y, dv.y), f(xv.z, yv.z, dv.z), f(xv.w, yv.w, dv.w));
+      *reinterpret_cast<float4*>(dxp + v) = make_float4(f(xv.x, dv.x), f(xv.y, dv.y), f(xv.z, dv.z), f(xv.w, dv.w));
     } else {
-      dxp[v] = f(xp[v], RELU ? yp[v] : 0.f, dyp[v]);
+      dxp[v] = f(xp[v], dyp[v]);
     }
   });
 }
@@ -237,22 +257,23 @@ void instance_norm_forward(Context& ctx, const float* x, const float* gamma, con
   CMSEG_CUDA_LAUNCHED("instance_norm apply");
 }
 
-void instance_norm_backward(Context& ctx, const float* x, const float* y, const float* mean, const float* rstd,
-                            const float* gamma, const float* dy, float* dx, float* dgamma, float* dbeta, int n, int c,
-                            int64_t V, bool relu) {
+void instance_norm_backward(Context& ctx, const float* x, const float*, const float* mean, const float* rstd,
+                            const float* gamma, const float* beta, const float* dy, float* dx, float* dgamma,
+                            float* dbeta, int n, int c, int64_t V, bool relu) {
   ProfileScope prof_(ctx, "instance_norm_backward");
   const int64_t planes = (int64_t)n * c;
   if (!planes || !V) return;
   check_planes(planes);
+  if (relu && !beta) fail("instance_norm_backward: the fused ReLU's mask needs beta");
   const Chunks ch = chunking(ctx, planes, V);
   cudaStream_t st = stream_of(ctx);
   Buffer<double2> partial(ctx, (size_t)planes * ch.per_plane), sums(ctx, (size_t)planes);
   Buffer<float2> means(ctx, (size_t)planes);
   const dim3 grid((unsigned)ch.per_plane, (unsigned)planes);
   if (relu)
-    grad_sums_kernel<true><<<grid, kThreads, 0, st>>>(x, y, dy, mean, rstd, V, ch, partial.data());
+    grad_sums_kernel<true><<<grid, kThreads, 0, st>>>(x, dy, mean, rstd, gamma, beta, c, V, ch, partial.data());
   else
-    grad_sums_kernel<false><<<grid, kThreads, 0, st>>>(x, y, dy, mean, rstd, V, ch, partial.data());
+    grad_sums_kernel<false><<<grid, kThreads, 0, st>>>(x, dy, mean, rstd, gamma, beta, c, V, ch, partial.data());
   CMSEG_CUDA_LAUNCHED("instance_norm grad sums");
   grad_finalize_kernel<<<blocks_for(planes, 128), 128, 0, st>>>(partial.data(), planes, ch.per_plane, V, sums.data(),
                                                                  means.data());
@@ -261,9 +282,9 @@ void instance_norm_backward(Context& ctx, const float* x, const float* y, const 
   CMSEG_CUDA_LAUNCHED("instance_norm param grads");
   if (dx) {
     if (relu)
-      grad_apply_kernel<true><<<grid, kThreads, 0, st>>>(x, y, dy, mean, rstd, gamma, means.data(), c, V, ch, dx);
+      grad_apply_kernel<true><<<grid, kThreads, 0, st>>>(x, dy, mean, rstd, gamma, beta, means.data(), c, V, ch, dx);
     else
-      grad_apply_kernel<false><<<grid, kThreads, 0, st>>>(x, y, dy, mean, rstd, gamma, means.data(), c, V, ch, dx);
+      grad_apply_kernel<false><<<grid, kThreads, 0, st>>>(x, dy, mean, rstd, gamma, beta, means.data(), c, V, ch, dx);
     CMSEG_CUDA_LAUNCHED("instance_norm grad apply");
   }
 }
@@ -281,15 +302,16 @@ void instance_norm_forward(Context& ctx, const float* x, const float* gamma, con
 }
 
 void instance_norm_backward(Context& ctx, const float* x, const float* y, const float* mean, const float* rstd,
-                            const float* gamma, const float* dy, float* dx, float* dgamma, float* dbeta, int n, int c,
-                            int64_t V, bool relu) {
+                            const float* gamma, const float* beta, const float* dy, float* dx, float* dgamma,
+                            float* dbeta, int n, int c, int64_t V, bool relu) {
   const size_t count = (size_t)n * c * V, planes = (size_t)n * c;
   Buffer<float> bx(ctx, count), by(ctx, relu ? count : 0), bdy(ctx, count), bdx(ctx, dx ? count : 0),
-      bm(ctx, planes), br(ctx, planes), bg(ctx, (size_t)c), bdg(ctx, (size_t)c), bdb(ctx, (size_t)c);
-  bx.upload(x), bdy.upload(dy), bm.upload(mean), br.upload(rstd), bg.upload(gamma);
+      bm(ctx, planes), br(ctx, planes), bg(ctx, (size_t)c), bb(ctx, (size_t)c), bdg(ctx, (size_t)c),
+      bdb(ctx, (size_t)c);
+  bx.upload(x), bdy.upload(dy), bm.upload(mean), br.upload(rstd), bg.upload(gamma), bb.upload(beta);
   if (relu) by.upload(y);
   bdg.upload(dgamma), bdb.upload(dbeta);  // accumulated into
-  cuda::instance_norm_backward(ctx, bx.data(), by.data(), bm.data(), br.data(), bg.data(), bdy.data(),
+  cuda::instance_norm_backward(ctx, bx.data(), by.data(), bm.data(), br.data(), bg.data(), bb.data(), bdy.data(),
                                dx ? bdx.data() : nullptr, bdg.data(), bdb.data(), n, c, V, relu);
   if (dx) bdx.download(dx);
   bdg.download(dgamma), bdb.download(dbeta);

@@ -146,11 +146,11 @@ struct ModelGpu::Impl {
     const size_t sz = (size_t)n * b.cout * Vs;
     float* t1 = ensure(ctx, scratch_a, sz);
     float* t2 = ensure(ctx, scratch_b, sz);
-    instance_norm_backward(ctx, a.h2.data(), a.a2.data(), a.mean2.data(), a.rstd2.data(), W(b.g2), dy, t1, G(b.g2),
-                           G(b.b2), n, b.cout, Vs, true);
+    instance_norm_backward(ctx, a.h2.data(), a.a2.data(), a.mean2.data(), a.rstd2.data(), W(b.g2), W(b.b2), dy, t1,
+                           G(b.g2), G(b.b2), n, b.cout, Vs, true);
     conv3_backward(ctx, a.a1.data(), W(b.w2), t1, t2, G(b.w2), n, b.cout, b.cout, s, c.ndim);
-    instance_norm_backward(ctx, a.h1.data(), a.a1.data(), a.mean1.data(), a.rstd1.data(), W(b.g1), t2, t1, G(b.g1),
-                           G(b.b1), n, b.cout, Vs, true);
+    instance_norm_backward(ctx, a.h1.data(), a.a1.data(), a.mean1.data(), a.rstd1.data(), W(b.g1), W(b.b1), t2, t1,
+                           G(b.g1), G(b.b1), n, b.cout, Vs, true);
     return t1;
   }
   void block_backward(const Block& b, const float* x, int n, Spatial s, BlockActs& a, const float* dy, float* dx) {

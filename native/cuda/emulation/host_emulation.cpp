@@ -138,8 +138,8 @@ void instance_norm_forward(Context&, const float* x, const float* g, const float
   cmseg::instance_norm_forward(x, g, b, y, mean, rstd, n, c, V, relu);
 }
 void instance_norm_backward(Context&, const float* x, const float* y, const float* mean, const float* rstd,
-                            const float* g, const float* dy, float* dx, float* dg, float* db, int n, int c, int64_t V,
-                            bool relu) {
+                            const float* g, const float*, const float* dy, float* dx, float* dg, float* db, int n,
+                            int c, int64_t V, bool relu) {
   cmseg::instance_norm_backward(x, y, mean, rstd, g, dy, dx, dg, db, n, c, V, relu);
 }
 void maxpool2_forward(Context&, const float* x, float* y, uint8_t* arg, int nc, Spatial s, int nd) {
@@ -210,7 +210,7 @@ void conv3_backward(Context&, const float*, const float*, const float*, float*, 
 void upconv2_forward(Context&, const float*, const float*, const float*, float*, int, int, int, Spatial, int) { no(); }
 void upconv2_backward(Context&, const float*, const float*, const float*, float*, float*, float*, int, int, int, Spatial, int) { no(); }
 void instance_norm_forward(Context&, const float*, const float*, const float*, float*, float*, float*, int, int, int64_t, bool) { no(); }
-void instance_norm_backward(Context&, const float*, const float*, const float*, const float*, const float*, const float*, float*, float*, float*, int, int, int64_t, bool) { no(); }
+void instance_norm_backward(Context&, const float*, const float*, const float*, const float*, const float*, const float*, const float*, float*, float*, float*, int, int, int64_t, bool) { no(); }
 void maxpool2_forward(Context&, const float*, float*, uint8_t*, int, Spatial, int) { no(); }
 void maxpool2_backward(Context&, const float*, const uint8_t*, float*, int, Spatial, int) { no(); }
 void cm_loss(Context&, const CmLossInput&, CmLossOutput&) { no(); }

@@ -276,10 +276,13 @@ void upconv2_backward(Context& ctx, const float* x, const float* w, const float*
 // mean, rstd: [n * c] device arrays written by the forward and read by the backward.
 void instance_norm_forward(Context& ctx, const float* x, const float* gamma, const float* beta, float* y, float* mean,
                            float* rstd, int n, int c, int64_t V, bool relu);
-// dx may be null; dgamma and dbeta are accumulated.
+// dx may be null; dgamma and dbeta are accumulated. y is the forward's output, read by
+// the CPU reference (the host emulation); the device recomputes the ReLU's mask from
+// x, the statistics, gamma and beta as the forward computed y (bit for bit), so each
+// of its two passes reads one tensor fewer.
 void instance_norm_backward(Context& ctx, const float* x, const float* y, const float* mean, const float* rstd,
-                            const float* gamma, const float* dy, float* dx, float* dgamma, float* dbeta, int n, int c,
-                            int64_t V, bool relu);
+                            const float* gamma, const float* beta, const float* dy, float* dx, float* dgamma,
+                            float* dbeta, int n, int c, int64_t V, bool relu);
 
 // ---- max-pool 2, stride 2: maxpool.cu ------------------------------------------
 void maxpool2_forward(Context& ctx, const float* x, float* y, uint8_t* arg, int nc, Spatial s, int ndim);
@@ -402,8 +405,8 @@ void upconv2_backward(Context& ctx, const float* x, const float* w, const float*
 void instance_norm_forward(Context& ctx, const float* x, const float* gamma, const float* beta, float* y, float* mean,
                            float* rstd, int n, int c, int64_t V, bool relu);
 void instance_norm_backward(Context& ctx, const float* x, const float* y, const float* mean, const float* rstd,
-                            const float* gamma, const float* dy, float* dx, float* dgamma, float* dbeta, int n, int c,
-                            int64_t V, bool relu);
+                            const float* gamma, const float* beta, const float* dy, float* dx, float* dgamma,
+                            float* dbeta, int n, int c, int64_t V, bool relu);
 void maxpool2_forward(Context& ctx, const float* x, float* y, uint8_t* arg, int nc, Spatial s, int ndim);
 void maxpool2_backward(Context& ctx, const float* dy, const uint8_t* arg, float* dx, int nc, Spatial s, int ndim);
 // Host pointers in, host results out; the shapes are those of the CPU cm_loss.

@@ -879,6 +879,7 @@ TEST(heads_concat_ce_predict_match_cpu) {
   conv1_heads_case(2, 32, {4, 16, 16, 16}, 9 * 11 * 13, true);
   concat_case(2, 3, 5, 7 * 9);
   concat_case(1, 4, 4, 64);
+  concat_case(3, 4, 8, 16 * 16);  // float4 path, several images
   ce_case(2, 2, 15 * 17);
   ce_case(3, 4, 33 * 31);
   ce_case(2, 6, 100);  // generic kernel

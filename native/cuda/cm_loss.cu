@@ -129,17 +129,22 @@ struct PixelCm {
       // Every raw channel of the pixel is loaded before the first is used, so a
       // thread has L*L loads in flight. Interleaved with the math (as the compiler
       // left them) a thread waited for each load in turn, and the kernel ran at
-      // ~15% of an H200's bandwidth.
+      // ~15% of an H200's bandwidth. Plain loads: the gradient may overwrite these
+      // channels later in the same kernel (loss.hpp). Only with L known at compile
+      // time: in the generic kernel the array would live in local memory.
       float v[CAP * CAP];
+      if constexpr (CAP != kMaxClasses) {
 #pragma unroll
-      for (int e = 0; e < L * L; ++e)
-        v[e] = __ldg(raw + e * stride);
+        for (int e = 0; e < L * L; ++e)
+          v[e] = raw[e * stride];
+      }
 #pragma unroll
       for (int e = 0; e < L * L; ++e) {
+        const float ve = CAP != kMaxClasses ? v[e] : raw[e * stride];
         if constexpr (MODE == kFull)
-          softplus_sigmoid(v[e], A[e], sig[e]);
+          softplus_sigmoid(ve, A[e], sig[e]);
         else
-          A[e] = softplus(v[e]);
+          A[e] = softplus(ve);
       }
     }
 #pragma unroll

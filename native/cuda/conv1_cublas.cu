@@ -219,14 +219,17 @@ bool with_cin(int cin, F&& f) {
 }
 
 // The heads packed for the fused kernels (weights [rows, cin] and biases, head
-// after head, copied on the stream), or none when they do not fit them.
+// after head, copied on the stream), or none when they do not fit them (one head,
+// more than kMaxHeads, another width, too many rows for shared memory, more images
+// than a grid's y).
 struct PackedHeads {
-  HeadsParams P;
+  HeadsParams P{};
   Buffer<float> w, b;
   size_t smem = 0;
   bool fused = false;
-  PackedHeads(Context& ctx, const std::vector<Conv1Head>& heads, int cin, bool biases) {
-    if (heads.size() < 2 || heads.size() > (size_t)kMaxHeads || (cin != 8 && cin != 16 && cin != 32 && cin != 64))
+  PackedHeads(Context& ctx, const std::vector<Conv1Head>& heads, int n, int cin, bool biases) {
+    if (heads.size() < 2 || heads.size() > (size_t)kMaxHeads || (cin != 8 && cin != 16 && cin != 32 && cin != 64) ||
+        n > 65535)
       return;
     int rows = 0;
     for (const Conv1Head& h : heads) rows += h.cout;
@@ -304,8 +307,7 @@ void conv1_backward(Context& ctx, const float* x, const float* w, const float* d
 void conv1_forward_heads(Context& ctx, const float* x, const std::vector<Conv1Head>& heads, int n, int cin,
                          int64_t V) {
   for (const Conv1Head& h : heads) check_dims("conv1_forward_heads", n, cin, h.cout, V);
-  if (n > 65535) fail("conv1_forward_heads: ", n, " images exceed the CUDA grid's 65535");
-  PackedHeads ph(ctx, heads, cin, true);
+  PackedHeads ph(ctx, heads, n, cin, true);
   if (!ph.fused) {
     for (const Conv1Head& h : heads) conv1_forward(ctx, x, h.w, h.b, h.y, n, cin, h.cout, V);
     return;
@@ -321,8 +323,7 @@ void conv1_forward_heads(Context& ctx, const float* x, const std::vector<Conv1He
 void conv1_backward_heads(Context& ctx, const float* x, const std::vector<Conv1Head>& heads, float* dx_accumulate,
                           int n, int cin, int64_t V) {
   for (const Conv1Head& h : heads) check_dims("conv1_backward_heads", n, cin, h.cout, V);
-  if (n > 65535) fail("conv1_backward_heads: ", n, " images exceed the CUDA grid's 65535");
-  PackedHeads ph(ctx, heads, cin, false);
+  PackedHeads ph(ctx, heads, n, cin, false);
   if (!ph.fused) {
     for (const Conv1Head& h : heads) conv1_backward(ctx, x, h.w, h.dy, dx_accumulate, h.dw, h.db, n, cin, h.cout, V);
     return;

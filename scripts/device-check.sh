@@ -131,6 +131,8 @@ write_summary() {
     if grep -q "device time by layer" "$OUT/bench_gpu.txt" 2>/dev/null; then
       echo "== cmseg GPU brats3d-gpu: device time by layer (CMSEG_GPU_PROFILE)"
       sed -n '/device time by layer/,/^  sum /p' "$OUT/bench_gpu.txt"
+      echo "== bench_gpu runs: steps back to back (the period a training loop sees), device idle between them"
+      grep -E "^  pipelined" "$OUT/bench_gpu.txt"
       echo "== the first bench_gpu run: device time by convolution shape"
       sed -n '/device time by convolution shape/,/end of shapes/p' "$OUT/bench_gpu.txt" | sed '/end of shapes/q'
       grep -hE "^cmseg: cm_loss (main|pairs) kernel" "$OUT/bench_gpu.txt" | sort -u
@@ -170,7 +172,8 @@ for line in lines:
         print(f"  cmseg GPU {r['config']} {mode}: median step {r['stepMsMedian']:.1f} ms, "
               f"{r['voxelsPerSecond'] / 1e6:.2f} Mvoxel/s, {r['gflopPerSecond']:.0f} GFLOP/s, "
               f"peak {r.get('peakGpuMB', 0):.0f} MiB, steps {r['stepMs']}; "
-              f"fused CM loss {r['cmLossMs']:.3f} ms = {r['cmLossGBs']:.0f} GB/s")
+              f"fused CM loss {r['cmLossMs']:.3f} ms = {r['cmLossGBs']:.0f} GB/s"
+              + (f"; back to back {r['pipelinedMs']:.1f} ms/step" if "pipelinedMs" in r else ""))
     elif "stepMsMedian" in r:
         mode = "bf16 autocast" if r.get("amp") else "fp32 (torch default: TF32 convs)"
         print(f"  torch {r['config']} {mode}: median step {r['stepMsMedian']:.1f} ms, "

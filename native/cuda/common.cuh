@@ -81,6 +81,8 @@ struct Profiler {
     std::string shape;  // "cin->cout DxHxW" for the convolutions: the report's second table
   };
   std::vector<Span> spans;
+  std::vector<std::pair<cudaEvent_t, cudaEvent_t>> steps;  // marked training steps
+  cudaEvent_t open_step = nullptr;                          // begun, not yet ended
   std::vector<cudaEvent_t> spare;
   cudaEvent_t event() {
     cudaEvent_t e = nullptr;

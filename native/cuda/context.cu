@@ -124,6 +124,8 @@ Context::~Context() {
   if (m.cudnn_handle) cudnnDestroy(m.cudnn_handle);
   if (m.cublas_handle) cublasDestroy(m.cublas_handle);
   for (auto& sp : m.profiler.spans) cudaEventDestroy(sp.begin), cudaEventDestroy(sp.end);
+  for (auto& st : m.profiler.steps) cudaEventDestroy(st.first), cudaEventDestroy(st.second);
+  if (m.profiler.open_step) cudaEventDestroy(m.profiler.open_step);
   for (cudaEvent_t e : m.profiler.spare) cudaEventDestroy(e);
   for (StageSlot& st : m.stage) {
     if (st.pinned) cudaFreeHost(st.pinned);
@@ -138,6 +140,23 @@ Context::~Context() {
 }
 
 const ContextOptions& Context::options() const { return impl_->options; }
+
+void Context::profile_step_begin() {
+  Profiler& p = impl_->profiler;
+  if (!p.on) return;
+  if (p.open_step) p.spare.push_back(p.open_step);  // a step that never ended (no backward)
+  p.open_step = p.event();
+  cudaEventRecord(p.open_step, impl_->stream);
+}
+
+void Context::profile_step_end() {
+  Profiler& p = impl_->profiler;
+  if (!p.on || !p.open_step || p.steps.size() >= Profiler::kMaxSpans) return;
+  cudaEvent_t end = p.event();
+  cudaEventRecord(end, impl_->stream);
+  p.steps.push_back({p.open_step, end});
+  p.open_step = nullptr;
+}
 void Context::make_current() { CMSEG_CUDA(cudaSetDevice(impl_->options.device)); }
 void Context::set_tf32(bool on) { impl_->options.tf32 = on; }
 void Context::set_conv_channels_last(bool on) { impl_->options.conv_channels_last = on; }
@@ -330,6 +349,22 @@ std::string Context::profile_report(int steps) {
     m.profiler.spare.push_back(sp.begin), m.profiler.spare.push_back(sp.end);
   }
   m.profiler.spans.clear();
+  // The marked steps: device span, idle gaps between consecutive ones.
+  double span_ms = 0, gap_ms = 0;
+  int gaps = 0;
+  const size_t marked = m.profiler.steps.size();
+  for (size_t k = 0; k < marked; ++k) {
+    const auto& st = m.profiler.steps[k];
+    float ms = 0;
+    CMSEG_CUDA(cudaEventElapsedTime(&ms, st.first, st.second));
+    span_ms += ms;
+    if (k + 1 < marked) {
+      CMSEG_CUDA(cudaEventElapsedTime(&ms, st.second, m.profiler.steps[k + 1].first));
+      gap_ms += ms, ++gaps;
+    }
+    m.profiler.spare.push_back(st.first), m.profiler.spare.push_back(st.second);
+  }
+  m.profiler.steps.clear();
   const double per = std::max(steps, 1);
   auto table = [&](const std::map<std::string, Row>& t, int width) {
     std::vector<std::pair<std::string, Row>> sorted(t.begin(), t.end());
@@ -345,7 +380,16 @@ std::string Context::profile_report(int steps) {
   };
   char line[160];
   std::snprintf(line, sizeof line, "  %-28s %9.3f ms/step (layer calls only)\n", "sum", total / per);
-  std::string out = table(rows, 28) + line;
+  std::string out = table(rows, 28);
+  if (marked) {
+    char st[320];
+    std::snprintf(st, sizeof st,
+                  "  steps: %zu marked; device span (first op to optimiser update) %.3f ms/step, of which outside "
+                  "layer calls %.3f; device idle between steps %.3f ms (mean of %d gaps)\n",
+                  marked, span_ms / marked, span_ms / marked - total / per, gaps ? gap_ms / gaps : 0.0, gaps);
+    out += st;
+  }
+  out += line;
   if (!shapes.empty()) out += "device time by convolution shape, per step:\n" + table(shapes, 52) + "  end of shapes\n";
   return out;
 }

@@ -381,6 +381,7 @@ void ModelGpu::download_params(std::vector<Param>& params) {
 StepResult ModelGpu::run(const Batch& batch, bool backward, float trace_weight) {
   Impl& m = *impl_;
   m.ctx.make_current();
+  m.ctx.profile_step_begin();
   Context& ctx = m.ctx;
   const ModelConfig& c = m.c;
   const int n = batch.n, D = c.depth, L = c.classes, R = c.annotators, nd = c.ndim, C0 = c.base;
@@ -587,6 +588,7 @@ void ModelGpu::adam(const OptimConfig& o, int64_t step) {
   m.ctx.make_current();
   // Adam is elementwise, so the four contiguous arrays are one tensor.
   adam_step(m.ctx, {AdamTensor{m.value.data(), m.grad.data(), m.m1.data(), m.m2.data(), m.total}}, o, step);
+  m.ctx.profile_step_end();
 }
 
 void ModelGpu::predict(const float* images, int n, Spatial s, float* probs, float* cms, float* annotator_probs) {

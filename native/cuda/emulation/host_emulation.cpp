@@ -85,6 +85,8 @@ void Context::synchronize() {}
 float Context::time_ms(const std::function<void()>& fn, int) { fn(); return 1.f; }
 void* Context::stream_handle() const { return nullptr; }
 std::string Context::profile_report(int) { return ""; }
+void Context::profile_step_begin() {}
+void Context::profile_step_end() {}
 size_t Context::conv_fallbacks() const { return 0; }
 
 // ContextOptions::bf16: the operands rounded to bf16 (nearest even) as the device

@@ -195,7 +195,15 @@ class Context {
   // With CMSEG_GPU_PROFILE=1 set when the context was made: the device time of each
   // layer call since the last report, summed by layer, per step over `steps`, largest
   // first (waits for the stream). Empty when profiling is off.
+  // With profiling on, it also reports the training steps marked since: the device
+  // time from a step's first operation to its last (ModelGpu::run to the optimiser
+  // update), the part of it outside any layer call, and the device's idle time from
+  // one step's end to the next one's start.
   std::string profile_report(int steps = 1);
+  // Marks where a training step's work begins and ends on the stream (with
+  // profiling on; otherwise nothing).
+  void profile_step_begin();
+  void profile_step_end();
 
   // The cudaStream_t, as an opaque pointer (for interop; the backend's own code
   // reaches it through impl()).

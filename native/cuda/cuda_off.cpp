@@ -66,7 +66,11 @@ void instance_norm_forward(Context&, const float*, const float*, const float*, f
   off();
 }
 void instance_norm_backward(Context&, const float*, const float*, const float*, const float*, const float*,
-                            const float*, const float*, float*, float*, float*, int, int, int64_t, bool) {
+                            const float*, float*, float*, float*, int, int, int64_t, bool) {
+  off();
+}
+void instance_norm_apply(Context&, const float*, const float*, const float*, const float*, const float*, float*, int,
+                         int, int64_t, bool) {
   off();
 }
 void maxpool2_forward(Context&, const float*, float*, uint8_t*, int, Spatial, int) { off(); }
@@ -120,7 +124,7 @@ void instance_norm_forward(Context&, const float*, const float*, const float*, f
   off();
 }
 void instance_norm_backward(Context&, const float*, const float*, const float*, const float*, const float*,
-                            const float*, const float*, float*, float*, float*, int, int, int64_t, bool) {
+                            const float*, float*, float*, float*, int, int, int64_t, bool) {
   off();
 }
 void maxpool2_forward(Context&, const float*, float*, uint8_t*, int, Spatial, int) { off(); }

@@ -105,12 +105,16 @@ __global__ void stats_finalize_kernel(const float* __restrict__ x, const double2
   affine[p] = affine_of(gamma[ch], beta[ch], (float)mu, r);
 }
 
+// stats: the forward's affine per plane (affine), or, when affine is null, the
+// statistics it came from (instance_norm_apply): the same values either way.
 template <bool RELU>
-__global__ void apply_kernel(const float* __restrict__ x, const float2* __restrict__ affine, float* __restrict__ y,
-                             int64_t V, Chunks ch) {
+__global__ void apply_kernel(const float* __restrict__ x, const float2* __restrict__ affine,
+                             const float* __restrict__ mean, const float* __restrict__ rstd,
+                             const float* __restrict__ gamma, const float* __restrict__ beta, int c,
+                             float* __restrict__ y, int64_t V, Chunks ch) {
   const int64_t plane = blockIdx.y;
   const int64_t v0 = blockIdx.x * ch.len, v1 = min(V, v0 + ch.len);
-  const float2 gb = affine[plane];
+  const float2 gb = affine ? affine[plane] : affine_of(gamma[plane % c], beta[plane % c], mean[plane], rstd[plane]);
   const float* xp = x + plane * V;
   float* yp = y + plane * V;
   auto f = [&](float v) {
@@ -251,15 +255,30 @@ void instance_norm_forward(Context& ctx, const float* x, const float* gamma, con
                                                                   ch.per_plane, mean, rstd, affine.data());
   CMSEG_CUDA_LAUNCHED("instance_norm finalize");
   if (relu)
-    apply_kernel<true><<<grid, kThreads, 0, st>>>(x, affine.data(), y, V, ch);
+    apply_kernel<true><<<grid, kThreads, 0, st>>>(x, affine.data(), nullptr, nullptr, nullptr, nullptr, c, y, V, ch);
   else
-    apply_kernel<false><<<grid, kThreads, 0, st>>>(x, affine.data(), y, V, ch);
+    apply_kernel<false><<<grid, kThreads, 0, st>>>(x, affine.data(), nullptr, nullptr, nullptr, nullptr, c, y, V, ch);
   CMSEG_CUDA_LAUNCHED("instance_norm apply");
 }
 
-void instance_norm_backward(Context& ctx, const float* x, const float*, const float* mean, const float* rstd,
-                            const float* gamma, const float* beta, const float* dy, float* dx, float* dgamma,
-                            float* dbeta, int n, int c, int64_t V, bool relu) {
+void instance_norm_apply(Context& ctx, const float* x, const float* mean, const float* rstd, const float* gamma,
+                         const float* beta, float* y, int n, int c, int64_t V, bool relu) {
+  ProfileScope prof_(ctx, "instance_norm_apply (recompute)");
+  const int64_t planes = (int64_t)n * c;
+  if (!planes || !V) return;
+  check_planes(planes);
+  const Chunks ch = chunking(ctx, planes, V);
+  const dim3 grid((unsigned)ch.per_plane, (unsigned)planes);
+  if (relu)
+    apply_kernel<true><<<grid, kThreads, 0, stream_of(ctx)>>>(x, nullptr, mean, rstd, gamma, beta, c, y, V, ch);
+  else
+    apply_kernel<false><<<grid, kThreads, 0, stream_of(ctx)>>>(x, nullptr, mean, rstd, gamma, beta, c, y, V, ch);
+  CMSEG_CUDA_LAUNCHED("instance_norm apply (recompute)");
+}
+
+void instance_norm_backward(Context& ctx, const float* x, const float* mean, const float* rstd, const float* gamma,
+                            const float* beta, const float* dy, float* dx, float* dgamma, float* dbeta, int n, int c,
+                            int64_t V, bool relu) {
   ProfileScope prof_(ctx, "instance_norm_backward");
   const int64_t planes = (int64_t)n * c;
   if (!planes || !V) return;
@@ -301,17 +320,15 @@ void instance_norm_forward(Context& ctx, const float* x, const float* gamma, con
   dy_.download(y), dm.download(mean), dr.download(rstd);
 }
 
-void instance_norm_backward(Context& ctx, const float* x, const float* y, const float* mean, const float* rstd,
-                            const float* gamma, const float* beta, const float* dy, float* dx, float* dgamma,
-                            float* dbeta, int n, int c, int64_t V, bool relu) {
+void instance_norm_backward(Context& ctx, const float* x, const float* mean, const float* rstd, const float* gamma,
+                            const float* beta, const float* dy, float* dx, float* dgamma, float* dbeta, int n, int c,
+                            int64_t V, bool relu) {
   const size_t count = (size_t)n * c * V, planes = (size_t)n * c;
-  Buffer<float> bx(ctx, count), by(ctx, relu ? count : 0), bdy(ctx, count), bdx(ctx, dx ? count : 0),
-      bm(ctx, planes), br(ctx, planes), bg(ctx, (size_t)c), bb(ctx, (size_t)c), bdg(ctx, (size_t)c),
-      bdb(ctx, (size_t)c);
+  Buffer<float> bx(ctx, count), bdy(ctx, count), bdx(ctx, dx ? count : 0), bm(ctx, planes), br(ctx, planes),
+      bg(ctx, (size_t)c), bb(ctx, (size_t)c), bdg(ctx, (size_t)c), bdb(ctx, (size_t)c);
   bx.upload(x), bdy.upload(dy), bm.upload(mean), br.upload(rstd), bg.upload(gamma), bb.upload(beta);
-  if (relu) by.upload(y);
   bdg.upload(dgamma), bdb.upload(dbeta);  // accumulated into
-  cuda::instance_norm_backward(ctx, bx.data(), by.data(), bm.data(), br.data(), bg.data(), bb.data(), bdy.data(),
+  cuda::instance_norm_backward(ctx, bx.data(), bm.data(), br.data(), bg.data(), bb.data(), bdy.data(),
                                dx ? bdx.data() : nullptr, bdg.data(), bdb.data(), n, c, V, relu);
   if (dx) bdx.download(dx);
   bdg.download(dgamma), bdb.download(dbeta);

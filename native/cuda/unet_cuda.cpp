@@ -10,9 +10,13 @@
 // gradients before the decoder's scratch is taken, each decoder block's
 // activations before its input gradient is taken, the scratch at the end), as
 // autograd frees saved tensors; the CM loss writes each head's gradient over its
-// raw output. The peak is then the forward's activations plus the features'
-// gradient, not everything at once (in the host emulation of a brats3d-like step:
-// 17.1 level-0 activations; 23.5 without the early releases). The stream-ordered
+// raw output. A block does not keep its first activation (the backward recomputes
+// it from the convolution's output and the norm's statistics, bit for bit, an
+// elementwise pass), and an encoder's output goes back to the pool once the
+// decoder has copied it as its skip (the backward reads neither). The peak is then
+// the forward's activations plus the features' gradient, not everything at once
+// (in the host emulation of a brats3d-like step: 13.2 level-0 activations; 17.1
+// keeping the first activations and skips, 23.5 without the early releases). The stream-ordered
 // pool keeps the memory cached, so the next step's allocations are served from it
 // without a device synchronisation.
 // Scratch arrays are shared where their lifetimes do not overlap on the stream
@@ -39,9 +43,11 @@ struct Block {
   int w1 = -1, g1 = -1, b1 = -1, w2 = -1, g2 = -1, b2 = -1;
 };
 
-// What a block keeps for its backward pass (as BlockCache on the CPU).
+// What a block keeps for its backward pass (as BlockCache on the CPU, less the first
+// activation a1 = relu(norm(h1)): the backward recomputes it from h1 and its
+// statistics, bit for bit, into h2's memory once h2 is read for the last time).
 struct BlockActs {
-  Buffer<float> h1, a1, h2, a2, mean1, rstd1, mean2, rstd2;
+  Buffer<float> h1, h2, a2, mean1, rstd1, mean2, rstd2;
 };
 
 // Grows `b` to at least `count` elements (contents are not kept) and returns it.
@@ -124,7 +130,8 @@ struct ModelGpu::Impl {
     const int64_t Vs = s.size();
     const size_t sz = (size_t)n * b.cout * Vs, planes = (size_t)n * b.cout;
     float* h1 = ensure(ctx, a.h1, sz);
-    float* a1 = ensure(ctx, a.a1, sz);
+    Buffer<float> a1_(ctx, sz);  // read by the second convolution only: back to the pool after it
+    float* a1 = a1_.data();
     float* h2 = ensure(ctx, a.h2, sz);
     float* a2 = ensure(ctx, a.a2, sz);
     float* mean1 = ensure(ctx, a.mean1, planes);
@@ -141,16 +148,19 @@ struct ModelGpu::Impl {
   // scratch_a and scratch_b, which must not be dy or dx.
   // A block's backward up to the gradient of its first convolution's output, left in
   // scratch_a (returned). The block's activations are not read after it.
-  float* block_backward_to_conv1(const Block& b, int n, Spatial s, const BlockActs& a, const float* dy) {
+  float* block_backward_to_conv1(const Block& b, int n, Spatial s, BlockActs& a, const float* dy) {
     const int64_t Vs = s.size();
     const size_t sz = (size_t)n * b.cout * Vs;
     float* t1 = ensure(ctx, scratch_a, sz);
     float* t2 = ensure(ctx, scratch_b, sz);
-    instance_norm_backward(ctx, a.h2.data(), a.a2.data(), a.mean2.data(), a.rstd2.data(), W(b.g2), W(b.b2), dy, t1,
-                           G(b.g2), G(b.b2), n, b.cout, Vs, true);
-    conv3_backward(ctx, a.a1.data(), W(b.w2), t1, t2, G(b.w2), n, b.cout, b.cout, s, c.ndim);
-    instance_norm_backward(ctx, a.h1.data(), a.a1.data(), a.mean1.data(), a.rstd1.data(), W(b.g1), W(b.b1), t2, t1,
-                           G(b.g1), G(b.b1), n, b.cout, Vs, true);
+    instance_norm_backward(ctx, a.h2.data(), a.mean2.data(), a.rstd2.data(), W(b.g2), W(b.b2), dy, t1, G(b.g2),
+                           G(b.b2), n, b.cout, Vs, true);
+    // h2 is not read again: its memory takes a1, the second convolution's input.
+    float* a1 = a.h2.data();
+    instance_norm_apply(ctx, a.h1.data(), a.mean1.data(), a.rstd1.data(), W(b.g1), W(b.b1), a1, n, b.cout, Vs, true);
+    conv3_backward(ctx, a1, W(b.w2), t1, t2, G(b.w2), n, b.cout, b.cout, s, c.ndim);
+    instance_norm_backward(ctx, a.h1.data(), a.mean1.data(), a.rstd1.data(), W(b.g1), W(b.b1), t2, t1, G(b.g1),
+                           G(b.b1), n, b.cout, Vs, true);
     return t1;
   }
   void block_backward(const Block& b, const float* x, int n, Spatial s, BlockActs& a, const float* dy, float* dx) {
@@ -207,6 +217,9 @@ struct ModelGpu::Impl {
       upconv2_forward(ctx, below, W(up_w[k]), W(up_b[k]), up, n, cin, cout, level_s[lo], nd);
       float* cat = ensure(ctx, cats[k], (size_t)n * cin * V(hi));
       concat_forward(ctx, enc_a[hi].a2.data(), cout, up, cout, cat, n, V(hi));
+      // The skip's last reader: the backward needs neither it (the block's instance
+      // norm recomputes its mask; the max-pool kept its argmax) nor this copy's source.
+      enc_a[hi].a2.reset();
       block_forward(dec[k], cat, n, level_s[hi], dec_a[k]);
     }
     const float* feat = D > 1 ? dec_a[D - 2].a2.data() : enc_a[0].a2.data();

@@ -175,8 +175,19 @@ void instance_norm_case(int n, int c, int64_t V, bool relu, float offset) {
   std::vector<float> dx_cpu(count), dx_gpu(count), dg_cpu = dg0, dg_gpu = dg0, db_cpu = db0, db_gpu = db0;
   instance_norm_backward(x.data(), y_gpu.data(), m_gpu.data(), r_gpu.data(), gamma.data(), dy.data(), dx_cpu.data(),
                          dg_cpu.data(), db_cpu.data(), n, c, V, relu);
-  cu::host::instance_norm_backward(ctx(), x.data(), y_gpu.data(), m_gpu.data(), r_gpu.data(), gamma.data(),
-                                   beta.data(), dy.data(), dx_gpu.data(), dg_gpu.data(), db_gpu.data(), n, c, V, relu);
+  cu::host::instance_norm_backward(ctx(), x.data(), m_gpu.data(), r_gpu.data(), gamma.data(), beta.data(), dy.data(),
+                                   dx_gpu.data(), dg_gpu.data(), db_gpu.data(), n, c, V, relu);
+  {
+    // The forward's output recomputed from its statistics: bit for bit (the model's
+    // backward relies on it for each block's first activation).
+    cu::Buffer<float> X(ctx(), x), M(ctx(), m_gpu), Rs(ctx(), r_gpu), G(ctx(), gamma), Bt(ctx(), beta);
+    cu::Buffer<float> Y(ctx(), count);
+    cu::instance_norm_apply(ctx(), X.data(), M.data(), Rs.data(), G.data(), Bt.data(), Y.data(), n, c, V, relu);
+    const bool same = Y.to_host() == y_gpu;
+    CHECK(same);
+    std::printf("  instance_norm%s V=%lld apply from the statistics: %s\n", relu ? "+relu" : "", (long long)V,
+                same ? "identical to the forward" : "DIFFERENT from the forward");
+  }
   char what[96];
   const char* tag = relu ? "+relu" : "";
   std::snprintf(what, sizeof what, "instance_norm%s V=%lld y", tag, (long long)V);
@@ -585,8 +596,8 @@ TEST(bandwidth_brats3d_gpu_level0) {
     });
     report_bandwidth("instance_norm+relu forward (x twice, y)", 3 * T, ms);
     ms = c.time_ms([&] {
-      cu::instance_norm_backward(c, x.data(), y.data(), mean.data(), rstd.data(), g.data(), b.data(), dy.data(),
-                                 dx.data(), dg.data(), db.data(), n, ch, V, true);
+      cu::instance_norm_backward(c, x.data(), mean.data(), rstd.data(), g.data(), b.data(), dy.data(), dx.data(),
+                                 dg.data(), db.data(), n, ch, V, true);
     });
     report_bandwidth("instance_norm+relu backward (x, dy twice; dx)", 5 * T, ms);
     cu::Buffer<float> p(c, count / 8), dpx(c, count);

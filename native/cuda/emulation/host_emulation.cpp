@@ -9,10 +9,12 @@
 // the CPU model, under AddressSanitizer (test_cuda_emulated, CMake option
 // CMSEG_CUDA_EMULATION). What it cannot check: the CUDA kernels themselves,
 // cuDNN/cuBLAS calls and stream ordering: that is test_cuda on a GPU.
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <unordered_map>
+#include <vector>
 
 #include "cmseg/cuda.hpp"
 #include "cmseg/error.hpp"
@@ -139,10 +141,34 @@ void instance_norm_forward(Context&, const float* x, const float* g, const float
                            int n, int c, int64_t V, bool relu) {
   cmseg::instance_norm_forward(x, g, b, y, mean, rstd, n, c, V, relu);
 }
-void instance_norm_backward(Context&, const float* x, const float* y, const float* mean, const float* rstd,
-                            const float* g, const float*, const float* dy, float* dx, float* dg, float* db, int n,
-                            int c, int64_t V, bool relu) {
-  cmseg::instance_norm_backward(x, y, mean, rstd, g, dy, dx, dg, db, n, c, V, relu);
+// The forward's output from x and its statistics, with the CPU reference's float
+// expressions (native/layers/instance_norm.cpp), as the device's apply does with its own.
+static void apply_from_stats(const float* x, const float* mean, const float* rstd, const float* gamma,
+                             const float* beta, float* y, int n, int c, int64_t V, bool relu) {
+  for (int64_t p = 0; p < (int64_t)n * c; ++p) {
+    const int ch = (int)(p % c);
+    const float r = rstd[p], g = gamma[ch] * r, b = beta[ch] - mean[p] * gamma[ch] * r;
+    for (int64_t v = 0; v < V; ++v) {
+      const float o = x[p * V + v] * g + b;
+      y[p * V + v] = relu ? std::max(o, 0.f) : o;
+    }
+  }
+}
+void instance_norm_apply(Context&, const float* x, const float* mean, const float* rstd, const float* g,
+                         const float* b, float* y, int n, int c, int64_t V, bool relu) {
+  apply_from_stats(x, mean, rstd, g, b, y, n, c, V, relu);
+}
+// The device recomputes the ReLU's mask; the CPU reference reads it from y, which is
+// recomputed here the same way.
+void instance_norm_backward(Context&, const float* x, const float* mean, const float* rstd, const float* g,
+                            const float* b, const float* dy, float* dx, float* dg, float* db, int n, int c, int64_t V,
+                            bool relu) {
+  std::vector<float> y;
+  if (relu) {
+    y.resize((size_t)n * c * V);
+    apply_from_stats(x, mean, rstd, g, b, y.data(), n, c, V, true);
+  }
+  cmseg::instance_norm_backward(x, relu ? y.data() : nullptr, mean, rstd, g, dy, dx, dg, db, n, c, V, relu);
 }
 void maxpool2_forward(Context&, const float* x, float* y, uint8_t* arg, int nc, Spatial s, int nd) {
   cmseg::maxpool2_forward(x, y, arg, nc, s, nd);
@@ -212,7 +238,7 @@ void conv3_backward(Context&, const float*, const float*, const float*, float*, 
 void upconv2_forward(Context&, const float*, const float*, const float*, float*, int, int, int, Spatial, int) { no(); }
 void upconv2_backward(Context&, const float*, const float*, const float*, float*, float*, float*, int, int, int, Spatial, int) { no(); }
 void instance_norm_forward(Context&, const float*, const float*, const float*, float*, float*, float*, int, int, int64_t, bool) { no(); }
-void instance_norm_backward(Context&, const float*, const float*, const float*, const float*, const float*, const float*, const float*, float*, float*, float*, int, int, int64_t, bool) { no(); }
+void instance_norm_backward(Context&, const float*, const float*, const float*, const float*, const float*, const float*, float*, float*, float*, int, int, int64_t, bool) { no(); }
 void maxpool2_forward(Context&, const float*, float*, uint8_t*, int, Spatial, int) { no(); }
 void maxpool2_backward(Context&, const float*, const uint8_t*, float*, int, Spatial, int) { no(); }
 void cm_loss(Context&, const CmLossInput&, CmLossOutput&) { no(); }

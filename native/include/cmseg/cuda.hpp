@@ -284,13 +284,18 @@ void upconv2_backward(Context& ctx, const float* x, const float* w, const float*
 // mean, rstd: [n * c] device arrays written by the forward and read by the backward.
 void instance_norm_forward(Context& ctx, const float* x, const float* gamma, const float* beta, float* y, float* mean,
                            float* rstd, int n, int c, int64_t V, bool relu);
-// dx may be null; dgamma and dbeta are accumulated. y is the forward's output, read by
-// the CPU reference (the host emulation); the device recomputes the ReLU's mask from
-// x, the statistics, gamma and beta as the forward computed y (bit for bit), so each
-// of its two passes reads one tensor fewer.
-void instance_norm_backward(Context& ctx, const float* x, const float* y, const float* mean, const float* rstd,
-                            const float* gamma, const float* beta, const float* dy, float* dx, float* dgamma,
-                            float* dbeta, int n, int c, int64_t V, bool relu);
+// dx may be null; dgamma and dbeta are accumulated. The forward's output is not an
+// argument: the ReLU's mask is recomputed from x, the statistics, gamma and beta as
+// the forward computed it (bit for bit), so the output need not be kept for the
+// backward, and each of its two passes reads one tensor fewer.
+void instance_norm_backward(Context& ctx, const float* x, const float* mean, const float* rstd, const float* gamma,
+                            const float* beta, const float* dy, float* dx, float* dgamma, float* dbeta, int n, int c,
+                            int64_t V, bool relu);
+// The forward's output again, from its input and the statistics the forward wrote:
+// bit for bit what instance_norm_forward wrote (the model's backward recomputes each
+// block's first activation instead of keeping it).
+void instance_norm_apply(Context& ctx, const float* x, const float* mean, const float* rstd, const float* gamma,
+                         const float* beta, float* y, int n, int c, int64_t V, bool relu);
 
 // ---- max-pool 2, stride 2: maxpool.cu ------------------------------------------
 void maxpool2_forward(Context& ctx, const float* x, float* y, uint8_t* arg, int nc, Spatial s, int ndim);
@@ -412,9 +417,9 @@ void upconv2_backward(Context& ctx, const float* x, const float* w, const float*
                       int n, int cin, int cout, Spatial s, int ndim);
 void instance_norm_forward(Context& ctx, const float* x, const float* gamma, const float* beta, float* y, float* mean,
                            float* rstd, int n, int c, int64_t V, bool relu);
-void instance_norm_backward(Context& ctx, const float* x, const float* y, const float* mean, const float* rstd,
-                            const float* gamma, const float* beta, const float* dy, float* dx, float* dgamma,
-                            float* dbeta, int n, int c, int64_t V, bool relu);
+void instance_norm_backward(Context& ctx, const float* x, const float* mean, const float* rstd, const float* gamma,
+                            const float* beta, const float* dy, float* dx, float* dgamma, float* dbeta, int n, int c,
+                            int64_t V, bool relu);
 void maxpool2_forward(Context& ctx, const float* x, float* y, uint8_t* arg, int nc, Spatial s, int ndim);
 void maxpool2_backward(Context& ctx, const float* dy, const uint8_t* arg, float* dx, int nc, Spatial s, int ndim);
 // Host pointers in, host results out; the shapes are those of the CPU cm_loss.

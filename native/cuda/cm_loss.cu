@@ -54,10 +54,15 @@ __device__ inline float sigmoid(float x) { return x >= 0.f ? 1.f / (1.f + expf(-
 // x >= 0, e / (1 + e) below. Above 20, max(x, 0) + log1p(e) rounds to x, as above.
 // 1 + e lies in [1, 2], where the fast division is within 2 ulp and has no slow
 // path (an IEEE division's slow path is a call, and loads are not moved across it).
+// log1p(e) as log(u) for u = 1 + e, plus (e - (u - 1)) / u, the first-order term of
+// the rounding of u (u - 1 is exact): a fast log (absolute error at most 2^-21.4 on
+// [1, 2]) and two operations instead of log1pf's ~20, for the 16 channels of every
+// pixel and annotator.
 __device__ inline void softplus_sigmoid(float x, float& sp, float& sg) {
   const float e = expf(-fabsf(x));
-  const float inv = __fdividef(1.f, 1.f + e);
-  sp = fmaxf(x, 0.f) + log1pf(e);
+  const float u = 1.f + e;
+  const float inv = __fdividef(1.f, u);
+  sp = fmaxf(x, 0.f) + fmaf(e - (u - 1.f), inv, __logf(u));
   sg = x >= 0.f ? inv : e * inv;
 }
 __device__ inline bool is_present(const LossParams& P, int i, int r) {

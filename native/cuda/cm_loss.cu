@@ -157,7 +157,7 @@ struct PixelCm {
       float s = 0.f;
 #pragma unroll
       for (int i = 0; i < L; ++i) s += A[i * L + j];
-      const float inv = 1.f / s;
+      const float inv = __fdividef(1.f, s);  // within 2 ulp for any sum up to 2^126; no slow-path call
       invS[j] = inv;
 #pragma unroll
       for (int i = 0; i < L; ++i) A[i * L + j] *= inv;
@@ -284,9 +284,10 @@ __device__ __forceinline__ void pixel_softmax(const LossParams& P, int L, int i,
 #pragma unroll
   for (int k = 0; k < L; ++k)
     s += (p[k] = expf(z[k * P.V] - m));
+  const float inv = __fdividef(1.f, s);  // s in [1, L]
 #pragma unroll
   for (int k = 0; k < L; ++k)
-    p[k] /= s;
+    p[k] *= inv;
 }
 
 // dz = p * (dp - <p, dp>) for pixel v of image i.

@@ -612,6 +612,24 @@ ClConv upconv2_cl(int n, int cin, int cout, Spatial s, Spatial so, int ndim, boo
 
 }  // namespace
 
+namespace {
+// dW += the filter gradient of the convolution X -> dY on the tensors as they are
+// (NCDHW), through an aligned copy of dw (accumulated: beta = 1).
+void ncdhw_backward_filter(Context& ctx, const ConvKey& key, const TensorDesc& xd, const float* x,
+                           const TensorDesc& yd, const float* dy, const ConvDesc& cd, const FilterDesc& wd, float* dw,
+                           size_t wn) {
+  AlignedFilter dwa(ctx, dw, wn, true);
+  const ConvAlgo a = algo_backward_filter(ctx, key, xd, x, yd, dy, cd, wd, wn * sizeof(float));
+  use_math(cd, a);
+  Scratch ws(ctx, a.workspace);
+  const float one = 1.f;
+  CMSEG_CUDNN(cudnnConvolutionBackwardFilter(ctx.impl().cudnn(), &one, xd.d, x, yd.d, dy, cd.d,
+                                             (cudnnConvolutionBwdFilterAlgo_t)a.algo, ws.p, a.workspace, &one, wd.d,
+                                             dwa.p));
+  dwa.store();
+}
+}  // namespace
+
 // Paths in order of preference: bf16 copies (with ContextOptions::bf16), fp32
 // channels-last copies (with conv_channels_last), the NCDHW tensors themselves.
 void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s,
@@ -673,15 +691,7 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
   dy16.release(), x16.release();
   if (cl && cl_backward_filter(ctx, g32, x32, dy32, dw)) return;
   dy32.release(), x32.release();
-  AlignedFilter dwa(ctx, dw, wn, true);  // accumulated into (beta = 1)
-  const ConvAlgo a = algo_backward_filter(ctx, key_of(kConvBwdFilter, n, cin, cout, s, ndim, tf32), xd, x, yd, dy, cd,
-                                          wd, wn * sizeof(float));
-  use_math(cd, a);
-  Scratch ws(ctx, a.workspace);
-  CMSEG_CUDNN(cudnnConvolutionBackwardFilter(h, &one, xd.d, x, yd.d, dy, cd.d,
-                                             (cudnnConvolutionBwdFilterAlgo_t)a.algo, ws.p, a.workspace, &one, wd.d,
-                                             dwa.p));
-  dwa.store();
+  ncdhw_backward_filter(ctx, key_of(kConvBwdFilter, n, cin, cout, s, ndim, tf32), xd, x, yd, dy, cd, wd, dw, wn);
 }
 
 // upconv2 through cuDNN (native/cuda/upconv2.cu chooses the path and adds the
@@ -738,15 +748,7 @@ void upconv2_backward_cudnn(Context& ctx, const float* x, const float* w, const 
   if (cl && cl_backward_filter(ctx, g, dyt, xt, dw)) return;
   dyt.release(), xt.release();
   // In the convolution's terms, dy is the input and x the output gradient.
-  AlignedFilter dwa(ctx, dw, wn, true);  // accumulated into (beta = 1)
-  const ConvAlgo a = algo_backward_filter(ctx, key_of(kUpBwdFilter, n, cin, cout, s, ndim, tf32), yd, dy, xd, x, cd,
-                                          wd, wn * sizeof(float));
-  use_math(cd, a);
-  Scratch ws(ctx, a.workspace);
-  CMSEG_CUDNN(cudnnConvolutionBackwardFilter(h, &one, yd.d, dy, xd.d, x, cd.d,
-                                             (cudnnConvolutionBwdFilterAlgo_t)a.algo, ws.p, a.workspace, &one, wd.d,
-                                             dwa.p));
-  dwa.store();
+  ncdhw_backward_filter(ctx, key_of(kUpBwdFilter, n, cin, cout, s, ndim, tf32), yd, dy, xd, x, cd, wd, dw, wn);
 }
 
 namespace host {

@@ -182,11 +182,8 @@ void weight_grad(Context& ctx, const float* x, const float* dy, int n, int cin, 
   std::vector<FilterSplit> parts;
   int slots = 0;
   for (int i = 0; i < n; ++i) {
-    GemmCall c;
-    c.ta = true, c.tb = false;
-    c.m = cin, c.n = cout, c.k = (int)V;
-    c.a_off = (int64_t)i * cin * V, c.lda = (int)V;
-    c.b_off = (int64_t)i * cout * V, c.ldb = (int)V;
+    const GemmCall c = gemm_call(true, false, cin, cout, (int)V, (int64_t)i * cin * V, (int)V, (int64_t)i * cout * V,
+                                 (int)V, 0, cin);
     parts.push_back(split_long_k(c, kFilterSplitMin, slots));
     slots += parts.back().slots();
   }

@@ -24,6 +24,14 @@ struct GemmCall {
   int lda = 0, ldb = 0, ldc = 0;
   float beta = 0.f;
 };
+// C[m, n] (ldc) = op(A)[m, k] (lda) op(B)[k, n] (ldb) + beta C, at the given offsets.
+inline GemmCall gemm_call(bool ta, bool tb, int m, int n, int k, int64_t a_off, int lda, int64_t b_off, int ldb,
+                          int64_t c_off, int ldc, float beta = 0.f) {
+  GemmCall c;
+  c.ta = ta, c.tb = tb, c.m = m, c.n = n, c.k = k;
+  c.a_off = a_off, c.lda = lda, c.b_off = b_off, c.ldb = ldb, c.c_off = c_off, c.ldc = ldc, c.beta = beta;
+  return c;
+}
 
 // A weight gradient is a product with a long inner dimension (the positions, 10^5
 // to 10^7) and a small output (channels x channels): one GEMM would run on a

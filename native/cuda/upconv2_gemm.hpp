@@ -108,40 +108,42 @@ CMSEG_HD int64_t up_col_index(const UpGemmGeom& g, const UpChunk& ch, int co, in
 // Row-major [rows, cols] with row stride ld is column-major [cols, rows] with
 // leading dimension ld; the three products below are written in those terms.
 
-// Forward, image i, chunk ch: A = x, B = w, C = ycol. Ycol^T[cnt, M] = X^T[cnt, cin] W[cin, M].
+// Offset of the chunk's first input voxel of image i in x (and dx): [n, cin, V].
+inline int64_t image_x(const UpGemmGeom& g, int i, const UpChunk& ch) { return (int64_t)i * g.cin * g.V + ch.v0; }
+
+// Forward, image i, chunk ch: A = x, B = w, C = ycol. Ycol^T[cnt, M] = X^T[cnt, cin] W[cin, M]
+// (W row-major [cin, M] is column-major [M, cin]: transposed).
 inline GemmCall up_forward_gemm(const UpGemmGeom& g, int i, const UpChunk& ch) {
-  GemmCall c;
-  c.ta = false, c.tb = true;  // W row-major [cin, M] is column-major [M, cin]: transpose it
-  c.m = ch.cnt, c.n = g.M, c.k = g.cin;
-  c.a_off = (int64_t)i * g.cin * g.V + ch.v0, c.lda = (int)g.V;
-  c.b_off = 0, c.ldb = g.M;
-  c.c_off = 0, c.ldc = ch.cnt;
-  c.beta = 0.f;
-  return c;
+  return gemm_call(false, true, ch.cnt, g.M, g.cin, image_x(g, i, ch), (int)g.V, 0, g.M, 0, ch.cnt);
 }
 
 // Backward data: A = dycol, B = w, C = dx. dX^T[cnt, cin] = dYcol^T[cnt, M] W^T[M, cin].
 inline GemmCall up_backward_data_gemm(const UpGemmGeom& g, int i, const UpChunk& ch) {
-  GemmCall c;
-  c.ta = false, c.tb = false;
-  c.m = ch.cnt, c.n = g.cin, c.k = g.M;
-  c.a_off = 0, c.lda = ch.cnt;
-  c.b_off = 0, c.ldb = g.M;
-  c.c_off = (int64_t)i * g.cin * g.V + ch.v0, c.ldc = (int)g.V;
-  c.beta = 0.f;
-  return c;
+  return gemm_call(false, false, ch.cnt, g.cin, g.M, 0, ch.cnt, 0, g.M, image_x(g, i, ch), (int)g.V);
 }
 
 // Backward filter: A = dycol, B = x. dW^T[M, cin] += dYcol[M, cnt] X^T[cnt, cin], its
 // long inner dimension (the chunk's positions) split into batches (gemm_plan.hpp)
 // written to partial slots, which the caller adds to dW in order.
 inline FilterSplit up_backward_filter_split(const UpGemmGeom& g, int i, const UpChunk& ch) {
-  GemmCall c;
-  c.ta = true, c.tb = false;
-  c.m = g.M, c.n = g.cin, c.k = ch.cnt;
-  c.a_off = 0, c.lda = ch.cnt;
-  c.b_off = (int64_t)i * g.cin * g.V + ch.v0, c.ldb = (int)g.V;
-  return split_long_k(c, g.split_min, 0);
+  return split_long_k(gemm_call(true, false, g.M, g.cin, ch.cnt, 0, ch.cnt, image_x(g, i, ch), (int)g.V, 0, g.M),
+                      g.split_min, 0);
+}
+
+// f(co, index in y / dy, index in the chunk's Ycol / dYcol) for every output voxel of
+// image i that chunk ch covers: the host's scatter and gather (the kernels walk the
+// same rows, a warp along each).
+template <class F>
+inline void up_each_output(const UpGemmGeom& g, int i, const UpChunk& ch, F&& f) {
+  for (int co = 0; co < g.cout; ++co)
+    for (int r = 0; r < ch.rows; ++r) {
+      const int64_t ro = ch.row0 + r;
+      int64_t vrow;
+      int t;
+      up_locate(g, ro, vrow, t);
+      const int64_t row = ((int64_t)i * g.cout + co) * g.Vo + ro * g.Wo;
+      for (int xo = 0; xo < g.Wo; ++xo) f(co, row + xo, up_col_index(g, ch, co, vrow, t, xo));
+    }
 }
 
 // The plan run on the host with gemm_reference (the emulation's upconv2 and
@@ -152,15 +154,7 @@ inline void up_gemm_forward_host(const UpGemmGeom& g, const float* x, const floa
     for (int c = 0; c < g.chunks; ++c) {
       const UpChunk ch = up_chunk(g, c);
       gemm_reference(up_forward_gemm(g, i, ch), x, w, ycol);
-      for (int co = 0; co < g.cout; ++co)
-        for (int r = 0; r < ch.rows; ++r) {
-          const int64_t ro = ch.row0 + r;
-          int64_t vrow;
-          int t;
-          up_locate(g, ro, vrow, t);
-          float* dst = y + ((int64_t)i * g.cout + co) * g.Vo + ro * g.Wo;
-          for (int xo = 0; xo < g.Wo; ++xo) dst[xo] = ycol[up_col_index(g, ch, co, vrow, t, xo)] + b[co];
-        }
+      up_each_output(g, i, ch, [&](int co, int64_t yi, int64_t ci) { y[yi] = ycol[ci] + b[co]; });
     }
 }
 
@@ -177,15 +171,7 @@ inline void up_gemm_backward_host(const UpGemmGeom& g, const float* x, const flo
   for (int i = 0; i < g.n; ++i)
     for (int c = 0; c < g.chunks; ++c) {
       const UpChunk ch = up_chunk(g, c);
-      for (int co = 0; co < g.cout; ++co)
-        for (int r = 0; r < ch.rows; ++r) {
-          const int64_t ro = ch.row0 + r;
-          int64_t vrow;
-          int t;
-          up_locate(g, ro, vrow, t);
-          const float* src = dy + ((int64_t)i * g.cout + co) * g.Vo + ro * g.Wo;
-          for (int xo = 0; xo < g.Wo; ++xo) dycol[up_col_index(g, ch, co, vrow, t, xo)] = src[xo];
-        }
+      up_each_output(g, i, ch, [&](int, int64_t yi, int64_t ci) { dycol[ci] = dy[yi]; });
       if (dx) gemm_reference(up_backward_data_gemm(g, i, ch), dycol, w, dx);
       const FilterSplit f = up_backward_filter_split(g, i, ch);
       split_reference(f, dycol, x, partial);

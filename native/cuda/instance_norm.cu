@@ -49,9 +49,11 @@ __device__ inline void for_chunk(int64_t v0, int64_t v1, bool vec, F&& f) {
 
 __device__ inline float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 
-// y = x * a.x + a.y (before the ReLU), with a = affine_of(...): the CPU reference's
-// float expressions, each rounding explicit (no contraction), so that the backward
-// recomputes the forward's pre-activations, and its ReLU mask, bit for bit.
+// y = x * a.x + a.y (before the ReLU), with a = affine_of(...): the affine in the
+// CPU reference's order of operations, and every rounding explicit (the affine's
+// products and difference rounded one by one, the pre-activation one fused
+// multiply-add), so that nothing is left to the compiler's contraction and the
+// backward recomputes the forward's pre-activations, and its ReLU mask, bit for bit.
 __device__ inline float2 affine_of(float gamma, float beta, float mean, float rstd) {
   return make_float2(__fmul_rn(gamma, rstd), __fsub_rn(beta, __fmul_rn(__fmul_rn(mean, gamma), rstd)));
 }
@@ -263,10 +265,11 @@ void instance_norm_forward(Context& ctx, const float* x, const float* gamma, con
 
 void instance_norm_apply(Context& ctx, const float* x, const float* mean, const float* rstd, const float* gamma,
                          const float* beta, float* y, int n, int c, int64_t V, bool relu) {
-  ProfileScope prof_(ctx, "instance_norm_apply (recompute)");
+  ProfileScope prof_(ctx, "instance_norm_apply");
   const int64_t planes = (int64_t)n * c;
   if (!planes || !V) return;
   check_planes(planes);
+  if (!gamma || !beta) fail("instance_norm_apply: needs gamma and beta");
   const Chunks ch = chunking(ctx, planes, V);
   const dim3 grid((unsigned)ch.per_plane, (unsigned)planes);
   if (relu)
@@ -326,9 +329,10 @@ void instance_norm_backward(Context& ctx, const float* x, const float* mean, con
   const size_t count = (size_t)n * c * V, planes = (size_t)n * c;
   Buffer<float> bx(ctx, count), bdy(ctx, count), bdx(ctx, dx ? count : 0), bm(ctx, planes), br(ctx, planes),
       bg(ctx, (size_t)c), bb(ctx, (size_t)c), bdg(ctx, (size_t)c), bdb(ctx, (size_t)c);
-  bx.upload(x), bdy.upload(dy), bm.upload(mean), br.upload(rstd), bg.upload(gamma), bb.upload(beta);
+  bx.upload(x), bdy.upload(dy), bm.upload(mean), br.upload(rstd), bg.upload(gamma);
+  if (beta) bb.upload(beta);
   bdg.upload(dgamma), bdb.upload(dbeta);  // accumulated into
-  cuda::instance_norm_backward(ctx, bx.data(), bm.data(), br.data(), bg.data(), bb.data(), bdy.data(),
+  cuda::instance_norm_backward(ctx, bx.data(), bm.data(), br.data(), bg.data(), beta ? bb.data() : nullptr, bdy.data(),
                                dx ? bdx.data() : nullptr, bdg.data(), bdb.data(), n, c, V, relu);
   if (dx) bdx.download(dx);
   bdg.download(dgamma), bdb.download(dbeta);

@@ -137,7 +137,9 @@ int main(int argc, char** argv) {
     ctx.synchronize();
     const double period =
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - p0).count() / steps;
-    std::printf("  pipelined: %d steps back to back, %.1f ms/step\n", steps, period);
+    std::printf("  pipelined (%s, cuDNN on %s, upconv2 %s): %d steps back to back, %.1f ms/step\n",
+                c.bf16 ? "bf16" : c.tf32 ? "tf32" : "fp32", ctx.options().conv_channels_last ? "NDHWC" : "NCDHW",
+                cu::upconv_path_name(ctx.options().upconv), steps, period);
     const std::string piped = ctx.profile_report(steps);
     if (!piped.empty()) {
       const size_t at = piped.find("  steps:");

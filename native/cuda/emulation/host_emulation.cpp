@@ -165,6 +165,7 @@ void instance_norm_backward(Context&, const float* x, const float* mean, const f
                             bool relu) {
   std::vector<float> y;
   if (relu) {
+    if (!b) throw Error("instance_norm_backward: the fused ReLU's mask needs beta");
     y.resize((size_t)n * c * V);
     apply_from_stats(x, mean, rstd, g, b, y.data(), n, c, V, true);
   }

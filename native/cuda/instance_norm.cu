@@ -205,12 +205,13 @@ __global__ void param_grad_kernel(const double2* __restrict__ sums, int n, int c
   dbeta[ch] = b;
 }
 
+// dx may be dy (in place): each element of dy is read by the thread that then
+// writes that element of dx, and by no other (hence no __restrict__ on the two).
 template <bool RELU>
-__global__ void grad_apply_kernel(const float* __restrict__ x, const float* __restrict__ dy,
-                                  const float* __restrict__ mean, const float* __restrict__ rstd,
-                                  const float* __restrict__ gamma, const float* __restrict__ beta,
-                                  const float2* __restrict__ means, int c, int64_t V, Chunks ch,
-                                  float* __restrict__ dx) {
+__global__ void grad_apply_kernel(const float* __restrict__ x, const float* dy, const float* __restrict__ mean,
+                                  const float* __restrict__ rstd, const float* __restrict__ gamma,
+                                  const float* __restrict__ beta, const float2* __restrict__ means, int c, int64_t V,
+                                  Chunks ch, float* dx) {
   const int64_t plane = blockIdx.y;
   const int64_t v0 = blockIdx.x * ch.len, v1 = min(V, v0 + ch.len);
   const float mu = mean[plane], r = rstd[plane];

@@ -88,7 +88,7 @@ struct ModelGpu::Impl {
   std::vector<BlockActs> enc_a, dec_a, cmb_a;
   std::vector<Buffer<float>> pooled, cats, cm_raw, g_enc;  // cm_raw[r] turns into its gradient in the loss
   std::vector<Buffer<uint8_t>> pool_arg;
-  Buffer<float> seg_logits, d_seg, d_feat, d_tmp, d_tmp2, scratch_a, scratch_b, d_cat, d_below, d_in;
+  Buffer<float> seg_logits, d_seg, d_feat, d_tmp, d_tmp2, scratch_a, d_cat, d_below, d_in;
 
   // ---- the batch, in two slots a training run alternates (Context::stage_*: the
   // upload of one step runs under the backward of the step before), the images
@@ -144,28 +144,29 @@ struct ModelGpu::Impl {
     instance_norm_forward(ctx, h2, W(b.g2), W(b.b2), a2, mean2, rstd2, n, b.cout, Vs, true);
   }
 
-  // dy: gradient of the block output; dx: of its input (may be null). Uses
-  // scratch_a and scratch_b, which must not be dy or dx.
   // A block's backward up to the gradient of its first convolution's output, left in
-  // scratch_a (returned). The block's activations are not read after it.
-  float* block_backward_to_conv1(const Block& b, int n, Spatial s, BlockActs& a, const float* dy) {
+  // scratch_a (returned). dy, the gradient of the block's output, is overwritten
+  // (each instance norm's backward runs in place), so the block needs one scratch
+  // array, not two. The block's activations are not read after it.
+  float* block_backward_to_conv1(const Block& b, int n, Spatial s, BlockActs& a, float* dy) {
     const int64_t Vs = s.size();
     const size_t sz = (size_t)n * b.cout * Vs;
-    float* t1 = ensure(ctx, scratch_a, sz);
-    float* t2 = ensure(ctx, scratch_b, sz);
-    instance_norm_backward(ctx, a.h2.data(), a.mean2.data(), a.rstd2.data(), W(b.g2), W(b.b2), dy, t1, G(b.g2),
+    float* t = ensure(ctx, scratch_a, sz);
+    instance_norm_backward(ctx, a.h2.data(), a.mean2.data(), a.rstd2.data(), W(b.g2), W(b.b2), dy, dy, G(b.g2),
                            G(b.b2), n, b.cout, Vs, true);
     // h2 is not read again: its memory takes a1, the second convolution's input.
     float* a1 = a.h2.data();
     instance_norm_apply(ctx, a.h1.data(), a.mean1.data(), a.rstd1.data(), W(b.g1), W(b.b1), a1, n, b.cout, Vs, true);
-    conv3_backward(ctx, a1, W(b.w2), t1, t2, G(b.w2), n, b.cout, b.cout, s, c.ndim);
-    instance_norm_backward(ctx, a.h1.data(), a.mean1.data(), a.rstd1.data(), W(b.g1), W(b.b1), t2, t1, G(b.g1),
+    conv3_backward(ctx, a1, W(b.w2), dy, t, G(b.w2), n, b.cout, b.cout, s, c.ndim);
+    instance_norm_backward(ctx, a.h1.data(), a.mean1.data(), a.rstd1.data(), W(b.g1), W(b.b1), t, t, G(b.g1),
                            G(b.b1), n, b.cout, Vs, true);
-    return t1;
+    return t;
   }
-  void block_backward(const Block& b, const float* x, int n, Spatial s, BlockActs& a, const float* dy, float* dx) {
-    float* t1 = block_backward_to_conv1(b, n, s, a, dy);
-    conv3_backward(ctx, x, W(b.w1), t1, dx, G(b.w1), n, b.cin, b.cout, s, c.ndim);
+  // dy (overwritten): gradient of the block output; dx: of its input (may be null),
+  // not scratch_a.
+  void block_backward(const Block& b, const float* x, int n, Spatial s, BlockActs& a, float* dy, float* dx) {
+    float* t = block_backward_to_conv1(b, n, s, a, dy);
+    conv3_backward(ctx, x, W(b.w1), t, dx, G(b.w1), n, b.cin, b.cout, s, c.ndim);
   }
 
   // Scratch sized once per step for the largest level it serves, so a pointer
@@ -187,7 +188,6 @@ struct ModelGpu::Impl {
       block_max = std::max(block_max, (size_t)n * enc[k - 1].cout * V(k - 1));  // d_pool lives in scratch_a
     }
     ensure(ctx, scratch_a, block_max);
-    ensure(ctx, scratch_b, block_max);
     ensure(ctx, d_below, below_max);
     ensure(ctx, d_in, in_max);
   }
@@ -271,7 +271,7 @@ struct ModelGpu::Impl {
   }
   // The backward's scratch once the step is queued (the forward takes scratch_a again).
   void release_scratch() {
-    for (Buffer<float>* b : {&scratch_a, &scratch_b, &d_cat, &d_below, &d_in, &d_feat}) b->reset();
+    for (Buffer<float>* b : {&scratch_a, &d_cat, &d_below, &d_in, &d_feat}) b->reset();
   }
 
   // The images predict() reads (uploaded on the main stream: nothing to overlap).
@@ -529,7 +529,7 @@ StepResult ModelGpu::run(const Batch& batch, bool backward, float trace_weight) 
     ctx.copy(g_enc(0), d_feat, feat_count * sizeof(float));
     m.d_feat.reset();
   }
-  const float* g_out = d_feat;
+  float* g_out = d_feat;
   bool first = true;  // g_out is d_feat
   for (int k = D - 2; k >= 0; --k) {
     const int lo = D - 1 - k, hi = D - 2 - k, cout = m.dec[k].cout, cin = 2 * cout;
@@ -591,7 +591,7 @@ void ModelGpu::release_activations() {
     bs.present.reset();
     bs.target.reset();
   }
-  for (Buffer<float>* b : {&m.seg_logits, &m.d_seg, &m.d_feat, &m.d_tmp, &m.d_tmp2, &m.scratch_a, &m.scratch_b, &m.d_cat,
+  for (Buffer<float>* b : {&m.seg_logits, &m.d_seg, &m.d_feat, &m.d_tmp, &m.d_tmp2, &m.scratch_a, &m.d_cat,
                            &m.d_below, &m.d_in, &m.pred_images, &m.probs, &m.cms, &m.q})
     b->reset();
 }

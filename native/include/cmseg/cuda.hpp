@@ -284,10 +284,10 @@ void upconv2_backward(Context& ctx, const float* x, const float* w, const float*
 // mean, rstd: [n * c] device arrays written by the forward and read by the backward.
 void instance_norm_forward(Context& ctx, const float* x, const float* gamma, const float* beta, float* y, float* mean,
                            float* rstd, int n, int c, int64_t V, bool relu);
-// dx may be null; dgamma and dbeta are accumulated. The forward's output is not an
-// argument: the ReLU's mask is recomputed from x, the statistics, gamma and beta as
-// the forward computed it (bit for bit), so the output need not be kept for the
-// backward, and each of its two passes reads one tensor fewer.
+// dx may be null, or dy itself (in place); dgamma and dbeta are accumulated. The
+// forward's output is not an argument: the ReLU's mask is recomputed from x, the
+// statistics, gamma and beta as the forward computed it (bit for bit), so the output
+// need not be kept for the backward, and each of its two passes reads one tensor fewer.
 void instance_norm_backward(Context& ctx, const float* x, const float* mean, const float* rstd, const float* gamma,
                             const float* beta, const float* dy, float* dx, float* dgamma, float* dbeta, int n, int c,
                             int64_t V, bool relu);

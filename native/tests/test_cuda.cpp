@@ -188,6 +188,14 @@ void instance_norm_case(int n, int c, int64_t V, bool relu, float offset) {
     CHECK(same);
     std::printf("  instance_norm%s V=%lld apply from the statistics: %s\n", relu ? "+relu" : "", (long long)V,
                 same ? "identical to the forward" : "DIFFERENT from the forward");
+    // The backward in place (dx over dy, as the model runs it): the same dx.
+    cu::Buffer<float> DY(ctx(), dy), DG(ctx(), dg0), DB(ctx(), db0);
+    cu::instance_norm_backward(ctx(), X.data(), M.data(), Rs.data(), G.data(), Bt.data(), DY.data(), DY.data(),
+                               DG.data(), DB.data(), n, c, V, relu);
+    const bool in_place = DY.to_host() == dx_gpu;
+    CHECK(in_place);
+    std::printf("  instance_norm%s V=%lld backward in place: %s\n", relu ? "+relu" : "", (long long)V,
+                in_place ? "identical" : "DIFFERENT");
   }
   char what[96];
   const char* tag = relu ? "+relu" : "";

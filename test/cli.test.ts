@@ -31,6 +31,18 @@ function cmseg(args: string[]) {
 const inProcess = (args: string[]) => runCli(args, dir);
 const help = cliHelp;
 
+// `npx cmseg` in the package runs dist/cli/main.js itself: it must be executable (tsc
+// writes files without the execute bit; build:ts sets it).
+t.test('the built CLI runs as a program (npx cmseg)', { skip: process.platform === 'win32' || !fs.existsSync(path.join(root, 'dist/cli/main.js')) ? 'no dist/ build (or Windows)' : false }, async (t) => {
+  const bin = path.join(root, 'dist/cli/main.js');
+  t.match(fs.readFileSync(bin, 'utf8').split('\n')[0], /^#!\/usr\/bin\/env node/, 'a node shebang');
+  t.ok(fs.statSync(bin).mode & 0o111, 'the execute bit');
+  const r = spawnSync(bin, ['--help'], { encoding: 'utf8' });
+  t.equal(r.error, undefined, 'it starts');
+  t.equal(r.status, 0, 'exit code 0');
+  t.match(r.stdout, /Usage: cmseg/);
+});
+
 t.test('every command has --help with an example', async (t) => {
   t.match(await help(['--help']), /Usage: cmseg[\s\S]*train[\s\S]*eval[\s\S]*predict[\s\S]*simulate[\s\S]*Example/);
   for (const command of ['train', 'eval', 'predict', 'simulate', 'fuse', 'bench']) {

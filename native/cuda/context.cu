@@ -109,8 +109,13 @@ Context::Context(const ContextOptions& options) : impl_(new Impl) {
     CMSEG_CUDA(cudaEventCreateWithFlags(&st.released, cudaEventDisableTiming));
   }
   CMSEG_CUDA(cudaEventCreateWithFlags(&m.allocated, cudaEventDisableTiming));
-  const char* prof = std::getenv("CMSEG_GPU_PROFILE");
-  m.profiler.on = prof && *prof && std::string(prof) != "0";
+  // CMSEG_GPU_PROFILE: collected for profile_report (cmseg_bench_gpu); CMSEG_PROFILE:
+  // the same, and Model::train_step prints it after every step.
+  auto set = [](const char* name) {
+    const char* v = std::getenv(name);
+    return v && *v && std::string(v) != "0";
+  };
+  m.profiler.on = set("CMSEG_GPU_PROFILE") || set("CMSEG_PROFILE");
 }
 
 Context::~Context() {

@@ -613,7 +613,13 @@ StepResult Model::train_step(const Batch& batch) {
     apply_optimizer();
   }
   r.step = step;
-  if (profiling_enabled()) std::fprintf(stderr, "cmseg profile, step %lld:\n%s", (long long)step, profile_report().c_str());
+  if (profiling_enabled()) {
+    std::fprintf(stderr, "cmseg profile, step %lld:\n%s", (long long)step, profile_report().c_str());
+    // A GPU model's host times say little (its work is queued): the device's own.
+    if (gpu_)
+      std::fprintf(stderr, "cmseg GPU profile, step %lld (device time):\n%s", (long long)step,
+                   gpu_->context().profile_report(1).c_str());
+  }
   return r;
 }
 

@@ -26,9 +26,11 @@
 #              and the device time of each layer per step (CMSEG_GPU_PROFILE=1); then
 #              the same step varied, to choose defaults from: bench_gpu_ncdhw (cuDNN on
 #              the NCDHW tensors), bench_gpu_upconv_cudnn / _cl (transposed
-#              convolutions through cuDNN instead of GEMMs), cm_loss_grid (the fused CM loss at 2-32 blocks
-#              per SM), cm_loss_pairs (its thread-per-pixel-and-annotator kernel),
-#              bench_gpu_bf16 (bf16 convolutions)
+#              convolutions through cuDNN instead of GEMMs), cm_loss_grid (the fused
+#              CM loss at 2-32 blocks per SM), cm_loss_pairs (its thread-per-pixel-
+#              and-annotator kernel), bench_gpu_bf16 (bf16 convolutions); each run
+#              also times its steps back to back and reports the device's idle time
+#              between steps and its time by convolution shape
 #   smoke      (Node) scripts/device-smoke.mjs: the addon's `device: 'cuda'` model
 #              against its CPU model through the public API (gradients, 3 steps,
 #              predict, parameter sync), 2D/3D, every CM mode, plain CE

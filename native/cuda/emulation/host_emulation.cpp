@@ -38,7 +38,11 @@ struct Context::Impl {
   size_t in_use = 0, peak = 0;
   std::unordered_map<void*, size_t> sizes;
 };
-Context::Context(const ContextOptions& o) : impl_(new Impl) { impl_->options = o; }
+Context::Context(const ContextOptions& o) : impl_(new Impl) {
+  impl_->options = o;
+  if (const char* c = std::getenv("CMSEG_CONV_CHANNELS_LAST"); c && *c)  // as context.cu
+    impl_->options.conv_channels_last = std::string(c) != "0";
+}
 Context::~Context() { for (auto& kv : impl_->sizes) std::free(kv.first); }
 const ContextOptions& Context::options() const { return impl_->options; }
 void Context::make_current() {}
@@ -100,8 +104,35 @@ std::vector<float> rounded(const float* x, size_t count) {
   for (float& v : r) v = round_bf16(v);
   return r;
 }
+// The pool memory the device holds during a call besides its arguments, taken and
+// given back like the device path's scratch, so that the emulated peak counts it
+// (cuDNN's workspace aside, which depends on the algorithm cuDNN picks).
+struct Held {
+  Context& ctx;
+  std::vector<void*> taken;
+  explicit Held(Context& c) : ctx(c) {}
+  void* take(size_t bytes) {
+    taken.push_back(ctx.alloc(bytes));
+    return taken.back();
+  }
+  void give(void* p) {
+    for (auto& t : taken)
+      if (t == p) ctx.free(t), t = nullptr;
+  }
+  ~Held() {
+    for (void* t : taken)
+      if (t) ctx.free(t);
+  }
+};
+// Bytes per element of conv3's channels-last copies (0: none, the NCDHW path).
+size_t conv_copy_bytes(Context& ctx) {
+  return ctx.options().bf16 ? 2 : ctx.options().conv_channels_last ? 4 : 0;
+}
+
 void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s,
                    int nd) {
+  Held held(ctx);
+  if (const size_t e = conv_copy_bytes(ctx)) held.take(e * n * cin * s.size()), held.take(e * n * cout * s.size());
   if (!ctx.options().bf16) return cmseg::conv3_forward(x, w, y, n, cin, cout, s, nd);
   const size_t V = (size_t)s.size(), T = conv3_taps(nd);
   const auto xr = rounded(x, (size_t)n * cin * V), wr = rounded(w, (size_t)cout * cin * T);
@@ -110,6 +141,12 @@ void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n
 }
 void conv3_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, int n,
                     int cin, int cout, Spatial s, int nd) {
+  Held held(ctx);
+  if (const size_t e = conv_copy_bytes(ctx)) {
+    held.take(e * n * cout * s.size());  // dy's copy, for both directions
+    if (dx) held.give(held.take(e * n * cin * s.size()));  // dx's, until it is transposed back
+    held.take(e * n * cin * s.size());  // x's, for the filter gradient
+  }
   if (!ctx.options().bf16) return cmseg::conv3_backward(x, w, dy, dx, dw, n, cin, cout, s, nd);
   const size_t V = (size_t)s.size(), T = conv3_taps(nd), wn = (size_t)cout * cin * T;
   const auto xr = rounded(x, (size_t)n * cin * V), wr = rounded(w, wn), dyr = rounded(dy, (size_t)n * cout * V);
@@ -126,15 +163,15 @@ void upconv2_forward(Context& ctx, const float* x, const float* w, const float* 
                      Spatial s, int nd) {
   if (ctx.options().upconv != UpconvPath::Gemm) return cmseg::upconv2_forward(x, w, b, y, n, cin, cout, s, nd);
   const UpGemmGeom g = up_gemm_geom(nd, n, cin, cout, s.d, s.h, s.w, ctx.options().upconv_chunk_bytes);
-  std::vector<float> ycol((size_t)g.M * g.units_per_chunk * g.unit);
+  Buffer<float> ycol(ctx, (size_t)g.M * g.units_per_chunk * g.unit);
   up_gemm_forward_host(g, x, w, b, y, ycol.data());
 }
 void upconv2_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, float* db,
                       int n, int cin, int cout, Spatial s, int nd) {
   if (ctx.options().upconv != UpconvPath::Gemm) return cmseg::upconv2_backward(x, w, dy, dx, dw, db, n, cin, cout, s, nd);
   const UpGemmGeom g = up_gemm_geom(nd, n, cin, cout, s.d, s.h, s.w, ctx.options().upconv_chunk_bytes);
-  std::vector<float> dycol((size_t)g.M * g.units_per_chunk * g.unit);
-  std::vector<float> partial((size_t)(kFilterSplitMax + 1) * g.M * g.cin);
+  Buffer<float> dycol(ctx, (size_t)g.M * g.units_per_chunk * g.unit);
+  Buffer<float> partial(ctx, (size_t)(kFilterSplitMax + 1) * g.M * g.cin);
   up_gemm_backward_host(g, x, w, dy, dx, dw, db, dycol.data(), partial.data());
 }
 void instance_norm_forward(Context&, const float* x, const float* g, const float* b, float* y, float* mean, float* rstd,

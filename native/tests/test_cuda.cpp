@@ -256,12 +256,14 @@ struct LossCase {
 
 // Random logits and heads; ~20% unlabelled (255) pixels; annotator 0 absent from
 // image 1; the last annotator (when R >= 3) labels nothing in the whole batch.
-LossCase make_loss_case(CmMode mode, int n, int L, int R, int64_t V, int rank, float lambda, uint32_t seed) {
+// raw_lo, raw_hi: the range of the raw CM channels.
+LossCase make_loss_case(CmMode mode, int n, int L, int R, int64_t V, int rank, float lambda, uint32_t seed,
+                        float raw_lo = -3.f, float raw_hi = 3.f) {
   LossCase c{n, L, R, rank, V, mode, lambda, {}, {}, {}, {}};
   c.logits = rnd((size_t)n * L * V, seed, -3.f, 3.f);
   const size_t K = mode == CmMode::Global ? (size_t)L * L : (size_t)cm_head_channels(mode, L, rank);
   for (int r = 0; r < R; ++r) {
-    c.raw.push_back(rnd(mode == CmMode::Global ? K : (size_t)n * K * V, seed + 10 + r, -3.f, 3.f));
+    c.raw.push_back(rnd(mode == CmMode::Global ? K : (size_t)n * K * V, seed + 10 + r, raw_lo, raw_hi));
     std::mt19937 g(seed + 20 + r);
     std::vector<uint8_t> lab((size_t)n * V);
     for (auto& x : lab) x = g() % 5 == 0 ? kUnlabelled : (uint8_t)(g() % L);
@@ -273,8 +275,11 @@ LossCase make_loss_case(CmMode mode, int n, int L, int R, int64_t V, int rank, f
   return c;
 }
 
-void cm_loss_case(CmMode mode, int L, int rank, float lambda, int R = 3, int64_t V = 37 * 41) {
-  LossCase c = make_loss_case(mode, 3, L, R, V, rank, lambda, 100 + L + 7 * (int)mode + 3 * R);
+void cm_loss_case(CmMode mode, int L, int rank, float lambda, int R = 3, int64_t V = 37 * 41, float raw_lo = -3.f,
+                  float raw_hi = 3.f) {
+  if (raw_lo != -3.f || raw_hi != 3.f)
+    std::printf("  -- raw CM channels in [%g, %g]\n", (double)raw_lo, (double)raw_hi);
+  LossCase c = make_loss_case(mode, 3, L, R, V, rank, lambda, 100 + L + 7 * (int)mode + 3 * R, raw_lo, raw_hi);
   const CmLossInput in = c.input();
   auto run = [&](bool gpu, std::vector<float>& dz, std::vector<std::vector<float>>& draw, CmLossOutput& out) {
     dz.assign(c.logits.size(), -9.f);
@@ -489,6 +494,10 @@ TEST(cm_loss_full_matches_cpu) {
   cm_loss_case(CmMode::Full, 4, 1, 0.3f);
   cm_loss_case(CmMode::Full, 4, 1, -0.01f);  // warm-up: negated trace
   cm_loss_case(CmMode::Full, 5, 1, 0.3f);    // generic (non-specialised) kernel
+  // Whole columns of small softplus values (a CM the loss can drift to: the column
+  // normalisation does not see the scale), and large ones.
+  cm_loss_case(CmMode::Full, 4, 1, 0.3f, 3, 37 * 41, -14.f, -6.f);
+  cm_loss_case(CmMode::Full, 4, 1, 0.3f, 3, 37 * 41, 6.f, 30.f);
 }
 
 TEST(cm_loss_lowrank_matches_cpu) {

@@ -203,7 +203,8 @@ void bias_grad(Context& ctx, const float* dy, int n, int cout, int64_t V, float*
   CMSEG_CUDA_LAUNCHED("conv1 bias finish");
 }
 
-// The fused kernels' feature widths: CIN a multiple of 4 with its registers in budget.
+// The fused kernels' feature widths (CIN a multiple of 4 with its registers in
+// budget): f(CIN) for one of them, false for any other width.
 template <class F>
 bool with_cin(int cin, F&& f) {
   switch (cin) {
@@ -225,9 +226,7 @@ struct PackedHeads {
   size_t smem = 0;
   bool fused = false;
   PackedHeads(Context& ctx, const std::vector<Conv1Head>& heads, int n, int cin, bool biases) {
-    if (heads.size() < 2 || heads.size() > (size_t)kMaxHeads || (cin != 8 && cin != 16 && cin != 32 && cin != 64) ||
-        n > 65535)
-      return;
+    if (heads.size() < 2 || heads.size() > (size_t)kMaxHeads || !with_cin(cin, [](auto) {}) || n > 65535) return;
     int rows = 0;
     for (const Conv1Head& h : heads) rows += h.cout;
     smem = sizeof(float) * ((size_t)rows * cin + (biases ? rows : 0));

@@ -87,9 +87,8 @@ __global__ void stats_kernel(const float* __restrict__ x, int64_t V, Chunks ch, 
 }
 
 __global__ void stats_finalize_kernel(const float* __restrict__ x, const double2* __restrict__ partial,
-                                      const float* __restrict__ gamma, const float* __restrict__ beta, int64_t planes,
-                                      int c, int64_t V, int chunks, float* __restrict__ mean, float* __restrict__ rstd,
-                                      float2* __restrict__ affine) {
+                                      int64_t planes, int64_t V, int chunks, float* __restrict__ mean,
+                                      float* __restrict__ rstd) {
   const int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (p >= planes) return;
   double s1 = 0, s2 = 0;
@@ -100,23 +99,19 @@ __global__ void stats_finalize_kernel(const float* __restrict__ x, const double2
   const double shifted_mean = s1 / V;
   const double mu = (double)x[p * V] + shifted_mean;
   const double var = max(0.0, s2 / V - shifted_mean * shifted_mean);
-  const float r = (float)(1.0 / sqrt(var + (double)kInstanceNormEps));
-  const int ch = (int)(p % c);
   mean[p] = (float)mu;
-  rstd[p] = r;
-  affine[p] = affine_of(gamma[ch], beta[ch], (float)mu, r);
+  rstd[p] = (float)(1.0 / sqrt(var + (double)kInstanceNormEps));
 }
 
-// stats: the forward's affine per plane (affine), or, when affine is null, the
-// statistics it came from (instance_norm_apply): the same values either way.
+// y from x and the plane's statistics: the forward's output, and the same again
+// when the backward recomputes it (instance_norm_apply).
 template <bool RELU>
-__global__ void apply_kernel(const float* __restrict__ x, const float2* __restrict__ affine,
-                             const float* __restrict__ mean, const float* __restrict__ rstd,
-                             const float* __restrict__ gamma, const float* __restrict__ beta, int c,
-                             float* __restrict__ y, int64_t V, Chunks ch) {
+__global__ void apply_kernel(const float* __restrict__ x, const float* __restrict__ mean,
+                             const float* __restrict__ rstd, const float* __restrict__ gamma,
+                             const float* __restrict__ beta, int c, float* __restrict__ y, int64_t V, Chunks ch) {
   const int64_t plane = blockIdx.y;
   const int64_t v0 = blockIdx.x * ch.len, v1 = min(V, v0 + ch.len);
-  const float2 gb = affine ? affine[plane] : affine_of(gamma[plane % c], beta[plane % c], mean[plane], rstd[plane]);
+  const float2 gb = affine_of(gamma[plane % c], beta[plane % c], mean[plane], rstd[plane]);
   const float* xp = x + plane * V;
   float* yp = y + plane * V;
   auto f = [&](float v) {
@@ -235,6 +230,16 @@ __global__ void grad_apply_kernel(const float* __restrict__ x, const float* dy, 
   });
 }
 
+void launch_apply(Context& ctx, const float* x, const float* mean, const float* rstd, const float* gamma,
+                  const float* beta, float* y, int64_t planes, int c, int64_t V, const Chunks& ch, bool relu) {
+  const dim3 grid((unsigned)ch.per_plane, (unsigned)planes);
+  if (relu)
+    apply_kernel<true><<<grid, kThreads, 0, stream_of(ctx)>>>(x, mean, rstd, gamma, beta, c, y, V, ch);
+  else
+    apply_kernel<false><<<grid, kThreads, 0, stream_of(ctx)>>>(x, mean, rstd, gamma, beta, c, y, V, ch);
+  CMSEG_CUDA_LAUNCHED("instance_norm apply");
+}
+
 void check_planes(int64_t planes) {
   if (planes > 65535) fail("instance norm: n * c = ", planes, " exceeds the CUDA grid limit of 65535 planes");
 }
@@ -250,18 +255,13 @@ void instance_norm_forward(Context& ctx, const float* x, const float* gamma, con
   const Chunks ch = chunking(ctx, planes, V);
   cudaStream_t st = stream_of(ctx);
   Buffer<double2> partial(ctx, (size_t)planes * ch.per_plane);
-  Buffer<float2> affine(ctx, (size_t)planes);
   const dim3 grid((unsigned)ch.per_plane, (unsigned)planes);
   stats_kernel<<<grid, kThreads, 0, st>>>(x, V, ch, partial.data());
   CMSEG_CUDA_LAUNCHED("instance_norm stats");
-  stats_finalize_kernel<<<blocks_for(planes, 128), 128, 0, st>>>(x, partial.data(), gamma, beta, planes, c, V,
-                                                                  ch.per_plane, mean, rstd, affine.data());
+  stats_finalize_kernel<<<blocks_for(planes, 128), 128, 0, st>>>(x, partial.data(), planes, V, ch.per_plane, mean,
+                                                                  rstd);
   CMSEG_CUDA_LAUNCHED("instance_norm finalize");
-  if (relu)
-    apply_kernel<true><<<grid, kThreads, 0, st>>>(x, affine.data(), nullptr, nullptr, nullptr, nullptr, c, y, V, ch);
-  else
-    apply_kernel<false><<<grid, kThreads, 0, st>>>(x, affine.data(), nullptr, nullptr, nullptr, nullptr, c, y, V, ch);
-  CMSEG_CUDA_LAUNCHED("instance_norm apply");
+  launch_apply(ctx, x, mean, rstd, gamma, beta, y, planes, c, V, ch, relu);
 }
 
 void instance_norm_apply(Context& ctx, const float* x, const float* mean, const float* rstd, const float* gamma,
@@ -271,13 +271,7 @@ void instance_norm_apply(Context& ctx, const float* x, const float* mean, const 
   if (!planes || !V) return;
   check_planes(planes);
   if (!gamma || !beta) fail("instance_norm_apply: needs gamma and beta");
-  const Chunks ch = chunking(ctx, planes, V);
-  const dim3 grid((unsigned)ch.per_plane, (unsigned)planes);
-  if (relu)
-    apply_kernel<true><<<grid, kThreads, 0, stream_of(ctx)>>>(x, nullptr, mean, rstd, gamma, beta, c, y, V, ch);
-  else
-    apply_kernel<false><<<grid, kThreads, 0, stream_of(ctx)>>>(x, nullptr, mean, rstd, gamma, beta, c, y, V, ch);
-  CMSEG_CUDA_LAUNCHED("instance_norm apply (recompute)");
+  launch_apply(ctx, x, mean, rstd, gamma, beta, y, planes, c, V, chunking(ctx, planes, V), relu);
 }
 
 void instance_norm_backward(Context& ctx, const float* x, const float* mean, const float* rstd, const float* gamma,

@@ -25,7 +25,8 @@
 #              GFLOP/s, peak pool memory, fused CM loss GB/s (JSON like the torch bench),
 #              and the device time of each layer per step (CMSEG_GPU_PROFILE=1); then
 #              the same step varied, to choose defaults from: bench_gpu_ncdhw (cuDNN on
-#              the NCDHW tensors), bench_gpu_upconv_cudnn / _cl (transposed
+#              the NCDHW tensors), bench_gpu_graph / _graph_ncdhw (conv3 through
+#              cuDNN's graph API, engines timed per shape), bench_gpu_upconv_cudnn / _cl (transposed
 #              convolutions through cuDNN instead of GEMMs), cm_loss_grid (the fused
 #              CM loss at 2-32 blocks per SM), cm_loss_pairs (its thread-per-pixel-
 #              and-annotator kernel), bench_gpu_bf16 (bf16 convolutions); each run
@@ -44,6 +45,8 @@
 #   torch_parity  the PyTorch reference on CUDA (exact fp32) against itself on the CPU
 #              in float64, on a small 3D case: the oracle cmseg's GPU path will face
 #   ctest      the other native tests (CPU reference, model, fusion) on this machine
+#   torch_conv scripts/torch_conv_bench.py: each convolution of the step through PyTorch,
+#              NCDHW / channels_last_3d, cudnn.benchmark off / on (what cuDNN offers)
 # Stages run in that order of importance: when time runs short the last are skipped.
 # Everything goes under $OUT (at most 8 files): summary.txt (always written, also when
 # a stage fails or times out), log.txt (every stage's output), build.txt, test_cuda.txt,
@@ -142,6 +145,14 @@ write_summary() {
            g && /^cmseg GPU/ { match($0, /cm_loss [0-9.]+ ms, [0-9]+ GB\/s/); print "  " g " -> " substr($0, RSTART, RLENGTH); g = "" }' \
         "$OUT/bench_gpu.txt"
     fi
+    if grep -q "cmseg: cuDNN graph" "$OUT/bench_gpu.txt" "$OUT/test_cuda.txt" 2>/dev/null; then
+      echo "== conv3 through cuDNN's graph API: the engine timed fastest per direction and shape"
+      grep -h "cmseg: cuDNN graph" "$OUT/bench_gpu.txt" "$OUT/test_cuda.txt" | sed -E 's/^[0-9]+: //' | sort -u | head -60 | cut -c1-400 | sed 's/^/  /'
+    fi
+    if grep -q "^torch .*cuDNN" "$OUT/torch.txt" 2>/dev/null; then
+      echo "== the same convolutions through PyTorch (torch_conv_bench.py)"
+      sed -n '/^torch .*cuDNN/,/^sum over/p' "$OUT/torch.txt" | sed 's/^/  /'
+    fi
     if grep -qh "^\(2: \)\?cmseg: cuDNN" "$OUT/bench_gpu.txt" "$OUT/test_cuda.txt" 2>/dev/null; then
       echo "== convolutions without a usable cuDNN algorithm (fell back)"
       grep -h "cmseg: cuDNN" "$OUT/bench_gpu.txt" "$OUT/test_cuda.txt" | sort -u | head -20 | cut -c1-600
@@ -168,7 +179,8 @@ for line in lines:
     if "stepMsMedian" in r and r.get("bench") == "cmseg-gpu":
         mode = "bf16 convolutions" if r.get("bf16") else "TF32" if r.get("tf32") else "fp32"
         if "channelsLast" in r:
-            mode += ", cuDNN on " + ("NDHWC copies" if r["channelsLast"] else "NCDHW tensors")
+            mode += ", cuDNN " + ("graph API" if r.get("cudnnGraph") else "legacy API") + " on " + (
+                "NDHWC copies" if r["channelsLast"] else "NCDHW tensors")
         if r.get("upconv"):
             mode += ", upconv2 " + r["upconv"]
         print(f"  cmseg GPU {r['config']} {mode}: median step {r['stepMsMedian']:.1f} ms, "
@@ -260,6 +272,11 @@ if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   # The same step with cuDNN on the model's NCDHW tensors (no channels-last copies):
   # as fast at level 0 on an H200 once the workspace cap allowed the fast algorithms.
   stage bench_gpu_ncdhw 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_CHANNELS_LAST=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  # conv3 through cuDNN's graph API (engines timed per shape, as PyTorch's
+  # cudnn.benchmark does) on the channels-last copies, then on the NCDHW tensors;
+  # its engine choices go to stderr (the summary lists them).
+  stage bench_gpu_graph 90 "$OUT/bench_gpu.txt" "CMSEG_CUDNN_GRAPH=1 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  stage bench_gpu_graph_ncdhw 90 "$OUT/bench_gpu.txt" "CMSEG_CUDNN_GRAPH=1 CMSEG_CONV_CHANNELS_LAST=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # The transposed convolutions through cuDNN (the default runs them as cuBLAS GEMMs
   # with our scatter/gather; cuDNN's NCDHW backward took 8.9 ms/step on an H200):
   # on the NCDHW tensors, then on channels-last copies.
@@ -339,10 +356,11 @@ print(f"parity: torch_reference cuda fp32 vs cpu fp64, {len(cpu)} outputs (probs
 sys.exit(0 if worst <= 1e-3 else 1)
 EOF'
 
-# ---- the other native tests (CPU), last: the least GPU-specific -----------------------------
+# ---- the other native tests (CPU), then what cuDNN offers each convolution through torch ----
 if [ -x "$BUILD/test_cuda" ]; then
   stage ctest 60 "$OUT/ctest.txt" "ctest --test-dir '$BUILD' -E '^test_cuda\$' --output-on-failure --timeout 55"
 fi
+stage torch_conv 120 "$OUT/torch.txt" "python3 scripts/torch_conv_bench.py --config brats3d-gpu --reps 10"
 
 FAILED=0
 for row in "${STAGES[@]}"; do case "$row" in *"|ok|"*) ;; *) FAILED=1 ;; esac; done

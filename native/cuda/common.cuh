@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 #include <tuple>
@@ -63,6 +64,8 @@ struct ConvKey {
            std::tie(o.op, o.n, o.cin, o.cout, o.d, o.h, o.w, o.ndim, o.tf32);
   }
 };
+// A finalized cuDNN graph-API plan (conv_graph.cu); null in the map: no usable engine.
+struct GraphPlan;
 struct ConvAlgo {
   int algo = 0;
   size_t workspace = 0;
@@ -117,6 +120,7 @@ struct Context::Impl {
   size_t in_use = 0, peak = 0;
   std::unordered_map<void*, size_t> sizes;
   std::map<ConvKey, ConvAlgo> conv_algos;
+  std::map<ConvKey, std::shared_ptr<GraphPlan>> graph_plans;  // cleared before the cuDNN handle goes
   cudnnHandle_t cudnn_handle = nullptr;
   cublasHandle_t cublas_handle = nullptr;
 
@@ -159,6 +163,40 @@ inline void cublas_math(Context& ctx) {
 void run_gemm(Context& ctx, const GemmCall& c, const float* A, const float* B, float* C);
 void run_split(Context& ctx, const FilterSplit& f, const float* A, const float* B, float* partial);
 void add_slots(Context& ctx, const float* partial, int slots, int64_t slot, float* dst);
+
+// A pool allocation released at the end of the call (stream-ordered); 0 bytes: null.
+struct Scratch {
+  Context& ctx;
+  void* p = nullptr;
+  Scratch(Context& c, size_t bytes) : ctx(c), p(c.alloc(bytes)) {}
+  // Never throws (it runs during unwinding, also after a device error; as Buffer::reset).
+  ~Scratch() {
+    try {
+      ctx.free(p);
+    } catch (...) {
+    }
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+// conv3 (3x3(x3), stride 1, padding 1) through cuDNN's graph API (conv_graph.cu), on
+// tensors [n, c, *s] in NCDHW or, with channels_last, NDHWC (the filter [cout, cin,
+// taps] then stored [cout, taps, cin]). One direction per call, outputs written (not
+// accumulated):
+//   Forward        x = input, w = filter, y = output
+//   BackwardData   x = the input's gradient (written), w = filter, y = the output's gradient
+//   BackwardFilter x = input, w = the filter's gradient (written), y = the output's gradient
+// Returns false, having written nothing, when the graph API has no usable engine
+// for the shape or a pointer is less than 16-byte aligned (the legacy API then runs it).
+enum class GraphPart { Forward = 0, BackwardData = 1, BackwardFilter = 2 };
+struct GraphShape {
+  int n, cin, cout;
+  Spatial s;
+  int ndim;
+  bool channels_last, tf32;
+};
+bool graph_conv3(Context& ctx, GraphPart part, const GraphShape& g, const float* x, const float* w, const float* y);
 
 // upconv2 through cuDNN, without the bias (conv_cudnn.cu; upconv2.cu chooses the
 // path): on channels-last copies when channels_last (falling back to NCDHW), else

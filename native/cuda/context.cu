@@ -82,6 +82,7 @@ Context::Context(const ContextOptions& options) : impl_(new Impl) {
   }
   if (const char* c = std::getenv("CMSEG_CONV_CHANNELS_LAST"); c && *c)
     m.options.conv_channels_last = std::string(c) != "0";
+  if (const char* g = std::getenv("CMSEG_CUDNN_GRAPH"); g && *g) m.options.conv_graph = std::string(g) != "0";
   const int dev = options.device;
   if (dev < 0 || dev >= probe().devices)
     throw Error(str("CUDA device ", dev, " does not exist (", probe().devices, " found)"));
@@ -126,6 +127,7 @@ Context::~Context() {
     for (auto& kv : m.sizes) cudaFreeAsync(kv.first, m.stream);
     cudaStreamSynchronize(m.stream);
   }
+  m.graph_plans.clear();  // plans hold the handle
   if (m.cudnn_handle) cudnnDestroy(m.cudnn_handle);
   if (m.cublas_handle) cublasDestroy(m.cublas_handle);
   for (auto& sp : m.profiler.spans) cudaEventDestroy(sp.begin), cudaEventDestroy(sp.end);
@@ -165,6 +167,7 @@ void Context::profile_step_end() {
 void Context::make_current() { CMSEG_CUDA(cudaSetDevice(impl_->options.device)); }
 void Context::set_tf32(bool on) { impl_->options.tf32 = on; }
 void Context::set_conv_channels_last(bool on) { impl_->options.conv_channels_last = on; }
+void Context::set_conv_graph(bool on) { impl_->options.conv_graph = on; }
 void Context::set_bf16(bool on) { impl_->options.bf16 = on; }
 void Context::set_upconv(UpconvPath path, size_t chunk_bytes) {
   impl_->options.upconv = path;
@@ -328,6 +331,7 @@ float Context::time_ms(const std::function<void()>& fn, int reps) {
 size_t Context::conv_fallbacks() const {
   size_t n = 0;
   for (const auto& kv : impl_->conv_algos) n += kv.second.algo < 0;
+  for (const auto& kv : impl_->graph_plans) n += !kv.second;
   return n;
 }
 

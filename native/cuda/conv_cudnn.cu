@@ -112,21 +112,6 @@ ConvAlgo pick(const Perf* perf, int count, size_t limit, bool tf32, const char* 
                             " workspace (candidates: ", count ? seen : std::string("none"), ")"));
 }
 
-struct Scratch {  // a pool allocation released at the end of the call (stream-ordered)
-  Context& ctx;
-  void* p = nullptr;
-  Scratch(Context& c, size_t bytes) : ctx(c), p(c.alloc(bytes)) {}
-  // Never throws (it runs during unwinding, also after a device error; as Buffer::reset).
-  ~Scratch() {
-    try {
-      ctx.free(p);
-    } catch (...) {
-    }
-  }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-};
-
 // Filters may start at any float: the model packs its parameters back to back in one
 // array (unet_cuda.cpp), so a conv weight can follow a bias of odd length (seg.bias
 // or a low-rank cm.{r}.bias before the cmblock convs; small test widths). cuDNN 9
@@ -513,6 +498,15 @@ struct ClDescs {
         cd(g.pad, g.stride, g.ndim, tensor_ops) {}
 };
 
+// The graph API first (ContextOptions::conv_graph), for conv3 on fp32 copies.
+template <class T>
+bool graph_first(Context& ctx, const ClConv& g) {
+  return std::is_same_v<T, float> && g.ksize == 3 && ctx.options().conv_graph;
+}
+GraphShape graph_shape(const ClConv& g) {
+  return GraphShape{g.n, g.cx, g.cy, g.sx, g.ndim, true, g.tf32};
+}
+
 // part: 0 forward, 1 backward data, 2 backward filter.
 ConvKey cl_key(const ClConv& g, int part, bool tensor_ops) {
   return key_of((ConvOp)g.ops[part], g.n, g.key_cin, g.key_cout, g.key_s, g.ndim, tensor_ops);
@@ -528,6 +522,11 @@ bool cl_forward(Context& ctx, const ClConv& g, LazyChannelsLast<T>& x, const flo
   Scratch wt(ctx, sizeof(T) * g.cy * g.cx * T_), yt(ctx, sizeof(T) * g.n * g.cy * Vy);
   to_channels_last(ctx, w, as<T>(wt), g.cy, g.cx, T_);
   T* xt = x.get();
+  if constexpr (std::is_same_v<T, float>)
+    if (graph_first<T>(ctx, g) && graph_conv3(ctx, GraphPart::Forward, graph_shape(g), xt, as<T>(wt), as<T>(yt))) {
+      from_channels_last(ctx, as<T>(yt), y, g.n, g.cy, Vy, false);
+      return true;
+    }
   ConvAlgo a;
   try {
     a = algo_forward(ctx, key, D.xd, xt, D.wd, wt.p, D.cd, D.yd, yt.p);
@@ -554,6 +553,12 @@ bool cl_backward_data(Context& ctx, const ClConv& g, const float* w, LazyChannel
   const int64_t Vx = g.sx.size(), T_ = g.taps();
   Scratch wt(ctx, sizeof(T) * g.cy * g.cx * T_), dxt(ctx, sizeof(T) * g.n * g.cx * Vx);
   to_channels_last(ctx, w, as<T>(wt), g.cy, g.cx, T_);
+  if constexpr (std::is_same_v<T, float>)
+    if (graph_first<T>(ctx, g) &&
+        graph_conv3(ctx, GraphPart::BackwardData, graph_shape(g), as<T>(dxt), as<T>(wt), dy.get())) {
+      from_channels_last(ctx, as<T>(dxt), dx, g.n, g.cx, Vx, false);
+      return true;
+    }
   ConvAlgo a;
   try {
     a = algo_backward_data(ctx, key, D.wd, wt.p, D.yd, dy.get(), D.cd, D.xd, dxt.p);
@@ -581,6 +586,12 @@ bool cl_backward_filter(Context& ctx, const ClConv& g, LazyChannelsLast<T>& x, L
   const size_t dw_bytes = sizeof(T) * g.cy * g.cx * T_;
   Scratch dwt(ctx, dw_bytes);
   T* xt = x.get();
+  if constexpr (std::is_same_v<T, float>)
+    if (graph_first<T>(ctx, g) &&
+        graph_conv3(ctx, GraphPart::BackwardFilter, graph_shape(g), xt, as<T>(dwt), dy.get())) {
+      from_channels_last(ctx, as<T>(dwt), dw, g.cy, g.cx, T_, true);  // dw is accumulated into
+      return true;
+    }
   ConvAlgo a;
   try {
     a = algo_backward_filter(ctx, key, D.xd, xt, D.yd, dy.get(), D.cd, D.wd, dw_bytes);
@@ -613,11 +624,34 @@ ClConv upconv2_cl(int n, int cin, int cout, Spatial s, Spatial so, int ndim, boo
 }  // namespace
 
 namespace {
+// dX = the data gradient of conv3 on the tensors as they are (NCDHW): the graph API
+// first (ContextOptions::conv_graph), else the legacy API.
+void ncdhw_backward_data(Context& ctx, const ConvKey& key, const FilterDesc& wd, const float* w, const TensorDesc& yd,
+                         const float* dy, const ConvDesc& cd, const TensorDesc& xd, float* dx, size_t wn) {
+  const AlignedFilter wa(ctx, w, wn, true);
+  const GraphShape g{key.n, key.cin, key.cout, Spatial{key.d, key.h, key.w}, key.ndim, false, key.tf32};
+  if (ctx.options().conv_graph && graph_conv3(ctx, GraphPart::BackwardData, g, dx, wa.p, dy)) return;
+  const ConvAlgo a = algo_backward_data(ctx, key, wd, wa.p, yd, dy, cd, xd, dx);
+  use_math(cd, a);
+  Scratch ws(ctx, a.workspace);
+  const float one = 1.f, zero = 0.f;
+  CMSEG_CUDNN(cudnnConvolutionBackwardData(ctx.impl().cudnn(), &one, wd.d, wa.p, yd.d, dy, cd.d,
+                                           (cudnnConvolutionBwdDataAlgo_t)a.algo, ws.p, a.workspace, &zero, xd.d, dx));
+}
+
 // dW += the filter gradient of the convolution X -> dY on the tensors as they are
 // (NCDHW), through an aligned copy of dw (accumulated: beta = 1).
 void ncdhw_backward_filter(Context& ctx, const ConvKey& key, const TensorDesc& xd, const float* x,
                            const TensorDesc& yd, const float* dy, const ConvDesc& cd, const FilterDesc& wd, float* dw,
                            size_t wn) {
+  if (ctx.options().conv_graph && key.op == kConvBwdFilter) {  // conv3 through the graph API: written, then added
+    Scratch part(ctx, wn * sizeof(float));
+    const GraphShape g{key.n, key.cin, key.cout, Spatial{key.d, key.h, key.w}, key.ndim, false, key.tf32};
+    if (graph_conv3(ctx, GraphPart::BackwardFilter, g, x, static_cast<float*>(part.p), dy)) {
+      add_inplace(ctx, dw, static_cast<float*>(part.p), (int64_t)wn);
+      return;
+    }
+  }
   AlignedFilter dwa(ctx, dw, wn, true);
   const ConvAlgo a = algo_backward_filter(ctx, key, xd, x, yd, dy, cd, wd, wn * sizeof(float));
   use_math(cd, a);
@@ -650,6 +684,8 @@ void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n
   FilterDesc wd(cout, cin, 3, ndim);
   ConvDesc cd(1, 1, ndim, tf32);
   const AlignedFilter wa(ctx, w, (size_t)cout * cin * conv3_taps(ndim), true);
+  if (o.conv_graph && graph_conv3(ctx, GraphPart::Forward, GraphShape{n, cin, cout, s, ndim, false, tf32}, x, wa.p, y))
+    return;
   const ConvAlgo a = algo_forward(ctx, key_of(kConvFwd, n, cin, cout, s, ndim, tf32), xd, x, wd, wa.p, cd, yd, y);
   use_math(cd, a);
   Scratch ws(ctx, a.workspace);
@@ -666,8 +702,6 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
   TensorDesc xd(n, cin, s, ndim), yd(n, cout, s, ndim);
   FilterDesc wd(cout, cin, 3, ndim);
   ConvDesc cd(1, 1, ndim, tf32);
-  const float one = 1.f, zero = 0.f;
-  cudnnHandle_t h = ctx.impl().cudnn();
   const size_t wn = (size_t)cout * cin * conv3_taps(ndim);
   const ClConv g16 = conv3_cl(kConvFwdBF, n, cin, cout, s, ndim, tf32);
   const ClConv g32 = conv3_cl(kConvFwdCL, n, cin, cout, s, ndim, tf32);
@@ -675,16 +709,8 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
   LazyChannelsLast<float> dy32{ctx, dy, n, cout, s.size(), {}}, x32{ctx, x, n, cin, s.size(), {}};
   if (dx) {
     ProfileScope prof_(ctx, "conv3_backward_data", cin, cout, s);
-    if (!(bf && cl_backward_data(ctx, g16, w, dy16, dx)) && !(cl && cl_backward_data(ctx, g32, w, dy32, dx))) {
-      const AlignedFilter wa(ctx, w, wn, true);
-      const ConvAlgo a =
-          algo_backward_data(ctx, key_of(kConvBwdData, n, cin, cout, s, ndim, tf32), wd, wa.p, yd, dy, cd, xd, dx);
-      use_math(cd, a);
-      Scratch ws(ctx, a.workspace);
-      CMSEG_CUDNN(cudnnConvolutionBackwardData(h, &one, wd.d, wa.p, yd.d, dy, cd.d,
-                                               (cudnnConvolutionBwdDataAlgo_t)a.algo, ws.p, a.workspace, &zero, xd.d,
-                                               dx));
-    }
+    if (!(bf && cl_backward_data(ctx, g16, w, dy16, dx)) && !(cl && cl_backward_data(ctx, g32, w, dy32, dx)))
+      ncdhw_backward_data(ctx, key_of(kConvBwdData, n, cin, cout, s, ndim, tf32), wd, w, yd, dy, cd, xd, dx, wn);
   }
   ProfileScope prof_(ctx, "conv3_backward_filter", cin, cout, s);
   if (bf && cl_backward_filter(ctx, g16, x16, dy16, dw)) return;

@@ -424,28 +424,33 @@ struct OptionsGuard {
     ctx().set_tf32(saved.tf32);
     ctx().set_bf16(saved.bf16);
     ctx().set_conv_channels_last(saved.conv_channels_last);
+    ctx().set_conv_graph(saved.conv_graph);
     ctx().set_upconv(saved.upconv, saved.upconv_chunk_bytes);
   }
 };
 
-// Both ways cuDNN is called: on channels-last copies (the default) and on the
-// model's NCDHW tensors directly. A channels-last shape cuDNN cannot run falls back
-// to NCDHW (still checked here): the count says how many did.
+// Every way cuDNN is called: its legacy API and its graph API (ContextOptions::
+// conv_graph), each on channels-last copies (the default) and on the model's NCDHW
+// tensors directly. A shape a path cannot run falls back to the next one (still
+// checked here): the count says how many did.
 TEST(conv3_matches_cpu) {
   OptionsGuard guard;
-  for (bool channels_last : {true, false}) {
-    ctx().set_conv_channels_last(channels_last);
-    std::printf("  -- conv3 with cuDNN on %s tensors\n", channels_last ? "NDHWC (channels-last)" : "NCDHW");
-    const size_t before = ctx().conv_fallbacks();
-    for (bool tf32 : {false, true}) {
-      conv3_case(2, 2, 3, 5, {1, 12, 10}, tf32);
-      conv3_case(3, 2, 4, 6, {6, 8, 10}, tf32);
-      conv3_case(3, 1, 16, 32, {8, 8, 8}, tf32);
-      conv3_case(3, 2, 33, 7, {4, 6, 70}, tf32);  // transpose tiles cut at both edges
+  for (bool graph : {false, true})
+    for (bool channels_last : {true, false}) {
+      ctx().set_conv_graph(graph);
+      ctx().set_conv_channels_last(channels_last);
+      const char* api = graph ? "graph API" : "legacy API";
+      std::printf("  -- conv3 with cuDNN's %s on %s tensors\n", api, channels_last ? "NDHWC (channels-last)" : "NCDHW");
+      const size_t before = ctx().conv_fallbacks();
+      for (bool tf32 : {false, true}) {
+        conv3_case(2, 2, 3, 5, {1, 12, 10}, tf32);
+        conv3_case(3, 2, 4, 6, {6, 8, 10}, tf32);
+        conv3_case(3, 1, 16, 32, {8, 8, 8}, tf32);
+        conv3_case(3, 2, 33, 7, {4, 6, 70}, tf32);  // transpose tiles cut at both edges
+      }
+      std::printf("  conv3 %s %s: %zu direction-shapes fell back to the next path\n", api,
+                  channels_last ? "NDHWC" : "NCDHW", ctx().conv_fallbacks() - before);
     }
-    std::printf("  conv3 %s: %zu direction-shapes fell back to the next path\n",
-                channels_last ? "NDHWC" : "NCDHW", ctx().conv_fallbacks() - before);
-  }
 }
 
 // bf16 copies (ContextOptions::bf16): inputs, weights and what cuDNN writes are
@@ -629,21 +634,25 @@ TEST(bandwidth_brats3d_gpu_level0) {
     // conv3 at this level, TF32 and FMA math: TFLOP/s rather than GB/s.
     cu::Buffer<float> w(c, fast_fill((size_t)ch * ch * 27, 5, 0.05f)), dw(c, (size_t)ch * ch * 27);
     const double flops = 2.0 * n * V * ch * ch * 27;
-    const bool default_layout = c.options().conv_channels_last;
-    for (bool channels_last : {true, false})
-      for (bool tf32 : {true, false}) {
-        c.set_tf32(tf32);
-        c.set_conv_channels_last(channels_last);
-        const float f = c.time_ms([&] { cu::conv3_forward(c, x.data(), w.data(), y.data(), n, ch, ch, s, 3); }, 5);
-        const float bd = c.time_ms(
-            [&] { cu::conv3_backward(c, x.data(), w.data(), dy.data(), dx.data(), dw.data(), n, ch, ch, s, 3); }, 5);
-        const float bf = c.time_ms(
-            [&] { cu::conv3_backward(c, x.data(), w.data(), dy.data(), nullptr, dw.data(), n, ch, ch, s, 3); }, 5);
-        std::printf("  conv3 3D 32->32 128^3 n=2 %s %s: forward %.3f ms (%.1f TFLOP/s), backward data+filter %.3f ms "
-                    "(%.1f TFLOP/s), of which filter %.3f ms\n",
-                    channels_last ? "NDHWC" : "NCDHW", tf32 ? "tf32" : "fp32", f, flops / (f * 1e-3) / 1e12, bd,
-                    2 * flops / (bd * 1e-3) / 1e12, bf);
-      }
+    const bool default_layout = c.options().conv_channels_last, default_graph = c.options().conv_graph;
+    for (bool graph : {false, true})
+      for (bool channels_last : {true, false})
+        for (bool tf32 : {true, false}) {
+          if (graph && !tf32) continue;  // the graph API's FMA engines: not what the step runs
+          c.set_tf32(tf32);
+          c.set_conv_graph(graph);
+          c.set_conv_channels_last(channels_last);
+          const float f = c.time_ms([&] { cu::conv3_forward(c, x.data(), w.data(), y.data(), n, ch, ch, s, 3); }, 5);
+          const float bd = c.time_ms(
+              [&] { cu::conv3_backward(c, x.data(), w.data(), dy.data(), dx.data(), dw.data(), n, ch, ch, s, 3); }, 5);
+          const float bf = c.time_ms(
+              [&] { cu::conv3_backward(c, x.data(), w.data(), dy.data(), nullptr, dw.data(), n, ch, ch, s, 3); }, 5);
+          std::printf("  conv3 3D 32->32 128^3 n=2 %s %s %s: forward %.3f ms (%.1f TFLOP/s), backward data+filter "
+                      "%.3f ms (%.1f TFLOP/s), of which filter %.3f ms\n",
+                      graph ? "graph" : "legacy", channels_last ? "NDHWC" : "NCDHW", tf32 ? "tf32" : "fp32", f,
+                      flops / (f * 1e-3) / 1e12, bd, 2 * flops / (bd * 1e-3) / 1e12, bf);
+        }
+    c.set_conv_graph(default_graph);
     c.set_tf32(true);
     c.set_conv_channels_last(default_layout);
   }
@@ -1148,6 +1157,20 @@ void whole_step_parity_test() {
 }  // namespace
 
 TEST(model_step_gpu_matches_cpu) { whole_step_parity_test(); }
+
+// The same with conv3 through cuDNN's graph API (CMSEG_CUDNN_GRAPH=1, read when a
+// model's context is made), on channels-last copies and on the NCDHW tensors.
+TEST(model_step_gpu_graph_api_matches_cpu) {
+  for (const char* layout : {"1", "0"}) {
+    struct Env {
+      explicit Env(const char* cl) { setenv("CMSEG_CUDNN_GRAPH", "1", 1), setenv("CMSEG_CONV_CHANNELS_LAST", cl, 1); }
+      ~Env() { unsetenv("CMSEG_CUDNN_GRAPH"), unsetenv("CMSEG_CONV_CHANNELS_LAST"); }
+    } env(layout);
+    const std::string on = std::string(", graph API on ") + (layout[0] == '1' ? "NDHWC" : "NCDHW");
+    whole_step_case(step_case("2D full" + on, 2, CmMode::Full, 0));
+    whole_step_case(step_case("3D full, 1 head block" + on, 3, CmMode::Full, 1));
+  }
+}
 
 // A 'cuda' model with bf16 convolutions against the fp32 CPU model, one step: the
 // loss closely, the gradients within bounds that only catch gross errors (a wrong

@@ -78,6 +78,11 @@ struct ContextOptions {
   // tensor-core kernels for 3D; off: directly on the model's NCDHW tensors.
   // CMSEG_CONV_CHANNELS_LAST=0 in the environment turns it off.
   bool conv_channels_last = true;
+  // conv3 through cuDNN's graph (backend) API first, on the same tensors (NCDHW or the
+  // channels-last copies), its engines timed once per shape like PyTorch's
+  // cudnn.benchmark (native/cuda/conv_graph.cu); a shape it cannot run takes the
+  // legacy API. CMSEG_CUDNN_GRAPH=1 in the environment turns it on.
+  bool conv_graph = false;
   // How the transposed convolutions (upconv2) run: as cuBLAS GEMMs with our own
   // scatter and gather kernels (native/cuda/upconv2.cu), or through cuDNN on the
   // NCDHW tensors or on channels-last copies. CMSEG_UPCONV=gemm|cudnn|cudnn-cl in the
@@ -138,6 +143,7 @@ class Context {
   void make_current();
   void set_tf32(bool on);
   void set_conv_channels_last(bool on);
+  void set_conv_graph(bool on);
   void set_bf16(bool on);
   void set_upconv(UpconvPath path, size_t chunk_bytes = 0);
   int device() const;

@@ -45,6 +45,8 @@ export interface NativeModel {
   config(): Record<string, unknown>;
   memory(): ModelMemory;
   resetPeakMemory(): void;
+  /** Frees the native model now; later calls throw "this model was disposed". */
+  dispose(): void;
 }
 
 /** Where a model's tensors live; for a GPU model, its device memory pool in MB. */

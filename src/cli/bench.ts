@@ -1,15 +1,17 @@
 // `cmseg bench`: the side-by-side benchmark of SPEC section 8.
 import { Command } from 'commander';
 import { formatBenchTable, formatMachine, runBench } from '../bench/run';
-import { parseInteger } from './common';
+import { BENCH_CONFIGS } from '../bench/configs';
+import { choiceOption, parseInteger } from './common';
 
 export function benchCommand(): Command {
   return new Command('bench')
     .description('time training steps of cmseg and the PyTorch reference side by side (SPEC section 8 configs)')
-    .option('--config <name...>', 'configs to run (mnist2d, brats3d-cpu, brats3d-gpu); default: the CPU ones, and brats3d-gpu when a GPU is usable')
-    .option('--steps <n>', 'timed steps per side (median reported)', '5')
-    .option('--warmup <n>', 'untimed warm-up steps', '1')
-    .option('--threads <n>', 'threads for both sides (default: all cores)')
+    // Checked while parsing, before the minutes the machine probe and the runs take.
+    .addOption(choiceOption('--config <name...>', 'configs to run; default: the CPU ones, and brats3d-gpu when a GPU is usable', BENCH_CONFIGS.map((b) => b.name)))
+    .option('--steps <n>', 'timed steps per side (median reported)', parseInteger(1), 5)
+    .option('--warmup <n>', 'untimed warm-up steps', parseInteger(0), 1)
+    .option('--threads <n>', 'threads for both sides (default: all cores)', parseInteger(1))
     .option('--compile', 'also time PyTorch with torch.compile (slow to compile)')
     .option('--rounds <n>', 'rounds of cmseg and PyTorch eager back to back; the ratio is the median over rounds', parseInteger(1), 1)
     .option('--json', 'print one JSON object per configuration instead of a table')

@@ -51,14 +51,49 @@ export function buildProgram(options: ProgramOptions = {}): Command {
   return program;
 }
 
+// `cmseg ... | head` closes the pipe early: that ends the output, not in a stack trace.
+const guarded = new WeakSet<NodeJS.WriteStream>();
+function quietOnClosedPipe(stream: NodeJS.WriteStream): void {
+  if (guarded.has(stream)) return; // main() runs many times in one test process
+  guarded.add(stream);
+  stream.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code === 'EPIPE') process.exit(process.exitCode ?? 0);
+    throw err;
+  });
+}
+
 export async function main(argv: string[] = process.argv): Promise<void> {
+  quietOnClosedPipe(process.stdout);
+  quietOnClosedPipe(process.stderr);
   try {
     await buildProgram().parseAsync(argv);
   } catch (error) {
-    const message = error instanceof Error ? error.message : String(error);
+    const message = describeError(error);
     process.stderr.write(`cmseg: error: ${message}\n`);
     if (process.env.CMSEG_DEBUG && error instanceof Error && error.stack) process.stderr.write(error.stack + '\n');
     process.exitCode = 1;
+  }
+}
+
+// Node's file-system errors name the call, not what the user asked for: say it plainly.
+function describeError(error: unknown): string {
+  if (!(error instanceof Error)) return String(error);
+  const e = error as NodeJS.ErrnoException;
+  const file = e.path ? `'${e.path}'` : 'a path';
+  switch (e.code) {
+    case 'EEXIST':
+      return e.syscall === 'mkdir' ? `cannot make the folder ${file}: a file of that name exists` : error.message;
+    case 'EISDIR':
+      return `${file} is a folder, but a file was expected there`;
+    case 'ENOTDIR':
+      return `${file}: a part of this path is a file, not a folder`;
+    case 'EACCES':
+    case 'EPERM':
+      return `no permission to access ${file}`;
+    case 'ENOSPC':
+      return `no space left on the device while writing ${file}`;
+    default:
+      return error.message;
   }
 }
 

@@ -298,15 +298,20 @@ async function prepareFusedTargets(data: ExperimentData, fusion: StapleFusion, d
 
 async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: ResolvedTrain, data: ExperimentData): Promise<void> {
   const controller = new AbortController();
-  const onSigint = () => {
+  // SIGINT (Ctrl-C) and SIGTERM (what cluster schedulers and `kill` send before
+  // they stop a job) both finish the step in progress and save `last`.
+  let stoppedBy: NodeJS.Signals | undefined;
+  const onSigint = (signal: NodeJS.Signals) => {
+    stoppedBy ??= signal;
     if (controller.signal.aborted) {
-      process.stderr.write('\nsecond interrupt: quitting without saving\n');
-      process.exit(130);
+      process.stderr.write(`\nsecond ${signal}: quitting without saving\n`);
+      process.exit(signal === 'SIGTERM' ? 143 : 130);
     }
     controller.abort();
-    process.stderr.write('\ninterrupt: finishing the current step and saving a checkpoint (Ctrl-C again quits at once)\n');
+    process.stderr.write(`\n${signal === 'SIGTERM' ? 'SIGTERM' : 'interrupt'}: finishing the current step and saving a checkpoint (Ctrl-C again quits at once)\n`);
   };
   process.on('SIGINT', onSigint);
+  process.on('SIGTERM', onSigint);
   let result: TrainResult;
   const started = Date.now();
   try {
@@ -326,6 +331,7 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
     });
   } finally {
     process.off('SIGINT', onSigint);
+    process.off('SIGTERM', onSigint);
   }
   const { state, files } = result;
   const checkpoints = [files.best, files.last].filter((f): f is string => f !== undefined);
@@ -335,7 +341,7 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
       ['checkpoints', checkpoints],
       ['training log', files.log],
     ]);
-    process.exitCode = 130;
+    process.exitCode = stoppedBy === 'SIGTERM' ? 143 : 130; // 128 + the signal's number, as a shell reports it
     return;
   }
   const seconds = (Date.now() - started) / 1000;

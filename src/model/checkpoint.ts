@@ -22,22 +22,43 @@ export interface CheckpointContents {
 }
 
 export async function saveCheckpoint(model: Model, path: string, extra: Record<string, unknown> = {}): Promise<void> {
-  const shapes = new Map(model.parameters().map((p) => [p.name, p.shape]));
-  const weights = model.getWeights();
-  const { step, m, v } = model.getOptimizerState();
+  if (!(model instanceof Model)) throw new TypeError(`saveCheckpoint: expected a Model, got ${model === null ? 'null' : typeof model}`);
+  const extraJson = extraToJson(extra);
+  // The state after every call queued before this one (a trainStep not yet awaited included).
+  const snap = await model.afterQueued(() => ({
+    shapes: new Map(model.parameters().map((p) => [p.name, p.shape])),
+    weights: model.getWeights(),
+    state: model.getOptimizerState(),
+    config: model.config,
+    optimizer: model.optimizer,
+    loss: model.loss,
+  }));
+  const { step, m, v } = snap.state;
   const tensors: Record<string, { data: SafeArray; shape: number[] }> = {};
-  for (const [name, w] of Object.entries(weights)) tensors[name] = { data: w, shape: shapes.get(name)! };
-  for (const [name, a] of Object.entries(m)) tensors[`optim.m.${name}`] = { data: a, shape: shapes.get(name)! };
-  for (const [name, a] of Object.entries(v)) tensors[`optim.v.${name}`] = { data: a, shape: shapes.get(name)! };
+  for (const [name, w] of Object.entries(snap.weights)) tensors[name] = { data: w, shape: snap.shapes.get(name)! };
+  for (const [name, a] of Object.entries(m)) tensors[`optim.m.${name}`] = { data: a, shape: snap.shapes.get(name)! };
+  for (const [name, a] of Object.entries(v)) tensors[`optim.v.${name}`] = { data: a, shape: snap.shapes.get(name)! };
   await writeSafetensors(path, tensors, {
     format: CHECKPOINT_FORMAT,
     version: CHECKPOINT_VERSION,
-    config: JSON.stringify(model.config),
-    optimizer: JSON.stringify(model.optimizer),
-    loss: JSON.stringify(model.loss),
+    config: JSON.stringify(snap.config),
+    optimizer: JSON.stringify(snap.optimizer),
+    loss: JSON.stringify(snap.loss),
     step: String(step),
-    extra: JSON.stringify(extra),
+    extra: extraJson,
   });
+}
+
+// The trainer state goes into the metadata as JSON: say which value cannot be
+// (a BigInt, a cycle) before anything is written.
+function extraToJson(extra: Record<string, unknown>): string {
+  if (extra === null || typeof extra !== 'object' || Array.isArray(extra))
+    throw new TypeError('saveCheckpoint: extra must be a plain object of JSON values');
+  try {
+    return JSON.stringify(extra);
+  } catch (err) {
+    throw new TypeError(`saveCheckpoint: extra cannot be stored as JSON (${(err as Error).message})`);
+  }
 }
 
 function parseJson(text: string | undefined, what: string, path: string): unknown {
@@ -80,7 +101,15 @@ export async function loadCheckpoint(path: string, overrides: Partial<ModelConfi
   const expected = model.parameters().map((p) => p.name);
   const missing = expected.filter((n) => !(n in c.weights));
   if (missing.length) throw new Error(`${path}: checkpoint lacks parameters ${missing.slice(0, 5).join(', ')}${missing.length > 5 ? ', ...' : ''}`);
-  model.setWeights(c.weights);
-  model.setOptimizerState({ step: c.step, ...(c.moments ?? {}) });
+  try {
+    model.setWeights(c.weights);
+    model.setOptimizerState({ step: c.step, ...(c.moments ?? {}) });
+  } catch (err) {
+    // A shape mismatch: say which file, and which overrides changed the architecture.
+    const changed = Object.keys(overrides).filter((k) => (overrides as Record<string, unknown>)[k] !== (c.config as unknown as Record<string, unknown>)[k]);
+    const why = changed.length ? ` (the overrides ${changed.join(', ')} change the network the checkpoint was saved from)` : '';
+    await model.dispose();
+    throw new Error(`${path}: ${(err as Error).message}${why}`);
+  }
   return model;
 }

@@ -20,7 +20,7 @@ export interface OptimizerOptions {
 export interface LossOptions {
   /** Trace weight lambda (SPEC section 4), default 0.01. */
   lambda?: number;
-  /** Weight of the negated trace during the warm-up, default equal to lambda. */
+  /** Weight of the negated trace during the warm-up: at createModel, default equal to lambda; setLoss keeps the current value unless given. */
   lambdaWarmup?: number;
   /** Optimiser steps with the negated trace (paper section 2.4), default 0. */
   warmupSteps?: number;

@@ -52,13 +52,19 @@ export interface Prediction {
 export class Model {
   private readonly native: NativeModel;
   private queue: Promise<unknown> = Promise.resolve();
+  /** Queued calls not yet settled: the synchronous state calls refuse to run ahead of them. */
+  private pending = 0;
+  private disposed = false;
+  /** An afterQueued function is running: its own turn, so the state calls may run. */
+  private inTurn = false;
 
   constructor(config: ModelConfig) {
     const { network, optimizer, loss } = splitConfig(config);
     const addon = loadNative();
     this.native = new addon.NativeModel(network as Record<string, unknown>);
     if (optimizer) this.setOptimizer(optimizer);
-    if (loss) this.setLoss(loss);
+    // The warm-up weight follows lambda unless given (LossOptions.lambdaWarmup).
+    if (loss) this.setLoss({ ...loss, lambdaWarmup: loss.lambdaWarmup ?? loss.lambda });
   }
 
   get config(): ResolvedConfig {
@@ -109,24 +115,29 @@ export class Model {
 
   /** A copy of every parameter, by SPEC name. */
   getWeights(): Record<string, Float32Array> {
+    this.settled('getWeights');
     return this.native.getWeights();
   }
 
   /** Replaces the named parameters (any subset); validates all before changing any. */
   setWeights(weights: Record<string, Float32Array>): void {
+    this.settled('setWeights');
     this.native.setWeights(weights);
   }
 
   /** Gradients of the last trainStep / computeGradients, by parameter name. */
   getGradients(): Record<string, Float32Array> {
+    this.settled('getGradients');
     return this.native.getGradients();
   }
 
   getOptimizerState(): { step: number; m: Record<string, Float32Array>; v: Record<string, Float32Array> } {
+    this.settled('getOptimizerState');
     return this.native.getOptimizerState();
   }
 
   setOptimizerState(state: { step?: number; m?: Record<string, Float32Array>; v?: Record<string, Float32Array> }): void {
+    this.settled('setOptimizerState');
     this.native.setOptimizerState(state);
   }
 
@@ -136,6 +147,7 @@ export class Model {
 
   /** Changes optimiser settings between steps (lr, betas, eps, weightDecay, kind). */
   setOptimizer(options: OptimizerOptions): void {
+    this.settled('setOptimizer');
     this.native.setOptimizer(options as Record<string, unknown>);
   }
 
@@ -145,6 +157,7 @@ export class Model {
   }
 
   setLoss(options: LossOptions): void {
+    this.settled('setLoss');
     this.native.setLoss(options as Record<string, unknown>);
   }
 
@@ -153,8 +166,58 @@ export class Model {
     return this.native.getLoss().step;
   }
 
-  private enqueue<T>(fn: () => Promise<T>): Promise<T> {
+  /** Resolves once every call queued so far (trainStep, predict, ...) has settled. */
+  async idle(): Promise<void> {
+    await this.queue;
+  }
+
+  /**
+   * Runs fn after every call queued so far and before any queued later, so that it
+   * sees the model as those calls left it (saveCheckpoint snapshots through this).
+   */
+  afterQueued<T>(fn: () => T): Promise<T> {
+    return this.enqueue(async () => {
+      this.inTurn = true;
+      try {
+        return fn();
+      } finally {
+        this.inTurn = false;
+      }
+    });
+  }
+
+  /**
+   * Frees the model's native memory (host and GPU) once the calls queued so far have
+   * settled, without waiting for the garbage collector. Every later call rejects or
+   * throws "this model was disposed". Disposing twice is a no-op.
+   */
+  dispose(): Promise<void> {
+    if (this.disposed) return this.idle();
+    this.disposed = true;
+    return this.enqueue(async () => this.native.dispose(), true);
+  }
+
+  /** Whether dispose() was called. */
+  get isDisposed(): boolean {
+    return this.disposed;
+  }
+
+  // The synchronous state calls would otherwise run ahead of (or, once the native
+  // call has started, collide with) an awaited-later trainStep or predict.
+  private settled(call: string): void {
+    if (this.disposed) throw new Error(`${call}: this model was disposed`);
+    if (this.pending > 0 && !this.inTurn)
+      throw new Error(`${call}: the model has ${this.pending} queued call(s) (trainStep, predict, ...) not yet settled; await them first (or use model.idle())`);
+  }
+
+  private enqueue<T>(fn: () => Promise<T>, disposing = false): Promise<T> {
+    if (this.disposed && !disposing) return Promise.reject(new Error('this model was disposed'));
+    this.pending++;
+    const done = () => {
+      this.pending--;
+    };
     const run = this.queue.then(fn, fn);
+    run.then(done, done);
     this.queue = run.catch(() => undefined);
     return run;
   }

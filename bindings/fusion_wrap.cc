@@ -93,6 +93,20 @@ struct FusionJob {
   }
 };
 
+// Binary STAPLE reads one label as foreground and every other as background. On
+// multi-label maps (classes > 2) the default label 1 would silently drop the other
+// classes, so there the caller must name the foreground; other methods never read it.
+void check_foreground(Napi::Env env, const Napi::Object& o, const std::string& method, int classes) {
+  const bool given = !o.Get("foreground").IsUndefined();
+  if (given && method != "staple")
+    throw_invalid(env, "fuse options.foreground is for method 'staple' (binary STAPLE); '" + method +
+                           "' fuses every class");
+  if (!given && method == "staple" && classes > 2)
+    throw_invalid(env, "fuse (staple): binary STAPLE with classes = " + std::to_string(classes) +
+                           ": pass options.foreground (that label is foreground, every other label background) "
+                           "or use method 'multi-staple'");
+}
+
 }  // namespace
 
 Napi::Value Fuse(const Napi::CallbackInfo& info) {
@@ -126,10 +140,15 @@ Napi::Value Fuse(const Napi::CallbackInfo& info) {
   if (V < 0) throw_invalid(env, "fuse: no rater map given (every entry is null)");
   job->input.V = V;
   if (!o.Get("shape").IsUndefined()) job->input.extent = expect_int_array(env, o.Get("shape"), "fuse options.shape");
+  // The core's own message speaks of its `extent` field; a JS caller passes `shape`.
+  if (m == "spatial-staple" && job->input.extent.empty())
+    throw_invalid(env, "fuse (spatial-staple): pass options.shape, the image's [H, W] or the volume's [D, H, W] (" +
+                           std::to_string(V) + " voxels in all): the local CMs are estimated on windows of it");
   const double threshold = get_number(env, o, "threshold", 1e-5, "fuse options");
   const int undecided = get_int(env, o, "undecided", -1, "fuse options");
   job->undecided = undecided;
   job->staple.threshold = job->multi.threshold = job->spatial.threshold = threshold;
+  check_foreground(env, o, m, job->input.L);
   job->staple.foreground = get_int(env, o, "foreground", 1, "fuse options");
   job->multi.undecided = job->spatial.undecided = undecided;
   if (!o.Get("maxIterations").IsUndefined()) {

@@ -8,7 +8,7 @@ import * as os from 'os';
 import * as path from 'path';
 import { cliHelp, runCli } from './helpers/cli';
 import { readCacheIndex } from '../src/data/cache';
-import { readNifti } from '../src/data/nifti';
+import { readNifti, writeNifti } from '../src/data/nifti';
 import { readPngSync } from '../src/data/png';
 import { backendInfo } from '../src/model/model';
 
@@ -73,6 +73,7 @@ t.test('phantom -> prepare (incremental, interruptible) -> train -> predict -> e
   t.equal(train.exitCode, 0, train.stderr);
   t.equal(train.stderr, '');
   t.match(train.stdout, /trained cm from step 0 to 2/);
+  t.match(train.stdout, /\n1 volume\n\n\| metric \| value \|[\s\S]*\n1 volume\n\n\| Dice \| value \|/, 'the test summary counts one volume');
   t.match(train.stdout, /\| Dice edema \(ED\) +\| \d\.\d{4} ± \d\.\d{4} \|/);
   t.match(train.stdout, /\| CM estimation error \(RMSE\) \| /);
   t.match(train.stdout, /\| whole tumour \(1, 2, 3\) \| \d\.\d{4} ± /);
@@ -132,6 +133,62 @@ t.test('phantom -> prepare (incremental, interruptible) -> train -> predict -> e
   t.equal(record.metrics.perCase[0].id, splits.validation[0]);
 });
 
+t.test('predict on a BraTS folder with stray files and bad segmentations; prepare on HGG/LGG with a geometry tolerance', async (t) => {
+  // mix/: two cases, a stray NIfTI file, the predictions of the run above, a seg with label 7 and a seg with no orientation.
+  const mix = path.join(dir, 'mix');
+  for (const id of ['BraTS2021_00000', 'BraTS2021_00001', 'BraTS2021_00002']) fs.cpSync(path.join(dir, 'data', id), path.join(mix, id), { recursive: true });
+  fs.copyFileSync(path.join(dir, 'data/BraTS2021_00000/BraTS2021_00000_t1.nii.gz'), path.join(mix, 'stray.nii.gz'));
+  fs.cpSync(path.join(dir, 'pred'), path.join(mix, 'predictions'), { recursive: true });
+  await rewriteSeg(path.join(mix, 'BraTS2021_00001/BraTS2021_00001_seg.nii.gz'), (labels) => (labels[100] = 7));
+  await rewriteSeg(path.join(mix, 'BraTS2021_00002/BraTS2021_00002_seg.nii.gz'), () => undefined, (m) => (m[0][3] += 0.5));
+  const predicted = await cmseg(['predict', '--checkpoint', 'runs/cm/best.safetensors', '--data', 'mix', '--out', 'pred-mix']);
+  t.equal(predicted.exitCode, 0, predicted.stderr);
+  t.match(predicted.stdout, /^predicted 3 case\(s\) from the BraTS folder mix:/);
+  t.match(predicted.stderr, /^note: skipped 2 entries of .*mix that are not a BraTS case: predictions\/, stray\.nii\.gz\n/);
+  t.match(predicted.stderr, /\nwarning: case BraTS2021_00001: label 7 at voxel 100 of .*BraTS2021_00001_seg\.nii\.gz is not a BraTS label .*; predicting BraTS2021_00001 without its segmentation \(used only for the picture\)\n/);
+  t.match(predicted.stderr, /\nwarning: case BraTS2021_00002: .*BraTS2021_00002_seg\.nii\.gz has affine\[0\]\[3\] = .* not on one grid .*; predicting BraTS2021_00002 without its segmentation/);
+  for (const id of ['BraTS2021_00000', 'BraTS2021_00001', 'BraTS2021_00002']) t.ok(fs.existsSync(path.join(dir, 'pred-mix', `${id}_consensus.nii.gz`)), `${id} predicted`);
+  // The same case folder on its own, and a folder of no case (with the reason).
+  const alone = await cmseg(['predict', '--checkpoint', 'runs/cm/best.safetensors', '--data', 'mix/BraTS2021_00002', '--out', 'pred-one', '--geometry-tolerance', '1']);
+  t.equal(alone.exitCode, 0, alone.stderr);
+  t.notMatch(alone.stderr, /warning/, 'a tolerance of 1 mm accepts the seg');
+  const flat = path.join(dir, 'flat');
+  fs.mkdirSync(flat);
+  for (const id of ['BraTS2021_00000', 'BraTS2021_00001']) for (const f of fs.readdirSync(path.join(dir, 'data', id))) fs.copyFileSync(path.join(dir, 'data', id, f), path.join(flat, f));
+  const flatRun = await cmseg(['predict', '--checkpoint', 'runs/cm/best.safetensors', '--data', 'flat', '--out', 'pred-flat']);
+  t.equal(flatRun.exitCode, 1);
+  t.match(flatRun.stderr, /^cmseg: error: --data .*flat is not a BraTS case, a BraTS folder or a cmseg cache: .*flat holds the files of 2 cases side by side .*: put each case's files in a folder named by its id \(BraTS2021_00000\/BraTS2021_00000_t1\.nii\.gz \.\.\.\)\n$/);
+
+  // BraTS 2019 layout: HGG/ and LGG/; a seg 0.5 mm off needs --geometry-tolerance.
+  const b19 = path.join(dir, 'b19');
+  fs.cpSync(path.join(mix, 'BraTS2021_00000'), path.join(b19, 'HGG/BraTS2021_00000'), { recursive: true });
+  fs.cpSync(path.join(mix, 'BraTS2021_00002'), path.join(b19, 'LGG/BraTS2021_00002'), { recursive: true });
+  fs.cpSync(path.join(dir, 'data/BraTS2021_00003'), path.join(b19, 'LGG/BraTS2021_00003'), { recursive: true });
+  fs.cpSync(path.join(dir, 'pred'), path.join(b19, 'predictions'), { recursive: true });
+  const strict = await cmseg(['prepare', '--data', 'b19', '--out', 'cache19', '--quiet']);
+  t.equal(strict.exitCode, 1);
+  t.match(strict.stderr, /\ncmseg: error: case BraTS2021_00002: .*BraTS2021_00002_seg\.nii\.gz has affine\[0\]\[3\] = .*: they put a voxel up to 0\.50 mm apart, more than the tolerance of 0\.1 mm, so the files are not on one grid \(if they are meant to be, allow it with --geometry-tolerance <mm> of cmseg prepare or predict\)\n$/);
+  const relaxed = await cmseg(['prepare', '--data', 'b19', '--out', 'cache19', '--quiet', '--geometry-tolerance', '0.6']);
+  t.equal(relaxed.exitCode, 0, relaxed.stderr);
+  t.equal(relaxed.stderr, `note: skipped 1 entry of ${b19} that is not a BraTS case: predictions/\n`);
+  t.same(readCacheIndex(path.join(dir, 'cache19')).cases.map((c) => c.sources[0].file), ['HGG/BraTS2021_00000/BraTS2021_00000_t1.nii.gz', 'LGG/BraTS2021_00002/BraTS2021_00002_t1.nii.gz', 'LGG/BraTS2021_00003/BraTS2021_00003_t1.nii.gz']);
+  const single = await cmseg(['prepare', '--data', 'b19/HGG/BraTS2021_00000', '--out', 'cache-one']);
+  t.equal(single.exitCode, 1);
+  t.match(single.stderr, /is the folder of the single case BraTS2021_00000: pass the folder that holds the case folders/);
+  t.match(await help(['prepare', '--help']), /--geometry-tolerance <mm>[\s\S]*\(default: 0\.1\)/);
+  t.match(await help(['predict', '--help']), /--geometry-tolerance <mm>/);
+});
+
+/** Rewrites a segmentation file with its labels and affine changed. */
+async function rewriteSeg(file: string, change: (labels: Float32Array) => void, move?: (affine: number[][]) => void): Promise<void> {
+  const seg = await readNifti(file);
+  const labels = Float32Array.from(seg.data);
+  change(labels);
+  const affine = seg.affine.map((row) => [...row]);
+  move?.(affine);
+  await writeNifti(file, { dims: seg.dims, data: labels, affine: affine as typeof seg.affine }, { datatype: 'uint8' });
+}
+
 t.test('train from a raw BraTS 2023 folder: the cache is prepared inside the run', async (t) => {
   const phantom = await cmseg(['phantom', 'brats', '--cases', '3', '--out', 'data2023', '--size', SIZE, '--naming', '2023', '--quiet']);
   t.equal(phantom.exitCode, 0, phantom.stderr);
@@ -149,6 +206,17 @@ t.test('train from a raw BraTS 2023 folder: the cache is prepared inside the run
   t.match(predicted.stdout, /predicted 1 case\(s\) from the BraTS folder data2023: 2 NIfTI volumes and 1 PNG pictures \(labels in BraTS 2023 numbering\)/);
   const consensus = await readNifti(path.join(dir, 'pred2023', 'BraTS-GLI-00000-000_consensus.nii.gz'));
   t.same([...new Set(consensus.raw)].filter((v) => ![0, 1, 2, 3].includes(v)), [], '2023 labels: ET stays 3');
+});
+
+t.test('predict legends: "a LxL grid" of CM tiles, 2D and 3D', async (t) => {
+  t.match(fs.readFileSync(path.join(dir, 'pred', 'README.txt'), 'utf8'), /CM on the slice: a 4x4 grid/);
+  const train = await cmseg(['train', '--preset', 'mnist-tiny', '--steps', '1', '--out', 'runs/mnist', '--no-test', '--quiet']);
+  t.equal(train.exitCode, 0, train.stderr);
+  const predicted = await cmseg(['predict', '--checkpoint', 'runs/mnist/last.safetensors', '--out', 'pred-2d', '--count', '1']);
+  t.equal(predicted.exitCode, 0, predicted.stderr);
+  const legend = fs.readFileSync(path.join(dir, 'pred-2d', 'README.txt'), 'utf8');
+  t.match(legend, /pixel-wise CM: a 2x2 grid/);
+  t.notMatch(legend, /\ban \d/);
 });
 
 t.test('user errors: one line, exit code 1', async (t) => {

@@ -14,6 +14,7 @@ import {
   croppedAffine,
   discoverBratsCases,
   extentOfDims,
+  gridDistance,
   loadBratsCase,
   mapBratsLabels,
   preprocessBratsCase,
@@ -300,3 +301,115 @@ t.test('broken cases: missing files, mismatched grids, missing segmentation', as
     t.throws(() => preprocessBratsCase(volume), { name: 'BratsError', kind: 'empty-brain' });
   });
 });
+
+t.test('discovery skips what is not a case, reads the HGG/LGG layout, and hints at other layouts', async (t) => {
+  const fixture = tempDir(t);
+  const [a, b] = await writeBratsPhantoms(fixture, { cases: 2, size: [24, 24, 16], seed: 6 });
+
+  await t.test('stray NIfTI files and a predictions folder are skipped with one note', async (t) => {
+    const root = tempDir(t);
+    copyCase(a, root);
+    copyCase(b, root);
+    fs.copyFileSync(a.images[0], path.join(root, 'stray.nii.gz'));
+    fs.mkdirSync(path.join(root, 'predictions'));
+    fs.copyFileSync(a.seg as string, path.join(root, 'predictions', `${a.id}_consensus.nii.gz`));
+    const notes: string[] = [];
+    const cases = discoverBratsCases(root, { onSkipped: (note) => notes.push(note) });
+    t.same(cases.map((c) => c.id), [a.id, b.id]);
+    t.equal(notes.length, 1, 'one note');
+    t.match(notes[0], /^skipped 2 entries of .* that are not a BraTS case: predictions\/, stray\.nii\.gz$/);
+    t.same(discoverBratsCases(root).length, 2, 'no callback: skipped quietly');
+    // Nothing but non-cases: an error that says what was found.
+    const only = tempDir(t);
+    fs.mkdirSync(path.join(only, 'predictions'));
+    fs.copyFileSync(a.seg as string, path.join(only, 'predictions', `${a.id}_consensus.nii.gz`));
+    t.throws(() => discoverBratsCases(only), { kind: 'no-cases', message: /found only predictions\/$/ });
+  });
+
+  await t.test('BraTS 2018/2019: cases grouped in HGG/ and LGG/', async (t) => {
+    const root = tempDir(t);
+    copyCase(a, path.join(root, 'HGG'));
+    copyCase(b, path.join(root, 'LGG'));
+    fs.writeFileSync(path.join(root, 'name_mapping.csv'), 'id\n');
+    const cases = discoverBratsCases(root);
+    t.same(cases.map((c) => [c.id, path.basename(path.dirname(c.dir))]), [[a.id, 'HGG'], [b.id, 'LGG']]);
+    t.equal((await loadBratsCase(cases[1])).id, b.id);
+    // The same id in both groups cannot be told apart.
+    copyCase(a, path.join(root, 'LGG'));
+    t.throws(() => discoverBratsCases(root), { kind: 'duplicate-case', message: new RegExp(`are both case ${a.id}`) });
+  });
+
+  await t.test('a case folder whose files are named for another id is an error that says so', async (t) => {
+    const root = tempDir(t);
+    copyCase(a, root);
+    fs.renameSync(path.join(root, a.id), path.join(root, 'case1'));
+    copyCase(b, root);
+    t.throws(() => discoverBratsCases(root), { kind: 'misnamed-case', message: new RegExp(`case1 holds the files of case ${a.id} .*rename it ${a.id}`) });
+  });
+
+  await t.test('no cases: hints for a single case folder and for a flat folder', async (t) => {
+    const root = tempDir(t);
+    const single = copyCase(a, root);
+    t.throws(() => discoverBratsCases(single.dir), { kind: 'no-cases', message: new RegExp(`is the folder of the single case ${a.id}: pass the folder that holds the case folders`) });
+    const flat = path.join(root, 'flat');
+    fs.mkdirSync(flat);
+    for (const file of [...bratsCaseFilesOf(a), ...bratsCaseFilesOf(b)]) fs.copyFileSync(file, path.join(flat, path.basename(file)));
+    t.throws(() => discoverBratsCases(flat), { kind: 'no-cases', message: new RegExp(`holds the files of 2 cases side by side \\(${a.id}, ${b.id}, \\.\\.\\.\\): put each case's files in a folder named by its id`) });
+  });
+});
+
+function bratsCaseFilesOf(c: BratsCase): string[] {
+  return [...c.images, c.seg as string];
+}
+
+t.test('grids: a tolerance in mm, files without orientation, and a bad segmentation left out on request', async (t) => {
+  const fixture = tempDir(t);
+  const [c] = await writeBratsPhantoms(fixture, { cases: 1, size: [24, 24, 16], seed: 7 });
+  /** A copy of the case whose file `index` (4 = seg) has its affine changed by `change`. */
+  const withAffine = async (index: number, change: (affine: Matrix4) => void, qformCode?: number) => {
+    const copy = copyCase(c, tempDir(t));
+    const file = index === 4 ? (copy.seg as string) : copy.images[index];
+    const volume = await readNifti(file);
+    const affine = volume.affine.map((row) => [...row]) as Matrix4;
+    change(affine);
+    const header = qformCode === undefined ? undefined : { ...volume.header, qformCode, sformCode: qformCode };
+    await writeNifti(file, { dims: volume.dims, data: volume.raw, affine, ...(header ? { header } : {}) }, { datatype: index === 4 ? 'uint8' : 'int16' });
+    return copy;
+  };
+
+  // 0.01 mm: rounding in some tool, not another grid.
+  const nudged = await withAffine(4, (m) => (m[0][3] += 0.01));
+  t.ok((await loadBratsCase(nudged)).seg, 'a seg 0.01 mm off loads with its labels');
+  // 0.5 mm is over the default: the message says by how much and how to allow it.
+  const shifted = await withAffine(2, (m) => (m[1][3] += 0.5));
+  const err = (await loadBratsCase(shifted).then(() => undefined, (e: unknown) => e)) as BratsError;
+  t.equal(err?.kind, 'mismatched-affine');
+  t.equal(err.path, shifted.images[2]);
+  t.match(err.message, /_t2\.nii\.gz has affine\[1\]\[3\] = .* but .*_t1\.nii\.gz has .*: they put a voxel up to 0\.50 mm apart, more than the tolerance of 0\.1 mm, so the files are not on one grid \(if they are meant to be, allow it with --geometry-tolerance <mm>/);
+  t.ok(await loadBratsCase(shifted, { geometryTolerance: 1 }), 'a larger tolerance accepts it');
+  // Spacing differences count where they add up: at the far corner of the grid.
+  t.match(gridDistanceOf([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], [[1.01, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], [24, 24, 16]), 0.23);
+
+  // A seg with neither qform nor sform has no world position: same dims mean the same grid.
+  const bare = await withAffine(4, () => undefined, 0);
+  t.equal((await readNifti(bare.seg as string)).header.sformCode, 0, 'the seg really has no orientation');
+  t.ok((await loadBratsCase(bare)).seg, 'a seg without orientation loads');
+
+  // Prediction: a bad seg is handed over and left out; the images still load.
+  const bad = await withAffine(4, (m) => (m[0][3] += 3));
+  const problems: Error[] = [];
+  const volume = await loadBratsCase(bad, { onBadSeg: (e) => problems.push(e) });
+  t.equal(volume.seg, undefined);
+  t.equal(volume.images.length, 4 * 24 * 24 * 16);
+  t.match(problems.map((e) => (e as BratsError).kind), ['mismatched-affine']);
+  await t.rejects(loadBratsCase(bad), { kind: 'mismatched-affine' }, 'without onBadSeg it is an error');
+  const unreadable = copyCase(c, tempDir(t));
+  fs.writeFileSync(unreadable.seg as string, 'not a NIfTI file');
+  const reasons: string[] = [];
+  t.equal((await loadBratsCase(unreadable, { onBadSeg: (e) => reasons.push(e.message) })).seg, undefined);
+  t.match(reasons, [/_seg\.nii\.gz/]);
+});
+
+function gridDistanceOf(a: number[][], b: number[][], dims: number[]): number {
+  return Math.round(gridDistance(a as Matrix4, b as Matrix4, dims) * 100) / 100;
+}

@@ -53,6 +53,22 @@ t.test('bad input is rejected with a message', async (t) => {
   await t.rejects(fuse([new Uint8Array(2)], { method: 'mode', colour: 1 } as never), /unknown option 'colour' in fuse options/);
 });
 
+t.test('binary STAPLE on multi-label maps needs the foreground label', async (t) => {
+  const maps = [Uint8Array.from([0, 1, 2, 2]), Uint8Array.from([0, 1, 2, 0]), Uint8Array.from([0, 2, 2, 2])];
+  // Default foreground 1 would read every 2 as background: refused instead.
+  await t.rejects(fuse(maps, { method: 'staple', classes: 3 }), { code: 'CMSEG_INVALID_ARGUMENT', message: /staple.*classes = 3: pass options.foreground .* or use method 'multi-staple'/ });
+  const st = await fuse(maps, { method: 'staple', classes: 3, foreground: 2 });
+  t.same(Array.from(st.labels!), [0, 0, 1, 1], 'label 2 is the foreground, 0 and 1 background');
+  await t.rejects(fuse(maps, { method: 'multi-staple', classes: 3, foreground: 2 }), /options.foreground is for method 'staple'/);
+  // Binary maps keep the default foreground 1.
+  const binary = await fuse([Uint8Array.from([0, 1]), Uint8Array.from([0, 1])], { method: 'staple' });
+  t.same(Array.from(binary.labels!), [0, 1]);
+});
+
+t.test('spatial STAPLE without a shape asks for options.shape', async (t) => {
+  await t.rejects(fuse([new Uint8Array(4), new Uint8Array(4)], { method: 'spatial-staple', classes: 2 }), { code: 'CMSEG_INVALID_ARGUMENT', message: /pass options\.shape, the image's \[H, W\] or the volume's \[D, H, W\] \(4 voxels/ });
+});
+
 t.test('cmseg fuse: PNG and NIfTI rater files in, consensus (+ CMs) out', async (t) => {
   const fs = await import('fs');
   const os = await import('os');

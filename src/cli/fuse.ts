@@ -4,25 +4,48 @@ import * as path from 'path';
 import { Command } from 'commander';
 import { fuse, FusionMethod } from '../fusion/fuse';
 import { argmaxClasses } from '../model/model';
-import { readNifti, writeNifti, NiftiVolume } from '../data/nifti';
-import { readPng, writePng } from '../data/png';
+import { readNifti, writeNifti, type Matrix4, NiftiVolume } from '../data/nifti';
+import { BRATS_GEOMETRY_TOLERANCE_MM, gridDistance } from '../data/brats';
+import { readPng, writePng, DecodedPng } from '../data/png';
+import { labelValues, resolveMapping } from '../data/image-folder';
+import { UNLABELLED, checkLabels } from '../data/annotators';
 import { writeFileAtomic } from '../data/files';
-import { choiceOption, parseInteger, printOutputs, UserError, withExamples } from './common';
+import { choiceOption, parseInteger, parseNumber, printOutputs, UserError, withExamples } from './common';
 
 const METHODS: FusionMethod[] = ['mode', 'mean', 'staple', 'multi-staple', 'spatial-staple'];
+/** Methods that fuse one foreground against background. */
+const BINARY_METHODS: FusionMethod[] = ['staple'];
+
+/** How 255 in a PNG that holds only 0 and 255 is read. */
+type Mask255 = 'auto' | 'foreground' | 'unlabelled';
+const MASK_255: Mask255[] = ['auto', 'foreground', 'unlabelled'];
+
+// Without --classes, a map with more distinct values than this is taken for an intensity
+// image given by mistake (cmseg simulate's images have about 90 grey levels), not a label map.
+const MAX_INFERRED_LABELS = 32;
 
 interface LabelImage {
+  file: string;
   labels: Uint8Array;
   /** [H, W] or [D, H, W] in C-order */
   shape: number[];
   nifti?: NiftiVolume;
+  png?: DecodedPng;
 }
 
 const isNifti = (f: string) => /\.nii(\.gz)?$/i.test(f);
 
+/** An extent as NIfTI tools and image viewers print it: x (width) first. */
+const extentText = (shape: readonly number[]) => [...shape].reverse().join('x');
+
+/** A float32 header value without its rounding noise (1.2, not 1.2000000476837158). */
+const short = (x: number) => String(+x.toPrecision(6));
+
 async function readLabels(file: string): Promise<LabelImage> {
   if (isNifti(file)) {
     const v = await readNifti(file);
+    // dims drops trailing 1s, so a longer list is a real 4th (time, vector) axis.
+    if (v.dims.length > 3) throw new UserError(`${file} is ${v.dims.length}D (${v.dims.join('x')}); fuse needs 2D or 3D label maps`);
     const labels = new Uint8Array(v.data.length);
     for (let i = 0; i < v.data.length; i++) {
       const x = v.data[i];
@@ -31,14 +54,140 @@ async function readLabels(file: string): Promise<LabelImage> {
     }
     // NIfTI is x fastest: as C-order that is [z, y, x].
     const [nx, ny, nz = 1] = v.dims;
-    return { labels, shape: nz > 1 ? [nz, ny, nx] : [ny, nx], nifti: v };
+    return { file, labels, shape: nz > 1 ? [nz, ny, nx] : [ny, nx], nifti: v };
   }
   if (/\.png$/i.test(file)) {
     const png = await readPng(file);
-    if (png.channels !== 1) throw new UserError(`${file}: a label map must be a grayscale PNG (it has ${png.channels} channels)`);
-    return { labels: Uint8Array.from(png.data), shape: [png.height, png.width] };
+    // Read like a dataset folder's label PNGs: gray, palette indices, or RGB with R = G = B.
+    const labels = new Uint8Array(png.width * png.height);
+    labelValues(png, file, 'value', labels);
+    return { file, labels, shape: [png.height, png.width], png };
   }
   throw new UserError(`${file}: unsupported file type (expected .nii, .nii.gz or .png)`);
+}
+
+function checkSameShape(images: readonly LabelImage[]): void {
+  const [first] = images;
+  for (const im of images) {
+    if (im.shape.join('x') !== first.shape.join('x')) throw new UserError(`${im.file} is ${extentText(im.shape)}, but ${first.file} is ${extentText(first.shape)}`);
+  }
+}
+
+/** A file with neither qform nor sform has no world geometry, only the Analyze fallback affine. */
+const hasOrientation = (v: NiftiVolume) => v.header.qformCode > 0 || v.header.sformCode > 0;
+
+/** Voxel edge lengths (mm) along the three axes: the affine's column norms. */
+const voxelSize = (affine: Matrix4) => [0, 1, 2].map((c) => Math.hypot(affine[0][c], affine[1][c], affine[2][c]));
+
+/**
+ * NIfTI raters of one shape may still lie on different grids (voxel size, orientation,
+ * origin); their voxels then do not correspond, and the consensus would silently take the
+ * first rater's geometry. Tested as prepare tests a case's files (src/data/brats.ts): how
+ * far apart the two affines put one voxel, with its tolerance; the message says what differs.
+ */
+function checkSameGrid(images: readonly LabelImage[], toleranceMm: number): void {
+  const volumes = images.filter((im) => im.nifti);
+  const ref = volumes[0];
+  for (const im of volumes.slice(1)) {
+    const [a, b] = [ref.nifti!, im.nifti!];
+    // Without an orientation there is nothing to compare: same dims can only mean the same grid.
+    if (!hasOrientation(a) || !hasOrientation(b)) continue;
+    const dims = [...a.dims, 1, 1].slice(0, 3);
+    const distance = gridDistance(a.affine, b.affine, dims);
+    if (distance <= toleranceMm) continue;
+    const apart = `they put a voxel up to ${distance.toFixed(2)} mm apart, more than the tolerance of ${toleranceMm} mm, so the raters are not on one grid (if they are meant to be, allow it with --geometry-tolerance <mm>)`;
+    const [sa, sb] = [voxelSize(a.affine), voxelSize(b.affine)];
+    // A voxel size that differs alone moves the far corner by more than the tolerance.
+    if (sa.some((x, axis) => Math.abs(x - sb[axis]) * (dims[axis] - 1) > toleranceMm)) {
+      const size = (s: number[]) => s.map(short).join('x');
+      throw new UserError(`${im.file} has voxels of ${size(sb)} mm but ${ref.file} has ${size(sa)} mm: ${apart}`);
+    }
+    let [r, col] = [0, 0];
+    for (let i = 0; i < 3; i++) {
+      for (let j = 0; j < 4; j++) if (Math.abs(a.affine[i][j] - b.affine[i][j]) > Math.abs(a.affine[r][col] - b.affine[r][col])) [r, col] = [i, j];
+    }
+    throw new UserError(`${im.file} has affine[${r}][${col}] = ${short(b.affine[r][col])} but ${ref.file} has ${short(a.affine[r][col])}: ${apart}`);
+  }
+}
+
+/** The set of labels in a map, 255 (unlabelled) left out. */
+function labelSet(labels: Uint8Array): Set<number> {
+  const seen = new Uint8Array(256);
+  for (const x of labels) seen[x] = 1;
+  const set = new Set<number>();
+  for (let x = 0; x < 255; x++) if (seen[x]) set.add(x);
+  return set;
+}
+
+/**
+ * `cmseg simulate` and most image tools save binary masks as 0/255, but to fuse 255 is
+ * "unlabelled": every foreground pixel would drop out without a word. PNG raters that hold
+ * only 0 and 255 are read as a dataset folder reads its masks (loadImageFolder's 'auto'
+ * mapping: 'binary' when there are 2 classes), so 255 becomes 1. Returns the files mapped.
+ */
+function readMasks(images: readonly LabelImage[], mask255: Mask255, classes: number | undefined): string[] {
+  if (mask255 === 'unlabelled') return [];
+  if (mask255 === 'foreground' && classes !== undefined && classes !== 2) throw new UserError(`--mask-255 foreground reads binary masks, but --classes is ${classes}`);
+  const mapping = mask255 === 'foreground' ? 'binary' : resolveMapping('auto', classes ?? 2);
+  if (mapping !== 'binary') return [];
+  const mapped: string[] = [];
+  for (const im of images) {
+    if (!im.png || !im.labels.includes(UNLABELLED)) continue;
+    const labels = labelSet(im.labels);
+    // auto: only a pure 0/255 mask; asked for, also 0/1 maps with 255 for foreground.
+    const binary = [...labels].every((x) => x === 0 || (mask255 === 'foreground' && x === 1));
+    if (!binary) {
+      if (mask255 === 'foreground') throw new UserError(`--mask-255 foreground reads binary masks, but ${im.file} holds label ${Math.max(...labels)}`);
+      continue;
+    }
+    labelValues(im.png, im.file, 'binary', im.labels);
+    mapped.push(im.file);
+  }
+  return mapped;
+}
+
+/** --classes, or the largest label + 1; refuses what looks like an intensity image. */
+function resolveClasses(images: readonly LabelImage[], given: number | undefined, foreground: number | undefined): number {
+  if (given !== undefined) {
+    if (given > 255) throw new UserError(`--classes ${given}: labels are 8-bit, so at most 255 classes (255 = unlabelled)`);
+    for (const im of images) {
+      try {
+        checkLabels(im.file, im.labels, given, true);
+      } catch (e) {
+        throw new UserError(`${(e as Error).message}: raise --classes or check the file`);
+      }
+    }
+    return given;
+  }
+  let maxLabel = 1;
+  for (const im of images) {
+    const labels = labelSet(im.labels);
+    if (labels.size > MAX_INFERRED_LABELS) {
+      throw new UserError(`${im.file} holds ${labels.size} distinct values (${Math.min(...labels)}..${Math.max(...labels)}): an intensity image, not a label map? If these are labels, pass --classes`);
+    }
+    for (const x of labels) maxLabel = Math.max(maxLabel, x);
+  }
+  return Math.max(maxLabel + 1, (foreground ?? 0) + 1);
+}
+
+/**
+ * Binary STAPLE reads one label as foreground and every other as background; with the
+ * default label 1 a multi-label map would silently lose its other classes.
+ */
+function checkForeground(method: FusionMethod, images: readonly LabelImage[], classes: number, foreground: number | undefined): void {
+  const binary = BINARY_METHODS.includes(method);
+  if (foreground !== undefined) {
+    if (!binary) throw new UserError(`--foreground is for --method ${BINARY_METHODS.join(', ')}; ${method} fuses every class`);
+    if (foreground >= classes) throw new UserError(`--foreground ${foreground} is not a class (--classes ${classes})`);
+    return;
+  }
+  if (!binary || classes <= 2) return;
+  const hint = 'pass --foreground <label> (that label is foreground, every other label background) or use --method multi-staple';
+  for (const im of images) {
+    const label = im.labels.find((x) => x > 1 && x !== UNLABELLED);
+    if (label !== undefined) throw new UserError(`--method ${method} is binary, but ${im.file} holds label ${label}: ${hint}`);
+  }
+  throw new UserError(`--method ${method} is binary, but --classes is ${classes}: ${hint}`);
 }
 
 async function writeLabels(file: string, like: LabelImage, data: Uint8Array | Float32Array, datatype: 'uint8' | 'float32') {
@@ -58,32 +207,45 @@ export function registerFuseCommand(program: Command): Command {
   const cmd = program
     .command('fuse')
     .description('fuse several raters\' label maps into one consensus (majority vote, mean, STAPLE, multi-label STAPLE, spatial STAPLE)')
-    .argument('<inputs...>', 'one label map per rater (.nii, .nii.gz or grayscale .png), all the same size')
+    .argument('<inputs...>', 'one label map per rater (.nii, .nii.gz or gray/palette .png), all the same size (NIfTI: on one grid)')
     .requiredOption('-o, --out <file>', 'consensus label map (.nii.gz or .png)')
     .addOption(choiceOption('--method <name>', 'fusion method', METHODS).default('mode'))
     .option('--classes <n>', 'number of classes (default: largest label + 1; 255 = unlabelled)', parseInteger(2))
     .option('--undecided <label>', 'label for ties (default: the lowest tied class)', parseInteger(0))
+    .option('--foreground <label>', 'binary methods (staple): the label read as foreground; every other label is background (needed when the maps hold labels > 1)', parseInteger(0))
+    .option('--geometry-tolerance <mm>', 'NIfTI: how far apart two raters\' files may put one voxel and still count as one grid', parseNumber(0), BRATS_GEOMETRY_TOLERANCE_MM)
+    .addOption(choiceOption('--mask-255 <meaning>', 'how 255 in PNG masks that hold only 0 and 255 is read: auto (foreground when there are 2 classes), foreground, or unlabelled', MASK_255).default('auto'))
     .option('--posterior <file>', 'also write the consensus probability of the foreground (binary) as float32 NIfTI/PNG')
     .option('--cms <file>', 'also write each rater\'s estimated confusion matrix (STAPLE methods) as JSON')
     .option('--window <n>', 'spatial STAPLE window edge in pixels', parseInteger(1))
     .option('--stride <n>', 'spatial STAPLE stride in pixels', parseInteger(1));
-  withExamples(cmd, 'cmseg fuse --method multi-staple -o consensus.nii.gz rater1.nii.gz rater2.nii.gz rater3.nii.gz', 'cmseg fuse --method mode -o vote.png a.png b.png c.png');
+  withExamples(
+    cmd,
+    'cmseg fuse --method multi-staple -o consensus.nii.gz rater1.nii.gz rater2.nii.gz rater3.nii.gz',
+    'cmseg fuse --method mode -o vote.png a.png b.png c.png',
+    'cmseg fuse --method staple --foreground 2 -o edema.nii.gz rater1.nii.gz rater2.nii.gz rater3.nii.gz',
+  );
   cmd.action(async (inputs: string[], opts) => {
     if (inputs.length < 2) throw new UserError('fuse needs at least two label maps');
     const images = await Promise.all(inputs.map(readLabels));
-    for (const [i, im] of images.entries())
-      if (im.labels.length !== images[0].labels.length || im.shape.join('x') !== images[0].shape.join('x'))
-        throw new UserError(`${inputs[i]} is ${im.shape.join('x')}, but ${inputs[0]} is ${images[0].shape.join('x')}`);
-    let maxLabel = 1;
-    for (const im of images) for (const x of im.labels) if (x !== 255 && x > maxLabel) maxLabel = x;
-    const classes: number = opts.classes ?? maxLabel + 1;
+    checkSameShape(images);
+    checkSameGrid(images, opts.geometryTolerance);
+    const mapped = readMasks(images, opts.mask255 as Mask255, opts.classes);
+    const foreground: number | undefined = opts.foreground;
+    const classes = resolveClasses(images, opts.classes, foreground);
     const method = opts.method as FusionMethod;
+    checkForeground(method, images, classes, foreground);
+    if (mapped.length > 0) {
+      const which = mapped.length === images.length ? 'rater maps are 0/255 masks' : `${mapped.join(', ')} ${mapped.length > 1 ? 'are 0/255 masks' : 'is a 0/255 mask'}`;
+      process.stderr.write(`note: ${which}: 255 read as foreground (1) (--mask-255 unlabelled if 255 means unlabelled)\n`);
+    }
     const result = await fuse(
       images.map((im) => im.labels),
       {
         method,
         classes,
         shape: images[0].shape,
+        ...(foreground !== undefined ? { foreground } : {}),
         ...(opts.undecided !== undefined ? { undecided: opts.undecided } : {}),
         ...(opts.window ? { window: opts.window } : {}),
         ...(opts.stride ? { stride: opts.stride } : {}),
@@ -109,7 +271,7 @@ export function registerFuseCommand(program: Command): Command {
     }
     if (opts.cms) {
       const file = path.resolve(opts.cms);
-      const report: Record<string, unknown> = { method, classes, raters: inputs };
+      const report: Record<string, unknown> = { method, classes, ...(foreground !== undefined ? { foreground } : {}), raters: inputs };
       if (result.cms) report.cms = inputs.map((_, r) => Array.from({ length: classes }, (_, i) => Array.from(result.cms!.subarray((r * classes + i) * classes, (r * classes + i + 1) * classes))));
       if (result.sensitivity) report.sensitivity = Array.from(result.sensitivity);
       if (result.specificity) report.specificity = Array.from(result.specificity);

@@ -11,13 +11,16 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { Command, InvalidArgumentError } from 'commander';
 import {
+  type BratsCase,
   type BratsNaming,
   type CropBox,
   type VolumeGeometry,
   BRATS_ENHANCING_LABEL,
   BRATS_ENHANCING_LABEL_2021,
+  BRATS_GEOMETRY_TOLERANCE_MM,
   BratsError,
   bratsCaseInFolder,
+  bratsLayoutHint,
   discoverBratsCases,
   extentOfDims,
   loadBratsCase,
@@ -52,6 +55,7 @@ interface PredictFlags {
   overlap: number;
   device?: Device;
   threads?: number;
+  geometryTolerance: number;
 }
 
 async function runPredict(flags: PredictFlags): Promise<void> {
@@ -118,7 +122,7 @@ async function predictImages2d(flags: PredictFlags, file: string, saved: Trainer
       '<image>-truth.png               the expert consensus over the input',
       '<image>-consensus.png           the predicted consensus, argmax p',
       '<image>-annotator-<name>.png    the estimated labels of that annotator, argmax A_r p',
-      `<image>-cm-<name>.png           that annotator's pixel-wise CM: an ${L}x${L} grid, tile (i, j) = p(says i | true j) per pixel (viridis, 0 dark .. 1 bright)`,
+      `<image>-cm-<name>.png           that annotator's pixel-wise CM: a ${L}x${L} grid, tile (i, j) = p(says i | true j) per pixel (viridis, 0 dark .. 1 bright)`,
       '<image>-sheet.png               row 1 input, truth, prediction; row 2 estimated annotators; row 3 their real labels',
       ...(learnsCms ? [] : [`(${saved.config.method} does not learn annotator CMs: no annotator or CM pictures, and the sheet has rows 1 and 3 only)`]),
       `annotators: ${set.annotatorNames.join(', ')}`,
@@ -175,13 +179,16 @@ function cacheCases(cacheDir: string, ids?: readonly string[]): CaseList {
 }
 
 /** Cases read from NIfTI files and preprocessed as `cmseg prepare` does (segmentations optional). */
-function folderCases(dir: string): CaseList {
-  const single = bratsCaseInFolder(dir, { requireSeg: false });
+function folderCases(dir: string, geometryTolerance: number): CaseList {
+  const single = singleCase(dir);
   let cases = single ? [single] : [];
   try {
-    if (!single) cases = discoverBratsCases(dir, { requireSeg: false });
+    if (!single) cases = discoverBratsCases(dir, { requireSeg: false, onSkipped: (note) => process.stderr.write(`note: ${note}\n`) });
   } catch (error) {
-    if (error instanceof BratsError && error.kind === 'no-cases') throw new UserError(`--data ${dir} is not a BraTS case, a BraTS folder or a cmseg cache`);
+    if (error instanceof BratsError && error.kind === 'no-cases') {
+      const hint = bratsLayoutHint(dir);
+      throw new UserError(`--data ${dir} is not a BraTS case, a BraTS folder or a cmseg cache${hint ? `: ${hint}` : ''}`);
+    }
     throw error;
   }
   const byId = new Map(cases.map((c) => [c.id, c]));
@@ -190,11 +197,28 @@ function folderCases(dir: string): CaseList {
     from: single ? `the case folder ${displayPath(dir)}` : `the BraTS folder ${displayPath(dir)}`,
     load: async (id) => {
       const c = byId.get(id)!;
-      const volume = await loadBratsCase(c);
+      // The segmentation only draws the expert picture: a bad one is no reason not to predict.
+      const onBadSeg = (error: Error) =>
+        process.stderr.write(`warning: ${oneLine(error.message)}; predicting ${id} without its segmentation (used only for the picture)\n`);
+      const volume = await loadBratsCase(c, { geometryTolerance, onBadSeg });
       const pre = preprocessBratsCase(volume);
       return { id, naming: c.naming, images: pre.images, extent: pre.extent, crop: pre.crop, original: pre.original, header: volume.header, seg: pre.seg };
     },
   };
+}
+
+/** The case `dir` is the folder of, or undefined when it holds no case's own files (a BraTS folder, perhaps with stray NIfTI files). */
+function singleCase(dir: string): BratsCase | undefined {
+  try {
+    return bratsCaseInFolder(dir, { requireSeg: false });
+  } catch (error) {
+    if (error instanceof BratsError && (error.kind === 'not-a-case' || error.kind === 'misnamed-case')) return undefined;
+    throw error;
+  }
+}
+
+function oneLine(text: string): string {
+  return text.replace(/\s*\n\s*/g, ' ');
 }
 
 function casesToPredict(flags: PredictFlags, spec: BratsDatasetSpec): CaseList {
@@ -206,7 +230,7 @@ function casesToPredict(flags: PredictFlags, spec: BratsDatasetSpec): CaseList {
   const data = path.resolve(flags.data);
   if (!fs.existsSync(data)) throw new UserError(`--data not found: ${data}`);
   if (!fs.statSync(data).isDirectory()) throw new UserError(`--data must be a folder (a case, a BraTS folder or a cache): ${data}`);
-  return fs.existsSync(cacheIndexPath(data)) ? cacheCases(data) : folderCases(data);
+  return fs.existsSync(cacheIndexPath(data)) ? cacheCases(data) : folderCases(data, flags.geometryTolerance);
 }
 
 /** Our labels 0..3 in the release's numbering: enhancing tumour is 4 in BraTS 2018-2021 files. */
@@ -337,6 +361,7 @@ export function registerPredictCommand(program: Command): Command {
     .addOption(choiceOption('--split <name>', 'which of the run\'s images or cases', ['test', 'validation', 'train']).default('test'))
     .option('--scale <n>', 'pixel enlargement of the pictures (default: about 256 pixels per picture)', parseInteger(1))
     .option('--overlap <x>', '3D: sliding-window overlap, 0 <= x < 1', parseOverlap, 0.5)
+    .option('--geometry-tolerance <mm>', "3D: how far apart a case's files may put one voxel and still count as one grid", parseNumber(0), BRATS_GEOMETRY_TOLERANCE_MM)
     .addOption(choiceOption('--device <name>', 'where the model runs (default: where it was trained; the CPU when no GPU can run it)', DEVICES))
     .option('--threads <n>', 'native threads', parseInteger(1))
     .action((flags: PredictFlags) => runPredict(flags));

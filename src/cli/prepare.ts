@@ -11,7 +11,7 @@ import * as path from 'path';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { SingleBar } from 'cli-progress';
 import type { AnnotatorKind, AnnotatorSpec, LabelMode } from '../data/annotators';
-import { discoverBratsCases } from '../data/brats';
+import { BRATS_GEOMETRY_TOLERANCE_MM, discoverBratsCases } from '../data/brats';
 import {
   BRATS_DEFAULT_ANNOTATORS,
   cacheIndexPath,
@@ -21,7 +21,7 @@ import {
   type PrepareProgress,
   prepareCache,
 } from '../data/cache';
-import { choiceOption, displayPath, parseInteger, printOutputs, UserError, withExamples } from './common';
+import { choiceOption, displayPath, parseInteger, parseNumber, printOutputs, UserError, withExamples } from './common';
 
 const ANNOTATOR_KINDS: readonly AnnotatorKind[] = ['good', 'over', 'under', 'fracture', 'wrong'];
 
@@ -58,8 +58,8 @@ export interface PrepareRun {
  */
 export async function prepareWithProgress(dataDir: string, cacheDir: string, options: Omit<PrepareCacheOptions, 'onProgress'>, output: { quiet?: boolean } = {}): Promise<PrepareRun> {
   // Discover first: a missing or empty folder is reported before the cache folder is made.
-  const total = discoverBratsCases(dataDir, { requireSeg: true }).length;
   const stream = process.stderr;
+  const total = discoverBratsCases(dataDir, { requireSeg: true, onSkipped: (note) => stream.write(`note: ${note}\n`) }).length;
   const bar = !output.quiet && stream.isTTY ? new SingleBar({ stream, format: 'prepare [{bar}] {value}/{total} cases | {id} | {eta_formatted}', barsize: 24, hideCursor: true }) : undefined;
   let interrupted = false;
   const onSigint = () => {
@@ -103,6 +103,7 @@ interface PrepareFlags {
   dtype: CacheDtype;
   seed: number;
   margin: number;
+  geometryTolerance: number;
   rebuild?: boolean;
   quiet?: boolean;
 }
@@ -124,7 +125,15 @@ async function runPrepare(flags: PrepareFlags): Promise<void> {
   const run = await prepareWithProgress(
     dataDir,
     cacheDir,
-    { annotators: flags.annotators, mode: flags.labels, dtype: flags.dtype, seed: flags.seed, margin: flags.margin, rebuild: flags.rebuild },
+    {
+      annotators: flags.annotators,
+      mode: flags.labels,
+      dtype: flags.dtype,
+      seed: flags.seed,
+      margin: flags.margin,
+      rebuild: flags.rebuild,
+      geometryTolerance: flags.geometryTolerance,
+    },
     { quiet: flags.quiet },
   );
   const outputs: [string, string][] = [
@@ -154,7 +163,7 @@ export function registerPrepareCommand(program: Command): Command {
   const command = program
     .command('prepare')
     .description('preprocess a BraTS folder once into a training cache: crop, z-score, synthetic annotators')
-    .requiredOption('--data <dir>', 'BraTS folder: one subfolder per case (2018-2021 or 2023 file names)')
+    .requiredOption('--data <dir>', 'BraTS folder: one subfolder per case (2018-2021 or 2023 file names), or HGG/ and LGG/ subfolders of cases (2018/2019)')
     .requiredOption('--out <dir>', 'cache folder (created; a cache already there is updated)')
     .addOption(
       new Option('--annotators <kinds>', `synthetic annotators, comma-separated (${ANNOTATOR_KINDS.join(', ')})`)
@@ -165,6 +174,7 @@ export function registerPrepareCommand(program: Command): Command {
     .addOption(choiceOption('--dtype <type>', 'image storage: float16 halves the disk and read traffic (relative error ~5e-4)', ['float16', 'float32']).default('float16'))
     .option('--seed <n>', 'seed of the synthetic annotators', parseInteger(0), 0)
     .option('--margin <n>', 'voxels kept around the brain when cropping', parseInteger(0), 0)
+    .option('--geometry-tolerance <mm>', "how far apart a case's files may put one voxel and still count as one grid", parseNumber(0), BRATS_GEOMETRY_TOLERANCE_MM)
     .option('--rebuild', 'prepare every case again (needed to change the settings of an existing cache)')
     .option('-q, --quiet', 'no progress output')
     .action((flags: PrepareFlags) => runPrepare(flags));

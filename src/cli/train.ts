@@ -14,7 +14,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { Command } from 'commander';
 import { writeFileAtomic } from '../data/files';
-import { BratsError, discoverBratsCases } from '../data/brats';
+import { BratsError, bratsLayoutHint, discoverBratsCases } from '../data/brats';
 import { CacheError, cacheIndexPath, readCacheIndex } from '../data/cache';
 import type { StapleFusion } from '../fusion/fuse';
 import { loadCheckpoint } from '../model/checkpoint';
@@ -195,7 +195,10 @@ async function attachBratsData(dataset: BratsDatasetSpec, flags: TrainFlags, isG
     try {
       discoverBratsCases(data, { requireSeg: true });
     } catch (error) {
-      if (error instanceof BratsError && error.kind === 'no-cases') throw new UserError(`--data ${data} is neither a cmseg cache (no index.json) nor a BraTS folder (no case subfolders with NIfTI files)`);
+      if (error instanceof BratsError && error.kind === 'no-cases') {
+        const hint = bratsLayoutHint(data);
+        throw new UserError(`--data ${data} is neither a cmseg cache (no index.json) nor a BraTS folder (no case subfolders with NIfTI files)${hint ? `; ${hint}` : ''}`);
+      }
       throw error;
     }
     cacheDir = runCacheDir(outDir);

@@ -9,8 +9,13 @@
 //
 // Labels. BraTS 2018-2021 segmentations use 0 background, 1 necrotic / non-enhancing
 // core (NCR), 2 peritumoural edema (ED), 4 enhancing tumour (ET); there is no 3. The 2023
-// release renumbered ET to 3, so its files already hold 0..3. We map 4 -> 3 in both
-// cases (a no-op for 2023), giving the classes 0..3 that SPEC section 7 uses.
+// release renumbered ET to 3, so its files already hold 0..3. We map 2018-2021's 4 to 3,
+// giving the classes 0..3 that SPEC section 7 uses. Each file must keep its release's
+// numbering: a 3 in a 2018-2021 file or a 4 in a 2023 file (BraTS 2024 post-treatment's
+// resection cavity) is an error, never merged into enhancing tumour.
+//
+// Layout of the folder: one folder per case, or (BraTS 2018/2019) one more level of
+// grouping folders, ROOT/HGG/ID/... and ROOT/LGG/ID/...
 //
 // Memory layout. A NIfTI volume stores x fastest: voxel (x, y, z) at x + nx*(y + ny*z).
 // Our tensors are C-order [C, D, H, W] with D = z, H = y, W = x, so voxel (z, y, x) of
@@ -55,6 +60,9 @@ export type BratsErrorKind =
   | 'missing-folder'
   | 'no-cases'
   | 'missing-file'
+  | 'not-a-case'
+  | 'misnamed-case'
+  | 'duplicate-case'
   | 'ambiguous-naming'
   | 'bad-dims'
   | 'mismatched-dims'
@@ -99,17 +107,58 @@ export interface BratsCase {
 export interface DiscoverOptions {
   /** Throw when a case has no segmentation (default true: training needs one). */
   requireSeg?: boolean;
+  /**
+   * Called once, with a one-line note, when entries that are not cases were skipped: NIfTI
+   * files beside the case folders, folders of other NIfTI files (say a predictions folder).
+   */
+  onSkipped?: (note: string) => void;
+}
+
+/** What a search of a data folder found: the cases, and the entries skipped (shown as "name/" or "name.nii.gz"). */
+interface Found {
+  cases: BratsCase[];
+  skipped: string[];
 }
 
 /**
- * Every case under `root` (one subfolder per case), sorted by id. Subfolders without any
- * NIfTI file are ignored; a folder with NIfTI files that do not make a complete case is
- * an error naming the case and the missing file.
+ * Every case under `root` (one subfolder per case), sorted by id. BraTS 2018/2019 group
+ * the cases one level deeper (root/HGG/ID/..., root/LGG/ID/...): a subfolder without
+ * NIfTI files of its own is searched for case folders too. Other subfolders without any
+ * NIfTI file are ignored. NIfTI files beside the case folders, and folders whose NIfTI
+ * files are not a case's (predictions written into the data folder), are skipped and
+ * reported to `onSkipped`. A folder that is a case but an incomplete one is an error
+ * naming the case and the missing file, and so is a folder of no case at all.
  */
 export function discoverBratsCases(root: string, options: DiscoverOptions = {}): BratsCase[] {
-  let entries: fs.Dirent[];
+  const found: Found = { cases: [], skipped: [] };
+  // Sorted, so that notes and errors list the same entries first on every file system.
+  for (const entry of readFolder(root).sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0))) {
+    const full = path.join(root, entry.name);
+    if (isDirectory(full)) collectCases(full, entry.name, options, found, 1);
+    else if (isNiftiName(entry.name)) found.skipped.push(entry.name);
+  }
+  if (found.cases.length === 0) {
+    const hint = bratsLayoutHint(root);
+    throw new BratsError(
+      'no-cases',
+      '',
+      root,
+      `no BraTS cases in ${root}: expected subfolders ID/ID_t1.nii.gz, ID_t1ce, ID_t2, ID_flair, ID_seg ` +
+        `(BraTS 2018-2021) or ID/ID-t1n.nii.gz, ID-t1c, ID-t2w, ID-t2f, ID-seg (BraTS 2023)` +
+        (found.skipped.length > 0 ? `; found only ${listSkipped(found.skipped)}` : '') +
+        (hint ? `; ${hint}` : ''),
+      root,
+    );
+  }
+  if (found.skipped.length > 0) options.onSkipped?.(skippedNote(root, found.skipped));
+  checkUniqueIds(found.cases);
+  found.cases.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+  return found.cases;
+}
+
+function readFolder(root: string): fs.Dirent[] {
   try {
-    entries = fs.readdirSync(root, { withFileTypes: true });
+    return fs.readdirSync(root, { withFileTypes: true });
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'ENOENT' || code === 'ENOTDIR') {
@@ -117,26 +166,48 @@ export function discoverBratsCases(root: string, options: DiscoverOptions = {}):
     }
     throw err;
   }
-  const cases: BratsCase[] = [];
-  for (const entry of entries) {
-    if (!entry.isDirectory() && !entry.isSymbolicLink()) continue;
-    const dir = path.join(root, entry.name);
-    if (!isDirectory(dir)) continue;
-    const found = bratsCaseInFolder(dir, options);
-    if (found) cases.push(found);
+}
+
+/**
+ * Adds the case in `dir` (shown as `shown`) to `found`, or skips it when its NIfTI files are
+ * not a case's; a folder without NIfTI files is searched `levels` levels deeper.
+ */
+function collectCases(dir: string, shown: string, options: DiscoverOptions, found: Found, levels: number): void {
+  try {
+    const c = bratsCaseInFolder(dir, options);
+    if (c) found.cases.push(c);
+    else if (levels > 0) {
+      for (const entry of fs.readdirSync(dir)) {
+        const sub = path.join(dir, entry);
+        if (isDirectory(sub)) collectCases(sub, `${shown}/${entry}`, options, found, levels - 1);
+      }
+    }
+  } catch (error) {
+    if (!(error instanceof BratsError && error.kind === 'not-a-case')) throw error;
+    found.skipped.push(`${shown}/`);
   }
-  if (cases.length === 0) {
-    throw new BratsError(
-      'no-cases',
-      '',
-      root,
-      `no BraTS cases in ${root}: expected subfolders ID/ID_t1.nii.gz, ID_t1ce, ID_t2, ID_flair, ID_seg ` +
-        `(BraTS 2018-2021) or ID/ID-t1n.nii.gz, ID-t1c, ID-t2w, ID-t2f, ID-seg (BraTS 2023)`,
-      root,
-    );
+}
+
+function skippedNote(root: string, skipped: readonly string[]): string {
+  const one = skipped.length === 1;
+  return `skipped ${skipped.length} ${one ? 'entry' : 'entries'} of ${root} that ${one ? 'is' : 'are'} not a BraTS case: ${listSkipped(skipped)}`;
+}
+
+/** "a/, b.nii.gz, c/ and 3 more": names enough to find them, on one line. */
+function listSkipped(skipped: readonly string[], shown = 4): string {
+  const more = skipped.length - shown;
+  return skipped.slice(0, shown).join(', ') + (more > 0 ? ` and ${more} more` : '');
+}
+
+function checkUniqueIds(cases: readonly BratsCase[]): void {
+  const seen = new Map<string, BratsCase>();
+  for (const c of cases) {
+    const other = seen.get(c.id);
+    if (other) {
+      throw new BratsError('duplicate-case', c.id, c.dir, `${other.dir} and ${c.dir} are both case ${c.id}; keep one`, c.dir);
+    }
+    seen.set(c.id, c);
   }
-  cases.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
-  return cases;
 }
 
 function isDirectory(p: string): boolean {
@@ -147,14 +218,61 @@ function isDirectory(p: string): boolean {
   }
 }
 
+function isNiftiName(name: string): boolean {
+  return /\.nii(\.gz)?$/i.test(name);
+}
+
+// Every modality suffix of both namings (longest first, so that t1ce is not read as t1).
+const MODALITY_SUFFIXES = [...new Set((Object.keys(BRATS_NAMING) as BratsNaming[]).flatMap((n) => Object.values(BRATS_NAMING[n].modalities)))].sort(
+  (a, b) => b.length - a.length,
+);
+const MODALITY_FILE = new RegExp(`^(.+)[_-](${MODALITY_SUFFIXES.join('|')})\\.nii(\\.gz)?$`, 'i');
+
+/** The case ids that the modality files among `names` belong to ("X_t1.nii.gz", "X-t2f.nii" -> X), in order. */
+function caseIdsOfFiles(names: readonly string[]): string[] {
+  const ids = names.map((name) => MODALITY_FILE.exec(name)?.[1]).filter((id): id is string => id !== undefined);
+  return [...new Set(ids)];
+}
+
+/**
+ * What to do about a folder that holds BraTS modality files itself rather than in case
+ * folders: it is one case folder (pass its parent), a case folder named otherwise than its
+ * files (rename it), or several cases' files side by side (one folder per case). Undefined
+ * when its files look like none of these.
+ */
+export function bratsLayoutHint(dir: string): string | undefined {
+  let names: string[];
+  try {
+    names = fs.readdirSync(dir).filter(isNiftiName);
+  } catch {
+    return undefined;
+  }
+  const id = path.basename(dir);
+  const ids = caseIdsOfFiles(names);
+  if (ids.length === 0) return undefined;
+  if (ids.some((other) => other.toLowerCase() === id.toLowerCase())) {
+    return `${dir} is the folder of the single case ${id}: pass the folder that holds the case folders (${path.dirname(dir)})`;
+  }
+  if (ids.length === 1) {
+    return `${dir} holds the files of case ${ids[0]} (${ids[0]}_t1.nii.gz or ${ids[0]}-t1n.nii.gz ...): a case folder must be named by its case id, so rename it ${ids[0]}`;
+  }
+  return (
+    `${dir} holds the files of ${ids.length} cases side by side (${ids.slice(0, 2).join(', ')}, ...): ` +
+    `put each case's files in a folder named by its id (${ids[0]}/${ids[0]}_t1.nii.gz ...)`
+  );
+}
+
 /**
  * The case stored in one folder (named by its id), or undefined when the folder holds no
  * NIfTI files at all. Names are matched case-insensitively; .nii.gz wins over .nii.
+ * NIfTI files none of which is a modality named by the folder's id are a BratsError:
+ * kind 'misnamed-case' when they are another case's modalities (the folder is a case under
+ * the wrong name, or several cases' files), else 'not-a-case' (other files, say predictions).
  */
 export function bratsCaseInFolder(dir: string, options: DiscoverOptions = {}): BratsCase | undefined {
   const requireSeg = options.requireSeg ?? true;
   const id = path.basename(dir);
-  const files = fs.readdirSync(dir).filter((name) => /\.nii(\.gz)?$/i.test(name));
+  const files = fs.readdirSync(dir).filter(isNiftiName);
   if (files.length === 0) return undefined;
   const byLowerName = new Map(files.map((name) => [name.toLowerCase(), name]));
   const lookup = (naming: BratsNaming, suffix: string): string | undefined => {
@@ -173,12 +291,12 @@ export function bratsCaseInFolder(dir: string, options: DiscoverOptions = {}): B
   const old = matches('2021');
   const recent = matches('2023');
   if (old.count === 0 && recent.count === 0) {
+    const hint = bratsLayoutHint(dir);
     throw new BratsError(
-      'missing-file',
+      hint ? 'misnamed-case' : 'not-a-case',
       id,
       dir,
-      `no modality files named ${id}_t1.nii.gz (BraTS 2018-2021) or ${id}-t1n.nii.gz (BraTS 2023) in ${dir}; ` +
-        `found ${files.join(', ')}`,
+      hint ?? `no modality files named ${id}_t1.nii.gz (BraTS 2018-2021) or ${id}-t1n.nii.gz (BraTS 2023) in ${dir}; found ${listSkipped(files)}`,
       files,
     );
   }
@@ -240,16 +358,36 @@ export interface BratsVolume extends VolumeGeometry {
   header: NiftiHeader;
 }
 
-// Affines written by different tools for the same grid differ in the last float32 bits.
-const AFFINE_TOLERANCE_MM = 1e-3;
+/**
+ * How far apart (mm) two files of a case may put the same voxel and still count as one
+ * grid. Tools writing the same grid disagree in the last float32 bits (~1e-5 mm), and a
+ * re-saved segmentation can be off by a few hundredths of a mm; a real misregistration is
+ * a voxel or more. BraTS voxels are 1 mm, so a tenth of a mm changes no voxel's tissue.
+ */
+export const BRATS_GEOMETRY_TOLERANCE_MM = 0.1;
+
+export interface LoadOptions {
+  /** Largest distance in mm between where two files of the case put one voxel (default BRATS_GEOMETRY_TOLERANCE_MM). */
+  geometryTolerance?: number;
+  /**
+   * When given, a segmentation that cannot be used (unreadable, on another grid, labels
+   * outside its release's) is handed to this function and left out instead of failing the
+   * case: for prediction, which needs the images only.
+   */
+  onBadSeg?: (error: Error) => void;
+}
 
 /** Reads a case's files and checks that they share one voxel grid. Throws BratsError. */
-export async function loadBratsCase(c: BratsCase): Promise<BratsVolume> {
-  const files = bratsCaseFiles(c);
-  const volumes = await Promise.all(files.map((file) => readNifti(file)));
+export async function loadBratsCase(c: BratsCase, options: LoadOptions = {}): Promise<BratsVolume> {
+  const tolerance = options.geometryTolerance ?? BRATS_GEOMETRY_TOLERANCE_MM;
+  if (!(tolerance >= 0)) throw new RangeError(`geometryTolerance ${tolerance} must be a number of mm >= 0`);
+  // Read the segmentation alongside the images; its failure is only seen (and judged) below.
+  const segRead = c.seg ? readNifti(c.seg) : undefined;
+  segRead?.catch(() => undefined);
+  const volumes = await Promise.all(c.images.map((file) => readNifti(file)));
   const reference = volumes[0];
   const dims = spatialDims(c.id, reference);
-  for (let k = 1; k < volumes.length; k++) checkSameGrid(c.id, reference, volumes[k]);
+  for (let k = 1; k < volumes.length; k++) checkSameGrid(c.id, reference, volumes[k], tolerance);
   const voxels = dims[0] * dims[1] * dims[2];
   const images = new Float32Array(BRATS_CHANNELS * voxels);
   for (let ch = 0; ch < BRATS_CHANNELS; ch++) {
@@ -269,7 +407,16 @@ export async function loadBratsCase(c: BratsCase): Promise<BratsVolume> {
     images,
     header: reference.header,
   };
-  if (c.seg) result.seg = mapBratsLabels(volumes[BRATS_CHANNELS].data, c.id, c.seg);
+  if (c.seg && segRead) {
+    try {
+      const seg = await segRead;
+      checkSameGrid(c.id, reference, seg, tolerance);
+      result.seg = mapBratsLabels(seg.data, c.id, c.seg, c.naming);
+    } catch (error) {
+      if (!options.onBadSeg || !(error instanceof Error)) throw error;
+      options.onBadSeg(error);
+    }
+  }
   return result;
 }
 
@@ -280,7 +427,30 @@ function spatialDims(id: string, volume: NiftiVolume): Vec3 {
   return [volume.dims[0], volume.dims[1], volume.dims[2]];
 }
 
-function checkSameGrid(id: string, reference: NiftiVolume, other: NiftiVolume): void {
+/** A file with neither qform nor sform has no world geometry, only the Analyze fallback affine. */
+function hasOrientation(volume: NiftiVolume): boolean {
+  return volume.header.qformCode > 0 || volume.header.sformCode > 0;
+}
+
+/**
+ * The largest distance (mm) between where two affines put one voxel of a grid of `dims`:
+ * the distance is linear in the voxel index, so its maximum is at a corner of the grid.
+ */
+export function gridDistance(a: Matrix4, b: Matrix4, dims: readonly number[]): number {
+  let worst = 0;
+  for (let corner = 0; corner < 8; corner++) {
+    const v = [0, 1, 2].map((axis) => ((corner >> axis) & 1 ? dims[axis] - 1 : 0));
+    let squares = 0;
+    for (let r = 0; r < 3; r++) {
+      const d = (a[r][0] - b[r][0]) * v[0] + (a[r][1] - b[r][1]) * v[1] + (a[r][2] - b[r][2]) * v[2] + (a[r][3] - b[r][3]);
+      squares += d * d;
+    }
+    worst = Math.max(worst, Math.sqrt(squares));
+  }
+  return worst;
+}
+
+function checkSameGrid(id: string, reference: NiftiVolume, other: NiftiVolume, toleranceMm: number): void {
   const dims = spatialDims(id, other);
   if (dims.some((n, axis) => n !== reference.dims[axis])) {
     throw new BratsError(
@@ -291,38 +461,90 @@ function checkSameGrid(id: string, reference: NiftiVolume, other: NiftiVolume): 
       dims,
     );
   }
+  // Without an orientation there is nothing to compare: same dims can only mean the same grid.
+  if (!hasOrientation(reference) || !hasOrientation(other)) return;
+  const distance = gridDistance(reference.affine, other.affine, dims);
+  if (distance <= toleranceMm) return;
+  let worst = [0, 0];
   for (let r = 0; r < 3; r++) {
     for (let col = 0; col < 4; col++) {
-      const a = reference.affine[r][col];
-      const b = other.affine[r][col];
-      if (!(Math.abs(a - b) <= AFFINE_TOLERANCE_MM * Math.max(1, Math.abs(a)))) {
-        throw new BratsError(
-          'mismatched-affine',
-          id,
-          other.path,
-          `${other.path} has affine[${r}][${col}] = ${b} but ${reference.path} has ${a}: the modalities are not on one grid`,
-          other.affine,
-        );
-      }
+      const gap = Math.abs(reference.affine[r][col] - other.affine[r][col]);
+      if (gap > Math.abs(reference.affine[worst[0]][worst[1]] - other.affine[worst[0]][worst[1]])) worst = [r, col];
     }
   }
+  const [r, col] = worst;
+  throw new BratsError(
+    'mismatched-affine',
+    id,
+    other.path,
+    `${other.path} has affine[${r}][${col}] = ${other.affine[r][col]} but ${reference.path} has ${reference.affine[r][col]}: ` +
+      `they put a voxel up to ${formatMm(distance)} mm apart, more than the tolerance of ${toleranceMm} mm, so the files are not on one grid ` +
+      `(if they are meant to be, allow it with --geometry-tolerance <mm> of cmseg prepare or predict)`,
+    other.affine,
+  );
+}
+
+function formatMm(mm: number): string {
+  return mm >= 0.01 ? mm.toFixed(2) : mm.toPrecision(2);
 }
 
 /**
- * BraTS labels to our classes 0..3: 0, 1, 2 unchanged, 4 (2018-2021 ET) -> 3, 3 (2023 ET)
- * kept. Any other value (or a non-integer) is an error naming the file and voxel.
+ * BraTS labels to our classes 0..3: 0, 1, 2 unchanged, enhancing tumour to 3. Which labels a
+ * file may hold depends on its release (`naming`): 2018-2021 files have ET = 4 and no 3;
+ * 2023 files have ET = 3, and a 4 there is some other structure (BraTS 2024
+ * post-treatment: the resection cavity) that must not be trained as tumour. Without a
+ * naming, 3 and 4 are both read as ET unless a file holds both. Any other value (or a
+ * non-integer) is an error naming the file and voxel.
  */
-export function mapBratsLabels(values: ArrayLike<number>, caseId: string, filePath: string): Uint8Array {
+export function mapBratsLabels(values: ArrayLike<number>, caseId: string, filePath: string, naming?: BratsNaming): Uint8Array {
   const out = new Uint8Array(values.length);
+  let first3 = -1;
+  let first4 = -1;
   for (let i = 0; i < values.length; i++) {
     const v = values[i];
-    if (v === 0 || v === 1 || v === 2 || v === 3) out[i] = v;
-    else if (v === BRATS_ENHANCING_LABEL_2021) out[i] = BRATS_ENHANCING_LABEL;
-    else {
-      throw new BratsError('bad-label', caseId, filePath, `label ${v} at voxel ${i} of ${filePath} is not a BraTS label (0, 1, 2, 3, 4)`, v);
+    if (v === 0 || v === 1 || v === 2) out[i] = v;
+    else if (v === BRATS_ENHANCING_LABEL) {
+      out[i] = BRATS_ENHANCING_LABEL;
+      if (first3 < 0) first3 = i;
+    } else if (v === BRATS_ENHANCING_LABEL_2021) {
+      out[i] = BRATS_ENHANCING_LABEL;
+      if (first4 < 0) first4 = i;
+    } else {
+      const allowed = naming === '2021' ? '0, 1, 2, 4 in BraTS 2018-2021 files' : naming === '2023' ? '0, 1, 2, 3 in BraTS 2023 files' : '0, 1, 2, 3, 4';
+      throw new BratsError('bad-label', caseId, filePath, `label ${v} at voxel ${i} of ${filePath} is not a BraTS label (${allowed})`, v);
     }
   }
+  const where = (label: number, first: number) => `label ${label} at voxel ${first} of ${filePath} (${countOf(values, label)} voxels)`;
+  if (naming === '2023' && first4 >= 0) {
+    throw new BratsError(
+      'bad-label',
+      caseId,
+      filePath,
+      `${where(4, first4)} is not a BraTS 2023 label: files with 2023 names (ID-seg.nii.gz) use 1 necrotic core (NCR), 2 edema (ED), ` +
+        `3 enhancing tumour (ET), so a 4 is something else (BraTS 2024 post-treatment: resection cavity) that cmseg does not train; relabel it or leave the case out`,
+      4,
+    );
+  }
+  if (naming === '2021' && first3 >= 0) {
+    throw new BratsError(
+      'bad-label',
+      caseId,
+      filePath,
+      `${where(3, first3)} is not a BraTS 2018-2021 label: files with 2018-2021 names (ID_seg.nii.gz) use 1 necrotic core (NCR), 2 edema (ED), ` +
+        `4 enhancing tumour (ET) and no 3, which would be merged into ET; if this file numbers ET 3 (the 2023 convention), give the case 2023 names (ID-t1n ... ID-seg)`,
+      3,
+    );
+  }
+  if (naming === undefined && first3 >= 0 && first4 >= 0) {
+    throw new BratsError('bad-label', caseId, filePath, `${filePath} holds both 3 and 4 (${where(4, first4)}): enhancing tumour is one of them, never both`, 4);
+  }
   return out;
+}
+
+function countOf(values: ArrayLike<number>, label: number): number {
+  let n = 0;
+  for (let i = 0; i < values.length; i++) if (values[i] === label) n++;
+  return n;
 }
 
 // ---------------------------------------------------------------------------

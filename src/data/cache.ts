@@ -840,6 +840,11 @@ export interface PrepareCacheOptions {
   maxLocations?: number;
   /** Process every case again; needed to reuse a cache folder with different settings. */
   rebuild?: boolean;
+  /**
+   * How far apart (mm) a case's files may put one voxel (default BRATS_GEOMETRY_TOLERANCE_MM).
+   * Not a cache setting: it only decides which cases are accepted, never what is stored.
+   */
+  geometryTolerance?: number;
   /** Called after every case (prepared or skipped), once the case and the index are on disk. */
   onProgress?: (progress: PrepareProgress) => void | Promise<void>;
 }
@@ -1032,7 +1037,7 @@ export async function prepareCache(dataDir: string, cacheDir: string, options: P
       if (upToDate(cacheDir, existing, sources)) {
         skipped.push(c.id);
       } else {
-        const volume = await loadBratsCase(c);
+        const volume = await loadBratsCase(c, { geometryTolerance: options.geometryTolerance });
         const pre = preprocessBratsCase(volume, { margin: settings.margin });
         const { bytes, header } = encodeCaseFile(cacheContentFor(pre, settings, volume.header), settings.dtype, settings.maxLocations);
         const file = path.posix.join(CASES_FOLDER, `${c.id}.bin`);

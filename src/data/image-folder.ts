@@ -74,7 +74,8 @@ function subfolders(folder: string): string[] {
     .sort();
 }
 
-function resolveMapping(mapping: LabelMapping, classes: number): 'value' | 'binary' {
+/** The mapping a folder of `classes` classes is read with ('auto': 'binary' for 2 classes). Also used by `cmseg fuse`. */
+export function resolveMapping(mapping: LabelMapping, classes: number): 'value' | 'binary' {
   if (mapping === 'auto') return classes === 2 ? 'binary' : 'value';
   if (mapping === 'binary' && classes !== 2) {
     throw new ImageFolderError(`labelMapping 'binary' needs classes = 2, got classes = ${classes}`);
@@ -113,8 +114,8 @@ function imageIntensities(png: DecodedPng, channels: 1 | 3, out: Float32Array): 
   }
 }
 
-/** Label values from a label PNG: gray (alpha ignored), palette indices, or RGB with R = G = B. */
-function labelValues(png: DecodedPng, file: string, mapping: 'value' | 'binary', out: Uint8Array): void {
+/** Label values from a label PNG: gray (alpha ignored), palette indices, or RGB with R = G = B. Also used by `cmseg fuse`. */
+export function labelValues(png: DecodedPng, file: string, mapping: 'value' | 'binary', out: Uint8Array): void {
   const pixels = png.width * png.height;
   const stride = png.colorType === PngColorType.Palette ? 1 : png.channels;
   const samples = png.samples;

@@ -10,6 +10,13 @@ export interface FormatOptions {
   annotatorNames?: readonly string[];
   /** Decimal places, default 4. */
   digits?: number;
+  /** What was scored: 'image' or 'volume'; default 'volume' for a summary of whole volumes (one with perCase), else 'image'. */
+  unit?: 'image' | 'volume';
+}
+
+/** "1 volume", "3 volumes". */
+function countOf(n: number, unit: string): string {
+  return `${n} ${unit}${n === 1 ? '' : 's'}`;
 }
 
 /** "0.8123 ± 0.0456"; "n/a" when there was nothing to average. */
@@ -41,7 +48,9 @@ export function formatSegmentationReport(report: SegmentationReport, options: Fo
   rows.push(['Total Dice', formatMeanStd(report.totalDice, digits)]);
   if (report.ged) rows.push(['GED', formatMeanStd(report.ged, digits)]);
   if (report.cmError) rows.push(['CM estimation error (RMSE)', formatMeanStd(report.cmError, digits)]);
-  const parts = [`${report.images} images`, '', markdownTable(['metric', 'value'], rows)];
+  // Summaries of BraTS volumes (EvaluationSummary) come here as reports; their perCase says they count volumes.
+  const unit = options.unit ?? ((report as { perCase?: unknown }).perCase !== undefined ? 'volume' : 'image');
+  const parts = [countOf(report.images, unit), '', markdownTable(['metric', 'value'], rows)];
   const R = report.reliability?.length ?? report.incompetence?.length ?? 0;
   if (R > 0) {
     const annotatorName = (r: number) => options.annotatorNames?.[r] ?? `annotator ${r}`;
@@ -66,5 +75,5 @@ export function formatBratsReport(report: BratsDiceReport, digits = 4): string {
     ['edema (2)', formatMeanStd(report.classes.edema, digits)],
     ['enhancing (3)', formatMeanStd(report.classes.enhancing, digits)],
   ];
-  return [`${report.images} volumes`, '', markdownTable(['Dice', 'value'], rows)].join('\n');
+  return [countOf(report.images, 'volume'), '', markdownTable(['Dice', 'value'], rows)].join('\n');
 }

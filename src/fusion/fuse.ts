@@ -11,7 +11,7 @@ export interface FuseOptions {
   method: FusionMethod;
   /** Classes L (labels 0..L-1; 255 = unlabelled). Default 2. */
   classes?: number;
-  /** Spatial shape [H, W] or [D, H, W]; needed by spatial STAPLE. */
+  /** Spatial shape [H, W] or [D, H, W] (C order); spatial STAPLE needs it (the other methods see a flat list of voxels). */
   shape?: number[];
   /** Label for ties (mode, STAPLE posteriors); -1 (default) = the lowest tied class. */
   undecided?: number;
@@ -20,7 +20,11 @@ export interface FuseOptions {
   maxIterations?: number;
   /** Binary STAPLE: the foreground prior; multi-label: the class prior [L]. Default: from the labels. */
   prior?: number | number[];
-  /** Binary STAPLE: the label treated as foreground (default 1). */
+  /**
+   * Binary STAPLE: the label treated as foreground, every other label (255 aside) background.
+   * Default 1, and required when classes > 2 so that multi-label maps do not silently lose
+   * their other classes. Only method 'staple' takes it.
+   */
   foreground?: number;
   /** Spatial STAPLE: window edge and stride in pixels, and the weight of the whole-image CM. */
   window?: number;

@@ -1,6 +1,9 @@
 // Addon entry point: registers the exported classes and functions.
 #include <napi.h>
 
+#include <cmath>
+#include <string>
+
 #include "args.h"
 #include "cmseg/backend.hpp"
 #include "cmseg/peak.hpp"
@@ -41,10 +44,12 @@ Napi::Value BackendInfo(const Napi::CallbackInfo& info) {
 
 Napi::Value SetNumThreads(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (!info[0].IsNumber()) throw_invalid(env, "setNumThreads expects a positive integer");
-  const int n = info[0].As<Napi::Number>().Int32Value();
-  if (n < 1 || n > 1024) throw_invalid(env, "setNumThreads expects 1..1024, got " + std::to_string(n));
-  cmseg::set_num_threads(n);
+  const std::string range = "an integer in 1.." + std::to_string(cmseg::kMaxThreads);
+  if (!info[0].IsNumber()) throw_invalid(env, "setNumThreads expects " + range);
+  const double d = info[0].As<Napi::Number>().DoubleValue();
+  if (!(d >= 1 && d <= cmseg::kMaxThreads && d == std::floor(d)))
+    throw_invalid(env, "setNumThreads expects " + range + ", got " + number_text(d));
+  cmseg::set_num_threads((int)d);  // may start fewer when the system refuses threads: see backendInfo().threads
   return env.Undefined();
 }
 

@@ -1,6 +1,10 @@
 #include "args.h"
 
+#include <cfloat>
+#include <climits>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <new>
 
 #include "cmseg/error.hpp"
@@ -51,10 +55,27 @@ double get_number(Napi::Env env, const Napi::Object& o, const char* key, double 
   return v.As<Napi::Number>().DoubleValue();
 }
 
+std::string number_text(double d) {
+  char buf[64];
+  for (int precision = 1; precision <= 17; ++precision) {  // the shortest text that reads back as d, as JS prints it
+    std::snprintf(buf, sizeof buf, "%.*g", precision, d);
+    if (std::strtod(buf, nullptr) == d) break;
+  }
+  return buf;
+}
+
+float get_float(Napi::Env env, const Napi::Object& o, const char* key, float fallback, const char* what) {
+  const double d = get_number(env, o, key, fallback, what);
+  if (std::fabs(d) > (double)FLT_MAX)
+    throw_invalid(env, std::string(what) + "." + key + " is " + number_text(d) +
+                           ", outside the float range (|x| <= 3.4e38)");
+  return (float)d;
+}
+
 int get_int(Napi::Env env, const Napi::Object& o, const char* key, int fallback, const char* what) {
   const double d = get_number(env, o, key, fallback, what);
   if (d != std::floor(d) || std::fabs(d) > 2147483647.0)
-    throw_invalid(env, std::string(what) + "." + key + " must be an integer, got " + std::to_string(d));
+    throw_invalid(env, std::string(what) + "." + key + " must be an integer, got " + number_text(d));
   return (int)d;
 }
 
@@ -93,8 +114,11 @@ std::vector<int64_t> expect_int_array(Napi::Env env, const Napi::Value& v, const
   for (uint32_t i = 0; i < a.Length(); ++i) {
     Napi::Value e = a.Get(i);
     const double d = e.IsNumber() ? e.As<Napi::Number>().DoubleValue() : NAN;
+    const std::string at = std::string(what) + "[" + std::to_string(i) + "]";
     if (!std::isfinite(d) || d != std::floor(d) || d < 0)
-      throw_invalid(env, std::string(what) + "[" + std::to_string(i) + "] must be a non-negative integer");
+      throw_invalid(env, at + " must be a non-negative integer" + (e.IsNumber() ? ", got " + number_text(d) : ""));
+    if (d > (double)INT_MAX)
+      throw_invalid(env, at + " is " + number_text(d) + ", more than the largest supported size 2147483647 (2^31 - 1)");
     out.push_back((int64_t)d);
   }
   return out;

@@ -21,6 +21,8 @@ void check_keys(Napi::Env env, const Napi::Object& obj, const char* what, std::i
 
 Napi::Object expect_object(Napi::Env env, const Napi::Value& v, const char* what);
 double get_number(Napi::Env env, const Napi::Object& o, const char* key, double fallback, const char* what);
+// A number that fits a float (finite, |x| <= FLT_MAX), checked before the cast.
+float get_float(Napi::Env env, const Napi::Object& o, const char* key, float fallback, const char* what);
 int get_int(Napi::Env env, const Napi::Object& o, const char* key, int fallback, const char* what);
 std::string get_string(Napi::Env env, const Napi::Object& o, const char* key, const std::string& fallback,
                        const char* what);
@@ -29,8 +31,11 @@ std::string get_string(Napi::Env env, const Napi::Object& o, const char* key, co
 Napi::Float32Array expect_f32(Napi::Env env, const Napi::Value& v, const char* what, int64_t length = -1);
 Napi::Uint8Array expect_u8(Napi::Env env, const Napi::Value& v, const char* what, int64_t length = -1);
 
-// A JS array of integers, e.g. a shape.
+// A JS array of integers in 0..INT_MAX (2^31 - 1), e.g. a shape.
 std::vector<int64_t> expect_int_array(Napi::Env env, const Napi::Value& v, const char* what);
+
+// d as its shortest round-trip text (1.5, 1e+40, 4294967304).
+std::string number_text(double d);
 
 // Maps a C++ exception to the message the JS Error carries.
 std::string describe_exception(std::exception_ptr e);

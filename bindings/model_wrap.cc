@@ -4,8 +4,15 @@
 #include "model_wrap.h"
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <memory>
+#include <array>
+#if !defined(_WIN32)
+#include <unistd.h>
+#endif
 
 #include "args.h"
 #include "promise_worker.h"
@@ -89,11 +96,68 @@ ImageArgs parse_images(Napi::Env env, const cmseg::ModelConfig& c, const Napi::V
   ImageArgs a;
   a.n = (int)shape[0];
   if (a.n < 1) throw_invalid(env, "shape[0] (batch size) must be >= 1");
+  double elements = 1;  // entries are <= INT_MAX each, but their product may still overflow int64
+  for (int64_t e : shape) elements *= (double)e;
+  if (elements > 9007199254740992.0)
+    throw_invalid(env, "shape describes " + std::to_string(elements) + " elements, more than 2^53");
   if (c.ndim == 3)
     a.s = {(int)shape[2], (int)shape[3], (int)shape[4]};
   else
     a.s = {1, (int)shape[2], (int)shape[3]};
   a.images = expect_f32(env, images, "images", (int64_t)a.n * c.in_channels * a.s.size());
+  return a;
+}
+
+// A prediction output allocated natively (calloc: no exception, no V8 abort when it
+// cannot be had), handed to JS as an external ArrayBuffer that frees it.
+struct HostBuffer {
+  float* data = nullptr;
+  size_t count = 0;
+  HostBuffer() = default;
+  HostBuffer(const HostBuffer&) = delete;
+  HostBuffer& operator=(const HostBuffer&) = delete;
+  ~HostBuffer() { std::free(data); }
+};
+
+// The most elements one Float32Array holds in Node 18-20 (v8::TypedArray::kMaxLength);
+// V8 aborts the process instead of throwing past it.
+constexpr double kMaxTypedArrayLength = 4294967296.0;
+
+std::string gib_text(double bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, bytes < 0.1 * 1073741824.0 ? "%.3f" : "%.1f", bytes / 1073741824.0);
+  return std::string(buf) + " GiB";
+}
+
+double physical_memory_bytes() {
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGESIZE)
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  if (pages > 0 && page > 0) return (double)pages * (double)page;
+#endif
+  return 0;  // unknown: only the allocation itself can tell
+}
+
+[[noreturn]] void throw_error(Napi::Env env, const std::string& message, const char* code) {
+  Napi::Error err = Napi::Error::New(env, message);
+  err.Set("code", Napi::String::New(env, code));
+  throw err;
+}
+
+// Wraps b's memory as a Float32Array that owns it (b gives it up). Runtimes that
+// forbid external buffers (Electron's sandbox) get a copy instead.
+Napi::Float32Array adopt(Napi::Env env, HostBuffer& b) {
+  const size_t bytes = b.count * sizeof(float);
+  try {
+    Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, b.data, bytes, [](Napi::Env, void* d) { std::free(d); });
+    b.data = nullptr;  // the ArrayBuffer owns it now
+    return Napi::Float32Array::New(env, b.count, ab, 0);
+  } catch (const Napi::Error&) {
+    if (!b.data) throw;
+  }
+  Napi::Float32Array a = Napi::Float32Array::New(env, b.count);
+  std::memcpy(a.Data(), b.data, bytes);
+  std::free(b.data);
+  b.data = nullptr;
   return a;
 }
 
@@ -130,25 +194,78 @@ Napi::Function ModelWrap::Define(Napi::Env env) {
                       InstanceMethod("setLoss", &ModelWrap::SetLoss),
                       InstanceMethod("config", &ModelWrap::Config),
                       InstanceMethod("memory", &ModelWrap::Memory),
-                      InstanceMethod("resetPeakMemory", &ModelWrap::ResetPeakMemory)});
+                      InstanceMethod("resetPeakMemory", &ModelWrap::ResetPeakMemory),
+                      InstanceMethod("dispose", &ModelWrap::Dispose)});
 }
 
 ModelWrap::ModelWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<ModelWrap>(info) {
   Napi::Env env = info.Env();
   cmseg::ModelConfig c = parse_config(env, info[0]);
   model_ = guard(env, [&] { return std::make_unique<cmseg::Model>(c); });
+  // Tell V8 about the native heap (parameters, gradients and Adam moments, 16 bytes
+  // per parameter) so that dropped models are collected before memory runs short.
+  env_ = env;
+  for (const cmseg::Param& p : model_->param_layout())
+    external_bytes_ += (int64_t)(p.value.capacity() + p.grad.capacity() + p.m.capacity() + p.v.capacity()) * sizeof(float);
+  if (external_bytes_ > 0) Napi::MemoryManagement::AdjustExternalMemory(env, external_bytes_);
 }
 
-void ModelWrap::check_idle(Napi::Env env) const {
+ModelWrap::~ModelWrap() { release_model(); }
+
+void ModelWrap::release_model() {
+  model_.reset();  // frees host and GPU memory
+  if (external_bytes_ > 0 && env_) {
+    try {
+      Napi::MemoryManagement::AdjustExternalMemory(Napi::Env(env_), -external_bytes_);
+    } catch (...) {
+      // Env teardown: nothing left to report to.
+    }
+  }
+  external_bytes_ = 0;
+}
+
+cmseg::Model& ModelWrap::live(Napi::Env env) const {
+  if (!model_) throw_error(env, "this model was disposed", "CMSEG_DISPOSED");
+  return *model_;
+}
+
+cmseg::Model& ModelWrap::idle(Napi::Env env) const {
+  cmseg::Model& m = live(env);
   if (busy_) throw_invalid(env, "model is busy with an earlier trainStep/predict: await it before calling again");
+  return m;
+}
+
+// Frees the native model now (the garbage collector would do it later). Refused
+// while an async call runs on it; a second call does nothing. Every other method
+// throws "this model was disposed" afterwards.
+Napi::Value ModelWrap::Dispose(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!model_) return env.Undefined();
+  if (busy_) throw_invalid(env, "model is busy with an earlier trainStep/predict: await it before calling dispose()");
+  release_model();
+  return env.Undefined();
 }
 
 Napi::Value ModelWrap::RunBatch(const Napi::CallbackInfo& info, Mode mode) {
   Napi::Env env = info.Env();
-  check_idle(env);
-  const cmseg::ModelConfig& c = model_->config();
+  cmseg::Model* model = &idle(env);
+  const cmseg::ModelConfig& c = model->config();
   Napi::Object o = expect_object(env, info[0], "batch");
   check_keys(env, o, "batch", {"images", "shape", "labels", "present", "target", "softTarget"});
+  // Exactly one of labels (CM loss), target and softTarget (plain CE) says what to fit.
+  {
+    std::vector<std::string> given;
+    for (const char* k : {"labels", "target", "softTarget"})
+      if (!o.Get(k).IsUndefined()) given.push_back(k);
+    if (given.size() > 1) {
+      std::string list;
+      for (size_t i = 0; i < given.size(); ++i)
+        list += (i == 0 ? "" : i + 1 == given.size() ? " and " : ", ") + given[i];
+      throw_invalid(env, "batch has both " + list +
+                             "; pass only one of labels (annotator maps, CM loss), target (one label map) or "
+                             "softTarget (soft labels)");
+    }
+  }
   ImageArgs im = parse_images(env, c, o.Get("images"), o.Get("shape"));
   const int64_t NV = (int64_t)im.n * im.s.size();
   auto batch = std::make_shared<cmseg::Batch>();
@@ -177,12 +294,15 @@ Napi::Value ModelWrap::RunBatch(const Napi::CallbackInfo& info, Mode mode) {
     }
     if (!o.Get("present").IsUndefined()) {
       Napi::Uint8Array p = expect_u8(env, o.Get("present"), "batch.present", (int64_t)im.n * c.annotators);
+      for (size_t k = 0; k < p.ElementLength(); ++k)
+        if (p[k] > 1)
+          throw_invalid(env, "batch.present[" + std::to_string(k) + "] is " + std::to_string(p[k]) +
+                                 "; entries must be 0 (annotator absent) or 1 (present)");
       batch->present = p.Data();
       keep.push_back(p);
     }
   }
   auto result = std::make_shared<cmseg::StepResult>();
-  cmseg::Model* model = model_.get();
   auto* w = new PromiseWorker(
       env, &busy_,
       [=] {
@@ -207,45 +327,61 @@ Napi::Value ModelWrap::Evaluate(const Napi::CallbackInfo& info) { return RunBatc
 
 Napi::Value ModelWrap::Predict(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  check_idle(env);
-  const cmseg::ModelConfig& c = model_->config();
+  cmseg::Model* model = &idle(env);
+  const cmseg::ModelConfig& c = model->config();
   ImageArgs im = parse_images(env, c, info[0], info[1]);
   bool want_cms = false, want_q = false;
   if (info.Length() > 2 && !info[2].IsUndefined()) {
     Napi::Object opts = expect_object(env, info[2], "predict options");
     check_keys(env, opts, "predict options", {"cms", "annotatorProbs"});
-    want_cms = opts.Get("cms").ToBoolean();
-    want_q = opts.Get("annotatorProbs").ToBoolean();
+    auto flag = [&](const char* key) {
+      Napi::Value f = opts.Get(key);
+      if (f.IsUndefined()) return false;
+      if (!f.IsBoolean()) throw_invalid(env, std::string("predict options.") + key + " must be a boolean");
+      return f.As<Napi::Boolean>().Value();
+    };
+    want_cms = flag("cms");
+    want_q = flag("annotatorProbs");
   }
-  const int64_t V = im.s.size(), n = im.n, L = c.classes, R = c.annotators;
-  Napi::Float32Array probs, cms, q;
-  try {
-    probs = Napi::Float32Array::New(env, n * L * V);
-    if (want_cms) cms = Napi::Float32Array::New(env, n * R * L * L * V);
-    if (want_q) q = Napi::Float32Array::New(env, n * R * L * V);
-  } catch (const Napi::Error&) {
-    throw_invalid(env, "out of memory allocating the prediction outputs (" + std::to_string(n) + " images of " +
-                           std::to_string(V) + " voxels); predict fewer images or without cms");
+  // Sizes in double: n * R * L * L * V can pass int64 for absurd requests.
+  const double V = (double)im.s.size(), n = im.n, L = c.classes, R = c.annotators;
+  const double counts[3] = {n * L * V, want_cms ? n * R * L * L * V : 0, want_q ? n * R * L * V : 0};
+  const char* names[3] = {"probs", "cms", "annotatorProbs"};
+  const double total_bytes = (counts[0] + counts[1] + counts[2]) * sizeof(float);
+  const std::string advice = "; predict fewer or smaller images at a time" +
+                             std::string(want_cms || want_q ? ", or without cms / annotatorProbs" : "");
+  const double ram = physical_memory_bytes();
+  const std::string oom = "out of memory allocating the prediction outputs (" + gib_text(total_bytes) + ")";
+  if (ram > 0 && total_bytes > ram)
+    throw_error(env, oom + ": this machine has " + gib_text(ram) + " of memory" + advice, "CMSEG_OUT_OF_MEMORY");
+  for (int k = 0; k < 3; ++k)
+    if (counts[k] > kMaxTypedArrayLength)
+      throw_error(env,
+                  "the prediction output " + std::string(names[k]) + " would have " + std::to_string((int64_t)counts[k]) +
+                      " elements (" + gib_text(counts[k] * sizeof(float)) +
+                      "), more than one Float32Array can hold (2^32)" + advice,
+                  "CMSEG_OUT_OF_MEMORY");
+  auto out = std::make_shared<std::array<HostBuffer, 3>>();
+  for (int k = 0; k < 3; ++k) {
+    if (counts[k] == 0) continue;
+    HostBuffer& b = (*out)[k];
+    b.count = (size_t)counts[k];
+    b.data = static_cast<float*>(std::calloc(b.count, sizeof(float)));
+    if (!b.data) throw_error(env, oom + advice, "CMSEG_OUT_OF_MEMORY");  // `out` frees the others
   }
-  float* pp = probs.Data();
-  float* cp = want_cms ? cms.Data() : nullptr;
-  float* qp = want_q ? q.Data() : nullptr;
+  float* pp = (*out)[0].data;
+  float* cp = (*out)[1].data;
+  float* qp = (*out)[2].data;
   const float* img = im.images.Data();
-  cmseg::Model* model = model_.get();
   const cmseg::Spatial s = im.s;
   const int nn = im.n;
-  auto probs_ref = std::make_shared<Napi::Reference<Napi::Float32Array>>(Napi::Persistent(probs));
-  auto cms_ref = std::make_shared<Napi::Reference<Napi::Float32Array>>();
-  auto q_ref = std::make_shared<Napi::Reference<Napi::Float32Array>>();
-  if (want_cms) *cms_ref = Napi::Persistent(cms);
-  if (want_q) *q_ref = Napi::Persistent(q);
   auto* w = new PromiseWorker(
       env, &busy_, [=] { model->predict(img, nn, s, pp, cp, qp); },
       [=](Napi::Env e) {
         Napi::Object o = Napi::Object::New(e);
-        o.Set("probs", probs_ref->Value());
-        if (want_cms) o.Set("cms", cms_ref->Value());
-        if (want_q) o.Set("annotatorProbs", q_ref->Value());
+        o.Set("probs", adopt(e, (*out)[0]));
+        if (want_cms) o.Set("cms", adopt(e, (*out)[1]));
+        if (want_q) o.Set("annotatorProbs", adopt(e, (*out)[2]));
         return o;
       });
   w->keep(im.images);
@@ -259,7 +395,7 @@ Napi::Value ModelWrap::Parameters(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Array out = Napi::Array::New(env);
   uint32_t i = 0;
-  for (auto& p : model_->param_layout()) {  // names and shapes: no GPU download
+  for (auto& p : live(env).param_layout()) {  // names and shapes: no GPU download
     Napi::Object o = Napi::Object::New(env);
     o.Set("name", p.name);
     Napi::Array shape = Napi::Array::New(env, p.shape.size());
@@ -271,13 +407,12 @@ Napi::Value ModelWrap::Parameters(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value ModelWrap::named_arrays(Napi::Env env, std::vector<float> cmseg::Param::*field) {
-  check_idle(env);
+  const cmseg::Model& model = idle(env);
   Napi::Object out = Napi::Object::New(env);
   // Read-only access: a GPU model downloads its parameters (once, if the device is
   // newer) without marking the host copy as edited.
-  const std::vector<cmseg::Param>& params = guard(env, [&]() -> const std::vector<cmseg::Param>& {
-    return static_cast<const cmseg::Model&>(*model_).params();
-  });
+  const std::vector<cmseg::Param>& params =
+      guard(env, [&]() -> const std::vector<cmseg::Param>& { return model.params(); });
   for (auto& p : params) {
     const std::vector<float>& src = p.*field;
     Napi::Float32Array a = Napi::Float32Array::New(env, src.size());
@@ -287,39 +422,47 @@ Napi::Value ModelWrap::named_arrays(Napi::Env env, std::vector<float> cmseg::Par
   return out;
 }
 
-void ModelWrap::set_named_arrays(Napi::Env env, const Napi::Value& v, std::vector<float> cmseg::Param::*field,
-                                 const char* what) {
-  check_idle(env);
+ModelWrap::Updates ModelWrap::check_named_arrays(Napi::Env env, const Napi::Value& v, const char* what, Values values) {
+  cmseg::Model& model = idle(env);
   Napi::Object o = expect_object(env, v, what);
   Napi::Array names = o.GetPropertyNames();
-  // Validate everything first so a bad entry leaves the model untouched.
-  std::vector<std::pair<cmseg::Param*, Napi::Float32Array>> updates;
+  Updates updates;
   for (uint32_t i = 0; i < names.Length(); ++i) {
     const std::string name = names.Get(i).ToString().Utf8Value();
-    cmseg::Param* p = guard(env, [&] { return model_->find(name); });  // may download from the GPU
+    cmseg::Param* p = guard(env, [&] { return model.find(name); });  // may download from the GPU
     if (!p) throw_invalid(env, std::string(what) + ": unknown parameter '" + name + "'");
     const std::string label = std::string(what) + "['" + name + "']";
     Napi::Float32Array a = expect_f32(env, o.Get(name), label.c_str(), p->numel());
     const float* d = a.Data();
-    for (int64_t k = 0; k < p->numel(); ++k)
+    for (int64_t k = 0; k < p->numel(); ++k) {
       if (!std::isfinite(d[k])) throw_invalid(env, label + " contains a non-finite value at index " + std::to_string(k));
+      if (values == Values::FiniteNonNegative && d[k] < 0)
+        throw_invalid(env, label + " contains a negative value (" + std::to_string(d[k]) + ") at index " +
+                               std::to_string(k) + "; second moments are >= 0");
+    }
     updates.push_back({p, a});
   }
+  return updates;
+}
+
+void ModelWrap::apply_named_arrays(const Updates& updates, std::vector<float> cmseg::Param::*field) {
   for (auto& [p, a] : updates) std::copy(a.Data(), a.Data() + p->numel(), (p->*field).begin());
 }
 
 Napi::Value ModelWrap::GetWeights(const Napi::CallbackInfo& info) { return named_arrays(info.Env(), &cmseg::Param::value); }
 Napi::Value ModelWrap::GetGradients(const Napi::CallbackInfo& info) { return named_arrays(info.Env(), &cmseg::Param::grad); }
 
+// Validates everything first so a bad entry leaves the model untouched.
 Napi::Value ModelWrap::SetWeights(const Napi::CallbackInfo& info) {
-  set_named_arrays(info.Env(), info[0], &cmseg::Param::value, "weights");
+  apply_named_arrays(check_named_arrays(info.Env(), info[0], "weights", Values::Finite), &cmseg::Param::value);
   return info.Env().Undefined();
 }
 
 Napi::Value ModelWrap::GetOptimizerState(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
+  const cmseg::Model& model = idle(env);
   Napi::Object o = Napi::Object::New(env);
-  o.Set("step", (double)model_->step);
+  o.Set("step", (double)model.step);
   o.Set("m", named_arrays(env, &cmseg::Param::m));
   o.Set("v", named_arrays(env, &cmseg::Param::v));
   return o;
@@ -327,19 +470,25 @@ Napi::Value ModelWrap::GetOptimizerState(const Napi::CallbackInfo& info) {
 
 Napi::Value ModelWrap::SetOptimizerState(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
+  cmseg::Model& model = idle(env);
   Napi::Object o = expect_object(env, info[0], "optimizer state");
   check_keys(env, o, "optimizer state", {"step", "m", "v"});
-  const double step = get_number(env, o, "step", (double)model_->step, "optimizer state");
-  if (step < 0 || step != std::floor(step)) throw_invalid(env, "optimizer state.step must be a non-negative integer");
-  if (!o.Get("m").IsUndefined()) set_named_arrays(env, o.Get("m"), &cmseg::Param::m, "optimizer state.m");
-  if (!o.Get("v").IsUndefined()) set_named_arrays(env, o.Get("v"), &cmseg::Param::v, "optimizer state.v");
-  model_->step = (int64_t)step;
+  const double step = get_number(env, o, "step", (double)model.step, "optimizer state");
+  if (step < 0 || step != std::floor(step) || step > 9007199254740992.0)
+    throw_invalid(env, "optimizer state.step must be a non-negative integer");
+  // Both moments are checked in full before either is written (atomic, like setWeights).
+  Updates m, v;
+  if (!o.Get("m").IsUndefined()) m = check_named_arrays(env, o.Get("m"), "optimizer state.m", Values::Finite);
+  if (!o.Get("v").IsUndefined()) v = check_named_arrays(env, o.Get("v"), "optimizer state.v", Values::FiniteNonNegative);
+  apply_named_arrays(m, &cmseg::Param::m);
+  apply_named_arrays(v, &cmseg::Param::v);
+  model.step = (int64_t)step;
   return env.Undefined();
 }
 
 Napi::Value ModelWrap::GetOptimizer(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  const cmseg::OptimConfig& c = model_->optim;
+  const cmseg::OptimConfig& c = live(env).optim;
   Napi::Object o = Napi::Object::New(env);
   o.Set("kind", c.kind == cmseg::OptimKind::Adam ? "adam" : "adamw");
   o.Set("lr", c.lr);
@@ -352,53 +501,54 @@ Napi::Value ModelWrap::GetOptimizer(const Napi::CallbackInfo& info) {
 
 Napi::Value ModelWrap::SetOptimizer(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  check_idle(env);
+  cmseg::Model& model = idle(env);
   Napi::Object o = expect_object(env, info[0], "optimizer");
   check_keys(env, o, "optimizer", {"kind", "lr", "beta1", "beta2", "eps", "weightDecay"});
-  cmseg::OptimConfig c = model_->optim;
+  cmseg::OptimConfig c = model.optim;
   const char* w = "optimizer";
   const std::string kind = get_string(env, o, "kind", c.kind == cmseg::OptimKind::Adam ? "adam" : "adamw", w);
   if (kind != "adam" && kind != "adamw") throw_invalid(env, "optimizer.kind must be 'adam' or 'adamw', got '" + kind + "'");
   c.kind = kind == "adam" ? cmseg::OptimKind::Adam : cmseg::OptimKind::AdamW;
-  c.lr = (float)get_number(env, o, "lr", c.lr, w);
-  c.beta1 = (float)get_number(env, o, "beta1", c.beta1, w);
-  c.beta2 = (float)get_number(env, o, "beta2", c.beta2, w);
-  c.eps = (float)get_number(env, o, "eps", c.eps, w);
-  c.weight_decay = (float)get_number(env, o, "weightDecay", c.weight_decay, w);
+  c.lr = get_float(env, o, "lr", c.lr, w);
+  c.beta1 = get_float(env, o, "beta1", c.beta1, w);
+  c.beta2 = get_float(env, o, "beta2", c.beta2, w);
+  c.eps = get_float(env, o, "eps", c.eps, w);
+  c.weight_decay = get_float(env, o, "weightDecay", c.weight_decay, w);
   if (c.lr < 0) throw_invalid(env, "optimizer.lr must be >= 0");
   if (c.beta1 < 0 || c.beta1 >= 1 || c.beta2 < 0 || c.beta2 >= 1) throw_invalid(env, "optimizer betas must be in [0, 1)");
   if (c.eps < 0 || c.weight_decay < 0) throw_invalid(env, "optimizer.eps and weightDecay must be >= 0");
-  model_->optim = c;
+  model.optim = c;
   return env.Undefined();
 }
 
 Napi::Value ModelWrap::GetLoss(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
+  const cmseg::Model& model = live(env);
   Napi::Object o = Napi::Object::New(env);
-  o.Set("lambda", model_->loss.lambda);
-  o.Set("lambdaWarmup", model_->loss.lambda_warmup);
-  o.Set("warmupSteps", (double)model_->loss.warmup_steps);
-  o.Set("step", (double)model_->step);
+  o.Set("lambda", model.loss.lambda);
+  o.Set("lambdaWarmup", model.loss.lambda_warmup);
+  o.Set("warmupSteps", (double)model.loss.warmup_steps);
+  o.Set("step", (double)model.step);
   return o;
 }
 
 Napi::Value ModelWrap::SetLoss(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  check_idle(env);
+  cmseg::Model& model = idle(env);
   Napi::Object o = expect_object(env, info[0], "loss");
   check_keys(env, o, "loss", {"lambda", "lambdaWarmup", "warmupSteps"});
-  cmseg::LossConfig c = model_->loss;
-  c.lambda = (float)get_number(env, o, "lambda", c.lambda, "loss");
-  c.lambda_warmup = (float)get_number(env, o, "lambdaWarmup", c.lambda_warmup, "loss");
+  cmseg::LossConfig c = model.loss;
+  c.lambda = get_float(env, o, "lambda", c.lambda, "loss");
+  c.lambda_warmup = get_float(env, o, "lambdaWarmup", c.lambda_warmup, "loss");
   c.warmup_steps = get_int(env, o, "warmupSteps", (int)c.warmup_steps, "loss");
   if (c.warmup_steps < 0) throw_invalid(env, "loss.warmupSteps must be >= 0");
-  model_->loss = c;
+  model.loss = c;
   return env.Undefined();
 }
 
 Napi::Value ModelWrap::Config(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  const cmseg::ModelConfig& c = model_->config();
+  const cmseg::ModelConfig& c = live(env).config();
   Napi::Object o = Napi::Object::New(env);
   o.Set("ndim", c.ndim);
   o.Set("inChannels", c.in_channels);
@@ -422,9 +572,10 @@ Napi::Value ModelWrap::Config(const Napi::CallbackInfo& info) {
 // model only the device name (the process's RSS is Node's to report).
 Napi::Value ModelWrap::Memory(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
+  cmseg::Model& model = live(env);
   if (busy_) throw_invalid(env, "model is busy with an earlier trainStep/predict: await it before calling memory()");
   Napi::Object o = Napi::Object::New(env);
-  cmseg::cuda::ModelGpu* gpu = model_->gpu();
+  cmseg::cuda::ModelGpu* gpu = model.gpu();
   o.Set("device", gpu ? "cuda" : "cpu");
   if (!gpu) return o;
   try {
@@ -442,8 +593,9 @@ Napi::Value ModelWrap::Memory(const Napi::CallbackInfo& info) {
 // GPU model: the pool's peak starts again from what is in use now. CPU model: nothing to reset.
 Napi::Value ModelWrap::ResetPeakMemory(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
+  cmseg::Model& model = live(env);
   if (busy_) throw_invalid(env, "model is busy with an earlier trainStep/predict: await it before calling resetPeakMemory()");
-  if (cmseg::cuda::ModelGpu* gpu = model_->gpu()) {
+  if (cmseg::cuda::ModelGpu* gpu = model.gpu()) {
     try {
       gpu->context().reset_peak();
     } catch (const std::exception& e) {

@@ -13,6 +13,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
  public:
   static Napi::Function Define(Napi::Env env);
   explicit ModelWrap(const Napi::CallbackInfo& info);
+  ~ModelWrap() override;
 
  private:
   enum class Mode { Train, Gradients, Evaluate };
@@ -34,13 +35,25 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   Napi::Value Config(const Napi::CallbackInfo& info);
   Napi::Value Memory(const Napi::CallbackInfo& info);
   Napi::Value ResetPeakMemory(const Napi::CallbackInfo& info);
+  Napi::Value Dispose(const Napi::CallbackInfo& info);
 
-  void check_idle(Napi::Env env) const;
+  // The live model; throws "this model was disposed" after dispose().
+  cmseg::Model& live(Napi::Env env) const;
+  // live(), and throws "model is busy ..." while an async call runs on it.
+  cmseg::Model& idle(Napi::Env env) const;
   Napi::Value named_arrays(Napi::Env env, std::vector<float> cmseg::Param::*field);
-  void set_named_arrays(Napi::Env env, const Napi::Value& v, std::vector<float> cmseg::Param::*field, const char* what);
+  // What a value check accepts in set_named_arrays: finite, or finite and >= 0.
+  enum class Values { Finite, FiniteNonNegative };
+  using Updates = std::vector<std::pair<cmseg::Param*, Napi::Float32Array>>;
+  // Validates every entry (names, lengths, values) without changing the model.
+  Updates check_named_arrays(Napi::Env env, const Napi::Value& v, const char* what, Values values);
+  static void apply_named_arrays(const Updates& updates, std::vector<float> cmseg::Param::*field);
+  void release_model();
 
   std::unique_ptr<cmseg::Model> model_;
   bool busy_ = false;
+  napi_env env_ = nullptr;
+  int64_t external_bytes_ = 0;  // host memory reported to V8 (AdjustExternalMemory)
 };
 
 }  // namespace cmseg_js

@@ -3,7 +3,11 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cctype>
+#include <cerrno>
+#include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -20,12 +24,24 @@ class Pool {
 
   int size() const { return size_; }
 
+  // Starts n - 1 workers (the caller is thread 0). When the system refuses a thread
+  // (std::system_error: a process or memory limit), the pool keeps the ones it got
+  // and says so on stderr instead of letting the exception end the process.
   void resize(int n) {
     std::lock_guard<std::mutex> dispatch(dispatch_mu_);
     stop();
-    size_ = std::max(1, n);
+    const int want = std::max(1, std::min(n, kMaxThreads));
     quit_ = false;
-    for (int i = 1; i < size_; ++i) workers_.emplace_back([this, i] { loop(i); });
+    for (int i = 1; i < want; ++i) {
+      try {
+        workers_.emplace_back([this, i] { loop(i); });
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "cmseg: warning: could start only %d of %d threads (%s); using %d\n",
+                     (int)workers_.size() + 1, want, e.what(), (int)workers_.size() + 1);
+        break;
+      }
+    }
+    size_ = (int)workers_.size() + 1;
   }
 
   void run(int64_t items, const std::function<void(int64_t, int)>& fn) {
@@ -109,13 +125,36 @@ class Pool {
   std::exception_ptr error_;
 };
 
+}  // namespace
+
+int parse_thread_count(const char* text) {
+  if (!text) return 0;
+  while (std::isspace((unsigned char)*text)) ++text;
+  if (!std::isdigit((unsigned char)*text) && *text != '+') return 0;  // no sign, no empty string
+  char* end = nullptr;
+  errno = 0;
+  const long n = std::strtol(text, &end, 10);
+  if (errno || end == text) return 0;
+  while (std::isspace((unsigned char)*end)) ++end;
+  if (*end != '\0' || n < 1 || n > kMaxThreads) return 0;
+  return (int)n;
+}
+
+namespace {
+
+// CMSEG_NUM_THREADS when it is an integer in 1..kMaxThreads; otherwise (with a
+// warning naming the value, once: the pool is made once) the machine's cores.
 int default_threads() {
-  if (const char* env = std::getenv("CMSEG_NUM_THREADS")) {
-    int n = std::atoi(env);
-    if (n > 0) return n;
-  }
-  unsigned hw = std::thread::hardware_concurrency();
-  return hw ? static_cast<int>(hw) : 1;
+  const unsigned hw = std::thread::hardware_concurrency();
+  const int cores = hw ? (int)std::min<unsigned>(hw, (unsigned)kMaxThreads) : 1;
+  const char* env = std::getenv("CMSEG_NUM_THREADS");
+  if (!env || !*env) return cores;  // unset or empty
+  if (const int n = parse_thread_count(env)) return n;
+  std::fprintf(stderr,
+               "cmseg: warning: ignoring CMSEG_NUM_THREADS='%s' (not an integer in 1..%d); using %d threads "
+               "(the machine's cores) instead\n",
+               env, kMaxThreads, cores);
+  return cores;
 }
 
 Pool& pool() {

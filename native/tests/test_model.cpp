@@ -17,6 +17,15 @@
 #include "check.hpp"
 #include "cmseg/error.hpp"
 #include "cmseg/model.hpp"
+#include "cmseg/threads.hpp"
+
+#if defined(__linux__)
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <fstream>
+#endif
 
 using namespace cmseg;
 
@@ -276,6 +285,49 @@ TEST(invalid_inputs_are_rejected_with_messages) {
   bad = c;
   bad.ndim = 4;
   CHECK_THROWS_WITH(Model x(bad), "ndim must be 2 or 3");
+}
+
+TEST(thread_count_syntax) {
+  CHECK(parse_thread_count("4") == 4);
+  CHECK(parse_thread_count(" 8 ") == 8);
+  CHECK(parse_thread_count("1024") == 1024);
+  for (const char* bad : {"", "abc", "0", "-3", "1.5", "2x", "1025", "99999", "99999999999999999999"})
+    CHECK(parse_thread_count(bad) == 0);
+  CHECK(parse_thread_count(nullptr) == 0);
+}
+
+// A process that may not start more threads (here: an address-space limit that
+// leaves room for a few 8 MiB stacks) keeps the threads it got instead of ending
+// on an uncaught std::system_error.
+TEST(thread_pool_survives_refused_threads) {
+#if defined(__linux__) && !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+  const int before = num_threads();
+  set_num_threads(1);
+  long pages = 0;
+  {
+    std::ifstream statm("/proc/self/statm");
+    statm >> pages;
+  }
+  rlimit old{};
+  getrlimit(RLIMIT_AS, &old);
+  rlimit tight = old;
+  tight.rlim_cur = (rlim_t)pages * (rlim_t)sysconf(_SC_PAGESIZE) + (rlim_t)48 * 1024 * 1024;
+  if (old.rlim_cur != RLIM_INFINITY && old.rlim_cur < tight.rlim_cur) tight.rlim_cur = old.rlim_cur;
+  CHECK(setrlimit(RLIMIT_AS, &tight) == 0);
+  set_num_threads(kMaxThreads);
+  const int got = num_threads();
+  setrlimit(RLIMIT_AS, &old);
+  CHECK(got >= 1);
+  CHECK(got < kMaxThreads);
+  std::atomic<int64_t> sum{0};
+  parallel_for(1000, [&](int64_t i, int thread) {
+    CHECK(thread >= 0 && thread < got);
+    sum += i;
+  });
+  CHECK(sum.load() == 999 * 1000 / 2);
+  set_num_threads(before);
+  CHECK(num_threads() == before);
+#endif
 }
 
 TEST_MAIN()

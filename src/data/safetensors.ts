@@ -19,11 +19,15 @@ export interface SafeFile {
 }
 
 export class SafetensorsError extends Error {
-  constructor(message: string, readonly path?: string) {
-    super(path ? `${path}: ${message}` : message);
+  /** `message` is prefixed with `path: ` when a path is given, unless `prefixed` is false. */
+  constructor(message: string, readonly path?: string, prefixed = true) {
+    super(path && prefixed ? `${path}: ${message}` : message);
     this.name = 'SafetensorsError';
   }
 }
+
+/** The safetensors reference implementation refuses headers above 100 MB. */
+const MAX_HEADER_BYTES = 100_000_000;
 
 const BYTES: Record<SafeDtype, number> = { F32: 4, F64: 8, U8: 1, I32: 4, I64: 8 };
 
@@ -79,7 +83,17 @@ export function encodeSafetensors(
 export function decodeSafetensors(bytes: Uint8Array, path?: string): SafeFile {
   if (bytes.length < 8) throw new SafetensorsError(`truncated: ${bytes.length} bytes, no header length`, path);
   const buf = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  const n = Number(buf.readBigUInt64LE(0));
+  const big = buf.readBigUInt64LE(0);
+  const n = Number(big);
+  // A header longer than the reference's limit, or one that does not open a JSON
+  // object, means these bytes are something else (a text file, an image, ...);
+  // a plausible header that runs past the end means the file was cut short.
+  const notSafetensors = (why: string) =>
+    new SafetensorsError(`${path ?? 'the data'} is not a safetensors file (${why})`, path, false);
+  if (big > BigInt(MAX_HEADER_BYTES))
+    throw notSafetensors(`its header length ${big} is implausible: the file has ${bytes.length} bytes and headers are at most ${MAX_HEADER_BYTES}`);
+  if (bytes.length > 8 && bytes[8] !== 0x7b /* '{' */)
+    throw notSafetensors(`its header of ${n} bytes does not start with a JSON object`);
   if (n > bytes.length - 8) throw new SafetensorsError(`truncated: header of ${n} bytes but only ${bytes.length - 8} follow`, path);
   let header: Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] } | Record<string, string>>;
   try {

@@ -7,9 +7,20 @@
 
 namespace cmseg {
 
-// Number of threads used by parallel_for: CMSEG_NUM_THREADS, else the machine's cores.
+// The most threads the pool runs (set_num_threads and CMSEG_NUM_THREADS).
+constexpr int kMaxThreads = 1024;
+
+// Number of threads used by parallel_for: CMSEG_NUM_THREADS when it is an integer
+// in 1..kMaxThreads (otherwise a warning on stderr), else the machine's cores.
 int num_threads();
+// n is clamped to 1..kMaxThreads. When the system refuses to start some of the
+// threads the pool runs with those it started (a warning on stderr); num_threads()
+// says how many that is.
 void set_num_threads(int n);
+
+// CMSEG_NUM_THREADS's syntax: the integer in `text` when it is one in
+// 1..kMaxThreads (surrounding spaces allowed), else 0.
+int parse_thread_count(const char* text);
 
 // Runs fn(item, thread) for item in [0, items). Calls made from inside a worker
 // run serially on that worker (no nested parallelism).

@@ -121,6 +121,7 @@ struct Context::Impl {
   std::unordered_map<void*, size_t> sizes;
   std::map<ConvKey, ConvAlgo> conv_algos;
   std::map<ConvKey, std::shared_ptr<GraphPlan>> graph_plans;  // cleared before the cuDNN handle goes
+  size_t graph_runs = 0;                                         // convolutions the graph API ran
   cudnnHandle_t cudnn_handle = nullptr;
   cublasHandle_t cublas_handle = nullptr;
 
@@ -187,8 +188,10 @@ struct Scratch {
 //   Forward        x = input, w = filter, y = output
 //   BackwardData   x = the input's gradient (written), w = filter, y = the output's gradient
 //   BackwardFilter x = input, w = the filter's gradient (written), y = the output's gradient
-// Returns false, having written nothing, when the graph API has no usable engine
-// for the shape or a pointer is less than 16-byte aligned (the legacy API then runs it).
+// Returns false when the graph API has no usable engine for the shape or a pointer is
+// less than 16-byte aligned; the legacy API then runs it. Nothing the caller reads is
+// changed by then (timing candidates may have written the output, which the legacy
+// path overwrites: beta is 0 on every path that returns an output).
 enum class GraphPart { Forward = 0, BackwardData = 1, BackwardFilter = 2 };
 struct GraphShape {
   int n, cin, cout;

@@ -328,6 +328,8 @@ float Context::time_ms(const std::function<void()>& fn, int reps) {
   return ms / std::max(reps, 1);
 }
 
+size_t Context::conv_graph_runs() const { return impl_->graph_runs; }
+
 size_t Context::conv_fallbacks() const {
   size_t n = 0;
   for (const auto& kv : impl_->conv_algos) n += kv.second.algo < 0;

@@ -36,10 +36,14 @@ namespace cuda {
 // One finalized execution plan (null: no usable engine for its key).
 struct GraphPlan {
   cudnnBackendDescriptor_t plan = nullptr;
+  // The engine configuration the plan was finalized from, kept as long as the plan
+  // (as cudnn-frontend does): the API does not say whether a plan copies it.
+  cudnnBackendDescriptor_t config = nullptr;
   int64_t workspace = 0;
   int64_t engine = -1;  // the engine's global index, for the report
   ~GraphPlan() {
     if (plan) cudnnBackendDestroyDescriptor(plan);
+    if (config) cudnnBackendDestroyDescriptor(config);
   }
 };
 
@@ -216,9 +220,102 @@ const char* part_name(GraphPart part) {
   return part == GraphPart::Forward ? "forward" : part == GraphPart::BackwardData ? "backward data" : "backward filter";
 }
 
-// Chooses the plan of a key: the candidates of the heuristics, then (conv_benchmark,
-// more than one) timed on the call's tensors, 1 run to warm up and 2 timed. The
-// output written while timing is overwritten by the real run.
+// The engine configurations cuDNN's heuristics list for the graph, in their order
+// (mode A, the ranked list; FALLBACK, the engines that run anything, e.g. FMA math).
+std::vector<Desc> engine_configs(cudnnBackendDescriptor_t graph, cudnnBackendHeurMode_t mode) {
+  Desc heur(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR);
+  set(heur.d, CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &graph, "heuristics graph");
+  set(heur.d, CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, 1, &mode, "heuristics mode");
+  finalize(heur.d, "heuristics");
+  int64_t count = 0;
+  CMSEG_CUDNN(cudnnBackendGetAttribute(heur.d, CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR, 0, &count,
+                                       nullptr));
+  count = std::min<int64_t>(count, 64);
+  std::vector<Desc> cfgs;
+  std::vector<cudnnBackendDescriptor_t> raw;
+  for (int64_t i = 0; i < count; ++i) cfgs.emplace_back(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR), raw.push_back(cfgs.back().d);
+  int64_t got = 0;
+  if (count > 0)
+    CMSEG_CUDNN(cudnnBackendGetAttribute(heur.d, CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR, count,
+                                         &got, raw.data()));
+  while ((int64_t)cfgs.size() > std::max<int64_t>(0, std::min(got, count))) cfgs.pop_back();  // only those filled
+  return cfgs;
+}
+
+// A finalized plan for an acceptable configuration within the workspace limit, else null.
+std::shared_ptr<GraphPlan> plan_of(cudnnHandle_t h, Desc& cfg, bool tf32, size_t max_workspace) {
+  int64_t engine = -1;
+  if (!acceptable(cfg.d, tf32, &engine)) return nullptr;
+  Desc plan(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR);
+  if (cudnnBackendSetAttribute(plan.d, CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE, 1, &h) !=
+          CUDNN_STATUS_SUCCESS ||
+      cudnnBackendSetAttribute(plan.d, CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1,
+                               &cfg.d) != CUDNN_STATUS_SUCCESS ||
+      cudnnBackendFinalize(plan.d) != CUDNN_STATUS_SUCCESS)
+    return nullptr;
+  int64_t ws = 0, n_ws = 0;
+  if (cudnnBackendGetAttribute(plan.d, CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE, CUDNN_TYPE_INT64, 1, &n_ws, &ws) !=
+          CUDNN_STATUS_SUCCESS ||
+      ws < 0 || (size_t)ws > max_workspace)
+    return nullptr;
+  auto p = std::make_shared<GraphPlan>();
+  p->plan = plan.release(), p->config = cfg.release(), p->workspace = ws, p->engine = engine;
+  return p;
+}
+
+// Two events on the context's stream, destroyed with the scope.
+struct EventPair {
+  cudaEvent_t a = nullptr, b = nullptr;
+  EventPair() {
+    CMSEG_CUDA(cudaEventCreate(&a));
+    if (cudaEventCreate(&b) != cudaSuccess) {
+      cudaEventDestroy(a);
+      throw Error("cudaEventCreate failed (timing cuDNN graph plans)");
+    }
+  }
+  ~EventPair() {
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+  }
+  EventPair(const EventPair&) = delete;
+};
+
+// Milliseconds of `runs` executions of a plan, or -1 when one fails.
+float time_plan(Context& ctx, const GraphPlan& p, void* x, void* w, void* y, void* ws, EventPair& ev, int runs) {
+  cudaStream_t s = stream_of(ctx);
+  float ms = -1;
+  bool ok = cudaEventRecord(ev.a, s) == cudaSuccess;
+  for (int i = 0; ok && i < runs; ++i) ok = execute(ctx, p, x, w, y, ws) == CUDNN_STATUS_SUCCESS;
+  ok = ok && cudaEventRecord(ev.b, s) == cudaSuccess && cudaEventSynchronize(ev.b) == cudaSuccess &&
+       cudaEventElapsedTime(&ms, ev.a, ev.b) == cudaSuccess;
+  if (!ok) {
+    cudaGetLastError();  // a failed launch is this plan's, not a sticky device error
+    return -1;
+  }
+  return ms / runs;
+}
+
+// Workspace for timing: the largest plan's, but no more than half of what the device
+// has free or the model's memory limit leaves (as the legacy search's).
+size_t timing_workspace(Context& ctx, const std::vector<std::shared_ptr<GraphPlan>>& plans) {
+  int64_t want = 0;
+  for (const auto& p : plans) want = std::max(want, p->workspace);
+  size_t free_b = 0, total_b = 0;
+  CMSEG_CUDA(cudaMemGetInfo(&free_b, &total_b));
+  size_t bytes = std::min((size_t)want, free_b / 2);
+  const ContextOptions& o = ctx.options();
+  if (o.memory_limit_bytes) {
+    const size_t used = ctx.pool_stats().in_use_bytes;
+    bytes = std::min(bytes, o.memory_limit_bytes > used ? (o.memory_limit_bytes - used) / 2 : 0);
+  }
+  return bytes;
+}
+
+// Chooses the plan of a key: the acceptable configurations of the heuristics (mode A,
+// then FALLBACK when A offers none), at most 8 finalized; with conv_benchmark and more
+// than one, each timed on the call's tensors (1 warm-up run, then 2 timed unless the
+// warm-up was already 3x the best so far). What the timing writes into the outputs
+// is overwritten by the real run. The choice goes to stderr, once per key.
 std::shared_ptr<GraphPlan> choose(Context& ctx, GraphPart part, const GraphShape& g, void* x, void* w, void* y) {
   cudnnHandle_t h = ctx.impl().cudnn();
   const ContextOptions& o = ctx.options();
@@ -234,86 +331,52 @@ std::shared_ptr<GraphPlan> choose(Context& ctx, GraphPart part, const GraphShape
   set(graph.d, CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE, 1, &h, "graph handle");
   finalize(graph.d, "graph");
 
-  Desc heur(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR);
-  const cudnnBackendHeurMode_t mode = CUDNN_HEUR_MODE_A;
-  set(heur.d, CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &graph.d, "heuristics graph");
-  set(heur.d, CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, 1, &mode, "heuristics mode");
-  finalize(heur.d, "heuristics");
-  int64_t count = 0;
-  CMSEG_CUDNN(cudnnBackendGetAttribute(heur.d, CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR, 0, &count,
-                                       nullptr));
-  count = std::min<int64_t>(count, 32);
-  std::vector<Desc> cfgs;
-  std::vector<cudnnBackendDescriptor_t> raw;
-  for (int64_t i = 0; i < count; ++i) cfgs.emplace_back(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR), raw.push_back(cfgs.back().d);
-  int64_t got = 0;
-  if (count > 0)
-    CMSEG_CUDNN(cudnnBackendGetAttribute(heur.d, CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR, count,
-                                         &got, raw.data()));
-
-  // Finalized plans in the heuristics' order, at most 8.
+  const size_t keep = o.conv_benchmark ? 8 : 1;
   std::vector<std::shared_ptr<GraphPlan>> plans;
-  for (int64_t i = 0; i < got && plans.size() < 8; ++i) {
-    int64_t engine = -1;
-    if (!acceptable(raw[i], g.tf32, &engine)) continue;
-    Desc plan(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR);
-    if (cudnnBackendSetAttribute(plan.d, CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE, 1, &h) !=
-            CUDNN_STATUS_SUCCESS ||
-        cudnnBackendSetAttribute(plan.d, CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1,
-                                 &raw[i]) != CUDNN_STATUS_SUCCESS ||
-        cudnnBackendFinalize(plan.d) != CUDNN_STATUS_SUCCESS)
-      continue;
-    int64_t ws = 0, n_ws = 0;
-    if (cudnnBackendGetAttribute(plan.d, CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE, CUDNN_TYPE_INT64, 1, &n_ws, &ws) !=
-            CUDNN_STATUS_SUCCESS ||
-        ws < 0 || (size_t)ws > o.max_workspace_bytes)
-      continue;
-    auto p = std::make_shared<GraphPlan>();
-    p->plan = plan.release(), p->workspace = ws, p->engine = engine;
-    plans.push_back(std::move(p));
+  for (cudnnBackendHeurMode_t mode : {CUDNN_HEUR_MODE_A, CUDNN_HEUR_MODE_FALLBACK}) {
+    std::vector<Desc> cfgs = engine_configs(graph.d, mode);
+    for (size_t i = 0; i < cfgs.size() && plans.size() < keep; ++i)
+      if (auto p = plan_of(h, cfgs[i], g.tf32, o.max_workspace_bytes)) plans.push_back(std::move(p));
+    if (!plans.empty()) break;
   }
+  const std::string what = str("cmseg: cuDNN graph conv3 ", part_name(part), " ", g.cin, "->", g.cout, " ", g.s.d, "x",
+                               g.s.h, "x", g.s.w, " n ", g.n, " ", g.channels_last ? "NDHWC" : "NCDHW", " ",
+                               g.tf32 ? "tf32" : "fp32");
   if (plans.empty()) return nullptr;
-  if (plans.size() == 1 || !o.conv_benchmark) return plans.front();
+  if (plans.size() == 1) {
+    std::fprintf(stderr, "%s: engine %lld (the only candidate)\n", what.c_str(), (long long)plans[0]->engine);
+    return plans.front();
+  }
 
-  // Time them in one workspace sized for the largest (as the legacy search does, no
-  // more than half of what is free); a plan that needs more, or fails, drops out.
-  int64_t want = 0;
-  for (const auto& p : plans) want = std::max(want, p->workspace);
-  size_t free_b = 0, total_b = 0;
-  CMSEG_CUDA(cudaMemGetInfo(&free_b, &total_b));
-  want = std::min<int64_t>(want, (int64_t)(free_b / 2));
+  const size_t want = timing_workspace(ctx, plans);
   std::optional<Scratch> ws;
   try {
-    ws.emplace(ctx, (size_t)want);
+    ws.emplace(ctx, want);
   } catch (const Error&) {
-    return plans.front();  // no memory to time them: the heuristics' first
+    ws.reset();
   }
-  cudaStream_t s = stream_of(ctx);
-  cudaEvent_t t0 = nullptr, t1 = nullptr;
-  CMSEG_CUDA(cudaEventCreate(&t0));
-  CMSEG_CUDA(cudaEventCreate(&t1));
-  std::shared_ptr<GraphPlan> best;
+  std::shared_ptr<GraphPlan> best, smallest;
   float best_ms = 0;
   std::string tried;
-  for (const auto& p : plans) {
-    if (p->workspace > want) continue;
-    float ms = -1;
-    if (execute(ctx, *p, x, w, y, ws->p) == CUDNN_STATUS_SUCCESS && cudaEventRecord(t0, s) == cudaSuccess &&
-        execute(ctx, *p, x, w, y, ws->p) == CUDNN_STATUS_SUCCESS &&
-        execute(ctx, *p, x, w, y, ws->p) == CUDNN_STATUS_SUCCESS && cudaEventRecord(t1, s) == cudaSuccess &&
-        cudaEventSynchronize(t1) == cudaSuccess && cudaEventElapsedTime(&ms, t0, t1) == cudaSuccess)
-      ms /= 2;
-    else
-      ms = -1, cudaGetLastError();  // a failed launch is this plan's, not a sticky device error
-    tried += str(tried.empty() ? "" : ", ", "engine ", p->engine, ms < 0 ? " failed" : str(" ", ms, " ms").c_str());
-    if (ms >= 0 && (!best || ms < best_ms)) best = p, best_ms = ms;
+  if (ws) {
+    EventPair ev;
+    for (const auto& p : plans) {
+      if ((size_t)p->workspace > want) continue;
+      float ms = time_plan(ctx, *p, x, w, y, ws->p, ev, 1);  // warm-up
+      if (ms >= 0 && (!best || ms < 3 * best_ms)) ms = time_plan(ctx, *p, x, w, y, ws->p, ev, 2);
+      tried += str(tried.empty() ? "" : ", ", "engine ", p->engine, " ", ms < 0 ? std::string("failed") : str(ms, " ms"));
+      if (ms >= 0 && (!best || ms < best_ms)) best = p, best_ms = ms;
+    }
   }
-  cudaEventDestroy(t0);
-  cudaEventDestroy(t1);
-  if (ctx.impl().profiler.on)
-    std::fprintf(stderr, "cmseg: cuDNN graph conv3 %s %d->%d %dx%dx%d n %d %s %s: %s (%s)\n", part_name(part), g.cin,
-                 g.cout, g.s.d, g.s.h, g.s.w, g.n, g.channels_last ? "NDHWC" : "NCDHW", g.tf32 ? "tf32" : "fp32",
-                 best ? str("engine ", best->engine, ", ", best_ms, " ms").c_str() : "no candidate ran", tried.c_str());
+  if (!best) {  // nothing could be timed (no workspace to time in): the smallest workspace
+    for (const auto& p : plans)
+      if (!smallest || p->workspace < smallest->workspace) smallest = p;
+    std::fprintf(stderr, "%s: engine %lld, untimed (no memory to time %zu candidates)\n", what.c_str(),
+                 (long long)smallest->engine, plans.size());
+    return smallest;
+  }
+  std::fprintf(stderr, "%s: engine %lld, %.3f ms (%s)\n", what.c_str(), (long long)best->engine, best_ms,
+               tried.c_str());
   return best;
 }
 
@@ -345,18 +408,23 @@ bool graph_conv3(Context& ctx, GraphPart part, const GraphShape& g, const float*
     } catch (const Error& e) {  // the graph API refused a descriptor: this shape takes the legacy path
       std::fprintf(stderr, "cmseg: cuDNN graph API, conv3 %s %d->%d: %s; the legacy API runs it\n", part_name(part),
                    g.cin, g.cout, e.what());
-      plan = nullptr;
+      im.graph_plans[key] = nullptr;
+      return false;
     }
     im.graph_plans[key] = plan;
     if (!plan)
-      std::fprintf(stderr, "cmseg: cuDNN graph API has no usable engine for conv3 %s %d->%d %dx%dx%d (%s); the legacy "
-                           "API runs it\n",
-                   part_name(part), g.cin, g.cout, g.s.d, g.s.h, g.s.w, g.channels_last ? "NDHWC" : "NCDHW");
+      std::fprintf(stderr, "cmseg: cuDNN graph API has no usable engine for conv3 %s %d->%d %dx%dx%d (%s, %s); the "
+                           "legacy API runs it\n",
+                   part_name(part), g.cin, g.cout, g.s.d, g.s.h, g.s.w, g.channels_last ? "NDHWC" : "NCDHW",
+                   g.tf32 ? "tf32" : "fp32");
   }
   if (!plan) return false;
   Scratch ws(ctx, (size_t)plan->workspace);
   const cudnnStatus_t st = execute(ctx, *plan, px, pw, py, ws.p);
-  if (st == CUDNN_STATUS_SUCCESS) return true;
+  if (st == CUDNN_STATUS_SUCCESS) {
+    ++im.graph_runs;
+    return true;
+  }
   const int category = CUDNN_STATUS_CATEGORY((int)st);
   if (category != CUDNN_STATUS_BAD_PARAM && category != CUDNN_STATUS_NOT_SUPPORTED)
     throw_cudnn(st, "cudnnBackendExecute (conv3)", __FILE__, __LINE__);

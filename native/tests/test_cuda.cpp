@@ -19,7 +19,10 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <random>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "check.hpp"
@@ -443,10 +446,17 @@ TEST(conv3_matches_cpu) {
       std::printf("  -- conv3 with cuDNN's %s on %s tensors\n", api, channels_last ? "NDHWC (channels-last)" : "NCDHW");
       const size_t before = ctx().conv_fallbacks();
       for (bool tf32 : {false, true}) {
+        const size_t runs_before = ctx().conv_graph_runs();
         conv3_case(2, 2, 3, 5, {1, 12, 10}, tf32);
         conv3_case(3, 2, 4, 6, {6, 8, 10}, tf32);
         conv3_case(3, 1, 16, 32, {8, 8, 8}, tf32);
         conv3_case(3, 2, 33, 7, {4, 6, 70}, tf32);  // transpose tiles cut at both edges
+        const size_t runs = ctx().conv_graph_runs() - runs_before;
+        if (graph) std::printf("  conv3 graph API %s %s: %zu convolutions ran through it\n", api,
+                               tf32 ? "tf32" : "fp32", runs);
+        // With TF32 the graph API must run these shapes itself (a total fallback to the
+        // legacy API would pass the numeric checks and hide that it never ran).
+        if (graph && tf32) CHECK(runs > 0);
       }
       std::printf("  conv3 %s %s: %zu direction-shapes fell back to the next path\n", api,
                   channels_last ? "NDHWC" : "NCDHW", ctx().conv_fallbacks() - before);
@@ -634,7 +644,7 @@ TEST(bandwidth_brats3d_gpu_level0) {
     // conv3 at this level, TF32 and FMA math: TFLOP/s rather than GB/s.
     cu::Buffer<float> w(c, fast_fill((size_t)ch * ch * 27, 5, 0.05f)), dw(c, (size_t)ch * ch * 27);
     const double flops = 2.0 * n * V * ch * ch * 27;
-    const bool default_layout = c.options().conv_channels_last, default_graph = c.options().conv_graph;
+    OptionsGuard guard;  // c is the shared context: its options come back even if a call throws
     for (bool graph : {false, true})
       for (bool channels_last : {true, false})
         for (bool tf32 : {true, false}) {
@@ -652,9 +662,6 @@ TEST(bandwidth_brats3d_gpu_level0) {
                       graph ? "graph" : "legacy", channels_last ? "NDHWC" : "NCDHW", tf32 ? "tf32" : "fp32", f,
                       flops / (f * 1e-3) / 1e12, bd, 2 * flops / (bd * 1e-3) / 1e12, bf);
         }
-    c.set_conv_graph(default_graph);
-    c.set_tf32(true);
-    c.set_conv_channels_last(default_layout);
   }
   {
     const int L = 4, R = 3, K = L * L;
@@ -1162,10 +1169,19 @@ TEST(model_step_gpu_matches_cpu) { whole_step_parity_test(); }
 // model's context is made), on channels-last copies and on the NCDHW tensors.
 TEST(model_step_gpu_graph_api_matches_cpu) {
   for (const char* layout : {"1", "0"}) {
+    // Set for the models made here, then put back as they were.
     struct Env {
-      explicit Env(const char* cl) { setenv("CMSEG_CUDNN_GRAPH", "1", 1), setenv("CMSEG_CONV_CHANNELS_LAST", cl, 1); }
-      ~Env() { unsetenv("CMSEG_CUDNN_GRAPH"), unsetenv("CMSEG_CONV_CHANNELS_LAST"); }
-    } env(layout);
+      std::vector<std::pair<std::string, std::optional<std::string>>> saved;
+      void put(const char* k, const char* v) {
+        const char* old = std::getenv(k);
+        saved.emplace_back(k, old ? std::optional<std::string>(old) : std::nullopt);
+        setenv(k, v, 1);
+      }
+      ~Env() {
+        for (const auto& [k, v] : saved) v ? (void)setenv(k.c_str(), v->c_str(), 1) : (void)unsetenv(k.c_str());
+      }
+    } env;
+    env.put("CMSEG_CUDNN_GRAPH", "1"), env.put("CMSEG_CONV_CHANNELS_LAST", layout);
     const std::string on = std::string(", graph API on ") + (layout[0] == '1' ? "NDHWC" : "NCDHW");
     whole_step_case(step_case("2D full" + on, 2, CmMode::Full, 0));
     whole_step_case(step_case("3D full, 1 head block" + on, 3, CmMode::Full, 1));

@@ -197,6 +197,8 @@ class Context {
   // Convolution shapes (per direction and path) for which cuDNN had no usable
   // algorithm, so the call took the next path (channels-last -> NCDHW, bf16 -> fp32).
   size_t conv_fallbacks() const;
+  // Convolutions run through cuDNN's graph API so far (ContextOptions::conv_graph).
+  size_t conv_graph_runs() const;
 
   // With CMSEG_GPU_PROFILE=1 set when the context was made: the device time of each
   // layer call since the last report, summed by layer, per step over `steps`, largest

@@ -266,6 +266,11 @@ Napi::Value ModelWrap::RunBatch(const Napi::CallbackInfo& info, Mode mode) {
                              "softTarget (soft labels)");
     }
   }
+  // present says which annotators labelled an image: it has no meaning for one fused target.
+  if (!o.Get("present").IsUndefined() && (!o.Get("target").IsUndefined() || !o.Get("softTarget").IsUndefined()))
+    throw_invalid(env, std::string("batch.present applies to labels (one map per annotator); with ") +
+                           (o.Get("target").IsUndefined() ? "softTarget" : "target") +
+                           " it would be ignored: drop it, or pass labels");
   ImageArgs im = parse_images(env, c, o.Get("images"), o.Get("shape"));
   const int64_t NV = (int64_t)im.n * im.s.size();
   auto batch = std::make_shared<cmseg::Batch>();

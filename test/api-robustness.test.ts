@@ -201,10 +201,20 @@ t.test('ambiguous batches are rejected, naming the fields', async (t) => {
   await t.rejects(m.trainStep({ images: images(), shape: [N, 1, H, W], target, softTarget }), /batch has both target and softTarget/);
   await t.rejects(m.evaluate({ ...batch(), target, softTarget }), /batch has both labels, target and softTarget/);
   await t.rejects(m.trainStep({ ...batch(), present: Uint8Array.from([1, 2]) }), /batch\.present\[1\] is 2; entries must be 0 \(annotator absent\) or 1/);
+  await t.rejects(m.trainStep({ images: images(), shape: [N, 1, H, W], target, present: Uint8Array.from([1, 1]) }),
+    /batch\.present applies to labels .*with target it would be ignored/);
+  // Rows of soft labels sum to 1 (or 0: a pixel nobody labelled); 1.5 + 1.5 would weight a pixel 3x.
+  const heavy = new Float32Array(N * 2 * H * W).fill(0.5);
+  heavy[3] = 1.5, heavy[H * W + 3] = 1.5; // image 0, pixel 3: both classes
+  await t.rejects(m.trainStep({ images: images(), shape: [N, 1, H, W], softTarget: heavy }),
+    /softTarget: the class probabilities of pixel 3 of image 0 sum to 3; each pixel's must sum to 1 \(or 0/);
   t.equal(m.step, 0, 'no step was taken');
   await m.trainStep({ ...batch(), present: Uint8Array.from([1, 0]) });
   await m.trainStep({ images: images(), shape: [N, 1, H, W], softTarget });
-  t.equal(m.step, 2);
+  const unlabelled = softTarget.slice();
+  unlabelled[5] = 0, unlabelled[H * W + 5] = 0; // a pixel nobody labelled: ignored, accepted
+  await m.trainStep({ images: images(), shape: [N, 1, H, W], softTarget: unlabelled });
+  t.equal(m.step, 3);
 });
 
 t.test('shape entries above 2^31 - 1 or fractional are rejected everywhere', async (t) => {

@@ -271,6 +271,17 @@ void Model::validate(const Batch& b) const {
     for (int64_t i = 0; i < total; ++i)
       if (!std::isfinite(b.soft_target[i]) || b.soft_target[i] < 0)
         fail("softTarget: value ", b.soft_target[i], " at index ", i, " is not a finite probability");
+    // Each pixel's class probabilities sum to 1, or to 0 where nobody labelled it (the
+    // mean of no votes): another sum would silently weight that pixel's cross-entropy.
+    const int64_t V = b.s.size();
+    for (int64_t i = 0; i < count; ++i) {
+      const float* t = b.soft_target + (i / V) * L * V + i % V;
+      double sum = 0;
+      for (int k = 0; k < L; ++k) sum += t[k * V];
+      if (sum != 0 && std::fabs(sum - 1) > 1e-3)
+        fail("softTarget: the class probabilities of pixel ", i % V, " of image ", i / V, " sum to ", sum,
+             "; each pixel's must sum to 1 (or 0 where nobody labelled it)");
+    }
   } else {
     if ((int)b.labels.size() != config_.annotators)
       fail("expected labels for ", config_.annotators, " annotators, got ", b.labels.size());

@@ -29,8 +29,8 @@ export { METHODS, METHOD_NAMES, methodBatch, methodDefinition } from './train/me
 export type { MethodName, MethodDefinition } from './train/methods';
 export { PRESETS, presetByName } from './train/presets';
 export { loadExperimentData, fuseTrainingSet, MNIST_ANNOTATORS } from './train/experiment';
-export type { DatasetSpec, ExperimentData } from './train/experiment';
-export { evaluateModel, fusedLabelRows } from './train/evaluate';
+export type { DatasetSpec, ExperimentData, FolderDatasetSpec } from './train/experiment';
+export { evaluateModel, evaluateAgainstMajority, fusedLabelRows } from './train/evaluate';
 export type { EvaluationSummary, FusedLabelRows } from './train/evaluate';
 export { meanLabels, meanLabelsHard, modeLabels } from './fusion/simple';
 export { evaluateSegmentation, SegmentationEvaluator, diceSummary, dicePerClass, totalDice, regionDice, fusedLabelDice, cmEstimationError, estimatedReliability, generalisedEnergyDistance, iouDistance, argmaxAnnotatorProbs, meanStd } from './eval/metrics';
@@ -41,7 +41,7 @@ export { formatSegmentationReport, formatBratsReport, formatMeanStd } from './ev
 export { simulateAnnotators, trueConfusionMatrix } from './data/annotators';
 export type { AnnotatorSpec, LabelMode } from './data/annotators';
 export { loadMnistSplits } from './data/mnist';
-export { loadImageFolder } from './data/image-folder';
+export { loadImageFolder, scanImageFolder } from './data/image-folder';
 export { readPng, writePng } from './data/png';
 export type { PngImage, DecodedPng } from './data/png';
 export { discoverBratsCases, loadBratsCase, preprocessBratsCase, uncropVolume, mapBratsLabels, bratsLayoutHint, BRATS_MODALITIES, BRATS_CLASSES, BRATS_GEOMETRY_TOLERANCE_MM } from './data/brats';
@@ -51,5 +51,5 @@ export { prepareCache, readCachedCase, readCacheIndex } from './data/cache';
 export type { PrepareCacheOptions, CachedCase, CacheIndex } from './data/cache';
 export { PatchLoader, createPatchLoader } from './data/patch-loader';
 export type { PatchLoaderOptions, PatchBatch } from './data/patch-loader';
-export { bratsCaseSplits, loadBratsExperiment } from './train/experiment';
+export { bratsCaseSplits, loadBratsExperiment, imageFolderSplits, loadFolderExperiment } from './train/experiment';
 export { evaluateVolumes } from './train/evaluate';

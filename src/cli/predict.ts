@@ -1,7 +1,9 @@
 // `cmseg predict`: what a checkpoint sees.
-// 2D runs (MNIST): pictures of the run's own images: the input, the expert consensus, the
-// predicted consensus (argmax p), each annotator's estimated labels (argmax A_r p) beside
-// the labels it really gave, and each annotator's pixel-wise CM.
+// 2D runs (MNIST, image folders): pictures of the run's own images: the input, the expert
+// consensus, the predicted consensus (argmax p), each annotator's estimated labels
+// (argmax A_r p) beside the labels it really gave, and each annotator's pixel-wise CM.
+// An image folder's pictures are named after its images, read from the folder the run
+// recorded (--data: where it is now, if it moved).
 // 3D runs (BraTS): sliding-window inference over whole cases (a case folder, a BraTS
 // folder, a cache, or by default the run's test split), written as NIfTI in each case's
 // original geometry (the crop undone, the header of its t1 file), plus PNG pictures of
@@ -38,11 +40,11 @@ import { argmaxClasses, Model, setNumThreads } from '../model/model';
 import { slidingWindowPredict } from '../model/sliding-window';
 import { cmHeatMaps, grayImage, grid, labelImage, labelOverlay, upscale } from '../report/pictures';
 import { predictImages } from '../train/evaluate';
-import { type BratsDatasetSpec, loadExperimentData } from '../train/experiment';
+import type { BratsDatasetSpec } from '../train/experiment';
 import { methodDefinition } from '../train/methods';
 import type { TrainerExtra } from '../train/trainer';
 import { choiceOption, displayPath, parseInteger, parseNumber, printOutputs, UserError, withExamples } from './common';
-import { checkpointRecipe, DEVICES, loadModelForInference } from './eval';
+import { checkpointRecipe, DEVICES, loadModelForInference, loadRunData, relocatedDataset } from './eval';
 import type { RunRecipe } from './train';
 
 interface PredictFlags {
@@ -63,13 +65,15 @@ async function runPredict(flags: PredictFlags): Promise<void> {
   const file = path.resolve(flags.checkpoint);
   const { saved, recipe } = await checkpointRecipe(file);
   if (recipe.dataset.kind === 'brats') return predictVolumes(flags, file, saved, recipe.dataset);
-  if (flags.data !== undefined) throw new UserError(`--data is for 3D (BraTS) checkpoints; ${path.basename(file)} is a ${recipe.preset} run: its pictures come from its own images (--split)`);
-  return predictImages2d(flags, file, saved, recipe);
+  if (flags.data !== undefined && recipe.dataset.kind !== 'folder') {
+    throw new UserError(`--data is for 3D (BraTS) checkpoints and image-folder runs; ${path.basename(file)} is a ${recipe.preset} run: its pictures come from its own images (--split)`);
+  }
+  return predictImages2d(flags, file, saved, { ...recipe, dataset: relocatedDataset(recipe, flags.data, file) });
 }
 
 /** The 2D pictures of a run's own images. */
 async function predictImages2d(flags: PredictFlags, file: string, saved: TrainerExtra, recipe: RunRecipe): Promise<void> {
-  const data = loadExperimentData(recipe.dataset, saved.config.seed);
+  const data = loadRunData(recipe.dataset, saved.config.seed);
   const count = flags.count ?? 8;
   try {
     const set = data.split?.(flags.split);
@@ -92,7 +96,8 @@ async function predictImages2d(flags: PredictFlags, file: string, saved: Trainer
       written.push(target);
     };
     for (let n = 0; n < p.n; n++) {
-      const prefix = `image-${String(n).padStart(3, '0')}`;
+      // An image folder's own names say which picture is which; MNIST's images are numbered.
+      const prefix = set.names ? path.parse(set.names[n]).name : `image-${String(n).padStart(3, '0')}`;
       const image = p.batch.images.subarray(n * set.channels * V, n * set.channels * V + V); // first channel
       const map = (labels: Uint8Array) => labels.subarray(n * V, (n + 1) * V);
       const input = upscale(grayImage(image, h, w), scale);
@@ -115,11 +120,15 @@ async function predictImages2d(flags: PredictFlags, file: string, saved: Trainer
       // One sheet per image: input, truth, prediction; estimated annotators; their real labels.
       await save(`${prefix}-sheet.png`, grid(learnsCms ? [[input, truth, predicted], estimated, observed] : [[input, truth, predicted], observed], 4));
     }
+    const from = recipe.dataset.kind === 'folder' ? ` of ${recipe.dataset.root} (<image> = the image's file name)` : '';
+    const truthLine = set.consensus
+      ? ['<image>-truth.png               the expert consensus over the input']
+      : ['(the folder has no consensus/: no truth pictures, and the sheet\'s first row has a gap where the truth would be)'];
     const readme = [
-      `Predictions of ${file} (${saved.config.method}, step ${saved.state.step}) on the first ${p.n} ${flags.split} images.`,
+      `Predictions of ${file} (${saved.config.method}, step ${saved.state.step}) on the first ${p.n} ${flags.split} images${from}.`,
       '',
       '<image>-input.png               the input',
-      '<image>-truth.png               the expert consensus over the input',
+      ...truthLine,
       '<image>-consensus.png           the predicted consensus, argmax p',
       '<image>-annotator-<name>.png    the estimated labels of that annotator, argmax A_r p',
       `<image>-cm-<name>.png           that annotator's pixel-wise CM: a ${L}x${L} grid, tile (i, j) = p(says i | true j) per pixel (viridis, 0 dark .. 1 bright)`,
@@ -356,7 +365,7 @@ export function registerPredictCommand(program: Command): Command {
     .description("a checkpoint's predictions: 2D pictures of its images, or 3D BraTS cases as NIfTI (consensus, probabilities, each annotator) with CM pictures")
     .requiredOption('--checkpoint <file>', 'a checkpoint written by cmseg train')
     .requiredOption('--out <dir>', 'folder for the predictions')
-    .option('--data <dir>', '3D: a BraTS case folder, a BraTS folder or a cache (default: the run\'s --split cases)')
+    .option('--data <dir>', '3D: a BraTS case folder, a BraTS folder or a cache (default: the run\'s --split cases); image-folder runs: the run\'s folder, if it moved')
     .option('--count <n>', 'how many images (2D, default 8) or cases (3D, default all)', parseInteger(1))
     .addOption(choiceOption('--split <name>', 'which of the run\'s images or cases', ['test', 'validation', 'train']).default('test'))
     .option('--scale <n>', 'pixel enlargement of the pictures (default: about 256 pixels per picture)', parseInteger(1))

@@ -9,6 +9,11 @@
 // (70/15/15 by --data-seed) is fixed when the run starts and saved in its checkpoints.
 // The STAPLE baselines (naive-staple, naive-spatial-staple) first fuse each training case's
 // annotator maps into the cache, once; later runs and --resume reuse them.
+//
+// --preset images trains on a user's 2D image folder (--data: images/, labels/<annotator>/,
+// optional consensus/; the layout cmseg simulate writes). Its images are split 70/15/15 by
+// name (--data-seed) when the run starts, and the split and annotators are saved in the
+// checkpoints, so --resume, eval and predict see the same images even if the folder grows.
 
 import * as fs from 'fs';
 import * as path from 'path';
@@ -16,19 +21,20 @@ import { Command } from 'commander';
 import { writeFileAtomic } from '../data/files';
 import { BratsError, bratsLayoutHint, discoverBratsCases } from '../data/brats';
 import { CacheError, cacheIndexPath, readCacheIndex } from '../data/cache';
+import { ImageFolderError, type LabelMapping, looksLikeImageFolder, resolveMapping, scanImageFolder } from '../data/image-folder';
 import type { StapleFusion } from '../fusion/fuse';
 import { loadCheckpoint } from '../model/checkpoint';
 import { backendInfo, Model, setNumThreads } from '../model/model';
 import { evaluationText } from '../report/tables';
-import type { BratsDatasetSpec, DatasetSpec, ExperimentData } from '../train/experiment';
-import { bratsCaseSplits, loadExperimentData, runCacheDir } from '../train/experiment';
+import type { BratsDatasetSpec, DatasetSpec, ExperimentData, FolderDatasetSpec } from '../train/experiment';
+import { bratsCaseSplits, imageFolderSplits, runCacheDir } from '../train/experiment';
 import { METHOD_NAMES, MethodName, methodDefinition } from '../train/methods';
 import { presetByName, PRESET_NAMES } from '../train/presets';
 import { createFusionProgress, createProgress, silentFusionProgress } from '../train/progress';
 import { SCHEDULE_KINDS, ScheduleKind } from '../train/schedule';
 import { CHECKPOINT_LAST, readTrainerState, train, TrainConfig, TrainResult } from '../train/trainer';
 import { choiceOption, displayPath, given, parseInteger, parseNumber, printOutputs, UserError, withExamples } from './common';
-import { bratsText } from './eval';
+import { bratsText, loadRunData, referenceNote } from './eval';
 import { prepareWithProgress } from './prepare';
 
 export interface TrainFlags {
@@ -52,6 +58,8 @@ export interface TrainFlags {
   testImages?: number;
   dataSeed?: number;
   data?: string;
+  classes?: number;
+  labelMapping?: LabelMapping;
   patch?: number;
   valCases?: number;
   stepsPerEpoch?: number;
@@ -115,20 +123,22 @@ function applyFlags(base: { config: TrainConfig; dataset: DatasetSpec }, flags: 
   if (isGiven('augment') && !flags.augment) config.augment = { flips: false, rotations: false };
 
   const dataset: DatasetSpec = { ...base.dataset };
-  const bratsOnly = (['patch', 'valCases', 'stepsPerEpoch'] as const).filter(typed);
-  const mnistOnly = (['trainImages', 'valImages', 'testImages'] as const).filter(typed);
   const flagName = (key: string) => '--' + key.replace(/[A-Z]/g, (c) => '-' + c.toLowerCase());
+  const only = (keys: readonly (keyof TrainFlags)[], owner: string) => {
+    const wrong = keys.filter(typed);
+    if (wrong.length) throw new UserError(`${wrong.map(flagName).join(', ')}: for ${owner} only`);
+  };
+  if (dataset.kind !== 'brats') only(['patch', 'valCases', 'stepsPerEpoch'], 'the BraTS presets (brats3d, brats3d-gpu)');
+  if (dataset.kind !== 'mnist') only(['trainImages', 'valImages', 'testImages'], 'the MNIST presets');
+  if (dataset.kind !== 'folder') only(['classes', 'labelMapping'], 'image folders (--preset images)');
+  if (typed('dataSeed')) dataset.dataSeed = flags.dataSeed!;
   if (dataset.kind === 'mnist') {
-    if (bratsOnly.length) throw new UserError(`${bratsOnly.map(flagName).join(', ')}: for the BraTS presets (brats3d, brats3d-gpu) only`);
     if (typed('labels')) dataset.labels = flags.labels!;
     if (typed('trainImages')) dataset.train = flags.trainImages!;
     if (typed('valImages')) dataset.validation = flags.valImages!;
     if (typed('testImages')) dataset.test = flags.testImages!;
-    if (typed('dataSeed')) dataset.dataSeed = flags.dataSeed!;
-  } else {
-    if (mnistOnly.length) throw new UserError(`${mnistOnly.map(flagName).join(', ')}: for the MNIST presets only`);
+  } else if (dataset.kind === 'brats') {
     if (typed('labels')) dataset.labels = flags.labels!;
-    if (typed('dataSeed')) dataset.dataSeed = flags.dataSeed!;
     if (typed('patch')) dataset.patch = flags.patch!;
     if (typed('valCases')) dataset.validationCases = flags.valCases!;
     if (typed('stepsPerEpoch')) dataset.stepsPerEpoch = flags.stepsPerEpoch!;
@@ -136,19 +146,32 @@ function applyFlags(base: { config: TrainConfig; dataset: DatasetSpec }, flags: 
     if (isGiven('augment') && !flags.augment) dataset.augment = false;
     const multiple = 2 ** (config.depth - 1);
     if (dataset.patch % multiple !== 0) throw new UserError(`--patch ${dataset.patch} must be a multiple of 2^(depth-1) = ${multiple} (depth ${config.depth})`);
+  } else {
+    // Who labelled what is in the folder itself: a missing file is an image that annotator skipped.
+    if (typed('labels')) throw new UserError('--labels: an image folder says itself which annotator labelled which image (a missing labels/<annotator>/<name>.png is an absent label)');
+    if (typed('classes')) {
+      if (flags.classes! > 255) throw new UserError(`--classes ${flags.classes}: at most 255 (the label 255 marks unlabelled pixels)`);
+      dataset.classes = flags.classes!;
+    }
+    if (typed('labelMapping')) dataset.labelMapping = flags.labelMapping!;
+    if (dataset.labelMapping === 'binary' && dataset.classes !== 2) {
+      throw new UserError(`--label-mapping binary reads two classes (zero and non-zero); with --classes ${dataset.classes} the label PNGs hold the labels themselves (--label-mapping value)`);
+    }
   }
   return { config, dataset };
 }
 
-function defaultOutDir(preset: string, config: TrainConfig, dataset: DatasetSpec): string {
-  return path.join('results', 'runs', `${preset}-${config.method}-${dataset.labels}-seed${config.seed}`);
+function defaultOutDir(preset: string, config: TrainConfig, dataset: DatasetSpec, data?: string): string {
+  // An image folder's runs are told apart by the folder's name (its labels are what they are).
+  const what = dataset.kind === 'folder' ? path.basename(path.resolve(data ?? 'data')) : dataset.labels;
+  return path.join('results', 'runs', `${preset}-${config.method}-${what}-seed${config.seed}`);
 }
 
 /** A new run's settings: the preset's, with every flag the user typed on top. */
 export function resolveTrainSettings(flags: TrainFlags, isGiven: Typed = (k) => flags[k] !== undefined): ResolvedTrain {
   const preset = presetByName(flags.preset);
   const { config, dataset } = applyFlags({ config: { ...preset.train, method: 'cm' }, dataset: preset.dataset }, { ...flags }, (k) => k === 'method' || isGiven(k));
-  const outDir = path.resolve(flags.out ?? defaultOutDir(preset.name, config, dataset));
+  const outDir = path.resolve(flags.out ?? defaultOutDir(preset.name, config, dataset, flags.data));
   return { config, recipe: { preset: preset.name, dataset }, outDir };
 }
 
@@ -165,9 +188,16 @@ async function resolveResume(flags: TrainFlags, isGiven: Typed): Promise<Resolve
   if (flags.data !== undefined) {
     // The same command line again: --data names the run's cache, or the BraTS folder it was prepared from.
     const data = path.resolve(flags.data);
-    const cache = recipe.dataset.kind === 'brats' ? recipe.dataset.cache : undefined;
-    if (!cache) conflicts.push(`--data ${flags.data} (the run's data set has no --data)`);
-    else if (data !== cache && cache !== runCacheDir(outDir)) conflicts.push(`--data ${flags.data} (the run reads the cache ${cache})`);
+    const dataset = recipe.dataset;
+    if (dataset.kind === 'brats') {
+      if (data !== dataset.cache && dataset.cache !== runCacheDir(outDir)) conflicts.push(`--data ${flags.data} (the run reads the cache ${dataset.cache})`);
+    } else if (dataset.kind === 'folder') {
+      // A moved image folder: the split names its images, so the run goes on from the new place.
+      if (data !== dataset.root && fs.existsSync(dataset.root)) conflicts.push(`--data ${flags.data} (the run reads the image folder ${dataset.root})`);
+      else dataset.root = data;
+    } else {
+      conflicts.push(`--data ${flags.data} (the run's data set has no --data)`);
+    }
   }
   const typed = applyFlags({ config: saved.config, dataset: recipe.dataset }, flags, isGiven);
   const describe = (x: unknown) => JSON.stringify(x);
@@ -196,7 +226,7 @@ async function attachBratsData(dataset: BratsDatasetSpec, flags: TrainFlags, isG
       discoverBratsCases(data, { requireSeg: true });
     } catch (error) {
       if (error instanceof BratsError && error.kind === 'no-cases') {
-        const hint = bratsLayoutHint(data);
+        const hint = looksLikeImageFolder(data) ? 'it is a folder of 2D images: train on it with --preset images' : bratsLayoutHint(data);
         throw new UserError(`--data ${data} is neither a cmseg cache (no index.json) nor a BraTS folder (no case subfolders with NIfTI files)${hint ? `; ${hint}` : ''}`);
       }
       throw error;
@@ -218,6 +248,41 @@ async function attachBratsData(dataset: BratsDatasetSpec, flags: TrainFlags, isG
     dataset.splits = bratsCaseSplits(index.cases.map((c) => c.id), dataset.dataSeed);
   } catch (error) {
     throw new UserError(`${cacheDir}: ${(error as Error).message}`);
+  }
+}
+
+/**
+ * A new image-folder run's data: the folder (--data), its annotators and the image split,
+ * fixed now and saved in every checkpoint. Checks the layout and that the U-Net can take
+ * the image size; reads only the first image (the whole folder is read when training starts).
+ */
+function attachFolderData(dataset: FolderDatasetSpec, flags: TrainFlags, depth: number): void {
+  if (flags.data === undefined) {
+    throw new UserError(`--preset ${flags.preset} needs --data: a folder with images/<name>.png and labels/<annotator>/<name>.png (optional consensus/<name>.png), as cmseg simulate writes`);
+  }
+  const root = path.resolve(flags.data);
+  let scan: ReturnType<typeof scanImageFolder>;
+  try {
+    scan = scanImageFolder(root);
+  } catch (error) {
+    if (!(error instanceof ImageFolderError)) throw error;
+    const hint = fs.existsSync(cacheIndexPath(root)) ? '; it is a cmseg prepare cache: train on it with --preset brats3d' : '';
+    throw new UserError(`--data ${displayPath(root)}: ${error.message}${hint}`);
+  }
+  const { h, w } = scan.extent;
+  const multiple = 2 ** (depth - 1);
+  if (h % multiple !== 0 || w % multiple !== 0) {
+    throw new UserError(
+      `the images in ${displayPath(root)} are ${w}x${h} pixels, which a U-Net of depth ${depth} cannot take: width and height must be multiples of 2^(depth-1) = ${multiple}; crop or pad the images, or lower --depth`,
+    );
+  }
+  dataset.root = root;
+  dataset.annotators = scan.annotators;
+  dataset.labelMapping = resolveMapping(dataset.labelMapping, dataset.classes);
+  try {
+    dataset.splits = imageFolderSplits(scan.names, dataset.dataSeed);
+  } catch (error) {
+    throw new UserError(`${displayPath(root)}: ${(error as Error).message}`);
   }
 }
 
@@ -253,15 +318,30 @@ async function runTrain(flags: TrainFlags, command: Command): Promise<void> {
   const method = methodDefinition(config.method);
   if (recipe.dataset.kind === 'brats') {
     if (!flags.resume) await attachBratsData(recipe.dataset, flags, isGiven, outDir);
+  } else if (recipe.dataset.kind === 'folder') {
+    if (!flags.resume) attachFolderData(recipe.dataset, flags, config.depth);
   } else if (flags.data !== undefined && !flags.resume) {
-    throw new UserError(`--data is for the BraTS presets (brats3d, brats3d-gpu); --preset ${recipe.preset} brings its own data`);
+    const folder = looksLikeImageFolder(path.resolve(flags.data)) ? `; ${flags.data} is an image folder: train on it with --preset images` : '';
+    throw new UserError(`--data is for the BraTS presets (brats3d, brats3d-gpu) and image folders (--preset images); --preset ${recipe.preset} brings its own data${folder}`);
   }
-  const data = loadExperimentData(recipe.dataset, config.seed, { batchSize: config.batchSize, workers: flags.workers });
+  const data = loadRunData(recipe.dataset, config.seed, { batchSize: config.batchSize, workers: flags.workers });
   try {
+    checkFolderRun(recipe.dataset, data, config.method, flags.quiet);
     if (method.target === 'fused') await prepareFusedTargets(data, method.fusion!, recipe.dataset, flags.quiet);
     await trainAndTest(flags, { config, recipe, outDir }, data);
   } finally {
     await data.close?.();
+  }
+}
+
+/** An image-folder run's consensus: oracle needs the expert's; without it, say once what is scored instead. */
+function checkFolderRun(dataset: DatasetSpec, data: ExperimentData, method: MethodName, quiet?: boolean): void {
+  if (dataset.kind !== 'folder') return;
+  if (methodDefinition(method).target === 'consensus' && !data.source.hasConsensus) {
+    throw new UserError(`--method ${method} trains on the expert consensus, but ${displayPath(dataset.root)} has no consensus/ folder (consensus/<name>.png for every image); choose another --method`);
+  }
+  if (data.reference && !quiet) {
+    process.stderr.write(`note: ${displayPath(dataset.root)} has no consensus/ (no expert consensus): validation and test Dice are against the annotators' majority vote, and the CM error is not computed\n`);
   }
 }
 
@@ -348,7 +428,8 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
     return;
   }
   const seconds = (Date.now() - started) / 1000;
-  const best = state.best ? `; best validation Dice ${state.best.score.toFixed(4)} (epoch ${state.best.epoch + 1})` : '';
+  const against = data.reference ? ` against the ${data.reference}` : '';
+  const best = state.best ? `; best validation Dice${against} ${state.best.score.toFixed(4)} (epoch ${state.best.epoch + 1})` : '';
   const done = result.startStep === state.step ? `the run was already complete at step ${state.step}` : `trained ${config.method} from step ${result.startStep} to ${state.step} in ${seconds.toFixed(1)} s`;
   process.stdout.write(`${done}${best}\n`);
   const outputs: [string, string | string[]][] = [
@@ -360,7 +441,7 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
     const model = await loadCheckpoint(chosen);
     const testFile = path.join(outDir, 'eval-test.json');
     const { summary, fused } = await writeTestResults(model, data, testFile, { checkpoint: chosen, method: config.method, preset: recipe.preset, dataset: recipe.dataset, seed: config.seed });
-    process.stdout.write(`\ntest set, ${path.basename(chosen)}:\n` + evaluationText(summary, fused, { classNames: data.classNames }) + bratsText(summary) + '\n');
+    process.stdout.write(`\ntest set, ${path.basename(chosen)}${referenceNote(summary)}:\n` + evaluationText(summary, fused, { classNames: data.classNames }) + bratsText(summary) + '\n');
     outputs.push(['test metrics', testFile]);
   }
   printOutputs(outputs);
@@ -389,14 +470,16 @@ export function registerTrainCommand(program: Command): Command {
     .option('--val-images <n>', 'MNIST validation images', parseInteger(1))
     .option('--test-images <n>', 'MNIST test images', parseInteger(1))
     .option('--data-seed <n>', 'seed of the data split and the synthetic annotators', parseInteger(0))
-    .option('--data <dir>', 'BraTS: a cache made by cmseg prepare, or a BraTS folder (then prepared into <out>/cache)')
+    .option('--data <dir>', 'BraTS: a cache made by cmseg prepare, or a BraTS folder (then prepared into <out>/cache); --preset images: the image folder')
+    .option('--classes <n>', 'image folders: classes including background (default 2)', parseInteger(2))
+    .addOption(choiceOption('--label-mapping <how>', "image folders: how label PNGs are read: value (the sample is the label), binary (non-zero is foreground), auto (binary for 2 classes)", ['auto', 'value', 'binary']))
     .option('--patch <n>', 'BraTS: edge of the cubic training patch, also the sliding window (a multiple of 2^(depth-1))', parseInteger(1))
     .option('--val-cases <n>', 'BraTS: validation cases scored after every epoch (cmseg eval scores them all)', parseInteger(1))
     .option('--steps-per-epoch <n>', 'BraTS: patch batches between validations and checkpoints', parseInteger(1))
     .option('--workers <n>', 'BraTS: patch-loader threads (0: in the main thread; the batches are the same)', parseInteger(0))
     .option('--no-augment', 'no random flips and rotations')
     .option('--seed <n>', 'seed of the initialisation, data order and augmentation', parseInteger(0))
-    .option('--out <dir>', 'output folder (default results/runs/<preset>-<method>-<labels>-seed<seed>)')
+    .option('--out <dir>', 'output folder (default results/runs/<preset>-<method>-<labels>-seed<seed>; image folders: the folder\'s name for <labels>)')
     .option('--resume', 'continue the run in --out from its last checkpoint')
     .option('--checkpoint-every <n>', 'also save the last checkpoint every n steps', parseInteger(0))
     .option('--bf16', 'GPU presets: convolutions in bfloat16 with fp32 accumulation (like torch.autocast bf16)')
@@ -413,7 +496,12 @@ export function registerTrainCommand(program: Command): Command {
       'each); the split is saved in the checkpoints. Training reads random patches (--patch, a third centred on tumour);\n' +
       'validation (--val-cases per epoch) and test predict whole cases by sliding windows of the patch size.\n' +
       'naive-staple and naive-spatial-staple first fuse each training case\'s annotator maps (multi-label or spatial\n' +
-      'STAPLE, per case) into the cache, once: later runs on the same cache reuse them.\n',
+      'STAPLE, per case) into the cache, once: later runs on the same cache reuse them.\n' +
+      '\nImage folders (--preset images --data DIR): DIR/images/<name>.png, DIR/labels/<annotator>/<name>.png (a missing\n' +
+      'file: that annotator did not label the image), optional DIR/consensus/<name>.png; cmseg simulate writes one. Every\n' +
+      'image has one size, a multiple of 2^(depth-1) on each side. The images are split 70/15/15 by --data-seed; the split\n' +
+      'is saved in the checkpoints. Validation and test score against consensus/, or without it against the annotators\'\n' +
+      'majority vote (no CM error then); oracle needs consensus/.\n',
   );
   return withExamples(
     command,
@@ -421,5 +509,6 @@ export function registerTrainCommand(program: Command): Command {
     'cmseg train --preset mnist --method naive-mode --labels single --epochs 3 --seed 1',
     'cmseg train --out runs/cm-dense --resume',
     'cmseg train --preset brats3d --data cache/brats2021 --method cm --out runs/brats-cm',
+    'cmseg train --preset images --data data/lidc-2d --method cm --out runs/lidc-cm',
   );
 }

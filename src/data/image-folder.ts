@@ -133,6 +133,55 @@ export function labelValues(png: DecodedPng, file: string, mapping: 'value' | 'b
   }
 }
 
+/** What a folder holds, found without reading its label maps (scanImageFolder). */
+export interface ImageFolderLayout {
+  root: string;
+  /** Image file names under images/, sorted. */
+  names: string[];
+  /** Annotator folders under labels/ (sorted, or as asked). */
+  annotators: string[];
+  /** Whether consensus/ exists. */
+  hasConsensus: boolean;
+}
+
+/** The folders and file names of a dataset, with the layout checks of loadImageFolder. */
+function folderLayout(root: string, annotatorsAsked?: readonly string[]): ImageFolderLayout {
+  if (!isDirectory(root)) throw new ImageFolderError(`dataset folder not found: ${root}`);
+  const imagesDir = path.join(root, 'images');
+  const labelsDir = path.join(root, 'labels');
+  if (!isDirectory(imagesDir)) throw new ImageFolderError(`no images/ folder in ${root} (expected ${imagesDir}/<name>.png)`);
+  if (!isDirectory(labelsDir)) throw new ImageFolderError(`no labels/ folder in ${root} (expected ${labelsDir}/<annotator>/<name>.png)`);
+  const names = pngNames(imagesDir);
+  if (names.length === 0) throw new ImageFolderError(`no .png files in ${imagesDir}`);
+  const annotators = annotatorsAsked ? [...annotatorsAsked] : subfolders(labelsDir);
+  if (annotators.length === 0) throw new ImageFolderError(`no annotator folders in ${labelsDir}`);
+  const known = new Set(names);
+  for (const annotator of annotators) {
+    const folder = path.join(labelsDir, annotator);
+    if (!isDirectory(folder)) throw new ImageFolderError(`annotator folder not found: ${folder}`);
+    // A label without its image is almost always a naming mistake: say so rather than drop it.
+    for (const name of pngNames(folder)) {
+      if (!known.has(name)) throw new ImageFolderError(`${path.join(folder, name)} has no image ${path.join(imagesDir, name)}`);
+    }
+  }
+  return { root, names, annotators, hasConsensus: isDirectory(path.join(root, 'consensus')) };
+}
+
+/**
+ * The names, annotators and image size of a folder, checking its layout but reading only
+ * the first image: cheap enough to plan a run (its split, the U-Net depth) before loading.
+ */
+export function scanImageFolder(root: string, options: Pick<ImageFolderOptions, 'annotators'> = {}): ImageFolderLayout & { extent: Extent } {
+  const layout = folderLayout(root, options.annotators);
+  const first = readPngSync(path.join(root, 'images', layout.names[0]));
+  return { ...layout, extent: { d: 1, h: first.height, w: first.width } };
+}
+
+/** True when `root` has the images/ and labels/ folders of this layout (a hint for the CLI, no checks). */
+export function looksLikeImageFolder(root: string): boolean {
+  return isDirectory(path.join(root, 'images')) && isDirectory(path.join(root, 'labels'));
+}
+
 /**
  * Reads a whole folder into memory (synchronously: datasets are read once at start-up).
  * Errors name the folder or file at fault.
@@ -145,25 +194,10 @@ export function loadImageFolder(root: string, options: ImageFolderOptions = {}):
   const mapping = resolveMapping(options.labelMapping ?? 'auto', classes);
   const channels = options.imageChannels ?? 1;
   if (channels !== 1 && channels !== 3) throw new ImageFolderError(`imageChannels ${String(channels)} must be 1 or 3`);
-  if (!isDirectory(root)) throw new ImageFolderError(`dataset folder not found: ${root}`);
+  const { names, annotators, hasConsensus } = folderLayout(root, options.annotators);
   const imagesDir = path.join(root, 'images');
   const labelsDir = path.join(root, 'labels');
   const consensusDir = path.join(root, 'consensus');
-  if (!isDirectory(imagesDir)) throw new ImageFolderError(`no images/ folder in ${root} (expected ${imagesDir}/<name>.png)`);
-  if (!isDirectory(labelsDir)) throw new ImageFolderError(`no labels/ folder in ${root} (expected ${labelsDir}/<annotator>/<name>.png)`);
-  const names = pngNames(imagesDir);
-  if (names.length === 0) throw new ImageFolderError(`no .png files in ${imagesDir}`);
-  const annotators = options.annotators ? [...options.annotators] : subfolders(labelsDir);
-  if (annotators.length === 0) throw new ImageFolderError(`no annotator folders in ${labelsDir}`);
-  for (const annotator of annotators) {
-    const folder = path.join(labelsDir, annotator);
-    if (!isDirectory(folder)) throw new ImageFolderError(`annotator folder not found: ${folder}`);
-    // A label without its image is almost always a naming mistake: say so rather than drop it.
-    const known = new Set(names);
-    for (const name of pngNames(folder)) {
-      if (!known.has(name)) throw new ImageFolderError(`${path.join(folder, name)} has no image ${path.join(imagesDir, name)}`);
-    }
-  }
 
   const first = readPngSync(path.join(imagesDir, names[0]));
   const extent: Extent = { d: 1, h: first.height, w: first.width };
@@ -173,7 +207,6 @@ export function loadImageFolder(root: string, options: ImageFolderOptions = {}):
   const images = new Float32Array(count * channels * pixels);
   const labels = annotators.map(() => new Uint8Array(count * pixels).fill(UNLABELLED));
   const present = new Uint8Array(count * annotators.length);
-  const hasConsensus = isDirectory(consensusDir);
   const consensus = hasConsensus ? new Uint8Array(count * pixels) : undefined;
 
   const readLabels = (file: string, target: Uint8Array): void => {

@@ -52,6 +52,8 @@ export interface AnnotatedSet {
   /** A fused label map [N, *S] prepared once for the whole set (the STAPLE methods). */
   fused?: Uint8Array;
   annotatorNames: string[];
+  /** Each image's name (image folders: the file name), when it has one: pictures are named after it. */
+  names?: string[];
 }
 
 export function voxelsOf(spatial: readonly number[]): number {

@@ -3,7 +3,9 @@
 // known, the CM estimation error, incompetence, reliability and GED. Also the Dice of the
 // naive fused label maps themselves (paper tables' "Mean labels" / "Mode labels" rows).
 // Whole 3D volumes of different sizes (BraTS) are scored one at a time with sliding-window
-// inference (evaluateVolumes), adding the BraTS region Dice.
+// inference (evaluateVolumes), adding the BraTS region Dice. A data set without an expert
+// consensus (an image folder without consensus/) is scored against the annotators'
+// majority vote instead (evaluateAgainstMajority), without the CM error.
 
 import { meanLabelsHard, modeLabels } from '../fusion/simple';
 import {
@@ -24,6 +26,8 @@ import { gatherBatch, voxelsOf } from './data';
 
 /** A SegmentationReport without the per-image arrays: what logs and JSON files hold. */
 export interface EvaluationSummary {
+  /** What the consensus figures compare with; absent: the expert consensus. */
+  reference?: 'majority vote';
   images: number;
   classes: number;
   annotatorNames: string[];
@@ -95,6 +99,24 @@ export async function evaluateModel(model: Model, set: AnnotatedSet, options: Ev
     });
   }
   return summarizeReport(evaluator.report(), set.annotatorNames);
+}
+
+/**
+ * For a set without an expert consensus: the consensus figures against the majority vote
+ * of the annotators (ties to the lower class), on the images at least one annotator
+ * labelled. The CM error and incompetence are left out: the annotators' true CMs are
+ * only known against an expert consensus (a vote of the annotators themselves would score
+ * each one against a map it helped to make). Reliability and GED need no consensus and stay.
+ */
+export async function evaluateAgainstMajority(model: Model, set: AnnotatedSet, options: EvaluateOptions = {}): Promise<EvaluationSummary> {
+  const R = set.labels.length;
+  const labelled = Array.from({ length: set.count }, (_, n) => n).filter((n) => set.present.subarray(n * R, (n + 1) * R).some((p) => p !== 0));
+  if (labelled.length === 0) throw new RangeError('no image of this split was labelled by any annotator: there is nothing to score against');
+  const batch = gatherBatch(set, labelled);
+  const majority = modeLabels({ labels: batch.labels, present: batch.present, count: labelled.length, classes: set.classes });
+  const scored: AnnotatedSet = { ...set, count: labelled.length, images: batch.images, labels: batch.labels, present: batch.present, consensus: majority, fused: undefined };
+  const { cmError: _cmError, cmErrorPerAnnotator: _perAnnotator, incompetence: _incompetence, ...summary } = await evaluateModel(model, scored, options);
+  return { reference: 'majority vote', ...summary };
 }
 
 export interface FusedLabelRows {

@@ -19,19 +19,29 @@
 // volumes are slow on a CPU); `cmseg eval` scores the whole split. The STAPLE baselines
 // fuse each training case once into the cache (src/fusion/fuse-cache.ts) and train on
 // patches of the fused maps; they are scored against the consensus like every method.
+//
+// Image folders (a user's own 2D data, LIDC style; src/data/image-folder.ts): the images
+// are split by name once, by `dataSeed` (70/15/15, stored in the spec like BraTS's case
+// split, so later images in the folder join no split), and read into memory as MNIST is.
+// Files an annotator did not write are absent labels. Validation and test score against
+// consensus/ when the folder has one (with the CM error, each annotator's true CM on an
+// image being its labels against the consensus); without it, against the annotators'
+// majority vote, without the CM error. The STAPLE baselines fuse the training set once,
+// as for MNIST.
 
 import * as path from 'path';
 import { AnnotatorSpec, LabelMode, simulateAnnotators } from '../data/annotators';
 import { BRATS_CLASS_NAMES } from '../data/brats';
 import { type CacheIndex, readCacheIndex, readCachedCase } from '../data/cache';
+import { ImageFolderError, type LabelMapping, loadImageFolder } from '../data/image-folder';
 import { loadMnistSplits, MnistBatch } from '../data/mnist';
 import { PatchLoader } from '../data/patch-loader';
 import { Rng } from '../data/random';
 import { fuse, stapleFuseOptions, type StapleFusion } from '../fusion/fuse';
 import { type FuseCacheProgress, fuseCachedCases } from '../fusion/fuse-cache';
 import type { Model } from '../model/model';
-import { AnnotatedSet, InMemorySource, TrainingSource } from './data';
-import { evaluateModel, evaluateVolumes, EvaluationSummary, fusedLabelRows, FusedLabelRows } from './evaluate';
+import { AnnotatedSet, gatherBatch, InMemorySource, TrainingSource } from './data';
+import { evaluateAgainstMajority, evaluateModel, evaluateVolumes, EvaluationSummary, fusedLabelRows, FusedLabelRows } from './evaluate';
 import { PatchStream, PatchStreamSource } from './patch-source';
 
 /** The paper's four MNIST annotators with the SPEC section 7 defaults. */
@@ -79,8 +89,24 @@ export interface BratsDatasetSpec {
   splits: CaseSplits;
 }
 
+export interface FolderDatasetSpec {
+  kind: 'folder';
+  /** The image folder (absolute path); '' in a preset until the command line names the data. */
+  root: string;
+  /** Classes L including background. */
+  classes: number;
+  /** How label PNGs are read (image-folder.ts); 'auto' in a preset, resolved when a run starts. */
+  labelMapping: LabelMapping;
+  /** The annotator folders, in the order of the model's CM heads; fixed when a run starts. */
+  annotators: string[];
+  /** Seeds the image split. */
+  dataSeed: number;
+  /** Image file names per split, fixed when a run starts (imageFolderSplits); empty in a preset. */
+  splits: CaseSplits;
+}
+
 /** Every data set the CLI knows. */
-export type DatasetSpec = MnistDatasetSpec | BratsDatasetSpec;
+export type DatasetSpec = MnistDatasetSpec | BratsDatasetSpec | FolderDatasetSpec;
 
 export type SplitName = 'validation' | 'test';
 
@@ -120,6 +146,8 @@ export interface ExperimentData {
   source: TrainingSource;
   /** Names of the classes for reports, index = label. */
   classNames?: string[];
+  /** What evaluate() scores the consensus against when it is not the expert consensus. */
+  reference?: 'majority vote';
   /** Scores a model on a split (every epoch on validation, at the end on test). */
   evaluate(model: Model, split: SplitName, options?: ExperimentEvaluateOptions): Promise<EvaluationSummary>;
   /** Dice of the naive fused label maps on the test split (tables' "Mean labels" / "Mode labels"). */
@@ -202,14 +230,24 @@ export const BRATS_SPLIT_FRACTIONS = { validation: 0.15, test: 0.15 } as const;
  * ids and the seed, not on their order. Each split is sorted by id.
  */
 export function bratsCaseSplits(ids: readonly string[], seed: number, fractions: { validation: number; test: number } = BRATS_SPLIT_FRACTIONS): CaseSplits {
+  return splitIds(ids, seed, fractions, { what: 'a BraTS run', unit: 'case', stream: 'brats case split' });
+}
+
+/** Image file names split as bratsCaseSplits splits cases (70/15/15 by `seed`, at least one each). */
+export function imageFolderSplits(names: readonly string[], seed: number, fractions: { validation: number; test: number } = BRATS_SPLIT_FRACTIONS): CaseSplits {
+  return splitIds(names, seed, fractions, { what: 'an image-folder run', unit: 'image', stream: 'image folder split' });
+}
+
+function splitIds(ids: readonly string[], seed: number, fractions: { validation: number; test: number }, words: { what: string; unit: string; stream: string }): CaseSplits {
   const n = ids.length;
-  if (n < 3) throw new RangeError(`a BraTS run needs at least 3 cases (one each for training, validation and test); there are ${n}`);
+  const { what, unit } = words;
+  if (n < 3) throw new RangeError(`${what} needs at least 3 ${unit}s (one each for training, validation and test); there are ${n}`);
   const sorted = [...new Set(ids)].sort();
-  if (sorted.length !== n) throw new RangeError('case ids must be unique');
+  if (sorted.length !== n) throw new RangeError(`${unit} ids must be unique`);
   const validation = Math.max(1, Math.round(fractions.validation * n));
   const test = Math.max(1, Math.round(fractions.test * n));
-  if (validation + test > n - 1) throw new RangeError(`${n} cases cannot hold ${validation} validation and ${test} test cases and still train on one`);
-  const order = new Rng(seed).fork('brats case split').permutation(n);
+  if (validation + test > n - 1) throw new RangeError(`${n} ${unit}s cannot hold ${validation} validation and ${test} test ${unit}s and still train on one`);
+  const order = new Rng(seed).fork(words.stream).permutation(n);
   const pick = (from: number, to: number) => Array.from(order.subarray(from, to), (i) => sorted[i]).sort();
   return { test: pick(0, test), validation: pick(test, test + validation), train: pick(test + validation, n) };
 }
@@ -288,6 +326,61 @@ export function loadBratsExperiment(spec: BratsDatasetSpec, trainingSeed: number
   };
 }
 
+/**
+ * The run's three splits of an image folder, each gathered by name from the whole folder.
+ * Kept apart from loadFolderExperiment so that its closures do not hold the whole folder too.
+ */
+function folderSplitSets(spec: FolderDatasetSpec): Record<keyof CaseSplits, AnnotatedSet> {
+  const folder = loadImageFolder(spec.root, { classes: spec.classes, labelMapping: spec.labelMapping, annotators: spec.annotators });
+  const index = new Map(folder.names.map((name, n) => [name, n]));
+  const whole: AnnotatedSet = {
+    count: folder.count,
+    channels: folder.channels,
+    classes: folder.classes,
+    spatial: [folder.extent.h, folder.extent.w],
+    images: folder.images,
+    labels: folder.labels,
+    present: folder.present,
+    ...(folder.consensus ? { consensus: folder.consensus } : {}),
+    annotatorNames: folder.annotators,
+  };
+  const subset = (split: keyof CaseSplits): AnnotatedSet => {
+    const names = spec.splits[split];
+    if (names.length === 0) throw new ImageFolderError(`the run's ${split} split is empty`);
+    const missing = names.filter((name) => !index.has(name));
+    if (missing.length > 0) {
+      throw new ImageFolderError(`${spec.root} lacks ${missing.length} ${split} image(s) of this run (${missing.slice(0, 3).join(', ')}${missing.length > 3 ? ', ...' : ''} in images/)`);
+    }
+    const batch = gatherBatch(whole, names.map((name) => index.get(name)!));
+    return { ...whole, count: names.length, images: batch.images, labels: batch.labels, present: batch.present, consensus: batch.consensus, names: [...names] };
+  };
+  return { train: subset('train'), validation: subset('validation'), test: subset('test') };
+}
+
+/**
+ * An image folder as a run's data: the whole folder in memory, split by the spec's names.
+ * Throws ImageFolderError when the folder or a file in it does not fit, naming it.
+ */
+export function loadFolderExperiment(spec: FolderDatasetSpec, trainingSeed: number): ExperimentData {
+  if (!spec.root) throw new ImageFolderError('the image-folder data set has no folder: give it with --data');
+  const sets = folderSplitSets(spec);
+  const hasConsensus = sets.test.consensus !== undefined;
+  return {
+    source: new InMemorySource(sets.train, trainingSeed),
+    ...(spec.classes === 2 ? { classNames: ['background', 'foreground'] } : {}),
+    ...(hasConsensus ? {} : { reference: 'majority vote' as const }),
+    evaluate: (model, split, options) => (hasConsensus ? evaluateModel(model, sets[split], options) : evaluateAgainstMajority(model, sets[split], options)),
+    // The fused labels' Dice is only worth a row against an expert: against the vote, mode would score 1.
+    ...(hasConsensus ? { fusedLabelRows: () => fusedLabelRows(sets.test) } : {}),
+    split: (name) => sets[name],
+    prepareFusedTargets: async (fusion) => {
+      const started = performance.now();
+      sets.train.fused = await fuseTrainingSet(sets.train, fusion);
+      return { fusion, scope: 'set', fused: sets.train.count, reused: 0, ms: performance.now() - started };
+    },
+  };
+}
+
 /** Where a run's cache is when `cmseg train` prepares it from a BraTS folder. */
 export function runCacheDir(outDir: string): string {
   return path.join(outDir, 'cache');
@@ -299,6 +392,8 @@ export function loadExperimentData(spec: DatasetSpec, trainingSeed: number, runt
       return loadMnistExperiment(spec, trainingSeed);
     case 'brats':
       return loadBratsExperiment(spec, trainingSeed, runtime);
+    case 'folder':
+      return loadFolderExperiment(spec, trainingSeed);
     default: {
       const unknown: never = spec;
       throw new RangeError(`unknown data set kind ${JSON.stringify((unknown as { kind: unknown }).kind)}`);

@@ -2,7 +2,7 @@
 // that suit a machine. Command-line flags override any field. One source of truth for
 // the defaults the README, the reproduction script and the tests rely on.
 
-import type { BratsDatasetSpec, DatasetSpec } from './experiment';
+import type { BratsDatasetSpec, DatasetSpec, FolderDatasetSpec } from './experiment';
 import { TRAIN_DEFAULTS, TrainConfig } from './trainer';
 
 /** BraTS settings both brats presets share; `cache` and `splits` are filled when a run starts. */
@@ -17,6 +17,17 @@ const BRATS_DATASET: BratsDatasetSpec = {
   dataSeed: 0,
   augment: true,
   foregroundFraction: 1 / 3,
+  splits: { train: [], validation: [], test: [] },
+};
+
+/** A user's image folder; `root`, `annotators` and `splits` are filled when a run starts. */
+const FOLDER_DATASET: FolderDatasetSpec = {
+  kind: 'folder',
+  root: '',
+  classes: 2,
+  labelMapping: 'auto',
+  annotators: [],
+  dataSeed: 0,
   splits: { train: [], validation: [], test: [] },
 };
 
@@ -93,6 +104,27 @@ export const PRESETS: Record<string, Preset> = {
       epochs: 2,
       batchSize: 16,
       schedule: { kind: 'constant', lr: 3e-3 },
+      augment: { flips: true, rotations: true },
+    },
+  },
+  // A user's own 2D data (cmseg simulate writes such a folder): the mnist preset's U-Net
+  // (depth 3, c 16), so images must be multiples of 4 pixels on each side. The data's size
+  // is unknown: 10 epochs of batch 16 is a start for a few hundred to a few thousand
+  // images; larger images (LIDC crops are 128x128, 16 times MNIST's pixels) take
+  // proportionally longer per step.
+  images: {
+    name: 'images',
+    description: 'your 2D image folder (--data: images/, labels/<annotator>/, optional consensus/): U-Net depth 3, c 16 as mnist; 70/15/15 split; 10 epochs of batch 16',
+    dataset: { ...FOLDER_DATASET },
+    train: {
+      ...TRAIN_DEFAULTS,
+      depth: 3,
+      baseChannels: 16,
+      epochs: 10,
+      batchSize: 16,
+      schedule: { kind: 'cosine', lr: 3e-3, minLr: 1e-4 },
+      lambda: 0.01,
+      warmupSteps: 0,
       augment: { flips: true, rotations: true },
     },
   },

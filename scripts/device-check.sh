@@ -26,7 +26,9 @@
 #              and the device time of each layer per step (CMSEG_GPU_PROFILE=1); then
 #              the same step varied, to choose defaults from: bench_gpu_ncdhw (cuDNN on
 #              the NCDHW tensors), bench_gpu_graph / _graph_ncdhw (conv3 through
-#              cuDNN's graph API, engines timed per shape), bench_gpu_upconv_cudnn / _cl (transposed
+#              cuDNN's graph API, engines timed per shape), bench_gpu_autotune (each
+#              conv3 direction and shape on the fastest of the four paths, timed in
+#              the first step), bench_gpu_upconv_cudnn / _cl (transposed
 #              convolutions through cuDNN instead of GEMMs), cm_loss_grid (the fused
 #              CM loss at 2-32 blocks per SM), cm_loss_pairs (its thread-per-pixel-
 #              and-annotator kernel), bench_gpu_bf16 (bf16 convolutions); each run
@@ -145,6 +147,10 @@ write_summary() {
            g && /^cmseg GPU/ { match($0, /cm_loss [0-9.]+ ms, [0-9]+ GB\/s/); print "  " g " -> " substr($0, RSTART, RLENGTH); g = "" }' \
         "$OUT/bench_gpu.txt"
     fi
+    if grep -q "^cmseg: conv3 " "$OUT/bench_gpu.txt" 2>/dev/null; then
+      echo "== conv3 path per direction and shape, timed (CMSEG_CONV_AUTOTUNE)"
+      grep -h "^cmseg: conv3 " "$OUT/bench_gpu.txt" | sort -u | head -50 | cut -c1-400 | sed 's/^/  /'
+    fi
     if grep -q "cmseg: cuDNN graph" "$OUT/bench_gpu.txt" "$OUT/test_cuda.txt" 2>/dev/null; then
       echo "== conv3 through cuDNN's graph API: the engine timed fastest per direction and shape"
       grep -h "cmseg: cuDNN graph" "$OUT/bench_gpu.txt" "$OUT/test_cuda.txt" | sed -E 's/^[0-9]+: //' | sort -u | head -60 | cut -c1-400 | sed 's/^/  /'
@@ -178,7 +184,9 @@ for line in lines:
         continue
     if "stepMsMedian" in r and r.get("bench") == "cmseg-gpu":
         mode = "bf16 convolutions" if r.get("bf16") else "TF32" if r.get("tf32") else "fp32"
-        if "channelsLast" in r:
+        if r.get("convAutotune"):
+            mode += ", conv3 path timed per shape"
+        elif "channelsLast" in r:
             mode += ", cuDNN " + ("graph API" if r.get("cudnnGraph") else "legacy API") + " on " + (
                 "NDHWC copies" if r["channelsLast"] else "NCDHW tensors")
         if r.get("upconv"):
@@ -277,6 +285,9 @@ if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   # its engine choices go to stderr (the summary lists them).
   stage bench_gpu_graph 90 "$OUT/bench_gpu.txt" "CMSEG_CUDNN_GRAPH=1 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   stage bench_gpu_graph_ncdhw 90 "$OUT/bench_gpu.txt" "CMSEG_CUDNN_GRAPH=1 CMSEG_CONV_CHANNELS_LAST=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  # Each conv3 direction and shape on the fastest of those four paths, timed in the
+  # first step (CMSEG_CONV_AUTOTUNE; choices on stderr): the candidate default.
+  stage bench_gpu_autotune 120 "$OUT/bench_gpu.txt" "CMSEG_CONV_AUTOTUNE=1 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # The transposed convolutions through cuDNN (the default runs them as cuBLAS GEMMs
   # with our scatter/gather; cuDNN's NCDHW backward took 8.9 ms/step on an H200):
   # on the NCDHW tensors, then on channels-last copies.

@@ -83,6 +83,7 @@ Context::Context(const ContextOptions& options) : impl_(new Impl) {
   if (const char* c = std::getenv("CMSEG_CONV_CHANNELS_LAST"); c && *c)
     m.options.conv_channels_last = std::string(c) != "0";
   if (const char* g = std::getenv("CMSEG_CUDNN_GRAPH"); g && *g) m.options.conv_graph = std::string(g) != "0";
+  if (const char* a = std::getenv("CMSEG_CONV_AUTOTUNE"); a && *a) m.options.conv_autotune = std::string(a) != "0";
   const int dev = options.device;
   if (dev < 0 || dev >= probe().devices)
     throw Error(str("CUDA device ", dev, " does not exist (", probe().devices, " found)"));
@@ -168,6 +169,7 @@ void Context::make_current() { CMSEG_CUDA(cudaSetDevice(impl_->options.device));
 void Context::set_tf32(bool on) { impl_->options.tf32 = on; }
 void Context::set_conv_channels_last(bool on) { impl_->options.conv_channels_last = on; }
 void Context::set_conv_graph(bool on) { impl_->options.conv_graph = on; }
+void Context::set_conv_autotune(bool on) { impl_->options.conv_autotune = on; }
 void Context::set_bf16(bool on) { impl_->options.bf16 = on; }
 void Context::set_upconv(UpconvPath path, size_t chunk_bytes) {
   impl_->options.upconv = path;

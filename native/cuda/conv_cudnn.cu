@@ -664,12 +664,14 @@ void ncdhw_backward_filter(Context& ctx, const ConvKey& key, const TensorDesc& x
 }
 }  // namespace
 
+namespace {
+
 // Paths in order of preference: bf16 copies (with ContextOptions::bf16), fp32
-// channels-last copies (with conv_channels_last), the NCDHW tensors themselves.
-void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s,
-                   int ndim) {
+// channels-last copies (with conv_channels_last), the NCDHW tensors themselves; each
+// through the graph API first with conv_graph.
+void conv3_forward_on(Context& ctx, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s,
+                      int ndim) {
   ProfileScope prof_(ctx, "conv3_forward", cin, cout, s);
-  check_shape("conv3_forward", n, cin, cout, s, ndim);
   const ContextOptions& o = ctx.options();
   const bool tf32 = o.tf32;
   if (o.bf16) {
@@ -694,9 +696,8 @@ void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n
                                       (cudnnConvolutionFwdAlgo_t)a.algo, ws.p, a.workspace, &zero, yd.d, y));
 }
 
-void conv3_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, int n,
-                    int cin, int cout, Spatial s, int ndim) {
-  check_shape("conv3_backward", n, cin, cout, s, ndim);
+void conv3_backward_on(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, int n,
+                       int cin, int cout, Spatial s, int ndim) {
   const ContextOptions& o = ctx.options();
   const bool tf32 = o.tf32, bf = o.bf16, cl = o.conv_channels_last;
   TensorDesc xd(n, cin, s, ndim), yd(n, cout, s, ndim);
@@ -718,6 +719,95 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
   if (cl && cl_backward_filter(ctx, g32, x32, dy32, dw)) return;
   dy32.release(), x32.release();
   ncdhw_backward_filter(ctx, key_of(kConvBwdFilter, n, cin, cout, s, ndim, tf32), xd, x, yd, dy, cd, wd, dw, wn);
+}
+
+// ---- conv3's path chosen by timing (ContextOptions::conv_autotune) ---------------
+// The four ways conv3 can run in fp32: cuDNN's legacy or graph API, on channels-last
+// copies or on the NCDHW tensors. Which is fastest differs by shape (the copies cost
+// most at level 0; the engines differ by layout), so with conv_autotune each
+// direction and shape times all four once, inside the first call, and keeps the
+// fastest, as cudnn.benchmark does for algorithms.
+struct ConvPath {
+  bool channels_last, graph;
+  const char* name;
+};
+constexpr ConvPath kConvPaths[] = {
+    {true, false, "legacy NDHWC"}, {false, false, "legacy NCDHW"}, {true, true, "graph NDHWC"}, {false, true, "graph NCDHW"}};
+
+// Sets a path's options on the context for a scope (put back after, also on a throw).
+struct PathScope {
+  Context& ctx;
+  bool channels_last, graph;
+  PathScope(Context& c, const ConvPath& p)
+      : ctx(c), channels_last(c.options().conv_channels_last), graph(c.options().conv_graph) {
+    ctx.set_conv_channels_last(p.channels_last);
+    ctx.set_conv_graph(p.graph);
+  }
+  ~PathScope() {
+    ctx.set_conv_channels_last(channels_last);
+    ctx.set_conv_graph(graph);
+  }
+};
+
+// The index into kConvPaths for a key: cached, or timed now. run(path) runs the call
+// on scratch outputs; a path that throws (other than out of memory) drops out.
+template <class Run>
+int autotuned_path(Context& ctx, const ConvKey& key, const char* what, Run run) {
+  std::map<ConvKey, int>& cache = ctx.impl().conv_paths;
+  if (auto it = cache.find(key); it != cache.end()) return it->second;
+  int best = -1;
+  float best_ms = 0;
+  std::string tried;
+  for (int p = 0; p < (int)std::size(kConvPaths); ++p) {
+    float ms = -1;
+    try {
+      PathScope scope(ctx, kConvPaths[p]);
+      run();  // warm-up: each path chooses its own algorithm or engine here
+      ms = ctx.time_ms(run, 2);
+    } catch (const OutOfMemory&) {
+      throw;
+    } catch (const Error& e) {
+      tried += str(tried.empty() ? "" : ", ", kConvPaths[p].name, " failed (", e.what(), ")");
+      continue;
+    }
+    tried += str(tried.empty() ? "" : ", ", kConvPaths[p].name, " ", ms, " ms");
+    if (best < 0 || ms < best_ms) best = p, best_ms = ms;
+  }
+  if (best < 0) fail(what, ": no conv3 path ran (", tried, ")");
+  std::fprintf(stderr, "cmseg: conv3 %s %d->%d %dx%dx%d n %d: %s (%s)\n", what, key.cin, key.cout, key.d, key.h,
+               key.w, key.n, kConvPaths[best].name, tried.c_str());
+  return cache[key] = best;
+}
+
+bool autotune(const Context& ctx) { return ctx.options().conv_autotune && !ctx.options().bf16; }
+
+}  // namespace
+
+void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s,
+                   int ndim) {
+  check_shape("conv3_forward", n, cin, cout, s, ndim);
+  if (!autotune(ctx)) return conv3_forward_on(ctx, x, w, y, n, cin, cout, s, ndim);
+  const ConvKey key{40, n, cin, cout, s.d, s.h, s.w, ndim, ctx.options().tf32};
+  const int p = autotuned_path(ctx, key, "forward", [&] { conv3_forward_on(ctx, x, w, y, n, cin, cout, s, ndim); });
+  PathScope scope(ctx, kConvPaths[p]);
+  conv3_forward_on(ctx, x, w, y, n, cin, cout, s, ndim);
+}
+
+void conv3_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, int n,
+                    int cin, int cout, Spatial s, int ndim) {
+  check_shape("conv3_backward", n, cin, cout, s, ndim);
+  if (!autotune(ctx)) return conv3_backward_on(ctx, x, w, dy, dx, dw, n, cin, cout, s, ndim);
+  const ConvKey key{dx ? 41 : 42, n, cin, cout, s.d, s.h, s.w, ndim, ctx.options().tf32};
+  const size_t wn = (size_t)cout * cin * conv3_taps(ndim);
+  int p;
+  {
+    Scratch timed_dw(ctx, wn * sizeof(float));  // the filter gradient is accumulated: time into scratch
+    p = autotuned_path(ctx, key, dx ? "backward" : "backward filter", [&] {
+      conv3_backward_on(ctx, x, w, dy, dx, static_cast<float*>(timed_dw.p), n, cin, cout, s, ndim);
+    });
+  }
+  PathScope scope(ctx, kConvPaths[p]);
+  conv3_backward_on(ctx, x, w, dy, dx, dw, n, cin, cout, s, ndim);
 }
 
 // upconv2 through cuDNN (native/cuda/upconv2.cu chooses the path and adds the

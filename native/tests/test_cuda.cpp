@@ -428,6 +428,7 @@ struct OptionsGuard {
     ctx().set_bf16(saved.bf16);
     ctx().set_conv_channels_last(saved.conv_channels_last);
     ctx().set_conv_graph(saved.conv_graph);
+    ctx().set_conv_autotune(saved.conv_autotune);
     ctx().set_upconv(saved.upconv, saved.upconv_chunk_bytes);
   }
 };
@@ -461,6 +462,22 @@ TEST(conv3_matches_cpu) {
       std::printf("  conv3 %s %s: %zu direction-shapes fell back to the next path\n", api,
                   channels_last ? "NDHWC" : "NCDHW", ctx().conv_fallbacks() - before);
     }
+}
+
+// conv3's path chosen by timing (ContextOptions::conv_autotune): whichever of the four
+// fp32 paths wins, the result is the CPU reference's, the real filter gradient is
+// accumulated once (the timing runs go to scratch), and the options are as before.
+TEST(conv3_autotuned_matches_cpu) {
+  OptionsGuard guard;
+  ctx().set_conv_autotune(true);
+  std::printf("  -- conv3 with its path timed per direction and shape (choices on stderr)\n");
+  for (bool tf32 : {false, true}) {
+    conv3_case(2, 2, 3, 5, {1, 12, 10}, tf32);
+    conv3_case(3, 2, 4, 6, {6, 8, 10}, tf32);
+    conv3_case(3, 1, 16, 32, {8, 8, 8}, tf32);
+  }
+  CHECK(ctx().options().conv_channels_last == guard.saved.conv_channels_last);
+  CHECK(ctx().options().conv_graph == guard.saved.conv_graph);
 }
 
 // bf16 copies (ContextOptions::bf16): inputs, weights and what cuDNN writes are
@@ -1167,22 +1184,31 @@ TEST(model_step_gpu_matches_cpu) { whole_step_parity_test(); }
 
 // The same with conv3 through cuDNN's graph API (CMSEG_CUDNN_GRAPH=1, read when a
 // model's context is made), on channels-last copies and on the NCDHW tensors.
+// Set for the models made in a scope (their contexts read it), then put back as it was.
+struct ScopedEnv {
+  std::vector<std::pair<std::string, std::optional<std::string>>> saved;
+  void put(const char* k, const char* v) {
+    const char* old = std::getenv(k);
+    saved.emplace_back(k, old ? std::optional<std::string>(old) : std::nullopt);
+    setenv(k, v, 1);
+  }
+  ~ScopedEnv() {
+    for (const auto& [k, v] : saved) v ? (void)setenv(k.c_str(), v->c_str(), 1) : (void)unsetenv(k.c_str());
+  }
+};
+
+// The same with conv3 through cuDNN's graph API (CMSEG_CUDNN_GRAPH=1) on channels-last
+// copies and on the NCDHW tensors, and with its path timed per shape (CMSEG_CONV_AUTOTUNE=1).
 TEST(model_step_gpu_graph_api_matches_cpu) {
-  for (const char* layout : {"1", "0"}) {
-    // Set for the models made here, then put back as they were.
-    struct Env {
-      std::vector<std::pair<std::string, std::optional<std::string>>> saved;
-      void put(const char* k, const char* v) {
-        const char* old = std::getenv(k);
-        saved.emplace_back(k, old ? std::optional<std::string>(old) : std::nullopt);
-        setenv(k, v, 1);
-      }
-      ~Env() {
-        for (const auto& [k, v] : saved) v ? (void)setenv(k.c_str(), v->c_str(), 1) : (void)unsetenv(k.c_str());
-      }
-    } env;
-    env.put("CMSEG_CUDNN_GRAPH", "1"), env.put("CMSEG_CONV_CHANNELS_LAST", layout);
-    const std::string on = std::string(", graph API on ") + (layout[0] == '1' ? "NDHWC" : "NCDHW");
+  struct Setting {
+    const char *graph, *channels_last, *autotune, *name;
+  };
+  for (const Setting& e : {Setting{"1", "1", "0", "graph API on NDHWC"}, Setting{"1", "0", "0", "graph API on NCDHW"},
+                           Setting{"0", "1", "1", "conv3 path timed per shape"}}) {
+    ScopedEnv env;
+    env.put("CMSEG_CUDNN_GRAPH", e.graph), env.put("CMSEG_CONV_CHANNELS_LAST", e.channels_last);
+    env.put("CMSEG_CONV_AUTOTUNE", e.autotune);
+    const std::string on = std::string(", ") + e.name;
     whole_step_case(step_case("2D full" + on, 2, CmMode::Full, 0));
     whole_step_case(step_case("3D full, 1 head block" + on, 3, CmMode::Full, 1));
   }

@@ -83,6 +83,11 @@ struct ContextOptions {
   // cudnn.benchmark (native/cuda/conv_graph.cu); a shape it cannot run takes the
   // legacy API. CMSEG_CUDNN_GRAPH=1 in the environment turns it on.
   bool conv_graph = false;
+  // conv3's path chosen per direction and shape by timing the four fp32 ones (legacy
+  // or graph API, channels-last copies or NCDHW) inside the first call, the fastest
+  // kept (native/cuda/conv_cudnn.cu); conv_channels_last and conv_graph are then
+  // ignored for conv3. Not with bf16. CMSEG_CONV_AUTOTUNE=1 in the environment turns it on.
+  bool conv_autotune = false;
   // How the transposed convolutions (upconv2) run: as cuBLAS GEMMs with our own
   // scatter and gather kernels (native/cuda/upconv2.cu), or through cuDNN on the
   // NCDHW tensors or on channels-last copies. CMSEG_UPCONV=gemm|cudnn|cudnn-cl in the
@@ -144,6 +149,7 @@ class Context {
   void set_tf32(bool on);
   void set_conv_channels_last(bool on);
   void set_conv_graph(bool on);
+  void set_conv_autotune(bool on);
   void set_bf16(bool on);
   void set_upconv(UpconvPath path, size_t chunk_bytes = 0);
   int device() const;

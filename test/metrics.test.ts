@@ -20,7 +20,7 @@ import {
   totalDice,
 } from '../src/eval/metrics';
 import { bratsDice } from '../src/eval/brats-regions';
-import { formatBratsReport, formatSegmentationReport } from '../src/eval/report';
+import { formatBratsReport, formatMeanStd, formatSegmentationReport } from '../src/eval/report';
 
 const u8 = (...values: number[]) => Uint8Array.from(values);
 const close = (t: { ok(condition: boolean, message: string): unknown }, actual: number, expected: number, message: string, tol = 1e-9) =>
@@ -304,4 +304,27 @@ t.test('BraTS regions and classes on a tiny volume', async (t) => {
   close(t, b.classes.edema.mean, 0.4, 'edema');
   close(t, b.classes.enhancing.mean, 0.5, 'enhancing');
   t.match(formatBratsReport(b), /\| whole tumour \(1, 2, 3\) \| 0\.8333 ± 0\.0000 \|/);
+});
+
+t.test('an image whose reference labels no voxel is left out of Dice, as of Total Dice', async (t) => {
+  // Image 0: every truth voxel unlabelled. Image 1: truth 0 1 1 0, prediction 0 1 0 0.
+  const truth = Uint8Array.from([255, 255, 255, 255, 0, 1, 1, 0]);
+  const pred = Uint8Array.from([1, 1, 0, 0, 0, 1, 0, 0]);
+  const d = diceSummary(pred, truth, 2, 2);
+  t.ok(Number.isNaN(d.perImage[0]) && Number.isNaN(d.perImage[1]), 'image 0: NaN for every class');
+  t.ok(Math.abs(d.perImage[3] - 2 / 3) < 1e-12, 'image 1 foreground: 2*1 / (1 + 2)');
+  t.equal(d.perClass[1].count, 1, 'one image scored');
+  t.ok(Math.abs(d.perClass[1].mean - 2 / 3) < 1e-12, `foreground mean ${d.perClass[1].mean}`);
+  t.equal(d.total.count, 1);
+  t.ok(Math.abs(d.total.mean - 0.75) < 1e-12);
+});
+
+t.test('a mean that rounds to zero prints without a minus sign', async (t) => {
+  t.equal(formatMeanStd({ mean: -1e-6, std: 2e-6, count: 3 }), '0.0000 ± 0.0000');
+  t.equal(formatMeanStd({ mean: -0.00006, std: 0, count: 3 }), '-0.0001 ± 0.0000');
+});
+
+t.test('trueConfusionMatrix skips voxels the consensus leaves unlabelled', async (t) => {
+  const cm = trueConfusionMatrix(Uint8Array.from([0, 1, 1, 0]), Uint8Array.from([0, 1, 255, 255]), 2);
+  t.same(Array.from(cm.counts), [1, 0, 0, 1], 'only the two labelled voxels count');
 });

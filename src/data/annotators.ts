@@ -453,7 +453,8 @@ export function trueConfusionMatrix(labels: Uint8Array, consensus: Uint8Array, c
   for (let v = 0; v < labels.length; v++) {
     const label = labels[v];
     const truth = consensus[v];
-    if (label === UNLABELLED) continue;
+    // Voxels either side left unlabelled say nothing about the annotator (as the metrics skip them).
+    if (label === UNLABELLED || truth === UNLABELLED) continue;
     if (label >= classes) throw new RangeError(`labels: label ${label} at index ${v} >= classes (${classes})`);
     if (truth >= classes) throw new RangeError(`consensus: label ${truth} at index ${v} >= classes (${classes})`);
     counts[label * classes + truth]++;

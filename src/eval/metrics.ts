@@ -197,6 +197,11 @@ export function dicePerClassFromCounts(counts: Float64Array, n: number, classes:
   const dice = new Float64Array(n * L);
   for (let img = 0; img < n; img++) {
     const base = img * K * K;
+    // An image whose reference labels no voxel at all (every truth voxel 255) scores
+    // nothing: NaN, left out of the statistics like its Total Dice, rather than the
+    // "both empty" 1 of each class, which would count it as perfect.
+    let labelled = 0;
+    for (let k = 0; k < K * K; k++) labelled += counts[base + k];
     for (let c = 0; c < L; c++) {
       let predSize = 0;
       let truthSize = 0;
@@ -205,7 +210,7 @@ export function dicePerClassFromCounts(counts: Float64Array, n: number, classes:
         truthSize += counts[base + k * K + c];
       }
       const both = counts[base + c * K + c];
-      dice[img * L + c] = predSize + truthSize === 0 ? 1 : (2 * both) / (predSize + truthSize);
+      dice[img * L + c] = labelled === 0 ? NaN : predSize + truthSize === 0 ? 1 : (2 * both) / (predSize + truthSize);
     }
   }
   return dice;

@@ -22,7 +22,9 @@ function countOf(n: number, unit: string): string {
 /** "0.8123 ± 0.0456"; "n/a" when there was nothing to average. */
 export function formatMeanStd(value: MeanStd | undefined, digits = 4): string {
   if (value === undefined || value.count === 0 || !Number.isFinite(value.mean)) return 'n/a';
-  return `${value.mean.toFixed(digits)} ± ${value.std.toFixed(digits)}`;
+  // A mean that rounds to zero prints as 0, not "-0.0000".
+  const fixed = (x: number) => (Math.abs(x) < 0.5 * 10 ** -digits ? 0 : x).toFixed(digits);
+  return `${fixed(value.mean)} ± ${fixed(value.std)}`;
 }
 
 function formatNumber(value: number | undefined, digits: number): string {

@@ -221,8 +221,9 @@ require('./dist/cli/main.js').main(process.argv);
 ### What we found
 
 1. **Nothing we tried made the trace term help.** At lambda 0.01 a \`cm\` run and the \`cm-notrace\` run with the same seed
-   (so the same initialisation and batch order) differ by at most 0.1 Dice, at every scale. When training is longer
-   (12 epochs), \`cm-notrace\` is slightly ahead on both seeds (+0.16, +0.14) and has the lower CM error. Raising lambda to 0.1
+   (so the same initialisation and batch order) differ by at most 0.1 Dice in the 4-epoch \`mnist-quick\` runs and at the
+   \`mnist\` preset. When training is longer (12 epochs), \`cm-notrace\` is ahead on both seeds (+0.16, +0.14) and has the
+   lower CM error. Raising lambda to 0.1
    costs Dice and raises the CM error by about 40%. One epoch of warm-up with the negated trace changes nothing we can
    measure. Without the \`good\` annotator, the harm from the trace grows with lambda (95.2 → 93.8 → 70.4). The trace weight that
    helps here is zero, so neither tuning lambda nor adding warm-up will bring back the paper's \`cm\` > \`cm-notrace\`.
@@ -291,10 +292,12 @@ Columns: **Dice** = foreground Dice against the expert consensus, mean ± std ov
 seeds (${options.seeds.join(', ')}) of each run's mean over the test images. **CM estimation error** = RMSE between
 the estimated and true per-image CMs (SPEC section 6), averaged over the four annotators, mean ± std over
 seeds; only for the methods that learn CMs. **GED** = generalised energy distance between the model's
-four annotator predictions and the four observed annotations. Test images always carry all four
+four annotator predictions and the four observed annotations, mean ± std over seeds. Every ± is the population
+standard deviation (ddof 0, numpy's default)${options.seeds.length > 1 ? `: over ${options.seeds.length} seeds the sample standard deviation (ddof 1) would be
+${Math.sqrt(options.seeds.length / (options.seeds.length - 1)).toFixed(2)} times as large` : ''}. Test images always carry all four
 annotations, so the CM error and GED are measured alike in both tables. The "Mean labels" and "Mode labels"
-rows score the fused training targets themselves (test images, labelled in the table's mode); mean
-labels count a tie (2 of 4) as foreground, mode labels as background.
+rows score the fused training targets themselves (test images, labelled in the table's mode), mean ± population
+std over the test images; mean labels count a tie (2 of 4) as foreground, mode labels as background.
 
 ## Table 1: dense labels (every annotator labels every training image)
 

@@ -24,14 +24,14 @@
 #   bench_gpu  cmseg_bench_gpu brats3d-gpu: median train step (TF32), voxels/s,
 #              GFLOP/s, peak pool memory, fused CM loss GB/s (JSON like the torch bench),
 #              and the device time of each layer per step (CMSEG_GPU_PROFILE=1); then
-#              the same step varied, to choose defaults from: bench_gpu_ncdhw (cuDNN on
-#              the NCDHW tensors), bench_gpu_graph / _graph_ncdhw (conv3 through
-#              cuDNN's graph API, engines timed per shape), bench_gpu_autotune (each
-#              conv3 direction and shape on the fastest of the four paths, timed in
-#              the first step), bench_gpu_upconv_cudnn / _cl (transposed
-#              convolutions through cuDNN instead of GEMMs), cm_loss_grid (the fused
-#              CM loss at 2-32 blocks per SM), cm_loss_pairs (its thread-per-pixel-
-#              and-annotator kernel), bench_gpu_bf16 (bf16 convolutions); each run
+#              the same step varied, to choose defaults from: bench_gpu_autotune (each
+#              conv3 direction and shape on the fastest of four paths: cuDNN's legacy
+#              or graph API, channels-last copies or NCDHW; every path's time listed),
+#              bench_gpu_ncdhw (legacy cuDNN on the NCDHW tensors),
+#              cm_loss_grid (the fused CM loss at 2-32 blocks per SM), cm_loss_pairs
+#              (its thread-per-pixel-and-annotator kernel), bench_gpu_bf16 (bf16
+#              convolutions), bench_gpu_upconv_cudnn / _cl (transposed convolutions
+#              through cuDNN instead of GEMMs); each run
 #              also times its steps back to back and reports the device's idle time
 #              between steps and its time by convolution shape
 #   smoke      (Node) scripts/device-smoke.mjs: the addon's `device: 'cuda'` model
@@ -279,20 +279,13 @@ if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   stage bench_gpu 90 "$OUT/bench_gpu.txt" "CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # The same step with cuDNN on the model's NCDHW tensors (no channels-last copies):
   # as fast at level 0 on an H200 once the workspace cap allowed the fast algorithms.
-  stage bench_gpu_ncdhw 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_CHANNELS_LAST=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
-  # conv3 through cuDNN's graph API (engines timed per shape, as PyTorch's
-  # cudnn.benchmark does) on the channels-last copies, then on the NCDHW tensors;
-  # its engine choices go to stderr (the summary lists them).
-  stage bench_gpu_graph 90 "$OUT/bench_gpu.txt" "CMSEG_CUDNN_GRAPH=1 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
-  stage bench_gpu_graph_ncdhw 90 "$OUT/bench_gpu.txt" "CMSEG_CUDNN_GRAPH=1 CMSEG_CONV_CHANNELS_LAST=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
-  # Each conv3 direction and shape on the fastest of those four paths, timed in the
-  # first step (CMSEG_CONV_AUTOTUNE; choices on stderr): the candidate default.
+  # Each conv3 direction and shape on the fastest of its four fp32 paths (cuDNN's
+  # legacy or graph API, on channels-last copies or the NCDHW tensors), timed in the
+  # first step (CMSEG_CONV_AUTOTUNE): the candidate default. Its stderr lists every
+  # path's time per direction and shape, and the graph API's engine choices.
   stage bench_gpu_autotune 120 "$OUT/bench_gpu.txt" "CMSEG_CONV_AUTOTUNE=1 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
-  # The transposed convolutions through cuDNN (the default runs them as cuBLAS GEMMs
-  # with our scatter/gather; cuDNN's NCDHW backward took 8.9 ms/step on an H200):
-  # on the NCDHW tensors, then on channels-last copies.
-  stage bench_gpu_upconv_cudnn 60 "$OUT/bench_gpu.txt" "CMSEG_UPCONV=cudnn CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
-  stage bench_gpu_upconv_cl 60 "$OUT/bench_gpu.txt" "CMSEG_UPCONV=cudnn-cl CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  # The same step with cuDNN's legacy API on the model's NCDHW tensors (no copies).
+  stage bench_gpu_ncdhw 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_CHANNELS_LAST=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # The fused CM loss against its grid size (it reached ~15% of the bandwidth with 8
   # blocks per SM): the same bench with 2, 4, 16 and 32.
   stage cm_loss_grid 90 "$OUT/bench_gpu.txt" "for b in 2 4 16 32; do echo cm_loss grid: \$b blocks per SM; CMSEG_CM_LOSS_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss main kernel'; done"
@@ -301,6 +294,11 @@ if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   stage cm_loss_pairs 60 "$OUT/bench_gpu.txt" "for b in 0 2 16; do echo cm_loss pairs kernel: \$b blocks per SM; CMSEG_CM_LOSS_KERNEL=pairs CMSEG_CM_LOSS_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss (main|pairs) kernel'; done"
   # bf16 convolutions (config.bf16): compare with torch's bf16 autocast row.
   stage bench_gpu_bf16 60 "$OUT/bench_gpu.txt" "CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 bf16"
+  # The transposed convolutions through cuDNN (the default runs them as cuBLAS GEMMs
+  # with our scatter/gather; cuDNN's NCDHW backward took 8.9 ms/step on an H200):
+  # on the NCDHW tensors, then on channels-last copies.
+  stage bench_gpu_upconv_cudnn 60 "$OUT/bench_gpu.txt" "CMSEG_UPCONV=cudnn CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  stage bench_gpu_upconv_cl 60 "$OUT/bench_gpu.txt" "CMSEG_UPCONV=cudnn-cl CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # A convolution that fell back for want of workspace: the same bench with 8 GiB allowed.
   if grep -q "^cmseg: cuDNN offered no usable" "$OUT/bench_gpu.txt"; then
     stage bench_gpu_ws8g 90 "$OUT/bench_gpu.txt" "CMSEG_CUDNN_WORKSPACE_MB=8192 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"

@@ -58,7 +58,8 @@ function batchFor(cfg, n, size, seed) {
   const present = new Uint8Array(n * cfg.annotators).fill(1);
   if (n > 1) present[cfg.annotators] = 0; // annotator 0 did not label image 1
   const target = new Uint8Array(n * V).map(() => Math.floor(rand() * cfg.classes));
-  return { images, shape: [n, cfg.inChannels, ...spatial], labels, present, target };
+  // The batch the CM loss takes; `target` (one label map) is for the plain-CE cases.
+  return { batch: { images, shape: [n, cfg.inChannels, ...spatial], labels, present }, target };
 }
 
 async function runCase(name, cfg, n, size, plainCe = false) {
@@ -72,7 +73,8 @@ async function runCase(name, cfg, n, size, plainCe = false) {
   if (gpu.config.device !== device) throw new Error(`${name}: device '${device}' resolved to ${gpu.config.device}`);
   gpu.setWeights(cpu.getWeights());
   const b = batchFor(cfg, n, size, 11);
-  const batch = plainCe ? { images: b.images, shape: b.shape, target: b.target } : b;
+  // One of labels (CM loss) or target (plain CE) per batch, as the API requires.
+  const batch = plainCe ? { images: b.batch.images, shape: b.batch.shape, target: b.target } : b.batch;
 
   const gc = await cpu.computeGradients(batch);
   const gg = await gpu.computeGradients(batch);
@@ -101,8 +103,8 @@ async function runCase(name, cfg, n, size, plainCe = false) {
   const oc = cpu.getOptimizerState(), og = gpu.getOptimizerState();
   check(oc.step === og.step, `${name}: optimiser step ${og.step} vs CPU ${oc.step}`);
 
-  const pc = await cpu.predict(b.images, b.shape, { cms: true, annotatorProbs: true });
-  const pg = await gpu.predict(b.images, b.shape, { cms: true, annotatorProbs: true });
+  const pc = await cpu.predict(b.batch.images, b.batch.shape, { cms: true, annotatorProbs: true });
+  const pg = await gpu.predict(b.batch.images, b.batch.shape, { cms: true, annotatorProbs: true });
   const dp = Math.max(maxAbs(pg.probs, pc.probs), maxAbs(pg.cms, pc.cms), maxAbs(pg.annotatorProbs, pc.annotatorProbs));
   check(dp <= PROB_TOL, `${name}: predict (probs, CMs, q), max abs difference ${dp.toExponential(2)} <= ${PROB_TOL}`);
   const mem = gpu.memory();
@@ -118,7 +120,7 @@ async function outOfMemory() {
   const cfg = { ndim: 2, inChannels: 1, classes: 2, annotators: 2, depth: 3, baseChannels: 8, device: 'cuda', gpuMemoryLimitMB: 64 };
   try {
     const m = cmseg.createModel(cfg);
-    const big = batchFor(cfg, 16, 512, 3); // 4M pixels: far more than 64 MiB of activations
+    const big = batchFor(cfg, 16, 512, 3).batch; // 4M pixels: far more than 64 MiB of activations
     let message = '';
     await m.trainStep(big).catch((e) => (message = e.message));
     check(/GPU out of memory/.test(message), `out of memory: rejected with "${message.slice(0, 120)}"`);
@@ -128,7 +130,7 @@ async function outOfMemory() {
     const reset = m.memory();
     check(after.peakInUseMB > after.inUseMB && reset.peakInUseMB === reset.inUseMB,
       `out of memory: resetPeakMemory() starts the peak again at what is in use (${after.peakInUseMB?.toFixed(1)} -> ${reset.peakInUseMB?.toFixed(1)} MB)`);
-    const r = await m.trainStep(batchFor(cfg, 1, 16, 4));
+    const r = await m.trainStep(batchFor(cfg, 1, 16, 4).batch);
     check(Number.isFinite(r.loss), `out of memory: a small batch trains afterwards (loss ${r.loss})`);
   } catch (err) {
     check(false, `out of memory: ${err.message}`);

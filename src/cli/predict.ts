@@ -8,97 +8,152 @@
 // folder, a cache, or by default the run's test split), written as NIfTI in each case's
 // original geometry (the crop undone, the header of its t1 file), plus PNG pictures of
 // an axial slice through the tumour centre.
+// New data (--data) for any checkpoint, one written by the API's saveCheckpoint included:
+// every PNG image of a folder (DIR/images/ with optional labels/ and consensus/, or a plain
+// folder of PNGs) for a 2D model, padded to the sizes its depth takes; every case of a
+// BraTS folder, case folder or cache for a 3D model of 4 input channels.
 
 import * as fs from 'fs';
 import * as path from 'path';
 import { Command, InvalidArgumentError } from 'commander';
 import {
-  type BratsCase,
   type BratsNaming,
-  type CropBox,
-  type VolumeGeometry,
   BRATS_ENHANCING_LABEL,
   BRATS_ENHANCING_LABEL_2021,
   BRATS_GEOMETRY_TOLERANCE_MM,
-  BratsError,
-  bratsCaseInFolder,
-  bratsLayoutHint,
-  discoverBratsCases,
   extentOfDims,
-  loadBratsCase,
-  preprocessBratsCase,
   uncropVolume,
 } from '../data/brats';
-import { cacheIndexPath, readCacheIndex, readCachedCase } from '../data/cache';
+import { cacheIndexPath } from '../data/cache';
 import { writeFileAtomic } from '../data/files';
 import type { Extent } from '../data/morphology';
-import { type NiftiHeader, writeNifti } from '../data/nifti';
+import { writeNifti } from '../data/nifti';
 import { writePng } from '../data/png';
 import { argmaxAnnotatorProbs } from '../eval/metrics';
 import type { Device } from '../model/config';
 import { argmaxClasses, Model, setNumThreads } from '../model/model';
 import { slidingWindowPredict } from '../model/sliding-window';
 import { cmHeatMaps, grayImage, grid, labelImage, labelOverlay, upscale } from '../report/pictures';
-import { predictImages } from '../train/evaluate';
+import type { AnnotatedSet } from '../train/data';
+import { type InferenceModel, paddedToDepth, predictImages } from '../train/evaluate';
 import type { BratsDatasetSpec } from '../train/experiment';
-import { methodDefinition } from '../train/methods';
-import type { TrainerExtra } from '../train/trainer';
-import { choiceOption, displayPath, parseInteger, parseNumber, printOutputs, UserError, withExamples } from './common';
-import { checkpointRecipe, DEVICES, loadModelForInference, loadRunData, relocatedDataset } from './eval';
-import type { RunRecipe } from './train';
+import { choiceOption, displayPath, given, parseInteger, parseNumber, printOutputs, UserError, withExamples } from './common';
+import {
+  type CaseList,
+  type CheckpointInfo,
+  cacheCases,
+  casesInData,
+  checkBratsModel,
+  dataTarget,
+  DEVICES,
+  loadImagesToPredict,
+  loadModelForInference,
+  loadRunData,
+  methodLabel,
+  paddingNote,
+  readCheckpointInfo,
+  windowPatch,
+} from './eval';
 
 interface PredictFlags {
   checkpoint: string;
   out: string;
   data?: string;
   count?: number;
-  split: 'test' | 'validation' | 'train';
+  split: 'test' | 'validation' | 'train' | 'all';
   scale?: number;
   overlap: number;
+  patch?: number;
   device?: Device;
   threads?: number;
   geometryTolerance: number;
 }
 
-async function runPredict(flags: PredictFlags): Promise<void> {
+/** Images per predict call when drawing pictures (each brings R*L*L CM channels per pixel). */
+const PICTURE_BATCH = 16;
+
+async function runPredict(flags: PredictFlags, splitTyped: boolean): Promise<void> {
   if (flags.threads !== undefined) setNumThreads(flags.threads);
   const file = path.resolve(flags.checkpoint);
-  const { saved, recipe } = await checkpointRecipe(file);
-  if (recipe.dataset.kind === 'brats') return predictVolumes(flags, file, saved, recipe.dataset);
-  if (flags.data !== undefined && recipe.dataset.kind !== 'folder') {
-    throw new UserError(`--data is for 3D (BraTS) checkpoints and image-folder runs; ${path.basename(file)} is a ${recipe.preset} run: its pictures come from its own images (--split)`);
+  const info = await readCheckpointInfo(file);
+  const target = dataTarget(info, flags, splitTyped, 'predict');
+  if (target.kind === 'images') return predictNewImages(flags, info, target.dir, target.labelMapping);
+  if (target.kind === 'volumes') {
+    checkBratsModel(info, false);
+    return predictVolumes(flags, info, casesInData(target.dir, flags.geometryTolerance));
   }
-  return predictImages2d(flags, file, saved, { ...recipe, dataset: relocatedDataset(recipe, flags.data, file) });
+  const { recipe } = target;
+  if (recipe.dataset.kind === 'brats') return predictVolumes(flags, info, runCases(recipe.dataset, flags.split as 'test' | 'validation' | 'train'));
+  return predictRunImages(flags, info, recipe.dataset);
 }
 
-/** The 2D pictures of a run's own images. */
-async function predictImages2d(flags: PredictFlags, file: string, saved: TrainerExtra, recipe: RunRecipe): Promise<void> {
-  const data = loadRunData(recipe.dataset, saved.config.seed);
-  const count = flags.count ?? 8;
+/** The 2D pictures of a run's own images (its --split). */
+async function predictRunImages(flags: PredictFlags, info: CheckpointInfo, dataset: Parameters<typeof loadRunData>[0]): Promise<void> {
+  const split = flags.split as 'test' | 'validation' | 'train';
+  const data = loadRunData(dataset, info.saved!.config.seed);
   try {
-    const set = data.split?.(flags.split);
-    if (!set) throw new UserError(`the data of ${file} cannot be read as whole images; predict works on 2D in-memory data sets`);
+    const set = data.split?.(split);
+    if (!set) throw new UserError(`the data of ${info.file} cannot be read as whole images; predict works on 2D in-memory data sets`);
     if (set.spatial.length !== 2) throw new UserError(`predict draws 2D images; this run's images are ${set.spatial.join('x')}`);
-    const model = await loadModelForInference(file, saved, flags.device);
-    const [h, w] = set.spatial;
-    const scale = flags.scale ?? Math.max(1, Math.floor(256 / Math.max(h, w)));
-    const p = await predictImages(model, set, count);
-    const R = model.config.annotators;
-    const learnsCms = methodDefinition(saved.config.method).learnsCms;
-    const L = set.classes;
-    const V = h * w;
-    const outDir = path.resolve(flags.out);
-    fs.mkdirSync(outDir, { recursive: true });
-    const written: string[] = [];
-    const save = async (name: string, image: Parameters<typeof writePng>[1]) => {
-      const target = path.join(outDir, name);
-      await writePng(target, image);
-      written.push(target);
-    };
+    const model = await loadModelForInference(info.file, info.saved!, flags.device);
+    const from = dataset.kind === 'folder' ? ` of ${dataset.root} (<image> = the image's file name)` : '';
+    await drawPictures(flags, info, model, set, { count: flags.count ?? 8, what: `${split} images`, readmeWhat: (n) => `the first ${n} ${split} images${from}` });
+  } finally {
+    await data.close?.();
+  }
+}
+
+/** The 2D pictures of every image of a folder (new data). */
+async function predictNewImages(flags: PredictFlags, info: CheckpointInfo, dir: string, labelMapping?: Parameters<typeof loadImagesToPredict>[2]): Promise<void> {
+  const { set, imagesDir } = loadImagesToPredict(dir, info, labelMapping);
+  const note = paddingNote(set.spatial, info.config.depth);
+  if (note) process.stderr.write(note);
+  const model = await loadModelForInference(info.file, info.saved ?? { config: info.config }, flags.device);
+  try {
+    await drawPictures(flags, info, paddedToDepth(model), set, {
+      count: flags.count ?? set.count,
+      what: `images of ${displayPath(dir)}`,
+      readmeWhat: (n) => `${n === set.count ? 'every one' : `the first ${n}`} of the ${set.count} images in ${imagesDir} (<image> = the image's file name)`,
+    });
+  } finally {
+    await model.dispose();
+  }
+}
+
+/** Pictures of the first `count` images of `set`: input, truth, prediction, each annotator's estimate and CM, a sheet; and a legend. */
+async function drawPictures(
+  flags: PredictFlags,
+  info: CheckpointInfo,
+  model: InferenceModel,
+  set: AnnotatedSet,
+  words: { count: number; what: string; readmeWhat: (n: number) => string },
+): Promise<void> {
+  const [h, w] = set.spatial;
+  const scale = flags.scale ?? Math.max(1, Math.floor(256 / Math.max(h, w)));
+  const R = model.config.annotators;
+  const learnsCms = info.learnsCms;
+  const method = methodLabel(info);
+  const L = set.classes;
+  const V = h * w;
+  const C = set.channels;
+  const count = Math.min(words.count, set.count);
+  const names = set.annotatorNames.length === R ? set.annotatorNames : info.annotatorNames;
+  const outDir = path.resolve(flags.out);
+  fs.mkdirSync(outDir, { recursive: true });
+  const written: string[] = [];
+  const save = async (name: string, image: Parameters<typeof writePng>[1]) => {
+    const target = path.join(outDir, name);
+    await writePng(target, image);
+    written.push(target);
+  };
+  for (let start = 0; start < count; start += PICTURE_BATCH) {
+    const p = await predictImages(model, set, Math.min(PICTURE_BATCH, count - start), start);
     for (let n = 0; n < p.n; n++) {
+      const index = start + n;
       // An image folder's own names say which picture is which; MNIST's images are numbered.
-      const prefix = set.names ? path.parse(set.names[n]).name : `image-${String(n).padStart(3, '0')}`;
-      const image = p.batch.images.subarray(n * set.channels * V, n * set.channels * V + V); // first channel
+      const prefix = set.names ? path.parse(set.names[index]).name : `image-${String(index).padStart(3, '0')}`;
+      // The first channel (gray; red of an RGB image).
+      const image = p.batch.images.subarray(n * C * V, n * C * V + V);
       const map = (labels: Uint8Array) => labels.subarray(n * V, (n + 1) * V);
       const input = upscale(grayImage(image, h, w), scale);
       const predicted = upscale(labelOverlay(image, map(p.consensus), h, w), scale);
@@ -109,7 +164,7 @@ async function predictImages2d(flags: PredictFlags, file: string, saved: Trainer
       const estimated = [];
       const observed = [];
       for (let r = 0; r < R; r++) {
-        const name = set.annotatorNames[r] ?? `annotator${r}`;
+        const name = names[r] ?? `annotator${r}`;
         observed.push(p.batch.present[n * R + r] ? upscale(labelImage(map(p.batch.labels[r]), h, w), scale) : null);
         if (!learnsCms) continue; // naive / oracle: the annotator heads were never trained
         const est = upscale(labelOverlay(image, map(p.annotatorMaps[r]), h, w), scale);
@@ -120,126 +175,41 @@ async function predictImages2d(flags: PredictFlags, file: string, saved: Trainer
       // One sheet per image: input, truth, prediction; estimated annotators; their real labels.
       await save(`${prefix}-sheet.png`, grid(learnsCms ? [[input, truth, predicted], estimated, observed] : [[input, truth, predicted], observed], 4));
     }
-    const from = recipe.dataset.kind === 'folder' ? ` of ${recipe.dataset.root} (<image> = the image's file name)` : '';
-    const truthLine = set.consensus
-      ? ['<image>-truth.png               the expert consensus over the input']
-      : ['(the folder has no consensus/: no truth pictures, and the sheet\'s first row has a gap where the truth would be)'];
-    const readme = [
-      `Predictions of ${file} (${saved.config.method}, step ${saved.state.step}) on the first ${p.n} ${flags.split} images${from}.`,
-      '',
-      '<image>-input.png               the input',
-      ...truthLine,
-      '<image>-consensus.png           the predicted consensus, argmax p',
-      '<image>-annotator-<name>.png    the estimated labels of that annotator, argmax A_r p',
-      `<image>-cm-<name>.png           that annotator's pixel-wise CM: a ${L}x${L} grid, tile (i, j) = p(says i | true j) per pixel (viridis, 0 dark .. 1 bright)`,
-      '<image>-sheet.png               row 1 input, truth, prediction; row 2 estimated annotators; row 3 their real labels',
-      ...(learnsCms ? [] : [`(${saved.config.method} does not learn annotator CMs: no annotator or CM pictures, and the sheet has rows 1 and 3 only)`]),
-      `annotators: ${set.annotatorNames.join(', ')}`,
-      '',
-    ].join('\n');
-    const readmeFile = path.join(outDir, 'README.txt');
-    await writeFileAtomic(readmeFile, Buffer.from(readme));
-    process.stdout.write(`wrote ${written.length} PNG files for ${p.n} ${flags.split} images\n`);
-    printOutputs([
-      ['pictures', outDir],
-      ['legend', readmeFile],
-    ]);
-  } finally {
-    await data.close?.();
   }
+  const truthLine = set.consensus
+    ? ['<image>-truth.png               the expert consensus over the input']
+    : ['(the folder has no consensus/: no truth pictures, and the sheet\'s first row has a gap where the truth would be)'];
+  const anyLabels = set.present.some((x) => x !== 0);
+  const readme = [
+    `Predictions of ${info.file} (${method}, step ${info.step}) on ${words.readmeWhat(count)}.`,
+    '',
+    '<image>-input.png               the input',
+    ...truthLine,
+    '<image>-consensus.png           the predicted consensus, argmax p',
+    '<image>-annotator-<name>.png    the estimated labels of that annotator, argmax A_r p',
+    `<image>-cm-<name>.png           that annotator's pixel-wise CM: a ${L}x${L} grid, tile (i, j) = p(says i | true j) per pixel (viridis, 0 dark .. 1 bright)`,
+    `<image>-sheet.png               row 1 input, truth, prediction; row 2 estimated annotators; row 3 their real labels${anyLabels ? '' : ' (none here: the row is empty)'}`,
+    ...(learnsCms ? [] : [`(${method} does not learn annotator CMs: no annotator or CM pictures, and the sheet has rows 1 and 3 only)`]),
+    `annotators: ${names.join(', ')}${!info.namesRecorded && names.every((n, r) => n === `annotator${r}`) ? ' (the checkpoint records no names: its CM heads in order)' : ''}`,
+    '',
+  ].join('\n');
+  const readmeFile = path.join(outDir, 'README.txt');
+  await writeFileAtomic(readmeFile, Buffer.from(readme));
+  process.stdout.write(`wrote ${written.length} PNG files for ${count} ${words.what}\n`);
+  printOutputs([
+    ['pictures', outDir],
+    ['legend', readmeFile],
+  ]);
 }
 
 // ---------------------------------------------------------------------------
 // 3D: whole BraTS cases
 
-/** One case ready for the model, and what is needed to put its prediction back. */
-interface CaseToPredict {
-  id: string;
-  naming: BratsNaming;
-  /** z-scored, cropped [C, D, H, W]. */
-  images: Float32Array;
-  extent: Extent;
-  crop: CropBox;
-  original: VolumeGeometry;
-  /** The case's t1 header: written predictions copy its geometry bit for bit. */
-  header?: NiftiHeader;
-  /** Cropped expert labels 0..3, when the case has them (pictures only). */
-  seg?: Uint8Array;
-}
-
-interface CaseList {
-  ids: string[];
-  /** Where they come from, for the report. */
-  from: string;
-  load(id: string): Promise<CaseToPredict>;
-}
-
-function cacheCases(cacheDir: string, ids?: readonly string[]): CaseList {
-  const index = readCacheIndex(cacheDir);
-  const naming = new Map(index.cases.map((c) => [c.id, c.naming]));
-  return {
-    ids: ids ? [...ids] : index.cases.map((c) => c.id),
-    from: `the cache ${displayPath(cacheDir)}`,
-    load: async (id) => {
-      const c = await readCachedCase(cacheDir, id, index);
-      return { id, naming: naming.get(id) ?? '2021', images: c.images, extent: c.extent, crop: c.crop, original: c.original, header: c.niftiHeader, seg: c.consensus };
-    },
-  };
-}
-
-/** Cases read from NIfTI files and preprocessed as `cmseg prepare` does (segmentations optional). */
-function folderCases(dir: string, geometryTolerance: number): CaseList {
-  const single = singleCase(dir);
-  let cases = single ? [single] : [];
-  try {
-    if (!single) cases = discoverBratsCases(dir, { requireSeg: false, onSkipped: (note) => process.stderr.write(`note: ${note}\n`) });
-  } catch (error) {
-    if (error instanceof BratsError && error.kind === 'no-cases') {
-      const hint = bratsLayoutHint(dir);
-      throw new UserError(`--data ${dir} is not a BraTS case, a BraTS folder or a cmseg cache${hint ? `: ${hint}` : ''}`);
-    }
-    throw error;
-  }
-  const byId = new Map(cases.map((c) => [c.id, c]));
-  return {
-    ids: cases.map((c) => c.id),
-    from: single ? `the case folder ${displayPath(dir)}` : `the BraTS folder ${displayPath(dir)}`,
-    load: async (id) => {
-      const c = byId.get(id)!;
-      // The segmentation only draws the expert picture: a bad one is no reason not to predict.
-      const onBadSeg = (error: Error) =>
-        process.stderr.write(`warning: ${oneLine(error.message)}; predicting ${id} without its segmentation (used only for the picture)\n`);
-      const volume = await loadBratsCase(c, { geometryTolerance, onBadSeg });
-      const pre = preprocessBratsCase(volume);
-      return { id, naming: c.naming, images: pre.images, extent: pre.extent, crop: pre.crop, original: pre.original, header: volume.header, seg: pre.seg };
-    },
-  };
-}
-
-/** The case `dir` is the folder of, or undefined when it holds no case's own files (a BraTS folder, perhaps with stray NIfTI files). */
-function singleCase(dir: string): BratsCase | undefined {
-  try {
-    return bratsCaseInFolder(dir, { requireSeg: false });
-  } catch (error) {
-    if (error instanceof BratsError && (error.kind === 'not-a-case' || error.kind === 'misnamed-case')) return undefined;
-    throw error;
-  }
-}
-
-function oneLine(text: string): string {
-  return text.replace(/\s*\n\s*/g, ' ');
-}
-
-function casesToPredict(flags: PredictFlags, spec: BratsDatasetSpec): CaseList {
-  if (flags.data === undefined) {
-    if (!fs.existsSync(cacheIndexPath(spec.cache))) throw new UserError(`the run's cache ${spec.cache} is gone; name the cases with --data`);
-    const list = cacheCases(spec.cache, spec.splits[flags.split]);
-    return { ...list, from: `the ${flags.split} split of the run (${list.from})` };
-  }
-  const data = path.resolve(flags.data);
-  if (!fs.existsSync(data)) throw new UserError(`--data not found: ${data}`);
-  if (!fs.statSync(data).isDirectory()) throw new UserError(`--data must be a folder (a case, a BraTS folder or a cache): ${data}`);
-  return fs.existsSync(cacheIndexPath(data)) ? cacheCases(data) : folderCases(data, flags.geometryTolerance);
+/** A BraTS run's own cases: its --split, read from its cache. */
+function runCases(spec: BratsDatasetSpec, split: 'test' | 'validation' | 'train'): CaseList {
+  if (!fs.existsSync(cacheIndexPath(spec.cache))) throw new UserError(`the run's cache ${spec.cache} is gone; name the cases with --data`);
+  const list = cacheCases(spec.cache, spec.splits[split]);
+  return { ...list, from: `the ${split} split of the run (${list.from})` };
 }
 
 /** Our labels 0..3 in the release's numbering: enhancing tumour is 4 in BraTS 2018-2021 files. */
@@ -271,15 +241,16 @@ function axialSlice<T extends Float32Array | Uint8Array>(data: T, channels: numb
   return out;
 }
 
-async function predictVolumes(flags: PredictFlags, file: string, saved: TrainerExtra, spec: BratsDatasetSpec): Promise<void> {
-  const list = casesToPredict(flags, spec);
+async function predictVolumes(flags: PredictFlags, info: CheckpointInfo, list: CaseList): Promise<void> {
   const ids = flags.count !== undefined ? list.ids.slice(0, flags.count) : list.ids;
-  const model: Model = await loadModelForInference(file, saved, flags.device);
+  const patch = windowPatch(info, flags.patch);
+  const file = info.file;
+  const method = methodLabel(info);
+  const model: Model = await loadModelForInference(file, info.saved ?? { config: info.config }, flags.device);
   const L = model.config.classes;
   const R = model.config.annotators;
-  const names = saved.annotatorNames.length === R ? saved.annotatorNames : Array.from({ length: R }, (_, r) => `annotator${r}`);
-  const learnsCms = methodDefinition(saved.config.method).learnsCms;
-  const patch = [spec.patch, spec.patch, spec.patch];
+  const names = info.annotatorNames;
+  const learnsCms = info.learnsCms;
   const outDir = path.resolve(flags.out);
   fs.mkdirSync(outDir, { recursive: true });
   const volumes: string[] = [];
@@ -296,7 +267,7 @@ async function predictVolumes(flags: PredictFlags, file: string, saved: TrainerE
     const dims = [...c.original.dims];
     const writeVolume = async (name: string, data: Uint8Array | Float32Array, volumeDims: number[], datatype: 'uint8' | 'float32') => {
       const target = path.join(outDir, name);
-      await writeNifti(target, { dims: volumeDims, data, affine: c.original.affine }, { datatype, ...(c.header ? { header: c.header } : {}), description: `cmseg ${saved.config.method} ${name}` });
+      await writeNifti(target, { dims: volumeDims, data, affine: c.original.affine }, { datatype, ...(c.header ? { header: c.header } : {}), description: `cmseg ${method} ${name}` });
       volumes.push(target);
     };
     const labelsToRelease = (labels: Uint8Array) => uncropVolume(releaseLabels(labels, c.naming), c.crop, full);
@@ -326,12 +297,12 @@ async function predictVolumes(flags: PredictFlags, file: string, saved: TrainerE
       const cms = axialSlice(p.cms!, R * L * L, c.extent, z);
       for (let r = 0; r < R; r++) await save(`${id}_cm_annotator${r}.png`, cmHeatMaps(cms, 0, r, R, L, h, w, Math.max(1, Math.floor(scale / 2))));
     } else if (k === 0) {
-      process.stderr.write(`note: ${saved.config.method} does not learn annotator CMs: no annotator volumes or CM pictures\n`);
+      process.stderr.write(`note: ${method} does not learn annotator CMs: no annotator volumes or CM pictures\n`);
     }
     process.stderr.write(`[${k + 1}/${ids.length}] ${id}: ${p.windows} windows in ${((Date.now() - started) / 1000).toFixed(1)} s (slice z = ${c.crop.z0 + z})\n`);
   }
   const readme = [
-    `Predictions of ${file} (${saved.config.method}, step ${saved.state.step}) for ${ids.length} case(s) from ${list.from}.`,
+    `Predictions of ${file} (${method}, step ${info.step}) for ${ids.length} case(s) from ${list.from}.`,
     `Sliding windows of ${patch.join('x')} voxels, overlap ${flags.overlap}, Gaussian weighting. Every volume is on the case's original grid`,
     "(the crop to the brain undone) with the geometry of the case's t1 file.",
     '',
@@ -344,7 +315,7 @@ async function predictVolumes(flags: PredictFlags, file: string, saved: TrainerE
           '<id>_annotator<r>.nii.gz     uint8, annotator r\'s estimated segmentation argmax A_r p, labels as the consensus',
           `<id>_cm_annotator<r>.png     annotator r's pixel-wise CM on the slice: a ${L}x${L} grid, tile (i, j) = p(says i | true j) (viridis, 0 dark .. 1 bright)`,
         ]
-      : [`(${saved.config.method} does not learn annotator CMs: no annotator volumes or CM pictures)`]),
+      : [`(${method} does not learn annotator CMs: no annotator volumes or CM pictures)`]),
     '<id>_slice.png               row 1: FLAIR, expert labels (when known), predicted consensus; row 2: each annotator\'s estimate',
     'Pictures show the axial slice through the centre of the predicted tumour, of the cropped case, rows = voxel y, columns = voxel x.',
     `annotators: ${names.map((n, r) => `${r} = ${n}`).join(', ')}`,
@@ -363,21 +334,28 @@ export function registerPredictCommand(program: Command): Command {
   const command = program
     .command('predict')
     .description("a checkpoint's predictions: 2D pictures of its images, or 3D BraTS cases as NIfTI (consensus, probabilities, each annotator) with CM pictures")
-    .requiredOption('--checkpoint <file>', 'a checkpoint written by cmseg train')
+    .requiredOption('--checkpoint <file>', "a checkpoint written by cmseg train, or by the API's saveCheckpoint (then --data is needed)")
     .requiredOption('--out <dir>', 'folder for the predictions')
-    .option('--data <dir>', '3D: a BraTS case folder, a BraTS folder or a cache (default: the run\'s --split cases); image-folder runs: the run\'s folder, if it moved')
-    .option('--count <n>', 'how many images (2D, default 8) or cases (3D, default all)', parseInteger(1))
-    .addOption(choiceOption('--split <name>', 'which of the run\'s images or cases', ['test', 'validation', 'train']).default('test'))
+    .option(
+      '--data <dir>',
+      'new data, every image or case predicted. 2D models: a folder of PNGs (DIR/images/*.png, with labels/<annotator>/ and consensus/ drawn when there, or DIR/*.png); ' +
+        'images of one size, padded to multiples of 2^(depth-1) by repeating edge pixels and cropped back. 3D models (4 input channels): a BraTS case folder, a BraTS folder or a cache. ' +
+        "For an image-folder run, its own folder (where it was, where it moved if the old place is gone, or any folder with --split typed) gives the run's --split images",
+    )
+    .option('--count <n>', "how many images (2D: default 8 of a run's split, all of --data) or cases (3D, default all)", parseInteger(1))
+    .addOption(choiceOption('--split <name>', "which of the run's images or cases; all: every image or case of --data", ['test', 'validation', 'train', 'all']).default('test'))
     .option('--scale <n>', 'pixel enlargement of the pictures (default: about 256 pixels per picture)', parseInteger(1))
     .option('--overlap <x>', '3D: sliding-window overlap, 0 <= x < 1', parseOverlap, 0.5)
+    .option('--patch <n>', "3D: sliding-window size (default: the run's training patch; 64 for a checkpoint without a run)", parseInteger(1))
     .option('--geometry-tolerance <mm>', "3D: how far apart a case's files may put one voxel and still count as one grid", parseNumber(0), BRATS_GEOMETRY_TOLERANCE_MM)
     .addOption(choiceOption('--device <name>', 'where the model runs (default: where it was trained; the CPU when no GPU can run it)', DEVICES))
     .option('--threads <n>', 'native threads', parseInteger(1))
-    .action((flags: PredictFlags) => runPredict(flags));
+    .action((flags: PredictFlags, cmd: Command) => runPredict(flags, given(cmd, 'split')));
   return withExamples(
     command,
     'cmseg predict --checkpoint runs/cm-dense/best.safetensors --out runs/cm-dense/pictures --count 4',
     'cmseg predict --checkpoint runs/brats-cm/best.safetensors --data data/BraTS2021/BraTS2021_00000 --out predictions',
+    'cmseg predict --checkpoint model.safetensors --data my-images --out pictures',
   );
 }
 

@@ -19,10 +19,13 @@ import {
 } from '../eval/metrics';
 import { BratsClassName, bratsDice, BratsRegion } from '../eval/brats-regions';
 import type { Extent } from '../data/morphology';
-import { argmaxClasses, Model } from '../model/model';
-import { slidingWindowPredict } from '../model/sliding-window';
+import { argmaxClasses } from '../model/model';
+import { type SlidingWindowModel, slidingWindowPredict } from '../model/sliding-window';
 import type { AnnotatedSet } from './data';
 import { gatherBatch, voxelsOf } from './data';
+
+/** What scoring and pictures need of a model (a Model, or one wrapped by paddedToDepth). */
+export type InferenceModel = SlidingWindowModel;
 
 /** A SegmentationReport without the per-image arrays: what logs and JSON files hold. */
 export interface EvaluationSummary {
@@ -70,7 +73,7 @@ export interface EvaluateOptions {
  * Predicts `set` batch by batch and accumulates every figure the set allows: the CM
  * figures need the annotators' labels of the set (its `labels`, with `present`).
  */
-export async function evaluateModel(model: Model, set: AnnotatedSet, options: EvaluateOptions = {}): Promise<EvaluationSummary> {
+export async function evaluateModel(model: InferenceModel, set: AnnotatedSet, options: EvaluateOptions = {}): Promise<EvaluationSummary> {
   if (!set.consensus) throw new RangeError('this split has no expert consensus to score against');
   const batchSize = options.batchSize ?? 64;
   const withAnnotators = options.annotators ?? true;
@@ -108,7 +111,7 @@ export async function evaluateModel(model: Model, set: AnnotatedSet, options: Ev
  * only known against an expert consensus (a vote of the annotators themselves would score
  * each one against a map it helped to make). Reliability and GED need no consensus and stay.
  */
-export async function evaluateAgainstMajority(model: Model, set: AnnotatedSet, options: EvaluateOptions = {}): Promise<EvaluationSummary> {
+export async function evaluateAgainstMajority(model: InferenceModel, set: AnnotatedSet, options: EvaluateOptions = {}): Promise<EvaluationSummary> {
   const R = set.labels.length;
   const labelled = Array.from({ length: set.count }, (_, n) => n).filter((n) => set.present.subarray(n * R, (n + 1) * R).some((p) => p !== 0));
   if (labelled.length === 0) throw new RangeError('no image of this split was labelled by any annotator: there is nothing to score against');
@@ -137,10 +140,10 @@ export function fusedLabelRows(set: AnnotatedSet): FusedLabelRows {
   return { mean: score(meanLabelsHard(input)), mode: score(modeLabels(input)) };
 }
 
-/** Predicted maps for the first `count` images of a set (for pictures): consensus, annotators, CMs. */
-export async function predictImages(model: Model, set: AnnotatedSet, count: number) {
-  const n = Math.min(count, set.count);
-  const batch = gatherBatch(set, Array.from({ length: n }, (_, k) => k));
+/** Predicted maps for `count` images of a set from image `start` on (for pictures): consensus, annotators, CMs. */
+export async function predictImages(model: InferenceModel, set: AnnotatedSet, count: number, start = 0) {
+  const n = Math.max(0, Math.min(count, set.count - start));
+  const batch = gatherBatch(set, Array.from({ length: n }, (_, k) => start + k));
   const prediction = await model.predict(batch.images, batch.shape, { cms: true, annotatorProbs: true });
   const L = set.classes;
   const R = model.config.annotators;
@@ -191,7 +194,7 @@ export interface VolumeEvaluationOptions {
  * with annotators, its stitched CMs take R * L * L floats per voxel.
  */
 export async function evaluateVolumes(
-  model: Model,
+  model: InferenceModel,
   ids: readonly string[],
   load: (id: string) => Promise<AnnotatedVolume>,
   options: VolumeEvaluationOptions,
@@ -207,7 +210,7 @@ export async function evaluateVolumes(
   const perCase: VolumeScore[] = [];
   for (const [k, id] of ids.entries()) {
     const volume = await load(id);
-    if (volume.labels.length !== R) throw new RangeError(`volume ${id} has ${volume.labels.length} annotators, the model ${R}`);
+    if (withAnnotators && volume.labels.length !== R) throw new RangeError(`volume ${id} has ${volume.labels.length} annotators, the model ${R}`);
     const prediction = await slidingWindowPredict(model, volume.images, volume.extent, {
       patch: options.patch,
       overlap: options.overlap ?? 0.5,
@@ -250,4 +253,75 @@ export async function evaluateVolumes(
     };
   }
   return summary;
+}
+
+/**
+ * `model`, taking inputs of any spatial size: each side is padded at its far end (bottom,
+ * right, back) to the next multiple of 2^(depth-1) by repeating the edge pixels, and every
+ * output (probabilities, CMs, q_r) is cropped back to the input's size. Inputs that already
+ * fit go through untouched.
+ */
+export function paddedToDepth(model: InferenceModel): InferenceModel {
+  return {
+    config: model.config,
+    predict: async (images, shape, options) => {
+      const spatial = shape.slice(2);
+      const target = paddedSize(spatial, model.config.depth);
+      if (target.every((t, i) => t === spatial[i])) return model.predict(images, shape, options);
+      const planes = shape[0] * shape[1];
+      const out = await model.predict(padEdges(images, planes, spatial, target), [shape[0], shape[1], ...target], options);
+      const crop = (a: Float32Array | undefined) => (a ? cropFarEnd(a, a.length / voxelsOf(target), target, spatial) : undefined);
+      const cropped: Record<string, unknown> = { ...out, probs: crop(out.probs)!, cms: crop(out.cms), annotatorProbs: crop(out.annotatorProbs) };
+      // A Model's prediction also says its shapes ([N, K..., *S]): their spatial part is the input's again.
+      for (const [key, value] of Object.entries(out)) {
+        if (key.endsWith('Shape') && Array.isArray(value)) cropped[key] = [...value.slice(0, value.length - spatial.length), ...spatial];
+      }
+      return cropped as typeof out;
+    },
+  };
+}
+
+/** Each side rounded up to a multiple of 2^(depth-1): the sizes a U-Net of that depth takes. */
+export function paddedSize(spatial: readonly number[], depth: number): number[] {
+  const multiple = 2 ** (depth - 1);
+  return spatial.map((s) => Math.ceil(s / multiple) * multiple);
+}
+
+/** Axes as [d, h, w] (2D: d = 1). */
+function dhw(spatial: readonly number[]): [number, number, number] {
+  return spatial.length === 2 ? [1, spatial[0], spatial[1]] : [spatial[0], spatial[1], spatial[2]];
+}
+
+/** `planes` arrays of size `from`, each padded at the far end of every axis to `to` with its edge values. */
+function padEdges(data: Float32Array, planes: number, from: readonly number[], to: readonly number[]): Float32Array {
+  const [d0, h0, w0] = dhw(from);
+  const [d1, h1, w1] = dhw(to);
+  const out = new Float32Array(planes * d1 * h1 * w1);
+  for (let p = 0; p < planes; p++) {
+    for (let z = 0; z < d1; z++) {
+      for (let y = 0; y < h1; y++) {
+        const src = ((p * d0 + Math.min(z, d0 - 1)) * h0 + Math.min(y, h0 - 1)) * w0;
+        const dst = ((p * d1 + z) * h1 + y) * w1;
+        out.set(data.subarray(src, src + w0), dst);
+        out.fill(data[src + w0 - 1], dst + w0, dst + w1);
+      }
+    }
+  }
+  return out;
+}
+
+/** The inverse of padEdges: each plane of size `from` cut back to its first `to` voxels on every axis. */
+function cropFarEnd(data: Float32Array, planes: number, from: readonly number[], to: readonly number[]): Float32Array {
+  const [d0, h0, w0] = dhw(from);
+  const [d1, h1, w1] = dhw(to);
+  const out = new Float32Array(planes * d1 * h1 * w1);
+  for (let p = 0; p < planes; p++) {
+    for (let z = 0; z < d1; z++) {
+      for (let y = 0; y < h1; y++) {
+        const src = ((p * d0 + z) * h0 + y) * w0;
+        out.set(data.subarray(src, src + w1), ((p * d1 + z) * h1 + y) * w1);
+      }
+    }
+  }
+  return out;
 }

@@ -39,14 +39,14 @@ import type { BratsDiceReport } from '../eval/brats-regions';
 import { formatBratsReport } from '../eval/report';
 import type { Extent } from '../data/morphology';
 import type { NiftiHeader } from '../data/nifti';
-import { type DecodedPng, PngColorType, readPngSync } from '../data/png';
+import { type DecodedPng, readPngSync } from '../data/png';
 import { loadCheckpoint, readCheckpoint } from '../model/checkpoint';
 import type { Device, ModelConfig, ResolvedConfig } from '../model/config';
 import { backendInfo, Model, setNumThreads } from '../model/model';
 import { evaluationText } from '../report/tables';
 import type { AnnotatedSet } from '../train/data';
 import { type EvaluationSummary, evaluateAgainstMajority, evaluateModel, evaluateVolumes, fusedLabelRows, paddedSize, paddedToDepth } from '../train/evaluate';
-import { ImageFolderError, type LabelMapping, labelValues, resolveMapping } from '../data/image-folder';
+import { ImageFolderError, imageIntensities, type LabelMapping, labelValues, resolveMapping } from '../data/image-folder';
 import { type DatasetSpec, type ExperimentData, type ExperimentRuntime, loadExperimentData, type SplitName } from '../train/experiment';
 import { METHOD_NAMES, type MethodName, methodDefinition } from '../train/methods';
 import { TRAINER_STATE_FORMAT, trainerExtra, TrainerExtra } from '../train/trainer';
@@ -271,28 +271,6 @@ function pngFiles(folder: string): string[] {
     .sort();
 }
 
-/** Intensities in [0, 1], as the image-folder reader makes them for training: gray (RGB as Rec. 601 luma) or RGB. */
-function pngIntensities(png: DecodedPng, channels: 1 | 3, out: Float32Array): void {
-  const pixels = png.width * png.height;
-  const rgb = png.channels >= 3;
-  const palette = png.colorType === PngColorType.Palette;
-  const source = palette ? png.data : png.samples;
-  const scale = palette ? 255 : 2 ** png.bitDepth - 1;
-  const stride = png.channels;
-  for (let p = 0; p < pixels; p++) {
-    const r = source[p * stride] / scale;
-    const g = rgb ? source[p * stride + 1] / scale : r;
-    const b = rgb ? source[p * stride + 2] / scale : r;
-    if (channels === 1) {
-      out[p] = rgb ? 0.299 * r + 0.587 * g + 0.114 * b : r;
-    } else {
-      out[p] = r;
-      out[pixels + p] = g;
-      out[2 * pixels + p] = b;
-    }
-  }
-}
-
 /**
  * Reads every PNG of `dir` for a 2D checkpoint: DIR/images/*.png (then DIR/labels/<annotator>/
  * and DIR/consensus/ are read too, when there) or, without images/, DIR/*.png. Images of any
@@ -375,7 +353,7 @@ export function loadImagesToPredict(dir: string, info: CheckpointInfo, labelMapp
     const file = path.join(imagesDir, name);
     const png = n === 0 ? first : readPngSync(file);
     sameSize(png, file);
-    pngIntensities(png, channels, images.subarray(n * channels * V, (n + 1) * channels * V));
+    imageIntensities(png, channels, images.subarray(n * channels * V, (n + 1) * channels * V));
     annotatorNames.forEach((annotator, r) => {
       const labelFile = path.join(labelsDir, annotator, name);
       if (!folders.includes(annotator) || !fs.existsSync(labelFile)) return;

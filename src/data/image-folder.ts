@@ -92,8 +92,8 @@ function checkSize(png: DecodedPng, file: string, extent: Extent, reference: str
   }
 }
 
-/** Intensities in [0, 1] from the stored samples (full 16-bit precision where stored). */
-function imageIntensities(png: DecodedPng, channels: 1 | 3, out: Float32Array): void {
+/** Intensities in [0, 1] from the stored samples (full 16-bit precision where stored): gray (RGB as Rec. 601 luma) or RGB planes. */
+export function imageIntensities(png: DecodedPng, channels: 1 | 3, out: Float32Array): void {
   const pixels = png.width * png.height;
   const rgb = png.channels >= 3;
   // Palette images are already expanded to 8-bit RGB(A) in `data`; others read `samples`.

@@ -2,16 +2,12 @@
 // one-line message, the error type for mistakes the user can fix, and the closing
 // "outputs" block that says where a command's files went (STYLE: every command does).
 
-import * as path from 'path';
 import { Command, InvalidArgumentError, Option } from 'commander';
 
-/** A mistake in the command line or the files it names: printed as one line, exit code 1. */
-export class UserError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = 'UserError';
-  }
-}
+import { displayPath } from '../data/files';
+
+export { UserError } from '../errors';
+export { displayPath };
 
 export function parseInteger(min: number): (value: string) => number {
   return (value) => {
@@ -49,11 +45,6 @@ export function withExamples(command: Command, ...examples: string[]): Command {
   return command.addHelpText('after', `\nExample${examples.length > 1 ? 's' : ''}:\n${examples.map((e) => `  $ ${e}`).join('\n')}\n`);
 }
 
-/** A path as the user will want to paste it: relative to the working folder when inside it. */
-export function displayPath(file: string): string {
-  const relative = path.relative(process.cwd(), file);
-  return relative && !relative.startsWith('..') && !path.isAbsolute(relative) ? relative : file;
-}
 
 /** The closing block of every command: what was written, and where. */
 export function printOutputs(entries: readonly [string, string | readonly string[]][]): void {

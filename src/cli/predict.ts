@@ -24,12 +24,15 @@ import {
   extentOfDims,
   uncropVolume,
 } from '../data/brats';
+import { type CaseList, cacheCases, casesInData } from '../data/brats-cases';
 import { cacheIndexPath } from '../data/cache';
 import { writeFileAtomic } from '../data/files';
+import { loadImagesToPredict } from '../data/image-files';
 import type { Extent } from '../data/morphology';
 import { writeNifti } from '../data/nifti';
 import { writePng } from '../data/png';
 import { argmaxAnnotatorProbs } from '../eval/metrics';
+import { type CheckpointInfo, methodLabel, readCheckpointInfo } from '../model/checkpoint-info';
 import type { Device } from '../model/config';
 import { argmaxClasses, Model, setNumThreads } from '../model/model';
 import { slidingWindowPredict } from '../model/sliding-window';
@@ -38,22 +41,8 @@ import type { AnnotatedSet } from '../train/data';
 import { type InferenceModel, paddedToDepth, predictImages } from '../train/evaluate';
 import type { BratsDatasetSpec } from '../train/experiment';
 import { choiceOption, displayPath, given, parseInteger, parseNumber, printOutputs, UserError, withExamples } from './common';
-import {
-  type CaseList,
-  type CheckpointInfo,
-  cacheCases,
-  casesInData,
-  checkBratsModel,
-  dataTarget,
-  DEVICES,
-  loadImagesToPredict,
-  loadModelForInference,
-  loadRunData,
-  methodLabel,
-  paddingNote,
-  readCheckpointInfo,
-  windowPatch,
-} from './eval';
+import { checkBratsModel, dataTarget, DEVICES, loadModelForInference, paddingNote, windowPatch } from './inference';
+import { loadRunData } from './run-data';
 
 interface PredictFlags {
   checkpoint: string;

@@ -25,8 +25,8 @@ import { ImageFolderError, type LabelMapping, looksLikeImageFolder, resolveMappi
 import type { StapleFusion } from '../fusion/fuse';
 import { loadCheckpoint } from '../model/checkpoint';
 import { backendInfo, Model, setNumThreads } from '../model/model';
-import { evaluationText } from '../report/tables';
-import type { BratsDatasetSpec, DatasetSpec, ExperimentData, FolderDatasetSpec } from '../train/experiment';
+import { bratsText, evaluationText, referenceNote } from '../report/tables';
+import type { BratsDatasetSpec, DatasetSpec, ExperimentData, FolderDatasetSpec, RunRecipe } from '../train/experiment';
 import { bratsCaseSplits, imageFolderSplits, runCacheDir } from '../train/experiment';
 import { METHOD_NAMES, MethodName, methodDefinition } from '../train/methods';
 import { presetByName, PRESET_NAMES } from '../train/presets';
@@ -34,7 +34,7 @@ import { createFusionProgress, createProgress, silentFusionProgress } from '../t
 import { SCHEDULE_KINDS, ScheduleKind } from '../train/schedule';
 import { CHECKPOINT_LAST, readTrainerState, train, TrainConfig, TrainResult } from '../train/trainer';
 import { choiceOption, displayPath, given, parseInteger, parseNumber, printOutputs, UserError, withExamples } from './common';
-import { bratsText, loadRunData, referenceNote } from './eval';
+import { loadRunData } from './run-data';
 import { prepareWithProgress } from './prepare';
 
 export interface TrainFlags {
@@ -75,10 +75,7 @@ export interface TrainFlags {
   threads?: number;
 }
 
-export interface RunRecipe {
-  preset: string;
-  dataset: DatasetSpec;
-}
+export type { RunRecipe };
 
 export interface ResolvedTrain {
   config: TrainConfig;

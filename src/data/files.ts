@@ -154,3 +154,9 @@ function writeAllSync(fd: number, data: Uint8Array): void {
     written += fs.writeSync(fd, data, written, data.byteLength - written);
   }
 }
+
+/** A path as the user will want to paste it: relative to the working folder when inside it. */
+export function displayPath(file: string): string {
+  const relative = path.relative(process.cwd(), file);
+  return relative && !relative.startsWith('..') && !path.isAbsolute(relative) ? relative : file;
+}

@@ -52,7 +52,7 @@ export class ImageFolderError extends Error {
   }
 }
 
-function isDirectory(folder: string): boolean {
+export function isDirectory(folder: string): boolean {
   try {
     return fs.statSync(folder).isDirectory();
   } catch {
@@ -60,7 +60,7 @@ function isDirectory(folder: string): boolean {
   }
 }
 
-function pngNames(folder: string): string[] {
+export function pngNames(folder: string): string[] {
   return fs
     .readdirSync(folder)
     .filter((name) => !name.startsWith('.') && name.toLowerCase().endsWith('.png'))

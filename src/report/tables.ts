@@ -1,8 +1,9 @@
 // Evaluation results as text for the terminal: the metric tables of src/eval/report.ts
 // plus the Dice of the naive fused label maps (paper tables' "Mean labels" / "Mode labels").
 
+import type { BratsDiceReport } from '../eval/brats-regions';
 import type { SegmentationReport } from '../eval/metrics';
-import { formatMeanStd, formatSegmentationReport, markdownTable } from '../eval/report';
+import { formatBratsReport, formatMeanStd, formatSegmentationReport, markdownTable } from '../eval/report';
 import type { EvaluationSummary, FusedLabelRows } from '../train/evaluate';
 
 export interface EvaluationTextOptions {
@@ -22,4 +23,17 @@ export function evaluationText(summary: EvaluationSummary, fused?: FusedLabelRow
     text += '\n' + markdownTable(['fused training labels', 'Average Dice', 'Total Dice'], rows) + '\n';
   }
   return text;
+}
+
+/** How a summary's heading says what the consensus figures compare with (nothing for an expert consensus). */
+export function referenceNote(summary: EvaluationSummary): string {
+  return summary.reference ? `, against the annotators' ${summary.reference} (no expert consensus, so no CM error)` : '';
+}
+
+/** The BraTS region table of a summary (empty for other data sets). */
+export function bratsText(summary: EvaluationSummary): string {
+  if (!summary.brats) return '';
+  // formatBratsReport reads the summary figures only, never the per-image arrays.
+  const report = { images: summary.images, ...summary.brats } as unknown as BratsDiceReport;
+  return '\n' + formatBratsReport(report) + '\n';
 }

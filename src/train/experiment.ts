@@ -108,6 +108,12 @@ export interface FolderDatasetSpec {
 /** Every data set the CLI knows. */
 export type DatasetSpec = MnistDatasetSpec | BratsDatasetSpec | FolderDatasetSpec;
 
+/** What a run trained on, as `cmseg train` saves it in its checkpoints: the preset and the data set with its split. */
+export interface RunRecipe {
+  preset: string;
+  dataset: DatasetSpec;
+}
+
 export type SplitName = 'validation' | 'test';
 
 export interface FusedTargetsOptions {

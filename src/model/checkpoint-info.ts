@@ -1,0 +1,62 @@
+// What any cmseg checkpoint says about itself: its model config and step, and when the
+// trainer wrote it, its method, annotator names and (cmseg train only) the run's recipe.
+// eval and predict read this first, to decide what data a checkpoint can take.
+
+import * as fs from 'fs';
+import type { RunRecipe } from '../train/experiment';
+import { UserError } from '../errors';
+import { METHOD_NAMES, type MethodName, methodDefinition } from '../train/methods';
+import { TRAINER_STATE_FORMAT, trainerExtra, TrainerExtra } from '../train/trainer';
+import { readCheckpoint } from './checkpoint';
+import type { ResolvedConfig } from './config';
+
+/** What a checkpoint says about itself: its model, and how it was trained when the trainer wrote it. */
+export interface CheckpointInfo {
+  file: string;
+  config: ResolvedConfig;
+  step: number;
+  /** The trainer's state: cmseg train, or the API's train(). */
+  saved?: TrainerExtra;
+  /** Which data the run was trained on: cmseg train only. */
+  recipe?: RunRecipe;
+  /** The training method: the trainer's, `extra.method` of an API checkpoint when it names one, else undefined. */
+  method?: MethodName;
+  /** Whether the annotator heads were trained (false for the naive methods and the oracle). */
+  learnsCms: boolean;
+  /** One name per CM head: recorded in the checkpoint (`extra.annotatorNames`), else annotator0..R-1. */
+  annotatorNames: string[];
+  namesRecorded: boolean;
+}
+
+/** How reports name a checkpoint's method: the trainer's method, or "a model saved by saveCheckpoint". */
+export function methodLabel(info: CheckpointInfo): string {
+  return info.method ?? 'model';
+}
+
+/**
+ * Any cmseg checkpoint's model and what it records: a trainer's checkpoint gives its method,
+ * annotator names and run recipe; one written by saveCheckpoint gives its model config, and
+ * annotator names or method when its `extra` holds `annotatorNames` (R strings) or `method`.
+ */
+export async function readCheckpointInfo(file: string): Promise<CheckpointInfo> {
+  if (!fs.existsSync(file)) throw new UserError(`checkpoint not found: ${file}`);
+  const contents = await readCheckpoint(file);
+  const { config, extra } = contents;
+  const saved = extra.format === TRAINER_STATE_FORMAT ? trainerExtra(extra, file) : undefined;
+  const recipe = (saved?.run as unknown as RunRecipe | undefined)?.dataset ? (saved!.run as unknown as RunRecipe) : undefined;
+  const R = config.annotators;
+  const recorded = saved?.annotatorNames ?? extra.annotatorNames;
+  const namesRecorded = Array.isArray(recorded) && recorded.length === R && recorded.every((n) => typeof n === 'string' && n !== '');
+  const method = saved?.config.method ?? (METHOD_NAMES.includes(extra.method as MethodName) ? (extra.method as MethodName) : undefined);
+  return {
+    file,
+    config,
+    step: saved?.state.step ?? contents.step,
+    ...(saved ? { saved } : {}),
+    ...(recipe ? { recipe } : {}),
+    ...(method ? { method } : {}),
+    learnsCms: method ? methodDefinition(method).learnsCms : R > 0,
+    annotatorNames: namesRecorded ? [...(recorded as string[])] : Array.from({ length: R }, (_, r) => `annotator${r}`),
+    namesRecorded,
+  };
+}

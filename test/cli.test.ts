@@ -55,6 +55,23 @@ t.test('every command has --help with an example', async (t) => {
     t.match(train, flag, `train --help lists ${flag}`);
   }
   t.match(train, /Presets:\n  mnist /);
+  // Every option whose default is "the preset's" is spelled out per preset.
+  t.match(train, /What each preset sets \(a flag overrides it\):\n  preset +--labels +length +--batch-size +--schedule --lr +--optimizer +--lambda +depth\/c +augment\n  mnist +dense +6 epochs +32 +cosine 0\.003->0\.0001 +adam wd 0 +0\.01 +3\/16 +flips\+rot\n/);
+  t.match(train, /\n  brats3d-gpu +dense +50 epochs +2 +poly 0\.001 /);
+});
+
+t.test('train --json prints one object for scripts', async (t) => {
+  const r = await inProcess(['train', '--preset', 'mnist-tiny', '--steps', '2', '--out', 'runs/json', '--json', '--quiet']);
+  t.equal(r.exitCode, 0, r.stderr);
+  const lines = r.stdout.trim().split('\n');
+  t.equal(lines.length, 1, 'nothing else on stdout');
+  const out = JSON.parse(lines[0]);
+  t.equal(out.status, 'completed');
+  t.equal(out.step, 2);
+  t.equal(out.method, 'cm');
+  t.ok(fs.existsSync(out.files.last) && fs.existsSync(out.files.testMetrics));
+  const saved = JSON.parse(fs.readFileSync(out.files.testMetrics, 'utf8'));
+  t.same(out.test.metrics.averageDice, saved.metrics.averageDice, 'the test metrics of eval-test.json');
 });
 
 const run = path.join(dir, 'runs', 'tiny');

@@ -38,6 +38,8 @@ import { loadRunData } from './run-data';
 import { prepareWithProgress } from './prepare';
 
 export interface TrainFlags {
+  /** Print the result as one JSON object on stdout instead of text (progress stays on stderr). */
+  json?: boolean;
   preset: string;
   method: string;
   labels?: 'dense' | 'single';
@@ -415,20 +417,38 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
   }
   const { state, files } = result;
   const checkpoints = [files.best, files.last].filter((f): f is string => f !== undefined);
+  // --json: stdout carries one object for scripts; the text below is for people.
+  const say = (text: string) => {
+    if (!flags.json) process.stdout.write(text);
+  };
+  const json: Record<string, unknown> = {
+    status: result.status,
+    method: config.method,
+    preset: recipe.preset,
+    out: outDir,
+    startStep: result.startStep,
+    step: state.step,
+    totalSteps: state.totalSteps,
+    best: state.best ? { score: state.best.score, epoch: state.best.epoch + 1, reference: data.reference ?? 'consensus' } : null,
+    files: { best: files.best ?? null, last: files.last ?? null, log: files.log },
+  };
   if (result.status === 'interrupted') {
-    process.stdout.write(`interrupted at step ${state.step}/${state.totalSteps}; continue with: cmseg train --out ${displayPath(outDir)} --resume\n`);
-    printOutputs([
-      ['checkpoints', checkpoints],
-      ['training log', files.log],
-    ]);
+    say(`interrupted at step ${state.step}/${state.totalSteps}; continue with: cmseg train --out ${displayPath(outDir)} --resume\n`);
+    if (flags.json) process.stdout.write(JSON.stringify(json) + '\n');
+    else
+      printOutputs([
+        ['checkpoints', checkpoints],
+        ['training log', files.log],
+      ]);
     process.exitCode = stoppedBy === 'SIGTERM' ? 143 : 130; // 128 + the signal's number, as a shell reports it
     return;
   }
   const seconds = (Date.now() - started) / 1000;
+  json.seconds = seconds;
   const against = data.reference ? ` against the ${data.reference}` : '';
   const best = state.best ? `; best validation Dice${against} ${state.best.score.toFixed(4)} (epoch ${state.best.epoch + 1})` : '';
   const done = result.startStep === state.step ? `the run was already complete at step ${state.step}` : `trained ${config.method} from step ${result.startStep} to ${state.step} in ${seconds.toFixed(1)} s`;
-  process.stdout.write(`${done}${best}\n`);
+  say(`${done}${best}\n`);
   const outputs: [string, string | string[]][] = [
     ['checkpoints', checkpoints],
     ['training log', files.log],
@@ -438,10 +458,32 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
     const model = await loadCheckpoint(chosen);
     const testFile = path.join(outDir, 'eval-test.json');
     const { summary, fused } = await writeTestResults(model, data, testFile, { checkpoint: chosen, method: config.method, preset: recipe.preset, dataset: recipe.dataset, seed: config.seed });
-    process.stdout.write(`\ntest set, ${path.basename(chosen)}${referenceNote(summary)}:\n` + evaluationText(summary, fused, { classNames: data.classNames }) + bratsText(summary) + '\n');
+    say(`\ntest set, ${path.basename(chosen)}${referenceNote(summary)}:\n` + evaluationText(summary, fused, { classNames: data.classNames }) + bratsText(summary) + '\n');
     outputs.push(['test metrics', testFile]);
+    json.test = { checkpoint: chosen, metrics: summary, fusedLabels: fused ?? null };
+    (json.files as Record<string, unknown>).testMetrics = testFile;
   }
-  printOutputs(outputs);
+  if (flags.json) process.stdout.write(JSON.stringify(json) + '\n');
+  else printOutputs(outputs);
+}
+
+/** The settings of every preset that flags override, one row each: what "default: the preset's" means. */
+function presetDefaultsTable(): string {
+  const rows = PRESET_NAMES.map((name) => {
+    const { dataset, train } = presetByName(name);
+    const length = train.steps !== undefined ? `${train.steps} steps` : `${train.epochs} epochs`;
+    const sched = train.schedule;
+    const lr = `${sched.kind} ${sched.lr}${sched.minLr !== undefined ? `->${sched.minLr}` : ''}`;
+    const labels = 'labels' in dataset ? dataset.labels : '-';
+    // BraTS patches are augmented by the patch loader (flips, intensity), 2D batches by the trainer.
+    const aug = dataset.kind === 'brats' ? (dataset.augment ? 'flips+intensity' : 'none')
+      : train.augment.flips || train.augment.rotations ? [train.augment.flips && 'flips', train.augment.rotations && 'rot'].filter(Boolean).join('+') : 'none';
+    return [name, labels, length, String(train.batchSize), lr, `${train.optimizer} wd ${train.weightDecay}`, String(train.lambda), `${train.depth}/${train.baseChannels}`, aug];
+  });
+  const head = ['preset', '--labels', 'length', '--batch-size', '--schedule --lr', '--optimizer', '--lambda', 'depth/c', 'augment'];
+  const widths = head.map((h, c) => Math.max(h.length, ...rows.map((r) => r[c].length)));
+  const line = (cells: string[]) => '  ' + cells.map((x, c) => x.padEnd(widths[c])).join('  ').trimEnd();
+  return [line(head), ...rows.map(line)].join('\n');
 }
 
 export function registerTrainCommand(program: Command): Command {
@@ -483,10 +525,12 @@ export function registerTrainCommand(program: Command): Command {
     .option('--no-test', 'skip the test-set evaluation at the end')
     .option('--threads <n>', 'native threads (default: CMSEG_NUM_THREADS or all cores)', parseInteger(1))
     .option('-q, --quiet', 'no progress output')
+    .option('--json', 'print the result as one JSON object on stdout (status, steps, best validation, test metrics, files) instead of text')
     .action((flags: TrainFlags, cmd: Command) => runTrain(flags, cmd));
   command.addHelpText(
     'after',
     `\nPresets:\n${PRESET_NAMES.map((name) => `  ${name.padEnd(11)} ${presetByName(name).description}`).join('\n')}\n` +
+      `\nWhat each preset sets (a flag overrides it):\n${presetDefaultsTable()}\n` +
       '\nBraTS: --data is a cache made by cmseg prepare, or a BraTS folder, which is then prepared into <out>/cache\n' +
       '(annotators over, under, wrong; --labels and --data-seed apply). Several runs on the same data should share one\n' +
       'cmseg prepare cache. The cases are split 70/15/15 into training, validation and test by --data-seed (at least one\n' +

@@ -167,7 +167,7 @@ t.test('predict on a BraTS folder with stray files and bad segmentations; prepar
   fs.cpSync(path.join(dir, 'pred'), path.join(b19, 'predictions'), { recursive: true });
   const strict = await cmseg(['prepare', '--data', 'b19', '--out', 'cache19', '--quiet']);
   t.equal(strict.exitCode, 1);
-  t.match(strict.stderr, /\ncmseg: error: case BraTS2021_00002: .*BraTS2021_00002_seg\.nii\.gz has affine\[0\]\[3\] = .*: they put a voxel up to 0\.50 mm apart, more than the tolerance of 0\.1 mm, so the files are not on one grid \(if they are meant to be, allow it with --geometry-tolerance <mm> of cmseg prepare or predict\)\n$/);
+  t.match(strict.stderr, /\ncmseg: error: case BraTS2021_00002: .*BraTS2021_00002_seg\.nii\.gz has affine\[0\]\[3\] = .*: they put a voxel up to 0\.50 mm apart, more than the tolerance of 0\.1 mm, so the files are not on one grid \(if they are meant to be, allow it with --geometry-tolerance <mm> of cmseg prepare, train, predict or eval\)\n$/);
   const relaxed = await cmseg(['prepare', '--data', 'b19', '--out', 'cache19', '--quiet', '--geometry-tolerance', '0.6']);
   t.equal(relaxed.exitCode, 0, relaxed.stderr);
   t.equal(relaxed.stderr, `note: skipped 1 entry of ${b19} that is not a BraTS case: predictions/\n`);

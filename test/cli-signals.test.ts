@@ -49,3 +49,19 @@ t.test('a closed stdout pipe ends the command quietly', { skip }, async (t) => {
   t.equal(code, 0, stderr);
   t.notMatch(stderr, /EPIPE|Error|\n\s+at /, 'no stack trace');
 });
+
+t.test('a closed stderr pipe does not stop a training run', { skip }, async (t) => {
+  // Progress goes to stderr; its reader going away (`2>&1 | tee` killed) must not end the run early.
+  const child = spawn(process.execPath, [bin, 'train', '--preset', 'mnist-tiny', '--steps', '8', '--no-test', '--out', 'closed-stderr'], {
+    cwd: dir,
+    env: { ...process.env, CMSEG_NUM_THREADS: '1' },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  child.stderr.destroy();
+  let stdout = '';
+  child.stdout.on('data', (b) => (stdout += b));
+  const code = await new Promise<number | null>((resolve) => child.on('close', resolve));
+  t.equal(code, 0, stdout);
+  t.match(stdout, /trained cm from step 0 to 8/);
+  t.equal((await readCheckpoint(path.join(dir, 'closed-stderr', 'last.safetensors'))).step, 8, 'the run finished and saved');
+});

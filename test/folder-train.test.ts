@@ -150,6 +150,10 @@ t.test('resume reuses the saved split; eval and predict follow a moved folder wi
   t.match(resumed.stdout, /trained cm from step \d+ to 9/);
   const after = await recipeOf('runs/resumed/last.safetensors');
   t.same(after.splits, before.splits, 'the split saved at the start, not one of the grown folder');
+  // The first command line again, --label-mapping auto included: the run recorded 'binary', which is what auto means here.
+  const again = await cli(['train', '--out', 'runs/resumed', '--resume', '--label-mapping', 'auto', '--quiet']);
+  t.equal(again.exitCode, 0, again.stderr);
+  t.match(again.stdout, /the run was already complete at step 9/);
   t.same(json('runs/resumed/eval-test.json').metrics, json('runs/whole/eval-test.json').metrics, 'the same result as the uninterrupted run');
 
   // The folder moves: eval and predict say so, and read it where --data says.

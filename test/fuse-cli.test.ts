@@ -178,3 +178,33 @@ t.test('binary STAPLE on multi-label maps needs --foreground', async (t) => {
   t.match(classes.stderr, /--method staple is binary, but --classes is 3: pass --foreground/);
   t.equal((await runCli(['fuse', '--method', 'staple', '-o', 'b.nii.gz', ...binary], dir)).exitCode, 0);
 });
+
+t.test('a 0/255 map beside 3-class maps keeps 255 as unlabelled (the others set the class count)', async (t) => {
+  const dir = tempDir(t);
+  // m0 and m1 hold labels 0..2; m2 holds only 0 and 255: with 3 classes its 255 is "unlabelled".
+  const files = await pngs(dir, [
+    [0, 1, 2, 2, 0, 1, 1, 0],
+    [0, 1, 2, 1, 0, 1, 2, 0],
+    [0, 255, 255, 255, 0, 255, 255, 0],
+  ]);
+  const run = await runCli(['fuse', '--method', 'mode', '-o', 'vote.png', ...files], dir);
+  t.equal(run.exitCode, 0, run.stderr);
+  t.notMatch(run.stderr, /0\/255 mask/, 'no mask note');
+  // Pixel 3: m0 says 2, m1 says 1, m2 nothing: a tie, to the lowest class (1). Pixel 6: 1 vs 2 -> 1.
+  t.same(await consensusOf(path.join(dir, 'vote.png')), [0, 1, 2, 1, 0, 1, 1, 0]);
+  const two = await runCli(['fuse', '--method', 'mode', '--undecided', '2', '-o', 'vote2.png', ...files], dir);
+  t.same((await consensusOf(path.join(dir, 'vote2.png')))[2], 2, 'pixel 2: both labelled raters say 2, m2 adds no vote');
+});
+
+t.test('a refused --posterior leaves no consensus file behind', async (t) => {
+  const dir = tempDir(t);
+  const files = await pngs(dir, BINARY);
+  const run = await runCli(['fuse', '--method', 'mode', '--posterior', 'p.png', '-o', 'out.png', ...files], dir);
+  t.equal(run.exitCode, 1);
+  t.match(run.stderr, /--posterior: method mode gives no probabilities/);
+  t.notOk(fs.existsSync(path.join(dir, 'out.png')), 'nothing written');
+  const bad = await runCli(['fuse', '--method', 'mean', '--posterior', 'p.txt', '-o', 'out2.png', ...files], dir);
+  t.equal(bad.exitCode, 1);
+  t.match(bad.stderr, /p\.txt: unsupported output type/);
+  t.notOk(fs.existsSync(path.join(dir, 'out2.png')), 'nothing written');
+});

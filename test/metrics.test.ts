@@ -317,6 +317,9 @@ t.test('an image whose reference labels no voxel is left out of Dice, as of Tota
   t.ok(Math.abs(d.perClass[1].mean - 2 / 3) < 1e-12, `foreground mean ${d.perClass[1].mean}`);
   t.equal(d.total.count, 1);
   t.ok(Math.abs(d.total.mean - 0.75) < 1e-12);
+  const region = regionDice(pred, truth, 2, 2, [1]);
+  t.ok(Number.isNaN(region[0]), 'a region of image 0: NaN too');
+  t.ok(Math.abs(region[1] - 2 / 3) < 1e-12);
 });
 
 t.test('a mean that rounds to zero prints without a minus sign', async (t) => {

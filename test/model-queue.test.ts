@@ -98,3 +98,32 @@ t.test('dispose frees the model after its queue; later calls say so', async (t) 
   await m.dispose(); // a second dispose is a no-op
   t.pass('second dispose resolved');
 });
+
+t.test('dispose waits for a save queued before it; errors after it carry CMSEG_DISPOSED', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-queue-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const m = small();
+  const file = path.join(dir, 'before-dispose.safetensors');
+  const saved = saveCheckpoint(m, file);
+  const disposed = m.dispose();
+  await saved;
+  await disposed;
+  t.equal((await readCheckpoint(file)).step, 0, 'the save queued before dispose wrote its file');
+  const sync = (() => {
+    try {
+      m.getWeights();
+    } catch (e) {
+      return e as Error & { code?: string };
+    }
+  })();
+  t.equal(sync?.code, 'CMSEG_DISPOSED', sync?.message);
+  const async_ = await m.trainStep(batch(9)).then(() => undefined, (e: Error & { code?: string }) => e);
+  t.equal(async_?.code, 'CMSEG_DISPOSED', async_?.message);
+});
+
+t.test('afterQueued takes synchronous functions only', async (t) => {
+  const m = small();
+  await t.rejects(m.afterQueued(async () => m.getWeights()), /afterQueued takes a synchronous function/);
+  const w = await m.afterQueued(() => m.getWeights());
+  t.ok(w['seg.weight'] instanceof Float32Array, 'a synchronous one runs in its turn');
+});

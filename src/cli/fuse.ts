@@ -125,10 +125,10 @@ function labelSet(labels: Uint8Array): Set<number> {
  * only 0 and 255 are read as a dataset folder reads its masks (loadImageFolder's 'auto'
  * mapping: 'binary' when there are 2 classes), so 255 becomes 1. Returns the files mapped.
  */
-function readMasks(images: readonly LabelImage[], mask255: Mask255, classes: number | undefined): string[] {
+function readMasks(images: readonly LabelImage[], mask255: Mask255, classes: number | undefined, foreground: number | undefined): string[] {
   if (mask255 === 'unlabelled') return [];
   if (mask255 === 'foreground' && classes !== undefined && classes !== 2) throw new UserError(`--mask-255 foreground reads binary masks, but --classes is ${classes}`);
-  const mapping = mask255 === 'foreground' ? 'binary' : resolveMapping('auto', classes ?? 2);
+  const mapping = mask255 === 'foreground' ? 'binary' : resolveMapping('auto', classes ?? classesBesideMasks(images, foreground));
   if (mapping !== 'binary') return [];
   const mapped: string[] = [];
   for (const im of images) {
@@ -144,6 +144,25 @@ function readMasks(images: readonly LabelImage[], mask255: Mask255, classes: num
     mapped.push(im.file);
   }
   return mapped;
+}
+
+/** Whether a map holds only 0 and 255: a binary mask as image tools save one, or a map of background and unlabelled. */
+function pureMask(im: LabelImage): boolean {
+  return im.labels.every((x) => x === 0 || x === UNLABELLED);
+}
+
+/**
+ * The class count the other raters imply, before the 0/255 masks are read (at least 2):
+ * a 255 in a mask can only mean foreground when there are 2 classes, and whether there
+ * are is for the maps that hold real labels to say.
+ */
+function classesBesideMasks(images: readonly LabelImage[], foreground: number | undefined): number {
+  let maxLabel = Math.max(1, foreground ?? 0);
+  for (const im of images) {
+    if (pureMask(im)) continue;
+    for (const x of labelSet(im.labels)) if (x !== UNLABELLED) maxLabel = Math.max(maxLabel, x);
+  }
+  return maxLabel + 1;
 }
 
 /** --classes, or the largest label + 1; refuses what looks like an intensity image. */
@@ -190,16 +209,24 @@ function checkForeground(method: FusionMethod, images: readonly LabelImage[], cl
   throw new UserError(`--method ${method} is binary, but --classes is ${classes}: ${hint}`);
 }
 
-async function writeLabels(file: string, like: LabelImage, data: Uint8Array | Float32Array, datatype: 'uint8' | 'float32') {
+/** Throws when `file` cannot hold a map of these inputs: checked for every output before any is written. */
+function checkOutput(file: string, like: LabelImage): void {
   if (isNifti(file)) {
     if (!like.nifti) throw new UserError(`${file}: NIfTI output needs NIfTI inputs (the geometry comes from the first input)`);
-    await writeNifti(file, { dims: like.nifti.dims.slice(0, 3), data, header: like.nifti.header }, { datatype });
   } else if (/\.png$/i.test(file)) {
     if (like.shape.length !== 2) throw new UserError(`${file}: PNG output needs 2D inputs`);
-    const bytes = data instanceof Uint8Array ? data : Uint8Array.from(data, (p) => Math.round(255 * p));
-    await writePng(file, { width: like.shape[1], height: like.shape[0], channels: 1, data: bytes });
   } else {
     throw new UserError(`${file}: unsupported output type (expected .nii, .nii.gz or .png)`);
+  }
+}
+
+async function writeLabels(file: string, like: LabelImage, data: Uint8Array | Float32Array, datatype: 'uint8' | 'float32') {
+  checkOutput(file, like);
+  if (isNifti(file)) {
+    await writeNifti(file, { dims: like.nifti!.dims.slice(0, 3), data, header: like.nifti!.header }, { datatype });
+  } else {
+    const bytes = data instanceof Uint8Array ? data : Uint8Array.from(data, (p) => Math.round(255 * p));
+    await writePng(file, { width: like.shape[1], height: like.shape[0], channels: 1, data: bytes });
   }
 }
 
@@ -230,8 +257,8 @@ export function registerFuseCommand(program: Command): Command {
     const images = await Promise.all(inputs.map(readLabels));
     checkSameShape(images);
     checkSameGrid(images, opts.geometryTolerance);
-    const mapped = readMasks(images, opts.mask255 as Mask255, opts.classes);
     const foreground: number | undefined = opts.foreground;
+    const mapped = readMasks(images, opts.mask255 as Mask255, opts.classes, foreground);
     const classes = resolveClasses(images, opts.classes, foreground);
     const method = opts.method as FusionMethod;
     checkForeground(method, images, classes, foreground);
@@ -257,16 +284,23 @@ export function registerFuseCommand(program: Command): Command {
       // mean: the soft label's argmax (ties to the lowest class)
       consensus = argmaxClasses(result.probs, 1, classes);
     }
-    const written: [string, string][] = [];
+    // Everything that can fail is checked before the first file is written: a refused
+    // --posterior must not leave a consensus behind.
     const out = path.resolve(opts.out);
-    await writeLabels(out, images[0], consensus!, 'uint8');
-    written.push(['consensus', out]);
+    checkOutput(out, images[0]);
+    let posterior: Float32Array | undefined;
     if (opts.posterior) {
       const source = result.posterior ?? result.probs;
       if (!source) throw new UserError(`--posterior: method ${method} gives no probabilities`);
-      const fg = source.length === V ? source : source.subarray(V, 2 * V); // binary: foreground row
+      posterior = Float32Array.from(source.length === V ? source : source.subarray(V, 2 * V)); // binary: foreground row
+      checkOutput(path.resolve(opts.posterior), images[0]);
+    }
+    const written: [string, string][] = [];
+    await writeLabels(out, images[0], consensus!, 'uint8');
+    written.push(['consensus', out]);
+    if (posterior) {
       const file = path.resolve(opts.posterior);
-      await writeLabels(file, images[0], Float32Array.from(fg), 'float32');
+      await writeLabels(file, images[0], posterior, 'float32');
       written.push(['posterior', file]);
     }
     if (opts.cms) {

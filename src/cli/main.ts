@@ -51,14 +51,16 @@ export function buildProgram(options: ProgramOptions = {}): Command {
   return program;
 }
 
-// `cmseg ... | head` closes the pipe early: that ends the output, not in a stack trace.
+// `cmseg ... | head` (or a closed log pipe) ends the reader early. The command goes on
+// without that stream rather than stopping: a training run still finishes its step and
+// saves, and nothing prints a stack trace for a write nobody reads.
 const guarded = new WeakSet<NodeJS.WriteStream>();
 function quietOnClosedPipe(stream: NodeJS.WriteStream): void {
   if (guarded.has(stream)) return; // main() runs many times in one test process
   guarded.add(stream);
   stream.on('error', (err: NodeJS.ErrnoException) => {
-    if (err.code === 'EPIPE') process.exit(process.exitCode ?? 0);
-    throw err;
+    if (err.code !== 'EPIPE') throw err;
+    stream.write = (() => true) as typeof stream.write; // later writes go nowhere
   });
 }
 

@@ -19,7 +19,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { Command } from 'commander';
 import { writeFileAtomic } from '../data/files';
-import { BratsError, bratsLayoutHint, discoverBratsCases } from '../data/brats';
+import { BRATS_GEOMETRY_TOLERANCE_MM, BratsError, bratsLayoutHint, discoverBratsCases } from '../data/brats';
 import { CacheError, cacheIndexPath, readCacheIndex } from '../data/cache';
 import { ImageFolderError, type LabelMapping, looksLikeImageFolder, resolveMapping, scanImageFolder } from '../data/image-folder';
 import type { StapleFusion } from '../fusion/fuse';
@@ -62,6 +62,8 @@ export interface TrainFlags {
   data?: string;
   classes?: number;
   labelMapping?: LabelMapping;
+  /** BraTS folders prepared by train: how far apart a case's files may put one voxel (mm). */
+  geometryTolerance: number;
   patch?: number;
   valCases?: number;
   stepsPerEpoch?: number;
@@ -156,6 +158,8 @@ function applyFlags(base: { config: TrainConfig; dataset: DatasetSpec }, flags: 
     if (dataset.labelMapping === 'binary' && dataset.classes !== 2) {
       throw new UserError(`--label-mapping binary reads two classes (zero and non-zero); with --classes ${dataset.classes} the label PNGs hold the labels themselves (--label-mapping value)`);
     }
+    // Resolved now ('auto' -> binary or value), as the run records it: a resume repeating --label-mapping auto matches.
+    dataset.labelMapping = resolveMapping(dataset.labelMapping, dataset.classes);
   }
   return { config, dataset };
 }
@@ -232,7 +236,7 @@ async function attachBratsData(dataset: BratsDatasetSpec, flags: TrainFlags, isG
     }
     cacheDir = runCacheDir(outDir);
     if (!flags.quiet) process.stderr.write(`preparing ${displayPath(data)} into ${displayPath(cacheDir)} (share one cache between runs with cmseg prepare)\n`);
-    const run = await prepareWithProgress(data, cacheDir, { mode: dataset.labels, seed: dataset.dataSeed }, { quiet: flags.quiet });
+    const run = await prepareWithProgress(data, cacheDir, { mode: dataset.labels, seed: dataset.dataSeed, geometryTolerance: flags.geometryTolerance }, { quiet: flags.quiet });
     if (run.interruptedAfter !== undefined) {
       throw new UserError(`interrupted while preparing the cache (${run.interruptedAfter} of ${run.total} cases done; the same command continues)`);
     }
@@ -516,6 +520,7 @@ export function registerTrainCommand(program: Command): Command {
     .option('--val-cases <n>', 'BraTS: validation cases scored after every epoch (cmseg eval scores them all)', parseInteger(1))
     .option('--steps-per-epoch <n>', 'BraTS: patch batches between validations and checkpoints', parseInteger(1))
     .option('--workers <n>', 'BraTS: patch-loader threads (0: in the main thread; the batches are the same)', parseInteger(0))
+    .option('--geometry-tolerance <mm>', 'BraTS folders (prepared into <out>/cache): how far apart a case\'s files may put one voxel and still count as one grid', parseNumber(0), BRATS_GEOMETRY_TOLERANCE_MM)
     .option('--no-augment', 'no random flips and rotations')
     .option('--seed <n>', 'seed of the initialisation, data order and augmentation', parseInteger(0))
     .option('--out <dir>', 'output folder (default results/runs/<preset>-<method>-<labels>-seed<seed>; image folders: the folder\'s name for <labels>)')

@@ -479,7 +479,7 @@ function checkSameGrid(id: string, reference: NiftiVolume, other: NiftiVolume, t
     other.path,
     `${other.path} has affine[${r}][${col}] = ${other.affine[r][col]} but ${reference.path} has ${reference.affine[r][col]}: ` +
       `they put a voxel up to ${formatMm(distance)} mm apart, more than the tolerance of ${toleranceMm} mm, so the files are not on one grid ` +
-      `(if they are meant to be, allow it with --geometry-tolerance <mm> of cmseg prepare or predict)`,
+      `(if they are meant to be, allow it with --geometry-tolerance <mm> of cmseg prepare, train, predict or eval)`,
     other.affine,
   );
 }

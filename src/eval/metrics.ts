@@ -158,15 +158,19 @@ function regionDiceOfImage(counts: Float64Array, base: number, K: number, inRegi
   let both = 0;
   let predSize = 0;
   let truthSize = 0;
+  let labelled = 0;
   for (let a = 0; a < K; a++) {
     for (let b = 0; b < K; b++) {
       const c = counts[base + a * K + b];
+      labelled += c;
       if (inRegion[a]) predSize += c;
       if (inRegion[b]) truthSize += c;
       if (inRegion[a] && inRegion[b]) both += c;
     }
   }
-  // Both empty: a perfect (if trivial) agreement, SPEC section 6.
+  // No labelled reference voxel: nothing to score (NaN, as dicePerClass). Both empty: a
+  // perfect (if trivial) agreement, SPEC section 6.
+  if (labelled === 0) return NaN;
   return predSize + truthSize === 0 ? 1 : (2 * both) / (predSize + truthSize);
 }
 

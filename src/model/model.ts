@@ -54,7 +54,10 @@ export class Model {
   private queue: Promise<unknown> = Promise.resolve();
   /** Queued calls not yet settled: the synchronous state calls refuse to run ahead of them. */
   private pending = 0;
+  /** dispose() was called: no call may be queued any more. */
   private disposed = false;
+  /** The native model is freed (dispose() ran in its turn): every call fails. */
+  private freed = false;
   /** An afterQueued function is running: its own turn, so the state calls may run. */
   private inTurn = false;
 
@@ -178,11 +181,17 @@ export class Model {
   afterQueued<T>(fn: () => T): Promise<T> {
     return this.enqueue(async () => {
       this.inTurn = true;
+      let result: T;
       try {
-        return fn();
+        result = fn();
       } finally {
         this.inTurn = false;
       }
+      // The turn ends when fn returns: state calls after an await inside it would run
+      // outside the queue's order, so only synchronous functions are taken.
+      if (result !== null && typeof (result as { then?: unknown })?.then === 'function')
+        throw new TypeError('afterQueued takes a synchronous function (its turn ends when it returns); do the async part after the Promise resolves');
+      return result;
     });
   }
 
@@ -194,7 +203,10 @@ export class Model {
   dispose(): Promise<void> {
     if (this.disposed) return this.idle();
     this.disposed = true;
-    return this.enqueue(async () => this.native.dispose(), true);
+    return this.enqueue(async () => {
+      this.native.dispose();
+      this.freed = true;
+    }, true);
   }
 
   /** Whether dispose() was called. */
@@ -205,13 +217,13 @@ export class Model {
   // The synchronous state calls would otherwise run ahead of (or, once the native
   // call has started, collide with) an awaited-later trainStep or predict.
   private settled(call: string): void {
-    if (this.disposed) throw new Error(`${call}: this model was disposed`);
+    if (this.freed) throw disposedError(`${call}: this model was disposed`);
     if (this.pending > 0 && !this.inTurn)
       throw new Error(`${call}: the model has ${this.pending} queued call(s) (trainStep, predict, ...) not yet settled; await them first (or use model.idle())`);
   }
 
   private enqueue<T>(fn: () => Promise<T>, disposing = false): Promise<T> {
-    if (this.disposed && !disposing) return Promise.reject(new Error('this model was disposed'));
+    if (this.disposed && !disposing) return Promise.reject(disposedError('this model was disposed'));
     this.pending++;
     const done = () => {
       this.pending--;
@@ -228,6 +240,11 @@ export class Model {
     if (labels === undefined || Array.isArray(labels)) return { ...rest, ...(labels ? { labels } : {}) };
     return { ...rest, labels: splitAnnotatorMaps(labels, this.config.annotators) };
   }
+}
+
+/** The error of any call after dispose(), with the code the native side gives it too. */
+function disposedError(message: string): Error {
+  return Object.assign(new Error(message), { code: 'CMSEG_DISPOSED' });
 }
 
 /** Views (no copies) of the R maps in one [R, N, *S] label array. */

@@ -14,6 +14,8 @@ export type { FuseOptions, FuseResult, FusionMethod } from './fusion/fuse';
 export { slidingWindowPredict, gaussianImportanceMap } from './model/sliding-window';
 export type { Extent } from './data/morphology';
 export type { SlidingWindowOptions, SlidingWindowPrediction, SlidingWindowModel } from './model/sliding-window';
+export { ensemble, ensembleMismatch, ENSEMBLE_FIELDS } from './model/ensemble';
+export { mirrored, mirrorings, flipSpatial } from './model/tta';
 export { train, TRAIN_DEFAULTS, TrainingError, readTrainerState, readTrainLog, CHECKPOINT_BEST, CHECKPOINT_LAST, TRAIN_LOG } from './train/trainer';
 export type { TrainConfig, TrainHooks, TrainResult, TrainerState, TrainerExtra, ValidationResult, Validator } from './train/trainer';
 export { createProgress, silentProgress } from './train/progress';

@@ -9,6 +9,10 @@
 // scored on new data with --data: every image of a 2D folder (against its consensus/, else
 // its annotators' majority vote), or every case of a BraTS folder, case folder or cache
 // that has a segmentation (3D).
+//
+// Several checkpoints (--checkpoint a b ...) are scored as one ensemble (their outputs
+// averaged), and --tta averages the predictions of the mirrored inputs; the metrics JSON
+// records both ("checkpoints", "tta").
 
 import * as fs from 'fs';
 import * as path from 'path';
@@ -17,19 +21,31 @@ import { BRATS_CLASS_NAMES, BRATS_GEOMETRY_TOLERANCE_MM } from '../data/brats';
 import { casesInData } from '../data/brats-cases';
 import { writeFileAtomic } from '../data/files';
 import { loadImagesToPredict } from '../data/image-files';
-import { type CheckpointInfo, readCheckpointInfo } from '../model/checkpoint-info';
 import type { Device } from '../model/config';
 import { setNumThreads } from '../model/model';
 import { bratsText, evaluationText, referenceNote } from '../report/tables';
-import { type EvaluationSummary, evaluateAgainstMajority, evaluateModel, evaluateVolumes, fusedLabelRows, paddedToDepth } from '../train/evaluate';
+import { type EvaluationSummary, evaluateAgainstMajority, evaluateModel, evaluateVolumes, fusedLabelRows } from '../train/evaluate';
 import type { SplitName } from '../train/experiment';
-import { methodDefinition } from '../train/methods';
 import { choiceOption, displayPath, given, parseInteger, parseNumber, printOutputs, UserError, withExamples } from './common';
-import { checkBratsModel, type DataTarget, dataTarget, DEVICES, loadModelForInference, paddingNote, windowPatch } from './inference';
+import {
+  checkBratsModel,
+  checkSameRunData,
+  type DataTarget,
+  dataTarget,
+  DEVICES,
+  type InferenceInfo,
+  inferenceLabel,
+  inferenceRecord,
+  loadInference,
+  paddingNote,
+  readInferenceInfo,
+  windowPatch,
+} from './inference';
 import { loadRunData } from './run-data';
 
 interface EvalFlags {
-  checkpoint: string;
+  checkpoint: string[];
+  tta?: boolean;
   split: SplitName | 'all';
   out?: string;
   data?: string;
@@ -41,34 +57,57 @@ interface EvalFlags {
 
 async function runEval(flags: EvalFlags, splitTyped: boolean): Promise<void> {
   if (flags.threads !== undefined) setNumThreads(flags.threads);
-  const file = path.resolve(flags.checkpoint);
-  const info = await readCheckpointInfo(file);
+  const info = await readInferenceInfo(flags.checkpoint);
+  const file = info.file;
   const target = dataTarget(info, flags, splitTyped, 'eval');
   if (target.kind !== 'run') return evalWhole(flags, info, target);
+  checkSameRunData(info, 'eval');
   const { saved, recipe } = target;
   const split = flags.split as SplitName;
   const data = loadRunData(recipe.dataset, saved.config.seed);
   try {
-    const model = await loadModelForInference(file, saved, flags.device);
-    // Methods without trained CMs (naive, oracle) are scored on the consensus only.
-    const summary = await data.evaluate(model, split, { annotators: methodDefinition(saved.config.method).learnsCms });
+    const loaded = await loadInference(info, { device: flags.device, tta: flags.tta });
+    let summary: EvaluationSummary;
+    try {
+      // Methods without trained CMs (naive, oracle) are scored on the consensus only.
+      summary = await data.evaluate(loaded.model, split, { annotators: info.learnsCms });
+    } finally {
+      await loaded.dispose();
+    }
     const fused = split === 'test' ? data.fusedLabelRows?.() : undefined;
-    const out = path.resolve(flags.out ?? path.join(path.dirname(file), `eval-${split}-${path.basename(file, '.safetensors')}.json`));
+    const out = path.resolve(flags.out ?? path.join(path.dirname(file), `eval-${split}-${outputStem(info, flags)}.json`));
     fs.mkdirSync(path.dirname(out), { recursive: true });
-    const record = { checkpoint: file, method: saved.config.method, preset: recipe.preset, dataset: recipe.dataset, seed: saved.config.seed, step: saved.state.step, split, metrics: summary, fusedLabels: fused ?? null };
+    const record = {
+      checkpoint: file,
+      ...inferenceRecord(info, flags.tta === true),
+      method: saved.config.method,
+      preset: recipe.preset,
+      dataset: recipe.dataset,
+      seed: saved.config.seed,
+      step: saved.state.step,
+      split,
+      metrics: summary,
+      fusedLabels: fused ?? null,
+    };
     await writeFileAtomic(out, Buffer.from(JSON.stringify(record, null, 2) + '\n'));
-    process.stdout.write(`${saved.config.method} at step ${saved.state.step}, ${split} split${referenceNote(summary)}:\n` + evaluationText(summary, fused, { classNames: data.classNames }) + bratsText(summary) + '\n');
+    process.stdout.write(`${inferenceLabel(info, flags.tta === true)}, ${split} split${referenceNote(summary)}:\n` + evaluationText(summary, fused, { classNames: data.classNames }) + bratsText(summary) + '\n');
     printOutputs([['metrics', out]]);
   } finally {
     await data.close?.();
   }
 }
 
+/** The default metrics file's name after the split or data: the checkpoint's, and for an ensemble or TTA what sets it apart (not to overwrite the plain scores). */
+function outputStem(info: InferenceInfo, flags: EvalFlags): string {
+  const ensemble = info.members.length > 1 ? `-ensemble${info.members.length}` : '';
+  return `${path.basename(info.file, '.safetensors')}${ensemble}${flags.tta ? '-tta' : ''}`;
+}
+
 /**
  * Scores a checkpoint on every image or case of new data (--data): 2D against the folder's
  * consensus/ (else the majority vote of its labels/), 3D against each case's segmentation.
  */
-async function evalWhole(flags: EvalFlags, info: CheckpointInfo, target: Extract<DataTarget, { kind: 'images' | 'volumes' }>): Promise<void> {
+async function evalWhole(flags: EvalFlags, info: InferenceInfo, target: Extract<DataTarget, { kind: 'images' | 'volumes' }>): Promise<void> {
   const { file } = info;
   const dir = target.dir;
   let summary: EvaluationSummary;
@@ -84,15 +123,15 @@ async function evalWhole(flags: EvalFlags, info: CheckpointInfo, target: Extract
     }
     const note = paddingNote(set.spatial, info.config.depth);
     if (note) process.stderr.write(note);
-    const model = await loadModelForInference(file, info.saved ?? { config: info.config }, flags.device);
+    const loaded = await loadInference(info, { device: flags.device, tta: flags.tta, pad: true });
     try {
-      const scored = paddedToDepth(model);
+      const scored = loaded.model;
       // The CM figures need the annotators' own maps; a vote of them stands in for a missing consensus.
       const annotators = info.learnsCms && labelled.length > 0;
       summary = set.consensus ? await evaluateModel(scored, set, { annotators }) : await evaluateAgainstMajority(scored, set, { annotators });
       fused = set.consensus && labelled.length > 0 ? fusedLabelRows(set) : undefined;
     } finally {
-      await model.dispose();
+      await loaded.dispose();
     }
     classNames = set.classes === 2 ? ['background', 'foreground'] : undefined;
     what = `${set.count} images of ${displayPath(dir)}`;
@@ -106,10 +145,10 @@ async function evalWhole(flags: EvalFlags, info: CheckpointInfo, target: Extract
     const cacheAnnotators = list.annotators;
     const annotators =
       info.learnsCms && cacheAnnotators !== undefined && cacheAnnotators.length === R && (!info.namesRecorded || cacheAnnotators.every((n, r) => n === info.annotatorNames[r]));
-    const model = await loadModelForInference(file, info.saved ?? { config: info.config }, flags.device);
+    const loaded = await loadInference(info, { device: flags.device, tta: flags.tta });
     try {
       summary = await evaluateVolumes(
-        model,
+        loaded.model,
         list.ids,
         async (id) => {
           const c = await list.load(id);
@@ -126,17 +165,26 @@ async function evalWhole(flags: EvalFlags, info: CheckpointInfo, target: Extract
         },
       );
     } finally {
-      await model.dispose();
+      await loaded.dispose();
     }
     classNames = [...BRATS_CLASS_NAMES];
     what = `${list.ids.length} case(s) from ${list.from}`;
   }
-  const label = info.method ?? 'model';
-  const out = path.resolve(flags.out ?? path.join(path.dirname(file), `eval-${path.basename(dir)}-${path.basename(file, '.safetensors')}.json`));
+  const out = path.resolve(flags.out ?? path.join(path.dirname(file), `eval-${path.basename(dir)}-${outputStem(info, flags)}.json`));
   fs.mkdirSync(path.dirname(out), { recursive: true });
-  const record = { checkpoint: file, method: info.method ?? null, preset: info.recipe?.preset ?? null, data: dir, step: info.step, split: 'all', metrics: summary, fusedLabels: fused ?? null };
+  const record = {
+    checkpoint: file,
+    ...inferenceRecord(info, flags.tta === true),
+    method: info.method ?? null,
+    preset: info.recipe?.preset ?? null,
+    data: dir,
+    step: info.step,
+    split: 'all',
+    metrics: summary,
+    fusedLabels: fused ?? null,
+  };
   await writeFileAtomic(out, Buffer.from(JSON.stringify(record, null, 2) + '\n'));
-  process.stdout.write(`${label} at step ${info.step}, ${what}${referenceNote(summary)}:\n` + evaluationText(summary, fused, { classNames }) + bratsText(summary) + '\n');
+  process.stdout.write(`${inferenceLabel(info, flags.tta === true)}, ${what}${referenceNote(summary)}:\n` + evaluationText(summary, fused, { classNames }) + bratsText(summary) + '\n');
   printOutputs([['metrics', out]]);
 }
 
@@ -144,9 +192,18 @@ export function registerEvalCommand(program: Command): Command {
   const command = program
     .command('eval')
     .description('score a checkpoint on its run\'s test (or validation) split, or on new data (--data): Dice, CM error, GED, reliability')
-    .requiredOption('--checkpoint <file>', 'a checkpoint written by cmseg train (best.safetensors or last.safetensors), or by the API\'s saveCheckpoint (then --data is needed)')
+    .requiredOption(
+      '--checkpoint <files...>',
+      "a checkpoint written by cmseg train (best.safetensors or last.safetensors), or by the API's saveCheckpoint (then --data is needed). Several: scored as an ensemble, " +
+        "their outputs averaged (same ndim, input channels, classes and annotators; the first one's run decides the split, and the others must have trained on the same one, else give --data)",
+    )
+    .option('--tta', 'test-time augmentation: also predict the inputs mirrored along every combination of spatial axes (4 in 2D, 8 in 3D) and average the flipped-back outputs')
     .addOption(choiceOption('--split <name>', "which of the run's splits to score; all: every image or case of --data", ['test', 'validation', 'all']).default('test'))
-    .option('--out <file>', 'where to write the metrics JSON (default: eval-<split>-<checkpoint>.json, or eval-<data folder>-<checkpoint>.json for --data, beside the checkpoint)')
+    .option(
+      '--out <file>',
+      'where to write the metrics JSON (default: eval-<split>-<checkpoint>.json, or eval-<data folder>-<checkpoint>.json for --data, beside the (first) checkpoint; ' +
+        '<checkpoint> ends in -ensemble<N> for N checkpoints and -tta with --tta)',
+    )
     .option(
       '--data <dir>',
       "new data, scored whole: 2D a folder of PNGs (DIR/images/ with consensus/ or labels/<annotator>/ to score against); 3D a BraTS folder, case folder or cache " +
@@ -162,5 +219,6 @@ export function registerEvalCommand(program: Command): Command {
     'cmseg eval --checkpoint runs/cm-dense/best.safetensors --split test',
     'cmseg eval --checkpoint runs/brats-cm/best.safetensors --split validation',
     'cmseg eval --checkpoint model.safetensors --data data/noisy',
+    'cmseg eval --checkpoint runs/brats-a/best.safetensors runs/brats-b/best.safetensors --tta',
   );
 }

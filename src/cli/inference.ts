@@ -1,17 +1,21 @@
 // What the eval and predict commands share: which data --data (or its absence) and --split
 // mean for a checkpoint, loading its model for inference on the right device, and the checks
 // and sizes of that inference (a BraTS model's channels and classes, the sliding window, the
-// padding of images to what the U-Net's depth takes).
+// padding of images to what the U-Net's depth takes). Several checkpoints (--checkpoint a b)
+// run as one ensemble (src/model/ensemble.ts) and --tta mirrors the inputs (src/model/tta.ts):
+// both are InferenceModel wrappers, so the rest of eval and predict does not change.
 
 import * as fs from 'fs';
 import * as path from 'path';
 import { BRATS_CLASS_NAMES, BRATS_CLASSES, BRATS_CHANNELS, BRATS_MODALITIES } from '../data/brats';
 import type { LabelMapping } from '../data/image-folder';
 import { loadCheckpoint } from '../model/checkpoint';
-import { type CheckpointInfo, readCheckpointInfo } from '../model/checkpoint-info';
+import { type CheckpointInfo, methodLabel, readCheckpointInfo } from '../model/checkpoint-info';
 import type { Device, ModelConfig } from '../model/config';
+import { ENSEMBLE_FIELDS, ensemble, ensembleMismatch } from '../model/ensemble';
 import { backendInfo, Model } from '../model/model';
-import { paddedSize } from '../train/evaluate';
+import { mirrored } from '../model/tta';
+import { type InferenceModel, paddedSize, paddedToDepth } from '../train/evaluate';
 import type { DatasetSpec } from '../train/experiment';
 import type { TrainerExtra } from '../train/trainer';
 import { displayPath, UserError } from './common';
@@ -101,6 +105,142 @@ export async function loadModelForInference(file: string, saved: { config: { dev
   return loadCheckpoint(file, overrides);
 }
 
+/** The checkpoints eval or predict runs: one info standing for them all (the first's recipe and split), and each. */
+export interface InferenceInfo extends CheckpointInfo {
+  /** Every checkpoint given, in order; the first is the one the info speaks for. */
+  members: CheckpointInfo[];
+}
+
+/**
+ * Reads every --checkpoint and checks that they can run as one ensemble: the same ndim, input
+ * channels, classes and annotators (the outputs are averaged value by value), and the same
+ * annotator names where both record them. The info is the first checkpoint's (its recipe,
+ * saved state and step), with the largest depth (inputs must fit every member), the annotator
+ * names any member records, and CMs learnt only when every member learns them.
+ */
+export async function readInferenceInfo(files: readonly string[]): Promise<InferenceInfo> {
+  const members: CheckpointInfo[] = [];
+  for (const file of files) members.push(await readCheckpointInfo(path.resolve(file)));
+  const [first] = members;
+  const name = (info: CheckpointInfo) => displayPath(info.file);
+  const mismatch = ensembleMismatch(members.map((m) => m.config));
+  if (mismatch) {
+    const { field, index, values } = mismatch;
+    throw new UserError(
+      `${name(members[index])} and ${name(first)} cannot be averaged: ${field} ${values[1]} in ${name(members[index])}, ${values[0]} in ${name(first)} ` +
+        `(the checkpoints of an ensemble must share ${ENSEMBLE_FIELDS.join(', ')})`,
+    );
+  }
+  const named = members.filter((m) => m.namesRecorded);
+  const differing = named.find((m) => m.annotatorNames.some((n, r) => n !== named[0].annotatorNames[r]));
+  if (differing) {
+    throw new UserError(
+      `${name(differing)} and ${name(named[0])} name their annotators differently (${differing.annotatorNames.join(', ')} vs ${named[0].annotatorNames.join(', ')}): their CM heads cannot be averaged`,
+    );
+  }
+  const learnsCms = members.every((m) => m.learnsCms);
+  if (!learnsCms && members.some((m) => m.learnsCms)) {
+    const naive = members.find((m) => !m.learnsCms)!;
+    process.stderr.write(`note: ${name(naive)} (${methodLabel(naive)}) does not learn annotator CMs: the ensemble's annotator outputs are left out\n`);
+  }
+  return {
+    ...first,
+    config: { ...first.config, depth: Math.max(...members.map((m) => m.config.depth)) },
+    learnsCms,
+    ...(named.length > 0 ? { annotatorNames: [...named[0].annotatorNames], namesRecorded: true } : {}),
+    members,
+  };
+}
+
+/** What decides a run's data and split: two runs that agree on these score the same images against the same labels. */
+function dataIdentity(dataset: DatasetSpec): Record<string, unknown> {
+  switch (dataset.kind) {
+    case 'mnist':
+      return { kind: dataset.kind, train: dataset.train, validation: dataset.validation, test: dataset.test, dataSeed: dataset.dataSeed };
+    case 'brats':
+      return { kind: dataset.kind, cache: dataset.cache, splits: dataset.splits };
+    case 'folder':
+      return { kind: dataset.kind, root: dataset.root, classes: dataset.classes, labelMapping: dataset.labelMapping, annotators: dataset.annotators, splits: dataset.splits };
+  }
+}
+
+/**
+ * For an ensemble on the first run's own split: every other checkpoint must have been trained
+ * on the same data with the same split (else its "test" images may be another's training
+ * images); the error names the first field that differs.
+ */
+export function checkSameRunData(info: InferenceInfo, command: 'predict' | 'eval'): void {
+  const [first, ...others] = info.members;
+  const name = (i: CheckpointInfo) => displayPath(i.file);
+  const ask = `give --data <dir> to ${command === 'eval' ? 'score' : 'predict'} new data, every image or case of it`;
+  const ours = dataIdentity(first.recipe!.dataset);
+  for (const other of others) {
+    if (!other.recipe) throw new UserError(`${name(other)} records no training data, so it cannot be checked to share the split of ${name(first)}: ${ask}`);
+    const theirs = dataIdentity(other.recipe.dataset);
+    const field = Object.keys({ ...ours, ...theirs }).find((key) => JSON.stringify(ours[key]) !== JSON.stringify(theirs[key]));
+    if (field === undefined) continue;
+    const shown = (v: unknown) => (typeof v === 'object' && v !== null ? 'another' : JSON.stringify(v));
+    throw new UserError(
+      `${name(other)} was trained on other data than ${name(first)} (dataset.${field}: ${shown(theirs[field])} vs ${shown(ours[field])}): ` +
+        `an ensemble scores the first checkpoint's split only when every run has the same one; ${ask}`,
+    );
+  }
+}
+
+/** The model eval or predict runs, with what to dispose when done. */
+export interface LoadedInference {
+  model: InferenceModel;
+  dispose(): Promise<void>;
+}
+
+/**
+ * Every checkpoint's model (loadModelForInference), as one InferenceModel: their ensemble,
+ * padded to the sizes the depth takes (`pad`, for images of any size), mirrored when `tta`
+ * (outermost, so that the flips are of the image as given and each is padded alike).
+ */
+export async function loadInference(info: InferenceInfo, options: { device?: Device; tta?: boolean; pad?: boolean }): Promise<LoadedInference> {
+  const models: Model[] = [];
+  const dispose = () => Promise.all(models.map((m) => m.dispose())).then(() => undefined);
+  try {
+    for (const member of info.members) models.push(await loadModelForInference(member.file, member.saved ?? { config: member.config }, options.device));
+  } catch (error) {
+    await dispose();
+    throw error;
+  }
+  let model: InferenceModel = ensemble(models);
+  if (options.pad) model = paddedToDepth(model);
+  if (options.tta) model = mirrored(model);
+  return { model, dispose };
+}
+
+/** The method that names an ensemble in legends: its members' common method, else "ensemble". */
+export function inferenceMethod(info: InferenceInfo): string {
+  return info.members.every((m) => m.method === info.method) ? methodLabel(info) : 'ensemble';
+}
+
+/** How eval's summary line names the model: "cm at step 3", or an ensemble's members, and the TTA. */
+export function inferenceLabel(info: InferenceInfo, tta: boolean): string {
+  const one = (m: CheckpointInfo) => `${methodLabel(m)} at step ${m.step}`;
+  const models = info.members.length === 1 ? one(info) : `ensemble of ${info.members.length} checkpoints (${info.members.map(one).join(', ')})`;
+  return tta ? `${models} with mirroring TTA (${2 ** info.config.ndim} flips)` : models;
+}
+
+/** How predict's legend names the model: "<file> (cm, step 3)", or the ensemble's members. */
+export function modelsDescription(info: InferenceInfo): string {
+  const one = (m: CheckpointInfo) => `${m.file} (${methodLabel(m)}, step ${m.step})`;
+  return info.members.length === 1 ? one(info) : `the mean (ensemble) of ${info.members.length} checkpoints: ${info.members.map(one).join(', ')}`;
+}
+
+/** The legend's line for the mirroring TTA. */
+export function ttaDescription(ndim: 2 | 3): string {
+  return `Test-time augmentation (--tta): every output is the mean of the predictions of the ${2 ** ndim} mirror images of the input (flips along every combination of the ${ndim} spatial axes), each flipped back.`;
+}
+
+/** What the metrics JSON records of the model beside the checkpoint: every checkpoint and the TTA. */
+export function inferenceRecord(info: InferenceInfo, tta: boolean): { checkpoints: string[]; tta: boolean } {
+  return { checkpoints: info.members.map((m) => m.file), tta };
+}
+
 /** A note for images a U-Net of this depth cannot take as they are: how they are padded. */
 export function paddingNote(spatial: readonly number[], depth: number): string | undefined {
   const padded = paddedSize(spatial, depth);
@@ -129,6 +269,7 @@ export function windowPatch(info: CheckpointInfo, patch: number | undefined): nu
   const depth = info.config.depth;
   const multiple = 2 ** (depth - 1);
   if (patch !== undefined && patch % multiple !== 0) throw new UserError(`--patch ${patch} must be a multiple of 2^(depth-1) = ${multiple} (the model's depth is ${depth})`);
-  const size = patch ?? (info.recipe?.dataset.kind === 'brats' ? info.recipe.dataset.patch : paddedSize([DEFAULT_PATCH], depth)[0]);
+  // An ensemble's depth is its deepest member's: a shallower member's training patch is rounded up to fit it.
+  const size = patch ?? paddedSize([info.recipe?.dataset.kind === 'brats' ? info.recipe.dataset.patch : DEFAULT_PATCH], depth)[0];
   return [size, size, size];
 }

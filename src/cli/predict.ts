@@ -12,6 +12,8 @@
 // every PNG image of a folder (DIR/images/ with optional labels/ and consensus/, or a plain
 // folder of PNGs) for a 2D model, padded to the sizes its depth takes; every case of a
 // BraTS folder, case folder or cache for a 3D model of 4 input channels.
+// Several checkpoints (--checkpoint a b ...) predict as one ensemble (their outputs averaged),
+// and --tta averages the predictions of the mirrored inputs; the legend says which.
 
 import * as fs from 'fs';
 import * as path from 'path';
@@ -32,20 +34,33 @@ import type { Extent } from '../data/morphology';
 import { writeNifti } from '../data/nifti';
 import { writePng } from '../data/png';
 import { argmaxAnnotatorProbs } from '../eval/metrics';
-import { type CheckpointInfo, methodLabel, readCheckpointInfo } from '../model/checkpoint-info';
 import type { Device } from '../model/config';
-import { argmaxClasses, Model, setNumThreads } from '../model/model';
+import { argmaxClasses, setNumThreads } from '../model/model';
 import { slidingWindowPredict } from '../model/sliding-window';
 import { cmHeatMaps, grayImage, grid, labelImage, labelOverlay, upscale } from '../report/pictures';
 import type { AnnotatedSet } from '../train/data';
-import { type InferenceModel, paddedToDepth, predictImages } from '../train/evaluate';
+import { type InferenceModel, predictImages } from '../train/evaluate';
 import type { BratsDatasetSpec } from '../train/experiment';
 import { choiceOption, displayPath, given, parseInteger, parseNumber, printOutputs, UserError, withExamples } from './common';
-import { checkBratsModel, dataTarget, DEVICES, loadModelForInference, paddingNote, windowPatch } from './inference';
+import {
+  checkBratsModel,
+  checkSameRunData,
+  dataTarget,
+  DEVICES,
+  type InferenceInfo,
+  inferenceMethod,
+  loadInference,
+  modelsDescription,
+  paddingNote,
+  readInferenceInfo,
+  ttaDescription,
+  windowPatch,
+} from './inference';
 import { loadRunData } from './run-data';
 
 interface PredictFlags {
-  checkpoint: string;
+  checkpoint: string[];
+  tta?: boolean;
   out: string;
   data?: string;
   count?: number;
@@ -63,9 +78,9 @@ const PICTURE_BATCH = 16;
 
 async function runPredict(flags: PredictFlags, splitTyped: boolean): Promise<void> {
   if (flags.threads !== undefined) setNumThreads(flags.threads);
-  const file = path.resolve(flags.checkpoint);
-  const info = await readCheckpointInfo(file);
+  const info = await readInferenceInfo(flags.checkpoint);
   const target = dataTarget(info, flags, splitTyped, 'predict');
+  if (target.kind === 'run') checkSameRunData(info, 'predict');
   if (target.kind === 'images') return predictNewImages(flags, info, target.dir, target.labelMapping);
   if (target.kind === 'volumes') {
     checkBratsModel(info, false);
@@ -77,42 +92,46 @@ async function runPredict(flags: PredictFlags, splitTyped: boolean): Promise<voi
 }
 
 /** The 2D pictures of a run's own images (its --split). */
-async function predictRunImages(flags: PredictFlags, info: CheckpointInfo, dataset: Parameters<typeof loadRunData>[0]): Promise<void> {
+async function predictRunImages(flags: PredictFlags, info: InferenceInfo, dataset: Parameters<typeof loadRunData>[0]): Promise<void> {
   const split = flags.split as 'test' | 'validation' | 'train';
   const data = loadRunData(dataset, info.saved!.config.seed);
   try {
     const set = data.split?.(split);
     if (!set) throw new UserError(`the data of ${info.file} cannot be read as whole images; predict works on 2D in-memory data sets`);
     if (set.spatial.length !== 2) throw new UserError(`predict draws 2D images; this run's images are ${set.spatial.join('x')}`);
-    const model = await loadModelForInference(info.file, info.saved!, flags.device);
+    const loaded = await loadInference(info, { device: flags.device, tta: flags.tta });
     const from = dataset.kind === 'folder' ? ` of ${dataset.root} (<image> = the image's file name)` : '';
-    await drawPictures(flags, info, model, set, { count: flags.count ?? 8, what: `${split} images`, readmeWhat: (n) => `the first ${n} ${split} images${from}` });
+    try {
+      await drawPictures(flags, info, loaded.model, set, { count: flags.count ?? 8, what: `${split} images`, readmeWhat: (n) => `the first ${n} ${split} images${from}` });
+    } finally {
+      await loaded.dispose();
+    }
   } finally {
     await data.close?.();
   }
 }
 
 /** The 2D pictures of every image of a folder (new data). */
-async function predictNewImages(flags: PredictFlags, info: CheckpointInfo, dir: string, labelMapping?: Parameters<typeof loadImagesToPredict>[2]): Promise<void> {
+async function predictNewImages(flags: PredictFlags, info: InferenceInfo, dir: string, labelMapping?: Parameters<typeof loadImagesToPredict>[2]): Promise<void> {
   const { set, imagesDir } = loadImagesToPredict(dir, info, labelMapping);
   const note = paddingNote(set.spatial, info.config.depth);
   if (note) process.stderr.write(note);
-  const model = await loadModelForInference(info.file, info.saved ?? { config: info.config }, flags.device);
+  const loaded = await loadInference(info, { device: flags.device, tta: flags.tta, pad: true });
   try {
-    await drawPictures(flags, info, paddedToDepth(model), set, {
+    await drawPictures(flags, info, loaded.model, set, {
       count: flags.count ?? set.count,
       what: `images of ${displayPath(dir)}`,
       readmeWhat: (n) => `${n === set.count ? 'every one' : `the first ${n}`} of the ${set.count} images in ${imagesDir} (<image> = the image's file name)`,
     });
   } finally {
-    await model.dispose();
+    await loaded.dispose();
   }
 }
 
 /** Pictures of the first `count` images of `set`: input, truth, prediction, each annotator's estimate and CM, a sheet; and a legend. */
 async function drawPictures(
   flags: PredictFlags,
-  info: CheckpointInfo,
+  info: InferenceInfo,
   model: InferenceModel,
   set: AnnotatedSet,
   words: { count: number; what: string; readmeWhat: (n: number) => string },
@@ -121,7 +140,7 @@ async function drawPictures(
   const scale = flags.scale ?? Math.max(1, Math.floor(256 / Math.max(h, w)));
   const R = model.config.annotators;
   const learnsCms = info.learnsCms;
-  const method = methodLabel(info);
+  const method = inferenceMethod(info);
   const L = set.classes;
   const V = h * w;
   const C = set.channels;
@@ -170,7 +189,8 @@ async function drawPictures(
     : ['(the folder has no consensus/: no truth pictures, and the sheet\'s first row has a gap where the truth would be)'];
   const anyLabels = set.present.some((x) => x !== 0);
   const readme = [
-    `Predictions of ${info.file} (${method}, step ${info.step}) on ${words.readmeWhat(count)}.`,
+    `Predictions of ${modelsDescription(info)} on ${words.readmeWhat(count)}.`,
+    ...(flags.tta ? [ttaDescription(2)] : []),
     '',
     '<image>-input.png               the input',
     ...truthLine,
@@ -230,14 +250,24 @@ function axialSlice<T extends Float32Array | Uint8Array>(data: T, channels: numb
   return out;
 }
 
-async function predictVolumes(flags: PredictFlags, info: CheckpointInfo, list: CaseList): Promise<void> {
+async function predictVolumes(flags: PredictFlags, info: InferenceInfo, list: CaseList): Promise<void> {
+  const loaded = await loadInference(info, { device: flags.device, tta: flags.tta });
+  try {
+    await predictCases(flags, info, list, loaded.model);
+  } finally {
+    await loaded.dispose();
+  }
+}
+
+/** predictVolumes' work with the model loaded: each case's volumes and pictures, then the legend. */
+async function predictCases(flags: PredictFlags, info: InferenceInfo, list: CaseList, model: InferenceModel): Promise<void> {
   const ids = flags.count !== undefined ? list.ids.slice(0, flags.count) : list.ids;
   const patch = windowPatch(info, flags.patch);
-  const file = info.file;
-  const method = methodLabel(info);
-  const model: Model = await loadModelForInference(file, info.saved ?? { config: info.config }, flags.device);
+  const method = inferenceMethod(info);
   const L = model.config.classes;
   const R = model.config.annotators;
+  // Window predictions per window: one per checkpoint and mirroring.
+  const passes = info.members.length * (flags.tta ? 2 ** 3 : 1);
   const names = info.annotatorNames;
   const learnsCms = info.learnsCms;
   const outDir = path.resolve(flags.out);
@@ -288,12 +318,14 @@ async function predictVolumes(flags: PredictFlags, info: CheckpointInfo, list: C
     } else if (k === 0) {
       process.stderr.write(`note: ${method} does not learn annotator CMs: no annotator volumes or CM pictures\n`);
     }
-    process.stderr.write(`[${k + 1}/${ids.length}] ${id}: ${p.windows} windows in ${((Date.now() - started) / 1000).toFixed(1)} s (slice z = ${c.crop.z0 + z})\n`);
+    const each = passes > 1 ? ` (each predicted ${passes} times)` : '';
+    process.stderr.write(`[${k + 1}/${ids.length}] ${id}: ${p.windows} windows${each} in ${((Date.now() - started) / 1000).toFixed(1)} s (slice z = ${c.crop.z0 + z})\n`);
   }
   const readme = [
-    `Predictions of ${file} (${method}, step ${info.step}) for ${ids.length} case(s) from ${list.from}.`,
+    `Predictions of ${modelsDescription(info)} for ${ids.length} case(s) from ${list.from}.`,
     `Sliding windows of ${patch.join('x')} voxels, overlap ${flags.overlap}, Gaussian weighting. Every volume is on the case's original grid`,
     "(the crop to the brain undone) with the geometry of the case's t1 file.",
+    ...(flags.tta ? [`${ttaDescription(3)} Each window is mirrored, as in nnU-Net.`] : []),
     '',
     '<id>_consensus.nii.gz        uint8, the predicted consensus argmax p, in the release\'s labels:',
     '                             0 background, 1 necrotic core (NCR), 2 edema (ED), 4 enhancing tumour (ET) for BraTS 2018-2021',
@@ -323,7 +355,12 @@ export function registerPredictCommand(program: Command): Command {
   const command = program
     .command('predict')
     .description("a checkpoint's predictions: 2D pictures of its images, or 3D BraTS cases as NIfTI (consensus, probabilities, each annotator) with CM pictures")
-    .requiredOption('--checkpoint <file>', "a checkpoint written by cmseg train, or by the API's saveCheckpoint (then --data is needed)")
+    .requiredOption(
+      '--checkpoint <files...>',
+      "a checkpoint written by cmseg train, or by the API's saveCheckpoint (then --data is needed). Several: an ensemble, their outputs averaged " +
+        "(same ndim, input channels, classes and annotators; the first one's run decides the data, and the others must have trained on the same split, else give --data)",
+    )
+    .option('--tta', 'test-time augmentation: also predict the inputs mirrored along every combination of spatial axes (4 in 2D, 8 in 3D) and average the flipped-back outputs')
     .requiredOption('--out <dir>', 'folder for the predictions')
     .option(
       '--data <dir>',
@@ -345,6 +382,7 @@ export function registerPredictCommand(program: Command): Command {
     'cmseg predict --checkpoint runs/cm-dense/best.safetensors --out runs/cm-dense/pictures --count 4',
     'cmseg predict --checkpoint runs/brats-cm/best.safetensors --data data/BraTS2021/BraTS2021_00000 --out predictions',
     'cmseg predict --checkpoint model.safetensors --data my-images --out pictures',
+    'cmseg predict --checkpoint runs/brats-a/best.safetensors runs/brats-b/best.safetensors --tta --out predictions',
   );
 }
 

@@ -14,7 +14,9 @@
 // Outputs are Float32 sums of weight * window output, divided at the end by the summed
 // weights (kept in Float64): a weighted mean of the windows' values, so a voxel on which
 // every window agrees gets that value back (to Float32 rounding).
+// Test-time augmentation (`mirror`) mirrors each window, as nnU-Net does (src/model/tta.ts).
 import { checkExtent, Extent } from '../data/morphology';
+import { mirrored } from './tta';
 
 /** The part of a Model that sliding-window inference needs (tests pass fakes). */
 export interface SlidingWindowModel {
@@ -39,6 +41,12 @@ export interface SlidingWindowOptions {
   cms?: boolean;
   /** Also stitch the annotators' label distributions q_r, [R, L, *S]. */
   annotatorProbs?: boolean;
+  /**
+   * Test-time augmentation: each window is also predicted mirrored along every combination of
+   * these spatial axes (true: all, 8 predictions in 3D, 4 in 2D; a list counts [d, h, w] in 3D,
+   * [h, w] in 2D), and the flipped-back predictions are averaged. Default false.
+   */
+  mirror?: boolean | readonly number[];
   /** Called after each batch with the windows done so far and the total. */
   onProgress?: (windowsDone: number, windowsTotal: number) => void;
 }
@@ -145,6 +153,7 @@ export async function slidingWindowPredict(
   if (!(overlap >= 0 && overlap < 1)) throw new RangeError(`options.overlap = ${overlap} must be in [0, 1)`);
   const batchSize = positiveInteger('options.batchSize', options.batchSize ?? 2);
   const weights = gaussianImportanceMap(patch, options.gaussianSigmaScale ?? 1 / 8);
+  const predictor = options.mirror ? mirrored(model, options.mirror) : model;
 
   const axes: Axis[] = [extent.d, extent.h, extent.w].map((size, i) => {
     const p = patch[i];
@@ -196,7 +205,7 @@ export async function slidingWindowPredict(
       }
     });
     const shape = ndim === 2 ? [B, C, ph, pw] : [B, C, pd, ph, pw];
-    const prediction = await model.predict(images, shape, { cms: wantCms, annotatorProbs: wantQ });
+    const prediction = await predictor.predict(images, shape, { cms: wantCms, annotatorProbs: wantQ });
     for (const output of outputs) {
       const values = prediction[output.name];
       if (!(values instanceof Float32Array) || values.length !== B * output.channels * Pv) {

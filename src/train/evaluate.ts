@@ -24,7 +24,7 @@ import { type SlidingWindowModel, slidingWindowPredict } from '../model/sliding-
 import type { AnnotatedSet } from './data';
 import { gatherBatch, voxelsOf } from './data';
 
-/** What scoring and pictures need of a model (a Model, or one wrapped by paddedToDepth). */
+/** What scoring and pictures need of a model (a Model, or one wrapped by paddedToDepth, ensemble or mirrored). */
 export type InferenceModel = SlidingWindowModel;
 
 /** A SegmentationReport without the per-image arrays: what logs and JSON files hold. */

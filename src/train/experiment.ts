@@ -41,7 +41,7 @@ import { fuse, stapleFuseOptions, type StapleFusion } from '../fusion/fuse';
 import { type FuseCacheProgress, fuseCachedCases } from '../fusion/fuse-cache';
 import type { Model } from '../model/model';
 import { AnnotatedSet, gatherBatch, InMemorySource, TrainingSource } from './data';
-import { evaluateAgainstMajority, evaluateModel, evaluateVolumes, EvaluationSummary, fusedLabelRows, FusedLabelRows } from './evaluate';
+import { evaluateAgainstMajority, evaluateModel, evaluateVolumes, EvaluationSummary, fusedLabelRows, FusedLabelRows, type InferenceModel } from './evaluate';
 import { PatchStream, PatchStreamSource } from './patch-source';
 
 /** The paper's four MNIST annotators with the SPEC section 7 defaults. */
@@ -155,7 +155,7 @@ export interface ExperimentData {
   /** What evaluate() scores the consensus against when it is not the expert consensus. */
   reference?: 'majority vote';
   /** Scores a model on a split (every epoch on validation, at the end on test). */
-  evaluate(model: Model, split: SplitName, options?: ExperimentEvaluateOptions): Promise<EvaluationSummary>;
+  evaluate(model: InferenceModel, split: SplitName, options?: ExperimentEvaluateOptions): Promise<EvaluationSummary>;
   /** Dice of the naive fused label maps on the test split (tables' "Mean labels" / "Mode labels"). */
   fusedLabelRows?(): FusedLabelRows;
   /**

@@ -1,0 +1,93 @@
+// Ensembles of models (nnU-Net's ensembling of folds or configurations): several models of the
+// same classes, annotators, ndim and input channels predict the same input, and every output
+// is averaged: the consensus probabilities p(y|x), the annotators' CMs A_r and q_r = A_r p.
+//
+// Why the averages stay what they were: each pixel's p is a distribution over L classes and
+// each column j of a CM, A_r[.][j] = p(annotator r says . | true j), is a distribution over L
+// labels, as is q_r. A mean of distributions (a convex combination) is again one: entries stay
+// in [0, 1] and sum_i mean_m A_m[i][j] = mean_m sum_i A_m[i][j] = 1. So the averaged CMs need
+// no renormalisation (test/tta-ensemble.test.ts checks the column sums). The averaged q_r is
+// the mixture of the members' annotator predictions, which in general differs from
+// mean(A_r) mean(p); it is the members' averaged predictive distribution for annotator r,
+// as the averaged p is for the consensus.
+//
+// The mean is kept as a running mean in the first output's Float32 arrays,
+// m_k = m_{k-1} + (x_k - m_{k-1}) / k: no extra memory beyond one member's output (the
+// CMs of a batch of 3D windows are large), and exact where every member gives the same value
+// (x_k - m_{k-1} = 0), so an ensemble of identical models returns that model's prediction
+// bit for bit. tta.ts averages mirrored predictions with the same function.
+
+import type { SlidingWindowModel } from './sliding-window';
+
+/** What ensemble() and mirrored() present: the inference part of a Model (SlidingWindowModel). */
+export type PredictingModel = SlidingWindowModel;
+export type ModelPrediction = Awaited<ReturnType<PredictingModel['predict']>>;
+
+/** The outputs a prediction may hold, averaged alike. */
+export const PREDICTION_OUTPUTS = ['probs', 'cms', 'annotatorProbs'] as const;
+
+/** Folds `values`, the k-th value of every element, into the running mean `into` of the first k - 1, in place. */
+export type FoldArray = (into: Float32Array, values: Float32Array, k: number) => void;
+
+/** foldIntoMean's default: element i of `values` goes with element i of the mean. */
+export const foldSameIndex: FoldArray = (into, values, k) => {
+  for (let i = 0; i < into.length; i++) into[i] += (values[i] - into[i]) / k;
+};
+
+/**
+ * Folds `next`, the k-th prediction (k >= 2), into `mean`, the running mean of the first k - 1,
+ * in place, output by output; `fold` pairs their elements (mirrored predictions are read
+ * flipped back).
+ */
+export function foldIntoMean(mean: ModelPrediction, next: ModelPrediction, k: number, fold: FoldArray = foldSameIndex): void {
+  for (const name of PREDICTION_OUTPUTS) {
+    const into = mean[name];
+    if (!into) continue;
+    const values = next[name];
+    if (!(values instanceof Float32Array) || values.length !== into.length) {
+      throw new RangeError(`prediction ${k} has ${name} with ${values?.length ?? 'no'} values, the first ${into.length}`);
+    }
+    fold(into, values, k);
+  }
+}
+
+/** The config fields that ensemble members must share: their outputs are averaged value by value. */
+export const ENSEMBLE_FIELDS = ['ndim', 'inChannels', 'classes', 'annotators'] as const;
+export type EnsembleField = (typeof ENSEMBLE_FIELDS)[number];
+
+/** The first field in which member `index` differs from member 0, or undefined when every member fits. */
+export function ensembleMismatch(configs: readonly PredictingModel['config'][]): { field: EnsembleField; index: number; values: [number, number] } | undefined {
+  for (let index = 1; index < configs.length; index++) {
+    for (const field of ENSEMBLE_FIELDS) {
+      if (configs[index][field] !== configs[0][field]) return { field, index, values: [configs[0][field], configs[index][field]] };
+    }
+  }
+  return undefined;
+}
+
+/**
+ * One model that predicts the mean of `models`' predictions (see the top of this file). The
+ * members may differ in depth and width: the ensemble's depth is the largest, so an input
+ * that fits it fits every member. Members predict one after the other (each in its own
+ * queue), so only one member's output is held beside the mean.
+ */
+export function ensemble(models: readonly PredictingModel[]): PredictingModel {
+  if (!Array.isArray(models) || models.length === 0) throw new RangeError('ensemble needs at least one model');
+  const configs = models.map((m) => m.config);
+  const mismatch = ensembleMismatch(configs);
+  if (mismatch) {
+    const { field, index, values } = mismatch;
+    throw new RangeError(`ensemble member ${index} has ${field} ${values[1]}, member 0 has ${field} ${values[0]}: members must share ${ENSEMBLE_FIELDS.join(', ')}`);
+  }
+  if (models.length === 1) return models[0];
+  const { ndim, inChannels, classes, annotators } = configs[0];
+  const config = { ndim, inChannels, classes, annotators, depth: Math.max(...configs.map((c) => c.depth)) };
+  return {
+    config,
+    predict: async (images, shape, options) => {
+      const mean = await models[0].predict(images, shape, options);
+      for (let k = 2; k <= models.length; k++) foldIntoMean(mean, await models[k - 1].predict(images, shape, options), k);
+      return mean;
+    },
+  };
+}

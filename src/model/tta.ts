@@ -1,0 +1,98 @@
+// Test-time augmentation by mirroring, as nnU-Net does it: the model predicts the input and
+// its mirror images along every combination of the chosen spatial axes (all axes: 4
+// predictions in 2D, 8 in 3D), each prediction is flipped back, and the outputs (p, CMs, q_r)
+// are averaged. Flipping commutes with the per-pixel CM algebra (it only moves pixels), so a
+// flipped-back CM is the CM of the same pixel, and the mean keeps every CM column a
+// distribution (ensemble.ts says why). In sliding-window inference each window is mirrored,
+// as in nnU-Net (slidingWindowPredict's `mirror` option). For a model that is itself
+// mirror-equivariant every term equals the plain prediction, and so does the mean, exactly.
+
+import { foldIntoMean, type FoldArray, type PredictingModel } from './ensemble';
+
+/** Every subset of `axes`, the empty one (the input as it is) first: the 2^|axes| mirrorings. */
+export function mirrorings(axes: readonly number[]): number[][] {
+  const subsets: number[][] = [[]];
+  for (const axis of axes) for (const subset of subsets.slice()) subsets.push([...subset, axis]);
+  return subsets;
+}
+
+/**
+ * The spatial axes to mirror for a model of `ndim` dimensions: `true` or undefined, all of
+ * them; otherwise a list of distinct axes 0..ndim-1 counted over the spatial dimensions
+ * ([h, w] in 2D, [d, h, w] in 3D).
+ */
+export function mirrorAxes(ndim: 2 | 3, axes: boolean | readonly number[] = true): number[] {
+  if (axes === true) return Array.from({ length: ndim }, (_, i) => i);
+  if (axes === false) return [];
+  if (!Array.isArray(axes)) throw new TypeError(`mirror axes must be true or a list of spatial axes, got ${String(axes)}`);
+  axes.forEach((axis, i) => {
+    if (!Number.isInteger(axis) || axis < 0 || axis >= ndim) throw new RangeError(`mirror axis ${String(axis)} (entry ${i}) is not a spatial axis of a ${ndim}D model (0..${ndim - 1})`);
+    if (axes.indexOf(axis) !== i) throw new RangeError(`mirror axis ${axis} is listed twice`);
+  });
+  return [...axes];
+}
+
+/**
+ * Visits the rows of `planes` arrays of spatial size `spatial` ([h, w] or [d, h, w]): for each
+ * row, where it starts in the unflipped layout (`dst`), where the same row starts once the
+ * array is flipped along `axes` (`src`), the row length and whether it runs backwards.
+ */
+function forEachFlippedRow(planes: number, spatial: readonly number[], axes: readonly number[], visit: (dst: number, src: number, width: number, reversed: boolean) => void): void {
+  const offset = 3 - spatial.length; // 2D: spatial axis 0 is h, the second of [d, h, w]
+  const [D, H, W] = spatial.length === 2 ? [1, spatial[0], spatial[1]] : [spatial[0], spatial[1], spatial[2]];
+  const flipped = (axis: number) => axes.includes(axis - offset);
+  const [flipZ, flipY, reversed] = [flipped(0), flipped(1), flipped(2)];
+  for (let p = 0; p < planes; p++) {
+    for (let z = 0; z < D; z++) {
+      const sz = flipZ ? D - 1 - z : z;
+      for (let y = 0; y < H; y++) {
+        const sy = flipY ? H - 1 - y : y;
+        visit(((p * D + z) * H + y) * W, ((p * D + sz) * H + sy) * W, W, reversed);
+      }
+    }
+  }
+}
+
+/** `data`, `planes` arrays [*spatial] one after the other, mirrored along the spatial `axes`. */
+export function flipSpatial(data: Float32Array, planes: number, spatial: readonly number[], axes: readonly number[]): Float32Array {
+  const out = new Float32Array(data.length);
+  forEachFlippedRow(planes, spatial, axes, (dst, src, width, reversed) => {
+    if (!reversed) out.set(data.subarray(src, src + width), dst);
+    else for (let x = 0; x < width; x++) out[dst + x] = data[src + width - 1 - x];
+  });
+  return out;
+}
+
+/** Folds a prediction of the input mirrored along `axes` into the running mean, flipped back (a flip is its own inverse). */
+function foldFlippedBack(spatial: readonly number[], axes: readonly number[]): FoldArray {
+  const voxels = spatial.reduce((a, b) => a * b, 1);
+  return (into, values, k) =>
+    forEachFlippedRow(into.length / voxels, spatial, axes, (dst, src, width, reversed) => {
+      for (let x = 0; x < width; x++) into[dst + x] += (values[reversed ? src + width - 1 - x : src + x] - into[dst + x]) / k;
+    });
+}
+
+/**
+ * `model` with mirroring test-time augmentation along the spatial `axes` (default: all):
+ * predict() returns the mean of the 2^|axes| flipped-back predictions of the mirrored inputs
+ * (see the top of this file), with the same outputs and shapes as the model's own. The
+ * mirrorings are predicted one after the other, so only one prediction is held beside the mean.
+ */
+export function mirrored(model: PredictingModel, axes: boolean | readonly number[] = true): PredictingModel {
+  const flips = mirrorings(mirrorAxes(model.config.ndim, axes));
+  if (flips.length === 1) return model;
+  return {
+    config: model.config,
+    predict: async (images, shape, options) => {
+      // The input as it is first: the model checks images and shape before anything is flipped.
+      const mean = await model.predict(images, shape, options);
+      const spatial = shape.slice(2);
+      for (let k = 2; k <= flips.length; k++) {
+        const flip = flips[k - 1];
+        const next = await model.predict(flipSpatial(images, shape[0] * shape[1], spatial, flip), shape, options);
+        foldIntoMean(mean, next, k, foldFlippedBack(spatial, flip));
+      }
+      return mean;
+    },
+  };
+}

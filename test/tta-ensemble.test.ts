@@ -1,0 +1,397 @@
+// Test-time augmentation by mirroring (src/model/tta.ts) and ensembles of checkpoints
+// (src/model/ensemble.ts), through the API and through `cmseg predict` / `cmseg eval`.
+//
+// Independent references: flipReference below mirrors an array through its multi-index
+// (not the implementation's row walk), and the expected means are summed in Float64 here,
+// while the wrappers keep a running mean in Float32.
+// Tolerances: 2e-6 absolute between a wrapper and the Float64 mean of the same native
+// predictions (values in [0, 1]; the running mean of <= 8 terms rounds a few float32 ulps);
+// 1e-5 for the column sums of averaged CMs and for a U-Net with mirror-symmetric kernels
+// against its own plain prediction (convolution sums taken in mirrored order round apart).
+// Exact (bit for bit): a pointwise model (mirror-equivariant by construction) with and
+// without TTA; an ensemble of one model twice against the model; `--checkpoint a a`
+// against `--checkpoint a` on the command line.
+// Every model is tiny (base width 4, depth 2 or 3, a step or two of training).
+import t from 'tap';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { runCli } from './helpers/cli';
+import { createModel, type Model, setNumThreads } from '../src/model/model';
+import { saveCheckpoint } from '../src/model/checkpoint';
+import { readNifti } from '../src/data/nifti';
+import { ensemble } from '../src/model/ensemble';
+import { flipSpatial, mirrored, mirrorings } from '../src/model/tta';
+import { slidingWindowPredict, type SlidingWindowModel } from '../src/model/sliding-window';
+
+setNumThreads(1);
+const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-tta-ensemble-'));
+t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+const cli = (args: string[]) => runCli(args, dir);
+const json = (file: string) => JSON.parse(fs.readFileSync(path.join(dir, file), 'utf8'));
+
+const OUTPUTS = ['probs', 'cms', 'annotatorProbs'] as const;
+type Outputs = { probs: Float32Array; cms?: Float32Array; annotatorProbs?: Float32Array };
+
+/** `data` of shape `dims` mirrored along the listed dimensions (indices into dims), index by index. */
+function flipReference(data: Float32Array, dims: readonly number[], flip: readonly number[]): Float32Array {
+  const out = new Float32Array(data.length);
+  const index = new Array<number>(dims.length).fill(0);
+  for (let i = 0; i < data.length; i++) {
+    let rest = i;
+    for (let d = dims.length - 1; d >= 0; d--) {
+      index[d] = rest % dims[d];
+      rest = Math.floor(rest / dims[d]);
+    }
+    let src = 0;
+    for (let d = 0; d < dims.length; d++) src = src * dims[d] + (flip.includes(d) ? dims[d] - 1 - index[d] : index[d]);
+    out[i] = data[src];
+  }
+  return out;
+}
+
+/** The largest |a - b| over two arrays of one length. */
+function maxDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  if (a.length !== b.length) return Infinity;
+  let worst = 0;
+  for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(a[i] - b[i]));
+  return worst;
+}
+
+/** Indices at which two arrays differ in any bit (NaN never occurs here). */
+const differing = (a: Float32Array, b: Float32Array) => (a.length !== b.length ? Infinity : a.reduce((n, x, i) => n + (x === b[i] ? 0 : 1), 0));
+
+/** Deterministic inputs in [-1, 1]. */
+const inputs = (n: number, seed: number) => Float32Array.from({ length: n }, (_, i) => Math.sin(i * 12.9898 + seed * 78.233) * 0.9);
+
+/** Every spatial-axis subset of a [N, C, *S] array, as dimension indices of the full shape. */
+const spatialFlips = (ndim: number) => mirrorings(Array.from({ length: ndim }, (_, i) => i + 2));
+
+/**
+ * The mean over every mirroring f of f(model.predict(f(x))), summed in Float64: each output
+ * [N, K, *S] flipped back along the same spatial dimensions.
+ */
+async function meanOfMirrored(model: SlidingWindowModel, images: Float32Array, shape: number[]): Promise<Record<string, Float64Array>> {
+  const flips = spatialFlips(shape.length - 2);
+  const sums: Record<string, Float64Array> = {};
+  for (const flip of flips) {
+    const p = (await model.predict(flipReference(images, shape, flip), shape, { cms: true, annotatorProbs: true })) as Outputs;
+    for (const name of OUTPUTS) {
+      const values = p[name]!;
+      const spatial = shape.slice(2);
+      const channels = values.length / (shape[0] * spatial.reduce((a, b) => a * b, 1));
+      const back = flipReference(values, [shape[0], channels, ...spatial], flip);
+      sums[name] ??= new Float64Array(values.length);
+      back.forEach((x, i) => (sums[name][i] += x));
+    }
+  }
+  for (const name of OUTPUTS) sums[name] = sums[name].map((x) => x / flips.length);
+  return sums;
+}
+
+/** Every CM column A[.][j] of [N, R, L, L, *S] sums to 1 (within tol) and lies in [0, 1]. */
+function cmColumnsWorst(cms: Float32Array, N: number, R: number, L: number, V: number): { sum: number; range: boolean } {
+  let worst = 0;
+  let range = true;
+  for (let nr = 0; nr < N * R; nr++) {
+    for (let j = 0; j < L; j++) {
+      for (let v = 0; v < V; v++) {
+        let sum = 0;
+        for (let i = 0; i < L; i++) {
+          const a = cms[((nr * L + i) * L + j) * V + v];
+          if (!(a >= 0 && a <= 1)) range = false;
+          sum += a;
+        }
+        worst = Math.max(worst, Math.abs(sum - 1));
+      }
+    }
+  }
+  return { sum: worst, range };
+}
+
+const tiny = (ndim: 2 | 3, seed: number, extra: Record<string, unknown> = {}) =>
+  createModel({ ndim, inChannels: ndim === 3 ? 2 : 1, classes: 3, annotators: 2, depth: 2, baseChannels: 4, seed, ...extra });
+
+/**
+ * A pointwise model (each pixel's outputs depend on its own intensity only), so mirroring
+ * the input mirrors the outputs exactly: p = softmax(x * [1, 2, 3]), CMs with columns
+ * (1 - e, e/2, e/2) rolled, e = 0.1 + 0.2 * sigmoid(x), q = A p. Fresh arrays per call.
+ */
+const pointwise: SlidingWindowModel = {
+  config: { ndim: 2, inChannels: 1, classes: 3, annotators: 1, depth: 2 },
+  predict: async (images, shape, options = {}) => {
+    const [N, , ...spatial] = shape;
+    const V = spatial.reduce((a, b) => a * b, 1);
+    const L = 3;
+    const probs = new Float32Array(N * L * V);
+    const cms = new Float32Array(N * L * L * V);
+    const q = new Float32Array(N * L * V);
+    for (let n = 0; n < N; n++) {
+      for (let v = 0; v < V; v++) {
+        const x = images[n * V + v];
+        const z = [x, 2 * x, 3 * x].map(Math.exp);
+        const total = z[0] + z[1] + z[2];
+        const e = 0.1 + 0.2 / (1 + Math.exp(-x));
+        for (let j = 0; j < L; j++) {
+          probs[(n * L + j) * V + v] = z[j] / total;
+          for (let i = 0; i < L; i++) cms[((n * L + i) * L + j) * V + v] = i === j ? 1 - e : e / 2;
+        }
+        for (let i = 0; i < L; i++) {
+          let s = 0;
+          for (let j = 0; j < L; j++) s += cms[((n * L + i) * L + j) * V + v] * probs[(n * L + j) * V + v];
+          q[(n * L + i) * V + v] = s;
+        }
+      }
+    }
+    return { probs, ...(options.cms ? { cms } : {}), ...(options.annotatorProbs ? { annotatorProbs: q } : {}) };
+  },
+};
+
+t.test('mirrorings and flips', async (t) => {
+  t.same(mirrorings([0, 1]), [[], [0], [1], [0, 1]], '2D: 4 mirrorings, the input itself first');
+  t.equal(mirrorings([0, 1, 2]).length, 8, '3D: 8, as nnU-Net');
+  t.equal(new Set(mirrorings([0, 1, 2]).map((m) => m.join())).size, 8, 'all different');
+  const shape2 = [2, 3, 4, 5];
+  const shape3 = [2, 2, 3, 4, 5];
+  for (const shape of [shape2, shape3]) {
+    const ndim = shape.length - 2;
+    const data = inputs(shape.reduce((a, b) => a * b, 1), 1);
+    for (const axes of mirrorings(Array.from({ length: ndim }, (_, i) => i))) {
+      const flipped = flipSpatial(data, shape[0] * shape[1], shape.slice(2), axes);
+      t.equal(differing(flipped, flipReference(data, shape, axes.map((a) => a + 2))), 0, `${ndim}D flip [${axes}] matches the index-by-index flip`);
+      t.equal(differing(flipSpatial(flipped, shape[0] * shape[1], shape.slice(2), axes), data), 0, `${ndim}D flip [${axes}] is its own inverse`);
+    }
+  }
+  const model = tiny(2, 1);
+  t.teardown(() => model.dispose());
+  t.throws(() => mirrored(model, [2]), /mirror axis 2 \(entry 0\) is not a spatial axis of a 2D model \(0\.\.1\)/);
+  t.throws(() => mirrored(model, [1, 1]), /mirror axis 1 is listed twice/);
+  t.equal(mirrored(model, []), model, 'no axes: the model itself');
+});
+
+t.test('TTA = the mean of the flipped-back predictions of the mirrored inputs (2D and 3D U-Nets)', async (t) => {
+  for (const [ndim, shape] of [
+    [2, [2, 1, 8, 12]],
+    [3, [1, 2, 4, 8, 6]],
+  ] as const) {
+    const model = tiny(ndim, 7);
+    t.teardown(() => model.dispose());
+    const images = inputs(shape.reduce((a, b) => a * b, 1), ndim);
+    const expected = await meanOfMirrored(model, images, [...shape]);
+    const got = (await mirrored(model).predict(images, [...shape], { cms: true, annotatorProbs: true })) as Outputs & { probsShape: number[] };
+    for (const name of OUTPUTS) t.ok(maxDiff(got[name]!, expected[name]) < 2e-6, `${ndim}D ${name}: max |TTA - mean| = ${maxDiff(got[name]!, expected[name]).toExponential(2)}`);
+    t.same(got.probsShape, [shape[0], 3, ...shape.slice(2)], 'the shapes of the model');
+    const plain = await model.predict(images, [...shape]);
+    t.ok(maxDiff(plain.probs, got.probs) > 1e-4, `${ndim}D: a random U-Net is not mirror-symmetric, so TTA changes its output`);
+    const V = shape.slice(2).reduce((a, b) => a * b, 1);
+    const columns = cmColumnsWorst(got.cms!, shape[0], 2, 3, V);
+    t.ok(columns.range && columns.sum < 1e-5, `${ndim}D: averaged CM columns are distributions (worst |sum - 1| ${columns.sum.toExponential(2)})`);
+    // Only the asked-for outputs, as the model.
+    const probsOnly = await mirrored(model).predict(images, [...shape]);
+    t.equal(probsOnly.cms, undefined);
+    t.ok(maxDiff(probsOnly.probs, expected.probs) < 2e-6);
+  }
+});
+
+t.test('a mirror-symmetric model: TTA returns the plain prediction', async (t) => {
+  const images = inputs(2 * 10 * 6, 3);
+  const shape = [2, 1, 10, 6];
+  const plain = (await pointwise.predict(images, shape, { cms: true, annotatorProbs: true })) as Outputs;
+  const tta = (await mirrored(pointwise).predict(images, shape, { cms: true, annotatorProbs: true })) as Outputs;
+  for (const name of OUTPUTS) t.equal(differing(tta[name]!, plain[name]!), 0, `pointwise model: ${name} bit for bit`);
+  const window = await slidingWindowPredict(pointwise, images.subarray(0, 60), { d: 1, h: 10, w: 6 }, { patch: [4, 4], cms: true, mirror: true });
+  const noMirror = await slidingWindowPredict(pointwise, images.subarray(0, 60), { d: 1, h: 10, w: 6 }, { patch: [4, 4], cms: true });
+  t.equal(differing(window.probs, noMirror.probs), 0, 'sliding windows with mirror: the same bits');
+  t.equal(differing(window.cms!, noMirror.cms!), 0);
+
+  // A U-Net whose every kernel is mirror-symmetric (3x3 convolutions, 2x2 transposed
+  // convolutions) is equivariant up to rounding: TTA stays at its plain prediction.
+  const model = tiny(2, 5, { depth: 3 });
+  t.teardown(() => model.dispose());
+  const weights = model.getWeights();
+  for (const { name, shape: s } of model.parameters()) {
+    if (s.length !== 4 || s[2] === 1) continue;
+    const flips = mirrorings([2, 3]);
+    const sum = new Float64Array(weights[name].length);
+    for (const flip of flips) flipReference(weights[name], s, flip).forEach((x, i) => (sum[i] += x / flips.length));
+    weights[name] = Float32Array.from(sum);
+  }
+  model.setWeights(weights);
+  const x = inputs(2 * 8 * 12, 9);
+  const sym = await model.predict(x, [2, 1, 8, 12], { cms: true, annotatorProbs: true });
+  const symTta = await mirrored(model).predict(x, [2, 1, 8, 12], { cms: true, annotatorProbs: true });
+  for (const name of OUTPUTS) t.ok(maxDiff(sym[name]!, symTta[name]!) < 1e-5, `symmetric U-Net: ${name} within 1e-5 (${maxDiff(sym[name]!, symTta[name]!).toExponential(2)})`);
+});
+
+t.test('sliding windows with mirror: each window mirrored; one window = the mean of the mirrored predictions', async (t) => {
+  const model = tiny(3, 11);
+  t.teardown(() => model.dispose());
+  const extent = { d: 8, h: 8, w: 8 };
+  const volume = inputs(2 * 512, 4);
+  const one = await slidingWindowPredict(model, volume, extent, { patch: [8, 8, 8], cms: true, annotatorProbs: true, mirror: true });
+  t.equal(one.windows, 1);
+  const expected = await meanOfMirrored(model, volume, [1, 2, 8, 8, 8]);
+  for (const name of OUTPUTS) t.ok(maxDiff(one[name]!, expected[name]) < 2e-6, `${name}: max diff ${maxDiff(one[name]!, expected[name]).toExponential(2)}`);
+  // Several windows: the option is the mirrored() wrapper around each window's prediction.
+  const big = { d: 6, h: 12, w: 10 };
+  const vol = inputs(2 * 6 * 12 * 10, 5);
+  const a = await slidingWindowPredict(model, vol, big, { patch: [4, 8, 8], cms: true, mirror: true });
+  const b = await slidingWindowPredict(mirrored(model), vol, big, { patch: [4, 8, 8], cms: true });
+  t.equal(differing(a.probs, b.probs) + differing(a.cms!, b.cms!), 0, 'option = wrapper, bit for bit');
+  const columns = cmColumnsWorst(a.cms!, 1, 2, 3, 6 * 12 * 10);
+  t.ok(columns.range && columns.sum < 1e-5, `stitched TTA CM columns sum to 1 (worst ${columns.sum.toExponential(2)})`);
+  const axes = await slidingWindowPredict(model, vol, big, { patch: [4, 8, 8], mirror: [2] });
+  const axesWrapped = await slidingWindowPredict(mirrored(model, [2]), vol, big, { patch: [4, 8, 8] });
+  t.equal(differing(axes.probs, axesWrapped.probs), 0, 'mirror: [2] mirrors along w only');
+  await t.rejects(slidingWindowPredict(model, vol, big, { patch: [4, 8, 8], mirror: [3] }), /mirror axis 3/);
+});
+
+t.test('ensemble = the mean of its members', async (t) => {
+  const members: Model[] = [tiny(2, 1), tiny(2, 2), tiny(2, 3, { depth: 3 })];
+  t.teardown(() => Promise.all(members.map((m) => m.dispose())));
+  const shape = [2, 1, 8, 12];
+  const images = inputs(2 * 96, 6);
+  const each = [];
+  for (const m of members) each.push((await m.predict(images, shape, { cms: true, annotatorProbs: true })) as Outputs);
+  const mean = ensemble(members);
+  t.equal(mean.config.depth, 3, "the ensemble's depth is its deepest member's");
+  const got = (await mean.predict(images, shape, { cms: true, annotatorProbs: true })) as Outputs;
+  for (const name of OUTPUTS) {
+    const expected = new Float64Array(got[name]!.length);
+    for (const p of each) p[name]!.forEach((x, i) => (expected[i] += x / each.length));
+    t.ok(maxDiff(got[name]!, expected) < 2e-6, `${name}: max |ensemble - mean| ${maxDiff(got[name]!, expected).toExponential(2)}`);
+  }
+  const columns = cmColumnsWorst(got.cms!, 2, 2, 3, 96);
+  t.ok(columns.range && columns.sum < 1e-5, `averaged CM columns sum to 1 (worst ${columns.sum.toExponential(2)})`);
+  const twice = await ensemble([members[0], members[0]]).predict(images, shape, { cms: true, annotatorProbs: true });
+  for (const name of OUTPUTS) t.equal(differing(twice[name]!, each[0][name]!), 0, `one model twice: ${name} bit for bit`);
+  t.equal(ensemble([members[0]]), members[0], 'one member: the model itself');
+
+  // TTA of an ensemble: the mean over mirrorings and members alike.
+  const both = await mirrored(mean).predict(images, shape);
+  const expected = new Float64Array(both.probs.length);
+  for (const m of members) (await meanOfMirrored(m, images, shape)).probs.forEach((x, i) => (expected[i] += x / members.length));
+  t.ok(maxDiff(both.probs, expected) < 2e-6, 'mirrored(ensemble): mean over members and mirrorings');
+
+  const other = tiny(2, 4, { classes: 2 });
+  const threeD = tiny(3, 4);
+  t.teardown(() => Promise.all([other.dispose(), threeD.dispose()]));
+  t.throws(() => ensemble([members[0], other]), /ensemble member 1 has classes 2, member 0 has classes 3: members must share ndim, inChannels, classes, annotators/);
+  t.throws(() => ensemble([members[0], members[1], threeD]), /ensemble member 2 has ndim 3, member 0 has ndim 2/);
+  t.throws(() => ensemble([]), /at least one model/);
+});
+
+// ---------------------------------------------------------------------------
+// The command line
+
+/** A tiny model saved through the API after one Adam step on thresholded random images. */
+async function apiCheckpoint(file: string, config: { ndim: 2 | 3; inChannels: number; classes: number; annotators: number; depth: number }, size: number[], seed: number): Promise<void> {
+  const model = createModel({ ...config, baseChannels: 4, seed, optimizer: { kind: 'adam', lr: 1e-3 } });
+  const V = size.reduce((a, b) => a * b, 1);
+  const images = Float32Array.from({ length: 2 * config.inChannels * V }, (_, i) => ((i * 7919 + seed) % 101) / 100);
+  const labels = Array.from({ length: config.annotators }, (_, r) => Uint8Array.from({ length: 2 * V }, (_, i) => (images[i] > 0.3 + 0.1 * r ? i % config.classes : 0)));
+  await model.trainStep({ images, shape: [2, config.inChannels, ...size], labels });
+  await saveCheckpoint(model, path.join(dir, file));
+  await model.dispose();
+}
+
+t.test('cmseg eval and predict on mnist-tiny runs: --tta, two checkpoints, mismatches', async (t) => {
+  for (const [out, extra] of [
+    ['runs/a', []],
+    ['runs/b', ['--seed', '1']],
+    ['runs/other-data', ['--data-seed', '1']],
+  ] as const) {
+    const r = await cli(['train', '--preset', 'mnist-tiny', '--steps', '2', '--out', out, '--no-test', '--quiet', ...extra]);
+    t.equal(r.exitCode, 0, r.stderr);
+  }
+  await apiCheckpoint('api-3classes.safetensors', { ndim: 2, inChannels: 1, classes: 3, annotators: 4, depth: 2 }, [8, 8], 1);
+  const [a, b] = ['runs/a/best.safetensors', 'runs/b/best.safetensors'];
+
+  const plain = await cli(['eval', '--checkpoint', a, '--split', 'validation', '--out', 'plain.json']);
+  t.equal(plain.exitCode, 0, plain.stderr);
+  t.same(json('plain.json').checkpoints, [path.join(dir, a)]);
+  t.equal(json('plain.json').tta, false);
+  const twice = await cli(['eval', '--checkpoint', a, a, '--split', 'validation', '--out', 'twice.json']);
+  t.equal(twice.exitCode, 0, twice.stderr);
+  t.same(json('twice.json').metrics, json('plain.json').metrics, 'an ensemble of one checkpoint twice scores as that checkpoint');
+
+  const both = await cli(['eval', '--checkpoint', a, '--checkpoint', b, '--tta', '--split', 'validation']);
+  t.equal(both.exitCode, 0, both.stderr);
+  t.match(both.stdout, /^ensemble of 2 checkpoints \(cm at step 2, cm at step 2\) with mirroring TTA \(4 flips\), validation split:\n/);
+  t.match(both.stdout, /outputs:\n  metrics +runs\/a\/eval-validation-best-ensemble2-tta\.json\n/, 'its own default file, beside the plain scores');
+  const record = json('runs/a/eval-validation-best-ensemble2-tta.json');
+  t.same(record.checkpoints, [path.join(dir, a), path.join(dir, b)], 'the repeated flag collects both');
+  t.equal(record.tta, true);
+  t.ok(record.metrics.averageDice.mean >= 0 && record.metrics.cmError.mean > 0, 'scored, with the CM error');
+
+  const pictures = await cli(['predict', '--checkpoint', a, b, '--tta', '--out', 'pictures', '--count', '1']);
+  t.equal(pictures.exitCode, 0, pictures.stderr);
+  t.match(pictures.stdout, /wrote 12 PNG files for 1 test images/);
+  const legend = fs.readFileSync(path.join(dir, 'pictures', 'README.txt'), 'utf8');
+  t.match(legend, /^Predictions of the mean \(ensemble\) of 2 checkpoints: .*runs\/a\/best\.safetensors \(cm, step 2\), .*runs\/b\/best\.safetensors \(cm, step 2\) on the first 1 test images\.\nTest-time augmentation \(--tta\): every output is the mean of the predictions of the 4 mirror images/);
+
+  const data = await cli(['eval', '--checkpoint', a, 'runs/other-data/best.safetensors', '--split', 'validation']);
+  t.equal(data.exitCode, 1);
+  t.match(data.stderr, /^cmseg: error: runs\/other-data\/best\.safetensors was trained on other data than runs\/a\/best\.safetensors \(dataset\.dataSeed: 1 vs 0\): .*give --data <dir>/);
+  const arch = await cli(['predict', '--checkpoint', a, 'api-3classes.safetensors', '--out', 'x']);
+  t.equal(arch.exitCode, 1);
+  t.match(arch.stderr, /^cmseg: error: api-3classes\.safetensors and runs\/a\/best\.safetensors cannot be averaged: classes 3 in api-3classes\.safetensors, 2 in runs\/a\/best\.safetensors \(the checkpoints of an ensemble must share ndim, inChannels, classes, annotators\)\n$/);
+});
+
+t.test('cmseg predict and eval on a tiny BraTS phantom: --tta, two checkpoints', async (t) => {
+  const phantom = await cli(['phantom', 'brats', '--cases', '3', '--out', 'brats', '--size', '32,32,24', '--seed', '4']);
+  t.equal(phantom.exitCode, 0, phantom.stderr);
+  const config = { ndim: 3 as const, inChannels: 4, classes: 4, annotators: 3, depth: 2 };
+  await apiCheckpoint('api3d-a.safetensors', config, [8, 8, 8], 1);
+  await apiCheckpoint('api3d-b.safetensors', config, [8, 8, 8], 2);
+  await apiCheckpoint('api3d-1ch.safetensors', { ...config, inChannels: 1 }, [8, 8, 8], 3);
+
+  const pred = await cli(['predict', '--checkpoint', 'api3d-a.safetensors', 'api3d-b.safetensors', '--tta', '--data', 'brats', '--patch', '16', '--out', 'pred3d']);
+  t.equal(pred.exitCode, 0, pred.stderr);
+  t.match(pred.stderr, /\[1\/3\] BraTS2021_00000: \d+ windows \(each predicted 16 times\)/);
+  const legend = fs.readFileSync(path.join(dir, 'pred3d', 'README.txt'), 'utf8');
+  t.match(legend, /^Predictions of the mean \(ensemble\) of 2 checkpoints: .*api3d-a\.safetensors \(model, step 1\), .*api3d-b\.safetensors \(model, step 1\) for 3 case\(s\)/);
+  t.match(legend, /Test-time augmentation \(--tta\): .* the 8 mirror images .* Each window is mirrored, as in nnU-Net\./);
+  const probs = await readNifti(path.join(dir, 'pred3d', 'BraTS2021_00000_probs.nii.gz'));
+  const V = probs.dims.slice(0, 3).reduce((x, y) => x * y, 1);
+  let worst = 0;
+  for (let v = 0; v < V; v++) worst = Math.max(worst, Math.abs(probs.data[v] + probs.data[V + v] + probs.data[2 * V + v] + probs.data[3 * V + v] - 1));
+  t.ok(worst < 1e-5, `averaged probabilities sum to 1 per voxel (worst ${worst.toExponential(2)})`);
+
+  const once = await cli(['eval', '--checkpoint', 'api3d-a.safetensors', '--data', 'brats', '--patch', '16', '--out', 'once.json']);
+  t.equal(once.exitCode, 0, once.stderr);
+  const twice = await cli(['eval', '--checkpoint', 'api3d-a.safetensors', 'api3d-a.safetensors', '--data', 'brats', '--patch', '16', '--out', 'twice3d.json']);
+  t.equal(twice.exitCode, 0, twice.stderr);
+  t.same(json('twice3d.json').metrics, json('once.json').metrics, 'one checkpoint twice scores as that checkpoint');
+  const tta = await cli(['eval', '--checkpoint', 'api3d-a.safetensors', 'api3d-b.safetensors', '--tta', '--data', 'brats', '--patch', '16']);
+  t.equal(tta.exitCode, 0, tta.stderr);
+  t.match(tta.stdout, /^ensemble of 2 checkpoints \(model at step 1, model at step 1\) with mirroring TTA \(8 flips\), 3 case\(s\) from /);
+  const record = json('eval-brats-api3d-a-ensemble2-tta.json');
+  t.equal(record.tta, true);
+  t.same(record.checkpoints, [path.join(dir, 'api3d-a.safetensors'), path.join(dir, 'api3d-b.safetensors')]);
+  t.ok(record.metrics.brats.regions.wholeTumour.mean >= 0, 'region Dice scored');
+
+  // Two runs on one cache: the first run's test split, scored and predicted by both, mirrored.
+  const prepare = await cli(['prepare', '--data', 'brats', '--out', 'cache', '--quiet']);
+  t.equal(prepare.exitCode, 0, prepare.stderr);
+  for (const [out, seed] of [['runs/brats-a', '0'], ['runs/brats-b', '1']]) {
+    const train = await cli(['train', '--preset', 'brats3d', '--data', 'cache', '--steps', '1', '--out', out, '--seed', seed, '--workers', '0', '--no-test', '--patch', '16', '--base-channels', '4', '--val-cases', '1', '--quiet']);
+    t.equal(train.exitCode, 0, train.stderr);
+  }
+  const runs = ['runs/brats-a/best.safetensors', 'runs/brats-b/best.safetensors'];
+  const runEval = await cli(['eval', '--checkpoint', ...runs, '--tta']);
+  t.equal(runEval.exitCode, 0, runEval.stderr);
+  t.match(runEval.stdout, /^ensemble of 2 checkpoints \(cm at step 1, cm at step 1\) with mirroring TTA \(8 flips\), test split:\n/);
+  const runRecord = json('runs/brats-a/eval-test-best-ensemble2-tta.json');
+  t.same([runRecord.tta, runRecord.checkpoints.length, runRecord.metrics.images], [true, 2, 1], 'the test case of the first run, by both, mirrored');
+  const runPredict = await cli(['predict', '--checkpoint', ...runs, '--tta', '--out', 'pred-run']);
+  t.equal(runPredict.exitCode, 0, runPredict.stderr);
+  t.match(fs.readFileSync(path.join(dir, 'pred-run', 'README.txt'), 'utf8'), /^Predictions of the mean \(ensemble\) of 2 checkpoints: .*\(cm, step 1\), .*\(cm, step 1\) for 1 case\(s\) from the test split of the run/);
+  const apiWithRun = await cli(['eval', '--checkpoint', runs[0], 'api3d-a.safetensors']);
+  t.equal(apiWithRun.exitCode, 1);
+  t.match(apiWithRun.stderr, /^cmseg: error: api3d-a\.safetensors records no training data, so it cannot be checked to share the split of runs\/brats-a\/best\.safetensors: give --data <dir>/);
+
+  const mismatch = await cli(['eval', '--checkpoint', 'api3d-a.safetensors', 'api3d-1ch.safetensors', '--data', 'brats']);
+  t.equal(mismatch.exitCode, 1);
+  t.match(mismatch.stderr, /^cmseg: error: api3d-1ch\.safetensors and api3d-a\.safetensors cannot be averaged: inChannels 1 in api3d-1ch\.safetensors, 4 in api3d-a\.safetensors/);
+});

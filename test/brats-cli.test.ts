@@ -111,10 +111,13 @@ t.test('phantom -> prepare (incremental, interruptible) -> train -> predict -> e
   let worst = 0;
   for (let v = 0; v < V; v++) worst = Math.max(worst, Math.abs(probs.data[v] + probs.data[V + v] + probs.data[2 * V + v] + probs.data[3 * V + v] - 1));
   t.ok(worst < 1e-4, `probabilities sum to 1 at every voxel (worst ${worst})`);
+  const names = readCacheIndex(path.join(dir, 'cache')).names;
+  t.equal(names.length, 3);
   for (let r = 0; r < 3; r++) {
-    const annotator = await readNifti(path.join(dir, 'pred', `${id}_annotator${r}.nii.gz`));
+    // Named by annotator (the run records the cache's names), as the 2D pictures are.
+    const annotator = await readNifti(path.join(dir, 'pred', `${id}_annotator-${names[r]}.nii.gz`));
     t.same(annotator.dims, [48, 48, 32], `annotator ${r}: original dims`);
-    const cm = readPngSync(path.join(dir, 'pred', `${id}_cm_annotator${r}.png`));
+    const cm = readPngSync(path.join(dir, 'pred', `${id}_cm-${names[r]}.png`));
     t.same([cm.width, cm.height], [4 * crop.w * scale + 3 * gap, 4 * crop.h * scale + 3 * gap], `annotator ${r}: a 4x4 grid of CM heat maps of the cropped slice`);
   }
   t.match(fs.readFileSync(path.join(dir, 'pred', 'README.txt'), 'utf8'), /4 enhancing tumour \(ET\) for BraTS 2018-2021/);

@@ -157,7 +157,7 @@ t.test('an API 3D model on phantom BraTS cases: NIfTI on the original grid', asy
     const probs = await readNifti(path.join(dir, 'pred-3d', `${id}_probs.nii.gz`));
     t.same(probs.dims, [...t1.dims, 4], `${id}: one probability volume per class`);
     t.same(probs.affine, t1.affine);
-    for (let r = 0; r < 3; r++) t.same((await readNifti(path.join(dir, 'pred-3d', `${id}_annotator${r}.nii.gz`))).dims, t1.dims, `${id}: annotator ${r}`);
+    for (let r = 0; r < 3; r++) t.same((await readNifti(path.join(dir, 'pred-3d', `${id}_annotator-annotator${r}.nii.gz`))).dims, t1.dims, `${id}: annotator ${r}`);
   }
   t.match(fs.readFileSync(path.join(dir, 'pred-3d', 'README.txt'), 'utf8'), /Sliding windows of 16x16x16 voxels[\s\S]*annotators: 0 = annotator0, 1 = annotator1, 2 = annotator2\n/);
 

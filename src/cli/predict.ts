@@ -172,7 +172,7 @@ async function drawPictures(
       const estimated = [];
       const observed = [];
       for (let r = 0; r < R; r++) {
-        const name = names[r] ?? `annotator${r}`;
+        const name = fileSafe(names[r] ?? `annotator${r}`);
         observed.push(p.batch.present[n * R + r] ? upscale(labelImage(map(p.batch.labels[r]), h, w), scale) : null);
         if (!learnsCms) continue; // naive / oracle: the annotator heads were never trained
         const est = upscale(labelOverlay(image, map(p.annotatorMaps[r]), h, w), scale);
@@ -297,7 +297,8 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     for (let cls = 0; cls < L; cls++) probs.set(uncropVolume(p.probs.subarray(cls * V, (cls + 1) * V), c.crop, full, 1, cls === 0 ? 1 : 0), cls * fullVoxels);
     await writeVolume(`${id}_probs.nii.gz`, probs, [...dims, L], 'float32');
     const annotatorMaps = learnsCms ? argmaxAnnotatorProbs(p.annotatorProbs!, 1, R, L) : [];
-    for (const [r, map] of annotatorMaps.entries()) await writeVolume(`${id}_annotator${r}.nii.gz`, labelsToRelease(map), dims, 'uint8');
+    // Named by annotator, as the 2D pictures are (<image>-annotator-<name>.png).
+    for (const [r, map] of annotatorMaps.entries()) await writeVolume(`${id}_annotator-${fileSafe(names[r])}.nii.gz`, labelsToRelease(map), dims, 'uint8');
 
     // Pictures: the axial slice through the predicted tumour's centre (else the expert's, else the middle).
     const z = tumourSlice(consensus, c.extent) ?? (c.seg ? tumourSlice(c.seg, c.extent) : undefined) ?? Math.floor(c.extent.d / 2);
@@ -314,7 +315,7 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     await save(`${id}_slice.png`, grid(rows.filter((row) => row.length > 0), 4));
     if (learnsCms) {
       const cms = axialSlice(p.cms!, R * L * L, c.extent, z);
-      for (let r = 0; r < R; r++) await save(`${id}_cm_annotator${r}.png`, cmHeatMaps(cms, 0, r, R, L, h, w, Math.max(1, Math.floor(scale / 2))));
+      for (let r = 0; r < R; r++) await save(`${id}_cm-${fileSafe(names[r])}.png`, cmHeatMaps(cms, 0, r, R, L, h, w, Math.max(1, Math.floor(scale / 2))));
     } else if (k === 0) {
       process.stderr.write(`note: ${method} does not learn annotator CMs: no annotator volumes or CM pictures\n`);
     }
@@ -333,8 +334,8 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     '<id>_probs.nii.gz            float32, 4D [x, y, z, class]: p(class) for classes 0..3 (class 3 = ET); background = 1 outside the brain',
     ...(learnsCms
       ? [
-          '<id>_annotator<r>.nii.gz     uint8, annotator r\'s estimated segmentation argmax A_r p, labels as the consensus',
-          `<id>_cm_annotator<r>.png     annotator r's pixel-wise CM on the slice: a ${L}x${L} grid, tile (i, j) = p(says i | true j) (viridis, 0 dark .. 1 bright)`,
+          '<id>_annotator-<name>.nii.gz uint8, that annotator\'s estimated segmentation argmax A_r p, labels as the consensus',
+          `<id>_cm-<name>.png           that annotator's pixel-wise CM on the slice: a ${L}x${L} grid, tile (i, j) = p(says i | true j) (viridis, 0 dark .. 1 bright)`,
         ]
       : [`(${method} does not learn annotator CMs: no annotator volumes or CM pictures)`]),
     '<id>_slice.png               row 1: FLAIR, expert labels (when known), predicted consensus; row 2: each annotator\'s estimate',
@@ -349,6 +350,11 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     ['volumes', outDir],
     ['legend', readmeFile],
   ]);
+}
+
+/** An annotator's name as a file-name part: anything but letters, digits, '.', '_' and '-' becomes '_'. */
+function fileSafe(name: string): string {
+  return name.replace(/[^A-Za-z0-9._-]/g, '_');
 }
 
 export function registerPredictCommand(program: Command): Command {

@@ -45,7 +45,7 @@ t.test('the built CLI runs as a program (npx cmseg)', { skip: process.platform =
 
 t.test('every command has --help with an example', async (t) => {
   t.match(await help(['--help']), /Usage: cmseg[\s\S]*train[\s\S]*eval[\s\S]*predict[\s\S]*simulate[\s\S]*Example/);
-  for (const command of ['train', 'eval', 'predict', 'simulate', 'fuse', 'bench']) {
+  for (const command of ['train', 'eval', 'predict', 'simulate', 'fuse', 'bench', 'info']) {
     const text = await help([command, '--help']);
     t.match(text, new RegExp(`Usage: cmseg ${command}`), `${command}: usage`);
     t.match(text, new RegExp(`Examples?:\\n  \\$ cmseg ${command}`), `${command}: an example`);
@@ -185,4 +185,27 @@ t.test('pictures: overlays, heat maps, grids', async (t) => {
   const cmGrid = cmHeatMaps(cms, 0, 1, 2, 2, 1, 2);
   t.same([cmGrid.width, cmGrid.height], [2 + 2 + 2, 1 + 2 + 1]);
   t.throws(() => cmHeatMaps(cms, 1, 0, 2, 2, 1, 2), /out of range/);
+});
+
+t.test('info describes the installation and a checkpoint', async (t) => {
+  const r = await inProcess(['info']);
+  t.equal(r.exitCode, 0, r.stderr);
+  t.match(r.stdout, /^cpu reference +yes\n/);
+  t.match(r.stdout, new RegExp(`\nthreads +${backendInfo().threads} `));
+  t.match(r.stdout, /\nCUDA backend +(yes|no \(built without CUDA and cuDNN\))\n/);
+  const json = JSON.parse((await inProcess(['info', '--json'])).stdout);
+  t.same({ ...json, node: undefined }, { ...backendInfo(), node: undefined }, '--json: backendInfo() as the API gives it');
+
+  const run = await inProcess(['train', '--preset', 'mnist-tiny', '--steps', '2', '--no-test', '--quiet', '--out', 'runs/info']);
+  t.equal(run.exitCode, 0, run.stderr);
+  const c = await inProcess(['info', '--checkpoint', 'runs/info/last.safetensors']);
+  t.equal(c.exitCode, 0, c.stderr);
+  t.match(c.stdout, /\nwritten by +cmseg train\nmethod +cm\nstep +2\nmodel +2D U-Net depth 2, c 4, 1 input channel\(s\), 2 classes\nannotators +4: good, over, under, fracture; CMs full\n/);
+  t.match(c.stdout, /\npreset +mnist-tiny\ndata +MNIST 64\/32\/32 images, dense labels, data seed 0\n$/);
+  const cj = JSON.parse((await inProcess(['info', '--checkpoint', 'runs/info/last.safetensors', '--json'])).stdout);
+  t.equal(cj.step, 2);
+  t.same(cj.annotatorNames, ['good', 'over', 'under', 'fracture']);
+  const missing = await inProcess(['info', '--checkpoint', 'nope.safetensors']);
+  t.equal(missing.exitCode, 1);
+  t.match(missing.stderr, /^cmseg: error: .*nope\.safetensors/);
 });

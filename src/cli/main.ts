@@ -6,6 +6,7 @@ import { Command } from 'commander';
 import { benchCommand } from './bench';
 import { registerEvalCommand } from './eval';
 import { registerFuseCommand } from './fuse';
+import { registerInfoCommand } from './info';
 import { registerPhantomCommand } from './phantom';
 import { registerPredictCommand } from './predict';
 import { registerPrepareCommand } from './prepare';
@@ -45,6 +46,7 @@ export function buildProgram(options: ProgramOptions = {}): Command {
   registerSimulateCommand(program);
   registerFuseCommand(program);
   registerPhantomCommand(program);
+  registerInfoCommand(program);
   // bench.ts builds its command itself; give it the settings the others inherit.
   program.addCommand(benchCommand().copyInheritedSettings(program));
   withExamples(program, 'cmseg train --preset mnist --method cm --out runs/cm', 'cmseg train --help');

@@ -53,12 +53,15 @@ function forEachFlippedRow(planes: number, spatial: readonly number[], axes: rea
   }
 }
 
-/** `data`, `planes` arrays [*spatial] one after the other, mirrored along the spatial `axes`. */
-export function flipSpatial(data: Float32Array, planes: number, spatial: readonly number[], axes: readonly number[]): Float32Array {
-  const out = new Float32Array(data.length);
+/**
+ * `data`, `planes` arrays [*spatial] one after the other, mirrored along the spatial `axes`;
+ * into `out` when given (of data's length), else a new array.
+ */
+export function flipSpatial(data: Float32Array, planes: number, spatial: readonly number[], axes: readonly number[], out = new Float32Array(data.length)): Float32Array {
+  if (out.length !== data.length) throw new RangeError(`flipSpatial: out has ${out.length} values, data ${data.length}`);
   forEachFlippedRow(planes, spatial, axes, (dst, src, width, reversed) => {
     if (!reversed) out.set(data.subarray(src, src + width), dst);
-    else for (let x = 0; x < width; x++) out[dst + x] = data[src + width - 1 - x];
+    else for (let x = 0, s = src + width - 1; x < width; x++, s--) out[dst + x] = data[s];
   });
   return out;
 }
@@ -66,10 +69,15 @@ export function flipSpatial(data: Float32Array, planes: number, spatial: readonl
 /** Folds a prediction of the input mirrored along `axes` into the running mean, flipped back (a flip is its own inverse). */
 function foldFlippedBack(spatial: readonly number[], axes: readonly number[]): FoldArray {
   const voxels = spatial.reduce((a, b) => a * b, 1);
-  return (into, values, k) =>
+  return (into, values, k) => {
+    const w = 1 / k;
+    // The direction is tested once a row, not once a value: this loop runs over every
+    // output value (p, CMs, q) of every mirroring.
     forEachFlippedRow(into.length / voxels, spatial, axes, (dst, src, width, reversed) => {
-      for (let x = 0; x < width; x++) into[dst + x] += (values[reversed ? src + width - 1 - x : src + x] - into[dst + x]) / k;
+      if (reversed) for (let x = 0, s = src + width - 1; x < width; x++, s--) into[dst + x] += (values[s] - into[dst + x]) * w;
+      else for (let x = 0; x < width; x++) into[dst + x] += (values[src + x] - into[dst + x]) * w;
     });
+  };
 }
 
 /**
@@ -87,9 +95,11 @@ export function mirrored(model: PredictingModel, axes: boolean | readonly number
       // The input as it is first: the model checks images and shape before anything is flipped.
       const mean = await model.predict(images, shape, options);
       const spatial = shape.slice(2);
+      // One buffer for every mirrored input: a prediction reads its input before it resolves.
+      const flippedInput = new Float32Array(images.length);
       for (let k = 2; k <= flips.length; k++) {
         const flip = flips[k - 1];
-        const next = await model.predict(flipSpatial(images, shape[0] * shape[1], spatial, flip), shape, options);
+        const next = await model.predict(flipSpatial(images, shape[0] * shape[1], spatial, flip, flippedInput), shape, options);
         foldIntoMean(mean, next, k, foldFlippedBack(spatial, flip));
       }
       return mean;

@@ -11,9 +11,11 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { runCli } from './helpers/cli';
+import { annotatorFileNames } from '../src/cli/predict';
 import { createModel, Model, setNumThreads } from '../src/model/model';
 import { saveCheckpoint } from '../src/model/checkpoint';
 import { readNifti } from '../src/data/nifti';
+import { readSafetensors } from '../src/data/safetensors';
 import { readPngSync, writePngSync } from '../src/data/png';
 import { paddedToDepth } from '../src/train/evaluate';
 
@@ -205,6 +207,25 @@ t.test('trainer checkpoints on data that is not their run split', async (t) => {
   t.equal(ev.exitCode, 0, ev.stderr);
   t.match(ev.stdout, /^cm at step 1, 6 images of sim2:\n6 images/);
 
+  // Two runs on one folder split otherwise: not one split to score; --split all (not --data <the folder>, which is its split again) scores the folder whole.
+  const otherSplit = await cli(['train', '--preset', 'images', '--data', 'sim', ...TINY, '--data-seed', '1', '--out', 'runs/folder-b']);
+  t.equal(otherSplit.exitCode, 0, otherSplit.stderr);
+  const pair = ['runs/folder/last.safetensors', 'runs/folder-b/last.safetensors'];
+  for (const extra of [[], ['--data', 'sim']]) {
+    const refused = await cli(['eval', '--checkpoint', ...pair, ...extra]);
+    t.equal(refused.exitCode, 1, extra.join(' '));
+    t.match(
+      refused.stderr,
+      /^cmseg: error: runs\/folder-b\/last\.safetensors was trained on other data than runs\/folder\/last\.safetensors \(dataset\.splits differ\): .*; give --split all to score every image of sim \(--data <dir> --split all where it moved\), or --data <dir> to score another folder, every image of it\n$/,
+    );
+  }
+  const whole = await cli(['eval', '--checkpoint', ...pair, '--split', 'all', '--out', 'pair.json']);
+  t.equal(whole.exitCode, 0, whole.stderr);
+  t.match(whole.stdout, /^ensemble of 2 checkpoints \(cm at step 1, cm at step 1\), 6 images of sim:\n/);
+  const wholeData = await cli(['eval', '--checkpoint', ...pair, '--data', 'sim', '--split', 'all', '--out', 'pair-data.json']);
+  t.equal(wholeData.exitCode, 0, wholeData.stderr);
+  t.same(json('pair-data.json').metrics, json('pair.json').metrics);
+
   // An MNIST run: --data is new images.
   const mnist = await cli(['train', '--preset', 'mnist-tiny', ...TINY, '--out', 'runs/mnist']);
   t.equal(mnist.exitCode, 0, mnist.stderr);
@@ -215,6 +236,27 @@ t.test('trainer checkpoints on data that is not their run split', async (t) => {
   const split = await cli(['predict', '--checkpoint', 'runs/mnist/last.safetensors', '--data', 'sim2', '--split', 'validation', '--out', 'p-x']);
   t.equal(split.exitCode, 1);
   t.match(split.stderr, /^cmseg: error: --split validation picks among a run's own images; --data sim2 is new data for this run, predicted whole: leave out --split\n$/);
+});
+
+t.test('annotator names that coincide as file names: each file its own, named -<r>', async (t) => {
+  t.same(annotatorFileNames(['fracture', 'x y', 'x_y', 'Good', 'good']), ['fracture', 'x_y-1', 'x_y-2', 'Good-3', 'good-4'], 'ignoring case');
+  t.same(annotatorFileNames(['x y', 'x_y', 'x_y-1']), ['x_y-0', 'x_y-1-1', 'x_y-1-2'], 'a suffix meeting another name is made unique too');
+  t.same(annotatorFileNames(['a b', 'over']), ['a_b', 'over'], 'no collision: plain names');
+  // A simulate folder whose annotators good and over are renamed "x y" and "x_y": labels/'s sorted folders are fracture, under, x y, x_y.
+  fs.cpSync(path.join(dir, 'sim'), path.join(dir, 'sim-names'), { recursive: true });
+  fs.renameSync(path.join(dir, 'sim-names', 'labels', 'good'), path.join(dir, 'sim-names', 'labels', 'x y'));
+  fs.renameSync(path.join(dir, 'sim-names', 'labels', 'over'), path.join(dir, 'sim-names', 'labels', 'x_y'));
+  const pr = await cli(['predict', '--checkpoint', 'api2d.safetensors', '--data', 'sim-names', '--count', '1', '--out', 'pred-names']);
+  t.equal(pr.exitCode, 0, pr.stderr);
+  t.match(pr.stdout, /^wrote 12 PNG files for 1 images of sim-names\n/);
+  const files = fs.readdirSync(path.join(dir, 'pred-names')).filter((f) => f.endsWith('.png'));
+  t.equal(files.length, 12, 'no file written twice');
+  for (const part of ['fracture', 'under', 'x_y-2', 'x_y-3']) {
+    for (const kind of ['annotator', 'cm']) t.ok(files.includes(`mnist-00000-${kind}-${part}.png`), `mnist-00000-${kind}-${part}.png`);
+  }
+  const readme = fs.readFileSync(path.join(dir, 'pred-names', 'README.txt'), 'utf8');
+  t.match(readme, /names that then coincide \(ignoring case\) end in -<r>, r = the annotator's index\n/);
+  t.match(readme, /annotators: fracture, under, x y \(files: x_y-2\), x_y \(files: x_y-3\)/);
 });
 
 t.test('one-line errors', async (t) => {
@@ -228,6 +270,9 @@ t.test('one-line errors', async (t) => {
     [['predict', '--checkpoint', 'api2d.safetensors', '--data', 'missing', '--out', 'p'], /^cmseg: error: --data not found: .*missing\n$/],
     [['predict', '--checkpoint', 'api2d.safetensors', '--data', 'sim', '--split', 'test', '--out', 'p'], /^cmseg: error: --split test picks among a run's own images; --data sim is data this checkpoint records no split of, predicted whole: leave out --split\n$/],
     [['eval', '--checkpoint', 'missing.safetensors', '--data', 'sim'], /^cmseg: error: checkpoint not found: .*missing\.safetensors\n$/],
+    [['eval', '--checkpoint', 'brats', '--data', 'sim'], /^cmseg: error: checkpoint \/.*\/brats is a folder, not a file\n$/],
+    [['predict', '--checkpoint', 'runs/folder', '--out', 'p'], /^cmseg: error: checkpoint \/.*\/runs\/folder is a folder, not a file \(a run's folder: name a checkpoint in it, \/.*\/runs\/folder\/best\.safetensors\)\n$/],
+    [['info', '--checkpoint', 'sim'], /^cmseg: error: checkpoint \/.*\/sim is a folder, not a file\n$/],
   ];
   for (const [args, message] of cases) {
     const r = await cli(args);
@@ -236,4 +281,6 @@ t.test('one-line errors', async (t) => {
     t.equal(r.stderr.trim().split('\n').length, 1, `${args.join(' ')}: one line`);
   }
   t.notOk(fs.existsSync(path.join(dir, 'p')), 'no output folder left behind');
+  // Through the API: the error names the folder (Node's EISDIR names none).
+  await t.rejects(readSafetensors(path.join(dir, 'sim')), { name: 'SafetensorsError', message: `${path.join(dir, 'sim')} is a folder, not a safetensors file`, path: path.join(dir, 'sim') });
 });

@@ -13,10 +13,11 @@
 // against `--checkpoint a` on the command line.
 // Every model is tiny (base width 4, depth 2 or 3, a step or two of training).
 import t from 'tap';
+import { createHash } from 'crypto';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { runCli } from './helpers/cli';
+import { cliHelp, runCli } from './helpers/cli';
 import { createModel, type Model, setNumThreads } from '../src/model/model';
 import { saveCheckpoint } from '../src/model/checkpoint';
 import { readNifti } from '../src/data/nifti';
@@ -29,6 +30,12 @@ const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-tta-ensemble-'));
 t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
 const cli = (args: string[]) => runCli(args, dir);
 const json = (file: string) => JSON.parse(fs.readFileSync(path.join(dir, file), 'utf8'));
+/** What an ensemble's default metrics file carries: the first 8 hex digits of the SHA-1 of its members' absolute paths, one a line. */
+const hashOf = (...files: string[]) =>
+  createHash('sha1')
+    .update(files.map((f) => path.join(dir, f)).join('\n'))
+    .digest('hex')
+    .slice(0, 8);
 
 const OUTPUTS = ['probs', 'cms', 'annotatorProbs'] as const;
 type Outputs = { probs: Float32Array; cms?: Float32Array; annotatorProbs?: Float32Array };
@@ -300,6 +307,7 @@ t.test('cmseg eval and predict on mnist-tiny runs: --tta, two checkpoints, misma
     ['runs/a', []],
     ['runs/b', ['--seed', '1']],
     ['runs/other-data', ['--data-seed', '1']],
+    ['runs/naive', ['--method', 'naive-mean']],
   ] as const) {
     const r = await cli(['train', '--preset', 'mnist-tiny', '--steps', '2', '--out', out, '--no-test', '--quiet', ...extra]);
     t.equal(r.exitCode, 0, r.stderr);
@@ -311,6 +319,8 @@ t.test('cmseg eval and predict on mnist-tiny runs: --tta, two checkpoints, misma
   t.equal(plain.exitCode, 0, plain.stderr);
   t.same(json('plain.json').checkpoints, [path.join(dir, a)]);
   t.equal(json('plain.json').tta, false);
+  t.equal(json('plain.json').method, 'cm');
+  t.notOk('methods' in json('plain.json'), 'one checkpoint: no "methods"');
   const twice = await cli(['eval', '--checkpoint', a, a, '--split', 'validation', '--out', 'twice.json']);
   t.equal(twice.exitCode, 0, twice.stderr);
   t.same(json('twice.json').metrics, json('plain.json').metrics, 'an ensemble of one checkpoint twice scores as that checkpoint');
@@ -318,11 +328,26 @@ t.test('cmseg eval and predict on mnist-tiny runs: --tta, two checkpoints, misma
   const both = await cli(['eval', '--checkpoint', a, '--checkpoint', b, '--tta', '--split', 'validation']);
   t.equal(both.exitCode, 0, both.stderr);
   t.match(both.stdout, /^ensemble of 2 checkpoints \(cm at step 2, cm at step 2\) with mirroring TTA \(4 flips\), validation split:\n/);
-  t.match(both.stdout, /outputs:\n  metrics +runs\/a\/eval-validation-best-ensemble2-tta\.json\n/, 'its own default file, beside the plain scores');
-  const record = json('runs/a/eval-validation-best-ensemble2-tta.json');
+  const bothFile = `runs/a/eval-validation-best-ensemble2-${hashOf(a, b)}-tta.json`;
+  t.match(both.stdout, `outputs:\n  metrics  ${bothFile}\n`, 'its own default file, beside the plain scores');
+  const record = json(bothFile);
   t.same(record.checkpoints, [path.join(dir, a), path.join(dir, b)], 'the repeated flag collects both');
   t.equal(record.tta, true);
+  t.same([record.method, record.methods], ['cm', ['cm', 'cm']], 'members of one method: that method, and each');
   t.ok(record.metrics.averageDice.mean >= 0 && record.metrics.cmError.mean > 0, 'scored, with the CM error');
+
+  // Another ensemble led by the same checkpoint: a file of its own (not to overwrite the one above), and a mixed method.
+  const n = 'runs/naive/best.safetensors';
+  const mixed = await cli(['eval', '--checkpoint', a, n, '--tta', '--split', 'validation']);
+  t.equal(mixed.exitCode, 0, mixed.stderr);
+  const mixedFile = `runs/a/eval-validation-best-ensemble2-${hashOf(a, n)}-tta.json`;
+  t.not(mixedFile, bothFile);
+  t.match(mixed.stdout, `outputs:\n  metrics  ${mixedFile}\n`);
+  t.same(json(bothFile).checkpoints, [path.join(dir, a), path.join(dir, b)], 'the first ensemble\'s scores are still there');
+  const mixedRecord = json(mixedFile);
+  t.same([mixedRecord.method, mixedRecord.methods], ['ensemble', ['cm', 'naive-mean']], 'members of different methods: "ensemble", and each one\'s');
+  const help = (await cliHelp(['eval', '--help'])).replace(/\s+/g, ' ');
+  t.match(help, '-ensemble<N>-<hash> for N checkpoints, <hash> the first 8 hex digits of the SHA-1 of their absolute paths (one a line, in order)', '--help says so');
 
   const pictures = await cli(['predict', '--checkpoint', a, b, '--tta', '--out', 'pictures', '--count', '1']);
   t.equal(pictures.exitCode, 0, pictures.stderr);
@@ -366,7 +391,7 @@ t.test('cmseg predict and eval on a tiny BraTS phantom: --tta, two checkpoints',
   const tta = await cli(['eval', '--checkpoint', 'api3d-a.safetensors', 'api3d-b.safetensors', '--tta', '--data', 'brats', '--patch', '16']);
   t.equal(tta.exitCode, 0, tta.stderr);
   t.match(tta.stdout, /^ensemble of 2 checkpoints \(model at step 1, model at step 1\) with mirroring TTA \(8 flips\), 3 case\(s\) from /);
-  const record = json('eval-brats-api3d-a-ensemble2-tta.json');
+  const record = json(`eval-brats-api3d-a-ensemble2-${hashOf('api3d-a.safetensors', 'api3d-b.safetensors')}-tta.json`);
   t.equal(record.tta, true);
   t.same(record.checkpoints, [path.join(dir, 'api3d-a.safetensors'), path.join(dir, 'api3d-b.safetensors')]);
   t.ok(record.metrics.brats.regions.wholeTumour.mean >= 0, 'region Dice scored');
@@ -382,8 +407,24 @@ t.test('cmseg predict and eval on a tiny BraTS phantom: --tta, two checkpoints',
   const runEval = await cli(['eval', '--checkpoint', ...runs, '--tta']);
   t.equal(runEval.exitCode, 0, runEval.stderr);
   t.match(runEval.stdout, /^ensemble of 2 checkpoints \(cm at step 1, cm at step 1\) with mirroring TTA \(8 flips\), test split:\n/);
-  const runRecord = json('runs/brats-a/eval-test-best-ensemble2-tta.json');
+  const runRecord = json(`runs/brats-a/eval-test-best-ensemble2-${hashOf(...runs)}-tta.json`);
   t.same([runRecord.tta, runRecord.checkpoints.length, runRecord.metrics.images], [true, 2, 1], 'the test case of the first run, by both, mirrored');
+
+  // A shallower first run whose training patch (18) the deeper member's depth 4 cannot take: eval
+  // scores the split with predict's window, 18 rounded up to a multiple of 8 (24), or --patch.
+  const shallow = await cli(['train', '--preset', 'brats3d', '--data', 'cache', '--steps', '1', '--out', 'runs/brats-d2', '--depth', '2', '--patch', '18', '--workers', '0', '--no-test', '--base-channels', '4', '--val-cases', '1', '--quiet']);
+  t.equal(shallow.exitCode, 0, shallow.stderr);
+  const mixedDepths = ['runs/brats-d2/best.safetensors', runs[0]];
+  const rounded = await cli(['eval', '--checkpoint', ...mixedDepths, '--out', 'depths.json']);
+  t.equal(rounded.exitCode, 0, rounded.stderr);
+  t.match(rounded.stdout, /^ensemble of 2 checkpoints \(cm at step 1, cm at step 1\), test split:\n/);
+  t.equal(json('depths.json').metrics.images, 1);
+  const patched = await cli(['eval', '--checkpoint', ...mixedDepths, '--patch', '16', '--out', 'depths16.json']);
+  t.equal(patched.exitCode, 0, patched.stderr);
+  t.equal(json('depths16.json').metrics.images, 1);
+  const badPatch = await cli(['eval', '--checkpoint', ...mixedDepths, '--patch', '12']);
+  t.equal(badPatch.exitCode, 1, '--patch is read on a run\'s split too');
+  t.match(badPatch.stderr, /^cmseg: error: --patch 12 must be a multiple of 2\^\(depth-1\) = 8 \(the model's depth is 4\)\n$/);
   const runPredict = await cli(['predict', '--checkpoint', ...runs, '--tta', '--out', 'pred-run']);
   t.equal(runPredict.exitCode, 0, runPredict.stderr);
   t.match(fs.readFileSync(path.join(dir, 'pred-run', 'README.txt'), 'utf8'), /^Predictions of the mean \(ensemble\) of 2 checkpoints: .*\(cm, step 1\), .*\(cm, step 1\) for 1 case\(s\) from the test split of the run/);

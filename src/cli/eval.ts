@@ -12,8 +12,10 @@
 //
 // Several checkpoints (--checkpoint a b ...) are scored as one ensemble (their outputs
 // averaged), and --tta averages the predictions of the mirrored inputs; the metrics JSON
-// records both ("checkpoints", "tta").
+// records both ("checkpoints", "tta"; an ensemble's "methods", and its "method" is theirs
+// when they share one, else "ensemble").
 
+import { createHash } from 'crypto';
 import * as fs from 'fs';
 import * as path from 'path';
 import { Command } from 'commander';
@@ -69,8 +71,11 @@ async function runEval(flags: EvalFlags, splitTyped: boolean): Promise<void> {
     const loaded = await loadInference(info, { device: flags.device, tta: flags.tta });
     let summary: EvaluationSummary;
     try {
-      // Methods without trained CMs (naive, oracle) are scored on the consensus only.
-      summary = await data.evaluate(loaded.model, split, { annotators: info.learnsCms });
+      // Methods without trained CMs (naive, oracle) are scored on the consensus only. A BraTS
+      // run's cases are scored with the window predict uses (--patch, else the training patch
+      // rounded up to what an ensemble's deepest member takes).
+      const window = recipe.dataset.kind === 'brats' ? { patch: windowPatch(info, flags.patch) } : {};
+      summary = await data.evaluate(loaded.model, split, { annotators: info.learnsCms, ...window });
     } finally {
       await loaded.dispose();
     }
@@ -80,7 +85,7 @@ async function runEval(flags: EvalFlags, splitTyped: boolean): Promise<void> {
     const record = {
       checkpoint: file,
       ...inferenceRecord(info, flags.tta === true),
-      method: saved.config.method,
+      ...methodRecord(info),
       preset: recipe.preset,
       dataset: recipe.dataset,
       seed: saved.config.seed,
@@ -97,10 +102,30 @@ async function runEval(flags: EvalFlags, splitTyped: boolean): Promise<void> {
   }
 }
 
-/** The default metrics file's name after the split or data: the checkpoint's, and for an ensemble or TTA what sets it apart (not to overwrite the plain scores). */
+/**
+ * The default metrics file's name after the split or data: the checkpoint's, and for an
+ * ensemble or TTA what sets it apart (not to overwrite the plain scores). An ensemble's name
+ * also carries a hash of its members (the first 8 hex digits of the SHA-1 of their absolute
+ * paths, one a line, in order), so that two ensembles led by one checkpoint keep apart.
+ */
 function outputStem(info: InferenceInfo, flags: EvalFlags): string {
-  const ensemble = info.members.length > 1 ? `-ensemble${info.members.length}` : '';
+  const ensemble = info.members.length > 1 ? `-ensemble${info.members.length}-${ensembleHash(info.members.map((m) => m.file))}` : '';
   return `${path.basename(info.file, '.safetensors')}${ensemble}${flags.tta ? '-tta' : ''}`;
+}
+
+/** The first 8 hex digits of the SHA-1 of the checkpoints' paths, one a line: what tells ensembles apart in file names. */
+function ensembleHash(files: readonly string[]): string {
+  return createHash('sha1').update(files.join('\n')).digest('hex').slice(0, 8);
+}
+
+/**
+ * What the metrics JSON says of the method: "method", the members' common method (null for
+ * checkpoints that name none), else "ensemble"; and for an ensemble "methods", each member's.
+ */
+function methodRecord(info: InferenceInfo): { method: string | null; methods?: (string | null)[] } {
+  const methods = info.members.map((m) => m.method ?? null);
+  const method = methods.every((m) => m === methods[0]) ? methods[0] : 'ensemble';
+  return info.members.length > 1 ? { method, methods } : { method };
 }
 
 /**
@@ -175,7 +200,7 @@ async function evalWhole(flags: EvalFlags, info: InferenceInfo, target: Extract<
   const record = {
     checkpoint: file,
     ...inferenceRecord(info, flags.tta === true),
-    method: info.method ?? null,
+    ...methodRecord(info),
     preset: info.recipe?.preset ?? null,
     data: dir,
     step: info.step,
@@ -202,7 +227,7 @@ export function registerEvalCommand(program: Command): Command {
     .option(
       '--out <file>',
       'where to write the metrics JSON (default: eval-<split>-<checkpoint>.json, or eval-<data folder>-<checkpoint>.json for --data, beside the (first) checkpoint; ' +
-        '<checkpoint> ends in -ensemble<N> for N checkpoints and -tta with --tta)',
+        '<checkpoint> ends in -ensemble<N>-<hash> for N checkpoints, <hash> the first 8 hex digits of the SHA-1 of their absolute paths (one a line, in order), and in -tta with --tta)',
     )
     .option(
       '--data <dir>',

@@ -172,16 +172,23 @@ function dataIdentity(dataset: DatasetSpec): Record<string, unknown> {
 export function checkSameRunData(info: InferenceInfo, command: 'predict' | 'eval'): void {
   const [first, ...others] = info.members;
   const name = (i: CheckpointInfo) => displayPath(i.file);
-  const ask = `give --data <dir> to ${command === 'eval' ? 'score' : 'predict'} new data, every image or case of it`;
-  const ours = dataIdentity(first.recipe!.dataset);
+  const verb = command === 'eval' ? 'score' : 'predict';
+  const dataset = first.recipe!.dataset;
+  // An image-folder run's --data <its folder> reads its split again: --split all takes the folder whole.
+  const ask =
+    dataset.kind === 'folder'
+      ? `give --split all to ${verb} every image of ${displayPath(dataset.root)} (--data <dir> --split all where it moved), or --data <dir> to ${verb} another folder, every image of it`
+      : `give --data <dir> to ${verb} new data, every image or case of it`;
+  const ours = dataIdentity(dataset);
   for (const other of others) {
     if (!other.recipe) throw new UserError(`${name(other)} records no training data, so it cannot be checked to share the split of ${name(first)}: ${ask}`);
     const theirs = dataIdentity(other.recipe.dataset);
     const field = Object.keys({ ...ours, ...theirs }).find((key) => JSON.stringify(ours[key]) !== JSON.stringify(theirs[key]));
     if (field === undefined) continue;
-    const shown = (v: unknown) => (typeof v === 'object' && v !== null ? 'another' : JSON.stringify(v));
+    const scalar = (v: unknown) => typeof v !== 'object' || v === null;
+    const differs = scalar(ours[field]) && scalar(theirs[field]) ? `dataset.${field}: ${JSON.stringify(theirs[field])} vs ${JSON.stringify(ours[field])}` : `dataset.${field} differ`;
     throw new UserError(
-      `${name(other)} was trained on other data than ${name(first)} (dataset.${field}: ${shown(theirs[field])} vs ${shown(ours[field])}): ` +
+      `${name(other)} was trained on other data than ${name(first)} (${differs}): ` +
         `an ensemble scores the first checkpoint's split only when every run has the same one; ${ask}`,
     );
   }

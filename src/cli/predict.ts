@@ -146,6 +146,7 @@ async function drawPictures(
   const C = set.channels;
   const count = Math.min(words.count, set.count);
   const names = set.annotatorNames.length === R ? set.annotatorNames : info.annotatorNames;
+  const files = annotatorFileNames(Array.from({ length: R }, (_, r) => names[r] ?? `annotator${r}`));
   const outDir = path.resolve(flags.out);
   fs.mkdirSync(outDir, { recursive: true });
   const written: string[] = [];
@@ -172,7 +173,7 @@ async function drawPictures(
       const estimated = [];
       const observed = [];
       for (let r = 0; r < R; r++) {
-        const name = fileSafe(names[r] ?? `annotator${r}`);
+        const name = files[r];
         observed.push(p.batch.present[n * R + r] ? upscale(labelImage(map(p.batch.labels[r]), h, w), scale) : null);
         if (!learnsCms) continue; // naive / oracle: the annotator heads were never trained
         const est = upscale(labelOverlay(image, map(p.annotatorMaps[r]), h, w), scale);
@@ -198,8 +199,8 @@ async function drawPictures(
     '<image>-annotator-<name>.png    the estimated labels of that annotator, argmax A_r p',
     `<image>-cm-<name>.png           that annotator's pixel-wise CM: a ${L}x${L} grid, tile (i, j) = p(says i | true j) per pixel (viridis, 0 dark .. 1 bright)`,
     `<image>-sheet.png               row 1 input, truth, prediction; row 2 estimated annotators; row 3 their real labels${anyLabels ? '' : ' (none here: the row is empty)'}`,
-    ...(learnsCms ? [] : [`(${method} does not learn annotator CMs: no annotator or CM pictures, and the sheet has rows 1 and 3 only)`]),
-    `annotators: ${names.join(', ')}${!info.namesRecorded && names.every((n, r) => n === `annotator${r}`) ? ' (the checkpoint records no names: its CM heads in order)' : ''}`,
+    ...(learnsCms ? [FILE_NAME_RULE] : [`(${method} does not learn annotator CMs: no annotator or CM pictures, and the sheet has rows 1 and 3 only)`]),
+    `annotators: ${annotatorEntries(names, files).join(', ')}${!info.namesRecorded && names.every((n, r) => n === `annotator${r}`) ? ' (the checkpoint records no names: its CM heads in order)' : ''}`,
     '',
   ].join('\n');
   const readmeFile = path.join(outDir, 'README.txt');
@@ -269,6 +270,7 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
   // Window predictions per window: one per checkpoint and mirroring.
   const passes = info.members.length * (flags.tta ? 2 ** 3 : 1);
   const names = info.annotatorNames;
+  const files = annotatorFileNames(names);
   const learnsCms = info.learnsCms;
   const outDir = path.resolve(flags.out);
   fs.mkdirSync(outDir, { recursive: true });
@@ -298,7 +300,7 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     await writeVolume(`${id}_probs.nii.gz`, probs, [...dims, L], 'float32');
     const annotatorMaps = learnsCms ? argmaxAnnotatorProbs(p.annotatorProbs!, 1, R, L) : [];
     // Named by annotator, as the 2D pictures are (<image>-annotator-<name>.png).
-    for (const [r, map] of annotatorMaps.entries()) await writeVolume(`${id}_annotator-${fileSafe(names[r])}.nii.gz`, labelsToRelease(map), dims, 'uint8');
+    for (const [r, map] of annotatorMaps.entries()) await writeVolume(`${id}_annotator-${files[r]}.nii.gz`, labelsToRelease(map), dims, 'uint8');
 
     // Pictures: the axial slice through the predicted tumour's centre (else the expert's, else the middle).
     const z = tumourSlice(consensus, c.extent) ?? (c.seg ? tumourSlice(c.seg, c.extent) : undefined) ?? Math.floor(c.extent.d / 2);
@@ -315,7 +317,7 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     await save(`${id}_slice.png`, grid(rows.filter((row) => row.length > 0), 4));
     if (learnsCms) {
       const cms = axialSlice(p.cms!, R * L * L, c.extent, z);
-      for (let r = 0; r < R; r++) await save(`${id}_cm-${fileSafe(names[r])}.png`, cmHeatMaps(cms, 0, r, R, L, h, w, Math.max(1, Math.floor(scale / 2))));
+      for (let r = 0; r < R; r++) await save(`${id}_cm-${files[r]}.png`, cmHeatMaps(cms, 0, r, R, L, h, w, Math.max(1, Math.floor(scale / 2))));
     } else if (k === 0) {
       process.stderr.write(`note: ${method} does not learn annotator CMs: no annotator volumes or CM pictures\n`);
     }
@@ -336,11 +338,12 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
       ? [
           '<id>_annotator-<name>.nii.gz uint8, that annotator\'s estimated segmentation argmax A_r p, labels as the consensus',
           `<id>_cm-<name>.png           that annotator's pixel-wise CM on the slice: a ${L}x${L} grid, tile (i, j) = p(says i | true j) (viridis, 0 dark .. 1 bright)`,
+          FILE_NAME_RULE,
         ]
       : [`(${method} does not learn annotator CMs: no annotator volumes or CM pictures)`]),
     '<id>_slice.png               row 1: FLAIR, expert labels (when known), predicted consensus; row 2: each annotator\'s estimate',
     'Pictures show the axial slice through the centre of the predicted tumour, of the cropped case, rows = voxel y, columns = voxel x.',
-    `annotators: ${names.map((n, r) => `${r} = ${n}`).join(', ')}`,
+    `annotators: ${annotatorEntries(names, files).map((n, r) => `${r} = ${n}`).join(', ')}`,
     '',
   ].join('\n');
   const readmeFile = path.join(outDir, 'README.txt');
@@ -355,6 +358,32 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
 /** An annotator's name as a file-name part: anything but letters, digits, '.', '_' and '-' becomes '_'. */
 function fileSafe(name: string): string {
   return name.replace(/[^A-Za-z0-9._-]/g, '_');
+}
+
+/** The legend's line on how annotators' names become file-name parts (annotatorFileNames). */
+const FILE_NAME_RULE =
+  "<name> is the annotator's name with every character but letters, digits, '.', '_' and '-' made '_'; names that then coincide (ignoring case) end in -<r>, r = the annotator's index";
+
+/**
+ * Each annotator's file-name part: fileSafe of its name, except that names that coincide once
+ * made file-safe (compared ignoring case, for case-insensitive file systems) end in -<r>, r the
+ * annotator's index (CM head), so that no file overwrites another's.
+ */
+export function annotatorFileNames(names: readonly string[]): string[] {
+  const parts = names.map(fileSafe);
+  // Appending -<r> can meet another name (x_y-1 beside x_y and x y): repeat until every part is unique.
+  for (;;) {
+    const count = new Map<string, number>();
+    for (const part of parts) count.set(part.toLowerCase(), (count.get(part.toLowerCase()) ?? 0) + 1);
+    const colliding = parts.flatMap((part, r) => (count.get(part.toLowerCase())! > 1 ? [r] : []));
+    if (colliding.length === 0) return parts;
+    for (const r of colliding) parts[r] = `${parts[r]}-${r}`;
+  }
+}
+
+/** The legend's "annotators:" entries: each name, with its file-name part when that is not the name. */
+function annotatorEntries(names: readonly string[], files: readonly string[]): string[] {
+  return names.map((n, r) => (files[r] === n ? n : `${n} (files: ${files[r]})`));
 }
 
 export function registerPredictCommand(program: Command): Command {

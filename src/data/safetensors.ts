@@ -122,11 +122,25 @@ export function decodeSafetensors(bytes: Uint8Array, path?: string): SafeFile {
 }
 
 export async function readSafetensors(path: string): Promise<SafeFile> {
-  return decodeSafetensors(await readFileChecked(path, 'safetensors file'), path);
+  try {
+    return decodeSafetensors(await readFileChecked(path, 'safetensors file'), path);
+  } catch (error) {
+    throw namedFolderError(error, path);
+  }
 }
 
 export function readSafetensorsSync(path: string): SafeFile {
-  return decodeSafetensors(readFileCheckedSync(path, 'safetensors file'), path);
+  try {
+    return decodeSafetensors(readFileCheckedSync(path, 'safetensors file'), path);
+  } catch (error) {
+    throw namedFolderError(error, path);
+  }
+}
+
+/** Reading a folder fails with an EISDIR that names no path: say which one. Other errors pass through. */
+function namedFolderError(error: unknown, path: string): unknown {
+  if ((error as NodeJS.ErrnoException).code !== 'EISDIR') return error;
+  return new SafetensorsError(`${path} is a folder, not a safetensors file`, path, false);
 }
 
 export async function writeSafetensors(

@@ -3,6 +3,7 @@
 // eval and predict read this first, to decide what data a checkpoint can take.
 
 import * as fs from 'fs';
+import * as path from 'path';
 import type { RunRecipe } from '../train/experiment';
 import { UserError } from '../errors';
 import { METHOD_NAMES, type MethodName, methodDefinition } from '../train/methods';
@@ -40,6 +41,10 @@ export function methodLabel(info: CheckpointInfo): string {
  */
 export async function readCheckpointInfo(file: string): Promise<CheckpointInfo> {
   if (!fs.existsSync(file)) throw new UserError(`checkpoint not found: ${file}`);
+  if (fs.statSync(file).isDirectory()) {
+    const inside = ['best.safetensors', 'last.safetensors'].find((name) => fs.existsSync(path.join(file, name)));
+    throw new UserError(`checkpoint ${file} is a folder, not a file${inside ? ` (a run's folder: name a checkpoint in it, ${path.join(file, inside)})` : ''}`);
+  }
   const contents = await readCheckpoint(file);
   const { config, extra } = contents;
   const saved = extra.format === TRAINER_STATE_FORMAT ? trainerExtra(extra, file) : undefined;

@@ -146,6 +146,10 @@ export interface ExperimentEvaluateOptions {
   annotators?: boolean;
   /** The quick check made after every epoch (BraTS: a subset of the validation cases). */
   quick?: boolean;
+  /** BraTS: the sliding-window size per spatial axis (default: the training patch; cmseg eval passes its window, fit for an ensemble's deepest member). */
+  patch?: number[];
+  /** BraTS: the sliding-window overlap (default: the spec's). */
+  overlap?: number;
 }
 
 export interface ExperimentData {
@@ -314,8 +318,8 @@ export function loadBratsExperiment(spec: BratsDatasetSpec, trainingSeed: number
     evaluate: (model, split, options = {}) => {
       const ids = split === 'validation' && options.quick ? spec.splits.validation.slice(0, Math.max(1, spec.validationCases)) : spec.splits[split];
       return evaluateVolumes(model, ids, (id) => readCachedCase(cacheDir, id, index), {
-        patch,
-        overlap: spec.overlap,
+        patch: options.patch ?? patch,
+        overlap: options.overlap ?? spec.overlap,
         annotators: options.annotators,
         annotatorNames: [...index.names],
         bratsRegions: true,

@@ -453,8 +453,8 @@ TEST(conv3_matches_cpu) {
         conv3_case(3, 1, 16, 32, {8, 8, 8}, tf32);
         conv3_case(3, 2, 33, 7, {4, 6, 70}, tf32);  // transpose tiles cut at both edges
         const size_t runs = ctx().conv_graph_runs() - runs_before;
-        if (graph) std::printf("  conv3 graph API %s %s: %zu convolutions ran through it\n", api,
-                               tf32 ? "tf32" : "fp32", runs);
+        if (graph) std::printf("  conv3 graph API on %s %s: %zu convolutions ran through it\n",
+                               channels_last ? "NDHWC" : "NCDHW", tf32 ? "tf32" : "fp32", runs);
         // With TF32 the graph API must run these shapes itself (a total fallback to the
         // legacy API would pass the numeric checks and hide that it never ran).
         if (graph && tf32) CHECK(runs > 0);

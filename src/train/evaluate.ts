@@ -269,8 +269,8 @@ export function paddedToDepth(model: InferenceModel): InferenceModel {
       const target = paddedSize(spatial, model.config.depth);
       if (target.every((t, i) => t === spatial[i])) return model.predict(images, shape, options);
       const planes = shape[0] * shape[1];
-      const out = await model.predict(padEdges(images, planes, spatial, target), [shape[0], shape[1], ...target], options);
-      const crop = (a: Float32Array | undefined) => (a ? cropFarEnd(a, a.length / voxelsOf(target), target, spatial) : undefined);
+      const out = await model.predict(resizeFarEnd(images, planes, spatial, target), [shape[0], shape[1], ...target], options);
+      const crop = (a: Float32Array | undefined) => (a ? resizeFarEnd(a, a.length / voxelsOf(target), target, spatial) : undefined);
       const cropped: Record<string, unknown> = { ...out, probs: crop(out.probs)!, cms: crop(out.cms), annotatorProbs: crop(out.annotatorProbs) };
       // A Model's prediction also says its shapes ([N, K..., *S]): their spatial part is the input's again.
       for (const [key, value] of Object.entries(out)) {
@@ -292,34 +292,22 @@ function dhw(spatial: readonly number[]): [number, number, number] {
   return spatial.length === 2 ? [1, spatial[0], spatial[1]] : [spatial[0], spatial[1], spatial[2]];
 }
 
-/** `planes` arrays of size `from`, each padded at the far end of every axis to `to` with its edge values. */
-function padEdges(data: Float32Array, planes: number, from: readonly number[], to: readonly number[]): Float32Array {
+/**
+ * `planes` arrays of size `from`, each resized at the far end of every axis to `to`: padded
+ * with its edge values where `to` is larger, cut where it is smaller (the pad's inverse).
+ */
+function resizeFarEnd(data: Float32Array, planes: number, from: readonly number[], to: readonly number[]): Float32Array {
   const [d0, h0, w0] = dhw(from);
   const [d1, h1, w1] = dhw(to);
   const out = new Float32Array(planes * d1 * h1 * w1);
+  const copied = Math.min(w0, w1);
   for (let p = 0; p < planes; p++) {
     for (let z = 0; z < d1; z++) {
       for (let y = 0; y < h1; y++) {
         const src = ((p * d0 + Math.min(z, d0 - 1)) * h0 + Math.min(y, h0 - 1)) * w0;
         const dst = ((p * d1 + z) * h1 + y) * w1;
-        out.set(data.subarray(src, src + w0), dst);
-        out.fill(data[src + w0 - 1], dst + w0, dst + w1);
-      }
-    }
-  }
-  return out;
-}
-
-/** The inverse of padEdges: each plane of size `from` cut back to its first `to` voxels on every axis. */
-function cropFarEnd(data: Float32Array, planes: number, from: readonly number[], to: readonly number[]): Float32Array {
-  const [d0, h0, w0] = dhw(from);
-  const [d1, h1, w1] = dhw(to);
-  const out = new Float32Array(planes * d1 * h1 * w1);
-  for (let p = 0; p < planes; p++) {
-    for (let z = 0; z < d1; z++) {
-      for (let y = 0; y < h1; y++) {
-        const src = ((p * d0 + z) * h0 + y) * w0;
-        out.set(data.subarray(src, src + w1), ((p * d1 + z) * h1 + y) * w1);
+        out.set(data.subarray(src, src + copied), dst);
+        if (w1 > w0) out.fill(data[src + w0 - 1], dst + w0, dst + w1);
       }
     }
   }

@@ -1,18 +1,22 @@
 #!/usr/bin/env python3
 """PyTorch reference of the cmseg model and loss, written from /work/shared/SPEC.md.
 
-Two jobs:
-  run    the parity oracle for the native engine: reads a case file (weights, images,
-         labels), writes probabilities, confusion matrices, loss terms, every gradient
-         and, optionally, the parameters after a few Adam/AdamW steps.
-  bench  the benchmark peer for the SPEC section 8 configurations: times full training
-         steps (forward, loss, backward, Adam) and prints one JSON line.
+Three jobs:
+  run      the parity oracle for the native engine: reads a case file (weights, images,
+           labels), writes probabilities, confusion matrices, loss terms, every gradient
+           and, optionally, the parameters after a few Adam/AdamW steps.
+  bench    the benchmark peer for the SPEC section 8 configurations: times full training
+           steps (forward, loss, backward, Adam) and prints one JSON line.
+  predict  a cmseg checkpoint (cmseg train's or saveCheckpoint's) in PyTorch: its model on
+           images from a .safetensors file, probabilities and CMs written to another.
+From Python, load_checkpoint(path) gives a cmseg checkpoint as this file's CMUNet.
 
 Nothing here reads the C++ code; where this file and the SPEC disagree, the SPEC wins.
 
 Examples:
   python3 scripts/torch_reference.py run --case case.safetensors --out result.safetensors --dtype float64
   python3 scripts/torch_reference.py bench --config mnist2d --steps 5 --warmup 1 --threads 2
+  python3 scripts/torch_reference.py predict --checkpoint runs/cm/best.safetensors --images x.safetensors --out p.safetensors
 """
 
 import argparse
@@ -383,6 +387,68 @@ def load_parameters(model, tensors):
             param.copy_(value.to(param.dtype))
 
 
+def load_checkpoint(path, device="cpu", dtype=torch.float32):
+    """A cmseg checkpoint as the PyTorch reference model: (model, info).
+
+    Any checkpoint cmseg writes (cmseg train, or saveCheckpoint from TypeScript): its
+    metadata holds the model config (the same keys parse_config takes), the parameters are
+    stored under their SPEC names in PyTorch layout. The model comes in eval mode with the
+    checkpoint's weights. info: config, optimizer and loss settings, step, the trainer's
+    extra state, and the Adam moments {"m": {name: tensor}, "v": {...}} to resume in PyTorch
+    (torch.optim.Adam's exp_avg / exp_avg_sq).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != "cmseg-checkpoint":
+        raise ValueError(f"{path}: not a cmseg checkpoint (metadata format is {meta.get('format')!r})")
+    tensors = load_file(path)
+    cfg = parse_config(json.loads(meta["config"]))
+    model = CMUNet(cfg)
+    weights = {k: v for k, v in tensors.items() if not k.startswith("optim.")}
+    load_parameters(model, weights)
+    model = model.to(device=device, dtype=dtype).eval()
+    info = {
+        "config": cfg,
+        "optimizer": json.loads(meta.get("optimizer", "{}")),
+        "loss": json.loads(meta.get("loss", "{}")),
+        "step": int(meta.get("step", "0")),
+        "extra": json.loads(meta.get("extra", "{}")),
+        "moments": {
+            "m": {k[len("optim.m."):]: v for k, v in tensors.items() if k.startswith("optim.m.")},
+            "v": {k[len("optim.v."):]: v for k, v in tensors.items() if k.startswith("optim.v.")},
+        },
+    }
+    return model, info
+
+
+def predict_probs(model, images):
+    """Consensus probabilities p [N, L, *S] and CMs [N, R, L, L, *S] (SPEC 3), as cmseg's predict gives them."""
+    with torch.no_grad():
+        logits, cms = model(images)
+        probs = torch.softmax(logits, dim=1)
+        return probs, expand_cms(cms, images.shape[0], tuple(images.shape[2:]))
+
+
+def command_predict(args):
+    from safetensors.torch import load_file, save_file
+
+    model, info = load_checkpoint(args.checkpoint, device=args.device)
+    images = load_file(args.images)
+    if "images" not in images:
+        raise ValueError(f"{args.images}: tensor 'images' is missing")
+    x = images["images"].to(device=args.device, dtype=torch.float32)
+    cfg = info["config"]
+    if x.dim() != cfg["ndim"] + 2 or x.shape[1] != cfg["inChannels"]:
+        raise ValueError(f"images have shape {list(x.shape)}; the checkpoint's model takes [N, {cfg['inChannels']}, *S] with {cfg['ndim']} spatial axes")
+    probs, cms = predict_probs(model, x)
+    save_file({"probs": probs.float().cpu().contiguous(), "cms": cms.float().cpu().contiguous()}, args.out)
+    print(json.dumps({"ok": True, "checkpoint": args.checkpoint, "step": info["step"], "out": args.out,
+                      "probs": list(probs.shape), "cms": list(cms.shape)}))
+
+
 def expand_cms(cms, n, spatial):
     """[N,R,L,L,*S]: global CMs are broadcast to every image and pixel."""
     return torch.stack([A.expand(n, A.shape[1], A.shape[2], *spatial) for A in cms], dim=1)
@@ -655,11 +721,24 @@ def build_parser():
     bench.add_argument("--amp", choices=("bf16",), default=None, help="autocast the network to bfloat16")
     bench.add_argument("--channels-last", action="store_true", help="NHWC / NDHWC memory format")
     bench.add_argument("--shape", default=None, help="override the input shape: N,C,H,W or N,C,D,H,W")
+    pred = sub.add_parser("predict", help="run a cmseg checkpoint in PyTorch on images from a .safetensors file",
+                          epilog="example: torch_reference.py predict --checkpoint best.safetensors --images x.safetensors --out p.safetensors")
+    pred.add_argument("--checkpoint", required=True, help="a checkpoint written by cmseg (train or saveCheckpoint)")
+    pred.add_argument("--images", required=True, help=".safetensors with a float tensor 'images' [N, C, *S]")
+    pred.add_argument("--out", required=True, help="output .safetensors: probs [N, L, *S], cms [N, R, L, L, *S]")
+    pred.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.command == "predict":
+        try:
+            command_predict(args)
+        except (ValueError, KeyError, FileNotFoundError) as err:
+            print(json.dumps({"ok": False, "checkpoint": args.checkpoint, "error": f"{type(err).__name__}: {err}"}))
+            return 2
+        return 0
     if args.command == "run":
         try:
             command_run(args)

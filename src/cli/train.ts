@@ -420,6 +420,9 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
     process.off('SIGTERM', onSigint);
   }
   const { state, files } = result;
+  // The trained model's native memory goes now: the test below loads best (or last) afresh,
+  // and a BraTS model's buffers are about 1 GB on the CPU.
+  await result.model.dispose();
   const checkpoints = [files.best, files.last].filter((f): f is string => f !== undefined);
   // --json: stdout carries one object for scripts; the text below is for people.
   const say = (text: string) => {

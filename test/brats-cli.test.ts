@@ -122,6 +122,14 @@ t.test('phantom -> prepare (incremental, interruptible) -> train -> predict -> e
   }
   t.match(fs.readFileSync(path.join(dir, 'pred', 'README.txt'), 'utf8'), /4 enhancing tumour \(ET\) for BraTS 2018-2021/);
 
+  // One window per forward pass (--window-batch 1, half the forward's memory): the same prediction.
+  const single = await cmseg(['predict', '--checkpoint', 'runs/cm/best.safetensors', '--out', 'pred-w1', '--window-batch', '1']);
+  t.equal(single.exitCode, 0, single.stderr);
+  const probs1 = await readNifti(path.join(dir, 'pred-w1', `${id}_probs.nii.gz`));
+  let apart = 0;
+  for (let i = 0; i < probs.data.length; i++) apart = Math.max(apart, Math.abs(probs.data[i] - probs1.data[i]));
+  t.ok(apart < 1e-5, `--window-batch 1 predicts as batches of 2 (max difference ${apart})`);
+
   // A case folder of raw NIfTI files: preprocessed as prepare does, written back to its own grid.
   const fromFolder = await cmseg(['predict', '--checkpoint', 'runs/cm/last.safetensors', '--data', 'data/BraTS2021_00003', '--out', 'pred-folder']);
   t.equal(fromFolder.exitCode, 0, fromFolder.stderr);

@@ -52,6 +52,7 @@ interface EvalFlags {
   out?: string;
   data?: string;
   patch?: number;
+  windowBatch: number;
   geometryTolerance: number;
   device?: Device;
   threads?: number;
@@ -74,7 +75,7 @@ async function runEval(flags: EvalFlags, splitTyped: boolean): Promise<void> {
       // Methods without trained CMs (naive, oracle) are scored on the consensus only. A BraTS
       // run's cases are scored with the window predict uses (--patch, else the training patch
       // rounded up to what an ensemble's deepest member takes).
-      const window = recipe.dataset.kind === 'brats' ? { patch: windowPatch(info, flags.patch) } : {};
+      const window = recipe.dataset.kind === 'brats' ? { patch: windowPatch(info, flags.patch), windowBatch: flags.windowBatch } : {};
       summary = await data.evaluate(loaded.model, split, { annotators: info.learnsCms, ...window });
     } finally {
       await loaded.dispose();
@@ -183,6 +184,7 @@ async function evalWhole(flags: EvalFlags, info: InferenceInfo, target: Extract<
         {
           patch,
           overlap,
+          windowBatch: flags.windowBatch,
           annotators,
           annotatorNames: annotators ? [...cacheAnnotators!] : info.annotatorNames,
           bratsRegions: true,
@@ -235,6 +237,7 @@ export function registerEvalCommand(program: Command): Command {
         "(cases with a segmentation). For an image-folder run, its own folder (where it was, where it moved if the old place is gone, or any folder with --split typed) gives the run's --split",
     )
     .option('--patch <n>', '3D: sliding-window size (default: the run\'s training patch; 64 for a checkpoint without a run)', parseInteger(1))
+    .option('--window-batch <n>', '3D: windows per forward pass; 1 halves the memory of the forward (a c32 model on 128^3 windows takes ~11 GB on the CPU at 2)', parseInteger(1), 2)
     .option('--geometry-tolerance <mm>', "3D: how far apart a case's files may put one voxel and still count as one grid", parseNumber(0), BRATS_GEOMETRY_TOLERANCE_MM)
     .addOption(choiceOption('--device <name>', 'where the model runs (default: where it was trained; the CPU when no GPU can run it)', DEVICES))
     .option('--threads <n>', 'native threads', parseInteger(1))

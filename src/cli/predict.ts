@@ -68,6 +68,7 @@ interface PredictFlags {
   scale?: number;
   overlap: number;
   patch?: number;
+  windowBatch: number;
   device?: Device;
   threads?: number;
   geometryTolerance: number;
@@ -281,7 +282,7 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     const started = Date.now();
     const c = await list.load(id);
     namings.add(c.naming);
-    const p = await slidingWindowPredict(model, c.images, c.extent, { patch, overlap: flags.overlap, cms: learnsCms, annotatorProbs: learnsCms });
+    const p = await slidingWindowPredict(model, c.images, c.extent, { patch, overlap: flags.overlap, batchSize: flags.windowBatch, cms: learnsCms, annotatorProbs: learnsCms });
     const full = extentOfDims(c.original.dims);
     const fullVoxels = full.d * full.h * full.w;
     const V = c.extent.d * c.extent.h * c.extent.w;
@@ -408,6 +409,7 @@ export function registerPredictCommand(program: Command): Command {
     .option('--scale <n>', 'pixel enlargement of the pictures (default: about 256 pixels per picture)', parseInteger(1))
     .option('--overlap <x>', '3D: sliding-window overlap, 0 <= x < 1', parseOverlap, 0.5)
     .option('--patch <n>', "3D: sliding-window size (default: the run's training patch; 64 for a checkpoint without a run)", parseInteger(1))
+    .option('--window-batch <n>', '3D: windows per forward pass; 1 halves the memory of the forward (a c32 model on 128^3 windows takes ~11 GB on the CPU at 2)', parseInteger(1), 2)
     .option('--geometry-tolerance <mm>', "3D: how far apart a case's files may put one voxel and still count as one grid", parseNumber(0), BRATS_GEOMETRY_TOLERANCE_MM)
     .addOption(choiceOption('--device <name>', 'where the model runs (default: where it was trained; the CPU when no GPU can run it)', DEVICES))
     .option('--threads <n>', 'native threads', parseInteger(1))

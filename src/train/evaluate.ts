@@ -177,6 +177,8 @@ export interface VolumeEvaluationOptions {
   patch: readonly number[];
   /** Window overlap, default 0.5 (SPEC section 5). */
   overlap?: number;
+  /** Windows per predict call (slidingWindowPredict's batchSize, default 2): 1 halves the forward pass's memory. */
+  windowBatch?: number;
   /** Score the annotator CMs and predictions (CM error, reliability, GED); default true. */
   annotators?: boolean;
   annotatorNames: string[];
@@ -214,6 +216,7 @@ export async function evaluateVolumes(
     const prediction = await slidingWindowPredict(model, volume.images, volume.extent, {
       patch: options.patch,
       overlap: options.overlap ?? 0.5,
+      ...(options.windowBatch !== undefined ? { batchSize: options.windowBatch } : {}),
       cms: withAnnotators,
       annotatorProbs: withAnnotators,
     });

@@ -150,6 +150,8 @@ export interface ExperimentEvaluateOptions {
   patch?: number[];
   /** BraTS: the sliding-window overlap (default: the spec's). */
   overlap?: number;
+  /** BraTS: windows per predict call (default 2). */
+  windowBatch?: number;
 }
 
 export interface ExperimentData {
@@ -320,6 +322,7 @@ export function loadBratsExperiment(spec: BratsDatasetSpec, trainingSeed: number
       return evaluateVolumes(model, ids, (id) => readCachedCase(cacheDir, id, index), {
         patch: options.patch ?? patch,
         overlap: options.overlap ?? spec.overlap,
+        windowBatch: options.windowBatch,
         annotators: options.annotators,
         annotatorNames: [...index.names],
         bratsRegions: true,

@@ -130,6 +130,17 @@ t.test('phantom -> prepare (incremental, interruptible) -> train -> predict -> e
   for (let i = 0; i < probs.data.length; i++) apart = Math.max(apart, Math.abs(probs.data[i] - probs1.data[i]));
   t.ok(apart < 1e-5, `--window-batch 1 predicts as batches of 2 (max difference ${apart})`);
 
+  // --no-cms: no CM sums or pictures; the annotators' maps are the same (they come from q_r).
+  const noCms = await cmseg(['predict', '--checkpoint', 'runs/cm/best.safetensors', '--out', 'pred-nocms', '--no-cms']);
+  t.equal(noCms.exitCode, 0, noCms.stderr);
+  t.same(fs.readdirSync(path.join(dir, 'pred-nocms')).filter((f) => f.includes('_cm-')), [], 'no CM pictures');
+  for (const name of names) {
+    const a = await readNifti(path.join(dir, 'pred', `${id}_annotator-${name}.nii.gz`));
+    const b = await readNifti(path.join(dir, 'pred-nocms', `${id}_annotator-${name}.nii.gz`));
+    t.same(Array.from(b.raw), Array.from(a.raw), `${name}: the same map without the CMs`);
+  }
+  t.match(fs.readFileSync(path.join(dir, 'pred-nocms', 'README.txt'), 'utf8'), /--no-cms: no CM pictures/);
+
   // A case folder of raw NIfTI files: preprocessed as prepare does, written back to its own grid.
   const fromFolder = await cmseg(['predict', '--checkpoint', 'runs/cm/last.safetensors', '--data', 'data/BraTS2021_00003', '--out', 'pred-folder']);
   t.equal(fromFolder.exitCode, 0, fromFolder.stderr);

@@ -69,6 +69,8 @@ interface PredictFlags {
   overlap: number;
   patch?: number;
   windowBatch: number;
+  /** false (--no-cms): 3D, no CM sums and no CM pictures (the annotators' maps still come from q_r). */
+  cms: boolean;
   device?: Device;
   threads?: number;
   geometryTolerance: number;
@@ -273,6 +275,8 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
   const names = info.annotatorNames;
   const files = annotatorFileNames(names);
   const learnsCms = info.learnsCms;
+  // The CM sums are most of the stitching's memory and time (R*L*L of the R*L*L + R*L + L channels).
+  const wantCms = learnsCms && flags.cms !== false;
   const outDir = path.resolve(flags.out);
   fs.mkdirSync(outDir, { recursive: true });
   const volumes: string[] = [];
@@ -282,7 +286,7 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     const started = Date.now();
     const c = await list.load(id);
     namings.add(c.naming);
-    const p = await slidingWindowPredict(model, c.images, c.extent, { patch, overlap: flags.overlap, batchSize: flags.windowBatch, cms: learnsCms, annotatorProbs: learnsCms });
+    const p = await slidingWindowPredict(model, c.images, c.extent, { patch, overlap: flags.overlap, batchSize: flags.windowBatch, cms: wantCms, annotatorProbs: learnsCms });
     const full = extentOfDims(c.original.dims);
     const fullVoxels = full.d * full.h * full.w;
     const V = c.extent.d * c.extent.h * c.extent.w;
@@ -316,10 +320,10 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     };
     const rows = [[upscale(grayImage(flair, h, w), scale), c.seg ? overlay(c.seg) : null, overlay(consensus)], annotatorMaps.map(overlay)];
     await save(`${id}_slice.png`, grid(rows.filter((row) => row.length > 0), 4));
-    if (learnsCms) {
+    if (wantCms) {
       const cms = axialSlice(p.cms!, R * L * L, c.extent, z);
       for (let r = 0; r < R; r++) await save(`${id}_cm-${files[r]}.png`, cmHeatMaps(cms, 0, r, R, L, h, w, Math.max(1, Math.floor(scale / 2))));
-    } else if (k === 0) {
+    } else if (k === 0 && !learnsCms) {
       process.stderr.write(`note: ${method} does not learn annotator CMs: no annotator volumes or CM pictures\n`);
     }
     const each = passes > 1 ? ` (each predicted ${passes} times)` : '';
@@ -338,7 +342,9 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     ...(learnsCms
       ? [
           '<id>_annotator-<name>.nii.gz uint8, that annotator\'s estimated segmentation argmax A_r p, labels as the consensus',
-          `<id>_cm-<name>.png           that annotator's pixel-wise CM on the slice: a ${L}x${L} grid, tile (i, j) = p(says i | true j) (viridis, 0 dark .. 1 bright)`,
+          wantCms
+            ? `<id>_cm-<name>.png           that annotator's pixel-wise CM on the slice: a ${L}x${L} grid, tile (i, j) = p(says i | true j) (viridis, 0 dark .. 1 bright)`
+            : '(--no-cms: no CM pictures)',
           FILE_NAME_RULE,
         ]
       : [`(${method} does not learn annotator CMs: no annotator volumes or CM pictures)`]),
@@ -410,6 +416,7 @@ export function registerPredictCommand(program: Command): Command {
     .option('--overlap <x>', '3D: sliding-window overlap, 0 <= x < 1', parseOverlap, 0.5)
     .option('--patch <n>', "3D: sliding-window size (default: the run's training patch; 64 for a checkpoint without a run)", parseInteger(1))
     .option('--window-batch <n>', '3D: windows per forward pass; 1 halves the memory of the forward (a c32 model on 128^3 windows takes ~11 GB on the CPU at 2)', parseInteger(1), 2)
+    .option('--no-cms', '3D: no CM pictures, and no CMs summed over the volume (about 3/4 of the stitching\'s memory and half its time); the annotators\' maps are still written')
     .option('--geometry-tolerance <mm>', "3D: how far apart a case's files may put one voxel and still count as one grid", parseNumber(0), BRATS_GEOMETRY_TOLERANCE_MM)
     .addOption(choiceOption('--device <name>', 'where the model runs (default: where it was trained; the CPU when no GPU can run it)', DEVICES))
     .option('--threads <n>', 'native threads', parseInteger(1))

@@ -730,23 +730,22 @@ def build_parser():
     return parser
 
 
+def as_caller_errors(command, args, named):
+    """Bad inputs are caller errors (SPEC 1): one JSON line naming the input, no traceback; exit 2."""
+    try:
+        command(args)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        print(json.dumps({"ok": False, **named, "error": f"{type(err).__name__}: {err}"}))
+        return 2
+    return 0
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "predict":
-        try:
-            command_predict(args)
-        except (ValueError, KeyError, FileNotFoundError) as err:
-            print(json.dumps({"ok": False, "checkpoint": args.checkpoint, "error": f"{type(err).__name__}: {err}"}))
-            return 2
-        return 0
+        return as_caller_errors(command_predict, args, {"checkpoint": args.checkpoint})
     if args.command == "run":
-        try:
-            command_run(args)
-        except (ValueError, KeyError, FileNotFoundError) as err:
-            # Bad cases are caller errors (SPEC 1): one JSON line naming the input, no traceback.
-            print(json.dumps({"ok": False, "case": args.case, "error": f"{type(err).__name__}: {err}"}))
-            return 2
-        return 0
+        return as_caller_errors(command_run, args, {"case": args.case})
     if args.steps < 1:
         raise SystemExit("--steps must be >= 1")
     return command_bench(args)

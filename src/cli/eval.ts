@@ -19,7 +19,7 @@ import { createHash } from 'crypto';
 import * as fs from 'fs';
 import * as path from 'path';
 import { Command } from 'commander';
-import { BRATS_CLASS_NAMES, BRATS_GEOMETRY_TOLERANCE_MM } from '../data/brats';
+import { BRATS_CLASS_NAMES } from '../data/brats';
 import { casesInData } from '../data/brats-cases';
 import { writeFileAtomic } from '../data/files';
 import { loadImagesToPredict } from '../data/image-files';
@@ -28,13 +28,12 @@ import { setNumThreads } from '../model/model';
 import { bratsText, evaluationText, referenceNote } from '../report/tables';
 import { type EvaluationSummary, evaluateAgainstMajority, evaluateModel, evaluateVolumes, fusedLabelRows } from '../train/evaluate';
 import type { SplitName } from '../train/experiment';
-import { choiceOption, displayPath, given, parseInteger, parseNumber, printOutputs, UserError, withExamples } from './common';
+import { choiceOption, displayPath, given, printOutputs, UserError, withExamples } from './common';
 import {
   checkBratsModel,
   checkSameRunData,
   type DataTarget,
   dataTarget,
-  DEVICES,
   type InferenceInfo,
   inferenceLabel,
   inferenceRecord,
@@ -42,6 +41,7 @@ import {
   paddingNote,
   readInferenceInfo,
   windowPatch,
+  withInferenceOptions,
 } from './inference';
 import { loadRunData } from './run-data';
 
@@ -235,13 +235,8 @@ export function registerEvalCommand(program: Command): Command {
       '--data <dir>',
       "new data, scored whole: 2D a folder of PNGs (DIR/images/ with consensus/ or labels/<annotator>/ to score against); 3D a BraTS folder, case folder or cache " +
         "(cases with a segmentation). For an image-folder run, its own folder (where it was, where it moved if the old place is gone, or any folder with --split typed) gives the run's --split",
-    )
-    .option('--patch <n>', '3D: sliding-window size (default: the run\'s training patch; 64 for a checkpoint without a run)', parseInteger(1))
-    .option('--window-batch <n>', '3D: windows per forward pass; 1 halves the memory of the forward (a c32 model on 128^3 windows takes ~11 GB on the CPU at 2)', parseInteger(1), 2)
-    .option('--geometry-tolerance <mm>', "3D: how far apart a case's files may put one voxel and still count as one grid", parseNumber(0), BRATS_GEOMETRY_TOLERANCE_MM)
-    .addOption(choiceOption('--device <name>', 'where the model runs (default: where it was trained; the CPU when no GPU can run it)', DEVICES))
-    .option('--threads <n>', 'native threads', parseInteger(1))
-    .action((flags: EvalFlags, cmd: Command) => runEval(flags, given(cmd, 'split')));
+    );
+  withInferenceOptions(command).action((flags: EvalFlags, cmd: Command) => runEval(flags, given(cmd, 'split')));
   return withExamples(
     command,
     'cmseg eval --checkpoint runs/cm-dense/best.safetensors --split test',

@@ -4,7 +4,7 @@ import * as path from 'path';
 import { Command } from 'commander';
 import { fuse, FusionMethod } from '../fusion/fuse';
 import { argmaxClasses } from '../model/model';
-import { readNifti, writeNifti, type Matrix4, NiftiVolume } from '../data/nifti';
+import { isNiftiName as isNifti, readNifti, writeNifti, type Matrix4, NiftiVolume } from '../data/nifti';
 import { BRATS_GEOMETRY_TOLERANCE_MM, gridDistance } from '../data/brats';
 import { readPng, writePng, DecodedPng } from '../data/png';
 import { labelValues, resolveMapping } from '../data/image-folder';
@@ -33,7 +33,6 @@ interface LabelImage {
   png?: DecodedPng;
 }
 
-const isNifti = (f: string) => /\.nii(\.gz)?$/i.test(f);
 
 /** An extent as NIfTI tools and image viewers print it: x (width) first. */
 const extentText = (shape: readonly number[]) => [...shape].reverse().join('x');

@@ -7,7 +7,8 @@
 
 import * as fs from 'fs';
 import * as path from 'path';
-import { BRATS_CLASS_NAMES, BRATS_CLASSES, BRATS_CHANNELS, BRATS_MODALITIES } from '../data/brats';
+import type { Command } from 'commander';
+import { BRATS_CLASS_NAMES, BRATS_CLASSES, BRATS_CHANNELS, BRATS_GEOMETRY_TOLERANCE_MM, BRATS_MODALITIES } from '../data/brats';
 import type { LabelMapping } from '../data/image-folder';
 import { loadCheckpoint } from '../model/checkpoint';
 import { type CheckpointInfo, methodLabel, readCheckpointInfo } from '../model/checkpoint-info';
@@ -18,11 +19,21 @@ import { mirrored } from '../model/tta';
 import { type InferenceModel, paddedSize, paddedToDepth } from '../train/evaluate';
 import type { DatasetSpec } from '../train/experiment';
 import type { TrainerExtra } from '../train/trainer';
-import { displayPath, UserError } from './common';
+import { choiceOption, displayPath, parseInteger, parseNumber, UserError } from './common';
 import type { RunRecipe } from './train';
 
 /** The --device choices of eval and predict. */
 export const DEVICES: readonly Device[] = ['cpu', 'cuda', 'auto'];
+
+/** The options eval and predict share for running a model (3D windows, case geometry, device, threads). */
+export function withInferenceOptions(command: Command): Command {
+  return command
+    .option('--patch <n>', "3D: sliding-window size (default: the run's training patch; 64 for a checkpoint without a run)", parseInteger(1))
+    .option('--window-batch <n>', '3D: windows per forward pass; 1 halves the memory of the forward (a c32 model on 128^3 windows takes ~11 GB on the CPU at 2)', parseInteger(1), 2)
+    .option('--geometry-tolerance <mm>', "3D: how far apart a case's files may put one voxel and still count as one grid", parseNumber(0), BRATS_GEOMETRY_TOLERANCE_MM)
+    .addOption(choiceOption('--device <name>', 'where the model runs (default: where it was trained; the CPU when no GPU can run it)', DEVICES))
+    .option('--threads <n>', 'native threads', parseInteger(1));
+}
 
 /** Why a checkpoint alone does not say what to predict or score, and what to pass instead. */
 function noRecipeMessage(info: CheckpointInfo, command: 'predict' | 'eval'): string {

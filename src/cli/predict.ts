@@ -22,7 +22,6 @@ import {
   type BratsNaming,
   BRATS_ENHANCING_LABEL,
   BRATS_ENHANCING_LABEL_2021,
-  BRATS_GEOMETRY_TOLERANCE_MM,
   extentOfDims,
   uncropVolume,
 } from '../data/brats';
@@ -46,7 +45,6 @@ import {
   checkBratsModel,
   checkSameRunData,
   dataTarget,
-  DEVICES,
   type InferenceInfo,
   inferenceMethod,
   loadInference,
@@ -55,6 +53,7 @@ import {
   readInferenceInfo,
   ttaDescription,
   windowPatch,
+  withInferenceOptions,
 } from './inference';
 import { loadRunData } from './run-data';
 
@@ -414,13 +413,8 @@ export function registerPredictCommand(program: Command): Command {
     .addOption(choiceOption('--split <name>', "which of the run's images or cases; all: every image or case of --data", ['test', 'validation', 'train', 'all']).default('test'))
     .option('--scale <n>', 'pixel enlargement of the pictures (default: about 256 pixels per picture)', parseInteger(1))
     .option('--overlap <x>', '3D: sliding-window overlap, 0 <= x < 1', parseOverlap, 0.5)
-    .option('--patch <n>', "3D: sliding-window size (default: the run's training patch; 64 for a checkpoint without a run)", parseInteger(1))
-    .option('--window-batch <n>', '3D: windows per forward pass; 1 halves the memory of the forward (a c32 model on 128^3 windows takes ~11 GB on the CPU at 2)', parseInteger(1), 2)
-    .option('--no-cms', '3D: no CM pictures, and no CMs summed over the volume (about 3/4 of the stitching\'s memory and half its time); the annotators\' maps are still written')
-    .option('--geometry-tolerance <mm>', "3D: how far apart a case's files may put one voxel and still count as one grid", parseNumber(0), BRATS_GEOMETRY_TOLERANCE_MM)
-    .addOption(choiceOption('--device <name>', 'where the model runs (default: where it was trained; the CPU when no GPU can run it)', DEVICES))
-    .option('--threads <n>', 'native threads', parseInteger(1))
-    .action((flags: PredictFlags, cmd: Command) => runPredict(flags, given(cmd, 'split')));
+    .option('--no-cms', '3D: no CM pictures, and no CMs summed over the volume (about 3/4 of the stitching\'s memory and half its time); the annotators\' maps are still written');
+  withInferenceOptions(command).action((flags: PredictFlags, cmd: Command) => runPredict(flags, given(cmd, 'split')));
   return withExamples(
     command,
     'cmseg predict --checkpoint runs/cm-dense/best.safetensors --out runs/cm-dense/pictures --count 4',

@@ -26,7 +26,7 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import { type Extent } from './morphology';
-import { type Matrix4, type NiftiHeader, type NiftiVolume, type Vec3, readNifti } from './nifti';
+import { isNiftiName, type Matrix4, type NiftiHeader, type NiftiVolume, type Vec3, readNifti } from './nifti';
 
 // ---------------------------------------------------------------------------
 // Constants: one source of truth for the dataset layout
@@ -216,10 +216,6 @@ function isDirectory(p: string): boolean {
   } catch {
     return false;
   }
-}
-
-function isNiftiName(name: string): boolean {
-  return /\.nii(\.gz)?$/i.test(name);
 }
 
 // Every modality suffix of both namings (longest first, so that t1ce is not read as t1).

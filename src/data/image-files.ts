@@ -11,6 +11,7 @@ import type { CheckpointInfo } from '../model/checkpoint-info';
 import type { AnnotatedSet } from '../train/data';
 import { UNLABELLED, checkLabels } from './annotators';
 import { ImageFolderError, imageIntensities, isDirectory, type LabelMapping, labelValues, pngNames, resolveMapping } from './image-folder';
+import { isNiftiName } from './nifti';
 import { type DecodedPng, readPngSync } from './png';
 
 /** Every image of a folder, with whatever labels and consensus it has, ready for a checkpoint's model. */
@@ -24,7 +25,7 @@ export interface ImagesToPredict {
 }
 
 function holdsNifti(folder: string): boolean {
-  return fs.readdirSync(folder).some((name) => /\.nii(\.gz)?$/i.test(name));
+  return fs.readdirSync(folder).some(isNiftiName);
 }
 
 /**

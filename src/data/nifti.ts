@@ -859,3 +859,8 @@ function writeHeader(file: Buffer, { dims, type, geometry, description }: Header
   file.write('n+1\0', FIELD_OFFSET.magic, 'latin1');
   // Bytes 348..351 stay 0: no header extensions follow.
 }
+
+/** Whether a file name is a NIfTI file's (.nii or .nii.gz, any case). */
+export function isNiftiName(name: string): boolean {
+  return /\.nii(\.gz)?$/i.test(name);
+}

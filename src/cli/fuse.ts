@@ -5,7 +5,7 @@ import { Command } from 'commander';
 import { fuse, FusionMethod } from '../fusion/fuse';
 import { argmaxClasses } from '../model/model';
 import { isNiftiName as isNifti, readNifti, writeNifti, type Matrix4, NiftiVolume } from '../data/nifti';
-import { BRATS_GEOMETRY_TOLERANCE_MM, gridDistance } from '../data/brats';
+import { BRATS_GEOMETRY_TOLERANCE_MM, gridDistance, hasOrientation, largestAffineDifference } from '../data/brats';
 import { readPng, writePng, DecodedPng } from '../data/png';
 import { labelValues, resolveMapping } from '../data/image-folder';
 import { UNLABELLED, checkLabels } from '../data/annotators';
@@ -72,9 +72,6 @@ function checkSameShape(images: readonly LabelImage[]): void {
   }
 }
 
-/** A file with neither qform nor sform has no world geometry, only the Analyze fallback affine. */
-const hasOrientation = (v: NiftiVolume) => v.header.qformCode > 0 || v.header.sformCode > 0;
-
 /** Voxel edge lengths (mm) along the three axes: the affine's column norms. */
 const voxelSize = (affine: Matrix4) => [0, 1, 2].map((c) => Math.hypot(affine[0][c], affine[1][c], affine[2][c]));
 
@@ -101,10 +98,7 @@ function checkSameGrid(images: readonly LabelImage[], toleranceMm: number): void
       const size = (s: number[]) => s.map(short).join('x');
       throw new UserError(`${im.file} has voxels of ${size(sb)} mm but ${ref.file} has ${size(sa)} mm: ${apart}`);
     }
-    let [r, col] = [0, 0];
-    for (let i = 0; i < 3; i++) {
-      for (let j = 0; j < 4; j++) if (Math.abs(a.affine[i][j] - b.affine[i][j]) > Math.abs(a.affine[r][col] - b.affine[r][col])) [r, col] = [i, j];
-    }
+    const [r, col] = largestAffineDifference(a.affine, b.affine);
     throw new UserError(`${im.file} has affine[${r}][${col}] = ${short(b.affine[r][col])} but ${ref.file} has ${short(a.affine[r][col])}: ${apart}`);
   }
 }

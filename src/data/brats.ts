@@ -424,7 +424,7 @@ function spatialDims(id: string, volume: NiftiVolume): Vec3 {
 }
 
 /** A file with neither qform nor sform has no world geometry, only the Analyze fallback affine. */
-function hasOrientation(volume: NiftiVolume): boolean {
+export function hasOrientation(volume: NiftiVolume): boolean {
   return volume.header.qformCode > 0 || volume.header.sformCode > 0;
 }
 
@@ -461,14 +461,7 @@ function checkSameGrid(id: string, reference: NiftiVolume, other: NiftiVolume, t
   if (!hasOrientation(reference) || !hasOrientation(other)) return;
   const distance = gridDistance(reference.affine, other.affine, dims);
   if (distance <= toleranceMm) return;
-  let worst = [0, 0];
-  for (let r = 0; r < 3; r++) {
-    for (let col = 0; col < 4; col++) {
-      const gap = Math.abs(reference.affine[r][col] - other.affine[r][col]);
-      if (gap > Math.abs(reference.affine[worst[0]][worst[1]] - other.affine[worst[0]][worst[1]])) worst = [r, col];
-    }
-  }
-  const [r, col] = worst;
+  const [r, col] = largestAffineDifference(reference.affine, other.affine);
   throw new BratsError(
     'mismatched-affine',
     id,
@@ -478,6 +471,17 @@ function checkSameGrid(id: string, reference: NiftiVolume, other: NiftiVolume, t
       `(if they are meant to be, allow it with --geometry-tolerance <mm> of cmseg prepare, train, predict or eval)`,
     other.affine,
   );
+}
+
+/** The [row, column] of the affine entry in which a and b differ most (what a grid-mismatch message names). */
+export function largestAffineDifference(a: Matrix4, b: Matrix4): [number, number] {
+  let worst: [number, number] = [0, 0];
+  for (let r = 0; r < 3; r++) {
+    for (let col = 0; col < 4; col++) {
+      if (Math.abs(a[r][col] - b[r][col]) > Math.abs(a[worst[0]][worst[1]] - b[worst[0]][worst[1]])) worst = [r, col];
+    }
+  }
+  return worst;
 }
 
 function formatMm(mm: number): string {

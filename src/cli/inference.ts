@@ -12,7 +12,7 @@ import { BRATS_CLASS_NAMES, BRATS_CLASSES, BRATS_CHANNELS, BRATS_GEOMETRY_TOLERA
 import type { LabelMapping } from '../data/image-folder';
 import { loadCheckpoint } from '../model/checkpoint';
 import { type CheckpointInfo, methodLabel, readCheckpointInfo } from '../model/checkpoint-info';
-import type { Device, ModelConfig } from '../model/config';
+import type { Device } from '../model/config';
 import { ENSEMBLE_FIELDS, ensemble, ensembleMismatch } from '../model/ensemble';
 import { backendInfo, Model } from '../model/model';
 import { mirrored } from '../model/tta';
@@ -106,14 +106,13 @@ export function dataTarget(info: CheckpointInfo, flags: { data?: string; split: 
  * CPU when no GPU can run it here.
  */
 export async function loadModelForInference(file: string, saved: { config: { device?: Device } }, device?: Device): Promise<Model> {
-  const overrides: Partial<ModelConfig> = {};
   if (device !== undefined) return loadCheckpoint(file, { device });
-  const info = backendInfo() as ReturnType<typeof backendInfo> & { cudaTraining?: boolean };
-  if (saved.config.device === 'cuda' && (!info.cuda || info.cudaTraining === false || !info.gpuAvailable)) {
+  const info = backendInfo();
+  if (saved.config.device === 'cuda' && (!info.cuda || !info.cudaTraining || !info.gpuAvailable)) {
     process.stderr.write('note: this checkpoint was trained on the GPU; no GPU can run it here, so it runs on the CPU\n');
-    overrides.device = 'cpu';
+    return loadCheckpoint(file, { device: 'cpu' });
   }
-  return loadCheckpoint(file, overrides);
+  return loadCheckpoint(file);
 }
 
 /** The checkpoints eval or predict runs: one info standing for them all (the first's recipe and split), and each. */

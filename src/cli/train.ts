@@ -307,7 +307,7 @@ async function runTrain(flags: TrainFlags, command: Command): Promise<void> {
     throw new UserError(`--bf16 is for training on the GPU (--preset brats3d-gpu); --preset ${recipe.preset} trains on the CPU`);
   }
   if (config.device === 'cuda') {
-    const info = backendInfo() as ReturnType<typeof backendInfo> & { cudaTraining?: boolean };
+    const info = backendInfo();
     if (!info.cuda) {
       throw new UserError(`--preset ${recipe.preset} trains on the GPU, but this cmseg was built without the CUDA backend (backendInfo().cuda is false); rebuild with CUDA and cuDNN, or use --preset brats3d on the CPU`);
     }

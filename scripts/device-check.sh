@@ -77,6 +77,11 @@ note() { echo "[device-check +$(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
 # what is left of the budget), appending its output to FILE (and log.txt).
 stage() {
   local name="$1" limit="$2" file="$3" cmd="$4"
+  if [[ " ${DEVICE_CHECK_SKIP:-} " == *" $name "* ]]; then
+    STAGES+=("$name|skipped (DEVICE_CHECK_SKIP)|0")
+    note "stage $name skipped: named in DEVICE_CHECK_SKIP"
+    return 1
+  fi
   local left=$((DEADLINE - $(date +%s) - 15))
   if [ "$left" -lt 10 ]; then
     STAGES+=("$name|skipped (out of time)|0")
@@ -135,6 +140,10 @@ write_summary() {
       echo "== ctest (other native tests)"
       grep -E "tests passed|tests failed|Failed|\*\*\*|Timeout" "$OUT/ctest.txt" | sed 's/^/  /'
     fi
+    if grep -q "^variant " "$OUT/node.txt" 2>/dev/null; then
+      echo "== the training loop through Node (dist/bench/worker.js) under each conv3 option"
+      grep -h "^variant " "$OUT/node.txt" | sed 's/^/  /'
+    fi
     if grep -q "device time by layer" "$OUT/bench_gpu.txt" 2>/dev/null; then
       echo "== cmseg GPU brats3d-gpu: device time by layer (CMSEG_GPU_PROFILE)"
       sed -n '/device time by layer/,/^  sum /p' "$OUT/bench_gpu.txt"
@@ -190,6 +199,8 @@ for line in lines:
         elif "channelsLast" in r:
             mode += ", cuDNN " + ("graph API" if r.get("cudnnGraph") else "legacy API") + " on " + (
                 "NDHWC copies" if r["channelsLast"] else "NCDHW tensors")
+        if r.get("convOverlap"):
+            mode += ", filter gradients on a second stream"
         if r.get("upconv"):
             mode += ", upconv2 " + r["upconv"]
         print(f"  cmseg GPU {r['config']} {mode}: median step {r['stepMsMedian']:.1f} ms, "
@@ -287,6 +298,10 @@ if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   stage bench_gpu_autotune 120 "$OUT/bench_gpu.txt" "CMSEG_CONV_AUTOTUNE=1 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # The same step with cuDNN's legacy API on the model's NCDHW tensors (no copies).
   stage bench_gpu_ncdhw 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_CHANNELS_LAST=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  # conv3's filter gradient on a second stream beside its data gradient
+  # (CMSEG_CONV_OVERLAP), alone and with the path timed per shape.
+  stage bench_gpu_overlap 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_OVERLAP=1 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  stage bench_gpu_overlap_autotune 120 "$OUT/bench_gpu.txt" "CMSEG_CONV_OVERLAP=1 CMSEG_CONV_AUTOTUNE=1 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # The fused CM loss against its grid size (it reached ~15% of the bandwidth with 8
   # blocks per SM): the same bench with 2, 4, 16 and 32.
   stage cm_loss_grid 90 "$OUT/bench_gpu.txt" "for b in 2 4 16 32; do echo cm_loss grid: \$b blocks per SM; CMSEG_CM_LOSS_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss main kernel'; done"
@@ -316,6 +331,9 @@ if [ -f "$BUILD/cmseg.node" ] && [ -f dist/model/model.js ] && command -v node >
     const r = b.runBench({ configs: [\"brats3d-gpu\"], steps: 5, warmup: 1, log: (l) => console.error(l) });
     console.log(b.formatMachine(r)); console.log(b.formatBenchTable(r)); console.log(\"BENCH_JSON \" + JSON.stringify(r));
     process.exit(r.every((x) => x.cmseg && x.cmseg.ok) ? 0 : 1);'" && NODE_BENCH=1
+  # The same loop under each conv3 option that may become the default (second stream
+  # for filter gradients, path timed per shape, both; bf16 through the graph API).
+  stage node_variants 150 "$OUT/node.txt" "node scripts/device-variants.mjs brats3d-gpu 5 1"
   # The users' BraTS flow on the GPU through the CLI: phantom cases in the BraTS layout,
   # prepare, train --preset brats3d-gpu (short; validation by sliding windows on the
   # GPU, checkpoints), predict to NIfTI. Needs commander and cli-progress carried.

@@ -107,6 +107,15 @@ struct StageSlot {
   cudaEvent_t released = nullptr;  // on the main stream, after the slot's last reader
 };
 
+// The second stream of ContextOptions::conv_overlap, with its own cuDNN and cuBLAS
+// handles and the events that fork it from the model's stream and join it back.
+struct SideStream {
+  cudaStream_t stream = nullptr;
+  cudnnHandle_t cudnn = nullptr;
+  cublasHandle_t cublas = nullptr;
+  cudaEvent_t fork = nullptr, join = nullptr;
+};
+
 struct Context::Impl {
   ContextOptions options;
   Profiler profiler;
@@ -125,6 +134,7 @@ struct Context::Impl {
   std::map<ConvKey, int> conv_paths;                             // conv3's timed path per key (conv_autotune)
   cudnnHandle_t cudnn_handle = nullptr;
   cublasHandle_t cublas_handle = nullptr;
+  SideStream side;  // created on first use (OnSideStream)
 
   // Created on first use: loading cuDNN costs time a context without convolutions skips.
   cudnnHandle_t cudnn() {
@@ -152,6 +162,68 @@ struct Context::Impl {
 };
 
 inline cudaStream_t stream_of(Context& ctx) { return ctx.impl().stream; }
+
+// Work enqueued in this scope runs on the side stream (ContextOptions::conv_overlap):
+// it starts after everything enqueued on the model's stream so far, and the model's
+// stream and handles are swapped for the side's, so kernels, cuDNN, cuBLAS and pool
+// allocations and frees made in the scope go there. leave() (or the destructor)
+// swaps back; join() makes the model's stream wait for the side's work. What the
+// scope's work reads must not be freed on the model's stream before join(), nor
+// anything the model's stream uses be freed inside the scope.
+class OnSideStream {
+ public:
+  explicit OnSideStream(Context& ctx) : m_(ctx.impl()) {
+    SideStream& s = m_.side;
+    m_.cudnn(), m_.cublas();  // the model's handles exist (bound to its stream) before the swap
+    if (!s.stream) {
+      CMSEG_CUDA(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking));
+      CMSEG_CUDA(cudaEventCreateWithFlags(&s.fork, cudaEventDisableTiming));
+      CMSEG_CUDA(cudaEventCreateWithFlags(&s.join, cudaEventDisableTiming));
+      CMSEG_CUDNN(cudnnCreate(&s.cudnn));
+      CMSEG_CUDNN(cudnnSetStream(s.cudnn, s.stream));
+      CMSEG_CUBLAS(cublasCreate(&s.cublas));
+      CMSEG_CUBLAS(cublasSetStream(s.cublas, s.stream));
+    }
+    CMSEG_CUDA(cudaEventRecord(s.fork, m_.stream));
+    CMSEG_CUDA(cudaStreamWaitEvent(s.stream, s.fork, 0));
+    swap();
+    on_ = true;
+  }
+  // Back to the model's stream; the side's work so far is what join() waits for.
+  void leave() {
+    if (!on_) return;
+    swap();
+    on_ = false;
+    CMSEG_CUDA(cudaEventRecord(m_.side.join, m_.side.stream));
+    left_ = true;
+  }
+  void join() {
+    leave();
+    if (left_) CMSEG_CUDA(cudaStreamWaitEvent(m_.stream, m_.side.join, 0));
+    left_ = false;
+  }
+  // Never throws: also runs during unwinding (the model's stream then waits too, so
+  // nothing the side still reads is freed under it).
+  ~OnSideStream() {
+    if (on_) {
+      swap();
+      on_ = false;
+      left_ = cudaEventRecord(m_.side.join, m_.side.stream) == cudaSuccess;
+    }
+    if (left_) cudaStreamWaitEvent(m_.stream, m_.side.join, 0);
+  }
+  OnSideStream(const OnSideStream&) = delete;
+  OnSideStream& operator=(const OnSideStream&) = delete;
+
+ private:
+  void swap() {
+    std::swap(m_.stream, m_.side.stream);
+    std::swap(m_.cudnn_handle, m_.side.cudnn);
+    std::swap(m_.cublas_handle, m_.side.cublas);
+  }
+  Context::Impl& m_;
+  bool on_ = false, left_ = false;
+};
 
 // cuBLAS's TF32 tensor cores follow the context's option, as the cuDNN convolutions do.
 inline void cublas_math(Context& ctx) {
@@ -194,13 +266,15 @@ struct Scratch {
 // changed by then (timing candidates may have written the output, which the legacy
 // path overwrites: beta is 0 on every path that returns an output).
 enum class GraphPart { Forward = 0, BackwardData = 1, BackwardFilter = 2 };
+// bf16: every tensor of the call holds bf16 (the channels-last bf16 copies of
+// ContextOptions::bf16), accumulated in fp32; else fp32 (tensor cores with tf32).
 struct GraphShape {
   int n, cin, cout;
   Spatial s;
   int ndim;
-  bool channels_last, tf32;
+  bool channels_last, tf32, bf16 = false;
 };
-bool graph_conv3(Context& ctx, GraphPart part, const GraphShape& g, const float* x, const float* w, const float* y);
+bool graph_conv3(Context& ctx, GraphPart part, const GraphShape& g, const void* x, const void* w, const void* y);
 
 // upconv2 through cuDNN, without the bias (conv_cudnn.cu; upconv2.cu chooses the
 // path): on channels-last copies when channels_last (falling back to NCDHW), else

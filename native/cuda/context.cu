@@ -84,6 +84,7 @@ Context::Context(const ContextOptions& options) : impl_(new Impl) {
     m.options.conv_channels_last = std::string(c) != "0";
   if (const char* g = std::getenv("CMSEG_CUDNN_GRAPH"); g && *g) m.options.conv_graph = std::string(g) != "0";
   if (const char* a = std::getenv("CMSEG_CONV_AUTOTUNE"); a && *a) m.options.conv_autotune = std::string(a) != "0";
+  if (const char* v = std::getenv("CMSEG_CONV_OVERLAP"); v && *v) m.options.conv_overlap = std::string(v) != "0";
   const int dev = options.device;
   if (dev < 0 || dev >= probe().devices)
     throw Error(str("CUDA device ", dev, " does not exist (", probe().devices, " found)"));
@@ -128,9 +129,15 @@ Context::~Context() {
     for (auto& kv : m.sizes) cudaFreeAsync(kv.first, m.stream);
     cudaStreamSynchronize(m.stream);
   }
+  if (m.side.stream) cudaStreamSynchronize(m.side.stream);
   m.graph_plans.clear();  // plans hold the handle
   if (m.cudnn_handle) cudnnDestroy(m.cudnn_handle);
   if (m.cublas_handle) cublasDestroy(m.cublas_handle);
+  if (m.side.cudnn) cudnnDestroy(m.side.cudnn);
+  if (m.side.cublas) cublasDestroy(m.side.cublas);
+  if (m.side.fork) cudaEventDestroy(m.side.fork);
+  if (m.side.join) cudaEventDestroy(m.side.join);
+  if (m.side.stream) cudaStreamDestroy(m.side.stream);
   for (auto& sp : m.profiler.spans) cudaEventDestroy(sp.begin), cudaEventDestroy(sp.end);
   for (auto& st : m.profiler.steps) cudaEventDestroy(st.first), cudaEventDestroy(st.second);
   if (m.profiler.open_step) cudaEventDestroy(m.profiler.open_step);
@@ -170,6 +177,7 @@ void Context::set_tf32(bool on) { impl_->options.tf32 = on; }
 void Context::set_conv_channels_last(bool on) { impl_->options.conv_channels_last = on; }
 void Context::set_conv_graph(bool on) { impl_->options.conv_graph = on; }
 void Context::set_conv_autotune(bool on) { impl_->options.conv_autotune = on; }
+void Context::set_conv_overlap(bool on) { impl_->options.conv_overlap = on; }
 void Context::set_bf16(bool on) { impl_->options.bf16 = on; }
 void Context::set_upconv(UpconvPath path, size_t chunk_bytes) {
   impl_->options.upconv = path;

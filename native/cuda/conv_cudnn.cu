@@ -448,13 +448,19 @@ bool ran(Context& ctx, const ConvKey& key, cudnnStatus_t st, const char* what) {
 
 // A tensor [b, c, v] as T in NDHWC, made on first use, so that the calls sharing it
 // (the two parts of a backward) transpose it once; release() hands it back early.
+// borrow() lends another's copy (made already) instead of making one.
 template <class T>
 struct LazyChannelsLast {
   Context& ctx;
   const float* src;
   int64_t b, c, v;
   std::optional<Scratch> copy;
+  T* lent = nullptr;
+  void borrow(LazyChannelsLast& o) {
+    if (o.copy) lent = as<T>(*o.copy);
+  }
   T* get() {
+    if (lent) return lent;
     if (!copy) {
       copy.emplace(ctx, sizeof(T) * b * c * v);
       to_channels_last(ctx, src, as<T>(*copy), b, c, v);
@@ -498,13 +504,18 @@ struct ClDescs {
         cd(g.pad, g.stride, g.ndim, tensor_ops) {}
 };
 
-// The graph API first (ContextOptions::conv_graph), for conv3 on fp32 copies.
+// The graph API first for conv3: on fp32 copies with ContextOptions::conv_graph, on
+// bf16 copies always. cuDNN's legacy API has no fast bf16 3D kernels: on an H200 its
+// best timed bf16 data gradient took 50-100 ms per call at every level of
+// brats3d-gpu (2.9 s per step, 34x PyTorch's bf16 autocast); the graph API's engines
+// are the ones PyTorch runs.
 template <class T>
 bool graph_first(Context& ctx, const ClConv& g) {
-  return std::is_same_v<T, float> && g.ksize == 3 && ctx.options().conv_graph;
+  return g.ksize == 3 && (std::is_same_v<T, bf16> || ctx.options().conv_graph);
 }
+template <class T>
 GraphShape graph_shape(const ClConv& g) {
-  return GraphShape{g.n, g.cx, g.cy, g.sx, g.ndim, true, g.tf32};
+  return GraphShape{g.n, g.cx, g.cy, g.sx, g.ndim, true, g.tf32, std::is_same_v<T, bf16>};
 }
 
 // part: 0 forward, 1 backward data, 2 backward filter.
@@ -522,11 +533,10 @@ bool cl_forward(Context& ctx, const ClConv& g, LazyChannelsLast<T>& x, const flo
   Scratch wt(ctx, sizeof(T) * g.cy * g.cx * T_), yt(ctx, sizeof(T) * g.n * g.cy * Vy);
   to_channels_last(ctx, w, as<T>(wt), g.cy, g.cx, T_);
   T* xt = x.get();
-  if constexpr (std::is_same_v<T, float>)
-    if (graph_first<T>(ctx, g) && graph_conv3(ctx, GraphPart::Forward, graph_shape(g), xt, as<T>(wt), as<T>(yt))) {
-      from_channels_last(ctx, as<T>(yt), y, g.n, g.cy, Vy, false);
-      return true;
-    }
+  if (graph_first<T>(ctx, g) && graph_conv3(ctx, GraphPart::Forward, graph_shape<T>(g), xt, as<T>(wt), as<T>(yt))) {
+    from_channels_last(ctx, as<T>(yt), y, g.n, g.cy, Vy, false);
+    return true;
+  }
   ConvAlgo a;
   try {
     a = algo_forward(ctx, key, D.xd, xt, D.wd, wt.p, D.cd, D.yd, yt.p);
@@ -553,12 +563,11 @@ bool cl_backward_data(Context& ctx, const ClConv& g, const float* w, LazyChannel
   const int64_t Vx = g.sx.size(), T_ = g.taps();
   Scratch wt(ctx, sizeof(T) * g.cy * g.cx * T_), dxt(ctx, sizeof(T) * g.n * g.cx * Vx);
   to_channels_last(ctx, w, as<T>(wt), g.cy, g.cx, T_);
-  if constexpr (std::is_same_v<T, float>)
-    if (graph_first<T>(ctx, g) &&
-        graph_conv3(ctx, GraphPart::BackwardData, graph_shape(g), as<T>(dxt), as<T>(wt), dy.get())) {
-      from_channels_last(ctx, as<T>(dxt), dx, g.n, g.cx, Vx, false);
-      return true;
-    }
+  if (graph_first<T>(ctx, g) &&
+      graph_conv3(ctx, GraphPart::BackwardData, graph_shape<T>(g), as<T>(dxt), as<T>(wt), dy.get())) {
+    from_channels_last(ctx, as<T>(dxt), dx, g.n, g.cx, Vx, false);
+    return true;
+  }
   ConvAlgo a;
   try {
     a = algo_backward_data(ctx, key, D.wd, wt.p, D.yd, dy.get(), D.cd, D.xd, dxt.p);
@@ -586,12 +595,11 @@ bool cl_backward_filter(Context& ctx, const ClConv& g, LazyChannelsLast<T>& x, L
   const size_t dw_bytes = sizeof(T) * g.cy * g.cx * T_;
   Scratch dwt(ctx, dw_bytes);
   T* xt = x.get();
-  if constexpr (std::is_same_v<T, float>)
-    if (graph_first<T>(ctx, g) &&
-        graph_conv3(ctx, GraphPart::BackwardFilter, graph_shape(g), xt, as<T>(dwt), dy.get())) {
-      from_channels_last(ctx, as<T>(dwt), dw, g.cy, g.cx, T_, true);  // dw is accumulated into
-      return true;
-    }
+  if (graph_first<T>(ctx, g) &&
+      graph_conv3(ctx, GraphPart::BackwardFilter, graph_shape<T>(g), xt, as<T>(dwt), dy.get())) {
+    from_channels_last(ctx, as<T>(dwt), dw, g.cy, g.cx, T_, true);  // dw is accumulated into
+    return true;
+  }
   ConvAlgo a;
   try {
     a = algo_backward_filter(ctx, key, D.xd, xt, D.yd, dy.get(), D.cd, D.wd, dw_bytes);
@@ -696,29 +704,69 @@ void conv3_forward_on(Context& ctx, const float* x, const float* w, float* y, in
                                       (cudnnConvolutionFwdAlgo_t)a.algo, ws.p, a.workspace, &zero, yd.d, y));
 }
 
-void conv3_backward_on(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, int n,
-                       int cin, int cout, Spatial s, int ndim) {
-  const ContextOptions& o = ctx.options();
-  const bool tf32 = o.tf32, bf = o.bf16, cl = o.conv_channels_last;
-  TensorDesc xd(n, cin, s, ndim), yd(n, cout, s, ndim);
-  FilterDesc wd(cout, cin, 3, ndim);
-  ConvDesc cd(1, 1, ndim, tf32);
-  const size_t wn = (size_t)cout * cin * conv3_taps(ndim);
-  const ClConv g16 = conv3_cl(kConvFwdBF, n, cin, cout, s, ndim, tf32);
-  const ClConv g32 = conv3_cl(kConvFwdCL, n, cin, cout, s, ndim, tf32);
-  LazyChannelsLast<bf16> dy16{ctx, dy, n, cout, s.size(), {}}, x16{ctx, x, n, cin, s.size(), {}};
-  LazyChannelsLast<float> dy32{ctx, dy, n, cout, s.size(), {}}, x32{ctx, x, n, cin, s.size(), {}};
-  if (dx) {
+// The two directions of conv3's backward. With conv_overlap (and a data gradient
+// wanted) the filter gradient is enqueued first on the side stream and the data
+// gradient then on the model's stream, joined before returning. The output
+// gradient's copy for the first path is made on the model's stream before the fork
+// and lent to the side; whatever else the side needs it makes and frees itself, and
+// it frees nothing the model's stream uses.
+struct Conv3Backward {
+  Context& ctx;
+  const float *x, *w, *dy;
+  int n, cin, cout;
+  Spatial s;
+  int ndim;
+  bool tf32, bf, cl;
+  TensorDesc xd{n, cin, s, ndim}, yd{n, cout, s, ndim};
+  FilterDesc wd{cout, cin, 3, ndim};
+  ConvDesc cd{1, 1, ndim, tf32};
+  size_t wn = (size_t)cout * cin * conv3_taps(ndim);
+  ClConv g16 = conv3_cl(kConvFwdBF, n, cin, cout, s, ndim, tf32);
+  ClConv g32 = conv3_cl(kConvFwdCL, n, cin, cout, s, ndim, tf32);
+
+  // dy16 / dy32: the output gradient's copies; release: hand copies back between paths.
+  void data(LazyChannelsLast<bf16>& dy16, LazyChannelsLast<float>& dy32, float* dx) {
     ProfileScope prof_(ctx, "conv3_backward_data", cin, cout, s);
     if (!(bf && cl_backward_data(ctx, g16, w, dy16, dx)) && !(cl && cl_backward_data(ctx, g32, w, dy32, dx)))
       ncdhw_backward_data(ctx, key_of(kConvBwdData, n, cin, cout, s, ndim, tf32), wd, w, yd, dy, cd, xd, dx, wn);
   }
-  ProfileScope prof_(ctx, "conv3_backward_filter", cin, cout, s);
-  if (bf && cl_backward_filter(ctx, g16, x16, dy16, dw)) return;
-  dy16.release(), x16.release();
-  if (cl && cl_backward_filter(ctx, g32, x32, dy32, dw)) return;
-  dy32.release(), x32.release();
-  ncdhw_backward_filter(ctx, key_of(kConvBwdFilter, n, cin, cout, s, ndim, tf32), xd, x, yd, dy, cd, wd, dw, wn);
+  void filter(LazyChannelsLast<bf16>& dy16, LazyChannelsLast<float>& dy32, float* dw, bool release) {
+    ProfileScope prof_(ctx, "conv3_backward_filter", cin, cout, s);
+    LazyChannelsLast<bf16> x16{ctx, x, n, cin, s.size(), {}};
+    LazyChannelsLast<float> x32{ctx, x, n, cin, s.size(), {}};
+    if (bf && cl_backward_filter(ctx, g16, x16, dy16, dw)) return;
+    x16.release();
+    if (release) dy16.release();
+    if (cl && cl_backward_filter(ctx, g32, x32, dy32, dw)) return;
+    x32.release();
+    if (release) dy32.release();
+    ncdhw_backward_filter(ctx, key_of(kConvBwdFilter, n, cin, cout, s, ndim, tf32), xd, x, yd, dy, cd, wd, dw, wn);
+  }
+};
+
+void conv3_backward_on(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, int n,
+                       int cin, int cout, Spatial s, int ndim) {
+  const ContextOptions& o = ctx.options();
+  Conv3Backward b{ctx, x, w, dy, n, cin, cout, s, ndim, o.tf32, o.bf16, o.conv_channels_last};
+  LazyChannelsLast<bf16> dy16{ctx, dy, n, cout, s.size(), {}};
+  LazyChannelsLast<float> dy32{ctx, dy, n, cout, s.size(), {}};
+  if (dx && o.conv_overlap) {
+    if (b.bf) dy16.get();
+    else if (b.cl) dy32.get();
+    OnSideStream side(ctx);
+    {
+      LazyChannelsLast<bf16> side16{ctx, dy, n, cout, s.size(), {}};
+      LazyChannelsLast<float> side32{ctx, dy, n, cout, s.size(), {}};
+      side16.borrow(dy16), side32.borrow(dy32);
+      b.filter(side16, side32, dw, true);
+    }  // copies the side made are freed on the side stream, after its filter gradient
+    side.leave();
+    b.data(dy16, dy32, dx);
+    side.join();  // before dy16 / dy32 (read by the side) are freed on the model's stream
+    return;
+  }
+  if (dx) b.data(dy16, dy32, dx);
+  b.filter(dy16, dy32, dw, true);
 }
 
 // ---- conv3's path chosen by timing (ContextOptions::conv_autotune) ---------------

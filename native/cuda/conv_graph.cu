@@ -83,7 +83,7 @@ constexpr int64_t kAlign = 16;  // bytes; calls with less aligned pointers take 
 
 // [n, c, *s] in NCDHW or NDHWC (2D: NCHW / NHWC); a filter is [cout, cin, 3, 3(, 3)]
 // in the PyTorch order or with the channels last ([cout, *taps, cin]).
-Desc tensor(int64_t uid, int64_t n, int64_t c, Spatial s, int ndim, bool channels_last) {
+Desc tensor(int64_t uid, int64_t n, int64_t c, Spatial s, int ndim, bool channels_last, bool bf16) {
   Desc t(CUDNN_BACKEND_TENSOR_DESCRIPTOR);
   const int64_t D = ndim == 3 ? s.d : 1, H = s.h, W = s.w;
   std::vector<int64_t> dims, strides;
@@ -96,7 +96,7 @@ Desc tensor(int64_t uid, int64_t n, int64_t c, Spatial s, int ndim, bool channel
     strides = channels_last ? std::vector<int64_t>{c * H * W, 1, W * c, c}
                             : std::vector<int64_t>{c * H * W, H * W, W, 1};
   }
-  const cudnnDataType_t type = CUDNN_DATA_FLOAT;
+  const cudnnDataType_t type = bf16 ? CUDNN_DATA_BFLOAT16 : CUDNN_DATA_FLOAT;
   set(t.d, CUDNN_ATTR_TENSOR_DATA_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &type, "graph tensor type");
   set(t.d, CUDNN_ATTR_TENSOR_DIMENSIONS, CUDNN_TYPE_INT64, (int64_t)dims.size(), dims.data(), "graph tensor dims");
   set(t.d, CUDNN_ATTR_TENSOR_STRIDES, CUDNN_TYPE_INT64, (int64_t)strides.size(), strides.data(),
@@ -159,9 +159,10 @@ Desc operation(GraphPart part, const Desc& x, const Desc& w, const Desc& y, cons
 }
 
 // Whether an engine configuration may run this call: no runtime compilation (NVRTC
-// and seconds per shape), inputs kept fp32 with full-precision accumulation, and
-// tensor cores (TF32 for fp32 data) only when the context allows TF32.
-bool acceptable(cudnnBackendDescriptor_t cfg, bool tf32, int64_t* engine_index) {
+// and seconds per shape), inputs kept in their type with fp32 accumulation, and
+// tensor cores for fp32 data (TF32) only when the context allows TF32 (bf16 data
+// has no other path: tensor_cores is true for it).
+bool acceptable(cudnnBackendDescriptor_t cfg, bool tensor_cores, int64_t* engine_index) {
   Desc engine(CUDNN_BACKEND_ENGINE_DESCRIPTOR);
   int64_t got = 0;
   if (cudnnBackendGetAttribute(cfg, CUDNN_ATTR_ENGINECFG_ENGINE, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &got, &engine.d) !=
@@ -176,7 +177,7 @@ bool acceptable(cudnnBackendDescriptor_t cfg, bool tf32, int64_t* engine_index) 
   for (int64_t i = 0; i < n_notes; ++i) {
     if (notes[i] == CUDNN_NUMERICAL_NOTE_DOWN_CONVERT_INPUTS || notes[i] == CUDNN_NUMERICAL_NOTE_REDUCED_PRECISION_REDUCTION)
       return false;
-    if (notes[i] == CUDNN_NUMERICAL_NOTE_TENSOR_CORE && !tf32) return false;
+    if (notes[i] == CUDNN_NUMERICAL_NOTE_TENSOR_CORE && !tensor_cores) return false;
   }
   cudnnBackendBehaviorNote_t behaviour[16];
   int64_t n_behaviour = 0;
@@ -216,6 +217,8 @@ cudnnStatus_t execute(Context& ctx, const GraphPlan& p, void* x, void* w, void* 
   return st;
 }
 
+const char* math_of(const GraphShape& g) { return g.bf16 ? "bf16" : g.tf32 ? "tf32" : "fp32"; }
+
 const char* part_name(GraphPart part) {
   return part == GraphPart::Forward ? "forward" : part == GraphPart::BackwardData ? "backward data" : "backward filter";
 }
@@ -243,9 +246,9 @@ std::vector<Desc> engine_configs(cudnnBackendDescriptor_t graph, cudnnBackendHeu
 }
 
 // A finalized plan for an acceptable configuration within the workspace limit, else null.
-std::shared_ptr<GraphPlan> plan_of(cudnnHandle_t h, Desc& cfg, bool tf32, size_t max_workspace) {
+std::shared_ptr<GraphPlan> plan_of(cudnnHandle_t h, Desc& cfg, bool tensor_cores, size_t max_workspace) {
   int64_t engine = -1;
-  if (!acceptable(cfg.d, tf32, &engine)) return nullptr;
+  if (!acceptable(cfg.d, tensor_cores, &engine)) return nullptr;
   Desc plan(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR);
   if (cudnnBackendSetAttribute(plan.d, CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE, 1, &h) !=
           CUDNN_STATUS_SUCCESS ||
@@ -319,11 +322,11 @@ size_t timing_workspace(Context& ctx, const std::vector<std::shared_ptr<GraphPla
 std::shared_ptr<GraphPlan> choose(Context& ctx, GraphPart part, const GraphShape& g, void* x, void* w, void* y) {
   cudnnHandle_t h = ctx.impl().cudnn();
   const ContextOptions& o = ctx.options();
-  const Desc xd = tensor(kUidX, g.n, g.cin, g.s, g.ndim, g.channels_last);
-  const Desc yd = tensor(kUidY, g.n, g.cout, g.s, g.ndim, g.channels_last);
+  const Desc xd = tensor(kUidX, g.n, g.cin, g.s, g.ndim, g.channels_last, g.bf16);
+  const Desc yd = tensor(kUidY, g.n, g.cout, g.s, g.ndim, g.channels_last, g.bf16);
   // The filter [cout, cin, taps] is a "tensor" with cout images of cin channels over the taps.
   const Spatial taps{g.ndim == 3 ? 3 : 1, 3, 3};
-  const Desc wd = tensor(kUidW, g.cout, g.cin, taps, g.ndim, g.channels_last);
+  const Desc wd = tensor(kUidW, g.cout, g.cin, taps, g.ndim, g.channels_last, g.bf16);
   const Desc conv = conv3_descriptor(g.ndim);
   const Desc op = operation(part, xd, wd, yd, conv);
   Desc graph(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR);
@@ -336,12 +339,12 @@ std::shared_ptr<GraphPlan> choose(Context& ctx, GraphPart part, const GraphShape
   for (cudnnBackendHeurMode_t mode : {CUDNN_HEUR_MODE_A, CUDNN_HEUR_MODE_FALLBACK}) {
     std::vector<Desc> cfgs = engine_configs(graph.d, mode);
     for (size_t i = 0; i < cfgs.size() && plans.size() < keep; ++i)
-      if (auto p = plan_of(h, cfgs[i], g.tf32, o.max_workspace_bytes)) plans.push_back(std::move(p));
+      if (auto p = plan_of(h, cfgs[i], g.tf32 || g.bf16, o.max_workspace_bytes)) plans.push_back(std::move(p));
     if (!plans.empty()) break;
   }
   const std::string what = str("cmseg: cuDNN graph conv3 ", part_name(part), " ", g.cin, "->", g.cout, " ", g.s.d, "x",
                                g.s.h, "x", g.s.w, " n ", g.n, " ", g.channels_last ? "NDHWC" : "NCDHW", " ",
-                               g.tf32 ? "tf32" : "fp32");
+                               math_of(g));
   if (plans.empty()) return nullptr;
   if (plans.size() == 1) {
     std::fprintf(stderr, "%s: engine %lld (the only candidate)\n", what.c_str(), (long long)plans[0]->engine);
@@ -381,19 +384,20 @@ std::shared_ptr<GraphPlan> choose(Context& ctx, GraphPart part, const GraphShape
 }
 
 ConvKey key_of(GraphPart part, const GraphShape& g) {
-  // Ops 20.. (conv_cudnn.cu's legacy keys are below 20): direction, then layout.
-  return ConvKey{20 + (int)part + (g.channels_last ? 3 : 0), g.n, g.cin, g.cout, g.s.d, g.s.h, g.s.w, g.ndim, g.tf32};
+  // Ops 20..31 (conv_cudnn.cu's legacy keys are below 20): direction, layout, type.
+  const int op = 20 + (int)part + (g.channels_last ? 3 : 0) + (g.bf16 ? 6 : 0);
+  return ConvKey{op, g.n, g.cin, g.cout, g.s.d, g.s.h, g.s.w, g.ndim, g.tf32};
 }
 
 bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % kAlign == 0; }
 
 }  // namespace
 
-bool graph_conv3(Context& ctx, GraphPart part, const GraphShape& g, const float* x, const float* w, const float* y) {
+bool graph_conv3(Context& ctx, GraphPart part, const GraphShape& g, const void* x, const void* w, const void* y) {
   if (!aligned(x) || !aligned(w) || !aligned(y)) return false;
-  void* px = const_cast<float*>(x);
-  void* pw = const_cast<float*>(w);
-  void* py = const_cast<float*>(y);
+  void* px = const_cast<void*>(x);
+  void* pw = const_cast<void*>(w);
+  void* py = const_cast<void*>(y);
   Context::Impl& im = ctx.impl();
   const ConvKey key = key_of(part, g);
   auto it = im.graph_plans.find(key);
@@ -416,7 +420,7 @@ bool graph_conv3(Context& ctx, GraphPart part, const GraphShape& g, const float*
       std::fprintf(stderr, "cmseg: cuDNN graph API has no usable engine for conv3 %s %d->%d %dx%dx%d (%s, %s); the "
                            "legacy API runs it\n",
                    part_name(part), g.cin, g.cout, g.s.d, g.s.h, g.s.w, g.channels_last ? "NDHWC" : "NCDHW",
-                   g.tf32 ? "tf32" : "fp32");
+                   math_of(g));
   }
   if (!plan) return false;
   Scratch ws(ctx, (size_t)plan->workspace);

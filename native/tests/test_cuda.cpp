@@ -429,6 +429,7 @@ struct OptionsGuard {
     ctx().set_conv_channels_last(saved.conv_channels_last);
     ctx().set_conv_graph(saved.conv_graph);
     ctx().set_conv_autotune(saved.conv_autotune);
+    ctx().set_conv_overlap(saved.conv_overlap);
     ctx().set_upconv(saved.upconv, saved.upconv_chunk_bytes);
   }
 };
@@ -486,14 +487,44 @@ TEST(conv3_bf16_close_to_cpu) {
   OptionsGuard guard;
   ctx().set_bf16(true);
   std::printf("  -- conv3 with cuDNN on bf16 NDHWC copies, bf16 operands (tolerance 5e-3)\n");
-  const size_t before = ctx().conv_fallbacks();
+  const size_t before = ctx().conv_fallbacks(), runs_before = ctx().conv_graph_runs();
   conv3_case(2, 2, 16, 16, {1, 12, 10}, true, true);
   conv3_case(3, 2, 32, 32, {6, 8, 10}, true, true);
   conv3_case(3, 1, 16, 32, {8, 8, 8}, true, true);
   conv3_case(2, 2, 3, 5, {1, 12, 10}, true, true);
   conv3_case(3, 2, 4, 6, {6, 8, 10}, true, true);
   conv3_case(3, 2, 33, 7, {4, 6, 70}, true, true);
-  std::printf("  conv3 bf16: %zu direction-shapes fell back to the next path\n", ctx().conv_fallbacks() - before);
+  const size_t runs = ctx().conv_graph_runs() - runs_before;
+  std::printf("  conv3 bf16: %zu direction-shapes fell back to the next path; %zu convolutions ran through the graph "
+              "API\n",
+              ctx().conv_fallbacks() - before, runs);
+  // bf16 goes to the graph API first (the legacy API's bf16 3D kernels are ~30x slow):
+  // it must have run these shapes itself.
+  CHECK(runs > 0);
+}
+
+// conv3's filter gradient on the side stream while its data gradient runs on the
+// model's (ContextOptions::conv_overlap): the same results on every path, including
+// the filter gradient accumulated once into what dw held.
+TEST(conv3_overlapped_matches_cpu) {
+  OptionsGuard guard;
+  ctx().set_conv_overlap(true);
+  for (bool channels_last : {true, false}) {
+    ctx().set_conv_channels_last(channels_last);
+    std::printf("  -- conv3 backward with the filter gradient on a second stream, %s\n",
+                channels_last ? "NDHWC copies" : "NCDHW");
+    for (bool tf32 : {false, true}) {
+      conv3_case(2, 2, 3, 5, {1, 12, 10}, tf32);
+      conv3_case(3, 2, 4, 6, {6, 8, 10}, tf32);
+      conv3_case(3, 1, 16, 32, {8, 8, 8}, tf32);
+      conv3_case(3, 2, 33, 7, {4, 6, 70}, tf32);
+    }
+  }
+  ctx().set_conv_channels_last(true);
+  ctx().set_bf16(true);
+  std::printf("  -- the same with bf16 copies\n");
+  conv3_case(3, 2, 32, 32, {6, 8, 10}, true, true);
+  conv3_case(3, 2, 4, 6, {6, 8, 10}, true, true);
 }
 
 // Every path: cuBLAS GEMMs with our scatter/gather (the default; also with chunks of
@@ -1198,16 +1229,20 @@ struct ScopedEnv {
 };
 
 // The same with conv3 through cuDNN's graph API (CMSEG_CUDNN_GRAPH=1) on channels-last
-// copies and on the NCDHW tensors, and with its path timed per shape (CMSEG_CONV_AUTOTUNE=1).
+// copies and on the NCDHW tensors, with its path timed per shape (CMSEG_CONV_AUTOTUNE=1), and
+// with the filter gradients on a second stream (CMSEG_CONV_OVERLAP=1).
 TEST(model_step_gpu_graph_api_matches_cpu) {
   struct Setting {
-    const char *graph, *channels_last, *autotune, *name;
+    const char *graph, *channels_last, *autotune, *overlap, *name;
   };
-  for (const Setting& e : {Setting{"1", "1", "0", "graph API on NDHWC"}, Setting{"1", "0", "0", "graph API on NCDHW"},
-                           Setting{"0", "1", "1", "conv3 path timed per shape"}}) {
+  for (const Setting& e :
+       {Setting{"1", "1", "0", "0", "graph API on NDHWC"}, Setting{"1", "0", "0", "0", "graph API on NCDHW"},
+        Setting{"0", "1", "1", "0", "conv3 path timed per shape"},
+        Setting{"0", "1", "0", "1", "filter gradients on a second stream"},
+        Setting{"0", "1", "1", "1", "path timed per shape, filter gradients on a second stream"}}) {
     ScopedEnv env;
     env.put("CMSEG_CUDNN_GRAPH", e.graph), env.put("CMSEG_CONV_CHANNELS_LAST", e.channels_last);
-    env.put("CMSEG_CONV_AUTOTUNE", e.autotune);
+    env.put("CMSEG_CONV_AUTOTUNE", e.autotune), env.put("CMSEG_CONV_OVERLAP", e.overlap);
     const std::string on = std::string(", ") + e.name;
     whole_step_case(step_case("2D full" + on, 2, CmMode::Full, 0));
     whole_step_case(step_case("3D full, 1 head block" + on, 3, CmMode::Full, 1));

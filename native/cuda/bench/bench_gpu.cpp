@@ -137,11 +137,12 @@ int main(int argc, char** argv) {
     ctx.synchronize();
     const double period =
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - p0).count() / steps;
-    std::printf("  pipelined (%s, cuDNN %s on %s, upconv2 %s): %d steps back to back, %.1f ms/step\n",
+    std::printf("  pipelined (%s, cuDNN %s on %s%s, upconv2 %s): %d steps back to back, %.1f ms/step\n",
                 c.bf16 ? "bf16" : c.tf32 ? "tf32" : "fp32",
                 ctx.options().conv_autotune ? "path timed per shape" : ctx.options().conv_graph ? "graph API" : "legacy API",
-                ctx.options().conv_channels_last ? "NDHWC" : "NCDHW", cu::upconv_path_name(ctx.options().upconv),
-                steps, period);
+                ctx.options().conv_channels_last ? "NDHWC" : "NCDHW",
+                ctx.options().conv_overlap ? ", filter gradients on a second stream" : "",
+                cu::upconv_path_name(ctx.options().upconv), steps, period);
     const std::string piped = ctx.profile_report(steps);
     if (!piped.empty()) {
       const size_t at = piped.find("  steps:");
@@ -183,16 +184,19 @@ int main(int argc, char** argv) {
     const bool cl = ctx.options().conv_channels_last, graph = ctx.options().conv_graph,
                tuned = ctx.options().conv_autotune && !c.bf16;
     const char* up = cu::upconv_path_name(ctx.options().upconv);
-    std::printf("cmseg GPU %s (%s, %s, cuDNN %s on %s tensors, upconv2 %s): median %.1f ms/step, %.3g voxels/s, %.0f GFLOP/s, "
+    const bool overlap = ctx.options().conv_overlap;
+    std::printf("cmseg GPU %s (%s, %s, cuDNN %s on %s tensors%s, upconv2 %s): median %.1f ms/step, %.3g voxels/s, %.0f GFLOP/s, "
                 "peak %.0f MiB; cm_loss %.3f ms, %.0f GB/s\n",
                 config.c_str(), dev.name.c_str(), c.bf16 ? "bf16 convolutions" : c.tf32 ? "tf32" : "fp32",
-                tuned ? "path timed per shape" : graph ? "graph API" : "legacy API", tuned ? "its fastest" : cl ? "NDHWC" : "NCDHW", up, med, n * V / (med * 1e-3),
+                tuned ? "path timed per shape" : graph ? "graph API" : "legacy API", tuned ? "its fastest" : cl ? "NDHWC" : "NCDHW",
+                overlap ? ", filter gradients on a second stream" : "", up, med, n * V / (med * 1e-3),
                 flops / (med * 1e-3) / 1e9, ps.peak_in_use_bytes / 1048576.0, loss_ms,
                 loss_bytes / (loss_ms * 1e-3) / 1e9);
     std::printf("{\"bench\":\"cmseg-gpu\",\"ok\":true,\"config\":\"%s\",\"device\":\"%s\",\"tf32\":%s,"
-                "\"bf16\":%s,\"channelsLast\":%s,\"cudnnGraph\":%s,\"convAutotune\":%s,\"upconv\":\"%s\",\"stepMs\":[",
+                "\"bf16\":%s,\"channelsLast\":%s,\"cudnnGraph\":%s,\"convAutotune\":%s,\"convOverlap\":%s,\"upconv\":\"%s\","
+                "\"stepMs\":[",
                 config.c_str(), dev.name.c_str(), c.tf32 ? "true" : "false", c.bf16 ? "true" : "false",
-                cl ? "true" : "false", graph ? "true" : "false", tuned ? "true" : "false", up);
+                cl ? "true" : "false", graph ? "true" : "false", tuned ? "true" : "false", overlap ? "true" : "false", up);
     for (size_t i = 0; i < ms.size(); ++i) std::printf("%s%.3f", i ? "," : "", ms[i]);
     std::printf("],\"stepMsMedian\":%.3f,\"voxelsPerSecond\":%.1f,\"gflopPerSecond\":%.1f,\"peakGpuMB\":%.1f,"
                 "\"cmLossMs\":%.4f,\"cmLossBytes\":%.0f,\"cmLossGBs\":%.1f,\"pipelinedMs\":%.3f}\n",

@@ -88,6 +88,11 @@ struct ContextOptions {
   // kept (native/cuda/conv_cudnn.cu); conv_channels_last and conv_graph are then
   // ignored for conv3. Not with bf16. CMSEG_CONV_AUTOTUNE=1 in the environment turns it on.
   bool conv_autotune = false;
+  // conv3's filter gradient runs on a second stream while its data gradient runs on
+  // the model's stream, joined before the call returns (native/cuda/conv_cudnn.cu).
+  // cuDNN's 3D filter-gradient kernels ran at a third of the forward's TFLOP/s on an
+  // H200: the two directions share the device. CMSEG_CONV_OVERLAP=1 turns it on.
+  bool conv_overlap = false;
   // How the transposed convolutions (upconv2) run: as cuBLAS GEMMs with our own
   // scatter and gather kernels (native/cuda/upconv2.cu), or through cuDNN on the
   // NCDHW tensors or on channels-last copies. CMSEG_UPCONV=gemm|cudnn|cudnn-cl in the
@@ -150,6 +155,7 @@ class Context {
   void set_conv_channels_last(bool on);
   void set_conv_graph(bool on);
   void set_conv_autotune(bool on);
+  void set_conv_overlap(bool on);
   void set_bf16(bool on);
   void set_upconv(UpconvPath path, size_t chunk_bytes = 0);
   int device() const;

@@ -23,12 +23,13 @@
 #              kernels, conv TFLOP/s and the brats3d-gpu whole-step time
 #   bench_gpu  cmseg_bench_gpu brats3d-gpu: median train step (TF32), voxels/s,
 #              GFLOP/s, peak pool memory, fused CM loss GB/s (JSON like the torch bench),
-#              and the device time of each layer per step (CMSEG_GPU_PROFILE=1); then
-#              the same step varied, to choose defaults from: bench_gpu_autotune (each
-#              conv3 direction and shape on the fastest of four paths: cuDNN's legacy
-#              or graph API, channels-last copies or NCDHW; every path's time listed),
-#              bench_gpu_ncdhw (legacy cuDNN on the NCDHW tensors),
-#              cm_loss_grid (the fused CM loss at 2-32 blocks per SM), cm_loss_pairs
+#              and the device time of each layer per step (CMSEG_GPU_PROFILE=1), each
+#              conv3 direction and shape on the fastest of four paths (cuDNN's legacy
+#              or graph API, channels-last copies or NCDHW; every path's time listed);
+#              then the same step varied, to check the defaults: bench_gpu_legacy
+#              (legacy cuDNN on channels-last copies for all), bench_gpu_ncdhw (legacy
+#              cuDNN on the NCDHW tensors), bench_gpu_overlap (filter gradients on a
+#              second stream), cm_loss_grid (the fused CM loss at 2-32 blocks per SM), cm_loss_pairs
 #              (its thread-per-pixel-and-annotator kernel), bench_gpu_bf16 (bf16
 #              convolutions), bench_gpu_upconv_cudnn / _cl (transposed convolutions
 #              through cuDNN instead of GEMMs); each run
@@ -39,6 +40,8 @@
 #              predict, parameter sync), 2D/3D, every CM mode, plain CE
 #   bench_node (Node) `cmseg bench --config brats3d-gpu` as users run it: cmseg TF32 and
 #              torch eager TF32, cmseg bf16 and torch bf16 autocast, one table
+#   node_variants (Node) scripts/device-variants.mjs: the same training loop under each
+#              conv3 option (default, legacy path, second stream, bf16)
 #   cli_gpu    (Node) the BraTS CLI flow on the GPU: phantom, prepare, train
 #              --preset brats3d-gpu (4 steps, validation), predict to NIfTI
 #   bench_torch, bench_torch_bf16  torch_reference.py bench --config brats3d-gpu
@@ -49,7 +52,8 @@
 #   ctest      the other native tests (CPU reference, model, fusion) on this machine
 #   torch_conv scripts/torch_conv_bench.py: each convolution of the step through PyTorch,
 #              NCDHW / channels_last_3d, cudnn.benchmark off / on (what cuDNN offers)
-# Stages run in that order of importance: when time runs short the last are skipped.
+# Stages run in that order of importance: when time runs short the last are skipped;
+# DEVICE_CHECK_SKIP="stage stage ..." skips the named ones.
 # Everything goes under $OUT (at most 8 files): summary.txt (always written, also when
 # a stage fails or times out), log.txt (every stage's output), build.txt, test_cuda.txt,
 # bench_gpu.txt, node.txt, ctest.txt, torch.txt. Whole run: under 8 minutes (DEVICE_CHECK_BUDGET_S,
@@ -289,19 +293,16 @@ if [ -x "$BUILD/test_cuda" ]; then
 fi
 if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   stage bench_gpu 90 "$OUT/bench_gpu.txt" "CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
-  # The same step with cuDNN on the model's NCDHW tensors (no channels-last copies):
-  # as fast at level 0 on an H200 once the workspace cap allowed the fast algorithms.
-  # Each conv3 direction and shape on the fastest of its four fp32 paths (cuDNN's
-  # legacy or graph API, on channels-last copies or the NCDHW tensors), timed in the
-  # first step (CMSEG_CONV_AUTOTUNE): the candidate default. Its stderr lists every
-  # path's time per direction and shape, and the graph API's engine choices.
-  stage bench_gpu_autotune 120 "$OUT/bench_gpu.txt" "CMSEG_CONV_AUTOTUNE=1 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
-  # The same step with cuDNN's legacy API on the model's NCDHW tensors (no copies).
-  stage bench_gpu_ncdhw 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_CHANNELS_LAST=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
-  # conv3's filter gradient on a second stream beside its data gradient
-  # (CMSEG_CONV_OVERLAP), alone and with the path timed per shape.
-  stage bench_gpu_overlap 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_OVERLAP=1 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
-  stage bench_gpu_overlap_autotune 120 "$OUT/bench_gpu.txt" "CMSEG_CONV_OVERLAP=1 CMSEG_CONV_AUTOTUNE=1 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  # The default times each conv3 direction and shape on its four fp32 paths (cuDNN's
+  # legacy or graph API, on channels-last copies or the NCDHW tensors) in the first
+  # step and keeps the fastest (its stderr lists every path's time). The same step
+  # with one path for all: the legacy API on channels-last copies (the default until
+  # the seventh session), then on the NCDHW tensors (no copies).
+  stage bench_gpu_legacy 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_AUTOTUNE=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  stage bench_gpu_ncdhw 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_AUTOTUNE=0 CMSEG_CONV_CHANNELS_LAST=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  # conv3's filter gradient on a second stream beside its data gradient (CMSEG_CONV_OVERLAP;
+  # each slowed the other on an H200).
+  stage bench_gpu_overlap 120 "$OUT/bench_gpu.txt" "CMSEG_CONV_OVERLAP=1 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # The fused CM loss against its grid size (it reached ~15% of the bandwidth with 8
   # blocks per SM): the same bench with 2, 4, 16 and 32.
   stage cm_loss_grid 90 "$OUT/bench_gpu.txt" "for b in 2 4 16 32; do echo cm_loss grid: \$b blocks per SM; CMSEG_CM_LOSS_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss main kernel'; done"

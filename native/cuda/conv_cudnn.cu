@@ -488,8 +488,14 @@ struct ClConv {
   int64_t taps() const { return ksize == 3 ? conv3_taps(ndim) : pool2_taps(ndim); }
 };
 
-// Its descriptors in element type T. bf16 always allows tensor-op math (there is no
-// FMA bf16 path); fp32 only with TF32 on.
+// bf16 always allows tensor-op math (there is no FMA bf16 path); fp32 only with TF32 on.
+template <class T>
+bool tensor_ops(const ClConv& g) {
+  return g.tf32 || std::is_same_v<T, bf16>;
+}
+
+// Its legacy-API descriptors in element type T, made only where the legacy API runs
+// (each is a few cuDNN calls on the host, for ~200 convolutions a step).
 template <class T>
 struct ClDescs {
   bool tensor_ops;
@@ -497,7 +503,7 @@ struct ClDescs {
   FilterDesc wd;
   ConvDesc cd;
   explicit ClDescs(const ClConv& g)
-      : tensor_ops(g.tf32 || std::is_same_v<T, bf16>),
+      : tensor_ops(cuda::tensor_ops<T>(g)),
         xd(g.n, g.cx, g.sx, g.ndim, true, Elem<T>::type),
         yd(g.n, g.cy, g.sy, g.ndim, true, Elem<T>::type),
         wd(g.cy, g.cx, g.ksize, g.ndim, true, Elem<T>::type),
@@ -526,8 +532,7 @@ ConvKey cl_key(const ClConv& g, int part, bool tensor_ops) {
 // Y = conv(X, W), written into y (fp32 NCDHW); x: X's channels-last copy.
 template <class T>
 bool cl_forward(Context& ctx, const ClConv& g, LazyChannelsLast<T>& x, const float* w, float* y) {
-  ClDescs<T> D(g);
-  const ConvKey key = cl_key(g, 0, D.tensor_ops);
+  const ConvKey key = cl_key(g, 0, tensor_ops<T>(g));
   if (known_unusable(ctx, key)) return false;
   const int64_t Vy = g.sy.size(), T_ = g.taps();
   Scratch wt(ctx, sizeof(T) * g.cy * g.cx * T_), yt(ctx, sizeof(T) * g.n * g.cy * Vy);
@@ -537,6 +542,7 @@ bool cl_forward(Context& ctx, const ClConv& g, LazyChannelsLast<T>& x, const flo
     from_channels_last(ctx, as<T>(yt), y, g.n, g.cy, Vy, false);
     return true;
   }
+  ClDescs<T> D(g);
   ConvAlgo a;
   try {
     a = algo_forward(ctx, key, D.xd, xt, D.wd, wt.p, D.cd, D.yd, yt.p);
@@ -557,8 +563,7 @@ bool cl_forward(Context& ctx, const ClConv& g, LazyChannelsLast<T>& x, const flo
 // dX = conv^T(dY, W), written into dx (fp32 NCDHW); dy: dY's channels-last copy.
 template <class T>
 bool cl_backward_data(Context& ctx, const ClConv& g, const float* w, LazyChannelsLast<T>& dy, float* dx) {
-  ClDescs<T> D(g);
-  const ConvKey key = cl_key(g, 1, D.tensor_ops);
+  const ConvKey key = cl_key(g, 1, tensor_ops<T>(g));
   if (known_unusable(ctx, key)) return false;
   const int64_t Vx = g.sx.size(), T_ = g.taps();
   Scratch wt(ctx, sizeof(T) * g.cy * g.cx * T_), dxt(ctx, sizeof(T) * g.n * g.cx * Vx);
@@ -568,6 +573,7 @@ bool cl_backward_data(Context& ctx, const ClConv& g, const float* w, LazyChannel
     from_channels_last(ctx, as<T>(dxt), dx, g.n, g.cx, Vx, false);
     return true;
   }
+  ClDescs<T> D(g);
   ConvAlgo a;
   try {
     a = algo_backward_data(ctx, key, D.wd, wt.p, D.yd, dy.get(), D.cd, D.xd, dxt.p);
@@ -588,8 +594,7 @@ bool cl_backward_data(Context& ctx, const ClConv& g, const float* w, LazyChannel
 // dW += X * dY summed over images and positions, added into dw (fp32 [cy, cx, taps]).
 template <class T>
 bool cl_backward_filter(Context& ctx, const ClConv& g, LazyChannelsLast<T>& x, LazyChannelsLast<T>& dy, float* dw) {
-  ClDescs<T> D(g);
-  const ConvKey key = cl_key(g, 2, D.tensor_ops);
+  const ConvKey key = cl_key(g, 2, tensor_ops<T>(g));
   if (known_unusable(ctx, key)) return false;
   const int64_t T_ = g.taps();
   const size_t dw_bytes = sizeof(T) * g.cy * g.cx * T_;
@@ -600,6 +605,7 @@ bool cl_backward_filter(Context& ctx, const ClConv& g, LazyChannelsLast<T>& x, L
     from_channels_last(ctx, as<T>(dwt), dw, g.cy, g.cx, T_, true);  // dw is accumulated into
     return true;
   }
+  ClDescs<T> D(g);
   ConvAlgo a;
   try {
     a = algo_backward_filter(ctx, key, D.xd, xt, D.yd, dy.get(), D.cd, D.wd, dw_bytes);
@@ -717,9 +723,6 @@ struct Conv3Backward {
   Spatial s;
   int ndim;
   bool tf32, bf, cl;
-  TensorDesc xd{n, cin, s, ndim}, yd{n, cout, s, ndim};
-  FilterDesc wd{cout, cin, 3, ndim};
-  ConvDesc cd{1, 1, ndim, tf32};
   size_t wn = (size_t)cout * cin * conv3_taps(ndim);
   ClConv g16 = conv3_cl(kConvFwdBF, n, cin, cout, s, ndim, tf32);
   ClConv g32 = conv3_cl(kConvFwdCL, n, cin, cout, s, ndim, tf32);
@@ -727,8 +730,11 @@ struct Conv3Backward {
   // dy16 / dy32: the output gradient's copies; release: hand copies back between paths.
   void data(LazyChannelsLast<bf16>& dy16, LazyChannelsLast<float>& dy32, float* dx) {
     ProfileScope prof_(ctx, "conv3_backward_data", cin, cout, s);
-    if (!(bf && cl_backward_data(ctx, g16, w, dy16, dx)) && !(cl && cl_backward_data(ctx, g32, w, dy32, dx)))
-      ncdhw_backward_data(ctx, key_of(kConvBwdData, n, cin, cout, s, ndim, tf32), wd, w, yd, dy, cd, xd, dx, wn);
+    if ((bf && cl_backward_data(ctx, g16, w, dy16, dx)) || (cl && cl_backward_data(ctx, g32, w, dy32, dx))) return;
+    const TensorDesc xd(n, cin, s, ndim), yd(n, cout, s, ndim);
+    const FilterDesc wd(cout, cin, 3, ndim);
+    const ConvDesc cd(1, 1, ndim, tf32);
+    ncdhw_backward_data(ctx, key_of(kConvBwdData, n, cin, cout, s, ndim, tf32), wd, w, yd, dy, cd, xd, dx, wn);
   }
   void filter(LazyChannelsLast<bf16>& dy16, LazyChannelsLast<float>& dy32, float* dw, bool release) {
     ProfileScope prof_(ctx, "conv3_backward_filter", cin, cout, s);
@@ -740,6 +746,9 @@ struct Conv3Backward {
     if (cl && cl_backward_filter(ctx, g32, x32, dy32, dw)) return;
     x32.release();
     if (release) dy32.release();
+    const TensorDesc xd(n, cin, s, ndim), yd(n, cout, s, ndim);
+    const FilterDesc wd(cout, cin, 3, ndim);
+    const ConvDesc cd(1, 1, ndim, tf32);
     ncdhw_backward_filter(ctx, key_of(kConvBwdFilter, n, cin, cout, s, ndim, tf32), xd, x, yd, dy, cd, wd, dw, wn);
   }
 };

@@ -86,12 +86,16 @@ struct ContextOptions {
   // conv3's path chosen per direction and shape by timing the four fp32 ones (legacy
   // or graph API, channels-last copies or NCDHW) inside the first call, the fastest
   // kept (native/cuda/conv_cudnn.cu); conv_channels_last and conv_graph are then
-  // ignored for conv3. Not with bf16. CMSEG_CONV_AUTOTUNE=1 in the environment turns it on.
-  bool conv_autotune = false;
+  // ignored for conv3. On an H200 it took 1-1.5 ms off the brats3d-gpu step's 78 ms
+  // of layer time and 0.7 GiB off its peak (BENCHMARKS.md). Not with bf16 (that runs
+  // the graph API on bf16 copies). CMSEG_CONV_AUTOTUNE=0 in the environment turns it off.
+  bool conv_autotune = true;
   // conv3's filter gradient runs on a second stream while its data gradient runs on
   // the model's stream, joined before the call returns (native/cuda/conv_cudnn.cu).
-  // cuDNN's 3D filter-gradient kernels ran at a third of the forward's TFLOP/s on an
-  // H200: the two directions share the device. CMSEG_CONV_OVERLAP=1 turns it on.
+  // cuDNN's 3D filter-gradient kernels run at a third of the forward's TFLOP/s, so
+  // this was tried; on an H200 each direction slowed the other (filter gradients
+  // 34 -> 43 ms, data gradients 12 -> 18 ms per step) and the step gained nothing,
+  // so it stays off. CMSEG_CONV_OVERLAP=1 turns it on.
   bool conv_overlap = false;
   // How the transposed convolutions (upconv2) run: as cuBLAS GEMMs with our own
   // scatter and gather kernels (native/cuda/upconv2.cu), or through cuDNN on the

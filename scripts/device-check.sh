@@ -198,7 +198,9 @@ for line in lines:
         continue
     if "stepMsMedian" in r and r.get("bench") == "cmseg-gpu":
         mode = "bf16 convolutions" if r.get("bf16") else "TF32" if r.get("tf32") else "fp32"
-        if r.get("convAutotune"):
+        if r.get("bf16"):
+            mode += ", cuDNN graph API on bf16 NDHWC copies"
+        elif r.get("convAutotune"):
             mode += ", conv3 path timed per shape"
         elif "channelsLast" in r:
             mode += ", cuDNN " + ("graph API" if r.get("cudnnGraph") else "legacy API") + " on " + (

@@ -139,8 +139,9 @@ int main(int argc, char** argv) {
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - p0).count() / steps;
     std::printf("  pipelined (%s, cuDNN %s on %s%s, upconv2 %s): %d steps back to back, %.1f ms/step\n",
                 c.bf16 ? "bf16" : c.tf32 ? "tf32" : "fp32",
-                ctx.options().conv_autotune ? "path timed per shape" : ctx.options().conv_graph ? "graph API" : "legacy API",
-                ctx.options().conv_channels_last ? "NDHWC" : "NCDHW",
+                c.bf16 ? "graph API" : ctx.options().conv_autotune ? "path timed per shape"
+                : ctx.options().conv_graph ? "graph API" : "legacy API",
+                c.bf16 ? "bf16 NDHWC" : ctx.options().conv_channels_last ? "NDHWC" : "NCDHW",
                 ctx.options().conv_overlap ? ", filter gradients on a second stream" : "",
                 cu::upconv_path_name(ctx.options().upconv), steps, period);
     const std::string piped = ctx.profile_report(steps);
@@ -188,8 +189,8 @@ int main(int argc, char** argv) {
     std::printf("cmseg GPU %s (%s, %s, cuDNN %s on %s tensors%s, upconv2 %s): median %.1f ms/step, %.3g voxels/s, %.0f GFLOP/s, "
                 "peak %.0f MiB; cm_loss %.3f ms, %.0f GB/s\n",
                 config.c_str(), dev.name.c_str(), c.bf16 ? "bf16 convolutions" : c.tf32 ? "tf32" : "fp32",
-                tuned ? "path timed per shape" : graph ? "graph API" : "legacy API", tuned ? "its fastest" : cl ? "NDHWC" : "NCDHW",
-                overlap ? ", filter gradients on a second stream" : "", up, med, n * V / (med * 1e-3),
+                tuned ? "path timed per shape" : (graph || c.bf16) ? "graph API" : "legacy API",
+                tuned ? "its fastest" : c.bf16 ? "bf16 NDHWC" : cl ? "NDHWC" : "NCDHW", overlap ? ", filter gradients on a second stream" : "", up, med, n * V / (med * 1e-3),
                 flops / (med * 1e-3) / 1e9, ps.peak_in_use_bytes / 1048576.0, loss_ms,
                 loss_bytes / (loss_ms * 1e-3) / 1e9);
     std::printf("{\"bench\":\"cmseg-gpu\",\"ok\":true,\"config\":\"%s\",\"device\":\"%s\",\"tf32\":%s,"

@@ -194,6 +194,69 @@ t.test('invalid arguments are rejected before any prediction', async (t) => {
   await t.rejects(slidingWindowPredict(flat, volume, extent, { patch: [8, 8] }), /2D model needs extent.d = 1/);
 });
 
+// The next batch is handed to the model before this one is stitched (so the model works
+// while JavaScript blends), never more than one batch in flight, and failures while a batch
+// is in flight reject the call without an unhandled rejection.
+t.test('one batch in flight while the previous one is stitched', async (t) => {
+  const config = { classes: 2, annotators: 1, inChannels: 1, ndim: 3, depth: 1 } as const;
+  const extent = { d: 4, h: 4, w: 16 };
+  const volume = noise(4 * 4 * 16, 3);
+  const events: string[] = [];
+  let inFlight = 0;
+  let most = 0;
+  class Logged extends FakeModel {
+    async predict(images: Float32Array, shape: number[], options?: { cms?: boolean; annotatorProbs?: boolean }) {
+      const k = this.shapes.length;
+      events.push(`predict ${k}`);
+      most = Math.max(most, ++inFlight);
+      await new Promise((r) => setTimeout(r, 2));
+      const out = await super.predict(images, shape, options);
+      inFlight--;
+      return out;
+    }
+  }
+  const model = new Logged(config);
+  const result = await slidingWindowPredict(model, volume, extent, {
+    patch: [4, 4, 4],
+    overlap: 0,
+    batchSize: 1,
+    onProgress: (done) => events.push(`stitched ${done - 1}`),
+  });
+  t.same(events, ['predict 0', 'predict 1', 'stitched 0', 'predict 2', 'stitched 1', 'predict 3', 'stitched 2', 'stitched 3']);
+  t.equal(most, 1, 'at most one batch in flight');
+  t.ok(maxAbsDiff(result.probs, perVoxelOutputs(volume, 1, 1, 256, 2, 1).probs) < TOL, 'same result');
+
+  // The model fails on batch 2 while batch 1 is stitched: the call rejects with that error.
+  let unhandled = 0;
+  const onUnhandled = () => unhandled++;
+  process.on('unhandledRejection', onUnhandled);
+  class Failing extends FakeModel {
+    async predict(images: Float32Array, shape: number[], options?: { cms?: boolean; annotatorProbs?: boolean }) {
+      if (this.shapes.length === 2) throw new Error('GPU out of memory: batch 2');
+      return super.predict(images, shape, options);
+    }
+  }
+  await t.rejects(slidingWindowPredict(new Failing(config), volume, extent, { patch: [4, 4, 4], overlap: 0, batchSize: 1 }), /GPU out of memory: batch 2/);
+  // Stitching fails (a wrong output size) while the next batch is in flight: that error,
+  // after the batch in flight has finished.
+  let finished = 0;
+  class Short extends FakeModel {
+    async predict(images: Float32Array, shape: number[], options?: { cms?: boolean; annotatorProbs?: boolean }) {
+      const k = this.shapes.length;
+      const out = await super.predict(images, shape, options);
+      await new Promise((r) => setTimeout(r, 5));
+      finished++;
+      return k === 0 ? { probs: out.probs.subarray(1) } : out;
+    }
+  }
+  const short = new Short(config);
+  await t.rejects(slidingWindowPredict(short, volume, extent, { patch: [4, 4, 4], overlap: 0, batchSize: 1 }), /returned probs with 127 values, expected 128/);
+  t.equal(finished, 2, 'the batch in flight finished before the call rejected');
+  await new Promise((r) => setTimeout(r, 20));
+  process.off('unhandledRejection', onUnhandled);
+  t.equal(unhandled, 0, 'no unhandled rejection');
+});
+
 t.test('a real 3D model: shapes, distributions and a single window equal to predict', async (t) => {
   const model = createModel({ ndim: 3, inChannels: 1, classes: 3, annotators: 2, depth: 2, baseChannels: 4, seed: 7 });
   const extent = { d: 6, h: 12, w: 10 };

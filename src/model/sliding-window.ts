@@ -176,6 +176,10 @@ export async function slidingWindowPredict(
   if (wantQ) outputs.push({ name: 'annotatorProbs', channels: R * L, sum: new Float32Array(R * L * V) });
   const weightSum = new Float64Array(V);
   const padded = axes.some((a) => a.size < a.patch);
+  // One batch is in flight while the one before is stitched, so the model does not wait
+  // for the stitching (a GPU predicts a 128^3 window in about the time JavaScript takes to
+  // blend its CMs). One input buffer serves: a batch is gathered once the previous one's
+  // prediction has resolved, and the model reads its input only until then.
   const input = new Float32Array(Math.min(batchSize, windows.length) * C * Pv);
 
   // For one window and one axis: the window offsets that fall inside the volume, and the
@@ -185,10 +189,9 @@ export async function slidingWindowPredict(
     return { origin, from: Math.max(0, -origin), to: Math.min(axis.patch, axis.size - origin) };
   };
 
-  for (let first = 0; first < windows.length; first += batchSize) {
-    const batch = windows.slice(first, first + batchSize);
-    const B = batch.length;
-    const images = input.subarray(0, B * C * Pv);
+  // The windows of one batch copied out of the volume (zeros where they leave it).
+  const gather = (batch: [number, number, number][], input: Float32Array): Float32Array => {
+    const images = input.subarray(0, batch.length * C * Pv);
     if (padded) images.fill(0);
     batch.forEach(([sz, sy, sx], b) => {
       const cz = clip(axes[0], sz);
@@ -204,8 +207,25 @@ export async function slidingWindowPredict(
         }
       }
     });
-    const shape = ndim === 2 ? [B, C, ph, pw] : [B, C, pd, ph, pw];
-    const prediction = await predictor.predict(images, shape, { cms: wantCms, annotatorProbs: wantQ });
+    return images;
+  };
+
+  type Prediction = Awaited<ReturnType<SlidingWindowModel['predict']>>;
+  // Batch k (windows k*batchSize...) gathered and handed to the model.
+  const launch = (k: number): Promise<Prediction> => {
+    const batch = windows.slice(k * batchSize, (k + 1) * batchSize);
+    const images = gather(batch, input);
+    const shape = ndim === 2 ? [batch.length, C, ph, pw] : [batch.length, C, pd, ph, pw];
+    const pending = predictor.predict(images, shape, { cms: wantCms, annotatorProbs: wantQ });
+    // Awaited below; until then a rejection must not count as unhandled (the batch
+    // before it may still be stitching, or may have failed first).
+    pending.catch(() => {});
+    return pending;
+  };
+
+  // Each window's outputs, times its importance weights, added into the sums.
+  const stitch = (batch: [number, number, number][], prediction: Prediction) => {
+    const B = batch.length;
     for (const output of outputs) {
       const values = prediction[output.name];
       if (!(values instanceof Float32Array) || values.length !== B * output.channels * Pv) {
@@ -233,7 +253,22 @@ export async function slidingWindowPredict(
         }
       }
     });
-    options.onProgress?.(first + B, windows.length);
+  };
+
+  const batches = Math.ceil(windows.length / batchSize);
+  let pending = launch(0);
+  try {
+    for (let k = 0; k < batches; k++) {
+      const prediction = await pending;
+      if (k + 1 < batches) pending = launch(k + 1);
+      stitch(windows.slice(k * batchSize, (k + 1) * batchSize), prediction);
+      options.onProgress?.(Math.min((k + 1) * batchSize, windows.length), windows.length);
+    }
+  } catch (e) {
+    // A failure while batch k + 1 is in flight: let it finish before the caller reuses
+    // the model (its rejection, if any, is this one's consequence or already handled).
+    await pending.catch(() => {});
+    throw e;
   }
 
   for (const output of outputs) {

@@ -28,7 +28,8 @@
 #              or graph API, channels-last copies or NCDHW; every path's time listed);
 #              then the same step varied, to check the defaults: bench_gpu_legacy
 #              (legacy cuDNN on channels-last copies for all), bench_gpu_ncdhw (legacy
-#              cuDNN on the NCDHW tensors), bench_gpu_overlap (filter gradients on a
+#              cuDNN on the NCDHW tensors), bench_gpu_heads_fused (the heads' weight
+#              gradients in one pass), bench_gpu_overlap (filter gradients on a
 #              second stream), cm_loss_grid (the fused CM loss at 2-32 blocks per SM), cm_loss_pairs
 #              (its thread-per-pixel-and-annotator kernel), bench_gpu_bf16 (bf16
 #              convolutions), bench_gpu_upconv_cudnn / _cl (transposed convolutions
@@ -207,6 +208,8 @@ for line in lines:
                 "NDHWC copies" if r["channelsLast"] else "NCDHW tensors")
         if r.get("convOverlap"):
             mode += ", filter gradients on a second stream"
+        if r.get("headsFused"):
+            mode += ", heads' weight gradients fused"
         if r.get("upconv"):
             mode += ", upconv2 " + r["upconv"]
         print(f"  cmseg GPU {r['config']} {mode}: median step {r['stepMsMedian']:.1f} ms, "
@@ -304,6 +307,9 @@ if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   stage bench_gpu_ncdhw 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_AUTOTUNE=0 CMSEG_CONV_CHANNELS_LAST=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # conv3's filter gradient on a second stream beside its data gradient (CMSEG_CONV_OVERLAP;
   # each slowed the other on an H200).
+  # The heads' weight and bias gradients in one fused pass (CMSEG_HEADS_WGRAD=fused; the
+  # heads' backward took 4.3 ms of the step with cuBLAS per head on an H200).
+  stage bench_gpu_heads_fused 60 "$OUT/bench_gpu.txt" "CMSEG_HEADS_WGRAD=fused CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   stage bench_gpu_overlap 120 "$OUT/bench_gpu.txt" "CMSEG_CONV_OVERLAP=1 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # The fused CM loss against its grid size (it reached ~15% of the bandwidth with 8
   # blocks per SM): the same bench with 2, 4, 16 and 32.

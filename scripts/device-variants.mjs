@@ -18,7 +18,7 @@ const worker = path.join(root, 'dist', 'bench', 'worker.js');
 const variants = [
   ['default (conv3 path timed per shape)', {}, 'tf32'],
   ['legacy API on channels-last copies (CMSEG_CONV_AUTOTUNE=0)', { CMSEG_CONV_AUTOTUNE: '0' }, 'tf32'],
-  ['filter gradients on a second stream (CMSEG_CONV_OVERLAP=1)', { CMSEG_CONV_OVERLAP: '1' }, 'tf32'],
+  ["heads' weight gradients in one fused pass (CMSEG_HEADS_WGRAD=fused)", { CMSEG_HEADS_WGRAD: 'fused' }, 'tf32'],
   ['bf16 convolutions', {}, 'bf16'],
 ];
 

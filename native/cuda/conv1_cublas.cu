@@ -74,6 +74,8 @@ constexpr size_t kHeadsSmemMax = 48 << 10;
 struct HeadsParams {
   float* y[kMaxHeads];         // forward: outputs [n, cout, V]
   const float* dy[kMaxHeads];  // backward: their gradients
+  float* dw[kMaxHeads];        // backward: weight gradients [cout, cin], accumulated
+  float* db[kMaxHeads];        // backward: bias gradients [cout], accumulated
   int cout[kMaxHeads];
   int heads = 0, rows = 0;     // rows: every head's output channels, the packed weights' rows
 };
@@ -168,6 +170,116 @@ __global__ void __launch_bounds__(kThreads) heads_backward_data_kernel(const flo
   }
 }
 
+// ---- fused heads weight and bias gradients (ContextOptions::heads_fused_weight_grad) --
+// Every head's dW (+)= sum over positions of dy x^T and db (+)= sum of dy, in one pass
+// over the features and the heads' gradients (cuBLAS reads the features once per
+// head, and the bias sums read each gradient again: 4.3 ms of the brats3d-gpu step with
+// the data gradient on an H200, for about 1 ms of bytes).
+//
+// A block takes tiles of kWgTile positions of one image into shared memory: the
+// features transposed ([position][channel], padded against bank conflicts) and the
+// heads' gradient rows ([row][position]). Warp w owns rows w, w + kWgWarps, ...; lane l
+// owns feature channels l, l + 32, ...: per four positions a lane loads its four
+// feature values once and one float4 of each of its rows (a broadcast), then 4 FMAs
+// per row and channel. Sums run in fp32 per tile and are added into fp32 totals per
+// block (a tile's 64 terms, then a block's few hundred tiles); blocks' totals go to
+// a partial buffer and one thread per output adds them in block order in double
+// (deterministic: the grid depends only on the device).
+constexpr int kWgWarps = 4, kWgThreads = 32 * kWgWarps, kWgTile = 64, kWgRowsPerWarp = 16;
+constexpr int kWgMaxRows = kWgWarps * kWgRowsPerWarp;
+
+template <int CIN>
+__global__ void __launch_bounds__(kWgThreads) heads_weight_grad_kernel(const float* __restrict__ x, HeadsParams P,
+                                                                       int64_t V, float* __restrict__ partial) {
+  constexpr int CPL = CIN / 32;  // channels per lane
+  constexpr int XS = CIN + 1;    // padded row of the transposed feature tile
+  extern __shared__ float4 smem4[];
+  float* xs = reinterpret_cast<float*>(smem4);           // [kWgTile][XS]
+  float* ds = xs + kWgTile * XS;                          // [rows][kWgTile], 16-byte aligned rows
+  const float** rowp = reinterpret_cast<const float**>(ds + P.rows * kWgTile);  // each row's gradient, this image
+  const int i = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int r = threadIdx.x; r < P.rows; r += kWgThreads) {
+    int h = 0, k = r;
+    while (k >= P.cout[h]) k -= P.cout[h++];
+    rowp[r] = P.dy[h] + ((int64_t)i * P.cout[h] + k) * V;
+  }
+  const int nr = (P.rows - warp + kWgWarps - 1) / kWgWarps;  // rows this warp owns
+  float acc[kWgRowsPerWarp][CPL], bacc[kWgRowsPerWarp];
+#pragma unroll
+  for (int j = 0; j < kWgRowsPerWarp; ++j) {
+    bacc[j] = 0.f;
+#pragma unroll
+    for (int cc = 0; cc < CPL; ++cc) acc[j][cc] = 0.f;
+  }
+  const float* xi = x + (int64_t)i * CIN * V;
+  for (int64_t v0 = (int64_t)blockIdx.x * kWgTile; v0 < V; v0 += (int64_t)gridDim.x * kWgTile) {
+    __syncthreads();  // the previous tile is read (and rowp written, the first time)
+    for (int e = threadIdx.x; e < CIN * kWgTile; e += kWgThreads) {
+      const int c = e / kWgTile, p = e % kWgTile;
+      xs[p * XS + c] = v0 + p < V ? __ldg(xi + (int64_t)c * V + v0 + p) : 0.f;
+    }
+    for (int e = threadIdx.x; e < P.rows * kWgTile; e += kWgThreads) {
+      const int r = e / kWgTile, p = e % kWgTile;
+      ds[r * kWgTile + p] = v0 + p < V ? __ldg(rowp[r] + v0 + p) : 0.f;
+    }
+    __syncthreads();
+    float tacc[kWgRowsPerWarp][CPL], tb[kWgRowsPerWarp];
+#pragma unroll
+    for (int j = 0; j < kWgRowsPerWarp; ++j) {
+      tb[j] = 0.f;
+#pragma unroll
+      for (int cc = 0; cc < CPL; ++cc) tacc[j][cc] = 0.f;
+    }
+    for (int p = 0; p < kWgTile; p += 4) {
+      float xv[4][CPL];
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+#pragma unroll
+        for (int cc = 0; cc < CPL; ++cc) xv[q][cc] = xs[(p + q) * XS + lane + 32 * cc];
+#pragma unroll
+      for (int j = 0; j < kWgRowsPerWarp; ++j) {
+        if (j >= nr) break;
+        const float4 d = *reinterpret_cast<const float4*>(ds + (warp + j * kWgWarps) * kWgTile + p);
+#pragma unroll
+        for (int cc = 0; cc < CPL; ++cc)
+          tacc[j][cc] = fmaf(d.w, xv[3][cc], fmaf(d.z, xv[2][cc], fmaf(d.y, xv[1][cc], fmaf(d.x, xv[0][cc], tacc[j][cc]))));
+        tb[j] += (d.x + d.y) + (d.z + d.w);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kWgRowsPerWarp; ++j) {
+      bacc[j] += tb[j];
+#pragma unroll
+      for (int cc = 0; cc < CPL; ++cc) acc[j][cc] += tacc[j][cc];
+    }
+  }
+  const int64_t b = (int64_t)blockIdx.y * gridDim.x + blockIdx.x;
+#pragma unroll
+  for (int j = 0; j < kWgRowsPerWarp; ++j) {
+    if (j >= nr) break;
+    float* out = partial + (b * P.rows + warp + j * kWgWarps) * XS;
+#pragma unroll
+    for (int cc = 0; cc < CPL; ++cc) out[lane + 32 * cc] = acc[j][cc];
+    if (lane == 0) out[CIN] = bacc[j];
+  }
+}
+
+// One thread per output (row, channel or bias): the blocks' totals added in block
+// order, in double, into the head's dw or db.
+__global__ void heads_weight_grad_finish_kernel(const float* __restrict__ partial, int blocks, HeadsParams P, int cin) {
+  const int o = blockIdx.x * blockDim.x + threadIdx.x, per_row = cin + 1;
+  if (o >= P.rows * per_row) return;
+  double s = 0;
+  for (int b = 0; b < blocks; ++b) s += partial[(int64_t)b * P.rows * per_row + o];
+  int h = 0, k = o / per_row;
+  const int c = o % per_row;
+  while (k >= P.cout[h]) k -= P.cout[h++];
+  if (c < cin)
+    P.dw[h][k * cin + c] += (float)s;
+  else
+    P.db[h][k] += (float)s;
+}
+
 // dst[e] += the slots' entries e, in slot order (FilterSplit).
 __global__ void add_slots_kernel(const float* __restrict__ partial, int slots, int64_t slot, float* __restrict__ dst) {
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < slot; e += (int64_t)gridDim.x * blockDim.x) {
@@ -237,7 +349,7 @@ struct PackedHeads {
     int row = 0;
     for (size_t k = 0; k < heads.size(); ++k) {
       const Conv1Head& h = heads[k];
-      P.y[k] = h.y, P.dy[k] = h.dy, P.cout[k] = h.cout;
+      P.y[k] = h.y, P.dy[k] = h.dy, P.dw[k] = h.dw, P.db[k] = h.db, P.cout[k] = h.cout;
       ctx.copy(w.data() + (size_t)row * cin, h.w, sizeof(float) * h.cout * cin);
       if (biases) ctx.copy(b.data() + row, h.b, sizeof(float) * h.cout);
       row += h.cout;
@@ -245,6 +357,29 @@ struct PackedHeads {
     fused = true;
   }
 };
+
+// The fused weight and bias gradients of packed heads, when the features are 32 or 64
+// wide and every row fits the warps (kWgMaxRows); false (nothing written) otherwise.
+bool heads_weight_grad_fused(Context& ctx, const float* x, const PackedHeads& ph, int n, int cin, int64_t V) {
+  if ((cin != 32 && cin != 64) || ph.P.rows > kWgMaxRows) return false;
+  const size_t smem = sizeof(float) * ((size_t)kWgTile * (cin + 1) + (size_t)ph.P.rows * kWgTile) +
+                      sizeof(const float*) * ph.P.rows;
+  // A block's tiles: about 4 per SM in all, never more blocks than tiles.
+  const int blocks_x = ctx.impl().grid_for(V, kWgTile, std::max(1, 4 / n));
+  const int blocks = blocks_x * n;
+  Buffer<float> partial(ctx, (size_t)blocks * ph.P.rows * (cin + 1));
+  const dim3 grid((unsigned)blocks_x, (unsigned)n);
+  if (cin == 32)
+    heads_weight_grad_kernel<32><<<grid, kWgThreads, smem, stream_of(ctx)>>>(x, ph.P, V, partial.data());
+  else
+    heads_weight_grad_kernel<64><<<grid, kWgThreads, smem, stream_of(ctx)>>>(x, ph.P, V, partial.data());
+  CMSEG_CUDA_LAUNCHED("conv1 heads weight gradients");
+  const int outputs = ph.P.rows * (cin + 1);
+  heads_weight_grad_finish_kernel<<<blocks_for(outputs, 128), 128, 0, stream_of(ctx)>>>(partial.data(), blocks, ph.P,
+                                                                                      cin);
+  CMSEG_CUDA_LAUNCHED("conv1 heads weight gradients finish");
+  return true;
+}
 
 }  // namespace
 
@@ -333,6 +468,7 @@ void conv1_backward_heads(Context& ctx, const float* x, const std::vector<Conv1H
     });
     CMSEG_CUDA_LAUNCHED("conv1 heads backward data");
   }
+  if (ctx.options().heads_fused_weight_grad && heads_weight_grad_fused(ctx, x, ph, n, cin, V)) return;
   for (const Conv1Head& h : heads) {
     weight_grad(ctx, x, h.dy, n, cin, h.cout, V, h.dw);
     bias_grad(ctx, h.dy, n, h.cout, V, h.db);

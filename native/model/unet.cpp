@@ -364,18 +364,38 @@ struct Trunk {
   }
 };
 
-// x_plain: x is the images (plain whatever the trunk's layout).
-void block_forward(std::vector<Param>& P, const Block& b, const float* x, int n, Spatial s, int ndim, BlockCache& c,
-                   const Trunk& t, bool x_plain = false) {
-  const int64_t V = s.size(), sz = (int64_t)n * b.cout * V;
+// Where one block's forward writes: the two convolutions' outputs h1, h2, the
+// first norm's a1, the block's output y and the norms' statistics.
+struct BlockOut {
+  float *h1, *a1, *h2, *y;
+  float *mean1, *rstd1, *mean2, *rstd2;
+};
+
+// Training: everything into the block's cache, which block_backward reads.
+BlockOut cache_out(BlockCache& c, int64_t sz, int64_t nc) {
   grow(c.h1, sz), grow(c.a1, sz), grow(c.h2, sz), grow(c.a2, sz);
-  grow(c.mean1, n * b.cout), grow(c.rstd1, n * b.cout), grow(c.mean2, n * b.cout), grow(c.rstd2, n * b.cout);
-  t.conv3_forward(x, P[b.w1].value.data(), c.h1.data(), n, b.cin, b.cout, s, ndim, x_plain);
-  t.norm_forward(c.h1.data(), P[b.g1].value.data(), P[b.b1].value.data(), c.a1.data(), c.mean1.data(), c.rstd1.data(),
-                 n, b.cout, V);
-  t.conv3_forward(c.a1.data(), P[b.w2].value.data(), c.h2.data(), n, b.cout, b.cout, s, ndim, false);
-  t.norm_forward(c.h2.data(), P[b.g2].value.data(), P[b.b2].value.data(), c.a2.data(), c.mean2.data(), c.rstd2.data(),
-                 n, b.cout, V);
+  grow(c.mean1, nc), grow(c.rstd1, nc), grow(c.mean2, nc), grow(c.rstd2, nc);
+  return {c.h1.data(), c.a1.data(), c.h2.data(), c.a2.data(),
+          c.mean1.data(), c.rstd1.data(), c.mean2.data(), c.rstd2.data()};
+}
+
+// Forward only: the output (and the small statistics) into the cache, the
+// intermediates into two arrays that every block shares. h2 reuses h1's array:
+// h1 is dead once the first norm has read it.
+BlockOut scratch_out(BlockCache& c, std::vector<float>& s1, std::vector<float>& s2, int64_t sz, int64_t nc) {
+  grow(s1, sz), grow(s2, sz), grow(c.a2, sz);
+  grow(c.mean1, nc), grow(c.rstd1, nc), grow(c.mean2, nc), grow(c.rstd2, nc);
+  return {s1.data(), s2.data(), s1.data(), c.a2.data(), c.mean1.data(), c.rstd1.data(), c.mean2.data(), c.rstd2.data()};
+}
+
+// x_plain: x is the images (plain whatever the trunk's layout).
+void block_forward(std::vector<Param>& P, const Block& b, const float* x, int n, Spatial s, int ndim,
+                   const BlockOut& o, const Trunk& t, bool x_plain = false) {
+  const int64_t V = s.size();
+  t.conv3_forward(x, P[b.w1].value.data(), o.h1, n, b.cin, b.cout, s, ndim, x_plain);
+  t.norm_forward(o.h1, P[b.g1].value.data(), P[b.b1].value.data(), o.a1, o.mean1, o.rstd1, n, b.cout, V);
+  t.conv3_forward(o.a1, P[b.w2].value.data(), o.h2, n, b.cout, b.cout, s, ndim, false);
+  t.norm_forward(o.h2, P[b.g2].value.data(), P[b.b2].value.data(), o.y, o.mean2, o.rstd2, n, b.cout, V);
 }
 
 // dy: gradient of the block output; dx: gradient of its input (may be null).
@@ -414,33 +434,52 @@ StepResult Model::run(const Batch& batch, bool backward) {
   m.ups.resize(D), m.cats.resize(D);
 
   // ---- forward
+  // Training keeps every activation the backward pass reads. A forward-only run
+  // (evaluate, predict) keeps in the caches only the block outputs, which later
+  // layers read (skips, the decoder's inputs, the features); what a layer reads
+  // only once goes to the backward pass's scratch arrays of the same shapes
+  // (unused without a backward pass; training sizes them alike). Same layers,
+  // same arithmetic: the outputs are bit-identical either way.
+  auto block_out = [&](const Block& b, int level, BlockCache& cache) {
+    const int64_t sz = (int64_t)n * b.cout * V(level), nc = (int64_t)n * b.cout;
+    return backward ? cache_out(cache, sz, nc) : scratch_out(cache, m.scratch_a, m.scratch_b, sz, nc);
+  };
+  std::vector<uint8_t> pool_arg_once;  // forward only: the pools' workspace, dropped on return
   for (int k = 0; k < D; ++k) {
     const float* in = batch.images;
     if (k > 0) {
       const int ch = m.enc[k - 1].cout;
-      grow(m.pooled[k], (size_t)n * ch * V(k));
-      t.pool_forward(m.enc_c[k - 1].a2.data(), m.pooled[k].data(), m.pool_arg[k], n, ch, m.level_s[k - 1], nd);
-      in = m.pooled[k].data();
+      std::vector<float>& pooled = backward ? m.pooled[k] : m.d_in;
+      grow(pooled, (size_t)n * ch * V(k));
+      t.pool_forward(m.enc_c[k - 1].a2.data(), pooled.data(), backward ? m.pool_arg[k] : pool_arg_once, n, ch,
+                     m.level_s[k - 1], nd);
+      in = pooled.data();
     }
-    block_forward(P, m.enc[k], in, n, m.level_s[k], nd, m.enc_c[k], t, k == 0);
+    block_forward(P, m.enc[k], in, n, m.level_s[k], nd, block_out(m.enc[k], k, m.enc_c[k]), t, k == 0);
   }
   for (int k = 0; k + 1 < D; ++k) {
     const int lo = D - 1 - k, hi = D - 2 - k;  // from level lo up to level hi
     const float* below = k == 0 ? m.enc_c[D - 1].a2.data() : m.dec_c[k - 1].a2.data();
     const int cin = m.dec[k].cout * 2, cout = m.dec[k].cout;
-    grow(m.ups[k], (size_t)n * cout * V(hi));
-    t.upconv2_forward(below, P[m.up_w[k]].value.data(), P[m.up_b[k]].value.data(), m.ups[k].data(), n, cin, cout,
+    // Forward only: the up-convolution's output is read once, by the concat,
+    // before the block's forward reuses the same scratch.
+    std::vector<float>& up = backward ? m.ups[k] : m.scratch_a;
+    std::vector<float>& cat = backward ? m.cats[k] : m.d_cat;
+    grow(up, (size_t)n * cout * V(hi));
+    t.upconv2_forward(below, P[m.up_w[k]].value.data(), P[m.up_b[k]].value.data(), up.data(), n, cin, cout,
                       m.level_s[lo], nd);
-    grow(m.cats[k], (size_t)n * 2 * cout * V(hi));
-    concat_forward(m.enc_c[hi].a2.data(), cout, m.ups[k].data(), cout, m.cats[k].data(), n, V(hi));
+    grow(cat, (size_t)n * 2 * cout * V(hi));
+    concat_forward(m.enc_c[hi].a2.data(), cout, up.data(), cout, cat.data(), n, V(hi));
     // Concatenating whole images works in both layouts: each image's channels
     // (or channel blocks) are contiguous.
-    block_forward(P, m.dec[k], m.cats[k].data(), n, m.level_s[hi], nd, m.dec_c[k], t);
+    block_forward(P, m.dec[k], cat.data(), n, m.level_s[hi], nd, block_out(m.dec[k], hi, m.dec_c[k]), t);
   }
   const float* feat_trunk = D > 1 ? m.dec_c[D - 2].a2.data() : m.enc_c[0].a2.data();
   const int C0 = c.base;
   const int64_t V0 = V(0);
-  const float* feat = t.plain(feat_trunk, m.feat_plain, n, C0, m.level_s[0], nd);  // for the heads
+  // The heads read plain features. Forward only: the concat's scratch is dead
+  // once the decoder is done.
+  const float* feat = t.plain(feat_trunk, backward ? m.feat_plain : m.d_cat, n, C0, m.level_s[0], nd);
   grow(m.seg_logits, (size_t)n * L * V0);
   const int B = c.cm_head_blocks;
   const bool pixel_cm = c.cm_mode != CmMode::Global;
@@ -454,12 +493,17 @@ StepResult Model::run(const Batch& batch, bool backward) {
     m.cmb_c.resize((size_t)R * B);
     m.head_plain.resize(R);
     for (int r = 0; r < R; ++r) {
+      // Forward only: each annotator's blocks (and head input) are read by its
+      // head alone, right here, so every annotator reuses annotator 0's arrays.
+      const int keep = backward ? r : 0;
       const float* x = feat_trunk;
       for (int b = 0; b < B; ++b) {
-        block_forward(P, m.cm_blocks_flat[r * B + b], x, n, m.level_s[0], nd, m.cmb_c[r * B + b], t);
-        x = m.cmb_c[r * B + b].a2.data();
+        const Block& blk = m.cm_blocks_flat[r * B + b];
+        BlockCache& cache = m.cmb_c[keep * B + b];
+        block_forward(P, blk, x, n, m.level_s[0], nd, block_out(blk, 0, cache), t);
+        x = cache.a2.data();
       }
-      if (B > 0) head_in[r] = t.plain(x, m.head_plain[r], n, C0, m.level_s[0], nd);
+      if (B > 0) head_in[r] = t.plain(x, m.head_plain[keep], n, C0, m.level_s[0], nd);
       grow(m.cm_raw[r], (size_t)n * K * V0);
       Conv1Head h;
       h.cout = K, h.w = P[m.cm_w[r]].value.data(), h.b = P[m.cm_b[r]].value.data(), h.y = m.cm_raw[r].data();
@@ -475,7 +519,7 @@ StepResult Model::run(const Batch& batch, bool backward) {
   StepResult res;
   if (backward)
     for (auto& p : P) std::fill(p.grad.begin(), p.grad.end(), 0.f);
-  grow(m.d_seg, (size_t)n * L * V0);
+  if (backward) grow(m.d_seg, (size_t)n * L * V0);
   float* dseg = backward ? m.d_seg.data() : nullptr;
   if (batch.target) {
     res.loss = ce_loss_hard(m.seg_logits.data(), batch.target, n, L, V0, dseg);

@@ -430,6 +430,7 @@ struct OptionsGuard {
     ctx().set_conv_graph(saved.conv_graph);
     ctx().set_conv_autotune(saved.conv_autotune);
     ctx().set_conv_overlap(saved.conv_overlap);
+    ctx().set_heads_fused_weight_grad(saved.heads_fused_weight_grad);
     ctx().set_upconv(saved.upconv, saved.upconv_chunk_bytes);
   }
 };
@@ -965,15 +966,28 @@ TEST(heads_concat_ce_predict_match_cpu) {
     conv1_case(3, 16, 16, 8 * 8 * 8, tf32);
     conv1_case(2, 32, 4, 3 * 16384 + 5, tf32);  // the weight gradient split into batches and a rest
   }
-  conv1_heads_case(2, 32, {4, 16, 16, 16}, 9 * 11 * 13, false);  // brats3d-gpu's heads (fused)
-  conv1_heads_case(2, 32, {4, 16, 16, 16}, 3 * 16384 + 5, false);
-  conv1_heads_case(1, 8, {2, 4, 4}, 1000, false);
-  conv1_heads_case(2, 16, {3, 9, 9, 9, 9, 9}, 777, false);
-  conv1_heads_case(1, 64, {5, 7}, 4096 + 3, false);
-  conv1_heads_case(1, 32, std::vector<int>(17, 3), 500, false);  // 17 heads: the most fused
-  conv1_heads_case(1, 32, std::vector<int>(18, 3), 500, false);  // 18: cuBLAS per head
-  conv1_heads_case(2, 24, {4, 16}, 800, false);                 // width 24: cuBLAS per head
-  conv1_heads_case(2, 32, {4, 16, 16, 16}, 9 * 11 * 13, true);
+  {
+    OptionsGuard guard;
+    // The heads' weight and bias gradients through cuBLAS per head, then in one fused
+    // pass (ContextOptions::heads_fused_weight_grad: widths 32 and 64, up to 64 rows;
+    // the other cases fall back to cuBLAS either way).
+    for (bool fused_wgrad : {false, true}) {
+      ctx().set_heads_fused_weight_grad(fused_wgrad);
+      std::printf("  -- heads' weight gradients %s\n", fused_wgrad ? "in one fused pass" : "through cuBLAS per head");
+      conv1_heads_case(2, 32, {4, 16, 16, 16}, 9 * 11 * 13, false);  // brats3d-gpu's heads (fused)
+      conv1_heads_case(2, 32, {4, 16, 16, 16}, 3 * 16384 + 5, false);
+      conv1_heads_case(1, 8, {2, 4, 4}, 1000, false);
+      conv1_heads_case(2, 16, {3, 9, 9, 9, 9, 9}, 777, false);
+      conv1_heads_case(1, 64, {5, 7}, 4096 + 3, false);
+      conv1_heads_case(2, 64, std::vector<int>(16, 4), 64 * 50 + 1, false);  // 64 rows: the most the fused pass takes
+      conv1_heads_case(1, 32, std::vector<int>(17, 3), 500, false);       // 17 heads: the most fused
+      conv1_heads_case(1, 32, std::vector<int>(17, 4), 500, false);       // 68 rows: cuBLAS weight gradients
+      conv1_heads_case(1, 32, std::vector<int>(18, 3), 500, false);       // 18: cuBLAS per head
+      conv1_heads_case(2, 24, {4, 16}, 800, false);                      // width 24: cuBLAS per head
+      conv1_heads_case(2, 32, {4, 16, 16, 16}, 9 * 11 * 13, true);
+      conv1_heads_case(2, 32, {4, 16, 16, 16}, 3, false);  // fewer positions than a tile
+    }
+  }
   concat_case(2, 3, 5, 7 * 9);
   concat_case(1, 4, 4, 64);
   concat_case(3, 4, 8, 16 * 16);  // float4 path, several images
@@ -1233,20 +1247,24 @@ struct ScopedEnv {
 
 // The same with conv3 through cuDNN's graph API (CMSEG_CUDNN_GRAPH=1) on channels-last
 // copies and on the NCDHW tensors, through the legacy API without the path timed per shape
-// (CMSEG_CONV_AUTOTUNE=0; the default times it), and with the filter gradients on a second
-// stream (CMSEG_CONV_OVERLAP=1).
+// (CMSEG_CONV_AUTOTUNE=0; the default times it), with the filter gradients on a second
+// stream (CMSEG_CONV_OVERLAP=1), and with the heads' weight gradients in one fused pass
+// (CMSEG_HEADS_WGRAD=fused).
 TEST(model_step_gpu_graph_api_matches_cpu) {
   struct Setting {
-    const char *graph, *channels_last, *autotune, *overlap, *name;
+    const char *graph, *channels_last, *autotune, *overlap, *heads, *name;
   };
   for (const Setting& e :
-       {Setting{"1", "1", "0", "0", "graph API on NDHWC"}, Setting{"1", "0", "0", "0", "graph API on NCDHW"},
-        Setting{"0", "1", "0", "0", "legacy API on NDHWC, path not timed"},
-        Setting{"0", "1", "0", "1", "filter gradients on a second stream"},
-        Setting{"0", "1", "1", "1", "path timed per shape, filter gradients on a second stream"}}) {
+       {Setting{"1", "1", "0", "0", "cublas", "graph API on NDHWC"},
+        Setting{"1", "0", "0", "0", "cublas", "graph API on NCDHW"},
+        Setting{"0", "1", "0", "0", "cublas", "legacy API on NDHWC, path not timed"},
+        Setting{"0", "1", "0", "1", "cublas", "filter gradients on a second stream"},
+        Setting{"0", "1", "1", "1", "cublas", "path timed per shape, filter gradients on a second stream"},
+        Setting{"0", "1", "1", "0", "fused", "heads' weight gradients in one pass"}}) {
     ScopedEnv env;
     env.put("CMSEG_CUDNN_GRAPH", e.graph), env.put("CMSEG_CONV_CHANNELS_LAST", e.channels_last);
     env.put("CMSEG_CONV_AUTOTUNE", e.autotune), env.put("CMSEG_CONV_OVERLAP", e.overlap);
+    env.put("CMSEG_HEADS_WGRAD", e.heads);
     const std::string on = std::string(", ") + e.name;
     whole_step_case(step_case("2D full" + on, 2, CmMode::Full, 0));
     whole_step_case(step_case("3D full, 1 head block" + on, 3, CmMode::Full, 1));

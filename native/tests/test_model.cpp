@@ -1,7 +1,8 @@
 // The U-Net model: SPEC parameter names and shapes, whole-model gradients
 // against central finite differences (every CM mode, 2D and 3D, R = 2, some
 // unlabelled pixels, one annotator absent from one image), warm-up sign, Adam,
-// overfitting a tiny batch, prediction outputs and input validation.
+// overfitting a tiny batch, prediction outputs, forward-only runs (evaluate,
+// predict) bit-identical to training's forward, and input validation.
 //
 // Whole-model gradient tolerance: |analytic - numeric| <= 1e-3 + 5e-2 |numeric|
 // with float32 central differences of step 5e-4 on a sample of entries per
@@ -12,11 +13,13 @@
 // backward fails nearly all of them).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <map>
 
 #include "check.hpp"
 #include "cmseg/error.hpp"
 #include "cmseg/model.hpp"
+#include "cmseg/onednn.hpp"
 #include "cmseg/threads.hpp"
 
 #if defined(__linux__)
@@ -259,6 +262,113 @@ TEST(overfits_tiny_batch_3d) {
   ModelConfig c = small(3, CmMode::Full);
   c.base = 4;
   CHECK(overfit(c, {8, 8, 8}, 80) < 0.3);
+}
+
+namespace {
+
+// ---- Forward-only runs. evaluate() and predict() run the training forward into
+// shared scratch instead of the backward pass's caches (native/model/unet.cpp):
+// the same arithmetic, so their results must match training's to the bit.
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+struct Prediction {
+  std::vector<float> probs, cms, annotator_probs;
+  bool operator==(const Prediction& o) const {
+    return same_bits(probs, o.probs) && same_bits(cms, o.cms) && same_bits(annotator_probs, o.annotator_probs);
+  }
+};
+
+Prediction predict_all(Model& m, const Data& d) {
+  const ModelConfig& c = m.config();
+  const int64_t V = d.s.size();
+  Prediction p;
+  p.probs.resize((size_t)d.n * c.classes * V);
+  p.cms.resize((size_t)d.n * c.annotators * c.classes * c.classes * V);
+  p.annotator_probs.resize((size_t)d.n * c.annotators * c.classes * V);
+  m.predict(d.images.data(), d.n, d.s, p.probs.data(), p.cms.data(), p.annotator_probs.data());
+  return p;
+}
+
+bool same_result(const StepResult& a, const StepResult& b) {
+  return a.loss == b.loss && a.ce == b.ce && a.trace == b.trace && a.trace_weight == b.trace_weight;
+}
+
+// The configurations below: plain trunk 2D and 3D, CM-head blocks, and oneDNN's
+// channel-blocked trunk where this build and machine have it (base 16 is a
+// multiple of either block, 8 or 16).
+std::vector<std::pair<ModelConfig, Spatial>> forward_only_cases() {
+  std::vector<std::pair<ModelConfig, Spatial>> cases;
+  cases.push_back({small(3, CmMode::Full), {4, 8, 8}});
+  cases.push_back({small(2, CmMode::LowRank), {1, 8, 12}});
+  ModelConfig blocks = small(2, CmMode::Full);
+  blocks.cm_head_blocks = 2;
+  cases.push_back({blocks, {1, 8, 8}});
+  for (int nd : {2, 3}) {
+    if (!onednn::activation_block(nd)) continue;
+    ModelConfig c = small(nd, CmMode::Full);
+    c.base = 16, c.cm_head_blocks = nd == 3 ? 1 : 0;
+    cases.push_back({c, nd == 3 ? Spatial{8, 8, 8} : Spatial{1, 16, 16}});
+  }
+  return cases;
+}
+
+std::string describe(const ModelConfig& c) {
+  return str(c.ndim, "D ", cm_mode_name(c.cm_mode), " base ", c.base, " cmHeadBlocks ", c.cm_head_blocks);
+}
+
+void expect(bool ok, const ModelConfig& c, const char* what) {
+  if (ok) return;
+  std::printf("  %s: %s\n", describe(c).c_str(), what);
+  ++check::failures();
+}
+
+}  // namespace
+
+TEST(forward_only_runs_match_the_training_forward) {
+  for (auto& [c, s] : forward_only_cases()) {
+    Model m(c);
+    Data d = make_data(c, 2, s, 31);
+    Batch b = d.batch();
+    const Prediction first = predict_all(m, d);  // a model that never ran a backward pass
+    const StepResult eval = m.evaluate(b);
+    expect(same_result(eval, m.compute_gradients(b)), c, "evaluate() differs from compute_gradients()");
+    Batch plain = b;
+    plain.target = d.labels[0].data();
+    expect(same_result(m.evaluate(plain), m.compute_gradients(plain)), c, "evaluate() differs on a plain-CE target");
+    expect(predict_all(m, d) == first, c, "predict() differs after compute_gradients()");
+    expect(same_result(m.evaluate(b), eval), c, "evaluate() differs after compute_gradients()");
+  }
+}
+
+// Forward-only runs (of another size too) between training steps leave the
+// training caches as training needs them, and a model's predictions after
+// training match those of a model that never trained with the same parameters.
+TEST(training_and_prediction_interleave_without_corrupting_either) {
+  for (auto& [c, s] : forward_only_cases()) {
+    Model fresh(c), mixed(c);
+    Data d = make_data(c, 2, s, 41);
+    const Spatial bigger = {c.ndim == 3 ? 2 * s.d : 1, 2 * s.h, s.w};
+    Data other = make_data(c, 1, bigger, 42);
+    Batch b = d.batch();
+    bool same_steps = true;
+    for (int i = 0; i < 3; ++i) {
+      predict_all(mixed, other);
+      mixed.evaluate(other.batch());
+      same_steps = same_steps && same_result(mixed.train_step(b), fresh.train_step(b));
+    }
+    expect(same_steps, c, "training steps after forward-only runs differ from a fresh model's");
+    bool same_params = true;
+    for (size_t i = 0; i < fresh.params().size(); ++i)
+      same_params = same_params && same_bits(fresh.params()[i].value, mixed.params()[i].value);
+    expect(same_params, c, "parameters after interleaved training differ from a fresh model's");
+    Model untrained(c);
+    for (size_t i = 0; i < untrained.params().size(); ++i) untrained.params()[i].value = mixed.params()[i].value;
+    expect(predict_all(mixed, d) == predict_all(untrained, d), c,
+           "predict() right after training differs from an untrained model's with the same parameters");
+  }
 }
 
 TEST(invalid_inputs_are_rejected_with_messages) {

@@ -28,6 +28,14 @@ namespace cu = cmseg::cuda;
 
 namespace {
 
+// The options off the default path, for the run's label ("" when none is on).
+std::string option_notes(const cu::ContextOptions& o) {
+  std::string s;
+  if (o.conv_overlap) s += ", filter gradients on a second stream";
+  if (o.heads_fused_weight_grad) s += ", heads' weight gradients fused";
+  return s;
+}
+
 // Convolution FLOPs of one step, counted as src/bench/flops.ts counts them (and the
 // PyTorch reference): 2 * multiply-adds of every conv weight at its level's
 // resolution, times 3 (forward, backward data, backward weights).
@@ -142,7 +150,7 @@ int main(int argc, char** argv) {
                 c.bf16 ? "graph API" : ctx.options().conv_autotune ? "path timed per shape"
                 : ctx.options().conv_graph ? "graph API" : "legacy API",
                 c.bf16 ? "bf16 NDHWC" : ctx.options().conv_channels_last ? "NDHWC" : "NCDHW",
-                ctx.options().conv_overlap ? ", filter gradients on a second stream" : "",
+                option_notes(ctx.options()).c_str(),
                 cu::upconv_path_name(ctx.options().upconv), steps, period);
     const std::string piped = ctx.profile_report(steps);
     if (!piped.empty()) {
@@ -185,19 +193,19 @@ int main(int argc, char** argv) {
     const bool cl = ctx.options().conv_channels_last, graph = ctx.options().conv_graph,
                tuned = ctx.options().conv_autotune && !c.bf16;
     const char* up = cu::upconv_path_name(ctx.options().upconv);
-    const bool overlap = ctx.options().conv_overlap;
+    const bool overlap = ctx.options().conv_overlap, heads_fused = ctx.options().heads_fused_weight_grad;
     std::printf("cmseg GPU %s (%s, %s, cuDNN %s on %s tensors%s, upconv2 %s): median %.1f ms/step, %.3g voxels/s, %.0f GFLOP/s, "
                 "peak %.0f MiB; cm_loss %.3f ms, %.0f GB/s\n",
                 config.c_str(), dev.name.c_str(), c.bf16 ? "bf16 convolutions" : c.tf32 ? "tf32" : "fp32",
                 tuned ? "path timed per shape" : (graph || c.bf16) ? "graph API" : "legacy API",
-                tuned ? "its fastest" : c.bf16 ? "bf16 NDHWC" : cl ? "NDHWC" : "NCDHW", overlap ? ", filter gradients on a second stream" : "", up, med, n * V / (med * 1e-3),
+                tuned ? "its fastest" : c.bf16 ? "bf16 NDHWC" : cl ? "NDHWC" : "NCDHW", option_notes(ctx.options()).c_str(), up, med, n * V / (med * 1e-3),
                 flops / (med * 1e-3) / 1e9, ps.peak_in_use_bytes / 1048576.0, loss_ms,
                 loss_bytes / (loss_ms * 1e-3) / 1e9);
     std::printf("{\"bench\":\"cmseg-gpu\",\"ok\":true,\"config\":\"%s\",\"device\":\"%s\",\"tf32\":%s,"
-                "\"bf16\":%s,\"channelsLast\":%s,\"cudnnGraph\":%s,\"convAutotune\":%s,\"convOverlap\":%s,\"upconv\":\"%s\","
+                "\"bf16\":%s,\"channelsLast\":%s,\"cudnnGraph\":%s,\"convAutotune\":%s,\"convOverlap\":%s,\"headsFused\":%s,\"upconv\":\"%s\","
                 "\"stepMs\":[",
                 config.c_str(), dev.name.c_str(), c.tf32 ? "true" : "false", c.bf16 ? "true" : "false",
-                cl ? "true" : "false", graph ? "true" : "false", tuned ? "true" : "false", overlap ? "true" : "false", up);
+                cl ? "true" : "false", graph ? "true" : "false", tuned ? "true" : "false", overlap ? "true" : "false", heads_fused ? "true" : "false", up);
     for (size_t i = 0; i < ms.size(); ++i) std::printf("%s%.3f", i ? "," : "", ms[i]);
     std::printf("],\"stepMsMedian\":%.3f,\"voxelsPerSecond\":%.1f,\"gflopPerSecond\":%.1f,\"peakGpuMB\":%.1f,"
                 "\"cmLossMs\":%.4f,\"cmLossBytes\":%.0f,\"cmLossGBs\":%.1f,\"pipelinedMs\":%.3f}\n",

@@ -62,6 +62,7 @@ void Context::set_conv_channels_last(bool on) { impl_->options.conv_channels_las
 void Context::set_conv_graph(bool on) { impl_->options.conv_graph = on; }
 void Context::set_conv_autotune(bool on) { impl_->options.conv_autotune = on; }
 void Context::set_conv_overlap(bool on) { impl_->options.conv_overlap = on; }
+void Context::set_heads_fused_weight_grad(bool on) { impl_->options.heads_fused_weight_grad = on; }
 void Context::set_bf16(bool on) { impl_->options.bf16 = on; }
 void Context::set_upconv(UpconvPath path, size_t chunk_bytes) {
   impl_->options.upconv = path;

@@ -97,6 +97,11 @@ struct ContextOptions {
   // 34 -> 43 ms, data gradients 12 -> 18 ms per step) and the step gained nothing,
   // so it stays off. CMSEG_CONV_OVERLAP=1 turns it on.
   bool conv_overlap = false;
+  // The fused heads' weight and bias gradients in one pass over the features and the
+  // heads' gradients (native/cuda/conv1_cublas.cu), instead of cuBLAS per head and a
+  // bias reduction per head. Off until a device run has timed it;
+  // CMSEG_HEADS_WGRAD=fused in the environment turns it on (=cublas off).
+  bool heads_fused_weight_grad = false;
   // How the transposed convolutions (upconv2) run: as cuBLAS GEMMs with our own
   // scatter and gather kernels (native/cuda/upconv2.cu), or through cuDNN on the
   // NCDHW tensors or on channels-last copies. CMSEG_UPCONV=gemm|cudnn|cudnn-cl in the
@@ -160,6 +165,7 @@ class Context {
   void set_conv_graph(bool on);
   void set_conv_autotune(bool on);
   void set_conv_overlap(bool on);
+  void set_heads_fused_weight_grad(bool on);
   void set_bf16(bool on);
   void set_upconv(UpconvPath path, size_t chunk_bytes = 0);
   int device() const;

@@ -297,6 +297,12 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     };
     const labelsToRelease = (labels: Uint8Array) => uncropVolume(releaseLabels(labels, c.naming), c.crop, full);
     const consensus = argmaxClasses(p.probs, 1, L);
+    // Pictures show the axial slice through the predicted tumour's centre (else the
+    // expert's, else the middle). The CMs' slice is taken now and the whole-volume CMs
+    // (R*L*L floats per voxel, most of the prediction's memory) let go before the writes.
+    const z = tumourSlice(consensus, c.extent) ?? (c.seg ? tumourSlice(c.seg, c.extent) : undefined) ?? Math.floor(c.extent.d / 2);
+    const cmSlice = wantCms ? axialSlice(p.cms!, R * L * L, c.extent, z) : undefined;
+    delete p.cms;
     await writeVolume(`${id}_consensus.nii.gz`, labelsToRelease(consensus), dims, 'uint8');
     // Outside the crop (no brain) the model is not asked: background with probability 1.
     const probs = new Float32Array(L * fullVoxels);
@@ -306,8 +312,6 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     // Named by annotator, as the 2D pictures are (<image>-annotator-<name>.png).
     for (const [r, map] of annotatorMaps.entries()) await writeVolume(`${id}_annotator-${files[r]}.nii.gz`, labelsToRelease(map), dims, 'uint8');
 
-    // Pictures: the axial slice through the predicted tumour's centre (else the expert's, else the middle).
-    const z = tumourSlice(consensus, c.extent) ?? (c.seg ? tumourSlice(c.seg, c.extent) : undefined) ?? Math.floor(c.extent.d / 2);
     const { h, w } = c.extent;
     const scale = flags.scale ?? Math.max(1, Math.floor(256 / Math.max(h, w)));
     const flair = axialSlice(c.images.subarray(3 * V, 4 * V), 1, c.extent, z);
@@ -319,9 +323,8 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     };
     const rows = [[upscale(grayImage(flair, h, w), scale), c.seg ? overlay(c.seg) : null, overlay(consensus)], annotatorMaps.map(overlay)];
     await save(`${id}_slice.png`, grid(rows.filter((row) => row.length > 0), 4));
-    if (wantCms) {
-      const cms = axialSlice(p.cms!, R * L * L, c.extent, z);
-      for (let r = 0; r < R; r++) await save(`${id}_cm-${files[r]}.png`, cmHeatMaps(cms, 0, r, R, L, h, w, Math.max(1, Math.floor(scale / 2))));
+    if (cmSlice) {
+      for (let r = 0; r < R; r++) await save(`${id}_cm-${files[r]}.png`, cmHeatMaps(cmSlice, 0, r, R, L, h, w, Math.max(1, Math.floor(scale / 2))));
     } else if (k === 0 && !learnsCms) {
       process.stderr.write(`note: ${method} does not learn annotator CMs: no annotator volumes or CM pictures\n`);
     }

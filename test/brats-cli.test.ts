@@ -131,7 +131,8 @@ t.test('phantom -> prepare (incremental, interruptible) -> train -> predict -> e
   t.ok(apart < 1e-5, `--window-batch 1 predicts as batches of 2 (max difference ${apart})`);
 
   // --no-cms: no CM sums or pictures; the annotators' maps are the same (they come from q_r).
-  const noCms = await cmseg(['predict', '--checkpoint', 'runs/cm/best.safetensors', '--out', 'pred-nocms', '--no-cms']);
+  // With --probs uint8: the probabilities as round(255 p), the same predictions otherwise.
+  const noCms = await cmseg(['predict', '--checkpoint', 'runs/cm/best.safetensors', '--out', 'pred-nocms', '--no-cms', '--probs', 'uint8']);
   t.equal(noCms.exitCode, 0, noCms.stderr);
   t.same(fs.readdirSync(path.join(dir, 'pred-nocms')).filter((f) => f.includes('_cm-')), [], 'no CM pictures');
   for (const name of names) {
@@ -140,6 +141,17 @@ t.test('phantom -> prepare (incremental, interruptible) -> train -> predict -> e
     t.same(Array.from(b.raw), Array.from(a.raw), `${name}: the same map without the CMs`);
   }
   t.match(fs.readFileSync(path.join(dir, 'pred-nocms', 'README.txt'), 'utf8'), /--no-cms: no CM pictures/);
+  const probs8 = await readNifti(path.join(dir, 'pred-nocms', `${id}_probs.nii.gz`));
+  t.equal(probs8.header.datatype, 'uint8', '--probs uint8 writes uint8');
+  t.same(probs8.dims, [48, 48, 32, 4]);
+  let off8 = 0;
+  for (let i = 0; i < probs.data.length; i++) off8 = Math.max(off8, Math.abs(probs8.raw[i] - 255 * probs.data[i]));
+  t.ok(off8 <= 0.5 + 1e-3, `uint8 probabilities are 255 p rounded (worst ${off8})`);
+  t.match(fs.readFileSync(path.join(dir, 'pred-nocms', 'README.txt'), 'utf8'), /uint8, 4D \[x, y, z, class\]: round\(255 p\(class\)\)/);
+  const noProbs = await cmseg(['predict', '--checkpoint', 'runs/cm/best.safetensors', '--out', 'pred-noprobs', '--no-cms', '--probs', 'none']);
+  t.equal(noProbs.exitCode, 0, noProbs.stderr);
+  t.notOk(fs.existsSync(path.join(dir, 'pred-noprobs', `${id}_probs.nii.gz`)), '--probs none: no probability volume');
+  t.ok(fs.existsSync(path.join(dir, 'pred-noprobs', `${id}_consensus.nii.gz`)), '--probs none: the consensus still');
 
   // A case folder of raw NIfTI files: preprocessed as prepare does, written back to its own grid.
   const fromFolder = await cmseg(['predict', '--checkpoint', 'runs/cm/last.safetensors', '--data', 'data/BraTS2021_00003', '--out', 'pred-folder']);

@@ -70,6 +70,8 @@ interface PredictFlags {
   windowBatch: number;
   /** false (--no-cms): 3D, no CM sums and no CM pictures (the annotators' maps still come from q_r). */
   cms: boolean;
+  /** 3D: how <id>_probs.nii.gz is written: float32, uint8 (p * 255, rounded) or not at all. */
+  probs: 'float32' | 'uint8' | 'none';
   device?: Device;
   threads?: number;
   geometryTolerance: number;
@@ -287,10 +289,9 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     namings.add(c.naming);
     const p = await slidingWindowPredict(model, c.images, c.extent, { patch, overlap: flags.overlap, batchSize: flags.windowBatch, cms: wantCms, annotatorProbs: learnsCms });
     const full = extentOfDims(c.original.dims);
-    const fullVoxels = full.d * full.h * full.w;
     const V = c.extent.d * c.extent.h * c.extent.w;
     const dims = [...c.original.dims];
-    const writeVolume = async (name: string, data: Uint8Array | Float32Array, volumeDims: number[], datatype: 'uint8' | 'float32') => {
+    const writeVolume = async (name: string, data: Uint8Array | Float32Array, datatype: 'uint8' | 'float32', volumeDims = dims) => {
       const target = path.join(outDir, name);
       await writeNifti(target, { dims: volumeDims, data, affine: c.original.affine }, { datatype, ...(c.header ? { header: c.header } : {}), description: `cmseg ${method} ${name}` });
       volumes.push(target);
@@ -303,14 +304,11 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     const z = tumourSlice(consensus, c.extent) ?? (c.seg ? tumourSlice(c.seg, c.extent) : undefined) ?? Math.floor(c.extent.d / 2);
     const cmSlice = wantCms ? axialSlice(p.cms!, R * L * L, c.extent, z) : undefined;
     delete p.cms;
-    await writeVolume(`${id}_consensus.nii.gz`, labelsToRelease(consensus), dims, 'uint8');
-    // Outside the crop (no brain) the model is not asked: background with probability 1.
-    const probs = new Float32Array(L * fullVoxels);
-    for (let cls = 0; cls < L; cls++) probs.set(uncropVolume(p.probs.subarray(cls * V, (cls + 1) * V), c.crop, full, 1, cls === 0 ? 1 : 0), cls * fullVoxels);
-    await writeVolume(`${id}_probs.nii.gz`, probs, [...dims, L], 'float32');
+    await writeVolume(`${id}_consensus.nii.gz`, labelsToRelease(consensus), 'uint8');
+    if (flags.probs !== 'none') await writeVolume(`${id}_probs.nii.gz`, ...probsVolume(p.probs, L, c.crop, full, flags.probs), [...dims, L]);
     const annotatorMaps = learnsCms ? argmaxAnnotatorProbs(p.annotatorProbs!, 1, R, L) : [];
     // Named by annotator, as the 2D pictures are (<image>-annotator-<name>.png).
-    for (const [r, map] of annotatorMaps.entries()) await writeVolume(`${id}_annotator-${files[r]}.nii.gz`, labelsToRelease(map), dims, 'uint8');
+    for (const [r, map] of annotatorMaps.entries()) await writeVolume(`${id}_annotator-${files[r]}.nii.gz`, labelsToRelease(map), 'uint8');
 
     const { h, w } = c.extent;
     const scale = flags.scale ?? Math.max(1, Math.floor(256 / Math.max(h, w)));
@@ -340,7 +338,13 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     '<id>_consensus.nii.gz        uint8, the predicted consensus argmax p, in the release\'s labels:',
     '                             0 background, 1 necrotic core (NCR), 2 edema (ED), 4 enhancing tumour (ET) for BraTS 2018-2021',
     '                             names; 3 for ET with BraTS 2023 names (the labels of the case\'s own files)',
-    '<id>_probs.nii.gz            float32, 4D [x, y, z, class]: p(class) for classes 0..3 (class 3 = ET); background = 1 outside the brain',
+    ...(flags.probs === 'none'
+      ? ['(--probs none: no probability volumes)']
+      : [
+          flags.probs === 'uint8'
+            ? "<id>_probs.nii.gz            uint8, 4D [x, y, z, class]: round(255 p(class)) for classes 0..3 (class 3 = ET); 255 background outside the brain"
+            : '<id>_probs.nii.gz            float32, 4D [x, y, z, class]: p(class) for classes 0..3 (class 3 = ET); background = 1 outside the brain',
+        ]),
     ...(learnsCms
       ? [
           '<id>_annotator-<name>.nii.gz uint8, that annotator\'s estimated segmentation argmax A_r p, labels as the consensus',
@@ -416,7 +420,14 @@ export function registerPredictCommand(program: Command): Command {
     .addOption(choiceOption('--split <name>', "which of the run's images or cases; all: every image or case of --data", ['test', 'validation', 'train', 'all']).default('test'))
     .option('--scale <n>', 'pixel enlargement of the pictures (default: about 256 pixels per picture)', parseInteger(1))
     .option('--overlap <x>', '3D: sliding-window overlap, 0 <= x < 1', parseOverlap, 0.5)
-    .option('--no-cms', '3D: no CM pictures, and no CMs summed over the volume (about 3/4 of the stitching\'s memory and half its time); the annotators\' maps are still written');
+    .option('--no-cms', '3D: no CM pictures, and no CMs summed over the volume (about 3/4 of the stitching\'s memory and half its time); the annotators\' maps are still written')
+    .addOption(
+      choiceOption(
+        '--probs <type>',
+        '3D: <id>_probs.nii.gz as float32, as uint8 (round(255 p), a quarter of the size and much faster to compress), or none',
+        ['float32', 'uint8', 'none'],
+      ).default('float32'),
+    );
   withInferenceOptions(command).action((flags: PredictFlags, cmd: Command) => runPredict(flags, given(cmd, 'split')));
   return withExamples(
     command,
@@ -425,6 +436,32 @@ export function registerPredictCommand(program: Command): Command {
     'cmseg predict --checkpoint model.safetensors --data my-images --out pictures',
     'cmseg predict --checkpoint runs/brats-a/best.safetensors runs/brats-b/best.safetensors --tta --out predictions',
   );
+}
+
+/**
+ * The probabilities [L, cropped V] on the case's full grid, [L, full V] (outside the crop,
+ * where the model is not asked, background has probability 1), as float32 or as uint8
+ * round(255 p).
+ */
+function probsVolume(
+  probs: Float32Array,
+  L: number,
+  crop: Parameters<typeof uncropVolume>[1],
+  full: Extent,
+  type: 'float32' | 'uint8',
+): [Float32Array | Uint8Array, 'float32' | 'uint8'] {
+  const V = probs.length / L;
+  const fullVoxels = full.d * full.h * full.w;
+  const out = type === 'uint8' ? new Uint8Array(L * fullVoxels) : new Float32Array(L * fullVoxels);
+  for (let cls = 0; cls < L; cls++) {
+    const plane = uncropVolume(probs.subarray(cls * V, (cls + 1) * V), crop, full, 1, cls === 0 ? 1 : 0);
+    if (type === 'float32') {
+      out.set(plane, cls * fullVoxels);
+    } else {
+      for (let v = 0; v < fullVoxels; v++) out[cls * fullVoxels + v] = Math.round(255 * plane[v]);
+    }
+  }
+  return [out, type];
 }
 
 function parseOverlap(value: string): number {

@@ -187,6 +187,9 @@ __global__ void __launch_bounds__(kThreads) heads_backward_data_kernel(const flo
 // (deterministic: the grid depends only on the device).
 constexpr int kWgWarps = 4, kWgThreads = 32 * kWgWarps, kWgTile = 64, kWgRowsPerWarp = 16;
 constexpr int kWgMaxRows = kWgWarps * kWgRowsPerWarp;
+// The widest case (64 channels, kWgMaxRows rows) within the 48 KB a launch gets without opting in.
+static_assert(sizeof(float) * (kWgTile * 65 + kWgMaxRows * kWgTile) + sizeof(void*) * kWgMaxRows <= 48 * 1024,
+              "heads_weight_grad_kernel's shared memory");
 
 template <int CIN>
 __global__ void __launch_bounds__(kWgThreads) heads_weight_grad_kernel(const float* __restrict__ x, HeadsParams P,
@@ -204,7 +207,8 @@ __global__ void __launch_bounds__(kWgThreads) heads_weight_grad_kernel(const flo
     rowp[r] = P.dy[h] + ((int64_t)i * P.cout[h] + k) * V;
   }
   const int nr = (P.rows - warp + kWgWarps - 1) / kWgWarps;  // rows this warp owns
-  float acc[kWgRowsPerWarp][CPL], bacc[kWgRowsPerWarp];
+  float acc[kWgRowsPerWarp][CPL];
+  double bacc[kWgRowsPerWarp];  // the bias sums run over every position of the block: in double, as bias_grad's
 #pragma unroll
   for (int j = 0; j < kWgRowsPerWarp; ++j) {
     bacc[j] = 0.f;
@@ -248,7 +252,7 @@ __global__ void __launch_bounds__(kWgThreads) heads_weight_grad_kernel(const flo
     }
 #pragma unroll
     for (int j = 0; j < kWgRowsPerWarp; ++j) {
-      bacc[j] += tb[j];
+      bacc[j] += (double)tb[j];
 #pragma unroll
       for (int cc = 0; cc < CPL; ++cc) acc[j][cc] += tacc[j][cc];
     }
@@ -260,7 +264,7 @@ __global__ void __launch_bounds__(kWgThreads) heads_weight_grad_kernel(const flo
     float* out = partial + (b * P.rows + warp + j * kWgWarps) * XS;
 #pragma unroll
     for (int cc = 0; cc < CPL; ++cc) out[lane + 32 * cc] = acc[j][cc];
-    if (lane == 0) out[CIN] = bacc[j];
+    if (lane == 0) out[CIN] = (float)bacc[j];
   }
 }
 
@@ -364,7 +368,8 @@ bool heads_weight_grad_fused(Context& ctx, const float* x, const PackedHeads& ph
   if ((cin != 32 && cin != 64) || ph.P.rows > kWgMaxRows) return false;
   const size_t smem = sizeof(float) * ((size_t)kWgTile * (cin + 1) + (size_t)ph.P.rows * kWgTile) +
                       sizeof(const float*) * ph.P.rows;
-  // A block's tiles: about 4 per SM in all, never more blocks than tiles.
+  // Blocks per image: about 4 per SM over all images (n per SM from 5 images on), never
+  // more than an image's tiles.
   const int blocks_x = ctx.impl().grid_for(V, kWgTile, std::max(1, 4 / n));
   const int blocks = blocks_x * n;
   Buffer<float> partial(ctx, (size_t)blocks * ph.P.rows * (cin + 1));

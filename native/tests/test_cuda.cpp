@@ -980,6 +980,8 @@ TEST(heads_concat_ce_predict_match_cpu) {
       conv1_heads_case(2, 16, {3, 9, 9, 9, 9, 9}, 777, false);
       conv1_heads_case(1, 64, {5, 7}, 4096 + 3, false);
       conv1_heads_case(2, 64, std::vector<int>(16, 4), 64 * 50 + 1, false);  // 64 rows: the most the fused pass takes
+      conv1_heads_case(2, 64, std::vector<int>(16, 4), 3 * 16384 + 5, false); // width 64, several tiles per block
+      conv1_heads_case(5, 32, {1, 2}, 4000, false);                         // 3 rows (warps without one), 5 images
       conv1_heads_case(1, 32, std::vector<int>(17, 3), 500, false);       // 17 heads: the most fused
       conv1_heads_case(1, 32, std::vector<int>(17, 4), 500, false);       // 68 rows: cuBLAS weight gradients
       conv1_heads_case(1, 32, std::vector<int>(18, 3), 500, false);       // 18: cuBLAS per head

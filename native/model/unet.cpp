@@ -80,7 +80,7 @@ struct Model::Impl {
   std::vector<std::vector<float>> head_plain;  // blocked trunk: CM-block outputs in plain layout for their heads
   std::vector<float> seg_logits;
   std::vector<std::vector<float>> cm_raw;
-  // Backward scratch.
+  // Backward scratch; forward-only runs borrow some of it for what they read once (run()).
   std::vector<float> d_seg;
   std::vector<std::vector<float>> g_enc;
   std::vector<float> scratch_a, scratch_b, d_feat, d_feat_trunk, d_tmp, d_tmp2;

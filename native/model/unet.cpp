@@ -52,6 +52,27 @@ void grow(std::vector<float>& v, size_t n) {
   if (v.size() < n) v.resize(n);
 }
 
+// The first index in [0, count) where bad(i) holds, or -1; the scan runs over the
+// thread pool (a training step's inputs are tens of millions of values, checked on
+// the host before every step, also while a GPU works on the previous one).
+template <class Bad>
+int64_t first_bad(int64_t count, const Bad& bad) {
+  constexpr int64_t kChunk = 1 << 18;
+  const int64_t chunks = (count + kChunk - 1) / kChunk;
+  std::vector<int64_t> first(chunks, -1);
+  parallel_for(chunks, [&](int64_t c, int) {
+    const int64_t e1 = std::min(count, (c + 1) * kChunk);
+    for (int64_t e = c * kChunk; e < e1; ++e)
+      if (bad(e)) {
+        first[c] = e;
+        return;
+      }
+  });
+  for (int64_t f : first)
+    if (f >= 0) return f;
+  return -1;
+}
+
 // dst[i] += src[i] over the thread pool.
 void add_into(float* dst, const float* src, int64_t count) {
   constexpr int64_t kChunk = 1 << 16;
@@ -246,12 +267,12 @@ void Model::validate_images(const float* images, int n, Spatial s) const {
          "x", s.w, " input has a single position: instance norm needs more than one; use a larger input or a smaller "
          "depth");
   const int64_t total = (int64_t)n * c.in_channels * s.size();
-  for (int64_t i = 0; i < total; ++i)
-    if (!std::isfinite(images[i])) {
-      const int64_t V = s.size();
-      fail("images contain ", std::isnan(images[i]) ? "NaN" : "Inf", " at index ", i, " (image ",
-           i / (V * c.in_channels), ", channel ", (i / V) % c.in_channels, ")");
-    }
+  const int64_t i = first_bad(total, [&](int64_t e) { return !std::isfinite(images[e]); });
+  if (i >= 0) {
+    const int64_t V = s.size();
+    fail("images contain ", std::isnan(images[i]) ? "NaN" : "Inf", " at index ", i, " (image ",
+         i / (V * c.in_channels), ", channel ", (i / V) % c.in_channels, ")");
+  }
 }
 
 void Model::validate(const Batch& b) const {
@@ -259,29 +280,33 @@ void Model::validate(const Batch& b) const {
   const int L = config_.classes;
   const int64_t count = (int64_t)b.n * b.s.size();
   auto check_map = [&](const uint8_t* lab, const std::string& what) {
-    for (int64_t i = 0; i < count; ++i)
-      if (lab[i] >= L && lab[i] != kUnlabelled)
-        fail(what, ": label ", (int)lab[i], " at index ", i, " (image ", i / b.s.size(), ") is >= classes (", L,
-             ") and is not 255 (unlabelled)");
+    const int64_t i = first_bad(count, [&](int64_t e) { return lab[e] >= L && lab[e] != kUnlabelled; });
+    if (i >= 0)
+      fail(what, ": label ", (int)lab[i], " at index ", i, " (image ", i / b.s.size(), ") is >= classes (", L,
+           ") and is not 255 (unlabelled)");
   };
   if (b.target) {
     check_map(b.target, "target");
   } else if (b.soft_target) {
     const int64_t total = count * L;
-    for (int64_t i = 0; i < total; ++i)
-      if (!std::isfinite(b.soft_target[i]) || b.soft_target[i] < 0)
-        fail("softTarget: value ", b.soft_target[i], " at index ", i, " is not a finite probability");
+    const int64_t bad = first_bad(total, [&](int64_t e) { return !std::isfinite(b.soft_target[e]) || b.soft_target[e] < 0; });
+    if (bad >= 0) fail("softTarget: value ", b.soft_target[bad], " at index ", bad, " is not a finite probability");
     // Each pixel's class probabilities sum to 1, or to 0 where nobody labelled it (the
     // mean of no votes): another sum would silently weight that pixel's cross-entropy.
     const int64_t V = b.s.size();
-    for (int64_t i = 0; i < count; ++i) {
+    auto sum_at = [&](int64_t i) {
       const float* t = b.soft_target + (i / V) * L * V + i % V;
       double sum = 0;
       for (int k = 0; k < L; ++k) sum += t[k * V];
-      if (sum != 0 && std::fabs(sum - 1) > 1e-3)
-        fail("softTarget: the class probabilities of pixel ", i % V, " of image ", i / V, " sum to ", sum,
-             "; each pixel's must sum to 1 (or 0 where nobody labelled it)");
-    }
+      return sum;
+    };
+    const int64_t i = first_bad(count, [&](int64_t e) {
+      const double sum = sum_at(e);
+      return sum != 0 && std::fabs(sum - 1) > 1e-3;
+    });
+    if (i >= 0)
+      fail("softTarget: the class probabilities of pixel ", i % V, " of image ", i / V, " sum to ", sum_at(i),
+           "; each pixel's must sum to 1 (or 0 where nobody labelled it)");
   } else {
     if ((int)b.labels.size() != config_.annotators)
       fail("expected labels for ", config_.annotators, " annotators, got ", b.labels.size());

@@ -389,6 +389,17 @@ TEST(invalid_inputs_are_rejected_with_messages) {
   CHECK_THROWS_WITH(m.evaluate(b), "labels of annotator 1: label 7 at index 9 (image 0) is >= classes (3)");
   d.labels[1][9] = 255;
   CHECK(std::isfinite(m.evaluate(b).loss));
+  // Inputs larger than one chunk of the parallel scan: the first bad value is named,
+  // whichever chunk finishes first.
+  {
+    Data big = make_data(c, 2, {1, 512, 512}, 8);  // 2 x 2 x 512 x 512 images: 1 M values
+    Batch bb = big.batch();
+    big.images[900000] = INFINITY, big.images[300001] = std::nanf(""), big.images[700000] = std::nanf("");
+    CHECK_THROWS_WITH(m.evaluate(bb), "images contain NaN at index 300001 (image 0, channel 1)");
+    big.images[900000] = big.images[300001] = big.images[700000] = 0.f;
+    big.labels[0][400000] = 9, big.labels[0][270000] = 3, big.labels[0][500000] = 4;
+    CHECK_THROWS_WITH(m.evaluate(bb), "labels of annotator 0: label 3 at index 270000 (image 1) is >= classes (3)");
+  }
   ModelConfig bad = c;
   bad.classes = 1;
   CHECK_THROWS_WITH(Model x(bad), "classes must be in 2..16");

@@ -194,42 +194,55 @@ t.test('invalid arguments are rejected before any prediction', async (t) => {
   await t.rejects(slidingWindowPredict(flat, volume, extent, { patch: [8, 8] }), /2D model needs extent.d = 1/);
 });
 
-// The next batch is handed to the model before this one is stitched (so the model works
-// while JavaScript blends), never more than one batch in flight, and failures while a batch
-// is in flight reject the call without an unhandled rejection.
-t.test('one batch in flight while the previous one is stitched', async (t) => {
-  const config = { classes: 2, annotators: 1, inChannels: 1, ndim: 3, depth: 1 } as const;
+// With the pipeline (the default for a GPU model), the next batch is running in the model
+// before this one is stitched, never more than one batch in flight; without it (the CPU
+// default) the batches run one after the other. The fakes start their work from a promise
+// callback, as Model does (its calls are queued). Failures while a batch is in flight
+// reject the call, after that batch has finished, without an unhandled rejection.
+t.test('the next batch runs while the previous one is stitched, on a GPU model', async (t) => {
   const extent = { d: 4, h: 4, w: 16 };
   const volume = noise(4 * 4 * 16, 3);
-  const events: string[] = [];
-  let inFlight = 0;
-  let most = 0;
-  class Logged extends FakeModel {
-    async predict(images: Float32Array, shape: number[], options?: { cms?: boolean; annotatorProbs?: boolean }) {
-      const k = this.shapes.length;
-      events.push(`predict ${k}`);
-      most = Math.max(most, ++inFlight);
-      await new Promise((r) => setTimeout(r, 2));
-      const out = await super.predict(images, shape, options);
-      inFlight--;
-      return out;
+  const run = async (device: string | undefined, pipeline?: boolean) => {
+    const events: string[] = [];
+    let inFlight = 0;
+    let most = 0;
+    class Queued extends FakeModel {
+      predict(images: Float32Array, shape: number[], options?: { cms?: boolean; annotatorProbs?: boolean }) {
+        const k = this.calls++;
+        return Promise.resolve().then(async () => {
+          events.push(`start ${k}`);
+          most = Math.max(most, ++inFlight);
+          await new Promise((r) => setTimeout(r, 2));
+          const out = await super.predict(images, shape, options);
+          inFlight--;
+          return out;
+        });
+      }
+      calls = 0;
     }
-  }
-  const model = new Logged(config);
-  const result = await slidingWindowPredict(model, volume, extent, {
-    patch: [4, 4, 4],
-    overlap: 0,
-    batchSize: 1,
-    onProgress: (done) => events.push(`stitched ${done - 1}`),
-  });
-  t.same(events, ['predict 0', 'predict 1', 'stitched 0', 'predict 2', 'stitched 1', 'predict 3', 'stitched 2', 'stitched 3']);
-  t.equal(most, 1, 'at most one batch in flight');
-  t.ok(maxAbsDiff(result.probs, perVoxelOutputs(volume, 1, 1, 256, 2, 1).probs) < TOL, 'same result');
+    const model = new Queued({ classes: 2, annotators: 1, inChannels: 1, ndim: 3, depth: 1, ...(device ? { device } : {}) });
+    const result = await slidingWindowPredict(model, volume, extent, {
+      patch: [4, 4, 4],
+      overlap: 0,
+      batchSize: 1,
+      ...(pipeline !== undefined ? { pipeline } : {}),
+      onProgress: (done) => events.push(`stitched ${done - 1}`),
+    });
+    t.ok(maxAbsDiff(result.probs, perVoxelOutputs(volume, 1, 1, 256, 2, 1).probs) < TOL, 'same result');
+    t.equal(most, 1, 'at most one batch in flight');
+    return events;
+  };
+  const overlapped = ['start 0', 'start 1', 'stitched 0', 'start 2', 'stitched 1', 'start 3', 'stitched 2', 'stitched 3'];
+  const serial = ['start 0', 'stitched 0', 'start 1', 'stitched 1', 'start 2', 'stitched 2', 'start 3', 'stitched 3'];
+  t.same(await run('cuda'), overlapped, 'GPU model: the next batch starts before this one is stitched');
+  t.same(await run('cpu'), serial, 'CPU model: one batch after the other');
+  t.same(await run(undefined, true), overlapped, 'pipeline: true');
 
   // The model fails on batch 2 while batch 1 is stitched: the call rejects with that error.
   let unhandled = 0;
   const onUnhandled = () => unhandled++;
   process.on('unhandledRejection', onUnhandled);
+  const config = { classes: 2, annotators: 1, inChannels: 1, ndim: 3, depth: 1, device: 'cuda' } as const;
   class Failing extends FakeModel {
     async predict(images: Float32Array, shape: number[], options?: { cms?: boolean; annotatorProbs?: boolean }) {
       if (this.shapes.length === 2) throw new Error('GPU out of memory: batch 2');
@@ -249,8 +262,7 @@ t.test('one batch in flight while the previous one is stitched', async (t) => {
       return k === 0 ? { probs: out.probs.subarray(1) } : out;
     }
   }
-  const short = new Short(config);
-  await t.rejects(slidingWindowPredict(short, volume, extent, { patch: [4, 4, 4], overlap: 0, batchSize: 1 }), /returned probs with 127 values, expected 128/);
+  await t.rejects(slidingWindowPredict(new Short(config), volume, extent, { patch: [4, 4, 4], overlap: 0, batchSize: 1 }), /returned probs with 127 values, expected 128/);
   t.equal(finished, 2, 'the batch in flight finished before the call rejected');
   await new Promise((r) => setTimeout(r, 20));
   process.off('unhandledRejection', onUnhandled);

@@ -175,12 +175,15 @@ class OnSideStream {
   explicit OnSideStream(Context& ctx) : m_(ctx.impl()) {
     SideStream& s = m_.side;
     m_.cudnn(), m_.cublas();  // the model's handles exist (bound to its stream) before the swap
-    if (!s.stream) {
-      CMSEG_CUDA(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking));
-      CMSEG_CUDA(cudaEventCreateWithFlags(&s.fork, cudaEventDisableTiming));
-      CMSEG_CUDA(cudaEventCreateWithFlags(&s.join, cudaEventDisableTiming));
+    // Each part made once, checked on its own (a failure part way leaves the rest to the next try).
+    if (!s.stream) CMSEG_CUDA(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking));
+    if (!s.fork) CMSEG_CUDA(cudaEventCreateWithFlags(&s.fork, cudaEventDisableTiming));
+    if (!s.join) CMSEG_CUDA(cudaEventCreateWithFlags(&s.join, cudaEventDisableTiming));
+    if (!s.cudnn) {
       CMSEG_CUDNN(cudnnCreate(&s.cudnn));
       CMSEG_CUDNN(cudnnSetStream(s.cudnn, s.stream));
+    }
+    if (!s.cublas) {
       CMSEG_CUBLAS(cublasCreate(&s.cublas));
       CMSEG_CUBLAS(cublasSetStream(s.cublas, s.stream));
     }
@@ -194,8 +197,7 @@ class OnSideStream {
     if (!on_) return;
     swap();
     on_ = false;
-    CMSEG_CUDA(cudaEventRecord(m_.side.join, m_.side.stream));
-    left_ = true;
+    record_join();
   }
   void join() {
     leave();
@@ -208,7 +210,10 @@ class OnSideStream {
     if (on_) {
       swap();
       on_ = false;
-      left_ = cudaEventRecord(m_.side.join, m_.side.stream) == cudaSuccess;
+      try {
+        record_join();
+      } catch (...) {  // the side stream was waited for
+      }
     }
     if (left_) cudaStreamWaitEvent(m_.stream, m_.side.join, 0);
   }
@@ -216,6 +221,17 @@ class OnSideStream {
   OnSideStream& operator=(const OnSideStream&) = delete;
 
  private:
+  // The join event after the side's work; when it cannot be recorded, the host waits
+  // for the side stream instead (nothing it reads may be freed under it).
+  void record_join() {
+    const cudaError_t e = cudaEventRecord(m_.side.join, m_.side.stream);
+    if (e == cudaSuccess) {
+      left_ = true;
+      return;
+    }
+    cudaStreamSynchronize(m_.side.stream);
+    CMSEG_CUDA(e);
+  }
   void swap() {
     std::swap(m_.stream, m_.side.stream);
     std::swap(m_.cudnn_handle, m_.side.cudnn);

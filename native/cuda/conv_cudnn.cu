@@ -814,15 +814,19 @@ int autotuned_path(Context& ctx, const ConvKey& key, const char* what, Run run) 
   if (auto it = cache.find(key); it != cache.end()) return it->second;
   int best = -1;
   float best_ms = 0;
-  std::string tried;
+  std::string tried, out_of_memory;
   for (int p = 0; p < (int)std::size(kConvPaths); ++p) {
     float ms = -1;
     try {
       PathScope scope(ctx, kConvPaths[p]);
       run();  // warm-up: each path chooses its own algorithm or engine here
       ms = ctx.time_ms(run, 2);
-    } catch (const OutOfMemory&) {
-      throw;
+    } catch (const OutOfMemory& e) {
+      // A path that needs more memory (the channels-last copies) drops out: near a memory
+      // limit the others may still fit, as the single default path did before timing.
+      tried += str(tried.empty() ? "" : ", ", kConvPaths[p].name, " out of memory");
+      out_of_memory = e.what();
+      continue;
     } catch (const Error& e) {
       tried += str(tried.empty() ? "" : ", ", kConvPaths[p].name, " failed (", e.what(), ")");
       continue;
@@ -830,6 +834,7 @@ int autotuned_path(Context& ctx, const ConvKey& key, const char* what, Run run) 
     tried += str(tried.empty() ? "" : ", ", kConvPaths[p].name, " ", ms, " ms");
     if (best < 0 || ms < best_ms) best = p, best_ms = ms;
   }
+  if (best < 0 && !out_of_memory.empty()) throw OutOfMemory(out_of_memory);  // said in the user's terms
   if (best < 0) fail(what, ": no conv3 path ran (", tried, ")");
   std::fprintf(stderr, "cmseg: conv3 %s %d->%d %dx%dx%d n %d: %s (%s)\n", what, key.cin, key.cout, key.d, key.h,
                key.w, key.n, kConvPaths[best].name, tried.c_str());

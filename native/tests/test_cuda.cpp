@@ -1242,8 +1242,9 @@ struct ScopedEnv {
     saved.emplace_back(k, old ? std::optional<std::string>(old) : std::nullopt);
     setenv(k, v, 1);
   }
-  ~ScopedEnv() {
-    for (const auto& [k, v] : saved) v ? (void)setenv(k.c_str(), v->c_str(), 1) : (void)unsetenv(k.c_str());
+  ~ScopedEnv() {  // newest first, so a key put twice ends as it was before the first
+    for (auto it = saved.rbegin(); it != saved.rend(); ++it)
+      it->second ? (void)setenv(it->first.c_str(), it->second->c_str(), 1) : (void)unsetenv(it->first.c_str());
   }
 };
 
@@ -1382,6 +1383,11 @@ TEST(model_gpu_validates) {
 // batch that fits runs afterwards. The per-model limit stands in for a full device
 // (the same allocator path throws in both cases).
 TEST(model_gpu_out_of_memory) {
+  // One conv3 path for every model here, so that the probe's peak is the others' (the
+  // paths timed per shape pick by timing, and differ in memory); the end checks the
+  // timed choice under the same limit.
+  ScopedEnv env;
+  env.put("CMSEG_CONV_AUTOTUNE", "0");
   StepCase small = step_case("oom", 2, CmMode::Full, 0);
   StepCase big = small;
   big.n = 8, big.s = {1, 64, 48};  // 64x the pixels of `small`
@@ -1408,6 +1414,12 @@ TEST(model_gpu_out_of_memory) {
   CHECK(gpu.step == 0);                                                    // and took no optimiser step
   const StepResult r = gpu.train_step(ds.batch);                           // a batch that fits still runs
   CHECK(std::isfinite(r.loss) && gpu.step == 1);
+  // With the path timed per shape, the same limit: paths that need more memory than it
+  // leaves drop out of the timing, and the step runs on one that fits.
+  env.put("CMSEG_CONV_AUTOTUNE", "1");
+  Model timed(cg);
+  const StepResult rt = timed.train_step(ds.batch);
+  CHECK(std::isfinite(rt.loss) && timed.step == 1);
 }
 
 // After a training step a GPU model holds its parameters (values, gradients, two

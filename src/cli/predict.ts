@@ -458,7 +458,7 @@ function probsVolume(
     if (type === 'float32') {
       out.set(plane, cls * fullVoxels);
     } else {
-      for (let v = 0; v < fullVoxels; v++) out[cls * fullVoxels + v] = Math.round(255 * plane[v]);
+      for (let v = 0; v < fullVoxels; v++) out[cls * fullVoxels + v] = Math.min(255, Math.round(255 * plane[v]));
     }
   }
   return [out, type];

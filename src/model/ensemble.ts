@@ -82,7 +82,9 @@ export function ensemble(models: readonly PredictingModel[]): PredictingModel {
   }
   if (models.length === 1) return models[0];
   const { ndim, inChannels, classes, annotators } = configs[0];
-  const config = { ndim, inChannels, classes, annotators, depth: Math.max(...configs.map((c) => c.depth)) };
+  // On a GPU when any member is: its predictions then take about as long as the stitching.
+  const device = configs.some((c) => c.device === 'cuda') ? 'cuda' : configs[0].device;
+  const config = { ndim, inChannels, classes, annotators, depth: Math.max(...configs.map((c) => c.depth)), device };
   return {
     config,
     predict: async (images, shape, options) => {

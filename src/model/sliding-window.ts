@@ -20,7 +20,12 @@ import { mirrored } from './tta';
 
 /** The part of a Model that sliding-window inference needs (tests pass fakes). */
 export interface SlidingWindowModel {
-  readonly config: { classes: number; annotators: number; inChannels: number; ndim: 2 | 3; depth: number };
+  /** device: where predict runs ('cuda': the next batch is predicted while the last is stitched). */
+  readonly config: { classes: number; annotators: number; inChannels: number; ndim: 2 | 3; depth: number; device?: string };
+  /**
+   * Resolves with fresh output arrays, and reads `images` only until it resolves (the
+   * caller refills the same buffer for the next batch).
+   */
   predict(
     images: Float32Array,
     shape: number[],
@@ -49,6 +54,13 @@ export interface SlidingWindowOptions {
   mirror?: boolean | readonly number[];
   /** Called after each batch with the windows done so far and the total. */
   onProgress?: (windowsDone: number, windowsTotal: number) => void;
+  /**
+   * Predict the next batch while this one is stitched: the stitching's time hidden, for one
+   * more batch of outputs in memory. Default: when the model runs on a GPU (config.device
+   * 'cuda'), where a window's prediction takes about as long as its stitching; on the CPU
+   * the prediction takes a hundred times longer and the memory is better kept.
+   */
+  pipeline?: boolean;
 }
 
 export interface SlidingWindowPrediction {
@@ -176,10 +188,11 @@ export async function slidingWindowPredict(
   if (wantQ) outputs.push({ name: 'annotatorProbs', channels: R * L, sum: new Float32Array(R * L * V) });
   const weightSum = new Float64Array(V);
   const padded = axes.some((a) => a.size < a.patch);
-  // One batch is in flight while the one before is stitched, so the model does not wait
-  // for the stitching (a GPU predicts a 128^3 window in about the time JavaScript takes to
-  // blend its CMs). One input buffer serves: a batch is gathered once the previous one's
-  // prediction has resolved, and the model reads its input only until then.
+  // With `pipeline`, one batch is in flight while the one before is stitched, so the model
+  // does not wait for the stitching (a GPU predicts a 128^3 window in about the time
+  // JavaScript takes to blend its CMs). One input buffer serves: a batch is gathered once
+  // the previous one's prediction has resolved, and the model reads its input only until then.
+  const pipeline = options.pipeline ?? model.config.device === 'cuda';
   const input = new Float32Array(Math.min(batchSize, windows.length) * C * Pv);
 
   // For one window and one axis: the window offsets that fall inside the volume, and the
@@ -260,9 +273,15 @@ export async function slidingWindowPredict(
   try {
     for (let k = 0; k < batches; k++) {
       const prediction = await pending;
-      if (k + 1 < batches) pending = launch(k + 1);
+      if (pipeline && k + 1 < batches) {
+        pending = launch(k + 1);
+        // A model's predict may start its work from a promise callback (Model queues its
+        // calls): let it start before the stitching holds the thread.
+        await new Promise((resolve) => setImmediate(resolve));
+      }
       stitch(windows.slice(k * batchSize, (k + 1) * batchSize), prediction);
       options.onProgress?.(Math.min((k + 1) * batchSize, windows.length), windows.length);
+      if (!pipeline && k + 1 < batches) pending = launch(k + 1);
     }
   } catch (e) {
     // A failure while batch k + 1 is in flight: let it finish before the caller reuses

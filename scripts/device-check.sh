@@ -29,7 +29,9 @@
 #              then the same step varied, to check the defaults: bench_gpu_legacy
 #              (legacy cuDNN on channels-last copies for all), bench_gpu_ncdhw (legacy
 #              cuDNN on the NCDHW tensors), bench_gpu_heads_fused (the heads' weight
-#              gradients in one pass), bench_gpu_overlap (filter gradients on a
+#              gradients in one pass), bench_gpu_concat_in_place (the up-convolutions
+#              written into the concat buffers), bench_gpu_candidates (both),
+#              bench_gpu_overlap (filter gradients on a
 #              second stream), cm_loss_grid (the fused CM loss at 2-32 blocks per SM), cm_loss_pairs
 #              (its thread-per-pixel-and-annotator kernel), bench_gpu_bf16 (bf16
 #              convolutions), bench_gpu_upconv_cudnn / _cl (transposed convolutions
@@ -210,6 +212,8 @@ for line in lines:
             mode += ", filter gradients on a second stream"
         if r.get("headsFused"):
             mode += ", heads' weight gradients fused"
+        if r.get("concatInPlace"):
+            mode += ", concat in place"
         if r.get("upconv"):
             mode += ", upconv2 " + r["upconv"]
         print(f"  cmseg GPU {r['config']} {mode}: median step {r['stepMsMedian']:.1f} ms, "
@@ -310,6 +314,10 @@ if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   # The heads' weight and bias gradients in one fused pass (CMSEG_HEADS_WGRAD=fused; the
   # heads' backward took 4.3 ms of the step with cuBLAS per head on an H200).
   stage bench_gpu_heads_fused 60 "$OUT/bench_gpu.txt" "CMSEG_HEADS_WGRAD=fused CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  # The up-convolutions written straight into the concat buffers (CMSEG_CONCAT_IN_PLACE=1;
+  # concat forward + backward took 1.9 ms of the step), then both candidates together.
+  stage bench_gpu_concat_in_place 60 "$OUT/bench_gpu.txt" "CMSEG_CONCAT_IN_PLACE=1 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  stage bench_gpu_candidates 60 "$OUT/bench_gpu.txt" "CMSEG_CONCAT_IN_PLACE=1 CMSEG_HEADS_WGRAD=fused CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   stage bench_gpu_overlap 120 "$OUT/bench_gpu.txt" "CMSEG_CONV_OVERLAP=1 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # The fused CM loss against its grid size (it reached ~15% of the bandwidth with 8
   # blocks per SM): the same bench with 2, 4, 16 and 32.

@@ -19,6 +19,8 @@ const variants = [
   ['default (conv3 path timed per shape)', {}, 'tf32'],
   ['legacy API on channels-last copies (CMSEG_CONV_AUTOTUNE=0)', { CMSEG_CONV_AUTOTUNE: '0' }, 'tf32'],
   ["heads' weight gradients in one fused pass (CMSEG_HEADS_WGRAD=fused)", { CMSEG_HEADS_WGRAD: 'fused' }, 'tf32'],
+  ['up-convolutions written into the concat buffers (CMSEG_CONCAT_IN_PLACE=1)', { CMSEG_CONCAT_IN_PLACE: '1' }, 'tf32'],
+  ['both candidates', { CMSEG_HEADS_WGRAD: 'fused', CMSEG_CONCAT_IN_PLACE: '1' }, 'tf32'],
   ['bf16 convolutions', {}, 'bf16'],
 ];
 

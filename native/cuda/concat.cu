@@ -84,7 +84,7 @@ void concat_forward(Context& ctx, const float* a, int ca, const float* b, int cb
   check("concat_forward", ca, cb, n, V);
   const int64_t row = (int64_t)(ca + cb) * V;
   copy_rows(ctx, y, row, a, (int64_t)ca * V, (int64_t)ca * V, n);
-  copy_rows(ctx, y + (int64_t)ca * V, row, b, (int64_t)cb * V, (int64_t)cb * V, n);
+  if (b) copy_rows(ctx, y + (int64_t)ca * V, row, b, (int64_t)cb * V, (int64_t)cb * V, n);
 }
 
 void concat_backward(Context& ctx, const float* dy, float* da, int ca, float* db, int cb, int n, int64_t V,

@@ -86,6 +86,7 @@ Context::Context(const ContextOptions& options) : impl_(new Impl) {
   if (const char* g = std::getenv("CMSEG_CUDNN_GRAPH"); g && *g) m.options.conv_graph = std::string(g) != "0";
   if (const char* a = std::getenv("CMSEG_CONV_AUTOTUNE"); a && *a) m.options.conv_autotune = std::string(a) != "0";
   if (const char* v = std::getenv("CMSEG_CONV_OVERLAP"); v && *v) m.options.conv_overlap = std::string(v) != "0";
+  if (const char* v = std::getenv("CMSEG_CONCAT_IN_PLACE"); v && *v) m.options.concat_in_place = std::string(v) != "0";
   if (const char* v = std::getenv("CMSEG_HEADS_WGRAD"); v && *v) {
     const std::string h = v;
     if (h != "fused" && h != "cublas") throw Error(str("CMSEG_HEADS_WGRAD must be fused or cublas, not '", h, "'"));
@@ -185,6 +186,7 @@ void Context::set_conv_graph(bool on) { impl_->options.conv_graph = on; }
 void Context::set_conv_autotune(bool on) { impl_->options.conv_autotune = on; }
 void Context::set_conv_overlap(bool on) { impl_->options.conv_overlap = on; }
 void Context::set_heads_fused_weight_grad(bool on) { impl_->options.heads_fused_weight_grad = on; }
+void Context::set_concat_in_place(bool on) { impl_->options.concat_in_place = on; }
 void Context::set_bf16(bool on) { impl_->options.bf16 = on; }
 void Context::set_upconv(UpconvPath path, size_t chunk_bytes) {
   impl_->options.upconv = path;

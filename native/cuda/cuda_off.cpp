@@ -36,6 +36,7 @@ void Context::set_conv_graph(bool) { off(); }
 void Context::set_conv_autotune(bool) { off(); }
 void Context::set_conv_overlap(bool) { off(); }
 void Context::set_heads_fused_weight_grad(bool) { off(); }
+void Context::set_concat_in_place(bool) { off(); }
 void Context::set_bf16(bool) { off(); }
 void Context::set_upconv(UpconvPath, size_t) { off(); }
 int Context::device() const { off(); }

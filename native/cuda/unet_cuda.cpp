@@ -192,6 +192,12 @@ struct ModelGpu::Impl {
     ensure(ctx, d_in, in_max);
   }
 
+  // ContextOptions::concat_in_place, for the GEMM up-convolutions only (the cuDNN
+  // paths would copy their output in and out of packed scratch instead).
+  bool concat_in_place() const {
+    return ctx.options().concat_in_place && ctx.options().upconv == UpconvPath::Gemm;
+  }
+
   // The U-Net and its heads on images already on the device. cm_heads: run the
   // pixel-wise CM heads (and their extra blocks) too.
   const float* forward(int n, const float* x0, bool cm_heads) {
@@ -212,11 +218,18 @@ struct ModelGpu::Impl {
       const int lo = D - 1 - k, hi = D - 2 - k;
       const float* below = k == 0 ? enc_a[D - 1].a2.data() : dec_a[k - 1].a2.data();
       const int cout = dec[k].cout, cin = 2 * cout;
-      // The up-convolution's output is only read by the concat: scratch_a (free in the forward).
-      float* up = ensure(ctx, scratch_a, (size_t)n * cout * V(hi));
-      upconv2_forward(ctx, below, W(up_w[k]), W(up_b[k]), up, n, cin, cout, level_s[lo], nd);
       float* cat = ensure(ctx, cats[k], (size_t)n * cin * V(hi));
-      concat_forward(ctx, enc_a[hi].a2.data(), cout, up, cout, cat, n, V(hi));
+      if (concat_in_place()) {
+        // Straight into the second half of each image of the concat buffer.
+        upconv2_forward(ctx, below, W(up_w[k]), W(up_b[k]), cat + (int64_t)cout * V(hi), n, cin, cout, level_s[lo],
+                        nd, (int64_t)cin * V(hi));
+        concat_forward(ctx, enc_a[hi].a2.data(), cout, nullptr, cout, cat, n, V(hi));
+      } else {
+        // The up-convolution's output is only read by the concat: scratch_a (free in the forward).
+        float* up = ensure(ctx, scratch_a, (size_t)n * cout * V(hi));
+        upconv2_forward(ctx, below, W(up_w[k]), W(up_b[k]), up, n, cin, cout, level_s[lo], nd);
+        concat_forward(ctx, enc_a[hi].a2.data(), cout, up, cout, cat, n, V(hi));
+      }
       // The skip's last reader: the backward needs neither it (the block's instance
       // norm recomputes its mask; the max-pool kept its argmax) nor this copy's source.
       enc_a[hi].a2.reset();
@@ -545,15 +558,17 @@ StepResult ModelGpu::run(const Batch& batch, bool backward, float trace_weight) 
     conv3_backward(ctx, m.cats[k].data(), m.W(m.dec[k].w1), t1, d_cat, m.G(m.dec[k].w1), n, cin, cout, m.level_s[hi],
                    nd);
     m.cats[k].reset();
-    // The block is done with scratch_a: it takes the up-convolution's output gradient.
-    float* d_up = m.scratch_a.data();
-    concat_backward(ctx, d_cat, g_enc(hi), cout, d_up, cout, n, m.V(hi), false);
+    // The up-convolution's output gradient: read in place from d_cat's second halves,
+    // or split off into scratch_a (the block is done with it).
+    const bool in_place = m.concat_in_place();
+    float* d_up = in_place ? d_cat + (int64_t)cout * m.V(hi) : m.scratch_a.data();
+    concat_backward(ctx, d_cat, g_enc(hi), cout, in_place ? nullptr : d_up, cout, n, m.V(hi), false);
     const float* below = k == 0 ? m.enc_a[D - 1].a2.data() : m.dec_a[k - 1].a2.data();
     // d_below is next iteration's g_out: its previous contents (this iteration's
     // g_out) were consumed by block_backward above, earlier on the stream.
     float* dx = k == 0 ? g_enc(D - 1) : m.d_below.data();
     upconv2_backward(ctx, below, m.W(m.up_w[k]), d_up, dx, m.G(m.up_w[k]), m.G(m.up_b[k]), n, cin, cout, m.level_s[lo],
-                     nd);
+                     nd, in_place ? (int64_t)cin * m.V(hi) : 0);
     g_out = dx;
   }
 

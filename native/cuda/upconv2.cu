@@ -119,20 +119,23 @@ __global__ void __launch_bounds__(kThreads) bias_partial_kernel(const float* __r
   if (threadIdx.x == 0) partial[(int64_t)co * gridDim.x + blockIdx.x] = s;
 }
 
-void forward_gemm(Context& ctx, const float* x, const float* w, const float* b, float* y, const UpGemmGeom& g) {
+// y_stride: floats from one image of y to the next.
+void forward_gemm(Context& ctx, const float* x, const float* w, const float* b, float* y, const UpGemmGeom& g,
+                  int64_t y_stride) {
   Buffer<float> ycol(ctx, (size_t)g.M * g.units_per_chunk * g.unit);
   const dim3 grid((unsigned)row_blocks(ctx, g), (unsigned)g.cout);
   for (int i = 0; i < g.n; ++i)
     for (int c = 0; c < g.chunks; ++c) {
       const UpChunk ch = up_chunk(g, c);
       run_gemm(ctx, up_forward_gemm(g, i, ch), x, w, ycol.data());
-      scatter_kernel<<<grid, kThreads, 0, stream_of(ctx)>>>(ycol.data(), b, y + (int64_t)i * g.cout * g.Vo, g, ch);
+      scatter_kernel<<<grid, kThreads, 0, stream_of(ctx)>>>(ycol.data(), b, y + (int64_t)i * y_stride, g, ch);
       CMSEG_CUDA_LAUNCHED("upconv2 scatter");
     }
 }
 
+// dy_stride: floats from one image of dy to the next.
 void backward_gemm(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, float* db,
-                   const UpGemmGeom& g) {
+                   const UpGemmGeom& g, int64_t dy_stride) {
   const int blocks = row_blocks(ctx, g), calls = g.n * g.chunks;
   int slots = 1;
   for (int c = 0; c < g.chunks; ++c) slots = std::max(slots, up_backward_filter_split(g, 0, up_chunk(g, c)).slots());
@@ -144,7 +147,7 @@ void backward_gemm(Context& ctx, const float* x, const float* w, const float* dy
     for (int c = 0; c < g.chunks; ++c) {
       const UpChunk ch = up_chunk(g, c);
       double* dbp = db_partial.data() + (int64_t)(i * g.chunks + c) * g.cout * blocks;
-      gather_kernel<<<grid, kThreads, 0, stream_of(ctx)>>>(dy + (int64_t)i * g.cout * g.Vo, dycol.data(), g, ch, dbp);
+      gather_kernel<<<grid, kThreads, 0, stream_of(ctx)>>>(dy + (int64_t)i * dy_stride, dycol.data(), g, ch, dbp);
       CMSEG_CUDA_LAUNCHED("upconv2 gather");
       if (dx) run_gemm(ctx, up_backward_data_gemm(g, i, ch), dycol.data(), w, dx);
       const FilterSplit f = up_backward_filter_split(g, i, ch);
@@ -156,14 +159,35 @@ void backward_gemm(Context& ctx, const float* x, const float* w, const float* dy
   CMSEG_CUDA_LAUNCHED("upconv2 bias finish");
 }
 
+// The image stride of an upconv2 output [n, cout, Vo] laid out with `stride` (0: packed).
+int64_t image_stride(const char* what, int64_t stride, int cout, int64_t Vo) {
+  if (stride == 0) return (int64_t)cout * Vo;
+  if (stride < (int64_t)cout * Vo) fail(what, ": image stride ", stride, " is less than an image (", (int64_t)cout * Vo, ")");
+  return stride;
+}
+
+// n images of `run` floats between layouts of different image strides, on the stream.
+void copy_images(Context& ctx, float* dst, int64_t dst_stride, const float* src, int64_t src_stride, int64_t run,
+                 int n) {
+  CMSEG_CUDA(cudaMemcpy2DAsync(dst, (size_t)dst_stride * sizeof(float), src, (size_t)src_stride * sizeof(float),
+                               (size_t)run * sizeof(float), (size_t)n, cudaMemcpyDeviceToDevice, stream_of(ctx)));
+}
+
 }  // namespace
 
 void upconv2_forward(Context& ctx, const float* x, const float* w, const float* b, float* y, int n, int cin, int cout,
-                     Spatial s, int ndim) {
+                     Spatial s, int ndim, int64_t y_image_stride) {
   ProfileScope prof_(ctx, "upconv2_forward", cin, cout, s);
   check_shape("upconv2_forward", n, cin, cout, s, ndim);
+  const int64_t Vo_ = s.size() * (ndim == 3 ? 8 : 4), run = (int64_t)cout * Vo_;
+  const int64_t stride = image_stride("upconv2_forward", y_image_stride, cout, Vo_);
   const UpconvPath path = ctx.options().upconv;
-  if (path == UpconvPath::Gemm) return forward_gemm(ctx, x, w, b, y, geom_of(ctx, n, cin, cout, s, ndim));
+  if (path == UpconvPath::Gemm) return forward_gemm(ctx, x, w, b, y, geom_of(ctx, n, cin, cout, s, ndim), stride);
+  if (stride != run) {  // the cuDNN paths write packed images: into scratch, then to their places
+    Buffer<float> packed(ctx, (size_t)n * run);
+    upconv2_forward(ctx, x, w, b, packed.data(), n, cin, cout, s, ndim);
+    return copy_images(ctx, y, stride, packed.data(), run, run, n);
+  }
   upconv2_forward_cudnn(ctx, x, w, y, n, cin, cout, s, ndim, path == UpconvPath::CudnnChannelsLast);
   const int64_t total = (int64_t)n * cout * s.size() * (ndim == 3 ? 8 : 4);
   add_bias_kernel<<<ctx.impl().grid_for(total, kThreads, 16), kThreads, 0, stream_of(ctx)>>>(
@@ -172,11 +196,19 @@ void upconv2_forward(Context& ctx, const float* x, const float* w, const float* 
 }
 
 void upconv2_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, float* db,
-                      int n, int cin, int cout, Spatial s, int ndim) {
+                      int n, int cin, int cout, Spatial s, int ndim, int64_t dy_image_stride) {
   ProfileScope prof_(ctx, "upconv2_backward", cin, cout, s);
   check_shape("upconv2_backward", n, cin, cout, s, ndim);
+  const int64_t Vo_ = s.size() * (ndim == 3 ? 8 : 4), run = (int64_t)cout * Vo_;
+  const int64_t stride = image_stride("upconv2_backward", dy_image_stride, cout, Vo_);
   const UpconvPath path = ctx.options().upconv;
-  if (path == UpconvPath::Gemm) return backward_gemm(ctx, x, w, dy, dx, dw, db, geom_of(ctx, n, cin, cout, s, ndim));
+  if (path == UpconvPath::Gemm)
+    return backward_gemm(ctx, x, w, dy, dx, dw, db, geom_of(ctx, n, cin, cout, s, ndim), stride);
+  if (stride != run) {  // the cuDNN paths read packed images
+    Buffer<float> packed(ctx, (size_t)n * run);
+    copy_images(ctx, packed.data(), run, dy, stride, run, n);
+    return upconv2_backward(ctx, x, w, packed.data(), dx, dw, db, n, cin, cout, s, ndim);
+  }
   upconv2_backward_cudnn(ctx, x, w, dy, dx, dw, n, cin, cout, s, ndim, path == UpconvPath::CudnnChannelsLast);
   const int64_t Vo = s.size() * (ndim == 3 ? 8 : 4);
   const int blocks = ctx.impl().grid_for(Vo, kThreads, std::max(1, 16 / cout));

@@ -155,6 +155,38 @@ void upconv2_case(int ndim, int n, int cin, int cout, Spatial s, bool tf32) {
   expect_close(what, dw_gpu, dw_cpu, tol);
   std::snprintf(what, sizeof what, "upconv2 %dD %s db (accumulated)", ndim, m);
   expect_close(what, db_gpu, db_cpu, 1e-5);
+
+  // The same with y and dy as the second half of each image of a concat buffer (images
+  // 2 * cout * Vo apart; ContextOptions::concat_in_place): the first halves untouched.
+  const int64_t run = (int64_t)cout * Vo, stride = 2 * run;
+  cu::Buffer<float> X(ctx(), x.size()), Wt(ctx(), w.size()), B(ctx(), b.size()), CAT(ctx(), (size_t)n * stride),
+      DXs(ctx(), x.size()), DWs(ctx(), dw0.size()), DBs(ctx(), db0.size());
+  X.upload(x.data()), Wt.upload(w.data()), B.upload(b.data()), DWs.upload(dw0.data()), DBs.upload(db0.data());
+  std::vector<float> cat0 = rnd((size_t)n * stride, 17);
+  CAT.upload(cat0.data());
+  cu::upconv2_forward(ctx(), X.data(), Wt.data(), B.data(), CAT.data() + run, n, cin, cout, s, ndim, stride);
+  std::vector<float> cat = CAT.to_host(), y_strided(y_cpu.size()), first_halves, first_halves0;
+  for (int i = 0; i < n; ++i) {
+    std::copy(cat.begin() + i * stride + run, cat.begin() + (i + 1) * stride, y_strided.begin() + i * run);
+    first_halves.insert(first_halves.end(), cat.begin() + i * stride, cat.begin() + i * stride + run);
+    first_halves0.insert(first_halves0.end(), cat0.begin() + i * stride, cat0.begin() + i * stride + run);
+  }
+  std::snprintf(what, sizeof what, "upconv2 %dD %s y into a concat buffer", ndim, m);
+  expect_close(what, y_strided, y_cpu, tol);
+  CHECK(first_halves == first_halves0);
+  for (int i = 0; i < n; ++i) std::copy(dy.begin() + i * run, dy.begin() + (i + 1) * run, cat0.begin() + i * stride + run);
+  CAT.upload(cat0.data());
+  cu::upconv2_backward(ctx(), X.data(), Wt.data(), CAT.data() + run, DXs.data(), DWs.data(), DBs.data(), n, cin, cout, s,
+                       ndim, stride);
+  auto dws = DWs.to_host(), dbs = DBs.to_host();
+  for (size_t i = 0; i < dw0.size(); ++i) dws[i] -= dw0[i];
+  for (size_t i = 0; i < db0.size(); ++i) dbs[i] -= db0[i];
+  std::snprintf(what, sizeof what, "upconv2 %dD %s dx from a concat buffer", ndim, m);
+  expect_close(what, DXs.to_host(), dx_cpu, tol);
+  std::snprintf(what, sizeof what, "upconv2 %dD %s dw from a concat buffer", ndim, m);
+  expect_close(what, dws, dw_cpu, tol);
+  std::snprintf(what, sizeof what, "upconv2 %dD %s db from a concat buffer", ndim, m);
+  expect_close(what, dbs, db_cpu, 1e-5);
   ctx().set_tf32(true);
 }
 
@@ -1251,23 +1283,25 @@ struct ScopedEnv {
 // The same with conv3 through cuDNN's graph API (CMSEG_CUDNN_GRAPH=1) on channels-last
 // copies and on the NCDHW tensors, through the legacy API without the path timed per shape
 // (CMSEG_CONV_AUTOTUNE=0; the default times it), with the filter gradients on a second
-// stream (CMSEG_CONV_OVERLAP=1), and with the heads' weight gradients in one fused pass
-// (CMSEG_HEADS_WGRAD=fused).
+// stream (CMSEG_CONV_OVERLAP=1), with the heads' weight gradients in one fused pass
+// (CMSEG_HEADS_WGRAD=fused), and with the up-convolutions written straight into the concat
+// buffers (CMSEG_CONCAT_IN_PLACE=1).
 TEST(model_step_gpu_graph_api_matches_cpu) {
   struct Setting {
-    const char *graph, *channels_last, *autotune, *overlap, *heads, *name;
+    const char *graph, *channels_last, *autotune, *overlap, *heads, *concat, *name;
   };
   for (const Setting& e :
-       {Setting{"1", "1", "0", "0", "cublas", "graph API on NDHWC"},
-        Setting{"1", "0", "0", "0", "cublas", "graph API on NCDHW"},
-        Setting{"0", "1", "0", "0", "cublas", "legacy API on NDHWC, path not timed"},
-        Setting{"0", "1", "0", "1", "cublas", "filter gradients on a second stream"},
-        Setting{"0", "1", "1", "1", "cublas", "path timed per shape, filter gradients on a second stream"},
-        Setting{"0", "1", "1", "0", "fused", "heads' weight gradients in one pass"}}) {
+       {Setting{"1", "1", "0", "0", "cublas", "0", "graph API on NDHWC"},
+        Setting{"1", "0", "0", "0", "cublas", "0", "graph API on NCDHW"},
+        Setting{"0", "1", "0", "0", "cublas", "0", "legacy API on NDHWC, path not timed"},
+        Setting{"0", "1", "0", "1", "cublas", "0", "filter gradients on a second stream"},
+        Setting{"0", "1", "1", "1", "cublas", "0", "path timed per shape, filter gradients on a second stream"},
+        Setting{"0", "1", "1", "0", "fused", "0", "heads' weight gradients in one pass"},
+        Setting{"0", "1", "1", "0", "cublas", "1", "up-convolutions written into the concat buffers"}}) {
     ScopedEnv env;
     env.put("CMSEG_CUDNN_GRAPH", e.graph), env.put("CMSEG_CONV_CHANNELS_LAST", e.channels_last);
     env.put("CMSEG_CONV_AUTOTUNE", e.autotune), env.put("CMSEG_CONV_OVERLAP", e.overlap);
-    env.put("CMSEG_HEADS_WGRAD", e.heads);
+    env.put("CMSEG_HEADS_WGRAD", e.heads), env.put("CMSEG_CONCAT_IN_PLACE", e.concat);
     const std::string on = std::string(", ") + e.name;
     whole_step_case(step_case("2D full" + on, 2, CmMode::Full, 0));
     whole_step_case(step_case("3D full, 1 head block" + on, 3, CmMode::Full, 1));

@@ -33,6 +33,7 @@ std::string option_notes(const cu::ContextOptions& o) {
   std::string s;
   if (o.conv_overlap) s += ", filter gradients on a second stream";
   if (o.heads_fused_weight_grad) s += ", heads' weight gradients fused";
+  if (o.concat_in_place) s += ", concat in place";
   return s;
 }
 
@@ -202,10 +203,10 @@ int main(int argc, char** argv) {
                 flops / (med * 1e-3) / 1e9, ps.peak_in_use_bytes / 1048576.0, loss_ms,
                 loss_bytes / (loss_ms * 1e-3) / 1e9);
     std::printf("{\"bench\":\"cmseg-gpu\",\"ok\":true,\"config\":\"%s\",\"device\":\"%s\",\"tf32\":%s,"
-                "\"bf16\":%s,\"channelsLast\":%s,\"cudnnGraph\":%s,\"convAutotune\":%s,\"convOverlap\":%s,\"headsFused\":%s,\"upconv\":\"%s\","
+                "\"bf16\":%s,\"channelsLast\":%s,\"cudnnGraph\":%s,\"convAutotune\":%s,\"convOverlap\":%s,\"headsFused\":%s,\"concatInPlace\":%s,\"upconv\":\"%s\","
                 "\"stepMs\":[",
                 config.c_str(), dev.name.c_str(), c.tf32 ? "true" : "false", c.bf16 ? "true" : "false",
-                cl ? "true" : "false", graph ? "true" : "false", tuned ? "true" : "false", overlap ? "true" : "false", heads_fused ? "true" : "false", up);
+                cl ? "true" : "false", graph ? "true" : "false", tuned ? "true" : "false", overlap ? "true" : "false", heads_fused ? "true" : "false", ctx.options().concat_in_place ? "true" : "false", up);
     for (size_t i = 0; i < ms.size(); ++i) std::printf("%s%.3f", i ? "," : "", ms[i]);
     std::printf("],\"stepMsMedian\":%.3f,\"voxelsPerSecond\":%.1f,\"gflopPerSecond\":%.1f,\"peakGpuMB\":%.1f,"
                 "\"cmLossMs\":%.4f,\"cmLossBytes\":%.0f,\"cmLossGBs\":%.1f,\"pipelinedMs\":%.3f}\n",

@@ -42,6 +42,7 @@ Context::Context(const ContextOptions& o) : impl_(new Impl) {
   impl_->options = o;
   if (const char* c = std::getenv("CMSEG_CONV_CHANNELS_LAST"); c && *c)  // as context.cu
     impl_->options.conv_channels_last = std::string(c) != "0";
+  if (const char* c = std::getenv("CMSEG_CONCAT_IN_PLACE"); c && *c) impl_->options.concat_in_place = std::string(c) != "0";
 }
 Context::~Context() { for (auto& kv : impl_->sizes) std::free(kv.first); }
 const ContextOptions& Context::options() const { return impl_->options; }
@@ -63,6 +64,7 @@ void Context::set_conv_graph(bool on) { impl_->options.conv_graph = on; }
 void Context::set_conv_autotune(bool on) { impl_->options.conv_autotune = on; }
 void Context::set_conv_overlap(bool on) { impl_->options.conv_overlap = on; }
 void Context::set_heads_fused_weight_grad(bool on) { impl_->options.heads_fused_weight_grad = on; }
+void Context::set_concat_in_place(bool on) { impl_->options.concat_in_place = on; }
 void Context::set_bf16(bool on) { impl_->options.bf16 = on; }
 void Context::set_upconv(UpconvPath path, size_t chunk_bytes) {
   impl_->options.upconv = path;
@@ -164,15 +166,34 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
 // The GEMM path (the default) runs its plan with the reference GEMM (upconv2_gemm.hpp),
 // so the whole-model cases check the plan's chunks and indices; the cuDNN paths are
 // the CPU layer.
+// An output (or its gradient) in images `stride` floats apart, as packed [n, run] and back.
+void strided_to_packed(const float* src, int64_t stride, float* dst, int64_t run, int n) {
+  for (int i = 0; i < n; ++i) std::copy(src + i * stride, src + i * stride + run, dst + i * run);
+}
+void packed_to_strided(const float* src, int64_t run, float* dst, int64_t stride, int n) {
+  for (int i = 0; i < n; ++i) std::copy(src + i * run, src + (i + 1) * run, dst + i * stride);
+}
 void upconv2_forward(Context& ctx, const float* x, const float* w, const float* b, float* y, int n, int cin, int cout,
-                     Spatial s, int nd) {
+                     Spatial s, int nd, int64_t y_image_stride) {
+  const int64_t run = (int64_t)cout * s.size() * (nd == 3 ? 8 : 4);
+  if (y_image_stride && y_image_stride != run) {
+    std::vector<float> packed((size_t)n * run);
+    upconv2_forward(ctx, x, w, b, packed.data(), n, cin, cout, s, nd, 0);
+    return packed_to_strided(packed.data(), run, y, y_image_stride, n);
+  }
   if (ctx.options().upconv != UpconvPath::Gemm) return cmseg::upconv2_forward(x, w, b, y, n, cin, cout, s, nd);
   const UpGemmGeom g = up_gemm_geom(nd, n, cin, cout, s.d, s.h, s.w, ctx.options().upconv_chunk_bytes);
   Buffer<float> ycol(ctx, (size_t)g.M * g.units_per_chunk * g.unit);
   up_gemm_forward_host(g, x, w, b, y, ycol.data());
 }
 void upconv2_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, float* db,
-                      int n, int cin, int cout, Spatial s, int nd) {
+                      int n, int cin, int cout, Spatial s, int nd, int64_t dy_image_stride) {
+  const int64_t run = (int64_t)cout * s.size() * (nd == 3 ? 8 : 4);
+  if (dy_image_stride && dy_image_stride != run) {
+    std::vector<float> packed((size_t)n * run);
+    strided_to_packed(dy, dy_image_stride, packed.data(), run, n);
+    return upconv2_backward(ctx, x, w, packed.data(), dx, dw, db, n, cin, cout, s, nd, 0);
+  }
   if (ctx.options().upconv != UpconvPath::Gemm) return cmseg::upconv2_backward(x, w, dy, dx, dw, db, n, cin, cout, s, nd);
   const UpGemmGeom g = up_gemm_geom(nd, n, cin, cout, s.d, s.h, s.w, ctx.options().upconv_chunk_bytes);
   Buffer<float> dycol(ctx, (size_t)g.M * g.units_per_chunk * g.unit);
@@ -248,6 +269,10 @@ void conv1_backward_heads(Context&, const float* x, const std::vector<Conv1Head>
   cmseg::conv1_backward_heads(x, heads, dx, n, cin, V);
 }
 void concat_forward(Context&, const float* a, int ca, const float* b, int cb, float* y, int n, int64_t V) {
+  if (!b) {  // the second part is in place already: the first only
+    for (int i = 0; i < n; ++i) std::copy(a + i * ca * V, a + (i + 1) * ca * V, y + i * (int64_t)(ca + cb) * V);
+    return;
+  }
   cmseg::concat_forward(a, ca, b, cb, y, n, V);
 }
 void concat_backward(Context&, const float* dy, float* da, int ca, float* db, int cb, int n, int64_t V, bool acc) {

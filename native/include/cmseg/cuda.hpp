@@ -102,6 +102,12 @@ struct ContextOptions {
   // bias reduction per head. Off until a device run has timed it;
   // CMSEG_HEADS_WGRAD=fused in the environment turns it on (=cublas off).
   bool heads_fused_weight_grad = false;
+  // The decoder's up-convolutions write their output straight into the second half of
+  // each image's concat buffer, and their backward reads its gradient from there: the
+  // concat copies (and the split) move the skip half only. GEMM upconv path only (the
+  // default; the cuDNN paths keep the copies). Off until a device run has timed it;
+  // CMSEG_CONCAT_IN_PLACE=1 in the environment turns it on.
+  bool concat_in_place = false;
   // How the transposed convolutions (upconv2) run: as cuBLAS GEMMs with our own
   // scatter and gather kernels (native/cuda/upconv2.cu), or through cuDNN on the
   // NCDHW tensors or on channels-last copies. CMSEG_UPCONV=gemm|cudnn|cudnn-cl in the
@@ -166,6 +172,7 @@ class Context {
   void set_conv_autotune(bool on);
   void set_conv_overlap(bool on);
   void set_heads_fused_weight_grad(bool on);
+  void set_concat_in_place(bool on);
   void set_bf16(bool on);
   void set_upconv(UpconvPath path, size_t chunk_bytes = 0);
   int device() const;
@@ -304,11 +311,14 @@ void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n
 void conv3_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, int n,
                     int cin, int cout, Spatial s, int ndim);
 // Transposed convolution, kernel 2, stride 2, with bias; s is the input extent.
+// y_image_stride: floats from one image of y to the next (0: cout * output positions,
+// packed); larger when y is a part of each image of a concat buffer (ContextOptions::
+// concat_in_place).
 void upconv2_forward(Context& ctx, const float* x, const float* w, const float* b, float* y, int n, int cin, int cout,
-                     Spatial s, int ndim);
-// dx may be null; dw and db are accumulated.
+                     Spatial s, int ndim, int64_t y_image_stride = 0);
+// dx may be null; dw and db are accumulated. dy_image_stride: as y_image_stride.
 void upconv2_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, float* db,
-                      int n, int cin, int cout, Spatial s, int ndim);
+                      int n, int cin, int cout, Spatial s, int ndim, int64_t dy_image_stride = 0);
 
 // ---- instance norm (+ fused ReLU): instance_norm.cu -----------------------------
 // mean, rstd: [n * c] device arrays written by the forward and read by the backward.
@@ -368,6 +378,8 @@ void conv1_backward_heads(Context& ctx, const float* x, const std::vector<Conv1H
 
 // ---- channel concat of the decoder and elementwise sums: concat.cu ----------------
 // y = cat([a, b], channel).
+// b may be null: y's second part is written already (the decoder's up-convolution wrote
+// it in place).
 void concat_forward(Context& ctx, const float* a, int ca, const float* b, int cb, float* y, int n, int64_t V);
 // Splits dy: da and db may be null; db is overwritten; da is overwritten, or added
 // to when da_accumulate (the skip gradient meeting the encoder's own).

@@ -62,9 +62,9 @@ void conv3_forward(Context&, const float*, const float*, float*, int, int, int, 
 void conv3_backward(Context&, const float*, const float*, const float*, float*, float*, int, int, int, Spatial, int) {
   off();
 }
-void upconv2_forward(Context&, const float*, const float*, const float*, float*, int, int, int, Spatial, int) { off(); }
+void upconv2_forward(Context&, const float*, const float*, const float*, float*, int, int, int, Spatial, int, int64_t) { off(); }
 void upconv2_backward(Context&, const float*, const float*, const float*, float*, float*, float*, int, int, int,
-                      Spatial, int) {
+                      Spatial, int, int64_t) {
   off();
 }
 void instance_norm_forward(Context&, const float*, const float*, const float*, float*, float*, float*, int, int,

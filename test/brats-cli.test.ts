@@ -165,6 +165,13 @@ t.test('phantom -> prepare (incremental, interruptible) -> train -> predict -> e
   t.match(evaluated.stdout, /outputs:\n  metrics +runs\/cm\/eval-validation-best\.json\n$/);
   const record = JSON.parse(fs.readFileSync(path.join(dir, 'runs/cm/eval-validation-best.json'), 'utf8'));
   t.equal(record.metrics.perCase[0].id, splits.validation[0]);
+  // --no-cms: the same consensus scores, no annotator table.
+  const consensusOnly = await cmseg(['eval', '--checkpoint', 'runs/cm/best.safetensors', '--split', 'validation', '--no-cms', '--out', 'eval-nocms.json']);
+  t.equal(consensusOnly.exitCode, 0, consensusOnly.stderr);
+  t.notMatch(consensusOnly.stdout, /CM error/, '--no-cms: no CM error table');
+  const recordNoCms = JSON.parse(fs.readFileSync(path.join(dir, 'eval-nocms.json'), 'utf8'));
+  t.same(recordNoCms.metrics.perCase.map((c: { dice: number[] }) => c.dice), record.metrics.perCase.map((c: { dice: number[] }) => c.dice), 'the same consensus Dice');
+  t.notOk(recordNoCms.metrics.cmErrorPerAnnotator?.length, 'no CM errors recorded');
 });
 
 t.test('predict on a BraTS folder with stray files and bad segmentations; prepare on HGG/LGG with a geometry tolerance', async (t) => {

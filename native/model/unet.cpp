@@ -440,7 +440,7 @@ void block_backward(std::vector<Param>& P, const Block& b, const float* x, int n
 
 }  // namespace
 
-StepResult Model::run(const Batch& batch, bool backward) {
+StepResult Model::run(const Batch& batch, bool backward, bool loss) {
   if (gpu_) return run_device(batch, backward);  // Device::Cuda (model_device.cpp)
   validate(batch);
   Impl& m = *impl_;
@@ -542,6 +542,7 @@ StepResult Model::run(const Batch& batch, bool backward) {
 
   // ---- loss
   StepResult res;
+  if (!loss) return res;  // predict: the heads' outputs are all it reads
   if (backward)
     for (auto& p : P) std::fill(p.grad.begin(), p.grad.end(), 0.f);
   if (backward) grow(m.d_seg, (size_t)n * L * V0);
@@ -707,12 +708,13 @@ void Model::predict(const float* images, int n, Spatial s, float* probs, float* 
   if (gpu_) return predict_device(images, n, s, probs, cms, annotator_probs);  // Device::Cuda
   const ModelConfig& c = config_;
   const int L = c.classes, R = c.annotators, K = cm_head_channels(c.cm_mode, L, c.cm_rank);
-  // Labels are not needed: run the forward with one all-unlabelled map per annotator.
+  // Labels are not needed: the forward and heads only (one all-unlabelled map per
+  // annotator passes the batch's checks, and the loss is not run).
   std::vector<uint8_t> none((size_t)n * s.size(), kUnlabelled);
   Batch b;
   b.n = n, b.s = s, b.images = images;
   b.labels.assign(R, none.data());
-  run(b, false);
+  run(b, false, false);
   Impl& m = *impl_;
   const int64_t V = s.size();
   softmax_forward(m.seg_logits.data(), probs, n, L, V);

@@ -128,7 +128,8 @@ class Model {
 
  private:
   struct Impl;
-  StepResult run(const Batch& batch, bool backward);
+  // loss: false for predict (the forward and heads only; the batch's labels unread).
+  StepResult run(const Batch& batch, bool backward, bool loss = true);
   // native/model/model_device.cpp: the Device::Cuda paths and the host/device sync.
   void attach_device();
   StepResult run_device(const Batch& batch, bool backward);

@@ -44,6 +44,7 @@ import {
   withInferenceOptions,
 } from './inference';
 import { loadRunData } from './run-data';
+import { type WindowProgress, windowProgress } from './window-progress';
 
 interface EvalFlags {
   checkpoint: string[];
@@ -58,6 +59,25 @@ interface EvalFlags {
   threads?: number;
   /** false (--no-cms): the consensus scores only, no annotator CMs predicted or scored. */
   cms: boolean;
+}
+
+/** One window bar per case on a terminal (window-progress.ts), replaced at each new case. */
+function caseBars() {
+  let bar: WindowProgress | undefined;
+  let current = '';
+  const stop = () => {
+    bar?.stop();
+    bar = undefined;
+    current = '';
+  };
+  return {
+    onWindows: (id: string, done: number, total: number) => {
+      if (id !== current) stop(), (bar = windowProgress(id)), (current = id);
+      bar!.onProgress(done, total);
+    },
+    onVolume: () => stop(),
+    stop,
+  };
 }
 
 /** Whether the annotators' CMs are predicted and scored: a method that learns them, unless --no-cms. */
@@ -82,8 +102,16 @@ async function runEval(flags: EvalFlags, splitTyped: boolean): Promise<void> {
       // Methods without trained CMs (naive, oracle) are scored on the consensus only. A BraTS
       // run's cases are scored with the window predict uses (--patch, else the training patch
       // rounded up to what an ensemble's deepest member takes).
-      const window = recipe.dataset.kind === 'brats' ? { patch: windowPatch(info, flags.patch), windowBatch: flags.windowBatch } : {};
-      summary = await data.evaluate(loaded.model, split, { annotators: scoresCms(info, flags), ...window });
+      const bars = caseBars();
+      const window =
+        recipe.dataset.kind === 'brats'
+          ? { patch: windowPatch(info, flags.patch), windowBatch: flags.windowBatch, onWindows: bars.onWindows, onVolume: bars.onVolume }
+          : {};
+      try {
+        summary = await data.evaluate(loaded.model, split, { annotators: scoresCms(info, flags), ...window });
+      } finally {
+        bars.stop();
+      }
     } finally {
       await loaded.dispose();
     }
@@ -182,6 +210,7 @@ async function evalWhole(flags: EvalFlags, info: InferenceInfo, target: Extract<
       cacheAnnotators.length === R &&
       (!info.namesRecorded || cacheAnnotators.every((n, r) => n === info.annotatorNames[r]));
     const loaded = await loadInference(info, { device: flags.device, tta: flags.tta });
+    const bars = caseBars();
     try {
       summary = await evaluateVolumes(
         loaded.model,
@@ -198,10 +227,15 @@ async function evalWhole(flags: EvalFlags, info: InferenceInfo, target: Extract<
           annotators,
           annotatorNames: annotators ? [...cacheAnnotators!] : info.annotatorNames,
           bratsRegions: true,
-          onVolume: (score, done, total) => process.stderr.write(`[${done}/${total}] ${score.id}: total Dice ${score.totalDice.toFixed(4)}\n`),
+          onWindows: bars.onWindows,
+          onVolume: (score, done, total) => {
+            bars.onVolume();
+            process.stderr.write(`[${done}/${total}] ${score.id}: total Dice ${score.totalDice.toFixed(4)}\n`);
+          },
         },
       );
     } finally {
+      bars.stop();
       await loaded.dispose();
     }
     classNames = [...BRATS_CLASS_NAMES];

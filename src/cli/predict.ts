@@ -56,6 +56,7 @@ import {
   withInferenceOptions,
 } from './inference';
 import { loadRunData } from './run-data';
+import { windowProgress } from './window-progress';
 
 interface PredictFlags {
   checkpoint: string[];
@@ -287,7 +288,20 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     const started = Date.now();
     const c = await list.load(id);
     namings.add(c.naming);
-    const p = await slidingWindowPredict(model, c.images, c.extent, { patch, overlap: flags.overlap, batchSize: flags.windowBatch, cms: wantCms, annotatorProbs: learnsCms });
+    const progress = windowProgress(`[${k + 1}/${ids.length}] ${id}`);
+    let p: Awaited<ReturnType<typeof slidingWindowPredict>>;
+    try {
+      p = await slidingWindowPredict(model, c.images, c.extent, {
+        patch,
+        overlap: flags.overlap,
+        batchSize: flags.windowBatch,
+        cms: wantCms,
+        annotatorProbs: learnsCms,
+        onProgress: progress.onProgress,
+      });
+    } finally {
+      progress.stop();
+    }
     const full = extentOfDims(c.original.dims);
     const V = c.extent.d * c.extent.h * c.extent.w;
     const dims = [...c.original.dims];

@@ -186,6 +186,8 @@ export interface VolumeEvaluationOptions {
   bratsRegions?: boolean;
   /** Called after every volume. */
   onVolume?: (score: VolumeScore, done: number, total: number) => void;
+  /** Called after every batch of a volume's windows (slidingWindowPredict's onProgress), with the volume's id. */
+  onWindows?: (id: string, done: number, total: number) => void;
 }
 
 /**
@@ -219,6 +221,7 @@ export async function evaluateVolumes(
       ...(options.windowBatch !== undefined ? { batchSize: options.windowBatch } : {}),
       cms: withAnnotators,
       annotatorProbs: withAnnotators,
+      ...(options.onWindows ? { onProgress: (done: number, total: number) => options.onWindows!(id, done, total) } : {}),
     });
     const pred = argmaxClasses(prediction.probs, 1, L);
     const present = volume.present;

@@ -41,7 +41,7 @@ import { fuse, stapleFuseOptions, type StapleFusion } from '../fusion/fuse';
 import { type FuseCacheProgress, fuseCachedCases } from '../fusion/fuse-cache';
 import type { Model } from '../model/model';
 import { AnnotatedSet, gatherBatch, InMemorySource, TrainingSource } from './data';
-import { evaluateAgainstMajority, evaluateModel, evaluateVolumes, EvaluationSummary, fusedLabelRows, FusedLabelRows, type InferenceModel } from './evaluate';
+import { evaluateAgainstMajority, evaluateModel, evaluateVolumes, EvaluationSummary, fusedLabelRows, FusedLabelRows, type InferenceModel, type VolumeScore } from './evaluate';
 import { PatchStream, PatchStreamSource } from './patch-source';
 
 /** The paper's four MNIST annotators with the SPEC section 7 defaults. */
@@ -152,6 +152,9 @@ export interface ExperimentEvaluateOptions {
   overlap?: number;
   /** BraTS: windows per predict call (default 2). */
   windowBatch?: number;
+  /** BraTS: called after each batch of a case's windows, and after each case. */
+  onWindows?: (id: string, done: number, total: number) => void;
+  onVolume?: (id: string, done: number, total: number) => void;
 }
 
 export interface ExperimentData {
@@ -326,6 +329,8 @@ export function loadBratsExperiment(spec: BratsDatasetSpec, trainingSeed: number
         annotators: options.annotators,
         annotatorNames: [...index.names],
         bratsRegions: true,
+        ...(options.onWindows ? { onWindows: options.onWindows } : {}),
+        ...(options.onVolume ? { onVolume: (score: VolumeScore, done: number, total: number) => options.onVolume!(score.id, done, total) } : {}),
       });
     },
     // STAPLE per case (each rater's performance is a per-subject estimate), on the training

@@ -207,13 +207,9 @@ class OnSideStream {
   // Never throws: also runs during unwinding (the model's stream then waits too, so
   // nothing the side still reads is freed under it).
   ~OnSideStream() {
-    if (on_) {
-      swap();
-      on_ = false;
-      try {
-        record_join();
-      } catch (...) {  // the side stream was waited for
-      }
+    try {
+      leave();
+    } catch (...) {  // the side stream was waited for on the host
     }
     if (left_) cudaStreamWaitEvent(m_.stream, m_.side.join, 0);
   }
@@ -253,6 +249,10 @@ inline void cublas_math(Context& ctx) {
 void run_gemm(Context& ctx, const GemmCall& c, const float* A, const float* B, float* C);
 void run_split(Context& ctx, const FilterSplit& f, const float* A, const float* B, float* partial);
 void add_slots(Context& ctx, const float* partial, int slots, int64_t slot, float* dst);
+
+// n rows of `run` floats from src (row stride src_stride) to dst (row stride dst_stride),
+// on the stream (concat.cu; also upconv2's images into and out of packed scratch).
+void copy_rows(Context& ctx, float* dst, int64_t dst_stride, const float* src, int64_t src_stride, int64_t run, int n);
 
 // A pool allocation released at the end of the call (stream-ordered); 0 bytes: null.
 struct Scratch {

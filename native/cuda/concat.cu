@@ -45,8 +45,8 @@ __global__ void copy_rows_kernel(float* __restrict__ y, int64_t y_stride, const 
   }
 }
 
+}  // namespace
 
-// n rows of `run` floats from src (row stride src_stride) to dst (row stride dst_stride).
 void copy_rows(Context& ctx, float* dst, int64_t dst_stride, const float* src, int64_t src_stride, int64_t run, int n) {
   if (run == 0 || n == 0) return;
   // cudaMemcpy2D limits pitches to the device's memPitch (2^31 - 1 bytes): larger
@@ -62,6 +62,8 @@ void copy_rows(Context& ctx, float* dst, int64_t dst_stride, const float* src, i
   CMSEG_CUDA(cudaMemcpy2DAsync(dst, (size_t)dst_stride * sizeof(float), src, (size_t)src_stride * sizeof(float),
                                (size_t)run * sizeof(float), (size_t)n, cudaMemcpyDeviceToDevice, stream_of(ctx)));
 }
+
+namespace {
 
 // n rows of `run` floats of src added into dst (row strides as copy_rows).
 void add_rows(Context& ctx, float* dst, int64_t dst_stride, const float* src, int64_t src_stride, int64_t run, int n) {

@@ -191,6 +191,13 @@ constexpr int kWgMaxRows = kWgWarps * kWgRowsPerWarp;
 static_assert(sizeof(float) * (kWgTile * 65 + kWgMaxRows * kWgTile) + sizeof(void*) * kWgMaxRows <= 48 * 1024,
               "heads_weight_grad_kernel's shared memory");
 
+// The head of packed row r; k becomes the row's channel within that head.
+__device__ inline int head_of_row(const HeadsParams& P, int& k) {
+  int h = 0;
+  while (k >= P.cout[h]) k -= P.cout[h++];
+  return h;
+}
+
 template <int CIN>
 __global__ void __launch_bounds__(kWgThreads) heads_weight_grad_kernel(const float* __restrict__ x, HeadsParams P,
                                                                        int64_t V, float* __restrict__ partial) {
@@ -202,8 +209,8 @@ __global__ void __launch_bounds__(kWgThreads) heads_weight_grad_kernel(const flo
   const float** rowp = reinterpret_cast<const float**>(ds + P.rows * kWgTile);  // each row's gradient, this image
   const int i = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   for (int r = threadIdx.x; r < P.rows; r += kWgThreads) {
-    int h = 0, k = r;
-    while (k >= P.cout[h]) k -= P.cout[h++];
+    int k = r;
+    const int h = head_of_row(P, k);
     rowp[r] = P.dy[h] + ((int64_t)i * P.cout[h] + k) * V;
   }
   const int nr = (P.rows - warp + kWgWarps - 1) / kWgWarps;  // rows this warp owns
@@ -275,9 +282,8 @@ __global__ void heads_weight_grad_finish_kernel(const float* __restrict__ partia
   if (o >= P.rows * per_row) return;
   double s = 0;
   for (int b = 0; b < blocks; ++b) s += partial[(int64_t)b * P.rows * per_row + o];
-  int h = 0, k = o / per_row;
-  const int c = o % per_row;
-  while (k >= P.cout[h]) k -= P.cout[h++];
+  int k = o / per_row;
+  const int c = o % per_row, h = head_of_row(P, k);
   if (c < cin)
     P.dw[h][k * cin + c] += (float)s;
   else

@@ -736,16 +736,14 @@ struct Conv3Backward {
     const ConvDesc cd(1, 1, ndim, tf32);
     ncdhw_backward_data(ctx, key_of(kConvBwdData, n, cin, cout, s, ndim, tf32), wd, w, yd, dy, cd, xd, dx, wn);
   }
-  void filter(LazyChannelsLast<bf16>& dy16, LazyChannelsLast<float>& dy32, float* dw, bool release) {
+  void filter(LazyChannelsLast<bf16>& dy16, LazyChannelsLast<float>& dy32, float* dw) {
     ProfileScope prof_(ctx, "conv3_backward_filter", cin, cout, s);
     LazyChannelsLast<bf16> x16{ctx, x, n, cin, s.size(), {}};
     LazyChannelsLast<float> x32{ctx, x, n, cin, s.size(), {}};
     if (bf && cl_backward_filter(ctx, g16, x16, dy16, dw)) return;
-    x16.release();
-    if (release) dy16.release();
+    x16.release(), dy16.release();
     if (cl && cl_backward_filter(ctx, g32, x32, dy32, dw)) return;
-    x32.release();
-    if (release) dy32.release();
+    x32.release(), dy32.release();
     const TensorDesc xd(n, cin, s, ndim), yd(n, cout, s, ndim);
     const FilterDesc wd(cout, cin, 3, ndim);
     const ConvDesc cd(1, 1, ndim, tf32);
@@ -767,7 +765,7 @@ void conv3_backward_on(Context& ctx, const float* x, const float* w, const float
       LazyChannelsLast<bf16> side16{ctx, dy, n, cout, s.size(), {}};
       LazyChannelsLast<float> side32{ctx, dy, n, cout, s.size(), {}};
       side16.borrow(dy16), side32.borrow(dy32);
-      b.filter(side16, side32, dw, true);
+      b.filter(side16, side32, dw);
     }  // copies the side made are freed on the side stream, after its filter gradient
     side.leave();
     b.data(dy16, dy32, dx);
@@ -775,7 +773,7 @@ void conv3_backward_on(Context& ctx, const float* x, const float* w, const float
     return;
   }
   if (dx) b.data(dy16, dy32, dx);
-  b.filter(dy16, dy32, dw, true);
+  b.filter(dy16, dy32, dw);
 }
 
 // ---- conv3's path chosen by timing (ContextOptions::conv_autotune) ---------------

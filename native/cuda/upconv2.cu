@@ -166,32 +166,24 @@ int64_t image_stride(const char* what, int64_t stride, int cout, int64_t Vo) {
   return stride;
 }
 
-// n images of `run` floats between layouts of different image strides, on the stream.
-void copy_images(Context& ctx, float* dst, int64_t dst_stride, const float* src, int64_t src_stride, int64_t run,
-                 int n) {
-  CMSEG_CUDA(cudaMemcpy2DAsync(dst, (size_t)dst_stride * sizeof(float), src, (size_t)src_stride * sizeof(float),
-                               (size_t)run * sizeof(float), (size_t)n, cudaMemcpyDeviceToDevice, stream_of(ctx)));
-}
-
 }  // namespace
 
 void upconv2_forward(Context& ctx, const float* x, const float* w, const float* b, float* y, int n, int cin, int cout,
                      Spatial s, int ndim, int64_t y_image_stride) {
   ProfileScope prof_(ctx, "upconv2_forward", cin, cout, s);
   check_shape("upconv2_forward", n, cin, cout, s, ndim);
-  const int64_t Vo_ = s.size() * (ndim == 3 ? 8 : 4), run = (int64_t)cout * Vo_;
-  const int64_t stride = image_stride("upconv2_forward", y_image_stride, cout, Vo_);
+  const int64_t Vo = s.size() * (ndim == 3 ? 8 : 4), run = (int64_t)cout * Vo;
+  const int64_t stride = image_stride("upconv2_forward", y_image_stride, cout, Vo);
   const UpconvPath path = ctx.options().upconv;
   if (path == UpconvPath::Gemm) return forward_gemm(ctx, x, w, b, y, geom_of(ctx, n, cin, cout, s, ndim), stride);
   if (stride != run) {  // the cuDNN paths write packed images: into scratch, then to their places
     Buffer<float> packed(ctx, (size_t)n * run);
     upconv2_forward(ctx, x, w, b, packed.data(), n, cin, cout, s, ndim);
-    return copy_images(ctx, y, stride, packed.data(), run, run, n);
+    return copy_rows(ctx, y, stride, packed.data(), run, run, n);
   }
   upconv2_forward_cudnn(ctx, x, w, y, n, cin, cout, s, ndim, path == UpconvPath::CudnnChannelsLast);
-  const int64_t total = (int64_t)n * cout * s.size() * (ndim == 3 ? 8 : 4);
-  add_bias_kernel<<<ctx.impl().grid_for(total, kThreads, 16), kThreads, 0, stream_of(ctx)>>>(
-      y, b, cout, total / ((int64_t)n * cout), total);
+  const int64_t total = n * run;
+  add_bias_kernel<<<ctx.impl().grid_for(total, kThreads, 16), kThreads, 0, stream_of(ctx)>>>(y, b, cout, Vo, total);
   CMSEG_CUDA_LAUNCHED("upconv2 bias");
 }
 
@@ -199,18 +191,17 @@ void upconv2_backward(Context& ctx, const float* x, const float* w, const float*
                       int n, int cin, int cout, Spatial s, int ndim, int64_t dy_image_stride) {
   ProfileScope prof_(ctx, "upconv2_backward", cin, cout, s);
   check_shape("upconv2_backward", n, cin, cout, s, ndim);
-  const int64_t Vo_ = s.size() * (ndim == 3 ? 8 : 4), run = (int64_t)cout * Vo_;
-  const int64_t stride = image_stride("upconv2_backward", dy_image_stride, cout, Vo_);
+  const int64_t Vo = s.size() * (ndim == 3 ? 8 : 4), run = (int64_t)cout * Vo;
+  const int64_t stride = image_stride("upconv2_backward", dy_image_stride, cout, Vo);
   const UpconvPath path = ctx.options().upconv;
   if (path == UpconvPath::Gemm)
     return backward_gemm(ctx, x, w, dy, dx, dw, db, geom_of(ctx, n, cin, cout, s, ndim), stride);
   if (stride != run) {  // the cuDNN paths read packed images
     Buffer<float> packed(ctx, (size_t)n * run);
-    copy_images(ctx, packed.data(), run, dy, stride, run, n);
+    copy_rows(ctx, packed.data(), run, dy, stride, run, n);
     return upconv2_backward(ctx, x, w, packed.data(), dx, dw, db, n, cin, cout, s, ndim);
   }
   upconv2_backward_cudnn(ctx, x, w, dy, dx, dw, n, cin, cout, s, ndim, path == UpconvPath::CudnnChannelsLast);
-  const int64_t Vo = s.size() * (ndim == 3 ? 8 : 4);
   const int blocks = ctx.impl().grid_for(Vo, kThreads, std::max(1, 16 / cout));
   Buffer<double> partial(ctx, (size_t)cout * blocks);
   bias_partial_kernel<<<dim3((unsigned)blocks, (unsigned)cout), kThreads, 0, stream_of(ctx)>>>(dy, n, cout, Vo,

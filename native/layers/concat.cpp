@@ -12,7 +12,7 @@ void concat_forward(const float* a, int ca, const float* b, int cb, float* y, in
   parallel_for(n, [&](int64_t i, int) {
     float* yi = y + i * (ca + cb) * V;
     std::memcpy(yi, a + i * ca * V, sizeof(float) * ca * V);
-    std::memcpy(yi + ca * V, b + i * cb * V, sizeof(float) * cb * V);
+    if (b) std::memcpy(yi + ca * V, b + i * cb * V, sizeof(float) * cb * V);  // null: in place already
   });
 }
 

@@ -442,7 +442,10 @@ void block_backward(std::vector<Param>& P, const Block& b, const float* x, int n
 
 StepResult Model::run(const Batch& batch, bool backward, bool loss) {
   if (gpu_) return run_device(batch, backward);  // Device::Cuda (model_device.cpp)
-  validate(batch);
+  if (loss)
+    validate(batch);
+  else
+    validate_images(batch.images, batch.n, batch.s);  // predict: no labels are read
   Impl& m = *impl_;
   const ModelConfig& c = config_;
   auto& P = params_;
@@ -708,12 +711,9 @@ void Model::predict(const float* images, int n, Spatial s, float* probs, float* 
   if (gpu_) return predict_device(images, n, s, probs, cms, annotator_probs);  // Device::Cuda
   const ModelConfig& c = config_;
   const int L = c.classes, R = c.annotators, K = cm_head_channels(c.cm_mode, L, c.cm_rank);
-  // Labels are not needed: the forward and heads only (one all-unlabelled map per
-  // annotator passes the batch's checks, and the loss is not run).
-  std::vector<uint8_t> none((size_t)n * s.size(), kUnlabelled);
+  // The forward and heads only: no labels, no loss.
   Batch b;
   b.n = n, b.s = s, b.images = images;
-  b.labels.assign(R, none.data());
   run(b, false, false);
   Impl& m = *impl_;
   const int64_t V = s.size();

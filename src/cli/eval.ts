@@ -64,16 +64,14 @@ interface EvalFlags {
 /** One window bar per case on a terminal (window-progress.ts), replaced at each new case. */
 function caseBars() {
   let bar: WindowProgress | undefined;
-  let current = '';
   const stop = () => {
     bar?.stop();
     bar = undefined;
-    current = '';
   };
   return {
     onWindows: (id: string, done: number, total: number) => {
-      if (id !== current) stop(), (bar = windowProgress(id)), (current = id);
-      bar!.onProgress(done, total);
+      bar ??= windowProgress(id);
+      bar.onProgress(done, total);
     },
     onVolume: () => stop(),
     stop,

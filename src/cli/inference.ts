@@ -17,10 +17,9 @@ import { ENSEMBLE_FIELDS, ensemble, ensembleMismatch } from '../model/ensemble';
 import { backendInfo, Model } from '../model/model';
 import { mirrored } from '../model/tta';
 import { type InferenceModel, paddedSize, paddedToDepth } from '../train/evaluate';
-import type { DatasetSpec } from '../train/experiment';
+import type { DatasetSpec, RunRecipe } from '../train/experiment';
 import type { TrainerExtra } from '../train/trainer';
 import { choiceOption, displayPath, parseInteger, parseNumber, UserError } from './common';
-import type { RunRecipe } from './train';
 
 /** The --device choices of eval and predict. */
 export const DEVICES: readonly Device[] = ['cpu', 'cuda', 'auto'];
@@ -41,15 +40,6 @@ function noRecipeMessage(info: CheckpointInfo, command: 'predict' | 'eval'): str
   const what = info.config.ndim === 2 ? 'a folder of PNG images (DIR/images/*.png or DIR/*.png)' : 'a BraTS folder, a case folder or a cmseg cache';
   const reference = command === 'eval' ? (info.config.ndim === 2 ? ', with consensus/ or labels/ to score against' : ' whose cases have segmentations') : '';
   return `${path.basename(info.file)} records no training data (${who}): name the data to ${command === 'eval' ? 'score' : 'predict'} with --data <dir>, ${what}${reference}`;
-}
-
-/** A run's data set, read from `data` instead of where it was trained when given (--data: the image folder moved). */
-export function relocatedDataset(recipe: RunRecipe, data: string | undefined, file: string): DatasetSpec {
-  if (data === undefined) return recipe.dataset;
-  if (recipe.dataset.kind !== 'folder') {
-    throw new UserError(`--data is for runs on an image folder (--preset images); ${path.basename(file)} is a ${recipe.preset} run, which reads the data its checkpoint names`);
-  }
-  return { ...recipe.dataset, root: path.resolve(data) };
 }
 
 /** What eval or predict works on: the run's own split (of its data, or of its image folder moved to --data), or new data, whole. */

@@ -319,7 +319,7 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     const cmSlice = wantCms ? axialSlice(p.cms!, R * L * L, c.extent, z) : undefined;
     delete p.cms;
     await writeVolume(`${id}_consensus.nii.gz`, labelsToRelease(consensus), 'uint8');
-    if (flags.probs !== 'none') await writeVolume(`${id}_probs.nii.gz`, ...probsVolume(p.probs, L, c.crop, full, flags.probs), [...dims, L]);
+    if (flags.probs !== 'none') await writeVolume(`${id}_probs.nii.gz`, probsVolume(p.probs, L, c.crop, full, flags.probs), flags.probs, [...dims, L]);
     const annotatorMaps = learnsCms ? argmaxAnnotatorProbs(p.annotatorProbs!, 1, R, L) : [];
     // Named by annotator, as the 2D pictures are (<image>-annotator-<name>.png).
     for (const [r, map] of annotatorMaps.entries()) await writeVolume(`${id}_annotator-${files[r]}.nii.gz`, labelsToRelease(map), 'uint8');
@@ -463,7 +463,7 @@ function probsVolume(
   crop: Parameters<typeof uncropVolume>[1],
   full: Extent,
   type: 'float32' | 'uint8',
-): [Float32Array | Uint8Array, 'float32' | 'uint8'] {
+): Float32Array | Uint8Array {
   const V = probs.length / L;
   const fullVoxels = full.d * full.h * full.w;
   const out = type === 'uint8' ? new Uint8Array(L * fullVoxels) : new Float32Array(L * fullVoxels);
@@ -475,7 +475,7 @@ function probsVolume(
       for (let v = 0; v < fullVoxels; v++) out[cls * fullVoxels + v] = Math.min(255, Math.round(255 * plane[v]));
     }
   }
-  return [out, type];
+  return out;
 }
 
 function parseOverlap(value: string): number {

@@ -203,7 +203,7 @@ export async function slidingWindowPredict(
   };
 
   // The windows of one batch copied out of the volume (zeros where they leave it).
-  const gather = (batch: [number, number, number][], input: Float32Array): Float32Array => {
+  const gather = (batch: [number, number, number][]): Float32Array => {
     const images = input.subarray(0, batch.length * C * Pv);
     if (padded) images.fill(0);
     batch.forEach(([sz, sy, sx], b) => {
@@ -224,10 +224,11 @@ export async function slidingWindowPredict(
   };
 
   type Prediction = Awaited<ReturnType<SlidingWindowModel['predict']>>;
+  const batchAt = (k: number) => windows.slice(k * batchSize, (k + 1) * batchSize);
   // Batch k (windows k*batchSize...) gathered and handed to the model.
   const launch = (k: number): Promise<Prediction> => {
-    const batch = windows.slice(k * batchSize, (k + 1) * batchSize);
-    const images = gather(batch, input);
+    const batch = batchAt(k);
+    const images = gather(batch);
     const shape = ndim === 2 ? [batch.length, C, ph, pw] : [batch.length, C, pd, ph, pw];
     const pending = predictor.predict(images, shape, { cms: wantCms, annotatorProbs: wantQ });
     // Awaited below; until then a rejection must not count as unhandled (the batch
@@ -279,7 +280,7 @@ export async function slidingWindowPredict(
         // calls): let it start before the stitching holds the thread.
         await new Promise((resolve) => setImmediate(resolve));
       }
-      stitch(windows.slice(k * batchSize, (k + 1) * batchSize), prediction);
+      stitch(batchAt(k), prediction);
       options.onProgress?.(Math.min((k + 1) * batchSize, windows.length), windows.length);
       if (!pipeline && k + 1 < batches) pending = launch(k + 1);
     }

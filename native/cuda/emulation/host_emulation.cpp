@@ -166,12 +166,10 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
 // The GEMM path (the default) runs its plan with the reference GEMM (upconv2_gemm.hpp),
 // so the whole-model cases check the plan's chunks and indices; the cuDNN paths are
 // the CPU layer.
-// An output (or its gradient) in images `stride` floats apart, as packed [n, run] and back.
-void strided_to_packed(const float* src, int64_t stride, float* dst, int64_t run, int n) {
-  for (int i = 0; i < n; ++i) std::copy(src + i * stride, src + i * stride + run, dst + i * run);
-}
-void packed_to_strided(const float* src, int64_t run, float* dst, int64_t stride, int n) {
-  for (int i = 0; i < n; ++i) std::copy(src + i * run, src + (i + 1) * run, dst + i * stride);
+// n rows of `run` floats between row strides, as concat.cu's copy_rows (upconv2's images
+// into and out of packed scratch).
+void copy_rows_host(float* dst, int64_t dst_stride, const float* src, int64_t src_stride, int64_t run, int n) {
+  for (int i = 0; i < n; ++i) std::copy(src + i * src_stride, src + i * src_stride + run, dst + i * dst_stride);
 }
 void upconv2_forward(Context& ctx, const float* x, const float* w, const float* b, float* y, int n, int cin, int cout,
                      Spatial s, int nd, int64_t y_image_stride) {
@@ -179,7 +177,7 @@ void upconv2_forward(Context& ctx, const float* x, const float* w, const float* 
   if (y_image_stride && y_image_stride != run) {
     std::vector<float> packed((size_t)n * run);
     upconv2_forward(ctx, x, w, b, packed.data(), n, cin, cout, s, nd, 0);
-    return packed_to_strided(packed.data(), run, y, y_image_stride, n);
+    return copy_rows_host(y, y_image_stride, packed.data(), run, run, n);
   }
   if (ctx.options().upconv != UpconvPath::Gemm) return cmseg::upconv2_forward(x, w, b, y, n, cin, cout, s, nd);
   const UpGemmGeom g = up_gemm_geom(nd, n, cin, cout, s.d, s.h, s.w, ctx.options().upconv_chunk_bytes);
@@ -191,7 +189,7 @@ void upconv2_backward(Context& ctx, const float* x, const float* w, const float*
   const int64_t run = (int64_t)cout * s.size() * (nd == 3 ? 8 : 4);
   if (dy_image_stride && dy_image_stride != run) {
     std::vector<float> packed((size_t)n * run);
-    strided_to_packed(dy, dy_image_stride, packed.data(), run, n);
+    copy_rows_host(packed.data(), run, dy, dy_image_stride, run, n);
     return upconv2_backward(ctx, x, w, packed.data(), dx, dw, db, n, cin, cout, s, nd, 0);
   }
   if (ctx.options().upconv != UpconvPath::Gemm) return cmseg::upconv2_backward(x, w, dy, dx, dw, db, n, cin, cout, s, nd);
@@ -269,10 +267,6 @@ void conv1_backward_heads(Context&, const float* x, const std::vector<Conv1Head>
   cmseg::conv1_backward_heads(x, heads, dx, n, cin, V);
 }
 void concat_forward(Context&, const float* a, int ca, const float* b, int cb, float* y, int n, int64_t V) {
-  if (!b) {  // the second part is in place already: the first only
-    for (int i = 0; i < n; ++i) std::copy(a + i * ca * V, a + (i + 1) * ca * V, y + i * (int64_t)(ca + cb) * V);
-    return;
-  }
   cmseg::concat_forward(a, ca, b, cb, y, n, V);
 }
 void concat_backward(Context&, const float* dy, float* da, int ca, float* db, int cb, int n, int64_t V, bool acc) {

@@ -66,7 +66,7 @@ void instance_norm_backward_blocked(const float* x, const float* y, const float*
 void relu_forward(const float* x, float* y, int64_t count);
 void relu_backward(const float* y, const float* dy, float* dx, int64_t count);
 
-// ---- channel concat: y = cat([a, b], channel)
+// ---- channel concat: y = cat([a, b], channel); b may be null (y's second part written already)
 void concat_forward(const float* a, int ca, const float* b, int cb, float* y, int n, int64_t V);
 void concat_backward(const float* dy, float* da, int ca, float* db, int cb, int n, int64_t V);
 

@@ -26,7 +26,10 @@
 #              and the device time of each layer per step (CMSEG_GPU_PROFILE=1), each
 #              conv3 direction and shape on the fastest of four paths (cuDNN's legacy
 #              or graph API, channels-last copies or NCDHW; every path's time listed);
-#              then the same step varied, to check the defaults: bench_gpu_legacy
+#              then the same step varied, to check the defaults: bench_gpu_wgrad_own
+#              (conv3's filter gradients through our own TF32 kernel), bench_gpu_wgrad_auto
+#              (own kernel or cuDNN, timed per shape), bench_gpu_all_candidates (auto
+#              with the fused heads and the concat in place), bench_gpu_legacy
 #              (legacy cuDNN on channels-last copies for all), bench_gpu_ncdhw (legacy
 #              cuDNN on the NCDHW tensors), bench_gpu_heads_fused (the heads' weight
 #              gradients in one pass), bench_gpu_concat_in_place (the up-convolutions
@@ -307,6 +310,12 @@ if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   # step and keeps the fastest (its stderr lists every path's time). The same step
   # with one path for all: the legacy API on channels-last copies (the default until
   # the seventh session), then on the NCDHW tensors (no copies).
+  # conv3's filter gradients through our own TF32 kernel (CMSEG_CONV_WGRAD=own; cuDNN's
+  # took 33 of the step's 78 ms on an H200), then per shape the faster of it and cuDNN
+  # (auto: both times on stderr), then auto with the other candidates below.
+  stage bench_gpu_wgrad_own 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_WGRAD=own CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  stage bench_gpu_wgrad_auto 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_WGRAD=auto CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  stage bench_gpu_all_candidates 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_WGRAD=auto CMSEG_CONCAT_IN_PLACE=1 CMSEG_HEADS_WGRAD=fused CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   stage bench_gpu_legacy 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_AUTOTUNE=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   stage bench_gpu_ncdhw 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_AUTOTUNE=0 CMSEG_CONV_CHANNELS_LAST=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # conv3's filter gradient on a second stream beside its data gradient (CMSEG_CONV_OVERLAP;

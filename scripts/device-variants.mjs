@@ -17,6 +17,13 @@ const worker = path.join(root, 'dist', 'bench', 'worker.js');
 // name, environment, precision
 const variants = [
   ['default (conv3 path timed per shape)', {}, 'tf32'],
+  ["conv3 filter gradients through our own kernel (CMSEG_CONV_WGRAD=own)", { CMSEG_CONV_WGRAD: 'own' }, 'tf32'],
+  ['conv3 filter gradients, own kernel or cuDNN per shape (CMSEG_CONV_WGRAD=auto)', { CMSEG_CONV_WGRAD: 'auto' }, 'tf32'],
+  [
+    'all candidates (CMSEG_CONV_WGRAD=auto, CMSEG_HEADS_WGRAD=fused, CMSEG_CONCAT_IN_PLACE=1)',
+    { CMSEG_CONV_WGRAD: 'auto', CMSEG_HEADS_WGRAD: 'fused', CMSEG_CONCAT_IN_PLACE: '1' },
+    'tf32',
+  ],
   ['legacy API on channels-last copies (CMSEG_CONV_AUTOTUNE=0)', { CMSEG_CONV_AUTOTUNE: '0' }, 'tf32'],
   ["heads' weight gradients in one fused pass (CMSEG_HEADS_WGRAD=fused)", { CMSEG_HEADS_WGRAD: 'fused' }, 'tf32'],
   ['up-convolutions written into the concat buffers (CMSEG_CONCAT_IN_PLACE=1)', { CMSEG_CONCAT_IN_PLACE: '1' }, 'tf32'],

@@ -19,6 +19,9 @@
 // conv_benchmark). Workspaces and copies come from the context's pool.
 #include <cuda_bf16.h>
 
+#include <cstdio>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <type_traits>
 
@@ -757,7 +760,7 @@ void conv3_backward_on(Context& ctx, const float* x, const float* w, const float
   Conv3Backward b{ctx, x, w, dy, n, cin, cout, s, ndim, o.tf32, o.bf16, o.conv_channels_last};
   LazyChannelsLast<bf16> dy16{ctx, dy, n, cout, s.size(), {}};
   LazyChannelsLast<float> dy32{ctx, dy, n, cout, s.size(), {}};
-  if (dx && o.conv_overlap) {
+  if (dx && dw && o.conv_overlap) {
     if (b.bf) dy16.get();
     else if (b.cl) dy32.get();
     OnSideStream side(ctx);
@@ -773,7 +776,7 @@ void conv3_backward_on(Context& ctx, const float* x, const float* w, const float
     return;
   }
   if (dx) b.data(dy16, dy32, dx);
-  b.filter(dy16, dy32, dw);
+  if (dw) b.filter(dy16, dy32, dw);
 }
 
 // ---- conv3's path chosen by timing (ContextOptions::conv_autotune) ---------------
@@ -853,21 +856,79 @@ void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n
   conv3_forward_on(ctx, x, w, y, n, cin, cout, s, ndim);
 }
 
-void conv3_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, int n,
-                    int cin, int cout, Spatial s, int ndim) {
-  check_shape("conv3_backward", n, cin, cout, s, ndim);
+namespace {
+
+// conv3's backward through cuDNN; dx or dw may be null (that direction is skipped).
+void conv3_backward_cudnn(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, int n,
+                          int cin, int cout, Spatial s, int ndim) {
+  if (!dx && !dw) return;
   if (!autotune(ctx)) return conv3_backward_on(ctx, x, w, dy, dx, dw, n, cin, cout, s, ndim);
-  const ConvKey key{dx ? 41 : 42, n, cin, cout, s.d, s.h, s.w, ndim, ctx.options().tf32};
+  const ConvKey key{dx ? (dw ? 41 : 43) : 42, n, cin, cout, s.d, s.h, s.w, ndim, ctx.options().tf32};
   const size_t wn = (size_t)cout * cin * conv3_taps(ndim);
   int p;
   {
-    Scratch timed_dw(ctx, wn * sizeof(float));  // the filter gradient is accumulated: time into scratch
-    p = autotuned_path(ctx, key, dx ? "backward" : "backward filter", [&] {
+    Scratch timed_dw(ctx, dw ? wn * sizeof(float) : 0);  // the filter gradient is accumulated: time into scratch
+    p = autotuned_path(ctx, key, dx ? (dw ? "backward" : "backward data") : "backward filter", [&] {
       conv3_backward_on(ctx, x, w, dy, dx, static_cast<float*>(timed_dw.p), n, cin, cout, s, ndim);
     });
   }
   PathScope scope(ctx, kConvPaths[p]);
   conv3_backward_on(ctx, x, w, dy, dx, dw, n, cin, cout, s, ndim);
+}
+
+// Whether the device can run conv3_filter_grad.cu's kernel (compute capability 8.0
+// for its cp.async and TF32 mma, and its shared memory), asked once per device.
+bool own_filter_grad_runs_on(int device) {
+  static std::mutex mu;
+  static std::map<int, bool> known;
+  std::lock_guard<std::mutex> lk(mu);
+  if (auto it = known.find(device); it != known.end()) return it->second;
+  return known[device] = own_filter_grad_fits(device);
+}
+
+// Whether this call's filter gradient takes our own kernel (ContextOptions::conv_wgrad):
+// 3D TF32 calls only; with Auto, the faster of it and cuDNN's filter gradient (on its
+// own timed path), both timed once per shape inside the first call and kept, as the
+// conv3 paths above are.
+bool own_filter_gradient(Context& ctx, const float* x, const float* w, const float* dy, int n, int cin, int cout,
+                         Spatial s, int ndim) {
+  const ContextOptions& o = ctx.options();
+  if (o.conv_wgrad == WgradPath::Cudnn || ndim != 3 || !o.tf32 || o.bf16 || !own_filter_grad_runs_on(ctx.device()))
+    return false;
+  if (o.conv_wgrad == WgradPath::Own) return true;
+  const ConvKey key{44, n, cin, cout, s.d, s.h, s.w, ndim, true};
+  std::map<ConvKey, int>& cache = ctx.impl().conv_paths;
+  if (auto it = cache.find(key); it != cache.end()) return it->second == 1;
+  const size_t wn = (size_t)cout * cin * conv3_taps(ndim);
+  float own_ms = -1, cudnn_ms = -1;
+  {
+    Scratch timed_dw(ctx, wn * sizeof(float));
+    float* dw = static_cast<float*>(timed_dw.p);
+    try {
+      own_ms = ctx.time_ms([&] { conv3_backward_filter_own(ctx, x, dy, dw, n, cin, cout, s); }, 2);
+    } catch (const OutOfMemory&) {  // its partials did not fit: cuDNN's path may
+    }
+    cudnn_ms = ctx.time_ms([&] { conv3_backward_cudnn(ctx, x, w, dy, nullptr, dw, n, cin, cout, s, ndim); }, 2);
+  }
+  const bool own = own_ms >= 0 && own_ms < cudnn_ms;
+  std::fprintf(stderr, "cmseg: conv3 filter gradient %d->%d %dx%dx%d n %d: %s (own %s, cuDNN %.3f ms)\n", cin, cout,
+               s.d, s.h, s.w, n, own ? "own kernel" : "cuDNN",
+               own_ms < 0 ? "out of memory" : str(own_ms, " ms").c_str(), cudnn_ms);
+  cache[key] = own ? 1 : 0;
+  return own;
+}
+
+}  // namespace
+
+void conv3_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, int n,
+                    int cin, int cout, Spatial s, int ndim) {
+  check_shape("conv3_backward", n, cin, cout, s, ndim);
+  if (own_filter_gradient(ctx, x, w, dy, n, cin, cout, s, ndim)) {
+    conv3_backward_cudnn(ctx, x, w, dy, dx, nullptr, n, cin, cout, s, ndim);
+    conv3_backward_filter_own(ctx, x, dy, dw, n, cin, cout, s);
+    return;
+  }
+  conv3_backward_cudnn(ctx, x, w, dy, dx, dw, n, cin, cout, s, ndim);
 }
 
 // upconv2 through cuDNN (native/cuda/upconv2.cu chooses the path and adds the

@@ -37,6 +37,7 @@ void Context::set_conv_autotune(bool) { off(); }
 void Context::set_conv_overlap(bool) { off(); }
 void Context::set_heads_fused_weight_grad(bool) { off(); }
 void Context::set_concat_in_place(bool) { off(); }
+void Context::set_conv_wgrad(WgradPath) { off(); }
 void Context::set_bf16(bool) { off(); }
 void Context::set_upconv(UpconvPath, size_t) { off(); }
 int Context::device() const { off(); }
@@ -62,6 +63,7 @@ void conv3_forward(Context&, const float*, const float*, float*, int, int, int, 
 void conv3_backward(Context&, const float*, const float*, const float*, float*, float*, int, int, int, Spatial, int) {
   off();
 }
+void conv3_backward_filter_own(Context&, const float*, const float*, float*, int, int, int, Spatial) { off(); }
 void upconv2_forward(Context&, const float*, const float*, const float*, float*, int, int, int, Spatial, int, int64_t) { off(); }
 void upconv2_backward(Context&, const float*, const float*, const float*, float*, float*, float*, int, int, int,
                       Spatial, int, int64_t) {
@@ -120,6 +122,7 @@ void conv3_forward(Context&, const float*, const float*, float*, int, int, int, 
 void conv3_backward(Context&, const float*, const float*, const float*, float*, float*, int, int, int, Spatial, int) {
   off();
 }
+void conv3_backward_filter_own(Context&, const float*, const float*, float*, int, int, int, Spatial) { off(); }
 void upconv2_forward(Context&, const float*, const float*, const float*, float*, int, int, int, Spatial, int) { off(); }
 void upconv2_backward(Context&, const float*, const float*, const float*, float*, float*, float*, int, int, int,
                       Spatial, int) {

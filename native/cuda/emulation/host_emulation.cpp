@@ -65,6 +65,7 @@ void Context::set_conv_autotune(bool on) { impl_->options.conv_autotune = on; }
 void Context::set_conv_overlap(bool on) { impl_->options.conv_overlap = on; }
 void Context::set_heads_fused_weight_grad(bool on) { impl_->options.heads_fused_weight_grad = on; }
 void Context::set_concat_in_place(bool on) { impl_->options.concat_in_place = on; }
+void Context::set_conv_wgrad(WgradPath path) { impl_->options.conv_wgrad = path; }
 void Context::set_bf16(bool on) { impl_->options.bf16 = on; }
 void Context::set_upconv(UpconvPath path, size_t chunk_bytes) {
   impl_->options.upconv = path;
@@ -162,6 +163,12 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
   if (dx)
     for (size_t i = 0; i < (size_t)n * cin * V; ++i) dx[i] = round_bf16(dx[i]);
   for (size_t i = 0; i < wn; ++i) dw[i] += round_bf16(dw_step[i]);
+}
+// The emulated model runs the CPU reference's filter gradient here (the kernel itself
+// is emulated, thread by thread, by test_conv3_filter_grad).
+void conv3_backward_filter_own(Context&, const float* x, const float* dy, float* dw, int n, int cin, int cout,
+                               Spatial s) {
+  cmseg::conv3_backward(x, nullptr, dy, nullptr, dw, n, cin, cout, s, 3);
 }
 // The GEMM path (the default) runs its plan with the reference GEMM (upconv2_gemm.hpp),
 // so the whole-model cases check the plan's chunks and indices; the cuDNN paths are
@@ -297,6 +304,7 @@ namespace host {
 [[noreturn]] static void no() { throw Error("host emulation: the cuda::host:: helpers are not emulated"); }
 void conv3_forward(Context&, const float*, const float*, float*, int, int, int, Spatial, int) { no(); }
 void conv3_backward(Context&, const float*, const float*, const float*, float*, float*, int, int, int, Spatial, int) { no(); }
+void conv3_backward_filter_own(Context&, const float*, const float*, float*, int, int, int, Spatial) { no(); }
 void upconv2_forward(Context&, const float*, const float*, const float*, float*, int, int, int, Spatial, int) { no(); }
 void upconv2_backward(Context&, const float*, const float*, const float*, float*, float*, float*, int, int, int, Spatial, int) { no(); }
 void instance_norm_forward(Context&, const float*, const float*, const float*, float*, float*, float*, int, int, int64_t, bool) { no(); }

@@ -51,6 +51,12 @@ size_t cudnn_version();
 
 // ---- context: one device, one stream, one memory pool, library handles ---------
 enum class UpconvPath { Gemm, Cudnn, CudnnChannelsLast };
+
+// Who computes conv3's filter gradient (ContextOptions::conv_wgrad).
+enum class WgradPath { Cudnn, Own, Auto };
+inline const char* wgrad_path_name(WgradPath p) {
+  return p == WgradPath::Cudnn ? "cudnn" : p == WgradPath::Own ? "own" : "auto";
+}
 // "gemm", "cudnn", "cudnn-cl" (the names CMSEG_UPCONV takes).
 inline const char* upconv_path_name(UpconvPath p) {
   return p == UpconvPath::Gemm ? "gemm" : p == UpconvPath::Cudnn ? "cudnn" : "cudnn-cl";
@@ -108,6 +114,13 @@ struct ContextOptions {
   // default; the cuDNN paths keep the copies). Off until a device run has timed it;
   // CMSEG_CONCAT_IN_PLACE=1 in the environment turns it on.
   bool concat_in_place = false;
+  // conv3's filter gradient (3D, TF32) through our own tensor-core kernel on the NCDHW
+  // tensors (native/cuda/conv3_filter_grad.cu) instead of cuDNN: Cudnn never, Own for
+  // every 3D TF32 call, Auto per shape whichever of the two ran faster when timed
+  // inside its first call. cuDNN's 3D filter gradient was 33 of the 78 ms of an H200
+  // brats3d-gpu step, at a third of its forward's TFLOP/s. Cudnn until a device run
+  // has timed the kernel; CMSEG_CONV_WGRAD=cudnn|own|auto in the environment chooses.
+  WgradPath conv_wgrad = WgradPath::Cudnn;
   // How the transposed convolutions (upconv2) run: as cuBLAS GEMMs with our own
   // scatter and gather kernels (native/cuda/upconv2.cu), or through cuDNN on the
   // NCDHW tensors or on channels-last copies. CMSEG_UPCONV=gemm|cudnn|cudnn-cl in the
@@ -173,6 +186,7 @@ class Context {
   void set_conv_overlap(bool on);
   void set_heads_fused_weight_grad(bool on);
   void set_concat_in_place(bool on);
+  void set_conv_wgrad(WgradPath path);
   void set_bf16(bool on);
   void set_upconv(UpconvPath path, size_t chunk_bytes = 0);
   int device() const;
@@ -310,6 +324,11 @@ void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n
 // dx may be null; dw is accumulated.
 void conv3_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, int n,
                     int cin, int cout, Spatial s, int ndim);
+// dw += conv3's filter gradient (3D) through our own TF32 tensor-core kernel
+// (conv3_filter_grad.cu), whatever ContextOptions::conv_wgrad says (conv3_backward
+// calls it as that option says). Needs compute capability 8.0 or newer.
+void conv3_backward_filter_own(Context& ctx, const float* x, const float* dy, float* dw, int n, int cin, int cout,
+                               Spatial s);
 // Transposed convolution, kernel 2, stride 2, with bias; s is the input extent.
 // y_image_stride: floats from one image of y to the next (0: cout * output positions,
 // packed); larger when y is a part of each image of a concat buffer (ContextOptions::
@@ -453,6 +472,8 @@ void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n
                    int ndim);
 void conv3_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, int n,
                     int cin, int cout, Spatial s, int ndim);
+void conv3_backward_filter_own(Context& ctx, const float* x, const float* dy, float* dw, int n, int cin, int cout,
+                               Spatial s);
 void upconv2_forward(Context& ctx, const float* x, const float* w, const float* b, float* y, int n, int cin, int cout,
                      Spatial s, int ndim);
 void upconv2_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, float* db,

@@ -1,0 +1,139 @@
+// conv3's filter gradient through our own TF32 tensor-core kernel: the launch, the
+// device's operations for the kernel body in conv3_filter_grad.cuh (where the design
+// is described), and the partials' sum. conv_cudnn.cu's conv3_backward calls it per
+// ContextOptions::conv_wgrad; the CPU reference is native/layers/conv3.cpp.
+#include "common.cuh"
+#include "conv3_filter_grad.cuh"
+
+namespace cmseg {
+namespace cuda {
+namespace {
+
+// The kernel body's operations on the device. Fragment layouts of
+// mma.m16n8k8.row.col.f32.tf32.tf32.f32 (PTX ISA, "Matrix Fragments for mma.m16n8k8"),
+// g = lane / 4, t = lane % 4: A a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4);
+// B b0 (t, g), b1 (t + 4, g); C as wgrad::acc_row / acc_col.
+struct DeviceOps {
+  struct FragA {
+    uint32_t r[4];
+  };
+  struct FragB {
+    uint32_t r[2];
+  };
+  int g, t;
+  __device__ DeviceOps() : g((threadIdx.x & 31) >> 2), t(threadIdx.x & 3) {}
+  __device__ __forceinline__ int tid() const { return threadIdx.x; }
+  __device__ __forceinline__ int block(int axis) const {
+    return axis == 0 ? blockIdx.x : axis == 1 ? blockIdx.y : blockIdx.z;
+  }
+  __device__ __forceinline__ int grid(int axis) const { return axis == 0 ? gridDim.x : axis == 1 ? gridDim.y : gridDim.z; }
+  __device__ __forceinline__ void sync() const { __syncthreads(); }
+  // cp.async of 4 bytes; a source size of 0 fills the 4 bytes with zeros.
+  __device__ __forceinline__ void copy4(float* dst, const float* src, bool valid) const {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0));
+  }
+  __device__ __forceinline__ void commit() const { asm volatile("cp.async.commit_group;\n" ::); }
+  __device__ __forceinline__ void wait_all_but_one() const { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+  __device__ __forceinline__ static uint32_t tf32(float v) {
+    uint32_t u;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(u) : "f"(v));
+    return u;
+  }
+  __device__ __forceinline__ void load_a(FragA& f, const float* base, int ld) const {
+    f.r[0] = tf32(base[g * ld + t]);
+    f.r[1] = tf32(base[(g + 8) * ld + t]);
+    f.r[2] = tf32(base[g * ld + t + 4]);
+    f.r[3] = tf32(base[(g + 8) * ld + t + 4]);
+  }
+  __device__ __forceinline__ void load_b(FragB& f, const float* base, int ld) const {
+    f.r[0] = tf32(base[t + g * ld]);
+    f.r[1] = tf32(base[t + 4 + g * ld]);
+  }
+  __device__ __forceinline__ void mma(float (&c)[4], const FragA& a, const FragB& b) const {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
+  }
+};
+
+__global__ void __launch_bounds__(wgrad::kThreads, 1) filter_grad_kernel(wgrad::Params P) {
+  extern __shared__ float smem[];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  DeviceOps ops;
+  wgrad::block_body(P, ops, smem);
+#endif
+}
+
+__global__ void add_partials_kernel(const float* __restrict__ partial, int blocks_x, int grid_y, int cin, int cout,
+                                    int64_t items, float* __restrict__ dw) {
+  const int64_t item = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (item < items) wgrad::add_partials(partial, blocks_x, grid_y, cin, cout, item, dw);
+}
+
+constexpr size_t kSmemBytes = sizeof(float) * wgrad::kSmemFloats;
+
+// Blocks of the kernel resident per SM on the current device (its shared memory needs
+// the opt-in above 48 KiB, which is per device: set at every call, it costs microseconds).
+int resident_blocks() {
+  CMSEG_CUDA(cudaFuncSetAttribute(filter_grad_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSmemBytes));
+  int blocks = 0;
+  CMSEG_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, filter_grad_kernel, wgrad::kThreads, kSmemBytes));
+  if (blocks < 1) fail("conv3 filter gradient kernel: ", kSmemBytes, " bytes of shared memory per block do not fit");
+  return blocks;
+}
+
+}  // namespace
+
+bool own_filter_grad_fits(int device) {
+  cudaDeviceProp prop{};
+  return cudaGetDeviceProperties(&prop, device) == cudaSuccess && prop.major >= 8 &&
+         prop.sharedMemPerBlockOptin >= kSmemBytes;
+}
+
+void conv3_backward_filter_own(Context& ctx, const float* x, const float* dy, float* dw, int n, int cin, int cout,
+                               Spatial s) {
+  ProfileScope prof_(ctx, "conv3_backward_filter (own)", cin, cout, s);
+  if (n < 1 || cin < 1 || cout < 1 || s.d < 1 || s.h < 1 || s.w < 1)
+    fail("conv3 filter gradient: empty shape (n ", n, ", ", cin, "->", cout, ", ", s.d, "x", s.h, "x", s.w, ")");
+  Context::Impl& im = ctx.impl();
+  wgrad::Params P{};
+  P.x = x, P.dy = dy;
+  P.cin = cin, P.cout = cout, P.D = s.d, P.H = s.h, P.W = s.w;
+  P.tiles_h = (s.h + wgrad::kTileH - 1) / wgrad::kTileH;
+  P.tiles_w = (s.w + wgrad::kTileW - 1) / wgrad::kTileW;
+  P.runs = (s.d + wgrad::kRunD - 1) / wgrad::kRunD;
+  P.units = (int64_t)n * P.tiles_h * P.tiles_w * P.runs;
+  const int gy = (cin + wgrad::kCi - 1) / wgrad::kCi, gz = (cout + wgrad::kCo - 1) / wgrad::kCo;
+  if (gy > 65535 || gz > 65535) fail("conv3 filter gradient: ", cin, "->", cout, " channels exceed the grid");
+  // One wave of resident blocks over all channel blocks; each block's runs are
+  // spread evenly by the grid-stride loop.
+  const int64_t wave = (int64_t)im.multiprocessors * resident_blocks();
+  const int gx = (int)std::max<int64_t>(1, std::min<int64_t>(P.units, (wave + gy * gz - 1) / (gy * gz)));
+  Buffer<float> partial(ctx, (size_t)gx * gy * gz * wgrad::kPartial);
+  P.partial = partial.data();
+  filter_grad_kernel<<<dim3((unsigned)gx, (unsigned)gy, (unsigned)gz), wgrad::kThreads, kSmemBytes,
+                       stream_of(ctx)>>>(P);
+  CMSEG_CUDA_LAUNCHED("conv3 filter gradient");
+  const int64_t items = (int64_t)gy * gz * wgrad::kPartial;
+  add_partials_kernel<<<(unsigned)((items + 255) / 256), 256, 0, stream_of(ctx)>>>(partial.data(), gx, gy, cin, cout,
+                                                                                 items, dw);
+  CMSEG_CUDA_LAUNCHED("conv3 filter gradient sum");
+}
+
+namespace host {
+
+void conv3_backward_filter_own(Context& ctx, const float* x, const float* dy, float* dw, int n, int cin, int cout,
+                               Spatial s) {
+  const size_t V = (size_t)s.size(), wn = (size_t)cout * cin * wgrad::kTaps;
+  Buffer<float> bx(ctx, (size_t)n * cin * V), bdy(ctx, (size_t)n * cout * V), bdw(ctx, wn);
+  bx.upload(x), bdy.upload(dy), bdw.upload(dw);
+  cuda::conv3_backward_filter_own(ctx, bx.data(), bdy.data(), bdw.data(), n, cin, cout, s);
+  bdw.download(dw);
+}
+
+}  // namespace host
+}  // namespace cuda
+}  // namespace cmseg

@@ -1,0 +1,216 @@
+// conv3's filter gradient as our own TF32 tensor-core kernel (ContextOptions::conv_wgrad):
+//
+//   dW[co][ci][kd][kh][kw] += sum over n, d, h, w of
+//                             dy[n][co][d][h][w] * x[n][ci][d + kd - 1][h + kh - 1][w + kw - 1]
+//
+// a GEMM with M = output channels, N = input channels x 27 taps and K = every voxel of
+// the batch, on the NCDHW tensors (no channels-last copies). Why our own: cuDNN's 3D
+// filter gradient is the largest line of the brats3d-gpu step (33 of 78 ms on an H200,
+// at 37 TFLOP/s where its forward runs the same shapes at 130; BENCHMARKS.md), and
+// PyTorch calls the same kernels.
+//
+// Work split. A block owns 32 output channels (blockIdx.z) and 32 input channels
+// (blockIdx.y); it walks "runs": a kTileH x kTileW patch of (h, w) in one image, through
+// up to kRunD consecutive planes along d. Per plane d it needs the x planes d-1, d, d+1
+// (each with a one-voxel halo in h and w) and the dy plane d in shared memory. The x
+// planes rotate through a ring of four slots, so each is copied once per run, and the
+// copies of plane d+2 (and dy d+1) are in flight (cp.async) while the tensor cores work
+// on plane d. Warp w of the nine owns the taps kd = w / 3, kh = w % 3 and kw = 0..2 for
+// all 32 x 32 channel pairs: 2 x 3 x 4 tiles of mma.m16n8k8, 96 accumulators a thread,
+// kept across runs. Each block then writes its sums to its own partial, and a second
+// kernel adds the partials in block order into dW: the result repeats bit for bit.
+//
+// This header is the kernel's body, compiled twice: by nvcc with DeviceOps
+// (conv3_filter_grad.cu), and by the host compiler with a SIMT emulation of the same
+// operations (native/tests/test_conv3_filter_grad.cpp), so that a machine without a GPU
+// checks the indexing, the ring of slots and the fragment layouts against the CPU
+// reference. Ops supplies: tid(), block(axis), grid(axis), sync(), copy4(dst, src, valid)
+// (cp.async of 4 bytes, zeros when !valid), commit(), wait_all_but_one(), and the
+// warp's tensor-core step: fragments FragA / FragB, load_a(frag, base, ld) (A(r, k) =
+// base[r * ld + k]), load_b(frag, base, ld) (B(k, n) = base[k + n * ld]), both rounded
+// to TF32, and mma(acc, a, b) (mma.sync.m16n8k8.row.col.f32.tf32.tf32.f32). The device
+// loads each lane's elements of the fragments; the emulation gives every thread the
+// whole tiles (the lanes' layouts are the PTX ISA's, written out in DeviceOps).
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define CMSEG_WGRAD_FN __device__ __forceinline__
+#define CMSEG_WGRAD_UNROLL _Pragma("unroll")
+#else
+#define CMSEG_WGRAD_FN inline
+#define CMSEG_WGRAD_UNROLL
+#endif
+
+namespace cmseg {
+namespace cuda {
+namespace wgrad {
+
+constexpr int kCo = 32, kCi = 32;        // channels per block (M) and per block (N / 27)
+constexpr int kTileH = 4, kTileW = 32;   // a run's (h, w) patch
+constexpr int kRunD = 16;                // planes per run
+constexpr int kWarps = 9, kThreads = kWarps * 32;
+constexpr int kTaps = 27;
+constexpr int kHaloH = kTileH + 2, kHaloW = kTileW + 2;
+// x slot: [kCi][kHaloH * kHaloW]; 204 floats a channel, 12 mod 32: the eight channels
+// of a B fragment land on distinct banks. dy slot: [kCo][kDyLd], 132 = 4 mod 32: the
+// eight rows of an A fragment likewise.
+constexpr int kXLd = kHaloH * kHaloW;
+constexpr int kXSlot = kCi * kXLd;
+constexpr int kXSlots = 4;
+constexpr int kDyLd = kTileH * kTileW + 4;
+constexpr int kDySlot = kCo * kDyLd;
+constexpr int kDySlots = 2;
+constexpr int kSmemFloats = kXSlots * kXSlot + kDySlots * kDySlot;
+constexpr int kPartial = kCo * kCi * kTaps;  // one block's sums: [co][ci][tap]
+
+struct Params {
+  const float* x;   // [n, cin, D, H, W]
+  const float* dy;  // [n, cout, D, H, W]
+  float* partial;   // [gridDim.z][gridDim.y][gridDim.x][kPartial]
+  int cin, cout, D, H, W;
+  int tiles_h, tiles_w, runs;  // per image: ceil(H / kTileH), ceil(W / kTileW), ceil(D / kRunD)
+  int64_t units;               // n * tiles_h * tiles_w * runs
+};
+
+template <class Ops>
+CMSEG_WGRAD_FN void load_x_plane(const Params& P, Ops& ops, float* slot, int img, int ci0, int p, int h0, int w0) {
+  const int64_t HW = (int64_t)P.H * P.W;
+  const bool plane_ok = p >= 0 && p < P.D;
+  for (int e = ops.tid(); e < kXSlot; e += kThreads) {
+    const int c = e / kXLd, r = e - c * kXLd;
+    const int hh = r / kHaloW, ww = r - hh * kHaloW;
+    const int h = h0 + hh - 1, w = w0 + ww - 1;
+    const bool ok = plane_ok && ci0 + c < P.cin && h >= 0 && h < P.H && w >= 0 && w < P.W;
+    const float* src = ok ? P.x + ((int64_t)img * P.cin + ci0 + c) * P.D * HW + (int64_t)p * HW + (int64_t)h * P.W + w
+                          : P.x;
+    ops.copy4(slot + e, src, ok);
+  }
+}
+
+template <class Ops>
+CMSEG_WGRAD_FN void load_dy_plane(const Params& P, Ops& ops, float* slot, int img, int co0, int d, int h0, int w0) {
+  const int64_t HW = (int64_t)P.H * P.W;
+  for (int e = ops.tid(); e < kCo * kTileH * kTileW; e += kThreads) {
+    const int c = e / (kTileH * kTileW), r = e - c * (kTileH * kTileW);
+    const int hh = r / kTileW, ww = r - hh * kTileW;
+    const int h = h0 + hh, w = w0 + ww;
+    const bool ok = co0 + c < P.cout && h < P.H && w < P.W;
+    const float* src = ok ? P.dy + ((int64_t)img * P.cout + co0 + c) * P.D * HW + (int64_t)d * HW + (int64_t)h * P.W + w
+                          : P.dy;
+    ops.copy4(slot + c * kDyLd + r, src, ok);
+  }
+}
+
+// Where accumulator i of a lane sits in the 16 x 8 tile C of mma.m16n8k8 (PTX ISA):
+// c0 (g, 2t), c1 (g, 2t + 1), c2 (g + 8, 2t), c3 (g + 8, 2t + 1), g = lane / 4, t = lane % 4.
+CMSEG_WGRAD_FN int acc_row(int lane, int i) { return (lane >> 2) + (i >= 2 ? 8 : 0); }
+CMSEG_WGRAD_FN int acc_col(int lane, int i) { return 2 * (lane & 3) + (i & 1); }
+
+// One plane's products: warp w's taps (kd, kh) = (w / 3, w % 3), kw = 0..2. xs: the
+// x slot of plane d + kd - 1; ys: the dy slot of plane d. A is 16 x 8 (rows: output
+// channels, columns: the 8 voxels (hh, w8..w8+7)), row-major in the dy slot; B is
+// 8 x 8 (rows: the same voxels, columns: 8 input channels), the voxels contiguous in
+// the x slot at halo (hh + kh, w8 + kw), the channels kXLd apart.
+template <class Ops>
+CMSEG_WGRAD_FN void plane_products(Ops& ops, const float* xs, const float* ys, int kh, float (&acc)[2][3][4][4]) {
+  CMSEG_WGRAD_UNROLL
+  for (int hh = 0; hh < kTileH; ++hh) {
+    CMSEG_WGRAD_UNROLL
+    for (int w8 = 0; w8 < kTileW; w8 += 8) {
+      typename Ops::FragA a[2];
+      CMSEG_WGRAD_UNROLL
+      for (int m = 0; m < 2; ++m) ops.load_a(a[m], ys + m * 16 * kDyLd + hh * kTileW + w8, kDyLd);
+      const float* xrow = xs + (hh + kh) * kHaloW + w8;
+      CMSEG_WGRAD_UNROLL
+      for (int kw = 0; kw < 3; ++kw) {
+        CMSEG_WGRAD_UNROLL
+        for (int nt = 0; nt < 4; ++nt) {
+          typename Ops::FragB b;
+          ops.load_b(b, xrow + nt * 8 * kXLd + kw, kXLd);
+          ops.mma(acc[0][kw][nt], a[0], b);
+          ops.mma(acc[1][kw][nt], a[1], b);
+        }
+      }
+    }
+  }
+}
+
+// The whole block: every run it owns, then its partial.
+template <class Ops>
+CMSEG_WGRAD_FN void block_body(const Params& P, Ops& ops, float* smem) {
+  const int tid = ops.tid(), warp = tid >> 5, lane = tid & 31;
+  const int kd = warp / 3, kh = warp % 3;
+  const int ci0 = ops.block(1) * kCi, co0 = ops.block(2) * kCo;
+  float* xslots = smem;
+  float* yslots = smem + kXSlots * kXSlot;
+  float acc[2][3][4][4];
+  CMSEG_WGRAD_UNROLL
+  for (int m = 0; m < 2; ++m)
+    CMSEG_WGRAD_UNROLL
+    for (int kw = 0; kw < 3; ++kw)
+      CMSEG_WGRAD_UNROLL
+      for (int nt = 0; nt < 4; ++nt)
+        CMSEG_WGRAD_UNROLL
+        for (int i = 0; i < 4; ++i) acc[m][kw][nt][i] = 0.f;
+
+  for (int64_t u = ops.block(0); u < P.units; u += ops.grid(0)) {
+    const int run = (int)(u % P.runs);
+    const int64_t column = u / P.runs;
+    const int tw = (int)(column % P.tiles_w);
+    const int th = (int)((column / P.tiles_w) % P.tiles_h);
+    const int img = (int)(column / ((int64_t)P.tiles_w * P.tiles_h));
+    const int h0 = th * kTileH, w0 = tw * kTileW;
+    const int d0 = run * kRunD, d1 = d0 + kRunD < P.D ? d0 + kRunD : P.D;
+    // x plane p lives in slot (p - d0 + 1) mod 4, dy plane d in slot (d - d0) mod 2.
+    for (int p = d0 - 1; p <= d0 + 1; ++p)
+      load_x_plane(P, ops, xslots + ((p - d0 + 1) & 3) * kXSlot, img, ci0, p, h0, w0);
+    load_dy_plane(P, ops, yslots, img, co0, d0, h0, w0);
+    ops.commit();
+    for (int d = d0; d < d1; ++d) {
+      if (d + 1 < d1) {  // the next plane's copies, in flight during this plane's products
+        load_x_plane(P, ops, xslots + ((d + 2 - d0 + 1) & 3) * kXSlot, img, ci0, d + 2, h0, w0);
+        load_dy_plane(P, ops, yslots + ((d + 1 - d0) & 1) * kDySlot, img, co0, d + 1, h0, w0);
+      }
+      ops.commit();  // possibly empty: the group count stays uniform
+      ops.wait_all_but_one();
+      ops.sync();
+      plane_products(ops, xslots + ((d + kd - d0) & 3) * kXSlot, yslots + ((d - d0) & 1) * kDySlot, kh, acc);
+      ops.sync();  // before the next iteration's copies overwrite these slots
+    }
+  }
+
+  // C's rows are output channels, its columns input channels.
+  float* out = P.partial + (((int64_t)ops.block(2) * ops.grid(1) + ops.block(1)) * ops.grid(0) + ops.block(0)) *
+                               (int64_t)kPartial;
+  CMSEG_WGRAD_UNROLL
+  for (int m = 0; m < 2; ++m)
+    CMSEG_WGRAD_UNROLL
+    for (int kw = 0; kw < 3; ++kw)
+      CMSEG_WGRAD_UNROLL
+      for (int nt = 0; nt < 4; ++nt)
+        CMSEG_WGRAD_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          const int co = m * 16 + acc_row(lane, i), ci = nt * 8 + acc_col(lane, i);
+          out[(co * kCi + ci) * kTaps + (kd * 3 + kh) * 3 + kw] = acc[m][kw][nt][i];
+        }
+}
+
+// dw[co][ci][tap] += the partials' sum over blocks in order; element e of block
+// (z, y): co = z * kCo + e / (kCi * kTaps), ci = y * kCi + (e / kTaps) % kCi.
+CMSEG_WGRAD_FN void add_partials(const float* partial, int blocks_x, int grid_y, int cin, int cout, int64_t item,
+                                 float* dw) {
+  const int64_t e = item % kPartial, zy = item / kPartial;
+  const int y = (int)(zy % grid_y), z = (int)(zy / grid_y);
+  const int col = (int)(e / (kCi * kTaps)), cil = (int)((e / kTaps) % kCi), tap = (int)(e % kTaps);
+  const int co = z * kCo + col, ci = y * kCi + cil;
+  if (co >= cout || ci >= cin) return;
+  const float* p = partial + zy * blocks_x * (int64_t)kPartial + e;
+  float s = 0.f;
+  for (int b = 0; b < blocks_x; ++b) s += p[(int64_t)b * kPartial];
+  dw[((int64_t)co * cin + ci) * kTaps + tap] += s;
+}
+
+}  // namespace wgrad
+}  // namespace cuda
+}  // namespace cmseg

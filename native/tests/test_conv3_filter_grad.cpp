@@ -1,0 +1,93 @@
+// conv3's own filter-gradient kernel (native/cuda/conv3_filter_grad.cuh) run on the
+// host through the SIMT emulation (native/cuda/emulation/simt_host.hpp), against the
+// CPU reference's filter gradient (native/layers/conv3.cpp). Exact mode (fp32
+// fragments) checks the kernel's tiling, halos, ring of plane slots, cp.async waits,
+// channel and block splits and the partials' sum to fp32 rounding; TF32 mode checks
+// the rounding the tensor cores apply stays within TF32's tolerance. test_cuda runs
+// the same kernel on a GPU.
+#include <cmath>
+#include <cstdio>
+#include <vector>
+
+#include "../cuda/conv3_filter_grad.cuh"
+#include "../cuda/emulation/simt_host.hpp"
+#include "check.hpp"
+#include "cmseg/layers.hpp"
+
+using namespace cmseg;
+namespace wg = cmseg::cuda::wgrad;
+
+namespace {
+
+struct HostOps : simt::ThreadOps {
+  using ThreadOps::ThreadOps;
+  void mma(float (&acc)[4], const FragA& a, const FragB& b) const { mma_with(acc, a, b, wg::acc_row, wg::acc_col); }
+};
+
+// dw += the kernel's filter gradient, on a grid of blocks_x x ceil(cin/32) x ceil(cout/32).
+void emulated_filter_grad(const std::vector<float>& x, const std::vector<float>& dy, std::vector<float>& dw, int n,
+                          int cin, int cout, Spatial s, int blocks_x, bool exact) {
+  wg::Params P{};
+  P.x = x.data(), P.dy = dy.data();
+  P.cin = cin, P.cout = cout, P.D = s.d, P.H = s.h, P.W = s.w;
+  P.tiles_h = (s.h + wg::kTileH - 1) / wg::kTileH;
+  P.tiles_w = (s.w + wg::kTileW - 1) / wg::kTileW;
+  P.runs = (s.d + wg::kRunD - 1) / wg::kRunD;
+  P.units = (int64_t)n * P.tiles_h * P.tiles_w * P.runs;
+  const int grid[3] = {blocks_x, (cin + wg::kCi - 1) / wg::kCi, (cout + wg::kCo - 1) / wg::kCo};
+  std::vector<float> partial((size_t)grid[0] * grid[1] * grid[2] * wg::kPartial, std::nanf(""));
+  P.partial = partial.data();
+  simt::run_grid<HostOps>(grid, wg::kThreads, wg::kSmemFloats, exact,
+                          [&](HostOps& ops, float* smem) { wg::block_body(P, ops, smem); });
+  const int64_t items = (int64_t)grid[1] * grid[2] * wg::kPartial;
+  for (int64_t item = 0; item < items; ++item) wg::add_partials(partial.data(), grid[0], grid[1], cin, cout, item, dw.data());
+}
+
+double rel_l2(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+    den += (double)b[i] * b[i];
+  }
+  return std::sqrt(num / (den > 0 ? den : 1));
+}
+
+// The kernel's dw (accumulated onto a random start) against the CPU reference's.
+void filter_grad_case(int n, int cin, int cout, Spatial s, int blocks_x) {
+  const int64_t V = s.size();
+  const auto x = check::random_vector((size_t)n * cin * V, 11);
+  const auto dy = check::random_vector((size_t)n * cout * V, 12);
+  const auto w = check::random_vector((size_t)cout * cin * 27, 13);
+  const auto start = check::random_vector((size_t)cout * cin * 27, 14);
+  std::vector<float> want = start;
+  conv3_backward(x.data(), w.data(), dy.data(), nullptr, want.data(), n, cin, cout, s, 3);
+  for (bool exact : {true, false}) {
+    std::vector<float> got = start;
+    emulated_filter_grad(x, dy, got, n, cin, cout, s, blocks_x, exact);
+    const double err = rel_l2(got, want);
+    size_t bad = 0;
+    for (float v : got) bad += !std::isfinite(v);
+    std::printf("  n %d, %d->%d, %dx%dx%d, %d block(s) per channel pair: %s rel L2 %.2e\n", n, cin, cout, s.d, s.h,
+                s.w, blocks_x, exact ? "fp32" : "tf32", err);
+    CHECK(bad == 0);
+    CHECK(err < (exact ? 1e-5 : 3e-3));
+  }
+}
+
+}  // namespace
+
+// One run, one patch: every tap's halo at the volume's edges in all three axes.
+TEST(filter_grad_single_patch) { filter_grad_case(1, 32, 32, Spatial{3, 4, 32}, 1); }
+
+// Patches cut by the volume's end in h and w; input channels in two blocks (the second
+// with 8 of 32 used), output channels under one block's 32; blocks taking several runs.
+TEST(filter_grad_partial_tiles_and_channel_blocks) { filter_grad_case(2, 40, 20, Spatial{4, 5, 35}, 3); }
+
+// Depth past one run (two runs, the second short), few channels, a volume narrower
+// than a patch.
+TEST(filter_grad_runs_along_depth) { filter_grad_case(1, 3, 5, Spatial{wg::kRunD + 3, 3, 7}, 2); }
+
+// More blocks than runs: blocks with no run write zeros.
+TEST(filter_grad_idle_blocks) { filter_grad_case(1, 8, 40, Spatial{2, 2, 9}, 5); }
+
+TEST_MAIN()

@@ -29,7 +29,9 @@
 #              then the same step varied, to check the defaults: bench_gpu_wgrad_own
 #              (conv3's filter gradients through our own TF32 kernel), bench_gpu_wgrad_auto
 #              (own kernel or cuDNN, timed per shape), bench_gpu_all_candidates (auto
-#              with the fused heads and the concat in place), bench_gpu_legacy
+#              with the fused heads, the concat in place and the prefetching CM loss),
+#              cm_loss_prefetch (the CM loss kernel that loads the next annotator's
+#              channels during this one's math), bench_gpu_legacy
 #              (legacy cuDNN on channels-last copies for all), bench_gpu_ncdhw (legacy
 #              cuDNN on the NCDHW tensors), bench_gpu_heads_fused (the heads' weight
 #              gradients in one pass), bench_gpu_concat_in_place (the up-convolutions
@@ -161,8 +163,8 @@ write_summary() {
       grep -E "^  pipelined" "$OUT/bench_gpu.txt"
       echo "== the first bench_gpu run: device time by convolution shape"
       sed -n '/device time by convolution shape/,/end of shapes/p' "$OUT/bench_gpu.txt" | sed '/end of shapes/q'
-      grep -hE "^cmseg: cm_loss (main|pairs) kernel" "$OUT/bench_gpu.txt" | sort -u
-      awk '/^cm_loss (grid|pairs kernel):/ { g = $0; next }
+      grep -hE "^cmseg: cm_loss (main|pairs|prefetch) kernel" "$OUT/bench_gpu.txt" | sort -u
+      awk '/^cm_loss (grid|pairs kernel|prefetch kernel):/ { g = $0; next }
            g && /^cmseg GPU/ { match($0, /cm_loss [0-9.]+ ms, [0-9]+ GB\/s/); print "  " g " -> " substr($0, RSTART, RLENGTH); g = "" }' \
         "$OUT/bench_gpu.txt"
     fi
@@ -315,7 +317,11 @@ if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   # (auto: both times on stderr), then auto with the other candidates below.
   stage bench_gpu_wgrad_own 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_WGRAD=own CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   stage bench_gpu_wgrad_auto 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_WGRAD=auto CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
-  stage bench_gpu_all_candidates 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_WGRAD=auto CMSEG_CONCAT_IN_PLACE=1 CMSEG_HEADS_WGRAD=fused CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  stage bench_gpu_all_candidates 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_WGRAD=auto CMSEG_CONCAT_IN_PLACE=1 CMSEG_HEADS_WGRAD=fused CMSEG_CM_LOSS_KERNEL=prefetch CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  # The fused CM loss with the next annotator's loads in flight during this one's math
+  # (CMSEG_CM_LOSS_KERNEL=prefetch; the pixel kernel moved 2.4 of the H200's 4.8 TB/s)
+  # at its default grid (8 blocks per SM asked, 4 resident) and at 4 and 16.
+  stage cm_loss_prefetch 60 "$OUT/bench_gpu.txt" "for b in 0 4 16; do echo cm_loss prefetch kernel: \$b blocks per SM; CMSEG_CM_LOSS_KERNEL=prefetch CMSEG_CM_LOSS_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss (main|prefetch) kernel|cm_loss: main'; done"
   stage bench_gpu_legacy 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_AUTOTUNE=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   stage bench_gpu_ncdhw 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_AUTOTUNE=0 CMSEG_CONV_CHANNELS_LAST=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # conv3's filter gradient on a second stream beside its data gradient (CMSEG_CONV_OVERLAP;

@@ -150,21 +150,39 @@ struct PixelCm {
       // ~15% of an H200's bandwidth. Plain loads: the gradient may overwrite these
       // channels later in the same kernel (loss.hpp). Only with L known at compile
       // time: in the generic kernel the array would live in local memory.
-      float v[CAP * CAP];
       if constexpr (CAP != kMaxClasses) {
+        float v[CAP * CAP];
 #pragma unroll
         for (int e = 0; e < L * L; ++e)
           v[e] = raw[e * stride];
+        from_values(v, L);
+        return;
       }
-#pragma unroll
       for (int e = 0; e < L * L; ++e) {
-        const float ve = CAP != kMaxClasses ? v[e] : raw[e * stride];
         if constexpr (MODE == kFull)
-          softplus_sigmoid(ve, A[e], sig[e]);
+          softplus_sigmoid(raw[e * stride], A[e], sig[e]);
         else
-          A[e] = softplus(ve);
+          A[e] = softplus(raw[e * stride]);
       }
     }
+    normalise(L);
+  }
+
+  // The CM from its L*L raw channels already in registers (v), full or softplus-only
+  // modes; the prefetch kernel loads them one annotator ahead.
+  __device__ __forceinline__ void from_values(const float* v, int L) {
+#pragma unroll
+    for (int e = 0; e < L * L; ++e) {
+      if constexpr (MODE == kFull)
+        softplus_sigmoid(v[e], A[e], sig[e]);
+      else
+        A[e] = softplus(v[e]);
+    }
+    normalise(L);
+  }
+
+  // Columns divided by their sums (SPEC 4).
+  __device__ __forceinline__ void normalise(int L) {
 #pragma unroll
     for (int j = 0; j < L; ++j) {
       float s = 0.f;
@@ -192,9 +210,12 @@ __device__ __forceinline__ float g_entry(int k, int j, int c, bool ce_grad, floa
 // added to tr and its CE to ce (shared-memory sums or registers), its contribution to d/dp into dp (the pixel's softmax
 // probabilities p), and in the pixel-wise modes the raw CM channels' gradient,
 // written out.
-template <int CAP, int MODE>
+// PRE: the raw CM channels (pv) and the label (pc) were loaded ahead by the caller
+// (the prefetch kernel; full CMs with L known at compile time).
+template <int CAP, int MODE, bool PRE = false>
 __device__ __forceinline__ void annotator_pixel(const LossParams& P, int L, int l, int K, bool grads, int i,
-                                                int64_t v, int r, const float* p, float* dp, double& ce, double& tr) {
+                                                int64_t v, int r, const float* p, float* dp, double& ce, double& tr,
+                                                const float* pv = nullptr, int pc = 0) {
   const int64_t V = P.V;
   const int R = P.R;
   const int64_t head = (int64_t)i * K * V + v;
@@ -205,13 +226,15 @@ __device__ __forceinline__ void annotator_pixel(const LossParams& P, int L, int 
   }
   // The label and the weights are read before the CM's math, so their loads are in
   // flight with the CM's (after it, a thread waited for them).
-  const int c = P.labels[r][(int64_t)i * V + v];
+  const int c = PRE ? pc : P.labels[r][(int64_t)i * V + v];
   const float wce = grads ? (float)P.w[r] : 0.f, wtr = grads ? (float)P.w[R + r] : 0.f;
   PixelCm<CAP, MODE> cm;
   if constexpr (MODE == kGlobal) {
 #pragma unroll
     for (int e = 0; e < L * L; ++e)
       cm.A[e] = P.gA[r * L * L + e];
+  } else if constexpr (PRE) {
+    cm.from_values(pv, L);
   } else {
     cm.compute(P.raw[r] + head, V, L, l);
   }
@@ -345,6 +368,67 @@ __global__ void __launch_bounds__(kLossThreads) cm_loss_kernel(LossParams P) {
       annotator_pixel<CAP, MODE>(P, L, l, K, grads, i, v, r, p, dp, acc[r * blockDim.x + threadIdx.x],
                                  acc[(R + r) * blockDim.x + threadIdx.x]);
     if (grads) write_dz<CAP>(P, L, i, v, p, dp);
+  }
+  for (int k = 0; k < 2 * R; ++k) {
+    const double t = block_sum(acc[k * blockDim.x + threadIdx.x], scratch);
+    if (threadIdx.x == 0) P.partial[(int64_t)blockIdx.x * 2 * R + k] = t;
+  }
+}
+
+// The "prefetch" kernel (CMSEG_CM_LOSS_KERNEL=prefetch; full CMs, 2-4 classes): the
+// pixel kernel with the next annotator's raw CM channels and label loaded before this
+// annotator's math, so that a thread has loads in flight while it computes. The pixel
+// kernel waits for each annotator's loads in turn (96 registers, 5 blocks per SM on an
+// H200, 2.4 TB/s of 4.8). The same arithmetic in the same order: its results are the
+// pixel kernel's, bit for bit. Annotators in pairs: va / vb alternate without a
+// run-time register index.
+template <int LT>
+__device__ __forceinline__ void load_annotator(const LossParams& P, int i, int64_t v, int r, float (&dst)[LT * LT],
+                                               int& c) {
+  if (!is_present(P, i, r)) return;  // annotator_pixel writes zeros and reads neither
+  c = P.labels[r][(int64_t)i * P.V + v];
+  const float* raw = P.raw[r] + (int64_t)i * LT * LT * P.V + v;
+#pragma unroll
+  for (int e = 0; e < LT * LT; ++e)
+    dst[e] = raw[e * P.V];
+}
+
+template <int LT>
+__global__ void __launch_bounds__(kLossThreads) cm_loss_prefetch_kernel(LossParams P) {
+  constexpr int CAP = LT, K = LT * LT;
+  const int R = P.R;
+  const int64_t V = P.V;
+  const bool grads = P.dz != nullptr;
+
+  extern __shared__ double acc[];  // [2R][blockDim.x], as the pixel kernel
+  __shared__ double scratch[32];
+  for (int k = 0; k < 2 * R; ++k) acc[k * blockDim.x + threadIdx.x] = 0.0;
+
+  const int64_t total = (int64_t)P.n * V;
+  for (int64_t pix = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; pix < total;
+       pix += (int64_t)gridDim.x * blockDim.x) {
+    const int i = (int)(pix / V);
+    const int64_t v = pix - (int64_t)i * V;
+    float va[K], vb[K];
+    int ca = 0, cb = 0;
+    load_annotator<LT>(P, i, v, 0, va, ca);  // in flight during the softmax
+    float p[CAP], dp[CAP];
+    pixel_softmax<CAP>(P, LT, i, v, p);
+#pragma unroll
+    for (int k = 0; k < LT; ++k)
+      dp[k] = 0.f;
+    for (int r = 0; r < R; r += 2) {
+      if (r + 1 < R) load_annotator<LT>(P, i, v, r + 1, vb, cb);
+      annotator_pixel<CAP, kFull, true>(P, LT, 0, K, grads, i, v, r, p, dp, acc[r * blockDim.x + threadIdx.x],
+                                        acc[(R + r) * blockDim.x + threadIdx.x], va, ca);
+      if (r + 1 < R) {
+        if (r + 2 < R) load_annotator<LT>(P, i, v, r + 2, va, ca);
+        annotator_pixel<CAP, kFull, true>(P, LT, 0, K, grads, i, v, r + 1, p, dp,
+                                          acc[(r + 1) * blockDim.x + threadIdx.x],
+                                          acc[(R + r + 1) * blockDim.x + threadIdx.x], vb, cb);
+      }
+    }
+    if (grads) write_dz<CAP>(P, LT, i, v, p, dp);
   }
   for (int k = 0; k < 2 * R; ++k) {
     const double t = block_sum(acc[k * blockDim.x + threadIdx.x], scratch);
@@ -617,12 +701,26 @@ void launch_pairs(int L, unsigned grid, size_t smem, cudaStream_t st, const Loss
   }
 }
 
+enum class MainKernel { Pixel, Pairs, Prefetch };
+
 // CMSEG_CM_LOSS_KERNEL=pairs: the pairs kernel where it applies (pixel-wise modes,
-// at most kMaxPairAnnotators annotators); otherwise, and by default, the pixel
-// kernel. Read at each call, so tests can run both.
-bool use_pairs_kernel(int mode, int R) {
+// at most kMaxPairAnnotators annotators); =prefetch: the prefetch kernel where it
+// applies (full CMs, 2-4 classes); otherwise, and by default, the pixel kernel. Read
+// at each call, so tests can run each.
+MainKernel main_kernel(int mode, int L, int R) {
   const char* e = std::getenv("CMSEG_CM_LOSS_KERNEL");
-  return e && std::string(e) == "pairs" && mode != kGlobal && R <= kMaxPairAnnotators;
+  const std::string k = e ? e : "";
+  if (k == "pairs" && mode != kGlobal && R <= kMaxPairAnnotators) return MainKernel::Pairs;
+  if (k == "prefetch" && mode == kFull && L >= 2 && L <= 4) return MainKernel::Prefetch;
+  return MainKernel::Pixel;
+}
+
+void launch_prefetch(int L, unsigned grid, size_t smem, cudaStream_t st, const LossParams& P) {
+  switch (L) {
+    case 2: cm_loss_prefetch_kernel<2><<<grid, kLossThreads, smem, st>>>(P); break;
+    case 3: cm_loss_prefetch_kernel<3><<<grid, kLossThreads, smem, st>>>(P); break;
+    default: cm_loss_prefetch_kernel<4><<<grid, kLossThreads, smem, st>>>(P); break;
+  }
 }
 
 // ---- prediction: per-pixel CMs and q_r = A_r p ------------------------------------
@@ -736,8 +834,9 @@ void cm_loss(Context& ctx, const CmLossInput& in, CmLossOutput& out) {
   }
 
   ProfileScope prof_main_(ctx, "cm_loss: main+finish");
-  const bool pairs = use_pairs_kernel(mode, R);
-  tl_last_kernel = pairs ? "pairs" : "pixel";
+  const MainKernel kernel = main_kernel(mode, L, R);
+  const bool pairs = kernel == MainKernel::Pairs;
+  tl_last_kernel = pairs ? "pairs" : kernel == MainKernel::Prefetch ? "prefetch" : "pixel";
   const size_t pairs_smem = sizeof(float) * R * L * kPairPixels;  // at most 32 KiB
   int per_sm = main_blocks_per_sm();
   if (!per_sm)
@@ -756,6 +855,11 @@ void cm_loss(Context& ctx, const CmLossInput& in, CmLossOutput& out) {
       launch_pairs<kFull>(L, grid, smem, st, P);
     else
       launch_pairs<kLowRank>(L, grid, smem, st, P);
+  } else if (kernel == MainKernel::Prefetch) {
+    const size_t smem = sizeof(double) * 2 * R * kLossThreads;
+    if (im.profiler.on && L == 4)
+      say_launch(cm_loss_prefetch_kernel<4>, "prefetch", 4, kFull, grid, kLossThreads, smem, im.multiprocessors);
+    launch_prefetch(L, grid, smem, st, P);
   } else {
     const size_t smem = sizeof(double) * 2 * R * kLossThreads;  // at most 32 KiB
     if (im.profiler.on && mode == kFull && L == 4)

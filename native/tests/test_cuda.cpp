@@ -654,7 +654,7 @@ TEST(cm_loss_global_matches_cpu) {
 // (loss.hpp): on the device, with both kernels, the same loss and bit-identical
 // gradients as into separate arrays.
 TEST(cm_loss_gradient_in_place_on_device) {
-  for (const char* kernel : {"pixel", "pairs"}) {
+  for (const char* kernel : {"pixel", "pairs", "prefetch"}) {
     struct Env {
       explicit Env(const char* k) { setenv("CMSEG_CM_LOSS_KERNEL", k, 1); }
       ~Env() { unsetenv("CMSEG_CM_LOSS_KERNEL"); }
@@ -693,6 +693,73 @@ TEST(cm_loss_gradient_in_place_on_device) {
       std::printf("  %s kernel, %s: in place == apart\n", kernel, cm_mode_name(mode));
     }
   }
+}
+
+// The prefetch kernel (CMSEG_CM_LOSS_KERNEL=prefetch: the next annotator's loads in
+// flight during this one's math; full CMs, 2-4 classes) against the CPU as above, for
+// 1 to 5 annotators (odd counts end on an unpaired one) and 60000 pixels a image, and
+// against the pixel kernel on the same inputs: the same arithmetic in the same order,
+// so the same bits (the compiler could in principle contract the two differently:
+// then the difference is printed, and must stay at rounding).
+void prefetch_against_pixel(int L, int R, int64_t V) {
+  LossCase c = make_loss_case(CmMode::Full, 2, L, R, V, 1, 0.3f, 500 + L + 7 * R);
+  const CmLossInput in = c.input();
+  auto run = [&](const char* kernel, std::vector<float>& dz, std::vector<std::vector<float>>& draw) {
+    setenv("CMSEG_CM_LOSS_KERNEL", kernel, 1);
+    CmLossOutput out;
+    dz.assign(c.logits.size(), 0.f);
+    out.d_seg_logits = dz.data();
+    draw.assign(c.R, {});
+    for (int r = 0; r < c.R; ++r) draw[r].assign(c.raw[r].size(), 0.f), out.d_cm_raw.push_back(draw[r].data());
+    cu::host::cm_loss(ctx(), in, out);
+    return out.loss;
+  };
+  std::vector<float> dz_a, dz_b;
+  std::vector<std::vector<float>> dr_a, dr_b;
+  const double la = run("pixel", dz_a, dr_a), lb = run("prefetch", dz_b, dr_b);
+  CHECK(std::strcmp(cu::last_cm_loss_kernel(), "prefetch") == 0);
+  double worst = 0;
+  auto diff = [&](const std::vector<float>& a, const std::vector<float>& b) {
+    double m = 0, d = 0;
+    for (size_t i = 0; i < a.size(); ++i) m = std::max(m, (double)std::fabs(a[i])), d = std::max(d, (double)std::fabs(a[i] - b[i]));
+    worst = std::max(worst, m > 0 ? d / m : d);
+  };
+  diff(dz_a, dz_b);
+  for (int r = 0; r < c.R; ++r) diff(dr_a[r], dr_b[r]);
+  const bool same = la == lb && worst == 0;
+  std::printf("  prefetch vs pixel kernel, L=%d, %d annotator(s): %s (loss %.9f vs %.9f, worst gradient difference "
+              "%.2e of its array's largest)\n",
+              L, R, same ? "identical" : "DIFFERENT", la, lb, worst);
+  CHECK_CLOSE(lb, la, 1e-9, 1e-12);
+  CHECK(worst <= 1e-6);
+}
+
+TEST(cm_loss_prefetch_kernel_matches_cpu) {
+  struct Env {  // set for this test only, also when a case throws
+    Env() { setenv("CMSEG_CM_LOSS_KERNEL", "prefetch", 1); }
+    ~Env() { unsetenv("CMSEG_CM_LOSS_KERNEL"); }
+  } env;
+  auto ran = [](const char* expected) {
+    if (std::strcmp(cu::last_cm_loss_kernel(), expected) != 0) {
+      std::printf("  cm_loss ran the %s kernel, expected %s\n", cu::last_cm_loss_kernel(), expected);
+      ++check::failures();
+    }
+  };
+  for (int L : {2, 3, 4}) {
+    cm_loss_case(CmMode::Full, L, 1, 0.3f);
+    ran("prefetch");
+  }
+  cm_loss_case(CmMode::Full, 4, 1, 0.3f, 3, 60000);
+  cm_loss_case(CmMode::Full, 4, 1, 0.3f, 1);
+  cm_loss_case(CmMode::Full, 4, 1, 0.3f, 4);
+  cm_loss_case(CmMode::Full, 4, 1, 0.3f, 5);
+  ran("prefetch");
+  cm_loss_case(CmMode::Full, 5, 1, 0.3f);  // 5 classes: the pixel kernel
+  ran("pixel");
+  cm_loss_case(CmMode::LowRank, 3, 2, 0.3f);
+  ran("pixel");
+  for (int L : {2, 4})
+    for (int R : {1, 2, 3, 5}) prefetch_against_pixel(L, R, 20000);
 }
 
 // The pairs kernel (CMSEG_CM_LOSS_KERNEL=pairs: a thread per pixel and annotator)

@@ -365,8 +365,9 @@ void maxpool2_backward(Context& ctx, const float* dy, const uint8_t* arg, float*
 // pointers in `out` on the device (present may be null). Fills out.loss, out.ce and
 // out.trace on the host: the call waits for the loss kernels to finish.
 void cm_loss(Context& ctx, const CmLossInput& in, CmLossOutput& out);
-// The main kernel the last cm_loss call on this thread ran: "pixel" (default) or
-// "pairs" (CMSEG_CM_LOSS_KERNEL=pairs, where it applies); "none" before any.
+// The main kernel the last cm_loss call on this thread ran: "pixel" (default),
+// "pairs" or "prefetch" (CMSEG_CM_LOSS_KERNEL=pairs|prefetch, where each applies);
+// "none" before any.
 const char* last_cm_loss_kernel();
 
 // ---- multi-tensor Adam / AdamW: adam.cu ----------------------------------------

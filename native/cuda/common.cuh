@@ -255,7 +255,7 @@ void add_slots(Context& ctx, const float* partial, int slots, int64_t slot, floa
 void copy_rows(Context& ctx, float* dst, int64_t dst_stride, const float* src, int64_t src_stride, int64_t run, int n);
 
 // Whether a device can run conv3's own filter-gradient kernel (conv3_filter_grad.cu):
-// compute capability 8.0 or newer and the kernel's shared memory.
+// compute capability 8.0 or newer and the kernel's shared memory (asked once per device).
 bool own_filter_grad_fits(int device);
 
 // A pool allocation released at the end of the call (stream-ordered); 0 bytes: null.

@@ -2,6 +2,9 @@
 // device's operations for the kernel body in conv3_filter_grad.cuh (where the design
 // is described), and the partials' sum. conv_cudnn.cu's conv3_backward calls it per
 // ContextOptions::conv_wgrad; the CPU reference is native/layers/conv3.cpp.
+#include <map>
+#include <mutex>
+
 #include "common.cuh"
 #include "conv3_filter_grad.cuh"
 
@@ -31,24 +34,27 @@ struct DeviceOps {
   // cp.async of 4 bytes; a source size of 0 fills the 4 bytes with zeros.
   __device__ __forceinline__ void copy4(float* dst, const float* src, bool valid) const {
     const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0)
+                 : "memory");
   }
   __device__ __forceinline__ void commit() const { asm volatile("cp.async.commit_group;\n" ::); }
   __device__ __forceinline__ void wait_all_but_one() const { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
-  __device__ __forceinline__ static uint32_t tf32(float v) {
+  __device__ __forceinline__ static float round(float v) {
     uint32_t u;
     asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(u) : "f"(v));
-    return u;
+    return __uint_as_float(u);
   }
+  // The slots hold TF32 values already (round, once per plane): the fragments are
+  // their bits as they are.
   __device__ __forceinline__ void load_a(FragA& f, const float* base, int ld) const {
-    f.r[0] = tf32(base[g * ld + t]);
-    f.r[1] = tf32(base[(g + 8) * ld + t]);
-    f.r[2] = tf32(base[g * ld + t + 4]);
-    f.r[3] = tf32(base[(g + 8) * ld + t + 4]);
+    f.r[0] = __float_as_uint(base[g * ld + t]);
+    f.r[1] = __float_as_uint(base[(g + 8) * ld + t]);
+    f.r[2] = __float_as_uint(base[g * ld + t + 4]);
+    f.r[3] = __float_as_uint(base[(g + 8) * ld + t + 4]);
   }
   __device__ __forceinline__ void load_b(FragB& f, const float* base, int ld) const {
-    f.r[0] = tf32(base[t + g * ld]);
-    f.r[1] = tf32(base[t + 4 + g * ld]);
+    f.r[0] = __float_as_uint(base[t + g * ld]);
+    f.r[1] = __float_as_uint(base[t + 4 + g * ld]);
   }
   __device__ __forceinline__ void mma(float (&c)[4], const FragA& a, const FragB& b) const {
     asm volatile(
@@ -64,6 +70,8 @@ __global__ void __launch_bounds__(wgrad::kThreads, 1) filter_grad_kernel(wgrad::
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   DeviceOps ops;
   wgrad::block_body(P, ops, smem);
+#else
+  __trap();  // never launched there (own_filter_grad_fits); partials would stay unwritten
 #endif
 }
 
@@ -75,27 +83,38 @@ __global__ void add_partials_kernel(const float* __restrict__ partial, int block
 
 constexpr size_t kSmemBytes = sizeof(float) * wgrad::kSmemFloats;
 
-// Blocks of the kernel resident per SM on the current device (its shared memory needs
-// the opt-in above 48 KiB, which is per device: set at every call, it costs microseconds).
-int resident_blocks() {
+// Blocks of the kernel resident per SM on a device, once per device (its shared memory
+// needs the opt-in above 48 KiB, which is per device).
+int resident_blocks(int device) {
+  static std::mutex mu;
+  static std::map<int, int> known;
+  std::lock_guard<std::mutex> lk(mu);
+  if (auto it = known.find(device); it != known.end()) return it->second;
   CMSEG_CUDA(cudaFuncSetAttribute(filter_grad_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSmemBytes));
   int blocks = 0;
   CMSEG_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, filter_grad_kernel, wgrad::kThreads, kSmemBytes));
   if (blocks < 1) fail("conv3 filter gradient kernel: ", kSmemBytes, " bytes of shared memory per block do not fit");
-  return blocks;
+  return known[device] = blocks;
 }
 
 }  // namespace
 
 bool own_filter_grad_fits(int device) {
+  static std::mutex mu;
+  static std::map<int, bool> known;
+  std::lock_guard<std::mutex> lk(mu);
+  if (auto it = known.find(device); it != known.end()) return it->second;
   cudaDeviceProp prop{};
-  return cudaGetDeviceProperties(&prop, device) == cudaSuccess && prop.major >= 8 &&
-         prop.sharedMemPerBlockOptin >= kSmemBytes;
+  return known[device] = cudaGetDeviceProperties(&prop, device) == cudaSuccess && prop.major >= 8 &&
+                         prop.sharedMemPerBlockOptin >= kSmemBytes;
 }
 
 void conv3_backward_filter_own(Context& ctx, const float* x, const float* dy, float* dw, int n, int cin, int cout,
                                Spatial s) {
   ProfileScope prof_(ctx, "conv3_backward_filter (own)", cin, cout, s);
+  if (!own_filter_grad_fits(ctx.device()))
+    fail("conv3's own filter-gradient kernel needs compute capability 8.0 or newer and ", kSmemBytes,
+         " bytes of shared memory per block; this GPU has not (CMSEG_CONV_WGRAD=cudnn uses cuDNN's)");
   if (n < 1 || cin < 1 || cout < 1 || s.d < 1 || s.h < 1 || s.w < 1)
     fail("conv3 filter gradient: empty shape (n ", n, ", ", cin, "->", cout, ", ", s.d, "x", s.h, "x", s.w, ")");
   Context::Impl& im = ctx.impl();
@@ -108,10 +127,8 @@ void conv3_backward_filter_own(Context& ctx, const float* x, const float* dy, fl
   P.units = (int64_t)n * P.tiles_h * P.tiles_w * P.runs;
   const int gy = (cin + wgrad::kCi - 1) / wgrad::kCi, gz = (cout + wgrad::kCo - 1) / wgrad::kCo;
   if (gy > 65535 || gz > 65535) fail("conv3 filter gradient: ", cin, "->", cout, " channels exceed the grid");
-  // One wave of resident blocks over all channel blocks; each block's runs are
-  // spread evenly by the grid-stride loop.
-  const int64_t wave = (int64_t)im.multiprocessors * resident_blocks();
-  const int gx = (int)std::max<int64_t>(1, std::min<int64_t>(P.units, (wave + gy * gz - 1) / (gy * gz)));
+  const int64_t wave = (int64_t)im.multiprocessors * resident_blocks(ctx.device());
+  const int gx = (int)wgrad::blocks_along_runs(P.units, (int64_t)gy * gz, wave);
   Buffer<float> partial(ctx, (size_t)gx * gy * gz * wgrad::kPartial);
   P.partial = partial.data();
   filter_grad_kernel<<<dim3((unsigned)gx, (unsigned)gy, (unsigned)gz), wgrad::kThreads, kSmemBytes,

@@ -25,12 +25,13 @@
 // operations (native/tests/test_conv3_filter_grad.cpp), so that a machine without a GPU
 // checks the indexing, the ring of slots and the fragment layouts against the CPU
 // reference. Ops supplies: tid(), block(axis), grid(axis), sync(), copy4(dst, src, valid)
-// (cp.async of 4 bytes, zeros when !valid), commit(), wait_all_but_one(), and the
-// warp's tensor-core step: fragments FragA / FragB, load_a(frag, base, ld) (A(r, k) =
-// base[r * ld + k]), load_b(frag, base, ld) (B(k, n) = base[k + n * ld]), both rounded
-// to TF32, and mma(acc, a, b) (mma.sync.m16n8k8.row.col.f32.tf32.tf32.f32). The device
-// loads each lane's elements of the fragments; the emulation gives every thread the
-// whole tiles (the lanes' layouts are the PTX ISA's, written out in DeviceOps).
+// (cp.async of 4 bytes, zeros when !valid), commit(), wait_all_but_one(), round(float)
+// (to TF32, cvt.rna), and the warp's tensor-core step: fragments FragA / FragB,
+// load_a(frag, base, ld) (A(r, k) = base[r * ld + k]), load_b(frag, base, ld) (B(k, n) =
+// base[k + n * ld]), of values already rounded, and mma(acc, a, b)
+// (mma.sync.m16n8k8.row.col.f32.tf32.tf32.f32). The device loads each lane's elements
+// of the fragments; the emulation gives every thread the whole tiles (the lanes'
+// layouts are the PTX ISA's, written out in DeviceOps).
 #pragma once
 #include <cstdint>
 
@@ -85,6 +86,23 @@ CMSEG_WGRAD_FN void load_x_plane(const Params& P, Ops& ops, float* slot, int img
     const float* src = ok ? P.x + ((int64_t)img * P.cin + ci0 + c) * P.D * HW + (int64_t)p * HW + (int64_t)h * P.W + w
                           : P.x;
     ops.copy4(slot + e, src, ok);
+  }
+}
+
+// Rounds this thread's elements of an x slot (those load_x_plane gave it) to TF32 in
+// place: once per plane, where each element then feeds up to 27 fragments. Its own
+// copies are visible to a thread after its wait; the block's sync then shows the
+// rounded values to every warp.
+template <class Ops>
+CMSEG_WGRAD_FN void round_x_plane(Ops& ops, float* slot) {
+  for (int e = ops.tid(); e < kXSlot; e += kThreads) slot[e] = ops.round(slot[e]);
+}
+
+template <class Ops>
+CMSEG_WGRAD_FN void round_dy_plane(Ops& ops, float* slot) {
+  for (int e = ops.tid(); e < kCo * kTileH * kTileW; e += kThreads) {
+    const int c = e / (kTileH * kTileW), r = e - c * (kTileH * kTileW);
+    slot[c * kDyLd + r] = ops.round(slot[c * kDyLd + r]);
   }
 }
 
@@ -174,6 +192,13 @@ CMSEG_WGRAD_FN void block_body(const Params& P, Ops& ops, float* smem) {
       }
       ops.commit();  // possibly empty: the group count stays uniform
       ops.wait_all_but_one();
+      // Complete now: the prologue's copies (first plane), else x plane d + 1 and dy d.
+      if (d == d0) {
+        round_x_plane(ops, xslots);
+        round_x_plane(ops, xslots + kXSlot);
+      }
+      round_x_plane(ops, xslots + ((d + 1 - d0 + 1) & 3) * kXSlot);
+      round_dy_plane(ops, yslots + ((d - d0) & 1) * kDySlot);
       ops.sync();
       plane_products(ops, xslots + ((d + kd - d0) & 3) * kXSlot, yslots + ((d - d0) & 1) * kDySlot, kh, acc);
       ops.sync();  // before the next iteration's copies overwrite these slots
@@ -194,6 +219,24 @@ CMSEG_WGRAD_FN void block_body(const Params& P, Ops& ops, float* smem) {
           const int co = m * 16 + acc_row(lane, i), ci = nt * 8 + acc_col(lane, i);
           out[(co * kCi + ci) * kTaps + (kd * 3 + kh) * 3 + kw] = acc[m][kw][nt][i];
         }
+}
+
+// Blocks along the runs (gridDim.x) for `units` runs, `channel_blocks` = gridDim.y *
+// gridDim.z and `wave` blocks resident at once: the fewest that reach the shortest
+// time, counted as waves x runs per block (each block's runs take the same time). A
+// grid one block past a wave costs a second wave for that block; too few blocks leave
+// SMs idle. At most two waves of blocks in all: each block keeps a 108 KiB partial.
+// Host code.
+inline int64_t blocks_along_runs(int64_t units, int64_t channel_blocks, int64_t wave) {
+  int64_t best = 1, best_cost = -1;
+  int64_t most = 2 * wave / channel_blocks;
+  most = most < 1 ? 1 : most > units ? units : most;
+  for (int64_t gx = 1; gx <= most; ++gx) {
+    const int64_t waves = (gx * channel_blocks + wave - 1) / wave, per_block = (units + gx - 1) / gx;
+    const int64_t cost = waves * per_block;
+    if (best_cost < 0 || cost < best_cost) best = gx, best_cost = cost;
+  }
+  return best;
 }
 
 // dw[co][ci][tap] += the partials' sum over blocks in order; element e of block

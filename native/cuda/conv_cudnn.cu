@@ -20,8 +20,6 @@
 #include <cuda_bf16.h>
 
 #include <cstdio>
-#include <map>
-#include <mutex>
 #include <optional>
 #include <type_traits>
 
@@ -876,44 +874,48 @@ void conv3_backward_cudnn(Context& ctx, const float* x, const float* w, const fl
   conv3_backward_on(ctx, x, w, dy, dx, dw, n, cin, cout, s, ndim);
 }
 
-// Whether the device can run conv3_filter_grad.cu's kernel (compute capability 8.0
-// for its cp.async and TF32 mma, and its shared memory), asked once per device.
-bool own_filter_grad_runs_on(int device) {
-  static std::mutex mu;
-  static std::map<int, bool> known;
-  std::lock_guard<std::mutex> lk(mu);
-  if (auto it = known.find(device); it != known.end()) return it->second;
-  return known[device] = own_filter_grad_fits(device);
-}
-
 // Whether this call's filter gradient takes our own kernel (ContextOptions::conv_wgrad):
-// 3D TF32 calls only; with Auto, the faster of it and cuDNN's filter gradient (on its
-// own timed path), both timed once per shape inside the first call and kept, as the
-// conv3 paths above are.
-bool own_filter_gradient(Context& ctx, const float* x, const float* w, const float* dy, int n, int cin, int cout,
-                         Spatial s, int ndim) {
+// 3D TF32 calls only. With Auto, the whole backward both ways (cuDNN's data gradient on
+// its own timed path, then our filter gradient; or cuDNN's backward as it would run),
+// each timed once per shape inside the first call and the faster kept, as the conv3
+// paths above are. The timing writes dx (the call then overwrites it) and a scratch dw.
+bool own_filter_gradient(Context& ctx, const float* x, const float* w, const float* dy, float* dx, int n, int cin,
+                         int cout, Spatial s, int ndim) {
   const ContextOptions& o = ctx.options();
-  if (o.conv_wgrad == WgradPath::Cudnn || ndim != 3 || !o.tf32 || o.bf16 || !own_filter_grad_runs_on(ctx.device()))
+  if (o.conv_wgrad == WgradPath::Cudnn || ndim != 3 || !o.tf32 || o.bf16 || !own_filter_grad_fits(ctx.device()))
     return false;
   if (o.conv_wgrad == WgradPath::Own) return true;
-  const ConvKey key{44, n, cin, cout, s.d, s.h, s.w, ndim, true};
+  const ConvKey key{dx ? 44 : 45, n, cin, cout, s.d, s.h, s.w, ndim, true};
   std::map<ConvKey, int>& cache = ctx.impl().conv_paths;
   if (auto it = cache.find(key); it != cache.end()) return it->second == 1;
   const size_t wn = (size_t)cout * cin * conv3_taps(ndim);
   float own_ms = -1, cudnn_ms = -1;
+  std::string oom;
   {
     Scratch timed_dw(ctx, wn * sizeof(float));
     float* dw = static_cast<float*>(timed_dw.p);
     try {
-      own_ms = ctx.time_ms([&] { conv3_backward_filter_own(ctx, x, dy, dw, n, cin, cout, s); }, 2);
-    } catch (const OutOfMemory&) {  // its partials did not fit: cuDNN's path may
+      own_ms = ctx.time_ms(
+          [&] {
+            conv3_backward_cudnn(ctx, x, w, dy, dx, nullptr, n, cin, cout, s, ndim);
+            conv3_backward_filter_own(ctx, x, dy, dw, n, cin, cout, s);
+          },
+          2);
+    } catch (const OutOfMemory& e) {  // near the memory limit the other way may still fit
+      oom = e.what();
     }
-    cudnn_ms = ctx.time_ms([&] { conv3_backward_cudnn(ctx, x, w, dy, nullptr, dw, n, cin, cout, s, ndim); }, 2);
+    try {
+      cudnn_ms = ctx.time_ms([&] { conv3_backward_cudnn(ctx, x, w, dy, dx, dw, n, cin, cout, s, ndim); }, 2);
+    } catch (const OutOfMemory& e) {
+      oom = e.what();
+    }
   }
-  const bool own = own_ms >= 0 && own_ms < cudnn_ms;
-  std::fprintf(stderr, "cmseg: conv3 filter gradient %d->%d %dx%dx%d n %d: %s (own %s, cuDNN %.3f ms)\n", cin, cout,
-               s.d, s.h, s.w, n, own ? "own kernel" : "cuDNN",
-               own_ms < 0 ? "out of memory" : str(own_ms, " ms").c_str(), cudnn_ms);
+  if (own_ms < 0 && cudnn_ms < 0) throw OutOfMemory(oom);
+  const bool own = own_ms >= 0 && (cudnn_ms < 0 || own_ms < cudnn_ms);
+  auto said = [](float ms) { return ms < 0 ? std::string("out of memory") : str(ms, " ms"); };
+  std::fprintf(stderr, "cmseg: conv3 %s %d->%d %dx%dx%d n %d: filter gradient by %s (with own kernel %s, cuDNN %s)\n",
+               dx ? "backward" : "backward filter", cin, cout, s.d, s.h, s.w, n, own ? "own kernel" : "cuDNN",
+               said(own_ms).c_str(), said(cudnn_ms).c_str());
   cache[key] = own ? 1 : 0;
   return own;
 }
@@ -923,7 +925,7 @@ bool own_filter_gradient(Context& ctx, const float* x, const float* w, const flo
 void conv3_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, int n,
                     int cin, int cout, Spatial s, int ndim) {
   check_shape("conv3_backward", n, cin, cout, s, ndim);
-  if (own_filter_gradient(ctx, x, w, dy, n, cin, cout, s, ndim)) {
+  if (own_filter_gradient(ctx, x, w, dy, dx, n, cin, cout, s, ndim)) {
     conv3_backward_cudnn(ctx, x, w, dy, dx, nullptr, n, cin, cout, s, ndim);
     conv3_backward_filter_own(ctx, x, dy, dw, n, cin, cout, s);
     return;

@@ -586,7 +586,13 @@ void own_filter_grad_case(int n, int cin, int cout, Spatial s) {
 TEST(conv3_own_filter_grad_matches_cpu) {
   OptionsGuard guard;
   std::printf("  -- conv3's filter gradient through our own TF32 kernel\n");
-  own_filter_grad_case(1, 32, 32, {3, 4, 32});     // one patch, one run
+  try {
+    own_filter_grad_case(1, 32, 32, {3, 4, 32});  // one patch, one run
+  } catch (const cmseg::Error& e) {
+    if (std::string(e.what()).find("needs compute capability") == std::string::npos) throw;
+    std::printf("  SKIP: %s\n", e.what());  // conv_wgrad own / auto then keep cuDNN's
+    return;
+  }
   own_filter_grad_case(2, 40, 20, {4, 5, 35});     // patches cut in h and w; channel blocks part-used
   own_filter_grad_case(1, 3, 5, {19, 3, 7});       // two runs along depth; few channels
   own_filter_grad_case(2, 64, 32, {20, 12, 64});   // two input-channel blocks, several runs per block
@@ -1471,8 +1477,9 @@ TEST(model_step_gpu_bf16_close_to_cpu) {
 
 // A 3D TF32 step with conv3's filter gradients through our own kernel
 // (CMSEG_CONV_WGRAD=own) against the fp32 CPU model, next to the same step with
-// cuDNN's: the own kernel's gradients no further from the CPU's than twice cuDNN's
-// (both round the same products to TF32; a wrong tap or channel gives an error near 1).
+// cuDNN's: the own kernel's gradients no further from the CPU's than twice cuDNN's, or
+// than TF32's rounding where cuDNN chose FMA math (a wrong tap or channel gives an error
+// near 1).
 TEST(model_step_gpu_own_filter_grad_close_to_cpu) {
   const StepCase k = step_case("tf32 3D, 1 head block", 3, CmMode::Full, 1);
   GradientError err[2];
@@ -1492,8 +1499,8 @@ TEST(model_step_gpu_own_filter_grad_close_to_cpu) {
                 err[own].worst_name.c_str());
   }
   CHECK(std::isfinite(err[1].all) && std::isfinite(err[1].worst));
-  CHECK(err[1].all <= std::max(2 * err[0].all, 1e-3));
-  CHECK(err[1].worst <= std::max(2 * err[0].worst, 1e-3));
+  CHECK(err[1].all <= std::max(2 * err[0].all, 3e-3));
+  CHECK(err[1].worst <= std::max(2 * err[0].worst, 1e-2));
 }
 
 // The host copy of a GPU model's parameters follows the device (model_device.cpp).

@@ -86,13 +86,16 @@ class ThreadOps {
       groups_.erase(groups_.begin());
     }
   }
+  float round(float v) const { return exact_ ? v : round_tf32(v); }
+  // The tensor cores read a TF32 operand's top 19 bits: the rest is dropped here too, so
+  // an element the kernel forgot to round shows as truncated.
   void load_a(FragA& f, const float* base, int ld) const {
     for (int r = 0; r < 16; ++r)
-      for (int k = 0; k < 8; ++k) f.v[r][k] = rounded(base[r * ld + k]);
+      for (int k = 0; k < 8; ++k) f.v[r][k] = operand(base[r * ld + k]);
   }
   void load_b(FragB& f, const float* base, int ld) const {
     for (int k = 0; k < 8; ++k)
-      for (int n = 0; n < 8; ++n) f.v[k][n] = rounded(base[k + n * ld]);
+      for (int n = 0; n < 8; ++n) f.v[k][n] = operand(base[k + n * ld]);
   }
   // This lane's four accumulators of the 16 x 8 product, at the places acc_row /
   // acc_col give them (passed in, so the emulation uses the kernel's own mapping).
@@ -112,7 +115,14 @@ class ThreadOps {
     float* dst;
     float value;
   };
-  float rounded(float v) const { return exact_ ? v : round_tf32(v); }
+  float operand(float v) const {
+    if (exact_) return v;
+    uint32_t u;
+    std::memcpy(&u, &v, 4);
+    u &= 0xffffe000u;
+    std::memcpy(&v, &u, 4);
+    return v;
+  }
   Block& b_;
   int tid_;
   bool exact_;

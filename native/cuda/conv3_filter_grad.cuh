@@ -15,9 +15,13 @@
 // (each with a one-voxel halo in h and w) and the dy plane d in shared memory. The x
 // planes rotate through a ring of four slots, so each is copied once per run, and the
 // copies of plane d+2 (and dy d+1) are in flight (cp.async) while the tensor cores work
-// on plane d. Warp w of the nine owns the taps kd = w / 3, kh = w % 3 and kw = 0..2 for
-// all 32 x 32 channel pairs: 2 x 3 x 4 tiles of mma.m16n8k8, 96 accumulators a thread,
-// kept across runs. Each block then writes its sums to its own partial, and a second
+// on plane d. Warp w of the twelve owns the taps kd = w / 4 (all nine kh, kw), eight
+// input channels (w % 4) and all 32 output channels: 2 x 3 x 3 tiles of mma.m16n8k8,
+// 72 accumulators a thread, kept across runs. Twelve warps put three on each of an SM's
+// four tensor-core partitions (nine left one partition with three warps' work against
+// two on the others), and the loop over halo rows loads each B fragment once for all
+// three kh: 68 shared-memory loads per 72 mma a warp and patch column, where one warp
+// per (kd, kh) needed 128 for 96. Each block then writes its sums to its own partial, and a second
 // kernel adds the partials in block order into dW: the result repeats bit for bit.
 //
 // This header is the kernel's body, compiled twice: by nvcc with DeviceOps
@@ -50,7 +54,7 @@ namespace wgrad {
 constexpr int kCo = 32, kCi = 32;        // channels per block (M) and per block (N / 27)
 constexpr int kTileH = 4, kTileW = 32;   // a run's (h, w) patch
 constexpr int kRunD = 16;                // planes per run
-constexpr int kWarps = 9, kThreads = kWarps * 32;
+constexpr int kWarps = 12, kThreads = kWarps * 32;  // 3 per SM sub-partition
 constexpr int kTaps = 27;
 constexpr int kHaloH = kTileH + 2, kHaloW = kTileW + 2;
 // x slot: [kCi][kHaloH * kHaloW]; 204 floats a channel, 12 mod 32: the eight channels
@@ -125,29 +129,37 @@ CMSEG_WGRAD_FN void load_dy_plane(const Params& P, Ops& ops, float* slot, int im
 CMSEG_WGRAD_FN int acc_row(int lane, int i) { return (lane >> 2) + (i >= 2 ? 8 : 0); }
 CMSEG_WGRAD_FN int acc_col(int lane, int i) { return 2 * (lane & 3) + (i & 1); }
 
-// One plane's products: warp w's taps (kd, kh) = (w / 3, w % 3), kw = 0..2. xs: the
-// x slot of plane d + kd - 1; ys: the dy slot of plane d. A is 16 x 8 (rows: output
-// channels, columns: the 8 voxels (hh, w8..w8+7)), row-major in the dy slot; B is
-// 8 x 8 (rows: the same voxels, columns: 8 input channels), the voxels contiguous in
-// the x slot at halo (hh + kh, w8 + kw), the channels kXLd apart.
+// One plane's products for warp w: taps kd = w / 4 (all kh, kw) and input channels
+// nt * 8 .. nt * 8 + 7, nt = w % 4, against all 32 output channels. xs: the x slot of
+// plane d + kd - 1; ys: the dy slot of plane d. A is 16 x 8 (rows: output channels,
+// columns: the 8 voxels (hh, w8..w8+7)), row-major in the dy slot; B is 8 x 8 (rows: the
+// same voxels shifted by the tap, columns: the 8 input channels), the voxels contiguous in
+// the x slot at halo (hh + kh, w8 + kw), the channels kXLd apart. The loop runs over the
+// halo rows r: B at row r, column shift kw, serves output rows hh = r - kh for all three
+// kh, so each B fragment is loaded once; each output row's A fragments are loaded at its
+// first halo row and kept for its three (a ring of three rows, indexed at compile time).
 template <class Ops>
-CMSEG_WGRAD_FN void plane_products(Ops& ops, const float* xs, const float* ys, int kh, float (&acc)[2][3][4][4]) {
+CMSEG_WGRAD_FN void plane_products(Ops& ops, const float* xs, const float* ys, int nt, float (&acc)[2][3][3][4]) {
+  const float* xn = xs + nt * 8 * kXLd;
   CMSEG_WGRAD_UNROLL
-  for (int hh = 0; hh < kTileH; ++hh) {
+  for (int w8 = 0; w8 < kTileW; w8 += 8) {
+    typename Ops::FragA a[3][2];
     CMSEG_WGRAD_UNROLL
-    for (int w8 = 0; w8 < kTileW; w8 += 8) {
-      typename Ops::FragA a[2];
-      CMSEG_WGRAD_UNROLL
-      for (int m = 0; m < 2; ++m) ops.load_a(a[m], ys + m * 16 * kDyLd + hh * kTileW + w8, kDyLd);
-      const float* xrow = xs + (hh + kh) * kHaloW + w8;
+    for (int r = 0; r < kHaloH; ++r) {
+      if (r < kTileH) {
+        CMSEG_WGRAD_UNROLL
+        for (int m = 0; m < 2; ++m) ops.load_a(a[r % 3][m], ys + m * 16 * kDyLd + r * kTileW + w8, kDyLd);
+      }
       CMSEG_WGRAD_UNROLL
       for (int kw = 0; kw < 3; ++kw) {
+        typename Ops::FragB b;
+        ops.load_b(b, xn + r * kHaloW + w8 + kw, kXLd);
         CMSEG_WGRAD_UNROLL
-        for (int nt = 0; nt < 4; ++nt) {
-          typename Ops::FragB b;
-          ops.load_b(b, xrow + nt * 8 * kXLd + kw, kXLd);
-          ops.mma(acc[0][kw][nt], a[0], b);
-          ops.mma(acc[1][kw][nt], a[1], b);
+        for (int kh = 0; kh < 3; ++kh) {
+          const int hh = r - kh;
+          if (hh < 0 || hh >= kTileH) continue;
+          ops.mma(acc[0][kh][kw], a[hh % 3][0], b);
+          ops.mma(acc[1][kh][kw], a[hh % 3][1], b);
         }
       }
     }
@@ -158,19 +170,19 @@ CMSEG_WGRAD_FN void plane_products(Ops& ops, const float* xs, const float* ys, i
 template <class Ops>
 CMSEG_WGRAD_FN void block_body(const Params& P, Ops& ops, float* smem) {
   const int tid = ops.tid(), warp = tid >> 5, lane = tid & 31;
-  const int kd = warp / 3, kh = warp % 3;
+  const int kd = warp / 4, nt = warp % 4;
   const int ci0 = ops.block(1) * kCi, co0 = ops.block(2) * kCo;
   float* xslots = smem;
   float* yslots = smem + kXSlots * kXSlot;
-  float acc[2][3][4][4];
+  float acc[2][3][3][4];  // [m-tile][kh][kw][fragment element]
   CMSEG_WGRAD_UNROLL
   for (int m = 0; m < 2; ++m)
     CMSEG_WGRAD_UNROLL
-    for (int kw = 0; kw < 3; ++kw)
+    for (int kh = 0; kh < 3; ++kh)
       CMSEG_WGRAD_UNROLL
-      for (int nt = 0; nt < 4; ++nt)
+      for (int kw = 0; kw < 3; ++kw)
         CMSEG_WGRAD_UNROLL
-        for (int i = 0; i < 4; ++i) acc[m][kw][nt][i] = 0.f;
+        for (int i = 0; i < 4; ++i) acc[m][kh][kw][i] = 0.f;
 
   for (int64_t u = ops.block(0); u < P.units; u += ops.grid(0)) {
     const int run = (int)(u % P.runs);
@@ -200,7 +212,7 @@ CMSEG_WGRAD_FN void block_body(const Params& P, Ops& ops, float* smem) {
       round_x_plane(ops, xslots + ((d + 1 - d0 + 1) & 3) * kXSlot);
       round_dy_plane(ops, yslots + ((d - d0) & 1) * kDySlot);
       ops.sync();
-      plane_products(ops, xslots + ((d + kd - d0) & 3) * kXSlot, yslots + ((d - d0) & 1) * kDySlot, kh, acc);
+      plane_products(ops, xslots + ((d + kd - d0) & 3) * kXSlot, yslots + ((d - d0) & 1) * kDySlot, nt, acc);
       ops.sync();  // before the next iteration's copies overwrite these slots
     }
   }
@@ -211,13 +223,13 @@ CMSEG_WGRAD_FN void block_body(const Params& P, Ops& ops, float* smem) {
   CMSEG_WGRAD_UNROLL
   for (int m = 0; m < 2; ++m)
     CMSEG_WGRAD_UNROLL
-    for (int kw = 0; kw < 3; ++kw)
+    for (int kh = 0; kh < 3; ++kh)
       CMSEG_WGRAD_UNROLL
-      for (int nt = 0; nt < 4; ++nt)
+      for (int kw = 0; kw < 3; ++kw)
         CMSEG_WGRAD_UNROLL
         for (int i = 0; i < 4; ++i) {
           const int co = m * 16 + acc_row(lane, i), ci = nt * 8 + acc_col(lane, i);
-          out[(co * kCi + ci) * kTaps + (kd * 3 + kh) * 3 + kw] = acc[m][kw][nt][i];
+          out[(co * kCi + ci) * kTaps + (kd * 3 + kh) * 3 + kw] = acc[m][kh][kw][i];
         }
 }
 

@@ -219,6 +219,10 @@ for line in lines:
             mode += ", heads' weight gradients fused"
         if r.get("concatInPlace"):
             mode += ", concat in place"
+        if r.get("convWgrad", "cudnn") != "cudnn":
+            mode += ", conv3 filter gradients " + r["convWgrad"]
+        if r.get("cmLossKernel", "pixel") != "pixel":
+            mode += ", CM loss kernel " + r["cmLossKernel"]
         if r.get("upconv"):
             mode += ", upconv2 " + r["upconv"]
         print(f"  cmseg GPU {r['config']} {mode}: median step {r['stepMsMedian']:.1f} ms, "

@@ -34,6 +34,8 @@ std::string option_notes(const cu::ContextOptions& o) {
   if (o.conv_overlap) s += ", filter gradients on a second stream";
   if (o.heads_fused_weight_grad) s += ", heads' weight gradients fused";
   if (o.concat_in_place) s += ", concat in place";
+  if (o.conv_wgrad != cu::WgradPath::Cudnn) s += std::string(", conv3 filter gradients ") + cu::wgrad_path_name(o.conv_wgrad);
+  if (const char* k = std::getenv("CMSEG_CM_LOSS_KERNEL"); k && *k) s += std::string(", CM loss kernel ") + k;
   return s;
 }
 
@@ -204,9 +206,10 @@ int main(int argc, char** argv) {
                 loss_bytes / (loss_ms * 1e-3) / 1e9);
     std::printf("{\"bench\":\"cmseg-gpu\",\"ok\":true,\"config\":\"%s\",\"device\":\"%s\",\"tf32\":%s,"
                 "\"bf16\":%s,\"channelsLast\":%s,\"cudnnGraph\":%s,\"convAutotune\":%s,\"convOverlap\":%s,\"headsFused\":%s,\"concatInPlace\":%s,\"upconv\":\"%s\","
-                "\"stepMs\":[",
+                "\"convWgrad\":\"%s\",\"cmLossKernel\":\"%s\",\"stepMs\":[",
                 config.c_str(), dev.name.c_str(), c.tf32 ? "true" : "false", c.bf16 ? "true" : "false",
-                cl ? "true" : "false", graph ? "true" : "false", tuned ? "true" : "false", overlap ? "true" : "false", heads_fused ? "true" : "false", ctx.options().concat_in_place ? "true" : "false", up);
+                cl ? "true" : "false", graph ? "true" : "false", tuned ? "true" : "false", overlap ? "true" : "false", heads_fused ? "true" : "false", ctx.options().concat_in_place ? "true" : "false", up,
+                cu::wgrad_path_name(ctx.options().conv_wgrad), cu::last_cm_loss_kernel());
     for (size_t i = 0; i < ms.size(); ++i) std::printf("%s%.3f", i ? "," : "", ms[i]);
     std::printf("],\"stepMsMedian\":%.3f,\"voxelsPerSecond\":%.1f,\"gflopPerSecond\":%.1f,\"peakGpuMB\":%.1f,"
                 "\"cmLossMs\":%.4f,\"cmLossBytes\":%.0f,\"cmLossGBs\":%.1f,\"pipelinedMs\":%.3f}\n",

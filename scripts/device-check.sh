@@ -28,7 +28,8 @@
 #              or graph API, channels-last copies or NCDHW; every path's time listed);
 #              then the same step varied, to check the defaults: bench_gpu_wgrad_own
 #              (conv3's filter gradients through our own TF32 kernel), bench_gpu_wgrad_auto
-#              (own kernel or cuDNN, timed per shape), bench_gpu_all_candidates (auto
+#              (own kernel or cuDNN, timed per shape), wgrad_run_depth (the own kernel
+#              with runs of 8 and 32 planes along depth), bench_gpu_all_candidates (auto
 #              with the fused heads, the concat in place and the prefetching CM loss),
 #              cm_loss_prefetch (the CM loss kernel that loads the next annotator's
 #              channels during this one's math), bench_gpu_legacy
@@ -321,6 +322,9 @@ if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   # (auto: both times on stderr), then auto with the other candidates below.
   stage bench_gpu_wgrad_own 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_WGRAD=own CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   stage bench_gpu_wgrad_auto 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_WGRAD=auto CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  # The own kernel's runs along depth (16 planes by default): 8 and 32, the step and its
+  # filter-gradient lines per shape.
+  stage wgrad_run_depth 90 "$OUT/bench_gpu.txt" "for r in 8 32; do echo wgrad run depth: \$r planes; CMSEG_CONV_WGRAD=own CMSEG_WGRAD_RUN_D=\$r CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 3 tf32 2>&1 | grep -E '^cmseg GPU|conv3_backward_filter'; done"
   stage bench_gpu_all_candidates 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_WGRAD=auto CMSEG_CONCAT_IN_PLACE=1 CMSEG_HEADS_WGRAD=fused CMSEG_CM_LOSS_KERNEL=prefetch CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # The fused CM loss with the next annotator's loads in flight during this one's math
   # (CMSEG_CM_LOSS_KERNEL=prefetch; the pixel kernel moved 2.4 of the H200's 4.8 TB/s)

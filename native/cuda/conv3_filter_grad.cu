@@ -2,6 +2,7 @@
 // device's operations for the kernel body in conv3_filter_grad.cuh (where the design
 // is described), and the partials' sum. conv_cudnn.cu's conv3_backward calls it per
 // ContextOptions::conv_wgrad; the CPU reference is native/layers/conv3.cpp.
+#include <cstdlib>
 #include <map>
 #include <mutex>
 
@@ -97,6 +98,13 @@ int resident_blocks(int device) {
   return known[device] = blocks;
 }
 
+// Planes per run: CMSEG_WGRAD_RUN_D (1..1024, for the device check's sweep), else kRunD.
+int run_depth() {
+  const char* e = std::getenv("CMSEG_WGRAD_RUN_D");
+  const int v = e ? std::atoi(e) : 0;
+  return v >= 1 && v <= 1024 ? v : wgrad::kRunD;
+}
+
 }  // namespace
 
 bool own_filter_grad_fits(int device) {
@@ -123,7 +131,8 @@ void conv3_backward_filter_own(Context& ctx, const float* x, const float* dy, fl
   P.cin = cin, P.cout = cout, P.D = s.d, P.H = s.h, P.W = s.w;
   P.tiles_h = (s.h + wgrad::kTileH - 1) / wgrad::kTileH;
   P.tiles_w = (s.w + wgrad::kTileW - 1) / wgrad::kTileW;
-  P.runs = (s.d + wgrad::kRunD - 1) / wgrad::kRunD;
+  P.run_d = run_depth();
+  P.runs = (s.d + P.run_d - 1) / P.run_d;
   P.units = (int64_t)n * P.tiles_h * P.tiles_w * P.runs;
   const int gy = (cin + wgrad::kCi - 1) / wgrad::kCi, gz = (cout + wgrad::kCo - 1) / wgrad::kCo;
   if (gy > 65535 || gz > 65535) fail("conv3 filter gradient: ", cin, "->", cout, " channels exceed the grid");

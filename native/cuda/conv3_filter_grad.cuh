@@ -11,7 +11,7 @@
 //
 // Work split. A block owns 32 output channels (blockIdx.z) and 32 input channels
 // (blockIdx.y); it walks "runs": a kTileH x kTileW patch of (h, w) in one image, through
-// up to kRunD consecutive planes along d. Per plane d it needs the x planes d-1, d, d+1
+// up to run_d consecutive planes along d (kRunD unless CMSEG_WGRAD_RUN_D says otherwise). Per plane d it needs the x planes d-1, d, d+1
 // (each with a one-voxel halo in h and w) and the dy plane d in shared memory. The x
 // planes rotate through a ring of four slots, so each is copied once per run, and the
 // copies of plane d+2 (and dy d+1) are in flight (cp.async) while the tensor cores work
@@ -53,7 +53,7 @@ namespace wgrad {
 
 constexpr int kCo = 32, kCi = 32;        // channels per block (M) and per block (N / 27)
 constexpr int kTileH = 4, kTileW = 32;   // a run's (h, w) patch
-constexpr int kRunD = 16;                // planes per run
+constexpr int kRunD = 16;                // planes per run, by default (Params::run_d)
 constexpr int kWarps = 12, kThreads = kWarps * 32;  // 3 per SM sub-partition
 constexpr int kTaps = 27;
 constexpr int kHaloH = kTileH + 2, kHaloW = kTileW + 2;
@@ -74,7 +74,9 @@ struct Params {
   const float* dy;  // [n, cout, D, H, W]
   float* partial;   // [gridDim.z][gridDim.y][gridDim.x][kPartial]
   int cin, cout, D, H, W;
-  int tiles_h, tiles_w, runs;  // per image: ceil(H / kTileH), ceil(W / kTileW), ceil(D / kRunD)
+  int run_d;                   // planes per run: longer runs copy the two halo planes less often,
+                               // shorter ones make more runs to spread over the blocks
+  int tiles_h, tiles_w, runs;  // per image: ceil(H / kTileH), ceil(W / kTileW), ceil(D / run_d)
   int64_t units;               // n * tiles_h * tiles_w * runs
 };
 
@@ -191,7 +193,7 @@ CMSEG_WGRAD_FN void block_body(const Params& P, Ops& ops, float* smem) {
     const int th = (int)((column / P.tiles_w) % P.tiles_h);
     const int img = (int)(column / ((int64_t)P.tiles_w * P.tiles_h));
     const int h0 = th * kTileH, w0 = tw * kTileW;
-    const int d0 = run * kRunD, d1 = d0 + kRunD < P.D ? d0 + kRunD : P.D;
+    const int d0 = run * P.run_d, d1 = d0 + P.run_d < P.D ? d0 + P.run_d : P.D;
     // x plane p lives in slot (p - d0 + 1) mod 4, dy plane d in slot (d - d0) mod 2.
     for (int p = d0 - 1; p <= d0 + 1; ++p)
       load_x_plane(P, ops, xslots + ((p - d0 + 1) & 3) * kXSlot, img, ci0, p, h0, w0);

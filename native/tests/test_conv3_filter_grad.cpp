@@ -26,13 +26,14 @@ struct HostOps : simt::ThreadOps {
 
 // dw += the kernel's filter gradient, on a grid of blocks_x x ceil(cin/32) x ceil(cout/32).
 void emulated_filter_grad(const std::vector<float>& x, const std::vector<float>& dy, std::vector<float>& dw, int n,
-                          int cin, int cout, Spatial s, int blocks_x, bool exact) {
+                          int cin, int cout, Spatial s, int blocks_x, bool exact, int run_d) {
   wg::Params P{};
   P.x = x.data(), P.dy = dy.data();
   P.cin = cin, P.cout = cout, P.D = s.d, P.H = s.h, P.W = s.w;
   P.tiles_h = (s.h + wg::kTileH - 1) / wg::kTileH;
   P.tiles_w = (s.w + wg::kTileW - 1) / wg::kTileW;
-  P.runs = (s.d + wg::kRunD - 1) / wg::kRunD;
+  P.run_d = run_d;
+  P.runs = (s.d + run_d - 1) / run_d;
   P.units = (int64_t)n * P.tiles_h * P.tiles_w * P.runs;
   const int grid[3] = {blocks_x, (cin + wg::kCi - 1) / wg::kCi, (cout + wg::kCo - 1) / wg::kCo};
   std::vector<float> partial((size_t)grid[0] * grid[1] * grid[2] * wg::kPartial, std::nanf(""));
@@ -62,7 +63,7 @@ std::vector<float> tf32_rounded(std::vector<float> v) {
 // where only the summation order differs (an operand left unrounded would be truncated,
 // as the tensor cores do, and show at ~1e-4); and the TF32 result against the fp32
 // reference at TF32's tolerance.
-void filter_grad_case(int n, int cin, int cout, Spatial s, int blocks_x) {
+void filter_grad_case(int n, int cin, int cout, Spatial s, int blocks_x, int run_d = wg::kRunD) {
   const int64_t V = s.size();
   const auto x = check::random_vector((size_t)n * cin * V, 11);
   const auto dy = check::random_vector((size_t)n * cout * V, 12);
@@ -73,13 +74,14 @@ void filter_grad_case(int n, int cin, int cout, Spatial s, int blocks_x) {
                  3);
   for (bool exact : {true, false}) {
     std::vector<float> got = start;
-    emulated_filter_grad(x, dy, got, n, cin, cout, s, blocks_x, exact);
+    emulated_filter_grad(x, dy, got, n, cin, cout, s, blocks_x, exact, run_d);
     const double err = rel_l2(got, exact ? want : want_tf32);
     size_t bad = 0;
     for (float v : got) bad += !std::isfinite(v);
-    std::printf("  n %d, %d->%d, %dx%dx%d, %d block(s) per channel pair: %s rel L2 %.2e against the reference on %s "
-                "inputs",
-                n, cin, cout, s.d, s.h, s.w, blocks_x, exact ? "fp32" : "tf32", err, exact ? "fp32" : "TF32-rounded");
+    std::printf("  n %d, %d->%d, %dx%dx%d, runs of %d planes, %d block(s) per channel pair: %s rel L2 %.2e against the "
+                "reference on %s inputs",
+                n, cin, cout, s.d, s.h, s.w, run_d, blocks_x, exact ? "fp32" : "tf32", err,
+                exact ? "fp32" : "TF32-rounded");
     CHECK(bad == 0);
     CHECK(err < 1e-5);
     if (!exact) {
@@ -102,7 +104,11 @@ TEST(filter_grad_partial_tiles_and_channel_blocks) { filter_grad_case(2, 40, 20,
 
 // Depth past one run (two runs, the second short), few channels, a volume narrower
 // than a patch.
-TEST(filter_grad_runs_along_depth) { filter_grad_case(1, 3, 5, Spatial{wg::kRunD + 3, 3, 7}, 2); }
+TEST(filter_grad_runs_along_depth) {
+  filter_grad_case(1, 3, 5, Spatial{wg::kRunD + 3, 3, 7}, 2);
+  filter_grad_case(1, 8, 8, Spatial{11, 4, 8}, 2, 3);  // runs of 3 planes (CMSEG_WGRAD_RUN_D): 4 runs, the last of 2
+  filter_grad_case(1, 8, 8, Spatial{3, 4, 8}, 1, 1);   // runs of one plane
+}
 
 // More blocks than runs: blocks with no run write zeros.
 TEST(filter_grad_idle_blocks) { filter_grad_case(1, 8, 40, Spatial{2, 2, 9}, 5); }

@@ -100,6 +100,37 @@ __global__ void count_kernel(LossParams P, unsigned long long* __restrict__ coun
   }
 }
 
+// The same counts 16 labels at a time (uint4 loads from the first 16-byte boundary,
+// bytes before it and after the last whole 16 one by one), on a grid sized for the
+// quads: the kernel above loads one byte per thread and iteration on at most 64 blocks
+// per image, latency-bound (the call's 0.16 ms outside its main kernel on an H200 are
+// mostly it). Runs with the prefetch kernel (CMSEG_CM_LOSS_KERNEL=prefetch) until a
+// device run has timed both.
+__device__ inline unsigned labelled_in(uint32_t w) { return 4u - (__popc(__vcmpeq4(w, 0xffffffffu)) >> 3); }
+
+__global__ void count16_kernel(LossParams P, unsigned long long* __restrict__ counts) {
+  __shared__ double scratch[32];
+  const int i = blockIdx.y;
+  const int64_t V = P.V;
+  const int64_t first = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, stride = (int64_t)gridDim.x * blockDim.x;
+  for (int r = 0; r < P.R; ++r) {
+    if (!is_present(P, i, r)) continue;  // uniform across the block
+    const uint8_t* lab = P.labels[r] + (int64_t)i * V;
+    const int64_t head = min(V, (int64_t)((16 - ((uintptr_t)lab & 15)) & 15));
+    const int64_t quads = (V - head) / 16, tail = head + quads * 16;
+    const uint4* q = reinterpret_cast<const uint4*>(lab + head);
+    unsigned long long c = 0;
+    for (int64_t k = first; k < quads; k += stride) {
+      const uint4 w = q[k];
+      c += labelled_in(w.x) + labelled_in(w.y) + labelled_in(w.z) + labelled_in(w.w);
+    }
+    for (int64_t v = first; v < head; v += stride) c += lab[v] != kUnlabelled;
+    for (int64_t v = tail + first; v < V; v += stride) c += lab[v] != kUnlabelled;
+    const double t = block_sum((double)c, scratch);  // exact: counts stay far below 2^53
+    if (threadIdx.x == 0 && t > 0) atomicAdd(&counts[(int64_t)i * P.R + r], (unsigned long long)t);
+  }
+}
+
 __global__ void weights_kernel(LossParams P, const unsigned long long* __restrict__ counts, double* __restrict__ w) {
   const int r = threadIdx.x;
   if (r >= P.R) return;
@@ -823,8 +854,14 @@ void cm_loss(Context& ctx, const CmLossInput& in, CmLossOutput& out) {
   P.w = w.data();
   P.gA = gA.data();
 
-  const dim3 count_grid((unsigned)std::min<int64_t>((V + 1023) / 1024, 64), (unsigned)n);
-  count_kernel<<<count_grid, 256, 0, st>>>(P, counts.data());
+  const MainKernel kernel = main_kernel(mode, L, R);
+  if (kernel == MainKernel::Prefetch) {
+    const int per_image = std::max(1, im.grid_for((V + 15) / 16, 256, 8) / n);
+    count16_kernel<<<dim3((unsigned)per_image, (unsigned)n), 256, 0, st>>>(P, counts.data());
+  } else {
+    const dim3 count_grid((unsigned)std::min<int64_t>((V + 1023) / 1024, 64), (unsigned)n);
+    count_kernel<<<count_grid, 256, 0, st>>>(P, counts.data());
+  }
   CMSEG_CUDA_LAUNCHED("cm_loss count");
   weights_kernel<<<1, 32, 0, st>>>(P, counts.data(), w.data());
   CMSEG_CUDA_LAUNCHED("cm_loss weights");
@@ -834,7 +871,6 @@ void cm_loss(Context& ctx, const CmLossInput& in, CmLossOutput& out) {
   }
 
   ProfileScope prof_main_(ctx, "cm_loss: main+finish");
-  const MainKernel kernel = main_kernel(mode, L, R);
   const bool pairs = kernel == MainKernel::Pairs;
   tl_last_kernel = pairs ? "pairs" : kernel == MainKernel::Prefetch ? "prefetch" : "pixel";
   const size_t pairs_smem = sizeof(float) * R * L * kPairPixels;  // at most 32 KiB

@@ -187,14 +187,16 @@ struct PixelCm {
         for (int e = 0; e < L * L; ++e)
           v[e] = raw[e * stride];
         from_values(v, L);
-        return;
+      } else {
+        for (int e = 0; e < L * L; ++e) {
+          if constexpr (MODE == kFull)
+            softplus_sigmoid(raw[e * stride], A[e], sig[e]);
+          else
+            A[e] = softplus(raw[e * stride]);
+        }
+        normalise(L);
       }
-      for (int e = 0; e < L * L; ++e) {
-        if constexpr (MODE == kFull)
-          softplus_sigmoid(raw[e * stride], A[e], sig[e]);
-        else
-          A[e] = softplus(raw[e * stride]);
-      }
+      return;
     }
     normalise(L);
   }
@@ -371,6 +373,20 @@ __device__ __forceinline__ void write_dz(const LossParams& P, int L, int i, int6
     dz[k * P.V] = p[k] * (dp[k] - dot);
 }
 
+// The pixel and prefetch kernels' per-thread sums of CE_r and T_r (acc: [2R][blockDim.x]
+// doubles of shared memory), zeroed, and at the end added over the block in a fixed
+// order into this block's partials. (Their grid-stride loops stay written out: through a
+// lambda, nvcc gave the pixel kernel 80 registers instead of the 96 it was measured with.)
+__device__ __forceinline__ void zero_thread_sums(double* acc, int R) {
+  for (int k = 0; k < 2 * R; ++k) acc[k * blockDim.x + threadIdx.x] = 0.0;
+}
+__device__ __forceinline__ void store_block_sums(const LossParams& P, int R, const double* acc, double* scratch) {
+  for (int k = 0; k < 2 * R; ++k) {
+    const double t = block_sum(acc[k * blockDim.x + threadIdx.x], scratch);
+    if (threadIdx.x == 0) P.partial[(int64_t)blockIdx.x * 2 * R + k] = t;
+  }
+}
+
 // The "pixel" kernel (default): one thread per pixel, all annotators in turn.
 template <int LT, int MODE>
 __global__ void __launch_bounds__(kLossThreads) cm_loss_kernel(LossParams P) {
@@ -383,7 +399,7 @@ __global__ void __launch_bounds__(kLossThreads) cm_loss_kernel(LossParams P) {
 
   extern __shared__ double acc[];  // [2R][blockDim.x]: this thread's CE_r and T_r sums
   __shared__ double scratch[32];
-  for (int k = 0; k < 2 * R; ++k) acc[k * blockDim.x + threadIdx.x] = 0.0;
+  zero_thread_sums(acc, R);
 
   const int64_t total = (int64_t)P.n * V;
   for (int64_t pix = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; pix < total;
@@ -400,10 +416,7 @@ __global__ void __launch_bounds__(kLossThreads) cm_loss_kernel(LossParams P) {
                                  acc[(R + r) * blockDim.x + threadIdx.x]);
     if (grads) write_dz<CAP>(P, L, i, v, p, dp);
   }
-  for (int k = 0; k < 2 * R; ++k) {
-    const double t = block_sum(acc[k * blockDim.x + threadIdx.x], scratch);
-    if (threadIdx.x == 0) P.partial[(int64_t)blockIdx.x * 2 * R + k] = t;
-  }
+  store_block_sums(P, R, acc, scratch);
 }
 
 // The "prefetch" kernel (CMSEG_CM_LOSS_KERNEL=prefetch; full CMs, 2-4 classes): the
@@ -433,7 +446,7 @@ __global__ void __launch_bounds__(kLossThreads) cm_loss_prefetch_kernel(LossPara
 
   extern __shared__ double acc[];  // [2R][blockDim.x], as the pixel kernel
   __shared__ double scratch[32];
-  for (int k = 0; k < 2 * R; ++k) acc[k * blockDim.x + threadIdx.x] = 0.0;
+  zero_thread_sums(acc, R);
 
   const int64_t total = (int64_t)P.n * V;
   for (int64_t pix = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; pix < total;
@@ -461,10 +474,7 @@ __global__ void __launch_bounds__(kLossThreads) cm_loss_prefetch_kernel(LossPara
     }
     if (grads) write_dz<CAP>(P, LT, i, v, p, dp);
   }
-  for (int k = 0; k < 2 * R; ++k) {
-    const double t = block_sum(acc[k * blockDim.x + threadIdx.x], scratch);
-    if (threadIdx.x == 0) P.partial[(int64_t)blockIdx.x * 2 * R + k] = t;
-  }
+  store_block_sums(P, R, acc, scratch);
 }
 
 // The "pairs" kernel (CMSEG_CM_LOSS_KERNEL=pairs, pixel-wise modes, R <= 8): one

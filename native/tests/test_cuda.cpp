@@ -656,15 +656,25 @@ TEST(cm_loss_global_matches_cpu) {
   cm_loss_case(CmMode::Global, 7, 1, 0.3f);
 }
 
+// CMSEG_CM_LOSS_KERNEL set for one test only, also when a case throws.
+struct CmLossKernelEnv {
+  explicit CmLossKernelEnv(const char* k) { setenv("CMSEG_CM_LOSS_KERNEL", k, 1); }
+  ~CmLossKernelEnv() { unsetenv("CMSEG_CM_LOSS_KERNEL"); }
+};
+// A failure unless the last cm_loss call ran the expected main kernel.
+void ran(const char* expected) {
+  if (std::strcmp(cu::last_cm_loss_kernel(), expected) != 0) {
+    std::printf("  cm_loss ran the %s kernel, expected %s\n", cu::last_cm_loss_kernel(), expected);
+    ++check::failures();
+  }
+}
+
 // The GPU model lets the loss write each head's gradient over its raw output
 // (loss.hpp): on the device, with both kernels, the same loss and bit-identical
 // gradients as into separate arrays.
 TEST(cm_loss_gradient_in_place_on_device) {
   for (const char* kernel : {"pixel", "pairs", "prefetch"}) {
-    struct Env {
-      explicit Env(const char* k) { setenv("CMSEG_CM_LOSS_KERNEL", k, 1); }
-      ~Env() { unsetenv("CMSEG_CM_LOSS_KERNEL"); }
-    } env(kernel);
+    CmLossKernelEnv env(kernel);
     for (CmMode mode : {CmMode::Full, CmMode::LowRank}) {
       LossCase c = make_loss_case(mode, 3, 4, 3, 5000, 2, 0.3f, 700 + (int)mode);
       cu::Context& x = ctx();
@@ -741,16 +751,7 @@ void prefetch_against_pixel(int L, int R, int64_t V) {
 }
 
 TEST(cm_loss_prefetch_kernel_matches_cpu) {
-  struct Env {  // set for this test only, also when a case throws
-    Env() { setenv("CMSEG_CM_LOSS_KERNEL", "prefetch", 1); }
-    ~Env() { unsetenv("CMSEG_CM_LOSS_KERNEL"); }
-  } env;
-  auto ran = [](const char* expected) {
-    if (std::strcmp(cu::last_cm_loss_kernel(), expected) != 0) {
-      std::printf("  cm_loss ran the %s kernel, expected %s\n", cu::last_cm_loss_kernel(), expected);
-      ++check::failures();
-    }
-  };
+  CmLossKernelEnv env("prefetch");
   for (int L : {2, 3, 4}) {
     cm_loss_case(CmMode::Full, L, 1, 0.3f);
     ran("prefetch");
@@ -773,16 +774,7 @@ TEST(cm_loss_prefetch_kernel_matches_cpu) {
 // 60000 give every block several tiles; 1, 8 and 2 annotators (16 classes: the
 // most shared memory); 9 annotators and global CMs fall back to the pixel kernel.
 TEST(cm_loss_pairs_kernel_matches_cpu) {
-  struct Env {  // set for this test only, also when a case throws
-    Env() { setenv("CMSEG_CM_LOSS_KERNEL", "pairs", 1); }
-    ~Env() { unsetenv("CMSEG_CM_LOSS_KERNEL"); }
-  } env;
-  auto ran = [](const char* expected) {
-    if (std::strcmp(cu::last_cm_loss_kernel(), expected) != 0) {
-      std::printf("  cm_loss ran the %s kernel, expected %s\n", cu::last_cm_loss_kernel(), expected);
-      ++check::failures();
-    }
-  };
+  CmLossKernelEnv env("pairs");
   cm_loss_case(CmMode::Full, 2, 1, 0.01f);
   ran("pairs");
   cm_loss_case(CmMode::Full, 4, 1, 0.3f);

@@ -165,8 +165,10 @@ write_summary() {
       echo "== the first bench_gpu run: device time by convolution shape"
       sed -n '/device time by convolution shape/,/end of shapes/p' "$OUT/bench_gpu.txt" | sed '/end of shapes/q'
       grep -hE "^cmseg: cm_loss (main|pairs|prefetch) kernel" "$OUT/bench_gpu.txt" | sort -u
-      awk '/^cm_loss (grid|pairs kernel|prefetch kernel):/ { g = $0; next }
-           g && /^cmseg GPU/ { match($0, /cm_loss [0-9.]+ ms, [0-9]+ GB\/s/); print "  " g " -> " substr($0, RSTART, RLENGTH); g = "" }' \
+      awk '/^cm_loss (grid|pairs kernel|prefetch kernel):/ { g = $0; w = 0; next }
+           /^wgrad run depth:/ { g = $0; w = 1; next }
+           g && w && /^cmseg GPU/ { match($0, /median [0-9.]+ ms\/step/); print "  " g " -> " substr($0, RSTART, RLENGTH); g = "" }
+           g && !w && /^cmseg GPU/ { match($0, /cm_loss [0-9.]+ ms, [0-9]+ GB\/s/); print "  " g " -> " substr($0, RSTART, RLENGTH); g = "" }' \
         "$OUT/bench_gpu.txt"
     fi
     if grep -q "^cmseg: conv3 " "$OUT/bench_gpu.txt" 2>/dev/null; then
@@ -324,12 +326,12 @@ if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   stage bench_gpu_wgrad_auto 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_WGRAD=auto CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # The own kernel's runs along depth (16 planes by default): 8 and 32, the step and its
   # filter-gradient lines per shape.
-  stage wgrad_run_depth 90 "$OUT/bench_gpu.txt" "for r in 8 32; do echo wgrad run depth: \$r planes; CMSEG_CONV_WGRAD=own CMSEG_WGRAD_RUN_D=\$r CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 3 tf32 2>&1 | grep -E '^cmseg GPU|conv3_backward_filter'; done"
+  stage wgrad_run_depth 90 "$OUT/bench_gpu.txt" "set -o pipefail; rc=0; for r in 8 32; do echo wgrad run depth: \$r planes; CMSEG_CONV_WGRAD=own CMSEG_WGRAD_RUN_D=\$r CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 3 tf32 2>&1 | grep -E '^cmseg GPU|conv3_backward_filter' || rc=1; done; exit \$rc"
   stage bench_gpu_all_candidates 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_WGRAD=auto CMSEG_CONCAT_IN_PLACE=1 CMSEG_HEADS_WGRAD=fused CMSEG_CM_LOSS_KERNEL=prefetch CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # The fused CM loss with the next annotator's loads in flight during this one's math
   # (CMSEG_CM_LOSS_KERNEL=prefetch; the pixel kernel moved 2.4 of the H200's 4.8 TB/s)
   # at its default grid (8 blocks per SM asked, 4 resident) and at 4 and 16.
-  stage cm_loss_prefetch 60 "$OUT/bench_gpu.txt" "for b in 0 4 16; do echo cm_loss prefetch kernel: \$b blocks per SM; CMSEG_CM_LOSS_KERNEL=prefetch CMSEG_CM_LOSS_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss (main|prefetch) kernel|cm_loss: main'; done"
+  stage cm_loss_prefetch 60 "$OUT/bench_gpu.txt" "set -o pipefail; rc=0; for b in 0 4 16; do echo cm_loss prefetch kernel: \$b blocks per SM; CMSEG_CM_LOSS_KERNEL=prefetch CMSEG_CM_LOSS_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss (main|prefetch) kernel|cm_loss: main' || rc=1; done; exit \$rc"
   stage bench_gpu_legacy 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_AUTOTUNE=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   stage bench_gpu_ncdhw 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_AUTOTUNE=0 CMSEG_CONV_CHANNELS_LAST=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # conv3's filter gradient on a second stream beside its data gradient (CMSEG_CONV_OVERLAP;
@@ -344,10 +346,10 @@ if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   stage bench_gpu_overlap 120 "$OUT/bench_gpu.txt" "CMSEG_CONV_OVERLAP=1 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # The fused CM loss against its grid size (it reached ~15% of the bandwidth with 8
   # blocks per SM): the same bench with 2, 4, 16 and 32.
-  stage cm_loss_grid 90 "$OUT/bench_gpu.txt" "for b in 2 4 16 32; do echo cm_loss grid: \$b blocks per SM; CMSEG_CM_LOSS_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss main kernel'; done"
+  stage cm_loss_grid 90 "$OUT/bench_gpu.txt" "set -o pipefail; rc=0; for b in 2 4 16 32; do echo cm_loss grid: \$b blocks per SM; CMSEG_CM_LOSS_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss main kernel' || rc=1; done; exit \$rc"
   # The pairs kernel (a thread per pixel and annotator; off by default until measured)
   # at its default grid (one wave of resident blocks) and at 2 and 16 blocks per SM.
-  stage cm_loss_pairs 60 "$OUT/bench_gpu.txt" "for b in 0 2 16; do echo cm_loss pairs kernel: \$b blocks per SM; CMSEG_CM_LOSS_KERNEL=pairs CMSEG_CM_LOSS_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss (main|pairs) kernel'; done"
+  stage cm_loss_pairs 60 "$OUT/bench_gpu.txt" "set -o pipefail; rc=0; for b in 0 2 16; do echo cm_loss pairs kernel: \$b blocks per SM; CMSEG_CM_LOSS_KERNEL=pairs CMSEG_CM_LOSS_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss (main|pairs) kernel' || rc=1; done; exit \$rc"
   # bf16 convolutions (config.bf16): compare with torch's bf16 autocast row.
   stage bench_gpu_bf16 60 "$OUT/bench_gpu.txt" "CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 bf16"
   # The transposed convolutions through cuDNN (the default runs them as cuBLAS GEMMs

@@ -20,8 +20,8 @@ const variants = [
   ["conv3 filter gradients through our own kernel (CMSEG_CONV_WGRAD=own)", { CMSEG_CONV_WGRAD: 'own' }, 'tf32'],
   ['conv3 filter gradients, own kernel or cuDNN per shape (CMSEG_CONV_WGRAD=auto)', { CMSEG_CONV_WGRAD: 'auto' }, 'tf32'],
   [
-    'all candidates (CMSEG_CONV_WGRAD=auto, CMSEG_HEADS_WGRAD=fused, CMSEG_CONCAT_IN_PLACE=1)',
-    { CMSEG_CONV_WGRAD: 'auto', CMSEG_HEADS_WGRAD: 'fused', CMSEG_CONCAT_IN_PLACE: '1' },
+    'all candidates (CMSEG_CONV_WGRAD=auto, CMSEG_HEADS_WGRAD=fused, CMSEG_CONCAT_IN_PLACE=1, CMSEG_CM_LOSS_KERNEL=prefetch)',
+    { CMSEG_CONV_WGRAD: 'auto', CMSEG_HEADS_WGRAD: 'fused', CMSEG_CONCAT_IN_PLACE: '1', CMSEG_CM_LOSS_KERNEL: 'prefetch' },
     'tf32',
   ],
   ['legacy API on channels-last copies (CMSEG_CONV_AUTOTUNE=0)', { CMSEG_CONV_AUTOTUNE: '0' }, 'tf32'],

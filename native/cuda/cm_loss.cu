@@ -866,7 +866,7 @@ void cm_loss(Context& ctx, const CmLossInput& in, CmLossOutput& out) {
 
   const MainKernel kernel = main_kernel(mode, L, R);
   if (kernel == MainKernel::Prefetch) {
-    const int per_image = std::max(1, im.grid_for((V + 15) / 16, 256, 8) / n);
+    const int per_image = std::max(1, im.grid_for((int64_t)n * ((V + 15) / 16), 256, 8) / n);
     count16_kernel<<<dim3((unsigned)per_image, (unsigned)n), 256, 0, st>>>(P, counts.data());
   } else {
     const dim3 count_grid((unsigned)std::min<int64_t>((V + 1023) / 1024, 64), (unsigned)n);

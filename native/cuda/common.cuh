@@ -131,6 +131,7 @@ struct Context::Impl {
   std::map<ConvKey, ConvAlgo> conv_algos;
   std::map<ConvKey, std::shared_ptr<GraphPlan>> graph_plans;  // cleared before the cuDNN handle goes
   size_t graph_runs = 0;                                         // convolutions the graph API ran
+  size_t own_wgrad_runs = 0;  // filter gradients conv3_filter_grad.cu computed
   std::map<ConvKey, int> conv_paths;                             // conv3's timed path per key (conv_autotune)
   cudnnHandle_t cudnn_handle = nullptr;
   cublasHandle_t cublas_handle = nullptr;

@@ -363,6 +363,7 @@ float Context::time_ms(const std::function<void()>& fn, int reps) {
 }
 
 size_t Context::conv_graph_runs() const { return impl_->graph_runs; }
+size_t Context::conv_own_wgrad_runs() const { return impl_->own_wgrad_runs; }
 
 size_t Context::conv_fallbacks() const {
   size_t n = 0;

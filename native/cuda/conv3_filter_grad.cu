@@ -112,9 +112,20 @@ bool own_filter_grad_fits(int device) {
   static std::map<int, bool> known;
   std::lock_guard<std::mutex> lk(mu);
   if (auto it = known.find(device); it != known.end()) return it->second;
+  // The device's capability and shared memory, and code for 8.0 or newer in this binary
+  // as loaded for it (an older target's body is only a trap): asked with it current.
+  int current = -1;
+  if (cudaGetDevice(&current) != cudaSuccess || current != device) {
+    cudaGetLastError();
+    return false;  // not cached: the caller's device is made current before it matters
+  }
   cudaDeviceProp prop{};
-  return known[device] = cudaGetDeviceProperties(&prop, device) == cudaSuccess && prop.major >= 8 &&
-                         prop.sharedMemPerBlockOptin >= kSmemBytes;
+  cudaFuncAttributes fa{};
+  const bool ok = cudaGetDeviceProperties(&prop, device) == cudaSuccess && prop.major >= 8 &&
+                  prop.sharedMemPerBlockOptin >= kSmemBytes &&
+                  cudaFuncGetAttributes(&fa, filter_grad_kernel) == cudaSuccess && fa.binaryVersion >= 80;
+  cudaGetLastError();  // a refusal above is an answer, not an error for the next launch
+  return known[device] = ok;
 }
 
 void conv3_backward_filter_own(Context& ctx, const float* x, const float* dy, float* dw, int n, int cin, int cout,
@@ -147,6 +158,7 @@ void conv3_backward_filter_own(Context& ctx, const float* x, const float* dy, fl
   add_partials_kernel<<<(unsigned)((items + 255) / 256), 256, 0, stream_of(ctx)>>>(partial.data(), gx, gy, cin, cout,
                                                                                  items, dw);
   CMSEG_CUDA_LAUNCHED("conv3 filter gradient sum");
+  ++im.own_wgrad_runs;
 }
 
 namespace host {

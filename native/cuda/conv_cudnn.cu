@@ -891,9 +891,14 @@ bool own_filter_gradient(Context& ctx, const float* x, const float* w, const flo
   const size_t wn = (size_t)cout * cin * conv3_taps(ndim);
   float own_ms = -1, cudnn_ms = -1;
   std::string oom;
+  std::optional<Scratch> timed_dw;
+  try {
+    timed_dw.emplace(ctx, wn * sizeof(float));
+  } catch (const OutOfMemory&) {
+    return false;  // no room to time: cuDNN's way this once, timed at a later call
+  }
   {
-    Scratch timed_dw(ctx, wn * sizeof(float));
-    float* dw = static_cast<float*>(timed_dw.p);
+    float* dw = static_cast<float*>(timed_dw->p);
     try {
       own_ms = ctx.time_ms(
           [&] {
@@ -910,6 +915,7 @@ bool own_filter_gradient(Context& ctx, const float* x, const float* w, const flo
       oom = e.what();
     }
   }
+  timed_dw.reset();
   if (own_ms < 0 && cudnn_ms < 0) throw OutOfMemory(oom);
   const bool own = own_ms >= 0 && (cudnn_ms < 0 || own_ms < cudnn_ms);
   auto said = [](float ms) { return ms < 0 ? std::string("out of memory") : str(ms, " ms"); };
@@ -925,7 +931,7 @@ bool own_filter_gradient(Context& ctx, const float* x, const float* w, const flo
 void conv3_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, int n,
                     int cin, int cout, Spatial s, int ndim) {
   check_shape("conv3_backward", n, cin, cout, s, ndim);
-  if (own_filter_gradient(ctx, x, w, dy, dx, n, cin, cout, s, ndim)) {
+  if (dw && own_filter_gradient(ctx, x, w, dy, dx, n, cin, cout, s, ndim)) {
     conv3_backward_cudnn(ctx, x, w, dy, dx, nullptr, n, cin, cout, s, ndim);
     conv3_backward_filter_own(ctx, x, dy, dw, n, cin, cout, s);
     return;

@@ -58,6 +58,7 @@ void Context::profile_step_begin() {}
 void Context::profile_step_end() {}
 size_t Context::conv_fallbacks() const { off(); }
 size_t Context::conv_graph_runs() const { off(); }
+size_t Context::conv_own_wgrad_runs() const { off(); }
 
 void conv3_forward(Context&, const float*, const float*, float*, int, int, int, Spatial, int) { off(); }
 void conv3_backward(Context&, const float*, const float*, const float*, float*, float*, int, int, int, Spatial, int) {

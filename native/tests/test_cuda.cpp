@@ -583,16 +583,31 @@ void own_filter_grad_case(int n, int cin, int cout, Spatial s) {
   expect_close(what, got, want, 3e-3);
 }
 
+// Whether this GPU and build run the own filter-gradient kernel (compute capability 8.0
+// and its shared memory); where not, conv_wgrad own / auto keep cuDNN's.
+bool own_wgrad_supported() {
+  static const bool yes = [] {
+    std::vector<float> x(8 * 27, 1.f), dy(8 * 27, 1.f), dw(8 * 8 * 27, 0.f);
+    try {
+      cu::host::conv3_backward_filter_own(ctx(), x.data(), dy.data(), dw.data(), 1, 8, 8, {3, 3, 3});
+      return true;
+    } catch (const cmseg::Error& e) {
+      if (std::string(e.what()).find("needs compute capability") == std::string::npos) throw;
+      std::printf("  own filter-gradient kernel not supported here: %s\n", e.what());
+      return false;
+    }
+  }();
+  return yes;
+}
+
 TEST(conv3_own_filter_grad_matches_cpu) {
   OptionsGuard guard;
   std::printf("  -- conv3's filter gradient through our own TF32 kernel\n");
-  try {
-    own_filter_grad_case(1, 32, 32, {3, 4, 32});  // one patch, one run
-  } catch (const cmseg::Error& e) {
-    if (std::string(e.what()).find("needs compute capability") == std::string::npos) throw;
-    std::printf("  SKIP: %s\n", e.what());  // conv_wgrad own / auto then keep cuDNN's
+  if (!own_wgrad_supported()) {
+    std::printf("  SKIP: the own kernel cannot run on this GPU\n");
     return;
   }
+  own_filter_grad_case(1, 32, 32, {3, 4, 32});  // one patch, one run
   own_filter_grad_case(2, 40, 20, {4, 5, 35});     // patches cut in h and w; channel blocks part-used
   own_filter_grad_case(1, 3, 5, {19, 3, 7});       // two runs along depth; few channels
   own_filter_grad_case(2, 64, 32, {20, 12, 64});   // two input-channel blocks, several runs per block
@@ -601,10 +616,18 @@ TEST(conv3_own_filter_grad_matches_cpu) {
     ctx().set_conv_wgrad(path);
     std::printf("  -- conv3 with conv_wgrad %s\n", cu::wgrad_path_name(path));
     for (bool tf32 : {false, true}) {  // fp32 keeps cuDNN's filter gradient
+      const size_t before = ctx().conv_own_wgrad_runs();
       conv3_case(2, 2, 3, 5, {1, 12, 10}, tf32);
+      const size_t after_2d = ctx().conv_own_wgrad_runs();
       conv3_case(3, 2, 4, 6, {6, 8, 10}, tf32);
       conv3_case(3, 1, 16, 32, {8, 8, 8}, tf32);
       conv3_case(3, 2, 33, 7, {4, 6, 70}, tf32);
+      const size_t runs = ctx().conv_own_wgrad_runs() - before;
+      std::printf("  conv_wgrad %s, %s: the own kernel ran %zu time(s)\n", cu::wgrad_path_name(path),
+                  tf32 ? "tf32" : "fp32", runs);
+      CHECK(after_2d == before);  // 2D: cuDNN's
+      if (!tf32) CHECK(runs == 0);
+      if (tf32 && path == cu::WgradPath::Own) CHECK(runs == 6);  // 3 shapes x 2 backward calls each
     }
   }
 }
@@ -718,6 +741,7 @@ TEST(cm_loss_gradient_in_place_on_device) {
 // so the same bits (the compiler could in principle contract the two differently:
 // then the difference is printed, and must stay at rounding).
 void prefetch_against_pixel(int L, int R, int64_t V) {
+  CmLossKernelEnv env("pixel");  // run() sets it per call; unset when this returns
   LossCase c = make_loss_case(CmMode::Full, 2, L, R, V, 1, 0.3f, 500 + L + 7 * R);
   const CmLossInput in = c.input();
   auto run = [&](const char* kernel, std::vector<float>& dz, std::vector<std::vector<float>>& draw) {
@@ -1485,6 +1509,9 @@ TEST(model_step_gpu_own_filter_grad_close_to_cpu) {
     StepData d = make_step_data(k, 93);
     const StepResult rc = cpu.compute_gradients(d.batch), rg = gpu.compute_gradients(d.batch);
     CHECK_CLOSE(rg.loss, rc.loss, 1e-3, 1e-6);
+    const size_t runs = gpu.gpu()->context().conv_own_wgrad_runs();
+    std::printf("  own kernel ran %zu filter gradient(s) of the step\n", runs);
+    CHECK(own && own_wgrad_supported() ? runs > 0 : runs == 0);
     err[own] = gradient_error(gpu, cpu);
     std::printf("  %s filter gradients: loss cpu %.9f gpu %.9f; all gradients rel L2 %.2e, worst conv weight %.2e (%s)\n",
                 own ? "own-kernel" : "cuDNN", rc.loss, rg.loss, err[own].all, err[own].worst,

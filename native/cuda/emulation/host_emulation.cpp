@@ -102,6 +102,7 @@ void Context::profile_step_begin() {}
 void Context::profile_step_end() {}
 size_t Context::conv_fallbacks() const { return 0; }
 size_t Context::conv_graph_runs() const { return 0; }
+size_t Context::conv_own_wgrad_runs() const { return 0; }
 
 // ContextOptions::bf16: the operands rounded to bf16 (nearest even) as the device
 // path rounds its copies, then fp32 sums; the gradients cuDNN writes in bf16 are

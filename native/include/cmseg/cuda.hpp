@@ -242,6 +242,8 @@ class Context {
   size_t conv_fallbacks() const;
   // Convolutions run through cuDNN's graph API so far (ContextOptions::conv_graph).
   size_t conv_graph_runs() const;
+  // conv3 filter gradients our own kernel computed (conv3_backward_filter_own) so far.
+  size_t conv_own_wgrad_runs() const;
 
   // With CMSEG_GPU_PROFILE=1 set when the context was made: the device time of each
   // layer call since the last report, summed by layer, per step over `steps`, largest

@@ -36,6 +36,7 @@ size_t cudnn_version() { return 0; }
 struct Context::Impl {
   ContextOptions options;
   size_t in_use = 0, peak = 0;
+  size_t own_wgrad_runs = 0;
   std::unordered_map<void*, size_t> sizes;
 };
 Context::Context(const ContextOptions& o) : impl_(new Impl) {
@@ -43,6 +44,9 @@ Context::Context(const ContextOptions& o) : impl_(new Impl) {
   if (const char* c = std::getenv("CMSEG_CONV_CHANNELS_LAST"); c && *c)  // as context.cu
     impl_->options.conv_channels_last = std::string(c) != "0";
   if (const char* c = std::getenv("CMSEG_CONCAT_IN_PLACE"); c && *c) impl_->options.concat_in_place = std::string(c) != "0";
+  if (const char* c = std::getenv("CMSEG_CONV_WGRAD"); c && *c)  // as context.cu (unknown names: cuDNN's)
+    for (WgradPath p : {WgradPath::Cudnn, WgradPath::Own, WgradPath::Auto})
+      if (std::string(c) == wgrad_path_name(p)) impl_->options.conv_wgrad = p;
 }
 Context::~Context() { for (auto& kv : impl_->sizes) std::free(kv.first); }
 const ContextOptions& Context::options() const { return impl_->options; }
@@ -102,7 +106,7 @@ void Context::profile_step_begin() {}
 void Context::profile_step_end() {}
 size_t Context::conv_fallbacks() const { return 0; }
 size_t Context::conv_graph_runs() const { return 0; }
-size_t Context::conv_own_wgrad_runs() const { return 0; }
+size_t Context::conv_own_wgrad_runs() const { return impl_->own_wgrad_runs; }
 
 // ContextOptions::bf16: the operands rounded to bf16 (nearest even) as the device
 // path rounds its copies, then fp32 sums; the gradients cuDNN writes in bf16 are
@@ -156,7 +160,17 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
     if (dx) held.give(held.take(e * n * cin * s.size()));  // dx's, until it is transposed back
     held.take(e * n * cin * s.size());  // x's, for the filter gradient
   }
-  if (!ctx.options().bf16) return cmseg::conv3_backward(x, w, dy, dx, dw, n, cin, cout, s, nd);
+  const ContextOptions& o = ctx.options();
+  // As conv_cudnn.cu: 3D TF32 filter gradients through the own kernel with conv_wgrad
+  // own or auto (no timings here: auto takes it too).
+  if (dw && o.conv_wgrad != WgradPath::Cudnn && nd == 3 && o.tf32 && !o.bf16) {
+    if (dx) {  // the CPU layer always adds a filter gradient: into scratch here
+      std::vector<float> unused((size_t)cout * cin * conv3_taps(nd), 0.f);
+      cmseg::conv3_backward(x, w, dy, dx, unused.data(), n, cin, cout, s, nd);
+    }
+    return conv3_backward_filter_own(ctx, x, dy, dw, n, cin, cout, s);
+  }
+  if (!o.bf16) return cmseg::conv3_backward(x, w, dy, dx, dw, n, cin, cout, s, nd);
   const size_t V = (size_t)s.size(), T = conv3_taps(nd), wn = (size_t)cout * cin * T;
   const auto xr = rounded(x, (size_t)n * cin * V), wr = rounded(w, wn), dyr = rounded(dy, (size_t)n * cout * V);
   std::vector<float> dw_step(wn, 0.f);
@@ -167,9 +181,10 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
 }
 // The emulated model runs the CPU reference's filter gradient here (the kernel itself
 // is emulated, thread by thread, by test_conv3_filter_grad).
-void conv3_backward_filter_own(Context&, const float* x, const float* dy, float* dw, int n, int cin, int cout,
+void conv3_backward_filter_own(Context& ctx, const float* x, const float* dy, float* dw, int n, int cin, int cout,
                                Spatial s) {
   cmseg::conv3_backward(x, nullptr, dy, nullptr, dw, n, cin, cout, s, 3);
+  ++ctx.impl().own_wgrad_runs;
 }
 // The GEMM path (the default) runs its plan with the reference GEMM (upconv2_gemm.hpp),
 // so the whole-model cases check the plan's chunks and indices; the cuDNN paths are
@@ -305,7 +320,11 @@ namespace host {
 [[noreturn]] static void no() { throw Error("host emulation: the cuda::host:: helpers are not emulated"); }
 void conv3_forward(Context&, const float*, const float*, float*, int, int, int, Spatial, int) { no(); }
 void conv3_backward(Context&, const float*, const float*, const float*, float*, float*, int, int, int, Spatial, int) { no(); }
-void conv3_backward_filter_own(Context&, const float*, const float*, float*, int, int, int, Spatial) { no(); }
+// "Device" memory is host memory here: the own kernel's emulation on the arrays as they are.
+void conv3_backward_filter_own(Context& ctx, const float* x, const float* dy, float* dw, int n, int cin, int cout,
+                               Spatial s) {
+  cuda::conv3_backward_filter_own(ctx, x, dy, dw, n, cin, cout, s);
+}
 void upconv2_forward(Context&, const float*, const float*, const float*, float*, int, int, int, Spatial, int) { no(); }
 void upconv2_backward(Context&, const float*, const float*, const float*, float*, float*, float*, int, int, int, Spatial, int) { no(); }
 void instance_norm_forward(Context&, const float*, const float*, const float*, float*, float*, float*, int, int, int64_t, bool) { no(); }

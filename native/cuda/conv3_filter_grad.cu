@@ -38,6 +38,12 @@ struct DeviceOps {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0)
                  : "memory");
   }
+  // 16 bytes (.cg: cached in L2 only); both addresses 16-byte aligned.
+  __device__ __forceinline__ void copy16(float* dst, const float* src, bool valid) const {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+  }
   __device__ __forceinline__ void commit() const { asm volatile("cp.async.commit_group;\n" ::); }
   __device__ __forceinline__ void wait_all_but_one() const { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
   __device__ __forceinline__ static float round(float v) {
@@ -67,7 +73,7 @@ struct DeviceOps {
 };
 
 __global__ void __launch_bounds__(wgrad::kThreads, 1) filter_grad_kernel(wgrad::Params P) {
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   DeviceOps ops;
   wgrad::block_body(P, ops, smem);
@@ -143,6 +149,7 @@ void conv3_backward_filter_own(Context& ctx, const float* x, const float* dy, fl
   P.tiles_h = (s.h + wgrad::kTileH - 1) / wgrad::kTileH;
   P.tiles_w = (s.w + wgrad::kTileW - 1) / wgrad::kTileW;
   P.run_d = run_depth();
+  P.quads = s.w % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(dy) % 16 == 0;
   P.runs = (s.d + P.run_d - 1) / P.run_d;
   P.units = (int64_t)n * P.tiles_h * P.tiles_w * P.runs;
   const int gy = (cin + wgrad::kCi - 1) / wgrad::kCi, gz = (cout + wgrad::kCo - 1) / wgrad::kCo;

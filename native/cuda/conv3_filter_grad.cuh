@@ -29,7 +29,8 @@
 // operations (native/tests/test_conv3_filter_grad.cpp), so that a machine without a GPU
 // checks the indexing, the ring of slots and the fragment layouts against the CPU
 // reference. Ops supplies: tid(), block(axis), grid(axis), sync(), copy4(dst, src, valid)
-// (cp.async of 4 bytes, zeros when !valid), commit(), wait_all_but_one(), round(float)
+// (cp.async of 4 bytes, zeros when !valid), copy16 (16 bytes, both addresses 16-byte
+// aligned), commit(), wait_all_but_one(), round(float)
 // (to TF32, cvt.rna), and the warp's tensor-core step: fragments FragA / FragB,
 // load_a(frag, base, ld) (A(r, k) = base[r * ld + k]), load_b(frag, base, ld) (B(k, n) =
 // base[k + n * ld]), of values already rounded, and mma(acc, a, b)
@@ -56,11 +57,14 @@ constexpr int kTileH = 4, kTileW = 32;   // a run's (h, w) patch
 constexpr int kRunD = 16;                // planes per run, by default (Params::run_d)
 constexpr int kWarps = 12, kThreads = kWarps * 32;  // 3 per SM sub-partition
 constexpr int kTaps = 27;
-constexpr int kHaloH = kTileH + 2, kHaloW = kTileW + 2;
-// x slot: [kCi][kHaloH * kHaloW]; 204 floats a channel, 12 mod 32: the eight channels
-// of a B fragment land on distinct banks. dy slot: [kCo][kDyLd], 132 = 4 mod 32: the
-// eight rows of an A fragment likewise.
-constexpr int kXLd = kHaloH * kHaloW;
+constexpr int kHaloH = kTileH + 2;
+// x slot: [kCi][kHaloH rows of kXRow] + 4: a halo row holds x at w0 - 1 .. w0 + 32 from
+// column kXCore - 1, so that its 32-float core starts 16-byte aligned for 16-byte
+// copies; 244 floats a channel, 20 mod 32: the eight channels of a B fragment land on
+// distinct banks. dy slot: [kCo][kDyLd], 132 = 4 mod 32: the eight rows of an A fragment
+// likewise. Columns outside the halo rows are never read.
+constexpr int kXRow = 40, kXCore = 4;
+constexpr int kXLd = kHaloH * kXRow + 4;
 constexpr int kXSlot = kCi * kXLd;
 constexpr int kXSlots = 4;
 constexpr int kDyLd = kTileH * kTileW + 4;
@@ -68,6 +72,11 @@ constexpr int kDySlot = kCo * kDyLd;
 constexpr int kDySlots = 2;
 constexpr int kSmemFloats = kXSlots * kXSlot + kDySlots * kDySlot;
 constexpr int kPartial = kCo * kCi * kTaps;  // one block's sums: [co][ci][tap]
+// A slot is copied in pieces: an x halo row as its left halo, 8 quads of core and its
+// right halo; a dy row as 8 quads. Each thread copies, and later rounds, the same pieces.
+constexpr int kQuads = kTileW / 4;
+constexpr int kXPieces = kCi * kHaloH * (kQuads + 2);
+constexpr int kDyPieces = kCo * kTileH * kQuads;
 
 struct Params {
   const float* x;   // [n, cin, D, H, W]
@@ -78,51 +87,89 @@ struct Params {
                                // shorter ones make more runs to spread over the blocks
   int tiles_h, tiles_w, runs;  // per image: ceil(H / kTileH), ceil(W / kTileW), ceil(D / run_d)
   int64_t units;               // n * tiles_h * tiles_w * runs
+  bool quads;  // W % 4 == 0 and x, dy 16-byte aligned: quads of 4 floats copied at once
 };
+
+// Where piece `it` of an x slot goes and what it covers: smem offset, first w, count.
+struct XPiece {
+  int c, hh, col, dw, count;  // channel, halo row, slot column, w - w0, floats
+};
+CMSEG_WGRAD_FN XPiece x_piece(int it) {
+  const int row = it / (kQuads + 2), k = it - row * (kQuads + 2);
+  XPiece q;
+  q.c = row / kHaloH, q.hh = row - q.c * kHaloH;
+  if (k == 0) {
+    q.col = kXCore - 1, q.dw = -1, q.count = 1;
+  } else if (k == kQuads + 1) {
+    q.col = kXCore + kTileW, q.dw = kTileW, q.count = 1;
+  } else {
+    q.col = kXCore + 4 * (k - 1), q.dw = 4 * (k - 1), q.count = 4;
+  }
+  return q;
+}
 
 template <class Ops>
 CMSEG_WGRAD_FN void load_x_plane(const Params& P, Ops& ops, float* slot, int img, int ci0, int p, int h0, int w0) {
-  const int64_t HW = (int64_t)P.H * P.W;
   const bool plane_ok = p >= 0 && p < P.D;
-  for (int e = ops.tid(); e < kXSlot; e += kThreads) {
-    const int c = e / kXLd, r = e - c * kXLd;
-    const int hh = r / kHaloW, ww = r - hh * kHaloW;
-    const int h = h0 + hh - 1, w = w0 + ww - 1;
-    const bool ok = plane_ok && ci0 + c < P.cin && h >= 0 && h < P.H && w >= 0 && w < P.W;
-    const float* src = ok ? P.x + ((int64_t)img * P.cin + ci0 + c) * P.D * HW + (int64_t)p * HW + (int64_t)h * P.W + w
-                          : P.x;
-    ops.copy4(slot + e, src, ok);
-  }
-}
-
-// Rounds this thread's elements of an x slot (those load_x_plane gave it) to TF32 in
-// place: once per plane, where each element then feeds up to 27 fragments. Its own
-// copies are visible to a thread after its wait; the block's sync then shows the
-// rounded values to every warp.
-template <class Ops>
-CMSEG_WGRAD_FN void round_x_plane(Ops& ops, float* slot) {
-  for (int e = ops.tid(); e < kXSlot; e += kThreads) slot[e] = ops.round(slot[e]);
-}
-
-template <class Ops>
-CMSEG_WGRAD_FN void round_dy_plane(Ops& ops, float* slot) {
-  for (int e = ops.tid(); e < kCo * kTileH * kTileW; e += kThreads) {
-    const int c = e / (kTileH * kTileW), r = e - c * (kTileH * kTileW);
-    slot[c * kDyLd + r] = ops.round(slot[c * kDyLd + r]);
+  for (int it = ops.tid(); it < kXPieces; it += kThreads) {
+    const XPiece q = x_piece(it);
+    const int h = h0 + q.hh - 1, w = w0 + q.dw;
+    const bool row_ok = plane_ok && ci0 + q.c < P.cin && h >= 0 && h < P.H;
+    const float* row = row_ok ? P.x + ((((int64_t)img * P.cin + ci0 + q.c) * P.D + p) * P.H + h) * P.W : P.x;
+    float* dst = slot + q.c * kXLd + q.hh * kXRow + q.col;
+    if (q.count == 4 && P.quads) {
+      const bool ok = row_ok && w < P.W;  // a quad is all in or all out (W % 4 == 0)
+      ops.copy16(dst, ok ? row + w : P.x, ok);
+    } else {
+      for (int e = 0; e < q.count; ++e) {
+        const bool ok = row_ok && w + e >= 0 && w + e < P.W;
+        ops.copy4(dst + e, ok ? row + w + e : P.x, ok);
+      }
+    }
   }
 }
 
 template <class Ops>
 CMSEG_WGRAD_FN void load_dy_plane(const Params& P, Ops& ops, float* slot, int img, int co0, int d, int h0, int w0) {
-  const int64_t HW = (int64_t)P.H * P.W;
-  for (int e = ops.tid(); e < kCo * kTileH * kTileW; e += kThreads) {
-    const int c = e / (kTileH * kTileW), r = e - c * (kTileH * kTileW);
-    const int hh = r / kTileW, ww = r - hh * kTileW;
-    const int h = h0 + hh, w = w0 + ww;
-    const bool ok = co0 + c < P.cout && h < P.H && w < P.W;
-    const float* src = ok ? P.dy + ((int64_t)img * P.cout + co0 + c) * P.D * HW + (int64_t)d * HW + (int64_t)h * P.W + w
-                          : P.dy;
-    ops.copy4(slot + c * kDyLd + r, src, ok);
+  for (int it = ops.tid(); it < kDyPieces; it += kThreads) {
+    const int row = it / kQuads, k = it - row * kQuads;
+    const int c = row / kTileH, hh = row - c * kTileH;
+    const int h = h0 + hh, w = w0 + 4 * k;
+    const bool row_ok = co0 + c < P.cout && h < P.H;
+    const float* src = row_ok ? P.dy + ((((int64_t)img * P.cout + co0 + c) * P.D + d) * P.H + h) * P.W : P.dy;
+    float* dst = slot + c * kDyLd + hh * kTileW + 4 * k;
+    if (P.quads) {
+      const bool ok = row_ok && w < P.W;
+      ops.copy16(dst, ok ? src + w : P.dy, ok);
+    } else {
+      for (int e = 0; e < 4; ++e) {
+        const bool ok = row_ok && w + e < P.W;
+        ops.copy4(dst + e, ok ? src + w + e : P.dy, ok);
+      }
+    }
+  }
+}
+
+// Rounds this thread's pieces of a slot (those the loads above gave it) to TF32 in
+// place: once per plane, where each element then feeds up to 27 fragments. Its own
+// copies are visible to a thread after its wait; the block's sync then shows the
+// rounded values to every warp.
+template <class Ops>
+CMSEG_WGRAD_FN void round_x_plane(Ops& ops, float* slot) {
+  for (int it = ops.tid(); it < kXPieces; it += kThreads) {
+    const XPiece q = x_piece(it);
+    float* v = slot + q.c * kXLd + q.hh * kXRow + q.col;
+    for (int e = 0; e < q.count; ++e) v[e] = ops.round(v[e]);
+  }
+}
+
+template <class Ops>
+CMSEG_WGRAD_FN void round_dy_plane(Ops& ops, float* slot) {
+  for (int it = ops.tid(); it < kDyPieces; it += kThreads) {
+    const int row = it / kQuads, k = it - row * kQuads;
+    const int c = row / kTileH, hh = row - c * kTileH;
+    float* v = slot + c * kDyLd + hh * kTileW + 4 * k;
+    for (int e = 0; e < 4; ++e) v[e] = ops.round(v[e]);
   }
 }
 
@@ -136,7 +183,7 @@ CMSEG_WGRAD_FN int acc_col(int lane, int i) { return 2 * (lane & 3) + (i & 1); }
 // plane d + kd - 1; ys: the dy slot of plane d. A is 16 x 8 (rows: output channels,
 // columns: the 8 voxels (hh, w8..w8+7)), row-major in the dy slot; B is 8 x 8 (rows: the
 // same voxels shifted by the tap, columns: the 8 input channels), the voxels contiguous in
-// the x slot at halo (hh + kh, w8 + kw), the channels kXLd apart. The loop runs over the
+// the x slot at halo row hh + kh from w0 + w8 + kw - 1, the channels kXLd apart. The loop runs over the
 // halo rows r: B at row r, column shift kw, serves output rows hh = r - kh for all three
 // kh, so each B fragment is loaded once; each output row's A fragments are loaded at its
 // first halo row and kept for its three (a ring of three rows, indexed at compile time).
@@ -155,7 +202,7 @@ CMSEG_WGRAD_FN void plane_products(Ops& ops, const float* xs, const float* ys, i
       CMSEG_WGRAD_UNROLL
       for (int kw = 0; kw < 3; ++kw) {
         typename Ops::FragB b;
-        ops.load_b(b, xn + r * kHaloW + w8 + kw, kXLd);
+        ops.load_b(b, xn + r * kXRow + kXCore - 1 + w8 + kw, kXLd);
         CMSEG_WGRAD_UNROLL
         for (int kh = 0; kh < 3; ++kh) {
           const int hh = r - kh;

@@ -33,6 +33,8 @@ void emulated_filter_grad(const std::vector<float>& x, const std::vector<float>&
   P.tiles_h = (s.h + wg::kTileH - 1) / wg::kTileH;
   P.tiles_w = (s.w + wg::kTileW - 1) / wg::kTileW;
   P.run_d = run_d;
+  P.quads = s.w % 4 == 0 && reinterpret_cast<uintptr_t>(x.data()) % 16 == 0 &&
+            reinterpret_cast<uintptr_t>(dy.data()) % 16 == 0;
   P.runs = (s.d + run_d - 1) / run_d;
   P.units = (int64_t)n * P.tiles_h * P.tiles_w * P.runs;
   const int grid[3] = {blocks_x, (cin + wg::kCi - 1) / wg::kCi, (cout + wg::kCo - 1) / wg::kCo};
@@ -78,10 +80,10 @@ void filter_grad_case(int n, int cin, int cout, Spatial s, int blocks_x, int run
     const double err = rel_l2(got, exact ? want : want_tf32);
     size_t bad = 0;
     for (float v : got) bad += !std::isfinite(v);
-    std::printf("  n %d, %d->%d, %dx%dx%d, runs of %d planes, %d block(s) per channel pair: %s rel L2 %.2e against the "
-                "reference on %s inputs",
-                n, cin, cout, s.d, s.h, s.w, run_d, blocks_x, exact ? "fp32" : "tf32", err,
-                exact ? "fp32" : "TF32-rounded");
+    std::printf("  n %d, %d->%d, %dx%dx%d, runs of %d planes, %d block(s) per channel pair, copies of %s: %s rel L2 "
+                "%.2e against the reference on %s inputs",
+                n, cin, cout, s.d, s.h, s.w, run_d, blocks_x, s.w % 4 == 0 ? "quads" : "floats",
+                exact ? "fp32" : "tf32", err, exact ? "fp32" : "TF32-rounded");
     CHECK(bad == 0);
     CHECK(err < 1e-5);
     if (!exact) {
@@ -108,6 +110,13 @@ TEST(filter_grad_runs_along_depth) {
   filter_grad_case(1, 3, 5, Spatial{wg::kRunD + 3, 3, 7}, 2);
   filter_grad_case(1, 8, 8, Spatial{11, 4, 8}, 2, 3);  // runs of 3 planes (CMSEG_WGRAD_RUN_D): 4 runs, the last of 2
   filter_grad_case(1, 8, 8, Spatial{3, 4, 8}, 1, 1);   // runs of one plane
+}
+
+// Quads (W % 4 == 0) past the volume's end in a partial patch: 36 = one patch and a
+// quad; 8 = a patch of two quads.
+TEST(filter_grad_quads_past_the_edge) {
+  filter_grad_case(1, 8, 16, Spatial{3, 5, 36}, 2);
+  filter_grad_case(2, 4, 4, Spatial{2, 3, 8}, 1);
 }
 
 // More blocks than runs: blocks with no run write zeros.

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -76,6 +77,11 @@ class ThreadOps {
   int grid(int axis) const { return b_.dims[axis]; }
   void sync() { b_.barrier.wait(); }
   void copy4(float* dst, const float* src, bool valid) { open_.push_back({dst, valid ? *src : 0.f}); }
+  void copy16(float* dst, const float* src, bool valid) {
+    if ((reinterpret_cast<uintptr_t>(dst) | (valid ? reinterpret_cast<uintptr_t>(src) : 0)) & 15)
+      throw std::logic_error("simt: a 16-byte copy between addresses not 16-byte aligned");
+    for (int e = 0; e < 4; ++e) copy4(dst + e, src + e, valid);
+  }
   void commit() {
     groups_.push_back(std::move(open_));
     open_.clear();

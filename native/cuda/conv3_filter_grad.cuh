@@ -11,32 +11,35 @@
 //
 // Work split. A block owns 32 output channels (blockIdx.z) and 32 input channels
 // (blockIdx.y); it walks "runs": a kTileH x kTileW patch of (h, w) in one image, through
-// up to run_d consecutive planes along d (kRunD unless CMSEG_WGRAD_RUN_D says otherwise). Per plane d it needs the x planes d-1, d, d+1
-// (each with a one-voxel halo in h and w) and the dy plane d in shared memory. The x
-// planes rotate through a ring of four slots, so each is copied once per run, and the
-// copies of plane d+2 (and dy d+1) are in flight (cp.async) while the tensor cores work
-// on plane d. Warp w of the twelve owns the taps kd = w / 4 (all nine kh, kw), eight
-// input channels (w % 4) and all 32 output channels: 2 x 3 x 3 tiles of mma.m16n8k8,
-// 72 accumulators a thread, kept across runs. Twelve warps put three on each of an SM's
-// four tensor-core partitions (nine left one partition with three warps' work against
-// two on the others), and the loop over halo rows loads each B fragment once for all
-// three kh: 68 shared-memory loads per 72 mma a warp and patch column, where one warp
-// per (kd, kh) needed 128 for 96. Each block then writes its sums to its own partial, and a second
-// kernel adds the partials in block order into dW: the result repeats bit for bit.
+// up to run_d consecutive planes along d (kRunD; CMSEG_WGRAD_RUN_D for the device
+// check's sweep). Per plane d it needs the x planes d-1, d, d+1 (each with a one-voxel
+// halo in h and w) and the dy plane d in shared memory. The x planes rotate through a
+// ring of four slots, so each is copied once per run, and the copies of plane d+2 (and
+// dy d+1) are in flight (cp.async) while the tensor cores work on plane d. Each thread
+// rounds what it copied to TF32 once, after its wait and before the block's sync.
+//
+// Warp w of the twelve owns the taps kd = w / 4 (all nine kh, kw), eight input channels
+// (w % 4) and all 32 output channels: 2 x 3 x 3 tiles of mma.m16n8k8, 72 accumulators
+// a thread, kept across runs. Twelve warps put three on each of an SM's four
+// tensor-core partitions (nine would leave one partition a third more work), and the
+// loop over halo rows loads each B fragment once for all three kh: 68 shared-memory
+// loads per 72 mma a warp and patch column. Each block then writes its sums to its own
+// partial, and a second kernel adds the partials in block order into dW: the result
+// repeats bit for bit.
 //
 // This header is the kernel's body, compiled twice: by nvcc with DeviceOps
 // (conv3_filter_grad.cu), and by the host compiler with a SIMT emulation of the same
-// operations (native/tests/test_conv3_filter_grad.cpp), so that a machine without a GPU
-// checks the indexing, the ring of slots and the fragment layouts against the CPU
-// reference. Ops supplies: tid(), block(axis), grid(axis), sync(), copy4(dst, src, valid)
-// (cp.async of 4 bytes, zeros when !valid), copy16 (16 bytes, both addresses 16-byte
-// aligned), commit(), wait_all_but_one(), round(float)
-// (to TF32, cvt.rna), and the warp's tensor-core step: fragments FragA / FragB,
-// load_a(frag, base, ld) (A(r, k) = base[r * ld + k]), load_b(frag, base, ld) (B(k, n) =
-// base[k + n * ld]), of values already rounded, and mma(acc, a, b)
-// (mma.sync.m16n8k8.row.col.f32.tf32.tf32.f32). The device loads each lane's elements
-// of the fragments; the emulation gives every thread the whole tiles (the lanes'
-// layouts are the PTX ISA's, written out in DeviceOps).
+// operations (native/cuda/emulation/simt_host.hpp, run by
+// native/tests/test_conv3_filter_grad.cpp), so that a machine without a GPU checks the
+// indexing, the ring of slots, the waits and the rounding against the CPU reference.
+// Ops supplies: tid(), block(axis), grid(axis), sync(), copy4(dst, src, valid) (cp.async
+// of 4 bytes, zeros when !valid), copy16 (the same for 16 bytes, both addresses 16-byte
+// aligned), commit(), wait_all_but_one(), round(float) (to TF32, cvt.rna), and the
+// warp's tensor-core step: fragments FragA / FragB, load_a(frag, base, ld) (A(r, k) =
+// base[r * ld + k]), load_b(frag, base, ld) (B(k, n) = base[k + n * ld]), of values
+// already rounded, and mma(acc, a, b) (mma.sync.m16n8k8.row.col.f32.tf32.tf32.f32). The
+// device loads each lane's elements of the fragments; the emulation gives every thread
+// the whole tiles (the lanes' layouts are the PTX ISA's, written out in DeviceOps).
 #pragma once
 #include <cstdint>
 

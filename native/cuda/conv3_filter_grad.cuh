@@ -218,6 +218,20 @@ CMSEG_WGRAD_FN void plane_products(Ops& ops, const float* xs, const float* ys, i
   }
 }
 
+// f(m, kh, kw, i) for each of a thread's accumulators acc[m][kh][kw][i], unrolled so
+// that every index is a constant and the accumulators stay in registers.
+template <class F>
+CMSEG_WGRAD_FN void for_each_acc(F&& f) {
+  CMSEG_WGRAD_UNROLL
+  for (int m = 0; m < 2; ++m)
+    CMSEG_WGRAD_UNROLL
+    for (int kh = 0; kh < 3; ++kh)
+      CMSEG_WGRAD_UNROLL
+      for (int kw = 0; kw < 3; ++kw)
+        CMSEG_WGRAD_UNROLL
+        for (int i = 0; i < 4; ++i) f(m, kh, kw, i);
+}
+
 // The whole block: every run it owns, then its partial.
 template <class Ops>
 CMSEG_WGRAD_FN void block_body(const Params& P, Ops& ops, float* smem) {
@@ -227,14 +241,7 @@ CMSEG_WGRAD_FN void block_body(const Params& P, Ops& ops, float* smem) {
   float* xslots = smem;
   float* yslots = smem + kXSlots * kXSlot;
   float acc[2][3][3][4];  // [m-tile][kh][kw][fragment element]
-  CMSEG_WGRAD_UNROLL
-  for (int m = 0; m < 2; ++m)
-    CMSEG_WGRAD_UNROLL
-    for (int kh = 0; kh < 3; ++kh)
-      CMSEG_WGRAD_UNROLL
-      for (int kw = 0; kw < 3; ++kw)
-        CMSEG_WGRAD_UNROLL
-        for (int i = 0; i < 4; ++i) acc[m][kh][kw][i] = 0.f;
+  for_each_acc([&](int m, int kh, int kw, int i) { acc[m][kh][kw][i] = 0.f; });
 
   for (int64_t u = ops.block(0); u < P.units; u += ops.grid(0)) {
     const int run = (int)(u % P.runs);
@@ -272,17 +279,10 @@ CMSEG_WGRAD_FN void block_body(const Params& P, Ops& ops, float* smem) {
   // C's rows are output channels, its columns input channels.
   float* out = P.partial + (((int64_t)ops.block(2) * ops.grid(1) + ops.block(1)) * ops.grid(0) + ops.block(0)) *
                                (int64_t)kPartial;
-  CMSEG_WGRAD_UNROLL
-  for (int m = 0; m < 2; ++m)
-    CMSEG_WGRAD_UNROLL
-    for (int kh = 0; kh < 3; ++kh)
-      CMSEG_WGRAD_UNROLL
-      for (int kw = 0; kw < 3; ++kw)
-        CMSEG_WGRAD_UNROLL
-        for (int i = 0; i < 4; ++i) {
-          const int co = m * 16 + acc_row(lane, i), ci = nt * 8 + acc_col(lane, i);
-          out[(co * kCi + ci) * kTaps + (kd * 3 + kh) * 3 + kw] = acc[m][kh][kw][i];
-        }
+  for_each_acc([&](int m, int kh, int kw, int i) {
+    const int co = m * 16 + acc_row(lane, i), ci = nt * 8 + acc_col(lane, i);
+    out[(co * kCi + ci) * kTaps + (kd * 3 + kh) * 3 + kw] = acc[m][kh][kw][i];
+  });
 }
 
 // Blocks along the runs (gridDim.x) for `units` runs, `channel_blocks` = gridDim.y *

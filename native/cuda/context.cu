@@ -87,13 +87,8 @@ Context::Context(const ContextOptions& options) : impl_(new Impl) {
   if (const char* a = std::getenv("CMSEG_CONV_AUTOTUNE"); a && *a) m.options.conv_autotune = std::string(a) != "0";
   if (const char* v = std::getenv("CMSEG_CONV_OVERLAP"); v && *v) m.options.conv_overlap = std::string(v) != "0";
   if (const char* v = std::getenv("CMSEG_CONCAT_IN_PLACE"); v && *v) m.options.concat_in_place = std::string(v) != "0";
-  if (const char* v = std::getenv("CMSEG_CONV_WGRAD"); v && *v) {
-    const std::string w = v;
-    bool known = false;
-    for (WgradPath p : {WgradPath::Cudnn, WgradPath::Own, WgradPath::Auto})
-      if (w == wgrad_path_name(p)) m.options.conv_wgrad = p, known = true;
-    if (!known) throw Error(str("CMSEG_CONV_WGRAD must be cudnn, own or auto, not '", w, "'"));
-  }
+  if (const char* v = std::getenv("CMSEG_CONV_WGRAD"); v && *v && !wgrad_path_of(v, m.options.conv_wgrad))
+    throw Error(str("CMSEG_CONV_WGRAD must be cudnn, own or auto, not '", v, "'"));
   if (const char* v = std::getenv("CMSEG_HEADS_WGRAD"); v && *v) {
     const std::string h = v;
     if (h != "fused" && h != "cublas") throw Error(str("CMSEG_HEADS_WGRAD must be fused or cublas, not '", h, "'"));

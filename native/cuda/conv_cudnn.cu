@@ -875,6 +875,20 @@ void conv3_backward_cudnn(Context& ctx, const float* x, const float* w, const fl
   conv3_backward_on(ctx, x, w, dy, dx, dw, n, cin, cout, s, ndim);
 }
 
+// ||a - b|| / ||b|| of two device arrays of n floats (||a - b|| where b is all zeros),
+// on the host.
+double relative_l2(Context& ctx, const float* a, const float* b, size_t n) {
+  std::vector<float> ha(n), hb(n);
+  ctx.download(ha.data(), a, n * sizeof(float));
+  ctx.download(hb.data(), b, n * sizeof(float));
+  double num = 0, den = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const double d = (double)ha[i] - hb[i];
+    num += d * d, den += (double)hb[i] * hb[i];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
 // Whether this call's filter gradient takes our own kernel (ContextOptions::conv_wgrad):
 // 3D TF32 calls only. With Auto, the whole backward both ways (cuDNN's data gradient on
 // its own timed path, then our filter gradient; or cuDNN's backward as it would run),
@@ -885,8 +899,7 @@ void conv3_backward_cudnn(Context& ctx, const float* x, const float* w, const fl
 bool own_filter_gradient(Context& ctx, const float* x, const float* w, const float* dy, float* dx, int n, int cin,
                          int cout, Spatial s, int ndim) {
   const ContextOptions& o = ctx.options();
-  if (o.conv_wgrad == WgradPath::Cudnn || ndim != 3 || !o.tf32 || o.bf16 || !own_filter_grad_fits(ctx.device()))
-    return false;
+  if (!own_wgrad_wanted(o, ndim) || !own_filter_grad_fits(ctx.device())) return false;
   if (o.conv_wgrad == WgradPath::Own) return true;
   const ConvKey key{dx ? 44 : 45, n, cin, cout, s.d, s.h, s.w, ndim, true};
   std::map<ConvKey, int>& cache = ctx.impl().conv_paths;
@@ -924,12 +937,7 @@ bool own_filter_gradient(Context& ctx, const float* x, const float* w, const flo
   // Both ran 3 times (time_ms' warm-up and 2), each time adding its filter gradient.
   double disagreement = 0;
   if (own_ms >= 0 && cudnn_ms >= 0) {
-    std::vector<float> a(wn), b(wn);
-    ctx.download(a.data(), dw_own, wn * sizeof(float));
-    ctx.download(b.data(), dw_cudnn, wn * sizeof(float));
-    double num = 0, den = 0;
-    for (size_t i = 0; i < wn; ++i) num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]), den += (double)b[i] * b[i];
-    disagreement = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+    disagreement = relative_l2(ctx, dw_own, dw_cudnn, wn);
     if (!(disagreement <= 1e-2))
       std::fprintf(stderr,
                    "cmseg: warning: conv3's own filter-gradient kernel disagrees with cuDNN's for %d->%d %dx%dx%d "

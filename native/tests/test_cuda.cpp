@@ -1438,6 +1438,16 @@ TEST(model_step_gpu_graph_api_matches_cpu) {
   }
 }
 
+// The CPU and a GPU model set up alike, then one step's gradients of each on the same
+// batch (seeded).
+std::pair<StepResult, StepResult> step_gradients(const StepCase& k, Model& cpu, Model& gpu, uint32_t seed) {
+  setup(cpu, k), setup(gpu, k);
+  StepData d = make_step_data(k, seed);
+  StepResult rc = cpu.compute_gradients(d.batch);
+  StepResult rg = gpu.compute_gradients(d.batch);
+  return {rc, rg};
+}
+
 // Relative L2 distance of a GPU model's gradients from the CPU model's: all together,
 // and the worst conv layer's weights.
 struct GradientError {
@@ -1475,9 +1485,7 @@ TEST(model_step_gpu_bf16_close_to_cpu) {
     ModelConfig cg = on_cuda(k.c);
     cg.bf16 = true;
     Model cpu(k.c), gpu(cg);
-    setup(cpu, k), setup(gpu, k);
-    StepData d = make_step_data(k, 91);
-    const StepResult rc = cpu.compute_gradients(d.batch), rg = gpu.compute_gradients(d.batch);
+    const auto [rc, rg] = step_gradients(k, cpu, gpu, 91);
     std::printf("  %-40s loss cpu %.9f gpu %.9f\n", k.name.c_str(), rc.loss, rg.loss);
     CHECK_CLOSE(rg.loss, rc.loss, 1e-3, 1e-6);
     // Over all gradients together: a bias whose gradient is a near-cancelling sum
@@ -1505,9 +1513,7 @@ TEST(model_step_gpu_own_filter_grad_close_to_cpu) {
     ModelConfig cg = on_cuda(k.c);
     cg.tf32 = true;
     Model cpu(k.c), gpu(cg);
-    setup(cpu, k), setup(gpu, k);
-    StepData d = make_step_data(k, 93);
-    const StepResult rc = cpu.compute_gradients(d.batch), rg = gpu.compute_gradients(d.batch);
+    const auto [rc, rg] = step_gradients(k, cpu, gpu, 93);
     CHECK_CLOSE(rg.loss, rc.loss, 1e-3, 1e-6);
     const size_t runs = gpu.gpu()->context().conv_own_wgrad_runs();
     std::printf("  own kernel ran %zu filter gradient(s) of the step\n", runs);

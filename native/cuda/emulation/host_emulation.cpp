@@ -45,8 +45,7 @@ Context::Context(const ContextOptions& o) : impl_(new Impl) {
     impl_->options.conv_channels_last = std::string(c) != "0";
   if (const char* c = std::getenv("CMSEG_CONCAT_IN_PLACE"); c && *c) impl_->options.concat_in_place = std::string(c) != "0";
   if (const char* c = std::getenv("CMSEG_CONV_WGRAD"); c && *c)  // as context.cu (unknown names: cuDNN's)
-    for (WgradPath p : {WgradPath::Cudnn, WgradPath::Own, WgradPath::Auto})
-      if (std::string(c) == wgrad_path_name(p)) impl_->options.conv_wgrad = p;
+    wgrad_path_of(c, impl_->options.conv_wgrad);
 }
 Context::~Context() { for (auto& kv : impl_->sizes) std::free(kv.first); }
 const ContextOptions& Context::options() const { return impl_->options; }
@@ -163,7 +162,7 @@ void conv3_backward(Context& ctx, const float* x, const float* w, const float* d
   const ContextOptions& o = ctx.options();
   // As conv_cudnn.cu: 3D TF32 filter gradients through the own kernel with conv_wgrad
   // own or auto (no timings here: auto takes it too).
-  if (dw && o.conv_wgrad != WgradPath::Cudnn && nd == 3 && o.tf32 && !o.bf16) {
+  if (dw && own_wgrad_wanted(o, nd)) {
     if (dx) {  // the CPU layer always adds a filter gradient: into scratch here
       std::vector<float> unused((size_t)cout * cin * conv3_taps(nd), 0.f);
       cmseg::conv3_backward(x, w, dy, dx, unused.data(), n, cin, cout, s, nd);

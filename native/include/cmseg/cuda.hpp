@@ -57,6 +57,12 @@ enum class WgradPath { Cudnn, Own, Auto };
 inline const char* wgrad_path_name(WgradPath p) {
   return p == WgradPath::Cudnn ? "cudnn" : p == WgradPath::Own ? "own" : "auto";
 }
+// The path `name` names (CMSEG_CONV_WGRAD's values) into `out`; false when it names none.
+inline bool wgrad_path_of(const std::string& name, WgradPath& out) {
+  for (WgradPath p : {WgradPath::Cudnn, WgradPath::Own, WgradPath::Auto})
+    if (name == wgrad_path_name(p)) return out = p, true;
+  return false;
+}
 // "gemm", "cudnn", "cudnn-cl" (the names CMSEG_UPCONV takes).
 inline const char* upconv_path_name(UpconvPath p) {
   return p == UpconvPath::Gemm ? "gemm" : p == UpconvPath::Cudnn ? "cudnn" : "cudnn-cl";
@@ -117,7 +123,8 @@ struct ContextOptions {
   // conv3's filter gradient (3D, TF32) through our own tensor-core kernel on the NCDHW
   // tensors (native/cuda/conv3_filter_grad.cu) instead of cuDNN: Cudnn never, Own for
   // every 3D TF32 call, Auto per shape whichever of the two ran faster when timed
-  // inside its first call. cuDNN's 3D filter gradient was 33 of the 78 ms of an H200
+  // inside its first call, where their filter gradients agree to TF32's rounding (see
+  // own_wgrad_wanted). cuDNN's 3D filter gradient was 33 of the 78 ms of an H200
   // brats3d-gpu step, at a third of its forward's TFLOP/s. Cudnn until a device run
   // has timed the kernel; CMSEG_CONV_WGRAD=cudnn|own|auto in the environment chooses.
   WgradPath conv_wgrad = WgradPath::Cudnn;
@@ -133,6 +140,13 @@ struct ContextOptions {
   // alloc() throws OutOfMemory like a full device.
   size_t memory_limit_bytes = 0;
 };
+
+// Whether the options send a conv3 filter gradient of this many spatial dimensions to
+// our own kernel (ContextOptions::conv_wgrad, 3D TF32 without bf16), before asking the
+// device whether it can run it (and, with Auto, timing it per shape).
+inline bool own_wgrad_wanted(const ContextOptions& o, int ndim) {
+  return o.conv_wgrad != WgradPath::Cudnn && ndim == 3 && o.tf32 && !o.bf16;
+}
 
 // v rounded to bfloat16 (nearest, ties to even) and back, on the host: what the
 // device's __float2bfloat16_rn does to a finite value (used by the host emulation

@@ -174,6 +174,7 @@ struct PixelCm {
           A[i * L + j] = v;
         }
       }
+      normalise(L);
     } else {
       // Every raw channel of the pixel is loaded before the first is used, so a
       // thread has L*L loads in flight. Interleaved with the math (as the compiler
@@ -196,9 +197,7 @@ struct PixelCm {
         }
         normalise(L);
       }
-      return;
     }
-    normalise(L);
   }
 
   // The CM from its L*L raw channels already in registers (v), full or softplus-only

@@ -50,6 +50,17 @@ inline int run_all(int argc, char** argv) {
   return failed_cases ? 1 : 0;
 }
 
+// ||a - b|| / ||b|| over n values (||a - b|| where b is all zeros).
+inline double rel_l2(const float* a, const float* b, size_t n) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const double d = (double)a[i] - (double)b[i];
+    num += d * d;
+    den += (double)b[i] * b[i];
+  }
+  return den == 0 ? std::sqrt(num) : std::sqrt(num / den);
+}
+
 // |a - b| <= atol + rtol * max(|a|, |b|)
 inline bool close(double a, double b, double rtol, double atol) {
   return std::fabs(a - b) <= atol + rtol * std::max(std::fabs(a), std::fabs(b));

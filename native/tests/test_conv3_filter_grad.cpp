@@ -46,14 +46,7 @@ void emulated_filter_grad(const std::vector<float>& x, const std::vector<float>&
   for (int64_t item = 0; item < items; ++item) wg::add_partials(partial.data(), grid[0], grid[1], cin, cout, item, dw.data());
 }
 
-double rel_l2(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-    den += (double)b[i] * b[i];
-  }
-  return std::sqrt(num / (den > 0 ? den : 1));
-}
+double rel_l2(const std::vector<float>& a, const std::vector<float>& b) { return check::rel_l2(a.data(), b.data(), a.size()); }
 
 std::vector<float> tf32_rounded(std::vector<float> v) {
   for (float& e : v) e = simt::round_tf32(e);

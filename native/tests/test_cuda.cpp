@@ -42,21 +42,10 @@ cu::Context& ctx() {
   return c;
 }
 
-double rel_l2(const float* a, const float* b, size_t n) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < n; ++i) {
-    const double d = (double)a[i] - (double)b[i];
-    num += d * d;
-    den += (double)b[i] * b[i];
-  }
-  if (den == 0) return std::sqrt(num);
-  return std::sqrt(num / den);
-}
-
 // Records a failure with the achieved error when it exceeds the tolerance.
 void expect_close(const char* what, const std::vector<float>& gpu, const std::vector<float>& cpu, double tol) {
   CHECK(gpu.size() == cpu.size());
-  const double e = rel_l2(gpu.data(), cpu.data(), std::min(gpu.size(), cpu.size()));
+  const double e = check::rel_l2(gpu.data(), cpu.data(), std::min(gpu.size(), cpu.size()));
   const bool ok = e <= tol && std::isfinite(e);
   std::printf("  %-44s rel L2 %.2e (tol %.0e)%s\n", what, e, tol, ok ? "" : "  <-- FAIL");
   if (!ok) ++check::failures();

@@ -558,6 +558,37 @@ TEST(conv3_overlapped_matches_cpu) {
 // gave 2.4e-4 to 2.6e-4), and the same bits on a second run; then through
 // conv3_backward with ContextOptions::conv_wgrad own (every 3D TF32 call) and auto
 // (timed against cuDNN per shape; the choices go to stderr).
+// Where a wrong own filter gradient is wrong, for the first device run to name its cause:
+// the error per tap (a slot or halo offset), per output channel mod 16 (the A fragment's
+// rows), per input channel mod 8 (the B fragment's columns), and the non-finite count
+// (a shared-memory slot no copy reached).
+void explain_filter_grad_error(const std::vector<float>& got, const std::vector<float>& want, int cin, int cout) {
+  std::vector<double> num_tap(27), den_tap(27), num_co(16), den_co(16), num_ci(8), den_ci(8);
+  size_t non_finite = 0;
+  for (int co = 0; co < cout; ++co)
+    for (int ci = 0; ci < cin; ++ci)
+      for (int k = 0; k < 27; ++k) {
+        const size_t i = ((size_t)co * cin + ci) * 27 + k;
+        if (!std::isfinite(got[i])) {
+          ++non_finite;
+          continue;
+        }
+        const double d = (double)got[i] - want[i], w = (double)want[i] * want[i];
+        num_tap[k] += d * d, den_tap[k] += w;
+        num_co[co % 16] += d * d, den_co[co % 16] += w;
+        num_ci[ci % 8] += d * d, den_ci[ci % 8] += w;
+      }
+  auto row = [](const char* what, const std::vector<double>& num, const std::vector<double>& den) {
+    std::printf("    rel L2 by %s:", what);
+    for (size_t i = 0; i < num.size(); ++i) std::printf(" %.1e", den[i] > 0 ? std::sqrt(num[i] / den[i]) : 0.0);
+    std::printf("\n");
+  };
+  std::printf("    non-finite values: %zu of %zu\n", non_finite, got.size());
+  row("tap (kd, kh, kw)", num_tap, den_tap);
+  row("output channel mod 16", num_co, den_co);
+  row("input channel mod 8", num_ci, den_ci);
+}
+
 void own_filter_grad_case(int n, int cin, int cout, Spatial s) {
   const size_t V = (size_t)s.size(), wn = (size_t)cout * cin * 27;
   const auto x = rnd(n * cin * V, 21), dy = rnd(n * cout * V, 22), dw0 = rnd(wn, 23);
@@ -569,7 +600,9 @@ void own_filter_grad_case(int n, int cin, int cout, Spatial s) {
   for (size_t i = 0; i < wn; ++i) want[i] -= dw0[i], got[i] -= dw0[i];
   char what[96];
   std::snprintf(what, sizeof what, "own filter grad n %d %d->%d %dx%dx%d", n, cin, cout, s.d, s.h, s.w);
+  const int before = check::failures();
   expect_close(what, got, want, 3e-3);
+  if (check::failures() != before) explain_filter_grad_error(got, want, cin, cout);
 }
 
 // Whether this GPU and build run the own filter-gradient kernel (compute capability 8.0

@@ -284,6 +284,16 @@ def plain_cross_entropy(logits, target):
     return torch.where(count > 0, -(picked * valid).sum() / count.clamp_min(1), logp.new_zeros(()))
 
 
+def soft_cross_entropy(logits, target):
+    """Mean -sum_k t[k] log softmax(logits)[k] over pixels whose target row has a nonzero
+    entry (a row of zeros: nobody labelled the pixel); 0 if none."""
+    logp = torch.log_softmax(logits, dim=1)
+    t = target.to(logp.dtype)
+    labelled = (t != 0).any(dim=1)
+    count = labelled.sum()
+    return torch.where(count > 0, -(t * logp).sum() / count.clamp_min(1), logp.new_zeros(()))
+
+
 # ---------------------------------------------------------------------------
 # Optimiser
 # ---------------------------------------------------------------------------
@@ -375,7 +385,7 @@ def load_parameters(model, tensors):
     missing = [k for k in expected if k not in tensors]
     if missing:
         raise ValueError(f"case is missing parameters: {missing}")
-    reserved = {"images", "labels", "present", "target"}
+    reserved = {"images", "labels", "present", "target", "softTarget"}
     extra = [k for k in tensors if k not in expected and k not in reserved]
     if extra:
         raise ValueError(f"case has tensors that are not parameters of this config: {extra}")
@@ -469,10 +479,14 @@ def run_case(case, dtype=torch.float64, device="cpu"):
     params = [p for _, p in model.named_parameters()]
     out = {}
 
-    if "target" in t:
-        # Plain cross-entropy (methods naive/oracle) on the seg head, at the given weights.
+    if "target" in t or "softTarget" in t:
+        # Plain cross-entropy (methods naive/oracle) on the seg head, at the given weights:
+        # hard labels, or soft targets [N, L, *S].
         logits, _ = model(images)
-        plain = plain_cross_entropy(logits, t["target"].to(device))
+        if "target" in t:
+            plain = plain_cross_entropy(logits, t["target"].to(device))
+        else:
+            plain = soft_cross_entropy(logits, t["softTarget"].to(device=device, dtype=dtype))
         grads = torch.autograd.grad(plain, params, allow_unused=True)
         out["plainCe"] = plain.detach().reshape(1)
         for name, p, g in zip(names, params, grads):

@@ -3,7 +3,7 @@
 // SimpleITK; reuse of current maps and refusing stale ones; training patches cut from the
 // fused map exactly where (and flipped as) the image patch is; and `cmseg train --method
 // naive-staple / naive-spatial-staple` end to end, with eval and predict on the result.
-import t, { Test } from 'tap';
+import t from 'tap';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
@@ -26,22 +26,10 @@ import { PRESETS } from '../src/train/presets';
 import { runCli } from './helpers/cli';
 import { missingPythonModules } from './helpers/python';
 import { spawnSync } from 'child_process';
+import { firstDifference, tempDir } from './helpers/files';
 
 const SIZE: [number, number, number] = [48, 48, 32];
 const FUSIONS: CacheFusion[] = ['multi-staple', 'spatial-staple'];
-
-/** Index of the first difference between two arrays, -1 when equal (tap's deep diff is far too slow on big typed arrays). */
-function firstDifference(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  if (a.length !== b.length) return Math.min(a.length, b.length);
-  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return i;
-  return -1;
-}
-
-function tempDir(t: Test, prefix = 'cmseg-staple-'): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  return dir;
-}
 
 /** fuse() on the case's maps as the cache stores them, with the options a BraTS run uses: the independent truth. */
 async function fuseDirectly(c: CachedCase, fusion: CacheFusion): Promise<Uint8Array> {

@@ -1,9 +1,8 @@
 // BraTS folders: the phantom writer, discovery of both release namings, label mapping,
 // preprocessing (z-score, crop / uncrop) and the errors for broken cases.
 
-import t, { Test } from 'tap';
+import t from 'tap';
 import * as fs from 'fs';
-import * as os from 'os';
 import * as path from 'path';
 import {
   BRATS_CLASSES,
@@ -22,21 +21,9 @@ import {
 } from '../src/data/brats';
 import { bratsPhantomId, generateBratsPhantom, writeBratsPhantoms } from '../src/data/brats-phantom';
 import { readNifti, writeNifti, type Matrix4 } from '../src/data/nifti';
+import { firstDifference, tempDir } from './helpers/files';
 
 const SIZE: [number, number, number] = [48, 48, 32];
-
-/** Index of the first difference between two arrays, -1 when equal (tap's deep diff is far too slow on big typed arrays). */
-function firstDifference(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  if (a.length !== b.length) return Math.min(a.length, b.length);
-  for (let i = 0; i < a.length; i++) if (!Object.is(a[i], b[i])) return i;
-  return -1;
-}
-
-function tempDir(t: Test): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-brats-'));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  return dir;
-}
 
 /** Copies a case folder so a test can break it without touching the shared fixture. */
 function copyCase(c: BratsCase, root: string): BratsCase {

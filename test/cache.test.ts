@@ -1,7 +1,7 @@
 // The BraTS cache: float16 conversion, round trip of a prepared case, incremental and
 // resumable preparation, settings checks.
 
-import t, { Test } from 'tap';
+import t from 'tap';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
@@ -23,21 +23,9 @@ import {
   withCacheLock,
 } from '../src/data/cache';
 import { Rng } from '../src/data/random';
+import { firstDifference, tempDir } from './helpers/files';
 
 const SIZE: [number, number, number] = [48, 48, 32];
-
-/** Index of the first difference between two arrays, -1 when equal (tap's deep diff is far too slow on big typed arrays). */
-function firstDifference(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  if (a.length !== b.length) return Math.min(a.length, b.length);
-  for (let i = 0; i < a.length; i++) if (!Object.is(a[i], b[i])) return i;
-  return -1;
-}
-
-function tempDir(t: Test): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-cache-'));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  return dir;
-}
 
 /** Three phantom cases shared by the tests below (read-only). */
 let dataDir = '';

@@ -2,18 +2,12 @@
 // and most image tools write), intensity images passed by mistake, NIfTI raters on
 // different grids or with a 4th axis, and multi-label maps given to binary STAPLE.
 import * as fs from 'fs';
-import * as os from 'os';
 import * as path from 'path';
-import t, { type Test } from 'tap';
+import t from 'tap';
 import { cliHelp, runCli } from './helpers/cli';
 import { readPng, writePng } from '../src/data/png';
 import { readNifti, writeNifti, type Matrix4 } from '../src/data/nifti';
-
-function tempDir(t: Test): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-fuse-cli-'));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  return dir;
-}
+import { tempDir } from './helpers/files';
 
 /** Writes one 4x2 gray PNG per map; returns the file names. */
 async function pngs(dir: string, maps: number[][], prefix = 'r'): Promise<string[]> {

@@ -27,16 +27,11 @@ import {
   writeNifti,
   writeNiftiSync,
 } from '../src/data/nifti';
+import { tempDir } from './helpers/files';
 import { missingPythonModules, runPythonJson } from './helpers/python';
 
 // ---------------------------------------------------------------------------
 // Helpers
-
-function tempDir(t: Tap): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-nifti-'));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  return dir;
-}
 
 type Tap = Test;
 

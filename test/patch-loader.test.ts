@@ -10,13 +10,7 @@ import { writeBratsPhantoms } from '../src/data/brats-phantom';
 import { type CachedCase, prepareCache, readCachedCase, readCacheIndex } from '../src/data/cache';
 import { writeNifti, type Matrix4 } from '../src/data/nifti';
 import { type PatchBatch, PatchLoader, PatchSampler, resolveSamplingSettings } from '../src/data/patch-loader';
-
-/** Index of the first difference between two arrays, -1 when equal (tap's deep diff is far too slow on big typed arrays). */
-function firstDifference(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  if (a.length !== b.length) return Math.min(a.length, b.length);
-  for (let i = 0; i < a.length; i++) if (!Object.is(a[i], b[i])) return i;
-  return -1;
-}
+import { firstDifference } from './helpers/files';
 
 function tempDir(): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-patches-'));

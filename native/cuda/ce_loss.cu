@@ -5,7 +5,8 @@
 //
 // Hard labels: count the labelled pixels (integer atomics: order-free), then one
 // thread per pixel writes d/d logits and adds -log p[c] into a per-block double sum;
-// the blocks' sums are added in index order. Soft targets need no count.
+// the blocks' sums are added in index order. Soft targets likewise, counting the pixels
+// whose row has a nonzero entry.
 #include "common.cuh"
 
 namespace cmseg {
@@ -20,6 +21,22 @@ __global__ void count_labelled_kernel(const uint8_t* __restrict__ labels, int64_
   double c = 0;
   for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < total; k += (int64_t)gridDim.x * blockDim.x)
     c += labels[k] != kUnlabelled;
+  c = block_sum(c, scratch);
+  if (threadIdx.x == 0 && c > 0) atomicAdd(count, (unsigned long long)c);
+}
+
+__global__ void count_soft_labelled_kernel(const float* __restrict__ target, int n, int L, int64_t V,
+                                           unsigned long long* __restrict__ count) {
+  __shared__ double scratch[32];
+  const int64_t total = (int64_t)n * V;
+  double c = 0;
+  for (int64_t pix = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; pix < total;
+       pix += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t i = pix / V, v = pix - i * V;
+    bool any = false;
+    for (int k = 0; k < L; ++k) any = any || target[(i * L + k) * V + v] != 0.f;
+    c += any;
+  }
   c = block_sum(c, scratch);
   if (threadIdx.x == 0 && c > 0) atomicAdd(count, (unsigned long long)c);
 }
@@ -82,9 +99,11 @@ __global__ void __launch_bounds__(kThreads) ce_hard_kernel(const float* __restri
 template <int CAP>
 __global__ void __launch_bounds__(kThreads) ce_soft_kernel(const float* __restrict__ logits,
                                                            const float* __restrict__ target, int n, int L, int64_t V,
-                                                           float w, float* __restrict__ d_logits,
-                                                           double* __restrict__ partial) {
+                                                           const unsigned long long* __restrict__ count,
+                                                           float* __restrict__ d_logits, double* __restrict__ partial) {
   __shared__ double scratch[32];
+  const unsigned long long cnt = *count;
+  const float w = (float)(cnt ? 1.0 / (double)cnt : 0.0);
   const int64_t total = (int64_t)n * V;
   double acc = 0;
   for (int64_t pix = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; pix < total;
@@ -111,20 +130,41 @@ __global__ void __launch_bounds__(kThreads) ce_soft_kernel(const float* __restri
   if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 
-// out = scale * sum of the blocks' sums in index order; scale from the count when
-// `count` is set (hard labels), else the given one.
+// out = the sum of the blocks' sums in index order / count (0 when nothing is labelled).
 __global__ void ce_finish_kernel(const double* __restrict__ partial, int blocks,
-                                 const unsigned long long* __restrict__ count, double scale, double* __restrict__ out) {
+                                 const unsigned long long* __restrict__ count, double* __restrict__ out) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
   double s = 0;
   for (int b = 0; b < blocks; ++b) s += partial[b];
-  if (count) scale = *count ? 1.0 / (double)*count : 0.0;
-  *out = s * scale;
+  *out = s * (*count ? 1.0 / (double)*count : 0.0);
 }
 
 void check(const char* what, int n, int L, int64_t V) {
   if (L < 2 || L > kMaxClasses) fail(what, ": classes must be in 2..", kMaxClasses, ", got ", L);
   if (n < 1 || V < 1) fail(what, ": empty batch (n ", n, ", V ", V, ")");
+}
+
+// The launches both losses share: count the labelled pixels, one thread per pixel
+// (count_pixels(grid, stream, count) and per_pixel(grid, stream, count, partial) launch
+// the kernels), then the ordered sum. The loss comes back to the host.
+template <class CountPixels, class PerPixel>
+double run_loss(Context& ctx, int64_t total, CountPixels count_pixels, PerPixel per_pixel) {
+  cudaStream_t st = stream_of(ctx);
+  Context::Impl& im = ctx.impl();
+  Buffer<unsigned long long> count(ctx, 1);
+  Buffer<double> result(ctx, 1);
+  count.zero();
+  count_pixels(im.grid_for(total, 256, 4), st, count.data());
+  CMSEG_CUDA_LAUNCHED("plain CE count");
+  const int grid = im.grid_for(total, kThreads, 8);
+  Buffer<double> partial(ctx, (size_t)grid);
+  per_pixel(grid, st, count.data(), partial.data());
+  CMSEG_CUDA_LAUNCHED("plain CE main");
+  ce_finish_kernel<<<1, 1, 0, st>>>(partial.data(), grid, count.data(), result.data());
+  CMSEG_CUDA_LAUNCHED("plain CE finish");
+  double loss = 0;
+  result.download(&loss);  // waits for the stream
+  return loss;
 }
 
 }  // namespace
@@ -133,53 +173,37 @@ double ce_loss_hard(Context& ctx, const float* logits, const uint8_t* labels, in
                     float* d_logits) {
   ProfileScope prof_(ctx, "ce_loss_hard");
   check("ce_loss_hard", n, L, V);
-  cudaStream_t st = stream_of(ctx);
-  Context::Impl& im = ctx.impl();
   const int64_t total = (int64_t)n * V;
-  Buffer<unsigned long long> count(ctx, 1);
-  Buffer<double> result(ctx, 1);
-  count.zero();
-  count_labelled_kernel<<<im.grid_for(total, 256, 4), 256, 0, st>>>(labels, total, count.data());
-  CMSEG_CUDA_LAUNCHED("ce_loss_hard count");
-  const int grid = im.grid_for(total, kThreads, 8);
-  Buffer<double> partial(ctx, (size_t)grid);
-  if (L <= 2)
-    ce_hard_kernel<2><<<grid, kThreads, 0, st>>>(logits, labels, n, L, V, count.data(), d_logits, partial.data());
-  else if (L <= 4)
-    ce_hard_kernel<4><<<grid, kThreads, 0, st>>>(logits, labels, n, L, V, count.data(), d_logits, partial.data());
-  else
-    ce_hard_kernel<kMaxClasses><<<grid, kThreads, 0, st>>>(logits, labels, n, L, V, count.data(), d_logits,
-                                                           partial.data());
-  CMSEG_CUDA_LAUNCHED("ce_loss_hard main");
-  ce_finish_kernel<<<1, 1, 0, st>>>(partial.data(), grid, count.data(), 0.0, result.data());
-  CMSEG_CUDA_LAUNCHED("ce_loss_hard finish");
-  double loss = 0;
-  result.download(&loss);  // waits for the stream
-  return loss;
+  auto count = [&](int grid, cudaStream_t st, unsigned long long* c) {
+    count_labelled_kernel<<<grid, 256, 0, st>>>(labels, total, c);
+  };
+  auto per_pixel = [&](int grid, cudaStream_t st, const unsigned long long* c, double* partial) {
+    if (L <= 2)
+      ce_hard_kernel<2><<<grid, kThreads, 0, st>>>(logits, labels, n, L, V, c, d_logits, partial);
+    else if (L <= 4)
+      ce_hard_kernel<4><<<grid, kThreads, 0, st>>>(logits, labels, n, L, V, c, d_logits, partial);
+    else
+      ce_hard_kernel<kMaxClasses><<<grid, kThreads, 0, st>>>(logits, labels, n, L, V, c, d_logits, partial);
+  };
+  return run_loss(ctx, total, count, per_pixel);
 }
 
 double ce_loss_soft(Context& ctx, const float* logits, const float* target, int n, int L, int64_t V,
                     float* d_logits) {
   ProfileScope prof_(ctx, "ce_loss_soft");
   check("ce_loss_soft", n, L, V);
-  cudaStream_t st = stream_of(ctx);
-  const int64_t total = (int64_t)n * V;
-  const double w = 1.0 / ((double)n * V);
-  const int grid = ctx.impl().grid_for(total, kThreads, 8);
-  Buffer<double> partial(ctx, (size_t)grid), result(ctx, 1);
-  if (L <= 2)
-    ce_soft_kernel<2><<<grid, kThreads, 0, st>>>(logits, target, n, L, V, (float)w, d_logits, partial.data());
-  else if (L <= 4)
-    ce_soft_kernel<4><<<grid, kThreads, 0, st>>>(logits, target, n, L, V, (float)w, d_logits, partial.data());
-  else
-    ce_soft_kernel<kMaxClasses><<<grid, kThreads, 0, st>>>(logits, target, n, L, V, (float)w, d_logits,
-                                                           partial.data());
-  CMSEG_CUDA_LAUNCHED("ce_loss_soft main");
-  ce_finish_kernel<<<1, 1, 0, st>>>(partial.data(), grid, nullptr, w, result.data());
-  CMSEG_CUDA_LAUNCHED("ce_loss_soft finish");
-  double loss = 0;
-  result.download(&loss);
-  return loss;
+  auto count = [&](int grid, cudaStream_t st, unsigned long long* c) {
+    count_soft_labelled_kernel<<<grid, 256, 0, st>>>(target, n, L, V, c);
+  };
+  auto per_pixel = [&](int grid, cudaStream_t st, const unsigned long long* c, double* partial) {
+    if (L <= 2)
+      ce_soft_kernel<2><<<grid, kThreads, 0, st>>>(logits, target, n, L, V, c, d_logits, partial);
+    else if (L <= 4)
+      ce_soft_kernel<4><<<grid, kThreads, 0, st>>>(logits, target, n, L, V, c, d_logits, partial);
+    else
+      ce_soft_kernel<kMaxClasses><<<grid, kThreads, 0, st>>>(logits, target, n, L, V, c, d_logits, partial);
+  };
+  return run_loss(ctx, (int64_t)n * V, count, per_pixel);
 }
 
 }  // namespace cuda

@@ -71,29 +71,7 @@ Context::Context(const ContextOptions& options) : impl_(new Impl) {
   if (!available()) throw Error(str("no CUDA device: ", unavailable_reason()));
   Impl& m = *impl_;
   m.options = options;
-  if (const char* b = std::getenv("CMSEG_CUDNN_BENCHMARK"); b && *b) m.options.conv_benchmark = std::string(b) != "0";
-  if (const char* mb = std::getenv("CMSEG_CUDNN_WORKSPACE_MB"); mb && *mb)
-    m.options.max_workspace_bytes = (size_t)std::strtoull(mb, nullptr, 10) << 20;
-  if (const char* u = std::getenv("CMSEG_UPCONV"); u && *u) {
-    const std::string v = u;
-    bool known = false;
-    for (UpconvPath p : {UpconvPath::Gemm, UpconvPath::Cudnn, UpconvPath::CudnnChannelsLast})
-      if (v == upconv_path_name(p)) m.options.upconv = p, known = true;
-    if (!known) throw Error(str("CMSEG_UPCONV must be gemm, cudnn or cudnn-cl, not '", v, "'"));
-  }
-  if (const char* c = std::getenv("CMSEG_CONV_CHANNELS_LAST"); c && *c)
-    m.options.conv_channels_last = std::string(c) != "0";
-  if (const char* g = std::getenv("CMSEG_CUDNN_GRAPH"); g && *g) m.options.conv_graph = std::string(g) != "0";
-  if (const char* a = std::getenv("CMSEG_CONV_AUTOTUNE"); a && *a) m.options.conv_autotune = std::string(a) != "0";
-  if (const char* v = std::getenv("CMSEG_CONV_OVERLAP"); v && *v) m.options.conv_overlap = std::string(v) != "0";
-  if (const char* v = std::getenv("CMSEG_CONCAT_IN_PLACE"); v && *v) m.options.concat_in_place = std::string(v) != "0";
-  if (const char* v = std::getenv("CMSEG_CONV_WGRAD"); v && *v && !wgrad_path_of(v, m.options.conv_wgrad))
-    throw Error(str("CMSEG_CONV_WGRAD must be cudnn, own or auto, not '", v, "'"));
-  if (const char* v = std::getenv("CMSEG_HEADS_WGRAD"); v && *v) {
-    const std::string h = v;
-    if (h != "fused" && h != "cublas") throw Error(str("CMSEG_HEADS_WGRAD must be fused or cublas, not '", h, "'"));
-    m.options.heads_fused_weight_grad = h == "fused";
-  }
+  apply_environment(m.options);
   const int dev = options.device;
   if (dev < 0 || dev >= probe().devices)
     throw Error(str("CUDA device ", dev, " does not exist (", probe().devices, " found)"));
@@ -182,19 +160,7 @@ void Context::profile_step_end() {
   p.open_step = nullptr;
 }
 void Context::make_current() { CMSEG_CUDA(cudaSetDevice(impl_->options.device)); }
-void Context::set_tf32(bool on) { impl_->options.tf32 = on; }
-void Context::set_conv_channels_last(bool on) { impl_->options.conv_channels_last = on; }
-void Context::set_conv_graph(bool on) { impl_->options.conv_graph = on; }
-void Context::set_conv_autotune(bool on) { impl_->options.conv_autotune = on; }
-void Context::set_conv_overlap(bool on) { impl_->options.conv_overlap = on; }
-void Context::set_heads_fused_weight_grad(bool on) { impl_->options.heads_fused_weight_grad = on; }
-void Context::set_concat_in_place(bool on) { impl_->options.concat_in_place = on; }
-void Context::set_conv_wgrad(WgradPath path) { impl_->options.conv_wgrad = path; }
-void Context::set_bf16(bool on) { impl_->options.bf16 = on; }
-void Context::set_upconv(UpconvPath path, size_t chunk_bytes) {
-  impl_->options.upconv = path;
-  impl_->options.upconv_chunk_bytes = chunk_bytes;
-}
+ContextOptions& Context::options_ref() { return impl_->options; }
 int Context::device() const { return impl_->options.device; }
 void* Context::stream_handle() const { return impl_->stream; }
 

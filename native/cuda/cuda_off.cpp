@@ -30,16 +30,7 @@ void Context::stage_end(int) { off(); }
 void Context::stage_release(int) noexcept {}
 void Context::stage_abort(int) noexcept {}
 void Context::stage_after_alloc() { off(); }
-void Context::set_tf32(bool) { off(); }
-void Context::set_conv_channels_last(bool) { off(); }
-void Context::set_conv_graph(bool) { off(); }
-void Context::set_conv_autotune(bool) { off(); }
-void Context::set_conv_overlap(bool) { off(); }
-void Context::set_heads_fused_weight_grad(bool) { off(); }
-void Context::set_concat_in_place(bool) { off(); }
-void Context::set_conv_wgrad(WgradPath) { off(); }
-void Context::set_bf16(bool) { off(); }
-void Context::set_upconv(UpconvPath, size_t) { off(); }
+ContextOptions& Context::options_ref() { off(); }
 int Context::device() const { off(); }
 void* Context::alloc(size_t) { off(); }
 void Context::free(void*) { off(); }

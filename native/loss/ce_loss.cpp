@@ -23,6 +23,18 @@ inline void log_softmax(const float* z, int64_t V, int L, float* lp, float* p) {
   }
 }
 
+// Pixels whose soft row has a nonzero entry (labelled by someone).
+int64_t soft_labelled(const float* target, int n, int L, int64_t V) {
+  int64_t count = 0;
+  for (int i = 0; i < n; ++i)
+    for (int64_t v = 0; v < V; ++v) {
+      bool any = false;
+      for (int k = 0; k < L; ++k) any = any || target[((int64_t)i * L + k) * V + v] != 0.f;
+      count += any;
+    }
+  return count;
+}
+
 }  // namespace
 
 double ce_loss_hard(const float* logits, const uint8_t* labels, int n, int L, int64_t V, float* d_logits) {
@@ -52,7 +64,8 @@ double ce_loss_hard(const float* logits, const uint8_t* labels, int n, int L, in
 }
 
 double ce_loss_soft(const float* logits, const float* target, int n, int L, int64_t V, float* d_logits) {
-  const double w = 1.0 / ((double)n * V);
+  const int64_t count = soft_labelled(target, n, L, V);
+  const double w = count ? 1.0 / count : 0.0;
   std::vector<double> part(static_parts(n), 0.0);
   parallel_for_static(n, [&](int64_t i, int thread) {
     float lp[kMaxClasses], p[kMaxClasses];

@@ -215,6 +215,41 @@ TEST(gradient_in_place_of_raw_channels) {
   }
 }
 
+// Hand-computed plain cross-entropy with an unlabelled pixel: both forms are the mean
+// over labelled pixels, so one-hot rows (a row of zeros where nobody labelled) give the
+// hard labels' loss, and a fractional row weights the two classes' -log p.
+TEST(plain_cross_entropy_by_hand) {
+  const int n = 1, L = 2;
+  const int64_t V = 3;
+  const std::vector<float> z = {0.f, 1.f, -2.f,   // class 0 logits of the three pixels
+                                1.f, 1.f, 0.5f};  // class 1
+  auto log_p = [&](int k, int v) {  // log softmax, in double
+    const double a = z[v], b = z[V + v];
+    return (k == 0 ? a : b) - std::log(std::exp(a) + std::exp(b));
+  };
+  const std::vector<uint8_t> lab = {0, kUnlabelled, 1};
+  const double want = -(log_p(0, 0) + log_p(1, 2)) / 2;
+  std::vector<float> dh(z.size(), 9.f), ds(z.size(), 9.f);
+  CHECK_CLOSE(ce_loss_hard(z.data(), lab.data(), n, L, V, dh.data()), want, 1e-6, 0);
+  const std::vector<float> one_hot = {1.f, 0.f, 0.f, 0.f, 0.f, 1.f};
+  CHECK_CLOSE(ce_loss_soft(z.data(), one_hot.data(), n, L, V, ds.data()), want, 1e-6, 0);
+  // d/dz = (p - t) / |labelled|, zero at the unlabelled pixel.
+  for (int k = 0; k < L; ++k)
+    for (int v = 0; v < V; ++v) {
+      const double t = v == 1 ? 0.0 : (v == 0 ? k == 0 : k == 1);
+      const double g = v == 1 ? 0.0 : (std::exp(log_p(k, v)) - t) / 2;
+      CHECK_CLOSE(dh[k * V + v], g, 1e-5, 1e-7);
+      CHECK_CLOSE(ds[k * V + v], g, 1e-5, 1e-7);
+    }
+  const std::vector<float> soft = {0.25f, 0.f, 0.f, 0.75f, 0.f, 1.f};
+  const double want_soft = -(0.25 * log_p(0, 0) + 0.75 * log_p(1, 0) + log_p(1, 2)) / 2;
+  CHECK_CLOSE(ce_loss_soft(z.data(), soft.data(), n, L, V, nullptr), want_soft, 1e-6, 0);
+  // Nobody labelled anything: 0 and zero gradients.
+  const std::vector<float> none(z.size(), 0.f);
+  CHECK(ce_loss_soft(z.data(), none.data(), n, L, V, ds.data()) == 0.0);
+  for (float g : ds) CHECK(g == 0.f);
+}
+
 TEST(plain_cross_entropy_gradients) {
   const int n = 2, L = 3;
   const int64_t V = 6;

@@ -1067,6 +1067,7 @@ void ce_case(int n, int L, int64_t V) {
   std::vector<float> t((size_t)n * L * V);
   for (int i = 0; i < n; ++i)
     for (int64_t v = 0; v < V; ++v) {
+      if (lab[(size_t)i * V + v] == kUnlabelled) continue;  // a row of zeros: nobody labelled it
       float s = 0;
       for (int k = 0; k < L; ++k) s += (t[((size_t)i * L + k) * V + v] = (float)(g() % 50 + 1));
       for (int k = 0; k < L; ++k) t[((size_t)i * L + k) * V + v] /= s;

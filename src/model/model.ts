@@ -13,9 +13,12 @@ export interface Batch {
   labels?: Uint8Array | Uint8Array[];
   /** presence mask [N, R]: 0 where annotator r did not label image n at all. */
   present?: Uint8Array;
-  /** Plain cross-entropy on this single label map instead of the CM loss (naive / oracle). */
+  /** Plain cross-entropy on this single label map instead of the CM loss (naive / oracle): the mean over pixels != 255. */
   target?: Uint8Array;
-  /** Plain cross-entropy on soft labels [N, L, *S] (naive on mean labels). */
+  /**
+   * Plain cross-entropy on soft labels [N, L, *S] (naive on mean labels): each pixel's row sums to 1, or is all
+   * zeros where nobody labelled it; the mean over labelled pixels, as with `target`.
+   */
   softTarget?: Float32Array;
 }
 

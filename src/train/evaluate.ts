@@ -28,20 +28,10 @@ import { gatherBatch, voxelsOf } from './data';
 export type InferenceModel = SlidingWindowModel;
 
 /** A SegmentationReport without the per-image arrays: what logs and JSON files hold. */
-export interface EvaluationSummary {
+export interface EvaluationSummary extends Omit<SegmentationReport, 'perImage'> {
   /** What the consensus figures compare with; absent: the expert consensus. */
   reference?: 'majority vote';
-  images: number;
-  classes: number;
   annotatorNames: string[];
-  dicePerClass: MeanStd[];
-  averageDice: MeanStd;
-  totalDice: MeanStd;
-  cmError?: MeanStd;
-  cmErrorPerAnnotator?: MeanStd[];
-  incompetence?: number[];
-  reliability?: number[];
-  ged?: MeanStd;
   /** BraTS volumes: region Dice (WT, TC, ET) and tumour-class Dice, mean +- std over volumes. */
   brats?: { regions: Record<BratsRegion, MeanStd>; classes: Record<BratsClassName, MeanStd> };
   /** Whole volumes: the figures of each one, in the order scored. */

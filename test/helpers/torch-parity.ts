@@ -15,6 +15,10 @@ export interface ParityInputs {
   shape: number[];
   labels: Uint8Array[]; // one [N, *S] map per annotator
   present: Uint8Array; // [N, R]
+  /** Plain cross-entropy too (plainCe, plainGrad.*): hard labels [N, *S] (255: unlabelled)... */
+  target?: Uint8Array;
+  /** ...or soft targets [N, L, *S]. */
+  softTarget?: Float32Array;
 }
 
 export type TorchResult = Record<string, { data: SafeArray; shape: number[] }>;
@@ -33,6 +37,8 @@ export async function runTorchReference(model: Model, inputs: ParityInputs, step
     tensors.images = { data: inputs.images, shape: inputs.shape };
     tensors.labels = { data: labels, shape: [R, n, ...spatial] };
     tensors.present = { data: inputs.present, shape: [n, R] };
+    if (inputs.target) tensors.target = { data: inputs.target, shape: [n, ...spatial] };
+    if (inputs.softTarget) tensors.softTarget = { data: inputs.softTarget, shape: [n, model.config.classes, ...spatial] };
     const caseFile = path.join(dir, 'case.safetensors');
     const outFile = path.join(dir, 'result.safetensors');
     await writeSafetensors(caseFile, tensors, {

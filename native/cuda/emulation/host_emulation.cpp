@@ -41,11 +41,7 @@ struct Context::Impl {
 };
 Context::Context(const ContextOptions& o) : impl_(new Impl) {
   impl_->options = o;
-  if (const char* c = std::getenv("CMSEG_CONV_CHANNELS_LAST"); c && *c)  // as context.cu
-    impl_->options.conv_channels_last = std::string(c) != "0";
-  if (const char* c = std::getenv("CMSEG_CONCAT_IN_PLACE"); c && *c) impl_->options.concat_in_place = std::string(c) != "0";
-  if (const char* c = std::getenv("CMSEG_CONV_WGRAD"); c && *c)  // as context.cu (unknown names: cuDNN's)
-    wgrad_path_of(c, impl_->options.conv_wgrad);
+  apply_environment(impl_->options);  // as context.cu
 }
 Context::~Context() { for (auto& kv : impl_->sizes) std::free(kv.first); }
 const ContextOptions& Context::options() const { return impl_->options; }
@@ -61,19 +57,7 @@ void Context::stage_end(int) {}
 void Context::stage_release(int) noexcept {}
 void Context::stage_abort(int) noexcept {}
 void Context::stage_after_alloc() {}
-void Context::set_tf32(bool on) { impl_->options.tf32 = on; }
-void Context::set_conv_channels_last(bool on) { impl_->options.conv_channels_last = on; }
-void Context::set_conv_graph(bool on) { impl_->options.conv_graph = on; }
-void Context::set_conv_autotune(bool on) { impl_->options.conv_autotune = on; }
-void Context::set_conv_overlap(bool on) { impl_->options.conv_overlap = on; }
-void Context::set_heads_fused_weight_grad(bool on) { impl_->options.heads_fused_weight_grad = on; }
-void Context::set_concat_in_place(bool on) { impl_->options.concat_in_place = on; }
-void Context::set_conv_wgrad(WgradPath path) { impl_->options.conv_wgrad = path; }
-void Context::set_bf16(bool on) { impl_->options.bf16 = on; }
-void Context::set_upconv(UpconvPath path, size_t chunk_bytes) {
-  impl_->options.upconv = path;
-  impl_->options.upconv_chunk_bytes = chunk_bytes;
-}
+ContextOptions& Context::options_ref() { return impl_->options; }
 int Context::device() const { return 0; }
 void* Context::alloc(size_t bytes) {
   if (!bytes) return nullptr;

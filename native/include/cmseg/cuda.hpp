@@ -12,6 +12,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <cstdint>
 #include <functional>
@@ -141,6 +142,39 @@ struct ContextOptions {
   size_t memory_limit_bytes = 0;
 };
 
+// The CMSEG_* variables of the environment over `o` (each named at its option above):
+// how the device check and the benchmarks switch paths without a rebuild. A value that
+// names no path is an error, not silently the default.
+inline void apply_environment(ContextOptions& o) {
+  auto var = [](const char* name) -> const char* {
+    const char* v = std::getenv(name);
+    return v && *v ? v : nullptr;
+  };
+  auto flag = [&](const char* name, bool& out) {
+    if (const char* v = var(name)) out = std::string(v) != "0";
+  };
+  flag("CMSEG_CUDNN_BENCHMARK", o.conv_benchmark);
+  flag("CMSEG_CONV_CHANNELS_LAST", o.conv_channels_last);
+  flag("CMSEG_CUDNN_GRAPH", o.conv_graph);
+  flag("CMSEG_CONV_AUTOTUNE", o.conv_autotune);
+  flag("CMSEG_CONV_OVERLAP", o.conv_overlap);
+  flag("CMSEG_CONCAT_IN_PLACE", o.concat_in_place);
+  if (const char* mb = var("CMSEG_CUDNN_WORKSPACE_MB")) o.max_workspace_bytes = (size_t)std::strtoull(mb, nullptr, 10) << 20;
+  if (const char* v = var("CMSEG_UPCONV")) {
+    bool known = false;
+    for (UpconvPath p : {UpconvPath::Gemm, UpconvPath::Cudnn, UpconvPath::CudnnChannelsLast})
+      if (std::string(v) == upconv_path_name(p)) o.upconv = p, known = true;
+    if (!known) throw Error(str("CMSEG_UPCONV must be gemm, cudnn or cudnn-cl, not '", v, "'"));
+  }
+  if (const char* v = var("CMSEG_CONV_WGRAD"); v && !wgrad_path_of(v, o.conv_wgrad))
+    throw Error(str("CMSEG_CONV_WGRAD must be cudnn, own or auto, not '", v, "'"));
+  if (const char* v = var("CMSEG_HEADS_WGRAD")) {
+    const std::string h = v;
+    if (h != "fused" && h != "cublas") throw Error(str("CMSEG_HEADS_WGRAD must be fused or cublas, not '", h, "'"));
+    o.heads_fused_weight_grad = h == "fused";
+  }
+}
+
 // Whether the options send a conv3 filter gradient of this many spatial dimensions to
 // our own kernel (ContextOptions::conv_wgrad, 3D TF32 without bf16), before asking the
 // device whether it can run it (and, with Auto, timing it per shape).
@@ -193,16 +227,20 @@ class Context {
   // device is per thread, and a model's work runs on whichever thread calls it
   // (Node's worker pool), so every entry point of ModelGpu calls this first.
   void make_current();
-  void set_tf32(bool on);
-  void set_conv_channels_last(bool on);
-  void set_conv_graph(bool on);
-  void set_conv_autotune(bool on);
-  void set_conv_overlap(bool on);
-  void set_heads_fused_weight_grad(bool on);
-  void set_concat_in_place(bool on);
-  void set_conv_wgrad(WgradPath path);
-  void set_bf16(bool on);
-  void set_upconv(UpconvPath path, size_t chunk_bytes = 0);
+  // Options that may change between calls (the tests and the benchmarks switch paths).
+  void set_tf32(bool on) { options_ref().tf32 = on; }
+  void set_conv_channels_last(bool on) { options_ref().conv_channels_last = on; }
+  void set_conv_graph(bool on) { options_ref().conv_graph = on; }
+  void set_conv_autotune(bool on) { options_ref().conv_autotune = on; }
+  void set_conv_overlap(bool on) { options_ref().conv_overlap = on; }
+  void set_heads_fused_weight_grad(bool on) { options_ref().heads_fused_weight_grad = on; }
+  void set_concat_in_place(bool on) { options_ref().concat_in_place = on; }
+  void set_conv_wgrad(WgradPath path) { options_ref().conv_wgrad = path; }
+  void set_bf16(bool on) { options_ref().bf16 = on; }
+  void set_upconv(UpconvPath path, size_t chunk_bytes = 0) {
+    options_ref().upconv = path;
+    options_ref().upconv_chunk_bytes = chunk_bytes;
+  }
   int device() const;
 
   // Stream-ordered allocation from the device's memory pool (cudaMallocAsync).
@@ -280,6 +318,8 @@ class Context {
   Impl& impl() { return *impl_; }
 
  private:
+  // The options held in Impl (each backend's: context.cu, the host emulation, cuda_off.cpp).
+  ContextOptions& options_ref();
   std::unique_ptr<Impl> impl_;
 };
 

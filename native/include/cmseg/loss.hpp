@@ -49,8 +49,11 @@ void cm_loss(const CmLossInput& in, CmLossOutput& out);
 void cm_from_raw(CmMode mode, int L, int rank, const float* raw, int64_t stride, float* A);
 
 // Plain cross-entropy on the consensus logits, for the `naive` and `oracle` methods:
-// hard labels ([n, V], 255 ignored, mean over labelled pixels) or soft targets ([n, L, V],
-// mean over all pixels). Returns the loss; writes d_logits when non-null.
+// hard labels ([n, V], 255 ignored) or soft targets ([n, L, V], each pixel's row a
+// distribution, or all zeros where nobody labelled it), both the mean over labelled
+// pixels (a soft row with a nonzero entry counts), so that the same labels as one-hot
+// rows give the same loss as hard labels. No labelled pixel: loss 0, gradients 0.
+// Returns the loss; writes d_logits when non-null.
 double ce_loss_hard(const float* logits, const uint8_t* labels, int n, int L, int64_t V, float* d_logits);
 double ce_loss_soft(const float* logits, const float* target, int n, int L, int64_t V, float* d_logits);
 

@@ -139,6 +139,74 @@ t.test('Gaussian importance map', async (t) => {
   t.equal(even[3 * 8 + 3], even[4 * 8 + 4], 'even patch: the four central voxels share the maximum');
 });
 
+// A model whose output depends on where a voxel sits in its window (not on the image),
+// so overlapping windows disagree and only the right weights give the right blend.
+class PositionModel implements SlidingWindowModel {
+  constructor(
+    readonly config: SlidingWindowModel['config'],
+    readonly patch: [number, number, number],
+  ) {}
+  p0(z: number, y: number, x: number): number {
+    const [pd, ph, pw] = this.patch;
+    return 0.1 + 0.8 * ((z / pd + 2 * (y / ph) + 4 * (x / pw)) / 7);
+  }
+  async predict(_images: Float32Array, shape: number[]) {
+    const n = shape[0];
+    const [pd, ph, pw] = this.patch;
+    const Pv = pd * ph * pw;
+    const probs = new Float32Array(n * 2 * Pv);
+    for (let b = 0; b < n; b++)
+      for (let z = 0; z < pd; z++)
+        for (let y = 0; y < ph; y++)
+          for (let x = 0; x < pw; x++) {
+            const v = (z * ph + y) * pw + x;
+            probs[b * 2 * Pv + v] = this.p0(z, y, x);
+            probs[(b * 2 + 1) * Pv + v] = 1 - this.p0(z, y, x);
+          }
+    return { probs };
+  }
+}
+
+t.test('overlapping windows are blended with Gaussian weights (sigma = patch / 8, floor 1e-3)', async (t) => {
+  const patch: [number, number, number] = [8, 8, 8];
+  const extent = { d: 11, h: 13, w: 9 };
+  const model = new PositionModel({ classes: 2, annotators: 1, inChannels: 1, ndim: 3, depth: 2 }, patch);
+  const V = extent.d * extent.h * extent.w;
+  const result = await slidingWindowPredict(model, new Float32Array(V), extent, { patch, overlap: 0.5, batchSize: 4 });
+  // The weights written out here, from the formula: per axis exp(-((i - c) / sigma)^2 / 2)
+  // with c the window's centre and sigma = 8 / 8, the product over axes relative to the
+  // centre's, at least 1e-3. Windows start every 4 voxels or less, the last flush.
+  const g = (i: number) => Math.exp(-0.5 * ((i - 3.5) / 1) ** 2);
+  const weight = (z: number, y: number, x: number) => Math.max(1e-3, (g(z) * g(y) * g(x)) / g(3) ** 3);
+  const starts = { d: [0, 3], h: [0, 3, 5], w: [0, 1] };
+  let worst = 0;
+  let disagreeing = 0;
+  for (let vz = 0; vz < extent.d; vz++)
+    for (let vy = 0; vy < extent.h; vy++)
+      for (let vx = 0; vx < extent.w; vx++) {
+        let num = 0;
+        let den = 0;
+        const seen = new Set<number>();
+        for (const sz of starts.d)
+          for (const sy of starts.h)
+            for (const sx of starts.w) {
+              const [z, y, x] = [vz - sz, vy - sy, vx - sx];
+              if (z < 0 || z >= 8 || y < 0 || y >= 8 || x < 0 || x >= 8) continue;
+              num += weight(z, y, x) * model.p0(z, y, x);
+              den += weight(z, y, x);
+              seen.add(model.p0(z, y, x));
+            }
+        if (seen.size > 1) disagreeing++;
+        worst = Math.max(worst, Math.abs(result.probs[(vz * extent.h + vy) * extent.w + vx] - num / den));
+      }
+  t.equal(result.windows, 12, 'the 2 x 3 x 2 windows');
+  t.ok(disagreeing > V / 2, `windows disagree at ${disagreeing} of ${V} voxels`);
+  t.ok(worst < 1e-6, `blend equals the Gaussian-weighted mean (max diff ${worst.toExponential(2)})`);
+  // A plain (unweighted) mean would not pass: check that it differs.
+  const uniform = await slidingWindowPredict(model, new Float32Array(V), extent, { patch, overlap: 0.5, batchSize: 4, gaussianSigmaScale: 1e6 });
+  t.ok(maxAbsDiff(uniform.probs, result.probs) > 1e-2, 'a near-uniform weighting gives another blend');
+});
+
 t.test('3D stitching is exact for a volume not a multiple of the step', async (t) => {
   // d 11: starts 0, 3; h 13: 0, 2.5 -> 3 (rounded), 5; w 9: 0, 1 -> 2 * 3 * 2 = 12 windows
   await checkExact(t, 3, { d: 11, h: 13, w: 9 }, [8, 8, 8], 3, 12);

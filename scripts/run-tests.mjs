@@ -19,7 +19,7 @@ function run(cmd, args, env = {}) {
   return { code: r.status ?? 1, out: (r.stdout ?? '') + (r.stderr ?? '') };
 }
 
-// ---- native tests: each executable prints "# a passed, b failed"
+// ---- native tests: each executable prints "# a passed, b failed, c skipped"
 function nativeTests(dir, label, env = {}) {
   if (!existsSync(join(dir, 'CTestTestfile.cmake'))) {
     console.error(`native tests (${label}): ${dir} has no CTest file; run \`npm run build:native\` first`);
@@ -29,18 +29,22 @@ function nativeTests(dir, label, env = {}) {
   console.log(`== native tests: ${label}`);
   const { code, out } = run('ctest', ['--test-dir', dir, '--output-on-failure', '-V'], env);
   let cases = 0;
+  let skipped = 0;
   let exesWithFailures = 0;
-  for (const m of out.matchAll(/# (\d+) passed, (\d+) failed/g)) {
+  for (const m of out.matchAll(/# (\d+) passed, (\d+) failed(?:, (\d+) skipped)?/g)) {
     passed += Number(m[1]);
     failed += Number(m[2]);
+    skipped += Number(m[3] ?? 0);
     cases += Number(m[1]) + Number(m[2]);
     if (Number(m[2]) > 0) exesWithFailures += 1;
   }
+  // Skipped cases (a missing tool or device) are neither; each printed its reason.
+  for (const m of out.matchAll(/^(?:\d+: )?skip (\S+): (.*)$/gm)) console.log(`native (${label}): skipped ${m[1]}: ${m[2]}`);
   // An executable that crashed or timed out printed no summary of its own: count it as one failure.
   const ctestFailed = out.match(/(\d+) tests failed out of \d+/);
   const failedExes = ctestFailed ? Number(ctestFailed[1]) : code !== 0 ? 1 : 0;
   failed += Math.max(0, failedExes - exesWithFailures);
-  console.log(`native (${label}): ${cases} cases`);
+  console.log(`native (${label}): ${cases} cases${skipped ? `, ${skipped} skipped` : ''}`);
 }
 
 const cache = existsSync(join(buildDir, 'CMakeCache.txt')) ? readFileSync(join(buildDir, 'CMakeCache.txt'), 'utf8') : '';

@@ -626,7 +626,7 @@ TEST(conv3_own_filter_grad_matches_cpu) {
   OptionsGuard guard;
   std::printf("  -- conv3's filter gradient through our own TF32 kernel\n");
   if (!own_wgrad_supported()) {
-    std::printf("  SKIP: the own kernel cannot run on this GPU\n");
+    check::skip("the own filter-gradient kernel cannot run on this GPU");
     return;
   }
   own_filter_grad_case(1, 32, 32, {3, 4, 32});  // one patch, one run

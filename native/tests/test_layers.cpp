@@ -152,6 +152,16 @@ TEST(maxpool2_hand_case_and_gradient) {
   std::vector<uint8_t> a3(y3.size());
   auto r = check::random_vector(y3.size(), 31);
   maxpool2_forward(x3.data(), y3.data(), a3.data(), 3, s, 3);
+  // Each output is the largest of its 2x2x2 window, taken here directly.
+  for (int c = 0; c < 3; ++c)
+    for (int d = 0; d < so.d; ++d)
+      for (int h = 0; h < so.h; ++h)
+        for (int w = 0; w < so.w; ++w) {
+          float m = -1e30f;
+          for (int t = 0; t < 8; ++t)
+            m = std::max(m, x3[(((size_t)c * s.d + 2 * d + t / 4) * s.h + 2 * h + t / 2 % 2) * s.w + 2 * w + t % 2]);
+          CHECK(y3[(((size_t)c * so.d + d) * so.h + h) * so.w + w] == m);
+        }
   maxpool2_backward(r.data(), a3.data(), dx3.data(), 3, s, 3);
   fd_check("maxpool dx", x3, dx3, [&] {
     maxpool2_forward(x3.data(), y3.data(), a3.data(), 3, s, 3);
@@ -328,11 +338,16 @@ TEST(relu_concat_conv1_softmax_gradients) {
   auto z = check::random_vector(n * L * V, 59, -3.f, 3.f), rs = check::random_vector(n * L * V, 60);
   std::vector<float> p(z.size()), dp(rs), dz(z.size());
   softmax_forward(z.data(), p.data(), n, L, V);
-  for (int v = 0; v < V; ++v) {
-    double s = 0;
-    for (int k = 0; k < L; ++k) s += p[k * V + v];
-    CHECK_CLOSE(s, 1.0, 0, 1e-6);
-  }
+  // exp(z_k) / sum_j exp(z_j), in double, for every pixel of every image.
+  for (int i = 0; i < n; ++i)
+    for (int v = 0; v < V; ++v) {
+      double s = 0;
+      for (int k = 0; k < L; ++k) s += std::exp((double)z[((size_t)i * L + k) * V + v]);
+      for (int k = 0; k < L; ++k) {
+        const size_t e = ((size_t)i * L + k) * V + v;
+        CHECK_CLOSE(p[e], std::exp((double)z[e]) / s, 1e-6, 1e-7);
+      }
+    }
   softmax_backward(p.data(), dp.data(), dz.data(), n, L, V);
   fd_check("softmax dz", z, dz, [&] {
     softmax_forward(z.data(), p.data(), n, L, V);

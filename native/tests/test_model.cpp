@@ -62,6 +62,36 @@ Data make_data(const ModelConfig& c, int n, Spatial s, uint32_t seed) {
   return d;
 }
 
+// The whole tensor's gradient g against the loss's slope along it: moving every entry by
+// h * g / |g| changes the loss at the rate |g|. Entry by entry, a tensor whose gradients
+// are ~1e-3 sits under the float32 noise of the differences above (a bottleneck's
+// gradient twice too large would pass); along g the slope sums every entry's share.
+void directional_check(Model& m, const Batch& b, Param& p, const ModelConfig& c) {
+  double norm = 0;
+  for (int64_t i = 0; i < p.numel(); ++i) norm += (double)p.grad[i] * p.grad[i];
+  norm = std::sqrt(norm);
+  if (norm == 0) return;  // e.g. a bias under instance norm
+  const std::vector<float> keep = p.value;
+  // Small enough that few ReLU / max-pool kinks are crossed (at 1e-2, enc.0's norm
+  // parameters, which shift every full-resolution voxel of a channel, were 20-30% off),
+  // large enough that float32 rounding of the loss stays ~1e-4 of the slope.
+  const double h = 1e-3;
+  auto loss_at = [&](double t) {
+    for (int64_t i = 0; i < p.numel(); ++i) p.value[i] = (float)(keep[i] + t * p.grad[i] / norm);
+    return m.evaluate(b).loss;
+  };
+  const double up = loss_at(h), mid = loss_at(0), down = loss_at(-h);
+  p.value = keep;
+  const double central = (up - down) / (2 * h), right = (up - mid) / h, left = (mid - down) / h;
+  const double tol = 0.1;  // a gradient off by a factor (the worry above) is off by 50% or more
+  if (!check::close(central, norm, tol, 1e-5) && !check::close(right, norm, tol, 1e-5) &&
+      !check::close(left, norm, tol, 1e-5)) {
+    std::printf("  %s %dD: %s: |g| %.6e but the loss's slope along g is %.6e (left %.6e, right %.6e)\n",
+                cm_mode_name(c.cm_mode), c.ndim, p.name.c_str(), norm, central, left, right);
+    ++check::failures();
+  }
+}
+
 void model_gradient_case(ModelConfig c, Spatial s) {
   Model m(c);
   m.loss.lambda = 0.05f;
@@ -97,6 +127,7 @@ void model_gradient_case(ModelConfig c, Spatial s) {
       for (size_t k = 0; k < std::min<size_t>(3, msgs.size()); ++k) std::printf("    %s\n", msgs[k].c_str());
       ++check::failures();
     }
+    directional_check(m, b, p, c);
   }
 }
 

@@ -194,6 +194,43 @@ TEST(identity_init_gives_diagonal_08) {
   }
 }
 
+// cmInit 'uniform': no bias towards the identity. Global CMs start exactly uniform
+// (raw 0 everywhere); the pixel-wise heads start from their default random
+// initialisation, so full CMs are columns of about 1/L each, with no diagonal lead, and
+// low-rank ones lead only by their own softplus(s) term.
+TEST(uniform_init_has_no_diagonal_bias) {
+  for (CmMode mode : {CmMode::Full, CmMode::LowRank, CmMode::Global}) {
+    ModelConfig c = small(2, mode);
+    c.cm_init = CmInit::Uniform;
+    Model m(c);
+    Data d = make_data(c, 1, {1, 4, 4}, 3);
+    std::vector<float> probs(3 * 16), cms(2 * 9 * 16), q(2 * 3 * 16);
+    m.predict(d.images.data(), 1, d.s, probs.data(), cms.data(), q.data());
+    double diag = 0, off = 0;
+    for (int r = 0; r < 2; ++r)
+      for (int v = 0; v < 16; ++v)
+        for (int j = 0; j < 3; ++j) {
+          double col = 0;
+          for (int i = 0; i < 3; ++i) {
+            const double a = cms[((size_t)r * 9 + i * 3 + j) * 16 + v];
+            col += a;
+            (i == j ? diag : off) += a;
+            if (mode == CmMode::Global) CHECK_CLOSE(a, 1.0 / 3, 1e-6, 0);
+          }
+          CHECK_CLOSE(col, 1.0, 1e-5, 0);
+        }
+    diag /= 2 * 16 * 3, off /= 2 * 16 * 6;
+    std::printf("  uniform init, %s: mean diagonal %.3f, mean off-diagonal %.3f\n", cm_mode_name(mode), diag, off);
+    if (mode == CmMode::LowRank) {
+      // softplus(s) [i == j] is part of the parametrisation: a lead, well short of 0.8.
+      CHECK(diag > 1.0 / 3 && diag < 0.6);
+    } else {
+      CHECK_CLOSE(diag, 1.0 / 3, 0, 0.1);
+      CHECK_CLOSE(off, 1.0 / 3, 0, 0.05);
+    }
+  }
+}
+
 TEST(model_gradients_full_2d) { model_gradient_case(small(2, CmMode::Full), {1, 8, 8}); }
 TEST(model_gradients_lowrank_2d) { model_gradient_case(small(2, CmMode::LowRank), {1, 8, 12}); }
 TEST(model_gradients_global_2d) { model_gradient_case(small(2, CmMode::Global), {1, 12, 8}); }
@@ -265,6 +302,31 @@ TEST(adam_and_adamw_first_steps_by_hand) {
   m2.optim.kind = OptimKind::AdamW, m2.optim.lr = 0.1f, m2.optim.weight_decay = 0.5f, m2.optim.eps = 0.f;
   m2.apply_optimizer();
   CHECK_CLOSE(p2.value[0], v0 * (1 - 0.05f) + 0.1f, 1e-6, 1e-6);
+}
+
+// Two Adam steps with other betas, L2 decay and different gradients: from the second step
+// on, the betas and the bias corrections shape the step (the first is lr * sign(g)).
+TEST(adam_two_steps_by_hand) {
+  Model m(small(2, CmMode::Global));
+  Param& p = *m.find("gcm.0");
+  const double w0 = p.value[0];
+  const double lr = 0.1, b1 = 0.8, b2 = 0.9, eps = 1e-3, wd = 0.25;
+  m.optim.lr = (float)lr, m.optim.beta1 = (float)b1, m.optim.beta2 = (float)b2, m.optim.eps = (float)eps;
+  m.optim.weight_decay = (float)wd;  // Adam: wd * w added to the gradient
+  double w = w0, mom = 0, vel = 0;
+  int t = 0;
+  for (double g : {0.5, -1.5}) {
+    for (auto& q : m.params()) std::fill(q.grad.begin(), q.grad.end(), 0.f);
+    p.grad[0] = (float)g;
+    m.apply_optimizer();
+    const double ge = g + wd * w;
+    ++t;
+    mom = b1 * mom + (1 - b1) * ge;
+    vel = b2 * vel + (1 - b2) * ge * ge;
+    w -= lr * (mom / (1 - std::pow(b1, t))) / (std::sqrt(vel / (1 - std::pow(b2, t))) + eps);
+    CHECK_CLOSE(p.value[0], w, 1e-5, 1e-6);
+  }
+  CHECK(std::fabs(w - w0) > 0.05);  // the steps moved it
 }
 
 static double overfit(ModelConfig c, Spatial s, int steps) {

@@ -210,6 +210,32 @@ t.test('CM error, incompetence and reliability by hand', async (t) => {
   close(t, softRes.errorPerImage[0], Math.sqrt(0.05), 'soft CM RMSE', 1e-6);
 });
 
+t.test('CM error and reliability with CMs that differ between voxels', async (t) => {
+  // One image, y = 0 0 1 1, a perfect annotator (T = I). A(v) = I at v0, v1 and all 0.5
+  // at v2, v3 ([N, R, L, L, V], entry (i, j) at channel i * L + j).
+  //   E column 0 averages the voxels with y = 0 (v0, v1): [1, 0]; column 1 those with
+  //   y = 1 (v2, v3): [0.5, 0.5]. E - T = [[0, 0.5], [0, -0.5]]: RMSE sqrt(0.5 / 4),
+  //   MAE 0.25. (Averaging every voxel would give 0.25, reading v0 alone 0.)
+  //   Reliability: mean of trace(A) / L = (1 + 1 + 0.5 + 0.5) / 4 = 0.75.
+  const V = 4;
+  const perVoxel = [
+    [1, 0, 0, 1],
+    [1, 0, 0, 1],
+    [0.5, 0.5, 0.5, 0.5],
+    [0.5, 0.5, 0.5, 0.5],
+  ];
+  const cms = new Float32Array(4 * V);
+  perVoxel.forEach((A, v) => A.forEach((a, k) => (cms[k * V + v] = a)));
+  const truth = u8(0, 0, 1, 1);
+  const res = cmEstimationError({ cms, truth, annotatorLabels: [u8(0, 0, 1, 1)], n: 1, classes: 2 });
+  close(t, res.errorPerImage[0], Math.sqrt(0.125), 'RMSE of the voxel-averaged E');
+  close(t, res.absoluteErrorPerImage[0], 0.25, 'MAE');
+  close(t, estimatedReliability(cms, 1, 1, 2)[0], 0.75, 'reliability averages every voxel');
+  const m = imageConfusionMatrices(cms, truth, u8(0, 0, 1, 1), 0, 0, { n: 1, annotators: 1, classes: 2 });
+  t.same(Array.from(m.estimatedMatrix), [1, 0.5, 0, 0.5], 'E itself');
+  t.same(Array.from(m.trueMatrix), [1, 0, 0, 1], 'T = I');
+});
+
 t.test('CM error skips absent annotators and 255 voxels', async (t) => {
   // R = 2, one image: y = 0 0 1 1.
   //   annotator 0: 0 255 1 255 -> only v0 (y 0 -> 0) and v2 (y 1 -> 1): T = identity, E = I -> 0

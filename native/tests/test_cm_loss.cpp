@@ -125,6 +125,29 @@ TEST(hand_computed_full_cm_single_pixel) {
   CHECK_CLOSE(A[3], 0.8, 1e-6, 0);
 }
 
+// SPEC section 4: CE uses log(max(q, 1e-12)). An annotator whose CM gives the observed
+// label no probability (row 1 of A ~ 4e-18 here) costs -log(1e-12) per pixel, not
+// infinity, and the clamp passes no gradient.
+TEST(cross_entropy_clamped_at_1e_12) {
+  std::vector<float> z = {0.3f, -0.2f};
+  // a = [[1, 1], [sp(-40), sp(-40)]]: A[1][j] = 4.2e-18 / (1 + 4.2e-18), so q[1] ~ 4e-18.
+  std::vector<float> raw = {inv_softplus(1), inv_softplus(1), -40.f, -40.f};
+  std::vector<uint8_t> lab = {1};
+  CmLossInput in;
+  in.n = 1, in.L = 2, in.R = 1, in.V = 1, in.mode = CmMode::Full, in.trace_weight = 0.f;
+  in.seg_logits = z.data();
+  in.cm_raw = {raw.data()};
+  in.labels = {lab.data()};
+  std::vector<float> dz(2, 7.f), draw(4, 7.f);
+  CmLossOutput out;
+  out.d_seg_logits = dz.data();
+  out.d_cm_raw = {draw.data()};
+  cm_loss(in, out);
+  CHECK_CLOSE(out.ce[0], -std::log(1e-12), 1e-5, 0);
+  for (float g : dz) CHECK(g == 0.f);
+  for (float g : draw) CHECK(g == 0.f);
+}
+
 TEST(identity_cms_reduce_to_plain_cross_entropy) {
   // softplus(30) = 30 and softplus(-30) ~ 1e-13: A is the identity to ~1e-14,
   // so with lambda = 0 each CE_r equals the plain CE of p on r's labels.

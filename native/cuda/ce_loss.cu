@@ -7,6 +7,8 @@
 // thread per pixel writes d/d logits and adds -log p[c] into a per-block double sum;
 // the blocks' sums are added in index order. Soft targets likewise, counting the pixels
 // whose row has a nonzero entry.
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace cmseg {
@@ -144,6 +146,18 @@ void check(const char* what, int n, int L, int64_t V) {
   if (n < 1 || V < 1) fail(what, ": empty batch (n ", n, ", V ", V, ")");
 }
 
+// f(std::integral_constant<int, CAP>{}) with the smallest of the kernels' class caps that
+// holds L (the per-pixel arrays are sized by it).
+template <class F>
+void with_class_cap(int L, F f) {
+  if (L <= 2)
+    f(std::integral_constant<int, 2>{});
+  else if (L <= 4)
+    f(std::integral_constant<int, 4>{});
+  else
+    f(std::integral_constant<int, kMaxClasses>{});
+}
+
 // The launches both losses share: count the labelled pixels, one thread per pixel
 // (count_pixels(grid, stream, count) and per_pixel(grid, stream, count, partial) launch
 // the kernels), then the ordered sum. The loss comes back to the host.
@@ -178,12 +192,9 @@ double ce_loss_hard(Context& ctx, const float* logits, const uint8_t* labels, in
     count_labelled_kernel<<<grid, 256, 0, st>>>(labels, total, c);
   };
   auto per_pixel = [&](int grid, cudaStream_t st, const unsigned long long* c, double* partial) {
-    if (L <= 2)
-      ce_hard_kernel<2><<<grid, kThreads, 0, st>>>(logits, labels, n, L, V, c, d_logits, partial);
-    else if (L <= 4)
-      ce_hard_kernel<4><<<grid, kThreads, 0, st>>>(logits, labels, n, L, V, c, d_logits, partial);
-    else
-      ce_hard_kernel<kMaxClasses><<<grid, kThreads, 0, st>>>(logits, labels, n, L, V, c, d_logits, partial);
+    with_class_cap(L, [&](auto cap) {
+      ce_hard_kernel<decltype(cap)::value><<<grid, kThreads, 0, st>>>(logits, labels, n, L, V, c, d_logits, partial);
+    });
   };
   return run_loss(ctx, total, count, per_pixel);
 }
@@ -196,12 +207,9 @@ double ce_loss_soft(Context& ctx, const float* logits, const float* target, int 
     count_soft_labelled_kernel<<<grid, 256, 0, st>>>(target, n, L, V, c);
   };
   auto per_pixel = [&](int grid, cudaStream_t st, const unsigned long long* c, double* partial) {
-    if (L <= 2)
-      ce_soft_kernel<2><<<grid, kThreads, 0, st>>>(logits, target, n, L, V, c, d_logits, partial);
-    else if (L <= 4)
-      ce_soft_kernel<4><<<grid, kThreads, 0, st>>>(logits, target, n, L, V, c, d_logits, partial);
-    else
-      ce_soft_kernel<kMaxClasses><<<grid, kThreads, 0, st>>>(logits, target, n, L, V, c, d_logits, partial);
+    with_class_cap(L, [&](auto cap) {
+      ce_soft_kernel<decltype(cap)::value><<<grid, kThreads, 0, st>>>(logits, target, n, L, V, c, d_logits, partial);
+    });
   };
   return run_loss(ctx, (int64_t)n * V, count, per_pixel);
 }

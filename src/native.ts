@@ -67,6 +67,7 @@ export interface NativeBackendInfo {
   gpuAvailable: boolean;
   gpu: string | null;
   cudnnVersion: number;
+  /** why no GPU is usable (absent when one is): no device, a driver too old, or a build without CUDA */
   gpuUnavailableReason?: string;
   /** whether the whole training step can run on the GPU */
   cudaTraining: boolean;

@@ -103,6 +103,15 @@ t.test('a tiny train run end to end, then eval, predict, resume', async (t) => {
   const cm = readPngSync(path.join(dir, 'pictures', 'image-000-cm-over.png'));
   t.equal(cm.width, cm.height, 'the CM heat map grid is square (L x L tiles)');
   t.ok(fs.existsSync(path.join(dir, 'pictures', 'image-000-annotator-fracture.png')));
+  // --no-cms: the same pictures but the CM heat maps (4 annotators x 2 images fewer);
+  // --probs is a 3D option, said so rather than silently dropped.
+  const noCms = await inProcess(['predict', '--checkpoint', 'runs/tiny/best.safetensors', '--out', 'pictures-no-cms', '--count', '2', '--no-cms', '--probs', 'uint8']);
+  t.equal(noCms.exitCode, 0, noCms.stderr);
+  t.match(noCms.stdout, /wrote 16 PNG files for 2 test images/);
+  t.match(noCms.stderr, /--probs uint8 applies to 3D cases/);
+  t.notOk(fs.readdirSync(path.join(dir, 'pictures-no-cms')).some((f) => f.includes('-cm-')), 'no CM pictures');
+  t.ok(fs.existsSync(path.join(dir, 'pictures-no-cms', 'image-000-annotator-fracture.png')), 'annotator maps still drawn');
+  t.match(fs.readFileSync(path.join(dir, 'pictures-no-cms', 'README.txt'), 'utf8'), /--no-cms: no CM pictures/);
 
   // --device: the CPU on request; 'cuda' where no GPU can run it fails with the reason.
   const onCpu = await inProcess(['eval', '--checkpoint', 'runs/tiny/best.safetensors', '--split', 'validation', '--device', 'cpu', '--out', 'eval-cpu.json']);

@@ -20,6 +20,17 @@ t.test('backendInfo lists the GPU precision modes exactly when CUDA training is 
   t.same(info.gpuPrecisions, info.cudaTraining ? ['fp32', 'tf32', 'bf16'] : []);
 });
 
+t.test('backendInfo says why no GPU is usable, a build without CUDA included', async (t) => {
+  const info = backendInfo();
+  if (info.gpuAvailable) {
+    t.equal(info.gpuUnavailableReason, undefined);
+    t.type(info.gpu, 'string');
+  } else {
+    t.match(info.gpuUnavailableReason, info.cuda ? /\S/ : /no CUDA backend/);
+    t.equal(info.gpu, null);
+  }
+});
+
 t.test("'auto' picks the GPU exactly when one is usable", async (t) => {
   const info = backendInfo();
   const m = createModel({ ...small, device: 'auto' });

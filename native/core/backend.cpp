@@ -22,14 +22,12 @@ BackendInfo backend_info() {
   // ModelConfig::device == Device::Cuda whenever the backend is built.
   b.cuda_training = b.cuda;
   b.threads = num_threads();
-  if (b.cuda) {
-    b.gpu_available = cuda::available();
-    if (b.gpu_available) {
-      b.gpu = cuda::device_info().name;
-      b.cudnn_version = cuda::cudnn_version();
-    } else {
-      b.gpu_unavailable_reason = cuda::unavailable_reason();
-    }
+  b.gpu_available = b.cuda && cuda::available();
+  if (b.gpu_available) {
+    b.gpu = cuda::device_info().name;
+    b.cudnn_version = cuda::cudnn_version();
+  } else {
+    b.gpu_unavailable_reason = cuda::unavailable_reason();  // a CPU-only build says so too
   }
 #if defined(__AVX512F__)
   b.simd = "avx512";

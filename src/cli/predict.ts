@@ -69,7 +69,7 @@ interface PredictFlags {
   overlap: number;
   patch?: number;
   windowBatch: number;
-  /** false (--no-cms): 3D, no CM sums and no CM pictures (the annotators' maps still come from q_r). */
+  /** false (--no-cms): no CM pictures (3D: and no CM sums over the volume); the annotators' maps still come from q_r. */
   cms: boolean;
   /** 3D: how <id>_probs.nii.gz is written: float32, uint8 (p * 255, rounded) or not at all. */
   probs: 'float32' | 'uint8' | 'none';
@@ -145,6 +145,9 @@ async function drawPictures(
   const scale = flags.scale ?? Math.max(1, Math.floor(256 / Math.max(h, w)));
   const R = model.config.annotators;
   const learnsCms = info.learnsCms;
+  const drawCms = learnsCms && flags.cms !== false;
+  // 2D predictions write pictures only: a probability volume is a 3D case's.
+  if (flags.probs !== 'float32') process.stderr.write(`note: --probs ${flags.probs} applies to 3D cases (NIfTI probability volumes); 2D images get pictures only\n`);
   const method = inferenceMethod(info);
   const L = set.classes;
   const V = h * w;
@@ -184,7 +187,7 @@ async function drawPictures(
         const est = upscale(labelOverlay(image, map(p.annotatorMaps[r]), h, w), scale);
         estimated.push(est);
         await save(`${prefix}-annotator-${name}.png`, est);
-        await save(`${prefix}-cm-${name}.png`, cmHeatMaps(p.cms, n, r, R, L, h, w, Math.max(1, Math.floor(scale / 2))));
+        if (drawCms) await save(`${prefix}-cm-${name}.png`, cmHeatMaps(p.cms, n, r, R, L, h, w, Math.max(1, Math.floor(scale / 2))));
       }
       // One sheet per image: input, truth, prediction; estimated annotators; their real labels.
       await save(`${prefix}-sheet.png`, grid(learnsCms ? [[input, truth, predicted], estimated, observed] : [[input, truth, predicted], observed], 4));
@@ -202,7 +205,9 @@ async function drawPictures(
     ...truthLine,
     '<image>-consensus.png           the predicted consensus, argmax p',
     '<image>-annotator-<name>.png    the estimated labels of that annotator, argmax A_r p',
-    `<image>-cm-<name>.png           that annotator's pixel-wise CM: a ${L}x${L} grid, tile (i, j) = p(says i | true j) per pixel (viridis, 0 dark .. 1 bright)`,
+    drawCms
+      ? `<image>-cm-<name>.png           that annotator's pixel-wise CM: a ${L}x${L} grid, tile (i, j) = p(says i | true j) per pixel (viridis, 0 dark .. 1 bright)`
+      : '(--no-cms: no CM pictures)',
     `<image>-sheet.png               row 1 input, truth, prediction; row 2 estimated annotators; row 3 their real labels${anyLabels ? '' : ' (none here: the row is empty)'}`,
     ...(learnsCms ? [FILE_NAME_RULE] : [`(${method} does not learn annotator CMs: no annotator or CM pictures, and the sheet has rows 1 and 3 only)`]),
     `annotators: ${annotatorEntries(names, files).join(', ')}${!info.namesRecorded && names.every((n, r) => n === `annotator${r}`) ? ' (the checkpoint records no names: its CM heads in order)' : ''}`,
@@ -434,7 +439,7 @@ export function registerPredictCommand(program: Command): Command {
     .addOption(choiceOption('--split <name>', "which of the run's images or cases; all: every image or case of --data", ['test', 'validation', 'train', 'all']).default('test'))
     .option('--scale <n>', 'pixel enlargement of the pictures (default: about 256 pixels per picture)', parseInteger(1))
     .option('--overlap <x>', '3D: sliding-window overlap, 0 <= x < 1', parseOverlap, 0.5)
-    .option('--no-cms', '3D: no CM pictures, and no CMs summed over the volume (about 3/4 of the stitching\'s memory and half its time); the annotators\' maps are still written')
+    .option('--no-cms', 'no CM pictures; 3D: also no CMs summed over the volume (about 3/4 of the stitching\'s memory and half its time). The annotators\' maps are still written')
     .addOption(
       choiceOption(
         '--probs <type>',

@@ -31,6 +31,8 @@
 #              (own kernel or cuDNN, timed per shape), wgrad_run_depth (the own kernel
 #              with runs of 8 and 32 planes along depth), bench_gpu_all_candidates (auto
 #              with the fused heads, the concat in place and the prefetching CM loss),
+#              cm_loss_staged (the CM loss kernel whose tiles of pixels are copied
+#              into shared memory ahead of their math, 3 and 2 slots),
 #              cm_loss_prefetch (the CM loss kernel that loads the next annotator's
 #              channels during this one's math), bench_gpu_legacy
 #              (legacy cuDNN on channels-last copies for all), bench_gpu_ncdhw (legacy
@@ -164,11 +166,12 @@ write_summary() {
       grep -E "^  pipelined" "$OUT/bench_gpu.txt"
       echo "== the first bench_gpu run: device time by convolution shape"
       sed -n '/device time by convolution shape/,/end of shapes/p' "$OUT/bench_gpu.txt" | sed '/end of shapes/q'
-      grep -hE "^cmseg: cm_loss (main|pairs|prefetch) kernel" "$OUT/bench_gpu.txt" | sort -u
-      awk '/^cm_loss (grid|pairs kernel|prefetch kernel):/ { g = $0; w = 0; next }
+      grep -hE "^cmseg: cm_loss (main|pairs|prefetch|staged) kernel" "$OUT/bench_gpu.txt" | sort -u
+      awk '/^cm_loss (grid|pairs kernel|prefetch kernel|staged kernel):/ { g = $0; w = 0; mf = ""; next }
            /^wgrad run depth:/ { g = $0; w = 1; next }
            g && w && /^cmseg GPU/ { match($0, /median [0-9.]+ ms\/step/); print "  " g " -> " substr($0, RSTART, RLENGTH); g = "" }
-           g && !w && /^cmseg GPU/ { match($0, /cm_loss [0-9.]+ ms, [0-9]+ GB\/s/); print "  " g " -> " substr($0, RSTART, RLENGTH); g = "" }' \
+           g && !w && /cm_loss: main\+finish/ { mf = ", main kernel + finish " $3 " ms" }
+           g && !w && /^cmseg GPU/ { match($0, /cm_loss [0-9.]+ ms, [0-9]+ GB\/s/); print "  " g " -> " substr($0, RSTART, RLENGTH) mf; g = "" }' \
         "$OUT/bench_gpu.txt"
     fi
     if grep -q "^cmseg: conv3 " "$OUT/bench_gpu.txt" 2>/dev/null; then
@@ -332,6 +335,9 @@ if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   # (CMSEG_CM_LOSS_KERNEL=prefetch; the pixel kernel moved 2.4 of the H200's 4.8 TB/s)
   # at its default grid (8 blocks per SM asked, 4 resident) and at 4 and 16.
   stage cm_loss_prefetch 60 "$OUT/bench_gpu.txt" "set -o pipefail; rc=0; for b in 0 4 16; do echo cm_loss prefetch kernel: \$b blocks per SM; CMSEG_CM_LOSS_KERNEL=prefetch CMSEG_CM_LOSS_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss (main|prefetch) kernel|cm_loss: main' || rc=1; done; exit \$rc"
+  # The staged kernel (CMSEG_CM_LOSS_KERNEL=staged: tiles of pixels copied into shared
+  # memory by cp.async ahead of their math) with 3 and 2 slots, one wave of blocks.
+  stage cm_loss_staged 60 "$OUT/bench_gpu.txt" "set -o pipefail; rc=0; for st in 3 2; do echo cm_loss staged kernel: \$st slots; CMSEG_CM_LOSS_KERNEL=staged CMSEG_CM_LOSS_STAGES=\$st CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss (main|staged) kernel|cm_loss: main' || rc=1; done; exit \$rc"
   stage bench_gpu_legacy 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_AUTOTUNE=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   stage bench_gpu_ncdhw 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_AUTOTUNE=0 CMSEG_CONV_CHANNELS_LAST=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # conv3's filter gradient on a second stream beside its data gradient (CMSEG_CONV_OVERLAP;

@@ -8,7 +8,7 @@ identical cannot have changed what those kernels do or how fast they run, and a 
 listed DIFF is one the next device run must check. Compiles the file as it is now and as
 it was at BASE_REV (default HEAD; the other native/cuda files as they are now) with the
 nvcc of .cuda/ (scripts/install-cuda-toolchain.sh), disassembles both with cuobjdump
-(pip wheel nvidia-cuda-cuobjdump, fetched into .cuda-tools/ when not on PATH), and
+(pip wheels nvidia-cuda-cuobjdump and -nvdisasm, fetched into .cuda-tools/ when not on PATH), and
 compares each kernel's instructions with addresses and the file's anonymous-namespace
 hash left out. Exit status 0 whatever it finds; 2 when it cannot compile or disassemble.
 """
@@ -30,12 +30,25 @@ def cuobjdump():
         return found
     dest = os.path.join(ROOT, ".cuda-tools")
     os.makedirs(dest, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", dest, "nvidia-cuda-cuobjdump"], check=True)
+    # cuobjdump 13.5 hands -sass to nvdisasm (NVDISASM_PATH, set below): both wheels.
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", dest, "nvidia-cuda-cuobjdump",
+                    "nvidia-cuda-nvdisasm"], check=True)
     found = next(iter(glob.glob(os.path.join(dest, "**", "bin", "cuobjdump"), recursive=True)), None)
     if not found:
         sys.exit("sass-diff: nvidia-cuda-cuobjdump installed no cuobjdump")
-    os.chmod(found, 0o755)
+    for tool in glob.glob(os.path.join(dest, "**", "bin", "*"), recursive=True):
+        os.chmod(tool, 0o755)
     return found
+
+
+def nvdisasm_env():
+    """The environment for cuobjdump: NVDISASM_PATH at .cuda-tools' nvdisasm when it has one."""
+    env = dict(os.environ)
+    found = next(iter(glob.glob(os.path.join(ROOT, ".cuda-tools", "**", "bin", "nvdisasm"), recursive=True)), None)
+    if found and "NVDISASM_PATH" not in env:
+        env["NVDISASM_PATH"] = os.path.dirname(found)
+        env["PATH"] = os.path.dirname(found) + os.pathsep + env.get("PATH", "")
+    return env
 
 
 def compile_sass(src, workdir, arch, tool):
@@ -48,7 +61,7 @@ def compile_sass(src, workdir, arch, tool):
     if r.returncode:
         print(r.stderr, file=sys.stderr)
         sys.exit(2)
-    r = subprocess.run([tool, "-sass", obj], capture_output=True, text=True)
+    r = subprocess.run([tool, "-sass", obj], capture_output=True, text=True, env=nvdisasm_env())
     if r.returncode:
         print(r.stderr, file=sys.stderr)
         sys.exit(2)

@@ -9,7 +9,9 @@
 //   [global] the R normalised global CMs, once;
 //   main     one thread per pixel, all annotators: softmax, A_r, q_r = A_r p, CE with
 //            the 1e-12 floor, trace, d/d logits and (pixel-wise modes) d/d raw CM
-//            channels; per-block sums of CE_r and T_r in double;
+//            channels; per-block sums of CE_r and T_r in double (the default "pixel"
+//            kernel; CMSEG_CM_LOSS_KERNEL picks another way to the same per-pixel math:
+//            "prefetch", "staged" (cm_loss_staging.cuh) or "pairs");
 //   finish   the blocks' sums added in a fixed order (a fixed-shape tree), scaled by the weights;
 //   [global] d/d raw global CM: per-block sums of dL/dA over pixels, added in a
 //            fixed order, then one backward through normalisation and softplus.
@@ -20,6 +22,7 @@
 #include <set>
 #include <string>
 
+#include "cm_loss_staging.cuh"
 #include "common.cuh"
 
 namespace cmseg {
@@ -340,22 +343,27 @@ __device__ __forceinline__ void annotator_pixel(const LossParams& P, int L, int 
   }
 }
 
-// Softmax over the L logits of pixel v of image i.
+// Softmax over L logits at z, z + stride, ...
 template <int CAP>
-__device__ __forceinline__ void pixel_softmax(const LossParams& P, int L, int i, int64_t v, float* p) {
-  const float* z = P.z + (int64_t)i * L * P.V + v;
+__device__ __forceinline__ void softmax_of(const float* z, int64_t stride, int L, float* p) {
   float m = z[0];
 #pragma unroll
   for (int k = 1; k < L; ++k)
-    m = fmaxf(m, z[k * P.V]);
+    m = fmaxf(m, z[k * stride]);
   float s = 0.f;
 #pragma unroll
   for (int k = 0; k < L; ++k)
-    s += (p[k] = expf(z[k * P.V] - m));
+    s += (p[k] = expf(z[k * stride] - m));
   const float inv = __fdividef(1.f, s);  // s in [1, L]
 #pragma unroll
   for (int k = 0; k < L; ++k)
     p[k] *= inv;
+}
+
+// Softmax over the L logits of pixel v of image i.
+template <int CAP>
+__device__ __forceinline__ void pixel_softmax(const LossParams& P, int L, int i, int64_t v, float* p) {
+  softmax_of<CAP>(P.z + (int64_t)i * L * P.V + v, P.V, L, p);
 }
 
 // dz = p * (dp - <p, dp>) for pixel v of image i.
@@ -473,6 +481,67 @@ __global__ void __launch_bounds__(kLossThreads) cm_loss_prefetch_kernel(LossPara
     }
     if (grads) write_dz<CAP>(P, LT, i, v, p, dp);
   }
+  store_block_sums(P, R, acc, scratch);
+}
+
+// The "staged" kernel (CMSEG_CM_LOSS_KERNEL=staged; full CMs, 2-4 classes): tiles of
+// kTile pixels copied into shared memory by cp.async, kStages - 1 tiles ahead of the
+// one computed (cm_loss_staging.cuh says how), then the pixel kernel's arithmetic on
+// each pixel from the tile's slot: its results are the pixel kernel's, bit for bit.
+struct StageOps {
+  __device__ __forceinline__ int tid() const { return threadIdx.x; }
+  __device__ __forceinline__ int block(int) const { return blockIdx.x; }
+  __device__ __forceinline__ int grid(int) const { return gridDim.x; }
+  __device__ __forceinline__ void sync() const { __syncthreads(); }
+  __device__ __forceinline__ void copy4(float* dst, const float* src, bool valid) const {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0) : "memory");
+  }
+  __device__ __forceinline__ void copy_bytes(void* dst, const void* src, int bytes) const {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(bytes) : "memory");
+  }
+  __device__ __forceinline__ void commit() const { asm volatile("cp.async.commit_group;\n" ::); }
+  template <int N>
+  __device__ __forceinline__ void wait_pending() const {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+  }
+};
+
+template <int LT, int kStages>
+__global__ void __launch_bounds__(cmstage::kTile) cm_loss_staged_kernel(LossParams P) {
+  constexpr int CAP = LT, K = LT * LT, T = cmstage::kTile;
+  const int R = P.R;
+  const int64_t V = P.V;
+  const bool grads = P.dz != nullptr;
+  extern __shared__ double acc[];  // [2R][T] per-thread sums, then the slots
+  __shared__ double scratch[32];
+  zero_thread_sums(acc, R);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const cmstage::Slot S{LT, R, K};
+  StageOps ops;
+  cmstage::walk<kStages>(P, S, ops, reinterpret_cast<float*>(acc + 2 * R * T), [&](const float* slot, int t, int64_t pix) {
+    const int i = (int)(pix / V);
+    const int64_t v = pix - (int64_t)i * V;
+    float p[CAP], dp[CAP];
+    softmax_of<CAP>(slot + S.logit(0) + t, T, LT, p);
+#pragma unroll
+    for (int k = 0; k < LT; ++k)
+      dp[k] = 0.f;
+    const uint8_t* labels = reinterpret_cast<const uint8_t*>(slot + S.labels());
+    for (int r = 0; r < R; ++r) {
+      float pv[K];
+#pragma unroll
+      for (int e = 0; e < K; ++e)
+        pv[e] = slot[S.channel(r, e) + t];
+      annotator_pixel<CAP, kFull, true>(P, LT, 0, K, grads, i, v, r, p, dp, acc[r * T + t], acc[(R + r) * T + t], pv,
+                                        labels[r * T + t]);
+    }
+    if (grads) write_dz<CAP>(P, LT, i, v, p, dp);
+  });
+#else
+  __trap();  // never launched there (staged_fits)
+#endif
   store_block_sums(P, R, acc, scratch);
 }
 
@@ -741,18 +810,73 @@ void launch_pairs(int L, unsigned grid, size_t smem, cudaStream_t st, const Loss
   }
 }
 
-enum class MainKernel { Pixel, Pairs, Prefetch };
+enum class MainKernel { Pixel, Pairs, Prefetch, Staged };
 
 // CMSEG_CM_LOSS_KERNEL=pairs: the pairs kernel where it applies (pixel-wise modes,
-// at most kMaxPairAnnotators annotators); =prefetch: the prefetch kernel where it
-// applies (full CMs, 2-4 classes); otherwise, and by default, the pixel kernel. Read
-// at each call, so tests can run each.
+// at most kMaxPairAnnotators annotators); =prefetch or =staged: that kernel where it
+// applies (full CMs, 2-4 classes; staged also needs staged_fits); otherwise, and by
+// default, the pixel kernel. Read at each call, so tests can run each.
 MainKernel main_kernel(int mode, int L, int R) {
   const char* e = std::getenv("CMSEG_CM_LOSS_KERNEL");
   const std::string k = e ? e : "";
   if (k == "pairs" && mode != kGlobal && R <= kMaxPairAnnotators) return MainKernel::Pairs;
   if (k == "prefetch" && mode == kFull && L >= 2 && L <= 4) return MainKernel::Prefetch;
+  if (k == "staged" && mode == kFull && L >= 2 && L <= 4) return MainKernel::Staged;
   return MainKernel::Pixel;
+}
+
+// The staged kernel's slots in flight: CMSEG_CM_LOSS_STAGES (2 or 3, for the device
+// check's comparison), else 3.
+int staged_stages() {
+  const char* e = std::getenv("CMSEG_CM_LOSS_STAGES");
+  return e && std::atoi(e) == 2 ? 2 : 3;
+}
+
+// Its dynamic shared memory: the per-thread sums and `stages` slots.
+size_t staged_smem(int L, int R, int stages) {
+  const cmstage::Slot S{L, R, L * L};
+  return sizeof(double) * 2 * R * cmstage::kTile + sizeof(float) * (size_t)stages * S.floats();
+}
+
+template <int LT, int kStages>
+void launch_staged_for(unsigned grid, size_t smem, cudaStream_t st, const LossParams& P) {
+  CMSEG_CUDA(cudaFuncSetAttribute(cm_loss_staged_kernel<LT, kStages>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  (int)smem));
+  cm_loss_staged_kernel<LT, kStages><<<grid, cmstage::kTile, smem, st>>>(P);
+}
+template <int kStages>
+void launch_staged(int L, unsigned grid, size_t smem, cudaStream_t st, const LossParams& P) {
+  switch (L) {
+    case 2: launch_staged_for<2, kStages>(grid, smem, st, P); break;
+    case 3: launch_staged_for<3, kStages>(grid, smem, st, P); break;
+    default: launch_staged_for<4, kStages>(grid, smem, st, P); break;
+  }
+}
+
+// Blocks of the staged kernel resident per SM (0 where it cannot run: compute capability
+// below 8.0, its shared memory above the device's per-block limit, or a binary without
+// code for 8.0 or newer).
+template <int kStages>
+int staged_resident(int device, int L, size_t smem) {
+  int major = 0, optin = 0, resident = 0;
+  cudaFuncAttributes fa{};
+  auto kernel = L == 2 ? cm_loss_staged_kernel<2, kStages> : L == 3 ? cm_loss_staged_kernel<3, kStages>
+                                                                    : cm_loss_staged_kernel<4, kStages>;
+  const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+                  major >= 8 &&
+                  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
+                  smem <= (size_t)optin && cudaFuncGetAttributes(&fa, kernel) == cudaSuccess && fa.binaryVersion >= 80 &&
+                  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) == cudaSuccess &&
+                  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, cmstage::kTile, smem) == cudaSuccess;
+  cudaGetLastError();  // a refusal above is an answer, not an error for the next launch
+  return ok ? resident : 0;
+}
+
+// Whether every label array is 4-byte aligned (the staged kernel copies labels 4 at a time).
+bool labels_aligned(const LossParams& P) {
+  for (int r = 0; r < P.R; ++r)
+    if (reinterpret_cast<uintptr_t>(P.labels[r]) % 4) return false;
+  return true;
 }
 
 void launch_prefetch(int L, unsigned grid, size_t smem, cudaStream_t st, const LossParams& P) {
@@ -863,8 +987,17 @@ void cm_loss(Context& ctx, const CmLossInput& in, CmLossOutput& out) {
   P.w = w.data();
   P.gA = gA.data();
 
-  const MainKernel kernel = main_kernel(mode, L, R);
-  if (kernel == MainKernel::Prefetch) {
+  MainKernel kernel = main_kernel(mode, L, R);
+  const int stages = staged_stages();
+  const size_t stage_smem = staged_smem(L, R, stages);
+  int stage_resident = 0;
+  if (kernel == MainKernel::Staged) {
+    stage_resident = labels_aligned(P) ? stages == 2 ? staged_resident<2>(ctx.device(), L, stage_smem)
+                                                     : staged_resident<3>(ctx.device(), L, stage_smem)
+                                       : 0;
+    if (!stage_resident) kernel = MainKernel::Pixel;  // the default kernel where it cannot run
+  }
+  if (kernel == MainKernel::Prefetch || kernel == MainKernel::Staged) {
     const int per_image = std::max(1, im.grid_for((int64_t)n * ((V + 15) / 16), 256, 8) / n);
     count16_kernel<<<dim3((unsigned)per_image, (unsigned)n), 256, 0, st>>>(P, counts.data());
   } else {
@@ -881,13 +1014,17 @@ void cm_loss(Context& ctx, const CmLossInput& in, CmLossOutput& out) {
 
   ProfileScope prof_main_(ctx, "cm_loss: main+finish");
   const bool pairs = kernel == MainKernel::Pairs;
-  tl_last_kernel = pairs ? "pairs" : kernel == MainKernel::Prefetch ? "prefetch" : "pixel";
+  tl_last_kernel = pairs                           ? "pairs"
+                   : kernel == MainKernel::Prefetch ? "prefetch"
+                   : kernel == MainKernel::Staged   ? "staged"
+                                                    : "pixel";
   const size_t pairs_smem = sizeof(float) * R * L * kPairPixels;  // at most 32 KiB
   int per_sm = main_blocks_per_sm();
   if (!per_sm)
-    per_sm = !pairs ? 8
-             : mode == kFull ? pairs_resident<kFull>(L, R, pairs_smem)
-                             : pairs_resident<kLowRank>(L, R, pairs_smem);
+    per_sm = kernel == MainKernel::Staged ? stage_resident  // one wave: each block walks many tiles
+             : !pairs                     ? 8
+             : mode == kFull              ? pairs_resident<kFull>(L, R, pairs_smem)
+                                          : pairs_resident<kLowRank>(L, R, pairs_smem);
   const unsigned grid = (unsigned)im.grid_for((int64_t)n * V, pairs ? kPairPixels : kLossThreads, per_sm);
   Buffer<double> partial(ctx, (size_t)grid * 2 * R);
   P.partial = partial.data();
@@ -900,6 +1037,14 @@ void cm_loss(Context& ctx, const CmLossInput& in, CmLossOutput& out) {
       launch_pairs<kFull>(L, grid, smem, st, P);
     else
       launch_pairs<kLowRank>(L, grid, smem, st, P);
+  } else if (kernel == MainKernel::Staged) {
+    if (im.profiler.on && L == 4)
+      say_launch(stages == 2 ? cm_loss_staged_kernel<4, 2> : cm_loss_staged_kernel<4, 3>, "staged", 4, kFull, grid,
+                 cmstage::kTile, stage_smem, im.multiprocessors);
+    if (stages == 2)
+      launch_staged<2>(L, grid, stage_smem, st, P);
+    else
+      launch_staged<3>(L, grid, stage_smem, st, P);
   } else if (kernel == MainKernel::Prefetch) {
     const size_t smem = sizeof(double) * 2 * R * kLossThreads;
     if (im.profiler.on && L == 4)

@@ -718,7 +718,7 @@ void ran(const char* expected) {
 // (loss.hpp): on the device, with both kernels, the same loss and bit-identical
 // gradients as into separate arrays.
 TEST(cm_loss_gradient_in_place_on_device) {
-  for (const char* kernel : {"pixel", "pairs", "prefetch"}) {
+  for (const char* kernel : {"pixel", "pairs", "prefetch", "staged"}) {
     CmLossKernelEnv env(kernel);
     for (CmMode mode : {CmMode::Full, CmMode::LowRank}) {
       LossCase c = make_loss_case(mode, 3, 4, 3, 5000, 2, 0.3f, 700 + (int)mode);
@@ -762,7 +762,7 @@ TEST(cm_loss_gradient_in_place_on_device) {
 // against the pixel kernel on the same inputs: the same arithmetic in the same order,
 // so the same bits (the compiler could in principle contract the two differently:
 // then the difference is printed, and must stay at rounding).
-void prefetch_against_pixel(int L, int R, int64_t V) {
+void kernel_against_pixel(const char* kernel, int L, int R, int64_t V) {
   CmLossKernelEnv env("pixel");  // run() sets it per call; unset when this returns
   LossCase c = make_loss_case(CmMode::Full, 2, L, R, V, 1, 0.3f, 500 + L + 7 * R);
   const CmLossInput in = c.input();
@@ -778,8 +778,8 @@ void prefetch_against_pixel(int L, int R, int64_t V) {
   };
   std::vector<float> dz_a, dz_b;
   std::vector<std::vector<float>> dr_a, dr_b;
-  const double la = run("pixel", dz_a, dr_a), lb = run("prefetch", dz_b, dr_b);
-  CHECK(std::strcmp(cu::last_cm_loss_kernel(), "prefetch") == 0);
+  const double la = run("pixel", dz_a, dr_a), lb = run(kernel, dz_b, dr_b);
+  CHECK(std::strcmp(cu::last_cm_loss_kernel(), kernel) == 0);
   double worst = 0;
   auto diff = [&](const std::vector<float>& a, const std::vector<float>& b) {
     double m = 0, d = 0;
@@ -789,9 +789,9 @@ void prefetch_against_pixel(int L, int R, int64_t V) {
   diff(dz_a, dz_b);
   for (int r = 0; r < c.R; ++r) diff(dr_a[r], dr_b[r]);
   const bool same = la == lb && worst == 0;
-  std::printf("  prefetch vs pixel kernel, L=%d, %d annotator(s): %s (loss %.9f vs %.9f, worst gradient difference "
+  std::printf("  %s vs pixel kernel, L=%d, %d annotator(s): %s (loss %.9f vs %.9f, worst gradient difference "
               "%.2e of its array's largest)\n",
-              L, R, same ? "identical" : "DIFFERENT", la, lb, worst);
+              kernel, L, R, same ? "identical" : "DIFFERENT", la, lb, worst);
   CHECK_CLOSE(lb, la, 1e-9, 1e-12);
   CHECK(worst <= 1e-6);
 }
@@ -812,7 +812,41 @@ TEST(cm_loss_prefetch_kernel_matches_cpu) {
   cm_loss_case(CmMode::LowRank, 3, 2, 0.3f);
   ran("pixel");
   for (int L : {2, 4})
-    for (int R : {1, 2, 3, 5}) prefetch_against_pixel(L, R, 20000);
+    for (int R : {1, 2, 3, 5}) kernel_against_pixel("prefetch", L, R, 20000);
+}
+
+// The staged kernel (CMSEG_CM_LOSS_KERNEL=staged: tiles of pixels copied into shared
+// memory ahead of their math; full CMs, 2-4 classes) against the CPU and the pixel kernel
+// as the prefetch kernel above, with 2 and 3 slots; its walk over tiles is also checked
+// on the host (test_cm_loss_staging). 37 x 41 pixels a image leave tiles across images
+// and a partial last one; 16 annotators need more shared memory than a block may have
+// with 3 slots: the pixel kernel then runs.
+TEST(cm_loss_staged_kernel_matches_cpu) {
+  CmLossKernelEnv env("staged");
+  for (const char* stages : {"3", "2"}) {
+    setenv("CMSEG_CM_LOSS_STAGES", stages, 1);
+    setenv("CMSEG_CM_LOSS_KERNEL", "staged", 1);  // kernel_against_pixel unsets it
+    std::printf("  -- %s slots\n", stages);
+    for (int L : {2, 3, 4}) {
+      cm_loss_case(CmMode::Full, L, 1, 0.3f);
+      ran("staged");
+    }
+    cm_loss_case(CmMode::Full, 4, 1, 0.3f, 3, 60000);
+    cm_loss_case(CmMode::Full, 4, 1, 0.3f, 1);
+    cm_loss_case(CmMode::Full, 4, 1, 0.3f, 5);
+    ran("staged");
+    cm_loss_case(CmMode::Full, 5, 1, 0.3f);  // 5 classes: the pixel kernel
+    ran("pixel");
+    cm_loss_case(CmMode::LowRank, 3, 2, 0.3f);
+    ran("pixel");
+    for (int L : {2, 4})
+      for (int R : {1, 2, 3, 5}) kernel_against_pixel("staged", L, R, 20000);
+  }
+  setenv("CMSEG_CM_LOSS_STAGES", "3", 1);
+  setenv("CMSEG_CM_LOSS_KERNEL", "staged", 1);
+  cm_loss_case(CmMode::Full, 4, 1, 0.3f, 16, 300);
+  ran("pixel");
+  unsetenv("CMSEG_CM_LOSS_STAGES");
 }
 
 // The pairs kernel (CMSEG_CM_LOSS_KERNEL=pairs: a thread per pixel and annotator)

@@ -76,7 +76,21 @@ class ThreadOps {
   int block(int axis) const { return b_.index[axis]; }
   int grid(int axis) const { return b_.dims[axis]; }
   void sync() { b_.barrier.wait(); }
-  void copy4(float* dst, const float* src, bool valid) { open_.push_back({dst, valid ? *src : 0.f}); }
+  void copy4(float* dst, const float* src, bool valid) {
+    uint32_t bits = 0;
+    if (valid) std::memcpy(&bits, src, 4);
+    open_.push_back({dst, bits});
+  }
+  // cp.async of 4 bytes of which the first `bytes` (0..4) are read, the rest zeros; both
+  // addresses 4-byte aligned, as the instruction requires.
+  void copy_bytes(void* dst, const void* src, int bytes) {
+    if ((reinterpret_cast<uintptr_t>(dst) | (bytes ? reinterpret_cast<uintptr_t>(src) : 0)) & 3)
+      throw std::logic_error("simt: a 4-byte copy between addresses not 4-byte aligned");
+    if (bytes < 0 || bytes > 4) throw std::logic_error("simt: a 4-byte copy of more than 4 or fewer than 0 bytes");
+    uint32_t bits = 0;
+    std::memcpy(&bits, src, (size_t)bytes);
+    open_.push_back({dst, bits});
+  }
   void copy16(float* dst, const float* src, bool valid) {
     if ((reinterpret_cast<uintptr_t>(dst) | (valid ? reinterpret_cast<uintptr_t>(src) : 0)) & 15)
       throw std::logic_error("simt: a 16-byte copy between addresses not 16-byte aligned");
@@ -86,12 +100,15 @@ class ThreadOps {
     groups_.push_back(std::move(open_));
     open_.clear();
   }
-  void wait_all_but_one() {
-    while (groups_.size() > 1) {
-      for (const Copy& c : groups_.front()) *c.dst = c.value;
+  // cp.async.wait_group N: every group but the newest N has landed.
+  template <int N>
+  void wait_pending() {
+    while (groups_.size() > (size_t)N) {
+      for (const Copy& c : groups_.front()) std::memcpy(c.dst, &c.bits, 4);
       groups_.erase(groups_.begin());
     }
   }
+  void wait_all_but_one() { wait_pending<1>(); }
   float round(float v) const { return exact_ ? v : round_tf32(v); }
   // The tensor cores read a TF32 operand's top 19 bits: the rest is dropped here too, so
   // an element the kernel forgot to round shows as truncated.
@@ -118,8 +135,8 @@ class ThreadOps {
 
  private:
   struct Copy {
-    float* dst;
-    float value;
+    void* dst;
+    uint32_t bits;  // the 4 bytes the copy writes when it lands
   };
   float operand(float v) const {
     if (exact_) return v;

@@ -756,12 +756,11 @@ TEST(cm_loss_gradient_in_place_on_device) {
   }
 }
 
-// The prefetch kernel (CMSEG_CM_LOSS_KERNEL=prefetch: the next annotator's loads in
-// flight during this one's math; full CMs, 2-4 classes) against the CPU as above, for
-// 1 to 5 annotators (odd counts end on an unpaired one) and 60000 pixels a image, and
-// against the pixel kernel on the same inputs: the same arithmetic in the same order,
-// so the same bits (the compiler could in principle contract the two differently:
-// then the difference is printed, and must stay at rounding).
+// A full-CM kernel that repeats the pixel kernel's arithmetic (prefetch: the next
+// annotator's loads in flight during this one's math; staged: tiles copied into shared
+// memory ahead) against the pixel kernel on the same inputs: the same arithmetic in the
+// same order, so the same bits (the compiler could in principle contract the two
+// differently: then the difference is printed, and must stay at rounding).
 void kernel_against_pixel(const char* kernel, int L, int R, int64_t V) {
   CmLossKernelEnv env("pixel");  // run() sets it per call; unset when this returns
   LossCase c = make_loss_case(CmMode::Full, 2, L, R, V, 1, 0.3f, 500 + L + 7 * R);
@@ -796,51 +795,45 @@ void kernel_against_pixel(const char* kernel, int L, int R, int64_t V) {
   CHECK(worst <= 1e-6);
 }
 
-TEST(cm_loss_prefetch_kernel_matches_cpu) {
-  CmLossKernelEnv env("prefetch");
+// What both full-CM kernels (prefetch, staged) run, with CMSEG_CM_LOSS_KERNEL naming
+// `kernel`: against the CPU for 2-4 classes, 60000 pixels an image and 1 to 5 annotators
+// (odd counts end the prefetch kernel's pairs on an unpaired one); 5 classes and low-rank
+// CMs take the pixel kernel; then against the pixel kernel, bit for bit.
+void full_cm_kernel_cases(const char* kernel) {
   for (int L : {2, 3, 4}) {
     cm_loss_case(CmMode::Full, L, 1, 0.3f);
-    ran("prefetch");
+    ran(kernel);
   }
   cm_loss_case(CmMode::Full, 4, 1, 0.3f, 3, 60000);
   cm_loss_case(CmMode::Full, 4, 1, 0.3f, 1);
   cm_loss_case(CmMode::Full, 4, 1, 0.3f, 4);
   cm_loss_case(CmMode::Full, 4, 1, 0.3f, 5);
-  ran("prefetch");
+  ran(kernel);
   cm_loss_case(CmMode::Full, 5, 1, 0.3f);  // 5 classes: the pixel kernel
   ran("pixel");
   cm_loss_case(CmMode::LowRank, 3, 2, 0.3f);
   ran("pixel");
   for (int L : {2, 4})
-    for (int R : {1, 2, 3, 5}) kernel_against_pixel("prefetch", L, R, 20000);
+    for (int R : {1, 2, 3, 5}) kernel_against_pixel(kernel, L, R, 20000);  // unsets CMSEG_CM_LOSS_KERNEL
+}
+
+TEST(cm_loss_prefetch_kernel_matches_cpu) {
+  CmLossKernelEnv env("prefetch");
+  full_cm_kernel_cases("prefetch");
 }
 
 // The staged kernel (CMSEG_CM_LOSS_KERNEL=staged: tiles of pixels copied into shared
-// memory ahead of their math; full CMs, 2-4 classes) against the CPU and the pixel kernel
-// as the prefetch kernel above, with 2 and 3 slots; its walk over tiles is also checked
-// on the host (test_cm_loss_staging). 37 x 41 pixels a image leave tiles across images
-// and a partial last one; 16 annotators need more shared memory than a block may have
-// with 3 slots: the pixel kernel then runs.
+// memory ahead of their math; full CMs, 2-4 classes), with 3 and 2 slots; its walk over
+// tiles is also checked on the host (test_cm_loss_staging). 37 x 41 pixels an image leave
+// tiles across images and a partial last one. 16 annotators need more shared memory than
+// a block may have with 3 slots: the pixel kernel then runs.
 TEST(cm_loss_staged_kernel_matches_cpu) {
   CmLossKernelEnv env("staged");
   for (const char* stages : {"3", "2"}) {
     setenv("CMSEG_CM_LOSS_STAGES", stages, 1);
-    setenv("CMSEG_CM_LOSS_KERNEL", "staged", 1);  // kernel_against_pixel unsets it
+    setenv("CMSEG_CM_LOSS_KERNEL", "staged", 1);
     std::printf("  -- %s slots\n", stages);
-    for (int L : {2, 3, 4}) {
-      cm_loss_case(CmMode::Full, L, 1, 0.3f);
-      ran("staged");
-    }
-    cm_loss_case(CmMode::Full, 4, 1, 0.3f, 3, 60000);
-    cm_loss_case(CmMode::Full, 4, 1, 0.3f, 1);
-    cm_loss_case(CmMode::Full, 4, 1, 0.3f, 5);
-    ran("staged");
-    cm_loss_case(CmMode::Full, 5, 1, 0.3f);  // 5 classes: the pixel kernel
-    ran("pixel");
-    cm_loss_case(CmMode::LowRank, 3, 2, 0.3f);
-    ran("pixel");
-    for (int L : {2, 4})
-      for (int R : {1, 2, 3, 5}) kernel_against_pixel("staged", L, R, 20000);
+    full_cm_kernel_cases("staged");
   }
   setenv("CMSEG_CM_LOSS_STAGES", "3", 1);
   setenv("CMSEG_CM_LOSS_KERNEL", "staged", 1);

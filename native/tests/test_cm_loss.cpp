@@ -91,6 +91,16 @@ void gradient_case(CmMode mode, int rank, int L = 3, int64_t V = 21) {
     for (int64_t e = 0; e < (int64_t)K * c.V; ++e) CHECK(draw[0][(size_t)1 * K * c.V + e] == 0.f);
   }
 }
+// One pixel, 2 classes, one annotator with a full CM (the hand-computed cases).
+CmLossInput one_pixel_two_classes(const std::vector<float>& z, const std::vector<float>& raw,
+                                  const std::vector<uint8_t>& label, float trace_weight) {
+  CmLossInput in;
+  in.n = 1, in.L = 2, in.R = 1, in.V = 1, in.mode = CmMode::Full, in.trace_weight = trace_weight;
+  in.seg_logits = z.data();
+  in.cm_raw = {raw.data()};
+  in.labels = {label.data()};
+  return in;
+}
 }  // namespace
 
 TEST(hand_computed_full_cm_single_pixel) {
@@ -100,11 +110,7 @@ TEST(hand_computed_full_cm_single_pixel) {
   std::vector<float> z = {0.f, std::log(3.f)};
   std::vector<float> raw = {inv_softplus(3), inv_softplus(1), inv_softplus(1), inv_softplus(1)};
   std::vector<uint8_t> lab = {1};
-  CmLossInput in;
-  in.n = 1, in.L = 2, in.R = 1, in.V = 1, in.mode = CmMode::Full, in.trace_weight = 0.1f;
-  in.seg_logits = z.data();
-  in.cm_raw = {raw.data()};
-  in.labels = {lab.data()};
+  const CmLossInput in = one_pixel_two_classes(z, raw, lab, 0.1f);
   CmLossOutput out;
   cm_loss(in, out);
   CHECK_CLOSE(out.ce[0], -std::log(7.0 / 16.0), 1e-6, 1e-7);
@@ -133,11 +139,7 @@ TEST(cross_entropy_clamped_at_1e_12) {
   // a = [[1, 1], [sp(-40), sp(-40)]]: A[1][j] = 4.2e-18 / (1 + 4.2e-18), so q[1] ~ 4e-18.
   std::vector<float> raw = {inv_softplus(1), inv_softplus(1), -40.f, -40.f};
   std::vector<uint8_t> lab = {1};
-  CmLossInput in;
-  in.n = 1, in.L = 2, in.R = 1, in.V = 1, in.mode = CmMode::Full, in.trace_weight = 0.f;
-  in.seg_logits = z.data();
-  in.cm_raw = {raw.data()};
-  in.labels = {lab.data()};
+  const CmLossInput in = one_pixel_two_classes(z, raw, lab, 0.f);
   std::vector<float> dz(2, 7.f), draw(4, 7.f);
   CmLossOutput out;
   out.d_seg_logits = dz.data();

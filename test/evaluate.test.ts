@@ -5,6 +5,7 @@ import t from 'tap';
 import { argmaxAnnotatorProbs, argmaxClasses, createModel, evaluateSegmentation, type MeanStd } from '../src/index';
 import { evaluateModel, evaluateVolumes, type AnnotatedVolume } from '../src/train/evaluate';
 import type { SlidingWindowModel } from '../src/model/sliding-window';
+import { hausdorff95 } from '../src/eval/surface-distance';
 import type { AnnotatedSet } from '../src/train/data';
 
 function rng(seed: number) {
@@ -145,6 +146,8 @@ t.test('evaluateVolumes equals each volume scored on its own, BraTS regions incl
       consensus,
       labels: [0, 1].map(() => consensus.map((c) => (rand() < 0.1 ? 255 : rand() < 0.6 ? c : Math.floor(rand() * L)))),
       present: Uint8Array.from([1, k === 1 ? 0 : 1]), // annotator 1 did not label case-1
+      // case-2's voxels are 1 x 2 x 0.5 mm (NIfTI x, y, z): its HD95 in mm, axes in [d, h, w] = [z, y, x]
+      ...(k === 2 ? { original: { spacing: [1, 2, 0.5] as const } } : {}),
     };
   });
   const ids = volumes.map((v) => v.id);
@@ -159,6 +162,7 @@ t.test('evaluateVolumes equals each volume scored on its own, BraTS regions incl
   // Each volume's figures from its voxels' outputs, directly.
   const reports = [];
   const regions = { wholeTumour: [] as number[], tumourCore: [] as number[], enhancingTumour: [] as number[] };
+  const hd95 = { wholeTumour: [] as number[], tumourCore: [] as number[], enhancingTumour: [] as number[] };
   for (const vol of volumes) {
     const V = vol.consensus.length;
     const full = await model.predict(vol.images, [1, 2, vol.extent.d, vol.extent.h, vol.extent.w]);
@@ -178,6 +182,12 @@ t.test('evaluateVolumes equals each volume scored on its own, BraTS regions incl
     regions.wholeTumour.push(regionDiceByHand(pred, vol.consensus, [1, 2, 3]));
     regions.tumourCore.push(regionDiceByHand(pred, vol.consensus, [1, 3]));
     regions.enhancingTumour.push(regionDiceByHand(pred, vol.consensus, [3]));
+    const dims = [vol.extent.d, vol.extent.h, vol.extent.w] as const;
+    const spacing = vol.original ? ([vol.original.spacing[2], vol.original.spacing[1], vol.original.spacing[0]] as const) : ([1, 1, 1] as const);
+    const mask = (m: Uint8Array, region: number[]) => m.map((c) => (region.includes(c) ? 1 : 0));
+    hd95.wholeTumour.push(hausdorff95(mask(pred, [1, 2, 3]), mask(vol.consensus, [1, 2, 3]), dims, spacing));
+    hd95.tumourCore.push(hausdorff95(mask(pred, [1, 3]), mask(vol.consensus, [1, 3]), dims, spacing));
+    hd95.enhancingTumour.push(hausdorff95(mask(pred, [3]), mask(vol.consensus, [3]), dims, spacing));
     t.equal(V, pred.length);
   }
   const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
@@ -191,5 +201,8 @@ t.test('evaluateVolumes equals each volume scored on its own, BraTS regions incl
   for (const name of ['wholeTumour', 'tumourCore', 'enhancingTumour'] as const) {
     near(summary.brats!.regions[name].mean, mean(regions[name]), `${name} Dice`);
     summary.perCase!.forEach((c, k) => near(c.regions![name], regions[name][k], `${name} of ${c.id}`));
+    near(summary.brats!.hd95[name].mean, mean(hd95[name]), `${name} HD95 (mm)`);
+    summary.perCase!.forEach((c, k) => near(c.hd95![name], hd95[name][k], `${name} HD95 of ${c.id}`, 1e-9));
   }
+  t.ok(hd95.wholeTumour.every((x) => x > 0), 'random maps: every HD95 positive');
 });

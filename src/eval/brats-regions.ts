@@ -6,6 +6,7 @@
 // src/data/brats.ts (mapBratsLabels); this file only scores maps already in 0..3.
 import { BRATS_CLASSES } from '../data/brats';
 import { labelConfusionCounts, dicePerClassFromCounts, meanStd, MeanStd, regionDiceFromCounts } from './metrics';
+import { type Dims3, hausdorff95 } from './surface-distance';
 
 /** The challenge's evaluation regions as unions of contiguous labels. */
 export const BRATS_REGIONS = {
@@ -17,12 +18,28 @@ export const BRATS_REGIONS = {
 export type BratsRegion = keyof typeof BRATS_REGIONS;
 export type BratsClassName = 'necrosis' | 'edema' | 'enhancing';
 
+/**
+ * Each region's HD95 (src/eval/surface-distance.ts) between the predicted and the reference
+ * map of one volume [D, H, W] (labels 0..3), in mm for `spacing` [d, h, w]: NaN where exactly
+ * one of the two has the region.
+ */
+export function bratsHausdorff95(pred: Uint8Array, truth: Uint8Array, dims: Dims3, spacing: readonly [number, number, number] = [1, 1, 1]): Record<BratsRegion, number> {
+  const mask = (labels: Uint8Array, region: readonly number[]) => labels.map((c) => (region.includes(c) ? 1 : 0));
+  const out = {} as Record<BratsRegion, number>;
+  for (const [name, region] of Object.entries(BRATS_REGIONS) as [BratsRegion, readonly number[]][]) {
+    out[name] = hausdorff95(mask(pred, region), mask(truth, region), dims, spacing);
+  }
+  return out;
+}
+
 export interface BratsDiceReport {
   images: number;
   /** mean +- std over images of each region's Dice. */
   regions: Record<BratsRegion, MeanStd>;
   /** mean +- std over images of each tumour class's Dice. */
   classes: Record<BratsClassName, MeanStd>;
+  /** Whole volumes: mean +- std over volumes of each region's HD95 in mm (count: the volumes where it is defined). */
+  hd95?: Record<BratsRegion, MeanStd>;
   /** Per-image Dice, [N] each. */
   perImage: Record<BratsRegion | BratsClassName, Float64Array>;
 }

@@ -77,5 +77,22 @@ export function formatBratsReport(report: BratsDiceReport, digits = 4): string {
     ['edema (2)', formatMeanStd(report.classes.edema, digits)],
     ['enhancing (3)', formatMeanStd(report.classes.enhancing, digits)],
   ];
-  return [countOf(report.images, 'volume'), '', markdownTable(['Dice', 'value'], rows)].join('\n');
+  const lines = [countOf(report.images, 'volume'), '', markdownTable(['Dice', 'value'], rows)];
+  if (report.hd95) {
+    const h = report.hd95;
+    const defined = (m: MeanStd) => (m.count === report.images ? formatMeanStd(m, 2) : `${formatMeanStd(m, 2)} (${m.count} of ${report.images} volumes)`);
+    lines.push(
+      '',
+      markdownTable(
+        ['HD95 (mm)', 'value'],
+        [
+          ['whole tumour', defined(h.wholeTumour)],
+          ['tumour core', defined(h.tumourCore)],
+          ['enhancing tumour', defined(h.enhancingTumour)],
+        ],
+      ),
+      'HD95: the larger of the two 95th-percentile surface distances; left out where exactly one of prediction and truth has the region.',
+    );
+  }
+  return lines.join('\n');
 }

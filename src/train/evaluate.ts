@@ -17,7 +17,7 @@ import {
   SegmentationEvaluator,
   SegmentationReport,
 } from '../eval/metrics';
-import { BratsClassName, bratsDice, BratsRegion } from '../eval/brats-regions';
+import { BratsClassName, bratsDice, bratsHausdorff95, BratsRegion } from '../eval/brats-regions';
 import type { Extent } from '../data/morphology';
 import { argmaxClasses } from '../model/model';
 import { type SlidingWindowModel, slidingWindowPredict } from '../model/sliding-window';
@@ -32,8 +32,8 @@ export interface EvaluationSummary extends Omit<SegmentationReport, 'perImage'> 
   /** What the consensus figures compare with; absent: the expert consensus. */
   reference?: 'majority vote';
   annotatorNames: string[];
-  /** BraTS volumes: region Dice (WT, TC, ET) and tumour-class Dice, mean +- std over volumes. */
-  brats?: { regions: Record<BratsRegion, MeanStd>; classes: Record<BratsClassName, MeanStd> };
+  /** BraTS volumes: region Dice (WT, TC, ET), tumour-class Dice and region HD95 (mm), mean +- std over volumes. */
+  brats?: { regions: Record<BratsRegion, MeanStd>; classes: Record<BratsClassName, MeanStd>; hd95: Record<BratsRegion, MeanStd> };
   /** Whole volumes: the figures of each one, in the order scored. */
   perCase?: VolumeScore[];
 }
@@ -45,6 +45,8 @@ export interface VolumeScore {
   dice: number[];
   totalDice: number;
   regions?: Record<BratsRegion, number>;
+  /** HD95 of each region in mm (NaN where exactly one of prediction and truth has it). */
+  hd95?: Record<BratsRegion, number>;
 }
 
 export function summarizeReport(report: SegmentationReport, annotatorNames: string[]): EvaluationSummary {
@@ -160,6 +162,8 @@ export interface AnnotatedVolume {
   labels: Uint8Array[];
   /** [R]: 0 for an annotator who did not label this volume. */
   present: Uint8Array;
+  /** The source grid: its voxel size [x, y, z] in mm (NIfTI pixdim) sets the HD95's units; absent: 1 mm. */
+  original?: { spacing: readonly [number, number, number] };
 }
 
 export interface VolumeEvaluationOptions {
@@ -172,7 +176,7 @@ export interface VolumeEvaluationOptions {
   /** Score the annotator CMs and predictions (CM error, reliability, GED); default true. */
   annotators?: boolean;
   annotatorNames: string[];
-  /** Add the BraTS region Dice (labels 0..3 with BraTS meanings). */
+  /** Add the BraTS region Dice and HD95 (labels 0..3 with BraTS meanings). */
   bratsRegions?: boolean;
   /** Called after every volume. */
   onVolume?: (score: VolumeScore, done: number, total: number) => void;
@@ -201,6 +205,7 @@ export async function evaluateVolumes(
   const regionNames: BratsRegion[] = ['wholeTumour', 'tumourCore', 'enhancingTumour'];
   const classNames: BratsClassName[] = ['necrosis', 'edema', 'enhancing'];
   const regionValues = Object.fromEntries([...regionNames, ...classNames].map((k) => [k, [] as number[]])) as Record<BratsRegion | BratsClassName, number[]>;
+  const hd95Values = Object.fromEntries(regionNames.map((k) => [k, [] as number[]])) as Record<BratsRegion, number[]>;
   const perCase: VolumeScore[] = [];
   for (const [k, id] of ids.entries()) {
     const volume = await load(id);
@@ -235,6 +240,10 @@ export async function evaluateVolumes(
       const report = bratsDice(pred, volume.consensus, 1);
       for (const name of [...regionNames, ...classNames]) regionValues[name].push(report.perImage[name][0]);
       score.regions = { wholeTumour: report.perImage.wholeTumour[0], tumourCore: report.perImage.tumourCore[0], enhancingTumour: report.perImage.enhancingTumour[0] };
+      const [sx, sy, sz] = volume.original?.spacing ?? [1, 1, 1];
+      const { d, h, w } = volume.extent;
+      score.hd95 = bratsHausdorff95(pred, volume.consensus, [d, h, w], [sz, sy, sx]);
+      for (const name of regionNames) hd95Values[name].push(score.hd95[name]);
     }
     perCase.push(score);
     options.onVolume?.(score, k + 1, ids.length);
@@ -246,6 +255,7 @@ export async function evaluateVolumes(
     summary.brats = {
       regions: stats(regionNames) as Record<BratsRegion, MeanStd>,
       classes: stats(classNames) as Record<BratsClassName, MeanStd>,
+      hd95: Object.fromEntries(regionNames.map((name) => [name, meanStd(hd95Values[name])])) as Record<BratsRegion, MeanStd>,
     };
   }
   return summary;

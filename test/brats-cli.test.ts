@@ -77,6 +77,7 @@ t.test('phantom -> prepare (incremental, interruptible) -> train -> predict -> e
   t.match(train.stdout, /\| Dice edema \(ED\) +\| \d\.\d{4} ± \d\.\d{4} \|/);
   t.match(train.stdout, /\| CM estimation error \(RMSE\) \| /);
   t.match(train.stdout, /\| whole tumour \(1, 2, 3\) \| \d\.\d{4} ± /);
+  t.match(train.stdout, /\| HD95 \(mm\) \| value \|\n\| --- \| --- \|\n\| whole tumour \| (\d+\.\d{2} ± \d+\.\d{2}|n\/a)/);
   t.match(train.stdout, /outputs:\n  checkpoints +runs\/cm\/best\.safetensors, runs\/cm\/last\.safetensors\n  training log +runs\/cm\/train-log\.jsonl\n  test metrics +runs\/cm\/eval-test\.json/);
   const testMetrics = JSON.parse(fs.readFileSync(path.join(dir, 'runs/cm/eval-test.json'), 'utf8'));
   t.equal(testMetrics.dataset.kind, 'brats');
@@ -86,6 +87,10 @@ t.test('phantom -> prepare (incremental, interruptible) -> train -> predict -> e
   t.equal(testMetrics.metrics.images, 1);
   t.ok(testMetrics.metrics.cmErrorPerAnnotator.length === 3 && testMetrics.metrics.reliability.length === 3);
   t.ok(Number.isFinite(testMetrics.metrics.brats.regions.wholeTumour.mean));
+  // HD95 per region and case: a distance in mm, or null in JSON (NaN) where only one map has the region.
+  const hd = testMetrics.metrics.perCase[0].hd95;
+  for (const region of ['wholeTumour', 'tumourCore', 'enhancingTumour']) t.ok(hd[region] === null || hd[region] >= 0, `${region} HD95 ${hd[region]}`);
+  t.equal(testMetrics.metrics.brats.hd95.wholeTumour.count, hd.wholeTumour === null ? 0 : 1);
   t.equal(testMetrics.metrics.perCase[0].id, splits.test[0]);
   const resumed = await cmseg(['train', '--preset', 'brats3d', '--data', 'cache', '--steps', '2', '--out', 'runs/cm', '--resume', '--no-test', ...TINY]);
   t.equal(resumed.exitCode, 0, resumed.stderr);

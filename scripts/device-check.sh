@@ -31,6 +31,7 @@
 #              (own kernel or cuDNN, timed per shape), wgrad_run_depth (the own kernel
 #              with runs of 8 and 32 planes along depth), bench_gpu_all_candidates (auto
 #              with the fused heads, the concat in place and the prefetching CM loss),
+#              instance_norm_grid (instance norm's passes at 8 and 16 blocks per SM),
 #              cm_loss_staged (the CM loss kernel whose tiles of pixels are copied
 #              into shared memory ahead of their math, 3 and 2 slots),
 #              cm_loss_prefetch (the CM loss kernel that loads the next annotator's
@@ -168,7 +169,7 @@ write_summary() {
       sed -n '/device time by convolution shape/,/end of shapes/p' "$OUT/bench_gpu.txt" | sed '/end of shapes/q'
       grep -hE "^cmseg: cm_loss (main|pairs|prefetch|staged) kernel" "$OUT/bench_gpu.txt" | sort -u
       awk '/^cm_loss (grid|pairs kernel|prefetch kernel|staged kernel):/ { g = $0; w = 0; mf = ""; next }
-           /^wgrad run depth:/ { g = $0; w = 1; next }
+           /^(wgrad run depth|instance norm grid):/ { g = $0; w = 1; next }
            g && w && /^cmseg GPU/ { match($0, /median [0-9.]+ ms\/step/); print "  " g " -> " substr($0, RSTART, RLENGTH); g = "" }
            g && !w && /cm_loss: main\+finish/ { mf = ", main kernel + finish " $3 " ms" }
            g && !w && /^cmseg GPU/ { match($0, /cm_loss [0-9.]+ ms, [0-9]+ GB\/s/); print "  " g " -> " substr($0, RSTART, RLENGTH) mf; g = "" }' \
@@ -338,6 +339,9 @@ if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   # The staged kernel (CMSEG_CM_LOSS_KERNEL=staged: tiles of pixels copied into shared
   # memory by cp.async ahead of their math) with 3 and 2 slots, one wave of blocks.
   stage cm_loss_staged 60 "$OUT/bench_gpu.txt" "set -o pipefail; rc=0; for st in 3 2; do echo cm_loss staged kernel: \$st slots; CMSEG_CM_LOSS_KERNEL=staged CMSEG_CM_LOSS_STAGES=\$st CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss (main|staged) kernel|cm_loss: main' || rc=1; done; exit \$rc"
+  # Instance norm's passes at 8 and 16 blocks per SM (4 by default; they moved 58-72% of
+  # the H200's bandwidth): the step and the instance-norm lines.
+  stage instance_norm_grid 60 "$OUT/bench_gpu.txt" "set -o pipefail; rc=0; for b in 8 16; do echo instance norm grid: \$b blocks per SM; CMSEG_IN_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 3 tf32 2>&1 | grep -E '^cmseg GPU|^  instance_norm' || rc=1; done; exit \$rc"
   stage bench_gpu_legacy 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_AUTOTUNE=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   stage bench_gpu_ncdhw 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_AUTOTUNE=0 CMSEG_CONV_CHANNELS_LAST=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # conv3's filter gradient on a second stream beside its data gradient (CMSEG_CONV_OVERLAP;

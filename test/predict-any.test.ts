@@ -14,7 +14,7 @@ import { runCli } from './helpers/cli';
 import { annotatorFileNames } from '../src/cli/predict';
 import { createModel, Model, setNumThreads } from '../src/model/model';
 import { saveCheckpoint } from '../src/model/checkpoint';
-import { readNifti } from '../src/data/nifti';
+import { type Matrix4, readNifti, writeNifti } from '../src/data/nifti';
 import { readSafetensors } from '../src/data/safetensors';
 import { readPngSync, writePngSync } from '../src/data/png';
 import { paddedToDepth } from '../src/train/evaluate';
@@ -176,6 +176,25 @@ t.test('an API 3D model on phantom BraTS cases: NIfTI on the original grid', asy
   t.match(ev.stdout, /\| whole tumour \(1, 2, 3\) \| \d\.\d{4} ± /);
   t.notMatch(ev.stdout, /CM estimation error/, 'raw cases have no annotators');
   t.equal(json('eval-brats-api3d.json').metrics.images, 2);
+
+  // HD95 is in mm: the same case with 2 mm voxels (every file's affine, hence pixdim, doubled)
+  // has the same predictions and twice the distances.
+  const case0 = path.join(dir, 'brats', 'BraTS2021_00000');
+  const twice = path.join(dir, 'brats-2mm', 'BraTS2021_00000');
+  fs.mkdirSync(twice, { recursive: true });
+  for (const file of fs.readdirSync(case0)) {
+    const v = await readNifti(path.join(case0, file));
+    const affine = v.affine.map((row) => row.map((x, c) => (c < 3 ? 2 * x : x))) as Matrix4;
+    await writeNifti(path.join(twice, file), { dims: v.dims, data: v.data, affine }, { datatype: file.includes('seg') ? 'uint8' : 'float32' });
+  }
+  const one1 = await cli(['eval', '--checkpoint', 'api3d.safetensors', '--data', 'brats/BraTS2021_00000', '--patch', '16', '--out', 'hd-1mm.json']);
+  const one2 = await cli(['eval', '--checkpoint', 'api3d.safetensors', '--data', 'brats-2mm/BraTS2021_00000', '--patch', '16', '--out', 'hd-2mm.json']);
+  t.equal(one1.exitCode + one2.exitCode, 0, one1.stderr + one2.stderr);
+  const [h1, h2] = [json('hd-1mm.json'), json('hd-2mm.json')].map((j) => j.metrics.perCase[0].hd95);
+  t.same(json('hd-2mm.json').metrics.perCase[0].regions, json('hd-1mm.json').metrics.perCase[0].regions, 'the same predictions (Dice)');
+  for (const region of ['wholeTumour', 'tumourCore', 'enhancingTumour'])
+    if (h1[region] !== null) t.ok(Math.abs(h2[region] - 2 * h1[region]) < 1e-9, `${region}: HD95 ${h2[region]} mm at 2 mm, ${h1[region]} mm at 1 mm`);
+  t.ok(h1.wholeTumour > 0, 'a distance to double');
 
   // A cache of the same cases carries 3 synthetic annotators, as many as the model's CM heads: they are scored too.
   const prepared = await cli(['prepare', '--data', 'brats', '--out', 'cache', '--quiet']);

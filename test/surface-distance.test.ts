@@ -50,6 +50,7 @@ t.test('HD95 by hand: single voxels, empty masks, percentiles', async (t) => {
   t.equal(percentile(Float64Array.from([4, 1, 3, 2]), 50), 2.5);
   t.equal(percentile(Float64Array.from([0, 10]), 95), 9.5);
   t.throws(() => hausdorff95(p, y.subarray(1), dims), /336/);
+  t.throws(() => hausdorff95(p, y, dims, [0, 1, 1]), /spacing 0, 1, 1 must be finite and > 0/);
 });
 
 t.test('HD95 against SciPy (MedPy hd95) on blobs with anisotropic voxels', { skip: missingPythonModules('numpy', 'scipy') }, async (t) => {

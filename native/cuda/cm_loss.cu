@@ -487,7 +487,8 @@ __global__ void __launch_bounds__(kLossThreads) cm_loss_prefetch_kernel(LossPara
 // The "staged" kernel (CMSEG_CM_LOSS_KERNEL=staged; full CMs, 2-4 classes): tiles of
 // kTile pixels copied into shared memory by cp.async, kStages - 1 tiles ahead of the
 // one computed (cm_loss_staging.cuh says how), then the pixel kernel's arithmetic on
-// each pixel from the tile's slot: its results are the pixel kernel's, bit for bit.
+// each pixel from the tile's slot: the same gradients; the CE and trace sums run over
+// another grid (one wave of blocks), so the loss may differ in its last bits.
 struct StageOps {
   __device__ __forceinline__ int tid() const { return threadIdx.x; }
   __device__ __forceinline__ int block(int) const { return blockIdx.x; }

@@ -54,6 +54,7 @@ DeviceInfo device_info(int device) {
   info.multiprocessors = prop.multiProcessorCount;
   info.memory_bytes = prop.totalGlobalMem;
   info.l2_bytes = (size_t)prop.l2CacheSize;
+  info.shared_bytes_per_block = prop.sharedMemPerBlockOptin;
   CMSEG_CUDA(cudaRuntimeGetVersion(&info.runtime_version));
   CMSEG_CUDA(cudaDriverGetVersion(&info.driver_version));
   info.cudnn_version = cudnnGetVersion();

@@ -3,16 +3,22 @@
 // compute must see exactly that pixel's logits, raw CM channels (of the annotators who
 // labelled its image) and labels in its slot, every pixel exactly once, for tiles that
 // cross image boundaries, a partial last tile, blocks without a tile, absent annotators,
-// and 2 or 3 slots. Shared memory starts as NaN and copies land only at the waits the walk
-// relies on, so a missing wait, a slot refilled too early or a copy never issued shows up
-// as a wrong value. The per-pixel math is the pixel kernel's (test_cuda compares the
-// staged kernel's results with the pixel kernel's bit for bit on a GPU).
+// and 2 or 3 slots. Shared memory starts as NaN. Copies land at the two extremes the
+// hardware allows: as late as the walk's waits permit (simt::ThreadOps: a missing or short
+// wait, or a copy never issued, shows up as a wrong value), and at once when issued
+// (EagerOps, with half the threads slow to read their slot: a slot refilled while a slower
+// thread still reads it, e.g. without the sync after the compute, shows up too). The
+// per-pixel math is the pixel kernel's (test_cuda compares the staged kernel's results with
+// the pixel kernel's on a GPU).
 #include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <mutex>
 #include <random>
+#include <chrono>
+#include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "../cuda/cm_loss_staging.cuh"
@@ -34,6 +40,20 @@ struct Params {
   int64_t V;
 };
 
+// Copies that land the moment they are issued (the earliest the hardware may).
+struct EagerOps : simt::ThreadOps {
+  using ThreadOps::ThreadOps;
+  void copy4(float* dst, const float* src, bool valid) {
+    const float v = valid ? *src : 0.f;
+    std::memcpy(dst, &v, 4);
+  }
+  void copy_bytes(void* dst, const void* src, int bytes) {
+    uint32_t bits = 0;
+    std::memcpy(&bits, src, (size_t)bytes);
+    std::memcpy(dst, &bits, 4);
+  }
+};
+
 struct Case {
   int n, L, R;
   int64_t V;
@@ -41,7 +61,7 @@ struct Case {
   std::vector<uint8_t> present;  // empty: everyone labelled everything
 };
 
-template <int kStages>
+template <int kStages, class Ops = simt::ThreadOps>
 void staging_case(const Case& c, uint32_t seed) {
   const int L = c.L, R = c.R, K = L * L, n = c.n;
   const int64_t V = c.V, total = n * V;
@@ -69,9 +89,12 @@ void staging_case(const Case& c, uint32_t seed) {
   std::mutex mu;
   int64_t first_wrong = -1;
   const int grid[3] = {c.blocks, 1, 1};
-  simt::run_grid<simt::ThreadOps>(grid, cs::kTile, (size_t)kStages * S.floats(), true,
-                                  [&](simt::ThreadOps& ops, float* smem) {
+  constexpr bool eager = std::is_same_v<Ops, EagerOps>;
+  simt::run_grid<Ops>(grid, cs::kTile, (size_t)kStages * S.floats(), true,
+                                  [&](Ops& ops, float* smem) {
                                     cs::walk<kStages>(P, S, ops, smem, [&](const float* slot, int t, int64_t pix) {
+                                      // Eager copies: the even threads read late, the odd ones run on.
+                                      if (eager && t % 2 == 0) std::this_thread::sleep_for(std::chrono::microseconds(200));
                                       ++visits[(size_t)pix];
                                       const int64_t i = pix / V, v = pix - i * V;
                                       bool ok = true;
@@ -91,9 +114,9 @@ void staging_case(const Case& c, uint32_t seed) {
                                   });
   int64_t not_once = 0;
   for (auto& n_visits : visits) not_once += n_visits != 1;
-  std::printf("  n %d, L %d, R %d, V %lld, %d block(s), %d slots: %lld pixels in %lld tiles, %lld with wrong values, "
-              "%lld not computed exactly once\n",
-              n, L, R, (long long)V, c.blocks, kStages, (long long)total, (long long)((total + cs::kTile - 1) / cs::kTile),
+  std::printf("  n %d, L %d, R %d, V %lld, %d block(s), %d slots, copies landing %s: %lld pixels in %lld tiles, %lld "
+              "with wrong values, %lld not computed exactly once\n",
+              n, L, R, (long long)V, c.blocks, kStages, eager ? "when issued" : "at the waits", (long long)total, (long long)((total + cs::kTile - 1) / cs::kTile),
               (long long)wrong.load(), (long long)not_once);
   if (first_wrong >= 0) std::printf("    first wrong pixel %lld\n", (long long)first_wrong);
   CHECK(wrong.load() == 0);
@@ -117,6 +140,12 @@ TEST(more_blocks_than_tiles_and_absent_annotators) {
   // from image 1 (its channels are zero filled and never compared), 0 from image 2.
   staging_case<3>({3, 3, 2, 50, 4, {1, 1, 1, 0, 0, 1}}, 5);
   staging_case<2>({3, 3, 2, 50, 4, {1, 1, 1, 0, 0, 1}}, 6);
+}
+
+TEST(copies_landing_when_issued) {
+  staging_case<3, EagerOps>({2, 4, 3, 300, 2, {}}, 9);
+  staging_case<2, EagerOps>({1, 2, 1, 4 * cs::kTile, 1, {}}, 10);
+  staging_case<2, EagerOps>({3, 3, 2, 50, 4, {1, 1, 1, 0, 0, 1}}, 11);
 }
 
 TEST(labels_end_inside_a_copy) {

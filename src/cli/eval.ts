@@ -216,7 +216,8 @@ async function evalWhole(flags: EvalFlags, info: InferenceInfo, target: Extract<
         async (id) => {
           const c = await list.load(id);
           if (!c.seg) throw new UserError(`case ${id} has no usable segmentation to score against`);
-          return { id, images: c.images, extent: c.extent, consensus: c.seg, labels: c.labels ?? [], present: c.present ?? new Uint8Array(0) };
+          // original: the voxel size, for the HD95 in mm
+          return { id, images: c.images, extent: c.extent, consensus: c.seg, labels: c.labels ?? [], present: c.present ?? new Uint8Array(0), original: c.original };
         },
         {
           patch,

@@ -146,6 +146,7 @@ export function hausdorff95(pred: Uint8Array, truth: Uint8Array, dims: Dims3, sp
   if (pred.length !== D * H * W || truth.length !== D * H * W) {
     throw new RangeError(`hausdorff95: masks of ${pred.length} and ${truth.length} voxels, dims ${dims.join('x')} make ${D * H * W}`);
   }
+  if (!spacing.every((v) => v > 0 && Number.isFinite(v))) throw new RangeError(`hausdorff95: voxel spacing ${spacing.join(', ')} must be finite and > 0`);
   const box = boundingBox(pred, truth, dims);
   if (!box) return 0;
   const size: Dims3 = [box.hi[0] - box.lo[0], box.hi[1] - box.lo[1], box.hi[2] - box.lo[2]];

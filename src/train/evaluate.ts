@@ -240,7 +240,8 @@ export async function evaluateVolumes(
       const report = bratsDice(pred, volume.consensus, 1);
       for (const name of [...regionNames, ...classNames]) regionValues[name].push(report.perImage[name][0]);
       score.regions = { wholeTumour: report.perImage.wholeTumour[0], tumourCore: report.perImage.tumourCore[0], enhancingTumour: report.perImage.enhancingTumour[0] };
-      const [sx, sy, sz] = volume.original?.spacing ?? [1, 1, 1];
+      // A pixdim of 0 (or missing) means 1 mm, as the NIfTI reader's qform does.
+      const [sx, sy, sz] = (volume.original?.spacing ?? [1, 1, 1]).map((v) => (v > 0 && Number.isFinite(v) ? v : 1));
       const { d, h, w } = volume.extent;
       score.hd95 = bratsHausdorff95(pred, volume.consensus, [d, h, w], [sz, sy, sx]);
       for (const name of regionNames) hd95Values[name].push(score.hd95[name]);

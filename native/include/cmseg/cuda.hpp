@@ -40,6 +40,7 @@ struct DeviceInfo {
   int multiprocessors = 0;
   size_t memory_bytes = 0;
   size_t l2_bytes = 0;
+  size_t shared_bytes_per_block = 0;  // the most a kernel may opt in to (sharedMemPerBlockOptin)
   int runtime_version = 0;          // cudaRuntimeGetVersion, e.g. 13020
   int driver_version = 0;           // cudaDriverGetVersion
   size_t cudnn_version = 0;         // cudnnGetVersion, e.g. 92600

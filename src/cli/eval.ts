@@ -261,7 +261,7 @@ async function evalWhole(flags: EvalFlags, info: InferenceInfo, target: Extract<
 export function registerEvalCommand(program: Command): Command {
   const command = program
     .command('eval')
-    .description('score a checkpoint on its run\'s test (or validation) split, or on new data (--data): Dice, CM error, GED, reliability')
+    .description('score a checkpoint on its run\'s test (or validation) split, or on new data (--data): Dice, CM error, GED, reliability; BraTS volumes also region Dice (WT, TC, ET) and HD95 in mm')
     .requiredOption(
       '--checkpoint <files...>',
       "a checkpoint written by cmseg train (best.safetensors or last.safetensors), or by the API's saveCheckpoint (then --data is needed). Several: scored as an ensemble, " +

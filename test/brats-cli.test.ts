@@ -92,6 +92,9 @@ t.test('phantom -> prepare (incremental, interruptible) -> train -> predict -> e
   for (const region of ['wholeTumour', 'tumourCore', 'enhancingTumour']) t.ok(hd[region] === null || hd[region] >= 0, `${region} HD95 ${hd[region]}`);
   t.equal(testMetrics.metrics.brats.hd95.wholeTumour.count, hd.wholeTumour === null ? 0 : 1);
   t.equal(testMetrics.metrics.perCase[0].id, splits.test[0]);
+  // Each validation in the training log carries the region Dice and HD95.
+  const validations = fs.readFileSync(path.join(dir, 'runs/cm/train-log.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l)).filter((e) => e.event === 'validation');
+  t.ok(validations.length > 0 && validations.every((e) => 'wholeTumour' in e && 'hd95WholeTumour' in e), 'validation metrics include hd95WholeTumour');
   const resumed = await cmseg(['train', '--preset', 'brats3d', '--data', 'cache', '--steps', '2', '--out', 'runs/cm', '--resume', '--no-test', ...TINY]);
   t.equal(resumed.exitCode, 0, resumed.stderr);
   t.match(resumed.stdout, /the run was already complete at step 2/);

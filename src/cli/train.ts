@@ -411,7 +411,11 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
         const metrics: Record<string, number> = { averageDice: s.averageDice.mean, totalDice: s.totalDice.mean };
         if (s.cmError) metrics.cmError = s.cmError.mean;
         if (s.ged) metrics.ged = s.ged.mean;
-        if (s.brats) for (const [region, value] of Object.entries(s.brats.regions)) metrics[region] = value.mean;
+        if (s.brats) {
+          for (const [region, value] of Object.entries(s.brats.regions)) metrics[region] = value.mean;
+          // HD95 in mm, where defined (NaN, written as null, where only one map has the region).
+          for (const [region, value] of Object.entries(s.brats.hd95)) metrics[`hd95${region[0].toUpperCase()}${region.slice(1)}`] = value.mean;
+        }
         return { score: s.averageDice.mean, metrics };
       },
     });

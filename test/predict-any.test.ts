@@ -171,7 +171,7 @@ t.test('an API 3D model on phantom BraTS cases: NIfTI on the original grid', asy
 
   const ev = await cli(['eval', '--checkpoint', 'api3d.safetensors', '--data', 'brats', '--patch', '16']);
   t.equal(ev.exitCode, 0, ev.stderr);
-  t.match(ev.stderr, /^\[1\/2\] BraTS2021_00000: total Dice \d\.\d{4}\n\[2\/2\] BraTS2021_00001: total Dice/);
+  t.match(ev.stderr, /^\[1\/2\] BraTS2021_00000: total Dice \d\.\d{4}, Dice WT\/TC\/ET \d\.\d{3}\/\d\.\d{3}\/\d\.\d{3}, HD95 ([\d.]+|-)\/([\d.]+|-)\/([\d.]+|-) mm\n\[2\/2\] BraTS2021_00001: total Dice/);
   t.match(ev.stdout, /^model at step 3, 2 case\(s\) from the BraTS folder brats:\n2 volumes/);
   t.match(ev.stdout, /\| whole tumour \(1, 2, 3\) \| \d\.\d{4} ± /);
   t.notMatch(ev.stdout, /CM estimation error/, 'raw cases have no annotators');

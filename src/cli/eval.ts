@@ -26,7 +26,7 @@ import { loadImagesToPredict } from '../data/image-files';
 import type { Device } from '../model/config';
 import { setNumThreads } from '../model/model';
 import { bratsText, evaluationText, referenceNote } from '../report/tables';
-import { type EvaluationSummary, evaluateAgainstMajority, evaluateModel, evaluateVolumes, fusedLabelRows } from '../train/evaluate';
+import { type EvaluationSummary, evaluateAgainstMajority, evaluateModel, evaluateVolumes, fusedLabelRows, type VolumeScore } from '../train/evaluate';
 import type { SplitName } from '../train/experiment';
 import { choiceOption, displayPath, given, printOutputs, UserError, withExamples } from './common';
 import {
@@ -229,7 +229,7 @@ async function evalWhole(flags: EvalFlags, info: InferenceInfo, target: Extract<
           onWindows: bars.onWindows,
           onVolume: (score, done, total) => {
             bars.onVolume();
-            process.stderr.write(`[${done}/${total}] ${score.id}: total Dice ${score.totalDice.toFixed(4)}\n`);
+            process.stderr.write(`[${done}/${total}] ${score.id}: ${volumeLine(score)}\n`);
           },
         },
       );
@@ -256,6 +256,20 @@ async function evalWhole(flags: EvalFlags, info: InferenceInfo, target: Extract<
   await writeFileAtomic(out, Buffer.from(JSON.stringify(record, null, 2) + '\n'));
   process.stdout.write(`${inferenceLabel(info, flags.tta === true)}, ${what}${referenceNote(summary)}:\n` + evaluationText(summary, fused, { classNames }) + bratsText(summary) + '\n');
   printOutputs([['metrics', out]]);
+}
+
+/** One scored volume as a progress line: total Dice, and the BraTS regions' Dice and HD95 (mm). */
+function volumeLine(score: VolumeScore): string {
+  const line = [`total Dice ${score.totalDice.toFixed(4)}`];
+  if (score.regions) {
+    const { wholeTumour: wt, tumourCore: tc, enhancingTumour: et } = score.regions;
+    line.push(`Dice WT/TC/ET ${wt.toFixed(3)}/${tc.toFixed(3)}/${et.toFixed(3)}`);
+  }
+  if (score.hd95) {
+    const mm = (x: number) => (Number.isFinite(x) ? x.toFixed(1) : '-');
+    line.push(`HD95 ${mm(score.hd95.wholeTumour)}/${mm(score.hd95.tumourCore)}/${mm(score.hd95.enhancingTumour)} mm`);
+  }
+  return line.join(', ');
 }
 
 export function registerEvalCommand(program: Command): Command {

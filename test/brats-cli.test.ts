@@ -171,6 +171,7 @@ t.test('phantom -> prepare (incremental, interruptible) -> train -> predict -> e
   t.equal(evaluated.exitCode, 0, evaluated.stderr);
   t.match(evaluated.stdout, /cm at step 2, validation split:[\s\S]*\| Dice necrotic core \(NCR\) \|[\s\S]*\| annotator \| CM error \| incompetence \| estimated reliability \|[\s\S]*\| wrong \|[\s\S]*\| tumour core \(1, 3\) \|/);
   t.match(evaluated.stdout, /outputs:\n  metrics +runs\/cm\/eval-validation-best\.json\n$/);
+  t.match(evaluated.stderr, new RegExp(`^\\[1/1\\] ${splits.validation[0]}: total Dice \\d\\.\\d{4}, Dice WT/TC/ET [\\d./]+, HD95 [\\d./-]+ mm\\n`), 'a line per case');
   const record = JSON.parse(fs.readFileSync(path.join(dir, 'runs/cm/eval-validation-best.json'), 'utf8'));
   t.equal(record.metrics.perCase[0].id, splits.validation[0]);
   // --no-cms: the same consensus scores, no annotator table.

@@ -73,7 +73,11 @@ function caseBars() {
       bar ??= windowProgress(id);
       bar.onProgress(done, total);
     },
-    onVolume: () => stop(),
+    // The case's line (on a terminal after its bar is cleared; in logs the only trace of it).
+    onVolume: (score: VolumeScore, done: number, total: number) => {
+      stop();
+      process.stderr.write(`[${done}/${total}] ${score.id}: ${volumeLine(score)}\n`);
+    },
     stop,
   };
 }
@@ -227,10 +231,7 @@ async function evalWhole(flags: EvalFlags, info: InferenceInfo, target: Extract<
           annotatorNames: annotators ? [...cacheAnnotators!] : info.annotatorNames,
           bratsRegions: true,
           onWindows: bars.onWindows,
-          onVolume: (score, done, total) => {
-            bars.onVolume();
-            process.stderr.write(`[${done}/${total}] ${score.id}: ${volumeLine(score)}\n`);
-          },
+          onVolume: bars.onVolume,
         },
       );
     } finally {

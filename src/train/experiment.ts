@@ -154,7 +154,7 @@ export interface ExperimentEvaluateOptions {
   windowBatch?: number;
   /** BraTS: called after each batch of a case's windows, and after each case. */
   onWindows?: (id: string, done: number, total: number) => void;
-  onVolume?: (id: string, done: number, total: number) => void;
+  onVolume?: (score: VolumeScore, done: number, total: number) => void;
 }
 
 export interface ExperimentData {
@@ -330,7 +330,7 @@ export function loadBratsExperiment(spec: BratsDatasetSpec, trainingSeed: number
         annotatorNames: [...index.names],
         bratsRegions: true,
         ...(options.onWindows ? { onWindows: options.onWindows } : {}),
-        ...(options.onVolume ? { onVolume: (score: VolumeScore, done: number, total: number) => options.onVolume!(score.id, done, total) } : {}),
+        ...(options.onVolume ? { onVolume: options.onVolume } : {}),
       });
     },
     // STAPLE per case (each rater's performance is a per-subject estimate), on the training

@@ -18,7 +18,9 @@
 // Every reduction has a fixed shape and order, so results repeat bit for bit.
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <mutex>
+#include <tuple>
 #include <set>
 #include <string>
 
@@ -839,10 +841,9 @@ size_t staged_smem(int L, int R, int stages) {
   return sizeof(double) * 2 * R * cmstage::kTile + sizeof(float) * (size_t)stages * S.floats();
 }
 
+// staged_resident has opted the kernel in to the device's shared memory per block.
 template <int LT, int kStages>
 void launch_staged_for(unsigned grid, size_t smem, cudaStream_t st, const LossParams& P) {
-  CMSEG_CUDA(cudaFuncSetAttribute(cm_loss_staged_kernel<LT, kStages>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  (int)smem));
   cm_loss_staged_kernel<LT, kStages><<<grid, cmstage::kTile, smem, st>>>(P);
 }
 template <int kStages>
@@ -856,9 +857,16 @@ void launch_staged(int L, unsigned grid, size_t smem, cudaStream_t st, const Los
 
 // Blocks of the staged kernel resident per SM (0 where it cannot run: compute capability
 // below 8.0, its shared memory above the device's per-block limit, or a binary without
-// code for 8.0 or newer).
+// code for 8.0 or newer), once per device, class count and size. It also opts the kernel
+// in to all the shared memory a block may have on the device (so no size asked later is
+// refused), which every launch relies on.
 template <int kStages>
 int staged_resident(int device, int L, size_t smem) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, int, size_t>, int> known;
+  std::lock_guard<std::mutex> lk(mu);
+  const auto key = std::make_tuple(device, L, smem);
+  if (auto it = known.find(key); it != known.end()) return it->second;
   int major = 0, optin = 0, resident = 0;
   cudaFuncAttributes fa{};
   auto kernel = L == 2 ? cm_loss_staged_kernel<2, kStages> : L == 3 ? cm_loss_staged_kernel<3, kStages>
@@ -867,10 +875,10 @@ int staged_resident(int device, int L, size_t smem) {
                   major >= 8 &&
                   cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
                   smem <= (size_t)optin && cudaFuncGetAttributes(&fa, kernel) == cudaSuccess && fa.binaryVersion >= 80 &&
-                  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) == cudaSuccess &&
+                  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin) == cudaSuccess &&
                   cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, cmstage::kTile, smem) == cudaSuccess;
   cudaGetLastError();  // a refusal above is an answer, not an error for the next launch
-  return ok ? resident : 0;
+  return known[key] = ok ? resident : 0;
 }
 
 // Whether every label array is 4-byte aligned (the staged kernel copies labels 4 at a time).

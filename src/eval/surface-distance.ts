@@ -130,10 +130,14 @@ function cropped(m: Uint8Array, dims: Dims3, lo: number[], box: Dims3): Uint8Arr
 
 /** Distances (mm) from each surface voxel of `from` to the surface of `to` (both [D, H, W] masks). */
 export function surfaceDistances(from: Uint8Array, to: Uint8Array, dims: Dims3, spacing: readonly [number, number, number] = [1, 1, 1]): Float64Array {
-  const fromSurface = surfaceOf(from, dims);
-  const dt = squaredDistanceTransform(surfaceOf(to, dims), dims, spacing);
+  return distancesBetweenSurfaces(surfaceOf(from, dims), surfaceOf(to, dims), dims, spacing);
+}
+
+/** Distances (mm) from each voxel of one surface to the nearest voxel of another. */
+function distancesBetweenSurfaces(from: Uint8Array, to: Uint8Array, dims: Dims3, spacing: readonly [number, number, number]): Float64Array {
+  const dt = squaredDistanceTransform(to, dims, spacing);
   const out: number[] = [];
-  for (let i = 0; i < fromSurface.length; i++) if (fromSurface[i]) out.push(Math.sqrt(dt[i]));
+  for (let i = 0; i < from.length; i++) if (from[i]) out.push(Math.sqrt(dt[i]));
   return Float64Array.from(out);
 }
 
@@ -153,5 +157,7 @@ export function hausdorff95(pred: Uint8Array, truth: Uint8Array, dims: Dims3, sp
   const p = cropped(pred, dims, box.lo, size);
   const y = cropped(truth, dims, box.lo, size);
   if (!p.some((x) => x !== 0) || !y.some((x) => x !== 0)) return NaN;
-  return Math.max(percentile(surfaceDistances(p, y, size, spacing), 95), percentile(surfaceDistances(y, p, size, spacing), 95));
+  const sp = surfaceOf(p, size);
+  const sy = surfaceOf(y, size);
+  return Math.max(percentile(distancesBetweenSurfaces(sp, sy, size, spacing), 95), percentile(distancesBetweenSurfaces(sy, sp, size, spacing), 95));
 }

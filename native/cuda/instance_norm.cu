@@ -13,8 +13,6 @@
 // is not read (5 tensor passes instead of 7).
 // Forward statistics are shifted by the plane's first value, so the one-pass
 // variance keeps its precision when |mean| >> std.
-#include <cstdlib>
-
 #include "common.cuh"
 
 namespace cmseg {
@@ -28,19 +26,10 @@ struct Chunks {
   int64_t len = 0;  // elements per chunk, a multiple of 4
 };
 
-// Blocks per SM the passes aim for: CMSEG_IN_BLOCKS_PER_SM (1..32, for the device
-// check's sweep), else 4. At 4, brats3d-gpu's top level (64 planes of 2M voxels) gets 9
-// blocks a plane, about 1100 threads an SM with one 16-byte load in flight each: the
-// passes moved 58-72% of an H200's bandwidth (BENCHMARKS.md), so more may pay.
-int blocks_per_sm() {
-  const char* e = std::getenv("CMSEG_IN_BLOCKS_PER_SM");
-  const int v = e ? std::atoi(e) : 0;
-  return v >= 1 && v <= 32 ? v : 4;
-}
-
 Chunks chunking(Context& ctx, int64_t planes, int64_t V) {
   Chunks c;
-  const int64_t want = (int64_t)blocks_per_sm() * ctx.impl().multiprocessors;  // blocks in the reduce pass
+  // blocks in the reduce pass (ContextOptions::instance_norm_blocks_per_sm says why 4)
+  const int64_t want = (int64_t)ctx.options().instance_norm_blocks_per_sm * ctx.impl().multiprocessors;
   const int64_t most = std::max<int64_t>(1, V / (kThreads * 8));
   c.per_plane = (int)std::max<int64_t>(1, std::min(most, (want + planes - 1) / planes));
   c.len = ((V + c.per_plane - 1) / c.per_plane + 3) / 4 * 4;

@@ -138,6 +138,12 @@ struct ContextOptions {
   // Most bytes of one GEMM chunk's scratch (the product before its scatter, the
   // gathered gradient); 0: 128 MiB.
   size_t upconv_chunk_bytes = 0;
+  // Blocks per SM the instance-norm passes aim for (native/cuda/instance_norm.cu): at 4,
+  // brats3d-gpu's top level (64 planes of 2M voxels) gets 9 blocks a plane, about 1100
+  // threads an SM with one 16-byte load in flight each, and the passes moved 58-72% of
+  // an H200's bandwidth (BENCHMARKS.md), so more may pay; 4 until a device run has timed
+  // others. CMSEG_IN_BLOCKS_PER_SM (1..32) in the environment sets it.
+  int instance_norm_blocks_per_sm = 4;
   // Most bytes this context may hold at once (0: no limit of its own); past it
   // alloc() throws OutOfMemory like a full device.
   size_t memory_limit_bytes = 0;
@@ -161,6 +167,8 @@ inline void apply_environment(ContextOptions& o) {
   flag("CMSEG_CONV_OVERLAP", o.conv_overlap);
   flag("CMSEG_CONCAT_IN_PLACE", o.concat_in_place);
   if (const char* mb = var("CMSEG_CUDNN_WORKSPACE_MB")) o.max_workspace_bytes = (size_t)std::strtoull(mb, nullptr, 10) << 20;
+  if (const char* v = var("CMSEG_IN_BLOCKS_PER_SM"); v && std::atoi(v) >= 1 && std::atoi(v) <= 32)
+    o.instance_norm_blocks_per_sm = std::atoi(v);  // others keep the default, as before
   if (const char* v = var("CMSEG_UPCONV")) {
     bool known = false;
     for (UpconvPath p : {UpconvPath::Gemm, UpconvPath::Cudnn, UpconvPath::CudnnChannelsLast})

@@ -47,11 +47,19 @@
 #              through cuDNN instead of GEMMs); each run
 #              also times its steps back to back and reports the device's idle time
 #              between steps and its time by convolution shape
+#   winners    scripts/device-winners.py: each candidate above against the default run
+#              on the layers it changes (device time per step; > 3% saved and its
+#              test_cuda cases passed), written as CMSEG_*=value; then under all of them
+#              together: test_cuda_winners (the whole-model parity cases, the CM loss
+#              cases), bench_gpu_winners and bench_gpu_bf16_winners. So one run measures
+#              the defaults the next commit sets, without a second device call.
 #   smoke      (Node) scripts/device-smoke.mjs: the addon's `device: 'cuda'` model
 #              against its CPU model through the public API (gradients, 3 steps,
 #              predict, parameter sync), 2D/3D, every CM mode, plain CE
+#   smoke_winners  the same under the winners (when test_cuda_winners passed)
 #   bench_node (Node) `cmseg bench --config brats3d-gpu` as users run it: cmseg TF32 and
-#              torch eager TF32, cmseg bf16 and torch bf16 autocast, one table
+#              torch eager TF32, cmseg bf16 and torch bf16 autocast, one table; under
+#              the winners when smoke_winners passed (node.txt says which)
 #   node_variants (Node) scripts/device-variants.mjs: the same training loop under each
 #              conv3 option (default, legacy path, second stream, bf16)
 #   cli_gpu    (Node) the BraTS CLI flow on the GPU: phantom, prepare, train
@@ -108,6 +116,8 @@ stage() {
   note "stage $name (limit ${limit}s)"
   local t0=$(date +%s)
   local rc
+  # Each stage's output starts with a marker (scripts/device-winners.py finds its runs by it).
+  [ "$file" != "$LOG" ] && echo "=== stage $name" >>"$file"
   if [ "$file" = "$LOG" ]; then
     timeout --kill-after=5 "$limit" bash -c "$cmd" >>"$LOG" 2>&1
     rc=$?
@@ -150,7 +160,7 @@ write_summary() {
     fi
     if [ -s "$OUT/node.txt" ]; then
       echo "== Node: the addon's GPU model vs its CPU model (smoke), and cmseg bench brats3d-gpu"
-      grep -E "^(ok  |FAIL)|^backend:|^\| |^[A-Z].*cores|Error|^trained |^cli_gpu|cmseg: error|windows in" "$OUT/node.txt" | sed 's/^/  /' | head -100
+      grep -E "^(ok  |FAIL)|^backend:|^\| |^[A-Z].*cores|Error|^trained |^cli_gpu|cmseg: error|windows in|under the winners|^bench_node under" "$OUT/node.txt" | sed 's/^/  /' | head -100
     fi
     if [ -s "$OUT/ctest.txt" ]; then
       echo "== ctest (other native tests)"
@@ -159,6 +169,11 @@ write_summary() {
     if grep -q "^variant " "$OUT/node.txt" 2>/dev/null; then
       echo "== the training loop through Node (dist/bench/worker.js) under each conv3 option"
       grep -h "^variant " "$OUT/node.txt" | sed 's/^/  /'
+    fi
+    if grep -q "^winners" "$OUT/bench_gpu.txt" 2>/dev/null; then
+      echo "== candidates against the defaults, by the layers each changes (scripts/device-winners.py)"
+      grep -E "^winners|under the winners" "$OUT/bench_gpu.txt" "$OUT/test_cuda.txt" | sed 's/^[^:]*txt://; s/^/  /'
+      grep -E "^# [0-9]+ passed" "$OUT/test_cuda.txt" | tail -1 | sed 's/^/  test_cuda under the winners: /'
     fi
     if grep -q "device time by layer" "$OUT/bench_gpu.txt" 2>/dev/null; then
       echo "== cmseg GPU brats3d-gpu: device time by layer (CMSEG_GPU_PROFILE)"
@@ -316,6 +331,8 @@ fi
 if [ -x "$BUILD/test_cuda" ]; then
   stage test_cuda 240 "$OUT/test_cuda.txt" "ctest --test-dir '$BUILD' -R '^test_cuda\$' -V --timeout 230"
 fi
+WINNERS=""    # NAME=VALUE ... of the candidates that beat the defaults (stage winners)
+WINNERS_OK=0  # 1 once the whole-model parity cases passed under them
 if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   stage bench_gpu 90 "$OUT/bench_gpu.txt" "CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # The default times each conv3 direction and shape on its four fp32 paths (cuDNN's
@@ -335,17 +352,13 @@ if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   # The fused CM loss with the next annotator's loads in flight during this one's math
   # (CMSEG_CM_LOSS_KERNEL=prefetch; the pixel kernel moved 2.4 of the H200's 4.8 TB/s)
   # at its default grid (8 blocks per SM asked, 4 resident) and at 4 and 16.
-  stage cm_loss_prefetch 60 "$OUT/bench_gpu.txt" "set -o pipefail; rc=0; for b in 0 4 16; do echo cm_loss prefetch kernel: \$b blocks per SM; CMSEG_CM_LOSS_KERNEL=prefetch CMSEG_CM_LOSS_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss (main|prefetch) kernel|cm_loss: main' || rc=1; done; exit \$rc"
+  stage cm_loss_prefetch 60 "$OUT/bench_gpu.txt" "set -o pipefail; rc=0; for b in 0 4 16; do echo cm_loss prefetch kernel: \$b blocks per SM; CMSEG_CM_LOSS_KERNEL=prefetch CMSEG_CM_LOSS_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss (main|prefetch) kernel|cm_loss: main|^  cm_loss +[0-9]' || rc=1; done; exit \$rc"
   # The staged kernel (CMSEG_CM_LOSS_KERNEL=staged: tiles of pixels copied into shared
   # memory by cp.async ahead of their math) with 3 and 2 slots, one wave of blocks.
-  stage cm_loss_staged 60 "$OUT/bench_gpu.txt" "set -o pipefail; rc=0; for st in 3 2; do echo cm_loss staged kernel: \$st slots; CMSEG_CM_LOSS_KERNEL=staged CMSEG_CM_LOSS_STAGES=\$st CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss (main|staged) kernel|cm_loss: main' || rc=1; done; exit \$rc"
+  stage cm_loss_staged 60 "$OUT/bench_gpu.txt" "set -o pipefail; rc=0; for st in 3 2; do echo cm_loss staged kernel: \$st slots; CMSEG_CM_LOSS_KERNEL=staged CMSEG_CM_LOSS_STAGES=\$st CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss (main|staged) kernel|cm_loss: main|^  cm_loss +[0-9]' || rc=1; done; exit \$rc"
   # Instance norm's passes at 8 and 16 blocks per SM (4 by default; they moved 58-72% of
   # the H200's bandwidth): the step and the instance-norm lines.
   stage instance_norm_grid 60 "$OUT/bench_gpu.txt" "set -o pipefail; rc=0; for b in 8 16; do echo instance norm grid: \$b blocks per SM; CMSEG_IN_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 3 tf32 2>&1 | grep -E '^cmseg GPU|^  instance_norm' || rc=1; done; exit \$rc"
-  stage bench_gpu_legacy 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_AUTOTUNE=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
-  stage bench_gpu_ncdhw 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_AUTOTUNE=0 CMSEG_CONV_CHANNELS_LAST=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
-  # conv3's filter gradient on a second stream beside its data gradient (CMSEG_CONV_OVERLAP;
-  # each slowed the other on an H200).
   # The heads' weight and bias gradients in one fused pass (CMSEG_HEADS_WGRAD=fused; the
   # heads' backward took 4.3 ms of the step with cuBLAS per head on an H200).
   stage bench_gpu_heads_fused 60 "$OUT/bench_gpu.txt" "CMSEG_HEADS_WGRAD=fused CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
@@ -353,6 +366,21 @@ if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   # concat forward + backward took 1.9 ms of the step), then both candidates together.
   stage bench_gpu_concat_in_place 60 "$OUT/bench_gpu.txt" "CMSEG_CONCAT_IN_PLACE=1 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   stage bench_gpu_candidates 60 "$OUT/bench_gpu.txt" "CMSEG_CONCAT_IN_PLACE=1 CMSEG_HEADS_WGRAD=fused CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  # Which candidates won, on the layers each changes (scripts/device-winners.py; they
+  # need their test_cuda cases passed), then the whole-model parity cases and the step
+  # under all winners together; the Node benchmark below runs under them too.
+  stage winners 20 "$OUT/bench_gpu.txt" "python3 scripts/device-winners.py '$OUT/bench_gpu.txt' '$OUT/test_cuda.txt' '$BUILD/winners.env'"
+  WINNERS="$(grep -E '^CMSEG_[A-Z0-9_]+=[A-Za-z0-9-]+$' "$BUILD/winners.env" 2>/dev/null | tr '\n' ' ')"
+  if [ -n "$WINNERS" ]; then
+    stage test_cuda_winners 120 "$OUT/test_cuda.txt" "echo 'test_cuda under the winners: $WINNERS'; env $WINNERS '$BUILD/test_cuda' model_step_gpu heads_concat_ce_predict cm_loss_full cm_loss_lowrank cm_loss_global" &&
+      WINNERS_OK=1
+    stage bench_gpu_winners 60 "$OUT/bench_gpu.txt" "echo 'bench under the winners: $WINNERS'; env $WINNERS CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+    stage bench_gpu_bf16_winners 60 "$OUT/bench_gpu.txt" "echo 'bench under the winners: $WINNERS'; env $WINNERS CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 bf16"
+  fi
+  stage bench_gpu_legacy 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_AUTOTUNE=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  stage bench_gpu_ncdhw 60 "$OUT/bench_gpu.txt" "CMSEG_CONV_AUTOTUNE=0 CMSEG_CONV_CHANNELS_LAST=0 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
+  # conv3's filter gradient on a second stream beside its data gradient (CMSEG_CONV_OVERLAP;
+  # each slowed the other on an H200).
   stage bench_gpu_overlap 120 "$OUT/bench_gpu.txt" "CMSEG_CONV_OVERLAP=1 CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 5 tf32"
   # The fused CM loss against its grid size (it reached ~15% of the bandwidth with 8
   # blocks per SM): the same bench with 2, 4, 16 and 32.
@@ -378,7 +406,14 @@ NODE_BENCH=0
 if [ -f "$BUILD/cmseg.node" ] && [ -f dist/model/model.js ] && command -v node >/dev/null 2>&1; then
   export CMSEG_ADDON="$BUILD/cmseg.node"
   stage smoke 120 "$OUT/node.txt" "node scripts/device-smoke.mjs"
-  stage bench_node 200 "$OUT/node.txt" "node -e '
+  # The users' benchmark runs under the winners once they passed the same checks.
+  BENCH_ENV=""
+  if [ "$WINNERS_OK" = 1 ]; then
+    stage smoke_winners 120 "$OUT/node.txt" "echo 'smoke under the winners: $WINNERS'; env $WINNERS node scripts/device-smoke.mjs" &&
+      BENCH_ENV="env $WINNERS"
+  fi
+  echo "bench_node under: ${BENCH_ENV:-the defaults}" >>"$OUT/node.txt"
+  stage bench_node 200 "$OUT/node.txt" "$BENCH_ENV node -e '
     const b = require(\"./dist/bench/run.js\");
     const r = b.runBench({ configs: [\"brats3d-gpu\"], steps: 5, warmup: 1, log: (l) => console.error(l) });
     console.log(b.formatMachine(r)); console.log(b.formatBenchTable(r)); console.log(\"BENCH_JSON \" + JSON.stringify(r));

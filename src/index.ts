@@ -50,7 +50,7 @@ export type { PngImage, DecodedPng } from './data/png';
 export { discoverBratsCases, loadBratsCase, preprocessBratsCase, uncropVolume, mapBratsLabels, bratsLayoutHint, BRATS_MODALITIES, BRATS_CLASSES, BRATS_GEOMETRY_TOLERANCE_MM } from './data/brats';
 export type { BratsCase, BratsVolume, PreprocessedBratsCase, CropBox, LoadOptions as BratsLoadOptions } from './data/brats';
 export { writeBratsPhantoms } from './data/brats-phantom';
-export { prepareCache, readCachedCase, readCacheIndex } from './data/cache';
+export { prepareCache, readCachedCase, readCachedCaseForScoring, readCacheIndex } from './data/cache';
 export type { PrepareCacheOptions, CachedCase, CacheIndex } from './data/cache';
 export { PatchLoader, createPatchLoader } from './data/patch-loader';
 export type { PatchLoaderOptions, PatchBatch } from './data/patch-loader';

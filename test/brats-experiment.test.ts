@@ -78,3 +78,31 @@ t.test('patch batches for the trainer and whole-volume scores', async (t) => {
   const missing = { ...spec, splits: { ...spec.splits, test: ['BraTS2021_99999'] } };
   t.throws(() => loadExperimentData(missing, 0), /lacks 1 test case\(s\) of this run \(BraTS2021_99999\)/);
 });
+
+// SPEC section 7: single mode thins the training cases' labels only. Validation and test
+// cases of a single-mode cache are scored with every annotator, as MNIST's are: each
+// annotator's CM error covers every case (stored, one annotator would cover each).
+t.test('a single-mode cache: every annotator scored on every validation case', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-brats-single-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  await writeBratsPhantoms(path.join(dir, 'data'), { cases: 4, size: [32, 32, 16], seed: 3 });
+  const cache = path.join(dir, 'cache');
+  const { index } = await prepareCache(path.join(dir, 'data'), cache, { mode: 'single', seed: 5 });
+  t.ok(index.cases.every((c) => c.present.reduce((a, b) => a + b, 0) === 1), 'the cache stores one annotator per case');
+  const ids = index.cases.map((c) => c.id);
+  const spec: BratsDatasetSpec = {
+    ...(PRESETS.brats3d.dataset as BratsDatasetSpec),
+    cache,
+    patch: 16,
+    splits: { train: ids.slice(0, 2), validation: ids.slice(2, 4), test: ids.slice(3, 4) },
+  };
+  const data = loadExperimentData(spec, 7, { batchSize: 1, workers: 0 });
+  t.teardown(() => data.close?.());
+  const batch = await data.source.batch(0, 0, 1, new Rng(0));
+  const trainPresent = Array.from(batch.present!);
+  t.equal(trainPresent.reduce((a, b) => a + b, 0), 1, 'a training patch keeps its one annotator');
+  const model = createModel({ ndim: 3, inChannels: 4, classes: 4, annotators: 3, depth: 2, baseChannels: 4, seed: 1 });
+  const full = await data.evaluate(model, 'validation');
+  t.equal(full.images, 2);
+  t.same(full.cmErrorPerAnnotator!.map((s) => s.count), [2, 2, 2], 'each annotator on both cases');
+});

@@ -20,6 +20,7 @@ import {
   prepareCache,
   readCacheIndex,
   readCachedCase,
+  readCachedCaseForScoring,
   withCacheLock,
 } from '../src/data/cache';
 import { Rng } from '../src/data/random';
@@ -221,6 +222,32 @@ t.test('settings: a cache holds one setting; rebuild replaces it; single mode', 
   });
   t.same(pruned.removed, [ids[2]]);
   t.notOk(fs.existsSync(path.join(moved, 'cases', `${ids[2]}.bin`)));
+});
+
+// SPEC section 7: single mode thins the training cases' labels only; validation and test
+// are scored with every annotator. The independent truth: a dense cache with the same seed.
+t.test('a single-mode case is scored with every annotator: the dense cache of the same seed', async (t) => {
+  const annotators = [{ kind: 'good' as const }, { kind: 'over' as const }, { kind: 'under' as const }, { kind: 'wrong' as const }];
+  const singleDir = tempDir(t);
+  const denseDir = tempDir(t);
+  const single = await prepareCache(dataDir, singleDir, { seed: 4, mode: 'single', annotators });
+  await prepareCache(dataDir, denseDir, { seed: 4, mode: 'dense', annotators });
+  for (const entry of single.index.cases) {
+    const stored = await readCachedCase(singleDir, entry.id);
+    const scored = await readCachedCaseForScoring(singleDir, entry.id);
+    const dense = await readCachedCase(denseDir, entry.id);
+    t.same(Array.from(scored.present), [1, 1, 1, 1], `${entry.id}: every annotator present`);
+    t.equal(firstDifference(scored.images, stored.images), -1, 'images as read');
+    for (let r = 0; r < annotators.length; r++) {
+      t.equal(firstDifference(scored.labels[r], dense.labels[r]), -1, `${entry.id} annotator ${r}: the dense cache's map`);
+      if (entry.present[r]) t.equal(firstDifference(scored.labels[r], stored.labels[r]), -1, `${entry.id}: the stored annotator ${r} unchanged`);
+    }
+  }
+  // A dense cache's case is returned as read.
+  const id = single.index.cases[0].id;
+  const denseScored = await readCachedCaseForScoring(denseDir, id);
+  const denseRead = await readCachedCase(denseDir, id);
+  t.equal(firstDifference(denseScored.labels[1], denseRead.labels[1]), -1);
 });
 
 t.test('the cache lock is not shared within a process: a second writer is refused, not let in', async (t) => {

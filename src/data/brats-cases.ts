@@ -17,7 +17,7 @@ import {
   loadBratsCase,
   preprocessBratsCase,
 } from './brats';
-import { cacheIndexPath, readCacheIndex, readCachedCase } from './cache';
+import { cacheIndexPath, readCacheIndex, readCachedCase, readCachedCaseForScoring } from './cache';
 import type { Extent } from './morphology';
 import type { NiftiHeader } from './nifti';
 
@@ -48,7 +48,11 @@ export interface CaseList {
   load(id: string): Promise<CaseToPredict>;
 }
 
-export function cacheCases(cacheDir: string, ids?: readonly string[]): CaseList {
+/**
+ * The cases of a cache. For scoring (`forScoring`), each case comes with every annotator's
+ * labels, also from a cache prepared in single mode (readCachedCaseForScoring).
+ */
+export function cacheCases(cacheDir: string, ids?: readonly string[], forScoring = false): CaseList {
   const index = readCacheIndex(cacheDir);
   const naming = new Map(index.cases.map((c) => [c.id, c.naming]));
   return {
@@ -56,7 +60,7 @@ export function cacheCases(cacheDir: string, ids?: readonly string[]): CaseList 
     from: `the cache ${displayPath(cacheDir)}`,
     annotators: [...index.names],
     load: async (id) => {
-      const c = await readCachedCase(cacheDir, id, index);
+      const c = await (forScoring ? readCachedCaseForScoring : readCachedCase)(cacheDir, id, index);
       return {
         id,
         naming: naming.get(id) ?? '2021',
@@ -130,7 +134,11 @@ function oneLine(text: string): string {
   return text.replace(/\s*\n\s*/g, ' ');
 }
 
-/** The cases of --data: a cmseg cache, or NIfTI cases (a case folder or a BraTS folder). */
+/**
+ * The cases of --data: a cmseg cache, or NIfTI cases (a case folder or a BraTS folder).
+ * `requireSeg` is for scoring: cases without a segmentation are left out, and a cache's
+ * cases come with every annotator's labels (also from a single-mode cache).
+ */
 export function casesInData(dir: string, geometryTolerance: number, requireSeg = false): CaseList {
-  return fs.existsSync(cacheIndexPath(dir)) ? cacheCases(dir) : folderCases(dir, geometryTolerance, requireSeg);
+  return fs.existsSync(cacheIndexPath(dir)) ? cacheCases(dir, undefined, requireSeg) : folderCases(dir, geometryTolerance, requireSeg);
 }

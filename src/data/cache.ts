@@ -499,6 +499,25 @@ export async function readCachedCase(cacheDir: string, id: string, index: CacheI
   return decodeCaseFile(bytes, file);
 }
 
+/**
+ * A cached case as it is scored: with every annotator's labels. SPEC section 7's single
+ * mode thins the labels of the training cases only; validation and test cases are scored
+ * with every annotator (as MNIST's are), so that each annotator's CM estimate is compared
+ * on every case. A cache prepared in single mode stores one annotator per case (what
+ * training reads); the others are simulated here from the consensus with the case's seed.
+ * Each annotator's map comes from its own random stream, so the stored annotator's map
+ * comes out unchanged. A dense cache's case is returned as read.
+ */
+export async function readCachedCaseForScoring(cacheDir: string, id: string, index: CacheIndex = readCacheIndex(cacheDir)): Promise<CachedCase> {
+  const c = await readCachedCase(cacheDir, id, index);
+  if (index.settings.mode !== 'single') return c;
+  const dense = simulateAnnotators(c.consensus, c.extent, c.classes, index.settings.annotators, {
+    seed: caseSeed(index.settings.seed, id),
+    mode: 'dense',
+  });
+  return { ...c, labels: dense.labels, present: dense.present };
+}
+
 /** Reads `length` bytes at `position` of an open file into `into`; a short file is a CacheError. */
 function readExactly(fd: number, filePath: string, into: Buffer, length: number, position: number): Buffer {
   let done = 0;

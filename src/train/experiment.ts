@@ -32,7 +32,7 @@
 import * as path from 'path';
 import { AnnotatorSpec, LabelMode, simulateAnnotators } from '../data/annotators';
 import { BRATS_CLASS_NAMES } from '../data/brats';
-import { type CacheIndex, readCacheIndex, readCachedCase } from '../data/cache';
+import { type CacheIndex, readCacheIndex, readCachedCaseForScoring } from '../data/cache';
 import { ImageFolderError, type LabelMapping, loadImageFolder } from '../data/image-folder';
 import { loadMnistSplits, MnistBatch } from '../data/mnist';
 import { PatchLoader } from '../data/patch-loader';
@@ -322,7 +322,9 @@ export function loadBratsExperiment(spec: BratsDatasetSpec, trainingSeed: number
     classNames: [...BRATS_CLASS_NAMES],
     evaluate: (model, split, options = {}) => {
       const ids = split === 'validation' && options.quick ? spec.splits.validation.slice(0, Math.max(1, spec.validationCases)) : spec.splits[split];
-      return evaluateVolumes(model, ids, (id) => readCachedCase(cacheDir, id, index), {
+      // Every annotator's labels, also from a cache prepared in single mode (SPEC section 7 thins
+      // the training cases' labels only).
+      return evaluateVolumes(model, ids, (id) => readCachedCaseForScoring(cacheDir, id, index), {
         patch: options.patch ?? patch,
         overlap: options.overlap ?? spec.overlap,
         windowBatch: options.windowBatch,

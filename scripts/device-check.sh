@@ -155,7 +155,7 @@ write_summary() {
     fi
     if [ -s "$OUT/test_cuda.txt" ]; then
       echo "== test_cuda (CUDA kernels vs CPU reference; timings)"
-      grep -E "SKIP|device [0-9]|rel L2|identical|DIFFERENT|bf16 values|fell back|ran through it|in use [0-9]|cm_loss .* loss|GB/s|TFLOP/s|pool:|worst max-abs|predict max-abs|whole step|^[0-9]+: (ok|FAIL)|# [0-9]+ passed|FAIL|failed|exception" \
+      grep -E "SKIP|^([0-9]+: )?skip |device [0-9]|rel L2|identical|DIFFERENT|bf16 values|fell back|ran through it|in use [0-9]|cm_loss .* loss|GB/s|TFLOP/s|pool:|worst max-abs|predict max-abs|whole step|^[0-9]+: (ok|FAIL)|# [0-9]+ passed|FAIL|failed|exception" \
         "$OUT/test_cuda.txt" | sed -E 's/^[0-9]+: //; s/^/  /' | head -160
     fi
     if [ -s "$OUT/node.txt" ]; then

@@ -38,8 +38,14 @@ function nativeTests(dir, label, env = {}) {
     cases += Number(m[1]) + Number(m[2]);
     if (Number(m[2]) > 0) exesWithFailures += 1;
   }
-  // Skipped cases (a missing tool or device) are neither; each printed its reason.
-  for (const m of out.matchAll(/^(?:\d+: )?skip (\S+): (.*)$/gm)) console.log(`native (${label}): skipped ${m[1]}: ${m[2]}`);
+  // Skipped cases (a missing tool or device) are neither; each printed its reason. Cases
+  // skipped for one reason (test_cuda's without a GPU) are listed on one line.
+  const byReason = new Map();
+  for (const m of out.matchAll(/^(?:\d+: )?skip (\S+): (.*)$/gm)) byReason.set(m[2], [...(byReason.get(m[2]) ?? []), m[1]]);
+  for (const [reason, names] of byReason) {
+    const which = names.length > 3 ? `${names.length} cases (${names.slice(0, 2).join(', ')}, ...)` : names.join(', ');
+    console.log(`native (${label}): skipped ${which}: ${reason}`);
+  }
   // An executable that crashed or timed out printed no summary of its own: count it as one failure.
   const ctestFailed = out.match(/(\d+) tests failed out of \d+/);
   const failedExes = ctestFailed ? Number(ctestFailed[1]) : code !== 0 ? 1 : 0;

@@ -471,6 +471,15 @@ def test_errors():
             check(expect in str(err), f"error '{err}' should mention '{expect}'")
 
 
+def test_config_defaults():
+    print("config defaults")
+    # cmseg's defaults (src/model/config.ts): c 32 in 2D, 16 in 3D; an explicit value stays.
+    base = {"inChannels": 1, "classes": 2, "annotators": 2}
+    check(ref.parse_config(dict(base, ndim=2))["baseChannels"] == 32, "2D default c is 32")
+    check(ref.parse_config(dict(base, ndim=3))["baseChannels"] == 16, "3D default c is 16")
+    check(ref.parse_config(dict(base, ndim=3, baseChannels=32))["baseChannels"] == 32, "an explicit c stays")
+
+
 def test_bench():
     print("bench")
     for config, shape in (("mnist2d", "4,1,16,16"), ("brats3d-cpu", "1,4,16,16,16")):
@@ -488,7 +497,8 @@ def main():
     torch.set_num_threads(1)  # tiny tensors: threads only add noise
     start = time.perf_counter()
     for test in (test_names, test_cm_and_loss, test_spec_gradient_formulas, test_identity_cms,
-                 test_finite_differences, test_adam_closed_form, test_roundtrip, test_errors, test_bench):
+                 test_finite_differences, test_adam_closed_form, test_roundtrip, test_errors, test_config_defaults,
+                 test_bench):
         test()
     seconds = time.perf_counter() - start
     if FAILURES:

@@ -36,7 +36,7 @@ PROB_FLOOR = 1e-12  # SPEC 4: q is clamped before the log
 
 CONFIG_DEFAULTS = {
     "depth": 4,
-    "baseChannels": 32,
+    # baseChannels: 32 in 2D, 16 in 3D, as cmseg's own default (parse_config fills it)
     "cmMode": "full",
     "cmRank": 1,
     "cmHeadBlocks": 0,
@@ -62,6 +62,7 @@ def parse_config(raw):
             raise ValueError(f"config is missing '{key}'")
     if cfg["ndim"] not in (2, 3):
         raise ValueError(f"config.ndim {cfg['ndim']} must be 2 or 3")
+    cfg.setdefault("baseChannels", 32 if cfg["ndim"] == 2 else 16)
     if cfg["cmMode"] not in CM_MODES:
         raise ValueError(f"config.cmMode '{cfg['cmMode']}' must be one of {CM_MODES}")
     for key in ("inChannels", "classes", "annotators", "depth", "baseChannels", "cmRank"):

@@ -194,6 +194,16 @@ t.test('pictures: overlays, heat maps, grids', async (t) => {
   const cmGrid = cmHeatMaps(cms, 0, 1, 2, 2, 1, 2);
   t.same([cmGrid.width, cmGrid.height], [2 + 2 + 2, 1 + 2 + 1]);
   t.throws(() => cmHeatMaps(cms, 1, 0, 2, 2, 1, 2), /out of range/);
+  // Tile (i, j) is A[i][j] = p(says i | true j): row i, column j. Values constant per tile,
+  // (i * L + j) / 4, so a transposed grid shows tile (0, 1) where (1, 0) belongs.
+  const tiles = new Float32Array(1 * 2 * 4 * 2);
+  for (let r = 0; r < 2; r++) for (let k = 0; k < 4; k++) tiles.fill(k / 4, (r * 4 + k) * 2, (r * 4 + k + 1) * 2);
+  const sheetOf = cmHeatMaps(tiles, 0, 1, 2, 2, 1, 2);
+  const pixel = (x: number, y: number) => [...sheetOf.data.subarray((y * sheetOf.width + x) * 3, (y * sheetOf.width + x) * 3 + 3)];
+  t.same(pixel(0, 0), viridis(0), 'tile (0, 0) at the top left');
+  t.same(pixel(4, 0), viridis(1 / 4), 'tile (0, 1): first row, second column (after a 2-pixel gap)');
+  t.same(pixel(0, 3), viridis(2 / 4), 'tile (1, 0): second row, first column');
+  t.same(pixel(5, 3), viridis(3 / 4), 'tile (1, 1)');
 });
 
 t.test('info describes the installation and a checkpoint', async (t) => {

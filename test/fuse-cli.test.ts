@@ -202,3 +202,60 @@ t.test('a refused --posterior leaves no consensus file behind', async (t) => {
   t.match(bad.stderr, /p\.txt: unsupported output type/);
   t.notOk(fs.existsSync(path.join(dir, 'out2.png')), 'nothing written');
 });
+
+// The CM file's orientation, against the raters' empirical CMs: rater 0 misses 20% of the
+// foreground but marks only 2% of the background, so p(says 0 | true 1) = 0.2 while
+// p(says 1 | true 0) = 0.02. A transposed CM, or sensitivity and specificity swapped,
+// cannot match. Five raters with independent errors let STAPLE recover the truth.
+t.test('fuse --cms: cms[r][i][j] = p(says i | true j) and sensitivity/specificity, against the empirical ones', async (t) => {
+  const dir = tempDir(t);
+  const W = 64, H = 64, V = W * H;
+  let s = 12345;
+  const rand = () => ((s = (s * 1664525 + 1013904223) >>> 0) / 4294967296);
+  const truth = Array.from({ length: V }, (_, v) => ((v % W) - 30) ** 2 + (Math.floor(v / W) - 34) ** 2 < 18 ** 2 ? 1 : 0);
+  const flips = [
+    { miss: 0.2, extra: 0.02 },
+    { miss: 0.05, extra: 0.05 },
+    { miss: 0.04, extra: 0.03 },
+    { miss: 0.06, extra: 0.04 },
+    { miss: 0.03, extra: 0.05 },
+  ];
+  const raters = flips.map(({ miss, extra }) => truth.map((y) => (y === 1 ? (rand() < miss ? 0 : 1) : rand() < extra ? 1 : 0)));
+  const files = await Promise.all(
+    raters.map(async (m, r) => {
+      const file = `rater${r}.png`;
+      await writePng(path.join(dir, file), { width: W, height: H, channels: 1, data: Uint8Array.from(m, (x) => 255 * x) });
+      return file;
+    }),
+  );
+  // Empirical p(says i | true j) of each rater.
+  const empirical = raters.map((m) => {
+    const counts = [[0, 0], [0, 0]];
+    const totals = [0, 0];
+    m.forEach((x, v) => {
+      counts[x][truth[v]]++;
+      totals[truth[v]]++;
+    });
+    return counts.map((row) => row.map((c, j) => c / totals[j]));
+  });
+  t.ok(Math.abs(empirical[0][0][1] - 0.2) < 0.03 && Math.abs(empirical[0][1][0] - 0.02) < 0.01, 'rater 0 is as asymmetric as meant');
+
+  const multi = await runCli(['fuse', '--method', 'multi-staple', '-o', 'ms.png', '--cms', 'ms.json', ...files], dir);
+  t.equal(multi.exitCode, 0, multi.stderr);
+  const cms = JSON.parse(fs.readFileSync(path.join(dir, 'ms.json'), 'utf8')).cms as number[][][];
+  t.equal(cms.length, 5);
+  cms.forEach((cm, r) => {
+    for (let j = 0; j < 2; j++) t.ok(Math.abs(cm[0][j] + cm[1][j] - 1) < 1e-6, `rater ${r}: column ${j} sums to 1`);
+    for (let i = 0; i < 2; i++) {
+      for (let j = 0; j < 2; j++) {
+        t.ok(Math.abs(cm[i][j] - empirical[r][i][j]) < 0.03, `rater ${r}: p(says ${i} | true ${j}) ${cm[i][j].toFixed(3)} vs empirical ${empirical[r][i][j].toFixed(3)}`);
+      }
+    }
+  });
+
+  const binary = await runCli(['fuse', '--method', 'staple', '-o', 'st.png', '--cms', 'st.json', ...files], dir);
+  t.equal(binary.exitCode, 0, binary.stderr);
+  const report = JSON.parse(fs.readFileSync(path.join(dir, 'st.json'), 'utf8')) as { sensitivity: number[]; specificity: number[] };
+  report.sensitivity.forEach((p, r) => t.ok(Math.abs(p - empirical[r][1][1]) < 0.03, `rater ${r}: sensitivity ${p.toFixed(3)} vs ${empirical[r][1][1].toFixed(3)}`));
+  report.specificity.forEach((q, r) => t.ok(Math.abs(q - empirical[r][0][0]) < 0.03, `rater ${r}: specificity ${q.toFixed(3)} vs ${empirical[r][0][0].toFixed(3)}`));
+});

@@ -391,6 +391,7 @@ interface NibabelView {
   qform_code: number;
   sform_code: number;
   pixdim: number[];
+  zooms: number[];
   values: number[];
   raw: number[];
   slope: number;
@@ -417,6 +418,7 @@ def describe(path, header_path=None):
         affine=img.affine.tolist(), qform=hdr.get_qform().tolist(), sform=hdr.get_sform().tolist(),
         qform_code=int(hdr['qform_code']), sform_code=int(hdr['sform_code']),
         pixdim=[float(v) for v in hdr['pixdim']],
+        zooms=[float(v) for v in hdr.get_zooms()],
         values=img.get_fdata(dtype=np.float64).ravel(order='F').tolist(),
         raw=[float(v) for v in unscaled.ravel(order='F')],
         slope=float(img.dataobj.slope), inter=float(img.dataobj.inter),
@@ -520,6 +522,9 @@ t.test('files nibabel writes load in cmseg', { skip: nibabelSkip }, async (t) =>
       t.equal(volume.header.datatype, expected.dtype, `datatype ${expected.dtype}`);
       t.equal(volume.header.littleEndian, !expected.big_endian, expected.big_endian ? 'big-endian' : 'little-endian');
       assertClose(t, flat(volume.affine), flat(expected.affine), 1e-6, 'affine');
+      // The voxel size in file order (x, y, z), as nibabel's get_zooms(): HD95 in mm reads it.
+      const axes = Math.min(3, expected.zooms.length);
+      assertClose(t, volume.spacing.slice(0, axes), expected.zooms.slice(0, axes), 1e-6, 'spacing (get_zooms)');
       assertClose(t, flat(qformAffine(volume.header)), flat(expected.qform), 1e-6, 'qform matrix');
       assertClose(t, flat(sformAffine(volume.header)), flat(expected.sform), 1e-6, 'sform matrix');
       assertClose(t, volume.raw, expected.raw, 0, 'raw stored values');
@@ -538,6 +543,7 @@ t.test('files nibabel writes load in cmseg', { skip: nibabelSkip }, async (t) =>
     t.not(JSON.stringify(both.qform), JSON.stringify(both.sform), 'qform and sform differ');
     t.equal(cases['qform only, with reflection (qfac -1)'].pixdim[0], -1, 'qfac is -1');
     t.equal(cases['hdr/img pair'].magic, 'ni1');
+    t.same(cases['float32 .nii.gz'].zooms.map((z) => Math.round(z * 10) / 10), [1.2, 0.9, 2.5], 'anisotropic voxels, each axis its own size');
   });
 
   t.test('a .nii.gz renamed to .nii still loads', async (t) => {

@@ -65,6 +65,21 @@ inline int run_all(int argc, char** argv) {
   return failed_cases ? 1 : 0;
 }
 
+// Every case (those the arguments select, as run_all) reported as skipped for `why`: a
+// program whose cases all need something this machine lacks (test_cuda without a GPU).
+inline int skip_all(int argc, char** argv, const std::string& why) {
+  int skipped = 0;
+  for (auto& c : cases()) {
+    bool selected = argc <= 1;
+    for (int a = 1; a < argc && !selected; ++a) selected = std::string(c.name).find(argv[a]) != std::string::npos;
+    if (!selected) continue;
+    std::printf("skip %s: %s\n", c.name, why.c_str());
+    ++skipped;
+  }
+  std::printf("# 0 passed, 0 failed, %d skipped\n", skipped);
+  return 0;
+}
+
 // ||a - b|| / ||b|| over n values (||a - b|| where b is all zeros).
 inline double rel_l2(const float* a, const float* b, size_t n) {
   double num = 0, den = 0;

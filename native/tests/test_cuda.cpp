@@ -1757,9 +1757,6 @@ TEST(model_step_brats3d_gpu_timing) {
 }
 
 int main(int argc, char** argv) {
-  if (!cu::available()) {
-    std::printf("SKIP: no CUDA device (%s)\n", cu::unavailable_reason().c_str());
-    return 0;
-  }
+  if (!cu::available()) return check::skip_all(argc, argv, "no CUDA device (" + cu::unavailable_reason() + ")");
   return check::run_all(argc, argv);
 }

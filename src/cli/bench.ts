@@ -17,6 +17,10 @@ export function benchCommand(): Command {
     .option('--json', 'print one JSON object per configuration instead of a table')
     .addHelpText('after', '\nExample:\n  $ cmseg bench --config brats3d-cpu --steps 5\n  $ npm run bench')
     .action((opts) => {
+      if (Number(opts.steps) < 5 || Number(opts.warmup) < 1) {
+        // Allowed for quick looks; said so that such numbers are not reported as the protocol's.
+        process.stderr.write('note: SPEC section 8 reports the median of at least 5 steps after 1 warm-up step; these numbers do not follow it\n');
+      }
       const results = runBench({
         configs: opts.config,
         steps: Number(opts.steps),

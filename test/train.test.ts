@@ -8,7 +8,8 @@ import * as path from 'path';
 import { Rng } from '../src/data/random';
 import { readCheckpoint } from '../src/model/checkpoint';
 import { augmentBatch, drawTransform, sourceIndices } from '../src/train/augment';
-import { AnnotatedSet, InMemorySource } from '../src/train/data';
+import { AnnotatedBatch, AnnotatedSet, InMemorySource, TrainingSource } from '../src/train/data';
+import { createModel } from '../src/model/model';
 import { PatchStream, PatchStreamSource } from '../src/train/patch-source';
 import { METHOD_NAMES, methodBatch, methodDefinition } from '../src/train/methods';
 import { fuseTrainingSet } from '../src/train/experiment';
@@ -191,6 +192,69 @@ t.test('a run interrupted and resumed takes the same steps as one that was not',
   }
 });
 
+t.test('every step runs at the scheduled learning rate: a hand replay of the batches matches', async (t) => {
+  // A source that keeps a copy of every batch it hands the trainer (augmentation off, so
+  // these are exactly what the model steps on).
+  const inner = new InMemorySource(set, 3);
+  const drawn: AnnotatedBatch[] = [];
+  const recording: TrainingSource = {
+    ndim: inner.ndim,
+    channels: inner.channels,
+    classes: inner.classes,
+    annotatorNames: inner.annotatorNames,
+    hasConsensus: inner.hasConsensus,
+    batchesPerEpoch: (b) => inner.batchesPerEpoch(b),
+    batch: (epoch, index, batchSize) => {
+      const b = inner.batch(epoch, index, batchSize);
+      drawn.push({ images: b.images.slice(), shape: [...b.shape], labels: b.labels.map((m) => m.slice()), present: b.present.slice() });
+      return b;
+    },
+  };
+  const [lr0, minLr, steps] = [3e-3, 2e-4, 7];
+  const r = await train(path.join(dir, 'lr-replay'), config({ steps, schedule: { kind: 'cosine', lr: lr0, minLr }, augment: { flips: false, rotations: false } }), recording);
+  t.equal(drawn.length, steps);
+  // Cosine annealing written out here (not schedule.ts): step s of T runs at
+  // minLr + (lr - minLr) * (1 + cos(pi s / T)) / 2.
+  const cosine = (s: number) => minLr + ((lr0 - minLr) * (1 + Math.cos((Math.PI * s) / steps))) / 2;
+  const relClose = (a: number, b: number) => Math.abs(a - b) <= 1e-6 * Math.abs(b);
+  const lastLr = cosine(steps - 1);
+  t.ok(relClose(r.model.optimizer.lr, lastLr), `the optimiser's rate after the run is the last step's ${lastLr.toExponential(4)} (got ${r.model.optimizer.lr})`);
+  t.ok(lastLr < lr0 / 5, 'the last rate is far from the base rate, so a trainer that never set it would be caught');
+
+  // The same model (same settings and seed) stepped by hand on the same batches.
+  const replay = async (rate: (s: number) => number) => {
+    const model = createModel({
+      ndim: 2,
+      inChannels: 1,
+      classes: 2,
+      annotators: 3,
+      depth: 2,
+      baseChannels: 4,
+      cmMode: 'full',
+      cmRank: 1,
+      cmHeadBlocks: 0,
+      cmInit: 'identity',
+      device: 'cpu',
+      seed: 3,
+      optimizer: { kind: 'adam', lr: lr0, weightDecay: 0 },
+      loss: { lambda: 0.01, lambdaWarmup: 0.01, warmupSteps: 2 },
+    });
+    for (let s = 0; s < drawn.length; s++) {
+      model.setOptimizer({ lr: rate(s) });
+      await model.trainStep(drawn[s]);
+    }
+    const weights = model.getWeights();
+    await model.dispose();
+    return weights;
+  };
+  const trained = r.model.getWeights();
+  const scheduled = maxDifference(trained, await replay(cosine));
+  t.ok(scheduled < 1e-6, `replayed with the cosine rates: the same weights (largest difference ${scheduled.toExponential(1)})`);
+  // The check can tell: the same replay at the constant base rate ends elsewhere.
+  const constant = maxDifference(trained, await replay(() => lr0));
+  t.ok(constant > 1e-4, `replayed at the base rate throughout: different weights (largest difference ${constant.toExponential(1)})`);
+});
+
 t.test('checkpoints, trainer state and the JSON log', async (t) => {
   const out = path.join(dir, 'files');
   const scores = [0.4, 0.9, 0.6];
@@ -230,16 +294,68 @@ t.test('every method trains a few steps', async (t) => {
     const steps = readTrainLog(r.files.log).filter((e) => e.event === 'step');
     t.equal(steps.length, 2, method);
     t.ok(steps.every((s) => Number.isFinite(s.loss as number)), `${method}: finite losses`);
-    const def = methodDefinition(method);
-    t.equal(r.model.config.cmMode, def.cmMode, `${method}: CM mode ${def.cmMode}`);
-    if (method === 'cm-notrace') t.equal(r.model.loss.lambda, 0, 'cm-notrace has no trace term');
+    // The CM parameterisation of each method (README "Training" and "CMs", SPEC sections 3-4),
+    // read back from the native model; the naive methods keep the default full heads unused.
+    const expectedMode = ({ 'cm-global': 'global', 'cm-lowrank': 'lowrank' } as Record<string, string>)[method] ?? 'full';
+    t.equal(r.model.config.cmMode, expectedMode, `${method}: CM mode ${expectedMode}`);
+    t.equal(r.model.loss.lambda, method === 'cm-notrace' ? 0 : Math.fround(0.01), `${method}: trace weight (the run's lambda, held as float32)`);
   }
+  t.same(
+    Object.fromEntries(METHOD_NAMES.map((m) => [m, methodDefinition(m).target])),
+    {
+      cm: 'annotators',
+      'cm-notrace': 'annotators',
+      'cm-global': 'annotators',
+      'cm-lowrank': 'annotators',
+      'naive-mean': 'mean',
+      'naive-mode': 'mode',
+      'naive-staple': 'fused',
+      'naive-spatial-staple': 'fused',
+      oracle: 'consensus',
+    },
+    'what each method learns from',
+  );
   // the targets: mode / mean fusion and the consensus
   const batch = { images: set.images.subarray(0, 256), shape: [1, 1, 16, 16], labels: set.labels.map((m) => m.subarray(0, 256)), present: set.present.subarray(0, 3), consensus: set.consensus!.subarray(0, 256) };
   t.equal(methodBatch(methodDefinition('oracle'), batch, 2).target, batch.consensus);
-  t.equal(methodBatch(methodDefinition('naive-mean'), batch, 2).softTarget!.length, 512);
-  t.ok(methodBatch(methodDefinition('naive-mode'), batch, 2).target instanceof Uint8Array);
+  const fused = new Uint8Array(256).fill(1);
+  t.equal(methodBatch(methodDefinition('naive-staple'), { ...batch, fused }, 2).target, fused);
+  t.throws(() => methodBatch(methodDefinition('naive-spatial-staple'), batch, 2), /spatial-staple labels, which were not prepared/);
+  const cmBatch = methodBatch(methodDefinition('cm'), batch, 2);
+  t.equal(cmBatch.labels, batch.labels, 'the CM methods learn from every annotator map as given');
+  t.equal(cmBatch.present, batch.present);
   t.throws(() => methodDefinition('staple'), /unknown method "staple"; choose one of .*naive-staple/);
+});
+
+t.test('naive-mode and naive-mean targets by hand: ties, absent annotators, unlabelled pixels', async (t) => {
+  // 2 images of 2x2 pixels, 3 classes, 4 annotators; annotator 3 did not label image 1, so
+  // its labels there (chosen to change the vote if counted) must be ignored.
+  const U = 255;
+  const labels = [
+    // image 0: p0 p1 p2 p3 | image 1: p0 p1 p2 p3
+    Uint8Array.from([0, 2, U, 1, 0, 1, U, 0]),
+    Uint8Array.from([0, 1, U, 2, 2, 0, U, 0]),
+    Uint8Array.from([1, 2, U, 1, 2, U, U, 0]),
+    Uint8Array.from([1, U, U, 2, 0, 1, 1, 2]),
+  ];
+  const present = Uint8Array.from([1, 1, 1, 1, 1, 1, 1, 0]);
+  const batch = { images: new Float32Array(8), shape: [2, 1, 2, 2], labels, present };
+  // Votes per pixel (class 0, 1, 2):
+  //   image 0: p0 2-2-0 tie -> 0; p1 0-1-2 -> 2; p2 nobody -> 255; p3 0-2-2 tie -> 1
+  //   image 1: p0 1-0-2 -> 2; p1 1-1-0 tie -> 0; p2 nobody present -> 255; p3 3-0-0 -> 0
+  // Ties go to the lowest class (as scipy.stats.mode).
+  t.same([...methodBatch(methodDefinition('naive-mode'), batch, 3).target!], [0, 2, U, 1, 2, 0, U, 0], 'naive-mode: the majority, ties to the lowest class');
+  // Soft target [N, L, H, W]: each class's share of the annotators who voted; zeros where nobody did.
+  const expected = [
+    [0.5, 0, 0, 0], [0.5, 1 / 3, 0, 0.5], [0, 2 / 3, 0, 0.5], // image 0, classes 0, 1, 2
+    [1 / 3, 0.5, 0, 1], [0, 0.5, 0, 0], [2 / 3, 0, 0, 0], // image 1
+  ].flat();
+  const soft = methodBatch(methodDefinition('naive-mean'), batch, 3).softTarget!;
+  t.equal(soft.length, expected.length);
+  t.ok(
+    expected.every((x, i) => Math.abs(soft[i] - x) < 1e-6),
+    `naive-mean: the vote fractions ${JSON.stringify([...soft].map((x) => +x.toFixed(4)))}`,
+  );
 });
 
 t.test('settings and folders the trainer refuses', async (t) => {

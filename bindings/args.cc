@@ -17,6 +17,18 @@ void throw_invalid(Napi::Env env, const std::string& message) {
   throw err;
 }
 
+const char* exception_code(std::exception_ptr e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::bad_alloc&) {
+    return "CMSEG_OUT_OF_MEMORY";
+  } catch (const cmseg::OutOfMemory&) {
+    return "CMSEG_OUT_OF_MEMORY";
+  } catch (...) {
+    return nullptr;
+  }
+}
+
 std::string describe_exception(std::exception_ptr e) {
   try {
     std::rethrow_exception(e);

@@ -39,6 +39,9 @@ std::string number_text(double d);
 
 // Maps a C++ exception to the message the JS Error carries.
 std::string describe_exception(std::exception_ptr e);
+// "CMSEG_OUT_OF_MEMORY" for a failed allocation (std::bad_alloc, cmseg::OutOfMemory),
+// else null (the caller's usual code).
+const char* exception_code(std::exception_ptr e);
 
 }  // namespace cmseg_js
 

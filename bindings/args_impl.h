@@ -9,7 +9,13 @@ auto guard(Napi::Env env, F&& fn) -> decltype(fn()) {
   } catch (const Napi::Error&) {
     throw;
   } catch (...) {
-    throw_invalid(env, describe_exception(std::current_exception()));
+    const std::exception_ptr e = std::current_exception();
+    if (const char* code = exception_code(e)) {
+      Napi::Error err = Napi::Error::New(env, describe_exception(e));
+      err.Set("code", Napi::String::New(env, code));
+      throw err;
+    }
+    throw_invalid(env, describe_exception(e));
   }
 }
 

@@ -11,7 +11,6 @@
 #include <memory>
 #include <array>
 #if !defined(_WIN32)
-#include <unistd.h>
 #endif
 
 #include "args.h"
@@ -48,7 +47,9 @@ cmseg::ModelConfig parse_config(Napi::Env env, const Napi::Value& v) {
     throw_invalid(env, "config.cmInit must be 'identity' or 'uniform', got '" + init + "'");
   c.cm_init = init == "identity" ? cmseg::CmInit::Identity : cmseg::CmInit::Uniform;
   const double seed = get_number(env, o, "seed", 0, w);
-  if (seed < 0 || seed != std::floor(seed)) throw_invalid(env, "config.seed must be a non-negative integer");
+  // Above 2^53 a JS number no longer holds every integer (and past 2^64 the cast is undefined).
+  if (seed < 0 || seed != std::floor(seed) || seed > 9007199254740991.0)
+    throw_invalid(env, "config.seed must be an integer in 0..2^53-1, got " + number_text(seed));
   c.seed = (uint64_t)seed;
   const std::string device = get_string(env, o, "device", "cpu", w);
   if (device != "cpu" && device != "cuda" && device != "auto")
@@ -127,14 +128,6 @@ std::string gib_text(double bytes) {
   char buf[32];
   std::snprintf(buf, sizeof buf, bytes < 0.1 * 1073741824.0 ? "%.3f" : "%.1f", bytes / 1073741824.0);
   return std::string(buf) + " GiB";
-}
-
-double physical_memory_bytes() {
-#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGESIZE)
-  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
-  if (pages > 0 && page > 0) return (double)pages * (double)page;
-#endif
-  return 0;  // unknown: only the allocation itself can tell
 }
 
 [[noreturn]] void throw_error(Napi::Env env, const std::string& message, const char* code) {
@@ -355,7 +348,7 @@ Napi::Value ModelWrap::Predict(const Napi::CallbackInfo& info) {
   const double total_bytes = (counts[0] + counts[1] + counts[2]) * sizeof(float);
   const std::string advice = "; predict fewer or smaller images at a time" +
                              std::string(want_cms || want_q ? ", or without cms / annotatorProbs" : "");
-  const double ram = physical_memory_bytes();
+  const double ram = cmseg::physical_memory_bytes();
   const std::string oom = "out of memory allocating the prediction outputs (" + gib_text(total_bytes) + ")";
   if (ram > 0 && total_bytes > ram)
     throw_error(env, oom + ": this machine has " + gib_text(ram) + " of memory" + advice, "CMSEG_OUT_OF_MEMORY");
@@ -521,7 +514,10 @@ Napi::Value ModelWrap::SetOptimizer(const Napi::CallbackInfo& info) {
   c.weight_decay = get_float(env, o, "weightDecay", c.weight_decay, w);
   if (c.lr < 0) throw_invalid(env, "optimizer.lr must be >= 0");
   if (c.beta1 < 0 || c.beta1 >= 1 || c.beta2 < 0 || c.beta2 >= 1) throw_invalid(env, "optimizer betas must be in [0, 1)");
-  if (c.eps < 0 || c.weight_decay < 0) throw_invalid(env, "optimizer.eps and weightDecay must be >= 0");
+  // eps keeps the update finite where a parameter's gradients have all been 0 (an absent
+  // annotator's head): with eps 0 that update is 0/0 and the weights turn NaN.
+  if (!(c.eps > 0)) throw_invalid(env, "optimizer.eps must be > 0, got " + number_text(c.eps));
+  if (c.weight_decay < 0) throw_invalid(env, "optimizer.weightDecay must be >= 0");
   model.optim = c;
   return env.Undefined();
 }
@@ -547,6 +543,10 @@ Napi::Value ModelWrap::SetLoss(const Napi::CallbackInfo& info) {
   c.lambda_warmup = get_float(env, o, "lambdaWarmup", c.lambda_warmup, "loss");
   c.warmup_steps = get_int(env, o, "warmupSteps", (int)c.warmup_steps, "loss");
   if (c.warmup_steps < 0) throw_invalid(env, "loss.warmupSteps must be >= 0");
+  // The warm-up's sign is the schedule's (SPEC section 4): both weights are magnitudes.
+  if (c.lambda < 0) throw_invalid(env, "loss.lambda must be >= 0, got " + number_text(c.lambda));
+  if (c.lambda_warmup < 0)
+    throw_invalid(env, "loss.lambdaWarmup must be >= 0 (the warm-up negates it itself), got " + number_text(c.lambda_warmup));
   model.loss = c;
   return env.Undefined();
 }

@@ -25,6 +25,8 @@ class PromiseWorker : public Napi::AsyncWorker {
     try {
       work_();
     } catch (...) {
+      const char* code = exception_code(std::current_exception());
+      if (code) code_ = code;
       SetError(describe_exception(std::current_exception()));
     }
   }
@@ -40,7 +42,7 @@ class PromiseWorker : public Napi::AsyncWorker {
   void OnError(const Napi::Error& e) override {
     if (busy_) *busy_ = false;
     Napi::Error err = Napi::Error::New(Env(), e.Message());
-    err.Set("code", Napi::String::New(Env(), "CMSEG_NATIVE_ERROR"));
+    err.Set("code", Napi::String::New(Env(), code_));
     deferred_.Reject(err.Value());
   }
 
@@ -50,6 +52,7 @@ class PromiseWorker : public Napi::AsyncWorker {
   std::function<void()> work_;
   std::function<Napi::Value(Napi::Env)> result_;
   std::vector<Napi::ObjectReference> refs_;
+  const char* code_ = "CMSEG_NATIVE_ERROR";
 };
 
 }  // namespace cmseg_js

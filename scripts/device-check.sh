@@ -183,6 +183,7 @@ write_summary() {
       echo "== the first bench_gpu run: device time by convolution shape"
       sed -n '/device time by convolution shape/,/end of shapes/p' "$OUT/bench_gpu.txt" | sed '/end of shapes/q'
       grep -hE "^cmseg: cm_loss (main|pairs|prefetch|staged) kernel" "$OUT/bench_gpu.txt" | sort -u
+      grep -h "^cm_loss bandwidth:" "$OUT/bench_gpu.txt" | head -1 | sed 's/^/  first run: /'
       awk '/^cm_loss (grid|pairs kernel|prefetch kernel|staged kernel):/ { g = $0; w = 0; mf = ""; next }
            /^(wgrad run depth|instance norm grid):/ { g = $0; w = 1; next }
            g && w && /^cmseg GPU/ { match($0, /median [0-9.]+ ms\/step/); print "  " g " -> " substr($0, RSTART, RLENGTH); g = "" }
@@ -251,6 +252,9 @@ for line in lines:
               f"{r['voxelsPerSecond'] / 1e6:.2f} Mvoxel/s, {r['gflopPerSecond']:.0f} GFLOP/s, "
               f"peak {r.get('peakGpuMB', 0):.0f} MiB, steps {r['stepMs']}; "
               f"fused CM loss {r['cmLossMs']:.3f} ms = {r['cmLossGBs']:.0f} GB/s"
+              + (f" ({100 * r['cmLossGBs'] / r['peakMemoryGBs']:.0f}% of the datasheet's {r['peakMemoryGBs']:.0f}, "
+                 f"{100 * r['cmLossGBs'] / r['deviceCopyGBs']:.0f}% of a copy's {r['deviceCopyGBs']:.0f})"
+                 if r.get("peakMemoryGBs") and r.get("deviceCopyGBs") else "")
               + (f"; back to back {r['pipelinedMs']:.1f} ms/step" if "pipelinedMs" in r else ""))
     elif "stepMsMedian" in r:
         mode = "bf16 autocast" if r.get("amp") else "fp32 (torch default: TF32 convs)"
@@ -352,10 +356,10 @@ if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   # The fused CM loss with the next annotator's loads in flight during this one's math
   # (CMSEG_CM_LOSS_KERNEL=prefetch; the pixel kernel moved 2.4 of the H200's 4.8 TB/s)
   # at its default grid (8 blocks per SM asked, 4 resident) and at 4 and 16.
-  stage cm_loss_prefetch 60 "$OUT/bench_gpu.txt" "set -o pipefail; rc=0; for b in 0 4 16; do echo cm_loss prefetch kernel: \$b blocks per SM; CMSEG_CM_LOSS_KERNEL=prefetch CMSEG_CM_LOSS_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss (main|prefetch) kernel|cm_loss: main|^  cm_loss +[0-9]' || rc=1; done; exit \$rc"
+  stage cm_loss_prefetch 60 "$OUT/bench_gpu.txt" "set -o pipefail; rc=0; for b in 0 4 16; do echo cm_loss prefetch kernel: \$b blocks per SM; CMSEG_CM_LOSS_KERNEL=prefetch CMSEG_CM_LOSS_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss (main|prefetch) kernel|cm_loss: main|^  cm_loss +[0-9]|^cm_loss bandwidth' || rc=1; done; exit \$rc"
   # The staged kernel (CMSEG_CM_LOSS_KERNEL=staged: tiles of pixels copied into shared
   # memory by cp.async ahead of their math) with 3 and 2 slots, one wave of blocks.
-  stage cm_loss_staged 60 "$OUT/bench_gpu.txt" "set -o pipefail; rc=0; for st in 3 2; do echo cm_loss staged kernel: \$st slots; CMSEG_CM_LOSS_KERNEL=staged CMSEG_CM_LOSS_STAGES=\$st CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss (main|staged) kernel|cm_loss: main|^  cm_loss +[0-9]' || rc=1; done; exit \$rc"
+  stage cm_loss_staged 60 "$OUT/bench_gpu.txt" "set -o pipefail; rc=0; for st in 3 2; do echo cm_loss staged kernel: \$st slots; CMSEG_CM_LOSS_KERNEL=staged CMSEG_CM_LOSS_STAGES=\$st CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 2 tf32 2>&1 | grep -E '^cmseg GPU|cm_loss (main|staged) kernel|cm_loss: main|^  cm_loss +[0-9]|^cm_loss bandwidth' || rc=1; done; exit \$rc"
   # Instance norm's passes at 8 and 16 blocks per SM (4 by default; they moved 58-72% of
   # the H200's bandwidth): the step and the instance-norm lines.
   stage instance_norm_grid 60 "$OUT/bench_gpu.txt" "set -o pipefail; rc=0; for b in 8 16; do echo instance norm grid: \$b blocks per SM; CMSEG_IN_BLOCKS_PER_SM=\$b CMSEG_GPU_PROFILE=1 '$BUILD/cmseg_bench_gpu' brats3d-gpu 3 tf32 2>&1 | grep -E '^cmseg GPU|^  instance_norm' || rc=1; done; exit \$rc"

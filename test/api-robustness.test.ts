@@ -193,6 +193,25 @@ t.test('optimizer and loss numbers must fit a float', async (t) => {
   t.ok(Number.isFinite(m.optimizer.lr));
 });
 
+// Values that fit a float but break training: Adam's eps 0 turns an absent annotator's
+// weights into NaN (0/0 where all its gradients were 0), a negative trace weight flips the
+// regulariser the warm-up already negates, a seed past 2^53 is not the integer given.
+t.test('optimizer eps > 0, trace weights >= 0, seeds within 2^53', async (t) => {
+  const m = createModel(small);
+  const before = { optimizer: m.optimizer, loss: m.loss };
+  t.throws(() => m.setOptimizer({ eps: 0 }), /optimizer\.eps must be > 0, got 0/);
+  t.throws(() => m.setOptimizer({ eps: -1e-8 }), /optimizer\.eps must be > 0/);
+  t.throws(() => m.setLoss({ lambda: -1 }), /loss\.lambda must be >= 0, got -1/);
+  t.throws(() => m.setLoss({ lambdaWarmup: -0.5 }), /loss\.lambdaWarmup must be >= 0/);
+  t.same({ optimizer: m.optimizer, loss: m.loss }, before, 'nothing changed');
+  t.throws(() => createModel({ ...small, optimizer: { eps: 0 } }), /optimizer\.eps must be > 0/);
+  t.throws(() => createModel({ ...small, loss: { lambda: -2 } }), /loss\.lambda must be >= 0/);
+  t.throws(() => createModel({ ...small, seed: 2 ** 80 }), /config\.seed must be an integer in 0\.\.2\^53-1/);
+  t.equal(createModel({ ...small, seed: Number.MAX_SAFE_INTEGER }).config.seed, Number.MAX_SAFE_INTEGER);
+  m.setLoss({ lambda: 0, lambdaWarmup: 0 }); // no regulariser (cm-notrace) stays allowed
+  t.equal(m.loss.lambda, 0);
+});
+
 t.test('ambiguous batches are rejected, naming the fields', async (t) => {
   const m = createModel(small);
   const target = new Uint8Array(N * H * W);
@@ -247,4 +266,38 @@ t.test('a file that is not safetensors says so; a cut header says truncated', as
   t.throws(() => decodeSafetensors(good.subarray(0, 20), 'cut.safetensors'), /^cut\.safetensors: truncated: header of \d+ bytes but only 12 follow/);
   t.throws(() => decodeSafetensors(good.subarray(0, 5), 'tiny.safetensors'), /truncated: 5 bytes, no header length/);
   t.same(Array.from(decodeSafetensors(good).tensors.x.data as Float32Array), [0, 0, 0, 0]);
+});
+
+// Requests larger than the machine's memory are refused before any page is touched: with
+// Linux's overcommit they would otherwise start and be killed mid-step by the kernel. Run
+// in a child under `ulimit -v 8 GB`, so that a missing check fails with the allocator's
+// message instead of taking this process down.
+const dist = path.join(__dirname, '..', 'dist', 'index.js');
+t.test('a model or a step larger than the machine is refused, naming the need', { skip: process.platform !== 'linux' || !fs.existsSync(dist) ? 'Linux with a dist/ build only' : false }, async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-oom-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const file = path.join(dir, 'oom.js');
+  fs.writeFileSync(file, `
+    const { createModel } = require(${JSON.stringify(dist)});
+    const os = require('os');
+    (async () => {
+      const out = {};
+      try { createModel({ ndim: 2, inChannels: 1, classes: 2, annotators: 2, depth: 8, baseChannels: 1024 }); out.create = 'created'; }
+      catch (e) { out.create = e.code + ' ' + e.message; }
+      // 64 annotators x 16 classes: 16384 head channels, outputs and gradients, 128 KiB a pixel.
+      const m = createModel({ ndim: 2, inChannels: 1, classes: 16, annotators: 64, depth: 1, baseChannels: 1 });
+      const side = Math.ceil(Math.sqrt((4 * os.totalmem()) / 131072));
+      const labels = (s) => Array.from({ length: 64 }, () => new Uint8Array(s * s));
+      try { await m.trainStep({ images: new Float32Array(side * side), shape: [1, 1, side, side], labels: labels(side) }); out.step = 'stepped'; }
+      catch (e) { out.step = e.code + ' ' + e.message; }
+      // The model still trains after the refusal.
+      out.after = (await m.trainStep({ images: new Float32Array(64), shape: [1, 1, 8, 8], labels: labels(8) })).loss;
+      console.log(JSON.stringify(out));
+    })();`);
+  const run = spawnSync('bash', ['-c', `ulimit -v 8000000; exec "$0" "$1"`, process.execPath, file], { encoding: 'utf8', timeout: 60_000 });
+  t.equal(run.status, 0, run.stderr);
+  const out = JSON.parse(run.stdout.trim().split('\n').pop()!);
+  t.match(out.create, /^CMSEG_OUT_OF_MEMORY the model's 509649496074 parameters need 7594\.4 GiB \(values, gradients and Adam moments\), more than this machine's [0-9.]+ GiB of memory: lower baseChannels or depth$/);
+  t.match(out.step, /^CMSEG_OUT_OF_MEMORY a training step on 1 image\(s\) of 1x\d+x\d+ needs at least [0-9.]+ GiB, more than this machine's [0-9.]+ GiB of memory: use a smaller batch or patch/);
+  t.ok(Number.isFinite(out.after), 'a fitting step runs afterwards');
 });

@@ -4,6 +4,7 @@
 import t from 'tap';
 import * as fs from 'fs';
 import * as path from 'path';
+import * as zlib from 'zlib';
 import {
   BRATS_CLASSES,
   BratsError,
@@ -279,6 +280,22 @@ t.test('broken cases: missing files, mismatched grids, missing segmentation', as
     const broken = copyCase(c, root);
     fs.copyFileSync(broken.images[0], path.join(broken.dir, `${c.id}-t1n.nii.gz`));
     t.throws(() => discoverBratsCases(root), { name: 'BratsError', kind: 'ambiguous-naming' });
+  });
+
+  await t.test('two files for one modality (.nii.gz and .nii, or names differing in case)', async (t) => {
+    const root = tempDir(t);
+    const broken = copyCase(c, root);
+    const plain = path.join(broken.dir, `${c.id}_t1.nii`);
+    fs.writeFileSync(plain, zlib.gunzipSync(fs.readFileSync(broken.images[0])));
+    t.throws(() => discoverBratsCases(root), {
+      name: 'BratsError',
+      kind: 'ambiguous-file',
+      message: new RegExp(`holds both ${c.id}_t1\\.nii(\\.gz)? and ${c.id}_t1\\.nii(\\.gz)?: keep one`),
+    });
+    fs.rmSync(plain);
+    t.equal(discoverBratsCases(root).length, 1, 'one file each: the case is found');
+    fs.copyFileSync(broken.seg!, path.join(broken.dir, `${c.id}_SEG.nii.gz`));
+    t.throws(() => discoverBratsCases(root), { name: 'BratsError', kind: 'ambiguous-file' });
   });
 
   await t.test('an all-zero case cannot be normalised', async (t) => {

@@ -162,6 +162,12 @@ t.test('binary STAPLE on multi-label maps needs --foreground', async (t) => {
   t.same(Array.from((await readNifti(path.join(dir, 'fg.nii.gz'))).data), [0, 0, 1, 1, 0, 1, 0, 0], 'label 2 against the rest');
   t.equal(JSON.parse(fs.readFileSync(path.join(dir, 'cms.json'), 'utf8')).foreground, 2);
 
+  // A label no rater drew would fuse to all background.
+  const absent = await runCli(['fuse', '--method', 'staple', '--foreground', '7', '-o', 'none.nii.gz', ...files], dir);
+  t.equal(absent.exitCode, 1);
+  t.match(absent.stderr, /--foreground 7: no rater map holds that label \(they hold 0, 1, 2\), so the consensus would be all background/);
+  t.notOk(fs.existsSync(path.join(dir, 'none.nii.gz')), 'nothing written');
+
   const forMode = await runCli(['fuse', '--method', 'mode', '--foreground', '2', '-o', 'x.nii.gz', ...files], dir);
   t.equal(forMode.exitCode, 1);
   t.match(forMode.stderr, /--foreground is for --method staple; mode fuses every class/);

@@ -217,6 +217,11 @@ t.test('broken files give specific NiftiErrors', async (t) => {
   const missingError = await rejectsNifti(t, readNifti(missing), 'missing-file', [/not found/]);
   t.ok(missingError?.message.includes(missing), 'names the missing path');
   await rejectsNifti(t, () => readNiftiSync(missing), 'missing-file', [/missing\.nii\.gz/]);
+  // A folder where a file belongs: Node's EISDIR names no path; this one does.
+  const folder = path.join(dir, 'a-folder.nii.gz');
+  fs.mkdirSync(folder);
+  await t.rejects(readNifti(folder), { code: 'EISDIR', path: folder, message: `${folder} is a folder, but a NIfTI image file was expected there` });
+  t.throws(() => readNiftiSync(folder), { code: 'EISDIR', path: folder });
 
   await rejectsNifti(t, readNifti(write('short-header.nii', valid.subarray(0, 100))), 'truncated', [
     /header/,

@@ -7,7 +7,7 @@ import * as os from 'os';
 import * as path from 'path';
 import { UNLABELLED } from '../src/data/annotators';
 import { writeBratsPhantoms } from '../src/data/brats-phantom';
-import { type CachedCase, prepareCache, readCachedCase, readCacheIndex } from '../src/data/cache';
+import { type CachedCase, CaseFileReader, prepareCache, readCachedCase, readCacheIndex } from '../src/data/cache';
 import { writeNifti, type Matrix4 } from '../src/data/nifti';
 import { type PatchBatch, PatchLoader, PatchSampler, resolveSamplingSettings } from '../src/data/patch-loader';
 import { firstDifference } from './helpers/files';
@@ -164,6 +164,33 @@ t.test('flips move image and every label map together', async (t) => {
   t.equal(checked, 40 * patchVoxels, 'every patch voxel checked');
   t.equal(wrongVoxel, 0, 'image voxels come from origin + flip');
   t.equal(wrongLabel, 0, 'consensus and every annotator label belong to the same voxel as the image');
+});
+
+// Bytes changed on disk after prepare: the patch's error names the case file, not an
+// index into a batch the trainer happened to build.
+t.test('a damaged case file is named: NaN image values, labels out of range', async (t) => {
+  const index = readCacheIndex(gridCache);
+  const entry = index.cases[0];
+  const damage = (edit: (bytes: Buffer, header: CaseFileReader['header']) => void) => {
+    const dir = tempDir();
+    t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+    fs.cpSync(gridCache, dir, { recursive: true });
+    const file = path.join(dir, entry.file);
+    const reader = CaseFileReader.open(file);
+    const header = reader.header;
+    reader.close();
+    const bytes = fs.readFileSync(file);
+    edit(bytes, header);
+    fs.writeFileSync(file, bytes);
+    // Patches as large as the case: every voxel is read.
+    return new PatchSampler([{ id: entry.id, file, shape: entry.shape }], resolveSamplingSettings({ patchSize: [entry.shape[1], entry.shape[2], entry.shape[3]], seed: 1, augment: false }), index.names);
+  };
+  const nan = damage((bytes, header) => bytes.writeFloatLE(NaN, header.sections.images.offset + 4 * 37));
+  t.throws(() => nan.batch(0), { name: 'PatchLoaderError', message: new RegExp(`the cache file .*${entry.id}\\.bin of case ${entry.id} is damaged: its image channel 0 holds NaN; prepare the case again`) });
+  nan.close();
+  const label = damage((bytes, header) => (bytes[header.sections.labels[1]!.offset + 5] = 9));
+  t.throws(() => label.batch(0), { name: 'PatchLoaderError', message: /is damaged: annotator 1's labels hold label 9 \(classes 0\.\.3, 255 unlabelled\)/ });
+  label.close();
 });
 
 t.test('intensity augmentation: per-channel scale and shift inside the case only', async (t) => {

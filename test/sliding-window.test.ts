@@ -254,6 +254,9 @@ t.test('invalid arguments are rejected before any prediction', async (t) => {
   await t.rejects(slidingWindowPredict(model, volume, extent, { patch: [8, 8] }), /must have 3 sizes/);
   await t.rejects(slidingWindowPredict(model, volume, extent, { patch: [8, 8, 8], overlap: 1 }), /overlap = 1/);
   await t.rejects(slidingWindowPredict(model, volume, extent, { patch: [8, 8, 8], batchSize: 0 }), /batchSize = 0/);
+  // A misspelt option is named, not silently replaced by its default.
+  const typo = { patch: [8, 8, 8], overlapp: 0.9 } as unknown as Parameters<typeof slidingWindowPredict>[3];
+  await t.rejects(slidingWindowPredict(model, volume, extent, typo), /unknown sliding-window option\(s\) "overlapp"; known: patch, overlap,/);
   const bad = volume.slice();
   bad[100] = NaN;
   await t.rejects(slidingWindowPredict(model, bad, extent, { patch: [8, 8, 8] }), /non-finite value \(NaN\) at index 100/);

@@ -1,5 +1,7 @@
 #include "cmseg/backend.hpp"
 
+#include <unistd.h>
+
 #include "cmseg/cuda.hpp"
 #include "cmseg/error.hpp"
 #include "cmseg/onednn.hpp"
@@ -46,6 +48,14 @@ BackendInfo backend_info() {
   b.compiler = "unknown";
 #endif
   return b;
+}
+
+double physical_memory_bytes() {
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGESIZE)
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  if (pages > 0 && page > 0) return (double)pages * (double)page;
+#endif
+  return 0;
 }
 
 }  // namespace cmseg

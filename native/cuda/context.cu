@@ -55,6 +55,12 @@ DeviceInfo device_info(int device) {
   info.memory_bytes = prop.totalGlobalMem;
   info.l2_bytes = (size_t)prop.l2CacheSize;
   info.shared_bytes_per_block = prop.sharedMemPerBlockOptin;
+  int clock_khz = 0, bus_bits = 0;
+  if (cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, device) == cudaSuccess &&
+      cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, device) == cudaSuccess)
+    info.peak_memory_bytes_per_s = 2.0 * clock_khz * 1e3 * (bus_bits / 8.0);
+  else
+    cudaGetLastError();  // not an error: the figure is optional
   CMSEG_CUDA(cudaRuntimeGetVersion(&info.runtime_version));
   CMSEG_CUDA(cudaDriverGetVersion(&info.driver_version));
   info.cudnn_version = cudnnGetVersion();

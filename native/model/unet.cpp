@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "cmseg/backend.hpp"
 #include "cmseg/cuda.hpp"  // cuda::ModelGpu, owned by Model (Device::Cuda)
 #include "cmseg/error.hpp"
 #include "cmseg/model.hpp"
@@ -108,6 +109,41 @@ struct Model::Impl {
   std::vector<float> g_out, d_cat, d_up, d_below, d_in, d_pool;  // decoder / encoder backward
 };
 
+namespace {
+
+std::string gib(double bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f GiB", bytes / 1073741824.0);
+  return buf;
+}
+
+// Values, gradients and both Adam moments of every parameter: 16 bytes each. A layout
+// larger than the machine's memory (depth 8 at 1024 channels is terabytes) is refused
+// before any page is touched.
+void allocate_params(std::vector<Param>& params) {
+  double count = 0;
+  for (const Param& p : params) {
+    double n = 1;
+    for (auto d : p.shape) n *= (double)d;
+    count += n;
+  }
+  const double bytes = count * 4 * sizeof(float), ram = physical_memory_bytes();
+  if (ram > 0 && bytes > ram)
+    throw OutOfMemory(str("the model's ", (int64_t)count, " parameters need ", gib(bytes),
+                          " (values, gradients and Adam moments), more than this machine's ", gib(ram),
+                          " of memory: lower baseChannels or depth"));
+  for (Param& p : params) {
+    int64_t n = 1;
+    for (auto d : p.shape) n *= d;
+    p.value.assign(n, 0.f);
+    p.grad.assign(n, 0.f);
+    p.m.assign(n, 0.f);
+    p.v.assign(n, 0.f);
+  }
+}
+
+}  // namespace
+
 void validate_config(const ModelConfig& c) {
   if (c.ndim != 2 && c.ndim != 3) fail("ndim must be 2 or 3, got ", c.ndim);
   if (c.in_channels < 1) fail("inChannels must be >= 1, got ", c.in_channels);
@@ -128,13 +164,7 @@ Model::Model(const ModelConfig& config) : config_(config), impl_(new Impl) {
     Param p;
     p.name = name;
     p.shape = std::move(shape);
-    int64_t count = 1;
-    for (auto d : p.shape) count *= d;
-    p.value.assign(count, 0.f);
-    p.grad.assign(count, 0.f);
-    p.m.assign(count, 0.f);
-    p.v.assign(count, 0.f);
-    params_.push_back(std::move(p));
+    params_.push_back(std::move(p));  // allocated below, once the whole layout is known
     return (int)params_.size() - 1;
   };
   auto conv_shape = [&](int cout, int cin, int k) {
@@ -180,6 +210,8 @@ Model::Model(const ModelConfig& config) : config_(config), impl_(new Impl) {
     m.cm_w.push_back(add("cm." + std::to_string(r) + ".weight", conv_shape(K, C0, 1)));
     m.cm_b.push_back(add("cm." + std::to_string(r) + ".bias", {K}));
   }
+
+  allocate_params(params_);
 
   // Initialisation (documented in README "Model"): He-normal for 3x3 convolutions
   // (ReLU follows), uniform +-1/sqrt(fan_in) for transposed convs and heads,
@@ -440,12 +472,47 @@ void block_backward(std::vector<Param>& P, const Block& b, const float* x, int n
 
 }  // namespace
 
+namespace {
+
+// The least host memory a CPU call on n images of size s holds at once (bytes): with
+// the backward, every level's block activations (4 maps of its width), the decoder's
+// up-convolution outputs and concatenations (3 more), the heads' outputs and their
+// gradients; forward only, the top level's input and output and the heads. The real
+// figure is higher (scratch, oneDNN's padded blocks): this only catches requests that
+// cannot fit, which Linux's overcommit would let start and then kill mid-step.
+double step_bytes_lower_bound(const ModelConfig& c, int n, Spatial s, bool backward) {
+  const double V0 = (double)s.size(), L = c.classes;
+  const double heads = c.cm_mode == CmMode::Global ? 0.0 : (double)c.annotators * cm_head_channels(c.cm_mode, c.classes, c.cm_rank);
+  double floats = 0;
+  if (backward) {
+    for (int k = 0; k < c.depth; ++k) {
+      const double Vk = V0 / std::pow(2.0, k * c.ndim), ck = (double)(c.base << k);
+      floats += 4 * ck * Vk + (k + 1 < c.depth ? 7 * ck * Vk : 0.0);
+    }
+    floats += (L + 2 * heads) * V0;
+  } else {
+    floats += (2.0 * c.base + L + heads) * V0;
+  }
+  return floats * n * sizeof(float);
+}
+
+void check_host_memory(const ModelConfig& c, int n, Spatial s, bool backward) {
+  const double need = step_bytes_lower_bound(c, n, s, backward), ram = physical_memory_bytes();
+  if (ram > 0 && need > ram)
+    throw OutOfMemory(str(backward ? "a training step" : "a forward pass", " on ", n, " image(s) of ", s.d, "x", s.h, "x", s.w,
+                          " needs at least ", gib(need), ", more than this machine's ", gib(ram),
+                          " of memory: use a smaller batch or patch (or fewer channels)"));
+}
+
+}  // namespace
+
 StepResult Model::run(const Batch& batch, bool backward, bool loss) {
   if (gpu_) return run_device(batch, backward);  // Device::Cuda (model_device.cpp)
   if (loss)
     validate(batch);
   else
     validate_images(batch.images, batch.n, batch.s);  // predict: no labels are read
+  check_host_memory(config_, batch.n, batch.s, backward);
   Impl& m = *impl_;
   const ModelConfig& c = config_;
   auto& P = params_;

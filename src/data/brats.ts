@@ -64,6 +64,7 @@ export type BratsErrorKind =
   | 'misnamed-case'
   | 'duplicate-case'
   | 'ambiguous-naming'
+  | 'ambiguous-file'
   | 'bad-dims'
   | 'mismatched-dims'
   | 'mismatched-affine'
@@ -260,7 +261,9 @@ export function bratsLayoutHint(dir: string): string | undefined {
 
 /**
  * The case stored in one folder (named by its id), or undefined when the folder holds no
- * NIfTI files at all. Names are matched case-insensitively; .nii.gz wins over .nii.
+ * NIfTI files at all. Names are matched case-insensitively; two files for one modality
+ * (ID_t1.nii.gz beside ID_t1.nii, or names differing in case) are a BratsError
+ * ('ambiguous-file'): which one is meant cannot be told, and they may differ.
  * NIfTI files none of which is a modality named by the folder's id are a BratsError:
  * kind 'misnamed-case' when they are another case's modalities (the folder is a case under
  * the wrong name, or several cases' files), else 'not-a-case' (other files, say predictions).
@@ -270,14 +273,13 @@ export function bratsCaseInFolder(dir: string, options: DiscoverOptions = {}): B
   const id = path.basename(dir);
   const files = fs.readdirSync(dir).filter(isNiftiName);
   if (files.length === 0) return undefined;
-  const byLowerName = new Map(files.map((name) => [name.toLowerCase(), name]));
   const lookup = (naming: BratsNaming, suffix: string): string | undefined => {
     const stem = `${id}${BRATS_NAMING[naming].separator}${suffix}`.toLowerCase();
-    for (const ext of NIFTI_EXTENSIONS) {
-      const name = byLowerName.get(stem + ext);
-      if (name) return path.join(dir, name);
+    const found = files.filter((name) => NIFTI_EXTENSIONS.some((ext) => name.toLowerCase() === stem + ext));
+    if (found.length > 1) {
+      throw new BratsError('ambiguous-file', id, dir, `${dir} holds both ${found.join(' and ')}: keep one (which is meant cannot be told, and they may differ)`, found);
     }
-    return undefined;
+    return found.length === 1 ? path.join(dir, found[0]) : undefined;
   };
   const matches = (naming: BratsNaming) => {
     const images = BRATS_MODALITIES.map((m) => lookup(naming, BRATS_NAMING[naming].modalities[m]));

@@ -143,6 +143,29 @@ export class PatchLoaderError extends Error {
   }
 }
 
+/**
+ * A damaged case file (bytes changed on disk after `cmseg prepare` checked them) would
+ * otherwise surface as "images contain NaN at index ..." from the training step, naming
+ * no file: checked per patch here (one pass, small beside the step), naming the case.
+ */
+function checkSlot(c: SamplerCase, classes: number, b: number, channels: number, patchVoxels: number, out: BatchBuffers): void {
+  const damaged = (what: string) =>
+    new PatchLoaderError(`the cache file ${c.file} of case ${c.id} is damaged: ${what}; prepare the case again (cmseg prepare --rebuild)`, c.file);
+  const images = out.images.subarray(b * channels * patchVoxels, (b + 1) * channels * patchVoxels);
+  for (let i = 0; i < images.length; i++) {
+    if (!Number.isFinite(images[i])) throw damaged(`its image channel ${Math.floor(i / patchVoxels)} holds ${images[i]}`);
+  }
+  const maps: [string, Uint8Array | undefined][] = [['consensus', out.consensus], ...out.labels.map((l, r): [string, Uint8Array] => [`annotator ${r}'s labels`, l])];
+  if (out.fused) maps.push(['the fused labels', out.fused]);
+  for (const [what, map] of maps) {
+    if (!map) continue;
+    const slot = map.subarray(b * patchVoxels, (b + 1) * patchVoxels);
+    for (let i = 0; i < slot.length; i++) {
+      if (slot[i] >= classes && slot[i] !== UNLABELLED) throw damaged(`${what} hold label ${slot[i]} (classes 0..${classes - 1}, 255 unlabelled)`);
+    }
+  }
+}
+
 export const PATCH_LOADER_DEFAULTS = {
   patchSize: 64,
   batchSize: 1,
@@ -369,6 +392,7 @@ export class PatchSampler {
     }
 
     this.extract(open, origin, flip, scale, shift, b, out);
+    checkSlot(c, header.classes, b, C, patch[0] * patch[1] * patch[2], out);
     return { caseId: c.id, origin, flip, foreground: centre !== undefined, ...(centre ? { centre } : {}), scale, shift };
   }
 

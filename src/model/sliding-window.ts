@@ -132,6 +132,10 @@ function positiveInteger(name: string, value: unknown): number {
  * and stitches the outputs with Gaussian weights. See the top of this file for the
  * geometry. Rejects before any prediction when an argument is invalid.
  */
+const SLIDING_WINDOW_OPTION_KEYS: ReadonlySet<string> = new Set<keyof SlidingWindowOptions>([
+  'patch', 'overlap', 'batchSize', 'gaussianSigmaScale', 'cms', 'annotatorProbs', 'mirror', 'onProgress', 'pipeline',
+]);
+
 export async function slidingWindowPredict(
   model: SlidingWindowModel,
   volume: Float32Array,
@@ -150,6 +154,11 @@ export async function slidingWindowPredict(
     if (!Number.isFinite(volume[i])) throw new RangeError(`volume has a non-finite value (${volume[i]}) at index ${i}`);
   }
   if (!options || !Array.isArray(options.patch)) throw new TypeError('options.patch must be an array [d, h, w] (or [h, w] in 2D)');
+  // A misspelt option (overlapp) would otherwise fall back to its default without a word.
+  const unknown = Object.keys(options).filter((k) => !SLIDING_WINDOW_OPTION_KEYS.has(k));
+  if (unknown.length > 0) {
+    throw new TypeError(`unknown sliding-window option(s) ${unknown.map((k) => JSON.stringify(k)).join(', ')}; known: ${[...SLIDING_WINDOW_OPTION_KEYS].join(', ')}`);
+  }
   const patch = options.patch.length === 2 && ndim === 2 ? [1, ...options.patch] : [...options.patch];
   if (patch.length !== 3) throw new RangeError(`options.patch = [${options.patch.join(', ')}] must have ${ndim === 2 ? '2' : '3'} sizes`);
   patch.forEach((p, i) => positiveInteger(`options.patch[${i}]`, p));

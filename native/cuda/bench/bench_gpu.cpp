@@ -192,6 +192,20 @@ int main(int argc, char** argv) {
       loss_bytes = (double)pixels * (2.0 * L * 4 + 2.0 * R * K * 4 + 2.0 * R);
       loss_ms = ctx.time_ms([&] { cu::cm_loss(ctx, in, out); }, 5);
     }
+    // What this device's memory moves at: the datasheet's figure, and a device-to-device
+    // copy of 1 GiB (bytes read + written), the practical ceiling the CM loss is held to.
+    const double peak_gbs = dev.peak_memory_bytes_per_s / 1e9;
+    double copy_gbs = 0;
+    {
+      const size_t bytes = size_t(1) << 30;
+      cu::Buffer<uint8_t> a(ctx, bytes), b(ctx, bytes);
+      ctx.zero(a.data(), bytes);
+      const float copy_ms = ctx.time_ms([&] { ctx.copy(b.data(), a.data(), bytes); }, 5);
+      copy_gbs = 2.0 * bytes / (copy_ms * 1e-3) / 1e9;
+    }
+    const double loss_gbs = loss_bytes / (loss_ms * 1e-3) / 1e9;
+    std::printf("cm_loss bandwidth: %.0f GB/s = %.0f%% of the datasheet's %.0f GB/s, %.0f%% of a device copy's %.0f GB/s\n",
+                loss_gbs, peak_gbs > 0 ? 100 * loss_gbs / peak_gbs : 0.0, peak_gbs, 100 * loss_gbs / copy_gbs, copy_gbs);
 
     const bool cl = ctx.options().conv_channels_last, graph = ctx.options().conv_graph,
                tuned = ctx.options().conv_autotune && !c.bf16;
@@ -212,9 +226,10 @@ int main(int argc, char** argv) {
                 cu::wgrad_path_name(ctx.options().conv_wgrad), cu::last_cm_loss_kernel());
     for (size_t i = 0; i < ms.size(); ++i) std::printf("%s%.3f", i ? "," : "", ms[i]);
     std::printf("],\"stepMsMedian\":%.3f,\"voxelsPerSecond\":%.1f,\"gflopPerSecond\":%.1f,\"peakGpuMB\":%.1f,"
-                "\"cmLossMs\":%.4f,\"cmLossBytes\":%.0f,\"cmLossGBs\":%.1f,\"pipelinedMs\":%.3f}\n",
+                "\"cmLossMs\":%.4f,\"cmLossBytes\":%.0f,\"cmLossGBs\":%.1f,\"peakMemoryGBs\":%.1f,\"deviceCopyGBs\":%.1f,"
+                "\"pipelinedMs\":%.3f}\n",
                 med, n * V / (med * 1e-3), flops / (med * 1e-3) / 1e9, ps.peak_in_use_bytes / 1048576.0, loss_ms,
-                loss_bytes, loss_bytes / (loss_ms * 1e-3) / 1e9, period);
+                loss_bytes, loss_gbs, peak_gbs, copy_gbs, period);
   } catch (const std::exception& e) {
     std::string msg = e.what();
     std::replace(msg.begin(), msg.end(), '"', '\'');

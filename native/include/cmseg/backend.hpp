@@ -25,4 +25,9 @@ struct BackendInfo {
 
 BackendInfo backend_info();
 
+// This machine's physical memory in bytes; 0 where the system does not say. Requests
+// larger than it are refused up front: with Linux's overcommit a larger allocation
+// "succeeds" and the process is killed later, when the pages are touched.
+double physical_memory_bytes();
+
 }  // namespace cmseg

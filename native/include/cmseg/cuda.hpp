@@ -41,6 +41,9 @@ struct DeviceInfo {
   size_t memory_bytes = 0;
   size_t l2_bytes = 0;
   size_t shared_bytes_per_block = 0;  // the most a kernel may opt in to (sharedMemPerBlockOptin)
+  // The datasheet's memory bandwidth: 2 transfers per memory clock over the bus width
+  // (H100 SXM: 2 x 2619 MHz x 5120 bit = 3.35 TB/s). 0 where the device does not say.
+  double peak_memory_bytes_per_s = 0;
   int runtime_version = 0;          // cudaRuntimeGetVersion, e.g. 13020
   int driver_version = 0;           // cudaDriverGetVersion
   size_t cudnn_version = 0;         // cudnnGetVersion, e.g. 92600

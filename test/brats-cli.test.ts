@@ -11,6 +11,7 @@ import { readCacheIndex } from '../src/data/cache';
 import { readNifti, writeNifti } from '../src/data/nifti';
 import { readPngSync } from '../src/data/png';
 import { backendInfo } from '../src/model/model';
+import { checkReleasedPrediction } from './helpers/brats-predictions';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-brats-cli-'));
 t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
@@ -116,6 +117,10 @@ t.test('phantom -> prepare (incremental, interruptible) -> train -> predict -> e
   const crop = readCacheIndex(path.join(dir, 'cache')).cases.find((c) => c.id === id)!.crop;
   const scale = Math.max(1, Math.floor(Math.floor(256 / Math.max(crop.h, crop.w)) / 2));
   const gap = Math.max(2, scale);
+  // Read back: the consensus is the BraTS 2021 label ([0, 1, 2, 4]) of the most probable class
+  // at every voxel, and outside the cache's crop the probabilities are background's (1, 0, 0, 0).
+  const released = await checkReleasedPrediction(t, path.join(dir, 'pred'), id, crop);
+  t.ok(released.argmaxCounts.filter((n) => n > 0).length >= 2, `more than one class predicted in the crop (${released.argmaxCounts}): the label check is not of one value`);
   let worst = 0;
   for (let v = 0; v < V; v++) worst = Math.max(worst, Math.abs(probs.data[v] + probs.data[V + v] + probs.data[2 * V + v] + probs.data[3 * V + v] - 1));
   t.ok(worst < 1e-4, `probabilities sum to 1 at every voxel (worst ${worst})`);
@@ -256,6 +261,8 @@ t.test('train from a raw BraTS 2023 folder: the cache is prepared inside the run
   t.match(predicted.stdout, /predicted 1 case\(s\) from the BraTS folder data2023: 2 NIfTI volumes and 1 PNG pictures \(labels in BraTS 2023 numbering\)/);
   const consensus = await readNifti(path.join(dir, 'pred2023', 'BraTS-GLI-00000-000_consensus.nii.gz'));
   t.same([...new Set(consensus.raw)].filter((v) => ![0, 1, 2, 3].includes(v)), [], '2023 labels: ET stays 3');
+  const crop2023 = index.cases.find((c) => c.id === 'BraTS-GLI-00000-000')!.crop;
+  await checkReleasedPrediction(t, path.join(dir, 'pred2023'), 'BraTS-GLI-00000-000', crop2023, '2023');
 });
 
 t.test('predict legends: "a LxL grid" of CM tiles, 2D and 3D', async (t) => {

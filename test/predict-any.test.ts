@@ -13,11 +13,15 @@ import * as path from 'path';
 import { runCli } from './helpers/cli';
 import { annotatorFileNames } from '../src/cli/predict';
 import { createModel, Model, setNumThreads } from '../src/model/model';
-import { saveCheckpoint } from '../src/model/checkpoint';
+import { loadCheckpoint, saveCheckpoint } from '../src/model/checkpoint';
 import { type Matrix4, readNifti, writeNifti } from '../src/data/nifti';
 import { readSafetensors } from '../src/data/safetensors';
 import { readPngSync, writePngSync } from '../src/data/png';
 import { paddedToDepth } from '../src/train/evaluate';
+import { slidingWindowPredict } from '../src/model/sliding-window';
+import { casesInData } from '../src/data/brats-cases';
+import { BRATS_GEOMETRY_TOLERANCE_MM } from '../src/data/brats';
+import { checkReleasedPrediction, cropOfProbs, RELEASE_LABELS } from './helpers/brats-predictions';
 
 setNumThreads(1);
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-predict-any-'));
@@ -160,6 +164,10 @@ t.test('an API 3D model on phantom BraTS cases: NIfTI on the original grid', asy
     t.same(probs.dims, [...t1.dims, 4], `${id}: one probability volume per class`);
     t.same(probs.affine, t1.affine);
     for (let r = 0; r < 3; r++) t.same((await readNifti(path.join(dir, 'pred-3d', `${id}_annotator-annotator${r}.nii.gz`))).dims, t1.dims, `${id}: annotator ${r}`);
+    // Read back: the consensus is the 2021 label of the most probable class at every voxel, background outside the crop.
+    const { crop } = await casesInData(path.join(dir, 'brats'), BRATS_GEOMETRY_TOLERANCE_MM).load(id);
+    const released = await checkReleasedPrediction(t, path.join(dir, 'pred-3d'), id, crop);
+    t.ok(released.argmaxCounts.every((n) => n > 0), `${id}: every class is the most probable somewhere in the crop (${released.argmaxCounts}), so each label is checked`);
   }
   t.match(fs.readFileSync(path.join(dir, 'pred-3d', 'README.txt'), 'utf8'), /Sliding windows of 16x16x16 voxels[\s\S]*annotators: 0 = annotator0, 1 = annotator1, 2 = annotator2\n/);
 
@@ -204,6 +212,68 @@ t.test('an API 3D model on phantom BraTS cases: NIfTI on the original grid', asy
   t.match(cached.stdout, /^model at step 3, 2 case\(s\) from the cache cache:\n/);
   t.match(cached.stdout, /\| CM estimation error \(RMSE\) \| /);
   t.same(json('cache-eval.json').metrics.annotatorNames, ['over', 'under', 'wrong']);
+});
+
+t.test('3D predictions in the release\'s labels: class 3 (ET) written as 4, probabilities in class order', async (t) => {
+  // api3d with its segmentation head's bias for class 3 raised by 1: ET is the most probable
+  // class at nearly every voxel of the crop (every logit of class 3 rises by 1, the others stay).
+  const base = await loadCheckpoint(path.join(dir, 'api3d.safetensors'));
+  const weights = base.getWeights();
+  weights['seg.bias'] = Float32Array.from(weights['seg.bias'], (b, k) => (k === 3 ? b + 1 : b));
+  base.setWeights(weights);
+  await saveCheckpoint(base, path.join(dir, 'api3d-et.safetensors'));
+  await base.dispose();
+  const model = await loadCheckpoint(path.join(dir, 'api3d-et.safetensors'));
+  t.teardown(() => model.dispose());
+
+  const pr = await cli(['predict', '--checkpoint', 'api3d-et.safetensors', '--data', 'brats', '--patch', '16', '--out', 'pred-et']);
+  t.equal(pr.exitCode, 0, pr.stderr);
+  const cases = casesInData(path.join(dir, 'brats'), BRATS_GEOMETRY_TOLERANCE_MM);
+  for (const id of cases.ids) {
+    const c = await cases.load(id);
+    const released = await checkReleasedPrediction(t, path.join(dir, 'pred-et'), id, c.crop);
+    const inCrop = c.crop.d * c.crop.h * c.crop.w;
+    t.ok(released.argmaxCounts[3] > inCrop / 2, `${id}: class 3 is the most probable at ${released.argmaxCounts[3]} of ${inCrop} voxels of the crop, each read back as 4`);
+    const consensus = (await readNifti(path.join(dir, 'pred-et', `${id}_consensus.nii.gz`))).raw;
+    const labelCount = (label: number) => Array.from(consensus as ArrayLike<number>).filter((x) => Number(x) === label).length;
+    t.equal(labelCount(4), released.argmaxCounts[3], `${id}: as many voxels labelled 4 as voxels where ET wins`);
+    t.equal(labelCount(3), 0, `${id}: no label 3 in a BraTS 2021 case`);
+
+    // The model's own sliding-window prediction through the API (the window predict uses):
+    // the written planes are its classes 0..3 in order, and each annotator's volume is the
+    // release label of argmax q_r inside the crop, 0 outside it.
+    const p = await slidingWindowPredict(model, c.images, c.extent, { patch: [16, 16, 16], annotatorProbs: true });
+    const written = cropOfProbs(released.probs, released.dims, c.crop);
+    let apart = 0;
+    for (let i = 0; i < written.length; i++) apart = Math.max(apart, Math.abs(written[i] - p.probs[i]));
+    t.ok(apart < 1e-6, `${id}: the probability volumes are the model's classes 0..3 in order (max diff ${apart.toExponential(2)})`);
+    const [X, Y] = released.dims;
+    for (let r = 0; r < 3; r++) {
+      const annotator = (await readNifti(path.join(dir, 'pred-et', `${id}_annotator-annotator${r}.nii.gz`))).raw;
+      const q = p.annotatorProbs!;
+      let wrong = 0;
+      let nonzeroInside = 0;
+      let enhancing = 0;
+      for (let z = 0; z < c.crop.d; z++) {
+        for (let y = 0; y < c.crop.h; y++) {
+          for (let x = 0; x < c.crop.w; x++) {
+            const v = (z * c.crop.h + y) * c.crop.w + x;
+            let best = 0;
+            for (let k = 1; k < 4; k++) if (q[(r * 4 + k) * inCrop + v] > q[(r * 4 + best) * inCrop + v]) best = k;
+            const got = Number(annotator[((c.crop.z0 + z) * Y + c.crop.y0 + y) * X + c.crop.x0 + x]);
+            if (got !== RELEASE_LABELS['2021'][best]) wrong++;
+            if (got !== 0) nonzeroInside++;
+            if (best === 3) enhancing++;
+          }
+        }
+      }
+      let nonzero = 0;
+      for (let i = 0; i < annotator.length; i++) if (Number(annotator[i]) !== 0) nonzero++;
+      t.equal(wrong, 0, `${id}: annotator ${r} = [0, 1, 2, 4][argmax q_r] at all ${inCrop} voxels of the crop (${enhancing} of them ET, read back as 4)`);
+      t.equal(nonzero - nonzeroInside, 0, `${id}: annotator ${r} is 0 outside the crop`);
+      t.ok(enhancing > 0, `${id}: annotator ${r}'s map has ET voxels to check`);
+    }
+  }
 });
 
 t.test('trainer checkpoints on data that is not their run split', async (t) => {

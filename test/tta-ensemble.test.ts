@@ -11,6 +11,14 @@
 // Exact (bit for bit): a pointwise model (mirror-equivariant by construction) with and
 // without TTA; an ensemble of one model twice against the model; `--checkpoint a a`
 // against `--checkpoint a` on the command line.
+// On the command line, `--checkpoint a b [--tta]` is held to handEnsemble: the checkpoints
+// loaded through the API, each predicting every mirror image (flipped by flipReference), the
+// outputs flipped back and averaged in Float64. 2D eval: Dice per class, Average and Total
+// Dice and the reliabilities recomputed by hand from that prediction (1e-12; 1e-8 for the
+// reliabilities), CM error and GED of it (1e-8, 1e-9). 3D predict: the written
+// <id>_probs.nii.gz, inside the crop, against the case windowed as predict does with that
+// model (1e-5), and the consensus and background-outside-the-crop checks of
+// helpers/brats-predictions.ts.
 // Every model is tiny (base width 4, depth 2 or 3, a step or two of training).
 import t from 'tap';
 import { createHash } from 'crypto';
@@ -24,6 +32,13 @@ import { readNifti } from '../src/data/nifti';
 import { ensemble } from '../src/model/ensemble';
 import { flipSpatial, mirrored, mirrorings } from '../src/model/tta';
 import { slidingWindowPredict, type SlidingWindowModel } from '../src/model/sliding-window';
+import { loadCheckpoint } from '../src/model/checkpoint';
+import { casesInData } from '../src/data/brats-cases';
+import { BRATS_GEOMETRY_TOLERANCE_MM } from '../src/data/brats';
+import { loadExperimentData, type DatasetSpec } from '../src/train/experiment';
+import { gatherBatch } from '../src/train/data';
+import { evaluateModel, type EvaluationSummary } from '../src/train/evaluate';
+import { checkReleasedPrediction, cropOfProbs } from './helpers/brats-predictions';
 
 setNumThreads(1);
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-tta-ensemble-'));
@@ -94,6 +109,79 @@ async function meanOfMirrored(model: SlidingWindowModel, images: Float32Array, s
   }
   for (const name of OUTPUTS) sums[name] = sums[name].map((x) => x / flips.length);
   return sums;
+}
+
+/**
+ * The reference for `--checkpoint a b [--tta]` on the command line, built from the members'
+ * own predict() and plain array ops only: for every member m and every mirroring f (with
+ * `mirror`; else the input as it is), f(m.predict(f(x))) flipped by flipReference, and their
+ * plain mean summed in Float64 (the code under test nests mirrored() around ensemble(), flips
+ * with its own row walk and keeps a Float32 running mean).
+ */
+function handEnsemble(members: readonly SlidingWindowModel[], mirror: boolean): SlidingWindowModel {
+  const { ndim, inChannels, classes, annotators } = members[0].config;
+  return {
+    config: { ndim, inChannels, classes, annotators, depth: Math.max(...members.map((m) => m.config.depth)) },
+    predict: async (images, shape, options = {}) => {
+      const flips = mirror ? spatialFlips(shape.length - 2) : [[]];
+      const spatial = shape.slice(2);
+      const V = spatial.reduce((a, b) => a * b, 1);
+      const sums: Partial<Record<(typeof OUTPUTS)[number], Float64Array>> = {};
+      for (const member of members) {
+        for (const flip of flips) {
+          const p = (await member.predict(flipReference(images, shape, flip), shape, options)) as Outputs;
+          for (const name of OUTPUTS) {
+            const values = p[name];
+            if (!values) continue;
+            const back = flipReference(values, [shape[0], values.length / (shape[0] * V), ...spatial], flip);
+            const sum = (sums[name] ??= new Float64Array(values.length));
+            back.forEach((x, i) => (sum[i] += x));
+          }
+        }
+      }
+      const terms = members.length * flips.length;
+      const mean = (name: (typeof OUTPUTS)[number]) => Float32Array.from(sums[name]!, (x) => x / terms);
+      return { probs: mean('probs'), ...(sums.cms ? { cms: mean('cms') } : {}), ...(sums.annotatorProbs ? { annotatorProbs: mean('annotatorProbs') } : {}) };
+    },
+  };
+}
+
+/**
+ * The consensus Dice figures and the annotators' reliabilities of a prediction of N images
+ * against `truth`, by their definitions (SPEC section 6), written out here: per image and
+ * class, Dice = 2|P & Y| / (|P| + |Y|) (1 when both are empty) with P = argmax p (the first
+ * class on ties); Average Dice = the mean over the non-background classes; Total Dice = the
+ * voxel accuracy; each a mean over images. Reliability of annotator r = the mean over every
+ * voxel of trace(A_r) / L.
+ */
+function handFigures(p: Outputs, truth: Uint8Array, N: number, L: number, R: number) {
+  const V = truth.length / N;
+  const dice = new Array<number>(L).fill(0);
+  let average = 0;
+  let total = 0;
+  for (let n = 0; n < N; n++) {
+    const both = new Array<number>(L).fill(0);
+    const predicted = new Array<number>(L).fill(0);
+    const actual = new Array<number>(L).fill(0);
+    for (let v = 0; v < V; v++) {
+      let best = 0;
+      for (let k = 1; k < L; k++) if (p.probs[(n * L + k) * V + v] > p.probs[(n * L + best) * V + v]) best = k;
+      const y = truth[n * V + v];
+      predicted[best]++;
+      actual[y]++;
+      if (best === y) both[y]++;
+    }
+    const perClass = both.map((b, c) => (predicted[c] + actual[c] === 0 ? 1 : (2 * b) / (predicted[c] + actual[c])));
+    perClass.forEach((d, c) => (dice[c] += d / N));
+    average += perClass.slice(1).reduce((a, b) => a + b, 0) / (L - 1) / N;
+    total += both.reduce((a, b) => a + b, 0) / V / N;
+  }
+  const reliability = Array.from({ length: R }, (_, r) => {
+    let trace = 0;
+    for (let n = 0; n < N; n++) for (let i = 0; i < L; i++) for (let v = 0; v < V; v++) trace += p.cms![(((n * R + r) * L + i) * L + i) * V + v];
+    return trace / (N * V * L);
+  });
+  return { dice, average, total, reliability };
 }
 
 /** Every CM column A[.][j] of [N, R, L, L, *S] sums to 1 (within tol) and lies in [0, 1]. */
@@ -336,6 +424,46 @@ t.test('cmseg eval and predict on mnist-tiny runs: --tta, two checkpoints, misma
   t.same([record.method, record.methods], ['cm', ['cm', 'cm']], 'members of one method: that method, and each');
   t.ok(record.metrics.averageDice.mean >= 0 && record.metrics.cmError.mean > 0, 'scored, with the CM error');
 
+  // What those scores must be: both checkpoints loaded through the API, every validation image
+  // predicted by each of them on the 4 mirror images (flipped by hand, flipped back by hand),
+  // the 8 predictions averaged in Float64, and the figures computed from that prediction.
+  // Without --tta the reference is the mean of the two plain predictions.
+  const members = [await loadCheckpoint(path.join(dir, a)), await loadCheckpoint(path.join(dir, b))];
+  t.teardown(() => Promise.all(members.map((m) => m.dispose())));
+  const set = loadExperimentData(record.dataset as DatasetSpec, record.seed).split!('validation');
+  const batch = gatherBatch(set, Array.from({ length: set.count }, (_, i) => i));
+  const [N, L, R] = [set.count, set.classes, set.labels.length];
+  t.notOk(batch.consensus!.includes(255), 'the validation consensus labels every pixel (the hand Dice counts them all)');
+  const plainEnsemble = await cli(['eval', '--checkpoint', a, b, '--split', 'validation', '--out', 'ensemble-plain.json']);
+  t.equal(plainEnsemble.exitCode, 0, plainEnsemble.stderr);
+  const references: [string, EvaluationSummary, boolean][] = [
+    ['--checkpoint a b --tta', record.metrics, true],
+    ['--checkpoint a b', json('ensemble-plain.json').metrics, false],
+  ];
+  const totals: number[] = [];
+  for (const [label, metrics, mirror] of references) {
+    const reference = handEnsemble(members, mirror);
+    const expected = (await reference.predict(batch.images, batch.shape, { cms: true, annotatorProbs: true })) as Outputs;
+    const hand = handFigures(expected, batch.consensus!, N, L, R);
+    totals.push(hand.total);
+    t.equal(metrics.images, N, `${label}: every validation image`);
+    t.ok(maxDiff(metrics.dicePerClass.map((d) => d.mean), hand.dice) < 1e-12, `${label}: Dice per class ${metrics.dicePerClass.map((d) => d.mean)} = the hand figures ${hand.dice}`);
+    t.ok(Math.abs(metrics.averageDice.mean - hand.average) < 1e-12, `${label}: Average Dice ${metrics.averageDice.mean} = ${hand.average}`);
+    t.ok(Math.abs(metrics.totalDice.mean - hand.total) < 1e-12, `${label}: Total Dice ${metrics.totalDice.mean} = ${hand.total}`);
+    // Float32 running mean vs Float64 mean: a few ulps per CM entry, below 1e-8 in a mean over
+    // pixels (2.7e-10 seen); the mirrorings move these reliabilities by about 7e-6.
+    t.ok(maxDiff(metrics.reliability!, hand.reliability) < 1e-8, `${label}: reliability ${metrics.reliability} = mean trace(A_r)/L of the hand prediction ${hand.reliability} (max diff ${maxDiff(metrics.reliability!, hand.reliability).toExponential(2)})`);
+    // The CM error and GED of the same hand prediction (the metric code is tested elsewhere: here the prediction is).
+    const scored = await evaluateModel(reference, set);
+    t.ok(Math.abs(metrics.cmError!.mean - scored.cmError!.mean) < 1e-8, `${label}: CM error ${metrics.cmError!.mean} = that of the hand prediction ${scored.cmError!.mean}`);
+    t.ok(maxDiff(metrics.cmErrorPerAnnotator!.map((e) => e.mean), scored.cmErrorPerAnnotator!.map((e) => e.mean)) < 1e-8, `${label}: CM error per annotator`);
+    t.ok(Math.abs(metrics.ged!.mean - scored.ged!.mean) < 1e-9, `${label}: GED ${metrics.ged!.mean} = that of the hand prediction ${scored.ged!.mean}`);
+  }
+  // The references tell TTA from no TTA (so the checks above can fail): the mirrorings move the Total Dice.
+  t.ok(Math.abs(totals[0] - totals[1]) > 1e-3, `TTA changes the hand Total Dice (${totals[0]} vs ${totals[1]})`);
+  const plainTotal = json('ensemble-plain.json').metrics.totalDice.mean;
+  t.ok(Math.abs(record.metrics.totalDice.mean - plainTotal) > 1e-3, `--tta scores differ from the plain ensemble's (Total Dice ${record.metrics.totalDice.mean} vs ${plainTotal})`);
+
   // Another ensemble led by the same checkpoint: a file of its own (not to overwrite the one above), and a mixed method.
   const n = 'runs/naive/best.safetensors';
   const mixed = await cli(['eval', '--checkpoint', a, n, '--tta', '--split', 'validation']);
@@ -382,6 +510,21 @@ t.test('cmseg predict and eval on a tiny BraTS phantom: --tta, two checkpoints',
   let worst = 0;
   for (let v = 0; v < V; v++) worst = Math.max(worst, Math.abs(probs.data[v] + probs.data[V + v] + probs.data[2 * V + v] + probs.data[3 * V + v] - 1));
   t.ok(worst < 1e-5, `averaged probabilities sum to 1 per voxel (worst ${worst.toExponential(2)})`);
+
+  // What the file must hold: the case's crop, windowed as predict windows it (16^3, overlap 0.5,
+  // 2 windows a batch), each window predicted by both checkpoints (loaded through the API) on
+  // its 8 mirror images, flipped and flipped back by hand and averaged in Float64; in class
+  // order, put back on the case's grid (background 1 outside the crop), with the consensus
+  // the BraTS 2021 label of the most probable class.
+  const members3d = [await loadCheckpoint(path.join(dir, 'api3d-a.safetensors')), await loadCheckpoint(path.join(dir, 'api3d-b.safetensors'))];
+  t.teardown(() => Promise.all(members3d.map((m) => m.dispose())));
+  const case0 = await casesInData(path.join(dir, 'brats'), BRATS_GEOMETRY_TOLERANCE_MM).load('BraTS2021_00000');
+  const released = await checkReleasedPrediction(t, path.join(dir, 'pred3d'), 'BraTS2021_00000', case0.crop);
+  const byHand = await slidingWindowPredict(handEnsemble(members3d, true), case0.images, case0.extent, { patch: [16, 16, 16], overlap: 0.5, batchSize: 2 });
+  const written = cropOfProbs(released.probs, released.dims, case0.crop);
+  t.ok(maxDiff(written, byHand.probs) < 1e-5, `the written probabilities = the hand TTA ensemble's, class by class (max diff ${maxDiff(written, byHand.probs).toExponential(2)})`);
+  const plainA = await slidingWindowPredict(members3d[0], case0.images, case0.extent, { patch: [16, 16, 16], overlap: 0.5, batchSize: 2 });
+  t.ok(maxDiff(written, plainA.probs) > 1e-3, `and far from checkpoint a's plain prediction (max diff ${maxDiff(written, plainA.probs).toExponential(2)})`);
 
   const once = await cli(['eval', '--checkpoint', 'api3d-a.safetensors', '--data', 'brats', '--patch', '16', '--out', 'once.json']);
   t.equal(once.exitCode, 0, once.stderr);

@@ -47,6 +47,7 @@ export async function readCheckpointInfo(file: string): Promise<CheckpointInfo> 
   }
   const contents = await readCheckpoint(file);
   const { config, extra } = contents;
+  checkConfig(config, file);
   const saved = extra.format === TRAINER_STATE_FORMAT ? trainerExtra(extra, file) : undefined;
   const recipe = (saved?.run as unknown as RunRecipe | undefined)?.dataset ? (saved!.run as unknown as RunRecipe) : undefined;
   const R = config.annotators;
@@ -64,4 +65,25 @@ export async function readCheckpointInfo(file: string): Promise<CheckpointInfo> 
     annotatorNames: namesRecorded ? [...(recorded as string[])] : Array.from({ length: R }, (_, r) => `annotator${r}`),
     namesRecorded,
   };
+}
+
+// The ranges the engine's validate_config (native/model/unet.cpp) enforces, checked here because
+// eval and predict read these fields (to load data, size windows, name annotators) before they build
+// the model: a bad value names the checkpoint instead of failing somewhere downstream.
+const CONFIG_RANGES: [keyof ResolvedConfig, number, number][] = [
+  ['inChannels', 1, Number.MAX_SAFE_INTEGER],
+  ['classes', 2, 16],
+  ['annotators', 1, 64],
+  ['depth', 1, 8],
+  ['baseChannels', 1, 1024],
+];
+
+function checkConfig(config: ResolvedConfig, file: string): void {
+  const bad = (what: string) => new UserError(`checkpoint ${file}: its model config is invalid: ${what}`);
+  if (config.ndim !== 2 && config.ndim !== 3) throw bad(`ndim must be 2 or 3, got ${JSON.stringify(config.ndim)}`);
+  for (const [key, lo, hi] of CONFIG_RANGES) {
+    const value = config[key];
+    if (!Number.isInteger(value) || (value as number) < lo || (value as number) > hi)
+      throw bad(`${key} must be an integer ${hi === Number.MAX_SAFE_INTEGER ? `>= ${lo}` : `in ${lo}..${hi}`}, got ${JSON.stringify(value)}`);
+  }
 }

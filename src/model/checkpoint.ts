@@ -16,6 +16,8 @@ export interface CheckpointContents {
   loss: Required<LossOptions>;
   step: number;
   weights: Record<string, Float32Array>;
+  /** The shape the file gives every tensor, by its name in the file (`optim.m.<name>` and `optim.v.<name>` included). */
+  shapes: Record<string, number[]>;
   moments?: { m: Record<string, Float32Array>; v: Record<string, Float32Array> };
   /** Free-form state of whoever saved it (trainer epoch, RNG state, best metric, ...). */
   extra: Record<string, unknown>;
@@ -70,46 +72,93 @@ function parseJson(text: string | undefined, what: string, path: string): unknow
   }
 }
 
+/** A metadata entry that must hold a JSON object (config, optimizer, loss, extra). */
+function parseObject(text: string | undefined, what: string, path: string): Record<string, unknown> {
+  const value = parseJson(text, what, path);
+  if (value === null || typeof value !== 'object' || Array.isArray(value))
+    throw new Error(`${path}: checkpoint metadata '${what}' must be a JSON object, got ${value === null ? 'null' : Array.isArray(value) ? 'an array' : typeof value}`);
+  return value as Record<string, unknown>;
+}
+
+/** Sets an own property, even one named `__proto__`. */
+function setOwn<T>(record: Record<string, T>, key: string, value: T): void {
+  Object.defineProperty(record, key, { value, enumerable: true, writable: true, configurable: true });
+}
+
 export async function readCheckpoint(path: string): Promise<CheckpointContents> {
   const file = await readSafetensors(path);
   const md = file.metadata;
-  if (md.format !== CHECKPOINT_FORMAT) throw new Error(`${path}: not a cmseg checkpoint (metadata format is '${md.format ?? 'missing'}')`);
+  const format = Object.hasOwn(md, 'format') ? md.format : undefined;
+  if (format !== CHECKPOINT_FORMAT) throw new Error(`${path}: not a cmseg checkpoint (metadata format is '${format ?? 'missing'}')`);
   const weights: Record<string, Float32Array> = {};
+  const shapes: Record<string, number[]> = {};
   const m: Record<string, Float32Array> = {};
   const v: Record<string, Float32Array> = {};
   for (const [name, t] of Object.entries(file.tensors)) {
     if (!(t.data instanceof Float32Array)) throw new Error(`${path}: tensor '${name}' is ${t.dtype}, expected F32`);
-    if (name.startsWith('optim.m.')) m[name.slice(8)] = t.data;
-    else if (name.startsWith('optim.v.')) v[name.slice(8)] = t.data;
-    else weights[name] = t.data;
+    setOwn(shapes, name, t.shape);
+    if (name.startsWith('optim.m.')) setOwn(m, name.slice(8), t.data);
+    else if (name.startsWith('optim.v.')) setOwn(v, name.slice(8), t.data);
+    else setOwn(weights, name, t.data);
   }
+  const stepText = md.step ?? '0';
+  const step = /^\d+$/.test(stepText) ? Number(stepText) : NaN;
+  if (!Number.isSafeInteger(step)) throw new Error(`${path}: checkpoint metadata 'step' is '${stepText}', not a non-negative integer`);
   return {
-    config: parseJson(md.config, 'config', path) as ResolvedConfig,
-    optimizer: parseJson(md.optimizer, 'optimizer', path) as Required<OptimizerOptions>,
-    loss: parseJson(md.loss, 'loss', path) as Required<LossOptions>,
-    step: Number(md.step ?? 0),
+    config: parseObject(md.config, 'config', path) as unknown as ResolvedConfig,
+    optimizer: parseObject(md.optimizer, 'optimizer', path) as Required<OptimizerOptions>,
+    loss: parseObject(md.loss, 'loss', path) as Required<LossOptions>,
+    step,
     weights,
+    shapes,
     moments: Object.keys(m).length ? { m, v } : undefined,
-    extra: (md.extra ? parseJson(md.extra, 'extra', path) : {}) as Record<string, unknown>,
+    extra: md.extra ? parseObject(md.extra, 'extra', path) : {},
   };
+}
+
+function sameShape(a: readonly number[], b: readonly number[]): boolean {
+  return a.length === b.length && a.every((d, i) => d === b[i]);
+}
+
+/** The error of `cause` with `message`, keeping its `code` (CMSEG_INVALID_ARGUMENT from the engine). */
+function withCause(message: string, cause: unknown): Error {
+  const err = new Error(message);
+  const code = (cause as { code?: unknown } | null)?.code;
+  if (code !== undefined) (err as Error & { code?: unknown }).code = code;
+  return err;
 }
 
 /** Rebuilds the model a checkpoint was saved from: weights, optimiser state and settings. */
 export async function loadCheckpoint(path: string, overrides: Partial<ModelConfig> = {}): Promise<Model> {
   const c = await readCheckpoint(path);
-  const model = new Model({ ...c.config, ...overrides, optimizer: c.optimizer, loss: c.loss });
-  const expected = model.parameters().map((p) => p.name);
-  const missing = expected.filter((n) => !(n in c.weights));
-  if (missing.length) throw new Error(`${path}: checkpoint lacks parameters ${missing.slice(0, 5).join(', ')}${missing.length > 5 ? ', ...' : ''}`);
+  // Which overrides change the network the checkpoint was saved from, to name in errors.
+  const changed = Object.keys(overrides).filter((k) => (overrides as Record<string, unknown>)[k] !== (c.config as unknown as Record<string, unknown>)[k]);
+  const why = changed.length ? ` (the overrides ${changed.join(', ')} change the network the checkpoint was saved from)` : '';
+  let model: Model;
   try {
+    model = new Model({ ...c.config, ...overrides, optimizer: c.optimizer, loss: c.loss });
+  } catch (err) {
+    const what = changed.length ? `cannot build the checkpoint's model with the overrides ${changed.join(', ')}` : "the checkpoint's model settings are invalid";
+    throw withCause(`${path}: ${what}: ${(err as Error).message}`, err);
+  }
+  try {
+    const params = model.parameters();
+    const missing = params.map((p) => p.name).filter((n) => !Object.hasOwn(c.weights, n));
+    if (missing.length) throw new Error(`checkpoint lacks parameters ${missing.slice(0, 5).join(', ')}${missing.length > 5 ? ', ...' : ''}`);
+    // The engine checks element counts only: a [8, 2, 3, 3, 3] tensor would fill a [4, 4, 3, 3, 3] weight.
+    for (const p of params) {
+      for (const name of [p.name, `optim.m.${p.name}`, `optim.v.${p.name}`]) {
+        const found = Object.hasOwn(c.shapes, name) ? c.shapes[name] : undefined;
+        if (found && !sameShape(found, p.shape))
+          throw new Error(`tensor '${name}' has shape [${found.join(', ')}] but the model's parameter ${p.name} is [${p.shape.join(', ')}]`);
+      }
+    }
     model.setWeights(c.weights);
     model.setOptimizerState({ step: c.step, ...(c.moments ?? {}) });
   } catch (err) {
-    // A shape mismatch: say which file, and which overrides changed the architecture.
-    const changed = Object.keys(overrides).filter((k) => (overrides as Record<string, unknown>)[k] !== (c.config as unknown as Record<string, unknown>)[k]);
-    const why = changed.length ? ` (the overrides ${changed.join(', ')} change the network the checkpoint was saved from)` : '';
+    // Say which file, and which overrides changed the architecture.
     await model.dispose();
-    throw new Error(`${path}: ${(err as Error).message}${why}`);
+    throw withCause(`${path}: ${(err as Error).message}${why}`, err);
   }
   return model;
 }

@@ -36,6 +36,7 @@ t.test('SIGTERM during train saves last and exits 143', { skip }, async (t) => {
   const step = Number(/interrupted at step (\d+)/.exec(stdout)![1]);
   t.equal(saved.step, step, 'last holds the step it stopped at');
   t.ok(step > 0 && step < 100000);
+  t.notOk(fs.existsSync(path.join(dir, 'run', '.train.lock')), 'the run folder\'s lock is released');
 });
 
 t.test('a closed stdout pipe ends the command quietly', { skip }, async (t) => {

@@ -14,11 +14,14 @@
 // optional consensus/; the layout cmseg simulate writes). Its images are split 70/15/15 by
 // name (--data-seed) when the run starts, and the split and annotators are saved in the
 // checkpoints, so --resume, eval and predict see the same images even if the folder grows.
+//
+// One process at a time per run folder: train holds <out>/.train.lock (its pid) from start
+// to end, so a second train or --resume on the same --out fails at once, naming the pid.
 
 import * as fs from 'fs';
 import * as path from 'path';
 import { Command } from 'commander';
-import { writeFileAtomic } from '../data/files';
+import { type FileLock, writeFileAtomic } from '../data/files';
 import { BRATS_GEOMETRY_TOLERANCE_MM, BratsError, bratsLayoutHint, discoverBratsCases } from '../data/brats';
 import { CacheError, cacheIndexPath, readCacheIndex } from '../data/cache';
 import { ImageFolderError, type LabelMapping, looksLikeImageFolder, resolveMapping, scanImageFolder } from '../data/image-folder';
@@ -32,7 +35,7 @@ import { METHOD_NAMES, MethodName, methodDefinition } from '../train/methods';
 import { presetByName, PRESET_NAMES } from '../train/presets';
 import { createFusionProgress, createProgress, silentFusionProgress } from '../train/progress';
 import { SCHEDULE_KINDS, ScheduleKind } from '../train/schedule';
-import { CHECKPOINT_LAST, readTrainerState, train, TrainConfig, TrainResult } from '../train/trainer';
+import { CHECKPOINT_LAST, lockRunFolder, readTrainerState, train, TrainConfig, TrainResult } from '../train/trainer';
 import { choiceOption, displayPath, given, parseInteger, parseNumber, printOutputs, UserError, withExamples } from './common';
 import { loadRunData } from './run-data';
 import { prepareWithProgress } from './prepare';
@@ -299,6 +302,39 @@ export async function writeTestResults(model: Model, data: ExperimentData, file:
 async function runTrain(flags: TrainFlags, command: Command): Promise<void> {
   if (flags.threads !== undefined) setNumThreads(flags.threads);
   const isGiven = (key: keyof TrainFlags) => given(command, key);
+  const outDir = path.resolve(flags.out ?? resolveTrainSettings(flags, isGiven).outDir);
+  // One process per run folder (<out>/.train.lock, released however this ends) from here on:
+  // two commands on one --out, or two --resume of one run, would interleave checkpoints and
+  // log lines. Taking it also clears temp files left by a killed run.
+  const existed = fs.existsSync(outDir);
+  const lock = lockRunFolder(outDir);
+  // A signal nobody else handles at the moment (no step or case to finish) stops at once, as
+  // it would by default, but through process.exit, so that the lock goes with the process.
+  const onSignal = (signal: NodeJS.Signals) => {
+    if (process.listenerCount(signal) === 1) process.exit(signal === 'SIGTERM' ? 143 : 130);
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  try {
+    await runTrainLocked(flags, isGiven, lock);
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    lock.release();
+    if (!existed) removeIfEmpty(outDir);
+  }
+}
+
+/** Removes a folder this command made if it stayed empty (it stopped before writing anything). */
+function removeIfEmpty(dir: string): void {
+  try {
+    fs.rmdirSync(dir);
+  } catch {
+    // not empty, or gone: leave it
+  }
+}
+
+async function runTrainLocked(flags: TrainFlags, isGiven: Typed, lock: FileLock): Promise<void> {
   const { config, recipe, outDir } = flags.resume ? await resolveResume(flags, isGiven) : resolveTrainSettings(flags, isGiven);
   if (!flags.resume && fs.existsSync(path.join(outDir, CHECKPOINT_LAST))) {
     throw new UserError(`${outDir} already holds a run; continue it with --resume or choose another --out`);
@@ -331,7 +367,7 @@ async function runTrain(flags: TrainFlags, command: Command): Promise<void> {
   try {
     checkFolderRun(recipe.dataset, data, config.method, flags.quiet);
     if (method.target === 'fused') await prepareFusedTargets(data, method.fusion!, recipe.dataset, flags.quiet);
-    await trainAndTest(flags, { config, recipe, outDir }, data);
+    await trainAndTest(flags, { config, recipe, outDir }, data, lock);
   } finally {
     await data.close?.();
   }
@@ -382,7 +418,7 @@ async function prepareFusedTargets(data: ExperimentData, fusion: StapleFusion, d
   }
 }
 
-async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: ResolvedTrain, data: ExperimentData): Promise<void> {
+async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: ResolvedTrain, data: ExperimentData, lock: FileLock): Promise<void> {
   const controller = new AbortController();
   // SIGINT (Ctrl-C) and SIGTERM (what cluster schedulers and `kill` send before
   // they stop a job) both finish the step in progress and save `last`.
@@ -405,6 +441,7 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
       signal: controller.signal,
       progress: createProgress({ quiet: flags.quiet }),
       resume: flags.resume,
+      lock,
       run: recipe as unknown as Record<string, unknown>,
       validate: async (model) => {
         const s = await data.evaluate(model, 'validation', { annotators: methodDefinition(config.method).learnsCms, quick: true });

@@ -60,7 +60,7 @@ import {
   loadBratsCase,
   preprocessBratsCase,
 } from './brats';
-import { writeFileAtomic } from './files';
+import { acquireLockFile, type FileLock, LockHeldError, writeFileAtomic } from './files';
 import { type Extent } from './morphology';
 import { type NiftiHeader } from './nifti';
 import { Rng } from './random';
@@ -908,44 +908,22 @@ function changedSettings(a: CacheSettings, b: CacheSettings): string[] {
  * prepareCache, fuseCachedCases); a lock left by a dead process is taken over.
  */
 export async function withCacheLock<T>(cacheDir: string, work: () => Promise<T>): Promise<T> {
-  const lock = path.join(cacheDir, LOCK_FILE);
-  // A lock file with our own pid is only stale when this process does not hold it: a second
-  // writer in the same process would otherwise take it over (both then rewrite the index).
-  const key = path.resolve(lock);
-  if (locksHeld.has(key)) {
-    throw new CacheError('locked', lock, `this process is already writing ${cacheDir} (prepare, or a STAPLE baseline fusing its training labels); wait for it to finish`, process.pid);
-  }
-  for (let attempt = 0; ; attempt++) {
-    try {
-      fs.writeFileSync(lock, String(process.pid), { flag: 'wx' });
-      break;
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EEXIST' || attempt > 0) throw err;
-      const holder = Number(fs.readFileSync(lock, 'utf8'));
-      if (Number.isInteger(holder) && holder > 0 && holder !== process.pid && processAlive(holder)) {
-        throw new CacheError('locked', lock, `another cmseg process (pid ${holder}: prepare, or a STAPLE baseline fusing its training labels) is writing ${cacheDir}; wait for it, or delete ${lock} if it is gone`, holder);
-      }
-      fs.rmSync(lock, { force: true });
+  const lockFile = path.join(cacheDir, LOCK_FILE);
+  let lock: FileLock;
+  try {
+    lock = acquireLockFile(lockFile);
+  } catch (err) {
+    if (!(err instanceof LockHeldError)) throw err;
+    // A second writer in the same process would otherwise take the lock over (both then rewrite the index).
+    if (err.sameProcess) {
+      throw new CacheError('locked', lockFile, `this process is already writing ${cacheDir} (prepare, or a STAPLE baseline fusing its training labels); wait for it to finish`, process.pid);
     }
+    throw new CacheError('locked', lockFile, `another cmseg process (pid ${err.holder}: prepare, or a STAPLE baseline fusing its training labels) is writing ${cacheDir}; wait for it, or delete ${lockFile} if it is gone`, err.holder);
   }
-  locksHeld.add(key);
   try {
     return await work();
   } finally {
-    locksHeld.delete(key);
-    fs.rmSync(lock, { force: true });
-  }
-}
-
-/** The cache locks this process holds (resolved lock paths). */
-const locksHeld = new Set<string>();
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
+    lock.release();
   }
 }
 

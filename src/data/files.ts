@@ -45,7 +45,7 @@ export async function readFileChecked(filePath: string, what: string): Promise<B
     return await fs.promises.readFile(filePath);
   } catch (err) {
     if (isMissing(err)) throw new MissingFileError(filePath, what, { cause: err });
-    throw err;
+    throw namedFolderError(err, filePath, what);
   }
 }
 
@@ -55,8 +55,17 @@ export function readFileCheckedSync(filePath: string, what: string): Buffer {
     return fs.readFileSync(filePath);
   } catch (err) {
     if (isMissing(err)) throw new MissingFileError(filePath, what, { cause: err });
-    throw err;
+    throw namedFolderError(err, filePath, what);
   }
+}
+
+/** Reading a folder fails with an EISDIR that names no path: name it (code and path kept). */
+function namedFolderError(err: unknown, filePath: string, what: string): unknown {
+  if ((err as NodeJS.ErrnoException).code !== 'EISDIR') return err;
+  const named: NodeJS.ErrnoException = new Error(`${filePath} is a folder, but a ${what} file was expected there`, { cause: err });
+  named.code = 'EISDIR';
+  named.path = filePath;
+  return named;
 }
 
 // The temp file lives in the target's folder because rename() is only atomic
@@ -159,4 +168,249 @@ function writeAllSync(fd: number, data: Uint8Array): void {
 export function displayPath(file: string): string {
   const relative = path.relative(process.cwd(), file);
   return relative && !relative.startsWith('..') && !path.isAbsolute(relative) ? relative : file;
+}
+
+// ---------------------------------------------------------------------------
+// Lock files: one writer per folder across processes.
+//
+// A lock is a file (e.g. RUN/.train.lock, CACHE/.prepare.lock) holding the pid of the
+// process that holds it. It appears atomically with its content: the pid is written to a
+// temp file that is then hard-linked to the lock's name, which fails if the name exists
+// (so a second process never sees an empty lock, nor takes one that is being written).
+// File systems without hard links get an exclusive create instead. A lock whose pid is
+// not alive (SIGKILL, power loss) is taken over: it is renamed aside and removed only if
+// it is still the file that was found stale, so two processes taking over one stale lock
+// at once cannot both win. A pid reused by an unrelated live process keeps the lock
+// held; the holder's message names the file to delete then.
+
+/** A lock file is held by another live process, or already by this one. */
+export class LockHeldError extends Error {
+  constructor(
+    readonly lockFile: string,
+    /** The holder's pid (process.pid when sameProcess). */
+    readonly holder: number,
+    /** This process already holds the lock (a second writer in one process). */
+    readonly sameProcess: boolean,
+  ) {
+    super(sameProcess ? `this process already holds ${lockFile}` : `${lockFile} is held by the process with pid ${holder}`);
+    this.name = 'LockHeldError';
+  }
+}
+
+/** A lock taken by acquireLockFile; release() removes its file (once; later calls do nothing). */
+export interface FileLock {
+  /** The lock file, as given. */
+  readonly file: string;
+  /** Whether this process still holds it. */
+  readonly held: boolean;
+  release(): void;
+}
+
+/** Whether a process with this pid exists (one we may not signal counts as existing). */
+export function processAlive(pid: number): boolean {
+  if (!Number.isSafeInteger(pid) || pid <= 0) return false;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+interface FileId {
+  dev: number;
+  ino: number;
+}
+
+const sameFile = (a: FileId, b: FileId) => a.dev === b.dev && a.ino === b.ino;
+
+/** Locks this process holds, by resolved path. */
+const heldLocks = new Map<string, { release(): void }>();
+let exitHookInstalled = false;
+
+// process.exit() (a second Ctrl-C, an uncaught error) still runs 'exit' listeners:
+// the locks go with the process. Only SIGKILL and the like leave a stale lock behind.
+function installExitHook(): void {
+  if (exitHookInstalled) return;
+  exitHookInstalled = true;
+  process.on('exit', () => {
+    for (const lock of [...heldLocks.values()]) lock.release();
+  });
+}
+
+/** Creates the lock file with our pid; undefined when it exists already. */
+function createLockFile(file: string): FileId | undefined {
+  const content = `${process.pid}\n`;
+  const temp = tempPathFor(file);
+  fs.writeFileSync(temp, content, { flag: 'wx' });
+  try {
+    const id = fs.statSync(temp);
+    try {
+      fs.linkSync(temp, file);
+      return { dev: id.dev, ino: id.ino };
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'EEXIST') return undefined;
+      // No hard links on this file system: an exclusive create (its content follows at once).
+    }
+    let fd: number;
+    try {
+      fd = fs.openSync(file, 'wx');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'EEXIST') return undefined;
+      throw err;
+    }
+    try {
+      writeAllSync(fd, Buffer.from(content));
+      const st = fs.fstatSync(fd);
+      return { dev: st.dev, ino: st.ino };
+    } finally {
+      fs.closeSync(fd);
+    }
+  } finally {
+    fs.rmSync(temp, { force: true });
+  }
+}
+
+/** The lock file's holder (pid undefined: no pid in it) and identity; undefined when it is gone. */
+function readLockFile(file: string): (FileId & { pid: number | undefined; ageMs: number }) | undefined {
+  let fd: number;
+  try {
+    fd = fs.openSync(file, 'r');
+  } catch (err) {
+    if (isMissing(err)) return undefined;
+    throw err;
+  }
+  try {
+    const st = fs.fstatSync(fd);
+    const match = /^\s*(\d+)\s*$/.exec(fs.readFileSync(fd, 'utf8'));
+    return { dev: st.dev, ino: st.ino, pid: match ? Number(match[1]) : undefined, ageMs: Date.now() - st.mtimeMs };
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** Removes the stale lock `found`, unless another process replaced it meanwhile (then it stays). */
+function removeStaleLock(file: string, found: FileId & { pid: number | undefined }): void {
+  const aside = tempPathFor(file);
+  try {
+    fs.renameSync(file, aside);
+  } catch (err) {
+    if (isMissing(err)) return; // someone else removed it first
+    throw err;
+  }
+  const moved = readLockFile(aside);
+  // The same inode alone is not enough: a removed file's inode is reused at once.
+  if (moved && !(sameFile(moved, found) && moved.pid === found.pid)) {
+    // Another process took the stale lock over between our read and the rename: this is
+    // its fresh lock, put it back (a link fails if a third process holds the name by now).
+    try {
+      fs.linkSync(aside, file);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST' && !fs.existsSync(file)) fs.renameSync(aside, file);
+    }
+  }
+  fs.rmSync(aside, { force: true });
+}
+
+function sleepSync(ms: number): void {
+  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
+}
+
+/**
+ * Takes the lock file `file` (its folder must exist) for this process, taking over a lock
+ * whose process is gone. Throws LockHeldError when a live process holds it, this one
+ * included (a second writer in one process is refused, not let in).
+ */
+export function acquireLockFile(file: string): FileLock {
+  const key = path.resolve(file);
+  if (heldLocks.has(key)) throw new LockHeldError(file, process.pid, true);
+  const deadline = Date.now() + 5000;
+  for (;;) {
+    const id = createLockFile(file);
+    if (id) {
+      let held = true;
+      const lock: FileLock = {
+        file,
+        get held() {
+          return held;
+        },
+        release() {
+          if (!held) return;
+          held = false;
+          heldLocks.delete(key);
+          try {
+            // Only our own lock file: never one another process made after taking ours over
+            // (or after someone deleted ours), which may even have reused its inode.
+            const now = readLockFile(file);
+            if (now && sameFile(now, id) && now.pid === process.pid) fs.rmSync(file, { force: true });
+          } catch {
+            // already gone
+          }
+        },
+      };
+      heldLocks.set(key, lock);
+      installExitHook();
+      return lock;
+    }
+    const found = readLockFile(file);
+    if (Date.now() > deadline) {
+      throw new Error(`could not take the lock ${file}: other processes keep taking it (holder now: ${found?.pid ?? 'none'})`);
+    }
+    if (!found) continue; // released meanwhile
+    if (found.pid === undefined && found.ageMs < 2000) {
+      sleepSync(20); // just created without links: its pid follows at once
+      continue;
+    }
+    // Our own pid in a lock this process does not hold: a dead process whose pid we reuse.
+    if (found.pid !== undefined && found.pid !== process.pid && processAlive(found.pid)) throw new LockHeldError(file, found.pid, false);
+    removeStaleLock(file, found);
+  }
+}
+
+/** Runs `work` holding the lock file `file` (see acquireLockFile); released however `work` ends. */
+export async function withLockFile<T>(file: string, work: () => Promise<T>): Promise<T> {
+  const lock = acquireLockFile(file);
+  try {
+    return await work();
+  } finally {
+    lock.release();
+  }
+}
+
+// writeFileAtomic's temp files: `.<name>.<pid>.<12 hex digits>.tmp` (tempPathFor).
+const ATOMIC_TEMP = /^\..+\.(\d+)\.[0-9a-f]{12}\.tmp$/;
+
+/** The pid in the name of a temp file of writeFileAtomic (or of a lock), or undefined if `name` is not one. */
+export function atomicTempWriter(name: string): number | undefined {
+  const match = ATOMIC_TEMP.exec(name);
+  return match ? Number(match[1]) : undefined;
+}
+
+/**
+ * Removes the temp files of writeFileAtomic in `dir` (not its subfolders) whose writing
+ * process is gone, e.g. killed mid-write; those of live processes stay. Returns their
+ * names. Call it holding the folder's lock, so no writer of the folder can be starting.
+ */
+export function removeStaleAtomicTemps(dir: string): string[] {
+  let names: string[];
+  try {
+    names = fs.readdirSync(dir);
+  } catch (err) {
+    if (isMissing(err)) return [];
+    throw err;
+  }
+  const removed: string[] = [];
+  for (const name of names) {
+    const pid = atomicTempWriter(name);
+    if (pid === undefined || processAlive(pid)) continue;
+    try {
+      const file = path.join(dir, name);
+      if (!fs.lstatSync(file).isFile()) continue;
+      fs.rmSync(file, { force: true });
+      removed.push(name);
+    } catch {
+      // gone meanwhile, or not ours to remove: leave it
+    }
+  }
+  return removed;
 }

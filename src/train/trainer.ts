@@ -10,6 +10,11 @@
 // own step count. So the position (epoch, batch index, step) in `extra` is the whole
 // generator state, and a run resumed from `last` takes the same steps, with the same
 // losses, as one that was never stopped.
+//
+// One writer per run folder. <outDir>/.train.lock (lockRunFolder) is held for the whole
+// run, so two processes started on one folder, or two resumes of one run, cannot both
+// write checkpoints and log lines there; taking it also clears the temp files of writers
+// that were killed.
 
 import * as fs from 'fs';
 import * as path from 'path';
@@ -17,16 +22,18 @@ import { Rng } from '../data/random';
 import type { CmInit, Device } from '../model/config';
 import { loadCheckpoint, readCheckpoint, saveCheckpoint } from '../model/checkpoint';
 import { createModel, Model } from '../model/model';
-import { writeFileAtomic } from '../data/files';
+import { acquireLockFile, displayPath, type FileLock, LockHeldError, removeStaleAtomicTemps, writeFileAtomic } from '../data/files';
 import { augmentBatch, AugmentOptions } from './augment';
 import type { TrainingSource } from './data';
-import { MethodName, methodBatch, methodDefinition } from './methods';
+import { type MethodDefinition, MethodName, methodBatch, methodDefinition } from './methods';
 import { ProgressReporter, silentProgress } from './progress';
 import { checkSchedule, learningRate, LrSchedule } from './schedule';
 
 export const CHECKPOINT_LAST = 'last.safetensors';
 export const CHECKPOINT_BEST = 'best.safetensors';
 export const TRAIN_LOG = 'train-log.jsonl';
+/** Present in a run folder while a process trains in it (holds the pid); see lockRunFolder. */
+export const RUN_LOCK = '.train.lock';
 export const TRAINER_STATE_FORMAT = 'cmseg-trainer';
 export const TRAINER_STATE_VERSION = 1;
 
@@ -130,6 +137,12 @@ export interface TrainHooks {
   run?: Record<string, unknown>;
   /** Continue from <outDir>/last.safetensors. */
   resume?: boolean;
+  /**
+   * The run folder's lock, when the caller took it (lockRunFolder(outDir)) to hold it
+   * around more than train(), e.g. a test evaluation after it. Without it train() takes
+   * the lock itself and releases it when it returns.
+   */
+  lock?: FileLock;
 }
 
 export interface TrainResult {
@@ -147,6 +160,52 @@ export class TrainingError extends Error {
     super(message);
     this.name = 'TrainingError';
   }
+}
+
+/** Another process (or another train() in this one) is training in the run folder. */
+export class RunFolderBusyError extends TrainingError {
+  constructor(
+    readonly outDir: string,
+    /** The lock file, <outDir>/.train.lock. */
+    readonly lockFile: string,
+    /** The pid of the process training there (process.pid when it is this one). */
+    readonly holder: number,
+    sameProcess: boolean,
+  ) {
+    super(
+      sameProcess
+        ? `${displayPath(outDir)} is in use: this process is already training in it`
+        : `${displayPath(outDir)} is in use: another cmseg process (pid ${holder}) is training in it; wait for it to finish, or delete ${displayPath(lockFile)} if that process is gone`,
+    );
+    this.name = 'RunFolderBusyError';
+  }
+}
+
+/**
+ * Makes the run folder if needed and takes its lock (<outDir>/.train.lock, holding this
+ * pid) so that no other process trains or resumes in it meanwhile; a lock left by a dead
+ * process is taken over. Then removes the temp files that killed writers left in the
+ * folder (writeFileAtomic's `.<file>.<pid>.<hex>.tmp` of a pid that is gone). Throws
+ * RunFolderBusyError when a live process holds the lock. Release it with lock.release();
+ * it also goes when the process exits.
+ */
+export function lockRunFolder(outDir: string): FileLock {
+  fs.mkdirSync(outDir, { recursive: true });
+  const lockFile = path.join(outDir, RUN_LOCK);
+  let lock: FileLock;
+  try {
+    lock = acquireLockFile(lockFile);
+  } catch (err) {
+    if (err instanceof LockHeldError) throw new RunFolderBusyError(outDir, lockFile, err.holder, err.sameProcess);
+    throw err;
+  }
+  try {
+    removeStaleAtomicTemps(outDir);
+  } catch (err) {
+    lock.release();
+    throw err;
+  }
+  return lock;
 }
 
 export function checkTrainConfig(config: TrainConfig): void {
@@ -256,6 +315,8 @@ class JsonLog {
 /**
  * Trains (or, with hooks.resume, continues) a run in `outDir`. Resolves when the budget is
  * spent or, after hooks.signal fires, once the step in progress is done and `last` is saved.
+ * Holds the run folder's lock throughout (hooks.lock, or its own: see lockRunFolder), so a
+ * second train() or `cmseg train` on the same folder fails with RunFolderBusyError.
  */
 export async function train(outDir: string, config: TrainConfig, source: TrainingSource, hooks: TrainHooks = {}): Promise<TrainResult> {
   checkTrainConfig(config);
@@ -263,7 +324,22 @@ export async function train(outDir: string, config: TrainConfig, source: Trainin
   if (method.target === 'consensus' && !source.hasConsensus) {
     throw new TrainingError(`method '${config.method}' trains on the expert consensus, which this data set does not have`);
   }
-  fs.mkdirSync(outDir, { recursive: true });
+  let ownLock: FileLock | undefined;
+  if (hooks.lock) {
+    if (!hooks.lock.held || path.resolve(hooks.lock.file) !== path.resolve(outDir, RUN_LOCK)) {
+      throw new TrainingError(`hooks.lock must be the held lock of ${outDir} (lockRunFolder(outDir)); it is ${hooks.lock.file}${hooks.lock.held ? '' : ', released'}`);
+    }
+  } else {
+    ownLock = lockRunFolder(outDir);
+  }
+  try {
+    return await trainLocked(outDir, config, source, hooks, method);
+  } finally {
+    ownLock?.release();
+  }
+}
+
+async function trainLocked(outDir: string, config: TrainConfig, source: TrainingSource, hooks: TrainHooks, method: MethodDefinition): Promise<TrainResult> {
   const files = { last: path.join(outDir, CHECKPOINT_LAST), best: path.join(outDir, CHECKPOINT_BEST), log: path.join(outDir, TRAIN_LOG) };
   const log = new JsonLog(files.log);
   const progress = hooks.progress ?? silentProgress;

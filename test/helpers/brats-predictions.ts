@@ -7,19 +7,13 @@
 import * as path from 'node:path';
 import type { Test } from 'tap';
 import { readNifti } from '../../src/data/nifti';
+import type { CropBox } from '../../src/data/brats';
 
 /** The label each class 0..3 is written as, by the naming of the case's files. */
 export const RELEASE_LABELS = { '2021': [0, 1, 2, 4], '2023': [0, 1, 2, 3] } as const;
 
 /** The crop to the brain, as voxel ranges of the original grid (z, y, x). */
-export interface CropBoxLike {
-  z0: number;
-  y0: number;
-  x0: number;
-  d: number;
-  h: number;
-  w: number;
-}
+export type CropBoxLike = CropBox;
 
 export interface ReleasedPrediction {
   /** [X, Y, Z] of the case's grid. */

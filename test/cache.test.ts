@@ -5,6 +5,7 @@ import t from 'tap';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
+import { spawnSync } from 'child_process';
 import { UNLABELLED } from '../src/data/annotators';
 import { discoverBratsCases, loadBratsCase, preprocessBratsCase } from '../src/data/brats';
 import { writeBratsPhantoms } from '../src/data/brats-phantom';
@@ -248,6 +249,20 @@ t.test('a single-mode case is scored with every annotator: the dense cache of th
   const denseScored = await readCachedCaseForScoring(denseDir, id);
   const denseRead = await readCachedCase(denseDir, id);
   t.equal(firstDifference(denseScored.labels[1], denseRead.labels[1]), -1);
+});
+
+t.test("a killed writer's temp files are removed when the cache is next written; a live one's stay", async (t) => {
+  const cacheDir = tempDir(t);
+  await prepareCache(dataDir, cacheDir, { seed: 1 });
+  const dead = spawnSync(process.execPath, ['-e', '0']).pid!; // exited: its pid is free
+  const hex = 'a1b2c3d4e5f6';
+  const deadTemps = [path.join(cacheDir, `.index.json.${dead}.${hex}.tmp`), path.join(cacheDir, 'cases', `.BraTS2021_00000.bin.${dead}.${hex}.tmp`)];
+  const liveTemp = path.join(cacheDir, 'cases', `.BraTS2021_00001.bin.${process.pid}.${hex}.tmp`);
+  for (const f of [...deadTemps, liveTemp]) fs.writeFileSync(f, 'partial');
+  const again = await prepareCache(dataDir, cacheDir, { seed: 1 });
+  t.equal(again.prepared.length, 0, 'nothing to prepare again');
+  for (const f of deadTemps) t.notOk(fs.existsSync(f), `${path.basename(f)} removed`);
+  t.ok(fs.existsSync(liveTemp), "a live writer's temp file stays");
 });
 
 t.test('the cache lock is not shared within a process: a second writer is refused, not let in', async (t) => {

@@ -60,7 +60,7 @@ import {
   loadBratsCase,
   preprocessBratsCase,
 } from './brats';
-import { acquireLockFile, type FileLock, LockHeldError, writeFileAtomic } from './files';
+import { acquireLockFile, type FileLock, LockHeldError, removeStaleAtomicTemps, writeFileAtomic } from './files';
 import { type Extent } from './morphology';
 import { type NiftiHeader } from './nifti';
 import { Rng } from './random';
@@ -921,10 +921,24 @@ export async function withCacheLock<T>(cacheDir: string, work: () => Promise<T>)
     throw new CacheError('locked', lockFile, `another cmseg process (pid ${err.holder}: prepare, or a STAPLE baseline fusing its training labels) is writing ${cacheDir}; wait for it, or delete ${lockFile} if it is gone`, err.holder);
   }
   try {
+    // Writers killed mid-write left their temp files (a case file is tens of MB): gone with the lock taken.
+    for (const dir of cacheWriteFolders(cacheDir)) removeStaleAtomicTemps(dir);
     return await work();
   } finally {
     lock.release();
   }
+}
+
+/** The folders the cache's writers write into: the cache, cases/ and each fusion's folder in it. */
+function cacheWriteFolders(cacheDir: string): string[] {
+  const cases = path.join(cacheDir, CASES_FOLDER);
+  let fusions: string[] = [];
+  try {
+    fusions = fs.readdirSync(cases, { withFileTypes: true }).filter((e) => e.isDirectory()).map((e) => path.join(cases, e.name));
+  } catch {
+    // no cases/ yet
+  }
+  return [cacheDir, cases, ...fusions];
 }
 
 function sourceFiles(dataDir: string, c: BratsCase): SourceFile[] {

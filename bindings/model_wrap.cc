@@ -10,9 +10,6 @@
 #include <functional>
 #include <memory>
 #include <array>
-#if !defined(_WIN32)
-#endif
-
 #include "args.h"
 #include "promise_worker.h"
 #include "cmseg/backend.hpp"

@@ -129,6 +129,7 @@ stage() {
   local status=ok
   if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then status="TIMEOUT after ${limit}s"; elif [ "$rc" != 0 ]; then status="FAIL (exit $rc)"; fi
   STAGES+=("$name|$status|$dt")
+  [ "$file" != "$LOG" ] && echo "=== end of stage $name: $status" >>"$file"
   note "stage $name: $status in ${dt}s"
   [ "$rc" = 0 ]
 }
@@ -373,8 +374,10 @@ if [ -x "$BUILD/cmseg_bench_gpu" ]; then
   # Which candidates won, on the layers each changes (scripts/device-winners.py; they
   # need their test_cuda cases passed), then the whole-model parity cases and the step
   # under all winners together; the Node benchmark below runs under them too.
-  stage winners 20 "$OUT/bench_gpu.txt" "python3 scripts/device-winners.py '$OUT/bench_gpu.txt' '$OUT/test_cuda.txt' '$BUILD/winners.env'"
-  WINNERS="$(grep -E '^CMSEG_[A-Z0-9_]+=[A-Za-z0-9-]+$' "$BUILD/winners.env" 2>/dev/null | tr '\n' ' ')"
+  # (build-device/ outlives a call: an earlier call's winners must not stand in for this one's.)
+  rm -f "$BUILD/winners.env"
+  stage winners 20 "$OUT/bench_gpu.txt" "python3 scripts/device-winners.py '$OUT/bench_gpu.txt' '$OUT/test_cuda.txt' '$BUILD/winners.env'" &&
+    WINNERS="$(grep -E '^CMSEG_[A-Z0-9_]+=[A-Za-z0-9-]+$' "$BUILD/winners.env" 2>/dev/null | tr '\n' ' ')"
   if [ -n "$WINNERS" ]; then
     stage test_cuda_winners 120 "$OUT/test_cuda.txt" "echo 'test_cuda under the winners: $WINNERS'; env $WINNERS '$BUILD/test_cuda' model_step_gpu heads_concat_ce_predict cm_loss_full cm_loss_lowrank cm_loss_global" &&
       WINNERS_OK=1

@@ -40,6 +40,10 @@ const BASE = {
   cm_loss: 0.91,
 };
 
+// The own filter-gradient kernel's profile row (native/cuda/conv3_filter_grad.cu).
+const OWN = 'conv3_backward_filter (own)';
+const { conv3_backward_filter: _cudnnWgrad, ...withoutWgrad } = BASE;
+
 const ALL_TESTS = [
   'conv3_own_filter_grad_matches_cpu',
   'model_step_gpu_own_filter_grad_close_to_cpu',
@@ -72,14 +76,12 @@ t.test('each option is taken on its own layers only, past the 3% margin', async 
   const bench = [
     'configure noise before any marker\n',
     stage('bench_gpu', run(BASE, 0.86)),
-    // Own kernel: filter gradients 33 -> 20 ms, but the forward happened to take another
-    // cuDNN path and ran slower: it must not count against the option.
-    stage('bench_gpu_wgrad_own', run({ ...BASE, conv3_backward_filter: 20.0, conv3_forward: 19.0 })),
-    stage('bench_gpu_wgrad_auto', run({ ...BASE, conv3_backward_filter: 19.0, 'conv3: NCDHW<->NDHWC copies': 4.0 })),
-    stage(
-      'wgrad_run_depth',
-      'wgrad run depth: 8 planes\n' + run({ conv3_backward_filter: 21.0 }) + 'wgrad run depth: 32 planes\n' + run({ conv3_backward_filter: 18.0 }),
-    ),
+    // Own kernel (its own profile row): filter gradients 33 -> 20 ms, but the forward
+    // happened to take another cuDNN path and ran slower: it must not count against it.
+    stage('bench_gpu_wgrad_own', run({ ...withoutWgrad, [OWN]: 20.0, conv3_forward: 19.0 })),
+    // Auto: cuDNN kept for some shapes (4 ms), the own kernel for the rest (15 ms).
+    stage('bench_gpu_wgrad_auto', run({ ...BASE, conv3_backward_filter: 4.0, [OWN]: 15.0, 'conv3: NCDHW<->NDHWC copies': 4.0 })),
+    stage('wgrad_run_depth', 'wgrad run depth: 8 planes\n' + run({ [OWN]: 21.0 }) + 'wgrad run depth: 32 planes\n' + run({ [OWN]: 18.0 })),
     // 1% faster: within the machine's noise, not taken.
     stage('bench_gpu_heads_fused', run({ ...BASE, 'conv1_backward (heads fused)': 4.26 })),
     stage('bench_gpu_concat_in_place', run({ ...BASE, concat_forward: 0.3, concat_backward: 0.3, upconv2_forward: 0.9, upconv2_backward: 1.3 })),
@@ -113,10 +115,25 @@ t.test('each option is taken on its own layers only, past the 3% margin', async 
   t.match(out, /^winners env: CMSEG_CONV_WGRAD=auto /m);
 });
 
+t.test("a slower own kernel is not taken, and a failed stage's runs are left out", async (t) => {
+  const bench =
+    stage('bench_gpu', run(BASE)) +
+    // The own kernel takes 45 ms where cuDNN took 33: its row must count.
+    stage('bench_gpu_wgrad_own', run({ ...withoutWgrad, [OWN]: 45.0 })) +
+    '=== end of stage bench_gpu_wgrad_own: ok\n' +
+    // Cut short (its rows say little): a timeout's runs do not compete.
+    stage('bench_gpu_heads_fused', run({ ...BASE, 'conv1_backward (heads fused)': 0.5 })) +
+    '=== end of stage bench_gpu_heads_fused: TIMEOUT after 60s\n';
+  const { env, out } = decide(t, bench);
+  t.same(env, {});
+  t.match(out, /conv3 filter gradients \+ layout copies: default 38\.000 ms\/step, own 50\.000; kept the default/);
+  t.match(out, /1x1 heads backward: default 4\.300 ms\/step, no candidate ran; kept the default/);
+});
+
 t.test('a faster option whose test_cuda cases did not pass stays off', async (t) => {
   const bench =
     stage('bench_gpu', run(BASE)) +
-    stage('bench_gpu_wgrad_own', run({ ...BASE, conv3_backward_filter: 15.0 })) +
+    stage('bench_gpu_wgrad_own', run({ ...withoutWgrad, [OWN]: 15.0 })) +
     stage('bench_gpu_concat_in_place', run({ ...BASE, concat_forward: 0.1, concat_backward: 0.1 }));
   const tests = ALL_TESTS.filter((n) => n !== 'model_step_gpu_own_filter_grad_close_to_cpu' && n !== 'heads_concat_ce_predict_match_cpu');
   const { env, out } = decide(t, bench, tests, ['heads_concat_ce_predict_match_cpu']);

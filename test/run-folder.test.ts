@@ -64,7 +64,7 @@ async function until(what: string, ok: () => boolean, ms = 60_000): Promise<void
 
 const readLock = (run: string) => {
   try {
-    return fs.readFileSync(path.join(dir, run, RUN_LOCK), 'utf8').trim();
+    return fs.readFileSync(path.join(dir, run, RUN_LOCK), 'utf8').trim().split(/\s+/)[0]; // the pid (then the host)
   } catch {
     return undefined;
   }
@@ -206,7 +206,7 @@ t.test('train(): a second train() on a folder in use is refused, in this process
   // A dead one's is taken over; a caller's own lock is used as given.
   fs.writeFileSync(path.join(out, RUN_LOCK), String(deadPid()));
   const lock = lockRunFolder(out);
-  t.equal(fs.readFileSync(path.join(out, RUN_LOCK), 'utf8').trim(), String(process.pid));
+  t.equal(fs.readFileSync(path.join(out, RUN_LOCK), 'utf8'), `${process.pid} ${os.hostname()}\n`);
   const resumed = await train(out, config(24), new InMemorySource(set, 1), { lock }).catch((e: unknown) => e);
   t.match(resumed, { message: /already holds a run/ }, 'checked under the lock');
   t.ok(lock.held, 'the caller\'s lock stays held after train()');
@@ -221,7 +221,7 @@ t.test('lock files: exclusive, stale ones taken over, released once, only our ow
   const folder = fs.mkdtempSync(path.join(dir, 'locks-'));
   const file = path.join(folder, '.x.lock');
   const lock = acquireLockFile(file);
-  t.equal(fs.readFileSync(file, 'utf8'), `${process.pid}\n`);
+  t.equal(fs.readFileSync(file, 'utf8'), `${process.pid} ${os.hostname()}\n`, 'pid and host');
   t.throws(() => acquireLockFile(file), LockHeldError, 'a second holder in this process is refused');
   lock.release();
   lock.release();
@@ -243,6 +243,20 @@ t.test('lock files: exclusive, stale ones taken over, released once, only our ow
   ours.release();
   t.equal(fs.readFileSync(file, 'utf8'), `${live}\n`, 'another holder\'s lock stays');
   t.same(fs.readdirSync(folder), ['.x.lock'], 'no temp files left by locking');
+
+  // Another host's lock (a folder on a network file system): its pid cannot be checked here,
+  // so it is held, even with a pid that is dead on this machine.
+  fs.writeFileSync(file, `${deadPid()} some-other-host\n`);
+  t.throws(() => acquireLockFile(file), { name: 'LockHeldError', host: 'some-other-host', message: /on some-other-host/ });
+  // A takeover guard left by a process killed while taking a lock over is cleared after 10 s.
+  fs.writeFileSync(file, `${deadPid()}\n`);
+  fs.writeFileSync(`${file}.takeover`, '');
+  const old = new Date(Date.now() - 20_000);
+  fs.utimesSync(`${file}.takeover`, old, old);
+  const taken = acquireLockFile(file);
+  t.ok(taken.held, 'the stale lock taken over past an old guard');
+  t.notOk(fs.existsSync(`${file}.takeover`), 'the guard is gone');
+  taken.release();
 });
 
 t.test('stale temp files: only writeFileAtomic\'s, only of dead writers', async (t) => {

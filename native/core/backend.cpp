@@ -1,6 +1,8 @@
 #include "cmseg/backend.hpp"
 
+#if !defined(_WIN32)
 #include <unistd.h>
+#endif
 
 #include "cmseg/cuda.hpp"
 #include "cmseg/error.hpp"

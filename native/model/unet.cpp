@@ -474,33 +474,37 @@ void block_backward(std::vector<Param>& P, const Block& b, const float* x, int n
 
 namespace {
 
-// The least host memory a CPU call on n images of size s holds at once (bytes): with
-// the backward, every level's block activations (4 maps of its width), the decoder's
-// up-convolution outputs and concatenations (3 more), the heads' outputs and their
-// gradients; forward only, the top level's input and output and the heads. The real
-// figure is higher (scratch, oneDNN's padded blocks): this only catches requests that
-// cannot fit, which Linux's overcommit would let start and then kill mid-step.
-double step_bytes_lower_bound(const ModelConfig& c, int n, Spatial s, bool backward) {
+// A lower bound of the host memory a CPU call on n images of size s holds at once
+// (bytes). By this count a step with the backward keeps every level's block activations
+// (4 maps of its width), the decoder's concatenations (2 more), the segmentation logits and
+// their gradient, and, for the CM loss, the heads' outputs (their gradients are written
+// over them); a forward pass at least the top level's output and the logits. Half of that
+// is claimed: the real figure is higher (scratch, oneDNN's padded blocks, up-convolution
+// outputs), and the check only has to catch requests that cannot fit, which Linux's
+// overcommit would let start and then kill mid-step, never refuse one that fits.
+double step_bytes_lower_bound(const ModelConfig& c, int n, Spatial s, bool backward, bool cm_loss) {
   const double V0 = (double)s.size(), L = c.classes;
-  const double heads = c.cm_mode == CmMode::Global ? 0.0 : (double)c.annotators * cm_head_channels(c.cm_mode, c.classes, c.cm_rank);
+  const double heads = !cm_loss || c.cm_mode == CmMode::Global
+                           ? 0.0
+                           : (double)c.annotators * cm_head_channels(c.cm_mode, c.classes, c.cm_rank);
   double floats = 0;
   if (backward) {
     for (int k = 0; k < c.depth; ++k) {
       const double Vk = V0 / std::pow(2.0, k * c.ndim), ck = (double)(c.base << k);
-      floats += 4 * ck * Vk + (k + 1 < c.depth ? 7 * ck * Vk : 0.0);
+      floats += 4 * ck * Vk + (k + 1 < c.depth ? 6 * ck * Vk : 0.0);
     }
-    floats += (L + 2 * heads) * V0;
+    floats += (2 * L + heads) * V0;
   } else {
-    floats += (2.0 * c.base + L + heads) * V0;
+    floats += (c.base + L) * V0;
   }
-  return floats * n * sizeof(float);
+  return 0.5 * floats * n * sizeof(float);
 }
 
-void check_host_memory(const ModelConfig& c, int n, Spatial s, bool backward) {
-  const double need = step_bytes_lower_bound(c, n, s, backward), ram = physical_memory_bytes();
+void check_host_memory(const ModelConfig& c, int n, Spatial s, bool backward, bool cm_loss) {
+  const double need = step_bytes_lower_bound(c, n, s, backward, cm_loss), ram = physical_memory_bytes();
   if (ram > 0 && need > ram)
     throw OutOfMemory(str(backward ? "a training step" : "a forward pass", " on ", n, " image(s) of ", s.d, "x", s.h, "x", s.w,
-                          " needs at least ", gib(need), ", more than this machine's ", gib(ram),
+                          " needs more than ", gib(need), ", more than this machine's ", gib(ram),
                           " of memory: use a smaller batch or patch (or fewer channels)"));
 }
 
@@ -512,7 +516,7 @@ StepResult Model::run(const Batch& batch, bool backward, bool loss) {
     validate(batch);
   else
     validate_images(batch.images, batch.n, batch.s);  // predict: no labels are read
-  check_host_memory(config_, batch.n, batch.s, backward);
+  check_host_memory(config_, batch.n, batch.s, backward, loss && !batch.target && !batch.soft_target);
   Impl& m = *impl_;
   const ModelConfig& c = config_;
   auto& P = params_;

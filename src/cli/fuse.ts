@@ -191,11 +191,12 @@ function checkForeground(method: FusionMethod, images: readonly LabelImage[], cl
   if (foreground !== undefined) {
     if (!binary) throw new UserError(`--foreground is for --method ${BINARY_METHODS.join(', ')}; ${method} fuses every class`);
     if (foreground >= classes) throw new UserError(`--foreground ${foreground} is not a class (--classes ${classes})`);
-    // A label nobody drew (a typo, or BraTS's 3 in a 2021 map) would fuse to all background.
+    // A label nobody drew fuses to all background: right for a case without a lesion, a
+    // slip for a typo (or BraTS 2021's 3): said, not refused.
     if (!images.some((im) => im.labels.includes(foreground))) {
       const seen = new Set<number>();
       for (const im of images) for (const x of im.labels) if (x !== UNLABELLED) seen.add(x);
-      throw new UserError(`--foreground ${foreground}: no rater map holds that label (they hold ${[...seen].sort((a, b) => a - b).join(', ')}), so the consensus would be all background`);
+      process.stderr.write(`note: --foreground ${foreground}: no rater map holds that label (they hold ${[...seen].sort((a, b) => a - b).join(', ')}), so the consensus is all background\n`);
     }
     return;
   }

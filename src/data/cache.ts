@@ -918,7 +918,7 @@ export async function withCacheLock<T>(cacheDir: string, work: () => Promise<T>)
     if (err.sameProcess) {
       throw new CacheError('locked', lockFile, `this process is already writing ${cacheDir} (prepare, or a STAPLE baseline fusing its training labels); wait for it to finish`, process.pid);
     }
-    throw new CacheError('locked', lockFile, `another cmseg process (pid ${err.holder}: prepare, or a STAPLE baseline fusing its training labels) is writing ${cacheDir}; wait for it, or delete ${lockFile} if it is gone`, err.holder);
+    throw new CacheError('locked', lockFile, `another cmseg process (pid ${err.holder}${err.host ? ` on ${err.host}` : ''}: prepare, or a STAPLE baseline fusing its training labels) is writing ${cacheDir}; wait for it, or delete ${lockFile} if it is gone`, err.holder);
   }
   try {
     // Writers killed mid-write left their temp files (a case file is tens of MB): gone with the lock taken.

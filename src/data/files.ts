@@ -5,6 +5,7 @@
 // cannot find is reported by name together with what it was supposed to be.
 
 import * as fs from 'fs';
+import * as os from 'os';
 import * as path from 'path';
 import { randomBytes } from 'crypto';
 
@@ -173,15 +174,17 @@ export function displayPath(file: string): string {
 // ---------------------------------------------------------------------------
 // Lock files: one writer per folder across processes.
 //
-// A lock is a file (e.g. RUN/.train.lock, CACHE/.prepare.lock) holding the pid of the
-// process that holds it. It appears atomically with its content: the pid is written to a
-// temp file that is then hard-linked to the lock's name, which fails if the name exists
-// (so a second process never sees an empty lock, nor takes one that is being written).
-// File systems without hard links get an exclusive create instead. A lock whose pid is
-// not alive (SIGKILL, power loss) is taken over: it is renamed aside and removed only if
-// it is still the file that was found stale, so two processes taking over one stale lock
-// at once cannot both win. A pid reused by an unrelated live process keeps the lock
-// held; the holder's message names the file to delete then.
+// A lock is a file (e.g. RUN/.train.lock, CACHE/.prepare.lock) holding the pid and host of
+// the process that holds it. It appears atomically with its content: written to a temp
+// file that is then hard-linked to the lock's name, which fails if the name exists (so a
+// second process never sees an empty lock, nor takes one that is being written). File
+// systems without hard links get an exclusive create instead. A lock whose pid is not
+// alive on this host (SIGKILL, power loss) is taken over: removed, one takeover at a time
+// (removeStaleLock), only if it is still the file that was found stale, so two processes
+// taking over one stale lock at once cannot both win. A lock of another host (a folder on
+// a network file system) is held as long as it is there: that host's pids cannot be
+// checked from here. A pid reused by an unrelated live process keeps the lock held; the
+// holder's message names the file to delete then.
 
 /** A lock file is held by another live process, or already by this one. */
 export class LockHeldError extends Error {
@@ -191,8 +194,10 @@ export class LockHeldError extends Error {
     readonly holder: number,
     /** This process already holds the lock (a second writer in one process). */
     readonly sameProcess: boolean,
+    /** The holder's host, when it is another machine (a folder shared over the network). */
+    readonly host?: string,
   ) {
-    super(sameProcess ? `this process already holds ${lockFile}` : `${lockFile} is held by the process with pid ${holder}`);
+    super(sameProcess ? `this process already holds ${lockFile}` : `${lockFile} is held by the process with pid ${holder}${host ? ` on ${host}` : ''}`);
     this.name = 'LockHeldError';
   }
 }
@@ -238,9 +243,9 @@ function installExitHook(): void {
   });
 }
 
-/** Creates the lock file with our pid; undefined when it exists already. */
+/** Creates the lock file with our pid and host; undefined when it exists already. */
 function createLockFile(file: string): FileId | undefined {
-  const content = `${process.pid}\n`;
+  const content = `${process.pid} ${os.hostname()}\n`;
   const temp = tempPathFor(file);
   fs.writeFileSync(temp, content, { flag: 'wx' });
   try {
@@ -271,8 +276,11 @@ function createLockFile(file: string): FileId | undefined {
   }
 }
 
-/** The lock file's holder (pid undefined: no pid in it) and identity; undefined when it is gone. */
-function readLockFile(file: string): (FileId & { pid: number | undefined; ageMs: number }) | undefined {
+/**
+ * The lock file's holder (pid undefined: no pid in it; host undefined: written without one,
+ * taken as this machine) and identity; undefined when it is gone.
+ */
+function readLockFile(file: string): (FileId & { pid: number | undefined; host: string | undefined; ageMs: number }) | undefined {
   let fd: number;
   try {
     fd = fs.openSync(file, 'r');
@@ -282,34 +290,44 @@ function readLockFile(file: string): (FileId & { pid: number | undefined; ageMs:
   }
   try {
     const st = fs.fstatSync(fd);
-    const match = /^\s*(\d+)\s*$/.exec(fs.readFileSync(fd, 'utf8'));
-    return { dev: st.dev, ino: st.ino, pid: match ? Number(match[1]) : undefined, ageMs: Date.now() - st.mtimeMs };
+    const match = /^\s*(\d+)(?:[ \t]+(\S+))?\s*$/.exec(fs.readFileSync(fd, 'utf8'));
+    return { dev: st.dev, ino: st.ino, pid: match ? Number(match[1]) : undefined, host: match?.[2], ageMs: Date.now() - st.mtimeMs };
   } finally {
     fs.closeSync(fd);
   }
 }
 
-/** Removes the stale lock `found`, unless another process replaced it meanwhile (then it stays). */
+/**
+ * Removes the stale lock `found` if it is still the file at `file`. Takeovers run one at a
+ * time, each holding FILE.takeover (an exclusive create): while it is held nobody else removes
+ * a lock, and nobody can create one while the stale file holds the name, so the check and
+ * the removal cannot be overtaken. (A rename-aside-and-put-back scheme lost a fresh lock when
+ * a third process took the name in between.) A guard left by a process killed inside this
+ * function is cleared after 10 s.
+ */
 function removeStaleLock(file: string, found: FileId & { pid: number | undefined }): void {
-  const aside = tempPathFor(file);
+  const guard = `${file}.takeover`;
+  let fd: number;
   try {
-    fs.renameSync(file, aside);
+    fd = fs.openSync(guard, 'wx');
   } catch (err) {
-    if (isMissing(err)) return; // someone else removed it first
-    throw err;
-  }
-  const moved = readLockFile(aside);
-  // The same inode alone is not enough: a removed file's inode is reused at once.
-  if (moved && !(sameFile(moved, found) && moved.pid === found.pid)) {
-    // Another process took the stale lock over between our read and the rename: this is
-    // its fresh lock, put it back (a link fails if a third process holds the name by now).
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
     try {
-      fs.linkSync(aside, file);
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EEXIST' && !fs.existsSync(file)) fs.renameSync(aside, file);
+      if (Date.now() - fs.statSync(guard).mtimeMs > 10_000) fs.rmSync(guard, { force: true });
+    } catch {
+      // gone meanwhile
     }
+    sleepSync(20); // another process is taking it over: look again
+    return;
   }
-  fs.rmSync(aside, { force: true });
+  fs.closeSync(fd);
+  try {
+    const now = readLockFile(file);
+    // Still the stale lock found (a removed file's inode is reused at once: the pid must match too).
+    if (now && sameFile(now, found) && now.pid === found.pid) fs.rmSync(file, { force: true });
+  } finally {
+    fs.rmSync(guard, { force: true });
+  }
 }
 
 function sleepSync(ms: number): void {
@@ -360,6 +378,10 @@ export function acquireLockFile(file: string): FileLock {
     if (found.pid === undefined && found.ageMs < 2000) {
       sleepSync(20); // just created without links: its pid follows at once
       continue;
+    }
+    // Another machine's process (a folder on a network file system): its pid says nothing here.
+    if (found.pid !== undefined && found.host !== undefined && found.host !== os.hostname()) {
+      throw new LockHeldError(file, found.pid, false, found.host);
     }
     // Our own pid in a lock this process does not hold: a dead process whose pid we reuse.
     if (found.pid !== undefined && found.pid !== process.pid && processAlive(found.pid)) throw new LockHeldError(file, found.pid, false);

@@ -127,15 +127,15 @@ function positiveInteger(name: string, value: unknown): number {
   return value;
 }
 
+const SLIDING_WINDOW_OPTION_KEYS: ReadonlySet<string> = new Set<keyof SlidingWindowOptions>([
+  'patch', 'overlap', 'batchSize', 'gaussianSigmaScale', 'cms', 'annotatorProbs', 'mirror', 'onProgress', 'pipeline',
+]);
+
 /**
  * Predicts a whole volume [C, D, H, W] (2D: [C, H, W] with extent.d = 1) window by window
  * and stitches the outputs with Gaussian weights. See the top of this file for the
  * geometry. Rejects before any prediction when an argument is invalid.
  */
-const SLIDING_WINDOW_OPTION_KEYS: ReadonlySet<string> = new Set<keyof SlidingWindowOptions>([
-  'patch', 'overlap', 'batchSize', 'gaussianSigmaScale', 'cms', 'annotatorProbs', 'mirror', 'onProgress', 'pipeline',
-]);
-
 export async function slidingWindowPredict(
   model: SlidingWindowModel,
   volume: Float32Array,

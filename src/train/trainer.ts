@@ -171,11 +171,13 @@ export class RunFolderBusyError extends TrainingError {
     /** The pid of the process training there (process.pid when it is this one). */
     readonly holder: number,
     sameProcess: boolean,
+    /** Its host, when another machine's (a run folder on a network file system). */
+    readonly host?: string,
   ) {
     super(
       sameProcess
         ? `${displayPath(outDir)} is in use: this process is already training in it`
-        : `${displayPath(outDir)} is in use: another cmseg process (pid ${holder}) is training in it; wait for it to finish, or delete ${displayPath(lockFile)} if that process is gone`,
+        : `${displayPath(outDir)} is in use: another cmseg process (pid ${holder}${host ? ` on ${host}` : ''}) is training in it; wait for it to finish, or delete ${displayPath(lockFile)} if that process is gone`,
     );
     this.name = 'RunFolderBusyError';
   }
@@ -196,7 +198,7 @@ export function lockRunFolder(outDir: string): FileLock {
   try {
     lock = acquireLockFile(lockFile);
   } catch (err) {
-    if (err instanceof LockHeldError) throw new RunFolderBusyError(outDir, lockFile, err.holder, err.sameProcess);
+    if (err instanceof LockHeldError) throw new RunFolderBusyError(outDir, lockFile, err.holder, err.sameProcess, err.host);
     throw err;
   }
   try {

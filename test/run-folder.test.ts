@@ -169,6 +169,12 @@ t.test('a run that fails before writing leaves no folder behind', { skip }, asyn
   t.equal(r.code, 1);
   t.match(r.stderr, /--bf16 is for training on the GPU/);
   t.notOk(fs.existsSync(path.join(dir, 'never')));
+  // Nor the parents it made for a nested --out; a parent that was there stays.
+  fs.mkdirSync(path.join(dir, 'kept'));
+  const nested = await cmseg([...TINY, '--steps', '5', '--out', 'kept/made/run', '--bf16']).done;
+  t.equal(nested.code, 1);
+  t.notOk(fs.existsSync(path.join(dir, 'kept', 'made')), 'the folders it made are gone');
+  t.ok(fs.existsSync(path.join(dir, 'kept')), 'the one that existed stays');
 });
 
 // ---- the API ----------------------------------------------------------------------------

@@ -306,7 +306,8 @@ async function runTrain(flags: TrainFlags, command: Command): Promise<void> {
   // One process per run folder (<out>/.train.lock, released however this ends) from here on:
   // two commands on one --out, or two --resume of one run, would interleave checkpoints and
   // log lines. Taking it also clears temp files left by a killed run.
-  const existed = fs.existsSync(outDir);
+  // The first folder of --out this command makes (undefined: it exists), removed again below if empty.
+  const made = firstMissing(outDir);
   const lock = lockRunFolder(outDir);
   // A signal nobody else handles at the moment (no step or case to finish) stops at once, as
   // it would by default, but through process.exit, so that the lock goes with the process.
@@ -321,16 +322,29 @@ async function runTrain(flags: TrainFlags, command: Command): Promise<void> {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
     lock.release();
-    if (!existed) removeIfEmpty(outDir);
+    if (made) removeEmptyUpTo(outDir, made);
   }
 }
 
-/** Removes a folder this command made if it stayed empty (it stopped before writing anything). */
-function removeIfEmpty(dir: string): void {
-  try {
-    fs.rmdirSync(dir);
-  } catch {
-    // not empty, or gone: leave it
+/** The outermost folder of `dir` that does not exist yet (dir itself, or a parent), or undefined. */
+function firstMissing(dir: string): string | undefined {
+  let missing: string | undefined;
+  for (let d = dir; !fs.existsSync(d); d = path.dirname(d)) {
+    missing = d;
+    if (path.dirname(d) === d) break;
+  }
+  return missing;
+}
+
+/** Removes the folders this command made, from `dir` up to `top`, while they stayed empty. */
+function removeEmptyUpTo(dir: string, top: string): void {
+  for (let d = dir; ; d = path.dirname(d)) {
+    try {
+      fs.rmdirSync(d);
+    } catch {
+      return; // not empty, or gone: leave it and its parents
+    }
+    if (d === top) return;
   }
 }
 

@@ -339,16 +339,18 @@ function sleepSync(ms: number): void {
  * whose process is gone. Throws LockHeldError when a live process holds it, this one
  * included (a second writer in one process is refused, not let in).
  */
-export function acquireLockFile(file: string): FileLock {
-  const key = path.resolve(file);
-  if (heldLocks.has(key)) throw new LockHeldError(file, process.pid, true);
+export function acquireLockFile(given: string): FileLock {
+  // Absolute from here on: a process.chdir() while it is held must not release another file.
+  const key = path.resolve(given);
+  const file = key;
+  if (heldLocks.has(key)) throw new LockHeldError(given, process.pid, true);
   const deadline = Date.now() + 5000;
   for (;;) {
     const id = createLockFile(file);
     if (id) {
       let held = true;
       const lock: FileLock = {
-        file,
+        file: given,
         get held() {
           return held;
         },
@@ -372,7 +374,7 @@ export function acquireLockFile(file: string): FileLock {
     }
     const found = readLockFile(file);
     if (Date.now() > deadline) {
-      throw new Error(`could not take the lock ${file}: other processes keep taking it (holder now: ${found?.pid ?? 'none'})`);
+      throw new Error(`could not take the lock ${given}: other processes keep taking it (holder now: ${found?.pid ?? 'none'})`);
     }
     if (!found) continue; // released meanwhile
     if (found.pid === undefined && found.ageMs < 2000) {
@@ -381,10 +383,10 @@ export function acquireLockFile(file: string): FileLock {
     }
     // Another machine's process (a folder on a network file system): its pid says nothing here.
     if (found.pid !== undefined && found.host !== undefined && found.host !== os.hostname()) {
-      throw new LockHeldError(file, found.pid, false, found.host);
+      throw new LockHeldError(given, found.pid, false, found.host);
     }
     // Our own pid in a lock this process does not hold: a dead process whose pid we reuse.
-    if (found.pid !== undefined && found.pid !== process.pid && processAlive(found.pid)) throw new LockHeldError(file, found.pid, false);
+    if (found.pid !== undefined && found.pid !== process.pid && processAlive(found.pid)) throw new LockHeldError(given, found.pid, false);
     removeStaleLock(file, found);
   }
 }

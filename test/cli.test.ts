@@ -9,6 +9,7 @@ import * as path from 'path';
 import { cliHelp, runCli } from './helpers/cli';
 import { loadImageFolder } from '../src/data/image-folder';
 import { backendInfo } from '../src/model/model';
+import { readCheckpoint } from '../src/model/checkpoint';
 import { readPngSync } from '../src/data/png';
 import { classColor, cmHeatMaps, grid, heatMap, labelOverlay, upscale, viridis } from '../src/report/pictures';
 
@@ -72,6 +73,24 @@ t.test('train --json prints one object for scripts', async (t) => {
   t.ok(fs.existsSync(out.files.last) && fs.existsSync(out.files.testMetrics));
   const saved = JSON.parse(fs.readFileSync(out.files.testMetrics, 'utf8'));
   t.same(out.test.metrics.averageDice, saved.metrics.averageDice, 'the test metrics of eval-test.json');
+});
+
+// The model options SPEC section 2-4 leaves to the user reach the model from the command
+// line: CM head blocks, the CM initialisation, the warm-up's trace weight (read back from the
+// checkpoint and from the CMs a fresh uniform-initialised global head predicts).
+t.test('train --cm-head-blocks, --cm-init, --lambda-warmup reach the model and the checkpoint', async (t) => {
+  const r = await inProcess(['train', '--preset', 'mnist-tiny', '--steps', '1', '--out', 'runs/heads', '--cm-head-blocks', '1', '--cm-init', 'uniform', '--lambda-warmup', '0.05', '--warmup-steps', '3', '--no-test', '--quiet']);
+  t.equal(r.exitCode, 0, r.stderr);
+  const ckpt = await readCheckpoint(path.join(dir, 'runs/heads/last.safetensors'));
+  t.equal(ckpt.config.cmHeadBlocks, 1);
+  t.equal(ckpt.config.cmInit, 'uniform');
+  t.ok(Math.abs(ckpt.loss.lambdaWarmup - 0.05) < 1e-7, `lambdaWarmup ${ckpt.loss.lambdaWarmup}`);
+  t.equal(ckpt.loss.warmupSteps, 3);
+  t.ok(Object.keys(ckpt.weights).some((name) => name.startsWith('cmblock.0.0.conv1')), 'the head blocks are in the model');
+  const resume = await inProcess(['train', '--out', 'runs/heads', '--resume', '--cm-head-blocks', '2', '--quiet']);
+  t.equal(resume.exitCode, 1);
+  t.match(resume.stderr, /with different settings: cmHeadBlocks 2 \(the run has 1\)/);
+  t.match(await cliHelp(['train', '--cm-init', 'zeros']), /Allowed choices are identity, uniform/);
 });
 
 const run = path.join(dir, 'runs', 'tiny');

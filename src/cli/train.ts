@@ -35,6 +35,7 @@ import { METHOD_NAMES, MethodName, methodDefinition } from '../train/methods';
 import { presetByName, PRESET_NAMES } from '../train/presets';
 import { createFusionProgress, createProgress, silentFusionProgress } from '../train/progress';
 import { SCHEDULE_KINDS, ScheduleKind } from '../train/schedule';
+import type { CmInit } from '../model/config';
 import { CHECKPOINT_LAST, lockRunFolder, readTrainerState, train, TrainConfig, TrainResult } from '../train/trainer';
 import { choiceOption, displayPath, given, parseInteger, parseNumber, printOutputs, UserError, withExamples } from './common';
 import { loadRunData } from './run-data';
@@ -54,10 +55,13 @@ export interface TrainFlags {
   optimizer?: 'adam' | 'adamw';
   weightDecay?: number;
   lambda?: number;
+  lambdaWarmup?: number;
   warmupSteps?: number;
   depth?: number;
   baseChannels?: number;
   cmRank?: number;
+  cmHeadBlocks?: number;
+  cmInit?: CmInit;
   trainImages?: number;
   valImages?: number;
   testImages?: number;
@@ -113,10 +117,13 @@ function applyFlags(base: { config: TrainConfig; dataset: DatasetSpec }, flags: 
     ['optimizer', 'optimizer'],
     ['weightDecay', 'weightDecay'],
     ['lambda', 'lambda'],
+    ['lambdaWarmup', 'lambdaWarmup'],
     ['warmupSteps', 'warmupSteps'],
     ['depth', 'depth'],
     ['baseChannels', 'baseChannels'],
     ['cmRank', 'cmRank'],
+    ['cmHeadBlocks', 'cmHeadBlocks'],
+    ['cmInit', 'cmInit'],
     ['seed', 'seed'],
     ['checkpointEvery', 'checkpointEvery'],
     ['bf16', 'bf16'],
@@ -563,10 +570,13 @@ export function registerTrainCommand(program: Command): Command {
     .addOption(choiceOption('--optimizer <kind>', 'adam (L2 in the gradient) or adamw (decoupled decay)', ['adam', 'adamw']))
     .option('--weight-decay <x>', 'weight decay', parseNumber(0))
     .option('--lambda <x>', 'trace weight (SPEC section 4)', parseNumber(0))
+    .option('--lambda-warmup <x>', 'weight of the negated trace during the warm-up steps (default: --lambda)', parseNumber(0))
     .option('--warmup-steps <n>', 'first steps with the negated trace (paper section 2.4)', parseInteger(0))
     .option('--depth <n>', 'U-Net levels', parseInteger(1))
     .option('--base-channels <n>', 'channels of the first U-Net level', parseInteger(1))
     .option('--cm-rank <n>', 'rank of the cm-lowrank CMs', parseInteger(1))
+    .option('--cm-head-blocks <n>', 'conv blocks of each annotator\'s CM head before its 1x1 output (SPEC section 2; 0..8)', parseInteger(0))
+    .addOption(choiceOption('--cm-init <kind>', 'CM heads\' start: identity (diagonal ~0.8) or uniform (every entry 1/classes)', ['identity', 'uniform']))
     .option('--train-images <n>', 'MNIST training images', parseInteger(1))
     .option('--val-images <n>', 'MNIST validation images', parseInteger(1))
     .option('--test-images <n>', 'MNIST test images', parseInteger(1))

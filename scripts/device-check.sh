@@ -171,6 +171,45 @@ write_summary() {
       echo "== the training loop through Node (dist/bench/worker.js) under each conv3 option"
       grep -h "^variant " "$OUT/node.txt" | sed 's/^/  /'
     fi
+    # Issue 8's targets, read off this run's own numbers (users' bench through Node, and the
+    # first bench_gpu run's CM loss against the datasheet bandwidth).
+    python3 - "$OUT/node.txt" "$OUT/bench_gpu.txt" <<'TARGETS' 2>/dev/null
+import json, re, sys
+def lines(path):
+    try:
+        return open(path, encoding="utf-8", errors="replace").read().splitlines()
+    except OSError:
+        return []
+out = []
+bench = [json.loads(l[len("BENCH_JSON "):]) for l in lines(sys.argv[1]) if l.startswith("BENCH_JSON ")]
+under = next((l for l in lines(sys.argv[1]) if l.startswith("bench_node under:")), "")
+for r in (x for run in bench for x in run if x.get("config") == "brats3d-gpu"):
+    def pair(ours, theirs, what, target):
+        a, b = r.get(ours) or {}, r.get(theirs) or {}
+        if a.get("ok") and b.get("ok"):
+            ratio = b["stepMsMedian"] / a["stepMsMedian"]
+            ma, mb = a.get("peakMemoryMB", 0), b.get("peakMemoryMB", 0)
+            out.append(f"  {what}: PyTorch {b['stepMsMedian']:.1f} ms / cmseg {a['stepMsMedian']:.1f} ms = {ratio:.2f}x "
+                       f"(target {target}x: {'MET' if ratio >= target else 'not met'}); peak memory cmseg {ma:.0f} "
+                       f"vs PyTorch {mb:.0f} MiB ({'MET' if ma <= mb else 'not met'})")
+    pair("cmseg", "torchEager", "TF32 step", 1.5)
+    pair("cmsegBf16", "torchBf16", "bf16 step", 1.5)
+stage, seen = "", set()
+for l in lines(sys.argv[2]):
+    st = re.match(r"^=== stage (\S+)$", l)
+    if st:
+        stage = st.group(1)
+    m = re.match(r"^cm_loss bandwidth: ([0-9.]+) GB/s = ([0-9.]+)% of the datasheet's ([0-9.]+) GB/s, ([0-9.]+)% of a device copy's ([0-9.]+) GB/s", l)
+    if m and stage in ("bench_gpu", "bench_gpu_winners") and stage not in seen:
+        seen.add(stage)
+        pct = float(m.group(2))
+        what = "defaults" if stage == "bench_gpu" else "under the winners"
+        out.append(f"  fused CM loss ({what}): {m.group(1)} GB/s = {pct:.0f}% of {m.group(3)} GB/s "
+                   f"(target 70%: {'MET' if pct >= 70 else 'not met'}); {m.group(4)}% of a device copy")
+if out:
+    print("== issue 8 targets (this run)" + (f"; users' bench {under[len('bench_node '):]}" if under else ""))
+    print("\n".join(out))
+TARGETS
     if grep -q "^winners" "$OUT/bench_gpu.txt" 2>/dev/null; then
       echo "== candidates against the defaults, by the layers each changes (scripts/device-winners.py)"
       grep -E "^winners|under the winners" "$OUT/bench_gpu.txt" "$OUT/test_cuda.txt" | sed 's/^[^:]*txt://; s/^/  /'

@@ -250,6 +250,14 @@ t.test('lock files: exclusive, stale ones taken over, released once, only our ow
   t.equal(fs.readFileSync(file, 'utf8'), `${live}\n`, 'another holder\'s lock stays');
   t.same(fs.readdirSync(folder), ['.x.lock'], 'no temp files left by locking');
 
+  // An empty lock dated in the future (a clock set back) is stale, not "being written".
+  fs.writeFileSync(file, '');
+  const ahead = new Date(Date.now() + 3_600_000);
+  fs.utimesSync(file, ahead, ahead);
+  const started = Date.now();
+  acquireLockFile(file).release();
+  t.ok(Date.now() - started < 2000, 'taken over at once');
+
   // Another host's lock (a folder on a network file system): its pid cannot be checked here,
   // so it is held, even with a pid that is dead on this machine.
   fs.writeFileSync(file, `${deadPid()} some-other-host\n`);

@@ -377,7 +377,8 @@ export function acquireLockFile(given: string): FileLock {
       throw new Error(`could not take the lock ${given}: other processes keep taking it (holder now: ${found?.pid ?? 'none'})`);
     }
     if (!found) continue; // released meanwhile
-    if (found.pid === undefined && found.ageMs < 2000) {
+    // (A modification time in the future, a clock set back, is no sign of a writer at work.)
+    if (found.pid === undefined && found.ageMs >= 0 && found.ageMs < 2000) {
       sleepSync(20); // just created without links: its pid follows at once
       continue;
     }

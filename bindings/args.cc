@@ -11,11 +11,13 @@
 
 namespace cmseg_js {
 
-void throw_invalid(Napi::Env env, const std::string& message) {
+void throw_error(Napi::Env env, const std::string& message, const char* code) {
   Napi::Error err = Napi::Error::New(env, message);
-  err.Set("code", Napi::String::New(env, "CMSEG_INVALID_ARGUMENT"));
+  err.Set("code", Napi::String::New(env, code));
   throw err;
 }
+
+void throw_invalid(Napi::Env env, const std::string& message) { throw_error(env, message, "CMSEG_INVALID_ARGUMENT"); }
 
 const char* exception_code(std::exception_ptr e) {
   try {

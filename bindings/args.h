@@ -9,6 +9,8 @@
 
 namespace cmseg_js {
 
+// Throws a JS Error carrying `code` (CMSEG_OUT_OF_MEMORY, CMSEG_DISPOSED, ...).
+[[noreturn]] void throw_error(Napi::Env env, const std::string& message, const char* code);
 // Throws a JS Error (with err.code = 'CMSEG_INVALID_ARGUMENT').
 [[noreturn]] void throw_invalid(Napi::Env env, const std::string& message);
 

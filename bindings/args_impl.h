@@ -10,12 +10,8 @@ auto guard(Napi::Env env, F&& fn) -> decltype(fn()) {
     throw;
   } catch (...) {
     const std::exception_ptr e = std::current_exception();
-    if (const char* code = exception_code(e)) {
-      Napi::Error err = Napi::Error::New(env, describe_exception(e));
-      err.Set("code", Napi::String::New(env, code));
-      throw err;
-    }
-    throw_invalid(env, describe_exception(e));
+    const char* code = exception_code(e);
+    throw_error(env, describe_exception(e), code ? code : "CMSEG_INVALID_ARGUMENT");
   }
 }
 

@@ -121,17 +121,7 @@ struct HostBuffer {
 // V8 aborts the process instead of throwing past it.
 constexpr double kMaxTypedArrayLength = 4294967296.0;
 
-std::string gib_text(double bytes) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, bytes < 0.1 * 1073741824.0 ? "%.3f" : "%.1f", bytes / 1073741824.0);
-  return std::string(buf) + " GiB";
-}
-
-[[noreturn]] void throw_error(Napi::Env env, const std::string& message, const char* code) {
-  Napi::Error err = Napi::Error::New(env, message);
-  err.Set("code", Napi::String::New(env, code));
-  throw err;
-}
+using cmseg::gib_text;
 
 // Wraps b's memory as a Float32Array that owns it (b gives it up). Runtimes that
 // forbid external buffers (Electron's sandbox) get a copy instead.

@@ -25,9 +25,9 @@ class PromiseWorker : public Napi::AsyncWorker {
     try {
       work_();
     } catch (...) {
-      const char* code = exception_code(std::current_exception());
-      if (code) code_ = code;
-      SetError(describe_exception(std::current_exception()));
+      const std::exception_ptr e = std::current_exception();
+      if (const char* code = exception_code(e)) code_ = code;
+      SetError(describe_exception(e));
     }
   }
   void OnOK() override {

@@ -1,5 +1,6 @@
 #include "cmseg/backend.hpp"
 
+#include <cstdio>
 #if !defined(_WIN32)
 #include <unistd.h>
 #endif
@@ -58,6 +59,12 @@ double physical_memory_bytes() {
   if (pages > 0 && page > 0) return (double)pages * (double)page;
 #endif
   return 0;
+}
+
+std::string gib_text(double bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, bytes < 0.1 * 1073741824.0 ? "%.3f" : "%.1f", bytes / 1073741824.0);
+  return std::string(buf) + " GiB";
 }
 
 }  // namespace cmseg

@@ -111,30 +111,26 @@ struct Model::Impl {
 
 namespace {
 
-std::string gib(double bytes) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.1f GiB", bytes / 1073741824.0);
-  return buf;
-}
-
 // Values, gradients and both Adam moments of every parameter: 16 bytes each. A layout
 // larger than the machine's memory (depth 8 at 1024 channels is terabytes) is refused
 // before any page is touched.
 void allocate_params(std::vector<Param>& params) {
-  double count = 0;
+  std::vector<int64_t> counts;
+  int64_t count = 0;
   for (const Param& p : params) {
-    double n = 1;
-    for (auto d : p.shape) n *= (double)d;
-    count += n;
-  }
-  const double bytes = count * 4 * sizeof(float), ram = physical_memory_bytes();
-  if (ram > 0 && bytes > ram)
-    throw OutOfMemory(str("the model's ", (int64_t)count, " parameters need ", gib(bytes),
-                          " (values, gradients and Adam moments), more than this machine's ", gib(ram),
-                          " of memory: lower baseChannels or depth"));
-  for (Param& p : params) {
     int64_t n = 1;
     for (auto d : p.shape) n *= d;
+    counts.push_back(n);
+    count += n;
+  }
+  const double bytes = (double)count * 4 * sizeof(float), ram = physical_memory_bytes();
+  if (ram > 0 && bytes > ram)
+    throw OutOfMemory(str("the model's ", count, " parameters need ", gib_text(bytes),
+                          " (values, gradients and Adam moments), more than this machine's ", gib_text(ram),
+                          " of memory: lower baseChannels or depth"));
+  for (size_t i = 0; i < params.size(); ++i) {
+    Param& p = params[i];
+    const int64_t n = counts[i];
     p.value.assign(n, 0.f);
     p.grad.assign(n, 0.f);
     p.m.assign(n, 0.f);
@@ -504,7 +500,7 @@ void check_host_memory(const ModelConfig& c, int n, Spatial s, bool backward, bo
   const double need = step_bytes_lower_bound(c, n, s, backward, cm_loss), ram = physical_memory_bytes();
   if (ram > 0 && need > ram)
     throw OutOfMemory(str(backward ? "a training step" : "a forward pass", " on ", n, " image(s) of ", s.d, "x", s.h, "x", s.w,
-                          " needs more than ", gib(need), ", more than this machine's ", gib(ram),
+                          " needs more than ", gib_text(need), ", more than this machine's ", gib_text(ram),
                           " of memory: use a smaller batch or patch (or fewer channels)"));
 }
 

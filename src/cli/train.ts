@@ -312,8 +312,8 @@ async function runTrain(flags: TrainFlags, command: Command): Promise<void> {
   const outDir = path.resolve(flags.out ?? resolveTrainSettings(flags, isGiven).outDir);
   // One process per run folder (<out>/.train.lock, released however this ends) from here on:
   // two commands on one --out, or two --resume of one run, would interleave checkpoints and
-  // log lines. Taking it also clears temp files left by a killed run.
-  // The first folder of --out this command makes (undefined: it exists), removed again below if empty.
+  // log lines. Taking it also clears temp files left by a killed run. `made`: the first
+  // folder of --out this command makes (undefined: it exists), removed again if left empty.
   const made = firstMissing(outDir);
   const lock = lockRunFolder(outDir);
   // A signal nobody else handles at the moment (no step or case to finish) stops at once, as

@@ -60,7 +60,7 @@ import {
   loadBratsCase,
   preprocessBratsCase,
 } from './brats';
-import { acquireLockFile, type FileLock, LockHeldError, removeStaleAtomicTemps, writeFileAtomic } from './files';
+import { acquireFolderLock, type FileLock, LockHeldError, lockHolderText, writeFileAtomic } from './files';
 import { type Extent } from './morphology';
 import { type NiftiHeader } from './nifti';
 import { Rng } from './random';
@@ -911,18 +911,17 @@ export async function withCacheLock<T>(cacheDir: string, work: () => Promise<T>)
   const lockFile = path.join(cacheDir, LOCK_FILE);
   let lock: FileLock;
   try {
-    lock = acquireLockFile(lockFile);
+    // Writers killed mid-write left their temp files (a case file is tens of MB): cleared with the lock taken.
+    lock = acquireFolderLock(lockFile, cacheWriteFolders(cacheDir));
   } catch (err) {
     if (!(err instanceof LockHeldError)) throw err;
     // A second writer in the same process would otherwise take the lock over (both then rewrite the index).
     if (err.sameProcess) {
       throw new CacheError('locked', lockFile, `this process is already writing ${cacheDir} (prepare, or a STAPLE baseline fusing its training labels); wait for it to finish`, process.pid);
     }
-    throw new CacheError('locked', lockFile, `another cmseg process (pid ${err.holder}${err.host ? ` on ${err.host}` : ''}: prepare, or a STAPLE baseline fusing its training labels) is writing ${cacheDir}; wait for it, or delete ${lockFile} if it is gone`, err.holder);
+    throw new CacheError('locked', lockFile, `another cmseg process (${lockHolderText(err.holder, err.host)}: prepare, or a STAPLE baseline fusing its training labels) is writing ${cacheDir}; wait for it, or delete ${lockFile} if it is gone`, err.holder);
   }
   try {
-    // Writers killed mid-write left their temp files (a case file is tens of MB): gone with the lock taken.
-    for (const dir of cacheWriteFolders(cacheDir)) removeStaleAtomicTemps(dir);
     return await work();
   } finally {
     lock.release();

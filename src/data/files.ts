@@ -197,9 +197,14 @@ export class LockHeldError extends Error {
     /** The holder's host, when it is another machine (a folder shared over the network). */
     readonly host?: string,
   ) {
-    super(sameProcess ? `this process already holds ${lockFile}` : `${lockFile} is held by the process with pid ${holder}${host ? ` on ${host}` : ''}`);
+    super(sameProcess ? `this process already holds ${lockFile}` : `${lockFile} is held by the process with ${lockHolderText(holder, host)}`);
     this.name = 'LockHeldError';
   }
+}
+
+/** "pid 123", or "pid 123 on otherhost" for another machine's process: how messages name a lock's holder. */
+export function lockHolderText(pid: number, host?: string): string {
+  return `pid ${pid}${host ? ` on ${host}` : ''}`;
 }
 
 /** A lock taken by acquireLockFile; release() removes its file (once; later calls do nothing). */
@@ -212,7 +217,7 @@ export interface FileLock {
 }
 
 /** Whether a process with this pid exists (one we may not signal counts as existing). */
-export function processAlive(pid: number): boolean {
+function processAlive(pid: number): boolean {
   if (!Number.isSafeInteger(pid) || pid <= 0) return false;
   try {
     process.kill(pid, 0);
@@ -341,9 +346,8 @@ function sleepSync(ms: number): void {
  */
 export function acquireLockFile(given: string): FileLock {
   // Absolute from here on: a process.chdir() while it is held must not release another file.
-  const key = path.resolve(given);
-  const file = key;
-  if (heldLocks.has(key)) throw new LockHeldError(given, process.pid, true);
+  const file = path.resolve(given);
+  if (heldLocks.has(file)) throw new LockHeldError(given, process.pid, true);
   const deadline = Date.now() + 5000;
   for (;;) {
     const id = createLockFile(file);
@@ -357,7 +361,7 @@ export function acquireLockFile(given: string): FileLock {
         release() {
           if (!held) return;
           held = false;
-          heldLocks.delete(key);
+          heldLocks.delete(file);
           try {
             // Only our own lock file: never one another process made after taking ours over
             // (or after someone deleted ours), which may even have reused its inode.
@@ -368,7 +372,7 @@ export function acquireLockFile(given: string): FileLock {
           }
         },
       };
-      heldLocks.set(key, lock);
+      heldLocks.set(file, lock);
       installExitHook();
       return lock;
     }
@@ -392,14 +396,20 @@ export function acquireLockFile(given: string): FileLock {
   }
 }
 
-/** Runs `work` holding the lock file `file` (see acquireLockFile); released however `work` ends. */
-export async function withLockFile<T>(file: string, work: () => Promise<T>): Promise<T> {
-  const lock = acquireLockFile(file);
+/**
+ * Takes the lock of a folder's writers (acquireLockFile) and then removes, from each of
+ * `folders`, the temp files that writers killed mid-write left there
+ * (removeStaleAtomicTemps): with the lock held no live writer can be starting one.
+ */
+export function acquireFolderLock(lockFile: string, folders: readonly string[]): FileLock {
+  const lock = acquireLockFile(lockFile);
   try {
-    return await work();
-  } finally {
+    for (const dir of folders) removeStaleAtomicTemps(dir);
+  } catch (err) {
     lock.release();
+    throw err;
   }
+  return lock;
 }
 
 // writeFileAtomic's temp files: `.<name>.<pid>.<12 hex digits>.tmp` (tempPathFor).

@@ -155,10 +155,9 @@ function checkSlot(c: SamplerCase, classes: number, b: number, channels: number,
   for (let i = 0; i < images.length; i++) {
     if (!Number.isFinite(images[i])) throw damaged(`its image channel ${Math.floor(i / patchVoxels)} holds ${images[i]}`);
   }
-  const maps: [string, Uint8Array | undefined][] = [['consensus', out.consensus], ...out.labels.map((l, r): [string, Uint8Array] => [`annotator ${r}'s labels`, l])];
+  const maps: [string, Uint8Array][] = [['consensus', out.consensus], ...out.labels.map((l, r): [string, Uint8Array] => [`annotator ${r}'s labels`, l])];
   if (out.fused) maps.push(['the fused labels', out.fused]);
   for (const [what, map] of maps) {
-    if (!map) continue;
     const slot = map.subarray(b * patchVoxels, (b + 1) * patchVoxels);
     for (let i = 0; i < slot.length; i++) {
       if (slot[i] >= classes && slot[i] !== UNLABELLED) throw damaged(`${what} hold label ${slot[i]} (classes 0..${classes - 1}, 255 unlabelled)`);

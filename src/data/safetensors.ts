@@ -186,7 +186,8 @@ export function decodeSafetensors(bytes: Uint8Array, path?: string): SafeFile {
   return out;
 }
 
-function isPlainObject(v: unknown): v is Record<string, unknown> {
+/** A JSON object (not null, not an array). */
+export function isPlainObject(v: unknown): v is Record<string, unknown> {
   return typeof v === 'object' && v !== null && !Array.isArray(v);
 }
 
@@ -224,7 +225,7 @@ function checkMetadata(entry: unknown, fail: (message: string) => SafetensorsErr
 }
 
 /** Sets an own property, even one named `__proto__` (a legal tensor name). */
-function setOwn<T>(record: Record<string, T>, key: string, value: T): void {
+export function setOwn<T>(record: Record<string, T>, key: string, value: T): void {
   Object.defineProperty(record, key, { value, enumerable: true, writable: true, configurable: true });
 }
 

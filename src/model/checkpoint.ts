@@ -3,7 +3,7 @@
 // `optim.v.<name>`, and in the metadata the model config, optimiser and loss
 // settings, the step count and any trainer state. Written atomically, so an
 // interrupted save never corrupts the previous checkpoint.
-import { readSafetensors, SafeArray, writeSafetensors } from '../data/safetensors';
+import { isPlainObject, readSafetensors, SafeArray, setOwn, writeSafetensors } from '../data/safetensors';
 import { LossOptions, ModelConfig, OptimizerOptions, ResolvedConfig } from './config';
 import { Model } from './model';
 
@@ -75,14 +75,9 @@ function parseJson(text: string | undefined, what: string, path: string): unknow
 /** A metadata entry that must hold a JSON object (config, optimizer, loss, extra). */
 function parseObject(text: string | undefined, what: string, path: string): Record<string, unknown> {
   const value = parseJson(text, what, path);
-  if (value === null || typeof value !== 'object' || Array.isArray(value))
+  if (!isPlainObject(value))
     throw new Error(`${path}: checkpoint metadata '${what}' must be a JSON object, got ${value === null ? 'null' : Array.isArray(value) ? 'an array' : typeof value}`);
-  return value as Record<string, unknown>;
-}
-
-/** Sets an own property, even one named `__proto__`. */
-function setOwn<T>(record: Record<string, T>, key: string, value: T): void {
-  Object.defineProperty(record, key, { value, enumerable: true, writable: true, configurable: true });
+  return value;
 }
 
 export async function readCheckpoint(path: string): Promise<CheckpointContents> {

@@ -22,7 +22,7 @@ import { Rng } from '../data/random';
 import type { CmInit, Device } from '../model/config';
 import { loadCheckpoint, readCheckpoint, saveCheckpoint } from '../model/checkpoint';
 import { createModel, Model } from '../model/model';
-import { acquireLockFile, displayPath, type FileLock, LockHeldError, removeStaleAtomicTemps, writeFileAtomic } from '../data/files';
+import { acquireFolderLock, displayPath, type FileLock, LockHeldError, lockHolderText, writeFileAtomic } from '../data/files';
 import { augmentBatch, AugmentOptions } from './augment';
 import type { TrainingSource } from './data';
 import { type MethodDefinition, MethodName, methodBatch, methodDefinition } from './methods';
@@ -177,7 +177,7 @@ export class RunFolderBusyError extends TrainingError {
     super(
       sameProcess
         ? `${displayPath(outDir)} is in use: this process is already training in it`
-        : `${displayPath(outDir)} is in use: another cmseg process (pid ${holder}${host ? ` on ${host}` : ''}) is training in it; wait for it to finish, or delete ${displayPath(lockFile)} if that process is gone`,
+        : `${displayPath(outDir)} is in use: another cmseg process (${lockHolderText(holder, host)}) is training in it; wait for it to finish, or delete ${displayPath(lockFile)} if that process is gone`,
     );
     this.name = 'RunFolderBusyError';
   }
@@ -194,20 +194,12 @@ export class RunFolderBusyError extends TrainingError {
 export function lockRunFolder(outDir: string): FileLock {
   fs.mkdirSync(outDir, { recursive: true });
   const lockFile = path.join(outDir, RUN_LOCK);
-  let lock: FileLock;
   try {
-    lock = acquireLockFile(lockFile);
+    return acquireFolderLock(lockFile, [outDir]);
   } catch (err) {
     if (err instanceof LockHeldError) throw new RunFolderBusyError(outDir, lockFile, err.holder, err.sameProcess, err.host);
     throw err;
   }
-  try {
-    removeStaleAtomicTemps(outDir);
-  } catch (err) {
-    lock.release();
-    throw err;
-  }
-  return lock;
 }
 
 export function checkTrainConfig(config: TrainConfig): void {

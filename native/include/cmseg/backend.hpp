@@ -29,5 +29,7 @@ BackendInfo backend_info();
 // larger than it are refused up front: with Linux's overcommit a larger allocation
 // "succeeds" and the process is killed later, when the pages are touched.
 double physical_memory_bytes();
+// A byte count as errors show it: "23.5 GiB" (three decimals under 0.1 GiB).
+std::string gib_text(double bytes);
 
 }  // namespace cmseg

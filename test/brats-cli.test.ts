@@ -11,6 +11,8 @@ import { readCacheIndex } from '../src/data/cache';
 import { readNifti, writeNifti } from '../src/data/nifti';
 import { readPngSync } from '../src/data/png';
 import { backendInfo } from '../src/model/model';
+import { BRATS_CLASS_NAMES } from '../src/data/brats';
+import { cmFigure } from '../src/report/pictures';
 import { checkReleasedPrediction } from './helpers/brats-predictions';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-brats-cli-'));
@@ -131,7 +133,10 @@ t.test('phantom -> prepare (incremental, interruptible) -> train -> predict -> e
     const annotator = await readNifti(path.join(dir, 'pred', `${id}_annotator-${names[r]}.nii.gz`));
     t.same(annotator.dims, [48, 48, 32], `annotator ${r}: original dims`);
     const cm = readPngSync(path.join(dir, 'pred', `${id}_cm-${names[r]}.png`));
-    t.same([cm.width, cm.height], [4 * crop.w * scale + 3 * gap, 4 * crop.h * scale + 3 * gap], `annotator ${r}: a 4x4 grid of CM heat maps of the cropped slice`);
+    // cmFigure's layout for 4x4 heat maps of the cropped slice at the CM scale (its values aside).
+    const figure = cmFigure(new Float32Array(3 * 16 * crop.h * crop.w), 0, r, 3, 4, crop.h, crop.w, scale, { annotator: names[r], classes: BRATS_CLASS_NAMES });
+    t.same([cm.width, cm.height], [figure.width, figure.height], `annotator ${r}: a 4x4 grid of CM heat maps of the cropped slice, with named axes`);
+    t.ok(figure.width >= 4 * crop.w * scale + 3 * gap && figure.height > 4 * crop.h * scale + 3 * gap, 'the figure holds the grid');
   }
   t.match(fs.readFileSync(path.join(dir, 'pred', 'README.txt'), 'utf8'), /4 enhancing tumour \(ET\) for BraTS 2018-2021/);
 

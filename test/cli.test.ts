@@ -11,7 +11,7 @@ import { loadImageFolder } from '../src/data/image-folder';
 import { backendInfo } from '../src/model/model';
 import { readCheckpoint } from '../src/model/checkpoint';
 import { readPngSync } from '../src/data/png';
-import { classColor, cmHeatMaps, grid, heatMap, labelOverlay, upscale, viridis } from '../src/report/pictures';
+import { classColor, cmFigure, cmHeatMaps, grid, heatMap, labelOverlay, upscale, viridis } from '../src/report/pictures';
 
 const root = path.resolve(__dirname, '..');
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-cli-'));
@@ -120,7 +120,10 @@ t.test('a tiny train run end to end, then eval, predict, resume', async (t) => {
   const sheet = readPngSync(path.join(dir, 'pictures', 'image-001-sheet.png'));
   t.ok(sheet.width > 256 && sheet.height > 256, 'a sheet of several pictures');
   const cm = readPngSync(path.join(dir, 'pictures', 'image-000-cm-over.png'));
-  t.equal(cm.width, cm.height, 'the CM heat map grid is square (L x L tiles)');
+  // The labelled CM figure of 2x2 tiles of 32x32 pixels at half the sheet's 8x scale (names and data aside, its layout).
+  const figure = cmFigure(new Float32Array(1 * 4 * 2 * 2 * 32 * 32), 0, 1, 4, 2, 32, 32, 4, { annotator: 'over', classes: ['background', 'digit'] });
+  t.same([cm.width, cm.height], [figure.width, figure.height], 'the CM figure: 2x2 heat maps with named axes and a colour bar');
+  t.notSame([...cm.data.subarray((figure.gridY * cm.width + figure.gridX) * 3, (figure.gridY * cm.width + figure.gridX) * 3 + 3)], [255, 255, 255], 'a heat map where the grid starts');
   t.ok(fs.existsSync(path.join(dir, 'pictures', 'image-000-annotator-fracture.png')));
   // --no-cms: the same pictures but the CM heat maps (4 annotators x 2 images fewer);
   // --probs is a 3D option, said so rather than silently dropped.

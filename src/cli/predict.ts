@@ -20,6 +20,7 @@ import * as path from 'path';
 import { Command, InvalidArgumentError } from 'commander';
 import {
   type BratsNaming,
+  BRATS_CLASS_NAMES,
   BRATS_ENHANCING_LABEL,
   BRATS_ENHANCING_LABEL_2021,
   extentOfDims,
@@ -31,12 +32,12 @@ import { writeFileAtomic } from '../data/files';
 import { loadImagesToPredict } from '../data/image-files';
 import type { Extent } from '../data/morphology';
 import { writeNifti } from '../data/nifti';
-import { writePng } from '../data/png';
+import { type PngImage, writePng } from '../data/png';
 import { argmaxAnnotatorProbs } from '../eval/metrics';
 import type { Device } from '../model/config';
 import { argmaxClasses, setNumThreads } from '../model/model';
 import { slidingWindowPredict } from '../model/sliding-window';
-import { cmHeatMaps, grayImage, grid, labelImage, labelOverlay, upscale } from '../report/pictures';
+import { captionScale, captioned, classLegend, cmFigure, grayImage, grid, labelImage, labelOverlay, legend, stack, upscale } from '../report/pictures';
 import type { AnnotatedSet } from '../train/data';
 import { type InferenceModel, predictImages } from '../train/evaluate';
 import type { BratsDatasetSpec } from '../train/experiment';
@@ -78,6 +79,11 @@ interface PredictFlags {
   geometryTolerance: number;
 }
 
+/** A sheet of captioned pictures with the classes' colours named under it. */
+function sheetWithLegend(sheet: PngImage, classNames: readonly string[], unlabelled: boolean, scale: number): PngImage {
+  return stack([sheet, legend(classLegend(classNames, unlabelled), sheet.width, scale)], 4);
+}
+
 /** Images per predict call when drawing pictures (each brings R*L*L CM channels per pixel). */
 const PICTURE_BATCH = 16;
 
@@ -107,7 +113,12 @@ async function predictRunImages(flags: PredictFlags, info: InferenceInfo, datase
     const loaded = await loadInference(info, { device: flags.device, tta: flags.tta });
     const from = dataset.kind === 'folder' ? ` of ${dataset.root} (<image> = the image's file name)` : '';
     try {
-      await drawPictures(flags, info, loaded.model, set, { count: flags.count ?? 8, what: `${split} images`, readmeWhat: (n) => `the first ${n} ${split} images${from}` });
+      await drawPictures(flags, info, loaded.model, set, {
+        count: flags.count ?? 8,
+        what: `${split} images`,
+        readmeWhat: (n) => `the first ${n} ${split} images${from}`,
+        classNames: data.classNames,
+      });
     } finally {
       await loaded.dispose();
     }
@@ -139,7 +150,7 @@ async function drawPictures(
   info: InferenceInfo,
   model: InferenceModel,
   set: AnnotatedSet,
-  words: { count: number; what: string; readmeWhat: (n: number) => string },
+  words: { count: number; what: string; readmeWhat: (n: number) => string; classNames?: readonly string[] },
 ): Promise<void> {
   const [h, w] = set.spatial;
   const scale = flags.scale ?? Math.max(1, Math.floor(256 / Math.max(h, w)));
@@ -153,6 +164,7 @@ async function drawPictures(
   const V = h * w;
   const C = set.channels;
   const count = Math.min(words.count, set.count);
+  const classNames = Array.from({ length: L }, (_, c) => words.classNames?.[c] ?? (c === 0 ? 'background' : `class ${c}`));
   const names = set.annotatorNames.length === R ? set.annotatorNames : info.annotatorNames;
   const files = annotatorFileNames(Array.from({ length: R }, (_, r) => names[r] ?? `annotator${r}`));
   const outDir = path.resolve(flags.out);
@@ -180,17 +192,26 @@ async function drawPictures(
       if (truth) await save(`${prefix}-truth.png`, truth);
       const estimated = [];
       const observed = [];
+      let unlabelled = false; // whether a drawn label map has unlabelled (255) pixels: the legend then names their gray
       for (let r = 0; r < R; r++) {
         const name = files[r];
-        observed.push(p.batch.present[n * R + r] ? upscale(labelImage(map(p.batch.labels[r]), h, w), scale) : null);
+        const present = p.batch.present[n * R + r] !== 0;
+        observed.push(present ? upscale(labelImage(map(p.batch.labels[r]), h, w), scale) : null);
+        if (present && map(p.batch.labels[r]).includes(255)) unlabelled = true;
         if (!learnsCms) continue; // naive / oracle: the annotator heads were never trained
         const est = upscale(labelOverlay(image, map(p.annotatorMaps[r]), h, w), scale);
         estimated.push(est);
         await save(`${prefix}-annotator-${name}.png`, est);
-        if (drawCms) await save(`${prefix}-cm-${name}.png`, cmHeatMaps(p.cms, n, r, R, L, h, w, Math.max(1, Math.floor(scale / 2))));
+        if (drawCms) await save(`${prefix}-cm-${name}.png`, cmFigure(p.cms, n, r, R, L, h, w, Math.max(1, Math.floor(scale / 2)), { annotator: names[r] ?? name, classes: classNames }));
       }
       // One sheet per image: input, truth, prediction; estimated annotators; their real labels.
-      await save(`${prefix}-sheet.png`, grid(learnsCms ? [[input, truth, predicted], estimated, observed] : [[input, truth, predicted], observed], 4));
+      const annotatorName = (r: number) => names[r] ?? files[r];
+      const rows = [
+        [captioned(input, 'input'), captioned(truth, 'truth'), captioned(predicted, 'prediction')],
+        ...(learnsCms ? [estimated.map((im, r) => captioned(im, `${annotatorName(r)} (estimated)`))] : []),
+        observed.map((im, r) => captioned(im, `${annotatorName(r)} (labels)`)),
+      ];
+      await save(`${prefix}-sheet.png`, sheetWithLegend(grid(rows, 4), classNames, unlabelled, captionScale(input.width)));
     }
   }
   const truthLine = set.consensus
@@ -206,9 +227,9 @@ async function drawPictures(
     '<image>-consensus.png           the predicted consensus, argmax p',
     '<image>-annotator-<name>.png    the estimated labels of that annotator, argmax A_r p',
     drawCms
-      ? `<image>-cm-<name>.png           that annotator's pixel-wise CM: a ${L}x${L} grid, tile (i, j) = p(says i | true j) per pixel (viridis, 0 dark .. 1 bright)`
+      ? `<image>-cm-<name>.png           that annotator's pixel-wise CM: a ${L}x${L} grid, tile (i, j) = p(says i | true j) per pixel, rows and columns named, a colour bar (viridis, 0 dark .. 1 bright)`
       : '(--no-cms: no CM pictures)',
-    `<image>-sheet.png               row 1 input, truth, prediction; row 2 estimated annotators; row 3 their real labels${anyLabels ? '' : ' (none here: the row is empty)'}`,
+    `<image>-sheet.png               row 1 input, truth, prediction; row 2 estimated annotators; row 3 their real labels (each captioned; the classes' colours named under it)${anyLabels ? '' : ' (none here: the row is empty)'}`,
     ...(learnsCms ? [FILE_NAME_RULE] : [`(${method} does not learn annotator CMs: no annotator or CM pictures, and the sheet has rows 1 and 3 only)`]),
     `annotators: ${annotatorEntries(names, files).join(', ')}${!info.namesRecorded && names.every((n, r) => n === `annotator${r}`) ? ' (the checkpoint records no names: its CM heads in order)' : ''}`,
     '',
@@ -338,10 +359,14 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
       await writePng(target, image);
       pictures.push(target);
     };
-    const rows = [[upscale(grayImage(flair, h, w), scale), c.seg ? overlay(c.seg) : null, overlay(consensus)], annotatorMaps.map(overlay)];
-    await save(`${id}_slice.png`, grid(rows.filter((row) => row.length > 0), 4));
+    const flairPicture = upscale(grayImage(flair, h, w), scale);
+    const rows = [
+      [captioned(flairPicture, 'FLAIR'), captioned(c.seg ? overlay(c.seg) : null, 'truth'), captioned(overlay(consensus), 'prediction')],
+      annotatorMaps.map((map, r) => captioned(overlay(map), `${names[r] ?? files[r]} (estimated)`)),
+    ];
+    await save(`${id}_slice.png`, sheetWithLegend(grid(rows.filter((row) => row.length > 0), 4), BRATS_CLASS_NAMES, false, captionScale(flairPicture.width)));
     if (cmSlice) {
-      for (let r = 0; r < R; r++) await save(`${id}_cm-${files[r]}.png`, cmHeatMaps(cmSlice, 0, r, R, L, h, w, Math.max(1, Math.floor(scale / 2))));
+      for (let r = 0; r < R; r++) await save(`${id}_cm-${files[r]}.png`, cmFigure(cmSlice, 0, r, R, L, h, w, Math.max(1, Math.floor(scale / 2)), { annotator: names[r] ?? files[r], classes: BRATS_CLASS_NAMES }));
     } else if (k === 0 && !learnsCms) {
       process.stderr.write(`note: ${method} does not learn annotator CMs: no annotator volumes or CM pictures\n`);
     }
@@ -368,12 +393,12 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
       ? [
           '<id>_annotator-<name>.nii.gz uint8, that annotator\'s estimated segmentation argmax A_r p, labels as the consensus',
           wantCms
-            ? `<id>_cm-<name>.png           that annotator's pixel-wise CM on the slice: a ${L}x${L} grid, tile (i, j) = p(says i | true j) (viridis, 0 dark .. 1 bright)`
+            ? `<id>_cm-<name>.png           that annotator's pixel-wise CM on the slice: a ${L}x${L} grid, tile (i, j) = p(says i | true j), rows and columns named, a colour bar (viridis, 0 dark .. 1 bright)`
             : '(--no-cms: no CM pictures)',
           FILE_NAME_RULE,
         ]
       : [`(${method} does not learn annotator CMs: no annotator volumes or CM pictures)`]),
-    '<id>_slice.png               row 1: FLAIR, expert labels (when known), predicted consensus; row 2: each annotator\'s estimate',
+    '<id>_slice.png               row 1: FLAIR, expert labels (when known), predicted consensus; row 2: each annotator\'s estimate (each captioned; the classes\' colours named under it)',
     'Pictures show the axial slice through the centre of the predicted tumour, of the cropped case, rows = voxel y, columns = voxel x.',
     `annotators: ${annotatorEntries(names, files).map((n, r) => `${r} = ${n}`).join(', ')}`,
     '',

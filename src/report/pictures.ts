@@ -3,6 +3,7 @@
 // entries, and grids that put several of them side by side. 2D only: 3D callers pass a slice.
 
 import type { PngImage } from '../data/png';
+import { drawText, fitText, textHeight, textWidth } from './font';
 
 /** RGB per class: background black, then colours that stay apart for colour-blind readers (Okabe-Ito). */
 export const CLASS_COLORS: readonly (readonly [number, number, number])[] = [
@@ -108,6 +109,19 @@ export function upscale(image: PngImage, factor: number): PngImage {
   return { width: W, height: height * factor, channels, data };
 }
 
+/** A white RGB picture. */
+function blank(width: number, height: number): PngImage {
+  return { width, height, channels: 3, data: new Uint8Array(width * height * 3).fill(255) };
+}
+
+/** Copies `src` (gray or RGB) into the RGB picture `dst` with its top-left corner at (x, y). */
+function paste(dst: PngImage, src: PngImage, x: number, y: number): void {
+  const rgb = toRgb(src);
+  for (let row = 0; row < rgb.height; row++) {
+    dst.data.set(rgb.data.subarray(row * rgb.width * 3, (row + 1) * rgb.width * 3), ((y + row) * dst.width + x) * 3);
+  }
+}
+
 function toRgb(image: PngImage): PngImage {
   if (image.channels === 3) return image;
   if (image.channels !== 1) throw new RangeError(`cannot lay out a ${image.channels}-channel image in a grid`);
@@ -124,19 +138,9 @@ export function grid(rows: readonly (readonly (PngImage | null)[])[], gap = 2): 
   if (columns < 1 || cellW < 1) throw new RangeError('grid: no images to lay out');
   const W = columns * cellW + (columns - 1) * gap;
   const H = rows.length * cellH + (rows.length - 1) * gap;
-  const data = new Uint8Array(W * H * 3).fill(255);
-  rows.forEach((row, r) =>
-    row.forEach((cell, c) => {
-      if (!cell) return;
-      const rgb = toRgb(cell);
-      const x0 = c * (cellW + gap);
-      const y0 = r * (cellH + gap);
-      for (let y = 0; y < rgb.height; y++) {
-        data.set(rgb.data.subarray(y * rgb.width * 3, (y + 1) * rgb.width * 3), ((y0 + y) * W + x0) * 3);
-      }
-    }),
-  );
-  return { width: W, height: H, channels: 3, data };
+  const out = blank(W, H);
+  rows.forEach((row, r) => row.forEach((cell, c) => cell && paste(out, cell, c * (cellW + gap), r * (cellH + gap))));
+  return out;
 }
 
 /**
@@ -156,4 +160,149 @@ export function cmHeatMaps(cms: Float32Array, image: number, annotator: number, 
     rows.push(row);
   }
   return grid(rows, Math.max(2, scale));
+}
+
+// --- Captions, legends and labelled CM figures -------------------------------------------
+
+const INK = [0, 0, 0] as const;
+
+/** Text scale for the captions of pictures `width` pixels wide: 2 from 120 pixels, else 1. */
+export function captionScale(width: number): number {
+  return width >= 120 ? 2 : 1;
+}
+
+/** Margin around a line of text at `scale`, in pixels. */
+const pad = (scale: number) => 2 * scale;
+
+/**
+ * A white strip `width` pixels wide, as high as a line at `scale`, with `text` on it left-aligned:
+ * at `scale` when it fits, else in the smallest type, cut to fit (ending in '..').
+ */
+export function textStrip(text: string, width: number, scale: number): PngImage {
+  const strip = blank(width, textHeight(scale) + 2 * pad(scale));
+  const s = textWidth(text, scale) <= width - 2 * pad(scale) ? scale : 1;
+  drawText(strip, pad(scale), Math.round((strip.height - textHeight(s)) / 2), fitText(text, width - 2 * pad(scale), s), INK, s);
+  return strip;
+}
+
+/** Pictures (gray or RGB) one under the other, left-aligned on white, `gap` pixels apart. */
+export function stack(images: readonly PngImage[], gap = 0): PngImage {
+  if (images.length === 0) throw new RangeError('stack: no images');
+  const out = blank(Math.max(...images.map((im) => im.width)), images.reduce((sum, im) => sum + im.height, 0) + gap * (images.length - 1));
+  let y = 0;
+  for (const im of images) {
+    paste(out, im, 0, y);
+    y += im.height + gap;
+  }
+  return out;
+}
+
+/** `image` with `caption` written above it at `scale` (null stays null: a gap in a grid). */
+export function captioned(image: PngImage | null, caption: string, scale = captionScale(image?.width ?? 0)): PngImage | null {
+  return image && stack([textStrip(caption, image.width, scale), image]);
+}
+
+export interface LegendEntry {
+  color: readonly [number, number, number];
+  text: string;
+}
+
+/** Colour swatches with their names, as many to a line as fit `width`. */
+export function legend(entries: readonly LegendEntry[], width: number, scale: number): PngImage {
+  const swatch = textHeight(scale);
+  const lineH = swatch + 2 * pad(scale);
+  const items = entries.map((e) => ({ ...e, text: fitText(e.text, width - swatch - 4 * pad(scale), scale) }));
+  const itemW = (e: { text: string }) => swatch + pad(scale) + textWidth(e.text, scale) + 3 * pad(scale);
+  const lines: (typeof items)[] = [[]];
+  let used = pad(scale);
+  for (const item of items) {
+    if (lines[lines.length - 1].length > 0 && used + itemW(item) > width) {
+      lines.push([]);
+      used = pad(scale);
+    }
+    lines[lines.length - 1].push(item);
+    used += itemW(item);
+  }
+  const out = blank(width, lines.length * lineH);
+  lines.forEach((line, k) => {
+    let x = pad(scale);
+    const y = k * lineH + pad(scale);
+    for (const item of line) {
+      for (let sy = 0; sy < swatch; sy++) for (let sx = 0; sx < swatch && x + sx < width; sx++) out.data.set(item.color, ((y + sy) * width + x + sx) * 3);
+      drawText(out, x + swatch + pad(scale), y, item.text, INK, scale);
+      x += itemW(item);
+    }
+  });
+  return out;
+}
+
+/** The legend entries of a label picture: each foreground class in its colour, and unlabelled pixels' gray when `unlabelled`. */
+export function classLegend(classNames: readonly string[], unlabelled = false): LegendEntry[] {
+  const entries: LegendEntry[] = classNames.slice(1).map((text, k) => ({ color: classColor(k + 1), text }));
+  return unlabelled ? [...entries, { color: [128, 128, 128], text: 'unlabelled' }] : entries;
+}
+
+/** A class's short name for tight labels: the abbreviation in brackets when it has one ("edema (ED)" -> "ED"). */
+export function shortClassName(name: string): string {
+  return /\(([^()]+)\)\s*$/.exec(name)?.[1] ?? name;
+}
+
+/** A viridis bar from 0 (left) to 1 (right) with its ends and middle written under it. */
+export function colorBar(width: number, scale: number): PngImage {
+  const barH = textHeight(scale) + pad(scale);
+  const bar = blank(width, barH + textHeight(scale) + 2 * pad(scale));
+  const inner = width - 2 * pad(scale);
+  for (let x = 0; x < inner; x++) {
+    const c = viridis(inner > 1 ? x / (inner - 1) : 0);
+    for (let y = 0; y < barH; y++) bar.data.set(c, (y * width + pad(scale) + x) * 3);
+  }
+  const y = barH + pad(scale);
+  drawText(bar, pad(scale), y, '0', INK, scale);
+  drawText(bar, Math.round((width - textWidth('0.5', scale)) / 2), y, '0.5', INK, scale);
+  drawText(bar, width - pad(scale) - textWidth('1', scale), y, '1', INK, scale);
+  return bar;
+}
+
+/** Where cmFigure put the heat-map grid: its top-left corner in the figure. */
+export interface CmFigureLayout {
+  gridX: number;
+  gridY: number;
+}
+
+/**
+ * cmHeatMaps' L x L grid with its axes named: a title, "true <class>" over each column,
+ * "says <class>" left of each row, and a colour bar for 0..1 under the grid.
+ */
+export function cmFigure(
+  cms: Float32Array, image: number, annotator: number, annotators: number, classes: number, h: number, w: number,
+  scale: number, names: { annotator: string; classes: readonly string[] },
+): PngImage & CmFigureLayout {
+  const tiles = cmHeatMaps(cms, image, annotator, annotators, classes, h, w, scale);
+  const gap = Math.max(2, scale);
+  const tileW = w * scale;
+  const tileH = h * scale;
+  const s = captionScale(tileW);
+  const cls = (c: number) => shortClassName(names.classes[c] ?? `class ${c}`);
+  const rowLabels = Array.from({ length: classes }, (_, i) => `says ${cls(i)}`);
+  const labelW = Math.max(...rowLabels.map((t) => textWidth(t, s))) + 2 * pad(s);
+  const lineH = textHeight(s) + 2 * pad(s);
+  const width = labelW + tiles.width;
+  const title = textStrip(`${names.annotator}: p(says row | true column)`, width, s);
+  const gridY = title.height + lineH;
+  const bar = colorBar(tiles.width, s);
+  const out = blank(width, gridY + tiles.height + bar.height);
+  paste(out, title, 0, 0);
+  // Column headers in smaller type when a class name does not fit its tile at the caption's size.
+  const headers = Array.from({ length: classes }, (_, j) => `true ${cls(j)}`);
+  const hs = headers.every((t) => textWidth(t, s) <= tileW) ? s : 1;
+  headers.forEach((header, j) => {
+    const text = fitText(header, tileW, hs);
+    drawText(out, labelW + j * (tileW + gap) + Math.max(0, Math.round((tileW - textWidth(text, hs)) / 2)), title.height + pad(s), text, INK, hs);
+  });
+  for (let i = 0; i < classes; i++) {
+    drawText(out, pad(s), gridY + i * (tileH + gap) + Math.max(0, Math.round((tileH - textHeight(s)) / 2)), rowLabels[i], INK, s);
+  }
+  paste(out, tiles, labelW, gridY);
+  paste(out, bar, labelW, gridY + tiles.height);
+  return { ...out, gridX: labelW, gridY };
 }

@@ -20,7 +20,7 @@ import {
   totalDice,
 } from '../src/eval/metrics';
 import { bratsDice } from '../src/eval/brats-regions';
-import { formatBratsReport, formatMeanStd, formatSegmentationReport } from '../src/eval/report';
+import { formatBratsReport, formatClassConfusion, formatMeanStd, formatSegmentationReport } from '../src/eval/report';
 
 const u8 = (...values: number[]) => Uint8Array.from(values);
 const close = (t: { ok(condition: boolean, message: string): unknown }, actual: number, expected: number, message: string, tol = 1e-9) =>
@@ -305,11 +305,31 @@ t.test('evaluateSegmentation combines every figure; the evaluator accumulates', 
   t.same(again.cmErrorPerAnnotator, report.cmErrorPerAnnotator);
   t.same(again.reliability, report.reliability);
   t.same(again.ged, report.ged);
+  t.same(again.classConfusion, report.classConfusion, 'the pooled class confusion too');
+  // Pooled over both images: truth 0 predicted 0 at 5 voxels and 1 at one, truth 1 predicted 1 twice.
+  t.same(report.classConfusion, [[5, 0], [1, 2]], 'classConfusion[predicted][reference]');
 
   const text = formatSegmentationReport(report, { classNames: ['background', 'digit'], annotatorNames: ['over', 'good'] });
   t.match(text, /\| Dice digit \| 0\.9000 ± 0\.1000 \|/);
   t.match(text, /\| over \| 0\.3018 ± 0\.0518 \| 0\.2500 \| 1\.0000 \|/);
+  // The class confusion as % of each reference column: background 5 of 6 voxels kept (83.3%).
+  t.match(text, /\| consensus vs reference \(% of column\) \| background \| digit \|\n\| --- \| --- \| --- \|\n\| predicted background \| 83\.3% \| 0\.0% \|\n\| predicted digit \| 16\.7% \| 100\.0% \|\n\| voxels \| 6 \| 2 \|/);
   t.throws(() => evaluateSegmentation({ pred, truth: truth.subarray(1), n: 2, classes: 2 }), /truth has 7 elements/);
+});
+
+t.test('class confusion: a swapped pair of classes shows, unlabelled voxels do not count', async (t) => {
+  // 3 classes; class 1 always predicted as 2, class 2 as 2; a voxel with truth 255 is left out
+  // whatever it is predicted as; no voxel of class 0... except one, predicted 0.
+  const truth = u8(1, 1, 1, 2, 2, 255, 0);
+  const pred = u8(2, 2, 2, 2, 2, 1, 0);
+  const report = evaluateSegmentation({ pred, truth, n: 1, classes: 3 });
+  t.same(report.classConfusion, [[1, 0, 0], [0, 0, 0], [0, 3, 2]]);
+  const text = formatClassConfusion(report.classConfusion, (c) => ['bg', 'A', 'B'][c]);
+  t.match(text, /\| predicted A \| 0\.0% \| 0\.0% \| 0\.0% \|/, 'nothing predicted as A');
+  t.match(text, /\| predicted B \| 0\.0% \| 100\.0% \| 100\.0% \|/, 'A learnt as B');
+  t.match(text, /\| voxels \| 1 \| 3 \| 2 \|/, 'the 255 voxel is not counted');
+  const absent = formatClassConfusion([[4, 0], [0, 0]], (c) => `c${c}`);
+  t.match(absent, /\| predicted c0 \| 100\.0% \| n\/a \|/, 'a class absent from the reference: n/a, not 0%');
 });
 
 t.test('BraTS regions and classes on a tiny volume', async (t) => {

@@ -748,6 +748,12 @@ export interface SegmentationReport {
   reliability?: number[];
   /** Generalised energy distance, mean +- std over images. */
   ged?: MeanStd;
+  /**
+   * The consensus prediction against the reference over every scored voxel:
+   * classConfusion[a][b] = #{v: predicted a, reference b} (reference 255 left out). Column b
+   * over its sum is how the reference's class b was predicted: a swapped pair of classes shows.
+   */
+  classConfusion: number[][];
   /** Per-image values, for plots and significance tests. */
   perImage: {
     /** [N, L] */
@@ -797,6 +803,7 @@ export class SegmentationEvaluator {
   private ged: number[] = [];
   private reliabilitySum: number[] = [];
   private reliabilityVoxels = 0;
+  private confusion: Float64Array;
   private annotators: number | undefined;
   private sawCms = false;
   private sawCmError = false;
@@ -806,6 +813,7 @@ export class SegmentationEvaluator {
     checkClassCount(classes);
     this.classes = classes;
     this.gedMode = options.gedMode ?? 'per-class';
+    this.confusion = new Float64Array(classes * classes);
   }
 
   /** Scores a batch of n images; its `classes` (and `gedMode`, if given) must be the evaluator's. */
@@ -850,6 +858,7 @@ export class SegmentationEvaluator {
     const dice = dicePerClassFromCounts(counts, n, L);
     for (const x of dice) this.dice.push(x);
     for (const x of totalDiceFromCounts(counts, n, L)) this.total.push(x);
+    for (let i = 0; i < counts.length; i++) this.confusion[i % (L * L)] += counts[i];
     if (input.cms && R !== undefined) {
       const sums = reliabilitySums(input.cms, n, R, L, V);
       if (this.reliabilitySum.length === 0) this.reliabilitySum = new Array<number>(R).fill(0);
@@ -896,6 +905,7 @@ export class SegmentationEvaluator {
       dicePerClass: perClass,
       averageDice: meanStd(averageDicePerImage(dice, n, L)),
       totalDice: meanStd(totalPerImage),
+      classConfusion: Array.from({ length: L }, (_, a) => Array.from(this.confusion.subarray(a * L, (a + 1) * L))),
       perImage: { dice, totalDice: totalPerImage },
     };
     if (this.sawCms) report.reliability = this.reliabilitySum.map((s) => s / (this.reliabilityVoxels * L));

@@ -64,7 +64,22 @@ export function formatSegmentationReport(report: SegmentationReport, options: Fo
     ]);
     parts.push('', markdownTable(['annotator', 'CM error', 'incompetence', 'estimated reliability'], annotatorRows));
   }
+  if (report.classConfusion) parts.push('', formatClassConfusion(report.classConfusion, className));
   return parts.join('\n');
+}
+
+/**
+ * The consensus prediction against the reference as % of each reference class's voxels:
+ * column b says how class b was predicted (its diagonal cell is the class's recall), so a
+ * class learnt as another shows at once, where its Dice alone only says it was missed.
+ */
+export function formatClassConfusion(confusion: readonly (readonly number[])[], className: (c: number) => string): string {
+  const L = confusion.length;
+  const columnSums = Array.from({ length: L }, (_, b) => confusion.reduce((sum, row) => sum + row[b], 0));
+  const cell = (a: number, b: number) => (columnSums[b] > 0 ? `${((100 * confusion[a][b]) / columnSums[b]).toFixed(1)}%` : 'n/a');
+  const rows = Array.from({ length: L }, (_, a) => [`predicted ${className(a)}`, ...Array.from({ length: L }, (_, b) => cell(a, b))]);
+  rows.push(['voxels', ...columnSums.map((n) => String(n))]);
+  return markdownTable(['consensus vs reference (% of column)', ...Array.from({ length: L }, (_, b) => className(b))], rows);
 }
 
 /** BraTS region and class Dice as one markdown table. */

@@ -2,6 +2,8 @@
 #include <napi.h>
 
 #include <cmath>
+#include <mutex>
+#include <set>
 #include <string>
 
 #include "args.h"
@@ -61,6 +63,23 @@ Napi::Value MeasurePeakGflops(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, cmseg::measure_peak_gflops(seconds));
 }
 
+// Names claimed for the whole process. Every worker thread that loads the addon shares
+// this library's statics, so src/data/files.ts records its lock files here: a lock file
+// holds a pid, which cannot tell two threads of one process apart.
+std::mutex claims_mutex;
+std::set<std::string> claims;
+
+// processClaim(name, take): take true claims `name`, false if it was claimed already;
+// take false gives it up, false if it was not claimed.
+Napi::Value ProcessClaim(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsString() || !info[1].IsBoolean()) throw_invalid(env, "processClaim expects (name: string, take: boolean)");
+  const std::string name = info[0].As<Napi::String>().Utf8Value();
+  std::lock_guard<std::mutex> lock(claims_mutex);
+  const bool changed = info[1].As<Napi::Boolean>().Value() ? claims.insert(name).second : claims.erase(name) > 0;
+  return Napi::Boolean::New(env, changed);
+}
+
 }  // namespace
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
@@ -69,6 +88,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("backendInfo", Napi::Function::New(env, BackendInfo));
   exports.Set("setNumThreads", Napi::Function::New(env, SetNumThreads));
   exports.Set("measurePeakGflops", Napi::Function::New(env, MeasurePeakGflops));
+  exports.Set("processClaim", Napi::Function::New(env, ProcessClaim));
   return exports;
 }
 

@@ -167,15 +167,16 @@ runs.forEach((run, k) => {
   const label = `[${k + 1}/${runs.length}] ${run.method}`;
   if (existsSync(results)) {
     commands.push(`node dist/cli/main.js ${run.train.join(' ')}`, `node dist/cli/main.js ${run.evaluate.join(' ')}`);
-    if (JSON.parse(readFileSync(results, 'utf8')).metrics.brats?.hd95) {
+    const scored = JSON.parse(readFileSync(results, 'utf8')).metrics;
+    if (scored.brats?.hd95 && scored.classConfusion) {
       process.stdout.write(`${label}: done earlier, skipped\n`);
       return;
     }
-    // Scored before cmseg reported HD95: the same checkpoint scored again.
-    const again = cmseg(run.evaluate, `${label} eval (HD95)`);
+    // Scored before cmseg reported HD95 or the class confusion: the same checkpoint scored again.
+    const again = cmseg(run.evaluate, `${label} eval (HD95, class confusion)`);
     const file = join(run.out, 'timing.json');
     if (existsSync(file)) writeFileSync(file, `${JSON.stringify({ ...JSON.parse(readFileSync(file, 'utf8')), evalSeconds: again.seconds })}\n`);
-    process.stdout.write(`${label}: trained earlier, scored again for HD95 (${again.seconds.toFixed(0)} s)\n`);
+    process.stdout.write(`${label}: trained earlier, scored again (${again.seconds.toFixed(0)} s)\n`);
     return;
   }
   const trainArgv = existsSync(join(run.out, 'last.safetensors')) ? [...run.train, '--resume'] : run.train;
@@ -308,7 +309,13 @@ async function trueAnnotatorNoise() {
       all += column;
       wrong += column - counts[r][j * L + j];
     }
-    return { name, meanDiagonal: diag.reduce((a, b) => a + b, 0) / diag.length, diagonal: diag, errorRate: wrong / all,
+    // columns[j][i]: p(annotator says i | consensus j) over the test voxels (undefined where j is absent).
+    const columns = Array.from({ length: L }, (_, j) => {
+      let column = 0;
+      for (let i = 0; i < L; i++) column += counts[r][i * L + j];
+      return column > 0 ? Array.from({ length: L }, (_, i) => counts[r][i * L + j] / column) : undefined;
+    });
+    return { name, meanDiagonal: diag.reduce((a, b) => a + b, 0) / diag.length, diagonal: diag, columns, errorRate: wrong / all,
       backgroundShare: all > 0 ? (() => { let c0 = 0; for (let i = 0; i < L; i++) c0 += counts[r][i * L]; return c0 / all; })() : NaN };
   });
 }
@@ -435,6 +442,53 @@ and the fraction of test voxels each annotator labels wrongly:
 ${truth.map((t) => `${t.name} ${t.diagonal.map((d) => d.toFixed(3)).join(' / ')}, ${(100 * t.errorRate).toFixed(2)} % wrong`).join('; ')}.
 A model that learnt the annotators should at least order them like the last row; ${rankingNote(cmRuns)}.`;
 }
+// Where each tumour class's test voxels went in the consensus prediction (eval's classConfusion).
+const SHORT_NAMES = ['BG', 'NCR', 'ED', 'ET'];
+/** "ET 100.0" or "NCR 71.2, ED 20.1": the classes given at least 5% of a distribution, largest first. */
+function shares(distribution) {
+  if (!distribution) return '-';
+  const big = distribution.map((x, i) => [x, i]).filter(([x]) => x >= 0.05).sort((a, b) => b[0] - a[0]);
+  return big.map(([x, i]) => `${SHORT_NAMES[i] ?? i} ${(100 * x).toFixed(1)}`).join(', ');
+}
+/** Column j of a [predicted][reference] count matrix as shares of its sum (undefined when empty). */
+function columnShares(confusion, j) {
+  const sum = confusion.reduce((acc, row) => acc + row[j], 0);
+  return sum > 0 ? confusion.map((row) => row[j] / sum) : undefined;
+}
+function confusionSection() {
+  const scored = results.filter(({ r }) => r.metrics.classConfusion);
+  if (!scored.length) return '(the evaluations predate the class confusion: run the script again to score them)';
+  const lines = ['| Method | NCR predicted as (%) | ED predicted as (%) | ET predicted as (%) |', '| --- | --- | --- | --- |'];
+  const swaps = [];
+  for (const { run, r } of scored) {
+    const cells = [1, 2, 3].map((j) => shares(columnShares(r.metrics.classConfusion, j)));
+    lines.push(`| ${METHODS.find(([k]) => k === run.method)[1]} (\`${run.method}\`) | ${cells.join(' | ')} |`);
+    for (const j of [1, 2, 3]) {
+      const col = columnShares(r.metrics.classConfusion, j);
+      if (!col) continue;
+      const top = col.indexOf(Math.max(...col));
+      if (top !== j && top !== 0) swaps.push(`\`${run.method}\` ${SHORT_NAMES[j]} as ${SHORT_NAMES[top]} (${(100 * col[top]).toFixed(1)}%)`);
+    }
+  }
+  const says = [1, 2, 3].map((j) => `${SHORT_NAMES[j]}: ${truth.map((t) => `${t.name} ${shares(t.columns?.[j])}`).join('; ')}`);
+  // The share of the annotators' labels on class j's voxels that name j, averaged over annotators.
+  const agree = (j) => truth.reduce((sum, t) => sum + (t.columns?.[j]?.[j] ?? NaN), 0) / truth.length;
+  return `${lines.join('\n')}
+
+Each cell: the classes the consensus prediction gave at least 5% of that tumour class's test voxels (its
+recall is the share of its own name). ${swaps.length
+    ? `A tumour class learnt as another tumour class (the largest share of its voxels): ${swaps.join('; ')}.`
+    : 'No method learnt a tumour class as another tumour class.'}
+
+What the annotators say on the test voxels of each tumour class (% of the class's voxels):
+${says.join('.\n')}.
+Of the annotators' labels, ${f(agree(1), 100, 0)}% name the true class on the NCR voxels, ${f(agree(2), 100, 0)}% on the ED voxels and
+${f(agree(3), 100, 0)}% on the ET voxels (mean over the ${truth.length} annotators). With pixel-wise CMs every voxel's labels are explained
+as well by another true class: a model that calls the NCR voxels ET explains \`over\`'s NCR there by an
+\`over\` CM that maps ET to NCR at those voxels, and \`wrong\`'s ET by an identity. The cross-entropy
+alone cannot tell these apart; which one training reaches depends on the start, the trace term and the network.`;
+}
+
 function niftiSection() {
   const c = niftiCheck;
   if (!c.result) return `One \`cmseg predict\` on test case \`${c.testCase}\`: ${c.summary}.`;
@@ -508,6 +562,10 @@ test cases where both the prediction and the truth have the region, the count in
 ${hd95Table()}
 
 ${stapleNote()}
+
+## Where each tumour class went (test split)
+
+${confusionSection()}
 
 ## Annotator CMs (test split)
 

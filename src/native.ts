@@ -82,6 +82,8 @@ export interface NativeAddon {
   backendInfo(): NativeBackendInfo;
   setNumThreads(n: number): void;
   measurePeakGflops(seconds: number): number;
+  /** Claims (take true) or gives up a name for the whole process, worker threads included; whether it changed. */
+  processClaim(name: string, take: boolean): boolean;
   [key: string]: unknown;
 }
 

@@ -8,6 +8,7 @@ import { ChildProcess, spawn, spawnSync } from 'child_process';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
+import { Worker } from 'worker_threads';
 import { acquireLockFile, atomicTempWriter, LockHeldError, removeStaleAtomicTemps, writeFileAtomic } from '../src/data/files';
 import { Rng } from '../src/data/random';
 import { AnnotatedSet, InMemorySource } from '../src/train/data';
@@ -222,6 +223,47 @@ t.test('train(): a second train() on a folder in use is refused, in this process
 });
 
 // ---- the helpers in src/data/files.ts ---------------------------------------------------
+
+t.test('lock files: worker threads of one process (one pid) do not take each other\'s locks', { skip }, async (t) => {
+  const folder = fs.mkdtempSync(path.join(dir, 'thread-locks-'));
+  const file = path.join(folder, '.x.lock');
+  // A worker that takes the lock through the compiled module (its own module instance and
+  // heldLocks, the same addon), reports, and on 'release' gives it back.
+  const code = `
+    const { parentPort, workerData } = require('worker_threads');
+    const { acquireLockFile } = require(workerData.files);
+    let lock;
+    try { lock = acquireLockFile(workerData.file); parentPort.postMessage({ took: true }); }
+    catch (e) { parentPort.postMessage({ took: false, name: e.name, sameProcess: e.sameProcess }); }
+    parentPort.on('message', () => { if (lock) lock.release(); parentPort.postMessage({ released: true }); parentPort.close(); });`;
+  const files = path.resolve(__dirname, '..', 'dist', 'data', 'files.js');
+  const startWorker = () => {
+    const worker = new Worker(code, { eval: true, workerData: { files, file } });
+    const replies: Promise<Record<string, unknown>>[] = [];
+    const waiting: ((m: Record<string, unknown>) => void)[] = [];
+    for (let k = 0; k < 2; k++) replies.push(new Promise((resolve) => waiting.push(resolve)));
+    let next = 0;
+    worker.on('message', (m) => waiting[next++]?.(m));
+    return { first: replies[0], release: () => (worker.postMessage('release'), replies[1]), done: new Promise((resolve) => worker.once('exit', resolve)) };
+  };
+
+  const ours = acquireLockFile(file);
+  const refused = startWorker();
+  t.same(await refused.first, { took: false, name: 'LockHeldError', sameProcess: true }, 'the main thread holds it: a worker is refused');
+  await refused.release();
+  await refused.done;
+  t.equal(fs.readFileSync(file, 'utf8'), `${process.pid} ${os.hostname()}\n`, 'our lock file untouched');
+  ours.release();
+
+  const holder = startWorker();
+  t.same(await holder.first, { took: true }, 'free: the worker takes it');
+  t.throws(() => acquireLockFile(file), { name: 'LockHeldError', sameProcess: true }, 'a worker holds it: the main thread is refused');
+  await holder.release();
+  await holder.done;
+  t.notOk(fs.existsSync(file), 'the worker released it');
+  acquireLockFile(file).release();
+  t.pass('and the main thread can take it then');
+});
 
 t.test('lock files: exclusive, stale ones taken over, released once, only our own removed', async (t) => {
   const folder = fs.mkdtempSync(path.join(dir, 'locks-'));

@@ -8,6 +8,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { randomBytes } from 'crypto';
+import { loadNative } from '../native';
 
 /** A file the caller needed is not there. */
 export class MissingFileError extends Error {
@@ -184,7 +185,8 @@ export function displayPath(file: string): string {
 // taking over one stale lock at once cannot both win. A lock of another host (a folder on
 // a network file system) is held as long as it is there: that host's pids cannot be
 // checked from here. A pid reused by an unrelated live process keeps the lock held; the
-// holder's message names the file to delete then.
+// holder's message names the file to delete then. Within one process (worker threads share
+// its pid) the locks held are claimed in the addon's process-wide set (processClaim).
 
 /** A lock file is held by another live process, or already by this one. */
 export class LockHeldError extends Error {
@@ -192,7 +194,7 @@ export class LockHeldError extends Error {
     readonly lockFile: string,
     /** The holder's pid (process.pid when sameProcess). */
     readonly holder: number,
-    /** This process already holds the lock (a second writer in one process). */
+    /** This process already holds the lock (a second writer in one process, in this thread or another). */
     readonly sameProcess: boolean,
     /** The holder's host, when it is another machine (a folder shared over the network). */
     readonly host?: string,
@@ -234,8 +236,23 @@ interface FileId {
 
 const sameFile = (a: FileId, b: FileId) => a.dev === b.dev && a.ino === b.ino;
 
-/** Locks this process holds, by resolved path. */
+/** Locks this thread holds, by resolved path. */
 const heldLocks = new Map<string, { release(): void }>();
+
+// Lock files claimed by any thread of this process (worker threads have their own heldLocks,
+// and one pid): the addon's process-wide set, or this thread's own when the addon cannot load.
+const localClaims = new Set<string>();
+function processClaim(file: string, take: boolean): boolean {
+  let claim: ((name: string, take: boolean) => boolean) | undefined;
+  try {
+    claim = loadNative().processClaim;
+  } catch {
+    claim = undefined;
+  }
+  if (claim) return claim(file, take);
+  if (take) return localClaims.has(file) ? false : (localClaims.add(file), true);
+  return localClaims.delete(file);
+}
 let exitHookInstalled = false;
 
 // process.exit() (a second Ctrl-C, an uncaught error) still runs 'exit' listeners:
@@ -347,7 +364,18 @@ function sleepSync(ms: number): void {
 export function acquireLockFile(given: string): FileLock {
   // Absolute from here on: a process.chdir() while it is held must not release another file.
   const file = path.resolve(given);
-  if (heldLocks.has(file)) throw new LockHeldError(given, process.pid, true);
+  // Held here or by another thread of this process: a lock file with our pid is then not stale.
+  if (heldLocks.has(file) || !processClaim(file, true)) throw new LockHeldError(given, process.pid, true);
+  try {
+    return takeLockFile(given, file);
+  } catch (err) {
+    processClaim(file, false);
+    throw err;
+  }
+}
+
+/** acquireLockFile's work once this process's claim on `file` is ours. */
+function takeLockFile(given: string, file: string): FileLock {
   const deadline = Date.now() + 5000;
   for (;;) {
     const id = createLockFile(file);
@@ -369,6 +397,8 @@ export function acquireLockFile(given: string): FileLock {
             if (now && sameFile(now, id) && now.pid === process.pid) fs.rmSync(file, { force: true });
           } catch {
             // already gone
+          } finally {
+            processClaim(file, false);
           }
         },
       };
@@ -390,7 +420,7 @@ export function acquireLockFile(given: string): FileLock {
     if (found.pid !== undefined && found.host !== undefined && found.host !== os.hostname()) {
       throw new LockHeldError(given, found.pid, false, found.host);
     }
-    // Our own pid in a lock this process does not hold: a dead process whose pid we reuse.
+    // Our own pid in a lock no thread of this process holds (we hold its claim): a dead process whose pid we reuse.
     if (found.pid !== undefined && found.pid !== process.pid && processAlive(found.pid)) throw new LockHeldError(given, found.pid, false);
     removeStaleLock(file, found);
   }

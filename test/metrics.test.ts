@@ -20,7 +20,7 @@ import {
   totalDice,
 } from '../src/eval/metrics';
 import { bratsDice } from '../src/eval/brats-regions';
-import { formatBratsReport, formatClassConfusion, formatMeanStd, formatSegmentationReport } from '../src/eval/report';
+import { formatAnnotatorCms, formatBratsReport, formatClassConfusion, formatMeanStd, formatSegmentationReport } from '../src/eval/report';
 
 const u8 = (...values: number[]) => Uint8Array.from(values);
 const close = (t: { ok(condition: boolean, message: string): unknown }, actual: number, expected: number, message: string, tol = 1e-9) =>
@@ -306,12 +306,20 @@ t.test('evaluateSegmentation combines every figure; the evaluator accumulates', 
   t.same(again.reliability, report.reliability);
   t.same(again.ged, report.ged);
   t.same(again.classConfusion, report.classConfusion, 'the pooled class confusion too');
+  t.same(again.annotatorCms, report.annotatorCms, 'and the pooled annotator CMs');
+  // Pooled T of annotator 0 over both images: of the 6 background voxels it calls 2 foreground,
+  // both foreground voxels foreground; the identity CMs estimate the identity. Annotator 1 is perfect.
+  const [a0, a1] = report.annotatorCms!;
+  [[2 / 3, 0], [1 / 3, 1]].forEach((row, i) => row.forEach((x, j) => close(t, a0.trueMatrix[i][j]!, x, `T[${i}][${j}] of annotator 0`)));
+  t.same(a0.estimatedMatrix, [[1, 0], [0, 1]], 'E of annotator 0');
+  t.same(a1.trueMatrix, [[1, 0], [0, 1]], 'T of annotator 1');
   // Pooled over both images: truth 0 predicted 0 at 5 voxels and 1 at one, truth 1 predicted 1 twice.
   t.same(report.classConfusion, [[5, 0], [1, 2]], 'classConfusion[predicted][reference]');
 
   const text = formatSegmentationReport(report, { classNames: ['background', 'digit'], annotatorNames: ['over', 'good'] });
   t.match(text, /\| Dice digit \| 0\.9000 ± 0\.1000 \|/);
   t.match(text, /\| over \| 0\.3018 ± 0\.0518 \| 0\.2500 \| 1\.0000 \|/);
+  t.match(text, /\| over: estimated \(true\) % \| true background \| true digit \|\n\| --- \| --- \| --- \|\n\| says background \| 100\.0 \(66\.7\) \| 0\.0 \(0\.0\) \|\n\| says digit \| 0\.0 \(33\.3\) \| 100\.0 \(100\.0\) \|/, "the first annotator's pooled CM, estimate (truth)");
   // The class confusion as % of each reference column: background 5 of 6 voxels kept (83.3%).
   t.match(text, /\| consensus vs reference \(% of column\) \| background \| digit \|\n\| --- \| --- \| --- \|\n\| predicted background \| 83\.3% \| 0\.0% \|\n\| predicted digit \| 16\.7% \| 100\.0% \|\n\| voxels \| 6 \| 2 \|/);
   t.throws(() => evaluateSegmentation({ pred, truth: truth.subarray(1), n: 2, classes: 2 }), /truth has 7 elements/);
@@ -328,6 +336,9 @@ t.test('class confusion: a swapped pair of classes shows, unlabelled voxels do n
   t.match(text, /\| predicted A \| 0\.0% \| 0\.0% \| 0\.0% \|/, 'nothing predicted as A');
   t.match(text, /\| predicted B \| 0\.0% \| 100\.0% \| 100\.0% \|/, 'A learnt as B');
   t.match(text, /\| voxels \| 1 \| 3 \| 2 \|/, 'the 255 voxel is not counted');
+  // An annotator CM column of a class absent from the reference: n/a.
+  const cmsText = formatAnnotatorCms([{ trueMatrix: [[1, null], [0, null]], estimatedMatrix: [[0.9, null], [0.1, null]] }], () => 'r', (c) => `c${c}`);
+  t.match(cmsText, /\| says c0 \| 90\.0 \(100\.0\) \| n\/a \|\n\| says c1 \| 10\.0 \(0\.0\) \| n\/a \|/);
   const absent = formatClassConfusion([[4, 0], [0, 0]], (c) => `c${c}`);
   t.match(absent, /\| predicted c0 \| 100\.0% \| n\/a \|/, 'a class absent from the reference: n/a, not 0%');
 });

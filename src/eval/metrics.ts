@@ -420,6 +420,31 @@ export interface CmEstimationResult {
   error: MeanStd;
   /** Incompetence score per annotator: the mean over its images of the absolute error. */
   incompetence: number[];
+  /** Per annotator, pooled over every voxel scored (all images): the sums behind T and E. */
+  pooled: PooledConfusion[];
+}
+
+/** An annotator's CMs pooled over many images: T = labelCounts / columnCounts, E = estimatedSums / columnCounts. */
+export interface PooledConfusion {
+  /** [L * L]: #{v: label = i, y = j} at i * L + j. */
+  labelCounts: Float64Array;
+  /** [L * L]: sum over {v: y = j} of A(v)[i][j] at i * L + j. */
+  estimatedSums: Float64Array;
+  /** [L]: #{v: y = j}. */
+  columnCounts: Float64Array;
+}
+
+function emptyPooled(L: number): PooledConfusion {
+  return { labelCounts: new Float64Array(L * L), estimatedSums: new Float64Array(L * L), columnCounts: new Float64Array(L) };
+}
+
+/** Adds `from` into `into` (same L). */
+function addPooled(into: PooledConfusion, from: PooledConfusion): void {
+  for (let k = 0; k < into.labelCounts.length; k++) {
+    into.labelCounts[k] += from.labelCounts[k];
+    into.estimatedSums[k] += from.estimatedSums[k];
+  }
+  for (let j = 0; j < into.columnCounts.length; j++) into.columnCounts[j] += from.columnCounts[j];
 }
 
 /**
@@ -442,10 +467,20 @@ export function cmEstimationError(input: CmEstimationInput): CmEstimationResult 
   if (present !== undefined) checkSameLength('present', present, n * R, `N*R = ${n}*${R}`);
   const errorPerImage = new Float64Array(n * R).fill(NaN);
   const absoluteErrorPerImage = new Float64Array(n * R).fill(NaN);
+  const pooled = Array.from({ length: R }, () => emptyPooled(L));
   for (let img = 0; img < n; img++) {
     for (let r = 0; r < R; r++) {
       if (present !== undefined && present[img * R + r] === 0) continue;
       const m = imageConfusionMatrices(cms, truth, maps[r], img, r, { n, annotators: R, classes: L });
+      for (let j = 0; j < L; j++) {
+        const count = m.columnCounts[j];
+        pooled[r].columnCounts[j] += count;
+        if (count === 0) continue;
+        for (let i = 0; i < L; i++) {
+          pooled[r].labelCounts[i * L + j] += m.trueMatrix[i * L + j] * count;
+          pooled[r].estimatedSums[i * L + j] += m.estimatedMatrix[i * L + j] * count;
+        }
+      }
       let entries = 0;
       let squares = 0;
       let absolute = 0;
@@ -481,6 +516,7 @@ export function cmEstimationError(input: CmEstimationInput): CmEstimationResult 
     errorPerAnnotator,
     error: { mean: means.mean, std: stds.mean, count: means.count },
     incompetence,
+    pooled,
   };
 }
 
@@ -746,6 +782,12 @@ export interface SegmentationReport {
   incompetence?: number[];
   /** Per annotator: mean of trace(A_r) / L over every voxel. */
   reliability?: number[];
+  /**
+   * Per annotator, pooled over every voxel scored for the CM error: the true CM T and the
+   * estimated E of SPEC section 6, [i][j] = p(says i | true j); null in columns of classes
+   * absent from the reference.
+   */
+  annotatorCms?: { trueMatrix: (number | null)[][]; estimatedMatrix: (number | null)[][] }[];
   /** Generalised energy distance, mean +- std over images. */
   ged?: MeanStd;
   /**
@@ -787,6 +829,13 @@ export function evaluateSegmentation(input: EvaluationInput): SegmentationReport
   return evaluator.report();
 }
 
+/** T and E of pooled sums as [i][j] rows (null in columns with no voxel). */
+function pooledMatrices(p: PooledConfusion, L: number): { trueMatrix: (number | null)[][]; estimatedMatrix: (number | null)[][] } {
+  const matrix = (sums: Float64Array) =>
+    Array.from({ length: L }, (_, i) => Array.from({ length: L }, (_, j) => (p.columnCounts[j] > 0 ? sums[i * L + j] / p.columnCounts[j] : null)));
+  return { trueMatrix: matrix(p.labelCounts), estimatedMatrix: matrix(p.estimatedSums) };
+}
+
 /**
  * Accumulates per-image figures over several calls (e.g. one full volume at a time from
  * slidingWindowPredict, whose CMs would not fit in memory for a whole test set) and
@@ -800,6 +849,7 @@ export class SegmentationEvaluator {
   private total: number[] = [];
   private cmError: number[][] = [];
   private cmAbsolute: number[][] = [];
+  private cmPooled: PooledConfusion[] = [];
   private ged: number[] = [];
   private reliabilitySum: number[] = [];
   private reliabilityVoxels = 0;
@@ -870,7 +920,9 @@ export class SegmentationEvaluator {
       if (this.cmError.length === 0) {
         this.cmError = Array.from({ length: cm.annotators }, () => []);
         this.cmAbsolute = Array.from({ length: cm.annotators }, () => []);
+        this.cmPooled = Array.from({ length: cm.annotators }, () => emptyPooled(L));
       }
+      cm.pooled.forEach((p, r) => addPooled(this.cmPooled[r], p));
       for (let img = 0; img < n; img++) {
         for (let r = 0; r < cm.annotators; r++) {
           this.cmError[r].push(cm.errorPerImage[img * cm.annotators + r]);
@@ -921,6 +973,7 @@ export class SegmentationEvaluator {
       report.cmError = { mean: means.mean, std: stds.mean, count: means.count };
       report.cmErrorPerAnnotator = perAnnotator;
       report.incompetence = this.cmAbsolute.map((values) => meanStd(values).mean);
+      report.annotatorCms = this.cmPooled.map((p) => pooledMatrices(p, L));
       report.perImage.cmError = perImage;
     }
     if (this.sawGed) {

@@ -64,8 +64,33 @@ export function formatSegmentationReport(report: SegmentationReport, options: Fo
     ]);
     parts.push('', markdownTable(['annotator', 'CM error', 'incompetence', 'estimated reliability'], annotatorRows));
   }
+  if (report.annotatorCms) {
+    const annotatorName = (r: number) => options.annotatorNames?.[r] ?? `annotator ${r}`;
+    parts.push('', formatAnnotatorCms(report.annotatorCms, annotatorName, className));
+  }
   if (report.classConfusion) parts.push('', formatClassConfusion(report.classConfusion, className));
   return parts.join('\n');
+}
+
+/**
+ * Each annotator's CM over every scored voxel, p(says row | true column) in %: the model's
+ * estimate E with the true T in brackets, the matrices whose difference the CM error scores.
+ */
+export function formatAnnotatorCms(
+  cms: NonNullable<SegmentationReport['annotatorCms']>,
+  annotatorName: (r: number) => string,
+  className: (c: number) => string,
+): string {
+  const percent = (x: number | null) => (x === null ? 'n/a' : (100 * x).toFixed(1));
+  const tables = cms.map(({ trueMatrix, estimatedMatrix }, r) => {
+    const L = trueMatrix.length;
+    const rows = Array.from({ length: L }, (_, i) => [
+      `says ${className(i)}`,
+      ...Array.from({ length: L }, (_, j) => (trueMatrix[i][j] === null ? 'n/a' : `${percent(estimatedMatrix[i][j])} (${percent(trueMatrix[i][j])})`)),
+    ]);
+    return markdownTable([`${annotatorName(r)}: estimated (true) %`, ...Array.from({ length: L }, (_, j) => `true ${className(j)}`)], rows);
+  });
+  return ['Annotator CMs over the scored voxels, p(says row | true column): the estimate, the true value in brackets.', ...tables].join('\n\n');
 }
 
 /**

@@ -81,7 +81,7 @@ t.test('phantom -> prepare (incremental, interruptible) -> train -> predict -> e
   t.match(train.stdout, /\| CM estimation error \(RMSE\) \| /);
   t.match(train.stdout, /\| whole tumour \(1, 2, 3\) \| \d\.\d{4} ± /);
   t.match(train.stdout, /\| HD95 \(mm\) \| value \|\n\| --- \| --- \|\n\| whole tumour \| (\d+\.\d{2} ± \d+\.\d{2}|n\/a)/);
-  t.match(train.stdout, /outputs:\n  checkpoints +runs\/cm\/best\.safetensors, runs\/cm\/last\.safetensors\n  training log +runs\/cm\/train-log\.jsonl\n  test metrics +runs\/cm\/eval-test\.json/);
+  t.match(train.stdout, /outputs:\n  checkpoints +runs\/cm\/best\.safetensors, runs\/cm\/last\.safetensors\n  training log +runs\/cm\/train-log\.jsonl\n  curves +runs\/cm\/curves\.png\n  test metrics +runs\/cm\/eval-test\.json/);
   const testMetrics = JSON.parse(fs.readFileSync(path.join(dir, 'runs/cm/eval-test.json'), 'utf8'));
   t.equal(testMetrics.dataset.kind, 'brats');
   t.equal(testMetrics.dataset.cache, path.join(dir, 'cache'));

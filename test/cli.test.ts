@@ -102,7 +102,7 @@ t.test('a tiny train run end to end, then eval, predict, resume', async (t) => {
   t.match(r.stdout, /trained cm from step 0 to 3/);
   t.match(r.stdout, /\| Dice digit +\| \d\.\d{4} ± \d\.\d{4} \|/);
   t.match(r.stdout, /\| Mode labels \(tie: lower class\) \| /);
-  t.match(r.stdout, /outputs:\n  checkpoints +runs\/tiny\/best\.safetensors, runs\/tiny\/last\.safetensors\n  training log +runs\/tiny\/train-log\.jsonl\n  test metrics +runs\/tiny\/eval-test\.json/);
+  t.match(r.stdout, /outputs:\n  checkpoints +runs\/tiny\/best\.safetensors, runs\/tiny\/last\.safetensors\n  training log +runs\/tiny\/train-log\.jsonl\n  curves +runs\/tiny\/curves\.png\n  test metrics +runs\/tiny\/eval-test\.json/);
   for (const f of ['best.safetensors', 'last.safetensors', 'train-log.jsonl', 'eval-test.json']) t.ok(fs.existsSync(path.join(run, f)), `${f} written`);
   const test = JSON.parse(fs.readFileSync(path.join(run, 'eval-test.json'), 'utf8'));
   t.equal(test.metrics.images, 32);

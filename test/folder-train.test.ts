@@ -47,7 +47,7 @@ t.test('cm on an image folder with a consensus: train, split in the recipe, eval
   t.match(r.stdout, /\| Dice foreground +\| \d\.\d{4} ± \d\.\d{4} \|/);
   t.match(r.stdout, /\| CM estimation error \(RMSE\) \| /);
   t.match(r.stdout, /\| Mode labels \(tie: lower class\) \| /);
-  t.match(r.stdout, /outputs:\n  checkpoints +runs\/cm\/best\.safetensors, runs\/cm\/last\.safetensors\n  training log +runs\/cm\/train-log\.jsonl\n  test metrics +runs\/cm\/eval-test\.json\n$/);
+  t.match(r.stdout, /outputs:\n  checkpoints +runs\/cm\/best\.safetensors, runs\/cm\/last\.safetensors\n  training log +runs\/cm\/train-log\.jsonl\n  curves +runs\/cm\/curves\.png\n  test metrics +runs\/cm\/eval-test\.json\n$/);
   const test = json('runs/cm/eval-test.json');
   t.equal(test.metrics.images, 3);
   t.equal(test.metrics.reference, undefined, 'scored against the expert consensus');

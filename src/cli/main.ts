@@ -4,6 +4,7 @@
 
 import { Command } from 'commander';
 import { benchCommand } from './bench';
+import { registerCurvesCommand } from './curves';
 import { registerEvalCommand } from './eval';
 import { registerFuseCommand } from './fuse';
 import { registerInfoCommand } from './info';
@@ -43,6 +44,7 @@ export function buildProgram(options: ProgramOptions = {}): Command {
   registerTrainCommand(program);
   registerEvalCommand(program);
   registerPredictCommand(program);
+  registerCurvesCommand(program);
   registerSimulateCommand(program);
   registerFuseCommand(program);
   registerPhantomCommand(program);

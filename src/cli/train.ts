@@ -38,6 +38,7 @@ import { SCHEDULE_KINDS, ScheduleKind } from '../train/schedule';
 import type { CmInit } from '../model/config';
 import { CHECKPOINT_LAST, lockRunFolder, readTrainerState, train, TrainConfig, TrainResult } from '../train/trainer';
 import { choiceOption, displayPath, given, parseInteger, parseNumber, printOutputs, UserError, withExamples } from './common';
+import { CURVES_FILE, writeRunCurves } from './curves';
 import { loadRunData } from './run-data';
 import { prepareWithProgress } from './prepare';
 
@@ -501,14 +502,17 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
     best: state.best ? { score: state.best.score, epoch: state.best.epoch + 1, reference: data.reference ?? 'consensus' } : null,
     files: { best: files.best ?? null, last: files.last ?? null, log: files.log },
   };
+  // The curves picture is a convenience: a failure to draw it is said, never fatal to the run.
+  const curves = await writeRunCurves(outDir).catch((err: Error) => {
+    process.stderr.write(`note: no ${CURVES_FILE}: ${err.message}\n`);
+    return undefined;
+  });
+  if (curves) (json.files as Record<string, unknown>).curves = curves;
+  const logOutputs: [string, string | string[]][] = [['training log', files.log], ...(curves ? [['curves', curves] as [string, string]] : [])];
   if (result.status === 'interrupted') {
     say(`interrupted at step ${state.step}/${state.totalSteps}; continue with: cmseg train --out ${displayPath(outDir)} --resume\n`);
     if (flags.json) process.stdout.write(JSON.stringify(json) + '\n');
-    else
-      printOutputs([
-        ['checkpoints', checkpoints],
-        ['training log', files.log],
-      ]);
+    else printOutputs([['checkpoints', checkpoints], ...logOutputs]);
     process.exitCode = stoppedBy === 'SIGTERM' ? 143 : 130; // 128 + the signal's number, as a shell reports it
     return;
   }
@@ -518,10 +522,7 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
   const best = state.best ? `; best validation Dice${against} ${state.best.score.toFixed(4)} (epoch ${state.best.epoch + 1})` : '';
   const done = result.startStep === state.step ? `the run was already complete at step ${state.step}` : `trained ${config.method} from step ${result.startStep} to ${state.step} in ${seconds.toFixed(1)} s`;
   say(`${done}${best}\n`);
-  const outputs: [string, string | string[]][] = [
-    ['checkpoints', checkpoints],
-    ['training log', files.log],
-  ];
+  const outputs: [string, string | string[]][] = [['checkpoints', checkpoints], ...logOutputs];
   if (flags.test) {
     const chosen = files.best ?? files.last;
     const model = await loadCheckpoint(chosen);

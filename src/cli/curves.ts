@@ -1,0 +1,42 @@
+// `cmseg curves`: a run's training curves as a picture (src/report/curves.ts) from its
+// train-log.jsonl. `cmseg train` draws <out>/curves.png itself when it stops; this command
+// draws it for a run still going (from another terminal) or for any run folder.
+
+import * as fs from 'fs';
+import * as path from 'path';
+import { Command } from 'commander';
+import { writePng } from '../data/png';
+import { trainingCurves } from '../report/curves';
+import { readTrainLog } from '../train/trainer';
+import { displayPath, printOutputs, UserError, withExamples } from './common';
+
+/** The file name of a run's curves picture, beside its log. */
+export const CURVES_FILE = 'curves.png';
+
+/** Draws the curves of the run in `runDir` into `out` (default <runDir>/curves.png); returns the file. */
+export async function writeRunCurves(runDir: string, out = path.join(runDir, CURVES_FILE)): Promise<string> {
+  const log = path.join(runDir, 'train-log.jsonl');
+  if (!fs.existsSync(log)) throw new UserError(`${displayPath(runDir)} has no train-log.jsonl: is it a cmseg train --out folder?`);
+  let events: Record<string, unknown>[];
+  try {
+    events = readTrainLog(log);
+  } catch (err) {
+    throw new UserError(`${displayPath(log)} cannot be read as a training log: ${(err as Error).message}`);
+  }
+  if (!events.some((e) => e.event === 'step')) throw new UserError(`${displayPath(log)} has no training steps yet: nothing to draw`);
+  await writePng(out, trainingCurves(events, { title: path.basename(path.resolve(runDir)) }));
+  return out;
+}
+
+export function registerCurvesCommand(program: Command): Command {
+  const command = program
+    .command('curves')
+    .description("draw a run's training curves (loss per step, validation score and CM error) from its train-log.jsonl")
+    .argument('<run>', 'a cmseg train --out folder')
+    .option('-o, --out <file>', 'the picture (default <run>/curves.png)')
+    .action(async (run: string, flags: { out?: string }) => {
+      const file = await writeRunCurves(run, flags.out);
+      printOutputs([['curves', file]]);
+    });
+  return withExamples(command, 'cmseg curves runs/cm', 'cmseg curves runs/brats --out brats-curves.png');
+}

@@ -1,0 +1,73 @@
+// A run's training curves (<run>/curves.png) from its train-log.jsonl: the loss and its
+// cross-entropy per step (raw, and a moving average that shows the trend through the
+// batch-to-batch noise), and the validation score and CM error per validation.
+
+import type { PngImage } from '../data/png';
+import { lineChart, type Rgb, type Series } from './chart';
+import { stack } from './pictures';
+
+const BLUE: Rgb = [0, 114, 178];
+const LIGHT_BLUE: Rgb = [178, 210, 235];
+const ORANGE: Rgb = [213, 94, 0];
+const GREEN: Rgb = [0, 158, 115];
+const PURPLE: Rgb = [204, 121, 167];
+
+/** The mean of each point's window of `window` points ending at it (shorter at the start). */
+export function movingAverage(values: readonly number[], window: number): number[] {
+  if (!Number.isInteger(window) || window < 1) throw new RangeError(`moving average window ${window} must be an integer >= 1`);
+  const out: number[] = [];
+  let sum = 0;
+  for (let i = 0; i < values.length; i++) {
+    sum += values[i];
+    if (i >= window) sum -= values[i - window];
+    out.push(sum / Math.min(i + 1, window));
+  }
+  return out;
+}
+
+/** Entries of `event` kind, one per step: a resumed run repeats the steps after its last checkpoint, the later entry counts. */
+function byStep(events: readonly Record<string, unknown>[], event: string): Record<string, unknown>[] {
+  const last = new Map<number, Record<string, unknown>>();
+  for (const e of events) if (e.event === event && typeof e.step === 'number') last.set(e.step, e);
+  return [...last.entries()].sort((a, b) => a[0] - b[0]).map(([, e]) => e);
+}
+
+const sum = (x: unknown) => (Array.isArray(x) ? x.reduce((a: number, b) => a + Number(b), 0) : Number(x));
+const num = (x: unknown) => (typeof x === 'number' ? x : NaN);
+
+export interface CurvesOptions {
+  /** Picture width in pixels (default 900); each panel is 0.45 of it high. */
+  width?: number;
+  /** What the title calls the run (e.g. its folder). */
+  title?: string;
+}
+
+/** The curves of a run's log entries; throws when the log has no training step. */
+export function trainingCurves(events: readonly Record<string, unknown>[], options: CurvesOptions = {}): PngImage {
+  const width = options.width ?? 900;
+  const height = Math.round(width * 0.45);
+  const steps = byStep(events, 'step');
+  if (steps.length === 0) throw new RangeError('the training log has no step entries to draw');
+  const x = steps.map((e) => e.step as number);
+  const loss = steps.map((e) => num(e.loss));
+  const ce = steps.map((e) => sum(e.ce));
+  const window = Math.max(1, Math.round(steps.length / 50));
+  const zip = (ys: readonly number[]) => ys.map((y, i) => [x[i], y] as const);
+  const name = options.title ? `${options.title}: ` : '';
+  const lossSeries: Series[] = [
+    { name: 'loss per step', color: LIGHT_BLUE, points: zip(loss), width: 1, hideInLegend: true },
+    { name: window > 1 ? `loss (mean of ${window} steps)` : 'loss', color: BLUE, points: zip(movingAverage(loss, window)) },
+    { name: window > 1 ? `cross-entropy, sum over annotators (mean of ${window})` : 'cross-entropy, sum over annotators', color: ORANGE, points: zip(movingAverage(ce, window)) },
+  ];
+  const panels: PngImage[] = [lineChart(lossSeries, { width, height, title: `${name}training loss`, xLabel: 'step' })];
+
+  const validations = byStep(events, 'validation');
+  if (validations.length > 0) {
+    const vx = validations.map((e) => e.step as number);
+    const points = (key: string) => validations.map((e, i) => [vx[i], num(e[key])] as const);
+    const series: Series[] = [{ name: 'validation score (Dice)', color: GREEN, points: points('score'), marker: 7 }];
+    if (validations.some((e) => typeof e.cmError === 'number')) series.push({ name: 'CM estimation error', color: PURPLE, points: points('cmError'), marker: 7 });
+    panels.push(lineChart(series, { width, height, title: `${name}validation`, xLabel: 'step', yRange: [0, 1] }));
+  }
+  return stack(panels, 8);
+}

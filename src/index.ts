@@ -41,7 +41,11 @@ export type { MeanStd, DiceSummary, SegmentationReport, EvaluationInput, CmEstim
 export { bratsDice, bratsHausdorff95, BRATS_REGIONS } from './eval/brats-regions';
 export { hausdorff95, surfaceDistances, squaredDistanceTransform } from './eval/surface-distance';
 export type { BratsDiceReport, BratsRegion } from './eval/brats-regions';
-export { formatSegmentationReport, formatBratsReport, formatMeanStd } from './eval/report';
+export { formatSegmentationReport, formatBratsReport, formatMeanStd, formatAnnotatorCms, formatClassConfusion } from './eval/report';
+export { trainingCurves } from './report/curves';
+export { lineChart } from './report/chart';
+export type { Series as ChartSeries, ChartOptions } from './report/chart';
+export { cmFigure, cmHeatMaps, labelOverlay, grid } from './report/pictures';
 export { simulateAnnotators, trueConfusionMatrix } from './data/annotators';
 export type { AnnotatorSpec, LabelMode } from './data/annotators';
 export { loadMnistSplits } from './data/mnist';

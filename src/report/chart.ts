@@ -108,7 +108,8 @@ export function lineChart(series: readonly Series[], options: ChartOptions): Png
   const ys = finite.map(([, y]) => y);
   const xTicks = niceTicks(xs.length ? Math.min(...xs) : 0, xs.length ? Math.max(...xs) : 1);
   const yTicks = options.yRange ? niceTicks(options.yRange[0], options.yRange[1]) : niceTicks(ys.length ? Math.min(...ys) : 0, ys.length ? Math.max(...ys) : 1);
-  const xRange: [number, number] = [xTicks[0], xTicks[xTicks.length - 1]];
+  // The x axis ends at the last point (a run's last step), not at the next round tick.
+  const xRange: [number, number] = [xTicks[0], xs.length && Math.max(...xs) > xTicks[0] ? Math.max(...xs) : xTicks[xTicks.length - 1]];
   const yRange: [number, number] = options.yRange ? [options.yRange[0], options.yRange[1]] : [yTicks[0], yTicks[yTicks.length - 1]];
 
   // Title, then the legend's entries on as many lines as they need.
@@ -130,7 +131,7 @@ export function lineChart(series: readonly Series[], options: ChartOptions): Png
   const top = ly + (legendItems.length ? lineH : 0) + 2 * s;
   const left = Math.max(...yTicks.map((v) => textWidth(tickLabel(v), s))) + 6 * s;
   const bottom = 2 * lineH + 2 * s;
-  const right = textWidth(tickLabel(xRange[1]), s) / 2 + 4 * s;
+  const right = textWidth(tickLabel(xTicks[xTicks.length - 1]), s) / 2 + 4 * s;
   const plot = { x: left, y: top, width: Math.max(10, width - left - right), height: Math.max(10, height - top - bottom) };
   const toPixel = (x: number, y: number): [number, number] => [
     plot.x + ((x - xRange[0]) / (xRange[1] - xRange[0])) * (plot.width - 1),
@@ -146,6 +147,7 @@ export function lineChart(series: readonly Series[], options: ChartOptions): Png
     drawText(image, plot.x - 3 * s - textWidth(label, s), Math.round(py) - Math.floor(textHeight(s) / 2), label, INK, s);
   }
   for (const v of xTicks) {
+    if (v > xRange[1]) continue;
     const [px] = toPixel(v, yRange[0]);
     drawLine(image, Math.round(px), plot.y, Math.round(px), plot.y + plot.height - 1, GRID);
     const label = tickLabel(v);

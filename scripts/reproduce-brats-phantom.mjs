@@ -460,6 +460,7 @@ function confusionSection() {
   if (!scored.length) return '(the evaluations predate the class confusion: run the script again to score them)';
   const lines = ['| Method | NCR predicted as (%) | ED predicted as (%) | ET predicted as (%) |', '| --- | --- | --- | --- |'];
   const swaps = [];
+  const swapped = new Map(); // method -> "j>k" pairs it learnt swapped
   for (const { run, r } of scored) {
     const cells = [1, 2, 3].map((j) => shares(columnShares(r.metrics.classConfusion, j)));
     lines.push(`| ${METHODS.find(([k]) => k === run.method)[1]} (\`${run.method}\`) | ${cells.join(' | ')} |`);
@@ -467,7 +468,10 @@ function confusionSection() {
       const col = columnShares(r.metrics.classConfusion, j);
       if (!col) continue;
       const top = col.indexOf(Math.max(...col));
-      if (top !== j && top !== 0) swaps.push(`\`${run.method}\` ${SHORT_NAMES[j]} as ${SHORT_NAMES[top]} (${(100 * col[top]).toFixed(1)}%)`);
+      if (top !== j && top !== 0) {
+        swaps.push(`\`${run.method}\` ${SHORT_NAMES[j]} as ${SHORT_NAMES[top]} (${(100 * col[top]).toFixed(1)}%)`);
+        swapped.set(run.method, [...(swapped.get(run.method) ?? []), `${j}>${top}`]);
+      }
     }
   }
   const says = [1, 2, 3].map((j) => `${SHORT_NAMES[j]}: ${truth.map((t) => `${t.name} ${shares(t.columns?.[j])}`).join('; ')}`);
@@ -486,7 +490,18 @@ Of the annotators' labels, ${f(agree(1), 100, 0)}% name the true class on the NC
 ${f(agree(3), 100, 0)}% on the ET voxels (mean over the ${truth.length} annotators). With pixel-wise CMs every voxel's labels are explained
 as well by another true class: a model that calls the NCR voxels ET explains \`over\`'s NCR there by an
 \`over\` CM that maps ET to NCR at those voxels, and \`wrong\`'s ET by an identity. The cross-entropy
-alone cannot tell these apart; which one training reaches depends on the start, the trace term and the network.`;
+alone cannot tell these apart; which one training reaches depends on the start, the trace term and the network.${traceRemark(swapped)}`;
+}
+
+/** Whether the trace term decided a swap here: `cm` and `cm-notrace` (lambda 0) swapping the same classes says it did not. */
+function traceRemark(swapped) {
+  const withTrace = swapped.get('cm') ?? [];
+  const without = swapped.get('cm-notrace') ?? [];
+  const both = withTrace.filter((pair) => without.includes(pair));
+  if (!both.length) return '';
+  const pairs = both.map((pair) => pair.split('>').map((c) => SHORT_NAMES[Number(c)]).join(' as ')).join(', ');
+  return `
+Here \`cm\` and \`cm-notrace\` (lambda 0) reach the same swap (${pairs}): the trace term does not decide it.`;
 }
 
 function niftiSection() {

@@ -90,6 +90,16 @@ t.test('cmseg train writes curves.png; cmseg curves draws any run folder', async
   const again = await runCli(['curves', run, '--out', path.join(dir, 'again.png')], dir);
   t.equal(again.exitCode, 0, again.stderr);
   t.same(readPngSync(path.join(dir, 'again.png')).data, picture.data, 'the command draws the same picture from the log');
+  // A run still writing its log: a last line cut short is left out; a broken line before it is named.
+  const log = fs.readFileSync(path.join(run, 'train-log.jsonl'), 'utf8');
+  fs.writeFileSync(path.join(run, 'train-log.jsonl'), log + '{"event":"step","st');
+  const partial = await runCli(['curves', run, '--out', path.join(dir, 'partial.png')], dir);
+  t.equal(partial.exitCode, 0, partial.stderr);
+  t.same(readPngSync(path.join(dir, 'partial.png')).data, picture.data, 'the same picture without the cut line');
+  fs.writeFileSync(path.join(run, 'train-log.jsonl'), 'garbage\n' + log);
+  const broken = await runCli(['curves', run], dir);
+  t.equal(broken.exitCode, 1);
+  t.match(broken.stderr, /train-log\.jsonl line 1 is not a training log entry/);
   const none = await runCli(['curves', dir], dir);
   t.equal(none.exitCode, 1);
   t.match(none.stderr, /has no train-log\.jsonl: is it a cmseg train --out folder\?/);

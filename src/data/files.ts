@@ -253,6 +253,7 @@ function processClaim(file: string, take: boolean): boolean {
   if (take) return localClaims.has(file) ? false : (localClaims.add(file), true);
   return localClaims.delete(file);
 }
+
 let exitHookInstalled = false;
 
 // process.exit() (a second Ctrl-C, an uncaught error) still runs 'exit' listeners:

@@ -5,6 +5,7 @@
 
 import type { PngImage } from '../data/png';
 import { drawText, fitText, textHeight, textWidth } from './font';
+import { blank } from './pictures';
 
 export type Rgb = readonly [number, number, number];
 
@@ -102,7 +103,7 @@ export function lineChart(series: readonly Series[], options: ChartOptions): Png
   const { width, height } = options;
   const s = TEXT_SCALE;
   const lineH = textHeight(s) + 4 * s;
-  const image: PngImage = { width, height, channels: 3, data: new Uint8Array(width * height * 3).fill(255) };
+  const image = blank(width, height);
   const finite = series.flatMap((se) => se.points.filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y)));
   const xs = finite.map(([x]) => x);
   const ys = finite.map(([, y]) => y);

@@ -110,7 +110,7 @@ export function upscale(image: PngImage, factor: number): PngImage {
 }
 
 /** A white RGB picture. */
-function blank(width: number, height: number): PngImage {
+export function blank(width: number, height: number): PngImage {
   return { width, height, channels: 3, data: new Uint8Array(width * height * 3).fill(255) };
 }
 

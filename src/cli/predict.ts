@@ -81,7 +81,8 @@ interface PredictFlags {
 
 /** A sheet of captioned pictures with the classes' colours named under it. */
 function sheetWithLegend(sheet: PngImage, classNames: readonly string[], unlabelled: boolean, scale: number): PngImage {
-  return stack([sheet, legend(classLegend(classNames, unlabelled), sheet.width, scale)], 4);
+  const entries = classLegend(classNames, unlabelled);
+  return entries.length ? stack([sheet, legend(entries, sheet.width, scale)], 4) : sheet;
 }
 
 /** Images per predict call when drawing pictures (each brings R*L*L CM channels per pixel). */

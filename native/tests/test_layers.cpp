@@ -232,10 +232,17 @@ double max_rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
 // statistics and gradients, on rows long enough for several reduction blocks
 // and parts, with a mean far from zero, with and without the fused ReLU.
 TEST(instance_norm_blocked_matches_plain) {
+  struct Case {
+    int n, blocks;
+    int64_t V;
+  };
+  // Long rows in several parts; and one item of exactly one reduction block's worth and
+  // of a few positions (a 3D model's first and deepest levels).
+  for (const Case shape : {Case{2, 2, 9001}, Case{1, 1, 4096}, Case{1, 4, 64}})
   for (int B : {8, 16})
     for (bool relu : {false, true}) {
-      const int n = 2, c = 2 * B;
-      const int64_t V = 9001;
+      const int n = shape.n, c = shape.blocks * B;
+      const int64_t V = shape.V;
       auto x = check::random_vector((size_t)n * c * V, 71 + B, -1.f, 3.f);
       for (size_t i = 0; i < x.size(); ++i) x[i] += (float)((i / V) % 5);  // per-channel offsets
       auto g = check::random_vector(c, 72, 0.5f, 1.5f), b = check::random_vector(c, 73, -0.2f, 0.2f);

@@ -506,8 +506,10 @@ function blocksRemark(swapped, scored) {
   const dice = blocks.r.metrics.dicePerClass;
   return `
 With 2 blocks before each CM head (\`cm --cm-head-blocks 2\`, as in the authors' code) the annotator network has layers of
-its own rather than 1x1 heads on the segmentation's features, and no tumour class was learnt as another
-(Dice NCR ${f(dice[1]?.mean, 100, 2)}, ED ${f(dice[2]?.mean, 100, 2)}, ET ${f(dice[3]?.mean, 100, 2)}; one seed).`;
+its own rather than 1x1 heads on the segmentation's features, and in this run no tumour class was learnt as another
+(Dice NCR ${f(dice[1]?.mean, 100, 2)}, ED ${f(dice[2]?.mean, 100, 2)}, ET ${f(dice[3]?.mean, 100, 2)}). One seed: whether a swap happens
+depends on the start (with other seeds, by hand, \`cm\` learnt NCR and the head blocks swapped it: see the README),
+so read this as what one run did, not as an effect of the blocks.`;
 }
 
 /** Whether the trace term decided a swap here: `cm` and `cm-notrace` (lambda 0) swapping the same classes says it did not. */

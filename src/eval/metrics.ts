@@ -343,6 +343,9 @@ export interface ImageConfusionMatrices {
   estimatedMatrix: Float64Array;
   /** #{v: y = j} over the voxels used (labelled by both y and the annotator). */
   columnCounts: Float64Array;
+  /** The sums behind T and E: #{v: label = i, y = j} and the sum of A(v)[i][j] over {v: y = j}. */
+  labelCounts: Float64Array;
+  estimatedSums: Float64Array;
 }
 
 /**
@@ -392,7 +395,7 @@ export function imageConfusionMatrices(
       estimatedMatrix[i * L + j] = total > 0 ? sums[i * L + j] / total : NaN;
     }
   }
-  return { trueMatrix, estimatedMatrix, columnCounts };
+  return { trueMatrix, estimatedMatrix, columnCounts, labelCounts: counts, estimatedSums: sums };
 }
 
 export interface CmEstimationInput {
@@ -472,15 +475,7 @@ export function cmEstimationError(input: CmEstimationInput): CmEstimationResult 
     for (let r = 0; r < R; r++) {
       if (present !== undefined && present[img * R + r] === 0) continue;
       const m = imageConfusionMatrices(cms, truth, maps[r], img, r, { n, annotators: R, classes: L });
-      for (let j = 0; j < L; j++) {
-        const count = m.columnCounts[j];
-        pooled[r].columnCounts[j] += count;
-        if (count === 0) continue;
-        for (let i = 0; i < L; i++) {
-          pooled[r].labelCounts[i * L + j] += m.trueMatrix[i * L + j] * count;
-          pooled[r].estimatedSums[i * L + j] += m.estimatedMatrix[i * L + j] * count;
-        }
-      }
+      addPooled(pooled[r], m);
       let entries = 0;
       let squares = 0;
       let absolute = 0;

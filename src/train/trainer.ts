@@ -474,10 +474,17 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
 }
 
 /** The entries of a JSON-lines training log, in order. */
-export function readTrainLog(file: string): Record<string, unknown>[] {
-  return fs
-    .readFileSync(file, 'utf8')
-    .split('\n')
-    .filter((l) => l.trim())
-    .map((l) => JSON.parse(l) as Record<string, unknown>);
+export function readTrainLog(file: string, options: { whileWritten?: boolean } = {}): Record<string, unknown>[] {
+  const lines = fs.readFileSync(file, 'utf8').split('\n').filter((l) => l.trim());
+  const events: Record<string, unknown>[] = [];
+  for (const [k, line] of lines.entries()) {
+    try {
+      events.push(JSON.parse(line) as Record<string, unknown>);
+    } catch (err) {
+      // whileWritten: a last line that does not parse is one a running train is writing.
+      if (options.whileWritten && k === lines.length - 1) break;
+      throw new SyntaxError(`line ${k + 1} is not a training log entry: ${(err as Error).message}`);
+    }
+  }
+  return events;
 }

@@ -355,12 +355,7 @@ struct Trunk {
   int block = 0;
 
   // The block the convolutions prefer here, if every trunk width is a multiple of it.
-  static Trunk choose(const ModelConfig& c) {
-    const int b = onednn::activation_block(c.ndim);
-    for (int k = 0; b && k < c.depth; ++k)
-      if ((c.base << k) % b) return {0};
-    return {b};
-  }
+  static Trunk choose(const ModelConfig& c) { return {onednn::trunk_block(c.ndim, c.base, c.depth)}; }
   onednn::Blocks blocks(bool x_plain) const { return {x_plain ? 0 : block, block}; }
 
   void conv3_forward(const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s, int nd,

@@ -280,15 +280,8 @@ TEST(primitives_are_cached) {
 
 namespace {
 
-// Whether the model keeps its trunk blocked: every level's width a multiple of the block
-// the convolutions prefer (8 channels on AVX2, 16 on AVX-512); otherwise it runs plain
-// activations and every call reorders.
-bool trunk_blocked(const ModelConfig& c) {
-  const int b = onednn::activation_block(c.ndim);
-  for (int k = 0; b && k < c.depth; ++k)
-    if ((c.base << k) % b) return false;
-  return b != 0;
-}
+// Whether the model keeps its trunk blocked (its reorder bound applies then).
+bool trunk_blocked(const ModelConfig& c) { return onednn::trunk_block(c.ndim, c.base, c.depth) != 0; }
 
 // A first-level width the blocked trunk takes on this machine: 8, or the block if larger.
 int blocked_base(int ndim) { return std::max(8, onednn::activation_block(ndim)); }
@@ -356,6 +349,18 @@ TEST(model_gradients_3d) {
   ModelConfig c;
   c.ndim = 3, c.in_channels = 4, c.classes = 4, c.annotators = 2, c.depth = 3, c.base = blocked_base(3);
   model_case(c, 1, {16, 16, 16});
+}
+
+// The trunk's rule by hand: blocked only when every level's width is a multiple of the
+// block the convolutions prefer (8 channels on AVX2, 16 on AVX-512).
+TEST(trunk_block_rule) {
+  const int b = onednn::activation_block(2);
+  std::printf("  activation block %d\n", b);
+  CHECK(onednn::trunk_block(2, b, 4) == b);
+  CHECK(onednn::trunk_block(2, 2 * b, 3) == b);
+  CHECK(onednn::trunk_block(2, b / 2, 1) == 0);     // the first level is off the block
+  CHECK(onednn::trunk_block(2, b / 2, 2) == 0);     // ... even when the second is on it
+  CHECK(onednn::trunk_block(2, b + 4, 3) == 0);
 }
 
 // Widths that are not multiples of the block (AVX-512's 16 with base 8; on AVX2, base 12):

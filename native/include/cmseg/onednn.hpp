@@ -42,6 +42,14 @@ size_t cached_primitives();
 // 16 on AVX-512), or 0 when they prefer something else or the layout policy is
 // nhwc/plain or CMSEG_ONEDNN_TRUNK=plain. Probed once per ndim.
 int activation_block(int ndim);
+// The block of the model's trunk (native/model/unet.cpp): activation_block(ndim)
+// when every level's width base << k (k < depth) is a multiple of it, else 0 (plain).
+inline int trunk_block(int ndim, int base, int depth) {
+  const int b = activation_block(ndim);
+  for (int k = 0; b && k < depth; ++k)
+    if ((base << k) % b) return 0;
+  return b;
+}
 // Layout conversions at the model's boundaries (c must be a multiple of block).
 void to_blocked(const float* plain, float* blocked, int n, int c, Spatial s, int ndim, int block);
 void to_plain(const float* blocked, float* plain, int n, int c, Spatial s, int ndim, int block);
@@ -73,6 +81,7 @@ inline void set_enabled(bool) {}
 inline std::string describe() { return "built without oneDNN"; }
 inline size_t cached_primitives() { return 0; }
 inline int activation_block(int) { return 0; }
+inline int trunk_block(int, int, int) { return 0; }
 inline long long activation_reorders() { return 0; }
 // activation_block() is 0 here, so callers never reach the blocked layers.
 [[noreturn]] void unavailable(const char* what);

@@ -16,7 +16,15 @@ export const CURVES_FILE = 'curves.png';
 /** Draws the curves of the run in `runDir` into `out` (default <runDir>/curves.png); returns the file. */
 export async function writeRunCurves(runDir: string, out = path.join(runDir, CURVES_FILE)): Promise<string> {
   const log = path.join(runDir, 'train-log.jsonl');
+  // The log itself named instead of its folder: say which argument is wanted.
+  if (fs.statSync(runDir, { throwIfNoEntry: false })?.isFile()) {
+    throw new UserError(`${displayPath(runDir)} is a file: name the run folder that holds train-log.jsonl (cmseg curves ${displayPath(path.dirname(runDir))})`);
+  }
   if (!fs.existsSync(log)) throw new UserError(`${displayPath(runDir)} has no train-log.jsonl: is it a cmseg train --out folder?`);
+  // --out names a file: a folder there would only fail at the end, with the temp file's name.
+  if (fs.statSync(out, { throwIfNoEntry: false })?.isDirectory()) {
+    throw new UserError(`--out ${displayPath(out)} is a folder: name the picture's file (e.g. ${displayPath(path.join(out, CURVES_FILE))})`);
+  }
   let events: Record<string, unknown>[];
   try {
     events = readTrainLog(log, { whileWritten: true });
@@ -24,7 +32,10 @@ export async function writeRunCurves(runDir: string, out = path.join(runDir, CUR
     throw new UserError(`${displayPath(log)} ${(err as Error).message}`);
   }
   if (!events.some((e) => e.event === 'step')) throw new UserError(`${displayPath(log)} has no training steps yet: nothing to draw`);
-  await writePng(out, trainingCurves(events, { title: path.basename(path.resolve(runDir)) }));
+  const picture = trainingCurves(events, { title: path.basename(path.resolve(runDir)) });
+  // As eval's --out: a folder that does not exist yet is made.
+  fs.mkdirSync(path.dirname(path.resolve(out)), { recursive: true });
+  await writePng(out, picture);
   return out;
 }
 

@@ -85,6 +85,20 @@ function sheetWithLegend(sheet: PngImage, classNames: readonly string[], unlabel
   return entries.length ? stack([sheet, legend(entries, sheet.width, scale)], 4) : sheet;
 }
 
+/** The largest side of one enlarged picture: a sheet puts several side by side, in memory at once. */
+const MAX_PICTURE_SIDE = 4096;
+
+/** --scale, or about 256 pixels a side; a scale past MAX_PICTURE_SIDE is refused before any picture is allocated. */
+function pictureScale(flags: PredictFlags, h: number, w: number): number {
+  const scale = flags.scale ?? Math.max(1, Math.floor(256 / Math.max(h, w)));
+  if (Math.max(h, w) * scale > MAX_PICTURE_SIDE) {
+    throw new UserError(
+      `--scale ${scale} would make the ${w}x${h} pictures ${w * scale}x${h * scale} pixels; at most ${MAX_PICTURE_SIDE} a side (--scale ${Math.max(1, Math.floor(MAX_PICTURE_SIDE / Math.max(h, w)))} or less here)`,
+    );
+  }
+  return scale;
+}
+
 /** Images per predict call when drawing pictures (each brings R*L*L CM channels per pixel). */
 const PICTURE_BATCH = 16;
 
@@ -154,7 +168,7 @@ async function drawPictures(
   words: { count: number; what: string; readmeWhat: (n: number) => string; classNames?: readonly string[] },
 ): Promise<void> {
   const [h, w] = set.spatial;
-  const scale = flags.scale ?? Math.max(1, Math.floor(256 / Math.max(h, w)));
+  const scale = pictureScale(flags, h, w);
   const R = model.config.annotators;
   const learnsCms = info.learnsCms;
   const drawCms = learnsCms && flags.cms !== false;
@@ -352,7 +366,7 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     for (const [r, map] of annotatorMaps.entries()) await writeVolume(`${id}_annotator-${files[r]}.nii.gz`, labelsToRelease(map), 'uint8');
 
     const { h, w } = c.extent;
-    const scale = flags.scale ?? Math.max(1, Math.floor(256 / Math.max(h, w)));
+    const scale = pictureScale(flags, h, w);
     const flair = axialSlice(c.images.subarray(3 * V, 4 * V), 1, c.extent, z);
     const overlay = (labels: Uint8Array) => upscale(labelOverlay(flair, axialSlice(labels, 1, c.extent, z), h, w), scale);
     const save = async (name: string, image: Parameters<typeof writePng>[1]) => {

@@ -84,6 +84,9 @@ export function formatAnnotatorCms(
   const percent = (x: number | null) => (x === null ? 'n/a' : (100 * x).toFixed(1));
   const tables = cms.map(({ trueMatrix, estimatedMatrix }, r) => {
     const L = trueMatrix.length;
+    // An annotator who labelled none of the scored voxels (one label per image, none in this
+    // split) has no column to compare: one line says so instead of a table of n/a.
+    if (trueMatrix.every((row) => row.every((x) => x === null))) return `${annotatorName(r)}: labelled none of the scored voxels, no CM to compare`;
     const rows = Array.from({ length: L }, (_, i) => [
       `says ${className(i)}`,
       ...Array.from({ length: L }, (_, j) => (trueMatrix[i][j] === null ? 'n/a' : `${percent(estimatedMatrix[i][j])} (${percent(trueMatrix[i][j])})`)),

@@ -42,9 +42,12 @@ const TEXT_SCALE = 2;
 export function niceTicks(lo: number, hi: number, count = 5): number[] {
   if (!Number.isFinite(lo) || !Number.isFinite(hi)) throw new RangeError(`niceTicks needs a finite range, got ${lo}..${hi}`);
   if (hi < lo) [lo, hi] = [hi, lo];
-  if (hi === lo) {
-    const pad = lo === 0 ? 1 : Math.abs(lo) * 0.1;
-    [lo, hi] = [lo - pad, hi + pad];
+  // A range within rounding of one value (a flat loss averaged: 0.1 and 0.10000000000000002)
+  // is one value: steps of an ulp would never reach hi, as k * step stops changing.
+  if (hi - lo <= Math.max(Math.abs(lo), Math.abs(hi)) * 1e-9) {
+    const mid = (lo + hi) / 2;
+    const pad = mid === 0 ? 1 : Math.abs(mid) * 0.1;
+    [lo, hi] = [mid - pad, mid + pad];
   }
   const raw = (hi - lo) / Math.max(1, count);
   const power = 10 ** Math.floor(Math.log10(raw));
@@ -60,11 +63,24 @@ export function niceTicks(lo: number, hi: number, count = 5): number[] {
   return ticks;
 }
 
-/** A tick's label: no trailing zeros, k/M for large whole numbers. */
+/** A tick's label: no trailing zeros, k/M for large whole numbers, a power of ten from 1e9 (1e30, not "1e+24M"). */
 export function tickLabel(v: number): string {
+  if (Math.abs(v) >= 1e9) return v.toExponential(2).replace(/\.?0+e/, 'e').replace('e+', 'e');
   if (Math.abs(v) >= 1e6 && Number.isInteger(v / 1e5)) return `${Number((v / 1e6).toPrecision(3))}M`;
   if (Math.abs(v) >= 1e4 && Number.isInteger(v / 100)) return `${Number((v / 1e3).toPrecision(3))}k`;
   return String(Number(v.toPrecision(4)));
+}
+
+/** The least and greatest finite value (undefined for none), by a loop that takes any number of values. */
+function extent(values: readonly number[]): [number | undefined, number | undefined] {
+  let lo: number | undefined;
+  let hi: number | undefined;
+  for (const v of values) {
+    if (!Number.isFinite(v)) continue;
+    if (lo === undefined || v < lo) lo = v;
+    if (hi === undefined || v > hi) hi = v;
+  }
+  return [lo, hi];
 }
 
 function setPixel(image: PngImage, x: number, y: number, color: Rgb): void {
@@ -104,13 +120,17 @@ export function lineChart(series: readonly Series[], options: ChartOptions): Png
   const s = TEXT_SCALE;
   const lineH = textHeight(s) + 4 * s;
   const image = blank(width, height);
-  const finite = series.flatMap((se) => se.points.filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y)));
-  const xs = finite.map(([x]) => x);
-  const ys = finite.map(([, y]) => y);
-  const xTicks = niceTicks(xs.length ? Math.min(...xs) : 0, xs.length ? Math.max(...xs) : 1);
-  const yTicks = options.yRange ? niceTicks(options.yRange[0], options.yRange[1]) : niceTicks(ys.length ? Math.min(...ys) : 0, ys.length ? Math.max(...ys) : 1);
-  // The x axis ends at the last point (a run's last step), not at the next round tick.
-  const xRange: [number, number] = [xTicks[0], xs.length && Math.max(...xs) > xTicks[0] ? Math.max(...xs) : xTicks[xTicks.length - 1]];
+  // The x axis spans every point with an x, NaN y included (a diverged run's steps still show
+  // how far it went); the y axis the finite points. Loops, not Math.min(...xs): a long run's
+  // points overflow the call stack as arguments.
+  const points = series.flatMap((se) => se.points);
+  const [xLo, xHi] = extent(points.map(([x]) => x));
+  const [yLo, yHi] = extent(points.filter(([x]) => Number.isFinite(x)).map(([, y]) => y));
+  const xTicks = niceTicks(xLo ?? 0, xHi ?? 1);
+  const yTicks = options.yRange ? niceTicks(options.yRange[0], options.yRange[1]) : niceTicks(yLo ?? 0, yHi ?? 1);
+  // The x axis ends at the last point (a run's last step), not at the next round tick; a
+  // single x (a one-step log) keeps the ticks around it, so that its point is not on the frame.
+  const xRange: [number, number] = [xTicks[0], xHi !== undefined && xHi > xLo! ? xHi : xTicks[xTicks.length - 1]];
   const yRange: [number, number] = options.yRange ? [options.yRange[0], options.yRange[1]] : [yTicks[0], yTicks[yTicks.length - 1]];
 
   // Title, then the legend's entries on as many lines as they need.
@@ -160,19 +180,24 @@ export function lineChart(series: readonly Series[], options: ChartOptions): Png
 
   // The series, in order (later ones on top), clipped to the plot area.
   const clip: [number, number, number, number] = [plot.x, plot.y, plot.width, plot.height];
+  const finite = (p?: readonly [number, number]) => p !== undefined && Number.isFinite(p[0]) && Number.isFinite(p[1]);
   for (const se of series) {
     let previous: [number, number] | undefined;
-    for (const [x, y] of se.points) {
-      if (!Number.isFinite(x) || !Number.isFinite(y)) {
+    se.points.forEach((point, k) => {
+      if (!finite(point)) {
         previous = undefined;
-        continue;
+        return;
       }
-      const p = toPixel(x, y).map(Math.round) as [number, number];
-      if (previous) drawLine(image, previous[0], previous[1], p[0], p[1], se.color, se.width ?? 2, clip);
-      else drawLine(image, p[0], p[1], p[0], p[1], se.color, se.width ?? 2, clip);
-      if (se.marker) drawLine(image, p[0], p[1], p[0], p[1], se.color, se.marker, clip);
+      const width = se.width ?? 2;
+      const p = toPixel(point[0], point[1]).map(Math.round) as [number, number];
+      if (previous) drawLine(image, previous[0], previous[1], p[0], p[1], se.color, width, clip);
+      else drawLine(image, p[0], p[1], p[0], p[1], se.color, width, clip);
+      // A point with no line to either neighbour (a one-step log, a step between NaNs) gets a square to be seen.
+      const lone = !finite(se.points[k - 1]) && !finite(se.points[k + 1]);
+      const marker = se.marker ?? (lone ? Math.max(5, 2 * width + 1) : 0);
+      if (marker) drawLine(image, p[0], p[1], p[0], p[1], se.color, marker, clip);
       previous = p;
-    }
+    });
   }
   return { ...image, layout: { plot, xRange, yRange, toPixel } };
 }

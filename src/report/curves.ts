@@ -12,15 +12,26 @@ const ORANGE: Rgb = [213, 94, 0];
 const GREEN: Rgb = [0, 158, 115];
 const PURPLE: Rgb = [204, 121, 167];
 
-/** The mean of each point's window of `window` points ending at it (shorter at the start). */
+/**
+ * The mean of each point's window of `window` points ending at it (shorter at the start),
+ * over the window's finite values: a NaN loss (a diverged step, written as null) leaves a
+ * gap where no finite value is in reach instead of blanking the rest of the curve.
+ */
 export function movingAverage(values: readonly number[], window: number): number[] {
   if (!Number.isInteger(window) || window < 1) throw new RangeError(`moving average window ${window} must be an integer >= 1`);
   const out: number[] = [];
   let sum = 0;
+  let count = 0;
   for (let i = 0; i < values.length; i++) {
-    sum += values[i];
-    if (i >= window) sum -= values[i - window];
-    out.push(sum / Math.min(i + 1, window));
+    if (Number.isFinite(values[i])) {
+      sum += values[i];
+      count++;
+    }
+    if (i >= window && Number.isFinite(values[i - window])) {
+      sum -= values[i - window];
+      count--;
+    }
+    out.push(count > 0 ? sum / count : NaN);
   }
   return out;
 }
@@ -32,8 +43,12 @@ function byStep(events: readonly Record<string, unknown>[], event: string): Reco
   return [...last.entries()].sort((a, b) => a[0] - b[0]).map(([, e]) => e);
 }
 
-const sum = (x: unknown) => (Array.isArray(x) ? x.reduce((a: number, b) => a + Number(b), 0) : Number(x));
 const num = (x: unknown) => (typeof x === 'number' ? x : NaN);
+/**
+ * The sum over annotators of a step's CE: NaN for a null entry (JSON's NaN) and for none at
+ * all (the naive methods log `ce: []`), never a 0 that would draw as a perfect loss.
+ */
+const sum = (x: unknown) => (Array.isArray(x) ? (x.length ? x.reduce((a: number, b) => a + num(b), 0) : NaN) : num(x));
 
 export interface CurvesOptions {
   /** Picture width in pixels (default 900); each panel is 0.45 of it high. */
@@ -57,8 +72,11 @@ export function trainingCurves(events: readonly Record<string, unknown>[], optio
   const lossSeries: Series[] = [
     { name: 'loss per step', color: LIGHT_BLUE, points: zip(loss), width: 1, hideInLegend: true },
     { name: window > 1 ? `loss (mean of ${window} steps)` : 'loss', color: BLUE, points: zip(movingAverage(loss, window)) },
-    { name: window > 1 ? `cross-entropy, sum over annotators (mean of ${window})` : 'cross-entropy, sum over annotators', color: ORANGE, points: zip(movingAverage(ce, window)) },
   ];
+  // Methods without annotator CEs (naive, oracle) log none: no line for them.
+  if (ce.some(Number.isFinite)) {
+    lossSeries.push({ name: window > 1 ? `cross-entropy, sum over annotators (mean of ${window})` : 'cross-entropy, sum over annotators', color: ORANGE, points: zip(movingAverage(ce, window)) });
+  }
   const panels: PngImage[] = [lineChart(lossSeries, { width, height, title: `${name}training loss`, xLabel: 'step' })];
 
   const validations = byStep(events, 'validation');

@@ -17,8 +17,18 @@ export const CLASS_COLORS: readonly (readonly [number, number, number])[] = [
   [204, 121, 167],
 ];
 
+/**
+ * Class c's colour. Past the palette the colours go round again darker, then lighter, and
+ * never to black: that is background's, and class 8 drawn in it would vanish from a label map.
+ */
 export function classColor(c: number): readonly [number, number, number] {
-  return CLASS_COLORS[c % CLASS_COLORS.length];
+  if (c === 0) return CLASS_COLORS[0];
+  const n = CLASS_COLORS.length - 1;
+  const base = CLASS_COLORS[1 + ((c - 1) % n)];
+  const round = Math.floor((c - 1) / n) % 3;
+  if (round === 0) return base;
+  const toward = round === 1 ? 0 : 255;
+  return base.map((v) => Math.round((v + toward) / 2)) as unknown as readonly [number, number, number];
 }
 
 function checkSize(what: string, length: number, h: number, w: number): void {
@@ -197,9 +207,13 @@ export function stack(images: readonly PngImage[], gap = 0): PngImage {
   return out;
 }
 
-/** `image` with `caption` written above it at `scale` (null stays null: a gap in a grid). */
+/**
+ * `image` with `caption` written above it at `scale` (null stays null: a gap in a grid). A
+ * caption too long for the picture even in the smallest type widens the strip (a grid then
+ * widens every cell alike): tiny images at --scale 1 would otherwise keep no word of it.
+ */
 export function captioned(image: PngImage | null, caption: string, scale = captionScale(image?.width ?? 0)): PngImage | null {
-  return image && stack([textStrip(caption, image.width, scale), image]);
+  return image && stack([textStrip(caption, Math.max(image.width, textWidth(caption, 1) + 2 * pad(1)), scale), image]);
 }
 
 export interface LegendEntry {
@@ -258,7 +272,11 @@ export function colorBar(width: number, scale: number): PngImage {
   }
   const y = barH + pad(scale);
   drawText(bar, pad(scale), y, '0', INK, scale);
-  drawText(bar, Math.round((width - textWidth('0.5', scale)) / 2), y, '0.5', INK, scale);
+  // The middle label only where it clears both ends' (a narrow bar under small tiles would overprint them).
+  const mid = Math.round((width - textWidth('0.5', scale)) / 2);
+  if (mid >= pad(scale) + textWidth('0', scale) + 2 * scale && mid + textWidth('0.5', scale) + 2 * scale <= width - pad(scale) - textWidth('1', scale)) {
+    drawText(bar, mid, y, '0.5', INK, scale);
+  }
   drawText(bar, width - pad(scale) - textWidth('1', scale), y, '1', INK, scale);
   return bar;
 }
@@ -283,20 +301,26 @@ export function cmFigure(
   const tileH = h * scale;
   const s = captionScale(tileW);
   const cls = (c: number) => shortClassName(names.classes[c] ?? `class ${c}`);
-  const rowLabels = Array.from({ length: classes }, (_, i) => `says ${cls(i)}`);
+  // Column headers in smaller type when a class name does not fit its tile at the caption's
+  // size; tiles too narrow for "true <class>" even so (small images) are headed by the class
+  // number, which the row names then give, so that no column is left unnamed.
+  const named = Array.from({ length: classes }, (_, j) => `true ${cls(j)}`);
+  const numbered = !named.every((t) => textWidth(t, 1) <= tileW);
+  const headers = numbered ? named.map((_, j) => String(j)) : named;
+  const hs = headers.every((t) => textWidth(t, s) <= tileW) ? s : 1;
+  const rowLabels = Array.from({ length: classes }, (_, i) => (numbered ? `says ${cls(i)} (${i})` : `says ${cls(i)}`));
   const labelW = Math.max(...rowLabels.map((t) => textWidth(t, s))) + 2 * pad(s);
   const lineH = textHeight(s) + 2 * pad(s);
-  const width = labelW + tiles.width;
-  const title = textStrip(`${names.annotator}: p(says row | true column)`, width, s);
+  const titleText = `${names.annotator}: p(says row | true column)`;
+  // At least as wide as the title in the smallest type (a 2x2 CM of small tiles is narrower).
+  const width = Math.max(labelW + tiles.width, textWidth(titleText, 1) + 2 * pad(s));
+  const title = textStrip(titleText, width, s);
   const gridY = title.height + lineH;
   const bar = colorBar(tiles.width, s);
   const out = blank(width, gridY + tiles.height + bar.height);
   paste(out, title, 0, 0);
-  // Column headers in smaller type when a class name does not fit its tile at the caption's size.
-  const headers = Array.from({ length: classes }, (_, j) => `true ${cls(j)}`);
-  const hs = headers.every((t) => textWidth(t, s) <= tileW) ? s : 1;
   headers.forEach((header, j) => {
-    const text = fitText(header, tileW, hs);
+    const text = numbered ? header : fitText(header, tileW, hs);
     drawText(out, labelW + j * (tileW + gap) + Math.max(0, Math.round((tileW - textWidth(text, hs)) / 2)), title.height + pad(s), text, INK, hs);
   });
   for (let i = 0; i < classes; i++) {

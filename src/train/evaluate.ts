@@ -99,9 +99,10 @@ export async function evaluateModel(model: InferenceModel, set: AnnotatedSet, op
 /**
  * For a set without an expert consensus: the consensus figures against the majority vote
  * of the annotators (ties to the lower class), on the images at least one annotator
- * labelled. The CM error and incompetence are left out: the annotators' true CMs are
- * only known against an expert consensus (a vote of the annotators themselves would score
- * each one against a map it helped to make). Reliability and GED need no consensus and stay.
+ * labelled. The CM error, incompetence and the pooled annotator CMs are left out: the
+ * annotators' true CMs are only known against an expert consensus (a vote of the annotators
+ * themselves would score each one against a map it helped to make; with one label per image,
+ * against itself). Reliability and GED need no consensus and stay.
  */
 export async function evaluateAgainstMajority(model: InferenceModel, set: AnnotatedSet, options: EvaluateOptions = {}): Promise<EvaluationSummary> {
   const R = set.labels.length;
@@ -110,7 +111,7 @@ export async function evaluateAgainstMajority(model: InferenceModel, set: Annota
   const batch = gatherBatch(set, labelled);
   const majority = modeLabels({ labels: batch.labels, present: batch.present, count: labelled.length, classes: set.classes });
   const scored: AnnotatedSet = { ...set, count: labelled.length, images: batch.images, labels: batch.labels, present: batch.present, consensus: majority, fused: undefined };
-  const { cmError: _cmError, cmErrorPerAnnotator: _perAnnotator, incompetence: _incompetence, ...summary } = await evaluateModel(model, scored, options);
+  const { cmError: _cmError, cmErrorPerAnnotator: _perAnnotator, incompetence: _incompetence, annotatorCms: _cms, ...summary } = await evaluateModel(model, scored, options);
   return { reference: 'majority vote', ...summary };
 }
 

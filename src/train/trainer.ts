@@ -475,16 +475,24 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
 
 /** The entries of a JSON-lines training log, in order. */
 export function readTrainLog(file: string, options: { whileWritten?: boolean } = {}): Record<string, unknown>[] {
-  const lines = fs.readFileSync(file, 'utf8').split('\n').filter((l) => l.trim());
+  const text = fs.readFileSync(file, 'utf8');
+  const lines = text.split('\n').filter((l) => l.trim());
+  // Every entry is written with its newline: only a last line without one can be still in writing.
+  const unfinished = options.whileWritten === true && !text.endsWith('\n');
   const events: Record<string, unknown>[] = [];
   for (const [k, line] of lines.entries()) {
+    let entry: unknown;
     try {
-      events.push(JSON.parse(line) as Record<string, unknown>);
+      entry = JSON.parse(line);
     } catch (err) {
-      // whileWritten: a last line that does not parse is one a running train is writing.
-      if (options.whileWritten && k === lines.length - 1) break;
+      if (unfinished && k === lines.length - 1) break;
       throw new SyntaxError(`line ${k + 1} is not a training log entry: ${(err as Error).message}`);
     }
+    // JSON that is not an object (null, 42, [..]) is no entry either: readers look up its fields.
+    if (typeof entry !== 'object' || entry === null || Array.isArray(entry)) {
+      throw new SyntaxError(`line ${k + 1} is not a training log entry: ${JSON.stringify(entry)} is not a JSON object`);
+    }
+    events.push(entry as Record<string, unknown>);
   }
   return events;
 }

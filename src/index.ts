@@ -41,7 +41,8 @@ export type { MeanStd, DiceSummary, SegmentationReport, EvaluationInput, CmEstim
 export { bratsDice, bratsHausdorff95, BRATS_REGIONS } from './eval/brats-regions';
 export { hausdorff95, surfaceDistances, squaredDistanceTransform } from './eval/surface-distance';
 export type { BratsDiceReport, BratsRegion } from './eval/brats-regions';
-export { formatSegmentationReport, formatBratsReport, formatMeanStd, formatAnnotatorCms, formatClassConfusion } from './eval/report';
+export { formatSegmentationReport, formatBratsReport, formatMeanStd, formatAnnotatorCms, formatClassConfusion, classesLearntAsOthers } from './eval/report';
+export type { ClassLearntAsOther, FormatOptions } from './eval/report';
 export { trainingCurves } from './report/curves';
 export { lineChart } from './report/chart';
 export type { Series as ChartSeries, ChartOptions } from './report/chart';

@@ -20,7 +20,7 @@ import {
   totalDice,
 } from '../src/eval/metrics';
 import { bratsDice } from '../src/eval/brats-regions';
-import { formatAnnotatorCms, formatBratsReport, formatClassConfusion, formatMeanStd, formatSegmentationReport } from '../src/eval/report';
+import { classesLearntAsOthers, formatAnnotatorCms, formatBratsReport, formatClassConfusion, formatMeanStd, formatSegmentationReport } from '../src/eval/report';
 
 const u8 = (...values: number[]) => Uint8Array.from(values);
 const close = (t: { ok(condition: boolean, message: string): unknown }, actual: number, expected: number, message: string, tol = 1e-9) =>
@@ -336,6 +336,22 @@ t.test('class confusion: a swapped pair of classes shows, unlabelled voxels do n
   t.match(text, /\| predicted A \| 0\.0% \| 0\.0% \| 0\.0% \|/, 'nothing predicted as A');
   t.match(text, /\| predicted B \| 0\.0% \| 100\.0% \| 100\.0% \|/, 'A learnt as B');
   t.match(text, /\| voxels \| 1 \| 3 \| 2 \|/, 'the 255 voxel is not counted');
+  t.match(text, /\nNote: A was predicted as B in 100\.0% of its voxels \(as itself in 0\.0%\): the model may have learnt one class as the other\.$/, 'the swap named under the table');
+  // Over half of a foreground class as one other foreground class is named; half, a miss (as
+  // background) or a class absent from the reference is not. Columns: bg, A, B, C.
+  t.same(
+    classesLearntAsOthers([
+      [9, 1, 0, 6],
+      [0, 4, 5, 0],
+      [0, 5, 5, 0],
+      [0, 0, 0, 0],
+    ]),
+    [],
+    'A half as B, B half as A, C (6 voxels) all as background: none',
+  );
+  t.same(classesLearntAsOthers([[1, 0, 0], [0, 0, 0], [0, 3, 2]]), [{ reference: 1, predicted: 2, share: 1, recall: 0 }]);
+  t.same(classesLearntAsOthers([[5, 0, 0], [0, 1, 2], [0, 4, 8]]), [{ reference: 1, predicted: 2, share: 0.8, recall: 0.2 }], 'B as itself 80%: only A named');
+  t.notMatch(formatClassConfusion([[5, 0, 0], [0, 1, 0], [0, 0, 3]], (c) => `c${c}`), /Note/, 'no note when every class is learnt');
   // An annotator CM column of a class absent from the reference: n/a.
   const cmsText = formatAnnotatorCms([{ trueMatrix: [[1, null], [0, null]], estimatedMatrix: [[0.9, null], [0.1, null]] }], () => 'r', (c) => `c${c}`);
   t.match(cmsText, /\| says c0 \| 90\.0 \(100\.0\) \| n\/a \|\n\| says c1 \| 10\.0 \(0\.0\) \| n\/a \|/);

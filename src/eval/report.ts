@@ -107,7 +107,40 @@ export function formatClassConfusion(confusion: readonly (readonly number[])[], 
   const cell = (a: number, b: number) => (columnSums[b] > 0 ? `${((100 * confusion[a][b]) / columnSums[b]).toFixed(1)}%` : 'n/a');
   const rows = Array.from({ length: L }, (_, a) => [`predicted ${className(a)}`, ...Array.from({ length: L }, (_, b) => cell(a, b))]);
   rows.push(['voxels', ...columnSums.map((n) => String(n))]);
-  return markdownTable(['consensus vs reference (% of column)', ...Array.from({ length: L }, (_, b) => className(b))], rows);
+  const table = markdownTable(['consensus vs reference (% of column)', ...Array.from({ length: L }, (_, b) => className(b))], rows);
+  const notes = classesLearntAsOthers(confusion).map(
+    ({ reference, predicted, share, recall }) =>
+      `Note: ${className(reference)} was predicted as ${className(predicted)} in ${(100 * share).toFixed(1)}% of its voxels (as itself in ${(100 * recall).toFixed(1)}%): the model may have learnt one class as the other.`,
+  );
+  return [table, ...notes].join('\n');
+}
+
+/** A reference class that the consensus mostly predicts as another foreground class. */
+export interface ClassLearntAsOther {
+  reference: number;
+  predicted: number;
+  /** Of the reference class's voxels, the share predicted as `predicted`, and as itself. */
+  share: number;
+  recall: number;
+}
+
+/**
+ * The foreground classes of the reference of which most voxels (over half) were predicted as
+ * one other foreground class: the swap that CM methods can fall into (the CMs then explain
+ * the annotators' labels of class b by the prediction a). Predicted as background is a miss,
+ * which Dice already shows, not a swap.
+ */
+export function classesLearntAsOthers(confusion: readonly (readonly number[])[]): ClassLearntAsOther[] {
+  const L = confusion.length;
+  const found: ClassLearntAsOther[] = [];
+  for (let b = 1; b < L; b++) {
+    const total = confusion.reduce((sum, row) => sum + row[b], 0);
+    if (total === 0) continue;
+    for (let a = 1; a < L; a++) {
+      if (a !== b && confusion[a][b] / total > 0.5) found.push({ reference: b, predicted: a, share: confusion[a][b] / total, recall: confusion[b][b] / total });
+    }
+  }
+  return found;
 }
 
 /** BraTS region and class Dice as one markdown table. */

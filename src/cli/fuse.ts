@@ -1,9 +1,9 @@
 // `cmseg fuse`: one consensus from several raters' label maps (NIfTI or PNG),
 // with the native fusion baselines (mean, majority vote, STAPLE family).
+import * as fs from 'fs';
 import * as path from 'path';
 import { Command } from 'commander';
 import { fuse, FusionMethod } from '../fusion/fuse';
-import { argmaxClasses } from '../model/model';
 import { isNiftiName as isNifti, readNifti, writeNifti, type Matrix4, NiftiVolume } from '../data/nifti';
 import { BRATS_GEOMETRY_TOLERANCE_MM, gridDistance, hasOrientation, largestAffineDifference } from '../data/brats';
 import { readPng, writePng, DecodedPng } from '../data/png';
@@ -220,6 +220,59 @@ function checkOutput(file: string, like: LabelImage): void {
   }
 }
 
+/**
+ * The mean's consensus: per voxel the class most raters chose. A voxel no rater labelled
+ * (all fractions 0) stays unlabelled (255) and a tie goes to `undecided` when given,
+ * else to the lowest tied class: the rules of the native methods (majority_vote.cpp).
+ */
+function meanConsensus(probs: Float32Array, classes: number, undecided: number | undefined): Uint8Array {
+  const V = probs.length / classes;
+  const out = new Uint8Array(V);
+  for (let v = 0; v < V; v++) {
+    let best = 0;
+    let tied = false;
+    for (let c = 1; c < classes; c++) {
+      const p = probs[c * V + v];
+      if (p > probs[best * V + v]) (best = c), (tied = false);
+      else if (p === probs[best * V + v]) tied = true;
+    }
+    if (probs[best * V + v] === 0) out[v] = UNLABELLED;
+    else out[v] = tied && undecided !== undefined ? undecided : best;
+  }
+  return out;
+}
+
+/**
+ * Writing an output over a rater's file (or two outputs over each other) would destroy
+ * data without a word: the paths are compared as the file system resolves them (links,
+ * '..'), before anything is written.
+ */
+function checkOutputPaths(outputs: readonly [string, string][], inputs: readonly string[]): void {
+  const real = (file: string) => {
+    try {
+      return fs.realpathSync(file);
+    } catch {
+      return path.resolve(file); // not there yet: compare the path as given
+    }
+  };
+  const inputPaths = new Map(inputs.map((file) => [real(file), file]));
+  const seen = new Map<string, string>();
+  for (const [flag, file] of outputs) {
+    const where = real(file);
+    const input = inputPaths.get(where);
+    if (input !== undefined) throw new UserError(`${flag} ${file} is the input ${input}: writing it would overwrite that rater's map; choose another file`);
+    const other = seen.get(where);
+    if (other !== undefined) throw new UserError(`${flag} ${file} is also the file of ${other}: each output needs its own file`);
+    if (fs.existsSync(file) && fs.statSync(file).isDirectory()) throw new UserError(`${flag} ${file} is a folder; name a file in it`);
+    seen.set(where, flag);
+  }
+}
+
+/** Outputs may go into folders that do not exist yet: made for all of them before the first file is written. */
+function makeOutputFolders(files: readonly string[]): void {
+  for (const file of files) fs.mkdirSync(path.dirname(file), { recursive: true });
+}
+
 async function writeLabels(file: string, like: LabelImage, data: Uint8Array | Float32Array, datatype: 'uint8' | 'float32') {
   checkOutput(file, like);
   if (isNifti(file)) {
@@ -254,6 +307,15 @@ export function registerFuseCommand(program: Command): Command {
   );
   cmd.action(async (inputs: string[], opts) => {
     if (inputs.length < 2) throw new UserError('fuse needs at least two label maps');
+    // The native methods check this themselves; mean's consensus is made here and must too.
+    if (opts.undecided !== undefined && opts.undecided > 255) throw new UserError(`--undecided ${opts.undecided} is not a label: labels are 8-bit (0..255)`);
+    // Checked before the (possibly long) reading and fusing, not after it.
+    const outputs: [string, string][] = [
+      ['-o', path.resolve(opts.out)],
+      ...(opts.posterior ? ([['--posterior', path.resolve(opts.posterior)]] as [string, string][]) : []),
+      ...(opts.cms ? ([['--cms', path.resolve(opts.cms)]] as [string, string][]) : []),
+    ];
+    checkOutputPaths(outputs, inputs);
     const images = await Promise.all(inputs.map(readLabels));
     checkSameShape(images);
     checkSameGrid(images, opts.geometryTolerance);
@@ -281,8 +343,8 @@ export function registerFuseCommand(program: Command): Command {
     const V = images[0].labels.length;
     let consensus = result.labels;
     if (!consensus && result.probs) {
-      // mean: the soft label's argmax (ties to the lowest class)
-      consensus = argmaxClasses(result.probs, 1, classes);
+      // mean: the soft label's argmax, with the tie and unlabelled rules of the other methods
+      consensus = meanConsensus(result.probs, classes, opts.undecided);
     }
     // Everything that can fail is checked before the first file is written: a refused
     // --posterior must not leave a consensus behind.
@@ -292,9 +354,14 @@ export function registerFuseCommand(program: Command): Command {
     if (opts.posterior) {
       const source = result.posterior ?? result.probs;
       if (!source) throw new UserError(`--posterior: method ${method} gives no probabilities`);
+      // One map per class past two: which one the file holds would be a guess.
+      if (source.length > 2 * V) {
+        throw new UserError(`--posterior writes one foreground probability map, and this fusion has ${source.length / V} classes: fuse one class with --method staple --foreground <class>`);
+      }
       posterior = Float32Array.from(source.length === V ? source : source.subarray(V, 2 * V)); // binary: foreground row
       checkOutput(path.resolve(opts.posterior), images[0]);
     }
+    makeOutputFolders(outputs.map(([, file]) => file));
     const written: [string, string][] = [];
     await writeLabels(out, images[0], consensus!, 'uint8');
     written.push(['consensus', out]);

@@ -9,6 +9,7 @@
 // palette, one filter for all rows or the adaptive choice per row.
 
 import * as zlib from 'zlib';
+import { constants as bufferConstants } from 'buffer';
 import { readFileChecked, readFileCheckedSync, writeFileAtomic, writeFileAtomicSync } from './files';
 
 /** A PNG could not be decoded or encoded; the message names the file and the offending value. */
@@ -46,6 +47,9 @@ export interface DecodedPng extends PngImage {
   /** Palette images: RGB triples. */
   palette?: Uint8Array;
 }
+
+/** The largest Buffer (and typed array) node makes, in bytes. */
+const MAX_LENGTH = bufferConstants.MAX_LENGTH;
 
 const SIGNATURE = Uint8Array.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
 
@@ -258,6 +262,33 @@ function unpackRow(row: Uint8Array, count: number, bitDepth: number, out: Uint8A
   }
 }
 
+/**
+ * Refuses a header whose image could not be held in memory here (a Buffer or typed array
+ * of at most buffer.constants.MAX_LENGTH bytes), before anything is inflated or allocated.
+ */
+function checkDecodedSize(rawBytes: number, largestArray: number, header: Header, where: string): void {
+  const bytes = Math.max(rawBytes, largestArray);
+  if (bytes > MAX_LENGTH) {
+    throw new PngError(`${where}: a ${header.width}x${header.height} image of bit depth ${header.bitDepth} needs ${bytes} bytes decoded, more than the ${MAX_LENGTH} one array can hold`);
+  }
+}
+
+/**
+ * Inflates the IDAT stream, never past the `expected` bytes the header's size needs: a
+ * few kilobytes of zeros inflate to gigabytes, so an unbounded inflate lets a tiny file
+ * (or one whose header is wrong) exhaust the memory before any size check runs.
+ */
+function inflateImageData(compressed: Buffer, expected: number, header: Header, where: string): Buffer {
+  try {
+    return zlib.inflateSync(compressed, { maxOutputLength: Math.max(1, expected) });
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE') {
+      throw new PngError(`${where}: image data inflates to more than the ${expected} bytes a ${header.width}x${header.height} image needs (a wrong header, or data that is not this image's)`);
+    }
+    throw new PngError(`${where}: image data does not inflate: ${(error as Error).message}`);
+  }
+}
+
 /** Decodes a PNG file's bytes. `where` names the file in error messages. */
 export function decodePng(bytes: Uint8Array, where = 'PNG'): DecodedPng {
   const { header, palette, transparency, compressed } = readChunks(bytes, where);
@@ -267,17 +298,13 @@ export function decodePng(bytes: Uint8Array, where = 'PNG'): DecodedPng {
   const bitsPerPixel = samplesPerPixel * bitDepth;
   const stride = Math.ceil((width * bitsPerPixel) / 8);
   const bpp = Math.max(1, bitsPerPixel >> 3);
-  let raw: Buffer;
-  try {
-    raw = zlib.inflateSync(compressed);
-  } catch (error) {
-    throw new PngError(`${where}: image data does not inflate: ${(error as Error).message}`);
-  }
   const expected = height * (stride + 1);
+  const sampleCount = width * height * samplesPerPixel;
+  checkDecodedSize(expected, sampleCount * (colorType === PngColorType.Palette ? 4 : bitDepth === 16 ? 2 : 1), header, where);
+  const raw = inflateImageData(compressed, expected, header, where);
   if (raw.length < expected) {
     throw new PngError(`${where}: image data has ${raw.length} bytes, ${width}x${height} needs ${expected}`);
   }
-  const sampleCount = width * height * samplesPerPixel;
   const samples = bitDepth === 16 ? new Uint16Array(sampleCount) : new Uint8Array(sampleCount);
   let previous: Uint8Array = new Uint8Array(stride);
   for (let y = 0; y < height; y++) {

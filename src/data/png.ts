@@ -3,10 +3,10 @@
 // Only zlib comes from node. Reference: the PNG specification (W3C, 2nd edition).
 //
 // Decoding: colour types gray, gray+alpha, RGB, RGBA and palette; bit depths 1, 2, 4, 8
-// and 16; all five filter types; chunk CRCs are checked. Adam7-interlaced files are
-// rejected with a message saying so. A tRNS chunk is used for palette images only (gray
-// and RGB colour keys are ignored: no alpha channel is made up). Encoding: 8-bit gray, gray+alpha, RGB, RGBA and
-// palette, one filter for all rows or the adaptive choice per row.
+// and 16; all five filter types; plain and Adam7-interlaced; chunk CRCs are checked. A
+// tRNS chunk is used for palette images only (gray and RGB colour keys are ignored: no
+// alpha channel is made up). Encoding: 8-bit gray, gray+alpha, RGB, RGBA and palette, one
+// filter for all rows or the adaptive choice per row.
 
 import * as zlib from 'zlib';
 import { constants as bufferConstants } from 'buffer';
@@ -175,10 +175,7 @@ function readHeader(data: Uint8Array, where: string): Header {
   }
   if (data[10] !== 0) throw new PngError(`${where}: unknown compression method ${data[10]}`);
   if (data[11] !== 0) throw new PngError(`${where}: unknown filter method ${data[11]}`);
-  if (header.interlace === 1) {
-    throw new PngError(`${where}: Adam7-interlaced PNGs are not supported; save it non-interlaced`);
-  }
-  if (header.interlace !== 0) throw new PngError(`${where}: unknown interlace method ${header.interlace}`);
+  if (header.interlace !== 0 && header.interlace !== 1) throw new PngError(`${where}: unknown interlace method ${header.interlace}`);
   return header;
 }
 
@@ -246,6 +243,46 @@ function hex(value: number): string {
   return `0x${value.toString(16).padStart(8, '0')}`;
 }
 
+/** One pass of the image data: every `dx`-th pixel of every `dy`-th row from (x0, y0). */
+interface ImagePass {
+  index: number;
+  x0: number;
+  y0: number;
+  dx: number;
+  dy: number;
+  width: number;
+  height: number;
+  /** Bytes per row, filter byte not included. */
+  stride: number;
+}
+
+/** Adam7's seven passes (PNG spec 8.2): x0, y0, dx, dy. */
+const ADAM7 = [
+  [0, 0, 8, 8],
+  [4, 0, 8, 8],
+  [0, 4, 4, 8],
+  [2, 0, 4, 4],
+  [0, 2, 2, 4],
+  [1, 0, 2, 2],
+  [0, 1, 1, 2],
+] as const;
+
+/**
+ * The passes the image data holds, in order: the whole image once, or Adam7's seven
+ * sub-images. A pass with no pixels (a small image) has no rows and no filter bytes.
+ */
+function imagePasses(header: Header): ImagePass[] {
+  const bitsPerPixel = CHANNELS_OF[header.colorType] * header.bitDepth;
+  const grids = header.interlace === 1 ? ADAM7 : ([[0, 0, 1, 1]] as const);
+  return grids
+    .map(([x0, y0, dx, dy], index) => {
+      const width = Math.max(0, Math.ceil((header.width - x0) / dx));
+      const height = width === 0 ? 0 : Math.max(0, Math.ceil((header.height - y0) / dy));
+      return { index: index + 1, x0, y0, dx, dy, width, height, stride: Math.ceil((width * bitsPerPixel) / 8) };
+    })
+    .filter((pass) => pass.height > 0);
+}
+
 /** Unpacks one unfiltered row into samples (bit depths below 8 hold several per byte). */
 function unpackRow(row: Uint8Array, count: number, bitDepth: number, out: Uint8Array | Uint16Array, at: number): void {
   if (bitDepth === 8) {
@@ -296,9 +333,9 @@ export function decodePng(bytes: Uint8Array, where = 'PNG'): DecodedPng {
   if (colorType === PngColorType.Palette && !palette) throw new PngError(`${where}: palette image without a PLTE chunk`);
   const samplesPerPixel = CHANNELS_OF[colorType];
   const bitsPerPixel = samplesPerPixel * bitDepth;
-  const stride = Math.ceil((width * bitsPerPixel) / 8);
   const bpp = Math.max(1, bitsPerPixel >> 3);
-  const expected = height * (stride + 1);
+  const passes = imagePasses(header);
+  const expected = passes.reduce((sum, pass) => sum + pass.height * (pass.stride + 1), 0);
   const sampleCount = width * height * samplesPerPixel;
   checkDecodedSize(expected, sampleCount * (colorType === PngColorType.Palette ? 4 : bitDepth === 16 ? 2 : 1), header, where);
   const raw = inflateImageData(compressed, expected, header, where);
@@ -306,13 +343,23 @@ export function decodePng(bytes: Uint8Array, where = 'PNG'): DecodedPng {
     throw new PngError(`${where}: image data has ${raw.length} bytes, ${width}x${height} needs ${expected}`);
   }
   const samples = bitDepth === 16 ? new Uint16Array(sampleCount) : new Uint8Array(sampleCount);
-  let previous: Uint8Array = new Uint8Array(stride);
-  for (let y = 0; y < height; y++) {
-    const start = y * (stride + 1);
-    const row = Uint8Array.from(raw.subarray(start + 1, start + 1 + stride));
-    unfilterRow(raw[start], row, previous, bpp, `${where} row ${y}`);
-    unpackRow(row, width * samplesPerPixel, bitDepth, samples, y * width * samplesPerPixel);
-    previous = row;
+  const rowSamples = bitDepth === 16 ? new Uint16Array(width * samplesPerPixel) : new Uint8Array(width * samplesPerPixel);
+  let start = 0;
+  for (const pass of passes) {
+    // Each pass is a small image of its own: its first row is filtered against zeros.
+    let previous: Uint8Array = new Uint8Array(pass.stride);
+    const count = pass.width * samplesPerPixel;
+    for (let y = 0; y < pass.height; y++, start += pass.stride + 1) {
+      const row = Uint8Array.from(raw.subarray(start + 1, start + 1 + pass.stride));
+      const imageY = pass.y0 + y * pass.dy;
+      unfilterRow(raw[start], row, previous, bpp, `${where} row ${imageY}${passes.length > 1 ? ` (Adam7 pass ${pass.index})` : ''}`);
+      unpackRow(row, count, bitDepth, rowSamples, 0);
+      for (let x = 0; x < pass.width; x++) {
+        const at = (imageY * width + pass.x0 + x * pass.dx) * samplesPerPixel;
+        for (let k = 0; k < samplesPerPixel; k++) samples[at + k] = rowSamples[x * samplesPerPixel + k];
+      }
+      previous = row;
+    }
   }
   if (colorType === PngColorType.Palette) {
     return expandPalette(header, samples as Uint8Array, palette as Uint8Array, transparency, where);

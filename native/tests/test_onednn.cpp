@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,7 @@
 #include "cmseg/layers.hpp"
 #include "cmseg/model.hpp"
 #include "cmseg/onednn.hpp"
+#include "cmseg/threads.hpp"
 
 using namespace cmseg;
 
@@ -276,6 +278,41 @@ TEST(primitives_are_cached) {
   const size_t before = onednn::cached_primitives();
   for (int i = 0; i < 3; ++i) conv3_forward(x.data(), w.data(), y.data(), c.n, c.cin, c.cout, c.s, c.ndim);
   CHECK(onednn::cached_primitives() == before);
+}
+
+namespace {
+
+long resident_kb() {
+  std::ifstream status("/proc/self/status");
+  std::string key;
+  long kb = 0;
+  while (status >> key)
+    if (key == "VmRSS:") return status >> kb, kb;
+  return 0;
+}
+
+}  // namespace
+
+// On one thread the SYCL CPU runtime's deferred work piled up with every primitive run
+// (0.5 KB a call here, without bound) until context.cpp let a worker drain it now and
+// then: the process stays the same size over thousands of calls.
+TEST(one_thread_does_not_grow_per_call) {
+  const int keep = num_threads();
+  set_num_threads(1);
+  const Spatial s{1, 16, 16};
+  const int n = 2, c = 16;
+  const auto x = check::random_vector((size_t)n * c * s.size(), 3), w = check::random_vector(c * c * 9, 4);
+  std::vector<float> y(x.size());
+  const auto calls = [&](int k) {
+    for (int i = 0; i < k; ++i) conv3_forward(x.data(), w.data(), y.data(), n, c, c, s, 2);
+  };
+  calls(2000);  // primitives made, buffers grown
+  const long before = resident_kb();
+  calls(10000);
+  const long grown = resident_kb() - before;
+  std::printf("  10000 calls on one thread: resident size %+ld KB\n", grown);
+  CHECK(grown < 2048);
+  set_num_threads(keep);
 }
 
 namespace {

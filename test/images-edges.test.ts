@@ -8,16 +8,7 @@ import * as zlib from 'zlib';
 import t from 'tap';
 import { runCli } from './helpers/cli';
 import { tempDir } from './helpers/files';
-import { PngError, crc32, decodePng, readPng, writePng } from '../src/data/png';
-
-function chunk(type: string, data: Uint8Array): Buffer {
-  const out = Buffer.alloc(12 + data.length);
-  out.writeUInt32BE(data.length, 0);
-  out.write(type, 4, 'latin1');
-  out.set(data, 8);
-  out.writeUInt32BE(crc32(out.subarray(4, 8 + data.length)), 8 + data.length);
-  return out;
-}
+import { PngError, decodePng, pngChunk as chunk, readPng, writePng } from '../src/data/png';
 
 /** A gray 8-bit PNG of the given header size whose IDAT holds `raw` (filter bytes included). */
 function pngWithData(width: number, height: number, raw: Buffer): Buffer {

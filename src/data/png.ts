@@ -445,7 +445,8 @@ function checkPalette(image: PngImage, palette: Uint8Array, alpha: Uint8Array | 
   }
 }
 
-function chunk(type: string, data: Uint8Array): Buffer {
+/** One chunk: length, type, data, CRC of type and data (PNG spec 5.3). */
+export function pngChunk(type: string, data: Uint8Array): Buffer {
   const out = Buffer.alloc(12 + data.length);
   out.writeUInt32BE(data.length, 0);
   out.write(type, 4, 'latin1');
@@ -495,10 +496,10 @@ export function encodePng(image: PngImage, options: PngEncodeOptions = {}): Buff
   header[8] = 8;
   header[9] = colorType;
   const level = options.compressionLevel ?? 6;
-  const parts = [Buffer.from(SIGNATURE), chunk('IHDR', header)];
-  if (palette) parts.push(chunk('PLTE', palette));
-  if (palette && paletteAlpha) parts.push(chunk('tRNS', paletteAlpha));
-  parts.push(chunk('IDAT', zlib.deflateSync(filtered, { level })), chunk('IEND', new Uint8Array(0)));
+  const parts = [Buffer.from(SIGNATURE), pngChunk('IHDR', header)];
+  if (palette) parts.push(pngChunk('PLTE', palette));
+  if (palette && paletteAlpha) parts.push(pngChunk('tRNS', paletteAlpha));
+  parts.push(pngChunk('IDAT', zlib.deflateSync(filtered, { level })), pngChunk('IEND', new Uint8Array(0)));
   return Buffer.concat(parts);
 }
 

@@ -43,7 +43,7 @@ import {
   windowPatch,
   withInferenceOptions,
 } from './inference';
-import { loadRunData } from './run-data';
+import { checkRunCache, loadRunData } from './run-data';
 import { type WindowProgress, windowProgress } from './window-progress';
 
 interface EvalFlags {
@@ -96,6 +96,7 @@ async function runEval(flags: EvalFlags, splitTyped: boolean): Promise<void> {
   checkSameRunData(info, 'eval');
   const { saved, recipe } = target;
   const split = flags.split as SplitName;
+  if (scoresCms(info, flags)) checkRunCache(recipe.dataset, info.annotatorNames, 'eval');
   const data = loadRunData(recipe.dataset, saved.config.seed);
   try {
     const loaded = await loadInference(info, { device: flags.device, tta: flags.tta });
@@ -211,6 +212,10 @@ async function evalWhole(flags: EvalFlags, info: InferenceInfo, target: Extract<
       cacheAnnotators !== undefined &&
       cacheAnnotators.length === R &&
       (!info.namesRecorded || cacheAnnotators.every((n, r) => n === info.annotatorNames[r]));
+    // Otherwise the CM figures would vanish from the report unexplained: say why.
+    if (scoresCms(info, flags) && cacheAnnotators !== undefined && !annotators) {
+      process.stderr.write(`note: the cache's annotators (${cacheAnnotators.join(', ')}) are not this model's (${info.annotatorNames.join(', ')}): only the consensus is scored\n`);
+    }
     const loaded = await loadInference(info, { device: flags.device, tta: flags.tta });
     const bars = caseBars();
     try {

@@ -39,7 +39,7 @@ import type { CmInit } from '../model/config';
 import { CHECKPOINT_LAST, lockRunFolder, readTrainerState, train, TrainConfig, TrainResult } from '../train/trainer';
 import { choiceOption, displayPath, given, parseInteger, parseNumber, printOutputs, UserError, withExamples } from './common';
 import { CURVES_FILE, writeRunCurves } from './curves';
-import { loadRunData } from './run-data';
+import { checkRunCache, loadRunData } from './run-data';
 import { prepareWithProgress } from './prepare';
 
 export interface TrainFlags {
@@ -222,6 +222,7 @@ async function resolveResume(flags: TrainFlags, isGiven: Typed): Promise<Resolve
     if (describe(recipe.dataset[key]) !== describe(typed.dataset[key])) conflicts.push(`data ${key} ${describe(typed.dataset[key])} (the run has ${describe(recipe.dataset[key])})`);
   }
   if (conflicts.length) throw new UserError(`cannot resume ${last} with different settings: ${conflicts.join('; ')}`);
+  checkRunCache(recipe.dataset, saved.annotatorNames, 'resume');
   return { config: saved.config, recipe, outDir };
 }
 

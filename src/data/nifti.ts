@@ -639,13 +639,24 @@ function wantsGzip(filePath: string): boolean {
 /** The complete uncompressed .nii file (header, empty extension flag, voxels). */
 export function encodeNifti(volume: NiftiImageToWrite, options: NiftiWriteOptions = {}, filePath = '<memory>'): Buffer {
   const dims = checkVolumeShape(volume, filePath);
-  const type = datatypeByName(options.datatype ?? 'float32');
+  const type = datatypeByName(writableDatatype(options.datatype ?? 'float32', filePath));
   const geometry = geometryFor(volume, options, dims, filePath);
   const voxels = encodeVoxels(volume.data, type, filePath);
   const file = Buffer.alloc(SINGLE_FILE_VOX_OFFSET + voxels.byteLength);
   writeHeader(file, { dims, type, geometry, description: options.description ?? 'cmseg' });
   file.set(voxels, SINGLE_FILE_VOX_OFFSET);
   return file;
+}
+
+const WRITABLE_DATATYPES: readonly NiftiWriteDatatype[] = ['float32', 'int16', 'uint8'];
+
+// Reading knows more types than writing: a read type such as int32 would be written with
+// JavaScript's truncating typed-array stores, unrounded and unchecked, so it is refused.
+function writableDatatype(name: string, filePath: string): NiftiWriteDatatype {
+  if (!(WRITABLE_DATATYPES as readonly string[]).includes(name)) {
+    throw new NiftiError('bad-volume', filePath, `datatype ${JSON.stringify(name)} cannot be written: use ${WRITABLE_DATATYPES.join(', ')}`, name);
+  }
+  return name as NiftiWriteDatatype;
 }
 
 function checkVolumeShape(volume: NiftiImageToWrite, filePath: string): number[] {
@@ -679,7 +690,7 @@ interface Geometry {
 function geometryFor(volume: NiftiImageToWrite, options: NiftiWriteOptions, dims: number[], filePath: string): Geometry {
   const source = options.header ?? volume.header;
   if (source) return geometryFromHeader(source, dims, filePath);
-  if (volume.affine) return geometryFromAffine(volume.affine);
+  if (volume.affine) return geometryFromAffine(checkedAffine(volume.affine, filePath));
   // Nothing says where the grid is: write "unknown" codes rather than
   // claiming an identity alignment that nobody established.
   return {
@@ -715,6 +726,23 @@ function geometryFromHeader(source: NiftiHeader, dims: number[], filePath: strin
     srow: [[...source.srow[0]], [...source.srow[1]], [...source.srow[2]]],
     xyztUnits: source.xyztUnits,
   };
+}
+
+// The first three rows are written as the sform (and give the qform): a NaN there would
+// make a file every reader places nowhere, and a short row a TypeError naming nothing.
+function checkedAffine(affine: Matrix4, filePath: string): Matrix4 {
+  for (let r = 0; r < 3; r++) {
+    const row = Array.isArray(affine) ? affine[r] : undefined;
+    if (!Array.isArray(row) || row.length < 4) {
+      throw new NiftiError('bad-volume', filePath, `affine row ${r} is ${JSON.stringify(row) ?? 'missing'}: the affine is a 4x4 matrix of finite numbers`, row);
+    }
+    for (let c = 0; c < 4; c++) {
+      if (typeof row[c] !== 'number' || !Number.isFinite(row[c])) {
+        throw new NiftiError('bad-volume', filePath, `affine[${r}][${c}] = ${String(row[c])}: the affine is a 4x4 matrix of finite numbers`, row[c]);
+      }
+    }
+  }
+  return affine;
 }
 
 /**

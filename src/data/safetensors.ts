@@ -31,13 +31,14 @@ const MAX_HEADER_BYTES = 100_000_000;
 
 const BYTES: Record<SafeDtype, number> = { F32: 4, F64: 8, U8: 1, I32: 4, I64: 8 };
 
-function dtypeOf(a: SafeArray): SafeDtype {
+function dtypeOf(a: unknown, name: string): SafeDtype {
   if (a instanceof Float32Array) return 'F32';
   if (a instanceof Float64Array) return 'F64';
   if (a instanceof Uint8Array) return 'U8';
   if (a instanceof Int32Array) return 'I32';
   if (a instanceof BigInt64Array) return 'I64';
-  throw new SafetensorsError('unsupported typed array for a tensor');
+  const what = ArrayBuffer.isView(a) ? a.constructor.name : Array.isArray(a) ? 'a plain array' : a === null ? 'null' : typeof a;
+  throw new SafetensorsError(`tensor '${name}' is ${what}: cmseg writes Float32Array, Float64Array, Uint8Array, Int32Array or BigInt64Array`);
 }
 
 function view(dtype: SafeDtype, bytes: Uint8Array): SafeArray {
@@ -66,6 +67,8 @@ export function encodeSafetensors(
   let offset = 0;
   for (const [name, t] of Object.entries(tensors)) {
     const data = 'shape' in t && !ArrayBuffer.isView(t) ? t.data : (t as SafeArray);
+    // The type first: a plain array has a length but no bytes, and would pass the shape checks.
+    const dtype = dtypeOf(data, name);
     const shape = 'shape' in t && !ArrayBuffer.isView(t) ? t.shape : [data.length];
     if (!Array.isArray(shape) || !shape.every(isCount))
       throw new SafetensorsError(`tensor '${name}' has shape ${Array.isArray(shape) ? list(shape) : describe(shape)}: a shape is an array of non-negative integers`);
@@ -73,7 +76,7 @@ export function encodeSafetensors(
     if (count !== data.length) throw new SafetensorsError(`tensor '${name}' has ${data.length} values but shape [${shape}]`);
     const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
     if (name === '__metadata__') throw new SafetensorsError(`a tensor cannot be named '__metadata__': the header keeps that key for the metadata`);
-    setOwn(header, name, { dtype: dtypeOf(data), shape, data_offsets: [offset, offset + bytes.length] });
+    setOwn(header, name, { dtype, shape, data_offsets: [offset, offset + bytes.length] });
     parts.push(bytes);
     offset += bytes.length;
   }

@@ -71,6 +71,15 @@ function checkSameLength(name: string, map: ArrayLike<number>, expected: number,
   }
 }
 
+// Counts are indexed by the label values: a Float32Array of probabilities (0.7) or an
+// Int32Array (-1) would index no count and be silently dropped, so only bytes are taken.
+function checkLabelMap(name: string, map: unknown): void {
+  if (!(map instanceof Uint8Array)) {
+    const what = ArrayBuffer.isView(map) ? map.constructor.name : Array.isArray(map) ? 'a plain array' : String(map);
+    throw new TypeError(`${name} is ${what}: a label map is a Uint8Array (argmaxClasses turns probabilities into one)`);
+  }
+}
+
 function badLabel(name: string, value: number, index: number, classes: number): RangeError {
   return new RangeError(`${name}: label ${value} at index ${index} >= classes (${classes})`);
 }
@@ -117,6 +126,8 @@ export function labelConfusionCounts(
 ): Float64Array {
   const predName = names.pred ?? 'pred';
   const truthName = names.truth ?? 'truth';
+  checkLabelMap(predName, pred);
+  checkLabelMap(truthName, truth);
   checkClassCount(classes);
   checkImageCount(n);
   const V = voxelsPerImage(truthName, truth, n);

@@ -444,7 +444,7 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
         const epochSeconds = sums.seconds;
         state.epochSums = { loss: 0, ce: 0, trace: 0, steps: 0, seconds: 0 };
         if (validateNow) {
-          const validation = await hooks.validate!(model);
+          const validation = checkedValidation(await hooks.validate!(model));
           state.lastValidation = { ...validation, epoch, step: state.step };
           log.write({ event: 'validation', step: state.step, epoch, score: validation.score, ...validation.metrics });
           fields = { ...fields, valDice: validation.score };
@@ -471,6 +471,29 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
     progress.stop();
   }
   return { status, startStep, state, model, files: { last: files.last, ...(fs.existsSync(files.best) ? { best: files.best } : {}), log: files.log } };
+}
+
+// The validation entry of the log is {time, event, step, epoch, score, ...metrics}: a metric
+// named like one of the trainer's fields would overwrite it (a metric `step` moves the entry
+// past later steps, so a resume drops it; one named `event` hides it from the curves).
+const VALIDATION_LOG_FIELDS = ['time', 'event', 'step', 'epoch', 'score'];
+
+/** What hooks.validate resolved to, checked before it is logged or picks `best`. */
+function checkedValidation(value: unknown): ValidationResult {
+  const shown = (v: unknown) => (v === undefined ? 'undefined' : (JSON.stringify(v) ?? String(v)).slice(0, 100));
+  const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
+  if (!isObject(value) || typeof value.score !== 'number') {
+    throw new TrainingError(`hooks.validate must resolve to {score: number, metrics: {name: number}}, got ${shown(value)}`);
+  }
+  const metrics = value.metrics ?? {};
+  if (!isObject(metrics)) throw new TrainingError(`hooks.validate resolved metrics ${shown(metrics)}, expected an object {name: number}`);
+  const clashing = Object.keys(metrics).filter((k) => VALIDATION_LOG_FIELDS.includes(k));
+  if (clashing.length) {
+    throw new TrainingError(
+      `validation metric(s) ${clashing.map((k) => `'${k}'`).join(', ')} would overwrite the training log's own field(s) (${VALIDATION_LOG_FIELDS.join(', ')}); rename them`,
+    );
+  }
+  return { score: value.score, metrics: metrics as Record<string, number> };
 }
 
 /** The entries of a JSON-lines training log, in order. */

@@ -1,0 +1,98 @@
+// Edges of the public TypeScript API found by adversarial use: a validation hook that
+// resolves to the wrong thing or logs metrics named like the log's own fields, NIfTI
+// writes with a datatype only the reader knows or a non-finite affine, safetensors
+// tensors of an unsupported array type, and label maps that are not bytes.
+import t from 'tap';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { InMemorySource, readTrainLog, train, TRAIN_DEFAULTS, TrainingError } from '../src/index';
+import type { TrainConfig, Validator } from '../src/index';
+import { encodeSafetensors } from '../src/data/safetensors';
+import { encodeNifti, type Matrix4, type NiftiWriteDatatype } from '../src/data/nifti';
+import { dicePerClass, evaluateSegmentation } from '../src/eval/metrics';
+
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-api-edges-'));
+t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
+
+// Four 4x4 images, two annotators: one epoch is two steps of a tiny model (well under a second).
+const N = 4, V = 16;
+const source = () =>
+  new InMemorySource(
+    {
+      count: N,
+      channels: 1,
+      classes: 2,
+      spatial: [4, 4],
+      images: Float32Array.from({ length: N * V }, (_, i) => Math.sin(i)),
+      labels: [0, 1].map((r) => Uint8Array.from({ length: N * V }, (_, i) => (i + r) % 2)),
+      present: new Uint8Array(N * 2).fill(1),
+      annotatorNames: ['a', 'b'],
+    },
+    0,
+  );
+const config: TrainConfig = { ...TRAIN_DEFAULTS, method: 'cm', epochs: 1, batchSize: 2, depth: 2, baseChannels: 4 };
+
+t.test('train() checks what hooks.validate resolves to, naming it', async (t) => {
+  const run = (name: string, validate: Validator) => train(path.join(tmp, name), config, source(), { validate });
+  await t.rejects(run('undefined', (async () => undefined) as unknown as Validator), {
+    name: 'TrainingError',
+    message: /hooks\.validate must resolve to \{score: number.*got undefined/,
+  });
+  await t.rejects(run('string-score', (async () => ({ score: '0.9', metrics: {} })) as unknown as Validator), {
+    message: /got \{"score":"0\.9","metrics":\{\}\}/,
+  });
+  // A bare {score} still works: metrics are optional in practice.
+  const ok = await run('score-only', (async () => ({ score: 0.5 })) as unknown as Validator);
+  t.equal(ok.status, 'completed');
+  await ok.model.dispose();
+});
+
+t.test('validation metrics named like the log fields are refused instead of overwriting them', async (t) => {
+  // Before: {step: 99} replaced the entry's step (a resume then dropped it as written after
+  // the checkpoint) and {event: 'x'} hid the entry from the training curves.
+  const dir = path.join(tmp, 'clash');
+  const err = await train(dir, config, source(), { validate: async () => ({ score: 0.5, metrics: { dice: 0.5, step: 99, event: 1 } }) }).catch((e) => e);
+  t.ok(err instanceof TrainingError, 'a TrainingError');
+  t.match(err.message, /validation metric\(s\) 'step', 'event' would overwrite the training log's own field/);
+  t.notOk(readTrainLog(path.join(dir, 'train-log.jsonl')).some((e) => e.step === 99), 'no entry with the metric as its step');
+});
+
+t.test('encodeNifti refuses a datatype it cannot write instead of truncating into it', (t) => {
+  const volume = { dims: [2, 2, 1], data: [0.5, 2.5, 3.7, -1.2] };
+  // int32 is a type the reader knows; it was written with truncating stores (2.5 -> 2, -1.2 -> -1).
+  t.throws(() => encodeNifti(volume, { datatype: 'int32' as NiftiWriteDatatype }), { name: 'NiftiError', message: /datatype "int32" cannot be written: use float32, int16, uint8/ });
+  t.throws(() => encodeNifti(volume, { datatype: 'bogus' as NiftiWriteDatatype }), /datatype "bogus" cannot be written/);
+  t.ok(encodeNifti(volume, { datatype: 'int16' }).length > 352, 'int16 still written');
+  t.end();
+});
+
+t.test('encodeNifti refuses a non-finite or short affine, naming the entry', (t) => {
+  const volume = { dims: [2, 2, 1], data: new Float32Array(4) };
+  const affine = (r: number, c: number, v: number): Matrix4 => {
+    const m: Matrix4 = [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]];
+    m[r][c] = v;
+    return m;
+  };
+  t.throws(() => encodeNifti({ ...volume, affine: affine(0, 0, NaN) }), { name: 'NiftiError', message: /affine\[0\]\[0\] = NaN/ });
+  t.throws(() => encodeNifti({ ...volume, affine: affine(2, 3, Infinity) }), /affine\[2\]\[3\] = Infinity/);
+  t.throws(() => encodeNifti({ ...volume, affine: [[1, 0, 0], [0, 1, 0]] as unknown as Matrix4 }), { name: 'NiftiError', message: /affine row 0 is \[1,0,0\]/ });
+  t.ok(encodeNifti({ ...volume, affine: affine(0, 3, 5) }).length > 352, 'a finite affine is written');
+  t.end();
+});
+
+t.test('encodeSafetensors names the tensor and the array type it cannot store', (t) => {
+  t.throws(() => encodeSafetensors({ ok: new Float32Array(2), counts: new Int16Array(3) as never }), { name: 'SafetensorsError', message: /tensor 'counts' is Int16Array/ });
+  t.throws(() => encodeSafetensors({ list: [1, 2, 3] as never }), /tensor 'list' is a plain array/);
+  t.end();
+});
+
+t.test('Dice refuses label maps that are not bytes instead of dropping their voxels', (t) => {
+  const truth = Uint8Array.from([1, 0, 0, 0]);
+  // Before: foreground Dice 0 for probabilities (0.7 indexes no count) and for -1, silently.
+  t.throws(() => dicePerClass(new Float32Array([0.7, 1, 0, 0]) as never, truth, 1, 2), { name: 'TypeError', message: /pred is Float32Array: a label map is a Uint8Array/ });
+  t.throws(() => dicePerClass(Uint8Array.from([1, 1, 0, 0]), new Int32Array([1, 0, 0, 0]) as never, 1, 2), /truth is Int32Array/);
+  t.throws(() => evaluateSegmentation({ pred: [1, 1, 0, 0] as never, truth, n: 1, classes: 2 }), /pred is a plain array/);
+  t.same(Array.from(dicePerClass(Uint8Array.from([1, 1, 0, 0]), truth, 1, 2)), [0.8, 2 / 3], 'hand Dice of bytes');
+  t.end();
+});

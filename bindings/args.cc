@@ -88,8 +88,9 @@ float get_float(Napi::Env env, const Napi::Object& o, const char* key, float fal
 
 int get_int(Napi::Env env, const Napi::Object& o, const char* key, int fallback, const char* what) {
   const double d = get_number(env, o, key, fallback, what);
-  if (d != std::floor(d) || std::fabs(d) > 2147483647.0)
-    throw_invalid(env, std::string(what) + "." + key + " must be an integer, got " + number_text(d));
+  if (d != std::floor(d)) throw_invalid(env, std::string(what) + "." + key + " must be an integer, got " + number_text(d));
+  if (std::fabs(d) > 2147483647.0)
+    throw_invalid(env, std::string(what) + "." + key + " is " + number_text(d) + ", outside the integer range (|x| <= 2147483647)");
   return (int)d;
 }
 

@@ -460,7 +460,7 @@ Napi::Value ModelWrap::SetOptimizerState(const Napi::CallbackInfo& info) {
   check_keys(env, o, "optimizer state", {"step", "m", "v"});
   const double step = get_number(env, o, "step", (double)model.step, "optimizer state");
   if (step < 0 || step != std::floor(step) || step > 9007199254740992.0)
-    throw_invalid(env, "optimizer state.step must be a non-negative integer");
+    throw_invalid(env, "optimizer state.step must be a non-negative integer, got " + number_text(step));
   // Both moments are checked in full before either is written (atomic, like setWeights).
   Updates m, v;
   if (!o.Get("m").IsUndefined()) m = check_named_arrays(env, o.Get("m"), "optimizer state.m", Values::Finite);
@@ -499,12 +499,13 @@ Napi::Value ModelWrap::SetOptimizer(const Napi::CallbackInfo& info) {
   c.beta2 = get_float(env, o, "beta2", c.beta2, w);
   c.eps = get_float(env, o, "eps", c.eps, w);
   c.weight_decay = get_float(env, o, "weightDecay", c.weight_decay, w);
-  if (c.lr < 0) throw_invalid(env, "optimizer.lr must be >= 0");
-  if (c.beta1 < 0 || c.beta1 >= 1 || c.beta2 < 0 || c.beta2 >= 1) throw_invalid(env, "optimizer betas must be in [0, 1)");
+  if (!(c.lr >= 0)) throw_invalid(env, "optimizer.lr must be >= 0, got " + number_text(c.lr));
+  if (!(c.beta1 >= 0 && c.beta1 < 1 && c.beta2 >= 0 && c.beta2 < 1))
+    throw_invalid(env, "optimizer betas must be in [0, 1), got beta1 " + number_text(c.beta1) + ", beta2 " + number_text(c.beta2));
   // eps keeps the update finite where a parameter's gradients have all been 0 (an absent
   // annotator's head): with eps 0 that update is 0/0 and the weights turn NaN.
   if (!(c.eps > 0)) throw_invalid(env, "optimizer.eps must be > 0, got " + number_text(c.eps));
-  if (c.weight_decay < 0) throw_invalid(env, "optimizer.weightDecay must be >= 0");
+  if (!(c.weight_decay >= 0)) throw_invalid(env, "optimizer.weightDecay must be >= 0, got " + number_text(c.weight_decay));
   model.optim = c;
   return env.Undefined();
 }
@@ -529,7 +530,7 @@ Napi::Value ModelWrap::SetLoss(const Napi::CallbackInfo& info) {
   c.lambda = get_float(env, o, "lambda", c.lambda, "loss");
   c.lambda_warmup = get_float(env, o, "lambdaWarmup", c.lambda_warmup, "loss");
   c.warmup_steps = get_int(env, o, "warmupSteps", (int)c.warmup_steps, "loss");
-  if (c.warmup_steps < 0) throw_invalid(env, "loss.warmupSteps must be >= 0");
+  if (c.warmup_steps < 0) throw_invalid(env, "loss.warmupSteps must be >= 0, got " + number_text(c.warmup_steps));
   // The warm-up's sign is the schedule's (SPEC section 4): both weights are magnitudes.
   if (c.lambda < 0) throw_invalid(env, "loss.lambda must be >= 0, got " + number_text(c.lambda));
   if (c.lambda_warmup < 0)

@@ -96,3 +96,27 @@ t.test('Dice refuses label maps that are not bytes instead of dropping their vox
   t.same(Array.from(dicePerClass(Uint8Array.from([1, 1, 0, 0]), truth, 1, 2)), [0.8, 2 / 3], 'hand Dice of bytes');
   t.end();
 });
+
+t.test('bad optimizer, loss and STAPLE settings name the value given', async (t) => {
+  const { createModel } = await import('../src/index');
+  const { fuse } = await import('../src/fusion/fuse');
+  const base = { ndim: 2 as const, inChannels: 1, classes: 2, annotators: 1, depth: 2, baseChannels: 4 };
+  t.throws(() => createModel({ ...base, optimizer: { kind: 'adam', lr: -1 } }), /optimizer\.lr must be >= 0, got -1/);
+  t.throws(() => createModel({ ...base, optimizer: { kind: 'adam', beta1: 1.5 } }), /betas must be in \[0, 1\), got beta1 1\.5, beta2 0\.999/);
+  t.throws(() => createModel({ ...base, optimizer: { kind: 'adamw', weightDecay: -0.1 } }), /weightDecay must be >= 0, got -0\.1/);
+  t.throws(() => createModel({ ...base, loss: { lambda: 0.01, warmupSteps: -3 } }), /warmupSteps must be >= 0, got -3/);
+  t.throws(() => createModel({ ...base, loss: { lambda: 0.01, warmupSteps: 1e12 } }), /warmupSteps is 1e\+12, outside the integer range/);
+  const a = Uint8Array.from([0, 1, 1, 0]);
+  // NaN used to mean "automatic", as a negative prior does.
+  await t.rejects(fuse([a, a], { method: 'staple', classes: 2, prior: NaN }), /prior = nan, expected 0\.\.1/);
+  t.ok(await fuse([a, a], { method: 'staple', classes: 2, prior: -1 }), 'a negative prior: automatic');
+});
+
+t.test('writePng takes 8-bit samples only, saying what it got', async (t) => {
+  const { encodePng } = await import('../src/data/png');
+  const image = (data: unknown) => ({ width: 2, height: 1, channels: 1 as const, data: data as Uint8Array });
+  t.throws(() => encodePng(image(Float32Array.from([0.5, 1]))), /image data is Float32Array: PNG samples are written from a Uint8Array/);
+  t.throws(() => encodePng(image(Uint16Array.from([300, 1]))), /image data is Uint16Array/);
+  t.throws(() => encodePng(image([1, 2])), /image data is a plain array/);
+  t.ok(encodePng(image(Uint8Array.from([0, 255]))).length > 0);
+});

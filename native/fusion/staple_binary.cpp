@@ -73,7 +73,9 @@ StapleResult staple(const FusionInput& in, const StapleOptions& opt) {
   if (opt.max_iterations < 1) fail(who, ": max_iterations = ", opt.max_iterations, ", expected >= 1");
   if (opt.foreground < 0 || opt.foreground >= in.L)
     fail(who, ": foreground = ", opt.foreground, ", expected a class 0..", in.L - 1);
-  if (opt.prior >= 0 && !(opt.prior <= 1)) fail(who, ": prior = ", opt.prior, ", expected 0..1 (or < 0 for automatic)");
+  // NaN compares false both ways: without this it would silently mean "automatic".
+  if (std::isnan(opt.prior) || (opt.prior >= 0 && !(opt.prior <= 1)))
+    fail(who, ": prior = ", opt.prior, ", expected 0..1 (or < 0 for automatic)");
 
   const fusion::LabelPatterns pat = fusion::group_label_patterns(in, 2, binary_labels(opt.foreground));
   StapleResult res;

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -540,6 +541,9 @@ TEST(invalid_inputs_are_rejected_with_the_offending_value) {
   StapleOptions st;
   st.foreground = 3;
   CHECK_THROWS_WITH(staple(input_of({&a}, 3), st), "foreground = 3");
+  st = StapleOptions{};
+  st.prior = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_WITH(staple(input_of({&a}, 3), st), "prior = nan");
   st = StapleOptions{};
   st.max_iterations = 0;
   CHECK_THROWS_WITH(staple(input_of({&a}, 3), st), "max_iterations = 0");

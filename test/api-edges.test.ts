@@ -120,3 +120,15 @@ t.test('writePng takes 8-bit samples only, saying what it got', async (t) => {
   t.throws(() => encodePng(image([1, 2])), /image data is a plain array/);
   t.ok(encodePng(image(Uint8Array.from([0, 255]))).length > 0);
 });
+
+t.test('surface distances refuse fractional dims; a 2D patch error names the index given', async (t) => {
+  const { hausdorff95, squaredDistanceTransform } = await import('../src/eval/surface-distance');
+  const mask = Uint8Array.from([1, 0, 0, 1, 1, 0, 0, 1]);
+  t.throws(() => hausdorff95(mask, mask, [0.5, 2, 8]), /hausdorff95: dims \[0\.5, 2, 8\] must be three integers >= 1/);
+  t.throws(() => squaredDistanceTransform(mask, [2, 0.5, 8]), /squaredDistanceTransform: dims \[2, 0\.5, 8\]/);
+  t.equal(hausdorff95(mask, mask, [1, 2, 4]), 0);
+  const { createModel, slidingWindowPredict } = await import('../src/index');
+  const model = createModel({ ndim: 2, inChannels: 1, classes: 2, annotators: 1, depth: 2, baseChannels: 4 });
+  await t.rejects(slidingWindowPredict(model, new Float32Array(64), { d: 1, h: 8, w: 8 }, { patch: [4, 4.5] }), /options\.patch\[1\]/);
+  await model.dispose();
+});

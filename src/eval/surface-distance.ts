@@ -58,7 +58,15 @@ function lineTransform(f: Float64Array, out: Float64Array, base: number, stride:
  * Squared Euclidean distance (in the spacing's units) from every voxel to the nearest voxel
  * with `feature[v]` set; Infinity everywhere when there is none.
  */
+/** dims must be whole: fractional ones whose product matches the length would still index. */
+function checkDims(who: string, dims: Dims3): void {
+  if (!Array.isArray(dims) || dims.length !== 3 || !dims.every((d) => Number.isInteger(d) && d >= 1)) {
+    throw new RangeError(`${who}: dims [${Array.isArray(dims) ? dims.join(', ') : String(dims)}] must be three integers >= 1`);
+  }
+}
+
 export function squaredDistanceTransform(feature: Uint8Array, dims: Dims3, spacing: readonly [number, number, number] = [1, 1, 1]): Float64Array {
+  checkDims('squaredDistanceTransform', dims);
   const [D, H, W] = dims;
   if (feature.length !== D * H * W) throw new RangeError(`feature has ${feature.length} voxels, dims ${dims.join('x')} make ${D * H * W}`);
   let a = Float64Array.from(feature, (x) => (x ? 0 : Infinity));
@@ -146,6 +154,7 @@ function distancesBetweenSurfaces(from: Uint8Array, to: Uint8Array, dims: Dims3,
  * NaN when exactly one is. `spacing`: voxel size [d, h, w] in mm (NIfTI's [z, y, x] pixdim).
  */
 export function hausdorff95(pred: Uint8Array, truth: Uint8Array, dims: Dims3, spacing: readonly [number, number, number] = [1, 1, 1]): number {
+  checkDims('hausdorff95', dims);
   const [D, H, W] = dims;
   if (pred.length !== D * H * W || truth.length !== D * H * W) {
     throw new RangeError(`hausdorff95: masks of ${pred.length} and ${truth.length} voxels, dims ${dims.join('x')} make ${D * H * W}`);

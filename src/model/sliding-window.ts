@@ -161,7 +161,9 @@ export async function slidingWindowPredict(
   }
   const patch = options.patch.length === 2 && ndim === 2 ? [1, ...options.patch] : [...options.patch];
   if (patch.length !== 3) throw new RangeError(`options.patch = [${options.patch.join(', ')}] must have ${ndim === 2 ? '2' : '3'} sizes`);
-  patch.forEach((p, i) => positiveInteger(`options.patch[${i}]`, p));
+  // Named by the index the caller wrote: a 2D [h, w] has the depth 1 put in front of it here.
+  const given = patch.length - options.patch.length;
+  patch.forEach((p, i) => positiveInteger(`options.patch[${i - given}]`, p));
   if (ndim === 2 && patch[0] !== 1) throw new RangeError(`a 2D model needs patch depth 1, got [${patch.join(', ')}]`);
   const multiple = 2 ** (depth - 1);
   const spatialPatch = ndim === 2 ? patch.slice(1) : patch;

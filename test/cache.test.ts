@@ -192,8 +192,11 @@ t.test('settings: a cache holds one setting; rebuild replaces it; single mode', 
   await prepareCache(dataDir, cacheDir, { seed: 1 });
   const err = (await prepareCache(dataDir, cacheDir, { seed: 2, mode: 'single' }).catch((e: unknown) => e)) as CacheError;
   t.equal(err.kind, 'settings-changed');
-  t.match(err.message, /mode, seed differ|seed, mode differ|(mode|seed).*differ/);
+  // Named by prepare's options, with the cached and the asked value.
+  t.match(err.message, /\(labels: dense in the cache, single asked; seed: 1 in the cache, 2 asked: these differ\)/);
   t.same(err.value, ['mode', 'seed']);
+  const names = (await prepareCache(dataDir, cacheDir, { seed: 1, annotators: [{ kind: 'good' }, { kind: 'over' }] }).catch((e: unknown) => e)) as CacheError;
+  t.match(names.message, /\(annotators: over,under,wrong in the cache, good,over asked: these differ\)/, 'the names, not the specs');
 
   const rebuilt = await prepareCache(dataDir, cacheDir, {
     seed: 2,

@@ -899,8 +899,23 @@ function settingsFor(options: PrepareCacheOptions): CacheSettings {
   };
 }
 
-function changedSettings(a: CacheSettings, b: CacheSettings): string[] {
+function changedSettings(a: CacheSettings, b: CacheSettings): (keyof CacheSettings)[] {
   return (Object.keys(a) as (keyof CacheSettings)[]).filter((key) => JSON.stringify(a[key]) !== JSON.stringify(b[key]));
+}
+
+/** The option that sets each cache setting, where its name differs (prepare's flags). */
+const SETTING_OPTION: Partial<Record<keyof CacheSettings, string>> = { names: 'annotators', mode: 'labels' };
+
+/**
+ * "labels: dense in the cache, single asked" for each changed setting, by the option that sets
+ * it (the annotators' specs only where their names agree: otherwise the names say it).
+ */
+function describeChangedSettings(cached: CacheSettings, asked: CacheSettings, changed: readonly (keyof CacheSettings)[]): string {
+  const text = (v: unknown) => (typeof v === 'string' ? v : Array.isArray(v) && v.every((x) => typeof x === 'string') ? v.join(',') : JSON.stringify(v));
+  return changed
+    .filter((key) => !(key === 'annotators' && changed.includes('names')))
+    .map((key) => `${SETTING_OPTION[key] ?? key}: ${text(cached[key])} in the cache, ${text(asked[key])} asked`)
+    .join('; ');
 }
 
 /**
@@ -1019,7 +1034,7 @@ export async function prepareCache(dataDir: string, cacheDir: string, options: P
         throw new CacheError(
           'settings-changed',
           cacheIndexPath(cacheDir),
-          `the cache at ${cacheDir} was prepared with other settings (${changed.join(', ')} differ); ` +
+          `the cache at ${cacheDir} was prepared with other settings (${describeChangedSettings(existing.settings, settings, changed)}: these differ); ` +
             'use another cache folder, or rebuild it (--rebuild / rebuild: true)',
           changed,
         );

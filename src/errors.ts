@@ -8,3 +8,10 @@ export class UserError extends Error {
     this.name = 'UserError';
   }
 }
+
+/** What kind of value an array argument was, for messages: "Float32Array", "a plain array", "null", "undefined". */
+export function arrayKind(value: unknown): string {
+  if (ArrayBuffer.isView(value)) return (value as object).constructor.name;
+  if (Array.isArray(value)) return 'a plain array';
+  return value === null ? 'null' : typeof value;
+}

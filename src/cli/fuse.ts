@@ -221,28 +221,6 @@ function checkOutput(file: string, like: LabelImage): void {
 }
 
 /**
- * The mean's consensus: per voxel the class most raters chose. A voxel no rater labelled
- * (all fractions 0) stays unlabelled (255) and a tie goes to `undecided` when given,
- * else to the lowest tied class: the rules of the native methods (majority_vote.cpp).
- */
-function meanConsensus(probs: Float32Array, classes: number, undecided: number | undefined): Uint8Array {
-  const V = probs.length / classes;
-  const out = new Uint8Array(V);
-  for (let v = 0; v < V; v++) {
-    let best = 0;
-    let tied = false;
-    for (let c = 1; c < classes; c++) {
-      const p = probs[c * V + v];
-      if (p > probs[best * V + v]) (best = c), (tied = false);
-      else if (p === probs[best * V + v]) tied = true;
-    }
-    if (probs[best * V + v] === 0) out[v] = UNLABELLED;
-    else out[v] = tied && undecided !== undefined ? undecided : best;
-  }
-  return out;
-}
-
-/**
  * Writing an output over a rater's file (or two outputs over each other) would destroy
  * data without a word: the paths are compared as the file system resolves them (links,
  * '..'), before anything is written.
@@ -343,8 +321,13 @@ export function registerFuseCommand(program: Command): Command {
     const V = images[0].labels.length;
     let consensus = result.labels;
     if (!consensus && result.probs) {
-      // mean: the soft label's argmax, with the tie and unlabelled rules of the other methods
-      consensus = meanConsensus(result.probs, classes, opts.undecided);
+      // mean: the soft label's argmax is the class most raters chose, i.e. the majority vote,
+      // whose tie and unlabelled rules the other methods share.
+      const vote = await fuse(
+        images.map((im) => im.labels),
+        { method: 'mode', classes, shape: images[0].shape, ...(opts.undecided !== undefined ? { undecided: opts.undecided } : {}) },
+      );
+      consensus = vote.labels;
     }
     // Everything that can fail is checked before the first file is written: a refused
     // --posterior must not leave a consensus behind.

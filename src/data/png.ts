@@ -11,6 +11,7 @@
 import * as zlib from 'zlib';
 import { constants as bufferConstants } from 'buffer';
 import { readFileChecked, readFileCheckedSync, writeFileAtomic, writeFileAtomicSync } from './files';
+import { arrayKind } from '../errors';
 
 /** A PNG could not be decoded or encoded; the message names the file and the offending value. */
 export class PngError extends Error {
@@ -430,8 +431,7 @@ function checkImage(image: PngImage): void {
   if (!(channels in COLOR_TYPE_OF)) throw new PngError(`channels ${channels} must be 1, 2, 3 or 4`);
   // 8-bit samples only: a Float32Array's 0.5 would be stored as 0 and a Uint16Array's 300 as 44.
   if (!(data instanceof Uint8Array)) {
-    const what = ArrayBuffer.isView(data) ? (data as object).constructor.name : Array.isArray(data) ? 'a plain array' : typeof data;
-    throw new PngError(`image data is ${what}: PNG samples are written from a Uint8Array (0..255)`);
+    throw new PngError(`image data is ${arrayKind(data)}: PNG samples are written from a Uint8Array (0..255)`);
   }
   if (data.length !== width * height * channels) {
     throw new PngError(`image data has ${data.length} bytes, ${width}x${height}x${channels} needs ${width * height * channels}`);

@@ -3,6 +3,7 @@
 // the raw little-endian tensor bytes. PyTorch users load these files with
 // `safetensors.torch.load_file`.
 import { readFileChecked, readFileCheckedSync, writeFileAtomic } from './files';
+import { arrayKind } from '../errors';
 
 export type SafeDtype = 'F32' | 'F64' | 'U8' | 'I32' | 'I64';
 export type SafeArray = Float32Array | Float64Array | Uint8Array | Int32Array | BigInt64Array;
@@ -37,8 +38,7 @@ function dtypeOf(a: unknown, name: string): SafeDtype {
   if (a instanceof Uint8Array) return 'U8';
   if (a instanceof Int32Array) return 'I32';
   if (a instanceof BigInt64Array) return 'I64';
-  const what = ArrayBuffer.isView(a) ? a.constructor.name : Array.isArray(a) ? 'a plain array' : a === null ? 'null' : typeof a;
-  throw new SafetensorsError(`tensor '${name}' is ${what}: cmseg writes Float32Array, Float64Array, Uint8Array, Int32Array or BigInt64Array`);
+  throw new SafetensorsError(`tensor '${name}' is ${arrayKind(a)}: cmseg writes Float32Array, Float64Array, Uint8Array, Int32Array or BigInt64Array`);
 }
 
 function view(dtype: SafeDtype, bytes: Uint8Array): SafeArray {

@@ -12,6 +12,7 @@
 //   labelled voxel) are NaN and are left out of the statistics.
 // - All counting is done in Float64; CMs may be Float32 as the model returns them.
 import { UNLABELLED } from '../data/annotators';
+import { arrayKind } from '../errors';
 
 export { UNLABELLED };
 
@@ -75,8 +76,7 @@ function checkSameLength(name: string, map: ArrayLike<number>, expected: number,
 // Int32Array (-1) would index no count and be silently dropped, so only bytes are taken.
 function checkLabelMap(name: string, map: unknown): void {
   if (!(map instanceof Uint8Array)) {
-    const what = ArrayBuffer.isView(map) ? map.constructor.name : Array.isArray(map) ? 'a plain array' : String(map);
-    throw new TypeError(`${name} is ${what}: a label map is a Uint8Array (argmaxClasses turns probabilities into one)`);
+    throw new TypeError(`${name} is ${arrayKind(map)}: a label map is a Uint8Array (argmaxClasses turns probabilities into one)`);
   }
 }
 

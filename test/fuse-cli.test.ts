@@ -3,9 +3,10 @@
 // different grids or with a 4th axis, and multi-label maps given to binary STAPLE.
 import * as fs from 'fs';
 import * as path from 'path';
+import * as zlib from 'zlib';
 import t from 'tap';
 import { cliHelp, runCli } from './helpers/cli';
-import { readPng, writePng } from '../src/data/png';
+import { pngChunk, readPng, writePng } from '../src/data/png';
 import { readNifti, writeNifti, type Matrix4 } from '../src/data/nifti';
 import { tempDir } from './helpers/files';
 
@@ -37,14 +38,65 @@ t.test('0/255 PNG masks: 255 is read as foreground, and stderr says so', async (
   for (const method of ['mode', 'mean', 'staple', 'multi-staple']) {
     const run = await runCli(['fuse', '--method', method, '-o', `${method}.png`, ...files], dir);
     t.equal(run.exitCode, 0, `${method}: ${run.stderr}`);
-    t.same(await consensusOf(path.join(dir, `${method}.png`)), VOTE, `${method}: the consensus of the masks as 0/1`);
+    t.same(await consensusOf(path.join(dir, `${method}.png`)), VOTE.map((x) => 255 * x), `${method}: the consensus of the masks, as a 0/255 mask`);
     t.match(run.stderr, /^note: rater maps are 0\/255 masks: 255 read as foreground \(1\)/m);
+    t.match(run.stderr, /^note: the consensus is written as a 0\/255 mask, like its raters$/m);
   }
+  // A tie label of 255 would read as foreground in a 0/255 mask: the consensus stays 0/1.
+  const two = files.slice(0, 2); // r0 and r1 disagree at pixels 2 and 5
+  const tied = await runCli(['fuse', '--method', 'mode', '--undecided', '255', '-o', 'tied.png', ...two], dir);
+  t.equal(tied.exitCode, 0, tied.stderr);
+  t.same(await consensusOf(path.join(dir, 'tied.png')), [0, 1, 255, 0, 1, 255, 0, 1]);
+  t.match(tied.stderr, /--undecided 255 marks ties, so the consensus is written as 0\/1 labels/);
+  const marked = await runCli(['fuse', '--method', 'mode', '--undecided', '7', '-o', 'marked.png', ...two], dir);
+  t.same(await consensusOf(path.join(dir, 'marked.png')), [0, 255, 7, 0, 255, 7, 0, 255], 'another tie label is kept beside the 0/255 mask');
   // The CMs are estimated on the masks, not on "every foreground pixel unlabelled" (all perfect).
   const run = await runCli(['fuse', '--method', 'multi-staple', '-o', 'ms.png', '--cms', 'cms.json', ...files], dir);
   t.equal(run.exitCode, 0);
   const cms = JSON.parse(fs.readFileSync(path.join(dir, 'cms.json'), 'utf8')).cms as number[][][];
   t.ok(cms.some((cm) => cm[0][0] < 0.99 || cm[1][1] < 0.99), 'some rater is estimated imperfect');
+});
+
+/** A 16-bit gray PNG (filter 0 on every row), written here so the reader is not its own oracle. */
+function png16(file: string, width: number, height: number, values: number[]): void {
+  const ihdr = Buffer.alloc(13);
+  ihdr.writeUInt32BE(width, 0);
+  ihdr.writeUInt32BE(height, 4);
+  ihdr[8] = 16; // bit depth
+  ihdr[9] = 0; // gray
+  const raw = Buffer.alloc(height * (1 + 2 * width));
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) raw.writeUInt16BE(values[y * width + x], y * (1 + 2 * width) + 1 + 2 * x);
+  }
+  const signature = Buffer.from([137, 80, 78, 71, 13, 10, 26, 10]);
+  fs.writeFileSync(file, Buffer.concat([signature, pngChunk('IHDR', ihdr), pngChunk('IDAT', zlib.deflateSync(raw)), pngChunk('IEND', new Uint8Array(0))]));
+}
+
+t.test('16-bit 0/65535 masks are fused like 0/255 masks (training reads both as binary)', async (t) => {
+  const dir = tempDir(t);
+  const files = BINARY.map((m, r) => {
+    png16(path.join(dir, `w${r}.png`), 4, 2, m.map((x) => 65535 * x));
+    return `w${r}.png`;
+  });
+  const run = await runCli(['fuse', '--method', 'mode', '-o', 'vote.png', ...files], dir);
+  t.equal(run.exitCode, 0, run.stderr);
+  t.same(await consensusOf(path.join(dir, 'vote.png')), VOTE.map((x) => 255 * x));
+  t.match(run.stderr, /^note: rater maps are 0\/65535 masks: 65535 read as foreground \(1\)/m);
+  // Beside an 8-bit mask: both kinds named.
+  const mixed = await runCli(['fuse', '--method', 'staple', '-o', 'staple.png', files[0], files[1], (await pngs(dir, as255(BINARY.slice(2)), 'e'))[0]], dir);
+  t.equal(mixed.exitCode, 0, mixed.stderr);
+  t.same(await consensusOf(path.join(dir, 'staple.png')), VOTE.map((x) => 255 * x));
+  t.match(mixed.stderr, /rater maps are 0\/65535 or 0\/255 masks: 255 and 65535 read as foreground/);
+  // A 16-bit map of small labels is a label map; a value past 8 bits is refused by name.
+  png16(path.join(dir, 'l0.png'), 4, 2, [0, 1, 2, 0, 1, 0, 0, 1]);
+  png16(path.join(dir, 'l1.png'), 4, 2, [0, 1, 2, 0, 2, 0, 0, 1]);
+  png16(path.join(dir, 'l2.png'), 4, 2, [0, 1, 300, 0, 2, 0, 0, 1]);
+  const labels = await runCli(['fuse', '--method', 'mode', '-o', 'labels.png', 'l0.png', 'l1.png'], dir);
+  t.equal(labels.exitCode, 0, labels.stderr);
+  t.same(await consensusOf(path.join(dir, 'labels.png')), [0, 1, 2, 0, 1, 0, 0, 1], 'tie at pixel 4 to the lowest class');
+  const wide = await runCli(['fuse', '--method', 'mode', '-o', 'wide.png', 'l0.png', 'l2.png'], dir);
+  t.equal(wide.exitCode, 1);
+  t.match(wide.stderr, /l2\.png: label 300 at pixel 2 does not fit in 8 bits/);
 });
 
 t.test('--mask-255 unlabelled keeps 255 as unlabelled; foreground forces it for 0/1/255 maps', async (t) => {

@@ -81,7 +81,7 @@ t.test('fuse makes missing output folders, and writes nothing when one cannot be
   const files = await writeMasks(dir);
   const run = await runCli(['fuse', '--method', 'staple', '-o', 'a/b/vote.png', '--posterior', 'c/p.png', '--cms', 'd/e/cms.json', ...files], dir);
   t.equal(run.exitCode, 0, run.stderr);
-  t.same(Array.from((await readPng(path.join(dir, 'a/b/vote.png'))).data), [0, 1, 1, 0, 1, 0, 0, 1]);
+  t.same(Array.from((await readPng(path.join(dir, 'a/b/vote.png'))).data), [0, 255, 255, 0, 255, 0, 0, 255], 'the consensus of 0/255 raters as a 0/255 mask');
   t.ok(fs.existsSync(path.join(dir, 'c/p.png')));
   t.ok(fs.existsSync(path.join(dir, 'd/e/cms.json')));
   // --posterior's folder is under a file: refused before the consensus is written.

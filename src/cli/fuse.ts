@@ -6,7 +6,7 @@ import { Command } from 'commander';
 import { fuse, FusionMethod } from '../fusion/fuse';
 import { isNiftiName as isNifti, readNifti, writeNifti, type Matrix4, NiftiVolume } from '../data/nifti';
 import { BRATS_GEOMETRY_TOLERANCE_MM, gridDistance, hasOrientation, largestAffineDifference } from '../data/brats';
-import { readPng, writePng, DecodedPng } from '../data/png';
+import { readPng, writePng, DecodedPng, PngColorType } from '../data/png';
 import { labelValues, resolveMapping } from '../data/image-folder';
 import { UNLABELLED, checkLabels } from '../data/annotators';
 import { writeFileAtomic } from '../data/files';
@@ -31,6 +31,8 @@ interface LabelImage {
   shape: number[];
   nifti?: NiftiVolume;
   png?: DecodedPng;
+  /** 65535 for a 16-bit PNG that holds only 0 and 65535, read as a 0/255 mask. */
+  maskWhite?: number;
 }
 
 
@@ -57,12 +59,34 @@ async function readLabels(file: string): Promise<LabelImage> {
   }
   if (/\.png$/i.test(file)) {
     const png = await readPng(file);
-    // Read like a dataset folder's label PNGs: gray, palette indices, or RGB with R = G = B.
     const labels = new Uint8Array(png.width * png.height);
+    const shape = [png.height, png.width];
+    // A 16-bit 0/65535 mask is the 0/255 mask of tools that save 16 bits (training reads both
+    // as binary): its white is read as 255, so the 0/255 rules below apply to it alike.
+    if (png.bitDepth === 16 && png.colorType !== PngColorType.Palette && isBlackWhite(png, 65535)) {
+      labelValues(png, file, 'binary', labels);
+      for (let p = 0; p < labels.length; p++) labels[p] *= UNLABELLED;
+      return { file, labels, shape, png, maskWhite: 65535 };
+    }
+    // Read like a dataset folder's label PNGs: gray, palette indices, or RGB with R = G = B.
     labelValues(png, file, 'value', labels);
-    return { file, labels, shape: [png.height, png.width], png };
+    return { file, labels, shape, png };
   }
   throw new UserError(`${file}: unsupported file type (expected .nii, .nii.gz or .png)`);
+}
+
+/** Whether every sample of a gray (or R = G = B) PNG is 0 or `white`, and some are `white`. */
+function isBlackWhite(png: DecodedPng, white: number): boolean {
+  if (png.colorType === PngColorType.Palette) return false;
+  let seen = false;
+  for (let i = 0; i < png.samples.length; i++) {
+    const x = png.samples[i];
+    // An alpha channel's samples (every 2nd or 4th) are opacity, not the mask.
+    if ((png.channels === 2 || png.channels === 4) && i % png.channels === png.channels - 1) continue;
+    if (x === white) seen = true;
+    else if (x !== 0) return false;
+  }
+  return seen;
 }
 
 function checkSameShape(images: readonly LabelImage[]): void {
@@ -209,6 +233,20 @@ function checkForeground(method: FusionMethod, images: readonly LabelImage[], cl
   throw new UserError(`--method ${method} is binary, but --classes is ${classes}: ${hint}`);
 }
 
+/**
+ * Raters who all drew 0/255 masks expect their consensus as one too (a 0/1 PNG looks black
+ * in every viewer): foreground 1 is written as 255. Not when a tie label of 255 was asked
+ * for, which would then mean foreground as well: the consensus stays 0/1 and stderr says why.
+ */
+function asMask(consensus: Uint8Array, undecided: number | undefined): Uint8Array {
+  if (undecided === UNLABELLED) {
+    process.stderr.write(`note: --undecided ${UNLABELLED} marks ties, so the consensus is written as 0/1 labels, not as a 0/255 mask\n`);
+    return consensus;
+  }
+  process.stderr.write('note: the consensus is written as a 0/255 mask, like its raters\n');
+  return consensus.map((x) => (x === 1 ? UNLABELLED : x));
+}
+
 /** Throws when `file` cannot hold a map of these inputs: checked for every output before any is written. */
 function checkOutput(file: string, like: LabelImage): void {
   if (isNifti(file)) {
@@ -298,13 +336,17 @@ export function registerFuseCommand(program: Command): Command {
     checkSameShape(images);
     checkSameGrid(images, opts.geometryTolerance);
     const foreground: number | undefined = opts.foreground;
+    // Before the masks are read as 0/1: whether every rater drew a pure 0/255 mask.
+    const allMasks = images.every(pureMask);
     const mapped = readMasks(images, opts.mask255 as Mask255, opts.classes, foreground);
     const classes = resolveClasses(images, opts.classes, foreground);
     const method = opts.method as FusionMethod;
     checkForeground(method, images, classes, foreground);
     if (mapped.length > 0) {
-      const which = mapped.length === images.length ? 'rater maps are 0/255 masks' : `${mapped.join(', ')} ${mapped.length > 1 ? 'are 0/255 masks' : 'is a 0/255 mask'}`;
-      process.stderr.write(`note: ${which}: 255 read as foreground (1) (--mask-255 unlabelled if 255 means unlabelled)\n`);
+      const kinds = [...new Set(images.filter((im) => mapped.includes(im.file)).map((im) => `0/${im.maskWhite ?? UNLABELLED}`))].join(' or ');
+      const which = mapped.length === images.length ? `rater maps are ${kinds} masks` : `${mapped.join(', ')} ${mapped.length > 1 ? `are ${kinds} masks` : `is a ${kinds} mask`}`;
+      const white = kinds.includes('65535') ? (kinds.includes('/255') ? '255 and 65535' : '65535') : '255';
+      process.stderr.write(`note: ${which}: ${white} read as foreground (1) (--mask-255 unlabelled if ${white} means unlabelled)\n`);
     }
     const result = await fuse(
       images.map((im) => im.labels),
@@ -344,6 +386,7 @@ export function registerFuseCommand(program: Command): Command {
       posterior = Float32Array.from(source.length === V ? source : source.subarray(V, 2 * V)); // binary: foreground row
       checkOutput(path.resolve(opts.posterior), images[0]);
     }
+    if (allMasks && mapped.length === images.length && /\.png$/i.test(out)) consensus = asMask(consensus!, opts.undecided);
     makeOutputFolders(outputs.map(([, file]) => file));
     const written: [string, string][] = [];
     await writeLabels(out, images[0], consensus!, 'uint8');

@@ -21,6 +21,7 @@ import { Command, InvalidArgumentError } from 'commander';
 import {
   type BratsNaming,
   BRATS_CLASS_NAMES,
+  BRATS_CLASSES,
   BRATS_ENHANCING_LABEL,
   BRATS_ENHANCING_LABEL_2021,
   extentOfDims,
@@ -268,9 +269,14 @@ function runCases(spec: BratsDatasetSpec, split: 'test' | 'validation' | 'train'
   return { ...list, from: `the ${split} split of the run (${list.from})` };
 }
 
-/** Our labels 0..3 in the release's numbering: enhancing tumour is 4 in BraTS 2018-2021 files. */
-function releaseLabels(labels: Uint8Array, naming: BratsNaming): Uint8Array {
-  if (naming !== '2021') return labels;
+/**
+ * Our labels 0..3 in the release's numbering: enhancing tumour is 4 in BraTS 2018-2021 files.
+ * Only a model of BraTS's 4 classes has an ET to renumber: for any other class count (an API
+ * model, which predict accepts) class 3 is not ET, and writing it as 4 would merge it with a
+ * 5-class model's class 4; such labels stay the model's class indices.
+ */
+function releaseLabels(labels: Uint8Array, naming: BratsNaming, classes: number): Uint8Array {
+  if (naming !== '2021' || classes !== BRATS_CLASSES) return labels;
   return labels.map((x) => (x === BRATS_ENHANCING_LABEL ? BRATS_ENHANCING_LABEL_2021 : x));
 }
 
@@ -320,6 +326,9 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
   const learnsCms = info.learnsCms;
   // The CM sums are most of the stitching's memory and time (R*L*L of the R*L*L + R*L + L channels).
   const wantCms = learnsCms && flags.cms !== false;
+  // BraTS's class names and release labels belong to a model of its 4 classes only.
+  const brats = L === BRATS_CLASSES;
+  const classNames = brats ? BRATS_CLASS_NAMES : Array.from({ length: L }, (_, c) => (c === 0 ? 'background' : `class ${c}`));
   const outDir = path.resolve(flags.out);
   fs.mkdirSync(outDir, { recursive: true });
   const volumes: string[] = [];
@@ -329,6 +338,9 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     const started = Date.now();
     const c = await list.load(id);
     namings.add(c.naming);
+    // A --scale too large for this case's pictures is refused now, before its sliding-window
+    // prediction (minutes on a real case) and before any of its volumes is written.
+    const scale = pictureScale(flags, c.extent.h, c.extent.w);
     const progress = windowProgress(`[${k + 1}/${ids.length}] ${id}`);
     let p: Awaited<ReturnType<typeof slidingWindowPredict>>;
     try {
@@ -351,7 +363,7 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
       await writeNifti(target, { dims: volumeDims, data, affine: c.original.affine }, { datatype, ...(c.header ? { header: c.header } : {}), description: `cmseg ${method} ${name}` });
       volumes.push(target);
     };
-    const labelsToRelease = (labels: Uint8Array) => uncropVolume(releaseLabels(labels, c.naming), c.crop, full);
+    const labelsToRelease = (labels: Uint8Array) => uncropVolume(releaseLabels(labels, c.naming, L), c.crop, full);
     const consensus = argmaxClasses(p.probs, 1, L);
     // Pictures show the axial slice through the predicted tumour's centre (else the
     // expert's, else the middle). The CMs' slice is taken now and the whole-volume CMs
@@ -366,7 +378,6 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     for (const [r, map] of annotatorMaps.entries()) await writeVolume(`${id}_annotator-${files[r]}.nii.gz`, labelsToRelease(map), 'uint8');
 
     const { h, w } = c.extent;
-    const scale = pictureScale(flags, h, w);
     const flair = axialSlice(c.images.subarray(3 * V, 4 * V), 1, c.extent, z);
     const overlay = (labels: Uint8Array) => upscale(labelOverlay(flair, axialSlice(labels, 1, c.extent, z), h, w), scale);
     const save = async (name: string, image: Parameters<typeof writePng>[1]) => {
@@ -379,9 +390,9 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
       [captioned(flairPicture, 'FLAIR'), captioned(c.seg ? overlay(c.seg) : null, 'truth'), captioned(overlay(consensus), 'prediction')],
       annotatorMaps.map((map, r) => captioned(overlay(map), `${names[r] ?? files[r]} (estimated)`)),
     ];
-    await save(`${id}_slice.png`, sheetWithLegend(grid(rows.filter((row) => row.length > 0), 4), BRATS_CLASS_NAMES, false, captionScale(flairPicture.width)));
+    await save(`${id}_slice.png`, sheetWithLegend(grid(rows.filter((row) => row.length > 0), 4), classNames, false, captionScale(flairPicture.width)));
     if (cmSlice) {
-      for (let r = 0; r < R; r++) await save(`${id}_cm-${files[r]}.png`, cmFigure(cmSlice, 0, r, R, L, h, w, Math.max(1, Math.floor(scale / 2)), { annotator: names[r] ?? files[r], classes: BRATS_CLASS_NAMES }));
+      for (let r = 0; r < R; r++) await save(`${id}_cm-${files[r]}.png`, cmFigure(cmSlice, 0, r, R, L, h, w, Math.max(1, Math.floor(scale / 2)), { annotator: names[r] ?? files[r], classes: classNames }));
     } else if (k === 0 && !learnsCms) {
       process.stderr.write(`note: ${method} does not learn annotator CMs: no annotator volumes or CM pictures\n`);
     }
@@ -394,15 +405,22 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     "(the crop to the brain undone) with the geometry of the case's t1 file.",
     ...(flags.tta ? [`${ttaDescription(3)} Each window is mirrored, as in nnU-Net.`] : []),
     '',
-    '<id>_consensus.nii.gz        uint8, the predicted consensus argmax p, in the release\'s labels:',
-    '                             0 background, 1 necrotic core (NCR), 2 edema (ED), 4 enhancing tumour (ET) for BraTS 2018-2021',
-    '                             names; 3 for ET with BraTS 2023 names (the labels of the case\'s own files)',
+    ...(brats
+      ? [
+          '<id>_consensus.nii.gz        uint8, the predicted consensus argmax p, in the release\'s labels:',
+          '                             0 background, 1 necrotic core (NCR), 2 edema (ED), 4 enhancing tumour (ET) for BraTS 2018-2021',
+          '                             names; 3 for ET with BraTS 2023 names (the labels of the case\'s own files)',
+        ]
+      : [
+          `<id>_consensus.nii.gz        uint8, the predicted consensus argmax p, as the model's class indices 0..${L - 1}`,
+          `                             (it predicts ${L} classes, not BraTS's ${BRATS_CLASSES}: no BraTS labels or renumbering)`,
+        ]),
     ...(flags.probs === 'none'
       ? ['(--probs none: no probability volumes)']
       : [
           flags.probs === 'uint8'
-            ? "<id>_probs.nii.gz            uint8, 4D [x, y, z, class]: round(255 p(class)) for classes 0..3 (class 3 = ET); 255 background outside the brain"
-            : '<id>_probs.nii.gz            float32, 4D [x, y, z, class]: p(class) for classes 0..3 (class 3 = ET); background = 1 outside the brain',
+            ? `<id>_probs.nii.gz            uint8, 4D [x, y, z, class]: round(255 p(class)) for classes 0..${L - 1}${brats ? ' (class 3 = ET)' : ''}; 255 background outside the brain`
+            : `<id>_probs.nii.gz            float32, 4D [x, y, z, class]: p(class) for classes 0..${L - 1}${brats ? ' (class 3 = ET)' : ''}; background = 1 outside the brain`,
         ]),
     ...(learnsCms
       ? [
@@ -420,7 +438,7 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
   ].join('\n');
   const readmeFile = path.join(outDir, 'README.txt');
   await writeFileAtomic(readmeFile, Buffer.from(readme));
-  process.stdout.write(`predicted ${ids.length} case(s) from ${list.from}: ${volumes.length} NIfTI volumes and ${pictures.length} PNG pictures (labels in BraTS ${[...namings].join('/')} numbering)\n`);
+  process.stdout.write(`predicted ${ids.length} case(s) from ${list.from}: ${volumes.length} NIfTI volumes and ${pictures.length} PNG pictures (${brats ? `labels in BraTS ${[...namings].join('/')} numbering` : `labels: the model's class indices 0..${L - 1}`})\n`);
   printOutputs([
     ['volumes', outDir],
     ['legend', readmeFile],

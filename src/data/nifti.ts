@@ -13,7 +13,8 @@
 // [nx, ny, nz, nt...] the voxel (x, y, z, t) is at
 //   index = x + nx * (y + ny * (z + nz * t)).
 
-import { existsSync } from 'fs';
+import * as buffer from 'buffer';
+import { existsSync, statSync } from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import * as zlib from 'zlib';
@@ -100,7 +101,7 @@ export interface NiftiVolume {
   path: string;
   /** [nx, ny, nz] (3D, also for 2D files with nz = 1), or [nx, ny, nz, nt, ...] when a later dim > 1. */
   dims: number[];
-  /** Voxel size along x, y, z (pixdim[1..3], usually mm). */
+  /** Voxel size along x, y, z (pixdim[1..3], usually mm; see voxelSize for 0, negative and non-finite values). */
   spacing: Vec3;
   /** Voxel index to world, chosen as nibabel does (see the top of this file). */
   affine: Matrix4;
@@ -149,7 +150,9 @@ export type NiftiErrorKind =
   | 'unsupported-datatype'
   | 'corrupt-gzip'
   | 'bad-path'
-  | 'bad-volume';
+  | 'bad-volume'
+  /** More bytes than Node can read whole (a .nii over 2 GiB) or hold (a .nii.gz decompressing past 4 GiB). */
+  | 'too-large';
 
 /** Anything wrong with a NIfTI file or with a volume handed to the writer. */
 export class NiftiError extends Error {
@@ -280,7 +283,9 @@ export function readNiftiSync(filePath: string): NiftiVolume {
 // sizeof_hdr message, so say what to pass instead.
 function rejectImageHalfOfPair(filePath: string): void {
   if (/\.img(\.gz)?$/i.test(filePath)) {
-    const headerPath = filePath.replace(/\.img(\.gz)?$/i, '.hdr$1');
+    // Spelt as the .img is (nibabel writes X.HDR beside X.IMG): on a case-sensitive disk
+    // a lower-case X.hdr would name a file that is not there.
+    const headerPath = filePath.replace(/\.(img)(\.gz)?$/i, (_, img: string, gz = '') => `.${matchCase('hdr', img)}${gz}`);
     throw new NiftiError('bad-path', filePath, `this is the voxel half of a .hdr/.img pair; read ${headerPath} instead`, filePath);
   }
 }
@@ -289,7 +294,7 @@ async function readNiftiFile(filePath: string, what: string): Promise<Buffer> {
   try {
     return await readFileChecked(filePath, what);
   } catch (err) {
-    throw asMissingFileNiftiError(err);
+    throw asNiftiReadError(err, filePath);
   }
 }
 
@@ -297,11 +302,29 @@ function readNiftiFileSync(filePath: string, what: string): Buffer {
   try {
     return readFileCheckedSync(filePath, what);
   } catch (err) {
-    throw asMissingFileNiftiError(err);
+    throw asNiftiReadError(err, filePath);
   }
 }
 
-function asMissingFileNiftiError(err: unknown): unknown {
+function asNiftiReadError(err: unknown, filePath: string): unknown {
+  // Node reads a file whole only up to 2 GiB and then throws a RangeError that names no file;
+  // gunzip's output may be larger (up to the largest Buffer), so a gzipped copy still reads.
+  if ((err as NodeJS.ErrnoException).code === 'ERR_FS_FILE_TOO_LARGE') {
+    let size = '';
+    try {
+      size = ` of ${statSync(filePath).size} bytes`;
+    } catch {
+      // the size is only for the message
+    }
+    const limit = `${buffer.constants.MAX_LENGTH / 2 ** 30} GiB`;
+    return new NiftiError(
+      'too-large',
+      filePath,
+      `file${size} is too large to read: cmseg reads an uncompressed file of at most 2 GiB; gzip it (a .nii.gz may hold up to ${limit} uncompressed)`,
+      filePath,
+      { cause: err },
+    );
+  }
   if (!(err instanceof MissingFileError)) return err;
   return new NiftiError('missing-file', err.path, `${err.what} not found`, err.path, { cause: err });
 }
@@ -333,14 +356,31 @@ function gunzipIfNeededSync(bytes: Buffer, filePath: string): Buffer {
 }
 
 function corruptGzipError(err: unknown, filePath: string): NiftiError {
+  // Output past the largest Buffer (4 GiB) is zlib's ERR_BUFFER_TOO_LARGE: the data is
+  // not corrupt, only more than cmseg can hold.
+  if ((err as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE') {
+    return new NiftiError(
+      'too-large',
+      filePath,
+      `decompresses to more than ${buffer.constants.MAX_LENGTH} bytes, the most cmseg can hold in memory`,
+      filePath,
+      { cause: err },
+    );
+  }
   const reason = err instanceof Error ? err.message : String(err);
   return new NiftiError('corrupt-gzip', filePath, `gzip data is corrupt or truncated (${reason})`, reason, { cause: err });
 }
 
+/** `word` in upper case when `like` is (HDR -> IMG), else as given. */
+function matchCase(word: string, like: string): string {
+  return like === like.toUpperCase() ? word.toUpperCase() : word;
+}
+
 // Both .hdr and .img may be gzipped independently; prefer the one whose
-// compression matches the header, then the other.
+// compression matches the header, then the other. The .img is spelt in the
+// header's case first (nibabel saves X.HDR with X.IMG), then in lower case.
 function pairImagePath(headerPath: string): string {
-  const match = /\.hdr(\.gz)?$/i.exec(headerPath);
+  const match = /\.(hdr)(\.gz)?$/i.exec(headerPath);
   if (!match) {
     throw new NiftiError(
       'bad-magic',
@@ -350,7 +390,8 @@ function pairImagePath(headerPath: string): string {
     );
   }
   const stem = headerPath.slice(0, match.index);
-  const candidates = match[1] ? [`${stem}.img.gz`, `${stem}.img`] : [`${stem}.img`, `${stem}.img.gz`];
+  const spellings = (img: string, gz: string) => (match[2] ? [`${stem}.${img}${gz}`, `${stem}.${img}`] : [`${stem}.${img}`, `${stem}.${img}${gz}`]);
+  const candidates = [...spellings(matchCase('img', match[1]), matchCase('.gz', match[2] ?? match[1])), ...spellings('img', '.gz')];
   return candidates.find((p) => existsSync(p)) ?? candidates[0];
 }
 
@@ -359,6 +400,7 @@ function pairImagePath(headerPath: string): string {
  * Byte order is detected from sizeof_hdr, which must read as 348.
  */
 export function parseNiftiHeader(bytes: Uint8Array, filePath: string): NiftiHeader {
+  rejectOtherCompression(bytes, filePath);
   if (bytes.length < HEADER_BYTES) {
     throw new NiftiError(
       'truncated',
@@ -408,13 +450,33 @@ function detectLittleEndian(view: DataView, filePath: string): boolean {
   const asLittle = view.getInt32(FIELD_OFFSET.sizeofHdr, true);
   if (asLittle === HEADER_BYTES) return true;
   if (view.getInt32(FIELD_OFFSET.sizeofHdr, false) === HEADER_BYTES) return false;
-  const hint = asLittle === 540 ? ' (540 is NIfTI-2, which cmseg does not read)' : '';
+  // NIfTI-2's sizeof_hdr is 540, in either byte order as NIfTI-1's 348 is.
+  const hint =
+    asLittle === 540 || view.getInt32(FIELD_OFFSET.sizeofHdr, false) === 540
+      ? ` (540${asLittle === 540 ? '' : ' read big-endian'} is NIfTI-2, which cmseg does not read)`
+      : '';
   throw new NiftiError(
     'bad-header',
     filePath,
     `not a NIfTI-1 file: sizeof_hdr is ${asLittle}, expected ${HEADER_BYTES} in either byte order${hint}`,
     asLittle,
   );
+}
+
+// nibabel also reads .nii.bz2 and .nii.zst; read as a header their bytes would give a
+// meaningless sizeof_hdr (or, a small image compressing well, a "truncated header"), so the
+// compression is named instead.
+function rejectOtherCompression(bytes: Uint8Array, filePath: string): void {
+  const starts = (...prefix: number[]) => prefix.every((b, i) => bytes[i] === b);
+  const compression = starts(0x42, 0x5a, 0x68) ? 'bzip2' : starts(0x28, 0xb5, 0x2f, 0xfd) ? 'zstd' : undefined;
+  if (compression) {
+    throw new NiftiError(
+      'bad-header',
+      filePath,
+      `the file is ${compression}-compressed; cmseg reads NIfTI files uncompressed or gzip-compressed (.nii, .nii.gz): recompress it with gzip`,
+      compression,
+    );
+  }
 }
 
 function readMagic(bytes: Uint8Array, filePath: string): 'n+1' | 'ni1' {
@@ -474,12 +536,22 @@ function decodeVolume(filePath: string, header: NiftiHeader, dataBytes: Buffer, 
   return {
     path: filePath,
     dims,
-    spacing: [header.pixdim[1], header.pixdim[2], header.pixdim[3]],
+    spacing: [voxelSize(header.pixdim[1]), voxelSize(header.pixdim[2]), voxelSize(header.pixdim[3])],
     affine: bestAffine(header),
     data: scaledFloat32(raw, header.sclSlope, header.sclInter),
     raw,
     header,
   };
+}
+
+/**
+ * A voxel size from pixdim as nibabel (get_zooms) and ITK (GetSpacing) report it: a negative
+ * size by its magnitude, and 0 or a non-finite value (no size at all) as 1, which nibabel and
+ * nifti1_io both substitute on reading. A size of 0 would make a singular affine and HD95
+ * distances of 0 mm.
+ */
+export function voxelSize(pixdim: number): number {
+  return Number.isFinite(pixdim) && pixdim !== 0 ? Math.abs(pixdim) : 1;
 }
 
 function decodeVoxels(header: NiftiHeader, bytes: Buffer, dataPath: string): NiftiRawArray {
@@ -584,7 +656,8 @@ function quaternionToRotation(a: number, b: number, c: number, d: number): numbe
  */
 export function analyzeAffine(header: NiftiHeader): Matrix4 {
   const dims = volumeDims(header);
-  const zoom = [-header.pixdim[1], header.pixdim[2], header.pixdim[3]];
+  // nibabel takes the sizes after fixing them on load (voxelSize), so x is always flipped.
+  const zoom = [-voxelSize(header.pixdim[1]), voxelSize(header.pixdim[2]), voxelSize(header.pixdim[3])];
   const shift = (axis: number) => -((dims[axis] - 1) / 2) * zoom[axis];
   return [
     [zoom[0], 0, 0, shift(0)],

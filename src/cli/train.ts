@@ -204,7 +204,11 @@ async function resolveResume(flags: TrainFlags, isGiven: Typed): Promise<Resolve
     const data = path.resolve(flags.data);
     const dataset = recipe.dataset;
     if (dataset.kind === 'brats') {
-      if (data !== dataset.cache && dataset.cache !== runCacheDir(outDir)) conflicts.push(`--data ${flags.data} (the run reads the cache ${dataset.cache})`);
+      if (data !== dataset.cache && dataset.cache !== runCacheDir(outDir)) {
+        // A moved cache: the split names its cases, so the run goes on from the new place.
+        if (!fs.existsSync(dataset.cache) && fs.existsSync(cacheIndexPath(data))) dataset.cache = data;
+        else conflicts.push(`--data ${flags.data} (the run reads the cache ${dataset.cache})`);
+      }
     } else if (dataset.kind === 'folder') {
       // A moved image folder: the split names its images, so the run goes on from the new place.
       if (data !== dataset.root && fs.existsSync(dataset.root)) conflicts.push(`--data ${flags.data} (the run reads the image folder ${dataset.root})`);
@@ -212,6 +216,12 @@ async function resolveResume(flags: TrainFlags, isGiven: Typed): Promise<Resolve
     } else {
       conflicts.push(`--data ${flags.data} (the run's data set has no --data)`);
     }
+  }
+  // Another --classes is said as a conflict here: applyFlags would refuse it against the run's
+  // binary masks as a --label-mapping error, naming a flag the user did not type.
+  if (recipe.dataset.kind === 'folder' && isGiven('classes') && flags.classes !== undefined && flags.classes !== recipe.dataset.classes) {
+    conflicts.push(`--classes ${flags.classes} (the run has ${recipe.dataset.classes})`);
+    throw new UserError(`cannot resume ${last} with different settings: ${conflicts.join('; ')}`);
   }
   const typed = applyFlags({ config: saved.config, dataset: recipe.dataset }, flags, isGiven);
   const describe = (x: unknown) => JSON.stringify(x);
@@ -388,7 +398,7 @@ async function runTrainLocked(flags: TrainFlags, isGiven: Typed, lock: FileLock)
   }
   const data = loadRunData(recipe.dataset, config.seed, { batchSize: config.batchSize, workers: flags.workers });
   try {
-    checkFolderRun(recipe.dataset, data, config.method, flags.quiet);
+    checkFolderRun(recipe.dataset, data, config.method, flags);
     if (method.target === 'fused') await prepareFusedTargets(data, method.fusion!, recipe.dataset, flags.quiet);
     await trainAndTest(flags, { config, recipe, outDir }, data, lock);
   } finally {
@@ -396,13 +406,30 @@ async function runTrainLocked(flags: TrainFlags, isGiven: Typed, lock: FileLock)
   }
 }
 
-/** An image-folder run's consensus: oracle needs the expert's; without it, say once what is scored instead. */
-function checkFolderRun(dataset: DatasetSpec, data: ExperimentData, method: MethodName, quiet?: boolean): void {
+/**
+ * An image-folder run's consensus: oracle needs the expert's; without it, say once what is
+ * scored instead. Also that each split has a labelled image where one is needed, before
+ * training rather than at the first validation (or the test, after the whole run).
+ */
+function checkFolderRun(dataset: DatasetSpec, data: ExperimentData, method: MethodName, flags: Pick<TrainFlags, 'quiet' | 'test'>): void {
   if (dataset.kind !== 'folder') return;
   if (methodDefinition(method).target === 'consensus' && !data.source.hasConsensus) {
     throw new UserError(`--method ${method} trains on the expert consensus, but ${displayPath(dataset.root)} has no consensus/ folder (consensus/<name>.png for every image); choose another --method`);
   }
-  if (data.reference && !quiet) {
+  // Without consensus/ a split is scored against its labelled images' majority vote; the
+  // training split needs a label in any case (without one every step's loss is 0).
+  const needed: ('train' | 'validation' | 'test')[] = data.reference ? ['train', 'validation', ...(flags.test ? ['test' as const] : [])] : ['train'];
+  for (const split of needed) {
+    const set = data.split?.(split);
+    if (!set || set.present.some((p) => p !== 0)) continue;
+    const names = set.names ?? [];
+    const listed = `${names.slice(0, 3).join(', ')}${names.length > 3 ? ', ...' : ''}`;
+    const why = split === 'train' ? 'there is nothing to train on' : 'without consensus/ there is nothing to score it against';
+    throw new UserError(
+      `no image of the ${split} split of ${displayPath(dataset.root)} (${names.length}: ${listed}) has a label map in labels/: ${why}; label some of them, or split the images differently with --data-seed`,
+    );
+  }
+  if (data.reference && !flags.quiet) {
     process.stderr.write(`note: ${displayPath(dataset.root)} has no consensus/ (no expert consensus): validation and test Dice are against the annotators' majority vote, and the CM error is not computed\n`);
   }
 }

@@ -30,6 +30,12 @@ export interface ImageFolderOptions {
   annotators?: readonly string[];
   /** Image channels: 1 (RGB converted to luma, Rec. 601 weights) or 3 (gray repeated). Default 1. */
   imageChannels?: 1 | 3;
+  /**
+   * Read only these images of images/ (file names; a run's split): images added to the
+   * folder later, and their labels, are then not read at all, so they cannot change or
+   * break the run. Every name must be there. Default: every image.
+   */
+  names?: readonly string[];
 }
 
 export interface ImageFolderBatch extends Omit<SegmentationBatch, 'consensus'> {
@@ -145,24 +151,45 @@ export interface ImageFolderLayout {
 }
 
 /** The folders and file names of a dataset, with the layout checks of loadImageFolder. */
-function folderLayout(root: string, annotatorsAsked?: readonly string[]): ImageFolderLayout {
+function folderLayout(root: string, annotatorsAsked?: readonly string[], namesAsked?: readonly string[]): ImageFolderLayout {
   if (!isDirectory(root)) throw new ImageFolderError(`dataset folder not found: ${root}`);
   const imagesDir = path.join(root, 'images');
   const labelsDir = path.join(root, 'labels');
   if (!isDirectory(imagesDir)) throw new ImageFolderError(`no images/ folder in ${root} (expected ${imagesDir}/<name>.png)`);
   if (!isDirectory(labelsDir)) throw new ImageFolderError(`no labels/ folder in ${root} (expected ${labelsDir}/<annotator>/<name>.png)`);
-  const names = pngNames(imagesDir);
+  const all = pngNames(imagesDir);
+  let names = all;
+  if (namesAsked) {
+    const there = new Set(all);
+    names = [...new Set(namesAsked)].sort();
+    const missing = names.filter((name) => !there.has(name));
+    if (missing.length > 0) {
+      throw new ImageFolderError(`${imagesDir} lacks ${missing.length} of the ${names.length} image(s) asked for (${missing.slice(0, 3).join(', ')}${missing.length > 3 ? ', ...' : ''})`);
+    }
+  }
   if (names.length === 0) throw new ImageFolderError(`no .png files in ${imagesDir}`);
   const annotators = annotatorsAsked ? [...annotatorsAsked] : subfolders(labelsDir);
   if (annotators.length === 0) throw new ImageFolderError(`no annotator folders in ${labelsDir}`);
-  const known = new Set(names);
+  const known = new Set(all);
+  let labelFiles = 0;
   for (const annotator of annotators) {
     const folder = path.join(labelsDir, annotator);
     if (!isDirectory(folder)) throw new ImageFolderError(`annotator folder not found: ${folder}`);
+    const files = pngNames(folder);
+    labelFiles += files.length;
     // A label without its image is almost always a naming mistake: say so rather than drop it.
-    for (const name of pngNames(folder)) {
-      if (!known.has(name)) throw new ImageFolderError(`${path.join(folder, name)} has no image ${path.join(imagesDir, name)}`);
+    // (Not when only some images are asked for: labels outside them are none of their business.)
+    for (const name of files) {
+      if (!namesAsked && !known.has(name)) throw new ImageFolderError(`${path.join(folder, name)} has no image ${path.join(imagesDir, name)}`);
     }
+  }
+  // One annotator may have labelled nothing (cmseg simulate --labels single on a few images
+  // leaves empty folders), but with no label map at all there is nothing to train on: the
+  // steps would all have loss 0. Most likely the maps are not PNGs (or not named .png).
+  if (labelFiles === 0) {
+    const others = annotators.flatMap((a) => fs.readdirSync(path.join(labelsDir, a)).filter((n) => !n.startsWith('.')).map((n) => path.join(a, n)));
+    const seen = others.length > 0 ? `; it holds ${others.length} other file(s), e.g. ${others.slice(0, 3).join(', ')}: label maps must be PNGs named like their images` : '';
+    throw new ImageFolderError(`no label maps in ${labelsDir}: none of ${annotators.map((a) => `${a}/`).join(', ')} holds a <name>.png${seen}`);
   }
   return { root, names, annotators, hasConsensus: isDirectory(path.join(root, 'consensus')) };
 }
@@ -194,7 +221,7 @@ export function loadImageFolder(root: string, options: ImageFolderOptions = {}):
   const mapping = resolveMapping(options.labelMapping ?? 'auto', classes);
   const channels = options.imageChannels ?? 1;
   if (channels !== 1 && channels !== 3) throw new ImageFolderError(`imageChannels ${String(channels)} must be 1 or 3`);
-  const { names, annotators, hasConsensus } = folderLayout(root, options.annotators);
+  const { names, annotators, hasConsensus } = folderLayout(root, options.annotators, options.names);
   const imagesDir = path.join(root, 'images');
   const labelsDir = path.join(root, 'labels');
   const consensusDir = path.join(root, 'consensus');

@@ -29,6 +29,7 @@
 // majority vote, without the CM error. The STAPLE baselines fuse the training set once,
 // as for MNIST.
 
+import * as fs from 'fs';
 import * as path from 'path';
 import { AnnotatorSpec, LabelMode, simulateAnnotators } from '../data/annotators';
 import { BRATS_CLASS_NAMES } from '../data/brats';
@@ -351,7 +352,18 @@ export function loadBratsExperiment(spec: BratsDatasetSpec, trainingSeed: number
  * Kept apart from loadFolderExperiment so that its closures do not hold the whole folder too.
  */
 function folderSplitSets(spec: FolderDatasetSpec): Record<keyof CaseSplits, AnnotatedSet> {
-  const folder = loadImageFolder(spec.root, { classes: spec.classes, labelMapping: spec.labelMapping, annotators: spec.annotators });
+  for (const split of ['train', 'validation', 'test'] as const) {
+    if (spec.splits[split].length === 0) throw new ImageFolderError(`the run's ${split} split is empty`);
+    const missing = spec.splits[split].filter((name) => !fs.existsSync(path.join(spec.root, 'images', name)));
+    if (missing.length > 0) {
+      throw new ImageFolderError(`${spec.root} lacks ${missing.length} ${split} image(s) of this run (${missing.slice(0, 3).join(', ')}${missing.length > 3 ? ', ...' : ''} in images/)`);
+    }
+  }
+  // Only the run's images (and their labels) are read: images added to the folder after the
+  // run started join no split, so they must not break (or slow) its resume, eval or predict,
+  // e.g. by another size or an unreadable file.
+  const names = [...spec.splits.train, ...spec.splits.validation, ...spec.splits.test];
+  const folder = loadImageFolder(spec.root, { classes: spec.classes, labelMapping: spec.labelMapping, annotators: spec.annotators, names });
   const index = new Map(folder.names.map((name, n) => [name, n]));
   const whole: AnnotatedSet = {
     count: folder.count,
@@ -366,11 +378,6 @@ function folderSplitSets(spec: FolderDatasetSpec): Record<keyof CaseSplits, Anno
   };
   const subset = (split: keyof CaseSplits): AnnotatedSet => {
     const names = spec.splits[split];
-    if (names.length === 0) throw new ImageFolderError(`the run's ${split} split is empty`);
-    const missing = names.filter((name) => !index.has(name));
-    if (missing.length > 0) {
-      throw new ImageFolderError(`${spec.root} lacks ${missing.length} ${split} image(s) of this run (${missing.slice(0, 3).join(', ')}${missing.length > 3 ? ', ...' : ''} in images/)`);
-    }
     const batch = gatherBatch(whole, names.map((name) => index.get(name)!));
     return { ...whole, count: names.length, images: batch.images, labels: batch.labels, present: batch.present, consensus: batch.consensus, names: [...names] };
   };

@@ -129,7 +129,12 @@ export interface TrainerExtra {
 }
 
 export interface TrainHooks {
-  /** Stop after the step in progress and save `last` (SIGINT). */
+  /**
+   * Stop after the step in progress and save `last` (SIGINT); train() then resolves with
+   * status 'interrupted'. A signal already aborted when train() is called takes no step:
+   * the same result at the step the run stands at (a new run saves its untrained model
+   * as `last`, step 0, so that a resume continues it exactly).
+   */
   signal?: AbortSignal;
   progress?: ProgressReporter;
   validate?: Validator;
@@ -223,6 +228,15 @@ export function checkTrainConfig(config: TrainConfig): void {
   if (!(config.lambda >= 0) || !Number.isFinite(config.lambda)) throw new TrainingError(`lambda ${config.lambda} must be a finite number >= 0`);
   if (config.optimizer !== 'adam' && config.optimizer !== 'adamw') throw new TrainingError(`optimizer ${JSON.stringify(config.optimizer)} must be adam or adamw`);
   if (!(config.weightDecay >= 0)) throw new TrainingError(`weight decay ${config.weightDecay} must be >= 0`);
+  // The object-valued settings (a JavaScript caller may leave them out): said by name here
+  // rather than as a TypeError from deep inside the first step.
+  const augment = config.augment as Partial<AugmentOptions> | undefined;
+  if (typeof augment !== 'object' || augment === null || typeof augment.flips !== 'boolean' || typeof augment.rotations !== 'boolean') {
+    throw new TrainingError(`augment ${JSON.stringify(augment) ?? 'undefined'} must be {flips: boolean, rotations: boolean}`);
+  }
+  if (typeof config.schedule !== 'object' || config.schedule === null) {
+    throw new TrainingError(`schedule ${JSON.stringify(config.schedule) ?? 'undefined'} must be {kind, lr, ...} (a learning-rate schedule)`);
+  }
   try {
     checkSchedule(config.schedule);
   } catch (error) {
@@ -308,7 +322,10 @@ class JsonLog {
 
 /**
  * Trains (or, with hooks.resume, continues) a run in `outDir`. Resolves when the budget is
- * spent or, after hooks.signal fires, once the step in progress is done and `last` is saved.
+ * spent or, after hooks.signal fires, once the step in progress is done and `last` is saved
+ * (at once, with no step, when the signal had fired before the call). Rejects, before
+ * anything is written, a resume whose data is not the run's (other annotators, classes,
+ * channels or batches per epoch) or whose settings differ.
  * Holds the run folder's lock throughout (hooks.lock, or its own: see lockRunFolder), so a
  * second train() or `cmseg train` on the same folder fails with RunFolderBusyError.
  */
@@ -317,6 +334,10 @@ export async function train(outDir: string, config: TrainConfig, source: Trainin
   const method = methodDefinition(config.method);
   if (method.target === 'consensus' && !source.hasConsensus) {
     throw new TrainingError(`method '${config.method}' trains on the expert consensus, which this data set does not have`);
+  }
+  // Said before the lock is taken: taking it would make the folder of a mistyped outDir.
+  if (hooks.resume && !fs.existsSync(path.join(outDir, CHECKPOINT_LAST))) {
+    throw new TrainingError(`nothing to resume: ${path.join(outDir, CHECKPOINT_LAST)} does not exist`);
   }
   let ownLock: FileLock | undefined;
   if (hooks.lock) {
@@ -353,16 +374,36 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
     if (saved.state.batchesPerEpoch !== batchesPerEpoch) {
       throw new TrainingError(`cannot resume ${files.last}: the data gives ${batchesPerEpoch} batches per epoch, the run had ${saved.state.batchesPerEpoch}`);
     }
+    // The data must be the run's: a CM head is one annotator's, so other names (or an other
+    // order) would go on training each head on another annotator's labels without an error,
+    // and other classes would be read by a model of the checkpoint's classes.
+    const savedNames = saved.annotatorNames ?? [];
+    if (JSON.stringify(savedNames) !== JSON.stringify(annotatorNames)) {
+      throw new TrainingError(`cannot resume ${files.last} on other data: its annotators are ${savedNames.join(', ')}, the data's are ${annotatorNames.join(', ')}`);
+    }
     model = await loadCheckpoint(files.last);
+    const mc = model.config;
+    const found = { ndim: source.ndim, inChannels: source.channels, classes: source.classes };
+    const words = { ndim: 'spatial dimensions', inChannels: 'image channels', classes: 'classes' };
+    const wrong = (Object.keys(found) as (keyof typeof found)[]).filter((k) => mc[k] !== found[k]);
+    if (wrong.length) {
+      await model.dispose();
+      throw new TrainingError(`cannot resume ${files.last} on other data: ${wrong.map((k) => `${found[k]} ${words[k]} in the data, ${mc[k]} in the run`).join('; ')}`);
+    }
     state = saved.state;
     await log.truncateAfter(state.step);
-    log.write({ event: 'resume', step: state.step, epoch: state.epoch, batchInEpoch: state.batchInEpoch });
+    // A finished run's log keeps `end` as its last entry: resuming it again trains nothing.
+    if (state.step < totalSteps) log.write({ event: 'resume', step: state.step, epoch: state.epoch, batchInEpoch: state.batchInEpoch });
   } else {
     if (fs.existsSync(files.last)) {
       throw new TrainingError(`${outDir} already holds a run (${CHECKPOINT_LAST}); resume it or choose another output folder`);
     }
+    // A `best` without `last` is an earlier run's model (its `last` deleted to save space, say):
+    // a new run would delete it, so it is refused rather than lost.
+    if (fs.existsSync(files.best)) {
+      throw new TrainingError(`${outDir} holds ${CHECKPOINT_BEST} of an earlier run (without its ${CHECKPOINT_LAST}, so it cannot be resumed); move it away or choose another output folder`);
+    }
     fs.rmSync(files.log, { force: true });
-    fs.rmSync(files.best, { force: true });
     model = createRunModel(config, source);
     state = {
       epoch: 0,
@@ -387,7 +428,8 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
     annotatorNames,
     run,
   });
-  let lastSavedAt = -1;
+  // The step `last` holds: a resumed run's file already holds where it stands.
+  let lastSavedAt = hooks.resume ? state.step : -1;
   const save = async (kind: 'last' | 'best') => {
     const file = kind === 'last' ? files.last : files.best;
     await saveCheckpoint(model, file, extra() as unknown as Record<string, unknown>);
@@ -402,6 +444,17 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
   let status: TrainResult['status'] = 'completed';
   try {
     while (state.step < totalSteps) {
+      // The signal is looked at before every step, the first one included: a signal that
+      // fired before train() was called takes no step at all, and one that fired during a
+      // step (or the validation after it) stops once that step's epoch end is done. Either
+      // way train() resolves with status 'interrupted' and `last` holds the step it stopped
+      // at (step 0, the initial model, for a new run), so a resume continues exactly.
+      if (hooks.signal?.aborted) {
+        if (lastSavedAt !== state.step) await save('last');
+        log.write({ event: 'interrupted', step: state.step, epoch: state.epoch });
+        status = 'interrupted';
+        break;
+      }
       const { epoch, batchInEpoch: index } = state;
       const started = Date.now();
       const raw = await source.batch(epoch, index, config.batchSize, rootRng.fork(`batch ${epoch} ${index}`));
@@ -458,12 +511,6 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
         progress.epoch(state.step, { ...fields, epoch }, epochSeconds);
       } else if (config.checkpointEvery > 0 && state.step % config.checkpointEvery === 0) {
         await save('last');
-      }
-      if (hooks.signal?.aborted && state.step < totalSteps) {
-        if (lastSavedAt !== state.step) await save('last');
-        log.write({ event: 'interrupted', step: state.step, epoch: state.epoch });
-        status = 'interrupted';
-        break;
       }
     }
     if (status === 'completed' && state.step > startStep) log.write({ event: 'end', step: state.step, best: state.best });

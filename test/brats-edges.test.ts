@@ -45,3 +45,51 @@ t.test('a run whose cache was rebuilt with other annotators or labels: resume an
   t.match(single.stderr, /it holds single labels \(the run's: dense\); .*--rebuild --annotators over,under,wrong --labels dense/);
   t.equal((await cmseg(['eval', '--checkpoint', checkpoint, '--threads', '1'])).exitCode, 0, 'eval scores every annotator of a single-label cache');
 });
+
+t.test('a run whose cache moved: eval, predict and resume read the run\'s split where --data says', async (t) => {
+  t.equal((await cmseg(['phantom', 'brats', '--cases', '4', '--size', '32,32,24', '--out', 'mdata'])).exitCode, 0);
+  t.equal((await cmseg(['prepare', '--data', 'mdata', '--out', 'mcache', '--quiet'])).exitCode, 0);
+  const args = ['train', '--preset', 'brats3d', '--data', 'mcache', '--steps', '4', '--steps-per-epoch', '2', '--no-test', ...TINY];
+  // Interrupted after the first epoch, as Ctrl-C would: a run to resume later.
+  let sent = false;
+  const stopped = await runCli([...args.filter((a) => a !== '--quiet'), '--out', 'mrun'], dir, (chunk) => {
+    if (!sent && /epoch 1\//.test(chunk)) (sent = true), process.emit('SIGINT', 'SIGINT');
+  });
+  t.equal(stopped.exitCode, 130, stopped.stderr);
+  const checkpoint = path.join('mrun', 'last.safetensors');
+  const before = await cmseg(['eval', '--checkpoint', checkpoint, '--split', 'validation', '--threads', '1', '--out', 'before.json']);
+  t.equal(before.exitCode, 0, before.stderr);
+
+  fs.mkdirSync(path.join(dir, 'elsewhere'));
+  fs.renameSync(path.join(dir, 'mcache'), path.join(dir, 'elsewhere', 'mcache'));
+  const gone = await cmseg(['eval', '--checkpoint', checkpoint, '--threads', '1']);
+  t.equal(gone.exitCode, 1);
+  t.match(gone.stderr, /^cmseg: error: the run's cache \S+mcache is gone; if it moved, name its new place with --data \(eval and predict: with the --split to read from it\)\n$/);
+  // --split typed: the run's validation cases, read from the new place; the same scores as before the move.
+  const moved = await cmseg(['eval', '--checkpoint', checkpoint, '--data', 'elsewhere/mcache', '--split', 'validation', '--threads', '1', '--out', 'after.json']);
+  t.equal(moved.exitCode, 0, moved.stderr);
+  const metrics = (file: string) => JSON.parse(fs.readFileSync(path.join(dir, file), 'utf8')).metrics;
+  t.same(metrics('after.json'), metrics('before.json'), 'the run\'s validation split scored from the moved cache');
+  t.equal(JSON.parse(fs.readFileSync(path.join(dir, 'after.json'), 'utf8')).split, 'validation');
+  const predicted = await cmseg(['predict', '--checkpoint', checkpoint, '--data', 'elsewhere/mcache', '--split', 'validation', '--threads', '1', '--out', 'pred']);
+  t.equal(predicted.exitCode, 0, predicted.stderr);
+  const validation: string[] = JSON.parse(fs.readFileSync(path.join(dir, 'after.json'), 'utf8')).metrics.perCase.map((c: { id: string }) => c.id);
+  const consensusFiles = fs.readdirSync(path.join(dir, 'pred')).filter((f) => f.endsWith('_consensus.nii.gz'));
+  t.same(consensusFiles, validation.map((id) => `${id}_consensus.nii.gz`), 'a consensus for each validation case of the run');
+  // A folder of cases as released is no cache: --split cannot read a run's split from it.
+  const raw = await cmseg(['eval', '--checkpoint', checkpoint, '--data', 'mdata', '--split', 'test', '--threads', '1']);
+  t.equal(raw.exitCode, 1);
+  t.match(raw.stderr, /--split test reads the run's test cases from a cache made by cmseg prepare \(the run's, if it moved\); mdata is not one: leave out --split to score every case in it/);
+
+  // Resume from the new place: the run goes on and records where its cache is now.
+  const resumed = await cmseg(['train', '--out', 'mrun', '--resume', '--data', 'elsewhere/mcache', ...TINY.slice(-5)]);
+  t.equal(resumed.exitCode, 0, resumed.stderr);
+  t.match(resumed.stdout, /trained cm from step 2 to 4/);
+  const again = await cmseg(['eval', '--checkpoint', checkpoint, '--split', 'validation', '--threads', '1', '--out', 'resumed.json']);
+  t.equal(again.exitCode, 0, `the checkpoint names the moved cache: ${again.stderr}`);
+  // While the recorded cache is still there, another --data is a conflict, as before.
+  fs.cpSync(path.join(dir, 'elsewhere', 'mcache'), path.join(dir, 'copy'), { recursive: true });
+  const other = await cmseg(['train', '--out', 'mrun', '--resume', '--data', 'copy', ...TINY.slice(-5)]);
+  t.equal(other.exitCode, 1);
+  t.match(other.stderr, /--data copy \(the run reads the cache \S+elsewhere\/mcache\)/);
+});

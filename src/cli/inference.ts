@@ -8,6 +8,7 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import type { Command } from 'commander';
+import { cacheIndexPath } from '../data/cache';
 import { BRATS_CLASS_NAMES, BRATS_CLASSES, BRATS_CHANNELS, BRATS_GEOMETRY_TOLERANCE_MM, BRATS_MODALITIES } from '../data/brats';
 import type { LabelMapping } from '../data/image-folder';
 import { loadCheckpoint } from '../model/checkpoint';
@@ -53,7 +54,8 @@ export type DataTarget =
  * --split (an API checkpoint has none: an error asking for --data). With it: an image-folder
  * run's folder where it is now when --data is that folder, the recorded one is gone (it
  * moved) or --split is typed; otherwise new data: every image or case of --data (--split all
- * asks for that in any case). A BraTS run's --data is always new cases.
+ * asks for that in any case). A BraTS run's --data is new cases, unless --split is typed:
+ * then it is the run's cache where it is now, and the split is read from it.
  */
 export function dataTarget(info: CheckpointInfo, flags: { data?: string; split: string }, splitTyped: boolean, command: 'predict' | 'eval'): DataTarget {
   const { recipe, saved } = info;
@@ -83,6 +85,15 @@ export function dataTarget(info: CheckpointInfo, flags: { data?: string; split: 
         `--split ${command === 'eval' ? 'test|validation' : 'test|validation|train'} would read the run's split from it instead\n`,
     );
     return whole(dir);
+  }
+  // A BraTS run's split is a list of case ids: read from the cache --data names (the run's
+  // cache where it is now, if it moved) when --split asks for it; a folder of cases as they
+  // come from a release is new data.
+  if (recipe && saved && recipe.dataset.kind === 'brats' && splitTyped && flags.split !== 'all') {
+    if (!fs.existsSync(cacheIndexPath(dir))) {
+      throw new UserError(`--split ${flags.split} reads the run's ${flags.split} cases from a cache made by cmseg prepare (the run's, if it moved); ${displayPath(dir)} is not one: leave out --split to ${command === 'eval' ? 'score' : 'predict'} every case in it`);
+    }
+    return { kind: 'run', saved, recipe: { ...recipe, dataset: { ...recipe.dataset, cache: dir } } };
   }
   if (splitTyped && flags.split !== 'all') {
     throw new UserError(`--split ${flags.split} picks among a run's own images; --data ${displayPath(dir)} is ${recipe ? 'new data for this run' : 'data this checkpoint records no split of'}, ${command === 'eval' ? 'scored' : 'predicted'} whole: leave out --split`);

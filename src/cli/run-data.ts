@@ -12,6 +12,9 @@ export function loadRunData(dataset: DatasetSpec, seed: number, runtime?: Experi
   if (dataset.kind === 'folder' && dataset.root && !fs.existsSync(dataset.root)) {
     throw new UserError(`the run's image folder ${dataset.root} is gone; if it moved, name its new place with --data`);
   }
+  if (dataset.kind === 'brats' && dataset.cache && !fs.existsSync(dataset.cache)) {
+    throw new UserError(`the run's cache ${dataset.cache} is gone; if it moved, name its new place with --data (eval and predict: with the --split to read from it)`);
+  }
   try {
     return loadExperimentData(dataset, seed, runtime);
   } catch (error) {

@@ -76,6 +76,15 @@ t.test('a run whose cache moved: eval, predict and resume read the run\'s split 
   const validation: string[] = JSON.parse(fs.readFileSync(path.join(dir, 'after.json'), 'utf8')).metrics.perCase.map((c: { id: string }) => c.id);
   const consensusFiles = fs.readdirSync(path.join(dir, 'pred')).filter((f) => f.endsWith('_consensus.nii.gz'));
   t.same(consensusFiles, validation.map((id) => `${id}_consensus.nii.gz`), 'a consensus for each validation case of the run');
+  t.notMatch(predicted.stderr, /earlier prediction/, 'a fresh folder holds nothing earlier');
+  // Again into the same folder without probabilities or CMs: the earlier files are said, and kept.
+  const repeated = await cmseg(['predict', '--checkpoint', checkpoint, '--data', 'elsewhere/mcache', '--split', 'validation', '--threads', '1', '--out', 'pred', '--probs', 'none', '--no-cms']);
+  t.equal(repeated.exitCode, 0, repeated.stderr);
+  const id = validation[0];
+  // (--no-cms still writes each annotator's estimated labels, not its CM pictures.)
+  const earlier = [`${id}_cm-over.png`, `${id}_cm-under.png`, `${id}_cm-wrong.png`, `${id}_probs.nii.gz`];
+  t.match(repeated.stderr, `note: pred also holds 4 file(s) of an earlier prediction that this one did not write, left as they were: ${earlier.join(', ')}\n`);
+  for (const file of earlier) t.ok(fs.existsSync(path.join(dir, 'pred', file)), `${file} kept`);
   // A folder of cases as released is no cache: --split cannot read a run's split from it.
   const raw = await cmseg(['eval', '--checkpoint', checkpoint, '--data', 'mdata', '--split', 'test', '--threads', '1']);
   t.equal(raw.exitCode, 1);

@@ -144,6 +144,12 @@ t.test('an API 2D model on a plain folder of odd-sized PNGs: padded, no labels',
   t.match(readme, /annotators: annotator0, annotator1, annotator2, annotator3 \(the checkpoint records no names: its CM heads in order\)/);
   t.match(readme, /no consensus\/: no truth pictures/);
 
+  // The same folder again with names recorded: the earlier annotator0..3 pictures are said, and kept.
+  const named = await cli(['predict', '--checkpoint', 'api2d-named.safetensors', '--data', 'plain', '--out', 'pred-plain', '--no-cms']);
+  t.equal(named.exitCode, 0, named.stderr);
+  t.match(named.stderr, /^note: pred-plain also holds 24 file\(s\) of an earlier prediction that this one did not write, left as they were: scan-0-annotator-annotator0\.png, scan-0-annotator-annotator1\.png, scan-0-annotator-annotator2\.png, scan-0-annotator-annotator3\.png, \.\.\. \(20 more\)$/m);
+  t.ok(fs.existsSync(path.join(dir, 'pred-plain', 'scan-2-cm-annotator3.png')), 'kept');
+
   const ev = await cli(['eval', '--checkpoint', 'api2d.safetensors', '--data', 'plain']);
   t.equal(ev.exitCode, 1);
   t.match(ev.stderr, /^cmseg: error: plain has no consensus\/ and no labels\/<annotator>\/ maps of this model's annotators \(annotator0, annotator1, annotator2, annotator3\): eval needs a reference to score against \(cmseg predict draws predictions without one\)\n$/);

@@ -252,6 +252,7 @@ async function drawPictures(
   ].join('\n');
   const readmeFile = path.join(outDir, 'README.txt');
   await writeFileAtomic(readmeFile, Buffer.from(readme));
+  noteEarlierOutputs(outDir, written, /-(input|consensus|truth|sheet|annotator-.+|cm-.+)\.png$/);
   process.stdout.write(`wrote ${written.length} PNG files for ${count} ${words.what}\n`);
   printOutputs([
     ['pictures', outDir],
@@ -438,11 +439,25 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
   ].join('\n');
   const readmeFile = path.join(outDir, 'README.txt');
   await writeFileAtomic(readmeFile, Buffer.from(readme));
+  noteEarlierOutputs(outDir, [...volumes, ...pictures], /_(consensus|probs|annotator-.+)\.nii\.gz$|_(slice|cm-.+)\.png$/);
   process.stdout.write(`predicted ${ids.length} case(s) from ${list.from}: ${volumes.length} NIfTI volumes and ${pictures.length} PNG pictures (${brats ? `labels in BraTS ${[...namings].join('/')} numbering` : `labels: the model's class indices 0..${L - 1}`})\n`);
   printOutputs([
     ['volumes', outDir],
     ['legend', readmeFile],
   ]);
+}
+
+/**
+ * Files in `outDir` named like predict's outputs (`pattern`) that this run did not write: an
+ * earlier prediction's (another --probs, --no-cms, other annotators or images). They are
+ * left alone (they may be wanted), but said, so that the folder is not read as one run's.
+ */
+function noteEarlierOutputs(outDir: string, written: readonly string[], pattern: RegExp): void {
+  const ours = new Set(written.map((file) => path.basename(file)));
+  const earlier = fs.readdirSync(outDir).filter((name) => pattern.test(name) && !ours.has(name)).sort();
+  if (earlier.length === 0) return;
+  const shown = earlier.slice(0, 4).join(', ') + (earlier.length > 4 ? `, ... (${earlier.length - 4} more)` : '');
+  process.stderr.write(`note: ${displayPath(outDir)} also holds ${earlier.length} file(s) of an earlier prediction that this one did not write, left as they were: ${shown}\n`);
 }
 
 /** An annotator's name as a file-name part: anything but letters, digits, '.', '_' and '-' becomes '_'. */

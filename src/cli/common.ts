@@ -9,6 +9,11 @@ import { displayPath } from '../data/files';
 export { UserError } from '../errors';
 export { displayPath };
 
+/** Whether two lists of names are the same names in the same order (annotators: a CM head is one annotator's). */
+export function sameNames(a: readonly string[], b: readonly string[]): boolean {
+  return a.length === b.length && a.every((name, i) => name === b[i]);
+}
+
 export function parseInteger(min: number): (value: string) => number {
   return (value) => {
     const n = Number(value);

@@ -28,7 +28,7 @@ import { setNumThreads } from '../model/model';
 import { bratsText, evaluationText, referenceNote } from '../report/tables';
 import { type EvaluationSummary, evaluateAgainstMajority, evaluateModel, evaluateVolumes, fusedLabelRows, type VolumeScore } from '../train/evaluate';
 import type { SplitName } from '../train/experiment';
-import { choiceOption, displayPath, given, printOutputs, UserError, withExamples } from './common';
+import { choiceOption, displayPath, given, printOutputs, sameNames, UserError, withExamples } from './common';
 import {
   checkBratsModel,
   checkSameRunData,
@@ -211,7 +211,7 @@ async function evalWhole(flags: EvalFlags, info: InferenceInfo, target: Extract<
       scoresCms(info, flags) &&
       cacheAnnotators !== undefined &&
       cacheAnnotators.length === R &&
-      (!info.namesRecorded || cacheAnnotators.every((n, r) => n === info.annotatorNames[r]));
+      (!info.namesRecorded || sameNames(cacheAnnotators, info.annotatorNames));
     // Otherwise the CM figures would vanish from the report unexplained: say why.
     if (scoresCms(info, flags) && cacheAnnotators !== undefined && !annotators) {
       process.stderr.write(`note: the cache's annotators (${cacheAnnotators.join(', ')}) are not this model's (${info.annotatorNames.join(', ')}): only the consensus is scored\n`);

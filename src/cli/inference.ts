@@ -20,7 +20,7 @@ import { mirrored } from '../model/tta';
 import { type InferenceModel, paddedSize, paddedToDepth } from '../train/evaluate';
 import type { DatasetSpec, RunRecipe } from '../train/experiment';
 import type { TrainerExtra } from '../train/trainer';
-import { choiceOption, displayPath, parseInteger, parseNumber, UserError } from './common';
+import { choiceOption, displayPath, parseInteger, parseNumber, sameNames, UserError } from './common';
 
 /** The --device choices of eval and predict. */
 export const DEVICES: readonly Device[] = ['cpu', 'cuda', 'auto'];
@@ -143,7 +143,7 @@ export async function readInferenceInfo(files: readonly string[]): Promise<Infer
     );
   }
   const named = members.filter((m) => m.namesRecorded);
-  const differing = named.find((m) => m.annotatorNames.some((n, r) => n !== named[0].annotatorNames[r]));
+  const differing = named.find((m) => !sameNames(m.annotatorNames, named[0].annotatorNames));
   if (differing) {
     throw new UserError(
       `${name(differing)} and ${name(named[0])} name their annotators differently (${differing.annotatorNames.join(', ')} vs ${named[0].annotatorNames.join(', ')}): their CM heads cannot be averaged`,

@@ -5,7 +5,7 @@ import * as fs from 'fs';
 import { readCacheIndex } from '../data/cache';
 import { ImageFolderError } from '../data/image-folder';
 import { type DatasetSpec, type ExperimentData, type ExperimentRuntime, loadExperimentData } from '../train/experiment';
-import { UserError } from './common';
+import { sameNames, UserError } from './common';
 
 /** loadExperimentData, with one-line messages for an image folder that moved or does not fit the run. */
 export function loadRunData(dataset: DatasetSpec, seed: number, runtime?: ExperimentRuntime): ExperimentData {
@@ -34,7 +34,7 @@ export function checkRunCache(dataset: DatasetSpec, annotatorNames: readonly str
   if (dataset.kind !== 'brats' || !fs.existsSync(dataset.cache)) return; // a missing cache: loadRunData says so
   const index = readCacheIndex(dataset.cache);
   const changed: string[] = [];
-  if (index.names.length !== annotatorNames.length || index.names.some((n, r) => n !== annotatorNames[r])) {
+  if (!sameNames(index.names, annotatorNames)) {
     changed.push(`annotators ${index.names.join(', ')} (the run's: ${annotatorNames.join(', ')})`);
   }
   if (use === 'resume' && index.settings.mode !== dataset.labels) changed.push(`${index.settings.mode} labels (the run's: ${dataset.labels})`);

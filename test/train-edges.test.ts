@@ -240,3 +240,23 @@ t.test("a new run in a folder that holds an earlier run's best (its last deleted
   });
   t.ok(fs.readFileSync(first.files.best!).equals(best), 'best is left as it was');
 });
+
+t.test('consensus/ added to or taken from a run\'s folder after it started: --resume refuses (validation would switch reference)', async (t) => {
+  const root = path.join(dir, 'reference');
+  writeFolder(root, 10);
+  const args = ['train', '--preset', 'images', '--data', 'reference', '--steps', '1', '--depth', '2', '--base-channels', '2', '--no-test', '-q'];
+  const first = await runCli([...args, '--out', 'ref-vote'], dir);
+  t.equal(first.exitCode, 0, first.stderr);
+  fs.cpSync(path.join(root, 'labels/a'), path.join(root, 'consensus'), { recursive: true });
+  const added = await runCli(['train', '--out', 'ref-vote', '--resume', '-q'], dir);
+  t.equal(added.exitCode, 1);
+  t.match(added.stderr, /^cmseg: error: cannot resume: the run validated against its annotators' majority vote \(it had no consensus\/\), and reference now has consensus\/; .*move consensus\/ away to resume, or start a new run\n$/);
+  // Started with consensus/: taking it away is refused alike; put back, the run resumes.
+  const withConsensus = await runCli([...args, '--out', 'ref-consensus'], dir);
+  t.equal(withConsensus.exitCode, 0, withConsensus.stderr);
+  fs.renameSync(path.join(root, 'consensus'), path.join(dir, 'consensus-aside'));
+  const taken = await runCli(['train', '--out', 'ref-consensus', '--resume', '-q'], dir);
+  t.equal(taken.exitCode, 1);
+  t.match(taken.stderr, /the run validated against its consensus\/, and reference now has no consensus\/; .*restore consensus\/ to resume/);
+  t.equal((await runCli(['train', '--out', 'ref-vote', '--resume', '-q'], dir)).exitCode, 0, 'the first run resumes as it started');
+});

@@ -233,6 +233,7 @@ async function resolveResume(flags: TrainFlags, isGiven: Typed): Promise<Resolve
   }
   if (conflicts.length) throw new UserError(`cannot resume ${last} with different settings: ${conflicts.join('; ')}`);
   checkRunCache(recipe.dataset, saved.annotatorNames, 'resume');
+  checkFolderReference(recipe.dataset);
   return { config: saved.config, recipe, outDir };
 }
 
@@ -277,6 +278,22 @@ async function attachBratsData(dataset: BratsDatasetSpec, flags: TrainFlags, isG
 }
 
 /**
+ * consensus/ added to (or taken from) a run's image folder after the run started would switch
+ * validation from the majority vote to the consensus (or back) halfway: `best` would then
+ * compare scores against two references. (eval may score against either: it says which.)
+ */
+function checkFolderReference(dataset: DatasetSpec): void {
+  if (dataset.kind !== 'folder' || dataset.consensus === undefined) return;
+  const now = fs.existsSync(path.join(dataset.root, 'consensus'));
+  if (now === dataset.consensus) return;
+  const was = dataset.consensus ? 'its consensus/' : "its annotators' majority vote (it had no consensus/)";
+  throw new UserError(
+    `cannot resume: the run validated against ${was}, and ${displayPath(dataset.root)} now ${now ? 'has' : 'has no'} consensus/; ` +
+      `validation scores against two references would make best.safetensors meaningless: ${now ? 'move consensus/ away' : 'restore consensus/'} to resume, or start a new run`,
+  );
+}
+
+/**
  * A new image-folder run's data: the folder (--data), its annotators and the image split,
  * fixed now and saved in every checkpoint. Checks the layout and that the U-Net can take
  * the image size; reads only the first image (the whole folder is read when training starts).
@@ -303,6 +320,7 @@ function attachFolderData(dataset: FolderDatasetSpec, flags: TrainFlags, depth: 
   }
   dataset.root = root;
   dataset.annotators = scan.annotators;
+  dataset.consensus = scan.hasConsensus;
   dataset.labelMapping = resolveMapping(dataset.labelMapping, dataset.classes);
   try {
     dataset.splits = imageFolderSplits(scan.names, dataset.dataSeed);

@@ -104,6 +104,12 @@ export interface FolderDatasetSpec {
   dataSeed: number;
   /** Image file names per split, fixed when a run starts (imageFolderSplits); empty in a preset. */
   splits: CaseSplits;
+  /**
+   * Whether the folder had consensus/ when the run started, which decides what validation
+   * scores against (it, or the annotators' majority vote) and so what `best` means. Absent
+   * in a preset and in runs of cmseg versions that did not record it.
+   */
+  consensus?: boolean;
 }
 
 /** Every data set the CLI knows. */

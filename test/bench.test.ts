@@ -4,7 +4,7 @@ import t from 'tap';
 import { createModel } from '../src/index';
 import { stepConvFlops } from '../src/bench/flops';
 import { BENCH_CONFIGS, benchConfig, voxelsPerStep } from '../src/bench/configs';
-import { type BenchResult, formatBenchTable, machineInfo, runBench } from '../src/bench/run';
+import { type BenchResult, formatBenchTable, formatMachine, machineInfo, runBench } from '../src/bench/run';
 
 t.test('conv FLOPs of a tiny 2D model by hand', async (t) => {
   // depth 2, base 4, 1 input channel, L 2, R 1, one 8x8 image:
@@ -96,4 +96,10 @@ t.test('a rounds count that is not a whole number >= 1 is refused before anythin
   for (const rounds of [NaN, 0, -1, 1.5, Infinity]) {
     t.throws(() => runBench({ rounds, configs: ['mnist2d'], python: '/nonexistent/python' }), RangeError, `rounds ${rounds}`);
   }
+});
+
+t.test('the machine line names the PyTorch version, or says that PyTorch did not run', async (t) => {
+  const result = (torch?: string): BenchResult => ({ config: 'mnist2d', shape: [16, 1, 32, 32], threads: 2, peakGflopPerSecond: 100, stepGflop: 1, machine: machineInfo(torch) });
+  t.match(formatMachine([result('2.9.0')]), /; PyTorch 2\.9\.0; 2 threads on both sides;/);
+  t.match(formatMachine([result()]), /; PyTorch not run; 2 threads on both sides;/);
 });

@@ -256,5 +256,5 @@ export function formatBenchTable(results: BenchResult[]): string {
 export function formatMachine(results: BenchResult[]): string {
   const m = results[0]?.machine ?? machineInfo();
   const r = results[0];
-  return `${m.cpu}, ${m.cores} cores, ${m.memoryGB} GiB, ${m.os}; Node ${m.node}; PyTorch ${m.torch ?? '?'}; ${r?.threads ?? '?'} threads on both sides; measured FP32 peak ${f(r?.peakGflopPerSecond, 1)} GFLOP/s; ${m.date}`;
+  return `${m.cpu}, ${m.cores} cores, ${m.memoryGB} GiB, ${m.os}; Node ${m.node}; PyTorch ${m.torch ?? 'not run'}; ${r?.threads ?? '?'} threads on both sides; measured FP32 peak ${f(r?.peakGflopPerSecond, 1)} GFLOP/s; ${m.date}`;
 }

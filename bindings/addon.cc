@@ -51,7 +51,10 @@ Napi::Value SetNumThreads(const Napi::CallbackInfo& info) {
   const double d = info[0].As<Napi::Number>().DoubleValue();
   if (!(d >= 1 && d <= cmseg::kMaxThreads && d == std::floor(d)))
     throw_invalid(env, "setNumThreads expects " + range + ", got " + number_text(d));
-  cmseg::set_num_threads((int)d);  // may start fewer when the system refuses threads: see backendInfo().threads
+  // May start fewer when the system refuses threads: see backendInfo().threads.
+  if (const int running = cmseg::try_set_num_threads((int)d))
+    throw_invalid(env, "setNumThreads: " + std::to_string(running) +
+                           " native call(s) (trainStep, predict, fuse, ...) still running; await them first");
   return env.Undefined();
 }
 

@@ -1,6 +1,6 @@
 // fuse(maps, options): label fusion baselines (mean, majority vote, STAPLE,
 // multi-label STAPLE, spatial STAPLE) on one image or volume, off the main
-// thread. Maps are read in place; results come back as typed arrays.
+// thread. Maps are copied (FusionJob::held says why); results come back as typed arrays.
 #include "fusion_wrap.h"
 
 #include <memory>
@@ -28,6 +28,11 @@ Napi::Float64Array to_f64(Napi::Env env, const std::vector<double>& v) {
 struct FusionJob {
   std::string method;
   cmseg::FusionInput input;
+  // Copies of the raters' maps that input.raters points into. A map's buffer may be
+  // transferred (postMessage, structuredClone) while the worker thread reads it, and its
+  // memory freed with its new owner: a segfault. A map is one byte a voxel, against the
+  // several floats a voxel that every method but the majority vote allocates itself.
+  std::vector<std::vector<uint8_t>> held;
   int undecided = -1;
   cmseg::StapleOptions staple;
   cmseg::MultiLabelStapleOptions multi;
@@ -123,7 +128,7 @@ Napi::Value Fuse(const Napi::CallbackInfo& info) {
   if (m != "mean" && m != "mode" && m != "staple" && m != "multi-staple" && m != "spatial-staple")
     throw_invalid(env, "fuse: unknown method '" + m + "' (expected mean, mode, staple, multi-staple or spatial-staple)");
   job->input.L = get_int(env, o, "classes", 2, "fuse options");
-  std::vector<Napi::Value> keep;
+  job->held.reserve(maps.Length());  // no reallocation: input.raters point into the copies
   int64_t V = -1;
   for (uint32_t r = 0; r < maps.Length(); ++r) {
     Napi::Value v = maps.Get(r);
@@ -134,10 +139,13 @@ Napi::Value Fuse(const Napi::CallbackInfo& info) {
     const std::string what = "fuse: maps[" + std::to_string(r) + "]";
     Napi::Uint8Array a = expect_u8(env, v, what.c_str(), V);
     V = (int64_t)a.ElementLength();
-    job->input.raters.push_back(a.Data());
-    keep.push_back(a);
+    job->held.emplace_back();
+    guard(env, [&] { job->held.back().assign(a.Data(), a.Data() + a.ElementLength()); });
+    job->input.raters.push_back(job->held.back().data());
   }
   if (V < 0) throw_invalid(env, "fuse: no rater map given (every entry is null)");
+  // (An empty copy's data() may be null, which the core reads as an absent rater.)
+  if (V == 0) throw_invalid(env, "fuse: the maps are empty (0 voxels): nothing to fuse");
   job->input.V = V;
   if (!o.Get("shape").IsUndefined()) job->input.extent = expect_int_array(env, o.Get("shape"), "fuse options.shape");
   // The core's own message speaks of its `extent` field; a JS caller passes `shape`.
@@ -175,7 +183,6 @@ Napi::Value Fuse(const Napi::CallbackInfo& info) {
   guard(env, [&] { cmseg::validate_fusion_input(job->input, ("fuse (" + m + ")").c_str()); });
 
   auto* w = new PromiseWorker(env, nullptr, [job] { job->run(); }, [job](Napi::Env e) { return job->result(e); });
-  for (auto& k : keep) w->keep(k);
   w->Queue();
   return w->promise();
 }

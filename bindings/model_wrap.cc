@@ -1,6 +1,6 @@
 // The native Model as a JS class. Long work (trainStep, computeGradients,
-// evaluate, predict) runs in a Napi::AsyncWorker and returns a Promise; the
-// typed arrays it reads or fills are referenced, not copied, for the duration.
+// evaluate, predict) runs in a Napi::AsyncWorker and returns a Promise; a GPU model's
+// inputs are referenced, not copied, for the duration; a CPU model's are copied (HeldInputs).
 #include "model_wrap.h"
 
 #include <cmath>
@@ -154,6 +154,27 @@ Napi::Object step_result(Napi::Env env, const cmseg::StepResult& r) {
   return o;
 }
 
+// The inputs of one async call, copied for a CPU model. A typed array is a view of an
+// ArrayBuffer whose memory moves to another when the buffer is transferred
+// (postMessage, structuredClone): the view then reads as empty, and the memory is freed
+// with its new owner, while the worker thread may still be reading it (a segfault, not an
+// error). Holding a reference to the view does not prevent that. A CPU call reads its
+// inputs for seconds and copies them in milliseconds (the images are C floats a voxel
+// against the forward pass's 6 * baseChannels and more), so it works on copies. A GPU
+// model reads them in place (uploaded at the start of the call; a copy there would cost a
+// visible part of a step): its inputs must not be transferred until the Promise settles.
+struct HeldInputs {
+  std::vector<float> images, soft_target;
+  std::vector<uint8_t> present, target;
+  std::vector<std::vector<uint8_t>> labels;
+};
+
+template <class T>
+const T* hold(std::vector<T>& into, const T* data, size_t count) {
+  into.assign(data, data + count);
+  return into.data();
+}
+
 }  // namespace
 
 Napi::Function ModelWrap::Define(Napi::Env env) {
@@ -287,6 +308,21 @@ Napi::Value ModelWrap::RunBatch(const Napi::CallbackInfo& info, Mode mode) {
       keep.push_back(p);
     }
   }
+  auto held = std::make_shared<HeldInputs>();
+  if (c.device == cmseg::Device::Cpu) {  // copies the call owns (HeldInputs says why)
+    guard(env, [&] {  // bad_alloc -> a CMSEG_OUT_OF_MEMORY rejection, not std::terminate
+      const size_t V = (size_t)NV;
+      batch->images = hold(held->images, batch->images, V * c.in_channels);
+      for (auto& l : batch->labels) {
+        held->labels.emplace_back();
+        l = hold(held->labels.back(), l, V);
+      }
+      if (batch->present) batch->present = hold(held->present, batch->present, (size_t)im.n * c.annotators);
+      if (batch->target) batch->target = hold(held->target, batch->target, V);
+      if (batch->soft_target) batch->soft_target = hold(held->soft_target, batch->soft_target, V * c.classes);
+    });
+    keep.clear();
+  }
   auto result = std::make_shared<cmseg::StepResult>();
   auto* w = new PromiseWorker(
       env, &busy_,
@@ -297,6 +333,7 @@ Napi::Value ModelWrap::RunBatch(const Napi::CallbackInfo& info, Mode mode) {
           *result = model->compute_gradients(*batch);
         else
           *result = model->evaluate(*batch);
+        (void)held;  // the copies live as long as the call
       },
       [=](Napi::Env e) { return step_result(e, *result); });
   for (auto& k : keep) w->keep(k);
@@ -346,6 +383,16 @@ Napi::Value ModelWrap::Predict(const Napi::CallbackInfo& info) {
                       " elements (" + gib_text(counts[k] * sizeof(float)) +
                       "), more than one Float32Array can hold (2^32)" + advice,
                   "CMSEG_OUT_OF_MEMORY");
+  // The outputs and the forward pass's maps are held at once (a CPU model): each may fit
+  // while both do not, and the outputs are written last, when Linux would kill the process.
+  const double forward = model->host_bytes_lower_bound(im.n, im.s, false, want_cms || want_q);
+  if (ram > 0 && forward > 0 && total_bytes + forward > ram)
+    throw_error(env,
+                "a prediction on " + std::to_string(im.n) + " image(s) of " + std::to_string(im.s.d) + "x" +
+                    std::to_string(im.s.h) + "x" + std::to_string(im.s.w) + " needs more than " +
+                    gib_text(total_bytes + forward) + " (outputs " + gib_text(total_bytes) + ", forward pass " +
+                    gib_text(forward) + "), more than this machine's " + gib_text(ram) + " of memory" + advice,
+                "CMSEG_OUT_OF_MEMORY");
   auto out = std::make_shared<std::array<HostBuffer, 3>>();
   for (int k = 0; k < 3; ++k) {
     if (counts[k] == 0) continue;
@@ -358,10 +405,17 @@ Napi::Value ModelWrap::Predict(const Napi::CallbackInfo& info) {
   float* cp = (*out)[1].data;
   float* qp = (*out)[2].data;
   const float* img = im.images.Data();
+  // A CPU model predicts from a copy (HeldInputs says why).
+  auto held = std::make_shared<HeldInputs>();
+  const bool copy = c.device == cmseg::Device::Cpu;
+  if (copy) img = guard(env, [&] { return hold(held->images, img, (size_t)im.n * c.in_channels * im.s.size()); });
   const cmseg::Spatial s = im.s;
   const int nn = im.n;
   auto* w = new PromiseWorker(
-      env, &busy_, [=] { model->predict(img, nn, s, pp, cp, qp); },
+      env, &busy_, [=] {
+        (void)held;
+        model->predict(img, nn, s, pp, cp, qp);
+      },
       [=](Napi::Env e) {
         Napi::Object o = Napi::Object::New(e);
         o.Set("probs", adopt(e, (*out)[0]));
@@ -369,7 +423,7 @@ Napi::Value ModelWrap::Predict(const Napi::CallbackInfo& info) {
         if (want_q) o.Set("annotatorProbs", adopt(e, (*out)[2]));
         return o;
       });
-  w->keep(im.images);
+  if (!copy) w->keep(im.images);
   w->keep(info.This());
   busy_ = true;
   w->Queue();

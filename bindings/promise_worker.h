@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "args.h"
+#include "cmseg/threads.hpp"
 
 namespace cmseg_js {
 
@@ -16,7 +17,10 @@ class PromiseWorker : public Napi::AsyncWorker {
  public:
   PromiseWorker(Napi::Env env, bool* busy, std::function<void()> work, std::function<Napi::Value(Napi::Env)> result)
       : Napi::AsyncWorker(env, "cmseg"), deferred_(Napi::Promise::Deferred::New(env)), busy_(busy),
-        work_(std::move(work)), result_(std::move(result)) {}
+        work_(std::move(work)), result_(std::move(result)) {
+    cmseg::begin_pool_call();  // setNumThreads is refused until this call is done (cmseg/threads.hpp)
+  }
+  ~PromiseWorker() override { cmseg::end_pool_call(); }
 
   void keep(const Napi::Value& v) { refs_.push_back(Napi::Persistent(v.As<Napi::Object>())); }
   Napi::Promise promise() { return deferred_.Promise(); }
@@ -30,20 +34,30 @@ class PromiseWorker : public Napi::AsyncWorker {
       SetError(describe_exception(e));
     }
   }
+  // Neither may throw: in a worker thread being terminated the call completes during the
+  // thread's teardown, where no JS can run and every napi call fails; an exception out of
+  // here would then be rethrown by node-addon-api where nothing catches it, and
+  // std::terminate would abort the whole process. There is nobody left to settle for.
   void OnOK() override {
     if (busy_) *busy_ = false;
     Napi::Env env = Env();
     try {
-      deferred_.Resolve(result_(env));
-    } catch (const Napi::Error& e) {
-      deferred_.Reject(e.Value());
+      try {
+        deferred_.Resolve(result_(env));
+      } catch (const Napi::Error& e) {
+        deferred_.Reject(e.Value());
+      }
+    } catch (const Napi::Error&) {
     }
   }
   void OnError(const Napi::Error& e) override {
     if (busy_) *busy_ = false;
-    Napi::Error err = Napi::Error::New(Env(), e.Message());
-    err.Set("code", Napi::String::New(Env(), code_));
-    deferred_.Reject(err.Value());
+    try {
+      Napi::Error err = Napi::Error::New(Env(), e.Message());
+      err.Set("code", Napi::String::New(Env(), code_));
+      deferred_.Reject(err.Value());
+    } catch (const Napi::Error&) {
+    }
   }
 
  private:

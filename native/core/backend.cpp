@@ -1,6 +1,9 @@
 #include "cmseg/backend.hpp"
 
 #include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
 #if !defined(_WIN32)
 #include <unistd.h>
 #endif
@@ -53,12 +56,66 @@ BackendInfo backend_info() {
   return b;
 }
 
+double cgroup_memory_limit(const std::string& proc_cgroup,
+                           const std::function<bool(const std::string& path, std::string& text)>& read) {
+  double limit = 0;
+  // Every limit file of `dir` and its ancestors up to the mount's root: the smallest
+  // counts. In a container without a cgroup namespace the path is the host's and only the
+  // mount's root (the container's own cgroup) exists.
+  auto visit = [&](const std::string& mount, std::string dir, const char* file) {
+    for (;;) {
+      std::string text;
+      if (read(mount + dir + "/" + file, text)) {
+        char* end = nullptr;
+        const double v = std::strtod(text.c_str(), &end);
+        // "max" (v2) does not parse; v1's unlimited is 2^63 rounded down to a page.
+        if (end != text.c_str() && v > 0 && v < 4.6e18 && (limit == 0 || v < limit)) limit = v;
+      }
+      if (dir.empty()) break;
+      const size_t slash = dir.rfind('/');
+      dir.erase(slash == std::string::npos ? 0 : slash);
+    }
+  };
+  std::istringstream lines(proc_cgroup);
+  std::string line;
+  while (std::getline(lines, line)) {
+    // "hierarchy-id:controllers:path"; v2's line is "0::path".
+    const size_t a = line.find(':'), b = a == std::string::npos ? a : line.find(':', a + 1);
+    if (b == std::string::npos) continue;
+    const std::string controllers = "," + line.substr(a + 1, b - a - 1) + ",";
+    std::string path = line.substr(b + 1);
+    if (path == "/") path.clear();
+    if (path.size() > 1 && path.back() == '/') path.pop_back();
+    if (controllers == ",,")
+      visit("/sys/fs/cgroup", path, "memory.max");
+    else if (controllers.find(",memory,") != std::string::npos)
+      visit("/sys/fs/cgroup/memory", path, "memory.limit_in_bytes");
+  }
+  return limit;
+}
+
 double physical_memory_bytes() {
+  double ram = 0;
 #if defined(_SC_PHYS_PAGES) && defined(_SC_PAGESIZE)
   const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
-  if (pages > 0 && page > 0) return (double)pages * (double)page;
+  if (pages > 0 && page > 0) ram = (double)pages * (double)page;
 #endif
-  return 0;
+#if defined(__linux__)
+  static const double cgroup = [] {  // fixed for the process's life, read once
+    auto read = [](const std::string& path, std::string& text) {
+      std::ifstream f(path);
+      if (!f) return false;
+      std::ostringstream s;
+      s << f.rdbuf();
+      text = s.str();
+      return true;
+    };
+    std::string self;
+    return read("/proc/self/cgroup", self) ? cgroup_memory_limit(self, read) : 0.0;
+  }();
+  if (cgroup > 0 && (ram == 0 || cgroup < ram)) ram = cgroup;
+#endif
+  return ram;
 }
 
 std::string gib_text(double bytes) {

@@ -167,6 +167,28 @@ Pool& pool() {
 int num_threads() { return pool().size(); }
 void set_num_threads(int n) { pool().resize(n); }
 
+namespace {
+std::mutex calls_mu;  // orders a resize against calls starting (threads.hpp)
+int calls_in_flight = 0;
+}  // namespace
+
+void begin_pool_call() {
+  std::lock_guard<std::mutex> lk(calls_mu);
+  ++calls_in_flight;
+}
+
+void end_pool_call() {
+  std::lock_guard<std::mutex> lk(calls_mu);
+  --calls_in_flight;
+}
+
+int try_set_num_threads(int n) {
+  std::lock_guard<std::mutex> lk(calls_mu);  // no call starts while the pool is resized
+  if (calls_in_flight > 0) return calls_in_flight;
+  pool().resize(n);
+  return 0;
+}
+
 void parallel_for(int64_t items, const std::function<void(int64_t, int)>& fn) { pool().run(items, fn); }
 
 int static_parts(int64_t items) {

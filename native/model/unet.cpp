@@ -284,9 +284,12 @@ void Model::validate_images(const float* images, int n, Spatial s) const {
   const int m = 1 << (c.depth - 1);
   const int dims[3] = {s.d, s.h, s.w};
   const char* names[3] = {"depth", "height", "width"};
-  for (int i = c.ndim == 3 ? 0 : 1; i < 3; ++i)
-    if (dims[i] < 1 || dims[i] % m != 0)
+  for (int i = c.ndim == 3 ? 0 : 1; i < 3; ++i) {
+    // 0 is divisible by anything: an empty axis needs its own message.
+    if (dims[i] < 1) fail("spatial ", names[i], " is ", dims[i], "; every spatial size must be >= 1");
+    if (dims[i] % m != 0)
       fail("spatial ", names[i], " ", dims[i], " is not divisible by 2^(depth-1) = ", m, " (depth ", c.depth, ")");
+  }
   // Instance norm over a single position is degenerate (zero variance: its output
   // is beta plus rounding noise, and so are the gradients through it); PyTorch
   // refuses it too.
@@ -466,33 +469,39 @@ void block_backward(std::vector<Param>& P, const Block& b, const float* x, int n
 namespace {
 
 // A lower bound of the host memory a CPU call on n images of size s holds at once
-// (bytes). By this count a step with the backward keeps every level's block activations
-// (4 maps of its width), the decoder's concatenations (2 more), the segmentation logits and
-// their gradient, and, for the CM loss, the heads' outputs (their gradients are written
-// over them); a forward pass at least the top level's output and the logits. Half of that
-// is claimed: the real figure is higher (scratch, oneDNN's padded blocks, up-convolution
-// outputs), and the check only has to catch requests that cannot fit, which Linux's
-// overcommit would let start and then kill mid-step, never refuse one that fits.
-double step_bytes_lower_bound(const ModelConfig& c, int n, Spatial s, bool backward, bool cm_loss) {
-  const double V0 = (double)s.size(), L = c.classes;
-  const double heads = !cm_loss || c.cm_mode == CmMode::Global
-                           ? 0.0
-                           : (double)c.annotators * cm_head_channels(c.cm_mode, c.classes, c.cm_rank);
+// (bytes): buffers that run() grows and keeps until it returns, counted at their sizes, so
+// that a request above the machine's memory is refused before any page is touched (Linux's
+// overcommit would grant each buffer and kill the process mid-step), and one that fits is
+// never refused. The real figure is higher (scratch, oneDNN's workspaces, deeper levels).
+// - With the backward: every level's block activations (4 maps of its width), the
+//   decoder's caches and concatenations (6 more), the segmentation logits and their
+//   gradient, the CM heads' outputs (their gradients are written over them) and their
+//   extra blocks' activations.
+// - Forward only (evaluate, predict): at level 0 the block's two scratch maps and its
+//   output, the skip (the first encoder block's output) and, with a decoder, the
+//   concatenation (2 maps; it also holds the heads' plain features); the logits; and the
+//   CM heads' outputs with their extra blocks' outputs when the heads run.
+// heads: whether the pixel-wise CM heads run (CM loss or a prediction of CMs / q_r).
+double step_bytes_lower_bound(const ModelConfig& c, int n, Spatial s, bool backward, bool heads) {
+  const double V0 = (double)s.size(), L = c.classes, C0 = c.base;
+  const bool pixel_cm = heads && c.cm_mode != CmMode::Global;
+  const double head_maps = pixel_cm ? (double)c.annotators * cm_head_channels(c.cm_mode, c.classes, c.cm_rank) : 0.0;
   double floats = 0;
   if (backward) {
     for (int k = 0; k < c.depth; ++k) {
       const double Vk = V0 / std::pow(2.0, k * c.ndim), ck = (double)(c.base << k);
       floats += 4 * ck * Vk + (k + 1 < c.depth ? 6 * ck * Vk : 0.0);
     }
-    floats += (2 * L + heads) * V0;
+    // Each annotator's extra CM blocks keep their 4 maps of width C0 for the backward.
+    floats += (2 * L + head_maps + (pixel_cm ? 4.0 * c.annotators * c.cm_head_blocks * C0 : 0.0)) * V0;
   } else {
-    floats += (c.base + L) * V0;
+    floats += ((c.depth > 1 ? 6 : 3) * C0 + L + head_maps + (pixel_cm ? c.cm_head_blocks * C0 : 0.0)) * V0;
   }
-  return 0.5 * floats * n * sizeof(float);
+  return floats * n * sizeof(float);
 }
 
-void check_host_memory(const ModelConfig& c, int n, Spatial s, bool backward, bool cm_loss) {
-  const double need = step_bytes_lower_bound(c, n, s, backward, cm_loss), ram = physical_memory_bytes();
+void check_host_memory(const ModelConfig& c, int n, Spatial s, bool backward, bool heads) {
+  const double need = step_bytes_lower_bound(c, n, s, backward, heads), ram = physical_memory_bytes();
   if (ram > 0 && need > ram)
     throw OutOfMemory(str(backward ? "a training step" : "a forward pass", " on ", n, " image(s) of ", s.d, "x", s.h, "x", s.w,
                           " needs more than ", gib_text(need), ", more than this machine's ", gib_text(ram),
@@ -501,18 +510,26 @@ void check_host_memory(const ModelConfig& c, int n, Spatial s, bool backward, bo
 
 }  // namespace
 
-StepResult Model::run(const Batch& batch, bool backward, bool loss) {
+double Model::host_bytes_lower_bound(int n, Spatial s, bool backward, bool heads) const {
+  return gpu_ ? 0.0 : step_bytes_lower_bound(config_, n, s, backward, heads);
+}
+
+StepResult Model::run(const Batch& batch, bool backward, bool loss, bool cm_heads) {
   if (gpu_) return run_device(batch, backward);  // Device::Cuda (model_device.cpp)
   if (loss)
     validate(batch);
   else
     validate_images(batch.images, batch.n, batch.s);  // predict: no labels are read
-  check_host_memory(config_, batch.n, batch.s, backward, loss && !batch.target && !batch.soft_target);
+  const bool plain_ce = batch.target || batch.soft_target;
+  // The pixel-wise CM heads run for the CM loss, and for a prediction only when it returns
+  // CMs or q_r: R * K channels a pixel that a consensus-only prediction would compute and hold
+  // for nothing (64 annotators x 16 classes: 64 KiB a pixel).
+  const bool run_heads = loss ? !plain_ce : cm_heads;
+  check_host_memory(config_, batch.n, batch.s, backward, run_heads);
   Impl& m = *impl_;
   const ModelConfig& c = config_;
   auto& P = params_;
   const int n = batch.n, D = c.depth, L = c.classes, R = c.annotators, nd = c.ndim;
-  const bool plain_ce = batch.target || batch.soft_target;
   const int K = cm_head_channels(c.cm_mode, L, c.cm_rank);
   m.n = n;
   const Trunk t = Trunk::choose(c);
@@ -578,7 +595,7 @@ StepResult Model::run(const Batch& batch, bool backward, bool loss) {
   heads[0].cout = L, heads[0].w = P[m.seg_w].value.data(), heads[0].b = P[m.seg_b].value.data();
   heads[0].y = m.seg_logits.data();
   std::vector<const float*> head_in(R, feat);  // plain, for the 1x1 heads
-  if (!plain_ce && pixel_cm) {
+  if (run_heads && pixel_cm) {
     m.cm_raw.resize(R);
     m.cmb_c.resize((size_t)R * B);
     m.head_plain.resize(R);
@@ -776,7 +793,7 @@ void Model::predict(const float* images, int n, Spatial s, float* probs, float* 
   // The forward and heads only: no labels, no loss.
   Batch b;
   b.n = n, b.s = s, b.images = images;
-  run(b, false, false);
+  run(b, false, false, cms || annotator_probs);
   Impl& m = *impl_;
   const int64_t V = s.size();
   softmax_forward(m.seg_logits.data(), probs, n, L, V);

@@ -17,6 +17,7 @@
 #include <map>
 
 #include "check.hpp"
+#include "cmseg/backend.hpp"
 #include "cmseg/error.hpp"
 #include "cmseg/model.hpp"
 #include "cmseg/onednn.hpp"
@@ -541,6 +542,43 @@ TEST(thread_pool_survives_refused_threads) {
   CHECK(sum.load() == 999 * 1000 / 2);
   set_num_threads(before);
   CHECK(num_threads() == before);
+#endif
+}
+
+// A container's or batch job's memory limit (cgroups) is the memory a request must fit,
+// not the host's: past it the kernel kills the process as it would past the RAM. The
+// limit is the smallest of the process's cgroup and its ancestors, v2 (memory.max) and
+// v1 (memory.limit_in_bytes); "max" and v1's huge "unlimited" value are no limit.
+TEST(cgroup_memory_limit_reads_v1_and_v2_with_ancestors) {
+  std::map<std::string, std::string> files;
+  auto read = [&](const std::string& path, std::string& out) {
+    auto it = files.find(path);
+    if (it == files.end()) return false;
+    out = it->second;
+    return true;
+  };
+  // v2: the job's own limit is "max", its parent's 8 GiB.
+  files = {{"/sys/fs/cgroup/job/step/memory.max", "max\n"}, {"/sys/fs/cgroup/job/memory.max", "8589934592\n"}};
+  CHECK(cgroup_memory_limit("0::/job/step\n", read) == 8589934592.0);
+  // v2 in a container (cgroup namespace): "/" and the mount's own file.
+  files = {{"/sys/fs/cgroup/memory.max", "2147483648\n"}};
+  CHECK(cgroup_memory_limit("0::/\n", read) == 2147483648.0);
+  // v1: the memory controller's line; unlimited is 2^63 rounded to pages.
+  files = {{"/sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes", "9223372036854771712\n"},
+           {"/sys/fs/cgroup/memory/docker/memory.limit_in_bytes", "4294967296\n"}};
+  CHECK(cgroup_memory_limit("12:pids:/docker/abc\n4:memory:/docker/abc\n0::/\n", read) == 4294967296.0);
+  // v1 in a container without a cgroup namespace: the path is the host's, the mount the container's.
+  files = {{"/sys/fs/cgroup/memory/memory.limit_in_bytes", "1073741824\n"}};
+  CHECK(cgroup_memory_limit("5:cpuacct,memory:/docker/abc\n", read) == 1073741824.0);
+  // No limit anywhere, or no cgroup file at all: 0.
+  files = {{"/sys/fs/cgroup/memory.max", "max\n"}, {"/sys/fs/cgroup/memory/memory.limit_in_bytes", "9223372036854771712\n"}};
+  CHECK(cgroup_memory_limit("0::/\n4:memory:/\n", read) == 0.0);
+  files = {};
+  CHECK(cgroup_memory_limit("0::/user.slice\n", read) == 0.0);
+  CHECK(cgroup_memory_limit("", read) == 0.0);
+  // physical_memory_bytes() never exceeds the host's RAM and is positive on Linux.
+#if defined(__linux__)
+  CHECK(physical_memory_bytes() > 0);
 #endif
 }
 

@@ -89,20 +89,26 @@ export class Model {
 
   /** Forward, loss, backward and one optimiser update. */
   trainStep(batch: Batch): Promise<StepResult> {
-    return this.enqueue(() => this.native.trainStep(this.toNative(batch)));
+    const given = snapshotBatch(batch);
+    return this.enqueue(() => this.native.trainStep(this.toNative(given)));
   }
 
   /** Forward, loss and backward into the gradients (see getGradients), without an update. */
   computeGradients(batch: Batch): Promise<StepResult> {
-    return this.enqueue(() => this.native.computeGradients(this.toNative(batch)));
+    const given = snapshotBatch(batch);
+    return this.enqueue(() => this.native.computeGradients(this.toNative(given)));
   }
 
   /** Forward and loss only. */
   evaluate(batch: Batch): Promise<StepResult> {
-    return this.enqueue(() => this.native.evaluate(this.toNative(batch)));
+    const given = snapshotBatch(batch);
+    return this.enqueue(() => this.native.evaluate(this.toNative(given)));
   }
 
   predict(images: Float32Array, shape: number[], options: PredictOptions = {}): Promise<Prediction> {
+    // The call runs in its turn: the shape and options as given now (see snapshotBatch).
+    shape = Array.isArray(shape) ? [...shape] : shape;
+    options = options !== null && typeof options === 'object' && !Array.isArray(options) ? { ...options } : options;
     return this.enqueue(async () => {
       const out = await this.native.predict(images, shape, options);
       const { classes: L, annotators: R } = this.config;
@@ -244,6 +250,27 @@ export class Model {
     return { ...rest, labels: splitAnnotatorMaps(labels, this.config.annotators) };
   }
 }
+
+/**
+ * A queued call runs in its turn, after the calls before it: it must see the batch as it was
+ * given, not what the caller's object holds by then (a batch object or a shape array reused
+ * for the next call would otherwise hand the earlier call the later labels, silently). The
+ * object, its shape and its list of label maps are copied now; the typed arrays are not
+ * (read in place: README, "Calls, errors and memory"). Anything else is passed on as it is,
+ * for the native side to reject in the call's turn.
+ */
+function snapshotBatch(batch: Batch): Batch {
+  if (batch === null || typeof batch !== 'object' || Array.isArray(batch)) return batch;
+  // Own keys as they are (the native side names unknown ones); the batch fields read as the
+  // native side reads them, getters and prototypes included (a class instance as a batch).
+  const copy: Record<string, unknown> = { ...batch };
+  for (const key of BATCH_FIELDS) if (batch[key] !== undefined) copy[key] = batch[key];
+  if (Array.isArray(copy.shape)) copy.shape = [...copy.shape];
+  if (Array.isArray(copy.labels)) copy.labels = [...copy.labels];
+  return copy as unknown as Batch;
+}
+
+const BATCH_FIELDS = ['images', 'shape', 'labels', 'present', 'target', 'softTarget'] as const;
 
 /** The error of any call after dispose(), with the code the native side gives it too. */
 function disposedError(message: string): Error {

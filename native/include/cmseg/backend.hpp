@@ -1,5 +1,6 @@
 // Which backends this build of the native library contains.
 #pragma once
+#include <functional>
 #include <string>
 
 namespace cmseg {
@@ -25,10 +26,18 @@ struct BackendInfo {
 
 BackendInfo backend_info();
 
-// This machine's physical memory in bytes; 0 where the system does not say. Requests
+// This machine's physical memory in bytes, or the process's cgroup memory limit where
+// that is lower (a container's --memory, a batch job's allocation: past it the kernel
+// kills the process as it would past the RAM); 0 where the system does not say. Requests
 // larger than it are refused up front: with Linux's overcommit a larger allocation
 // "succeeds" and the process is killed later, when the pages are touched.
 double physical_memory_bytes();
+// The memory limit in /proc/self/cgroup's text `proc_cgroup`: the smallest memory.max (v2,
+// under /sys/fs/cgroup) or memory.limit_in_bytes (v1, under /sys/fs/cgroup/memory) of the
+// process's cgroup and its ancestors, files read by `read` (false: no such file); 0 when
+// none sets one. Separate from physical_memory_bytes() so that tests can give it files.
+double cgroup_memory_limit(const std::string& proc_cgroup,
+                           const std::function<bool(const std::string& path, std::string& text)>& read);
 // A byte count as errors show it: "23.5 GiB" (three decimals under 0.1 GiB).
 std::string gib_text(double bytes);
 

@@ -118,6 +118,10 @@ class Model {
   // probs: [n, L, V]. cms (optional): [n, R, L, L, V] with A[i][j] at i*L + j.
   // annotator_probs (optional): [n, R, L, V], q_r = A_r p.
   void predict(const float* images, int n, Spatial s, float* probs, float* cms, float* annotator_probs);
+  // A lower bound of the host memory (bytes) a CPU call on n images of size s holds besides
+  // its outputs, the figure a call is refused by when it exceeds physical_memory_bytes();
+  // heads: the pixel-wise CM heads run. 0 for a GPU model (its maps live on the device).
+  double host_bytes_lower_bound(int n, Spatial s, bool backward, bool heads) const;
 
   float current_trace_weight() const { return step < loss.warmup_steps ? -loss.lambda_warmup : loss.lambda; }
 
@@ -129,7 +133,8 @@ class Model {
  private:
   struct Impl;
   // loss: false for predict (the forward and heads only; the batch's labels unread).
-  StepResult run(const Batch& batch, bool backward, bool loss = true);
+  // cm_heads (predict only): run the pixel-wise CM heads (the prediction returns CMs or q_r).
+  StepResult run(const Batch& batch, bool backward, bool loss = true, bool cm_heads = true);
   // native/model/model_device.cpp: the Device::Cuda paths and the host/device sync.
   void attach_device();
   StepResult run_device(const Batch& batch, bool backward);

@@ -18,6 +18,16 @@ int num_threads();
 // says how many that is.
 void set_num_threads(int n);
 
+// Calls that use the pool from a thread of their own (the addon's async workers) say so
+// with begin_pool_call() before they are queued and end_pool_call() once they are done.
+// While any is in flight, try_set_num_threads() leaves the pool alone and returns that
+// count (0: resized). Layers size per-part scratch by the thread count and then split the
+// work by it again: a pool resized between the two, under a running call, would hand out
+// part indices past that scratch's end.
+void begin_pool_call();
+void end_pool_call();
+int try_set_num_threads(int n);
+
 // CMSEG_NUM_THREADS's syntax: the integer in `text` when it is one in
 // 1..kMaxThreads (surrounding spaces allowed), else 0.
 int parse_thread_count(const char* text);

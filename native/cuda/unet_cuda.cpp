@@ -629,7 +629,8 @@ void ModelGpu::predict(const float* images, int n, Spatial s, float* probs, floa
   m.set_levels(s);
   const int64_t V = s.size();
   const float* x0 = m.upload_images(images, n, s);
-  m.forward(n, x0, pixel_cm);
+  // The pixel-wise CM heads run only when the caller asks for CMs or q_r (as on the CPU).
+  m.forward(n, x0, pixel_cm && (cms || annotator_probs));
   const size_t pc = (size_t)n * L * V;
   float* p = ensure(ctx, m.probs, pc);
   softmax_forward(ctx, m.seg_logits.data(), p, n, L, V);

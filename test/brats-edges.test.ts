@@ -85,6 +85,11 @@ t.test('a run whose cache moved: eval, predict and resume read the run\'s split 
   const earlier = [`${id}_cm-over.png`, `${id}_cm-under.png`, `${id}_cm-wrong.png`, `${id}_probs.nii.gz`];
   t.match(repeated.stderr, `note: pred also holds 4 file(s) of an earlier prediction that this one did not write, left as they were: ${earlier.join(', ')}\n`);
   for (const file of earlier) t.ok(fs.existsSync(path.join(dir, 'pred', file)), `${file} kept`);
+  t.notMatch(repeated.stderr, /--overlap/, 'no overlap note at the default');
+  // A high overlap multiplies the windows ((ceil(16/3) + 1)^3 = 343 at 0.8 of 16): said before the first case.
+  const dense = await cmseg(['predict', '--checkpoint', checkpoint, '--data', 'elsewhere/mcache', '--split', 'validation', '--threads', '1', '--out', 'pred-dense', '--overlap', '0.8', '--probs', 'none', '--no-cms']);
+  t.equal(dense.exitCode, 0, dense.stderr);
+  t.match(dense.stderr, /^note: --overlap 0\.8 moves each 16-voxel window by 3 voxel\(s\): about 343 windows for a case twice the patch on each axis \(27 at the default 0\.5, as nnU-Net\)\n/);
   // A folder of cases as released is no cache: --split cannot read a run's split from it.
   const raw = await cmseg(['eval', '--checkpoint', checkpoint, '--data', 'mdata', '--split', 'test', '--threads', '1']);
   t.equal(raw.exitCode, 1);

@@ -330,6 +330,7 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
   // BraTS's class names and release labels belong to a model of its 4 classes only.
   const brats = L === BRATS_CLASSES;
   const classNames = brats ? BRATS_CLASS_NAMES : Array.from({ length: L }, (_, c) => (c === 0 ? 'background' : `class ${c}`));
+  noteHighOverlap(flags.overlap, patch);
   const outDir = path.resolve(flags.out);
   fs.mkdirSync(outDir, { recursive: true });
   const volumes: string[] = [];
@@ -445,6 +446,22 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     ['volumes', outDir],
     ['legend', readmeFile],
   ]);
+}
+
+/**
+ * The windows a case takes grow with the cube of 1 / (1 - overlap): 0.99 moves a 64^3 window
+ * by one voxel, some 300,000 windows for a case of twice the patch, which looks like a hang.
+ * Allowed (a user may want it), but said before the first case, with the default's count.
+ */
+function noteHighOverlap(overlap: number, patch: readonly number[]): void {
+  const p = Math.min(...patch);
+  const step = Math.max(1, Math.floor(p * (1 - overlap)));
+  if (step * 4 >= p) return; // up to 0.75: at most 125 windows for that case
+  const windows = (s: number) => (Math.ceil(p / s) + 1) ** 3;
+  process.stderr.write(
+    `note: --overlap ${overlap} moves each ${p}-voxel window by ${step} voxel(s): about ${windows(step).toLocaleString('en-US')} windows for a case twice the patch on each axis ` +
+      `(${windows(Math.floor(p / 2))} at the default 0.5, as nnU-Net)\n`,
+  );
 }
 
 /**

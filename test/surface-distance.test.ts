@@ -1,6 +1,8 @@
 // Surface distances and HD95 (src/eval/surface-distance.ts) by hand and against SciPy
 // (binary_erosion with the 3D cross, distance_transform_edt with the voxel spacing,
-// numpy's percentile: MedPy's hd95, which the BraTS evaluation uses).
+// numpy's percentile, the larger of the two directed percentiles: MONAI's
+// compute_hausdorff_distance(percentile=95); MedPy's hd95 pools both directions and differs,
+// see test/metrics-edges.test.ts).
 import t from 'tap';
 import * as fs from 'fs';
 import * as path from 'path';
@@ -53,7 +55,7 @@ t.test('HD95 by hand: single voxels, empty masks, percentiles', async (t) => {
   t.throws(() => hausdorff95(p, y, dims, [0, 1, 1]), /spacing 0, 1, 1 must be finite and > 0/);
 });
 
-t.test('HD95 against SciPy (MedPy hd95) on blobs with anisotropic voxels', { skip: missingPythonModules('numpy', 'scipy') }, async (t) => {
+t.test('HD95 against SciPy (MONAI-style HD95) on blobs with anisotropic voxels', { skip: missingPythonModules('numpy', 'scipy') }, async (t) => {
   const dims: Dims3 = [18, 22, 26];
   const V = dims[0] * dims[1] * dims[2];
   let s = 12345;

@@ -5,7 +5,7 @@
 // The label mapping itself (and BRATS_CLASSES, BRATS_CLASS_NAMES) lives with the loader,
 // src/data/brats.ts (mapBratsLabels); this file only scores maps already in 0..3.
 import { BRATS_CLASSES } from '../data/brats';
-import { labelConfusionCounts, dicePerClassFromCounts, meanStd, MeanStd, regionDiceFromCounts } from './metrics';
+import { checkLabelMap, labelConfusionCounts, dicePerClassFromCounts, meanStd, MeanStd, regionDiceFromCounts, UNLABELLED } from './metrics';
 import { type Dims3, hausdorff95 } from './surface-distance';
 
 /** The challenge's evaluation regions as unions of contiguous labels. */
@@ -21,9 +21,24 @@ export type BratsClassName = 'necrosis' | 'edema' | 'enhancing';
 /**
  * Each region's HD95 (src/eval/surface-distance.ts) between the predicted and the reference
  * map of one volume [D, H, W] (labels 0..3), in mm for `spacing` [d, h, w]: NaN where exactly
- * one of the two has the region.
+ * one of the two has the region. A 255 (unlabelled) in the reference lies outside every
+ * region (a surface needs an inside and an outside; Dice leaves such voxels out); any other
+ * label >= 4, in either map, is an error, as in bratsDice: a raw BraTS map with its 4 would
+ * otherwise lose enhancing tumour from every region without a word.
  */
 export function bratsHausdorff95(pred: Uint8Array, truth: Uint8Array, dims: Dims3, spacing: readonly [number, number, number] = [1, 1, 1]): Record<BratsRegion, number> {
+  const check = (name: string, labels: Uint8Array, unlabelledAllowed: boolean) => {
+    for (let v = 0; v < labels.length; v++) {
+      const c = labels[v];
+      if (c >= BRATS_CLASSES && !(unlabelledAllowed && c === UNLABELLED)) {
+        throw new RangeError(`${name}: label ${c} at index ${v} >= classes (${BRATS_CLASSES}): BraTS maps must be in contiguous labels 0..3 (mapBratsLabels maps BraTS 4 to 3)`);
+      }
+    }
+  };
+  checkLabelMap('pred', pred);
+  checkLabelMap('truth', truth);
+  check('pred', pred, false);
+  check('truth', truth, true);
   const mask = (labels: Uint8Array, region: readonly number[]) => labels.map((c) => (region.includes(c) ? 1 : 0));
   const out = {} as Record<BratsRegion, number>;
   for (const [name, region] of Object.entries(BRATS_REGIONS) as [BratsRegion, readonly number[]][]) {

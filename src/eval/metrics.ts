@@ -74,7 +74,8 @@ function checkSameLength(name: string, map: ArrayLike<number>, expected: number,
 
 // Counts are indexed by the label values: a Float32Array of probabilities (0.7) or an
 // Int32Array (-1) would index no count and be silently dropped, so only bytes are taken.
-function checkLabelMap(name: string, map: unknown): void {
+// Every scorer of label maps checks this (src/eval/brats-regions.ts too).
+export function checkLabelMap(name: string, map: unknown): void {
   if (!(map instanceof Uint8Array)) {
     throw new TypeError(`${name} is ${arrayKind(map)}: a label map is a Uint8Array (argmaxClasses turns probabilities into one)`);
   }
@@ -328,6 +329,9 @@ function diceSummaryFromCounts(counts: Float64Array, n: number, classes: number,
  * had no vote: such a voxel is predicted as no class (a miss for Dice and Total Dice).
  */
 export function fusedLabelDice(fused: Uint8Array, truth: Uint8Array, n: number, classes: number): DiceSummary {
+  // meanLabels' soft Float32Array is the easy slip: its 0.5s would drop out of the counts.
+  checkLabelMap('fused', fused);
+  checkLabelMap('truth', truth);
   checkClassCount(classes);
   checkImageCount(n);
   const V = voxelsPerImage('truth', truth, n);
@@ -374,6 +378,8 @@ export function imageConfusionMatrices(
   shape: { n: number; annotators: number; classes: number },
 ): ImageConfusionMatrices {
   const { n, annotators: R, classes: L } = shape;
+  checkLabelMap('truth', truth);
+  checkLabelMap('labels', labels);
   checkClassCount(L);
   checkImageCount(n);
   const V = voxelsPerImage('truth', truth, n);
@@ -467,6 +473,7 @@ function addPooled(into: PooledConfusion, from: PooledConfusion): void {
  */
 export function cmEstimationError(input: CmEstimationInput): CmEstimationResult {
   const { cms, truth, n, classes: L } = input;
+  checkLabelMap('truth', truth);
   checkClassCount(L);
   checkImageCount(n);
   const V = voxelsPerImage('truth', truth, n);
@@ -579,6 +586,8 @@ export type IouMode = 'per-class' | 'foreground';
  * 255 in either map are ignored.
  */
 export function iouDistance(a: Uint8Array, b: Uint8Array, classes: number, mode: IouMode = 'per-class'): number {
+  checkLabelMap('a', a);
+  checkLabelMap('b', b);
   checkClassCount(classes);
   checkSameLength('b', b, a.length, 'a');
   const L = classes;
@@ -640,7 +649,7 @@ export interface GedInput {
 }
 
 export interface GedResult {
-  /** [N] GED per image; NaN for an image without any present annotation. */
+  /** [N] GED per image; NaN for an image without any present annotation (or no voxel all of them label). */
   perImage: Float64Array;
   /** mean +- std over images. */
   ged: MeanStd;
@@ -651,7 +660,9 @@ export interface GedResult {
  * d = 1 - IoU (see IouMode). Expectations are over all ordered pairs of the empirical sets,
  * the pairs of a map with itself included (d = 0), as in Kohl et al.'s evaluation: then
  * GED >= 0, and it is 0 when the two sets are equal. S holds every annotator's predicted
- * map (the model's whole distribution); Y only the annotations present for that image.
+ * map (the model's whole distribution); Y only the annotations present for that image. Every
+ * d of an image is taken over the voxels that all of its present annotations label (all of
+ * them with dense labels); an image with none is NaN.
  * Unlike the authors' code (all three terms added, with Dice: their issue #6).
  */
 export function generalisedEnergyDistance(input: GedInput): GedResult {
@@ -673,9 +684,14 @@ export function generalisedEnergyDistance(input: GedInput): GedResult {
   const Ry = observed.length;
   if (input.present !== undefined) checkSameLength('present', input.present, n * Ry, `N*R = ${n}*${Ry}`);
   const joint = new Float64Array(L * L);
+  // The voxels of the image every present annotation labels: all three terms are taken over
+  // them. Pairs that each skipped their own 255s compared S with S on more voxels than S with
+  // Y, and GED went negative (S = {10, 00}, Y = {·0}: -0.5), which a distance cannot be.
+  const scored = new Uint8Array(V);
   const distance = (a: Uint8Array, b: Uint8Array, offset: number, aName: string, bName: string): number => {
     joint.fill(0);
     for (let v = offset; v < offset + V; v++) {
+      if (!scored[v - offset]) continue;
       const x = a[v];
       const y = b[v];
       if (x === UNLABELLED || y === UNLABELLED) continue;
@@ -690,7 +706,10 @@ export function generalisedEnergyDistance(input: GedInput): GedResult {
     const offset = img * V;
     const ys: number[] = [];
     for (let r = 0; r < Ry; r++) if (input.present === undefined || input.present[img * Ry + r] !== 0) ys.push(r);
-    if (ys.length === 0) {
+    scored.fill(1);
+    for (const r of ys) for (let v = 0; v < V; v++) if (observed[r][offset + v] === UNLABELLED) scored[v] = 0;
+    // No annotation present, or no voxel that all of them label: nothing to compare.
+    if (ys.length === 0 || !scored.includes(1)) {
       perImage[img] = NaN;
       continue;
     }

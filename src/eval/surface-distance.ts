@@ -1,13 +1,20 @@
 // Surface distances between two binary masks on a voxel grid, and the 95th-percentile
 // Hausdorff distance (HD95) that BraTS reports beside Dice for its tumour regions.
 //
-// Definitions (as the BraTS evaluation and MedPy's hd95 compute them):
+// Definitions (MONAI's compute_hausdorff_distance with percentile=95 and the voxel spacing;
+// SciPy's binary_erosion with the cross and distance_transform_edt with `sampling`):
 //   surface(M)   the voxels of M with a 6-neighbour outside M (the volume's edge counts as
-//                outside): M minus its erosion by the 3D cross;
+//                outside): M minus its erosion by the 3D cross. A [1, H, W] grid is a 2D
+//                image: its surface is M minus its erosion by the 2D cross (4-neighbours in
+//                the plane), as every tool computes HD95 on a 2D array; the 3D cross would
+//                make every pixel surface (nothing lies above or below a single slice).
 //   d(a, B)      the Euclidean distance, in mm (the voxel spacing), from voxel a to the
 //                nearest voxel of surface(B);
 //   HD95(P, Y)   max(p95 {d(a, Y): a in surface(P)}, p95 {d(b, P): b in surface(Y)}), p95
 //                the 95th percentile with linear interpolation between order statistics.
+// Not MedPy's hd95, which takes the 95th percentile of both directions' distances pooled
+// into one set: that differs (usually it is smaller), e.g. P = {0}, Y = {0, 4} on a line
+// of 1 mm voxels: 3.8 here (the p95 of {0, 4}), 3.6 in MedPy (the p95 of {0, 0, 4}).
 // Both masks empty: 0 (they agree). Exactly one empty: NaN (no surface to measure to;
 // BraTS's own scorer writes a fixed penalty there instead; reports leave NaN out of the
 // mean and say how many were left out).
@@ -65,8 +72,28 @@ function checkDims(who: string, dims: Dims3): void {
   }
 }
 
+/**
+ * The spacing must be three finite numbers > 0, one per axis [d, h, w]: a missing axis made
+ * every distance NaN, a fourth value was ignored, and 0 made distances Infinity, all silently.
+ */
+function checkSpacing(who: string, spacing: readonly number[]): void {
+  if (!Array.isArray(spacing) || spacing.length !== 3 || !spacing.every((v) => typeof v === 'number' && v > 0 && Number.isFinite(v))) {
+    const shown = Array.isArray(spacing) ? spacing.map((v) => (typeof v === 'number' ? String(v) : JSON.stringify(v))).join(', ') : String(spacing);
+    throw new RangeError(`${who}: voxel spacing ${shown} must be finite and > 0 along each of d, h, w (three numbers, mm)`);
+  }
+}
+
+/** Each mask must have the grid's voxel count: a shorter one was read past its end (as outside), silently. */
+function checkMasks(who: string, dims: Dims3, masks: Record<string, ArrayLike<number>>): void {
+  const V = dims[0] * dims[1] * dims[2];
+  for (const [name, m] of Object.entries(masks)) {
+    if (m.length !== V) throw new RangeError(`${who}: ${name} has ${m.length} voxels, dims ${dims.join('x')} make ${V}`);
+  }
+}
+
 export function squaredDistanceTransform(feature: Uint8Array, dims: Dims3, spacing: readonly [number, number, number] = [1, 1, 1]): Float64Array {
   checkDims('squaredDistanceTransform', dims);
+  checkSpacing('squaredDistanceTransform', spacing);
   const [D, H, W] = dims;
   if (feature.length !== D * H * W) throw new RangeError(`feature has ${feature.length} voxels, dims ${dims.join('x')} make ${D * H * W}`);
   let a = Float64Array.from(feature, (x) => (x ? 0 : Infinity));
@@ -84,8 +111,13 @@ export function squaredDistanceTransform(feature: Uint8Array, dims: Dims3, spaci
   return b;
 }
 
-/** The voxels of `mask` with a 6-neighbour outside it (the volume's edge is outside). */
-export function surfaceOf(mask: Uint8Array, dims: Dims3): Uint8Array {
+/**
+ * The voxels of `mask` with a 6-neighbour outside it (the volume's edge is outside). `planar`
+ * (default: dims[0] === 1, a 2D image): only the 4 in-plane neighbours count.
+ */
+export function surfaceOf(mask: Uint8Array, dims: Dims3, planar = dims[0] === 1): Uint8Array {
+  checkDims('surfaceOf', dims);
+  checkMasks('surfaceOf', dims, { mask });
   const [D, H, W] = dims;
   const out = new Uint8Array(mask.length);
   const at = (d: number, h: number, w: number) => d >= 0 && d < D && h >= 0 && h < H && w >= 0 && w < W && mask[(d * H + h) * W + w] !== 0;
@@ -94,7 +126,8 @@ export function surfaceOf(mask: Uint8Array, dims: Dims3): Uint8Array {
       for (let w = 0; w < W; w++) {
         const i = (d * H + h) * W + w;
         if (!mask[i]) continue;
-        out[i] = at(d - 1, h, w) && at(d + 1, h, w) && at(d, h - 1, w) && at(d, h + 1, w) && at(d, h, w - 1) && at(d, h, w + 1) ? 0 : 1;
+        const inside = (planar || (at(d - 1, h, w) && at(d + 1, h, w))) && at(d, h - 1, w) && at(d, h + 1, w) && at(d, h, w - 1) && at(d, h, w + 1);
+        out[i] = inside ? 0 : 1;
       }
   return out;
 }
@@ -136,8 +169,11 @@ function cropped(m: Uint8Array, dims: Dims3, lo: number[], box: Dims3): Uint8Arr
   return out;
 }
 
-/** Distances (mm) from each surface voxel of `from` to the surface of `to` (both [D, H, W] masks). */
+/** Distances (mm) from each surface voxel of `from` to the surface of `to` (both [D, H, W] masks; [1, H, W]: 2D). */
 export function surfaceDistances(from: Uint8Array, to: Uint8Array, dims: Dims3, spacing: readonly [number, number, number] = [1, 1, 1]): Float64Array {
+  checkDims('surfaceDistances', dims);
+  checkMasks('surfaceDistances', dims, { from, to });
+  checkSpacing('surfaceDistances', spacing);
   return distancesBetweenSurfaces(surfaceOf(from, dims), surfaceOf(to, dims), dims, spacing);
 }
 
@@ -150,8 +186,9 @@ function distancesBetweenSurfaces(from: Uint8Array, to: Uint8Array, dims: Dims3,
 }
 
 /**
- * HD95 between two binary masks ([D, H, W], nonzero = inside) in mm: 0 when both are empty,
- * NaN when exactly one is. `spacing`: voxel size [d, h, w] in mm (NIfTI's [z, y, x] pixdim).
+ * HD95 between two binary masks ([D, H, W], nonzero = inside; [1, H, W]: a 2D image, see the
+ * top of this file) in mm: 0 when both are empty, NaN when exactly one is. `spacing`: voxel
+ * size [d, h, w] in mm (NIfTI's [z, y, x] pixdim).
  */
 export function hausdorff95(pred: Uint8Array, truth: Uint8Array, dims: Dims3, spacing: readonly [number, number, number] = [1, 1, 1]): number {
   checkDims('hausdorff95', dims);
@@ -159,14 +196,16 @@ export function hausdorff95(pred: Uint8Array, truth: Uint8Array, dims: Dims3, sp
   if (pred.length !== D * H * W || truth.length !== D * H * W) {
     throw new RangeError(`hausdorff95: masks of ${pred.length} and ${truth.length} voxels, dims ${dims.join('x')} make ${D * H * W}`);
   }
-  if (!spacing.every((v) => v > 0 && Number.isFinite(v))) throw new RangeError(`hausdorff95: voxel spacing ${spacing.join(', ')} must be finite and > 0`);
+  checkSpacing('hausdorff95', spacing);
+  // 2D or 3D is the grid's, not the box's: masks within one slice of a volume stay 3D.
+  const planar = D === 1;
   const box = boundingBox(pred, truth, dims);
   if (!box) return 0;
   const size: Dims3 = [box.hi[0] - box.lo[0], box.hi[1] - box.lo[1], box.hi[2] - box.lo[2]];
   const p = cropped(pred, dims, box.lo, size);
   const y = cropped(truth, dims, box.lo, size);
   if (!p.some((x) => x !== 0) || !y.some((x) => x !== 0)) return NaN;
-  const sp = surfaceOf(p, size);
-  const sy = surfaceOf(y, size);
+  const sp = surfaceOf(p, size, planar);
+  const sy = surfaceOf(y, size, planar);
   return Math.max(percentile(distancesBetweenSurfaces(sp, sy, size, spacing), 95), percentile(distancesBetweenSurfaces(sy, sp, size, spacing), 95));
 }

@@ -288,6 +288,12 @@ export function splitAnnotatorMaps(labels: Uint8Array, annotators: number): Uint
 
 /** argmax over the class axis of [N, L, *S] probabilities: the label map [N, *S]. */
 export function argmaxClasses(probs: Float32Array, n: number, classes: number): Uint8Array {
+  // A mismatch would otherwise end in a bare "Invalid typed array length" (or a silently short map).
+  if (!(Number.isInteger(n) && n >= 1)) throw new RangeError(`argmaxClasses: n = ${n} must be an integer >= 1`);
+  if (!(Number.isInteger(classes) && classes >= 1 && classes <= 256)) throw new RangeError(`argmaxClasses: classes = ${classes} must be an integer in 1..256`);
+  if (probs.length % (n * classes) !== 0) {
+    throw new RangeError(`argmaxClasses: probs has ${probs.length} elements, not a multiple of n*classes = ${n}*${classes}`);
+  }
   const V = probs.length / (n * classes);
   const out = new Uint8Array(n * V);
   for (let i = 0; i < n; i++)

@@ -16,8 +16,10 @@ import {
   meanStd,
   SegmentationEvaluator,
   SegmentationReport,
+  UNLABELLED,
 } from '../eval/metrics';
 import { BratsClassName, bratsDice, bratsHausdorff95, BratsRegion } from '../eval/brats-regions';
+import { BRATS_CLASSES } from '../data/brats';
 import type { Extent } from '../data/morphology';
 import { argmaxClasses } from '../model/model';
 import { type SlidingWindowModel, slidingWindowPredict } from '../model/sliding-window';
@@ -54,8 +56,16 @@ export function summarizeReport(report: SegmentationReport, annotatorNames: stri
   return { ...rest, annotatorNames };
 }
 
+/**
+ * Voxels per predict call when no batchSize is given: 16 images of 256^2, 64 (the most) of
+ * MNIST's 32^2. A fixed 64 images a call took more memory than a training step on large
+ * images (64 of 256^2: 3.2 GB with c 16, depth 3, 3 annotators, against 2.4 GB for a training
+ * step of the images preset's 16); the scores do not depend on the split into calls.
+ */
+export const EVAL_VOXELS_PER_CALL = 1 << 20;
+
 export interface EvaluateOptions {
-  /** Images per predict call; default 64. */
+  /** Images per predict call; default as many as fit EVAL_VOXELS_PER_CALL voxels, 1 to 64. */
   batchSize?: number;
   /** Score the annotator CMs and predictions (CM error, reliability, GED); default true. */
   annotators?: boolean;
@@ -67,10 +77,20 @@ export interface EvaluateOptions {
  */
 export async function evaluateModel(model: InferenceModel, set: AnnotatedSet, options: EvaluateOptions = {}): Promise<EvaluationSummary> {
   if (!set.consensus) throw new RangeError('this split has no expert consensus to score against');
-  const batchSize = options.batchSize ?? 64;
+  const batchSize = options.batchSize ?? Math.max(1, Math.min(64, Math.floor(EVAL_VOXELS_PER_CALL / voxelsOf(set.spatial))));
+  // 1.5 would score image "1.5" and skip one; 0, negatives and NaN would ask for empty batches.
+  if (!Number.isInteger(batchSize) || batchSize < 1) throw new RangeError(`batchSize ${batchSize} must be an integer >= 1 (images per predict call)`);
   const withAnnotators = options.annotators ?? true;
   const L = set.classes;
   const R = set.labels.length;
+  // Said here, by name: otherwise the outputs' lengths would only disagree deep in the scoring
+  // ("cms has 384 elements, [N, R, L, L, *S] needs 2*3*2*2*12").
+  if (model.config.classes !== L) throw new RangeError(`the model predicts ${model.config.classes} classes, the set has ${L}`);
+  if (withAnnotators && model.config.annotators !== R) {
+    throw new RangeError(
+      `the model has ${model.config.annotators} annotators, the set the labels of ${R} (${set.annotatorNames.join(', ')}): score without the annotators' figures (annotators: false) or give one map per model annotator`,
+    );
+  }
   const evaluator = new SegmentationEvaluator(L);
   for (let start = 0; start < set.count; start += batchSize) {
     const indices = Array.from({ length: Math.min(batchSize, set.count - start) }, (_, k) => start + k);
@@ -122,12 +142,25 @@ export interface FusedLabelRows {
   mode: { averageDice: MeanStd; totalDice: MeanStd; dicePerClass: MeanStd[] };
 }
 
-/** Dice of the fused annotator labels of `set` against its consensus. */
+/**
+ * Dice of the fused annotator labels of `set` against its consensus, over the images at least
+ * one annotator labelled: an image nobody labelled has no fused target (every voxel "no vote"),
+ * and scoring it as a complete miss would drag the naive baselines' rows down (an image folder
+ * given to eval with --data may hold such images). No labelled image: every figure n/a.
+ */
 export function fusedLabelRows(set: AnnotatedSet): FusedLabelRows {
   if (!set.consensus) throw new RangeError('this split has no expert consensus to score against');
-  const input = { labels: set.labels, present: set.present, count: set.count, classes: set.classes };
+  const R = set.labels.length;
+  const labelled = Array.from({ length: set.count }, (_, n) => n).filter((n) => set.present.subarray(n * R, (n + 1) * R).some((p) => p !== 0));
+  if (labelled.length === 0) {
+    const none = { mean: NaN, std: NaN, count: 0 };
+    const row = () => ({ averageDice: none, totalDice: none, dicePerClass: Array.from({ length: set.classes }, () => none) });
+    return { mean: row(), mode: row() };
+  }
+  const batch = labelled.length === set.count ? { labels: set.labels, present: set.present, consensus: set.consensus } : gatherBatch(set, labelled);
+  const input = { labels: batch.labels, present: batch.present, count: labelled.length, classes: set.classes };
   const score = (fused: Uint8Array) => {
-    const s = fusedLabelDice(fused, set.consensus!, set.count, set.classes);
+    const s = fusedLabelDice(fused, batch.consensus!, labelled.length, set.classes);
     return { averageDice: s.average, totalDice: s.total, dicePerClass: s.perClass };
   };
   return { mean: score(meanLabelsHard(input)), mode: score(modeLabels(input)) };
@@ -202,6 +235,9 @@ export async function evaluateVolumes(
   const withAnnotators = options.annotators ?? true;
   const L = model.config.classes;
   const R = model.config.annotators;
+  // The regions are unions of the BraTS labels 1..3: another model's classes mean something
+  // else, and one without a class 3 would score ET as a perfect agreement on every volume.
+  if (options.bratsRegions && L !== BRATS_CLASSES) throw new RangeError(`bratsRegions: the BraTS regions need a model of ${BRATS_CLASSES} classes (0..3), this one has ${L}`);
   const evaluator = new SegmentationEvaluator(L);
   const regionNames: BratsRegion[] = ['wholeTumour', 'tumourCore', 'enhancingTumour'];
   const classNames: BratsClassName[] = ['necrosis', 'edema', 'enhancing'];
@@ -211,6 +247,7 @@ export async function evaluateVolumes(
   for (const [k, id] of ids.entries()) {
     const volume = await load(id);
     if (withAnnotators && volume.labels.length !== R) throw new RangeError(`volume ${id} has ${volume.labels.length} annotators, the model ${R}`);
+    checkVolumeMaps(volume, L, withAnnotators ? R : undefined);
     const prediction = await slidingWindowPredict(model, volume.images, volume.extent, {
       patch: options.patch,
       overlap: options.overlap ?? 0.5,
@@ -261,6 +298,29 @@ export async function evaluateVolumes(
     };
   }
   return summary;
+}
+
+/**
+ * A volume's reference (and, with `annotators`, the annotators' maps and presence) checked
+ * before its prediction, which takes the longest (38 s for a BraTS case on 2 cores): sizes,
+ * and labels < classes or 255, named with the volume's id. Found after the prediction, a bad
+ * label said only "truth: label 7 at index 5 >= classes (4)", without the volume.
+ */
+function checkVolumeMaps(volume: AnnotatedVolume, classes: number, annotators: number | undefined): void {
+  const { d, h, w } = volume.extent;
+  const V = d * h * w;
+  const check = (name: string, map: Uint8Array) => {
+    if (!(map instanceof Uint8Array)) throw new TypeError(`volume ${volume.id}: ${name} is not a Uint8Array label map`);
+    if (map.length !== V) throw new RangeError(`volume ${volume.id}: ${name} has ${map.length} voxels, its extent ${d}x${h}x${w} has ${V}`);
+    for (let v = 0; v < V; v++) {
+      const c = map[v];
+      if (c >= classes && c !== UNLABELLED) throw new RangeError(`volume ${volume.id}: ${name}: label ${c} at index ${v} >= classes (${classes})`);
+    }
+  };
+  check('consensus', volume.consensus);
+  if (annotators === undefined) return;
+  if (volume.present.length !== annotators) throw new RangeError(`volume ${volume.id}: present has ${volume.present.length} entries, the model ${annotators} annotators`);
+  volume.labels.forEach((map, r) => check(`labels[${r}]`, map));
 }
 
 /**

@@ -108,11 +108,20 @@ interface PrepareFlags {
   quiet?: boolean;
 }
 
+/**
+ * Bytes of the files under `dir`, for the summary line. Only a summary: an entry that cannot
+ * be measured (a dangling link, a temp file another cmseg process renamed meanwhile) counts
+ * 0 rather than failing a prepare whose cache is already written. Links are not followed.
+ */
 function folderBytes(dir: string): number {
   let bytes = 0;
   for (const entry of fs.readdirSync(dir, { withFileTypes: true })) {
     const full = path.join(dir, entry.name);
-    bytes += entry.isDirectory() ? folderBytes(full) : fs.statSync(full).size;
+    try {
+      bytes += entry.isDirectory() ? folderBytes(full) : entry.isFile() ? fs.statSync(full).size : 0;
+    } catch {
+      // gone or unreadable: see above
+    }
   }
   return bytes;
 }
@@ -121,6 +130,11 @@ async function runPrepare(flags: PrepareFlags): Promise<void> {
   const dataDir = path.resolve(flags.data);
   const cacheDir = path.resolve(flags.out);
   if (!fs.existsSync(dataDir)) throw new UserError(`--data folder not found: ${dataDir}`);
+  if (!fs.statSync(dataDir).isDirectory()) throw new UserError(`--data ${dataDir} is a file: give the folder that holds the BraTS case folders`);
+  // A cache given as the data (say after `train --data <cache>` worked): "no BraTS cases" would not say why.
+  if (fs.existsSync(cacheIndexPath(dataDir))) {
+    throw new UserError(`--data ${dataDir} is a cmseg cache (it has ${path.basename(cacheIndexPath(dataDir))}), already prepared: train, eval and predict read it as --data; prepare reads the BraTS folder of NIfTI cases it was made from`);
+  }
   if (path.relative(dataDir, cacheDir) === '') throw new UserError('--out must be another folder than --data');
   const run = await prepareWithProgress(
     dataDir,
@@ -141,9 +155,14 @@ async function runPrepare(flags: PrepareFlags): Promise<void> {
     ['case files', path.join(cacheDir, 'cases')],
   ];
   if (run.interruptedAfter !== undefined) {
+    // With --rebuild the same command would start over (it prepares every case again): a long
+    // rebuild interrupted more than once would never finish. The cache already holds the new
+    // settings, so the command without --rebuild continues it.
     process.stdout.write(
       `interrupted after ${run.interruptedAfter} of ${run.total} cases: the cache is valid and holds them; ` +
-        `run the same command again to prepare the rest\n`,
+        (flags.rebuild
+          ? `run the same command without --rebuild to prepare the rest (with --rebuild it starts over)\n`
+          : `run the same command again to prepare the rest\n`),
     );
     printOutputs(outputs);
     process.exitCode = 130;
@@ -183,7 +202,8 @@ export function registerPrepareCommand(program: Command): Command {
     '\nIncremental: cases whose source files are unchanged are skipped, so running the command again after\n' +
       'adding cases prepares only the new ones. Safe to interrupt: Ctrl-C finishes the case in progress and\n' +
       'stops; the cache is valid at every moment (each case file and the index are written atomically), holds\n' +
-      'the cases finished so far, and the same command continues where it stopped.\n',
+      'the cases finished so far, and the same command continues where it stopped (without --rebuild, which\n' +
+      'starts over).\n',
   );
   return withExamples(
     command,

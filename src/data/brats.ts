@@ -124,18 +124,24 @@ interface Found {
 /**
  * Every case under `root` (one subfolder per case), sorted by id. BraTS 2018/2019 group
  * the cases one level deeper (root/HGG/ID/..., root/LGG/ID/...): a subfolder without
- * NIfTI files of its own is searched for case folders too. Other subfolders without any
- * NIfTI file are ignored. NIfTI files beside the case folders, and folders whose NIfTI
+ * NIfTI files of its own is searched for case folders too, and so is a case folder that
+ * holds only a folder of its own name (root/HGG/ID/ID/..., a zip extracted into it). Other
+ * subfolders without any NIfTI file are ignored (those with case folders further down are
+ * named to `onSkipped`). NIfTI files beside the case folders, and folders whose NIfTI
  * files are not a case's (predictions written into the data folder), are skipped and
  * reported to `onSkipped`. A folder that is a case but an incomplete one is an error
  * naming the case and the missing file, and so is a folder of no case at all.
  */
 export function discoverBratsCases(root: string, options: DiscoverOptions = {}): BratsCase[] {
   const found: Found = { cases: [], skipped: [] };
+  // Cases are collected without requiring a segmentation, which is checked below over all of
+  // them: a folder in which no case has one is a validation or test release, said as such.
+  const requireSeg = options.requireSeg ?? true;
+  const collect: DiscoverOptions = { ...options, requireSeg: false };
   // Sorted, so that notes and errors list the same entries first on every file system.
   for (const entry of readFolder(root).sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0))) {
     const full = path.join(root, entry.name);
-    if (isDirectory(full)) collectCases(full, entry.name, options, found, 1);
+    if (isDirectory(full)) collectCases(full, entry.name, collect, found, 1);
     else if (isNiftiName(entry.name)) found.skipped.push(entry.name);
   }
   if (found.cases.length === 0) {
@@ -154,7 +160,29 @@ export function discoverBratsCases(root: string, options: DiscoverOptions = {}):
   if (found.skipped.length > 0) options.onSkipped?.(skippedNote(root, found.skipped));
   checkUniqueIds(found.cases);
   found.cases.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+  if (requireSeg) checkSegmentations(root, found.cases);
   return found.cases;
+}
+
+/** Every case must have a segmentation: the first without one is a BratsError('missing-file'). */
+function checkSegmentations(root: string, cases: readonly BratsCase[]): void {
+  const lacking = cases.filter((c) => !c.seg);
+  if (lacking.length === 0) return;
+  if (lacking.length === cases.length && cases.length > 1) {
+    const c = lacking[0];
+    const { separator, seg } = BRATS_NAMING[c.naming];
+    const expected = path.join(c.dir, `${c.id}${separator}${seg}.nii.gz`);
+    throw new BratsError(
+      'missing-file',
+      '',
+      expected,
+      `missing segmentation in all ${cases.length} cases of ${root} (${expected} not found, nor .nii): ` +
+        'a validation or test release has none; training and its cache need one per case (cmseg predict reads cases without)',
+      expected,
+    );
+  }
+  // The case's own error, with what its folder holds instead.
+  bratsCaseInFolder(lacking[0].dir, { requireSeg: true });
 }
 
 function readFolder(root: string): fs.Dirent[] {
@@ -182,11 +210,53 @@ function collectCases(dir: string, shown: string, options: DiscoverOptions, foun
         const sub = path.join(dir, entry);
         if (isDirectory(sub)) collectCases(sub, `${shown}/${entry}`, options, found, levels - 1);
       }
+    } else {
+      // The last level searched, and no NIfTI file here. A case zip extracted into a folder of
+      // its own name (HGG/ID/ID/...) is read as ROOT/ID/ID is; other case folders further down
+      // were silently left out of the data set: they are named in the note of skipped entries.
+      const name = path.basename(dir);
+      const twin = path.join(dir, name);
+      const inTwin = isDirectory(twin) ? caseOrUndefined(twin, options) : undefined;
+      if (inTwin) found.cases.push(inTwin);
+      else {
+        const deeper = caseFolderBelow(dir, options);
+        if (deeper) found.skipped.push(`${shown}/ (case folders further down, such as ${shown}/${deeper}/, are not read)`);
+      }
     }
   } catch (error) {
     if (!(error instanceof BratsError && error.kind === 'not-a-case')) throw error;
     found.skipped.push(`${shown}/`);
   }
+}
+
+/** The case in `dir`, or undefined when it is no case ('not-a-case' or no NIfTI files); other errors are thrown. */
+function caseOrUndefined(dir: string, options: DiscoverOptions): BratsCase | undefined {
+  try {
+    return bratsCaseInFolder(dir, options);
+  } catch (error) {
+    if (error instanceof BratsError && error.kind === 'not-a-case') return undefined;
+    throw error;
+  }
+}
+
+/** The name of a subfolder of `dir` that is a case folder (the first 64 subfolders are looked at), if any. */
+function caseFolderBelow(dir: string, options: DiscoverOptions): string | undefined {
+  let entries: string[];
+  try {
+    entries = fs.readdirSync(dir).sort().slice(0, 64);
+  } catch {
+    return undefined;
+  }
+  for (const entry of entries) {
+    const sub = path.join(dir, entry);
+    if (!isDirectory(sub)) continue;
+    try {
+      if (bratsCaseInFolder(sub, { ...options, requireSeg: false })) return entry;
+    } catch {
+      // not a case (or a broken one): only the note is at stake here
+    }
+  }
+  return undefined;
 }
 
 function skippedNote(root: string, skipped: readonly string[]): string {
@@ -200,14 +270,22 @@ function listSkipped(skipped: readonly string[], shown = 4): string {
   return skipped.slice(0, shown).join(', ') + (more > 0 ? ` and ${more} more` : '');
 }
 
+/**
+ * One folder per case id. Ids equal but for upper and lower case are refused too: a cache
+ * names each case's file by its id, and on a case-insensitive disk (macOS, Windows) the two
+ * would share one file.
+ */
 function checkUniqueIds(cases: readonly BratsCase[]): void {
   const seen = new Map<string, BratsCase>();
   for (const c of cases) {
-    const other = seen.get(c.id);
-    if (other) {
+    const other = seen.get(c.id.toLowerCase());
+    if (other?.id === c.id) {
       throw new BratsError('duplicate-case', c.id, c.dir, `${other.dir} and ${c.dir} are both case ${c.id}; keep one`, c.dir);
     }
-    seen.set(c.id, c);
+    if (other) {
+      throw new BratsError('duplicate-case', c.id, c.dir, `${other.dir} (case ${other.id}) and ${c.dir} (case ${c.id}) differ only in upper and lower case, and would share one cache file on a case-insensitive disk; rename one`, c.dir);
+    }
+    seen.set(c.id.toLowerCase(), c);
   }
 }
 
@@ -245,6 +323,9 @@ export function bratsLayoutHint(dir: string): string | undefined {
     return undefined;
   }
   const id = path.basename(dir);
+  // No NIfTI file here at all: the cases may sit further down than the layouts read (a zip
+  // extracted into a folder of its own name: ROOT/MICCAI_BraTS_2019_Data_Training/HGG/ID/...).
+  if (names.length === 0) return deeperCasesHint(dir);
   const ids = caseIdsOfFiles(names);
   if (ids.length === 0) return undefined;
   if (ids.some((other) => other.toLowerCase() === id.toLowerCase())) {
@@ -257,6 +338,47 @@ export function bratsLayoutHint(dir: string): string | undefined {
     `${dir} holds the files of ${ids.length} cases side by side (${ids.slice(0, 2).join(', ')}, ...): ` +
     `put each case's files in a folder named by its id (${ids[0]}/${ids[0]}_t1.nii.gz ...)`
   );
+}
+
+/**
+ * "the case folders are further down: ..." when a folder below `dir` (breadth first, up to
+ * four levels, a bounded number of folders) is a case folder: names the folder to pass, the
+ * one holding the case folders (above an HGG/ or LGG/ grouping folder, read as 2018/2019's).
+ */
+function deeperCasesHint(dir: string): string | undefined {
+  let level = [dir];
+  let visited = 0;
+  for (let depth = 1; depth <= 4 && level.length > 0; depth++) {
+    const next: string[] = [];
+    for (const parent of level) {
+      let entries: string[];
+      try {
+        entries = fs.readdirSync(parent).sort();
+      } catch {
+        continue;
+      }
+      for (const entry of entries) {
+        const sub = path.join(parent, entry);
+        if (!isDirectory(sub)) continue;
+        if (++visited > 2000) return undefined;
+        let found: BratsCase | undefined;
+        try {
+          found = bratsCaseInFolder(sub, { requireSeg: false });
+        } catch {
+          found = undefined; // not a case (or a broken one): look further
+        }
+        if (found) {
+          const holder = path.dirname(sub);
+          const pass = /^(hgg|lgg)$/i.test(path.basename(holder)) ? path.dirname(holder) : holder;
+          if (path.relative(dir, pass) === '') return undefined; // the layouts read would have found it
+          return `the case folders are further down (${sub} is case ${found.id}): pass the folder that holds them (${pass})`;
+        }
+        next.push(sub);
+      }
+    }
+    level = next;
+  }
+  return undefined;
 }
 
 /**
@@ -318,7 +440,14 @@ export function bratsCaseInFolder(dir: string, options: DiscoverOptions = {}): B
   });
   if (!chosen.seg && requireSeg) {
     const expected = path.join(dir, `${id}${separator}${seg}.nii.gz`);
-    throw new BratsError('missing-file', id, expected, `missing segmentation: ${expected} (or .nii) not found`, expected);
+    // Some releases misname a segmentation (BraTS 2020's case 355: W39_1998.09.19_Segm.nii):
+    // naming the folder's other NIfTI files shows it, and the rename that makes it read.
+    const mine = new Set([...chosen.images, chosen.seg].filter((f): f is string => f !== undefined).map((f) => path.basename(f)));
+    const others = files.filter((name) => !mine.has(name));
+    // (.nii for an uncompressed file: a .nii.gz name would not make it gzipped.)
+    const rename = `${id}${separator}${seg}${others.every((name) => /\.nii$/i.test(name)) ? '.nii' : '.nii.gz'}`;
+    const hint = others.length > 0 ? `; the folder also holds ${listSkipped(others)}: if one is the segmentation, rename it ${rename}` : '';
+    throw new BratsError('missing-file', id, expected, `missing segmentation: ${expected} (or .nii) not found${hint}`, expected);
   }
   return {
     id,

@@ -284,13 +284,13 @@ export function readCacheIndex(cacheDir: string): CacheIndex {
   try {
     index = JSON.parse(text) as CacheIndex;
   } catch (err) {
-    throw new CacheError('bad-index', file, `${file} is not valid JSON: ${(err as Error).message}`, text.slice(0, 80), { cause: err });
+    throw new CacheError('bad-index', file, `${file} is not valid JSON: ${(err as Error).message}; prepare the cache again (cmseg prepare --rebuild)`, text.slice(0, 80), { cause: err });
   }
   if (index?.format !== CACHE_FORMAT || !Array.isArray(index.cases) || !index.settings) {
     throw new CacheError('bad-index', file, `${file} is not a cmseg BraTS cache index (format ${JSON.stringify(index?.format)})`, index?.format);
   }
   if (index.version !== CACHE_VERSION) {
-    throw new CacheError('bad-index', file, `${file} has cache version ${index.version}; this cmseg reads version ${CACHE_VERSION}: prepare it again`, index.version);
+    throw new CacheError('bad-index', file, `${file} has cache version ${index.version}; this cmseg reads version ${CACHE_VERSION}: prepare it again (cmseg prepare --rebuild; without --rebuild prepare reads this index too)`, index.version);
   }
   return index;
 }
@@ -496,7 +496,53 @@ export async function readCachedCase(cacheDir: string, id: string, index: CacheI
     }
     throw err;
   }
+  // A file cut short (disk full, a partial copy of the cache) names its case and the fix, not
+  // only a section offset; prepare redoes a case whose file lacks the recorded size.
+  if (typeof entry.bytes === 'number' && bytes.byteLength !== entry.bytes) throw caseFileSizeError(file, id, bytes.byteLength, entry.bytes);
   return decodeCaseFile(bytes, file);
+}
+
+function caseFileSizeError(file: string, id: string, size: number, recorded: number): CacheError {
+  return new CacheError(
+    'bad-case-file',
+    file,
+    `case file ${file} of case ${id} has ${size} bytes, but cmseg prepare wrote ${recorded}: it was ${size < recorded ? 'cut short' : 'changed'} since; ` +
+      'run `cmseg prepare` with the same --data and --out again (it prepares that case again)',
+    size,
+  );
+}
+
+/**
+ * The cases among `entries` whose case file is missing or has another size than prepare
+ * recorded (a truncated or replaced file), as CacheErrors naming each: checked once when a
+ * reader of many cases starts (the patch loader), so that a damaged case stops training
+ * before its first step rather than at the first patch, or never (a patch that happens to
+ * read only intact rows).
+ */
+export function damagedCaseFiles(cacheDir: string, entries: readonly CacheIndexEntry[]): { id: string; error: CacheError }[] {
+  const problems: { id: string; error: CacheError }[] = [];
+  for (const entry of entries) {
+    const file = path.join(cacheDir, entry.file);
+    let size: number;
+    try {
+      size = fs.statSync(file).size;
+    } catch {
+      problems.push({ id: entry.id, error: new CacheError('bad-case-file', file, `case file ${file} of case ${entry.id} is missing: run \`cmseg prepare\` again`, file) });
+      continue;
+    }
+    if (typeof entry.bytes === 'number' && size !== entry.bytes) problems.push({ id: entry.id, error: caseFileSizeError(file, entry.id, size, entry.bytes) });
+  }
+  return problems;
+}
+
+/** One message for the damagedCaseFiles of a cache: the case's own when one, else the cases named and the remedy. */
+export function damagedCasesMessage(cacheDir: string, damaged: readonly { id: string; error: CacheError }[]): string {
+  if (damaged.length === 1) return damaged[0].error.message;
+  const ids = damaged.slice(0, 5).map((d) => d.id).join(', ') + (damaged.length > 5 ? ', ...' : '');
+  return (
+    `${damaged.length} case files in ${path.join(cacheDir, 'cases')} are missing or not as cmseg prepare wrote them (cases ${ids}): ` +
+    'run `cmseg prepare` with the same --data and --out again (it prepares those cases again)'
+  );
 }
 
 /**
@@ -527,6 +573,13 @@ function readExactly(fd: number, filePath: string, into: Buffer, length: number,
     done += n;
   }
   return into.subarray(0, length);
+}
+
+/** Where the last section of a case file ends: the size of a complete file. */
+function caseFileEnd(header: CaseFileHeader): number {
+  const { images, consensus, labels, foreground } = header.sections;
+  const sections = [images, consensus, ...labels.filter((s): s is Section => s !== null), foreground.consensus, foreground.annotators];
+  return Math.max(...sections.map((s) => s.offset + s.bytes));
 }
 
 /**
@@ -569,6 +622,20 @@ export class CaseFileReader {
 
   static open(filePath: string): CaseFileReader {
     const { fd, header } = openWithHeader(filePath, parseCaseHeader);
+    // Every section must be in the file: a truncated one would otherwise surface only when a
+    // patch reads past the end, and a cut location list (the file's last section) not at all
+    // (readLocation read zeros: patches centred on voxel 0).
+    const size = fs.fstatSync(fd).size;
+    const end = caseFileEnd(header);
+    if (size < end) {
+      fs.closeSync(fd);
+      throw new CacheError(
+        'bad-case-file',
+        filePath,
+        `case file ${filePath} of case ${header.id} is truncated: its sections end at byte ${end}, the file has ${size}; run \`cmseg prepare\` again (it prepares that case again)`,
+        size,
+      );
+    }
     return new CaseFileReader(filePath, fd, header);
   }
 
@@ -590,9 +657,8 @@ export class CaseFileReader {
 
   /** The k-th stored foreground voxel index of a location list. */
   readLocation(section: LocationSection, k: number): number {
-    const bytes = Buffer.alloc(4);
-    fs.readSync(this.fd, bytes, 0, 4, section.offset + 4 * k);
-    return bytes.readUInt32LE(0);
+    // readExactly: a short read must not leave zeros that read as voxel 0.
+    return readExactly(this.fd, this.path, Buffer.alloc(4), 4, section.offset + 4 * k).readUInt32LE(0);
   }
 
   close(): void {
@@ -1017,16 +1083,26 @@ export async function prepareCache(dataDir: string, cacheDir: string, options: P
   await fs.promises.mkdir(path.join(cacheDir, CASES_FOLDER), { recursive: true });
   return withCacheLock(cacheDir, async () => {
     let index: CacheIndex = { format: CACHE_FORMAT, version: CACHE_VERSION, settings, channels: BRATS_CHANNELS, classes: BRATS_CLASSES, names: settings.names, cases: [] };
+    const removedByRebuild: string[] = [];
     if (options.rebuild) {
-      // Fused maps derive from the old annotators: delete them (best effort; a stale one
-      // would be fused again anyway, as its case file changes).
+      let old: CacheIndexEntry[] = [];
       try {
-        for (const entry of readCacheIndex(cacheDir).cases) removeFusedFiles(cacheDir, entry);
+        old = readCacheIndex(cacheDir).cases;
       } catch {
         // no readable old index: nothing known to delete
       }
-      // Drop the old index first: its entries must never describe case files rewritten with new settings.
+      // Drop the old index first: its entries must never describe case files rewritten with
+      // new settings, nor files deleted below.
       fs.rmSync(cacheIndexPath(cacheDir), { force: true });
+      for (const entry of old) {
+        // Fused maps derive from the old annotators: delete them (a stale one would be fused again anyway).
+        removeFusedFiles(cacheDir, entry);
+        // A case no longer in the data folder: no later run would ever list (and so remove) its file.
+        if (!cases.some((c) => c.id === entry.id)) {
+          fs.rmSync(path.join(cacheDir, entry.file), { force: true });
+          removedByRebuild.push(entry.id);
+        }
+      }
     } else if (fs.existsSync(cacheIndexPath(cacheDir))) {
       const existing = readCacheIndex(cacheDir);
       const changed = changedSettings(existing.settings, settings);
@@ -1042,14 +1118,17 @@ export async function prepareCache(dataDir: string, cacheDir: string, options: P
       index = existing;
     }
     const wanted = new Set(cases.map((c) => c.id));
-    const removed = index.cases.filter((entry) => !wanted.has(entry.id)).map((entry) => entry.id);
-    if (removed.length > 0) {
-      for (const entry of index.cases.filter((e) => !wanted.has(e.id))) {
+    const removed = [...removedByRebuild, ...index.cases.filter((entry) => !wanted.has(entry.id)).map((entry) => entry.id)];
+    if (removed.length > removedByRebuild.length) {
+      const gone = index.cases.filter((e) => !wanted.has(e.id));
+      index.cases = index.cases.filter((entry) => wanted.has(entry.id));
+      // The index first, then the files: a run killed in between must not leave an index
+      // naming deleted files (only files no index names, which cost disk, not validity).
+      await writeCacheIndex(cacheDir, index);
+      for (const entry of gone) {
         fs.rmSync(path.join(cacheDir, entry.file), { force: true });
         removeFusedFiles(cacheDir, entry);
       }
-      index.cases = index.cases.filter((entry) => wanted.has(entry.id));
-      await writeCacheIndex(cacheDir, index);
     }
     const prepared: string[] = [];
     const skipped: string[] = [];
@@ -1066,6 +1145,14 @@ export async function prepareCache(dataDir: string, cacheDir: string, options: P
         const pre = preprocessBratsCase(volume, { margin: settings.margin });
         const { bytes, header } = encodeCaseFile(cacheContentFor(pre, settings, volume.header), settings.dtype, settings.maxLocations);
         const file = path.posix.join(CASES_FOLDER, `${c.id}.bin`);
+        if (existing) {
+          // The index must never name a case file it does not describe: a run killed between
+          // replacing the file and rewriting the index would leave the old entry (its shape,
+          // size, label counts, sources) over the new file. Unlisting the case first leaves,
+          // at worst, a cache without it, which the next run prepares.
+          index.cases = index.cases.filter((e) => e.id !== c.id);
+          await writeCacheIndex(cacheDir, index);
+        }
         await writeFileAtomic(path.join(cacheDir, file), bytes);
         const entry: CacheIndexEntry = {
           id: c.id,

@@ -34,6 +34,8 @@ import {
   FusedFileReader,
   type FusedFileHeader,
   type Section,
+  damagedCaseFiles,
+  damagedCasesMessage,
   float16DecodeTable,
   fusedLabelsCurrent,
   readCacheIndex,
@@ -651,6 +653,12 @@ export class PatchLoader implements AsyncIterable<PatchBatch> {
       if (missing.length > 0) throw new PatchLoaderError(`cases not in the cache at ${options.cacheDir}: ${missing.slice(0, 5).join(', ')}${missing.length > 5 ? ', ...' : ''}`, missing);
     }
     if (entries.length === 0) throw new PatchLoaderError(`no cases to sample from in ${options.cacheDir}`);
+    // A missing or cut-short case file stops the loader here, naming the cases, rather than
+    // a worker at some later batch (or never, for a patch that reads only intact rows).
+    const damaged = damagedCaseFiles(options.cacheDir, entries);
+    if (damaged.length > 0) {
+      throw new PatchLoaderError(damagedCasesMessage(options.cacheDir, damaged), damaged.map((d) => d.error.path), { cause: damaged[0].error });
+    }
     const fusion = options.fused;
     if (fusion !== undefined) {
       // Training on a stale map would silently train on labels the annotators no longer give.

@@ -33,7 +33,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { AnnotatorSpec, LabelMode, simulateAnnotators } from '../data/annotators';
 import { BRATS_CLASS_NAMES } from '../data/brats';
-import { type CacheIndex, readCacheIndex, readCachedCaseForScoring } from '../data/cache';
+import { type CacheIndex, damagedCaseFiles, damagedCasesMessage, readCacheIndex, readCachedCaseForScoring } from '../data/cache';
 import { ImageFolderError, type LabelMapping, loadImageFolder } from '../data/image-folder';
 import { loadMnistSplits, MnistBatch } from '../data/mnist';
 import { PatchLoader } from '../data/patch-loader';
@@ -306,6 +306,11 @@ export function loadBratsExperiment(spec: BratsDatasetSpec, trainingSeed: number
       throw new RangeError(`the cache at ${cacheDir} lacks ${missing.length} ${split} case(s) of this run (${missing.slice(0, 3).join(', ')}${missing.length > 3 ? ', ...' : ''}): run cmseg prepare on the run's data again`);
     }
   }
+  // The patch loader checks the training cases' files; a damaged validation or test case
+  // would otherwise be found only when it is scored, after an epoch or the whole run.
+  const scored = new Set([...spec.splits.validation, ...spec.splits.test]);
+  const damaged = damagedCaseFiles(cacheDir, index.cases.filter((c) => scored.has(c.id)));
+  if (damaged.length > 0) throw new RangeError(damagedCasesMessage(cacheDir, damaged));
   const batchSize = runtime.batchSize ?? 1;
   // Set by prepareFusedTargets before the first batch: the loader then cuts the targets from the fused maps.
   let fusedTarget: StapleFusion | undefined;

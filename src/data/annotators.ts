@@ -345,6 +345,51 @@ export function annotatorNames(specs: readonly AnnotatorSpec[]): string[] {
   return numbered;
 }
 
+const ANNOTATOR_KINDS: readonly AnnotatorKind[] = ['good', 'over', 'under', 'fracture', 'wrong'];
+
+/** Checks one annotator spec's kind and settings; errors name the annotator (index and kind). */
+export function checkAnnotatorSpec(spec: AnnotatorSpec, index: number, classes: number): void {
+  const kind = (spec as { kind?: unknown } | undefined)?.kind;
+  const who = `annotator ${index} (${typeof kind === 'string' ? `'${kind}'` : String(kind)})`;
+  if (!ANNOTATOR_KINDS.includes(kind as AnnotatorKind)) {
+    throw new RangeError(`${who}: unknown annotator kind ${JSON.stringify(kind)}; choose from ${ANNOTATOR_KINDS.join(', ')}`);
+  }
+  const radius = (name: string, value: unknown): void => {
+    if (value !== undefined && !(typeof value === 'number' && Number.isFinite(value) && value >= 0)) {
+      throw new RangeError(`${who}: ${name} ${String(value)} must be a finite number >= 0`);
+    }
+  };
+  try {
+    switch (spec.kind) {
+      case 'over':
+        radius('rOver', spec.rOver);
+        break;
+      case 'under':
+        radius('rUnder', spec.rUnder);
+        break;
+      case 'fracture': {
+        const n = spec.numFractures;
+        if (n !== undefined && !(Number.isInteger(n) && n >= 0)) {
+          throw new RangeError(`numFractures ${String(n)} must be an integer >= 0`);
+        }
+        const thickness = spec.thickness;
+        if (thickness !== undefined && !(typeof thickness === 'number' && Number.isFinite(thickness) && thickness > 0)) {
+          throw new RangeError(`fracture thickness ${String(thickness)} must be a finite number > 0`);
+        }
+        break;
+      }
+      case 'wrong':
+        checkPermutation(spec.permutation ?? defaultPermutation(classes), classes);
+        break;
+      default:
+        break;
+    }
+  } catch (error) {
+    if (error instanceof RangeError && !error.message.startsWith(who)) throw new RangeError(`${who}: ${error.message}`);
+    throw error;
+  }
+}
+
 export type LabelMode = 'dense' | 'single';
 
 export interface SimulateOptions {
@@ -400,12 +445,20 @@ export function simulateAnnotators(
     );
   }
   if (specs.length === 0) throw new RangeError('simulateAnnotators needs at least one annotator spec');
+  const unlabelled = consensus.indexOf(UNLABELLED);
+  if (unlabelled >= 0) {
+    // 255 is a label value of its own (SPEC section 1), not just one too large: say so.
+    throw new RangeError(
+      `consensus: label 255 (unlabelled) at index ${unlabelled}: the consensus that annotators are simulated from must label every voxel`,
+    );
+  }
   checkLabels('consensus', consensus, classes, false);
   const mode = options.mode ?? 'dense';
   if (mode !== 'dense' && mode !== 'single') throw new RangeError(`mode ${JSON.stringify(mode)} must be 'dense' or 'single'`);
-  for (const spec of specs) {
-    if (spec.kind === 'wrong') checkPermutation(spec.permutation ?? defaultPermutation(classes), classes);
-  }
+  // Every spec is checked here, before any image: single mode simulates an annotator only
+  // on the images it is given (maybe none), and a radius is only used where there is
+  // foreground, so a bad spec used to pass or fail depending on the seed and the data.
+  specs.forEach((spec, r) => checkAnnotatorSpec(spec, r, classes));
   const names = annotatorNames(specs);
   const count = consensus.length / voxels;
   const annotatorCount = specs.length;

@@ -50,18 +50,17 @@ export interface StructuringElement {
   dx: Int32Array;
 }
 
-export function ballElement(radius: number, threeD: boolean): StructuringElement {
+export function ballElement(radius: number, threeD: boolean, extent?: Extent): StructuringElement {
   checkRadius(radius);
-  const reach = Math.floor(radius);
-  const zReach = threeD ? reach : 0;
+  const [zReach, yReach, xReach] = elementReach(radius, threeD, extent);
   const dz: number[] = [];
   const dy: number[] = [];
   const dx: number[] = [];
   // A tiny slack so that radius sqrt(2) computed in floating point still includes (1, 1).
   const limit = radius * radius + 1e-9;
   for (let z = -zReach; z <= zReach; z++) {
-    for (let y = -reach; y <= reach; y++) {
-      for (let x = -reach; x <= reach; x++) {
+    for (let y = -yReach; y <= yReach; y++) {
+      for (let x = -xReach; x <= xReach; x++) {
         if (z * z + y * y + x * x <= limit) {
           dz.push(z);
           dy.push(y);
@@ -73,12 +72,47 @@ export function ballElement(radius: number, threeD: boolean): StructuringElement
   return { dz: Int32Array.from(dz), dy: Int32Array.from(dy), dx: Int32Array.from(dx) };
 }
 
+/**
+ * How far the element reaches along z, y, x. Given the volume's extent, each reach is
+ * clipped to that axis's size: an offset of at least the size lands outside the volume
+ * from every voxel, so dropping longer ones changes neither a dilation nor an erosion
+ * (which the offset of exactly the size, kept, still empties). Without the clip a disk of
+ * radius 1e6 was a 4e12-offset element that ran the process out of memory.
+ */
+function elementReach(radius: number, threeD: boolean, extent?: Extent): [number, number, number] {
+  const reach = Math.floor(radius);
+  const clip = (size: number | undefined) => (size === undefined ? reach : Math.min(reach, size));
+  return [threeD ? clip(extent?.d) : 0, clip(extent?.h), clip(extent?.w)];
+}
+
+/**
+ * Whether stamping the element voxel by voxel costs more than a distance transform of the
+ * whole volume (a few passes over every voxel): large radii, such as a dilation by 300 in a
+ * 40^3 volume, which took foreground x element = 2e4 x 1.1e8 steps, go by distance instead.
+ */
+function distanceIsCheaper(mask: Uint8Array, extent: Extent, radius: number): boolean {
+  const [rz, ry, rx] = elementReach(radius, extent.d > 1, extent);
+  const elementBound = (2 * rz + 1) * (2 * ry + 1) * (2 * rx + 1);
+  let foreground = 0;
+  for (let i = 0; i < mask.length; i++) if (mask[i] !== 0) foreground++;
+  return elementBound * foreground > 32 * mask.length;
+}
+
 /** Dilation of the non-zero voxels of `mask` by a disk/ball; returns a 0/1 mask. */
 export function dilateBinary(mask: Uint8Array, extent: Extent, radius: number): Uint8Array {
   checkVolume('mask', mask, extent);
-  const element = ballElement(radius, extent.d > 1);
-  const { d, h, w } = extent;
+  checkRadius(radius);
   const out = new Uint8Array(mask.length);
+  if (distanceIsCheaper(mask, extent, radius)) {
+    // The element is symmetric: a voxel is in the dilation iff some foreground voxel lies
+    // within the radius of it (voxels outside the volume are not foreground).
+    const distance2 = squaredDistanceTo(mask, extent, true, false);
+    const limit = radius * radius + 1e-9;
+    for (let i = 0; i < out.length; i++) out[i] = distance2[i] <= limit ? 1 : 0;
+    return out;
+  }
+  const element = ballElement(radius, extent.d > 1, extent);
+  const { d, h, w } = extent;
   for (let z = 0, i = 0; z < d; z++) {
     for (let y = 0; y < h; y++) {
       for (let x = 0; x < w; x++, i++) {
@@ -100,9 +134,18 @@ export function dilateBinary(mask: Uint8Array, extent: Extent, radius: number): 
 /** Erosion of the non-zero voxels of `mask` by a disk/ball; returns a 0/1 mask. */
 export function erodeBinary(mask: Uint8Array, extent: Extent, radius: number): Uint8Array {
   checkVolume('mask', mask, extent);
-  const element = ballElement(radius, extent.d > 1);
-  const { d, h, w } = extent;
+  checkRadius(radius);
   const out = new Uint8Array(mask.length);
+  if (distanceIsCheaper(mask, extent, radius)) {
+    // A voxel survives iff no background voxel (outside the volume included) lies within
+    // the radius of it.
+    const distance2 = squaredDistanceTo(mask, extent, false, true);
+    const limit = radius * radius + 1e-9;
+    for (let i = 0; i < out.length; i++) out[i] = mask[i] !== 0 && distance2[i] > limit ? 1 : 0;
+    return out;
+  }
+  const element = ballElement(radius, extent.d > 1, extent);
+  const { d, h, w } = extent;
   for (let z = 0, i = 0; z < d; z++) {
     for (let y = 0; y < h; y++) {
       for (let x = 0; x < w; x++, i++) {
@@ -230,10 +273,21 @@ export function skeletonize2d(mask: Uint8Array, extent: Extent): Uint8Array {
  */
 export function squaredDistanceToBackground(mask: Uint8Array, extent: Extent): Float64Array {
   checkVolume('mask', mask, extent);
+  return squaredDistanceTo(mask, extent, false, true);
+}
+
+/**
+ * Squared distance from every voxel to the nearest voxel whose mask value is non-zero
+ * (`toForeground`) or zero, with the outside of the volume counted as such a voxel or
+ * not (`outsideCounts`). With no such voxel anywhere, every distance is at least `far`.
+ */
+function squaredDistanceTo(mask: Uint8Array, extent: Extent, toForeground: boolean, outsideCounts: boolean): Float64Array {
   const { d, h, w } = extent;
+  // Larger than any squared distance inside the volume, and exact in a double.
   const far = (d + h + w + 2) ** 2;
+  const pad = outsideCounts ? 0 : far;
   const dist = new Float64Array(mask.length);
-  for (let i = 0; i < mask.length; i++) dist[i] = mask[i] ? far : 0;
+  for (let i = 0; i < mask.length; i++) dist[i] = (mask[i] !== 0) === toForeground ? 0 : far;
   const axes: Array<{ length: number; stride: number; lines: number[] }> = [];
   const lineStarts = (length: number, stride: number): number[] => {
     const starts: number[] = [];
@@ -247,13 +301,14 @@ export function squaredDistanceToBackground(mask: Uint8Array, extent: Extent): F
   axes.push({ length: h, stride: w, lines: lineStarts(h, w) });
   if (d > 1) axes.push({ length: d, stride: h * w, lines: lineStarts(d, h * w) });
   for (const axis of axes) {
-    // Pad one background sample at each end: the outside of the volume is background.
+    // Pad one sample at each end: 0 where the outside of the volume counts as a target
+    // voxel, else `far` (no target there).
     const n = axis.length + 2;
     const f = new Float64Array(n);
     const out = new Float64Array(n);
     for (const start of axis.lines) {
-      f[0] = 0;
-      f[n - 1] = 0;
+      f[0] = pad;
+      f[n - 1] = pad;
       for (let k = 0; k < axis.length; k++) f[k + 1] = dist[start + k * axis.stride];
       lowerEnvelope(f, out);
       for (let k = 0; k < axis.length; k++) dist[start + k * axis.stride] = out[k + 1];

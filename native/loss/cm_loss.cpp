@@ -321,8 +321,10 @@ void cm_loss(const CmLossInput& in, CmLossOutput& out) {
   // Annotators whose head produced NaN or Inf somewhere (set by any thread; only ever to 1).
   std::vector<std::atomic<int>> nonfinite(R);
   for (auto& f : nonfinite) f = 0;
-  // Per-thread partials of the global CM gradient, summed after the pass.
-  std::vector<float> gcm_part(global && grads ? (size_t)threads * R * L * L : 0, 0.f);
+  // Per-thread partials of the global CM gradient, summed after the pass. Double: each is a
+  // sum of one term a pixel over a thread's share of the batch (10^5..10^6 voxels in 3D),
+  // which in float drifted by ~1e-4 relative; each chunk sums its own pixels in float first.
+  std::vector<double> gcm_part(global && grads ? (size_t)threads * R * L * L : 0, 0.0);
 
   parallel_for_static((int64_t)n * chunks, [&](int64_t item, int thread) {
     const int i = (int)(item / chunks);
@@ -379,6 +381,7 @@ void cm_loss(const CmLossInput& in, CmLossOutput& out) {
         for (int l = 0; l < kLanes; ++l) tr_acc[r] += tr_lanes[l];
       }
       float p[kMaxClasses], g[kMaxClasses * kMaxClasses];
+      float gcm_chunk[kMaxClasses * kMaxClasses] = {};  // global: this chunk's dL/d(raw), <= kChunk terms
       for (; v < cnt; ++v) {
         for (int k = 0; k < L; ++k) p[k] = p_rows[k * cnt + v];
         PixelCm& A = global ? gcm[r] : cm;
@@ -407,9 +410,13 @@ void cm_loss(const CmLossInput& in, CmLossOutput& out) {
           }
         }
         if (global)
-          A.backward(g, &gcm_part[((size_t)thread * R + r) * L * L], 1, true);
+          A.backward(g, gcm_chunk, 1, true);
         else
           A.backward(g, out.d_cm_raw[r] + head + v, V, false);
+      }
+      if (global && grads) {
+        double* part = &gcm_part[((size_t)thread * R + r) * L * L];
+        for (int e = 0; e < L * L; ++e) part[e] += gcm_chunk[e];
       }
     }
     // CE_r = sum of -log q over the chunk (q = 1 where nothing is labelled).

@@ -12,7 +12,11 @@ export interface LrSchedule {
   /** `step`: multiply by `gamma` every `stepSize` steps. Default gamma 0.1, stepSize a third of the run. */
   gamma?: number;
   stepSize?: number;
-  /** `cosine`: the rate at the last step, default 0. */
+  /**
+   * `cosine`: the rate the run ends on, default 0: reached at step `totalSteps` (the end of the
+   * run), so the last optimiser step (totalSteps - 1) runs just above it, exactly as
+   * torch.optim.lr_scheduler.CosineAnnealingLR(T_max = totalSteps, eta_min = minLr).
+   */
   minLr?: number;
   /** `poly`: lr * (1 - step / total)^power, default 0.9 (as nnU-Net). */
   power?: number;
@@ -38,12 +42,20 @@ export function checkSchedule(schedule: LrSchedule): void {
 
 /**
  * The learning rate of optimiser step `step` (0-based: the first step is 0) in a run of
- * `totalSteps` steps. Steps past the end keep the final rate.
+ * `totalSteps` steps, as PyTorch's ConstantLR, StepLR, CosineAnnealingLR(T_max = totalSteps)
+ * and PolynomialLR(total_iters = totalSteps) give it. Steps at or past the end get the
+ * end-of-run rate (that of step `totalSteps`: minLr for cosine, 0 for poly); torch's cosine
+ * would climb back up, its StepLR keep decaying.
  */
 export function learningRate(schedule: LrSchedule, step: number, totalSteps: number): number {
+  // A public function: a bad schedule or step would otherwise come back as a NaN, negative
+  // or infinite rate (e.g. stepSize 0 gives 0/0), found only when setOptimizer refuses it.
+  checkSchedule(schedule);
+  if (Number.isNaN(step) || step < 0) throw new RangeError(`step ${step} must be a number >= 0`);
+  if (!Number.isFinite(totalSteps) || totalSteps < 0) throw new RangeError(`total steps ${totalSteps} must be a finite number >= 0`);
   const { lr } = schedule;
   const total = Math.max(1, totalSteps);
-  const t = Math.min(Math.max(step, 0), total);
+  const t = Math.min(step, total);
   switch (schedule.kind) {
     case 'constant':
       return lr;

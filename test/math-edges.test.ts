@@ -387,3 +387,22 @@ t.test('learningRate refuses a schedule or step that would give a NaN, negative 
   refuse({ kind: 'poly', lr: 1 }, -1, 10, /step -1 must be a number >= 0/);
   t.equal(learningRate({ kind: 'poly', lr: 1, power: 1 }, Infinity, 4), 0, 'an infinite step is past the end');
 });
+
+t.test('a gradient whose square overflows float32 fails the step by name and leaves the weights and Adam state as they were', async (t) => {
+  const model = createModel({ ndim: 2, inChannels: 1, classes: 3, annotators: 2, depth: 2, baseChannels: 2, seed: 1, loss: { lambda: 1e30 } });
+  t.teardown(() => model.dispose());
+  const x = randomCase(11, 1, [8, 8], 3, 2);
+  const before = model.getWeights();
+  const state = model.getOptimizerState();
+  // The trace term's gradient is lambda * dT/d(raw): far beyond 1.8e19 in the CM heads.
+  await t.rejects(model.trainStep(x), /the gradient of \S+\[\d+\] is \S+: beyond 1\.8\d*e\+19 its square overflows float32 and Adam would stop updating; lower the learning rate, lambda or the loss scale \(the weights were left unchanged\)/);
+  const after = model.getWeights();
+  for (const name of Object.keys(before)) t.same(after[name], before[name], `${name} unchanged`);
+  t.equal(model.getOptimizerState().step, state.step, 'no optimiser step counted');
+  // With a sane lambda the same model trains on, and its state stays loadable (finite).
+  model.setLoss({ lambda: 0.01 });
+  const r = await model.trainStep(x);
+  t.ok(Number.isFinite(r.loss), `loss ${r.loss}`);
+  const v = model.getOptimizerState();
+  t.equal(v.step, 1);
+});

@@ -1,17 +1,30 @@
 // Adam and AdamW (Kingma & Ba 2015; Loshchilov & Hutter 2019), bias-corrected.
 // Adam adds weight_decay * w to the gradient (L2); AdamW decays the weights directly.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <vector>
 
+#include "cmseg/error.hpp"
 #include "cmseg/model.hpp"
 #include "cmseg/profile.hpp"
 #include "cmseg/threads.hpp"
 
 namespace cmseg {
 
+namespace {
+
+// The largest gradient whose square a float holds: past it Adam's second moment becomes Inf,
+// the update 0, and the weights stop changing without a word, while the saved optimiser state
+// (Inf) can no longer be loaded. PyTorch's float32 Adam does the same.
+constexpr float kLargestSquarable = 1.8e19f;
+
+}  // namespace
+
 void Model::apply_optimizer() {
   if (gpu_) return apply_optimizer_device();  // Device::Cuda (model_device.cpp)
   ProfileScope prof("adam");
+  check_gradients_squarable();
   ++step;
   const OptimConfig& o = optim;
   const float bc1 = 1.f - std::pow(o.beta1, (float)step), bc2 = 1.f - std::pow(o.beta2, (float)step);
@@ -43,6 +56,33 @@ void Model::apply_optimizer() {
       w[k] = wk - step_size * mk / (std::sqrt(vk) * rbc2 + eps);
     }
   });
+}
+
+// Refuses the update, before anything changes, when a gradient (with Adam's L2 term) is not a
+// finite number whose square fits a float (kLargestSquarable): the step fails with the
+// parameter named instead of leaving Inf in the optimiser state.
+void Model::check_gradients_squarable() const {
+  const float l2 = optim.kind == OptimKind::AdamW ? 0.f : optim.weight_decay;
+  std::vector<std::atomic<int64_t>> first_bad(params_.size());
+  for (auto& f : first_bad) f = -1;
+  parallel_for((int64_t)params_.size(), [&](int64_t i, int) {
+    const Param& p = params_[i];
+    const float* g = p.grad.data();
+    const float* w = p.value.data();
+    for (int64_t k = 0; k < p.numel(); ++k)
+      if (!(std::fabs(g[k] + l2 * w[k]) <= kLargestSquarable)) {
+        first_bad[i] = k;
+        return;
+      }
+  });
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const int64_t k = first_bad[i];
+    if (k < 0) continue;
+    const Param& p = params_[i];
+    throw Error(str("the gradient of ", p.name, "[", k, "] is ", p.grad[k], ": beyond ", kLargestSquarable,
+                    " its square overflows float32 and Adam would stop updating; lower the learning rate, lambda or the",
+                    " loss scale (the weights were left unchanged)"));
+  }
 }
 
 }  // namespace cmseg

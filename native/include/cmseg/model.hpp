@@ -136,6 +136,7 @@ class Model {
   // cm_heads (predict only): run the pixel-wise CM heads (the prediction returns CMs or q_r).
   StepResult run(const Batch& batch, bool backward, bool loss = true, bool cm_heads = true);
   // native/model/model_device.cpp: the Device::Cuda paths and the host/device sync.
+  void check_gradients_squarable() const;  // adam.cpp
   void attach_device();
   StepResult run_device(const Batch& batch, bool backward);
   void predict_device(const float* images, int n, Spatial s, float* probs, float* cms, float* annotator_probs);

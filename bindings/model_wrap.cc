@@ -554,8 +554,15 @@ Napi::Value ModelWrap::SetOptimizer(const Napi::CallbackInfo& info) {
   c.eps = get_float(env, o, "eps", c.eps, w);
   c.weight_decay = get_float(env, o, "weightDecay", c.weight_decay, w);
   if (!(c.lr >= 0)) throw_invalid(env, "optimizer.lr must be >= 0, got " + number_text(c.lr));
-  if (!(c.beta1 >= 0 && c.beta1 < 1 && c.beta2 >= 0 && c.beta2 < 1))
-    throw_invalid(env, "optimizer betas must be in [0, 1), got beta1 " + number_text(c.beta1) + ", beta2 " + number_text(c.beta2));
+  for (const auto& [name, beta] : {std::pair<const char*, float>{"beta1", c.beta1}, {"beta2", c.beta2}}) {
+    if (beta >= 0 && beta < 1) continue;
+    // Betas are floats: 0.99999999 is below 1 as given but 1 once stored, which says nothing
+    // to whoever typed it; the message names the value given and the rounding.
+    const Napi::Value given = o.Get(name);
+    const double typed = given.IsNumber() ? given.As<Napi::Number>().DoubleValue() : beta;
+    const std::string rounds = typed >= 0 && typed < 1 && beta == 1 ? " (" + number_text(typed) + " rounds to 1 in float32, the precision betas are kept in)" : "";
+    throw_invalid(env, std::string("optimizer.") + name + " must be in [0, 1), got " + number_text(typed) + rounds);
+  }
   // eps keeps the update finite where a parameter's gradients have all been 0 (an absent
   // annotator's head): with eps 0 that update is 0/0 and the weights turn NaN.
   if (!(c.eps > 0)) throw_invalid(env, "optimizer.eps must be > 0, got " + number_text(c.eps));

@@ -406,3 +406,13 @@ t.test('a gradient whose square overflows float32 fails the step by name and lea
   const v = model.getOptimizerState();
   t.equal(v.step, 1);
 });
+
+t.test('a beta that rounds to 1 in float32 is refused naming the value given and the rounding', async (t) => {
+  const model = createModel({ ndim: 2, inChannels: 1, classes: 2, annotators: 1, depth: 1, baseChannels: 2 });
+  t.teardown(() => model.dispose());
+  t.throws(() => model.setOptimizer({ beta2: 0.99999999 }), /optimizer\.beta2 must be in \[0, 1\), got 0\.99999999 \(0\.99999999 rounds to 1 in float32, the precision betas are kept in\)/);
+  t.throws(() => model.setOptimizer({ beta1: 1 }), /optimizer\.beta1 must be in \[0, 1\), got 1$/);
+  t.throws(() => model.setOptimizer({ beta1: -0.5 }), /optimizer\.beta1 must be in \[0, 1\), got -0\.5$/);
+  model.setOptimizer({ beta2: 0.9999 });
+  t.equal(model.optimizer.beta2, Math.fround(0.9999), 'a beta below 1 in float32 is taken');
+});

@@ -3,7 +3,7 @@
 // and 3D predict's written labels for a model of other than 4 classes and its --scale check.
 // nibabel is the oracle where it has an opinion; the hand-built files need no Python.
 
-import t from 'tap';
+import t, { type Test } from 'tap';
 import * as fs from 'fs';
 import * as path from 'path';
 import * as zlib from 'zlib';
@@ -141,11 +141,17 @@ print(json.dumps(out))
   t.ok(volume.affine.flat().every(Number.isFinite), `finite affine: ${JSON.stringify(volume.affine)}`);
 });
 
-t.test('a 3D model of 5 classes: written labels are its class indices, not BraTS release labels that merge 3 and 4', async (t) => {
+/** A folder with one 16^3 phantom case in brats/, for the predict tests below (one thread). */
+async function phantomFolder(t: Test): Promise<string> {
   const dir = tempDir(t);
   setNumThreads(1);
   const phantom = await runCli(['phantom', 'brats', '--cases', '1', '--out', 'brats', '--size', '16,16,16', '--seed', '2', '--quiet'], dir);
   t.equal(phantom.exitCode, 0, phantom.stderr);
+  return dir;
+}
+
+t.test('a 3D model of 5 classes: written labels are its class indices, not BraTS release labels that merge 3 and 4', async (t) => {
+  const dir = await phantomFolder(t);
   // A tiny untrained model whose class-3 bias is raised by 2: class 3 wins at most voxels,
   // and the other classes, 4 included, where the random weights say so.
   const model = createModel({ ndim: 3, inChannels: 4, classes: 5, annotators: 2, depth: 2, baseChannels: 4, seed: 5 });
@@ -198,10 +204,7 @@ t.test('a .nii over 2 GiB is a NiftiError naming the file and the limit, not a b
 });
 
 t.test('3D predict refuses a --scale too large for its pictures before predicting or writing the case', async (t) => {
-  const dir = tempDir(t);
-  setNumThreads(1);
-  const phantom = await runCli(['phantom', 'brats', '--cases', '1', '--out', 'brats', '--size', '16,16,16', '--seed', '2', '--quiet'], dir);
-  t.equal(phantom.exitCode, 0, phantom.stderr);
+  const dir = await phantomFolder(t);
   const model = createModel({ ndim: 3, inChannels: 4, classes: 4, annotators: 2, depth: 2, baseChannels: 4, seed: 5 });
   await saveCheckpoint(model, path.join(dir, 'm.safetensors'));
   await model.dispose();

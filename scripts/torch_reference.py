@@ -21,6 +21,7 @@ Examples:
 
 import argparse
 import json
+import re
 import math
 import resource
 import sys
@@ -415,22 +416,34 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32):
         meta = f.metadata() or {}
     if meta.get("format") != "cmseg-checkpoint":
         raise ValueError(f"{path}: not a cmseg checkpoint (metadata format is {meta.get('format')!r})")
+    # The checks cmseg's loadCheckpoint makes: a resume from what they refuse would not be exact.
+    version = meta.get("version", "1")
+    if version != "1":
+        raise ValueError(f"{path}: checkpoint format version {version!r}; this reference reads version '1'")
     tensors = load_file(path)
     cfg = parse_config(json.loads(meta["config"]))
     model = CMUNet(cfg)
     weights = {k: v for k, v in tensors.items() if not k.startswith("optim.")}
     load_parameters(model, weights)
     model = model.to(device=device, dtype=dtype).eval()
+    moments = {
+        "m": {k[len("optim.m."):]: v for k, v in tensors.items() if k.startswith("optim.m.")},
+        "v": {k[len("optim.v."):]: v for k, v in tensors.items() if k.startswith("optim.v.")},
+    }
+    if moments["m"] or moments["v"]:
+        for kind in ("m", "v"):
+            missing = sorted(set(weights) - set(moments[kind]))
+            if missing:
+                raise ValueError(f"{path}: Adam moments optim.{kind}.* lack {len(missing)} parameter(s) ({', '.join(missing[:3])}): every moment or none")
+        if not re.fullmatch(r"\d+", meta.get("step", "")):
+            raise ValueError(f"{path}: Adam moments without a whole-number 'step' (got {meta.get('step')!r}): bias correction needs it")
     info = {
         "config": cfg,
         "optimizer": json.loads(meta.get("optimizer", "{}")),
         "loss": json.loads(meta.get("loss", "{}")),
         "step": int(meta.get("step", "0")),
         "extra": json.loads(meta.get("extra", "{}")),
-        "moments": {
-            "m": {k[len("optim.m."):]: v for k, v in tensors.items() if k.startswith("optim.m.")},
-            "v": {k[len("optim.v."):]: v for k, v in tensors.items() if k.startswith("optim.v.")},
-        },
+        "moments": moments,
     }
     return model, info
 

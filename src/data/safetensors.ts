@@ -82,6 +82,11 @@ export function encodeSafetensors(
   }
   let json = JSON.stringify(header);
   json += ' '.repeat((8 - (Buffer.byteLength(json, 'utf8') % 8)) % 8); // keep the data 8-byte aligned
+  // The reference reader (and decodeSafetensors) refuse headers over MAX_HEADER_BYTES:
+  // writing one would make a file that nothing can read back, an unreadable checkpoint.
+  const headerBytes = Buffer.byteLength(json, 'utf8');
+  if (headerBytes > MAX_HEADER_BYTES)
+    throw new SafetensorsError(`the header (names, shapes and metadata) would take ${headerBytes} bytes; safetensors readers refuse headers over ${MAX_HEADER_BYTES} bytes`);
   const head = Buffer.alloc(8);
   const jsonBytes = Buffer.from(json, 'utf8');
   head.writeBigUInt64LE(BigInt(jsonBytes.length));
@@ -205,16 +210,21 @@ function tooLarge(v: unknown): boolean {
 }
 
 /** A JSON value as errors show it: `-8`, `"4"`, `null`, `an array [...]`, `an object`, `missing`. */
-function describe(v: unknown): string {
+function describe(v: unknown, depth = 0): string {
   if (v === undefined) return 'missing';
-  if (Array.isArray(v)) return `an array ${list(v)}`;
+  if (Array.isArray(v)) return `an array ${list(v, depth)}`;
   if (v !== null && typeof v === 'object') return 'an object';
   return JSON.stringify(v) ?? String(v);
 }
 
-/** `[0, 144]`, `[0.5, 8, 3]`, `["4"]`: a JSON array as errors show it (the first 8 entries). */
-function list(values: readonly unknown[]): string {
-  const shown = values.slice(0, 8).map((x) => (Array.isArray(x) || (x !== null && typeof x === 'object') ? describe(x) : JSON.stringify(x) ?? String(x)));
+/**
+ * `[0, 144]`, `[0.5, 8, 3]`, `["4"]`: a JSON array as errors show it (the first 8 entries).
+ * Arrays nested more than 2 deep show as `[...]`: a hostile header of 100,000 nested
+ * arrays would otherwise overflow the stack here (a RangeError naming no file).
+ */
+function list(values: readonly unknown[], depth = 0): string {
+  const nested = (x: unknown) => (depth >= 2 && Array.isArray(x) ? '[...]' : describe(x, depth + 1));
+  const shown = values.slice(0, 8).map((x) => (Array.isArray(x) || (x !== null && typeof x === 'object') ? nested(x) : JSON.stringify(x) ?? String(x)));
   return `[${shown.join(', ')}${values.length > 8 ? ', ...' : ''}]`;
 }
 

@@ -56,11 +56,18 @@ export async function saveCheckpoint(model: Model, path: string, extra: Record<s
 function extraToJson(extra: Record<string, unknown>): string {
   if (extra === null || typeof extra !== 'object' || Array.isArray(extra))
     throw new TypeError('saveCheckpoint: extra must be a plain object of JSON values');
+  let json: string;
   try {
-    return JSON.stringify(extra);
+    json = JSON.stringify(extra);
   } catch (err) {
     throw new TypeError(`saveCheckpoint: extra cannot be stored as JSON (${(err as Error).message})`);
   }
+  // A Date, or a toJSON giving a string, array or null, passes the test above but is
+  // not a JSON object: readCheckpoint refuses it, so the checkpoint could never be loaded.
+  // (A toJSON giving undefined makes JSON.stringify return undefined.)
+  if (typeof json !== 'string' || !json.startsWith('{'))
+    throw new TypeError(`saveCheckpoint: extra must be a plain object of JSON values (it is stored as ${typeof json !== 'string' ? 'nothing' : json.length > 40 ? `${json.slice(0, 40)}...` : json}, not a JSON object)`);
+  return json;
 }
 
 function parseJson(text: string | undefined, what: string, path: string): unknown {
@@ -85,6 +92,11 @@ export async function readCheckpoint(path: string): Promise<CheckpointContents> 
   const md = file.metadata;
   const format = Object.hasOwn(md, 'format') ? md.format : undefined;
   if (format !== CHECKPOINT_FORMAT) throw new Error(`${path}: not a cmseg checkpoint (metadata format is '${format ?? 'missing'}')`);
+  // Another format version may lay out or mean its tensors and settings differently:
+  // refuse it rather than load it as this one. (A missing version, as in a hand-made
+  // checkpoint, is read as this version.)
+  if (Object.hasOwn(md, 'version') && md.version !== CHECKPOINT_VERSION)
+    throw new Error(`${path}: checkpoint format version '${md.version}' is not one this cmseg reads (it reads version '${CHECKPOINT_VERSION}'); was it written by another cmseg version?`);
   const weights: Record<string, Float32Array> = {};
   const shapes: Record<string, number[]> = {};
   const m: Record<string, Float32Array> = {};
@@ -96,7 +108,11 @@ export async function readCheckpoint(path: string): Promise<CheckpointContents> 
     else if (name.startsWith('optim.v.')) setOwn(v, name.slice(8), t.data);
     else setOwn(weights, name, t.data);
   }
-  const stepText = md.step ?? '0';
+  // Without a step, Adam's bias correction would restart at step 1 on moments of a later
+  // step: refuse that. A weights-only file without a step starts a fresh optimiser.
+  if (!Object.hasOwn(md, 'step') && (Object.keys(m).length || Object.keys(v).length))
+    throw new Error(`${path}: checkpoint metadata has no 'step', but the file has Adam moments (optim.m.*, optim.v.*) that need it`);
+  const stepText = Object.hasOwn(md, 'step') ? md.step : '0';
   const step = /^\d+$/.test(stepText) ? Number(stepText) : NaN;
   if (!Number.isSafeInteger(step)) throw new Error(`${path}: checkpoint metadata 'step' is '${stepText}', not a non-negative integer`);
   return {
@@ -106,7 +122,7 @@ export async function readCheckpoint(path: string): Promise<CheckpointContents> 
     step,
     weights,
     shapes,
-    moments: Object.keys(m).length ? { m, v } : undefined,
+    moments: Object.keys(m).length || Object.keys(v).length ? { m, v } : undefined,
     extra: md.extra ? parseObject(md.extra, 'extra', path) : {},
   };
 }
@@ -125,6 +141,9 @@ function withCause(message: string, cause: unknown): Error {
 
 /** Rebuilds the model a checkpoint was saved from: weights, optimiser state and settings. */
 export async function loadCheckpoint(path: string, overrides: Partial<ModelConfig> = {}): Promise<Model> {
+  // null or a string would otherwise fail deep inside as "Cannot convert undefined or null to object".
+  if (!isPlainObject(overrides))
+    throw new TypeError(`loadCheckpoint: overrides must be an object of model settings (e.g. {device: 'cpu'}), got ${overrides === null ? 'null' : Array.isArray(overrides) ? 'an array' : typeof overrides}`);
   const c = await readCheckpoint(path);
   // Which overrides change the network the checkpoint was saved from, to name in errors.
   const changed = Object.keys(overrides).filter((k) => (overrides as Record<string, unknown>)[k] !== (c.config as unknown as Record<string, unknown>)[k]);
@@ -147,6 +166,13 @@ export async function loadCheckpoint(path: string, overrides: Partial<ModelConfi
         if (found && !sameShape(found, p.shape))
           throw new Error(`tensor '${name}' has shape [${found.join(', ')}] but the model's parameter ${p.name} is [${p.shape.join(', ')}]`);
       }
+    }
+    // Adam moments are all there or all absent (weights only: fresh moments). A file
+    // with some of them would resume with zero moments for the rest, silently inexact.
+    if (c.moments) {
+      const absent = params.flatMap((p) => [`optim.m.${p.name}`, `optim.v.${p.name}`]).filter((n) => !Object.hasOwn(c.shapes, n));
+      if (absent.length)
+        throw new Error(`checkpoint has Adam moments but lacks ${absent.slice(0, 5).map((n) => `'${n}'`).join(', ')}${absent.length > 5 ? ', ...' : ''} (a checkpoint holds every moment or none)`);
     }
     model.setWeights(c.weights);
     model.setOptimizerState({ step: c.step, ...(c.moments ?? {}) });

@@ -14,15 +14,24 @@ export function sameNames(a: readonly string[], b: readonly string[]): boolean {
   return a.length === b.length && a.every((name, i) => name === b[i]);
 }
 
-export function parseInteger(min: number): (value: string) => number {
+export function parseInteger(min: number, max = Number.MAX_SAFE_INTEGER): (value: string) => number {
   return (value) => {
     const n = Number(value);
-    if (!/^[-+]?\d+$/.test(value.trim()) || !Number.isSafeInteger(n) || n < min) {
-      throw new InvalidArgumentError(`expected an integer >= ${min}.`);
+    if (!/^[-+]?\d+$/.test(value.trim()) || !Number.isSafeInteger(n) || n < min || n > max) {
+      throw new InvalidArgumentError(max === Number.MAX_SAFE_INTEGER ? `expected an integer >= ${min}.` : `expected an integer in ${min}..${max}.`);
     }
     return n;
   };
 }
+
+/** The most native threads the engine takes (setNumThreads, CMSEG_NUM_THREADS). */
+export const MAX_THREADS = 1024;
+
+/**
+ * --threads: checked while parsing, as every other option. Past 1024 the engine's own check
+ * failed after the command had started, as "setNumThreads expects an integer in 1..1024, got 5e+03".
+ */
+export const parseThreads = parseInteger(1, MAX_THREADS);
 
 export function parseNumber(min: number, inclusive = true): (value: string) => number {
   return (value) => {

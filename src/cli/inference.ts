@@ -20,7 +20,7 @@ import { mirrored } from '../model/tta';
 import { type InferenceModel, paddedSize, paddedToDepth } from '../train/evaluate';
 import type { DatasetSpec, RunRecipe } from '../train/experiment';
 import type { TrainerExtra } from '../train/trainer';
-import { choiceOption, displayPath, parseInteger, parseNumber, sameNames, UserError } from './common';
+import { choiceOption, displayPath, parseInteger, parseNumber, parseThreads, sameNames, UserError } from './common';
 
 /** The --device choices of eval and predict. */
 export const DEVICES: readonly Device[] = ['cpu', 'cuda', 'auto'];
@@ -32,7 +32,7 @@ export function withInferenceOptions(command: Command): Command {
     .option('--window-batch <n>', '3D: windows per forward pass; 1 lowers the memory (a c32 model on 128^3 windows took 9.3 GB on the CPU at 2, 6.6 GB at 1)', parseInteger(1), 2)
     .option('--geometry-tolerance <mm>', "3D: how far apart a case's files may put one voxel and still count as one grid", parseNumber(0), BRATS_GEOMETRY_TOLERANCE_MM)
     .addOption(choiceOption('--device <name>', 'where the model runs (default: where it was trained; the CPU when no GPU can run it)', DEVICES))
-    .option('--threads <n>', 'native threads', parseInteger(1));
+    .option('--threads <n>', 'native threads', parseThreads);
 }
 
 /** Why a checkpoint alone does not say what to predict or score, and what to pass instead. */

@@ -7,7 +7,7 @@ import { Command } from 'commander';
 import { readCheckpointInfo, methodLabel, type CheckpointInfo } from '../model/checkpoint-info';
 import type { DatasetSpec } from '../train/experiment';
 import { backendInfo, setNumThreads } from '../model/model';
-import { parseInteger, withExamples } from './common';
+import { parseThreads, UserError, withExamples } from './common';
 
 interface InfoFlags {
   checkpoint?: string;
@@ -68,7 +68,9 @@ function table(lines: [string, string][]): string {
 
 async function runInfo(flags: InfoFlags): Promise<void> {
   if (flags.threads !== undefined) setNumThreads(flags.threads);
-  if (flags.checkpoint) {
+  // `--checkpoint "$CKPT"` with the variable unset is an empty name: an error, not the backends' table.
+  if (flags.checkpoint !== undefined) {
+    if (flags.checkpoint.trim() === '') throw new UserError('--checkpoint is empty: name a checkpoint file');
     const info = await readCheckpointInfo(path.resolve(flags.checkpoint));
     if (flags.json) {
       const { file, config, step, method, learnsCms, annotatorNames, namesRecorded, recipe } = info;
@@ -88,7 +90,7 @@ export function registerInfoCommand(program: Command): Command {
     .description('what this installation can run (backends, GPU, threads), or what a checkpoint holds (--checkpoint)')
     .option('--checkpoint <file>', 'describe this checkpoint: model, method, step, annotators, the data it was trained on')
     .option('--json', 'print one JSON object instead of text')
-    .option('--threads <n>', 'native threads (default: CMSEG_NUM_THREADS or all cores)', parseInteger(1))
+    .option('--threads <n>', 'native threads (default: CMSEG_NUM_THREADS or all cores)', parseThreads)
     .action((flags: InfoFlags) => runInfo(flags));
   return withExamples(cmd, 'cmseg info', 'cmseg info --checkpoint runs/cm/best.safetensors');
 }

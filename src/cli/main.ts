@@ -13,7 +13,10 @@ import { registerPredictCommand } from './predict';
 import { registerPrepareCommand } from './prepare';
 import { registerSimulateCommand } from './simulate';
 import { registerTrainCommand } from './train';
-import { withExamples } from './common';
+import * as fs from 'fs';
+import * as path from 'path';
+import { UserError, withExamples } from './common';
+import { AtomicWriteError } from '../data/files';
 
 // eslint-disable-next-line @typescript-eslint/no-require-imports
 const { version } = require('../../package.json') as { version: string };
@@ -72,18 +75,78 @@ export async function main(argv: string[] = process.argv): Promise<void> {
   quietOnClosedPipe(process.stdout);
   quietOnClosedPipe(process.stderr);
   try {
+    refuseSpecialOutputs(argv);
     await buildProgram().parseAsync(argv);
   } catch (error) {
-    const message = describeError(error);
+    const described = describeError(error);
+    const message = described.includes('~') ? described + tildeHint(argv) : described;
     process.stderr.write(`cmseg: error: ${message}\n`);
     if (process.env.CMSEG_DEBUG && error instanceof Error && error.stack) process.stderr.write(error.stack + '\n');
     process.exitCode = 1;
   }
 }
 
+const WRITE_FAILURES: Record<string, string> = {
+  EACCES: 'no permission to write in its folder',
+  EPERM: 'no permission to write in its folder',
+  EROFS: 'its folder is on a read-only file system',
+  ENOSPC: 'no space left on the device',
+  EDQUOT: 'the disk quota is used up',
+  ENOENT: 'its folder does not exist (or cannot hold new files)',
+  ENOTDIR: 'a part of its folder path is a file, not a folder',
+  EISDIR: 'a folder of that name is in the way',
+  EIO: 'an input/output error on the device',
+  // The temp file's name is the target's plus about 25 characters: a name near the 255-byte limit fits, its temp does not.
+  ENAMETOOLONG: 'its name is too long for the file system (cmseg writes it under a temporary name about 25 characters longer first)',
+};
+
+// The options that name a file a command writes (eval/curves --out, fuse -o, --cms, --posterior).
+const OUTPUT_FILE_FLAGS = ['--out', '-o', '--cms', '--posterior'];
+
+// Every output is written whole: a temp file beside the target, renamed over it. Over a device,
+// FIFO or socket (`--out /dev/null`, `--out /dev/stdout`, a named pipe) that rename replaces the
+// special file itself with a regular one: as root, /dev/null of the whole machine. Refused before
+// anything runs, with what to do instead.
+function refuseSpecialOutputs(argv: readonly string[]): void {
+  const args = argv.slice(2);
+  for (let i = 0; i < args.length; i++) {
+    const eq = args[i].indexOf('=');
+    const flag = eq > 0 ? args[i].slice(0, eq) : args[i];
+    if (!OUTPUT_FILE_FLAGS.includes(flag)) continue;
+    const value = eq > 0 ? args[i].slice(eq + 1) : args[i + 1];
+    if (value === undefined || value === '') continue;
+    const stat = fs.statSync(value, { throwIfNoEntry: false });
+    // /dev/stdout -> /proc/self/fd/1 is a regular file when stdout is redirected to one: the
+    // rename would still replace the link in /dev. Nothing under /dev or /proc is a cmseg output,
+    // except in /dev/shm, the memory-backed scratch folder of many clusters.
+    const resolved = path.resolve(value);
+    const special = /^\/(dev|proc)\//.test(resolved) && !/^\/dev\/shm\/./.test(resolved);
+    if (special || (stat && !stat.isFile() && !stat.isDirectory())) {
+      throw new UserError(
+        `${flag} ${value} is not a regular file (a device, pipe or socket): cmseg writes its outputs whole, renaming a finished temp file over the name, which would replace it; name an ordinary file instead (and read it from there)`,
+      );
+    }
+  }
+}
+
+// `--data "~/brats"` (quoted, or from a config file or script variable) reaches cmseg with the
+// `~` unexpanded, and fails as "not found: /work/~/brats": say why, which the path alone does not.
+function tildeHint(argv: readonly string[]): string {
+  const tilde = argv.slice(2).some((arg) => /^~($|\/)/.test(arg) || /^--?[\w-]+=~($|\/)/.test(arg));
+  return tilde ? " (note: the shell does not expand a quoted '~': write $HOME or the full path)" : '';
+}
+
 // Node's file-system errors name the call, not what the user asked for: say it plainly.
 function describeError(error: unknown): string {
   if (!(error instanceof Error)) return String(error);
+  // An atomic write fails on its temp file (".name.<pid>.<hex>.tmp"), which the user never
+  // named and which is gone again: say which file could not be written, and why, plainly.
+  if (error instanceof AtomicWriteError) {
+    const cause = error.cause as NodeJS.ErrnoException | undefined;
+    const why = cause?.code ? WRITE_FAILURES[cause.code] : undefined;
+    if (why) return `could not write ${error.path}: ${why}`;
+    return error.message;
+  }
   const e = error as NodeJS.ErrnoException;
   const file = e.path ? `'${e.path}'` : 'a path';
   switch (e.code) {
@@ -98,6 +161,8 @@ function describeError(error: unknown): string {
       return `no permission to access ${file}`;
     case 'ENOSPC':
       return `no space left on the device while writing ${file}`;
+    case 'EROFS':
+      return `${file} is on a read-only file system`;
     default:
       return error.message;
   }

@@ -64,6 +64,7 @@ export async function prepareWithProgress(dataDir: string, cacheDir: string, opt
   let interrupted = false;
   const onSigint = () => {
     if (interrupted) {
+      bar?.stop(); // shows the cursor again, which the bar hid
       stream.write('\nsecond interrupt: quitting now; the cache still holds every case finished so far\n');
       process.exit(130);
     }

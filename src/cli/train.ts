@@ -37,7 +37,7 @@ import { createFusionProgress, createProgress, silentFusionProgress } from '../t
 import { SCHEDULE_KINDS, ScheduleKind } from '../train/schedule';
 import type { CmInit } from '../model/config';
 import { CHECKPOINT_LAST, lockRunFolder, readTrainerState, train, TrainConfig, TrainResult } from '../train/trainer';
-import { choiceOption, displayPath, given, parseInteger, parseNumber, printOutputs, UserError, withExamples } from './common';
+import { choiceOption, displayPath, given, parseInteger, parseNumber, parseThreads, printOutputs, UserError, withExamples } from './common';
 import { CURVES_FILE, writeRunCurves } from './curves';
 import { checkRunCache, loadRunData } from './run-data';
 import { prepareWithProgress } from './prepare';
@@ -643,7 +643,7 @@ export function registerTrainCommand(program: Command): Command {
     .option('--checkpoint-every <n>', 'also save the last checkpoint every n steps', parseInteger(0))
     .option('--bf16', 'GPU presets: convolutions in bfloat16 with fp32 accumulation (like torch.autocast bf16)')
     .option('--no-test', 'skip the test-set evaluation at the end')
-    .option('--threads <n>', 'native threads (default: CMSEG_NUM_THREADS or all cores)', parseInteger(1))
+    .option('--threads <n>', 'native threads (default: CMSEG_NUM_THREADS or all cores)', parseThreads)
     .option('-q, --quiet', 'no progress output')
     .option('--json', 'print the result as one JSON object on stdout (status, steps, best validation, test metrics, files) instead of text')
     .action((flags: TrainFlags, cmd: Command) => runTrain(flags, cmd));

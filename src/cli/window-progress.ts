@@ -21,14 +21,30 @@ export function windowProgress(label: string, stream: NodeJS.WritableStream & { 
     clearOnComplete: true,
   });
   let started = false;
+  // eval and predict leave Ctrl-C and SIGTERM to the default (the process ends at once), which
+  // left the terminal's cursor hidden by the bar. While the bar runs, a signal first shows the
+  // cursor again, then is raised once more: with this listener gone, it ends the process as
+  // before (exit status 130 or 143 to the shell), or reaches whoever else handles it.
+  const onSignal = (signal: NodeJS.Signals) => {
+    stop();
+    process.kill(process.pid, signal);
+  };
+  const stop = () => {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    if (started) bar.stop();
+    started = false;
+  };
   return {
     onProgress: (done, total) => {
-      if (!started) bar.start(total, 0), (started = true);
+      if (!started) {
+        bar.start(total, 0);
+        started = true;
+        process.once('SIGINT', onSignal);
+        process.once('SIGTERM', onSignal);
+      }
       bar.update(done);
     },
-    stop: () => {
-      if (started) bar.stop();
-      started = false;
-    },
+    stop,
   };
 }

@@ -117,7 +117,21 @@ async function fsyncDirectory(dir: string): Promise<void> {
  * complete new one: temp file in the same folder, fsync, rename over the target.
  * On failure the temp file is removed and an AtomicWriteError is thrown.
  */
+/**
+ * A device, pipe or socket under the target's name would be replaced by the rename (as root,
+ * `/dev/null` of the whole machine): refused. A folder there is left to the rename's EISDIR.
+ */
+function refuseSpecialTarget(filePath: string): void {
+  const stat = fs.statSync(filePath, { throwIfNoEntry: false });
+  if (stat && !stat.isFile() && !stat.isDirectory()) {
+    throw new AtomicWriteError(filePath, {
+      cause: new Error('it is a device, pipe or socket, not a regular file, and writing whole (a temp file renamed over the name) would replace it; name an ordinary file'),
+    });
+  }
+}
+
 export async function writeFileAtomic(filePath: string, data: Uint8Array): Promise<void> {
+  refuseSpecialTarget(filePath);
   const tempPath = tempPathFor(filePath);
   try {
     const handle = await fs.promises.open(tempPath, 'wx');
@@ -137,6 +151,7 @@ export async function writeFileAtomic(filePath: string, data: Uint8Array): Promi
 
 /** Synchronous writeFileAtomic. */
 export function writeFileAtomicSync(filePath: string, data: Uint8Array): void {
+  refuseSpecialTarget(filePath);
   const tempPath = tempPathFor(filePath);
   try {
     const fd = fs.openSync(tempPath, 'wx');
@@ -166,10 +181,16 @@ function writeAllSync(fd: number, data: Uint8Array): void {
   }
 }
 
-/** A path as the user will want to paste it: relative to the working folder when inside it. */
+/**
+ * A path as the user will want to paste it: relative to the working folder when inside it.
+ * A quoted `--out "~/x"` is not expanded by the shell and makes a folder named `~` here: shown
+ * as `~/x` it would read as the home folder (and a later `rm -rf ~/x` would hit that), so such
+ * a path is shown as `./~/x`.
+ */
 export function displayPath(file: string): string {
   const relative = path.relative(process.cwd(), file);
-  return relative && !relative.startsWith('..') && !path.isAbsolute(relative) ? relative : file;
+  const shown = relative && !relative.startsWith('..') && !path.isAbsolute(relative) ? relative : file;
+  return shown === '~' || shown.startsWith(`~${path.sep}`) || shown.startsWith('~/') ? `.${path.sep}${shown}` : shown;
 }
 
 // ---------------------------------------------------------------------------

@@ -49,15 +49,26 @@ export async function readCheckpointInfo(file: string): Promise<CheckpointInfo> 
   const { config, extra } = contents;
   checkConfig(config, file);
   const saved = extra.format === TRAINER_STATE_FORMAT ? trainerExtra(extra, file) : undefined;
-  const recipe = (saved?.run as unknown as RunRecipe | undefined)?.dataset ? (saved!.run as unknown as RunRecipe) : undefined;
+  // extra.run is free-form for the API's train() (TrainHooks.run): only a data set of a kind
+  // cmseg train writes is its recipe; anything else counts as no recipe (eval needs --data).
+  const run = saved?.run as unknown as RunRecipe | undefined;
+  const recipe = DATASET_KINDS.includes((run?.dataset as { kind?: string } | undefined)?.kind as string) ? run : undefined;
+  if (recipe) checkRecipe(recipe, file);
   const R = config.annotators;
   const recorded = saved?.annotatorNames ?? extra.annotatorNames;
   const namesRecorded = Array.isArray(recorded) && recorded.length === R && recorded.every((n) => typeof n === 'string' && n !== '');
-  const method = saved?.config.method ?? (METHOD_NAMES.includes(extra.method as MethodName) ? (extra.method as MethodName) : undefined);
+  const savedMethod = saved?.config.method;
+  // A trainer checkpoint's method that this cmseg does not know would otherwise fail later as
+  // "unknown method", which reads like a mistake on the command line: name the file instead.
+  if (saved && !METHOD_NAMES.includes(savedMethod as MethodName))
+    throw new UserError(`checkpoint ${file}: its trainer state names the method ${JSON.stringify(savedMethod)}, which this cmseg does not know (${METHOD_NAMES.join(', ')})`);
+  const method = savedMethod ?? (METHOD_NAMES.includes(extra.method as MethodName) ? (extra.method as MethodName) : undefined);
+  const step = saved?.state.step ?? contents.step;
+  if (!Number.isSafeInteger(step) || step < 0) throw new UserError(`checkpoint ${file}: its trainer state's step is ${JSON.stringify(step)}, not a non-negative integer`);
   return {
     file,
     config,
-    step: saved?.state.step ?? contents.step,
+    step,
     ...(saved ? { saved } : {}),
     ...(recipe ? { recipe } : {}),
     ...(method ? { method } : {}),
@@ -85,5 +96,44 @@ function checkConfig(config: ResolvedConfig, file: string): void {
     const value = config[key];
     if (!Number.isInteger(value) || (value as number) < lo || (value as number) > hi)
       throw bad(`${key} must be an integer ${hi === Number.MAX_SAFE_INTEGER ? `>= ${lo}` : `in ${lo}..${hi}`}, got ${JSON.stringify(value)}`);
+  }
+}
+
+// The run's record (cmseg train's `extra.run`) decides which data eval and predict load and what
+// info prints: a damaged one, or one of a format this cmseg does not read, failed as "Cannot read
+// properties of undefined (reading 'train')" or printed "data undefined". Check the fields read.
+const DATASET_KINDS = ['mnist', 'brats', 'folder'];
+
+function checkRecipe(recipe: RunRecipe, file: string): void {
+  const bad = (what: string) => new UserError(`checkpoint ${file}: its run record (the data it was trained on) is invalid: ${what}`);
+  const d = recipe.dataset as unknown as Record<string, unknown>;
+  if (typeof recipe.preset !== 'string') throw bad(`preset is ${JSON.stringify(recipe.preset)}, not a name`);
+  const text = (key: string) => {
+    if (typeof d[key] !== 'string') throw bad(`dataset.${key} is ${JSON.stringify(d[key])}, not a string`);
+  };
+  const integer = (key: string) => {
+    if (!Number.isSafeInteger(d[key]) || (d[key] as number) < 0) throw bad(`dataset.${key} is ${JSON.stringify(d[key])}, not a non-negative integer`);
+  };
+  const splits = () => {
+    const s = d.splits as Record<string, unknown> | undefined;
+    for (const split of ['train', 'validation', 'test']) {
+      const ids = s !== null && typeof s === 'object' ? s[split] : undefined;
+      if (!Array.isArray(ids) || !ids.every((id) => typeof id === 'string')) throw bad(`dataset.splits.${split} is not a list of names`);
+    }
+  };
+  switch (d.kind) {
+    case 'mnist':
+      ['train', 'validation', 'test', 'dataSeed'].forEach(integer);
+      return;
+    case 'brats':
+      text('cache');
+      ['patch', 'dataSeed'].forEach(integer);
+      splits();
+      return;
+    case 'folder':
+      text('root');
+      ['classes', 'dataSeed'].forEach(integer);
+      splits();
+      return;
   }
 }

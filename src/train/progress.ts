@@ -41,8 +41,21 @@ function payload(f: ProgressFields): Record<string, string> {
   };
 }
 
+/**
+ * Stops `bar` (showing the terminal's cursor again) when the process exits while it runs: a
+ * second Ctrl-C during training, or a signal with no step to finish, ends by process.exit(),
+ * which skipped the bar's stop() and left the user's terminal with a hidden cursor.
+ * Returns what removes the guard (call it when the bar stops normally).
+ */
+function stopOnExit(bar: SingleBar): () => void {
+  const onExit = () => bar.stop();
+  process.once('exit', onExit);
+  return () => process.off('exit', onExit);
+}
+
 class BarProgress implements ProgressReporter {
   private readonly bar: SingleBar;
+  private unguard = () => {};
 
   constructor(stream: NodeJS.WriteStream) {
     this.bar = new SingleBar({
@@ -56,6 +69,8 @@ class BarProgress implements ProgressReporter {
 
   start(total: number, step: number, fields: ProgressFields): void {
     this.bar.start(total, step, payload(fields));
+    this.unguard();
+    this.unguard = stopOnExit(this.bar);
   }
 
   step(step: number, fields: ProgressFields): void {
@@ -67,6 +82,7 @@ class BarProgress implements ProgressReporter {
   }
 
   stop(): void {
+    this.unguard();
     this.bar.stop();
   }
 }
@@ -115,10 +131,18 @@ export function createFusionProgress(options: { quiet?: boolean; stream?: NodeJS
   const stream = options.stream ?? process.stderr;
   if (stream.isTTY) {
     const bar = new SingleBar({ stream, format: '{what} [{bar}] {value}/{total} cases | {id} | {eta_formatted}', barsize: 24, hideCursor: true });
+    let unguard = () => {};
     return {
-      start: (total, what) => bar.start(total, 0, { what, id: '' }),
+      start: (total, what) => {
+        bar.start(total, 0, { what, id: '' });
+        unguard();
+        unguard = stopOnExit(bar);
+      },
       case: (done, id, status) => bar.update(done, { id: `${id} ${status}` }),
-      stop: () => bar.stop(),
+      stop: () => {
+        unguard();
+        bar.stop();
+      },
     };
   }
   let total = 0;

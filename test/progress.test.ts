@@ -88,6 +88,33 @@ t.test('not a terminal: one plain line per epoch, and where a resumed run starts
   t.equal(resumed.text(), 'resuming at step 3/8\nepoch 1/2  step 4/8  loss 1.2345  CE 0.5000  trace 1.750  val Dice 0.9000  (1.0 s)\n');
 });
 
+t.test('not a terminal: within a long epoch, a step line at most every lineEveryMs', async (t) => {
+  const out = capture(false);
+  let clock = 1000;
+  const p = createProgress({ stream: out.stream, lineEveryMs: 60_000, now: () => clock });
+  p.start(8, 0, unknown);
+  clock += 30_000;
+  p.step(1, known); // 30 s: nothing yet
+  clock += 31_000;
+  p.step(2, known); // 61 s since the start: a line
+  clock += 59_000;
+  p.step(3, known); // 59 s since that line: nothing
+  clock += 2_000;
+  p.epoch(4, known, 122); // the epoch line restarts the interval
+  clock += 59_999;
+  p.step(5, { ...known, epoch: 1 });
+  clock += 1;
+  p.step(6, { ...known, epoch: 1 });
+  p.stop();
+  await tick();
+  t.equal(
+    out.text(),
+    '  step 2/8 of epoch 1/2  loss 1.2345  CE 0.5000  trace 1.750  (61.0 s since the last line)\n' +
+      'epoch 1/2  step 4/8  loss 1.2345  CE 0.5000  trace 1.750  val Dice 0.9000  (122.0 s)\n' +
+      '  step 6/8 of epoch 2/2  loss 1.2345  CE 0.5000  trace 1.750  (60.0 s since the last line)\n',
+  );
+});
+
 t.test('quiet: nothing, even on a terminal', async (t) => {
   const out = capture(true);
   const p = createProgress({ quiet: true, stream: out.stream });

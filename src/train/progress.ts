@@ -1,6 +1,7 @@
 // How a training run reports itself while it runs. On a terminal: one cli-progress bar
 // on stderr with the step, loss, CE, trace and the last validation Dice. Not on a
-// terminal (logs, CI, pipes): one plain line per epoch. `quiet`: nothing. The full record
+// terminal (logs, CI, pipes): one plain line per epoch, and within an epoch a line at most
+// every minute. `quiet`: nothing. The full record
 // is always the JSON-lines log next to the checkpoints (trainer.ts). The STAPLE baselines'
 // fusion before training reports the same way, per case.
 
@@ -87,19 +88,38 @@ class BarProgress implements ProgressReporter {
   }
 }
 
+/** How often a log (not a terminal) gets a line within an epoch: a 3D epoch on a CPU takes minutes. */
+export const LINE_EVERY_MS = 60_000;
+
 class LineProgress implements ProgressReporter {
   private total = 0;
+  private last: number;
 
-  constructor(private readonly stream: NodeJS.WritableStream) {}
+  constructor(
+    private readonly stream: NodeJS.WritableStream,
+    private readonly everyMs: number,
+    private readonly now: () => number,
+  ) {
+    this.last = now();
+  }
 
   start(total: number, step: number): void {
     this.total = total;
+    this.last = this.now();
     if (step > 0) this.stream.write(`resuming at step ${step}/${total}\n`);
   }
 
-  step(): void {}
+  // A batch-job log would otherwise say nothing for a whole epoch (minutes): a line with the
+  // step at most every `everyMs`, so that a stalled run can be told from a slow one.
+  step(step: number, f: ProgressFields): void {
+    const elapsed = this.now() - this.last;
+    if (elapsed < this.everyMs) return;
+    this.last += elapsed;
+    this.stream.write(`  step ${step}/${this.total} of epoch ${f.epoch + 1}/${f.epochs}  loss ${fmt(f.loss)}  CE ${fmt(f.ce)}  trace ${fmt(f.trace, 3)}  (${(elapsed / 1000).toFixed(1)} s since the last line)\n`);
+  }
 
   epoch(step: number, f: ProgressFields, seconds: number): void {
+    this.last = this.now();
     this.stream.write(
       `epoch ${f.epoch + 1}/${f.epochs}  step ${step}/${this.total}  loss ${fmt(f.loss)}  CE ${fmt(f.ce)}  trace ${fmt(f.trace, 3)}  val Dice ${fmt(f.valDice)}  (${seconds.toFixed(1)} s)\n`,
     );
@@ -108,11 +128,14 @@ class LineProgress implements ProgressReporter {
   stop(): void {}
 }
 
-/** A bar on a TTY, epoch lines otherwise, nothing when quiet. */
-export function createProgress(options: { quiet?: boolean; stream?: NodeJS.WriteStream } = {}): ProgressReporter {
+/**
+ * A bar on a TTY; otherwise a line per epoch and, within an epoch, one at most every
+ * `lineEveryMs` (LINE_EVERY_MS); nothing when quiet. `now` is the clock (tests).
+ */
+export function createProgress(options: { quiet?: boolean; stream?: NodeJS.WriteStream; lineEveryMs?: number; now?: () => number } = {}): ProgressReporter {
   if (options.quiet) return silentProgress;
   const stream = options.stream ?? process.stderr;
-  return stream.isTTY ? new BarProgress(stream) : new LineProgress(stream);
+  return stream.isTTY ? new BarProgress(stream) : new LineProgress(stream, options.lineEveryMs ?? LINE_EVERY_MS, options.now ?? Date.now);
 }
 
 /** Progress of fusing the STAPLE baselines' training targets, one case at a time. */

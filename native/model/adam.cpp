@@ -1,7 +1,6 @@
 // Adam and AdamW (Kingma & Ba 2015; Loshchilov & Hutter 2019), bias-corrected.
 // Adam adds weight_decay * w to the gradient (L2); AdamW decays the weights directly.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -63,8 +62,8 @@ void Model::apply_optimizer() {
 // parameter named instead of leaving Inf in the optimiser state.
 void Model::check_gradients_squarable() const {
   const float l2 = optim.kind == OptimKind::AdamW ? 0.f : optim.weight_decay;
-  std::vector<std::atomic<int64_t>> first_bad(params_.size());
-  for (auto& f : first_bad) f = -1;
+  // One entry per parameter, each written only by the task of that parameter.
+  std::vector<int64_t> first_bad(params_.size(), -1);
   parallel_for((int64_t)params_.size(), [&](int64_t i, int) {
     const Param& p = params_[i];
     const float* g = p.grad.data();

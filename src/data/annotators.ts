@@ -356,7 +356,7 @@ export function checkAnnotatorSpec(spec: AnnotatorSpec, index: number, classes: 
   }
   const radius = (name: string, value: unknown): void => {
     if (value !== undefined && !(typeof value === 'number' && Number.isFinite(value) && value >= 0)) {
-      throw new RangeError(`${who}: ${name} ${String(value)} must be a finite number >= 0`);
+      throw new RangeError(`${name} ${String(value)} must be a finite number >= 0`);
     }
   };
   try {
@@ -385,7 +385,8 @@ export function checkAnnotatorSpec(spec: AnnotatorSpec, index: number, classes: 
         break;
     }
   } catch (error) {
-    if (error instanceof RangeError && !error.message.startsWith(who)) throw new RangeError(`${who}: ${error.message}`);
+    // Every check above says what is wrong; the annotator it belongs to is added here, once.
+    if (error instanceof RangeError) throw new RangeError(`${who}: ${error.message}`);
     throw error;
   }
 }

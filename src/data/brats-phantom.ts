@@ -212,6 +212,9 @@ function checkSize(size: readonly number[]): [number, number, number] {
   return [size[0], size[1], size[2]];
 }
 
+/** Case ids have five digits in both releases' naming: indices 0..99999. */
+const MAX_PHANTOM_CASES = 100_000;
+
 function checkNaming(naming: unknown): void {
   if (naming !== '2021' && naming !== '2023') throw new RangeError(`naming ${JSON.stringify(naming)} must be '2021' or '2023'`);
 }
@@ -221,8 +224,8 @@ export function generateBratsPhantom(index: number, options: BratsPhantomOptions
   const [nx, ny, nz] = checkSize(options.size ?? BRATS_PHANTOM_DEFAULT_SIZE);
   // The index names the case (five digits in both releases) and seeds it: a fraction or a
   // negative number gave ids such as BraTS2021_001.5 or BraTS2021_000-1.
-  if (!Number.isInteger(index) || index < 0 || index > 99999) {
-    throw new RangeError(`phantom case index ${index} must be an integer in 0..99999`);
+  if (!Number.isInteger(index) || index < 0 || index >= MAX_PHANTOM_CASES) {
+    throw new RangeError(`phantom case index ${index} must be an integer in 0..${MAX_PHANTOM_CASES - 1}`);
   }
   const naming = options.naming ?? '2021';
   // Anything but '2021' used to give 2023 ids and labels silently.
@@ -359,7 +362,7 @@ export function generateBratsPhantom(index: number, options: BratsPhantomOptions
 export async function writeBratsPhantoms(outDir: string, options: WriteBratsPhantomsOptions = {}): Promise<BratsCase[]> {
   const count = options.cases ?? 4;
   // Case ids have five digits (generateBratsPhantom): refuse a count beyond them before any case is written.
-  if (!Number.isInteger(count) || count < 1 || count > 100000) throw new RangeError(`cases ${count} must be an integer in 1..100000`);
+  if (!Number.isInteger(count) || count < 1 || count > MAX_PHANTOM_CASES) throw new RangeError(`cases ${count} must be an integer in 1..${MAX_PHANTOM_CASES}`);
   const naming = options.naming ?? '2021';
   checkNaming(naming);
   const datatype = options.datatype ?? 'int16';

@@ -5,7 +5,8 @@
 // The label mapping itself (and BRATS_CLASSES, BRATS_CLASS_NAMES) lives with the loader,
 // src/data/brats.ts (mapBratsLabels); this file only scores maps already in 0..3.
 import { BRATS_CLASSES } from '../data/brats';
-import { checkLabelMap, labelConfusionCounts, dicePerClassFromCounts, meanStd, MeanStd, regionDiceFromCounts, UNLABELLED } from './metrics';
+import { checkLabels } from '../data/annotators';
+import { checkLabelMap, labelConfusionCounts, dicePerClassFromCounts, meanStd, MeanStd, regionDiceFromCounts } from './metrics';
 import { type Dims3, hausdorff95 } from './surface-distance';
 
 /** The challenge's evaluation regions as unions of contiguous labels. */
@@ -28,11 +29,10 @@ export type BratsClassName = 'necrosis' | 'edema' | 'enhancing';
  */
 export function bratsHausdorff95(pred: Uint8Array, truth: Uint8Array, dims: Dims3, spacing: readonly [number, number, number] = [1, 1, 1]): Record<BratsRegion, number> {
   const check = (name: string, labels: Uint8Array, unlabelledAllowed: boolean) => {
-    for (let v = 0; v < labels.length; v++) {
-      const c = labels[v];
-      if (c >= BRATS_CLASSES && !(unlabelledAllowed && c === UNLABELLED)) {
-        throw new RangeError(`${name}: label ${c} at index ${v} >= classes (${BRATS_CLASSES}): BraTS maps must be in contiguous labels 0..3 (mapBratsLabels maps BraTS 4 to 3)`);
-      }
+    try {
+      checkLabels(name, labels, BRATS_CLASSES, unlabelledAllowed);
+    } catch (error) {
+      throw new RangeError(`${(error as Error).message}: BraTS maps must be in contiguous labels 0..3 (mapBratsLabels maps BraTS 4 to 3)`);
     }
   };
   checkLabelMap('pred', pred);

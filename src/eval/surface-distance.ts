@@ -193,9 +193,7 @@ function distancesBetweenSurfaces(from: Uint8Array, to: Uint8Array, dims: Dims3,
 export function hausdorff95(pred: Uint8Array, truth: Uint8Array, dims: Dims3, spacing: readonly [number, number, number] = [1, 1, 1]): number {
   checkDims('hausdorff95', dims);
   const [D, H, W] = dims;
-  if (pred.length !== D * H * W || truth.length !== D * H * W) {
-    throw new RangeError(`hausdorff95: masks of ${pred.length} and ${truth.length} voxels, dims ${dims.join('x')} make ${D * H * W}`);
-  }
+  checkMasks('hausdorff95', dims, { pred, truth });
   checkSpacing('hausdorff95', spacing);
   // 2D or 3D is the grid's, not the box's: masks within one slice of a volume stay 3D.
   const planar = D === 1;

@@ -4,7 +4,7 @@
 
 import * as fs from 'fs';
 import * as path from 'path';
-import type { RunRecipe } from '../train/experiment';
+import type { DatasetSpec, RunRecipe } from '../train/experiment';
 import { UserError } from '../errors';
 import { METHOD_NAMES, type MethodName, methodDefinition } from '../train/methods';
 import { TRAINER_STATE_FORMAT, trainerExtra, TrainerExtra } from '../train/trainer';
@@ -52,7 +52,7 @@ export async function readCheckpointInfo(file: string): Promise<CheckpointInfo> 
   // extra.run is free-form for the API's train() (TrainHooks.run): only a data set of a kind
   // cmseg train writes is its recipe; anything else counts as no recipe (eval needs --data).
   const run = saved?.run as unknown as RunRecipe | undefined;
-  const recipe = DATASET_KINDS.includes((run?.dataset as { kind?: string } | undefined)?.kind as string) ? run : undefined;
+  const recipe = DATASET_KINDS.includes((run?.dataset as { kind?: string } | undefined)?.kind as DatasetSpec['kind']) ? run : undefined;
   if (recipe) checkRecipe(recipe, file);
   const R = config.annotators;
   const recorded = saved?.annotatorNames ?? extra.annotatorNames;
@@ -102,7 +102,7 @@ function checkConfig(config: ResolvedConfig, file: string): void {
 // The run's record (cmseg train's `extra.run`) decides which data eval and predict load and what
 // info prints: a damaged one, or one of a format this cmseg does not read, failed as "Cannot read
 // properties of undefined (reading 'train')" or printed "data undefined". Check the fields read.
-const DATASET_KINDS = ['mnist', 'brats', 'folder'];
+const DATASET_KINDS: readonly DatasetSpec['kind'][] = ['mnist', 'brats', 'folder'];
 
 function checkRecipe(recipe: RunRecipe, file: string): void {
   const bad = (what: string) => new UserError(`checkpoint ${file}: its run record (the data it was trained on) is invalid: ${what}`);

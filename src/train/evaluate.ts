@@ -16,9 +16,9 @@ import {
   meanStd,
   SegmentationEvaluator,
   SegmentationReport,
-  UNLABELLED,
 } from '../eval/metrics';
 import { BratsClassName, bratsDice, bratsHausdorff95, BratsRegion } from '../eval/brats-regions';
+import { checkLabels } from '../data/annotators';
 import { BRATS_CLASSES } from '../data/brats';
 import type { Extent } from '../data/morphology';
 import { argmaxClasses } from '../model/model';
@@ -312,10 +312,7 @@ function checkVolumeMaps(volume: AnnotatedVolume, classes: number, annotators: n
   const check = (name: string, map: Uint8Array) => {
     if (!(map instanceof Uint8Array)) throw new TypeError(`volume ${volume.id}: ${name} is not a Uint8Array label map`);
     if (map.length !== V) throw new RangeError(`volume ${volume.id}: ${name} has ${map.length} voxels, its extent ${d}x${h}x${w} has ${V}`);
-    for (let v = 0; v < V; v++) {
-      const c = map[v];
-      if (c >= classes && c !== UNLABELLED) throw new RangeError(`volume ${volume.id}: ${name}: label ${c} at index ${v} >= classes (${classes})`);
-    }
+    checkLabels(`volume ${volume.id}: ${name}`, map, classes, true);
   };
   check('consensus', volume.consensus);
   if (annotators === undefined) return;

@@ -112,9 +112,10 @@ class LineProgress implements ProgressReporter {
   // A batch-job log would otherwise say nothing for a whole epoch (minutes): a line with the
   // step at most every `everyMs`, so that a stalled run can be told from a slow one.
   step(step: number, f: ProgressFields): void {
-    const elapsed = this.now() - this.last;
+    const now = this.now();
+    const elapsed = now - this.last;
     if (elapsed < this.everyMs) return;
-    this.last += elapsed;
+    this.last = now;
     this.stream.write(`  step ${step}/${this.total} of epoch ${f.epoch + 1}/${f.epochs}  loss ${fmt(f.loss)}  CE ${fmt(f.ce)}  trace ${fmt(f.trace, 3)}  (${(elapsed / 1000).toFixed(1)} s since the last line)\n`);
   }
 

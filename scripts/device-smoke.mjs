@@ -141,6 +141,36 @@ async function outOfMemory() {
   }
 }
 
+// A gradient whose square overflows float32 (lambda 1e30): the device skips the update,
+// and the next call that reads the device rejects naming it, the weights and step count
+// as before the refused step; the model trains on with a sane lambda.
+async function refusedUpdate() {
+  const cfg = { ndim: 2, inChannels: 1, classes: 3, annotators: 2, depth: 2, baseChannels: 4, device: 'cuda', tf32: false };
+  try {
+    const m = cmseg.createModel(cfg);
+    const { batch } = batchFor(cfg, 2, 16, 5);
+    await m.trainStep(batch);
+    const before = m.getWeights();
+    m.setLoss({ lambda: 1e30 });
+    await m.trainStep(batch); // the device's verdict is not waited for
+    let message = '';
+    await m.trainStep(batch).catch((e) => (message = e.message));
+    check(/optimiser step 2 was not applied: the gradient of \S+ is \S+: beyond 1\.8e\+19 its square overflows float32/.test(message),
+      `refused update: the next step rejected with "${message.slice(0, 100)}"`);
+    const after = m.getWeights();
+    const changed = Object.keys(before).filter((k) => maxAbs(after[k], before[k]) !== 0);
+    check(changed.length === 0 && m.getOptimizerState().step === 1, `refused update: weights unchanged (${changed.length} tensors differ), step ${m.getOptimizerState().step}`);
+    m.setLoss({ lambda: 0.01 });
+    const r = await m.trainStep(batch);
+    const v = m.getOptimizerState().v;
+    check(Number.isFinite(r.loss) && r.step === 2 && Object.values(v).every((a) => a.every(Number.isFinite)),
+      `refused update: trains on afterwards (loss ${r.loss}, step ${r.step}, Adam state finite)`);
+    m.dispose();
+  } catch (err) {
+    check(false, `refused update: ${err.message}`);
+  }
+}
+
 async function main() {
   const info = cmseg.backendInfo();
   console.log(`backend: cuda built ${info.cuda}, GPU ${info.gpuAvailable ? info.gpu : `unavailable (${info.gpuUnavailableReason || 'CUDA backend not built'})`}, cuDNN ${info.cudnnVersion}`);
@@ -165,7 +195,10 @@ async function main() {
       check(false, `${name}: ${err.message}`);
     }
   }
-  if (!dryRun) await outOfMemory();
+  if (!dryRun) {
+    await outOfMemory();
+    await refusedUpdate();
+  }
   console.log(JSON.stringify({ ok: failures.length === 0, failures, results }));
   process.exit(failures.length ? 1 : 0);
 }

@@ -95,5 +95,6 @@ t.test(
     t.equal(last.ok, true);
     t.equal(last.results.length, 6);
     t.match(r.stdout, /ok {3}out of memory: rejected with "GPU out of memory/);
+    t.match(r.stdout, /ok {3}refused update: the next step rejected with "optimiser step 2 was not applied/);
   },
 );

@@ -30,7 +30,8 @@ struct AdamScalars {
 };
 
 __global__ void adam_kernel(const TensorDesc* __restrict__ tensors, const ChunkDesc* __restrict__ chunks, int nchunks,
-                            AdamScalars s) {
+                            AdamScalars s, const unsigned long long* __restrict__ refused) {
+  if (refused && *refused) return;  // the guard found a gradient Adam cannot square: nothing changes
   for (int c = blockIdx.x; c < nchunks; c += gridDim.x) {
     const ChunkDesc cd = chunks[c];
     const TensorDesc t = tensors[cd.tensor];
@@ -50,9 +51,31 @@ __global__ void adam_kernel(const TensorDesc* __restrict__ tensors, const ChunkD
   }
 }
 
+// Bad gradients are rare (a diverging run): a thread that meets one raises the flag
+// itself, with no block reduction in the common path.
+__global__ void find_unsquarable_kernel(const float* __restrict__ g, const float* __restrict__ w, int64_t n, float l2,
+                                        float limit, unsigned long long* __restrict__ flag) {
+  unsigned long long first = 0;  // n - k of the thread's first bad k (its largest)
+  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < n; k += (int64_t)gridDim.x * blockDim.x)
+    if (!(fabsf(g[k] + l2 * w[k]) <= limit)) {
+      first = (unsigned long long)(n - k);
+      break;
+    }
+  if (first) atomicMax(flag, first);
+}
+
 }  // namespace
 
-void adam_step(Context& ctx, const std::vector<AdamTensor>& tensors, const OptimConfig& o, int64_t step) {
+void find_unsquarable(Context& ctx, const float* g, const float* w, int64_t n, float l2, float limit,
+                      unsigned long long* flag) {
+  if (n <= 0) return;
+  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, (int64_t)ctx.impl().multiprocessors * 8);
+  find_unsquarable_kernel<<<(int)blocks, kThreads, 0, stream_of(ctx)>>>(g, w, n, l2, limit, flag);
+  CMSEG_CUDA_LAUNCHED("find_unsquarable");
+}
+
+void adam_step(Context& ctx, const std::vector<AdamTensor>& tensors, const OptimConfig& o, int64_t step,
+               const unsigned long long* refused) {
   ProfileScope prof_(ctx, "adam_step");
   if (step < 1) fail("adam_step: step must be >= 1 (the step number after the increment), got ", step);
   std::vector<TensorDesc> descs;
@@ -71,7 +94,7 @@ void adam_step(Context& ctx, const std::vector<AdamTensor>& tensors, const Optim
   Buffer<TensorDesc> d_descs(ctx, descs);
   Buffer<ChunkDesc> d_chunks(ctx, chunks);
   const int grid = (int)std::min<size_t>(chunks.size(), (size_t)ctx.impl().multiprocessors * 16);
-  adam_kernel<<<grid, kThreads, 0, stream_of(ctx)>>>(d_descs.data(), d_chunks.data(), (int)chunks.size(), s);
+  adam_kernel<<<grid, kThreads, 0, stream_of(ctx)>>>(d_descs.data(), d_chunks.data(), (int)chunks.size(), s, refused);
   CMSEG_CUDA_LAUNCHED("adam_step");
 }
 

@@ -77,7 +77,8 @@ void maxpool2_forward(Context&, const float*, float*, uint8_t*, int, Spatial, in
 void maxpool2_backward(Context&, const float*, const uint8_t*, float*, int, Spatial, int) { off(); }
 void cm_loss(Context&, const CmLossInput&, CmLossOutput&) { off(); }
 const char* last_cm_loss_kernel() { return "none"; }
-void adam_step(Context&, const std::vector<AdamTensor>&, const OptimConfig&, int64_t) { off(); }
+void adam_step(Context&, const std::vector<AdamTensor>&, const OptimConfig&, int64_t, const unsigned long long*) { off(); }
+void find_unsquarable(Context&, const float*, const float*, int64_t, float, float, unsigned long long*) { off(); }
 
 void conv1_forward(Context&, const float*, const float*, const float*, float*, int, int, int, int64_t) { off(); }
 void conv1_backward(Context&, const float*, const float*, const float*, float*, float*, float*, int, int, int,

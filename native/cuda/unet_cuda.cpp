@@ -103,7 +103,33 @@ struct ModelGpu::Impl {
   int next_slot = 0;
   Buffer<float> pred_images, probs, cms, q;
 
+  // ---- Adam's guard (adam()): the device raises `refused` to skip an update; the
+  // host reads it at its next wait for the stream, not right after the update
+  Buffer<unsigned long long> refused;
+  bool update_unread = false;  // an adam() whose flag the host has not read yet
+  int64_t unread_step = 0;
+
   Impl(const ModelConfig& config) : c(config), ctx(context_options(config)) {}
+
+  // Reads the last adam()'s flag (waits for the stream) and throws RefusedUpdate, once,
+  // when the device refused that update.
+  void report_refused_update() {
+    if (!update_unread) return;
+    update_unread = false;
+    unsigned long long flag = 0;
+    refused.download(&flag);
+    if (!flag) return;
+    const int64_t k = total - (int64_t)flag;
+    // The padding between parameters is zero and never trips the guard.
+    const size_t i = std::upper_bound(offset.begin(), offset.end(), k) - offset.begin() - 1;
+    float g = 0.f;
+    ctx.download(&g, grad.data() + k, sizeof g);  // the next step's backward has not touched it yet
+    throw RefusedUpdate(str("optimiser step ", unread_step, " was not applied: ",
+                            unsquarable_gradient_message(names[i], k - offset[i], g),
+                            " (the weights and Adam state are those from before that step; a GPU model reports",
+                            " a refused update at its next call)"),
+                        unread_step);
+  }
 
   float* W(int i) { return value.data() + offset[i]; }
   float* G(int i) { return grad.data() + offset[i]; }
@@ -348,6 +374,7 @@ ModelGpu::ModelGpu(const ModelConfig& config, const std::vector<Param>& params) 
   m.grad = Buffer<float>(m.ctx, (size_t)m.total);
   m.m1 = Buffer<float>(m.ctx, (size_t)m.total);
   m.m2 = Buffer<float>(m.ctx, (size_t)m.total);
+  m.refused = Buffer<unsigned long long>(m.ctx, 1);  // held with the parameters
   upload_params(params);
 }
 
@@ -389,6 +416,7 @@ void ModelGpu::upload_params(const std::vector<Param>& params) {
 void ModelGpu::download_params(std::vector<Param>& params) {
   Impl& m = *impl_;
   m.ctx.make_current();
+  m.report_refused_update();
   if (params.size() != m.names.size()) fail("ModelGpu: expected ", m.names.size(), " parameters, got ", params.size());
   std::vector<float> host((size_t)m.total);
   auto fetch = [&](std::vector<float> Param::*field, const Buffer<float>& src) {
@@ -478,6 +506,9 @@ StepResult ModelGpu::run(const Batch& batch, bool backward, float trace_weight) 
 
   // ---- loss
   StepResult res;
+  // The stream is waited for here (the loss would wait for the same forward pass), and
+  // before the gradients are zeroed: the error quotes the refused one.
+  m.report_refused_update();
   if (backward) m.grad.zero();
   float* dseg = backward ? ensure(ctx, m.d_seg, (size_t)NV * L) : nullptr;
   if (target) {
@@ -614,8 +645,15 @@ void ModelGpu::release_activations() {
 void ModelGpu::adam(const OptimConfig& o, int64_t step) {
   Impl& m = *impl_;
   m.ctx.make_current();
+  m.report_refused_update();  // an update nobody has run a step after (adam() twice)
+  // The guard, then the update that it may skip: all on the stream, no host wait.
+  unsigned long long* flag = m.refused.data();
+  m.ctx.zero(flag, sizeof *flag);
+  const float l2 = o.kind == OptimKind::AdamW ? 0.f : o.weight_decay;
+  find_unsquarable(m.ctx, m.grad.data(), m.value.data(), m.total, l2, kLargestSquarable, flag);
   // Adam is elementwise, so the four contiguous arrays are one tensor.
-  adam_step(m.ctx, {AdamTensor{m.value.data(), m.grad.data(), m.m1.data(), m.m2.data(), m.total}}, o, step);
+  adam_step(m.ctx, {AdamTensor{m.value.data(), m.grad.data(), m.m1.data(), m.m2.data(), m.total}}, o, step, flag);
+  m.update_unread = true, m.unread_step = step;
   m.ctx.profile_step_end();
 }
 

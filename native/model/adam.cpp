@@ -11,14 +11,14 @@
 
 namespace cmseg {
 
-namespace {
-
-// The largest gradient whose square a float holds: past it Adam's second moment becomes Inf,
-// the update 0, and the weights stop changing without a word, while the saved optimiser state
-// (Inf) can no longer be loaded. PyTorch's float32 Adam does the same.
-constexpr float kLargestSquarable = 1.8e19f;
-
-}  // namespace
+// kLargestSquarable (model.hpp): past it Adam's second moment becomes Inf, the update 0, and
+// the weights stop changing without a word, while the saved optimiser state (Inf) can no
+// longer be loaded. PyTorch's float32 Adam does the same.
+std::string unsquarable_gradient_message(const std::string& param, int64_t index, float grad) {
+  return str("the gradient of ", param, "[", index, "] is ", grad, ": beyond ", kLargestSquarable,
+             " its square overflows float32 and Adam would stop updating; lower the learning rate, lambda or the",
+             " loss scale");
+}
 
 void Model::apply_optimizer() {
   if (gpu_) return apply_optimizer_device();  // Device::Cuda (model_device.cpp)
@@ -78,9 +78,7 @@ void Model::check_gradients_squarable() const {
     const int64_t k = first_bad[i];
     if (k < 0) continue;
     const Param& p = params_[i];
-    throw Error(str("the gradient of ", p.name, "[", k, "] is ", p.grad[k], ": beyond ", kLargestSquarable,
-                    " its square overflows float32 and Adam would stop updating; lower the learning rate, lambda or the",
-                    " loss scale (the weights were left unchanged)"));
+    throw Error(unsquarable_gradient_message(p.name, k, p.grad[k]) + " (the weights were left unchanged)");
   }
 }
 

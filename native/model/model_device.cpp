@@ -43,8 +43,21 @@ const std::vector<Param>& Model::params() const {
 
 void Model::sync_to_host() const {
   if (!host_stale_) return;
-  gpu_->download_params(params_);
+  reporting_refusal([&] { gpu_->download_params(params_); });
   host_stale_ = false;
+}
+
+// A GPU update refused by the device (ModelGpu::adam) is reported by a later call:
+// the step count goes back to before it (unless someone has set it since), then the
+// error goes on to the caller.
+template <class F>
+void Model::reporting_refusal(F&& call) const {
+  try {
+    call();
+  } catch (const cuda::RefusedUpdate& e) {
+    if (step == e.step) step = e.step - 1;
+    throw;
+  }
 }
 
 void Model::sync_to_device() {
@@ -60,7 +73,7 @@ StepResult Model::run_device(const Batch& batch, bool backward) {
   if (backward) host_stale_ = true;
   StepResult r;
   try {
-    r = gpu_->run(batch, backward, current_trace_weight());
+    reporting_refusal([&] { r = gpu_->run(batch, backward, current_trace_weight()); });
   } catch (const OutOfMemory&) {
     gpu_->release_activations();  // give the pool back: a smaller batch may fit next
     throw;
@@ -83,9 +96,9 @@ void Model::predict_device(const float* images, int n, Spatial s, float* probs, 
 void Model::apply_optimizer_device() {
   ProfileScope prof("adam");
   sync_to_device();
-  ++step;
   host_stale_ = true;
-  gpu_->adam(optim, step);
+  reporting_refusal([&] { gpu_->adam(optim, step + 1); });
+  ++step;  // counted now, though the device may still refuse it (reported later)
 }
 
 }  // namespace cmseg

@@ -147,7 +147,9 @@ void validate_config(const ModelConfig& c) {
   if (c.annotators < 1 || c.annotators > 64) fail("annotators must be in 1..64, got ", c.annotators);
   if (c.depth < 1 || c.depth > 8) fail("depth must be in 1..8, got ", c.depth);
   if (c.base < 1 || c.base > 1024) fail("baseChannels must be in 1..1024, got ", c.base);
-  if (c.cm_mode == CmMode::LowRank && (c.cm_rank < 1 || c.cm_rank > 8)) fail("cmRank must be in 1..8, got ", c.cm_rank);
+  // Checked in every mode: the full and global CMs do not read it, but the config echoes it
+  // back (and into checkpoints), where a rank of -5 would read as a real setting.
+  if (c.cm_rank < 1 || c.cm_rank > 8) fail("cmRank must be in 1..8, got ", c.cm_rank);
   if (c.cm_head_blocks < 0 || c.cm_head_blocks > 8) fail("cmHeadBlocks must be in 0..8, got ", c.cm_head_blocks);
 }
 

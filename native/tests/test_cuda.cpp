@@ -1638,6 +1638,50 @@ TEST(model_param_sync) {
   CHECK(gpu.param_layout().size() == cpu.params().size());
 }
 
+// A gradient whose square overflows float32: the device skips the update (weights and
+// moments unchanged), and the next call that reads the device says so by name, with
+// the step count back to before the refused step; training then goes on.
+TEST(model_gpu_refuses_unsquarable_gradient) {
+  StepCase k = step_case("refuse", 2, CmMode::Full, 0);
+  ModelConfig cg = on_cuda(k.c);
+  cg.tf32 = false;
+  Model gpu(cg);
+  setup(gpu, k);
+  StepData d = make_step_data(k, 31);
+  gpu.train_step(d.batch);  // one good step first: moments nonzero
+  const std::vector<Param> before = static_cast<const Model&>(gpu).params();
+  gpu.loss.lambda = 1e30f;  // the trace term's gradient in the CM heads is far past 1.8e19
+  gpu.train_step(d.batch);  // returns: the device's verdict is not waited for
+  CHECK(gpu.step == 2);
+  // The next step reports it (before its backward) and counts the step back.
+  CHECK_THROWS_WITH(gpu.train_step(d.batch), "optimiser step 2 was not applied: the gradient of enc.0.conv1.weight[");
+  CHECK(gpu.step == 1);
+  const std::vector<Param>& after = static_cast<const Model&>(gpu).params();
+  for (size_t i = 0; i < before.size(); ++i) {
+    CHECK(after[i].value == before[i].value);
+    CHECK(after[i].m == before[i].m);
+    CHECK(after[i].v == before[i].v);
+  }
+  // A read of the weights reports it too (the last step of a run, then a checkpoint).
+  gpu.train_step(d.batch);
+  CHECK(gpu.step == 2);
+  CHECK_THROWS_WITH(static_cast<const Model&>(gpu).params(), "its square overflows float32");
+  CHECK(gpu.step == 1);
+  // Reported once; with a sane lambda the model trains on, and agrees with a CPU model
+  // that took the same one good step.
+  setup(gpu, k);  // lambda back to 0.3
+  Model cpu(k.c);
+  setup(cpu, k);
+  cpu.train_step(d.batch);
+  compare_step_results("refuse: a good step after", gpu.train_step(d.batch), cpu.train_step(d.batch));
+  CHECK(gpu.step == 2);
+  for (size_t i = 0; i < before.size(); ++i) {
+    const Model& gc = gpu;
+    CHECK(std::isfinite(gc.params()[i].v[0]));
+    expect_maxabs("refuse: value " + cpu.params()[i].name, gc.params()[i].value, cpu.params()[i].value, 1e-5);
+  }
+}
+
 // A GPU model rejects what the CPU model rejects, before any device work.
 TEST(model_gpu_validates) {
   StepCase k = step_case("validate", 2, CmMode::Full, 0);

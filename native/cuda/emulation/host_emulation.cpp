@@ -246,7 +246,17 @@ void maxpool2_backward(Context&, const float* dy, const uint8_t* arg, float* dx,
 }
 void cm_loss(Context&, const CmLossInput& in, CmLossOutput& out) { cmseg::cm_loss(in, out); }
 const char* last_cm_loss_kernel() { return "cpu"; }
-void adam_step(Context&, const std::vector<AdamTensor>& ts, const OptimConfig& o, int64_t step) {
+void find_unsquarable(Context&, const float* g, const float* w, int64_t n, float l2, float limit,
+                      unsigned long long* flag) {
+  for (int64_t k = 0; k < n; ++k)
+    if (!(std::fabs(g[k] + l2 * w[k]) <= limit)) {
+      *flag = std::max(*flag, (unsigned long long)(n - k));
+      return;
+    }
+}
+void adam_step(Context&, const std::vector<AdamTensor>& ts, const OptimConfig& o, int64_t step,
+               const unsigned long long* refused) {
+  if (refused && *refused) return;
   const float bc1 = 1.f - std::pow(o.beta1, (float)step), bc2 = 1.f - std::pow(o.beta2, (float)step);
   const float step_size = o.lr / bc1, rbc2 = 1.f / std::sqrt(bc2);
   for (auto& t : ts)

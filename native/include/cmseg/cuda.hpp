@@ -448,7 +448,15 @@ struct AdamTensor {
 };
 // One optimiser step for every tensor in one launch; `step` is the step number
 // after the increment (1 for the first update), as Model::apply_optimizer uses it.
-void adam_step(Context& ctx, const std::vector<AdamTensor>& tensors, const OptimConfig& o, int64_t step);
+// `refused` (device memory, optional): when it holds a nonzero value the launch
+// changes nothing (the guard find_unsquarable set, read on the device: no host wait).
+void adam_step(Context& ctx, const std::vector<AdamTensor>& tensors, const OptimConfig& o, int64_t step,
+               const unsigned long long* refused = nullptr);
+// Adam's guard: for the first k < n where g[k] + l2 * w[k] is not a finite number of
+// magnitude <= limit, raises *flag (device memory, zeroed by the caller) to n - k (so
+// the largest value names the first such k); leaves it alone when there is none.
+void find_unsquarable(Context& ctx, const float* g, const float* w, int64_t n, float l2, float limit,
+                      unsigned long long* flag);
 
 // ---- 1x1(x1) convolution with bias, the heads: conv1_cublas.cu -------------------
 // w: [cout, cin]. As layers.hpp: dx_accumulate is added to (+=), dw and db accumulate.
@@ -502,6 +510,14 @@ void cm_predict(Context& ctx, CmMode mode, int L, int rank, const std::vector<co
 // conventions as the CPU reference in native/model/unet.cpp.
 // TODO(bf16): activations and convolutions in bf16 (with fp32 master weights) are
 // not attempted yet.
+// An optimiser step the device refused (see ModelGpu::adam), reported late: `step`
+// is the refused step's number; the weights and moments are those from before it.
+class RefusedUpdate : public Error {
+ public:
+  RefusedUpdate(const std::string& message, int64_t step) : Error(message), step(step) {}
+  int64_t step;
+};
+
 class ModelGpu {
  public:
   // `params`: the model's parameters, named as SPEC section 2 (the graph is found
@@ -522,6 +538,11 @@ class ModelGpu {
   // on the host and already validated. Waits for the loss, not for the backward.
   StepResult run(const Batch& batch, bool backward, float trace_weight);
   // One Adam / AdamW step on the device gradients; `step` counted after the increment.
+  // The device refuses the update (changes nothing) when a gradient's square would
+  // overflow float32, as the CPU's check_gradients_squarable; the host learns of it
+  // without waiting for the update: from the next call that waits for the stream
+  // anyway (run, after the next forward pass; download_params; adam), which throws
+  // RefusedUpdate once. predict leaves it pending (the weights it reads are valid).
   void adam(const OptimConfig& o, int64_t step);
   // Host arrays as Model::predict (cms, annotator_probs may be null). Waits.
   void predict(const float* images, int n, Spatial s, float* probs, float* cms, float* annotator_probs);

@@ -102,7 +102,10 @@ class Model {
 
   OptimConfig optim;
   LossConfig loss;
-  int64_t step = 0;  // optimiser steps taken
+  // Optimiser steps taken. mutable: a GPU model learns that the device refused its
+  // last update (ModelGpu::adam) only at its next read of the device, which may be
+  // a const params(); the count then goes back to before that update.
+  mutable int64_t step = 0;
 
   // Throws InvalidArgument naming the problem (spatial size, NaN, label range, ...).
   void validate(const Batch& batch) const;
@@ -141,6 +144,8 @@ class Model {
   StepResult run_device(const Batch& batch, bool backward);
   void predict_device(const float* images, int n, Spatial s, float* probs, float* cms, float* annotator_probs);
   void apply_optimizer_device();
+  template <class F>
+  void reporting_refusal(F&& call) const;  // model_device.cpp
   void sync_to_host() const;
   void sync_to_device();
   ModelConfig config_;
@@ -152,5 +157,10 @@ class Model {
 };
 
 void validate_config(const ModelConfig& c);
+
+// Adam's overflow guard (adam.cpp): the largest gradient (with the L2 term) whose square
+// a float holds, and the words for a gradient beyond it, shared by the CPU and GPU models.
+constexpr float kLargestSquarable = 1.8e19f;
+std::string unsquarable_gradient_message(const std::string& param, int64_t index, float grad);
 
 }  // namespace cmseg

@@ -106,6 +106,12 @@ t.test('bad optimizer, loss and STAPLE settings name the value given', async (t)
   t.throws(() => createModel({ ...base, optimizer: { kind: 'adamw', weightDecay: -0.1 } }), /weightDecay must be >= 0, got -0\.1/);
   t.throws(() => createModel({ ...base, loss: { lambda: 0.01, warmupSteps: -3 } }), /warmupSteps must be >= 0, got -3/);
   t.throws(() => createModel({ ...base, loss: { lambda: 0.01, warmupSteps: 1e12 } }), /warmupSteps is 1e\+12, outside the integer range/);
+  // cmRank is checked in every mode: the config echoes it back (and into checkpoints).
+  for (const cmMode of ['full', 'global', 'lowrank'] as const) {
+    t.throws(() => createModel({ ...base, cmMode, cmRank: -5 }), /cmRank must be in 1\.\.8, got -5/, `${cmMode}: rank -5`);
+    t.throws(() => createModel({ ...base, cmMode, cmRank: 9 }), /cmRank must be in 1\.\.8, got 9/, `${cmMode}: rank 9`);
+  }
+  t.equal(createModel({ ...base, cmMode: 'full', cmRank: 3 }).config.cmRank, 3, 'a rank in range is kept in every mode (checkpoints of full runs may carry one)');
   const a = Uint8Array.from([0, 1, 1, 0]);
   // NaN used to mean "automatic", as a negative prior does.
   await t.rejects(fuse([a, a], { method: 'staple', classes: 2, prior: NaN }), /prior = nan, expected 0\.\.1/);

@@ -261,3 +261,23 @@ t.test('writeFileAtomic (the API\'s writers too) refuses a pipe as its target in
   t.ok(fs.lstatSync(fifo).isFIFO(), 'the pipe is still a pipe');
   t.same(fs.readdirSync(dir).filter((f) => f.includes('api-fifo') && f.endsWith('.tmp')), [], 'no temp file left');
 });
+
+t.test('CM-head and trace flags are refused, by name, for methods that have nothing for them to set', async (t) => {
+  const out = path.join(dir, 'runs', 'unused-flags');
+  const refused = [
+    [['--method', 'cm', '--cm-rank', '4'], /^cmseg: error: --cm-rank: for --method cm-lowrank only$/],
+    [['--method', 'cm-global', '--cm-head-blocks', '2'], /^cmseg: error: --cm-head-blocks: for --method cm, --method cm-notrace, --method cm-lowrank \(pixel-wise CM heads\) only$/],
+    [['--method', 'naive-mean', '--cm-init', 'uniform'], /^cmseg: error: --cm-init: for --method cm, --method cm-notrace, --method cm-global, --method cm-lowrank \(methods that learn CMs\) only$/],
+    [['--method', 'cm-notrace', '--lambda', '0.1', '--warmup-steps', '3'], /^cmseg: error: --lambda, --warmup-steps: for --method cm, --method cm-global, --method cm-lowrank \(methods with the trace term\) only$/],
+    [['--method', 'oracle', '--lambda-warmup', '0.1'], /^cmseg: error: --lambda-warmup: for .* \(methods with the trace term\) only$/],
+  ] as const;
+  for (const [flags, message] of refused) {
+    const r = await runCli(['train', '--preset', 'mnist-tiny', '--steps', '1', '--out', out, ...flags], dir);
+    t.equal(r.exitCode, 1, flags.join(' '));
+    t.match(oneErrorLine(t, r.stderr), message);
+    t.notOk(fs.existsSync(out), 'no run folder made');
+  }
+  // Where the method has them, the same flags are taken.
+  const ok = await runCli(['train', '--preset', 'mnist-tiny', '--steps', '1', '--out', out, '--method', 'cm-lowrank', '--cm-rank', '2', '--cm-head-blocks', '1', '--lambda', '0.1', '--no-test', '--quiet'], dir);
+  t.equal(ok.exitCode, 0, ok.stderr);
+});

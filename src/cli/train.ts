@@ -31,7 +31,7 @@ import { backendInfo, Model, setNumThreads } from '../model/model';
 import { bratsText, evaluationText, referenceNote } from '../report/tables';
 import type { BratsDatasetSpec, DatasetSpec, ExperimentData, FolderDatasetSpec, RunRecipe } from '../train/experiment';
 import { bratsCaseSplits, imageFolderSplits, runCacheDir } from '../train/experiment';
-import { METHOD_NAMES, MethodName, methodDefinition } from '../train/methods';
+import { METHODS, METHOD_NAMES, MethodDefinition, MethodName, methodDefinition } from '../train/methods';
 import { presetByName, PRESET_NAMES } from '../train/presets';
 import { createFusionProgress, createProgress, silentFusionProgress } from '../train/progress';
 import { SCHEDULE_KINDS, ScheduleKind } from '../train/schedule';
@@ -140,6 +140,14 @@ function applyFlags(base: { config: TrainConfig; dataset: DatasetSpec }, flags: 
     const wrong = keys.filter(typed);
     if (wrong.length) throw new UserError(`${wrong.map(flagName).join(', ')}: for ${owner} only`);
   };
+  // Settings of the CM heads and the trace term, refused where the method has none to set
+  // (a silently ignored --cm-rank 4 on --method cm would look like a rank-4 run).
+  const method = methodDefinition(config.method);
+  const cmMethods = (keep: (m: MethodDefinition) => boolean) => METHOD_NAMES.filter((name) => keep(METHODS[name])).map((name) => `--method ${name}`).join(', ');
+  if (method.cmMode !== 'lowrank') only(['cmRank'], cmMethods((m) => m.cmMode === 'lowrank'));
+  if (!method.learnsCms || method.cmMode === 'global') only(['cmHeadBlocks'], `${cmMethods((m) => m.learnsCms && m.cmMode !== 'global')} (pixel-wise CM heads)`);
+  if (!method.learnsCms) only(['cmInit'], `${cmMethods((m) => m.learnsCms)} (methods that learn CMs)`);
+  if (!method.learnsCms || method.lambda !== undefined) only(['lambda', 'lambdaWarmup', 'warmupSteps'], `${cmMethods((m) => m.learnsCms && m.lambda === undefined)} (methods with the trace term)`);
   if (dataset.kind !== 'brats') only(['patch', 'valCases', 'stepsPerEpoch'], 'the BraTS presets (brats3d, brats3d-gpu)');
   if (dataset.kind !== 'mnist') only(['trainImages', 'valImages', 'testImages'], 'the MNIST presets');
   if (dataset.kind !== 'folder') only(['classes', 'labelMapping'], 'image folders (--preset images)');

@@ -260,3 +260,32 @@ t.test('a .nii.gz that decompresses past the largest Buffer is too-large, not co
   t.notMatch((err as Error).message, /corrupt/);
   t.match((err as Error).message, /huge\.nii\.gz/);
 });
+
+t.test('a .nii.gz is inflated only as far as its header reaches: a bomb is refused, a few trailing bytes are not', async (t) => {
+  const dir = tempDir(t);
+  const single = encodeNifti({ dims: [5, 4, 3], data: VALUES }); // 352 + 60 x 4 = 592 bytes
+  t.equal(single.length, 592);
+  // 64 MiB of zeros after the voxels compress to ~64 KiB: a small file that inflates far past its header.
+  const bomb = path.join(dir, 'bomb.nii.gz');
+  fs.writeFileSync(bomb, zlib.gzipSync(Buffer.concat([single, Buffer.alloc(64 << 20)])));
+  t.ok(fs.statSync(bomb).size < 1 << 20, 'the file itself is small');
+  for (const read of [() => readNifti(bomb), () => readNiftiSync(bomb)]) {
+    const err = await thrown(read);
+    t.ok(err instanceof NiftiError, `a NiftiError: ${String(err)}`);
+    t.equal((err as NiftiError).kind, 'too-large');
+    t.match((err as Error).message, /bomb\.nii\.gz/);
+    t.match((err as Error).message, /decompresses to more than 1049168 bytes, more than its header describes \(592 bytes of header and voxels\)/);
+  }
+  // Bytes some writers leave after the voxels (well inside the 1 MiB allowance) still read.
+  const padded = path.join(dir, 'padded.nii.gz');
+  fs.writeFileSync(padded, zlib.gzipSync(Buffer.concat([single, Buffer.alloc(4096, 9)])));
+  for (const read of [() => readNifti(padded), async () => readNiftiSync(padded)]) t.same(Array.from((await read()).data), Array.from(VALUES));
+  // A header describing more than a Buffer holds is refused before anything is inflated.
+  const huge = Buffer.from(single);
+  for (const at of [42, 44, 46]) huge.writeInt16LE(2048, at); // dim[1..3]: 2048^3 float32 = 32 GiB
+  const hugeFile = path.join(dir, 'huge-header.nii.gz');
+  fs.writeFileSync(hugeFile, zlib.gzipSync(huge));
+  const err = await thrown(() => readNifti(hugeFile));
+  t.equal((err as NiftiError).kind, 'too-large', String(err));
+  t.match((err as Error).message, /its header describes 34359738720 bytes of header and voxels, more than the \d+ bytes cmseg can hold/);
+});

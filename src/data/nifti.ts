@@ -260,22 +260,26 @@ const HOST_IS_LITTLE_ENDIAN = os.endianness() === 'LE';
 /** Reads a .nii, .nii.gz or .hdr/.img pair. Throws NiftiError. */
 export async function readNifti(filePath: string): Promise<NiftiVolume> {
   rejectImageHalfOfPair(filePath);
-  const headerBytes = await gunzipIfNeeded(await readNiftiFile(filePath, 'NIfTI image'), filePath);
-  const header = parseNiftiHeader(headerBytes, filePath);
+  const file = await readNiftiFile(filePath, 'NIfTI image');
+  const header = parseNiftiHeader(peekHeader(file, filePath), filePath);
+  const headerBytes = await gunzipIfNeeded(file, filePath, fileLength(header, filePath));
   if (header.magic === 'n+1') return decodeVolume(filePath, header, headerBytes, filePath);
   const imagePath = pairImagePath(filePath);
-  const imageBytes = await gunzipIfNeeded(await readNiftiFile(imagePath, 'NIfTI .img (voxel data of a .hdr/.img pair)'), imagePath);
+  const imageFile = await readNiftiFile(imagePath, 'NIfTI .img (voxel data of a .hdr/.img pair)');
+  const imageBytes = await gunzipIfNeeded(imageFile, imagePath, dataLength(header, imagePath));
   return decodeVolume(filePath, header, imageBytes, imagePath);
 }
 
 /** Synchronous readNifti. */
 export function readNiftiSync(filePath: string): NiftiVolume {
   rejectImageHalfOfPair(filePath);
-  const headerBytes = gunzipIfNeededSync(readNiftiFileSync(filePath, 'NIfTI image'), filePath);
-  const header = parseNiftiHeader(headerBytes, filePath);
+  const file = readNiftiFileSync(filePath, 'NIfTI image');
+  const header = parseNiftiHeader(peekHeader(file, filePath), filePath);
+  const headerBytes = gunzipIfNeededSync(file, filePath, fileLength(header, filePath));
   if (header.magic === 'n+1') return decodeVolume(filePath, header, headerBytes, filePath);
   const imagePath = pairImagePath(filePath);
-  const imageBytes = gunzipIfNeededSync(readNiftiFileSync(imagePath, 'NIfTI .img (voxel data of a .hdr/.img pair)'), imagePath);
+  const imageFile = readNiftiFileSync(imagePath, 'NIfTI .img (voxel data of a .hdr/.img pair)');
+  const imageBytes = gunzipIfNeededSync(imageFile, imagePath, dataLength(header, imagePath));
   return decodeVolume(filePath, header, imageBytes, imagePath);
 }
 
@@ -335,37 +339,86 @@ function isGzip(bytes: Uint8Array): boolean {
   return bytes.length >= 2 && bytes[0] === 0x1f && bytes[1] === 0x8b;
 }
 
-const gunzipAsync = promisify(zlib.gunzip);
+const gunzipAsync = promisify(zlib.gunzip) as (data: Uint8Array, options: zlib.ZlibOptions) => Promise<Buffer>;
 
-async function gunzipIfNeeded(bytes: Buffer, filePath: string): Promise<Buffer> {
+// A gzipped file is inflated only as far as its header says it reaches (plus this much for
+// bytes some writers leave after the voxels): a small .nii.gz that inflates to gigabytes (a
+// damaged header, or a gzip bomb) is refused at that point instead of filling memory first.
+const GZIP_SLACK = 1 << 20;
+// A .hdr's own length is not in its header (extensions follow it): this bounds it.
+const PAIR_HEADER_LIMIT = 64 << 20;
+
+/**
+ * The header's bytes of a file, inflating only the start of a gzipped one: the compressed
+ * header takes a few hundred bytes (a gzip member's optional fields up to 64 KiB more).
+ */
+function peekHeader(file: Buffer, filePath: string): Buffer {
+  if (!isGzip(file)) return file;
+  let head = Buffer.alloc(0);
+  for (const size of [4096, 1 << 16, 1 << 17]) {
+    try {
+      // A partial member: Z_SYNC_FLUSH returns what the input so far decodes to.
+      head = zlib.gunzipSync(file.subarray(0, size), { finishFlush: zlib.constants.Z_SYNC_FLUSH });
+    } catch (err) {
+      throw corruptGzipError(err, filePath);
+    }
+    if (head.length >= HEADER_BYTES || size >= file.length) break;
+  }
+  return head;
+}
+
+/** How many bytes a file holds by its header: the header alone (.hdr), or header and voxels (.nii). */
+function fileLength(header: NiftiHeader, filePath: string): number {
+  return header.magic === 'n+1' ? dataLength(header, filePath) : PAIR_HEADER_LIMIT;
+}
+
+/** vox_offset plus the voxels: what the voxel data's file must hold. */
+function dataLength(header: NiftiHeader, dataPath: string): number {
+  const count = voxelCount(header.dim.slice(1, header.dim[0] + 1));
+  return dataOffset(header, dataPath) + count * datatypeByName(header.datatype).bytes;
+}
+
+async function gunzipIfNeeded(bytes: Buffer, filePath: string, length: number): Promise<Buffer> {
   if (!isGzip(bytes)) return bytes;
+  checkHoldable(length, filePath);
   try {
-    return await gunzipAsync(bytes);
+    return await gunzipAsync(bytes, { maxOutputLength: inflateLimit(length) });
   } catch (err) {
-    throw corruptGzipError(err, filePath);
+    throw corruptGzipError(err, filePath, length);
   }
 }
 
-function gunzipIfNeededSync(bytes: Buffer, filePath: string): Buffer {
+function gunzipIfNeededSync(bytes: Buffer, filePath: string, length: number): Buffer {
   if (!isGzip(bytes)) return bytes;
+  checkHoldable(length, filePath);
   try {
-    return zlib.gunzipSync(bytes);
+    return zlib.gunzipSync(bytes, { maxOutputLength: inflateLimit(length) });
   } catch (err) {
-    throw corruptGzipError(err, filePath);
+    throw corruptGzipError(err, filePath, length);
   }
 }
 
-function corruptGzipError(err: unknown, filePath: string): NiftiError {
-  // Output past the largest Buffer (4 GiB) is zlib's ERR_BUFFER_TOO_LARGE: the data is
-  // not corrupt, only more than cmseg can hold.
+function inflateLimit(length: number): number {
+  return Math.min(length + GZIP_SLACK, buffer.constants.MAX_LENGTH);
+}
+
+// Said before inflating anything: the header alone shows that the voxels cannot be held.
+function checkHoldable(length: number, filePath: string): void {
+  if (length > buffer.constants.MAX_LENGTH) {
+    throw new NiftiError('too-large', filePath, `its header describes ${length} bytes of header and voxels, more than the ${buffer.constants.MAX_LENGTH} bytes cmseg can hold in memory`, length);
+  }
+}
+
+function corruptGzipError(err: unknown, filePath: string, length?: number): NiftiError {
+  // Output past the bound is zlib's ERR_BUFFER_TOO_LARGE: the data is not corrupt, only
+  // more than the header describes (or, at the largest Buffer, than cmseg can hold).
   if ((err as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE') {
-    return new NiftiError(
-      'too-large',
-      filePath,
-      `decompresses to more than ${buffer.constants.MAX_LENGTH} bytes, the most cmseg can hold in memory`,
-      filePath,
-      { cause: err },
-    );
+    const limit = length === undefined ? buffer.constants.MAX_LENGTH : inflateLimit(length);
+    const why =
+      length !== undefined && limit < buffer.constants.MAX_LENGTH
+        ? `more than its header describes (${length} bytes${length === PAIR_HEADER_LIMIT ? ' at most for a .hdr' : ' of header and voxels'}); refused before it could fill memory: a damaged file, or not an image`
+        : 'the most cmseg can hold in memory';
+    return new NiftiError('too-large', filePath, `decompresses to more than ${limit} bytes, ${why}`, filePath, { cause: err });
   }
   const reason = err instanceof Error ? err.message : String(err);
   return new NiftiError('corrupt-gzip', filePath, `gzip data is corrupt or truncated (${reason})`, reason, { cause: err });

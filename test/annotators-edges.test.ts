@@ -7,7 +7,7 @@ import * as path from 'path';
 import t from 'tap';
 import { Rng } from '../src/data/random';
 import { type Extent, dilateBinary, erodeBinary } from '../src/data/morphology';
-import { type AnnotatorSpec, simulateAnnotators } from '../src/data/annotators';
+import { type AnnotatorSpec, fractureAnnotator, simulateAnnotators } from '../src/data/annotators';
 import { generateBratsPhantom, writeBratsPhantoms } from '../src/data/brats-phantom';
 import type { BratsNaming } from '../src/data/brats';
 import { simulateDataset } from '../src/cli/simulate';
@@ -199,4 +199,21 @@ t.test('phantom brats names case folders an earlier run left in --out', async (t
   t.equal(second.exitCode, 0, second.stderr);
   t.same(fs.readdirSync(path.join(root, 'ph')).sort(), ['BraTS-GLI-00000-000', 'BraTS2021_00000', 'BraTS2021_00001', 'BraTS2021_00002']);
   t.match(second.stderr, /holds 3 other case folders \(BraTS2021_00000, BraTS2021_00001, BraTS2021_00002\)/);
+});
+
+t.test('a huge 3D numFractures neither runs out of memory nor runs on once the lesion is all cut', async (t) => {
+  const extent: Extent = { d: 12, h: 12, w: 12 };
+  const ball = new Uint8Array(12 * 12 * 12);
+  for (let z = 0; z < 12; z++) for (let y = 0; y < 12; y++) for (let x = 0; x < 12; x++) ball[(z * 12 + y) * 12 + x] = (z - 5.5) ** 2 + (y - 5.5) ** 2 + (x - 5.5) ** 2 <= 16 ? 1 : 0;
+  const started = Date.now();
+  // Planning a billion cuts first held a list of them (~100 GB); each cut also removes its centre.
+  const out = fractureAnnotator(ball, extent, { kind: 'fracture', numFractures: 1e9 }, new Rng(3));
+  t.equal(out.reduce((n, v) => n + v, 0), 0, 'every foreground voxel is cut');
+  t.ok(Date.now() - started < 20_000, `finished in ${Date.now() - started} ms`);
+  // A few cuts: the same draws as before, cut by cut (the same seed gives the same map twice,
+  // and each cut is a slab through the ball, so some foreground stays).
+  const three = fractureAnnotator(ball, extent, { kind: 'fracture', numFractures: 3 }, new Rng(3));
+  t.same(three, fractureAnnotator(ball, extent, { kind: 'fracture', numFractures: 3 }, new Rng(3)));
+  const left = three.reduce((n, v) => n + v, 0);
+  t.ok(left > 0 && left < ball.reduce((n, v) => n + v, 0), `3 cuts leave ${left} voxels`);
 });

@@ -157,11 +157,18 @@ export function fractureAnnotator(consensus: Uint8Array, extent: Extent, spec: F
   const out = Uint8Array.from(consensus);
   const foreground = new Uint8Array(consensus.length);
   for (let i = 0; i < consensus.length; i++) foreground[i] = isForeground(consensus[i]) ? 1 : 0;
-  if (numFractures === 0 || countForeground(foreground) === 0) return out;
+  let left = countForeground(foreground);
+  if (numFractures === 0 || left === 0) return out;
+  // 3D cuts are planned one at a time (a large numFractures holds no list of them); cutting
+  // draws nothing from `rng`, so the result is that of planning them all first. Once the
+  // foreground is gone the remaining cuts could change nothing.
   const cuts = threeD
     ? slabCuts(foreground, extent, numFractures, rng)
     : skeletonCuts(foreground, extent, numFractures, rng);
-  for (const cut of cuts) cutBand(out, extent, cut, thickness / 2);
+  for (const cut of cuts) {
+    left -= cutBand(out, extent, cut, thickness / 2);
+    if (left === 0) break;
+  }
   return out;
 }
 
@@ -239,11 +246,10 @@ function skeletonDirection(points: readonly number[], w: number, y: number, x: n
 }
 
 /** Slab centres at random lesion voxels, with normals uniform on the sphere. */
-function slabCuts(foreground: Uint8Array, extent: Extent, count: number, rng: Rng): Cut[] {
+function* slabCuts(foreground: Uint8Array, extent: Extent, count: number, rng: Rng): Generator<Cut> {
   const { h, w } = extent;
   const voxels: number[] = [];
   for (let i = 0; i < foreground.length; i++) if (foreground[i]) voxels.push(i);
-  const cuts: Cut[] = [];
   for (let k = 0; k < count; k++) {
     const i = voxels[rng.int(voxels.length)];
     let normal: [number, number, number];
@@ -252,13 +258,12 @@ function slabCuts(foreground: Uint8Array, extent: Extent, count: number, rng: Rn
       normal = [rng.normal(), rng.normal(), rng.normal()];
       norm = Math.hypot(...normal);
     } while (norm < 1e-9);
-    cuts.push({
+    yield {
       centre: [Math.floor(i / (h * w)), Math.floor(i / w) % h, i % w],
       normal: [normal[0] / norm, normal[1] / norm, normal[2] / norm],
       reach: Infinity,
-    });
+    };
   }
-  return cuts;
 }
 
 /**
@@ -266,7 +271,8 @@ function slabCuts(foreground: Uint8Array, extent: Extent, count: number, rng: Rn
  * `reach` of its centre that are connected (8/26) to the centre inside that band: the
  * band crosses the stroke or lesion at the centre but not other parts it happens to meet.
  */
-function cutBand(labels: Uint8Array, extent: Extent, cut: Cut, halfThickness: number): void {
+/** Returns how many voxels it set to background. */
+function cutBand(labels: Uint8Array, extent: Extent, cut: Cut, halfThickness: number): number {
   const { d, h, w } = extent;
   const [cz, cy, cx] = cut.centre;
   const [nz, ny, nx] = cut.normal;
@@ -280,12 +286,14 @@ function cutBand(labels: Uint8Array, extent: Extent, cut: Cut, halfThickness: nu
     return radial2 <= cut.reach * cut.reach;
   };
   const start = (cz * h + cy) * w + cx;
-  if (!isForeground(labels[start])) return; // an earlier break already removed this centre
+  if (!isForeground(labels[start])) return 0; // an earlier break already removed this centre
   const visited = new Set<number>([start]);
   const stack = [start];
+  let cleared = 0;
   while (stack.length > 0) {
     const i = stack.pop() as number;
     labels[i] = 0;
+    cleared++;
     const x = i % w;
     const y = Math.floor(i / w) % h;
     const z = Math.floor(i / (h * w));
@@ -304,6 +312,7 @@ function cutBand(labels: Uint8Array, extent: Extent, cut: Cut, halfThickness: nu
       }
     }
   }
+  return cleared;
 }
 
 /** One annotator's label map for one volume. */

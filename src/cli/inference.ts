@@ -104,12 +104,16 @@ export function dataTarget(info: CheckpointInfo, flags: { data?: string; split: 
 /**
  * A checkpoint's model for inference, on `device` when given (--device; 'cuda' without a usable
  * GPU fails with the reason), else where it was trained, except that a GPU-trained one runs on the
- * CPU when no GPU can run it here.
+ * CPU when no GPU can run it here. `modelConfig` is the checkpoint's model config (its metadata
+ * `config`, CheckpointInfo.config): that is the device loadCheckpoint builds the model on. The
+ * trainer's own config (saved.config) may say otherwise: 'auto' for a model it resolved to
+ * 'cuda', or anything in a hand-made checkpoint; judging by it let a GPU model fail to load on
+ * a machine without a GPU instead of falling back to the CPU.
  */
-export async function loadModelForInference(file: string, saved: { config: { device?: Device } }, device?: Device): Promise<Model> {
+export async function loadModelForInference(file: string, modelConfig: { device?: Device }, device?: Device): Promise<Model> {
   if (device !== undefined) return loadCheckpoint(file, { device });
   const info = backendInfo();
-  if (saved.config.device === 'cuda' && (!info.cuda || !info.cudaTraining || !info.gpuAvailable)) {
+  if (modelConfig.device === 'cuda' && (!info.cuda || !info.cudaTraining || !info.gpuAvailable)) {
     process.stderr.write('note: this checkpoint was trained on the GPU; no GPU can run it here, so it runs on the CPU\n');
     return loadCheckpoint(file, { device: 'cpu' });
   }
@@ -220,7 +224,7 @@ export async function loadInference(info: InferenceInfo, options: { device?: Dev
   const models: Model[] = [];
   const dispose = () => Promise.all(models.map((m) => m.dispose())).then(() => undefined);
   try {
-    for (const member of info.members) models.push(await loadModelForInference(member.file, member.saved ?? { config: member.config }, options.device));
+    for (const member of info.members) models.push(await loadModelForInference(member.file, member.config, options.device));
   } catch (error) {
     await dispose();
     throw error;

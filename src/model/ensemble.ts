@@ -52,6 +52,20 @@ export function foldIntoMean(mean: ModelPrediction, next: ModelPrediction, k: nu
   }
 }
 
+/**
+ * Throws a TypeError naming `what` unless `value` looks like a PredictingModel (a config object
+ * and a predict function): ensemble(), mirrored() and slidingWindowPredict() are public, and a
+ * missing member otherwise failed as "Cannot read properties of undefined (reading 'ndim')",
+ * or (a config without predict) only later, at the first prediction.
+ */
+export function checkPredictingModel(value: unknown, what: string): asserts value is PredictingModel {
+  const m = value as Partial<PredictingModel> | null | undefined;
+  if (m === null || typeof m !== 'object' || m.config === null || typeof m.config !== 'object' || typeof m.predict !== 'function') {
+    const got = m === null ? 'null' : typeof m !== 'object' ? typeof m : m.config === null || typeof m.config !== 'object' ? 'an object without a config' : 'an object without a predict function';
+    throw new TypeError(`${what}: expected a model (a Model, or an object with config and predict()), got ${got}`);
+  }
+}
+
 /** The config fields that ensemble members must share: their outputs are averaged value by value. */
 export const ENSEMBLE_FIELDS = ['ndim', 'inChannels', 'classes', 'annotators'] as const;
 export type EnsembleField = (typeof ENSEMBLE_FIELDS)[number];
@@ -74,6 +88,7 @@ export function ensembleMismatch(configs: readonly PredictingModel['config'][]):
  */
 export function ensemble(models: readonly PredictingModel[]): PredictingModel {
   if (!Array.isArray(models) || models.length === 0) throw new RangeError('ensemble needs at least one model');
+  models.forEach((m, i) => checkPredictingModel(m, `ensemble member ${i}`));
   const configs = models.map((m) => m.config);
   const mismatch = ensembleMismatch(configs);
   if (mismatch) {

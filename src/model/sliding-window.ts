@@ -16,6 +16,7 @@
 // every window agrees gets that value back (to Float32 rounding).
 // Test-time augmentation (`mirror`) mirrors each window, as nnU-Net does (src/model/tta.ts).
 import { checkExtent, Extent } from '../data/morphology';
+import { checkPredictingModel } from './ensemble';
 import { mirrored } from './tta';
 
 /** The part of a Model that sliding-window inference needs (tests pass fakes). */
@@ -87,6 +88,12 @@ export const GAUSSIAN_WEIGHT_FLOOR = 1e-3;
  * corner is covered by one window's corner only) ever has weight 0.
  */
 export function gaussianImportanceMap(patch: readonly number[], sigmaScale = 1 / 8, floor = GAUSSIAN_WEIGHT_FLOOR): Float64Array {
+  // A public function: [8] or [8, 8, 8, 8] would otherwise give an empty map or a 3D map of the
+  // first three sizes, and 7.5 a map whose length is not the product of its axes (zeros at the end).
+  if (!Array.isArray(patch) || (patch.length !== 2 && patch.length !== 3)) {
+    throw new RangeError(`patch must be [h, w] or [d, h, w], got ${Array.isArray(patch) ? `[${patch.join(', ')}]` : String(patch)}`);
+  }
+  patch.forEach((p, i) => positiveInteger(`patch[${i}]`, p));
   const [pd, ph, pw] = patch.length === 2 ? [1, patch[0], patch[1]] : patch;
   if (!(sigmaScale > 0) || !Number.isFinite(sigmaScale)) throw new RangeError(`gaussianSigmaScale = ${sigmaScale} must be a finite number > 0`);
   if (!(floor > 0 && floor <= 1)) throw new RangeError(`floor = ${floor} must be in (0, 1]`);
@@ -123,7 +130,7 @@ interface Axis {
 }
 
 function positiveInteger(name: string, value: unknown): number {
-  if (typeof value !== 'number' || !Number.isInteger(value) || value < 1) throw new RangeError(`${name} = ${String(value)} must be a positive integer`);
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < 1) throw new RangeError(`${name} = ${typeof value === 'string' ? JSON.stringify(value) : String(value)} must be a positive integer`);
   return value;
 }
 
@@ -142,6 +149,7 @@ export async function slidingWindowPredict(
   extent: Extent,
   options: SlidingWindowOptions,
 ): Promise<SlidingWindowPrediction> {
+  checkPredictingModel(model, 'slidingWindowPredict');
   const { classes: L, annotators: R, inChannels: C, ndim, depth } = model.config;
   checkExtent(extent);
   if (ndim === 2 && extent.d !== 1) throw new RangeError(`a 2D model needs extent.d = 1, got ${extent.d}`);

@@ -7,7 +7,7 @@
 // as in nnU-Net (slidingWindowPredict's `mirror` option). For a model that is itself
 // mirror-equivariant every term equals the plain prediction, and so does the mean, exactly.
 
-import { foldIntoMean, type FoldArray, type PredictingModel } from './ensemble';
+import { checkPredictingModel, foldIntoMean, type FoldArray, type PredictingModel } from './ensemble';
 
 /** Every subset of `axes`, the empty one (the input as it is) first: the 2^|axes| mirrorings. */
 export function mirrorings(axes: readonly number[]): number[][] {
@@ -59,7 +59,17 @@ function forEachFlippedRow(planes: number, spatial: readonly number[], axes: rea
  */
 export function flipSpatial(data: Float32Array, planes: number, spatial: readonly number[], axes: readonly number[], out = new Float32Array(data.length)): Float32Array {
   if (out.length !== data.length) throw new RangeError(`flipSpatial: out has ${out.length} values, data ${data.length}`);
-  forEachFlippedRow(planes, spatial, axes, (dst, src, width, reversed) => {
+  // A public function: an axis past the spatial ones was skipped without a word (no flip), and
+  // data longer than planes * spatial kept zeros in its tail (only that many values were visited).
+  if (!Array.isArray(spatial) || (spatial.length !== 2 && spatial.length !== 3) || !spatial.every((n) => Number.isInteger(n) && n >= 1)) {
+    throw new RangeError(`flipSpatial: spatial must be [h, w] or [d, h, w] of positive integers, got ${Array.isArray(spatial) ? `[${spatial.join(', ')}]` : String(spatial)}`);
+  }
+  const size = planes * spatial.reduce((a, b) => a * b, 1);
+  if (!Number.isInteger(planes) || planes < 1 || data.length !== size) {
+    throw new RangeError(`flipSpatial: data has ${data.length} values, ${planes} plane(s) of [${spatial.join(', ')}] are ${size}`);
+  }
+  const flip = mirrorAxes(spatial.length as 2 | 3, axes);
+  forEachFlippedRow(planes, spatial, flip, (dst, src, width, reversed) => {
     if (!reversed) out.set(data.subarray(src, src + width), dst);
     else for (let x = 0, s = src + width - 1; x < width; x++, s--) out[dst + x] = data[s];
   });
@@ -87,6 +97,7 @@ function foldFlippedBack(spatial: readonly number[], axes: readonly number[]): F
  * mirrorings are predicted one after the other, so only one prediction is held beside the mean.
  */
 export function mirrored(model: PredictingModel, axes: boolean | readonly number[] = true): PredictingModel {
+  checkPredictingModel(model, 'mirrored');
   const flips = mirrorings(mirrorAxes(model.config.ndim, axes));
   if (flips.length === 1) return model;
   return {

@@ -567,7 +567,7 @@ t.test('cmseg predict and eval on a tiny BraTS phantom: --tta, two checkpoints',
   t.equal(json('depths16.json').metrics.images, 1);
   const badPatch = await cli(['eval', '--checkpoint', ...mixedDepths, '--patch', '12']);
   t.equal(badPatch.exitCode, 1, '--patch is read on a run\'s split too');
-  t.match(badPatch.stderr, /^cmseg: error: --patch 12 must be a multiple of 2\^\(depth-1\) = 8 \(the model's depth is 4\)\n$/);
+  t.match(badPatch.stderr, /^cmseg: error: --patch 12 must be a multiple of 2\^\(depth-1\) = 8 \(the deepest of the 2 checkpoints has depth 4\)\n$/);
   const runPredict = await cli(['predict', '--checkpoint', ...runs, '--tta', '--out', 'pred-run']);
   t.equal(runPredict.exitCode, 0, runPredict.stderr);
   t.match(fs.readFileSync(path.join(dir, 'pred-run', 'README.txt'), 'utf8'), /^Predictions of the mean \(ensemble\) of 2 checkpoints: .*\(cm, step 1\), .*\(cm, step 1\) for 1 case\(s\) from the test split of the run/);

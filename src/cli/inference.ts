@@ -290,7 +290,11 @@ export const DEFAULT_PATCH = 64;
 export function windowPatch(info: CheckpointInfo, patch: number | undefined): number[] {
   const depth = info.config.depth;
   const multiple = 2 ** (depth - 1);
-  if (patch !== undefined && patch % multiple !== 0) throw new UserError(`--patch ${patch} must be a multiple of 2^(depth-1) = ${multiple} (the model's depth is ${depth})`);
+  if (patch !== undefined && patch % multiple !== 0) {
+    const members = 'members' in info ? (info as InferenceInfo).members.length : 1;
+    const whose = members > 1 ? `the deepest of the ${members} checkpoints has depth ${depth}` : `the model's depth is ${depth}`;
+    throw new UserError(`--patch ${patch} must be a multiple of 2^(depth-1) = ${multiple} (${whose})`);
+  }
   // An ensemble's depth is its deepest member's: a shallower member's training patch is rounded up to fit it.
   const size = patch ?? paddedSize([info.recipe?.dataset.kind === 'brats' ? info.recipe.dataset.patch : DEFAULT_PATCH], depth)[0];
   return [size, size, size];

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // The TypeScript half of `npm install` (and `npm run build:ts`): compiles src/ into dist/
-// and makes the CLI executable.
+// and makes the CLI executable. The native half is scripts/build-native.mjs.
 //
 // Where it runs decides what there is to do:
 //   a clone (src/ present, devDependencies installed)  compile with the project's tsc;

@@ -110,17 +110,16 @@ export function loadNative(): NativeAddon {
       cached = require(file) as NativeAddon;
       return cached;
     } catch (err) {
-      throw new Error(
-        `cmseg: the native addon at ${file} exists but failed to load: ${(err as Error).message}\n` +
-          'Rebuild it with `npm run build:native` (needs cmake >= 3.18 and a C++17 compiler).',
-      );
+      throw new Error(`the native addon at ${file} exists but failed to load: ${(err as Error).message}\n${howToBuild('Rebuild')}`);
     }
   }
-  throw new Error(
-    'cmseg: the native addon is not built (looked for ' +
-      tried.join(', ') +
-      ').\nBuild it with `npm run build:native` in ' +
-      packageRoot +
-      ' (needs cmake >= 3.18 and a C++17 compiler; `npm install` runs it for you).',
-  );
+  throw new Error(`the native addon is not built (looked for ${tried.join(', ')}).\n${howToBuild('Build')}`);
+}
+
+// A clone (src/ beside dist/) builds with its own npm script; an installed package is rebuilt
+// from the project that depends on it, where `npm run build:native` is no script at all.
+function howToBuild(verb: 'Build' | 'Rebuild'): string {
+  const needs = 'needs cmake >= 3.18 and a C++17 compiler';
+  if (fs.existsSync(path.join(packageRoot, 'src'))) return `${verb} it with \`npm run build:native\` in ${packageRoot} (${needs}).`;
+  return `${verb} it with \`npm rebuild cmseg\` in your project (${needs}; npm 11 may first want \`npm install-scripts approve cmseg\`).`;
 }

@@ -70,6 +70,9 @@ double get_number(Napi::Env env, const Napi::Object& o, const char* key, double 
 }
 
 std::string number_text(double d) {
+  // As JS prints them: printf's "nan" and "inf" are not what the caller typed.
+  if (std::isnan(d)) return "NaN";
+  if (std::isinf(d)) return d > 0 ? "Infinity" : "-Infinity";
   char buf[64];
   for (int precision = 1; precision <= 17; ++precision) {  // the shortest text that reads back as d, as JS prints it
     std::snprintf(buf, sizeof buf, "%.*g", precision, d);
@@ -108,6 +111,11 @@ static Arr expect_typed(Napi::Env env, const Napi::Value& v, const char* what, i
   if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != type)
     throw_invalid(env, std::string(what) + " must be a " + type_name);
   Arr a = v.As<Arr>();
+  // A transferred buffer (postMessage, structuredClone) leaves a view of length 0; saying
+  // "has 0 elements" (or, for a later fuse map, blaming the live ones) hides why.
+  if (a.ArrayBuffer().IsDetached())
+    throw_invalid(env, std::string(what) + " is a view of a detached ArrayBuffer (transferred with postMessage or "
+                                           "structuredClone); pass an array whose buffer this thread still owns");
   if (length >= 0 && (int64_t)a.ElementLength() != length)
     throw_invalid(env, std::string(what) + " has " + std::to_string(a.ElementLength()) + " elements, expected " +
                            std::to_string(length));
@@ -122,9 +130,22 @@ Napi::Uint8Array expect_u8(Napi::Env env, const Napi::Value& v, const char* what
   return expect_typed<Napi::Uint8Array>(env, v, what, length, napi_uint8_array, "Uint8Array");
 }
 
-std::vector<int64_t> expect_int_array(Napi::Env env, const Napi::Value& v, const char* what) {
-  if (!v.IsArray()) throw_invalid(env, std::string(what) + " must be an array of integers");
+std::string proxy_hint(Napi::Env env, const Napi::Value& v) {
+  if (!v.IsObject()) return "";
+  try {
+    Napi::Function is_array = env.Global().Get("Array").As<Napi::Object>().Get("isArray").As<Napi::Function>();
+    if (is_array.Call({v}).ToBoolean()) return " (a Proxy of an array is not read through: pass the array itself)";
+  } catch (const Napi::Error&) {  // a revoked Proxy: the plain message
+  }
+  return "";
+}
+
+std::vector<int64_t> expect_int_array(Napi::Env env, const Napi::Value& v, const char* what, uint32_t max_entries) {
+  if (!v.IsArray()) throw_invalid(env, std::string(what) + " must be an array of integers" + proxy_hint(env, v));
   Napi::Array a = v.As<Napi::Array>();
+  if (a.Length() > max_entries)
+    throw_invalid(env, std::string(what) + " has " + std::to_string(a.Length()) + " entries, more than " +
+                           std::to_string(max_entries));
   std::vector<int64_t> out;
   for (uint32_t i = 0; i < a.Length(); ++i) {
     Napi::Value e = a.Get(i);

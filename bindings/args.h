@@ -3,6 +3,7 @@
 #pragma once
 #include <napi.h>
 
+#include <cstdint>
 #include <initializer_list>
 #include <string>
 #include <vector>
@@ -33,8 +34,14 @@ std::string get_string(Napi::Env env, const Napi::Object& o, const char* key, co
 Napi::Float32Array expect_f32(Napi::Env env, const Napi::Value& v, const char* what, int64_t length = -1);
 Napi::Uint8Array expect_u8(Napi::Env env, const Napi::Value& v, const char* what, int64_t length = -1);
 
-// A JS array of integers in 0..INT_MAX (2^31 - 1), e.g. a shape.
-std::vector<int64_t> expect_int_array(Napi::Env env, const Napi::Value& v, const char* what);
+// A JS array of integers in 0..INT_MAX (2^31 - 1), e.g. a shape; its length is checked
+// against max_entries before any entry is read (a 2^32 - 1 long array is not walked).
+std::vector<int64_t> expect_int_array(Napi::Env env, const Napi::Value& v, const char* what,
+                                      uint32_t max_entries = UINT32_MAX);
+
+// For a value that is not an array to N-API: " (a Proxy of an array is not read through: pass
+// the array itself)" when JS's Array.isArray says it is one (a Proxy of an array), else "".
+std::string proxy_hint(Napi::Env env, const Napi::Value& v);
 
 // d as its shortest round-trip text (1.5, 1e+40, 4294967304).
 std::string number_text(double d);

@@ -82,12 +82,18 @@ struct ImageArgs {
   Napi::Float32Array images;
 };
 
-ImageArgs parse_images(Napi::Env env, const cmseg::ModelConfig& c, const Napi::Value& images, const Napi::Value& shape_v) {
-  std::vector<int64_t> shape = expect_int_array(env, shape_v, "shape");
-  if ((int)shape.size() != c.ndim + 2)
+// The shape alone (n, spatial); the images are taken by take_images once no more caller
+// code (getters, Proxy traps) can run before the call copies them.
+ImageArgs parse_shape(Napi::Env env, const cmseg::ModelConfig& c, const Napi::Value& shape_v) {
+  const auto wrong_length = [&](size_t got) {
     throw_invalid(env, "shape must have " + std::to_string(c.ndim + 2) + " entries (" +
                            (c.ndim == 3 ? "N, C, D, H, W" : "N, C, H, W") + ") for a " + std::to_string(c.ndim) +
-                           "D model, got " + std::to_string(shape.size()));
+                           "D model, got " + std::to_string(got));
+  };
+  if (shape_v.IsArray() && shape_v.As<Napi::Array>().Length() != (uint32_t)(c.ndim + 2))
+    wrong_length(shape_v.As<Napi::Array>().Length());  // before its entries are read
+  std::vector<int64_t> shape = expect_int_array(env, shape_v, "shape");
+  if ((int)shape.size() != c.ndim + 2) wrong_length(shape.size());
   if (shape[1] != c.in_channels)
     throw_invalid(env, "shape[1] (channels) is " + std::to_string(shape[1]) + " but the model has inChannels " +
                            std::to_string(c.in_channels));
@@ -97,13 +103,16 @@ ImageArgs parse_images(Napi::Env env, const cmseg::ModelConfig& c, const Napi::V
   double elements = 1;  // entries are <= INT_MAX each, but their product may still overflow int64
   for (int64_t e : shape) elements *= (double)e;
   if (elements > 9007199254740992.0)
-    throw_invalid(env, "shape describes " + std::to_string(elements) + " elements, more than 2^53");
+    throw_invalid(env, "shape describes " + number_text(elements) + " elements, more than 2^53");
   if (c.ndim == 3)
     a.s = {(int)shape[2], (int)shape[3], (int)shape[4]};
   else
     a.s = {1, (int)shape[2], (int)shape[3]};
-  a.images = expect_f32(env, images, "images", (int64_t)a.n * c.in_channels * a.s.size());
   return a;
+}
+
+void take_images(Napi::Env env, const cmseg::ModelConfig& c, ImageArgs& a, const Napi::Value& images) {
+  a.images = expect_f32(env, images, "images", (int64_t)a.n * c.in_channels * a.s.size());
 }
 
 // A prediction output allocated natively (calloc: no exception, no V8 abort when it
@@ -173,6 +182,15 @@ template <class T>
 const T* hold(std::vector<T>& into, const T* data, size_t count) {
   into.assign(data, data + count);
   return into.data();
+}
+
+// The number the caller gave for key, for messages. Float options are checked after their
+// rounding to float32, whose value ("got -0.10000000149011612", or "got 0" for an eps of
+// 1e-50) is not what was typed; one that rounds to 0 says so.
+std::string given_text(const Napi::Object& o, const char* key, float stored) {
+  const Napi::Value v = o.Get(key);
+  const double d = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : stored;
+  return number_text(d) + (stored == 0 && d != 0 ? " (0 in float32, the precision it is kept in)" : "");
 }
 
 }  // namespace
@@ -249,15 +267,22 @@ Napi::Value ModelWrap::Dispose(const Napi::CallbackInfo& info) {
 
 Napi::Value ModelWrap::RunBatch(const Napi::CallbackInfo& info, Mode mode) {
   Napi::Env env = info.Env();
-  cmseg::Model* model = &idle(env);
-  const cmseg::ModelConfig& c = model->config();
+  // A copy: the caller's getters below may dispose of the model (see the re-check below).
+  const cmseg::ModelConfig c = idle(env).config();
   Napi::Object o = expect_object(env, info[0], "batch");
   check_keys(env, o, "batch", {"images", "shape", "labels", "present", "target", "softTarget"});
+  // Every field is read once, and the arrays are taken (their pointers read) only after the
+  // last of the caller's code has run: a getter, a Proxy trap or an array element getter met
+  // while reading the batch may transfer, shrink or refill an array checked before it, and a
+  // pointer read earlier would then point into freed memory or at values never checked.
+  const Napi::Value images_v = o.Get("images"), shape_v = o.Get("shape"), labels_v = o.Get("labels"),
+                    target_v = o.Get("target"), soft_v = o.Get("softTarget"), present_v = o.Get("present");
   // Exactly one of labels (CM loss), target and softTarget (plain CE) says what to fit.
   {
     std::vector<std::string> given;
-    for (const char* k : {"labels", "target", "softTarget"})
-      if (!o.Get(k).IsUndefined()) given.push_back(k);
+    for (const auto& [k, v] : {std::pair<const char*, Napi::Value>{"labels", labels_v}, {"target", target_v},
+                               {"softTarget", soft_v}})
+      if (!v.IsUndefined()) given.push_back(k);
     if (given.size() > 1) {
       std::string list;
       for (size_t i = 0; i < given.size(); ++i)
@@ -268,38 +293,49 @@ Napi::Value ModelWrap::RunBatch(const Napi::CallbackInfo& info, Mode mode) {
     }
   }
   // present says which annotators labelled an image: it has no meaning for one fused target.
-  if (!o.Get("present").IsUndefined() && (!o.Get("target").IsUndefined() || !o.Get("softTarget").IsUndefined()))
+  if (!present_v.IsUndefined() && (!target_v.IsUndefined() || !soft_v.IsUndefined()))
     throw_invalid(env, std::string("batch.present applies to labels (one map per annotator); with ") +
-                           (o.Get("target").IsUndefined() ? "softTarget" : "target") +
+                           (target_v.IsUndefined() ? "softTarget" : "target") +
                            " it would be ignored: drop it, or pass labels");
-  ImageArgs im = parse_images(env, c, o.Get("images"), o.Get("shape"));
+  ImageArgs im = parse_shape(env, c, shape_v);
+  take_images(env, c, im, images_v);  // its errors first, as before; taken again below
   const int64_t NV = (int64_t)im.n * im.s.size();
-  auto batch = std::make_shared<cmseg::Batch>();
-  batch->n = im.n, batch->s = im.s, batch->images = im.images.Data();
-  std::vector<Napi::Value> keep = {im.images};
-  if (!o.Get("target").IsUndefined()) {
-    Napi::Uint8Array t = expect_u8(env, o.Get("target"), "batch.target", NV);
-    batch->target = t.Data();
-    keep.push_back(t);
-  } else if (!o.Get("softTarget").IsUndefined()) {
-    Napi::Float32Array t = expect_f32(env, o.Get("softTarget"), "batch.softTarget", NV * c.classes);
-    batch->soft_target = t.Data();
-    keep.push_back(t);
-  } else {
-    Napi::Value lv = o.Get("labels");
-    if (!lv.IsArray()) throw_invalid(env, "batch.labels must be an array of one Uint8Array per annotator");
+  std::vector<Napi::Value> label_vs;
+  if (target_v.IsUndefined() && soft_v.IsUndefined()) {
+    const Napi::Value& lv = labels_v;
+    if (!lv.IsArray())
+      throw_invalid(env, "batch.labels must be an array of one Uint8Array per annotator" + proxy_hint(env, lv));
     Napi::Array labels = lv.As<Napi::Array>();
     if ((int)labels.Length() != c.annotators)
       throw_invalid(env, "batch.labels has " + std::to_string(labels.Length()) + " maps but the model has " +
                              std::to_string(c.annotators) + " annotators");
-    for (uint32_t r = 0; r < labels.Length(); ++r) {
+    for (uint32_t r = 0; r < labels.Length(); ++r) label_vs.push_back(labels.Get(r));
+  }
+  // No caller code runs from here on. The model is looked up again: a getter met above may
+  // have disposed of it (freed: the call would step freed memory) or started a call of its
+  // own on it (two calls at once on one model).
+  cmseg::Model* model = &idle(env);
+  auto batch = std::make_shared<cmseg::Batch>();
+  take_images(env, c, im, images_v);
+  batch->n = im.n, batch->s = im.s, batch->images = im.images.Data();
+  std::vector<Napi::Value> keep = {im.images};
+  if (!target_v.IsUndefined()) {
+    Napi::Uint8Array t = expect_u8(env, target_v, "batch.target", NV);
+    batch->target = t.Data();
+    keep.push_back(t);
+  } else if (!soft_v.IsUndefined()) {
+    Napi::Float32Array t = expect_f32(env, soft_v, "batch.softTarget", NV * c.classes);
+    batch->soft_target = t.Data();
+    keep.push_back(t);
+  } else {
+    for (size_t r = 0; r < label_vs.size(); ++r) {
       const std::string what = "batch.labels[" + std::to_string(r) + "]";
-      Napi::Uint8Array l = expect_u8(env, labels.Get(r), what.c_str(), NV);
+      Napi::Uint8Array l = expect_u8(env, label_vs[r], what.c_str(), NV);
       batch->labels.push_back(l.Data());
       keep.push_back(l);
     }
-    if (!o.Get("present").IsUndefined()) {
-      Napi::Uint8Array p = expect_u8(env, o.Get("present"), "batch.present", (int64_t)im.n * c.annotators);
+    if (!present_v.IsUndefined()) {
+      Napi::Uint8Array p = expect_u8(env, present_v, "batch.present", (int64_t)im.n * c.annotators);
       for (size_t k = 0; k < p.ElementLength(); ++k)
         if (p[k] > 1)
           throw_invalid(env, "batch.present[" + std::to_string(k) + "] is " + std::to_string(p[k]) +
@@ -349,9 +385,9 @@ Napi::Value ModelWrap::Evaluate(const Napi::CallbackInfo& info) { return RunBatc
 
 Napi::Value ModelWrap::Predict(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  cmseg::Model* model = &idle(env);
-  const cmseg::ModelConfig& c = model->config();
-  ImageArgs im = parse_images(env, c, info[0], info[1]);
+  const cmseg::ModelConfig c = idle(env).config();  // a copy (RunBatch says why)
+  ImageArgs im = parse_shape(env, c, info[1]);
+  take_images(env, c, im, info[0]);  // its errors before the options', as before; taken again below
   bool want_cms = false, want_q = false;
   if (info.Length() > 2 && !info[2].IsUndefined()) {
     Napi::Object opts = expect_object(env, info[2], "predict options");
@@ -365,6 +401,10 @@ Napi::Value ModelWrap::Predict(const Napi::CallbackInfo& info) {
     want_cms = flag("cms");
     want_q = flag("annotatorProbs");
   }
+  // The options' getters are the caller's last code to run: the images and the model are
+  // taken after them (RunBatch says why).
+  take_images(env, c, im, info[0]);
+  cmseg::Model* model = &idle(env);
   // Sizes in double: n * R * L * L * V can pass int64 for absurd requests.
   const double V = (double)im.s.size(), n = im.n, L = c.classes, R = c.annotators;
   const double counts[3] = {n * L * V, want_cms ? n * R * L * L * V : 0, want_q ? n * R * L * V : 0};
@@ -432,13 +472,17 @@ Napi::Value ModelWrap::Predict(const Napi::CallbackInfo& info) {
 
 Napi::Value ModelWrap::Parameters(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
+  // Names and shapes (no GPU download), read before any JS object is built: a setter on
+  // Object.prototype runs in Set and could dispose of the model under the loop.
+  std::vector<std::pair<std::string, std::vector<int64_t>>> layout;
+  for (auto& p : live(env).param_layout()) layout.push_back({p.name, std::vector<int64_t>(p.shape.begin(), p.shape.end())});
   Napi::Array out = Napi::Array::New(env);
   uint32_t i = 0;
-  for (auto& p : live(env).param_layout()) {  // names and shapes: no GPU download
+  for (auto& [name, dims] : layout) {
     Napi::Object o = Napi::Object::New(env);
-    o.Set("name", p.name);
-    Napi::Array shape = Napi::Array::New(env, p.shape.size());
-    for (size_t k = 0; k < p.shape.size(); ++k) shape.Set((uint32_t)k, (double)p.shape[k]);
+    o.Set("name", name);
+    Napi::Array shape = Napi::Array::New(env, dims.size());
+    for (size_t k = 0; k < dims.size(); ++k) shape.Set((uint32_t)k, (double)dims[k]);
     o.Set("shape", shape);
     out.Set(i++, o);
   }
@@ -452,26 +496,41 @@ Napi::Value ModelWrap::named_arrays(Napi::Env env, std::vector<float> cmseg::Par
   // newer) without marking the host copy as edited.
   const std::vector<cmseg::Param>& params =
       guard(env, [&]() -> const std::vector<cmseg::Param>& { return model.params(); });
+  // Every array is copied before the first Set: a setter on Object.prototype runs there
+  // and could dispose of the model under the loop.
+  std::vector<std::pair<std::string, Napi::Float32Array>> arrays;
   for (auto& p : params) {
     const std::vector<float>& src = p.*field;
     Napi::Float32Array a = Napi::Float32Array::New(env, src.size());
     std::copy(src.begin(), src.end(), a.Data());
-    out.Set(p.name, a);
+    arrays.push_back({p.name, a});
   }
+  for (auto& [name, a] : arrays) out.Set(name, a);
   return out;
 }
 
-ModelWrap::Updates ModelWrap::check_named_arrays(Napi::Env env, const Napi::Value& v, const char* what, Values values) {
+ModelWrap::Entries ModelWrap::read_named_arrays(Napi::Env env, const Napi::Value& v, const char* what) {
   cmseg::Model& model = idle(env);
   Napi::Object o = expect_object(env, v, what);
   Napi::Array names = o.GetPropertyNames();
-  Updates updates;
+  Entries entries;
   for (uint32_t i = 0; i < names.Length(); ++i) {
     const std::string name = names.Get(i).ToString().Utf8Value();
     cmseg::Param* p = guard(env, [&] { return model.find(name); });  // may download from the GPU
     if (!p) throw_invalid(env, std::string(what) + ": unknown parameter '" + name + "'");
-    const std::string label = std::string(what) + "['" + name + "']";
-    Napi::Float32Array a = expect_f32(env, o.Get(name), label.c_str(), p->numel());
+    entries.push_back({p, o.Get(name)});
+  }
+  return entries;
+}
+
+ModelWrap::Updates ModelWrap::check_named_arrays(Napi::Env env, const Entries& entries, const char* what, Values values) {
+  // The getters that read_named_arrays ran may have disposed of the model (the Param
+  // pointers would point into freed memory) or started a call on it: looked up again.
+  idle(env);
+  Updates updates;
+  for (auto& [p, value] : entries) {
+    const std::string label = std::string(what) + "['" + p->name + "']";
+    Napi::Float32Array a = expect_f32(env, value, label.c_str(), p->numel());
     const float* d = a.Data();
     for (int64_t k = 0; k < p->numel(); ++k) {
       if (!std::isfinite(d[k])) throw_invalid(env, label + " contains a non-finite value at index " + std::to_string(k));
@@ -492,8 +551,11 @@ Napi::Value ModelWrap::GetWeights(const Napi::CallbackInfo& info) { return named
 Napi::Value ModelWrap::GetGradients(const Napi::CallbackInfo& info) { return named_arrays(info.Env(), &cmseg::Param::grad); }
 
 // Validates everything first so a bad entry leaves the model untouched.
+// The arrays are checked only once every getter of the object has run (read_named_arrays):
+// a later getter could otherwise refill or transfer one checked before it.
 Napi::Value ModelWrap::SetWeights(const Napi::CallbackInfo& info) {
-  apply_named_arrays(check_named_arrays(info.Env(), info[0], "weights", Values::Finite), &cmseg::Param::value);
+  const Entries entries = read_named_arrays(info.Env(), info[0], "weights");
+  apply_named_arrays(check_named_arrays(info.Env(), entries, "weights", Values::Finite), &cmseg::Param::value);
   return info.Env().Undefined();
 }
 
@@ -509,25 +571,30 @@ Napi::Value ModelWrap::GetOptimizerState(const Napi::CallbackInfo& info) {
 
 Napi::Value ModelWrap::SetOptimizerState(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  cmseg::Model& model = idle(env);
+  const cmseg::Model& model = idle(env);  // read before the caller's getters run only
   Napi::Object o = expect_object(env, info[0], "optimizer state");
   check_keys(env, o, "optimizer state", {"step", "m", "v"});
   const double step = get_number(env, o, "step", (double)model.step, "optimizer state");
   if (step < 0 || step != std::floor(step) || step > 9007199254740992.0)
     throw_invalid(env, "optimizer state.step must be a non-negative integer, got " + number_text(step));
-  // Both moments are checked in full before either is written (atomic, like setWeights).
-  Updates m, v;
-  if (!o.Get("m").IsUndefined()) m = check_named_arrays(env, o.Get("m"), "optimizer state.m", Values::Finite);
-  if (!o.Get("v").IsUndefined()) v = check_named_arrays(env, o.Get("v"), "optimizer state.v", Values::FiniteNonNegative);
+  // Both moments are checked in full before either is written (atomic, like setWeights), and
+  // only once both have been read: v's getters could otherwise change m's arrays after their check.
+  const Napi::Value m_v = o.Get("m"), v_v = o.Get("v");
+  Entries m_in, v_in;
+  if (!m_v.IsUndefined()) m_in = read_named_arrays(env, m_v, "optimizer state.m");
+  if (!v_v.IsUndefined()) v_in = read_named_arrays(env, v_v, "optimizer state.v");
+  const Updates m = check_named_arrays(env, m_in, "optimizer state.m", Values::Finite);
+  const Updates v = check_named_arrays(env, v_in, "optimizer state.v", Values::FiniteNonNegative);
+  cmseg::Model& now = idle(env);  // again, after the caller's getters (check_named_arrays says why)
   apply_named_arrays(m, &cmseg::Param::m);
   apply_named_arrays(v, &cmseg::Param::v);
-  model.step = (int64_t)step;
+  now.step = (int64_t)step;
   return env.Undefined();
 }
 
 Napi::Value ModelWrap::GetOptimizer(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  const cmseg::OptimConfig& c = live(env).optim;
+  const cmseg::OptimConfig c = live(env).optim;  // a copy: a setter on Object.prototype may run in Set
   Napi::Object o = Napi::Object::New(env);
   o.Set("kind", c.kind == cmseg::OptimKind::Adam ? "adam" : "adamw");
   o.Set("lr", c.lr);
@@ -540,7 +607,7 @@ Napi::Value ModelWrap::GetOptimizer(const Napi::CallbackInfo& info) {
 
 Napi::Value ModelWrap::SetOptimizer(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  cmseg::Model& model = idle(env);
+  const cmseg::Model& model = idle(env);  // read before the caller's getters run only
   Napi::Object o = expect_object(env, info[0], "optimizer");
   check_keys(env, o, "optimizer", {"kind", "lr", "beta1", "beta2", "eps", "weightDecay"});
   cmseg::OptimConfig c = model.optim;
@@ -553,7 +620,7 @@ Napi::Value ModelWrap::SetOptimizer(const Napi::CallbackInfo& info) {
   c.beta2 = get_float(env, o, "beta2", c.beta2, w);
   c.eps = get_float(env, o, "eps", c.eps, w);
   c.weight_decay = get_float(env, o, "weightDecay", c.weight_decay, w);
-  if (!(c.lr >= 0)) throw_invalid(env, "optimizer.lr must be >= 0, got " + number_text(c.lr));
+  if (!(c.lr >= 0)) throw_invalid(env, "optimizer.lr must be >= 0, got " + given_text(o, "lr", c.lr));
   for (const auto& [name, beta] : {std::pair<const char*, float>{"beta1", c.beta1}, {"beta2", c.beta2}}) {
     if (beta >= 0 && beta < 1) continue;
     // Betas are floats: 0.99999999 is below 1 as given but 1 once stored, which says nothing
@@ -565,26 +632,28 @@ Napi::Value ModelWrap::SetOptimizer(const Napi::CallbackInfo& info) {
   }
   // eps keeps the update finite where a parameter's gradients have all been 0 (an absent
   // annotator's head): with eps 0 that update is 0/0 and the weights turn NaN.
-  if (!(c.eps > 0)) throw_invalid(env, "optimizer.eps must be > 0, got " + number_text(c.eps));
-  if (!(c.weight_decay >= 0)) throw_invalid(env, "optimizer.weightDecay must be >= 0, got " + number_text(c.weight_decay));
-  model.optim = c;
+  if (!(c.eps > 0)) throw_invalid(env, "optimizer.eps must be > 0, got " + given_text(o, "eps", c.eps));
+  if (!(c.weight_decay >= 0)) throw_invalid(env, "optimizer.weightDecay must be >= 0, got " + given_text(o, "weightDecay", c.weight_decay));
+  idle(env).optim = c;  // looked up again: a getter above may have disposed of the model
   return env.Undefined();
 }
 
 Napi::Value ModelWrap::GetLoss(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  const cmseg::Model& model = live(env);
+  // Copies: a setter on Object.prototype may run in Set.
+  const cmseg::LossConfig loss = live(env).loss;
+  const double step = (double)live(env).step;
   Napi::Object o = Napi::Object::New(env);
-  o.Set("lambda", model.loss.lambda);
-  o.Set("lambdaWarmup", model.loss.lambda_warmup);
-  o.Set("warmupSteps", (double)model.loss.warmup_steps);
-  o.Set("step", (double)model.step);
+  o.Set("lambda", loss.lambda);
+  o.Set("lambdaWarmup", loss.lambda_warmup);
+  o.Set("warmupSteps", (double)loss.warmup_steps);
+  o.Set("step", step);
   return o;
 }
 
 Napi::Value ModelWrap::SetLoss(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  cmseg::Model& model = idle(env);
+  const cmseg::Model& model = idle(env);  // read before the caller's getters run only
   Napi::Object o = expect_object(env, info[0], "loss");
   check_keys(env, o, "loss", {"lambda", "lambdaWarmup", "warmupSteps"});
   cmseg::LossConfig c = model.loss;
@@ -593,16 +662,16 @@ Napi::Value ModelWrap::SetLoss(const Napi::CallbackInfo& info) {
   c.warmup_steps = get_int(env, o, "warmupSteps", (int)c.warmup_steps, "loss");
   if (c.warmup_steps < 0) throw_invalid(env, "loss.warmupSteps must be >= 0, got " + number_text(c.warmup_steps));
   // The warm-up's sign is the schedule's (SPEC section 4): both weights are magnitudes.
-  if (c.lambda < 0) throw_invalid(env, "loss.lambda must be >= 0, got " + number_text(c.lambda));
+  if (c.lambda < 0) throw_invalid(env, "loss.lambda must be >= 0, got " + given_text(o, "lambda", c.lambda));
   if (c.lambda_warmup < 0)
-    throw_invalid(env, "loss.lambdaWarmup must be >= 0 (the warm-up negates it itself), got " + number_text(c.lambda_warmup));
-  model.loss = c;
+    throw_invalid(env, "loss.lambdaWarmup must be >= 0 (the warm-up negates it itself), got " + given_text(o, "lambdaWarmup", c.lambda_warmup));
+  idle(env).loss = c;  // looked up again: a getter above may have disposed of the model
   return env.Undefined();
 }
 
 Napi::Value ModelWrap::Config(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  const cmseg::ModelConfig& c = live(env).config();
+  const cmseg::ModelConfig c = live(env).config();  // a copy: a setter on Object.prototype may run in Set
   Napi::Object o = Napi::Object::New(env);
   o.Set("ndim", c.ndim);
   o.Set("inChannels", c.in_channels);
@@ -628,19 +697,22 @@ Napi::Value ModelWrap::Memory(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   cmseg::Model& model = live(env);
   if (busy_) throw_invalid(env, "model is busy with an earlier trainStep/predict: await it before calling memory()");
-  Napi::Object o = Napi::Object::New(env);
   cmseg::cuda::ModelGpu* gpu = model.gpu();
+  cmseg::cuda::PoolStats st{};
+  if (gpu) {
+    try {  // read before any Set: a setter on Object.prototype could dispose of the model
+      st = gpu->context().pool_stats();
+    } catch (const std::exception& e) {
+      throw_invalid(env, std::string("memory(): ") + e.what());
+    }
+  }
+  Napi::Object o = Napi::Object::New(env);
   o.Set("device", gpu ? "cuda" : "cpu");
   if (!gpu) return o;
-  try {
-    const cmseg::cuda::PoolStats st = gpu->context().pool_stats();
-    const double mb = 1024.0 * 1024.0;
-    o.Set("inUseMB", st.in_use_bytes / mb);
-    o.Set("peakInUseMB", st.peak_in_use_bytes / mb);
-    o.Set("reservedMB", st.reserved_bytes / mb);
-  } catch (const std::exception& e) {
-    throw_invalid(env, std::string("memory(): ") + e.what());
-  }
+  const double mb = 1024.0 * 1024.0;
+  o.Set("inUseMB", st.in_use_bytes / mb);
+  o.Set("peakInUseMB", st.peak_in_use_bytes / mb);
+  o.Set("reservedMB", st.reserved_bytes / mb);
   return o;
 }
 

@@ -44,9 +44,12 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   Napi::Value named_arrays(Napi::Env env, std::vector<float> cmseg::Param::*field);
   // What a value check accepts in set_named_arrays: finite, or finite and >= 0.
   enum class Values { Finite, FiniteNonNegative };
+  using Entries = std::vector<std::pair<cmseg::Param*, Napi::Value>>;
   using Updates = std::vector<std::pair<cmseg::Param*, Napi::Float32Array>>;
-  // Validates every entry (names, lengths, values) without changing the model.
-  Updates check_named_arrays(Napi::Env env, const Napi::Value& v, const char* what, Values values);
+  // Reads an object of arrays by parameter name (names checked; the caller's getters run here).
+  Entries read_named_arrays(Napi::Env env, const Napi::Value& v, const char* what);
+  // Validates every entry (types, lengths, values) without changing the model; runs no caller code.
+  Updates check_named_arrays(Napi::Env env, const Entries& entries, const char* what, Values values);
   static void apply_named_arrays(const Updates& updates, std::vector<float> cmseg::Param::*field);
   void release_model();
 

@@ -46,8 +46,14 @@ class PromiseWorker : public Napi::AsyncWorker {
         deferred_.Resolve(result_(env));
       } catch (const Napi::Error& e) {
         deferred_.Reject(e.Value());
+      } catch (...) {  // std::bad_alloc building the result: a rejection, not std::terminate
+        const std::exception_ptr ex = std::current_exception();
+        const char* code = exception_code(ex);
+        Napi::Error err = Napi::Error::New(env, describe_exception(ex));
+        err.Set("code", Napi::String::New(env, code ? code : code_));
+        deferred_.Reject(err.Value());
       }
-    } catch (const Napi::Error&) {
+    } catch (...) {
     }
   }
   void OnError(const Napi::Error& e) override {
@@ -56,7 +62,7 @@ class PromiseWorker : public Napi::AsyncWorker {
       Napi::Error err = Napi::Error::New(Env(), e.Message());
       err.Set("code", Napi::String::New(Env(), code_));
       deferred_.Reject(err.Value());
-    } catch (const Napi::Error&) {
+    } catch (...) {
     }
   }
 

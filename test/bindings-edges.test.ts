@@ -378,3 +378,30 @@ t.test('a fuse output past 2^32 elements is refused before the work', { skip: li
   t.equal(run.out.mean, 'CMSEG_OUT_OF_MEMORY fuse (mean): the output probs would have 4294967550 elements (255 classes x 16843010 voxels), more than one Float32Array can hold (2^32); fuse fewer voxels at a time');
   t.equal(run.out['multi-staple'], 'CMSEG_OUT_OF_MEMORY fuse (multi-staple): the output posterior would have 4294967550 elements (255 classes x 16843010 voxels), more than one Float32Array can hold (2^32); fuse fewer voxels at a time');
 });
+
+// The typed Model snapshots a call's shape and label list when it is made (queued calls run
+// later); spreading a sparse array of length 2^31 ran V8 out of heap: "FATAL ERROR", SIGABRT.
+t.test('the typed Model passes a sparse shape or label list of absurd length on to be refused, without copying it', async (t) => {
+  const script = `
+    const { createModel } = require(${JSON.stringify(path.join(__dirname, '..', 'dist', 'index.js'))});
+    (async () => {
+      const m = createModel({ ndim: 2, classes: 2, annotators: 1, depth: 1, baseChannels: 2 });
+      const huge = () => { const a = []; a[2 ** 31] = 1; return a; };
+      const said = [];
+      for (const call of [
+        () => m.predict(new Float32Array(16), huge()),
+        () => m.trainStep({ images: new Float32Array(16), shape: huge(), labels: [new Uint8Array(16)] }),
+        () => m.trainStep({ images: new Float32Array(16), shape: [1, 1, 4, 4], labels: huge() }),
+      ]) {
+        try { await call(); said.push('ran'); } catch (e) { said.push(e.message); }
+      }
+      console.log(JSON.stringify({ said }));
+    })();`;
+  const run = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8', timeout: 60_000, env: { ...process.env, CMSEG_ADDON: addon } });
+  t.equal(run.signal, null, `no signal: ${run.stderr.slice(0, 300)}`);
+  t.equal(run.status, 0, run.stderr.slice(0, 300));
+  const { said } = JSON.parse(run.stdout.trim().split('\n').pop() ?? '{}') as { said: string[] };
+  t.match(said[0], /^shape must have 4 entries \(N, C, H, W\) for a 2D model, got 2147483649$/);
+  t.match(said[1], /^shape must have 4 entries \(N, C, H, W\) for a 2D model, got 2147483649$/);
+  t.match(said[2], /^batch\.labels has 2147483649 maps but the model has 1 annotators$/);
+});

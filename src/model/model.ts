@@ -107,7 +107,7 @@ export class Model {
 
   predict(images: Float32Array, shape: number[], options: PredictOptions = {}): Promise<Prediction> {
     // The call runs in its turn: the shape and options as given now (see snapshotBatch).
-    shape = Array.isArray(shape) ? [...shape] : shape;
+    shape = copyIfShort(shape);
     options = options !== null && typeof options === 'object' && !Array.isArray(options) ? { ...options } : options;
     return this.enqueue(async () => {
       const out = await this.native.predict(images, shape, options);
@@ -265,9 +265,18 @@ function snapshotBatch(batch: Batch): Batch {
   // native side reads them, getters and prototypes included (a class instance as a batch).
   const copy: Record<string, unknown> = { ...batch };
   for (const key of BATCH_FIELDS) if (batch[key] !== undefined) copy[key] = batch[key];
-  if (Array.isArray(copy.shape)) copy.shape = [...copy.shape];
-  if (Array.isArray(copy.labels)) copy.labels = [...copy.labels];
+  copy.shape = copyIfShort(copy.shape);
+  copy.labels = copyIfShort(copy.labels);
   return copy as unknown as Batch;
+}
+
+// Longer than any shape (5 entries) or label list (64 annotators): copying a sparse array of
+// length 2^31 would run V8 out of heap (an abort); passed on as it is, the native side refuses
+// it by its length.
+const MAX_COPIED_ENTRIES = 1024;
+
+function copyIfShort<T>(value: T): T {
+  return Array.isArray(value) && value.length <= MAX_COPIED_ENTRIES ? ([...value] as T) : value;
 }
 
 const BATCH_FIELDS = ['images', 'shape', 'labels', 'present', 'target', 'softTarget'] as const;

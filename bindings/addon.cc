@@ -2,6 +2,8 @@
 #include <napi.h>
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <mutex>
 #include <set>
 #include <string>
@@ -83,6 +85,16 @@ Napi::Value ProcessClaim(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(env, changed);
 }
 
+// exitNow(code): ends the process at once with `code`. process.exit() first waits for the
+// native calls running on libuv's worker threads (a 3D step: seconds), which a second Ctrl-C
+// promised not to do. The caller runs the 'exit' listeners first (src/cli/common.ts quitNow);
+// stdout and stderr are synchronous on Linux pipes, files and terminals, so nothing is lost.
+Napi::Value ExitNow(const Napi::CallbackInfo& info) {
+  const int code = info[0].IsNumber() ? info[0].As<Napi::Number>().Int32Value() : 1;
+  std::fflush(nullptr);
+  std::_Exit(code);
+}
+
 }  // namespace
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
@@ -92,6 +104,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("setNumThreads", Napi::Function::New(env, SetNumThreads));
   exports.Set("measurePeakGflops", Napi::Function::New(env, MeasurePeakGflops));
   exports.Set("processClaim", Napi::Function::New(env, ProcessClaim));
+  exports.Set("exitNow", Napi::Function::New(env, ExitNow));
   return exports;
 }
 

@@ -84,6 +84,8 @@ export interface NativeAddon {
   measurePeakGflops(seconds: number): number;
   /** Claims (take true) or gives up a name for the whole process, worker threads included; whether it changed. */
   processClaim(name: string, take: boolean): boolean;
+  /** Ends the process at once (std::_Exit), without waiting for native calls in flight. */
+  exitNow(code: number): never;
   [key: string]: unknown;
 }
 

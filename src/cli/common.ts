@@ -5,6 +5,7 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 
 import { displayPath } from '../data/files';
+import { loadNative } from '../native';
 
 export { UserError } from '../errors';
 export { displayPath };
@@ -72,4 +73,23 @@ export function printOutputs(entries: readonly [string, string | readonly string
 
 export function fmt(x: number | undefined, digits = 4): string {
   return x === undefined || !Number.isFinite(x) ? '-' : x.toFixed(digits);
+}
+
+/**
+ * Ends the command at once with `code` (a second Ctrl-C, or a signal with no step to finish).
+ * process.exit() would first wait for the native call in progress on a worker thread (seconds
+ * for a 3D step); this runs the 'exit' listeners as process.exit does (run-folder locks
+ * released, a progress bar's hidden cursor shown again), then ends without that wait.
+ */
+export function quitNow(code: number): never {
+  let exitNow: ((code: number) => never) | undefined;
+  try {
+    exitNow = loadNative().exitNow;
+  } catch {
+    exitNow = undefined; // no addon, so no native call to wait for either
+  }
+  if (typeof exitNow !== 'function') process.exit(code);
+  process.exitCode = code;
+  process.emit('exit', code);
+  return exitNow(code);
 }

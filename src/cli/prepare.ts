@@ -21,7 +21,7 @@ import {
   type PrepareProgress,
   prepareCache,
 } from '../data/cache';
-import { choiceOption, displayPath, parseInteger, parseNumber, printOutputs, UserError, withExamples } from './common';
+import { choiceOption, displayPath, parseInteger, parseNumber, printOutputs, quitNow, UserError, withExamples } from './common';
 
 const ANNOTATOR_KINDS: readonly AnnotatorKind[] = ['good', 'over', 'under', 'fracture', 'wrong'];
 
@@ -66,7 +66,7 @@ export async function prepareWithProgress(dataDir: string, cacheDir: string, opt
     if (interrupted) {
       bar?.stop(); // shows the cursor again, which the bar hid
       stream.write('\nsecond interrupt: quitting now; the cache still holds every case finished so far\n');
-      process.exit(130);
+      quitNow(130);
     }
     interrupted = true;
     stream.write('\ninterrupt: finishing the case in progress (Ctrl-C again quits at once)\n');

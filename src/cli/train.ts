@@ -37,7 +37,7 @@ import { createFusionProgress, createProgress, silentFusionProgress } from '../t
 import { SCHEDULE_KINDS, ScheduleKind } from '../train/schedule';
 import type { CmInit } from '../model/config';
 import { CHECKPOINT_LAST, lockRunFolder, readTrainerState, train, TrainConfig, TrainResult } from '../train/trainer';
-import { choiceOption, displayPath, given, parseInteger, parseNumber, parseThreads, printOutputs, UserError, withExamples } from './common';
+import { choiceOption, displayPath, given, parseInteger, parseNumber, parseThreads, printOutputs, quitNow, UserError, withExamples } from './common';
 import { CURVES_FILE, writeRunCurves } from './curves';
 import { checkRunCache, loadRunData } from './run-data';
 import { prepareWithProgress } from './prepare';
@@ -357,7 +357,7 @@ async function runTrain(flags: TrainFlags, command: Command): Promise<void> {
   // A signal nobody else handles at the moment (no step or case to finish) stops at once, as
   // it would by default, but through process.exit, so that the lock goes with the process.
   const onSignal = (signal: NodeJS.Signals) => {
-    if (process.listenerCount(signal) === 1) process.exit(signal === 'SIGTERM' ? 143 : 130);
+    if (process.listenerCount(signal) === 1) quitNow(signal === 'SIGTERM' ? 143 : 130);
   };
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
@@ -503,7 +503,7 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
     stoppedBy ??= signal;
     if (controller.signal.aborted) {
       process.stderr.write(`\nsecond ${signal}: quitting without saving\n`);
-      process.exit(signal === 'SIGTERM' ? 143 : 130);
+      quitNow(signal === 'SIGTERM' ? 143 : 130);
     }
     controller.abort();
     process.stderr.write(`\n${signal === 'SIGTERM' ? 'SIGTERM' : 'interrupt'}: finishing the current step and saving a checkpoint (Ctrl-C again quits at once)\n`);

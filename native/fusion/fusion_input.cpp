@@ -38,12 +38,13 @@ void validate_fusion_input(const FusionInput& in, const char* who) {
   if (in.L < 2 || in.L > 255) fail(who, ": L = ", in.L, " classes, expected 2..255 (255 marks unlabelled voxels)");
   if (!in.extent.empty()) {
     if (in.extent.size() > 3) fail(who, ": extent has ", in.extent.size(), " axes, expected 1 to 3");
-    int64_t n = 1;
+    // The product in double: in int64 three large axes can wrap around to V itself.
+    double n = 1;
     for (size_t a = 0; a < in.extent.size(); ++a) {
       if (in.extent[a] <= 0) fail(who, ": extent[", a, "] = ", in.extent[a], ", expected > 0");
-      n *= in.extent[a];
+      n *= (double)in.extent[a];
     }
-    if (n != in.V) fail(who, ": extent holds ", n, " voxels but V = ", in.V);
+    if (n != (double)in.V) fail(who, ": extent holds ", n, " voxels but V = ", in.V);
   }
   for (int64_t r = 0; r < R; ++r) {
     const uint8_t* map = in.raters[r];

@@ -530,6 +530,8 @@ TEST(invalid_inputs_are_rejected_with_the_offending_value) {
   CHECK_THROWS_WITH(fuse_mode(input_of({&a}, 3), 300), "undecided = 300");
   CHECK_THROWS_WITH(spatial_staple(input_of({&a}, 3)), "needs the image extent");
   CHECK_THROWS_WITH(spatial_staple(input_of({&a}, 3, {3, 2})), "extent holds 6 voxels but V = 4");
+  // (2^62 + 1) x 4 wraps around to 4 in int64 arithmetic.
+  CHECK_THROWS_WITH(spatial_staple(input_of({&a}, 3, {(int64_t(1) << 62) + 1, 4})), "voxels but V = 4");
   SpatialStapleOptions sp;
   sp.window = 16;
   CHECK_THROWS_WITH(spatial_staple(input_of({&a}, 3, {2, 2}), sp), "window = 16 is not an odd multiple of stride = 8");

@@ -72,7 +72,8 @@ export function loadImagesToPredict(dir: string, info: CheckpointInfo, labelMapp
     const png = readPngSync(file);
     sameSize(png, file);
     try {
-      labelValues(png, file, mapping, target);
+      // As training reads them (loadImageFolder): 0/1/255 maps keep 255 unlabelled.
+      labelValues(png, file, mapping, target, true);
       checkLabels(displayPath(file), target, L, true);
     } catch (error) {
       if (error instanceof ImageFolderError || error instanceof RangeError) throw new UserError(`${(error as Error).message} (the model has ${L} classes)`);

@@ -7,8 +7,9 @@
 //
 // Label values: with `labelMapping: 'value'` the stored sample is the label (0..L-1, 255 =
 // unlabelled, SPEC section 1). With 'binary' every non-zero sample is foreground (1), which
-// reads the common 0/255 and 0/1 masks. 'auto' (default) is 'binary' when classes = 2 and
-// 'value' otherwise. Palette PNGs give their palette indices, the usual way to store
+// reads the common 0/255 and 0/1 masks; a map of only 0, 1 and 255 (both 1 and 255 in it)
+// keeps 255 as unlabelled, as SPEC section 1 and `cmseg fuse` read it. 'auto' (default) is
+// 'binary' when classes = 2 and 'value' otherwise. Palette PNGs give their palette indices, the usual way to store
 // label maps with colours. All images must have the same size; the batch has the layouts
 // of the MNIST batches (mnist.ts): images [N, C, H, W], label maps [N, H, W].
 
@@ -120,23 +121,46 @@ export function imageIntensities(png: DecodedPng, channels: 1 | 3, out: Float32A
   }
 }
 
-/** Label values from a label PNG: gray (alpha ignored), palette indices, or RGB with R = G = B. Also used by `cmseg fuse`. */
-export function labelValues(png: DecodedPng, file: string, mapping: 'value' | 'binary', out: Uint8Array): void {
+/**
+ * Label values from a label PNG: gray (alpha ignored), palette indices, or RGB with R = G = B.
+ * `specMaps` (training, eval and predict; not `cmseg fuse --mask-255 foreground`): see below. Also used by `cmseg fuse`.
+ */
+export function labelValues(png: DecodedPng, file: string, mapping: 'value' | 'binary', out: Uint8Array, specMaps = false): void {
   const pixels = png.width * png.height;
   const stride = png.colorType === PngColorType.Palette ? 1 : png.channels;
   const samples = png.samples;
+  // 'binary' reads 0/255 and 0/1 masks. A map holding only 0, 1 and 255, with both 1 and 255,
+  // is neither: it is a SPEC section 1 label map (1 = foreground, 255 = unlabelled), as
+  // `cmseg fuse` reads it by default; turning its 255 into foreground would train the model
+  // on the pixels the annotator left unlabelled. With `specMaps` such a map keeps 255 as
+  // unlabelled; without it (`cmseg fuse --mask-255 foreground`, which asks for 255 as
+  // foreground) every non-zero sample is foreground, as in any other map (e.g. a resized mask).
+  const keep255 = specMaps && mapping === 'binary' && isSpecBinaryMap(samples, pixels, stride);
   for (let p = 0; p < pixels; p++) {
     const value = samples[p * stride];
     if (stride >= 3 && (samples[p * stride + 1] !== value || samples[p * stride + 2] !== value)) {
       throw new ImageFolderError(`${file}: pixel ${p} is a colour (${samples[p * stride]}, ${samples[p * stride + 1]}, ${samples[p * stride + 2]}); label maps must be gray or palette`);
     }
     if (mapping === 'binary') {
-      out[p] = value === 0 ? 0 : 1;
+      out[p] = value === 0 ? 0 : keep255 && value === UNLABELLED ? UNLABELLED : 1;
     } else {
       if (value > 255) throw new ImageFolderError(`${file}: label ${value} at pixel ${p} does not fit in 8 bits`);
       out[p] = value;
     }
   }
+}
+
+/** Whether the first sample of every pixel is 0, 1 or 255, with both 1 and 255 present (see labelValues). */
+function isSpecBinaryMap(samples: Uint8Array | Uint16Array, pixels: number, stride: number): boolean {
+  let one = false;
+  let unlabelled = false;
+  for (let p = 0; p < pixels; p++) {
+    const value = samples[p * stride];
+    if (value === 1) one = true;
+    else if (value === UNLABELLED) unlabelled = true;
+    else if (value !== 0) return false;
+  }
+  return one && unlabelled;
 }
 
 /** What a folder holds, found without reading its label maps (scanImageFolder). */
@@ -239,7 +263,7 @@ export function loadImageFolder(root: string, options: ImageFolderOptions = {}):
   const readLabels = (file: string, target: Uint8Array): void => {
     const png = readPngSync(file);
     checkSize(png, file, extent, firstFile);
-    labelValues(png, file, mapping, target);
+    labelValues(png, file, mapping, target, true); // 0/1/255 maps keep 255 unlabelled
     checkLabels(file, target, classes, true);
   };
 

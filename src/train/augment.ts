@@ -49,8 +49,17 @@ export function sourceIndices(spatial: readonly number[], t: SpatialTransform): 
       for (let x = 0; x < W; x++) {
         let sy = t.flips[0] ? H - 1 - y : y;
         let sx = t.flips[1] ? W - 1 - x : x;
-        // rot90 once: out[y][x] = in[x][W-1-y]; applying it `turns` times composes the inverse maps.
-        for (let k = 0; k < turns; k++) [sy, sx] = [sx, W - 1 - sy];
+        // rot90 once: out[y][x] = in[x][w-1-y], where w is the width of that turn's input,
+        // i.e. the height h of its output. Applying it `turns` times composes the inverse
+        // maps, from the last turn back; each turn's output is (h, w) and its input (w, h).
+        // (Using the final W for every turn made a non-square image turned by 180 degrees
+        // read rows of its neighbours in the batch, or past the batch's ends: NaN pixels.)
+        let h = H;
+        let w = W;
+        for (let k = 0; k < turns; k++) {
+          [sy, sx] = [sx, h - 1 - sy];
+          [h, w] = [w, h];
+        }
         out[y * W + x] = sy * W + sx;
       }
     }

@@ -13,8 +13,9 @@ import { displayPath, printOutputs, UserError, withExamples } from './common';
 /** The file name of a run's curves picture, beside its log. */
 export const CURVES_FILE = 'curves.png';
 
-/** Draws the curves of the run in `runDir` into `out` (default <runDir>/curves.png); returns the file. */
-export async function writeRunCurves(runDir: string, out = path.join(runDir, CURVES_FILE)): Promise<string> {
+/** Draws the curves of the run in `runDir` into `named` (default <runDir>/curves.png); returns the file. */
+export async function writeRunCurves(runDir: string, named?: string): Promise<string> {
+  const out = named ?? path.join(runDir, CURVES_FILE);
   const log = path.join(runDir, 'train-log.jsonl');
   // The log itself named instead of its folder: say which argument is wanted.
   if (fs.statSync(runDir, { throwIfNoEntry: false })?.isFile()) {
@@ -24,6 +25,13 @@ export async function writeRunCurves(runDir: string, out = path.join(runDir, CUR
   // --out names a file: a folder there would only fail at the end, with the temp file's name.
   if (fs.statSync(out, { throwIfNoEntry: false })?.isDirectory()) {
     throw new UserError(`--out ${displayPath(out)} is a folder: name the picture's file (e.g. ${displayPath(path.join(out, CURVES_FILE))})`);
+  }
+  // --out is replaced whole: naming the run's log (or its checkpoint, or any file that is not a
+  // picture) destroyed it, and the log is the only record of the run's curves. A PNG already
+  // there (an earlier curves.png) is replaced; the default <run>/curves.png always is.
+  const existing = named === undefined ? undefined : fs.statSync(out, { throwIfNoEntry: false });
+  if (existing?.isFile() && existing.size > 0 && !isPngFile(out)) {
+    throw new UserError(`--out ${displayPath(out)} is a file that is not a PNG picture${sameFile(out, log) ? " (the run's training log)" : ''}: it would be replaced; name a .png file (e.g. ${displayPath(path.join(runDir, CURVES_FILE))})`);
   }
   let events: Record<string, unknown>[];
   try {
@@ -37,6 +45,30 @@ export async function writeRunCurves(runDir: string, out = path.join(runDir, CUR
   fs.mkdirSync(path.dirname(path.resolve(out)), { recursive: true });
   await writePng(out, picture);
   return out;
+}
+
+/** Whether `file` starts with the 8-byte PNG signature. */
+function isPngFile(file: string): boolean {
+  const signature = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
+  const head = Buffer.alloc(8);
+  let fd: number;
+  try {
+    fd = fs.openSync(file, 'r');
+  } catch {
+    return false; // unreadable: not known to be a picture, so not replaced
+  }
+  try {
+    return fs.readSync(fd, head, 0, 8, 0) === 8 && head.equals(signature);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** Whether two paths name one file (links and relative names included). */
+function sameFile(a: string, b: string): boolean {
+  const sa = fs.statSync(a, { throwIfNoEntry: false });
+  const sb = fs.statSync(b, { throwIfNoEntry: false });
+  return sa !== undefined && sb !== undefined && sa.dev === sb.dev && sa.ino === sb.ino;
 }
 
 export function registerCurvesCommand(program: Command): Command {

@@ -45,19 +45,32 @@ export function niceTicks(lo: number, hi: number, count = 5): number[] {
   // A range within rounding of one value (a flat loss averaged: 0.1 and 0.10000000000000002)
   // is one value: steps of an ulp would never reach hi, as k * step stops changing.
   if (hi - lo <= Math.max(Math.abs(lo), Math.abs(hi)) * 1e-9) {
-    const mid = (lo + hi) / 2;
+    // Halves, and the padded ends kept finite: values near Number.MAX_VALUE overflowed to Infinity.
+    const mid = lo / 2 + hi / 2;
     const pad = mid === 0 ? 1 : Math.abs(mid) * 0.1;
-    [lo, hi] = [mid - pad, mid + pad];
+    [lo, hi] = [Math.max(mid - pad, -Number.MAX_VALUE), Math.min(mid + pad, Number.MAX_VALUE)];
   }
-  const raw = (hi - lo) / Math.max(1, count);
+  // hi / n - lo / n, not (hi - lo) / n: the difference of -1e308 and 1e308 is Infinity (NaN ticks).
+  const n = Math.max(1, count);
+  const raw = hi / n - lo / n;
+  // Subnormal ranges (5e-324..1e-323) underflow to a step of 0: their ends are the ticks.
+  if (!(raw > 0) || !Number.isFinite(10 ** Math.floor(Math.log10(raw)))) return [lo, hi];
   const power = 10 ** Math.floor(Math.log10(raw));
   const step = [1, 2, 5, 10].map((m) => m * power).find((s) => s >= raw * 0.999) ?? 10 * power;
-  // Ticks as whole multiples of the step, printed to its decimals (no 0.1 + 0.2 residue).
+  // Ticks as whole multiples of the step, printed to its decimals (no 0.1 + 0.2 residue). Steps
+  // under 1e-20 are rounded to 12 significant digits instead: toFixed takes at most 100 digits
+  // and threw (a chart of values around 1e-101 failed with "toFixed() digits argument").
   const decimals = Math.max(0, -Math.floor(Math.log10(step) + 1e-9));
-  const tick = (k: number) => Number((k * step).toFixed(decimals)) + 0; // + 0: no -0
+  const tick = (k: number) => (decimals <= 20 ? Number((k * step).toFixed(decimals)) : Number((k * step).toPrecision(12))) + 0; // + 0: no -0
   const ticks: number[] = [];
   for (let k = Math.floor(lo / step + 1e-9); ; k++) {
-    ticks.push(tick(k));
+    const v = tick(k);
+    // A multiple of the step past Number.MAX_VALUE is Infinity: the range ends at hi instead.
+    if (!Number.isFinite(v)) {
+      ticks.push(hi);
+      break;
+    }
+    ticks.push(v);
     if (k * step >= hi - step * 1e-9) break;
   }
   return ticks;

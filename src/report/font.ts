@@ -67,6 +67,21 @@ const GLYPHS: Record<string, string> = {
   '?': '.###. #...# ....# ...#. ..#.. ..... ..#..',
 };
 
+// Latin letters that NFD does not split into a base letter and a mark.
+const LATIN_EXTRA: Record<string, string> = { ß: 'ss', ẞ: 'SS', æ: 'ae', Æ: 'AE', œ: 'oe', Œ: 'OE', ø: 'o', Ø: 'O', ł: 'l', Ł: 'L', đ: 'd', Đ: 'D', ı: 'i' };
+
+/**
+ * `text` as the font can draw it: accents dropped ("Jürgen" -> "Jurgen", NFD's letter without
+ * its combining marks) rather than drawn as '?' ("J?rgen"), which made annotators named
+ * "Zoé" and "Zoë" alike unreadable. Characters with no Latin base stay and are drawn as '?'.
+ */
+export function drawableText(text: string): string {
+  return text
+    .normalize('NFD')
+    .replace(/\p{M}/gu, '')
+    .replace(/[ßẞæÆœŒøØłŁđĐı]/g, (ch) => LATIN_EXTRA[ch]);
+}
+
 /** The glyph of `ch` as 7 rows of 5 booleans (lower case as upper case; unknown characters as '?'). */
 export function glyph(ch: string): boolean[][] {
   const rows = (GLYPHS[ch.toUpperCase()] ?? GLYPHS['?']).split(' ');
@@ -75,7 +90,7 @@ export function glyph(ch: string): boolean[][] {
 
 /** Width in pixels of `text` drawn at `scale` (no gap after the last glyph). */
 export function textWidth(text: string, scale = 1): number {
-  const n = [...text].length;
+  const n = [...drawableText(text)].length;
   return n === 0 ? 0 : (n * (GLYPH_W + GLYPH_GAP) - GLYPH_GAP) * scale;
 }
 
@@ -86,6 +101,7 @@ export function textHeight(scale = 1): number {
 
 /** The longest start of `text` (ending in '..' when cut) that fits `width` pixels at `scale`. */
 export function fitText(text: string, width: number, scale = 1): string {
+  text = drawableText(text);
   if (textWidth(text, scale) <= width) return text;
   const chars = [...text];
   for (let n = chars.length - 1; n > 0; n--) {
@@ -100,7 +116,7 @@ export function drawText(image: PngImage, x: number, y: number, text: string, co
   if (image.channels !== 3) throw new RangeError(`drawText needs an RGB image, got ${image.channels} channel(s)`);
   if (!Number.isInteger(scale) || scale < 1) throw new RangeError(`text scale ${scale} must be an integer >= 1`);
   let left = x;
-  for (const ch of text) {
+  for (const ch of drawableText(text)) {
     const g = glyph(ch);
     for (let gy = 0; gy < GLYPH_H; gy++) {
       for (let gx = 0; gx < GLYPH_W; gx++) {

@@ -35,18 +35,28 @@ function checkSize(what: string, length: number, h: number, w: number): void {
   if (length !== h * w) throw new RangeError(`${what} has ${length} pixels, expected ${h}x${w} = ${h * w}`);
 }
 
-/** Intensities scaled from their own min..max to 0..255 (a constant image becomes black). */
+/**
+ * Intensities scaled from their own finite min..max to 0..255 (a constant image becomes
+ * black). Non-finite pixels are left out of the range: with them in it, one NaN (Math.min
+ * returns NaN) or one Infinity (a scale of 0) turned the whole picture black. NaN is drawn
+ * black, +Infinity white and -Infinity black, as values past either end would be.
+ */
 export function grayImage(values: ArrayLike<number>, h: number, w: number): PngImage {
   checkSize('image', values.length, h, w);
   let lo = Infinity;
   let hi = -Infinity;
   for (let i = 0; i < values.length; i++) {
-    lo = Math.min(lo, values[i]);
-    hi = Math.max(hi, values[i]);
+    const v = values[i];
+    if (!Number.isFinite(v)) continue;
+    if (v < lo) lo = v;
+    if (v > hi) hi = v;
   }
   const scale = hi > lo ? 255 / (hi - lo) : 0;
   const data = new Uint8Array(h * w);
-  for (let i = 0; i < data.length; i++) data[i] = Math.round((values[i] - lo) * scale);
+  for (let i = 0; i < data.length; i++) {
+    const v = values[i];
+    data[i] = Number.isFinite(v) ? Math.round((v - lo) * scale) : v === Infinity ? 255 : 0;
+  }
   return { width: w, height: h, channels: 1, data };
 }
 
@@ -85,8 +95,13 @@ const VIRIDIS: readonly (readonly [number, number, number])[] = [
   [253, 231, 37],
 ];
 
+/** What heat maps draw for NaN (no value, e.g. a diverged model's CM): a gray that viridis never takes. */
+export const NAN_COLOR: readonly [number, number, number] = [128, 128, 128];
+
+/** Viridis at t, clamped to 0..1: +Infinity is 1, -Infinity 0 (NaN is the caller's to draw: see NAN_COLOR). */
 export function viridis(t: number): [number, number, number] {
-  const x = Math.min(1, Math.max(0, Number.isFinite(t) ? t : 0)) * (VIRIDIS.length - 1);
+  // Math.min/max clamp +-Infinity to the ends; only NaN is not a place on the scale.
+  const x = Math.min(1, Math.max(0, Number.isNaN(t) ? 0 : t)) * (VIRIDIS.length - 1);
   const i = Math.min(VIRIDIS.length - 2, Math.floor(x));
   const f = x - i;
   const a = VIRIDIS[i];
@@ -94,12 +109,16 @@ export function viridis(t: number): [number, number, number] {
   return [0, 1, 2].map((k) => Math.round(a[k] + f * (b[k] - a[k]))) as [number, number, number];
 }
 
-/** Values in [vmin, vmax] coloured with viridis (CM entries: 0..1). */
+/**
+ * Values in [vmin, vmax] coloured with viridis (CM entries: 0..1), values past the ends as
+ * the ends (+Infinity too). NaN is drawn in NAN_COLOR: as viridis(0) it looked like a CM
+ * entry of exactly 0, so a diverged model's CMs read as confident ones.
+ */
 export function heatMap(values: ArrayLike<number>, h: number, w: number, vmin = 0, vmax = 1): PngImage {
   checkSize('heat map', values.length, h, w);
   const data = new Uint8Array(h * w * 3);
   const span = vmax - vmin || 1;
-  for (let i = 0; i < h * w; i++) data.set(viridis((values[i] - vmin) / span), i * 3);
+  for (let i = 0; i < h * w; i++) data.set(Number.isNaN(values[i]) ? NAN_COLOR : viridis((values[i] - vmin) / span), i * 3);
   return { width: w, height: h, channels: 3, data };
 }
 
@@ -316,7 +335,11 @@ export function cmFigure(
   const width = Math.max(labelW + tiles.width, textWidth(titleText, 1) + 2 * pad(s));
   const title = textStrip(titleText, width, s);
   const gridY = title.height + lineH;
-  const bar = colorBar(tiles.width, s);
+  // NaN entries (heatMap draws them gray, a colour off the bar) are named under the bar.
+  const V = h * w;
+  const base = (image * annotators + annotator) * classes * classes * V;
+  const hasNaN = cms.subarray(base, base + classes * classes * V).some(Number.isNaN);
+  const bar = hasNaN ? stack([colorBar(tiles.width, s), legend([{ color: NAN_COLOR, text: 'NaN (no value)' }], tiles.width, s)]) : colorBar(tiles.width, s);
   const out = blank(width, gridY + tiles.height + bar.height);
   paste(out, title, 0, 0);
   headers.forEach((header, j) => {

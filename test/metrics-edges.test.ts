@@ -12,6 +12,7 @@ import * as path from 'path';
 import { hausdorff95, squaredDistanceTransform, surfaceDistances, type Dims3 } from '../src/eval/surface-distance';
 import { bratsHausdorff95 } from '../src/eval/brats-regions';
 import { cmEstimationError, fusedLabelDice, generalisedEnergyDistance, imageConfusionMatrices, iouDistance } from '../src/eval/metrics';
+import { formatAnnotatorCms, formatMeanStd, markdownTable } from '../src/eval/report';
 import { evaluateModel, evaluateVolumes, fusedLabelRows } from '../src/train/evaluate';
 import type { AnnotatedSet } from '../src/train/data';
 import type { SlidingWindowModel } from '../src/model/sliding-window';
@@ -383,4 +384,19 @@ t.test('argmaxClasses: the class of highest probability per voxel; a probs lengt
   t.throws(() => argmaxClasses(probs.subarray(1), 2, 3), /argmaxClasses: probs has 11 elements, not a multiple of n\*classes = 2\*3/);
   t.throws(() => argmaxClasses(probs, 0, 3), /n = 0 must be an integer >= 1/);
   t.throws(() => argmaxClasses(probs, 2, 2.5), /classes = 2.5 must be an integer in 1..256/);
+});
+
+t.test('every Markdown table escapes | in names, and a NaN spread prints n/a', async (t) => {
+  const cells = (line: string) => line.replace(/\\\|/g, '').split('|').length;
+  const table = markdownTable(['name', 'value'], [['a|b', '1'], ['c\\|d', '2'], ['two\nlines', '3']]);
+  const lines = table.split('\n');
+  t.equal(lines.length, 5, 'a name with a line break stays on one row');
+  for (const line of lines) t.equal(cells(line), cells(lines[0]), `as many cells as the header: ${line}`);
+  t.match(lines[2], /^\| a\\\|b \| 1 \|$/);
+  t.match(lines[3], /^\| c\\\\\\\|d \| 2 \|$/, 'a backslash before a bar is doubled, so the bar stays escaped');
+  // formatAnnotatorCms (public) builds its header from the annotator's name.
+  const cm = formatAnnotatorCms([{ trueMatrix: [[0.9, 0.2], [0.1, 0.8]], estimatedMatrix: [[0.85, 0.25], [0.15, 0.75]] }], () => 'rater|1', (c) => `class ${c}`);
+  const header = cm.split('\n').find((l) => l.startsWith('| rater'))!;
+  t.equal(cells(header), 5, `three cells: ${header}`);
+  t.equal(formatMeanStd({ mean: 0.5, std: NaN, count: 1 }), '0.5000 ± n/a');
 });

@@ -24,7 +24,17 @@ export function formatMeanStd(value: MeanStd | undefined, digits = 4): string {
   if (value === undefined || value.count === 0 || !Number.isFinite(value.mean)) return 'n/a';
   // A mean that rounds to zero prints as 0, not "-0.0000".
   const fixed = (x: number) => (Math.abs(x) < 0.5 * 10 ** -digits ? 0 : x).toFixed(digits);
-  return `${fixed(value.mean)} ± ${fixed(value.std)}`;
+  return `${fixed(value.mean)} ± ${Number.isFinite(value.std) ? fixed(value.std) : 'n/a'}`;
+}
+
+/**
+ * Text as a Markdown table cell: '|' escaped and line breaks made spaces. Names come from the
+ * user (an annotator's is its labels/ folder's): "a|b" split its row into one cell more than
+ * the header has, shifting every figure after it into the wrong column.
+ */
+export function tableCell(text: string): string {
+  // A backslash just before a '|' is doubled: else in a name "a\|b" the added one would escape it, not the bar.
+  return text.replace(/\\(?=\|)/g, '\\\\').replace(/\|/g, '\\|').replace(/[\r\n]+/g, ' ');
 }
 
 function formatNumber(value: number | undefined, digits: number): string {
@@ -33,7 +43,7 @@ function formatNumber(value: number | undefined, digits: number): string {
 
 /** A markdown table from a header and rows of cells. */
 export function markdownTable(header: readonly string[], rows: readonly (readonly string[])[]): string {
-  const line = (cells: readonly string[]) => `| ${cells.join(' | ')} |`;
+  const line = (cells: readonly string[]) => `| ${cells.map(tableCell).join(' | ')} |`;
   return [line(header), line(header.map(() => '---')), ...rows.map(line)].join('\n');
 }
 

@@ -11,22 +11,11 @@ export interface EvaluationTextOptions {
   classNames?: readonly string[];
 }
 
-/**
- * A name as a Markdown table cell: '|' escaped and line breaks made spaces. An annotator's
- * name is its labels/ folder's, which may hold both: "a|b" split its row into one cell more
- * than the header has, shifting every figure after it into the wrong column.
- */
-export function tableCell(text: string): string {
-  // A backslash just before a '|' is doubled: else in a name "a\|b" the added one would escape it, not the bar.
-  return text.replace(/\\(?=\|)/g, '\\\\').replace(/\|/g, '\\|').replace(/[\r\n]+/g, ' ');
-}
-
 export function evaluationText(summary: EvaluationSummary, fused?: FusedLabelRows, options: EvaluationTextOptions = {}): string {
   // formatSegmentationReport reads the summary figures only, never the per-image arrays.
   const report = summary as unknown as SegmentationReport;
-  const annotatorNames = summary.annotatorNames?.map(tableCell);
-  const classNames = options.classNames?.map(tableCell);
-  let text = formatSegmentationReport(report, { annotatorNames, classNames }) + '\n';
+  // Names with '|' are escaped by markdownTable, as every table's cells.
+  let text = formatSegmentationReport(report, { annotatorNames: summary.annotatorNames, classNames: options.classNames }) + '\n';
   if (fused) {
     const rows = [
       ['Mean labels (tie: higher class)', formatMeanStd(fused.mean.averageDice), formatMeanStd(fused.mean.totalDice)],

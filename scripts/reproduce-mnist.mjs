@@ -129,7 +129,12 @@ function stats(values) {
   const mean = v.reduce((a, b) => a + b, 0) / v.length;
   return { mean, std: Math.sqrt(v.reduce((a, b) => a + (b - mean) ** 2, 0) / v.length), n: v.length };
 }
-const pm = (s, scale, digits) => (s ? `${(s.mean * scale).toFixed(digits)} ± ${(s.std * scale).toFixed(digits)}` : '-');
+// A mean that is not a number (JSON writes NaN as null, which reads as 0 in arithmetic) prints '-'.
+const pm = (s, scale, digits) => {
+  if (!s || typeof s.mean !== 'number' || !Number.isFinite(s.mean)) return '-';
+  const std = typeof s.std === 'number' && Number.isFinite(s.std) ? (s.std * scale).toFixed(digits) : 'n/a';
+  return `${(s.mean * scale).toFixed(digits)} ± ${std}`;
+};
 const read = (run) => JSON.parse(readFileSync(join(run.out, 'eval-test.json'), 'utf8'));
 
 function table(mode) {

@@ -12,6 +12,7 @@ import { drawText, textWidth } from '../src/report/font';
 import { lineChart, niceTicks } from '../src/report/chart';
 import { missingPythonModules, runPythonJson } from './helpers/python';
 import { runCli } from './helpers/cli';
+import { annotatorCaptions, tumourSlice } from '../src/cli/predict';
 
 // Viridis at 0, 0.25, 0.5, 0.75, 1 (matplotlib's), linear in between, as README's colour bar.
 const ANCHORS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
@@ -193,4 +194,39 @@ t.test('cmseg curves --out refuses to replace a file that is not a picture (the 
   // An earlier picture is replaced, as the default does.
   for (let k = 0; k < 2; k++) t.equal((await runCli(['curves', 'run', '--out', 'run/c.png'], dir)).exitCode, 0);
   t.same([...fs.readFileSync(path.join(dir, 'run', 'c.png')).subarray(0, 4)], [0x89, 0x50, 0x4e, 0x47]);
+});
+
+t.test('the 3D picture slice holds tumour: of the slices with tumour, the nearest its centroid', async (t) => {
+  const extent = { d: 9, h: 4, w: 4 };
+  const at = (marks: [number, number][]) => {
+    const labels = new Uint8Array(9 * 16);
+    for (const [z, n] of marks) for (let i = 0; i < n; i++) labels[z * 16 + i] = 2;
+    return labels;
+  };
+  // Two lesions at z 1 and 7: the centroid's slice (4) holds none; 1 and 7 are as near, 7 has more.
+  t.equal(tumourSlice(at([[1, 3], [7, 5]]), extent), 7);
+  t.equal(tumourSlice(at([[1, 5], [7, 3]]), extent), 1);
+  t.equal(tumourSlice(at([[2, 4], [3, 4], [4, 4]]), extent), 3, 'one lesion: its middle slice');
+  const unlabelled = new Uint8Array(9 * 16).fill(255);
+  t.equal(tumourSlice(unlabelled, extent), undefined, 'unlabelled voxels are not tumour');
+});
+
+t.test('annotator captions fall back to the file-name parts where names would draw alike', async (t) => {
+  // The font draws ASCII and accented Latin letters; 张伟 and 李娜 both drew as "??".
+  t.same(annotatorCaptions(['张伟', '李娜'], ['__', '__-1']), ['__', '__-1']);
+  t.same(annotatorCaptions(['Jürgen', 'Zoé'], ['J_rgen', 'Zo_']), ['Jürgen', 'Zoé'], 'accented names draw as their letters: kept');
+  t.same(annotatorCaptions(['good', 'GOOD'], ['good', 'GOOD-1']), ['good', 'GOOD-1'], 'names the upper-case font draws alike');
+  t.same(annotatorCaptions(['what?', 'over'], ['what_', 'over']), ['what?', 'over'], "a name's own '?' is drawn");
+  t.same(annotatorCaptions([undefined, 'b'], ['annotator0', 'b']), ['annotator0', 'b']);
+});
+
+t.test('predict refuses a --scale whose sheet of pictures would be too large, before drawing', async (t) => {
+  const dir = tmp(t);
+  t.equal((await runCli(['train', '--preset', 'mnist-tiny', '--steps', '1', '--quiet', '--no-test', '--out', 'run'], dir)).exitCode, 0);
+  // 32x32 MNIST pictures at --scale 100 (3200 a side, under the 4096 per picture): 4 annotators
+  // make a 4x3 sheet of 123 million pixels (at --scale 128: 70 s and 3 GB).
+  const r = await runCli(['predict', '--checkpoint', 'run/best.safetensors', '--scale', '100', '--out', 'p'], dir);
+  t.equal(r.exitCode, 1);
+  t.match(r.stderr, /--scale 100 would make a sheet of 4x3 pictures of 3200x3200 pixels, more than 64 million pixels in all \(--scale 73 or less here\)/);
+  t.notOk(fs.existsSync(path.join(dir, 'p')) && fs.readdirSync(path.join(dir, 'p')).some((f) => f.endsWith('.png')), 'no picture written');
 });

@@ -39,6 +39,7 @@ import type { Device } from '../model/config';
 import { argmaxClasses, setNumThreads } from '../model/model';
 import { slidingWindowPredict } from '../model/sliding-window';
 import { captionScale, captioned, classLegend, cmFigure, grayImage, grid, labelImage, labelOverlay, legend, stack, upscale } from '../report/pictures';
+import { drawableText, hasGlyph } from '../report/font';
 import type { AnnotatedSet } from '../train/data';
 import { type InferenceModel, predictImages } from '../train/evaluate';
 import type { BratsDatasetSpec } from '../train/experiment';
@@ -89,12 +90,23 @@ function sheetWithLegend(sheet: PngImage, classNames: readonly string[], unlabel
 /** The largest side of one enlarged picture: a sheet puts several side by side, in memory at once. */
 const MAX_PICTURE_SIDE = 4096;
 
-/** --scale, or about 256 pixels a side; a scale past MAX_PICTURE_SIDE is refused before any picture is allocated. */
-function pictureScale(flags: PredictFlags, h: number, w: number): number {
+/** The most pixels of one sheet (RGB: 192 MiB), which holds `columns` x `rows` pictures at once. */
+const MAX_SHEET_PIXELS = 1 << 26;
+
+/**
+ * --scale, or about 256 pixels a side; a scale past MAX_PICTURE_SIDE, or one whose sheet of
+ * `columns` x `rows` pictures would pass MAX_SHEET_PIXELS (many annotators: 28 of them at a
+ * large scale needed more than 4 GB), is refused before any picture is allocated.
+ */
+function pictureScale(flags: PredictFlags, h: number, w: number, columns: number, rows: number): number {
   const scale = flags.scale ?? Math.max(1, Math.floor(256 / Math.max(h, w)));
+  const largest = Math.max(1, Math.min(Math.floor(MAX_PICTURE_SIDE / Math.max(h, w)), Math.floor(Math.sqrt(MAX_SHEET_PIXELS / (columns * rows * h * w)))));
   if (Math.max(h, w) * scale > MAX_PICTURE_SIDE) {
+    throw new UserError(`--scale ${scale} would make the ${w}x${h} pictures ${w * scale}x${h * scale} pixels; at most ${MAX_PICTURE_SIDE} a side (--scale ${largest} or less here)`);
+  }
+  if (columns * rows * h * w * scale * scale > MAX_SHEET_PIXELS) {
     throw new UserError(
-      `--scale ${scale} would make the ${w}x${h} pictures ${w * scale}x${h * scale} pixels; at most ${MAX_PICTURE_SIDE} a side (--scale ${Math.max(1, Math.floor(MAX_PICTURE_SIDE / Math.max(h, w)))} or less here)`,
+      `--scale ${scale} would make a sheet of ${columns}x${rows} pictures of ${w * scale}x${h * scale} pixels, more than ${MAX_SHEET_PIXELS / 2 ** 20} million pixels in all (--scale ${largest} or less here)`,
     );
   }
   return scale;
@@ -169,8 +181,9 @@ async function drawPictures(
   words: { count: number; what: string; readmeWhat: (n: number) => string; classNames?: readonly string[] },
 ): Promise<void> {
   const [h, w] = set.spatial;
-  const scale = pictureScale(flags, h, w);
   const R = model.config.annotators;
+  // The sheet: input, truth and prediction; the estimated annotators; their labels.
+  const scale = pictureScale(flags, h, w, Math.max(3, R), info.learnsCms ? 3 : 2);
   const learnsCms = info.learnsCms;
   const drawCms = learnsCms && flags.cms !== false;
   // 2D predictions write pictures only: a probability volume is a 3D case's.
@@ -183,6 +196,7 @@ async function drawPictures(
   const classNames = Array.from({ length: L }, (_, c) => words.classNames?.[c] ?? (c === 0 ? 'background' : `class ${c}`));
   const names = set.annotatorNames.length === R ? set.annotatorNames : info.annotatorNames;
   const files = annotatorFileNames(Array.from({ length: R }, (_, r) => names[r] ?? `annotator${r}`));
+  const captionNames = annotatorCaptions(names, files);
   const outDir = path.resolve(flags.out);
   fs.mkdirSync(outDir, { recursive: true });
   const written: string[] = [];
@@ -218,14 +232,13 @@ async function drawPictures(
         const est = upscale(labelOverlay(image, map(p.annotatorMaps[r]), h, w), scale);
         estimated.push(est);
         await save(`${prefix}-annotator-${name}.png`, est);
-        if (drawCms) await save(`${prefix}-cm-${name}.png`, cmFigure(p.cms, n, r, R, L, h, w, Math.max(1, Math.floor(scale / 2)), { annotator: names[r] ?? name, classes: classNames }));
+        if (drawCms) await save(`${prefix}-cm-${name}.png`, cmFigure(p.cms, n, r, R, L, h, w, Math.max(1, Math.floor(scale / 2)), { annotator: captionNames[r], classes: classNames }));
       }
       // One sheet per image: input, truth, prediction; estimated annotators; their real labels.
-      const annotatorName = (r: number) => names[r] ?? files[r];
       const rows = [
         [captioned(input, 'input'), captioned(truth, 'truth'), captioned(predicted, 'prediction')],
-        ...(learnsCms ? [estimated.map((im, r) => captioned(im, `${annotatorName(r)} (estimated)`))] : []),
-        observed.map((im, r) => captioned(im, `${annotatorName(r)} (labels)`)),
+        ...(learnsCms ? [estimated.map((im, r) => captioned(im, `${captionNames[r]} (estimated)`))] : []),
+        observed.map((im, r) => captioned(im, `${captionNames[r]} (labels)`)),
       ];
       await save(`${prefix}-sheet.png`, sheetWithLegend(grid(rows, 4), classNames, unlabelled, captionScale(input.width)));
     }
@@ -281,18 +294,28 @@ function releaseLabels(labels: Uint8Array, naming: BratsNaming, classes: number)
   return labels.map((x) => (x === BRATS_ENHANCING_LABEL ? BRATS_ENHANCING_LABEL_2021 : x));
 }
 
-/** Axial slice (constant z) through the centroid of the tumour voxels of `labels`, or undefined when there are none. */
-function tumourSlice(labels: Uint8Array, extent: Extent): number | undefined {
+/**
+ * The axial slice (constant z) through the tumour of `labels`: of the slices that hold tumour
+ * voxels, the one nearest their centroid (the centroid's own slice can hold none: two lesions,
+ * or a ring); undefined when there are none.
+ */
+export function tumourSlice(labels: Uint8Array, extent: Extent): number | undefined {
   const plane = extent.h * extent.w;
+  const perSlice = new Float64Array(extent.d);
+  for (let i = 0; i < labels.length; i++) if (labels[i] !== 0 && labels[i] !== 255) perSlice[Math.floor(i / plane)]++;
   let sum = 0;
   let count = 0;
-  for (let i = 0; i < labels.length; i++) {
-    if (labels[i] !== 0 && labels[i] !== 255) {
-      sum += Math.floor(i / plane);
-      count++;
-    }
+  perSlice.forEach((n, z) => ((sum += n * z), (count += n)));
+  if (count === 0) return undefined;
+  const centre = sum / count;
+  let best = -1;
+  for (let z = 0; z < extent.d; z++) {
+    if (perSlice[z] === 0) continue;
+    // Nearest the centroid; between two as near, the one with more tumour.
+    const nearer = best < 0 || Math.abs(z - centre) < Math.abs(best - centre) || (Math.abs(z - centre) === Math.abs(best - centre) && perSlice[z] > perSlice[best]);
+    if (nearer) best = z;
   }
-  return count > 0 ? Math.round(sum / count) : undefined;
+  return best;
 }
 
 /** Slice z of every channel of a [K, D, H, W] array, as [K, H, W]. */
@@ -324,6 +347,7 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
   const passes = info.members.length * (flags.tta ? 2 ** 3 : 1);
   const names = info.annotatorNames;
   const files = annotatorFileNames(names);
+  const captionNames = annotatorCaptions(names, files);
   const learnsCms = info.learnsCms;
   // The CM sums are most of the stitching's memory and time (R*L*L of the R*L*L + R*L + L channels).
   const wantCms = learnsCms && flags.cms !== false;
@@ -342,7 +366,7 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     namings.add(c.naming);
     // A --scale too large for this case's pictures is refused now, before its sliding-window
     // prediction (minutes on a real case) and before any of its volumes is written.
-    const scale = pictureScale(flags, c.extent.h, c.extent.w);
+    const scale = pictureScale(flags, c.extent.h, c.extent.w, Math.max(3, R), 2); // FLAIR, truth, prediction; the annotators
     const progress = windowProgress(`[${k + 1}/${ids.length}] ${id}`);
     let p: Awaited<ReturnType<typeof slidingWindowPredict>>;
     try {
@@ -389,12 +413,13 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     };
     const flairPicture = upscale(grayImage(flair, h, w), scale);
     const rows = [
-      [captioned(flairPicture, 'FLAIR'), captioned(c.seg ? overlay(c.seg) : null, 'truth'), captioned(overlay(consensus), 'prediction')],
-      annotatorMaps.map((map, r) => captioned(overlay(map), `${names[r] ?? files[r]} (estimated)`)),
+      // z in the case's own voxels (the pictures are of the cropped case).
+      [captioned(flairPicture, `FLAIR z ${c.crop.z0 + z}`), captioned(c.seg ? overlay(c.seg) : null, 'truth'), captioned(overlay(consensus), 'prediction')],
+      annotatorMaps.map((map, r) => captioned(overlay(map), `${captionNames[r]} (estimated)`)),
     ];
     await save(`${id}_slice.png`, sheetWithLegend(grid(rows.filter((row) => row.length > 0), 4), classNames, false, captionScale(flairPicture.width)));
     if (cmSlice) {
-      for (let r = 0; r < R; r++) await save(`${id}_cm-${files[r]}.png`, cmFigure(cmSlice, 0, r, R, L, h, w, Math.max(1, Math.floor(scale / 2)), { annotator: names[r] ?? files[r], classes: classNames }));
+      for (let r = 0; r < R; r++) await save(`${id}_cm-${files[r]}.png`, cmFigure(cmSlice, 0, r, R, L, h, w, Math.max(1, Math.floor(scale / 2)), { annotator: captionNames[r], classes: classNames }));
     } else if (k === 0 && !learnsCms) {
       process.stderr.write(`note: ${method} does not learn annotator CMs: no annotator volumes or CM pictures\n`);
     }
@@ -434,7 +459,7 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
         ]
       : [`(${method} does not learn annotator CMs: no annotator volumes or CM pictures)`]),
     '<id>_slice.png               row 1: FLAIR, expert labels (when known), predicted consensus; row 2: each annotator\'s estimate (each captioned; the classes\' colours named under it)',
-    'Pictures show the axial slice through the centre of the predicted tumour, of the cropped case, rows = voxel y, columns = voxel x.',
+    'Pictures show the axial slice through the predicted tumour (of the slices holding it, the nearest its centre; its z, in the case\'s voxels, is in the FLAIR caption), of the cropped case, rows = voxel y, columns = voxel x.',
     `annotators: ${annotatorEntries(names, files).map((n, r) => `${r} = ${n}`).join(', ')}`,
     '',
   ].join('\n');
@@ -501,6 +526,18 @@ export function annotatorFileNames(names: readonly string[]): string[] {
     if (colliding.length === 0) return parts;
     for (const r of colliding) parts[r] = `${parts[r]}-${r}`;
   }
+}
+
+/**
+ * The annotators' names as pictures caption them. The pictures' font draws ASCII and accented
+ * Latin letters; a name with others (张伟, 李娜) draws as '??', the same for two annotators, so
+ * then every caption uses the file-name parts instead (unique, and README.txt maps them).
+ */
+export function annotatorCaptions(names: readonly (string | undefined)[], files: readonly string[]): string[] {
+  const wanted = files.map((file, r) => names[r] ?? file);
+  const drawn = wanted.map((name) => [...drawableText(name)].map((ch) => (hasGlyph(ch) ? ch.toUpperCase() : '?')).join(''));
+  const clash = drawn.some((d, r) => drawn.indexOf(d) !== r || (d.includes('?') && !wanted[r].includes('?')));
+  return clash ? [...files] : wanted;
 }
 
 /** The legend's "annotators:" entries: each name, with its file-name part when that is not the name. */

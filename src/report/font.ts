@@ -82,6 +82,11 @@ export function drawableText(text: string): string {
     .replace(/[ßẞæÆœŒøØłŁđĐı]/g, (ch) => LATIN_EXTRA[ch]);
 }
 
+/** Whether `ch` (one character of drawableText's output) has a glyph of its own, not '?'. */
+export function hasGlyph(ch: string): boolean {
+  return ch.toUpperCase() in GLYPHS;
+}
+
 /** The glyph of `ch` as 7 rows of 5 booleans (lower case as upper case; unknown characters as '?'). */
 export function glyph(ch: string): boolean[][] {
   const rows = (GLYPHS[ch.toUpperCase()] ?? GLYPHS['?']).split(' ');

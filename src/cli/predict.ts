@@ -100,9 +100,11 @@ const MAX_SHEET_PIXELS = 1 << 26;
  */
 function pictureScale(flags: PredictFlags, h: number, w: number, columns: number, rows: number): number {
   const scale = flags.scale ?? Math.max(1, Math.floor(256 / Math.max(h, w)));
-  const largest = Math.max(1, Math.min(Math.floor(MAX_PICTURE_SIDE / Math.max(h, w)), Math.floor(Math.sqrt(MAX_SHEET_PIXELS / (columns * rows * h * w)))));
+  const bySide = Math.floor(MAX_PICTURE_SIDE / Math.max(h, w));
+  const largest = Math.max(1, Math.min(bySide, Math.floor(Math.sqrt(MAX_SHEET_PIXELS / (columns * rows * h * w)))));
   if (Math.max(h, w) * scale > MAX_PICTURE_SIDE) {
-    throw new UserError(`--scale ${scale} would make the ${w}x${h} pictures ${w * scale}x${h * scale} pixels; at most ${MAX_PICTURE_SIDE} a side (--scale ${largest} or less here)`);
+    const also = largest < bySide ? ': the sheet of pictures bounds it too' : '';
+    throw new UserError(`--scale ${scale} would make the ${w}x${h} pictures ${w * scale}x${h * scale} pixels; at most ${MAX_PICTURE_SIDE} a side (--scale ${largest} or less here${also})`);
   }
   if (columns * rows * h * w * scale * scale > MAX_SHEET_PIXELS) {
     throw new UserError(

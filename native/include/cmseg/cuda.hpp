@@ -502,14 +502,6 @@ void cm_predict(Context& ctx, CmMode mode, int L, int rank, const std::vector<co
                 const float* probs, int n, int R, int64_t V, float* cms, float* annotator_probs);
 
 // ---- the whole U-Net on the device: unet_cuda.cpp ----------------------------------
-// The GPU half of a cmseg::Model with ModelConfig::device == Device::Cuda (Model
-// owns one and dispatches to it; use Model, not this class, from outside). It holds
-// the parameters (values, gradients, Adam moments) as four contiguous device arrays,
-// the activations of the last forward pass (reused while the batch shape stays the
-// same) and the uploaded batch. Same graph, same order of operations and the same
-// conventions as the CPU reference in native/model/unet.cpp.
-// TODO(bf16): activations and convolutions in bf16 (with fp32 master weights) are
-// not attempted yet.
 // An optimiser step the device refused (see ModelGpu::adam), reported late: `step`
 // is the refused step's number; the weights and moments are those from before it.
 class RefusedUpdate : public Error {
@@ -518,6 +510,14 @@ class RefusedUpdate : public Error {
   int64_t step;
 };
 
+// The GPU half of a cmseg::Model with ModelConfig::device == Device::Cuda (Model
+// owns one and dispatches to it; use Model, not this class, from outside). It holds
+// the parameters (values, gradients, Adam moments) as four contiguous device arrays,
+// the activations of the last forward pass (reused while the batch shape stays the
+// same) and the uploaded batch. Same graph, same order of operations and the same
+// conventions as the CPU reference in native/model/unet.cpp.
+// TODO(bf16): activations and convolutions in bf16 (with fp32 master weights) are
+// not attempted yet.
 class ModelGpu {
  public:
   // `params`: the model's parameters, named as SPEC section 2 (the graph is found

@@ -12,6 +12,9 @@ import { drawText, textWidth } from '../src/report/font';
 import { lineChart, niceTicks } from '../src/report/chart';
 import { missingPythonModules, runPythonJson } from './helpers/python';
 import { runCli } from './helpers/cli';
+import { readPngSync, writePngSync as writePng } from '../src/data/png';
+import { createModel } from '../src/model/model';
+import { saveCheckpoint } from '../src/model/checkpoint';
 import { annotatorCaptions, tumourSlice } from '../src/cli/predict';
 
 // Viridis at 0, 0.25, 0.5, 0.75, 1 (matplotlib's), linear in between, as README's colour bar.
@@ -229,4 +232,29 @@ t.test('predict refuses a --scale whose sheet of pictures would be too large, be
   t.equal(r.exitCode, 1);
   t.match(r.stderr, /--scale 100 would make a sheet of 4x3 pictures of 3200x3200 pixels, more than 64 million pixels in all \(--scale 73 or less here\)/);
   t.notOk(fs.existsSync(path.join(dir, 'p')) && fs.readdirSync(path.join(dir, 'p')).some((f) => f.endsWith('.png')), 'no picture written');
+});
+
+t.test('an RGB model\'s input is pictured in colour (an object only in green shows), its overlays over the luminance', async (t) => {
+  const dir = tmp(t);
+  const model = createModel({ ndim: 2, inChannels: 3, classes: 2, annotators: 1, depth: 2, baseChannels: 2, seed: 3 });
+  await saveCheckpoint(model, path.join(dir, 'rgb.safetensors'));
+  await model.dispose();
+  // 8x8, red 60 everywhere, a green square (rows 2..5, columns 2..5), no blue.
+  const data = new Uint8Array(8 * 8 * 3);
+  for (let y = 0; y < 8; y++) for (let x = 0; x < 8; x++) {
+    const i = (y * 8 + x) * 3;
+    data[i] = 60;
+    data[i + 1] = y >= 2 && y < 6 && x >= 2 && x < 6 ? 200 : 0;
+  }
+  fs.mkdirSync(path.join(dir, 'data', 'images'), { recursive: true });
+  writePng(path.join(dir, 'data', 'images', 'a.png'), { width: 8, height: 8, channels: 3, data });
+  const r = await runCli(['predict', '--checkpoint', 'rgb.safetensors', '--data', 'data', '--out', 'p', '--scale', '1'], dir);
+  t.equal(r.exitCode, 0, r.stderr);
+  const input = readPngSync(path.join(dir, 'p', 'a-input.png'));
+  t.equal(input.channels, 3, 'an RGB picture');
+  const at = (y: number, x: number) => Array.from(input.samples.subarray((y * 8 + x) * 3, (y * 8 + x) * 3 + 3));
+  // One range for the three planes (0..200/255): red 60 -> 76 (76.5 less float rounding), green 200 -> 255.
+  t.same(at(0, 0), [76, 0, 0], 'the background keeps its red');
+  t.same(at(3, 3), [76, 255, 0], 'the square shows in green (the red channel alone had no trace of it)');
+  t.match(fs.readFileSync(path.join(dir, 'p', 'README.txt'), 'utf8'), /in colour for an RGB model/);
 });

@@ -38,7 +38,7 @@ import { argmaxAnnotatorProbs } from '../eval/metrics';
 import type { Device } from '../model/config';
 import { argmaxClasses, setNumThreads } from '../model/model';
 import { slidingWindowPredict } from '../model/sliding-window';
-import { captionScale, captioned, classLegend, cmFigure, grayImage, grid, labelImage, labelOverlay, legend, stack, upscale } from '../report/pictures';
+import { captionScale, captioned, classLegend, cmFigure, colorImage, grayImage, grid, labelImage, labelOverlay, legend, luminance, stack, upscale } from '../report/pictures';
 import { drawableText, hasGlyph } from '../report/font';
 import type { AnnotatedSet } from '../train/data';
 import { type InferenceModel, predictImages } from '../train/evaluate';
@@ -213,10 +213,11 @@ async function drawPictures(
       const index = start + n;
       // An image folder's own names say which picture is which; MNIST's images are numbered.
       const prefix = set.names ? path.parse(set.names[index]).name : `image-${String(index).padStart(3, '0')}`;
-      // The first channel (gray; red of an RGB image).
-      const image = p.batch.images.subarray(n * C * V, n * C * V + V);
+      // An RGB model's input in colour, its overlays over the luminance; otherwise the first channel.
+      const pixels = p.batch.images.subarray(n * C * V, (n + 1) * C * V);
+      const image = C === 3 ? luminance(pixels, V) : pixels.subarray(0, V);
       const map = (labels: Uint8Array) => labels.subarray(n * V, (n + 1) * V);
-      const input = upscale(grayImage(image, h, w), scale);
+      const input = upscale(C === 3 ? colorImage(pixels, h, w) : grayImage(image, h, w), scale);
       const predicted = upscale(labelOverlay(image, map(p.consensus), h, w), scale);
       const truth = p.batch.consensus ? upscale(labelOverlay(image, map(p.batch.consensus), h, w), scale) : null;
       await save(`${prefix}-input.png`, input);
@@ -253,7 +254,7 @@ async function drawPictures(
     `Predictions of ${modelsDescription(info)} on ${words.readmeWhat(count)}.`,
     ...(flags.tta ? [ttaDescription(2)] : []),
     '',
-    '<image>-input.png               the input',
+    '<image>-input.png               the input, scaled to its own range (in colour for an RGB model; otherwise its first channel in gray)',
     ...truthLine,
     '<image>-consensus.png           the predicted consensus, argmax p',
     '<image>-annotator-<name>.png    the estimated labels of that annotator, argmax A_r p',

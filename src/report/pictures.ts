@@ -61,6 +61,26 @@ export function grayImage(values: ArrayLike<number>, h: number, w: number): PngI
 }
 
 /** The gray image in RGB with every non-background label blended in its class colour; 255 (unlabelled) is left gray. */
+/**
+ * An RGB picture of three planes [3, h, w] (R, G, B), scaled together from their finite
+ * min..max to 0..255, so the colours keep their balance (non-finite values as grayImage).
+ */
+export function colorImage(planes: ArrayLike<number>, h: number, w: number): PngImage {
+  const V = h * w;
+  checkSize('colour image', planes.length / 3, h, w);
+  const scaled = grayImage(planes, 3, V).data; // one range for the three planes
+  const data = new Uint8Array(V * 3);
+  for (let i = 0; i < V; i++) for (let k = 0; k < 3; k++) data[i * 3 + k] = scaled[k * V + i];
+  return { width: w, height: h, channels: 3, data };
+}
+
+/** Rec. 601 luma of three planes [3, h, w] (as image folders read colour PNGs as gray): [h, w]. */
+export function luminance(planes: ArrayLike<number>, V: number): Float32Array {
+  const out = new Float32Array(V);
+  for (let i = 0; i < V; i++) out[i] = 0.299 * planes[i] + 0.587 * planes[V + i] + 0.114 * planes[2 * V + i];
+  return out;
+}
+
 export function labelOverlay(image: ArrayLike<number>, labels: Uint8Array, h: number, w: number, alpha = 0.6): PngImage {
   checkSize('labels', labels.length, h, w);
   const gray = grayImage(image, h, w).data;

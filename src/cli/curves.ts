@@ -5,7 +5,8 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import { Command } from 'commander';
-import { writePng } from '../data/png';
+import { sameFileAt } from '../data/files';
+import { isPngFile, writePng } from '../data/png';
 import { trainingCurves } from '../report/curves';
 import { readTrainLog } from '../train/trainer';
 import { displayPath, printOutputs, UserError, withExamples } from './common';
@@ -31,7 +32,7 @@ export async function writeRunCurves(runDir: string, named?: string): Promise<st
   // there (an earlier curves.png) is replaced; the default <run>/curves.png always is.
   const existing = named === undefined ? undefined : fs.statSync(out, { throwIfNoEntry: false });
   if (existing?.isFile() && existing.size > 0 && !isPngFile(out)) {
-    throw new UserError(`--out ${displayPath(out)} is a file that is not a PNG picture${sameFile(out, log) ? " (the run's training log)" : ''}: it would be replaced; name a .png file (e.g. ${displayPath(path.join(runDir, CURVES_FILE))})`);
+    throw new UserError(`--out ${displayPath(out)} is a file that is not a PNG picture${sameFileAt(out, log) ? " (the run's training log)" : ''}: it would be replaced; name a .png file (e.g. ${displayPath(path.join(runDir, CURVES_FILE))})`);
   }
   let events: Record<string, unknown>[];
   try {
@@ -45,30 +46,6 @@ export async function writeRunCurves(runDir: string, named?: string): Promise<st
   fs.mkdirSync(path.dirname(path.resolve(out)), { recursive: true });
   await writePng(out, picture);
   return out;
-}
-
-/** Whether `file` starts with the 8-byte PNG signature. */
-function isPngFile(file: string): boolean {
-  const signature = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
-  const head = Buffer.alloc(8);
-  let fd: number;
-  try {
-    fd = fs.openSync(file, 'r');
-  } catch {
-    return false; // unreadable: not known to be a picture, so not replaced
-  }
-  try {
-    return fs.readSync(fd, head, 0, 8, 0) === 8 && head.equals(signature);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-/** Whether two paths name one file (links and relative names included). */
-function sameFile(a: string, b: string): boolean {
-  const sa = fs.statSync(a, { throwIfNoEntry: false });
-  const sb = fs.statSync(b, { throwIfNoEntry: false });
-  return sa !== undefined && sb !== undefined && sa.dev === sb.dev && sa.ino === sb.ino;
 }
 
 export function registerCurvesCommand(program: Command): Command {

@@ -143,11 +143,15 @@ function applyFlags(base: { config: TrainConfig; dataset: DatasetSpec }, flags: 
   // Settings of the CM heads and the trace term, refused where the method has none to set
   // (a silently ignored --cm-rank 4 on --method cm would look like a rank-4 run).
   const method = methodDefinition(config.method);
-  const cmMethods = (keep: (m: MethodDefinition) => boolean) => METHOD_NAMES.filter((name) => keep(METHODS[name])).map((name) => `--method ${name}`).join(', ');
-  if (method.cmMode !== 'lowrank') only(['cmRank'], cmMethods((m) => m.cmMode === 'lowrank'));
-  if (!method.learnsCms || method.cmMode === 'global') only(['cmHeadBlocks'], `${cmMethods((m) => m.learnsCms && m.cmMode !== 'global')} (pixel-wise CM heads)`);
-  if (!method.learnsCms) only(['cmInit'], `${cmMethods((m) => m.learnsCms)} (methods that learn CMs)`);
-  if (!method.learnsCms || method.lambda !== undefined) only(['lambda', 'lambdaWarmup', 'warmupSteps'], `${cmMethods((m) => m.learnsCms && m.lambda === undefined)} (methods with the trace term)`);
+  const forMethods = (keys: readonly (keyof TrainFlags)[], has: (m: MethodDefinition) => boolean, what = '') => {
+    if (has(method)) return;
+    const owners = METHOD_NAMES.filter((name) => has(METHODS[name])).map((name) => `--method ${name}`);
+    only(keys, owners.join(', ') + what);
+  };
+  forMethods(['cmRank'], (m) => m.cmMode === 'lowrank');
+  forMethods(['cmHeadBlocks'], (m) => m.learnsCms && m.cmMode !== 'global', ' (pixel-wise CM heads)');
+  forMethods(['cmInit'], (m) => m.learnsCms, ' (methods that learn CMs)');
+  forMethods(['lambda', 'lambdaWarmup', 'warmupSteps'], (m) => m.learnsCms && m.lambda === undefined, ' (methods with the trace term)');
   if (dataset.kind !== 'brats') only(['patch', 'valCases', 'stepsPerEpoch'], 'the BraTS presets (brats3d, brats3d-gpu)');
   if (dataset.kind !== 'mnist') only(['trainImages', 'valImages', 'testImages'], 'the MNIST presets');
   if (dataset.kind !== 'folder') only(['classes', 'labelMapping'], 'image folders (--preset images)');

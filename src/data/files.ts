@@ -257,6 +257,13 @@ interface FileId {
 
 const sameFile = (a: FileId, b: FileId) => a.dev === b.dev && a.ino === b.ino;
 
+/** Whether two paths name one existing file (links and relative names included). */
+export function sameFileAt(a: string, b: string): boolean {
+  const sa = fs.statSync(a, { throwIfNoEntry: false });
+  const sb = fs.statSync(b, { throwIfNoEntry: false });
+  return sa !== undefined && sb !== undefined && sameFile(sa, sb);
+}
+
 /** Locks this thread holds, by resolved path. */
 const heldLocks = new Map<string, { release(): void }>();
 

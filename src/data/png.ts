@@ -8,6 +8,7 @@
 // alpha channel is made up). Encoding: 8-bit gray, gray+alpha, RGB, RGBA and palette, one
 // filter for all rows or the adaptive choice per row.
 
+import * as fs from 'fs';
 import * as zlib from 'zlib';
 import { constants as bufferConstants } from 'buffer';
 import { readFileChecked, readFileCheckedSync, writeFileAtomic, writeFileAtomicSync } from './files';
@@ -185,6 +186,22 @@ interface Chunks {
   palette?: Uint8Array;
   transparency?: Uint8Array;
   compressed: Buffer;
+}
+
+/** Whether the file at `filePath` starts with the PNG signature (false when it cannot be read). */
+export function isPngFile(filePath: string): boolean {
+  let fd: number;
+  try {
+    fd = fs.openSync(filePath, 'r');
+  } catch {
+    return false;
+  }
+  try {
+    const head = Buffer.alloc(SIGNATURE.length);
+    return fs.readSync(fd, head, 0, head.length, 0) === head.length && head.equals(SIGNATURE);
+  } finally {
+    fs.closeSync(fd);
+  }
 }
 
 function readChunks(bytes: Uint8Array, where: string): Chunks {

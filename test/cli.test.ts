@@ -12,6 +12,7 @@ import { backendInfo } from '../src/model/model';
 import { readCheckpoint } from '../src/model/checkpoint';
 import { readPngSync } from '../src/data/png';
 import { classColor, cmFigure, cmHeatMaps, grid, heatMap, labelOverlay, upscale, viridis } from '../src/report/pictures';
+import { unpadded } from './helpers/tables';
 
 const root = path.resolve(__dirname, '..');
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-cli-'));
@@ -100,8 +101,8 @@ t.test('a tiny train run end to end, then eval, predict, resume', async (t) => {
   t.equal(r.code, 0, `exit code 0 (stderr: ${r.stderr})`);
   t.equal(r.stderr, '', 'quiet: nothing on stderr');
   t.match(r.stdout, /trained cm from step 0 to 3/);
-  t.match(r.stdout, /\| Dice digit +\| \d\.\d{4} ± \d\.\d{4} \|/);
-  t.match(r.stdout, /\| Mode labels \(tie: lower class\) \| /);
+  t.match(unpadded(r.stdout), /\| Dice digit +\| \d\.\d{4} ± \d\.\d{4} \|/);
+  t.match(unpadded(r.stdout), /\| Mode labels \(tie: lower class\) \| /);
   t.match(r.stdout, /outputs:\n  checkpoints +runs\/tiny\/best\.safetensors, runs\/tiny\/last\.safetensors\n  training log +runs\/tiny\/train-log\.jsonl\n  curves +runs\/tiny\/curves\.png\n  test metrics +runs\/tiny\/eval-test\.json/);
   for (const f of ['best.safetensors', 'last.safetensors', 'train-log.jsonl', 'eval-test.json']) t.ok(fs.existsSync(path.join(run, f)), `${f} written`);
   const test = JSON.parse(fs.readFileSync(path.join(run, 'eval-test.json'), 'utf8'));

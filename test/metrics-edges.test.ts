@@ -392,11 +392,20 @@ t.test('every Markdown table escapes | in names, and a NaN spread prints n/a', a
   const lines = table.split('\n');
   t.equal(lines.length, 5, 'a name with a line break stays on one row');
   for (const line of lines) t.equal(cells(line), cells(lines[0]), `as many cells as the header: ${line}`);
-  t.match(lines[2], /^\| a\\\|b \| 1 \|$/);
-  t.match(lines[3], /^\| c\\\\\\\|d \| 2 \|$/, 'a backslash before a bar is doubled, so the bar stays escaped');
+  t.equal(lines[2], '| a\\|b      | 1     |');
+  t.equal(lines[3], '| c\\\\\\|d    | 2     |', 'a backslash before a bar is doubled, so the bar stays escaped');
   // formatAnnotatorCms (public) builds its header from the annotator's name.
   const cm = formatAnnotatorCms([{ trueMatrix: [[0.9, 0.2], [0.1, 0.8]], estimatedMatrix: [[0.85, 0.25], [0.15, 0.75]] }], () => 'rater|1', (c) => `class ${c}`);
   const header = cm.split('\n').find((l) => l.startsWith('| rater'))!;
   t.equal(cells(header), 5, `three cells: ${header}`);
   t.equal(formatMeanStd({ mean: 0.5, std: NaN, count: 1 }), '0.5000 ± n/a');
+});
+
+t.test('Markdown tables are padded into columns (code points, not UTF-16 units)', async (t) => {
+  const table = markdownTable(['annotator', 'Dice'], [['Zoë', '0.9000 ± 0.0100'], ['a', 'n/a'], ['𝒜', '1']]);
+  t.equal(
+    table,
+    ['| annotator | Dice            |', '| --------- | --------------- |', '| Zoë       | 0.9000 ± 0.0100 |', '| a         | n/a             |', '| 𝒜         | 1               |'].join('\n'),
+  );
+  t.equal(markdownTable(['a', 'b'], [['1', '2']]), '| a   | b   |\n| --- | --- |\n| 1   | 2   |', 'columns at least three wide: the rule row stays ---');
 });

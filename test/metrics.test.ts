@@ -21,6 +21,7 @@ import {
 } from '../src/eval/metrics';
 import { bratsDice } from '../src/eval/brats-regions';
 import { classesLearntAsOthers, formatAnnotatorCms, formatBratsReport, formatClassConfusion, formatMeanStd, formatSegmentationReport } from '../src/eval/report';
+import { unpadded } from './helpers/tables';
 
 const u8 = (...values: number[]) => Uint8Array.from(values);
 const close = (t: { ok(condition: boolean, message: string): unknown }, actual: number, expected: number, message: string, tol = 1e-9) =>
@@ -316,7 +317,7 @@ t.test('evaluateSegmentation combines every figure; the evaluator accumulates', 
   // Pooled over both images: truth 0 predicted 0 at 5 voxels and 1 at one, truth 1 predicted 1 twice.
   t.same(report.classConfusion, [[5, 0], [1, 2]], 'classConfusion[predicted][reference]');
 
-  const text = formatSegmentationReport(report, { classNames: ['background', 'digit'], annotatorNames: ['over', 'good'] });
+  const text = unpadded(formatSegmentationReport(report, { classNames: ['background', 'digit'], annotatorNames: ['over', 'good'] }));
   t.match(text, /\| Dice digit \| 0\.9000 ± 0\.1000 \|/);
   t.match(text, /\| over \| 0\.3018 ± 0\.0518 \| 0\.2500 \| 1\.0000 \|/);
   t.match(text, /\| over: estimated \(true\) % \| true background \| true digit \|\n\| --- \| --- \| --- \|\n\| says background \| 100\.0 \(66\.7\) \| 0\.0 \(0\.0\) \|\n\| says digit \| 0\.0 \(33\.3\) \| 100\.0 \(100\.0\) \|/, "the first annotator's pooled CM, estimate (truth)");
@@ -332,7 +333,7 @@ t.test('class confusion: a swapped pair of classes shows, unlabelled voxels do n
   const pred = u8(2, 2, 2, 2, 2, 1, 0);
   const report = evaluateSegmentation({ pred, truth, n: 1, classes: 3 });
   t.same(report.classConfusion, [[1, 0, 0], [0, 0, 0], [0, 3, 2]]);
-  const text = formatClassConfusion(report.classConfusion, (c) => ['bg', 'A', 'B'][c]);
+  const text = unpadded(formatClassConfusion(report.classConfusion, (c) => ['bg', 'A', 'B'][c]));
   t.match(text, /\| predicted A \| 0\.0% \| 0\.0% \| 0\.0% \|/, 'nothing predicted as A');
   t.match(text, /\| predicted B \| 0\.0% \| 100\.0% \| 100\.0% \|/, 'A learnt as B');
   t.match(text, /\| voxels \| 1 \| 3 \| 2 \|/, 'the 255 voxel is not counted');
@@ -353,9 +354,9 @@ t.test('class confusion: a swapped pair of classes shows, unlabelled voxels do n
   t.same(classesLearntAsOthers([[5, 0, 0], [0, 1, 2], [0, 4, 8]]), [{ reference: 1, predicted: 2, share: 0.8, recall: 0.2 }], 'B as itself 80%: only A named');
   t.notMatch(formatClassConfusion([[5, 0, 0], [0, 1, 0], [0, 0, 3]], (c) => `c${c}`), /Note/, 'no note when every class is learnt');
   // An annotator CM column of a class absent from the reference: n/a.
-  const cmsText = formatAnnotatorCms([{ trueMatrix: [[1, null], [0, null]], estimatedMatrix: [[0.9, null], [0.1, null]] }], () => 'r', (c) => `c${c}`);
+  const cmsText = unpadded(formatAnnotatorCms([{ trueMatrix: [[1, null], [0, null]], estimatedMatrix: [[0.9, null], [0.1, null]] }], () => 'r', (c) => `c${c}`));
   t.match(cmsText, /\| says c0 \| 90\.0 \(100\.0\) \| n\/a \|\n\| says c1 \| 10\.0 \(0\.0\) \| n\/a \|/);
-  const absent = formatClassConfusion([[4, 0], [0, 0]], (c) => `c${c}`);
+  const absent = unpadded(formatClassConfusion([[4, 0], [0, 0]], (c) => `c${c}`));
   t.match(absent, /\| predicted c0 \| 100\.0% \| n\/a \|/, 'a class absent from the reference: n/a, not 0%');
 });
 

@@ -41,10 +41,18 @@ function formatNumber(value: number | undefined, digits: number): string {
   return value === undefined || !Number.isFinite(value) ? 'n/a' : value.toFixed(digits);
 }
 
-/** A markdown table from a header and rows of cells. */
+/**
+ * A markdown table from a header and rows of cells, each column padded to its widest cell
+ * so that the table reads as columns in a terminal too (renderers ignore the padding).
+ */
 export function markdownTable(header: readonly string[], rows: readonly (readonly string[])[]): string {
-  const line = (cells: readonly string[]) => `| ${cells.map(tableCell).join(' | ')} |`;
-  return [line(header), line(header.map(() => '---')), ...rows.map(line)].join('\n');
+  const cells = [header, ...rows].map((row) => row.map(tableCell));
+  // Code points, not UTF-16 units: a name like "Zoë" or "±" takes one column.
+  const width = (text: string) => [...text].length;
+  const columns = Math.max(...cells.map((row) => row.length));
+  const widths = Array.from({ length: columns }, (_, c) => Math.max(3, ...cells.map((row) => width(row[c] ?? ''))));
+  const line = (row: readonly string[]) => `| ${widths.map((w, c) => (row[c] ?? '') + ' '.repeat(w - width(row[c] ?? ''))).join(' | ')} |`;
+  return [line(cells[0]), line(widths.map((w) => '-'.repeat(w))), ...cells.slice(1).map(line)].join('\n');
 }
 
 /**

@@ -592,7 +592,7 @@ three tumour classes, validated every ${options.stepsPerEpoch} steps).
 ${mainTable()}
 
 The same checkpoints' 95th-percentile Hausdorff distance per region (mm, 1 mm phantom voxels; mean over the
-test cases where both the prediction and the truth have the region, the count in brackets when not all):
+test cases where HD95 is defined: both maps have the region, or neither (0 mm); the count in brackets when not all):
 
 ${hd95Table()}
 

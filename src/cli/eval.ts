@@ -266,13 +266,15 @@ async function evalWhole(flags: EvalFlags, info: InferenceInfo, target: Extract<
 
 /** One scored volume as a progress line: total Dice, and the BraTS regions' Dice and HD95 (mm). */
 function volumeLine(score: VolumeScore): string {
-  const line = [`total Dice ${score.totalDice.toFixed(4)}`];
+  // Undefined figures (a reference that labels no voxel) print '-', as an undefined HD95 does.
+  const figure = (x: number, digits: number) => (Number.isFinite(x) ? x.toFixed(digits) : '-');
+  const line = [`total Dice ${figure(score.totalDice, 4)}`];
   if (score.regions) {
     const { wholeTumour: wt, tumourCore: tc, enhancingTumour: et } = score.regions;
-    line.push(`Dice WT/TC/ET ${wt.toFixed(3)}/${tc.toFixed(3)}/${et.toFixed(3)}`);
+    line.push(`Dice WT/TC/ET ${figure(wt, 3)}/${figure(tc, 3)}/${figure(et, 3)}`);
   }
   if (score.hd95) {
-    const mm = (x: number) => (Number.isFinite(x) ? x.toFixed(1) : '-');
+    const mm = (x: number) => figure(x, 1);
     line.push(`HD95 ${mm(score.hd95.wholeTumour)}/${mm(score.hd95.tumourCore)}/${mm(score.hd95.enhancingTumour)} mm`);
   }
   return line.join(', ');

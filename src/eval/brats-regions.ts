@@ -5,7 +5,7 @@
 // The label mapping itself (and BRATS_CLASSES, BRATS_CLASS_NAMES) lives with the loader,
 // src/data/brats.ts (mapBratsLabels); this file only scores maps already in 0..3.
 import { BRATS_CLASSES } from '../data/brats';
-import { checkLabels } from '../data/annotators';
+import { checkLabels, UNLABELLED } from '../data/annotators';
 import { checkLabelMap, labelConfusionCounts, dicePerClassFromCounts, meanStd, MeanStd, regionDiceFromCounts } from './metrics';
 import { type Dims3, hausdorff95 } from './surface-distance';
 
@@ -22,7 +22,8 @@ export type BratsClassName = 'necrosis' | 'edema' | 'enhancing';
 /**
  * Each region's HD95 (src/eval/surface-distance.ts) between the predicted and the reference
  * map of one volume [D, H, W] (labels 0..3), in mm for `spacing` [d, h, w]: NaN where exactly
- * one of the two has the region. A 255 (unlabelled) in the reference lies outside every
+ * one of the two has the region, and in every region when the reference labels no voxel (all
+ * 255: no Dice either). A 255 (unlabelled) in the reference lies outside every
  * region (a surface needs an inside and an outside; Dice leaves such voxels out); any other
  * label >= 4, in either map, is an error, as in bratsDice: a raw BraTS map with its 4 would
  * otherwise lose enhancing tumour from every region without a word.
@@ -41,6 +42,14 @@ export function bratsHausdorff95(pred: Uint8Array, truth: Uint8Array, dims: Dims
   check('truth', truth, true);
   const mask = (labels: Uint8Array, region: readonly number[]) => labels.map((c) => (region.includes(c) ? 1 : 0));
   const out = {} as Record<BratsRegion, number>;
+  // A reference that labels no voxel scores nothing: NaN, left out of the mean, as its Dice
+  // (README "Metrics": such an image is left out of every per-image figure). Read as "no
+  // region in either map" it scored a perfect 0 mm in every region whenever the prediction
+  // had no tumour either.
+  if (!truth.some((c) => c !== UNLABELLED)) {
+    for (const name of Object.keys(BRATS_REGIONS) as BratsRegion[]) out[name] = NaN;
+    return out;
+  }
   for (const [name, region] of Object.entries(BRATS_REGIONS) as [BratsRegion, readonly number[]][]) {
     out[name] = hausdorff95(mask(pred, region), mask(truth, region), dims, spacing);
   }
@@ -65,7 +74,17 @@ export interface BratsDiceReport {
  * scores 1, as every Dice in SPEC section 6.
  */
 export function bratsDice(pred: Uint8Array, truth: Uint8Array, n: number): BratsDiceReport {
-  const counts = labelConfusionCounts(pred, truth, n, BRATS_CLASSES);
+  let counts: Float64Array;
+  try {
+    counts = labelConfusionCounts(pred, truth, n, BRATS_CLASSES);
+  } catch (error) {
+    // A raw 2018-2021 map's 4 said only "truth: label 4 at index 3 >= classes (4)": say what
+    // bratsHausdorff95 says, how to map it.
+    if (error instanceof RangeError && /: label \d+ at index \d+ >= classes/.test(error.message)) {
+      throw new RangeError(`${error.message}: BraTS maps must be in contiguous labels 0..3 (mapBratsLabels maps BraTS 4 to 3)`);
+    }
+    throw error;
+  }
   const dice = dicePerClassFromCounts(counts, n, BRATS_CLASSES);
   const classColumn = (c: number) => Float64Array.from({ length: n }, (_, img) => dice[img * BRATS_CLASSES + c]);
   const perImage = {

@@ -54,6 +54,11 @@ function checkClassCount(classes: number): void {
   }
 }
 
+/** R must be a whole positive count: -1 made argmaxAnnotatorProbs return no map, 1.5 crashed with "Invalid array length". */
+function checkAnnotatorCount(annotators: number): void {
+  if (!Number.isInteger(annotators) || annotators < 1) throw new RangeError(`annotators = ${annotators} must be a positive integer`);
+}
+
 function checkImageCount(n: number): void {
   if (!Number.isInteger(n) || n < 1) throw new RangeError(`n = ${n} must be a positive integer (images)`);
 }
@@ -541,6 +546,7 @@ export function cmEstimationError(input: CmEstimationInput): CmEstimationResult 
 export function estimatedReliability(cms: Float32Array | Float64Array, n: number, annotators: number, classes: number): number[] {
   checkImageCount(n);
   checkClassCount(classes);
+  checkAnnotatorCount(annotators);
   const L = classes;
   const R = annotators;
   if (cms.length === 0 || cms.length % (n * R * L * L) !== 0) {
@@ -581,6 +587,11 @@ function reliabilitySums(cms: Float32Array | Float64Array, n: number, R: number,
  */
 export type IouMode = 'per-class' | 'foreground';
 
+/** Anything else (a misspelt 'Foreground') was scored as 'per-class' without a word. */
+function checkIouMode(mode: unknown): void {
+  if (mode !== 'per-class' && mode !== 'foreground') throw new RangeError(`GED mode '${String(mode)}' is not 'per-class' or 'foreground'`);
+}
+
 /**
  * d(a, b) = 1 - IoU between two label maps of one image (same length). Voxels that are
  * 255 in either map are ignored.
@@ -589,6 +600,7 @@ export function iouDistance(a: Uint8Array, b: Uint8Array, classes: number, mode:
   checkLabelMap('a', a);
   checkLabelMap('b', b);
   checkClassCount(classes);
+  checkIouMode(mode);
   checkSameLength('b', b, a.length, 'a');
   const L = classes;
   const joint = new Float64Array(L * L);
@@ -668,7 +680,7 @@ export interface GedResult {
 export function generalisedEnergyDistance(input: GedInput): GedResult {
   const { n, classes: L } = input;
   const mode = input.mode ?? 'per-class';
-  if (mode !== 'per-class' && mode !== 'foreground') throw new RangeError(`GED mode '${mode}' is not 'per-class' or 'foreground'`);
+  checkIouMode(mode);
   checkClassCount(L);
   checkImageCount(n);
   const packedCount =
@@ -739,6 +751,7 @@ export function generalisedEnergyDistance(input: GedInput): GedResult {
 export function argmaxAnnotatorProbs(q: Float32Array | Float64Array, n: number, annotators: number, classes: number): Uint8Array[] {
   checkImageCount(n);
   checkClassCount(classes);
+  checkAnnotatorCount(annotators);
   const R = annotators;
   const L = classes;
   if (q.length === 0 || q.length % (n * R * L) !== 0) {
@@ -888,6 +901,8 @@ export class SegmentationEvaluator {
     checkClassCount(classes);
     this.classes = classes;
     this.gedMode = options.gedMode ?? 'per-class';
+    // Said at once, not at the first batch with annotator predictions.
+    checkIouMode(this.gedMode);
     this.confusion = new Float64Array(classes * classes);
   }
 

@@ -185,7 +185,7 @@ export function formatBratsReport(report: BratsDiceReport, digits = 4): string {
           ['enhancing tumour', defined(h.enhancingTumour)],
         ],
       ),
-      'HD95: the larger of the two 95th-percentile surface distances; left out where exactly one of prediction and truth has the region.',
+      'HD95: the larger of the two 95th-percentile surface distances; left out where exactly one of prediction and truth has the region, or the reference labels no voxel.',
     );
   }
   return lines.join('\n');

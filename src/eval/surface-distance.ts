@@ -24,6 +24,8 @@
 // spacing), run on the bounding box of the two masks only: the nearest surface voxel of
 // either mask lies inside that box, so the box's transform is the whole volume's there.
 
+import { arrayKind } from '../errors';
+
 /** [D, H, W] sizes of a volume (W varies fastest). */
 export type Dims3 = readonly [number, number, number];
 
@@ -61,15 +63,21 @@ function lineTransform(f: Float64Array, out: Float64Array, base: number, stride:
   }
 }
 
-/**
- * Squared Euclidean distance (in the spacing's units) from every voxel to the nearest voxel
- * with `feature[v]` set; Infinity everywhere when there is none.
- */
 /** dims must be whole: fractional ones whose product matches the length would still index. */
 function checkDims(who: string, dims: Dims3): void {
-  if (!Array.isArray(dims) || dims.length !== 3 || !dims.every((d) => Number.isInteger(d) && d >= 1)) {
-    throw new RangeError(`${who}: dims [${Array.isArray(dims) ? dims.join(', ') : String(dims)}] must be three integers >= 1`);
+  // A typed array (Int32Array.from(shape)) is three numbers as well: it was refused with a
+  // message showing three good values.
+  const list = numberList(dims);
+  if (list === undefined || list.length !== 3 || !list.every((d) => Number.isInteger(d) && (d as number) >= 1)) {
+    throw new RangeError(`${who}: dims [${list !== undefined ? list.join(', ') : String(dims)}] must be three integers >= 1`);
   }
+}
+
+/** The entries of an array or a typed array (e.g. a NIfTI header's Float32Array pixdim); undefined for anything else. */
+function numberList(value: unknown): unknown[] | undefined {
+  if (Array.isArray(value)) return value;
+  if (ArrayBuffer.isView(value) && !(value instanceof DataView)) return Array.from(value as unknown as ArrayLike<unknown>);
+  return undefined;
 }
 
 /**
@@ -77,8 +85,11 @@ function checkDims(who: string, dims: Dims3): void {
  * every distance NaN, a fourth value was ignored, and 0 made distances Infinity, all silently.
  */
 function checkSpacing(who: string, spacing: readonly number[]): void {
-  if (!Array.isArray(spacing) || spacing.length !== 3 || !spacing.every((v) => typeof v === 'number' && v > 0 && Number.isFinite(v))) {
-    const shown = Array.isArray(spacing) ? spacing.map((v) => (typeof v === 'number' ? String(v) : JSON.stringify(v))).join(', ') : String(spacing);
+  // Typed arrays are taken too (a NIfTI pixdim is a Float32Array): they were refused with a
+  // message that showed three good values.
+  const list = numberList(spacing);
+  if (list === undefined || list.length !== 3 || !list.every((v) => typeof v === 'number' && v > 0 && Number.isFinite(v))) {
+    const shown = list !== undefined ? list.map((v) => (typeof v === 'number' ? String(v) : JSON.stringify(v))).join(', ') : String(spacing);
     throw new RangeError(`${who}: voxel spacing ${shown} must be finite and > 0 along each of d, h, w (three numbers, mm)`);
   }
 }
@@ -87,10 +98,21 @@ function checkSpacing(who: string, spacing: readonly number[]): void {
 function checkMasks(who: string, dims: Dims3, masks: Record<string, ArrayLike<number>>): void {
   const V = dims[0] * dims[1] * dims[2];
   for (const [name, m] of Object.entries(masks)) {
+    // Bytes only, as every label-map scorer (metrics.ts checkLabelMap): hausdorff95 copies the
+    // masks' bounding box into bytes, so a Float32Array of probabilities (0.6) became 0 there
+    // and HD95 came out NaN ("one mask empty"), a Uint16Array's 256 became 0 (a wrong distance),
+    // and a plain array failed with "m.subarray is not a function".
+    if (!(m instanceof Uint8Array)) {
+      throw new TypeError(`${who}: ${name} is ${arrayKind(m)}: a mask is a Uint8Array (nonzero = inside; e.g. Uint8Array.from(probs, (p) => (p >= 0.5 ? 1 : 0)))`);
+    }
     if (m.length !== V) throw new RangeError(`${who}: ${name} has ${m.length} voxels, dims ${dims.join('x')} make ${V}`);
   }
 }
 
+/**
+ * Squared Euclidean distance (in the spacing's units) from every voxel to the nearest voxel
+ * with `feature[v]` set; Infinity everywhere when there is none.
+ */
 export function squaredDistanceTransform(feature: Uint8Array, dims: Dims3, spacing: readonly [number, number, number] = [1, 1, 1]): Float64Array {
   checkDims('squaredDistanceTransform', dims);
   checkSpacing('squaredDistanceTransform', spacing);

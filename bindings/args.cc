@@ -35,7 +35,9 @@ std::string describe_exception(std::exception_ptr e) {
   try {
     std::rethrow_exception(e);
   } catch (const std::bad_alloc&) {
-    return "out of memory: the native engine could not allocate its buffers (try a smaller batch or patch)";
+    // Model calls and fusion both land here: name the knobs of each.
+    return "out of memory: the native engine could not allocate its buffers (a model: try a smaller batch or patch;"
+           " fusion: a smaller volume, fewer classes or a larger spatial-STAPLE stride)";
   } catch (const std::exception& ex) {
     return ex.what();
   } catch (...) {

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "cmseg/backend.hpp"
 #include "cmseg/error.hpp"
 #include "cmseg/threads.hpp"
 #include "fusion_internal.hpp"
@@ -222,6 +223,24 @@ void check_options(const FusionInput& in, const SpatialStapleOptions& opt, const
   if (!opt.prior.empty()) fusion::normalised_prior(opt.prior, in.L, who);
 }
 
+// Every cell holds a CM per rater twice in double at once (the local CMs and the window sums
+// of an iteration; later the local CMs and the result's float local_cm), beside the [L, V]
+// posterior: a lower bound of the peak, so nothing that fits is refused. A fine grid of many
+// classes asks for more than the machine has (stride 1 on a 240x240x155 volume of 5 classes
+// and 3 raters: about 10 GiB): refused up front with the knob to turn, rather than a
+// bad_alloc that spoke of batches and patches or, under Linux's overcommit, a process
+// killed once the pages are touched.
+void check_memory(const CellGrid& grid, int64_t raters, int L, int64_t V, const SpatialStapleOptions& opt,
+                  const char* who) {
+  const double K = (double)raters * L * L, cells = (double)grid.cells();
+  const double need = cells * K * 2 * sizeof(double) + (double)L * V * sizeof(float);
+  const double ram = physical_memory_bytes();
+  if (ram > 0 && need > ram)
+    throw OutOfMemory(str(who, ": ", grid.cells(), " cells (stride ", opt.stride, ") of ", raters, " raters' ", L, "x", L,
+                          " CMs need more than ", gib_text(need), ", more than this machine's ", gib_text(ram),
+                          " of memory: use a larger stride (fewer cells) or fewer classes"));
+}
+
 }  // namespace
 
 SpatialStapleResult spatial_staple(const FusionInput& in, const SpatialStapleOptions& opt) {
@@ -230,6 +249,8 @@ SpatialStapleResult spatial_staple(const FusionInput& in, const SpatialStapleOpt
   check_options(in, opt, who);
   const int L = in.L;
   const CellGrid grid = make_grid(in.extent, opt.stride, opt.window);
+  const int64_t present = std::count_if(in.raters.begin(), in.raters.end(), [](const uint8_t* m) { return m != nullptr; });
+  check_memory(grid, present, L, in.V, opt, who);
 
   // Whole image: multi-label STAPLE. (Re-estimating its CMs jointly with the local
   // ones was tried: a class missing from many windows then drifts through them too.)

@@ -69,8 +69,10 @@ std::vector<double> mean_vote_weights(const fusion::LabelPatterns& pat, double p
 StapleResult staple(const FusionInput& in, const StapleOptions& opt) {
   const char* who = "staple";
   validate_fusion_input(in, who);
-  fusion::check_em_options(opt.threshold, opt.max_iterations, who);
+  // Before the shared check, whose bound (>= 0) is the multi-label methods': binary STAPLE's
+  // first iteration is the M-step from the mean vote, so it needs at least one.
   if (opt.max_iterations < 1) fail(who, ": max_iterations = ", opt.max_iterations, ", expected >= 1");
+  fusion::check_em_options(opt.threshold, opt.max_iterations, who);
   if (opt.foreground < 0 || opt.foreground >= in.L)
     fail(who, ": foreground = ", opt.foreground, ", expected a class 0..", in.L - 1);
   // NaN compares false both ways: without this it would silently mean "automatic".

@@ -548,7 +548,20 @@ TEST(invalid_inputs_are_rejected_with_the_offending_value) {
   CHECK_THROWS_WITH(staple(input_of({&a}, 3), st), "prior = nan");
   st = StapleOptions{};
   st.max_iterations = 0;
-  CHECK_THROWS_WITH(staple(input_of({&a}, 3), st), "max_iterations = 0");
+  CHECK_THROWS_WITH(staple(input_of({&a}, 3), st), "max_iterations = 0, expected >= 1");
+  // Binary STAPLE needs one M-step: -1 was answered "expected >= 0", and then 0 was refused too.
+  st.max_iterations = -1;
+  CHECK_THROWS_WITH(staple(input_of({&a}, 3), st), "max_iterations = -1, expected >= 1");
+  // 10^6 cells of 2 raters' 255x255 CMs: petabytes, refused before the work (it was a
+  // bad_alloc after the whole-image EM, whose message spoke of batches and patches).
+  {
+    const Map big(1000000, 0);
+    SpatialStapleOptions fine;
+    fine.window = fine.stride = 1;
+    CHECK_THROWS_WITH(spatial_staple(input_of({&big, &big}, 255, {1000, 1000}), fine),
+                      "spatial_staple: 1000000 cells (stride 1) of 2 raters' 255x255 CMs need more than");
+    CHECK_THROWS_WITH(spatial_staple(input_of({&big, &big}, 255, {1000, 1000}), fine), "use a larger stride");
+  }
   FusionInput empty = input_of({&a}, 3);
   empty.V = 0;
   CHECK_THROWS_WITH(fuse_mode(empty), "V = 0 voxels");

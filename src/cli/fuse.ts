@@ -15,6 +15,12 @@ import { choiceOption, parseInteger, parseNumber, printOutputs, UserError, withE
 const METHODS: FusionMethod[] = ['mode', 'mean', 'staple', 'multi-staple', 'spatial-staple'];
 /** Methods that fuse one foreground against background. */
 const BINARY_METHODS: FusionMethod[] = ['staple'];
+/** Methods that give a consensus probability (--posterior). */
+const PROBABILISTIC_METHODS: FusionMethod[] = ['mean', 'staple', 'multi-staple', 'spatial-staple'];
+/** Methods that estimate each rater's confusion matrix (--cms). */
+const ESTIMATING_METHODS: FusionMethod[] = ['staple', 'multi-staple', 'spatial-staple'];
+/** Spatial STAPLE's window and stride when not given (SpatialStapleOptions, native/include/cmseg/fusion.hpp). */
+const SPATIAL_DEFAULTS = { window: 40, stride: 8 };
 
 /** How 255 in a PNG that holds only 0 and 255 is read. */
 type Mask255 = 'auto' | 'foreground' | 'unlabelled';
@@ -247,6 +253,57 @@ function asMask(consensus: Uint8Array, undecided: number | undefined): Uint8Arra
   return consensus.map((x) => (x === 1 ? UNLABELLED : x));
 }
 
+/** Throws when `file` has no output type fuse writes: checked before any input is read. */
+function checkOutputType(file: string): void {
+  if (!isNifti(file) && !/\.png$/i.test(file)) throw new UserError(`${file}: unsupported output type (expected .nii, .nii.gz or .png)`);
+}
+
+/**
+ * The options that depend on the method alone, checked before any input is read (a volume
+ * can take minutes to fuse): --posterior and --cms for methods that give no probability or
+ * estimate nothing (--cms wrote a file of no matrices under a line saying how to read them),
+ * --window and --stride for methods other than spatial STAPLE (ignored without a word), and
+ * a window that is not an odd multiple of the stride, naming which one is the default
+ * (the engine's message spoke of "window = 40" to a user who had only given --stride 3).
+ */
+function checkMethodOptions(method: FusionMethod, opts: { posterior?: string; cms?: string; window?: number; stride?: number }): void {
+  const list = (methods: FusionMethod[]) => methods.join(', ');
+  if (opts.posterior && !PROBABILISTIC_METHODS.includes(method)) throw new UserError(`--posterior: method ${method} gives no probabilities (methods that do: ${list(PROBABILISTIC_METHODS)})`);
+  if (opts.cms && !ESTIMATING_METHODS.includes(method)) throw new UserError(`--cms: method ${method} estimates no rater confusion matrices (methods that do: ${list(ESTIMATING_METHODS)})`);
+  const spatial = opts.window !== undefined || opts.stride !== undefined;
+  if (spatial && method !== 'spatial-staple') throw new UserError(`--${opts.window !== undefined ? 'window' : 'stride'} is for --method spatial-staple; ${method} has no local estimates`);
+  if (!spatial) return;
+  const window = opts.window ?? SPATIAL_DEFAULTS.window;
+  const stride = opts.stride ?? SPATIAL_DEFAULTS.stride;
+  if (window % stride !== 0 || (window / stride) % 2 === 0) {
+    const said = (flag: string, value: number, typed: boolean) => `${flag} ${value}${typed ? '' : ' (the default)'}`;
+    throw new UserError(
+      `${said('--window', window, opts.window !== undefined)} is not an odd multiple of ${said('--stride', stride, opts.stride !== undefined)}: a window is a whole, odd number of cells of stride pixels (e.g. --window ${3 * stride} --stride ${stride})`,
+    );
+  }
+}
+
+/**
+ * The same file given twice would count one rater twice (more votes, and STAPLE would take
+ * the two copies for two raters who always agree): refused. Files are compared by device and
+ * inode (a symbolic or hard link, '..'), or by resolved path where the system has no inodes.
+ */
+function checkDistinctInputs(inputs: readonly string[]): void {
+  const seen = new Map<string, string>();
+  for (const file of inputs) {
+    let where: string;
+    try {
+      const stat = fs.statSync(file, { bigint: true });
+      where = stat.ino !== 0n ? `${stat.dev}:${stat.ino}` : fs.realpathSync(file);
+    } catch {
+      continue; // reading it says what is wrong
+    }
+    const first = seen.get(where);
+    if (first !== undefined) throw new UserError(`${file} is the same file as ${first}: each rater's map is given once`);
+    seen.set(where, file);
+  }
+}
+
 /** Throws when `file` cannot hold a map of these inputs: checked for every output before any is written. */
 function checkOutput(file: string, like: LabelImage): void {
   if (isNifti(file)) {
@@ -292,7 +349,11 @@ function makeOutputFolders(files: readonly string[]): void {
 async function writeLabels(file: string, like: LabelImage, data: Uint8Array | Float32Array, datatype: 'uint8' | 'float32') {
   checkOutput(file, like);
   if (isNifti(file)) {
-    await writeNifti(file, { dims: like.nifti!.dims.slice(0, 3), data, header: like.nifti!.header }, { datatype });
+    // As many axes as the rater's file has: dims pads a 2D (or 1D) file to 3 axes, and a
+    // consensus of shape (W, H, 1) beside raters of (W, H) broadcasts in numpy instead of
+    // comparing voxel by voxel (nibabel: consensus == rater has shape (W, W, H)).
+    const axes = Math.max(1, Math.min(3, like.nifti!.header.dim[0]));
+    await writeNifti(file, { dims: like.nifti!.dims.slice(0, axes), data, header: like.nifti!.header }, { datatype });
   } else {
     const bytes = data instanceof Uint8Array ? data : Uint8Array.from(data, (p) => Math.round(255 * p));
     await writePng(file, { width: like.shape[1], height: like.shape[0], channels: 1, data: bytes });
@@ -313,8 +374,8 @@ export function registerFuseCommand(program: Command): Command {
     .addOption(choiceOption('--mask-255 <meaning>', 'how 255 in PNG masks that hold only 0 and 255 is read: auto (foreground when there are 2 classes), foreground, or unlabelled', MASK_255).default('auto'))
     .option('--posterior <file>', 'also write the consensus probability of the foreground (binary) as float32 NIfTI/PNG')
     .option('--cms <file>', 'also write each rater\'s estimated confusion matrix (STAPLE methods) as JSON')
-    .option('--window <n>', 'spatial STAPLE window edge in pixels', parseInteger(1))
-    .option('--stride <n>', 'spatial STAPLE stride in pixels', parseInteger(1));
+    .option('--window <n>', `spatial STAPLE window edge in pixels, an odd multiple of --stride (default ${SPATIAL_DEFAULTS.window})`, parseInteger(1))
+    .option('--stride <n>', `spatial STAPLE stride (cell edge) in pixels (default ${SPATIAL_DEFAULTS.stride})`, parseInteger(1));
   withExamples(
     cmd,
     'cmseg fuse --method multi-staple -o consensus.nii.gz rater1.nii.gz rater2.nii.gz rater3.nii.gz',
@@ -332,9 +393,17 @@ export function registerFuseCommand(program: Command): Command {
       ...(opts.cms ? ([['--cms', path.resolve(opts.cms)]] as [string, string][]) : []),
     ];
     checkOutputPaths(outputs, inputs);
+    checkOutputType(outputs[0][1]);
+    if (opts.posterior) checkOutputType(path.resolve(opts.posterior));
+    checkMethodOptions(opts.method as FusionMethod, opts);
+    checkDistinctInputs(inputs);
     const images = await Promise.all(inputs.map(readLabels));
     checkSameShape(images);
     checkSameGrid(images, opts.geometryTolerance);
+    // Whether the outputs fit these inputs (NIfTI needs a NIfTI's geometry, PNG 2D maps): known
+    // now, so not found out after the fusion.
+    checkOutput(path.resolve(opts.out), images[0]);
+    if (opts.posterior) checkOutput(path.resolve(opts.posterior), images[0]);
     const foreground: number | undefined = opts.foreground;
     // Before the masks are read as 0/1: whether every rater drew a pure 0/255 mask.
     const allMasks = images.every(pureMask);
@@ -355,7 +424,8 @@ export function registerFuseCommand(program: Command): Command {
         classes,
         shape: images[0].shape,
         ...(foreground !== undefined ? { foreground } : {}),
-        ...(opts.undecided !== undefined ? { undecided: opts.undecided } : {}),
+        // mean has no ties of its own: its consensus is the majority vote below.
+        ...(opts.undecided !== undefined && method !== 'mean' ? { undecided: opts.undecided } : {}),
         ...(opts.window ? { window: opts.window } : {}),
         ...(opts.stride ? { stride: opts.stride } : {}),
       },
@@ -402,7 +472,11 @@ export function registerFuseCommand(program: Command): Command {
       if (result.cms) report.cms = inputs.map((_, r) => Array.from({ length: classes }, (_, i) => Array.from(result.cms!.subarray((r * classes + i) * classes, (r * classes + i + 1) * classes))));
       if (result.sensitivity) report.sensitivity = Array.from(result.sensitivity);
       if (result.specificity) report.specificity = Array.from(result.specificity);
-      report.convention = 'cms[r][i][j] = p(rater r says i | true class j); columns sum to 1';
+      // Binary STAPLE estimates no matrix: its file said how to read the cms it did not hold.
+      const label = foreground ?? 1;
+      report.convention = result.cms
+        ? 'cms[r][i][j] = p(rater r says i | true class j); columns sum to 1'
+        : `sensitivity[r] = p(rater r says ${label} | true ${label}); specificity[r] = p(rater r says another label | true label is not ${label})`;
       await writeFileAtomic(file, Buffer.from(JSON.stringify(report, null, 2) + '\n'));
       written.push(['confusion matrices', file]);
     }

@@ -13,7 +13,7 @@ export interface FuseOptions {
   classes?: number;
   /** Spatial shape [H, W] or [D, H, W] (C order); spatial STAPLE needs it (the other methods see a flat list of voxels). */
   shape?: number[];
-  /** Label for ties (mode, STAPLE posteriors); -1 (default) = the lowest tied class. */
+  /** Label for ties (mode, STAPLE posteriors: binary STAPLE's W = 0.5 too); -1 (default) = the lowest tied class (background for binary STAPLE). Not for mean. */
   undecided?: number;
   /** EM stops when no estimated parameter moves by more (default 1e-5). */
   threshold?: number;
@@ -53,11 +53,64 @@ export interface FuseResult {
   converged?: boolean;
 }
 
+/** Label value of an unlabelled voxel (SPEC section 1). */
+const UNLABELLED = 255;
+
+/** An invalid-argument error like the engine's (same code), for checks made here. */
+function invalid(message: string): Error {
+  return Object.assign(new Error(message), { code: 'CMSEG_INVALID_ARGUMENT' });
+}
+
+/**
+ * Which of METHOD_OPTIONS each method reads. The engine refuses a prior or foreground that
+ * a method does not read, but ignored these without a word ({method: 'mode', window: 5}
+ * ran as if window were not there): they are refused alike.
+ */
+const READS: Record<FusionMethod, readonly (keyof FuseOptions)[]> = {
+  mean: [],
+  mode: ['undecided'],
+  staple: ['undecided', 'threshold', 'maxIterations'],
+  'multi-staple': ['undecided', 'threshold', 'maxIterations'],
+  'spatial-staple': ['undecided', 'threshold', 'maxIterations', 'window', 'stride', 'priorWeight'],
+};
+const METHOD_OPTIONS: readonly (keyof FuseOptions)[] = ['undecided', 'threshold', 'maxIterations', 'window', 'stride', 'priorWeight'];
+
+function checkMethodOptions(options: FuseOptions): void {
+  const method = options?.method;
+  if (typeof method !== 'string' || !Object.prototype.hasOwnProperty.call(READS, method)) return; // the engine names it
+  const reads = READS[method];
+  for (const key of METHOD_OPTIONS) {
+    if (options[key] === undefined || reads.includes(key)) continue;
+    const readers = (Object.keys(READS) as FusionMethod[]).filter((m) => READS[m].includes(key));
+    throw invalid(`fuse options.${key} is for method ${readers.map((m) => `'${m}'`).join(', ')}; '${options.method}' does not read it`);
+  }
+}
+
+/**
+ * Binary STAPLE's ties: the engine labels a voxel foreground where its posterior W > 0.5,
+ * so W = 0.5 (e.g. two raters who disagree and are estimated alike) went to background
+ * whatever `undecided` said, unlike every other method. Such voxels get `undecided` here;
+ * the tie is read from the float32 posterior the caller sees (W within float32 rounding of 0.5).
+ */
+function stapleTies(result: FuseResult, undecided: number): FuseResult {
+  const { labels, posterior } = result;
+  if (!labels || !posterior) return result;
+  for (let v = 0; v < labels.length; v++) if (labels[v] !== UNLABELLED && posterior[v] === 0.5) labels[v] = undecided;
+  return result;
+}
+
 /** Fuses the raters' maps (one Uint8Array [V] each, null when a rater is absent). */
 export function fuse(maps: (Uint8Array | null)[], options: FuseOptions): Promise<FuseResult> {
   const native = loadNative() as unknown as { fuse(maps: (Uint8Array | null)[], o: FuseOptions): Promise<FuseResult> };
   try {
-    return native.fuse(maps, options);
+    checkMethodOptions(options);
+    const undecided = options?.undecided;
+    // The engine checks `undecided` only for the methods that used it before binary STAPLE did.
+    if (options?.method === 'staple' && undecided !== undefined && !(Number.isInteger(undecided) && undecided >= -1 && undecided <= 255)) {
+      throw invalid(`staple: undecided = ${undecided}, expected -1 (lowest tied class) or a label 0..255`);
+    }
+    const result = native.fuse(maps, options);
+    return options.method === 'staple' && undecided !== undefined && undecided >= 0 ? result.then((r) => stapleTies(r, undecided)) : result;
   } catch (e) {
     return Promise.reject(e);
   }

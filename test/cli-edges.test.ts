@@ -282,6 +282,18 @@ t.test('CM-head and trace flags are refused, by name, for methods that have noth
   t.equal(ok.exitCode, 0, ok.stderr);
 });
 
+t.test('--lr scales a preset cosine floor with it: the schedule still falls from the rate asked for', async (t) => {
+  // The mnist preset anneals 3e-3 -> 1e-4; --lr 5e-5 kept the floor and rose to twice the rate asked for.
+  const out = path.join(dir, 'runs', 'lr-floor');
+  const r = await runCli(['train', '--preset', 'mnist', '--lr', '5e-5', '--steps', '1', '--no-test', '--quiet', '--out', out], dir);
+  t.equal(r.exitCode, 0, r.stderr);
+  const start = JSON.parse(fs.readFileSync(path.join(out, 'train-log.jsonl'), 'utf8').split('\n')[0]);
+  t.equal(start.event, 'start');
+  t.equal(start.config.schedule.kind, 'cosine');
+  t.equal(start.config.schedule.lr, 5e-5);
+  t.ok(Math.abs(start.config.schedule.minLr - (1e-4 * 5e-5) / 3e-3) < 1e-18, `floor 1e-4 x (5e-5 / 3e-3): ${start.config.schedule.minLr}`);
+});
+
 t.test('quitNow (a second Ctrl-C) ends at once, not after the native call in progress, and runs the exit listeners', async (t) => {
   const script = path.join(dir, 'quit-now.ts');
   fs.writeFileSync(

@@ -15,6 +15,12 @@ namespace cmseg {
 // the weights stop changing without a word, while the saved optimiser state (Inf) can no
 // longer be loaded. PyTorch's float32 Adam does the same.
 std::string unsquarable_gradient_message(const std::string& param, int64_t index, float grad) {
+  // A NaN is no overflow: it comes from a model that diverged (weights so large that the
+  // forward pass overflowed, e.g. a far too high learning rate), and "-nan: beyond 1.8e+19
+  // its square overflows" sent the user looking for a large gradient.
+  if (std::isnan(grad))
+    return str("the gradient of ", param, "[", index, "] is NaN (not a number): the model diverged, its outputs or loss",
+               " overflowed; lower the learning rate or lambda");
   return str("the gradient of ", param, "[", index, "] is ", grad, ": beyond ", kLargestSquarable,
              " its square overflows float32 and Adam would stop updating; lower the learning rate, lambda or the",
              " loss scale");

@@ -131,7 +131,13 @@ function applyFlags(base: { config: TrainConfig; dataset: DatasetSpec }, flags: 
   ];
   for (const [key, flag] of copy) if (typed(flag)) (config as unknown as Record<string, unknown>)[key] = flags[flag];
   if (typed('schedule') && flags.schedule !== config.schedule.kind) config.schedule = { kind: flags.schedule!, lr: config.schedule.lr };
-  if (typed('lr')) config.schedule.lr = flags.lr!;
+  if (typed('lr')) {
+    // A preset's cosine floor scales with its base rate: kept as it was, --lr 5e-5 under the
+    // mnist preset's floor of 1e-4 made a schedule that rose to twice the rate asked for.
+    const { lr, minLr } = config.schedule;
+    if (minLr !== undefined) config.schedule.minLr = lr > 0 ? minLr * (flags.lr! / lr) : Math.min(minLr, flags.lr!);
+    config.schedule.lr = flags.lr!;
+  }
   if (isGiven('augment') && !flags.augment) config.augment = { flips: false, rotations: false };
 
   const dataset: DatasetSpec = { ...base.dataset };
@@ -624,7 +630,7 @@ export function registerTrainCommand(program: Command): Command {
     .option('--epochs <n>', 'epochs to train (default: the preset\'s)', parseInteger(1))
     .option('--steps <n>', 'a budget of optimiser steps instead of epochs', parseInteger(1))
     .option('--batch-size <n>', 'images per step', parseInteger(1))
-    .option('--lr <x>', 'base learning rate', parseNumber(0, false))
+    .option('--lr <x>', 'base learning rate (a preset\'s cosine floor scales with it)', parseNumber(0, false))
     .addOption(choiceOption('--schedule <kind>', 'learning-rate schedule', SCHEDULE_KINDS))
     .addOption(choiceOption('--optimizer <kind>', 'adam (L2 in the gradient) or adamw (decoupled decay)', ['adam', 'adamw']))
     .option('--weight-decay <x>', 'weight decay', parseNumber(0))

@@ -57,7 +57,9 @@ export const METHODS: Record<MethodName, MethodDefinition> = {
 export const METHOD_NAMES = Object.keys(METHODS) as MethodName[];
 
 export function methodDefinition(name: string): MethodDefinition {
-  if (!(name in METHODS)) {
+  // Own keys only: `name in METHODS` also found 'constructor', 'toString', '__proto__' on
+  // Object.prototype, and a run with such a method started and failed at its first step.
+  if (typeof name !== 'string' || !Object.hasOwn(METHODS, name)) {
     throw new RangeError(`unknown method ${JSON.stringify(name)}; choose one of ${METHOD_NAMES.join(', ')}`);
   }
   return METHODS[name as MethodName];

@@ -40,6 +40,28 @@ export function checkSchedule(schedule: LrSchedule): void {
   }
 }
 
+/** The settings each schedule reads (besides `kind` and `lr`). */
+export const SCHEDULE_SETTINGS: Readonly<Record<ScheduleKind, readonly (keyof LrSchedule)[]>> = {
+  constant: [],
+  step: ['gamma', 'stepSize'],
+  cosine: ['minLr'],
+  poly: ['power'],
+};
+
+/**
+ * Refuses a setting the schedule's kind does not read: a misspelled one (torch's `eta_min`
+ * for minLr) or one of another kind (`gamma` on a cosine) was ignored without a word, so the
+ * run went on at rates other than the caller meant. The trainer asks this of a new run's
+ * schedule; learningRate() does not (a checkpoint's extra.schedule also holds `nextLr`).
+ */
+export function checkScheduleSettings(schedule: LrSchedule): void {
+  const allowed = ['kind', 'lr', ...(SCHEDULE_SETTINGS[schedule.kind] ?? [])];
+  const extra = Object.keys(schedule).filter((key) => !allowed.includes(key) && schedule[key as keyof LrSchedule] !== undefined);
+  if (extra.length) {
+    throw new RangeError(`schedule has no setting ${extra.map((k) => `'${k}'`).join(', ')} (${schedule.kind} takes ${allowed.join(', ')})`);
+  }
+}
+
 /**
  * The learning rate of optimiser step `step` (0-based: the first step is 0) in a run of
  * `totalSteps` steps, as PyTorch's ConstantLR, StepLR, CosineAnnealingLR(T_max = totalSteps)

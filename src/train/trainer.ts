@@ -27,7 +27,7 @@ import { augmentBatch, AugmentOptions } from './augment';
 import type { TrainingSource } from './data';
 import { type MethodDefinition, MethodName, methodBatch, methodDefinition } from './methods';
 import { ProgressReporter, silentProgress } from './progress';
-import { checkSchedule, learningRate, LrSchedule } from './schedule';
+import { checkSchedule, checkScheduleSettings, learningRate, LrSchedule } from './schedule';
 
 export const CHECKPOINT_LAST = 'last.safetensors';
 export const CHECKPOINT_BEST = 'best.safetensors';
@@ -227,7 +227,17 @@ export function checkTrainConfig(config: TrainConfig): void {
   if (!Number.isSafeInteger(config.seed)) throw new TrainingError(`seed ${config.seed} must be a safe integer`);
   if (!(config.lambda >= 0) || !Number.isFinite(config.lambda)) throw new TrainingError(`lambda ${config.lambda} must be a finite number >= 0`);
   if (config.optimizer !== 'adam' && config.optimizer !== 'adamw') throw new TrainingError(`optimizer ${JSON.stringify(config.optimizer)} must be adam or adamw`);
-  if (!(config.weightDecay >= 0)) throw new TrainingError(`weight decay ${config.weightDecay} must be >= 0`);
+  if (!(config.weightDecay >= 0) || !Number.isFinite(config.weightDecay)) throw new TrainingError(`weight decay ${config.weightDecay} must be a finite number >= 0`);
+  // The settings below were checked only by createModel, after the run folder was made: a
+  // plain Error naming the engine's key and an empty folder left behind; a string bf16
+  // ('false') was truthy and turned bfloat16 on.
+  const shown = (v: unknown) => (typeof v === 'number' ? String(v) : (JSON.stringify(v) ?? String(v)));
+  if (config.lambdaWarmup !== undefined && !(typeof config.lambdaWarmup === 'number' && config.lambdaWarmup >= 0 && Number.isFinite(config.lambdaWarmup))) {
+    throw new TrainingError(`lambda-warmup ${shown(config.lambdaWarmup)} must be a finite number >= 0 (the warm-up negates it itself)`);
+  }
+  if (!['cpu', 'cuda', 'auto'].includes(config.device)) throw new TrainingError(`device ${shown(config.device)} must be cpu, cuda or auto`);
+  if (!['identity', 'uniform'].includes(config.cmInit)) throw new TrainingError(`cm-init ${shown(config.cmInit)} must be identity or uniform`);
+  if (config.bf16 !== undefined && typeof config.bf16 !== 'boolean') throw new TrainingError(`bf16 ${shown(config.bf16)} must be true or false`);
   // The object-valued settings (a JavaScript caller may leave them out): said by name here
   // rather than as a TypeError from deep inside the first step.
   const augment = config.augment as Partial<AugmentOptions> | undefined;
@@ -242,6 +252,92 @@ export function checkTrainConfig(config: TrainConfig): void {
   } catch (error) {
     throw new TrainingError((error as Error).message);
   }
+}
+
+// Every key of TrainConfig (the compiler checks the list is complete): a new run refuses others.
+const TRAIN_CONFIG_KEYS: Record<keyof TrainConfig, true> = {
+  method: true,
+  depth: true,
+  baseChannels: true,
+  cmRank: true,
+  cmHeadBlocks: true,
+  cmInit: true,
+  device: true,
+  bf16: true,
+  epochs: true,
+  steps: true,
+  batchSize: true,
+  optimizer: true,
+  weightDecay: true,
+  schedule: true,
+  lambda: true,
+  warmupSteps: true,
+  lambdaWarmup: true,
+  augment: true,
+  seed: true,
+  validateEvery: true,
+  checkpointEvery: true,
+};
+
+/**
+ * Refuses settings a new run would not read: a JavaScript caller's misspelled or misplaced
+ * key (`lr` at the top level, `weight_decay`, torch's `eta_min` in the schedule) was ignored
+ * without a word and the run trained with the defaults instead. Only for new runs: a resumed
+ * run's settings must equal its checkpoint's, whatever that holds.
+ */
+function checkNoUnknownSettings(config: TrainConfig): void {
+  // A key set to undefined carries no intent (e.g. {...preset.train, steps: undefined}).
+  const given = (o: object) => Object.entries(o).filter(([, v]) => v !== undefined).map(([k]) => k);
+  const unknown = given(config).filter((key) => !Object.hasOwn(TRAIN_CONFIG_KEYS, key));
+  if (unknown.length) {
+    const hint = unknown.includes('lr') ? ' (the learning rate is schedule.lr)' : '';
+    throw new TrainingError(`the settings have no ${unknown.map((k) => `'${k}'`).join(', ')}${hint}`);
+  }
+  try {
+    checkScheduleSettings(config.schedule);
+  } catch (error) {
+    throw new TrainingError((error as Error).message);
+  }
+}
+
+/**
+ * The source's batches per epoch, refused unless a whole number >= 1: a caller's own source
+ * giving floor(count / batchSize) = 0 for a set smaller than a batch made a run that
+ * "completed" at once with no step and no checkpoint, and a fraction (2.5) made epochs of
+ * unequal lengths and a budget of epochs * 2.5 steps.
+ */
+function sourceBatchesPerEpoch(source: TrainingSource, batchSize: number): number {
+  const batches = source.batchesPerEpoch(batchSize);
+  if (!Number.isSafeInteger(batches) || batches < 1) {
+    throw new TrainingError(`the training source gives ${batches} batches per epoch (batch size ${batchSize}); it must be a whole number >= 1`);
+  }
+  return batches;
+}
+
+/** float32's largest finite value: the engine keeps the learning rate in a float. */
+const FLOAT32_MAX = 3.4028234663852886e38;
+
+/**
+ * Refuses a schedule whose rate leaves float32 within the run (a base rate past 3.4e38, a
+ * step schedule with gamma > 1, a cosine minLr past it): the engine refused it only at that
+ * step, after the folder, log lines and steps were written. Every schedule is monotone, so
+ * the first step past the limit is found by bisection between the first and the last.
+ */
+function checkScheduleRange(schedule: LrSchedule, totalSteps: number): void {
+  const rate = (step: number) => learningRate(schedule, step, totalSteps);
+  const last = totalSteps - 1;
+  if (rate(0) <= FLOAT32_MAX && rate(last) <= FLOAT32_MAX) return;
+  let bad = last;
+  if (rate(0) > FLOAT32_MAX) bad = 0;
+  else {
+    let good = 0; // rate(good) fits, rate(bad) does not
+    while (bad - good > 1) {
+      const mid = Math.floor((good + bad) / 2);
+      if (rate(mid) > FLOAT32_MAX) bad = mid;
+      else good = mid;
+    }
+  }
+  throw new TrainingError(`the schedule reaches a learning rate of ${rate(bad)} at step ${bad + 1} of ${totalSteps}, beyond float32 (3.4e38): the engine could not use it`);
 }
 
 function createRunModel(config: TrainConfig, source: TrainingSource): Model {
@@ -339,6 +435,9 @@ export async function train(outDir: string, config: TrainConfig, source: Trainin
   if (hooks.resume && !fs.existsSync(path.join(outDir, CHECKPOINT_LAST))) {
     throw new TrainingError(`nothing to resume: ${path.join(outDir, CHECKPOINT_LAST)} does not exist`);
   }
+  if (!hooks.resume) checkNoUnknownSettings(config);
+  const batchesPerEpoch = sourceBatchesPerEpoch(source, config.batchSize);
+  checkScheduleRange(config.schedule, config.steps ?? config.epochs! * batchesPerEpoch);
   let ownLock: FileLock | undefined;
   if (hooks.lock) {
     if (!hooks.lock.held || path.resolve(hooks.lock.file) !== path.resolve(outDir, RUN_LOCK)) {
@@ -358,7 +457,7 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
   const files = { last: path.join(outDir, CHECKPOINT_LAST), best: path.join(outDir, CHECKPOINT_BEST), log: path.join(outDir, TRAIN_LOG) };
   const log = new JsonLog(files.log);
   const progress = hooks.progress ?? silentProgress;
-  const batchesPerEpoch = source.batchesPerEpoch(config.batchSize);
+  const batchesPerEpoch = sourceBatchesPerEpoch(source, config.batchSize);
   const totalSteps = config.steps ?? config.epochs! * batchesPerEpoch;
   const epochs = Math.ceil(totalSteps / batchesPerEpoch);
   const annotatorNames = [...source.annotatorNames];
@@ -461,9 +560,21 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
       const augmented = augmentBatch(raw, config.augment, rootRng.fork(`augment ${epoch} ${index}`));
       const lr = learningRate(config.schedule, state.step, totalSteps);
       model.setOptimizer({ lr });
-      const result = await model.trainStep(methodBatch(method, augmented, source.classes));
+      const batch = methodBatch(method, augmented, source.classes);
+      const where = `while taking step ${state.step + 1} of ${totalSteps}, epoch ${epoch + 1}`;
+      let result: Awaited<ReturnType<Model['trainStep']>>;
+      try {
+        result = await model.trainStep(batch);
+      } catch (error) {
+        // The engine's errors do not know the run (a diverged model's NaN gradient, GPU out
+        // of memory): say where it stood (a GPU model reports a refused update of the step
+        // before at this call, naming that step itself). Nothing was written for this step:
+        // `last` still holds the run as it was at its last checkpoint.
+        if (error instanceof Error) error.message += ` (${where})`;
+        throw error;
+      }
       if (!Number.isFinite(result.loss)) {
-        throw new TrainingError(`the loss became ${result.loss} at step ${state.step + 1} (epoch ${epoch + 1}); try a lower learning rate`);
+        throw new TrainingError(`the loss became ${result.loss} at step ${state.step + 1} of ${totalSteps}, epoch ${epoch + 1}; try a lower learning rate`);
       }
       const stepMs = Date.now() - started;
       const ce = result.ce.reduce((a, b) => a + b, 0);
@@ -483,15 +594,11 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
       const epochDone = state.batchInEpoch >= batchesPerEpoch || state.step >= totalSteps;
       if (epochDone) {
         const validateNow = hooks.validate && ((epoch + 1) % config.validateEvery === 0 || state.step >= totalSteps);
-        log.write({
-          event: 'epoch',
-          step: state.step,
-          epoch,
-          loss: sums.loss / sums.steps,
-          ce: sums.ce / sums.steps,
-          trace: sums.trace / sums.steps,
-          trainSeconds: sums.seconds,
-        });
+        // The epoch's means (over its steps before a resume too): the log's epoch entry and the
+        // progress line of the epoch (which showed its last batch's loss, a noisy number in
+        // place of the epoch's).
+        const means = { loss: sums.loss / sums.steps, ce: sums.ce / sums.steps, trace: sums.trace / sums.steps };
+        log.write({ event: 'epoch', step: state.step, epoch, ...means, trainSeconds: sums.seconds });
         state.epoch += 1;
         state.batchInEpoch = 0;
         const epochSeconds = sums.seconds;
@@ -508,7 +615,7 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
           }
         }
         await save('last');
-        progress.epoch(state.step, { ...fields, epoch }, epochSeconds);
+        progress.epoch(state.step, { ...fields, epoch, ...means }, epochSeconds);
       } else if (config.checkpointEvery > 0 && state.step % config.checkpointEvery === 0) {
         await save('last');
       }

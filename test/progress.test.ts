@@ -62,6 +62,15 @@ t.test('a terminal: a resumed run starts its bar at the step it stands at', asyn
   t.match(drawn[0], frame(`epoch 2/2 [${cells(12)}] step 4/8 | loss - | CE - | trace - | val Dice 0.5000`));
 });
 
+t.test('a terminal: a finished run resumed shows its last epoch, not one past it', async (t) => {
+  const out = capture(true);
+  const p = createProgress({ stream: out.stream });
+  p.start(8, 8, { ...unknown, epoch: 2, valDice: 0.5 });
+  p.stop();
+  await tick();
+  t.match(frames(out.text())[0], frame(`epoch 2/2 [${cells(24)}] step 8/8 | loss - | CE - | trace - | val Dice 0.5000`));
+});
+
 t.test('not a terminal: one plain line per epoch, and where a resumed run starts', async (t) => {
   const out = capture(false);
   const p = createProgress({ stream: out.stream });

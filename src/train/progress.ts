@@ -34,7 +34,8 @@ function fmt(x: number, digits = 4): string {
 
 function payload(f: ProgressFields): Record<string, string> {
   return {
-    ep: `${f.epoch + 1}/${f.epochs}`,
+    // A finished run stands after its last epoch (a resumed one showed "epoch 7/6").
+    ep: `${Math.min(f.epoch + 1, f.epochs)}/${f.epochs}`,
     loss: fmt(f.loss),
     ce: fmt(f.ce),
     trace: fmt(f.trace, 3),

@@ -62,3 +62,48 @@ export { PatchLoader, createPatchLoader } from './data/patch-loader';
 export type { PatchLoaderOptions, PatchBatch } from './data/patch-loader';
 export { bratsCaseSplits, loadBratsExperiment, imageFolderSplits, loadFolderExperiment } from './train/experiment';
 export { evaluateVolumes } from './train/evaluate';
+
+// The error classes the calls above throw, for `instanceof` (each sets `name` to its class
+// name); plain Errors from the native engine carry `code` instead (CMSEG_INVALID_ARGUMENT,
+// CMSEG_OUT_OF_MEMORY, CMSEG_DISPOSED, CMSEG_NATIVE_ERROR). They were thrown by exported
+// functions but not exported, so a caller could only test `err.name`.
+export { UserError } from './errors';
+export { NiftiError } from './data/nifti';
+export type { NiftiErrorKind } from './data/nifti';
+export { PngError } from './data/png';
+export { SafetensorsError } from './data/safetensors';
+export { MissingFileError, AtomicWriteError, LockHeldError } from './data/files';
+export { BratsError } from './data/brats';
+export type { BratsErrorKind } from './data/brats';
+export { CacheError } from './data/cache';
+export type { CacheErrorKind } from './data/cache';
+export { ImageFolderError } from './data/image-folder';
+export { PatchLoaderError } from './data/patch-loader';
+
+// augmentBatch and TrainingSource.batch take an Rng: a class with private state, which no
+// object of the caller's can stand in for, so it is exported to be constructed (new Rng(seed)).
+export { Rng } from './data/random';
+
+// The types of the exported calls' parameters and results, so that a caller can name them
+// (an options object built in one function and passed in another).
+export type { PredictingModel, PredictingModelOf, ModelPrediction } from './model/ensemble';
+export type { Preset } from './train/presets';
+export type { MnistDatasetSpec, BratsDatasetSpec, CaseSplits, ExperimentRuntime, RunRecipe } from './train/experiment';
+export type { EvaluateOptions } from './train/evaluate';
+export type { PatchStream } from './train/patch-source';
+export type { PatchSamplingSettings } from './data/patch-loader';
+export type { NiftiImageToWrite, NiftiWriteOptions } from './data/nifti';
+export type { PngEncodeOptions } from './data/png';
+export type { SafeFile } from './data/safetensors';
+export type { PrepareCacheResult } from './data/cache';
+export type { DiscoverOptions, PreprocessOptions } from './data/brats';
+export type { WriteBratsPhantomsOptions } from './data/brats-phantom';
+export type { ImageFolderOptions, ImageFolderBatch, ImageFolderLayout } from './data/image-folder';
+export type { MnistSplitOptions, MnistSplits } from './data/mnist';
+export type { GoodSpec, OverSpec, UnderSpec, FractureSpec, WrongSpec, SimulateOptions, SimulatedAnnotations, ConfusionMatrix } from './data/annotators';
+export type { CmEstimationInput, GedInput } from './eval/metrics';
+export type { Dims3 } from './eval/surface-distance';
+export type { CurvesOptions } from './report/curves';
+export type { CmFigureLayout } from './report/pictures';
+export type { FusionInput } from './fusion/simple';
+export type { StapleFusion } from './fusion/fuse';

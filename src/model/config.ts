@@ -11,9 +11,12 @@ export interface OptimizerOptions {
   kind?: 'adam' | 'adamw';
   /** Learning rate, default 1e-3. */
   lr?: number;
+  /** Adam's moment decay rates, default 0.9 and 0.999. */
   beta1?: number;
   beta2?: number;
+  /** Adam's epsilon, > 0 (default 1e-8). */
   eps?: number;
+  /** Default 0. */
   weightDecay?: number;
 }
 
@@ -31,23 +34,23 @@ export interface ModelConfig {
   ndim?: 2 | 3;
   /** Input channels C, default 1. */
   inChannels?: number;
-  /** Classes L including background (class 0). */
+  /** Classes L including background (class 0), 2..16. */
   classes: number;
-  /** Annotators R: one CM head each. */
+  /** Annotators R: one CM head each, 1..64. */
   annotators: number;
-  /** U-Net levels, default 4. Every spatial size must be divisible by 2^(depth-1). */
+  /** U-Net levels, 1..8, default 4. Every spatial size must be divisible by 2^(depth-1). */
   depth?: number;
-  /** Channels of level 0 (level k has baseChannels * 2^k). Default 32 in 2D, 16 in 3D. */
+  /** Channels of level 0 (level k has baseChannels * 2^k), 1..1024. Default 32 in 2D, 16 in 3D. */
   baseChannels?: number;
   /** Annotator CM parameterisation (SPEC section 3), default 'full'. */
   cmMode?: CmMode;
-  /** Rank l of the 'lowrank' CMs, default 1. */
+  /** Rank l of the 'lowrank' CMs, 1..8, default 1. */
   cmRank?: number;
-  /** Extra blocks in front of each CM head, default 0 (the authors' code uses 2). */
+  /** Extra blocks in front of each CM head, 0..8, default 0 (the authors' code uses 2). */
   cmHeadBlocks?: number;
   /** 'identity' (default) starts every CM with a diagonal of about 0.8; 'uniform' uses the plain initialisation. */
   cmInit?: CmInit;
-  /** Seed of the parameter initialisation, default 0. */
+  /** Seed of the parameter initialisation, an integer in 0..2^53-1, default 0. */
   seed?: number;
   /** Backend, default 'cpu'. 'auto' picks CUDA when built and a GPU is present; 'cuda' fails clearly without one. */
   device?: Device;
@@ -80,8 +83,8 @@ export interface ResolvedConfig {
   cmHeadBlocks: number;
   cmInit: CmInit;
   seed: number;
-  /** The backend the model runs on: 'auto' resolved to 'cpu' or 'cuda'. */
-  device: Device;
+  /** The backend the model runs on: 'auto' resolved to 'cpu' or 'cuda' (never 'auto'). */
+  device: 'cpu' | 'cuda';
   tf32: boolean;
   bf16: boolean;
   gpuMemoryLimitMB: number;

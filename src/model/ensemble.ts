@@ -23,6 +23,17 @@ import type { SlidingWindowModel } from './sliding-window';
 export type PredictingModel = SlidingWindowModel;
 export type ModelPrediction = Awaited<ReturnType<PredictingModel['predict']>>;
 
+/**
+ * A PredictingModel whose predictions are P: ensemble() and mirrored() return their first
+ * prediction's object with the means written into it, so what their members' predictions
+ * carry besides the outputs (a Model's probsShape, cmsShape, annotatorProbsShape) is there
+ * too. Typed as a plain PredictingModel, `mirrored(model).predict(...)` lost those fields
+ * for the compiler although README promises "the same outputs and shapes".
+ */
+export interface PredictingModelOf<P extends ModelPrediction> extends PredictingModel {
+  predict(images: Float32Array, shape: number[], options?: { cms?: boolean; annotatorProbs?: boolean }): Promise<P>;
+}
+
 /** The outputs a prediction may hold, averaged alike. */
 export const PREDICTION_OUTPUTS = ['probs', 'cms', 'annotatorProbs'] as const;
 
@@ -66,6 +77,28 @@ export function checkPredictingModel(value: unknown, what: string): asserts valu
   }
 }
 
+/**
+ * The arguments of a prediction as they are when it is asked for. ensemble() and mirrored()
+ * call the model again after the first prediction resolves: reading the caller's arrays then
+ * gave the later members (or mirrorings) whatever the caller had put there meanwhile (a
+ * buffer refilled, a shape or options object reused for the next call), where README
+ * ("Calls, errors and memory") lets a CPU model's caller change them once the call is made:
+ * a silently mixed mean, or a RangeError when `cms` was turned off. The images are copied (a fraction of the outputs'
+ * size: those are L or R*L*L times larger); anything that is not a Float32Array, an array or
+ * an object is passed on as it is, for the model to reject.
+ */
+export function predictArguments(
+  images: Float32Array,
+  shape: number[],
+  options: Parameters<PredictingModel['predict']>[2],
+): [Float32Array, number[], Parameters<PredictingModel['predict']>[2]] {
+  return [
+    images instanceof Float32Array ? images.slice() : images,
+    Array.isArray(shape) && shape.length <= 16 ? [...shape] : shape,
+    options !== null && typeof options === 'object' && !Array.isArray(options) ? { ...options } : options,
+  ];
+}
+
 /** The config fields that ensemble members must share: their outputs are averaged value by value. */
 export const ENSEMBLE_FIELDS = ['ndim', 'inChannels', 'classes', 'annotators'] as const;
 export type EnsembleField = (typeof ENSEMBLE_FIELDS)[number];
@@ -86,7 +119,7 @@ export function ensembleMismatch(configs: readonly PredictingModel['config'][]):
  * that fits it fits every member. Members predict one after the other (each in its own
  * queue), so only one member's output is held beside the mean.
  */
-export function ensemble(models: readonly PredictingModel[]): PredictingModel {
+export function ensemble<P extends ModelPrediction = ModelPrediction>(models: readonly PredictingModelOf<P>[]): PredictingModelOf<P> {
   if (!Array.isArray(models) || models.length === 0) throw new RangeError('ensemble needs at least one model');
   models.forEach((m, i) => checkPredictingModel(m, `ensemble member ${i}`));
   const configs = models.map((m) => m.config);
@@ -102,7 +135,8 @@ export function ensemble(models: readonly PredictingModel[]): PredictingModel {
   const config = { ndim, inChannels, classes, annotators, depth: Math.max(...configs.map((c) => c.depth)), device };
   return {
     config,
-    predict: async (images, shape, options) => {
+    predict: async (...given) => {
+      const [images, shape, options] = predictArguments(...given);
       const mean = await models[0].predict(images, shape, options);
       for (let k = 2; k <= models.length; k++) foldIntoMean(mean, await models[k - 1].predict(images, shape, options), k);
       return mean;

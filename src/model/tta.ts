@@ -7,7 +7,7 @@
 // as in nnU-Net (slidingWindowPredict's `mirror` option). For a model that is itself
 // mirror-equivariant every term equals the plain prediction, and so does the mean, exactly.
 
-import { checkPredictingModel, foldIntoMean, type FoldArray, type PredictingModel } from './ensemble';
+import { checkPredictingModel, foldIntoMean, predictArguments, type FoldArray, type ModelPrediction, type PredictingModelOf } from './ensemble';
 
 /** Every subset of `axes`, the empty one (the input as it is) first: the 2^|axes| mirrorings. */
 export function mirrorings(axes: readonly number[]): number[][] {
@@ -57,7 +57,9 @@ function forEachFlippedRow(planes: number, spatial: readonly number[], axes: rea
  * `data`, `planes` arrays [*spatial] one after the other, mirrored along the spatial `axes`;
  * into `out` when given (of data's length), else a new array.
  */
-export function flipSpatial(data: Float32Array, planes: number, spatial: readonly number[], axes: readonly number[], out = new Float32Array(data.length)): Float32Array {
+// `out` is typed as any Float32Array: inferred from its default, the declaration said
+// Float32Array<ArrayBuffer>, which refused a caller's Float32Array (a prediction's output).
+export function flipSpatial(data: Float32Array, planes: number, spatial: readonly number[], axes: readonly number[], out: Float32Array = new Float32Array(data.length)): Float32Array {
   if (out.length !== data.length) throw new RangeError(`flipSpatial: out has ${out.length} values, data ${data.length}`);
   // A public function: an axis past the spatial ones was skipped without a word (no flip), and
   // data longer than planes * spatial kept zeros in its tail (only that many values were visited).
@@ -96,13 +98,15 @@ function foldFlippedBack(spatial: readonly number[], axes: readonly number[]): F
  * (see the top of this file), with the same outputs and shapes as the model's own. The
  * mirrorings are predicted one after the other, so only one prediction is held beside the mean.
  */
-export function mirrored(model: PredictingModel, axes: boolean | readonly number[] = true): PredictingModel {
+export function mirrored<P extends ModelPrediction = ModelPrediction>(model: PredictingModelOf<P>, axes: boolean | readonly number[] = true): PredictingModelOf<P> {
   checkPredictingModel(model, 'mirrored');
   const flips = mirrorings(mirrorAxes(model.config.ndim, axes));
   if (flips.length === 1) return model;
   return {
     config: model.config,
-    predict: async (images, shape, options) => {
+    predict: async (...given) => {
+      // Every mirroring reads the input as it was given (predictArguments says why).
+      const [images, shape, options] = predictArguments(...given);
       // The input as it is first: the model checks images and shape before anything is flipped.
       const mean = await model.predict(images, shape, options);
       const spatial = shape.slice(2);

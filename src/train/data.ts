@@ -60,8 +60,51 @@ export function voxelsOf(spatial: readonly number[]): number {
   return spatial.reduce((a, b) => a * b, 1);
 }
 
+/**
+ * Throws a RangeError naming the field when `set`'s arrays do not have the lengths its count,
+ * channels and spatial size give. gatherBatch copies by offsets computed from those numbers:
+ * a set built by hand with one of them wrong (images for 4x4 pixels in a set that says 8x8, a
+ * label map one image short) otherwise gave batches silently padded with zeros or mixing
+ * one image's pixels with the next one's labels, and training went on.
+ */
+export function checkAnnotatedSet(set: AnnotatedSet, what = 'the set'): void {
+  if (set === null || typeof set !== 'object') throw new TypeError(`${what} must be an AnnotatedSet object`);
+  const { count, channels, spatial, labels } = set;
+  const whole = (name: string, v: unknown, min: number) => {
+    if (!Number.isSafeInteger(v) || (v as number) < min) throw new RangeError(`${what}: ${name} = ${String(v)} must be an integer >= ${min}`);
+  };
+  whole('count', count, 0);
+  whole('channels', channels, 1);
+  whole('classes', set.classes, 1);
+  if (!Array.isArray(spatial) || (spatial.length !== 2 && spatial.length !== 3)) {
+    throw new RangeError(`${what}: spatial must be [H, W] or [D, H, W], got ${Array.isArray(spatial) ? `[${spatial.join(', ')}]` : String(spatial)}`);
+  }
+  spatial.forEach((n, i) => whole(`spatial[${i}]`, n, 1));
+  if (!Array.isArray(labels)) throw new TypeError(`${what}: labels must be an array of Uint8Array maps, one per annotator`);
+  const V = voxelsOf(spatial);
+  const R = labels.length;
+  const sized = (name: string, array: unknown, kind: 'Float32Array' | 'Uint8Array', length: number, layout: string) => {
+    const ok = kind === 'Float32Array' ? array instanceof Float32Array : array instanceof Uint8Array;
+    if (!ok) throw new TypeError(`${what}: ${name} must be a ${kind}`);
+    if ((array as ArrayLike<number>).length !== length) {
+      throw new RangeError(`${what}: ${name} has ${(array as ArrayLike<number>).length} values, ${layout} = ${length} for count ${count}, channels ${channels}, spatial [${spatial.join(', ')}]`);
+    }
+  };
+  sized('images', set.images, 'Float32Array', count * channels * V, '[count, channels, *spatial]');
+  labels.forEach((map, r) => sized(`labels[${r}]`, map, 'Uint8Array', count * V, '[count, *spatial]'));
+  sized('present', set.present, 'Uint8Array', count * R, `[count, ${R} annotators]`);
+  if (set.consensus !== undefined) sized('consensus', set.consensus, 'Uint8Array', count * V, '[count, *spatial]');
+  if (set.fused !== undefined) sized('fused', set.fused, 'Uint8Array', count * V, '[count, *spatial]');
+}
+
 /** The images `indices` of a set as one batch (copies). */
 export function gatherBatch(set: AnnotatedSet, indices: ArrayLike<number>): AnnotatedBatch {
+  checkAnnotatedSet(set);
+  // An index past the set (or a fraction) read as an image of zeros labelled 0 and absent.
+  for (let k = 0; k < indices.length; k++) {
+    const n = indices[k];
+    if (!Number.isInteger(n) || n < 0 || n >= set.count) throw new RangeError(`gatherBatch: indices[${k}] = ${n} is not an image of the set (0..${set.count - 1})`);
+  }
   const V = voxelsOf(set.spatial);
   const C = set.channels;
   const R = set.labels.length;
@@ -101,7 +144,13 @@ export class InMemorySource implements TrainingSource {
     readonly set: AnnotatedSet,
     private readonly seed: number,
   ) {
+    checkAnnotatedSet(set, 'the training set');
     if (set.count < 1) throw new RangeError('the training set is empty');
+    // train() gives the model one CM head per name: a name list of another length than the
+    // label maps built a model the batches did not fit.
+    if (!Array.isArray(set.annotatorNames) || set.annotatorNames.length !== set.labels.length) {
+      throw new RangeError(`the training set has ${set.labels.length} label maps and ${Array.isArray(set.annotatorNames) ? set.annotatorNames.length : 'no list of'} annotator names: one name per map`);
+    }
     this.ndim = set.spatial.length === 3 ? 3 : 2;
     this.channels = set.channels;
     this.classes = set.classes;
@@ -110,10 +159,16 @@ export class InMemorySource implements TrainingSource {
   }
 
   batchesPerEpoch(batchSize: number): number {
+    // 0 gave Infinity batches, NaN or a fraction a count no epoch could have.
+    if (!Number.isInteger(batchSize) || batchSize < 1) throw new RangeError(`batchSize = ${batchSize} must be an integer >= 1`);
     return Math.max(1, Math.floor(this.set.count / batchSize));
   }
 
   batch(epoch: number, index: number, batchSize: number): AnnotatedBatch {
+    // Past the epoch's last batch the permutation's subarray is empty: a batch of 0 images.
+    const batches = this.batchesPerEpoch(batchSize);
+    if (!Number.isInteger(index) || index < 0 || index >= batches) throw new RangeError(`batch index ${index} is not one of the epoch's ${batches} batches (0..${batches - 1})`);
+    if (!Number.isSafeInteger(epoch) || epoch < 0) throw new RangeError(`epoch = ${epoch} must be an integer >= 0`);
     if (this.order?.epoch !== epoch) {
       this.order = { epoch, permutation: new Rng(this.seed).fork(`epoch ${epoch} order`).permutation(this.set.count) };
     }

@@ -171,8 +171,11 @@ export const PRESETS: Record<string, Preset> = {
 
 export const PRESET_NAMES = Object.keys(PRESETS);
 
+/** A copy of the preset `name` (change it freely); a RangeError listing the names for any other. */
 export function presetByName(name: string): Preset {
-  const preset = PRESETS[name];
+  // Own keys only: 'toString' or 'constructor' found Object.prototype's functions (structuredClone
+  // then threw a DOMException) and '__proto__' returned an empty object as a preset.
+  const preset = typeof name === 'string' && Object.hasOwn(PRESETS, name) ? PRESETS[name] : undefined;
   if (!preset) throw new RangeError(`unknown preset ${JSON.stringify(name)}; choose one of ${PRESET_NAMES.join(', ')}`);
   return structuredClone(preset);
 }

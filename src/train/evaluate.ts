@@ -23,7 +23,7 @@ import { BRATS_CLASSES } from '../data/brats';
 import type { Extent } from '../data/morphology';
 import { argmaxClasses } from '../model/model';
 import { type SlidingWindowModel, slidingWindowPredict } from '../model/sliding-window';
-import type { AnnotatedSet } from './data';
+import type { AnnotatedBatch, AnnotatedSet } from './data';
 import { gatherBatch, voxelsOf } from './data';
 
 /** What scoring and pictures need of a model (a Model, or one wrapped by paddedToDepth, ensemble or mirrored). */
@@ -166,8 +166,23 @@ export function fusedLabelRows(set: AnnotatedSet): FusedLabelRows {
   return { mean: score(meanLabelsHard(input)), mode: score(modeLabels(input)) };
 }
 
+/** What predictImages returns (plain typed-array types: a consumer's compiler may predate generic ones). */
+export interface ImagePredictions {
+  n: number;
+  voxels: number;
+  batch: AnnotatedBatch;
+  /** [n, L, *S]. */
+  probs: Float32Array;
+  /** [n, *S] argmax of probs. */
+  consensus: Uint8Array;
+  /** One [n, *S] map per annotator: argmax of q_r = A_r p. */
+  annotatorMaps: Uint8Array[];
+  /** [n, R, L, L, *S]. */
+  cms: Float32Array;
+}
+
 /** Predicted maps for `count` images of a set from image `start` on (for pictures): consensus, annotators, CMs. */
-export async function predictImages(model: InferenceModel, set: AnnotatedSet, count: number, start = 0) {
+export async function predictImages(model: InferenceModel, set: AnnotatedSet, count: number, start = 0): Promise<ImagePredictions> {
   const n = Math.max(0, Math.min(count, set.count - start));
   const batch = gatherBatch(set, Array.from({ length: n }, (_, k) => start + k));
   const prediction = await model.predict(batch.images, batch.shape, { cms: true, annotatorProbs: true });

@@ -50,9 +50,13 @@ export interface TrainConfig {
   device: Device;
   /** GPU only: convolutions on bfloat16 copies with fp32 accumulation (model config bf16). */
   bf16?: boolean;
-  /** Exactly one of epochs and steps: a number of epochs, or a budget of optimiser steps. */
-  epochs?: number;
-  steps?: number;
+  /**
+   * Exactly one of epochs and steps: a number of epochs, or a budget of optimiser steps.
+   * `undefined` reads as absent ({...preset.train, epochs: undefined, steps: 100}), also
+   * under exactOptionalPropertyTypes.
+   */
+  epochs?: number | undefined;
+  steps?: number | undefined;
   batchSize: number;
   optimizer: 'adam' | 'adamw';
   weightDecay: number;

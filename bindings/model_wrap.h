@@ -52,11 +52,15 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   Updates check_named_arrays(Napi::Env env, const Entries& entries, const char* what, Values values);
   static void apply_named_arrays(const Updates& updates, std::vector<float> cmseg::Param::*field);
   void release_model();
+  // Reports to V8 the host memory a call on n images of size s leaves in the model's
+  // activation buffers (ModelWrap::report_workspace says why).
+  void report_workspace(const cmseg::Model& model, int n, cmseg::Spatial s, bool backward, bool heads);
 
   std::unique_ptr<cmseg::Model> model_;
   bool busy_ = false;
   napi_env env_ = nullptr;
   int64_t external_bytes_ = 0;  // host memory reported to V8 (AdjustExternalMemory)
+  int64_t workspace_bytes_ = 0;  // the part of it that is activation buffers (report_workspace)
 };
 
 }  // namespace cmseg_js

@@ -5,7 +5,7 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import { Command } from 'commander';
-import { sameFileAt } from '../data/files';
+import { AtomicWriteError, makeFolderSync, sameFileAt } from '../data/files';
 import { isPngFile, writePng } from '../data/png';
 import { trainingCurves } from '../report/curves';
 import { readTrainLog } from '../train/trainer';
@@ -43,7 +43,7 @@ export async function writeRunCurves(runDir: string, named?: string): Promise<st
   if (!events.some((e) => e.event === 'step')) throw new UserError(`${displayPath(log)} has no training steps yet: nothing to draw`);
   const picture = trainingCurves(events, { title: path.basename(path.resolve(runDir)) });
   // As eval's --out: a folder that does not exist yet is made.
-  fs.mkdirSync(path.dirname(path.resolve(out)), { recursive: true });
+  makeFolderSync(path.dirname(path.resolve(out)));
   await writePng(out, picture);
   return out;
 }
@@ -55,7 +55,19 @@ export function registerCurvesCommand(program: Command): Command {
     .argument('<run>', 'a cmseg train --out folder')
     .option('-o, --out <file>', 'the picture (default <run>/curves.png)')
     .action(async (run: string, flags: { out?: string }) => {
-      const file = await writeRunCurves(run, flags.out);
+      let file: string;
+      try {
+        file = await writeRunCurves(run, flags.out);
+      } catch (err) {
+        // A run folder that cannot be written (another user's run, a read-only share): the
+        // picture can still be drawn, elsewhere; say how.
+        const code = err instanceof AtomicWriteError ? (err.cause as NodeJS.ErrnoException | undefined)?.code : undefined;
+        if (flags.out === undefined && (code === 'EROFS' || code === 'EACCES' || code === 'EPERM')) {
+          const why = code === 'EROFS' ? 'the run folder is on a read-only file system' : 'no permission to write in the run folder';
+          throw new UserError(`could not write ${displayPath((err as AtomicWriteError).path)}: ${why}; draw the picture elsewhere with --out <file>.png`);
+        }
+        throw err;
+      }
       printOutputs([['curves', file]]);
     });
   return withExamples(command, 'cmseg curves runs/cm', 'cmseg curves runs/brats --out brats-curves.png');

@@ -7,6 +7,7 @@ import * as path from 'path';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import type { BratsNaming } from '../data/brats';
 import { BRATS_PHANTOM_DEFAULT_SIZE, writeBratsPhantoms } from '../data/brats-phantom';
+import { makeFolderSync } from '../data/files';
 import { choiceOption, displayPath, parseInteger, printOutputs, withExamples } from './common';
 
 /** "X,Y,Z" as NIfTI dims [nx, ny, nz]. */
@@ -30,6 +31,9 @@ interface PhantomBratsFlags {
 
 async function runPhantomBrats(flags: PhantomBratsFlags): Promise<void> {
   const outDir = path.resolve(flags.out);
+  // Made here rather than by writeBratsPhantoms's recursive mkdir, which says "no such file or
+  // directory" when the real cause is a read-only or full file system (makeFolderSync).
+  makeFolderSync(outDir);
   const started = Date.now();
   let last = started;
   const written = await writeBratsPhantoms(outDir, {

@@ -29,7 +29,7 @@ import {
 } from '../data/brats';
 import { type CaseList, cacheCases, casesInData } from '../data/brats-cases';
 import { cacheIndexPath } from '../data/cache';
-import { writeFileAtomic } from '../data/files';
+import { makeFolderSync, writeFileAtomic } from '../data/files';
 import { loadImagesToPredict } from '../data/image-files';
 import type { Extent } from '../data/morphology';
 import { writeNifti } from '../data/nifti';
@@ -200,7 +200,7 @@ async function drawPictures(
   const files = annotatorFileNames(Array.from({ length: R }, (_, r) => names[r] ?? `annotator${r}`));
   const captionNames = annotatorCaptions(names, files);
   const outDir = path.resolve(flags.out);
-  fs.mkdirSync(outDir, { recursive: true });
+  makeFolderSync(outDir);
   const written: string[] = [];
   const save = async (name: string, image: Parameters<typeof writePng>[1]) => {
     const target = path.join(outDir, name);
@@ -359,7 +359,7 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
   const classNames = brats ? BRATS_CLASS_NAMES : Array.from({ length: L }, (_, c) => (c === 0 ? 'background' : `class ${c}`));
   noteHighOverlap(flags.overlap, patch);
   const outDir = path.resolve(flags.out);
-  fs.mkdirSync(outDir, { recursive: true });
+  makeFolderSync(outDir);
   const volumes: string[] = [];
   const pictures: string[] = [];
   const namings = new Set<BratsNaming>();

@@ -12,6 +12,7 @@ import { Command, InvalidArgumentError, Option } from 'commander';
 import { SingleBar } from 'cli-progress';
 import type { AnnotatorKind, AnnotatorSpec, LabelMode } from '../data/annotators';
 import { BRATS_GEOMETRY_TOLERANCE_MM, discoverBratsCases } from '../data/brats';
+import { sameFileAt } from '../data/files';
 import {
   BRATS_DEFAULT_ANNOTATORS,
   cacheIndexPath,
@@ -136,7 +137,9 @@ async function runPrepare(flags: PrepareFlags): Promise<void> {
   if (fs.existsSync(cacheIndexPath(dataDir))) {
     throw new UserError(`--data ${dataDir} is a cmseg cache (it has ${path.basename(cacheIndexPath(dataDir))}), already prepared: train, eval and predict read it as --data; prepare reads the BraTS folder of NIfTI cases it was made from`);
   }
-  if (path.relative(dataDir, cacheDir) === '') throw new UserError('--out must be another folder than --data');
+  // The same folder by another name too (a symbolic link, a bind mount): the cache would go into
+  // the data folder, which prepare then refuses as a cache.
+  if (path.relative(dataDir, cacheDir) === '' || sameFileAt(dataDir, cacheDir)) throw new UserError('--out must be another folder than --data');
   const run = await prepareWithProgress(
     dataDir,
     cacheDir,

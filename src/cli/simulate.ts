@@ -8,7 +8,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { Command } from 'commander';
 import { LabelMode, simulateAnnotators, trueConfusionMatrix } from '../data/annotators';
-import { writeFileAtomic } from '../data/files';
+import { makeFolderSync, writeFileAtomic } from '../data/files';
 import { loadMnistDigits, loadMnistSplits, MNIST_SIZE } from '../data/mnist';
 import { PngImage, writePng } from '../data/png';
 import { MNIST_ANNOTATORS } from '../train/experiment';
@@ -45,7 +45,7 @@ export async function simulateDataset(outDir: string, count: number, labels: Lab
   const sim = simulateAnnotators(digits.consensus, digits.extent, digits.classes, MNIST_ANNOTATORS, { seed, mode: labels });
   const V = MNIST_SIZE * MNIST_SIZE;
   const dirs = ['images', 'consensus', ...sim.names.map((n) => path.join('labels', n))].map((d) => path.join(outDir, d));
-  for (const dir of dirs) fs.mkdirSync(dir, { recursive: true });
+  for (const dir of dirs) makeFolderSync(dir);
   let files = 0;
   for (let n = 0; n < count; n++) {
     const name = `mnist-${String(n).padStart(5, '0')}.png`;

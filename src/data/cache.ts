@@ -60,7 +60,7 @@ import {
   loadBratsCase,
   preprocessBratsCase,
 } from './brats';
-import { acquireFolderLock, type FileLock, LockHeldError, lockHolderText, writeFileAtomic } from './files';
+import { acquireFolderLock, AtomicWriteError, type FileLock, LockHeldError, lockHolderText, makeFolder, writeFileAtomic } from './files';
 import { type Extent } from './morphology';
 import { type NiftiHeader } from './nifti';
 import { Rng } from './random';
@@ -134,7 +134,7 @@ export function decodeFloat16(bits: Uint16Array, out = new Float32Array(bits.len
 // ---------------------------------------------------------------------------
 // Errors
 
-export type CacheErrorKind = 'bad-index' | 'bad-case-file' | 'settings-changed' | 'locked' | 'unknown-case' | 'missing-seg' | 'big-endian';
+export type CacheErrorKind = 'bad-index' | 'bad-case-file' | 'settings-changed' | 'locked' | 'read-only' | 'unknown-case' | 'missing-seg' | 'big-endian';
 
 export class CacheError extends Error {
   constructor(
@@ -995,6 +995,19 @@ export async function withCacheLock<T>(cacheDir: string, work: () => Promise<T>)
     // Writers killed mid-write left their temp files (a case file is tens of MB): cleared with the lock taken.
     lock = acquireFolderLock(lockFile, cacheWriteFolders(cacheDir));
   } catch (err) {
+    // A cache that cannot be written (a data set shared read-only): say what writes it, since
+    // a STAPLE baseline's training run fails here too and the lock file alone does not say why.
+    const code = err instanceof AtomicWriteError ? (err.cause as NodeJS.ErrnoException | undefined)?.code : undefined;
+    if (code === 'EROFS' || code === 'EACCES' || code === 'EPERM') {
+      const why = code === 'EROFS' ? 'it is on a read-only file system' : 'no permission to write in it';
+      throw new CacheError(
+        'read-only',
+        lockFile,
+        `cannot write the cache ${cacheDir} (its lock file ${lockFile}): ${why}; prepare writes its case files there, and the STAPLE baselines their fused training labels`,
+        code,
+        { cause: err },
+      );
+    }
     if (!(err instanceof LockHeldError)) throw err;
     // A second writer in the same process would otherwise take the lock over (both then rewrite the index).
     if (err.sameProcess) {
@@ -1080,7 +1093,7 @@ export async function writeCacheIndex(cacheDir: string, index: CacheIndex): Prom
 export async function prepareCache(dataDir: string, cacheDir: string, options: PrepareCacheOptions = {}): Promise<PrepareCacheResult> {
   const settings = settingsFor(options);
   const cases = discoverBratsCases(dataDir, { requireSeg: true });
-  await fs.promises.mkdir(path.join(cacheDir, CASES_FOLDER), { recursive: true });
+  await makeFolder(path.join(cacheDir, CASES_FOLDER));
   return withCacheLock(cacheDir, async () => {
     let index: CacheIndex = { format: CACHE_FORMAT, version: CACHE_VERSION, settings, channels: BRATS_CHANNELS, classes: BRATS_CLASSES, names: settings.names, cases: [] };
     const removedByRebuild: string[] = [];

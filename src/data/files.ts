@@ -122,7 +122,14 @@ async function fsyncDirectory(dir: string): Promise<void> {
  * `/dev/null` of the whole machine): refused. A folder there is left to the rename's EISDIR.
  */
 function refuseSpecialTarget(filePath: string): void {
-  const stat = fs.statSync(filePath, { throwIfNoEntry: false });
+  let stat: fs.Stats | undefined;
+  try {
+    stat = fs.statSync(filePath, { throwIfNoEntry: false });
+  } catch {
+    // A name too long, a file in the folder path: the write below fails the same way and
+    // reports it as an AtomicWriteError naming the file, as every other write failure.
+    return;
+  }
   if (stat && !stat.isFile() && !stat.isDirectory()) {
     throw new AtomicWriteError(filePath, {
       cause: new Error('it is a device, pipe or socket, not a regular file, and writing whole (a temp file renamed over the name) would replace it; name an ordinary file'),
@@ -130,7 +137,23 @@ function refuseSpecialTarget(filePath: string): void {
   }
 }
 
-export async function writeFileAtomic(filePath: string, data: Uint8Array): Promise<void> {
+/**
+ * Where writing `filePath` goes: the file a symbolic link there points to (a `latest.json`
+ * linked to a dated file, a case file linked to another disk), as a shell's `>` writes. The
+ * rename of a temp file over the link itself replaced the link with a regular file and
+ * left the file it pointed to unchanged. A link to nothing is replaced, as before.
+ */
+function writeTarget(filePath: string): string {
+  try {
+    if (fs.lstatSync(filePath).isSymbolicLink()) return fs.realpathSync(filePath);
+  } catch {
+    // no such file, or a link to nothing: the name itself
+  }
+  return filePath;
+}
+
+export async function writeFileAtomic(given: string, data: Uint8Array): Promise<void> {
+  const filePath = writeTarget(given);
   refuseSpecialTarget(filePath);
   const tempPath = tempPathFor(filePath);
   try {
@@ -150,7 +173,8 @@ export async function writeFileAtomic(filePath: string, data: Uint8Array): Promi
 }
 
 /** Synchronous writeFileAtomic. */
-export function writeFileAtomicSync(filePath: string, data: Uint8Array): void {
+export function writeFileAtomicSync(given: string, data: Uint8Array): void {
+  const filePath = writeTarget(given);
   refuseSpecialTarget(filePath);
   const tempPath = tempPathFor(filePath);
   try {
@@ -182,6 +206,36 @@ function writeAllSync(fd: number, data: Uint8Array): void {
 }
 
 /**
+ * Appends `text` to `filePath` (a log of one JSON object a line) whole or not at all: when the
+ * write fails part-way (a full disk), the file is cut back to its old length, so no half
+ * line is left for readers to stumble on. The error names the file: Node's write errors
+ * name none ("ENOSPC: no space left on device, write").
+ */
+export function appendFileWholeSync(filePath: string, text: string): void {
+  let fd: number | undefined;
+  let size = 0;
+  try {
+    fd = fs.openSync(filePath, 'a');
+    size = fs.fstatSync(fd).size;
+    writeAllSync(fd, Buffer.from(text));
+  } catch (err) {
+    if (fd !== undefined) {
+      try {
+        fs.ftruncateSync(fd, size);
+      } catch {
+        // the original error is the one worth reporting
+      }
+    }
+    const e = err as NodeJS.ErrnoException;
+    if (e && typeof e === 'object' && e.path === undefined) e.path = filePath;
+    if (e instanceof Error && !e.message.includes(filePath)) e.message += ` (appending to ${filePath})`;
+    throw err;
+  } finally {
+    if (fd !== undefined) fs.closeSync(fd);
+  }
+}
+
+/**
  * A path as the user will want to paste it: relative to the working folder when inside it.
  * A quoted `--out "~/x"` is not expanded by the shell and makes a folder named `~` here: shown
  * as `~/x` it would read as the home folder (and a later `rm -rf ~/x` would hit that), so such
@@ -191,6 +245,76 @@ export function displayPath(file: string): string {
   const relative = path.relative(process.cwd(), file);
   const shown = relative && !relative.startsWith('..') && !path.isAbsolute(relative) ? relative : file;
   return shown === '~' || shown.startsWith(`~${path.sep}`) || shown.startsWith('~/') ? `.${path.sep}${shown}` : shown;
+}
+
+/**
+ * fs.mkdirSync(dir, {recursive: true}), failing with the real cause. Node's recursive mkdir
+ * (v20) reports a read-only file system as ENOENT ("no such file or directory, mkdir DIR"):
+ * the user is told the folder does not exist, which is what they asked to make. The error
+ * thrown instead is that of making the first missing folder on its own (EROFS, EACCES, ...),
+ * with its path; a symbolic link to a folder that is gone is named as such.
+ */
+export function makeFolderSync(dir: string): void {
+  try {
+    fs.mkdirSync(dir, { recursive: true });
+  } catch (err) {
+    throw realFolderError(dir, err);
+  }
+}
+
+/** Asynchronous makeFolderSync. */
+export async function makeFolder(dir: string): Promise<void> {
+  try {
+    await fs.promises.mkdir(dir, { recursive: true });
+  } catch (err) {
+    throw realFolderError(dir, err);
+  }
+}
+
+function realFolderError(dir: string, err: unknown): unknown {
+  const code = (err as NodeJS.ErrnoException | undefined)?.code;
+  if (code !== 'ENOENT' && code !== 'ENOTDIR') return err;
+  // The first missing folder on the way to `dir`: its parent exists.
+  let missing = path.resolve(dir);
+  while (path.dirname(missing) !== missing && !fs.existsSync(path.dirname(missing))) missing = path.dirname(missing);
+  // A symbolic link to a folder that is gone (`runs -> /scratch/runs` after scratch was
+  // purged): Node says "no such file or directory, mkdir runs/x", or that runs is not a folder.
+  const link = symlinkTarget(missing);
+  if (link !== undefined && !fs.existsSync(missing)) {
+    return namedMkdirError(missing, `it is a symbolic link to ${link}, which does not exist (make that folder, or remove the link)`, 'ENOENT', err);
+  }
+  if (code !== 'ENOENT') return err;
+  try {
+    fs.mkdirSync(missing);
+  } catch (real) {
+    const realCode = (real as NodeJS.ErrnoException).code;
+    if (realCode === 'EEXIST' || realCode === 'ENOENT') return err; // made meanwhile, or a parent gone meanwhile: the original error
+    return namedMkdirError(missing, (real as Error).message, realCode, real);
+  }
+  // It could be made now (space freed meanwhile): undo (it is empty), and report what happened first.
+  try {
+    fs.rmdirSync(missing);
+  } catch {
+    // another process put something in it meanwhile: leave it
+  }
+  return err;
+}
+
+function symlinkTarget(file: string): string | undefined {
+  try {
+    return fs.lstatSync(file).isSymbolicLink() ? fs.readlinkSync(file) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function namedMkdirError(folder: string, why: string, code: string | undefined, cause: unknown): NodeJS.ErrnoException {
+  const named: NodeJS.ErrnoException = new Error(`cannot make the folder ${folder}: ${why}`, { cause });
+  named.code = code;
+  named.errno = (cause as NodeJS.ErrnoException | undefined)?.errno;
+  named.syscall = 'mkdir';
+  named.path = folder;
+  return named;
 }
 
 // ---------------------------------------------------------------------------
@@ -298,8 +422,10 @@ function installExitHook(): void {
 function createLockFile(file: string): FileId | undefined {
   const content = `${process.pid} ${os.hostname()}\n`;
   const temp = tempPathFor(file);
-  fs.writeFileSync(temp, content, { flag: 'wx' });
   try {
+    // Inside the try: on a full disk the temp file is created and then its write fails; it
+    // must not stay behind (the finally removes it).
+    fs.writeFileSync(temp, content, { flag: 'wx' });
     const id = fs.statSync(temp);
     try {
       fs.linkSync(temp, file);
@@ -399,6 +525,12 @@ export function acquireLockFile(given: string): FileLock {
     return takeLockFile(given, file);
   } catch (err) {
     processClaim(file, false);
+    // A file-system error (a full disk, a read-only file system, the folder gone) names the
+    // lock's temp file (`..train.lock.<pid>.<hex>.tmp`), which the user never named and
+    // which is gone again, or no file at all: name the lock file, keeping the cause and its code.
+    if (typeof (err as NodeJS.ErrnoException | undefined)?.code === 'string' && (err as NodeJS.ErrnoException).syscall !== undefined) {
+      throw new AtomicWriteError(given, { cause: err });
+    }
     throw err;
   }
 }

@@ -26,6 +26,10 @@ const char* exception_code(std::exception_ptr e) {
     return "CMSEG_OUT_OF_MEMORY";
   } catch (const cmseg::OutOfMemory&) {
     return "CMSEG_OUT_OF_MEMORY";
+  } catch (const cmseg::InvalidArgument&) {
+    // A caller mistake found on the worker thread (NaN in the images, a label >= classes)
+    // has the code of the same mistake found when the call is made.
+    return "CMSEG_INVALID_ARGUMENT";
   } catch (...) {
     return nullptr;
   }

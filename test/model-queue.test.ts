@@ -127,3 +127,39 @@ t.test('afterQueued takes synchronous functions only', async (t) => {
   const w = await m.afterQueued(() => m.getWeights());
   t.ok(w['seg.weight'] instanceof Float32Array, 'a synchronous one runs in its turn');
 });
+
+t.test('a CPU model takes its inputs when the call is made: refilled or transferred at once, the call sees what was given', async (t) => {
+  const given = batch(7);
+  const m = small();
+  const expected = await m.predict(given.images.slice(), given.shape);
+  // An idle model: the native call still starts a microtask later, after the caller's code.
+  const refilled = given.images.slice();
+  const pending = m.predict(refilled, given.shape);
+  refilled.fill(0);
+  t.same(Array.from((await pending).probs), Array.from(expected.probs), 'predict: the images as given, not the refilled buffer');
+  const moved = given.images.slice();
+  const transferred = m.predict(moved, given.shape);
+  structuredClone(moved.buffer, { transfer: [moved.buffer] });
+  t.equal(moved.length, 0, 'the buffer was transferred away');
+  t.same(Array.from((await transferred).probs), Array.from(expected.probs), 'predict: a transferred buffer is no error');
+
+  // Two models alike: one steps on a batch changed right after the call, one on the batch as given.
+  const [a, b] = [small(), small()];
+  const changed = batch(7);
+  const step = a.trainStep(changed);
+  changed.images.fill(0);
+  changed.labels.forEach((map) => map.fill(1));
+  const [stepped, reference] = [await step, await b.trainStep(batch(7))];
+  t.equal(stepped.loss, reference.loss, 'trainStep: the loss of the batch as given');
+  t.same(a.getWeights(), b.getWeights(), 'and the same update');
+});
+
+t.test('a caller mistake found on the worker thread has the code of one found when the call is made', async (t) => {
+  const m = small();
+  const bad = batch(1);
+  bad.images[5] = NaN;
+  await t.rejects(m.trainStep(bad), { code: 'CMSEG_INVALID_ARGUMENT', message: /NaN|non-finite/i });
+  const labels = batch(1);
+  labels.labels[0][3] = 7;
+  await t.rejects(m.trainStep(labels), { code: 'CMSEG_INVALID_ARGUMENT', message: /label/ });
+});

@@ -77,6 +77,17 @@ export class Model {
     return this.native.config() as unknown as ResolvedConfig;
   }
 
+  /**
+   * Whether a call copies its input typed arrays when it is made (README, "Calls, errors and
+   * memory"): a CPU model does; a GPU model reads them in place as its call starts. The native
+   * call runs in the queue's turn, a microtask later at the earliest, so the caller's code
+   * right after the call (a buffer refilled for the next batch, a transfer) ran before the
+   * native side's own copy: an idle CPU model predicted the refilled buffer.
+   */
+  private copiesInputs(): boolean {
+    return this.freed || this.disposed ? false : this.config.device !== 'cuda';
+  }
+
   /** Device memory of a GPU model (peak since creation or the last resetPeakMemory()); `{ device: 'cpu' }` otherwise. */
   memory(): ModelMemory {
     return this.native.memory();
@@ -89,19 +100,19 @@ export class Model {
 
   /** Forward, loss, backward and one optimiser update. */
   trainStep(batch: Batch): Promise<StepResult> {
-    const given = snapshotBatch(batch);
+    const given = snapshotBatch(batch, this.copiesInputs());
     return this.enqueue(() => this.native.trainStep(this.toNative(given)));
   }
 
   /** Forward, loss and backward into the gradients (see getGradients), without an update. */
   computeGradients(batch: Batch): Promise<StepResult> {
-    const given = snapshotBatch(batch);
+    const given = snapshotBatch(batch, this.copiesInputs());
     return this.enqueue(() => this.native.computeGradients(this.toNative(given)));
   }
 
   /** Forward and loss only. */
   evaluate(batch: Batch): Promise<StepResult> {
-    const given = snapshotBatch(batch);
+    const given = snapshotBatch(batch, this.copiesInputs());
     return this.enqueue(() => this.native.evaluate(this.toNative(given)));
   }
 
@@ -109,6 +120,7 @@ export class Model {
     // The call runs in its turn: the shape and options as given now (see snapshotBatch).
     shape = copyIfShort(shape);
     options = options !== null && typeof options === 'object' && !Array.isArray(options) ? { ...options } : options;
+    if (this.copiesInputs()) images = copyTypedArray(images);
     return this.enqueue(async () => {
       const out = await this.native.predict(images, shape, options);
       const { classes: L, annotators: R } = this.config;
@@ -255,11 +267,11 @@ export class Model {
  * A queued call runs in its turn, after the calls before it: it must see the batch as it was
  * given, not what the caller's object holds by then (a batch object or a shape array reused
  * for the next call would otherwise hand the earlier call the later labels, silently). The
- * object, its shape and its list of label maps are copied now; the typed arrays are not
- * (read in place: README, "Calls, errors and memory"). Anything else is passed on as it is,
- * for the native side to reject in the call's turn.
+ * object, its shape and its list of label maps are copied now, and with `copyArrays` (a CPU
+ * model) the typed arrays too; a GPU model reads them in place (README, "Calls, errors and
+ * memory"). Anything else is passed on as it is, for the native side to reject in the call's turn.
  */
-function snapshotBatch(batch: Batch): Batch {
+function snapshotBatch(batch: Batch, copyArrays: boolean): Batch {
   if (batch === null || typeof batch !== 'object' || Array.isArray(batch)) return batch;
   // Own keys as they are (the native side names unknown ones); the batch fields read as the
   // native side reads them, getters and prototypes included (a class instance as a batch).
@@ -267,7 +279,23 @@ function snapshotBatch(batch: Batch): Batch {
   for (const key of BATCH_FIELDS) if (batch[key] !== undefined) copy[key] = batch[key];
   copy.shape = copyIfShort(copy.shape);
   copy.labels = copyIfShort(copy.labels);
+  if (copyArrays) {
+    for (const key of ['images', 'present', 'target', 'softTarget'] as const) copy[key] = copyTypedArray(copy[key]);
+    const labels = copy.labels;
+    if (!Array.isArray(labels)) copy.labels = copyTypedArray(labels);
+    else if (labels.length <= MAX_COPIED_ENTRIES) copy.labels = labels.map(copyTypedArray);
+  }
   return copy as unknown as Batch;
+}
+
+/** A typed array's own copy (Model.copiesInputs says why); anything else as it is, for the native side to name. */
+function copyTypedArray<T>(value: T): T {
+  if (!ArrayBuffer.isView(value) || value instanceof DataView) return value;
+  try {
+    return (value as unknown as Uint8Array).slice() as unknown as T;
+  } catch {
+    return value; // a detached buffer: the native side rejects the call, naming the input
+  }
 }
 
 // Longer than any shape (5 entries) or label list (64 annotators): copying a sparse array of

@@ -131,6 +131,25 @@ t.test('loadCheckpoint refuses overrides that are not an object, saying so', asy
   await ok.dispose();
 });
 
+t.test('loadCheckpoint: undefined overrides keep the checkpoint\'s settings; optimizer and loss overrides are laid over its own', async (t) => {
+  const m = createModel({ classes: 2, annotators: 1, depth: 1, baseChannels: 2, seed: 7, tf32: false, optimizer: { lr: 0.003, weightDecay: 0.01 }, loss: { lambda: 0.2 } });
+  const file = path.join(dir, 'override-merge.safetensors');
+  await saveCheckpoint(m, file);
+  await m.dispose();
+  // {device: args.device} with no --device: undefined values reset seed 7 to 0 and tf32 to true.
+  const kept = await loadCheckpoint(file, { seed: undefined, tf32: undefined, device: undefined, depth: undefined });
+  t.equal(kept.config.seed, 7, 'seed kept');
+  t.equal(kept.config.tf32, false, 'tf32 kept');
+  t.equal(kept.config.depth, 1, 'depth kept, not "changed" by undefined');
+  await kept.dispose();
+  // Typed as taken, and were dropped: the checkpoint's lr stayed 0.003.
+  const tuned = await loadCheckpoint(file, { optimizer: { lr: 1e-4 }, loss: { lambda: 0.05 } });
+  t.ok(Math.abs(tuned.optimizer.lr - 1e-4) < 1e-10, `lr from the override: ${tuned.optimizer.lr}`);
+  t.ok(Math.abs(tuned.optimizer.weightDecay - 0.01) < 1e-9, 'weight decay from the checkpoint');
+  t.ok(Math.abs(tuned.loss.lambda - 0.05) < 1e-9, `lambda from the override: ${tuned.loss.lambda}`);
+  await tuned.dispose();
+});
+
 t.test('saveCheckpoint refuses an extra whose JSON is not an object, keeping the previous file (it wrote a checkpoint nothing could load)', async (t) => {
   const m = createModel({ classes: 2, annotators: 1, depth: 1, baseChannels: 2 });
   const file = path.join(dir, 'extra.safetensors');

@@ -139,18 +139,29 @@ function withCause(message: string, cause: unknown): Error {
   return err;
 }
 
-/** Rebuilds the model a checkpoint was saved from: weights, optimiser state and settings. */
+/**
+ * Rebuilds the model a checkpoint was saved from: weights, optimiser state and settings.
+ * `overrides` replace model settings (e.g. {device: 'cpu'}; one that changes the network is
+ * refused by name); `optimizer` and `loss` are laid over the checkpoint's own; a value of
+ * undefined keeps the checkpoint's.
+ */
 export async function loadCheckpoint(path: string, overrides: Partial<ModelConfig> = {}): Promise<Model> {
   // null or a string would otherwise fail deep inside as "Cannot convert undefined or null to object".
   if (!isPlainObject(overrides))
     throw new TypeError(`loadCheckpoint: overrides must be an object of model settings (e.g. {device: 'cpu'}), got ${overrides === null ? 'null' : Array.isArray(overrides) ? 'an array' : typeof overrides}`);
   const c = await readCheckpoint(path);
+  // An override given as undefined (`{device: args.device}` with no --device) keeps the
+  // checkpoint's setting: spread as it was, it reset that setting to the engine's default
+  // (a CUDA-trained model loaded on the CPU, seed 7 made 0) without a word.
+  const { optimizer, loss, ...network } = Object.fromEntries(Object.entries(overrides).filter(([, v]) => v !== undefined)) as Partial<ModelConfig>;
   // Which overrides change the network the checkpoint was saved from, to name in errors.
-  const changed = Object.keys(overrides).filter((k) => (overrides as Record<string, unknown>)[k] !== (c.config as unknown as Record<string, unknown>)[k]);
+  const changed = Object.keys(network).filter((k) => (network as Record<string, unknown>)[k] !== (c.config as unknown as Record<string, unknown>)[k]);
   const why = changed.length ? ` (the overrides ${changed.join(', ')} change the network the checkpoint was saved from)` : '';
   let model: Model;
   try {
-    model = new Model({ ...c.config, ...overrides, optimizer: c.optimizer, loss: c.loss });
+    // Optimiser and loss overrides are laid over the checkpoint's settings (they were typed as
+    // taken, and dropped): e.g. {optimizer: {lr: 1e-4}} to fine-tune at a lower rate.
+    model = new Model({ ...c.config, ...network, optimizer: { ...c.optimizer, ...optimizer }, loss: { ...c.loss, ...loss } });
   } catch (err) {
     const what = changed.length ? `cannot build the checkpoint's model with the overrides ${changed.join(', ')}` : "the checkpoint's model settings are invalid";
     throw withCause(`${path}: ${what}: ${(err as Error).message}`, err);

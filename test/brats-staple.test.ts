@@ -175,11 +175,15 @@ t.test('current maps are reused; missing, stale and re-prepared ones are fused a
     t.equal(firstDifference((await readFusedLabels(cacheDir, id, 'multi-staple')).labels, await fuseDirectly(c, 'multi-staple')), -1, `${id} correct after the updates`);
   }
 
-  // The cache's lock: a live writer is refused, a dead one's lock taken over.
+  // The cache's lock, taken only when a case must be fused (maps all current need none: a cache
+  // shared read-only): then a live writer is refused, a dead one's lock taken over.
   fs.writeFileSync(path.join(cacheDir, '.prepare.lock'), String(process.ppid));
+  t.same((await fuseCachedCases(cacheDir, ids, 'multi-staple')).reused, ids, 'all current: no lock needed');
+  const newer = new Date(Date.now() + 20000);
+  fs.utimesSync(caseFile, newer, newer);
   await t.rejects(fuseCachedCases(cacheDir, ids, 'multi-staple'), { name: 'CacheError', kind: 'locked' });
   fs.writeFileSync(path.join(cacheDir, '.prepare.lock'), '999999999');
-  t.same((await fuseCachedCases(cacheDir, ids, 'multi-staple')).reused, ids, 'stale lock taken over');
+  t.same((await fuseCachedCases(cacheDir, ids, 'multi-staple')).fused, [ids[3]], 'stale lock taken over');
   await t.rejects(fuseCachedCases(cacheDir, ['BraTS2021_99999'], 'multi-staple'), { name: 'CacheError', kind: 'unknown-case' });
 });
 

@@ -61,6 +61,21 @@ export function withExamples(command: Command, ...examples: string[]): Command {
 }
 
 
+/** Why a file could not be written, by the error's code, in words (undefined for an unlisted code). */
+export const WRITE_FAILURES: Readonly<Record<string, string>> = {
+  EACCES: 'no permission to write in its folder',
+  EPERM: 'no permission to write in its folder',
+  EROFS: 'its folder is on a read-only file system',
+  ENOSPC: 'no space left on the device',
+  EDQUOT: 'the disk quota is used up',
+  ENOENT: 'its folder does not exist (or cannot hold new files)',
+  ENOTDIR: 'a part of its folder path is a file, not a folder',
+  EISDIR: 'a folder of that name is in the way',
+  EIO: 'an input/output error on the device',
+  // The temp file's name is the target's plus about 25 characters: a name near the 255-byte limit fits, its temp does not.
+  ENAMETOOLONG: 'its name is too long for the file system (cmseg writes it under a temporary name about 25 characters longer first)',
+};
+
 /** The closing block of every command: what was written, and where. */
 export function printOutputs(entries: readonly [string, string | readonly string[]][]): void {
   const width = Math.max(...entries.map(([label]) => label.length));

@@ -21,14 +21,14 @@ import * as path from 'path';
 import { Command } from 'commander';
 import { BRATS_CLASS_NAMES } from '../data/brats';
 import { casesInData } from '../data/brats-cases';
-import { writeFileAtomic } from '../data/files';
+import { checkWritableSync, makeFolderSync, writeFileAtomic } from '../data/files';
 import { loadImagesToPredict } from '../data/image-files';
 import type { Device } from '../model/config';
 import { setNumThreads } from '../model/model';
 import { bratsText, evaluationText, referenceNote } from '../report/tables';
 import { type EvaluationSummary, evaluateAgainstMajority, evaluateModel, evaluateVolumes, fusedLabelRows, type VolumeScore } from '../train/evaluate';
 import type { SplitName } from '../train/experiment';
-import { choiceOption, displayPath, given, printOutputs, sameNames, UserError, withExamples } from './common';
+import { choiceOption, displayPath, given, printOutputs, sameNames, UserError, withExamples, WRITE_FAILURES } from './common';
 import {
   checkBratsModel,
   checkSameRunData,
@@ -87,15 +87,17 @@ function scoresCms(info: { learnsCms: boolean }, flags: EvalFlags): boolean {
   return info.learnsCms && flags.cms !== false;
 }
 
-async function runEval(flags: EvalFlags, splitTyped: boolean): Promise<void> {
+async function runEval(flags: EvalFlags, splitTyped: boolean, made: string[]): Promise<void> {
   if (flags.threads !== undefined) setNumThreads(flags.threads);
   const info = await readInferenceInfo(flags.checkpoint);
   const file = info.file;
   const target = dataTarget(info, flags, splitTyped, 'eval');
-  if (target.kind !== 'run') return evalWhole(flags, info, target);
+  if (target.kind !== 'run') return evalWhole(flags, info, target, made);
   checkSameRunData(info, 'eval');
   const { saved, recipe } = target;
   const split = flags.split as SplitName;
+  const out = path.resolve(flags.out ?? path.join(path.dirname(file), `eval-${split}-${outputStem(info, flags)}.json`));
+  prepareOutput(out, flags, made);
   if (scoresCms(info, flags)) checkRunCache(recipe.dataset, info.annotatorNames, 'eval');
   const data = loadRunData(recipe.dataset, saved.config.seed);
   try {
@@ -119,8 +121,6 @@ async function runEval(flags: EvalFlags, splitTyped: boolean): Promise<void> {
       await loaded.dispose();
     }
     const fused = split === 'test' ? data.fusedLabelRows?.() : undefined;
-    const out = path.resolve(flags.out ?? path.join(path.dirname(file), `eval-${split}-${outputStem(info, flags)}.json`));
-    fs.mkdirSync(path.dirname(out), { recursive: true });
     const record = {
       checkpoint: file,
       ...inferenceRecord(info, flags.tta === true),
@@ -133,8 +133,9 @@ async function runEval(flags: EvalFlags, splitTyped: boolean): Promise<void> {
       metrics: summary,
       fusedLabels: fused ?? null,
     };
-    await writeFileAtomic(out, Buffer.from(JSON.stringify(record, null, 2) + '\n'));
+    // The tables first: should the file still fail (the disk filled meanwhile), the scores are not lost.
     process.stdout.write(`${inferenceLabel(info, flags.tta === true)}, ${split} split${referenceNote(summary)}:\n` + evaluationText(summary, fused, { classNames: data.classNames }) + bratsText(summary) + '\n');
+    await writeFileAtomic(out, Buffer.from(JSON.stringify(record, null, 2) + '\n'));
     printOutputs([['metrics', out]]);
   } finally {
     await data.close?.();
@@ -171,9 +172,11 @@ function methodRecord(info: InferenceInfo): { method: string | null; methods?: (
  * Scores a checkpoint on every image or case of new data (--data): 2D against the folder's
  * consensus/ (else the majority vote of its labels/), 3D against each case's segmentation.
  */
-async function evalWhole(flags: EvalFlags, info: InferenceInfo, target: Extract<DataTarget, { kind: 'images' | 'volumes' }>): Promise<void> {
+async function evalWhole(flags: EvalFlags, info: InferenceInfo, target: Extract<DataTarget, { kind: 'images' | 'volumes' }>, made: string[]): Promise<void> {
   const { file } = info;
   const dir = target.dir;
+  const out = path.resolve(flags.out ?? path.join(path.dirname(file), `eval-${path.basename(dir)}-${outputStem(info, flags)}.json`));
+  prepareOutput(out, flags, made);
   let summary: EvaluationSummary;
   let fused: ReturnType<typeof fusedLabelRows> | undefined;
   let classNames: string[] | undefined;
@@ -246,8 +249,6 @@ async function evalWhole(flags: EvalFlags, info: InferenceInfo, target: Extract<
     classNames = [...BRATS_CLASS_NAMES];
     what = `${list.ids.length} case(s) from ${list.from}`;
   }
-  const out = path.resolve(flags.out ?? path.join(path.dirname(file), `eval-${path.basename(dir)}-${outputStem(info, flags)}.json`));
-  fs.mkdirSync(path.dirname(out), { recursive: true });
   const record = {
     checkpoint: file,
     ...inferenceRecord(info, flags.tta === true),
@@ -259,9 +260,29 @@ async function evalWhole(flags: EvalFlags, info: InferenceInfo, target: Extract<
     metrics: summary,
     fusedLabels: fused ?? null,
   };
-  await writeFileAtomic(out, Buffer.from(JSON.stringify(record, null, 2) + '\n'));
+  // The tables first: should the file still fail (the disk filled meanwhile), the scores are not lost.
   process.stdout.write(`${inferenceLabel(info, flags.tta === true)}, ${what}${referenceNote(summary)}:\n` + evaluationText(summary, fused, { classNames }) + bratsText(summary) + '\n');
+  await writeFileAtomic(out, Buffer.from(JSON.stringify(record, null, 2) + '\n'));
   printOutputs([['metrics', out]]);
+}
+
+/**
+ * Makes the metrics file's folder and checks a file can be written there, before the evaluation
+ * (hours for BraTS): it used to fail only then, on a checkpoint in a read-only or full folder,
+ * with the scores lost. makeFolderSync: Node's recursive mkdir says ENOENT on a read-only fs.
+ */
+function prepareOutput(out: string, flags: EvalFlags, made: string[]): void {
+  const elsewhere = flags.out === undefined ? 'write it elsewhere with --out FILE' : 'choose another --out';
+  // The folders made here, innermost first: removed again (while empty) should the command fail.
+  for (let d = path.dirname(out); !fs.existsSync(d) && path.dirname(d) !== d; d = path.dirname(d)) made.push(d);
+  try {
+    makeFolderSync(path.dirname(out));
+    checkWritableSync(out);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    const why = (code && WRITE_FAILURES[code]) ?? (err as Error).message;
+    throw new UserError(`cannot write the metrics file ${displayPath(out)}: ${why}; ${elsewhere} (nothing was evaluated)`);
+  }
 }
 
 /** One scored volume as a progress line: total Dice, and the BraTS regions' Dice and HD95 (mm). */
@@ -305,7 +326,22 @@ export function registerEvalCommand(program: Command): Command {
       '--no-cms',
       "the consensus scores only: no annotator CMs predicted, no CM error, incompetence or reliability (3D: about 3/4 less of the stitching's memory, half its time)",
     );
-  withInferenceOptions(command).action((flags: EvalFlags, cmd: Command) => runEval(flags, given(cmd, 'split')));
+  withInferenceOptions(command).action(async (flags: EvalFlags, cmd: Command) => {
+    const made: string[] = [];
+    try {
+      await runEval(flags, given(cmd, 'split'), made);
+    } catch (error) {
+      // The output's folders are made before the evaluation (prepareOutput): not left behind empty.
+      for (const dir of made) {
+        try {
+          fs.rmdirSync(dir);
+        } catch {
+          break; // not empty (or never made): it and its parents stay
+        }
+      }
+      throw error;
+    }
+  });
   return withExamples(
     command,
     'cmseg eval --checkpoint runs/cm-dense/best.safetensors --split test',

@@ -9,7 +9,7 @@ import { BRATS_GEOMETRY_TOLERANCE_MM, gridDistance, hasOrientation, largestAffin
 import { readPng, writePng, DecodedPng, PngColorType } from '../data/png';
 import { labelValues, resolveMapping } from '../data/image-folder';
 import { UNLABELLED, checkLabels } from '../data/annotators';
-import { writeFileAtomic } from '../data/files';
+import { makeFolderSync, writeFileAtomic } from '../data/files';
 import { choiceOption, parseInteger, parseNumber, printOutputs, UserError, withExamples } from './common';
 
 const METHODS: FusionMethod[] = ['mode', 'mean', 'staple', 'multi-staple', 'spatial-staple'];
@@ -343,7 +343,8 @@ function checkOutputPaths(outputs: readonly [string, string][], inputs: readonly
 
 /** Outputs may go into folders that do not exist yet: made for all of them before the first file is written. */
 function makeOutputFolders(files: readonly string[]): void {
-  for (const file of files) fs.mkdirSync(path.dirname(file), { recursive: true });
+  // makeFolderSync: Node's recursive mkdir says ENOENT on a read-only file system.
+  for (const file of files) makeFolderSync(path.dirname(file));
 }
 
 async function writeLabels(file: string, like: LabelImage, data: Uint8Array | Float32Array, datatype: 'uint8' | 'float32') {

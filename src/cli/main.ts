@@ -15,7 +15,7 @@ import { registerSimulateCommand } from './simulate';
 import { registerTrainCommand } from './train';
 import * as fs from 'fs';
 import * as path from 'path';
-import { UserError, withExamples } from './common';
+import { UserError, withExamples, WRITE_FAILURES } from './common';
 import { AtomicWriteError } from '../data/files';
 
 // eslint-disable-next-line @typescript-eslint/no-require-imports
@@ -86,20 +86,6 @@ export async function main(argv: string[] = process.argv): Promise<void> {
   }
 }
 
-const WRITE_FAILURES: Record<string, string> = {
-  EACCES: 'no permission to write in its folder',
-  EPERM: 'no permission to write in its folder',
-  EROFS: 'its folder is on a read-only file system',
-  ENOSPC: 'no space left on the device',
-  EDQUOT: 'the disk quota is used up',
-  ENOENT: 'its folder does not exist (or cannot hold new files)',
-  ENOTDIR: 'a part of its folder path is a file, not a folder',
-  EISDIR: 'a folder of that name is in the way',
-  EIO: 'an input/output error on the device',
-  // The temp file's name is the target's plus about 25 characters: a name near the 255-byte limit fits, its temp does not.
-  ENAMETOOLONG: 'its name is too long for the file system (cmseg writes it under a temporary name about 25 characters longer first)',
-};
-
 // The options that name a file a command writes (eval/curves --out, fuse -o, --cms, --posterior).
 const OUTPUT_FILE_FLAGS = ['--out', '-o', '--cms', '--posterior'];
 
@@ -115,7 +101,17 @@ function refuseSpecialOutputs(argv: readonly string[]): void {
     if (!OUTPUT_FILE_FLAGS.includes(flag)) continue;
     const value = eq > 0 ? args[i].slice(eq + 1) : args[i + 1];
     if (value === undefined || value === '') continue;
-    const stat = fs.statSync(value, { throwIfNoEntry: false });
+    let stat: fs.Stats | undefined;
+    try {
+      stat = fs.statSync(value, { throwIfNoEntry: false });
+    } catch (err) {
+      // Was a raw "ENAMETOOLONG: name too long, stat ...". Said now, not after the command's
+      // work (an evaluation of hours) fails to write it.
+      if ((err as NodeJS.ErrnoException).code === 'ENAMETOOLONG') {
+        throw new UserError(`${flag} ${value}: the name is too long for the file system (at most 255 bytes a file or folder name, 4096 the whole path); choose a shorter one`);
+      }
+      throw err; // a file in its folder path, no permission: described as before
+    }
     // /dev/stdout -> /proc/self/fd/1 is a regular file when stdout is redirected to one: the
     // rename would still replace the link in /dev. Nothing under /dev or /proc is a cmseg output,
     // except in /dev/shm, the memory-backed scratch folder of many clusters.
@@ -163,6 +159,8 @@ function describeError(error: unknown): string {
       return `no space left on the device while writing ${file}`;
     case 'EROFS':
       return `${file} is on a read-only file system`;
+    case 'ENAMETOOLONG':
+      return `${file}: the name is too long for the file system (at most 255 bytes a file or folder name)`;
     default:
       return error.message;
   }

@@ -36,7 +36,7 @@ import { presetByName, PRESET_NAMES } from '../train/presets';
 import { createFusionProgress, createProgress, silentFusionProgress } from '../train/progress';
 import { SCHEDULE_KINDS, ScheduleKind } from '../train/schedule';
 import type { CmInit } from '../model/config';
-import { CHECKPOINT_LAST, lockRunFolder, readTrainerState, train, TrainConfig, TrainResult } from '../train/trainer';
+import { CHECKPOINT_LAST, lockRunFolder, nothingToResumeMessage, readTrainerState, runNeverSavedLast, train, TrainConfig, TrainResult } from '../train/trainer';
 import { choiceOption, displayPath, given, parseInteger, parseNumber, parseThreads, printOutputs, quitNow, UserError, withExamples } from './common';
 import { CURVES_FILE, writeRunCurves } from './curves';
 import { checkRunCache, loadRunData } from './run-data';
@@ -211,7 +211,11 @@ export function resolveTrainSettings(flags: TrainFlags, isGiven: Typed = (k) => 
 async function resolveResume(flags: TrainFlags, isGiven: Typed): Promise<ResolvedTrain> {
   const outDir = path.resolve(flags.out ?? resolveTrainSettings(flags, isGiven).outDir);
   const last = path.join(outDir, CHECKPOINT_LAST);
-  if (!fs.existsSync(last)) throw new UserError(`nothing to resume: ${last} does not exist (give the run's folder with --out)`);
+  if (!fs.existsSync(last)) {
+    // A run whose first save of `last` failed is started again; otherwise the folder may be the wrong one.
+    if (await runNeverSavedLast(outDir)) throw new UserError(await nothingToResumeMessage(outDir, '--resume'));
+    throw new UserError(`nothing to resume: ${last} does not exist (give the run's folder with --out)`);
+  }
   const saved = await readTrainerState(last);
   const recipe = saved.run as unknown as RunRecipe;
   if (!recipe?.dataset || !recipe.preset) throw new UserError(`${last} does not say which data it was trained on, so the command line cannot resume it`);

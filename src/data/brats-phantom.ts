@@ -18,8 +18,8 @@
 //   - a BraTS-like affine (LPS-flipped x and y, 1 mm spacing).
 // Everything is a pure function of (seed, case index, size).
 
-import * as fs from 'fs';
 import * as path from 'path';
+import { makeFolder } from './files';
 import { type Extent } from './morphology';
 import { type Matrix4, writeNifti } from './nifti';
 import { Rng } from './random';
@@ -373,7 +373,7 @@ export async function writeBratsPhantoms(outDir: string, options: WriteBratsPhan
   for (let index = 0; index < count; index++) {
     const phantom = generateBratsPhantom(index, { ...options, naming });
     const dir = path.join(outDir, phantom.id);
-    await fs.promises.mkdir(dir, { recursive: true });
+    await makeFolder(dir); // Node's recursive mkdir says ENOENT on a read-only file system
     const file = (suffix: string) => path.join(dir, `${phantom.id}${separator}${suffix}${extension}`);
     const images = BRATS_MODALITIES.map((m) => file(modalities[m])) as [string, string, string, string];
     const segPath = file(segSuffix);

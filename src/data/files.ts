@@ -236,6 +236,36 @@ export function appendFileWholeSync(filePath: string, text: string): void {
 }
 
 /**
+ * Checks, before long work whose result goes to `target`, that a file can be written there:
+ * writes and removes a probe under the temp name the real write will use (so a name too long
+ * for that shows too), with one page of data (a full disk shows). Throws the file system's
+ * error (ENOSPC, EROFS, EACCES, ENAMETOOLONG, ...) with `target` as its path. Best effort:
+ * space can still run out by the time the result is written.
+ */
+export function checkWritableSync(target: string): void {
+  const probe = tempPathFor(writeTarget(target));
+  let fd: number | undefined;
+  try {
+    fd = fs.openSync(probe, 'wx');
+    writeAllSync(fd, Buffer.alloc(4096));
+  } catch (err) {
+    const e = err as NodeJS.ErrnoException;
+    if (e && typeof e === 'object') {
+      e.path = target;
+      if (e instanceof Error) e.message = `${e.code ?? 'error'}: cannot write ${target}: ${e.message}`;
+    }
+    throw err;
+  } finally {
+    if (fd !== undefined) fs.closeSync(fd);
+    try {
+      fs.rmSync(probe, { force: true });
+    } catch {
+      // the error above is the one worth reporting
+    }
+  }
+}
+
+/**
  * A path as the user will want to paste it: relative to the working folder when inside it.
  * A quoted `--out "~/x"` is not expanded by the shell and makes a folder named `~` here: shown
  * as `~/x` it would read as the home folder (and a later `rm -rf ~/x` would hit that), so such

@@ -9,7 +9,6 @@
 // is current is skipped; each map is written atomically and then the index, after every
 // case; a run stopped at any point leaves the maps finished so far, which the next reuses.
 
-import * as fs from 'fs';
 import * as path from 'path';
 import {
   type CacheFusion,
@@ -26,7 +25,7 @@ import {
   withCacheLock,
   writeCacheIndex,
 } from '../data/cache';
-import { writeFileAtomic } from '../data/files';
+import { makeFolder, writeFileAtomic } from '../data/files';
 import { fuse, stapleFuseOptions } from './fuse';
 
 export interface FuseCacheProgress {
@@ -75,10 +74,21 @@ export function readCaseAnnotatorMaps(file: string): { id: string; shape: [numbe
 /**
  * Makes sure every case in `ids` has a current `fusion` map in the cache at cacheDir,
  * fusing those that are missing or stale. Throws CacheError('unknown-case') for an id
- * the cache lacks and CacheError('locked') while another process writes the cache.
+ * the cache lacks and CacheError('locked') while another process writes the cache (only
+ * when a case must be fused: when every map is current no lock is taken, nothing is written).
  */
 export async function fuseCachedCases(cacheDir: string, ids: readonly string[], fusion: CacheFusion, options: FuseCacheOptions = {}): Promise<FuseCacheResult> {
   const started = performance.now();
+  // Every map current: nothing to write, so no lock. Taking it (a file in the cache) failed on
+  // a cache shared read-only, and waited on another process's prepare, with nothing to do.
+  // Otherwise the work below runs under the lock and looks at each case again there.
+  const current = allFusedCurrent(cacheDir, ids, fusion);
+  if (current) {
+    for (let position = 0; position < ids.length; position++) {
+      await options.onProgress?.({ id: ids[position], position, total: ids.length, status: 'reused', ms: 0 });
+    }
+    return { fusion, fused: [], reused: [...ids], ms: performance.now() - started, index: current };
+  }
   return withCacheLock(cacheDir, async () => {
     const index = readCacheIndex(cacheDir);
     const byId = new Map(index.cases.map((entry) => [entry.id, entry]));
@@ -121,7 +131,7 @@ export async function fuseCachedCases(cacheDir: string, ids: readonly string[], 
           converged: result.converged,
         });
         const file = fusedFileName(entry.id, fusion);
-        await fs.promises.mkdir(path.dirname(path.join(cacheDir, file)), { recursive: true });
+        await makeFolder(path.dirname(path.join(cacheDir, file))); // the real cause on a read-only fs (Node says ENOENT)
         await writeFileAtomic(path.join(cacheDir, file), bytes);
         const record: FusedLabelsRecord = { file, bytes: bytes.byteLength, from, options: fuseOptions, ms: Math.round(ms) };
         entry.fused = { ...entry.fused, [fusion]: record };
@@ -133,4 +143,22 @@ export async function fuseCachedCases(cacheDir: string, ids: readonly string[], 
     }
     return { fusion, fused, reused, ms: performance.now() - started, index };
   });
+}
+
+/** The cache's index when every case of `ids` has a current `fusion` map in it, else undefined (the locked path then says why). */
+function allFusedCurrent(cacheDir: string, ids: readonly string[], fusion: CacheFusion): CacheIndex | undefined {
+  let index: CacheIndex;
+  try {
+    index = readCacheIndex(cacheDir);
+  } catch {
+    return undefined;
+  }
+  const byId = new Map(index.cases.map((entry) => [entry.id, entry]));
+  for (const id of ids) {
+    const entry = byId.get(id);
+    if (!entry) return undefined;
+    const [, d, h, w] = entry.shape;
+    if (!fusedLabelsCurrent(cacheDir, entry, fusion, stapleFuseOptions(fusion, index.classes, [d, h, w]))) return undefined;
+  }
+  return index;
 }

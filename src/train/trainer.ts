@@ -22,7 +22,7 @@ import { Rng } from '../data/random';
 import type { CmInit, Device } from '../model/config';
 import { loadCheckpoint, readCheckpoint, saveCheckpoint } from '../model/checkpoint';
 import { createModel, Model } from '../model/model';
-import { acquireFolderLock, displayPath, type FileLock, LockHeldError, lockHolderText, writeFileAtomic } from '../data/files';
+import { acquireFolderLock, appendFileWholeSync, displayPath, type FileLock, LockHeldError, lockHolderText, makeFolderSync, writeFileAtomic } from '../data/files';
 import { augmentBatch, AugmentOptions } from './augment';
 import type { TrainingSource } from './data';
 import { type MethodDefinition, MethodName, methodBatch, methodDefinition } from './methods';
@@ -201,7 +201,8 @@ export class RunFolderBusyError extends TrainingError {
  * it also goes when the process exits.
  */
 export function lockRunFolder(outDir: string): FileLock {
-  fs.mkdirSync(outDir, { recursive: true });
+  // makeFolderSync: Node's recursive mkdir says ENOENT on a read-only file system.
+  makeFolderSync(outDir);
   const lockFile = path.join(outDir, RUN_LOCK);
   try {
     return acquireFolderLock(lockFile, [outDir]);
@@ -394,11 +395,48 @@ function differences(a: unknown, b: unknown, prefix = ''): string[] {
   return JSON.stringify(a) === JSON.stringify(b) ? [] : [`${prefix}: ${JSON.stringify(b)} in the checkpoint, ${JSON.stringify(a)} now`];
 }
 
+/**
+ * Whether the run folder's `best` belongs to a run that never saved `last`: its log (written by
+ * that run: it starts with that run's settings, those in `best`) has no `last` checkpoint entry,
+ * so its first save of `last` failed (a full disk) and no run of the folder can be resumed. An
+ * earlier run whose `last` was deleted afterwards logged saving it: its `best` is kept.
+ */
+async function bestOfRunWithoutLast(files: { best: string; log: string }): Promise<boolean> {
+  let entries: Record<string, unknown>[];
+  let bestConfig: TrainConfig;
+  try {
+    entries = readTrainLog(files.log, { whileWritten: true });
+    bestConfig = (await readTrainerState(files.best)).config;
+  } catch {
+    return false; // no log, or no readable one, or no trainer checkpoint: keep it
+  }
+  const start = entries[0];
+  if (start?.event !== 'start' || JSON.stringify(start.config) !== JSON.stringify(bestConfig)) return false;
+  return !entries.some((e) => e.event === 'checkpoint' && e.kind === 'last');
+}
+
+/** Whether the run in `outDir` saved best.safetensors but never `last` (its first save of `last` failed). */
+export async function runNeverSavedLast(outDir: string): Promise<boolean> {
+  const files = { best: path.join(outDir, CHECKPOINT_BEST), log: path.join(outDir, TRAIN_LOG) };
+  return fs.existsSync(files.best) && (await bestOfRunWithoutLast(files));
+}
+
+/** Why a resume finds nothing; a run whose first save of `last` failed says what to do (`resume`: how the caller says it). */
+export async function nothingToResumeMessage(outDir: string, resume = 'resume'): Promise<string> {
+  const base = `nothing to resume: ${path.join(outDir, CHECKPOINT_LAST)} does not exist`;
+  if (await runNeverSavedLast(outDir)) {
+    return `${base} (the run there never saved it, a full disk?); start it again without ${resume}: its ${CHECKPOINT_BEST} is then replaced`;
+  }
+  return base;
+}
+
 class JsonLog {
   constructor(readonly file: string) {}
 
   write(entry: Record<string, unknown>): void {
-    fs.appendFileSync(this.file, JSON.stringify({ time: new Date().toISOString(), ...entry }) + '\n');
+    // Whole lines only: appendFileSync left half a line on a full disk, and readTrainLog (cmseg
+    // curves) then failed on it until a resume rewrote the log; its error named no file either.
+    appendFileWholeSync(this.file, JSON.stringify({ time: new Date().toISOString(), ...entry }) + '\n');
   }
 
   /** Drops entries past `step` (written after the checkpoint we resume from, e.g. before a crash). */
@@ -437,7 +475,7 @@ export async function train(outDir: string, config: TrainConfig, source: Trainin
   }
   // Said before the lock is taken: taking it would make the folder of a mistyped outDir.
   if (hooks.resume && !fs.existsSync(path.join(outDir, CHECKPOINT_LAST))) {
-    throw new TrainingError(`nothing to resume: ${path.join(outDir, CHECKPOINT_LAST)} does not exist`);
+    throw new TrainingError(await nothingToResumeMessage(outDir));
   }
   if (!hooks.resume) checkNoUnknownSettings(config);
   const batchesPerEpoch = sourceBatchesPerEpoch(source, config.batchSize);
@@ -502,9 +540,18 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
       throw new TrainingError(`${outDir} already holds a run (${CHECKPOINT_LAST}); resume it or choose another output folder`);
     }
     // A `best` without `last` is an earlier run's model (its `last` deleted to save space, say):
-    // a new run would delete it, so it is refused rather than lost.
+    // a new run would delete it, so it is refused rather than lost. Unless that run never saved
+    // `last` at all (its first save failed on a full disk after `best` was written): it cannot be
+    // resumed, and refusing it too left the user to delete files by hand. Such a `best` is replaced.
     if (fs.existsSync(files.best)) {
-      throw new TrainingError(`${outDir} holds ${CHECKPOINT_BEST} of an earlier run (without its ${CHECKPOINT_LAST}, so it cannot be resumed); move it away or choose another output folder`);
+      if (!(await bestOfRunWithoutLast(files))) {
+        throw new TrainingError(
+          `${outDir} holds ${CHECKPOINT_BEST} of an earlier run (without its ${CHECKPOINT_LAST}, so it cannot be resumed); move it away or choose another output folder`,
+        );
+      }
+      // Removed, not left for the first validation to overwrite: a run without one would end
+      // beside the failed run's model as if it were its own.
+      fs.rmSync(files.best, { force: true });
     }
     fs.rmSync(files.log, { force: true });
     model = createRunModel(config, source);

@@ -42,9 +42,25 @@ void sync_threads();     // oneDNN's pool follows cmseg::num_threads()
 void* scratch(int slot, size_t bytes);
 constexpr int kScratchSlots = 8;
 
-// Cache of primitive bundles, keyed by op and shape; make() runs once per key.
+// Cache of primitive bundles, keyed by op and shape; make() runs once per key while
+// the key stays cached. At most cache_capacity() entries: past it the least recently
+// used goes (context.cpp). Callers keep the returned pointer for the whole call, until
+// the stream has finished with its primitives: an entry evicted meanwhile lives on.
+// make() runs under the cache's lock: it must not call cached() itself.
 using Key = std::array<int, 12>;
 std::shared_ptr<void> cached(const Key& key, const std::function<std::shared_ptr<void>()>& make);
+// 256 entries (CMSEG_ONEDNN_CACHE_ENTRIES overrides it). Counted on the largest model here
+// (3D, depth 4, base 16, CM heads with head blocks; 2D the same): one image size makes 36
+// entries for a training step at one batch size (forward + backward) and 18 more for predict
+// at another batch size, 54 in all. 256 holds 4-5 such sets, e.g. a training patch at its two
+// batch sizes (an epoch's last batch is smaller), a sliding window's and a whole volume's
+// predictions; past that an entry is rebuilt in milliseconds when it comes back.
+// A 2D predict over many sizes then levels off about 40 MB above its first sizes (most of it
+// oneDNN's own primitive cache, 1024 kernels by default), instead of growing 1 MB a size.
+constexpr size_t kCacheCapacity = 256;
+size_t cache_capacity();
+void set_cache_capacity(size_t entries);  // tests; 0 counts as 1
+size_t cache_builds();                    // entries made so far (misses), this process
 template <class T>
 std::shared_ptr<T> cached_as(const Key& key, const std::function<std::shared_ptr<T>()>& make) {
   return std::static_pointer_cast<T>(cached(key, [&] { return std::static_pointer_cast<void>(make()); }));

@@ -29,6 +29,10 @@
 using namespace cmseg;
 
 #if CMSEG_HAVE_ONEDNN
+#include <atomic>
+#include <thread>
+
+#include "../onednn/onednn_internal.hpp"  // the primitive cache's capacity and build count
 
 namespace {
 
@@ -278,6 +282,168 @@ TEST(primitives_are_cached) {
   const size_t before = onednn::cached_primitives();
   for (int i = 0; i < 3; ++i) conv3_forward(x.data(), w.data(), y.data(), c.n, c.cin, c.cout, c.s, c.ndim);
   CHECK(onednn::cached_primitives() == before);
+}
+
+// The primitive cache is bounded, least recently used out first (context.cpp): it kept
+// every primitive it made, and predicting on images of many sizes grew the process by
+// 1-2 MB a size without bound.
+namespace {
+
+// One oneDNN 3x3 convolution forward on an image size of its own (n 1, 1 -> 1 channels):
+// one cache entry per (h, w). The tests below take sizes no other test uses.
+void conv_on_size(int h, int w) {
+  const Spatial s{1, h, w};
+  std::vector<float> x((size_t)s.size(), 0.5f), k(9, 0.1f), y((size_t)s.size());
+  onednn::conv3_forward(x.data(), k.data(), y.data(), 1, 1, 1, s, 2);
+}
+
+// Restores the capacity a test changed.
+struct CapacityScope {
+  size_t keep = onednn::detail::cache_capacity();
+  explicit CapacityScope(size_t cap) { onednn::detail::set_cache_capacity(cap); }
+  ~CapacityScope() { onednn::detail::set_cache_capacity(keep); }
+};
+
+// A conv3 forward + backward (both directions) on oneDNN or the reference.
+struct ConvRun {
+  std::vector<float> y, dx, dw;
+};
+ConvRun conv_run(const Shape& c, uint32_t seed) {
+  const int64_t V = c.s.size();
+  const auto x = check::random_vector((size_t)c.n * c.cin * V, seed);
+  const auto w = check::random_vector((size_t)c.cout * c.cin * conv3_taps(c.ndim), seed + 1, -0.2f, 0.2f);
+  const auto dy = check::random_vector((size_t)c.n * c.cout * V, seed + 2);
+  ConvRun r{std::vector<float>((size_t)c.n * c.cout * V), std::vector<float>(x.size()), std::vector<float>(w.size())};
+  conv3_forward(x.data(), w.data(), r.y.data(), c.n, c.cin, c.cout, c.s, c.ndim);
+  conv3_backward(x.data(), w.data(), dy.data(), r.dx.data(), r.dw.data(), c.n, c.cin, c.cout, c.s, c.ndim);
+  return r;
+}
+
+}  // namespace
+
+TEST(primitive_cache_stays_at_its_capacity) {
+  const size_t cap = onednn::detail::cache_capacity();
+  std::printf("  capacity %zu entries\n", cap);
+  CHECK(onednn::detail::kCacheCapacity >= 4 * 54);  // 4 sizes of the largest model (onednn_internal.hpp)
+  const size_t builds = onednn::detail::cache_builds();
+  const int sizes = (int)cap + 60;
+  size_t most = 0;
+  for (int i = 0; i < sizes; ++i) {
+    conv_on_size(3 + i % 30, 40 + i / 30);
+    most = std::max(most, onednn::cached_primitives());
+  }
+  CHECK(onednn::detail::cache_builds() - builds == (size_t)sizes);  // every size was new
+  CHECK(most == cap);
+  CHECK(onednn::cached_primitives() == cap);
+  // A hit does not add an entry, and the newest sizes are still there.
+  const size_t b2 = onednn::detail::cache_builds();
+  conv_on_size(3 + (sizes - 1) % 30, 40 + (sizes - 1) / 30);
+  CHECK(onednn::detail::cache_builds() == b2);
+  CHECK(onednn::cached_primitives() == cap);
+}
+
+TEST(primitive_cache_evicts_the_least_recently_used) {
+  const CapacityScope scope(8);
+  CHECK(onednn::cached_primitives() <= 8);  // lowering the capacity evicts at once
+  const Shape a{2, 16, 16, {1, 12, 10}, 2};
+  onednn::set_enabled(false);
+  const ConvRun ref = conv_run(a, 500);
+  onednn::set_enabled(true);
+  const ConvRun first = conv_run(a, 500);  // entries: A's forward F and backward B
+  int next = 0;
+  const auto flood = [&](int k) {
+    for (int i = 0; i < k; ++i, ++next) conv_on_size(3 + next % 30, 100 + next / 30);
+  };
+  flood(6);  // 8 entries: 6 new, B, F
+  size_t b = onednn::detail::cache_builds();
+  std::vector<float> y((size_t)a.n * a.cout * a.s.size());
+  {
+    const auto x = check::random_vector((size_t)a.n * a.cin * a.s.size(), 500);
+    const auto w = check::random_vector((size_t)a.cout * a.cin * 9, 501, -0.2f, 0.2f);
+    conv3_forward(x.data(), w.data(), y.data(), a.n, a.cin, a.cout, a.s, a.ndim);  // a hit: F is now the newest
+  }
+  CHECK(onednn::detail::cache_builds() == b);
+  CHECK(y == first.y);
+  flood(6);  // evicts the 6 least recently used: B and 5 of the first 6, not F
+  b = onednn::detail::cache_builds();
+  const ConvRun again = conv_run(a, 500);
+  CHECK(onednn::detail::cache_builds() == b + 1);  // B rebuilt, F still cached
+  flood(8);  // F and B evicted
+  b = onednn::detail::cache_builds();
+  const ConvRun rebuilt = conv_run(a, 500);
+  CHECK(onednn::detail::cache_builds() == b + 2);
+  CHECK(onednn::cached_primitives() == 8);
+  // Rebuilt primitives compute what the first ones did, and what the reference does.
+  for (const ConvRun* r : {&first, &again, &rebuilt}) {
+    expect_close(r->y, ref.y, "conv3 y");
+    expect_close(r->dx, ref.dx, "conv3 dx");
+    expect_close(r->dw, ref.dw, "conv3 dw");
+  }
+  CHECK(rebuilt.y == first.y);
+}
+
+// A model's prediction after its primitives were evicted and rebuilt (convolutions,
+// pooling, transposed convolutions, layout conversions) is the one it gave before.
+TEST(model_predicts_the_same_after_eviction) {
+  ModelConfig c;
+  c.ndim = 2, c.in_channels = 1, c.classes = 3, c.annotators = 2, c.depth = 3, c.base = std::max(8, onednn::activation_block(2));
+  Model m(c);
+  const Spatial s{1, 24, 16}, other{1, 16, 32};
+  const auto img = check::random_vector((size_t)s.size(), 41), img2 = check::random_vector((size_t)other.size(), 42);
+  std::vector<float> ref((size_t)3 * s.size()), before(ref.size()), after(ref.size()), p2((size_t)3 * other.size());
+  onednn::set_enabled(false);
+  m.predict(img.data(), 1, s, ref.data(), nullptr, nullptr);
+  onednn::set_enabled(true);
+  const CapacityScope scope(onednn::detail::cache_capacity());
+  m.predict(img.data(), 1, s, before.data(), nullptr, nullptr);
+  const size_t per_size = onednn::detail::cache_builds();
+  m.predict(img2.data(), 1, other, p2.data(), nullptr, nullptr);
+  const size_t made = onednn::detail::cache_builds() - per_size;  // entries one size makes
+  std::printf("  one size of this model: %zu cache entries\n", made);
+  CHECK(made >= 8);
+  onednn::detail::set_cache_capacity(made);  // the other size's entries only
+  const size_t b = onednn::detail::cache_builds();
+  m.predict(img.data(), 1, s, after.data(), nullptr, nullptr);
+  CHECK(onednn::detail::cache_builds() - b == made);  // every primitive of this size rebuilt
+  CHECK(after == before);
+  expect_close(after, ref, "predicted probabilities");
+}
+
+// Threads that share the cache while it evicts under them: a call keeps the entry it got
+// alive to its end, so every result still matches the reference. Capacity 2 and 6 shapes:
+// nearly every call rebuilds, and evicts what another thread is running.
+TEST(primitive_cache_eviction_under_threads) {
+  std::vector<Shape> shapes;
+  for (int i = 0; i < 6; ++i) shapes.push_back({1, 16, 16, {1, 8 + 2 * i, 10}, 2});
+  std::vector<ConvRun> ref;
+  onednn::set_enabled(false);
+  for (size_t i = 0; i < shapes.size(); ++i) ref.push_back(conv_run(shapes[i], 700 + 10 * (uint32_t)i));
+  onednn::set_enabled(true);
+  const CapacityScope scope(2);
+  const size_t b = onednn::detail::cache_builds();
+  std::atomic<int> bad{0}, runs{0};
+  std::vector<std::thread> pool;
+  for (int t = 0; t < 4; ++t)
+    pool.emplace_back([&, t] {
+      try {
+        for (int k = 0; k < 12; ++k) {
+          const size_t i = (size_t)(t + k) % shapes.size();
+          const ConvRun r = conv_run(shapes[i], 700 + 10 * (uint32_t)i);
+          const Diff dy = diff(r.y, ref[i].y), dx = diff(r.dx, ref[i].dx), dw = diff(r.dw, ref[i].dw);
+          if (!(dy.rel_l2 < kLayerRelL2 && dx.rel_l2 < kLayerRelL2 && dw.rel_l2 < kLayerRelL2)) ++bad;
+          ++runs;
+        }
+      } catch (const std::exception& e) {
+        std::printf("  thread %d: %s\n", t, e.what());
+        ++bad;
+      }
+    });
+  for (auto& th : pool) th.join();
+  std::printf("  %d calls on 4 threads, %zu primitives built\n", runs.load(), onednn::detail::cache_builds() - b);
+  CHECK(runs == 48);
+  CHECK(bad == 0);
+  CHECK(onednn::detail::cache_builds() - b > 12);  // evictions happened
+  CHECK(onednn::cached_primitives() <= 2);
 }
 
 namespace {

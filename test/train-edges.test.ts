@@ -223,6 +223,7 @@ t.test('settings a JavaScript caller left out or broke are refused by name befor
   await t.rejects(bad({ augment: { flips: 1 } }), { name: 'TrainingError', message: 'augment {"flips":1} must be {flips: boolean, rotations: boolean}' });
   await t.rejects(bad({ schedule: undefined }), { name: 'TrainingError', message: 'schedule undefined must be {kind, lr, ...} (a learning-rate schedule)' });
   await t.rejects(bad({ schedule: { kind: 'constant', lr: NaN } }), { name: 'TrainingError', message: 'learning rate NaN must be a finite number > 0' });
+  await t.rejects(bad({ schedule: { kind: 'constant', lr: 1e-46 } }), { name: 'TrainingError', message: /learning rate 1e-46 is 0 in float32/ });
   await t.rejects(bad({ steps: 0 }), { name: 'TrainingError', message: 'steps 0 must be an integer >= 1' });
   t.notOk(fs.existsSync(out), 'no run folder made');
 });

@@ -26,6 +26,9 @@ export function checkSchedule(schedule: LrSchedule): void {
   const { kind, lr } = schedule;
   if (!SCHEDULE_KINDS.includes(kind)) throw new RangeError(`schedule ${JSON.stringify(kind)} must be one of ${SCHEDULE_KINDS.join(', ')}`);
   if (!(lr > 0) || !Number.isFinite(lr)) throw new RangeError(`learning rate ${lr} must be a finite number > 0`);
+  // The engine keeps the rate in a float: below ~1.4e-45 it is 0 there, and the run would
+  // take its steps without changing a weight.
+  if (Math.fround(lr) === 0) throw new RangeError(`learning rate ${lr} is 0 in float32 (the engine's precision): the model would not train`);
   const positive = (name: string, value: number | undefined, allowZero = false) => {
     if (value === undefined) return;
     if (!Number.isFinite(value) || value < 0 || (!allowZero && value === 0)) {

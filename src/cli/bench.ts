@@ -1,6 +1,6 @@
 // `cmseg bench`: the side-by-side benchmark of SPEC section 8.
 import { Command } from 'commander';
-import { formatBenchTable, formatMachine, runBench } from '../bench/run';
+import { formatBenchTable, formatMachine, runBench, type BenchResult } from '../bench/run';
 import { BENCH_CONFIGS } from '../bench/configs';
 import { choiceOption, parseInteger, parseThreads } from './common';
 
@@ -32,5 +32,30 @@ export function benchCommand(): Command {
       });
       if (opts.json) for (const r of results) console.log(JSON.stringify(r));
       else console.log(`\n${formatMachine(results)}\n\n${formatBenchTable(results)}`);
+      // A measurement that failed (or a config asked for by name and skipped) was not done:
+      // the results are still printed, but the exit status says so, as for every command.
+      // It was 0 with every side "failed", so `cmseg bench --json > x && publish x` went on.
+      const missing = notMeasured(results, opts.config !== undefined);
+      if (missing.length > 0) {
+        process.stderr.write(`cmseg: error: ${missing.length} measurement${missing.length === 1 ? '' : 's'} not done: ${missing.join('; ')}\n`);
+        process.exitCode = 1;
+      }
     });
+}
+
+/** "config side: why" for each side that failed, and each named config that was skipped. */
+function notMeasured(results: readonly BenchResult[], named: boolean): string[] {
+  const sides = ['cmseg', 'torchEager', 'torchCompile', 'cmsegBf16', 'torchBf16'] as const;
+  const missing: string[] = [];
+  for (const r of results) {
+    if (r.skipped !== undefined) {
+      if (named) missing.push(`${r.config}: skipped, ${r.skipped}`);
+      continue;
+    }
+    for (const side of sides) {
+      const result = r[side];
+      if (result && !result.ok) missing.push(`${r.config} ${side}: ${(result.error ?? 'failed').replace(/\s+/g, ' ').trim()}`);
+    }
+  }
+  return missing;
 }

@@ -34,14 +34,39 @@ export const MAX_THREADS = 1024;
  */
 export const parseThreads = parseInteger(1, MAX_THREADS);
 
+// A decimal number as people write it: 3, -2, 0.001, .001, 1e-3. Number() alone also took
+// "0x10" (16), "0b11" and "0o17", so `--lr 0x10` trained at learning rate 16 without a word.
+const DECIMAL = /^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$/;
+
 export function parseNumber(min: number, inclusive = true): (value: string) => number {
   return (value) => {
     const x = Number(value);
-    if (value.trim() === '' || !Number.isFinite(x) || (inclusive ? x < min : x <= min)) {
+    if (!DECIMAL.test(value.trim()) || !Number.isFinite(x) || (inclusive ? x < min : x <= min)) {
       throw new InvalidArgumentError(`expected a number ${inclusive ? '>=' : '>'} ${min}.`);
     }
     return x;
   };
+}
+
+/**
+ * A file or folder option's value, refused when empty: `--out "$OUT"` with the variable unset
+ * reached the command as "" and path.resolve("") is the working folder, so the command wrote
+ * its files there without a word.
+ */
+export function parsePath(flag: string): (value: string) => string {
+  return (value) => {
+    if (value.trim() === '') throw new InvalidArgumentError(`${flag} is empty: name a path (an unset shell variable?).`);
+    return value;
+  };
+}
+
+/**
+ * A path as one word a shell reads back unchanged, for the commands cmseg suggests ("next:
+ * cmseg prepare --data ..."): a folder with a space or quote in its name was printed bare and
+ * the pasted command split it in two.
+ */
+export function shellWord(text: string): string {
+  return /^[\w@%+=:,./-]+$/.test(text) ? text : `'${text.replace(/'/g, `'\\''`)}'`;
 }
 
 /** An option whose value must be one of `choices` (commander lists them in --help and in the error). */

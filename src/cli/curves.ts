@@ -9,7 +9,7 @@ import { AtomicWriteError, makeFolderSync, sameFileAt } from '../data/files';
 import { isPngFile, writePng } from '../data/png';
 import { trainingCurves } from '../report/curves';
 import { readTrainLog } from '../train/trainer';
-import { displayPath, printOutputs, UserError, withExamples } from './common';
+import { displayPath, parsePath, printOutputs, shellWord, UserError, withExamples } from './common';
 
 /** The file name of a run's curves picture, beside its log. */
 export const CURVES_FILE = 'curves.png';
@@ -20,7 +20,7 @@ export async function writeRunCurves(runDir: string, named?: string): Promise<st
   const log = path.join(runDir, 'train-log.jsonl');
   // The log itself named instead of its folder: say which argument is wanted.
   if (fs.statSync(runDir, { throwIfNoEntry: false })?.isFile()) {
-    throw new UserError(`${displayPath(runDir)} is a file: name the run folder that holds train-log.jsonl (cmseg curves ${displayPath(path.dirname(runDir))})`);
+    throw new UserError(`${displayPath(runDir)} is a file: name the run folder that holds train-log.jsonl (cmseg curves ${shellWord(displayPath(path.dirname(runDir)))})`);
   }
   if (!fs.existsSync(log)) throw new UserError(`${displayPath(runDir)} has no train-log.jsonl: is it a cmseg train --out folder?`);
   // --out names a file: a folder there would only fail at the end, with the temp file's name.
@@ -52,8 +52,8 @@ export function registerCurvesCommand(program: Command): Command {
   const command = program
     .command('curves')
     .description("draw a run's training curves (loss per step, validation score and CM error) from its train-log.jsonl")
-    .argument('<run>', 'a cmseg train --out folder')
-    .option('-o, --out <file>', 'the picture (default <run>/curves.png)')
+    .argument('<run>', 'a cmseg train --out folder', parsePath('<run>'))
+    .option('-o, --out <file>', 'the picture (default <run>/curves.png)', parsePath('--out'))
     .action(async (run: string, flags: { out?: string }) => {
       let file: string;
       try {

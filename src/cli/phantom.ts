@@ -8,7 +8,7 @@ import { Command, InvalidArgumentError, Option } from 'commander';
 import type { BratsNaming } from '../data/brats';
 import { BRATS_PHANTOM_DEFAULT_SIZE, writeBratsPhantoms } from '../data/brats-phantom';
 import { makeFolderSync } from '../data/files';
-import { choiceOption, displayPath, parseInteger, printOutputs, withExamples } from './common';
+import { choiceOption, displayPath, parseInteger, parsePath, printOutputs, shellWord, withExamples } from './common';
 
 /** "X,Y,Z" as NIfTI dims [nx, ny, nz]. */
 export function parseSize(value: string): [number, number, number] {
@@ -56,7 +56,8 @@ async function runPhantomBrats(flags: PhantomBratsFlags): Promise<void> {
     ['cases', outDir],
     ['first case', written.map((c) => c.dir).slice(0, 1)],
   ]);
-  process.stdout.write(`next: cmseg prepare --data ${displayPath(outDir)} --out <cache folder>\n`);
+  // A command to paste: the folder quoted where a shell would split or change it.
+  process.stdout.write(`next: cmseg prepare --data ${shellWord(displayPath(outDir))} --out <cache folder>\n`);
   // Files of this run overwrite those of an earlier one, but an earlier run's other cases
   // (more of them, another --naming) stay, and prepare would read them with these: say so.
   const ours = new Set(written.map((c) => c.id));
@@ -69,7 +70,7 @@ async function runPhantomBrats(flags: PhantomBratsFlags): Promise<void> {
     const listed = others.slice(0, 5).join(', ') + (others.length > 5 ? ', ...' : '');
     process.stderr.write(
       `note: ${displayPath(outDir)} holds ${others.length} other case folder${others.length === 1 ? '' : 's'} (${listed}) ` +
-        `from an earlier run; \`cmseg prepare --data ${displayPath(outDir)}\` reads them too (remove them, or write to another --out)\n`,
+        `from an earlier run; \`cmseg prepare --data ${shellWord(displayPath(outDir))}\` reads them too (remove them, or write to another --out)\n`,
     );
   }
 }
@@ -80,7 +81,7 @@ export function registerPhantomCommand(program: Command): Command {
     .command('brats')
     .description('synthetic BraTS cases: four MR modalities and a tumour segmentation per case, in the release layout')
     .requiredOption('--cases <n>', 'how many cases', parseInteger(1))
-    .requiredOption('--out <dir>', 'folder for the cases (one subfolder per case; files already there are overwritten)')
+    .requiredOption('--out <dir>', 'folder for the cases (one subfolder per case; files already there are overwritten)', parsePath('--out'))
     .addOption(
       new Option('--size <x,y,z>', 'volume size in voxels (real BraTS: 240,240,155)')
         .argParser(parseSize)

@@ -12,7 +12,7 @@ import { makeFolderSync, writeFileAtomic } from '../data/files';
 import { loadMnistDigits, loadMnistSplits, MNIST_SIZE } from '../data/mnist';
 import { PngImage, writePng } from '../data/png';
 import { MNIST_ANNOTATORS } from '../train/experiment';
-import { choiceOption, parseInteger, printOutputs, UserError, withExamples } from './common';
+import { choiceOption, parseInteger, parsePath, printOutputs, UserError, withExamples } from './common';
 
 interface SimulateFlags {
   out: string;
@@ -97,7 +97,7 @@ export function registerSimulateCommand(program: Command): Command {
   const command = program
     .command('simulate')
     .description('write a synthetic multi-annotator MNIST data set as PNGs (images/, labels/<annotator>/, consensus/)')
-    .requiredOption('--out <dir>', 'folder for the data set')
+    .requiredOption('--out <dir>', 'folder for the data set', parsePath('--out'))
     .option('--count <n>', 'how many images', parseInteger(1), 100)
     .addOption(choiceOption('--labels <mode>', 'dense: every annotator labels every image; single: one annotator per image', ['dense', 'single']).default('dense'))
     .option('--seed <n>', 'seed of the digit choice and the annotators', parseInteger(0), 0)

@@ -30,7 +30,7 @@ export interface CaseToPredict {
   extent: Extent;
   crop: CropBox;
   original: VolumeGeometry;
-  /** The case's t1 header: written predictions copy its geometry bit for bit. */
+  /** The case's t1 header (another modality's when the t1 has no orientation): written predictions copy its geometry bit for bit. */
   header?: NiftiHeader;
   /** Cropped expert labels 0..3, when the case has them. */
   seg?: Uint8Array;

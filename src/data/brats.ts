@@ -53,6 +53,17 @@ export const BRATS_NAMING: Record<BratsNaming, { separator: string; modalities: 
 
 const NIFTI_EXTENSIONS = ['.nii.gz', '.nii'] as const;
 
+/**
+ * A NIfTI name that may be a case's file. Hidden names are not: a release zipped on macOS
+ * and unpacked elsewhere holds AppleDouble files (._ID_t1.nii.gz, resource forks, not
+ * NIfTI) beside the files and in a __MACOSX/ copy of the folders, and copies from a Mac
+ * onto FAT/exFAT disks leave them too; read as NIfTI names they made __MACOSX/ID a
+ * misnamed case ("rename it ._ID") that stopped discovery.
+ */
+function isCaseFileName(name: string): boolean {
+  return isNiftiName(name) && !name.startsWith('.');
+}
+
 // ---------------------------------------------------------------------------
 // Errors
 
@@ -142,7 +153,7 @@ export function discoverBratsCases(root: string, options: DiscoverOptions = {}):
   for (const entry of readFolder(root).sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0))) {
     const full = path.join(root, entry.name);
     if (isDirectory(full)) collectCases(full, entry.name, collect, found, 1);
-    else if (isNiftiName(entry.name)) found.skipped.push(entry.name);
+    else if (isCaseFileName(entry.name)) found.skipped.push(entry.name);
   }
   if (found.cases.length === 0) {
     const hint = bratsLayoutHint(root);
@@ -318,7 +329,7 @@ function caseIdsOfFiles(names: readonly string[]): string[] {
 export function bratsLayoutHint(dir: string): string | undefined {
   let names: string[];
   try {
-    names = fs.readdirSync(dir).filter(isNiftiName);
+    names = fs.readdirSync(dir).filter(isCaseFileName);
   } catch {
     return undefined;
   }
@@ -393,7 +404,7 @@ function deeperCasesHint(dir: string): string | undefined {
 export function bratsCaseInFolder(dir: string, options: DiscoverOptions = {}): BratsCase | undefined {
   const requireSeg = options.requireSeg ?? true;
   const id = path.basename(dir);
-  const files = fs.readdirSync(dir).filter(isNiftiName);
+  const files = fs.readdirSync(dir).filter(isCaseFileName);
   if (files.length === 0) return undefined;
   const lookup = (naming: BratsNaming, suffix: string): string | undefined => {
     const stem = `${id}${BRATS_NAMING[naming].separator}${suffix}`.toLowerCase();
@@ -481,7 +492,7 @@ export interface BratsVolume extends VolumeGeometry {
   images: Float32Array;
   /** Labels 0..3 (4 mapped to 3), layout [D, H, W]. */
   seg?: Uint8Array;
-  /** Header of the t1 file: copy it when writing predictions so the geometry is bit-identical. */
+  /** Header of the t1 file (of the first modality with an orientation, when the t1 has none): copy it when writing predictions so the geometry is bit-identical. */
   header: NiftiHeader;
 }
 
@@ -512,9 +523,13 @@ export async function loadBratsCase(c: BratsCase, options: LoadOptions = {}): Pr
   const segRead = c.seg ? readNifti(c.seg) : undefined;
   segRead?.catch(() => undefined);
   const volumes = await Promise.all(c.images.map((file) => readNifti(file)));
-  const reference = volumes[0];
+  // The case's grid is the first modality's (t1) that has an orientation. A file without one
+  // (qform and sform codes 0, a failed conversion) is on the grid by its dims only: taken as
+  // the reference, it would give predictions no world geometry while the case's other files
+  // have one, and leave those others compared with nothing (checkSameGrid skips it).
+  const reference = volumes.find(hasOrientation) ?? volumes[0];
   const dims = spatialDims(c.id, reference);
-  for (let k = 1; k < volumes.length; k++) checkSameGrid(c.id, reference, volumes[k], tolerance);
+  for (const volume of volumes) if (volume !== reference) checkSameGrid(c.id, reference, volume, tolerance);
   const voxels = dims[0] * dims[1] * dims[2];
   const images = new Float32Array(BRATS_CHANNELS * voxels);
   for (let ch = 0; ch < BRATS_CHANNELS; ch++) {

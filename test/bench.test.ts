@@ -1,5 +1,8 @@
 // The benchmark's FLOP count (hand-computed for a tiny model, and equal to the
 // PyTorch reference's independent count for the SPEC configs) and its table.
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
 import t from 'tap';
 import { createModel } from '../src/index';
 import { stepConvFlops } from '../src/bench/flops';
@@ -28,6 +31,21 @@ t.test('SPEC configs match the PyTorch reference FLOP estimates', async (t) => {
   t.equal(voxelsPerStep(benchConfig('brats3d-gpu')), 2 * 128 ** 3);
   t.same(BENCH_CONFIGS.map((c) => c.name), ['mnist2d', 'brats3d-cpu', 'brats3d-gpu']);
   t.throws(() => benchConfig('nope'), /unknown benchmark config 'nope'/);
+});
+
+t.test('run from the TypeScript sources: the cmseg side runs its worker; a failed side says why, and its table row keeps its cells', async (t) => {
+  // A "python" that fails as Python does: the traceback's last line is the reason.
+  const fake = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-bench-')), 'python');
+  fs.writeFileSync(fake, "#!/bin/sh\necho 'Traceback (most recent call last):' >&2\necho '  File \"torch_reference.py\", line 1' >&2\necho 'ModuleNotFoundError: No module named torch' >&2\nexit 1\n", { mode: 0o755 });
+  const [r] = runBench({ configs: ['mnist2d'], steps: 1, warmup: 0, threads: 1, python: fake });
+  t.equal(r.cmseg?.ok, true, `the cmseg side measured from sources (${r.cmseg?.error ?? ''})`);
+  t.equal(r.torchEager?.ok, false);
+  t.equal(r.torchEager?.error, 'python exited 1: ModuleNotFoundError: No module named torch');
+  const [missing] = runBench({ configs: ['mnist2d'], steps: 1, warmup: 0, threads: 1, python: '/nonexistent/python' });
+  t.match(missing.torchEager?.error, /^could not run \/nonexistent\/python: .*ENOENT/, 'not "timed out"');
+  const table = formatBenchTable([{ ...r, torchEager: { ok: false, error: 'a | b' } }]);
+  const row = table.split('\n').find((l) => l.includes('failed:'))!;
+  t.equal(row.replace(/\\\|/g, '').split('|').length, 10, `8 cells: ${row}`);
 });
 
 t.test('the table shows ratios and failures honestly', async (t) => {

@@ -69,8 +69,18 @@ t.test('an empty --out ("$OUT" unset) is refused, not taken as the working folde
     ['phantom', 'brats', '--cases', '1', '--out=  '],
     ['curves', cwd, '-o', ''],
     ['curves', ''],
+    // train, predict, prepare wrote into the working folder with exit 0; eval evaluated first.
+    ['train', '--preset', 'mnist-tiny', '--steps', '1', '--out', ''],
+    ['train', '--preset', 'images', '--data', ''],
+    ['predict', '--checkpoint', 'x.safetensors', '--out', ''],
+    ['prepare', '--data', 'brats', '--out', ''],
+    ['prepare', '--data', '', '--out', 'cache'],
+    ['eval', '--checkpoint', 'x.safetensors', '--out', ''],
+    ['fuse', '-o', '', 'a.png', 'b.png'],
+    ['fuse', '-o', 'c.png', '--cms', '', 'a.png', 'b.png'],
+    ['info', '--checkpoint', ''],
   ]) {
-    t.match(await cliHelp(args), /^cmseg: error: .*(--out|<run>) is empty/, args.join(' '));
+    t.match(await cliHelp(args), /^cmseg: error: .*(--out|<run>|--data|--cms|--checkpoint) is empty/, args.join(' '));
   }
   t.same(fs.readdirSync(cwd), [], 'nothing written in the working folder');
 });

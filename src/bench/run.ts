@@ -1,11 +1,13 @@
 // `cmseg bench`: cmseg and the PyTorch reference side by side, same machine,
 // same run, same threads. Each side runs in its own process so that its peak
 // resident memory is its own.
+import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { spawnSync } from 'child_process';
 import { BENCH_CONFIGS, benchConfig, voxelsPerStep } from './configs';
 import { stepConvFlops } from './flops';
+import { tableCell } from '../eval/report';
 import { backendInfo } from '../model/model';
 import { loadNative } from '../native';
 
@@ -78,14 +80,41 @@ const median = (xs: number[]) => {
   return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 };
 
+/**
+ * How node runs the cmseg side's worker: the compiled worker.js beside this file, or, run from
+ * the TypeScript sources, worker.ts with this process's own loader flags (tap's, `node --import
+ * tsx`'s): a plain `node worker.js` there found no file, and every cmseg measurement failed.
+ * Without loader flags node says it cannot run a .ts file: build dist/ (npm run build:ts).
+ */
+function workerArgs(): string[] {
+  const compiled = path.join(__dirname, 'worker.js');
+  if (fs.existsSync(compiled)) return [compiled];
+  return [...process.execArgv, path.join(__dirname, 'worker.ts')];
+}
+
 function runJson(cmd: string, args: string[], env: Record<string, string>, timeoutMs: number): Record<string, unknown> {
   const r = spawnSync(cmd, args, { encoding: 'utf8', env: { ...process.env, ...env }, timeout: timeoutMs, maxBuffer: 1 << 26 });
+  // Not started at all (no such interpreter): status null read as "timed out".
+  if (r.error && r.status === null && (r.error as NodeJS.ErrnoException).code !== 'ETIMEDOUT') {
+    return { ok: false, error: `could not run ${cmd}: ${r.error.message}` };
+  }
   const last = (r.stdout ?? '').trim().split('\n').pop() ?? '';
   try {
     return JSON.parse(last);
   } catch {
-    return { ok: false, error: `${path.basename(cmd)} ${r.status === null ? 'timed out' : `exited ${r.status}`}: ${(r.stderr || r.stdout || '').trim().split('\n').slice(-3).join(' | ')}` };
+    return { ok: false, error: `${path.basename(cmd)} ${r.status === null ? 'timed out' : `exited ${r.status}`}: ${failureText(r.stderr || r.stdout || '')}` };
   }
+}
+
+/**
+ * The line of a failed side's output that says why: the last one that starts with an error's
+ * name (Python's traceback ends with it, Node's stack starts with it), else the last line. The
+ * last three lines were Node's stack tail and version banner ("} |  | Node.js v20.20.2").
+ */
+function failureText(output: string): string {
+  const lines = output.split('\n').map((l) => l.trim()).filter((l) => l !== '');
+  const named = lines.filter((l) => /^[\w.]*(Error|Exception)\b/.test(l));
+  return named[named.length - 1] ?? lines[lines.length - 1] ?? 'no output';
 }
 
 function side(raws: Record<string, unknown> | Record<string, unknown>[], flops: number, voxels: number, peak: number, memKey: string): SideResult {
@@ -138,7 +167,7 @@ export function runBench(options: BenchOptions = {}): BenchResult[] {
   log(`measuring FP32 peak (FMA loop, ${threads} threads)...`);
   const peak = native.measurePeakGflops(1.0);
   const results: BenchResult[] = [];
-  const worker = path.join(__dirname, 'worker.js');
+  const worker = workerArgs();
   const torchScript = path.resolve(__dirname, '..', '..', 'scripts', 'torch_reference.py');
   for (const name of names) {
     const c = benchConfig(name);
@@ -163,7 +192,7 @@ export function runBench(options: BenchOptions = {}): BenchResult[] {
     for (let k = 0; k < rounds; k++) {
       const tag = rounds > 1 ? ` (round ${k + 1}/${rounds})` : '';
       log(`${name}: cmseg (${warmup} warm-up + ${steps} steps)${tag}...`);
-      ours.push(runJson(process.execPath, [worker, name, String(steps), String(warmup)], { CMSEG_NUM_THREADS: String(threads) }, 1_800_000));
+      ours.push(runJson(process.execPath, [...worker, name, String(steps), String(warmup)], { CMSEG_NUM_THREADS: String(threads) }, 1_800_000));
       log(`${name}: PyTorch eager${tag}...`);
       eager.push(runJson(python, torchArgs, {}, 1_800_000));
       const a = ours[k], b = eager[k];
@@ -180,7 +209,7 @@ export function runBench(options: BenchOptions = {}): BenchResult[] {
     let bf16: Record<string, unknown> | undefined, oursBf16: Record<string, unknown> | undefined;
     if (gpu) {
       log(`${name}: cmseg, bf16 convolutions...`);
-      oursBf16 = runJson(process.execPath, [worker, name, String(steps), String(warmup), 'bf16'], {}, 1_800_000);
+      oursBf16 = runJson(process.execPath, [...worker, name, String(steps), String(warmup), 'bf16'], {}, 1_800_000);
       log(`${name}: PyTorch eager, bf16 autocast...`);
       bf16 = runJson(python, [...torchArgs, '--amp', 'bf16'], {}, 1_800_000);
     }
@@ -242,7 +271,8 @@ export function formatBenchTable(results: BenchResult[]): string {
     for (const [label, s, ratio] of rows) {
       if (!s) continue;
       if (!s.ok) {
-        lines.push(`| ${r.config} | ${label} | failed: ${s.error} | | | | | |`);
+        // Escaped as every table cell: a '|' in the error split the row.
+        lines.push(`| ${r.config} | ${label} | failed: ${tableCell(String(s.error))} | | | | | |`);
         continue;
       }
       lines.push(

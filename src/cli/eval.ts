@@ -28,7 +28,7 @@ import { setNumThreads } from '../model/model';
 import { bratsText, evaluationText, referenceNote } from '../report/tables';
 import { type EvaluationSummary, evaluateAgainstMajority, evaluateModel, evaluateVolumes, fusedLabelRows, type VolumeScore } from '../train/evaluate';
 import type { SplitName } from '../train/experiment';
-import { choiceOption, displayPath, given, printOutputs, sameNames, UserError, withExamples, WRITE_FAILURES } from './common';
+import { choiceOption, displayPath, given, parsePath, printOutputs, sameNames, UserError, withExamples, WRITE_FAILURES } from './common';
 import {
   checkBratsModel,
   checkSameRunData,
@@ -316,11 +316,13 @@ export function registerEvalCommand(program: Command): Command {
       '--out <file>',
       'where to write the metrics JSON (default: eval-<split>-<checkpoint>.json, or eval-<data folder>-<checkpoint>.json for --data, beside the (first) checkpoint; ' +
         '<checkpoint> ends in -ensemble<N>-<hash> for N checkpoints, <hash> the first 8 hex digits of the SHA-1 of their absolute paths (one a line, in order), and in -tta with --tta)',
+      parsePath('--out'),
     )
     .option(
       '--data <dir>',
       "new data, scored whole: 2D a folder of PNGs (DIR/images/ with consensus/ or labels/<annotator>/ to score against); 3D a BraTS folder, case folder or cache " +
         "(cases with a segmentation). For an image-folder run, its own folder (where it was, where it moved if the old place is gone, or any folder with --split typed) gives the run's --split",
+      parsePath('--data'),
     )
     .option(
       '--no-cms',

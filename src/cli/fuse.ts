@@ -10,7 +10,7 @@ import { readPng, writePng, DecodedPng, PngColorType } from '../data/png';
 import { labelValues, resolveMapping } from '../data/image-folder';
 import { UNLABELLED, checkLabels } from '../data/annotators';
 import { makeFolderSync, writeFileAtomic } from '../data/files';
-import { choiceOption, parseInteger, parseNumber, printOutputs, UserError, withExamples } from './common';
+import { choiceOption, parseInteger, parseNumber, parsePath, printOutputs, UserError, withExamples } from './common';
 
 const METHODS: FusionMethod[] = ['mode', 'mean', 'staple', 'multi-staple', 'spatial-staple'];
 /** Methods that fuse one foreground against background. */
@@ -366,15 +366,15 @@ export function registerFuseCommand(program: Command): Command {
     .command('fuse')
     .description('fuse several raters\' label maps into one consensus (majority vote, mean, STAPLE, multi-label STAPLE, spatial STAPLE)')
     .argument('<inputs...>', 'one label map per rater (.nii, .nii.gz or gray/palette .png), all the same size (NIfTI: on one grid)')
-    .requiredOption('-o, --out <file>', 'consensus label map (.nii.gz or .png)')
+    .requiredOption('-o, --out <file>', 'consensus label map (.nii.gz or .png)', parsePath('--out'))
     .addOption(choiceOption('--method <name>', 'fusion method', METHODS).default('mode'))
     .option('--classes <n>', 'number of classes (default: largest label + 1; 255 = unlabelled)', parseInteger(2))
     .option('--undecided <label>', 'label for ties (default: the lowest tied class)', parseInteger(0))
     .option('--foreground <label>', 'binary methods (staple): the label read as foreground; every other label is background (needed when the maps hold labels > 1)', parseInteger(0))
     .option('--geometry-tolerance <mm>', 'NIfTI: how far apart two raters\' files may put one voxel and still count as one grid', parseNumber(0), BRATS_GEOMETRY_TOLERANCE_MM)
     .addOption(choiceOption('--mask-255 <meaning>', 'how 255 in PNG masks that hold only 0 and 255 is read: auto (foreground when there are 2 classes), foreground, or unlabelled', MASK_255).default('auto'))
-    .option('--posterior <file>', 'also write the consensus probability of the foreground (binary) as float32 NIfTI/PNG')
-    .option('--cms <file>', 'also write each rater\'s estimated confusion matrix (STAPLE methods) as JSON')
+    .option('--posterior <file>', 'also write the consensus probability of the foreground (binary) as float32 NIfTI/PNG', parsePath('--posterior'))
+    .option('--cms <file>', 'also write each rater\'s estimated confusion matrix (STAPLE methods) as JSON', parsePath('--cms'))
     .option('--window <n>', `spatial STAPLE window edge in pixels, an odd multiple of --stride (default ${SPATIAL_DEFAULTS.window})`, parseInteger(1))
     .option('--stride <n>', `spatial STAPLE stride (cell edge) in pixels (default ${SPATIAL_DEFAULTS.stride})`, parseInteger(1));
   withExamples(

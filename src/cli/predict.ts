@@ -43,7 +43,7 @@ import { drawableText, hasGlyph } from '../report/font';
 import type { AnnotatedSet } from '../train/data';
 import { type InferenceModel, predictImages } from '../train/evaluate';
 import type { BratsDatasetSpec } from '../train/experiment';
-import { choiceOption, displayPath, given, parseInteger, parseNumber, printOutputs, UserError, withExamples } from './common';
+import { choiceOption, displayPath, given, parseInteger, parseNumber, parsePath, printOutputs, UserError, withExamples } from './common';
 import {
   checkBratsModel,
   checkSameRunData,
@@ -432,7 +432,7 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
   const readme = [
     `Predictions of ${modelsDescription(info)} for ${ids.length} case(s) from ${list.from}.`,
     `Sliding windows of ${patch.join('x')} voxels, overlap ${flags.overlap}, Gaussian weighting. Every volume is on the case's original grid`,
-    "(the crop to the brain undone) with the geometry of the case's t1 file.",
+    "(the crop to the brain undone) with the geometry of the case's t1 file (another modality's when the t1 has no orientation).",
     ...(flags.tta ? [`${ttaDescription(3)} Each window is mirrored, as in nnU-Net.`] : []),
     '',
     ...(brats
@@ -558,12 +558,13 @@ export function registerPredictCommand(program: Command): Command {
         "(same ndim, input channels, classes and annotators; the first one's run decides the data, and the others must have trained on the same split, else give --data)",
     )
     .option('--tta', 'test-time augmentation: also predict the inputs mirrored along every combination of spatial axes (4 in 2D, 8 in 3D) and average the flipped-back outputs')
-    .requiredOption('--out <dir>', 'folder for the predictions')
+    .requiredOption('--out <dir>', 'folder for the predictions', parsePath('--out'))
     .option(
       '--data <dir>',
       'new data, every image or case predicted. 2D models: a folder of PNGs (DIR/images/*.png, with labels/<annotator>/ and consensus/ drawn when there, or DIR/*.png); ' +
         'images of one size, padded to multiples of 2^(depth-1) by repeating edge pixels and cropped back. 3D models (4 input channels): a BraTS case folder, a BraTS folder or a cache. ' +
         "For an image-folder run, its own folder (where it was, where it moved if the old place is gone, or any folder with --split typed) gives the run's --split images",
+      parsePath('--data'),
     )
     .option('--count <n>', "how many images (2D: default 8 of a run's split, all of --data) or cases (3D, default all)", parseInteger(1))
     .addOption(choiceOption('--split <name>', "which of the run's images or cases; all: every image or case of --data", ['test', 'validation', 'train', 'all']).default('test'))

@@ -22,7 +22,7 @@ import {
   type PrepareProgress,
   prepareCache,
 } from '../data/cache';
-import { choiceOption, displayPath, parseInteger, parseNumber, printOutputs, quitNow, UserError, withExamples } from './common';
+import { choiceOption, displayPath, parseInteger, parseNumber, parsePath, printOutputs, quitNow, UserError, withExamples } from './common';
 
 const ANNOTATOR_KINDS: readonly AnnotatorKind[] = ['good', 'over', 'under', 'fracture', 'wrong'];
 
@@ -186,8 +186,8 @@ export function registerPrepareCommand(program: Command): Command {
   const command = program
     .command('prepare')
     .description('preprocess a BraTS folder once into a training cache: crop, z-score, synthetic annotators')
-    .requiredOption('--data <dir>', 'BraTS folder: one subfolder per case (2018-2021 or 2023 file names), or HGG/ and LGG/ subfolders of cases (2018/2019)')
-    .requiredOption('--out <dir>', 'cache folder (created; a cache already there is updated)')
+    .requiredOption('--data <dir>', 'BraTS folder: one subfolder per case (2018-2021 or 2023 file names), or HGG/ and LGG/ subfolders of cases (2018/2019)', parsePath('--data'))
+    .requiredOption('--out <dir>', 'cache folder (created; a cache already there is updated)', parsePath('--out'))
     .addOption(
       new Option('--annotators <kinds>', `synthetic annotators, comma-separated (${ANNOTATOR_KINDS.join(', ')})`)
         .argParser(parseAnnotatorList)

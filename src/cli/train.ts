@@ -37,7 +37,7 @@ import { createFusionProgress, createProgress, silentFusionProgress } from '../t
 import { SCHEDULE_KINDS, ScheduleKind } from '../train/schedule';
 import type { CmInit } from '../model/config';
 import { CHECKPOINT_LAST, lockRunFolder, nothingToResumeMessage, readTrainerState, runNeverSavedLast, train, TrainConfig, TrainResult } from '../train/trainer';
-import { choiceOption, displayPath, given, parseInteger, parseNumber, parseThreads, printOutputs, quitNow, UserError, withExamples } from './common';
+import { choiceOption, displayPath, given, parseInteger, parseNumber, parsePath, parseThreads, printOutputs, quitNow, shellWord, UserError, withExamples } from './common';
 import { CURVES_FILE, writeRunCurves } from './curves';
 import { checkRunCache, loadRunData } from './run-data';
 import { prepareWithProgress } from './prepare';
@@ -578,7 +578,7 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
   if (curves) (json.files as Record<string, unknown>).curves = curves;
   const logOutputs: [string, string | string[]][] = [['training log', files.log], ...(curves ? [['curves', curves] as [string, string]] : [])];
   if (result.status === 'interrupted') {
-    say(`interrupted at step ${state.step}/${state.totalSteps}; continue with: cmseg train --out ${displayPath(outDir)} --resume\n`);
+    say(`interrupted at step ${state.step}/${state.totalSteps}; continue with: cmseg train --out ${shellWord(displayPath(outDir))} --resume\n`);
     if (flags.json) process.stdout.write(JSON.stringify(json) + '\n');
     else printOutputs([['checkpoints', checkpoints], ...logOutputs]);
     process.exitCode = stoppedBy === 'SIGTERM' ? 143 : 130; // 128 + the signal's number, as a shell reports it
@@ -650,7 +650,7 @@ export function registerTrainCommand(program: Command): Command {
     .option('--val-images <n>', 'MNIST validation images', parseInteger(1))
     .option('--test-images <n>', 'MNIST test images', parseInteger(1))
     .option('--data-seed <n>', 'seed of the data split and the synthetic annotators', parseInteger(0))
-    .option('--data <dir>', 'BraTS: a cache made by cmseg prepare, or a BraTS folder (then prepared into <out>/cache); --preset images: the image folder')
+    .option('--data <dir>', 'BraTS: a cache made by cmseg prepare, or a BraTS folder (then prepared into <out>/cache); --preset images: the image folder', parsePath('--data'))
     .option('--classes <n>', 'image folders: classes including background (default 2)', parseInteger(2))
     .addOption(choiceOption('--label-mapping <how>', "image folders: how label PNGs are read: value (the sample is the label), binary (non-zero is foreground), auto (binary for 2 classes)", ['auto', 'value', 'binary']))
     .option('--patch <n>', 'BraTS: edge of the cubic training patch, also the sliding window (a multiple of 2^(depth-1))', parseInteger(1))
@@ -660,7 +660,7 @@ export function registerTrainCommand(program: Command): Command {
     .option('--geometry-tolerance <mm>', 'BraTS folders (prepared into <out>/cache): how far apart a case\'s files may put one voxel and still count as one grid', parseNumber(0), BRATS_GEOMETRY_TOLERANCE_MM)
     .option('--no-augment', 'no random flips and rotations')
     .option('--seed <n>', 'seed of the initialisation, data order and augmentation', parseInteger(0))
-    .option('--out <dir>', 'output folder (default results/runs/<preset>-<method>-<labels>-seed<seed>; image folders: the folder\'s name for <labels>)')
+    .option('--out <dir>', 'output folder (default results/runs/<preset>-<method>-<labels>-seed<seed>; image folders: the folder\'s name for <labels>)', parsePath('--out'))
     .option('--resume', 'continue the run in --out from its last checkpoint')
     .option('--checkpoint-every <n>', 'also save the last checkpoint every n steps', parseInteger(0))
     .option('--bf16', 'GPU presets: convolutions in bfloat16 with fp32 accumulation (like torch.autocast bf16)')

@@ -7,7 +7,7 @@ import { Command } from 'commander';
 import { readCheckpointInfo, methodLabel, type CheckpointInfo } from '../model/checkpoint-info';
 import type { DatasetSpec } from '../train/experiment';
 import { backendInfo, setNumThreads } from '../model/model';
-import { parsePath, parseThreads, UserError, withExamples } from './common';
+import { parseThreads, UserError, withExamples } from './common';
 
 interface InfoFlags {
   checkpoint?: string;
@@ -88,7 +88,7 @@ export function registerInfoCommand(program: Command): Command {
   const cmd = program
     .command('info')
     .description('what this installation can run (backends, GPU, threads), or what a checkpoint holds (--checkpoint)')
-    .option('--checkpoint <file>', 'describe this checkpoint: model, method, step, annotators, the data it was trained on', parsePath('--checkpoint'))
+    .option('--checkpoint <file>', 'describe this checkpoint: model, method, step, annotators, the data it was trained on')
     .option('--json', 'print one JSON object instead of text')
     .option('--threads <n>', 'native threads (default: CMSEG_NUM_THREADS or all cores)', parseThreads)
     .action((flags: InfoFlags) => runInfo(flags));

@@ -3,6 +3,7 @@
 // (Rohlfing et al. 2004, ITK conventions) and spatial STAPLE (Asman & Landman
 // 2012). One image or volume per call; raters may be absent (null) and pixels
 // unlabelled (255).
+import { UNLABELLED } from '../data/annotators';
 import { loadNative } from '../native';
 
 export type FusionMethod = 'mean' | 'mode' | 'staple' | 'multi-staple' | 'spatial-staple';
@@ -52,9 +53,6 @@ export interface FuseResult {
   iterations?: number;
   converged?: boolean;
 }
-
-/** Label value of an unlabelled voxel (SPEC section 1). */
-const UNLABELLED = 255;
 
 /** An invalid-argument error like the engine's (same code), for checks made here. */
 function invalid(message: string): Error {

@@ -17,6 +17,7 @@
 // (x_k - m_{k-1} = 0), so an ensemble of identical models returns that model's prediction
 // bit for bit. tta.ts averages mirrored predictions with the same function.
 
+import { copyIfShort, copyTypedArray } from './model';
 import type { SlidingWindowModel } from './sliding-window';
 
 /** What ensemble() and mirrored() present: the inference part of a Model (SlidingWindowModel). */
@@ -84,7 +85,7 @@ export function checkPredictingModel(value: unknown, what: string): asserts valu
  * buffer refilled, a shape or options object reused for the next call), where README
  * ("Calls, errors and memory") lets a CPU model's caller change them once the call is made:
  * a silently mixed mean, or a RangeError when `cms` was turned off. The images are copied (a fraction of the outputs'
- * size: those are L or R*L*L times larger); anything that is not a Float32Array, an array or
+ * size: those are L or R*L*L times larger), as a CPU Model copies them (model.ts's helpers); anything that is not a typed array, an array or
  * an object is passed on as it is, for the model to reject.
  */
 export function predictArguments(
@@ -93,8 +94,8 @@ export function predictArguments(
   options: Parameters<PredictingModel['predict']>[2],
 ): [Float32Array, number[], Parameters<PredictingModel['predict']>[2]] {
   return [
-    images instanceof Float32Array ? images.slice() : images,
-    Array.isArray(shape) && shape.length <= 16 ? [...shape] : shape,
+    copyTypedArray(images),
+    copyIfShort(shape),
     options !== null && typeof options === 'object' && !Array.isArray(options) ? { ...options } : options,
   ];
 }

@@ -289,7 +289,7 @@ function snapshotBatch(batch: Batch, copyArrays: boolean): Batch {
 }
 
 /** A typed array's own copy (Model.copiesInputs says why); anything else as it is, for the native side to name. */
-function copyTypedArray<T>(value: T): T {
+export function copyTypedArray<T>(value: T): T {
   if (!ArrayBuffer.isView(value) || value instanceof DataView) return value;
   try {
     return (value as unknown as Uint8Array).slice() as unknown as T;
@@ -303,7 +303,7 @@ function copyTypedArray<T>(value: T): T {
 // it by its length.
 const MAX_COPIED_ENTRIES = 1024;
 
-function copyIfShort<T>(value: T): T {
+export function copyIfShort<T>(value: T): T {
   return Array.isArray(value) && value.length <= MAX_COPIED_ENTRIES ? ([...value] as T) : value;
 }
 

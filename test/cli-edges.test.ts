@@ -9,7 +9,7 @@ import { cliHelp, runCli } from './helpers/cli';
 import { createModel } from '../src/model/model';
 import { saveCheckpoint } from '../src/model/checkpoint';
 import { TRAINER_STATE_FORMAT, TRAINER_STATE_VERSION } from '../src/train/trainer';
-import { writeFileAtomic, writeFileAtomicSync } from '../src/data/files';
+import { atomicTempWriter, isAtomicTempFor, tempNameFor, writeFileAtomic, writeFileAtomicSync } from '../src/data/files';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-cli-edges-'));
 t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
@@ -99,7 +99,7 @@ t.test('info --checkpoint: an unknown method or a negative step in the trainer s
   t.match(oneErrorLine(t, n.stderr), neg);
 });
 
-t.test('a failed write names the file asked for, not the temp file beside it', async (t) => {
+t.test('a long output name is written through its temp file; one too long is named, not its temp file', async (t) => {
   // A run folder with a hand-written log of three steps, so that curves has something to draw.
   const run = path.join(dir, 'run with space ü');
   fs.mkdirSync(run);
@@ -108,15 +108,46 @@ t.test('a failed write names the file asked for, not the temp file beside it', a
   const ok = await runCli(['curves', run], dir);
   t.equal(ok.exitCode, 0, ok.stderr);
   t.ok(fs.statSync(path.join(run, 'curves.png')).size > 0, 'the control run draws its picture');
-  // A name of 240 bytes is allowed (255 at most), but the temp file written first is longer.
-  const target = path.join(dir, 'c'.repeat(236) + '.png');
+  // A name of 240 bytes is allowed (255 at most): the temp file written first, longer by its
+  // suffix, must still fit (it failed as "name is too long" for names of 230-255 bytes).
+  const long = path.join(dir, 'c'.repeat(236) + '.png');
+  const written = await runCli(['curves', run, '--out', long], dir);
+  t.equal(written.exitCode, 0, written.stderr);
+  t.same(fs.readFileSync(long), fs.readFileSync(path.join(run, 'curves.png')), 'the same picture under the long name');
+  // 255 bytes of multi-byte letters: the temp name is cut on a letter boundary, not mid-letter.
+  const accented = path.join(dir, 'é'.repeat(125) + '.png');
+  t.equal(Buffer.byteLength(path.basename(accented)), 254);
+  const again = await runCli(['curves', run, '--out', accented], dir);
+  t.equal(again.exitCode, 0, again.stderr);
+  t.ok(fs.statSync(accented).size > 0, 'a 254-byte name of two-byte letters is written');
+  t.same(fs.readdirSync(dir).filter((name) => name.endsWith('.tmp')), [], 'no temp file left');
+  // One byte more than a name can hold fails as the file system says, naming the file asked for.
+  const target = path.join(dir, 'c'.repeat(252) + '.png');
   const r = await runCli(['curves', run, '--out', target], dir);
   t.equal(r.exitCode, 1);
   const line = oneErrorLine(t, r.stderr);
-  t.ok(line.startsWith(`cmseg: error: could not write ${target}: `), line);
+  t.ok(line.startsWith(`cmseg: error: --out ${target}: `), line);
   t.notMatch(line, /\.tmp/, 'the temp file is not named');
   t.notMatch(line, /ENAMETOOLONG|open '/, 'no raw errno text');
   t.match(line, /name is too long/);
+});
+
+t.test('the temp file of a write to a long name fits the 255-byte limit, and is recognised', async (t) => {
+  for (const bytes of [200, 229, 230, 240, 255]) {
+    const target = path.join(dir, 'x'.repeat(bytes - 4) + '.bin');
+    const data = new Uint8Array([bytes & 255, 1, 2, 3]);
+    writeFileAtomicSync(target, data);
+    t.same(new Uint8Array(fs.readFileSync(target)), data, `sync write of a ${bytes}-byte name`);
+    await writeFileAtomic(target, data.reverse());
+    t.same(new Uint8Array(fs.readFileSync(target)), data, `async write of a ${bytes}-byte name`);
+  }
+  // A writer killed mid-write leaves its temp file; cleanup and tests find it by the target's name.
+  const target = path.join(dir, 'y'.repeat(251) + '.bin');
+  const temp = path.join(dir, tempNameFor(target));
+  t.ok(Buffer.byteLength(path.basename(temp)) <= 255, path.basename(temp));
+  t.ok(isAtomicTempFor(target, path.basename(temp)), 'its temp file is recognised as its own');
+  t.notOk(isAtomicTempFor(path.join(dir, 'y'.repeat(200) + '.bin'), path.basename(temp)), 'not as another name\'s');
+  t.equal(atomicTempWriter(path.basename(temp)), process.pid, 'the writer pid is read back from the name');
 });
 
 t.test('an output named by a device, pipe or /dev path is refused before it is replaced', async (t) => {

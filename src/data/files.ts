@@ -74,14 +74,36 @@ function namedFolderError(err: unknown, filePath: string, what: string): unknown
 // within one file system. The leading dot keeps it out of most globs, and the
 // random part lets concurrent writers of the same target not collide.
 function tempPathFor(target: string): string {
-  const suffix = `${process.pid}.${randomBytes(6).toString('hex')}`;
-  return path.join(path.dirname(target), `.${path.basename(target)}.${suffix}.tmp`);
+  return path.join(path.dirname(target), tempNameFor(target));
+}
+
+/** The name of a temp file for `target`: `.<name>.<pid>.<12 hex digits>.tmp`, the name cut to fit. */
+export function tempNameFor(target: string): string {
+  return `.${tempStem(target)}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`;
+}
+
+// A file name holds 255 bytes; the temp name adds 26 to the target's (a pid of up to 7 digits,
+// Linux's largest). A longer target name is cut to the bytes that fit, on a letter boundary, so
+// every name that may be written can be written atomically. The cut does not depend on the
+// writer's pid, so isAtomicTempFor recognises any writer's temp files.
+const TEMP_NAME_ROOM = 255 - '..1234567.0123456789ab.tmp'.length;
+
+function tempStem(target: string): string {
+  const base = path.basename(target);
+  if (Buffer.byteLength(base) <= TEMP_NAME_ROOM) return base;
+  let stem = '';
+  let bytes = 0;
+  for (const letter of base) {
+    bytes += Buffer.byteLength(letter);
+    if (bytes > TEMP_NAME_ROOM) break;
+    stem += letter;
+  }
+  return stem;
 }
 
 /** Whether `name` is a temp file left by writeFileAtomic for `target` (used by tests and cleanup). */
 export function isAtomicTempFor(target: string, name: string): boolean {
-  const base = path.basename(target);
-  return name.startsWith(`.${base}.`) && name.endsWith('.tmp');
+  return name.startsWith(`.${tempStem(target)}.`) && ATOMIC_TEMP.test(name);
 }
 
 // After the rename the new directory entry itself must reach the disk, or a

@@ -53,8 +53,21 @@ export { loadMnistSplits } from './data/mnist';
 export { loadImageFolder, scanImageFolder } from './data/image-folder';
 export { readPng, writePng } from './data/png';
 export type { PngImage, DecodedPng } from './data/png';
-export { discoverBratsCases, loadBratsCase, preprocessBratsCase, uncropVolume, mapBratsLabels, bratsLayoutHint, BRATS_MODALITIES, BRATS_CLASSES, BRATS_GEOMETRY_TOLERANCE_MM } from './data/brats';
-export type { BratsCase, BratsVolume, PreprocessedBratsCase, CropBox, LoadOptions as BratsLoadOptions } from './data/brats';
+export {
+  discoverBratsCases,
+  loadBratsCase,
+  preprocessBratsCase,
+  uncropVolume,
+  mapBratsLabels,
+  releaseBratsLabels,
+  bratsClassNames,
+  bratsLayoutHint,
+  BRATS_MODALITIES,
+  BRATS_CLASSES,
+  BRATS_LABEL_SCHEMES,
+  BRATS_GEOMETRY_TOLERANCE_MM,
+} from './data/brats';
+export type { BratsCase, BratsVolume, PreprocessedBratsCase, CropBox, BratsLabelScheme, LoadOptions as BratsLoadOptions } from './data/brats';
 export { writeBratsPhantoms } from './data/brats-phantom';
 export { prepareCache, readCachedCase, readCachedCaseForScoring, readCacheIndex } from './data/cache';
 export type { PrepareCacheOptions, CachedCase, CacheIndex } from './data/cache';

@@ -11,11 +11,12 @@ import * as path from 'path';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { SingleBar } from 'cli-progress';
 import type { AnnotatorKind, AnnotatorSpec, LabelMode } from '../data/annotators';
-import { BRATS_GEOMETRY_TOLERANCE_MM, discoverBratsCases } from '../data/brats';
+import { BRATS_GEOMETRY_TOLERANCE_MM, BRATS_LABEL_SCHEMES, type BratsCase, type BratsLabelScheme, discoverBratsCases } from '../data/brats';
 import { sameFileAt } from '../data/files';
 import {
   BRATS_DEFAULT_ANNOTATORS,
   cacheIndexPath,
+  cacheLabelScheme,
   type CacheDtype,
   type PrepareCacheOptions,
   type PrepareCacheResult,
@@ -57,11 +58,18 @@ export interface PrepareRun {
  * otherwise one line per case) and Ctrl-C handling. Shared by `cmseg prepare` and by
  * `cmseg train` when it is given a BraTS folder.
  */
-export async function prepareWithProgress(dataDir: string, cacheDir: string, options: Omit<PrepareCacheOptions, 'onProgress'>, output: { quiet?: boolean } = {}): Promise<PrepareRun> {
+export async function prepareWithProgress(dataDir: string, cacheDir: string, options: Omit<PrepareCacheOptions, 'onProgress' | 'onNote'>, output: { quiet?: boolean } = {}): Promise<PrepareRun> {
   // Discover first: a missing or empty folder is reported before the cache folder is made.
   const stream = process.stderr;
-  const total = discoverBratsCases(dataDir, { requireSeg: true, onSkipped: (note) => stream.write(`note: ${note}\n`) }).length;
+  const cases = discoverBratsCases(dataDir, { requireSeg: true, onSkipped: (note) => stream.write(`note: ${note}\n`) });
+  const total = cases.length;
+  const pedsNote = pediatricCasesNote(cases, options.labelScheme ?? 'brats');
+  if (pedsNote) stream.write(`note: ${pedsNote}\n`);
   const bar = !output.quiet && stream.isTTY ? new SingleBar({ stream, format: 'prepare [{bar}] {value}/{total} cases | {id} | {eta_formatted}', barsize: 24, hideCursor: true }) : undefined;
+  // Notes about single cases (a modality of zeros): written at once, or after the bar, which
+  // a line written under it would break.
+  const heldNotes: string[] = [];
+  const onNote = (note: string) => (bar ? heldNotes.push(note) : stream.write(`note: ${note}\n`));
   let interrupted = false;
   const onSigint = () => {
     if (interrupted) {
@@ -77,6 +85,7 @@ export async function prepareWithProgress(dataDir: string, cacheDir: string, opt
   try {
     const result = await prepareCache(dataDir, cacheDir, {
       ...options,
+      onNote,
       onProgress: (p: PrepareProgress) => {
         const done = p.position + 1;
         if (bar) bar.update(done, { id: `${p.id} ${p.status}` });
@@ -93,8 +102,36 @@ export async function prepareWithProgress(dataDir: string, cacheDir: string, opt
     throw error;
   } finally {
     bar?.stop();
+    for (const note of heldNotes) stream.write(`note: ${note}\n`);
     process.off('SIGINT', onSigint);
   }
+}
+
+/**
+ * A note when cases named as BraTS pediatric cases (BraTS-PED-...) are read with the default
+ * label scheme: BraTS-PEDs 2023 files number 1, 2, 3 as the 2023 release (read right), but
+ * BraTS-PEDs 2024 files number 1 ET, 2 NET, 3 CC, 4 ED under the same names. A 2024 case with
+ * an edema is refused (its 4), but one without edema would be read silently wrong (ET as
+ * necrosis, NET as edema, CC as ET), and nothing in the files tells the releases apart.
+ */
+export function pediatricCasesNote(cases: readonly BratsCase[], labelScheme: BratsLabelScheme): string | undefined {
+  const isPeds = (c: BratsCase) => /^BraTS-PED-/i.test(c.id);
+  if (labelScheme === 'peds2024') {
+    // The other way round: BraTS-PEDs cases are all named BraTS-PED-...; another release's
+    // 2023 files read as PEDs would have their ET (3) taken for a cyst, also without an error.
+    const others = cases.filter((c) => c.naming === '2023' && !isPeds(c));
+    if (others.length === 0) return undefined;
+    return (
+      `${others.length} case(s) are read as BraTS-PEDs 2024 (--label-scheme peds2024: 1 ET, 2 NET, 3 CC, 4 ED) but are not named as pediatric cases ` +
+      `(BraTS-PED-...: ${others[0].id}${others.length > 1 ? ', ...' : ''}); if they are BraTS 2023 files (1 NCR, 2 ED, 3 ET), leave the option out`
+    );
+  }
+  const peds = cases.filter((c) => c.naming === '2023' && isPeds(c));
+  if (peds.length === 0) return undefined;
+  return (
+    `${peds.length} case(s) are pediatric (${peds[0].id}${peds.length > 1 ? ', ...' : ''}), read with the BraTS 2023 labels (1 NCR, 2 ED, 3 ET: as BraTS-PEDs 2023); ` +
+    'if they are BraTS-PEDs 2024 files (1 ET, 2 NET, 3 CC, 4 ED), prepare them with --label-scheme peds2024'
+  );
 }
 
 interface PrepareFlags {
@@ -106,6 +143,7 @@ interface PrepareFlags {
   seed: number;
   margin: number;
   geometryTolerance: number;
+  labelScheme: BratsLabelScheme;
   rebuild?: boolean;
   quiet?: boolean;
 }
@@ -151,6 +189,7 @@ async function runPrepare(flags: PrepareFlags): Promise<void> {
       margin: flags.margin,
       rebuild: flags.rebuild,
       geometryTolerance: flags.geometryTolerance,
+      labelScheme: flags.labelScheme,
     },
     { quiet: flags.quiet },
   );
@@ -177,7 +216,9 @@ async function runPrepare(flags: PrepareFlags): Promise<void> {
   process.stdout.write(
     `prepared ${prepared.length} case(s), ${skipped.length} up to date` +
       (removed.length ? `, ${removed.length} removed (no longer in ${displayPath(dataDir)})` : '') +
-      `; the cache holds ${index.cases.length} cases (${megabytes.toFixed(1)} MB) with annotators ${index.names.join(', ')} (${index.settings.mode} labels, ${index.settings.dtype})\n`,
+      `; the cache holds ${index.cases.length} cases (${megabytes.toFixed(1)} MB) with annotators ${index.names.join(', ')} (${index.settings.mode} labels, ${index.settings.dtype}` +
+      (cacheLabelScheme(index) === 'peds2024' ? ', BraTS-PEDs 2024 segmentations: ET, NET + CC as the non-enhancing core, ED' : '') +
+      ')\n',
   );
   printOutputs(outputs);
 }
@@ -197,6 +238,14 @@ export function registerPrepareCommand(program: Command): Command {
     .addOption(choiceOption('--dtype <type>', 'image storage: float16 halves the disk and read traffic (relative error ~5e-4)', ['float16', 'float32']).default('float16'))
     .option('--seed <n>', 'seed of the synthetic annotators', parseInteger(0), 0)
     .option('--margin <n>', 'voxels kept around the brain when cropping', parseInteger(0), 0)
+    .addOption(
+      choiceOption(
+        '--label-scheme <scheme>',
+        'how segmentation numbers are read: brats (by the file names: 2018-2021 ET = 4, 2023 ET = 3) or peds2024 ' +
+          '(BraTS-PEDs 2024, 2023 names: 1 ET, 2 NET, 3 CC, 4 ED; NET and CC become one non-enhancing core class, so WT, TC, ET are the challenge\'s)',
+        BRATS_LABEL_SCHEMES,
+      ).default('brats'),
+    )
     .option('--geometry-tolerance <mm>', "how far apart a case's files may put one voxel and still count as one grid", parseNumber(0), BRATS_GEOMETRY_TOLERANCE_MM)
     .option('--rebuild', 'prepare every case again (needed to change the settings of an existing cache)')
     .option('-q, --quiet', 'no progress output')
@@ -213,5 +262,6 @@ export function registerPrepareCommand(program: Command): Command {
     command,
     'cmseg prepare --data data/BraTS2021 --out cache/brats2021',
     'cmseg prepare --data data/phantoms --out cache/phantoms --annotators over,under,wrong --labels single --seed 1',
+    'cmseg prepare --data data/BraTS-PEDs-2024 --out cache/peds --label-scheme peds2024',
   );
 }

@@ -7,6 +7,7 @@ import { UserError } from '../errors';
 import { displayPath } from './files';
 import {
   type BratsCase,
+  type BratsLabelScheme,
   type BratsNaming,
   type CropBox,
   type VolumeGeometry,
@@ -17,7 +18,7 @@ import {
   loadBratsCase,
   preprocessBratsCase,
 } from './brats';
-import { cacheIndexPath, readCacheIndex, readCachedCase, readCachedCaseForScoring } from './cache';
+import { cacheIndexPath, cacheLabelScheme, readCacheIndex, readCachedCase, readCachedCaseForScoring } from './cache';
 import type { Extent } from './morphology';
 import type { NiftiHeader } from './nifti';
 
@@ -25,6 +26,11 @@ import type { NiftiHeader } from './nifti';
 export interface CaseToPredict {
   id: string;
   naming: BratsNaming;
+  /**
+   * How the case's segmentation was read ('peds2024': BraTS-PEDs 2024): predictions written in
+   * its numbering go through releaseBratsLabels(labels, naming, labelScheme).
+   */
+  labelScheme: BratsLabelScheme;
   /** z-scored, cropped [C, D, H, W]. */
   images: Float32Array;
   extent: Extent;
@@ -54,6 +60,7 @@ export interface CaseList {
  */
 export function cacheCases(cacheDir: string, ids?: readonly string[], forScoring = false): CaseList {
   const index = readCacheIndex(cacheDir);
+  const labelScheme = cacheLabelScheme(index);
   const naming = new Map(index.cases.map((c) => [c.id, c.naming]));
   return {
     ids: ids ? [...ids] : index.cases.map((c) => c.id),
@@ -64,6 +71,7 @@ export function cacheCases(cacheDir: string, ids?: readonly string[], forScoring
       return {
         id,
         naming: naming.get(id) ?? '2021',
+        labelScheme,
         images: c.images,
         extent: c.extent,
         crop: c.crop,
@@ -82,7 +90,7 @@ export function cacheCases(cacheDir: string, ids?: readonly string[], forScoring
  * (`requireSeg` false) a case's segmentation is optional and a bad one only warned about;
  * for scoring, cases without one are left out with a note and a bad one is an error.
  */
-export function folderCases(dir: string, geometryTolerance: number, requireSeg = false): CaseList {
+export function folderCases(dir: string, geometryTolerance: number, requireSeg = false, labelScheme: BratsLabelScheme = 'brats'): CaseList {
   const single = singleCase(dir);
   let cases = single ? [single] : [];
   try {
@@ -113,9 +121,9 @@ export function folderCases(dir: string, geometryTolerance: number, requireSeg =
       // For predictions the segmentation only draws the expert picture: a bad one is no reason not to predict.
       const onBadSeg = (error: Error) =>
         process.stderr.write(`warning: ${oneLine(error.message)}; predicting ${id} without its segmentation (used only for the picture)\n`);
-      const volume = await loadBratsCase(c, { geometryTolerance, ...(requireSeg ? {} : { onBadSeg }) });
+      const volume = await loadBratsCase(c, { geometryTolerance, labelScheme, ...(requireSeg ? {} : { onBadSeg }) });
       const pre = preprocessBratsCase(volume);
-      return { id, naming: c.naming, images: pre.images, extent: pre.extent, crop: pre.crop, original: pre.original, header: volume.header, seg: pre.seg };
+      return { id, naming: c.naming, labelScheme, images: pre.images, extent: pre.extent, crop: pre.crop, original: pre.original, header: volume.header, seg: pre.seg };
     },
   };
 }
@@ -137,8 +145,18 @@ function oneLine(text: string): string {
 /**
  * The cases of --data: a cmseg cache, or NIfTI cases (a case folder or a BraTS folder).
  * `requireSeg` is for scoring: cases without a segmentation are left out, and a cache's
- * cases come with every annotator's labels (also from a single-mode cache).
+ * cases come with every annotator's labels (also from a single-mode cache). `labelScheme`
+ * (when the user gave one) reads NIfTI segmentations; a cache was read with its own, and
+ * one given that differs from it is a UserError rather than silently not applied.
  */
-export function casesInData(dir: string, geometryTolerance: number, requireSeg = false): CaseList {
-  return fs.existsSync(cacheIndexPath(dir)) ? cacheCases(dir, undefined, requireSeg) : folderCases(dir, geometryTolerance, requireSeg);
+export function casesInData(dir: string, geometryTolerance: number, requireSeg = false, labelScheme?: BratsLabelScheme): CaseList {
+  if (!fs.existsSync(cacheIndexPath(dir))) return folderCases(dir, geometryTolerance, requireSeg, labelScheme);
+  const list = cacheCases(dir, undefined, requireSeg);
+  if (labelScheme !== undefined) {
+    const cached = cacheLabelScheme(readCacheIndex(dir));
+    if (cached !== labelScheme) {
+      throw new UserError(`--label-scheme ${labelScheme} asked, but the cache ${displayPath(dir)} was prepared with the label scheme ${cached}, which its labels keep: leave the option out, or prepare the cache again with it`);
+    }
+  }
+  return list;
 }

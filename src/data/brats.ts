@@ -14,6 +14,16 @@
 // numbering: a 3 in a 2018-2021 file or a 4 in a 2023 file (BraTS 2024 post-treatment's
 // resection cavity) is an error, never merged into enhancing tumour.
 //
+// BraTS-PEDs 2024 (pediatric) files have 2023 names but their own numbering: 1 enhancing
+// tumour (ET), 2 non-enhancing tumour (NET), 3 cystic component (CC), 4 peritumoural edema
+// (ED); its regions are ET = {1}, TC = {1, 2, 3}, WT = {1, 2, 3, 4} (the challenge's own
+// scoring, github.com/rachitsaluja/BraTS-2024-Metrics metrics_PED.py). Nothing in a file
+// tells it from a 2023 file (BraTS-PEDs 2023 used the same ids with 2023 labels), so it is
+// read only when asked for (label scheme 'peds2024', `cmseg prepare --label-scheme`): ET to
+// our 3, NET and CC both to our 1 (the non-enhancing core), ED to our 2. Our regions WT, TC,
+// ET are then exactly the challenge's; NET and CC are not told apart (BraTS-PEDs 2023 merged
+// them the same way).
+//
 // Layout of the folder: one folder per case, or (BraTS 2018/2019) one more level of
 // grouping folders, ROOT/HGG/ID/... and ROOT/LGG/ID/...
 //
@@ -44,6 +54,26 @@ export const BRATS_ENHANCING_LABEL_2021 = 4;
 export const BRATS_ENHANCING_LABEL = 3;
 
 export type BratsNaming = '2021' | '2023';
+
+/**
+ * How a segmentation's numbers are read: 'brats' by the release its file names say (2018-2021:
+ * ET = 4; 2023: ET = 3), 'peds2024' as BraTS-PEDs 2024 (1 ET, 2 NET, 3 CC, 4 ED; 2023 names).
+ */
+export type BratsLabelScheme = 'brats' | 'peds2024';
+export const BRATS_LABEL_SCHEMES: readonly BratsLabelScheme[] = ['brats', 'peds2024'];
+
+/**
+ * Our classes' names as the segmentations read with `scheme` mean them: read as BraTS-PEDs
+ * 2024, class 1 is the non-enhancing tumour and the cysts (there is no necrosis label).
+ */
+export function bratsClassNames(scheme: BratsLabelScheme = 'brats'): readonly string[] {
+  return scheme === 'peds2024' ? ['background', 'non-enhancing core (NET + CC)', 'edema (ED)', 'enhancing tumour (ET)'] : BRATS_CLASS_NAMES;
+}
+
+/** BraTS-PEDs 2024 label -> our class: 1 ET -> 3, 2 NET -> 1, 3 CC -> 1, 4 ED -> 2. */
+export const BRATS_PEDS_2024_CLASSES: readonly number[] = [0, 3, 1, 1, 2];
+/** Our class -> the BraTS-PEDs 2024 label written for it (class 1 as NET: NET and CC are one class). */
+export const BRATS_PEDS_2024_RELEASE: readonly number[] = [0, 2, 4, 1];
 
 /** File-name pieces per release: ID + separator + suffix + .nii(.gz). */
 export const BRATS_NAMING: Record<BratsNaming, { separator: string; modalities: Record<BratsModality, string>; seg: string }> = {
@@ -513,6 +543,8 @@ export interface LoadOptions {
    * case: for prediction, which needs the images only.
    */
   onBadSeg?: (error: Error) => void;
+  /** How the segmentation's numbers are read (default 'brats': by the file names' release). */
+  labelScheme?: BratsLabelScheme;
 }
 
 /** Reads a case's files and checks that they share one voxel grid. Throws BratsError. */
@@ -553,7 +585,7 @@ export async function loadBratsCase(c: BratsCase, options: LoadOptions = {}): Pr
     try {
       const seg = await segRead;
       checkSameGrid(c.id, reference, seg, tolerance);
-      result.seg = mapBratsLabels(seg.data, c.id, c.seg, c.naming);
+      result.seg = mapBratsLabels(seg.data, c.id, c.seg, c.naming, options.labelScheme);
     } catch (error) {
       if (!options.onBadSeg || !(error instanceof Error)) throw error;
       options.onBadSeg(error);
@@ -635,14 +667,17 @@ function formatMm(mm: number): string {
 }
 
 /**
- * BraTS labels to our classes 0..3: 0, 1, 2 unchanged, enhancing tumour to 3. Which labels a
+ * BraTS labels to our classes 0..3 (scheme 'brats'; 'peds2024' reads BraTS-PEDs 2024 files,
+ * see the top of this file): 0, 1, 2 unchanged, enhancing tumour to 3. Which labels a
  * file may hold depends on its release (`naming`): 2018-2021 files have ET = 4 and no 3;
  * 2023 files have ET = 3, and a 4 there is some other structure (BraTS 2024
  * post-treatment: the resection cavity) that must not be trained as tumour. Without a
  * naming, 3 and 4 are both read as ET unless a file holds both. Any other value (or a
  * non-integer) is an error naming the file and voxel.
  */
-export function mapBratsLabels(values: ArrayLike<number>, caseId: string, filePath: string, naming?: BratsNaming): Uint8Array {
+export function mapBratsLabels(values: ArrayLike<number>, caseId: string, filePath: string, naming?: BratsNaming, scheme: BratsLabelScheme = 'brats'): Uint8Array {
+  if (scheme === 'peds2024') return mapPeds2024Labels(values, caseId, filePath, naming);
+  if (scheme !== 'brats') throw new RangeError(`label scheme ${JSON.stringify(scheme)} must be one of ${BRATS_LABEL_SCHEMES.join(', ')}`);
   const out = new Uint8Array(values.length);
   let first3 = -1;
   let first4 = -1;
@@ -667,7 +702,8 @@ export function mapBratsLabels(values: ArrayLike<number>, caseId: string, filePa
       caseId,
       filePath,
       `${where(4, first4)} is not a BraTS 2023 label: files with 2023 names (ID-seg.nii.gz) use 1 necrotic core (NCR), 2 edema (ED), ` +
-        `3 enhancing tumour (ET), so a 4 is something else (BraTS 2024 post-treatment: resection cavity) that cmseg does not train; relabel it or leave the case out`,
+        `3 enhancing tumour (ET), so a 4 is something else (BraTS 2024 post-treatment: resection cavity) that cmseg does not train; relabel it or leave the case out. ` +
+        `If these are BraTS-PEDs 2024 (pediatric) files, numbered 1 ET, 2 NET, 3 CC, 4 ED, say so: cmseg prepare --label-scheme peds2024`,
       4,
     );
   }
@@ -685,6 +721,53 @@ export function mapBratsLabels(values: ArrayLike<number>, caseId: string, filePa
     throw new BratsError('bad-label', caseId, filePath, `${filePath} holds both 3 and 4 (${where(4, first4)}): enhancing tumour is one of them, never both`, 4);
   }
   return out;
+}
+
+/**
+ * A BraTS-PEDs 2024 segmentation (1 ET, 2 NET, 3 CC, 4 ED) as our classes 0..3
+ * (BRATS_PEDS_2024_CLASSES). Its files have 2023 names: 2018-2021 names are an error (a
+ * 2018-2021 file's 4 is enhancing tumour, read here as edema), and so is any other value.
+ */
+function mapPeds2024Labels(values: ArrayLike<number>, caseId: string, filePath: string, naming?: BratsNaming): Uint8Array {
+  if (naming === '2021') {
+    throw new BratsError(
+      'bad-label',
+      caseId,
+      filePath,
+      `${filePath} has a BraTS 2018-2021 name (ID_seg), but the label scheme peds2024 reads BraTS-PEDs 2024 files, which have 2023 names (ID-seg.nii.gz); ` +
+        `a 2018-2021 file numbers 4 enhancing tumour, which peds2024 would read as edema: leave out --label-scheme peds2024 for these files`,
+      naming,
+    );
+  }
+  const out = new Uint8Array(values.length);
+  for (let i = 0; i < values.length; i++) {
+    const v = values[i];
+    // (v >= 0 && v <= 4 alone would let 1.5 through; a table lookup of a non-integer is undefined.)
+    const c = Number.isInteger(v) ? BRATS_PEDS_2024_CLASSES[v] : undefined;
+    if (c === undefined) {
+      throw new BratsError(
+        'bad-label',
+        caseId,
+        filePath,
+        `label ${v} at voxel ${i} of ${filePath} is not a BraTS-PEDs 2024 label (0, 1 ET, 2 NET, 3 CC, 4 ED: label scheme peds2024)`,
+        v,
+      );
+    }
+    out[i] = c;
+  }
+  return out;
+}
+
+/**
+ * Our classes 0..3 as the labels of a segmentation file of `naming` and `scheme`, for writing
+ * predictions: ET is 4 in 2018-2021 files; BraTS-PEDs 2024 files get 1 ET, 2 NET (our
+ * non-enhancing core, NET and CC in one), 4 ED, and never 3 (CC cannot be told from NET).
+ * Values >= 4 (none in a BraTS map) are kept as they are.
+ */
+export function releaseBratsLabels(labels: Uint8Array, naming: BratsNaming, scheme: BratsLabelScheme = 'brats'): Uint8Array {
+  if (scheme === 'peds2024') return labels.map((x) => (x < BRATS_PEDS_2024_RELEASE.length ? BRATS_PEDS_2024_RELEASE[x] : x));
+  if (naming === '2021') return labels.map((x) => (x === BRATS_ENHANCING_LABEL ? BRATS_ENHANCING_LABEL_2021 : x));
+  return labels;
 }
 
 function countOf(values: ArrayLike<number>, label: number): number {
@@ -898,16 +981,32 @@ export interface PreprocessedBratsCase {
   stats: ChannelStats[];
 }
 
+/**
+ * The modalities of a preprocessed case that are zero at every voxel of its brain mask (mean
+ * and std 0 before normalisation: a sum of squares of non-zero float32 values is never 0).
+ * zScoreInMask keeps such a channel at zeros, which is deliberate (a missing sequence stored
+ * as an empty volume), but the case then has nothing to learn from that modality: worth a note.
+ */
+export function emptyModalities(stats: readonly ChannelStats[]): BratsModality[] {
+  return BRATS_MODALITIES.filter((_, c) => stats[c] !== undefined && stats[c].mean === 0 && stats[c].std === 0);
+}
+
 /** Brain mask, crop to its bounding box (+ margin), z-score per modality over the mask. */
 export function preprocessBratsCase(volume: BratsVolume, options: PreprocessOptions = {}): PreprocessedBratsCase {
   const margin = options.margin ?? 0;
   if (!Number.isInteger(margin) || margin < 0) throw new RangeError(`margin ${margin} must be an integer >= 0`);
   const extent = extentOfDims(volume.dims);
   const fullMask = brainMask(volume.images, BRATS_CHANNELS);
-  const crop = boundingBox(fullMask, extent, margin, volume.seg);
-  if (!crop) {
-    throw new BratsError('empty-brain', volume.id, volume.id, 'every modality is zero everywhere: no brain to normalise', 0);
+  // Checked on the mask itself: the crop box also takes in the segmentation's voxels, so a
+  // case of four empty images (a failed conversion) with a segmentation was cropped to its
+  // tumour and cached as zeros labelled tumour.
+  if (!fullMask.includes(1)) {
+    let tumour = 0;
+    if (volume.seg) for (let i = 0; i < volume.seg.length; i++) if (volume.seg[i] !== 0) tumour++;
+    const segNote = tumour > 0 ? ` (the segmentation labels ${tumour} tumour voxels, but there is no image to learn them from)` : '';
+    throw new BratsError('empty-brain', volume.id, volume.id, `every modality is zero everywhere: no brain to normalise${segNote}`, 0);
   }
+  const crop = boundingBox(fullMask, extent, margin, volume.seg)!;
   const images = cropVolume(volume.images, extent, crop, BRATS_CHANNELS);
   const mask = cropVolume(fullMask, extent, crop);
   const stats = zScoreInMask(images, mask, BRATS_CHANNELS);

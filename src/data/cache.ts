@@ -26,7 +26,8 @@
 //                             one from the union of the present annotators' foreground
 //
 // index.json: { format: "cmseg-brats-cache", version, settings (annotators, names, mode,
-// seed, dtype, margin, classes, modalities, maxLocations), channels, classes, names,
+// seed, dtype, margin, classes, modalities, maxLocations, labelScheme only when not 'brats'),
+// channels, classes, names,
 // cases: [{ id, file, shape [C,D,H,W], crop, original {dims, affine, spacing}, present,
 // naming, sources [{file, size, mtimeMs}], labelCounts, foreground {consensus, annotators},
 // bytes, fused? {<fusion>: {file, bytes, from {size, mtimeMs}, options, ms}} }] }.
@@ -48,8 +49,10 @@ import {
 import {
   BRATS_CHANNELS,
   BRATS_CLASSES,
+  BRATS_LABEL_SCHEMES,
   BRATS_MODALITIES,
   type BratsCase,
+  type BratsLabelScheme,
   type BratsNaming,
   type ChannelStats,
   type CropBox,
@@ -57,6 +60,7 @@ import {
   type VolumeGeometry,
   bratsCaseFiles,
   discoverBratsCases,
+  emptyModalities,
   loadBratsCase,
   preprocessBratsCase,
 } from './brats';
@@ -184,6 +188,17 @@ export interface CacheSettings {
   classes: number;
   modalities: string[];
   maxLocations: number;
+  /**
+   * How the segmentations were read (src/data/brats.ts): absent for 'brats' (by the file
+   * names' release; caches made before the setting existed have none), 'peds2024' for
+   * BraTS-PEDs 2024 files. The consensus and annotators are our classes 0..3 either way.
+   */
+  labelScheme?: BratsLabelScheme;
+}
+
+/** The label scheme a cache's segmentations were read with ('brats' when the index records none). */
+export function cacheLabelScheme(index: Pick<CacheIndex, 'settings'>): BratsLabelScheme {
+  return index.settings.labelScheme ?? 'brats';
 }
 
 export interface Section {
@@ -932,6 +947,13 @@ export interface PrepareCacheOptions {
   geometryTolerance?: number;
   /** Called after every case (prepared or skipped), once the case and the index are on disk. */
   onProgress?: (progress: PrepareProgress) => void | Promise<void>;
+  /** How the segmentations' numbers are read (default 'brats'); 'peds2024' for BraTS-PEDs 2024 files. */
+  labelScheme?: BratsLabelScheme;
+  /**
+   * Called with a one-line note about a case being prepared that is accepted but worth a look
+   * (a modality that is zero everywhere in the brain).
+   */
+  onNote?: (note: string) => void;
 }
 
 export interface PrepareCacheResult {
@@ -952,6 +974,8 @@ function settingsFor(options: PrepareCacheOptions): CacheSettings {
   if (!Number.isSafeInteger(seed)) throw new RangeError(`seed ${seed} must be a safe integer`);
   const maxLocations = options.maxLocations ?? DEFAULT_MAX_LOCATIONS;
   if (!Number.isInteger(maxLocations) || maxLocations < 1) throw new RangeError(`maxLocations ${maxLocations} must be an integer >= 1`);
+  const labelScheme = options.labelScheme ?? 'brats';
+  if (!BRATS_LABEL_SCHEMES.includes(labelScheme)) throw new RangeError(`labelScheme ${JSON.stringify(labelScheme)} must be one of ${BRATS_LABEL_SCHEMES.join(', ')}`);
   return {
     annotators,
     names: annotatorNames(annotators),
@@ -962,15 +986,23 @@ function settingsFor(options: PrepareCacheOptions): CacheSettings {
     classes: BRATS_CLASSES,
     modalities: [...BRATS_MODALITIES],
     maxLocations,
+    // Only when not the default: a default cache's index stays what it was before the setting.
+    ...(labelScheme !== 'brats' ? { labelScheme } : {}),
   };
 }
 
+/**
+ * The settings that differ. The keys of both are compared, with an absent labelScheme read
+ * as 'brats': only a's keys missed a peds2024 run over a cache that records no scheme.
+ */
 function changedSettings(a: CacheSettings, b: CacheSettings): (keyof CacheSettings)[] {
-  return (Object.keys(a) as (keyof CacheSettings)[]).filter((key) => JSON.stringify(a[key]) !== JSON.stringify(b[key]));
+  const value = (s: CacheSettings, key: keyof CacheSettings) => JSON.stringify(key === 'labelScheme' ? cacheLabelScheme({ settings: s }) : s[key]);
+  const keys = [...new Set([...Object.keys(a), ...Object.keys(b)])] as (keyof CacheSettings)[];
+  return keys.filter((key) => value(a, key) !== value(b, key));
 }
 
 /** The option that sets each cache setting, where its name differs (prepare's flags). */
-const SETTING_OPTION: Partial<Record<keyof CacheSettings, string>> = { names: 'annotators', mode: 'labels' };
+const SETTING_OPTION: Partial<Record<keyof CacheSettings, string>> = { names: 'annotators', mode: 'labels', labelScheme: 'label-scheme' };
 
 /**
  * "labels: dense in the cache, single asked" for each changed setting, by the option that sets
@@ -980,7 +1012,10 @@ function describeChangedSettings(cached: CacheSettings, asked: CacheSettings, ch
   const text = (v: unknown) => (typeof v === 'string' ? v : Array.isArray(v) && v.every((x) => typeof x === 'string') ? v.join(',') : JSON.stringify(v));
   return changed
     .filter((key) => !(key === 'annotators' && changed.includes('names')))
-    .map((key) => `${SETTING_OPTION[key] ?? key}: ${text(cached[key])} in the cache, ${text(asked[key])} asked`)
+    .map((key) => {
+      const shown = (s: CacheSettings) => text(key === 'labelScheme' ? cacheLabelScheme({ settings: s }) : s[key]);
+      return `${SETTING_OPTION[key] ?? key}: ${shown(cached)} in the cache, ${shown(asked)} asked`;
+    })
     .join('; ');
 }
 
@@ -1154,8 +1189,17 @@ export async function prepareCache(dataDir: string, cacheDir: string, options: P
       if (upToDate(cacheDir, existing, sources)) {
         skipped.push(c.id);
       } else {
-        const volume = await loadBratsCase(c, { geometryTolerance: options.geometryTolerance });
+        const volume = await loadBratsCase(c, { geometryTolerance: options.geometryTolerance, labelScheme: cacheLabelScheme({ settings }) });
         const pre = preprocessBratsCase(volume, { margin: settings.margin });
+        const empty = emptyModalities(pre.stats);
+        if (empty.length > 0) {
+          // Accepted (zScoreInMask keeps the channel at zeros), but most likely a broken export.
+          const files = empty.map((m) => path.basename(c.images[BRATS_MODALITIES.indexOf(m)]));
+          options.onNote?.(
+            `case ${c.id}: the ${empty.join(', ')} ${empty.length === 1 ? 'modality is' : 'modalities are'} zero everywhere in the brain (${files.join(', ')}); ` +
+              'kept as zeros, so the model learns nothing from it for this case: check the file if it should hold an image',
+          );
+        }
         const { bytes, header } = encodeCaseFile(cacheContentFor(pre, settings, volume.header), settings.dtype, settings.maxLocations);
         const file = path.posix.join(CASES_FOLDER, `${c.id}.bin`);
         if (existing) {

@@ -4,6 +4,9 @@
 // Regions: whole tumour WT = {1, 2, 3}, tumour core TC = {1, 3}, enhancing tumour ET = {3}.
 // The label mapping itself (and BRATS_CLASSES, BRATS_CLASS_NAMES) lives with the loader,
 // src/data/brats.ts (mapBratsLabels); this file only scores maps already in 0..3.
+// BraTS-PEDs 2024 maps (1 ET, 2 NET, 3 CC, 4 ED) read with the label scheme peds2024 are in
+// these classes too (ET -> 3, NET and CC -> 1, ED -> 2), and these regions are then exactly
+// the challenge's (ET = {1}, TC = {1, 2, 3}, WT = {1, 2, 3, 4}); class 1 is NET + CC there.
 import { BRATS_CLASSES } from '../data/brats';
 import { checkLabels, UNLABELLED } from '../data/annotators';
 import { checkLabelMap, labelConfusionCounts, dicePerClassFromCounts, meanStd, MeanStd, regionDiceFromCounts } from './metrics';

@@ -49,13 +49,21 @@ export interface NativeModel {
   dispose(): void;
 }
 
-/** Where a model's tensors live; for a GPU model, its device memory pool in MB. */
-export interface ModelMemory {
-  device: 'cpu' | 'cuda';
-  inUseMB?: number;
-  peakInUseMB?: number;
-  reservedMB?: number;
-}
+/**
+ * Where a model's tensors live; for a GPU model, its device memory pool in MB. A union, so
+ * that `if (m.device === 'cuda')` gives the figures without a check of each for undefined.
+ */
+export type ModelMemory =
+  | { device: 'cpu' }
+  | {
+      device: 'cuda';
+      /** MB of the pool held by live tensors now. */
+      inUseMB: number;
+      /** The most held at once since creation or the last resetPeakMemory(). */
+      peakInUseMB: number;
+      /** MB the pool has taken from the device (in use or cached for reuse). */
+      reservedMB: number;
+    };
 
 export interface NativeBackendInfo {
   cpu: boolean;

@@ -210,6 +210,20 @@ t.test('setNumThreads is refused while a native call runs, and works once it set
   await m.dispose();
 });
 
+t.test('state calls while a call is queued are refused as caller errors, with the code of the others', async (t) => {
+  const m = createModel({ ndim: 2, classes: 2, annotators: 1, depth: 2, baseChannels: 2 });
+  const running = m.trainStep({ images: new Float32Array(64), shape: [1, 1, 8, 8], labels: [new Uint8Array(64)] });
+  for (const call of ['getWeights', 'getGradients', 'getOptimizerState'] as const) {
+    t.throws(() => m[call](), { message: new RegExp(`^${call}: the model has 1 queued call\\(s\\)`), code: 'CMSEG_INVALID_ARGUMENT' }, call);
+  }
+  t.throws(() => m.setWeights({}), { code: 'CMSEG_INVALID_ARGUMENT' }, 'setWeights');
+  await running;
+  t.equal(Object.keys(m.getWeights()).length, m.parameters().length, 'answered once the call settled');
+  const memory = m.memory();
+  t.same(memory, { device: 'cpu' }, 'a CPU model reports no pool figures');
+  await m.dispose();
+});
+
 t.test('rater maps transferred away while fuse() runs neither crash the process nor change the result', { skip: linux }, async (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-edges-'));
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));

@@ -28,7 +28,8 @@ async function main() {
   }
   const peakRssMB = process.resourceUsage().maxRSS / 1024;
   // A GPU model's peak is its device pool's (what torch.cuda.max_memory_allocated reports on the other side).
-  const peakGpuMB = gpu ? model.memory().peakInUseMB : undefined;
+  const memory = model.memory();
+  const peakGpuMB = memory.device === 'cuda' ? memory.peakInUseMB : undefined;
   console.log(JSON.stringify({ ok: true, config: name, stepMs, peakRssMB, peakGpuMB, threads: backendInfo().threads, parameters: model.parameters() }));
 }
 

@@ -240,7 +240,10 @@ export class Model {
   private settled(call: string): void {
     if (this.freed) throw disposedError(`${call}: this model was disposed`);
     if (this.pending > 0 && !this.inTurn)
-      throw new Error(`${call}: the model has ${this.pending} queued call(s) (trainStep, predict, ...) not yet settled; await them first (or use model.idle())`);
+      // A caller error, coded as the native side codes its own (README, "Calls, errors and memory").
+      throw Object.assign(new Error(`${call}: the model has ${this.pending} queued call(s) (trainStep, predict, ...) not yet settled; await them first (or use model.idle())`), {
+        code: 'CMSEG_INVALID_ARGUMENT',
+      });
   }
 
   private enqueue<T>(fn: () => Promise<T>, disposing = false): Promise<T> {

@@ -37,7 +37,7 @@ export { evaluateModel, evaluateAgainstMajority, fusedLabelRows, paddedToDepth, 
 export type { EvaluationSummary, FusedLabelRows, InferenceModel, AnnotatedVolume, VolumeEvaluationOptions, VolumeScore } from './train/evaluate';
 export { meanLabels, meanLabelsHard, modeLabels } from './fusion/simple';
 export { evaluateSegmentation, SegmentationEvaluator, diceSummary, dicePerClass, totalDice, regionDice, fusedLabelDice, cmEstimationError, estimatedReliability, generalisedEnergyDistance, iouDistance, argmaxAnnotatorProbs, meanStd } from './eval/metrics';
-export type { MeanStd, DiceSummary, SegmentationReport, EvaluationInput, CmEstimationResult, GedResult, IouMode } from './eval/metrics';
+export type { MeanStd, DiceSummary, SegmentationReport, EvaluationInput, CmEstimationResult, GedResult, IouMode, NonFiniteOutputs } from './eval/metrics';
 export { bratsDice, bratsHausdorff95, BRATS_REGIONS } from './eval/brats-regions';
 export { hausdorff95, surfaceDistances, squaredDistanceTransform } from './eval/surface-distance';
 export type { BratsDiceReport, BratsRegion } from './eval/brats-regions';

@@ -288,6 +288,8 @@ function prepareOutput(out: string, flags: EvalFlags, made: string[]): void {
 /** One scored volume as a progress line: total Dice, and the BraTS regions' Dice and HD95 (mm). */
 function volumeLine(score: VolumeScore): string {
   // Undefined figures (a reference that labels no voxel) print '-', as an undefined HD95 does.
+  // A volume whose probabilities were NaN or Inf has no figures: the line says so, not '-' (no tumour).
+  if (score.nonFinite) return 'not scored: the model\'s output is non-finite (NaN or Inf)';
   const figure = (x: number, digits: number) => (Number.isFinite(x) ? x.toFixed(digits) : '-');
   const line = [`total Dice ${figure(score.totalDice, 4)}`];
   if (score.regions) {

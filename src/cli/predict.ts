@@ -41,7 +41,7 @@ import { slidingWindowPredict } from '../model/sliding-window';
 import { captionScale, captioned, classLegend, cmFigure, colorImage, grayImage, grid, labelImage, labelOverlay, legend, luminance, stack, upscale } from '../report/pictures';
 import { drawableText, hasGlyph } from '../report/font';
 import type { AnnotatedSet } from '../train/data';
-import { type InferenceModel, predictImages } from '../train/evaluate';
+import { checkVolumeImages, type InferenceModel, predictImages } from '../train/evaluate';
 import type { BratsDatasetSpec } from '../train/experiment';
 import { choiceOption, displayPath, given, parseInteger, parseNumber, parsePath, printOutputs, UserError, withExamples } from './common';
 import {
@@ -207,12 +207,20 @@ async function drawPictures(
     await writePng(target, image);
     written.push(target);
   };
+  // Images whose p or q_r held NaN or Inf (a diverged model): their maps are the argmax of
+  // garbage (class 0 everywhere NaN is), which drew as a confident "background". Their
+  // captions, the legend and a warning say so.
+  const nonFinite: string[] = [];
   for (let start = 0; start < count; start += PICTURE_BATCH) {
     const p = await predictImages(model, set, Math.min(PICTURE_BATCH, count - start), start);
     for (let n = 0; n < p.n; n++) {
       const index = start + n;
       // An image folder's own names say which picture is which; MNIST's images are numbered.
       const prefix = set.names ? path.parse(set.names[index]).name : `image-${String(index).padStart(3, '0')}`;
+      const badP = hasNonFinite(p.probs.subarray(n * L * V, (n + 1) * L * V));
+      const badQ = Array.from({ length: R }, (_, r) => learnsCms && hasNonFinite(p.annotatorProbs.subarray((n * R + r) * L * V, (n * R + r + 1) * L * V)));
+      if (badP || badQ.some(Boolean)) nonFinite.push(prefix);
+      const nan = (bad: boolean) => (bad ? ' NaN OUTPUT' : '');
       // An RGB model's input in colour, its overlays over the luminance; otherwise the first channel.
       const pixels = p.batch.images.subarray(n * C * V, (n + 1) * C * V);
       const image = C === 3 ? luminance(pixels, V) : pixels.subarray(0, V);
@@ -239,8 +247,8 @@ async function drawPictures(
       }
       // One sheet per image: input, truth, prediction; estimated annotators; their real labels.
       const rows = [
-        [captioned(input, 'input'), captioned(truth, 'truth'), captioned(predicted, 'prediction')],
-        ...(learnsCms ? [estimated.map((im, r) => captioned(im, `${captionNames[r]} (estimated)`))] : []),
+        [captioned(input, 'input'), captioned(truth, 'truth'), captioned(predicted, `prediction${nan(badP)}`)],
+        ...(learnsCms ? [estimated.map((im, r) => captioned(im, `${captionNames[r]} (estimated)${nan(badQ[r])}`))] : []),
         observed.map((im, r) => captioned(im, `${captionNames[r]} (labels)`)),
       ];
       await save(`${prefix}-sheet.png`, sheetWithLegend(grid(rows, 4), classNames, unlabelled, captionScale(input.width)));
@@ -264,11 +272,13 @@ async function drawPictures(
     `<image>-sheet.png               row 1 input, truth, prediction; row 2 estimated annotators; row 3 their real labels (each captioned; the classes' colours named under it)${anyLabels ? '' : ' (none here: the row is empty)'}`,
     ...(learnsCms ? [FILE_NAME_RULE] : [`(${method} does not learn annotator CMs: no annotator or CM pictures, and the sheet has rows 1 and 3 only)`]),
     `annotators: ${annotatorEntries(names, files).join(', ')}${!info.namesRecorded && names.every((n, r) => n === `annotator${r}`) ? ' (the checkpoint records no names: its CM heads in order)' : ''}`,
+    ...(nonFinite.length > 0 ? ['', nonFiniteText(nonFinite, count, 'images')] : []),
     '',
   ].join('\n');
   const readmeFile = path.join(outDir, 'README.txt');
   await writeFileAtomic(readmeFile, Buffer.from(readme));
   noteEarlierOutputs(outDir, written, /-(input|consensus|truth|sheet|annotator-.+|cm-.+)\.png$/);
+  if (nonFinite.length > 0) process.stderr.write(`warning: ${nonFiniteText(nonFinite, count, 'images')}\n`);
   process.stdout.write(`wrote ${written.length} PNG files for ${count} ${words.what}\n`);
   printOutputs([
     ['pictures', outDir],
@@ -363,6 +373,9 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
   const volumes: string[] = [];
   const pictures: string[] = [];
   const namings = new Set<BratsNaming>();
+  // Cases whose p or q_r held NaN or Inf: not written (a label volume of the argmax of NaN is
+  // class 0, a "no tumour" that a pipeline would take as a prediction); the others go on.
+  const nonFinite: string[] = [];
   for (const [k, id] of ids.entries()) {
     const started = Date.now();
     const c = await list.load(id);
@@ -370,6 +383,8 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     // A --scale too large for this case's pictures is refused now, before its sliding-window
     // prediction (minutes on a real case) and before any of its volumes is written.
     const scale = pictureScale(flags, c.extent.h, c.extent.w, Math.max(3, R), 2); // FLAIR, truth, prediction; the annotators
+    // Named with the case (slidingWindowPredict's own check names only an index).
+    checkVolumeImages({ id, images: c.images, extent: c.extent }, model.config.inChannels);
     const progress = windowProgress(`[${k + 1}/${ids.length}] ${id}`);
     let p: Awaited<ReturnType<typeof slidingWindowPredict>>;
     try {
@@ -383,6 +398,11 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
       });
     } finally {
       progress.stop();
+    }
+    if (hasNonFinite(p.probs) || (p.annotatorProbs !== undefined && hasNonFinite(p.annotatorProbs))) {
+      nonFinite.push(id);
+      process.stderr.write(`[${k + 1}/${ids.length}] ${id}: the model's output is non-finite (NaN or Inf): nothing written for this case\n`);
+      continue;
     }
     const full = extentOfDims(c.original.dims);
     const V = c.extent.d * c.extent.h * c.extent.w;
@@ -464,16 +484,20 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     '<id>_slice.png               row 1: FLAIR, expert labels (when known), predicted consensus; row 2: each annotator\'s estimate (each captioned; the classes\' colours named under it)',
     'Pictures show the axial slice through the predicted tumour (of the slices holding it, the nearest its centre; its z, in the case\'s voxels, is in the FLAIR caption), of the cropped case, rows = voxel y, columns = voxel x.',
     `annotators: ${annotatorEntries(names, files).map((n, r) => `${r} = ${n}`).join(', ')}`,
+    ...(nonFinite.length > 0 ? ['', nonFiniteText(nonFinite, ids.length, 'cases')] : []),
     '',
   ].join('\n');
   const readmeFile = path.join(outDir, 'README.txt');
   await writeFileAtomic(readmeFile, Buffer.from(readme));
   noteEarlierOutputs(outDir, [...volumes, ...pictures], /_(consensus|probs|annotator-.+)\.nii\.gz$|_(slice|cm-.+)\.png$/);
-  process.stdout.write(`predicted ${ids.length} case(s) from ${list.from}: ${volumes.length} NIfTI volumes and ${pictures.length} PNG pictures (${brats ? `labels in BraTS ${[...namings].join('/')} numbering` : `labels: the model's class indices 0..${L - 1}`})\n`);
+  const predicted = ids.length - nonFinite.length;
+  process.stdout.write(`predicted ${predicted} case(s) from ${list.from}: ${volumes.length} NIfTI volumes and ${pictures.length} PNG pictures (${brats ? `labels in BraTS ${[...namings].join('/')} numbering` : `labels: the model's class indices 0..${L - 1}`})\n`);
   printOutputs([
     ['volumes', outDir],
     ['legend', readmeFile],
   ]);
+  // The cases written stay; the command fails, so that a script does not take the set as complete.
+  if (nonFinite.length > 0) throw new UserError(nonFiniteText(nonFinite, ids.length, 'cases'));
 }
 
 /**
@@ -503,6 +527,20 @@ function noteEarlierOutputs(outDir: string, written: readonly string[], pattern:
   if (earlier.length === 0) return;
   const shown = earlier.slice(0, 4).join(', ') + (earlier.length > 4 ? `, ... (${earlier.length - 4} more)` : '');
   process.stderr.write(`note: ${displayPath(outDir)} also holds ${earlier.length} file(s) of an earlier prediction that this one did not write, left as they were: ${shown}\n`);
+}
+
+/** Whether any value is NaN or +-Inf. */
+function hasNonFinite(values: Float32Array): boolean {
+  for (let i = 0; i < values.length; i++) if (!Number.isFinite(values[i])) return true;
+  return false;
+}
+
+/** The legend's and the warning's words for the images (cases) whose outputs held NaN or Inf. */
+function nonFiniteText(which: readonly string[], total: number, unit: 'images' | 'cases'): string {
+  const shown = which.slice(0, 8).join(', ') + (which.length > 8 ? `, ... (${which.length - 8} more)` : '');
+  return unit === 'images'
+    ? `the model's output is non-finite (NaN or Inf: a diverged model?) on ${which.length} of ${total} images (${shown}): their predicted maps are not predictions (NaN draws as class 0); their captions say NaN OUTPUT`
+    : `the model's output is non-finite (NaN or Inf: a diverged model?) on ${which.length} of ${total} cases (${shown}): no volumes or pictures were written for them`;
 }
 
 /** An annotator's name as a file-name part: anything but letters, digits, '.', '_' and '-' becomes '_'. */

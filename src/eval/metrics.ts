@@ -10,6 +10,11 @@
 // - "mean +- std" is the population standard deviation (ddof = 0, numpy's default).
 //   Per-image values that are undefined (an absent annotator, an image without any
 //   labelled voxel) are NaN and are left out of the statistics.
+// - A model output that is NaN or Inf (a diverged model) is not a prediction: the figures it
+//   enters are NaN for that image (annotator), and a mean over images that includes one is
+//   NaN too, with MeanStd.nonFinite saying how many (not the mean over the other images: a
+//   model that fails on some images must not score as well as one that does not). The
+//   evaluator names them in SegmentationReport.nonFinite.
 // - All counting is done in Float64; CMs may be Float32 as the model returns them.
 import { UNLABELLED } from '../data/annotators';
 import { arrayKind } from '../errors';
@@ -22,19 +27,32 @@ export interface MeanStd {
   std: number;
   /** How many finite values went into mean and std. */
   count: number;
+  /**
+   * How many values are missing because the model's output behind them was NaN or Inf; when
+   * present (> 0), mean and std are NaN: the figure is undefined, not the mean over the rest.
+   * Absent when every output was finite.
+   */
+  nonFinite?: number;
 }
 
-/** Mean and population std (ddof = 0) of the finite entries of `values`; NaN/Inf are skipped. */
-export function meanStd(values: ArrayLike<number>): MeanStd {
+/**
+ * Mean and population std (ddof = 0) of the finite entries of `values`; NaN/Inf are skipped
+ * (deliberately undefined values). `nonFinite[i]` truthy marks values[i] as missing because
+ * the model's output was non-finite: then the result is NaN with their count in `nonFinite`.
+ */
+export function meanStd(values: ArrayLike<number>, nonFinite?: ArrayLike<number | boolean>): MeanStd {
+  let bad = 0;
+  if (nonFinite !== undefined) for (let i = 0; i < values.length; i++) if (nonFinite[i]) bad++;
   let count = 0;
   let sum = 0;
   for (let i = 0; i < values.length; i++) {
     const x = values[i];
-    if (Number.isFinite(x)) {
+    if (Number.isFinite(x) && !nonFinite?.[i]) {
       sum += x;
       count++;
     }
   }
+  if (bad > 0) return { mean: NaN, std: NaN, count, nonFinite: bad };
   if (count === 0) return { mean: NaN, std: NaN, count: 0 };
   const mean = sum / count;
   let squares = 0;
@@ -91,6 +109,24 @@ function badLabel(name: string, value: number, index: number, classes: number): 
 }
 
 /**
+ * Every value of `map` is a class (< classes) or 255, checked over the whole map before any
+ * counting: the counting loops skip a voxel once one map says 255, and an out-of-range label
+ * of the other map at that voxel (a raw label map, the wrong class count) went unnoticed.
+ */
+function checkLabelRange(name: string, map: Uint8Array, classes: number): void {
+  for (let v = 0; v < map.length; v++) {
+    const x = map[v];
+    if (x >= classes && x !== UNLABELLED) throw badLabel(name, x, v, classes);
+  }
+}
+
+/** Whether any of `values[from..to)` is NaN or +-Inf. */
+function hasNonFinite(values: ArrayLike<number>, from = 0, to = values.length): boolean {
+  for (let i = from; i < to; i++) if (!Number.isFinite(values[i])) return true;
+  return false;
+}
+
+/**
  * One [N, *S] map per annotator, from either an array of R maps or one [R, N, *S]
  * array (then `annotators` must be known). Returns views, not copies.
  */
@@ -138,6 +174,8 @@ export function labelConfusionCounts(
   checkImageCount(n);
   const V = voxelsPerImage(truthName, truth, n);
   checkSameLength(predName, pred, truth.length, truthName);
+  checkLabelRange(predName, pred, classes);
+  checkLabelRange(truthName, truth, classes);
   return jointCounts(pred, truth, n, V, classes, classes, predName, truthName);
 }
 
@@ -157,13 +195,14 @@ function jointCounts(
     const base = img * K * K;
     const end = (img + 1) * V;
     for (let v = img * V; v < end; v++) {
+      // The prediction is checked before the reference's 255 skips the voxel.
+      const a = pred[v];
       const b = truth[v];
+      if (a >= K && !(a === UNLABELLED && b === UNLABELLED)) throw badLabel(predName, a, v, L);
       if (b >= L) {
         if (b === UNLABELLED) continue;
         throw badLabel(truthName, b, v, L);
       }
-      const a = pred[v];
-      if (a >= K) throw badLabel(predName, a, v, L);
       counts[base + a * K + b]++;
     }
   }
@@ -400,9 +439,10 @@ export function imageConfusionMatrices(
     const flat = image * V + v;
     const y = truth[flat];
     const label = labels[flat];
+    // Both checked before either's 255 skips the voxel.
+    if (y >= L && y !== UNLABELLED) throw badLabel('truth', y, flat, L);
+    if (label >= L && label !== UNLABELLED) throw badLabel(`annotatorLabels[${annotator}]`, label, flat, L);
     if (y === UNLABELLED || label === UNLABELLED) continue;
-    if (y >= L) throw badLabel('truth', y, flat, L);
-    if (label >= L) throw badLabel(`annotatorLabels[${annotator}]`, label, flat, L);
     counts[label * L + y]++;
     columnCounts[y]++;
     // Column y of A_r(v): entries (i, y) at channel i * L + y.
@@ -447,6 +487,11 @@ export interface CmEstimationResult {
   incompetence: number[];
   /** Per annotator, pooled over every voxel scored (all images): the sums behind T and E. */
   pooled: PooledConfusion[];
+  /**
+   * The scored pairs (annotator present) whose estimated CM holds NaN or Inf at some voxel of
+   * the image: their error is NaN, and so are the means that include them (MeanStd.nonFinite).
+   */
+  nonFinite: { image: number; annotator: number }[];
 }
 
 /** An annotator's CMs pooled over many images: T = labelCounts / columnCounts, E = estimatedSums / columnCounts. */
@@ -475,6 +520,8 @@ function addPooled(into: PooledConfusion, from: PooledConfusion): void {
 /**
  * CM estimation error of SPEC section 6, per image and annotator. An image an annotator
  * did not label (present = 0) or where it labelled no voxel gives NaN and is left out.
+ * A scored pair whose CM holds NaN or Inf gives NaN too, but is not left out: it is listed
+ * in `nonFinite`, and the means over it are NaN (MeanStd.nonFinite counts such pairs).
  */
 export function cmEstimationError(input: CmEstimationInput): CmEstimationResult {
   const { cms, truth, n, classes: L } = input;
@@ -491,14 +538,29 @@ export function cmEstimationError(input: CmEstimationInput): CmEstimationResult 
   maps.forEach((m, r) => checkSameLength(`annotatorLabels[${r}]`, m, truth.length, 'truth'));
   const present = input.present;
   if (present !== undefined) checkSameLength('present', present, n * R, `N*R = ${n}*${R}`);
+  // Every map whole, absent pairs' too: a pair's own pass skips voxels the other map leaves out.
+  checkLabelRange('truth', truth, L);
+  maps.forEach((m, r) => checkLabelRange(`annotatorLabels[${r}]`, m, L));
   const errorPerImage = new Float64Array(n * R).fill(NaN);
   const absoluteErrorPerImage = new Float64Array(n * R).fill(NaN);
+  const bad = new Uint8Array(n * R);
+  const nonFinite: { image: number; annotator: number }[] = [];
   const pooled = Array.from({ length: R }, () => emptyPooled(L));
+  const cmSize = L * L * V;
   for (let img = 0; img < n; img++) {
     for (let r = 0; r < R; r++) {
       if (present !== undefined && present[img * R + r] === 0) continue;
+      // A NaN gave a NaN error, an Inf an Infinite one: both were then dropped from the means
+      // like a deliberate skip, and the CM error was that of the images the model got through.
+      // The pooled E takes them in (so it shows as non-finite too, not as the other images' E).
       const m = imageConfusionMatrices(cms, truth, maps[r], img, r, { n, annotators: R, classes: L });
       addPooled(pooled[r], m);
+      const start = (img * R + r) * cmSize;
+      if (hasNonFinite(cms, start, start + cmSize)) {
+        bad[img * R + r] = 1;
+        nonFinite.push({ image: img, annotator: r });
+        continue;
+      }
       let entries = 0;
       let squares = 0;
       let absolute = 0;
@@ -516,32 +578,46 @@ export function cmEstimationError(input: CmEstimationInput): CmEstimationResult 
       absoluteErrorPerImage[img * R + r] = absolute / entries;
     }
   }
-  const errorPerAnnotator: MeanStd[] = [];
+  const { perAnnotator: errorPerAnnotator, overall: error, incompetence } = summariseCmErrors(errorPerImage, absoluteErrorPerImage, bad, n, R);
+  return { annotators: R, errorPerImage, absoluteErrorPerImage, errorPerAnnotator, error, incompetence, pooled, nonFinite };
+}
+
+/**
+ * The CM error's summaries from [N, R] per-image values and non-finite flags: per annotator
+ * mean +- std, the SPEC figure (those means and stds averaged over annotators) and the
+ * incompetence. An annotator with a non-finite CM makes the figure NaN: averaged over the
+ * other annotators, it was the CM error of the ones the model did not fail on.
+ */
+function summariseCmErrors(
+  errors: ArrayLike<number>,
+  absolute: ArrayLike<number>,
+  bad: ArrayLike<number>,
+  n: number,
+  R: number,
+): { perAnnotator: MeanStd[]; overall: MeanStd; incompetence: number[] } {
+  const perAnnotator: MeanStd[] = [];
   const incompetence: number[] = [];
   const column = new Float64Array(n);
+  const flags = new Uint8Array(n);
   for (let r = 0; r < R; r++) {
-    for (let img = 0; img < n; img++) column[img] = errorPerImage[img * R + r];
-    errorPerAnnotator.push(meanStd(column));
-    for (let img = 0; img < n; img++) column[img] = absoluteErrorPerImage[img * R + r];
-    incompetence.push(meanStd(column).mean);
+    for (let img = 0; img < n; img++) flags[img] = bad[img * R + r];
+    for (let img = 0; img < n; img++) column[img] = errors[img * R + r];
+    perAnnotator.push(meanStd(column, flags));
+    for (let img = 0; img < n; img++) column[img] = absolute[img * R + r];
+    incompetence.push(meanStd(column, flags).mean);
   }
-  const means = meanStd(errorPerAnnotator.map((s) => s.mean));
-  const stds = meanStd(errorPerAnnotator.map((s) => s.std));
-  return {
-    annotators: R,
-    errorPerImage,
-    absoluteErrorPerImage,
-    errorPerAnnotator,
-    error: { mean: means.mean, std: stds.mean, count: means.count },
-    incompetence,
-    pooled,
-  };
+  const means = meanStd(perAnnotator.map((s) => s.mean));
+  const stds = meanStd(perAnnotator.map((s) => s.std));
+  const nonFinite = perAnnotator.reduce((sum, s) => sum + (s.nonFinite ?? 0), 0);
+  const overall: MeanStd = nonFinite > 0 ? { mean: NaN, std: NaN, count: means.count, nonFinite } : { mean: means.mean, std: stds.mean, count: means.count };
+  return { perAnnotator, overall, incompetence };
 }
 
 /**
  * Estimated reliability of each annotator (SPEC section 6): the mean over every voxel of
  * every image of trace(A_r(v)) / L. It needs no labels, so absent annotators are scored
  * too (the model predicts a CM for everyone everywhere). `cms` is [N, R, L, L, *S].
+ * NaN for an annotator whose CM diagonal holds NaN or Inf anywhere (a diverged model).
  */
 export function estimatedReliability(cms: Float32Array | Float64Array, n: number, annotators: number, classes: number): number[] {
   checkImageCount(n);
@@ -567,7 +643,8 @@ function reliabilitySums(cms: Float32Array | Float64Array, n: number, R: number,
         const base = ((img * R + r) * L * L + i * L + i) * V;
         for (let v = 0; v < V; v++) s += cms[base + v];
       }
-      sums[r] += s;
+      // An Inf (or NaN) CM entry has no trace: NaN, not an "infinitely reliable" annotator.
+      sums[r] += Number.isFinite(s) ? s : NaN;
     }
   }
   return sums;
@@ -607,9 +684,10 @@ export function iouDistance(a: Uint8Array, b: Uint8Array, classes: number, mode:
   for (let v = 0; v < a.length; v++) {
     const x = a[v];
     const y = b[v];
+    // Both checked before either's 255 skips the voxel.
+    if (x >= L && x !== UNLABELLED) throw badLabel('a', x, v, L);
+    if (y >= L && y !== UNLABELLED) throw badLabel('b', y, v, L);
     if (x === UNLABELLED || y === UNLABELLED) continue;
-    if (x >= L) throw badLabel('a', x, v, L);
-    if (y >= L) throw badLabel('b', y, v, L);
     joint[x * L + y]++;
   }
   return distanceFromJoint(joint, L, mode);
@@ -693,6 +771,9 @@ export function generalisedEnergyDistance(input: GedInput): GedResult {
   const V = voxelsPerImage('samples[0]', samples[0], n);
   samples.forEach((m, i) => checkSameLength(`samples[${i}]`, m, n * V, 'samples[0]'));
   observed.forEach((m, i) => checkSameLength(`observed[${i}]`, m, n * V, 'samples[0]'));
+  // Whole maps, up front: the distances look only at the voxels every present annotation labels.
+  samples.forEach((m, i) => checkLabelRange(`samples[${i}]`, m, L));
+  observed.forEach((m, i) => checkLabelRange(`observed[${i}]`, m, L));
   const Ry = observed.length;
   if (input.present !== undefined) checkSameLength('present', input.present, n * Ry, `N*R = ${n}*${Ry}`);
   const joint = new Float64Array(L * L);
@@ -802,6 +883,24 @@ export interface EvaluationInput {
   annotators?: number;
   /** How GED's IoU treats several classes; default 'per-class'. */
   gedMode?: IouMode;
+  /**
+   * The consensus probabilities p [N, L, *S] that `pred` is the argmax of: an image where one
+   * is NaN or Inf has no prediction (argmax of NaN is class 0), so its Dice figures are NaN and
+   * it is named in the report's nonFinite. Without it, `pred` is taken as it is.
+   */
+  probs?: Float32Array | Float64Array;
+  /** The annotator distributions q_r [N, R, L, *S] behind `annotatorPreds`: likewise for GED. */
+  annotatorProbs?: Float32Array | Float64Array;
+}
+
+/** Where the model's output held NaN or Inf (image indices in the order added to the evaluator). */
+export interface NonFiniteOutputs {
+  /** Images whose consensus probabilities did: no Dice, and left out of classConfusion. */
+  consensus: number[];
+  /** Image-annotator pairs whose CMs did: no CM error for the pair, no reliability for the annotator. */
+  cms: { image: number; annotator: number }[];
+  /** Images whose annotator distributions did: no GED. */
+  annotatorProbs: number[];
 }
 
 export interface SegmentationReport {
@@ -828,6 +927,11 @@ export interface SegmentationReport {
   annotatorCms?: { trueMatrix: (number | null)[][]; estimatedMatrix: (number | null)[][] }[];
   /** Generalised energy distance, mean +- std over images. */
   ged?: MeanStd;
+  /**
+   * Present only when some model output was NaN or Inf (a diverged model): where. The
+   * figures those outputs enter are NaN, each MeanStd saying how many values it misses.
+   */
+  nonFinite?: NonFiniteOutputs;
   /**
    * The consensus prediction against the reference over every scored voxel:
    * classConfusion[a][b] = #{v: predicted a, reference b} (reference 255 left out). Column b
@@ -859,7 +963,9 @@ function annotatorCountOf(input: EvaluationInput, V: number): number | undefined
 /**
  * Every SPEC section 6 figure the inputs allow, in one call: Dice always; reliability with
  * `cms`; CM error and incompetence with `cms` and `annotatorLabels`; GED with
- * `annotatorPreds` and `annotatorLabels`. Inputs are checked before any work.
+ * `annotatorPreds` and `annotatorLabels`. Inputs are checked before any work. Give `probs`
+ * (and `annotatorProbs`) too, so that an image whose model output is NaN or Inf is scored
+ * NaN and named in `nonFinite` rather than scored by the argmax of NaN.
  */
 export function evaluateSegmentation(input: EvaluationInput): SegmentationReport {
   const evaluator = new SegmentationEvaluator(input.classes, { gedMode: input.gedMode });
@@ -885,6 +991,11 @@ export class SegmentationEvaluator {
   private images = 0;
   private dice: number[] = [];
   private total: number[] = [];
+  /** Per image (and per image and annotator for the CMs): 1 where the model's output was non-finite. */
+  private diceBad: number[] = [];
+  private cmBad: number[][] = [];
+  private gedBad: number[] = [];
+  private nonFinite: NonFiniteOutputs = { consensus: [], cms: [], annotatorProbs: [] };
   private cmError: number[][] = [];
   private cmAbsolute: number[][] = [];
   private cmPooled: PooledConfusion[] = [];
@@ -927,7 +1038,24 @@ export class SegmentationEvaluator {
     if (input.cms && input.cms.length !== n * (R ?? 0) * L * L * V) {
       throw new RangeError(`cms has ${input.cms.length} elements, [N, R, L, L, *S] needs ${n}*${R}*${L}*${L}*${V}`);
     }
+    if (input.probs) checkSameLength('probs', input.probs, n * L * V, `[N, L, *S] = [${n}, ${L}, ${V}]`);
+    if (input.annotatorProbs) {
+      if (R === undefined) throw new RangeError('annotatorProbs is given but the annotator count R is unknown: pass annotators');
+      checkSameLength('annotatorProbs', input.annotatorProbs, n * R * L * V, `[N, R, L, *S] = [${n}, ${R}, ${L}, ${V}]`);
+    }
     const counts = labelConfusionCounts(pred, truth, n, L);
+    // Images whose p (q_r) holds NaN or Inf: their pred (annotatorPreds) is the argmax of
+    // garbage, which picks class 0 and scored as a prediction of background.
+    const imageBad = (probs: Float32Array | Float64Array | undefined) =>
+      Array.from({ length: n }, (_, img) => (probs !== undefined && hasNonFinite(probs, (img * probs.length) / n, ((img + 1) * probs.length) / n) ? 1 : 0));
+    const predBad = imageBad(input.probs);
+    const qBad = imageBad(input.annotatorProbs);
+    // Every image-annotator pair's CM, absent annotators' too (reliability scores them all).
+    const cmsBad: { image: number; annotator: number }[] = [];
+    if (input.cms && R !== undefined) {
+      const size = L * L * V;
+      for (let img = 0; img < n; img++) for (let r = 0; r < R; r++) if (hasNonFinite(input.cms, (img * R + r) * size, (img * R + r + 1) * size)) cmsBad.push({ image: img, annotator: r });
+    }
     let cm: CmEstimationResult | undefined;
     if (input.cms && input.annotatorLabels) {
       cm = cmEstimationError({ cms: input.cms, truth, annotatorLabels: input.annotatorLabels, present: input.present, n, classes: L });
@@ -946,11 +1074,23 @@ export class SegmentationEvaluator {
     // Everything checked and computed: only now change the accumulated state.
     if (R !== undefined) this.annotators = R;
     const dice = dicePerClassFromCounts(counts, n, L);
-    for (const x of dice) this.dice.push(x);
-    for (const x of totalDiceFromCounts(counts, n, L)) this.total.push(x);
-    for (let i = 0; i < counts.length; i++) this.confusion[i % (L * L)] += counts[i];
+    const total = totalDiceFromCounts(counts, n, L);
+    for (let img = 0; img < n; img++) {
+      const bad = predBad[img];
+      for (let c = 0; c < L; c++) this.dice.push(bad ? NaN : dice[img * L + c]);
+      this.total.push(bad ? NaN : total[img]);
+      this.diceBad.push(bad);
+      if (bad) {
+        this.nonFinite.consensus.push(this.images + img);
+        continue;
+      }
+      // The confusion table counts the images with a prediction only.
+      for (let k = 0; k < L * L; k++) this.confusion[k] += counts[img * L * L + k];
+    }
+    for (const { image, annotator } of cmsBad) this.nonFinite.cms.push({ image: this.images + image, annotator });
     if (input.cms && R !== undefined) {
       const sums = reliabilitySums(input.cms, n, R, L, V);
+      // reliabilitySums gives NaN for an annotator with a non-finite CM: it stays NaN.
       if (this.reliabilitySum.length === 0) this.reliabilitySum = new Array<number>(R).fill(0);
       sums.forEach((s, r) => (this.reliabilitySum[r] += s));
       this.reliabilityVoxels += n * V;
@@ -960,19 +1100,27 @@ export class SegmentationEvaluator {
       if (this.cmError.length === 0) {
         this.cmError = Array.from({ length: cm.annotators }, () => []);
         this.cmAbsolute = Array.from({ length: cm.annotators }, () => []);
+        this.cmBad = Array.from({ length: cm.annotators }, () => []);
         this.cmPooled = Array.from({ length: cm.annotators }, () => emptyPooled(L));
       }
       cm.pooled.forEach((p, r) => addPooled(this.cmPooled[r], p));
+      const pairBad = new Uint8Array(n * cm.annotators);
+      for (const { image, annotator } of cm.nonFinite) pairBad[image * cm.annotators + annotator] = 1;
       for (let img = 0; img < n; img++) {
         for (let r = 0; r < cm.annotators; r++) {
           this.cmError[r].push(cm.errorPerImage[img * cm.annotators + r]);
           this.cmAbsolute[r].push(cm.absoluteErrorPerImage[img * cm.annotators + r]);
+          this.cmBad[r].push(pairBad[img * cm.annotators + r]);
         }
       }
       this.sawCmError = true;
     }
     if (ged) {
-      for (const x of ged.perImage) this.ged.push(x);
+      ged.perImage.forEach((x, img) => {
+        this.ged.push(qBad[img] ? NaN : x);
+        this.gedBad.push(qBad[img]);
+        if (qBad[img]) this.nonFinite.annotatorProbs.push(this.images + img);
+      });
       this.sawGed = true;
     }
     this.images += n;
@@ -989,37 +1137,51 @@ export class SegmentationEvaluator {
     const column = new Float64Array(n);
     for (let c = 0; c < L; c++) {
       for (let img = 0; img < n; img++) column[img] = dice[img * L + c];
-      perClass.push(meanStd(column));
+      perClass.push(meanStd(column, this.diceBad));
     }
     const report: SegmentationReport = {
       images: n,
       classes: L,
       dicePerClass: perClass,
-      averageDice: meanStd(averageDicePerImage(dice, n, L)),
-      totalDice: meanStd(totalPerImage),
+      averageDice: meanStd(averageDicePerImage(dice, n, L), this.diceBad),
+      totalDice: meanStd(totalPerImage, this.diceBad),
       classConfusion: Array.from({ length: L }, (_, a) => Array.from(this.confusion.subarray(a * L, (a + 1) * L))),
       perImage: { dice, totalDice: totalPerImage },
     };
-    if (this.sawCms) report.reliability = this.reliabilitySum.map((s) => s / (this.reliabilityVoxels * L));
+    if (this.sawCms) {
+      // An annotator with a non-finite CM anywhere (off its diagonal too) has no reliability.
+      const bad = new Set(this.nonFinite.cms.map((p) => p.annotator));
+      report.reliability = this.reliabilitySum.map((s, r) => (bad.has(r) ? NaN : s / (this.reliabilityVoxels * L)));
+    }
     if (this.sawCmError && this.cmError.length === this.annotators) {
       const R = this.cmError.length;
       // Only batches with both cms and labels contributed; per-image values cover those images.
       const images = this.cmError[0].length;
       const perImage = new Float64Array(images * R);
       for (let r = 0; r < R; r++) for (let img = 0; img < images; img++) perImage[img * R + r] = this.cmError[r][img];
-      const perAnnotator = this.cmError.map((values) => meanStd(values));
-      const means = meanStd(perAnnotator.map((s) => s.mean));
-      const stds = meanStd(perAnnotator.map((s) => s.std));
-      report.cmError = { mean: means.mean, std: stds.mean, count: means.count };
+      const absolute = new Float64Array(images * R);
+      const bad = new Uint8Array(images * R);
+      for (let r = 0; r < R; r++) {
+        for (let img = 0; img < images; img++) {
+          absolute[img * R + r] = this.cmAbsolute[r][img];
+          bad[img * R + r] = this.cmBad[r][img];
+        }
+      }
+      const { perAnnotator, overall, incompetence } = summariseCmErrors(perImage, absolute, bad, images, R);
+      report.cmError = overall;
       report.cmErrorPerAnnotator = perAnnotator;
-      report.incompetence = this.cmAbsolute.map((values) => meanStd(values).mean);
+      report.incompetence = incompetence;
       report.annotatorCms = this.cmPooled.map((p) => pooledMatrices(p, L));
       report.perImage.cmError = perImage;
     }
     if (this.sawGed) {
       const perImage = Float64Array.from(this.ged);
-      report.ged = meanStd(perImage);
+      report.ged = meanStd(perImage, this.gedBad);
       report.perImage.ged = perImage;
+    }
+    const { consensus, cms, annotatorProbs } = this.nonFinite;
+    if (consensus.length + cms.length + annotatorProbs.length > 0) {
+      report.nonFinite = { consensus: [...consensus], cms: cms.map((p) => ({ ...p })), annotatorProbs: [...annotatorProbs] };
     }
     return report;
   }

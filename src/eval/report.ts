@@ -19,8 +19,9 @@ function countOf(n: number, unit: string): string {
   return `${n} ${unit}${n === 1 ? '' : 's'}`;
 }
 
-/** "0.8123 ± 0.0456"; "n/a" when there was nothing to average. */
+/** "0.8123 ± 0.0456"; "n/a" when there was nothing to average, "n/a (non-finite: 3)" when the model's output was NaN/Inf on 3. */
 export function formatMeanStd(value: MeanStd | undefined, digits = 4): string {
+  if (value?.nonFinite) return `n/a (non-finite: ${value.nonFinite})`;
   if (value === undefined || value.count === 0 || !Number.isFinite(value.mean)) return 'n/a';
   // A mean that rounds to zero prints as 0, not "-0.0000".
   const fixed = (x: number) => (Math.abs(x) < 0.5 * 10 ** -digits ? 0 : x).toFixed(digits);
@@ -72,22 +73,54 @@ export function formatSegmentationReport(report: SegmentationReport, options: Fo
   const unit = options.unit ?? ((report as { perCase?: unknown }).perCase !== undefined ? 'volume' : 'image');
   const parts = [countOf(report.images, unit), '', markdownTable(['metric', 'value'], rows)];
   const R = report.reliability?.length ?? report.incompetence?.length ?? 0;
+  const annotatorName = (r: number) => options.annotatorNames?.[r] ?? `annotator ${r}`;
+  if (report.nonFinite) parts.push('', nonFiniteWarning(report.nonFinite, report, unit, R, annotatorName));
   if (R > 0) {
-    const annotatorName = (r: number) => options.annotatorNames?.[r] ?? `annotator ${r}`;
+    // An annotator whose CM was NaN/Inf somewhere: its n/a says why.
+    const badCm = new Set(report.nonFinite?.cms.map((p) => p.annotator) ?? []);
+    const number = (x: number | undefined, r: number) => (x !== undefined && badCm.has(r) && !Number.isFinite(x) ? 'n/a (non-finite)' : formatNumber(x, digits));
     const annotatorRows = Array.from({ length: R }, (_, r) => [
       annotatorName(r),
       formatMeanStd(report.cmErrorPerAnnotator?.[r], digits),
-      formatNumber(report.incompetence?.[r], digits),
-      formatNumber(report.reliability?.[r], digits),
+      number(report.incompetence?.[r], r),
+      number(report.reliability?.[r], r),
     ]);
     parts.push('', markdownTable(['annotator', 'CM error', 'incompetence', 'estimated reliability'], annotatorRows));
   }
   if (report.annotatorCms) {
-    const annotatorName = (r: number) => options.annotatorNames?.[r] ?? `annotator ${r}`;
     parts.push('', formatAnnotatorCms(report.annotatorCms, annotatorName, className));
   }
   if (report.classConfusion) parts.push('', formatClassConfusion(report.classConfusion, className));
   return parts.join('\n');
+}
+
+/**
+ * Where the model's output was NaN or Inf, in a few lines under the table: how many of the
+ * images (volumes, image-annotator pairs) and the first few by index (a volume by its id).
+ */
+function nonFiniteWarning(
+  nonFinite: NonNullable<SegmentationReport['nonFinite']>,
+  report: SegmentationReport,
+  unit: string,
+  R: number,
+  annotatorName: (r: number) => string,
+): string {
+  const cases = (report as { perCase?: { id: string }[] }).perCase;
+  const item = (i: number) => `${unit} ${cases?.[i]?.id ?? i}`;
+  const first = (names: string[]) => names.slice(0, 5).join(', ') + (names.length > 5 ? ', ...' : '');
+  const lines = ['Warning: non-finite (NaN or Inf) model output (a diverged model?): the figures it enters are n/a, not means over the other ' + `${unit}s:`];
+  const n = report.images;
+  if (nonFinite.consensus.length > 0) {
+    lines.push(`- consensus probabilities: ${nonFinite.consensus.length} of ${countOf(n, unit)} (${first(nonFinite.consensus.map(item))}): no Dice, left out of the confusion table`);
+  }
+  if (nonFinite.cms.length > 0) {
+    const pairs = nonFinite.cms.map((p) => `${item(p.image)}: ${annotatorName(p.annotator)}`);
+    lines.push(`- annotator CMs: ${nonFinite.cms.length} of ${n * Math.max(R, 1)} ${unit}-annotator pairs (${first(pairs)}): no CM error, incompetence or reliability`);
+  }
+  if (nonFinite.annotatorProbs.length > 0) {
+    lines.push(`- annotator distributions: ${nonFinite.annotatorProbs.length} of ${countOf(n, unit)} (${first(nonFinite.annotatorProbs.map(item))}): no GED`);
+  }
+  return lines.join('\n');
 }
 
 /**
@@ -99,7 +132,8 @@ export function formatAnnotatorCms(
   annotatorName: (r: number) => string,
   className: (c: number) => string,
 ): string {
-  const percent = (x: number | null) => (x === null ? 'n/a' : (100 * x).toFixed(1));
+  // null: a class absent from the reference; NaN or Inf (null in JSON too): the model's CM was.
+  const percent = (x: number | null) => (x === null ? 'n/a' : Number.isFinite(x) ? (100 * x).toFixed(1) : 'non-finite');
   const tables = cms.map(({ trueMatrix, estimatedMatrix }, r) => {
     const L = trueMatrix.length;
     // An annotator who labelled none of the scored voxels (one label per image, none in this
@@ -174,7 +208,7 @@ export function formatBratsReport(report: BratsDiceReport, digits = 4): string {
   const lines = [countOf(report.images, 'volume'), '', markdownTable(['Dice', 'value'], rows)];
   if (report.hd95) {
     const h = report.hd95;
-    const defined = (m: MeanStd) => (m.count === report.images ? formatMeanStd(m, 2) : `${formatMeanStd(m, 2)} (${m.count} of ${report.images} volumes)`);
+    const defined = (m: MeanStd) => (m.count === report.images || m.nonFinite ? formatMeanStd(m, 2) : `${formatMeanStd(m, 2)} (${m.count} of ${report.images} volumes)`);
     lines.push(
       '',
       markdownTable(

@@ -326,7 +326,12 @@ export function splitAnnotatorMaps(labels: Uint8Array, annotators: number): Uint
   return Array.from({ length: annotators }, (_, r) => labels.subarray(r * per, (r + 1) * per));
 }
 
-/** argmax over the class axis of [N, L, *S] probabilities: the label map [N, *S]. */
+/**
+ * argmax over the class axis of [N, L, *S] probabilities: the label map [N, *S]. A voxel whose
+ * probabilities are NaN maps to class 0 (no comparison with NaN wins): a diverged model's map
+ * looks like background, so callers that score or write it check the probabilities first
+ * (evaluateModel's nonFinite, predict's NaN OUTPUT).
+ */
 export function argmaxClasses(probs: Float32Array, n: number, classes: number): Uint8Array {
   // A mismatch would otherwise end in a bare "Invalid typed array length" (or a silently short map).
   if (!(Number.isInteger(n) && n >= 1)) throw new RangeError(`argmaxClasses: n = ${n} must be an integer >= 1`);

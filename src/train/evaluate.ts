@@ -49,6 +49,8 @@ export interface VolumeScore {
   regions?: Record<BratsRegion, number>;
   /** HD95 of each region in mm (NaN where exactly one of prediction and truth has it). */
   hd95?: Record<BratsRegion, number>;
+  /** true when the model's probabilities held NaN or Inf somewhere in the volume: every figure above is NaN. */
+  nonFinite?: true;
 }
 
 export function summarizeReport(report: SegmentationReport, annotatorNames: string[]): EvaluationSummary {
@@ -98,8 +100,10 @@ export async function evaluateModel(model: InferenceModel, set: AnnotatedSet, op
     const n = indices.length;
     const prediction = await model.predict(batch.images, batch.shape, { cms: withAnnotators, annotatorProbs: withAnnotators });
     const pred = argmaxClasses(prediction.probs, n, L);
+    // probs (annotatorProbs): the evaluator scores an image whose output is NaN or Inf as NaN
+    // and names it, where the argmax of NaN (class 0) was scored as a prediction of background.
     if (!withAnnotators) {
-      evaluator.add({ pred, truth: batch.consensus!, n, classes: L });
+      evaluator.add({ pred, truth: batch.consensus!, n, classes: L, probs: prediction.probs });
       continue;
     }
     evaluator.add({
@@ -107,6 +111,8 @@ export async function evaluateModel(model: InferenceModel, set: AnnotatedSet, op
       truth: batch.consensus!,
       n,
       classes: L,
+      probs: prediction.probs,
+      annotatorProbs: prediction.annotatorProbs,
       cms: prediction.cms,
       annotatorLabels: batch.labels,
       present: batch.present,
@@ -177,6 +183,8 @@ export interface ImagePredictions {
   consensus: Uint8Array;
   /** One [n, *S] map per annotator: argmax of q_r = A_r p. */
   annotatorMaps: Uint8Array[];
+  /** [n, R, L, *S]: q_r, the distributions behind annotatorMaps (whether they are finite). */
+  annotatorProbs: Float32Array;
   /** [n, R, L, L, *S]. */
   cms: Float32Array;
 }
@@ -195,6 +203,7 @@ export async function predictImages(model: InferenceModel, set: AnnotatedSet, co
     probs: prediction.probs,
     consensus: argmaxClasses(prediction.probs, n, L),
     annotatorMaps: argmaxAnnotatorProbs(prediction.annotatorProbs!, n, R, L),
+    annotatorProbs: prediction.annotatorProbs!,
     cms: prediction.cms!,
   };
 }
@@ -258,11 +267,14 @@ export async function evaluateVolumes(
   const classNames: BratsClassName[] = ['necrosis', 'edema', 'enhancing'];
   const regionValues = Object.fromEntries([...regionNames, ...classNames].map((k) => [k, [] as number[]])) as Record<BratsRegion | BratsClassName, number[]>;
   const hd95Values = Object.fromEntries(regionNames.map((k) => [k, [] as number[]])) as Record<BratsRegion, number[]>;
+  // 1 for a volume whose probabilities were NaN or Inf: its region figures are NaN, and so are their means.
+  const volumeBad: number[] = [];
   const perCase: VolumeScore[] = [];
   for (const [k, id] of ids.entries()) {
     const volume = await load(id);
     if (withAnnotators && volume.labels.length !== R) throw new RangeError(`volume ${id} has ${volume.labels.length} annotators, the model ${R}`);
     checkVolumeMaps(volume, L, withAnnotators ? R : undefined);
+    checkVolumeImages(volume, model.config.inChannels);
     const prediction = await slidingWindowPredict(model, volume.images, volume.extent, {
       patch: options.patch,
       overlap: options.overlap ?? 0.5,
@@ -273,6 +285,8 @@ export async function evaluateVolumes(
     });
     const pred = argmaxClasses(prediction.probs, 1, L);
     const present = volume.present;
+    // The argmax of NaN is class 0: such a volume was scored as a prediction of background.
+    const bad = prediction.probs.some((x) => !Number.isFinite(x));
     evaluator.add(
       withAnnotators
         ? {
@@ -280,13 +294,29 @@ export async function evaluateVolumes(
             truth: volume.consensus,
             n: 1,
             classes: L,
+            probs: prediction.probs,
+            annotatorProbs: prediction.annotatorProbs,
             cms: prediction.cms,
             annotatorLabels: volume.labels,
             present,
             annotatorPreds: argmaxAnnotatorProbs(prediction.annotatorProbs!, 1, R, L),
           }
-        : { pred, truth: volume.consensus, n: 1, classes: L },
+        : { pred, truth: volume.consensus, n: 1, classes: L, probs: prediction.probs },
     );
+    volumeBad.push(bad ? 1 : 0);
+    if (bad) {
+      const none = Object.fromEntries(regionNames.map((name) => [name, NaN])) as Record<BratsRegion, number>;
+      const score: VolumeScore = { id, dice: new Array<number>(L).fill(NaN), totalDice: NaN, nonFinite: true };
+      if (options.bratsRegions) {
+        for (const name of [...regionNames, ...classNames]) regionValues[name].push(NaN);
+        for (const name of regionNames) hd95Values[name].push(NaN);
+        score.regions = { ...none };
+        score.hd95 = { ...none };
+      }
+      perCase.push(score);
+      options.onVolume?.(score, k + 1, ids.length);
+      continue;
+    }
     const figures = diceSummary(pred, volume.consensus, 1, L);
     const score: VolumeScore = { id, dice: Array.from(figures.perImage), totalDice: figures.totalPerImage[0] };
     if (options.bratsRegions) {
@@ -305,11 +335,11 @@ export async function evaluateVolumes(
   const summary = summarizeReport(evaluator.report(), options.annotatorNames);
   summary.perCase = perCase;
   if (options.bratsRegions) {
-    const stats = (names: readonly (BratsRegion | BratsClassName)[]) => Object.fromEntries(names.map((name) => [name, meanStd(regionValues[name])]));
+    const stats = (names: readonly (BratsRegion | BratsClassName)[]) => Object.fromEntries(names.map((name) => [name, meanStd(regionValues[name], volumeBad)]));
     summary.brats = {
       regions: stats(regionNames) as Record<BratsRegion, MeanStd>,
       classes: stats(classNames) as Record<BratsClassName, MeanStd>,
-      hd95: Object.fromEntries(regionNames.map((name) => [name, meanStd(hd95Values[name])])) as Record<BratsRegion, MeanStd>,
+      hd95: Object.fromEntries(regionNames.map((name) => [name, meanStd(hd95Values[name], volumeBad)])) as Record<BratsRegion, MeanStd>,
     };
   }
   return summary;
@@ -333,6 +363,22 @@ function checkVolumeMaps(volume: AnnotatedVolume, classes: number, annotators: n
   if (annotators === undefined) return;
   if (volume.present.length !== annotators) throw new RangeError(`volume ${volume.id}: present has ${volume.present.length} entries, the model ${annotators} annotators`);
   volume.labels.forEach((map, r) => check(`labels[${r}]`, map));
+}
+
+/**
+ * A volume's images: C channels of its extent, every value finite, said with the volume's id
+ * and the channel (slidingWindowPredict's own check said "volume has a non-finite value (NaN)
+ * at index 23", which names no case; a cache's float16 overflows to Inf).
+ */
+export function checkVolumeImages(volume: { id: string; images: Float32Array; extent: Extent }, channels: number): void {
+  const { d, h, w } = volume.extent;
+  const V = d * h * w;
+  const { images } = volume;
+  if (!(images instanceof Float32Array)) throw new TypeError(`volume ${volume.id}: images is not a Float32Array [C, D, H, W]`);
+  if (images.length !== channels * V) throw new RangeError(`volume ${volume.id}: images has ${images.length} values, ${channels} channels of ${d}x${h}x${w} voxels need ${channels * V}`);
+  for (let i = 0; i < images.length; i++) {
+    if (!Number.isFinite(images[i])) throw new RangeError(`volume ${volume.id}: images hold ${images[i]} at channel ${Math.floor(i / V)}, voxel ${i % V}: the model takes finite intensities only`);
+  }
 }
 
 /**

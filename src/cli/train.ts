@@ -36,7 +36,7 @@ import { presetByName, PRESET_NAMES } from '../train/presets';
 import { createFusionProgress, createProgress, silentFusionProgress } from '../train/progress';
 import { SCHEDULE_KINDS, ScheduleKind } from '../train/schedule';
 import type { CmInit } from '../model/config';
-import { CHECKPOINT_LAST, lockRunFolder, nothingToResumeMessage, readTrainerState, runNeverSavedLast, train, TrainConfig, TrainResult } from '../train/trainer';
+import { CHECKPOINT_LAST, lockRunFolder, nothingToResumeMessage, readTrainerState, resumeDifferences, resumeDifferencesNote, resumedConfig, runNeverSavedLast, train, TrainConfig, TrainResult } from '../train/trainer';
 import { choiceOption, displayPath, given, parseInteger, parseNumber, parsePath, parseThreads, printOutputs, quitNow, shellWord, UserError, withExamples } from './common';
 import { CURVES_FILE, writeRunCurves } from './curves';
 import { checkRunCache, loadRunData } from './run-data';
@@ -219,6 +219,16 @@ async function resolveResume(flags: TrainFlags, isGiven: Typed): Promise<Resolve
   const saved = await readTrainerState(last);
   const recipe = saved.run as unknown as RunRecipe;
   if (!recipe?.dataset || !recipe.preset) throw new UserError(`${last} does not say which data it was trained on, so the command line cannot resume it`);
+  if (recipe.dataset.kind === 'brats') {
+    // A BraTS folder that train prepared into the run folder (<out>/cache) moves with it, but the
+    // checkpoint names it where the run was: a run folder moved elsewhere (or copied, the
+    // original deleted) did not resume with its own command line (the cache "is gone", or --data
+    // with the BraTS folder "conflicts") until --data named <out>/cache. Its own cache is read
+    // when the one named is gone; the run's checkpoints then name it.
+    const own = runCacheDir(outDir);
+    const named = recipe.dataset.cache;
+    if (named !== own && !fs.existsSync(named) && path.basename(named) === path.basename(own) && fs.existsSync(cacheIndexPath(own))) recipe.dataset.cache = own;
+  }
   const conflicts: string[] = [];
   if (isGiven('preset') && flags.preset !== recipe.preset) conflicts.push(`--preset ${flags.preset} (the run used ${recipe.preset})`);
   if (flags.data !== undefined) {
@@ -247,16 +257,18 @@ async function resolveResume(flags: TrainFlags, isGiven: Typed): Promise<Resolve
   }
   const typed = applyFlags({ config: saved.config, dataset: recipe.dataset }, flags, isGiven);
   const describe = (x: unknown) => JSON.stringify(x);
-  for (const key of new Set([...Object.keys(saved.config), ...Object.keys(typed.config)]) as Set<keyof TrainConfig>) {
-    if (describe(saved.config[key]) !== describe(typed.config[key])) conflicts.push(`${key} ${describe(typed.config[key])} (the run has ${describe(saved.config[key])})`);
-  }
+  // Compared as the trainer compares them: a default typed out (--lambda-warmup equal to the
+  // run's lambda, --steps of the run's length in epochs) is no conflict, and the bookkeeping
+  // settings (--checkpoint-every) may change.
+  const changed = resumeDifferences(typed.config, saved.config, saved.state.batchesPerEpoch);
+  for (const d of changed) conflicts.push(`${d.key} ${describe(d.now)} (the run has ${describe(d.saved)})`);
   for (const key of Object.keys(recipe.dataset) as (keyof DatasetSpec)[]) {
     if (describe(recipe.dataset[key]) !== describe(typed.dataset[key])) conflicts.push(`data ${key} ${describe(typed.dataset[key])} (the run has ${describe(recipe.dataset[key])})`);
   }
-  if (conflicts.length) throw new UserError(`cannot resume ${last} with different settings: ${conflicts.join('; ')}`);
+  if (conflicts.length) throw new UserError(`cannot resume ${last} with different settings: ${conflicts.join('; ')}${resumeDifferencesNote(changed)}`);
   checkRunCache(recipe.dataset, saved.annotatorNames, 'resume');
   checkFolderReference(recipe.dataset);
-  return { config: saved.config, recipe, outDir };
+  return { config: resumedConfig(saved.config, typed.config), recipe, outDir };
 }
 
 /**

@@ -66,6 +66,27 @@ export function checkScheduleSettings(schedule: LrSchedule): void {
 }
 
 /**
+ * `schedule` with every setting its kind reads spelled out (the defaults above: gamma 0.1 and
+ * stepSize a third of the run for `step`, minLr 0 for `cosine`, power 0.9 for `poly`): the
+ * schedule the rates come from. learningRate reads it, and a resume compares these (a run saved
+ * as {kind: 'cosine', lr} has the same schedule as {kind: 'cosine', lr, minLr: 0}). Any other
+ * key is kept as it is, so that a resume still sees it as a difference (checkScheduleSettings
+ * refuses it in a new run).
+ */
+export function scheduleWithDefaults(schedule: LrSchedule, totalSteps: number): LrSchedule {
+  switch (schedule.kind) {
+    case 'step':
+      return { ...schedule, gamma: schedule.gamma ?? 0.1, stepSize: schedule.stepSize ?? Math.max(1, Math.ceil(Math.max(1, totalSteps) / 3)) };
+    case 'cosine':
+      return { ...schedule, minLr: schedule.minLr ?? 0 };
+    case 'poly':
+      return { ...schedule, power: schedule.power ?? 0.9 };
+    default:
+      return { ...schedule };
+  }
+}
+
+/**
  * The learning rate of optimiser step `step` (0-based: the first step is 0) in a run of
  * `totalSteps` steps, as PyTorch's ConstantLR, StepLR, CosineAnnealingLR(T_max = totalSteps)
  * and PolynomialLR(total_iters = totalSteps) give it. Steps at or past the end get the
@@ -78,24 +99,23 @@ export function learningRate(schedule: LrSchedule, step: number, totalSteps: num
   checkSchedule(schedule);
   if (Number.isNaN(step) || step < 0) throw new RangeError(`step ${step} must be a number >= 0`);
   if (!Number.isFinite(totalSteps) || totalSteps < 0) throw new RangeError(`total steps ${totalSteps} must be a finite number >= 0`);
-  const { lr } = schedule;
+  const full = scheduleWithDefaults(schedule, totalSteps);
+  const { lr } = full;
   const total = Math.max(1, totalSteps);
   const t = Math.min(step, total);
-  switch (schedule.kind) {
+  switch (full.kind) {
     case 'constant':
       return lr;
-    case 'step': {
-      const stepSize = schedule.stepSize ?? Math.max(1, Math.ceil(total / 3));
-      return lr * (schedule.gamma ?? 0.1) ** Math.floor(t / stepSize);
-    }
+    case 'step':
+      return lr * full.gamma! ** Math.floor(t / full.stepSize!);
     case 'cosine': {
-      const minLr = schedule.minLr ?? 0;
+      const minLr = full.minLr!;
       return minLr + (lr - minLr) * 0.5 * (1 + Math.cos((Math.PI * t) / total));
     }
     case 'poly':
-      return lr * (1 - t / total) ** (schedule.power ?? 0.9);
+      return lr * (1 - t / total) ** full.power!;
     default: {
-      const unknown: never = schedule.kind;
+      const unknown: never = full.kind;
       throw new RangeError(`unknown schedule ${JSON.stringify(unknown)}`);
     }
   }

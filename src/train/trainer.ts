@@ -27,7 +27,7 @@ import { augmentBatch, AugmentOptions } from './augment';
 import type { TrainingSource } from './data';
 import { type MethodDefinition, MethodName, methodBatch, methodDefinition } from './methods';
 import { ProgressReporter, silentProgress } from './progress';
-import { checkSchedule, checkScheduleSettings, learningRate, LrSchedule } from './schedule';
+import { checkSchedule, checkScheduleSettings, learningRate, LrSchedule, scheduleWithDefaults } from './schedule';
 
 export const CHECKPOINT_LAST = 'last.safetensors';
 export const CHECKPOINT_BEST = 'best.safetensors';
@@ -71,7 +71,7 @@ export interface TrainConfig {
   seed: number;
   /** Validate (and maybe save `best`) every this many epochs and after the last step. */
   validateEvery: number;
-  /** Also save `last` every this many steps inside an epoch (0: only at epoch ends). */
+  /** Also save `last` every this many steps inside an epoch (0: only at epoch ends). Bookkeeping: a resume may change it (BOOKKEEPING_SETTINGS). */
   checkpointEvery: number;
 }
 
@@ -93,6 +93,81 @@ export const TRAIN_DEFAULTS: Omit<TrainConfig, 'method' | 'epochs' | 'steps'> = 
   validateEvery: 1,
   checkpointEvery: 0,
 };
+
+/**
+ * The settings that say only when `last` is saved, never what is trained: the steps, losses,
+ * weights and `best` of a run are the same whatever they are, so a resume may change them (to
+ * save more often on a machine that pre-empts jobs, say). Every other setting decides the
+ * result and must be the checkpoint's. validateEvery is not bookkeeping: it decides which
+ * epochs compete for `best`, and best.safetensors would then be the best of validations at
+ * a cadence no run had.
+ */
+export const BOOKKEEPING_SETTINGS: readonly (keyof TrainConfig)[] = ['checkpointEvery'];
+
+/**
+ * `config` with its optional settings spelled out as a run reads them: bf16 false, lambdaWarmup
+ * equal to lambda, and the schedule's own defaults (scheduleWithDefaults; `totalSteps`, the
+ * run's length, sets the step schedule's default stepSize). createRunModel builds the model from
+ * this, and a resume compares these, so a default that one side gives and the other leaves out
+ * is no difference. The required settings are not filled in: checkTrainConfig refuses them missing.
+ */
+export function trainConfigWithDefaults(config: TrainConfig, totalSteps: number): TrainConfig {
+  const schedule = typeof config.schedule === 'object' && config.schedule !== null ? scheduleWithDefaults(config.schedule, totalSteps) : config.schedule;
+  return { ...config, bf16: config.bf16 ?? false, lambdaWarmup: config.lambdaWarmup ?? config.lambda, schedule };
+}
+
+/** A setting (a dotted path for the schedule's: schedule.minLr) that a resume would change. */
+export interface SettingDifference {
+  key: string;
+  saved: unknown;
+  now: unknown;
+}
+
+/**
+ * How `now` differs from a checkpoint's settings `saved` in what it would train: both with their
+ * defaults filled in (trainConfigWithDefaults), the bookkeeping settings left out, and a length
+ * given as epochs on one side and as the same number of steps on the other (`batchesPerEpoch`,
+ * the run's) taken as the same. Empty: the run may be resumed with `now` (resumedConfig).
+ */
+export function resumeDifferences(now: TrainConfig, saved: TrainConfig, batchesPerEpoch: number): SettingDifference[] {
+  const total = (c: TrainConfig) => c.steps ?? (c.epochs === undefined ? NaN : c.epochs * batchesPerEpoch);
+  const a: Record<string, unknown> = { ...trainConfigWithDefaults(now, total(now)) };
+  const b: Record<string, unknown> = { ...trainConfigWithDefaults(saved, total(saved)) };
+  const drop: string[] = [...BOOKKEEPING_SETTINGS];
+  if (total(now) === total(saved)) drop.push('epochs', 'steps');
+  else if (now.steps !== undefined) {
+    // Another length is said in the caller's unit: "steps 16 (the run has 12)", not two entries.
+    b.steps = total(saved);
+    drop.push('epochs');
+  } else {
+    b.epochs = saved.epochs ?? total(saved) / batchesPerEpoch;
+    drop.push('steps');
+  }
+  for (const key of drop) delete a[key], delete b[key];
+  // A default that follows another setting (lambdaWarmup follows lambda, the step schedule's
+  // stepSize the length), left out on both sides, is said by that setting's own difference.
+  const derived = (key: string) =>
+    (key === 'lambdaWarmup' && now.lambdaWarmup === undefined && saved.lambdaWarmup === undefined) ||
+    (key === 'schedule.stepSize' && now.schedule?.stepSize === undefined && saved.schedule?.stepSize === undefined);
+  return differences(a, b).filter((d) => !derived(d.key));
+}
+
+/**
+ * What a refusal adds after the differences: why the length cannot change (a user who wants to
+ * train on for longer asks it), or '' when the length is the same.
+ */
+export function resumeDifferencesNote(changed: readonly SettingDifference[]): string {
+  return changed.some((d) => d.key === 'epochs' || d.key === 'steps')
+    ? ' (a resumed run keeps its length: the learning-rate schedule and the epochs follow from it, so a longer run would not have taken the steps taken so far)'
+    : '';
+}
+
+/** The settings a resume trains with: the checkpoint's, with the caller's bookkeeping settings (resumeDifferences must be empty). */
+export function resumedConfig(saved: TrainConfig, now: TrainConfig): TrainConfig {
+  const config: Record<string, unknown> = { ...saved };
+  for (const key of BOOKKEEPING_SETTINGS) config[key] = now[key];
+  return config as unknown as TrainConfig;
+}
 
 export interface ValidationResult {
   /** The number that picks the `best` checkpoint (higher is better): consensus Dice. */
@@ -142,7 +217,7 @@ export interface TrainHooks {
   signal?: AbortSignal;
   progress?: ProgressReporter;
   validate?: Validator;
-  /** Stored in every checkpoint as extra.run: what is needed to rebuild the data. */
+  /** Stored in every checkpoint as extra.run: what is needed to rebuild the data (a resume without it keeps the checkpoint's). */
   run?: Record<string, unknown>;
   /** Continue from <outDir>/last.safetensors. */
   resume?: boolean;
@@ -257,6 +332,14 @@ export function checkTrainConfig(config: TrainConfig): void {
   } catch (error) {
     throw new TrainingError((error as Error).message);
   }
+  // The other required settings, left out by a JavaScript caller (a config not spread from
+  // TRAIN_DEFAULTS or a preset's): the checks above let them through, and the engine's own
+  // default or none at all applied without a word (no validateEvery validated only after the
+  // last step; no baseChannels gave a 3D model 16 channels, not TRAIN_DEFAULTS' 32).
+  const missing = (Object.keys(TRAIN_DEFAULTS) as (keyof TrainConfig)[]).filter((key) => config[key] === undefined);
+  if (missing.length) {
+    throw new TrainingError(`the settings lack ${missing.map((k) => `'${k}'`).join(', ')} (start from {...TRAIN_DEFAULTS, method, epochs or steps}, or a preset's train settings)`);
+  }
 }
 
 // Every key of TrainConfig (the compiler checks the list is complete): a new run refuses others.
@@ -303,6 +386,10 @@ function checkNoUnknownSettings(config: TrainConfig): void {
   } catch (error) {
     throw new TrainingError((error as Error).message);
   }
+  // The same for the augmentation's settings: {scale: 0.1} or {rotation: 15} trained without them.
+  const augmentKeys = ['flips', 'rotations'];
+  const extra = given(config.augment).filter((key) => !augmentKeys.includes(key));
+  if (extra.length) throw new TrainingError(`augment has no setting ${extra.map((k) => `'${k}'`).join(', ')} (it takes ${augmentKeys.join(', ')})`);
 }
 
 /**
@@ -345,7 +432,9 @@ function checkScheduleRange(schedule: LrSchedule, totalSteps: number): void {
   throw new TrainingError(`the schedule reaches a learning rate of ${rate(bad)} at step ${bad + 1} of ${totalSteps}, beyond float32 (3.4e38): the engine could not use it`);
 }
 
-function createRunModel(config: TrainConfig, source: TrainingSource): Model {
+function createRunModel(given: TrainConfig, source: TrainingSource): Model {
+  // The optional settings' defaults (bf16, lambdaWarmup) from the one place a resume compares them by.
+  const config = trainConfigWithDefaults(given, NaN);
   const method = methodDefinition(config.method);
   const lambda = method.lambda ?? config.lambda;
   return createModel({
@@ -365,7 +454,7 @@ function createRunModel(config: TrainConfig, source: TrainingSource): Model {
     optimizer: { kind: config.optimizer, lr: config.schedule.lr, weightDecay: config.weightDecay },
     loss: {
       lambda,
-      lambdaWarmup: method.lambda !== undefined ? method.lambda : (config.lambdaWarmup ?? lambda),
+      lambdaWarmup: method.lambda ?? config.lambdaWarmup,
       warmupSteps: config.warmupSteps,
     },
   });
@@ -387,12 +476,15 @@ export async function readTrainerState(file: string): Promise<TrainerExtra> {
   return trainerExtra((await readCheckpoint(file)).extra, file);
 }
 
-function differences(a: unknown, b: unknown, prefix = ''): string[] {
-  if (typeof a === 'object' && a !== null && typeof b === 'object' && b !== null) {
+function differences(a: unknown, b: unknown, prefix = ''): SettingDifference[] {
+  const isObject = (x: unknown): x is Record<string, unknown> => typeof x === 'object' && x !== null && !Array.isArray(x);
+  // A schedule of another kind is one difference (not one for each of the kinds' own settings).
+  const otherKind = prefix === 'schedule' && isObject(a) && isObject(b) && a.kind !== b.kind;
+  if (isObject(a) && isObject(b) && !otherKind) {
     const keys = new Set([...Object.keys(a), ...Object.keys(b)]);
-    return [...keys].flatMap((k) => differences((a as Record<string, unknown>)[k], (b as Record<string, unknown>)[k], prefix ? `${prefix}.${k}` : k));
+    return [...keys].flatMap((k) => differences(a[k], b[k], prefix ? `${prefix}.${k}` : k));
   }
-  return JSON.stringify(a) === JSON.stringify(b) ? [] : [`${prefix}: ${JSON.stringify(b)} in the checkpoint, ${JSON.stringify(a)} now`];
+  return JSON.stringify(a) === JSON.stringify(b) ? [] : [{ key: prefix, saved: b, now: a }];
 }
 
 /**
@@ -503,15 +595,19 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
   const totalSteps = config.steps ?? config.epochs! * batchesPerEpoch;
   const epochs = Math.ceil(totalSteps / batchesPerEpoch);
   const annotatorNames = [...source.annotatorNames];
-  const run = hooks.run ?? {};
+  let run = hooks.run ?? {};
 
   let model: Model;
   let state: TrainerState;
   if (hooks.resume) {
     if (!fs.existsSync(files.last)) throw new TrainingError(`nothing to resume: ${files.last} does not exist`);
     const saved = await readTrainerState(files.last);
-    const changed = differences(config, saved.config);
-    if (changed.length) throw new TrainingError(`cannot resume ${files.last} with different settings: ${changed.join('; ')}`);
+    const changed = resumeDifferences(config, saved.config, saved.state.batchesPerEpoch);
+    const shown = (v: unknown) => JSON.stringify(v) ?? 'undefined';
+    if (changed.length) {
+      const list = changed.map((d) => `${d.key}: ${shown(d.saved)} in the checkpoint, ${shown(d.now)} now`).join('; ');
+      throw new TrainingError(`cannot resume ${files.last} with different settings: ${list}${resumeDifferencesNote(changed)}`);
+    }
     if (saved.state.batchesPerEpoch !== batchesPerEpoch) {
       throw new TrainingError(`cannot resume ${files.last}: the data gives ${batchesPerEpoch} batches per epoch, the run had ${saved.state.batchesPerEpoch}`);
     }
@@ -532,9 +628,20 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
       throw new TrainingError(`cannot resume ${files.last} on other data: ${wrong.map((k) => `${found[k]} ${words[k]} in the data, ${mc[k]} in the run`).join('; ')}`);
     }
     state = saved.state;
+    // A resume that does not describe the data again keeps the run's description: {} in its
+    // checkpoints left `cmseg train --resume`, eval and predict unable to find the run's data.
+    if (hooks.run === undefined) run = saved.run ?? {};
+    // From here on the run's own settings, as its checkpoint holds them (the caller's may spell
+    // a default out, or give the length in steps), with the caller's bookkeeping settings;
+    // those that changed are logged with the resume.
+    const bookkeeping = Object.fromEntries(BOOKKEEPING_SETTINGS.filter((k) => JSON.stringify(config[k]) !== JSON.stringify(saved.config[k])).map((k) => [k, config[k]]));
+    config = resumedConfig(saved.config, config);
     await log.truncateAfter(state.step);
     // A finished run's log keeps `end` as its last entry: resuming it again trains nothing.
-    if (state.step < totalSteps) log.write({ event: 'resume', step: state.step, epoch: state.epoch, batchInEpoch: state.batchInEpoch });
+    if (state.step < totalSteps) {
+      const settings = Object.keys(bookkeeping).length ? { settings: bookkeeping } : {};
+      log.write({ event: 'resume', step: state.step, epoch: state.epoch, batchInEpoch: state.batchInEpoch, ...settings });
+    }
   } else {
     if (fs.existsSync(files.last)) {
       throw new TrainingError(`${outDir} already holds a run (${CHECKPOINT_LAST}); resume it or choose another output folder`);

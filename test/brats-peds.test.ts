@@ -195,3 +195,76 @@ t.test('a cache that records no scheme (made by default) is not reused for peds2
   const entry = readCacheIndex(path.join(root, 'cache')).cases[0];
   t.same(entry.labelCounts.slice(1), [counts[2] + counts[3], counts[4], counts[1]]);
 });
+
+t.test('a peds2024 run end to end: train records the scheme, predict writes PEDs labels, eval and resume refuse a cache read otherwise', async (t) => {
+  const skip = missingPythonModules('numpy', 'nibabel');
+  if (skip) return t.skip(skip);
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-peds-run-'));
+  t.teardown(() => fs.rmSync(root, { recursive: true, force: true }));
+  // Three cases without edema (the second of writePedsCases, copied under two more ids): the
+  // default scheme reads them without an error, so the cache can be prepared again with it.
+  const written = path.join(root, 'written');
+  fs.mkdirSync(written);
+  writePedsCases(written);
+  const data = path.join(root, 'peds');
+  fs.mkdirSync(data);
+  const from = 'BraTS-PED-00002-000';
+  for (const id of [from, 'BraTS-PED-00003-000', 'BraTS-PED-00004-000']) {
+    fs.mkdirSync(path.join(data, id));
+    for (const part of ['t1n', 't1c', 't2w', 't2f', 'seg']) fs.copyFileSync(path.join(written, from, `${from}-${part}.nii.gz`), path.join(data, id, `${id}-${part}.nii.gz`));
+  }
+  const tiny = ['--patch', '16', '--base-channels', '4', '--val-cases', '1', '--quiet', '--workers', '0'];
+  const train = await runCli(['train', '--preset', 'brats3d', '--data', 'peds', '--label-scheme', 'peds2024', '--steps', '2', '--out', 'run', '--no-test', ...tiny], root);
+  t.equal(train.exitCode, 0, train.stderr);
+  t.equal(readCacheIndex(path.join(root, 'run', 'cache')).settings.labelScheme, 'peds2024', "train prepared its cache with the scheme");
+  const checkpoint = path.join('run', 'last.safetensors');
+
+  // predict: the volumes in PEDs numbering (never 3), said so; read back with nibabel.
+  const predicted = await runCli(['predict', '--checkpoint', checkpoint, '--out', 'pred', '--split', 'test', '--probs', 'none'], root);
+  t.equal(predicted.exitCode, 0, predicted.stderr);
+  t.match(predicted.stdout, /labels in BraTS-PEDs 2024 numbering: 1 ET, 2 NET, 4 ED/);
+  t.match(fs.readFileSync(path.join(root, 'pred', 'README.txt'), 'utf8'), /BraTS-PEDs 2024 labels \(label scheme peds2024\)/);
+  const volume = fs.readdirSync(path.join(root, 'pred')).find((name) => name.endsWith('_consensus.nii.gz'))!;
+  const values = JSON.parse(runPython('import sys, json, numpy as np, nibabel as nib; print(json.dumps(sorted(int(v) for v in np.unique(np.asarray(nib.load(sys.argv[1]).dataobj)))))', [path.join(root, 'pred', volume)])) as number[];
+  t.ok(values.every((v) => [0, 1, 2, 4].includes(v)), `labels ${values} are PEDs labels without 3`);
+
+  // eval of the folder with the scheme: class 1 is named for what it holds.
+  const scored = await runCli(['eval', '--checkpoint', checkpoint, '--data', 'peds', '--label-scheme', 'peds2024', '--out', 'eval.json'], root);
+  t.equal(scored.exitCode, 0, scored.stderr);
+  t.match(scored.stdout, /non-enhancing core \(NET \+ CC\)/);
+  // A scheme typed with the run's own data cannot apply: refused, not ignored.
+  const typed = await runCli(['eval', '--checkpoint', checkpoint, '--label-scheme', 'brats'], root);
+  t.equal(typed.exitCode, 1);
+  t.match(typed.stderr, /--label-scheme brats: the run's cache was read with the label scheme peds2024/);
+
+  // The run's cache prepared again with the default scheme: the same case ids, other classes.
+  const rebuilt = await runCli(['prepare', '--data', 'peds', '--out', path.join('run', 'cache'), '--rebuild', '-q'], root);
+  t.equal(rebuilt.exitCode, 0, rebuilt.stderr);
+  for (const args of [
+    ['eval', '--checkpoint', checkpoint],
+    ['eval', '--checkpoint', checkpoint, '--no-cms'],
+    ['predict', '--checkpoint', checkpoint, '--out', 'pred2'],
+    ['train', '--out', 'run', '--resume', '--quiet'],
+  ]) {
+    const r = await runCli(args, root);
+    t.equal(r.exitCode, 1, args.join(' '));
+    t.match(r.stderr, /segmentations read with the label scheme brats \(the run's: peds2024\).*--label-scheme peds2024/, args.join(' '));
+  }
+});
+
+t.test('eval and predict of a moved run folder find the cache train prepared into it', async (t) => {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-moved-run-'));
+  t.teardown(() => fs.rmSync(root, { recursive: true, force: true }));
+  await writeBratsPhantoms(path.join(root, 'data'), { cases: 3, size: [24, 24, 16], seed: 4 });
+  const tiny = ['--patch', '16', '--base-channels', '4', '--val-cases', '1', '--quiet', '--workers', '0'];
+  const train = await runCli(['train', '--preset', 'brats3d', '--data', 'data', '--steps', '2', '--out', 'run', '--no-test', ...tiny], root);
+  t.equal(train.exitCode, 0, train.stderr);
+  fs.renameSync(path.join(root, 'run'), path.join(root, 'moved'));
+  const scored = await runCli(['eval', '--checkpoint', path.join('moved', 'last.safetensors'), '--out', 'e.json'], root);
+  t.equal(scored.exitCode, 0, scored.stderr);
+  const saved = JSON.parse(fs.readFileSync(path.join(root, 'e.json'), 'utf8'));
+  t.equal(saved.split, 'test');
+  const predicted = await runCli(['predict', '--checkpoint', path.join('moved', 'last.safetensors'), '--out', 'p', '--probs', 'none'], root);
+  t.equal(predicted.exitCode, 0, predicted.stderr);
+  t.match(predicted.stdout, /from the test split of the run \(the cache .*moved\/cache\)/);
+});

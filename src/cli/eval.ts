@@ -19,7 +19,7 @@ import { createHash } from 'crypto';
 import * as fs from 'fs';
 import * as path from 'path';
 import { Command } from 'commander';
-import { BRATS_CLASS_NAMES } from '../data/brats';
+import { type BratsLabelScheme, bratsClassNames } from '../data/brats';
 import { casesInData } from '../data/brats-cases';
 import { checkWritableSync, makeFolderSync, writeFileAtomic } from '../data/files';
 import { loadImagesToPredict } from '../data/image-files';
@@ -43,7 +43,7 @@ import {
   windowPatch,
   withInferenceOptions,
 } from './inference';
-import { checkRunCache, loadRunData } from './run-data';
+import { checkRunCache, checkRunLabelScheme, loadRunData } from './run-data';
 import { type WindowProgress, windowProgress } from './window-progress';
 
 interface EvalFlags {
@@ -55,6 +55,7 @@ interface EvalFlags {
   patch?: number;
   windowBatch: number;
   geometryTolerance: number;
+  labelScheme?: BratsLabelScheme;
   device?: Device;
   threads?: number;
   /** false (--no-cms): the consensus scores only, no annotator CMs predicted or scored. */
@@ -98,7 +99,8 @@ async function runEval(flags: EvalFlags, splitTyped: boolean, made: string[]): P
   const split = flags.split as SplitName;
   const out = path.resolve(flags.out ?? path.join(path.dirname(file), `eval-${split}-${outputStem(info, flags)}.json`));
   prepareOutput(out, flags, made);
-  if (scoresCms(info, flags)) checkRunCache(recipe.dataset, info.annotatorNames, 'eval');
+  checkRunLabelScheme(recipe.dataset, flags.labelScheme);
+  checkRunCache(recipe.dataset, info.annotatorNames, scoresCms(info, flags) ? 'eval' : 'consensus');
   const data = loadRunData(recipe.dataset, saved.config.seed);
   try {
     const loaded = await loadInference(info, { device: flags.device, tta: flags.tta });
@@ -204,7 +206,7 @@ async function evalWhole(flags: EvalFlags, info: InferenceInfo, target: Extract<
     what = `${set.count} images of ${displayPath(dir)}`;
   } else {
     checkBratsModel(info, true);
-    const list = casesInData(dir, flags.geometryTolerance, true);
+    const list = casesInData(dir, flags.geometryTolerance, true, flags.labelScheme);
     const patch = windowPatch(info, flags.patch);
     const overlap = info.recipe?.dataset.kind === 'brats' ? info.recipe.dataset.overlap : 0.5;
     const R = info.config.annotators;
@@ -246,7 +248,7 @@ async function evalWhole(flags: EvalFlags, info: InferenceInfo, target: Extract<
       bars.stop();
       await loaded.dispose();
     }
-    classNames = [...BRATS_CLASS_NAMES];
+    classNames = [...bratsClassNames(list.labelScheme)];
     what = `${list.ids.length} case(s) from ${list.from}`;
   }
   const record = {

@@ -9,7 +9,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import type { Command } from 'commander';
 import { cacheIndexPath } from '../data/cache';
-import { BRATS_CLASS_NAMES, BRATS_CLASSES, BRATS_CHANNELS, BRATS_GEOMETRY_TOLERANCE_MM, BRATS_MODALITIES } from '../data/brats';
+import { BRATS_CLASS_NAMES, BRATS_CLASSES, BRATS_CHANNELS, BRATS_GEOMETRY_TOLERANCE_MM, BRATS_LABEL_SCHEMES, BRATS_MODALITIES } from '../data/brats';
 import type { LabelMapping } from '../data/image-folder';
 import { loadCheckpoint } from '../model/checkpoint';
 import { type CheckpointInfo, methodLabel, readCheckpointInfo } from '../model/checkpoint-info';
@@ -18,7 +18,7 @@ import { ENSEMBLE_FIELDS, ensemble, ensembleMismatch } from '../model/ensemble';
 import { backendInfo, Model } from '../model/model';
 import { mirrored } from '../model/tta';
 import { type InferenceModel, paddedSize, paddedToDepth } from '../train/evaluate';
-import type { DatasetSpec, RunRecipe } from '../train/experiment';
+import { type DatasetSpec, type RunRecipe, runCacheDir } from '../train/experiment';
 import type { TrainerExtra } from '../train/trainer';
 import { choiceOption, displayPath, parseInteger, parseNumber, parseThreads, sameNames, UserError } from './common';
 
@@ -31,6 +31,13 @@ export function withInferenceOptions(command: Command): Command {
     .option('--patch <n>', "3D: sliding-window size (default: the run's training patch; 64 for a checkpoint without a run)", parseInteger(1))
     .option('--window-batch <n>', '3D: windows per forward pass; 1 lowers the memory (a c32 model on 128^3 windows took 9.3 GB on the CPU at 2, 6.6 GB at 1)', parseInteger(1), 2)
     .option('--geometry-tolerance <mm>', "3D: how far apart a case's files may put one voxel and still count as one grid", parseNumber(0), BRATS_GEOMETRY_TOLERANCE_MM)
+    .addOption(
+      choiceOption(
+        '--label-scheme <scheme>',
+        "3D, a BraTS folder as --data: how its segmentations' numbers are read, as by prepare (peds2024: BraTS-PEDs 2024, 1 ET, 2 NET, 3 CC, 4 ED); a cache keeps the scheme it was prepared with",
+        BRATS_LABEL_SCHEMES,
+      ),
+    )
     .addOption(choiceOption('--device <name>', 'where the model runs (default: where it was trained; the CPU when no GPU can run it)', DEVICES))
     .option('--threads <n>', 'native threads', parseThreads);
 }
@@ -58,7 +65,8 @@ export type DataTarget =
  * then it is the run's cache where it is now, and the split is read from it.
  */
 export function dataTarget(info: CheckpointInfo, flags: { data?: string; split: string }, splitTyped: boolean, command: 'predict' | 'eval'): DataTarget {
-  const { recipe, saved } = info;
+  const { saved } = info;
+  const recipe = info.recipe && withOwnRunCache(info.recipe, info.file);
   const whole = (dir: string): DataTarget => {
     if (info.config.ndim === 3) return { kind: 'volumes', dir };
     const labelMapping = recipe?.dataset.kind === 'folder' ? recipe.dataset.labelMapping : undefined;
@@ -99,6 +107,20 @@ export function dataTarget(info: CheckpointInfo, flags: { data?: string; split: 
     throw new UserError(`--split ${flags.split} picks among a run's own images; --data ${displayPath(dir)} is ${recipe ? 'new data for this run' : 'data this checkpoint records no split of'}, ${command === 'eval' ? 'scored' : 'predicted'} whole: leave out --split`);
   }
   return whole(dir);
+}
+
+/**
+ * A BraTS run whose cache train prepared into the run folder (<out>/cache) moves with it, but
+ * its checkpoints name the cache where the run was: once that is gone, the cache beside the
+ * checkpoint is the run's (as `train --resume` reads it), so eval and predict of a moved or
+ * copied run folder find their data without --data.
+ */
+function withOwnRunCache(recipe: RunRecipe, checkpointFile: string): RunRecipe {
+  const dataset = recipe.dataset;
+  if (dataset.kind !== 'brats' || !dataset.cache || fs.existsSync(dataset.cache)) return recipe;
+  const own = runCacheDir(path.dirname(path.resolve(checkpointFile)));
+  if (path.basename(dataset.cache) !== path.basename(own) || !fs.existsSync(cacheIndexPath(own))) return recipe;
+  return { ...recipe, dataset: { ...dataset, cache: own } };
 }
 
 /**

@@ -18,15 +18,7 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import { Command, InvalidArgumentError } from 'commander';
-import {
-  type BratsNaming,
-  BRATS_CLASS_NAMES,
-  BRATS_CLASSES,
-  BRATS_ENHANCING_LABEL,
-  BRATS_ENHANCING_LABEL_2021,
-  extentOfDims,
-  uncropVolume,
-} from '../data/brats';
+import { type BratsLabelScheme, type BratsNaming, BRATS_CLASSES, bratsClassNames, extentOfDims, releaseBratsLabels, uncropVolume } from '../data/brats';
 import { type CaseList, cacheCases, casesInData } from '../data/brats-cases';
 import { cacheIndexPath } from '../data/cache';
 import { makeFolderSync, writeFileAtomic } from '../data/files';
@@ -58,7 +50,7 @@ import {
   windowPatch,
   withInferenceOptions,
 } from './inference';
-import { loadRunData } from './run-data';
+import { checkRunCache, checkRunLabelScheme, loadRunData } from './run-data';
 import { windowProgress } from './window-progress';
 
 interface PredictFlags {
@@ -79,6 +71,7 @@ interface PredictFlags {
   device?: Device;
   threads?: number;
   geometryTolerance: number;
+  labelScheme?: BratsLabelScheme;
 }
 
 /** A sheet of captioned pictures with the classes' colours named under it. */
@@ -125,10 +118,14 @@ async function runPredict(flags: PredictFlags, splitTyped: boolean): Promise<voi
   if (target.kind === 'images') return predictNewImages(flags, info, target.dir, target.labelMapping);
   if (target.kind === 'volumes') {
     checkBratsModel(info, false);
-    return predictVolumes(flags, info, casesInData(target.dir, flags.geometryTolerance));
+    return predictVolumes(flags, info, casesInData(target.dir, flags.geometryTolerance, false, flags.labelScheme));
   }
   const { recipe } = target;
-  if (recipe.dataset.kind === 'brats') return predictVolumes(flags, info, runCases(recipe.dataset, flags.split as 'test' | 'validation' | 'train'));
+  checkRunLabelScheme(recipe.dataset, flags.labelScheme);
+  if (recipe.dataset.kind === 'brats') {
+    checkRunCache(recipe.dataset, info.annotatorNames, 'consensus');
+    return predictVolumes(flags, info, runCases(recipe.dataset, flags.split as 'test' | 'validation' | 'train'));
+  }
   return predictRunImages(flags, info, recipe.dataset);
 }
 
@@ -297,14 +294,14 @@ function runCases(spec: BratsDatasetSpec, split: 'test' | 'validation' | 'train'
 }
 
 /**
- * Our labels 0..3 in the release's numbering: enhancing tumour is 4 in BraTS 2018-2021 files.
- * Only a model of BraTS's 4 classes has an ET to renumber: for any other class count (an API
- * model, which predict accepts) class 3 is not ET, and writing it as 4 would merge it with a
- * 5-class model's class 4; such labels stay the model's class indices.
+ * Our labels 0..3 in the numbering of the case's own files (releaseBratsLabels): enhancing
+ * tumour is 4 in BraTS 2018-2021 files; BraTS-PEDs 2024 files read with the label scheme
+ * peds2024 get 1 ET, 2 NET, 4 ED. Only a model of BraTS's 4 classes has these classes: for any
+ * other class count (an API model, which predict accepts) class 3 is not ET, and writing it as
+ * 4 would merge it with a 5-class model's class 4; such labels stay the model's class indices.
  */
-function releaseLabels(labels: Uint8Array, naming: BratsNaming, classes: number): Uint8Array {
-  if (naming !== '2021' || classes !== BRATS_CLASSES) return labels;
-  return labels.map((x) => (x === BRATS_ENHANCING_LABEL ? BRATS_ENHANCING_LABEL_2021 : x));
+function releaseLabels(labels: Uint8Array, naming: BratsNaming, scheme: BratsLabelScheme, classes: number): Uint8Array {
+  return classes === BRATS_CLASSES ? releaseBratsLabels(labels, naming, scheme) : labels;
 }
 
 /**
@@ -366,13 +363,14 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
   const wantCms = learnsCms && flags.cms !== false;
   // BraTS's class names and release labels belong to a model of its 4 classes only.
   const brats = L === BRATS_CLASSES;
-  const classNames = brats ? BRATS_CLASS_NAMES : Array.from({ length: L }, (_, c) => (c === 0 ? 'background' : `class ${c}`));
+  const classNames = brats ? bratsClassNames(list.labelScheme) : Array.from({ length: L }, (_, c) => (c === 0 ? 'background' : `class ${c}`));
   noteHighOverlap(flags.overlap, patch);
   const outDir = path.resolve(flags.out);
   makeFolderSync(outDir);
   const volumes: string[] = [];
   const pictures: string[] = [];
   const namings = new Set<BratsNaming>();
+  const schemes = new Set<BratsLabelScheme>();
   // Cases whose p or q_r held NaN or Inf: not written (a label volume of the argmax of NaN is
   // class 0, a "no tumour" that a pipeline would take as a prediction); the others go on.
   const nonFinite: string[] = [];
@@ -412,7 +410,8 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
       await writeNifti(target, { dims: volumeDims, data, affine: c.original.affine }, { datatype, ...(c.header ? { header: c.header } : {}), description: `cmseg ${method} ${name}` });
       volumes.push(target);
     };
-    const labelsToRelease = (labels: Uint8Array) => uncropVolume(releaseLabels(labels, c.naming, L), c.crop, full);
+    const labelsToRelease = (labels: Uint8Array) => uncropVolume(releaseLabels(labels, c.naming, c.labelScheme, L), c.crop, full);
+    schemes.add(c.labelScheme);
     const consensus = argmaxClasses(p.probs, 1, L);
     // Pictures show the axial slice through the predicted tumour's centre (else the
     // expert's, else the middle). The CMs' slice is taken now and the whole-volume CMs
@@ -455,7 +454,13 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     "(the crop to the brain undone) with the geometry of the case's t1 file (another modality's when the t1 has no orientation).",
     ...(flags.tta ? [`${ttaDescription(3)} Each window is mirrored, as in nnU-Net.`] : []),
     '',
-    ...(brats
+    ...(brats && list.labelScheme === 'peds2024'
+      ? [
+          '<id>_consensus.nii.gz        uint8, the predicted consensus argmax p, in BraTS-PEDs 2024 labels (label scheme peds2024):',
+          '                             0 background, 1 enhancing tumour (ET), 2 non-enhancing tumour (NET and CC: one class here), 4 edema (ED);',
+          '                             never 3 (the cystic component is not told apart from NET)',
+        ]
+      : brats
       ? [
           '<id>_consensus.nii.gz        uint8, the predicted consensus argmax p, in the release\'s labels:',
           '                             0 background, 1 necrotic core (NCR), 2 edema (ED), 4 enhancing tumour (ET) for BraTS 2018-2021',
@@ -491,7 +496,7 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
   await writeFileAtomic(readmeFile, Buffer.from(readme));
   noteEarlierOutputs(outDir, [...volumes, ...pictures], /_(consensus|probs|annotator-.+)\.nii\.gz$|_(slice|cm-.+)\.png$/);
   const predicted = ids.length - nonFinite.length;
-  process.stdout.write(`predicted ${predicted} case(s) from ${list.from}: ${volumes.length} NIfTI volumes and ${pictures.length} PNG pictures (${brats ? `labels in BraTS ${[...namings].join('/')} numbering` : `labels: the model's class indices 0..${L - 1}`})\n`);
+  process.stdout.write(`predicted ${predicted} case(s) from ${list.from}: ${volumes.length} NIfTI volumes and ${pictures.length} PNG pictures (${!brats ? `labels: the model's class indices 0..${L - 1}` : schemes.has('peds2024') ? 'labels in BraTS-PEDs 2024 numbering: 1 ET, 2 NET, 4 ED' : `labels in BraTS ${[...namings].join('/')} numbering`})\n`);
   printOutputs([
     ['volumes', outDir],
     ['legend', readmeFile],

@@ -2,7 +2,7 @@
 // with one-line messages for the mistakes a user can fix.
 
 import * as fs from 'fs';
-import { readCacheIndex } from '../data/cache';
+import { cacheLabelScheme, readCacheIndex } from '../data/cache';
 import { ImageFolderError } from '../data/image-folder';
 import { type DatasetSpec, type ExperimentData, type ExperimentRuntime, loadExperimentData } from '../train/experiment';
 import { sameNames, UserError } from './common';
@@ -28,20 +28,45 @@ export function loadRunData(dataset: DatasetSpec, seed: number, runtime?: Experi
  * its label mode). `cmseg prepare --rebuild` with other settings keeps the case ids, so the
  * run's split still loads; without this check --resume would train the CM heads on other
  * annotators' labels, and eval would score each head against another annotator, without a word.
- * `use` says what the cache is read for: 'resume' needs the labels too, 'eval' the names only.
+ * `use` says what the cache is read for: 'resume' needs the labels too, 'eval' the names only,
+ * 'consensus' (eval --no-cms, predict) neither. Every use needs the run's label scheme: the
+ * same case ids read with another one give the classes other meanings.
  */
-export function checkRunCache(dataset: DatasetSpec, annotatorNames: readonly string[], use: 'resume' | 'eval'): void {
+export function checkRunCache(dataset: DatasetSpec, annotatorNames: readonly string[], use: 'resume' | 'eval' | 'consensus'): void {
   if (dataset.kind !== 'brats' || !fs.existsSync(dataset.cache)) return; // a missing cache: loadRunData says so
   const index = readCacheIndex(dataset.cache);
   const changed: string[] = [];
-  if (!sameNames(index.names, annotatorNames)) {
+  if (use !== 'consensus' && !sameNames(index.names, annotatorNames)) {
     changed.push(`annotators ${index.names.join(', ')} (the run's: ${annotatorNames.join(', ')})`);
   }
   if (use === 'resume' && index.settings.mode !== dataset.labels) changed.push(`${index.settings.mode} labels (the run's: ${dataset.labels})`);
+  // The same case ids read with another label scheme: class 1 would be necrosis in one and
+  // the non-enhancing tumour in the other, for training and scoring alike.
+  const scheme = cacheLabelScheme(index);
+  const runs = dataset.labelScheme ?? 'brats';
+  if (scheme !== runs) changed.push(`segmentations read with the label scheme ${scheme} (the run's: ${runs})`);
   if (changed.length === 0) return;
+  const schemeFlag = runs !== 'brats' ? ` --label-scheme ${runs}` : '';
   const remedy =
     use === 'resume'
-      ? `prepare the run's data into it again with the run's settings (cmseg prepare --rebuild --annotators ${annotatorNames.join(',')} --labels ${dataset.labels}), or start a new run`
-      : `score the consensus only with --no-cms, or prepare the run's data into it again with --rebuild --annotators ${annotatorNames.join(',')}`;
+      ? `prepare the run's data into it again with the run's settings (cmseg prepare --rebuild --annotators ${annotatorNames.join(',')} --labels ${dataset.labels}${schemeFlag}), or start a new run`
+      : scheme !== runs || use === 'consensus'
+        ? `prepare the run's data into it again with --rebuild --annotators ${annotatorNames.join(',')}${schemeFlag}`
+        : `score the consensus only with --no-cms, or prepare the run's data into it again with --rebuild --annotators ${annotatorNames.join(',')}`;
   throw new UserError(`the cache ${dataset.cache} was prepared again with other settings since this run trained on it: it holds ${changed.join('; ')}; ${remedy}`);
+}
+
+/**
+ * A --label-scheme typed with a run's own data (eval, predict): the run's cache was read with
+ * the scheme its model learnt, so another one cannot apply; said rather than ignored.
+ */
+export function checkRunLabelScheme(dataset: DatasetSpec, given: string | undefined): void {
+  if (given === undefined) return;
+  const runs = dataset.kind === 'brats' ? (dataset.labelScheme ?? 'brats') : undefined;
+  if (given === runs) return;
+  throw new UserError(
+    runs
+      ? `--label-scheme ${given}: the run's cache was read with the label scheme ${runs}, which its model learnt; leave the option out (it is for new BraTS folders given with --data)`
+      : `--label-scheme ${given}: this run has no BraTS data; the option is for BraTS folders given with --data`,
+  );
 }

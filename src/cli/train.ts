@@ -22,8 +22,8 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { Command } from 'commander';
 import { type FileLock, writeFileAtomic } from '../data/files';
-import { BRATS_GEOMETRY_TOLERANCE_MM, BratsError, bratsLayoutHint, discoverBratsCases } from '../data/brats';
-import { CacheError, cacheIndexPath, readCacheIndex } from '../data/cache';
+import { BRATS_GEOMETRY_TOLERANCE_MM, BRATS_LABEL_SCHEMES, BratsError, type BratsLabelScheme, bratsLayoutHint, discoverBratsCases } from '../data/brats';
+import { CacheError, cacheIndexPath, cacheLabelScheme, readCacheIndex } from '../data/cache';
 import { ImageFolderError, type LabelMapping, looksLikeImageFolder, resolveMapping, scanImageFolder } from '../data/image-folder';
 import type { StapleFusion } from '../fusion/fuse';
 import { loadCheckpoint } from '../model/checkpoint';
@@ -72,6 +72,7 @@ export interface TrainFlags {
   labelMapping?: LabelMapping;
   /** BraTS folders prepared by train: how far apart a case's files may put one voxel (mm). */
   geometryTolerance: number;
+  labelScheme?: BratsLabelScheme;
   patch?: number;
   valCases?: number;
   stepsPerEpoch?: number;
@@ -231,6 +232,10 @@ async function resolveResume(flags: TrainFlags, isGiven: Typed): Promise<Resolve
   }
   const conflicts: string[] = [];
   if (isGiven('preset') && flags.preset !== recipe.preset) conflicts.push(`--preset ${flags.preset} (the run used ${recipe.preset})`);
+  if (flags.labelScheme !== undefined) {
+    const runs = recipe.dataset.kind === 'brats' ? (recipe.dataset.labelScheme ?? 'brats') : undefined;
+    if (flags.labelScheme !== runs) conflicts.push(`--label-scheme ${flags.labelScheme} (${runs ? `the run's is ${runs}` : 'the run has no BraTS data'})`);
+  }
   if (flags.data !== undefined) {
     // The same command line again: --data names the run's cache, or the BraTS folder it was prepared from.
     const data = path.resolve(flags.data);
@@ -293,7 +298,12 @@ async function attachBratsData(dataset: BratsDatasetSpec, flags: TrainFlags, isG
     }
     cacheDir = runCacheDir(outDir);
     if (!flags.quiet) process.stderr.write(`preparing ${displayPath(data)} into ${displayPath(cacheDir)} (share one cache between runs with cmseg prepare)\n`);
-    const run = await prepareWithProgress(data, cacheDir, { mode: dataset.labels, seed: dataset.dataSeed, geometryTolerance: flags.geometryTolerance }, { quiet: flags.quiet });
+    const run = await prepareWithProgress(
+      data,
+      cacheDir,
+      { mode: dataset.labels, seed: dataset.dataSeed, geometryTolerance: flags.geometryTolerance, labelScheme: flags.labelScheme ?? 'brats' },
+      { quiet: flags.quiet },
+    );
     if (run.interruptedAfter !== undefined) {
       throw new UserError(`interrupted while preparing the cache (${run.interruptedAfter} of ${run.total} cases done; the same command continues)`);
     }
@@ -302,8 +312,14 @@ async function attachBratsData(dataset: BratsDatasetSpec, flags: TrainFlags, isG
   if (isGiven('labels') && flags.labels !== index.settings.mode) {
     throw new UserError(`--labels ${flags.labels}: the cache at ${cacheDir} holds ${index.settings.mode} labels (prepare another cache with --labels ${flags.labels})`);
   }
+  const scheme = cacheLabelScheme(index);
+  if (flags.labelScheme !== undefined && flags.labelScheme !== scheme) {
+    throw new UserError(`--label-scheme ${flags.labelScheme}: the cache at ${cacheDir} was prepared with the label scheme ${scheme} (prepare another cache with --label-scheme ${flags.labelScheme})`);
+  }
   dataset.cache = cacheDir;
   dataset.labels = index.settings.mode;
+  // Recorded only when not the default, as the cache records it: runs of older versions match.
+  if (scheme !== 'brats') dataset.labelScheme = scheme;
   try {
     dataset.splits = bratsCaseSplits(index.cases.map((c) => c.id), dataset.dataSeed);
   } catch (error) {
@@ -670,6 +686,13 @@ export function registerTrainCommand(program: Command): Command {
     .option('--steps-per-epoch <n>', 'BraTS: patch batches between validations and checkpoints', parseInteger(1))
     .option('--workers <n>', 'BraTS: patch-loader threads (0: in the main thread; the batches are the same)', parseInteger(0))
     .option('--geometry-tolerance <mm>', 'BraTS folders (prepared into <out>/cache): how far apart a case\'s files may put one voxel and still count as one grid', parseNumber(0), BRATS_GEOMETRY_TOLERANCE_MM)
+    .addOption(
+      choiceOption(
+        '--label-scheme <scheme>',
+        "BraTS folders (prepared into <out>/cache): how the segmentations' numbers are read, as by prepare (peds2024: BraTS-PEDs 2024, 1 ET, 2 NET, 3 CC, 4 ED; default brats); a cache keeps its own",
+        BRATS_LABEL_SCHEMES,
+      ),
+    )
     .option('--no-augment', 'no random flips and rotations')
     .option('--seed <n>', 'seed of the initialisation, data order and augmentation', parseInteger(0))
     .option('--out <dir>', 'output folder (default results/runs/<preset>-<method>-<labels>-seed<seed>; image folders: the folder\'s name for <labels>)', parsePath('--out'))

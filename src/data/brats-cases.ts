@@ -51,6 +51,8 @@ export interface CaseList {
   from: string;
   /** The annotators of a cache, in its order. */
   annotators?: string[];
+  /** How the cases' segmentations are read: a cache's own scheme, or the one given for a folder. */
+  labelScheme: BratsLabelScheme;
   load(id: string): Promise<CaseToPredict>;
 }
 
@@ -66,6 +68,7 @@ export function cacheCases(cacheDir: string, ids?: readonly string[], forScoring
     ids: ids ? [...ids] : index.cases.map((c) => c.id),
     from: `the cache ${displayPath(cacheDir)}`,
     annotators: [...index.names],
+    labelScheme,
     load: async (id) => {
       const c = await (forScoring ? readCachedCaseForScoring : readCachedCase)(cacheDir, id, index);
       return {
@@ -116,6 +119,7 @@ export function folderCases(dir: string, geometryTolerance: number, requireSeg =
   return {
     ids: cases.map((c) => c.id),
     from: single ? `the case folder ${displayPath(dir)}` : `the BraTS folder ${displayPath(dir)}`,
+    labelScheme,
     load: async (id) => {
       const c = byId.get(id)!;
       // For predictions the segmentation only draws the expert picture: a bad one is no reason not to predict.

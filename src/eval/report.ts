@@ -201,7 +201,8 @@ export function formatBratsReport(report: BratsDiceReport, digits = 4): string {
     ['whole tumour (1, 2, 3)', formatMeanStd(report.regions.wholeTumour, digits)],
     ['tumour core (1, 3)', formatMeanStd(report.regions.tumourCore, digits)],
     ['enhancing tumour (3)', formatMeanStd(report.regions.enhancingTumour, digits)],
-    ['necrosis (1)', formatMeanStd(report.classes.necrosis, digits)],
+    // Class 1 is BraTS's necrotic / non-enhancing core (NCR/NET), or BraTS-PEDs 2024's NET + CC.
+    ['necrotic / non-enhancing core (1)', formatMeanStd(report.classes.necrosis, digits)],
     ['edema (2)', formatMeanStd(report.classes.edema, digits)],
     ['enhancing (3)', formatMeanStd(report.classes.enhancing, digits)],
   ];

@@ -32,8 +32,8 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import { AnnotatorSpec, LabelMode, simulateAnnotators } from '../data/annotators';
-import { BRATS_CLASS_NAMES } from '../data/brats';
-import { type CacheIndex, damagedCaseFiles, damagedCasesMessage, readCacheIndex, readCachedCaseForScoring } from '../data/cache';
+import { type BratsLabelScheme, bratsClassNames } from '../data/brats';
+import { type CacheIndex, damagedCaseFiles, cacheLabelScheme, damagedCasesMessage, readCacheIndex, readCachedCaseForScoring } from '../data/cache';
 import { ImageFolderError, type LabelMapping, loadImageFolder } from '../data/image-folder';
 import { loadMnistSplits, MnistBatch } from '../data/mnist';
 import { PatchLoader } from '../data/patch-loader';
@@ -88,6 +88,12 @@ export interface BratsDatasetSpec {
   foregroundFraction: number;
   /** Fixed when a run starts (bratsCaseSplits); empty in a preset. */
   splits: CaseSplits;
+  /**
+   * How the cache's segmentations were read, when not the default 'brats' (cacheLabelScheme):
+   * 'peds2024' for BraTS-PEDs 2024. A cache prepared again with another scheme keeps its case
+   * ids but not what the classes mean: resume and eval check it (checkRunCache).
+   */
+  labelScheme?: BratsLabelScheme;
 }
 
 export interface FolderDatasetSpec {
@@ -331,7 +337,7 @@ export function loadBratsExperiment(spec: BratsDatasetSpec, trainingSeed: number
   const patch = [spec.patch, spec.patch, spec.patch];
   return {
     source,
-    classNames: [...BRATS_CLASS_NAMES],
+    classNames: [...bratsClassNames(cacheLabelScheme(index))],
     evaluate: (model, split, options = {}) => {
       const ids = split === 'validation' && options.quick ? spec.splits.validation.slice(0, Math.max(1, spec.validationCases)) : spec.splits[split];
       // Every annotator's labels, also from a cache prepared in single mode (SPEC section 7 thins

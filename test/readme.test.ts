@@ -151,7 +151,9 @@ function apiClaims(): { source: string; readmeLines: number[] } {
     for (const m of what.matchAll(/(?:`(\w+)` is )?`\{([^}]*)\}`/g)) {
       const k = m[1] ? argNames.indexOf(m[1]) : -1;
       const type = m[1] ? `Parameters<${target(first)}>[${k}]` : `Awaited<ReturnType<${target(first)}>>`;
-      emit(`declare const v${v}: NonNullable<${type}>;`, line);
+      // `{device: 'cuda', inUseMB}`: the member of a union that the quoted value picks.
+      const tag = /(\w+): ('[^']*')/.exec(m[2]);
+      emit(`declare const v${v}: ${tag ? `Extract<NonNullable<${type}>, { ${tag[1]}: ${tag[2]} }>` : `NonNullable<${type}>`};`, line);
       for (const f of m[2].split(',').map((s) => s.trim().replace(/[:\[].*$/, '')).filter((s) => /^\w+$/.test(s))) emit(`v${v}.${f};`, line);
       v++;
     }

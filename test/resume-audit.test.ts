@@ -11,7 +11,7 @@ import * as os from 'os';
 import * as path from 'path';
 import { Rng } from '../src/data/random';
 import { readCheckpoint } from '../src/model/checkpoint';
-import { setNumThreads } from '../src/model/model';
+import { backendInfo, setNumThreads } from '../src/model/model';
 import { AnnotatedSet, InMemorySource } from '../src/train/data';
 import { readTrainerState, readTrainLog, train, TRAIN_DEFAULTS, TrainConfig } from '../src/train/trainer';
 import { runCli } from './helpers/cli';
@@ -126,6 +126,13 @@ t.test('a resume may change checkpointEvery: last is saved at the new cadence, t
   t.same(log.filter((e) => e.event === 'checkpoint' && e.kind === 'last').map((e) => e.step), [1, 2, 4, 6, 8]);
   t.same(log.find((e) => e.event === 'resume')?.settings, { checkpointEvery: 2 }, 'the resume logs the changed setting');
   t.equal((await readTrainerState(resumed.files.last)).config.checkpointEvery, 2, 'and later resumes keep it');
+  // What the rounding depends on besides the settings, with the start and the resume.
+  for (const event of ['start', 'resume']) {
+    const runtime = log.find((e) => e.event === event)?.runtime as Record<string, unknown> | undefined;
+    t.equal(runtime?.threads, 1, `${event}: the thread count`);
+    t.equal(runtime?.onednnBuilt, backendInfo().onednn, `${event}: whether oneDNN is built`);
+    t.equal(runtime?.CMSEG_ONEDNN, process.env.CMSEG_ONEDNN ?? null, `${event}: its switch`);
+  }
 });
 
 t.test('a resume with settings that change the training is refused, naming each difference', async (t) => {

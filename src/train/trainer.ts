@@ -21,7 +21,7 @@ import * as path from 'path';
 import { Rng } from '../data/random';
 import type { CmInit, Device } from '../model/config';
 import { loadCheckpoint, readCheckpoint, saveCheckpoint } from '../model/checkpoint';
-import { createModel, Model } from '../model/model';
+import { backendInfo, createModel, Model } from '../model/model';
 import { acquireFolderLock, appendFileWholeSync, displayPath, type FileLock, LockHeldError, lockHolderText, makeFolderSync, writeFileAtomic } from '../data/files';
 import { augmentBatch, AugmentOptions } from './augment';
 import type { TrainingSource } from './data';
@@ -114,6 +114,23 @@ export const BOOKKEEPING_SETTINGS: readonly (keyof TrainConfig)[] = ['checkpoint
 export function trainConfigWithDefaults(config: TrainConfig, totalSteps: number): TrainConfig {
   const schedule = typeof config.schedule === 'object' && config.schedule !== null ? scheduleWithDefaults(config.schedule, totalSteps) : config.schedule;
   return { ...config, bf16: config.bf16 ?? false, lambdaWarmup: config.lambdaWarmup ?? config.lambda, schedule };
+}
+
+/**
+ * What the run's float rounding depends on besides its settings, logged with its start and
+ * each resume: a resume is bit for bit the run it continues on the same thread count and CPU
+ * path, and differs in rounding only on others (partial sums split by thread; oneDNN's kernels
+ * vs the reference), which these say when two runs are compared.
+ */
+function runtimeRecord(): { threads: number; simd: string; onednnBuilt: boolean; CMSEG_ONEDNN: string | null; CMSEG_ONEDNN_TRUNK: string | null } {
+  const info = backendInfo();
+  return {
+    threads: info.threads,
+    simd: info.simd,
+    onednnBuilt: info.onednn,
+    CMSEG_ONEDNN: process.env.CMSEG_ONEDNN ?? null,
+    CMSEG_ONEDNN_TRUNK: process.env.CMSEG_ONEDNN_TRUNK ?? null,
+  };
 }
 
 /** A setting (a dotted path for the schedule's: schedule.minLr) that a resume would change. */
@@ -640,7 +657,7 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
     // A finished run's log keeps `end` as its last entry: resuming it again trains nothing.
     if (state.step < totalSteps) {
       const settings = Object.keys(bookkeeping).length ? { settings: bookkeeping } : {};
-      log.write({ event: 'resume', step: state.step, epoch: state.epoch, batchInEpoch: state.batchInEpoch, ...settings });
+      log.write({ event: 'resume', step: state.step, epoch: state.epoch, batchInEpoch: state.batchInEpoch, ...settings, runtime: runtimeRecord() });
     }
   } else {
     if (fs.existsSync(files.last)) {
@@ -672,7 +689,7 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
       lastValidation: null,
       epochSums: { loss: 0, ce: 0, trace: 0, steps: 0, seconds: 0 },
     };
-    log.write({ event: 'start', step: 0, config, run, annotatorNames, batchesPerEpoch, totalSteps, epochs, modelConfig: model.config });
+    log.write({ event: 'start', step: 0, config, run, annotatorNames, batchesPerEpoch, totalSteps, epochs, modelConfig: model.config, runtime: runtimeRecord() });
   }
 
   const extra = (): TrainerExtra => ({

@@ -81,7 +81,7 @@ function stepsOnce(t: Test, run: string, n: number): void {
 }
 
 const BUSY = (run: string, pid: number | string) =>
-  new RegExp(`^cmseg: error: ${run} is in use: another cmseg process \\(pid ${pid}\\) is training in it; wait for it to finish, or delete ${run}/\\.train\\.lock if that process is gone\\n$`);
+  new RegExp(`^cmseg: error: ${run} is in use: another cmseg process \\(pid ${pid}\\) is training in it; wait for it to finish, or delete ${run}/\\.train\\.lock if that process is gone \\(or if this folder is a copy of one it trains in: a copy keeps its lock\\)\\n$`);
 
 t.test('a second train or --resume on a folder in use fails at once; the first run is untouched', { skip }, async (t) => {
   const first = cmseg([...TINY, '--steps', '300', '--seed', '1', '--out', 'busy', '-q']);

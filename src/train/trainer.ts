@@ -278,7 +278,7 @@ export class RunFolderBusyError extends TrainingError {
     super(
       sameProcess
         ? `${displayPath(outDir)} is in use: this process is already training in it`
-        : `${displayPath(outDir)} is in use: another cmseg process (${lockHolderText(holder, host)}) is training in it; wait for it to finish, or delete ${displayPath(lockFile)} if that process is gone`,
+        : `${displayPath(outDir)} is in use: another cmseg process (${lockHolderText(holder, host)}) is training in it; wait for it to finish, or delete ${displayPath(lockFile)} if that process is gone (or if this folder is a copy of one it trains in: a copy keeps its lock)`,
     );
     this.name = 'RunFolderBusyError';
   }

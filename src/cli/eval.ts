@@ -97,8 +97,9 @@ async function runEval(flags: EvalFlags, splitTyped: boolean, made: string[]): P
   checkSameRunData(info, 'eval');
   const { saved, recipe } = target;
   const split = flags.split as SplitName;
-  const out = path.resolve(flags.out ?? path.join(path.dirname(file), `eval-${split}-${outputStem(info, flags)}.json`));
-  prepareOutput(out, flags, made);
+  const name = `eval-${split}-${outputStem(info, flags)}.json`;
+  const out = path.resolve(flags.out ?? path.join(path.dirname(file), name));
+  prepareOutput(out, flags, made, { split }, name);
   checkRunLabelScheme(recipe.dataset, flags.labelScheme);
   checkRunCache(recipe.dataset, info.annotatorNames, scoresCms(info, flags) ? 'eval' : 'consensus');
   const data = loadRunData(recipe.dataset, saved.config.seed);
@@ -177,8 +178,9 @@ function methodRecord(info: InferenceInfo): { method: string | null; methods?: (
 async function evalWhole(flags: EvalFlags, info: InferenceInfo, target: Extract<DataTarget, { kind: 'images' | 'volumes' }>, made: string[]): Promise<void> {
   const { file } = info;
   const dir = target.dir;
-  const out = path.resolve(flags.out ?? path.join(path.dirname(file), `eval-${path.basename(dir)}-${outputStem(info, flags)}.json`));
-  prepareOutput(out, flags, made);
+  const name = `eval-${path.basename(dir)}-${outputStem(info, flags)}.json`;
+  const out = path.resolve(flags.out ?? path.join(path.dirname(file), name));
+  prepareOutput(out, flags, made, { data: dir }, name);
   let summary: EvaluationSummary;
   let fused: ReturnType<typeof fusedLabelRows> | undefined;
   let classNames: string[] | undefined;
@@ -273,8 +275,26 @@ async function evalWhole(flags: EvalFlags, info: InferenceInfo, target: Extract<
  * (hours for BraTS): it used to fail only then, on a checkpoint in a read-only or full folder,
  * with the scores lost. makeFolderSync: Node's recursive mkdir says ENOENT on a read-only fs.
  */
-function prepareOutput(out: string, flags: EvalFlags, made: string[]): void {
+function prepareOutput(out: string, flags: EvalFlags, made: string[], scored: { split: string } | { data: string }, defaultName: string): void {
   const elsewhere = flags.out === undefined ? 'write it elsewhere with --out FILE' : 'choose another --out';
+  if (flags.out === undefined) checkDefaultOutput(out, scored);
+  // `--out` naming a checkpoint (one being scored, through a link too, or any .safetensors)
+  // replaced the trained model with the metrics JSON, without a word.
+  const real = (file: string) => {
+    try {
+      return fs.realpathSync(file);
+    } catch {
+      return path.resolve(file);
+    }
+  };
+  if (/\.safetensors$/i.test(out) || flags.checkpoint.some((file) => real(file) === real(out))) {
+    throw new UserError(`cannot write the metrics file ${displayPath(out)}: it is a checkpoint (a safetensors file), not a metrics JSON; ${elsewhere}, e.g. ${displayPath(out.replace(/(\.safetensors)?$/i, '.json'))} (nothing was evaluated)`);
+  }
+  // `--out <a folder>`: the whole evaluation ran (hours for BraTS) and only then failed,
+  // "a folder of that name is in the way".
+  if (fs.existsSync(out) && fs.statSync(out).isDirectory()) {
+    throw new UserError(`cannot write the metrics file ${displayPath(out)}: it is a folder; name a file, e.g. ${displayPath(path.join(out, defaultName))} (nothing was evaluated)`);
+  }
   // The folders made here, innermost first: removed again (while empty) should the command fail.
   for (let d = path.dirname(out); !fs.existsSync(d) && path.dirname(d) !== d; d = path.dirname(d)) made.push(d);
   try {
@@ -285,6 +305,29 @@ function prepareOutput(out: string, flags: EvalFlags, made: string[]): void {
     const why = (code && WRITE_FAILURES[code]) ?? (err as Error).message;
     throw new UserError(`cannot write the metrics file ${displayPath(out)}: ${why}; ${elsewhere} (nothing was evaluated)`);
   }
+}
+
+/**
+ * The default metrics file is named after the split or the data folder's name only: a folder
+ * of new images named "test" (or two folders named alike, siteA/test and siteB/test) had the
+ * name of the run's test split scores, and replaced them without a word. Refused when the file
+ * there holds the scores of other data; the same split or folder again rewrites it.
+ */
+function checkDefaultOutput(out: string, scored: { split: string } | { data: string }): void {
+  let record: { split?: unknown; data?: unknown };
+  try {
+    record = JSON.parse(fs.readFileSync(out, 'utf8'));
+  } catch {
+    return; // none there, or not a metrics file of ours: written as before
+  }
+  if (record === null || typeof record !== 'object') return;
+  const theirs: { split: string } | { data: string } | undefined =
+    typeof record.data === 'string' ? { data: record.data } : typeof record.split === 'string' ? { split: record.split } : undefined;
+  if (theirs === undefined) return;
+  const same = 'data' in scored ? 'data' in theirs && path.resolve(theirs.data) === path.resolve(scored.data) : 'split' in theirs && theirs.split === scored.split;
+  if (same) return;
+  const what = (s: { split: string } | { data: string }) => ('data' in s ? displayPath(s.data) : `the run's ${s.split} split`);
+  throw new UserError(`the default metrics file ${displayPath(out)} holds the scores of ${what(theirs)}, not of ${what(scored)}: name this one's file with --out (nothing was evaluated)`);
 }
 
 /** One scored volume as a progress line: total Dice, and the BraTS regions' Dice and HD95 (mm). */

@@ -8,7 +8,7 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import type { Command } from 'commander';
-import { cacheIndexPath } from '../data/cache';
+import { cacheIndexPath, readCacheIndex } from '../data/cache';
 import { BRATS_CLASS_NAMES, BRATS_CLASSES, BRATS_CHANNELS, BRATS_GEOMETRY_TOLERANCE_MM, BRATS_LABEL_SCHEMES, BRATS_MODALITIES } from '../data/brats';
 import type { LabelMapping } from '../data/image-folder';
 import { loadCheckpoint } from '../model/checkpoint';
@@ -136,7 +136,8 @@ export async function loadModelForInference(file: string, modelConfig: { device?
   if (device !== undefined) return loadCheckpoint(file, { device });
   const info = backendInfo();
   if (modelConfig.device === 'cuda' && (!info.cuda || !info.cudaTraining || !info.gpuAvailable)) {
-    process.stderr.write('note: this checkpoint was trained on the GPU; no GPU can run it here, so it runs on the CPU\n');
+    // Named: in an ensemble "this checkpoint" was said once for each member, the same words.
+    process.stderr.write(`note: ${displayPath(file)} was trained on the GPU; no GPU can run it here, so it runs on the CPU\n`);
     return loadCheckpoint(file, { device: 'cpu' });
   }
   return loadCheckpoint(file);
@@ -195,7 +196,8 @@ function dataIdentity(dataset: DatasetSpec): Record<string, unknown> {
     case 'mnist':
       return { kind: dataset.kind, train: dataset.train, validation: dataset.validation, test: dataset.test, dataSeed: dataset.dataSeed };
     case 'brats':
-      return { kind: dataset.kind, cache: dataset.cache, splits: dataset.splits };
+      // The split before the cache: a differing split is the plainer reason (checkSameRunData names the first difference).
+      return { kind: dataset.kind, splits: dataset.splits, cache: dataset.cache };
     case 'folder':
       return { kind: dataset.kind, root: dataset.root, classes: dataset.classes, labelMapping: dataset.labelMapping, annotators: dataset.annotators, splits: dataset.splits };
   }
@@ -217,18 +219,64 @@ export function checkSameRunData(info: InferenceInfo, command: 'predict' | 'eval
       ? `give --split all to ${verb} every image of ${displayPath(dataset.root)} (--data <dir> --split all where it moved), or --data <dir> to ${verb} another folder, every image of it`
       : `give --data <dir> to ${verb} new data, every image or case of it`;
   const ours = dataIdentity(dataset);
+  const ourCache = dataset.kind === 'brats' ? withOwnRunCache(first.recipe!, first.file).dataset : undefined;
   for (const other of others) {
     if (!other.recipe) throw new UserError(`${name(other)} records no training data, so it cannot be checked to share the split of ${name(first)}: ${ask}`);
     const theirs = dataIdentity(other.recipe.dataset);
-    const field = Object.keys({ ...ours, ...theirs }).find((key) => JSON.stringify(ours[key]) !== JSON.stringify(theirs[key]));
+    // Two BraTS caches at different paths hold the same data when their indexes agree:
+    // `train --data <BraTS folder>` prepares a cache into each run's folder, so two seeds of one
+    // folder never shared a path and their ensemble was refused its common test split (the
+    // remedy, --data, scores every case, training cases included). Each cache is read where
+    // it is now (a moved run folder's own cache, as eval loads it).
+    const theirCache = other.recipe.dataset.kind === 'brats' ? withOwnRunCache(other.recipe, other.file).dataset : undefined;
+    const sameData = (key: string) =>
+      JSON.stringify(ours[key]) === JSON.stringify(theirs[key]) ||
+      (key === 'cache' && ourCache?.kind === 'brats' && theirCache?.kind === 'brats' && sameCacheData(ourCache.cache, theirCache.cache));
+    const field = Object.keys({ ...ours, ...theirs }).find((key) => !sameData(key));
     if (field === undefined) continue;
     const scalar = (v: unknown) => typeof v !== 'object' || v === null;
-    const differs = scalar(ours[field]) && scalar(theirs[field]) ? `dataset.${field}: ${JSON.stringify(theirs[field])} vs ${JSON.stringify(ours[field])}` : `dataset.${field} differ`;
+    const differs =
+      field === 'cache' && ourCache?.kind === 'brats' && theirCache?.kind === 'brats'
+        ? `dataset.cache: ${displayPath(theirCache.cache)} holds other cases or settings than ${displayPath(ourCache.cache)}, or is gone`
+        : scalar(ours[field]) && scalar(theirs[field])
+          ? `dataset.${field}: ${JSON.stringify(theirs[field])} vs ${JSON.stringify(ours[field])}`
+          : `dataset.${field} differ`;
     throw new UserError(
       `${name(other)} was trained on other data than ${name(first)} (${differs}): ` +
         `an ensemble scores the first checkpoint's split only when every run has the same one; ${ask}`,
     );
   }
+}
+
+/**
+ * Whether two BraTS caches hold the same data: the same preparation settings (annotators,
+ * their simulation seed, label mode and scheme, margin, dtype), annotator names, and cases
+ * prepared from the same source files (relative name, size, modification time) to the same
+ * crop and shape. A cache that is gone or unreadable holds nothing to compare: false.
+ */
+function sameCacheData(a: string, b: string): boolean {
+  if (path.resolve(a) === path.resolve(b)) return true;
+  const contents = (dir: string): string | undefined => {
+    try {
+      const index = readCacheIndex(dir);
+      const cases = index.cases.map((c) => ({ id: c.id, sources: c.sources, shape: c.shape, crop: c.crop, present: c.present }));
+      return canonicalJson({ settings: index.settings, channels: index.channels, classes: index.classes, names: index.names, cases });
+    } catch {
+      return undefined;
+    }
+  };
+  const ours = contents(a);
+  return ours !== undefined && ours === contents(b);
+}
+
+/** JSON with every object's keys sorted: two indexes that say the same thing compare equal. */
+function canonicalJson(value: unknown): string {
+  if (Array.isArray(value)) return `[${value.map(canonicalJson).join(',')}]`;
+  if (value !== null && typeof value === 'object') {
+    const entries = Object.entries(value as Record<string, unknown>).filter(([, v]) => v !== undefined);
+    return `{${entries.sort(([x], [y]) => (x < y ? -1 : x > y ? 1 : 0)).map(([k, v]) => `${JSON.stringify(k)}:${canonicalJson(v)}`).join(',')}}`;
+  }
+  return JSON.stringify(value);
 }
 
 /** The model eval or predict runs, with what to dispose when done. */

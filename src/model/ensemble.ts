@@ -50,17 +50,43 @@ export const foldSameIndex: FoldArray = (into, values, k) => {
 /**
  * Folds `next`, the k-th prediction (k >= 2), into `mean`, the running mean of the first k - 1,
  * in place, output by output; `fold` pairs their elements (mirrored predictions are read
- * flipped back).
+ * flipped back). `names` says what the k-th and the first prediction are in errors.
  */
-export function foldIntoMean(mean: ModelPrediction, next: ModelPrediction, k: number, fold: FoldArray = foldSameIndex): void {
+export function foldIntoMean(
+  mean: ModelPrediction,
+  next: ModelPrediction,
+  k: number,
+  fold: FoldArray = foldSameIndex,
+  names: [string, string] = [`prediction ${k}`, 'the first'],
+): void {
+  const [nextName, firstName] = names;
   for (const name of PREDICTION_OUTPUTS) {
     const into = mean[name];
-    if (!into) continue;
     const values = next[name];
-    if (!(values instanceof Float32Array) || values.length !== into.length) {
-      throw new RangeError(`prediction ${k} has ${name} with ${values?.length ?? 'no'} values, the first ${into.length}`);
+    // An output only the later prediction has: the mean silently went without it (a first
+    // member that ignored `cms: true` gave an ensemble without CMs, where the same members
+    // in the other order failed). Refused either way.
+    if (!into) {
+      if (values !== undefined && values !== null) throw new RangeError(`${nextName} returned ${name} (${(values as { length?: number }).length ?? 0} values), ${firstName} none`);
+      continue;
     }
+    if (!(values instanceof Float32Array)) throw new RangeError(`${nextName} returned no ${name}, ${firstName} ${into.length} values`);
+    if (values.length !== into.length) throw new RangeError(`${nextName} returned ${name} with ${values.length} values, ${firstName} ${into.length}`);
     fold(into, values, k);
+  }
+}
+
+/**
+ * `call()`, a member's prediction; an Error it fails with says which member (a disposed
+ * member, or one that ran out of memory, said only "this model was disposed"). The error
+ * keeps its class and code; only its message gains the member's index.
+ */
+async function asMember<T>(index: number, call: () => Promise<T>): Promise<T> {
+  try {
+    return await call();
+  } catch (error) {
+    if (error instanceof Error) error.message = `ensemble member ${index}: ${error.message}`;
+    throw error;
   }
 }
 
@@ -72,8 +98,17 @@ export function foldIntoMean(mean: ModelPrediction, next: ModelPrediction, k: nu
  */
 export function checkPredictingModel(value: unknown, what: string): asserts value is PredictingModel {
   const m = value as Partial<PredictingModel> | null | undefined;
-  if (m === null || typeof m !== 'object' || m.config === null || typeof m.config !== 'object' || typeof m.predict !== 'function') {
-    const got = m === null ? 'null' : typeof m !== 'object' ? typeof m : m.config === null || typeof m.config !== 'object' ? 'an object without a config' : 'an object without a predict function';
+  let config: unknown;
+  try {
+    config = m !== null && typeof m === 'object' ? m.config : undefined;
+  } catch (error) {
+    // A disposed Model's config throws "this model was disposed": say which model it is
+    // (an ensemble's member); the error keeps its class and code.
+    if (error instanceof Error) error.message = `${what}: ${error.message}`;
+    throw error;
+  }
+  if (m === null || typeof m !== 'object' || config === null || typeof config !== 'object' || typeof m.predict !== 'function') {
+    const got = m === null ? 'null' : typeof m !== 'object' ? typeof m : config === null || typeof config !== 'object' ? 'an object without a config' : 'an object without a predict function';
     throw new TypeError(`${what}: expected a model (a Model, or an object with config and predict()), got ${got}`);
   }
 }
@@ -121,7 +156,18 @@ export function ensembleMismatch(configs: readonly PredictingModel['config'][]):
  * queue), so only one member's output is held beside the mean.
  */
 export function ensemble<P extends ModelPrediction = ModelPrediction>(models: readonly PredictingModelOf<P>[]): PredictingModelOf<P> {
-  if (!Array.isArray(models) || models.length === 0) throw new RangeError('ensemble needs at least one model');
+  // ensemble(a, b) (the brackets forgotten) or a Set of models was "needs at least one model".
+  if (!Array.isArray(models)) {
+    const m = models as unknown;
+    const got =
+      m === null ? 'null'
+      : typeof m !== 'object' ? typeof m
+      : m instanceof Set ? 'a Set (spread it into an array)'
+      : 'predict' in m && 'config' in m ? 'a model'
+      : `a ${(m as object).constructor?.name ?? 'object'}`;
+    throw new TypeError(`ensemble expects an array of models (ensemble([a, b])), got ${got}`);
+  }
+  if (models.length === 0) throw new RangeError('ensemble needs at least one model');
   models.forEach((m, i) => checkPredictingModel(m, `ensemble member ${i}`));
   const configs = models.map((m) => m.config);
   const mismatch = ensembleMismatch(configs);
@@ -138,8 +184,11 @@ export function ensemble<P extends ModelPrediction = ModelPrediction>(models: re
     config,
     predict: async (...given) => {
       const [images, shape, options] = predictArguments(...given);
-      const mean = await models[0].predict(images, shape, options);
-      for (let k = 2; k <= models.length; k++) foldIntoMean(mean, await models[k - 1].predict(images, shape, options), k);
+      const mean = await asMember<P>(0, () => models[0].predict(images, shape, options));
+      for (let k = 2; k <= models.length; k++) {
+        const next = await asMember<P>(k - 1, () => models[k - 1].predict(images, shape, options));
+        foldIntoMean(mean, next, k, foldSameIndex, [`ensemble member ${k - 1}`, 'member 0']);
+      }
       return mean;
     },
   };

@@ -71,6 +71,9 @@ export function flipSpatial(data: Float32Array, planes: number, spatial: readonl
     throw new RangeError(`flipSpatial: data has ${data.length} values, ${planes} plane(s) of [${spatial.join(', ')}] are ${size}`);
   }
   const flip = mirrorAxes(spatial.length as 2 | 3, axes);
+  // `out` that is `data` (a flip in place) or overlaps it: rows were read after they had been
+  // written ([0..5] flipped in place gave [5, 4, 3, 3, 4, 5]). Read from a copy instead.
+  if (out.buffer === data.buffer && out.byteOffset < data.byteOffset + data.byteLength && data.byteOffset < out.byteOffset + out.byteLength) data = data.slice();
   forEachFlippedRow(planes, spatial, flip, (dst, src, width, reversed) => {
     if (!reversed) out.set(data.subarray(src, src + width), dst);
     else for (let x = 0, s = src + width - 1; x < width; x++, s--) out[dst + x] = data[s];

@@ -271,6 +271,18 @@ t.test('train from a raw BraTS 2023 folder: the cache is prepared inside the run
   await checkReleasedPrediction(t, path.join(dir, 'pred2023'), 'BraTS-GLI-00000-000', crop2023, '2023');
 });
 
+t.test("train's test scores of a BraTS run show each case as it is scored (hours for a release's test cases)", async (t) => {
+  const loud = TINY.filter((flag) => flag !== '--quiet');
+  const train = await cmseg(['train', '--preset', 'brats3d', '--data', 'data2023', '--steps', '1', '--out', 'runs/loud', '--workers', '0', ...loud]);
+  t.equal(train.exitCode, 0, train.stderr);
+  const test = readCacheIndex(path.join(dir, 'runs/loud/cache')).cases.length === 3 ? 1 : NaN;
+  t.match(train.stderr, new RegExp(`scoring ${test} test case\\(s\\) with (best|last)\\.safetensors\\n`));
+  t.match(train.stderr, /\n\[1\/1\] BraTS-GLI-\d{5}-000: total Dice \d\.\d{4}, Dice WT\/TC\/ET /, 'a line per scored case, as eval prints');
+  const quiet = await cmseg(['train', '--preset', 'brats3d', '--data', 'data2023', '--steps', '1', '--out', 'runs/quiet', '--workers', '0', ...TINY]);
+  t.equal(quiet.exitCode, 0, quiet.stderr);
+  t.notMatch(quiet.stderr, /scoring|\[1\/1\]/, '--quiet: none of it');
+});
+
 t.test('predict legends: "a LxL grid" of CM tiles, 2D and 3D', async (t) => {
   t.match(fs.readFileSync(path.join(dir, 'pred', 'README.txt'), 'utf8'), /CM on the slice: a 4x4 grid/);
   const train = await cmseg(['train', '--preset', 'mnist-tiny', '--steps', '1', '--out', 'runs/mnist', '--no-test', '--quiet']);

@@ -26,7 +26,7 @@ import { loadImagesToPredict } from '../data/image-files';
 import type { Device } from '../model/config';
 import { setNumThreads } from '../model/model';
 import { bratsText, evaluationText, referenceNote } from '../report/tables';
-import { type EvaluationSummary, evaluateAgainstMajority, evaluateModel, evaluateVolumes, fusedLabelRows, type VolumeScore } from '../train/evaluate';
+import { type EvaluationSummary, evaluateAgainstMajority, evaluateModel, evaluateVolumes, fusedLabelRows } from '../train/evaluate';
 import type { SplitName } from '../train/experiment';
 import { choiceOption, displayPath, given, parsePath, printOutputs, sameNames, UserError, withExamples, WRITE_FAILURES } from './common';
 import {
@@ -44,7 +44,7 @@ import {
   withInferenceOptions,
 } from './inference';
 import { checkRunCache, checkRunLabelScheme, loadRunData } from './run-data';
-import { type WindowProgress, windowProgress } from './window-progress';
+import { caseBars } from './window-progress';
 
 interface EvalFlags {
   checkpoint: string[];
@@ -60,27 +60,6 @@ interface EvalFlags {
   threads?: number;
   /** false (--no-cms): the consensus scores only, no annotator CMs predicted or scored. */
   cms: boolean;
-}
-
-/** One window bar per case on a terminal (window-progress.ts), replaced at each new case. */
-function caseBars() {
-  let bar: WindowProgress | undefined;
-  const stop = () => {
-    bar?.stop();
-    bar = undefined;
-  };
-  return {
-    onWindows: (id: string, done: number, total: number) => {
-      bar ??= windowProgress(id);
-      bar.onProgress(done, total);
-    },
-    // The case's line (on a terminal after its bar is cleared; in logs the only trace of it).
-    onVolume: (score: VolumeScore, done: number, total: number) => {
-      stop();
-      process.stderr.write(`[${done}/${total}] ${score.id}: ${volumeLine(score)}\n`);
-    },
-    stop,
-  };
 }
 
 /** Whether the annotators' CMs are predicted and scored: a method that learns them, unless --no-cms. */
@@ -328,24 +307,6 @@ function checkDefaultOutput(out: string, scored: { split: string } | { data: str
   if (same) return;
   const what = (s: { split: string } | { data: string }) => ('data' in s ? displayPath(s.data) : `the run's ${s.split} split`);
   throw new UserError(`the default metrics file ${displayPath(out)} holds the scores of ${what(theirs)}, not of ${what(scored)}: name this one's file with --out (nothing was evaluated)`);
-}
-
-/** One scored volume as a progress line: total Dice, and the BraTS regions' Dice and HD95 (mm). */
-function volumeLine(score: VolumeScore): string {
-  // Undefined figures (a reference that labels no voxel) print '-', as an undefined HD95 does.
-  // A volume whose probabilities were NaN or Inf has no figures: the line says so, not '-' (no tumour).
-  if (score.nonFinite) return 'not scored: the model\'s output is non-finite (NaN or Inf)';
-  const figure = (x: number, digits: number) => (Number.isFinite(x) ? x.toFixed(digits) : '-');
-  const line = [`total Dice ${figure(score.totalDice, 4)}`];
-  if (score.regions) {
-    const { wholeTumour: wt, tumourCore: tc, enhancingTumour: et } = score.regions;
-    line.push(`Dice WT/TC/ET ${figure(wt, 3)}/${figure(tc, 3)}/${figure(et, 3)}`);
-  }
-  if (score.hd95) {
-    const mm = (x: number) => figure(x, 1);
-    line.push(`HD95 ${mm(score.hd95.wholeTumour)}/${mm(score.hd95.tumourCore)}/${mm(score.hd95.enhancingTumour)} mm`);
-  }
-  return line.join(', ');
 }
 
 export function registerEvalCommand(program: Command): Command {

@@ -41,6 +41,8 @@ import { choiceOption, displayPath, given, parseInteger, parseNumber, parsePath,
 import { CURVES_FILE, writeRunCurves } from './curves';
 import { checkRunCache, loadRunData } from './run-data';
 import { prepareWithProgress } from './prepare';
+import { caseBars } from './window-progress';
+import type { EvaluationSummary } from '../train/evaluate';
 
 export interface TrainFlags {
   /** Print the result as one JSON object on stdout instead of text (progress stays on stderr). */
@@ -379,8 +381,18 @@ function attachFolderData(dataset: FolderDatasetSpec, flags: TrainFlags, depth: 
   }
 }
 
-export async function writeTestResults(model: Model, data: ExperimentData, file: string, extra: Record<string, unknown> & { method: MethodName }) {
-  const summary = await data.evaluate(model, 'test', { annotators: methodDefinition(extra.method).learnsCms });
+/**
+ * Scores the test split and writes its metrics file. `caseProgress`: a BraTS run's per-case bar
+ * and lines (caseBars), as eval shows them; a release's test cases take hours on a CPU.
+ */
+export async function writeTestResults(model: Model, data: ExperimentData, file: string, extra: Record<string, unknown> & { method: MethodName }, caseProgress = false) {
+  const bars = caseProgress ? caseBars() : undefined;
+  let summary: EvaluationSummary;
+  try {
+    summary = await data.evaluate(model, 'test', { annotators: methodDefinition(extra.method).learnsCms, ...(bars ? { onWindows: bars.onWindows, onVolume: bars.onVolume } : {}) });
+  } finally {
+    bars?.stop();
+  }
   const fused = data.fusedLabelRows?.();
   await writeFileAtomic(file, Buffer.from(JSON.stringify({ ...extra, split: 'test', metrics: summary, fusedLabels: fused ?? null }, null, 2) + '\n'));
   return { summary, fused };
@@ -623,7 +635,10 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
     const chosen = files.best ?? files.last;
     const model = await loadCheckpoint(chosen);
     const testFile = path.join(outDir, 'eval-test.json');
-    const { summary, fused } = await writeTestResults(model, data, testFile, { checkpoint: chosen, method: config.method, preset: recipe.preset, dataset: recipe.dataset, seed: config.seed });
+    const caseProgress = recipe.dataset.kind === 'brats' && !flags.quiet;
+    if (recipe.dataset.kind === 'brats' && caseProgress) process.stderr.write(`scoring ${recipe.dataset.splits.test.length} test case(s) with ${path.basename(chosen)}\n`);
+    const testExtra = { checkpoint: chosen, method: config.method, preset: recipe.preset, dataset: recipe.dataset, seed: config.seed };
+    const { summary, fused } = await writeTestResults(model, data, testFile, testExtra, caseProgress);
     say(`\ntest set, ${path.basename(chosen)}${referenceNote(summary)}:\n` + evaluationText(summary, fused, { classNames: data.classNames }) + bratsText(summary) + '\n');
     outputs.push(['test metrics', testFile]);
     json.test = { checkpoint: chosen, metrics: summary, fusedLabels: fused ?? null };

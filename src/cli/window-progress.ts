@@ -3,6 +3,7 @@
 // one line per case the commands print). A BraTS case on the CPU takes about a minute, 8
 // times that with --tta.
 import { SingleBar } from 'cli-progress';
+import type { VolumeScore } from '../train/evaluate';
 
 export interface WindowProgress {
   /** slidingWindowPredict's onProgress: windows done of the case's total. */
@@ -47,4 +48,47 @@ export function windowProgress(label: string, stream: NodeJS.WritableStream & { 
     },
     stop,
   };
+}
+
+/**
+ * One window bar per case on a terminal, replaced at each new case, and a line per scored case
+ * (evaluateVolumes' onWindows and onVolume): eval, and train's test scores of a BraTS run
+ * (hours for a release's test cases, which passed without a line).
+ */
+export function caseBars() {
+  let bar: WindowProgress | undefined;
+  const stop = () => {
+    bar?.stop();
+    bar = undefined;
+  };
+  return {
+    onWindows: (id: string, done: number, total: number) => {
+      bar ??= windowProgress(id);
+      bar.onProgress(done, total);
+    },
+    // The case's line (on a terminal after its bar is cleared; in logs the only trace of it).
+    onVolume: (score: VolumeScore, done: number, total: number) => {
+      stop();
+      process.stderr.write(`[${done}/${total}] ${score.id}: ${volumeLine(score)}\n`);
+    },
+    stop,
+  };
+}
+
+/** One scored volume as a progress line: total Dice, and the BraTS regions' Dice and HD95 (mm). */
+function volumeLine(score: VolumeScore): string {
+  // Undefined figures (a reference that labels no voxel) print '-', as an undefined HD95 does.
+  // A volume whose probabilities were NaN or Inf has no figures: the line says so, not '-' (no tumour).
+  if (score.nonFinite) return 'not scored: the model\'s output is non-finite (NaN or Inf)';
+  const figure = (x: number, digits: number) => (Number.isFinite(x) ? x.toFixed(digits) : '-');
+  const line = [`total Dice ${figure(score.totalDice, 4)}`];
+  if (score.regions) {
+    const { wholeTumour: wt, tumourCore: tc, enhancingTumour: et } = score.regions;
+    line.push(`Dice WT/TC/ET ${figure(wt, 3)}/${figure(tc, 3)}/${figure(et, 3)}`);
+  }
+  if (score.hd95) {
+    const mm = (x: number) => figure(x, 1);
+    line.push(`HD95 ${mm(score.hd95.wholeTumour)}/${mm(score.hd95.tumourCore)}/${mm(score.hd95.enhancingTumour)} mm`);
+  }
+  return line.join(', ');
 }

@@ -57,7 +57,7 @@ export interface SlidingWindowOptions {
    * [h, w] in 2D), and the flipped-back predictions are averaged. Default false.
    */
   mirror?: boolean | readonly number[];
-  /** Called after each batch with the windows done so far and the total. */
+  /** Windows done of the total: (0, total) before the first batch, then after each batch. */
   onProgress?: (windowsDone: number, windowsTotal: number) => void;
   /**
    * Predict the next batch while this one is stitched: the stitching's time hidden, for one
@@ -324,6 +324,9 @@ export async function slidingWindowPredict(
     }
     stitch(batchAt(k), prediction);
   };
+  // The bar of a case starts now, not after its first batch (half a case with --tta or two
+  // batches of 128^3 windows showed nothing).
+  options.onProgress?.(0, windows.length);
   try {
     for (let k = 0; k < batches; k++) {
       await consume(k);

@@ -238,7 +238,7 @@ export interface VolumeEvaluationOptions {
   bratsRegions?: boolean;
   /** Called after every volume. */
   onVolume?: (score: VolumeScore, done: number, total: number) => void;
-  /** Called after every batch of a volume's windows (slidingWindowPredict's onProgress), with the volume's id. */
+  /** Called before and after every batch of a volume's windows (slidingWindowPredict's onProgress), with the volume's id. */
   onWindows?: (id: string, done: number, total: number) => void;
 }
 

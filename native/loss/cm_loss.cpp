@@ -277,6 +277,46 @@ void cm_from_raw(CmMode mode, int L, int rank, const float* raw, int64_t stride,
   std::memcpy(A, cm.A, sizeof(float) * L * L);
 }
 
+void cm_rows_from_raw(CmMode mode, int L, int rank, const float* raw, int64_t stride, int64_t count, float* A) {
+  const int K = cm_head_channels(mode, L, rank);
+  if (K == 0) fail("cm_rows_from_raw: a global CM has no per-pixel raw channels");
+  thread_local std::vector<float> sp, sg;
+  sp.resize((size_t)K * count);
+  sg.resize((size_t)K * count);
+  bool finite = true;
+  for (int k = 0; k < K; ++k) {
+    const float* row = raw + k * stride;
+    finite = finite && row_finite(row, count);
+    softplus_sigmoid_rows(row, &sp[(size_t)k * count], &sg[(size_t)k * count], count);
+  }
+  PixelCm cm;
+  cm.L = L, cm.rank = rank, cm.mode = mode;
+  if (!finite) {
+    // The fast rows clamp a NaN into a finite CM: the pixel path keeps it NaN.
+    for (int64_t v = 0; v < count; ++v) {
+      cm.compute(raw + v, stride);
+      for (int e = 0; e < L * L; ++e) A[e * count + v] = cm.A[e];
+    }
+    return;
+  }
+  if (mode == CmMode::Full) {
+    // PixelCm::normalise along the run: the same operations in the same order, per pixel.
+    for (int j = 0; j < L; ++j) {
+      for (int64_t v = 0; v < count; ++v) {
+        float s = 0.f;
+        for (int i = 0; i < L; ++i) s += sp[(size_t)(i * L + j) * count + v];
+        const float inv = 1.f / s;
+        for (int i = 0; i < L; ++i) A[(i * L + j) * count + v] = sp[(size_t)(i * L + j) * count + v] * inv;
+      }
+    }
+    return;
+  }
+  for (int64_t v = 0; v < count; ++v) {
+    cm.load(&sp[v], &sg[v], count);
+    for (int e = 0; e < L * L; ++e) A[e * count + v] = cm.A[e];
+  }
+}
+
 void cm_loss(const CmLossInput& in, CmLossOutput& out) {
   ProfileScope prof("cm_loss");
   const int n = in.n, L = in.L, R = in.R;

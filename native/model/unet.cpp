@@ -800,22 +800,36 @@ void Model::predict(const float* images, int n, Spatial s, float* probs, float* 
   const int64_t V = s.size();
   softmax_forward(m.seg_logits.data(), probs, n, L, V);
   if (!cms && !annotator_probs) return;
-  parallel_for((int64_t)n * R, [&](int64_t item, int) {
-    const int i = (int)(item / R), r = (int)(item % R);
-    float A[kMaxClasses * kMaxClasses];
-    const bool global = c.cm_mode == CmMode::Global;
-    if (global) cm_from_raw(c.cm_mode, L, c.cm_rank, params_[m.gcm[r]].value.data(), 1, A);
-    for (int64_t v = 0; v < V; ++v) {
-      if (!global) cm_from_raw(c.cm_mode, L, c.cm_rank, m.cm_raw[r].data() + (int64_t)i * K * V + v, V, A);
-      if (cms)
-        for (int e = 0; e < L * L; ++e) cms[(((int64_t)i * R + r) * L * L + e) * V + v] = A[e];
-      if (annotator_probs)
-        for (int a = 0; a < L; ++a) {
-          float q = 0.f;
-          for (int j = 0; j < L; ++j) q += A[a * L + j] * probs[((int64_t)i * L + j) * V + v];
-          annotator_probs[(((int64_t)i * R + r) * L + a) * V + v] = q;
-        }
+  // Runs of pixels, each annotator's CMs as rows along the run (cm_rows_from_raw: the
+  // softplus vectorised, 4x faster than pixel by pixel); q_r = A_r p along the same rows.
+  constexpr int64_t kRun = 512;
+  const int64_t runs = (V + kRun - 1) / kRun;
+  const bool global = c.cm_mode == CmMode::Global;
+  parallel_for((int64_t)n * R * runs, [&](int64_t item, int) {
+    const int64_t t = item % runs, ir = item / runs;
+    const int i = (int)(ir / R), r = (int)(ir % R);
+    const int64_t v0 = t * kRun, cnt = std::min(kRun, V - v0);
+    thread_local std::vector<float> A;
+    A.resize((size_t)L * L * cnt);
+    if (global) {
+      float a[kMaxClasses * kMaxClasses];
+      cm_from_raw(c.cm_mode, L, c.cm_rank, params_[m.gcm[r]].value.data(), 1, a);
+      for (int e = 0; e < L * L; ++e) std::fill_n(&A[(size_t)e * cnt], cnt, a[e]);
+    } else {
+      cm_rows_from_raw(c.cm_mode, L, c.cm_rank, m.cm_raw[r].data() + (int64_t)i * K * V + v0, V, cnt, A.data());
     }
+    if (cms)
+      for (int e = 0; e < L * L; ++e) std::copy_n(&A[(size_t)e * cnt], cnt, cms + (((int64_t)i * R + r) * L * L + e) * V + v0);
+    if (annotator_probs)
+      for (int a = 0; a < L; ++a) {
+        float* q = annotator_probs + (((int64_t)i * R + r) * L + a) * V + v0;
+        std::fill_n(q, cnt, 0.f);
+        for (int j = 0; j < L; ++j) {
+          const float* p = probs + ((int64_t)i * L + j) * V + v0;
+          const float* Aaj = &A[(size_t)(a * L + j) * cnt];
+          for (int64_t v = 0; v < cnt; ++v) q[v] += Aaj[v] * p[v];
+        }
+      }
   });
 }
 

@@ -131,6 +131,52 @@ TEST(hand_computed_full_cm_single_pixel) {
   CHECK_CLOSE(A[3], 0.8, 1e-6, 0);
 }
 
+// A run of pixels' CMs as rows (prediction) against each pixel's own cm_from_raw: the
+// vectorised softplus agrees within float rounding, every column sums to 1, the run length
+// need not be a multiple of the vector width, and a NaN raw value stays NaN in that
+// pixel's CM (a diverged head must not predict finite CMs).
+TEST(cm_rows_match_pixel_cms_and_keep_nan) {
+  for (CmMode mode : {CmMode::Full, CmMode::LowRank}) {
+    const int L = 4, rank = 2, K = cm_head_channels(mode, L, rank);
+    const int64_t count = 37, stride = 53;  // channel k of pixel v at raw[k * stride + v]
+    std::vector<float> raw((size_t)K * stride);
+    uint32_t state = 12345;
+    for (float& x : raw) {
+      state = state * 1664525u + 1013904223u;
+      x = ((state >> 8) / 16777216.f) * 30.f - 12.f;  // -12..18: softplus's tail and its linear part
+    }
+    raw[3] = 25.f;  // above 20: softplus(x) = x
+    std::vector<float> rows((size_t)L * L * count);
+    cm_rows_from_raw(mode, L, rank, raw.data(), stride, count, rows.data());
+    float worst = 0.f;
+    for (int64_t v = 0; v < count; ++v) {
+      float A[16];
+      cm_from_raw(mode, L, rank, raw.data() + v, stride, A);
+      for (int j = 0; j < L; ++j) {
+        float column = 0.f;
+        for (int i = 0; i < L; ++i) {
+          const float got = rows[(size_t)(i * L + j) * count + v];
+          worst = std::max(worst, std::fabs(got - A[i * L + j]));
+          column += got;
+        }
+        CHECK_CLOSE(column, 1.0, 1e-6, 0);
+      }
+    }
+    CHECK(worst < 2e-6f);
+    raw[(size_t)2 * stride + 5] = std::nanf("");
+    cm_rows_from_raw(mode, L, rank, raw.data(), stride, count, rows.data());
+    bool nan_at_5 = false, finite_elsewhere = true;
+    for (int e = 0; e < L * L; ++e)
+      for (int64_t v = 0; v < count; ++v) {
+        const float x = rows[(size_t)e * count + v];
+        if (v == 5) nan_at_5 = nan_at_5 || std::isnan(x);
+        else finite_elsewhere = finite_elsewhere && std::isfinite(x);
+      }
+    CHECK(nan_at_5);
+    CHECK(finite_elsewhere);
+  }
+}
+
 // SPEC section 4: CE uses log(max(q, 1e-12)). An annotator whose CM gives the observed
 // label no probability (row 1 of A ~ 4e-18 here) costs -log(1e-12) per pixel, not
 // infinity, and the clamp passes no gradient.

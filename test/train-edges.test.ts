@@ -7,11 +7,11 @@ import t, { type Test } from 'tap';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { Rng } from '../src/data/random';
 import { loadImageFolder } from '../src/data/image-folder';
 import { writePngSync } from '../src/data/png';
 import { readCheckpoint } from '../src/model/checkpoint';
 import { runCli } from './helpers/cli';
+import { squaresSet } from './helpers/squares';
 import { type FolderDatasetSpec, imageFolderSplits, loadExperimentData } from '../src/train/experiment';
 import { AnnotatedSet, InMemorySource } from '../src/train/data';
 import { readTrainLog, train, TRAIN_DEFAULTS, TrainConfig } from '../src/train/trainer';
@@ -19,28 +19,7 @@ import { readTrainLog, train, TRAIN_DEFAULTS, TrainConfig } from '../src/train/t
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-train-edges-'));
 t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
 
-/** 8 images of 8x8: squares, one annotator copies them, one dilates them. */
-function tinySet(): AnnotatedSet {
-  const [count, size] = [8, 8];
-  const V = size * size;
-  const rng = new Rng(7);
-  const images = new Float32Array(count * V);
-  const labels = [new Uint8Array(count * V), new Uint8Array(count * V)];
-  for (let n = 0; n < count; n++) {
-    const [y0, x0, s] = [1 + rng.int(3), 1 + rng.int(3), 2 + rng.int(3)];
-    for (let y = 0; y < size; y++)
-      for (let x = 0; x < size; x++) {
-        const i = n * V + y * size + x;
-        const inside = (m: number) => y >= y0 - m && y < y0 + s + m && x >= x0 - m && x < x0 + s + m;
-        labels[0][i] = inside(0) ? 1 : 0;
-        labels[1][i] = inside(1) ? 1 : 0;
-        images[i] = labels[0][i] + 0.2 * rng.normal();
-      }
-  }
-  return { count, channels: 1, classes: 2, spatial: [size, size], images, labels, present: new Uint8Array(count * 2).fill(1), annotatorNames: ['copy', 'dilate'] };
-}
-
-const set = tinySet();
+const set = squaresSet();
 const source = () => new InMemorySource(set, 1);
 const config = (over: Partial<TrainConfig> = {}): TrainConfig => ({
   ...TRAIN_DEFAULTS,

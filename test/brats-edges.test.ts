@@ -29,6 +29,10 @@ t.test('a run whose cache was rebuilt with other annotators or labels: resume an
   t.notOk(fs.existsSync(path.join(dir, 'run', 'eval-test-best.json')), 'no metrics written');
   const consensusOnly = await cmseg(['eval', '--checkpoint', checkpoint, '--threads', '1', '--no-cms']);
   t.equal(consensusOnly.exitCode, 0, consensusOnly.stderr);
+  // Its own default file: a later full evaluation's (eval-test-best.json) is not replaced by fewer figures.
+  const noCms = JSON.parse(fs.readFileSync(path.join(dir, 'run', 'eval-test-best-no-cms.json'), 'utf8'));
+  t.notOk('cmError' in noCms.metrics, 'the consensus figures only');
+  t.notOk(fs.existsSync(path.join(dir, 'run', 'eval-test-best.json')), 'not under the full evaluation\'s name');
   // The same cache named as new data: scored, the consensus only, and the note says why.
   const asData = await cmseg(['eval', '--checkpoint', checkpoint, '--data', 'cache', '--threads', '1', '--out', 'as-data.json']);
   t.equal(asData.exitCode, 0, asData.stderr);

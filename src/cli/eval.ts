@@ -132,7 +132,8 @@ async function runEval(flags: EvalFlags, splitTyped: boolean, made: string[]): P
  */
 function outputStem(info: InferenceInfo, flags: EvalFlags): string {
   const ensemble = info.members.length > 1 ? `-ensemble${info.members.length}-${ensembleHash(info.members.map((m) => m.file))}` : '';
-  return `${path.basename(info.file, '.safetensors')}${ensemble}${flags.tta ? '-tta' : ''}`;
+  // --no-cms scores fewer figures: its own file, not one that replaces a full evaluation's.
+  return `${path.basename(info.file, '.safetensors')}${ensemble}${flags.tta ? '-tta' : ''}${flags.cms === false ? '-no-cms' : ''}`;
 }
 
 /** The first 8 hex digits of the SHA-1 of the checkpoints' paths, one a line: what tells ensembles apart in file names. */

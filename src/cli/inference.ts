@@ -18,7 +18,8 @@ import { ENSEMBLE_FIELDS, ensemble, ensembleMismatch } from '../model/ensemble';
 import { backendInfo, Model } from '../model/model';
 import { mirrored } from '../model/tta';
 import { type InferenceModel, paddedSize, paddedToDepth } from '../train/evaluate';
-import { type DatasetSpec, type RunRecipe, runCacheDir } from '../train/experiment';
+import type { DatasetSpec, RunRecipe } from '../train/experiment';
+import { withOwnRunCache } from './run-data';
 import type { TrainerExtra } from '../train/trainer';
 import { choiceOption, displayPath, parseInteger, parseNumber, parseThreads, sameNames, UserError } from './common';
 
@@ -66,7 +67,7 @@ export type DataTarget =
  */
 export function dataTarget(info: CheckpointInfo, flags: { data?: string; split: string }, splitTyped: boolean, command: 'predict' | 'eval'): DataTarget {
   const { saved } = info;
-  const recipe = info.recipe && withOwnRunCache(info.recipe, info.file);
+  const recipe = info.recipe && withOwnRunCache(info.recipe, path.dirname(path.resolve(info.file)));
   const whole = (dir: string): DataTarget => {
     if (info.config.ndim === 3) return { kind: 'volumes', dir };
     const labelMapping = recipe?.dataset.kind === 'folder' ? recipe.dataset.labelMapping : undefined;
@@ -107,20 +108,6 @@ export function dataTarget(info: CheckpointInfo, flags: { data?: string; split: 
     throw new UserError(`--split ${flags.split} picks among a run's own images; --data ${displayPath(dir)} is ${recipe ? 'new data for this run' : 'data this checkpoint records no split of'}, ${command === 'eval' ? 'scored' : 'predicted'} whole: leave out --split`);
   }
   return whole(dir);
-}
-
-/**
- * A BraTS run whose cache train prepared into the run folder (<out>/cache) moves with it, but
- * its checkpoints name the cache where the run was: once that is gone, the cache beside the
- * checkpoint is the run's (as `train --resume` reads it), so eval and predict of a moved or
- * copied run folder find their data without --data.
- */
-function withOwnRunCache(recipe: RunRecipe, checkpointFile: string): RunRecipe {
-  const dataset = recipe.dataset;
-  if (dataset.kind !== 'brats' || !dataset.cache || fs.existsSync(dataset.cache)) return recipe;
-  const own = runCacheDir(path.dirname(path.resolve(checkpointFile)));
-  if (path.basename(dataset.cache) !== path.basename(own) || !fs.existsSync(cacheIndexPath(own))) return recipe;
-  return { ...recipe, dataset: { ...dataset, cache: own } };
 }
 
 /**
@@ -219,7 +206,7 @@ export function checkSameRunData(info: InferenceInfo, command: 'predict' | 'eval
       ? `give --split all to ${verb} every image of ${displayPath(dataset.root)} (--data <dir> --split all where it moved), or --data <dir> to ${verb} another folder, every image of it`
       : `give --data <dir> to ${verb} new data, every image or case of it`;
   const ours = dataIdentity(dataset);
-  const ourCache = dataset.kind === 'brats' ? withOwnRunCache(first.recipe!, first.file).dataset : undefined;
+  const ourCache = dataset.kind === 'brats' ? withOwnRunCache(first.recipe!, path.dirname(path.resolve(first.file))).dataset : undefined;
   for (const other of others) {
     if (!other.recipe) throw new UserError(`${name(other)} records no training data, so it cannot be checked to share the split of ${name(first)}: ${ask}`);
     const theirs = dataIdentity(other.recipe.dataset);
@@ -228,7 +215,7 @@ export function checkSameRunData(info: InferenceInfo, command: 'predict' | 'eval
     // folder never shared a path and their ensemble was refused its common test split (the
     // remedy, --data, scores every case, training cases included). Each cache is read where
     // it is now (a moved run folder's own cache, as eval loads it).
-    const theirCache = other.recipe.dataset.kind === 'brats' ? withOwnRunCache(other.recipe, other.file).dataset : undefined;
+    const theirCache = other.recipe.dataset.kind === 'brats' ? withOwnRunCache(other.recipe, path.dirname(path.resolve(other.file))).dataset : undefined;
     const sameData = (key: string) =>
       JSON.stringify(ours[key]) === JSON.stringify(theirs[key]) ||
       (key === 'cache' && ourCache?.kind === 'brats' && theirCache?.kind === 'brats' && sameCacheData(ourCache.cache, theirCache.cache));

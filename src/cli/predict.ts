@@ -26,7 +26,7 @@ import { loadImagesToPredict } from '../data/image-files';
 import type { Extent } from '../data/morphology';
 import { writeNifti } from '../data/nifti';
 import { type PngImage, writePng } from '../data/png';
-import { argmaxAnnotatorProbs } from '../eval/metrics';
+import { argmaxAnnotatorProbs, hasNonFinite } from '../eval/metrics';
 import type { Device } from '../model/config';
 import { argmaxClasses, setNumThreads } from '../model/model';
 import { slidingWindowPredict } from '../model/sliding-window';
@@ -370,7 +370,6 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
   const volumes: string[] = [];
   const pictures: string[] = [];
   const namings = new Set<BratsNaming>();
-  const schemes = new Set<BratsLabelScheme>();
   // Cases whose p or q_r held NaN or Inf: not written (a label volume of the argmax of NaN is
   // class 0, a "no tumour" that a pipeline would take as a prediction); the others go on.
   const nonFinite: string[] = [];
@@ -411,7 +410,6 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
       volumes.push(target);
     };
     const labelsToRelease = (labels: Uint8Array) => uncropVolume(releaseLabels(labels, c.naming, c.labelScheme, L), c.crop, full);
-    schemes.add(c.labelScheme);
     const consensus = argmaxClasses(p.probs, 1, L);
     // Pictures show the axial slice through the predicted tumour's centre (else the
     // expert's, else the middle). The CMs' slice is taken now and the whole-volume CMs
@@ -496,7 +494,7 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
   await writeFileAtomic(readmeFile, Buffer.from(readme));
   noteEarlierOutputs(outDir, [...volumes, ...pictures], /_(consensus|probs|annotator-.+)\.nii\.gz$|_(slice|cm-.+)\.png$/);
   const predicted = ids.length - nonFinite.length;
-  process.stdout.write(`predicted ${predicted} case(s) from ${list.from}: ${volumes.length} NIfTI volumes and ${pictures.length} PNG pictures (${!brats ? `labels: the model's class indices 0..${L - 1}` : schemes.has('peds2024') ? 'labels in BraTS-PEDs 2024 numbering: 1 ET, 2 NET, 4 ED' : `labels in BraTS ${[...namings].join('/')} numbering`})\n`);
+  process.stdout.write(`predicted ${predicted} case(s) from ${list.from}: ${volumes.length} NIfTI volumes and ${pictures.length} PNG pictures (${!brats ? `labels: the model's class indices 0..${L - 1}` : list.labelScheme === 'peds2024' ? 'labels in BraTS-PEDs 2024 numbering: 1 ET, 2 NET, 4 ED' : `labels in BraTS ${[...namings].join('/')} numbering`})\n`);
   printOutputs([
     ['volumes', outDir],
     ['legend', readmeFile],
@@ -532,12 +530,6 @@ function noteEarlierOutputs(outDir: string, written: readonly string[], pattern:
   if (earlier.length === 0) return;
   const shown = earlier.slice(0, 4).join(', ') + (earlier.length > 4 ? `, ... (${earlier.length - 4} more)` : '');
   process.stderr.write(`note: ${displayPath(outDir)} also holds ${earlier.length} file(s) of an earlier prediction that this one did not write, left as they were: ${shown}\n`);
-}
-
-/** Whether any value is NaN or +-Inf. */
-function hasNonFinite(values: Float32Array): boolean {
-  for (let i = 0; i < values.length; i++) if (!Number.isFinite(values[i])) return true;
-  return false;
 }
 
 /** The legend's and the warning's words for the images (cases) whose outputs held NaN or Inf. */

@@ -2,9 +2,11 @@
 // with one-line messages for the mistakes a user can fix.
 
 import * as fs from 'fs';
-import { cacheLabelScheme, readCacheIndex } from '../data/cache';
+import { cacheIndexPath, cacheLabelScheme, readCacheIndex } from '../data/cache';
 import { ImageFolderError } from '../data/image-folder';
-import { type DatasetSpec, type ExperimentData, type ExperimentRuntime, loadExperimentData } from '../train/experiment';
+import * as path from 'path';
+import type { BratsLabelScheme } from '../data/brats';
+import { type DatasetSpec, type ExperimentData, type ExperimentRuntime, loadExperimentData, type RunRecipe, runCacheDir } from '../train/experiment';
 import { sameNames, UserError } from './common';
 
 /** loadExperimentData, with one-line messages for an image folder that moved or does not fit the run. */
@@ -43,7 +45,7 @@ export function checkRunCache(dataset: DatasetSpec, annotatorNames: readonly str
   // The same case ids read with another label scheme: class 1 would be necrosis in one and
   // the non-enhancing tumour in the other, for training and scoring alike.
   const scheme = cacheLabelScheme(index);
-  const runs = dataset.labelScheme ?? 'brats';
+  const runs = runLabelScheme(dataset)!;
   if (scheme !== runs) changed.push(`segmentations read with the label scheme ${scheme} (the run's: ${runs})`);
   if (changed.length === 0) return;
   const schemeFlag = runs !== 'brats' ? ` --label-scheme ${runs}` : '';
@@ -62,11 +64,29 @@ export function checkRunCache(dataset: DatasetSpec, annotatorNames: readonly str
  */
 export function checkRunLabelScheme(dataset: DatasetSpec, given: string | undefined): void {
   if (given === undefined) return;
-  const runs = dataset.kind === 'brats' ? (dataset.labelScheme ?? 'brats') : undefined;
+  const runs = runLabelScheme(dataset);
   if (given === runs) return;
   throw new UserError(
     runs
       ? `--label-scheme ${given}: the run's cache was read with the label scheme ${runs}, which its model learnt; leave the option out (it is for new BraTS folders given with --data)`
       : `--label-scheme ${given}: this run has no BraTS data; the option is for BraTS folders given with --data`,
   );
+}
+
+/** The label scheme a BraTS run's cache was read with (absent in its record: 'brats'); undefined for other data. */
+export function runLabelScheme(dataset: DatasetSpec): BratsLabelScheme | undefined {
+  return dataset.kind === 'brats' ? (dataset.labelScheme ?? 'brats') : undefined;
+}
+
+/**
+ * A BraTS run whose cache train prepared into the run folder (<out>/cache) moves with it, but
+ * its checkpoints name the cache where the run was: once that is gone, the cache in `runDir`
+ * is the run's, so a moved or copied run folder resumes, scores and predicts without --data.
+ */
+export function withOwnRunCache(recipe: RunRecipe, runDir: string): RunRecipe {
+  const dataset = recipe.dataset;
+  if (dataset.kind !== 'brats' || !dataset.cache || fs.existsSync(dataset.cache)) return recipe;
+  const own = runCacheDir(runDir);
+  if (path.basename(dataset.cache) !== path.basename(own) || !fs.existsSync(cacheIndexPath(own))) return recipe;
+  return { ...recipe, dataset: { ...dataset, cache: own } };
 }

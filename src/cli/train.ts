@@ -39,7 +39,7 @@ import type { CmInit } from '../model/config';
 import { CHECKPOINT_LAST, lockRunFolder, nothingToResumeMessage, readTrainerState, resumeDifferences, resumeDifferencesNote, resumedConfig, runNeverSavedLast, train, TrainConfig, TrainResult } from '../train/trainer';
 import { choiceOption, displayPath, given, parseInteger, parseNumber, parsePath, parseThreads, printOutputs, quitNow, shellWord, UserError, withExamples } from './common';
 import { CURVES_FILE, writeRunCurves } from './curves';
-import { checkRunCache, loadRunData } from './run-data';
+import { checkRunCache, loadRunData, runLabelScheme, withOwnRunCache } from './run-data';
 import { prepareWithProgress } from './prepare';
 import { caseBars } from './window-progress';
 import type { EvaluationSummary } from '../train/evaluate';
@@ -222,20 +222,15 @@ async function resolveResume(flags: TrainFlags, isGiven: Typed): Promise<Resolve
   const saved = await readTrainerState(last);
   const recipe = saved.run as unknown as RunRecipe;
   if (!recipe?.dataset || !recipe.preset) throw new UserError(`${last} does not say which data it was trained on, so the command line cannot resume it`);
-  if (recipe.dataset.kind === 'brats') {
-    // A BraTS folder that train prepared into the run folder (<out>/cache) moves with it, but the
-    // checkpoint names it where the run was: a run folder moved elsewhere (or copied, the
-    // original deleted) did not resume with its own command line (the cache "is gone", or --data
-    // with the BraTS folder "conflicts") until --data named <out>/cache. Its own cache is read
-    // when the one named is gone; the run's checkpoints then name it.
-    const own = runCacheDir(outDir);
-    const named = recipe.dataset.cache;
-    if (named !== own && !fs.existsSync(named) && path.basename(named) === path.basename(own) && fs.existsSync(cacheIndexPath(own))) recipe.dataset.cache = own;
-  }
+  // A run folder moved elsewhere (or copied, the original deleted) resumes with its own command
+  // line: the cache train prepared into it is read when the one named is gone (the cache "is
+  // gone", or --data with the BraTS folder "conflicts", until --data named <out>/cache); the
+  // run's checkpoints then name it.
+  recipe.dataset = withOwnRunCache(recipe, outDir).dataset;
   const conflicts: string[] = [];
   if (isGiven('preset') && flags.preset !== recipe.preset) conflicts.push(`--preset ${flags.preset} (the run used ${recipe.preset})`);
   if (flags.labelScheme !== undefined) {
-    const runs = recipe.dataset.kind === 'brats' ? (recipe.dataset.labelScheme ?? 'brats') : undefined;
+    const runs = runLabelScheme(recipe.dataset);
     if (flags.labelScheme !== runs) conflicts.push(`--label-scheme ${flags.labelScheme} (${runs ? `the run's is ${runs}` : 'the run has no BraTS data'})`);
   }
   if (flags.data !== undefined) {
@@ -635,10 +630,11 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
     const chosen = files.best ?? files.last;
     const model = await loadCheckpoint(chosen);
     const testFile = path.join(outDir, 'eval-test.json');
-    const caseProgress = recipe.dataset.kind === 'brats' && !flags.quiet;
-    if (recipe.dataset.kind === 'brats' && caseProgress) process.stderr.write(`scoring ${recipe.dataset.splits.test.length} test case(s) with ${path.basename(chosen)}\n`);
+    // A BraTS run's test cases (hours on a CPU) show a bar and a line each, unless --quiet.
+    const testCases = recipe.dataset.kind === 'brats' && !flags.quiet ? recipe.dataset.splits.test.length : 0;
+    if (testCases > 0) process.stderr.write(`scoring ${testCases} test case(s) with ${path.basename(chosen)}\n`);
     const testExtra = { checkpoint: chosen, method: config.method, preset: recipe.preset, dataset: recipe.dataset, seed: config.seed };
-    const { summary, fused } = await writeTestResults(model, data, testFile, testExtra, caseProgress);
+    const { summary, fused } = await writeTestResults(model, data, testFile, testExtra, testCases > 0);
     say(`\ntest set, ${path.basename(chosen)}${referenceNote(summary)}:\n` + evaluationText(summary, fused, { classNames: data.classNames }) + bratsText(summary) + '\n');
     outputs.push(['test metrics', testFile]);
     json.test = { checkpoint: chosen, metrics: summary, fusedLabels: fused ?? null };

@@ -156,11 +156,8 @@ function oneLine(text: string): string {
 export function casesInData(dir: string, geometryTolerance: number, requireSeg = false, labelScheme?: BratsLabelScheme): CaseList {
   if (!fs.existsSync(cacheIndexPath(dir))) return folderCases(dir, geometryTolerance, requireSeg, labelScheme);
   const list = cacheCases(dir, undefined, requireSeg);
-  if (labelScheme !== undefined) {
-    const cached = cacheLabelScheme(readCacheIndex(dir));
-    if (cached !== labelScheme) {
-      throw new UserError(`--label-scheme ${labelScheme} asked, but the cache ${displayPath(dir)} was prepared with the label scheme ${cached}, which its labels keep: leave the option out, or prepare the cache again with it`);
-    }
+  if (labelScheme !== undefined && list.labelScheme !== labelScheme) {
+    throw new UserError(`--label-scheme ${labelScheme} asked, but the cache ${displayPath(dir)} was prepared with the label scheme ${list.labelScheme}, which its labels keep: leave the option out, or prepare the cache again with it`);
   }
   return list;
 }

@@ -996,9 +996,13 @@ function settingsFor(options: PrepareCacheOptions): CacheSettings {
  * as 'brats': only a's keys missed a peds2024 run over a cache that records no scheme.
  */
 function changedSettings(a: CacheSettings, b: CacheSettings): (keyof CacheSettings)[] {
-  const value = (s: CacheSettings, key: keyof CacheSettings) => JSON.stringify(key === 'labelScheme' ? cacheLabelScheme({ settings: s }) : s[key]);
   const keys = [...new Set([...Object.keys(a), ...Object.keys(b)])] as (keyof CacheSettings)[];
-  return keys.filter((key) => value(a, key) !== value(b, key));
+  return keys.filter((key) => JSON.stringify(settingValue(a, key)) !== JSON.stringify(settingValue(b, key)));
+}
+
+/** A setting as the cache reads it: an absent labelScheme is 'brats'. */
+function settingValue(settings: CacheSettings, key: keyof CacheSettings): unknown {
+  return key === 'labelScheme' ? cacheLabelScheme({ settings }) : settings[key];
 }
 
 /** The option that sets each cache setting, where its name differs (prepare's flags). */
@@ -1012,10 +1016,7 @@ function describeChangedSettings(cached: CacheSettings, asked: CacheSettings, ch
   const text = (v: unknown) => (typeof v === 'string' ? v : Array.isArray(v) && v.every((x) => typeof x === 'string') ? v.join(',') : JSON.stringify(v));
   return changed
     .filter((key) => !(key === 'annotators' && changed.includes('names')))
-    .map((key) => {
-      const shown = (s: CacheSettings) => text(key === 'labelScheme' ? cacheLabelScheme({ settings: s }) : s[key]);
-      return `${SETTING_OPTION[key] ?? key}: ${shown(cached)} in the cache, ${shown(asked)} asked`;
-    })
+    .map((key) => `${SETTING_OPTION[key] ?? key}: ${text(settingValue(cached, key))} in the cache, ${text(settingValue(asked, key))} asked`)
     .join('; ');
 }
 

@@ -121,7 +121,7 @@ function checkLabelRange(name: string, map: Uint8Array, classes: number): void {
 }
 
 /** Whether any of `values[from..to)` is NaN or +-Inf. */
-function hasNonFinite(values: ArrayLike<number>, from = 0, to = values.length): boolean {
+export function hasNonFinite(values: ArrayLike<number>, from = 0, to = values.length): boolean {
   for (let i = from; i < to; i++) if (!Number.isFinite(values[i])) return true;
   return false;
 }

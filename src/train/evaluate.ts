@@ -12,6 +12,7 @@ import {
   argmaxAnnotatorProbs,
   diceSummary,
   fusedLabelDice,
+  hasNonFinite,
   MeanStd,
   meanStd,
   SegmentationEvaluator,
@@ -286,7 +287,7 @@ export async function evaluateVolumes(
     const pred = argmaxClasses(prediction.probs, 1, L);
     const present = volume.present;
     // The argmax of NaN is class 0: such a volume was scored as a prediction of background.
-    const bad = prediction.probs.some((x) => !Number.isFinite(x));
+    const bad = hasNonFinite(prediction.probs);
     evaluator.add(
       withAnnotators
         ? {

@@ -214,6 +214,7 @@ Napi::Function ModelWrap::Define(Napi::Env env) {
                       InstanceMethod("config", &ModelWrap::Config),
                       InstanceMethod("memory", &ModelWrap::Memory),
                       InstanceMethod("resetPeakMemory", &ModelWrap::ResetPeakMemory),
+                      InstanceMethod("releaseBuffers", &ModelWrap::ReleaseBuffers),
                       InstanceMethod("dispose", &ModelWrap::Dispose)});
 }
 
@@ -275,6 +276,24 @@ cmseg::Model& ModelWrap::idle(Napi::Env env) const {
   cmseg::Model& m = live(env);
   if (busy_) throw_invalid(env, "model is busy with an earlier trainStep/predict: await it before calling again");
   return m;
+}
+
+// Frees the activation buffers the model keeps between calls (Model::release_buffers);
+// V8 is told that the memory reported for them is gone.
+Napi::Value ModelWrap::ReleaseBuffers(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  cmseg::Model& model = idle(env);
+  guard(env, [&] { model.release_buffers(); });
+  if (workspace_bytes_ > 0 && env_) {
+    try {
+      Napi::MemoryManagement::AdjustExternalMemory(env, -workspace_bytes_);
+      external_bytes_ -= workspace_bytes_;
+      workspace_bytes_ = 0;
+    } catch (...) {
+      // Left as reported: release_model takes back what external_bytes_ says.
+    }
+  }
+  return env.Undefined();
 }
 
 // Frees the native model now (the garbage collector would do it later). Refused

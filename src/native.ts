@@ -45,6 +45,8 @@ export interface NativeModel {
   config(): Record<string, unknown>;
   memory(): ModelMemory;
   resetPeakMemory(): void;
+  /** Frees the activation buffers kept between calls (they are allocated again by the next call). */
+  releaseBuffers(): void;
   /** Frees the native model now; later calls throw "this model was disposed". */
   dispose(): void;
 }

@@ -4,6 +4,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#if defined(__GLIBC__)
+#include <malloc.h>  // malloc_trim (release_buffers)
+#endif
 
 #include "cmseg/backend.hpp"
 #include "cmseg/cuda.hpp"  // cuda::ModelGpu, owned by Model (Device::Cuda)
@@ -85,12 +88,10 @@ void add_into(float* dst, const float* src, int64_t count) {
 
 }  // namespace
 
-struct Model::Impl {
-  std::vector<Block> enc, dec, cm_blocks_flat;     // cm_blocks_flat[r * B + b]
-  std::vector<int> up_w, up_b, cm_w, cm_b, gcm;    // per level / annotator
-  int seg_w = -1, seg_b = -1;
-
-  // Forward state of the last call.
+// What a call leaves for the next one: the forward state of the last call and every
+// activation and scratch buffer, all grown on demand (grow()), so a fresh set is always a
+// valid one (Model::release_buffers swaps one in).
+struct CallBuffers {
   int n = 0;
   int block = 0;  // the trunk's layout in that call: 0 plain, else oneDNN's channel block (Trunk below)
   Spatial s0;
@@ -107,6 +108,12 @@ struct Model::Impl {
   std::vector<std::vector<float>> g_enc;
   std::vector<float> scratch_a, scratch_b, d_feat, d_feat_trunk, d_tmp, d_tmp2;
   std::vector<float> g_out, d_cat, d_up, d_below, d_in, d_pool;  // decoder / encoder backward
+};
+
+struct Model::Impl : CallBuffers {
+  std::vector<Block> enc, dec, cm_blocks_flat;     // cm_blocks_flat[r * B + b]
+  std::vector<int> up_w, up_b, cm_w, cm_b, gcm;    // per level / annotator
+  int seg_w = -1, seg_b = -1;
 };
 
 namespace {
@@ -831,6 +838,21 @@ void Model::predict(const float* images, int n, Spatial s, float* probs, float* 
         }
       }
   });
+}
+
+void Model::release_buffers() {
+  if (gpu_) {
+    // The device pool keeps what is freed for the next allocation of any model on the
+    // device (one default pool), so the next member of an ensemble reuses it.
+    gpu_->release_activations();
+    return;
+  }
+  static_cast<CallBuffers&>(*impl_) = CallBuffers();
+#if defined(__GLIBC__)
+  // glibc raises its mmap threshold after large frees, so buffers of a few MB come from
+  // the heap's arenas and their pages stay resident until trimmed.
+  malloc_trim(0);
+#endif
 }
 
 }  // namespace cmseg

@@ -153,7 +153,8 @@ export function ensembleMismatch(configs: readonly PredictingModel['config'][]):
  * One model that predicts the mean of `models`' predictions (see the top of this file). The
  * members may differ in depth and width: the ensemble's depth is the largest, so an input
  * that fits it fits every member. Members predict one after the other (each in its own
- * queue), so only one member's output is held beside the mean.
+ * queue), so only one member's output is held beside the mean, and each frees its buffers
+ * (releaseBuffers, where it has one) before the next predicts.
  */
 export function ensemble<P extends ModelPrediction = ModelPrediction>(models: readonly PredictingModelOf<P>[]): PredictingModelOf<P> {
   // ensemble(a, b) (the brackets forgotten) or a Set of models was "needs at least one model".
@@ -184,12 +185,19 @@ export function ensemble<P extends ModelPrediction = ModelPrediction>(models: re
     config,
     predict: async (...given) => {
       const [images, shape, options] = predictArguments(...given);
-      const mean = await asMember<P>(0, () => models[0].predict(images, shape, options));
-      for (let k = 2; k <= models.length; k++) {
-        const next = await asMember<P>(k - 1, () => models[k - 1].predict(images, shape, options));
-        foldIntoMean(mean, next, k, foldSameIndex, [`ensemble member ${k - 1}`, 'member 0']);
-      }
+      // Each member frees its buffers once it has predicted: otherwise every member keeps
+      // what its largest call needed (a brats3d window's activations: 0.3-0.6 GB each).
+      const predicted = async (index: number): Promise<P> => {
+        const out = await asMember<P>(index, () => models[index].predict(images, shape, options));
+        await asMember(index, async () => models[index].releaseBuffers?.());
+        return out;
+      };
+      const mean = await predicted(0);
+      for (let k = 2; k <= models.length; k++) foldIntoMean(mean, await predicted(k - 1), k, foldSameIndex, [`ensemble member ${k - 1}`, 'member 0']);
       return mean;
+    },
+    releaseBuffers: async () => {
+      for (const [index, m] of models.entries()) await asMember(index, async () => m.releaseBuffers?.());
     },
   };
 }

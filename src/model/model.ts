@@ -98,6 +98,18 @@ export class Model {
     this.native.resetPeakMemory();
   }
 
+  /**
+   * Frees the activation and scratch buffers the model keeps between calls, once the calls
+   * queued so far have settled; the weights and optimiser state stay, and the next call
+   * allocates its buffers again (a 3D model holds hundreds of MB of them after a call).
+   * ensemble() calls it after each member's prediction, so members do not each hold theirs.
+   */
+  releaseBuffers(): Promise<void> {
+    return this.enqueue(async () => {
+      this.native.releaseBuffers();
+    });
+  }
+
   /** Forward, loss, backward and one optimiser update. */
   trainStep(batch: Batch): Promise<StepResult> {
     const given = snapshotBatch(batch, this.copiesInputs());

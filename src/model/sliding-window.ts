@@ -36,6 +36,8 @@ export interface SlidingWindowModel {
     shape: number[],
     options?: { cms?: boolean; annotatorProbs?: boolean },
   ): Promise<{ probs: Float32Array; cms?: Float32Array; annotatorProbs?: Float32Array }>;
+  /** Frees the buffers the model keeps between calls (Model.releaseBuffers); ensemble() calls it between members. */
+  releaseBuffers?(): Promise<void>;
 }
 
 export interface SlidingWindowOptions {

@@ -122,5 +122,7 @@ export function mirrored<P extends ModelPrediction = ModelPrediction>(model: Pre
       }
       return mean;
     },
+    // The mirrorings run on the model itself: an ensemble of mirrored members frees theirs.
+    ...(model.releaseBuffers ? { releaseBuffers: () => model.releaseBuffers!() } : {}),
   };
 }

@@ -121,6 +121,12 @@ class Model {
   // probs: [n, L, V]. cms (optional): [n, R, L, L, V] with A[i][j] at i*L + j.
   // annotator_probs (optional): [n, R, L, V], q_r = A_r p.
   void predict(const float* images, int n, Spatial s, float* probs, float* cms, float* annotator_probs);
+  // Frees the activation and scratch buffers that calls keep for the next (they only grow:
+  // a 3D model holds about what its largest call needed, hundreds of MB); the parameters
+  // and optimiser state stay. The next call allocates them again. GPU: the device buffers
+  // go back to the device's pool. Between the members of an ensemble, so that only one
+  // member's buffers are held at a time.
+  void release_buffers();
   // A lower bound of the host memory (bytes) a CPU call on n images of size s holds besides
   // its outputs, the figure a call is refused by when it exceeds physical_memory_bytes();
   // heads: the pixel-wise CM heads run. 0 for a GPU model (its maps live on the device).

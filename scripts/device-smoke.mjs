@@ -107,10 +107,13 @@ async function runCase(name, cfg, n, size, plainCe = false) {
   const pg = await gpu.predict(b.batch.images, b.batch.shape, { cms: true, annotatorProbs: true });
   const dp = Math.max(maxAbs(pg.probs, pc.probs), maxAbs(pg.cms, pc.cms), maxAbs(pg.annotatorProbs, pc.annotatorProbs));
   check(dp <= PROB_TOL, `${name}: predict (probs, CMs, q), max abs difference ${dp.toExponential(2)} <= ${PROB_TOL}`);
-  // Without cms or annotatorProbs the CM heads are skipped: the same probabilities.
+  // Without cms or annotatorProbs the CM heads are skipped: the same probabilities up to
+  // rounding. Not bit for bit on a GPU: with the CM heads the 1x1 heads run as one fused
+  // kernel (conv1_forward_heads packs two or more heads), the consensus head alone as a
+  // cuBLAS GEMM, which sums its products in another order.
   const plain = await gpu.predict(b.batch.images, b.batch.shape);
   const dplain = maxAbs(plain.probs, pg.probs);
-  check(dplain === 0 && plain.cms === undefined && plain.annotatorProbs === undefined, `${name}: predict without CMs gives the same probabilities (max abs difference ${dplain}) and no CMs`);
+  check(dplain <= 1e-5 && plain.cms === undefined && plain.annotatorProbs === undefined, `${name}: predict without CMs gives the same probabilities (max abs difference ${dplain.toExponential(2)} <= 1e-5) and no CMs`);
   const mem = gpu.memory();
   if (!dryRun) {
     check(mem.peakInUseMB >= mem.inUseMB && mem.inUseMB > 0, `${name}: memory() peak ${mem.peakInUseMB?.toFixed(1)} MB >= in use ${mem.inUseMB?.toFixed(1)} MB > 0`);

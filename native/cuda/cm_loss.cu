@@ -871,11 +871,16 @@ int staged_resident(int device, int L, size_t smem) {
   cudaFuncAttributes fa{};
   auto kernel = L == 2 ? cm_loss_staged_kernel<2, kStages> : L == 3 ? cm_loss_staged_kernel<3, kStages>
                                                                     : cm_loss_staged_kernel<4, kStages>;
+  // The opt-in bounds the static shared memory (block_sum's scratch) and the dynamic
+  // together: the dynamic limit asked is what the static part leaves (asking for the whole
+  // opt-in is refused with cudaErrorInvalidValue, and the staged kernel would never run).
   const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
                   major >= 8 &&
                   cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
-                  smem <= (size_t)optin && cudaFuncGetAttributes(&fa, kernel) == cudaSuccess && fa.binaryVersion >= 80 &&
-                  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin) == cudaSuccess &&
+                  cudaFuncGetAttributes(&fa, kernel) == cudaSuccess && fa.binaryVersion >= 80 &&
+                  fa.sharedSizeBytes + smem <= (size_t)optin &&
+                  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       optin - (int)fa.sharedSizeBytes) == cudaSuccess &&
                   cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, cmstage::kTile, smem) == cudaSuccess;
   cudaGetLastError();  // a refusal above is an answer, not an error for the next launch
   return known[key] = ok ? resident : 0;

@@ -29,11 +29,32 @@ namespace cuda {
   throw Error(str("CUDA error ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ") in ", what, " at ", file, ":",
                   line));
 }
+// cuDNN and cuBLAS allocate device memory of their own outside the context's pool (a
+// handle's state on creation, cuBLAS its workspace on first use): on a GPU the pool has
+// filled, that fails with *_ALLOC_FAILED. It is an out-of-memory like the pool's own, so
+// it is thrown as OutOfMemory: Model::run_device then gives the pool back (a smaller
+// batch may fit next) and callers that try another way on OutOfMemory do so.
 [[noreturn]] inline void throw_cudnn(cudnnStatus_t s, const char* what, const char* file, int line) {
+#if CUDNN_MAJOR >= 9  // ALLOC_FAILED is now an alias of the *host* allocation failure
+  const bool device_memory = s == CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED;
+#else
+  const bool device_memory = s == CUDNN_STATUS_ALLOC_FAILED;
+#endif
+  if (device_memory)
+    throw OutOfMemory(str("GPU out of memory: cuDNN could not allocate (", cudnnGetErrorString(s), ") in ", what,
+                          " at ", file, ":", line, "; use a smaller batch or patch, or free other GPU work"));
   throw Error(str("cuDNN error ", cudnnGetErrorString(s), " in ", what, " at ", file, ":", line));
 }
 [[noreturn]] inline void throw_cublas(cublasStatus_t s, const char* what, const char* file, int line) {
-  throw Error(str("cuBLAS error ", (int)s, " in ", what, " at ", file, ":", line));
+#if defined(CUBLAS_VER_MAJOR) && CUBLAS_VER_MAJOR >= 12
+  const std::string name = cublasGetStatusName(s);  // "CUBLAS_STATUS_...", not only its number
+#else
+  const std::string name = str((int)s);
+#endif
+  if (s == CUBLAS_STATUS_ALLOC_FAILED)
+    throw OutOfMemory(str("GPU out of memory: cuBLAS could not allocate (", name, ") in ", what, " at ", file, ":",
+                          line, "; use a smaller batch or patch, or free other GPU work"));
+  throw Error(str("cuBLAS error ", name, " in ", what, " at ", file, ":", line));
 }
 
 #define CMSEG_CUDA(call)                                                          \

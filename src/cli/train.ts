@@ -603,7 +603,8 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
     step: state.step,
     totalSteps: state.totalSteps,
     best: state.best ? { score: state.best.score, epoch: state.best.epoch + 1, reference: data.reference ?? 'consensus' } : null,
-    files: { best: files.best ?? null, last: files.last ?? null, log: files.log },
+    // A complete run resumed again writes no log line: one deleted since is not named as an output.
+    files: { best: files.best ?? null, last: files.last ?? null, log: fs.existsSync(files.log) ? files.log : null },
   };
   // The curves picture is a convenience: a failure to draw it is said, never fatal to the run.
   const curves = await writeRunCurves(outDir).catch((err: Error) => {
@@ -611,7 +612,7 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
     return undefined;
   });
   if (curves) (json.files as Record<string, unknown>).curves = curves;
-  const logOutputs: [string, string | string[]][] = [['training log', files.log], ...(curves ? [['curves', curves] as [string, string]] : [])];
+  const logOutputs: [string, string | string[]][] = [...(fs.existsSync(files.log) ? [['training log', files.log] as [string, string]] : []), ...(curves ? [['curves', curves] as [string, string]] : [])];
   if (result.status === 'interrupted') {
     say(`interrupted at step ${state.step}/${state.totalSteps}; continue with: cmseg train --out ${shellWord(displayPath(outDir))} --resume\n`);
     if (flags.json) process.stdout.write(JSON.stringify(json) + '\n');

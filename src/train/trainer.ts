@@ -25,7 +25,7 @@ import { backendInfo, createModel, Model } from '../model/model';
 import { acquireFolderLock, appendFileWholeSync, displayPath, type FileLock, LockHeldError, lockHolderText, makeFolderSync, writeFileAtomic } from '../data/files';
 import { augmentBatch, AugmentOptions } from './augment';
 import type { TrainingSource } from './data';
-import { type MethodDefinition, MethodName, methodBatch, methodDefinition } from './methods';
+import { type MethodDefinition, METHODS, MethodName, methodBatch, methodDefinition } from './methods';
 import { ProgressReporter, silentProgress } from './progress';
 import { checkSchedule, checkScheduleSettings, learningRate, LrSchedule, scheduleWithDefaults } from './schedule';
 
@@ -160,6 +160,11 @@ export function resumeDifferences(now: TrainConfig, saved: TrainConfig, batchesP
     b.epochs = saved.epochs ?? total(saved) / batchesPerEpoch;
     drop.push('steps');
   }
+  // Settings the run's method does not read (lambda for a naive method, cmRank for a method
+  // that is not cm-lowrank): another value trains the same run, so it is no difference; the
+  // run keeps its recorded value (resumedConfig). Judged only when the method is the run's:
+  // another method is a difference itself, and under it these settings may count.
+  if (now.method === saved.method && Object.hasOwn(METHODS, saved.method)) drop.push(...settingsIgnoredBy(METHODS[saved.method]));
   for (const key of drop) delete a[key], delete b[key];
   // A default that follows another setting (lambdaWarmup follows lambda, the step schedule's
   // stepSize the length), left out on both sides, is said by that setting's own difference.
@@ -167,6 +172,26 @@ export function resumeDifferences(now: TrainConfig, saved: TrainConfig, batchesP
     (key === 'lambdaWarmup' && now.lambdaWarmup === undefined && saved.lambdaWarmup === undefined) ||
     (key === 'schedule.stepSize' && now.schedule?.stepSize === undefined && saved.schedule?.stepSize === undefined);
   return differences(a, b).filter((d) => !derived(d.key));
+}
+
+/**
+ * The settings `method` never reads, so that their values change nothing a run of it trains
+ * (checked against the engine): cmRank sizes only the cm-lowrank heads; the trace settings
+ * (lambda, lambdaWarmup, warmupSteps) weigh a term that the methods without CMs do not have
+ * (plain cross-entropy) and that cm-notrace fixes at 0; cmInit sets only the CM heads' start,
+ * untrained by the methods without CMs (and drawn from the same random numbers either way, so
+ * the rest of the model starts alike); cmHeadBlocks builds no layer under global CMs. Not
+ * cmHeadBlocks for the methods without CMs: their model has the (untrained) pixel-wise heads,
+ * whose blocks take random numbers from the stream that then initialises the decoder's
+ * up-convolutions, so another count starts the network elsewhere.
+ */
+export function settingsIgnoredBy(method: MethodDefinition): (keyof TrainConfig)[] {
+  const ignored: (keyof TrainConfig)[] = [];
+  if (method.cmMode !== 'lowrank') ignored.push('cmRank');
+  if (!method.learnsCms || method.lambda !== undefined) ignored.push('lambda', 'lambdaWarmup', 'warmupSteps');
+  if (!method.learnsCms) ignored.push('cmInit');
+  if (method.cmMode === 'global') ignored.push('cmHeadBlocks');
+  return ignored;
 }
 
 /**
@@ -524,6 +549,26 @@ async function bestOfRunWithoutLast(files: { best: string; log: string }): Promi
   return !entries.some((e) => e.event === 'checkpoint' && e.kind === 'last');
 }
 
+/**
+ * Why `file` (best.safetensors) does not hold the best a resumed run recorded (`best`, in its
+ * `last` at `step`): it is gone, cannot be read, or holds another model (its trainer state says
+ * another best). undefined when it holds that best, or a later one: saved just before a crash
+ * that came before `last` was saved, which the resumed run takes again exactly and writes anew.
+ */
+async function recordedBestLost(file: string, best: NonNullable<TrainerState['best']>, step: number): Promise<string | undefined> {
+  if (!fs.existsSync(file)) return 'is gone';
+  let saved: TrainerExtra;
+  try {
+    saved = await readTrainerState(file);
+  } catch (error) {
+    return `cannot be read (${(error as Error).message})`;
+  }
+  if (saved.state.step > step) return undefined;
+  const held = saved.state.best;
+  if (held && held.step === best.step && held.score === best.score) return undefined;
+  return `holds another model (of step ${saved.state.step}${held ? `, best score ${held.score}` : ''})`;
+}
+
 /** Whether the run in `outDir` saved best.safetensors but never `last` (its first save of `last` failed). */
 export async function runNeverSavedLast(outDir: string): Promise<boolean> {
   const files = { best: path.join(outDir, CHECKPOINT_BEST), log: path.join(outDir, TRAIN_LOG) };
@@ -616,6 +661,9 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
 
   let model: Model;
   let state: TrainerState;
+  /** Why best.safetensors is not the run's recorded best (resume), until a validation writes a new one. */
+  let bestLost: string | undefined;
+  let resumeNote: string | undefined;
   if (hooks.resume) {
     if (!fs.existsSync(files.last)) throw new TrainingError(`nothing to resume: ${files.last} does not exist`);
     const saved = await readTrainerState(files.last);
@@ -645,6 +693,21 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
       throw new TrainingError(`cannot resume ${files.last} on other data: ${wrong.map((k) => `${found[k]} ${words[k]} in the data, ${mc[k]} in the run`).join('; ')}`);
     }
     state = saved.state;
+    // The best the run recorded, when best.safetensors no longer holds it (deleted to save
+    // space, cut short, replaced): the remembered score would outdo every later validation,
+    // so none would write `best` again and the run would end without one. The remembered
+    // score starts again instead: the next validation writes a new best.safetensors.
+    bestLost = state.best ? await recordedBestLost(files.best, state.best, state.step) : undefined;
+    if (bestLost) {
+      const b = state.best!;
+      const then =
+        state.step >= totalSteps ? `the run is complete, so no validation will write another: use ${CHECKPOINT_LAST}`
+        : !hooks.validate ? `this resume validates nothing (no hooks.validate), so none will be written: use ${CHECKPOINT_LAST}`
+        : `the remembered best score starts again, so the next validation writes a new ${CHECKPOINT_BEST} (the best of the validations from step ${state.step} on)`;
+      resumeNote = `${displayPath(files.best)}, the run's best (validation score ${b.score} at epoch ${b.epoch + 1}, step ${b.step}), ${bestLost}: ${then}`;
+      process.stderr.write(`note: ${resumeNote}\n`);
+      state.best = null;
+    }
     // A resume that does not describe the data again keeps the run's description: {} in its
     // checkpoints left `cmseg train --resume`, eval and predict unable to find the run's data.
     if (hooks.run === undefined) run = saved.run ?? {};
@@ -657,7 +720,7 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
     // A finished run's log keeps `end` as its last entry: resuming it again trains nothing.
     if (state.step < totalSteps) {
       const settings = Object.keys(bookkeeping).length ? { settings: bookkeeping } : {};
-      log.write({ event: 'resume', step: state.step, epoch: state.epoch, batchInEpoch: state.batchInEpoch, ...settings, runtime: runtimeRecord() });
+      log.write({ event: 'resume', step: state.step, epoch: state.epoch, batchInEpoch: state.batchInEpoch, ...settings, ...(resumeNote ? { note: resumeNote } : {}), runtime: runtimeRecord() });
     }
   } else {
     if (fs.existsSync(files.last)) {
@@ -708,6 +771,7 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
     const file = kind === 'last' ? files.last : files.best;
     await saveCheckpoint(model, file, extra() as unknown as Record<string, unknown>);
     if (kind === 'last') lastSavedAt = state.step;
+    else bestLost = undefined;
     log.write({ event: 'checkpoint', kind, step: state.step, epoch: state.epoch, file });
   };
 
@@ -799,7 +863,9 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
   } finally {
     progress.stop();
   }
-  return { status, startStep, state, model, files: { last: files.last, ...(fs.existsSync(files.best) ? { best: files.best } : {}), log: files.log } };
+  // A best.safetensors that is not the run's best (bestLost, and no validation since wrote one) is not offered as it.
+  const best = bestLost === undefined && fs.existsSync(files.best) ? { best: files.best } : {};
+  return { status, startStep, state, model, files: { last: files.last, ...best, log: files.log } };
 }
 
 // The validation entry of the log is {time, event, step, epoch, score, ...metrics}: a metric

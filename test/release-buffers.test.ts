@@ -97,3 +97,25 @@ t.test('releaseBuffers passes through mirrored() and ensemble() to their models'
   await ensemble([plain, fake('d')]).predict(new Float32Array(4), [1, 1, 2, 2]);
   t.same(calls, ['predict c', 'predict d', 'release d']);
 });
+
+t.test('a model given to ensemble() more than once predicts once and weighs as often as given', async (t) => {
+  const calls: string[] = [];
+  const constant = (name: string, p0: number) => ({
+    config: { ndim: 2 as const, inChannels: 1, classes: 2, annotators: 1, depth: 1 },
+    predict: async (images: Float32Array, shape: number[]) => {
+      calls.push(name);
+      const n = shape[0] * shape[2] * shape[3];
+      return { probs: new Float32Array(2 * n).map((_, i) => (i < n ? p0 : 1 - p0)) };
+    },
+  });
+  const a = constant('a', 0.9);
+  const b = constant('b', 0.3);
+  const out = await ensemble([a, b, a]).predict(new Float32Array(4), [1, 1, 2, 2]);
+  t.same(calls, ['a', 'b'], 'a predicted once');
+  // 2/3 * 0.9 + 1/3 * 0.3 = 0.7 (background), 0.3 (foreground), by hand.
+  for (let i = 0; i < 4; i++) t.ok(Math.abs(out.probs[i] - 0.7) < 1e-6 && Math.abs(out.probs[4 + i] - 0.3) < 1e-6, `pixel ${i}: ${out.probs[i]}, ${out.probs[4 + i]}`);
+  calls.length = 0;
+  const same = await ensemble([a, a, a]).predict(new Float32Array(4), [1, 1, 2, 2]);
+  t.same(calls, ['a']);
+  t.equal(same.probs[0], Math.fround(0.9), 'three namings of one model: its own prediction, bit for bit');
+});

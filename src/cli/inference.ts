@@ -145,7 +145,14 @@ export interface InferenceInfo extends CheckpointInfo {
  */
 export async function readInferenceInfo(files: readonly string[]): Promise<InferenceInfo> {
   const members: CheckpointInfo[] = [];
-  for (const file of files) members.push(await readCheckpointInfo(path.resolve(file)));
+  // A file named again (a a, ./a, a link to it) is read once: its info stands for each naming.
+  const read = new Map<string, CheckpointInfo>();
+  for (const file of files) {
+    const key = sameFileKey(path.resolve(file));
+    const info = read.get(key) ?? (await readCheckpointInfo(path.resolve(file)));
+    read.set(key, info);
+    members.push({ ...info, file: path.resolve(file) });
+  }
   const [first] = members;
   const name = (info: CheckpointInfo) => displayPath(info.file);
   const mismatch = ensembleMismatch(members.map((m) => m.config));
@@ -269,7 +276,23 @@ function canonicalJson(value: unknown): string {
 /** The model eval or predict runs, with what to dispose when done. */
 export interface LoadedInference {
   model: InferenceModel;
+  /** The models loaded: one for each distinct checkpoint file, however often it was named. */
+  models: Model[];
   dispose(): Promise<void>;
+}
+
+/** How many distinct checkpoint files the members are (a file named twice predicts once). */
+export function distinctCheckpointCount(info: InferenceInfo): number {
+  return new Set(info.members.map((m) => sameFileKey(m.file))).size;
+}
+
+/** What names one file, whatever path leads to it (./a, a, a link): its real path, or the path itself when it has none. */
+function sameFileKey(file: string): string {
+  try {
+    return fs.realpathSync(file);
+  } catch {
+    return file;
+  }
 }
 
 /**
@@ -280,16 +303,38 @@ export interface LoadedInference {
 export async function loadInference(info: InferenceInfo, options: { device?: Device; tta?: boolean; pad?: boolean }): Promise<LoadedInference> {
   const models: Model[] = [];
   const dispose = () => Promise.all(models.map((m) => m.dispose())).then(() => undefined);
+  // A checkpoint named more than once (--checkpoint a a b, or a and ./a) is loaded once and
+  // stands in the ensemble as often as it was named: the mean stays weighted as typed (2/3 a,
+  // 1/3 b), without a second copy of its weights and buffers in memory.
+  const byFile = new Map<string, Model>();
+  const members: Model[] = [];
   try {
-    for (const member of info.members) models.push(await loadModelForInference(member.file, member.config, options.device));
+    for (const member of info.members) {
+      const key = sameFileKey(member.file);
+      let loaded = byFile.get(key);
+      if (!loaded) {
+        loaded = await loadModelForInference(member.file, member.config, options.device);
+        models.push(loaded);
+        byFile.set(key, loaded);
+      }
+      members.push(loaded);
+    }
   } catch (error) {
     await dispose();
     throw error;
   }
-  let model: InferenceModel = ensemble(models);
+  const repeated = info.members.length - models.length;
+  if (repeated > 0) {
+    const counts = new Map<string, string[]>();
+    for (const m of info.members) counts.set(sameFileKey(m.file), [...(counts.get(sameFileKey(m.file)) ?? []), displayPath(m.file)]);
+    const named = [...counts.values()].filter((names) => names.length > 1);
+    const said = named.map((names) => `${names[0]} is named ${names.length} times${new Set(names).size > 1 ? ` (as ${[...new Set(names)].join(', ')})` : ''}`).join('; ');
+    process.stderr.write(`note: ${said}: loaded and predicted once, it counts as often as named in the mean of the ${info.members.length} checkpoints\n`);
+  }
+  let model: InferenceModel = ensemble(members);
   if (options.pad) model = paddedToDepth(model);
   if (options.tta) model = mirrored(model);
-  return { model, dispose };
+  return { model, models, dispose };
 }
 
 /** The method that names an ensemble in legends: its members' common method, else "ensemble". */

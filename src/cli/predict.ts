@@ -40,6 +40,7 @@ import {
   checkBratsModel,
   checkSameRunData,
   dataTarget,
+  distinctCheckpointCount,
   type InferenceInfo,
   inferenceMethod,
   loadInference,
@@ -353,8 +354,8 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
   const method = inferenceMethod(info);
   const L = model.config.classes;
   const R = model.config.annotators;
-  // Window predictions per window: one per checkpoint and mirroring.
-  const passes = info.members.length * (flags.tta ? 2 ** 3 : 1);
+  // Window predictions per window: one per distinct checkpoint and mirroring.
+  const passes = distinctCheckpointCount(info) * (flags.tta ? 2 ** 3 : 1);
   const names = info.annotatorNames;
   const files = annotatorFileNames(names);
   const captionNames = annotatorCaptions(names, files);

@@ -150,11 +150,35 @@ export function ensembleMismatch(configs: readonly PredictingModel['config'][]):
 }
 
 /**
+ * The distinct objects of `models` in order of first appearance, each with how often it
+ * appears: a model named twice (`ensemble([a, a, b])`, or `cmseg predict --checkpoint a a b`,
+ * which loads a once) predicts once and counts twice in the mean.
+ */
+function distinctMembers(models: readonly PredictingModel[]): { index: number; count: number }[] {
+  const seen = new Map<PredictingModel, { index: number; count: number }>();
+  models.forEach((m, index) => {
+    const entry = seen.get(m);
+    if (entry) entry.count++;
+    else seen.set(m, { index, count: 1 });
+  });
+  return [...seen.values()];
+}
+
+/** Folds a prediction that carries weight `w` of the total so far into the running weighted mean, in place. */
+function foldWeight(w: number): FoldArray {
+  // m + (x - m) * w: exact where x equals the mean, as foldSameIndex (w = 1/k there).
+  return (into, values) => {
+    for (let i = 0; i < into.length; i++) into[i] += (values[i] - into[i]) * w;
+  };
+}
+
+/**
  * One model that predicts the mean of `models`' predictions (see the top of this file). The
  * members may differ in depth and width: the ensemble's depth is the largest, so an input
  * that fits it fits every member. Members predict one after the other (each in its own
  * queue), so only one member's output is held beside the mean, and each frees its buffers
- * (releaseBuffers, where it has one) before the next predicts.
+ * (releaseBuffers, where it has one) before the next predicts. A model given more than once
+ * predicts once and weighs as often as given.
  */
 export function ensemble<P extends ModelPrediction = ModelPrediction>(models: readonly PredictingModelOf<P>[]): PredictingModelOf<P> {
   // ensemble(a, b) (the brackets forgotten) or a Set of models was "needs at least one model".
@@ -181,6 +205,7 @@ export function ensemble<P extends ModelPrediction = ModelPrediction>(models: re
   // On a GPU when any member is: its predictions then take about as long as the stitching.
   const device = configs.some((c) => c.device === 'cuda') ? 'cuda' : configs[0].device;
   const config = { ndim, inChannels, classes, annotators, depth: Math.max(...configs.map((c) => c.depth)), device };
+  const distinct = distinctMembers(models);
   return {
     config,
     predict: async (...given) => {
@@ -192,8 +217,13 @@ export function ensemble<P extends ModelPrediction = ModelPrediction>(models: re
         await asMember(index, async () => models[index].releaseBuffers?.());
         return out;
       };
-      const mean = await predicted(0);
-      for (let k = 2; k <= models.length; k++) foldIntoMean(mean, await predicted(k - 1), k, foldSameIndex, [`ensemble member ${k - 1}`, 'member 0']);
+      const [first, ...rest] = distinct;
+      const mean = await predicted(first.index);
+      let counted = first.count;
+      for (const { index, count } of rest) {
+        counted += count;
+        foldIntoMean(mean, await predicted(index), counted, foldWeight(count / counted), [`ensemble member ${index}`, `member ${first.index}`]);
+      }
       return mean;
     },
     releaseBuffers: async () => {

@@ -208,6 +208,10 @@ cudnnStatus_t execute(Context& ctx, const GraphPlan& p, void* x, void* w, void* 
     cudnnHandle_t h = nullptr;
     try {
       h = ctx.impl().cudnn();
+    } catch (const OutOfMemory&) {
+      // The handle's creation ran out of device memory: said as such, so that the caller's
+      // throw_cudnn makes it an OutOfMemory again (the pool is given back, not a failed path).
+      st = CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED;
     } catch (...) {
       st = CUDNN_STATUS_INTERNAL_ERROR;
     }

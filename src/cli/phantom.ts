@@ -4,6 +4,7 @@
 
 import * as fs from 'fs';
 import * as path from 'path';
+import { SingleBar } from 'cli-progress';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import type { BratsNaming } from '../data/brats';
 import { BRATS_PHANTOM_DEFAULT_SIZE, writeBratsPhantoms } from '../data/brats-phantom';
@@ -18,6 +19,28 @@ export function parseSize(value: string): [number, number, number] {
     throw new InvalidArgumentError('expected three integers X,Y,Z in 8..1024, e.g. 96,96,64.');
   }
   return numbers as [number, number, number];
+}
+
+/**
+ * Progress of writing `total` cases: on a terminal one bar that redraws (as prepare's), since
+ * a line per case is a screen-flooding 1251 lines for a release-sized set; in a log (not a
+ * terminal) one line per case, with the time the case took.
+ */
+export function phantomProgress(stream: NodeJS.WriteStream, total: number): { onCase(id: string, index: number): void; stop(): void } {
+  if (stream.isTTY) {
+    const bar = new SingleBar({ stream, format: 'phantom [{bar}] {value}/{total} cases | {id} | {eta_formatted}', barsize: 24, hideCursor: true });
+    bar.start(total, 0, { id: '' });
+    return { onCase: (id, index) => bar.update(index + 1, { id }), stop: () => bar.stop() };
+  }
+  let last = Date.now();
+  return {
+    onCase: (id, index) => {
+      const now = Date.now();
+      stream.write(`[${index + 1}/${total}] ${id} written in ${((now - last) / 1000).toFixed(1)} s\n`);
+      last = now;
+    },
+    stop: () => undefined,
+  };
 }
 
 interface PhantomBratsFlags {
@@ -35,18 +58,19 @@ async function runPhantomBrats(flags: PhantomBratsFlags): Promise<void> {
   // directory" when the real cause is a read-only or full file system (makeFolderSync).
   makeFolderSync(outDir);
   const started = Date.now();
-  let last = started;
-  const written = await writeBratsPhantoms(outDir, {
-    cases: flags.cases,
-    size: flags.size,
-    seed: flags.seed,
-    naming: flags.naming,
-    onCase: (c, index, total) => {
-      const now = Date.now();
-      if (!flags.quiet) process.stderr.write(`[${index + 1}/${total}] ${c.id} written in ${((now - last) / 1000).toFixed(1)} s\n`);
-      last = now;
-    },
-  });
+  const progress = flags.quiet ? undefined : phantomProgress(process.stderr, flags.cases);
+  let written;
+  try {
+    written = await writeBratsPhantoms(outDir, {
+      cases: flags.cases,
+      size: flags.size,
+      seed: flags.seed,
+      naming: flags.naming,
+      onCase: (c, index) => progress?.onCase(c.id, index),
+    });
+  } finally {
+    progress?.stop(); // shows the cursor again, which the bar hid
+  }
   const [nx, ny, nz] = flags.size;
   process.stdout.write(
     `wrote ${written.length} synthetic BraTS ${flags.naming} case(s) of ${nx}x${ny}x${nz} voxels (seed ${flags.seed}) in ${((Date.now() - started) / 1000).toFixed(1)} s: ` +

@@ -18,6 +18,7 @@ import {
   cacheIndexPath,
   cacheLabelScheme,
   type CacheDtype,
+  flushCacheIndexesSync,
   type PrepareCacheOptions,
   type PrepareCacheResult,
   type PrepareProgress,
@@ -75,6 +76,8 @@ export async function prepareWithProgress(dataDir: string, cacheDir: string, opt
     if (interrupted) {
       bar?.stop(); // shows the cursor again, which the bar hid
       stream.write('\nsecond interrupt: quitting now; the cache still holds every case finished so far\n');
+      // The index lags the case files of small cases (CacheIndexWriter): list them before quitting.
+      flushCacheIndexesSync();
       quitNow(130);
     }
     interrupted = true;

@@ -4,7 +4,8 @@
 // or gzip again (the MONAI / nnU-Net workflow).
 //
 // Folder layout:
-//   CACHE/index.json           what is in the cache (format below), rewritten atomically after every case
+//   CACHE/index.json           what is in the cache (format below), rewritten atomically as cases are added
+//                              (after every real-size case; see CacheIndexWriter)
 //   CACHE/cases/<id>.bin       one file per case, written atomically
 //   CACHE/cases/<fusion>/<id>.bin  the case's annotator maps fused by multi-label or spatial
 //                              STAPLE (written on demand by src/fusion/fuse-cache.ts, for the
@@ -34,7 +35,9 @@
 //
 // Incremental: a case whose source files have the size and mtime recorded in the index,
 // and whose case file is still there with the recorded size, is skipped. A run killed at
-// any point leaves a valid cache holding the cases finished so far; the next run resumes.
+// any point leaves a valid cache holding the cases its index lists (every finished case once
+// a run returns or stops; one killed outright may leave its last few case files unlisted,
+// see CacheIndexWriter); the next run resumes, preparing the unlisted ones again.
 
 import * as fs from 'fs';
 import * as os from 'os';
@@ -64,7 +67,7 @@ import {
   loadBratsCase,
   preprocessBratsCase,
 } from './brats';
-import { acquireFolderLock, AtomicWriteError, type FileLock, LockHeldError, lockHolderText, makeFolder, writeFileAtomic } from './files';
+import { acquireFolderLock, AtomicWriteError, type FileLock, LockHeldError, lockHolderText, makeFolder, writeFileAtomic, writeFileAtomicSync } from './files';
 import { type Extent } from './morphology';
 import { type NiftiHeader } from './nifti';
 import { Rng } from './random';
@@ -945,7 +948,11 @@ export interface PrepareCacheOptions {
    * Not a cache setting: it only decides which cases are accepted, never what is stored.
    */
   geometryTolerance?: number;
-  /** Called after every case (prepared or skipped), once the case and the index are on disk. */
+  /**
+   * Called after every case (prepared or skipped), once its case file is on disk. The index
+   * lists it from its next rewrite (CacheIndexWriter: after every case of real-size data),
+   * and lists every finished case once prepareCache returns or stops (a throw from here stops it).
+   */
   onProgress?: (progress: PrepareProgress) => void | Promise<void>;
   /** How the segmentations' numbers are read (default 'brats'); 'peds2024' for BraTS-PEDs 2024 files. */
   labelScheme?: BratsLabelScheme;
@@ -1115,10 +1122,118 @@ export function cacheContentFor(pre: PreprocessedBratsCase, settings: CacheSetti
   };
 }
 
-/** Rewrites index.json atomically (cases sorted by id); call it holding the lock. */
-export async function writeCacheIndex(cacheDir: string, index: CacheIndex): Promise<void> {
+/** Rewrites index.json atomically (cases sorted by id); call it holding the lock. Returns the bytes written. */
+export async function writeCacheIndex(cacheDir: string, index: CacheIndex): Promise<number> {
   index.cases.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
-  await writeFileAtomic(cacheIndexPath(cacheDir), Buffer.from(JSON.stringify(index, null, 1) + '\n', 'utf8'));
+  const bytes = Buffer.from(JSON.stringify(index, null, 1) + '\n', 'utf8');
+  await writeFileAtomic(cacheIndexPath(cacheDir), bytes);
+  return bytes.byteLength;
+}
+
+/**
+ * Rewrites index.json as a long run adds case files (prepareCache) or fused maps
+ * (fuseCachedCases), in linear work. The index grows with every case (about 1.4 kB each),
+ * and rewriting it whole (stringify, fsync) after each of a release's 1251 cases wrote
+ * ~1 GB of index: with 1200 small cases, 3/4 of prepare's CPU time and 5/6 of a STAPLE
+ * baseline's fusing. So it is rewritten once the files written since its last rewrite add
+ * up to its own size (after every case of a real-size release, whose case files are tens of
+ * MB; every few dozen small cases), and whenever the caller needs it on disk (`writeNow`:
+ * before a listed file is replaced; `flush`: at the end and when the run stops).
+ * Until then the newest files are on disk but unlisted, which a later run sees as not yet
+ * done and redoes: the index never names a file it does not describe.
+ */
+export class CacheIndexWriter {
+  /** The writers inside around(): what flushCacheIndexesSync writes. */
+  static readonly active = new Set<CacheIndexWriter>();
+  private sinceWrite = 0;
+  private lastSize = 0;
+  private dirty = false;
+
+  constructor(
+    private readonly cacheDir: string,
+    private readonly index: CacheIndex,
+  ) {}
+
+  /** Bytes of the index's last write by this writer (0 before its first). */
+  get size(): number {
+    return this.lastSize;
+  }
+
+  /** Writes the index now. */
+  async writeNow(): Promise<void> {
+    this.lastSize = await writeCacheIndex(this.cacheDir, this.index);
+    this.sinceWrite = 0;
+    this.dirty = false;
+  }
+
+  /** The in-memory index now lists a file of `bytes` bytes that is on disk: written when enough has accumulated. */
+  async added(bytes: number): Promise<void> {
+    this.dirty = true;
+    this.sinceWrite += bytes;
+    if (this.sinceWrite >= this.lastSize) await this.writeNow();
+  }
+
+  /** Writes the index when it has changed since its last write. */
+  async flush(): Promise<void> {
+    if (this.dirty) await this.writeNow();
+  }
+
+  /**
+   * Runs `work`, then flushes; when `work` throws (Ctrl-C's stop, a failed case), the cases
+   * finished before are still flushed, and the error thrown is work's own.
+   */
+  async around<T>(work: () => Promise<T>): Promise<T> {
+    CacheIndexWriter.active.add(this);
+    // A process that quits meanwhile (process.exit, or the CLI's quitNow on a second Ctrl-C
+    // or a signal while train fuses, which run the 'exit' listeners) lists its finished cases first.
+    const onExit = () => {
+      try {
+        this.flushSync();
+      } catch {
+        // best effort: the next run prepares (or fuses) the unlisted cases again
+      }
+    };
+    process.on('exit', onExit);
+    let result: T;
+    try {
+      result = await work();
+    } catch (err) {
+      await this.flush().catch(() => undefined);
+      throw err;
+    } finally {
+      CacheIndexWriter.active.delete(this);
+      process.off('exit', onExit);
+    }
+    await this.flush();
+    return result;
+  }
+
+  /**
+   * Writes the index now, synchronously, when it has changed: for a process about to exit at
+   * once (a second Ctrl-C). The in-memory index describes the files on disk at every await of
+   * prepareCache and fuseCachedCases, so it is right to write from a signal handler.
+   */
+  flushSync(): void {
+    if (!this.dirty) return;
+    this.index.cases.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+    writeFileAtomicSync(cacheIndexPath(this.cacheDir), Buffer.from(JSON.stringify(this.index, null, 1) + '\n', 'utf8'));
+    this.dirty = false;
+  }
+}
+
+/**
+ * Writes the index of every cache being prepared or fused in this process whose newest
+ * cases it does not list yet (CacheIndexWriter), synchronously and best effort: call it
+ * before quitting at once, so that the cache lists every case finished so far.
+ */
+export function flushCacheIndexesSync(): void {
+  for (const writer of CacheIndexWriter.active) {
+    try {
+      writer.flushSync();
+    } catch {
+      // best effort: the next run prepares (or fuses) the unlisted cases again
+    }
+  }
 }
 
 /**
@@ -1181,61 +1296,85 @@ export async function prepareCache(dataDir: string, cacheDir: string, options: P
     }
     const prepared: string[] = [];
     const skipped: string[] = [];
-    for (let position = 0; position < cases.length; position++) {
-      const c = cases[position];
-      const started = Date.now();
-      const sources = sourceFiles(dataDir, c);
-      const existing = index.cases.find((entry) => entry.id === c.id);
-      let status: PrepareProgress['status'] = 'skipped';
-      if (upToDate(cacheDir, existing, sources)) {
-        skipped.push(c.id);
-      } else {
-        const volume = await loadBratsCase(c, { geometryTolerance: options.geometryTolerance, labelScheme: cacheLabelScheme({ settings }) });
-        const pre = preprocessBratsCase(volume, { margin: settings.margin });
-        const empty = emptyModalities(pre.stats);
-        if (empty.length > 0) {
-          // Accepted (zScoreInMask keeps the channel at zeros), but most likely a broken export.
-          const files = empty.map((m) => path.basename(c.images[BRATS_MODALITIES.indexOf(m)]));
-          options.onNote?.(
-            `case ${c.id}: the ${empty.join(', ')} ${empty.length === 1 ? 'modality is' : 'modalities are'} zero everywhere in the brain (${files.join(', ')}); ` +
-              'kept as zeros, so the model learns nothing from it for this case: check the file if it should hold an image',
-          );
-        }
-        const { bytes, header } = encodeCaseFile(cacheContentFor(pre, settings, volume.header), settings.dtype, settings.maxLocations);
-        const file = path.posix.join(CASES_FOLDER, `${c.id}.bin`);
-        if (existing) {
-          // The index must never name a case file it does not describe: a run killed between
-          // replacing the file and rewriting the index would leave the old entry (its shape,
-          // size, label counts, sources) over the new file. Unlisting the case first leaves,
-          // at worst, a cache without it, which the next run prepares.
+    // Rewritten in linear work, and flushed when the loop ends or stops (CacheIndexWriter).
+    const writer = new CacheIndexWriter(cacheDir, index);
+    /** Cases unlisted to be prepared again (see below). */
+    const relisting = new Set<string>();
+    return writer.around(async () => {
+      for (let position = 0; position < cases.length; position++) {
+        const c = cases[position];
+        const started = Date.now();
+        const sources = sourceFiles(dataDir, c);
+        const existing = index.cases.find((entry) => entry.id === c.id);
+        let status: PrepareProgress['status'] = 'skipped';
+        if (upToDate(cacheDir, existing, sources)) {
+          skipped.push(c.id);
+        } else {
+          const volume = await loadBratsCase(c, { geometryTolerance: options.geometryTolerance, labelScheme: cacheLabelScheme({ settings }) });
+          const pre = preprocessBratsCase(volume, { margin: settings.margin });
+          const empty = emptyModalities(pre.stats);
+          if (empty.length > 0) {
+            // Accepted (zScoreInMask keeps the channel at zeros), but most likely a broken export.
+            const files = empty.map((m) => path.basename(c.images[BRATS_MODALITIES.indexOf(m)]));
+            options.onNote?.(
+              `case ${c.id}: the ${empty.join(', ')} ${empty.length === 1 ? 'modality is' : 'modalities are'} zero everywhere in the brain (${files.join(', ')}); ` +
+                'kept as zeros, so the model learns nothing from it for this case: check the file if it should hold an image',
+            );
+          }
+          const { bytes, header } = encodeCaseFile(cacheContentFor(pre, settings, volume.header), settings.dtype, settings.maxLocations);
+          const file = path.posix.join(CASES_FOLDER, `${c.id}.bin`);
+          if (existing) {
+            // The index must never name a case file it does not describe: a run killed between
+            // replacing the file and rewriting the index would leave the old entry (its shape,
+            // size, label counts, sources) over the new file. Unlisting the case first leaves,
+            // at worst, a cache without it, which the next run prepares. One index write per
+            // case made preparing a whole release again (a copied data folder has new mtimes)
+            // quadratic, so the listed cases coming next that are out of date too are unlisted
+            // with it, as many as make up the index's size in case files (only this one for
+            // real-size cases; they would be prepared again anyway, and a run that stops
+            // first leaves a cache without them, which the next run prepares).
+            const unlisted = new Map([[existing.id, existing]]);
+            let bytesAhead = existing.bytes;
+            for (let k = position + 1; k < cases.length && bytesAhead < writer.size; k++) {
+              const next = index.cases.find((e) => e.id === cases[k].id);
+              if (next && !upToDate(cacheDir, next, sourceFiles(dataDir, cases[k]))) {
+                unlisted.set(next.id, next);
+                bytesAhead += next.bytes;
+              }
+            }
+            index.cases = index.cases.filter((e) => !unlisted.has(e.id));
+            for (const id of unlisted.keys()) relisting.add(id);
+            await writer.writeNow();
+            // The old fused maps (fused from the old labels) go once the index no longer names them.
+            for (const entry of unlisted.values()) removeFusedFiles(cacheDir, entry);
+          }
+          await writeFileAtomic(path.join(cacheDir, file), bytes);
+          const entry: CacheIndexEntry = {
+            id: c.id,
+            file,
+            shape: header.shape,
+            crop: header.crop,
+            original: header.original,
+            present: header.present,
+            naming: c.naming,
+            sources,
+            labelCounts: header.labelCounts,
+            foreground: { consensus: header.sections.foreground.consensus.total, annotators: header.sections.foreground.annotators.total },
+            bytes: bytes.byteLength,
+          };
           index.cases = index.cases.filter((e) => e.id !== c.id);
-          await writeCacheIndex(cacheDir, index);
+          index.cases.push(entry);
+          // A case unlisted above is listed again by the index write that unlists the next
+          // batch (or the last one): counting its bytes too would write the index twice per batch.
+          await writer.added(relisting.has(c.id) ? 0 : bytes.byteLength);
+          prepared.push(c.id);
+          status = 'prepared';
         }
-        await writeFileAtomic(path.join(cacheDir, file), bytes);
-        const entry: CacheIndexEntry = {
-          id: c.id,
-          file,
-          shape: header.shape,
-          crop: header.crop,
-          original: header.original,
-          present: header.present,
-          naming: c.naming,
-          sources,
-          labelCounts: header.labelCounts,
-          foreground: { consensus: header.sections.foreground.consensus.total, annotators: header.sections.foreground.annotators.total },
-          bytes: bytes.byteLength,
-        };
-        index.cases = index.cases.filter((e) => e.id !== c.id);
-        index.cases.push(entry);
-        await writeCacheIndex(cacheDir, index);
-        // The new entry has no fused maps; the old ones (fused from the old labels) go once the index no longer names them.
-        removeFusedFiles(cacheDir, existing);
-        prepared.push(c.id);
-        status = 'prepared';
+        await options.onProgress?.({ id: c.id, position, total: cases.length, status, ms: Date.now() - started });
       }
-      await options.onProgress?.({ id: c.id, position, total: cases.length, status, ms: Date.now() - started });
-    }
-    if (!fs.existsSync(cacheIndexPath(cacheDir))) await writeCacheIndex(cacheDir, index);
-    return { index, prepared, skipped, removed };
+      await writer.flush();
+      if (!fs.existsSync(cacheIndexPath(cacheDir))) await writer.writeNow();
+      return { index, prepared, skipped, removed };
+    });
   });
 }

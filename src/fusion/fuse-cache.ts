@@ -6,14 +6,17 @@
 // built in medical imaging (SimpleITK's filters fuse one image at a time).
 //
 // Incremental and interrupt-safe like prepareCache, under the same lock: a case whose map
-// is current is skipped; each map is written atomically and then the index, after every
-// case; a run stopped at any point leaves the maps finished so far, which the next reuses.
+// is current is skipped; each map is written atomically and then recorded in the index,
+// which is rewritten in linear work (CacheIndexWriter in src/data/cache.ts: not whole after
+// each of a release's cases) and flushed when the run ends or stops; a run stopped at any
+// point leaves the maps recorded so far, which the next reuses (an unrecorded one is fused again).
 
 import * as path from 'path';
 import {
   type CacheFusion,
   CacheError,
   type CacheIndex,
+  CacheIndexWriter,
   CaseFileReader,
   type FusedLabelsRecord,
   caseFileStamp,
@@ -23,7 +26,6 @@ import {
   fusedLabelsCurrent,
   readCacheIndex,
   withCacheLock,
-  writeCacheIndex,
 } from '../data/cache';
 import { makeFolder, writeFileAtomic } from '../data/files';
 import { fuse, stapleFuseOptions } from './fuse';
@@ -39,7 +41,10 @@ export interface FuseCacheProgress {
 }
 
 export interface FuseCacheOptions {
-  /** Called after every case, once its map and the index are on disk; throwing stops the run there. */
+  /**
+   * Called after every case, once its map is on disk; throwing stops the run there (the
+   * index then records every map finished before, as it does when the call returns).
+   */
   onProgress?: (progress: FuseCacheProgress) => void | Promise<void>;
 }
 
@@ -98,49 +103,52 @@ export async function fuseCachedCases(cacheDir: string, ids: readonly string[], 
     }
     const fused: string[] = [];
     const reused: string[] = [];
-    for (let position = 0; position < ids.length; position++) {
-      const caseStarted = performance.now();
-      const entry = byId.get(ids[position])!;
-      const [, d, h, w] = entry.shape;
-      const fuseOptions = stapleFuseOptions(fusion, index.classes, [d, h, w]);
-      let status: FuseCacheProgress['status'] = 'reused';
-      if (fusedLabelsCurrent(cacheDir, entry, fusion, fuseOptions)) {
-        reused.push(entry.id);
-      } else {
-        const caseFile = path.join(cacheDir, entry.file);
-        const from = caseFileStamp(cacheDir, entry);
-        if (!from) throw new CacheError('bad-case-file', caseFile, `case file ${caseFile} of case ${entry.id} is missing: run \`cmseg prepare\` again`, caseFile);
-        const labels = readCaseAnnotatorMaps(caseFile);
-        if (labels.id !== entry.id || JSON.stringify(labels.shape) !== JSON.stringify([d, h, w])) {
-          throw new CacheError('bad-case-file', caseFile, `case file ${caseFile} holds ${labels.id} ${JSON.stringify(labels.shape)}, the index says ${entry.id} ${JSON.stringify([d, h, w])}: prepare the cache again`, labels.id);
+    const writer = new CacheIndexWriter(cacheDir, index);
+    await writer.around(async () => {
+      for (let position = 0; position < ids.length; position++) {
+        const caseStarted = performance.now();
+        const entry = byId.get(ids[position])!;
+        const [, d, h, w] = entry.shape;
+        const fuseOptions = stapleFuseOptions(fusion, index.classes, [d, h, w]);
+        let status: FuseCacheProgress['status'] = 'reused';
+        if (fusedLabelsCurrent(cacheDir, entry, fusion, fuseOptions)) {
+          reused.push(entry.id);
+        } else {
+          const caseFile = path.join(cacheDir, entry.file);
+          const from = caseFileStamp(cacheDir, entry);
+          if (!from) throw new CacheError('bad-case-file', caseFile, `case file ${caseFile} of case ${entry.id} is missing: run \`cmseg prepare\` again`, caseFile);
+          const labels = readCaseAnnotatorMaps(caseFile);
+          if (labels.id !== entry.id || JSON.stringify(labels.shape) !== JSON.stringify([d, h, w])) {
+            throw new CacheError('bad-case-file', caseFile, `case file ${caseFile} holds ${labels.id} ${JSON.stringify(labels.shape)}, the index says ${entry.id} ${JSON.stringify([d, h, w])}: prepare the cache again`, labels.id);
+          }
+          const result = await fuse(labels.maps, fuseOptions);
+          const ms = performance.now() - caseStarted;
+          const { bytes } = encodeFusedFile({
+            id: entry.id,
+            fusion,
+            shape: [d, h, w],
+            classes: index.classes,
+            names: labels.names,
+            present: labels.present,
+            from,
+            options: fuseOptions,
+            labels: result.labels!,
+            cms: result.cms,
+            iterations: result.iterations,
+            converged: result.converged,
+          });
+          const file = fusedFileName(entry.id, fusion);
+          await makeFolder(path.dirname(path.join(cacheDir, file))); // the real cause on a read-only fs (Node says ENOENT)
+          await writeFileAtomic(path.join(cacheDir, file), bytes);
+          const record: FusedLabelsRecord = { file, bytes: bytes.byteLength, from, options: fuseOptions, ms: Math.round(ms) };
+          entry.fused = { ...entry.fused, [fusion]: record };
+          await writer.added(bytes.byteLength);
+          fused.push(entry.id);
+          status = 'fused';
         }
-        const result = await fuse(labels.maps, fuseOptions);
-        const ms = performance.now() - caseStarted;
-        const { bytes } = encodeFusedFile({
-          id: entry.id,
-          fusion,
-          shape: [d, h, w],
-          classes: index.classes,
-          names: labels.names,
-          present: labels.present,
-          from,
-          options: fuseOptions,
-          labels: result.labels!,
-          cms: result.cms,
-          iterations: result.iterations,
-          converged: result.converged,
-        });
-        const file = fusedFileName(entry.id, fusion);
-        await makeFolder(path.dirname(path.join(cacheDir, file))); // the real cause on a read-only fs (Node says ENOENT)
-        await writeFileAtomic(path.join(cacheDir, file), bytes);
-        const record: FusedLabelsRecord = { file, bytes: bytes.byteLength, from, options: fuseOptions, ms: Math.round(ms) };
-        entry.fused = { ...entry.fused, [fusion]: record };
-        await writeCacheIndex(cacheDir, index);
-        fused.push(entry.id);
-        status = 'fused';
+        await options.onProgress?.({ id: entry.id, position, total: ids.length, status, ms: performance.now() - caseStarted });
       }
-      await options.onProgress?.({ id: entry.id, position, total: ids.length, status, ms: performance.now() - caseStarted });
-    }
+    });
     return { fusion, fused, reused, ms: performance.now() - started, index };
   });
 }

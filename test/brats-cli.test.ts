@@ -192,6 +192,16 @@ t.test('phantom -> prepare (incremental, interruptible) -> train -> predict -> e
   const recordNoCms = JSON.parse(fs.readFileSync(path.join(dir, 'eval-nocms.json'), 'utf8'));
   t.same(recordNoCms.metrics.perCase.map((c: { dice: number[] }) => c.dice), record.metrics.perCase.map((c: { dice: number[] }) => c.dice), 'the same consensus Dice');
   t.notOk(recordNoCms.metrics.cmErrorPerAnnotator?.length, 'no CM errors recorded');
+  // --quiet: no line per case (eval, predict); the results and outputs as without it.
+  const quietEval = await cmseg(['eval', '--checkpoint', 'runs/cm/best.safetensors', '--split', 'validation', '--out', 'eval-quiet.json', '-q']);
+  t.equal(quietEval.exitCode, 0, quietEval.stderr);
+  t.notMatch(quietEval.stderr, /\[1\/1\]/, 'eval -q: no line per case');
+  t.same(JSON.parse(fs.readFileSync(path.join(dir, 'eval-quiet.json'), 'utf8')).metrics.perCase, record.metrics.perCase, 'eval -q: the same scores');
+  t.match(predicted.stderr, /\[1\/1\] \S+: \d+ windows in/, 'predict: a line per case');
+  const quietPredict = await cmseg(['predict', '--checkpoint', 'runs/cm/best.safetensors', '--out', 'pred-quiet', '--quiet']);
+  t.equal(quietPredict.exitCode, 0, quietPredict.stderr);
+  t.notMatch(quietPredict.stderr, /\[1\/1\]/, 'predict --quiet: no line per case');
+  t.same(fs.readdirSync(path.join(dir, 'pred-quiet')).sort(), fs.readdirSync(path.join(dir, 'pred')).sort(), 'predict --quiet: the same files');
 });
 
 t.test('predict on a BraTS folder with stray files and bad segmentations; prepare on HGG/LGG with a geometry tolerance', async (t) => {

@@ -58,6 +58,7 @@ interface EvalFlags {
   labelScheme?: BratsLabelScheme;
   device?: Device;
   threads?: number;
+  quiet?: boolean;
   /** false (--no-cms): the consensus scores only, no annotator CMs predicted or scored. */
   cms: boolean;
 }
@@ -89,7 +90,7 @@ async function runEval(flags: EvalFlags, splitTyped: boolean, made: string[]): P
       // Methods without trained CMs (naive, oracle) are scored on the consensus only. A BraTS
       // run's cases are scored with the window predict uses (--patch, else the training patch
       // rounded up to what an ensemble's deepest member takes).
-      const bars = caseBars();
+      const bars = caseBars({ quiet: flags.quiet });
       const window =
         recipe.dataset.kind === 'brats'
           ? { patch: windowPatch(info, flags.patch), windowBatch: flags.windowBatch, onWindows: bars.onWindows, onVolume: bars.onVolume }
@@ -204,7 +205,7 @@ async function evalWhole(flags: EvalFlags, info: InferenceInfo, target: Extract<
       process.stderr.write(`note: the cache's annotators (${cacheAnnotators.join(', ')}) are not this model's (${info.annotatorNames.join(', ')}): only the consensus is scored\n`);
     }
     const loaded = await loadInference(info, { device: flags.device, tta: flags.tta });
-    const bars = caseBars();
+    const bars = caseBars({ quiet: flags.quiet });
     try {
       summary = await evaluateVolumes(
         loaded.model,

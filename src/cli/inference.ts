@@ -40,7 +40,8 @@ export function withInferenceOptions(command: Command): Command {
       ),
     )
     .addOption(choiceOption('--device <name>', 'where the model runs (default: where it was trained; the CPU when no GPU can run it)', DEVICES))
-    .option('--threads <n>', 'native threads', parseThreads);
+    .option('--threads <n>', 'native threads', parseThreads)
+    .option('-q, --quiet', '3D: no window bars and no line per case (notes, warnings and the results still print)');
 }
 
 /** Why a checkpoint alone does not say what to predict or score, and what to pass instead. */

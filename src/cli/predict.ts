@@ -71,6 +71,7 @@ interface PredictFlags {
   probs: 'float32' | 'uint8' | 'none';
   device?: Device;
   threads?: number;
+  quiet?: boolean;
   geometryTolerance: number;
   labelScheme?: BratsLabelScheme;
 }
@@ -383,7 +384,7 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     const scale = pictureScale(flags, c.extent.h, c.extent.w, Math.max(3, R), 2); // FLAIR, truth, prediction; the annotators
     // Named with the case (slidingWindowPredict's own check names only an index).
     checkVolumeImages({ id, images: c.images, extent: c.extent }, model.config.inChannels);
-    const progress = windowProgress(`[${k + 1}/${ids.length}] ${id}`);
+    const progress = windowProgress(`[${k + 1}/${ids.length}] ${id}`, process.stderr, flags.quiet);
     let p: Awaited<ReturnType<typeof slidingWindowPredict>>;
     try {
       p = await slidingWindowPredict(model, c.images, c.extent, {
@@ -445,7 +446,7 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
       process.stderr.write(`note: ${method} does not learn annotator CMs: no annotator volumes or CM pictures\n`);
     }
     const each = passes > 1 ? ` (each predicted ${passes} times)` : '';
-    process.stderr.write(`[${k + 1}/${ids.length}] ${id}: ${p.windows} windows${each} in ${((Date.now() - started) / 1000).toFixed(1)} s (slice z = ${c.crop.z0 + z})\n`);
+    if (!flags.quiet) process.stderr.write(`[${k + 1}/${ids.length}] ${id}: ${p.windows} windows${each} in ${((Date.now() - started) / 1000).toFixed(1)} s (slice z = ${c.crop.z0 + z})\n`);
   }
   const readme = [
     `Predictions of ${modelsDescription(info)} for ${ids.length} case(s) from ${list.from}.`,

@@ -12,8 +12,8 @@ export interface WindowProgress {
   stop: () => void;
 }
 
-export function windowProgress(label: string, stream: NodeJS.WritableStream & { isTTY?: boolean } = process.stderr): WindowProgress {
-  if (!stream.isTTY) return { onProgress: () => {}, stop: () => {} };
+export function windowProgress(label: string, stream: NodeJS.WritableStream & { isTTY?: boolean } = process.stderr, quiet = false): WindowProgress {
+  if (!stream.isTTY || quiet) return { onProgress: () => {}, stop: () => {} };
   const bar = new SingleBar({
     stream: stream as NodeJS.WriteStream,
     format: `${label} [{bar}] {value}/{total} windows | {eta_formatted}`,
@@ -55,7 +55,8 @@ export function windowProgress(label: string, stream: NodeJS.WritableStream & { 
  * (evaluateVolumes' onWindows and onVolume): eval, and train's test scores of a BraTS run
  * (hours for a release's test cases, which passed without a line).
  */
-export function caseBars() {
+export function caseBars(options: { quiet?: boolean } = {}) {
+  if (options.quiet) return { onWindows: () => {}, onVolume: () => {}, stop: () => {} };
   let bar: WindowProgress | undefined;
   const stop = () => {
     bar?.stop();

@@ -38,6 +38,10 @@ export function movingAverage(values: readonly number[], window: number): number
 
 /** Entries of `event` kind, one per step: a resumed run repeats the steps after its last checkpoint, the later entry counts. */
 function byStep(events: readonly Record<string, unknown>[], event: string): Record<string, unknown>[] {
+  // The usual log (a resume drops the entries past its checkpoint) has each step once, in order:
+  // taken as it is, without a map of a long run's 250,000 steps.
+  const kept = events.filter((e) => e.event === event && typeof e.step === 'number');
+  if (kept.every((e, i) => i === 0 || (e.step as number) > (kept[i - 1].step as number))) return kept;
   const last = new Map<number, Record<string, unknown>>();
   for (const e of events) if (e.event === event && typeof e.step === 'number') last.set(e.step, e);
   return [...last.entries()].sort((a, b) => a[0] - b[0]).map(([, e]) => e);
@@ -49,6 +53,45 @@ const num = (x: unknown) => (typeof x === 'number' ? x : NaN);
  * all (the naive methods log `ce: []`), never a 0 that would draw as a perfect loss.
  */
 const sum = (x: unknown) => (Array.isArray(x) ? (x.length ? x.reduce((a: number, b) => a + num(b), 0) : NaN) : num(x));
+
+/**
+ * What trainingCurves reads of a log entry, the rest left out: a step's CE as its sum over
+ * annotators, a validation's score and CM error. A long run's log is read entry by entry
+ * into these (`cmseg curves`), not kept whole.
+ */
+export function drawnPart(e: Record<string, unknown>): Record<string, unknown> {
+  if (e.event === 'step') return { event: e.event, step: e.step, loss: e.loss, ce: sum(e.ce) };
+  if (e.event === 'validation') return { event: e.event, step: e.step, score: e.score, cmError: e.cmError };
+  return { event: e.event, step: e.step };
+}
+
+/**
+ * The points (x[i], y[i]) in order, or, when there are more than 4 * buckets, for each of
+ * `buckets` runs of consecutive points its first and last point and those of least and
+ * greatest finite y, in their order: the line through them covers what the line through every
+ * point covers, at the picture's resolution. A run with no finite y keeps its (NaN) ends: a gap.
+ */
+export function envelope(x: readonly number[], y: readonly number[], buckets: number): (readonly [number, number])[] {
+  const n = Math.min(x.length, y.length);
+  if (n <= 4 * buckets) return Array.from({ length: n }, (_, i) => [x[i], y[i]] as const);
+  const out: (readonly [number, number])[] = [];
+  for (let b = 0; b < buckets; b++) {
+    const from = Math.floor((b * n) / buckets);
+    const to = Math.floor(((b + 1) * n) / buckets);
+    let lo = -1;
+    let hi = -1;
+    for (let i = from; i < to; i++) {
+      if (!Number.isFinite(y[i])) continue;
+      if (lo < 0 || y[i] < y[lo]) lo = i;
+      if (hi < 0 || y[i] > y[hi]) hi = i;
+    }
+    // The run's first and last points too: the line goes on from run to run, and the chart's
+    // x axis still spans the first step to the last (it ends at the last point's x).
+    const kept = [...new Set([from, lo, hi, to - 1])].filter((i) => i >= 0).sort((a, b) => a - b);
+    for (const i of kept) out.push([x[i], y[i]]);
+  }
+  return out;
+}
 
 export interface CurvesOptions {
   /** Picture width in pixels (default 900); each panel is 0.45 of it high. */
@@ -67,7 +110,11 @@ export function trainingCurves(events: readonly Record<string, unknown>[], optio
   const loss = steps.map((e) => num(e.loss));
   const ce = steps.map((e) => sum(e.ce));
   const window = Math.max(1, Math.round(steps.length / 50));
-  const zip = (ys: readonly number[]) => ys.map((y, i) => [x[i], y] as const);
+  // A long run has many more steps than the picture has pixel columns (250,000 steps, 900
+  // columns): each series is drawn as its least and greatest value in each of 2 * width runs of
+  // steps, which draws the same band. All points were drawn, 250,000 [x, y] pairs a series,
+  // copied again by the chart: 150 MB of heap and 2 s for a BraTS-length log.
+  const zip = (ys: readonly number[]) => envelope(x, ys, 2 * width);
   const name = options.title ? `${options.title}: ` : '';
   const lossSeries: Series[] = [
     { name: 'loss per step', color: LIGHT_BLUE, points: zip(loss), width: 1, hideInLegend: true },

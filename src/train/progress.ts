@@ -55,32 +55,67 @@ function stopOnExit(bar: SingleBar): () => void {
   return () => process.off('exit', onExit);
 }
 
+/** Seconds left as the bar shows them: 45s, 12m05s, 7h36m, 3d04h; '-' when not known yet. */
+export function etaText(seconds: number): string {
+  if (!Number.isFinite(seconds) || seconds < 0) return '-';
+  const s = Math.round(seconds);
+  const two = (v: number) => String(v).padStart(2, '0');
+  // Days, not cli-progress's "INF" past 115 days or "250h12m": a 3D run on a CPU takes weeks.
+  if (s >= 86_400) return `${Math.floor(s / 86_400)}d${two(Math.floor((s % 86_400) / 3600))}h`;
+  if (s >= 3600) return `${Math.floor(s / 3600)}h${two(Math.floor((s % 3600) / 60))}m`;
+  if (s >= 60) return `${Math.floor(s / 60)}m${two(s % 60)}s`;
+  return `${s}s`;
+}
+
 class BarProgress implements ProgressReporter {
   private readonly bar: SingleBar;
   private unguard = () => {};
+  private total = 0;
+  private startStep = 0;
+  private startTime = 0;
 
-  constructor(stream: NodeJS.WriteStream) {
+  constructor(
+    stream: NodeJS.WriteStream,
+    private readonly now: () => number,
+  ) {
     this.bar = new SingleBar({
       stream,
-      format: 'epoch {ep} [{bar}] step {value}/{total} | loss {loss} | CE {ce} | trace {trace} | val Dice {dice} | {eta_formatted}',
+      format: 'epoch {ep} [{bar}] step {value}/{total} | loss {loss} | CE {ce} | trace {trace} | val Dice {dice} | ETA {eta_run}',
       barsize: 24,
       hideCursor: true,
-      etaBuffer: 50,
     });
   }
 
+  /**
+   * The fields, and the time left as the run has gone so far: the wall time since the bar
+   * started over the steps taken since, times the steps left. cli-progress's own ETA took the
+   * rate of its last 50 updates: in a long run whose epochs end with a long validation (a BraTS
+   * run: 250 steps, then minutes of sliding-window validation) those are steps only in the middle
+   * of an epoch (an ETA 2.25 times too short) and a validation's pause right after one (3.3
+   * times too long), never the truth. The run's rate counts each epoch's validation and
+   * checkpoints as often as they come.
+   */
+  private payload(step: number, fields: ProgressFields): Record<string, string> {
+    const done = step - this.startStep;
+    const eta = done > 0 ? ((this.now() - this.startTime) / 1000 / done) * (this.total - step) : NaN;
+    return { ...payload(fields), eta_run: etaText(eta) };
+  }
+
   start(total: number, step: number, fields: ProgressFields): void {
-    this.bar.start(total, step, payload(fields));
+    this.total = total;
+    this.startStep = step;
+    this.startTime = this.now();
+    this.bar.start(total, step, this.payload(step, fields));
     this.unguard();
     this.unguard = stopOnExit(this.bar);
   }
 
   step(step: number, fields: ProgressFields): void {
-    this.bar.update(step, payload(fields));
+    this.bar.update(step, this.payload(step, fields));
   }
 
   epoch(step: number, fields: ProgressFields): void {
-    this.bar.update(step, payload(fields));
+    this.bar.update(step, this.payload(step, fields));
   }
 
   stop(): void {
@@ -137,7 +172,8 @@ class LineProgress implements ProgressReporter {
 export function createProgress(options: { quiet?: boolean; stream?: NodeJS.WriteStream; lineEveryMs?: number; now?: () => number } = {}): ProgressReporter {
   if (options.quiet) return silentProgress;
   const stream = options.stream ?? process.stderr;
-  return stream.isTTY ? new BarProgress(stream) : new LineProgress(stream, options.lineEveryMs ?? LINE_EVERY_MS, options.now ?? Date.now);
+  const now = options.now ?? Date.now;
+  return stream.isTTY ? new BarProgress(stream, now) : new LineProgress(stream, options.lineEveryMs ?? LINE_EVERY_MS, now);
 }
 
 /** Progress of fusing the STAPLE baselines' training targets, one case at a time. */

@@ -536,17 +536,31 @@ function differences(a: unknown, b: unknown, prefix = ''): SettingDifference[] {
  * earlier run whose `last` was deleted afterwards logged saving it: its `best` is kept.
  */
 async function bestOfRunWithoutLast(files: { best: string; log: string }): Promise<boolean> {
-  let entries: Record<string, unknown>[];
   let bestConfig: TrainConfig;
+  let first = true;
+  let ofThisRun = false;
+  let savedLast = false;
   try {
-    entries = readTrainLog(files.log, { whileWritten: true });
     bestConfig = (await readTrainerState(files.best)).config;
+    // Read entry by entry up to the first `last` saved (a log may be hundreds of MB; it was read
+    // whole here): the answer is known from its first entry and its first save of `last`.
+    forEachTrainLogEntry(
+      files.log,
+      (e) => {
+        if (first) {
+          first = false;
+          ofThisRun = e.event === 'start' && JSON.stringify(e.config) === JSON.stringify(bestConfig);
+          return ofThisRun;
+        }
+        savedLast = e.event === 'checkpoint' && e.kind === 'last';
+        return !savedLast;
+      },
+      { whileWritten: true },
+    );
   } catch {
     return false; // no log, or no readable one, or no trainer checkpoint: keep it
   }
-  const start = entries[0];
-  if (start?.event !== 'start' || JSON.stringify(start.config) !== JSON.stringify(bestConfig)) return false;
-  return !entries.some((e) => e.event === 'checkpoint' && e.kind === 'last');
+  return ofThisRun && !savedLast;
 }
 
 /**
@@ -596,18 +610,44 @@ class JsonLog {
   /** Drops entries past `step` (written after the checkpoint we resume from, e.g. before a crash). */
   async truncateAfter(step: number): Promise<void> {
     if (!fs.existsSync(this.file)) return;
+    const keeps = (line: string) => {
+      try {
+        const entry = JSON.parse(line) as { step?: number };
+        return entry.step === undefined || entry.step <= step;
+      } catch {
+        return false; // a line cut short by a crash
+      }
+    };
+    // The log is read in pieces (forEachTrainLogLine), not whole: a 250,000-step run's log held
+    // 4 times over (its text, its lines, the kept lines, them joined) took 340 MB of heap before
+    // the resume took a step. Entries are written in step order, so those past `step` are its
+    // end: the log is cut there (nothing is written when nothing is past it, an interrupted
+    // run's resume). A log whose kept entries are not one whole-line prefix of it (a dropped line
+    // before a kept one, a last kept line without its newline) is rewritten whole, as before.
+    let keptEnd = 0;
+    let dropped = false;
+    let prefix = true;
+    forEachTrainLogLine(this.file, (text, _line, end, complete) => {
+      if (!text.trim()) return;
+      if (!keeps(text)) dropped = true;
+      else if (dropped || !complete) prefix = false;
+      else keptEnd = end;
+    });
+    if (prefix) {
+      if (keptEnd === fs.statSync(this.file).size) return;
+      const fd = fs.openSync(this.file, 'r+');
+      try {
+        fs.ftruncateSync(fd, keptEnd);
+        fs.fsyncSync(fd);
+      } finally {
+        fs.closeSync(fd);
+      }
+      return;
+    }
     const kept = fs
       .readFileSync(this.file, 'utf8')
       .split('\n')
-      .filter((line) => {
-        if (!line.trim()) return false;
-        try {
-          const entry = JSON.parse(line) as { step?: number };
-          return entry.step === undefined || entry.step <= step;
-        } catch {
-          return false; // a line cut short by a crash
-        }
-      });
+      .filter((line) => line.trim() && keeps(line));
     await writeFileAtomic(this.file, Buffer.from(kept.map((l) => l + '\n').join('')));
   }
 }
@@ -893,24 +933,69 @@ function checkedValidation(value: unknown): ValidationResult {
 
 /** The entries of a JSON-lines training log, in order. */
 export function readTrainLog(file: string, options: { whileWritten?: boolean } = {}): Record<string, unknown>[] {
-  const text = fs.readFileSync(file, 'utf8');
-  const lines = text.split('\n').filter((l) => l.trim());
-  // Every entry is written with its newline: only a last line without one can be still in writing.
-  const unfinished = options.whileWritten === true && !text.endsWith('\n');
   const events: Record<string, unknown>[] = [];
-  for (const [k, line] of lines.entries()) {
+  forEachTrainLogEntry(file, (entry) => void events.push(entry), options);
+  return events;
+}
+
+/**
+ * Calls `visit` with each entry of a JSON-lines training log, in order, until it returns false.
+ * The log is read in pieces of 1 MiB: a long run's log (a 250,000-step BraTS run writes 85 MB,
+ * more annotators more) was read whole into one string and parsed whole, a heap of several
+ * times its size for `cmseg curves`, a resume or the end of `cmseg train`, which only need
+ * a few numbers a step (or the first entry and one checkpoint); and past 512 MB, V8's longest
+ * string, it could not be read at all. `whileWritten`: a last line without its newline (the
+ * entry being written) ends the log instead of being an error.
+ */
+export function forEachTrainLogEntry(file: string, visit: (entry: Record<string, unknown>, line: number) => boolean | void, options: { whileWritten?: boolean } = {}): void {
+  forEachTrainLogLine(file, (text, line, _end, complete) => {
+    if (!text.trim()) return true;
     let entry: unknown;
     try {
-      entry = JSON.parse(line);
+      entry = JSON.parse(text);
     } catch (err) {
-      if (unfinished && k === lines.length - 1) break;
-      throw new SyntaxError(`line ${k + 1} is not a training log entry: ${(err as Error).message}`);
+      // Every entry is written with its newline: only a last line without one can be still in writing.
+      if (!complete && options.whileWritten === true) return false;
+      throw new SyntaxError(`line ${line} is not a training log entry: ${(err as Error).message}`);
     }
     // JSON that is not an object (null, 42, [..]) is no entry either: readers look up its fields.
     if (typeof entry !== 'object' || entry === null || Array.isArray(entry)) {
-      throw new SyntaxError(`line ${k + 1} is not a training log entry: ${JSON.stringify(entry)} is not a JSON object`);
+      throw new SyntaxError(`line ${line} is not a training log entry: ${JSON.stringify(entry)} is not a JSON object`);
     }
-    events.push(entry as Record<string, unknown>);
+    return visit(entry as Record<string, unknown>, line);
+  });
+}
+
+/**
+ * Calls `visit` with each line of `file` (without its newline), its number from 1, the byte
+ * offset just past it, and whether it ends with a newline (only the last line may not), until
+ * `visit` returns false. Read in pieces of 1 MiB, whatever the file's size.
+ */
+function forEachTrainLogLine(file: string, visit: (text: string, line: number, end: number, complete: boolean) => boolean | void): void {
+  const fd = fs.openSync(file, 'r');
+  try {
+    const chunk = Buffer.alloc(1 << 20);
+    // The bytes of the line in progress from earlier pieces, kept apart (not joined to each
+    // piece: a line of many MiB would be copied once a piece). Lines are cut at their newline
+    // bytes, then decoded: a UTF-8 character split between two pieces stays whole.
+    const parts: Buffer[] = [];
+    let offset = 0; // the file offset of this piece's first byte
+    let line = 0;
+    for (;;) {
+      const n = fs.readSync(fd, chunk, 0, chunk.length, null);
+      if (n === 0) break;
+      const piece = chunk.subarray(0, n);
+      let from = 0;
+      for (let nl = piece.indexOf(10); nl >= 0; nl = piece.indexOf(10, from)) {
+        const text = parts.length ? Buffer.concat([...parts.splice(0), piece.subarray(from, nl)]).toString('utf8') : piece.toString('utf8', from, nl);
+        if (visit(text, ++line, offset + nl + 1, true) === false) return;
+        from = nl + 1;
+      }
+      if (from < n) parts.push(Buffer.from(piece.subarray(from))); // a copy: `chunk` is read into again
+      offset += n;
+    }
+    if (parts.length) visit(Buffer.concat(parts).toString('utf8'), ++line, offset, false);
+  } finally {
+    fs.closeSync(fd);
   }
-  return events;
 }

@@ -73,28 +73,31 @@ t.test('a terminal: a finished run resumed shows its last epoch, not one past it
 
 t.test('not a terminal: one plain line per epoch, and where a resumed run starts', async (t) => {
   const out = capture(false);
-  const p = createProgress({ stream: out.stream });
+  let clock = 0;
+  const p = createProgress({ stream: out.stream, now: () => clock });
   p.start(8, 0, unknown);
   p.step(1, known);
   p.step(2, known);
-  p.epoch(4, known, 12.34);
+  clock += 12_340;
+  p.epoch(4, known, 12.34); // 4 steps in 12.34 s, 4 left: 12.34 s more
   p.step(5, { ...known, epoch: 1 });
   p.epoch(8, { ...known, epoch: 1, loss: 0.0123, ce: 0.25, trace: 0.125, valDice: NaN }, 0.96);
   p.stop();
   await tick();
   t.equal(
     out.text(),
-    'epoch 1/2  step 4/8  loss 1.2345  CE 0.5000  trace 1.750  val Dice 0.9000  (12.3 s)\n' +
+    'epoch 1/2  step 4/8  loss 1.2345  CE 0.5000  trace 1.750  val Dice 0.9000  (12.3 s, ETA 12s)\n' +
       'epoch 2/2  step 8/8  loss 0.0123  CE 0.2500  trace 0.125  val Dice -  (1.0 s)\n',
   );
 
   const resumed = capture(false);
-  const q = createProgress({ stream: resumed.stream });
+  const q = createProgress({ stream: resumed.stream, now: () => clock });
   q.start(8, 3, unknown);
+  clock += 7_300_000; // one step since the resume in 2h01m40s, 4 left: 8h06m40s
   q.epoch(4, known, 1);
   q.stop();
   await tick();
-  t.equal(resumed.text(), 'resuming at step 3/8\nepoch 1/2  step 4/8  loss 1.2345  CE 0.5000  trace 1.750  val Dice 0.9000  (1.0 s)\n');
+  t.equal(resumed.text(), 'resuming at step 3/8\nepoch 1/2  step 4/8  loss 1.2345  CE 0.5000  trace 1.750  val Dice 0.9000  (1.0 s, ETA 8h06m)\n');
 });
 
 t.test('not a terminal: within a long epoch, a step line at most every lineEveryMs', async (t) => {
@@ -119,7 +122,7 @@ t.test('not a terminal: within a long epoch, a step line at most every lineEvery
   t.equal(
     out.text(),
     '  step 2/8 of epoch 1/2  loss 1.2345  CE 0.5000  trace 1.750  (61.0 s since the last line)\n' +
-      'epoch 1/2  step 4/8  loss 1.2345  CE 0.5000  trace 1.750  val Dice 0.9000  (122.0 s)\n' +
+      'epoch 1/2  step 4/8  loss 1.2345  CE 0.5000  trace 1.750  val Dice 0.9000  (122.0 s, ETA 2m02s)\n' +
       '  step 6/8 of epoch 2/2  loss 1.2345  CE 0.5000  trace 1.750  (60.0 s since the last line)\n',
   );
 });

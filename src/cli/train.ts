@@ -33,7 +33,7 @@ import type { BratsDatasetSpec, DatasetSpec, ExperimentData, FolderDatasetSpec, 
 import { bratsCaseSplits, imageFolderSplits, runCacheDir } from '../train/experiment';
 import { METHODS, METHOD_NAMES, MethodDefinition, MethodName, methodDefinition } from '../train/methods';
 import { presetByName, PRESET_NAMES } from '../train/presets';
-import { createFusionProgress, createProgress, silentFusionProgress } from '../train/progress';
+import { createFusionProgress, createProgress, etaText, silentFusionProgress } from '../train/progress';
 import { SCHEDULE_KINDS, ScheduleKind } from '../train/schedule';
 import type { CmInit } from '../model/config';
 import { CHECKPOINT_LAST, lockRunFolder, nothingToResumeMessage, readTrainerState, resumeDifferences, resumeDifferencesNote, resumedConfig, runNeverSavedLast, train, TrainConfig, TrainResult } from '../train/trainer';
@@ -624,7 +624,7 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
   json.seconds = seconds;
   const against = data.reference ? ` against the ${data.reference}` : '';
   const best = state.best ? `; best validation Dice${against} ${state.best.score.toFixed(4)} (epoch ${state.best.epoch + 1})` : '';
-  const done = result.startStep === state.step ? `the run was already complete at step ${state.step}` : `trained ${config.method} from step ${result.startStep} to ${state.step} in ${seconds.toFixed(1)} s`;
+  const done = result.startStep === state.step ? `the run was already complete at step ${state.step}` : `trained ${config.method} from step ${result.startStep} to ${state.step} in ${seconds < 60 ? `${seconds.toFixed(1)} s` : `${etaText(seconds)} (${seconds.toFixed(0)} s)`}`;
   say(`${done}${best}\n`);
   const outputs: [string, string | string[]][] = [['checkpoints', checkpoints], ...logOutputs];
   if (flags.test) {

@@ -130,6 +130,8 @@ export const LINE_EVERY_MS = 60_000;
 class LineProgress implements ProgressReporter {
   private total = 0;
   private last: number;
+  private startStep = 0;
+  private startTime = 0;
 
   constructor(
     private readonly stream: NodeJS.WritableStream,
@@ -142,6 +144,8 @@ class LineProgress implements ProgressReporter {
   start(total: number, step: number): void {
     this.total = total;
     this.last = this.now();
+    this.startStep = step;
+    this.startTime = this.last;
     if (step > 0) this.stream.write(`resuming at step ${step}/${total}\n`);
   }
 
@@ -157,8 +161,12 @@ class LineProgress implements ProgressReporter {
 
   epoch(step: number, f: ProgressFields, seconds: number): void {
     this.last = this.now();
+    // A batch job's log is where a multi-day run is watched: the time left as on the bar (the
+    // whole run's rate, validations included), on each epoch's line but the last.
+    const done = step - this.startStep;
+    const eta = done > 0 && step < this.total ? `, ETA ${etaText(((this.last - this.startTime) / 1000 / done) * (this.total - step))}` : '';
     this.stream.write(
-      `epoch ${f.epoch + 1}/${f.epochs}  step ${step}/${this.total}  loss ${fmt(f.loss)}  CE ${fmt(f.ce)}  trace ${fmt(f.trace, 3)}  val Dice ${fmt(f.valDice)}  (${seconds.toFixed(1)} s)\n`,
+      `epoch ${f.epoch + 1}/${f.epochs}  step ${step}/${this.total}  loss ${fmt(f.loss)}  CE ${fmt(f.ce)}  trace ${fmt(f.trace, 3)}  val Dice ${fmt(f.valDice)}  (${seconds.toFixed(1)} s${eta})\n`,
     );
   }
 

@@ -16,7 +16,7 @@ export type { Extent } from './data/morphology';
 export type { SlidingWindowOptions, SlidingWindowPrediction, SlidingWindowModel } from './model/sliding-window';
 export { ensemble, ensembleMismatch, ENSEMBLE_FIELDS } from './model/ensemble';
 export { mirrored, mirrorings, flipSpatial } from './model/tta';
-export { train, TRAIN_DEFAULTS, TrainingError, RunFolderBusyError, lockRunFolder, readTrainerState, readTrainLog, CHECKPOINT_BEST, CHECKPOINT_LAST, TRAIN_LOG, RUN_LOCK } from './train/trainer';
+export { train, TRAIN_DEFAULTS, TrainingError, RunFolderBusyError, lockRunFolder, readTrainerState, readTrainLog, forEachTrainLogEntry, CHECKPOINT_BEST, CHECKPOINT_LAST, TRAIN_LOG, RUN_LOCK } from './train/trainer';
 export type { TrainConfig, TrainHooks, TrainResult, TrainerState, TrainerExtra, ValidationResult, Validator } from './train/trainer';
 export type { FileLock } from './data/files';
 export { createProgress, silentProgress } from './train/progress';
@@ -43,7 +43,7 @@ export { hausdorff95, surfaceDistances, squaredDistanceTransform } from './eval/
 export type { BratsDiceReport, BratsRegion } from './eval/brats-regions';
 export { formatSegmentationReport, formatBratsReport, formatMeanStd, formatAnnotatorCms, formatClassConfusion, classesLearntAsOthers } from './eval/report';
 export type { ClassLearntAsOther, FormatOptions } from './eval/report';
-export { trainingCurves } from './report/curves';
+export { trainingCurves, drawnPart } from './report/curves';
 export { lineChart } from './report/chart';
 export type { Series as ChartSeries, ChartOptions } from './report/chart';
 export { cmFigure, cmHeatMaps, labelOverlay, grid } from './report/pictures';

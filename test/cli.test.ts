@@ -242,7 +242,7 @@ t.test('info describes the installation and a checkpoint', async (t) => {
   t.equal(run.exitCode, 0, run.stderr);
   const c = await inProcess(['info', '--checkpoint', 'runs/info/last.safetensors']);
   t.equal(c.exitCode, 0, c.stderr);
-  t.match(c.stdout, /\nwritten by +cmseg train\nmethod +cm\nstep +2\nmodel +2D U-Net depth 2, c 4, 1 input channel\(s\), 2 classes\nannotators +4: good, over, under, fracture; CMs full\n/);
+  t.match(c.stdout, /\nwritten by +cmseg train\nmethod +cm\nstep +2 of 2, 1 epoch\(s\): complete\nbest validation +score \d\.\d{4} at epoch 1 \(step 2\)\nmodel +2D U-Net depth 2, c 4, 1 input channel\(s\), 2 classes\nannotators +4: good, over, under, fracture; CMs full\n/);
   t.match(c.stdout, /\npreset +mnist-tiny\ndata +MNIST 64\/32\/32 images, dense labels, data seed 0\n$/);
   const cj = JSON.parse((await inProcess(['info', '--checkpoint', 'runs/info/last.safetensors', '--json'])).stdout);
   t.equal(cj.step, 2);

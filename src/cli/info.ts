@@ -6,6 +6,7 @@ import * as path from 'path';
 import { Command } from 'commander';
 import { readCheckpointInfo, methodLabel, type CheckpointInfo } from '../model/checkpoint-info';
 import type { DatasetSpec } from '../train/experiment';
+import type { TrainerState } from '../train/trainer';
 import { backendInfo, setNumThreads } from '../model/model';
 import { parseThreads, UserError, withExamples } from './common';
 
@@ -44,6 +45,26 @@ function datasetText(d: DatasetSpec): string {
   }
 }
 
+/** The step, and for a trainer's checkpoint where it stands in its run (a run of days is watched by its checkpoints). */
+function stepText(info: CheckpointInfo): string {
+  const s = info.saved?.state;
+  // A state another writer made (the API's saveCheckpoint with a trainer-like extra) may lack these.
+  const whole = (v: unknown) => Number.isSafeInteger(v) && (v as number) >= 0;
+  if (!s || !whole(s.totalSteps) || !whole(s.batchesPerEpoch) || s.batchesPerEpoch === 0 || !whole(s.epoch)) return String(info.step);
+  const epochs = Math.ceil(s.totalSteps / s.batchesPerEpoch);
+  if (s.step >= s.totalSteps) return `${s.step} of ${s.totalSteps}, ${epochs} epoch(s): complete`;
+  return `${s.step} of ${s.totalSteps}, epoch ${s.epoch + 1} of ${epochs}`;
+}
+
+/** The best validation a trainer's checkpoint records; undefined when it records none in that form. */
+function bestText(s: TrainerState | undefined): string | undefined {
+  if (!s || !('best' in s)) return undefined;
+  const b = s.best;
+  if (b === null) return 'none yet';
+  if (typeof b !== 'object' || ![b.score, b.epoch, b.step].every(Number.isFinite)) return undefined;
+  return `score ${b.score.toFixed(4)} at epoch ${b.epoch + 1} (step ${b.step})`;
+}
+
 /** A checkpoint's description, as lines of `name  value`. */
 function checkpointLines(info: CheckpointInfo): [string, string][] {
   const c = info.config;
@@ -51,7 +72,8 @@ function checkpointLines(info: CheckpointInfo): [string, string][] {
     ['file', info.file],
     ['written by', info.recipe ? 'cmseg train' : info.saved ? "the API's train()" : "the API's saveCheckpoint"],
     ['method', methodLabel(info)],
-    ['step', String(info.step)],
+    ['step', stepText(info)],
+    ...(bestText(info.saved?.state) ? [['best validation', bestText(info.saved?.state)!] as [string, string]] : []),
     ['model', `${c.ndim}D U-Net depth ${c.depth}, c ${c.baseChannels}, ${c.inChannels} input channel(s), ${c.classes} classes`],
     ['annotators', `${c.annotators}: ${info.annotatorNames.join(', ')}${info.namesRecorded ? '' : ' (no names recorded)'}; CMs ${c.cmMode}${info.learnsCms ? '' : ' (heads not trained by this method)'}`],
     ['trained on', c.device === 'cuda' ? `GPU${c.bf16 ? ', bf16 convolutions' : c.tf32 ? ', TF32' : ''}` : 'CPU'],

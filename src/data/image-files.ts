@@ -10,7 +10,7 @@ import { displayPath } from './files';
 import type { CheckpointInfo } from '../model/checkpoint-info';
 import type { AnnotatedSet } from '../train/data';
 import { UNLABELLED, checkLabels } from './annotators';
-import { ImageFolderError, imageIntensities, isDirectory, type LabelMapping, labelValues, pngNames, resolveMapping } from './image-folder';
+import { ImageFolderError, checkFolderFits, checkNoCaseTwins, imageIntensities, isDirectory, type LabelMapping, labelValues, pngFileFor, pngFilesByKey, pngNames, resolveMapping } from './image-folder';
 import { isNiftiName } from './nifti';
 import { type DecodedPng, readPngSync } from './png';
 
@@ -102,6 +102,29 @@ export function loadImagesToPredict(dir: string, info: CheckpointInfo, labelMapp
   const consensusDir = path.join(dir, 'consensus');
   const hasConsensus = layout && isDirectory(consensusDir);
   const count = names.length;
+  // Every image is read into memory at once: refuse a folder that cannot be, naming the sizes.
+  const labelMaps = annotatorNames.length + (hasConsensus ? 1 : 0);
+  let labelFiles: Map<string, string[]>[];
+  let consensusFiles: Map<string, string[]>;
+  try {
+    checkFolderFits(`--data ${displayPath(dir)}`, count, channels, V, labelMaps);
+    // images/a.png beside images/a.PNG: one label file would serve both, and predict's pictures (a-*.png) would overwrite each other.
+    checkNoCaseTwins(imagesDir);
+    // Each folder's label files by pngKey: labels/<annotator>/a.PNG labels images/a.png (it was left unread).
+    labelFiles = annotatorNames.map((annotator) => (folders.includes(annotator) ? pngFilesByKey(path.join(labelsDir, annotator)) : new Map<string, string[]>()));
+    consensusFiles = hasConsensus ? pngFilesByKey(consensusDir) : new Map<string, string[]>();
+  } catch (error) {
+    if (error instanceof ImageFolderError) throw new UserError(error.message);
+    throw error;
+  }
+  const pickFile = (folder: string, files: Map<string, string[]>, name: string) => {
+    try {
+      return pngFileFor(folder, files, name);
+    } catch (error) {
+      if (error instanceof ImageFolderError) throw new UserError(error.message);
+      throw error;
+    }
+  };
   const images = new Float32Array(count * channels * V);
   const labels = annotatorNames.map(() => new Uint8Array(count * V).fill(UNLABELLED));
   const present = new Uint8Array(count * R);
@@ -113,15 +136,17 @@ export function loadImagesToPredict(dir: string, info: CheckpointInfo, labelMapp
     sameSize(png, file);
     imageIntensities(png, channels, images.subarray(n * channels * V, (n + 1) * channels * V));
     annotatorNames.forEach((annotator, r) => {
-      const labelFile = path.join(labelsDir, annotator, name);
-      if (!folders.includes(annotator) || !fs.existsSync(labelFile)) return;
+      const labelName = pickFile(path.join(labelsDir, annotator), labelFiles[r], name);
+      if (labelName === undefined) return;
+      const labelFile = path.join(labelsDir, annotator, labelName);
       readLabels(labelFile, labels[r].subarray(n * V, (n + 1) * V));
       present[n * R + r] = 1;
       labelled.add(annotator);
     });
     if (consensus) {
-      const consensusFile = path.join(consensusDir, name);
-      if (!fs.existsSync(consensusFile)) throw new UserError(`consensus/ exists but has no ${name}: ${displayPath(consensusFile)}`);
+      const consensusName = pickFile(consensusDir, consensusFiles, name);
+      if (consensusName === undefined) throw new UserError(`consensus/ exists but has no ${name}: ${displayPath(path.join(consensusDir, name))}`);
+      const consensusFile = path.join(consensusDir, consensusName);
       readLabels(consensusFile, consensus.subarray(n * V, (n + 1) * V));
     }
   });

@@ -10,11 +10,13 @@
 // reads the common 0/255 and 0/1 masks; a map of only 0, 1 and 255 (both 1 and 255 in it)
 // keeps 255 as unlabelled, as SPEC section 1 and `cmseg fuse` read it. 'auto' (default) is
 // 'binary' when classes = 2 and 'value' otherwise. Palette PNGs give their palette indices, the usual way to store
-// label maps with colours. All images must have the same size; the batch has the layouts
+// label maps with colours (a palette of grays only: see paletteLabels). All images must have the same size; the batch has the layouts
 // of the MNIST batches (mnist.ts): images [N, C, H, W], label maps [N, H, W].
 
 import * as fs from 'fs';
+import * as os from 'os';
 import * as path from 'path';
+import { constants as bufferConstants } from 'buffer';
 import { UNLABELLED, checkLabels } from './annotators';
 import type { Extent } from './morphology';
 import type { SegmentationBatch } from './mnist';
@@ -74,6 +76,66 @@ export function pngNames(folder: string): string[] {
     .sort();
 }
 
+/**
+ * How an image and its label maps are matched: the name with its extension in lower case.
+ * pngNames takes a.PNG as a PNG, but labels/<annotator>/a.PNG was then looked for as a.png
+ * (exports from Windows tools mix the two): training refused it as a label "with no image
+ * a.PNG" beside images/a.png, and eval and predict left it unread without a word.
+ */
+export function pngKey(name: string): string {
+  return name.slice(0, name.length - 4) + '.png';
+}
+
+/** A folder's PNG files by pngKey (none when it is not there): a.png and a.PNG share one key. */
+export function pngFilesByKey(folder: string): Map<string, string[]> {
+  const files = new Map<string, string[]>();
+  if (!isDirectory(folder)) return files;
+  for (const name of pngNames(folder)) {
+    const key = pngKey(name);
+    files.set(key, [...(files.get(key) ?? []), name]);
+  }
+  return files;
+}
+
+/**
+ * The file of `files` (pngFilesByKey of `folder`) for image `name`, undefined when there is
+ * none. Refuses a.png beside a.PNG only when that name is asked for, so that a file added
+ * later beside an image outside a run's split does not break the run.
+ */
+export function pngFileFor(folder: string, files: Map<string, string[]>, name: string): string | undefined {
+  const found = files.get(pngKey(name));
+  if (found && found.length > 1) throw new ImageFolderError(`${found.map((f) => path.join(folder, f)).join(' and ')} differ only in the case of their extension: keep one`);
+  return found?.[0];
+}
+
+/** Refuses a folder holding a.png and a.PNG (one label file would serve both, their predictions one name). */
+export function checkNoCaseTwins(folder: string): void {
+  const files = pngFilesByKey(folder);
+  for (const names of files.values()) pngFileFor(folder, files, names[0]);
+}
+
+/** The longest typed array V8 makes, in elements: buffer.constants.MAX_LENGTH (2^32 on 64-bit node 20). */
+const MAX_TYPED_ARRAY_LENGTH = bufferConstants.MAX_LENGTH;
+
+/**
+ * Refuses, before allocating them, arrays of a folder's images that cannot be held: the whole
+ * folder is read into memory as float32 (and label maps as bytes). Without this, 5000
+ * images of 1024x1024 failed with V8's "Invalid typed array length: 5242880000", and a
+ * folder past the machine's memory would have been swapped to a halt or killed.
+ */
+export function checkFolderFits(what: string, count: number, channels: number, pixels: number, labelMaps: number): void {
+  const imageValues = count * channels * pixels;
+  const bytes = 4 * imageValues + labelMaps * count * pixels;
+  const gb = (b: number) => (b / 1e9).toFixed(1);
+  const size = `${count} image(s) of ${pixels} pixels x ${channels} channel(s)`;
+  if (imageValues > MAX_TYPED_ARRAY_LENGTH) {
+    throw new ImageFolderError(`${what}: ${size} are ${imageValues} values, more than the ${MAX_TYPED_ARRAY_LENGTH} one array holds here (the images are read into memory as float32, ${gb(bytes)} GB with their label maps): use fewer or smaller images`);
+  }
+  if (bytes > os.totalmem()) {
+    throw new ImageFolderError(`${what}: ${size} need ${gb(bytes)} GB in memory as float32 images and byte label maps, more than this machine's ${gb(os.totalmem())} GB: use fewer or smaller images`);
+  }
+}
+
 function subfolders(folder: string): string[] {
   return fs
     .readdirSync(folder)
@@ -95,7 +157,8 @@ export function resolveMapping(mapping: LabelMapping, classes: number): 'value' 
 
 function checkSize(png: DecodedPng, file: string, extent: Extent, reference: string): void {
   if (png.width !== extent.w || png.height !== extent.h) {
-    throw new ImageFolderError(`${file} is ${png.width}x${png.height}, but ${reference} is ${extent.w}x${extent.h}`);
+    // Said what the rule is: a folder of mixed sizes (common in histology and fundus sets) reads as one odd file otherwise.
+    throw new ImageFolderError(`${file} is ${png.width}x${png.height}, but ${reference} is ${extent.w}x${extent.h}: the images and label maps of a folder must share one size (crop, pad or resize them to one)`);
   }
 }
 
@@ -128,7 +191,7 @@ export function imageIntensities(png: DecodedPng, channels: 1 | 3, out: Float32A
 export function labelValues(png: DecodedPng, file: string, mapping: 'value' | 'binary', out: Uint8Array, specMaps = false): void {
   const pixels = png.width * png.height;
   const stride = png.colorType === PngColorType.Palette ? 1 : png.channels;
-  const samples = png.samples;
+  const samples = png.colorType === PngColorType.Palette ? paletteLabels(png, mapping) : png.samples;
   // 'binary' reads 0/255 and 0/1 masks. A map holding only 0, 1 and 255, with both 1 and 255,
   // is neither: it is a SPEC section 1 label map (1 = foreground, 255 = unlabelled), as
   // `cmseg fuse` reads it by default; turning its 255 into foreground would train the model
@@ -136,6 +199,7 @@ export function labelValues(png: DecodedPng, file: string, mapping: 'value' | 'b
   // unlabelled; without it (`cmseg fuse --mask-255 foreground`, which asks for 255 as
   // foreground) every non-zero sample is foreground, as in any other map (e.g. a resized mask).
   const keep255 = specMaps && mapping === 'binary' && isSpecBinaryMap(samples, pixels, stride);
+  if (png.colorType === PngColorType.GrayAlpha || png.colorType === PngColorType.Rgba) checkAlphaMask(samples, pixels, stride, file);
   for (let p = 0; p < pixels; p++) {
     const value = samples[p * stride];
     if (stride >= 3 && (samples[p * stride + 1] !== value || samples[p * stride + 2] !== value)) {
@@ -147,6 +211,65 @@ export function labelValues(png: DecodedPng, file: string, mapping: 'value' | 'b
       if (value > 255) throw new ImageFolderError(`${file}: label ${value} at pixel ${p} does not fit in 8 bits`);
       out[p] = value;
     }
+  }
+}
+
+/**
+ * A palette label map's labels: its palette indices, unless every entry it uses is a gray
+ * and those grays are the labels. Masks saved through colour quantization (PIL's
+ * convert('P', palette=ADAPTIVE) or quantize(), which order the palette by colour, the
+ * brightest first) put a 0/255 mask's white at index 0 and its black at index 1, and a
+ * 0/1/2 map's 2 at index 0: read by index, foreground and background (classes 0 and 2)
+ * were swapped, silently. So with a palette of grays only, 'binary' reads the gray (black
+ * is background, as the mask looks and as convert('L') reads it), and 'value' reads the
+ * gray when the grays used are the indices used, reordered. Colour palettes (VOC style),
+ * gray palettes whose grays are not labels (0, 255, 128 to show classes 0, 1, 2), and
+ * palettes using one gray twice (black transparent and black opaque: the alpha tells
+ * them apart) are read by index, as documented.
+ */
+function paletteLabels(png: DecodedPng, mapping: 'value' | 'binary'): Uint8Array {
+  const indices = png.samples as Uint8Array;
+  const palette = png.palette;
+  if (!palette) return indices;
+  const used = new Uint8Array(256);
+  for (let p = 0; p < indices.length; p++) used[indices[p]] = 1;
+  const gray = new Uint8Array(256);
+  const usedIndices = new Set<number>();
+  const usedGrays = new Set<number>();
+  let same = true;
+  for (let i = 0; i < 256; i++) {
+    if (!used[i] || 3 * i + 2 >= palette.length) continue; // an index past the palette: decodePng refuses it
+    const [r, g, b] = [palette[3 * i], palette[3 * i + 1], palette[3 * i + 2]];
+    if (r !== g || g !== b) return indices; // a colour palette: indices are the labels
+    gray[i] = r;
+    usedIndices.add(i);
+    usedGrays.add(r);
+    if (r !== i) same = false;
+  }
+  // Two entries of one gray tell the labels apart by something else (tRNS alpha): indices.
+  if (same || usedGrays.size !== usedIndices.size) return indices;
+  const reordered = [...usedGrays].every((v) => usedIndices.has(v));
+  if (mapping === 'value' && !reordered) return indices;
+  const out = new Uint8Array(indices.length);
+  for (let p = 0; p < indices.length; p++) out[p] = gray[indices[p]];
+  return out;
+}
+
+/**
+ * Label maps are read from their gray (or R = G = B) values, alpha ignored. Annotation tools
+ * that export a mask as one colour over a transparent background (gray 0 everywhere, the
+ * mask in alpha) were read as all background, silently: refused, saying where the mask is.
+ */
+function checkAlphaMask(samples: Uint8Array | Uint16Array, pixels: number, stride: number, file: string): void {
+  const alpha = stride - 1;
+  let grayVaries = false;
+  let alphaVaries = false;
+  for (let p = 1; p < pixels && !grayVaries; p++) {
+    if (samples[p * stride] !== samples[0]) grayVaries = true;
+    if (samples[p * stride + alpha] !== samples[alpha]) alphaVaries = true;
+  }
+  if (!grayVaries && alphaVaries) {
+    throw new ImageFolderError(`${file}: every pixel has the value ${samples[0]}, and only its alpha (transparency) varies: a mask stored in the alpha channel is not read; save the labels as gray values (0 background, 255 or the class)`);
   }
 }
 
@@ -182,6 +305,7 @@ function folderLayout(root: string, annotatorsAsked?: readonly string[], namesAs
   if (!isDirectory(imagesDir)) throw new ImageFolderError(`no images/ folder in ${root} (expected ${imagesDir}/<name>.png)`);
   if (!isDirectory(labelsDir)) throw new ImageFolderError(`no labels/ folder in ${root} (expected ${labelsDir}/<annotator>/<name>.png)`);
   const all = pngNames(imagesDir);
+  if (!namesAsked) checkNoCaseTwins(imagesDir);
   let names = all;
   if (namesAsked) {
     const there = new Set(all);
@@ -194,7 +318,7 @@ function folderLayout(root: string, annotatorsAsked?: readonly string[], namesAs
   if (names.length === 0) throw new ImageFolderError(`no .png files in ${imagesDir}`);
   const annotators = annotatorsAsked ? [...annotatorsAsked] : subfolders(labelsDir);
   if (annotators.length === 0) throw new ImageFolderError(`no annotator folders in ${labelsDir}`);
-  const known = new Set(all);
+  const known = new Set(all.map(pngKey));
   let labelFiles = 0;
   for (const annotator of annotators) {
     const folder = path.join(labelsDir, annotator);
@@ -204,7 +328,7 @@ function folderLayout(root: string, annotatorsAsked?: readonly string[], namesAs
     // A label without its image is almost always a naming mistake: say so rather than drop it.
     // (Not when only some images are asked for: labels outside them are none of their business.)
     for (const name of files) {
-      if (!namesAsked && !known.has(name)) throw new ImageFolderError(`${path.join(folder, name)} has no image ${path.join(imagesDir, name)}`);
+      if (!namesAsked && !known.has(pngKey(name))) throw new ImageFolderError(`${path.join(folder, name)} has no image ${path.join(imagesDir, name)}`);
     }
   }
   // One annotator may have labelled nothing (cmseg simulate --labels single on a few images
@@ -255,7 +379,11 @@ export function loadImageFolder(root: string, options: ImageFolderOptions = {}):
   const firstFile = path.join(imagesDir, names[0]);
   const pixels = extent.h * extent.w;
   const count = names.length;
+  checkFolderFits(root, count, channels, pixels, annotators.length + (hasConsensus ? 1 : 0));
   const images = new Float32Array(count * channels * pixels);
+  // Each folder's label files by pngKey: labels/<annotator>/a.PNG labels images/a.png.
+  const labelFiles = annotators.map((annotator) => pngFilesByKey(path.join(labelsDir, annotator)));
+  const consensusFiles = pngFilesByKey(consensusDir);
   const labels = annotators.map(() => new Uint8Array(count * pixels).fill(UNLABELLED));
   const present = new Uint8Array(count * annotators.length);
   const consensus = hasConsensus ? new Uint8Array(count * pixels) : undefined;
@@ -273,14 +401,16 @@ export function loadImageFolder(root: string, options: ImageFolderOptions = {}):
     checkSize(png, imageFile, extent, firstFile);
     imageIntensities(png, channels, images.subarray(n * channels * pixels, (n + 1) * channels * pixels));
     annotators.forEach((annotator, r) => {
-      const file = path.join(labelsDir, annotator, name);
-      if (!fs.existsSync(file)) return; // not labelled by this annotator: present stays 0
+      const labelName = pngFileFor(path.join(labelsDir, annotator), labelFiles[r], name);
+      if (labelName === undefined) return; // not labelled by this annotator: present stays 0
+      const file = path.join(labelsDir, annotator, labelName);
       readLabels(file, labels[r].subarray(n * pixels, (n + 1) * pixels));
       present[n * annotators.length + r] = 1;
     });
     if (consensus) {
-      const file = path.join(consensusDir, name);
-      if (!fs.existsSync(file)) throw new ImageFolderError(`consensus/ exists but has no ${name}: ${file}`);
+      const consensusName = pngFileFor(consensusDir, consensusFiles, name);
+      if (consensusName === undefined) throw new ImageFolderError(`consensus/ exists but has no ${name}: ${path.join(consensusDir, name)}`);
+      const file = path.join(consensusDir, consensusName);
       readLabels(file, consensus.subarray(n * pixels, (n + 1) * pixels));
     }
   });

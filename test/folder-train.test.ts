@@ -12,7 +12,8 @@ import { writePngSync } from '../src/data/png';
 import { METHOD_NAMES } from '../src/train/methods';
 import { readTrainerState } from '../src/train/trainer';
 import type { FolderDatasetSpec } from '../src/train/experiment';
-import { imageFolderSplits } from '../src/train/experiment';
+import { imageFolderSplits, loadFolderExperiment } from '../src/train/experiment';
+import { loadImageFolder } from '../src/data/image-folder';
 import { unpadded } from './helpers/tables';
 
 setNumThreads(1);
@@ -195,4 +196,24 @@ t.test('user errors name the problem', async (t) => {
   const evalData = await cli(['eval', '--checkpoint', 'runs/cm/last.safetensors', '--data', 'sim']);
   t.equal(evalData.exitCode, 0, 'eval --data on a folder run');
   t.equal(fs.existsSync(path.join(dir, 'runs', 'x')), false, 'no run folder left behind');
+});
+
+t.test('the splits are ranges of one read of the folder (no second copy), each image as its own file', async (t) => {
+  const root = path.join(dir, 'sim');
+  const names = fs.readdirSync(path.join(root, 'images')).filter((n) => n.endsWith('.png'));
+  const spec: FolderDatasetSpec = { kind: 'folder', root, classes: 2, labelMapping: 'auto', annotators: ['good', 'over', 'under', 'fracture'], dataSeed: 3, splits: imageFolderSplits(names, 3) };
+  const data = loadFolderExperiment(spec, 0);
+  const [train, validation, test] = (['train', 'validation', 'test'] as const).map((s) => data.split(s));
+  t.equal(train.images.buffer, validation.images.buffer, 'train and validation share one buffer');
+  t.equal(train.images.buffer, test.images.buffer, 'and test');
+  t.equal(train.labels[0].buffer, test.labels[0].buffer, 'the label maps too');
+  // Each split's image k is its own file, whatever the sorted order of the folder.
+  for (const [split, set] of [['train', train], ['validation', validation], ['test', test]] as const) {
+    t.same(set.names, spec.splits[split]);
+    const k = set.count - 1;
+    const file = loadImageFolder(root, { names: [set.names![k]], annotators: spec.annotators });
+    const V = file.extent.h * file.extent.w;
+    t.same([...set.images.subarray(k * V, (k + 1) * V)], [...file.images], `${split}: its last image is ${set.names![k]}`);
+    t.same([...set.labels[1].subarray(k * V, (k + 1) * V)], [...file.labels[1]], `${split}: and its labels`);
+  }
 });

@@ -36,13 +36,15 @@ export interface ImageFolderOptions {
   /**
    * Read only these images of images/ (file names; a run's split): images added to the
    * folder later, and their labels, are then not read at all, so they cannot change or
-   * break the run. Every name must be there. Default: every image.
+   * break the run. Every name must be there. The batch holds them in this order (a name
+   * given twice once, where first given), so that a run's splits, given one after the other,
+   * are consecutive ranges of it. Default: every image, sorted by name.
    */
   names?: readonly string[];
 }
 
 export interface ImageFolderBatch extends Omit<SegmentationBatch, 'consensus'> {
-  /** Image file names (without folder), in batch order: sorted. */
+  /** Image file names (without folder), in batch order: sorted, or as ImageFolderOptions.names gave them. */
   names: string[];
   annotators: string[];
   /** One map per annotator, [N, H, W]; images an annotator did not label are 255. */
@@ -309,7 +311,7 @@ function folderLayout(root: string, annotatorsAsked?: readonly string[], namesAs
   let names = all;
   if (namesAsked) {
     const there = new Set(all);
-    names = [...new Set(namesAsked)].sort();
+    names = [...new Set(namesAsked)];
     const missing = names.filter((name) => !there.has(name));
     if (missing.length > 0) {
       throw new ImageFolderError(`${imagesDir} lacks ${missing.length} of the ${names.length} image(s) asked for (${missing.slice(0, 3).join(', ')}${missing.length > 3 ? ', ...' : ''})`);

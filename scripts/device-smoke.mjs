@@ -117,6 +117,14 @@ async function runCase(name, cfg, n, size, plainCe = false) {
   const mem = gpu.memory();
   if (!dryRun) {
     check(mem.peakInUseMB >= mem.inUseMB && mem.inUseMB > 0, `${name}: memory() peak ${mem.peakInUseMB?.toFixed(1)} MB >= in use ${mem.inUseMB?.toFixed(1)} MB > 0`);
+    // releaseBuffers() (what ensemble() calls between members): the batch and prediction
+    // buffers go back to the pool, the parameters stay, and the next prediction is the same.
+    await gpu.releaseBuffers();
+    const released = gpu.memory();
+    const again = await gpu.predict(b.batch.images, b.batch.shape, { cms: true, annotatorProbs: true });
+    const dr = Math.max(maxAbs(again.probs, pg.probs), maxAbs(again.cms, pg.cms));
+    check(released.inUseMB < mem.inUseMB && dr <= 1e-6,
+      `${name}: releaseBuffers() in use ${mem.inUseMB?.toFixed(2)} -> ${released.inUseMB?.toFixed(2)} MB; the prediction after it within ${dr.toExponential(2)} of the one before`);
   }
   results.push({ case: name, gradWorst, weightWorst: worst, predictMaxAbs: dp, peakGpuMB: mem.peakInUseMB, seconds: (Date.now() - t0) / 1e3 });
 }

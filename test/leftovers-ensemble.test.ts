@@ -15,6 +15,7 @@ import { createModel, setNumThreads } from '../src/model/model';
 import { slidingWindowPredict } from '../src/model/sliding-window';
 import { runCli } from './helpers/cli';
 import { cropOfProbs } from './helpers/brats-predictions';
+import { captureStderr } from './helpers/stderr';
 
 setNumThreads(1);
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-leftovers-ensemble-'));
@@ -33,16 +34,6 @@ async function checkpoint(file: string, seed: number): Promise<void> {
   await model.dispose();
 }
 
-async function captureStderr<T>(run: () => Promise<T>): Promise<{ value: T; stderr: string }> {
-  let stderr = '';
-  const write = process.stderr.write.bind(process.stderr);
-  process.stderr.write = ((chunk: string) => ((stderr += chunk), true)) as typeof process.stderr.write;
-  try {
-    return { value: await run(), stderr };
-  } finally {
-    process.stderr.write = write;
-  }
-}
 
 const maxDiff = (a: ArrayLike<number>, b: ArrayLike<number>) => {
   if (a.length !== b.length) return Infinity;

@@ -12,6 +12,7 @@ import { InMemorySource } from '../src/train/data';
 import { readTrainerState, readTrainLog, train, TRAIN_DEFAULTS, TrainConfig } from '../src/train/trainer';
 import { runCli } from './helpers/cli';
 import { squaresSet } from './helpers/squares';
+import { captureStderr } from './helpers/stderr';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-leftovers-resume-'));
 setNumThreads(1);
@@ -45,17 +46,6 @@ function stopAfter(step: number) {
   return { signal: controller.signal, progress: { start() {}, step: (s: number) => void (s === step && controller.abort()), epoch() {}, stop() {} } };
 }
 
-/** What `call` writes on stderr, and its result. */
-async function withStderr<T>(call: () => Promise<T>): Promise<{ result: T; stderr: string }> {
-  let stderr = '';
-  const write = process.stderr.write.bind(process.stderr);
-  process.stderr.write = ((chunk: string) => ((stderr += chunk), true)) as typeof process.stderr.write;
-  try {
-    return { result: await call(), stderr };
-  } finally {
-    process.stderr.write = write;
-  }
-}
 
 /** The largest difference between two checkpoints' tensors whose names pass `keep`, Infinity if the names differ. */
 async function largestDifference(a: string, b: string, keep = (_name: string) => true): Promise<number> {
@@ -76,7 +66,7 @@ t.test('train(): a resume whose best.safetensors is gone writes a new best at th
   t.equal(first.status, 'interrupted');
   t.same(first.state.best, { score: 0.9, epoch: 0, step: 4 });
   fs.rmSync(path.join(out, 'best.safetensors'));
-  const { result, stderr } = await withStderr(() => train(out, config(), source(), { validate, resume: true }));
+  const { value: result, stderr } = await captureStderr(() => train(out, config(), source(), { validate, resume: true }));
   await result.model.dispose();
   t.equal(result.status, 'completed');
   t.match(stderr, /^note: .*best\.safetensors, the run's best \(validation score 0\.9 at epoch 1, step 4\), is gone: the remembered best score starts again, so the next validation writes a new best\.safetensors \(the best of the validations from step 5 on\)\n$/);
@@ -103,7 +93,7 @@ t.test('train(): a best.safetensors cut short, or holding another model, is repl
     if (damage === 'cut') fs.truncateSync(bestFile, 100);
     // Another model as best: the `last` of step 5 (no best of its own at step 4, step 5 <= 5).
     else fs.copyFileSync(path.join(out, 'last.safetensors'), bestFile), fs.writeFileSync(bestFile, rewriteBest(fs.readFileSync(bestFile)));
-    const { result, stderr } = await withStderr(() => train(out, config(), source(), { validate, resume: true }));
+    const { value: result, stderr } = await captureStderr(() => train(out, config(), source(), { validate, resume: true }));
     await result.model.dispose();
     t.match(stderr, damage === 'cut' ? /best\.safetensors, the run's best .*, cannot be read \(.*\): the remembered best score starts again/ : /holds another model \(of step 5, best score 0\.1\)/, damage);
     t.same(result.state.best, { score: 0.6, epoch: 2, step: 12 }, damage);
@@ -139,7 +129,7 @@ t.test('train(): a best written just before a crash (before `last` of that step)
   fs.writeFileSync(path.join(out, 'last.safetensors'), lastAt2);
   const bestAt4 = fs.readFileSync(path.join(out, 'best.safetensors'));
   validated = 0;
-  const { result, stderr } = await withStderr(() => train(out, config(), source(), { validate, resume: true, ...stopAfter(4) }));
+  const { value: result, stderr } = await captureStderr(() => train(out, config(), source(), { validate, resume: true, ...stopAfter(4) }));
   await result.model.dispose();
   t.equal(stderr, '', 'no note: the file holds a later best, which the resumed run takes again');
   t.same(result.state.best, { score: 0.9, epoch: 0, step: 4 });
@@ -157,7 +147,7 @@ t.test('train(): a complete run resumed again after its best was deleted reports
   t.same(first.state.best, { score: 0.9, epoch: 0, step: 4 });
   fs.rmSync(path.join(out, 'best.safetensors'));
   const logBefore = fs.readFileSync(path.join(out, 'train-log.jsonl'), 'utf8');
-  const { result, stderr } = await withStderr(() => train(out, config(), source(), { validate, resume: true }));
+  const { value: result, stderr } = await captureStderr(() => train(out, config(), source(), { validate, resume: true }));
   await result.model.dispose();
   t.equal(result.startStep, 12);
   t.match(stderr, /^note: .*best\.safetensors, the run's best \(validation score 0\.9 at epoch 1, step 4\), is gone: the run is complete, so no validation will write another: use last\.safetensors\n$/);
@@ -172,7 +162,7 @@ t.test('train(): a resume without hooks.validate, its best deleted, says that no
   const first = await train(out, config(), source(), { validate, ...stopAfter(5) });
   await first.model.dispose();
   fs.rmSync(path.join(out, 'best.safetensors'));
-  const { result, stderr } = await withStderr(() => train(out, config(), source(), { resume: true }));
+  const { value: result, stderr } = await captureStderr(() => train(out, config(), source(), { resume: true }));
   await result.model.dispose();
   t.equal(result.status, 'completed');
   t.match(stderr, /is gone: this resume validates nothing \(no hooks\.validate\), so none will be written: use last\.safetensors\n$/);

@@ -24,6 +24,7 @@ import { TRAINER_STATE_FORMAT, TRAINER_STATE_VERSION } from '../src/train/traine
 import { loadInference, readInferenceInfo } from '../src/cli/inference';
 import { runCli } from './helpers/cli';
 import { missingPythonModules, runPython, runPythonJson } from './helpers/python';
+import { captureStderr } from './helpers/stderr';
 
 const TOL = 2e-5;
 const skip = missingPythonModules('numpy');
@@ -262,16 +263,6 @@ async function bratsCheckpoint(file: string, seed: number, devices?: { model: st
   }
 }
 
-async function captureStderr<T>(run: () => Promise<T>): Promise<{ value: T; stderr: string }> {
-  let stderr = '';
-  const write = process.stderr.write.bind(process.stderr);
-  process.stderr.write = ((chunk: string) => ((stderr += chunk), true)) as typeof process.stderr.write;
-  try {
-    return { value: await run(), stderr };
-  } finally {
-    process.stderr.write = write;
-  }
-}
 
 t.test('inference judges the CPU fallback by the model config in the checkpoint, not the trainer config', { skip: backendInfo().gpuAvailable ? 'a GPU is present: no fallback to test' : false }, async (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'window-edges-device-'));

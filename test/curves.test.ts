@@ -6,7 +6,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { drawLine, lineChart, niceTicks, tickLabel } from '../src/report/chart';
-import { movingAverage, trainingCurves } from '../src/report/curves';
+import { lossPanelRange, movingAverage, trainingCurves } from '../src/report/curves';
 import { readPngSync, type PngImage } from '../src/data/png';
 import { runCli } from './helpers/cli';
 
@@ -103,4 +103,20 @@ t.test('cmseg train writes curves.png; cmseg curves draws any run folder', async
   const none = await runCli(['curves', dir], dir);
   t.equal(none.exitCode, 1);
   t.match(none.stderr, /has no train-log\.jsonl: is it a cmseg train --out folder\?/);
+});
+
+t.test('a long run whose first steps dwarf the rest: the loss panel is cut above the smoothed curve, and says so', async (t) => {
+  const n = 20_000;
+  const loss = Array.from({ length: n }, (_, i) => 0.25 + 2.8 * Math.exp(-(i + 1) / 150) + 0.04 * Math.sin(i * 1.7));
+  const window = Math.round(n / 50);
+  const cut = lossPanelRange(loss, [movingAverage(loss, window)], window);
+  t.ok(cut, 'cut');
+  // By hand: after 5% of the steps (and 2 windows) the smoothed loss is 0.25 + 2.8 e^(-1000/150) + a little.
+  const atSkip = 0.25 + 2.8 * Math.exp(-1000 / 150);
+  t.ok(cut!.range[1] > 1.25 * 0.25 && cut!.range[1] < 1.25 * (atSkip + 0.05), `upper end ${cut!.range[1]} just above the smoothed curve after the start`);
+  t.equal(cut!.range[0], 0);
+  t.ok(Math.abs(cut!.highest - Math.max(...loss)) < 1e-12, 'the highest step said');
+  t.equal(lossPanelRange(loss.slice(0, 150), [movingAverage(loss.slice(0, 150), 3)], 3), undefined, 'short runs: the data\'s range');
+  const flat = Array.from({ length: n }, (_, i) => 0.3 + 0.05 * Math.sin(i));
+  t.equal(lossPanelRange(flat, [movingAverage(flat, window)], window), undefined, 'a loss that does not fall by half: the data\'s range');
 });

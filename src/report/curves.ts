@@ -93,6 +93,37 @@ export function envelope(x: readonly number[], y: readonly number[], buckets: nu
   return out;
 }
 
+/**
+ * The loss panel's y range when the first steps' loss would squash the rest of a long run
+ * against the bottom (a loss of 3 at the start, 0.1-0.3 for the remaining 249,000 steps: the
+ * curve a few pixels high): up to a little above the highest smoothed value after the first 5%
+ * of the steps (and two smoothing windows, which carry the start along), the earlier steps
+ * drawn cut at the top; undefined when nothing needs cutting (short runs, or a loss that does
+ * not fall by half).
+ */
+export function lossPanelRange(raw: readonly number[], smoothed: readonly (readonly number[])[], window = 1): { range: [number, number]; highest: number } | undefined {
+  const n = raw.length;
+  if (n < 200) return undefined;
+  const skip = Math.max(Math.ceil(0.05 * n), 2 * window);
+  let hi = -Infinity;
+  let lo = Infinity;
+  for (const s of smoothed)
+    for (let i = 0; i < s.length; i++) {
+      if (!Number.isFinite(s[i])) continue;
+      if (i >= skip) hi = Math.max(hi, s[i]);
+      lo = Math.min(lo, s[i]);
+    }
+  let highest = -Infinity;
+  for (const v of raw) {
+    if (!Number.isFinite(v)) continue;
+    highest = Math.max(highest, v);
+    lo = Math.min(lo, v);
+  }
+  if (!Number.isFinite(hi) || !(highest > 2 * hi)) return undefined;
+  // Room above the smoothed curve for the per-step band's usual spread.
+  return { range: [Math.min(lo, 0), hi * 1.25], highest };
+}
+
 export interface CurvesOptions {
   /** Picture width in pixels (default 900); each panel is 0.45 of it high. */
   width?: number;
@@ -124,7 +155,9 @@ export function trainingCurves(events: readonly Record<string, unknown>[], optio
   if (ce.some(Number.isFinite)) {
     lossSeries.push({ name: window > 1 ? `cross-entropy, sum over annotators (mean of ${window})` : 'cross-entropy, sum over annotators', color: ORANGE, points: zip(movingAverage(ce, window)) });
   }
-  const panels: PngImage[] = [lineChart(lossSeries, { width, height, title: `${name}training loss`, xLabel: 'step' })];
+  const cut = lossPanelRange(loss, [movingAverage(loss, window), ...(ce.some(Number.isFinite) ? [movingAverage(ce, window)] : [])], window);
+  const title = cut ? `${name}training loss (cut at ${cut.range[1].toPrecision(2)}: the first steps reach ${cut.highest.toPrecision(2)})` : `${name}training loss`;
+  const panels: PngImage[] = [lineChart(lossSeries, { width, height, title, xLabel: 'step', ...(cut ? { yRange: cut.range } : {}) })];
 
   const validations = byStep(events, 'validation');
   if (validations.length > 0) {

@@ -34,7 +34,7 @@ export { PRESETS, presetByName } from './train/presets';
 export { loadExperimentData, fuseTrainingSet, MNIST_ANNOTATORS } from './train/experiment';
 export type { DatasetSpec, ExperimentData, FolderDatasetSpec } from './train/experiment';
 export { evaluateModel, evaluateAgainstMajority, fusedLabelRows, paddedToDepth, paddedSize } from './train/evaluate';
-export type { EvaluationSummary, FusedLabelRows, InferenceModel, AnnotatedVolume, VolumeEvaluationOptions, VolumeScore } from './train/evaluate';
+export type { EvaluationSummary, FusedLabelRows, InferenceModel, AnnotatedVolume, VolumeEvaluationOptions, VolumeScore, PartedSet } from './train/evaluate';
 export { meanLabels, meanLabelsHard, modeLabels } from './fusion/simple';
 export { evaluateSegmentation, SegmentationEvaluator, diceSummary, dicePerClass, totalDice, regionDice, fusedLabelDice, cmEstimationError, estimatedReliability, generalisedEnergyDistance, iouDistance, argmaxAnnotatorProbs, meanStd } from './eval/metrics';
 export type { MeanStd, DiceSummary, SegmentationReport, EvaluationInput, CmEstimationResult, GedResult, IouMode, NonFiniteOutputs } from './eval/metrics';

@@ -22,11 +22,11 @@ import { Command } from 'commander';
 import { type BratsLabelScheme, bratsClassNames } from '../data/brats';
 import { casesInData } from '../data/brats-cases';
 import { checkWritableSync, makeFolderSync, writeFileAtomic } from '../data/files';
-import { loadImagesToPredict } from '../data/image-files';
+import { openImagesToPredict } from '../data/image-files';
 import type { Device } from '../model/config';
 import { setNumThreads } from '../model/model';
 import { bratsText, evaluationText, referenceNote } from '../report/tables';
-import { type EvaluationSummary, evaluateAgainstMajority, evaluateModel, evaluateVolumes, fusedLabelRows } from '../train/evaluate';
+import { type EvaluationSummary, evaluateAgainstMajority, evaluateModel, evaluateVolumes, fusedLabelRows, withFusedLabelRows } from '../train/evaluate';
 import type { SplitName } from '../train/experiment';
 import { choiceOption, displayPath, given, parsePath, printOutputs, sameNames, UserError, withExamples, WRITE_FAILURES } from './common';
 import {
@@ -167,8 +167,11 @@ async function evalWhole(flags: EvalFlags, info: InferenceInfo, target: Extract<
   let classNames: string[] | undefined;
   let what: string;
   if (target.kind === 'images') {
-    const { set, labelled } = loadImagesToPredict(dir, info, target.labelMapping);
-    if (!set.consensus && labelled.length === 0) {
+    // The folder is read one predict call's images at a time while it is scored (evaluate.ts
+    // PartedSet): read whole, a folder larger than memory could not be scored at all.
+    const set = openImagesToPredict(dir, info, target.labelMapping);
+    const { labelled } = set;
+    if (!set.hasConsensus && labelled.length === 0) {
       throw new UserError(
         `${displayPath(dir)} has no consensus/ and no labels/<annotator>/ maps of this model's annotators (${set.annotatorNames.join(', ')}): eval needs a reference to score against (cmseg predict draws predictions without one)`,
       );
@@ -180,8 +183,14 @@ async function evalWhole(flags: EvalFlags, info: InferenceInfo, target: Extract<
       const scored = loaded.model;
       // The CM figures need the annotators' own maps; a vote of them stands in for a missing consensus.
       const annotators = scoresCms(info, flags) && labelled.length > 0;
-      summary = set.consensus ? await evaluateModel(scored, set, { annotators }) : await evaluateAgainstMajority(scored, set, { annotators });
-      fused = set.consensus && labelled.length > 0 ? fusedLabelRows(set) : undefined;
+      if (set.hasConsensus) {
+        // The fused labels' Dice is gathered from the parts as they are scored: the label maps are decoded once.
+        const along = withFusedLabelRows(set);
+        summary = await evaluateModel(scored, along.set, { annotators });
+        fused = labelled.length > 0 ? along.rows() : undefined;
+      } else {
+        summary = await evaluateAgainstMajority(scored, set, { annotators });
+      }
     } finally {
       await loaded.dispose();
     }

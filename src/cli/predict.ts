@@ -22,7 +22,7 @@ import { type BratsLabelScheme, type BratsNaming, BRATS_CLASSES, bratsClassNames
 import { type CaseList, cacheCases, casesInData } from '../data/brats-cases';
 import { cacheIndexPath } from '../data/cache';
 import { makeFolderSync, writeFileAtomic } from '../data/files';
-import { loadImagesToPredict } from '../data/image-files';
+import { openImagesToPredict } from '../data/image-files';
 import type { Extent } from '../data/morphology';
 import { writeNifti } from '../data/nifti';
 import { type PngImage, writePng } from '../data/png';
@@ -142,7 +142,7 @@ async function predictRunImages(flags: PredictFlags, info: InferenceInfo, datase
     const loaded = await loadInference(info, { device: flags.device, tta: flags.tta });
     const from = dataset.kind === 'folder' ? ` of ${dataset.root} (<image> = the image's file name)` : '';
     try {
-      await drawPictures(flags, info, loaded.model, set, {
+      await drawPictures(flags, info, loaded.model, wholeSet(set), {
         count: flags.count ?? 8,
         what: `${split} images`,
         readmeWhat: (n) => `the first ${n} ${split} images${from}`,
@@ -157,13 +157,17 @@ async function predictRunImages(flags: PredictFlags, info: InferenceInfo, datase
 }
 
 /** The 2D pictures of every image of a folder (new data). */
-async function predictNewImages(flags: PredictFlags, info: InferenceInfo, dir: string, labelMapping?: Parameters<typeof loadImagesToPredict>[2]): Promise<void> {
-  const { set, imagesDir } = loadImagesToPredict(dir, info, labelMapping);
-  const note = paddingNote(set.spatial, info.config.depth);
+async function predictNewImages(flags: PredictFlags, info: InferenceInfo, dir: string, labelMapping?: Parameters<typeof openImagesToPredict>[2]): Promise<void> {
+  // The folder is read a batch of PICTURE_BATCH images at a time, as they are drawn: read
+  // whole, 5000 images of 1024x1024 (21 GB as float32) could not be predicted at all.
+  const folder = openImagesToPredict(dir, info, labelMapping);
+  const { imagesDir } = folder;
+  const set = { count: folder.count };
+  const note = paddingNote(folder.spatial, info.config.depth);
   if (note) process.stderr.write(note);
   const loaded = await loadInference(info, { device: flags.device, tta: flags.tta, pad: true });
   try {
-    await drawPictures(flags, info, loaded.model, set, {
+    await drawPictures(flags, info, loaded.model, { ...folder, read: (start, n) => ({ set: folder.read(start, n), offset: 0 }) }, {
       count: flags.count ?? set.count,
       what: `images of ${displayPath(dir)}`,
       readmeWhat: (n) => `${n === set.count ? 'every one' : `the first ${n}`} of the ${set.count} images in ${imagesDir} (<image> = the image's file name)`,
@@ -173,12 +177,34 @@ async function predictNewImages(flags: PredictFlags, info: InferenceInfo, dir: s
   }
 }
 
+/**
+ * The images drawPictures draws: their sizes and names, which annotators labelled which
+ * image (present, [count, R]), and read(start, n): a set holding images start .. start + n - 1
+ * from its image `offset` on (a run's split in memory: the split itself; a folder of new
+ * images: those n images, read from their files only now).
+ */
+interface PictureSource {
+  count: number;
+  channels: number;
+  classes: number;
+  spatial: readonly number[];
+  annotatorNames: string[];
+  hasConsensus: boolean;
+  present: Uint8Array;
+  read(start: number, n: number): { set: AnnotatedSet; offset: number };
+}
+
+/** An in-memory set as a PictureSource. */
+function wholeSet(set: AnnotatedSet): PictureSource {
+  return { ...set, hasConsensus: set.consensus !== undefined, read: (start) => ({ set, offset: start }) };
+}
+
 /** Pictures of the first `count` images of `set`: input, truth, prediction, each annotator's estimate and CM, a sheet; and a legend. */
 async function drawPictures(
   flags: PredictFlags,
   info: InferenceInfo,
   model: InferenceModel,
-  set: AnnotatedSet,
+  set: PictureSource,
   words: { count: number; what: string; readmeWhat: (n: number) => string; classNames?: readonly string[] },
 ): Promise<void> {
   const [h, w] = set.spatial;
@@ -211,11 +237,12 @@ async function drawPictures(
   // captions, the legend and a warning say so.
   const nonFinite: string[] = [];
   for (let start = 0; start < count; start += PICTURE_BATCH) {
-    const p = await predictImages(model, set, Math.min(PICTURE_BATCH, count - start), start);
+    const part = set.read(start, Math.min(PICTURE_BATCH, count - start));
+    const p = await predictImages(model, part.set, Math.min(PICTURE_BATCH, count - start), part.offset);
     for (let n = 0; n < p.n; n++) {
       const index = start + n;
       // An image folder's own names say which picture is which; MNIST's images are numbered.
-      const prefix = set.names ? path.parse(set.names[index]).name : `image-${String(index).padStart(3, '0')}`;
+      const prefix = part.set.names ? path.parse(part.set.names[part.offset + n]).name : `image-${String(index).padStart(3, '0')}`;
       const badP = hasNonFinite(p.probs.subarray(n * L * V, (n + 1) * L * V));
       const badQ = Array.from({ length: R }, (_, r) => learnsCms && hasNonFinite(p.annotatorProbs.subarray((n * R + r) * L * V, (n * R + r + 1) * L * V)));
       if (badP || badQ.some(Boolean)) nonFinite.push(prefix);
@@ -253,7 +280,7 @@ async function drawPictures(
       await save(`${prefix}-sheet.png`, sheetWithLegend(grid(rows, 4), classNames, unlabelled, captionScale(input.width)));
     }
   }
-  const truthLine = set.consensus
+  const truthLine = set.hasConsensus
     ? ['<image>-truth.png               the expert consensus over the input']
     : ['(the folder has no consensus/: no truth pictures, and the sheet\'s first row has a gap where the truth would be)'];
   const anyLabels = set.present.some((x) => x !== 0);

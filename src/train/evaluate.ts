@@ -10,6 +10,7 @@
 import { meanLabelsHard, modeLabels } from '../fusion/simple';
 import {
   argmaxAnnotatorProbs,
+  averageDicePerImage,
   diceSummary,
   fusedLabelDice,
   hasNonFinite,
@@ -75,17 +76,104 @@ export interface EvaluateOptions {
 }
 
 /**
- * Predicts `set` batch by batch and accumulates every figure the set allows: the CM
- * figures need the annotators' labels of the set (its `labels`, with `present`).
+ * A set read a part at a time (cmseg eval --data: a folder of new images, decoded one predict
+ * call's images at a time, so that no folder is too large to score): its sizes, which
+ * annotators labelled which image (present, [count, R]), whether it has an expert consensus,
+ * and read(start, n): images start .. start + n - 1 as a set of their own. evaluateModel,
+ * evaluateAgainstMajority and fusedLabelRows score it as they score the whole set: the same
+ * predict calls, the same per-image figures, so the same summary.
  */
-export async function evaluateModel(model: InferenceModel, set: AnnotatedSet, options: EvaluateOptions = {}): Promise<EvaluationSummary> {
-  if (!set.consensus) throw new RangeError('this split has no expert consensus to score against');
+export interface PartedSet {
+  count: number;
+  channels: number;
+  classes: number;
+  spatial: readonly number[];
+  annotatorNames: string[];
+  present: Uint8Array;
+  hasConsensus: boolean;
+  /** options.images false: the label maps only (images is empty), not decoding what is not used. */
+  read(start: number, n: number, options?: { images?: boolean }): AnnotatedSet;
+}
+
+function isParted(set: AnnotatedSet | PartedSet): set is PartedSet {
+  return typeof (set as PartedSet).read === 'function';
+}
+
+/** Images start .. start + n - 1 of `set` as a set of their own (copies, as gatherBatch). */
+function partOf(set: AnnotatedSet | PartedSet, start: number, n: number): AnnotatedSet {
+  if (isParted(set)) return set.read(start, n);
+  const batch = gatherBatch(set, Array.from({ length: n }, (_, k) => start + k));
+  return { ...set, count: n, images: batch.images, labels: batch.labels, present: batch.present, consensus: batch.consensus, fused: batch.fused, names: undefined };
+}
+
+/** The annotators whose maps a set holds. */
+function annotatorCount(set: AnnotatedSet | PartedSet): number {
+  return isParted(set) ? set.annotatorNames.length : set.labels.length;
+}
+
+/** Images per part when a parted set is read only for its labels (fusedLabelRows): about EVAL_VOXELS_PER_CALL voxels. */
+function labelPart(spatial: readonly number[]): number {
+  return Math.max(1, Math.floor(EVAL_VOXELS_PER_CALL / voxelsOf(spatial)));
+}
+
+/** Sets of the same sizes one after the other, as one set. */
+function concatSets(parts: readonly AnnotatedSet[], like: { channels: number; classes: number; spatial: readonly number[]; annotatorNames: string[] }): AnnotatedSet {
+  const count = parts.reduce((sum, p) => sum + p.count, 0);
+  const V = voxelsOf(like.spatial);
+  const R = like.annotatorNames.length;
+  // Parts read for their labels only have no images.
+  const images = new Float32Array(parts.every((p) => p.images.length > 0) ? count * like.channels * V : 0);
+  const labels = like.annotatorNames.map(() => new Uint8Array(count * V));
+  const present = new Uint8Array(count * R);
+  const withConsensus = parts.length > 0 && parts.every((p) => p.consensus !== undefined);
+  const consensus = withConsensus ? new Uint8Array(count * V) : undefined;
+  let at = 0;
+  for (const p of parts) {
+    if (images.length > 0) images.set(p.images, at * like.channels * V);
+    p.labels.forEach((map, r) => labels[r].set(map, at * V));
+    present.set(p.present, at * R);
+    consensus?.set(p.consensus!, at * V);
+    at += p.count;
+  }
+  return { count, channels: like.channels, classes: like.classes, spatial: [...like.spatial], images, labels, present, ...(consensus ? { consensus } : {}), annotatorNames: [...like.annotatorNames] };
+}
+
+/** The images of `set` at `indices`, read in parts of consecutive images: a parted set of them alone. */
+function partedSubset(set: PartedSet, indices: readonly number[]): PartedSet {
+  const R = set.annotatorNames.length;
+  const present = new Uint8Array(indices.length * R);
+  indices.forEach((n, k) => present.set(set.present.subarray(n * R, (n + 1) * R), k * R));
+  return {
+    ...set,
+    count: indices.length,
+    present,
+    read: (start, n, options) => {
+      const wanted = indices.slice(start, start + n);
+      const parts: AnnotatedSet[] = [];
+      for (let k = 0; k < wanted.length; ) {
+        let run = 1;
+        while (k + run < wanted.length && wanted[k + run] === wanted[k] + run) run++;
+        parts.push(set.read(wanted[k], run, options));
+        k += run;
+      }
+      return parts.length === 1 ? parts[0] : concatSets(parts, set);
+    },
+  };
+}
+
+/**
+ * Predicts `set` batch by batch and accumulates every figure the set allows: the CM
+ * figures need the annotators' labels of the set (its `labels`, with `present`). A
+ * PartedSet is read one batch at a time.
+ */
+export async function evaluateModel(model: InferenceModel, set: AnnotatedSet | PartedSet, options: EvaluateOptions = {}): Promise<EvaluationSummary> {
+  if (isParted(set) ? !set.hasConsensus : !set.consensus) throw new RangeError('this split has no expert consensus to score against');
   const batchSize = options.batchSize ?? Math.max(1, Math.min(64, Math.floor(EVAL_VOXELS_PER_CALL / voxelsOf(set.spatial))));
   // 1.5 would score image "1.5" and skip one; 0, negatives and NaN would ask for empty batches.
   if (!Number.isInteger(batchSize) || batchSize < 1) throw new RangeError(`batchSize ${batchSize} must be an integer >= 1 (images per predict call)`);
   const withAnnotators = options.annotators ?? true;
   const L = set.classes;
-  const R = set.labels.length;
+  const R = annotatorCount(set);
   // Said here, by name: otherwise the outputs' lengths would only disagree deep in the scoring
   // ("cms has 384 elements, [N, R, L, L, *S] needs 2*3*2*2*12").
   if (model.config.classes !== L) throw new RangeError(`the model predicts ${model.config.classes} classes, the set has ${L}`);
@@ -96,9 +184,9 @@ export async function evaluateModel(model: InferenceModel, set: AnnotatedSet, op
   }
   const evaluator = new SegmentationEvaluator(L);
   for (let start = 0; start < set.count; start += batchSize) {
-    const indices = Array.from({ length: Math.min(batchSize, set.count - start) }, (_, k) => start + k);
-    const batch = gatherBatch(set, indices);
-    const n = indices.length;
+    const n = Math.min(batchSize, set.count - start);
+    const part = partOf(set, start, n);
+    const batch = { ...part, shape: [n, set.channels, ...set.spatial] };
     const prediction = await model.predict(batch.images, batch.shape, { cms: withAnnotators, annotatorProbs: withAnnotators });
     const pred = argmaxClasses(prediction.probs, n, L);
     // probs (annotatorProbs): the evaluator scores an image whose output is NaN or Inf as NaN
@@ -131,10 +219,24 @@ export async function evaluateModel(model: InferenceModel, set: AnnotatedSet, op
  * themselves would score each one against a map it helped to make; with one label per image,
  * against itself). Reliability and GED need no consensus and stay.
  */
-export async function evaluateAgainstMajority(model: InferenceModel, set: AnnotatedSet, options: EvaluateOptions = {}): Promise<EvaluationSummary> {
-  const R = set.labels.length;
+export async function evaluateAgainstMajority(model: InferenceModel, set: AnnotatedSet | PartedSet, options: EvaluateOptions = {}): Promise<EvaluationSummary> {
+  const R = annotatorCount(set);
   const labelled = Array.from({ length: set.count }, (_, n) => n).filter((n) => set.present.subarray(n * R, (n + 1) * R).some((p) => p !== 0));
   if (labelled.length === 0) throw new RangeError('no image of this split was labelled by any annotator: there is nothing to score against');
+  if (isParted(set)) {
+    // The labelled images, read a batch at a time, each batch's majority vote made as it is read (the vote is per pixel).
+    const subset = partedSubset(set, labelled);
+    const voted: PartedSet = {
+      ...subset,
+      hasConsensus: true,
+      read: (start, n) => {
+        const part = subset.read(start, n);
+        return { ...part, consensus: modeLabels({ labels: part.labels, present: part.present, count: part.count, classes: set.classes }), fused: undefined };
+      },
+    };
+    const { cmError: _e, cmErrorPerAnnotator: _p, incompetence: _i, annotatorCms: _c, ...rest } = await evaluateModel(model, voted, options);
+    return { reference: 'majority vote', ...rest };
+  }
   const batch = gatherBatch(set, labelled);
   const majority = modeLabels({ labels: batch.labels, present: batch.present, count: labelled.length, classes: set.classes });
   const scored: AnnotatedSet = { ...set, count: labelled.length, images: batch.images, labels: batch.labels, present: batch.present, consensus: majority, fused: undefined };
@@ -155,15 +257,16 @@ export interface FusedLabelRows {
  * and scoring it as a complete miss would drag the naive baselines' rows down (an image folder
  * given to eval with --data may hold such images). No labelled image: every figure n/a.
  */
-export function fusedLabelRows(set: AnnotatedSet): FusedLabelRows {
-  if (!set.consensus) throw new RangeError('this split has no expert consensus to score against');
-  const R = set.labels.length;
+export function fusedLabelRows(set: AnnotatedSet | PartedSet): FusedLabelRows {
+  if (isParted(set) ? !set.hasConsensus : !set.consensus) throw new RangeError('this split has no expert consensus to score against');
+  const R = annotatorCount(set);
   const labelled = Array.from({ length: set.count }, (_, n) => n).filter((n) => set.present.subarray(n * R, (n + 1) * R).some((p) => p !== 0));
   if (labelled.length === 0) {
     const none = { mean: NaN, std: NaN, count: 0 };
     const row = () => ({ averageDice: none, totalDice: none, dicePerClass: Array.from({ length: set.classes }, () => none) });
     return { mean: row(), mode: row() };
   }
+  if (isParted(set)) return partedFusedLabelRows(partedSubset(set, labelled));
   const batch = labelled.length === set.count ? { labels: set.labels, present: set.present, consensus: set.consensus } : gatherBatch(set, labelled);
   const input = { labels: batch.labels, present: batch.present, count: labelled.length, classes: set.classes };
   const score = (fused: Uint8Array) => {
@@ -171,6 +274,116 @@ export function fusedLabelRows(set: AnnotatedSet): FusedLabelRows {
     return { averageDice: s.average, totalDice: s.total, dicePerClass: s.perClass };
   };
   return { mean: score(meanLabelsHard(input)), mode: score(modeLabels(input)) };
+}
+
+/**
+ * The fused label rows' per-image figures, gathered a part at a time: each image's Dice is
+ * its own (fusion and Dice are per pixel and per image), so the figures of the parts, joined
+ * in order, give the mean +- std fusedLabelRows gives the whole set.
+ */
+class FusedRows {
+  private readonly perImage: { mean: Float64Array; mode: Float64Array };
+  private readonly totals: { mean: Float64Array; mode: Float64Array };
+  private seen = 0;
+
+  constructor(
+    private readonly classes: number,
+    private readonly count: number,
+  ) {
+    this.perImage = { mean: new Float64Array(count * classes), mode: new Float64Array(count * classes) };
+    this.totals = { mean: new Float64Array(count), mode: new Float64Array(count) };
+  }
+
+  /** Adds `part`, every image of it labelled by someone, as images `at` .. of the labelled ones. */
+  add(part: AnnotatedSet, at: number): void {
+    const L = this.classes;
+    const input = { labels: part.labels, present: part.present, count: part.count, classes: L };
+    const fusions = { mean: meanLabelsHard, mode: modeLabels };
+    for (const kind of ['mean', 'mode'] as const) {
+      const s = fusedLabelDice(fusions[kind](input), part.consensus!, part.count, L);
+      this.perImage[kind].set(s.perImage, at * L);
+      this.totals[kind].set(s.totalPerImage, at);
+    }
+    this.seen += part.count;
+  }
+
+  /** Whether every labelled image was added. */
+  get complete(): boolean {
+    return this.seen === this.count;
+  }
+
+  rows(): FusedLabelRows {
+    const L = this.classes;
+    const N = this.count;
+    const row = (kind: 'mean' | 'mode') => ({
+      averageDice: meanStd(averageDicePerImage(this.perImage[kind], N, L)),
+      totalDice: meanStd(this.totals[kind]),
+      dicePerClass: Array.from({ length: L }, (_, c) => meanStd(Array.from({ length: N }, (_, n) => this.perImage[kind][n * L + c]))),
+    });
+    return { mean: row('mean'), mode: row('mode') };
+  }
+}
+
+/** fusedLabelRows of a parted set whose every image is labelled, read a part at a time for its label maps only. */
+function partedFusedLabelRows(set: PartedSet): FusedLabelRows {
+  const rows = new FusedRows(set.classes, set.count);
+  const step = labelPart(set.spatial);
+  for (let start = 0; start < set.count; start += step) rows.add(set.read(start, Math.min(step, set.count - start), { images: false }), start);
+  return rows.rows();
+}
+
+/** The label maps, presence and consensus of some images of `part` (its images left out). */
+function labelMapsOf(part: AnnotatedSet, indices: readonly number[]): AnnotatedSet {
+  const V = voxelsOf(part.spatial);
+  const R = part.labels.length;
+  const pick = (map: Uint8Array, size: number) => {
+    const out = new Uint8Array(indices.length * size);
+    indices.forEach((n, k) => out.set(map.subarray(n * size, (n + 1) * size), k * size));
+    return out;
+  };
+  return {
+    ...part,
+    count: indices.length,
+    images: new Float32Array(0),
+    labels: part.labels.map((map) => pick(map, V)),
+    present: pick(part.present, R),
+    ...(part.consensus ? { consensus: pick(part.consensus, V) } : {}),
+    fused: undefined,
+  };
+}
+
+/**
+ * `set` (with an expert consensus), whose parts also feed fusedLabelRows' figures as they are
+ * read (by evaluateModel), and rows(): fusedLabelRows(set) without reading the folder's label
+ * maps a second time (decoding them again took a sixth of the scoring of a folder of 512x512
+ * images); read again only if some part was not read.
+ */
+export function withFusedLabelRows(set: PartedSet): { set: PartedSet; rows: () => FusedLabelRows } {
+  const R = set.annotatorNames.length;
+  const labelledBefore = new Int32Array(set.count + 1);
+  for (let n = 0; n < set.count; n++) labelledBefore[n + 1] = labelledBefore[n] + (set.present.subarray(n * R, (n + 1) * R).some((p) => p !== 0) ? 1 : 0);
+  const fused = new FusedRows(set.classes, labelledBefore[set.count]);
+  const added = new Uint8Array(set.count);
+  const observed: PartedSet = {
+    ...set,
+    read: (start, n, options) => {
+      const part = set.read(start, n, options);
+      if (!set.hasConsensus || part.consensus === undefined) return part;
+      const labelled = Array.from({ length: part.count }, (_, k) => k).filter((k) => !added[start + k] && labelledBefore[start + k + 1] > labelledBefore[start + k]);
+      // Consecutive runs of labelled images, each added where it falls among the labelled ones.
+      for (let k = 0; k < labelled.length; ) {
+        let run = 1;
+        while (k + run < labelled.length && labelled[k + run] === labelled[k] + run) run++;
+        const indices = labelled.slice(k, k + run);
+        const sub = indices.length === part.count ? part : labelMapsOf(part, indices);
+        fused.add(sub, labelledBefore[start + indices[0]]);
+        for (const i of indices) added[start + i] = 1;
+        k += run;
+      }
+      return part;
+    },
+  };
+  return { set: observed, rows: () => (fused.complete ? fused.rows() : fusedLabelRows(set)) };
 }
 
 /** What predictImages returns (plain typed-array types: a consumer's compiler may predate generic ones). */

@@ -286,13 +286,8 @@ interface Chunks {
   compressed: Buffer;
 }
 
-/** Whether the file at `filePath` starts with the PNG signature (false when it cannot be read). */
-/**
- * A PNG file's width and height from its IHDR (the first 24 bytes), without reading the rest;
- * undefined when the file cannot be opened or does not start as a PNG (decoding it says why).
- * Lets a folder read a batch at a time check every file's size before the first batch.
- */
-export function pngSizeSync(filePath: string): { width: number; height: number } | undefined {
+/** The first `bytes` bytes of a file; undefined when it cannot be opened or is shorter. */
+function fileHead(filePath: string, bytes: number): Buffer | undefined {
   let fd: number;
   try {
     fd = fs.openSync(filePath, 'r');
@@ -300,28 +295,27 @@ export function pngSizeSync(filePath: string): { width: number; height: number }
     return undefined;
   }
   try {
-    const head = Buffer.alloc(24);
-    if (fs.readSync(fd, head, 0, head.length, 0) !== head.length) return undefined;
-    if (!head.subarray(0, SIGNATURE.length).equals(SIGNATURE) || head.toString('latin1', 12, 16) !== 'IHDR') return undefined;
-    return { width: head.readUInt32BE(16), height: head.readUInt32BE(20) };
+    const head = Buffer.alloc(bytes);
+    return fs.readSync(fd, head, 0, bytes, 0) === bytes ? head : undefined;
   } finally {
     fs.closeSync(fd);
   }
 }
 
+/**
+ * A PNG file's width and height from its IHDR (the first 24 bytes), without reading the rest;
+ * undefined when the file cannot be opened or does not start as a PNG (decoding it says why).
+ * Lets a folder read a batch at a time check every file's size before the first batch.
+ */
+export function pngSizeSync(filePath: string): { width: number; height: number } | undefined {
+  const head = fileHead(filePath, 24);
+  if (!head || !head.subarray(0, SIGNATURE.length).equals(SIGNATURE) || head.toString('latin1', 12, 16) !== 'IHDR') return undefined;
+  return { width: head.readUInt32BE(16), height: head.readUInt32BE(20) };
+}
+
+/** Whether the file at `filePath` starts with the PNG signature (false when it cannot be read). */
 export function isPngFile(filePath: string): boolean {
-  let fd: number;
-  try {
-    fd = fs.openSync(filePath, 'r');
-  } catch {
-    return false;
-  }
-  try {
-    const head = Buffer.alloc(SIGNATURE.length);
-    return fs.readSync(fd, head, 0, head.length, 0) === head.length && head.equals(SIGNATURE);
-  } finally {
-    fs.closeSync(fd);
-  }
+  return fileHead(filePath, SIGNATURE.length)?.equals(SIGNATURE) ?? false;
 }
 
 /**

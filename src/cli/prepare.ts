@@ -18,7 +18,6 @@ import {
   cacheIndexPath,
   cacheLabelScheme,
   type CacheDtype,
-  flushCacheIndexesSync,
   type PrepareCacheOptions,
   type PrepareCacheResult,
   type PrepareProgress,
@@ -76,8 +75,8 @@ export async function prepareWithProgress(dataDir: string, cacheDir: string, opt
     if (interrupted) {
       bar?.stop(); // shows the cursor again, which the bar hid
       stream.write('\nsecond interrupt: quitting now; the cache still holds every case finished so far\n');
-      // The index lags the case files of small cases (CacheIndexWriter): list them before quitting.
-      flushCacheIndexesSync();
+      // The index lags the case files of small cases: quitNow runs the 'exit' listeners, and
+      // CacheIndexWriter's lists them there.
       quitNow(130);
     }
     interrupted = true;

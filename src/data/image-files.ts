@@ -49,6 +49,16 @@ export interface ImageFolderToPredict {
   read(start: number, n: number, options?: { images?: boolean }): AnnotatedSet & { names: string[] };
 }
 
+/** fn(), with the folder checks' ImageFolderError said as the command's own UserError (no stack, exit 1). */
+function asUserError<T>(fn: () => T): T {
+  try {
+    return fn();
+  } catch (error) {
+    if (error instanceof ImageFolderError) throw new UserError(error.message);
+    throw error;
+  }
+}
+
 function holdsNifti(folder: string): boolean {
   return fs.readdirSync(folder).some(isNiftiName);
 }
@@ -129,26 +139,12 @@ export function openImagesToPredict(dir: string, info: CheckpointInfo, labelMapp
   const consensusDir = path.join(dir, 'consensus');
   const hasConsensus = layout && isDirectory(consensusDir);
   const count = names.length;
-  let labelFiles: Map<string, string[]>[];
-  let consensusFiles: Map<string, string[]>;
-  try {
-    // images/a.png beside images/a.PNG: one label file would serve both, and predict's pictures (a-*.png) would overwrite each other.
-    checkNoCaseTwins(imagesDir);
-    // Each folder's label files by pngKey: labels/<annotator>/a.PNG labels images/a.png (it was left unread).
-    labelFiles = annotatorNames.map((annotator) => (folders.includes(annotator) ? pngFilesByKey(path.join(labelsDir, annotator)) : new Map<string, string[]>()));
-    consensusFiles = hasConsensus ? pngFilesByKey(consensusDir) : new Map<string, string[]>();
-  } catch (error) {
-    if (error instanceof ImageFolderError) throw new UserError(error.message);
-    throw error;
-  }
-  const pickFile = (folder: string, files: Map<string, string[]>, name: string) => {
-    try {
-      return pngFileFor(folder, files, name);
-    } catch (error) {
-      if (error instanceof ImageFolderError) throw new UserError(error.message);
-      throw error;
-    }
-  };
+  // images/a.png beside images/a.PNG: one label file would serve both, and predict's pictures (a-*.png) would overwrite each other.
+  asUserError(() => checkNoCaseTwins(imagesDir));
+  // Each folder's label files by pngKey: labels/<annotator>/a.PNG labels images/a.png (it was left unread).
+  const labelFiles = annotatorNames.map((annotator) => (folders.includes(annotator) ? pngFilesByKey(path.join(labelsDir, annotator)) : new Map<string, string[]>()));
+  const consensusFiles = hasConsensus ? pngFilesByKey(consensusDir) : new Map<string, string[]>();
+  const pickFile = (folder: string, files: Map<string, string[]>, name: string) => asUserError(() => pngFileFor(folder, files, name));
   // Every image's label and consensus files are found now, by name only (nothing is decoded):
   // a missing consensus file is said before any image is predicted, and which annotators
   // labelled which image (present) is known for the whole folder while its images are read
@@ -222,11 +218,6 @@ export function openImagesToPredict(dir: string, info: CheckpointInfo, labelMapp
  */
 export function loadImagesToPredict(dir: string, info: CheckpointInfo, labelMapping: LabelMapping = 'auto'): ImagesToPredict {
   const folder = openImagesToPredict(dir, info, labelMapping);
-  try {
-    checkFolderFits(`--data ${displayPath(dir)}`, folder.count, folder.channels, folder.spatial[0] * folder.spatial[1], folder.annotatorNames.length + (folder.hasConsensus ? 1 : 0));
-  } catch (error) {
-    if (error instanceof ImageFolderError) throw new UserError(error.message);
-    throw error;
-  }
+  asUserError(() => checkFolderFits(`--data ${displayPath(dir)}`, folder.count, folder.channels, folder.spatial[0] * folder.spatial[1], folder.annotatorNames.length + (folder.hasConsensus ? 1 : 0)));
   return { set: folder.read(0, folder.count), imagesDir: folder.imagesDir, labelled: folder.labelled };
 }

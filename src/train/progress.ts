@@ -67,6 +67,16 @@ export function etaText(seconds: number): string {
   return `${s}s`;
 }
 
+/**
+ * Seconds left at `step` of `total` as the run has gone since it (re)started at `startStep` at
+ * `startMs`: the wall time per step so far, validations and checkpoints included; NaN before
+ * the first step.
+ */
+function secondsLeft(startStep: number, startMs: number, step: number, total: number, nowMs: number): number {
+  const done = step - startStep;
+  return done > 0 ? ((nowMs - startMs) / 1000 / done) * (total - step) : NaN;
+}
+
 class BarProgress implements ProgressReporter {
   private readonly bar: SingleBar;
   private unguard = () => {};
@@ -96,9 +106,7 @@ class BarProgress implements ProgressReporter {
    * checkpoints as often as they come.
    */
   private payload(step: number, fields: ProgressFields): Record<string, string> {
-    const done = step - this.startStep;
-    const eta = done > 0 ? ((this.now() - this.startTime) / 1000 / done) * (this.total - step) : NaN;
-    return { ...payload(fields), eta_run: etaText(eta) };
+    return { ...payload(fields), eta_run: etaText(secondsLeft(this.startStep, this.startTime, step, this.total, this.now())) };
   }
 
   start(total: number, step: number, fields: ProgressFields): void {
@@ -163,8 +171,8 @@ class LineProgress implements ProgressReporter {
     this.last = this.now();
     // A batch job's log is where a multi-day run is watched: the time left as on the bar (the
     // whole run's rate, validations included), on each epoch's line but the last.
-    const done = step - this.startStep;
-    const eta = done > 0 && step < this.total ? `, ETA ${etaText(((this.last - this.startTime) / 1000 / done) * (this.total - step))}` : '';
+    const left = secondsLeft(this.startStep, this.startTime, step, this.total, this.last);
+    const eta = step < this.total && Number.isFinite(left) ? `, ETA ${etaText(left)}` : '';
     this.stream.write(
       `epoch ${f.epoch + 1}/${f.epochs}  step ${step}/${this.total}  loss ${fmt(f.loss)}  CE ${fmt(f.ce)}  trace ${fmt(f.trace, 3)}  val Dice ${fmt(f.valDice)}  (${seconds.toFixed(1)} s${eta})\n`,
     );

@@ -6,7 +6,8 @@ Three jobs:
            labels), writes probabilities, confusion matrices, loss terms, every gradient
            and, optionally, the parameters after a few Adam/AdamW steps.
   bench    the benchmark peer for the SPEC section 8 configurations: times full training
-           steps (forward, loss, backward, Adam) and prints one JSON line.
+           steps (forward, loss, backward, Adam), or for the *-predict configurations one
+           forward pass without gradients (p and each q_r), and prints one JSON line.
   predict  a cmseg checkpoint (cmseg train's or saveCheckpoint's) in PyTorch: its model on
            images from a .safetensors file, probabilities and CMs written to another.
 From Python, load_checkpoint(path) gives a cmseg checkpoint as this file's CMUNet.
@@ -569,6 +570,11 @@ BENCH_CONFIGS = {
     "mnist2d": {"shape": (32, 1, 32, 32), "depth": 4, "baseChannels": 32, "classes": 2, "annotators": 4},
     "brats3d-cpu": {"shape": (1, 4, 64, 64, 64), "depth": 4, "baseChannels": 16, "classes": 4, "annotators": 3},
     "brats3d-gpu": {"shape": (2, 4, 128, 128, 128), "depth": 4, "baseChannels": 32, "classes": 4, "annotators": 3},
+    # Inference: one batch of sliding windows through the forward pass, p and every q_r = A_r p.
+    "brats3d-cpu-predict": {"shape": (2, 4, 64, 64, 64), "depth": 4, "baseChannels": 16, "classes": 4, "annotators": 3,
+                            "kind": "predict"},
+    "brats3d-gpu-predict": {"shape": (2, 4, 128, 128, 128), "depth": 4, "baseChannels": 32, "classes": 4, "annotators": 3,
+                            "kind": "predict"},
 }
 BENCH_LAMBDA = 0.01  # SPEC 8: cm full, lambda 0.01
 
@@ -617,6 +623,27 @@ def bench_setup(args):
     present = torch.ones(n, cfg["annotators"], dtype=torch.uint8)
     validate_inputs(cfg, images, labels, present)
     return cfg, shape, images, labels, present
+
+
+def bench_predict_fn(model, args):
+    """One forward pass without gradients: p and each annotator's q_r = A_r p (what cmseg's predict returns)."""
+    amp = args.amp == "bf16"
+
+    def outputs(images):
+        with torch.autocast(device_type=args.device, dtype=torch.bfloat16, enabled=amp):
+            logits, cms = model(images)
+        probs = torch.softmax(logits.float(), dim=1)
+        return probs, [(a * probs.unsqueeze(1)).sum(dim=2) for a in cms]
+
+    if args.compile:
+        outputs = torch.compile(outputs)
+
+    def step(images):
+        with torch.inference_mode():
+            probs, q = outputs(images)
+        return probs.sum() + sum(x.sum() for x in q)  # finite when every output is
+
+    return step
 
 
 def bench_step_fn(model, optimizer, labels, present, args):
@@ -680,8 +707,12 @@ def command_bench(args):
         fmt = torch.channels_last if cfg["ndim"] == 2 else torch.channels_last_3d
         model = model.to(memory_format=fmt)
         images = images.contiguous(memory_format=fmt)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    step = bench_step_fn(model, optimizer, labels, present, args)
+    predict = BENCH_CONFIGS[args.config].get("kind") == "predict"
+    if predict:
+        step = bench_predict_fn(model, args)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        step = bench_step_fn(model, optimizer, labels, present, args)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
@@ -698,10 +729,11 @@ def command_bench(args):
 
     median_ms = median(step_ms)
     voxels = shape[0] * math.prod(shape[2:])
-    # Convention: a training step costs about 3 forward passes (backward = data + weight grads).
-    step_gflop = 3 * 2 * forward_macs(cfg, shape) / 1e9
+    # Convention: a training step costs about 3 forward passes (backward = data + weight grads);
+    # a prediction one.
+    step_gflop = (1 if predict else 3) * 2 * forward_macs(cfg, shape) / 1e9
     report = {
-        "config": args.config, "shape": list(shape), "device": device,
+        "config": args.config, "kind": "predict" if predict else "train", "shape": list(shape), "device": device,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "compile": bool(args.compile), "amp": args.amp or None,
         "channelsLast": bool(args.channels_last),

@@ -3,10 +3,12 @@
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
+import { spawnSync } from 'child_process';
 import t from 'tap';
 import { createModel } from '../src/index';
 import { stepConvFlops } from '../src/bench/flops';
-import { BENCH_CONFIGS, benchConfig, voxelsPerStep } from '../src/bench/configs';
+import { BENCH_CONFIGS, benchConfig, passesPerStep, voxelsPerStep } from '../src/bench/configs';
+import { missingPythonModules, PYTHON } from './helpers/python';
 import { type BenchResult, formatBenchTable, formatMachine, machineInfo, runBench } from '../src/bench/run';
 
 t.test('conv FLOPs of a tiny 2D model by hand', async (t) => {
@@ -20,16 +22,18 @@ t.test('conv FLOPs of a tiny 2D model by hand', async (t) => {
 
 t.test('SPEC configs match the PyTorch reference FLOP estimates', async (t) => {
   // stepGflopEstimate printed by `torch_reference.py bench` (counted there with torch's FlopCounterMode rule).
-  const torchGflop: Record<string, number> = { mnist2d: 27.651, 'brats3d-cpu': 87.653 };
+  // brats3d-cpu-predict: one forward pass of two 64^3 windows, 2/3 of brats3d-cpu's step.
+  const torchGflop: Record<string, number> = { mnist2d: 27.651, 'brats3d-cpu': 87.653, 'brats3d-cpu-predict': 58.435 };
   for (const [name, want] of Object.entries(torchGflop)) {
     const c = benchConfig(name);
     const m = createModel(c.model);
     const [n, , ...spatial] = c.shape;
-    const got = stepConvFlops(m.parameters(), spatial, n, c.model.depth!) / 1e9;
+    const got = stepConvFlops(m.parameters(), spatial, n, c.model.depth!, passesPerStep(c)) / 1e9;
     t.ok(Math.abs(got - want) < 0.01, `${name}: ${got.toFixed(3)} vs ${want}`);
   }
   t.equal(voxelsPerStep(benchConfig('brats3d-gpu')), 2 * 128 ** 3);
-  t.same(BENCH_CONFIGS.map((c) => c.name), ['mnist2d', 'brats3d-cpu', 'brats3d-gpu']);
+  t.same(BENCH_CONFIGS.map((c) => c.name), ['mnist2d', 'brats3d-cpu', 'brats3d-gpu', 'brats3d-cpu-predict', 'brats3d-gpu-predict']);
+  t.same(BENCH_CONFIGS.map(passesPerStep), [3, 3, 3, 1, 1]);
   t.throws(() => benchConfig('nope'), /unknown benchmark config 'nope'/);
 });
 
@@ -46,6 +50,25 @@ t.test('run from the TypeScript sources: the cmseg side runs its worker; a faile
   const table = formatBenchTable([{ ...r, torchEager: { ok: false, error: 'a | b' } }]);
   const row = table.split('\n').find((l) => l.includes('failed:'))!;
   t.equal(row.replace(/\\\|/g, '').split('|').length, 10, `8 cells: ${row}`);
+});
+
+t.test('a predict config times one forward pass on each side, counted as one pass by both', async (t) => {
+  const skip = missingPythonModules('torch');
+  if (skip) return t.skip(skip);
+  // PyTorch's side alone: its own FLOP count (from its config table, not from cmseg's parameters) and kind.
+  const script = path.resolve(__dirname, '..', 'scripts', 'torch_reference.py');
+  const torchSide = spawnSync(PYTHON, [script, 'bench', '--config', 'brats3d-cpu-predict', '--steps', '1', '--warmup', '0', '--threads', '1'], { encoding: 'utf8' });
+  t.equal(torchSide.status, 0, torchSide.stderr);
+  const report = JSON.parse(torchSide.stdout.trim().split('\n').pop()!);
+  t.equal(report.kind, 'predict');
+  t.ok(Math.abs(report.stepGflopEstimate - 58.435) < 0.01, `PyTorch counts ${report.stepGflopEstimate} GFLOP`);
+  // Both sides through runBench: cmseg's worker calls predict (a training step of this shape
+  // would count 3 passes: stepGflop tells them apart), and PyTorch's outputs are finite.
+  const [r] = runBench({ configs: ['brats3d-cpu-predict'], steps: 1, warmup: 0, threads: 1 });
+  t.equal(r.cmseg?.ok, true, r.cmseg?.error);
+  t.equal(r.torchEager?.ok, true, r.torchEager?.error);
+  t.ok(Math.abs(r.stepGflop! - 58.435) < 0.01, `cmseg counts ${r.stepGflop} GFLOP`);
+  t.equal(r.cmseg!.stepMs!.length, 1);
 });
 
 t.test('the table shows ratios and failures honestly', async (t) => {

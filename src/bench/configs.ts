@@ -9,6 +9,12 @@ export interface BenchConfig {
   model: ModelConfig;
   /** where it is meant to run */
   device: 'cpu' | 'gpu';
+  /**
+   * What one timed step is: 'train' (forward, CM loss, backward, Adam update; SPEC section 8)
+   * or 'predict' (one forward pass giving p and every annotator's q_r = A_r p, as a batch of
+   * sliding windows in `cmseg predict`). Default 'train'.
+   */
+  kind?: 'train' | 'predict';
 }
 
 export const BENCH_CONFIGS: BenchConfig[] = [
@@ -30,6 +36,22 @@ export const BENCH_CONFIGS: BenchConfig[] = [
     model: { ndim: 3, inChannels: 4, classes: 4, annotators: 3, depth: 4, baseChannels: 32, cmMode: 'full', loss: { lambda: 0.01 } },
     device: 'gpu',
   },
+  // Inference: the brats3d models predicting one batch of sliding windows (predict's default
+  // batch of 2 windows of the presets' patch), consensus and annotator maps, no gradients.
+  {
+    name: 'brats3d-cpu-predict',
+    shape: [2, 4, 64, 64, 64],
+    model: { ndim: 3, inChannels: 4, classes: 4, annotators: 3, depth: 4, baseChannels: 16, cmMode: 'full', loss: { lambda: 0.01 } },
+    device: 'cpu',
+    kind: 'predict',
+  },
+  {
+    name: 'brats3d-gpu-predict',
+    shape: [2, 4, 128, 128, 128],
+    model: { ndim: 3, inChannels: 4, classes: 4, annotators: 3, depth: 4, baseChannels: 32, cmMode: 'full', loss: { lambda: 0.01 } },
+    device: 'gpu',
+    kind: 'predict',
+  },
 ];
 
 export function benchConfig(name: string): BenchConfig {
@@ -41,4 +63,9 @@ export function benchConfig(name: string): BenchConfig {
 export function voxelsPerStep(c: BenchConfig): number {
   const [n, , ...spatial] = c.shape;
   return n * spatial.reduce((a, b) => a * b, 1);
+}
+
+/** Forward passes' worth of convolution work in one step: a training step counts 3 (forward, backward data, backward weights). */
+export function passesPerStep(c: BenchConfig): number {
+  return c.kind === 'predict' ? 1 : 3;
 }

@@ -5,7 +5,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { spawnSync } from 'child_process';
-import { BENCH_CONFIGS, benchConfig, voxelsPerStep } from './configs';
+import { BENCH_CONFIGS, benchConfig, passesPerStep, voxelsPerStep } from './configs';
 import { stepConvFlops } from './flops';
 import { tableCell } from '../eval/report';
 import { backendInfo } from '../model/model';
@@ -200,7 +200,7 @@ export function runBench(options: BenchOptions = {}): BenchResult[] {
     }
     const params = (ours[0].parameters as { name: string; shape: number[] }[] | undefined) ?? [];
     const [n, , ...spatial] = c.shape;
-    const flops = stepConvFlops(params, spatial, n, c.model.depth ?? 4);
+    const flops = stepConvFlops(params, spatial, n, c.model.depth ?? 4, passesPerStep(c));
     let compiled: Record<string, unknown> | undefined;
     if (options.compile) {
       log(`${name}: PyTorch torch.compile...`);

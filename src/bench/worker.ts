@@ -1,5 +1,6 @@
 // One benchmark run of cmseg in its own process (so peak RSS is this run's):
-// `node dist/bench/worker.js CONFIG STEPS WARMUP [bf16]` prints one JSON line.
+// `node dist/bench/worker.js CONFIG STEPS WARMUP [bf16]` prints one JSON line. A step is a
+// training step, or for the configs of kind 'predict' one forward pass (p and each q_r).
 import { benchConfig } from './configs';
 import { createModel, backendInfo } from '../model/model';
 
@@ -15,11 +16,12 @@ async function main() {
   let s = 12345;
   const rand = () => ((s = (s * 1664525 + 1013904223) >>> 0) / 4294967296);
   const images = new Float32Array(n * c.shape[1] * V).map(() => rand() * 2 - 1);
-  const labels = Array.from({ length: c.model.annotators }, () => new Uint8Array(n * V).map(() => Math.floor(rand() * c.model.classes)));
+  const labels = c.kind === 'predict' ? [] : Array.from({ length: c.model.annotators }, () => new Uint8Array(n * V).map(() => Math.floor(rand() * c.model.classes)));
   const stepMs: number[] = [];
   for (let i = 0; i < warmup + steps; i++) {
     const t0 = process.hrtime.bigint();
-    await model.trainStep({ images, shape: c.shape, labels });
+    if (c.kind === 'predict') await model.predict(images, c.shape, { annotatorProbs: true });
+    else await model.trainStep({ images, shape: c.shape, labels });
     if (i >= warmup) stepMs.push(Number(process.hrtime.bigint() - t0) / 1e6);
     // Peak device memory of the timed steps only, on both sides (torch_reference.py
     // resets after its warm-up too): the first step's convolution-algorithm search

@@ -6,9 +6,9 @@ import { choiceOption, parseInteger, parseThreads } from './common';
 
 export function benchCommand(): Command {
   return new Command('bench')
-    .description('time training steps of cmseg and the PyTorch reference side by side (SPEC section 8 configs)')
+    .description('time training steps and predictions of cmseg and the PyTorch reference side by side (SPEC section 8 configs)')
     // Checked while parsing, before the minutes the machine probe and the runs take.
-    .addOption(choiceOption('--config <name...>', 'configs to run; default: the CPU ones, and brats3d-gpu when a GPU is usable', BENCH_CONFIGS.map((b) => b.name)))
+    .addOption(choiceOption('--config <name...>', 'configs to run; default: the CPU ones, and the GPU ones when a GPU is usable', BENCH_CONFIGS.map((b) => b.name)))
     .option('--steps <n>', 'timed steps per side (median reported)', parseInteger(1), 5)
     .option('--warmup <n>', 'untimed warm-up steps', parseInteger(0), 1)
     .option('--threads <n>', 'threads for both sides (default: all cores)', parseThreads)

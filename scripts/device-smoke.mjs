@@ -130,11 +130,14 @@ async function runCase(name, cfg, n, size, plainCe = false) {
 }
 
 // GPU out of memory through the API: a rejected Promise naming it, and the model
-// (and process) still usable with a batch that fits.
+// (and process) still usable with a batch that fits, its step the CPU's (a CPU model
+// from the same weights that never saw the big batch).
 async function outOfMemory() {
-  const cfg = { ndim: 2, inChannels: 1, classes: 2, annotators: 2, depth: 3, baseChannels: 8, device: 'cuda', gpuMemoryLimitMB: 64 };
+  const cfg = { ndim: 2, inChannels: 1, classes: 2, annotators: 2, depth: 3, baseChannels: 8, device: 'cuda', gpuMemoryLimitMB: 64, tf32: false };
   try {
     const m = cmseg.createModel(cfg);
+    const cpu = cmseg.createModel({ ...cfg, device: 'cpu' });
+    m.setWeights(cpu.getWeights());
     const big = batchFor(cfg, 16, 512, 3).batch; // 4M pixels: far more than 64 MiB of activations
     let message = '';
     await m.trainStep(big).catch((e) => (message = e.message));
@@ -145,8 +148,14 @@ async function outOfMemory() {
     const reset = m.memory();
     check(after.peakInUseMB > after.inUseMB && reset.peakInUseMB === reset.inUseMB,
       `out of memory: resetPeakMemory() starts the peak again at what is in use (${after.peakInUseMB?.toFixed(1)} -> ${reset.peakInUseMB?.toFixed(1)} MB)`);
-    const r = await m.trainStep(batchFor(cfg, 1, 16, 4).batch);
+    const small = batchFor(cfg, 1, 16, 4).batch;
+    const r = await m.trainStep(small);
+    const rc = await cpu.trainStep(small);
     check(Number.isFinite(r.loss), `out of memory: a small batch trains afterwards (loss ${r.loss})`);
+    const wc = cpu.getWeights(), wg = m.getWeights();
+    const wWorst = Math.max(...Object.keys(wc).map((k) => relL2(wg[k], wc[k])));
+    check(Math.abs(r.loss - rc.loss) <= 1e-5 * Math.max(1, Math.abs(rc.loss)) && r.step === 1 && rc.step === 1 && wWorst <= WEIGHT_TOL,
+      `out of memory: that step is the CPU's (loss ${r.loss} vs ${rc.loss}, step ${r.step}, weights within ${wWorst.toExponential(2)})`);
   } catch (err) {
     check(false, `out of memory: ${err.message}`);
   }
@@ -154,28 +163,63 @@ async function outOfMemory() {
 
 // A gradient whose square overflows float32 (lambda 1e30): the device skips the update,
 // and the next call that reads the device rejects naming it, the weights and step count
-// as before the refused step; the model trains on with a sane lambda.
+// as before the refused step; the model trains on with a sane lambda. A CPU model that
+// took the same steps is the truth: its refused step names the same gradient (parameter,
+// index, value), and after the refusal (and a setWeights on both: the first one on the GPU
+// model is the call that reports it) the two hold the same weights, Adam moments and step
+// count and train on alike.
 async function refusedUpdate() {
-  const cfg = { ndim: 2, inChannels: 1, classes: 3, annotators: 2, depth: 2, baseChannels: 4, device: 'cuda', tf32: false };
+  const cfg = { ndim: 2, inChannels: 1, classes: 3, annotators: 2, depth: 2, baseChannels: 4, tf32: false };
+  const optimizer = { lr: 1e-3, eps: 1e-3 };
   try {
-    const m = cmseg.createModel(cfg);
+    const m = cmseg.createModel({ ...cfg, device: 'cuda', optimizer });
+    const cpu = cmseg.createModel({ ...cfg, device: 'cpu', optimizer });
+    m.setWeights(cpu.getWeights());
     const { batch } = batchFor(cfg, 2, 16, 5);
     await m.trainStep(batch);
+    await cpu.trainStep(batch);
     const before = m.getWeights();
     m.setLoss({ lambda: 1e30 });
+    cpu.setLoss({ lambda: 1e30 });
+    let cpuMessage = '';
+    await cpu.trainStep(batch).catch((e) => (cpuMessage = e.message));
     await m.trainStep(batch); // the device's verdict is not waited for
     let message = '';
     await m.trainStep(batch).catch((e) => (message = e.message));
     check(/optimiser step 2 was not applied: the gradient of \S+ is \S+: beyond 1\.8e\+19 its square overflows float32/.test(message),
       `refused update: the next step rejected with "${message.slice(0, 100)}"`);
+    const words = (text) => (/the gradient of \S+ is [^:]+/.exec(text) || ['(none)'])[0];
+    check(words(message) === words(cpuMessage), `refused update: names the CPU's gradient ("${words(message)}" vs CPU "${words(cpuMessage)}")`);
     const after = m.getWeights();
     const changed = Object.keys(before).filter((k) => maxAbs(after[k], before[k]) !== 0);
     check(changed.length === 0 && m.getOptimizerState().step === 1, `refused update: weights unchanged (${changed.length} tensors differ), step ${m.getOptimizerState().step}`);
+    // Refused again, then a setWeights: that call reports it (once); repeated, it applies.
+    await m.trainStep(batch);
+    const edited = cpu.getWeights();
+    edited['seg.bias'][0] = 0.5;
+    let setMessage = '';
+    try {
+      m.setWeights(edited);
+    } catch (e) {
+      setMessage = e.message;
+    }
+    m.setWeights(edited);
+    cpu.setWeights(edited);
+    const sc = cpu.getOptimizerState(), sg = m.getOptimizerState();
+    const stateWorst = Math.max(...Object.keys(sc.m).map((k) => Math.max(relL2(sg.m[k], sc.m[k]), relL2(sg.v[k], sc.v[k]))));
+    check(/optimiser step 2 was not applied/.test(setMessage) && sg.step === 1 && sc.step === 1 && stateWorst <= 1e-5,
+      `refused update: setWeights after it reports it ("${setMessage.slice(0, 40)}"), then applies; step ${sg.step} vs CPU ${sc.step}, Adam moments within ${stateWorst.toExponential(2)} of the CPU's`);
     m.setLoss({ lambda: 0.01 });
+    cpu.setLoss({ lambda: 0.01 });
     const r = await m.trainStep(batch);
+    const rc = await cpu.trainStep(batch);
     const v = m.getOptimizerState().v;
     check(Number.isFinite(r.loss) && r.step === 2 && Object.values(v).every((a) => a.every(Number.isFinite)),
       `refused update: trains on afterwards (loss ${r.loss}, step ${r.step}, Adam state finite)`);
+    const wc = cpu.getWeights(), wg = m.getWeights();
+    const wWorst = Math.max(...Object.keys(wc).map((k) => relL2(wg[k], wc[k])));
+    check(Math.abs(r.loss - rc.loss) <= 1e-5 * Math.max(1, Math.abs(rc.loss)) && r.step === rc.step && wWorst <= WEIGHT_TOL,
+      `refused update: the step after it is the CPU's (loss ${r.loss} vs ${rc.loss}, weights within ${wWorst.toExponential(2)})`);
     m.dispose();
   } catch (err) {
     check(false, `refused update: ${err.message}`);

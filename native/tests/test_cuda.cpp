@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <optional>
 #include <random>
 #include <string>
@@ -1680,6 +1681,285 @@ TEST(model_gpu_refuses_unsquarable_gradient) {
     const Model& gc = gpu;
     CHECK(std::isfinite(gc.params()[i].v[0]));
     expect_maxabs("refuse: value " + cpu.params()[i].name, gc.params()[i].value, cpu.params()[i].value, 1e-5);
+  }
+}
+
+// ---- failures part-way through, each followed by the next valid call against the CPU.
+// The CPU model is the truth: a refused CPU step throws at once, a GPU step
+// at the model's next call that reads the device; after either, the two models must hold
+// the same weights, Adam moments and step count, and train on alike.
+
+// Every value, m and v of a GPU model against a CPU model's, and the step counts.
+void expect_same_state(const std::string& what, const Model& gpu, const Model& cpu, double tol = kStepTol) {
+  CHECK(gpu.step == cpu.step);
+  const std::vector<Param>& pg = gpu.params();
+  const std::vector<Param>& pc = cpu.params();
+  CHECK(pg.size() == pc.size());
+  for (size_t i = 0; i < pc.size() && i < pg.size(); ++i) {
+    expect_maxabs(what + ": value " + pc[i].name, pg[i].value, pc[i].value, tol);
+    expect_maxabs(what + ": m " + pc[i].name, pg[i].m, pc[i].m, tol);
+    expect_maxabs(what + ": v " + pc[i].name, pg[i].v, pc[i].v, tol);
+  }
+}
+
+// What a message says about the gradient, "the gradient of NAME[K] is G": NAME[K], and G
+// (the CPU's and the GPU's words around it differ, and on a device G's last digits may).
+struct GradientWords {
+  std::string where;  // "NAME[K]"
+  double value = 0;   // NaN for "NaN"
+};
+GradientWords gradient_words(const std::string& message) {
+  GradientWords w;
+  const std::string lead = "the gradient of ";
+  const size_t a = message.find(lead), is = message.find(" is ", a);
+  if (a == std::string::npos || is == std::string::npos) {
+    w.where = "(no gradient named in '" + message + "')";
+    return w;
+  }
+  w.where = message.substr(a + lead.size(), is - a - lead.size());
+  w.value = message.compare(is + 4, 3, "NaN") == 0 ? std::nan("") : std::strtod(message.c_str() + is + 4, nullptr);
+  return w;
+}
+bool same_gradient_words(const std::string& gpu, const std::string& cpu) {
+  const GradientWords g = gradient_words(gpu), c = gradient_words(cpu);
+  const bool value = std::isnan(c.value) ? std::isnan(g.value) : check::close(g.value, c.value, 1e-3, 0);
+  return g.where == c.where && value;
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "(did not throw)";
+}
+
+// A refused update (the trace term's gradient past 1.8e19, or NaN gradients from an
+// overflowed forward pass), then each of the calls a user makes next: an edit of the
+// weights (setWeights: find() / non-const params()), a prediction, an evaluation, a step.
+// The refusal quotes the CPU's gradient (same parameter, index and value), the state is
+// the CPU's, and the next valid step and prediction are the CPU's.
+// Also a 3D global-CM model (its CM gradient written by the loss) under Adam's L2 weight
+// decay (the guard reads g + wd * w).
+TEST(model_gpu_refuses_unsquarable_gradient_then_next_call_matches_cpu) {
+  enum class Next { Edit, Predict, Evaluate, Step, Gradients };
+  for (const bool global : {false, true})
+  for (const bool nan_loss : {false, true})
+    for (const Next next : {Next::Edit, Next::Predict, Next::Evaluate, Next::Step, Next::Gradients}) {
+      const char* nn[] = {"edit", "predict", "evaluate", "step", "gradients"};
+      const std::string what = std::string(global ? "3D global, " : "2D full, ") +
+                               (nan_loss ? "NaN loss" : "unsquarable") + ", then " + nn[(int)next];
+      StepCase k = global ? step_case("refusal", 3, CmMode::Global, 0) : step_case("refusal", 2, CmMode::Full, 0);
+      k.warmup = 2;  // the trace weight's sign flips at step 2: the step count must be the CPU's
+      ModelConfig cg = on_cuda(k.c);
+      cg.tf32 = false;
+      Model cpu(k.c), gpu(cg);
+      setup(cpu, k), setup(gpu, k);
+      if (global) cpu.optim.weight_decay = gpu.optim.weight_decay = 1e-2f;
+      StepData d = make_step_data(k, 41);
+      compare_step_results(what + ": good step", gpu.train_step(d.batch), cpu.train_step(d.batch));
+      // The bad step.
+      for (Model* m : {&cpu, &gpu}) {
+        if (nan_loss)
+          m->find("seg.weight")->value[0] = 3e38f;  // logits overflow: loss and gradients NaN
+        else
+          m->loss.lambda = m->loss.lambda_warmup = 1e30f;  // in the warm-up, its weight
+      }
+      const std::string cpu_error = error_of([&] { cpu.train_step(d.batch); });
+      CHECK(cpu.step == 1);
+      const StepResult bad = gpu.train_step(d.batch);  // the device's verdict comes later
+      if (nan_loss) CHECK(!std::isfinite(bad.loss));
+      CHECK(gpu.step == 2);
+      // Undo the cause on both (the GPU's host copy is edited after the report below).
+      for (Model* m : {&cpu, &gpu}) setup(*m, k);
+      std::string gpu_error;
+      const int64_t V = k.s.size();
+      const size_t np = (size_t)k.n * k.c.classes * V, nc = (size_t)k.n * k.c.annotators * k.c.classes * k.c.classes * V;
+      switch (next) {
+        case Next::Edit:
+          gpu_error = error_of([&] { gpu.find("seg.bias"); });
+          break;
+        case Next::Predict: {
+          // Reads valid weights (those before the refused step: the CPU's; in the NaN case
+          // both hold the overflowing weight, so NaN), no report yet.
+          std::vector<float> p_c(np), p_g(np, -1.f), cm_c(nc), cm_g(nc, -1.f);
+          cpu.predict(d.images.data(), k.n, k.s, p_c.data(), cm_c.data(), nullptr);
+          gpu.predict(d.images.data(), k.n, k.s, p_g.data(), cm_g.data(), nullptr);
+          if (!nan_loss) {
+            expect_maxabs(what + ": probs", p_g, p_c);
+            expect_maxabs(what + ": cms", cm_g, cm_c);
+          }
+          gpu_error = error_of([&] { gpu.train_step(d.batch); });
+          break;
+        }
+        case Next::Evaluate:
+          gpu_error = error_of([&] { gpu.evaluate(d.batch); });
+          break;
+        case Next::Step:
+          gpu_error = error_of([&] { gpu.train_step(d.batch); });
+          break;
+        case Next::Gradients:
+          gpu_error = error_of([&] { gpu.compute_gradients(d.batch); });
+          break;
+      }
+      std::printf("  %s:\n    cpu: %s\n    gpu: %s\n", what.c_str(), cpu_error.c_str(), gpu_error.c_str());
+      CHECK(gpu_error.find("optimiser step 2 was not applied") != std::string::npos);
+      CHECK(same_gradient_words(gpu_error, cpu_error));
+      CHECK(gpu.step == 1);
+      // An edit on both (a setWeights), undoing the overflowing weight of the NaN case.
+      for (Model* m : {&cpu, &gpu}) {
+        if (nan_loss) m->find("seg.weight")->value[0] = 0.125f;
+        m->find("seg.bias")->value[1] = 0.75f;
+      }
+      expect_same_state(what + ": after the refusal", gpu, cpu);
+      for (int more = 0; more < 2; ++more)  // into the positive trace weight
+        compare_step_results(what + ": a next step", gpu.train_step(d.batch), cpu.train_step(d.batch));
+      expect_same_state(what + ": after the next steps", gpu, cpu);
+      std::vector<float> p_c(np), p_g(np, -1.f);
+      cpu.predict(d.images.data(), k.n, k.s, p_c.data(), nullptr, nullptr);
+      gpu.predict(d.images.data(), k.n, k.s, p_g.data(), nullptr, nullptr);
+      expect_maxabs(what + ": probs after", p_g, p_c);
+    }
+}
+
+// Out of memory at each point of a step (the forward, the loss, the backward: the limit
+// walked across the big batch's peak), then a step that fits: the model is the CPU's,
+// and holds no more memory than its parameters after the failure. Also with a refused
+// update pending when the failure comes.
+TEST(model_gpu_out_of_memory_mid_step_then_matches_cpu) {
+  ScopedEnv env;
+  env.put("CMSEG_CONV_AUTOTUNE", "0");
+  StepCase small = step_case("oom mid-step", 2, CmMode::Full, 1);
+  StepCase big = small;
+  big.n = 4, big.s = {1, 32, 24};
+  ModelConfig cg = on_cuda(small.c);
+  cg.tf32 = false;
+  StepData ds = make_step_data(small, 51), db = make_step_data(big, 52);
+  size_t params_bytes = 0, small_peak = 0, big_peak = 0;
+  {
+    Model probe(cg);
+    setup(probe, small);
+    params_bytes = probe.gpu()->context().pool_stats().in_use_bytes;
+    probe.train_step(ds.batch);
+    probe.train_step(ds.batch);
+    small_peak = probe.gpu()->context().pool_stats().peak_in_use_bytes;
+    probe.release_buffers();
+    probe.gpu()->context().reset_peak();
+    probe.train_step(db.batch);
+    big_peak = probe.gpu()->context().pool_stats().peak_in_use_bytes;
+  }
+  std::printf("  parameters %zu bytes, small step peak %zu, big step peak %zu\n", params_bytes, small_peak, big_peak);
+  CHECK(big_peak > small_peak);
+  const int kLimits = 8;
+  for (const int refusal : {0, 1})
+    for (int i = 0; i < kLimits; ++i) {
+      int pending = refusal;  // 2 once the refusal has been reported
+      const size_t limit = small_peak + (big_peak - small_peak) * i / kLimits;
+      const std::string what = "oom at " + std::to_string(limit) + (pending ? ", refusal pending" : "");
+      cg.gpu_memory_limit = limit;
+      Model cpu(small.c), gpu(cg);
+      setup(cpu, small), setup(gpu, small);
+      compare_step_results(what + ": step 1", gpu.train_step(ds.batch), cpu.train_step(ds.batch));
+      if (pending) {
+        for (Model* m : {&cpu, &gpu}) m->loss.lambda = 1e30f;
+        CHECK_THROWS_WITH(cpu.train_step(ds.batch), "its square overflows");
+        gpu.train_step(ds.batch);
+        for (Model* m : {&cpu, &gpu}) setup(*m, small);
+      }
+      std::string e = error_of([&] { gpu.train_step(db.batch); });
+      if (pending && e.find("optimiser step 2 was not applied") != std::string::npos) {
+        // The big step's forward fitted, and its wait for the loss read the refusal first
+        // (reported once, the step count back): the same batch again runs out of memory.
+        CHECK(gpu.step == 1);
+        pending = 2;
+        e = error_of([&] { gpu.train_step(db.batch); });
+      }
+      if (e == "(did not throw)") {
+        // On a device the algorithms timed under the limit may need less workspace than
+        // the probe's: the big step fitted. Then the CPU takes it too.
+        std::printf("  %s: the big step fitted\n", what.c_str());
+        CHECK(cu::device_info(0).name != "host emulation (no GPU)");  // the emulation's peak is exact
+        cpu.train_step(db.batch);
+      } else if (e.find("GPU out of memory") == std::string::npos) {
+        std::printf("  %s: the big step's error '%s'\n", what.c_str(), e.c_str());
+        ++check::failures();
+      } else {
+        CHECK(gpu.gpu()->context().pool_stats().in_use_bytes == params_bytes);
+      }
+      // A prediction of the big batch under the same limit: out of memory too, or it fits;
+      // either way the pool holds the parameters and what predict keeps, and the model
+      // carries on as the CPU's.
+      {
+        const size_t np = (size_t)big.n * big.c.classes * big.s.size();
+        const size_t nc = np / big.c.classes * big.c.annotators * big.c.classes * big.c.classes;
+        std::vector<float> p_g(np), cm_g(nc);
+        const std::string pe =
+            error_of([&] { gpu.predict(db.images.data(), big.n, big.s, p_g.data(), cm_g.data(), nullptr); });
+        if (pe.find("GPU out of memory") != std::string::npos)
+          CHECK(gpu.gpu()->context().pool_stats().in_use_bytes == params_bytes);
+        else
+          CHECK(pe == "(did not throw)");
+        gpu.release_buffers();
+      }
+      if (pending == 1) {
+        // The refusal is still to be reported, by the next call; then the models agree.
+        CHECK_THROWS_WITH(gpu.train_step(ds.batch), "optimiser step 2 was not applied");
+      }
+      expect_same_state(what + ": after the failure", gpu, cpu);
+      compare_step_results(what + ": a step that fits", gpu.train_step(ds.batch), cpu.train_step(ds.batch));
+      expect_same_state(what + ": after it", gpu, cpu);
+    }
+}
+
+// Batches of other shapes and sizes between steps (the buffers grow, and are reused
+// when the next is smaller), predictions of another size between them: every step
+// and prediction the CPU's.
+TEST(model_step_gpu_shape_changes_match_cpu) {
+  for (int ndim : {2, 3}) {
+    StepCase a = step_case(ndim == 2 ? "shapes 2D" : "shapes 3D", ndim, CmMode::Full, 1);
+    StepCase b = a, c = a;
+    if (ndim == 2)
+      b.n = 1, b.s = {1, 24, 20}, c.n = 3, c.s = {1, 8, 16};
+    else
+      b.n = 1, b.s = {12, 8, 8}, c.n = 3, c.s = {4, 8, 4};
+    ModelConfig cg = on_cuda(a.c);
+    cg.tf32 = false;
+    Model cpu(a.c), gpu(cg);
+    setup(cpu, a), setup(gpu, a);
+    StepData da = make_step_data(a, 61), dbb = make_step_data(b, 62), dc = make_step_data(c, 63);
+    int step = 0;
+    for (const auto* p : {&a, &b, &a, &c, &b, &a}) {
+      const StepData& d = p == &a ? da : p == &b ? dbb : dc;
+      const std::string what = a.name + ": step " + std::to_string(++step);
+      compare_step_results(what, gpu.train_step(d.batch), cpu.train_step(d.batch));
+      // A prediction of another batch between steps.
+      const StepCase& q = p == &a ? c : a;
+      const StepData& dq = p == &a ? dc : da;
+      const int64_t V = q.s.size();
+      const size_t np = (size_t)q.n * q.c.classes * V, nq = (size_t)q.n * q.c.annotators * q.c.classes * V;
+      std::vector<float> p_c(np), p_g(np, -1.f), q_c(nq), q_g(nq, -1.f);
+      cpu.predict(dq.images.data(), q.n, q.s, p_c.data(), nullptr, q_c.data());
+      gpu.predict(dq.images.data(), q.n, q.s, p_g.data(), nullptr, q_g.data());
+      expect_maxabs(what + ": probs", p_g, p_c);
+      expect_maxabs(what + ": annotator probs", q_g, q_c);
+    }
+    // Plain cross-entropy batches (a hard target, a soft one) between CM batches, on the
+    // same model: other batch buffers, the CM heads skipped.
+    StepCase h = b, so = c;
+    h.target = Target::Hard, so.target = Target::Soft;
+    StepData dh = make_step_data(h, 64), dso = make_step_data(so, 65);
+    compare_step_results(a.name + ": hard target", gpu.train_step(dh.batch), cpu.train_step(dh.batch));
+    compare_step_results(a.name + ": CM labels", gpu.train_step(da.batch), cpu.train_step(da.batch));
+    compare_step_results(a.name + ": soft target", gpu.train_step(dso.batch), cpu.train_step(dso.batch));
+    compare_step_results(a.name + ": hard target again", gpu.train_step(dh.batch), cpu.train_step(dh.batch));
+    // Gradients of one batch, an evaluation of another shape, then the update: the
+    // evaluation leaves the gradients alone on both.
+    compare_step_results(a.name + ": gradients", gpu.compute_gradients(da.batch), cpu.compute_gradients(da.batch));
+    compare_step_results(a.name + ": evaluate between", gpu.evaluate(dc.batch), cpu.evaluate(dc.batch));
+    gpu.apply_optimizer(), cpu.apply_optimizer();
+    // Eleven steps of rounding apart: m of a weight whose gradients nearly cancel drifts most.
+    expect_same_state(a.name + ": after the steps", gpu, cpu, 1e-3);
   }
 }
 

@@ -24,7 +24,8 @@ namespace cuda {
 [[noreturn]] inline void throw_cuda(cudaError_t e, const char* what, const char* file, int line) {
   if (e == cudaErrorMemoryAllocation) {
     cudaGetLastError();  // clear the sticky-free error so the context stays usable
-    throw OutOfMemory(str("CUDA out of memory in ", what, " (", file, ":", line, ")"));
+    throw OutOfMemory(str("GPU out of memory: ", what, " could not allocate at ", file, ":", line,
+                          "; use a smaller batch or patch, or free other GPU work"));
   }
   throw Error(str("CUDA error ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ") in ", what, " at ", file, ":",
                   line));

@@ -1994,6 +1994,7 @@ TEST(model_gpu_out_of_memory) {
   ModelConfig cg = on_cuda(small.c);
   cg.gpu_memory_limit = 1024;  // less than the parameters: construction fails
   CHECK_THROWS_WITH(Model{cg}, "GPU out of memory");
+  CHECK_THROWS_WITH(Model{cg}, "limit of 1.0 KiB (gpuMemoryLimitMB)");  // not "0.0 MiB"
   // What a small step needs at most, measured without a limit.
   cg.gpu_memory_limit = 0;
   StepData ds = make_step_data(small, 5), db = make_step_data(big, 6);

@@ -206,9 +206,13 @@ inline float round_to_bf16(float v) {
 }
 
 // Bytes as MiB with one decimal, for messages ("4294967296.0 MiB", not "4.29e+09").
+// Sizes under 0.1 MiB in KiB: a small allocation or a tiny gpuMemoryLimitMB read "0.0 MiB".
 inline std::string mib_text(size_t bytes) {
   char b[48];
-  std::snprintf(b, sizeof b, "%.1f MiB", bytes / 1048576.0);
+  if (bytes < 104858)
+    std::snprintf(b, sizeof b, "%.1f KiB", bytes / 1024.0);
+  else
+    std::snprintf(b, sizeof b, "%.1f MiB", bytes / 1048576.0);
   return b;
 }
 

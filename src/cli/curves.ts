@@ -14,6 +14,56 @@ import { displayPath, parsePath, printOutputs, shellWord, UserError, withExample
 /** The file name of a run's curves picture, beside its log. */
 export const CURVES_FILE = 'curves.png';
 
+/** How many times readCurvesEvents reads a log that changed while it was read. */
+export const CURVES_READ_ATTEMPTS = 3;
+
+/** Whether the file at `file` is another file, or was written, since `before` (ino, size, mtime). */
+function changedSince(file: string, before: fs.Stats): boolean {
+  const now = fs.statSync(file, { throwIfNoEntry: false });
+  return !now || now.ino !== before.ino || now.size !== before.size || now.mtimeMs !== before.mtimeMs;
+}
+
+/**
+ * What the curves draw of each entry of a run's log (drawnPart: a step's loss and CE sum, a
+ * validation's score and CM error), the log read in pieces: a 250,000-step log (85 MB) read
+ * whole took 300 MB of heap, at the end of `cmseg train` in the process that still holds its
+ * model and data.
+ *
+ * A resume of the run cuts the log in place (the entries past its checkpoint) and appends: read
+ * meanwhile, the next piece began inside a line, and curves failed with "line N is not a training
+ * log entry" for a log that is fine; or, cut and not yet appended to, the cut entries were drawn.
+ * So a log that failed to parse and changed (ino, size or mtime) since its read began, or that
+ * is shorter now than when it began (cut) or another file (replaced), is read again, up to
+ * CURVES_READ_ATTEMPTS times in all; a log still broken then is reported (a live run's log
+ * grows all the time: a line broken for good is read that many times, then reported).
+ * `hooks.visited` (tests) is called before each entry.
+ */
+export function readCurvesEvents(log: string, hooks: { visited?: (line: number, attempt: number) => void } = {}): Record<string, unknown>[] {
+  for (let attempt = 1; ; attempt++) {
+    const events: Record<string, unknown>[] = [];
+    let before: fs.Stats;
+    try {
+      before = fs.statSync(log);
+      forEachTrainLogEntry(
+        log,
+        (e, line) => {
+          hooks.visited?.(line, attempt);
+          if (e.event === 'step' || e.event === 'validation') events.push(drawnPart(e));
+        },
+        { whileWritten: true },
+      );
+    } catch (err) {
+      // (`before` is set: a SyntaxError comes from the read, after the stat.)
+      if (attempt < CURVES_READ_ATTEMPTS && err instanceof SyntaxError && changedSince(log, before!)) continue;
+      throw new UserError(`${displayPath(log)} ${(err as Error).message}`);
+    }
+    const now = fs.statSync(log, { throwIfNoEntry: false });
+    // Cut while read (the cut entries may have been drawn), or replaced whole (a resume that rewrites it): read it as it is now.
+    if (attempt < CURVES_READ_ATTEMPTS && now && (now.ino !== before.ino || now.size < before.size)) continue;
+    return events;
+  }
+}
+
 /** Draws the curves of the run in `runDir` into `named` (default <runDir>/curves.png); returns the file. */
 export async function writeRunCurves(runDir: string, named?: string): Promise<string> {
   const out = named ?? path.join(runDir, CURVES_FILE);
@@ -34,15 +84,7 @@ export async function writeRunCurves(runDir: string, named?: string): Promise<st
   if (existing?.isFile() && existing.size > 0 && !isPngFile(out)) {
     throw new UserError(`--out ${displayPath(out)} is a file that is not a PNG picture${sameFileAt(out, log) ? " (the run's training log)" : ''}: it would be replaced; name a .png file (e.g. ${displayPath(path.join(runDir, CURVES_FILE))})`);
   }
-  // Only what the picture draws is kept of each entry (a step's loss and CE sum, a validation's
-  // score and CM error), the log read in pieces: a 250,000-step log (85 MB) read whole took
-  // 300 MB of heap, at the end of `cmseg train` in the process that still holds its model and data.
-  const events: Record<string, unknown>[] = [];
-  try {
-    forEachTrainLogEntry(log, (e) => void ((e.event === 'step' || e.event === 'validation') && events.push(drawnPart(e))), { whileWritten: true });
-  } catch (err) {
-    throw new UserError(`${displayPath(log)} ${(err as Error).message}`);
-  }
+  const events = readCurvesEvents(log);
   if (!events.some((e) => e.event === 'step')) throw new UserError(`${displayPath(log)} has no training steps yet: nothing to draw`);
   const picture = trainingCurves(events, { title: path.basename(path.resolve(runDir)) });
   // As eval's --out: a folder that does not exist yet is made.

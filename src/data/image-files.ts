@@ -12,7 +12,7 @@ import type { AnnotatedSet } from '../train/data';
 import { UNLABELLED, checkLabels } from './annotators';
 import { ImageFolderError, checkFolderFits, checkNoCaseTwins, imageIntensities, isDirectory, type LabelMapping, labelValues, pngFileFor, pngFilesByKey, pngNames, resolveMapping } from './image-folder';
 import { isNiftiName } from './nifti';
-import { pngSizeSync, readPngSync } from './png';
+import { pngEndsWithIend, pngSizeSync, readPngSync } from './png';
 
 /** Every image of a folder, with whatever labels and consensus it has, ready for a checkpoint's model. */
 export interface ImagesToPredict {
@@ -162,8 +162,12 @@ export function openImagesToPredict(dir: string, info: CheckpointInfo, labelMapp
     const files = [path.join(imagesDir, name), ...annotatorNames.flatMap((annotator, r) => (labelNames[n][r] === undefined ? [] : [path.join(labelsDir, annotator, labelNames[n][r]!)]))];
     if (consensusNames[n] !== undefined) files.push(path.join(consensusDir, consensusNames[n]!));
     for (const file of files) {
-      // A file that does not start as a PNG (a JPEG named .png, an empty file) is decoded now, to be refused by what it is.
-      sameSize(pngSizeSync(file) ?? readPngSync(file), file);
+      // A file that does not start as a PNG (a JPEG named .png, an empty file) is decoded now, to
+      // be refused by what it is; so is one that does not end with IEND: a file cut part way was
+      // refused only when its batch was read, after the earlier images' pictures (or eval's
+      // rows) were written. (A whole PNG with bytes after its IEND is read, as PIL reads it.)
+      const size = pngSizeSync(file);
+      sameSize(size !== undefined && pngEndsWithIend(file) ? size : readPngSync(file), file);
     }
   });
   const present = new Uint8Array(count * R);

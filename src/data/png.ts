@@ -3,9 +3,10 @@
 // Only zlib comes from node. Reference: the PNG specification (W3C, 2nd edition).
 //
 // Decoding: colour types gray, gray+alpha, RGB, RGBA and palette; bit depths 1, 2, 4, 8
-// and 16; all five filter types; plain and Adam7-interlaced; chunk CRCs are checked. A
-// tRNS chunk is used for palette images only (gray and RGB colour keys are ignored: no
-// alpha channel is made up). Encoding: 8-bit gray, gray+alpha, RGB, RGBA and palette, one
+// and 16; all five filter types; plain and Adam7-interlaced; chunk CRCs are checked; image
+// data that inflates a little past the image, or a zlib stream without its adler-32, is read
+// as PIL reads it (inflateImageData). A tRNS chunk is used for palette images only (gray
+// and RGB colour keys are ignored: no alpha channel is made up). Encoding: 8-bit gray, gray+alpha, RGB, RGBA and palette, one
 // filter for all rows or the adaptive choice per row.
 
 import * as fs from 'fs';
@@ -297,6 +298,10 @@ function fileHead(filePath: string, bytes: number): Buffer | undefined {
   try {
     const head = Buffer.alloc(bytes);
     return fs.readSync(fd, head, 0, bytes, 0) === bytes ? head : undefined;
+  } catch {
+    // A folder opens but does not read (EISDIR, which names no path): undefined, so that the
+    // caller's readPngSync says which path is a folder ("a path is a folder" named none).
+    return undefined;
   } finally {
     fs.closeSync(fd);
   }
@@ -311,6 +316,36 @@ export function pngSizeSync(filePath: string): { width: number; height: number }
   const head = fileHead(filePath, 24);
   if (!head || !head.subarray(0, SIGNATURE.length).equals(SIGNATURE) || head.toString('latin1', 12, 16) !== 'IHDR') return undefined;
   return { width: head.readUInt32BE(16), height: head.readUInt32BE(20) };
+}
+
+/** The IEND chunk, the last 12 bytes of every whole PNG: length 0, its type, the CRC of its type. */
+const IEND_CHUNK = Buffer.from([0, 0, 0, 0, 0x49, 0x45, 0x4e, 0x44, 0xae, 0x42, 0x60, 0x82]);
+
+/**
+ * Whether the file's last 12 bytes are an IEND chunk (false when it cannot be read), reading
+ * those bytes only: a folder read a batch at a time (predict and eval --data) checks every file
+ * with it before the first batch, so that a file cut part way (a copy that stopped) is named
+ * before any output is written, not when its batch comes. False is not a refusal: a PNG with
+ * bytes after its IEND is whole too (PIL and decodePng read it), so the caller decodes the file
+ * to know (about 1000 files a few milliseconds: one open, fstat and 12-byte read each).
+ */
+export function pngEndsWithIend(filePath: string): boolean {
+  let fd: number;
+  try {
+    fd = fs.openSync(filePath, 'r');
+  } catch {
+    return false;
+  }
+  try {
+    const size = fs.fstatSync(fd).size;
+    if (size < SIGNATURE.length + IEND_CHUNK.length) return false;
+    const tail = Buffer.alloc(IEND_CHUNK.length);
+    return fs.readSync(fd, tail, 0, tail.length, size - tail.length) === tail.length && tail.equals(IEND_CHUNK);
+  } catch {
+    return false; // a folder (EISDIR): the caller decodes it, and says what it is
+  } finally {
+    fs.closeSync(fd);
+  }
 }
 
 /** Whether the file at `filePath` starts with the PNG signature (false when it cannot be read). */
@@ -345,12 +380,16 @@ function readChunks(bytes: Uint8Array, where: string): Chunks {
   let offset = SIGNATURE.length;
   let ended = false;
   while (!ended) {
-    if (offset + 12 > bytes.length) throw new PngError(`${where}: truncated at byte ${offset} (no IEND chunk)`);
+    // A file that ends before its IEND is cut short (a copy or download that stopped), whatever
+    // PIL makes of it: it reads one whose image data happens to be whole, unchecked (no CRC).
+    if (offset + 12 > bytes.length) throw new PngError(`${where}: truncated at byte ${offset} (no IEND chunk): the file is cut short (a copy or download that stopped?)`);
     const length = view.getUint32(offset);
     const typeBytes = bytes.subarray(offset + 4, offset + 8);
     const type = String.fromCharCode(...typeBytes);
     const dataEnd = offset + 8 + length;
-    if (dataEnd + 4 > bytes.length) throw new PngError(`${where}: chunk ${type} at byte ${offset} runs past the end of the file`);
+    if (dataEnd + 4 > bytes.length) {
+      throw new PngError(`${where}: chunk ${type} at byte ${offset} runs past the end of the file (${bytes.length} bytes): the file is cut short (a copy or download that stopped?)`);
+    }
     const data = bytes.subarray(offset + 8, dataEnd);
     const storedCrc = view.getUint32(dataEnd);
     const actualCrc = crc32(typeBytes, data);
@@ -458,16 +497,31 @@ function checkDecodedSize(rawBytes: number, largestArray: number, header: Header
 }
 
 /**
- * Inflates the IDAT stream, never past the `expected` bytes the header's size needs: a
- * few kilobytes of zeros inflate to gigabytes, so an unbounded inflate lets a tiny file
- * (or one whose header is wrong) exhaust the memory before any size check runs.
+ * How many bytes past the image's own the IDAT stream may inflate to and still be read: PIL
+ * (and libpng, with a warning) read a stream that holds more than the image and ignore the
+ * rest, and some writers leave a few extra bytes or rows. More than this is refused (a wrong
+ * header, or a decompression bomb: a few kilobytes of zeros inflate to gigabytes).
+ */
+export const PNG_EXTRA_IMAGE_DATA = 1 << 20;
+
+/**
+ * Inflates the IDAT stream, never past the `expected` bytes the header's size needs plus
+ * PNG_EXTRA_IMAGE_DATA: an unbounded inflate lets a tiny file (or one whose header is wrong)
+ * exhaust the memory before any size check runs. The stream's end is not required (Z_SYNC_FLUSH
+ * returns what inflated so far): a stream cut after the image's bytes (PIL reads one without its
+ * adler-32, as writers that stream PNGs out leave it) is read, and one cut before them comes back
+ * short, for decodePng to refuse with the sizes. A wrong adler-32 or corrupt deflate data is
+ * still refused, as PIL refuses it.
  */
 function inflateImageData(compressed: Buffer, expected: number, header: Header, where: string): Buffer {
+  const limit = Math.min(MAX_LENGTH, expected + PNG_EXTRA_IMAGE_DATA);
   try {
-    return zlib.inflateSync(compressed, { maxOutputLength: Math.max(1, expected) });
+    return zlib.inflateSync(compressed, { maxOutputLength: Math.max(1, limit), finishFlush: zlib.constants.Z_SYNC_FLUSH });
   } catch (error) {
     if ((error as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE') {
-      throw new PngError(`${where}: image data inflates to more than the ${expected} bytes a ${header.width}x${header.height} image needs (a wrong header, or data that is not this image's)`);
+      throw new PngError(
+        `${where}: image data inflates to more than the ${expected} bytes a ${header.width}x${header.height} image needs, by over ${PNG_EXTRA_IMAGE_DATA} bytes (a wrong header, or data that is not this image's)`,
+      );
     }
     throw new PngError(`${where}: image data does not inflate: ${(error as Error).message}`);
   }
@@ -487,7 +541,8 @@ export function decodePng(bytes: Uint8Array, where = 'PNG'): DecodedPng {
   checkDecodedSize(expected, sampleCount * (colorType === PngColorType.Palette ? 4 : bitDepth === 16 ? 2 : 1), header, where);
   const raw = inflateImageData(compressed, expected, header, where);
   if (raw.length < expected) {
-    throw new PngError(`${where}: image data has ${raw.length} bytes, ${width}x${height} needs ${expected}`);
+    // Z_SYNC_FLUSH: a cut zlib stream lands here too, with the bytes it gave.
+    throw new PngError(`${where}: image data has ${raw.length} bytes, ${width}x${height} needs ${expected} (the file is cut short, or its data is not this image's)`);
   }
   const samples = bitDepth === 16 ? new Uint16Array(sampleCount) : new Uint8Array(sampleCount);
   const rowSamples = bitDepth === 16 ? new Uint16Array(width * samplesPerPixel) : new Uint8Array(width * samplesPerPixel);

@@ -17,10 +17,10 @@ export type { SlidingWindowOptions, SlidingWindowPrediction, SlidingWindowModel 
 export { ensemble, ensembleMismatch, ENSEMBLE_FIELDS } from './model/ensemble';
 export { mirrored, mirrorings, flipSpatial } from './model/tta';
 export { train, TRAIN_DEFAULTS, TrainingError, RunFolderBusyError, lockRunFolder, readTrainerState, readTrainLog, forEachTrainLogEntry, CHECKPOINT_BEST, CHECKPOINT_LAST, TRAIN_LOG, RUN_LOCK } from './train/trainer';
-export type { TrainConfig, TrainHooks, TrainResult, TrainerState, TrainerExtra, ValidationResult, Validator } from './train/trainer';
+export type { TrainConfig, TrainHooks, TrainResult, TrainerState, TrainerExtra, ValidationCase, ValidationProgress, ValidationResult, Validator } from './train/trainer';
 export type { FileLock } from './data/files';
 export { createProgress, silentProgress } from './train/progress';
-export type { ProgressReporter } from './train/progress';
+export type { ProgressFields, ProgressReporter } from './train/progress';
 export { learningRate, SCHEDULE_KINDS } from './train/schedule';
 export type { LrSchedule, ScheduleKind } from './train/schedule';
 export { augmentBatch } from './train/augment';

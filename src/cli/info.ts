@@ -52,6 +52,8 @@ function stepText(info: CheckpointInfo): string {
   const whole = (v: unknown) => Number.isSafeInteger(v) && (v as number) >= 0;
   if (!s || !whole(s.totalSteps) || !whole(s.batchesPerEpoch) || s.batchesPerEpoch === 0 || !whole(s.epoch)) return String(info.step);
   const epochs = Math.ceil(s.totalSteps / s.batchesPerEpoch);
+  // Stopped during the validation after its last step: the resume still has that to do.
+  if (s.step >= s.totalSteps && s.pendingValidation) return `${s.step} of ${s.totalSteps}, ${epochs} epoch(s): its last validation was stopped (resume to run it)`;
   if (s.step >= s.totalSteps) return `${s.step} of ${s.totalSteps}, ${epochs} epoch(s): complete`;
   return `${s.step} of ${s.totalSteps}, epoch ${s.epoch + 1} of ${epochs}`;
 }

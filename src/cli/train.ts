@@ -36,13 +36,13 @@ import { presetByName, PRESET_NAMES } from '../train/presets';
 import { createFusionProgress, createProgress, etaText, silentFusionProgress } from '../train/progress';
 import { SCHEDULE_KINDS, ScheduleKind } from '../train/schedule';
 import type { CmInit } from '../model/config';
-import { CHECKPOINT_LAST, lockRunFolder, nothingToResumeMessage, readTrainerState, resumeDifferences, resumeDifferencesNote, resumedConfig, runNeverSavedLast, train, TrainConfig, TrainResult } from '../train/trainer';
+import { CHECKPOINT_LAST, lockRunFolder, nothingToResumeMessage, readTrainerState, resumeDifferences, resumeDifferencesNote, resumedConfig, runNeverSavedLast, train, TrainConfig, TrainResult, type Validator } from '../train/trainer';
 import { choiceOption, displayPath, given, parseInteger, parseNumber, parsePath, parseThreads, printOutputs, quitNow, shellWord, UserError, withExamples } from './common';
 import { CURVES_FILE, writeRunCurves } from './curves';
 import { checkRunCache, loadRunData, runLabelScheme, withOwnRunCache } from './run-data';
 import { prepareWithProgress } from './prepare';
 import { caseBars } from './window-progress';
-import type { EvaluationSummary } from '../train/evaluate';
+import { type EvaluationSummary, volumeAverageDice } from '../train/evaluate';
 
 export interface TrainFlags {
   /** Print the result as one JSON object on stdout instead of text (progress stays on stderr). */
@@ -543,11 +543,39 @@ async function prepareFusedTargets(data: ExperimentData, fusion: StapleFusion, d
   }
 }
 
+/**
+ * What `cmseg train` validates after each epoch: the quick validation split (BraTS: the first
+ * --val-cases cases, reporting each to the progress bar), its means as the log's metrics and,
+ * for BraTS, each case's figures as the log's `cases`.
+ */
+export function runValidator(data: ExperimentData, method: MethodName): Validator {
+  return async (model, progress) => {
+    const s = await data.evaluate(model, 'validation', { annotators: methodDefinition(method).learnsCms, quick: true, onCase: progress });
+    const metrics: Record<string, number> = { averageDice: s.averageDice.mean, totalDice: s.totalDice.mean };
+    if (s.cmError) metrics.cmError = s.cmError.mean;
+    if (s.ged) metrics.ged = s.ged.mean;
+    if (s.brats) {
+      for (const [region, value] of Object.entries(s.brats.regions)) metrics[region] = value.mean;
+      // HD95 in mm, where defined (NaN, written as null, where only one map has the region).
+      for (const [region, value] of Object.entries(s.brats.hd95)) metrics[`hd95${region[0].toUpperCase()}${region.slice(1)}`] = value.mean;
+    }
+    // BraTS: each case's own figures in the log (its score as `best` counts it, Total Dice,
+    // region Dice), so that the case behind a poor or NaN mean can be found.
+    const cases = s.perCase?.map((c) => ({ id: c.id, score: volumeAverageDice(c), metrics: { totalDice: c.totalDice, ...c.regions } }));
+    return { score: s.averageDice.mean, metrics, ...(cases ? { cases } : {}) };
+  };
+}
+
 async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: ResolvedTrain, data: ExperimentData, lock: FileLock): Promise<void> {
   const controller = new AbortController();
   // SIGINT (Ctrl-C) and SIGTERM (what cluster schedulers and `kill` send before
-  // they stop a job) both finish the step in progress and save `last`.
+  // they stop a job) both finish the step in progress (or, in a BraTS validation, the case in
+  // progress) and save `last`.
   let stoppedBy: NodeJS.Signals | undefined;
+  // Whether an epoch's validation runs: a BraTS one (minutes of whole cases) stops after the
+  // case in progress, which the message says rather than "the current step".
+  let validating = false;
+  const validator = runValidator(data, config.method);
   const onSigint = (signal: NodeJS.Signals) => {
     stoppedBy ??= signal;
     if (controller.signal.aborted) {
@@ -555,7 +583,8 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
       quitNow(signal === 'SIGTERM' ? 143 : 130);
     }
     controller.abort();
-    process.stderr.write(`\n${signal === 'SIGTERM' ? 'SIGTERM' : 'interrupt'}: finishing the current step and saving a checkpoint (Ctrl-C again quits at once)\n`);
+    const finishing = validating && recipe.dataset.kind === 'brats' ? 'stopping the validation after the case in progress (the resumed run validates again)' : 'finishing the current step';
+    process.stderr.write(`\n${signal === 'SIGTERM' ? 'SIGTERM' : 'interrupt'}: ${finishing} and saving a checkpoint (Ctrl-C again quits at once)\n`);
   };
   process.on('SIGINT', onSigint);
   process.on('SIGTERM', onSigint);
@@ -568,17 +597,13 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
       resume: flags.resume,
       lock,
       run: recipe as unknown as Record<string, unknown>,
-      validate: async (model) => {
-        const s = await data.evaluate(model, 'validation', { annotators: methodDefinition(config.method).learnsCms, quick: true });
-        const metrics: Record<string, number> = { averageDice: s.averageDice.mean, totalDice: s.totalDice.mean };
-        if (s.cmError) metrics.cmError = s.cmError.mean;
-        if (s.ged) metrics.ged = s.ged.mean;
-        if (s.brats) {
-          for (const [region, value] of Object.entries(s.brats.regions)) metrics[region] = value.mean;
-          // HD95 in mm, where defined (NaN, written as null, where only one map has the region).
-          for (const [region, value] of Object.entries(s.brats.hd95)) metrics[`hd95${region[0].toUpperCase()}${region.slice(1)}`] = value.mean;
+      validate: async (model, progress) => {
+        validating = true;
+        try {
+          return await validator(model, progress);
+        } finally {
+          validating = false;
         }
-        return { score: s.averageDice.mean, metrics };
       },
     });
   } finally {
@@ -614,7 +639,8 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
   if (curves) (json.files as Record<string, unknown>).curves = curves;
   const logOutputs: [string, string | string[]][] = [...(fs.existsSync(files.log) ? [['training log', files.log] as [string, string]] : []), ...(curves ? [['curves', curves] as [string, string]] : [])];
   if (result.status === 'interrupted') {
-    say(`interrupted at step ${state.step}/${state.totalSteps}; continue with: cmseg train --out ${shellWord(displayPath(outDir))} --resume\n`);
+    const pending = state.pendingValidation ? ` during the validation after it (the resumed run validates first)` : '';
+    say(`interrupted at step ${state.step}/${state.totalSteps}${pending}; continue with: cmseg train --out ${shellWord(displayPath(outDir))} --resume\n`);
     if (flags.json) process.stdout.write(JSON.stringify(json) + '\n');
     else printOutputs([['checkpoints', checkpoints], ...logOutputs]);
     process.exitCode = stoppedBy === 'SIGTERM' ? 143 : 130; // 128 + the signal's number, as a shell reports it
@@ -624,7 +650,9 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
   json.seconds = seconds;
   const against = data.reference ? ` against the ${data.reference}` : '';
   const best = state.best ? `; best validation Dice${against} ${state.best.score.toFixed(4)} (epoch ${state.best.epoch + 1})` : '';
-  const done = result.startStep === state.step ? `the run was already complete at step ${state.step}` : `trained ${config.method} from step ${result.startStep} to ${state.step} in ${seconds < 60 ? `${seconds.toFixed(1)} s` : `${etaText(seconds)} (${seconds.toFixed(0)} s)`}`;
+  // A run stopped during its last validation and resumed did only that validation.
+  const done = result.startStep === state.step && result.validatedPending ? `validated the run at step ${state.step} (its validation had been stopped); it is complete`
+    : result.startStep === state.step ? `the run was already complete at step ${state.step}` : `trained ${config.method} from step ${result.startStep} to ${state.step} in ${seconds < 60 ? `${seconds.toFixed(1)} s` : `${etaText(seconds)} (${seconds.toFixed(0)} s)`}`;
   say(`${done}${best}\n`);
   const outputs: [string, string | string[]][] = [['checkpoints', checkpoints], ...logOutputs];
   if (flags.test) {

@@ -55,6 +55,19 @@ export interface VolumeScore {
   nonFinite?: true;
 }
 
+/**
+ * A volume's own average Dice: the mean over the non-background classes, as the summary's
+ * averageDice takes it per image (averageDicePerImage) before its mean over volumes, so the
+ * mean of the finite ones is the validation score that picks `best`. NaN for a volume whose
+ * prediction was non-finite.
+ */
+export function volumeAverageDice(score: VolumeScore): number {
+  const L = score.dice.length;
+  let sum = 0;
+  for (let c = 1; c < L; c++) sum += score.dice[c];
+  return sum / (L - 1);
+}
+
 export function summarizeReport(report: SegmentationReport, annotatorNames: string[]): EvaluationSummary {
   const { perImage: _perImage, ...rest } = report;
   return { ...rest, annotatorNames };

@@ -168,6 +168,12 @@ export interface ExperimentEvaluateOptions {
   /** BraTS: called after each batch of a case's windows, and after each case. */
   onWindows?: (id: string, done: number, total: number) => void;
   onVolume?: (score: VolumeScore, done: number, total: number) => void;
+  /**
+   * BraTS: `done` of `total` cases scored, with `id` the case about to be read and scored
+   * (absent once all are): before each case and after the last (hooks.validate's progress).
+   * The 2D data sets score a batch of images in seconds and do not call it.
+   */
+  onCase?: (done: number, total: number, id?: string) => void;
 }
 
 export interface ExperimentData {
@@ -342,7 +348,14 @@ export function loadBratsExperiment(spec: BratsDatasetSpec, trainingSeed: number
       const ids = split === 'validation' && options.quick ? spec.splits.validation.slice(0, Math.max(1, spec.validationCases)) : spec.splits[split];
       // Every annotator's labels, also from a cache prepared in single mode (SPEC section 7 thins
       // the training cases' labels only).
-      return evaluateVolumes(model, ids, (id) => readCachedCaseForScoring(cacheDir, id, index), {
+      const { onCase } = options;
+      // Cases are read one at a time, in order: the k-th read is case k + 1 starting.
+      let started = 0;
+      const load = (id: string) => {
+        onCase?.(started++, ids.length, id);
+        return readCachedCaseForScoring(cacheDir, id, index);
+      };
+      return evaluateVolumes(model, ids, load, {
         patch: options.patch ?? patch,
         overlap: options.overlap ?? spec.overlap,
         windowBatch: options.windowBatch,
@@ -350,7 +363,14 @@ export function loadBratsExperiment(spec: BratsDatasetSpec, trainingSeed: number
         annotatorNames: [...index.names],
         bratsRegions: true,
         ...(options.onWindows ? { onWindows: options.onWindows } : {}),
-        ...(options.onVolume ? { onVolume: options.onVolume } : {}),
+        ...(options.onVolume || onCase
+          ? {
+              onVolume: (score: VolumeScore, done: number, total: number) => {
+                options.onVolume?.(score, done, total);
+                if (done === total) onCase?.(done, total);
+              },
+            }
+          : {}),
       });
     },
     // STAPLE per case (each rater's performance is a per-subject estimate), on the training

@@ -1,7 +1,9 @@
 // How a training run reports itself while it runs. On a terminal: one cli-progress bar
 // on stderr with the step, loss, CE, trace and the last validation Dice. Not on a
 // terminal (logs, CI, pipes): one plain line per epoch, and within an epoch a line at most
-// every minute. `quiet`: nothing. The full record
+// every minute; while an epoch's validation scores cases (BraTS: minutes of whole volumes),
+// the bar says "validating 3/8" and a log a line at most every minute too. `quiet`: nothing.
+// The full record
 // is always the JSON-lines log next to the checkpoints (trainer.ts). The STAPLE baselines'
 // fusion before training reports the same way, per case.
 
@@ -21,26 +23,37 @@ export interface ProgressFields {
 export interface ProgressReporter {
   start(totalSteps: number, step: number, fields: ProgressFields): void;
   step(step: number, fields: ProgressFields): void;
+  /**
+   * During the validation after `step` (optional: reporters written before it need not have
+   * it): `done` of `total` cases scored, `id` the case scored now (absent at the end). The
+   * trainer calls it as the validator reports (hooks.validate's second argument); epoch()
+   * follows the validation and returns to the training display.
+   */
+  validation?(step: number, fields: ProgressFields, done: number, total: number, id?: string): void;
   /** End of an epoch (after validation, if any). */
   epoch(step: number, fields: ProgressFields, seconds: number): void;
   stop(): void;
 }
 
-export const silentProgress: ProgressReporter = { start() {}, step() {}, epoch() {}, stop() {} };
+export const silentProgress: ProgressReporter = { start() {}, step() {}, validation() {}, epoch() {}, stop() {} };
 
 function fmt(x: number, digits = 4): string {
   return Number.isFinite(x) ? x.toFixed(digits) : '-';
 }
 
-function payload(f: ProgressFields): Record<string, string> {
+/** The bar's fields; `status` is the training figures, or where a validation stands while one runs. */
+function payload(f: ProgressFields, validating?: string): Record<string, string> {
   return {
     // A finished run stands after its last epoch (a resumed one showed "epoch 7/6").
     ep: `${Math.min(f.epoch + 1, f.epochs)}/${f.epochs}`,
-    loss: fmt(f.loss),
-    ce: fmt(f.ce),
-    trace: fmt(f.trace, 3),
+    status: validating ?? `loss ${fmt(f.loss)} | CE ${fmt(f.ce)} | trace ${fmt(f.trace, 3)}`,
     dice: fmt(f.valDice),
   };
+}
+
+/** "validating 3/8 cases" and the case scored now: what the bar says while a validation runs. */
+function validatingText(done: number, total: number, id: string | undefined): string {
+  return `validating ${done}/${total} case${total === 1 ? '' : 's'}${id !== undefined && done < total ? ` (now ${id})` : ''}`;
 }
 
 /**
@@ -90,7 +103,7 @@ class BarProgress implements ProgressReporter {
   ) {
     this.bar = new SingleBar({
       stream,
-      format: 'epoch {ep} [{bar}] step {value}/{total} | loss {loss} | CE {ce} | trace {trace} | val Dice {dice} | ETA {eta_run}',
+      format: 'epoch {ep} [{bar}] step {value}/{total} | {status} | val Dice {dice} | ETA {eta_run}',
       barsize: 24,
       hideCursor: true,
     });
@@ -105,8 +118,8 @@ class BarProgress implements ProgressReporter {
    * times too long), never the truth. The run's rate counts each epoch's validation and
    * checkpoints as often as they come.
    */
-  private payload(step: number, fields: ProgressFields): Record<string, string> {
-    return { ...payload(fields), eta_run: etaText(secondsLeft(this.startStep, this.startTime, step, this.total, this.now())) };
+  private payload(step: number, fields: ProgressFields, validating?: string): Record<string, string> {
+    return { ...payload(fields, validating), eta_run: etaText(secondsLeft(this.startStep, this.startTime, step, this.total, this.now())) };
   }
 
   start(total: number, step: number, fields: ProgressFields): void {
@@ -120,6 +133,13 @@ class BarProgress implements ProgressReporter {
 
   step(step: number, fields: ProgressFields): void {
     this.bar.update(step, this.payload(step, fields));
+  }
+
+  // The bar stays at the epoch's last step, its ETA at the whole run's rate (the time this
+  // validation takes so far counts as the validations do in it); epoch() then draws the
+  // training figures again.
+  validation(step: number, fields: ProgressFields, done: number, total: number, id?: string): void {
+    this.bar.update(step, this.payload(step, fields, validatingText(done, total, id)));
   }
 
   epoch(step: number, fields: ProgressFields): void {
@@ -165,6 +185,17 @@ class LineProgress implements ProgressReporter {
     if (elapsed < this.everyMs) return;
     this.last = now;
     this.stream.write(`  step ${step}/${this.total} of epoch ${f.epoch + 1}/${f.epochs}  loss ${fmt(f.loss)}  CE ${fmt(f.ce)}  trace ${fmt(f.trace, 3)}  (${(elapsed / 1000).toFixed(1)} s since the last line)\n`);
+  }
+
+  // A validation of whole volumes (BraTS: about a minute a case on a CPU) is a silence of
+  // minutes: like the steps, a line at most every `everyMs`, saying where it stands. A quick
+  // one (2D images, or a few small cases) writes none: the epoch's line follows at once.
+  validation(step: number, f: ProgressFields, done: number, total: number): void {
+    const now = this.now();
+    const elapsed = now - this.last;
+    if (elapsed < this.everyMs) return;
+    this.last = now;
+    this.stream.write(`  validating after step ${step}/${this.total} of epoch ${f.epoch + 1}/${f.epochs}: ${done}/${total} case(s) scored  (${(elapsed / 1000).toFixed(1)} s since the last line)\n`);
   }
 
   epoch(step: number, f: ProgressFields, seconds: number): void {

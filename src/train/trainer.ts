@@ -26,7 +26,7 @@ import { acquireFolderLock, appendFileWholeSync, displayPath, type FileLock, Loc
 import { augmentBatch, AugmentOptions } from './augment';
 import type { TrainingSource } from './data';
 import { type MethodDefinition, METHODS, MethodName, methodBatch, methodDefinition } from './methods';
-import { ProgressReporter, silentProgress } from './progress';
+import { type ProgressFields, ProgressReporter, silentProgress } from './progress';
 import { checkSchedule, checkScheduleSettings, learningRate, LrSchedule, scheduleWithDefaults } from './schedule';
 
 export const CHECKPOINT_LAST = 'last.safetensors';
@@ -216,9 +216,33 @@ export interface ValidationResult {
   score: number;
   /** Everything else worth logging, flat. */
   metrics: Record<string, number>;
+  /**
+   * Optional: the figures of each case validated (BraTS: one entry per whole volume), logged
+   * as the validation entry's `cases` so that a case that scored badly, or NaN, can be found;
+   * the means above say neither. Not kept in the checkpoints' trainer state.
+   */
+  cases?: ValidationCase[];
 }
 
-export type Validator = (model: Model) => Promise<ValidationResult>;
+/** One validated case: its id, its own `score` (as the result's, for this case only) and other figures, flat. */
+export interface ValidationCase {
+  id: string;
+  score: number;
+  metrics?: Record<string, number>;
+}
+
+/**
+ * What a validator may call to say how far it has got: `done` of `total` cases scored, and
+ * `id` the case it scores now (absent at the end). The progress bar shows it ("validating
+ * 3/8"): a BraTS validation of whole cases takes minutes on a CPU, with the bar standing still.
+ * Called before a case (done < total) after hooks.signal fired, it throws: let that propagate,
+ * and the run stops there and saves, without the minutes the other cases would take (a
+ * scheduler's SIGTERM gives a job seconds); the resumed run validates again.
+ */
+export type ValidationProgress = (done: number, total: number, id?: string) => void;
+
+/** Validates the model; `progress` (optional to call, and to declare: one-argument validators work as before) reports per case. */
+export type Validator = (model: Model, progress: ValidationProgress) => Promise<ValidationResult>;
 
 /** Where the run is; saved in every checkpoint as extra.trainer.state. */
 export interface TrainerState {
@@ -233,6 +257,12 @@ export interface TrainerState {
   lastValidation: (ValidationResult & { epoch: number; step: number }) | null;
   /** Sums over the epoch's steps so far (epoch means in the log survive a resume). */
   epochSums: { loss: number; ce: number; trace: number; steps: number; seconds: number };
+  /**
+   * true when the run was stopped (hooks.signal) during the validation that ends the epoch
+   * before `epoch`: nothing of it was logged, and a resume runs it first, at this step, with
+   * this model, as the run would have. Absent otherwise.
+   */
+  pendingValidation?: true;
 }
 
 export interface TrainerExtra {
@@ -275,6 +305,8 @@ export interface TrainResult {
   status: 'completed' | 'interrupted';
   /** The step this call started from (0, or where a resumed run stood). */
   startStep: number;
+  /** true when this call (a resume) first did the validation a signal had stopped (TrainerState.pendingValidation). */
+  validatedPending?: true;
   state: TrainerState;
   model: Model;
   files: { last: string; best?: string; log: string };
@@ -741,7 +773,7 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
     if (bestLost) {
       const b = state.best!;
       const then =
-        state.step >= totalSteps ? `the run is complete, so no validation will write another: use ${CHECKPOINT_LAST}`
+        state.step >= totalSteps && !state.pendingValidation ? `the run is complete, so no validation will write another: use ${CHECKPOINT_LAST}`
         : !hooks.validate ? `this resume validates nothing (no hooks.validate), so none will be written: use ${CHECKPOINT_LAST}`
         : `the remembered best score starts again, so the next validation writes a new ${CHECKPOINT_BEST} (the best of the validations from step ${state.step} on)`;
       resumeNote = `${displayPath(files.best)}, the run's best (validation score ${b.score} at epoch ${b.epoch + 1}, step ${b.step}), ${bestLost}: ${then}`;
@@ -758,7 +790,7 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
     config = resumedConfig(saved.config, config);
     await log.truncateAfter(state.step);
     // A finished run's log keeps `end` as its last entry: resuming it again trains nothing.
-    if (state.step < totalSteps) {
+    if (state.step < totalSteps || state.pendingValidation) {
       const settings = Object.keys(bookkeeping).length ? { settings: bookkeeping } : {};
       log.write({ event: 'resume', step: state.step, epoch: state.epoch, batchInEpoch: state.batchInEpoch, ...settings, ...(resumeNote ? { note: resumeNote } : {}), runtime: runtimeRecord() });
     }
@@ -817,11 +849,65 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
 
   const startStep = state.step;
   const rootRng = new Rng(config.seed);
-  let fields = { epoch: state.epoch, epochs, loss: NaN, ce: NaN, trace: NaN, lr: NaN, valDice: state.lastValidation?.score ?? NaN };
+  let fields: ProgressFields = { epoch: state.epoch, epochs, loss: NaN, ce: NaN, trace: NaN, lr: NaN, valDice: state.lastValidation?.score ?? NaN };
   progress.start(totalSteps, state.step, fields);
   let status: TrainResult['status'] = 'completed';
+
+  /**
+   * The validation that ends `epoch` (the state stands after it): logged, `best` saved if it
+   * is the best. 'stopped': hooks.signal fired and the validator's progress call before a case
+   * threw (see ValidationProgress); nothing of it is logged then.
+   */
+  const validateEpoch = async (epoch: number, shown: ProgressFields): Promise<'done' | 'stopped'> => {
+    const stop = new Error('the validation was stopped by hooks.signal');
+    // The validator's per-case reports go to the progress reporter (a bar that otherwise
+    // stood still for minutes at the epoch's last step). Only sane counts are passed on:
+    // an API validator's slip must not break the bar or the run.
+    const onProgress: ValidationProgress = (done, total, id) => {
+      if (!Number.isSafeInteger(done) || !Number.isSafeInteger(total) || done < 0 || total < 1 || done > total) return;
+      // Ctrl-C or SIGTERM waited for the whole validation (8 whole BraTS cases: minutes, past
+      // the seconds a scheduler gives a job before it kills it, and the epoch was lost).
+      if (hooks.signal?.aborted && done < total) throw stop;
+      progress.validation?.(state.step, shown, done, total, typeof id === 'string' ? id : undefined);
+    };
+    let resolved: unknown;
+    try {
+      resolved = await hooks.validate!(model, onProgress);
+    } catch (error) {
+      if (error === stop) return 'stopped';
+      throw error;
+    }
+    const validation = checkedValidation(resolved);
+    // The checkpoints' state keeps the means only: the cases are the log's.
+    const { cases, ...summary } = validation;
+    state.lastValidation = { ...summary, epoch, step: state.step };
+    // JSON writes a NaN score (a case whose prediction was NaN) as null, as it does the means.
+    log.write({ event: 'validation', step: state.step, epoch, score: validation.score, ...validation.metrics, ...(cases ? { cases: cases.map((c) => ({ id: c.id, score: c.score, ...c.metrics })) } : {}) });
+    fields = { ...fields, valDice: validation.score };
+    // A NaN score (e.g. a diverged model) never becomes the best.
+    if (Number.isFinite(validation.score) && (state.best === null || validation.score > state.best.score)) {
+      state.best = { score: validation.score, epoch, step: state.step };
+      await save('best');
+    }
+    return 'done';
+  };
+
+  // A run stopped during a validation does it first, as the run would have before its next step.
+  let validatedPending = false;
   try {
-    while (state.step < totalSteps) {
+    if (state.pendingValidation) {
+      delete state.pendingValidation;
+      if (hooks.validate && (await validateEpoch(state.epoch - 1, fields)) === 'stopped') {
+        state.pendingValidation = true; // `last` holds this already
+        log.write({ event: 'interrupted', step: state.step, epoch: state.epoch, pendingValidation: true });
+        status = 'interrupted';
+      } else {
+        await save('last');
+        validatedPending = true;
+        progress.epoch(state.step, { ...fields, epoch: state.epoch - 1 }, 0);
+      }
+    }
+    while (status === 'completed' && state.step < totalSteps) {
       // The signal is looked at before every step, the first one included: a signal that
       // fired before train() was called takes no step at all, and one that fired during a
       // step (or the validation after it) stops once that step's epoch end is done. Either
@@ -882,16 +968,14 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
         state.batchInEpoch = 0;
         const epochSeconds = sums.seconds;
         state.epochSums = { loss: 0, ce: 0, trace: 0, steps: 0, seconds: 0 };
-        if (validateNow) {
-          const validation = checkedValidation(await hooks.validate!(model));
-          state.lastValidation = { ...validation, epoch, step: state.step };
-          log.write({ event: 'validation', step: state.step, epoch, score: validation.score, ...validation.metrics });
-          fields = { ...fields, valDice: validation.score };
-          // A NaN score (e.g. a diverged model) never becomes the best.
-          if (Number.isFinite(validation.score) && (state.best === null || validation.score > state.best.score)) {
-            state.best = { score: validation.score, epoch, step: state.step };
-            await save('best');
-          }
+        if (validateNow && (await validateEpoch(epoch, { ...fields, epoch, ...means })) === 'stopped') {
+          // Stopped between two cases by the signal: `last` holds this step with the
+          // validation still to do, which the resumed run does first.
+          state.pendingValidation = true;
+          await save('last');
+          log.write({ event: 'interrupted', step: state.step, epoch: state.epoch, pendingValidation: true });
+          status = 'interrupted';
+          break;
         }
         await save('last');
         progress.epoch(state.step, { ...fields, epoch, ...means }, epochSeconds);
@@ -899,13 +983,13 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
         await save('last');
       }
     }
-    if (status === 'completed' && state.step > startStep) log.write({ event: 'end', step: state.step, best: state.best });
+    if (status === 'completed' && (state.step > startStep || validatedPending)) log.write({ event: 'end', step: state.step, best: state.best });
   } finally {
     progress.stop();
   }
   // A best.safetensors that is not the run's best (bestLost, and no validation since wrote one) is not offered as it.
   const best = bestLost === undefined && fs.existsSync(files.best) ? { best: files.best } : {};
-  return { status, startStep, state, model, files: { last: files.last, ...best, log: files.log } };
+  return { status, startStep, ...(validatedPending ? { validatedPending: true as const } : {}), state, model, files: { last: files.last, ...best, log: files.log } };
 }
 
 // The validation entry of the log is {time, event, step, epoch, score, ...metrics}: a metric
@@ -922,13 +1006,27 @@ function checkedValidation(value: unknown): ValidationResult {
   }
   const metrics = value.metrics ?? {};
   if (!isObject(metrics)) throw new TrainingError(`hooks.validate resolved metrics ${shown(metrics)}, expected an object {name: number}`);
-  const clashing = Object.keys(metrics).filter((k) => VALIDATION_LOG_FIELDS.includes(k));
+  // `cases` is the log's only when the validator gives per-case figures: a validator of
+  // before (one metric `cases`, a count, say) logs as it did.
+  const reserved = value.cases === undefined ? VALIDATION_LOG_FIELDS : [...VALIDATION_LOG_FIELDS, 'cases'];
+  const clashing = Object.keys(metrics).filter((k) => reserved.includes(k));
   if (clashing.length) {
     throw new TrainingError(
-      `validation metric(s) ${clashing.map((k) => `'${k}'`).join(', ')} would overwrite the training log's own field(s) (${VALIDATION_LOG_FIELDS.join(', ')}); rename them`,
+      `validation metric(s) ${clashing.map((k) => `'${k}'`).join(', ')} would overwrite the training log's own field(s) (${reserved.join(', ')}); rename them`,
     );
   }
-  return { score: value.score, metrics: metrics as Record<string, number> };
+  if (value.cases === undefined) return { score: value.score, metrics: metrics as Record<string, number> };
+  if (!Array.isArray(value.cases)) throw new TrainingError(`hooks.validate resolved cases ${shown(value.cases)}, expected an array of {id: string, score: number, metrics?: {name: number}}`);
+  const cases = value.cases.map((c: unknown, k): ValidationCase => {
+    if (!isObject(c) || typeof c.id !== 'string' || typeof c.score !== 'number' || (c.metrics !== undefined && !isObject(c.metrics))) {
+      throw new TrainingError(`hooks.validate resolved cases[${k}] ${shown(c)}, expected {id: string, score: number, metrics?: {name: number}}`);
+    }
+    // A case's entry in the log is {id, score, ...metrics}: a metric of those names would overwrite them.
+    const own = Object.keys(c.metrics ?? {}).filter((name) => name === 'id' || name === 'score');
+    if (own.length) throw new TrainingError(`validation case ${JSON.stringify(c.id)}: metric(s) ${own.map((n) => `'${n}'`).join(', ')} would overwrite the case's own field(s) (id, score); rename them`);
+    return { id: c.id, score: c.score, ...(c.metrics ? { metrics: c.metrics as Record<string, number> } : {}) };
+  });
+  return { score: value.score, metrics: metrics as Record<string, number>, cases };
 }
 
 /** The entries of a JSON-lines training log, in order. */

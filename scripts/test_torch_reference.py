@@ -11,6 +11,9 @@ What it checks, and why each matters for an oracle:
   adam       one step of Adam / AdamW equals the closed form of a first Adam step.
   roundtrip  case file -> CLI -> result file: keys, shapes, dtypes, values, warm-up.
   errors     bad labels / shapes are rejected with a message naming the input.
+  sliding    SPEC 5 sliding windows: window starts, the Gaussian map (a tiny sigma too) and the
+             weighted mean over windows, against hand-computed values with a fake network.
+  predict    predict's bad arguments (patch, batch, threads, overlap, sizes) are caller errors.
   bench      the bench command prints one JSON line with ok: true.
 
 Run: python3 scripts/test_torch_reference.py
@@ -480,6 +483,95 @@ def test_config_defaults():
     check(ref.parse_config(dict(base, ndim=3, baseChannels=32))["baseChannels"] == 32, "an explicit c stays")
 
 
+class OffsetModel(torch.nn.Module):
+    """A fake 2D network whose consensus logit of class 1 is the column of the voxel within
+    its window (divided by 4), class 0 has logit 0, and whose CM is the identity: stitched
+    outputs then show where every window was placed and how it was weighted."""
+
+    def __init__(self):
+        super().__init__()
+        self.cfg = {"ndim": 2, "inChannels": 1, "classes": 2, "annotators": 1, "depth": 1}
+
+    def forward(self, images):
+        n, _, h, w = images.shape
+        col = torch.arange(w, dtype=images.dtype).view(1, 1, 1, w).expand(n, 1, h, w)
+        logits = torch.cat([torch.zeros_like(col), col / 4], dim=1)
+        return logits, [torch.eye(2, dtype=images.dtype).view(1, 2, 2, 1, 1)]
+
+
+def test_sliding_window():
+    """SPEC 5 sliding windows: starts, the Gaussian map and the weighted mean, by hand."""
+    print("sliding window")
+    starts = {(37, 16, 0.5): [0, 7, 14, 21], (45, 16, 0.75): [0, 4, 7, 11, 15, 18, 22, 25, 29],
+              (29, 16, 0.25): [0, 7, 13], (16, 16, 0.5): [0], (10, 16, 0.5): [0],
+              (56, 40, 0.8): [0, 8, 16], (40, 16, 0.0): [0, 12, 24]}
+    for (size, patch, overlap), want in starts.items():
+        got = ref.window_starts(size, patch, overlap)
+        check(got == want, f"window_starts({size}, {patch}, {overlap}) = {got}, expected {want}")
+    # Patch 5: centre 2, sigma 5/8; the corners' exp(-5.12 - 5.12) is under the 1e-3 floor.
+    w = ref.importance_map([5, 5])
+    close(w[2, 2], 1.0, 0, 1e-12, "importance map centre")
+    close(w[2, 1], np.exp(-0.5 * 1.6 ** 2), 0, 1e-12, "importance map one voxel off the centre")
+    close(w[2, 0], np.exp(-0.5 * 3.2 ** 2), 0, 1e-12, "importance map at the border")
+    close(w[0, 0], 1e-3, 0, 1e-15, "importance map floor")
+    # A tiny sigma: every Gaussian value underflows to 0; the centre must still weigh 1.
+    tiny = ref.importance_map([16, 16, 16], 0.001)
+    check(bool(torch.isfinite(tiny).all()) and float(tiny.max()) == 1.0 and int((tiny == 1).sum()) == 8
+          and float(tiny.min()) == 1e-3, f"importance map with sigma_scale 0.001: {int(torch.isnan(tiny).sum())} NaN, max {float(tiny.max())}")
+
+    # Two windows along x (starts 0 and 8 of a 24-wide image, patch 16): at column x the
+    # stitched p1 is the Gaussian-weighted mean of sigmoid(offset / 4) over the windows covering x.
+    model = OffsetModel()
+    sig = 2.0  # 16 / 8
+    g = lambda o: max(np.exp(-0.5 * ((o - 7.5) / sig) ** 2) / np.exp(-0.5 * (0.5 / sig) ** 2), 1e-3)
+    f = lambda o: 1 / (1 + np.exp(-o / 4))
+    out = ref.sliding_window_predict(model, torch.zeros(1, 16, 24, dtype=torch.float64), [16, 16], overlap=0.5)
+    check(out["windows"] == 2, f"windows {out['windows']}, expected 2")
+    want = []
+    for x in range(24):
+        offsets = [x - s for s in (0, 8) if 0 <= x - s < 16]
+        want.append(sum(g(o) * f(o) for o in offsets) / sum(g(o) for o in offsets))
+    # Row 7 is next to the window centre (7.5): its weights are g(column) alone (elsewhere the
+    # floor applies to the product of the axes' factors, which then does not cancel).
+    close(out["probs"][1, 7].numpy(), want, 0, 1e-6, "stitched p over two windows")
+    close(out["annotatorProbs"][0, 1, 7].numpy(), want, 0, 1e-6, "stitched q_r = A_r p (A = I)")
+    close(out["cms"][0].sum(dim=0).numpy(), np.ones((2, 16, 24)), 0, 1e-6, "stitched CM columns sum to 1")
+    # An image 10 wide, narrower than the patch: centred with 3 zeros in front, so column x
+    # is window column x + 3.
+    out = ref.sliding_window_predict(model, torch.zeros(1, 16, 10, dtype=torch.float64), [16, 16])
+    close(out["probs"][1, 0].numpy(), [f(x + 3) for x in range(10)], 0, 1e-6, "image narrower than the patch, centred")
+    # Mirroring x: window column o is predicted as 15 - o, flipped back.
+    out = ref.sliding_window_predict(model, torch.zeros(1, 16, 16, dtype=torch.float64), [16, 16], mirror=[1])
+    close(out["probs"][1, 0].numpy(), [(f(x) + f(15 - x)) / 2 for x in range(16)], 0, 1e-6, "mirrored along x")
+
+
+def test_predict_errors():
+    """predict's bad arguments are one JSON line naming the argument, exit 2, no traceback."""
+    print("predict errors")
+    from safetensors.torch import save_file
+
+    cfg = tiny_config(3, "full", depth=2)
+    model = ref.CMUNet(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, images = os.path.join(tmp, "ckpt.safetensors"), os.path.join(tmp, "images.safetensors")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt,
+                  metadata={"format": "cmseg-checkpoint", "version": "1", "config": json.dumps(cfg)})
+        save_file({"images": torch.randn(1, 2, 9, 10, 11)}, images)
+        cases = [
+            (["--patch", "abc"], "--patch 'abc'"),
+            (["--patch", "8", "--batch", "0"], "--batch 0 must be"),
+            (["--patch", "8", "--threads", "-1"], "--threads -1 must be"),
+            (["--patch", "8", "--overlap", "1"], "overlap 1.0 must be in [0, 1)"),
+            # Whole images must fit the U-Net: 9 is not a multiple of 2; say so, and name --patch.
+            ([], "not divisible by 2^(depth-1) = 2"),
+        ]
+        for extra, message in cases:
+            proc = subprocess.run([sys.executable, SCRIPT, "predict", "--checkpoint", ckpt, "--images", images,
+                                   "--out", os.path.join(tmp, "out.safetensors"), *extra], capture_output=True, text=True)
+            check(proc.returncode == 2 and message in proc.stdout and "Traceback" not in proc.stderr,
+                  f"predict {' '.join(extra)}: rc {proc.returncode}, out {proc.stdout.strip()[-200:]}, err {proc.stderr.strip()[-200:]}")
+
+
 def test_bench():
     print("bench")
     for config, shape in (("mnist2d", "4,1,16,16"), ("brats3d-cpu", "1,4,16,16,16")):
@@ -498,7 +590,7 @@ def main():
     start = time.perf_counter()
     for test in (test_names, test_cm_and_loss, test_spec_gradient_formulas, test_identity_cms,
                  test_finite_differences, test_adam_closed_form, test_roundtrip, test_errors, test_config_defaults,
-                 test_bench):
+                 test_sliding_window, test_predict_errors, test_bench):
         test()
     seconds = time.perf_counter() - start
     if FAILURES:

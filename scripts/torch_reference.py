@@ -9,8 +9,11 @@ Three jobs:
            steps (forward, loss, backward, Adam), or for the *-predict configurations one
            forward pass without gradients (p and each q_r), and prints one JSON line.
   predict  a cmseg checkpoint (cmseg train's or saveCheckpoint's) in PyTorch: its model on
-           images from a .safetensors file, probabilities and CMs written to another.
-From Python, load_checkpoint(path) gives a cmseg checkpoint as this file's CMUNet.
+           images from a .safetensors file, probabilities, CMs and q_r written to another;
+           each image whole, or with --patch by Gaussian-weighted sliding windows (SPEC 5,
+           as cmseg's slidingWindowPredict documents them; --overlap, default 0.5; --mirror).
+From Python, load_checkpoint(path) gives a cmseg checkpoint as this file's CMUNet, and
+sliding_window_predict(model, volume [C, *S], patch, overlap) predicts a whole volume.
 
 Nothing here reads the C++ code; where this file and the SPEC disagree, the SPEC wins.
 
@@ -18,6 +21,7 @@ Examples:
   python3 scripts/torch_reference.py run --case case.safetensors --out result.safetensors --dtype float64
   python3 scripts/torch_reference.py bench --config mnist2d --steps 5 --warmup 1 --threads 2
   python3 scripts/torch_reference.py predict --checkpoint runs/cm/best.safetensors --images x.safetensors --out p.safetensors
+  python3 scripts/torch_reference.py predict --checkpoint best.safetensors --images x.safetensors --out p.safetensors --patch 64 --overlap 0.5
 """
 
 import argparse
@@ -476,15 +480,219 @@ def command_predict(args):
     cfg = info["config"]
     if x.dim() != cfg["ndim"] + 2 or x.shape[1] != cfg["inChannels"]:
         raise ValueError(f"images have shape {list(x.shape)}; the checkpoint's model takes [N, {cfg['inChannels']}, *S] with {cfg['ndim']} spatial axes")
-    probs, cms = predict_probs(model, x)
-    save_file({"probs": probs.float().cpu().contiguous(), "cms": cms.float().cpu().contiguous()}, args.out)
-    print(json.dumps({"ok": True, "checkpoint": args.checkpoint, "step": info["step"], "out": args.out,
-                      "probs": list(probs.shape), "cms": list(cms.shape)}))
+    # Checked here, so that each is a caller error naming the flag (torch said "range() arg 3
+    # must not be zero" for --batch 0, and raised a RuntimeError with a traceback for --threads -1).
+    if args.threads < 0:
+        raise ValueError(f"--threads {args.threads} must be >= 0 (0: torch's choice)")
+    if args.batch < 1:
+        raise ValueError(f"--batch {args.batch} must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.patch is None:
+        if args.overlap is not None or args.mirror:
+            raise ValueError("--overlap and --mirror need --patch (sliding windows); without it each image is predicted whole")
+        # A whole image goes through every pooling: a size that does not halve evenly failed
+        # deep in torch.cat ("Sizes of tensors must match ...") with a traceback.
+        stride = 2 ** (cfg["depth"] - 1)
+        for axis, size in enumerate(x.shape[2:]):
+            if size % stride:
+                raise ValueError(f"images spatial size {size} (axis {axis}) is not divisible by 2^(depth-1) = {stride}: "
+                                 f"predict by sliding windows (--patch) or pad the images")
+        probs, cms = predict_probs(model, x)
+        q = (cms * probs.unsqueeze(1).unsqueeze(2)).sum(dim=3)
+        windows = None
+    else:
+        # SPEC 5: each image [C, *S] by Gaussian-weighted sliding windows of --patch.
+        patch = parse_patch(args.patch, cfg["ndim"])
+        overlap = 0.5 if args.overlap is None else args.overlap
+        results = [sliding_window_predict(model, image, patch, overlap=overlap, batch=args.batch, mirror=args.mirror)
+                   for image in x]
+        probs, cms, q = (torch.stack([r[k] for r in results]) for k in ("probs", "cms", "annotatorProbs"))
+        windows = results[0]["windows"] if results else 0
+    out = {"probs": probs, "cms": cms, "annotatorProbs": q}
+    save_file({k: v.float().cpu().contiguous() for k, v in out.items()}, args.out)
+    report = {"ok": True, "checkpoint": args.checkpoint, "step": info["step"], "out": args.out,
+              **{k: list(v.shape) for k, v in out.items()}}
+    if windows is not None:
+        report["windowsPerImage"] = windows
+    print(json.dumps(report))
 
 
 def expand_cms(cms, n, spatial):
     """[N,R,L,L,*S]: global CMs are broadcast to every image and pixel."""
     return torch.stack([A.expand(n, A.shape[1], A.shape[2], *spatial) for A in cms], dim=1)
+
+
+# ---------------------------------------------------------------------------
+# Sliding-window inference (SPEC 5), written from SPEC 5, README.md and the documented
+# choices at the top of cmseg's src/model/sliding-window.ts (not from its code):
+#   - per axis of size S and patch P, with S >= P: the first window starts at 0 and the last
+#     ends flush with the far edge; the windows in between are spread evenly, the fewest
+#     windows such that consecutive starts are at most P * (1 - overlap) apart (at least 1);
+#   - S < P: one window, the volume centred in it (floor((P - S) / 2) zeros in front) and
+#     padded with zeros; padded voxels are predicted and discarded;
+#   - every window output (p, the CMs A_r, q_r = A_r p) is weighted by a Gaussian importance
+#     map: exp(-sum_axis ((x - c) / sigma)^2 / 2) with c = (P - 1) / 2 and sigma = P * 1/8
+#     per axis, 1 at the centre, raised to at least 1e-3 (GAUSSIAN_WEIGHT_FLOOR, so that a
+#     corner covered by one window's corner has a weight); the result is the weighted mean
+#     sum(w * out) / sum(w) of the windows covering each voxel;
+#   - mirror (test-time augmentation): each window is also predicted mirrored along every
+#     subset of the chosen spatial axes, predictions flipped back and averaged (nnU-Net).
+# Sums are float64 unless asked otherwise (the oracle); outputs are float32.
+# ---------------------------------------------------------------------------
+
+GAUSSIAN_WEIGHT_FLOOR = 1e-3
+
+
+def _exact_fraction(x):
+    """The number the user wrote: 0.8 is 4/5, not the binary double just above it.
+
+    SPEC 5 speaks of overlap 0.5; a step of P * (1 - overlap) voxels is meant as a decimal
+    fraction of the patch (overlap 0.8 of a 40-voxel patch is a step of 8, not 7.999...).
+    """
+    from fractions import Fraction
+
+    return Fraction(repr(float(x)))
+
+
+def window_starts(size, patch, overlap=0.5):
+    """Start offsets (in the padded axis) of the windows along one axis; see the block comment."""
+    from fractions import Fraction
+
+    size, patch = int(size), int(patch)
+    if size <= patch:
+        return [0]
+    max_step = max(1, math.floor(patch * (1 - _exact_fraction(overlap))))
+    span = size - patch
+    steps = -(-span // max_step)  # ceil: the fewest gaps of at most max_step voxels
+    # Evenly spread: start i = round(i * span / steps), halves rounded up (as JavaScript's
+    # Math.round, which cmseg documents only as "evenly spread"); exact integer arithmetic.
+    return [math.floor(Fraction(i * span, steps) + Fraction(1, 2)) for i in range(steps + 1)]
+
+
+def importance_map(patch, sigma_scale=1 / 8, floor=GAUSSIAN_WEIGHT_FLOOR, dtype=torch.float64):
+    """Gaussian weights of one window [*patch], 1 at the centre, at least `floor` everywhere."""
+    grids = torch.meshgrid(*[torch.arange(p, dtype=torch.float64) for p in patch], indexing="ij")
+    exponent = torch.zeros(tuple(patch), dtype=torch.float64)
+    for g, p in zip(grids, patch):
+        exponent = exponent + ((g - (p - 1) / 2) / (p * sigma_scale)) ** 2
+    # Scaled to 1 at the centre in the exponent, not by dividing by the maximum: with a tiny
+    # sigma (sigma_scale 1e-3 of a 16^3 window) every exp(-exponent / 2) underflows to 0, and
+    # 0 / 0 made every weight NaN.
+    w = torch.exp(-0.5 * (exponent - exponent.min()))
+    return torch.clamp_min(w, floor).to(dtype)
+
+
+def _subsets(axes):
+    out = [[]]
+    for a in axes:
+        out += [s + [a] for s in out]
+    return out
+
+
+def window_outputs(model, x, mirror_axes=()):
+    """p [N,L,*P], A [N,R,L,L,*P], q [N,R,L,*P] of a batch of windows; mirrored and averaged
+    over every subset of `mirror_axes` (spatial axes, 0 = first spatial axis)."""
+    total = None
+    subsets = _subsets(list(mirror_axes))
+    for flip in subsets:
+        xi = torch.flip(x, [2 + a for a in flip]) if flip else x
+        logits, cms = model(xi)
+        p = torch.softmax(logits, dim=1)
+        A = expand_cms(cms, x.shape[0], tuple(x.shape[2:]))  # [N,R,L,L,*P]
+        # q[r][i] = sum_j A[r][i][j] p[j], summed over j in order (half the time of the
+        # broadcast product's .sum(dim=3), which builds an [N,R,L,L,*P] temporary).
+        q = sum(A[:, :, :, j] * p[:, None, j:j + 1] for j in range(p.shape[1]))
+        if flip:
+            p = torch.flip(p, [2 + a for a in flip])
+            A = torch.flip(A, [4 + a for a in flip])
+            q = torch.flip(q, [3 + a for a in flip])
+        outs = (p, A, q)
+        total = outs if total is None else tuple(t + o for t, o in zip(total, outs))
+    return tuple(t / len(subsets) for t in total)
+
+
+def sliding_window_predict(model, volume, patch, overlap=0.5, batch=2, sigma_scale=1 / 8,
+                           mirror=False, sum_dtype=torch.float64):
+    """A whole volume [C, *S] predicted by Gaussian-weighted sliding windows.
+
+    patch: a list of len(S) sizes (or one int for every axis). mirror: False, True (every
+    spatial axis) or a list of spatial axes. Returns {"probs": [L,*S], "cms": [R,L,L,*S],
+    "annotatorProbs": [R,L,*S], "windows": count}, float32 tensors on the volume's device.
+    """
+    cfg = model.cfg
+    ndim = cfg["ndim"]
+    if volume.dim() != ndim + 1 or volume.shape[0] != cfg["inChannels"]:
+        raise ValueError(f"volume has shape {list(volume.shape)}; the model takes [{cfg['inChannels']}, *S] with {ndim} spatial axes")
+    patch = [int(patch)] * ndim if isinstance(patch, int) else [int(p) for p in patch]
+    if len(patch) != ndim:
+        raise ValueError(f"patch {patch} must have {ndim} sizes")
+    multiple = 2 ** (cfg["depth"] - 1)
+    for p in patch:
+        if p < 1 or p % multiple:
+            raise ValueError(f"patch size {p} is not a positive multiple of 2^(depth-1) = {multiple}")
+    if not 0 <= float(overlap) < 1:
+        raise ValueError(f"overlap {overlap} must be in [0, 1)")
+    if int(batch) < 1:
+        raise ValueError(f"batch {batch} must be >= 1 window")
+    if not torch.isfinite(volume).all():
+        raise ValueError("volume has a NaN/Inf")
+    if mirror is True:
+        mirror_axes = list(range(ndim))
+    elif mirror is False or mirror is None:
+        mirror_axes = []
+    else:
+        mirror_axes = [int(a) for a in mirror]
+
+    spatial = list(volume.shape[1:])
+    padded = [max(s, p) for s, p in zip(spatial, patch)]
+    before = [(q - s) // 2 for q, s in zip(padded, spatial)]
+    x = torch.zeros(volume.shape[0], *padded, dtype=volume.dtype, device=volume.device)
+    x[(slice(None),) + tuple(slice(b, b + s) for b, s in zip(before, spatial))] = volume
+    starts = [window_starts(q, p, overlap) for q, p in zip(padded, patch)]
+    grid = [[]]
+    for axis_starts in starts:
+        grid = [g + [s] for g in grid for s in axis_starts]
+
+    L, R = cfg["classes"], cfg["annotators"]
+    dev = volume.device
+    w = importance_map(patch, sigma_scale).to(device=dev, dtype=sum_dtype)
+    acc_p = torch.zeros(L, *padded, dtype=sum_dtype, device=dev)
+    acc_a = torch.zeros(R, L, L, *padded, dtype=sum_dtype, device=dev)
+    acc_q = torch.zeros(R, L, *padded, dtype=sum_dtype, device=dev)
+    acc_w = torch.zeros(*padded, dtype=sum_dtype, device=dev)
+    with torch.inference_mode():
+        for k in range(0, len(grid), batch):
+            chunk = grid[k:k + batch]
+            boxes = [tuple(slice(s, s + p) for s, p in zip(g, patch)) for g in chunk]
+            windows = torch.stack([x[(slice(None),) + b] for b in boxes])
+            p, A, q = window_outputs(model, windows, mirror_axes)
+            for n, b in enumerate(boxes):
+                acc_w[b] += w
+                acc_p[(slice(None),) + b] += w * p[n].to(sum_dtype)
+                acc_a[(slice(None),) * 3 + b] += w * A[n].to(sum_dtype)
+                acc_q[(slice(None),) * 2 + b] += w * q[n].to(sum_dtype)
+    inside = tuple(slice(b, b + s) for b, s in zip(before, spatial))
+    weight = acc_w[inside]
+    return {
+        "probs": (acc_p[(slice(None),) + inside] / weight).float(),
+        "cms": (acc_a[(slice(None),) * 3 + inside] / weight).float(),
+        "annotatorProbs": (acc_q[(slice(None),) * 2 + inside] / weight).float(),
+        "windows": len(grid),
+    }
+
+
+def parse_patch(text, ndim):
+    """--patch 64 (every axis) or 16,32,32 (one size per spatial axis)."""
+    try:
+        sizes = [int(s) for s in str(text).split(",")]
+    except ValueError:
+        raise ValueError(f"--patch {text!r} must be a window size (64) or one size per spatial axis (16,32,32)") from None
+    if len(sizes) == 1:
+        sizes = sizes * ndim
+    if len(sizes) != ndim:
+        raise ValueError(f"--patch {text} must give 1 or {ndim} sizes for a {ndim}D model")
+    return sizes
 
 
 def run_case(case, dtype=torch.float64, device="cpu"):
@@ -795,8 +1003,15 @@ def build_parser():
                           epilog="example: torch_reference.py predict --checkpoint best.safetensors --images x.safetensors --out p.safetensors")
     pred.add_argument("--checkpoint", required=True, help="a checkpoint written by cmseg (train or saveCheckpoint)")
     pred.add_argument("--images", required=True, help=".safetensors with a float tensor 'images' [N, C, *S]")
-    pred.add_argument("--out", required=True, help="output .safetensors: probs [N, L, *S], cms [N, R, L, L, *S]")
+    pred.add_argument("--out", required=True, help="output .safetensors: probs [N, L, *S], cms [N, R, L, L, *S], annotatorProbs (q_r = A_r p) [N, R, L, *S]")
     pred.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    pred.add_argument("--patch", default=None,
+                      help="sliding-window inference (SPEC 5) with windows of this size: 64, or one size per spatial axis (16,32,32); "
+                           "without it each image is predicted whole")
+    pred.add_argument("--overlap", type=float, default=None, help="fraction of a window shared with its neighbour, [0, 1) (default 0.5)")
+    pred.add_argument("--batch", type=int, default=2, help="windows per forward pass (default 2; the results do not depend on it)")
+    pred.add_argument("--mirror", action="store_true", help="mirror each window along every spatial axis and average (test-time augmentation)")
+    pred.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     return parser
 
 

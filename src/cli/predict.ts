@@ -29,7 +29,7 @@ import { type PngImage, writePng } from '../data/png';
 import { argmaxAnnotatorProbs, hasNonFinite } from '../eval/metrics';
 import type { Device } from '../model/config';
 import { argmaxClasses, setNumThreads } from '../model/model';
-import { slidingWindowPredict } from '../model/sliding-window';
+import { slidingWindowPredict, windowStep } from '../model/sliding-window';
 import { captionScale, captioned, classLegend, cmFigure, colorImage, grayImage, grid, labelImage, labelOverlay, legend, luminance, stack, upscale } from '../report/pictures';
 import { drawableText, hasGlyph } from '../report/font';
 import type { AnnotatedSet } from '../train/data';
@@ -539,7 +539,7 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
  */
 function noteHighOverlap(overlap: number, patch: readonly number[]): void {
   const p = Math.min(...patch);
-  const step = Math.max(1, Math.floor(p * (1 - overlap)));
+  const step = windowStep(p, overlap);
   if (step * 4 >= p) return; // up to 0.75: at most 125 windows for that case
   const windows = (s: number) => (Math.ceil(p / s) + 1) ** 3;
   process.stderr.write(

@@ -7,7 +7,7 @@
 // Geometry, per spatial axis of size `size` and patch `patch`:
 // - size >= patch: windows start at 0 and the last one ends flush with the far edge; the
 //   windows in between are spread evenly, so the step between consecutive windows is at
-//   most patch * (1 - overlap) (a few voxels less when the size is not a multiple of it).
+//   most floor(patch * (1 - overlap)) (a few voxels less when the size is not a multiple of it).
 // - size < patch: one window, the volume centred in it and padded with zeros. Zero is the
 //   background intensity of the usual z-scored, skull-stripped inputs; reflection would
 //   invent anatomy. Padded voxels are predicted and discarded.
@@ -108,13 +108,28 @@ export function gaussianImportanceMap(patch: readonly number[], sigmaScale = 1 /
     const sigma = size * sigmaScale;
     return Float64Array.from({ length: size }, (_, i) => Math.exp(-0.5 * ((i - centre) / sigma) ** 2));
   };
-  // The Gaussian factorises over axes; the centre's value is the product of the axes' maxima.
-  const [gz, gy, gx] = [axis(pd), axis(ph), axis(pw)];
-  const peak = Math.max(...gz) * Math.max(...gy) * Math.max(...gx);
+  // The Gaussian factorises over axes; each axis is scaled to a maximum of 1 before the
+  // product, so the centre weighs 1. Scaling the product by the product of the maxima instead
+  // divided 0 by 0 for a small sigmaScale (every voxel's product underflowed, 0.001 at 16^3):
+  // a map of NaN, and every stitched output NaN.
+  const [gz, gy, gx] = [axis(pd), axis(ph), axis(pw)].map((g) => {
+    const top = Math.max(...g);
+    return g.map((v) => v / top);
+  });
   const map = new Float64Array(pd * ph * pw);
   let k = 0;
-  for (let z = 0; z < pd; z++) for (let y = 0; y < ph; y++) for (let x = 0; x < pw; x++) map[k++] = Math.max(floor, (gz[z] * gy[y] * gx[x]) / peak);
+  for (let z = 0; z < pd; z++) for (let y = 0; y < ph; y++) for (let x = 0; x < pw; x++) map[k++] = Math.max(floor, gz[z] * gy[y] * gx[x]);
   return map;
+}
+
+/**
+ * The largest step between windows of `patch` voxels overlapping by `overlap`:
+ * floor(patch * (1 - overlap)), at least 1. The 1e-9 keeps a product that is whole in exact
+ * arithmetic whole: 1 - 0.8 is 0.19999999999999996 in binary, so 40 * (1 - 0.8) floored to 7,
+ * not 8, and a case took more windows than the overlap asked for (2.25x at patch 40, 0.9).
+ */
+export function windowStep(patch: number, overlap: number): number {
+  return Math.max(1, Math.floor(patch * (1 - overlap) + 1e-9));
 }
 
 /**
@@ -195,8 +210,7 @@ export async function slidingWindowPredict(
   const axes: Axis[] = [extent.d, extent.h, extent.w].map((size, i) => {
     const p = patch[i];
     const padded = Math.max(size, p);
-    const maxStep = Math.max(1, Math.floor(p * (1 - overlap)));
-    return { size, patch: p, before: Math.floor((padded - size) / 2), starts: windowStarts(padded, p, maxStep) };
+    return { size, patch: p, before: Math.floor((padded - size) / 2), starts: windowStarts(padded, p, windowStep(p, overlap)) };
   });
   const windows: [number, number, number][] = [];
   for (const z of axes[0].starts) for (const y of axes[1].starts) for (const x of axes[2].starts) windows.push([z, y, x]);

@@ -33,7 +33,8 @@ function changedSince(file: string, before: fs.Stats): boolean {
  * meanwhile, the next piece began inside a line, and curves failed with "line N is not a training
  * log entry" for a log that is fine; or, cut and not yet appended to, the cut entries were drawn.
  * So a log that failed to parse and changed (ino, size or mtime) since its read began, or that
- * is shorter now than when it began (cut) or another file (replaced), is read again, up to
+ * is shorter now than when it began (cut) or another file (replaced), or that changed and whose
+ * steps went backwards (cut and appended past its old size, the next piece on a whole line), is read again, up to
  * CURVES_READ_ATTEMPTS times in all; a log still broken then is reported (a live run's log
  * grows all the time: a line broken for good is read that many times, then reported).
  * `hooks.visited` (tests) is called before each entry.
@@ -42,13 +43,23 @@ export function readCurvesEvents(log: string, hooks: { visited?: (line: number, 
   for (let attempt = 1; ; attempt++) {
     const events: Record<string, unknown>[] = [];
     let before: fs.Stats;
+    // A drawn step below one drawn before it: the log is written in step order, so this read
+    // joined two logs (a cut and appended one whose next piece began on a whole line parses fine).
+    let latest = -Infinity;
+    let backwards = false;
     try {
       before = fs.statSync(log);
       forEachTrainLogEntry(
         log,
         (e, line) => {
           hooks.visited?.(line, attempt);
-          if (e.event === 'step' || e.event === 'validation') events.push(drawnPart(e));
+          if (e.event === 'step' || e.event === 'validation') {
+            events.push(drawnPart(e));
+            if (typeof e.step === 'number') {
+              if (e.step < latest) backwards = true;
+              latest = Math.max(latest, e.step);
+            }
+          }
         },
         { whileWritten: true },
       );
@@ -58,8 +69,10 @@ export function readCurvesEvents(log: string, hooks: { visited?: (line: number, 
       throw new UserError(`${displayPath(log)} ${(err as Error).message}`);
     }
     const now = fs.statSync(log, { throwIfNoEntry: false });
-    // Cut while read (the cut entries may have been drawn), or replaced whole (a resume that rewrites it): read it as it is now.
-    if (attempt < CURVES_READ_ATTEMPTS && now && (now.ino !== before.ino || now.size < before.size)) continue;
+    // Cut while read (the cut entries may have been drawn), replaced whole (a resume that rewrites
+    // it), or cut and appended to past its old size while read (steps drawn twice, from both
+    // logs: `backwards`): read it as it is now.
+    if (attempt < CURVES_READ_ATTEMPTS && now && (now.ino !== before.ino || now.size < before.size || (backwards && changedSince(log, before)))) continue;
     return events;
   }
 }

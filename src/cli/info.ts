@@ -55,7 +55,10 @@ function stepText(info: CheckpointInfo): string {
   // Stopped during the validation after its last step: the resume still has that to do.
   if (s.step >= s.totalSteps && s.pendingValidation) return `${s.step} of ${s.totalSteps}, ${epochs} epoch(s): its last validation was stopped (resume to run it)`;
   if (s.step >= s.totalSteps) return `${s.step} of ${s.totalSteps}, ${epochs} epoch(s): complete`;
-  return `${s.step} of ${s.totalSteps}, epoch ${s.epoch + 1} of ${epochs}`;
+  // Stopped during an earlier epoch's validation: without this it read as a run that had
+  // validated that epoch (its best "none yet" as a run without validations).
+  const pending = s.pendingValidation && s.epoch > 0 ? `; the validation after epoch ${s.epoch} was stopped (the resume runs it first)` : '';
+  return `${s.step} of ${s.totalSteps}, epoch ${s.epoch + 1} of ${epochs}${pending}`;
 }
 
 /** The best validation a trainer's checkpoint records; undefined when it records none in that form. */

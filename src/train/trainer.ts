@@ -237,7 +237,8 @@ export interface ValidationCase {
  * 3/8"): a BraTS validation of whole cases takes minutes on a CPU, with the bar standing still.
  * Called before a case (done < total) after hooks.signal fired, it throws: let that propagate,
  * and the run stops there and saves, without the minutes the other cases would take (a
- * scheduler's SIGTERM gives a job seconds); the resumed run validates again.
+ * scheduler's SIGTERM gives a job seconds); the resumed run validates again. A validator that
+ * throws the signal's reason itself (signal.throwIfAborted()) stops the same way.
  */
 export type ValidationProgress = (done: number, total: number, id?: string) => void;
 
@@ -599,9 +600,10 @@ async function bestOfRunWithoutLast(files: { best: string; log: string }): Promi
  * Why `file` (best.safetensors) does not hold the best a resumed run recorded (`best`, in its
  * `last` at `step`): it is gone, cannot be read, or holds another model (its trainer state says
  * another best). undefined when it holds that best, or a later one: saved just before a crash
- * that came before `last` was saved, which the resumed run takes again exactly and writes anew.
+ * that came before `last` was saved, which the resumed run takes again exactly and writes anew
+ * (with `pendingValidation`, one of `step` itself: the pending validation's).
  */
-async function recordedBestLost(file: string, best: NonNullable<TrainerState['best']>, step: number): Promise<string | undefined> {
+async function recordedBestLost(file: string, best: NonNullable<TrainerState['best']>, step: number, pendingValidation = false): Promise<string | undefined> {
   if (!fs.existsSync(file)) return 'is gone';
   let saved: TrainerExtra;
   try {
@@ -611,6 +613,9 @@ async function recordedBestLost(file: string, best: NonNullable<TrainerState['be
   }
   if (saved.state.step > step) return undefined;
   const held = saved.state.best;
+  // `last` stopped in the validation at its own step: a best of that step is that validation's,
+  // saved by an earlier resume that died before it saved `last`; this resume does it again.
+  if (pendingValidation && saved.state.step === step && held?.step === step) return undefined;
   if (held && held.step === best.step && held.score === best.score) return undefined;
   return `holds another model (of step ${saved.state.step}${held ? `, best score ${held.score}` : ''})`;
 }
@@ -639,12 +644,19 @@ class JsonLog {
     appendFileWholeSync(this.file, JSON.stringify({ time: new Date().toISOString(), ...entry }) + '\n');
   }
 
-  /** Drops entries past `step` (written after the checkpoint we resume from, e.g. before a crash). */
-  async truncateAfter(step: number): Promise<void> {
+  /**
+   * Drops entries past `step` (written after the checkpoint we resume from, e.g. before a crash)
+   * and, with `pendingValidation`, the validation entries at `step` (and their saves of `best`):
+   * `last` says that validation is still to do, so such an entry is an earlier resume's that
+   * failed before it saved `last` (its save of `best` on a full disk, a kill); kept, the log
+   * held that validation twice.
+   */
+  async truncateAfter(step: number, pendingValidation = false): Promise<void> {
     if (!fs.existsSync(this.file)) return;
     const keeps = (line: string) => {
       try {
-        const entry = JSON.parse(line) as { step?: number };
+        const entry = JSON.parse(line) as { step?: number; event?: unknown; kind?: unknown };
+        if (pendingValidation && entry.step === step && (entry.event === 'validation' || (entry.event === 'checkpoint' && entry.kind === 'best'))) return false;
         return entry.step === undefined || entry.step <= step;
       } catch {
         return false; // a line cut short by a crash
@@ -769,7 +781,7 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
     // space, cut short, replaced): the remembered score would outdo every later validation,
     // so none would write `best` again and the run would end without one. The remembered
     // score starts again instead: the next validation writes a new best.safetensors.
-    bestLost = state.best ? await recordedBestLost(files.best, state.best, state.step) : undefined;
+    bestLost = state.best ? await recordedBestLost(files.best, state.best, state.step, state.pendingValidation === true) : undefined;
     if (bestLost) {
       const b = state.best!;
       const then =
@@ -788,7 +800,7 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
     // those that changed are logged with the resume.
     const bookkeeping = Object.fromEntries(BOOKKEEPING_SETTINGS.filter((k) => JSON.stringify(config[k]) !== JSON.stringify(saved.config[k])).map((k) => [k, config[k]]));
     config = resumedConfig(saved.config, config);
-    await log.truncateAfter(state.step);
+    await log.truncateAfter(state.step, state.pendingValidation === true);
     // A finished run's log keeps `end` as its last entry: resuming it again trains nothing.
     if (state.step < totalSteps || state.pendingValidation) {
       const settings = Object.keys(bookkeeping).length ? { settings: bookkeeping } : {};
@@ -874,7 +886,9 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
     try {
       resolved = await hooks.validate!(model, onProgress);
     } catch (error) {
-      if (error === stop) return 'stopped';
+      // Also a validator that honours the signal itself (signal.throwIfAborted() between cases
+      // throws signal.reason): it rejected the run, and the epoch's steps since `last` were lost.
+      if (error === stop || (hooks.signal?.aborted && error === hooks.signal.reason)) return 'stopped';
       throw error;
     }
     const validation = checkedValidation(resolved);
@@ -894,16 +908,23 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
 
   // A run stopped during a validation does it first, as the run would have before its next step.
   let validatedPending = false;
+  // Whether this call settled a pending validation (done, or dropped by a resume without
+  // hooks.validate, which validates nothing): a run that stood at its last step is now complete.
+  let settledPending = false;
   try {
     if (state.pendingValidation) {
       delete state.pendingValidation;
-      if (hooks.validate && (await validateEpoch(state.epoch - 1, fields)) === 'stopped') {
+      // Shown as the epoch it ends (state.epoch is already the next one's), as the run never stopped shows it.
+      const ended = { ...fields, epoch: state.epoch - 1 };
+      if (hooks.validate && (await validateEpoch(state.epoch - 1, ended)) === 'stopped') {
         state.pendingValidation = true; // `last` holds this already
         log.write({ event: 'interrupted', step: state.step, epoch: state.epoch, pendingValidation: true });
         status = 'interrupted';
       } else {
         await save('last');
-        validatedPending = true;
+        settledPending = true;
+        // TrainResult.validatedPending: only when a validation ran.
+        if (hooks.validate) validatedPending = true;
         progress.epoch(state.step, { ...fields, epoch: state.epoch - 1 }, 0);
       }
     }
@@ -983,7 +1004,7 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
         await save('last');
       }
     }
-    if (status === 'completed' && (state.step > startStep || validatedPending)) log.write({ event: 'end', step: state.step, best: state.best });
+    if (status === 'completed' && (state.step > startStep || settledPending)) log.write({ event: 'end', step: state.step, best: state.best });
   } finally {
     progress.stop();
   }

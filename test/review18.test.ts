@@ -103,7 +103,7 @@ t.test('info --checkpoint: a run stopped in a validation before its last step sa
   const info = await runCli(['info', '--checkpoint', 'run/last.safetensors'], dir);
   t.equal(info.exitCode, 0, info.stderr);
   // Was "2 of 4, epoch 2 of 2" alone: as if epoch 1 had been validated (best "none yet" then reads as a run without validations).
-  t.match(info.stdout, /\nstep +2 of 4, epoch 2 of 2; the validation after epoch 1 was stopped \(the resume runs it first\)\n/);
+  t.match(info.stdout, /\nstep +2 of 4, epoch 2 of 2; the validation after epoch 1 is not done \(stopped, killed or still running; the resume runs it first\)\n/);
 });
 
 t.test("a resumed stopped validation whose save of `best` failed: resumed again, the log holds that validation once", async (t) => {

@@ -52,12 +52,14 @@ function stepText(info: CheckpointInfo): string {
   const whole = (v: unknown) => Number.isSafeInteger(v) && (v as number) >= 0;
   if (!s || !whole(s.totalSteps) || !whole(s.batchesPerEpoch) || s.batchesPerEpoch === 0 || !whole(s.epoch)) return String(info.step);
   const epochs = Math.ceil(s.totalSteps / s.batchesPerEpoch);
-  // Stopped during the validation after its last step: the resume still has that to do.
-  if (s.step >= s.totalSteps && s.pendingValidation) return `${s.step} of ${s.totalSteps}, ${epochs} epoch(s): its last validation was stopped (resume to run it)`;
+  // Saved before the validation after its last step (`last` is saved before a validation that
+  // reports its cases, BraTS's, so a run stopped, killed or still validating holds this, and
+  // at a stop in any validation): the resume still has that to do.
+  if (s.step >= s.totalSteps && s.pendingValidation) return `${s.step} of ${s.totalSteps}, ${epochs} epoch(s): its last validation is not done (stopped, killed or still running; resume to run it)`;
   if (s.step >= s.totalSteps) return `${s.step} of ${s.totalSteps}, ${epochs} epoch(s): complete`;
   // Stopped during an earlier epoch's validation: without this it read as a run that had
   // validated that epoch (its best "none yet" as a run without validations).
-  const pending = s.pendingValidation && s.epoch > 0 ? `; the validation after epoch ${s.epoch} was stopped (the resume runs it first)` : '';
+  const pending = s.pendingValidation && s.epoch > 0 ? `; the validation after epoch ${s.epoch} is not done (stopped, killed or still running; the resume runs it first)` : '';
   return `${s.step} of ${s.totalSteps}, epoch ${s.epoch + 1} of ${epochs}${pending}`;
 }
 

@@ -36,7 +36,7 @@ import { presetByName, PRESET_NAMES } from '../train/presets';
 import { createFusionProgress, createProgress, etaText, silentFusionProgress } from '../train/progress';
 import { SCHEDULE_KINDS, ScheduleKind } from '../train/schedule';
 import type { CmInit } from '../model/config';
-import { CHECKPOINT_LAST, lockRunFolder, nothingToResumeMessage, readTrainerState, resumeDifferences, resumeDifferencesNote, resumedConfig, runNeverSavedLast, train, TrainConfig, TrainResult, type Validator } from '../train/trainer';
+import { CHECKPOINT_LAST, lockRunFolder, nothingToResumeMessage, readTrainerState, resumeDifferences, resumeDifferencesNote, resumedConfig, runNeverSavedLast, train, TrainConfig, TrainResult, type ValidationProgress, type Validator } from '../train/trainer';
 import { choiceOption, displayPath, given, parseInteger, parseNumber, parsePath, parseThreads, printOutputs, quitNow, shellWord, UserError, withExamples } from './common';
 import { CURVES_FILE, writeRunCurves } from './curves';
 import { checkRunCache, loadRunData, runLabelScheme, withOwnRunCache } from './run-data';
@@ -576,15 +576,30 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
   // case in progress, which the message says rather than "the current step".
   let validating = false;
   const validator = runValidator(data, config.method);
+  const validate = async (model: Model, progress: ValidationProgress) => {
+    validating = true;
+    try {
+      return await validator(model, progress);
+    } finally {
+      validating = false;
+    }
+  };
   const onSigint = (signal: NodeJS.Signals) => {
     stoppedBy ??= signal;
+    // During a BraTS validation `last` already holds the run (the trainer saves it before a
+    // validation that reports its cases, saying it is still to do): quitting loses nothing then.
+    const savedBefore = validating && recipe.dataset.kind === 'brats';
     if (controller.signal.aborted) {
-      process.stderr.write(`\nsecond ${signal}: quitting without saving\n`);
+      process.stderr.write(savedBefore ? `\nsecond ${signal}: quitting; ${CHECKPOINT_LAST} saved before the validation holds the run (the resume validates first)\n` : `\nsecond ${signal}: quitting without saving\n`);
       quitNow(signal === 'SIGTERM' ? 143 : 130);
     }
     controller.abort();
-    const finishing = validating && recipe.dataset.kind === 'brats' ? 'stopping the validation after the case in progress (the resumed run validates again)' : 'finishing the current step';
-    process.stderr.write(`\n${signal === 'SIGTERM' ? 'SIGTERM' : 'interrupt'}: ${finishing} and saving a checkpoint (Ctrl-C again quits at once)\n`);
+    const what = signal === 'SIGTERM' ? 'SIGTERM' : 'interrupt';
+    process.stderr.write(
+      savedBefore
+        ? `\n${what}: stopping the validation after the case in progress; ${CHECKPOINT_LAST} was saved before it, and the resumed run validates again (Ctrl-C again quits at once, losing nothing)\n`
+        : `\n${what}: finishing the current step and saving a checkpoint (Ctrl-C again quits at once)\n`,
+    );
   };
   process.on('SIGINT', onSigint);
   process.on('SIGTERM', onSigint);
@@ -597,14 +612,14 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
       resume: flags.resume,
       lock,
       run: recipe as unknown as Record<string, unknown>,
-      validate: async (model, progress) => {
-        validating = true;
-        try {
-          return await validator(model, progress);
-        } finally {
-          validating = false;
-        }
-      },
+      // Given to train() as a validator that takes `progress` (two parameters) only for BraTS,
+      // whose whole cases it reports one by one (minutes): train() saves `last` before such a
+      // validation, so a SIGKILL during it loses nothing. MNIST's and a folder's (seconds,
+      // and no case reports) keep one save of `last` per epoch.
+      validate:
+        recipe.dataset.kind === 'brats'
+          ? (model: Model, progress: ValidationProgress) => validate(model, progress)
+          : (model: Model) => validate(model, () => {}),
     });
   } finally {
     process.off('SIGINT', onSigint);
@@ -641,6 +656,8 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
   if (result.status === 'interrupted') {
     const pending = state.pendingValidation ? ` during the validation after it (the resumed run validates first)` : '';
     say(`interrupted at step ${state.step}/${state.totalSteps}${pending}; continue with: cmseg train --out ${shellWord(displayPath(outDir))} --resume\n`);
+    // As the text says it: a script deciding whether the run is complete or what the resume does.
+    if (state.pendingValidation) json.pendingValidation = { epoch: state.epoch, step: state.step };
     if (flags.json) process.stdout.write(JSON.stringify(json) + '\n');
     else printOutputs([['checkpoints', checkpoints], ...logOutputs]);
     process.exitCode = stoppedBy === 'SIGTERM' ? 143 : 130; // 128 + the signal's number, as a shell reports it

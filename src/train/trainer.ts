@@ -236,9 +236,11 @@ export interface ValidationCase {
  * `id` the case it scores now (absent at the end). The progress bar shows it ("validating
  * 3/8"): a BraTS validation of whole cases takes minutes on a CPU, with the bar standing still.
  * Called before a case (done < total) after hooks.signal fired, it throws: let that propagate,
- * and the run stops there and saves, without the minutes the other cases would take (a
- * scheduler's SIGTERM gives a job seconds); the resumed run validates again. A validator that
- * throws the signal's reason itself (signal.throwIfAborted()) stops the same way.
+ * and the run stops there, without the minutes the other cases would take (a scheduler's
+ * SIGTERM gives a job seconds); the resumed run validates again. A validator that throws the
+ * signal's reason itself (signal.throwIfAborted()) stops the same way. A validator that declares
+ * this second parameter is taken for a long one: `last` is saved before it (marked
+ * pendingValidation), so a SIGKILL during it resumes at the epoch's end and validates first.
  */
 export type ValidationProgress = (done: number, total: number, id?: string) => void;
 
@@ -892,6 +894,10 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
       throw error;
     }
     const validation = checkedValidation(resolved);
+    // Done: the state is the one after it (not still to validate, the epoch's sums spent; the
+    // caller computed its means), as `best` below and the next `last` must say.
+    delete state.pendingValidation;
+    state.epochSums = { loss: 0, ce: 0, trace: 0, steps: 0, seconds: 0 };
     // The checkpoints' state keeps the means only: the cases are the log's.
     const { cases, ...summary } = validation;
     state.lastValidation = { ...summary, epoch, step: state.step };
@@ -914,18 +920,24 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
   try {
     if (state.pendingValidation) {
       delete state.pendingValidation;
-      // Shown as the epoch it ends (state.epoch is already the next one's), as the run never stopped shows it.
-      const ended = { ...fields, epoch: state.epoch - 1 };
+      // Shown as the epoch it ends (state.epoch is already the next one's), with that epoch's
+      // means, kept in `last` while its validation is pending, as the run never stopped shows
+      // it. (`last` of a version that reset the sums before the stop's save has none: shown as before.)
+      const sums = state.epochSums;
+      const means = sums.steps > 0 ? { loss: sums.loss / sums.steps, ce: sums.ce / sums.steps, trace: sums.trace / sums.steps } : {};
+      const ended = { ...fields, epoch: state.epoch - 1, ...means };
       if (hooks.validate && (await validateEpoch(state.epoch - 1, ended)) === 'stopped') {
         state.pendingValidation = true; // `last` holds this already
         log.write({ event: 'interrupted', step: state.step, epoch: state.epoch, pendingValidation: true });
         status = 'interrupted';
       } else {
+        const epochSeconds = sums.seconds;
+        state.epochSums = { loss: 0, ce: 0, trace: 0, steps: 0, seconds: 0 };
         await save('last');
         settledPending = true;
         // TrainResult.validatedPending: only when a validation ran.
         if (hooks.validate) validatedPending = true;
-        progress.epoch(state.step, { ...fields, epoch: state.epoch - 1 }, 0);
+        progress.epoch(state.step, { ...fields, epoch: state.epoch - 1, ...means }, epochSeconds);
       }
     }
     while (status === 'completed' && state.step < totalSteps) {
@@ -988,16 +1000,27 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
         state.epoch += 1;
         state.batchInEpoch = 0;
         const epochSeconds = sums.seconds;
-        state.epochSums = { loss: 0, ce: 0, trace: 0, steps: 0, seconds: 0 };
-        if (validateNow && (await validateEpoch(epoch, { ...fields, epoch, ...means })) === 'stopped') {
-          // Stopped between two cases by the signal: `last` holds this step with the
-          // validation still to do, which the resumed run does first.
+        if (validateNow) {
+          // Until validateEpoch has done it, `last` would say the validation is still to do
+          // (keeping the epoch's sums, for the epoch line a resume prints after it).
           state.pendingValidation = true;
-          await save('last');
-          log.write({ event: 'interrupted', step: state.step, epoch: state.epoch, pendingValidation: true });
-          status = 'interrupted';
-          break;
+          // A validator that takes `progress` reports its cases: a long validation (BraTS: whole
+          // cases, a minute each on a CPU). A signal stops it only after the case in progress,
+          // which can be past a scheduler's grace period (SLURM's KillWait: 30 s), and its
+          // SIGKILL (or a crash) lost the whole epoch. `last` is saved before such a validation
+          // too: killed, the run resumes at the epoch's end and validates first. (Validators of
+          // one argument, quick ones such as MNIST's, are not: they write `last` once, as before.)
+          if (hooks.validate!.length >= 2) await save('last');
+          if ((await validateEpoch(epoch, { ...fields, epoch, ...means })) === 'stopped') {
+            // `last` holds this step with the validation still to do, saved just above or now
+            // (a validator of one argument that threw hooks.signal's reason itself).
+            if (lastSavedAt !== state.step) await save('last');
+            log.write({ event: 'interrupted', step: state.step, epoch: state.epoch, pendingValidation: true });
+            status = 'interrupted';
+            break;
+          }
         }
+        state.epochSums = { loss: 0, ce: 0, trace: 0, steps: 0, seconds: 0 };
         await save('last');
         progress.epoch(state.step, { ...fields, epoch, ...means }, epochSeconds);
       } else if (config.checkpointEvery > 0 && state.step % config.checkpointEvery === 0) {

@@ -14,6 +14,7 @@
 #include "cmseg/threads.hpp"
 #include "fusion_wrap.h"
 #include "model_wrap.h"
+#include "stitch_wrap.h"
 
 namespace cmseg_js {
 namespace {
@@ -100,6 +101,7 @@ Napi::Value ExitNow(const Napi::CallbackInfo& info) {
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeModel", ModelWrap::Define(env));
   exports.Set("fuse", Napi::Function::New(env, Fuse));
+  exports.Set("stitchWindow", Napi::Function::New(env, StitchWindow));
   exports.Set("backendInfo", Napi::Function::New(env, BackendInfo));
   exports.Set("setNumThreads", Napi::Function::New(env, SetNumThreads));
   exports.Set("measurePeakGflops", Napi::Function::New(env, MeasurePeakGflops));

@@ -132,6 +132,10 @@ Napi::Float32Array expect_f32(Napi::Env env, const Napi::Value& v, const char* w
   return expect_typed<Napi::Float32Array>(env, v, what, length, napi_float32_array, "Float32Array");
 }
 
+Napi::Float64Array expect_f64(Napi::Env env, const Napi::Value& v, const char* what, int64_t length) {
+  return expect_typed<Napi::Float64Array>(env, v, what, length, napi_float64_array, "Float64Array");
+}
+
 Napi::Uint8Array expect_u8(Napi::Env env, const Napi::Value& v, const char* what, int64_t length) {
   return expect_typed<Napi::Uint8Array>(env, v, what, length, napi_uint8_array, "Uint8Array");
 }

@@ -32,6 +32,7 @@ std::string get_string(Napi::Env env, const Napi::Object& o, const char* key, co
 
 // Typed-array views (no copy). `length` is checked when >= 0.
 Napi::Float32Array expect_f32(Napi::Env env, const Napi::Value& v, const char* what, int64_t length = -1);
+Napi::Float64Array expect_f64(Napi::Env env, const Napi::Value& v, const char* what, int64_t length = -1);
 Napi::Uint8Array expect_u8(Napi::Env env, const Napi::Value& v, const char* what, int64_t length = -1);
 
 // A JS array of integers in 0..INT_MAX (2^31 - 1), e.g. a shape; its length is checked

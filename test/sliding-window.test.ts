@@ -5,6 +5,7 @@
 import t, { Test } from 'tap';
 import { createModel } from '../src/index';
 import { Extent } from '../src/data/morphology';
+import { loadNative } from '../src/native';
 import { FLOAT32_SUM_WINDOWS, gaussianImportanceMap, maxWindowsPerVoxel, slidingWindowPredict, SlidingWindowModel, windowStarts } from '../src/model/sliding-window';
 
 const TOL = 1e-5;
@@ -424,4 +425,46 @@ t.test('thousands of windows per voxel still give back what every window agrees 
     t.ok(result.probs instanceof Float32Array, `overlap ${overlap}: Float32 probabilities`);
     t.ok(worst < 2e-6, `overlap ${overlap} (${result.windows} windows, ${FLOAT32_SUM_WINDOWS} per voxel before Float64 sums): max relative error ${worst.toExponential(2)}`);
   }
+});
+
+t.test('native stitchWindow: the same bits as the JavaScript sum, and placements outside the patch or volume refused', async (t) => {
+  const native = loadNative();
+  const volume = [5, 7, 9];
+  const patch = [4, 6, 5];
+  const channels = 3;
+  const V = 5 * 7 * 9;
+  const Pv = 4 * 6 * 5;
+  const values = noise(channels * Pv, 7);
+  const weights = Float64Array.from(noise(Pv, 8), (v) => Math.abs(v) + 1e-3);
+  // A window hanging over the volume's low corner in z and x (origin -1, -2), inside in y.
+  const from = [1, 0, 2], to = [4, 6, 5], origin = [-1, 1, -2];
+  for (const Sum of [Float32Array, Float64Array]) {
+    const start = Sum.from(noise(channels * V, 9));
+    const want = Sum.from(start);
+    for (let k = 0; k < channels; k++) {
+      for (let z = from[0]; z < to[0]; z++) {
+        for (let y = from[1]; y < to[1]; y++) {
+          for (let x = from[2]; x < to[2]; x++) {
+            const dst = k * V + ((origin[0] + z) * 7 + origin[1] + y) * 9 + origin[2] + x;
+            const src = (z * 6 + y) * 5 + x;
+            want[dst] += weights[src] * values[k * Pv + src];
+          }
+        }
+      }
+    }
+    const got = Sum.from(start);
+    native.stitchWindow(got, volume, values, weights, patch, channels, from, to, origin);
+    t.same(Array.from(got), Array.from(want), `${Sum.name} sums bit for bit`);
+    t.not(Array.from(got).join(), Array.from(start).join(), 'something was added');
+  }
+  const sum = new Float32Array(channels * V);
+  const call = (f: number[], e: number[], o: number[]) => () => native.stitchWindow(sum, volume, values, weights, patch, channels, f, e, o);
+  t.throws(call([0, 0, 0], [5, 6, 5], [0, 0, 0]), /axis 0: voxels \[0, 5\) of a 4-voxel window/, 'past the patch');
+  t.throws(call([0, 0, 0], [4, 6, 5], [2, 0, 0]), /axis 0: .* leave the patch or the 5-voxel volume/, 'past the volume');
+  t.throws(call([0, 0, 0], [4, 6, 5], [0, 0, -1]), /axis 2/, 'before the volume');
+  t.throws(call([3, 0, 0], [2, 6, 5], [0, 0, 0]), /axis 0/, 'from after to');
+  t.throws(() => native.stitchWindow(new Float32Array(V), volume, values, weights, patch, channels, [0, 0, 0], [1, 1, 1], [0, 0, 0]), /sum .*has 315 elements, expected 945/);
+  t.throws(() => native.stitchWindow(sum, volume, values.subarray(1), weights, patch, channels, [0, 0, 0], [1, 1, 1], [0, 0, 0]), /values has 359 elements, expected 360/);
+  t.throws(() => native.stitchWindow(sum, volume, values, new Float32Array(Pv) as unknown as Float64Array, patch, channels, [0, 0, 0], [1, 1, 1], [0, 0, 0]), /weights must be a Float64Array/);
+  t.equal(sum.every((v) => v === 0), true, 'a refused call wrote nothing');
 });

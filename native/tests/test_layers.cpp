@@ -10,6 +10,9 @@
 
 #include "check.hpp"
 #include "cmseg/layers.hpp"
+#include "cmseg/stitch.hpp"
+
+#include <cmath>
 
 using namespace cmseg;
 
@@ -400,3 +403,35 @@ TEST(relu_concat_conv1_softmax_gradients) {
 }
 
 TEST_MAIN()
+
+// Sliding-window stitching (cmseg/stitch.hpp): the sums of an independent loop that rounds
+// as JavaScript does (product, then sum, in double; then the sum's type), bit for bit, for
+// a window clipped at the volume's low corner and one at its far edge; nothing else written.
+TEST(stitch_window_matches_a_direct_loop) {
+  const int64_t volume[3] = {5, 7, 9}, patch[3] = {4, 6, 5};
+  const int64_t V = 5 * 7 * 9, Pv = 4 * 6 * 5, channels = 3;
+  const std::vector<float> values = check::random_vector(channels * Pv, 11);
+  std::vector<double> weights(Pv);
+  for (int64_t i = 0; i < Pv; i++) weights[i] = 1e-3 + std::fabs(std::sin(0.37 * i));
+  const WindowPlacement placements[2] = {{{1, 0, 2}, {4, 6, 5}, {-1, 1, -2}}, {{0, 0, 0}, {4, 6, 5}, {1, 1, 4}}};
+  for (const WindowPlacement& at : placements) {
+    const std::vector<float> start = check::random_vector(channels * V, 12);
+    std::vector<float> got = start, want32 = start;
+    std::vector<double> got64(start.begin(), start.end()), want64 = got64;
+    for (int64_t k = 0; k < channels; k++)
+      for (int64_t z = at.from[0]; z < at.to[0]; z++)
+        for (int64_t y = at.from[1]; y < at.to[1]; y++)
+          for (int64_t x = at.from[2]; x < at.to[2]; x++) {
+            const int64_t dst = k * V + ((at.origin[0] + z) * 7 + at.origin[1] + y) * 9 + at.origin[2] + x;
+            const int64_t src = (z * 6 + y) * 5 + x;
+            volatile double product = weights[src] * (double)values[k * Pv + src];  // rounded before the sum
+            want32[dst] = (float)((double)want32[dst] + product);
+            want64[dst] = want64[dst] + product;
+          }
+    stitch_window(got.data(), volume, values.data(), weights.data(), patch, channels, at);
+    stitch_window(got64.data(), volume, values.data(), weights.data(), patch, channels, at);
+    CHECK(got == want32);
+    CHECK(got64 == want64);
+    CHECK(got != start);
+  }
+}

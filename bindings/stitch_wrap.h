@@ -1,0 +1,7 @@
+// stitchWindow(): sliding-window stitching from JS (see stitch_wrap.cc).
+#pragma once
+#include <napi.h>
+
+namespace cmseg_js {
+Napi::Value StitchWindow(const Napi::CallbackInfo& info);
+}

@@ -6,31 +6,18 @@ import t from 'tap';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { InMemorySource, readTrainLog, train, TRAIN_DEFAULTS, TrainingError } from '../src/index';
+import { readTrainLog, train, TRAIN_DEFAULTS, TrainingError } from '../src/index';
 import type { TrainConfig, Validator } from '../src/index';
 import { encodeSafetensors } from '../src/data/safetensors';
 import { encodeNifti, type Matrix4, type NiftiWriteDatatype } from '../src/data/nifti';
 import { dicePerClass, evaluateSegmentation } from '../src/eval/metrics';
+import { tinySource } from './helpers/tiny-source';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-api-edges-'));
 t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
 
 // Four 4x4 images, two annotators: one epoch is two steps of a tiny model (well under a second).
-const N = 4, V = 16;
-const source = () =>
-  new InMemorySource(
-    {
-      count: N,
-      channels: 1,
-      classes: 2,
-      spatial: [4, 4],
-      images: Float32Array.from({ length: N * V }, (_, i) => Math.sin(i)),
-      labels: [0, 1].map((r) => Uint8Array.from({ length: N * V }, (_, i) => (i + r) % 2)),
-      present: new Uint8Array(N * 2).fill(1),
-      annotatorNames: ['a', 'b'],
-    },
-    0,
-  );
+const source = tinySource;
 const config: TrainConfig = { ...TRAIN_DEFAULTS, method: 'cm', epochs: 1, batchSize: 2, depth: 2, baseChannels: 4 };
 
 t.test('train() checks what hooks.validate resolves to, naming it', async (t) => {

@@ -7,31 +7,18 @@ import t, { type Test } from 'tap';
 import { spawn } from 'child_process';
 import * as fs from 'fs';
 import * as path from 'path';
-import { InMemorySource } from '../src/train/data';
 import type { ProgressFields, ProgressReporter } from '../src/train/progress';
 import { readTrainerState, readTrainLog, train, TRAIN_DEFAULTS, type TrainConfig, type Validator } from '../src/train/trainer';
 import { readCheckpoint } from '../src/model/checkpoint';
 import { firstDifference, tempDir } from './helpers/files';
 import { runCli } from './helpers/cli';
+import { TINY_IMAGES, TINY_PIXELS, tinySource } from './helpers/tiny-source';
 
 // The run (written out again in the child's script below): four 4x4 images, two annotators,
 // batches of 2, 3 epochs of 2 steps; a validation after each epoch whose score is the model's
 // mean probability of class 1 (so `best` depends on the weights).
-const N = 4, V = 16;
-const source = () =>
-  new InMemorySource(
-    {
-      count: N,
-      channels: 1,
-      classes: 2,
-      spatial: [4, 4],
-      images: Float32Array.from({ length: N * V }, (_, i) => Math.sin(i)),
-      labels: [0, 1].map((r) => Uint8Array.from({ length: N * V }, (_, i) => (i + r) % 2)),
-      present: new Uint8Array(N * 2).fill(1),
-      annotatorNames: ['a', 'b'],
-    },
-    0,
-  );
+const N = TINY_IMAGES, V = TINY_PIXELS;
+const source = tinySource;
 const config: TrainConfig = { ...TRAIN_DEFAULTS, method: 'cm', epochs: 3, batchSize: 2, depth: 2, baseChannels: 4 };
 const validator: Validator = async (model, progress) => {
   progress(0, 2, 'c0');

@@ -4,30 +4,16 @@
 import t from 'tap';
 import * as fs from 'fs';
 import * as path from 'path';
-import { InMemorySource } from '../src/train/data';
 import type { ProgressFields, ProgressReporter } from '../src/train/progress';
 import { readTrainLog, train, TRAIN_DEFAULTS, type TrainConfig, type Validator } from '../src/train/trainer';
 import { tempDir } from './helpers/files';
 import { readCurvesEvents } from '../src/cli/curves';
 import { runCli } from './helpers/cli';
 import { captureStderr } from './helpers/stderr';
+import { tinySource } from './helpers/tiny-source';
 
 // Four 4x4 images, two annotators, batches of 2: an epoch is two steps of a tiny model.
-const N = 4, V = 16;
-const source = () =>
-  new InMemorySource(
-    {
-      count: N,
-      channels: 1,
-      classes: 2,
-      spatial: [4, 4],
-      images: Float32Array.from({ length: N * V }, (_, i) => Math.sin(i)),
-      labels: [0, 1].map((r) => Uint8Array.from({ length: N * V }, (_, i) => (i + r) % 2)),
-      present: new Uint8Array(N * 2).fill(1),
-      annotatorNames: ['a', 'b'],
-    },
-    0,
-  );
+const source = tinySource;
 const config: TrainConfig = { ...TRAIN_DEFAULTS, method: 'cm', epochs: 2, batchSize: 2, depth: 2, baseChannels: 4 };
 
 /** A reporter that records the epoch each validation and epoch call shows. */

@@ -10,13 +10,13 @@ import * as os from 'os';
 import * as path from 'path';
 import { PassThrough } from 'stream';
 import { writeBratsPhantoms } from '../src/data/brats-phantom';
-import { InMemorySource } from '../src/train/data';
 import { loadExperimentData, type DatasetSpec } from '../src/train/experiment';
 import { createProgress, type ProgressFields, type ProgressReporter } from '../src/train/progress';
 import { readTrainerState, readTrainLog, train, TRAIN_DEFAULTS, TrainingError, type TrainConfig, type Validator } from '../src/train/trainer';
 import { runValidator } from '../src/cli/train';
 import { runCli } from './helpers/cli';
 import { missingPythonModules, runPythonJson } from './helpers/python';
+import { tinySource } from './helpers/tiny-source';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-valprogress-'));
 t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
@@ -186,21 +186,7 @@ t.test('a log: a long validation writes a line at most every lineEveryMs, a quic
 });
 
 // Four 4x4 images, two annotators: one epoch is two steps of a tiny model (under a second).
-const N = 4, V = 16;
-const source = () =>
-  new InMemorySource(
-    {
-      count: N,
-      channels: 1,
-      classes: 2,
-      spatial: [4, 4],
-      images: Float32Array.from({ length: N * V }, (_, i) => Math.sin(i)),
-      labels: [0, 1].map((r) => Uint8Array.from({ length: N * V }, (_, i) => (i + r) % 2)),
-      present: new Uint8Array(N * 2).fill(1),
-      annotatorNames: ['a', 'b'],
-    },
-    0,
-  );
+const source = tinySource;
 const config: TrainConfig = { ...TRAIN_DEFAULTS, method: 'cm', epochs: 1, batchSize: 2, depth: 2, baseChannels: 4 };
 const validationsOf = (out: string) => readTrainLog(path.join(dir, out, 'train-log.jsonl')).filter((e: Entry) => e.event === 'validation');
 

@@ -17,6 +17,10 @@ export interface BenchConfig {
   kind?: 'train' | 'predict';
 }
 
+// The brats3d networks, trained by the training configs and run by the predict ones.
+const BRATS3D_CPU_MODEL: ModelConfig = { ndim: 3, inChannels: 4, classes: 4, annotators: 3, depth: 4, baseChannels: 16, cmMode: 'full', loss: { lambda: 0.01 } };
+const BRATS3D_GPU_MODEL: ModelConfig = { ndim: 3, inChannels: 4, classes: 4, annotators: 3, depth: 4, baseChannels: 32, cmMode: 'full', loss: { lambda: 0.01 } };
+
 export const BENCH_CONFIGS: BenchConfig[] = [
   {
     name: 'mnist2d',
@@ -27,13 +31,13 @@ export const BENCH_CONFIGS: BenchConfig[] = [
   {
     name: 'brats3d-cpu',
     shape: [1, 4, 64, 64, 64],
-    model: { ndim: 3, inChannels: 4, classes: 4, annotators: 3, depth: 4, baseChannels: 16, cmMode: 'full', loss: { lambda: 0.01 } },
+    model: BRATS3D_CPU_MODEL,
     device: 'cpu',
   },
   {
     name: 'brats3d-gpu',
     shape: [2, 4, 128, 128, 128],
-    model: { ndim: 3, inChannels: 4, classes: 4, annotators: 3, depth: 4, baseChannels: 32, cmMode: 'full', loss: { lambda: 0.01 } },
+    model: BRATS3D_GPU_MODEL,
     device: 'gpu',
   },
   // Inference: the brats3d models predicting one batch of sliding windows (predict's default
@@ -41,14 +45,14 @@ export const BENCH_CONFIGS: BenchConfig[] = [
   {
     name: 'brats3d-cpu-predict',
     shape: [2, 4, 64, 64, 64],
-    model: { ndim: 3, inChannels: 4, classes: 4, annotators: 3, depth: 4, baseChannels: 16, cmMode: 'full', loss: { lambda: 0.01 } },
+    model: BRATS3D_CPU_MODEL,
     device: 'cpu',
     kind: 'predict',
   },
   {
     name: 'brats3d-gpu-predict',
     shape: [2, 4, 128, 128, 128],
-    model: { ndim: 3, inChannels: 4, classes: 4, annotators: 3, depth: 4, baseChannels: 32, cmMode: 'full', loss: { lambda: 0.01 } },
+    model: BRATS3D_GPU_MODEL,
     device: 'gpu',
     kind: 'predict',
   },

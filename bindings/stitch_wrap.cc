@@ -1,5 +1,6 @@
-// stitchWindow(sum, volume, values, weights, patch, channels, from, to, origin): adds one
-// window's outputs times its importance weights into the whole-volume sums
+// stitchWindow(sum, volume, values, offset, weights, patch, channels, from, to, origin): adds
+// one window's outputs (values[offset ...], a batch's array read in place: no view made per
+// window) times its importance weights into the whole-volume sums
 // (cmseg::stitch_window; src/model/sliding-window.ts calls it). Synchronous: a batch's
 // stitching is milliseconds, and the caller's next step needs the sums. Every range is
 // checked here, before native code writes into `sum`.
@@ -39,20 +40,24 @@ std::vector<int64_t> expect_triple(Napi::Env env, const Napi::Value& v, const ch
 
 Napi::Value StitchWindow(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (info.Length() != 9) throw_invalid(env, "stitchWindow expects (sum, volume, values, weights, patch, channels, from, to, origin)");
+  if (info.Length() != 10) throw_invalid(env, "stitchWindow expects (sum, volume, values, offset, weights, patch, channels, from, to, origin)");
   const std::vector<int64_t> volume = expect_dims(env, info[1], "volume");
-  const std::vector<int64_t> patch = expect_dims(env, info[4], "patch");
-  if (!info[5].IsNumber()) throw_invalid(env, "channels must be an integer >= 1");
-  const double ch = info[5].As<Napi::Number>().DoubleValue();
+  const std::vector<int64_t> patch = expect_dims(env, info[5], "patch");
+  if (!info[6].IsNumber()) throw_invalid(env, "channels must be an integer >= 1");
+  const double ch = info[6].As<Napi::Number>().DoubleValue();
   if (!(ch >= 1 && ch <= 2147483647.0 && ch == (double)(int64_t)ch)) throw_invalid(env, "channels must be an integer >= 1");
   const int64_t channels = (int64_t)ch;
   // Products in double first: three sizes of up to 2^31 would overflow int64.
   const double V = (double)volume[0] * volume[1] * volume[2], Pv = (double)patch[0] * patch[1] * patch[2];
   if (V * ch > 9007199254740991.0 || Pv * ch > 9007199254740991.0) throw_invalid(env, "stitchWindow: sizes too large");
-  const Napi::Float32Array values = expect_f32(env, info[2], "values", (int64_t)(Pv * ch));
-  const Napi::Float64Array weights = expect_f64(env, info[3], "weights", (int64_t)Pv);
-  const std::vector<int64_t> from = expect_triple(env, info[6], "from"), to = expect_triple(env, info[7], "to"),
-                             origin = expect_triple(env, info[8], "origin");
+  const Napi::Float32Array values = expect_f32(env, info[2], "values");
+  const double offset = info[3].IsNumber() ? info[3].As<Napi::Number>().DoubleValue() : -1;
+  if (!(offset >= 0 && offset == (double)(int64_t)offset && offset + Pv * ch <= (double)values.ElementLength()))
+    throw_invalid(env, "values has " + std::to_string(values.ElementLength()) + " elements: a window's " +
+                           std::to_string((int64_t)(Pv * ch)) + " from offset " + number_text(offset) + " do not fit");
+  const Napi::Float64Array weights = expect_f64(env, info[4], "weights", (int64_t)Pv);
+  const std::vector<int64_t> from = expect_triple(env, info[7], "from"), to = expect_triple(env, info[8], "to"),
+                             origin = expect_triple(env, info[9], "origin");
   cmseg::WindowPlacement at;
   for (int a = 0; a < 3; a++) {
     // Window-local [from, to) inside the patch, and its volume coordinates inside the volume.
@@ -65,10 +70,10 @@ Napi::Value StitchWindow(const Napi::CallbackInfo& info) {
   const int64_t sum_length = (int64_t)(V * ch);
   if (info[0].IsTypedArray() && info[0].As<Napi::TypedArray>().TypedArrayType() == napi_float64_array) {
     Napi::Float64Array sum = expect_f64(env, info[0], "sum", sum_length);
-    guard(env, [&] { cmseg::stitch_window(sum.Data(), volume.data(), values.Data(), weights.Data(), patch.data(), channels, at); });
+    guard(env, [&] { cmseg::stitch_window(sum.Data(), volume.data(), values.Data() + (int64_t)offset, weights.Data(), patch.data(), channels, at); });
   } else {
     Napi::Float32Array sum = expect_f32(env, info[0], "sum (a Float32Array or Float64Array)", sum_length);
-    guard(env, [&] { cmseg::stitch_window(sum.Data(), volume.data(), values.Data(), weights.Data(), patch.data(), channels, at); });
+    guard(env, [&] { cmseg::stitch_window(sum.Data(), volume.data(), values.Data() + (int64_t)offset, weights.Data(), patch.data(), channels, at); });
   }
   return env.Undefined();
 }

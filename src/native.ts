@@ -93,12 +93,13 @@ export interface NativeAddon {
   setNumThreads(n: number): void;
   measurePeakGflops(seconds: number): number;
   /**
-   * Adds one window's `channels` outputs ([channels, pd, ph, pw]) times `weights` ([pd, ph, pw])
-   * into `sum` ([channels, d, h, w]) at window voxels [from, to) per axis, window voxel 0 at
-   * volume coordinate `origin` (sliding-window stitching; sums bit for bit JavaScript's).
+   * Adds one window's `channels` outputs ([channels, pd, ph, pw] from values[offset]) times
+   * `weights` ([pd, ph, pw]) into `sum` ([channels, d, h, w]) at window voxels [from, to) per
+   * axis, window voxel 0 at volume coordinate `origin` (sliding-window stitching; sums bit for
+   * bit JavaScript's).
    */
   stitchWindow(
-    sum: Float32Array | Float64Array, volume: number[], values: Float32Array, weights: Float64Array,
+    sum: Float32Array | Float64Array, volume: number[], values: Float32Array, offset: number, weights: Float64Array,
     patch: number[], channels: number, from: number[], to: number[], origin: number[],
   ): void;
   /** Claims (take true) or gives up a name for the whole process, worker threads included; whether it changed. */

@@ -453,18 +453,20 @@ t.test('native stitchWindow: the same bits as the JavaScript sum, and placements
       }
     }
     const got = Sum.from(start);
-    native.stitchWindow(got, volume, values, weights, patch, channels, from, to, origin);
+    native.stitchWindow(got, volume, values, 0, weights, patch, channels, from, to, origin);
     t.same(Array.from(got), Array.from(want), `${Sum.name} sums bit for bit`);
     t.not(Array.from(got).join(), Array.from(start).join(), 'something was added');
   }
   const sum = new Float32Array(channels * V);
-  const call = (f: number[], e: number[], o: number[]) => () => native.stitchWindow(sum, volume, values, weights, patch, channels, f, e, o);
+  const call = (f: number[], e: number[], o: number[]) => () => native.stitchWindow(sum, volume, values, 0, weights, patch, channels, f, e, o);
   t.throws(call([0, 0, 0], [5, 6, 5], [0, 0, 0]), /axis 0: voxels \[0, 5\) of a 4-voxel window/, 'past the patch');
   t.throws(call([0, 0, 0], [4, 6, 5], [2, 0, 0]), /axis 0: .* leave the patch or the 5-voxel volume/, 'past the volume');
   t.throws(call([0, 0, 0], [4, 6, 5], [0, 0, -1]), /axis 2/, 'before the volume');
   t.throws(call([3, 0, 0], [2, 6, 5], [0, 0, 0]), /axis 0/, 'from after to');
-  t.throws(() => native.stitchWindow(new Float32Array(V), volume, values, weights, patch, channels, [0, 0, 0], [1, 1, 1], [0, 0, 0]), /sum .*has 315 elements, expected 945/);
-  t.throws(() => native.stitchWindow(sum, volume, values.subarray(1), weights, patch, channels, [0, 0, 0], [1, 1, 1], [0, 0, 0]), /values has 359 elements, expected 360/);
-  t.throws(() => native.stitchWindow(sum, volume, values, new Float32Array(Pv) as unknown as Float64Array, patch, channels, [0, 0, 0], [1, 1, 1], [0, 0, 0]), /weights must be a Float64Array/);
+  t.throws(() => native.stitchWindow(new Float32Array(V), volume, values, 0, weights, patch, channels, [0, 0, 0], [1, 1, 1], [0, 0, 0]), /sum .*has 315 elements, expected 945/);
+  t.throws(() => native.stitchWindow(sum, volume, values.subarray(1), 0, weights, patch, channels, [0, 0, 0], [1, 1, 1], [0, 0, 0]), /values has 359 elements: a window's 360 from offset 0 do not fit/);
+  t.throws(() => native.stitchWindow(sum, volume, values, 1, weights, patch, channels, [0, 0, 0], [1, 1, 1], [0, 0, 0]), /values has 360 elements: a window's 360 from offset 1 do not fit/);
+  t.throws(() => native.stitchWindow(sum, volume, values, -1, weights, patch, channels, [0, 0, 0], [1, 1, 1], [0, 0, 0]), /from offset -1/);
+  t.throws(() => native.stitchWindow(sum, volume, values, 0, new Float32Array(Pv) as unknown as Float64Array, patch, channels, [0, 0, 0], [1, 1, 1], [0, 0, 0]), /weights must be a Float64Array/);
   t.equal(sum.every((v) => v === 0), true, 'a refused call wrote nothing');
 });

@@ -304,8 +304,9 @@ export async function slidingWindowPredict(
         }
       }
       for (const output of outputs) {
-        const values = (prediction[output.name] as Float32Array).subarray(b * output.channels * Pv, (b + 1) * output.channels * Pv);
-        native.stitchWindow(output.sum, [extent.d, H, W], values, weights, [pd, ph, pw], output.channels, [cz.from, cy.from, cx.from], [cz.to, cy.to, cx.to], [cz.origin, cy.origin, cx.origin]);
+        // The batch's array and the window's offset in it (no view made per window).
+        const values = prediction[output.name] as Float32Array;
+        native.stitchWindow(output.sum, [extent.d, H, W], values, b * output.channels * Pv, weights, [pd, ph, pw], output.channels, [cz.from, cy.from, cx.from], [cz.to, cy.to, cx.to], [cz.origin, cy.origin, cx.origin]);
       }
     });
   };
@@ -328,6 +329,10 @@ export async function slidingWindowPredict(
       await new Promise((resolve) => setImmediate(resolve));
     }
     stitch(batchAt(k), prediction);
+    // The outputs let go of here, whatever still holds the prediction object: a frame's stale
+    // register did now and then (V8's tiering decides), and a CPU prediction then held two
+    // batches' outputs while the next batch ran (test/realsize-audit.test.ts).
+    for (const output of outputs) delete prediction[output.name];
   };
   // The bar of a case starts now, not after its first batch (half a case with --tta or two
   // batches of 128^3 windows showed nothing).

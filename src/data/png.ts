@@ -287,8 +287,12 @@ interface Chunks {
   compressed: Buffer;
 }
 
-/** The first `bytes` bytes of a file; undefined when it cannot be opened or is shorter. */
-function fileHead(filePath: string, bytes: number): Buffer | undefined {
+/**
+ * `bytes` bytes of a file, from its start or (`fromEnd`) ending at its end; undefined when it
+ * cannot be opened or read, or is shorter. A folder opens but does not read (EISDIR, which
+ * names no path): undefined, so that the caller's readPngSync says which path is a folder.
+ */
+function fileBytes(filePath: string, bytes: number, fromEnd = false): Buffer | undefined {
   let fd: number;
   try {
     fd = fs.openSync(filePath, 'r');
@@ -296,11 +300,11 @@ function fileHead(filePath: string, bytes: number): Buffer | undefined {
     return undefined;
   }
   try {
-    const head = Buffer.alloc(bytes);
-    return fs.readSync(fd, head, 0, bytes, 0) === bytes ? head : undefined;
+    const position = fromEnd ? fs.fstatSync(fd).size - bytes : 0;
+    if (position < 0) return undefined;
+    const out = Buffer.alloc(bytes);
+    return fs.readSync(fd, out, 0, bytes, position) === bytes ? out : undefined;
   } catch {
-    // A folder opens but does not read (EISDIR, which names no path): undefined, so that the
-    // caller's readPngSync says which path is a folder ("a path is a folder" named none).
     return undefined;
   } finally {
     fs.closeSync(fd);
@@ -313,7 +317,7 @@ function fileHead(filePath: string, bytes: number): Buffer | undefined {
  * Lets a folder read a batch at a time check every file's size before the first batch.
  */
 export function pngSizeSync(filePath: string): { width: number; height: number } | undefined {
-  const head = fileHead(filePath, 24);
+  const head = fileBytes(filePath, 24);
   if (!head || !head.subarray(0, SIGNATURE.length).equals(SIGNATURE) || head.toString('latin1', 12, 16) !== 'IHDR') return undefined;
   return { width: head.readUInt32BE(16), height: head.readUInt32BE(20) };
 }
@@ -327,30 +331,15 @@ const IEND_CHUNK = Buffer.from([0, 0, 0, 0, 0x49, 0x45, 0x4e, 0x44, 0xae, 0x42, 
  * with it before the first batch, so that a file cut part way (a copy that stopped) is named
  * before any output is written, not when its batch comes. False is not a refusal: a PNG with
  * bytes after its IEND is whole too (PIL and decodePng read it), so the caller decodes the file
- * to know (about 1000 files a few milliseconds: one open, fstat and 12-byte read each).
+ * to know (about 1000 files a few milliseconds: one open, fstat and a read of the last 20 bytes each: a file shorter than signature + IEND is no whole PNG).
  */
 export function pngEndsWithIend(filePath: string): boolean {
-  let fd: number;
-  try {
-    fd = fs.openSync(filePath, 'r');
-  } catch {
-    return false;
-  }
-  try {
-    const size = fs.fstatSync(fd).size;
-    if (size < SIGNATURE.length + IEND_CHUNK.length) return false;
-    const tail = Buffer.alloc(IEND_CHUNK.length);
-    return fs.readSync(fd, tail, 0, tail.length, size - tail.length) === tail.length && tail.equals(IEND_CHUNK);
-  } catch {
-    return false; // a folder (EISDIR): the caller decodes it, and says what it is
-  } finally {
-    fs.closeSync(fd);
-  }
+  return fileBytes(filePath, SIGNATURE.length + IEND_CHUNK.length, true)?.subarray(SIGNATURE.length).equals(IEND_CHUNK) ?? false;
 }
 
 /** Whether the file at `filePath` starts with the PNG signature (false when it cannot be read). */
 export function isPngFile(filePath: string): boolean {
-  return fileHead(filePath, SIGNATURE.length)?.equals(SIGNATURE) ?? false;
+  return fileBytes(filePath, SIGNATURE.length)?.equals(SIGNATURE) ?? false;
 }
 
 /**

@@ -115,6 +115,45 @@ void take_images(Napi::Env env, const cmseg::ModelConfig& c, ImageArgs& a, const
   a.images = expect_f32(env, images, "images", (int64_t)a.n * c.in_channels * a.s.size());
 }
 
+// predict's optional 4th argument: arrays to write the outputs into instead of new ones, each
+// exactly its output's length (Model's internal predictInto: sliding-window inference reuses
+// one set per volume, where 100 MB of fresh outputs a batch cost their page faults). Copied
+// into an object of our own, so that no getter of the caller's runs again later. Null when
+// not given.
+std::shared_ptr<Napi::ObjectReference> take_outputs(Napi::Env env, const Napi::CallbackInfo& info,
+                                                    const double counts[3], const char* const names[3]) {
+  if (info.Length() < 4 || info[3].IsUndefined()) return nullptr;
+  Napi::Object given = expect_object(env, info[3], "predict outputs");
+  check_keys(env, given, "predict outputs", {"probs", "cms", "annotatorProbs"});
+  Napi::Object own = Napi::Object::New(env);
+  for (int k = 0; k < 3; ++k) {
+    Napi::Value v = given.Get(names[k]);
+    if (v.IsUndefined()) continue;
+    const std::string what = std::string("predict outputs.") + names[k];
+    if (counts[k] == 0) throw_invalid(env, what + " was given for an output not asked for");
+    own.Set(names[k], expect_f32(env, v, what.c_str(), (int64_t)counts[k]));
+  }
+  return std::make_shared<Napi::ObjectReference>(Napi::Persistent(own));
+}
+
+// The outputs are written on the worker thread while a GPU model may still read the images in
+// place, and q is computed from p: two of them sharing memory would give wrong numbers.
+void check_no_overlap(Napi::Env env, const Napi::Object& into, const Napi::Float32Array& images,
+                      const char* const names[3]) {
+  std::vector<std::pair<std::string, Napi::TypedArray>> arrays{{"the images", images}};
+  for (int k = 0; k < 3; ++k) {
+    Napi::Value v = into.Get(names[k]);
+    if (!v.IsUndefined()) arrays.push_back({std::string("predict outputs.") + names[k], v.As<Napi::TypedArray>()});
+  }
+  for (size_t i = 0; i < arrays.size(); ++i)
+    for (size_t j = i + 1; j < arrays.size(); ++j) {
+      const Napi::TypedArray &a = arrays[i].second, &b = arrays[j].second;
+      if (!a.ArrayBuffer().StrictEquals(b.ArrayBuffer())) continue;
+      const size_t a0 = a.ByteOffset(), a1 = a0 + a.ByteLength(), b0 = b.ByteOffset(), b1 = b0 + b.ByteLength();
+      if (a0 < b1 && b0 < a1) throw_invalid(env, arrays[j].first + " shares memory with " + arrays[i].first);
+    }
+}
+
 // A prediction output allocated natively (calloc: no exception, no V8 abort when it
 // cannot be had), handed to JS as an external ArrayBuffer that frees it.
 struct HostBuffer {
@@ -449,15 +488,20 @@ Napi::Value ModelWrap::Predict(const Napi::CallbackInfo& info) {
     want_cms = flag("cms");
     want_q = flag("annotatorProbs");
   }
-  // The options' getters are the caller's last code to run: the images and the model are
-  // taken after them (RunBatch says why).
-  take_images(env, c, im, info[0]);
-  cmseg::Model* model = &idle(env);
   // Sizes in double: n * R * L * L * V can pass int64 for absurd requests.
   const double V = (double)im.s.size(), n = im.n, L = c.classes, R = c.annotators;
   const double counts[3] = {n * L * V, want_cms ? n * R * L * L * V : 0, want_q ? n * R * L * V : 0};
   const char* names[3] = {"probs", "cms", "annotatorProbs"};
-  const double total_bytes = (counts[0] + counts[1] + counts[2]) * sizeof(float);
+  const std::shared_ptr<Napi::ObjectReference> into = take_outputs(env, info, counts, names);
+  // The options' getters are the caller's last code to run: the images and the model are
+  // taken after them (RunBatch says why).
+  take_images(env, c, im, info[0]);
+  cmseg::Model* model = &idle(env);
+  if (into) check_no_overlap(env, into->Value(), im.images, names);
+  // Only what is allocated here counts against the memory: given outputs exist already.
+  auto given = [&](int k) { return into && !into->Value().Get(names[k]).IsUndefined(); };
+  const double total_bytes =
+      ((given(0) ? 0 : counts[0]) + (given(1) ? 0 : counts[1]) + (given(2) ? 0 : counts[2])) * sizeof(float);
   const std::string advice = "; predict fewer or smaller images at a time" +
                              std::string(want_cms || want_q ? ", or without cms / annotatorProbs" : "");
   const double ram = cmseg::physical_memory_bytes();
@@ -482,16 +526,22 @@ Napi::Value ModelWrap::Predict(const Napi::CallbackInfo& info) {
                     gib_text(forward) + "), more than this machine's " + gib_text(ram) + " of memory" + advice,
                 "CMSEG_OUT_OF_MEMORY");
   auto out = std::make_shared<std::array<HostBuffer, 3>>();
+  float* ptr[3] = {nullptr, nullptr, nullptr};
   for (int k = 0; k < 3; ++k) {
     if (counts[k] == 0) continue;
+    if (given(k)) {
+      ptr[k] = into->Value().Get(names[k]).As<Napi::Float32Array>().Data();
+      continue;
+    }
     HostBuffer& b = (*out)[k];
     b.count = (size_t)counts[k];
     b.data = static_cast<float*>(std::calloc(b.count, sizeof(float)));
     if (!b.data) throw_error(env, oom + advice, "CMSEG_OUT_OF_MEMORY");  // `out` frees the others
+    ptr[k] = b.data;
   }
-  float* pp = (*out)[0].data;
-  float* cp = (*out)[1].data;
-  float* qp = (*out)[2].data;
+  float* pp = ptr[0];
+  float* cp = ptr[1];
+  float* qp = ptr[2];
   const float* img = im.images.Data();
   // A CPU model predicts from a copy (HeldInputs says why).
   auto held = std::make_shared<HeldInputs>();
@@ -507,12 +557,16 @@ Napi::Value ModelWrap::Predict(const Napi::CallbackInfo& info) {
       [=](Napi::Env e) {
         if (model_) report_workspace(*model_, nn, s, false, want_cms || want_q);
         Napi::Object o = Napi::Object::New(e);
-        o.Set("probs", adopt(e, (*out)[0]));
-        if (want_cms) o.Set("cms", adopt(e, (*out)[1]));
-        if (want_q) o.Set("annotatorProbs", adopt(e, (*out)[2]));
+        const bool wanted[3] = {true, want_cms, want_q};
+        for (int k = 0; k < 3; ++k) {
+          if (!wanted[k]) continue;
+          Napi::Value v = into ? into->Value().Get(names[k]) : e.Undefined();
+          o.Set(names[k], v.IsUndefined() ? adopt(e, (*out)[k]) : v);
+        }
         return o;
       });
   if (!copy) w->keep(im.images);
+  if (into) w->keep(into->Value());
   w->keep(info.This());
   busy_ = true;
   w->Queue();

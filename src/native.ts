@@ -31,7 +31,12 @@ export interface NativeModel {
   trainStep(batch: NativeBatch): Promise<NativeStepResult>;
   computeGradients(batch: NativeBatch): Promise<NativeStepResult>;
   evaluate(batch: NativeBatch): Promise<NativeStepResult>;
-  predict(images: Float32Array, shape: number[], options?: { cms?: boolean; annotatorProbs?: boolean }): Promise<NativePrediction>;
+  predict(
+    images: Float32Array,
+    shape: number[],
+    options?: { cms?: boolean; annotatorProbs?: boolean },
+    into?: { probs?: Float32Array; cms?: Float32Array; annotatorProbs?: Float32Array },
+  ): Promise<NativePrediction>;
   parameters(): { name: string; shape: number[] }[];
   getWeights(): Record<string, Float32Array>;
   getGradients(): Record<string, Float32Array>;

@@ -42,6 +42,23 @@ export interface PredictOptions {
   annotatorProbs?: boolean;
 }
 
+/** Arrays a prediction's outputs are written into, each exactly its output's length. */
+export interface PredictOutputs {
+  probs?: Float32Array;
+  cms?: Float32Array;
+  annotatorProbs?: Float32Array;
+}
+
+/**
+ * Model's predict writing into the caller's output arrays, which the returned prediction then
+ * holds: sliding-window inference reuses one set batch after batch (a fresh 100 MB of outputs
+ * a batch of a BraTS CM model cost its page faults, a sixth of a CPU case's time). Not public:
+ * the model writes the arrays on a worker thread until the call settles, and an array
+ * transferred (postMessage) meanwhile would be freed under it; only code that never hands its
+ * arrays out can promise that.
+ */
+export const predictInto = Symbol('cmseg.predictInto');
+
 export interface Prediction {
   /** Consensus probabilities p(y|x), [N, L, *S]. */
   probs: Float32Array;
@@ -129,12 +146,21 @@ export class Model {
   }
 
   predict(images: Float32Array, shape: number[], options: PredictOptions = {}): Promise<Prediction> {
+    return this.predictOutputs(images, shape, options, undefined);
+  }
+
+  /** predict() writing its outputs into `into`'s arrays (see predictInto). */
+  [predictInto](images: Float32Array, shape: number[], options: PredictOptions, into: PredictOutputs): Promise<Prediction> {
+    return this.predictOutputs(images, shape, options, { ...into });
+  }
+
+  private predictOutputs(images: Float32Array, shape: number[], options: PredictOptions, into: PredictOutputs | undefined): Promise<Prediction> {
     // The call runs in its turn: the shape and options as given now (see snapshotBatch).
     shape = copyIfShort(shape);
     options = options !== null && typeof options === 'object' && !Array.isArray(options) ? { ...options } : options;
     if (this.copiesInputs()) images = copyTypedArray(images);
     return this.enqueue(async () => {
-      const out = await this.native.predict(images, shape, options);
+      const out = await this.native.predict(images, shape, options, into);
       const { classes: L, annotators: R } = this.config;
       const [n, , ...spatial] = shape;
       const pred: Prediction = { probs: out.probs, probsShape: [n, L, ...spatial] };

@@ -102,6 +102,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeModel", ModelWrap::Define(env));
   exports.Set("fuse", Napi::Function::New(env, Fuse));
   exports.Set("stitchWindow", Napi::Function::New(env, StitchWindow));
+  exports.Set("divideByWeights", Napi::Function::New(env, DivideByWeights));
   exports.Set("backendInfo", Napi::Function::New(env, BackendInfo));
   exports.Set("setNumThreads", Napi::Function::New(env, SetNumThreads));
   exports.Set("measurePeakGflops", Napi::Function::New(env, MeasurePeakGflops));

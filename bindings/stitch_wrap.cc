@@ -78,4 +78,33 @@ Napi::Value StitchWindow(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// divideByWeights(sum, weightSum, channels, mean): the weighted means, mean[k*V + v] =
+// sum[k*V + v] / weightSum[v] (cmseg::divide_by_weights), V = weightSum's length; `mean` is a
+// Float32Array, `sum` itself when that is one (divided in place), or a Float64Array.
+Napi::Value DivideByWeights(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() != 4) throw_invalid(env, "divideByWeights expects (sum, weightSum, channels, mean)");
+  const Napi::Float64Array weights = expect_f64(env, info[1], "weightSum");
+  if (!info[2].IsNumber()) throw_invalid(env, "channels must be an integer >= 1");
+  const double ch = info[2].As<Napi::Number>().DoubleValue();
+  if (!(ch >= 1 && ch <= 2147483647.0 && ch == (double)(int64_t)ch)) throw_invalid(env, "channels must be an integer >= 1");
+  const int64_t V = (int64_t)weights.ElementLength(), channels = (int64_t)ch;
+  if ((double)V * ch > 9007199254740991.0) throw_invalid(env, "divideByWeights: sizes too large");
+  const int64_t length = V * channels;
+  Napi::Float32Array mean = expect_f32(env, info[3], "mean", length);
+  if (info[0].IsTypedArray() && info[0].As<Napi::TypedArray>().TypedArrayType() == napi_float64_array) {
+    Napi::Float64Array sum = expect_f64(env, info[0], "sum", length);
+    guard(env, [&] { cmseg::divide_by_weights(sum.Data(), weights.Data(), channels, V, mean.Data()); });
+  } else {
+    Napi::Float32Array sum = expect_f32(env, info[0], "sum (a Float32Array or Float64Array)", length);
+    // In place, or into memory of its own: a partial overlap would read means as sums.
+    if (sum.ArrayBuffer().StrictEquals(mean.ArrayBuffer()) && sum.ByteOffset() != mean.ByteOffset()) {
+      const size_t a0 = sum.ByteOffset(), a1 = a0 + sum.ByteLength(), b0 = mean.ByteOffset(), b1 = b0 + mean.ByteLength();
+      if (a0 < b1 && b0 < a1) throw_invalid(env, "divideByWeights: mean overlaps sum without being it");
+    }
+    guard(env, [&] { cmseg::divide_by_weights(sum.Data(), weights.Data(), channels, V, mean.Data()); });
+  }
+  return env.Undefined();
+}
+
 }  // namespace cmseg_js

@@ -107,6 +107,8 @@ export interface NativeAddon {
     sum: Float32Array | Float64Array, volume: number[], values: Float32Array, offset: number, weights: Float64Array,
     patch: number[], channels: number, from: number[], to: number[], origin: number[],
   ): void;
+  /** mean[k*V + v] = sum[k*V + v] / weightSum[v] for k < channels, V = weightSum.length (mean may be sum itself). */
+  divideByWeights(sum: Float32Array | Float64Array, weightSum: Float64Array, channels: number, mean: Float32Array): void;
   /** Claims (take true) or gives up a name for the whole process, worker threads included; whether it changed. */
   processClaim(name: string, take: boolean): boolean;
   /** Ends the process at once (std::_Exit), without waiting for native calls in flight. */

@@ -470,3 +470,22 @@ t.test('native stitchWindow: the same bits as the JavaScript sum, and placements
   t.throws(() => native.stitchWindow(sum, volume, values, 0, new Float32Array(Pv) as unknown as Float64Array, patch, channels, [0, 0, 0], [1, 1, 1], [0, 0, 0]), /weights must be a Float64Array/);
   t.equal(sum.every((v) => v === 0), true, 'a refused call wrote nothing');
 });
+
+t.test('native divideByWeights: the same bits as JavaScript\'s division, in place or from Float64, bad arrays refused', async (t) => {
+  const native = loadNative();
+  const channels = 3;
+  const V = 70001; // more than one of the native side's chunks of voxels
+  const weightSum = Float64Array.from(noise(V, 31), (v) => Math.abs(v) * 5 + 1e-3);
+  for (const Sum of [Float32Array, Float64Array]) {
+    const sum = Sum.from(noise(channels * V, 32), (v) => v * 3);
+    const want = new Float32Array(channels * V);
+    for (let k = 0; k < channels; k++) for (let v = 0; v < V; v++) want[k * V + v] = sum[k * V + v] / weightSum[v];
+    const mean = sum instanceof Float32Array ? sum : new Float32Array(channels * V);
+    native.divideByWeights(sum, weightSum, channels, mean);
+    t.ok(Buffer.from(mean.buffer).equals(Buffer.from(want.buffer)), `${Sum.name} sums: bit for bit`);
+  }
+  const sum = new Float32Array(channels * V + 1);
+  t.throws(() => native.divideByWeights(sum.subarray(1), weightSum, channels, sum.subarray(0, channels * V)), /mean overlaps sum without being it/);
+  t.throws(() => native.divideByWeights(new Float32Array(channels * V), weightSum, 2, new Float32Array(channels * V)), /mean .*expected 140002/);
+  t.throws(() => native.divideByWeights(new Float32Array(channels * V), new Float32Array(V) as unknown as Float64Array, channels, new Float32Array(channels * V)), /weightSum must be a Float64Array/);
+});

@@ -3,6 +3,8 @@
 
 #include "cmseg/threads.hpp"
 
+#include <algorithm>
+
 namespace cmseg {
 namespace {
 
@@ -27,7 +29,28 @@ void stitch(Sum* sum, const int64_t volume[3], const float* values, const double
   });
 }
 
+template <class Sum>
+void divide(const Sum* sum, const double* weight_sum, int64_t channels, int64_t V, float* mean) {
+  // Chunks of a channel's voxels: a 2D image's few channels still spread over every thread.
+  constexpr int64_t kChunk = 1 << 16;
+  const int64_t chunks = (V + kChunk - 1) / kChunk;
+  parallel_for(channels * chunks, [&](int64_t item, int) {
+    const int64_t k = item / chunks, v0 = (item % chunks) * kChunk, v1 = std::min(V, v0 + kChunk);
+    const Sum* s = sum + k * V;
+    float* m = mean + k * V;
+    for (int64_t v = v0; v < v1; v++) m[v] = (float)((double)s[v] / weight_sum[v]);
+  });
+}
+
 }  // namespace
+
+void divide_by_weights(const float* sum, const double* weight_sum, int64_t channels, int64_t V, float* mean) {
+  divide(sum, weight_sum, channels, V, mean);
+}
+
+void divide_by_weights(const double* sum, const double* weight_sum, int64_t channels, int64_t V, float* mean) {
+  divide(sum, weight_sum, channels, V, mean);
+}
 
 void stitch_window(float* sum, const int64_t volume[3], const float* values, const double* weights,
                    const int64_t patch[3], int64_t channels, const WindowPlacement& at) {

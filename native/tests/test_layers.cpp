@@ -435,3 +435,26 @@ TEST(stitch_window_matches_a_direct_loop) {
     CHECK(got != start);
   }
 }
+
+// The weighted means (cmseg/stitch.hpp): each sum divided by its voxel's weight in double and
+// rounded once to float, bit for bit a direct loop's, in place for a float sum, over more than
+// one chunk of voxels (65536) and a short last one.
+TEST(divide_by_weights_matches_a_direct_loop) {
+  const int64_t V = 65536 + 4321, channels = 3;
+  const std::vector<float> sum32 = check::random_vector(channels * V, 21);
+  std::vector<double> sum64(channels * V), weights(V);
+  for (int64_t i = 0; i < channels * V; i++) sum64[i] = (double)sum32[i] * (1.0 + 1e-9 * (double)i);
+  for (int64_t v = 0; v < V; v++) weights[v] = 1e-3 + std::fabs(std::sin(0.11 * v)) * 7.0;
+  std::vector<float> want32(channels * V), want64(channels * V);
+  for (int64_t k = 0; k < channels; k++)
+    for (int64_t v = 0; v < V; v++) {
+      want32[k * V + v] = (float)((double)sum32[k * V + v] / weights[v]);
+      want64[k * V + v] = (float)(sum64[k * V + v] / weights[v]);
+    }
+  std::vector<float> in_place = sum32, from64(channels * V, -1.f);
+  divide_by_weights(in_place.data(), weights.data(), channels, V, in_place.data());
+  divide_by_weights(sum64.data(), weights.data(), channels, V, from64.data());
+  CHECK(in_place == want32);
+  CHECK(from64 == want64);
+  CHECK(in_place != sum32);
+}

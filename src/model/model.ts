@@ -55,7 +55,8 @@ export interface PredictOutputs {
  * a batch of a BraTS CM model cost its page faults, a sixth of a CPU case's time). Not public:
  * the model writes the arrays on a worker thread until the call settles, and an array
  * transferred (postMessage) meanwhile would be freed under it; only code that never hands its
- * arrays out can promise that.
+ * arrays out can promise that. The images are not copied either (the native call takes its
+ * own copy when it starts, for a CPU model): the caller must not change them until it settles.
  */
 export const predictInto = Symbol('cmseg.predictInto');
 
@@ -158,7 +159,8 @@ export class Model {
     // The call runs in its turn: the shape and options as given now (see snapshotBatch).
     shape = copyIfShort(shape);
     options = options !== null && typeof options === 'object' && !Array.isArray(options) ? { ...options } : options;
-    if (this.copiesInputs()) images = copyTypedArray(images);
+    // predictInto's caller leaves its images alone until the call settles, as its outputs.
+    if (this.copiesInputs() && !into) images = copyTypedArray(images);
     return this.enqueue(async () => {
       const out = await this.native.predict(images, shape, options, into);
       const { classes: L, annotators: R } = this.config;

@@ -371,14 +371,13 @@ export async function slidingWindowPredict(
     throw e;
   }
 
-  // Each output divided by the summed weights, into Float32 (in place when the sums are).
+  // Each output divided by the summed weights, into Float32 (in place when the sums are), in
+  // native code on every thread (the same division and rounding as `sum[i] / weightSum[v]`):
+  // 0.6 s of one JavaScript thread for a BraTS case's 64 channels.
   const means = outputs.map((output) => {
     const sum = output.sum;
     const mean = sum instanceof Float32Array ? sum : new Float32Array(sum.length);
-    for (let k = 0; k < output.channels; k++) {
-      const base = k * V;
-      for (let v = 0; v < V; v++) mean[base + v] = sum[base + v] / weightSum[v];
-    }
+    native.divideByWeights(sum, weightSum, output.channels, mean);
     output.sum = new Float32Array(0); // a Float64 sum is garbage before the next is divided
     return mean;
   });

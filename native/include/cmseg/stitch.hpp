@@ -23,4 +23,10 @@ void stitch_window(float* sum, const int64_t volume[3], const float* values, con
 void stitch_window(double* sum, const int64_t volume[3], const float* values, const double* weights,
                    const int64_t patch[3], int64_t channels, const WindowPlacement& at);
 
+// The weighted means once every window is in: mean[k*V + v] = sum[k*V + v] / weight_sum[v],
+// divided in double and rounded once to float, as JavaScript's `f32[i] = sum[i] / w[v]` does.
+// `mean` may be `sum` itself (a float sum divided in place). Chunks of voxels run in parallel.
+void divide_by_weights(const float* sum, const double* weight_sum, int64_t channels, int64_t V, float* mean);
+void divide_by_weights(const double* sum, const double* weight_sum, int64_t channels, int64_t V, float* mean);
+
 }  // namespace cmseg

@@ -17,6 +17,7 @@
 #include "cmseg/cuda.hpp"
 #include "cmseg/error.hpp"
 #include "gemm_plan.hpp"
+#include "shape_cache.hpp"
 
 namespace cmseg {
 namespace cuda {
@@ -150,11 +151,31 @@ struct Context::Impl {
   int multiprocessors = 1;
   size_t in_use = 0, peak = 0;
   std::unordered_map<void*, size_t> sizes;
-  std::map<ConvKey, ConvAlgo> conv_algos;
-  std::map<ConvKey, std::shared_ptr<GraphPlan>> graph_plans;  // cleared before the cuDNN handle goes
+  // Per-shape choices, each capped (shape_cache.hpp: least recently used out first). A
+  // lookup's pointer is copied before the next insertion (which may evict it); a plan in
+  // use is held by the caller's shared_ptr, and one evicted after its execution was enqueued
+  // is destroyed at once, as PyTorch's LRU of cuDNN plans does: the kernels it launched
+  // hold their parameters, the descriptor is host state.
+  ShapeCache<ConvKey, ConvAlgo> conv_algos;                     // algo < 0: no usable algorithm
+  // null: no usable engine, the legacy path runs it. Cleared before the cuDNN handle goes.
+  ShapeCache<ConvKey, std::shared_ptr<GraphPlan>> graph_plans;
   size_t graph_runs = 0;                                         // convolutions the graph API ran
   size_t own_wgrad_runs = 0;  // filter gradients conv3_filter_grad.cu computed
-  std::map<ConvKey, int> conv_paths;                             // conv3's timed path per key (conv_autotune)
+  ShapeCache<ConvKey, int> conv_paths;                           // conv3's timed path per key (conv_autotune)
+  // Shapes recorded as refused (an algorithm -1 or a null plan stored where none was), for
+  // Context::conv_fallbacks: counted when recorded, so an eviction does not lower it (a
+  // shape refused again after its entry was evicted counts again).
+  size_t conv_refusals = 0;
+  void remember_algo(const ConvKey& key, const ConvAlgo& a) {
+    const ConvAlgo* old = conv_algos.find(key);
+    if (a.algo < 0 && !(old && old->algo < 0)) ++conv_refusals;
+    conv_algos.put(key, a);
+  }
+  void remember_plan(const ConvKey& key, std::shared_ptr<GraphPlan> plan) {
+    std::shared_ptr<GraphPlan>* old = graph_plans.find(key);
+    if (!plan && !(old && !*old)) ++conv_refusals;
+    graph_plans.put(key, std::move(plan));
+  }
   cudnnHandle_t cudnn_handle = nullptr;
   cublasHandle_t cublas_handle = nullptr;
   SideStream side;  // created on first use (OnSideStream)

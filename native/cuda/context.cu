@@ -333,11 +333,26 @@ float Context::time_ms(const std::function<void()>& fn, int reps) {
 size_t Context::conv_graph_runs() const { return impl_->graph_runs; }
 size_t Context::conv_own_wgrad_runs() const { return impl_->own_wgrad_runs; }
 
-size_t Context::conv_fallbacks() const {
-  size_t n = 0;
-  for (const auto& kv : impl_->conv_algos) n += kv.second.algo < 0;
-  for (const auto& kv : impl_->graph_plans) n += !kv.second;
-  return n;
+// Counted as refusals are recorded (Impl::remember_algo, remember_plan): the caches evict,
+// and a count of their refused entries would go down with them (a caller's before/after
+// difference then wrapped around).
+size_t Context::conv_fallbacks() const { return impl_->conv_refusals; }
+
+ConvCacheStats conv_cache_stats(Context& ctx) {
+  Context::Impl& m = ctx.impl();
+  ConvCacheStats s;
+  s.entries[0] = m.conv_algos.size(), s.added[0] = m.conv_algos.added(), s.evicted[0] = m.conv_algos.evicted();
+  s.entries[1] = m.graph_plans.size(), s.added[1] = m.graph_plans.added(), s.evicted[1] = m.graph_plans.evicted();
+  s.entries[2] = m.conv_paths.size(), s.added[2] = m.conv_paths.added(), s.evicted[2] = m.conv_paths.evicted();
+  s.capacity = m.conv_algos.capacity();
+  return s;
+}
+
+void set_conv_cache_capacity(Context& ctx, size_t entries) {
+  Context::Impl& m = ctx.impl();
+  m.conv_algos.set_capacity(entries);
+  m.graph_plans.set_capacity(entries);  // evicted plans destroyed here, the cuDNN handle alive
+  m.conv_paths.set_capacity(entries);
 }
 
 std::string Context::profile_report(int steps) {

@@ -204,7 +204,7 @@ const char* path_of(int op) {
 void remember_unusable(Context& ctx, const ConvKey& key, const char* why) {
   ConvAlgo none;
   none.algo = -1;
-  ctx.impl().conv_algos[key] = none;
+  ctx.impl().remember_algo(key, none);
   std::fprintf(stderr, "cmseg: %s (op %d on %s tensors, n %d, %d->%d channels, %dx%dx%d, %s); %s\n", why, key.op,
                path_of(key.op), key.n, key.cin, key.cout, key.d, key.h, key.w,
                key.tf32 ? "tensor-op math allowed" : "fma math", fallback_of(key.op));
@@ -222,11 +222,10 @@ template <class Perf, class Heuristics, class Search, class WorkspaceOf>
 ConvAlgo choose(Context& ctx, const ConvKey& key, const ConvDesc& cd, const char* what, Heuristics heuristics,
                 Search search, WorkspaceOf workspace_of) {
   Context::Impl& im = ctx.impl();
-  auto it = im.conv_algos.find(key);
-  if (it != im.conv_algos.end()) {
-    if (it->second.algo < 0)
+  if (const ConvAlgo* known = im.conv_algos.find(key)) {
+    if (known->algo < 0)
       throw NoConvAlgorithm("cuDNN offered no usable algorithm for this convolution shape (said on stderr before)");
-    return it->second;
+    return *known;
   }
   Perf listed[kMaxAlgos], timed[kMaxAlgos];
   int n_listed = 0, n_timed = 0;
@@ -256,7 +255,8 @@ ConvAlgo choose(Context& ctx, const ConvKey& key, const ConvDesc& cd, const char
   use_math(cd, a);  // see the note above kMaxAlgos
   size_t ws = 0;
   if (workspace_of(a.algo, &ws) == CUDNN_STATUS_SUCCESS) a.workspace = std::max(a.workspace, ws);
-  return im.conv_algos[key] = a;
+  im.remember_algo(key, a);
+  return a;
 }
 
 // y = conv(x, w): x [n, c_in, sx], w [k, c_in, ...], y [n, k, sy]
@@ -431,8 +431,8 @@ T* as(Scratch& s) {
 
 // An earlier call found no usable algorithm for this key.
 bool known_unusable(Context& ctx, const ConvKey& key) {
-  auto it = ctx.impl().conv_algos.find(key);
-  return it != ctx.impl().conv_algos.end() && it->second.algo < 0;
+  const ConvAlgo* known = ctx.impl().conv_algos.find(key);
+  return known && known->algo < 0;
 }
 
 // A channels-last call cuDNN refuses although it listed the algorithm (a bad
@@ -810,8 +810,8 @@ struct PathScope {
 // on scratch outputs; a path that throws (other than out of memory) drops out.
 template <class Run>
 int autotuned_path(Context& ctx, const ConvKey& key, const char* what, Run run) {
-  std::map<ConvKey, int>& cache = ctx.impl().conv_paths;
-  if (auto it = cache.find(key); it != cache.end()) return it->second;
+  ShapeCache<ConvKey, int>& cache = ctx.impl().conv_paths;
+  if (const int* known = cache.find(key)) return *known;
   int best = -1;
   float best_ms = 0;
   std::string tried, out_of_memory;
@@ -838,7 +838,8 @@ int autotuned_path(Context& ctx, const ConvKey& key, const char* what, Run run) 
   if (best < 0) fail(what, ": no conv3 path ran (", tried, ")");
   std::fprintf(stderr, "cmseg: conv3 %s %d->%d %dx%dx%d n %d: %s (%s)\n", what, key.cin, key.cout, key.d, key.h,
                key.w, key.n, kConvPaths[best].name, tried.c_str());
-  return cache[key] = best;
+  cache.put(key, best);  // run() may have evicted entries meanwhile: nothing of the cache is held across it
+  return best;
 }
 
 bool autotune(const Context& ctx) { return ctx.options().conv_autotune && !ctx.options().bf16; }
@@ -902,8 +903,8 @@ bool own_filter_gradient(Context& ctx, const float* x, const float* w, const flo
   if (!own_wgrad_wanted(o, ndim) || !own_filter_grad_fits(ctx.device())) return false;
   if (o.conv_wgrad == WgradPath::Own) return true;
   const ConvKey key{dx ? 44 : 45, n, cin, cout, s.d, s.h, s.w, ndim, true};
-  std::map<ConvKey, int>& cache = ctx.impl().conv_paths;
-  if (auto it = cache.find(key); it != cache.end()) return it->second == 1;
+  ShapeCache<ConvKey, int>& cache = ctx.impl().conv_paths;
+  if (const int* known = cache.find(key)) return *known == 1;
   const size_t wn = (size_t)cout * cin * conv3_taps(ndim);
   float own_ms = -1, cudnn_ms = -1;
   std::string oom;
@@ -952,7 +953,7 @@ bool own_filter_gradient(Context& ctx, const float* x, const float* w, const flo
                "the two filter gradients differ by %.2g relative L2)\n",
                dx ? "backward" : "backward filter", cin, cout, s.d, s.h, s.w, n, own ? "own kernel" : "cuDNN",
                said(own_ms).c_str(), said(cudnn_ms).c_str(), disagreement);
-  cache[key] = own ? 1 : 0;
+  cache.put(key, own ? 1 : 0);
   return own;
 }
 

@@ -404,10 +404,9 @@ bool graph_conv3(Context& ctx, GraphPart part, const GraphShape& g, const void* 
   void* py = const_cast<void*>(y);
   Context::Impl& im = ctx.impl();
   const ConvKey key = key_of(part, g);
-  auto it = im.graph_plans.find(key);
-  std::shared_ptr<GraphPlan> plan;
-  if (it != im.graph_plans.end()) {
-    plan = it->second;
+  std::shared_ptr<GraphPlan> plan;  // held for the whole call: an eviction meanwhile leaves it alive
+  if (const std::shared_ptr<GraphPlan>* known = im.graph_plans.find(key)) {
+    plan = *known;
   } else {
     try {
       plan = choose(ctx, part, g, px, pw, py);
@@ -416,10 +415,10 @@ bool graph_conv3(Context& ctx, GraphPart part, const GraphShape& g, const void* 
     } catch (const Error& e) {  // the graph API refused a descriptor: this shape takes the legacy path
       std::fprintf(stderr, "cmseg: cuDNN graph API, conv3 %s %d->%d: %s; the legacy API runs it\n", part_name(part),
                    g.cin, g.cout, e.what());
-      im.graph_plans[key] = nullptr;
+      im.remember_plan(key, nullptr);
       return false;
     }
-    im.graph_plans[key] = plan;
+    im.remember_plan(key, plan);
     if (!plan)
       std::fprintf(stderr, "cmseg: cuDNN graph API has no usable engine for conv3 %s %d->%d %dx%dx%d (%s, %s); the "
                            "legacy API runs it\n",
@@ -436,7 +435,7 @@ bool graph_conv3(Context& ctx, GraphPart part, const GraphShape& g, const void* 
   const int category = CUDNN_STATUS_CATEGORY((int)st);
   if (category != CUDNN_STATUS_BAD_PARAM && category != CUDNN_STATUS_NOT_SUPPORTED)
     throw_cudnn(st, "cudnnBackendExecute (conv3)", __FILE__, __LINE__);
-  im.graph_plans[key] = nullptr;  // refused at run time: the legacy path from now on
+  im.remember_plan(key, nullptr);  // refused at run time: the legacy path from now on (while cached)
   std::fprintf(stderr, "cmseg: cuDNN graph API refused conv3 %s %d->%d: %s; the legacy API runs it\n",
                part_name(part), g.cin, g.cout, cudnnGetErrorString(st));
   return false;

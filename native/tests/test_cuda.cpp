@@ -32,6 +32,9 @@
 #include "cmseg/layers.hpp"
 #include "cmseg/loss.hpp"
 #include "cmseg/model.hpp"
+#if CMSEG_HAVE_CUDA
+#include "../cuda/shape_cache.hpp"  // the context's per-shape caches (host-only header)
+#endif
 
 using namespace cmseg;
 namespace cu = cmseg::cuda;
@@ -1962,6 +1965,147 @@ TEST(model_step_gpu_shape_changes_match_cpu) {
     expect_same_state(a.name + ": after the steps", gpu, cpu, 1e-3);
   }
 }
+
+#if CMSEG_HAVE_CUDA
+// The context's per-shape caches (cuDNN's algorithms, graph plans, conv_autotune's paths)
+// kept every shape forever; now each is a least-recently-used map of at most
+// CMSEG_CUDA_CACHE_ENTRIES (256) entries (native/cuda/shape_cache.hpp). Named model_step_gpu_*
+// so that the emulated build's ctest selection (CMakeLists.txt) runs them.
+// First the map itself: the eviction order, a refused entry (null plan) evicted and
+// re-chosen, a plan a caller holds surviving its eviction, the capacity's text.
+TEST(model_step_gpu_shape_cache_lru) {
+  cu::ShapeCache<int, int> c(3);
+  for (int k = 1; k <= 5; ++k) c.put(k, 10 * k);
+  CHECK(c.size() == 3 && c.added() == 5 && c.evicted() == 2);
+  CHECK(!c.find(1) && !c.find(2));                     // the two least recently used went
+  CHECK(c.find(3) && *c.find(3) == 30);                // a hit: 3 is now the most recent
+  c.put(6, 60);                                        // evicts 4 (least recent), not 3
+  CHECK(!c.find(4) && c.find(3) && c.find(5) && c.find(6));
+  c.put(6, 66);                                        // a replacement, not a new entry
+  CHECK(c.size() == 3 && c.added() == 6 && *c.find(6) == 66);
+  std::vector<int> order;
+  c.for_each([&](int k, int) { order.push_back(k); });  // most recent first, order untouched
+  CHECK((order == std::vector<int>{6, 5, 3}));
+  c.set_capacity(1);  // lowering it evicts at once, the most recent stays
+  CHECK(c.size() == 1 && c.find(6) && !c.find(5));
+  c.set_capacity(0);
+  CHECK(c.capacity() == 1);
+
+  // Plans: null is a refusal (the legacy path runs). Evicted, it is absent again, so the
+  // next call chooses again and may store a plan; a plan a caller still holds lives on.
+  cu::ShapeCache<int, std::shared_ptr<int>> plans(2);
+  plans.put(1, nullptr);
+  CHECK(plans.find(1) && !*plans.find(1));  // cached refusal
+  auto held = std::make_shared<int>(7);
+  std::weak_ptr<int> dropped;
+  {
+    auto p3 = std::make_shared<int>(3);
+    dropped = p3;
+    plans.put(2, held), plans.put(3, p3);  // evicts the refusal
+  }
+  CHECK(!plans.find(1));
+  plans.put(1, std::make_shared<int>(1));  // re-seen: chosen again, a plan this time
+  CHECK(plans.find(1) && *plans.find(1) && **plans.find(1) == 1);
+  plans.put(4, std::make_shared<int>(4));  // evicts 2 (held by us) and then 3 on the next
+  plans.put(5, std::make_shared<int>(5));
+  CHECK(!plans.find(2) && !plans.find(3));
+  CHECK(*held == 7 && held.use_count() == 1);  // evicted while held: intact, ours alone
+  CHECK(dropped.expired());                    // evicted and unheld: destroyed
+
+  CHECK(cu::parse_cache_entries("3", 256) == 3);
+  CHECK(cu::parse_cache_entries("1", 256) == 1);
+  CHECK(cu::parse_cache_entries(nullptr, 256) == 256);
+  CHECK(cu::parse_cache_entries("", 256) == 256);
+  for (const char* bad : {"0", "-2", "12abc", "x"}) CHECK(cu::parse_cache_entries(bad, 256) == 256);
+  // A new context's caches start at CMSEG_CUDA_CACHE_ENTRIES (256 when unset).
+  cu::Context fresh;
+  CHECK(cu::conv_cache_stats(fresh).capacity ==
+        cu::parse_cache_entries(std::getenv("CMSEG_CUDA_CACHE_ENTRIES"), cu::kShapeCacheCapacity));
+}
+
+// conv3 on one context capped at 3 entries, over 5 shapes: every cache holds at most 3,
+// the most recent shape is a hit (nothing chosen again), the first one was evicted
+// (chosen again when it comes back), and every result is the CPU reference's.
+TEST(model_step_gpu_conv_caches_capped_match_cpu) {
+  cu::Context c;  // its own context: the other cases' ctx() keeps the default capacity
+  c.set_tf32(false);
+  cu::set_conv_cache_capacity(c, 3);
+  const size_t fallbacks0 = c.conv_fallbacks();
+  auto added = [&] {
+    const cu::ConvCacheStats st = cu::conv_cache_stats(c);
+    return st.added[0] + st.added[1] + st.added[2];
+  };
+  const int n = 1, cin = 2, cout = 3, nd = 2;
+  const Spatial shapes[] = {{1, 6, 5}, {1, 7, 5}, {1, 8, 6}, {1, 5, 9}, {1, 9, 4}};
+  auto forward = [&](int k) {
+    const Spatial s = shapes[k];
+    const size_t V = (size_t)s.size();
+    const auto x = rnd(n * cin * V, 100 + k), w = rnd(cout * cin * conv3_taps(nd), 200 + k, -0.3f, 0.3f);
+    std::vector<float> y_cpu(n * cout * V), y_gpu(y_cpu.size(), -1.f);
+    conv3_forward(x.data(), w.data(), y_cpu.data(), n, cin, cout, s, nd);
+    cu::Buffer<float> dx(c, x.size()), dw(c, w.size()), dy(c, y_gpu.size());
+    c.upload(dx.data(), x.data(), x.size() * sizeof(float));
+    c.upload(dw.data(), w.data(), w.size() * sizeof(float));
+    cu::conv3_forward(c, dx.data(), dw.data(), dy.data(), n, cin, cout, s, nd);
+    c.download(y_gpu.data(), dy.data(), y_gpu.size() * sizeof(float));
+    expect_close(("capped caches: conv3 forward " + std::to_string(s.h) + "x" + std::to_string(s.w)).c_str(), y_gpu,
+                 y_cpu, 1e-4);
+  };
+  for (int k = 0; k < 5; ++k) forward(k);
+  cu::ConvCacheStats st = cu::conv_cache_stats(c);
+  std::printf("  capacity %zu: entries %zu %zu %zu, added %zu %zu %zu, evicted %zu %zu %zu\n", st.capacity,
+              st.entries[0], st.entries[1], st.entries[2], st.added[0], st.added[1], st.added[2], st.evicted[0],
+              st.evicted[1], st.evicted[2]);
+  CHECK(st.capacity == 3);
+  for (int i = 0; i < 3; ++i) CHECK(st.entries[i] <= 3);
+  // 5 shapes made 5 entries or more in some cache (which ones depends on the paths the
+  // environment's CMSEG_CONV_* settings leave; the emulation fills [0]).
+  const size_t fullest = std::max({st.entries[0], st.entries[1], st.entries[2]});
+  CHECK(fullest == 3 && st.evicted[0] + st.evicted[1] + st.evicted[2] >= 2);
+  const size_t before = added();
+  forward(4);  // the most recent shape: found in every cache
+  CHECK(added() == before);
+  forward(0);  // the first shape: evicted, chosen again, still right
+  CHECK(added() > before);
+  st = cu::conv_cache_stats(c);
+  for (int i = 0; i < 3; ++i) CHECK(st.entries[i] <= 3);
+  CHECK(c.conv_fallbacks() >= fallbacks0);  // counted as recorded: an eviction does not lower it
+}
+
+// A GPU model whose caches hold 3 entries (far fewer than one step's convolutions):
+// steps and predictions of several sizes, each shape's choices evicted before it comes
+// back, every result the CPU's.
+TEST(model_step_gpu_capped_caches_shapes_match_cpu) {
+  StepCase a = step_case("capped caches 2D", 2, CmMode::Full, 0);
+  StepCase b = a, c = a;
+  b.n = 1, b.s = {1, 24, 20}, c.n = 3, c.s = {1, 8, 16};
+  ModelConfig cg = on_cuda(a.c);
+  cg.tf32 = false;
+  Model cpu(a.c), gpu(cg);
+  setup(cpu, a), setup(gpu, a);
+  cu::set_conv_cache_capacity(gpu.gpu()->context(), 3);
+  const StepData da = make_step_data(a, 71), db = make_step_data(b, 72), dc = make_step_data(c, 73);
+  int step = 0;
+  for (const auto* p : {&a, &b, &c, &a, &b}) {
+    const StepData& d = p == &a ? da : p == &b ? db : dc;
+    const std::string what = a.name + ": step " + std::to_string(++step);
+    compare_step_results(what, gpu.train_step(d.batch), cpu.train_step(d.batch));
+    const int64_t V = p->s.size();
+    const size_t np = (size_t)p->n * p->c.classes * V;
+    std::vector<float> p_c(np), p_g(np, -1.f);
+    cpu.predict(d.images.data(), p->n, p->s, p_c.data(), nullptr, nullptr);
+    gpu.predict(d.images.data(), p->n, p->s, p_g.data(), nullptr, nullptr);
+    expect_maxabs(what + ": predict probs", p_g, p_c);
+  }
+  expect_same_state(a.name + ": after the steps", gpu, cpu, 1e-3);
+  const cu::ConvCacheStats st = cu::conv_cache_stats(gpu.gpu()->context());
+  std::printf("  model, capacity %zu: entries %zu %zu %zu, evicted %zu %zu %zu\n", st.capacity, st.entries[0],
+              st.entries[1], st.entries[2], st.evicted[0], st.evicted[1], st.evicted[2]);
+  for (int i = 0; i < 3; ++i) CHECK(st.entries[i] <= 3);
+  CHECK(std::max({st.entries[0], st.entries[1], st.entries[2]}) == 3 &&
+        st.evicted[0] + st.evicted[1] + st.evicted[2] > 0);
+}
+#endif
 
 // A GPU model rejects what the CPU model rejects, before any device work.
 TEST(model_gpu_validates) {

@@ -10,6 +10,7 @@
 // CMSEG_CUDA_EMULATION). What it cannot check: the CUDA kernels themselves,
 // cuDNN/cuBLAS calls and stream ordering: that is test_cuda on a GPU.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -18,6 +19,7 @@
 
 #include "cmseg/cuda.hpp"
 #include "cmseg/error.hpp"
+#include "../shape_cache.hpp"
 #include "../upconv2_gemm.hpp"
 
 namespace cmseg {
@@ -38,6 +40,10 @@ struct Context::Impl {
   size_t in_use = 0, peak = 0;
   size_t own_wgrad_runs = 0;
   std::unordered_map<void*, size_t> sizes;
+  // Stands in for the device context's per-shape caches (shape_cache.hpp): one entry per
+  // conv3 direction and shape run, under the same capacity and eviction, so that
+  // test_cuda's cache cases run here too (conv_cache_stats reports it as the algorithms').
+  ShapeCache<std::array<int, 9>, int> conv_shapes;
 };
 Context::Context(const ContextOptions& o) : impl_(new Impl) {
   impl_->options = o;
@@ -90,6 +96,20 @@ void Context::profile_step_end() {}
 size_t Context::conv_fallbacks() const { return 0; }
 size_t Context::conv_graph_runs() const { return 0; }
 size_t Context::conv_own_wgrad_runs() const { return impl_->own_wgrad_runs; }
+ConvCacheStats conv_cache_stats(Context& ctx) {
+  const auto& c = ctx.impl().conv_shapes;
+  ConvCacheStats s;
+  s.entries[0] = c.size(), s.added[0] = c.added(), s.evicted[0] = c.evicted();
+  s.capacity = c.capacity();
+  return s;
+}
+void set_conv_cache_capacity(Context& ctx, size_t entries) { ctx.impl().conv_shapes.set_capacity(entries); }
+// A conv3 call's entry, looked up (made the most recent) or added, as the device's choice.
+static void remember_conv_shape(Context& ctx, int op, int n, int cin, int cout, Spatial s, int nd) {
+  auto& c = ctx.impl().conv_shapes;
+  const std::array<int, 9> key{op, n, cin, cout, s.d, s.h, s.w, nd, ctx.options().bf16 ? 1 : 0};
+  if (!c.find(key)) c.put(key, 0);
+}
 
 // ContextOptions::bf16: the operands rounded to bf16 (nearest even) as the device
 // path rounds its copies, then fp32 sums; the gradients cuDNN writes in bf16 are
@@ -127,6 +147,7 @@ size_t conv_copy_bytes(Context& ctx) {
 
 void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n, int cin, int cout, Spatial s,
                    int nd) {
+  remember_conv_shape(ctx, 0, n, cin, cout, s, nd);
   Held held(ctx);
   if (const size_t e = conv_copy_bytes(ctx)) held.take(e * n * cin * s.size()), held.take(e * n * cout * s.size());
   if (!ctx.options().bf16) return cmseg::conv3_forward(x, w, y, n, cin, cout, s, nd);
@@ -137,6 +158,7 @@ void conv3_forward(Context& ctx, const float* x, const float* w, float* y, int n
 }
 void conv3_backward(Context& ctx, const float* x, const float* w, const float* dy, float* dx, float* dw, int n,
                     int cin, int cout, Spatial s, int nd) {
+  remember_conv_shape(ctx, (dx ? 1 : 0) + (dw ? 2 : 0), n, cin, cout, s, nd);
   Held held(ctx);
   if (const size_t e = conv_copy_bytes(ctx)) {
     held.take(e * n * cout * s.size());  // dy's copy, for both directions

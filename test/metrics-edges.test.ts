@@ -398,7 +398,10 @@ t.test('every Markdown table escapes | in names, and a NaN spread prints n/a', a
   const cm = formatAnnotatorCms([{ trueMatrix: [[0.9, 0.2], [0.1, 0.8]], estimatedMatrix: [[0.85, 0.25], [0.15, 0.75]] }], () => 'rater|1', (c) => `class ${c}`);
   const header = cm.split('\n').find((l) => l.startsWith('| rater'))!;
   t.equal(cells(header), 5, `three cells: ${header}`);
-  t.equal(formatMeanStd({ mean: 0.5, std: NaN, count: 1 }), '0.5000 ± n/a');
+  t.equal(formatMeanStd({ mean: 0.5, std: NaN, count: 2 }), '0.5000 ± n/a');
+  // One value: its mean alone (a std of 0 over one volume is no spread).
+  t.equal(formatMeanStd({ mean: 0.5, std: NaN, count: 1 }), '0.5000');
+  t.equal(formatMeanStd({ mean: 0.81234, std: 0, count: 1 }), '0.8123');
 });
 
 t.test('Markdown tables are padded into columns (code points, not UTF-16 units)', async (t) => {

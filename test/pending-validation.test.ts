@@ -307,3 +307,24 @@ t.test("`last` of the version before (stopped in a validation, the epoch's sums 
   t.same(comparable(path.join(out, 'train-log.jsonl')).filter((e) => e.event !== 'interrupted'), comparable(path.join(dir, 'whole/train-log.jsonl')));
   await sameTensors(t, last, path.join(dir, 'whole/last.safetensors'), 'last');
 });
+
+t.test('`last` is saved before a validation unless the validator declares exactly one parameter', async (t) => {
+  const dir = tempDir(t, 'cmseg-pending-');
+  const one = { ...config, epochs: 1 };
+  // What the log holds between the epoch's entry and the validation's, per validator shape.
+  const between = async (name: string, validate: Validator) => {
+    const r = await train(path.join(dir, name), one, source(), { validate });
+    await r.model.dispose();
+    const log = readTrainLog(path.join(dir, name, 'train-log.jsonl'));
+    const epochAt = log.findIndex((e) => e.event === 'epoch');
+    const validationAt = log.findIndex((e) => e.event === 'validation');
+    return log.slice(epochAt + 1, validationAt).map((e) => `${e.event} ${e.kind}`);
+  };
+  const quick = (async (model: Parameters<Validator>[0]) => validator(model, () => {})) as Validator;
+  // A wrapper passing its arguments on: it may take `progress` (was: taken for a quick one, and
+  // a SIGKILL in its long validation lost the epoch).
+  const rest = (async (...args: Parameters<Validator>) => validator(...args)) as Validator;
+  t.same(await between('one', quick), [], 'one parameter: a quick validator, `last` written once after it');
+  t.same(await between('two', validator), ['checkpoint last'], 'two parameters: `last` saved before');
+  t.same(await between('rest', rest), ['checkpoint last'], 'rest parameters: `last` saved before');
+});

@@ -19,12 +19,17 @@ function countOf(n: number, unit: string): string {
   return `${n} ${unit}${n === 1 ? '' : 's'}`;
 }
 
-/** "0.8123 ± 0.0456"; "n/a" when there was nothing to average, "n/a (non-finite: 3)" when the model's output was NaN/Inf on 3. */
+/**
+ * "0.8123 ± 0.0456"; "0.8123" for a single value; "n/a" when there was nothing to average,
+ * "n/a (non-finite: 3)" when the model's output was NaN/Inf on 3.
+ */
 export function formatMeanStd(value: MeanStd | undefined, digits = 4): string {
   if (value?.nonFinite) return `n/a (non-finite: ${value.nonFinite})`;
   if (value === undefined || value.count === 0 || !Number.isFinite(value.mean)) return 'n/a';
   // A mean that rounds to zero prints as 0, not "-0.0000".
   const fixed = (x: number) => (Math.abs(x) < 0.5 * 10 ** -digits ? 0 : x).toFixed(digits);
+  // One value has no spread: "± 0.0000" read as a perfectly consistent figure over many.
+  if (value.count === 1) return fixed(value.mean);
   return `${fixed(value.mean)} ± ${Number.isFinite(value.std) ? fixed(value.std) : 'n/a'}`;
 }
 

@@ -239,8 +239,9 @@ export interface ValidationCase {
  * and the run stops there, without the minutes the other cases would take (a scheduler's
  * SIGTERM gives a job seconds); the resumed run validates again. A validator that throws the
  * signal's reason itself (signal.throwIfAborted()) stops the same way. A validator that declares
- * this second parameter is taken for a long one: `last` is saved before it (marked
- * pendingValidation), so a SIGKILL during it resumes at the epoch's end and validates first.
+ * this second parameter (or declares none: rest parameters, a wrapper passing its arguments on)
+ * is taken for a long one: `last` is saved before it (marked pendingValidation), so a SIGKILL
+ * during it resumes at the epoch's end and validates first.
  */
 export type ValidationProgress = (done: number, total: number, id?: string) => void;
 
@@ -1009,8 +1010,10 @@ async function trainLocked(outDir: string, config: TrainConfig, source: Training
           // which can be past a scheduler's grace period (SLURM's KillWait: 30 s), and its
           // SIGKILL (or a crash) lost the whole epoch. `last` is saved before such a validation
           // too: killed, the run resumes at the epoch's end and validates first. (Validators of
-          // one argument, quick ones such as MNIST's, are not: they write `last` once, as before.)
-          if (hooks.validate!.length >= 2) await save('last');
+          // one argument, quick ones such as MNIST's, are not: they write `last` once, as before.
+          // One that declares none, `(...args) => ...` or a wrapper passing its arguments on, may
+          // take `progress`: saved before, to be safe.)
+          if (hooks.validate!.length !== 1) await save('last');
           if ((await validateEpoch(epoch, { ...fields, epoch, ...means })) === 'stopped') {
             // `last` holds this step with the validation still to do, saved just above or now
             // (a validator of one argument that threw hooks.signal's reason itself).

@@ -9,7 +9,8 @@
 //   gradients of one computeGradients (relative L2 per tensor),
 //   losses of 3 trainSteps and the weights after them,
 //   predict: probabilities, CMs and annotator distributions,
-//   getGradients/getOptimizerState after GPU steps (host copy refreshed).
+//   getGradients/getOptimizerState after GPU steps (host copy refreshed),
+//   sliding-window inference of a volume (pipelined, outputs into reused arrays).
 // Prints one line per check and a last JSON line; exits 1 on any failure or when
 // no GPU can be used. `--dry-run` compares two CPU models instead (to try the
 // script itself on a machine without a GPU; test/device.test.ts runs it so).
@@ -226,6 +227,39 @@ async function refusedUpdate() {
   }
 }
 
+// Sliding-window inference of a whole volume (the path of `cmseg predict`): the GPU model
+// pipelines its batches (the next predicted while the last is stitched) and writes them into
+// two reused sets of output arrays (model.ts's predictInto); the CPU model, from the same
+// weights, writes one set. Compared with the CPU's (PROB_TOL), and with the GPU model's own
+// predictions in fresh arrays (a plain object is not the Model: the old path), which must
+// agree to rounding: a set overwritten while still being stitched would differ by far more.
+async function slidingWindow() {
+  const { slidingWindowPredict } = require('../dist/model/sliding-window.js');
+  const cfg = { ndim: 3, inChannels: 2, classes: 3, annotators: 2, depth: 3, baseChannels: 8, cmMode: 'full' };
+  const cpu = cmseg.createModel({ ...cfg, device: 'cpu' });
+  const gpu = cmseg.createModel({ ...cfg, device: dryRun ? 'cpu' : 'cuda', tf32: false, seed: 5 });
+  try {
+    gpu.setWeights(cpu.getWeights());
+    const extent = { d: 20, h: 24, w: 36 };
+    let s = 29;
+    const data = new Float32Array(cfg.inChannels * extent.d * extent.h * extent.w).map(() => ((s = (s * 1664525 + 1013904223) >>> 0) / 4294967296) * 2 - 1);
+    const options = { patch: [16, 16, 16], overlap: 0.5, batchSize: 3, cms: true, annotatorProbs: true };
+    const onCpu = await slidingWindowPredict(cpu, data, extent, options);
+    const onGpu = await slidingWindowPredict(gpu, data, extent, options);
+    const fresh = await slidingWindowPredict({ config: gpu.config, predict: (...a) => gpu.predict(...a) }, data, extent, options);
+    for (const k of ['probs', 'cms', 'annotatorProbs']) {
+      const d = maxAbs(onGpu[k], onCpu[k]);
+      check(d <= PROB_TOL, `sliding window (${onGpu.windows} windows, batches of 3, pipelined on the GPU): ${k} max |GPU - CPU| ${d.toExponential(2)} <= ${PROB_TOL}`);
+      const own = maxAbs(onGpu[k], fresh[k]);
+      check(own <= 1e-6, `sliding window: ${k} through reused output arrays vs fresh ones, max diff ${own.toExponential(2)} <= 1e-6`);
+      results.push({ case: 'sliding-window', output: k, maxAbsVsCpu: d, maxAbsReusedVsFresh: own });
+    }
+  } finally {
+    await cpu.dispose();
+    await gpu.dispose();
+  }
+}
+
 async function main() {
   const info = cmseg.backendInfo();
   console.log(`backend: cuda built ${info.cuda}, GPU ${info.gpuAvailable ? info.gpu : `unavailable (${info.gpuUnavailableReason || 'CUDA backend not built'})`}, cuDNN ${info.cudnnVersion}`);
@@ -249,6 +283,11 @@ async function main() {
     } catch (err) {
       check(false, `${name}: ${err.message}`);
     }
+  }
+  try {
+    await slidingWindow();
+  } catch (err) {
+    check(false, `sliding window: ${err.message}`);
   }
   if (!dryRun) {
     await outOfMemory();

@@ -117,39 +117,48 @@ void take_images(Napi::Env env, const cmseg::ModelConfig& c, ImageArgs& a, const
 
 // predict's optional 4th argument: arrays to write the outputs into instead of new ones, each
 // exactly its output's length (Model's internal predictInto: sliding-window inference reuses
-// one set per volume, where 100 MB of fresh outputs a batch cost their page faults). Copied
-// into an object of our own, so that no getter of the caller's runs again later. Null when
-// not given.
-std::shared_ptr<Napi::ObjectReference> take_outputs(Napi::Env env, const Napi::CallbackInfo& info,
-                                                    const double counts[3], const char* const names[3]) {
+// one set per volume, where 100 MB of fresh outputs a batch cost their page faults). Held
+// here, by name, not on a JS object read back later: a name not given was looked up on
+// Object.prototype, whose getter ran after every check and could hand over a 1-element array
+// the worker then filled (a heap overflow). Null when not given.
+struct GivenOutputs {
+  std::array<Napi::Reference<Napi::Float32Array>, 3> arrays;  // empty where not given
+  bool has(int k) const { return !arrays[k].IsEmpty(); }
+};
+
+std::shared_ptr<GivenOutputs> take_outputs(Napi::Env env, const Napi::CallbackInfo& info, const double counts[3],
+                                           const char* const names[3]) {
   if (info.Length() < 4 || info[3].IsUndefined()) return nullptr;
   Napi::Object given = expect_object(env, info[3], "predict outputs");
   check_keys(env, given, "predict outputs", {"probs", "cms", "annotatorProbs"});
-  Napi::Object own = Napi::Object::New(env);
+  // Every value read before any is checked: a getter met later (the caller's last code) could
+  // otherwise transfer or shrink an array checked before it, which the worker then wrote
+  // into freed memory (RunBatch reads its batch the same way).
+  Napi::Value values[3];
+  for (int k = 0; k < 3; ++k) values[k] = given.Get(names[k]);
+  auto own = std::make_shared<GivenOutputs>();
   for (int k = 0; k < 3; ++k) {
-    Napi::Value v = given.Get(names[k]);
-    if (v.IsUndefined()) continue;
+    if (values[k].IsUndefined()) continue;
     const std::string what = std::string("predict outputs.") + names[k];
     if (counts[k] == 0) throw_invalid(env, what + " was given for an output not asked for");
-    own.Set(names[k], expect_f32(env, v, what.c_str(), (int64_t)counts[k]));
+    own->arrays[k] = Napi::Persistent(expect_f32(env, values[k], what.c_str(), (int64_t)counts[k]));
   }
-  return std::make_shared<Napi::ObjectReference>(Napi::Persistent(own));
+  return own;
 }
 
 // The outputs are written on the worker thread while a GPU model may still read the images in
-// place, and q is computed from p: two of them sharing memory would give wrong numbers.
-void check_no_overlap(Napi::Env env, const Napi::Object& into, const Napi::Float32Array& images,
+// place, and q is computed from p: two of them sharing memory would give wrong numbers. Compared
+// by address, not by ArrayBuffer object: a SharedArrayBuffer posted through a port comes back
+// as another object over the same memory.
+void check_no_overlap(Napi::Env env, const GivenOutputs& into, const Napi::Float32Array& images,
                       const char* const names[3]) {
-  std::vector<std::pair<std::string, Napi::TypedArray>> arrays{{"the images", images}};
-  for (int k = 0; k < 3; ++k) {
-    Napi::Value v = into.Get(names[k]);
-    if (!v.IsUndefined()) arrays.push_back({std::string("predict outputs.") + names[k], v.As<Napi::TypedArray>()});
-  }
+  std::vector<std::pair<std::string, Napi::Float32Array>> arrays{{"the images", images}};
+  for (int k = 0; k < 3; ++k)
+    if (into.has(k)) arrays.push_back({std::string("predict outputs.") + names[k], into.arrays[k].Value()});
   for (size_t i = 0; i < arrays.size(); ++i)
     for (size_t j = i + 1; j < arrays.size(); ++j) {
-      const Napi::TypedArray &a = arrays[i].second, &b = arrays[j].second;
-      if (!a.ArrayBuffer().StrictEquals(b.ArrayBuffer())) continue;
-      const size_t a0 = a.ByteOffset(), a1 = a0 + a.ByteLength(), b0 = b.ByteOffset(), b1 = b0 + b.ByteLength();
+      Napi::Float32Array &a = arrays[i].second, &b = arrays[j].second;
+      const uintptr_t a0 = (uintptr_t)a.Data(), a1 = a0 + a.ByteLength(), b0 = (uintptr_t)b.Data(), b1 = b0 + b.ByteLength();
       if (a0 < b1 && b0 < a1) throw_invalid(env, arrays[j].first + " shares memory with " + arrays[i].first);
     }
 }
@@ -492,14 +501,14 @@ Napi::Value ModelWrap::Predict(const Napi::CallbackInfo& info) {
   const double V = (double)im.s.size(), n = im.n, L = c.classes, R = c.annotators;
   const double counts[3] = {n * L * V, want_cms ? n * R * L * L * V : 0, want_q ? n * R * L * V : 0};
   const char* names[3] = {"probs", "cms", "annotatorProbs"};
-  const std::shared_ptr<Napi::ObjectReference> into = take_outputs(env, info, counts, names);
+  const std::shared_ptr<GivenOutputs> into = take_outputs(env, info, counts, names);
   // The options' getters are the caller's last code to run: the images and the model are
   // taken after them (RunBatch says why).
   take_images(env, c, im, info[0]);
   cmseg::Model* model = &idle(env);
-  if (into) check_no_overlap(env, into->Value(), im.images, names);
+  if (into) check_no_overlap(env, *into, im.images, names);
   // Only what is allocated here counts against the memory: given outputs exist already.
-  auto given = [&](int k) { return into && !into->Value().Get(names[k]).IsUndefined(); };
+  auto given = [&](int k) { return into && into->has(k); };
   const double total_bytes =
       ((given(0) ? 0 : counts[0]) + (given(1) ? 0 : counts[1]) + (given(2) ? 0 : counts[2])) * sizeof(float);
   const std::string advice = "; predict fewer or smaller images at a time" +
@@ -530,7 +539,7 @@ Napi::Value ModelWrap::Predict(const Napi::CallbackInfo& info) {
   for (int k = 0; k < 3; ++k) {
     if (counts[k] == 0) continue;
     if (given(k)) {
-      ptr[k] = into->Value().Get(names[k]).As<Napi::Float32Array>().Data();
+      ptr[k] = into->arrays[k].Value().Data();
       continue;
     }
     HostBuffer& b = (*out)[k];
@@ -560,13 +569,14 @@ Napi::Value ModelWrap::Predict(const Napi::CallbackInfo& info) {
         const bool wanted[3] = {true, want_cms, want_q};
         for (int k = 0; k < 3; ++k) {
           if (!wanted[k]) continue;
-          Napi::Value v = into ? into->Value().Get(names[k]) : e.Undefined();
-          o.Set(names[k], v.IsUndefined() ? adopt(e, (*out)[k]) : v);
+          o.Set(names[k], into && into->has(k) ? Napi::Value(into->arrays[k].Value()) : Napi::Value(adopt(e, (*out)[k])));
         }
         return o;
       });
   if (!copy) w->keep(im.images);
-  if (into) w->keep(into->Value());
+  if (into)
+    for (int k = 0; k < 3; ++k)
+      if (into->has(k)) w->keep(into->arrays[k].Value());
   w->keep(info.This());
   busy_ = true;
   w->Queue();

@@ -92,16 +92,24 @@ Napi::Value DivideByWeights(const Napi::CallbackInfo& info) {
   if ((double)V * ch > 9007199254740991.0) throw_invalid(env, "divideByWeights: sizes too large");
   const int64_t length = V * channels;
   Napi::Float32Array mean = expect_f32(env, info[3], "mean", length);
+  // The means are written in parallel chunks while the sums and weights are read: a mean in
+  // memory either of them holds (other than a Float32 sum itself, divided in place) read
+  // means as sums or weights, wrong numbers without a word. Compared by address: views of one
+  // buffer, and two SharedArrayBuffer objects over one memory, alike.
+  const auto overlaps_mean = [&](const void* data, size_t bytes) {
+    const uintptr_t a0 = (uintptr_t)data, a1 = a0 + bytes, b0 = (uintptr_t)mean.Data(), b1 = b0 + mean.ByteLength();
+    return a0 < b1 && b0 < a1;
+  };
+  if (overlaps_mean(weights.Data(), weights.ByteLength())) throw_invalid(env, "divideByWeights: mean overlaps weightSum");
   if (info[0].IsTypedArray() && info[0].As<Napi::TypedArray>().TypedArrayType() == napi_float64_array) {
     Napi::Float64Array sum = expect_f64(env, info[0], "sum", length);
+    if (overlaps_mean(sum.Data(), sum.ByteLength())) throw_invalid(env, "divideByWeights: mean overlaps sum (a Float64 sum is divided into memory of its own)");
     guard(env, [&] { cmseg::divide_by_weights(sum.Data(), weights.Data(), channels, V, mean.Data()); });
   } else {
     Napi::Float32Array sum = expect_f32(env, info[0], "sum (a Float32Array or Float64Array)", length);
     // In place, or into memory of its own: a partial overlap would read means as sums.
-    if (sum.ArrayBuffer().StrictEquals(mean.ArrayBuffer()) && sum.ByteOffset() != mean.ByteOffset()) {
-      const size_t a0 = sum.ByteOffset(), a1 = a0 + sum.ByteLength(), b0 = mean.ByteOffset(), b1 = b0 + mean.ByteLength();
-      if (a0 < b1 && b0 < a1) throw_invalid(env, "divideByWeights: mean overlaps sum without being it");
-    }
+    if (sum.Data() != mean.Data() && overlaps_mean(sum.Data(), sum.ByteLength()))
+      throw_invalid(env, "divideByWeights: mean overlaps sum without being it");
     guard(env, [&] { cmseg::divide_by_weights(sum.Data(), weights.Data(), channels, V, mean.Data()); });
   }
   return env.Undefined();

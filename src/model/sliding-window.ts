@@ -23,7 +23,7 @@ import { checkExtent, Extent } from '../data/morphology';
 import { checkPredictingModel } from './ensemble';
 import { mirrored } from './tta';
 import { loadNative } from '../native';
-import { predictInto, type PredictOutputs } from './model';
+import { Model, predictInto, type PredictOutputs } from './model';
 
 /** The part of a Model that sliding-window inference needs (tests pass fakes). */
 export interface SlidingWindowModel {
@@ -244,8 +244,12 @@ export async function slidingWindowPredict(
   // A Model writes each batch's outputs into arrays kept for the whole volume, two sets when
   // pipelined (one written while the other is stitched): fresh outputs a batch (100 MB for
   // two 64^3 windows of a BraTS CM model) cost their page faults, 1.3 s of a CPU case's 20
-  // and more of a GPU's. Mirrored models, ensembles and fakes return arrays of their own.
-  const writeInto = predictor === model ? (model as { [predictInto]?: PredictInto })[predictInto] : undefined;
+  // and more of a GPU's. Mirrored models, ensembles and fakes return arrays of their own, and
+  // so does a Model whose predict is not Model's own (replaced on the instance, or overridden
+  // by a subclass: a calibration, a log): the volume is that predict's, which predictInto
+  // would skip without a word.
+  const writeInto =
+    predictor === model && model.predict === Model.prototype.predict ? (model as { [predictInto]?: PredictInto })[predictInto] : undefined;
   const outputSets: PredictOutputs[] = [];
   const outputsFor = (k: number, windowsInBatch: number): PredictOutputs => {
     const set = pipeline ? k % 2 : 0;
@@ -333,6 +337,11 @@ export async function slidingWindowPredict(
   };
 
   const batches = Math.ceil(windows.length / batchSize);
+  // The bar of a case starts now, not after its first batch (half a case with --tta or two
+  // batches of 128^3 windows showed nothing). Before the first batch is handed to the model:
+  // called after it, outside the try below, a throwing onProgress rejected the call while
+  // that batch still ran, and the caller's next predict met a busy model.
+  options.onProgress?.(0, windows.length);
   let pending = launch(0);
   // Batch k awaited and stitched in a frame of its own, which ends with it. Its outputs (R*L*L
   // + R*L + L channels per window voxel: 1 GiB for two 128^3 windows of a BraTS CM model) are
@@ -355,9 +364,6 @@ export async function slidingWindowPredict(
     // batches' outputs while the next batch ran (test/realsize-audit.test.ts).
     for (const output of outputs) delete prediction[output.name];
   };
-  // The bar of a case starts now, not after its first batch (half a case with --tta or two
-  // batches of 128^3 windows showed nothing).
-  options.onProgress?.(0, windows.length);
   try {
     for (let k = 0; k < batches; k++) {
       await consume(k);
@@ -370,6 +376,10 @@ export async function slidingWindowPredict(
     await pending.catch(() => {});
     throw e;
   }
+  // Every batch is in: the reused output sets are let go of before the means are divided (a
+  // Float64 sum's mean is a new array, and a set of a BraTS CM model's two 128^3 windows is
+  // 1 GiB, two pipelined, on top of the sums and the means).
+  outputSets.length = 0;
 
   // Each output divided by the summed weights, into Float32 (in place when the sums are), in
   // native code on every thread (the same division and rounding as `sum[i] / weightSum[v]`):

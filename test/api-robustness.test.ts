@@ -11,6 +11,7 @@ import { createModel, setNumThreads } from '../src/index';
 import { loadNative } from '../src/native';
 import { decodeSafetensors, encodeSafetensors, readSafetensors } from '../src/data/safetensors';
 import { fuse } from '../src/fusion/fuse';
+import { runChild } from './helpers/child';
 
 // The native class as these tests use it (dispose() may not be in the typings yet).
 interface RawModel {
@@ -274,10 +275,7 @@ t.test('a file that is not safetensors says so; a cut header says truncated', as
 // message instead of taking this process down.
 const dist = path.join(__dirname, '..', 'dist', 'index.js');
 t.test('a model or a step larger than the machine is refused, naming the need', { skip: process.platform !== 'linux' || !fs.existsSync(dist) ? 'Linux with a dist/ build only' : false }, async (t) => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-oom-'));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const file = path.join(dir, 'oom.js');
-  fs.writeFileSync(file, `
+  const run = runChild(t, `
     const { createModel } = require(${JSON.stringify(dist)});
     const os = require('os');
     (async () => {
@@ -293,10 +291,9 @@ t.test('a model or a step larger than the machine is refused, naming the need', 
       // The model still trains after the refusal.
       out.after = (await m.trainStep({ images: new Float32Array(64), shape: [1, 1, 8, 8], labels: labels(8) })).loss;
       console.log(JSON.stringify(out));
-    })();`);
-  const run = spawnSync('bash', ['-c', `ulimit -v 8000000; exec "$0" "$1"`, process.execPath, file], { encoding: 'utf8', timeout: 60_000 });
+    })();`, { limitKiB: 8_000_000 });
   t.equal(run.status, 0, run.stderr);
-  const out = JSON.parse(run.stdout.trim().split('\n').pop()!);
+  const out = run.out as { create: string; step: string; after: number };
   t.match(out.create, /^CMSEG_OUT_OF_MEMORY the model's 509649496074 parameters need 7594\.4 GiB \(values, gradients and Adam moments\), more than this machine's [0-9.]+ GiB of memory: lower baseChannels or depth$/);
   t.match(out.step, /^CMSEG_OUT_OF_MEMORY a training step on 1 image\(s\) of 1x\d+x\d+ needs more than [0-9.]+ GiB, more than this machine's [0-9.]+ GiB of memory: use a smaller batch or patch/);
   t.ok(Number.isFinite(out.after), 'a fitting step runs afterwards');

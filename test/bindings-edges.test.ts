@@ -5,32 +5,19 @@
 // that a crash fails the test instead of killing tap.
 import t, { Test } from 'tap';
 import * as fs from 'fs';
-import * as os from 'os';
 import * as path from 'path';
-import { spawnSync } from 'child_process';
 import { createModel } from '../src/index';
 import { fuse } from '../src/fusion/fuse';
 import { loadNative } from '../src/native';
+import { ADDON, runChild, type ChildRun } from './helpers/child';
 
-// CMSEG_ADDON as src/native.ts reads it: the children load the addon the in-process tests do.
-const addon = process.env.CMSEG_ADDON ? path.resolve(process.env.CMSEG_ADDON) : path.join(__dirname, '..', 'build', 'Release', 'cmseg.node');
+// The children load the addon the in-process tests do.
+const addon = ADDON;
 const built = fs.existsSync(addon) ? false : 'needs build/Release/cmseg.node';
 
 /** Runs `body` (CommonJS; `NativeModel`, `fuse` and `setNumThreads` in scope; prints one JSON line) in a child Node. */
-function child(t: Test, body: string, args: string[] = []): { status: number | null; signal: string | null; out: Record<string, unknown>; stderr: string } {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-bindings-'));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const file = path.join(dir, 'child.js');
-  fs.writeFileSync(file, `const { NativeModel, fuse, setNumThreads } = require(${JSON.stringify(addon)});\n${body}`);
-  const run = spawnSync(process.execPath, ['--expose-gc', file, ...args], { encoding: 'utf8', timeout: 60_000 });
-  const last = run.stdout.trim().split('\n').pop() ?? '';
-  let out: Record<string, unknown> = {};
-  try {
-    out = JSON.parse(last);
-  } catch {
-    out = { stdout: run.stdout };
-  }
-  return { status: run.status, signal: run.signal, out, stderr: run.stderr };
+function child(t: Test, body: string, args: string[] = []): ChildRun {
+  return runChild(t, `const { NativeModel, fuse, setNumThreads } = require(${JSON.stringify(addon)});\n${body}`, { gc: true, args });
 }
 
 // A sparse array's length can be 2^32 - 1. fuse() reserved a copy per entry before reading
@@ -308,19 +295,8 @@ t.test('create/trainStep/dispose in a loop does not grow the process', { skip: b
 });
 
 /** child() with fuse in scope, under `ulimit -v` (KiB or 'unlimited'). */
-function childUnderLimit(t: Test, body: string, limitKiB: number | 'unlimited') {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-bindings-'));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const file = path.join(dir, 'child.js');
-  fs.writeFileSync(file, `const { fuse } = require(${JSON.stringify(addon)});\n${body}`);
-  const run = spawnSync('bash', ['-c', `ulimit -v ${limitKiB}; exec "$0" "$1"`, process.execPath, file], { encoding: 'utf8', timeout: 60_000 });
-  let out: Record<string, unknown> = {};
-  try {
-    out = JSON.parse(run.stdout.trim().split('\n').pop() ?? '');
-  } catch {
-    out = { stdout: run.stdout };
-  }
-  return { status: run.status, signal: run.signal, out, stderr: run.stderr };
+function childUnderLimit(t: Test, body: string, limitKiB: number | 'unlimited'): ChildRun {
+  return runChild(t, `const { fuse } = require(${JSON.stringify(addon)});\n${body}`, { limitKiB });
 }
 
 const linux = process.platform === 'linux' && !built ? false : 'Linux with a built addon only';
@@ -397,10 +373,10 @@ t.test('the typed Model passes a sparse shape or label list of absurd length on 
       }
       console.log(JSON.stringify({ said }));
     })();`;
-  const run = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8', timeout: 60_000, env: { ...process.env, CMSEG_ADDON: addon } });
+  const run = runChild(t, script, { env: { CMSEG_ADDON: addon } });
   t.equal(run.signal, null, `no signal: ${run.stderr.slice(0, 300)}`);
   t.equal(run.status, 0, run.stderr.slice(0, 300));
-  const { said } = JSON.parse(run.stdout.trim().split('\n').pop() ?? '{}') as { said: string[] };
+  const { said } = run.out as { said: string[] };
   t.match(said[0], /^shape must have 4 entries \(N, C, H, W\) for a 2D model, got 2147483649$/);
   t.match(said[1], /^shape must have 4 entries \(N, C, H, W\) for a 2D model, got 2147483649$/);
   t.match(said[2], /^batch\.labels has 2147483649 maps but the model has 1 annotators$/);

@@ -5,22 +5,17 @@
 // 10x above the noise measured here (RSS moves by a few MB as glibc trims its arenas).
 import t, { Test } from 'tap';
 import * as fs from 'fs';
-import * as os from 'os';
-import * as path from 'path';
-import { spawnSync } from 'child_process';
+import { ADDON, runChild } from './helpers/child';
 
-// CMSEG_ADDON as src/native.ts reads it: the children load the addon the in-process tests do.
-const addon = process.env.CMSEG_ADDON ? path.resolve(process.env.CMSEG_ADDON) : path.join(__dirname, '..', 'build', 'Release', 'cmseg.node');
+// The children load the addon the in-process tests do.
+const addon = ADDON;
 const linux = process.platform === 'linux' && fs.existsSync(addon) ? false : 'Linux (RSS from process.memoryUsage) with a built addon only';
 const MB = 1048576;
 
 /** Runs `body` (CommonJS; `NativeModel`, `fuse`, `rss()` and `gc()` in scope; prints one JSON line) in a child Node. */
 function child(t: Test, body: string, env: Record<string, string> = {}, gcFlag = true): Record<string, number> {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-memory-'));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const file = path.join(dir, 'child.js');
-  fs.writeFileSync(
-    file,
+  const run = runChild(
+    t,
     `const { NativeModel, fuse } = require(${JSON.stringify(addon)});
 const rss = () => process.memoryUsage().rss / ${MB};
 // Collections, with a turn of the event loop between them: node runs native finalizers there.
@@ -28,19 +23,11 @@ const gc = async () => { global.gc(); await new Promise((r) => setImmediate(r));
 (async () => {
 ${body}
 })().catch((e) => { console.error(e); process.exit(1); });`,
+    { gc: gcFlag, timeoutMs: 120_000, env: { CMSEG_NUM_THREADS: '2', ...env } },
   );
-  const run = spawnSync(process.execPath, [...(gcFlag ? ['--expose-gc'] : []), file], {
-    encoding: 'utf8',
-    timeout: 120_000,
-    env: { ...process.env, CMSEG_NUM_THREADS: '2', ...env },
-  });
   t.equal(run.signal, null, 'no signal');
   t.equal(run.status, 0, run.stderr);
-  try {
-    return JSON.parse(run.stdout.trim().split('\n').pop() ?? '{}');
-  } catch {
-    return {};
-  }
+  return run.out as Record<string, number>;
 }
 
 // A CPU model keeps its activation buffers between calls. V8 was told only of its parameters

@@ -5,11 +5,10 @@
 import t, { Test } from 'tap';
 import * as fs from 'fs';
 import * as os from 'os';
-import * as path from 'path';
-import { spawnSync } from 'child_process';
 import { backendInfo, createModel, setNumThreads, type Batch } from '../src/index';
+import { ADDON, runChild } from './helpers/child';
 
-const addon = path.join(__dirname, '..', 'build', 'Release', 'cmseg.node');
+const addon = ADDON;
 
 /**
  * Runs `body` (CommonJS, with `NativeModel` in scope; it prints one JSON line) in a child
@@ -17,13 +16,9 @@ const addon = path.join(__dirname, '..', 'build', 'Release', 'cmseg.node');
  * the allocator's message in the child instead of growing this process (or being killed).
  */
 function underMemoryLimit(t: Test, body: string, limitKiB = 6_000_000): Record<string, unknown> {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-edges-'));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const file = path.join(dir, 'child.js');
-  fs.writeFileSync(file, `const { NativeModel } = require(${JSON.stringify(addon)});\nconst os = require('os');\n(async () => {\n${body}\n})();`);
-  const run = spawnSync('bash', ['-c', `ulimit -v ${limitKiB}; exec "$0" "$1"`, process.execPath, file], { encoding: 'utf8', timeout: 120_000 });
+  const run = runChild(t, `const { NativeModel } = require(${JSON.stringify(addon)});\nconst os = require('os');\n(async () => {\n${body}\n})();`, { limitKiB, timeoutMs: 120_000 });
   t.equal(run.status, 0, run.stderr);
-  return JSON.parse(run.stdout.trim().split('\n').pop() ?? '{}');
+  return run.out;
 }
 
 const linux = process.platform === 'linux' && fs.existsSync(addon) ? false : 'Linux with a built addon only';
@@ -150,10 +145,7 @@ t.test('queued calls use the shape, batch fields and options given at the call',
 // model reads copies of its inputs, so the call neither reads freed memory (a segfault of
 // the whole process, before) nor sees the transfer.
 t.test('inputs transferred away while a CPU call runs neither crash the process nor change the result', { skip: linux }, async (t) => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-edges-'));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const file = path.join(dir, 'detach.js');
-  fs.writeFileSync(file, `
+  const run = runChild(t, `
     const { NativeModel } = require(${JSON.stringify(addon)});
     (async () => {
       const m = new NativeModel({ ndim: 2, classes: 2, annotators: 2, depth: 2, baseChannels: 8 });
@@ -174,11 +166,10 @@ t.test('inputs transferred away while a CPU call runs neither crash the process 
       const e = m.evaluate({ images: images2, shape, labels });
       away(images2); labels.forEach(away); free();
       console.log(JSON.stringify({ worst, loss: (await e).loss, refLoss }));
-    })();`);
-  const run = spawnSync(process.execPath, ['--expose-gc', file], { encoding: 'utf8', timeout: 120_000 });
+    })();`, { gc: true, timeoutMs: 120_000 });
   t.equal(run.signal, null, 'no signal');
   t.equal(run.status, 0, run.stderr);
-  const out = JSON.parse(run.stdout.trim().split('\n').pop() ?? '{}');
+  const out = run.out;
   t.equal(out.worst, 0, 'the prediction of the images as they were at the call');
   t.equal(out.loss, out.refLoss, 'the loss of the batch as it was at the call');
 });
@@ -225,10 +216,7 @@ t.test('state calls while a call is queued are refused as caller errors, with th
 });
 
 t.test('rater maps transferred away while fuse() runs neither crash the process nor change the result', { skip: linux }, async (t) => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-edges-'));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const file = path.join(dir, 'detach-fuse.js');
-  fs.writeFileSync(file, `
+  const run = runChild(t, `
     const { fuse } = require(${JSON.stringify(addon)});
     (async () => {
       const side = 96, V = side ** 3;
@@ -242,11 +230,10 @@ t.test('rater maps transferred away while fuse() runs neither crash the process 
       let differ = 0;
       for (let v = 0; v < V; v++) differ += got.labels[v] !== ref.labels[v];
       console.log(JSON.stringify({ differ }));
-    })();`);
-  const run = spawnSync(process.execPath, ['--expose-gc', file], { encoding: 'utf8', timeout: 120_000 });
+    })();`, { gc: true, timeoutMs: 120_000 });
   t.equal(run.signal, null, 'no signal');
   t.equal(run.status, 0, run.stderr);
-  t.same(JSON.parse(run.stdout.trim().split('\n').pop() ?? '{}'), { differ: 0 }, 'the fusion of the maps as they were at the call');
+  t.same(run.out, { differ: 0 }, 'the fusion of the maps as they were at the call');
 });
 
 t.test('fuse names empty maps as empty, not as absent raters', async (t) => {
@@ -258,10 +245,7 @@ t.test('fuse names empty maps as empty, not as absent raters', async (t) => {
 // teardown, where no Promise can be settled any more. That must end the thread, not the
 // process (before: "terminate called after throwing an instance of 'Napi::Error'", SIGABRT).
 t.test('terminating a worker thread during a native call does not abort the process', { skip: linux }, async (t) => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-edges-'));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const file = path.join(dir, 'terminate.js');
-  fs.writeFileSync(file, `
+  const run = runChild(t, `
     const { Worker, isMainThread, parentPort } = require('worker_threads');
     const { NativeModel, fuse, setNumThreads } = require(${JSON.stringify(addon)});
     const side = 192, V = side * side;
@@ -286,11 +270,10 @@ t.test('terminating a worker thread during a native call does not abort the proc
       else if (kind === 'predict') m.predict(new Float32Array(V * 4), [4, 1, side, side], { cms: true });
       else fuse([0, 1, 2].map(() => new Uint8Array(64 ** 3)), { method: 'spatial-staple', classes: 2, shape: [64, 64, 64] });
       parentPort.postMessage('running');
-    }`);
-  const run = spawnSync(process.execPath, [file], { encoding: 'utf8', timeout: 120_000 });
+    }`, { timeoutMs: 120_000 });
   t.equal(run.signal, null, 'no signal');
   t.equal(run.status, 0, run.stderr);
-  const out = JSON.parse(run.stdout.trim().split('\n').pop() ?? '{}');
+  const out = run.out;
   t.ok(Number.isFinite(out.loss), 'the main thread trains afterwards');
   t.equal(out.threads, 'set', 'setNumThreads works once every call is done');
 });

@@ -7,20 +7,15 @@
 // fresh arrays and hand-computed weighted means. Anything that could abort the process runs
 // in a child Node, so that a crash fails the test instead of killing tap.
 import t, { Test } from 'tap';
-import * as fs from 'fs';
-import * as os from 'os';
-import * as path from 'path';
-import { spawnSync } from 'child_process';
 import { MessageChannel } from 'worker_threads';
 import { setFlagsFromString } from 'v8';
 import { runInNewContext } from 'vm';
 import { createModel, Model } from '../src/index';
 import { loadNative } from '../src/native';
+import { ADDON, runChild, type ChildRun } from './helpers/child';
 import { predictInto } from '../src/model/model';
 import { slidingWindowPredict, type SlidingWindowModel } from '../src/model/sliding-window';
 
-// CMSEG_ADDON as src/native.ts reads it: the children load the addon the in-process tests do.
-const addon = process.env.CMSEG_ADDON ? path.resolve(process.env.CMSEG_ADDON) : path.join(__dirname, '..', 'build', 'Release', 'cmseg.node');
 
 function noise(length: number, seed: number): Float32Array {
   let s = seed >>> 0;
@@ -31,19 +26,8 @@ const sameBits = (a: Float32Array | undefined, b: Float32Array | undefined) =>
   a !== undefined && b !== undefined && a.length === b.length && Buffer.compare(Buffer.from(a.buffer, a.byteOffset, a.byteLength), Buffer.from(b.buffer, b.byteOffset, b.byteLength)) === 0;
 
 /** Runs `body` (CommonJS, `NativeModel` in scope, prints one JSON line last) in a child Node. */
-function child(t: Test, body: string): { status: number | null; signal: string | null; out: Record<string, unknown>; stderr: string } {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-reuse-'));
-  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const file = path.join(dir, 'child.js');
-  fs.writeFileSync(file, `const { NativeModel } = require(${JSON.stringify(addon)});\n${body}`);
-  const run = spawnSync(process.execPath, ['--expose-gc', file], { encoding: 'utf8', timeout: 60_000 });
-  let out: Record<string, unknown> = {};
-  try {
-    out = JSON.parse(run.stdout.trim().split('\n').pop() ?? '');
-  } catch {
-    out = { stdout: run.stdout };
-  }
-  return { status: run.status, signal: run.signal, out, stderr: run.stderr };
+function child(t: Test, body: string): ChildRun {
+  return runChild(t, `const { NativeModel } = require(${JSON.stringify(ADDON)});\n${body}`, { gc: true });
 }
 
 // A 2D model: 1 channel of 8x8, L = 2, R = 2 (probs 128, cms 512, q 256 floats an image).

@@ -11,6 +11,8 @@ import { discoverBratsCases } from '../src/data/brats';
 import { writeBratsPhantoms } from '../src/data/brats-phantom';
 import { readCacheIndex, readCachedCase } from '../src/data/cache';
 import { readNifti, writeNifti } from '../src/data/nifti';
+import { createModel } from '../src/model/model';
+import { saveCheckpoint } from '../src/model/checkpoint';
 import { runCli } from './helpers/cli';
 
 /** Rewrites `file` with its values multiplied by `keep(i)` (0 or 1) per voxel, same geometry. */
@@ -69,4 +71,27 @@ t.test('a case whose four modalities are all zeros is refused even when it has a
   t.match(run.stderr, `case ${broken.id}: every modality is zero everywhere`);
   t.match(run.stderr, /the segmentation labels \d+ tumour voxels/);
   t.notOk(fs.existsSync(path.join(root, 'cache', 'cases', `${broken.id}.bin`)), 'nothing cached for it');
+});
+
+t.test('predict and eval --data say the same note of a case they read with an empty modality', async (t) => {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'cmseg-predict-notes-'));
+  t.teardown(() => fs.rmSync(root, { recursive: true, force: true }));
+  await writeBratsPhantoms(path.join(root, 'data'), { cases: 2, size: [24, 24, 16], seed: 5 });
+  const [empty, normal] = discoverBratsCases(path.join(root, 'data'));
+  await zeroVoxels(empty.images[3], () => 0);
+  const model = createModel({ ndim: 3, inChannels: 4, classes: 4, annotators: 2, depth: 2, baseChannels: 4, seed: 1 });
+  await saveCheckpoint(model, path.join(root, 'model.safetensors'));
+  await model.dispose();
+  const note = `note: case ${empty.id}: the flair modality is zero everywhere in the brain (${empty.id}_flair.nii.gz); kept as zeros`;
+  for (const args of [
+    ['predict', '--checkpoint', 'model.safetensors', '--data', 'data', '--out', 'out', '--patch', '16'],
+    ['eval', '--checkpoint', 'model.safetensors', '--data', 'data', '--patch', '16'],
+  ]) {
+    const run = await runCli(args, root);
+    t.equal(run.exitCode, 0, run.stderr);
+    const notes = run.stderr.split('\n').filter((line) => line.startsWith('note: case'));
+    t.same(notes.length, 1, `${args[0]}: one note`);
+    t.match(notes[0], note, `${args[0]} names the case, modality and file`);
+    t.notMatch(run.stderr, `note: case ${normal.id}`);
+  }
 });

@@ -15,6 +15,7 @@ import {
   bratsCaseInFolder,
   bratsLayoutHint,
   discoverBratsCases,
+  emptyModalitiesNote,
   loadBratsCase,
   preprocessBratsCase,
 } from './brats';
@@ -127,6 +128,9 @@ export function folderCases(dir: string, geometryTolerance: number, requireSeg =
         process.stderr.write(`warning: ${oneLine(error.message)}; predicting ${id} without its segmentation (used only for the picture)\n`);
       const volume = await loadBratsCase(c, { geometryTolerance, labelScheme, ...(requireSeg ? {} : { onBadSeg }) });
       const pre = preprocessBratsCase(volume);
+      // As `cmseg prepare` says it of training cases: most likely a broken export.
+      const note = emptyModalitiesNote(c, pre.stats);
+      if (note) process.stderr.write(`note: ${note}\n`);
       return { id, naming: c.naming, labelScheme, images: pre.images, extent: pre.extent, crop: pre.crop, original: pre.original, header: volume.header, seg: pre.seg };
     },
   };

@@ -991,6 +991,21 @@ export function emptyModalities(stats: readonly ChannelStats[]): BratsModality[]
   return BRATS_MODALITIES.filter((_, c) => stats[c] !== undefined && stats[c].mean === 0 && stats[c].std === 0);
 }
 
+/**
+ * The note for a case with empty modalities (emptyModalities), naming their files; undefined
+ * when there are none. `cmseg prepare` says it for training cases, predict and eval --data for
+ * the cases they read: a model given an empty sequence predicts from the other three.
+ */
+export function emptyModalitiesNote(c: BratsCase, stats: readonly ChannelStats[]): string | undefined {
+  const empty = emptyModalities(stats);
+  if (empty.length === 0) return undefined;
+  const files = empty.map((m) => path.basename(c.images[BRATS_MODALITIES.indexOf(m)]));
+  return (
+    `case ${c.id}: the ${empty.join(', ')} ${empty.length === 1 ? 'modality is' : 'modalities are'} zero everywhere in the brain (${files.join(', ')}); ` +
+    'kept as zeros, so the model gets nothing from it for this case: check the file if it should hold an image'
+  );
+}
+
 /** Brain mask, crop to its bounding box (+ margin), z-score per modality over the mask. */
 export function preprocessBratsCase(volume: BratsVolume, options: PreprocessOptions = {}): PreprocessedBratsCase {
   const margin = options.margin ?? 0;

@@ -63,7 +63,7 @@ import {
   type VolumeGeometry,
   bratsCaseFiles,
   discoverBratsCases,
-  emptyModalities,
+  emptyModalitiesNote,
   loadBratsCase,
   preprocessBratsCase,
 } from './brats';
@@ -1312,15 +1312,9 @@ export async function prepareCache(dataDir: string, cacheDir: string, options: P
         } else {
           const volume = await loadBratsCase(c, { geometryTolerance: options.geometryTolerance, labelScheme: cacheLabelScheme({ settings }) });
           const pre = preprocessBratsCase(volume, { margin: settings.margin });
-          const empty = emptyModalities(pre.stats);
-          if (empty.length > 0) {
-            // Accepted (zScoreInMask keeps the channel at zeros), but most likely a broken export.
-            const files = empty.map((m) => path.basename(c.images[BRATS_MODALITIES.indexOf(m)]));
-            options.onNote?.(
-              `case ${c.id}: the ${empty.join(', ')} ${empty.length === 1 ? 'modality is' : 'modalities are'} zero everywhere in the brain (${files.join(', ')}); ` +
-                'kept as zeros, so the model learns nothing from it for this case: check the file if it should hold an image',
-            );
-          }
+          // Accepted (zScoreInMask keeps the channel at zeros), but most likely a broken export.
+          const note = emptyModalitiesNote(c, pre.stats);
+          if (note) options.onNote?.(note);
           const { bytes, header } = encodeCaseFile(cacheContentFor(pre, settings, volume.header), settings.dtype, settings.maxLocations);
           const file = path.posix.join(CASES_FOLDER, `${c.id}.bin`);
           if (existing) {

@@ -114,3 +114,33 @@ t.test('slidingWindowPredict writes a Model\'s batches into reused arrays, the s
     t.ok(sameBits(got.annotatorProbs, reference.annotatorProbs), `pipeline ${pipeline}: annotatorProbs equal`);
   }
 });
+
+t.test('mirrored (TTA) writes a Model\'s mirrorings into one reused set, the same bits as fresh ones', async (t) => {
+  const { mirrored } = await import('../src/model/tta');
+  const model = createModel({ ndim: 3, inChannels: 2, classes: 3, annotators: 2, depth: 2, baseChannels: 4, seed: 13 });
+  t.teardown(() => model.dispose());
+  const shape = [2, 2, 4, 6, 8];
+  const images = noise(2 * 2 * 4 * 6 * 8, 17);
+  const plain = { config: model.config, predict: model.predict.bind(model) };
+  const original = (model as unknown as Record<symbol, (...a: unknown[]) => Promise<Prediction>>)[predictInto];
+  for (const options of [{ cms: true, annotatorProbs: true }, {}]) {
+    const reference = await mirrored(plain).predict(images, shape, options);
+    const seen: PredictOutputs[] = [];
+    Object.defineProperty(model, predictInto, {
+      configurable: true,
+      value(this: Model, ...args: unknown[]) {
+        seen.push(args[3] as PredictOutputs);
+        return original.apply(this, args);
+      },
+    });
+    const got = await mirrored(model).predict(images, shape, options);
+    t.equal(seen.length, 7, 'the 7 mirrorings after the first went through predictInto');
+    t.equal(new Set(seen.map((s) => s.probs)).size, 1, 'into one set of arrays');
+    t.same(Object.keys(seen[0]).sort(), Object.keys(reference).filter((k) => !k.endsWith('Shape')).sort(), 'holding the outputs asked for');
+    t.ok(sameBits(got.probs, reference.probs), 'probs equal');
+    t.equal(got.cms === undefined, reference.cms === undefined);
+    if (reference.cms) t.ok(sameBits(got.cms, reference.cms) && sameBits(got.annotatorProbs, reference.annotatorProbs), 'cms and annotatorProbs equal');
+    t.not(got.probs, seen[0].probs, 'the mean is not the reused set');
+    delete (model as unknown as Record<symbol, unknown>)[predictInto];
+  }
+});

@@ -332,6 +332,18 @@ function snapshotBatch(batch: Batch, copyArrays: boolean): Batch {
 }
 
 /** A typed array's own copy (Model.copiesInputs says why); anything else as it is, for the native side to name. */
+/**
+ * `model`'s predictInto, bound, when `model` is a Model predicting with Model's own predict;
+ * undefined for anything else (fakes, ensembles, mirrored models) and for a Model whose predict
+ * was replaced on the instance or overridden by a subclass (a calibration, a log): its
+ * predictions are that predict's, which predictInto would skip without a word.
+ */
+export function predictIntoOf(model: unknown): ((images: Float32Array, shape: number[], options: PredictOptions | undefined, into: PredictOutputs) => Promise<Prediction>) | undefined {
+  if (!(model instanceof Model) || model.predict !== Model.prototype.predict) return undefined;
+  const write = (model as unknown as Record<symbol, Model[typeof predictInto]>)[predictInto];
+  return (images, shape, options, into) => write.call(model, images, shape, options ?? {}, into);
+}
+
 export function copyTypedArray<T>(value: T): T {
   if (!ArrayBuffer.isView(value) || value instanceof DataView) return value;
   try {

@@ -23,7 +23,7 @@ import { checkExtent, Extent } from '../data/morphology';
 import { checkPredictingModel } from './ensemble';
 import { mirrored } from './tta';
 import { loadNative } from '../native';
-import { Model, predictInto, type PredictOutputs } from './model';
+import { predictIntoOf, type PredictOutputs } from './model';
 
 /** The part of a Model that sliding-window inference needs (tests pass fakes). */
 export interface SlidingWindowModel {
@@ -244,12 +244,9 @@ export async function slidingWindowPredict(
   // A Model writes each batch's outputs into arrays kept for the whole volume, two sets when
   // pipelined (one written while the other is stitched): fresh outputs a batch (100 MB for
   // two 64^3 windows of a BraTS CM model) cost their page faults, 1.3 s of a CPU case's 20
-  // and more of a GPU's. Mirrored models, ensembles and fakes return arrays of their own, and
-  // so does a Model whose predict is not Model's own (replaced on the instance, or overridden
-  // by a subclass: a calibration, a log): the volume is that predict's, which predictInto
-  // would skip without a word.
-  const writeInto =
-    predictor === model && model.predict === Model.prototype.predict ? (model as { [predictInto]?: PredictInto })[predictInto] : undefined;
+  // and more of a GPU's. Mirrored models (which reuse their own), ensembles, fakes and a Model
+  // whose predict was replaced (predictIntoOf) return arrays of their own.
+  const writeInto = predictor === model ? predictIntoOf(model) : undefined;
   const outputSets: PredictOutputs[] = [];
   const outputsFor = (k: number, windowsInBatch: number): PredictOutputs => {
     const set = pipeline ? k % 2 : 0;
@@ -296,7 +293,7 @@ export async function slidingWindowPredict(
     const shape = ndim === 2 ? [batch.length, C, ph, pw] : [batch.length, C, pd, ph, pw];
     const predictOptions = { cms: wantCms, annotatorProbs: wantQ };
     const pending = writeInto
-      ? writeInto.call(model, images, shape, predictOptions, outputsFor(k, batch.length))
+      ? writeInto(images, shape, predictOptions, outputsFor(k, batch.length))
       : predictor.predict(images, shape, predictOptions);
     // Awaited below; until then a rejection must not count as unhandled (the batch
     // before it may still be stitching, or may have failed first).
@@ -404,13 +401,6 @@ export async function slidingWindowPredict(
   });
   return result;
 }
-
-type PredictInto = (
-  images: Float32Array,
-  shape: number[],
-  options: { cms: boolean; annotatorProbs: boolean },
-  into: PredictOutputs,
-) => ReturnType<SlidingWindowModel['predict']>;
 
 /** Most windows that cover one voxel before the sums are kept in Float64 (see the top of this file). */
 export const FLOAT32_SUM_WINDOWS = 64;

@@ -144,3 +144,32 @@ t.test('mirrored (TTA) writes a Model\'s mirrorings into one reused set, the sam
     delete (model as unknown as Record<symbol, unknown>)[predictInto];
   }
 });
+
+t.test('ensemble writes its Model members after the first into one reused set, the same bits as fresh ones', async (t) => {
+  const { ensemble } = await import('../src/model/ensemble');
+  const members = [1, 2, 3].map((seed) => createModel({ ndim: 2, inChannels: 1, classes: 3, annotators: 2, depth: 2, baseChannels: 4, seed }));
+  t.teardown(() => Promise.all(members.map((m) => m.dispose())));
+  const shape = [2, 1, 8, 8];
+  const images = noise(2 * 64, 19);
+  const options = { cms: true, annotatorProbs: true };
+  const plain = members.map((m) => ({ config: m.config, predict: m.predict.bind(m) }));
+  const reference = await ensemble(plain).predict(images, shape, options);
+  const seen: PredictOutputs[] = [];
+  for (const m of members) {
+    const original = (m as unknown as Record<symbol, (...a: unknown[]) => Promise<Prediction>>)[predictInto];
+    Object.defineProperty(m, predictInto, {
+      configurable: true,
+      value(this: Model, ...args: unknown[]) {
+        seen.push(args[3] as PredictOutputs);
+        return original.apply(this, args);
+      },
+    });
+  }
+  const got = await ensemble([members[0], members[1], members[2], members[1]]).predict(images, shape, options);
+  t.equal(seen.length, 2, 'members 1 and 2 (member 1 given twice predicts once) went through predictInto');
+  t.equal(seen[0].cms, seen[1].cms, 'into one set');
+  const weighted = await ensemble([plain[0], plain[1], plain[2], plain[1]]).predict(images, shape, options);
+  t.ok(sameBits(got.probs, weighted.probs) && sameBits(got.cms, weighted.cms) && sameBits(got.annotatorProbs, weighted.annotatorProbs), 'the same bits as fresh arrays');
+  t.notOk(sameBits(got.probs, reference.probs), 'the weighting of a member given twice is kept (not the plain mean)');
+  t.not(got.probs, seen[0].probs, 'the mean is not the reused set');
+});

@@ -17,7 +17,7 @@
 // (x_k - m_{k-1} = 0), so an ensemble of identical models returns that model's prediction
 // bit for bit. tta.ts averages mirrored predictions with the same function.
 
-import { copyIfShort, copyTypedArray } from './model';
+import { copyIfShort, copyTypedArray, predictIntoOf, type PredictOutputs } from './model';
 import type { SlidingWindowModel } from './sliding-window';
 
 /** What ensemble() and mirrored() present: the inference part of a Model (SlidingWindowModel). */
@@ -164,6 +164,14 @@ function distinctMembers(models: readonly PredictingModel[]): { index: number; c
   return [...seen.values()];
 }
 
+/** Arrays of the lengths of `prediction`'s outputs, for a later prediction to be written into. */
+export function outputsLike(prediction: ModelPrediction): PredictOutputs {
+  const like: PredictOutputs = { probs: new Float32Array(prediction.probs.length) };
+  if (prediction.cms) like.cms = new Float32Array(prediction.cms.length);
+  if (prediction.annotatorProbs) like.annotatorProbs = new Float32Array(prediction.annotatorProbs.length);
+  return like;
+}
+
 /** Folds a prediction that carries weight `w` of the total so far into the running weighted mean, in place. */
 function foldWeight(w: number): FoldArray {
   // m + (x - m) * w: exact where x equals the mean, as foldSameIndex (w = 1/k there).
@@ -212,9 +220,16 @@ export function ensemble<P extends ModelPrediction = ModelPrediction>(models: re
       const [images, shape, options] = predictArguments(...given);
       // Each member frees its buffers once it has predicted: otherwise every member keeps
       // what its largest call needed (a brats3d window's activations: 0.3-0.6 GB each).
-      const predicted = async (index: number): Promise<P> => {
-        const out = await asMember<P>(index, () => models[index].predict(images, shape, options));
-        await asMember(index, async () => models[index].releaseBuffers?.());
+      // The members after the first that are Models write into one set of outputs, reused once
+      // each is folded into the mean (fresh ones cost their page faults; mirrored.predict says so).
+      let reused: PredictOutputs | undefined;
+      const predicted = async (index: number, mean?: P): Promise<P> => {
+        const member = models[index];
+        const writeInto = mean ? predictIntoOf(member) : undefined;
+        const out = await asMember<P>(index, () =>
+          writeInto ? (writeInto(images, shape, options, (reused ??= outputsLike(mean!))) as unknown as Promise<P>) : member.predict(images, shape, options),
+        );
+        await asMember(index, async () => member.releaseBuffers?.());
         return out;
       };
       const [first, ...rest] = distinct;
@@ -222,7 +237,7 @@ export function ensemble<P extends ModelPrediction = ModelPrediction>(models: re
       let counted = first.count;
       for (const { index, count } of rest) {
         counted += count;
-        foldIntoMean(mean, await predicted(index), counted, foldWeight(count / counted), [`ensemble member ${index}`, `member ${first.index}`]);
+        foldIntoMean(mean, await predicted(index, mean), counted, foldWeight(count / counted), [`ensemble member ${index}`, `member ${first.index}`]);
       }
       return mean;
     },

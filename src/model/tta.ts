@@ -7,8 +7,8 @@
 // as in nnU-Net (slidingWindowPredict's `mirror` option). For a model that is itself
 // mirror-equivariant every term equals the plain prediction, and so does the mean, exactly.
 
-import { checkPredictingModel, foldIntoMean, predictArguments, type FoldArray, type ModelPrediction, type PredictingModelOf } from './ensemble';
-import { predictIntoOf, type PredictOutputs } from './model';
+import { checkPredictingModel, foldIntoMean, outputsLike, predictArguments, type FoldArray, type ModelPrediction, type PredictingModelOf } from './ensemble';
+import { predictIntoOf } from './model';
 
 /** Every subset of `axes`, the empty one (the input as it is) first: the 2^|axes| mirrorings. */
 export function mirrorings(axes: readonly number[]): number[][] {
@@ -96,14 +96,6 @@ function foldFlippedBack(spatial: readonly number[], axes: readonly number[]): F
   };
 }
 
-/** Arrays of the lengths of `prediction`'s outputs, for the next prediction to be written into. */
-function outputsLike(prediction: ModelPrediction): PredictOutputs {
-  const like: PredictOutputs = { probs: new Float32Array(prediction.probs.length) };
-  if (prediction.cms) like.cms = new Float32Array(prediction.cms.length);
-  if (prediction.annotatorProbs) like.annotatorProbs = new Float32Array(prediction.annotatorProbs.length);
-  return like;
-}
-
 /**
  * `model` with mirroring test-time augmentation along the spatial `axes` (default: all):
  * predict() returns the mean of the 2^|axes| flipped-back predictions of the mirrored inputs
@@ -125,8 +117,8 @@ export function mirrored<P extends ModelPrediction = ModelPrediction>(model: Pre
       // One buffer for every mirrored input: a prediction reads its input before it resolves.
       const flippedInput = new Float32Array(images.length);
       // A Model writes the mirrorings' outputs into one set of arrays, reused once each is folded
-      // into the mean (fresh ones each time cost their page faults: 100 MB a window of a BraTS
-      // CM model, 7 times a window); other models return arrays of their own.
+      // into the mean: fresh ones each time cost their page faults (100 MB a batch of two 64^3
+      // windows of a BraTS CM model, 7 times a batch); other models return arrays of their own.
       const writeInto = predictIntoOf(model);
       const reused = writeInto ? outputsLike(mean) : undefined;
       for (let k = 2; k <= flips.length; k++) {

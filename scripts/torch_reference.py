@@ -371,11 +371,35 @@ def validate_inputs(cfg, images, labels, present):
         raise ValueError(f"present has shape {list(present.shape)}; expected {[n, R]}")
 
 
+def usable_device(device):
+    """--device cuda where torch sees no CUDA device is a caller error naming the flag; it was a
+    RuntimeError from deep in torch's CUDA start-up, with a traceback, after the inputs were built."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device cuda: torch {torch.__version__} sees no usable CUDA device "
+                         f"(built for CUDA {torch.version.cuda}); use --device cpu")
+    return device
+
+
+def readable(path):
+    """Opens `path` once as safetensors, so that a file cut short by a failed copy or one that is
+    not safetensors at all is a ValueError naming it. safetensors raised its own SafetensorError
+    ("Error while deserializing header: header too large", no file name), which the CLI did not
+    take for a caller error: a traceback and exit 1."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a readable .safetensors file ({err})") from None
+    return path
+
+
 def load_case(path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(path, framework="pt") as f:
+    with safe_open(readable(path), framework="pt") as f:
         meta = f.metadata() or {}
     tensors = load_file(path)
     if "config" not in meta:
@@ -394,16 +418,17 @@ def load_case(path):
     return case
 
 
-def load_parameters(model, tensors):
-    """Copies every SPEC-named parameter from the case; any missing or extra one is an error."""
+def load_parameters(model, tensors, source="case"):
+    """Copies every SPEC-named parameter from the case; any missing or extra one is an error.
+    `source` names the file in the errors (a checkpoint's said "case ...")."""
     expected = dict(model.named_parameters())
     missing = [k for k in expected if k not in tensors]
     if missing:
-        raise ValueError(f"case is missing parameters: {missing}")
+        raise ValueError(f"{source} is missing parameters: {missing}")
     reserved = {"images", "labels", "present", "target", "softTarget"}
     extra = [k for k in tensors if k not in expected and k not in reserved]
     if extra:
-        raise ValueError(f"case has tensors that are not parameters of this config: {extra}")
+        raise ValueError(f"{source} has tensors that are not parameters of this config: {extra}")
     with torch.no_grad():
         for name, param in expected.items():
             value = tensors[name]
@@ -425,7 +450,7 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(path, framework="pt") as f:
+    with safe_open(readable(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != "cmseg-checkpoint":
         raise ValueError(f"{path}: not a cmseg checkpoint (metadata format is {meta.get('format')!r})")
@@ -437,7 +462,7 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32):
     cfg = parse_config(json.loads(meta["config"]))
     model = CMUNet(cfg)
     weights = {k: v for k, v in tensors.items() if not k.startswith("optim.")}
-    load_parameters(model, weights)
+    load_parameters(model, weights, source=f"{path}: checkpoint")
     model = model.to(device=device, dtype=dtype).eval()
     moments = {
         "m": {k[len("optim.m."):]: v for k, v in tensors.items() if k.startswith("optim.m.")},
@@ -472,14 +497,26 @@ def predict_probs(model, images):
 def command_predict(args):
     from safetensors.torch import load_file, save_file
 
-    model, info = load_checkpoint(args.checkpoint, device=args.device)
-    images = load_file(args.images)
+    model, info = load_checkpoint(args.checkpoint, device=usable_device(args.device))
+    images = load_file(readable(args.images))
     if "images" not in images:
         raise ValueError(f"{args.images}: tensor 'images' is missing")
     x = images["images"].to(device=args.device, dtype=torch.float32)
     cfg = info["config"]
     if x.dim() != cfg["ndim"] + 2 or x.shape[1] != cfg["inChannels"]:
         raise ValueError(f"images have shape {list(x.shape)}; the checkpoint's model takes [N, {cfg['inChannels']}, *S] with {cfg['ndim']} spatial axes")
+    # N = 0 failed inside torch (instance_norm's IndexError, or torch.stack of no windows).
+    if x.shape[0] == 0 or any(size == 0 for size in x.shape[2:]):
+        raise ValueError(f"{args.images}: images have shape {list(x.shape)}: no image to predict")
+    # SPEC 1: a NaN/Inf in an image is refused, as cmseg's predict refuses it; here it gave NaN
+    # maps, written with "ok": true.
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        index = int(bad.flatten().nonzero()[0])
+        voxels = math.prod(x.shape[2:])
+        kind = "NaN" if math.isnan(float(x.flatten()[index])) else "Inf"
+        raise ValueError(f"{args.images}: images contain {kind} at index {index} "
+                         f"(image {index // (voxels * x.shape[1])}, channel {index // voxels % x.shape[1]})")
     # Checked here, so that each is a caller error naming the flag (torch said "range() arg 3
     # must not be zero" for --batch 0, and raised a RuntimeError with a traceback for --threads -1).
     if args.threads < 0:
@@ -510,12 +547,25 @@ def command_predict(args):
         probs, cms, q = (torch.stack([r[k] for r in results]) for k in ("probs", "cms", "annotatorProbs"))
         windows = results[0]["windows"] if results else 0
     out = {"probs": probs, "cms": cms, "annotatorProbs": q}
-    save_file({k: v.float().cpu().contiguous() for k, v in out.items()}, args.out)
+    save_output({k: v.float().cpu().contiguous() for k, v in out.items()}, args.out)
     report = {"ok": True, "checkpoint": args.checkpoint, "step": info["step"], "out": args.out,
               **{k: list(v.shape) for k, v in out.items()}}
     if windows is not None:
         report["windowsPerImage"] = windows
     print(json.dumps(report))
+
+
+def save_output(tensors, path, metadata=None):
+    """save_file (which writes a temporary file beside `path` and renames it: never half a file),
+    with a folder that is missing or not writable an OSError naming `path`: safetensors' own
+    SafetensorError gave a traceback and exit 1."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as err:
+        raise OSError(f"{path}: could not write the output ({err})") from None
 
 
 def expand_cms(cms, n, spatial):
@@ -768,12 +818,12 @@ def command_run(args):
     from safetensors.torch import save_file
 
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
-    if args.device == "cuda":
+    if usable_device(args.device) == "cuda":
         exact_float32_on_cuda()
     case = load_case(args.case)
     result = run_case(case, dtype=dtype, device=args.device)
     meta = {"dtype": args.dtype, "device": args.device, "torch": torch.__version__}
-    save_file(result, args.out, metadata=meta)
+    save_output(result, args.out, metadata=meta)
     print(json.dumps({"ok": True, "out": args.out, "loss": float(result["loss"][0]),
                       "steps": case["steps"], "dtype": args.dtype, "device": args.device}))
 
@@ -824,9 +874,21 @@ def forward_macs(cfg, shape):
 
 def bench_setup(args):
     spec = BENCH_CONFIGS[args.config]
-    shape = tuple(int(s) for s in args.shape.split(",")) if args.shape else spec["shape"]
-    if len(shape) not in (4, 5):
-        raise ValueError(f"--shape {args.shape} must be N,C,H,W or N,C,D,H,W")
+    # Each a caller error naming its flag (main prints it as one JSON line): --threads -1 was
+    # torch's RuntimeError, --shape a,b int()'s ValueError, both with a traceback.
+    if args.steps < 1:
+        raise ValueError(f"--steps {args.steps} must be >= 1")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup {args.warmup} must be >= 0")
+    if args.threads < 0:
+        raise ValueError(f"--threads {args.threads} must be >= 0 (0: torch's choice)")
+    usable_device(args.device)
+    try:
+        shape = tuple(int(s) for s in args.shape.split(",")) if args.shape else spec["shape"]
+    except ValueError:
+        raise ValueError(f"--shape {args.shape} must be N,C,H,W or N,C,D,H,W (whole numbers)") from None
+    if len(shape) not in (4, 5) or min(shape) < 1:
+        raise ValueError(f"--shape {args.shape} must be N,C,H,W or N,C,D,H,W (whole numbers >= 1)")
     cfg = parse_config({
         "ndim": len(shape) - 2, "inChannels": shape[1], "classes": spec["classes"],
         "annotators": spec["annotators"], "depth": spec["depth"],
@@ -911,13 +973,47 @@ def median(values):
     return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
+def exit_with_parent():
+    """Exits when the `cmseg bench` that started this one is gone (CMSEG_BENCH_PARENT, its pid,
+    no longer names a process; unset when run by hand). It waits for this one in spawnSync and
+    cannot pass on a SIGTERM or `kill` it gets, so the steps went on for up to its 30-minute
+    limit, on a shared machine, for nobody. A daemon thread that looks each second; torch's
+    kernels release the GIL, so it runs during a step too."""
+    import os
+    import threading
+
+    try:
+        parent = int(os.environ.get("CMSEG_BENCH_PARENT", ""))
+    except ValueError:
+        return
+    if parent <= 1:
+        return
+
+    def watch():
+        while True:
+            time.sleep(1)
+            try:
+                os.kill(parent, 0)
+            except ProcessLookupError:
+                os._exit(143)
+            except OSError:
+                pass  # alive, someone else's
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def command_bench(args):
     global EXACT_SOFTPLUS
     EXACT_SOFTPLUS = False
+    exit_with_parent()
+    try:
+        cfg, shape, images, labels, present = bench_setup(args)
+    except ValueError as err:  # bad arguments: one JSON line that cmseg bench shows, exit 2
+        print(json.dumps({"ok": False, "config": args.config, "error": f"{type(err).__name__}: {err}"}))
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg, shape, images, labels, present = bench_setup(args)
     device = args.device
     model = CMUNet(cfg).to(device)
     images, labels, present = images.to(device), labels.to(device), present.to(device)
@@ -1019,7 +1115,7 @@ def as_caller_errors(command, args, named):
     """Bad inputs are caller errors (SPEC 1): one JSON line naming the input, no traceback; exit 2."""
     try:
         command(args)
-    except (ValueError, KeyError, FileNotFoundError) as err:
+    except (ValueError, KeyError, OSError) as err:  # OSError: FileNotFoundError, a folder not writable
         print(json.dumps({"ok": False, **named, "error": f"{type(err).__name__}: {err}"}))
         return 2
     return 0
@@ -1031,8 +1127,6 @@ def main(argv=None):
         return as_caller_errors(command_predict, args, {"checkpoint": args.checkpoint})
     if args.command == "run":
         return as_caller_errors(command_run, args, {"case": args.case})
-    if args.steps < 1:
-        raise SystemExit("--steps must be >= 1")
     return command_bench(args)
 
 

@@ -5,10 +5,10 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { spawnSync } from 'child_process';
-import { BENCH_CONFIGS, benchConfig, passesPerStep, voxelsPerStep } from './configs';
+import { BENCH_CONFIGS, type BenchConfig, benchConfig, passesPerStep, voxelsPerStep } from './configs';
 import { stepConvFlops } from './flops';
 import { tableCell } from '../eval/report';
-import { backendInfo } from '../model/model';
+import { backendInfo, createModel } from '../model/model';
 import { loadNative } from '../native';
 
 export interface BenchOptions {
@@ -38,6 +38,8 @@ export interface SideResult {
   gflopPerSecond?: number;
   fractionOfPeak?: number;
   peakMemoryMB?: number;
+  /** the threads the side says it ran with (torch.get_num_threads(), backendInfo().threads) */
+  threads?: number;
 }
 
 export interface BenchResult {
@@ -93,16 +95,28 @@ function workerArgs(): string[] {
 }
 
 function runJson(cmd: string, args: string[], env: Record<string, string>, timeoutMs: number): Record<string, unknown> {
-  const r = spawnSync(cmd, args, { encoding: 'utf8', env: { ...process.env, ...env }, timeout: timeoutMs, maxBuffer: 1 << 26 });
+  // CMSEG_BENCH_PARENT: each side exits once this process is gone (worker.ts's and
+  // torch_reference.py's exitWithParent): spawnSync cannot pass a SIGTERM on to it.
+  const r = spawnSync(cmd, args, { encoding: 'utf8', env: { ...process.env, ...env, CMSEG_BENCH_PARENT: String(process.pid) }, timeout: timeoutMs, maxBuffer: 1 << 26 });
   // Not started at all (no such interpreter): status null read as "timed out".
   if (r.error && r.status === null && (r.error as NodeJS.ErrnoException).code !== 'ETIMEDOUT') {
     return { ok: false, error: `could not run ${cmd}: ${r.error.message}` };
   }
   const last = (r.stdout ?? '').trim().split('\n').pop() ?? '';
   try {
-    return JSON.parse(last);
+    // Only an object is a report: a last line of "null" (JSON too) crashed the whole bench on
+    // its .ok, and "0" made a side "failed" with no reason.
+    const report: unknown = JSON.parse(last);
+    if (typeof report !== 'object' || report === null || Array.isArray(report)) throw new TypeError('not a report');
+    return report as Record<string, unknown>;
   } catch {
-    return { ok: false, error: `${path.basename(cmd)} ${r.status === null ? 'timed out' : `exited ${r.status}`}: ${failureText(r.stderr || r.stdout || '')}` };
+    // A side with no status was either stopped by spawnSync's timeout (error ETIMEDOUT) or
+    // killed by a signal of its own: the OOM killer's SIGKILL, a native crash's SIGSEGV. Both
+    // used to read "timed out", which sent people looking at the time limit, not the memory.
+    const how = r.status !== null ? `exited ${r.status}`
+      : (r.error as NodeJS.ErrnoException | undefined)?.code === 'ETIMEDOUT' ? `timed out after ${timeoutMs / 1000} s`
+        : `was killed by ${r.signal ?? 'a signal'}`;
+    return { ok: false, error: `${path.basename(cmd)} ${how}: ${failureText(r.stderr || r.stdout || '')}` };
   }
 }
 
@@ -126,6 +140,7 @@ function side(raws: Record<string, unknown> | Record<string, unknown>[], flops: 
   const stepMs = all.flatMap((r) => r.stepMs as number[]);
   const m = median(stepMs);
   const gflops = flops / 1e9 / (m / 1e3);
+  const threads = all.map((r) => r.threads).find((x): x is number => typeof x === 'number');
   return {
     ok: true,
     stepMs,
@@ -134,7 +149,18 @@ function side(raws: Record<string, unknown> | Record<string, unknown>[], flops: 
     gflopPerSecond: gflops,
     fractionOfPeak: gflops / peak,
     peakMemoryMB: raw[memKey] as number,
+    threads,
   };
+}
+
+/** A config's parameter names and shapes, from a CPU model built for the purpose and freed. */
+function parameterShapes(model: BenchConfig['model']): { name: string; shape: number[] }[] {
+  const m = createModel({ ...model, device: 'cpu' });
+  try {
+    return m.parameters().map(({ name, shape }) => ({ name, shape }));
+  } finally {
+    void m.dispose();
+  }
 }
 
 export function machineInfo(torch?: string): MachineInfo {
@@ -160,14 +186,18 @@ export function runBench(options: BenchOptions = {}): BenchResult[] {
   const native = loadNative();
   const info = native.backendInfo();
   // Default: the CPU configurations, and the GPU one where a GPU can be used.
+  // A config named twice is measured once: the second run took its minutes again for a
+  // duplicate row.
   const names = options.configs?.length
-    ? options.configs
+    ? [...new Set(options.configs)]
     : BENCH_CONFIGS.filter((c) => c.device === 'cpu' || info.gpuAvailable).map((c) => c.name);
   native.setNumThreads(threads);
   log(`measuring FP32 peak (FMA loop, ${threads} threads)...`);
   const peak = native.measurePeakGflops(1.0);
   const results: BenchResult[] = [];
   const worker = workerArgs();
+  // Every cmseg run gets the thread count PyTorch gets (the bf16 run had none: all cores).
+  const cmsegEnv = { CMSEG_NUM_THREADS: String(threads) };
   const torchScript = path.resolve(__dirname, '..', '..', 'scripts', 'torch_reference.py');
   for (const name of names) {
     const c = benchConfig(name);
@@ -192,13 +222,17 @@ export function runBench(options: BenchOptions = {}): BenchResult[] {
     for (let k = 0; k < rounds; k++) {
       const tag = rounds > 1 ? ` (round ${k + 1}/${rounds})` : '';
       log(`${name}: cmseg (${warmup} warm-up + ${steps} steps)${tag}...`);
-      ours.push(runJson(process.execPath, [...worker, name, String(steps), String(warmup)], { CMSEG_NUM_THREADS: String(threads) }, 1_800_000));
+      ours.push(runJson(process.execPath, [...worker, name, String(steps), String(warmup)], cmsegEnv, 1_800_000));
       log(`${name}: PyTorch eager${tag}...`);
       eager.push(runJson(python, torchArgs, {}, 1_800_000));
       const a = ours[k], b = eager[k];
       if (a.ok && b.ok) ratios.push(median(b.stepMs as number[]) / median(a.stepMs as number[]));
     }
-    const params = (ours[0].parameters as { name: string; shape: number[] }[] | undefined) ?? [];
+    // The parameter shapes the FLOPs are counted from: the worker's, or, when no worker
+    // reported them (the cmseg side failed), a model of the same config built here. With none,
+    // the count was 0, and PyTorch's row said 0.0 GFLOP/s and 0.0% of peak.
+    const reported = ours.find((o) => Array.isArray(o.parameters))?.parameters as { name: string; shape: number[] }[] | undefined;
+    const params = reported ?? parameterShapes(c.model);
     const [n, , ...spatial] = c.shape;
     const flops = stepConvFlops(params, spatial, n, c.model.depth ?? 4, passesPerStep(c));
     let compiled: Record<string, unknown> | undefined;
@@ -209,7 +243,7 @@ export function runBench(options: BenchOptions = {}): BenchResult[] {
     let bf16: Record<string, unknown> | undefined, oursBf16: Record<string, unknown> | undefined;
     if (gpu) {
       log(`${name}: cmseg, bf16 convolutions...`);
-      oursBf16 = runJson(process.execPath, [...worker, name, String(steps), String(warmup), 'bf16'], {}, 1_800_000);
+      oursBf16 = runJson(process.execPath, [...worker, name, String(steps), String(warmup), 'bf16'], cmsegEnv, 1_800_000);
       log(`${name}: PyTorch eager, bf16 autocast...`);
       bf16 = runJson(python, [...torchArgs, '--amp', 'bf16'], {}, 1_800_000);
     }
@@ -284,7 +318,28 @@ export function formatBenchTable(results: BenchResult[]): string {
 }
 
 export function formatMachine(results: BenchResult[]): string {
-  const m = results[0]?.machine ?? machineInfo();
-  const r = results[0];
-  return `${m.cpu}, ${m.cores} cores, ${m.memoryGB} GiB, ${m.os}; Node ${m.node}; PyTorch ${m.torch ?? 'not run'}; ${r?.threads ?? '?'} threads on both sides; measured FP32 peak ${f(r?.peakGflopPerSecond, 1)} GFLOP/s; ${m.date}`;
+  // The first result that ran PyTorch names its version: the first one may be a skipped
+  // config (`--config brats3d-gpu mnist2d` without a GPU), which said "PyTorch not run".
+  const r = results.find((x) => x.machine?.torch !== undefined) ?? results[0];
+  const m = r?.machine ?? machineInfo();
+  return `${m.cpu}, ${m.cores} cores, ${m.memoryGB} GiB, ${m.os}; Node ${m.node}; PyTorch ${m.torch ?? 'not run'}; ${threadsLine(results)}; measured FP32 peak ${f(r?.peakGflopPerSecond, 1)} GFLOP/s; ${m.date}`;
+}
+
+/**
+ * "N threads on both sides" only when every side that ran says it used the N asked for: the line
+ * was the request, so a torch build that ignores set_num_threads (no OpenMP) or a capped engine
+ * went unseen. Otherwise each side's own count, per config.
+ */
+function threadsLine(results: BenchResult[]): string {
+  const asked = results[0]?.threads;
+  const sides = ['cmseg', 'torchEager', 'torchCompile', 'cmsegBf16', 'torchBf16'] as const;
+  const off: string[] = [];
+  for (const r of results) {
+    for (const k of sides) {
+      const used = r[k]?.ok ? r[k]!.threads : undefined;
+      if (used !== undefined && used !== r.threads) off.push(`${r.config} ${k} ran ${used}`);
+    }
+  }
+  if (off.length === 0) return `${asked ?? '?'} threads on both sides`;
+  return `${asked ?? '?'} threads asked for, but ${off.join(', ')}`;
 }

@@ -4,7 +4,26 @@
 import { benchConfig } from './configs';
 import { createModel, backendInfo } from '../model/model';
 
+/**
+ * Exits when the `cmseg bench` that started this one is gone (CMSEG_BENCH_PARENT, its pid, no
+ * longer names a process). It waits in spawnSync and cannot pass on a SIGTERM or `kill` it
+ * gets; the worker it left ran all its steps, for up to the 30-minute limit on a shared
+ * machine, for nobody. Checked each second, unref'd.
+ */
+function exitWithParent(): void {
+  const parent = Number(process.env.CMSEG_BENCH_PARENT);
+  if (!Number.isSafeInteger(parent) || parent <= 1) return;
+  setInterval(() => {
+    try {
+      process.kill(parent, 0);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ESRCH') process.exit(143);
+    }
+  }, 1000).unref();
+}
+
 async function main() {
+  exitWithParent();
   const [name, stepsArg, warmupArg, precision] = process.argv.slice(2);
   const c = benchConfig(name);
   const steps = Number(stepsArg ?? 5);

@@ -331,7 +331,6 @@ function snapshotBatch(batch: Batch, copyArrays: boolean): Batch {
   return copy as unknown as Batch;
 }
 
-/** A typed array's own copy (Model.copiesInputs says why); anything else as it is, for the native side to name. */
 /**
  * `model`'s predictInto, bound, when `model` is a Model predicting with Model's own predict;
  * undefined for anything else (fakes, ensembles, mirrored models) and for a Model whose predict
@@ -344,6 +343,7 @@ export function predictIntoOf(model: unknown): ((images: Float32Array, shape: nu
   return (images, shape, options, into) => write.call(model, images, shape, options ?? {}, into);
 }
 
+/** A typed array's own copy (Model.copiesInputs says why); anything else as it is, for the native side to name. */
 export function copyTypedArray<T>(value: T): T {
   if (!ArrayBuffer.isView(value) || value instanceof DataView) return value;
   try {

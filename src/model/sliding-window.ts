@@ -243,8 +243,8 @@ export async function slidingWindowPredict(
   const input = new Float32Array(Math.min(batchSize, windows.length) * C * Pv);
   // A Model writes each batch's outputs into arrays kept for the whole volume, two sets when
   // pipelined (one written while the other is stitched): fresh outputs a batch (100 MB for
-  // two 64^3 windows of a BraTS CM model) cost their page faults, 1.3 s of a CPU case's 20
-  // and more of a GPU's. Mirrored models (which reuse their own), ensembles, fakes and a Model
+  // two 64^3 windows of a BraTS CM model) cost their page faults, with the sums' above a sixth
+  // of a CPU case's CPU time (BENCHMARKS.md, the whole-case table). Mirrored models (which reuse their own), ensembles, fakes and a Model
   // whose predict was replaced (predictIntoOf) return arrays of their own.
   const writeInto = predictor === model ? predictIntoOf(model) : undefined;
   const outputSets: PredictOutputs[] = [];

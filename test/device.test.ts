@@ -75,7 +75,9 @@ t.test('the device smoke script runs its checks (two CPU models under --dry-run)
   t.equal(r.status, 0, r.stderr);
   const last = JSON.parse(r.stdout.trim().split('\n').pop()!);
   t.equal(last.ok, true);
-  t.equal(last.results.length, 6, 'six cases: 2D full/lowrank/global/head block/plain CE, 3D full');
+  const cases = (last.results as { case: string }[]).map((r) => r.case);
+  t.equal(cases.filter((c) => c !== 'sliding-window').length, 6, 'six cases: 2D full/lowrank/global/head block/plain CE, 3D full');
+  t.equal(cases.filter((c) => c === 'sliding-window').length, 3, 'and the sliding window: probs, cms, annotatorProbs');
 });
 
 // CI builds the addon over the host emulation of the CUDA layer API (CMake option
@@ -93,7 +95,8 @@ t.test(
     t.match(r.stdout, /GPU host emulation/, 'ran on the emulated device');
     const last = JSON.parse(r.stdout.trim().split('\n').pop()!);
     t.equal(last.ok, true);
-    t.equal(last.results.length, 6);
+    t.equal(last.results.length, 9, 'six cases and the sliding window\'s three outputs');
+    t.match(r.stdout, /ok {3}sliding window: cms through reused output arrays vs fresh ones/);
     t.match(r.stdout, /ok {3}out of memory: rejected with "GPU out of memory/);
     t.match(r.stdout, /ok {3}refused update: the next step rejected with "optimiser step 2 was not applied/);
   },

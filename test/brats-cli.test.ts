@@ -198,7 +198,7 @@ t.test('phantom -> prepare (incremental, interruptible) -> train -> predict -> e
   t.equal(quietEval.exitCode, 0, quietEval.stderr);
   t.notMatch(quietEval.stderr, /\[1\/1\]/, 'eval -q: no line per case');
   t.same(JSON.parse(fs.readFileSync(path.join(dir, 'eval-quiet.json'), 'utf8')).metrics.perCase, record.metrics.perCase, 'eval -q: the same scores');
-  t.match(predicted.stderr, /\[1\/1\] \S+: \d+ windows in/, 'predict: a line per case');
+  t.match(predicted.stderr, /\[1\/1\] \S+: \d+ windows? in/, 'predict: a line per case');
   const quietPredict = await cmseg(['predict', '--checkpoint', 'runs/cm/best.safetensors', '--out', 'pred-quiet', '--quiet']);
   t.equal(quietPredict.exitCode, 0, quietPredict.stderr);
   t.notMatch(quietPredict.stderr, /\[1\/1\]/, 'predict --quiet: no line per case');

@@ -473,7 +473,7 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
       process.stderr.write(`note: ${method} does not learn annotator CMs: no annotator volumes or CM pictures\n`);
     }
     const each = passes > 1 ? ` (each predicted ${passes} times)` : '';
-    if (!flags.quiet) process.stderr.write(`[${k + 1}/${ids.length}] ${id}: ${p.windows} windows${each} in ${((Date.now() - started) / 1000).toFixed(1)} s (slice z = ${c.crop.z0 + z})\n`);
+    if (!flags.quiet) process.stderr.write(`[${k + 1}/${ids.length}] ${id}: ${p.windows} window${p.windows === 1 ? '' : 's'}${each} in ${((Date.now() - started) / 1000).toFixed(1)} s (slice z = ${c.crop.z0 + z})\n`);
   }
   const readme = [
     `Predictions of ${modelsDescription(info)} for ${ids.length} case(s) from ${list.from}.`,

@@ -65,7 +65,10 @@ t.test('an ensemble of 3D models frees each member\'s buffers after it predicts'
   gc();
   const withEnsemble = rssMB() - before;
   t.comment(`RSS above the start: ${withOne.toFixed(1)} MB after one member's prediction, ${released.toFixed(1)} MB once released, ${withEnsemble.toFixed(1)} MB after the ensemble of 4`);
-  t.ok(withOne > 40, `one 3D prediction keeps tens of MB of buffers (${withOne.toFixed(1)} MB)`);
+  // Measured as what releaseBuffers() gives back: RSS above a start taken after trims moves by
+  // 10-20 MB between runs (38-60 MB after one prediction, -15 to -2 once released), the
+  // difference much less (50-70 MB).
+  t.ok(withOne - released > 25, `one 3D prediction keeps tens of MB of buffers, which releaseBuffers() gives back (${(withOne - released).toFixed(1)} MB)`);
   t.ok(withOne - released > 0.5 * withOne, 'releaseBuffers() gives most of them back');
   // Kept by every member, four sets would be ~4x one member's; released, the outputs remain.
   t.ok(withEnsemble < 1.5 * withOne, `the ensemble of 4 holds less than 1.5x one member's (${withEnsemble.toFixed(1)} vs ${withOne.toFixed(1)} MB)`);

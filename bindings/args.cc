@@ -75,6 +75,18 @@ double get_number(Napi::Env env, const Napi::Object& o, const char* key, double 
   return v.As<Napi::Number>().DoubleValue();
 }
 
+bool shares_memory(const Napi::TypedArray& a, const Napi::TypedArray& b) {
+  // The view's first byte from napi_get_typedarray_info: TypedArray::ArrayBuffer() throws for
+  // a SharedArrayBuffer.
+  const auto start = [](const Napi::TypedArray& t) {
+    void* data = nullptr;
+    NAPI_THROW_IF_FAILED(t.Env(), napi_get_typedarray_info(t.Env(), t, nullptr, nullptr, &data, nullptr, nullptr), 0);
+    return (uintptr_t)data;
+  };
+  const uintptr_t a0 = start(a), a1 = a0 + a.ByteLength(), b0 = start(b), b1 = b0 + b.ByteLength();
+  return a0 < b1 && b0 < a1;
+}
+
 std::string number_text(double d) {
   // As JS prints them: printf's "nan" and "inf" are not what the caller typed.
   if (std::isnan(d)) return "NaN";

@@ -35,6 +35,11 @@ Napi::Float32Array expect_f32(Napi::Env env, const Napi::Value& v, const char* w
 Napi::Float64Array expect_f64(Napi::Env env, const Napi::Value& v, const char* what, int64_t length = -1);
 Napi::Uint8Array expect_u8(Napi::Env env, const Napi::Value& v, const char* what, int64_t length = -1);
 
+// Whether two typed arrays' bytes overlap, by address: views of one buffer, and two
+// SharedArrayBuffer objects over one memory (one posted through a port comes back as another
+// object), alike.
+bool shares_memory(const Napi::TypedArray& a, const Napi::TypedArray& b);
+
 // A JS array of integers in 0..INT_MAX (2^31 - 1), e.g. a shape; its length is checked
 // against max_entries before any entry is read (a 2^32 - 1 long array is not walked).
 std::vector<int64_t> expect_int_array(Napi::Env env, const Napi::Value& v, const char* what,

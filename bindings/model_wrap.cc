@@ -147,9 +147,7 @@ std::shared_ptr<GivenOutputs> take_outputs(Napi::Env env, const Napi::CallbackIn
 }
 
 // The outputs are written on the worker thread while a GPU model may still read the images in
-// place, and q is computed from p: two of them sharing memory would give wrong numbers. Compared
-// by address, not by ArrayBuffer object: a SharedArrayBuffer posted through a port comes back
-// as another object over the same memory.
+// place, and q is computed from p: two of them sharing memory would give wrong numbers.
 void check_no_overlap(Napi::Env env, const GivenOutputs& into, const Napi::Float32Array& images,
                       const char* const names[3]) {
   std::vector<std::pair<std::string, Napi::Float32Array>> arrays{{"the images", images}};
@@ -157,9 +155,7 @@ void check_no_overlap(Napi::Env env, const GivenOutputs& into, const Napi::Float
     if (into.has(k)) arrays.push_back({std::string("predict outputs.") + names[k], into.arrays[k].Value()});
   for (size_t i = 0; i < arrays.size(); ++i)
     for (size_t j = i + 1; j < arrays.size(); ++j) {
-      Napi::Float32Array &a = arrays[i].second, &b = arrays[j].second;
-      const uintptr_t a0 = (uintptr_t)a.Data(), a1 = a0 + a.ByteLength(), b0 = (uintptr_t)b.Data(), b1 = b0 + b.ByteLength();
-      if (a0 < b1 && b0 < a1) throw_invalid(env, arrays[j].first + " shares memory with " + arrays[i].first);
+      if (shares_memory(arrays[i].second, arrays[j].second)) throw_invalid(env, arrays[j].first + " shares memory with " + arrays[i].first);
     }
 }
 

@@ -36,6 +36,13 @@ std::vector<int64_t> expect_triple(Napi::Env env, const Napi::Value& v, const ch
   return out;
 }
 
+// A channel count, 1..2^31-1.
+int64_t expect_channels(Napi::Env env, const Napi::Value& v) {
+  const double ch = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : 0;
+  if (!(ch >= 1 && ch <= 2147483647.0 && ch == (double)(int64_t)ch)) throw_invalid(env, "channels must be an integer >= 1");
+  return (int64_t)ch;
+}
+
 }  // namespace
 
 Napi::Value StitchWindow(const Napi::CallbackInfo& info) {
@@ -43,10 +50,8 @@ Napi::Value StitchWindow(const Napi::CallbackInfo& info) {
   if (info.Length() != 10) throw_invalid(env, "stitchWindow expects (sum, volume, values, offset, weights, patch, channels, from, to, origin)");
   const std::vector<int64_t> volume = expect_dims(env, info[1], "volume");
   const std::vector<int64_t> patch = expect_dims(env, info[5], "patch");
-  if (!info[6].IsNumber()) throw_invalid(env, "channels must be an integer >= 1");
-  const double ch = info[6].As<Napi::Number>().DoubleValue();
-  if (!(ch >= 1 && ch <= 2147483647.0 && ch == (double)(int64_t)ch)) throw_invalid(env, "channels must be an integer >= 1");
-  const int64_t channels = (int64_t)ch;
+  const int64_t channels = expect_channels(env, info[6]);
+  const double ch = (double)channels;
   // Products in double first: three sizes of up to 2^31 would overflow int64.
   const double V = (double)volume[0] * volume[1] * volume[2], Pv = (double)patch[0] * patch[1] * patch[2];
   if (V * ch > 9007199254740991.0 || Pv * ch > 9007199254740991.0) throw_invalid(env, "stitchWindow: sizes too large");
@@ -85,30 +90,22 @@ Napi::Value DivideByWeights(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() != 4) throw_invalid(env, "divideByWeights expects (sum, weightSum, channels, mean)");
   const Napi::Float64Array weights = expect_f64(env, info[1], "weightSum");
-  if (!info[2].IsNumber()) throw_invalid(env, "channels must be an integer >= 1");
-  const double ch = info[2].As<Napi::Number>().DoubleValue();
-  if (!(ch >= 1 && ch <= 2147483647.0 && ch == (double)(int64_t)ch)) throw_invalid(env, "channels must be an integer >= 1");
-  const int64_t V = (int64_t)weights.ElementLength(), channels = (int64_t)ch;
-  if ((double)V * ch > 9007199254740991.0) throw_invalid(env, "divideByWeights: sizes too large");
+  const int64_t V = (int64_t)weights.ElementLength(), channels = expect_channels(env, info[2]);
+  if ((double)V * (double)channels > 9007199254740991.0) throw_invalid(env, "divideByWeights: sizes too large");
   const int64_t length = V * channels;
   Napi::Float32Array mean = expect_f32(env, info[3], "mean", length);
   // The means are written in parallel chunks while the sums and weights are read: a mean in
   // memory either of them holds (other than a Float32 sum itself, divided in place) read
-  // means as sums or weights, wrong numbers without a word. Compared by address: views of one
-  // buffer, and two SharedArrayBuffer objects over one memory, alike.
-  const auto overlaps_mean = [&](const void* data, size_t bytes) {
-    const uintptr_t a0 = (uintptr_t)data, a1 = a0 + bytes, b0 = (uintptr_t)mean.Data(), b1 = b0 + mean.ByteLength();
-    return a0 < b1 && b0 < a1;
-  };
-  if (overlaps_mean(weights.Data(), weights.ByteLength())) throw_invalid(env, "divideByWeights: mean overlaps weightSum");
+  // means as sums or weights, wrong numbers without a word.
+  if (shares_memory(weights, mean)) throw_invalid(env, "divideByWeights: mean overlaps weightSum");
   if (info[0].IsTypedArray() && info[0].As<Napi::TypedArray>().TypedArrayType() == napi_float64_array) {
     Napi::Float64Array sum = expect_f64(env, info[0], "sum", length);
-    if (overlaps_mean(sum.Data(), sum.ByteLength())) throw_invalid(env, "divideByWeights: mean overlaps sum (a Float64 sum is divided into memory of its own)");
+    if (shares_memory(sum, mean)) throw_invalid(env, "divideByWeights: mean overlaps sum (a Float64 sum is divided into memory of its own)");
     guard(env, [&] { cmseg::divide_by_weights(sum.Data(), weights.Data(), channels, V, mean.Data()); });
   } else {
     Napi::Float32Array sum = expect_f32(env, info[0], "sum (a Float32Array or Float64Array)", length);
     // In place, or into memory of its own: a partial overlap would read means as sums.
-    if (sum.Data() != mean.Data() && overlaps_mean(sum.Data(), sum.ByteLength()))
+    if (sum.Data() != mean.Data() && shares_memory(sum, mean))
       throw_invalid(env, "divideByWeights: mean overlaps sum without being it");
     guard(env, [&] { cmseg::divide_by_weights(sum.Data(), weights.Data(), channels, V, mean.Data()); });
   }

@@ -28,6 +28,9 @@ Napi::Value BackendInfo(const Napi::CallbackInfo& info) {
   o.Set("cuda", b.cuda);
   o.Set("cudnn", b.cudnn);
   o.Set("threads", b.threads);
+  o.Set("defaultThreads", b.default_threads);
+  o.Set("threadsReason", b.threads_reason);
+  o.Set("usableCpus", b.usable_cpus);
   o.Set("gpuAvailable", b.gpu_available);
   o.Set("gpu", b.gpu.empty() ? env.Null() : Napi::String::New(env, b.gpu));
   o.Set("cudnnVersion", (double)b.cudnn_version);

@@ -77,7 +77,14 @@ export interface NativeBackendInfo {
   onednn: boolean;
   cuda: boolean;
   cudnn: boolean;
+  /** the native thread pool's threads now (setNumThreads changes it) */
   threads: number;
+  /** what the pool starts with: CMSEG_NUM_THREADS, else the CPUs this process can keep busy (the cores, fewer under an affinity mask or a cgroup CPU quota) */
+  defaultThreads: number;
+  /** why defaultThreads is that many, e.g. "the machine's 16 cores", "the cgroup CPU quota: 4 CPUs of 64 cores", "CMSEG_NUM_THREADS=8" */
+  threadsReason: string;
+  /** the CPUs this process can keep busy: the cores, fewer under an affinity mask (taskset, a cpuset) or a cgroup CPU quota (rounded up) */
+  usableCpus: number;
   /** CUDA built and a device usable now */
   gpuAvailable: boolean;
   gpu: string | null;

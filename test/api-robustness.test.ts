@@ -123,14 +123,15 @@ function addonEnv(value: string) {
 }
 
 t.test('CMSEG_NUM_THREADS is validated, with a warning naming the value', async (t) => {
-  const cores = Math.min(os.cpus().length, 1024) || 1;
+  // The fallback is every usable CPU: the cores, fewer under an affinity mask or a CPU quota.
+  const cores = Math.min(loadNative().backendInfo().usableCpus, 1024);
   for (const value of ['99999', 'abc', '0', '-3', '1.5', '2x']) {
     const r = addonEnv(value);
     t.equal(r.status, 0, `${value}: exits normally (${r.stderr.slice(0, 200)})`);
     t.equal(r.signal, null);
-    t.equal(Number(r.stdout), cores, `${value}: falls back to the machine's cores`);
+    t.equal(Number(r.stdout), cores, `${value}: falls back to the usable CPUs`);
     t.match(r.stderr, `CMSEG_NUM_THREADS='${value}'`);
-    t.match(r.stderr, /\(not an integer in 1\.\.1024\); using \d+ threads/);
+    t.match(r.stderr, cores === 1 ? /\(not an integer in 1\.\.1024\); using 1 thread \(/ : /\(not an integer in 1\.\.1024\); using \d+ threads \(/);
     t.equal(r.stderr.split('CMSEG_NUM_THREADS').length - 1, 1, 'warned once');
   }
   const ok = addonEnv('3');

@@ -1,5 +1,7 @@
 #include "cmseg/threads.hpp"
 
+#include "cmseg/backend.hpp"
+
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -9,6 +11,7 @@
 #include <cstdlib>
 #include <exception>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -142,23 +145,38 @@ int parse_thread_count(const char* text) {
 
 namespace {
 
-// CMSEG_NUM_THREADS when it is an integer in 1..kMaxThreads; otherwise (with a
-// warning naming the value, once: the pool is made once) the machine's cores.
-int default_threads() {
-  const unsigned hw = std::thread::hardware_concurrency();
-  const int cores = hw ? (int)std::min<unsigned>(hw, (unsigned)kMaxThreads) : 1;
+}  // namespace
+
+ThreadDefault default_threads() {
+  const UsableCpus u = usable_cpus();
+  const int cpus = std::min(u.cpus, kMaxThreads);
+  const std::string usable =
+      u.limited_by.empty() ? "the machine's " + std::to_string(u.cores) + " cores" : u.limited_by;
   const char* env = std::getenv("CMSEG_NUM_THREADS");
-  if (!env || !*env) return cores;  // unset or empty
-  if (const int n = parse_thread_count(env)) return n;
-  std::fprintf(stderr,
-               "cmseg: warning: ignoring CMSEG_NUM_THREADS='%s' (not an integer in 1..%d); using %d threads "
-               "(the machine's cores) instead\n",
-               env, kMaxThreads, cores);
-  return cores;
+  if (!env || !*env) return {cpus, usable};  // unset or empty
+  if (const int n = parse_thread_count(env)) return {n, std::string("CMSEG_NUM_THREADS=") + std::to_string(n)};
+  return {cpus, usable + " (CMSEG_NUM_THREADS='" + env + "' ignored: not an integer in 1.." +
+                    std::to_string(kMaxThreads) + ")"};
+}
+
+namespace {
+
+// The pool is made once, at its first use; a CMSEG_NUM_THREADS it cannot read is said
+// then, once, on stderr.
+int starting_threads() {
+  const ThreadDefault d = default_threads();
+  const char* env = std::getenv("CMSEG_NUM_THREADS");
+  if (env && *env && !parse_thread_count(env))
+    std::fprintf(stderr,
+                 "cmseg: warning: ignoring CMSEG_NUM_THREADS='%s' (not an integer in 1..%d); using %s instead\n",
+                 env, kMaxThreads,
+                 d.threads == 1 ? "1 thread (one usable CPU)"
+                                : (std::to_string(d.threads) + " threads (every usable CPU)").c_str());
+  return d.threads;
 }
 
 Pool& pool() {
-  static Pool p(default_threads());
+  static Pool p(starting_threads());
   return p;
 }
 

@@ -13,6 +13,7 @@
 // backward fails nearly all of them).
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 
@@ -631,6 +632,73 @@ TEST(cgroup_memory_limit_reads_v1_and_v2_with_ancestors) {
 #if defined(__linux__)
   CHECK(physical_memory_bytes() > 0);
 #endif
+}
+
+// A container's --cpus or a batch job's CPU quota is the parallelism the threads get: past
+// it they take turns being throttled. The quota is in CPUs (quota / period), the smallest
+// of the process's cgroup and its ancestors; v2's "max" and v1's -1 are no limit.
+TEST(cgroup_cpu_limit_reads_v1_and_v2_with_ancestors) {
+  std::map<std::string, std::string> files;
+  auto read = [&](const std::string& path, std::string& out) {
+    auto it = files.find(path);
+    if (it == files.end()) return false;
+    out = it->second;
+    return true;
+  };
+  // v2: the job's own cpu.max is "max", its parent's 4 CPUs, the grandparent's 8.
+  files = {{"/sys/fs/cgroup/batch/job/step/cpu.max", "max 100000\n"},
+           {"/sys/fs/cgroup/batch/job/cpu.max", "400000 100000\n"},
+           {"/sys/fs/cgroup/batch/cpu.max", "800000 100000\n"}};
+  CHECK(cgroup_cpu_limit("0::/batch/job/step\n", read) == 4.0);
+  // v2 in a container (cgroup namespace), a fractional quota with another period.
+  files = {{"/sys/fs/cgroup/cpu.max", "125000 50000\n"}};
+  CHECK(cgroup_cpu_limit("0::/\n", read) == 2.5);
+  // v1: the cpu controller's hierarchy mounted as "cpu,cpuacct" (the line lists both).
+  files = {{"/sys/fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "150000\n"},
+           {"/sys/fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_period_us", "100000\n"}};
+  CHECK(cgroup_cpu_limit("11:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n", read) == 1.5);
+  // v1 through the "cpu" name, without a cgroup namespace (only the mount's root exists);
+  // -1 is no limit, and the memory hierarchy's files are not read for CPUs.
+  files = {{"/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "200000\n"},
+           {"/sys/fs/cgroup/cpu/cpu.cfs_period_us", "100000\n"},
+           {"/sys/fs/cgroup/memory/cpu.cfs_quota_us", "100000\n"},
+           {"/sys/fs/cgroup/memory/cpu.cfs_period_us", "100000\n"}};
+  CHECK(cgroup_cpu_limit("2:cpu:/docker/abc\n3:memory:/docker/abc\n", read) == 2.0);
+  files = {{"/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "-1\n"}, {"/sys/fs/cgroup/cpu/cpu.cfs_period_us", "100000\n"}};
+  CHECK(cgroup_cpu_limit("1:cpu:/\n", read) == 0.0);
+  // cpuacct alone is not the cpu controller; no file at all, or an empty text: 0.
+  files = {{"/sys/fs/cgroup/cpuacct/cpu.cfs_quota_us", "100000\n"}, {"/sys/fs/cgroup/cpuacct/cpu.cfs_period_us", "100000\n"}};
+  CHECK(cgroup_cpu_limit("2:cpuacct:/\n", read) == 0.0);
+  files = {{"/sys/fs/cgroup/cpu.max", "max 100000\n"}};
+  CHECK(cgroup_cpu_limit("0::/\n", read) == 0.0);
+  files = {};
+  CHECK(cgroup_cpu_limit("0::/user.slice\n", read) == 0.0);
+  CHECK(cgroup_cpu_limit("", read) == 0.0);
+  // The memory limit still reads its own files only.
+  files = {{"/sys/fs/cgroup/cpu.max", "200000 100000\n"}};
+  CHECK(cgroup_memory_limit("0::/\n", read) == 0.0);
+}
+
+// The CPUs this process can keep busy never exceed the cores, and the pool's default
+// follows them unless CMSEG_NUM_THREADS says otherwise.
+TEST(usable_cpus_bound_the_default_threads) {
+  const UsableCpus u = usable_cpus();
+  CHECK(u.cpus >= 1 && u.cpus <= u.cores);
+  CHECK(u.limited_by.empty() == (u.cpus == u.cores));
+  const char* env = std::getenv("CMSEG_NUM_THREADS");
+  const std::string saved = env ? env : "";
+  unsetenv("CMSEG_NUM_THREADS");
+  ThreadDefault d = default_threads();
+  CHECK(d.threads == std::min(u.cpus, kMaxThreads));
+  CHECK(d.why == (u.limited_by.empty() ? "the machine's " + std::to_string(u.cores) + " cores" : u.limited_by));
+  setenv("CMSEG_NUM_THREADS", " 3 ", 1);
+  d = default_threads();
+  CHECK(d.threads == 3 && d.why == "CMSEG_NUM_THREADS=3");
+  setenv("CMSEG_NUM_THREADS", "lots", 1);
+  d = default_threads();
+  CHECK(d.threads == std::min(u.cpus, kMaxThreads));
+  CHECK(d.why.find("CMSEG_NUM_THREADS='lots' ignored") != std::string::npos);
+  if (env) setenv("CMSEG_NUM_THREADS", saved.c_str(), 1); else unsetenv("CMSEG_NUM_THREADS");
 }
 
 TEST_MAIN()

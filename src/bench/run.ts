@@ -175,22 +175,32 @@ export function machineInfo(torch?: string): MachineInfo {
   };
 }
 
+/** An integer option in min..max, or a RangeError naming it (the CLI checks its flags; an API caller's values reach here as given). */
+function countOption(name: string, value: number, min: number, max = Number.MAX_SAFE_INTEGER): number {
+  if (!Number.isSafeInteger(value) || value < min || value > max) {
+    throw new RangeError(`${name} ${value} must be an integer ${max === Number.MAX_SAFE_INTEGER ? `>= ${min}` : `in ${min}..${max}`}`);
+  }
+  return value;
+}
+
 export function runBench(options: BenchOptions = {}): BenchResult[] {
   const log = options.log ?? (() => {});
-  const threads = options.threads ?? os.cpus().length;
-  const steps = options.steps ?? 5;
-  const warmup = options.warmup ?? 1;
-  const python = options.python ?? process.env.CMSEG_PYTHON ?? 'python3';
-  const rounds = options.rounds ?? 1;
-  if (!Number.isSafeInteger(rounds) || rounds < 1) throw new RangeError(`rounds ${rounds} must be an integer >= 1`);
   const native = loadNative();
   const info = native.backendInfo();
+  // What cmseg would run with by itself (CMSEG_NUM_THREADS, else the usable CPUs: a
+  // container's CPU quota or an affinity mask counts), given to PyTorch's side too.
+  const threads = countOption('threads', options.threads ?? info.defaultThreads, 1, 1024);
+  const steps = countOption('steps', options.steps ?? 5, 1);
+  const warmup = countOption('warmup', options.warmup ?? 1, 0);
+  const rounds = countOption('rounds', options.rounds ?? 1, 1);
+  const python = options.python ?? process.env.CMSEG_PYTHON ?? 'python3';
   // Default: the CPU configurations, and the GPU one where a GPU can be used.
   // A config named twice is measured once: the second run took its minutes again for a
   // duplicate row.
   const names = options.configs?.length
     ? [...new Set(options.configs)]
     : BENCH_CONFIGS.filter((c) => c.device === 'cpu' || info.gpuAvailable).map((c) => c.name);
+  for (const name of names) benchConfig(name);  // an unknown name is refused before minutes of the others
   native.setNumThreads(threads);
   log(`measuring FP32 peak (FMA loop, ${threads} threads)...`);
   const peak = native.measurePeakGflops(1.0);

@@ -11,7 +11,7 @@ export function benchCommand(): Command {
     .addOption(choiceOption('--config <name...>', 'configs to run; default: the CPU ones, and the GPU ones when a GPU is usable', BENCH_CONFIGS.map((b) => b.name)))
     .option('--steps <n>', 'timed steps per side (median reported)', parseInteger(1), 5)
     .option('--warmup <n>', 'untimed warm-up steps', parseInteger(0), 1)
-    .option('--threads <n>', 'threads for both sides (default: all cores)', parseThreads)
+    .option('--threads <n>', 'threads for both sides (default: what cmseg would use: CMSEG_NUM_THREADS, else every usable CPU)', parseThreads)
     .option('--compile', 'also time PyTorch with torch.compile (slow to compile)')
     .option('--rounds <n>', 'rounds of cmseg and PyTorch eager back to back; the ratio is the median over rounds', parseInteger(1), 1)
     .option('--json', 'print one JSON object per configuration instead of a table')

@@ -40,7 +40,7 @@ export function withInferenceOptions(command: Command): Command {
       ),
     )
     .addOption(choiceOption('--device <name>', 'where the model runs (default: where it was trained; the CPU when no GPU can run it)', DEVICES))
-    .option('--threads <n>', 'native threads', parseThreads)
+    .option('--threads <n>', 'native threads (default: CMSEG_NUM_THREADS, else every usable CPU: the cores, fewer under a CPU affinity mask or cgroup quota)', parseThreads)
     .option('-q, --quiet', '3D: no window bars and no line per case (notes, warnings and the results still print)');
 }
 

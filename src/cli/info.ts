@@ -8,6 +8,7 @@ import { readCheckpointInfo, methodLabel, type CheckpointInfo } from '../model/c
 import type { DatasetSpec } from '../train/experiment';
 import type { TrainerState } from '../train/trainer';
 import { backendInfo, setNumThreads } from '../model/model';
+import type { NativeBackendInfo } from '../native';
 import { parseThreads, UserError, withExamples } from './common';
 
 interface InfoFlags {
@@ -27,11 +28,17 @@ function backendLines(): [string, string][] {
     ['CUDA backend', b.cuda ? `yes${b.cudnn ? `, cuDNN ${b.cudnnVersion}` : ''}` : 'no (built without CUDA and cuDNN)'],
     ['GPU', b.gpuAvailable ? (b.gpu ?? 'yes') : b.cuda ? `none usable${why}` : '-'],
     ['GPU training', b.cuda ? `${yes(b.cudaTraining)}${b.gpuPrecisions.length ? ` (${b.gpuPrecisions.join(', ')})` : ''}` : '-'],
-    ['threads', `${b.threads} (CMSEG_NUM_THREADS or --threads to change)`],
+    ['threads', threadsText(b)],
     ['SIMD', b.simd],
     ['compiler', b.compiler],
     ['node', process.version],
   ];
+}
+
+/** The pool's threads, the default's reason, and how to change them. */
+function threadsText(b: NativeBackendInfo): string {
+  const why = b.threads === b.defaultThreads ? b.threadsReason : `set; the default is ${b.defaultThreads}: ${b.threadsReason}`;
+  return `${b.threads} (${why}; CMSEG_NUM_THREADS or --threads to change)`;
 }
 
 function datasetText(d: DatasetSpec): string {
@@ -119,7 +126,7 @@ export function registerInfoCommand(program: Command): Command {
     .description('what this installation can run (backends, GPU, threads), or what a checkpoint holds (--checkpoint)')
     .option('--checkpoint <file>', 'describe this checkpoint: model, method, step, annotators, the data it was trained on')
     .option('--json', 'print one JSON object instead of text')
-    .option('--threads <n>', 'native threads (default: CMSEG_NUM_THREADS or all cores)', parseThreads)
+    .option('--threads <n>', 'native threads (default: CMSEG_NUM_THREADS, else every usable CPU: the cores, fewer under a CPU affinity mask or cgroup quota)', parseThreads)
     .action((flags: InfoFlags) => runInfo(flags));
   return withExamples(cmd, 'cmseg info', 'cmseg info --checkpoint runs/cm/best.safetensors');
 }

@@ -757,7 +757,7 @@ export function registerTrainCommand(program: Command): Command {
     .option('--checkpoint-every <n>', 'also save the last checkpoint every n steps', parseInteger(0))
     .option('--bf16', 'GPU presets: convolutions in bfloat16 with fp32 accumulation (like torch.autocast bf16)')
     .option('--no-test', 'skip the test-set evaluation at the end')
-    .option('--threads <n>', 'native threads (default: CMSEG_NUM_THREADS or all cores)', parseThreads)
+    .option('--threads <n>', 'native threads (default: CMSEG_NUM_THREADS, else every usable CPU: the cores, fewer under a CPU affinity mask or cgroup quota)', parseThreads)
     .option('-q, --quiet', 'no progress output')
     .option('--json', 'print the result as one JSON object on stdout (status, steps, best validation, test metrics, files) instead of text')
     .action((flags: TrainFlags, cmd: Command) => runTrain(flags, cmd));

@@ -41,6 +41,7 @@ import {
   readCacheIndex,
 } from './cache';
 import { Rng } from './random';
+import { loadNative } from '../native';
 
 // ---------------------------------------------------------------------------
 // Options
@@ -177,7 +178,8 @@ export const PATCH_LOADER_DEFAULTS = {
 } as const;
 
 function defaultWorkers(): number {
-  const cpus = typeof os.availableParallelism === 'function' ? os.availableParallelism() : os.cpus().length;
+  // The CPUs this process can keep busy (a container's CPU quota and an affinity mask count).
+  const cpus = loadNative().backendInfo().usableCpus;
   return Math.min(4, Math.max(1, Math.floor(cpus / 4)));
 }
 

@@ -414,7 +414,7 @@ export function backendInfo(): NativeBackendInfo {
   return loadNative().backendInfo();
 }
 
-/** Threads of the native engine (default: CMSEG_NUM_THREADS or the machine's cores). */
+/** Threads of the native engine (default: CMSEG_NUM_THREADS, else every usable CPU: backendInfo().defaultThreads and threadsReason). */
 export function setNumThreads(n: number): void {
   loadNative().setNumThreads(n);
 }

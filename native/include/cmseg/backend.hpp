@@ -10,7 +10,10 @@ struct BackendInfo {
   bool onednn = false;
   bool cuda = false;
   bool cudnn = false;
-  int threads = 1;
+  int threads = 1;             // the pool's threads now
+  int default_threads = 1;     // what it starts with: CMSEG_NUM_THREADS, else usable_cpus()
+  int usable_cpus = 1;         // usable_cpus().cpus
+  std::string threads_reason;  // why that many: "CMSEG_NUM_THREADS=4", "the machine's 16 cores", ...
   // CUDA, when built: whether a device is usable now, its name, the cuDNN version,
   // or why no device can be used.
   bool gpu_available = false;
@@ -38,6 +41,22 @@ double physical_memory_bytes();
 // none sets one. Separate from physical_memory_bytes() so that tests can give it files.
 double cgroup_memory_limit(const std::string& proc_cgroup,
                            const std::function<bool(const std::string& path, std::string& text)>& read);
+// The CPU limit in /proc/self/cgroup's text `proc_cgroup`, in CPUs (2.5 for a quota of 250 ms
+// a 100 ms period): the smallest cpu.max (v2) or cpu.cfs_quota_us / cpu.cfs_period_us (v1,
+// under /sys/fs/cgroup/cpu) of the process's cgroup and its ancestors; 0 when none sets one.
+double cgroup_cpu_limit(const std::string& proc_cgroup,
+                        const std::function<bool(const std::string& path, std::string& text)>& read);
+
+// The CPUs this process can keep busy: the machine's cores, or fewer where its affinity mask
+// (taskset, numactl, a batch scheduler's cpuset) or its cgroup CPU quota (a container's
+// --cpus, rounded up) says so. Threads past it only take turns.
+struct UsableCpus {
+  int cpus = 1;
+  int cores = 1;           // std::thread::hardware_concurrency()
+  std::string limited_by;  // empty when cpus == cores; else what limits them, with the numbers
+};
+UsableCpus usable_cpus();
+
 // A byte count as errors show it: "23.5 GiB" (three decimals under 0.1 GiB).
 std::string gib_text(double bytes);
 

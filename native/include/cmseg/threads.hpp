@@ -4,15 +4,25 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <string>
 
 namespace cmseg {
 
 // The most threads the pool runs (set_num_threads and CMSEG_NUM_THREADS).
 constexpr int kMaxThreads = 1024;
 
-// Number of threads used by parallel_for: CMSEG_NUM_THREADS when it is an integer
-// in 1..kMaxThreads (otherwise a warning on stderr), else the machine's cores.
+// Number of threads used by parallel_for: it starts at default_threads() (a
+// CMSEG_NUM_THREADS that is not an integer in 1..kMaxThreads gets a warning on stderr).
 int num_threads();
+
+// The pool's starting size and why: CMSEG_NUM_THREADS when it is an integer in
+// 1..kMaxThreads, else the CPUs this process can keep busy (usable_cpus() in backend.hpp:
+// the cores, fewer under an affinity mask or a cgroup CPU quota).
+struct ThreadDefault {
+  int threads;
+  std::string why;
+};
+ThreadDefault default_threads();
 // n is clamped to 1..kMaxThreads. When the system refuses to start some of the
 // threads the pool runs with those it started (a warning on stderr); num_threads()
 // says how many that is.

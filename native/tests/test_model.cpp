@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
 
 #include "check.hpp"
@@ -597,18 +598,23 @@ TEST(thread_pool_survives_refused_threads) {
 #endif
 }
 
+// A reader over `files` (path -> text) in place of the system's, for the cgroup parsers.
+std::function<bool(const std::string&, std::string&)> reader_of(const std::map<std::string, std::string>& files) {
+  return [&files](const std::string& path, std::string& out) {
+    auto it = files.find(path);
+    if (it == files.end()) return false;
+    out = it->second;
+    return true;
+  };
+}
+
 // A container's or batch job's memory limit (cgroups) is the memory a request must fit,
 // not the host's: past it the kernel kills the process as it would past the RAM. The
 // limit is the smallest of the process's cgroup and its ancestors, v2 (memory.max) and
 // v1 (memory.limit_in_bytes); "max" and v1's huge "unlimited" value are no limit.
 TEST(cgroup_memory_limit_reads_v1_and_v2_with_ancestors) {
   std::map<std::string, std::string> files;
-  auto read = [&](const std::string& path, std::string& out) {
-    auto it = files.find(path);
-    if (it == files.end()) return false;
-    out = it->second;
-    return true;
-  };
+  const auto read = reader_of(files);
   // v2: the job's own limit is "max", its parent's 8 GiB.
   files = {{"/sys/fs/cgroup/job/step/memory.max", "max\n"}, {"/sys/fs/cgroup/job/memory.max", "8589934592\n"}};
   CHECK(cgroup_memory_limit("0::/job/step\n", read) == 8589934592.0);
@@ -639,12 +645,7 @@ TEST(cgroup_memory_limit_reads_v1_and_v2_with_ancestors) {
 // of the process's cgroup and its ancestors; v2's "max" and v1's -1 are no limit.
 TEST(cgroup_cpu_limit_reads_v1_and_v2_with_ancestors) {
   std::map<std::string, std::string> files;
-  auto read = [&](const std::string& path, std::string& out) {
-    auto it = files.find(path);
-    if (it == files.end()) return false;
-    out = it->second;
-    return true;
-  };
+  const auto read = reader_of(files);
   // v2: the job's own cpu.max is "max", its parent's 4 CPUs, the grandparent's 8.
   files = {{"/sys/fs/cgroup/batch/job/step/cpu.max", "max 100000\n"},
            {"/sys/fs/cgroup/batch/job/cpu.max", "400000 100000\n"},

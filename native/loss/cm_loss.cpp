@@ -277,7 +277,9 @@ void cm_from_raw(CmMode mode, int L, int rank, const float* raw, int64_t stride,
   std::memcpy(A, cm.A, sizeof(float) * L * L);
 }
 
-void cm_rows_from_raw(CmMode mode, int L, int rank, const float* raw, int64_t stride, int64_t count, float* A) {
+void cm_rows_from_raw(CmMode mode, int L, int rank, const float* raw, int64_t stride, int64_t count, float* A,
+                      int64_t out_stride) {
+  const int64_t os = out_stride > 0 ? out_stride : count;
   const int K = cm_head_channels(mode, L, rank);
   if (K == 0) fail("cm_rows_from_raw: a global CM has no per-pixel raw channels");
   thread_local std::vector<float> sp, sg;
@@ -295,7 +297,7 @@ void cm_rows_from_raw(CmMode mode, int L, int rank, const float* raw, int64_t st
     // The fast rows clamp a NaN into a finite CM: the pixel path keeps it NaN.
     for (int64_t v = 0; v < count; ++v) {
       cm.compute(raw + v, stride);
-      for (int e = 0; e < L * L; ++e) A[e * count + v] = cm.A[e];
+      for (int e = 0; e < L * L; ++e) A[e * os + v] = cm.A[e];
     }
     return;
   }
@@ -306,14 +308,14 @@ void cm_rows_from_raw(CmMode mode, int L, int rank, const float* raw, int64_t st
         float s = 0.f;
         for (int i = 0; i < L; ++i) s += sp[(size_t)(i * L + j) * count + v];
         const float inv = 1.f / s;
-        for (int i = 0; i < L; ++i) A[(i * L + j) * count + v] = sp[(size_t)(i * L + j) * count + v] * inv;
+        for (int i = 0; i < L; ++i) A[(i * L + j) * os + v] = sp[(size_t)(i * L + j) * count + v] * inv;
       }
     }
     return;
   }
   for (int64_t v = 0; v < count; ++v) {
     cm.load(&sp[v], &sg[v], count);
-    for (int e = 0; e < L * L; ++e) A[e * count + v] = cm.A[e];
+    for (int e = 0; e < L * L; ++e) A[e * os + v] = cm.A[e];
   }
 }
 

@@ -816,24 +816,33 @@ void Model::predict(const float* images, int n, Spatial s, float* probs, float* 
     const int64_t t = item % runs, ir = item / runs;
     const int i = (int)(ir / R), r = (int)(ir % R);
     const int64_t v0 = t * kRun, cnt = std::min(kRun, V - v0);
-    thread_local std::vector<float> A;
-    A.resize((size_t)L * L * cnt);
+    // The rows go straight into the CM output when there is one (row stride V), else into
+    // a run-sized scratch (stride cnt) for q alone.
+    thread_local std::vector<float> scratch;
+    float* A;
+    int64_t row_stride;
+    if (cms) {
+      A = cms + ((int64_t)i * R + r) * L * L * V + v0;
+      row_stride = V;
+    } else {
+      scratch.resize((size_t)L * L * cnt);
+      A = scratch.data();
+      row_stride = cnt;
+    }
     if (global) {
       float a[kMaxClasses * kMaxClasses];
       cm_from_raw(c.cm_mode, L, c.cm_rank, params_[m.gcm[r]].value.data(), 1, a);
-      for (int e = 0; e < L * L; ++e) std::fill_n(&A[(size_t)e * cnt], cnt, a[e]);
+      for (int e = 0; e < L * L; ++e) std::fill_n(A + e * row_stride, cnt, a[e]);
     } else {
-      cm_rows_from_raw(c.cm_mode, L, c.cm_rank, m.cm_raw[r].data() + (int64_t)i * K * V + v0, V, cnt, A.data());
+      cm_rows_from_raw(c.cm_mode, L, c.cm_rank, m.cm_raw[r].data() + (int64_t)i * K * V + v0, V, cnt, A, row_stride);
     }
-    if (cms)
-      for (int e = 0; e < L * L; ++e) std::copy_n(&A[(size_t)e * cnt], cnt, cms + (((int64_t)i * R + r) * L * L + e) * V + v0);
     if (annotator_probs)
       for (int a = 0; a < L; ++a) {
         float* q = annotator_probs + (((int64_t)i * R + r) * L + a) * V + v0;
         std::fill_n(q, cnt, 0.f);
         for (int j = 0; j < L; ++j) {
           const float* p = probs + ((int64_t)i * L + j) * V + v0;
-          const float* Aaj = &A[(size_t)(a * L + j) * cnt];
+          const float* Aaj = A + (a * L + j) * row_stride;
           for (int64_t v = 0; v < cnt; ++v) q[v] += Aaj[v] * p[v];
         }
       }

@@ -5,6 +5,7 @@
 // Gradient tolerance: |analytic - numeric| <= 2e-4 + 2e-2 |numeric|, central
 // differences with step 1e-3 in float32 (the loss is smooth in the raw inputs).
 #include <cmath>
+#include <cstring>
 
 #include "check.hpp"
 #include "cmseg/loss.hpp"
@@ -174,6 +175,24 @@ TEST(cm_rows_match_pixel_cms_and_keep_nan) {
       }
     CHECK(nan_at_5);
     CHECK(finite_elsewhere);
+    // Rows written at a wider stride (straight into a [L*L, V] output) hold the same bits,
+    // the NaN run included, and nothing between the rows is touched.
+    const int64_t wide = count + 11;
+    for (int pass = 0; pass < 2; ++pass) {
+      if (pass == 1) raw[(size_t)2 * stride + 5] = 0.5f;  // the vectorised path too
+      cm_rows_from_raw(mode, L, rank, raw.data(), stride, count, rows.data());
+      std::vector<float> placed((size_t)L * L * wide, -7.f);
+      cm_rows_from_raw(mode, L, rank, raw.data(), stride, count, placed.data(), wide);
+      bool same = true, gaps_kept = true;
+      for (int e = 0; e < L * L; ++e)
+        for (int64_t v = 0; v < wide; ++v) {
+          const float x = placed[(size_t)e * wide + v];
+          if (v >= count) gaps_kept = gaps_kept && x == -7.f;
+          else same = same && std::memcmp(&x, &rows[(size_t)e * count + v], sizeof x) == 0;
+        }
+      CHECK(same);
+      CHECK(gaps_kept);
+    }
   }
 }
 

@@ -49,10 +49,12 @@ void cm_loss(const CmLossInput& in, CmLossOutput& out);
 void cm_from_raw(CmMode mode, int L, int rank, const float* raw, int64_t stride, float* A);
 
 // The same for a run of `count` pixels: pixel v's raw channel k at raw[k * stride + v], its
-// CM entry (i, j) written to A[(i * L + j) * count + v]. The softplus runs vectorised over
+// CM entry (i, j) written to A[(i * L + j) * out_stride + v] (out_stride 0: count, rows
+// packed; a volume's V: straight into a [L*L, V] output). The softplus runs vectorised over
 // the run (as in cm_loss, so a prediction's CMs are the ones the loss trained); a run with a
 // NaN or Inf raw value goes pixel by pixel through cm_from_raw, so the NaN shows in its CMs.
-void cm_rows_from_raw(CmMode mode, int L, int rank, const float* raw, int64_t stride, int64_t count, float* A);
+void cm_rows_from_raw(CmMode mode, int L, int rank, const float* raw, int64_t stride, int64_t count, float* A,
+                      int64_t out_stride = 0);
 
 // Plain cross-entropy on the consensus logits, for the `naive` and `oracle` methods:
 // hard labels ([n, V], 255 ignored) or soft targets ([n, L, V], each pixel's row a

@@ -117,7 +117,11 @@ if [ "$cuda" = 13 ]; then
       case "$p" in
         # The compiler must match the runtime headers it compiles against.
         nvidia-cuda-nvcc|nvidia-cuda-crt|nvidia-nvvm) want+=("$p==$runtime_version") ;;
-        nvidia-cudnn-cu13) want+=("$p>=9,<10") ;;
+        nvidia-cudnn-cu13)
+          # It would unpack over a PyTorch CUDA 12 environment's cuDNN (the same folder).
+          cudnn12="$(dist_version nvidia-cudnn-cu12)"
+          [ -z "$cudnn12" ] || die "$PYTHON has nvidia-cudnn-cu12 $cudnn12 (PyTorch's CUDA 12 builds install it), which shares site-packages/nvidia/cudnn with nvidia-cudnn-cu13: use an environment without it (python3 -m venv DIR; PYTHON=DIR/bin/python), or --cuda 12 for a CUDA 12 driver"
+          want+=("$p>=9,<10") ;;
         *) want+=("$p>=13,<14") ;;
       esac
     done

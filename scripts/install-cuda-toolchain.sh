@@ -99,6 +99,12 @@ if [ "$cuda" = 13 ]; then
   # ---- CUDA 13: every piece from the wheels -------------------------------------
   packages=(nvidia-cuda-runtime nvidia-cuda-nvcc nvidia-cuda-crt nvidia-nvvm nvidia-cuda-cccl nvidia-cudnn-cu13 nvidia-cublas)
   if [ "$install" = 1 ]; then
+    # nvidia-cudnn-cu13 would unpack over a PyTorch CUDA 12 environment's cuDNN (the
+    # same folder): refused before anything is installed.
+    cudnn12="$(dist_version nvidia-cudnn-cu12)"
+    if [ -n "$cudnn12" ] && [ -z "$(dist_version nvidia-cudnn-cu13)" ]; then
+      die "$PYTHON has nvidia-cudnn-cu12 $cudnn12 (PyTorch's CUDA 12 builds install it), which shares site-packages/nvidia/cudnn with nvidia-cudnn-cu13: use an environment without it (python3 -m venv DIR; PYTHON=DIR/bin/python), or --cuda 12 for a CUDA 12 driver"
+    fi
     runtime_version="$(dist_version nvidia-cuda-runtime)"
     if [ -z "$runtime_version" ]; then
       say "installing nvidia-cuda-runtime (CUDA 13)"
@@ -117,11 +123,7 @@ if [ "$cuda" = 13 ]; then
       case "$p" in
         # The compiler must match the runtime headers it compiles against.
         nvidia-cuda-nvcc|nvidia-cuda-crt|nvidia-nvvm) want+=("$p==$runtime_version") ;;
-        nvidia-cudnn-cu13)
-          # It would unpack over a PyTorch CUDA 12 environment's cuDNN (the same folder).
-          cudnn12="$(dist_version nvidia-cudnn-cu12)"
-          [ -z "$cudnn12" ] || die "$PYTHON has nvidia-cudnn-cu12 $cudnn12 (PyTorch's CUDA 12 builds install it), which shares site-packages/nvidia/cudnn with nvidia-cudnn-cu13: use an environment without it (python3 -m venv DIR; PYTHON=DIR/bin/python), or --cuda 12 for a CUDA 12 driver"
-          want+=("$p>=9,<10") ;;
+        nvidia-cudnn-cu13) want+=("$p>=9,<10") ;;
         *) want+=("$p>=13,<14") ;;
       esac
     done

@@ -143,10 +143,6 @@ int parse_thread_count(const char* text) {
   return (int)n;
 }
 
-namespace {
-
-}  // namespace
-
 ThreadDefault default_threads() {
   const UsableCpus u = usable_cpus();
   const int cpus = std::min(u.cpus, kMaxThreads);

@@ -91,7 +91,8 @@ export function cudaOptions(facts) {
   const notes = [];
   const mode = facts.cudaMode === undefined || facts.cudaMode === '' ? 'AUTO' : String(facts.cudaMode).toUpperCase();
   if (!/^(ON|OFF|AUTO)$/.test(mode)) return { error: `CMSEG_CUDA is '${facts.cudaMode}': give ON, OFF or AUTO` };
-  if (mode !== 'AUTO') args.push(`--CDCMSEG_WITH_CUDA=${mode}`);
+  // Passed every time, AUTO too: CMake caches the option, so an OFF install would stay OFF.
+  args.push(`--CDCMSEG_WITH_CUDA=${mode}`);
   if (mode === 'OFF') return { args, notes: ['CUDA backend: off (CMSEG_CUDA=OFF)'] };
   const without = mode === 'ON' ? 'CMSEG_CUDA=ON makes this an error' : 'building the CPU backends';
   if (!facts.cudacxx && !facts.nvccOnPath) {

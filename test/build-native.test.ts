@@ -39,7 +39,7 @@ t.test('cudaOptions: what is passed to CMake, and what the user is told', async 
   const { cudaOptions } = await load(`file://${script}`);
   // Nothing found: no options, one line saying so.
   let o = cudaOptions(none);
-  t.same(o.args, []);
+  t.same(o.args, ['--CDCMSEG_WITH_CUDA=AUTO'], 'AUTO passed too (CMake caches the option: an OFF build would stay OFF)');
   t.match(o.notes![0], /no CUDA compiler found .*building the CPU backends/);
   // CMSEG_CUDA: OFF passes OFF and looks no further; ON passes ON (CMake then fails loudly without nvcc); junk is refused.
   t.same(cudaOptions({ ...none, cudaMode: 'off', nvccOnPath: true }), { args: ['--CDCMSEG_WITH_CUDA=OFF'], notes: ['CUDA backend: off (CMSEG_CUDA=OFF)'] });
@@ -47,25 +47,25 @@ t.test('cudaOptions: what is passed to CMake, and what the user is told', async 
   t.match(cudaOptions({ ...none, cudaMode: 'yes' }).error, /CMSEG_CUDA is 'yes': give ON, OFF or AUTO/);
   // nvcc only in CUDA_HOME: the compiler is named; the system's cuDNN needs nothing more.
   o = cudaOptions({ ...none, nvccInHome: '/opt/cuda/bin/nvcc', nvccMajor: 12, systemCudnn: true });
-  t.same(o.args, ['--CDCMAKE_CUDA_COMPILER=/opt/cuda/bin/nvcc']);
+  t.same(o.args, ['--CDCMSEG_WITH_CUDA=AUTO', '--CDCMAKE_CUDA_COMPILER=/opt/cuda/bin/nvcc']);
   t.same(o.notes, ["CUDA backend: /opt/cuda/bin/nvcc (CUDA 12), the system's cuDNN"]);
   // nvcc on PATH: CMake finds it itself; cuDNN copied into the CUDA folder is given as CUDNN_ROOT.
   o = cudaOptions({ ...none, nvccOnPath: true, nvccMajor: 12, homeCudnn: '/usr/local/cuda' });
-  t.same(o.args, ['--CDCUDNN_ROOT=/usr/local/cuda']);
+  t.same(o.args, ['--CDCMSEG_WITH_CUDA=AUTO', '--CDCUDNN_ROOT=/usr/local/cuda']);
   // The user's CUDNN_ROOT is CMake's to read from the environment: nothing added.
   o = cudaOptions({ ...none, cudacxx: '/x/nvcc', cudnnRoot: '/y', systemCudnn: true, homeCudnn: '/z' });
-  t.same(o.args, []);
+  t.same(o.args, ['--CDCMSEG_WITH_CUDA=AUTO']);
   t.match(o.notes![0], /cuDNN from CUDNN_ROOT=\/y/);
   // The pip wheel: used for nvcc's CUDA major, refused with the pip line for another.
   const wheel = { folder: '/site/nvidia/cudnn', cudaMajors: [12] };
   o = cudaOptions({ ...none, nvccOnPath: true, nvccMajor: 12, wheel });
-  t.same(o.args, ['--CDCUDNN_ROOT=/site/nvidia/cudnn']);
+  t.same(o.args, ['--CDCMSEG_WITH_CUDA=AUTO', '--CDCUDNN_ROOT=/site/nvidia/cudnn']);
   o = cudaOptions({ ...none, nvccOnPath: true, nvccMajor: 13, wheel });
-  t.same(o.args, []);
+  t.same(o.args, ['--CDCMSEG_WITH_CUDA=AUTO']);
   t.match(o.notes![0], /pip wheel in \/site\/nvidia\/cudnn is for CUDA 12: not used \(set CUDNN_ROOT .*pip install nvidia-cudnn-cu13\)/);
   // No cuDNN anywhere: said, with where it was looked for.
   o = cudaOptions({ ...none, nvccOnPath: true, nvccMajor: 12 });
-  t.same(o.args, []);
+  t.same(o.args, ['--CDCMSEG_WITH_CUDA=AUTO']);
   t.match(o.notes![0], /no cuDNN found \(CUDNN_ROOT, the system's cudnn\.h, the nvidia-cudnn-cu12 pip wheel\): building the CPU backends/);
 });
 
@@ -128,6 +128,10 @@ t.test('configuring with only CUDACXX set builds the CUDA backend with the pip w
   t.equal(off.status, 0, off.stderr);
   t.match(off.stdout, 'cmseg: CUDA backend: off (CMSEG_CUDA=OFF)');
   t.match(`${off.stdout}\n${off.stderr}`, /cmseg backends: cpu=1 onednn=0 cuda=0 cudnn=0/);
+  // Configured again in the same build folder without CMSEG_CUDA: CUDA is back (not the cached OFF).
+  const again = spawnSync(process.execPath, ['scripts/build-native.mjs', 'configure', '--CDCMSEG_WITH_ONEDNN=OFF'], { cwd: dir, env, encoding: 'utf8', timeout: 300_000 });
+  t.equal(again.status, 0, again.stderr);
+  t.match(`${again.stdout}\n${again.stderr}`, /cmseg backends: cpu=1 onednn=0 cuda=1 cudnn=1/, 'AUTO after OFF builds CUDA again');
   // A junk CMSEG_CUDA stops the install before CMake runs, naming the value.
   const junk = spawnSync(process.execPath, ['scripts/build-native.mjs', 'configure'], { cwd: dir, env: { ...env, CMSEG_CUDA: 'maybe' }, encoding: 'utf8' });
   t.equal(junk.status, 1);

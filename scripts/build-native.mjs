@@ -151,11 +151,10 @@ function main() {
   if (!existsSync(join(root, 'native', 'tests'))) args.push('--CDCMSEG_BUILD_TESTS=OFF');
   // CMSEG_NATIVE_ARCH=OFF in the environment builds a portable addon (no -march=native): an
   // install has no command line of its own to pass --CD options through.
-  const arch = process.env.CMSEG_NATIVE_ARCH;
-  if (arch !== undefined && arch !== '') {
-    if (!/^(ON|OFF)$/i.test(arch)) fail(`CMSEG_NATIVE_ARCH is '${arch}': give ON or OFF`);
-    args.push(`--CDCMSEG_NATIVE_ARCH=${arch.toUpperCase()}`);
-  }
+  // Passed every time (ON when unset): CMake caches it, so a portable rebuild would stay portable.
+  const arch = process.env.CMSEG_NATIVE_ARCH || 'ON';
+  if (!/^(ON|OFF)$/i.test(arch)) fail(`CMSEG_NATIVE_ARCH is '${arch}': give ON or OFF`);
+  if (!rest.some((r) => r.startsWith('--CDCMSEG_NATIVE_ARCH='))) args.push(`--CDCMSEG_NATIVE_ARCH=${arch.toUpperCase()}`);
   // Options given on the command line (--CDCMAKE_CUDA_COMPILER=..., --CDCUDNN_ROOT=...) win.
   const cuda = cudaOptions(probe());
   if (cuda.error) fail(cuda.error);

@@ -121,6 +121,12 @@ t.test('the packed sources configure with the flags the install passes', async (
   });
   t.equal(portable.status, 0, portable.stderr);
   t.match(fs.readFileSync(path.join(dir, 'build', 'CMakeCache.txt'), 'utf8'), /^CMSEG_NATIVE_ARCH:BOOL=OFF$/m, 'CMSEG_NATIVE_ARCH=off builds without -march=native');
+  // The next build without it, in the same folder, is native again (CMake's cache kept OFF before).
+  const again = spawnSync(process.execPath, ['scripts/build-native.mjs', 'configure'], {
+    cwd: dir, encoding: 'utf8', timeout: 120_000, env: { ...process.env, CMSEG_NATIVE_ARCH: '' },
+  });
+  t.equal(again.status, 0, again.stderr);
+  t.match(fs.readFileSync(path.join(dir, 'build', 'CMakeCache.txt'), 'utf8'), /^CMSEG_NATIVE_ARCH:BOOL=ON$/m, 'unset again: native again');
   // cmake run by hand on the package (no --CD from the script) leaves the tests out too.
   fs.rmSync(path.join(dir, 'build'), { recursive: true, force: true });
   const byHand = spawnSync('cmake', ['-S', dir, '-B', path.join(dir, 'build'), `-DCMAKE_JS_INC=${path.join(root, 'node_modules', 'node-api-headers', 'include')}`], { encoding: 'utf8', timeout: 120_000 });

@@ -5,12 +5,23 @@
 #include <cstring>
 #include <mutex>
 
+#include "cmseg/gpu_support.hpp"
 #include "cmseg/threads.hpp"
 #include "common.cuh"
 
 namespace cmseg {
 namespace cuda {
 namespace {
+
+// Why device `device` cannot run this build's kernels, or "" (gpu_support.hpp).
+std::string support_problem(int device) {
+  cudaDeviceProp prop{};
+  if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) {
+    cudaGetLastError();
+    return "";  // the calls that follow report it
+  }
+  return gpu_support_problem(prop.name, prop.major, prop.minor, CMSEG_CUDA_ARCHITECTURES_TEXT);
+}
 
 struct Probe {
   int devices = 0;
@@ -28,6 +39,11 @@ const Probe& probe() {
       p.reason = str("cudaGetDeviceCount: ", cudaGetErrorString(e));
     } else if (p.devices == 0) {
       p.reason = "the CUDA runtime found no device";
+    } else if (const std::string problem = support_problem(0); !problem.empty()) {
+      // A GPU this build has no kernels for fails at its first launch, mid-step: 'auto'
+      // models take the CPU instead, and the reason says what to do.
+      p.devices = 0;
+      p.reason = problem;
     }
   });
   return p;
@@ -82,6 +98,7 @@ Context::Context(const ContextOptions& options) : impl_(new Impl) {
   const int dev = options.device;
   if (dev < 0 || dev >= probe().devices)
     throw Error(str("CUDA device ", dev, " does not exist (", probe().devices, " found)"));
+  if (const std::string problem = support_problem(dev); !problem.empty()) throw Error(problem);
   CMSEG_CUDA(cudaSetDevice(dev));
   if (m.options.max_workspace_bytes == 0) {
     size_t free_b = 0, total_b = 0;

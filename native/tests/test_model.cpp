@@ -21,6 +21,7 @@
 #include "check.hpp"
 #include "cmseg/backend.hpp"
 #include "cmseg/error.hpp"
+#include "cmseg/gpu_support.hpp"
 #include "cmseg/model.hpp"
 #include "cmseg/onednn.hpp"
 #include "cmseg/threads.hpp"
@@ -700,6 +701,30 @@ TEST(usable_cpus_bound_the_default_threads) {
   CHECK(d.threads == std::min(u.cpus, kMaxThreads));
   CHECK(d.why.find("CMSEG_NUM_THREADS='lots' ignored") != std::string::npos);
   if (env) setenv("CMSEG_NUM_THREADS", saved.c_str(), 1); else unsetenv("CMSEG_NUM_THREADS");
+}
+
+// A GPU this build has no kernels for is refused by the device probe with a reason, before a
+// step fails at its first launch. The rule: compute capability 8.0 or newer (the kernels'
+// floor), and the build's architectures cover it (machine code of the same major and a
+// minor at most the GPU's, or PTX of an architecture at most the GPU's).
+TEST(gpu_support_problem_follows_the_built_architectures) {
+  const std::string dflt = "80;90";  // CMSEG_CUDA_ARCHITECTURES' default (CMake lists real + PTX)
+  std::string why = gpu_support_problem("Tesla T4", 7, 5, dflt);
+  CHECK(why.find("Tesla T4 has compute capability 7.5; cmseg's CUDA kernels need 8.0 or newer") == 0);
+  CHECK(gpu_support_problem("Tesla V100", 7, 0, "70;80;90").find("need 8.0 or newer") != std::string::npos);
+  CHECK(gpu_support_problem("A100", 8, 0, dflt).empty());
+  CHECK(gpu_support_problem("RTX 4090", 8, 9, dflt).empty());   // sm_80 code runs on 8.9
+  CHECK(gpu_support_problem("H200", 9, 0, dflt).empty());
+  CHECK(gpu_support_problem("B200", 10, 0, dflt).empty());      // compute_90 PTX, compiled by the driver
+  CHECK(gpu_support_problem("H200", 9, 0, "80,90").empty());     // the define's separator
+  CHECK(gpu_support_problem("H200", 9, 0, "80-virtual").empty());
+  CHECK(gpu_support_problem("RTX 4090", 8, 9, "86-real").empty());
+  why = gpu_support_problem("B200", 10, 0, "80-real;90-real");  // machine code only: none for 10.0
+  CHECK(why == "B200 (compute capability 10.0) has no code in this build (CUDA architectures 80-real;90-real): "
+               "rebuild with -DCMSEG_CUDA_ARCHITECTURES=100 added");
+  CHECK(!gpu_support_problem("A10", 8, 6, "90").empty());        // 9.0 code cannot run on 8.6
+  CHECK(!gpu_support_problem("A100", 8, 0, "86-real").empty());  // a newer minor's machine code
+  CHECK(!gpu_support_problem("A100", 8, 0, "").empty());
 }
 
 TEST_MAIN()

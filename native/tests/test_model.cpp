@@ -724,7 +724,11 @@ TEST(gpu_support_problem_follows_the_built_architectures) {
                "rebuild with -DCMSEG_CUDA_ARCHITECTURES=100 added");
   CHECK(!gpu_support_problem("A10", 8, 6, "90").empty());        // 9.0 code cannot run on 8.6
   CHECK(!gpu_support_problem("A100", 8, 0, "86-real").empty());  // a newer minor's machine code
-  CHECK(!gpu_support_problem("A100", 8, 0, "").empty());
+  // CMake's own choices ("native", "all", "all-major") or no list: nothing to tell from.
+  CHECK(gpu_support_problem("A100", 8, 0, "native").empty());
+  CHECK(gpu_support_problem("B200", 10, 0, "all-major").empty());
+  CHECK(gpu_support_problem("A100", 8, 0, "").empty());
+  CHECK(!gpu_support_problem("T4", 7, 5, "native").empty());  // below the kernels' floor all the same
 }
 
 TEST_MAIN()

@@ -37,10 +37,11 @@ inline std::string gpu_support_problem(const std::string& gpu, int major, int mi
     const bool real_only = entry.size() > 5 && entry.compare(entry.size() - 5, 5, "-real") == 0;
     const bool virtual_only = entry.size() > 8 && entry.compare(entry.size() - 8, 8, "-virtual") == 0;
     const int arch = std::atoi(entry.c_str());
-    if (arch <= 0) continue;
+    if (arch <= 0) return "";  // "native", "all", "all-major": CMake chose; the launch will tell
     if (!virtual_only && arch / 10 == cc / 10 && arch <= cc) return "";  // its machine code
     if (!real_only && arch <= cc) return "";                            // its PTX, compiled by the driver
   }
+  if (listed.find_first_not_of(';') == std::string::npos) return "";  // no list given: cannot tell
   why << gpu << " (compute capability " << major << "." << minor << ") has no code in this build (CUDA architectures "
       << architectures << "): rebuild with -DCMSEG_CUDA_ARCHITECTURES=" << cc << " added";
   return why.str();

@@ -31,6 +31,8 @@ function fail(message) {
 
 /** The facts cudaOptions decides from; `probe()` reads them from this machine. */
 export function probe(env = process.env) {
+  // Switched off: no compiler or Python to ask (cudaOptions stops at the mode).
+  if (/^off$/i.test(env.CMSEG_CUDA ?? '')) return { cudaMode: env.CMSEG_CUDA, nvccOnPath: false, systemCudnn: false };
   const onPath = (name) => (env.PATH ?? '').split(delimiter).filter(Boolean).map((d) => join(d, name)).find((f) => existsSync(f));
   const homes = [env.CUDA_HOME, env.CUDA_PATH, '/usr/local/cuda'].filter(Boolean);
   const nvccIn = homes.map((h) => join(h, 'bin', 'nvcc')).find((f) => existsSync(f));

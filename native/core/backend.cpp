@@ -39,7 +39,7 @@ BackendInfo backend_info() {
   const ThreadDefault d = default_threads();
   b.default_threads = d.threads;
   b.threads_reason = d.why;
-  b.usable_cpus = usable_cpus().cpus;
+  b.usable_cpus = d.usable_cpus;
   b.gpu_available = b.cuda && cuda::available();
   if (b.gpu_available) {
     b.gpu = cuda::device_info().name;

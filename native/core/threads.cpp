@@ -148,11 +148,18 @@ ThreadDefault default_threads() {
   const int cpus = std::min(u.cpus, kMaxThreads);
   const std::string usable =
       u.limited_by.empty() ? "the machine's " + std::to_string(u.cores) + " cores" : u.limited_by;
+  ThreadDefault d;
+  d.usable_cpus = u.cpus;
+  d.threads = cpus, d.why = usable;
   const char* env = std::getenv("CMSEG_NUM_THREADS");
-  if (!env || !*env) return {cpus, usable};  // unset or empty
-  if (const int n = parse_thread_count(env)) return {n, std::string("CMSEG_NUM_THREADS=") + std::to_string(n)};
-  return {cpus, usable + " (CMSEG_NUM_THREADS='" + env + "' ignored: not an integer in 1.." +
-                    std::to_string(kMaxThreads) + ")"};
+  if (!env || !*env) return d;  // unset or empty
+  if (const int n = parse_thread_count(env)) {
+    d.threads = n, d.why = std::string("CMSEG_NUM_THREADS=") + std::to_string(n);
+    return d;
+  }
+  d.ignored_env = env;
+  d.why = usable + " (CMSEG_NUM_THREADS='" + env + "' ignored: not an integer in 1.." + std::to_string(kMaxThreads) + ")";
+  return d;
 }
 
 namespace {
@@ -161,11 +168,10 @@ namespace {
 // then, once, on stderr.
 int starting_threads() {
   const ThreadDefault d = default_threads();
-  const char* env = std::getenv("CMSEG_NUM_THREADS");
-  if (env && *env && !parse_thread_count(env))
+  if (!d.ignored_env.empty())
     std::fprintf(stderr,
                  "cmseg: warning: ignoring CMSEG_NUM_THREADS='%s' (not an integer in 1..%d); using %s instead\n",
-                 env, kMaxThreads,
+                 d.ignored_env.c_str(), kMaxThreads,
                  d.threads == 1 ? "1 thread (one usable CPU)"
                                 : (std::to_string(d.threads) + " threads (every usable CPU)").c_str());
   return d.threads;

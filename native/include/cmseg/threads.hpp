@@ -19,8 +19,10 @@ int num_threads();
 // 1..kMaxThreads, else the CPUs this process can keep busy (usable_cpus() in backend.hpp:
 // the cores, fewer under an affinity mask or a cgroup CPU quota).
 struct ThreadDefault {
-  int threads;
+  int threads = 1;
   std::string why;
+  int usable_cpus = 1;      // usable_cpus().cpus, read once for both
+  std::string ignored_env;  // a CMSEG_NUM_THREADS that is not a count (warned about once)
 };
 ThreadDefault default_threads();
 // n is clamped to 1..kMaxThreads. When the system refuses to start some of the

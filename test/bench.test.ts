@@ -8,7 +8,7 @@ import t from 'tap';
 import { createModel } from '../src/index';
 import { stepConvFlops } from '../src/bench/flops';
 import { BENCH_CONFIGS, benchConfig, passesPerStep, voxelsPerStep } from '../src/bench/configs';
-import { missingPythonModules, PYTHON } from './helpers/python';
+import { missingPythonModules, PYTHON, runPythonJson } from './helpers/python';
 import { type BenchResult, formatBenchTable, formatMachine, machineInfo, runBench } from '../src/bench/run';
 
 t.test('conv FLOPs of a tiny 2D model by hand', async (t) => {
@@ -35,6 +35,67 @@ t.test('SPEC configs match the PyTorch reference FLOP estimates', async (t) => {
   t.same(BENCH_CONFIGS.map((c) => c.name), ['mnist2d', 'brats3d-cpu', 'brats3d-gpu', 'brats3d-cpu-predict', 'brats3d-gpu-predict']);
   t.same(BENCH_CONFIGS.map(passesPerStep), [3, 3, 3, 1, 1]);
   t.throws(() => benchConfig('nope'), /unknown benchmark config 'nope'/);
+});
+
+// SPEC section 8's table, written here from SPEC's text (not from src/bench/configs.ts):
+// input N x C x spatial, U-Net depth and base channels c, classes L, annotators R, where;
+// every one trains "with `cm` full and lambda 0.01". The two predict configs are not in
+// SPEC's table: they run the brats3d networks on predict's default batch of 2 windows of
+// the training patch.
+const SPEC_BENCH_TABLE: Record<string, { shape: number[]; depth: number; c: number; L: number; R: number; device: 'cpu' | 'gpu'; kind?: 'predict' }> = {
+  mnist2d: { shape: [32, 1, 32, 32], depth: 4, c: 32, L: 2, R: 4, device: 'cpu' },
+  'brats3d-cpu': { shape: [1, 4, 64, 64, 64], depth: 4, c: 16, L: 4, R: 3, device: 'cpu' },
+  'brats3d-gpu': { shape: [2, 4, 128, 128, 128], depth: 4, c: 32, L: 4, R: 3, device: 'gpu' },
+  'brats3d-cpu-predict': { shape: [2, 4, 64, 64, 64], depth: 4, c: 16, L: 4, R: 3, device: 'cpu', kind: 'predict' },
+  'brats3d-gpu-predict': { shape: [2, 4, 128, 128, 128], depth: 4, c: 32, L: 4, R: 3, device: 'gpu', kind: 'predict' },
+};
+
+t.test("every benchmark config has SPEC section 8's values", async (t) => {
+  t.same(BENCH_CONFIGS.map((c) => c.name), Object.keys(SPEC_BENCH_TABLE));
+  for (const c of BENCH_CONFIGS) {
+    const want = SPEC_BENCH_TABLE[c.name];
+    t.strictSame(c.shape, want.shape, `${c.name}: shape`);
+    t.equal(c.device, want.device, `${c.name}: device`);
+    t.equal(c.kind ?? 'train', want.kind ?? 'train', `${c.name}: kind`);
+    // The whole model config, so that no extra setting (a CM rank, head blocks, another lambda) slips in.
+    t.strictSame(c.model, {
+      ndim: want.shape.length - 2, inChannels: want.shape[1], classes: want.L, annotators: want.R,
+      depth: want.depth, baseChannels: want.c, cmMode: 'full', loss: { lambda: 0.01 },
+    }, `${c.name}: model`);
+  }
+});
+
+t.test("the benchmark table equals torch_reference.py's BENCH_CONFIGS", { skip: missingPythonModules('torch') }, async (t) => {
+  // What the PyTorch side runs: its table, and the config bench_setup builds from it (at a
+  // small spatial size: only N and the spatial sizes come from --shape), and its lambda.
+  const code = [
+    'import json, sys, types',
+    'sys.path.insert(0, sys.argv[1])',
+    'import torch_reference as ref',
+    'out = {}',
+    'for name, spec in ref.BENCH_CONFIGS.items():',
+    '    n, ch, *spatial = spec["shape"]',
+    '    small = ",".join(str(v) for v in [1, ch] + [8] * len(spatial))',
+    '    args = types.SimpleNamespace(config=name, steps=1, warmup=0, threads=0, device="cpu", shape=small)',
+    '    cfg = ref.bench_setup(args)[0]',
+    '    keys = ("ndim", "inChannels", "classes", "annotators", "depth", "baseChannels", "cmMode", "cmRank", "cmHeadBlocks")',
+    '    out[name] = {"shape": list(spec["shape"]), "kind": spec.get("kind", "train"), "lambda": ref.BENCH_LAMBDA,',
+    '                 "config": {k: cfg[k] for k in keys}}',
+    'print(json.dumps(out))',
+  ].join('\n');
+  const torchTable = runPythonJson<Record<string, unknown>>(code, [path.resolve(__dirname, '..', 'scripts')]);
+  const ours: Record<string, unknown> = {};
+  for (const c of BENCH_CONFIGS) {
+    const m = createModel(c.model);
+    const r = m.config;
+    ours[c.name] = {
+      shape: c.shape, kind: c.kind ?? 'train', lambda: c.model.loss?.lambda,
+      config: { ndim: r.ndim, inChannels: r.inChannels, classes: r.classes, annotators: r.annotators, depth: r.depth, baseChannels: r.baseChannels, cmMode: r.cmMode, cmRank: r.cmRank, cmHeadBlocks: r.cmHeadBlocks },
+    };
+    await m.dispose();
+  }
+  t.strictSame(Object.keys(torchTable), Object.keys(ours), 'the same configs, in the same order');
+  t.strictSame(torchTable, ours);
 });
 
 t.test('run from the TypeScript sources: the cmseg side runs its worker; a failed side says why, and its table row keeps its cells', async (t) => {

@@ -22,6 +22,7 @@ import {
 import { bratsDice } from '../src/eval/brats-regions';
 import { classesLearntAsOthers, formatAnnotatorCms, formatBratsReport, formatClassConfusion, formatMeanStd, formatSegmentationReport } from '../src/eval/report';
 import { unpadded } from './helpers/tables';
+import { missingPythonModules, runPythonJson } from './helpers/python';
 
 const u8 = (...values: number[]) => Uint8Array.from(values);
 const close = (t: { ok(condition: boolean, message: string): unknown }, actual: number, expected: number, message: string, tol = 1e-9) =>
@@ -209,6 +210,86 @@ t.test('CM error, incompetence and reliability by hand', async (t) => {
   //   diffs 0.1, 0.3, -0.1, -0.3 -> RMSE = sqrt((0.01 + 0.09 + 0.01 + 0.09)/4) = sqrt(0.05)
   const softRes = cmEstimationError({ cms: soft, truth, annotatorLabels: labels, present: u8(1, 1), n: 2, classes: 2 });
   close(t, softRes.errorPerImage[0], Math.sqrt(0.05), 'soft CM RMSE', 1e-6);
+});
+
+t.test('CM error over R = 2 annotators: the mean and the std over images, each averaged over annotators', async (t) => {
+  // Two images, y = 0 0 1 1 and 0 0 0 0, CMs = I everywhere.
+  //   annotator 0 (as above): RMSE sqrt(0.125) and 0.25 -> mean 0.301777, std 0.051777
+  //   annotator 1: labels 1 1 0 0 (T = [[0, 1], [1, 0]] vs I: RMSE 1) and 0 0 0 0 (T col 0 = [1, 0]: RMSE 0)
+  //     -> mean 0.5, std 0.5
+  //   figure: mean (0.301777 + 0.5) / 2 = 0.400888, std (0.051777 + 0.5) / 2 = 0.275888
+  //   (the std of the four pairs pooled would be 0.369005; the std of the two means 0.099112)
+  const truth = u8(0, 0, 1, 1, 0, 0, 0, 0);
+  const labels = [u8(0, 1, 1, 1, 0, 1, 0, 0), u8(1, 1, 0, 0, 0, 0, 0, 0)];
+  const cms = constantCms(2, 2, 2, 4, () => [1, 0, 0, 1]);
+  const res = cmEstimationError({ cms, truth, annotatorLabels: labels, n: 2, classes: 2 });
+  const a0 = { mean: (Math.sqrt(0.125) + 0.25) / 2, std: (Math.sqrt(0.125) - 0.25) / 2 };
+  close(t, res.errorPerAnnotator[0].mean, a0.mean, 'annotator 0 mean');
+  close(t, res.errorPerAnnotator[0].std, a0.std, 'annotator 0 std');
+  close(t, res.errorPerAnnotator[1].mean, 0.5, 'annotator 1 mean');
+  close(t, res.errorPerAnnotator[1].std, 0.5, 'annotator 1 std');
+  close(t, res.error.mean, (a0.mean + 0.5) / 2, 'mean of the annotators\' means');
+  close(t, res.error.std, (a0.std + 0.5) / 2, 'mean of the annotators\' stds');
+  t.equal(res.error.count, 2, 'counted over annotators');
+});
+
+t.test('CM error over R = 3 annotators against NumPy', { skip: missingPythonModules('numpy') }, async (t) => {
+  // Random per-voxel CMs (columns summing to 1), random y and labels with some 255s; one
+  // annotator absent from one image. NumPy computes SPEC section 6 from the arrays alone:
+  // T and E over the voxels the annotator labelled, RMSE over the columns present, then
+  // per annotator mean and population std over its images, then each averaged over annotators.
+  const n = 4, R = 3, L = 3, V = 12;
+  let s = 12345;
+  const rand = () => ((s = (s * 1664525 + 1013904223) >>> 0) / 4294967296);
+  const truth = Uint8Array.from({ length: n * V }, () => Math.floor(rand() * L));
+  const labels = Array.from({ length: R }, () => Uint8Array.from({ length: n * V }, () => (rand() < 0.15 ? 255 : Math.floor(rand() * L))));
+  const present = Uint8Array.from({ length: n * R }, (_, k) => (k === 2 * R + 1 ? 0 : 1));
+  const cms = new Float64Array(n * R * L * L * V);
+  for (let img = 0; img < n; img++)
+    for (let r = 0; r < R; r++)
+      for (let v = 0; v < V; v++)
+        for (let j = 0; j < L; j++) {
+          const col = Array.from({ length: L }, () => rand() + 0.05);
+          const sum = col.reduce((a, b) => a + b, 0);
+          col.forEach((x, i) => (cms[((img * R + r) * L * L + i * L + j) * V + v] = x / sum));
+        }
+  const res = cmEstimationError({ cms, truth, annotatorLabels: labels, present, n, classes: L });
+  const want = runPythonJson<{ perImage: (number | null)[]; means: number[]; stds: number[]; mean: number; std: number }>(
+    [
+      'import json, sys',
+      'import numpy as np',
+      'd = json.loads(sys.argv[1])',
+      'n, R, L, V = d["n"], d["R"], d["L"], d["V"]',
+      'A = np.array(d["cms"]).reshape(n, R, L, L, V)',
+      'y = np.array(d["truth"]).reshape(n, V)',
+      'lab = np.array(d["labels"]).reshape(R, n, V)',
+      'present = np.array(d["present"]).reshape(n, R)',
+      'err = np.full((n, R), np.nan)',
+      'for b in range(n):',
+      '    for r in range(R):',
+      '        if not present[b, r]: continue',
+      '        used = lab[r, b] != 255',
+      '        diffs = []',
+      '        for j in range(L):',
+      '            sel = used & (y[b] == j)',
+      '            if sel.sum() == 0: continue',
+      '            T = np.bincount(lab[r, b][sel], minlength=L) / sel.sum()',
+      '            E = A[b, r, :, j, :][:, sel].mean(axis=1)',
+      '            diffs.extend(E - T)',
+      '        if diffs: err[b, r] = np.sqrt(np.mean(np.square(diffs)))',
+      'means = np.nanmean(err, axis=0); stds = np.nanstd(err, axis=0)',
+      'print(json.dumps({"perImage": [None if np.isnan(x) else float(x) for x in err.ravel()], "means": means.tolist(),',
+      '                  "stds": stds.tolist(), "mean": float(means.mean()), "std": float(stds.mean())}))',
+    ].join('\n'),
+    [JSON.stringify({ n, R, L, V, cms: Array.from(cms), truth: Array.from(truth), labels: labels.flatMap((m) => Array.from(m)), present: Array.from(present) })],
+  );
+  want.perImage.forEach((x, k) => (x === null ? t.ok(Number.isNaN(res.errorPerImage[k]), `pair ${k} skipped`) : close(t, res.errorPerImage[k], x, `pair ${k}`)));
+  for (let r = 0; r < R; r++) {
+    close(t, res.errorPerAnnotator[r].mean, want.means[r], `annotator ${r} mean`);
+    close(t, res.errorPerAnnotator[r].std, want.stds[r], `annotator ${r} std`);
+  }
+  close(t, res.error.mean, want.mean, 'figure mean');
+  close(t, res.error.std, want.std, 'figure std');
 });
 
 t.test('CM error and reliability with CMs that differ between voxels', async (t) => {

@@ -730,7 +730,7 @@ export function registerTrainCommand(program: Command): Command {
     .option('--base-channels <n>', 'channels of the first U-Net level', parseInteger(1))
     .option('--cm-rank <n>', 'rank of the cm-lowrank CMs', parseInteger(1))
     .option('--cm-head-blocks <n>', 'conv blocks of each annotator\'s CM head before its 1x1 output (SPEC section 2; 0..8)', parseInteger(0))
-    .addOption(choiceOption('--cm-init <kind>', 'CM heads\' start: identity (diagonal ~0.8) or uniform (every entry 1/classes)', ['identity', 'uniform']))
+    .addOption(choiceOption('--cm-init <kind>', 'CM heads\' start: identity (diagonal ~0.8) or uniform (the plain initialisation: global CMs start at exactly 1/classes, pixel-wise ones at the heads\' random outputs)', ['identity', 'uniform']))
     .option('--train-images <n>', 'MNIST training images', parseInteger(1))
     .option('--val-images <n>', 'MNIST validation images', parseInteger(1))
     .option('--test-images <n>', 'MNIST test images', parseInteger(1))

@@ -483,6 +483,34 @@ def test_config_defaults():
     check(ref.parse_config(dict(base, ndim=3, baseChannels=32))["baseChannels"] == 32, "an explicit c stays")
 
 
+def test_loss_defaults():
+    """The loss settings a case leaves out take cmseg's defaults (src/model/config.ts, README
+    "Loss"): lambda 0.01, lambdaWarmup equal to lambda, warmupSteps 0."""
+    print("loss defaults")
+    cases = [  # (loss settings, steps taken, the effective lambda cmseg uses)
+        ({"lambda": 0.05, "warmupSteps": 2}, 0, -0.05),
+        ({"lambda": 0.05, "warmupSteps": 2}, 1, -0.05),
+        ({"lambda": 0.05, "warmupSteps": 2}, 2, 0.05),
+        ({"lambda": 0.05, "lambdaWarmup": 0.2, "warmupSteps": 2}, 0, -0.2),
+        ({"lambda": 0.05, "lambdaWarmup": 0.0, "warmupSteps": 2}, 0, 0.0),
+        ({"warmupSteps": 1}, 0, -0.01),
+        ({"warmupSteps": 1}, 1, 0.01),
+        ({}, 0, 0.01),
+    ]
+    for loss_cfg, steps_taken, want in cases:
+        got = ref.effective_lambda(loss_cfg, steps_taken)
+        check(abs(got - want) < 1e-15, f"effective_lambda({loss_cfg}, {steps_taken}) = {got}, expected {want}")
+    # Through a case run: the first step's loss is taken with -lambda when lambdaWarmup is left out.
+    cfg = tiny_config(2, "full", depth=2)
+    model, images, labels, present = random_problem(cfg, size=4, seed=3)
+    case = case_from_model(model, images, labels, present, {"lambda": 0.05, "warmupSteps": 1},
+                           {"kind": "adam", "lr": 1e-3}, 1, dtype=torch.float64)
+    res = ref.run_case(case, dtype=torch.float64)
+    params = {k: v for k, v in case["tensors"].items() if k in model.state_dict()}
+    want = model_loss(cfg, params, images.double(), labels, present, -0.05)
+    close(res["loss"][0].item(), want, 1e-12, 1e-12, "a case without lambdaWarmup warms up with -lambda")
+
+
 class OffsetModel(torch.nn.Module):
     """A fake 2D network whose consensus logit of class 1 is the column of the voxel within
     its window (divided by 4), class 0 has logit 0, and whose CM is the identity: stitched
@@ -590,7 +618,7 @@ def main():
     start = time.perf_counter()
     for test in (test_names, test_cm_and_loss, test_spec_gradient_formulas, test_identity_cms,
                  test_finite_differences, test_adam_closed_form, test_roundtrip, test_errors, test_config_defaults,
-                 test_sliding_window, test_predict_errors, test_bench):
+                 test_loss_defaults, test_sliding_window, test_predict_errors, test_bench):
         test()
     seconds = time.perf_counter() - start
     if FAILURES:

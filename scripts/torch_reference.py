@@ -240,11 +240,19 @@ def cm_from_raw(raw, cfg):
 # Loss (SPEC 4)
 # ---------------------------------------------------------------------------
 
+LOSS_DEFAULT_LAMBDA = 0.01  # cmseg's default trace weight (src/model/config.ts LossOptions)
+
+
 def effective_lambda(loss_cfg, steps_taken):
-    """SPEC 4 warm-up: the trace term is negated for the first warmupSteps steps."""
+    """SPEC 4 warm-up: the trace term is negated for the first warmupSteps steps.
+
+    Settings left out take cmseg's defaults: lambda 0.01, lambdaWarmup equal to lambda,
+    warmupSteps 0.
+    """
+    lam = float(loss_cfg.get("lambda", LOSS_DEFAULT_LAMBDA))
     if steps_taken < int(loss_cfg.get("warmupSteps", 0)):
-        return -float(loss_cfg.get("lambdaWarmup", 0.0))
-    return float(loss_cfg.get("lambda", 0.0))
+        return -float(loss_cfg.get("lambdaWarmup", lam))
+    return lam
 
 
 def annotator_loss(logits, cms, labels, present, lam):

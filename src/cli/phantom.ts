@@ -9,6 +9,7 @@ import { Command, InvalidArgumentError, Option } from 'commander';
 import type { BratsNaming } from '../data/brats';
 import { BRATS_PHANTOM_DEFAULT_SIZE, writeBratsPhantoms } from '../data/brats-phantom';
 import { makeFolderSync } from '../data/files';
+import { barEta } from '../train/progress';
 import { choiceOption, displayPath, parseInteger, parsePath, printOutputs, shellWord, withExamples } from './common';
 
 /** "X,Y,Z" as NIfTI dims [nx, ny, nz]. */
@@ -26,11 +27,12 @@ export function parseSize(value: string): [number, number, number] {
  * a line per case is a screen-flooding 1251 lines for a release-sized set; in a log (not a
  * terminal) one line per case, with the time the case took.
  */
-export function phantomProgress(stream: NodeJS.WriteStream, total: number): { onCase(id: string, index: number): void; stop(): void } {
+export function phantomProgress(stream: NodeJS.WriteStream, total: number, now: () => number = Date.now): { onCase(id: string, index: number): void; stop(): void } {
   if (stream.isTTY) {
-    const bar = new SingleBar({ stream, format: 'phantom [{bar}] {value}/{total} cases | {id} | {eta_formatted}', barsize: 24, hideCursor: true });
-    bar.start(total, 0, { id: '' });
-    return { onCase: (id, index) => bar.update(index + 1, { id }), stop: () => bar.stop() };
+    const bar = new SingleBar({ stream, format: 'phantom [{bar}] {value}/{total} cases | {id} | ETA {eta_run}', barsize: 24, hideCursor: true });
+    const eta = barEta(now);
+    bar.start(total, 0, { id: '', eta_run: eta.text(0, total) });
+    return { onCase: (id, index) => bar.update(index + 1, { id, eta_run: eta.text(index + 1, total) }), stop: () => bar.stop() };
   }
   let last = Date.now();
   return {

@@ -13,6 +13,7 @@ import { SingleBar } from 'cli-progress';
 import type { AnnotatorKind, AnnotatorSpec, LabelMode } from '../data/annotators';
 import { BRATS_GEOMETRY_TOLERANCE_MM, BRATS_LABEL_SCHEMES, type BratsCase, type BratsLabelScheme, discoverBratsCases } from '../data/brats';
 import { sameFileAt } from '../data/files';
+import { barEta } from '../train/progress';
 import {
   BRATS_DEFAULT_ANNOTATORS,
   cacheIndexPath,
@@ -65,7 +66,8 @@ export async function prepareWithProgress(dataDir: string, cacheDir: string, opt
   const total = cases.length;
   const pedsNote = pediatricCasesNote(cases, options.labelScheme ?? 'brats');
   if (pedsNote) stream.write(`note: ${pedsNote}\n`);
-  const bar = !output.quiet && stream.isTTY ? new SingleBar({ stream, format: 'prepare [{bar}] {value}/{total} cases | {id} | {eta_formatted}', barsize: 24, hideCursor: true }) : undefined;
+  const bar = !output.quiet && stream.isTTY ? new SingleBar({ stream, format: 'prepare [{bar}] {value}/{total} cases | {id} | ETA {eta_run}', barsize: 24, hideCursor: true }) : undefined;
+  const eta = barEta();
   // Notes about single cases (a modality of zeros): written at once, or after the bar, which
   // a line written under it would break.
   const heldNotes: string[] = [];
@@ -83,14 +85,15 @@ export async function prepareWithProgress(dataDir: string, cacheDir: string, opt
     stream.write('\ninterrupt: finishing the case in progress (Ctrl-C again quits at once)\n');
   };
   process.on('SIGINT', onSigint);
-  bar?.start(total, 0, { id: '' });
+  eta.start();
+  bar?.start(total, 0, { id: '', eta_run: eta.text(0, total) });
   try {
     const result = await prepareCache(dataDir, cacheDir, {
       ...options,
       onNote,
       onProgress: (p: PrepareProgress) => {
         const done = p.position + 1;
-        if (bar) bar.update(done, { id: `${p.id} ${p.status}` });
+        if (bar) bar.update(done, { id: `${p.id} ${p.status}`, eta_run: eta.text(done, p.total) });
         else if (!output.quiet) {
           const what = p.status === 'prepared' ? `prepared in ${(p.ms / 1000).toFixed(1)} s` : 'up to date, skipped';
           stream.write(`[${done}/${p.total}] ${p.id} ${what}\n`);

@@ -3,6 +3,7 @@
 // one line per case the commands print). A BraTS case on the CPU takes about a minute, 8
 // times that with --tta.
 import { SingleBar } from 'cli-progress';
+import { barEta } from '../train/progress';
 import type { VolumeScore } from '../train/evaluate';
 
 export interface WindowProgress {
@@ -12,11 +13,13 @@ export interface WindowProgress {
   stop: () => void;
 }
 
-export function windowProgress(label: string, stream: NodeJS.WritableStream & { isTTY?: boolean } = process.stderr, quiet = false): WindowProgress {
+/** `now`: the clock of the bar's ETA (tests). */
+export function windowProgress(label: string, stream: NodeJS.WritableStream & { isTTY?: boolean } = process.stderr, quiet = false, now: () => number = Date.now): WindowProgress {
   if (!stream.isTTY || quiet) return { onProgress: () => {}, stop: () => {} };
+  const eta = barEta(now);
   const bar = new SingleBar({
     stream: stream as NodeJS.WriteStream,
-    format: `${label} [{bar}] {value}/{total} windows | {eta_formatted}`,
+    format: `${label} [{bar}] {value}/{total} windows | ETA {eta_run}`,
     barsize: 24,
     hideCursor: true,
     clearOnComplete: true,
@@ -39,12 +42,13 @@ export function windowProgress(label: string, stream: NodeJS.WritableStream & { 
   return {
     onProgress: (done, total) => {
       if (!started) {
-        bar.start(total, 0);
+        eta.start();
+        bar.start(total, 0, { eta_run: eta.text(0, total) });
         started = true;
         process.once('SIGINT', onSignal);
         process.once('SIGTERM', onSignal);
       }
-      bar.update(done);
+      bar.update(done, { eta_run: eta.text(done, total) });
     },
     stop,
   };

@@ -90,6 +90,25 @@ function secondsLeft(startStep: number, startMs: number, step: number, total: nu
   return done > 0 ? ((nowMs - startMs) / 1000 / done) * (total - step) : NaN;
 }
 
+/**
+ * The ETA text of a cli-progress bar of cases or windows, as train's bar has it: the time left
+ * at the rate since the bar started ('-' before the first one is done). cli-progress's own
+ * {eta_formatted} drew "NFs" before the first one (its "INF" cut to the 2 characters of its
+ * seconds) and "LLs" (NULL) at times. `start` when the bar starts; `text` at each update, for
+ * the payload's `eta_run`.
+ */
+export function barEta(now: () => number = Date.now): { start(value?: number): void; text(value: number, total: number): string } {
+  let startValue = 0;
+  let startMs = now();
+  return {
+    start(value = 0) {
+      startValue = value;
+      startMs = now();
+    },
+    text: (value, total) => etaText(secondsLeft(startValue, startMs, value, total, now())),
+  };
+}
+
 class BarProgress implements ProgressReporter {
   private readonly bar: SingleBar;
   private unguard = () => {};
@@ -234,19 +253,23 @@ export interface FusionProgressReporter {
 export const silentFusionProgress: FusionProgressReporter = { start() {}, case() {}, stop() {} };
 
 /** A bar on a TTY, one line per case otherwise (as `cmseg prepare`), nothing when quiet. */
-export function createFusionProgress(options: { quiet?: boolean; stream?: NodeJS.WriteStream } = {}): FusionProgressReporter {
+export function createFusionProgress(options: { quiet?: boolean; stream?: NodeJS.WriteStream; now?: () => number } = {}): FusionProgressReporter {
   if (options.quiet) return silentFusionProgress;
   const stream = options.stream ?? process.stderr;
   if (stream.isTTY) {
-    const bar = new SingleBar({ stream, format: '{what} [{bar}] {value}/{total} cases | {id} | {eta_formatted}', barsize: 24, hideCursor: true });
+    const bar = new SingleBar({ stream, format: '{what} [{bar}] {value}/{total} cases | {id} | ETA {eta_run}', barsize: 24, hideCursor: true });
+    const eta = barEta(options.now);
     let unguard = () => {};
+    let total = 0;
     return {
-      start: (total, what) => {
-        bar.start(total, 0, { what, id: '' });
+      start: (n, what) => {
+        total = n;
+        eta.start();
+        bar.start(n, 0, { what, id: '', eta_run: eta.text(0, n) });
         unguard();
         unguard = stopOnExit(bar);
       },
-      case: (done, id, status) => bar.update(done, { id: `${id} ${status}` }),
+      case: (done, id, status) => bar.update(done, { id: `${id} ${status}`, eta_run: eta.text(done, total) }),
       stop: () => {
         unguard();
         bar.stop();

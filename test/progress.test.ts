@@ -43,10 +43,10 @@ t.test('a terminal: the bar shows the epoch, step, loss, CE, trace and validatio
   const text = out.text();
   const drawn = frames(text);
   t.equal(drawn.length, 4, JSON.stringify(drawn));
-  t.match(drawn[0], frame(`epoch 1/2 [${cells(0)}] step 0/8 | loss - | CE - | trace - | val Dice -`), 'started: nothing known yet');
-  t.match(drawn[1], frame(`epoch 1/2 [${cells(6)}] step 2/8 | loss 1.2345 | CE 0.5000 | trace 1.750 | val Dice 0.9000`), 'after step 2');
-  t.match(drawn[2], frame(`epoch 1/2 [${cells(12)}] step 4/8 | loss 0.2500 | CE 0.1250 | trace 2.000 | val Dice 0.7500`), 'at the end of epoch 1');
-  t.match(drawn[3], frame(`epoch 2/2 [${cells(18)}] step 6/8 | loss 0.5000 | CE 0.0625 | trace 0.500 | val Dice 0.7500`), 'drawn once more when stopped');
+  t.match(drawn[0], frame(`epoch 1/2 [${cells(0)}] step 0/8 | last step: loss - | CE - | trace - | val Dice -`), 'started: nothing known yet');
+  t.match(drawn[1], frame(`epoch 1/2 [${cells(6)}] step 2/8 | last step: loss 1.2345 | CE 0.5000 | trace 1.750 | val Dice 0.9000`), 'after step 2: the step\'s figures, labelled so');
+  t.match(drawn[2], frame(`epoch 1/2 [${cells(12)}] step 4/8 | epoch mean: loss 0.2500 | CE 0.1250 | trace 2.000 | val Dice 0.7500`), 'at the end of epoch 1: the epoch\'s means, labelled so');
+  t.match(drawn[3], frame(`epoch 2/2 [${cells(18)}] step 6/8 | last step: loss 0.5000 | CE 0.0625 | trace 0.500 | val Dice 0.7500`), 'drawn once more when stopped');
   t.ok(text.startsWith('\x1B7\x1B[?25l'), 'the cursor saved and hidden while the bar runs');
   t.ok(text.endsWith('\x1B[?25h\x1B[?7h\x1B8\n'), 'stopped: the cursor shown again and the bar left on its own line');
   t.notMatch(text, /\(\d+\.\d s\)/, 'no plain epoch lines on a terminal');
@@ -59,7 +59,7 @@ t.test('a terminal: a resumed run starts its bar at the step it stands at', asyn
   p.stop();
   await tick();
   const drawn = frames(out.text());
-  t.match(drawn[0], frame(`epoch 2/2 [${cells(12)}] step 4/8 | loss - | CE - | trace - | val Dice 0.5000`));
+  t.match(drawn[0], frame(`epoch 2/2 [${cells(12)}] step 4/8 | last step: loss - | CE - | trace - | val Dice 0.5000`));
 });
 
 t.test('a terminal: a finished run resumed shows its last epoch, not one past it', async (t) => {
@@ -68,7 +68,7 @@ t.test('a terminal: a finished run resumed shows its last epoch, not one past it
   p.start(8, 8, { ...unknown, epoch: 2, valDice: 0.5 });
   p.stop();
   await tick();
-  t.match(frames(out.text())[0], frame(`epoch 2/2 [${cells(24)}] step 8/8 | loss - | CE - | trace - | val Dice 0.5000`));
+  t.match(frames(out.text())[0], frame(`epoch 2/2 [${cells(24)}] step 8/8 | last step: loss - | CE - | trace - | val Dice 0.5000`));
 });
 
 t.test('not a terminal: one plain line per epoch, and where a resumed run starts', async (t) => {

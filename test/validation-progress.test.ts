@@ -146,11 +146,11 @@ t.test('a terminal: the bar says which case it validates, keeps the whole run\'s
   const drawn = frames(out.text());
   const bar = '='.repeat(12) + '-'.repeat(12);
   t.same(drawn.slice(1), [
-    `epoch 1/2 [${bar}] step 4/8 | loss 0.2500 | CE 0.1250 | trace 2.000 | val Dice - | ETA 40s`,
+    `epoch 1/2 [${bar}] step 4/8 | last step: loss 0.2500 | CE 0.1250 | trace 2.000 | val Dice - | ETA 40s`,
     `epoch 1/2 [${bar}] step 4/8 | validating 0/2 cases (now BraTS2021_00006) | val Dice - | ETA 1m00s`,
     `epoch 1/2 [${bar}] step 4/8 | validating 1/2 cases (now BraTS2021_00008) | val Dice - | ETA 1m40s`,
     `epoch 1/2 [${bar}] step 4/8 | validating 2/2 cases | val Dice - | ETA 1m40s`,
-    `epoch 1/2 [${bar}] step 4/8 | loss 0.2500 | CE 0.1250 | trace 2.000 | val Dice 0.5000 | ETA 1m40s`,
+    `epoch 1/2 [${bar}] step 4/8 | epoch mean: loss 0.2500 | CE 0.1250 | trace 2.000 | val Dice 0.5000 | ETA 1m40s`,
   ], JSON.stringify(drawn));
 });
 

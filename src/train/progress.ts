@@ -1,5 +1,6 @@
 // How a training run reports itself while it runs. On a terminal: one cli-progress bar
-// on stderr with the step, loss, CE, trace and the last validation Dice. Not on a
+// on stderr with the step, loss, CE, trace (the last step's, or the epoch's means once it
+// ends, labelled) and the last validation Dice. Not on a
 // terminal (logs, CI, pipes): one plain line per epoch, and within an epoch a line at most
 // every minute; while an epoch's validation scores cases (BraTS: minutes of whole volumes),
 // the bar says "validating 3/8" and a log a line at most every minute too. `quiet`: nothing.
@@ -41,12 +42,16 @@ function fmt(x: number, digits = 4): string {
   return Number.isFinite(x) ? x.toFixed(digits) : '-';
 }
 
-/** The bar's fields; `status` is the training figures, or where a validation stands while one runs. */
-function payload(f: ProgressFields, validating?: string): Record<string, string> {
+/**
+ * The bar's fields; `status` is the training figures, or where a validation stands while one
+ * runs. Within an epoch the figures are the last step's, after it the epoch's means (smoother,
+ * so the loss seemed to jump at each epoch's end): `means` says which, and the bar labels them.
+ */
+function payload(f: ProgressFields, validating?: string, means = false): Record<string, string> {
   return {
     // A finished run stands after its last epoch (a resumed one showed "epoch 7/6").
     ep: `${Math.min(f.epoch + 1, f.epochs)}/${f.epochs}`,
-    status: validating ?? `loss ${fmt(f.loss)} | CE ${fmt(f.ce)} | trace ${fmt(f.trace, 3)}`,
+    status: validating ?? `${means ? 'epoch mean' : 'last step'}: loss ${fmt(f.loss)} | CE ${fmt(f.ce)} | trace ${fmt(f.trace, 3)}`,
     dice: fmt(f.valDice),
   };
 }
@@ -137,8 +142,8 @@ class BarProgress implements ProgressReporter {
    * times too long), never the truth. The run's rate counts each epoch's validation and
    * checkpoints as often as they come.
    */
-  private payload(step: number, fields: ProgressFields, validating?: string): Record<string, string> {
-    return { ...payload(fields, validating), eta_run: etaText(secondsLeft(this.startStep, this.startTime, step, this.total, this.now())) };
+  private payload(step: number, fields: ProgressFields, validating?: string, means = false): Record<string, string> {
+    return { ...payload(fields, validating, means), eta_run: etaText(secondsLeft(this.startStep, this.startTime, step, this.total, this.now())) };
   }
 
   start(total: number, step: number, fields: ProgressFields): void {
@@ -162,7 +167,7 @@ class BarProgress implements ProgressReporter {
   }
 
   epoch(step: number, fields: ProgressFields): void {
-    this.bar.update(step, this.payload(step, fields));
+    this.bar.update(step, this.payload(step, fields, undefined, true));
   }
 
   stop(): void {

@@ -183,3 +183,37 @@ t.test('eval against a majority vote writes no annotator CMs; predict refuses a 
   t.equal(big.exitCode, 1);
   t.match(big.stderr, /--scale 20000 would make the 32x32 pictures 640000x640000 pixels; at most 4096 a side \(--scale 73 or less here: the sheet of pictures bounds it too\)/);
 });
+
+t.test('one volume: the CM error prints alone, as every other figure; two print mean ± std', async (t) => {
+  const { evaluateSegmentation } = await import('../src/eval/metrics');
+  const { formatSegmentationReport } = await import('../src/eval/report');
+  // N images of 4 pixels, 2 classes, 2 annotators; the model's CMs: identity for annotator 0
+  // (which copies the truth), a uniform 0.5 for annotator 1 (which flips pixel 0).
+  const run = (n: number) => {
+    const truth = new Uint8Array(4 * n).map((_, i) => (i % 4 < 2 ? 1 : 0));
+    const flipped = truth.map((v, i) => (i % 4 === 0 && i < 4 ? 1 - v : v));
+    const cms = new Float32Array(n * 2 * 4 * 4);
+    for (let img = 0; img < n; img++) {
+      for (let p = 0; p < 4; p++) {
+        const at = (r: number, i: number, j: number) => ((img * 2 + r) * 4 + i * 2 + j) * 4 + p;
+        cms[at(0, 0, 0)] = 1;
+        cms[at(0, 1, 1)] = 1;
+        for (const i of [0, 1]) for (const j of [0, 1]) cms[at(1, i, j)] = 0.5;
+      }
+    }
+    const report = evaluateSegmentation({ pred: truth, truth, n, classes: 2, cms, annotatorLabels: [truth, flipped] });
+    const row = formatSegmentationReport(report).split('\n').find((l) => l.startsWith('| CM estimation error'));
+    return { report, row };
+  };
+  const one = run(1);
+  t.equal(one.report.images, 1);
+  // Per annotator, one image each: RMSE of E - T over the 4 entries. Annotator 0: 0.
+  // Annotator 1, T = [[1, 1/2], [0, 1/2]] (truth 1 said 0 once of twice): E - T = [[-.5, 0], [.5, 0]],
+  // RMSE sqrt(0.5 / 4). The figure: the mean over annotators, sqrt(0.125) / 2 = 0.1768.
+  t.ok(Math.abs(one.report.cmError!.mean - Math.sqrt(0.125) / 2) < 1e-6, `the mean over annotators of 0 and sqrt(1/8): ${one.report.cmError!.mean}`);
+  t.match(one.row, /^\| CM estimation error \(RMSE\) \| 0\.1768 +\|$/, `printed alone: ${one.row}`);
+  t.notMatch(formatSegmentationReport(one.report), /±/, 'no ± anywhere for one volume');
+  const two = run(2);
+  // Annotator 1 flips a pixel of image 0 only: its errors differ between the images, a real spread.
+  t.match(two.row, /^\| CM estimation error \(RMSE\) \| \d\.\d{4} ± \d\.\d{4} +\|$/, `two images: mean ± std (${two.row})`);
+});

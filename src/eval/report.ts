@@ -62,6 +62,19 @@ export function markdownTable(header: readonly string[], rows: readonly (readonl
 }
 
 /**
+ * The CM error as its cell shows it. Its mean and std are the annotators' means and stds over
+ * images, averaged, and its count the annotators': with one image each annotator's std is 0 and
+ * the cell read "0.3162 ± 0.0000" where every other figure over one volume prints alone. No
+ * annotator scored on more than one image: no spread, one value (count 1) as the others.
+ */
+function cmErrorFigure(report: SegmentationReport): MeanStd | undefined {
+  const error = report.cmError;
+  const perAnnotator = report.cmErrorPerAnnotator;
+  if (error === undefined || perAnnotator === undefined || perAnnotator.some((s) => s.count > 1)) return error;
+  return { ...error, count: Math.min(error.count, 1) };
+}
+
+/**
  * The figures of a SegmentationReport as markdown: a table of Dice (per class, average,
  * total), GED and CM error, then one of per-annotator CM figures when there are CMs.
  */
@@ -73,7 +86,7 @@ export function formatSegmentationReport(report: SegmentationReport, options: Fo
   if (report.classes > 2) rows.push(['Average Dice', formatMeanStd(report.averageDice, digits)]);
   rows.push(['Total Dice', formatMeanStd(report.totalDice, digits)]);
   if (report.ged) rows.push(['GED', formatMeanStd(report.ged, digits)]);
-  if (report.cmError) rows.push(['CM estimation error (RMSE)', formatMeanStd(report.cmError, digits)]);
+  if (report.cmError) rows.push(['CM estimation error (RMSE)', formatMeanStd(cmErrorFigure(report), digits)]);
   // Summaries of BraTS volumes (EvaluationSummary) come here as reports; their perCase says they count volumes.
   const unit = options.unit ?? ((report as { perCase?: unknown }).perCase !== undefined ? 'volume' : 'image');
   const parts = [countOf(report.images, unit), '', markdownTable(['metric', 'value'], rows)];

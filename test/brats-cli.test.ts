@@ -275,7 +275,7 @@ t.test('train from a raw BraTS 2023 folder: the cache is prepared inside the run
   const predicted = await cmseg(['predict', '--checkpoint', 'runs/mode/last.safetensors', '--data', 'data2023', '--count', '1', '--out', 'pred2023']);
   t.equal(predicted.exitCode, 0, predicted.stderr);
   t.match(predicted.stderr, /naive-mode does not learn annotator CMs/);
-  t.match(predicted.stdout, /predicted 1 case\(s\) from the BraTS folder data2023: 2 NIfTI volumes and 1 PNG pictures \(labels in BraTS 2023 numbering\)/);
+  t.match(predicted.stdout, /predicted 1 case\(s\) from the BraTS folder data2023: 2 NIfTI volumes and 1 PNG picture \(labels in BraTS 2023 numbering\)/);
   const consensus = await readNifti(path.join(dir, 'pred2023', 'BraTS-GLI-00000-000_consensus.nii.gz'));
   t.same([...new Set(consensus.raw)].filter((v) => ![0, 1, 2, 3].includes(v)), [], '2023 labels: ET stays 3');
   const crop2023 = index.cases.find((c) => c.id === 'BraTS-GLI-00000-000')!.crop;

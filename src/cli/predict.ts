@@ -35,7 +35,7 @@ import { drawableText, hasGlyph } from '../report/font';
 import type { AnnotatedSet } from '../train/data';
 import { checkVolumeImages, type InferenceModel, predictImages } from '../train/evaluate';
 import type { BratsDatasetSpec } from '../train/experiment';
-import { choiceOption, displayPath, given, parseInteger, parseNumber, parsePath, printOutputs, UserError, withExamples } from './common';
+import { choiceOption, countOf, displayPath, given, parseInteger, parseNumber, parsePath, printOutputs, UserError, withExamples } from './common';
 import {
   checkBratsModel,
   checkSameRunData,
@@ -305,7 +305,7 @@ async function drawPictures(
   await writeFileAtomic(readmeFile, Buffer.from(readme));
   noteEarlierOutputs(outDir, written, /-(input|consensus|truth|sheet|annotator-.+|cm-.+)\.png$/);
   if (nonFinite.length > 0) process.stderr.write(`warning: ${nonFiniteText(nonFinite, count, 'images')}\n`);
-  process.stdout.write(`wrote ${written.length} PNG files for ${count} ${words.what}\n`);
+  process.stdout.write(`wrote ${countOf(written.length, 'PNG file')} for ${count} ${words.what}\n`);
   printOutputs([
     ['pictures', outDir],
     ['legend', readmeFile],
@@ -523,7 +523,7 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
   await writeFileAtomic(readmeFile, Buffer.from(readme));
   noteEarlierOutputs(outDir, [...volumes, ...pictures], /_(consensus|probs|annotator-.+)\.nii\.gz$|_(slice|cm-.+)\.png$/);
   const predicted = ids.length - nonFinite.length;
-  process.stdout.write(`predicted ${predicted} case(s) from ${list.from}: ${volumes.length} NIfTI volumes and ${pictures.length} PNG pictures (${!brats ? `labels: the model's class indices 0..${L - 1}` : list.labelScheme === 'peds2024' ? 'labels in BraTS-PEDs 2024 numbering: 1 ET, 2 NET, 4 ED' : `labels in BraTS ${[...namings].join('/')} numbering`})\n`);
+  process.stdout.write(`predicted ${predicted} case(s) from ${list.from}: ${countOf(volumes.length, 'NIfTI volume')} and ${countOf(pictures.length, 'PNG picture')} (${!brats ? `labels: the model's class indices 0..${L - 1}` : list.labelScheme === 'peds2024' ? 'labels in BraTS-PEDs 2024 numbering: 1 ET, 2 NET, 4 ED' : `labels in BraTS ${[...namings].join('/')} numbering`})\n`);
   printOutputs([
     ['volumes', outDir],
     ['legend', readmeFile],

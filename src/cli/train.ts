@@ -263,7 +263,21 @@ async function resolveResume(flags: TrainFlags, isGiven: Typed): Promise<Resolve
   // run's lambda, --steps of the run's length in epochs) is no conflict, and the bookkeeping
   // settings (--checkpoint-every) may change.
   const changed = resumeDifferences(typed.config, saved.config, saved.state.batchesPerEpoch);
-  for (const d of changed) conflicts.push(`${d.key} ${describe(d.now)} (the run has ${describe(d.saved)})`);
+  // --lr also moves a preset's cosine floor (applyFlags scales it): said as the user's --lr,
+  // not as "schedule.minLr 0.0003333333333333334", a value nobody typed.
+  const lrTyped = isGiven('lr') && changed.some((d) => d.key === 'schedule.lr');
+  const floorFollows = lrTyped && changed.some((d) => d.key === 'schedule.minLr');
+  for (const d of changed) {
+    if (lrTyped && d.key === 'schedule.minLr') continue;
+    if (lrTyped && d.key === 'schedule.lr') conflicts.push(`--lr ${flags.lr} (the run has ${describe(d.saved)}${floorFollows ? "; the schedule's floor minLr follows --lr" : ''})`);
+    else conflicts.push(`${d.key} ${describe(d.now)} (the run has ${describe(d.saved)})`);
+  }
+  // A run of an earlier version may record more validation cases than its split holds: both
+  // sides count the cases validated, so the same command line resumes it.
+  if (recipe.dataset.kind === 'brats' && typed.dataset.kind === 'brats') {
+    fitValidationCases(recipe.dataset, false);
+    fitValidationCases(typed.dataset, isGiven('valCases'));
+  }
   for (const key of Object.keys(recipe.dataset) as (keyof DatasetSpec)[]) {
     if (describe(recipe.dataset[key]) !== describe(typed.dataset[key])) conflicts.push(`data ${key} ${describe(typed.dataset[key])} (the run has ${describe(recipe.dataset[key])})`);
   }
@@ -322,6 +336,22 @@ async function attachBratsData(dataset: BratsDatasetSpec, flags: TrainFlags, isG
   } catch (error) {
     throw new UserError(`${cacheDir}: ${(error as Error).message}`);
   }
+  fitValidationCases(dataset, isGiven('valCases'));
+}
+
+/**
+ * A validation scores at most the split's cases: a --val-cases (or preset's number) past them
+ * is cut to them, with a note when the user asked for it, and the run records the number it
+ * validates (its log and checkpoints recorded the 8 asked where 2 were scored).
+ */
+function fitValidationCases(dataset: BratsDatasetSpec, asked: boolean): void {
+  const split = dataset.splits.validation.length;
+  if (split === 0 || dataset.validationCases <= split) return;
+  if (asked) {
+    const which = split === 1 ? 'that one' : `those ${split}`;
+    process.stderr.write(`note: --val-cases ${dataset.validationCases}: the validation split has ${split} case${split === 1 ? '' : 's'}; each validation scores ${which}\n`);
+  }
+  dataset.validationCases = split;
 }
 
 /**
@@ -595,10 +625,12 @@ async function trainAndTest(flags: TrainFlags, { config, recipe, outDir }: Resol
     }
     controller.abort();
     const what = signal === 'SIGTERM' ? 'SIGTERM' : 'interrupt';
+    // What quits at once is the same signal again: a scheduler's SIGTERM has no Ctrl-C to press.
+    const again = signal === 'SIGTERM' ? 'a second SIGTERM quits at once' : 'Ctrl-C again quits at once';
     process.stderr.write(
       savedBefore
-        ? `\n${what}: stopping the validation after the case in progress; ${CHECKPOINT_LAST} was saved before it, and the resumed run validates again (Ctrl-C again quits at once, losing nothing)\n`
-        : `\n${what}: finishing the current step and saving a checkpoint (Ctrl-C again quits at once)\n`,
+        ? `\n${what}: stopping the validation after the case in progress; ${CHECKPOINT_LAST} was saved before it, and the resumed run validates again (${again}, losing nothing)\n`
+        : `\n${what}: finishing the current step and saving a checkpoint (${again})\n`,
     );
   };
   process.on('SIGINT', onSigint);

@@ -289,3 +289,19 @@ t.test('a .nii.gz is inflated only as far as its header reaches: a bomb is refus
   t.equal((err as NiftiError).kind, 'too-large', String(err));
   t.match((err as Error).message, /its header describes 34359738720 bytes of header and voxels, more than the \d+ bytes cmseg can hold/);
 });
+
+t.test('writeNifti scaling: scl_slope and scl_inter as given, applied by readNifti; slope 0 or non-finite refused', async (t) => {
+  const encode = encodeNifti;
+  const read = readNiftiSync;
+  const dir = tempDir(t, 'cmseg-scaling-');
+  const file = path.join(dir, 's.nii');
+  fs.writeFileSync(file, encode({ dims: [3], data: [0, 2, 255] }, { datatype: 'uint8', scaling: { slope: 0.5, inter: -1 } }));
+  const bytes = fs.readFileSync(file);
+  t.same([bytes.readFloatLE(112), bytes.readFloatLE(116)], [0.5, -1], 'the header holds them');
+  const v = read(file);
+  t.same(Array.from(v.raw), [0, 2, 255], 'stored as given');
+  t.same(Array.from(v.data), [-1, 0, 126.5], 'read as stored * 0.5 - 1');
+  for (const scaling of [{ slope: 0 }, { slope: NaN }, { slope: 1, inter: Infinity }]) {
+    t.throws(() => encode({ dims: [1], data: [1] }, { datatype: 'uint8', scaling }), { name: 'NiftiError', message: /scaling slope .*: both must be finite numbers, the slope not 0/ });
+  }
+});

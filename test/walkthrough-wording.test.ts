@@ -1,7 +1,8 @@
 // What a user read in a walkthrough of the commands and could not act on, or read wrong:
 // --val-cases past the validation split (used all the same, the log recording the number
 // asked), a refused resume naming a setting the user never typed (schedule.minLr), "1 PNG
-// pictures", and --data given a file told only that it "must be a folder".
+// pictures", --data given a file told only that it "must be a folder", and --probs uint8
+// volumes that readers took for 0..255.
 import t from 'tap';
 import * as fs from 'fs';
 import * as path from 'path';
@@ -9,6 +10,8 @@ import { runCli } from './helpers/cli';
 import { tempDir } from './helpers/files';
 import { writeBratsPhantoms } from '../src/data/brats-phantom';
 import { readTrainLog, readTrainerState } from '../src/train/trainer';
+import { readNifti } from '../src/data/nifti';
+import { missingPythonModules, runPythonJson } from './helpers/python';
 
 const dir = tempDir(t, 'cmseg-wording-');
 const TINY = ['--patch', '8', '--base-channels', '2', '--depth', '2', '--workers', '0', '--no-test', '--quiet'];
@@ -68,4 +71,38 @@ t.test('a resume refused for another --lr names --lr, not the cosine floor it mo
     refused.stderr,
     `cmseg: error: cannot resume ${path.join(dir, 'mnist', 'last.safetensors')} with different settings: --lr 0.01 (the run has 0.003; the schedule's floor minLr follows --lr)\n`,
   );
+});
+
+// --probs uint8 stored round(255 p) with scl_slope 1, so nibabel (and every reader applying the
+// scaling, as the standard asks) read 0..255, not probabilities.
+t.test('--probs uint8: every reader gets the probabilities (scl_slope 1/255), within 1/255 of the float32 ones', { skip: missingPythonModules('numpy', 'nibabel') }, async (t) => {
+  const id = 'BraTS2021_00000';
+  for (const probs of ['float32', 'uint8']) {
+    const r = await runCli(['predict', '--checkpoint', 'run/best.safetensors', '--data', `phantom/${id}`, '--no-cms', '--probs', probs, '--out', `probs-${probs}`, '--quiet'], dir);
+    t.equal(r.exitCode, 0, r.stderr);
+  }
+  const read = runPythonJson<{ slope: number; inter: number; dtype: string; worst: number; range: [number, number]; raw: number }>(
+    `
+import json, sys, numpy as np, nibabel as nib
+f = nib.load(sys.argv[1]); q = nib.load(sys.argv[2])
+p8 = q.get_fdata(); p = f.get_fdata()
+print(json.dumps({'slope': float(q.dataobj.slope), 'inter': float(q.dataobj.inter), 'dtype': str(q.get_data_dtype()),
+  'worst': float(np.abs(p8 - p).max()), 'range': [float(p8.min()), float(p8.max())],
+  'raw': float(np.abs(np.asarray(q.dataobj.get_unscaled(), np.float64) - np.round(255 * p)).max())}))
+`,
+    [path.join(dir, 'probs-float32', `${id}_probs.nii.gz`), path.join(dir, 'probs-uint8', `${id}_probs.nii.gz`)],
+  );
+  t.equal(read.dtype, 'uint8');
+  t.equal(read.slope, Math.fround(1 / 255), 'scl_slope 1/255 (as float32)');
+  t.equal(read.inter, 0, 'scl_inter 0');
+  t.ok(read.worst <= 1 / 255, `nibabel's get_fdata() is the probabilities within 1/255 (worst ${read.worst})`);
+  t.ok(read.range[0] >= 0 && read.range[1] <= 1 + 1e-6 && read.range[1] > 0.5, `in 0..1: ${read.range}`);
+  t.ok(read.raw <= 1, `stored: round(255 p) (worst ${read.raw})`);
+  // cmseg's own reader applies the scaling as nibabel does: data is p, raw still 255 p.
+  const floats = await readNifti(path.join(dir, 'probs-float32', `${id}_probs.nii.gz`));
+  const bytes = await readNifti(path.join(dir, 'probs-uint8', `${id}_probs.nii.gz`));
+  let worst = 0;
+  for (let i = 0; i < floats.data.length; i++) worst = Math.max(worst, Math.abs(bytes.data[i] - floats.data[i]));
+  t.ok(worst <= 1 / 255, `readNifti's data: the probabilities within 1/255 (worst ${worst})`);
+  t.match(fs.readFileSync(path.join(dir, 'probs-uint8', 'README.txt'), 'utf8'), /scl_slope 1\/255/);
 });

@@ -433,9 +433,9 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     const full = extentOfDims(c.original.dims);
     const V = c.extent.d * c.extent.h * c.extent.w;
     const dims = [...c.original.dims];
-    const writeVolume = async (name: string, data: Uint8Array | Float32Array, datatype: 'uint8' | 'float32', volumeDims = dims) => {
+    const writeVolume = async (name: string, data: Uint8Array | Float32Array, datatype: 'uint8' | 'float32', volumeDims = dims, scaling?: { slope: number }) => {
       const target = path.join(outDir, name);
-      await writeNifti(target, { dims: volumeDims, data, affine: c.original.affine }, { datatype, ...(c.header ? { header: c.header } : {}), description: `cmseg ${method} ${name}` });
+      await writeNifti(target, { dims: volumeDims, data, affine: c.original.affine }, { datatype, ...(c.header ? { header: c.header } : {}), ...(scaling ? { scaling } : {}), description: `cmseg ${method} ${name}` });
       volumes.push(target);
     };
     const labelsToRelease = (labels: Uint8Array) => uncropVolume(releaseLabels(labels, c.naming, c.labelScheme, L), c.crop, full);
@@ -447,7 +447,11 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
     const cmSlice = wantCms ? axialSlice(p.cms!, R * L * L, c.extent, z) : undefined;
     delete p.cms;
     await writeVolume(`${id}_consensus.nii.gz`, labelsToRelease(consensus), 'uint8');
-    if (flags.probs !== 'none') await writeVolume(`${id}_probs.nii.gz`, probsVolume(p.probs, L, c.crop, full, flags.probs), flags.probs, [...dims, L]);
+    // uint8: round(255 p) stored with scl_slope 1/255, so that a reader (nibabel's get_fdata)
+    // gets p back, not 0..255.
+    if (flags.probs !== 'none') {
+      await writeVolume(`${id}_probs.nii.gz`, probsVolume(p.probs, L, c.crop, full, flags.probs), flags.probs, [...dims, L], flags.probs === 'uint8' ? { slope: 1 / 255 } : undefined);
+    }
     const annotatorMaps = learnsCms ? argmaxAnnotatorProbs(p.annotatorProbs!, 1, R, L) : [];
     // Named by annotator, as the 2D pictures are (<image>-annotator-<name>.png).
     for (const [r, map] of annotatorMaps.entries()) await writeVolume(`${id}_annotator-${files[r]}.nii.gz`, labelsToRelease(map), 'uint8');
@@ -499,11 +503,12 @@ async function predictCases(flags: PredictFlags, info: InferenceInfo, list: Case
         ]),
     ...(flags.probs === 'none'
       ? ['(--probs none: no probability volumes)']
-      : [
-          flags.probs === 'uint8'
-            ? `<id>_probs.nii.gz            uint8, 4D [x, y, z, class]: round(255 p(class)) for classes 0..${L - 1}${brats ? ' (class 3 = ET)' : ''}; 255 background outside the brain`
-            : `<id>_probs.nii.gz            float32, 4D [x, y, z, class]: p(class) for classes 0..${L - 1}${brats ? ' (class 3 = ET)' : ''}; background = 1 outside the brain`,
-        ]),
+      : flags.probs === 'uint8'
+        ? [
+            `<id>_probs.nii.gz            uint8, 4D [x, y, z, class]: round(255 p(class)) for classes 0..${L - 1}${brats ? ' (class 3 = ET)' : ''}; 255 background outside the brain;`,
+            '                             stored with scl_slope 1/255, so readers that apply it (nibabel\'s get_fdata()) give p(class) within 1/255',
+          ]
+        : [`<id>_probs.nii.gz            float32, 4D [x, y, z, class]: p(class) for classes 0..${L - 1}${brats ? ' (class 3 = ET)' : ''}; background = 1 outside the brain`]),
     ...(learnsCms
       ? [
           '<id>_annotator-<name>.nii.gz uint8, that annotator\'s estimated segmentation argmax A_r p, labels as the consensus',

@@ -140,6 +140,12 @@ export interface NiftiWriteOptions {
   description?: string;
   /** gzip level for .nii.gz (0-9, default zlib's 6). */
   gzipLevel?: number;
+  /**
+   * scl_slope and scl_inter to store: `data` holds the stored values, and readers (nibabel's
+   * get_fdata, readNifti's `data`) see stored * slope + inter. Default slope 1, inter 0. Probabilities
+   * as uint8 round(255 p) are written with slope 1/255, so that every reader gets p back.
+   */
+  scaling?: { slope: number; inter?: number };
 }
 
 export type NiftiErrorKind =
@@ -768,10 +774,21 @@ export function encodeNifti(volume: NiftiImageToWrite, options: NiftiWriteOption
   const type = datatypeByName(writableDatatype(options.datatype ?? 'float32', filePath));
   const geometry = geometryFor(volume, options, dims, filePath);
   const voxels = encodeVoxels(volume.data, type, filePath);
+  const scaling = checkedScaling(options.scaling, filePath);
   const file = Buffer.alloc(SINGLE_FILE_VOX_OFFSET + voxels.byteLength);
-  writeHeader(file, { dims, type, geometry, description: options.description ?? 'cmseg' });
+  writeHeader(file, { dims, type, geometry, description: options.description ?? 'cmseg', ...scaling });
   file.set(voxels, SINGLE_FILE_VOX_OFFSET);
   return file;
+}
+
+/** The scl_slope and scl_inter to write: finite, and a slope that is not 0 (which readers take as "unscaled"). */
+function checkedScaling(scaling: NiftiWriteOptions['scaling'], filePath: string): { slope: number; inter: number } {
+  const slope = scaling?.slope ?? 1;
+  const inter = scaling?.inter ?? 0;
+  if (!Number.isFinite(slope) || slope === 0 || !Number.isFinite(inter)) {
+    throw new NiftiError('bad-volume', filePath, `scaling slope ${slope}, inter ${inter}: both must be finite numbers, the slope not 0`, scaling);
+  }
+  return { slope, inter };
 }
 
 const WRITABLE_DATATYPES: readonly NiftiWriteDatatype[] = ['float32', 'int16', 'uint8'];
@@ -987,9 +1004,11 @@ interface HeaderContent {
   type: DatatypeInfo;
   geometry: Geometry;
   description: string;
+  slope: number;
+  inter: number;
 }
 
-function writeHeader(file: Buffer, { dims, type, geometry, description }: HeaderContent): void {
+function writeHeader(file: Buffer, { dims, type, geometry, description, slope, inter }: HeaderContent): void {
   file.writeInt32LE(HEADER_BYTES, FIELD_OFFSET.sizeofHdr);
   // Analyze readers look for regular = 'r'; harmless for everyone else.
   file.write('r', 38, 'latin1');
@@ -999,9 +1018,9 @@ function writeHeader(file: Buffer, { dims, type, geometry, description }: Header
   file.writeInt16LE(type.bytes * 8, FIELD_OFFSET.bitpix);
   geometry.pixdim.forEach((v, i) => file.writeFloatLE(v, FIELD_OFFSET.pixdim + 4 * i));
   file.writeFloatLE(SINGLE_FILE_VOX_OFFSET, FIELD_OFFSET.voxOffset);
-  // slope 1 / inter 0: stored values are the values, for every reader.
-  file.writeFloatLE(1, FIELD_OFFSET.sclSlope);
-  file.writeFloatLE(0, FIELD_OFFSET.sclInter);
+  // slope 1 / inter 0 (the default): stored values are the values, for every reader.
+  file.writeFloatLE(slope, FIELD_OFFSET.sclSlope);
+  file.writeFloatLE(inter, FIELD_OFFSET.sclInter);
   file.writeUInt8(geometry.xyztUnits, FIELD_OFFSET.xyztUnits);
   file.write(description.slice(0, 79), FIELD_OFFSET.descrip, 'latin1');
   file.writeInt16LE(geometry.qformCode, FIELD_OFFSET.qformCode);

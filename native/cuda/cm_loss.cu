@@ -296,7 +296,9 @@ __device__ __forceinline__ void annotator_pixel(const LossParams& P, int L, int 
 #pragma unroll
     for (int j = 0; j < L; ++j)
       qc += Ac[j] * p[j];
-    ce += -logf(fmaxf(qc, kProbFloor));
+    // max(q, floor) as the CPU's std::max: a NaN q (a diverged model's logits) stays NaN in
+    // the loss, where fmaxf would return the floor and a finite loss.
+    ce += -logf(qc < kProbFloor ? kProbFloor : qc);
     ce_grad = qc > kProbFloor;  // the clamp has zero gradient
   }
   if (!grads) return;

@@ -1,0 +1,305 @@
+// The part of the CUDA runtime, cuDNN and cuBLAS that the backend's kernel files use,
+// implemented on the host, so that those files (lowered by lower_cuda.cmake: launches
+// become simt::launch calls) compile with a plain C++ compiler and their kernels run on
+// a machine without a GPU (test_cuda_simt). Each CUDA thread is a host thread; the
+// threads of a block meet at real barriers (__syncthreads, the warp shuffles); blocks
+// run one after another; "device" memory is host memory poisoned with NaN bytes when
+// allocated, so a kernel reading what nobody wrote shows up in the results.
+//
+// What this checks: the kernels' indexing, bounds, reductions, shared-memory and
+// barrier use, and launch sizes, against the CPU reference. What it cannot: timing,
+// races between blocks, the cp.async and tensor-core paths (asm), real cuDNN.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+// ---- CUDA C++ keywords -------------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+// One block runs at a time and its threads share one object: a function-local static.
+#define __shared__ static
+#define __CUDA_RUNTIME_H__ 1
+
+// ---- vector types ---------------------------------------------------------------
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct uint3 {
+  unsigned x, y, z;
+};
+struct float2 {
+  float x, y;
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+struct alignas(16) double2 {
+  double x, y;
+};
+inline double2 make_double2(double x, double y) { return {x, y}; }
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
+// ---- runtime types and constants ------------------------------------------------
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorMemoryAllocation = 2,
+  cudaErrorLaunchFailure = 719,
+};
+typedef cudaError_t cudaError;
+struct CUstream_st;
+struct CUevent_st;
+struct CUmemPoolHandle_st;
+typedef CUstream_st* cudaStream_t;
+typedef CUevent_st* cudaEvent_t;
+typedef CUmemPoolHandle_st* cudaMemPool_t;
+enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount,
+  cudaDevAttrMemoryPoolsSupported,
+  cudaDevAttrMemoryClockRate,
+  cudaDevAttrGlobalMemoryBusWidth,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin,
+  cudaDevAttrComputeCapabilityMajor,
+  cudaDevAttrComputeCapabilityMinor,
+};
+enum cudaMemPoolAttr { cudaMemPoolAttrReleaseThreshold, cudaMemPoolAttrReservedMemCurrent };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+constexpr unsigned cudaStreamNonBlocking = 1, cudaEventDisableTiming = 2;
+struct cudaDeviceProp {
+  char name[256];
+  int major, minor, multiProcessorCount, l2CacheSize;
+  size_t totalGlobalMem, sharedMemPerBlockOptin;
+};
+struct cudaFuncAttributes {
+  size_t sharedSizeBytes, localSizeBytes;
+  int numRegs, binaryVersion, maxDynamicSharedSizeBytes;
+};
+
+cudaError_t cudaGetDeviceCount(int* n);
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int device);
+cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int device);
+cudaError_t cudaSetDevice(int device);
+cudaError_t cudaRuntimeGetVersion(int* v);
+cudaError_t cudaDriverGetVersion(int* v);
+cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes);
+cudaError_t cudaGetLastError();
+const char* cudaGetErrorName(cudaError_t e);
+const char* cudaGetErrorString(cudaError_t e);
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags);
+cudaError_t cudaStreamDestroy(cudaStream_t s);
+cudaError_t cudaStreamSynchronize(cudaStream_t s);
+cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags);
+cudaError_t cudaEventCreate(cudaEvent_t* e);
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned flags);
+cudaError_t cudaEventDestroy(cudaEvent_t e);
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s);
+cudaError_t cudaEventSynchronize(cudaEvent_t e);
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b);
+cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* p, int device);
+cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t p, cudaMemPoolAttr a, void* v);
+cudaError_t cudaMemPoolGetAttribute(cudaMemPool_t p, cudaMemPoolAttr a, void* v);
+cudaError_t cudaMemPoolTrimTo(cudaMemPool_t p, size_t keep);
+cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t s);
+cudaError_t cudaFreeAsync(void* p, cudaStream_t s);
+cudaError_t cudaMallocHost(void** p, size_t bytes);
+cudaError_t cudaFreeHost(void* p);
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind k, cudaStream_t s = nullptr);
+cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height,
+                              cudaMemcpyKind k, cudaStream_t s = nullptr);
+cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t s = nullptr);
+// Function attributes: binaryVersion 0 (no SASS here), so paths that need sm_80 code
+// (the staged CM loss, the own filter gradient) are refused as on an old GPU.
+cudaError_t simt_func_attributes(cudaFuncAttributes* a);
+template <class F>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F) {
+  return simt_func_attributes(a);
+}
+template <class F>
+cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) {
+  return cudaSuccess;
+}
+cudaError_t simt_occupancy(int* blocks, int threads);
+template <class F>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, F, int threads, size_t) {
+  return simt_occupancy(blocks, threads);
+}
+
+// ---- cuDNN (handles only: the convolutions are stand-ins, simt_standins.cpp) --------
+#define CUDNN_MAJOR 9
+typedef struct cudnnContext* cudnnHandle_t;
+enum cudnnStatus_t {
+  CUDNN_STATUS_SUCCESS = 0,
+  CUDNN_STATUS_ALLOC_FAILED = 2,
+  CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED = 4001,
+};
+enum cudnnMathType_t { CUDNN_DEFAULT_MATH, CUDNN_TENSOR_OP_MATH };
+cudnnStatus_t cudnnCreate(cudnnHandle_t* h);
+cudnnStatus_t cudnnDestroy(cudnnHandle_t h);
+cudnnStatus_t cudnnSetStream(cudnnHandle_t h, cudaStream_t s);
+const char* cudnnGetErrorString(cudnnStatus_t s);
+size_t cudnnGetVersion();
+
+// ---- cuBLAS: the two GEMMs conv1_cublas.cu calls, column-major, on the host --------
+#define CUBLAS_VER_MAJOR 13
+typedef struct cublasContext* cublasHandle_t;
+enum cublasStatus_t { CUBLAS_STATUS_SUCCESS = 0, CUBLAS_STATUS_ALLOC_FAILED = 3, CUBLAS_STATUS_INVALID_VALUE = 7 };
+enum cublasOperation_t { CUBLAS_OP_N, CUBLAS_OP_T };
+enum cublasMath_t { CUBLAS_DEFAULT_MATH, CUBLAS_TF32_TENSOR_OP_MATH };
+enum libraryPropertyType { MAJOR_VERSION, MINOR_VERSION, PATCH_LEVEL };
+cublasStatus_t cublasCreate(cublasHandle_t* h);
+cublasStatus_t cublasDestroy(cublasHandle_t h);
+cublasStatus_t cublasSetStream(cublasHandle_t h, cudaStream_t s);
+cublasStatus_t cublasSetMathMode(cublasHandle_t h, cublasMath_t m);
+cublasStatus_t cublasGetProperty(libraryPropertyType t, int* v);
+const char* cublasGetStatusName(cublasStatus_t s);
+cublasStatus_t cublasSgemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                           const float* alpha, const float* A, int lda, const float* B, int ldb, const float* beta,
+                           float* C, int ldc);
+cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+                                         int k, const float* alpha, const float* A, int lda, long long sa,
+                                         const float* B, int ldb, long long sb, const float* beta, float* C, int ldc,
+                                         long long sc, int batch);
+
+// ---- the SIMT machinery -----------------------------------------------------------
+namespace simt {
+
+// Where the calling host thread is in the grid (set by launch for its own threads).
+struct Place {
+  uint3 thread, block;
+  dim3 block_dim, grid_dim;
+};
+const Place& here();
+void sync_block();
+void* dynamic_shared_memory();
+// Lane exchange for the warp shuffles: every lane of the warp publishes 8 bytes, the
+// lanes wait for each other, read lane `from`'s (or keep their own where `from` is
+// outside the warp), and wait again so the slots can be reused.
+uint64_t warp_exchange(uint64_t mine, int from_lane, bool* found);
+[[noreturn]] void trap(const char* what);
+void atomic_lock();
+void atomic_unlock();
+
+struct LaunchConfig {
+  dim3 grid, block;
+  size_t smem;
+  LaunchConfig(dim3 g, dim3 b, size_t s = 0, cudaStream_t = nullptr) : grid(g), block(b), smem(s) {}
+};
+// Runs body once per thread of the grid (records a launch error instead when the shape
+// is one CUDA refuses, or a thread failed).
+void run_grid(const LaunchConfig& c, const std::function<void()>& body);
+
+template <class... P, class... A>
+void launch(void (*kernel)(P...), const LaunchConfig& c, A&&... args) {
+  // Parameters are copied at the launch, converted to the kernel's types, as CUDA does.
+  std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
+  run_grid(c, [&] { std::apply(kernel, params); });
+}
+
+template <class T>
+T shfl_down(T v, int delta) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffle of a type over 8 bytes");
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  const Place& p = here();
+  const unsigned lin = p.thread.x + p.block_dim.x * (p.thread.y + p.block_dim.y * p.thread.z);
+  bool found = false;
+  const uint64_t got = warp_exchange(bits, (int)(lin & 31) + delta, &found);
+  if (!found) return v;
+  T out;
+  std::memcpy(&out, &got, sizeof(T));
+  return out;
+}
+
+template <class T>
+struct dynamic_shared_ptr {
+  static T* get() { return static_cast<T*>(dynamic_shared_memory()); }
+};
+
+}  // namespace simt
+
+#define threadIdx (::simt::here().thread)
+#define blockIdx (::simt::here().block)
+#define blockDim (::simt::here().block_dim)
+#define gridDim (::simt::here().grid_dim)
+#define warpSize 32
+inline void __syncthreads() { ::simt::sync_block(); }
+[[noreturn]] inline void __trap() { ::simt::trap("__trap"); }
+template <class T>
+T __shfl_down_sync(unsigned, T v, unsigned delta) {
+  return ::simt::shfl_down(v, (int)delta);
+}
+template <class T>
+T __ldg(const T* p) {
+  return *p;
+}
+inline unsigned long long __cvta_generic_to_shared(const void*) { return 0; }
+
+// ---- device math ----------------------------------------------------------------
+// expf, logf, sqrtf, fmaxf, fabsf, fmaf: the C library's (<cmath> declares them globally).
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+inline float __fmul_rn(float a, float b) {
+  volatile float r = a * b;  // no contraction into a neighbouring add
+  return r;
+}
+inline float __fadd_rn(float a, float b) {
+  volatile float r = a + b;
+  return r;
+}
+inline float __fsub_rn(float a, float b) {
+  volatile float r = a - b;
+  return r;
+}
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+// Per byte: 0xff where the bytes of a and b are equal, else 0.
+inline unsigned __vcmpeq4(unsigned a, unsigned b) {
+  unsigned r = 0;
+  for (int k = 0; k < 4; ++k)
+    if (((a >> (8 * k)) & 0xffu) == ((b >> (8 * k)) & 0xffu)) r |= 0xffu << (8 * k);
+  return r;
+}
+// CUDA's device min/max take mixed integer widths; the wider type wins.
+template <class A, class B>
+inline std::common_type_t<A, B> min(A a, B b) {
+  return a < b ? (std::common_type_t<A, B>)a : (std::common_type_t<A, B>)b;
+}
+template <class A, class B>
+inline std::common_type_t<A, B> max(A a, B b) {
+  return a < b ? (std::common_type_t<A, B>)b : (std::common_type_t<A, B>)a;
+}
+
+// ---- atomics (one lock for all: correct, not fast) --------------------------------
+template <class T, class U>
+T atomicAdd(T* p, U v) {
+  ::simt::atomic_lock();
+  const T old = *p;
+  *p = (T)(old + (T)v);
+  ::simt::atomic_unlock();
+  return old;
+}
+template <class T, class U>
+T atomicMax(T* p, U v) {
+  ::simt::atomic_lock();
+  const T old = *p;
+  if ((T)v > old) *p = (T)v;
+  ::simt::atomic_unlock();
+  return old;
+}

@@ -1,0 +1,509 @@
+// The host side of simt_cuda.hpp: blocks of fibers, "device" memory, the runtime's
+// bookkeeping calls, and cuBLAS's two GEMMs.
+//
+// A block's CUDA threads are fibers on the launching host thread, run in
+// passes: each runnable fiber runs until it reaches a barrier or returns. After a pass,
+// a warp whose live lanes all wait at a shuffle goes on, else the block goes on when
+// every live thread waits at __syncthreads; threads that returned drop out (as on a
+// GPU). A warp whose lanes wait at different places (some at a shuffle, some at
+// __syncthreads) is a deadlock or undefined on a GPU, reported as a launch failure, as
+// is a shuffle reading a lane that returned or does not exist. (A __syncthreads that
+// only some threads reach, the others returning, goes on: so does a GPU's barrier.) The
+// passes alternate direction, so a read of shared memory that a missing barrier leaves
+// unordered sees the wrong value whichever thread writes it (odd blocks start with a
+// backward pass, for a kernel that has no barrier at all).
+#include <ucontext.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "simt_cuda.hpp"
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define SIMT_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#include <sanitizer/common_interface_defs.h>
+#define SIMT_ASAN 1
+#endif
+#endif
+
+namespace simt {
+namespace {
+
+// ---- switching stacks ----------------------------------------------------------------
+// x86-64: the six callee-saved registers pushed on the stack being left, its stack pointer
+// stored and the other's loaded. swapcontext also saves and restores the signal mask, two
+// system calls a switch that took most of the emulation's time; elsewhere it is used.
+#if defined(__x86_64__) && defined(__linux__)
+extern "C" void simt_switch_stack(void** save_sp, void* load_sp);
+asm(R"(
+  .text
+  .globl simt_switch_stack
+  .type simt_switch_stack, @function
+simt_switch_stack:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size simt_switch_stack, .-simt_switch_stack
+)");
+struct Context {
+  void* sp = nullptr;
+};
+void switch_to(Context& from, Context& to) { simt_switch_stack(&from.sp, to.sp); }
+// The first switch to c "returns" into entry, with the stack aligned as after a call.
+void start_context(Context& c, char* stack, size_t size, void (*entry)()) {
+  const uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + size) & ~uintptr_t(15);
+  void** frame = reinterpret_cast<void**>(top - 16);
+  frame[0] = reinterpret_cast<void*>(entry);
+  frame[1] = nullptr;  // entry's own return address: it never returns
+  for (int k = 1; k <= 6; ++k) frame[-k] = nullptr;  // the registers the switch pops
+  c.sp = frame - 6;
+}
+#else
+struct Context {
+  ucontext_t uc;
+};
+void switch_to(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+void start_context(Context& c, char* stack, size_t size, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = size;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+#endif
+
+constexpr size_t kFiberStack = size_t(128) << 10;  // a kernel's frames, with the sanitizer's redzones
+
+enum class State { Runnable, AtBlockBarrier, AtWarpBarrier, Done };
+
+struct Fiber {
+  Context ctx;
+  std::unique_ptr<char[]> stack{new char[kFiberStack]};
+  State state = State::Done;
+  Place place;
+  void* fake_stack = nullptr;  // AddressSanitizer's, kept across switches
+};
+
+struct BlockRun {
+  int threads;
+  std::vector<uint64_t> lanes;  // one shuffle slot per thread
+  std::vector<double> dynamic;  // the launch's dynamic shared memory (8-byte aligned)
+  const std::function<void()>* body;
+  Context scheduler;
+  std::string failure;
+  BlockRun(int n, size_t smem_bytes, const std::function<void()>* b)
+      : threads(n), lanes((size_t)n), dynamic((smem_bytes + 7) / 8), body(b) {
+    // Poisoned like device memory: a slot read before any thread wrote it is a NaN.
+    if (!dynamic.empty()) std::memset(dynamic.data(), 0xff, dynamic.size() * sizeof(double));
+  }
+};
+
+std::vector<std::unique_ptr<Fiber>> g_fibers;  // reused from block to block
+BlockRun* g_block = nullptr;
+Fiber* g_fiber = nullptr;
+const void* g_host_stack = nullptr;  // the launching thread's stack, for the sanitizer
+size_t g_host_stack_size = 0;
+std::mutex g_launch;  // one launch at a time (the fibers share the globals above)
+
+std::mutex g_atomic, g_state;
+cudaError_t g_last = cudaSuccess;
+std::string g_last_text;
+std::map<const void*, size_t> g_allocations;
+size_t g_allocated = 0;
+
+void set_error(cudaError_t e, const std::string& text) {
+  std::lock_guard<std::mutex> lk(g_state);
+  if (g_last == cudaSuccess) g_last = e, g_last_text = text;
+}
+
+BlockRun& block_of(const char* what) {
+  if (!g_block || !g_fiber) trap((std::string(what) + " outside a kernel").c_str());
+  return *g_block;
+}
+
+unsigned linear_thread(const Place& p) {
+  return p.thread.x + p.block_dim.x * (p.thread.y + p.block_dim.y * p.thread.z);
+}
+
+// Fiber side: back to the scheduler until it lets this fiber go on.
+void suspend(State s) {
+  Fiber& f = *g_fiber;
+  f.state = s;
+#ifdef SIMT_ASAN
+  __sanitizer_start_switch_fiber(s == State::Done ? nullptr : &f.fake_stack, g_host_stack, g_host_stack_size);
+#endif
+  switch_to(f.ctx, g_block->scheduler);
+#ifdef SIMT_ASAN
+  __sanitizer_finish_switch_fiber(f.fake_stack, nullptr, nullptr);
+#endif
+}
+
+void fiber_main() {
+#ifdef SIMT_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &g_host_stack, &g_host_stack_size);
+#endif
+  try {
+    (*g_block->body)();
+  } catch (const std::exception& e) {
+    if (g_block->failure.empty()) g_block->failure = e.what();
+  }
+  suspend(State::Done);  // never resumed
+}
+
+// Scheduler side: run fiber t until it waits or returns.
+void resume(Fiber& f) {
+  g_fiber = &f;
+  void* fake = nullptr;
+#ifdef SIMT_ASAN
+  __sanitizer_start_switch_fiber(&fake, f.stack.get(), kFiberStack);
+#endif
+  switch_to(g_block->scheduler, f.ctx);
+#ifdef SIMT_ASAN
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+  g_fiber = nullptr;
+}
+
+// The fibers that may go on after a pass; "" when some did, else why none can.
+std::string release_waiting(std::vector<Fiber*>& fs) {
+  bool released = false, all_done = true, all_at_block = true;
+  for (size_t w = 0; w * 32 < fs.size(); ++w) {
+    const size_t end = std::min(fs.size(), (w + 1) * 32);
+    bool live = false, all_at_warp = true;
+    for (size_t t = w * 32; t < end; ++t)
+      if (fs[t]->state != State::Done) live = true, all_at_warp &= fs[t]->state == State::AtWarpBarrier;
+    if (live && all_at_warp) {
+      for (size_t t = w * 32; t < end; ++t)
+        if (fs[t]->state == State::AtWarpBarrier) fs[t]->state = State::Runnable;
+      released = true;
+    }
+  }
+  if (released) return "";
+  for (Fiber* f : fs)
+    if (f->state != State::Done) all_done = false, all_at_block &= f->state == State::AtBlockBarrier;
+  if (all_done) return "done";
+  if (!all_at_block)
+    return "deadlock: a warp shuffle that not every live lane of its warp reaches (the others wait at "
+           "__syncthreads or returned)";
+  for (Fiber* f : fs)
+    if (f->state == State::AtBlockBarrier) f->state = State::Runnable;
+  return "";
+}
+
+// Returns the block's failure ("" when it ran to the end).
+std::string run_block(const LaunchConfig& c, unsigned bx, unsigned by, unsigned bz, int threads,
+                      const std::function<void()>& body) {
+  BlockRun run(threads, c.smem, &body);
+  g_block = &run;
+  while ((int)g_fibers.size() < threads) g_fibers.emplace_back(new Fiber);
+  std::vector<Fiber*> fs;
+  for (int t = 0; t < threads; ++t) {
+    Fiber& f = *g_fibers[(size_t)t];
+    const unsigned tx = (unsigned)t % c.block.x, ty = ((unsigned)t / c.block.x) % c.block.y,
+                   tz = (unsigned)t / (c.block.x * c.block.y);
+    f.place = Place{{tx, ty, tz}, {bx, by, bz}, c.block, c.grid};
+    f.state = State::Runnable;
+    f.fake_stack = nullptr;
+    start_context(f.ctx, f.stack.get(), kFiberStack, fiber_main);
+    fs.push_back(&f);
+  }
+  std::string outcome;
+  // Odd blocks start backward: a race without any barrier shows in one block or the other.
+  for (bool forward = (bx + by + bz) % 2 == 0;; forward = !forward) {
+    for (int k = 0; k < threads; ++k) {
+      Fiber& f = *fs[(size_t)(forward ? k : threads - 1 - k)];
+      if (f.state == State::Runnable) resume(f);
+    }
+    outcome = release_waiting(fs);
+    if (!outcome.empty()) break;
+  }
+  g_block = nullptr;
+  if (!run.failure.empty()) return run.failure;
+  return outcome == "done" ? "" : outcome;
+}
+
+}  // namespace
+
+const Place& here() {
+  block_of("threadIdx/blockIdx");
+  return g_fiber->place;
+}
+void sync_block() {
+  block_of("__syncthreads");
+  suspend(State::AtBlockBarrier);
+}
+void* dynamic_shared_memory() { return block_of("extern __shared__").dynamic.data(); }
+
+uint64_t warp_exchange(uint64_t mine, int from_lane, bool* found) {
+  BlockRun& b = block_of("a warp shuffle");
+  const unsigned lin = linear_thread(g_fiber->place), warp = lin / 32;
+  const int width = std::min(32, b.threads - (int)warp * 32);
+  b.lanes[lin] = mine;
+  suspend(State::AtWarpBarrier);
+  uint64_t got = mine;
+  *found = from_lane >= 0 && from_lane < 32;  // past the warp: the caller's own value, as CUDA defines
+  if (*found) {
+    // A lane the block does not have (a partial last warp) or one that returned: undefined on a GPU.
+    if (from_lane >= width) trap("a warp shuffle reads a lane past the block's last thread (a partial warp)");
+    if (g_fibers[warp * 32 + (unsigned)from_lane]->state == State::Done)
+      trap("a warp shuffle reads a lane that has returned");
+    got = b.lanes[warp * 32 + (unsigned)from_lane];
+  }
+  suspend(State::AtWarpBarrier);  // every lane has read before any writes its slot again
+  return got;
+}
+
+void trap(const char* what) { throw std::runtime_error(std::string("simt: ") + what); }
+void atomic_lock() { g_atomic.lock(); }
+void atomic_unlock() { g_atomic.unlock(); }
+
+void run_grid(const LaunchConfig& c, const std::function<void()>& body) {
+  const uint64_t threads = (uint64_t)c.block.x * c.block.y * c.block.z;
+  if (threads == 0 || threads > 1024 || c.block.z > 64 || c.grid.x == 0 || c.grid.y == 0 || c.grid.z == 0 ||
+      c.grid.y > 65535 || c.grid.z > 65535) {
+    set_error(cudaErrorInvalidValue, "invalid launch configuration");
+    return;
+  }
+  // Dynamic shared memory above 48 KiB needs the kernel's opt-in on a GPU; the kernels
+  // here that ask for more go through the staged path, which this emulation refuses.
+  if (c.smem > 48 * 1024) {
+    set_error(cudaErrorInvalidValue, "dynamic shared memory above 48 KiB");
+    return;
+  }
+  std::lock_guard<std::mutex> lk(g_launch);
+  for (unsigned bz = 0; bz < c.grid.z; ++bz)
+    for (unsigned by = 0; by < c.grid.y; ++by)
+      for (unsigned bx = 0; bx < c.grid.x; ++bx) {
+        const std::string failure = run_block(c, bx, by, bz, (int)threads, body);
+        if (!failure.empty()) {
+          set_error(cudaErrorLaunchFailure, failure);
+          return;
+        }
+      }
+}
+
+}  // namespace simt
+
+// ---- runtime ----------------------------------------------------------------------
+namespace {
+cudaError_t copy(void* dst, const void* src, size_t bytes) {
+  if (bytes) std::memmove(dst, src, bytes);
+  return cudaSuccess;
+}
+template <class T>
+T* handle() {
+  return reinterpret_cast<T*>(new char(0));
+}
+template <class T>
+void drop(T* h) {
+  delete reinterpret_cast<char*>(h);
+}
+constexpr int kMultiprocessors = 2;
+constexpr size_t kDeviceMemory = size_t(16) << 30;
+size_t simt_allocated_bytes() {
+  std::lock_guard<std::mutex> lk(simt::g_state);
+  return simt::g_allocated;
+}
+}  // namespace
+
+cudaError_t cudaGetDeviceCount(int* n) {
+  *n = 1;
+  return cudaSuccess;
+}
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int device) {
+  if (device != 0) return cudaErrorInvalidValue;
+  *p = cudaDeviceProp{};
+  std::snprintf(p->name, sizeof p->name, "SIMT host emulation (no GPU)");
+  p->major = 9, p->minor = 0;
+  p->multiProcessorCount = kMultiprocessors;
+  p->l2CacheSize = 50 << 20;
+  p->totalGlobalMem = kDeviceMemory;
+  p->sharedMemPerBlockOptin = 232448;
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
+  switch (a) {
+    case cudaDevAttrMultiProcessorCount: *v = kMultiprocessors; break;
+    case cudaDevAttrMemoryPoolsSupported: *v = 1; break;
+    case cudaDevAttrMemoryClockRate: *v = 1000000; break;
+    case cudaDevAttrGlobalMemoryBusWidth: *v = 1024; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = 232448; break;
+    case cudaDevAttrComputeCapabilityMajor: *v = 9; break;
+    case cudaDevAttrComputeCapabilityMinor: *v = 0; break;
+  }
+  return cudaSuccess;
+}
+cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidValue; }
+cudaError_t cudaRuntimeGetVersion(int* v) { return *v = 0, cudaSuccess; }
+cudaError_t cudaDriverGetVersion(int* v) { return *v = 0, cudaSuccess; }
+cudaError_t cudaMemGetInfo(size_t* f, size_t* t) {
+  *t = kDeviceMemory;
+  *f = *t - simt_allocated_bytes();
+  return cudaSuccess;
+}
+cudaError_t cudaGetLastError() {
+  std::lock_guard<std::mutex> lk(simt::g_state);
+  const cudaError_t e = simt::g_last;
+  simt::g_last = cudaSuccess;
+  return e;
+}
+const char* cudaGetErrorName(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    default: return "cudaErrorLaunchFailure";
+  }
+}
+const char* cudaGetErrorString(cudaError_t e) {
+  // The text of the last launch failure (kept until the next one), for the test's message.
+  static thread_local std::string text;
+  std::lock_guard<std::mutex> lk(simt::g_state);
+  text = e == cudaSuccess ? "no error" : simt::g_last_text.empty() ? cudaGetErrorName(e) : simt::g_last_text;
+  return text.c_str();
+}
+
+// Streams and events: the work is done when it is enqueued, so there is nothing to wait for.
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) { return *s = handle<CUstream_st>(), cudaSuccess; }
+cudaError_t cudaStreamDestroy(cudaStream_t s) { return drop(s), cudaSuccess; }
+cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned) { return cudaSuccess; }
+cudaError_t cudaEventCreate(cudaEvent_t* e) { return *e = handle<CUevent_st>(), cudaSuccess; }
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) { return cudaEventCreate(e); }
+cudaError_t cudaEventDestroy(cudaEvent_t e) { return drop(e), cudaSuccess; }
+cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) { return cudaSuccess; }
+cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t, cudaEvent_t) { return *ms = 0.f, cudaSuccess; }
+
+cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* p, int) {
+  static char pool;
+  *p = reinterpret_cast<cudaMemPool_t>(&pool);
+  return cudaSuccess;
+}
+cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t, cudaMemPoolAttr, void*) { return cudaSuccess; }
+cudaError_t cudaMemPoolGetAttribute(cudaMemPool_t, cudaMemPoolAttr a, void* v) {
+  if (a == cudaMemPoolAttrReservedMemCurrent) *static_cast<uint64_t*>(v) = simt_allocated_bytes();
+  return cudaSuccess;
+}
+cudaError_t cudaMemPoolTrimTo(cudaMemPool_t, size_t) { return cudaSuccess; }
+
+// Exactly `bytes` (AddressSanitizer sees a read one past the end), 256-byte aligned as
+// cudaMalloc's are, poisoned with 0xff bytes: a float read before any write is a NaN.
+cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t) {
+  *p = nullptr;
+  if (bytes == 0) return cudaSuccess;
+  if (bytes > kDeviceMemory - simt_allocated_bytes()) return cudaErrorMemoryAllocation;  // as a full GPU says
+  if (posix_memalign(p, 256, bytes) != 0) return *p = nullptr, cudaErrorMemoryAllocation;
+  std::memset(*p, 0xff, bytes);
+  std::lock_guard<std::mutex> lk(simt::g_state);
+  simt::g_allocations[*p] = bytes;
+  simt::g_allocated += bytes;
+  return cudaSuccess;
+}
+cudaError_t cudaFreeAsync(void* p, cudaStream_t) {
+  if (!p) return cudaSuccess;
+  {
+    std::lock_guard<std::mutex> lk(simt::g_state);
+    auto it = simt::g_allocations.find(p);
+    if (it == simt::g_allocations.end()) return cudaErrorInvalidValue;
+    simt::g_allocated -= it->second;
+    simt::g_allocations.erase(it);
+  }
+  std::free(p);
+  return cudaSuccess;
+}
+cudaError_t cudaMallocHost(void** p, size_t bytes) {
+  *p = std::malloc(bytes ? bytes : 1);
+  return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+}
+cudaError_t cudaFreeHost(void* p) { return std::free(p), cudaSuccess; }
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind, cudaStream_t) {
+  return copy(dst, src, bytes);
+}
+cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height,
+                              cudaMemcpyKind, cudaStream_t) {
+  if (width > dpitch || width > spitch) return cudaErrorInvalidValue;  // as the runtime refuses it
+  for (size_t r = 0; r < height; ++r)
+    copy(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch, width);
+  return cudaSuccess;
+}
+cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t) {
+  if (bytes) std::memset(dst, value, bytes);
+  return cudaSuccess;
+}
+cudaError_t simt_func_attributes(cudaFuncAttributes* a) {
+  *a = cudaFuncAttributes{};
+  return cudaSuccess;
+}
+cudaError_t simt_occupancy(int* blocks, int threads) {
+  *blocks = std::max(1, std::min(32, 2048 / std::max(threads, 1)));
+  return cudaSuccess;
+}
+
+// ---- cuDNN handles ----------------------------------------------------------------
+cudnnStatus_t cudnnCreate(cudnnHandle_t* h) { return *h = handle<cudnnContext>(), CUDNN_STATUS_SUCCESS; }
+cudnnStatus_t cudnnDestroy(cudnnHandle_t h) { return drop(h), CUDNN_STATUS_SUCCESS; }
+cudnnStatus_t cudnnSetStream(cudnnHandle_t, cudaStream_t) { return CUDNN_STATUS_SUCCESS; }
+const char* cudnnGetErrorString(cudnnStatus_t s) { return s == CUDNN_STATUS_SUCCESS ? "CUDNN_STATUS_SUCCESS" : "CUDNN_STATUS_ERROR"; }
+size_t cudnnGetVersion() { return 0; }
+
+// ---- cuBLAS -----------------------------------------------------------------------
+cublasStatus_t cublasCreate(cublasHandle_t* h) { return *h = handle<cublasContext>(), CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasDestroy(cublasHandle_t h) { return drop(h), CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasSetStream(cublasHandle_t, cudaStream_t) { return CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasSetMathMode(cublasHandle_t, cublasMath_t) { return CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasGetProperty(libraryPropertyType, int* v) { return *v = 0, CUBLAS_STATUS_SUCCESS; }
+const char* cublasGetStatusName(cublasStatus_t s) {
+  return s == CUBLAS_STATUS_SUCCESS ? "CUBLAS_STATUS_SUCCESS" : "CUBLAS_STATUS_INVALID_VALUE";
+}
+cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+                                         int k, const float* alpha, const float* A, int lda, long long sa,
+                                         const float* B, int ldb, long long sb, const float* beta, float* C, int ldc,
+                                         long long sc, int batch) {
+  // cuBLAS's own argument checks (column-major leading dimensions).
+  if (m < 0 || n < 0 || k < 0 || batch < 0 || ldc < std::max(1, m) ||
+      lda < std::max(1, ta == CUBLAS_OP_N ? m : k) || ldb < std::max(1, tb == CUBLAS_OP_N ? k : n))
+    return CUBLAS_STATUS_INVALID_VALUE;
+  for (int b = 0; b < batch; ++b) {
+    const float* Ab = A + b * sa;
+    const float* Bb = B + b * sb;
+    float* Cb = C + b * sc;
+    for (int j = 0; j < n; ++j)
+      for (int i = 0; i < m; ++i) {
+        double s = 0;
+        for (int l = 0; l < k; ++l)
+          s += (double)(ta == CUBLAS_OP_N ? Ab[i + (int64_t)l * lda] : Ab[l + (int64_t)i * lda]) *
+               (tb == CUBLAS_OP_N ? Bb[l + (int64_t)j * ldb] : Bb[j + (int64_t)l * ldb]);
+        float& c = Cb[i + (int64_t)j * ldc];
+        // beta 0: C is not read (it may hold anything, NaN included), as cuBLAS documents.
+        c = (float)(*alpha * s + (*beta == 0.f ? 0.0 : (double)*beta * c));
+      }
+  }
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasSgemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                           const float* alpha, const float* A, int lda, const float* B, int ldb, const float* beta,
+                           float* C, int ldc) {
+  return cublasSgemmStridedBatched(h, ta, tb, m, n, k, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
+}

@@ -107,7 +107,7 @@ t.test('phantom -> prepare (incremental, interruptible) -> train -> predict -> e
   // Predict the test split (default) from the run's cache: NIfTI on the original grid.
   const predicted = await cmseg(['predict', '--checkpoint', 'runs/cm/best.safetensors', '--out', 'pred']);
   t.equal(predicted.exitCode, 0, predicted.stderr);
-  t.match(predicted.stdout, /^predicted 1 case\(s\) from the test split of the run \(the cache cache\): 5 NIfTI volumes and 4 PNG pictures \(labels in BraTS 2021 numbering\)\noutputs:\n  volumes +pred\n  legend +pred\/README\.txt\n$/);
+  t.match(predicted.stdout, /^predicted 1 case\(s\) from the test split of the run \(the cache at cache\): 5 NIfTI volumes and 4 PNG pictures \(labels in BraTS 2021 numbering\)\noutputs:\n  volumes +pred\n  legend +pred\/README\.txt\n$/);
   const id = splits.test[0];
   const source = await readNifti(path.join(dir, 'data', id, `${id}_t1.nii.gz`));
   const consensus = await readNifti(path.join(dir, 'pred', `${id}_consensus.nii.gz`));

@@ -266,5 +266,5 @@ t.test('eval and predict of a moved run folder find the cache train prepared int
   t.equal(saved.split, 'test');
   const predicted = await runCli(['predict', '--checkpoint', path.join('moved', 'last.safetensors'), '--out', 'p', '--probs', 'none'], root);
   t.equal(predicted.exitCode, 0, predicted.stderr);
-  t.match(predicted.stdout, /from the test split of the run \(the cache .*moved\/cache\)/);
+  t.match(predicted.stdout, /from the test split of the run \(the cache at .*moved\/cache\)/);
 });

@@ -216,7 +216,7 @@ t.test('an API 3D model on phantom BraTS cases: NIfTI on the original grid', asy
   t.equal(prepared.exitCode, 0, prepared.stderr);
   const cached = await cli(['eval', '--checkpoint', 'api3d.safetensors', '--data', 'cache', '--patch', '16', '--out', 'cache-eval.json']);
   t.equal(cached.exitCode, 0, cached.stderr);
-  t.match(cached.stdout, /^model at step 3, 2 case\(s\) from the cache cache:\n/);
+  t.match(cached.stdout, /^model at step 3, 2 case\(s\) from the cache at cache:\n/);
   t.match(unpadded(cached.stdout), /\| CM estimation error \(RMSE\) \| /);
   t.same(json('cache-eval.json').metrics.annotatorNames, ['over', 'under', 'wrong']);
 });

@@ -67,7 +67,7 @@ export function cacheCases(cacheDir: string, ids?: readonly string[], forScoring
   const naming = new Map(index.cases.map((c) => [c.id, c.naming]));
   return {
     ids: ids ? [...ids] : index.cases.map((c) => c.id),
-    from: `the cache ${displayPath(cacheDir)}`,
+    from: `the cache at ${displayPath(cacheDir)}`,
     annotators: [...index.names],
     labelScheme,
     load: async (id) => {

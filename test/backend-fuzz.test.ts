@@ -30,7 +30,10 @@
 // (their 3-5 step trajectories are chaotic). What neither allowance covers is a ReLU kink:
 // a pre-activation within float32 rounding of 0 (the fuzz hit one at 3.8e-7 in dec.0.norm2,
 // a voxel whose gradient float32 masks and float64 passes: 5% off in every gradient below
-// it, gone when one input in seven moves by 1e-5). The sample's seeds stay clear of them.
+// it, gone when one input in seven moves by 1e-5). The sample's seeds stay clear of them,
+// in the -march=native build and in the portable one (CMSEG_NATIVE_ARCH=OFF) alike: b16-2d-full's
+// data seed 11 met one in the portable build (a weight 5e-3 off after the Adam steps, between
+// two backends), hence 18.
 import t from 'tap';
 import * as fs from 'fs';
 import * as os from 'os';
@@ -124,7 +127,7 @@ async function run(job) {
 // A fixed-seed sample of the fuzz (/tmp/h-fuzz/driver.ts drew hundreds like these).
 const cases: FuzzCase[] = [
   // the blocked trunk (16 and 32 are multiples of the block): 2D, depth 4, non-square
-  { id: 'b16-2d-full', config: { ndim: 2, inChannels: 3, classes: 4, annotators: 3, depth: 4, baseChannels: 16, cmHeadBlocks: 1, seed: 5 }, n: 2, spatial: [16, 24], dataSeed: 11, p255: 0.1, pAbsent: 0.3, steps: 4, optimizer: { kind: 'adamw', lr: 1e-3, weightDecay: 0.05 }, loss: { lambda: 0.1, lambdaWarmup: 0.03, warmupSteps: 2 } },
+  { id: 'b16-2d-full', config: { ndim: 2, inChannels: 3, classes: 4, annotators: 3, depth: 4, baseChannels: 16, cmHeadBlocks: 1, seed: 5 }, n: 2, spatial: [16, 24], dataSeed: 18, p255: 0.1, pAbsent: 0.3, steps: 4, optimizer: { kind: 'adamw', lr: 1e-3, weightDecay: 0.05 }, loss: { lambda: 0.1, lambdaWarmup: 0.03, warmupSteps: 2 } },
   { id: 'b32-3d-lowrank', config: { ndim: 3, inChannels: 2, classes: 3, annotators: 2, depth: 2, baseChannels: 32, cmMode: 'lowrank', cmRank: 2, cmInit: 'uniform', seed: 7 }, n: 1, spatial: [2, 6, 4], dataSeed: 12, p255: 0.5, pAbsent: 0, steps: 3, optimizer: { kind: 'adam', lr: 2e-3, beta1: 0.8, beta2: 0.99, eps: 1e-6, weightDecay: 0.01 }, loss: { lambda: 0.05 } },
   { id: 'b16-3d-global', config: { ndim: 3, inChannels: 5, classes: 2, annotators: 4, depth: 3, baseChannels: 16, cmMode: 'global', cmHeadBlocks: 2, seed: 10 }, n: 2, spatial: [4, 8, 12], dataSeed: 13, p255: 0.1, pAbsent: 0.3, steps: 3, optimizer: { kind: 'adam', lr: 1e-3 }, loss: { lambda: 0 } },
   // widths that are not multiples of the block: plain activations, reordered per call

@@ -133,8 +133,3 @@ export function quitNow(code: number): never {
   process.emit('exit', code);
   return exitNow(code);
 }
-
-/** "1 PNG picture", "3 PNG pictures": a count and its noun, plural unless one. */
-export function countOf(n: number, noun: string): string {
-  return `${n} ${noun}${n === 1 ? '' : 's'}`;
-}

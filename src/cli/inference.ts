@@ -58,6 +58,13 @@ export type DataTarget =
   | { kind: 'images'; dir: string; labelMapping?: LabelMapping }
   | { kind: 'volumes'; dir: string };
 
+/** --data named a file: which folder the model takes instead (for a case's NIfTI file, the one holding it). */
+function dataFileMessage(file: string, ndim: number): string {
+  if (ndim !== 3) return `--data ${file} is a file: a 2D model takes a folder of PNG images (DIR/images/<name>.png, or DIR/<name>.png)`;
+  const caseFolder = /\.nii(\.gz)?$/i.test(file) ? ` (here ${path.dirname(file)})` : '';
+  return `--data ${file} is a file: a 3D model takes a folder, a BraTS folder of case folders, one case's folder${caseFolder} or a cache of cmseg prepare`;
+}
+
 /**
  * Which data `--data` (or its absence) means for a checkpoint. Without --data: the run's
  * --split (an API checkpoint has none: an error asking for --data). With it: an image-folder
@@ -66,13 +73,6 @@ export type DataTarget =
  * asks for that in any case). A BraTS run's --data is new cases, unless --split is typed:
  * then it is the run's cache where it is now, and the split is read from it.
  */
-/** --data named a file: which folder the model takes instead (for a case's NIfTI file, the one holding it). */
-function dataFileMessage(file: string, ndim: number): string {
-  if (ndim !== 3) return `--data ${file} is a file: a 2D model takes a folder of PNG images (DIR/images/<name>.png, or DIR/<name>.png)`;
-  const caseFolder = /\.nii(\.gz)?$/i.test(file) ? ` (here ${path.dirname(file)})` : '';
-  return `--data ${file} is a file: a 3D model takes a folder, a BraTS folder of case folders, one case's folder${caseFolder} or a cache of cmseg prepare`;
-}
-
 export function dataTarget(info: CheckpointInfo, flags: { data?: string; split: string }, splitTyped: boolean, command: 'predict' | 'eval'): DataTarget {
   const { saved } = info;
   const recipe = info.recipe && withOwnRunCache(info.recipe, path.dirname(path.resolve(info.file)));

@@ -31,11 +31,12 @@ import type { Device } from '../model/config';
 import { argmaxClasses, setNumThreads } from '../model/model';
 import { slidingWindowPredict, windowStep } from '../model/sliding-window';
 import { captionScale, captioned, classLegend, cmFigure, colorImage, grayImage, grid, labelImage, labelOverlay, legend, luminance, stack, upscale } from '../report/pictures';
+import { countOf } from '../eval/report';
 import { drawableText, hasGlyph } from '../report/font';
 import type { AnnotatedSet } from '../train/data';
 import { checkVolumeImages, type InferenceModel, predictImages } from '../train/evaluate';
 import type { BratsDatasetSpec } from '../train/experiment';
-import { choiceOption, countOf, displayPath, given, parseInteger, parseNumber, parsePath, printOutputs, UserError, withExamples } from './common';
+import { choiceOption, displayPath, given, parseInteger, parseNumber, parsePath, printOutputs, UserError, withExamples } from './common';
 import {
   checkBratsModel,
   checkSameRunData,

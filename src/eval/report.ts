@@ -14,8 +14,8 @@ export interface FormatOptions {
   unit?: 'image' | 'volume';
 }
 
-/** "1 volume", "3 volumes". */
-function countOf(n: number, unit: string): string {
+/** "1 volume", "3 volumes": a count and its noun, plural unless one. */
+export function countOf(n: number, unit: string): string {
   return `${n} ${unit}${n === 1 ? '' : 's'}`;
 }
 

@@ -27,7 +27,6 @@
 #define __launch_bounds__(...)
 // One block runs at a time and its threads share one object: a function-local static.
 #define __shared__ static
-#define __CUDA_RUNTIME_H__ 1
 
 // ---- vector types ---------------------------------------------------------------
 struct dim3 {
@@ -236,7 +235,6 @@ struct dynamic_shared_ptr {
 #define blockIdx (::simt::here().block)
 #define blockDim (::simt::here().block_dim)
 #define gridDim (::simt::here().grid_dim)
-#define warpSize 32
 inline void __syncthreads() { ::simt::sync_block(); }
 [[noreturn]] inline void __trap() { ::simt::trap("__trap"); }
 template <class T>
@@ -251,16 +249,9 @@ inline unsigned long long __cvta_generic_to_shared(const void*) { return 0; }
 
 // ---- device math ----------------------------------------------------------------
 // expf, logf, sqrtf, fmaxf, fabsf, fmaf: the C library's (<cmath> declares them globally).
-inline float __expf(float x) { return std::exp(x); }
-inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float a, float b) { return a / b; }
-inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline float __fmul_rn(float a, float b) {
   volatile float r = a * b;  // no contraction into a neighbouring add
-  return r;
-}
-inline float __fadd_rn(float a, float b) {
-  volatile float r = a + b;
   return r;
 }
 inline float __fsub_rn(float a, float b) {

@@ -2,7 +2,6 @@
 // for conv3's own filter-gradient kernel (tensor-core PTX): the CPU reference layers on
 // the emulated device memory, which is host memory. Everything else test_cuda_simt runs
 // is the backend's own kernel code.
-#include <cstring>
 #include <vector>
 
 #include "common.cuh"

@@ -27,7 +27,8 @@ SUB_RUN = re.compile(r"^(cm_loss (?:prefetch|staged|pairs) kernel|cm_loss grid|i
 
 # test_cuda cases each option must have passed in this run (by name; "ok NAME" lines).
 REQUIRED_TESTS = {
-    "CMSEG_CONV_WGRAD": ["conv3_own_filter_grad_matches_cpu", "model_step_gpu_own_filter_grad_close_to_cpu"],
+    "CMSEG_CONV_WGRAD": ["conv3_own_filter_grad_matches_cpu", "conv3_wgrad_paths_match_cpu",
+                         "model_step_gpu_own_filter_grad_close_to_cpu"],
     "CMSEG_HEADS_WGRAD": ["heads_concat_ce_predict_match_cpu"],
     "CMSEG_CONCAT_IN_PLACE": ["heads_concat_ce_predict_match_cpu"],
     "CMSEG_CM_LOSS_KERNEL": ["cm_loss_prefetch_kernel_matches_cpu", "cm_loss_staged_kernel_matches_cpu"],

@@ -46,6 +46,7 @@ const { conv3_backward_filter: _cudnnWgrad, ...withoutWgrad } = BASE;
 
 const ALL_TESTS = [
   'conv3_own_filter_grad_matches_cpu',
+  'conv3_wgrad_paths_match_cpu',
   'model_step_gpu_own_filter_grad_close_to_cpu',
   'heads_concat_ce_predict_match_cpu',
   'cm_loss_prefetch_kernel_matches_cpu',

@@ -638,6 +638,17 @@ TEST(conv3_own_filter_grad_matches_cpu) {
   own_filter_grad_case(1, 3, 5, {19, 3, 7});       // two runs along depth; few channels
   own_filter_grad_case(2, 64, 32, {20, 12, 64});   // two input-channel blocks, several runs per block
   own_filter_grad_case(1, 32, 64, {8, 8, 8});      // two output-channel blocks
+}
+
+// conv3's filter gradient per ContextOptions::conv_wgrad: own and auto take the own
+// kernel for 3D TF32 convolutions only (2D and fp32 keep cuDNN's); the results match
+// the CPU either way.
+TEST(conv3_wgrad_paths_match_cpu) {
+  OptionsGuard guard;
+  if (!own_wgrad_supported()) {
+    check::skip("the own filter-gradient kernel cannot run on this GPU");
+    return;
+  }
   for (cu::WgradPath path : {cu::WgradPath::Own, cu::WgradPath::Auto}) {
     ctx().set_conv_wgrad(path);
     std::printf("  -- conv3 with conv_wgrad %s\n", cu::wgrad_path_name(path));

@@ -1,14 +1,15 @@
 // The part of the CUDA runtime, cuDNN and cuBLAS that the backend's kernel files use,
 // implemented on the host, so that those files (lowered by lower_cuda.cmake: launches
 // become simt::launch calls) compile with a plain C++ compiler and their kernels run on
-// a machine without a GPU (test_cuda_simt). Each CUDA thread is a host thread; the
-// threads of a block meet at real barriers (__syncthreads, the warp shuffles); blocks
-// run one after another; "device" memory is host memory poisoned with NaN bytes when
-// allocated, so a kernel reading what nobody wrote shows up in the results.
+// a machine without a GPU (test_cuda_simt). Each CUDA thread is a fiber on the launching
+// host thread; the threads of a block meet at real barriers (__syncthreads, the warp
+// shuffles, mma.sync); blocks run one after another; "device" memory and shared memory
+// are poisoned with NaN bytes (when allocated, at each block's start), so a kernel
+// reading what nobody wrote shows up in the results.
 //
 // What this checks: the kernels' indexing, bounds, reductions, shared-memory and
-// barrier use, and launch sizes, against the CPU reference. What it cannot: timing,
-// races between blocks, the cp.async and tensor-core paths (asm), real cuDNN.
+// barrier use, launch sizes, and their cp.async / mma.sync PTX (emulated below), against
+// the CPU reference. What it cannot: timing, races between blocks, real cuDNN.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -25,7 +26,11 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-// One block runs at a time and its threads share one object: a function-local static.
+// The kernels' `__CUDA_ARCH__ >= 800` code: lower_cuda.cmake renames the macro to this
+// (defined for the lowered kernel files only, not for host code, where nvcc has none).
+#define CMSEG_SIMT_CUDA_ARCH 900
+// One block runs at a time and its threads share one object: a function-local static,
+// poisoned at each block's start (lower_cuda.cmake adds the simt::poison_shared call).
 #define __shared__ static
 
 // ---- vector types ---------------------------------------------------------------
@@ -93,6 +98,7 @@ cudaError_t cudaGetDeviceCount(int* n);
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int device);
 cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int device);
 cudaError_t cudaSetDevice(int device);
+cudaError_t cudaGetDevice(int* device);
 cudaError_t cudaRuntimeGetVersion(int* v);
 cudaError_t cudaDriverGetVersion(int* v);
 cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes);
@@ -121,21 +127,24 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
 cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height,
                               cudaMemcpyKind k, cudaStream_t s = nullptr);
 cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t s = nullptr);
-// Function attributes: binaryVersion 0 (no SASS here), so paths that need sm_80 code
-// (the staged CM loss, the own filter gradient) are refused as on an old GPU.
-cudaError_t simt_func_attributes(cudaFuncAttributes* a);
+// Function attributes: the kernels "have" sm_90 code (binaryVersion 90, the emulated
+// device's), so the paths that need sm_80 (the staged CM loss, the own filter gradient)
+// run, their PTX lowered to the simt calls below. Dynamic shared memory above 48 KiB
+// needs the kernel's opt-in, as on a GPU, up to the device's per-block limit.
+cudaError_t simt_func_attributes(cudaFuncAttributes* a, const void* kernel);
+cudaError_t simt_set_max_dynamic_shared(const void* kernel, int bytes);
 template <class F>
-cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F) {
-  return simt_func_attributes(a);
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F kernel) {
+  return simt_func_attributes(a, reinterpret_cast<const void*>(kernel));
 }
 template <class F>
-cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) {
-  return cudaSuccess;
+cudaError_t cudaFuncSetAttribute(F kernel, cudaFuncAttribute, int bytes) {
+  return simt_set_max_dynamic_shared(reinterpret_cast<const void*>(kernel), bytes);
 }
-cudaError_t simt_occupancy(int* blocks, int threads);
+cudaError_t simt_occupancy(int* blocks, int threads, size_t smem);
 template <class F>
-cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, F, int threads, size_t) {
-  return simt_occupancy(blocks, threads);
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, F, int threads, size_t smem) {
+  return simt_occupancy(blocks, threads, smem);
 }
 
 // ---- cuDNN (handles only: the convolutions are stand-ins, simt_standins.cpp) --------
@@ -185,6 +194,9 @@ struct Place {
 const Place& here();
 void sync_block();
 void* dynamic_shared_memory();
+// Fills a static __shared__ object with 0xff bytes (NaN floats) the first time a thread of
+// the running block reaches its declaration, so no block reads what the last one left.
+void poison_shared(void* object, size_t bytes);
 // Lane exchange for the warp shuffles: every lane of the warp publishes 8 bytes, the
 // lanes wait for each other, read lane `from`'s (or keep their own where `from` is
 // outside the warp), and wait again so the slots can be reused.
@@ -193,6 +205,16 @@ uint64_t warp_exchange(uint64_t mine, int from_lane, bool* found);
 void atomic_lock();
 void atomic_unlock();
 
+// The PTX the kernels use, lowered by lower_cuda.cmake (each thread's cp.async copies
+// land at its cp.async.wait_group, their destinations poisoned until then, so a read
+// that does not wait shows; mma.sync is a warp collective like the shuffles).
+unsigned shared_address(const void* p);  // __cvta_generic_to_shared: dynamic shared memory only
+void cp_async(unsigned dst, const void* src, int bytes, int read);
+void cp_async_commit();
+void cp_async_wait(int newest_pending);
+uint32_t cvt_rna_tf32(float v);
+void mma_m16n8k8_tf32(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+
 struct LaunchConfig {
   dim3 grid, block;
   size_t smem;
@@ -200,13 +222,13 @@ struct LaunchConfig {
 };
 // Runs body once per thread of the grid (records a launch error instead when the shape
 // is one CUDA refuses, or a thread failed).
-void run_grid(const LaunchConfig& c, const std::function<void()>& body);
+void run_grid(const void* kernel, const LaunchConfig& c, const std::function<void()>& body);
 
 template <class... P, class... A>
 void launch(void (*kernel)(P...), const LaunchConfig& c, A&&... args) {
   // Parameters are copied at the launch, converted to the kernel's types, as CUDA does.
   std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
-  run_grid(c, [&] { std::apply(kernel, params); });
+  run_grid(reinterpret_cast<const void*>(kernel), c, [&] { std::apply(kernel, params); });
 }
 
 template <class T>
@@ -245,7 +267,17 @@ template <class T>
 T __ldg(const T* p) {
   return *p;
 }
-inline unsigned long long __cvta_generic_to_shared(const void*) { return 0; }
+inline unsigned long long __cvta_generic_to_shared(const void* p) { return ::simt::shared_address(p); }
+inline unsigned __float_as_uint(float v) {
+  unsigned u;
+  std::memcpy(&u, &v, 4);
+  return u;
+}
+inline float __uint_as_float(unsigned u) {
+  float v;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
 
 // ---- device math ----------------------------------------------------------------
 // expf, logf, sqrtf, fmaxf, fabsf, fmaf: the C library's (<cmath> declares them globally).

@@ -14,6 +14,7 @@
 // backward pass, for a kernel that has no barrier at all).
 #include <ucontext.h>
 
+#include <array>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -97,8 +98,18 @@ constexpr size_t kFiberStack = size_t(128) << 10;  // a kernel's frames, with th
 
 enum class State { Runnable, AtBlockBarrier, AtWarpBarrier, Done };
 
+// One cp.async: its destination (an offset into the block's dynamic shared memory), its
+// source, the bytes it copies and the bytes it reads (the rest zero-filled).
+struct AsyncCopy {
+  unsigned dst;
+  const void* src;
+  int bytes, read;
+};
+
 struct Fiber {
   Context ctx;
+  std::vector<AsyncCopy> open;                   // issued since the last commit
+  std::vector<std::vector<AsyncCopy>> committed;  // groups in commit order, not yet waited for
   std::unique_ptr<char[]> stack{new char[kFiberStack]};
   State state = State::Done;
   Place place;
@@ -109,11 +120,13 @@ struct BlockRun {
   int threads;
   std::vector<uint64_t> lanes;  // one shuffle slot per thread
   std::vector<double> dynamic;  // the launch's dynamic shared memory (8-byte aligned)
+  std::vector<const void*> poisoned;  // static __shared__ objects this block has poisoned
+  std::vector<std::array<uint32_t, 6>> mma_in;  // each lane's A and B fragments at an mma.sync
   const std::function<void()>* body;
   Context scheduler;
   std::string failure;
   BlockRun(int n, size_t smem_bytes, const std::function<void()>* b)
-      : threads(n), lanes((size_t)n), dynamic((smem_bytes + 7) / 8), body(b) {
+      : threads(n), lanes((size_t)n), dynamic((smem_bytes + 7) / 8), mma_in((size_t)n), body(b) {
     // Poisoned like device memory: a slot read before any thread wrote it is a NaN.
     if (!dynamic.empty()) std::memset(dynamic.data(), 0xff, dynamic.size() * sizeof(double));
   }
@@ -127,6 +140,8 @@ size_t g_host_stack_size = 0;
 std::mutex g_launch;  // one launch at a time (the fibers share the globals above)
 
 std::mutex g_atomic, g_state;
+constexpr size_t kSharedDefault = 48 * 1024, kSharedPerBlockOptin = 232448;
+std::map<const void*, size_t> g_max_dynamic_shared;  // the kernels' opt-ins
 cudaError_t g_last = cudaSuccess;
 std::string g_last_text;
 std::map<const void*, size_t> g_allocations;
@@ -225,6 +240,7 @@ std::string run_block(const LaunchConfig& c, unsigned bx, unsigned by, unsigned 
     f.place = Place{{tx, ty, tz}, {bx, by, bz}, c.block, c.grid};
     f.state = State::Runnable;
     f.fake_stack = nullptr;
+    f.open.clear(), f.committed.clear();  // a thread that ended with copies in flight
     start_context(f.ctx, f.stack.get(), kFiberStack, fiber_main);
     fs.push_back(&f);
   }
@@ -254,6 +270,12 @@ void sync_block() {
   suspend(State::AtBlockBarrier);
 }
 void* dynamic_shared_memory() { return block_of("extern __shared__").dynamic.data(); }
+void poison_shared(void* object, size_t bytes) {
+  BlockRun& b = block_of("__shared__");
+  if (std::find(b.poisoned.begin(), b.poisoned.end(), object) != b.poisoned.end()) return;
+  std::memset(object, 0xff, bytes);
+  b.poisoned.push_back(object);
+}
 
 uint64_t warp_exchange(uint64_t mine, int from_lane, bool* found) {
   BlockRun& b = block_of("a warp shuffle");
@@ -274,33 +296,185 @@ uint64_t warp_exchange(uint64_t mine, int from_lane, bool* found) {
   return got;
 }
 
+unsigned shared_address(const void* p) {
+  BlockRun& b = block_of("__cvta_generic_to_shared");
+  const char* base = reinterpret_cast<const char*>(b.dynamic.data());
+  const char* q = static_cast<const char*>(p);
+  if (q < base || q >= base + b.dynamic.size() * sizeof(double))
+    trap("__cvta_generic_to_shared of an address outside the launch's dynamic shared memory");
+  return (unsigned)(q - base);
+}
+
+void cp_async(unsigned dst, const void* src, int bytes, int read) {
+  BlockRun& b = block_of("cp.async");
+  if (read < 0 || read > bytes) trap("cp.async reads more bytes than it copies");
+  if (dst % (unsigned)bytes != 0 || reinterpret_cast<uintptr_t>(src) % (uintptr_t)bytes != 0)
+    trap("cp.async with an address not aligned to its size (a misaligned address error on a GPU)");
+  if ((size_t)dst + (size_t)bytes > b.dynamic.size() * sizeof(double))
+    trap("cp.async past the launch's dynamic shared memory");
+  // Until the thread waits for it the destination holds nothing it may read: poisoned.
+  std::memset(reinterpret_cast<char*>(b.dynamic.data()) + dst, 0xff, (size_t)bytes);
+  g_fiber->open.push_back({dst, src, bytes, read});
+}
+
+void cp_async_commit() {
+  block_of("cp.async.commit_group");
+  g_fiber->committed.push_back(std::move(g_fiber->open));
+  g_fiber->open.clear();
+}
+
+// Lands every committed group of the calling thread but the newest `newest_pending`.
+void cp_async_wait(int newest_pending) {
+  BlockRun& b = block_of("cp.async.wait_group");
+  auto& groups = g_fiber->committed;
+  const size_t land = groups.size() > (size_t)newest_pending ? groups.size() - (size_t)newest_pending : 0;
+  char* smem = reinterpret_cast<char*>(b.dynamic.data());
+  for (size_t g = 0; g < land; ++g)
+    for (const AsyncCopy& c : groups[g]) {
+      if (c.read > 0) std::memcpy(smem + c.dst, c.src, (size_t)c.read);
+      std::memset(smem + c.dst + c.read, 0, (size_t)(c.bytes - c.read));
+    }
+  groups.erase(groups.begin(), groups.begin() + (std::ptrdiff_t)land);
+}
+
+uint32_t cvt_rna_tf32(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7f800000u) == 0x7f800000u) return u;  // Inf and NaN as they are
+  return (u + 0x1000u) & 0xffffe000u;  // the lower 13 bits rounded off, ties away from zero
+}
+
+// A tensor-core product of the warp: D (16x8) = A (16x8) B (8x8) + C in the fragment
+// layouts of mma.m16n8k8 (PTX ISA, "Matrix Fragments for mma.m16n8k8", .tf32), with
+// g = lane / 4, t = lane % 4: A a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4);
+// B b0 (t, g), b1 (t + 4, g); C and D c0 (g, 2t), c1 (g, 2t + 1), c2 (g + 8, 2t),
+// c3 (g + 8, 2t + 1). The tensor cores read 19 bits of each TF32 operand: the rest are
+// dropped here too.
+void mma_m16n8k8_tf32(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  BlockRun& run = block_of("mma.sync");
+  const unsigned lin = linear_thread(g_fiber->place), warp = lin / 32;
+  if ((int)(warp + 1) * 32 > run.threads) trap("mma.sync in a partial warp (every lane takes part)");
+  run.mma_in[lin] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  suspend(State::AtWarpBarrier);
+  for (unsigned l = 0; l < 32; ++l)
+    if (g_fibers[warp * 32 + l]->state == State::Done) trap("mma.sync with a lane that has returned");
+  const auto* lanes = &run.mma_in[warp * 32];
+  auto tf32 = [](uint32_t u) {
+    u &= 0xffffe000u;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  };
+  auto A = [&](int row, int k) { return tf32(lanes[(row % 8) * 4 + k % 4][(row >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0)]); };
+  auto B = [&](int k, int col) { return tf32(lanes[col * 4 + k % 4][4 + (k >= 4 ? 1 : 0)]); };
+  const int g = (int)(lin % 32) / 4, t = (int)(lin % 32) % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+    float sum = c[i];
+    for (int k = 0; k < 8; ++k) sum += A(row, k) * B(k, col);
+    c[i] = sum;
+  }
+  suspend(State::AtWarpBarrier);  // every lane has read before any writes its slot again
+}
+
 void trap(const char* what) { throw std::runtime_error(std::string("simt: ") + what); }
 void atomic_lock() { g_atomic.lock(); }
 void atomic_unlock() { g_atomic.unlock(); }
 
-void run_grid(const LaunchConfig& c, const std::function<void()>& body) {
+// CMSEG_SIMT_BLOCK_ORDER=check: each launch of more than one block runs twice from the
+// same device memory, its blocks in grid order and then in reverse, and both must leave
+// the same bytes. A GPU runs blocks in any order and at once, so a kernel whose blocks
+// depend on each other within a launch (one reads what another writes, two write other
+// values to one place) gives results that depend on the order. Integer atomics commute;
+// float atomics would not (the kernels have none). Costs two copies of all device memory
+// a launch: for the kernel cases, not whole training steps.
+bool block_order_check() {
+  const char* e = std::getenv("CMSEG_SIMT_BLOCK_ORDER");  // read at each launch: a test may set it
+  return e && std::string(e) == "check";
+}
+
+std::vector<std::vector<char>> device_contents() {
+  std::lock_guard<std::mutex> lk(g_state);
+  std::vector<std::vector<char>> all;
+  all.reserve(g_allocations.size());
+  for (const auto& [p, bytes] : g_allocations) {
+    const char* q = static_cast<const char*>(p);
+    all.emplace_back(q, q + bytes);
+  }
+  return all;
+}
+
+void restore_device_contents(const std::vector<std::vector<char>>& all) {
+  std::lock_guard<std::mutex> lk(g_state);
+  size_t k = 0;
+  for (const auto& [p, bytes] : g_allocations) std::memcpy(const_cast<void*>(p), all[k++].data(), bytes);
+}
+
+// "" when device memory holds `want`, else where it first differs.
+std::string first_difference(const std::vector<std::vector<char>>& want) {
+  std::lock_guard<std::mutex> lk(g_state);
+  size_t k = 0;
+  for (const auto& [p, bytes] : g_allocations) {
+    const char* q = static_cast<const char*>(p);
+    const std::vector<char>& w = want[k++];
+    if (std::memcmp(q, w.data(), bytes) == 0) continue;
+    size_t at = 0;
+    while (q[at] == w[at]) ++at;
+    return "an allocation of " + std::to_string(bytes) + " bytes, first at byte " + std::to_string(at);
+  }
+  return "";
+}
+
+size_t max_dynamic_shared(const void* kernel) {
+  std::lock_guard<std::mutex> lk(g_state);
+  const auto it = g_max_dynamic_shared.find(kernel);
+  return it == g_max_dynamic_shared.end() ? kSharedDefault : it->second;
+}
+
+void run_grid(const void* kernel, const LaunchConfig& c, const std::function<void()>& body) {
   const uint64_t threads = (uint64_t)c.block.x * c.block.y * c.block.z;
   if (threads == 0 || threads > 1024 || c.block.z > 64 || c.grid.x == 0 || c.grid.y == 0 || c.grid.z == 0 ||
       c.grid.y > 65535 || c.grid.z > 65535) {
     set_error(cudaErrorInvalidValue, "invalid launch configuration");
     return;
   }
-  // Dynamic shared memory above 48 KiB needs the kernel's opt-in on a GPU; the kernels
-  // here that ask for more go through the staged path, which this emulation refuses.
-  if (c.smem > 48 * 1024) {
-    set_error(cudaErrorInvalidValue, "dynamic shared memory above 48 KiB");
+  // Dynamic shared memory above 48 KiB needs the kernel's opt-in (cudaFuncSetAttribute).
+  if (c.smem > max_dynamic_shared(kernel)) {
+    set_error(cudaErrorInvalidValue, c.smem > kSharedDefault ? "dynamic shared memory above 48 KiB without the kernel's opt-in"
+                                                             : "dynamic shared memory above the kernel's limit");
     return;
   }
   std::lock_guard<std::mutex> lk(g_launch);
+  std::vector<dim3> blocks;
+  blocks.reserve((size_t)c.grid.x * c.grid.y * c.grid.z);
   for (unsigned bz = 0; bz < c.grid.z; ++bz)
     for (unsigned by = 0; by < c.grid.y; ++by)
-      for (unsigned bx = 0; bx < c.grid.x; ++bx) {
-        const std::string failure = run_block(c, bx, by, bz, (int)threads, body);
-        if (!failure.empty()) {
-          set_error(cudaErrorLaunchFailure, failure);
-          return;
-        }
+      for (unsigned bx = 0; bx < c.grid.x; ++bx) blocks.emplace_back(bx, by, bz);
+  // Runs the blocks in grid order (or its reverse); false, the error set, when one failed.
+  auto run_blocks = [&](bool reverse) {
+    for (size_t k = 0; k < blocks.size(); ++k) {
+      const dim3 b = blocks[reverse ? blocks.size() - 1 - k : k];
+      const std::string failure = run_block(c, b.x, b.y, b.z, (int)threads, body);
+      if (!failure.empty()) {
+        set_error(cudaErrorLaunchFailure, failure);
+        return false;
       }
+    }
+    return true;
+  };
+  if (!block_order_check() || blocks.size() < 2) {
+    run_blocks(false);
+    return;
+  }
+  const std::vector<std::vector<char>> before = device_contents();
+  if (!run_blocks(false)) return;
+  const std::vector<std::vector<char>> forward = device_contents();
+  restore_device_contents(before);
+  if (!run_blocks(true)) return;
+  const std::string differs = first_difference(forward);
+  if (!differs.empty())
+    set_error(cudaErrorLaunchFailure, "blocks race: the grid run in reverse order gives other results (" + differs +
+                                          "): a block reads what another writes, or two write one place");
 }
 
 }  // namespace simt
@@ -339,7 +513,7 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int device) {
   p->multiProcessorCount = kMultiprocessors;
   p->l2CacheSize = 50 << 20;
   p->totalGlobalMem = kDeviceMemory;
-  p->sharedMemPerBlockOptin = 232448;
+  p->sharedMemPerBlockOptin = simt::kSharedPerBlockOptin;
   return cudaSuccess;
 }
 cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
@@ -348,13 +522,14 @@ cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
     case cudaDevAttrMemoryPoolsSupported: *v = 1; break;
     case cudaDevAttrMemoryClockRate: *v = 1000000; break;
     case cudaDevAttrGlobalMemoryBusWidth: *v = 1024; break;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = 232448; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = (int)simt::kSharedPerBlockOptin; break;
     case cudaDevAttrComputeCapabilityMajor: *v = 9; break;
     case cudaDevAttrComputeCapabilityMinor: *v = 0; break;
   }
   return cudaSuccess;
 }
 cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidValue; }
+cudaError_t cudaGetDevice(int* device) { return *device = 0, cudaSuccess; }  // the one device
 cudaError_t cudaRuntimeGetVersion(int* v) { return *v = 0, cudaSuccess; }
 cudaError_t cudaDriverGetVersion(int* v) { return *v = 0, cudaSuccess; }
 cudaError_t cudaMemGetInfo(size_t* f, size_t* t) {
@@ -452,12 +627,26 @@ cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t) {
   if (bytes) std::memset(dst, value, bytes);
   return cudaSuccess;
 }
-cudaError_t simt_func_attributes(cudaFuncAttributes* a) {
+cudaError_t simt_func_attributes(cudaFuncAttributes* a, const void* kernel) {
   *a = cudaFuncAttributes{};
+  a->binaryVersion = 90;
+  a->maxDynamicSharedSizeBytes = (int)simt::max_dynamic_shared(kernel);
   return cudaSuccess;
 }
-cudaError_t simt_occupancy(int* blocks, int threads) {
-  *blocks = std::max(1, std::min(32, 2048 / std::max(threads, 1)));
+cudaError_t simt_set_max_dynamic_shared(const void* kernel, int bytes) {
+  if (bytes < 0 || (size_t)bytes > simt::kSharedPerBlockOptin) {
+    simt::set_error(cudaErrorInvalidValue, "cudaFuncSetAttribute: more dynamic shared memory than a block may have");
+    return cudaErrorInvalidValue;
+  }
+  std::lock_guard<std::mutex> lk(simt::g_state);
+  simt::g_max_dynamic_shared[kernel] = (size_t)bytes;
+  return cudaSuccess;
+}
+// Blocks per SM: 2048 threads and 228 KiB of shared memory an SM (cc 9.0).
+cudaError_t simt_occupancy(int* blocks, int threads, size_t smem) {
+  int by_threads = std::min(32, 2048 / std::max(threads, 1));
+  if (smem > 0) by_threads = std::min(by_threads, (int)((size_t)233472 / (smem + 1024)));
+  *blocks = std::max(0, by_threads);
   return cudaSuccess;
 }
 

@@ -20,14 +20,14 @@ function run(cmd, args, env = {}) {
 }
 
 // ---- native tests: each executable prints "# a passed, b failed, c skipped"
-function nativeTests(dir, label, env = {}) {
+function nativeTests(dir, label, env = {}, jobs = 1) {
   if (!existsSync(join(dir, 'CTestTestfile.cmake'))) {
     console.error(`native tests (${label}): ${dir} has no CTest file; run \`npm run build:native\` first`);
     failed += 1;
     return;
   }
   console.log(`== native tests: ${label}`);
-  const { code, out } = run('ctest', ['--test-dir', dir, '--output-on-failure', '-V'], env);
+  const { code, out } = run('ctest', ['--test-dir', dir, '--output-on-failure', '-V', '-j', String(jobs)], env);
   let cases = 0;
   let skipped = 0;
   let exesWithFailures = 0;
@@ -59,7 +59,9 @@ nativeTests(buildDir, withOnednn ? 'oneDNN fast path on' : 'CPU reference');
 // With oneDNN built, the layers dispatch to it: run everything again on the reference path.
 if (withOnednn) nativeTests(buildDir, 'CPU reference (CMSEG_ONEDNN=0)', { CMSEG_ONEDNN: '0' });
 // Further builds to test (CI: the CUDA compile on a machine without a GPU).
-for (const dir of (process.env.CMSEG_EXTRA_BUILD_DIRS ?? '').split(',').filter(Boolean)) nativeTests(join(root, dir), dir);
+// Their entries time no code, so they share the cores (the SIMT emulation's two take minutes each).
+for (const dir of (process.env.CMSEG_EXTRA_BUILD_DIRS ?? '').split(',').filter(Boolean))
+  nativeTests(join(root, dir), dir, {}, 2);
 
 // ---- tap tests
 {

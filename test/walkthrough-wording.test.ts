@@ -11,6 +11,7 @@ import { tempDir } from './helpers/files';
 import { writeBratsPhantoms } from '../src/data/brats-phantom';
 import { readTrainLog, readTrainerState } from '../src/train/trainer';
 import { readNifti } from '../src/data/nifti';
+import { readSafetensors, writeSafetensors } from '../src/data/safetensors';
 import { missingPythonModules, runPythonJson } from './helpers/python';
 
 const dir = tempDir(t, 'cmseg-wording-');
@@ -35,6 +36,22 @@ t.test('--val-cases past the validation split: a note, and the run records the n
   const again = await runCli([...args, '--resume'], dir);
   t.equal(again.exitCode, 0, again.stderr);
   t.notMatch(again.stderr, /cannot resume/);
+  // A run of an earlier version recorded the number asked (5) with a split of 1: the same
+  // command line without --val-cases (the preset's number, also past the split) resumes it.
+  const last = path.join(dir, 'run', 'last.safetensors');
+  const file = await readSafetensors(last);
+  const keys = Object.keys(file.metadata).filter((k) => file.metadata[k].includes('"validationCases":1'));
+  t.equal(keys.length, 1, 'one metadata entry records the run');
+  file.metadata[keys[0]] = file.metadata[keys[0]].replace('"validationCases":1', '"validationCases":5');
+  await writeSafetensors(last, file.tensors, file.metadata);
+  t.equal(((await readTrainerState(last)).run as { dataset: { validationCases: number } }).dataset.validationCases, 5);
+  const older = await runCli(['train', '--preset', 'brats3d', '--data', 'phantom', '--out', 'run', '--steps', '1', '--resume', ...TINY], dir);
+  t.equal(older.exitCode, 0, older.stderr);
+  t.notMatch(older.stderr, /cannot resume|note: --val-cases/);
+  // Another number past the split is the same one case: resumed, with the note.
+  const other = await runCli(['train', '--preset', 'brats3d', '--data', 'phantom', '--out', 'run', '--steps', '1', '--val-cases', '3', '--resume', ...TINY], dir);
+  t.equal(other.exitCode, 0, other.stderr);
+  t.match(other.stderr, /^note: --val-cases 3: the validation split has 1 case; each validation scores that one$/m);
   // Within the split: no note.
   const within = await runCli(['train', '--preset', 'brats3d', '--data', 'run/cache', '--out', 'run1', '--steps', '1', '--val-cases', '1', ...TINY], dir);
   t.equal(within.exitCode, 0, within.stderr);

@@ -147,20 +147,123 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, F, int th
   return simt_occupancy(blocks, threads, smem);
 }
 
-// ---- cuDNN (handles only: the convolutions are stand-ins, simt_standins.cpp) --------
+// ---- cuDNN: handles, and the legacy convolution API on the host (simt_cudnn.cpp) ---
+// The legacy API's descriptors, its heuristics and searches (two algorithms: 1 with
+// tensor-op math and a 4 KiB workspace, listed first, and 0 with FMA math and none), and
+// its three convolutions computed directly from the descriptors' dimensions and strides
+// (TF32 or bf16 inputs rounded as the math type says); the graph API is not emulated
+// (simt_standins.cpp: "no engine", so its callers fall back to the legacy API).
 #define CUDNN_MAJOR 9
+#define CUDNN_MINOR 10
+#define CUDNN_PATCHLEVEL 0
+#define CUDNN_VERSION (CUDNN_MAJOR * 10000 + CUDNN_MINOR * 100 + CUDNN_PATCHLEVEL)
 typedef struct cudnnContext* cudnnHandle_t;
 enum cudnnStatus_t {
   CUDNN_STATUS_SUCCESS = 0,
   CUDNN_STATUS_ALLOC_FAILED = 2,
+  CUDNN_STATUS_BAD_PARAM = 2000,
+  CUDNN_STATUS_NOT_SUPPORTED = 3000,
   CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED = 4001,
 };
-enum cudnnMathType_t { CUDNN_DEFAULT_MATH, CUDNN_TENSOR_OP_MATH };
+#define CUDNN_STATUS_CATEGORY(s) (((s) / 1000) * 1000)
+enum cudnnMathType_t { CUDNN_DEFAULT_MATH = 0, CUDNN_TENSOR_OP_MATH = 1, CUDNN_FMA_MATH = 3 };
+enum cudnnDataType_t { CUDNN_DATA_FLOAT = 0, CUDNN_DATA_BFLOAT16 = 14 };
+enum cudnnTensorFormat_t { CUDNN_TENSOR_NCHW = 0, CUDNN_TENSOR_NHWC = 1 };
+enum cudnnConvolutionMode_t { CUDNN_CONVOLUTION = 0, CUDNN_CROSS_CORRELATION = 1 };
+enum cudnnConvolutionFwdAlgo_t { CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM = 0 };
+enum cudnnConvolutionBwdDataAlgo_t { CUDNN_CONVOLUTION_BWD_DATA_ALGO_0 = 0 };
+enum cudnnConvolutionBwdFilterAlgo_t { CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0 = 0 };
+typedef struct SimtTensorDesc* cudnnTensorDescriptor_t;
+typedef struct SimtTensorDesc* cudnnFilterDescriptor_t;  // the same fields: dims in the format's order
+typedef struct SimtConvDesc* cudnnConvolutionDescriptor_t;
+template <class Algo>
+struct SimtAlgoPerf {
+  Algo algo;
+  cudnnStatus_t status;
+  float time;
+  size_t memory;
+  int determinism;
+  cudnnMathType_t mathType;
+  int reserved[3];
+};
+typedef SimtAlgoPerf<cudnnConvolutionFwdAlgo_t> cudnnConvolutionFwdAlgoPerf_t;
+typedef SimtAlgoPerf<cudnnConvolutionBwdDataAlgo_t> cudnnConvolutionBwdDataAlgoPerf_t;
+typedef SimtAlgoPerf<cudnnConvolutionBwdFilterAlgo_t> cudnnConvolutionBwdFilterAlgoPerf_t;
+
 cudnnStatus_t cudnnCreate(cudnnHandle_t* h);
 cudnnStatus_t cudnnDestroy(cudnnHandle_t h);
 cudnnStatus_t cudnnSetStream(cudnnHandle_t h, cudaStream_t s);
 const char* cudnnGetErrorString(cudnnStatus_t s);
 size_t cudnnGetVersion();
+cudnnStatus_t cudnnCreateTensorDescriptor(cudnnTensorDescriptor_t* d);
+cudnnStatus_t cudnnDestroyTensorDescriptor(cudnnTensorDescriptor_t d);
+cudnnStatus_t cudnnSetTensorNdDescriptor(cudnnTensorDescriptor_t d, cudnnDataType_t t, int nb, const int* dims,
+                                         const int* strides);
+cudnnStatus_t cudnnSetTensor4dDescriptor(cudnnTensorDescriptor_t d, cudnnTensorFormat_t f, cudnnDataType_t t, int n,
+                                         int c, int h, int w);
+cudnnStatus_t cudnnCreateFilterDescriptor(cudnnFilterDescriptor_t* d);
+cudnnStatus_t cudnnDestroyFilterDescriptor(cudnnFilterDescriptor_t d);
+cudnnStatus_t cudnnSetFilterNdDescriptor(cudnnFilterDescriptor_t d, cudnnDataType_t t, cudnnTensorFormat_t f, int nb,
+                                         const int* dims);
+cudnnStatus_t cudnnCreateConvolutionDescriptor(cudnnConvolutionDescriptor_t* d);
+cudnnStatus_t cudnnDestroyConvolutionDescriptor(cudnnConvolutionDescriptor_t d);
+cudnnStatus_t cudnnSetConvolutionNdDescriptor(cudnnConvolutionDescriptor_t d, int n, const int* pads,
+                                              const int* strides, const int* dilations, cudnnConvolutionMode_t m,
+                                              cudnnDataType_t compute);
+cudnnStatus_t cudnnSetConvolutionMathType(cudnnConvolutionDescriptor_t d, cudnnMathType_t m);
+cudnnStatus_t cudnnGetConvolutionForwardAlgorithm_v7(cudnnHandle_t, cudnnTensorDescriptor_t x,
+                                                     cudnnFilterDescriptor_t w, cudnnConvolutionDescriptor_t c,
+                                                     cudnnTensorDescriptor_t y, int max, int* n,
+                                                     cudnnConvolutionFwdAlgoPerf_t* p);
+cudnnStatus_t cudnnGetConvolutionBackwardDataAlgorithm_v7(cudnnHandle_t, cudnnFilterDescriptor_t w,
+                                                          cudnnTensorDescriptor_t dy, cudnnConvolutionDescriptor_t c,
+                                                          cudnnTensorDescriptor_t dx, int max, int* n,
+                                                          cudnnConvolutionBwdDataAlgoPerf_t* p);
+cudnnStatus_t cudnnGetConvolutionBackwardFilterAlgorithm_v7(cudnnHandle_t, cudnnTensorDescriptor_t x,
+                                                            cudnnTensorDescriptor_t dy, cudnnConvolutionDescriptor_t c,
+                                                            cudnnFilterDescriptor_t dw, int max, int* n,
+                                                            cudnnConvolutionBwdFilterAlgoPerf_t* p);
+cudnnStatus_t cudnnFindConvolutionForwardAlgorithmEx(cudnnHandle_t h, cudnnTensorDescriptor_t xd, const void* x,
+                                                     cudnnFilterDescriptor_t wd, const void* w,
+                                                     cudnnConvolutionDescriptor_t cd, cudnnTensorDescriptor_t yd,
+                                                     void* y, int max, int* n, cudnnConvolutionFwdAlgoPerf_t* p,
+                                                     void* ws, size_t bytes);
+cudnnStatus_t cudnnFindConvolutionBackwardDataAlgorithmEx(cudnnHandle_t h, cudnnFilterDescriptor_t wd, const void* w,
+                                                          cudnnTensorDescriptor_t dyd, const void* dy,
+                                                          cudnnConvolutionDescriptor_t cd, cudnnTensorDescriptor_t dxd,
+                                                          void* dx, int max, int* n,
+                                                          cudnnConvolutionBwdDataAlgoPerf_t* p, void* ws,
+                                                          size_t bytes);
+cudnnStatus_t cudnnFindConvolutionBackwardFilterAlgorithmEx(cudnnHandle_t h, cudnnTensorDescriptor_t xd, const void* x,
+                                                            cudnnTensorDescriptor_t dyd, const void* dy,
+                                                            cudnnConvolutionDescriptor_t cd,
+                                                            cudnnFilterDescriptor_t dwd, void* dw, int max, int* n,
+                                                            cudnnConvolutionBwdFilterAlgoPerf_t* p, void* ws,
+                                                            size_t bytes);
+cudnnStatus_t cudnnGetConvolutionForwardWorkspaceSize(cudnnHandle_t, cudnnTensorDescriptor_t, cudnnFilterDescriptor_t,
+                                                      cudnnConvolutionDescriptor_t, cudnnTensorDescriptor_t,
+                                                      cudnnConvolutionFwdAlgo_t algo, size_t* bytes);
+cudnnStatus_t cudnnGetConvolutionBackwardDataWorkspaceSize(cudnnHandle_t, cudnnFilterDescriptor_t,
+                                                           cudnnTensorDescriptor_t, cudnnConvolutionDescriptor_t,
+                                                           cudnnTensorDescriptor_t, cudnnConvolutionBwdDataAlgo_t algo,
+                                                           size_t* bytes);
+cudnnStatus_t cudnnGetConvolutionBackwardFilterWorkspaceSize(cudnnHandle_t, cudnnTensorDescriptor_t,
+                                                             cudnnTensorDescriptor_t, cudnnConvolutionDescriptor_t,
+                                                             cudnnFilterDescriptor_t,
+                                                             cudnnConvolutionBwdFilterAlgo_t algo, size_t* bytes);
+cudnnStatus_t cudnnConvolutionForward(cudnnHandle_t, const void* alpha, cudnnTensorDescriptor_t xd, const void* x,
+                                      cudnnFilterDescriptor_t wd, const void* w, cudnnConvolutionDescriptor_t cd,
+                                      cudnnConvolutionFwdAlgo_t algo, void* ws, size_t bytes, const void* beta,
+                                      cudnnTensorDescriptor_t yd, void* y);
+cudnnStatus_t cudnnConvolutionBackwardData(cudnnHandle_t, const void* alpha, cudnnFilterDescriptor_t wd, const void* w,
+                                           cudnnTensorDescriptor_t dyd, const void* dy, cudnnConvolutionDescriptor_t cd,
+                                           cudnnConvolutionBwdDataAlgo_t algo, void* ws, size_t bytes,
+                                           const void* beta, cudnnTensorDescriptor_t dxd, void* dx);
+cudnnStatus_t cudnnConvolutionBackwardFilter(cudnnHandle_t, const void* alpha, cudnnTensorDescriptor_t xd,
+                                             const void* x, cudnnTensorDescriptor_t dyd, const void* dy,
+                                             cudnnConvolutionDescriptor_t cd, cudnnConvolutionBwdFilterAlgo_t algo,
+                                             void* ws, size_t bytes, const void* beta, cudnnFilterDescriptor_t dwd,
+                                             void* dw);
 
 // ---- cuBLAS: the two GEMMs conv1_cublas.cu calls, column-major, on the host --------
 #define CUBLAS_VER_MAJOR 13
@@ -277,6 +380,25 @@ inline float __uint_as_float(unsigned u) {
   float v;
   std::memcpy(&v, &u, 4);
   return v;
+}
+
+// ---- bfloat16 (cuda_bf16.h): the upper 16 bits of a float ----------------------------
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+inline float __bfloat162float(__nv_bfloat16 v) {
+  const uint32_t u = (uint32_t)v.bits << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+// Round to nearest, ties to even (NaN kept a NaN).
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return {(uint16_t)((u >> 16) | 0x40u)};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return {(uint16_t)(u >> 16)};
 }
 
 // ---- device math ----------------------------------------------------------------

@@ -654,8 +654,15 @@ cudaError_t simt_occupancy(int* blocks, int threads, size_t smem) {
 cudnnStatus_t cudnnCreate(cudnnHandle_t* h) { return *h = handle<cudnnContext>(), CUDNN_STATUS_SUCCESS; }
 cudnnStatus_t cudnnDestroy(cudnnHandle_t h) { return drop(h), CUDNN_STATUS_SUCCESS; }
 cudnnStatus_t cudnnSetStream(cudnnHandle_t, cudaStream_t) { return CUDNN_STATUS_SUCCESS; }
-const char* cudnnGetErrorString(cudnnStatus_t s) { return s == CUDNN_STATUS_SUCCESS ? "CUDNN_STATUS_SUCCESS" : "CUDNN_STATUS_ERROR"; }
-size_t cudnnGetVersion() { return 0; }
+const char* cudnnGetErrorString(cudnnStatus_t s) {
+  switch (s) {
+    case CUDNN_STATUS_SUCCESS: return "CUDNN_STATUS_SUCCESS";
+    case CUDNN_STATUS_BAD_PARAM: return "CUDNN_STATUS_BAD_PARAM";
+    case CUDNN_STATUS_NOT_SUPPORTED: return "CUDNN_STATUS_NOT_SUPPORTED";
+    default: return "CUDNN_STATUS_ERROR";
+  }
+}
+size_t cudnnGetVersion() { return CUDNN_VERSION; }
 
 // ---- cuBLAS -----------------------------------------------------------------------
 cublasStatus_t cublasCreate(cublasHandle_t* h) { return *h = handle<cublasContext>(), CUBLAS_STATUS_SUCCESS; }

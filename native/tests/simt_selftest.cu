@@ -30,8 +30,9 @@ __global__ void block_sum_kernel(const int* in, int n, int* out) {
 }
 
 // Each thread reads its neighbour's (t + step) slot of shared memory, with or without
-// the barrier that orders the write before the read. Each launch writes other values
-// (seed), so a read that comes before the write sees the last launch's.
+// the barrier that orders the write before the read. A read that comes before the write
+// sees the poison each block's shared memory starts with (and each launch writes other
+// values, seed, so not even a stale slot could pass).
 __global__ void neighbour_kernel(int* out, int step, bool barrier, int seed) {
   __shared__ int slots[256];
   const int t = threadIdx.x, n = blockDim.x;

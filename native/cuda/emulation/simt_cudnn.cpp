@@ -154,43 +154,43 @@ void list_algorithms(Perf* p, int max, int* n) {
   }
 }
 
+// One direction of the convolution g: out = alpha * sums + beta * out, where each product
+// of the convolution (its x, y and w offsets) adds add(sum, xi, yi, wi) into out's sums.
+template <class Add>
+cudnnStatus_t convolve(const Geometry& g, int algo, size_t bytes, const void* alpha, const void* beta,
+                       const SimtTensorDesc* od, void* out, Add add) {
+  if (!g.ok || bytes < workspace_of(algo)) return CUDNN_STATUS_BAD_PARAM;
+  std::vector<double> sum(span(od), 0.0);
+  g.each([&](int64_t xi, int64_t yi, int64_t wi) { add(sum, xi, yi, wi); });
+  blend(od, out, sum, alpha, beta);
+  return CUDNN_STATUS_SUCCESS;
+}
+
 cudnnStatus_t forward(const void* alpha, const SimtTensorDesc* xd, const void* x, const SimtTensorDesc* wd,
                       const void* w, const SimtConvDesc* cd, int algo, size_t bytes, const void* beta,
                       const SimtTensorDesc* yd, void* y) {
-  const Geometry g(xd, wd, yd, cd);
-  if (!g.ok || bytes < workspace_of(algo)) return CUDNN_STATUS_BAD_PARAM;
-  std::vector<double> sum(span(yd), 0.0);
-  g.each([&](int64_t xi, int64_t yi, int64_t wi) {
-    sum[(size_t)yi] += (double)operand(cd, xd, load(xd, x, xi)) * operand(cd, wd, load(wd, w, wi));
-  });
-  blend(yd, y, sum, alpha, beta);
-  return CUDNN_STATUS_SUCCESS;
+  return convolve(Geometry(xd, wd, yd, cd), algo, bytes, alpha, beta, yd, y,
+                  [&](std::vector<double>& sum, int64_t xi, int64_t yi, int64_t wi) {
+                    sum[(size_t)yi] += (double)operand(cd, xd, load(xd, x, xi)) * operand(cd, wd, load(wd, w, wi));
+                  });
 }
 
 cudnnStatus_t backward_data(const void* alpha, const SimtTensorDesc* wd, const void* w, const SimtTensorDesc* dyd,
                             const void* dy, const SimtConvDesc* cd, int algo, size_t bytes, const void* beta,
                             const SimtTensorDesc* dxd, void* dx) {
-  const Geometry g(dxd, wd, dyd, cd);
-  if (!g.ok || bytes < workspace_of(algo)) return CUDNN_STATUS_BAD_PARAM;
-  std::vector<double> sum(span(dxd), 0.0);
-  g.each([&](int64_t xi, int64_t yi, int64_t wi) {
-    sum[(size_t)xi] += (double)operand(cd, dyd, load(dyd, dy, yi)) * operand(cd, wd, load(wd, w, wi));
-  });
-  blend(dxd, dx, sum, alpha, beta);
-  return CUDNN_STATUS_SUCCESS;
+  return convolve(Geometry(dxd, wd, dyd, cd), algo, bytes, alpha, beta, dxd, dx,
+                  [&](std::vector<double>& sum, int64_t xi, int64_t yi, int64_t wi) {
+                    sum[(size_t)xi] += (double)operand(cd, dyd, load(dyd, dy, yi)) * operand(cd, wd, load(wd, w, wi));
+                  });
 }
 
 cudnnStatus_t backward_filter(const void* alpha, const SimtTensorDesc* xd, const void* x, const SimtTensorDesc* dyd,
                               const void* dy, const SimtConvDesc* cd, int algo, size_t bytes, const void* beta,
                               const SimtTensorDesc* dwd, void* dw) {
-  const Geometry g(xd, dwd, dyd, cd);
-  if (!g.ok || bytes < workspace_of(algo)) return CUDNN_STATUS_BAD_PARAM;
-  std::vector<double> sum(span(dwd), 0.0);
-  g.each([&](int64_t xi, int64_t yi, int64_t wi) {
-    sum[(size_t)wi] += (double)operand(cd, xd, load(xd, x, xi)) * operand(cd, dyd, load(dyd, dy, yi));
-  });
-  blend(dwd, dw, sum, alpha, beta);
-  return CUDNN_STATUS_SUCCESS;
+  return convolve(Geometry(xd, dwd, dyd, cd), algo, bytes, alpha, beta, dwd, dw,
+                  [&](std::vector<double>& sum, int64_t xi, int64_t yi, int64_t wi) {
+                    sum[(size_t)wi] += (double)operand(cd, xd, load(xd, x, xi)) * operand(cd, dyd, load(dyd, dy, yi));
+                  });
 }
 
 const float kOne = 1.f, kZero = 0.f;

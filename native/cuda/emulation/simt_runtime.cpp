@@ -425,6 +425,15 @@ std::string first_difference(const std::vector<std::vector<char>>& want) {
   return "";
 }
 
+size_t device_bytes_from(const void* p) {
+  std::lock_guard<std::mutex> lk(g_state);
+  auto it = g_allocations.upper_bound(p);  // the first allocation after p
+  if (it == g_allocations.begin()) return 0;
+  --it;
+  const char *start = static_cast<const char*>(it->first), *q = static_cast<const char*>(p);
+  return q < start + it->second ? (size_t)(start + it->second - q) : 0;
+}
+
 size_t max_dynamic_shared(const void* kernel) {
   std::lock_guard<std::mutex> lk(g_state);
   const auto it = g_max_dynamic_shared.find(kernel);
@@ -658,7 +667,10 @@ const char* cudnnGetErrorString(cudnnStatus_t s) {
   switch (s) {
     case CUDNN_STATUS_SUCCESS: return "CUDNN_STATUS_SUCCESS";
     case CUDNN_STATUS_BAD_PARAM: return "CUDNN_STATUS_BAD_PARAM";
+    case CUDNN_STATUS_BAD_PARAM_MISALIGNED_POINTER: return "CUDNN_STATUS_BAD_PARAM_MISALIGNED_POINTER";
     case CUDNN_STATUS_NOT_SUPPORTED: return "CUDNN_STATUS_NOT_SUPPORTED";
+    case CUDNN_STATUS_INTERNAL_ERROR: return "CUDNN_STATUS_INTERNAL_ERROR";
+    case CUDNN_STATUS_EXECUTION_FAILED: return "CUDNN_STATUS_EXECUTION_FAILED";
     default: return "CUDNN_STATUS_ERROR";
   }
 }

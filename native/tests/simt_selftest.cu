@@ -394,6 +394,128 @@ TEST(blocks_that_race_are_found_by_running_them_in_reverse) {
   cudaFreeAsync(a, nullptr), cudaFreeAsync(in, nullptr), cudaFreeAsync(out, nullptr);
 }
 
+__global__ void fill_kernel(int* out, int n, int value) {
+  for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < n; k += gridDim.x * blockDim.x) out[k] = value;
+}
+
+// CMSEG_SIMT_STREAMS=<mode> for the scope (all queued work done before it ends).
+struct DeferredStreams {
+  explicit DeferredStreams(const char* mode = "deferred") { setenv("CMSEG_SIMT_STREAMS", mode, 1); }
+  ~DeferredStreams() { unsetenv("CMSEG_SIMT_STREAMS"); }
+};
+
+// What deferred streams make visible: work runs only when waited for, so a copy on one
+// stream of what another computes gets the old contents unless it waits for an event
+// recorded after that work, and a pinned source refilled before its copy ran is what the
+// copy takes (a pageable one is taken at the call, as CUDA does).
+TEST(deferred_streams_show_missing_waits) {
+  DeferredStreams deferred;
+  cudaStream_t a = nullptr, b = nullptr;
+  cudaEvent_t done = nullptr;
+  CHECK(cudaStreamCreateWithFlags(&a, 0) == cudaSuccess && cudaStreamCreateWithFlags(&b, 0) == cudaSuccess);
+  CHECK(cudaEventCreate(&done) == cudaSuccess);
+  const int n = 64;
+  int* d = device_array<int>(n);
+  std::vector<int> h(n, 0);
+  fill_kernel<<<2, 32, 0, a>>>(d, n, 7);
+  cudaMemcpyAsync(h.data(), d, n * sizeof(int), cudaMemcpyDeviceToHost, a);  // into pageable memory: waits
+  CHECK(h[0] == 7 && h[n - 1] == 7);
+  fill_kernel<<<2, 32, 0, a>>>(d, n, 8);
+  cudaMemcpyAsync(h.data(), d, n * sizeof(int), cudaMemcpyDeviceToHost, b);  // b never waited for a
+  CHECK(h[0] == 7);
+  fill_kernel<<<2, 32, 0, a>>>(d, n, 9);
+  cudaEventRecord(done, a);
+  cudaStreamWaitEvent(b, done, 0);
+  cudaMemcpyAsync(h.data(), d, n * sizeof(int), cudaMemcpyDeviceToHost, b);
+  CHECK(h[0] == 9 && h[n - 1] == 9);
+
+  int* pinned = nullptr;
+  CHECK(cudaMallocHost(reinterpret_cast<void**>(&pinned), n * sizeof(int)) == cudaSuccess);
+  for (int k = 0; k < n; ++k) pinned[k] = 1;
+  cudaMemcpyAsync(d, pinned, n * sizeof(int), cudaMemcpyHostToDevice, a);
+  for (int k = 0; k < n; ++k) pinned[k] = 2;  // refilled before the copy was waited for
+  CHECK(cudaStreamSynchronize(a) == cudaSuccess);
+  cudaMemcpyAsync(h.data(), d, n * sizeof(int), cudaMemcpyDeviceToHost, a);
+  CHECK(h[0] == 2);
+  std::vector<int> pageable(n, 1);
+  cudaMemcpyAsync(d, pageable.data(), n * sizeof(int), cudaMemcpyHostToDevice, a);
+  pageable.assign(n, 2);
+  cudaMemcpyAsync(h.data(), d, n * sizeof(int), cudaMemcpyDeviceToHost, a);
+  CHECK(h[0] == 1);
+  // A failure in queued work shows at the synchronisation, not at the launch.
+  half_warp_shuffle_kernel<<<1, 32, 0, a>>>(d);
+  CHECK(cudaGetLastError() == cudaSuccess);
+  CHECK(cudaStreamSynchronize(a) == cudaErrorLaunchFailure);
+  CHECK(cudaGetLastError() == cudaErrorLaunchFailure);
+  CHECK(cudaFreeHost(pinned) == cudaSuccess);
+  CHECK(cudaFreeAsync(d, a) == cudaSuccess);
+  CHECK(cudaFreeAsync(d, a) == cudaErrorInvalidValue);  // twice, before the first ran
+  cudaStreamDestroy(a);
+  cudaStreamDestroy(b);
+  cudaEventDestroy(done);
+}
+
+// Early streams: when stream a's work is run, b's work that waits for nothing runs
+// first, so a copy on b of what a computes, without b waiting for it, takes the old
+// contents (on a GPU b may well start first); with the wait it takes the new ones.
+TEST(early_streams_show_a_missing_wait_for_earlier_work) {
+  DeferredStreams early("early");
+  cudaStream_t a = nullptr, b = nullptr;
+  cudaEvent_t ready = nullptr;
+  CHECK(cudaStreamCreateWithFlags(&a, 0) == cudaSuccess && cudaStreamCreateWithFlags(&b, 0) == cudaSuccess);
+  CHECK(cudaEventCreate(&ready) == cudaSuccess);
+  const int n = 64;
+  int *d = device_array<int>(n), *e = device_array<int>(n);
+  std::vector<int> h(n, 0);
+  fill_kernel<<<2, 32, 0, a>>>(d, n, 1);
+  CHECK(cudaStreamSynchronize(a) == cudaSuccess);
+  fill_kernel<<<2, 32, 0, a>>>(d, n, 5);
+  cudaMemcpyAsync(e, d, n * sizeof(int), cudaMemcpyDeviceToDevice, b);  // b did not wait for a
+  CHECK(cudaStreamSynchronize(a) == cudaSuccess);
+  cudaMemcpyAsync(h.data(), e, n * sizeof(int), cudaMemcpyDeviceToHost, b);
+  CHECK(h[0] == 1 && h[n - 1] == 1);
+  fill_kernel<<<2, 32, 0, a>>>(d, n, 6);
+  cudaEventRecord(ready, a);
+  cudaStreamWaitEvent(b, ready, 0);
+  cudaMemcpyAsync(e, d, n * sizeof(int), cudaMemcpyDeviceToDevice, b);
+  CHECK(cudaStreamSynchronize(a) == cudaSuccess);
+  cudaMemcpyAsync(h.data(), e, n * sizeof(int), cudaMemcpyDeviceToHost, b);
+  CHECK(h[0] == 6 && h[n - 1] == 6);
+  cudaFreeAsync(d, a);
+  cudaFreeAsync(e, b);
+  cudaStreamDestroy(a);
+  cudaStreamDestroy(b);
+  cudaEventDestroy(ready);
+}
+
+// A fork and join as conv3's overlapped backward does them: b waits for a's first work,
+// writes, a waits for b and writes after it. Whatever runs early, a's work after its wait
+// starts only once the wait is over, so a's write is the last.
+TEST(early_streams_keep_work_after_a_wait_behind_it) {
+  DeferredStreams early("early");
+  cudaStream_t a = nullptr, b = nullptr;
+  cudaEvent_t fork = nullptr, join = nullptr;
+  CHECK(cudaStreamCreateWithFlags(&a, 0) == cudaSuccess && cudaStreamCreateWithFlags(&b, 0) == cudaSuccess);
+  CHECK(cudaEventCreate(&fork) == cudaSuccess && cudaEventCreate(&join) == cudaSuccess);
+  const int n = 64;
+  int* d = device_array<int>(n);
+  std::vector<int> h(n, 0);
+  fill_kernel<<<2, 32, 0, a>>>(d, n, 1);
+  cudaEventRecord(fork, a);
+  cudaStreamWaitEvent(b, fork, 0);
+  fill_kernel<<<2, 32, 0, b>>>(d, n, 5);
+  cudaEventRecord(join, b);
+  cudaStreamWaitEvent(a, join, 0);
+  fill_kernel<<<2, 32, 0, a>>>(d, n, 7);
+  cudaMemcpyAsync(h.data(), d, n * sizeof(int), cudaMemcpyDeviceToHost, a);
+  CHECK(h[0] == 7 && h[n - 1] == 7);
+  cudaFreeAsync(d, a);
+  cudaStreamDestroy(a);
+  cudaStreamDestroy(b);
+  cudaEventDestroy(fork);
+  cudaEventDestroy(join);
+}
+
 }  // namespace
 
 TEST_MAIN()

@@ -9,13 +9,16 @@
 //
 // What this checks: the kernels' indexing, bounds, reductions, shared-memory and
 // barrier use, launch sizes, and their cp.async / mma.sync PTX (emulated below), against
-// the CPU reference. What it cannot: timing, races between blocks, real cuDNN.
+// the CPU reference; with CMSEG_SIMT_BLOCK_ORDER=check, blocks that race; with
+// CMSEG_SIMT_STREAMS=deferred, work on one stream that another stream or the host uses
+// without waiting for it. What it cannot: timing, real cuDNN.
 #pragma once
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -430,18 +433,41 @@ void mma_m16n8k8_tf32(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)
 struct LaunchConfig {
   dim3 grid, block;
   size_t smem;
-  LaunchConfig(dim3 g, dim3 b, size_t s = 0, cudaStream_t = nullptr) : grid(g), block(b), smem(s) {}
+  cudaStream_t stream;
+  LaunchConfig(dim3 g, dim3 b, size_t s = 0, cudaStream_t st = nullptr) : grid(g), block(b), smem(s), stream(st) {}
 };
-// Runs body once per thread of the grid (records a launch error instead when the shape
-// is one CUDA refuses, or a thread failed).
-void run_grid(const void* kernel, const LaunchConfig& c, const std::function<void()>& body);
+// Runs body once per thread of the grid, in its stream's order (records a launch error
+// instead when the shape is one CUDA refuses, or, when it runs, a thread failed).
+void run_grid(const void* kernel, const LaunchConfig& c, std::function<void()> body);
 
 template <class... P, class... A>
 void launch(void (*kernel)(P...), const LaunchConfig& c, A&&... args) {
-  // Parameters are copied at the launch, converted to the kernel's types, as CUDA does.
-  std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
-  run_grid(reinterpret_cast<const void*>(kernel), c, [&] { std::apply(kernel, params); });
+  // Parameters are copied at the launch, converted to the kernel's types, as CUDA does
+  // (the copy lives as long as the queued launch).
+  auto params = std::make_shared<std::tuple<std::decay_t<P>...>>(std::forward<A>(args)...);
+  run_grid(reinterpret_cast<const void*>(kernel), c, [kernel, params] { std::apply(kernel, *params); });
 }
+
+// Streams. By default work is done when it is enqueued. With CMSEG_SIMT_STREAMS=deferred
+// each stream's work waits in its queue until something needs it done: a synchronisation
+// of the stream or of an event recorded on it, another stream's wait on such an event
+// (when that stream's work reaches the wait), a copy into pageable host memory (which
+// CUDA makes synchronous). So a stream's work runs as late as CUDA allows, and whatever
+// the host or another stream does without waiting for it comes first: a read of a result
+// not yet computed sees the poison, a pinned buffer refilled before its copy ran gives the
+// copy the new contents, memory freed on one stream while another still reads it is a
+// use-after-free under AddressSanitizer. CMSEG_SIMT_STREAMS=early does the same, and in
+// addition, whenever a stream's work is run, first runs whatever work of the other streams
+// waits for nothing unfinished: a stream that should have waited for another's earlier
+// work (a side stream forked without its wait) then reads what that work had not written.
+bool deferred_streams();
+// Runs fn in s's order: now (the null stream, or streams not deferred), else queued.
+void enqueue(cudaStream_t s, std::function<void()> fn);
+// Runs s's queued work (all of it).
+void flush(cudaStream_t s);
+// The stream a library handle's work goes to (cublasSetStream / cudnnSetStream).
+cudaStream_t stream_of(cublasHandle_t h);
+cudaStream_t stream_of(cudnnHandle_t h);
 
 template <class T>
 T shfl_down(T v, int delta) {

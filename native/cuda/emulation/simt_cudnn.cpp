@@ -120,8 +120,7 @@ struct Geometry {
 int64_t elements(const SimtTensorDesc* t) { return (int64_t)t->dims[0] * t->dims[1] * t->dims[2] * t->dims[3] * t->dims[4]; }
 
 // out = alpha * sum + beta * out over out's elements (sums indexed like out's offsets).
-void blend(const SimtTensorDesc* t, void* out, const std::vector<double>& sum, const void* alpha, const void* beta) {
-  const double a = *static_cast<const float*>(alpha), b = *static_cast<const float*>(beta);
+void blend(const SimtTensorDesc* t, void* out, const std::vector<double>& sum, double a, double b) {
   for (int i0 = 0; i0 < t->dims[0]; ++i0)
     for (int i1 = 0; i1 < t->dims[1]; ++i1)
       for (int i2 = 0; i2 < t->dims[2]; ++i2)
@@ -154,43 +153,42 @@ void list_algorithms(Perf* p, int max, int* n) {
   }
 }
 
-// One direction of the convolution g: out = alpha * sums + beta * out, where each product
-// of the convolution (its x, y and w offsets) adds add(sum, xi, yi, wi) into out's sums.
-template <class Add>
-cudnnStatus_t convolve(const Geometry& g, int algo, size_t bytes, const void* alpha, const void* beta,
-                       const SimtTensorDesc* od, void* out, Add add) {
-  if (!g.ok || bytes < workspace_of(algo)) return CUDNN_STATUS_BAD_PARAM;
+enum class Dir { Forward, BackwardData, BackwardFilter };
+
+// The sums of one direction over every product of the convolution g, indexed like the
+// output's offsets.
+template <Dir D>
+std::vector<double> sums(const Geometry& g, const void* x, const void* w, const void* y) {
+  const SimtTensorDesc *xd = g.x, *wd = g.w, *yd = g.y, *od = D == Dir::Forward ? yd : D == Dir::BackwardData ? xd : wd;
   std::vector<double> sum(span(od), 0.0);
-  g.each([&](int64_t xi, int64_t yi, int64_t wi) { add(sum, xi, yi, wi); });
-  blend(od, out, sum, alpha, beta);
+  g.each([&](int64_t xi, int64_t yi, int64_t wi) {
+    if (D == Dir::Forward)
+      sum[(size_t)yi] += (double)operand(g.c, xd, load(xd, x, xi)) * operand(g.c, wd, load(wd, w, wi));
+    else if (D == Dir::BackwardData)
+      sum[(size_t)xi] += (double)operand(g.c, yd, load(yd, y, yi)) * operand(g.c, wd, load(wd, w, wi));
+    else
+      sum[(size_t)wi] += (double)operand(g.c, xd, load(xd, x, xi)) * operand(g.c, yd, load(yd, y, yi));
+  });
+  return sum;
+}
+
+// One direction of the convolution of x, w and y (the output among them is written):
+// out = alpha * sums + beta * out. Checked at the call, as cuDNN does; computed in the
+// handle's stream order from copies of the descriptors and of alpha and beta (the
+// caller may destroy or reuse them once the call returns).
+template <Dir D>
+cudnnStatus_t convolve(cudnnHandle_t h, const SimtTensorDesc* xd, const void* x, const SimtTensorDesc* wd,
+                       const void* w, const SimtTensorDesc* yd, const void* y, const SimtConvDesc* cd, int algo,
+                       size_t bytes, const void* alpha, const void* beta) {
+  if (!Geometry(xd, wd, yd, cd).ok || bytes < workspace_of(algo)) return CUDNN_STATUS_BAD_PARAM;
+  const double a = *static_cast<const float*>(alpha), b = *static_cast<const float*>(beta);
+  ::simt::enqueue(::simt::stream_of(h), [=, X = *xd, W = *wd, Y = *yd, C = *cd] {
+    const Geometry g(&X, &W, &Y, &C);
+    const SimtTensorDesc* od = D == Dir::Forward ? &Y : D == Dir::BackwardData ? &X : &W;
+    void* out = const_cast<void*>(D == Dir::Forward ? y : D == Dir::BackwardData ? x : w);
+    blend(od, out, sums<D>(g, x, w, y), a, b);
+  });
   return CUDNN_STATUS_SUCCESS;
-}
-
-cudnnStatus_t forward(const void* alpha, const SimtTensorDesc* xd, const void* x, const SimtTensorDesc* wd,
-                      const void* w, const SimtConvDesc* cd, int algo, size_t bytes, const void* beta,
-                      const SimtTensorDesc* yd, void* y) {
-  return convolve(Geometry(xd, wd, yd, cd), algo, bytes, alpha, beta, yd, y,
-                  [&](std::vector<double>& sum, int64_t xi, int64_t yi, int64_t wi) {
-                    sum[(size_t)yi] += (double)operand(cd, xd, load(xd, x, xi)) * operand(cd, wd, load(wd, w, wi));
-                  });
-}
-
-cudnnStatus_t backward_data(const void* alpha, const SimtTensorDesc* wd, const void* w, const SimtTensorDesc* dyd,
-                            const void* dy, const SimtConvDesc* cd, int algo, size_t bytes, const void* beta,
-                            const SimtTensorDesc* dxd, void* dx) {
-  return convolve(Geometry(dxd, wd, dyd, cd), algo, bytes, alpha, beta, dxd, dx,
-                  [&](std::vector<double>& sum, int64_t xi, int64_t yi, int64_t wi) {
-                    sum[(size_t)xi] += (double)operand(cd, dyd, load(dyd, dy, yi)) * operand(cd, wd, load(wd, w, wi));
-                  });
-}
-
-cudnnStatus_t backward_filter(const void* alpha, const SimtTensorDesc* xd, const void* x, const SimtTensorDesc* dyd,
-                              const void* dy, const SimtConvDesc* cd, int algo, size_t bytes, const void* beta,
-                              const SimtTensorDesc* dwd, void* dw) {
-  return convolve(Geometry(xd, dwd, dyd, cd), algo, bytes, alpha, beta, dwd, dw,
-                  [&](std::vector<double>& sum, int64_t xi, int64_t yi, int64_t wi) {
-                    sum[(size_t)wi] += (double)operand(cd, xd, load(xd, x, xi)) * operand(cd, dyd, load(dyd, dy, yi));
-                  });
 }
 
 const float kOne = 1.f, kZero = 0.f;
@@ -263,26 +261,29 @@ cudnnStatus_t cudnnGetConvolutionBackwardFilterAlgorithm_v7(cudnnHandle_t, cudnn
 
 // The searches run each algorithm into the output, as cuDNN's do (its contents are
 // undefined afterwards), and list them with no time.
-cudnnStatus_t cudnnFindConvolutionForwardAlgorithmEx(cudnnHandle_t, cudnnTensorDescriptor_t xd, const void* x,
+cudnnStatus_t cudnnFindConvolutionForwardAlgorithmEx(cudnnHandle_t h, cudnnTensorDescriptor_t xd, const void* x,
                                                      cudnnFilterDescriptor_t wd, const void* w,
                                                      cudnnConvolutionDescriptor_t cd, cudnnTensorDescriptor_t yd,
                                                      void* y, int max, int* n, cudnnConvolutionFwdAlgoPerf_t* p,
                                                      void*, size_t bytes) {
   list_algorithms(p, max, n);
-  for (int i = 0; i < *n; ++i) p[i].status = forward(&kOne, xd, x, wd, w, cd, (int)p[i].algo, bytes, &kZero, yd, y);
+  for (int i = 0; i < *n; ++i)
+    p[i].status = convolve<Dir::Forward>(h, xd, x, wd, w, yd, y, cd, (int)p[i].algo, bytes, &kOne, &kZero);
+  ::simt::flush(::simt::stream_of(h));  // a search returns when its runs are done
   return CUDNN_STATUS_SUCCESS;
 }
-cudnnStatus_t cudnnFindConvolutionBackwardDataAlgorithmEx(cudnnHandle_t, cudnnFilterDescriptor_t wd, const void* w,
+cudnnStatus_t cudnnFindConvolutionBackwardDataAlgorithmEx(cudnnHandle_t h, cudnnFilterDescriptor_t wd, const void* w,
                                                           cudnnTensorDescriptor_t dyd, const void* dy,
                                                           cudnnConvolutionDescriptor_t cd, cudnnTensorDescriptor_t dxd,
                                                           void* dx, int max, int* n,
                                                           cudnnConvolutionBwdDataAlgoPerf_t* p, void*, size_t bytes) {
   list_algorithms(p, max, n);
   for (int i = 0; i < *n; ++i)
-    p[i].status = backward_data(&kOne, wd, w, dyd, dy, cd, (int)p[i].algo, bytes, &kZero, dxd, dx);
+    p[i].status = convolve<Dir::BackwardData>(h, dxd, dx, wd, w, dyd, dy, cd, (int)p[i].algo, bytes, &kOne, &kZero);
+  ::simt::flush(::simt::stream_of(h));
   return CUDNN_STATUS_SUCCESS;
 }
-cudnnStatus_t cudnnFindConvolutionBackwardFilterAlgorithmEx(cudnnHandle_t, cudnnTensorDescriptor_t xd, const void* x,
+cudnnStatus_t cudnnFindConvolutionBackwardFilterAlgorithmEx(cudnnHandle_t h, cudnnTensorDescriptor_t xd, const void* x,
                                                             cudnnTensorDescriptor_t dyd, const void* dy,
                                                             cudnnConvolutionDescriptor_t cd,
                                                             cudnnFilterDescriptor_t dwd, void* dw, int max, int* n,
@@ -290,7 +291,8 @@ cudnnStatus_t cudnnFindConvolutionBackwardFilterAlgorithmEx(cudnnHandle_t, cudnn
                                                             size_t bytes) {
   list_algorithms(p, max, n);
   for (int i = 0; i < *n; ++i)
-    p[i].status = backward_filter(&kOne, xd, x, dyd, dy, cd, (int)p[i].algo, bytes, &kZero, dwd, dw);
+    p[i].status = convolve<Dir::BackwardFilter>(h, xd, x, dwd, dw, dyd, dy, cd, (int)p[i].algo, bytes, &kOne, &kZero);
+  ::simt::flush(::simt::stream_of(h));
   return CUDNN_STATUS_SUCCESS;
 }
 
@@ -312,22 +314,22 @@ cudnnStatus_t cudnnGetConvolutionBackwardFilterWorkspaceSize(cudnnHandle_t, cudn
   return *bytes = workspace_of((int)algo), CUDNN_STATUS_SUCCESS;
 }
 
-cudnnStatus_t cudnnConvolutionForward(cudnnHandle_t, const void* alpha, cudnnTensorDescriptor_t xd, const void* x,
+cudnnStatus_t cudnnConvolutionForward(cudnnHandle_t h, const void* alpha, cudnnTensorDescriptor_t xd, const void* x,
                                       cudnnFilterDescriptor_t wd, const void* w, cudnnConvolutionDescriptor_t cd,
                                       cudnnConvolutionFwdAlgo_t algo, void*, size_t bytes, const void* beta,
                                       cudnnTensorDescriptor_t yd, void* y) {
-  return forward(alpha, xd, x, wd, w, cd, (int)algo, bytes, beta, yd, y);
+  return convolve<Dir::Forward>(h, xd, x, wd, w, yd, y, cd, (int)algo, bytes, alpha, beta);
 }
-cudnnStatus_t cudnnConvolutionBackwardData(cudnnHandle_t, const void* alpha, cudnnFilterDescriptor_t wd, const void* w,
+cudnnStatus_t cudnnConvolutionBackwardData(cudnnHandle_t h, const void* alpha, cudnnFilterDescriptor_t wd, const void* w,
                                            cudnnTensorDescriptor_t dyd, const void* dy, cudnnConvolutionDescriptor_t cd,
                                            cudnnConvolutionBwdDataAlgo_t algo, void*, size_t bytes,
                                            const void* beta, cudnnTensorDescriptor_t dxd, void* dx) {
-  return backward_data(alpha, wd, w, dyd, dy, cd, (int)algo, bytes, beta, dxd, dx);
+  return convolve<Dir::BackwardData>(h, dxd, dx, wd, w, dyd, dy, cd, (int)algo, bytes, alpha, beta);
 }
-cudnnStatus_t cudnnConvolutionBackwardFilter(cudnnHandle_t, const void* alpha, cudnnTensorDescriptor_t xd,
+cudnnStatus_t cudnnConvolutionBackwardFilter(cudnnHandle_t h, const void* alpha, cudnnTensorDescriptor_t xd,
                                              const void* x, cudnnTensorDescriptor_t dyd, const void* dy,
                                              cudnnConvolutionDescriptor_t cd, cudnnConvolutionBwdFilterAlgo_t algo,
                                              void*, size_t bytes, const void* beta, cudnnFilterDescriptor_t dwd,
                                              void* dw) {
-  return backward_filter(alpha, xd, x, dyd, dy, cd, (int)algo, bytes, beta, dwd, dw);
+  return convolve<Dir::BackwardFilter>(h, xd, x, dwd, dw, dyd, dy, cd, (int)algo, bytes, alpha, beta);
 }

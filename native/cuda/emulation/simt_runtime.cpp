@@ -17,9 +17,11 @@
 #include <array>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -145,6 +147,7 @@ std::map<const void*, size_t> g_max_dynamic_shared;  // the kernels' opt-ins
 cudaError_t g_last = cudaSuccess;
 std::string g_last_text;
 std::map<const void*, size_t> g_allocations;
+std::set<const void*> g_freeing;  // freed on a stream whose work has not reached the free yet
 size_t g_allocated = 0;
 
 void set_error(cudaError_t e, const std::string& text) {
@@ -440,7 +443,9 @@ size_t max_dynamic_shared(const void* kernel) {
   return it == g_max_dynamic_shared.end() ? kSharedDefault : it->second;
 }
 
-void run_grid(const void* kernel, const LaunchConfig& c, const std::function<void()>& body) {
+void run_grid_now(const void* kernel, const LaunchConfig& c, const std::function<void()>& body);
+
+void run_grid(const void* kernel, const LaunchConfig& c, std::function<void()> body) {
   const uint64_t threads = (uint64_t)c.block.x * c.block.y * c.block.z;
   if (threads == 0 || threads > 1024 || c.block.z > 64 || c.grid.x == 0 || c.grid.y == 0 || c.grid.z == 0 ||
       c.grid.y > 65535 || c.grid.z > 65535) {
@@ -453,6 +458,13 @@ void run_grid(const void* kernel, const LaunchConfig& c, const std::function<voi
                                                              : "dynamic shared memory above the kernel's limit");
     return;
   }
+  enqueue(c.stream, [kernel, c, body = std::move(body)] { run_grid_now(kernel, c, body); });
+}
+
+// The launch itself, its configuration already checked.
+void run_grid_now(const void* kernel, const LaunchConfig& c, const std::function<void()>& body) {
+  (void)kernel;
+  const uint64_t threads = (uint64_t)c.block.x * c.block.y * c.block.z;
   std::lock_guard<std::mutex> lk(g_launch);
   std::vector<dim3> blocks;
   blocks.reserve((size_t)c.grid.x * c.grid.y * c.grid.z);
@@ -484,6 +496,119 @@ void run_grid(const void* kernel, const LaunchConfig& c, const std::function<voi
   if (!differs.empty())
     set_error(cudaErrorLaunchFailure, "blocks race: the grid run in reverse order gives other results (" + differs +
                                           "): a block reads what another writes, or two write one place");
+}
+
+// ---- streams ------------------------------------------------------------------------
+// 0: work runs when enqueued; 1 (deferred): a stream's work runs when waited for; 2
+// (early): as 1, and each time a stream's work is run, the other streams' work that waits
+// for nothing unfinished runs first.
+int streams_mode() {
+  const char* e = std::getenv("CMSEG_SIMT_STREAMS");  // read at each call: a test may set it, nothing queued
+  if (!e) return 0;
+  const std::string v(e);
+  return v == "deferred" ? 1 : v == "early" ? 2 : 0;
+}
+bool deferred_streams() { return streams_mode() != 0; }
+
+// Where an event was recorded: its stream's work up to `position` precedes it.
+struct Mark {
+  cudaStream_t stream = nullptr;
+  uint64_t position = 0;
+};
+// A queued piece of work; a cudaStreamWaitEvent is one too (it waits for `waits`).
+struct Work {
+  std::function<void()> run;
+  bool is_wait = false;
+  Mark waits;
+};
+// A stream's queue: work enqueued but not yet run, and how much has run so far.
+struct Queue {
+  std::deque<Work> pending;
+  uint64_t enqueued = 0, done = 0;
+  bool running = false;  // its front work is running (a wait among it): what follows may not start
+};
+std::recursive_mutex g_streams_lock;  // held while queued work runs (it may flush other streams)
+std::map<cudaStream_t, Queue> g_queues;
+std::map<cudaEvent_t, Mark> g_marks;
+
+void enqueue_work(cudaStream_t s, Work w) {
+  if (!s || !deferred_streams()) return w.run();
+  std::lock_guard<std::recursive_mutex> lk(g_streams_lock);
+  Queue& q = g_queues[s];
+  q.pending.push_back(std::move(w));
+  ++q.enqueued;
+}
+void enqueue(cudaStream_t s, std::function<void()> fn) { enqueue_work(s, Work{std::move(fn)}); }
+
+bool reached(const Mark& m) { return !m.stream || g_queues[m.stream].done >= m.position; }
+
+// Runs the front of q (popped first: a wait inside it must not run it again; q is
+// marked running meanwhile, so that nothing queued after it starts before it ends).
+void run_front(Queue& q) {
+  Work w = std::move(q.pending.front());
+  q.pending.pop_front();
+  q.running = true;
+  w.run();
+  q.running = false;
+  ++q.done;
+}
+
+// Early mode: the streams other than s run what they can without waiting.
+void run_others(cudaStream_t s) {
+  for (bool ran = true; ran;) {
+    ran = false;
+    for (auto& [t, q] : g_queues)
+      while (t != s && !q.running && !q.pending.empty() &&
+             (!q.pending.front().is_wait || reached(q.pending.front().waits)))
+        run_front(q), ran = true;
+  }
+}
+
+// Runs s's queued work up to (not past) position `upto`, in order.
+void flush_to(cudaStream_t s, uint64_t upto) {
+  if (!s) return;
+  std::lock_guard<std::recursive_mutex> lk(g_streams_lock);
+  if (streams_mode() == 2) run_others(s);
+  Queue& q = g_queues[s];
+  // A stream already running its front work is waited for from inside that work: what it
+  // waits for lies before it (CUDA's waits cannot form a cycle), so there is nothing to run.
+  while (!q.running && q.done < upto && !q.pending.empty()) run_front(q);
+}
+void flush(cudaStream_t s) {
+  std::lock_guard<std::recursive_mutex> lk(g_streams_lock);
+  flush_to(s, g_queues[s].enqueued);
+}
+void flush_all() {
+  std::lock_guard<std::recursive_mutex> lk(g_streams_lock);
+  for (bool again = true; again;) {
+    again = false;
+    for (auto& [s, q] : g_queues)
+      if (!q.pending.empty()) flush(s), again = true;
+  }
+}
+void record(cudaEvent_t e, cudaStream_t s) {
+  std::lock_guard<std::recursive_mutex> lk(g_streams_lock);
+  g_marks[e] = Mark{s, s ? g_queues[s].enqueued : 0};
+}
+void wait_for(cudaEvent_t e) {
+  std::lock_guard<std::recursive_mutex> lk(g_streams_lock);
+  const auto it = g_marks.find(e);
+  if (it != g_marks.end()) flush_to(it->second.stream, it->second.position);
+}
+void forget_stream(cudaStream_t s) {
+  flush(s);
+  std::lock_guard<std::recursive_mutex> lk(g_streams_lock);
+  g_queues.erase(s);
+}
+
+// Pinned host memory (cudaMallocHost): copies from or into it stay in stream order.
+std::map<const void*, size_t> g_pinned;
+bool pinned(const void* p) {
+  std::lock_guard<std::mutex> lk(g_state);
+  auto it = g_pinned.upper_bound(p);
+  if (it == g_pinned.begin()) return false;
+  --it;
+  return static_cast<const char*>(p) < static_cast<const char*>(it->first) + it->second;
 }
 
 }  // namespace simt
@@ -568,16 +693,36 @@ const char* cudaGetErrorString(cudaError_t e) {
   return text.c_str();
 }
 
-// Streams and events: the work is done when it is enqueued, so there is nothing to wait for.
+// Streams and events (simt::enqueue above: work runs when enqueued, or, deferred, when
+// waited for). A synchronisation reports a launch failure of the work it ran, as CUDA's do.
+namespace {
+cudaError_t pending_error() {
+  std::lock_guard<std::mutex> lk(simt::g_state);
+  return simt::g_last;
+}
+}  // namespace
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) { return *s = handle<CUstream_st>(), cudaSuccess; }
-cudaError_t cudaStreamDestroy(cudaStream_t s) { return drop(s), cudaSuccess; }
-cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
-cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned) { return cudaSuccess; }
+cudaError_t cudaStreamDestroy(cudaStream_t s) { return simt::forget_stream(s), drop(s), cudaSuccess; }
+cudaError_t cudaStreamSynchronize(cudaStream_t s) { return simt::flush(s), pending_error(); }
+cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned) {
+  std::lock_guard<std::recursive_mutex> lk(simt::g_streams_lock);
+  const auto it = simt::g_marks.find(e);
+  if (it == simt::g_marks.end()) return cudaSuccess;  // never recorded: nothing to wait for
+  const simt::Mark m = it->second;
+  simt::enqueue_work(s, simt::Work{[m] { simt::flush_to(m.stream, m.position); }, true, m});
+  return cudaSuccess;
+}
 cudaError_t cudaEventCreate(cudaEvent_t* e) { return *e = handle<CUevent_st>(), cudaSuccess; }
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) { return cudaEventCreate(e); }
-cudaError_t cudaEventDestroy(cudaEvent_t e) { return drop(e), cudaSuccess; }
-cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) { return cudaSuccess; }
-cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+cudaError_t cudaEventDestroy(cudaEvent_t e) {
+  {
+    std::lock_guard<std::recursive_mutex> lk(simt::g_streams_lock);
+    simt::g_marks.erase(e);
+  }
+  return drop(e), cudaSuccess;
+}
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) { return simt::record(e, s), cudaSuccess; }
+cudaError_t cudaEventSynchronize(cudaEvent_t e) { return simt::wait_for(e), pending_error(); }
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t, cudaEvent_t) { return *ms = 0.f, cudaSuccess; }
 
 cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* p, int) {
@@ -605,35 +750,77 @@ cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t) {
   simt::g_allocated += bytes;
   return cudaSuccess;
 }
-cudaError_t cudaFreeAsync(void* p, cudaStream_t) {
+// Stream-ordered: the memory counts as free at once (the pool may hand it out again in
+// stream order), but it is released when the stream's work reaches the free; until then
+// it is still device memory to the stream's earlier work.
+cudaError_t cudaFreeAsync(void* p, cudaStream_t s) {
   if (!p) return cudaSuccess;
   {
     std::lock_guard<std::mutex> lk(simt::g_state);
     auto it = simt::g_allocations.find(p);
-    if (it == simt::g_allocations.end()) return cudaErrorInvalidValue;
+    if (it == simt::g_allocations.end() || simt::g_freeing.count(p)) return cudaErrorInvalidValue;
     simt::g_allocated -= it->second;
-    simt::g_allocations.erase(it);
+    simt::g_freeing.insert(p);
   }
-  std::free(p);
+  simt::enqueue(s, [p] {
+    {
+      std::lock_guard<std::mutex> lk(simt::g_state);
+      simt::g_allocations.erase(p);
+      simt::g_freeing.erase(p);
+    }
+    std::free(p);
+  });
   return cudaSuccess;
 }
 cudaError_t cudaMallocHost(void** p, size_t bytes) {
   *p = std::malloc(bytes ? bytes : 1);
-  return *p ? cudaSuccess : cudaErrorMemoryAllocation;
-}
-cudaError_t cudaFreeHost(void* p) { return std::free(p), cudaSuccess; }
-cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind, cudaStream_t) {
-  return copy(dst, src, bytes);
-}
-cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height,
-                              cudaMemcpyKind, cudaStream_t) {
-  if (width > dpitch || width > spitch) return cudaErrorInvalidValue;  // as the runtime refuses it
-  for (size_t r = 0; r < height; ++r)
-    copy(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch, width);
+  if (!*p) return cudaErrorMemoryAllocation;
+  std::lock_guard<std::mutex> lk(simt::g_state);
+  simt::g_pinned[*p] = bytes ? bytes : 1;
   return cudaSuccess;
 }
-cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t) {
-  if (bytes) std::memset(dst, value, bytes);
+// cudaFreeHost waits for the device, as CUDA's does.
+cudaError_t cudaFreeHost(void* p) {
+  simt::flush_all();
+  {
+    std::lock_guard<std::mutex> lk(simt::g_state);
+    simt::g_pinned.erase(p);
+  }
+  return std::free(p), cudaSuccess;
+}
+namespace {
+// One copy in stream order, as CUDA does it with pageable host memory: from it, the data
+// is taken at the call (the source may be reused at once); into it, the call returns
+// when the copy is done (after the stream's earlier work). Device memory and pinned host
+// memory are read and written when the stream reaches the copy.
+void copy_in_order(void* dst, const void* src, size_t bytes, cudaStream_t s) {
+  if (!bytes) return;
+  const bool from_pageable = !simt::device_bytes_from(src) && !simt::pinned(src);
+  const bool to_pageable = !simt::device_bytes_from(dst) && !simt::pinned(dst);
+  if (to_pageable) {
+    simt::flush(s);
+    copy(dst, src, bytes);
+  } else if (from_pageable) {
+    auto staged = std::make_shared<std::vector<char>>(static_cast<const char*>(src), static_cast<const char*>(src) + bytes);
+    simt::enqueue(s, [dst, staged] { copy(dst, staged->data(), staged->size()); });
+  } else {
+    simt::enqueue(s, [dst, src, bytes] { copy(dst, src, bytes); });
+  }
+}
+}  // namespace
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind, cudaStream_t s) {
+  copy_in_order(dst, src, bytes, s);
+  return cudaSuccess;
+}
+cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height,
+                              cudaMemcpyKind, cudaStream_t s) {
+  if (width > dpitch || width > spitch) return cudaErrorInvalidValue;  // as the runtime refuses it
+  for (size_t r = 0; r < height; ++r)
+    copy_in_order(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch, width, s);
+  return cudaSuccess;
+}
+cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t s) {
+  if (bytes) simt::enqueue(s, [dst, value, bytes] { std::memset(dst, value, bytes); });
   return cudaSuccess;
 }
 cudaError_t simt_func_attributes(cudaFuncAttributes* a, const void* kernel) {
@@ -659,10 +846,18 @@ cudaError_t simt_occupancy(int* blocks, int threads, size_t smem) {
   return cudaSuccess;
 }
 
-// ---- cuDNN handles ----------------------------------------------------------------
-cudnnStatus_t cudnnCreate(cudnnHandle_t* h) { return *h = handle<cudnnContext>(), CUDNN_STATUS_SUCCESS; }
-cudnnStatus_t cudnnDestroy(cudnnHandle_t h) { return drop(h), CUDNN_STATUS_SUCCESS; }
-cudnnStatus_t cudnnSetStream(cudnnHandle_t, cudaStream_t) { return CUDNN_STATUS_SUCCESS; }
+// ---- cuDNN and cuBLAS handles: the stream their work goes to ----------------------------
+struct cudnnContext {
+  cudaStream_t stream = nullptr;
+};
+struct cublasContext {
+  cudaStream_t stream = nullptr;
+};
+cudaStream_t simt::stream_of(cudnnHandle_t h) { return h ? h->stream : nullptr; }
+cudaStream_t simt::stream_of(cublasHandle_t h) { return h ? h->stream : nullptr; }
+cudnnStatus_t cudnnCreate(cudnnHandle_t* h) { return *h = new cudnnContext, CUDNN_STATUS_SUCCESS; }
+cudnnStatus_t cudnnDestroy(cudnnHandle_t h) { return delete h, CUDNN_STATUS_SUCCESS; }
+cudnnStatus_t cudnnSetStream(cudnnHandle_t h, cudaStream_t s) { return h->stream = s, CUDNN_STATUS_SUCCESS; }
 const char* cudnnGetErrorString(cudnnStatus_t s) {
   switch (s) {
     case CUDNN_STATUS_SUCCESS: return "CUDNN_STATUS_SUCCESS";
@@ -677,15 +872,19 @@ const char* cudnnGetErrorString(cudnnStatus_t s) {
 size_t cudnnGetVersion() { return CUDNN_VERSION; }
 
 // ---- cuBLAS -----------------------------------------------------------------------
-cublasStatus_t cublasCreate(cublasHandle_t* h) { return *h = handle<cublasContext>(), CUBLAS_STATUS_SUCCESS; }
-cublasStatus_t cublasDestroy(cublasHandle_t h) { return drop(h), CUBLAS_STATUS_SUCCESS; }
-cublasStatus_t cublasSetStream(cublasHandle_t, cudaStream_t) { return CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasCreate(cublasHandle_t* h) { return *h = new cublasContext, CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasDestroy(cublasHandle_t h) { return delete h, CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasSetStream(cublasHandle_t h, cudaStream_t s) { return h->stream = s, CUBLAS_STATUS_SUCCESS; }
 cublasStatus_t cublasSetMathMode(cublasHandle_t, cublasMath_t) { return CUBLAS_STATUS_SUCCESS; }
 cublasStatus_t cublasGetProperty(libraryPropertyType, int* v) { return *v = 0, CUBLAS_STATUS_SUCCESS; }
 const char* cublasGetStatusName(cublasStatus_t s) {
   return s == CUBLAS_STATUS_SUCCESS ? "CUBLAS_STATUS_SUCCESS" : "CUBLAS_STATUS_INVALID_VALUE";
 }
-cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+namespace {
+void gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const float* A, int lda,
+          long long sa, const float* B, int ldb, long long sb, float beta, float* C, int ldc, long long sc, int batch);
+}
+cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
                                          int k, const float* alpha, const float* A, int lda, long long sa,
                                          const float* B, int ldb, long long sb, const float* beta, float* C, int ldc,
                                          long long sc, int batch) {
@@ -693,6 +892,15 @@ cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t, cublasOperation_t ta, c
   if (m < 0 || n < 0 || k < 0 || batch < 0 || ldc < std::max(1, m) ||
       lda < std::max(1, ta == CUBLAS_OP_N ? m : k) || ldb < std::max(1, tb == CUBLAS_OP_N ? k : n))
     return CUBLAS_STATUS_INVALID_VALUE;
+  // alpha and beta are read at the call (host pointers); the product in stream order.
+  simt::enqueue(simt::stream_of(h), [=, alpha = *alpha, beta = *beta] {
+    gemm(ta, tb, m, n, k, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
+  });
+  return CUBLAS_STATUS_SUCCESS;
+}
+namespace {
+void gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const float* A, int lda,
+          long long sa, const float* B, int ldb, long long sb, float beta, float* C, int ldc, long long sc, int batch) {
   for (int b = 0; b < batch; ++b) {
     const float* Ab = A + b * sa;
     const float* Bb = B + b * sb;
@@ -705,11 +913,11 @@ cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t, cublasOperation_t ta, c
                (tb == CUBLAS_OP_N ? Bb[l + (int64_t)j * ldb] : Bb[j + (int64_t)l * ldb]);
         float& c = Cb[i + (int64_t)j * ldc];
         // beta 0: C is not read (it may hold anything, NaN included), as cuBLAS documents.
-        c = (float)(*alpha * s + (*beta == 0.f ? 0.0 : (double)*beta * c));
+        c = (float)(alpha * s + (beta == 0.f ? 0.0 : (double)beta * c));
       }
   }
-  return CUBLAS_STATUS_SUCCESS;
 }
+}  // namespace
 cublasStatus_t cublasSgemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
                            const float* alpha, const float* A, int lda, const float* B, int ldb, const float* beta,
                            float* C, int ldc) {

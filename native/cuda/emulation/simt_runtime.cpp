@@ -443,7 +443,7 @@ size_t max_dynamic_shared(const void* kernel) {
   return it == g_max_dynamic_shared.end() ? kSharedDefault : it->second;
 }
 
-void run_grid_now(const void* kernel, const LaunchConfig& c, const std::function<void()>& body);
+void run_grid_now(const LaunchConfig& c, const std::function<void()>& body);
 
 void run_grid(const void* kernel, const LaunchConfig& c, std::function<void()> body) {
   const uint64_t threads = (uint64_t)c.block.x * c.block.y * c.block.z;
@@ -458,12 +458,11 @@ void run_grid(const void* kernel, const LaunchConfig& c, std::function<void()> b
                                                              : "dynamic shared memory above the kernel's limit");
     return;
   }
-  enqueue(c.stream, [kernel, c, body = std::move(body)] { run_grid_now(kernel, c, body); });
+  enqueue(c.stream, [c, body = std::move(body)] { run_grid_now(c, body); });
 }
 
 // The launch itself, its configuration already checked.
-void run_grid_now(const void* kernel, const LaunchConfig& c, const std::function<void()>& body) {
-  (void)kernel;
+void run_grid_now(const LaunchConfig& c, const std::function<void()>& body) {
   const uint64_t threads = (uint64_t)c.block.x * c.block.y * c.block.z;
   std::lock_guard<std::mutex> lk(g_launch);
   std::vector<dim3> blocks;
@@ -881,24 +880,7 @@ const char* cublasGetStatusName(cublasStatus_t s) {
   return s == CUBLAS_STATUS_SUCCESS ? "CUBLAS_STATUS_SUCCESS" : "CUBLAS_STATUS_INVALID_VALUE";
 }
 namespace {
-void gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const float* A, int lda,
-          long long sa, const float* B, int ldb, long long sb, float beta, float* C, int ldc, long long sc, int batch);
-}
-cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
-                                         int k, const float* alpha, const float* A, int lda, long long sa,
-                                         const float* B, int ldb, long long sb, const float* beta, float* C, int ldc,
-                                         long long sc, int batch) {
-  // cuBLAS's own argument checks (column-major leading dimensions).
-  if (m < 0 || n < 0 || k < 0 || batch < 0 || ldc < std::max(1, m) ||
-      lda < std::max(1, ta == CUBLAS_OP_N ? m : k) || ldb < std::max(1, tb == CUBLAS_OP_N ? k : n))
-    return CUBLAS_STATUS_INVALID_VALUE;
-  // alpha and beta are read at the call (host pointers); the product in stream order.
-  simt::enqueue(simt::stream_of(h), [=, alpha = *alpha, beta = *beta] {
-    gemm(ta, tb, m, n, k, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
-  });
-  return CUBLAS_STATUS_SUCCESS;
-}
-namespace {
+// C = alpha op(A) op(B) + beta C per batch entry, column-major, sums in double.
 void gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const float* A, int lda,
           long long sa, const float* B, int ldb, long long sb, float beta, float* C, int ldc, long long sc, int batch) {
   for (int b = 0; b < batch; ++b) {
@@ -918,6 +900,20 @@ void gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float
   }
 }
 }  // namespace
+cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+                                         int k, const float* alpha, const float* A, int lda, long long sa,
+                                         const float* B, int ldb, long long sb, const float* beta, float* C, int ldc,
+                                         long long sc, int batch) {
+  // cuBLAS's own argument checks (column-major leading dimensions).
+  if (m < 0 || n < 0 || k < 0 || batch < 0 || ldc < std::max(1, m) ||
+      lda < std::max(1, ta == CUBLAS_OP_N ? m : k) || ldb < std::max(1, tb == CUBLAS_OP_N ? k : n))
+    return CUBLAS_STATUS_INVALID_VALUE;
+  // alpha and beta are read at the call (host pointers); the product in stream order.
+  simt::enqueue(simt::stream_of(h), [=, alpha = *alpha, beta = *beta] {
+    gemm(ta, tb, m, n, k, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
+  });
+  return CUBLAS_STATUS_SUCCESS;
+}
 cublasStatus_t cublasSgemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
                            const float* alpha, const float* A, int lda, const float* B, int ldb, const float* beta,
                            float* C, int ldc) {

@@ -23,9 +23,9 @@
 // tolerances, 1 without TF32 allowed likewise, and 7 would run out of memory; 9 computes
 // as 1 does (only its time would show on a GPU). Executing a plan checks the variant pack
 // (every tensor's pointer given, aligned as its descriptor says, inside one device
-// allocation; the workspace when the plan needs one) and computes the convolution with
-// the legacy emulation's direct sums (simt_cudnn.cpp), so the results are exact sums of the
-// operands as the engine reads them.
+// allocation; the workspace when the plan needs one) at the call, and computes the
+// convolution in the handle's stream order with the legacy emulation's direct sums
+// (simt_cudnn.cpp), so the results are exact sums of the operands as the engine reads them.
 #include <algorithm>
 #include <cstdio>
 #include <cstring>

@@ -142,7 +142,7 @@ bool plan_of(const ForwardGraph& g, int64_t index, Desc& plan, int64_t* workspac
 
 float* device(const std::vector<float>& v) {
   void* p = nullptr;
-  CHECK(cudaMallocAsync(&p, v.size() * sizeof(float) + 256, nullptr) == cudaSuccess);
+  CHECK(cudaMallocAsync(&p, v.size() * sizeof(float), nullptr) == cudaSuccess);
   cudaMemcpyAsync(p, v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice, nullptr);
   return static_cast<float*>(p);
 }

@@ -10,8 +10,8 @@
 // What this checks: the kernels' indexing, bounds, reductions, shared-memory and
 // barrier use, launch sizes, and their cp.async / mma.sync PTX (emulated below), against
 // the CPU reference; with CMSEG_SIMT_BLOCK_ORDER=check, blocks that race; with
-// CMSEG_SIMT_STREAMS=deferred, work on one stream that another stream or the host uses
-// without waiting for it. What it cannot: timing, real cuDNN.
+// CMSEG_SIMT_STREAMS=deferred or early, work on one stream that another stream or the
+// host uses without waiting for it. What it cannot: timing, real cuDNN.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -521,12 +521,7 @@ inline float __uint_as_float(unsigned u) {
 struct __nv_bfloat16 {
   uint16_t bits;
 };
-inline float __bfloat162float(__nv_bfloat16 v) {
-  const uint32_t u = (uint32_t)v.bits << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline float __bfloat162float(__nv_bfloat16 v) { return __uint_as_float((uint32_t)v.bits << 16); }
 // Round to nearest, ties to even (NaN kept a NaN).
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   uint32_t u;
